@@ -1,0 +1,276 @@
+"""Topology files -> ``Topology``: a machine template repeated by a network generator,
+plus any explicit ``[[device]]`` / ``[[link]]`` entries.
+
+File format (units in the names; ``gbps`` is 10^9 *bytes* per second, like nccl-tests):
+
+    name = "..."
+    [machine.cpu]    cores, core_gflops, memory_gib, memory_bandwidth_gbps, efficiency
+    [machine.gpu]    count, peak_tflops_fp32 (fp16, bf16, fp64 optional), memory_gib,
+                     memory_bandwidth_gbps, efficiency
+    [machine.pcie]   switches, generation, lanes, uplink_lanes, latency_us
+    [machine.nvlink] bandwidth_gbps (per GPU, per direction), latency_us
+    [machine.nic]    count, bandwidth_gbps, latency_us
+    [network]        kind = none | switch | fat-tree | rail; machines; bandwidth_gbps;
+                     latency_us; k (fat-tree); spines, spine_bandwidth_gbps (rail)
+    [[device]]       name, kind, machine, and the compute fields above for cpu/gpu
+    [[link]]         a, b, bandwidth_gbps, latency_us
+"""
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, Table
+from .topology import DEVICE_KINDS, DTYPES, Device, Link, Topology
+
+# PCIe payload rate per lane and direction in GB/s: transfer rate x line-code efficiency
+# (PCI-SIG: gen3 8 GT/s 128b/130b, gen4 16 GT/s, gen5 32 GT/s, gen6 64 GT/s PAM4 ~1 B/bit/lane).
+PCIE_LANE_GBPS = {3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
+
+MAX_MACHINES = 4096       # keeps a typo from building a graph that eats the machine
+MAX_PER_MACHINE = 64      # GPUs, NICs or PCIe switches in one machine
+MAX_DEVICES = 200_000
+GIB = 2**30
+
+
+def load_topology(ref: str, base_dir: Path = Path("."), machines: int | None = None) -> Topology:
+    """A built-in name or a path (relative to ``base_dir``).  ``machines`` overrides
+    ``network.machines``.  Raises ConfigError naming the file and field."""
+    path, text = _read(ref, base_dir)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"malformed TOML: {exc}") from None
+    data = _with_base(data, path, base_dir)
+    if machines is not None and isinstance(data.get("network"), dict):
+        data["network"] = {**data["network"], "machines": machines}
+    return build_topology(data, path)
+
+
+def _with_base(data: dict, path: str, base_dir: Path, depth: int = 0) -> dict:
+    """``base = "other"``: start from that topology's tables, then this file's replace them
+    table by table (so a fat-tree of DGX machines need not repeat the machine)."""
+    if "base" not in data:
+        return data
+    ref = data.pop("base")
+    if not isinstance(ref, str) or depth > 4:
+        raise ConfigError(path, "base", "must name one topology (at most 4 levels deep)")
+    base_path, text = _read(ref, base_dir)
+    try:
+        base = _with_base(tomllib.loads(text), base_path, base_dir, depth + 1)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(base_path, "", f"malformed TOML: {exc}") from None
+    base.pop("name", None)
+    base.pop("description", None)
+    merged = dict(base)
+    for key, value in data.items():   # one level deep: [machine.nic] replaces only the NIC table
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if both else value
+    return merged
+
+
+def builtin_topologies() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("sim.builtin_topologies").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def _read(ref: str, base_dir: Path) -> tuple[str, str]:
+    if ref in builtin_topologies():
+        res = resources.files("sim.builtin_topologies") / f"{ref}.toml"
+        return f"topologies/{ref}.toml", res.read_text()
+    path = Path(ref) if Path(ref).is_absolute() else base_dir / ref
+    try:
+        return str(path), path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        names = ", ".join(builtin_topologies())
+        raise ConfigError(str(path), "", f"cannot read topology ({exc.__class__.__name__}); "
+                          f"built-in names are {names}") from None
+
+
+def build_topology(data: Any, file: str) -> Topology:
+    top = Table(data, file)
+    name = top.str("name", Path(file).stem)
+    description = top.str("description", "")
+    devices: list[Device] = []
+    links: list[Link] = []
+    net = top.table("network", {"kind": "none"})
+    kind = net.str("kind", "none", choices=("none", "switch", "fat-tree", "rail"))
+    n_machines = net.int("machines", 1, lo=1, hi=MAX_MACHINES)
+    if kind == "none" and n_machines != 1:
+        raise net.error("machines", "must be 1 when network.kind is none")
+    nics: list[list[str]] = []
+    if top.has("machine"):
+        template = _machine_template(top.table("machine"))
+        if template["gpus"] * n_machines > MAX_DEVICES:
+            raise net.error("machines", f"would build more than {MAX_DEVICES} devices")
+        for m in range(n_machines):
+            nics.append(_add_machine(m, template, devices, links))
+    elif n_machines != 1:
+        raise net.error("machines", "needs a [machine] table to repeat")
+    if kind != "none":
+        if not nics or not nics[0]:
+            raise net.error("kind", "a network needs machine.nic.count >= 1")
+        _add_network(net, kind, nics, devices, links, template["nic_bw"])
+    net.done()
+    for dt in top.tables("device"):
+        devices.append(_explicit_device(dt))
+        dt.done()
+    for lt in top.tables("link"):
+        links.append(Link(lt.str("a"), lt.str("b"), lt.float("bandwidth_gbps", positive=True) * 1e9,
+                          lt.float("latency_us", lo=0.0) * 1e-6))
+        _check_link_ends(lt, links[-1], devices)
+        lt.done()
+    top.done()
+    if not any(d.is_compute for d in devices):
+        raise ConfigError(file, "machine", "the topology has no cpu or gpu device")
+    try:
+        return Topology(name, devices, links, description)
+    except ValueError as exc:
+        raise ConfigError(file, "link", str(exc)) from None
+
+
+def _check_link_ends(lt: Table, link: Link, devices: list[Device]) -> None:
+    names = {d.name for d in devices}
+    for key, end in (("a", link.a), ("b", link.b)):
+        if end not in names:
+            raise lt.error(key, f"no device named {end!r}")
+
+
+def _compute_fields(t: Table, kind: str) -> dict[str, Any]:
+    """Compute specs of a cpu or gpu table, in SI units."""
+    if kind == "gpu":
+        peak = {"fp32": t.float("peak_tflops_fp32", positive=True) * 1e12}
+        for dt in DTYPES[1:]:
+            if t.has(f"peak_tflops_{dt}"):
+                peak[dt] = t.float(f"peak_tflops_{dt}", positive=True) * 1e12
+        cores = 0
+    else:
+        cores = t.int("cores", lo=1, hi=4096)
+        peak = {"fp32": cores * t.float("core_gflops", positive=True) * 1e9}
+    return dict(peak_flops=peak,
+                memory_bytes=t.float("memory_gib", positive=True) * GIB,
+                memory_bw=t.float("memory_bandwidth_gbps", positive=True) * 1e9,
+                efficiency=t.float("efficiency", 1.0, lo=1e-3, hi=1.0),
+                cores=cores)
+
+
+def _machine_template(mt: Table) -> dict[str, Any]:
+    cpu_t = mt.table("cpu")
+    tpl: dict[str, Any] = {"cpu": _compute_fields(cpu_t, "cpu")}
+    cpu_t.done()
+    gpu_t = mt.table("gpu", {"count": 0})
+    tpl["gpus"] = gpu_t.int("count", 0, lo=0, hi=MAX_PER_MACHINE)
+    tpl["gpu"] = _compute_fields(gpu_t, "gpu") if tpl["gpus"] else None
+    gpu_t.done()
+    pcie = mt.table("pcie", {"switches": 0})
+    gen = pcie.int("generation", 4, lo=3, hi=6)
+    lanes = pcie.int("lanes", 16, lo=1, hi=32)
+    tpl["pcie"] = dict(switches=pcie.int("switches", 0, lo=0, hi=MAX_PER_MACHINE),
+                       bw=PCIE_LANE_GBPS[gen] * lanes * 1e9,
+                       uplink_bw=PCIE_LANE_GBPS[gen] * pcie.int("uplink_lanes", lanes, lo=1, hi=64) * 1e9,
+                       latency=pcie.float("latency_us", 1.0, lo=0.0) * 1e-6)
+    pcie.done()
+    if mt.has("nvlink"):
+        nv = mt.table("nvlink")
+        if not tpl["gpus"]:
+            raise nv.error("bandwidth_gbps", "NVLink needs machine.gpu.count >= 1")
+        tpl["nvlink"] = (nv.float("bandwidth_gbps", positive=True) * 1e9, nv.float("latency_us", 1.0, lo=0.0) * 1e-6)
+        nv.done()
+    else:
+        tpl["nvlink"] = None
+    nic = mt.table("nic", {"count": 0})
+    tpl["nics"] = nic.int("count", 0, lo=0, hi=MAX_PER_MACHINE)
+    tpl["nic_bw"] = nic.float("bandwidth_gbps", 12.5, positive=True) * 1e9
+    tpl["nic_latency"] = nic.float("latency_us", 1.0, lo=0.0) * 1e-6
+    nic.done()
+    mt.done()
+    return tpl
+
+
+def _add_machine(m: int, tpl: dict[str, Any], devices: list[Device], links: list[Link]) -> list[str]:
+    """Adds machine ``m`` (names ``m{m}.cpu``, ``m{m}.gpu{i}``, ...); returns its NIC names."""
+    p = f"m{m}."
+    cpu = p + "cpu"
+    devices.append(Device(cpu, "cpu", m, **tpl["cpu"]))
+    pcie = tpl["pcie"]
+    switches = [f"{p}pcie{i}" for i in range(pcie["switches"])]
+    for sw in switches:
+        devices.append(Device(sw, "pcie_switch", m))
+        links.append(Link(sw, cpu, pcie["uplink_bw"], pcie["latency"]))
+
+    def attach(i: int, count: int, name: str, bw: float = float("inf"), latency: float = 0.0) -> None:
+        parent = switches[i * len(switches) // count] if switches else cpu
+        links.append(Link(name, parent, min(pcie["bw"], bw), pcie["latency"] + latency))
+
+    gpus = [f"{p}gpu{i}" for i in range(tpl["gpus"])]
+    for i, g in enumerate(gpus):
+        devices.append(Device(g, "gpu", m, **tpl["gpu"]))
+        attach(i, len(gpus), g)
+    if tpl["nvlink"] and gpus:
+        nvs = p + "nvswitch"
+        devices.append(Device(nvs, "nvswitch", m))
+        for g in gpus:
+            links.append(Link(g, nvs, *tpl["nvlink"]))
+    nics = [f"{p}nic{i}" for i in range(tpl["nics"])]
+    for i, n in enumerate(nics):
+        devices.append(Device(n, "nic", m))
+        attach(i, len(nics), n, tpl["nic_bw"], tpl["nic_latency"])   # the NIC's own delay sits here
+    return nics
+
+
+def _add_network(net: Table, kind: str, nics: list[list[str]], devices: list[Device], links: list[Link],
+                 nic_bw: float) -> None:
+    bw = net.float("bandwidth_gbps", nic_bw / 1e9, positive=True) * 1e9
+    lat = net.float("latency_us", 1.0, lo=0.0) * 1e-6
+    ports = [n for machine in nics for n in machine]
+    if kind == "switch":
+        devices.append(Device("switch", "switch"))
+        links.extend(Link(n, "switch", bw, lat) for n in ports)
+    elif kind == "rail":
+        rails = len(nics[0])
+        spines = net.int("spines", 1, lo=1, hi=MAX_PER_MACHINE)
+        spine_bw = net.float("spine_bandwidth_gbps", bw * len(nics) / spines / 1e9, positive=True) * 1e9
+        for r in range(rails):
+            devices.append(Device(f"rail{r}", "switch"))
+            links.extend(Link(machine[r], f"rail{r}", bw, lat) for machine in nics)
+        for s in range(spines if rails > 1 else 0):
+            devices.append(Device(f"spine{s}", "switch"))
+            links.extend(Link(f"rail{r}", f"spine{s}", spine_bw, lat) for r in range(rails))
+    else:
+        _add_fat_tree(net, ports, bw, lat, devices, links)
+
+
+def _add_fat_tree(net: Table, ports: list[str], bw: float, lat: float,
+                  devices: list[Device], links: list[Link]) -> None:
+    """k-ary fat-tree (Al-Fares et al., SIGCOMM 2008): k pods of k/2 edge and k/2 aggregation
+    switches, (k/2)^2 cores, k^3/4 host ports; hosts fill edge switches in order."""
+    k = net.int("k", 0, lo=0, hi=64)
+    if k == 0:                                   # smallest even k with room for every port
+        k = 2
+        while k**3 // 4 < len(ports):
+            k += 2
+    if k % 2 or k**3 // 4 < len(ports):
+        raise net.error("k", f"must be even with k^3/4 >= {len(ports)} host ports; got {k}")
+    half = k // 2
+    pods_used = -(-len(ports) // (half * half))
+    for c in range(half * half):
+        devices.append(Device(f"core{c}", "switch"))
+    for p in range(pods_used):
+        for j in range(half):
+            agg, edge = f"agg{p}.{j}", f"edge{p}.{j}"
+            devices += [Device(agg, "switch"), Device(edge, "switch")]
+            links.extend(Link(agg, f"core{j * half + c}", bw, lat) for c in range(half))
+        for j in range(half):
+            links.extend(Link(f"edge{p}.{j}", f"agg{p}.{a}", bw, lat) for a in range(half))
+    for i, port in enumerate(ports):
+        links.append(Link(port, f"edge{i // (half * half)}.{i // half % half}", bw, lat))
+
+
+def _explicit_device(dt: Table) -> Device:
+    kind = dt.str("kind", choices=DEVICE_KINDS)
+    name = dt.str("name")
+    machine = dt.int("machine", -1, lo=-1, hi=MAX_MACHINES)
+    fields = _compute_fields(dt, kind) if kind in ("cpu", "gpu") else {}
+    return Device(name, kind, None if machine < 0 else machine, **fields)

@@ -1,0 +1,153 @@
+"""The cluster as a graph: devices (cpu, gpu, pcie_switch, nvswitch, nic, switch) and
+full-duplex links, with routing.
+
+Units: bandwidth in bytes/s and latency in seconds inside this module (files use
+``bandwidth_gbps`` = 10^9 bytes/s and ``latency_us``).  Each link is two directed
+resources ``(u, v)`` and ``(v, u)`` of the same capacity, so traffic in one direction never
+slows the other.
+
+Routing is shortest-path by hops with deterministic ECMP (a stable hash of the endpoints
+picks among equal next hops).  Two rules keep routes physical: a GPU is never a transit
+node, and the inside of a machine (its CPU/root complex, PCIe switches, NVSwitch, NICs) is
+transit only for traffic that starts or ends in that machine, so no route uses a host as
+a router between network switches.
+"""
+from __future__ import annotations
+
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+COMPUTE_KINDS = ("gpu", "cpu")
+DEVICE_KINDS = ("cpu", "gpu", "pcie_switch", "nvswitch", "nic", "switch")
+DTYPES = ("fp32", "fp16", "bf16", "fp64")
+
+DirLink = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Device:
+    """One node of the graph.  Compute fields are zero for non-compute kinds."""
+
+    name: str
+    kind: str
+    machine: int | None = None          # index of the machine it sits in; None for fabric switches
+    peak_flops: dict[str, float] = field(default_factory=dict)   # FLOP/s per dtype, whole device
+    memory_bytes: float = 0.0
+    memory_bw: float = 0.0              # bytes/s
+    efficiency: float = 1.0             # achieved / peak FLOP/s on dense work
+    cores: int = 0                      # CPU cores (0 for a GPU)
+
+    @property
+    def is_compute(self) -> bool:
+        return self.kind in COMPUTE_KINDS
+
+    def flops_per_s(self, dtype: str) -> float:
+        """Peak FLOP/s for ``dtype``; falls back to fp32 where the file gives no other figure."""
+        return self.peak_flops.get(dtype) or self.peak_flops["fp32"]
+
+
+@dataclass(frozen=True)
+class Link:
+    a: str
+    b: str
+    bandwidth: float   # bytes/s per direction
+    latency: float     # seconds
+
+
+class Topology:
+    """Devices and links; ``route`` gives the directed links a message crosses."""
+
+    def __init__(self, name: str, devices: list[Device], links: list[Link], description: str = "") -> None:
+        self.name, self.description = name, description
+        self.devices: dict[str, Device] = {}
+        self.graph = nx.Graph()
+        for d in devices:
+            if d.name in self.devices:
+                raise ValueError(f"device name {d.name!r} is used twice")
+            self.devices[d.name] = d
+            self.graph.add_node(d.name, kind=d.kind, machine=d.machine)
+        self.capacity: dict[DirLink, float] = {}
+        self.latency: dict[DirLink, float] = {}
+        for ln in links:
+            for end in (ln.a, ln.b):
+                if end not in self.devices:
+                    raise KeyError(end)
+            if ln.a == ln.b or self.graph.has_edge(ln.a, ln.b):
+                raise ValueError(f"link {ln.a} - {ln.b} is a self-loop or listed twice")
+            self.graph.add_edge(ln.a, ln.b, bandwidth=ln.bandwidth, latency=ln.latency)
+            for u, v in ((ln.a, ln.b), (ln.b, ln.a)):
+                self.capacity[(u, v)] = ln.bandwidth
+                self.latency[(u, v)] = ln.latency
+        self._adj = {n: sorted(self.graph.neighbors(n)) for n in self.graph}
+        self._routes: dict[tuple[str, str], tuple[DirLink, ...]] = {}
+
+    # --- devices -------------------------------------------------------------------------
+    def compute_devices(self) -> list[str]:
+        """Where model slices go: every GPU; on machines without GPUs, the CPU.  Ordered by
+        machine, then name with numeric suffixes in numeric order (m0.gpu2 before m0.gpu10)."""
+        has_gpu = {d.machine for d in self.devices.values() if d.kind == "gpu"}
+        chosen = [d for d in self.devices.values()
+                  if d.kind == "gpu" or (d.kind == "cpu" and d.machine not in has_gpu)]
+        return [d.name for d in sorted(chosen, key=_device_order)]
+
+    def host_cpus(self) -> list[str]:
+        return [d.name for d in sorted(self.devices.values(), key=_device_order) if d.kind == "cpu"]
+
+    def machine_of(self, name: str) -> int | None:
+        return self.devices[name].machine
+
+    # --- routing -------------------------------------------------------------------------
+    def route(self, src: str, dst: str) -> tuple[DirLink, ...]:
+        """Directed links from ``src`` to ``dst``; () when equal.  Raises LookupError if none."""
+        if src == dst:
+            return ()
+        key = (src, dst)
+        if key not in self._routes:
+            self._routes[key] = self._find_route(src, dst)
+        return self._routes[key]
+
+    def route_latency(self, route: tuple[DirLink, ...]) -> float:
+        return sum(self.latency[link] for link in route)
+
+    def route_bandwidth(self, route: tuple[DirLink, ...]) -> float:
+        return min((self.capacity[link] for link in route), default=float("inf"))
+
+    def _allowed(self, node: str, src: str, dst: str, machines: tuple[int | None, int | None]) -> bool:
+        if node == src or node == dst:
+            return True
+        dev = self.devices[node]
+        if dev.kind == "gpu":
+            return False
+        return dev.machine is None or dev.machine in machines
+
+    def _find_route(self, src: str, dst: str) -> tuple[DirLink, ...]:
+        machines = (self.devices[src].machine, self.devices[dst].machine)
+        dist = {dst: 0}
+        frontier = deque([dst])
+        while frontier and src not in dist:           # BFS from dst, stopping at src's level
+            node = frontier.popleft()
+            for nb in self._adj[node]:
+                if nb not in dist and self._allowed(nb, src, dst, machines):
+                    dist[nb] = dist[node] + 1
+                    frontier.append(nb)
+        if src not in dist:
+            raise LookupError(f"no route from {src} to {dst}")
+        path, node = [], src
+        while node != dst:
+            options = [nb for nb in self._adj[node] if dist.get(nb, -1) == dist[node] - 1]
+            if len(options) > 1:   # ECMP: a stable hash of (src, dst, hop) spreads pairs over paths
+                nxt = options[zlib.crc32(f"{src}>{dst}>{len(path)}".encode()) % len(options)]
+            else:
+                nxt = options[0]
+            path.append((node, nxt))
+            node = nxt
+        return tuple(path)
+
+
+def _device_order(d: Device) -> tuple:
+    head = d.name.rstrip("0123456789")
+    tail = d.name[len(head):]
+    return (d.machine if d.machine is not None else -1, head, int(tail) if tail else -1)

@@ -1,0 +1,100 @@
+"""Topology files, generators and routing."""
+import pytest
+
+from sim.errors import ConfigError
+from sim.topogen import PCIE_LANE_GBPS, build_topology, builtin_topologies, load_topology
+
+
+def test_every_builtin_loads_with_compute_devices():
+    for name in builtin_topologies():
+        topo = load_topology(name)
+        assert topo.compute_devices(), name
+
+
+def test_dgx_h100_counts_and_nvlink_route():
+    topo = load_topology("dgx-h100")
+    kinds = [d.kind for d in topo.devices.values()]
+    assert kinds.count("gpu") == 8 and kinds.count("nic") == 8 and kinds.count("pcie_switch") == 4
+    assert topo.route("m0.gpu0", "m0.gpu7") == (("m0.gpu0", "m0.nvswitch"), ("m0.nvswitch", "m0.gpu7"))
+    assert topo.route_bandwidth(topo.route("m0.gpu0", "m0.gpu7")) == 450e9
+
+
+def test_cross_host_route_goes_gpu_pcie_nic_switch_nic_pcie_gpu():
+    topo = load_topology("ethernet-cluster")
+    route = topo.route("m0.gpu3", "m5.gpu0")
+    kinds = [topo.devices[u].kind for u, _ in route] + [topo.devices[route[-1][1]].kind]
+    assert kinds == ["gpu", "pcie_switch", "cpu", "pcie_switch", "nic", "switch",
+                     "nic", "pcie_switch", "gpu"]
+    # six PCIe hops of 0.7 us, the NIC's 2 us at each end, two switch-port hops of 0.6 us
+    assert topo.route_latency(route) == pytest.approx((0.7 * 6 + 2.0 * 2 + 0.6 * 2) * 1e-6, rel=1e-9)
+    assert topo.route_bandwidth(route) == pytest.approx(12.5e9)
+
+
+def test_gpus_under_one_pcie_switch_share_its_uplink():
+    topo = load_topology("pcie-4gpu")
+    uplink = ("m0.pcie0", "m0.cpu")
+    to_host = [topo.route(f"m0.gpu{i}", "m0.cpu") for i in range(4)]
+    assert all(uplink in r for r in to_host)
+    assert topo.capacity[uplink] == pytest.approx(PCIE_LANE_GBPS[4] * 16 * 1e9)
+    # peer traffic stays inside the switch
+    assert topo.route("m0.gpu0", "m0.gpu1") == (("m0.gpu0", "m0.pcie0"), ("m0.pcie0", "m0.gpu1"))
+
+
+def test_no_route_through_a_gpu_or_another_host():
+    topo = load_topology("dgx-h100-rail", machines=4)
+    for src, dst in [("m0.gpu0", "m1.gpu1"), ("m2.gpu7", "m3.gpu0"), ("m0.cpu", "m3.gpu4")]:
+        route = topo.route(src, dst)
+        inner = [v for _, v in route[:-1]]
+        assert all(topo.devices[n].kind != "gpu" for n in inner)
+        assert all(topo.devices[n].machine in (None, topo.machine_of(src), topo.machine_of(dst)) for n in inner)
+
+
+def test_fat_tree_sizes_and_hop_counts():
+    topo = load_topology("dgx-h100-fat-tree", machines=128)     # 1,024 ports -> k = 16
+    switches = [d for d in topo.devices.values() if d.kind == "switch"]
+    assert sum(d.name.startswith("core") for d in switches) == 64
+    assert len(topo.compute_devices()) == 1024
+    # edge-agg-core-agg-edge between pods: 6 switch hops + nic/pcie/gpu at each end
+    assert len(topo.route("m0.gpu0", "m127.gpu0")) == 10
+
+
+def test_ecmp_spreads_pairs_over_core_switches():
+    topo = load_topology("dgx-h100-fat-tree", machines=32)
+    cores = {v for m in range(1, 32) for u, v in topo.route("m0.gpu0", f"m{m}.gpu0") if v.startswith("core")}
+    assert len(cores) > 1
+
+
+def _tiny(**over):
+    data = {"name": "t", "machine": {"cpu": {"cores": 4, "core_gflops": 10, "memory_gib": 8,
+                                             "memory_bandwidth_gbps": 20}},
+            "network": {"kind": "none"}}
+    data.update(over)
+    return data
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d["machine"]["cpu"].update(cores=0), "machine.cpu.cores"),
+    (lambda d: d["machine"]["cpu"].update(memory_bandwidth_gbps=-1), "machine.cpu.memory_bandwidth_gbps"),
+    (lambda d: d["machine"]["cpu"].update(speed=3), "machine.cpu.speed"),
+    (lambda d: d.update(link=[{"a": "m0.cpu", "b": "ghost", "bandwidth_gbps": 1, "latency_us": 1}]), "link[0].b"),
+    (lambda d: d.update(link=[{"a": "m0.cpu", "b": "m0.cpu", "bandwidth_gbps": 0, "latency_us": 1}]),
+     "link[0].bandwidth_gbps"),
+    (lambda d: d["network"].update(machines=3), "network.machines"),
+    (lambda d: d["network"].update(kind="torus"), "network.kind"),
+])
+def test_bad_topology_names_the_field(mutate, field):
+    data = _tiny()
+    mutate(data)
+    with pytest.raises(ConfigError) as err:
+        build_topology(data, "t.toml")
+    assert err.value.field == field and err.value.file == "t.toml"
+
+
+def test_base_merges_subtables_and_missing_file_is_a_config_error(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text('base = "pcie-4gpu"\n[machine.nic]\ncount = 2\nbandwidth_gbps = 50\n')
+    topo = load_topology(str(f))
+    assert sum(d.kind == "nic" for d in topo.devices.values()) == 2
+    assert sum(d.kind == "gpu" for d in topo.devices.values()) == 4      # kept from the base
+    with pytest.raises(ConfigError, match="cannot read topology"):
+        load_topology("no-such-topology")
