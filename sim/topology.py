@@ -6,8 +6,8 @@ Units: bandwidth in bytes/s and latency in seconds inside this module (files use
 resources ``(u, v)`` and ``(v, u)`` of the same capacity, so traffic in one direction never
 slows the other.
 
-Routing is shortest-path by hops with deterministic ECMP (a stable hash of the endpoints
-picks among equal next hops).  Two rules keep routes physical: a GPU is never a transit
+Routing is widest-shortest-path: fewest hops, then the widest bottleneck, then
+deterministic ECMP (a stable hash of the endpoints picks among equal next hops).  Two rules keep routes physical: a GPU is never a transit
 node, and the inside of a machine (its CPU/root complex, PCIe switches, NVSwitch, NICs) is
 transit only for traffic that starts or ends in that machine, so no route uses a host as
 a router between network switches.
@@ -124,20 +124,28 @@ class Topology:
         return dev.machine is None or dev.machine in machines
 
     def _find_route(self, src: str, dst: str) -> tuple[DirLink, ...]:
+        """Widest shortest path: fewest hops, then the largest bottleneck bandwidth (so NVLink
+        wins over a PCIe switch of equal hop count), then ECMP among what is left."""
         machines = (self.devices[src].machine, self.devices[dst].machine)
-        dist = {dst: 0}
+        cap = self.capacity
+        dist, width = {dst: 0}, {dst: float("inf")}
         frontier = deque([dst])
-        while frontier and src not in dist:           # BFS from dst, stopping at src's level
-            node = frontier.popleft()
+        while frontier and dist[frontier[0]] < dist.get(src, len(self.devices)):
+            node = frontier.popleft()              # BFS from dst, one level past nothing but src's
             for nb in self._adj[node]:
-                if nb not in dist and self._allowed(nb, src, dst, machines):
-                    dist[nb] = dist[node] + 1
-                    frontier.append(nb)
+                w = min(cap[(nb, node)], width[node])
+                if nb not in dist:
+                    if self._allowed(nb, src, dst, machines):
+                        dist[nb], width[nb] = dist[node] + 1, w
+                        frontier.append(nb)
+                elif dist[nb] == dist[node] + 1 and w > width[nb]:
+                    width[nb] = w
         if src not in dist:
             raise LookupError(f"no route from {src} to {dst}")
         path, node = [], src
         while node != dst:
-            options = [nb for nb in self._adj[node] if dist.get(nb, -1) == dist[node] - 1]
+            options = [nb for nb in self._adj[node] if dist.get(nb, -1) == dist[node] - 1
+                       and min(cap[(node, nb)], width[nb]) >= width[node]]
             if len(options) > 1:   # ECMP: a stable hash of (src, dst, hop) spreads pairs over paths
                 nxt = options[zlib.crc32(f"{src}>{dst}>{len(path)}".encode()) % len(options)]
             else:

@@ -1,0 +1,120 @@
+"""Fluid sharing of capacitated resources on the simpy clock.
+
+A *job* needs ``amount`` units of work and loads resources with weights (a network flow:
+its directed links, bytes; a compute op: its device, work-seconds).  Whenever the set of
+jobs changes, rates are re-solved by ``flows.max_min_rates`` -- but only for the connected
+component of jobs that share resources with the change, so traffic inside one machine
+never re-solves the whole cluster.  Each job's finish time is then exact until the next
+change; the simpy side only reschedules completions (SimGrid's approach).
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Hashable, Mapping
+
+import simpy
+
+from .flows import max_min_rates
+
+# Work below this fraction of a job's amount counts as done (float round-off of rates).
+_DONE = 1e-9
+
+
+class _Job:
+    __slots__ = ("weights", "amount", "remaining", "rate", "since", "event", "finish")
+
+    def __init__(self, weights: Mapping[Hashable, int], amount: float, event: simpy.Event, now: float):
+        self.weights, self.amount, self.remaining = weights, amount, amount
+        self.rate, self.since, self.event, self.finish = 0.0, now, event, float("inf")
+
+
+class Fluid:
+    """Jobs sharing resources max-min fairly; ``start`` returns an event that fires when done."""
+
+    def __init__(self, env: simpy.Environment, capacity: Mapping[Hashable, float]) -> None:
+        self.env, self.capacity = env, capacity
+        self.jobs: dict[int, _Job] = {}
+        self.users: dict[Hashable, set[int]] = {}
+        self._heap: list[tuple[float, int]] = []
+        self._ids = itertools.count()
+        self._wake_at = float("inf")
+        self.solves = 0
+
+    def start(self, weights: Mapping[Hashable, int], amount: float) -> simpy.Event:
+        """A job of ``amount`` over resources ``weights``; raises KeyError for an unknown resource."""
+        event = self.env.event()
+        if amount <= 0 or not weights:
+            event.succeed()
+            return event
+        for res in weights:
+            if self.capacity[res] <= 0:
+                raise ValueError(f"resource {res!r} has no capacity")
+        jid = next(self._ids)
+        self.jobs[jid] = _Job(weights, float(amount), event, self.env.now)
+        for res in weights:
+            self.users.setdefault(res, set()).add(jid)
+        self._resolve(self._component([jid]))
+        return event
+
+    def _component(self, seeds: list[int]) -> set[int]:
+        comp, todo = set(), list(seeds)
+        while todo:
+            jid = todo.pop()
+            if jid in comp or jid not in self.jobs:
+                continue
+            comp.add(jid)
+            for res in self.jobs[jid].weights:
+                todo.extend(self.users[res] - comp)
+        return comp
+
+    def _resolve(self, comp: set[int]) -> None:
+        if not comp:
+            return
+        now = self.env.now
+        self.solves += 1
+        for jid in comp:
+            job = self.jobs[jid]
+            job.remaining -= job.rate * (now - job.since)
+            job.since = now
+        rates = max_min_rates({jid: self.jobs[jid].weights for jid in comp}, self.capacity)
+        for jid, rate in rates.items():
+            job = self.jobs[jid]
+            job.rate = rate
+            job.finish = now + max(job.remaining, 0.0) / rate
+            heapq.heappush(self._heap, (job.finish, jid))
+        self._schedule()
+
+    def _schedule(self) -> None:
+        while self._heap and (self._heap[0][1] not in self.jobs
+                              or self.jobs[self._heap[0][1]].finish != self._heap[0][0]):
+            heapq.heappop(self._heap)                       # stale entry
+        if self._heap and self._heap[0][0] < self._wake_at:
+            self._wake_at = self._heap[0][0]
+            timer = self.env.timeout(max(0.0, self._wake_at - self.env.now))
+            timer.callbacks.append(self._wake)
+
+    def _wake(self, _event: simpy.Event) -> None:
+        self._wake_at = float("inf")
+        now = self.env.now
+        finished: dict[int, None] = {}     # ordered set: one job may sit in the heap twice
+        while self._heap:
+            finish, jid = self._heap[0]
+            job = self.jobs.get(jid)
+            if job is None or job.finish != finish:
+                heapq.heappop(self._heap)
+                continue
+            left = job.remaining - job.rate * (now - job.since)
+            if finish > now and left > _DONE * job.amount:
+                break
+            heapq.heappop(self._heap)
+            finished[jid] = None
+        neighbours: set[int] = set()
+        for jid in finished:
+            job = self.jobs.pop(jid)
+            for res in job.weights:
+                self.users[res].discard(jid)
+                neighbours |= self.users[res]
+            job.event.succeed()
+        self._resolve(self._component(list(neighbours)))
+        self._schedule()

@@ -1,0 +1,278 @@
+"""Layer kinds: shapes, parameters, FLOPs, and what a slice of the output needs.
+
+Activations are per sample and always 3-D ``(C, H, W)``; a flat vector of F features is
+``(F, 1, 1)``.  A *box* is a sub-block ``((c0, c1), (h0, h1), (w0, w1))`` of an activation.
+Model parallelism ("spatial", DistBelief) cuts each layer's output into boxes:
+
+- ``rows``: stripes along H (locally connected layers: their weights are untied, so a
+  stripe owns exactly its weights and needs only a halo of input rows);
+- ``channels``: groups of output channels/features (dense, conv2d: weights are per
+  output channel; every slice needs the whole input, a full exchange);
+- ``follow``: the cut of the input (pooling, nonlinearities, normalisation).
+
+For each kind, ``needs(in_shape, box)`` is the input box a slice of output ``box`` reads,
+and ``slice_params`` the parameters it owns.  Invariant (tested): slices' FLOPs and
+parameters add up to the whole layer's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+Shape = tuple[int, int, int]
+Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def full_box(shape: Shape) -> Box:
+    return ((0, shape[0]), (0, shape[1]), (0, shape[2]))
+
+
+def box_size(box: Box) -> int:
+    return prod(max(0, b - a) for a, b in box)
+
+
+def box_overlap(x: Box, y: Box) -> int:
+    return prod(max(0, min(xb, yb) - max(xa, ya)) for (xa, xb), (ya, yb) in zip(x, y))
+
+
+def _window(lo: int, hi: int, kernel: int, stride: int, pad: int, size: int) -> tuple[int, int]:
+    """Input range read by outputs [lo, hi) of a sliding window, clipped to [0, size)."""
+    if hi <= lo:
+        return (0, 0)
+    return (max(0, lo * stride - pad), min(size, (hi - 1) * stride - pad + kernel))
+
+
+def _slide(size: int, kernel: int, stride: int, pad: int, what: str) -> int:
+    out = (size + 2 * pad - kernel) // stride + 1
+    if kernel > size + 2 * pad or out < 1:
+        raise ValueError(f"{what} kernel {kernel} does not fit input of size {size} (padding {pad})")
+    return out
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Base: an element-wise layer that keeps the shape and follows the input's cut."""
+
+    kind: str
+    split = "follow"
+    flops_per_elem = 1.0         # forward FLOPs per output element
+    bwd_ratio = 1.0              # backward FLOPs / forward FLOPs (2 for weighted layers: dgrad + wgrad)
+
+    def shape(self, s: Shape) -> Shape:
+        return s
+
+    def params(self, s: Shape) -> int:
+        return 0
+
+    def flops_per_out(self, s: Shape) -> float:
+        return self.flops_per_elem
+
+    def needs(self, s: Shape, box: Box) -> Box:
+        return box
+
+    def slice_params(self, s: Shape, box: Box) -> int:
+        return 0
+
+    def exchange_floats(self, s: Shape, box: Box, split: str, batch: int) -> tuple[int, int]:
+        """Small reductions a slice shares with every other slice: (forward, backward) floats."""
+        return (0, 0)
+
+
+@dataclass(frozen=True)
+class Dense(Layer):
+    units: int = 1
+    split = "channels"
+    bwd_ratio = 2.0
+
+    def shape(self, s):
+        return (self.units, 1, 1)
+
+    def params(self, s):
+        return self.units * (prod(s) + 1)
+
+    def flops_per_out(self, s):
+        return 2.0 * prod(s)
+
+    def needs(self, s, box):
+        return full_box(s)
+
+    def slice_params(self, s, box):
+        return (box[0][1] - box[0][0]) * (prod(s) + 1)
+
+
+@dataclass(frozen=True)
+class _Window(Layer):
+    """Shared geometry of layers with a kernel x kernel window."""
+
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+
+    def _out_hw(self, s):
+        return (_slide(s[1], self.kernel, self.stride, self.padding, self.kind),
+                _slide(s[2], self.kernel, self.stride, self.padding, self.kind))
+
+    def _rows_needed(self, s, box):
+        return (_window(*box[1], self.kernel, self.stride, self.padding, s[1]),
+                _window(*box[2], self.kernel, self.stride, self.padding, s[2]))
+
+
+@dataclass(frozen=True)
+class LocallyConnected(_Window):
+    filters: int = 1
+    split = "rows"
+    bwd_ratio = 2.0
+
+    def shape(self, s):
+        return (self.filters, *self._out_hw(s))
+
+    def params(self, s):
+        return box_size(full_box(self.shape(s))) * (self.kernel**2 * s[0] + 1)  # untied: one filter per position
+
+    def flops_per_out(self, s):
+        return 2.0 * self.kernel**2 * s[0]
+
+    def needs(self, s, box):
+        return ((0, s[0]), *self._rows_needed(s, box))
+
+    def slice_params(self, s, box):
+        return box_size(box) * (self.kernel**2 * s[0] + 1)
+
+
+@dataclass(frozen=True)
+class Conv2d(_Window):
+    filters: int = 1
+    split = "channels"
+    bwd_ratio = 2.0
+
+    def shape(self, s):
+        return (self.filters, *self._out_hw(s))
+
+    def params(self, s):
+        return self.filters * (self.kernel**2 * s[0] + 1)
+
+    def flops_per_out(self, s):
+        return 2.0 * self.kernel**2 * s[0]
+
+    def needs(self, s, box):
+        return full_box(s)
+
+    def slice_params(self, s, box):
+        return (box[0][1] - box[0][0]) * (self.kernel**2 * s[0] + 1)
+
+
+@dataclass(frozen=True)
+class Pool(_Window):
+    """max_pool / avg_pool: per channel, window over rows and columns."""
+
+    def shape(self, s):
+        return (s[0], *self._out_hw(s))
+
+    def flops_per_out(self, s):
+        return float(self.kernel**2)
+
+    def needs(self, s, box):
+        return (box[0], *self._rows_needed(s, box))
+
+
+@dataclass(frozen=True)
+class Maxout(Layer):
+    pieces: int = 2
+
+    def shape(self, s):
+        if s[0] % self.pieces:
+            raise ValueError(f"maxout pieces {self.pieces} must divide the {s[0]} input channels")
+        return (s[0] // self.pieces, s[1], s[2])
+
+    def flops_per_out(self, s):
+        return float(self.pieces)
+
+    def needs(self, s, box):
+        return ((box[0][0] * self.pieces, box[0][1] * self.pieces), box[1], box[2])
+
+
+@dataclass(frozen=True)
+class LRN(Layer):
+    """Local response normalisation across ``size`` neighbouring channels (AlexNet)."""
+
+    size: int = 5
+
+    def flops_per_out(self, s):
+        return 2.0 * self.size + 4.0
+
+    def needs(self, s, box):
+        half = self.size // 2
+        return ((max(0, box[0][0] - half), min(s[0], box[0][1] + half)), box[1], box[2])
+
+
+@dataclass(frozen=True)
+class LCN(Layer):
+    """Local contrast normalisation (Jarrett et al. 2009): subtractive and divisive
+    normalisation over a size x size window of all channels."""
+
+    size: int = 9
+
+    def flops_per_out(self, s):
+        return 4.0 * self.size**2      # weighted mean and weighted variance over the window
+
+    def needs(self, s, box):
+        half = self.size // 2
+        rows = (max(0, box[1][0] - half), min(s[1], box[1][1] + half))
+        cols = (max(0, box[2][0] - half), min(s[2], box[2][1] + half))
+        return ((0, s[0]), rows, cols)
+
+
+@dataclass(frozen=True)
+class BatchNorm(Layer):
+    flops_per_elem = 5.0
+    bwd_ratio = 2.0
+
+    def params(self, s):
+        return 2 * s[0]
+
+    def slice_params(self, s, box):
+        # gamma/beta per channel; under a row cut every stripe holds all channels, so the
+        # stripe that starts at row 0 owns them and the others keep copies
+        return 2 * (box[0][1] - box[0][0]) if box[1][0] == 0 and box_size(box) else 0
+
+    def exchange_floats(self, s, box, split, batch):
+        if split == "channels":
+            return (0, 0)
+        c = box[0][1] - box[0][0]
+        return (2 * c, 2 * c)         # per-channel sum and sum of squares; their gradients
+
+
+@dataclass(frozen=True)
+class Dropout(Layer):
+    rate: float = 0.5
+
+
+@dataclass(frozen=True)
+class Activation(Layer):
+    """relu (1 FLOP per element), sigmoid and tanh (4: exp, add, divide, multiply)."""
+
+    def flops_per_out(self, s):
+        return 1.0 if self.kind == "relu" else 4.0
+
+
+@dataclass(frozen=True)
+class SoftmaxXent(Layer):
+    """Softmax with cross-entropy loss over all features."""
+
+    flops_per_elem = 5.0
+
+    def shape(self, s):
+        if s[1:] != (1, 1):
+            raise ValueError(f"softmax_xent needs a flat input (put a dense layer first), got {s}")
+        return s
+
+    def exchange_floats(self, s, box, split, batch):
+        return (2 * batch, 0)         # per sample: the slice's max and its sum of exponentials
+
+
+KINDS: dict[str, type[Layer]] = {
+    "dense": Dense, "locally_connected": LocallyConnected, "conv2d": Conv2d,
+    "max_pool": Pool, "avg_pool": Pool, "relu": Activation, "sigmoid": Activation,
+    "tanh": Activation, "maxout": Maxout, "lrn": LRN, "lcn": LCN, "batchnorm": BatchNorm,
+    "dropout": Dropout, "softmax_xent": SoftmaxXent,
+}

@@ -1,0 +1,265 @@
+"""The partitioned network for one training step, as data: both runners consume it.
+
+``plan(scenario)`` decides everything about partitioning once: the boxes each device slot
+computes, the per-replica op graph (forward, backward, transfers, with dependencies), the
+devices every (replica, slot) and parameter-server shard is placed on, how gradients are
+combined, and what each device must hold in memory.
+
+Ops name *slots* (0..M-1), not devices, so one graph serves every replica; the engine
+maps slot j of replica r to ``plan.devices[r][j]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+from .layers import box_overlap, box_size
+from .partition import Slices, even_cuts, layer_slices, spatial_slices
+from .scenario import Scenario
+
+PARAM_BYTES = 4      # master weights and gradients are fp32 whatever the activation dtype
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Op:
+    """One node of the per-replica step graph.
+
+    kind: ``fwd`` / ``bwd`` (compute on ``slot``) or ``xfer`` (``slot`` -> ``dst``).
+    why (xfer): ``activation`` (full exchange), ``halo`` (rows a neighbour's receptive
+    fields read), ``gradient`` (the backward of either), ``reduction`` (softmax or
+    batch-norm statistics), ``stage`` (pipeline boundary).
+    """
+
+    id: int
+    kind: str
+    layer: int
+    micro: int
+    slot: int
+    dst: int = -1
+    flops: float = 0.0       # compute: FLOPs
+    bytes: float = 0.0       # compute: memory traffic; xfer: payload
+    why: str = ""
+    deps: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PSLayout:
+    devices: tuple[str, ...]                # per shard
+    sizes: tuple[int, ...]                  # parameters per shard
+    share: tuple[tuple[int, ...], ...]      # [slot][shard]: parameters of the slot kept on the shard
+
+
+@dataclass(frozen=True)
+class Plan:
+    scenario: Scenario
+    slices: Slices
+    axes: tuple[str, ...]
+    ops: tuple[Op, ...]                     # topological order
+    devices: tuple[tuple[str, ...], ...]    # [replica][slot]
+    slot_params: tuple[int, ...]
+    sync: str                               # none | allreduce | ps
+    ps: PSLayout | None
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def slots(self) -> int:
+        return len(self.slot_params)
+
+    @property
+    def replicas(self) -> int:
+        return len(self.devices)
+
+
+def plan(sc: Scenario, check_memory: bool = True) -> Plan:
+    """Raises ConfigError (naming the scenario file and field) when the split cannot be
+    placed on the topology or does not fit in memory."""
+    par, model = sc.parallel, sc.model
+    m = par.model_parallel
+    if par.split == "layers":
+        if m > len(model.nodes):
+            raise ConfigError(sc.file, "parallel.model_parallel",
+                              f"a layers split has at most {len(model.nodes)} stages (one per layer); got {m}")
+        slices, axes = layer_slices(model, m)
+    else:
+        slices, axes = spatial_slices(model, m)
+    ops = _ops(sc, slices, axes)
+    slot_params = [0] * m
+    for node, layer_slices_ in zip(model.nodes, slices):
+        for slot, box in layer_slices_:
+            slot_params[slot] += node.layer.slice_params(node.in_shape, box)
+    devices, ps = _place(sc, slices, slot_params)
+    sync = "ps" if par.ps_shards else ("allreduce" if par.replicas > 1 else "none")
+    p = Plan(sc, slices, axes, tuple(ops), devices, tuple(slot_params), sync, ps)
+    p.memory.update(memory_use(p))
+    if check_memory:
+        _check_memory(p)
+    return p
+
+
+# --- the op graph ---------------------------------------------------------------------------
+def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...]) -> list[Op]:
+    model, db = sc.model, sc.dtype_bytes
+    ops: list[Op] = []
+    fwd: dict[tuple[int, int, int], int] = {}        # (layer, slot, micro) -> op id
+    bwd: dict[tuple[int, int, int], int] = {}
+    red_fwd: dict[tuple[int, int, int], list[int]] = {}   # reductions into (layer, slot, micro)
+    red_bwd: dict[tuple[int, int, int], list[int]] = {}
+    split_kind = sc.parallel.split
+
+    def add(**kw) -> int:
+        ops.append(Op(id=len(ops), **kw))
+        return len(ops) - 1
+
+    def why_fwd(i: int, needs_full: bool) -> str:
+        if split_kind == "layers":
+            return "stage"
+        return "activation" if needs_full else "halo"
+
+    micro_sizes = [hi - lo for lo, hi in even_cuts(sc.batch_size, sc.parallel.micro_batches)]
+    for mb, b in enumerate(micro_sizes):
+        for i, node in enumerate(model.nodes):
+            layer = node.layer
+            for j, box in slices[i]:
+                needs = layer.needs(node.in_shape, box)
+                deps = []
+                if i > 0:
+                    full = box_size(needs) == box_size(((0, node.in_shape[0]), (0, node.in_shape[1]),
+                                                         (0, node.in_shape[2])))
+                    for k, kbox in slices[i - 1]:
+                        ov = box_overlap(kbox, needs)
+                        if not ov:
+                            continue
+                        if k == j:
+                            deps.append(fwd[(i - 1, k, mb)])
+                        else:
+                            deps.append(add(kind="xfer", layer=i, micro=mb, slot=k, dst=j, bytes=ov * b * db,
+                                            why=why_fwd(i, full), deps=(fwd[(i - 1, k, mb)],)))
+                    deps += red_fwd.get((i - 1, j, mb), [])
+                params = layer.slice_params(node.in_shape, box)
+                traffic = (box_size(needs) + box_size(box)) * b * db + params * PARAM_BYTES
+                fwd[(i, j, mb)] = add(kind="fwd", layer=i, micro=mb, slot=j,
+                                      flops=layer.flops_per_out(node.in_shape) * box_size(box) * b,
+                                      bytes=traffic, deps=tuple(deps))
+            _reductions(slices[i], node, axes[i], b, i, mb, fwd, red_fwd, red_bwd, add)
+    for mb, b in enumerate(micro_sizes):
+        for i in range(len(model.nodes) - 1, -1, -1):
+            node = model.nodes[i]
+            for j, box in slices[i]:
+                f = ops[fwd[(i, j, mb)]]
+                deps = [f.id]
+                if i == len(model.nodes) - 1:
+                    deps += red_fwd.get((i, j, mb), [])
+                if i + 1 < len(model.nodes):
+                    nxt = model.nodes[i + 1]
+                    for k, kbox in slices[i + 1]:
+                        ov = box_overlap(box, nxt.layer.needs(nxt.in_shape, kbox))
+                        if not ov:
+                            continue
+                        if k == j:
+                            deps.append(bwd[(i + 1, k, mb)])
+                        else:
+                            deps.append(add(kind="xfer", layer=i + 1, micro=mb, slot=k, dst=j,
+                                            bytes=ov * b * db, why="gradient", deps=(bwd[(i + 1, k, mb)],)))
+                    deps += red_bwd.get((i + 1, j, mb), [])
+                bwd[(i, j, mb)] = add(kind="bwd", layer=i, micro=mb, slot=j,
+                                      flops=f.flops * node.layer.bwd_ratio, bytes=2 * f.bytes, deps=tuple(deps))
+    return _fix_reduction_deps(ops, bwd)
+
+
+def _reductions(layer_slices_, node, axis, b, i, mb, fwd, red_fwd, red_bwd, add) -> None:
+    """Small all-to-all exchanges (softmax max/sum, batch-norm statistics) of layer i."""
+    if len(layer_slices_) < 2:
+        return
+    for j, box in layer_slices_:
+        f_floats, b_floats = node.layer.exchange_floats(node.in_shape, box, axis, b)
+        for k, _ in layer_slices_:
+            if k == j:
+                continue
+            if f_floats:
+                red_fwd.setdefault((i, k, mb), []).append(
+                    add(kind="xfer", layer=i, micro=mb, slot=j, dst=k, bytes=f_floats * 4.0,
+                        why="reduction", deps=(fwd[(i, j, mb)],)))
+            if b_floats:   # depends on the backward op of (i, j); patched once it exists
+                red_bwd.setdefault((i, k, mb), []).append(
+                    add(kind="xfer", layer=i, micro=mb, slot=j, dst=k, bytes=b_floats * 4.0,
+                        why="reduction", deps=(-1 - i,)))
+
+
+def _fix_reduction_deps(ops: list[Op], bwd: dict) -> list[Op]:
+    """Backward reductions were created before their source op; point them at it and
+    restore topological order (a stable sort by the latest dependency)."""
+    fixed = []
+    for op in ops:
+        if op.deps and op.deps[0] < 0:
+            i = -1 - op.deps[0]
+            op = Op(**{**op.__dict__, "deps": (bwd[(i, op.slot, op.micro)],)})
+        fixed.append(op)
+    order = sorted(fixed, key=lambda o: (max(o.deps), 1, o.id) if o.why == "reduction" else (o.id, 0, o.id))
+    pos = {o.id: n for n, o in enumerate(order)}
+    return [Op(**{**o.__dict__, "id": pos[o.id], "deps": tuple(pos[d] for d in o.deps)}) for o in order]
+
+
+# --- placement and memory -------------------------------------------------------------------
+def _place(sc: Scenario, slices: Slices, slot_params: list[int]) -> tuple[tuple[tuple[str, ...], ...], PSLayout | None]:
+    par, topo = sc.parallel, sc.topology
+    compute = topo.compute_devices()
+    need = par.model_parallel * par.replicas
+    if need > len(compute):
+        raise ConfigError(sc.file, "parallel.replicas",
+                          f"model_parallel x replicas = {need} devices, but topology {topo.name} has "
+                          f"{len(compute)} compute devices")
+    devices = tuple(tuple(compute[r * par.model_parallel + j] for j in range(par.model_parallel))
+                    for r in range(par.replicas))
+    if not par.ps_shards:
+        return devices, None
+    spare = compute[need:] + [c for c in topo.host_cpus() if c not in compute]
+    pool = spare or compute[:need]
+    shard_devices = tuple(pool[k % len(pool)] for k in range(par.ps_shards))
+    total = sum(slot_params)
+    shard_ranges = even_cuts(total, par.ps_shards)
+    # the parameter vector is laid out layer by layer, slot by slot
+    share = [[0] * par.ps_shards for _ in slot_params]
+    offset = 0
+    for node, layer_slices_ in zip(sc.model.nodes, slices):
+        for slot, box in layer_slices_:
+            n = node.layer.slice_params(node.in_shape, box)
+            for k, (lo, hi) in enumerate(shard_ranges):
+                share[slot][k] += max(0, min(hi, offset + n) - max(lo, offset))
+            offset += n
+    return devices, PSLayout(shard_devices, tuple(hi - lo for lo, hi in shard_ranges),
+                             tuple(tuple(row) for row in share))
+
+
+def memory_use(p: Plan) -> dict[str, dict[str, float]]:
+    """Bytes each device must hold: parameters+gradients, stored activations (every
+    micro-batch's, as GPipe keeps them), parameter-server shards."""
+    sc = p.scenario
+    use: dict[str, dict[str, float]] = {}
+    act = [0.0] * p.slots
+    for node, layer_slices_ in zip(sc.model.nodes, p.slices):
+        for slot, box in layer_slices_:
+            needs = node.layer.needs(node.in_shape, box)
+            act[slot] += (box_size(box) + box_size(needs)) * sc.batch_size * sc.dtype_bytes
+    for row in p.devices:
+        for slot, dev in enumerate(row):
+            u = use.setdefault(dev, {"parameters": 0.0, "activations": 0.0, "ps_shards": 0.0})
+            u["parameters"] += 2 * p.slot_params[slot] * PARAM_BYTES
+            u["activations"] += act[slot]
+    if p.ps:
+        for dev, size in zip(p.ps.devices, p.ps.sizes):
+            u = use.setdefault(dev, {"parameters": 0.0, "activations": 0.0, "ps_shards": 0.0})
+            u["ps_shards"] += 2 * size * PARAM_BYTES      # the shard and its gradient accumulator
+    return use
+
+
+def _check_memory(p: Plan) -> None:
+    sc = p.scenario
+    for dev, parts in p.memory.items():
+        have = sc.topology.devices[dev].memory_bytes
+        need = sum(parts.values())
+        if need > have:
+            detail = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items() if v)
+            raise ConfigError(sc.file, "parallel.model_parallel",
+                              f"does not fit: device {dev} needs {need / GIB:.2f} GiB ({detail}) "
+                              f"but has {have / GIB:.2f} GiB; raise model_parallel or lower model.batch_size")

@@ -1,0 +1,114 @@
+"""Span records both runners emit, the metrics read from them, Chrome trace export.
+
+A span is one thing that took time somewhere: a compute op on a device, a transfer
+between two devices (with the directed links it crossed), a parameter update.  Metrics,
+plots and validation read only spans.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+KINDS = ("compute", "transfer", "update", "wait")
+
+
+@dataclass(frozen=True)
+class Span:
+    name: str            # e.g. "fwd L3", "allreduce", "halo L2"
+    kind: str            # compute | transfer | update | wait
+    where: str           # device, or "src->dst" for a transfer
+    replica: int
+    step: int
+    start_s: float
+    end_s: float
+    bytes: float = 0.0
+    flops: float = 0.0
+    phase: str = ""      # fwd | bwd | activation | halo | gradient | reduction | stage | allreduce | push | fetch | update
+    links: tuple[str, ...] = ()   # directed links "u>v" a transfer crossed
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+@dataclass
+class Trace:
+    spans: list[Span] = field(default_factory=list)
+    step_ends: list[float] = field(default_factory=list)   # simulated time at which each step finished
+
+    def add(self, span: Span) -> None:
+        self.spans.append(span)
+
+    @property
+    def makespan_s(self) -> float:
+        return max((s.end_s for s in self.spans), default=0.0)
+
+    def step_times(self) -> list[float]:
+        starts = [0.0] + self.step_ends[:-1]
+        return [b - a for a, b in zip(starts, self.step_ends)]
+
+    def device_busy(self) -> dict[str, float]:
+        """Seconds each device spent computing (union of its compute/update spans)."""
+        by_dev: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for s in self.spans:
+            if s.kind in ("compute", "update"):
+                by_dev[s.where].append((s.start_s, s.end_s))
+        return {dev: _union_length(iv) for dev, iv in by_dev.items()}
+
+    def link_bytes(self) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for s in self.spans:
+            for link in s.links:
+                out[link] += s.bytes
+        return dict(out)
+
+    def to_chrome(self) -> dict:
+        """Chrome trace events (ts, dur in microseconds): one process per device or link owner."""
+        events, pids, tids = [], {}, {}
+        for s in self.spans:
+            where = s.where.split("->")[0] if s.kind == "transfer" else s.where
+            group = where.split(".")[0]
+            pid = pids.setdefault(group, len(pids))
+            tid = tids.setdefault((group, s.where), len(tids))
+            events.append({"name": s.name, "cat": s.phase or s.kind, "ph": "X", "pid": pid, "tid": tid,
+                           "ts": s.start_s * 1e6, "dur": s.duration_s * 1e6,
+                           "args": {"replica": s.replica, "step": s.step, "bytes": s.bytes, "flops": s.flops}})
+        for group, pid in pids.items():
+            events.append({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": group}})
+        for (group, where), tid in tids.items():
+            events.append({"name": "thread_name", "ph": "M", "pid": pids[group], "tid": tid, "args": {"name": where}})
+        return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+    def to_records(self) -> list[dict]:
+        return [asdict(s) for s in self.spans]
+
+
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Writes via a temporary file in the same folder and a rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_chrome(trace: Trace, path: str | Path) -> None:
+    write_atomic(path, json.dumps(trace.to_chrome()))
