@@ -1,8 +1,8 @@
 """Device compute time: a roofline with an efficiency factor, and sharing of a device.
 
-``op_seconds`` is the time an op takes with the device to itself: the larger of its
-FLOPs over the achievable rate (peak for the dtype x efficiency) and its memory traffic
-over memory bandwidth.  Ops that run at once on one device (a PS shard beside a worker
+``op_seconds`` is the time an op takes with the device to itself: a fixed per-op
+overhead (kernel launch, dispatch) plus the larger of its FLOPs over the achievable rate
+(peak for the dtype x efficiency) and its memory traffic over memory bandwidth.  Ops that run at once on one device (a PS shard beside a worker
 slice on a CPU machine, micro-batches of a pipeline) share it as a processor-sharing
 queue: ``Compute.run`` is a fluid job of that many work-seconds on a unit-capacity device.
 """
@@ -16,7 +16,7 @@ from .topology import Topology
 
 def op_seconds(topology: Topology, device: str, flops: float, nbytes: float, dtype: str) -> float:
     dev = topology.devices[device]
-    return max(flops / (dev.flops_per_s(dtype) * dev.efficiency), nbytes / dev.memory_bw)
+    return dev.op_overhead + max(flops / (dev.flops_per_s(dtype) * dev.efficiency), nbytes / dev.memory_bw)
 
 
 class Compute:

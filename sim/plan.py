@@ -83,14 +83,15 @@ def plan(sc: Scenario, check_memory: bool = True) -> Plan:
         slices, axes = layer_slices(model, m)
     else:
         slices, axes = spatial_slices(model, m)
-    ops = _ops(sc, slices, axes)
     slot_params = [0] * m
     for node, layer_slices_ in zip(model.nodes, slices):
         for slot, box in layer_slices_:
             slot_params[slot] += node.layer.slice_params(node.in_shape, box)
     devices, ps = _place(sc, slices, slot_params)
+    ops = _ops(sc, slices, axes)
     sync = "ps" if par.ps_shards else ("allreduce" if par.replicas > 1 else "none")
     p = Plan(sc, slices, axes, tuple(ops), devices, tuple(slot_params), sync, ps)
+    _check_routes(p)
     p.memory.update(memory_use(p))
     if check_memory:
         _check_memory(p)
@@ -198,6 +199,35 @@ def _fix_reduction_deps(ops: list[Op], bwd: dict) -> list[Op]:
     order = sorted(fixed, key=lambda o: (max(o.deps), 1, o.id) if o.why == "reduction" else (o.id, 0, o.id))
     pos = {o.id: n for n, o in enumerate(order)}
     return [Op(**{**o.__dict__, "id": pos[o.id], "deps": tuple(pos[d] for d in o.deps)}) for o in order]
+
+
+def talking_pairs(p: Plan) -> set[tuple[str, str]]:
+    """Every (src, dst) device pair the step sends data between."""
+    from .collectives import phases
+    pairs = {(row[op.slot], row[op.dst]) for row in p.devices for op in p.ops if op.kind == "xfer"}
+    if p.sync == "allreduce":
+        for j in range(p.slots):
+            group = [row[j] for row in p.devices]
+            for ph in phases("allreduce", p.scenario.training.allreduce, group, 1.0):
+                pairs.update(ph.pairs)
+    if p.ps:
+        for row in p.devices:
+            for j, dev in enumerate(row):
+                for k, n in enumerate(p.ps.share[j]):
+                    if n:
+                        pairs.update({(dev, p.ps.devices[k]), (p.ps.devices[k], dev)})
+    return {(a, b) for a, b in pairs if a != b}
+
+
+def _check_routes(p: Plan) -> None:
+    topo = p.scenario.topology
+    for a, b in sorted(talking_pairs(p)):
+        try:
+            topo.route(a, b)
+        except LookupError:
+            raise ConfigError(p.scenario.file, "cluster.topology",
+                              f"no route from {a} to {b} in topology {topo.name}, and this plan sends data "
+                              f"between them") from None
 
 
 # --- placement and memory -------------------------------------------------------------------

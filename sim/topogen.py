@@ -4,9 +4,10 @@ plus any explicit ``[[device]]`` / ``[[link]]`` entries.
 File format (units in the names; ``gbps`` is 10^9 *bytes* per second, like nccl-tests):
 
     name = "..."
-    [machine.cpu]    cores, core_gflops, memory_gib, memory_bandwidth_gbps, efficiency
+    [machine.cpu]    cores, core_gflops, memory_gib, memory_bandwidth_gbps, efficiency,
+                     op_overhead_us
     [machine.gpu]    count, peak_tflops_fp32 (fp16, bf16, fp64 optional), memory_gib,
-                     memory_bandwidth_gbps, efficiency
+                     memory_bandwidth_gbps, efficiency, op_overhead_us
     [machine.pcie]   switches, generation, lanes, uplink_lanes, latency_us
     [machine.nvlink] bandwidth_gbps (per GPU, per direction), latency_us
     [machine.nic]    count, bandwidth_gbps, latency_us
@@ -153,7 +154,8 @@ def _compute_fields(t: Table, kind: str) -> dict[str, Any]:
                 memory_bytes=t.float("memory_gib", positive=True) * GIB,
                 memory_bw=t.float("memory_bandwidth_gbps", positive=True) * 1e9,
                 efficiency=t.float("efficiency", 1.0, lo=1e-3, hi=1.0),
-                cores=cores)
+                cores=cores,
+                op_overhead=t.float("op_overhead_us", 0.0, lo=0.0, hi=1e6) * 1e-6)
 
 
 def _machine_template(mt: Table) -> dict[str, Any]:

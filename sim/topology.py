@@ -39,6 +39,7 @@ class Device:
     memory_bw: float = 0.0              # bytes/s
     efficiency: float = 1.0             # achieved / peak FLOP/s on dense work
     cores: int = 0                      # CPU cores (0 for a GPU)
+    op_overhead: float = 0.0            # seconds every op costs on top of the roofline (kernel launch)
 
     @property
     def is_compute(self) -> bool:

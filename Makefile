@@ -1,0 +1,27 @@
+# Two commands do all the set-up on a fresh machine that has only Python:
+#   make demo   simulate the embedded default scenario (plot and trace under out/)
+#   make test   run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/clustersim simulate scenarios/quickstart.toml --plot out/quickstart.png --trace out/quickstart.trace.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_sim.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis

@@ -1,0 +1,169 @@
+"""Human tables and matplotlib figures.  Figures are written to a temporary file and
+renamed into place, so a failed run never leaves half a PNG."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .plan import Plan  # noqa: E402
+from .trace import Trace  # noqa: E402
+
+PHASE_COLOURS = {"fwd": "#4c72b0", "bwd": "#dd8452", "update": "#55a868", "allreduce": "#c44e52",
+                 "push": "#8172b3", "fetch": "#937860", "activation": "#da8bc3", "halo": "#8c8c8c",
+                 "gradient": "#ccb974", "reduction": "#64b5cd", "stage": "#da8bc3"}
+
+
+def si(value: float, unit: str) -> str:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def seconds(value: float) -> str:
+    for factor, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
+        if abs(value) >= factor:
+            return f"{value / factor:.4g} {unit}"
+    return f"{value * 1e9:.4g} ns"
+
+
+def summary_text(s: dict) -> str:
+    lines = [
+        f"{s['name']}: {s['model']} ({si(s['parameters'], 'params')}) on {s['topology']}",
+        f"  split {s['split']} x{s['model_parallel']}, replicas {s['replicas']}, sync by {s['sync']}, "
+        f"batch {s['batch_size']}/replica {s['dtype']}, network model {s['network']}",
+        "",
+        f"  step time        {seconds(s['step_time_s'])}",
+        f"  throughput       {s['samples_per_s']:.4g} samples/s",
+    ]
+    if "speedup" in s:
+        lines.append(f"  speedup          {s['speedup']:.3g}x against one device "
+                     f"({seconds(s['one_device_step_time_s'])} per step)")
+    lines += [f"  traffic          {si(s['bytes_per_step'], 'B')} per step",
+              f"  simulated        {s['steps']} steps, {seconds(s['sim_time_s'])} in {s['sim_events']} events, "
+              f"{s['wall_s']:.3g} s wall", "", "  time by phase (device- or transfer-seconds per step):"]
+    for phase, t in sorted(s["time_by_phase_s"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"    {phase:<12} {seconds(t)}")
+    util = s["device_utilisation"]
+    if util:
+        vals = sorted(util.values())
+        lines.append(f"  device busy      min {vals[0]:.1%}  median {vals[len(vals) // 2]:.1%}  max {vals[-1]:.1%}"
+                     f"  over {len(vals)} devices")
+    if s["link_utilisation"]:
+        lines.append("  busiest links:")
+        for link, u in list(s["link_utilisation"].items())[:5]:
+            lines.append(f"    {link:<32} {u:.1%}")
+    return "\n".join(lines)
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """Fixed-width table; ``columns`` is [(key, header)]."""
+    cells = [[h for _, h in columns]] + [[_fmt(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def save_figure(fig, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+
+
+def plot_step(trace: Trace, p: Plan, summary: dict, path: str | Path, step: int | None = None,
+              max_rows: int = 24) -> None:
+    """Gantt of one step (devices, then the busiest transfers) above device and link utilisation."""
+    steps = trace.step_ends
+    step = (len(steps) - 1 if steps else 0) if step is None else step
+    spans = [s for s in trace.spans if s.step == step]
+    t0 = min((s.start_s for s in spans), default=0.0)
+    rows: dict[str, list] = defaultdict(list)
+    for s in spans:
+        rows[s.where].append(s)
+    devices = [d for row in p.devices for d in row] + list(p.ps.devices if p.ps else [])
+    order = [d for d in dict.fromkeys(devices) if d in rows][:max_rows]
+    xfers = sorted((w for w in rows if "->" in w), key=lambda w: -sum(s.duration_s for s in rows[w]))
+    order += xfers[:max(0, max_rows - len(order))]
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(11, 3 + 0.28 * len(order)),
+                                  gridspec_kw={"height_ratios": [max(len(order), 3), 4]})
+    for y, where in enumerate(order):
+        for s in rows[where]:
+            ax.barh(y, (s.end_s - s.start_s) * 1e3, left=(s.start_s - t0) * 1e3, height=0.7,
+                    color=PHASE_COLOURS.get(s.phase, "#999999"), edgecolor="none")
+    ax.set_yticks(range(len(order)), order, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms into the step")
+    ax.set_title(f"{summary['name']}: step {step}, {seconds(summary['step_time_s'])} per step")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for ph, c in PHASE_COLOURS.items()
+               if any(s.phase == ph for s in spans)]
+    ax.legend(handles, [ph for ph in PHASE_COLOURS if any(s.phase == ph for s in spans)],
+              fontsize=7, loc="lower right", ncols=4)
+    util = summary["device_utilisation"]
+    links = summary["link_utilisation"]
+    names = list(util)[:16] + list(links)[:8]
+    values = [util[n] for n in list(util)[:16]] + [links[n] for n in list(links)[:8]]
+    ax2.bar(range(len(names)), [v * 100 for v in values],
+            color=["#4c72b0"] * min(len(util), 16) + ["#c44e52"] * min(len(links), 8))
+    ax2.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=6)
+    ax2.set_ylabel("busy %")
+    ax2.set_title("device utilisation (blue) and busiest links (red)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_sweep(points: list[dict], key: str, path: str | Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [str(p[key]) for p in points]
+    ax.plot(xs, [p["samples_per_s"] for p in points], marker="o")
+    ax.set_xlabel(key)
+    ax.set_ylabel("samples / s")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [p["speedup"] for p in points], marker="s", color="#c44e52", linestyle="--")
+    ax2.set_ylabel("speedup against the first point", color="#c44e52")
+    ax.set_title(f"sweep over {key}")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_topology(topo, path: str | Path) -> None:
+    import networkx as nx
+    g = topo.graph
+    layer_of = {"gpu": 0, "cpu": 1, "pcie_switch": 1, "nvswitch": 0, "nic": 2, "switch": 3}
+    for n, data in g.nodes(data=True):
+        data["layer"] = layer_of[data["kind"]] + (1 if n.startswith(("agg", "spine")) else 0) \
+            + (2 if n.startswith("core") else 0)
+    pos = nx.multipartite_layout(g, subset_key="layer", align="horizontal")
+    colours = {"gpu": "#55a868", "cpu": "#4c72b0", "pcie_switch": "#8172b3", "nvswitch": "#c44e52",
+               "nic": "#dd8452", "switch": "#937860"}
+    fig, ax = plt.subplots(figsize=(min(4 + 0.08 * len(g), 40), 6))
+    nx.draw_networkx_edges(g, pos, ax=ax, alpha=0.3, width=0.6)
+    for kind, c in colours.items():
+        nodes = [n for n, d in g.nodes(data=True) if d["kind"] == kind]
+        nx.draw_networkx_nodes(g, pos, nodelist=nodes, node_color=c, node_size=40, ax=ax, label=kind)
+    if len(g) <= 60:
+        nx.draw_networkx_labels(g, pos, font_size=6, ax=ax)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{topo.name}: {len(g)} devices, {g.number_of_edges()} links")
+    ax.axis("off")
+    save_figure(fig, path)

@@ -1,0 +1,34 @@
+"""Small builders shared by tests: topologies and scenarios as plain dicts."""
+from sim.scenario import scenario_from_dict
+from sim.topogen import build_topology
+
+
+def gpu(name, tflops=10.0, machine=0, overhead_us=0.0):
+    return {"name": name, "kind": "gpu", "machine": machine, "peak_tflops_fp32": tflops, "memory_gib": 16,
+            "memory_bandwidth_gbps": 1000, "efficiency": 1.0, "op_overhead_us": overhead_us}
+
+
+def link(a, b, gbps, lat_us):
+    return {"a": a, "b": b, "bandwidth_gbps": gbps, "latency_us": lat_us}
+
+
+def ring_topology(n, gbps=10.0, lat_us=2.0):
+    """n GPUs in a ring, neighbours joined by identical links."""
+    devs = [gpu(f"g{i}", machine=i) for i in range(n)]
+    links = [link(f"g{i}", f"g{(i + 1) % n}", gbps, lat_us) for i in range(n if n > 2 else 1)]
+    return build_topology({"name": f"ring{n}", "device": devs, "link": links}, f"ring{n}.toml")
+
+
+def star_topology(n, leaf_gbps=100.0, hub_gbps=10.0, lat_us=1.0):
+    """n GPUs s0..s(n-1) on a switch by fast links, and a sink behind one slower link."""
+    devs = [gpu(f"s{i}", machine=i) for i in range(n)] + [gpu("sink", machine=n),
+                                                        {"name": "sw", "kind": "switch"}]
+    links = [link(f"s{i}", "sw", leaf_gbps, lat_us) for i in range(n)] + [link("sw", "sink", hub_gbps, lat_us)]
+    return build_topology({"name": "star", "device": devs, "link": links}, "star.toml")
+
+
+def scenario(topology="dgx-h100", model="mlp-digits", batch=32, file="test.toml", **sections):
+    data = {"cluster": {"topology": topology}, "model": {"name": model, "batch_size": batch}}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return scenario_from_dict(data, file)

@@ -1,0 +1,92 @@
+"""The engine against hand-computed step times and its own invariants."""
+import dataclasses
+
+import pytest
+import simpy
+
+from sim.compute import Compute, op_seconds
+from sim.engine import simulate
+from sim.plan import PARAM_BYTES, plan
+from sim.topogen import build_topology
+from helpers import gpu, link, scenario
+
+
+def chain_seconds(p, device, dtype="fp32"):
+    topo = p.scenario.topology
+    return sum(op_seconds(topo, device, op.flops, op.bytes, dtype) for op in p.ops if op.kind != "xfer")
+
+
+def update_seconds(topo, device, params, summed=1):
+    return op_seconds(topo, device, (summed + 1) * params, (summed + 2) * params * PARAM_BYTES, "fp32")
+
+
+def test_one_device_step_is_its_ops_in_a_row_plus_the_update():
+    p = plan(scenario(batch=64, training={"steps": 3}))
+    res = simulate(p)
+    expected = chain_seconds(p, "m0.gpu0") + update_seconds(p.scenario.topology, "m0.gpu0", p.scenario.model.params)
+    assert res.trace.step_times() == pytest.approx([expected] * 3, rel=1e-12)
+
+
+@pytest.mark.parametrize("network", ["flow", "analytical"])
+def test_data_parallel_step_is_compute_plus_ring_allreduce_plus_update(network):
+    p = plan(scenario(batch=64, parallel={"replicas": 8}, cluster={"network": network}))
+    topo = p.scenario.topology
+    n, size = 8, p.scenario.model.params * PARAM_BYTES
+    alpha = topo.route_latency(topo.route("m0.gpu0", "m0.gpu1"))        # gpu > nvswitch > gpu
+    ring = 2 * (n - 1) * alpha + 2 * (n - 1) / n * size / 450e9
+    expected = chain_seconds(p, "m0.gpu0") + ring + update_seconds(topo, "m0.gpu0", p.scenario.model.params)
+    assert simulate(p, steps=2).trace.step_times() == pytest.approx([expected] * 2, rel=1e-9)
+
+
+def hetero(tflops=(1.0, 2.0), **sections):
+    """Two GPUs of the given speeds joined by one 10 GB/s, 2 us link."""
+    topo = build_topology({"name": "hetero", "device": [gpu("g0", tflops[0], 0), gpu("g1", tflops[1], 1)],
+                           "link": [link("g0", "g1", 10.0, 2.0)]}, "hetero.toml")
+    return dataclasses.replace(scenario(batch=256, **sections), topology=topo)
+
+
+def test_sync_step_waits_for_the_slowest_replica():
+    p = plan(hetero(parallel={"replicas": 2}))
+    topo, params = p.scenario.topology, p.scenario.model.params
+    slow = chain_seconds(p, "g0")
+    assert slow > chain_seconds(p, "g1")
+    ring = 2 * 2e-6 + params * PARAM_BYTES / 10e9          # n = 2: 2 messages of S/2 each way
+    expected = slow + ring + update_seconds(topo, "g0", params)
+    assert simulate(p, steps=1).sim_time_s == pytest.approx(expected, rel=1e-9)
+
+
+def test_parameter_server_step_is_push_update_fetch():
+    p = plan(hetero(tflops=(2.0, 2.0), parallel={"replicas": 2, "ps_shards": 1}))
+    topo, params = p.scenario.topology, p.scenario.model.params
+    assert p.ps.devices == ("g0",)                      # no spare device: the shard sits beside replica 0
+    move = 2e-6 + params * PARAM_BYTES / 10e9           # g1's push, later the fetch back
+    # the shard's update shares g0 with nothing (replica 0 is done by then)
+    expected = chain_seconds(p, "g1") + move + update_seconds(topo, "g0", params, summed=2) + move
+    assert simulate(p, steps=1).sim_time_s == pytest.approx(expected, rel=1e-9)
+
+
+def test_ops_sharing_a_device_run_at_half_speed():
+    sc = scenario()
+    env = simpy.Environment()
+    comp = Compute(env, sc.topology, "fp32")
+    t_one = comp.seconds("m0.gpu0", 1e12, 0)
+    ends = []
+    for _ in range(2):
+        comp.run("m0.gpu0", 1e12, 0).callbacks.append(lambda _e: ends.append(env.now))
+    env.run()
+    assert ends == pytest.approx([2 * t_one, 2 * t_one])
+
+
+def test_same_seed_same_scenario_identical_trace():
+    sc = scenario(model="distbelief-image-80m", batch=4,
+                  parallel={"model_parallel": 4, "replicas": 2}, training={"steps": 2})
+    a, b = simulate(plan(sc)), simulate(plan(sc))
+    assert a.trace.spans == b.trace.spans and a.sim_events == b.sim_events
+
+
+def test_model_parallel_traffic_in_trace_equals_the_plan():
+    p = plan(scenario(model="distbelief-speech", batch=16, parallel={"model_parallel": 4}))
+    res = simulate(p, steps=1)
+    in_plan = sum(op.bytes for op in p.ops if op.kind == "xfer")
+    in_trace = sum(s.bytes for s in res.trace.spans if s.kind == "transfer")
+    assert in_trace == pytest.approx(in_plan) and in_plan > 0

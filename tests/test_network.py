@@ -1,0 +1,106 @@
+"""Network backends and collectives against closed forms."""
+import pytest
+import simpy
+
+from sim import collectives
+from sim.network import AnalyticalNetwork, FlowNetwork
+from helpers import ring_topology, star_topology
+
+BACKENDS = [FlowNetwork, AnalyticalNetwork]
+
+
+def finish_times(topo, backend, sends):
+    """Starts every (pairs, nbytes, start_s) send; returns each one's finish time."""
+    env = simpy.Environment()
+    net = backend(env, topo)
+    done = {}
+
+    def go(i, pairs, nbytes, start):
+        yield env.timeout(start)
+        yield net.send(pairs, nbytes)
+        done[i] = env.now
+    for i, (pairs, nbytes, start) in enumerate(sends):
+        env.process(go(i, pairs, nbytes, start))
+    env.run()
+    return [done[i] for i in range(len(sends))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_flow_takes_latency_plus_bytes_over_bandwidth(backend):
+    topo = ring_topology(2, gbps=10.0, lat_us=3.0)
+    [t] = finish_times(topo, backend, [([("g0", "g1")], 5e6, 0.0)])
+    assert t == pytest.approx(3e-6 + 5e6 / 10e9, rel=1e-12)
+
+
+def test_n_equal_flows_on_one_link_each_get_capacity_over_n():
+    for n in (2, 3, 5):
+        topo = star_topology(n, leaf_gbps=100.0, hub_gbps=10.0, lat_us=1.0)
+        times = finish_times(topo, FlowNetwork, [([(f"s{i}", "sink")], 1e6, 0.0) for i in range(n)])
+        # two hops of latency, then n flows share the 10 GB/s hub link
+        assert times == pytest.approx([2e-6 + n * 1e6 / 10e9] * n, rel=1e-9)
+
+
+def test_a_flow_that_ends_frees_its_share():
+    topo = star_topology(2, leaf_gbps=100.0, hub_gbps=10.0, lat_us=0.0)
+    small, big = finish_times(topo, FlowNetwork, [([("s0", "sink")], 1e6, 0.0), ([("s1", "sink")], 2e6, 0.0)])
+    assert small == pytest.approx(2e6 / 10e9)          # 1 MB at 5 GB/s
+    assert big == pytest.approx(3e6 / 10e9)            # then the last 1 MB alone at 10 GB/s
+
+
+def test_analytical_backend_ignores_contention():
+    topo = star_topology(3, leaf_gbps=100.0, hub_gbps=10.0, lat_us=1.0)
+    times = finish_times(topo, AnalyticalNetwork, [([(f"s{i}", "sink")], 1e6, 0.0) for i in range(3)])
+    assert times == pytest.approx([2e-6 + 1e6 / 10e9] * 3)
+
+
+def test_opposite_directions_do_not_share():
+    topo = ring_topology(2, gbps=10.0, lat_us=0.0)
+    a, b = finish_times(topo, FlowNetwork, [([("g0", "g1")], 1e6, 0.0), ([("g1", "g0")], 1e6, 0.0)])
+    assert a == b == pytest.approx(1e6 / 10e9)
+
+
+def collective_time(topo, backend, op, algo, devices, nbytes):
+    env = simpy.Environment()
+    env.process(collectives.run(env, backend(env, topo), collectives.phases(op, algo, devices, nbytes)))
+    env.run()
+    return env.now
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_ring_allreduce_matches_closed_form(backend, n):
+    a, bw, size = 2e-6, 10e9, 64e6
+    topo = ring_topology(n, gbps=bw / 1e9, lat_us=a * 1e6)
+    t = collective_time(topo, backend, "allreduce", "ring", [f"g{i}" for i in range(n)], size)
+    assert t == pytest.approx(2 * (n - 1) * a + 2 * (n - 1) / n * size / bw, rel=1e-9)
+
+
+@pytest.mark.parametrize("op", ["allgather", "reducescatter"])
+def test_ring_allgather_and_reducescatter_closed_form(op):
+    n, a, bw, size = 4, 1e-6, 20e9, 8e6
+    topo = ring_topology(n, gbps=bw / 1e9, lat_us=a * 1e6)
+    t = collective_time(topo, FlowNetwork, op, "ring", [f"g{i}" for i in range(n)], size)
+    assert t == pytest.approx((n - 1) * a + (n - 1) / n * size / bw, rel=1e-9)
+
+
+def test_tree_allreduce_of_two_is_one_message_each_way():
+    topo = ring_topology(2, gbps=10.0, lat_us=5.0)
+    t = collective_time(topo, FlowNetwork, "allreduce", "tree", ["g0", "g1"], 1e6)
+    assert t == pytest.approx(2 * (5e-6 + 1e6 / 10e9))
+
+
+def test_ps_allreduce_through_a_switch_is_two_all_to_all_rounds():
+    # n ranks on a non-blocking switch: each pushes S/n to n-1 peers through its own uplink
+    n, size = 4, 4e6
+    topo = star_topology(n, leaf_gbps=10.0, hub_gbps=10.0, lat_us=1.0)
+    t = collective_time(topo, FlowNetwork, "allreduce", "ps", [f"s{i}" for i in range(n)], size)
+    one_round = 2e-6 + (n - 1) * (size / n) / 10e9
+    assert t == pytest.approx(2 * one_round, rel=1e-9)
+
+
+def test_bus_factors_follow_nccl_tests():
+    assert collectives.bus_factor("allreduce", 8) == pytest.approx(1.75)
+    assert collectives.bus_factor("allgather", 8) == pytest.approx(0.875)
+    assert collectives.bus_factor("broadcast", 8) == 1.0
+    with pytest.raises(ValueError):
+        collectives.phases("allgather", "tree", ["a", "b"], 1.0)

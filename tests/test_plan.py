@@ -1,0 +1,152 @@
+"""Partitioning invariants: FLOPs and parameters over all slices equal the whole model's;
+transfer volumes equal the cut sizes, checked against a brute-force reference."""
+import numpy as np
+import pytest
+
+from sim.errors import ConfigError
+from sim.models import ZOO, build_model, make_layer as L, zoo_model
+from sim.plan import plan
+from helpers import scenario
+
+SMALL = build_model("small", (3, 12, 12), [
+    L("locally_connected", filters=4, kernel=3), L("relu"), L("max_pool", kernel=2), L("lcn", size=3),
+    L("conv2d", filters=6, kernel=3, padding=1), L("lrn", size=3), L("avg_pool", kernel=2, stride=1),
+    L("batchnorm"), L("maxout", pieces=2), L("dense", units=10), L("dropout", rate=0.5),
+    L("tanh"), L("dense", units=5), L("softmax_xent")])
+
+
+def needed_mask(layer, in_shape, box):
+    """Reference: mark, output element by output element, the inputs it reads."""
+    C, H, W = in_shape
+    mask = np.zeros(in_shape, bool)
+    (c0, c1), (h0, h1), (w0, w1) = box
+    kind = layer.kind
+    for c in range(c0, c1):
+        for h in range(h0, h1):
+            for w in range(w0, w1):
+                if kind in ("dense", "conv2d"):
+                    mask[:] = True
+                elif kind in ("locally_connected", "max_pool", "avg_pool"):
+                    k, s, p = layer.kernel, layer.stride, layer.padding
+                    rows = slice(max(0, h * s - p), max(0, min(H, h * s - p + k)))
+                    cols = slice(max(0, w * s - p), max(0, min(W, w * s - p + k)))
+                    if kind == "locally_connected":
+                        mask[:, rows, cols] = True
+                    else:
+                        mask[c, rows, cols] = True
+                elif kind == "lrn":
+                    mask[max(0, c - layer.size // 2):c + layer.size // 2 + 1, h, w] = True
+                elif kind == "lcn":
+                    r = layer.size // 2
+                    mask[:, max(0, h - r):h + r + 1, max(0, w - r):w + r + 1] = True
+                elif kind == "maxout":
+                    mask[c * layer.pieces:(c + 1) * layer.pieces, h, w] = True
+                else:
+                    mask[c, h, w] = True
+    return mask
+
+
+def owned_mask(shape, box):
+    mask = np.zeros(shape, bool)
+    (c0, c1), (h0, h1), (w0, w1) = box
+    mask[c0:c1, h0:h1, w0:w1] = True
+    return mask
+
+
+def small_scenario(m, split, replicas=1, micro=1):
+    sc = scenario(batch=4, parallel={"model_parallel": m, "split": split, "replicas": replicas,
+                                     "micro_batches": micro})
+    return sc.__class__(**{**sc.__dict__, "model": SMALL})
+
+
+@pytest.mark.parametrize("split", ["spatial", "layers"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_transfer_volumes_equal_cut_sizes(split, m):
+    p = plan(small_scenario(m, split))
+    model, db, batch = SMALL, 4, 4
+    for i in range(1, len(model.nodes)):
+        node, prev = model.nodes[i], model.nodes[i - 1]
+        expected = 0
+        for j, box in p.slices[i]:
+            need = needed_mask(node.layer, node.in_shape, box)
+            for k, kbox in p.slices[i - 1]:
+                if k != j:
+                    expected += int((need & owned_mask(prev.out_shape, kbox)).sum())
+        sent = sum(op.bytes for op in p.ops if op.kind == "xfer" and op.layer == i and op.why != "gradient"
+                   and op.why != "reduction")
+        back = sum(op.bytes for op in p.ops if op.kind == "xfer" and op.layer == i and op.why == "gradient")
+        assert sent == expected * batch * db, (i, node.layer.kind)
+        assert back == sent                     # each activation's gradient goes back the way it came
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("split, m", [("spatial", 1), ("spatial", 3), ("spatial", 4), ("layers", 2), ("layers", 3)])
+def test_flops_and_parameters_over_slices_equal_the_model(name, split, m):
+    sc = scenario(model=name, batch=2, parallel={"model_parallel": m, "split": split})
+    p = plan(sc, check_memory=False)
+    model = zoo_model(name)
+    assert sum(p.slot_params) == model.params
+    fwd = sum(op.flops for op in p.ops if op.kind == "fwd")
+    bwd = sum(op.flops for op in p.ops if op.kind == "bwd")
+    assert fwd == pytest.approx(model.fwd_flops * 2, rel=1e-12)
+    assert bwd == pytest.approx(model.bwd_flops * 2, rel=1e-12)
+
+
+def test_ops_are_topologically_ordered_and_microbatches_split_the_batch():
+    p = plan(small_scenario(3, "layers", micro=4))
+    assert all(d < op.id for op in p.ops for d in op.deps)
+    assert {op.micro for op in p.ops} == {0, 1, 2, 3}
+    fwd = sum(op.flops for op in p.ops if op.kind == "fwd")
+    assert fwd == pytest.approx(SMALL.fwd_flops * 4)
+
+
+def test_pipeline_sends_whole_activations_only_between_stages():
+    p = plan(small_scenario(2, "layers"))
+    stage_of = {i: sl[0][0] for i, sl in enumerate(p.slices)}
+    boundaries = [i for i in range(1, len(SMALL.nodes)) if stage_of[i] != stage_of[i - 1]]
+    assert len(boundaries) == 1
+    [b] = boundaries
+    sent = [op for op in p.ops if op.kind == "xfer" and op.why == "stage"]
+    assert [op.layer for op in sent] == [b]
+    assert sent[0].bytes == np.prod(SMALL.nodes[b].in_shape) * 4 * 4
+
+
+def test_ps_shares_cover_every_parameter_once():
+    sc = scenario(model="distbelief-speech", batch=8, parallel={"model_parallel": 2, "replicas": 2, "ps_shards": 3})
+    p = plan(sc)
+    assert [sum(row) for row in p.ps.share] == list(p.slot_params)
+    assert sum(p.ps.sizes) == sc.model.params
+
+
+SMALL_GPU = """
+name = "small-gpu"
+[machine.cpu]
+cores = 8
+core_gflops = 10
+memory_gib = 64
+memory_bandwidth_gbps = 50
+[machine.gpu]
+count = 2
+peak_tflops_fp32 = 10
+memory_gib = 8
+memory_bandwidth_gbps = 500
+"""
+
+
+def test_model_that_does_not_fit_names_the_device(tmp_path):
+    (tmp_path / "small.toml").write_text(SMALL_GPU)
+    # 1.7B parameters: 13.6 GB of weights and gradients on one 8 GiB GPU
+    sc = scenario(topology="small.toml", model="distbelief-image-1.7b", batch=1, file=str(tmp_path / "s.toml"))
+    with pytest.raises(ConfigError, match=r"does not fit: device m0\.gpu0 needs 12\.\d+ GiB") as err:
+        plan(sc)
+    assert err.value.field == "parallel.model_parallel"
+    # split over both GPUs it still needs ~6.4 GiB each: fits
+    sc2 = scenario(topology="small.toml", model="distbelief-image-1.7b", batch=1, file=str(tmp_path / "s.toml"),
+                   parallel={"model_parallel": 2})
+    assert max(sum(u.values()) for u in plan(sc2).memory.values()) < 8 * 2**30
+
+
+def test_more_partitions_than_devices_is_refused():
+    with pytest.raises(ConfigError) as err:
+        plan(scenario(parallel={"model_parallel": 4, "replicas": 3}))
+    assert err.value.field == "parallel.replicas" and "12 devices" in str(err.value)
