@@ -32,3 +32,45 @@ def scenario(topology="dgx-h100", model="mlp-digits", batch=32, file="test.toml"
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)
     return scenario_from_dict(data, file)
+
+
+def dump_toml(data: dict) -> str:
+    """A small TOML writer for tests (scalars, arrays of scalars, tables, arrays of tables)."""
+    import json
+    import math
+
+    def scalar(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else ("inf" if v == math.inf else "-inf" if v == -math.inf else repr(v))
+        if isinstance(v, int):
+            return str(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {scalar(x)}" for k, x in v.items()) + "}"
+        raise TypeError(type(v))
+
+    def table(d, prefix):
+        lines, subs = [], []
+        for k, v in d.items():
+            key = json.dumps(k)
+            if isinstance(v, dict) and v:
+                subs.append((f"{prefix}.{key}" if prefix else key, v, False))
+            elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                subs.append((f"{prefix}.{key}" if prefix else key, v, True))
+            else:
+                lines.append(f"{key} = {scalar(v)}")
+        for name, v, many in subs:
+            for item in (v if many else [v]):
+                lines.append(f"\n[[{name}]]" if many else f"\n[{name}]")
+                lines.extend(table(item, name) if not many else _flat(item))
+        return lines
+
+    def _flat(d):
+        return [f"{json.dumps(k)} = {scalar(v)}" for k, v in d.items()]
+
+    return "\n".join(table(data, "")) + "\n"
