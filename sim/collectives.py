@@ -7,8 +7,11 @@ transfers are independent and the phase ends when the last one does.
 Closed forms on a uniform ring of n ranks with per-hop latency a and bandwidth B
 (message size S): ring allreduce 2(n-1)a + 2(n-1)/n S/B; ring reduce-scatter and
 allgather (n-1)a + (n-1)/n S/B; pipelined ring broadcast (n-1)a + S/B.  The binary tree
-is not pipelined: each level costs a + S/B (a parent's two children share its inbound
-link), down and back up.  ``ps`` is a parameter server sharded over the n ranks: everyone
+is pipelined as NCCL's is: chunks stream up and back down at once, so an allreduce over
+a tree of depth d costs 2d a plus the time its busiest link needs: with one link per
+rank, an interior rank's carries three streams out (to its parent and two children), 3 S/B.
+Ranks are placed in list order (heap-ordered); NCCL's topology-aware trees (one rank per
+node across nodes) and its second, complementary tree are not modelled.  ``ps`` is a parameter server sharded over the n ranks: everyone
 pushes S/n to every shard, then fetches S/n from every shard.
 """
 from __future__ import annotations
@@ -39,12 +42,9 @@ def bus_factor(op: str, n: int) -> float:
     return {"allreduce": 2 * (n - 1) / n, "broadcast": 1.0}.get(op, (n - 1) / n)
 
 
-def _tree_levels(n: int) -> list[list[Pair]]:
-    """(child, parent) pairs of a heap-ordered binary tree over ranks 0..n-1, deepest level first."""
-    levels: dict[int, list[Pair]] = {}
-    for i in range(1, n):
-        levels.setdefault((i + 1).bit_length() - 1, []).append((i, (i - 1) // 2))
-    return [levels[d] for d in sorted(levels, reverse=True)]
+def _tree_edges(n: int) -> tuple[list[tuple[int, int]], int]:
+    """(child, parent) pairs of a heap-ordered binary tree over ranks 0..n-1, and its depth."""
+    return [(i, (i - 1) // 2) for i in range(1, n)], (n).bit_length() - 1
 
 
 def phases(op: str, algo: str, devices: Sequence[str], nbytes: float) -> list[Phase]:
@@ -57,7 +57,8 @@ def phases(op: str, algo: str, devices: Sequence[str], nbytes: float) -> list[Ph
         return []
     d = list(devices)
     ring = tuple((d[i], d[(i + 1) % n]) for i in range(n))
-    everyone = tuple((a, b) for a in d for b in d if a != b)
+    if op == "alltoall" or algo == "ps":
+        everyone = tuple((a, b) for a in d for b in d if a != b)
     if op == "alltoall":
         return [Phase(everyone, nbytes / n, coupled=False)]
     if algo == "ring":
@@ -67,12 +68,13 @@ def phases(op: str, algo: str, devices: Sequence[str], nbytes: float) -> list[Ph
             return [Phase(ring[:-1], nbytes, n - 1)]
         return [Phase(ring, (n - 1) / n * nbytes, n - 1)]
     if algo == "tree":
-        up = [Phase(tuple((d[c], d[p]) for c, p in lvl), nbytes, coupled=False) for lvl in _tree_levels(n)]
-        down = [Phase(tuple((b, a) for a, b in ph.pairs), nbytes, coupled=False) for ph in reversed(up)]
+        edges, depth = _tree_edges(n)
+        up = tuple((d[c], d[p]) for c, p in edges)
+        down = tuple((d[p], d[c]) for c, p in edges)
         if op == "allreduce":
-            return up + down
+            return [Phase(up + down, nbytes, 2 * depth)]
         if op == "broadcast":
-            return down
+            return [Phase(down, nbytes, depth)]
         raise ValueError(f"the tree algorithm does allreduce and broadcast, not {op}")
     push = Phase(everyone, nbytes / n, coupled=False)
     if op == "allreduce":

@@ -4,8 +4,9 @@ A *job* needs ``amount`` units of work and loads resources with weights (a netwo
 its directed links, bytes; a compute op: its device, work-seconds).  Whenever the set of
 jobs changes, rates are re-solved by ``flows.max_min_rates`` -- but only for the connected
 component of jobs that share resources with the change, so traffic inside one machine
-never re-solves the whole cluster.  Each job's finish time is then exact until the next
-change; the simpy side only reschedules completions (SimGrid's approach).
+never re-solves the whole cluster.  Changes at one instant are batched into one solve.
+Each job's finish time is then exact until the next change; the simpy side only
+reschedules completions (SimGrid's approach).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class Fluid:
         self._heap: list[tuple[float, int]] = []
         self._ids = itertools.count()
         self._wake_at = float("inf")
+        self._dirty: set[int] = set()
         self.solves = 0
 
     def start(self, weights: Mapping[Hashable, int], amount: float) -> simpy.Event:
@@ -54,8 +56,20 @@ class Fluid:
         self.jobs[jid] = _Job(weights, float(amount), event, self.env.now)
         for res in weights:
             self.users.setdefault(res, set()).add(jid)
-        self._resolve(self._component([jid]))
+        self._mark([jid])
         return event
+
+    def _mark(self, jids) -> None:
+        """Re-solve these jobs' components once, after every change at this instant (many
+        transfers start together; one solve serves them all, at the same simulated time)."""
+        if not self._dirty:
+            flush = self.env.timeout(0)
+            flush.callbacks.append(self._flush)
+        self._dirty.update(jids)
+
+    def _flush(self, _event: simpy.Event) -> None:
+        dirty, self._dirty = self._dirty, set()
+        self._resolve(self._component(list(dirty)))
 
     def _component(self, seeds: list[int]) -> set[int]:
         comp, todo = set(), list(seeds)
@@ -77,7 +91,11 @@ class Fluid:
             job = self.jobs[jid]
             job.remaining -= job.rate * (now - job.since)
             job.since = now
-        rates = max_min_rates({jid: self.jobs[jid].weights for jid in comp}, self.capacity)
+        if len(comp) == 1 and len(job.weights) == 1:      # alone on one resource: no solve needed
+            [(res, n)] = job.weights.items()
+            rates = {jid: self.capacity[res] / n}
+        else:
+            rates = max_min_rates({jid: self.jobs[jid].weights for jid in comp}, self.capacity)
         for jid, rate in rates.items():
             job = self.jobs[jid]
             job.rate = rate
@@ -116,5 +134,6 @@ class Fluid:
                 self.users[res].discard(jid)
                 neighbours |= self.users[res]
             job.event.succeed()
-        self._resolve(self._component(list(neighbours)))
+        if neighbours:
+            self._mark(neighbours)
         self._schedule()

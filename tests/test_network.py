@@ -83,10 +83,17 @@ def test_ring_allgather_and_reducescatter_closed_form(op):
     assert t == pytest.approx((n - 1) * a + (n - 1) / n * size / bw, rel=1e-9)
 
 
-def test_tree_allreduce_of_two_is_one_message_each_way():
+def test_pipelined_tree_allreduce_closed_forms():
+    # two ranks: the message streams up and back down at once over opposite directions
     topo = ring_topology(2, gbps=10.0, lat_us=5.0)
     t = collective_time(topo, FlowNetwork, "allreduce", "tree", ["g0", "g1"], 1e6)
-    assert t == pytest.approx(2 * (5e-6 + 1e6 / 10e9))
+    assert t == pytest.approx(2 * 5e-6 + 1e6 / 10e9)
+    # seven ranks (depth 2) behind one non-blocking switch, one link each: an interior rank's
+    # link carries three streams out (up to its parent, down to two children), so 3 S/B,
+    # and 2 x depth messages of two hops each
+    topo = star_topology(7, leaf_gbps=10.0, hub_gbps=10.0, lat_us=1.0)
+    t = collective_time(topo, FlowNetwork, "allreduce", "tree", [f"s{i}" for i in range(7)], 4e6)
+    assert t == pytest.approx(2 * 2 * 2e-6 + 3 * 4e6 / 10e9)
 
 
 def test_ps_allreduce_through_a_switch_is_two_all_to_all_rounds():
