@@ -162,7 +162,9 @@ def zoo_model(name: str) -> Model:
 
 
 # --- model files ----------------------------------------------------------------------------
-_INT_FIELDS = ("units", "filters", "kernel", "stride", "padding", "pieces", "size")
+# fields without a meaningful default; the rest default as the layer classes say
+_REQUIRED = {"dense": ("units",), "conv2d": ("filters", "kernel"), "locally_connected": ("filters", "kernel"),
+             "max_pool": ("kernel",), "avg_pool": ("kernel",)}
 
 
 def load_model_file(path: Path) -> Model:
@@ -192,6 +194,9 @@ def model_from_table(top: Table) -> Model:
         kind = lt.str("kind", choices=KINDS)
         allowed = {f.name for f in fields(KINDS[kind])} - {"kind"}
         kw: dict[str, Any] = {}
+        for key in _REQUIRED.get(kind, ()):
+            if not lt.has(key):
+                raise lt.error(key, f"is required for a {kind} layer")
         for key in sorted(allowed):
             if lt.has(key):
                 kw[key] = (lt.float(key, lo=0.0, hi=0.999) if key == "rate"

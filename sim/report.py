@@ -2,8 +2,6 @@
 renamed into place, so a failed run never leaves half a PNG."""
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .plan import Plan  # noqa: E402
-from .trace import Trace  # noqa: E402
+from .trace import Trace, replace_atomic  # noqa: E402
 
 PHASE_COLOURS = {"fwd": "#4c72b0", "bwd": "#dd8452", "update": "#55a868", "allreduce": "#c44e52",
                  "push": "#8172b3", "fetch": "#937860", "activation": "#da8bc3", "halo": "#8c8c8c",
@@ -77,16 +75,8 @@ def _fmt(v) -> str:
 
 
 def save_figure(fig, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        replace_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
     finally:
         plt.close(fig)
 
@@ -107,13 +97,15 @@ def plot_step(trace: Trace, p: Plan, summary: dict, path: str | Path, step: int 
     order += xfers[:max(0, max_rows - len(order))]
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(11, 3 + 0.28 * len(order)),
                                   gridspec_kw={"height_ratios": [max(len(order), 3), 4]})
+    span = max((s.end_s for s in spans), default=t0) - t0
+    scale, unit = (1e3, "ms") if span >= 1e-3 else (1e6, "us")
     for y, where in enumerate(order):
         for s in rows[where]:
-            ax.barh(y, (s.end_s - s.start_s) * 1e3, left=(s.start_s - t0) * 1e3, height=0.7,
+            ax.barh(y, (s.end_s - s.start_s) * scale, left=(s.start_s - t0) * scale, height=0.7,
                     color=PHASE_COLOURS.get(s.phase, "#999999"), edgecolor="none")
     ax.set_yticks(range(len(order)), order, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("ms into the step")
+    ax.set_xlabel(f"{unit} into the step")
     ax.set_title(f"{summary['name']}: step {step}, {seconds(summary['step_time_s'])} per step")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for ph, c in PHASE_COLOURS.items()
                if any(s.phase == ph for s in spans)]

@@ -96,18 +96,26 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Writes via a temporary file in the same folder and a rename: never half-written."""
+def replace_atomic(path: str | Path, write) -> None:
+    """Calls ``write(tmp_path)`` on a temporary file beside ``path``, then renames it into
+    place with the usual permissions: the file is whole or absent, never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; outputs are for sharing
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    replace_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_chrome(trace: Trace, path: str | Path) -> None:
