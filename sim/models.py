@@ -194,6 +194,9 @@ def model_from_table(top: Table) -> Model:
         kind = lt.str("kind", choices=KINDS)
         allowed = {f.name for f in fields(KINDS[kind])} - {"kind"}
         kw: dict[str, Any] = {}
+        for key in sorted(lt.data):            # a typo says so before "required" does
+            if key != "kind" and key not in allowed:
+                raise lt.error(key, "unknown key")
         for key in _REQUIRED.get(kind, ()):
             if not lt.has(key):
                 raise lt.error(key, f"is required for a {kind} layer")
