@@ -1,0 +1,40 @@
+"""The array module: ``xp`` is NumPy or CuPy, chosen from the data, never a global flag."""
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy
+
+
+def cupy_or_none() -> ModuleType | None:
+    """CuPy when it imports and sees a GPU, else None."""
+    try:
+        import cupy
+        cupy.cuda.runtime.getDeviceCount()
+        return cupy
+    except Exception:          # no module, no driver, no device: all mean "no GPU here"
+        return None
+
+
+def get_xp(device: str = "cpu") -> ModuleType:
+    """``numpy`` for device "cpu"; ``cupy`` for "gpu" (ValueError when it is not usable)."""
+    if device == "cpu":
+        return numpy
+    cp = cupy_or_none()
+    if cp is None:
+        raise ValueError("device gpu needs CuPy and a visible GPU (pip install 'clustersim[gpu]')")
+    return cp
+
+
+def array_module(x) -> ModuleType:
+    """The module an array belongs to (cupy.get_array_module without importing CuPy)."""
+    return _cupy() if type(x).__module__.startswith("cupy") else numpy
+
+
+def _cupy() -> ModuleType:
+    import cupy
+    return cupy
+
+
+def to_numpy(x):
+    return x.get() if hasattr(x, "get") and not isinstance(x, numpy.ndarray) else numpy.asarray(x)

@@ -1,0 +1,106 @@
+"""Update rules, each applied by one parameter-server shard to its slice of the parameters.
+
+- ``SGD``:      w <- w - lr g
+- ``Adagrad``:  h <- h + g*g;  w <- w - lr g / (sqrt(h) + eps)   (Duchi et al. 2011; per
+                shard, as in DistBelief's Downpour)
+- ``DCASGD``:   g' = g + lam * g*g*(w - w_bak[worker]);  w <- w - lr g'   (Zheng et al.
+                ICML 2017).  w_bak[worker] is the copy the worker last fetched, kept by the
+                shard -- one copy per worker.  Adaptive lambda (DC-ASGD-a):
+                ms <- m ms + (1 - m) g*g;  lam = lam0 / sqrt(ms + eps), element-wise.
+- ``LBFGS``:    two-loop recursion over the last ``history`` (s, y) pairs (Nocedal &
+                Wright, alg. 7.4), fixed step ``lr`` (~1) along the direction; with no
+                history yet, a first step of ``first_step`` along the normalised gradient.
+- ``quantize8``: uniform 8-bit quantisation of a vector (min/max scaling), used for 8-bit
+                communication; returns the dequantised values the receiver sees.
+
+All take and return arrays of the caller's ``xp``; ``step`` updates ``w`` in place.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+ADAGRAD_EPS = 1e-8        # keeps the first steps finite when h is still ~0
+DCASGD_MOMENTUM = 0.95    # m for the adaptive lambda's mean square (the paper's value)
+
+
+class SGD:
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def step(self, w, g, worker: int = 0) -> None:
+        w -= self.lr * g
+
+
+class Adagrad:
+    def __init__(self, lr: float, size: int, xp=np) -> None:
+        self.lr, self.h = lr, xp.zeros(size, dtype=np.float32)
+
+    def step(self, w, g, worker: int = 0) -> None:
+        self.h += g * g
+        w -= self.lr * g / (self.h ** 0.5 + ADAGRAD_EPS)
+
+
+class DCASGD:
+    """Delay-compensated ASGD; call ``fetched(worker, w)`` whenever a worker fetches."""
+
+    def __init__(self, lr: float, lam: float, size: int, adaptive: bool = False, xp=np) -> None:
+        self.lr, self.lam, self.adaptive, self.xp = lr, lam, adaptive, xp
+        self.backup: dict[int, object] = {}
+        self.ms = xp.zeros(size, dtype=np.float32)
+
+    def fetched(self, worker: int, w) -> None:
+        self.backup[worker] = w.copy()
+
+    def step(self, w, g, worker: int = 0) -> None:
+        lam = self.lam
+        if self.adaptive:
+            self.ms = DCASGD_MOMENTUM * self.ms + (1 - DCASGD_MOMENTUM) * g * g
+            lam = self.lam / (self.ms + 1e-7) ** 0.5
+        bak = self.backup.get(worker, w)
+        w -= self.lr * (g + lam * g * g * (w - bak))
+
+
+class LBFGS:
+    def __init__(self, lr: float = 1.0, history: int = 10, first_step: float = 1e-2) -> None:
+        self.lr, self.first_step = lr, first_step
+        self.pairs: deque = deque(maxlen=history)
+        self.prev: tuple | None = None          # (w, g) of the last step
+
+    def direction(self, g):
+        """-H g by the two-loop recursion; -g before any history."""
+        q = g.copy()
+        alphas = []
+        for s, y, rho in reversed(self.pairs):
+            a = rho * float((s * q).sum())
+            q -= a * y
+            alphas.append(a)
+        if self.pairs:
+            s, y, _ = self.pairs[-1]
+            q *= float((s * y).sum()) / float((y * y).sum())
+        for (s, y, rho), a in zip(self.pairs, reversed(alphas)):
+            b = rho * float((y * q).sum())
+            q += (a - b) * s
+        return -q
+
+    def step(self, w, g, worker: int = 0) -> None:
+        if self.prev is not None:
+            s, y = w - self.prev[0], g - self.prev[1]
+            sy = float((s * y).sum())
+            if sy > 1e-10:                      # keep H positive definite
+                self.pairs.append((s, y, 1.0 / sy))
+        self.prev = (w.copy(), g.copy())
+        if not self.pairs:                      # no curvature known: a small, safe first step
+            w -= self.first_step * g / (float((g * g).sum()) ** 0.5 + 1e-12)
+        else:
+            w += self.lr * self.direction(g)
+
+
+def quantize8(x):
+    """What the receiver of an 8-bit message sees: 256 levels between min and max."""
+    lo, hi = float(x.min()), float(x.max())
+    if hi == lo:
+        return x.copy()
+    scale = (hi - lo) / 255.0
+    return ((x - lo) / scale).round() * scale + lo
