@@ -16,9 +16,10 @@ import simpy
 
 from . import collectives
 from .compute import Compute
+from .faults import failure_schedule, slowdowns
 from .network import BACKENDS
 from .plan import Plan
-from .trace import Span, Trace
+from .trace import Span, Trace, Update
 
 
 class CountingEnvironment(simpy.Environment):
@@ -40,6 +41,24 @@ class GraphRun:
 
     done: simpy.Event
     slot_ready: list[simpy.Event] = field(default_factory=list)
+    cancelled: bool = False              # abandoned (a sync step being redone): launch nothing more
+
+
+def first_n(env: simpy.Environment, events: list[simpy.Event], n: int) -> simpy.Event:
+    """Fires with the indices of the first ``n`` of ``events`` to fire (all of them if n >= len)."""
+    done = env.event()
+    order: list[int] = []
+    n = min(n, len(events))
+
+    def hit(i: int) -> None:
+        order.append(i)
+        if len(order) == n and not done.triggered:
+            done.succeed(list(order))
+    for i, ev in enumerate(events):
+        ev.callbacks.append(lambda _e, i=i: hit(i))
+    if n == 0:
+        done.succeed([])
+    return done
 
 
 class Engine:
@@ -48,15 +67,63 @@ class Engine:
         sc = plan.scenario
         self.plan, self.env = plan, env or CountingEnvironment()
         self.rng = rng if rng is not None else np.random.default_rng(sc.seed)
-        self.compute = Compute(self.env, sc.topology, sc.dtype)
+        self.slowdown = slowdowns(sc, self.rng)
+        self.compute = Compute(self.env, sc.topology, sc.dtype, self.slowdown)
         self.network = BACKENDS[sc.network](self.env, sc.topology)
         self.trace = Trace()
-        ops = plan.ops
-        self._succ: list[list[int]] = [[] for _ in ops]
-        for op in ops:
-            for d in op.deps:
-                self._succ[d].append(op.id)
-        self._bwd_per_slot = [sum(1 for op in ops if op.kind == "bwd" and op.slot == j) for j in range(plan.slots)]
+        self.failed: dict[str, float] = {}          # device -> time it failed
+        self.failed_transfers = 0
+        self.ps_server = None                      # set by parameter-server algorithms
+        self.failure_signal = self.env.event()     # fires (and is replaced) at every failure
+        self.lost_samples = 0                      # work thrown away after failures
+        self.last_run: dict[int, GraphRun] = {}    # each replica's latest step graph
+        self._graphs: dict[int, tuple] = {}
+        self._graph_info(plan)
+        used = sorted({d for row in plan.devices for d in row})
+        self.failures = failure_schedule(sc, used, self.rng)
+        if self.failures:
+            self.env.process(self._inject())
+
+    def _graph_info(self, plan: Plan) -> tuple:
+        """Successor lists and backward-op counts per slot of a plan's step graph (cached)."""
+        key = id(plan)
+        if key not in self._graphs:
+            succ: list[list[int]] = [[] for _ in plan.ops]
+            for op in plan.ops:
+                for d in op.deps:
+                    succ[d].append(op.id)
+            bwd = [sum(1 for op in plan.ops if op.kind == "bwd" and op.slot == j) for j in range(plan.slots)]
+            self._graphs[key] = (plan, succ, bwd)
+        return self._graphs[key]
+
+    # --- faults ------------------------------------------------------------------------------
+    def _inject(self):
+        for f in self.failures:
+            yield self.env.timeout(max(0.0, f.at_s - self.env.now))
+            for dev in f.devices:
+                self.failed.setdefault(dev, self.env.now)
+            if f.link:
+                self.network.topology = self.network.topology.without_link(*f.link)
+            self.trace.add(Span("failure", "wait", ",".join(f.devices) or "-".join(f.link), -1, -1,
+                                self.env.now, self.env.now, phase="failure"))
+            signal, self.failure_signal = self.failure_signal, self.env.event()
+            signal.succeed(f)
+
+    def alive(self, *devices: str) -> bool:
+        return not any(d in self.failed for d in devices)
+
+    def log(self, kind: str, replica: int = -1, shard: int = -1, step: int = -1, **info) -> None:
+        """One entry of the update log that co-simulation replays in this exact order."""
+        self.trace.updates.append(Update(self.env.now, kind, replica, shard, step, info))
+
+    def wait(self, event: simpy.Event, where: str, replica: int, step: int, name: str) -> simpy.Event:
+        """Records the time from now until ``event`` as a wait span; returns the event."""
+        start = self.env.now
+        if event.processed:
+            return event
+        event.callbacks.append(lambda _e: self.trace.add(
+            Span(name, "wait", where, replica, step, start, self.env.now, phase="wait")) if self.env.now > start else None)
+        return event
 
     # --- primitives that record spans ----------------------------------------------------
     def compute_op(self, device: str, flops: float, nbytes: float, replica: int, step: int,
@@ -69,9 +136,16 @@ class Engine:
 
     def transfer(self, src: str, dst: str, nbytes: float, replica: int, step: int,
                  name: str, phase: str) -> simpy.Event:
+        """A message; it never arrives when an end has failed or no route is left."""
         start = self.env.now
+        try:
+            if not self.alive(src, dst):
+                raise LookupError("an end has failed")
+            links = _link_names(self.network.topology.route(src, dst))
+        except LookupError:
+            self.failed_transfers += 1
+            return self.env.event()
         ev = self.network.send([(src, dst)], nbytes)
-        links = _link_names(self.network.topology.route(src, dst))
         ev.callbacks.append(lambda _e: self.trace.add(
             Span(name, "transfer", f"{src}->{dst}", replica, step, start, self.env.now, nbytes, 0.0, phase, links)))
         return ev
@@ -87,15 +161,21 @@ class Engine:
         return self.env.process(collectives.run(self.env, self.network, schedule, record))
 
     # --- one replica's step graph ----------------------------------------------------------
-    def run_graph(self, replica: int, step: int) -> GraphRun:
-        plan, env = self.plan, self.env
-        ops, devices = plan.ops, plan.devices[replica]
+    def run_graph(self, replica: int, step: int, plan: Plan | None = None) -> GraphRun:
+        """Runs one replica's step graph (of ``plan``, default the engine's: sandblaster runs
+        work units from a plan of the unit's batch).  Ops on failed devices never start."""
+        plan, succ, bwd_per_slot = self._graph_info(plan or self.plan)
+        env = self.env
+        ops, devices = plan.ops, self.plan.devices[replica]
         waiting = [len(op.deps) for op in ops]
         left = [len(ops)]
-        slot_left = list(self._bwd_per_slot)
+        slot_left = list(bwd_per_slot)
         run = GraphRun(env.event(), [env.event() for _ in range(plan.slots)])
+        self.last_run[replica] = run
 
         def launch(op) -> None:
+            if run.cancelled or not self.alive(devices[op.slot]):
+                return                                   # a failed device computes and sends nothing
             if op.kind == "xfer":
                 ev = self.transfer(devices[op.slot], devices[op.dst], op.bytes, replica, step,
                                    f"{op.why} L{op.layer}", op.why)
@@ -105,7 +185,7 @@ class Engine:
             ev.callbacks.append(lambda _e: finish(op))
 
         def finish(op) -> None:
-            for s in self._succ[op.id]:
+            for s in succ[op.id]:
                 waiting[s] -= 1
                 if waiting[s] == 0:
                     launch(ops[s])
@@ -140,6 +220,7 @@ class SimResult:
     wall_s: float
     steps: int
     solves: int = 0
+    engine: "Engine | None" = None
 
 
 Algorithm = Callable[[Engine, int], object]
@@ -157,4 +238,4 @@ def simulate(plan: Plan, steps: int | None = None, rng: np.random.Generator | No
     wall = time.perf_counter() - t0
     solves = getattr(engine.network, "fluid", None)
     return SimResult(engine.trace, engine.env.now, engine.env.events_processed, wall, steps,
-                     (solves.solves if solves else 0) + engine.compute.fluid.solves)
+                     (solves.solves if solves else 0) + engine.compute.fluid.solves, engine)

@@ -5,8 +5,11 @@ import dataclasses
 import statistics
 from collections import defaultdict
 
+import numpy as np
+
 from .engine import SimResult, simulate
 from .plan import Plan, plan
+from .trace import union_length
 
 
 def summarize(p: Plan, res: SimResult, baseline_step_s: float | None = None) -> dict:
@@ -16,7 +19,10 @@ def summarize(p: Plan, res: SimResult, baseline_step_s: float | None = None) -> 
     tr = res.trace
     steps = tr.step_times()
     step_s = statistics.median(steps) if steps else 0.0
-    samples = sc.batch_size * p.replicas
+    samples_per_s = sc.batch_size * p.replicas / step_s if step_s else 0.0
+    if tr.replica_steps:        # replicas step on their own: per-replica step times, all samples done
+        step_s = statistics.median(end - start for _, _, start, end in tr.replica_steps)
+        samples_per_s = sc.batch_size * len(tr.replica_steps) / (res.sim_time_s or 1.0)
     makespan = res.sim_time_s or 1.0
     busy = tr.device_busy()
     by_phase: dict[str, float] = defaultdict(float)
@@ -32,13 +38,14 @@ def summarize(p: Plan, res: SimResult, baseline_step_s: float | None = None) -> 
         "ps_shards": sc.parallel.ps_shards, "sync": p.sync, "algorithm": sc.training.algorithm,
         "network": sc.network, "steps": res.steps,
         "step_time_s": step_s,
-        "samples_per_s": samples / step_s if step_s else 0.0,
+        "samples_per_s": samples_per_s,
         "sim_time_s": res.sim_time_s, "sim_events": res.sim_events, "wall_s": res.wall_s,
         "device_utilisation": {d: busy.get(d, 0.0) / makespan for row in p.devices for d in row},
         "link_utilisation": dict(sorted(link_util.items(), key=lambda kv: -kv[1])[:10]),
         "bytes_per_step": sum(s.bytes for s in tr.spans if s.kind == "transfer") / max(res.steps, 1),
         "time_by_phase_s": {k: v / max(res.steps, 1) for k, v in sorted(by_phase.items())},
     }
+    out.update(async_metrics(p, res))
     if baseline_step_s:
         out["one_device_step_time_s"] = baseline_step_s
         out["speedup"] = out["samples_per_s"] / (sc.batch_size / baseline_step_s)
@@ -53,3 +60,36 @@ def one_device_step_time(p: Plan) -> float:
                                                                 ps_shards=0, micro_batches=1))
     res = simulate(plan(solo, check_memory=False), steps=1)
     return res.sim_time_s
+
+
+def async_metrics(p: Plan, res: SimResult) -> dict:
+    """Staleness, parameter-server load, waiting and lost work (where they apply)."""
+    tr, eng = res.trace, res.engine
+    out: dict = {}
+    makespan = res.sim_time_s or 1.0
+    if tr.staleness:
+        st = np.asarray(tr.staleness)
+        out.update(staleness_mean=float(st.mean()), staleness_p50=float(np.percentile(st, 50)),
+                   staleness_p90=float(np.percentile(st, 90)), staleness_p99=float(np.percentile(st, 99)),
+                   staleness_max=int(st.max()),
+                   staleness_histogram=np.bincount(np.minimum(st, 100)).tolist())
+    server = getattr(eng, "ps_server", None)
+    if server is not None:
+        out["shard_updates_per_s"] = [n / makespan for n in server.applies]
+        busy: dict[str, list] = defaultdict(list)
+        for s in tr.spans:
+            if s.phase == "ps_update":
+                busy[s.where].append((s.start_s, s.end_s))
+        out["shard_utilisation"] = {d: union_length(busy[d]) / makespan for d in dict.fromkeys(p.ps.devices)}
+    waits: dict[int, float] = defaultdict(float)
+    for s in tr.spans:
+        if s.kind == "wait" and s.replica >= 0:
+            waits[s.replica] += s.duration_s
+    if waits:
+        out["replica_wait_fraction"] = {r: waits.get(r, 0.0) / makespan for r in range(p.replicas)}
+    if eng is not None and (eng.failed or eng.lost_samples or eng.failed_transfers):
+        out["failed_devices"] = sorted(eng.failed)
+        out["lost_work_samples"] = eng.lost_samples
+        out["failed_transfers"] = eng.failed_transfers
+    return out
+

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ from .topogen import MAX_MACHINES, load_topology
 from .topology import DTYPES, Topology
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
-ALGORITHMS = ("sync",)
+ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster")
+OPTIMIZERS = ("sgd", "adagrad")
 NETWORKS = ("flow", "analytical")
 COLLECTIVE_ALGOS = ("ring", "tree")
 
@@ -34,9 +35,46 @@ class Parallel:
 @dataclass(frozen=True)
 class Training:
     algorithm: str = "sync"
-    steps: int = 20
+    steps: int = 20              # per replica (sandblaster: batches)
     learning_rate: float = 0.1
     allreduce: str = "ring"      # ring | tree, when ps_shards = 0
+    time_limit_s: float = 0.0    # > 0: no replica starts a step after this simulated time
+    optimizer: str = "sgd"       # sgd | adagrad: the rule shards apply (downpour, ssp)
+    n_fetch: int = 1             # downpour/dcasgd/ssp: fetch parameters every n_fetch steps
+    n_push: int = 1              # ... and push accumulated gradients every n_push steps
+    warm_start_s: float = 0.0    # downpour: replica 0 alone until then, the others join after
+    backup_workers: int = 0      # sync: go on with the first (replicas - backup_workers) gradients
+    dcasgd_lambda: float = 0.04  # dcasgd: lambda (lambda0 when adaptive), the paper's range
+    dcasgd_adaptive: bool = False
+    staleness: int = 3           # ssp: a replica more than this many steps ahead waits
+    local_steps: int = 10        # local: average parameters every k steps
+    work_units: int = 0          # sandblaster: units per batch (0: 8 per replica)
+    backup_tasks: bool = True    # sandblaster: duplicate unfinished units near the end
+    lbfgs_history: int = 10      # sandblaster: (s, y) pairs the shards keep
+    comm_bits: int = 32          # 32 | 8: parameter and gradient messages
+    cosim: bool = False          # run the real math on the simulated clock (mlp-digits)
+    eval_points: int = 20        # cosim: accuracy evaluations over the run
+    target_accuracy: float = 0.9  # cosim: time_to_accuracy_s is when this is first reached
+
+
+@dataclass(frozen=True)
+class Failure:
+    at_s: float
+    devices: tuple[str, ...] = ()         # compute devices that stop (one, or a whole machine's)
+    link: tuple[str, str] | None = None   # a link that goes down
+
+
+@dataclass(frozen=True)
+class Faults:
+    slowdown: dict = field(default_factory=dict)   # device -> factor (2.0: twice as slow)
+    slowdown_sigma: float = 0.0        # > 0: every compute device also slowed by lognormal(0, sigma), >= 1
+    failures: tuple[Failure, ...] = ()
+    mtbf_s: float = 0.0                # > 0: each compute device fails after an exponential time
+    detect_timeout_s: float = 1.0      # how long sync waits for a silent replica
+    on_failure: str = "continue"       # sync: continue without it | restart from the last checkpoint
+    checkpoint_every: int = 0          # sync restart: steps between checkpoints (0: never)
+    checkpoint_gbps: float = 1.0       # checkpoint storage bandwidth, 10^9 bytes/s
+    restart_s: float = 30.0            # sync restart: replacing the machine and relaunching
 
 
 @dataclass(frozen=True)
@@ -51,6 +89,7 @@ class Scenario:
     dtype: str
     parallel: Parallel
     training: Training
+    faults: Faults
     raw: dict                    # the validated TOML, for reports and sweeps
 
     @property
@@ -135,13 +174,96 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
         raise pt.error("micro_batches", f"must be <= model.batch_size ({batch})")
     pt.done()
 
-    tt = top.table("training", {})
-    tr = Training(algorithm=tt.str("algorithm", "sync", choices=ALGORITHMS),
-                  steps=tt.int("steps", 20, lo=1, hi=10_000_000),
-                  learning_rate=tt.float("learning_rate", 0.1, positive=True),
-                  allreduce=tt.str("allreduce", "ring", choices=COLLECTIVE_ALGOS))
-    tt.done()
-    ft = top.table("faults", {})
-    ft.done()   # faults arrive with the asynchronous algorithms; an unknown key is refused today
+    tr = _training(top.table("training", {}))
+    faults = _faults(top.table("faults", {}), topology)
     top.done()
-    return Scenario(file, name, seed, topology, network, model, batch, dtype, par, tr, data)
+    if tr.algorithm in ("downpour", "dcasgd", "ssp", "sandblaster") and not par.ps_shards:
+        raise ConfigError(file, "parallel.ps_shards", f"{tr.algorithm} needs a parameter server: set ps_shards >= 1")
+    if tr.backup_workers and tr.backup_workers >= par.replicas:
+        raise ConfigError(file, "training.backup_workers", f"must be < parallel.replicas ({par.replicas})")
+    if tr.backup_workers and not par.ps_shards:
+        raise ConfigError(file, "training.backup_workers",
+                          "needs parallel.ps_shards >= 1 (the shards drop the late replicas' pushes)")
+    if tr.cosim and model.name != "mlp-digits":
+        raise ConfigError(file, "training.cosim",
+                          f"co-simulation trains mlp-digits on the digits data set; got model {model.name}")
+    return Scenario(file, name, seed, topology, network, model, batch, dtype, par, tr, faults, data)
+
+
+def _training(tt: Table) -> Training:
+    tr = Training(
+        algorithm=tt.str("algorithm", "sync", choices=ALGORITHMS),
+        steps=tt.int("steps", 20, lo=1, hi=10_000_000),
+        learning_rate=tt.float("learning_rate", 0.1, positive=True),
+        allreduce=tt.str("allreduce", "ring", choices=COLLECTIVE_ALGOS),
+        time_limit_s=tt.float("time_limit_s", 0.0, lo=0.0),
+        optimizer=tt.str("optimizer", "sgd", choices=OPTIMIZERS),
+        n_fetch=tt.int("n_fetch", 1, lo=1, hi=1_000_000),
+        n_push=tt.int("n_push", 1, lo=1, hi=1_000_000),
+        warm_start_s=tt.float("warm_start_s", 0.0, lo=0.0),
+        backup_workers=tt.int("backup_workers", 0, lo=0, hi=65535),
+        dcasgd_lambda=tt.float("dcasgd_lambda", 0.04, lo=0.0),
+        dcasgd_adaptive=tt.bool("dcasgd_adaptive", False),
+        staleness=tt.int("staleness", 3, lo=0, hi=1_000_000),
+        local_steps=tt.int("local_steps", 10, lo=1, hi=1_000_000),
+        work_units=tt.int("work_units", 0, lo=0, hi=1_000_000),
+        backup_tasks=tt.bool("backup_tasks", True),
+        lbfgs_history=tt.int("lbfgs_history", 10, lo=1, hi=1000),
+        comm_bits=tt.int("comm_bits", 32, lo=8, hi=32),
+        cosim=tt.bool("cosim", False),
+        eval_points=tt.int("eval_points", 20, lo=1, hi=10_000),
+        target_accuracy=tt.float("target_accuracy", 0.9, lo=0.0, hi=1.0))
+    if tr.comm_bits not in (8, 32):
+        raise tt.error("comm_bits", f"must be 32 or 8, got {tr.comm_bits}")
+    tt.done()
+    return tr
+
+
+def _faults(ft: Table, topology: Topology) -> Faults:
+    devices = topology.devices
+    slow = ft.table("slowdown", {})
+    slowdown = {}
+    for dev in list(slow.data):
+        if dev not in devices or not devices[dev].is_compute:
+            raise slow.error(dev, "is not a compute device of the topology")
+        slowdown[dev] = slow.float(dev, lo=1e-3, hi=1e6)
+    slow.done()
+    failures = [_failure(t, topology) for t in ft.tables("fail")]
+    faults = Faults(
+        slowdown=slowdown, slowdown_sigma=ft.float("slowdown_sigma", 0.0, lo=0.0, hi=10.0),
+        failures=tuple(sorted(failures, key=lambda f: f.at_s)), mtbf_s=ft.float("mtbf_s", 0.0, lo=0.0),
+        detect_timeout_s=ft.float("detect_timeout_s", 1.0, lo=0.0),
+        on_failure=ft.str("on_failure", "continue", choices=("continue", "restart")),
+        checkpoint_every=ft.int("checkpoint_every", 0, lo=0, hi=10_000_000),
+        checkpoint_gbps=ft.float("checkpoint_gbps", 1.0, positive=True),
+        restart_s=ft.float("restart_s", 30.0, lo=0.0))
+    ft.done()
+    return faults
+
+
+def _failure(t: Table, topology: Topology) -> Failure:
+    """One ``[[faults.fail]]``: at_s and exactly one of device, machine or link."""
+    at = t.float("at_s", lo=0.0)
+    given = [k for k in ("device", "machine", "link") if t.has(k)]
+    if len(given) != 1:
+        raise t.error("device", "give exactly one of device, machine or link")
+    devices = topology.devices
+    if given[0] == "device":
+        dev = t.str("device")
+        if dev not in devices or not devices[dev].is_compute:
+            raise t.error("device", f"{dev!r} is not a compute device of the topology")
+        out = Failure(at, (dev,))
+    elif given[0] == "machine":
+        m = t.int("machine", lo=0)
+        devs = tuple(d for d in topology.compute_devices() if devices[d].machine == m)
+        if not devs:
+            raise t.error("machine", f"the topology has no machine {m}")
+        out = Failure(at, devs)
+    else:
+        ends = t.raw("link")
+        if (not isinstance(ends, list) or len(ends) != 2 or not all(isinstance(e, str) for e in ends)
+                or not all(e in devices for e in ends) or not topology.graph.has_edge(*ends)):
+            raise t.error("link", "must name the two ends of one link, e.g. ['m0.nic0', 'switch']")
+        out = Failure(at, (), (ends[0], ends[1]))
+    t.done()
+    return out

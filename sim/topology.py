@@ -85,6 +85,14 @@ class Topology:
         self._adj = {n: sorted(self.graph.neighbors(n)) for n in self.graph}
         self._routes: dict[tuple[str, str], tuple[DirLink, ...]] = {}
 
+    def without_link(self, a: str, b: str) -> "Topology":
+        """A copy whose routing no longer uses link a-b (devices and capacities shared)."""
+        clone = object.__new__(Topology)
+        clone.__dict__.update(self.__dict__)
+        clone._adj = {n: [m for m in nbs if {n, m} != {a, b}] for n, nbs in self._adj.items()}
+        clone._routes = {}
+        return clone
+
     # --- devices -------------------------------------------------------------------------
     def compute_devices(self) -> list[str]:
         """Where model slices go: every GPU; on machines without GPUs, the CPU.  Ordered by

@@ -35,10 +35,33 @@ class Span:
         return self.end_s - self.start_s
 
 
+@dataclass(frozen=True)
+class Update:
+    """One entry of the update log: what happened to parameters, in simulated order.
+
+    kinds: ``grad`` (a replica takes a gradient on the parameters it holds, at the start
+    of its step), ``send`` (it sends what it accumulated: info push), ``apply`` (a shard,
+    or the whole vector when shard = -1, applies pushes: info pushes, replicas),
+    ``snap`` / ``deliver`` (a shard's values are read for a fetch / arrive at the replica:
+    info fetch), ``local`` (a replica's own SGD step), ``average`` (replicas' parameters
+    averaged), ``unit`` / ``won`` (sandblaster work unit taken / first result kept),
+    ``lbfgs`` (the batch's L-BFGS step), ``checkpoint`` / ``restore``."""
+
+    t: float
+    kind: str
+    replica: int
+    shard: int
+    step: int
+    info: dict
+
+
 @dataclass
 class Trace:
     spans: list[Span] = field(default_factory=list)
     step_ends: list[float] = field(default_factory=list)   # simulated time at which each step finished
+    updates: list[Update] = field(default_factory=list)
+    staleness: list[int] = field(default_factory=list)     # per applied update: shard versions it missed
+    replica_steps: list[tuple[int, int, float, float]] = field(default_factory=list)  # (replica, step, start, end)
 
     def add(self, span: Span) -> None:
         self.spans.append(span)
@@ -57,7 +80,7 @@ class Trace:
         for s in self.spans:
             if s.kind in ("compute", "update"):
                 by_dev[s.where].append((s.start_s, s.end_s))
-        return {dev: _union_length(iv) for dev, iv in by_dev.items()}
+        return {dev: union_length(iv) for dev, iv in by_dev.items()}
 
     def link_bytes(self) -> dict[str, float]:
         out: dict[str, float] = defaultdict(float)
@@ -87,7 +110,7 @@ class Trace:
         return [asdict(s) for s in self.spans]
 
 
-def _union_length(intervals: list[tuple[float, float]]) -> float:
+def union_length(intervals: list[tuple[float, float]]) -> float:
     total, end = 0.0, float("-inf")
     for a, b in sorted(intervals):
         if b > end:

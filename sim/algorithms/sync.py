@@ -3,25 +3,95 @@ are combined (allreduce per model slot across replicas, or a sharded parameter s
 parameters updated, and only then does the next step start -- so a step takes as long
 as the slowest replica plus the exchange.
 
+Backup workers (Chen et al. 2016, parameter-server mode): with b backups the shards apply
+the first R - b complete gradients and drop the rest; a late replica starts the next step
+when it has finished and received the new parameters.
+
+Failures: a replica that stops stalls the step; after ``faults.detect_timeout_s`` the
+step is redone either without it (``on_failure = "continue"``) or, after
+``faults.restart_s`` and reading the last checkpoint, from that checkpoint with the
+machine replaced (``"restart"``).  Checkpoints every ``checkpoint_every`` steps write the
+parameters at ``checkpoint_gbps``.
+
 Update cost: SGD reads w and g and writes w (3 x 4 bytes, 2 FLOPs per parameter); a
-parameter-server shard also sums the R pushed gradients first.
+parameter-server shard also sums the pushed gradients first.
 """
 from __future__ import annotations
 
-from ..engine import Engine
+from ..engine import Engine, first_n
 from ..plan import PARAM_BYTES
 
 
 def run_sync(engine: Engine, steps: int):
     env, plan = engine.env, engine.plan
-    for step in range(steps):
-        graphs = [engine.run_graph(r, step) for r in range(plan.replicas)]
-        if plan.sync == "ps":
-            exchange = [env.process(_ps_exchange(engine, graphs, step))]
-        else:
-            exchange = [env.process(_slot_exchange(engine, graphs, j, step)) for j in range(plan.slots)]
-        yield env.all_of([g.done for g in graphs] + exchange)
+    sc = plan.scenario
+    tr, faults = sc.training, sc.faults
+    active = list(range(plan.replicas))
+    free = {r: None for r in active}          # backup mode: when each replica is free again
+    last_checkpoint, step = 0, 0
+    engine.log("checkpoint", -1, -1, 0)
+    while step < steps:
+        if tr.time_limit_s and env.now >= tr.time_limit_s:
+            break
+        runs, finished = _start_step(engine, active, free, step)
+        signal = engine.failure_signal
+        yield env.any_of([finished, signal])
+        if not finished.triggered:            # somebody failed: does the step still finish?
+            yield env.any_of([finished, env.timeout(faults.detect_timeout_s)])
+        if not finished.triggered:
+            for run in runs:
+                run.cancelled = True
+            engine.lost_samples += sc.batch_size * len(active)
+            dead = [r for r in active if not engine.alive(*plan.devices[r])]
+            if faults.on_failure == "restart" or len(dead) == len(active):
+                yield from _restart(engine, step, last_checkpoint, dead)
+                step = last_checkpoint
+            else:
+                active = [r for r in active if r not in dead]
+            free = {r: None for r in active}
+            continue
+        engine.log("apply", -1, -1, step, replicas=finished.value)
+        for r in active:
+            engine.log("deliver", r, -1, step)
+        step += 1
+        if faults.checkpoint_every and step % faults.checkpoint_every == 0:
+            seconds = sum(plan.slot_params) * PARAM_BYTES / (faults.checkpoint_gbps * 1e9)
+            yield engine.wait(env.timeout(seconds), "checkpoint", -1, step, "checkpoint")
+            engine.log("checkpoint", -1, -1, step)
+            last_checkpoint = step
         engine.trace.step_ends.append(env.now)
+
+
+def _start_step(engine: Engine, active: list[int], free: dict, step: int):
+    """Starts one step; returns its graph runs and an event that fires, with the replicas
+    whose gradients were used, when the new parameters are in place."""
+    env, plan = engine.env, engine.plan
+    backups = plan.scenario.training.backup_workers
+    runs = []
+    for r in active:
+        engine.log("grad", r, -1, step)
+    if not backups:
+        for r in active:
+            runs.append(engine.run_graph(r, step))
+        if plan.sync == "ps":
+            exchange = [env.process(_ps_exchange(engine, runs, active, step))]
+        else:
+            exchange = [env.process(_slot_exchange(engine, runs, active, j, step)) for j in range(plan.slots)]
+        done = env.event()
+        env.all_of([g.done for g in runs] + exchange).callbacks.append(lambda _e: done.succeed(list(active)))
+        return runs, done
+    delivered = []
+    for r in active:
+        delivered.append(env.process(_replica_with_push(engine, r, step, free, runs)))
+    quorum = first_n(env, delivered, len(active) - backups)
+    done = env.event()
+
+    def apply(_e):
+        winners = [active[i] for i in quorum.value]
+        proc = env.process(_ps_apply_and_fetch(engine, winners, active, step, free))
+        proc.callbacks.append(lambda _p: done.succeed(winners))
+    quorum.callbacks.append(apply)
+    return runs, done
 
 
 def _update(engine: Engine, device: str, params: int, replica: int, step: int, summed: int = 1):
@@ -29,30 +99,30 @@ def _update(engine: Engine, device: str, params: int, replica: int, step: int, s
                              replica, step, "update", "update", kind="update")
 
 
-def _slot_exchange(engine: Engine, graphs, j: int, step: int):
+def _slot_exchange(engine: Engine, runs, active, j: int, step: int):
     """Allreduce of slot j's gradients over the replicas, then every replica updates."""
     env, plan = engine.env, engine.plan
     params = plan.slot_params[j]
-    yield env.all_of([g.slot_ready[j] for g in graphs])
+    yield env.all_of([g.slot_ready[j] for g in runs])
     if not params:
         return
-    if plan.sync == "allreduce":
-        devices = [row[j] for row in plan.devices]
+    devices = [plan.devices[r][j] for r in active]
+    if len(devices) > 1:
         yield engine.collective("allreduce", plan.scenario.training.allreduce, devices,
                                 params * PARAM_BYTES, -1, step, "allreduce")
-    yield env.all_of([_update(engine, row[j], params, r, step) for r, row in enumerate(plan.devices)])
+    yield env.all_of([_update(engine, plan.devices[r][j], params, r, step) for r in active])
 
 
-def _ps_exchange(engine: Engine, graphs, step: int):
+def _ps_exchange(engine: Engine, runs, active, step: int):
     """Each (replica, slot) pushes its gradient pieces to the shards as soon as its backward
-    is done; a shard sums all R pushes, updates, and sends the new parameters back."""
+    is done; a shard sums all pushes, updates, and sends the new parameters back."""
     env, plan = engine.env, engine.plan
     ps = plan.ps
-    pushed = {(r, j, k): env.event() for r in range(plan.replicas) for j in range(plan.slots)
+    pushed = {(r, j, k): env.event() for r in active for j in range(plan.slots)
               for k in range(len(ps.devices)) if ps.share[j][k]}
 
-    def push(r: int, j: int):
-        yield graphs[r].slot_ready[j]
+    def push(run, r: int, j: int):
+        yield run.slot_ready[j]
         for k, n in enumerate(ps.share[j]):
             if n:
                 ev = engine.transfer(plan.devices[r][j], ps.devices[k], n * PARAM_BYTES, r, step, "push", "push")
@@ -60,13 +130,60 @@ def _ps_exchange(engine: Engine, graphs, step: int):
 
     def shard(k: int):
         yield env.all_of([ev for (r, j, kk), ev in pushed.items() if kk == k])
-        yield _update(engine, ps.devices[k], ps.sizes[k], -1, step, summed=plan.replicas)
-        fetches = [engine.transfer(ps.devices[k], plan.devices[r][j], ps.share[j][k] * PARAM_BYTES, r, step,
-                                   "fetch", "fetch")
-                   for (r, j, kk) in pushed if kk == k]
-        yield env.all_of(fetches)
+        yield _update(engine, ps.devices[k], ps.sizes[k], -1, step, summed=len(active))
+        yield env.all_of(_fetches(engine, k, active, step))
 
-    for r in range(plan.replicas):
+    for run, r in zip(runs, active):
         for j in range(plan.slots):
-            env.process(push(r, j))
+            env.process(push(run, r, j))
     yield env.all_of([env.process(shard(k)) for k in range(len(ps.devices))])
+
+
+def _fetches(engine: Engine, k: int, replicas, step: int):
+    plan, ps = engine.plan, engine.plan.ps
+    return [engine.transfer(ps.devices[k], plan.devices[r][j], ps.share[j][k] * PARAM_BYTES, r, step, "fetch", "fetch")
+            for r in replicas for j in range(plan.slots) if ps.share[j][k]]
+
+
+def _replica_with_push(engine: Engine, r: int, step: int, free: dict, runs: list):
+    """Backup mode: replica r (once free) computes and pushes its whole gradient."""
+    env, plan = engine.env, engine.plan
+    ps = plan.ps
+    if free[r] is not None:
+        yield engine.wait(free[r], plan.devices[r][0], r, step, "late: previous step")
+    run = engine.run_graph(r, step)
+    runs.append(run)
+    yield run.done
+    yield env.all_of([engine.transfer(dev, ps.devices[k], ps.share[j][k] * PARAM_BYTES, r, step, "push", "push")
+                      for j, dev in enumerate(plan.devices[r]) for k in range(len(ps.devices)) if ps.share[j][k]])
+
+
+def _ps_apply_and_fetch(engine: Engine, winners, active, step: int, free: dict):
+    """Shards apply the first gradients; every replica is sent the new parameters and is
+    free for the next step once it has them and has finished its own (maybe late) work."""
+    env, plan = engine.env, engine.plan
+    ps = plan.ps
+    yield env.all_of([_update(engine, ps.devices[k], ps.sizes[k], -1, step, summed=len(winners))
+                      for k in range(len(ps.devices))])
+    for r in active:
+        fetched = env.all_of([ev for k in range(len(ps.devices)) for ev in _fetches(engine, k, [r], step)])
+        free[r] = fetched if r in winners else env.all_of([fetched, _previous_run(engine, r)])
+    yield env.all_of([free[r] for r in winners])
+
+
+def _previous_run(engine: Engine, r: int):
+    """The late replica's current graph (the last one started for it)."""
+    return engine.last_run[r].done
+
+
+def _restart(engine: Engine, step: int, checkpoint: int, dead: list[int]):
+    """Replace the failed machines, relaunch, read the checkpoint; the steps since are lost."""
+    env, plan = engine.env, engine.plan
+    sc = plan.scenario
+    engine.lost_samples += sc.batch_size * plan.replicas * (step - checkpoint)
+    seconds = sc.faults.restart_s + sum(plan.slot_params) * PARAM_BYTES / (sc.faults.checkpoint_gbps * 1e9)
+    yield engine.wait(env.timeout(seconds), "restart", -1, step, "restart")
+    for r in dead:
+        for dev in plan.devices[r]:
+            engine.failed.pop(dev, None)
+    engine.log("restore", -1, -1, checkpoint)

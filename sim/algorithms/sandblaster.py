@@ -1,0 +1,123 @@
+"""Sandblaster L-BFGS (Dean et al. 2012): a coordinator cuts each batch of
+``batch_size x replicas`` samples into ``work_units`` much smaller than 1/R of it and
+hands each to whichever replica is free; near the end it hands out copies of unfinished
+units (backup tasks) and keeps the first result.  Replicas fetch parameters once per
+batch and push their accumulated gradients once at its end.  The shards hold the
+parameters and the L-BFGS history and run the vector operations (dot products, axpy)
+on their own slices: (4m + 8) passes over the shard for a history of m; the coordinator
+exchanges only scalars with them (2m + 2 numbers each way).
+
+A replica that fails loses its unit: a backup copy replaces it, or, without backup
+tasks, the coordinator re-queues it after the detection timeout.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..engine import Engine
+from ..plan import PARAM_BYTES, plan as make_plan
+from .ps import ParameterServer
+
+CONTROL_BYTES = 64      # a unit assignment or a completion notice
+
+
+def units_of(sc) -> tuple[int, int]:
+    """(number of units, samples per unit) for one batch of batch_size x replicas."""
+    total = sc.batch_size * sc.parallel.replicas
+    units = min(sc.training.work_units or 8 * sc.parallel.replicas, total)
+    return units, max(1, total // units)
+
+
+def run_sandblaster(engine: Engine, steps: int):
+    env, p = engine.env, engine.plan
+    sc, tr = p.scenario, p.scenario.training
+    ps = ParameterServer(engine, "sgd")
+    engine.ps_server = ps
+    n_units, unit_size = units_of(sc)
+    unit_plan = make_plan(dataclasses.replace(sc, batch_size=unit_size), check_memory=False)
+    coord = ps.ps.devices[0]
+    m = tr.lbfgs_history
+    for batch in range(steps):
+        if tr.time_limit_s and env.now >= tr.time_limit_s:
+            break
+        live = [r for r in range(p.replicas) if engine.alive(*p.devices[r])]
+        if not live:
+            break
+        yield env.all_of([engine.wait(ps.fetch(r, batch, batch), p.devices[r][0], r, batch, "fetch") for r in live])
+        yield from _hand_out(engine, batch, n_units, unit_plan, coord)
+        contributors = [r for r in live if engine.alive(*p.devices[r])]
+        yield env.all_of([ev for r in contributors for k in range(len(ps.ps.devices))
+                          for ev in ps._pieces(r, k, True, batch, "push")])
+        yield env.all_of([env.process(_lbfgs_step(engine, ps, k, coord, batch, m)) for k in range(len(ps.ps.devices))])
+        engine.log("lbfgs", -1, -1, batch)
+        engine.trace.step_ends.append(env.now)
+
+
+def _lbfgs_step(engine: Engine, ps: ParameterServer, k: int, coord: str, batch: int, m: int):
+    dev, n = ps.ps.devices[k], ps.ps.sizes[k]
+    scalars = (2 * m + 2) * 8.0
+    passes = 4 * m + 8
+    yield engine.compute_op(dev, 2.0 * passes * n, passes * n * PARAM_BYTES, -1, batch, "lbfgs", "ps_update", "update")
+    yield engine.transfer(dev, coord, scalars, -1, batch, "scalars", "control")
+    yield engine.transfer(coord, dev, scalars, -1, batch, "scalars", "control")
+    ps.version[k] += 1
+    ps.applies[k] += 1
+
+
+def _hand_out(engine: Engine, batch: int, n_units: int, unit_plan, coord: str):
+    """The coordinator's loop for one batch: returns when every unit has a result."""
+    env, p = engine.env, engine.plan
+    tr = p.scenario.training
+    queue = list(range(n_units))
+    running: dict[int, list[int]] = {}       # unit -> replicas working on it
+    finished: set[int] = set()
+    busy: set[int] = set()
+    progress = [env.event()]
+
+    def work(r: int, u: int):
+        dev = p.devices[r][0]
+        yield engine.transfer(coord, dev, CONTROL_BYTES, r, batch, "assign", "control")
+        engine.log("unit", r, -1, batch, unit=u)
+        yield engine.run_graph(r, batch, unit_plan).done
+        yield engine.transfer(dev, coord, CONTROL_BYTES, r, batch, "done", "control")
+        if u not in finished:
+            finished.add(u)
+            engine.log("won", r, -1, batch, unit=u)
+        running[u].remove(r)
+        busy.discard(r)
+        if not progress[0].triggered:
+            progress[0].succeed()
+
+    while len(finished) < n_units:
+        now = env.now
+        for u, rs in running.items():        # units held only by replicas known to be dead
+            if u not in finished and u not in queue and rs and all(
+                    not engine.alive(*p.devices[r]) and now - _failed_at(engine, r) >= p.scenario.faults.detect_timeout_s
+                    for r in rs):
+                queue.append(u)
+        free = [r for r in range(p.replicas) if r not in busy and engine.alive(*p.devices[r])]
+        for r in free:
+            if queue:
+                u = queue.pop(0)
+            elif tr.backup_tasks:
+                spare = [u for u in running if u not in finished and r not in running[u]]
+                if not spare:
+                    break
+                u = min(spare, key=lambda u: (len(running[u]), u))      # the least-covered, oldest unit
+            else:
+                break
+            running.setdefault(u, []).append(r)
+            busy.add(r)
+            env.process(work(r, u))
+        if len(finished) >= n_units:
+            break
+        waits = [progress[0]]
+        if any(not engine.alive(*p.devices[r]) for r in busy):
+            waits.append(env.timeout(p.scenario.faults.detect_timeout_s))
+        yield env.any_of(waits)
+        if progress[0].triggered:
+            progress[0] = env.event()
+
+
+def _failed_at(engine: Engine, r: int) -> float:
+    return min(engine.failed.get(d, float("inf")) for d in engine.plan.devices[r])
