@@ -98,7 +98,11 @@ def run_scenario(path: str, overrides: list, speedup: bool = True) -> tuple[dict
     p = plan(sc)
     res = simulate(p)
     base = one_device_step_time(p) if speedup else None
-    return summarize(p, res, base), p, res
+    summary = summarize(p, res, base)
+    if sc.training.cosim:
+        from executor.cosim import cosimulate     # the real math lives in executor/ (lazy: sim/ stays free of it)
+        summary.update(cosimulate(p, res))
+    return summary, p, res
 
 
 def cmd_simulate(args) -> int:

@@ -263,7 +263,7 @@ def _place(sc: Scenario, slices: Slices, slot_params: list[int]) -> tuple[tuple[
 
 def memory_use(p: Plan) -> dict[str, dict[str, float]]:
     """Bytes each device must hold: parameters+gradients, stored activations (every
-    micro-batch's, as GPipe keeps them), parameter-server shards."""
+    micro-batch's, as GPipe keeps them), parameter-server shards with their optimizer state."""
     sc = p.scenario
     use: dict[str, dict[str, float]] = {}
     act = [0.0] * p.slots
@@ -277,10 +277,23 @@ def memory_use(p: Plan) -> dict[str, dict[str, float]]:
             u["parameters"] += 2 * p.slot_params[slot] * PARAM_BYTES
             u["activations"] += act[slot]
     if p.ps:
+        copies = 2 + shard_state_copies(sc)
         for dev, size in zip(p.ps.devices, p.ps.sizes):
             u = use.setdefault(dev, {"parameters": 0.0, "activations": 0.0, "ps_shards": 0.0})
-            u["ps_shards"] += 2 * size * PARAM_BYTES      # the shard and its gradient accumulator
+            u["ps_shards"] += copies * size * PARAM_BYTES
     return use
+
+
+def shard_state_copies(sc: Scenario) -> int:
+    """Arrays of a shard's size a parameter-server shard keeps besides the parameters and
+    a gradient buffer: Adagrad's sum of squares, DC-ASGD's copy per worker (plus the mean
+    square when adaptive), L-BFGS's history of 2m vectors."""
+    tr = sc.training
+    if tr.algorithm == "dcasgd":
+        return sc.parallel.replicas + (1 if tr.dcasgd_adaptive else 0)
+    if tr.algorithm == "sandblaster":
+        return 2 * tr.lbfgs_history
+    return 1 if tr.optimizer == "adagrad" and tr.algorithm in ("downpour", "ssp") else 0
 
 
 def _check_memory(p: Plan) -> None:

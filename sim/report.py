@@ -44,6 +44,20 @@ def summary_text(s: dict) -> str:
     if "speedup" in s:
         lines.append(f"  speedup          {s['speedup']:.3g}x against one device "
                      f"({seconds(s['one_device_step_time_s'])} per step)")
+    if "staleness_mean" in s:
+        lines.append(f"  staleness        mean {s['staleness_mean']:.3g}, p90 {s['staleness_p90']:.3g}, "
+                     f"max {s['staleness_max']} (shard updates missed)")
+    if "shard_updates_per_s" in s:
+        lines.append("  shards           " + ", ".join(f"{u:.4g}/s" for u in s["shard_updates_per_s"]) +
+                     "  busy " + ", ".join(f"{v:.0%}" for v in s["shard_utilisation"].values()))
+    if "lost_work_samples" in s:
+        lines.append(f"  failures         {', '.join(s['failed_devices']) or 'links only'}; "
+                     f"{s['lost_work_samples']} samples of work lost")
+    if "accuracy" in s:
+        tta = s["time_to_accuracy_s"]
+        lines.append(f"  accuracy         {s['accuracy']:.2%} (loss {s['loss']:.4g}); "
+                     + (f"{s['target_accuracy']:.0%} reached at {seconds(tta)}" if tta is not None
+                        else f"{s['target_accuracy']:.0%} not reached"))
     lines += [f"  traffic          {si(s['bytes_per_step'], 'B')} per step",
               f"  simulated        {s['steps']} steps, {seconds(s['sim_time_s'])} in {s['sim_events']} events, "
               f"{s['wall_s']:.3g} s wall", "", "  time by phase (device- or transfer-seconds per step):"]

@@ -1,0 +1,166 @@
+"""Time-to-accuracy by co-simulation: the real math of a small model on the simulated clock.
+
+The simulator's update log (``Trace.updates``) says, in simulated order, when each replica
+took a gradient, on which parameters (the ones it last received), when each shard applied
+which push, and when fetches were read and delivered.  Performance does not depend on
+the values, so replaying that log with real NumPy math gives exactly the gradients,
+staleness and update order the simulated cluster produced.  Accuracy on the held-out
+digits is evaluated at ``eval_points`` times spread over the run.
+
+Data: the training set is split over the replicas (replica r takes every R-th sample)
+and each replica draws seeded mini-batches of ``batch_size`` from its part; Sandblaster's
+coordinator cuts batches of ``batch_size x replicas`` from the whole set into its units.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from sim.engine import SimResult
+from sim.plan import Plan
+
+from .data import Batches, digits
+from .nn import Net
+from .optim import DCASGD, LBFGS, SGD, Adagrad, quantize8
+
+
+def _shard_ranges(p: Plan, size: int) -> list[tuple[int, int]]:
+    if p.ps is None:
+        return [(0, size)]
+    edges = np.cumsum([0, *p.ps.sizes])
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _rule(p: Plan, lo: int, hi: int):
+    tr = p.scenario.training
+    if tr.algorithm == "dcasgd":
+        return DCASGD(tr.learning_rate, tr.dcasgd_lambda, hi - lo, tr.dcasgd_adaptive)
+    if tr.optimizer == "adagrad" and tr.algorithm in ("downpour", "ssp"):
+        return Adagrad(tr.learning_rate, hi - lo)
+    return SGD(tr.learning_rate)
+
+
+class Replay:
+    """State of the co-simulated cluster: the servers' and every replica's parameters."""
+
+    def __init__(self, p: Plan) -> None:
+        sc = self.sc = p.scenario
+        self.p, self.tr = p, sc.training
+        self.net = Net(sc.model)
+        self.data = digits(sc.seed)
+        w0 = self.net.init(np.random.default_rng(sc.seed))
+        self.server = w0.copy()
+        self.local = [w0.copy() for _ in range(p.replicas)]
+        self.ranges = _shard_ranges(p, self.net.size)
+        self.rules = [_rule(p, lo, hi) for lo, hi in self.ranges]
+        self.lbfgs = LBFGS(lr=1.0, history=self.tr.lbfgs_history, first_step=self.tr.learning_rate)
+        R = p.replicas
+        d = self.data
+        self.batches = [Batches(d.x_train[r::R], d.y_train[r::R], sc.batch_size, np.random.default_rng([sc.seed, r]))
+                        for r in range(R)]
+        self.acc = [np.zeros_like(w0) for _ in range(R)]
+        self.grads: dict[int, np.ndarray] = {}
+        self.outbox: dict[tuple[int, int], np.ndarray] = {}
+        self.pending: dict[tuple[int, int, int], np.ndarray] = {}
+        self.stash: dict[tuple[int, int, int], np.ndarray] = {}
+        self.batch_sum, self.batch_n = np.zeros_like(w0), 0
+        self.checkpoint = w0.copy()
+        self.sandblaster_batches: dict[int, tuple] = {}
+        if self.tr.algorithm == "sandblaster":
+            from sim.algorithms.sandblaster import units_of
+            self.units, self.unit_size = units_of(sc)
+            self.whole = Batches(d.x_train, d.y_train, sc.batch_size * R, np.random.default_rng([sc.seed, R]))
+
+    def _q(self, x):
+        return quantize8(x) if self.tr.comm_bits == 8 else x
+
+    def _grad(self, w, x, y):
+        return self.net.loss_and_grad(w, x, y)[1]
+
+    def apply(self, u) -> None:
+        kind, r, k = u.kind, u.replica, u.shard
+        if kind == "grad":
+            x, y = self.batches[r].next()
+            g = self._grad(self.local[r], x, y)
+            if self.tr.algorithm == "sync":
+                self.grads[r] = g
+            else:
+                self.acc[r] += g
+                if self.tr.n_fetch > 1:          # between fetches the replica moves on its own copy
+                    self.local[r] -= self.tr.learning_rate * g
+        elif kind == "send":
+            self.outbox[(r, u.info["push"])] = self._q(self.acc[r])
+            self.acc[r] = np.zeros_like(self.acc[r])
+        elif kind == "apply" and k >= 0:
+            lo, hi = self.ranges[k]
+            self.rules[k].step(self.server[lo:hi], self.outbox[(r, u.info["push"])][lo:hi], worker=r)
+        elif kind == "apply":                    # sync: the mean of the gradients used
+            used = u.info["replicas"]
+            g = sum(self.grads[i] for i in used) / len(used)
+            self.server -= self.tr.learning_rate * g
+            self.grads.clear()
+        elif kind == "snap":
+            lo, hi = self.ranges[k]
+            self.pending[(r, u.info["fetch"], k)] = self._q(self.server[lo:hi].copy())
+            if isinstance(self.rules[k], DCASGD):
+                self.rules[k].fetched(r, self.server[lo:hi])
+        elif kind == "deliver" and k >= 0:
+            lo, hi = self.ranges[k]
+            self.local[r][lo:hi] = self.pending.pop((r, u.info["fetch"], k))
+        elif kind == "deliver":
+            self.local[r] = self.server.copy()
+        elif kind == "local":
+            x, y = self.batches[r].next()
+            self.local[r] -= self.tr.learning_rate * self._grad(self.local[r], x, y)
+        elif kind == "average":
+            self.server = sum(self.local) / len(self.local)
+            self.local = [self.server.copy() for _ in self.local]
+        elif kind == "unit":
+            x, y = self._unit_data(u.step, u.info["unit"])
+            self.stash[(r, u.step, u.info["unit"])] = self._grad(self.local[r], x, y)
+        elif kind == "won":
+            self.batch_sum += self.stash.pop((r, u.step, u.info["unit"]))
+            self.batch_n += 1
+        elif kind == "lbfgs":
+            self.lbfgs.step(self.server, self.batch_sum / max(self.batch_n, 1))
+            self.batch_sum, self.batch_n = np.zeros_like(self.batch_sum), 0
+            self.stash.clear()
+        elif kind == "checkpoint":
+            self.checkpoint = self.server.copy()
+        elif kind == "restore":
+            self.server = self.checkpoint.copy()
+            self.local = [self.server.copy() for _ in self.local]
+
+    def _unit_data(self, batch: int, unit: int):
+        if batch not in self.sandblaster_batches:
+            self.sandblaster_batches = {batch: self.whole.next()}
+        x, y = self.sandblaster_batches[batch]
+        lo = unit * self.unit_size
+        return x[lo:lo + self.unit_size], y[lo:lo + self.unit_size]
+
+    def model(self):
+        """The parameters a user would deploy now: the servers' (local SGD: the replicas' mean)."""
+        if self.tr.algorithm == "local":
+            return sum(self.local) / len(self.local)
+        return self.server
+
+    def evaluate(self) -> tuple[float, float]:
+        return self.net.evaluate(self.model(), self.data.x_test, self.data.y_test)
+
+
+def cosimulate(p: Plan, res: SimResult) -> dict:
+    """Replays ``res``'s update log with real math; returns accuracy, loss, the curve over
+    simulated time and the time the target accuracy was first reached (None if never)."""
+    replay = Replay(p)
+    tr = p.scenario.training
+    end = res.sim_time_s
+    marks = [end * (i + 1) / tr.eval_points for i in range(tr.eval_points)]
+    curve = [[0.0, *replay.evaluate()]]
+    for u in res.trace.updates:
+        while marks and u.t > marks[0]:
+            curve.append([marks.pop(0), *replay.evaluate()])
+        replay.apply(u)
+    for t in marks:
+        curve.append([t, *replay.evaluate()])
+    hit = next((t for t, acc, _ in curve if acc >= tr.target_accuracy), None)
+    return {"accuracy": curve[-1][1], "loss": curve[-1][2], "accuracy_curve": curve,
+            "time_to_accuracy_s": hit, "target_accuracy": tr.target_accuracy}
