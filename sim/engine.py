@@ -154,6 +154,15 @@ class Engine:
                    step: int, name: str) -> simpy.Event:
         schedule = collectives.phases(op, algo, devices, nbytes)
         route = self.network.topology.route
+        try:
+            for ph in schedule:
+                for pair in ph.pairs:
+                    if not self.alive(*pair):
+                        raise LookupError("an end has failed")
+                    route(*pair)
+        except LookupError:                    # a member is gone or cut off: it never completes
+            self.failed_transfers += 1
+            return self.env.event()
 
         def record(pair, nb, start, end):
             self.trace.add(Span(name, "transfer", f"{pair[0]}->{pair[1]}", replica, step, start, end, nb, 0.0,

@@ -34,9 +34,9 @@ def run_sync(engine: Engine, steps: int):
         if tr.time_limit_s and env.now >= tr.time_limit_s:
             break
         runs, finished = _start_step(engine, active, free, step)
-        signal = engine.failure_signal
-        yield env.any_of([finished, signal])
-        if not finished.triggered:            # somebody failed: does the step still finish?
+        if all(engine.alive(*plan.devices[r]) for r in active):
+            yield env.any_of([finished, engine.failure_signal])
+        if not finished.triggered:            # somebody has failed: does the step still finish?
             yield env.any_of([finished, env.timeout(faults.detect_timeout_s)])
         if not finished.triggered:
             for run in runs:

@@ -1,0 +1,205 @@
+"""Asynchronous algorithms, stragglers and failures: each test can fail."""
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from executor.cosim import cosimulate
+from executor.data import Batches, digits
+from executor.nn import Net
+from sim.compute import op_seconds
+from sim.engine import simulate
+from sim.metrics import summarize
+from sim.plan import PARAM_BYTES, plan
+from sim.scenario import Failure
+from sim.topogen import build_topology
+from helpers import gpu, link, scenario
+
+
+def fast_star(n, gbps=1e6, lat_us=0.0):
+    """n worker GPUs and one spare GPU (where the shard goes) on a switch: no network to speak of."""
+    devs = [gpu(f"w{i}", machine=i) for i in range(n)] + [gpu("ps", machine=n), {"name": "sw", "kind": "switch"}]
+    links = [link(f"w{i}", "sw", gbps, lat_us) for i in range(n)] + [link("ps", "sw", gbps, lat_us)]
+    return build_topology({"name": "star", "device": devs, "link": links}, "star.toml")
+
+
+def on(topo, **sections):
+    return dataclasses.replace(scenario(batch=64, **sections), topology=topo)
+
+
+@pytest.mark.parametrize("replicas", [2, 3, 5])
+def test_identical_replicas_one_shard_no_network_staleness_is_r_minus_1(replicas):
+    sc = on(fast_star(replicas), parallel={"replicas": replicas, "ps_shards": 1},
+            training={"algorithm": "downpour", "steps": 40})
+    p = plan(sc)
+    assert p.ps.devices == ("ps",)
+    st = simulate(p).trace.staleness
+    steady = st[5 * replicas:]
+    assert steady and set(steady) == {replicas - 1}
+
+
+def test_failed_downpour_replica_leaves_the_others_rate_unchanged():
+    base = dict(parallel={"replicas": 4, "ps_shards": 1}, training={"algorithm": "downpour", "steps": 60})
+    healthy = simulate(plan(on(fast_star(4), **base)))
+    t_fail = healthy.sim_time_s / 3
+    sc = on(fast_star(4), **base)
+    sc = dataclasses.replace(sc, faults=dataclasses.replace(sc.faults, failures=(Failure(t_fail, ("w3",)),)))
+    failed = simulate(plan(sc))
+
+    def step_ends(res, r):
+        return [end for rr, _, _, end in res.trace.replica_steps if rr == r]
+    for r in range(3):      # the survivors do the same steps at the same times
+        assert step_ends(failed, r) == pytest.approx(step_ends(healthy, r), rel=1e-9)
+    assert len(step_ends(failed, 3)) < 30 and failed.engine.failed == {"w3": pytest.approx(t_fail)}
+
+
+def test_sync_step_is_the_slowest_workers_and_backup_workers_cut_it():
+    sc = scenario(batch=256, parallel={"replicas": 4}, training={"steps": 2}, faults={"slowdown": {"m0.gpu2": 3.0}})
+    p = plan(sc)
+    topo, params = sc.topology, sc.model.params
+    chain = sum(op_seconds(topo, "m0.gpu2", op.flops, op.bytes, "fp32") for op in p.ops if op.kind != "xfer")
+    alpha = topo.route_latency(topo.route("m0.gpu0", "m0.gpu1"))
+    ring = 2 * 3 * alpha + 2 * 3 / 4 * params * PARAM_BYTES / 450e9
+    update = op_seconds(topo, "m0.gpu2", 2 * params, 3 * params * PARAM_BYTES, "fp32")
+    assert simulate(p).trace.step_times() == pytest.approx([3 * chain + ring + 3 * update] * 2, rel=1e-9)
+
+    ps = dict(parallel={"replicas": 4, "ps_shards": 2}, training={"steps": 4}, faults={"slowdown": {"m0.gpu2": 3.0}})
+    without = simulate(plan(scenario(batch=256, **ps))).trace.step_times()
+    with_backup = simulate(plan(scenario(batch=256, **{**ps, "training": {"steps": 4, "backup_workers": 1}})))
+    assert max(with_backup.trace.step_times()) < 0.6 * min(without)
+
+
+def test_sandblaster_backup_tasks_shorten_a_batch_with_a_slow_replica():
+    common = dict(parallel={"replicas": 4, "ps_shards": 1}, faults={"slowdown": {"m0.gpu3": 8.0}})
+    times = {}
+    for backups in (True, False):
+        sc = scenario(batch=256, training={"algorithm": "sandblaster", "steps": 2, "work_units": 16,
+                                           "backup_tasks": backups}, **common)
+        times[backups] = simulate(plan(sc)).trace.step_times()
+    assert max(times[True]) < 0.9 * min(times[False])
+
+
+def test_sandblaster_reassigns_the_units_of_a_failed_replica():
+    sc = scenario(batch=256, parallel={"replicas": 4, "ps_shards": 1},
+                  training={"algorithm": "sandblaster", "steps": 3, "work_units": 16, "backup_tasks": False},
+                  faults={"fail": [{"device": "m0.gpu1", "at_s": 1e-5}], "detect_timeout_s": 1e-4})
+    res = simulate(plan(sc))
+    won = [u for u in res.trace.updates if u.kind == "won"]
+    assert len(res.trace.step_ends) == 3 and len(won) == 3 * 16
+    assert {u.info["unit"] for u in won if u.step == 0} == set(range(16))
+
+
+def reference_sgd(sc, steps):
+    """Plain SGD on one replica's batch stream, outside the simulator."""
+    net, d = Net(sc.model), digits(sc.seed)
+    w = net.init(np.random.default_rng(sc.seed))
+    batches = Batches(d.x_train[0::1], d.y_train[0::1], sc.batch_size, np.random.default_rng([sc.seed, 0]))
+    for _ in range(steps):
+        x, y = batches.next()
+        w -= sc.training.learning_rate * net.loss_and_grad(w, x, y)[1]
+    return net, d, w
+
+
+@pytest.mark.parametrize("algorithm, ps", [("downpour", 1), ("downpour", 3), ("sync", 0), ("ssp", 2)])
+def test_cosimulation_of_one_replica_equals_plain_sgd_exactly(algorithm, ps):
+    sc = scenario(batch=32, parallel={"replicas": 1, "ps_shards": ps},
+                  training={"algorithm": algorithm, "steps": 25, "cosim": True, "learning_rate": 0.2})
+    p = plan(sc)
+    out = cosimulate(p, simulate(p))
+    net, d, w = reference_sgd(sc, 25)
+    acc, loss = net.evaluate(w, d.x_test, d.y_test)
+    assert out["accuracy"] == acc and out["loss"] == loss
+
+
+def test_same_seed_same_trace_and_another_seed_differs():
+    def run(seed):
+        sc = scenario(batch=64, parallel={"replicas": 4, "ps_shards": 2},
+                      training={"algorithm": "downpour", "steps": 15}, faults={"slowdown_sigma": 0.5, "mtbf_s": 0.001})
+        return simulate(plan(dataclasses.replace(sc, seed=seed)))
+    a, b, c = run(1), run(1), run(2)
+    assert a.trace.spans == b.trace.spans and a.trace.updates == b.trace.updates
+    assert a.trace.spans != c.trace.spans
+
+
+@pytest.mark.parametrize("k", [1, 5, 10, 100, 1000])
+def test_local_sgd_averages_every_k_steps(k):
+    steps = 20
+    sc = scenario(batch=32, parallel={"replicas": 3}, training={"algorithm": "local", "steps": steps,
+                                                                "local_steps": k, "cosim": True, "eval_points": 2})
+    p = plan(sc)
+    res = simulate(p)
+    assert sum(u.kind == "average" for u in res.trace.updates) == math.ceil(steps / k)
+    assert sum(u.kind == "local" for u in res.trace.updates) == 3 * steps
+    assert 0.0 <= cosimulate(p, res)["accuracy"] <= 1.0
+
+
+def test_ssp_never_runs_more_than_s_steps_ahead():
+    s = 2
+    sc = scenario(batch=64, parallel={"replicas": 3, "ps_shards": 1},
+                  training={"algorithm": "ssp", "steps": 30, "staleness": s}, faults={"slowdown": {"m0.gpu0": 4.0}})
+    res = simulate(plan(sc))
+    def max_lead(res):
+        """Largest (step begun) - (steps the slow replica 0 had finished) over all step starts."""
+        ends0 = [end for r, _, _, end in res.trace.replica_steps if r == 0]
+        return max(u.step - sum(1 for e in ends0 if e <= u.t) for u in res.trace.updates if u.kind == "grad")
+    assert max_lead(res) == s
+    free = simulate(plan(dataclasses.replace(sc, training=dataclasses.replace(sc.training, algorithm="downpour"))))
+    assert max_lead(free) > 3 * s      # without the bound the fast replicas do run ahead
+
+
+def test_eight_bit_messages_carry_a_quarter_of_the_bytes():
+    def push_bytes(bits):
+        sc = scenario(batch=64, parallel={"replicas": 2, "ps_shards": 1},
+                      training={"algorithm": "downpour", "steps": 4, "comm_bits": bits})
+        res = simulate(plan(sc))
+        return sum(s.bytes for s in res.trace.spans if s.phase == "push"), res
+    b32, _ = push_bytes(32)
+    b8, res8 = push_bytes(8)
+    assert b8 == pytest.approx(b32 / 4)
+    assert any(s.name == "quantise" for s in res8.trace.spans) and any(s.name == "dequantise" for s in res8.trace.spans)
+
+
+def test_dcasgd_keeps_a_copy_per_worker_on_the_shard():
+    def shard_bytes(alg, adaptive=False):
+        sc = scenario(batch=64, parallel={"replicas": 4, "ps_shards": 1},
+                      training={"algorithm": alg, "steps": 2, "dcasgd_adaptive": adaptive})
+        p = plan(sc)
+        return p.memory[p.ps.devices[0]]["ps_shards"], sc.model.params * PARAM_BYTES
+    down, size = shard_bytes("downpour")
+    assert shard_bytes("dcasgd")[0] - down == 4 * size
+    assert shard_bytes("dcasgd", True)[0] - down == 5 * size
+
+
+def test_sync_restart_loses_the_steps_since_the_checkpoint():
+    sc = scenario(batch=64, parallel={"replicas": 4}, training={"steps": 6, "cosim": True},
+                  faults={"fail": [{"device": "m0.gpu2", "at_s": 1e-4}], "detect_timeout_s": 1e-3,
+                          "on_failure": "restart", "checkpoint_every": 2, "restart_s": 0.01})
+    p = plan(sc)
+    res = simulate(p)
+    summary = summarize(p, res)
+    [restore] = [u for u in res.trace.updates if u.kind == "restore"]
+    done = sum(1 for t in res.trace.step_ends if t < restore.t)      # steps finished before the restart
+    redo = done - restore.step                                       # finished since the checkpoint
+    assert summary["lost_work_samples"] == (redo + 1) * 64 * 4       # ... plus the broken step
+    assert sum(u.kind == "apply" for u in res.trace.updates) == 6 + redo
+    assert len(res.trace.step_ends) == 6 + redo and res.engine.failed == {}
+    assert 0.0 <= cosimulate(p, res)["accuracy"] <= 1.0
+
+
+def test_a_failed_link_reroutes_and_a_cut_link_fails_the_transfers():
+    devs = [gpu("a", machine=0), gpu("b", machine=1), {"name": "s1", "kind": "switch"}, {"name": "s2", "kind": "switch"}]
+    two_paths = build_topology({"name": "two", "device": devs, "link": [
+        link("a", "s1", 10, 1), link("s1", "b", 10, 1), link("a", "s2", 5, 1), link("s2", "b", 5, 1)]}, "two.toml")
+    sc = dataclasses.replace(scenario(batch=64, parallel={"replicas": 2}, training={"steps": 3},
+                                      faults={}), topology=two_paths)
+    healthy = simulate(plan(sc))
+    broken = dataclasses.replace(sc, faults=dataclasses.replace(sc.faults, failures=(Failure(0.0, (), ("a", "s1")),)))
+    res = simulate(plan(broken))
+    assert len(res.trace.step_ends) == 3 and res.sim_time_s > healthy.sim_time_s       # slower path, still there
+    assert all("a>s1" not in s.links for s in res.trace.spans if s.kind == "transfer")
+    one_path = build_topology({"name": "one", "device": devs[:3], "link": [link("a", "s1", 10, 1), link("s1", "b", 10, 1)]},
+                              "one.toml")
+    cut = dataclasses.replace(broken, topology=one_path)
+    res = simulate(plan(cut))
+    assert res.engine.failed_transfers > 0 and not res.trace.step_ends
