@@ -20,6 +20,9 @@ from .flows import max_min_rates
 
 # Work below this fraction of a job's amount counts as done (float round-off of rates).
 _DONE = 1e-9
+# A finish closer to now than this fraction of now is now: a timer for it would fire at
+# the same float time and find it unfinished again, forever.
+_NOW = 1e-12
 
 
 class _Job:
@@ -40,6 +43,7 @@ class Fluid:
         self._heap: list[tuple[float, int]] = []
         self._ids = itertools.count()
         self._wake_at = float("inf")
+        self._timer: simpy.Event | None = None     # the one live wake-up; earlier-armed ones are stale
         self._dirty: set[int] = set()
         self.solves = 0
 
@@ -109,11 +113,13 @@ class Fluid:
             heapq.heappop(self._heap)                       # stale entry
         if self._heap and self._heap[0][0] < self._wake_at:
             self._wake_at = self._heap[0][0]
-            timer = self.env.timeout(max(0.0, self._wake_at - self.env.now))
-            timer.callbacks.append(self._wake)
+            self._timer = self.env.timeout(max(0.0, self._wake_at - self.env.now))
+            self._timer.callbacks.append(self._wake)
 
-    def _wake(self, _event: simpy.Event) -> None:
-        self._wake_at = float("inf")
+    def _wake(self, event: simpy.Event) -> None:
+        if event is not self._timer:
+            return                                  # superseded by an earlier wake-up
+        self._wake_at, self._timer = float("inf"), None
         now = self.env.now
         finished: dict[int, None] = {}     # ordered set: one job may sit in the heap twice
         while self._heap:
@@ -123,7 +129,7 @@ class Fluid:
                 heapq.heappop(self._heap)
                 continue
             left = job.remaining - job.rate * (now - job.since)
-            if finish > now and left > _DONE * job.amount:
+            if finish - now > _NOW * now and left > _DONE * job.amount:
                 break
             heapq.heappop(self._heap)
             finished[jid] = None
