@@ -28,6 +28,12 @@ def summarize(p: Plan, res: SimResult, baseline_step_s: float | None = None) -> 
     by_phase: dict[str, float] = defaultdict(float)
     for s in tr.spans:
         by_phase[s.phase] += s.duration_s
+    done = len(steps)                        # steps completed (per replica when replicas step alone)
+    if tr.replica_steps:
+        per = defaultdict(int)
+        for r, *_ in tr.replica_steps:
+            per[r] += 1
+        done = int(statistics.median(per.values()))
     link_bytes = tr.link_bytes()
     cap = sc.topology.capacity
     link_util = {l: b / (cap[tuple(l.split(">"))] * makespan) for l, b in link_bytes.items()}
@@ -36,14 +42,14 @@ def summarize(p: Plan, res: SimResult, baseline_step_s: float | None = None) -> 
         "parameters": sc.model.params, "batch_size": sc.batch_size, "dtype": sc.dtype,
         "model_parallel": p.slots, "split": sc.parallel.split, "replicas": p.replicas,
         "ps_shards": sc.parallel.ps_shards, "sync": p.sync, "algorithm": sc.training.algorithm,
-        "network": sc.network, "steps": res.steps,
+        "network": sc.network, "steps": done,
         "step_time_s": step_s,
         "samples_per_s": samples_per_s,
         "sim_time_s": res.sim_time_s, "sim_events": res.sim_events, "wall_s": res.wall_s,
         "device_utilisation": {d: busy.get(d, 0.0) / makespan for row in p.devices for d in row},
         "link_utilisation": dict(sorted(link_util.items(), key=lambda kv: -kv[1])[:10]),
-        "bytes_per_step": sum(s.bytes for s in tr.spans if s.kind == "transfer") / max(res.steps, 1),
-        "time_by_phase_s": {k: v / max(res.steps, 1) for k, v in sorted(by_phase.items())},
+        "bytes_per_step": sum(s.bytes for s in tr.spans if s.kind == "transfer") / max(done, 1),
+        "time_by_phase_s": {k: v / max(done, 1) for k, v in sorted(by_phase.items())},
     }
     out.update(async_metrics(p, res))
     if baseline_step_s:

@@ -59,7 +59,7 @@ def summary_text(s: dict) -> str:
                      + (f"{s['target_accuracy']:.0%} reached at {seconds(tta)}" if tta is not None
                         else f"{s['target_accuracy']:.0%} not reached"))
     lines += [f"  traffic          {si(s['bytes_per_step'], 'B')} per step",
-              f"  simulated        {s['steps']} steps, {seconds(s['sim_time_s'])} in {s['sim_events']} events, "
+              f"  simulated        {s['steps']} steps{' per replica' if s['algorithm'] not in ('sync', 'sandblaster') else ''}, {seconds(s['sim_time_s'])} in {s['sim_events']} events, "
               f"{s['wall_s']:.3g} s wall", "", "  time by phase (device- or transfer-seconds per step):"]
     for phase, t in sorted(s["time_by_phase_s"].items(), key=lambda kv: -kv[1]):
         lines.append(f"    {phase:<12} {seconds(t)}")
