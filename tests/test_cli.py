@@ -169,3 +169,30 @@ def test_console_script_exits_2_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sim", "simulate", str(f)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "model.name: must be one of" in proc.stderr
+
+
+@pytest.mark.parametrize("name, stale", [("downpour", True), ("dcasgd", True), ("sandblaster", False), ("local", False)])
+def test_async_scenarios_report_staleness_and_accuracy(capsys, name, stale):
+    code, out, _ = run(capsys, "simulate", ROOT / "scenarios" / f"{name}.toml", "--json", "--no-speedup",
+                       "--set", "training.time_limit_s=0.02", "--set", "training.eval_points=3")
+    data = json.loads(out)
+    assert code == 0 and 0.0 <= data["accuracy"] <= 1.0 and len(data["accuracy_curve"]) == 4
+    assert ("staleness_mean" in data) == stale
+    assert data["sim_time_s"] < 0.03
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["training.algorithm=downpour"], "parallel.ps_shards: downpour needs a parameter server"),
+    (["training.cosim=true", "model.name=alexnet"], "training.cosim: co-simulation trains mlp-digits"),
+    (["faults.slowdown={ghost = 2.0}"], "faults.slowdown.ghost: is not a compute device"),
+    (["faults.fail=[{at_s = 1.0}]"], "faults.fail[0].device: give exactly one of device, machine or link"),
+    (["faults.fail=[{at_s = 1.0, link = ['m0.gpu0', 'm0.gpu1']}]"], "faults.fail[0].link: must name the two ends"),
+    (["training.comm_bits=16"], "training.comm_bits: must be 32 or 8"),
+    (["training.backup_workers=2"], "training.backup_workers: must be < parallel.replicas"),
+])
+def test_bad_training_and_fault_settings(capsys, sets, message):
+    argv = ["simulate", QUICK, "--set", "parallel.replicas=2"]
+    for s in sets:
+        argv += ["--set", s]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in err and err.count("\n") == 1
