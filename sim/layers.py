@@ -224,22 +224,21 @@ class LCN(Layer):
 
 @dataclass(frozen=True)
 class BatchNorm(Layer):
+    """Per-channel statistics over batch, rows and columns: cut by channels, so each slice
+    owns its channels' statistics and gamma/beta (a row-cut input is re-partitioned)."""
+
+    split = "channels"
     flops_per_elem = 5.0
     bwd_ratio = 2.0
 
     def params(self, s):
         return 2 * s[0]
 
-    def slice_params(self, s, box):
-        # gamma/beta per channel; under a row cut every stripe holds all channels, so the
-        # stripe that starts at row 0 owns them and the others keep copies
-        return 2 * (box[0][1] - box[0][0]) if box[1][0] == 0 and box_size(box) else 0
+    def needs(self, s, box):
+        return (box[0], (0, s[1]), (0, s[2]))
 
-    def exchange_floats(self, s, box, split, batch):
-        if split == "channels":
-            return (0, 0)
-        c = box[0][1] - box[0][0]
-        return (2 * c, 2 * c)         # per-channel sum and sum of squares; their gradients
+    def slice_params(self, s, box):
+        return 2 * (box[0][1] - box[0][0])
 
 
 @dataclass(frozen=True)

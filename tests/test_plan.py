@@ -39,6 +39,8 @@ def needed_mask(layer, in_shape, box):
                 elif kind == "lcn":
                     r = layer.size // 2
                     mask[:, max(0, h - r):h + r + 1, max(0, w - r):w + r + 1] = True
+                elif kind == "batchnorm":
+                    mask[c, :, :] = True
                 elif kind == "maxout":
                     mask[c * layer.pieces:(c + 1) * layer.pieces, h, w] = True
                 else:
