@@ -108,10 +108,11 @@ class StepResult:
 
 def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, labels, transport,
              xp=np, dropout: Callable[[int, tuple], object] | None = None,
-             on_op: Callable | None = None) -> StepResult:
+             on_op: Callable | None = None, backward: bool = True) -> StepResult:
     """One forward and backward pass of the whole batch ``x`` (B, C, H, W) for the slots
     held here.  ``params[(layer, slot)]`` are the box's parameters; ``dropout(layer, shape)``
-    gives the keep mask of the whole layer output for the batch (scaled), or None."""
+    gives the keep mask of the whole layer output for the batch (scaled), or None.
+    ``backward=False`` runs the forward pass only (evaluation)."""
     model = p.scenario.model
     nodes = model.nodes
     last = len(nodes) - 1
@@ -134,6 +135,8 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
         return node.layer.needs(node.in_shape, _box_of(p, i, j))
 
     for op in p.ops:
+        if not backward and (op.kind == "bwd" or op.why in ("gradient", "reduction")):
+            continue
         i, m = op.layer, op.micro
         lo, hi = micro[m]
         node = nodes[i]

@@ -71,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--plot", metavar="FILE")
     w.set_defaults(func=cmd_sweep)
 
+    e = sub.add_parser("execute", help="run the scenario's partitioned network for real on MPI ranks")
+    e.add_argument("scenario")
+    e.add_argument("--ranks", type=int, default=0, help="MPI ranks (default: model_parallel x replicas)")
+    e.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    e.add_argument("--trace", metavar="FILE", help="write the merged Chrome trace of all ranks")
+    _common(e)
+    e.set_defaults(func=cmd_execute)
+
     t = sub.add_parser("topology", help="inspect a topology")
     tsub = t.add_subparsers(dest="action", required=True)
     ts = tsub.add_parser("show")
@@ -117,6 +125,33 @@ def cmd_simulate(args) -> int:
             if path:
                 print(f"  wrote {what}: {path}")
     return 0
+
+
+# --- execute ----------------------------------------------------------------------------------
+def cmd_execute(args) -> int:
+    """Checks the input here (one clean line on error), then starts ``mpiexec`` with one
+    rank per replica slot running ``executor.ranks``."""
+    import subprocess
+    from executor.ranks import check          # lazy: sim/ does not need executor/ otherwise
+    sc = load_scenario(args.scenario, parse_set(args.set))
+    ranks = args.ranks or sc.parallel.model_parallel * sc.parallel.replicas
+    check(sc, ranks)
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        import shutil
+        found = shutil.which("mpiexec")
+        if not found:
+            raise ConfigError("mpiexec", "", "not found: install the mpich wheel (pip install mpich)")
+        mpiexec = Path(found)
+    cmd = [str(mpiexec), "-n", str(ranks), sys.executable, "-m", "executor.ranks", args.scenario,
+           "--device", args.device]
+    for item in args.set:
+        cmd += ["--set", item]
+    if args.json:
+        cmd.append("--json")
+    if args.trace:
+        cmd += ["--trace", args.trace]
+    return subprocess.run(cmd).returncode
 
 
 # --- collective -------------------------------------------------------------------------------

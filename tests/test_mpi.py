@@ -1,0 +1,87 @@
+"""Real MPI ranks (MPICH from PyPI), launched the way users launch them."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from executor.partitioned import box_index
+from executor.ranks import rank_role
+from test_partitioned import ALL_KINDS, make_plan, run
+from executor.partitioned import full_params
+
+HERE = Path(__file__).parent
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason="the mpich wheel is not installed")
+
+SYNC = """
+name = "mpi-sync"
+seed = 0
+[cluster]
+topology = "dgx-h100"
+[model]
+name = "mlp-digits"
+batch_size = 32
+[parallel]
+model_parallel = {mp}
+replicas = {r}
+[training]
+steps = {steps}
+learning_rate = 0.5
+"""
+
+
+def test_rank_roles_are_replica_major():
+    assert [rank_role(k, 2) for k in range(6)] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+@pytest.mark.parametrize("split", ["spatial", "layers"])
+def test_partitioned_step_on_three_real_ranks_equals_the_reference(tmp_path, split):
+    proc = subprocess.run([str(MPIEXEC), "-n", "3", sys.executable, str(HERE / "mpi_step.py"), str(tmp_path), split],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rng = np.random.default_rng(7)
+    full = full_params(make_plan(ALL_KINDS, 1, "spatial"), rng)
+    x = rng.normal(size=(6, *ALL_KINDS.input_shape))
+    y = rng.integers(0, 5, 6)
+    loss0, _, grads0 = run(make_plan(ALL_KINDS, 1, "spatial"), full, x, y)
+    p = make_plan(ALL_KINDS, 3, split)
+    loss, grads = 0.0, {i: [np.zeros_like(a) for a in arrs] for i, arrs in full.items()}
+    for j in range(3):
+        data = np.load(tmp_path / f"rank{j}.npz")
+        loss += float(data["loss"])
+        for i in full:
+            box = dict(p.slices[i]).get(j)
+            if box is None:
+                continue
+            for n, idx in enumerate(box_index(ALL_KINDS.nodes[i].layer.kind, box)):
+                grads[i][n][idx] += data[f"g_{i}_{n}"]
+    assert loss == pytest.approx(loss0, rel=1e-10)
+    for i in grads0:
+        for g, g0 in zip(grads[i], grads0[i]):
+            assert np.allclose(g, g0, rtol=1e-9, atol=1e-12), i
+
+
+def test_execute_trains_mlp_digits_to_95_percent_on_three_ranks(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(SYNC.format(mp=1, r=3, steps=300))
+    trace = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--json", "--trace", str(trace)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["accuracy"] >= 0.95 and out["ranks"] == 3
+    for key in ("step_time_s", "samples_per_s", "sim_time_s", "sim_events", "wall_s", "loss"):
+        assert key in out
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert {e["args"]["name"] for e in events if e["name"] == "thread_name"} >= {"rank0", "rank1", "rank2"}
+
+
+def test_execute_refuses_a_wrong_rank_count_in_one_line(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(SYNC.format(mp=2, r=2, steps=1))
+    proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--ranks", "3"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "needs model_parallel x replicas = 4" in proc.stderr
