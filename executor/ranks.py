@@ -1,22 +1,36 @@
 """The executor's ranks: ``mpiexec -n N python -m executor.ranks SCENARIO [...]``.
 
 ``clustersim execute`` starts this itself on one machine; on a cluster, start the same
-module with your own ``mpiexec``/``srun``.  One rank per device slot of every replica
-(rank = replica x model_parallel + slot).  Each step a rank runs its slot's share of the
-Plan's op graph (activations over the replica's communicator), averages its slot's
-gradients with the same slot of the other replicas (a non-blocking allreduce, polled),
-and takes an SGD step.  Rank 0 alone prints and writes files.
+module with your own ``mpiexec``/``srun``.  Ranks: one per device slot of every replica
+(rank = replica x model_parallel + slot), then one per parameter-server shard.  Each step
+a worker runs its slot's share of the Plan's op graph (activations over the replica's
+communicator), then, by algorithm:
+
+- ``sync`` without shards: average its slot's gradients with the same slot of the other
+  replicas (non-blocking allreduce, polled) and take an SGD step;
+- ``sync`` with shards: push the gradient; the shards apply the replicas' mean; fetch;
+- ``downpour`` / ``dcasgd`` / ``ssp``: fetch every n_fetch steps, push what it accumulated
+  every n_push steps, never waiting for the others (Adagrad or DC-ASGD on the shards;
+  under SSP a shard holds back the fetch of a worker more than ``staleness`` steps ahead);
+- ``local``: its own SGD steps, parameters averaged every ``local_steps`` steps.
+
+``--fail K@S``: worker rank K stops at step S as a crashed machine would (it sends
+nothing more); asynchronous training carries on without it.  Rank 0 alone prints and
+writes files.  Spans are named by the Plan's devices, so executed and simulated traces
+line up.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 
 import numpy as np
 
 from sim.errors import ConfigError
+from sim.partition import even_cuts
 from sim.plan import plan
 from sim.scenario import load_scenario, parse_set
 from sim.trace import Span, Trace, write_chrome
@@ -26,31 +40,57 @@ from .comm import MPITransport, wait_buffer
 from .data import Batches, digits, synthetic
 from .kernels import softmax_xent_loss
 from .partitioned import _box_of, box_index, full_params, run_step
+from .psrank import ShardClient, serve, shard_runs, slot_segments
+
+ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local")
 
 
-def rank_role(rank: int, model_parallel: int) -> tuple[int, int]:
-    """(replica, slot) of a rank: pure, so tests need no MPI."""
-    return divmod(rank, model_parallel)
+def rank_role(rank: int, model_parallel: int, replicas: int) -> tuple[str, int, int]:
+    """("worker", replica, slot) or ("shard", shard, -1): pure, so tests need no MPI."""
+    workers = model_parallel * replicas
+    if rank < workers:
+        r, j = divmod(rank, model_parallel)
+        return "worker", r, j
+    return "shard", rank - workers, -1
+
+
+def ranks_needed(sc) -> int:
+    return sc.parallel.model_parallel * sc.parallel.replicas + sc.parallel.ps_shards
+
+
+def parse_fail(text: str | None, sc) -> tuple[int, int] | None:
+    """``K@S`` or ``rank=K@step=S`` -> (rank, step); ConfigError when malformed or not a worker."""
+    if not text:
+        return None
+    m = re.fullmatch(r"(?:rank=)?(\d+)@(?:step=)?(\d+)", text.strip())
+    workers = sc.parallel.model_parallel * sc.parallel.replicas
+    if not m or int(m.group(1)) >= workers:
+        raise ConfigError("--fail", text, f"must be rank=K@step=S with K a worker rank (0..{workers - 1})")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check(sc, size: int) -> None:
+    need = ranks_needed(sc)
+    if size != need:
+        raise ConfigError("--ranks", str(size),
+                          f"the scenario needs model_parallel x replicas + ps_shards = {need} ranks")
+    if sc.training.algorithm not in ALGORITHMS:
+        raise ConfigError(sc.file, "training.algorithm",
+                          f"execute runs {', '.join(ALGORITHMS)} so far; got {sc.training.algorithm}")
+    if sc.training.algorithm != "sync" and sc.training.algorithm != "local" and not sc.parallel.ps_shards:
+        raise ConfigError(sc.file, "parallel.ps_shards", f"{sc.training.algorithm} needs ps_shards >= 1")
+    if sc.training.backup_workers:
+        raise ConfigError(sc.file, "training.backup_workers", "execute does not run backup workers yet")
 
 
 def dataset(sc, seed: int):
     if sc.model.name == "mlp-digits":
         d = digits(seed)
-        shape = (len(d.x_train), *sc.model.input_shape)
-        return d.x_train.reshape(shape), d.y_train, d.x_test.reshape(len(d.x_test), *sc.model.input_shape), d.y_test
+        return (d.x_train.reshape(len(d.x_train), *sc.model.input_shape), d.y_train,
+                d.x_test.reshape(len(d.x_test), *sc.model.input_shape), d.y_test)
     classes = sc.model.classes or sc.model.nodes[-1].out_shape[0]
     d = synthetic(sc.model.input_shape, classes, 4 * sc.batch_size * sc.parallel.replicas, np.random.default_rng(seed))
     return d.x_train, d.y_train, d.x_test, d.y_test
-
-
-def check(sc, size: int) -> None:
-    need = sc.parallel.model_parallel * sc.parallel.replicas
-    if size != need:
-        raise ConfigError("--ranks", str(size), f"the scenario needs model_parallel x replicas = {need} ranks")
-    if sc.training.algorithm != "sync" or sc.parallel.ps_shards:
-        raise ConfigError(sc.file, "training.algorithm",
-                          "execute runs synchronous SGD by allreduce so far (ps_shards = 0); "
-                          f"got {sc.training.algorithm} with ps_shards = {sc.parallel.ps_shards}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,96 +101,197 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--trace")
     ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    ap.add_argument("--fail")
     args = ap.parse_args(argv)
     world = MPI.COMM_WORLD
     try:
         sc = load_scenario(args.scenario, parse_set(args.set))
         check(sc, world.size)
+        fail = parse_fail(args.fail, sc)
         xp = get_xp(args.device)
     except (ConfigError, ValueError) as exc:
         if world.rank == 0:
             print(f"clustersim: error: {exc}", file=sys.stderr)
         return 2
-    summary, spans = train(sc, world, xp)
-    all_spans = world.gather(spans, root=0)
+    summary, spans = Run(sc, world, xp, fail).go()
+    parts = world.gather((summary, spans), root=0)
     if world.rank == 0:
+        out = _merge([s for s, _ in parts])
         if args.trace:
-            write_chrome(Trace([s for part in all_spans for s in part]), args.trace)
-        print(json.dumps(summary, indent=2) if args.json else _text(summary))
+            write_chrome(Trace([sp for _, part in parts for sp in part]), args.trace)
+        print(json.dumps(out, indent=2) if args.json else _text(out))
     return 0
 
 
-def train(sc, world, xp):
-    p = plan(sc)
-    M, R = sc.parallel.model_parallel, sc.parallel.replicas
-    r, j = rank_role(world.rank, M)
-    rep = world.Split(color=r, key=j)
-    slot = world.Split(color=j, key=r)
-    transport = MPITransport(rep)
-    full = full_params(p, np.random.default_rng(sc.seed), dtype=np.float32)
-    params = {}
-    for i, sl in enumerate(p.slices):
-        box = dict(sl).get(j)
-        if box is not None and i in full:
-            params[(i, j)] = [xp.asarray(np.ascontiguousarray(a[idx]))
-                              for a, idx in zip(full[i], box_index(sc.model.nodes[i].layer.kind, box))]
-    del full
-    x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed)
-    batches = Batches(x_tr[r::R], y_tr[r::R], sc.batch_size, np.random.default_rng([sc.seed, r]))
-    spans: list[Span] = []
-    where = f"rank{world.rank}"
-    world.Barrier()
-    t0 = time.perf_counter()
-    step_times, losses = [], []
-    for step in range(sc.training.steps):
-        start = time.perf_counter()
-        x, y = batches.next()
-        last = [time.perf_counter()]
+class Run:
+    """One rank's part of the job."""
 
-        def on_op(op, step=step):
-            now = time.perf_counter()
-            if (op.kind in ("fwd", "bwd") and op.slot == j) or (op.kind == "xfer" and j in (op.slot, op.dst)):
-                kind = "compute" if op.kind != "xfer" else "transfer"
-                spans.append(Span(f"{op.kind if op.kind != 'xfer' else op.why} L{op.layer}", kind, where, r, step,
-                                  last[0] - t0, now - t0, op.bytes if kind == "transfer" else 0.0,
-                                  op.flops, op.kind if op.kind != "xfer" else op.why))
-            last[0] = now
-        res = run_step(p, {j}, params, xp.asarray(x), xp.asarray(y), transport, xp=xp, on_op=on_op)
-        t_ex = time.perf_counter()
-        if R > 1:
-            keys = sorted(res.grads)
-            flat = np.concatenate([np.asarray(g, dtype=np.float32).ravel() for k in keys for g in res.grads[k]]) \
-                if keys else np.zeros(0, np.float32)
-            total = np.empty_like(flat)
-            wait_buffer(slot.Iallreduce(flat, total))
-            off = 0
-            for k in keys:
-                for g in res.grads[k]:
-                    g[...] = xp.asarray(total[off:off + g.size].reshape(g.shape)) / R
-                    off += g.size
-            spans.append(Span("allreduce", "transfer", where, -1, step, t_ex - t0, time.perf_counter() - t0,
-                              flat.nbytes, 0.0, "allreduce"))
-        t_up = time.perf_counter()
-        for key, gs in res.grads.items():
-            for w, g in zip(params[key], gs):
-                w -= sc.training.learning_rate * g
-        now = time.perf_counter()
-        spans.append(Span("update", "update", where, r, step, t_up - t0, now - t0, 0.0, 0.0, "update"))
-        step_times.append(now - start)
-        losses.append(rep.allreduce(res.loss))
-    wall = time.perf_counter() - t0
-    acc, loss = evaluate(p, params, x_te, y_te, j, rep, xp)
-    med = float(np.median(step_times)) if step_times else 0.0
-    summary = {"name": sc.name, "model": sc.model.name, "ranks": world.size, "model_parallel": M, "replicas": R,
-               "steps": sc.training.steps, "step_time_s": med,
-               "samples_per_s": sc.batch_size * R / med if med else 0.0,
-               "sim_time_s": wall, "sim_events": len(spans), "wall_s": wall,
-               "train_loss": losses[-1] if losses else None, "accuracy": acc, "loss": loss}
-    return summary, spans
+    def __init__(self, sc, world, xp, fail) -> None:
+        from mpi4py import MPI
+        self.sc, self.world, self.xp = sc, world, xp
+        self.p = plan(sc)
+        par = sc.parallel
+        self.M, self.R, self.S = par.model_parallel, par.replicas, par.ps_shards
+        self.role, self.r, self.j = rank_role(world.rank, self.M, self.R)
+        self.failed_rank, self.fail_step = fail if fail else (-1, -1)
+        is_worker = self.role == "worker"
+        self.workers = world.Split(color=0 if is_worker else MPI.UNDEFINED, key=world.rank)
+        self.rep = world.Split(color=self.r if is_worker else MPI.UNDEFINED, key=self.j)
+        self.slot = world.Split(color=self.j if is_worker else MPI.UNDEFINED, key=self.r)
+        full = full_params(self.p, np.random.default_rng(sc.seed), dtype=np.float32)
+        self.box_params = {}
+        for i, sl in enumerate(self.p.slices):
+            if i in full:
+                kind = sc.model.nodes[i].layer.kind
+                for j, box in sl:
+                    self.box_params[(i, j)] = [np.ascontiguousarray(a[idx]) for a, idx in zip(full[i], box_index(kind, box))]
+        self.sizes = {key: [a.size for a in arrs] for key, arrs in self.box_params.items()}
+        self.total = sum(sum(v) for v in self.sizes.values())
+        self.spans: list[Span] = []
+
+    # --- flat views of one slot's parameters ------------------------------------------------
+    def keys(self, j: int) -> list[tuple[int, int]]:
+        return [(i, jj) for i, sl in enumerate(self.p.slices) for jj, _ in sl if jj == j and (i, jj) in self.sizes]
+
+    def flatten(self, arrays: dict, j: int) -> np.ndarray:
+        parts = [np.asarray(a, np.float32).ravel() for key in self.keys(j) for a in arrays[key]]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def unflatten(self, flat: np.ndarray, arrays: dict, j: int) -> None:
+        pos = 0
+        for key in self.keys(j):
+            for a in arrays[key]:
+                a[...] = self.xp.asarray(flat[pos:pos + a.size].reshape(a.shape))
+                pos += a.size
+
+    def runs_of(self, j: int) -> list:
+        return shard_runs(slot_segments(self.p, j, self.sizes), self.total, self.S)
+
+    def span(self, name, kind, where, step, start, end, nbytes=0.0, flops=0.0, phase=""):
+        self.spans.append(Span(name, kind, where, self.r, step, start - self.t0, end - self.t0, nbytes, flops,
+                               phase or name))
+
+    # --- roles ------------------------------------------------------------------------------
+    def go(self):
+        self.world.Barrier()
+        self.t0 = time.perf_counter()
+        if self.role == "shard":
+            return self.shard(), self.spans
+        return self.worker(), self.spans
+
+    def shard(self) -> dict:
+        k = self.r
+        lo, hi = even_cuts(self.total, self.S)[k]
+        flat = np.concatenate([a.ravel() for i, sl in enumerate(self.p.slices) for j, _ in sl
+                               if (i, j) in self.box_params for a in self.box_params[(i, j)]])
+        runs = {rank: self.runs_of(rank % self.M)[k] for rank in range(self.M * self.R)}
+        runs = {rank: rr for rank, rr in runs.items() if rr}
+        tr = self.sc.training
+        rule = "dcasgd" if tr.algorithm == "dcasgd" else tr.optimizer if tr.algorithm in ("downpour", "ssp") else "sgd"
+        out = serve(self.world, self.p, k, flat[lo:hi].copy(), runs, rule,
+                    sync_replicas=self.R if tr.algorithm == "sync" else 0, silent={self.failed_rank},
+                    staleness_bound=tr.staleness if tr.algorithm == "ssp" else None)
+        where = self.p.ps.devices[k]
+        self.span("serve", "update", where, -1, self.t0, time.perf_counter(), 0.0, 0.0, "ps_update")
+        return {"role": "shard", "applied": out["applied"], "busy_s": out["busy_s"]}
+
+    def worker(self) -> dict:
+        sc, xp, p = self.sc, self.xp, self.p
+        tr = sc.training
+        r, j = self.r, self.j
+        params = {key: [xp.asarray(a) for a in arrs] for key, arrs in self.box_params.items() if key[1] == j}
+        x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed)
+        batches = Batches(x_tr[r::self.R], y_tr[r::self.R], sc.batch_size, np.random.default_rng([sc.seed, r]))
+        transport = MPITransport(self.rep)
+        devices = p.devices[r]
+        me = devices[j]
+        client = ShardClient(self.world, [self.M * self.R + k for k in range(self.S)], self.runs_of(j),
+                             tr.comm_bits) if self.S else None
+        flat = self.flatten(params, j)
+        acc = np.zeros_like(flat)
+        step_times, losses, steps_done = [], [], 0
+        for step in range(tr.steps):
+            if self.world.rank == self.failed_rank and step >= self.fail_step:
+                break                                          # crashed: silent from here on
+            start = time.perf_counter()
+            if client and (tr.algorithm == "sync" or step % tr.n_fetch == 0):
+                client.fetch(flat, step)
+                self.unflatten(flat, params, j)
+                self.span("fetch", "transfer", f"{p.ps.devices[0]}->{me}", step, start, time.perf_counter())
+            x, y = batches.next()
+            last = [time.perf_counter()]
+
+            def on_op(op, step=step):
+                now = time.perf_counter()
+                if op.kind in ("fwd", "bwd") and op.slot == j:
+                    self.span(f"{op.kind} L{op.layer}", "compute", me, step, last[0], now, 0.0, op.flops, op.kind)
+                elif op.kind == "xfer" and j in (op.slot, op.dst):
+                    self.span(f"{op.why} L{op.layer}", "transfer", f"{devices[op.slot]}->{devices[op.dst]}", step,
+                              last[0], now, op.bytes, 0.0, op.why)
+                last[0] = now
+            res = run_step(p, {j}, params, xp.asarray(x), xp.asarray(y), transport, xp=xp, on_op=on_op)
+            g = self.flatten(res.grads, j) if res.grads else np.zeros_like(flat)
+            t1 = time.perf_counter()
+            if tr.algorithm == "sync" and not self.S:
+                if self.R > 1:
+                    total = np.empty_like(g)
+                    wait_buffer(self.slot.Iallreduce(g, total))
+                    g = total / self.R
+                    self.span("allreduce", "transfer", me, step, t1, time.perf_counter(), g.nbytes, 0.0, "allreduce")
+                flat -= tr.learning_rate * g
+                self.unflatten(flat, params, j)
+            elif tr.algorithm == "sync":
+                client.push(g)
+                self.span("push", "transfer", me, step, t1, time.perf_counter(), g.nbytes, 0.0, "push")
+            elif tr.algorithm == "local":
+                flat -= tr.learning_rate * g
+                if (step + 1) % tr.local_steps == 0 and self.R > 1:
+                    total = np.empty_like(flat)
+                    wait_buffer(self.slot.Iallreduce(flat, total))
+                    flat = total / self.R
+                self.unflatten(flat, params, j)
+            else:
+                acc += g
+                if tr.n_fetch > 1:                              # move on the local copy between fetches
+                    flat -= tr.learning_rate * g
+                    self.unflatten(flat, params, j)
+                if (step + 1) % tr.n_push == 0:
+                    client.push(acc)
+                    acc[...] = 0
+                    self.span("push", "transfer", me, step, t1, time.perf_counter(), 0.0, 0.0, "push")
+            step_times.append(time.perf_counter() - start)
+            losses.append(res.loss)
+            steps_done += 1
+        return self.finish(params, flat, client, x_te, y_te, step_times, losses, steps_done)
+
+    def finish(self, params, flat, client, x_te, y_te, step_times, losses, steps_done) -> dict:
+        """Replica 0's slots (or the first replica with no failed rank) fetch the final
+        parameters and evaluate on held-out data; everyone then tells the shards DONE."""
+        p, j = self.p, self.j
+        self.workers.Barrier()
+        wall = time.perf_counter() - self.t0
+        alive_rep = next(r for r in range(self.R) if not (r * self.M <= self.failed_rank < (r + 1) * self.M))
+        evaluating = self.r == alive_rep
+        if client and evaluating:
+            client.fetch(flat, -1)
+            self.unflatten(flat, params, j)
+        if client and self.world.rank != self.failed_rank:
+            client.done()
+        acc = loss = None
+        if evaluating:
+            acc, loss = evaluate(p, params, x_te, y_te, j, self.rep, self.xp)
+        med = float(np.median(step_times)) if step_times else 0.0
+        sent = client.sent if client else 0
+        return {"role": "worker", "rank": self.world.rank, "replica": self.r, "slot": j, "steps": steps_done,
+                "batch": self.sc.batch_size, "name": self.sc.name, "model": self.sc.model.name,
+                "algorithm": self.sc.training.algorithm,
+                "step_time_s": med, "wall_s": wall, "accuracy": acc if evaluating and j == 0 else None,
+                "loss": loss if evaluating and j == 0 else None, "ps_bytes_sent": sent,
+                "train_loss": float(np.mean(losses[-10:])) if losses else None, "events": len(self.spans)}
 
 
 def evaluate(p, params, x, y, j: int, rep, xp) -> tuple[float, float]:
-    """Accuracy and loss on held-out data with the trained parameters (replica 0's view)."""
+    """Accuracy and loss on held-out data; gathered on the replica's slot 0."""
     res = run_step(p, {j}, params, xp.asarray(x), xp.asarray(y), MPITransport(rep), xp=xp, backward=False)
     last = len(p.slices) - 1
     pieces = rep.gather({c: np.asarray(arr) for (c, _), arr in res.logits.items()}, root=0)
@@ -165,10 +306,30 @@ def evaluate(p, params, x, y, j: int, rep, xp) -> tuple[float, float]:
     return float((logits.argmax(axis=1) == np.asarray(y)).mean()), float(loss)
 
 
+def _merge(parts: list[dict]) -> dict:
+    workers = [s for s in parts if s["role"] == "worker"]
+    shards = [s for s in parts if s["role"] == "shard"]
+    ev = next(s for s in workers if s["accuracy"] is not None)
+    med = float(np.median([s["step_time_s"] for s in workers if s["steps"]]))
+    wall = max(s["wall_s"] for s in workers)
+    samples = sum(s["steps"] * s["batch"] for s in workers if s["slot"] == 0)
+    out = {"name": ev["name"], "model": ev["model"], "algorithm": ev["algorithm"],
+           "ranks": len(parts), "workers": len(workers), "ps_shards": len(shards),
+           "steps": int(np.median([s["steps"] for s in workers])), "step_time_s": med,
+           "samples_per_s": samples / wall if wall else 0.0, "sim_time_s": wall,
+           "sim_events": sum(s["events"] for s in workers),
+           "wall_s": wall, "accuracy": ev["accuracy"], "loss": ev["loss"],
+           "steps_per_worker": [s["steps"] for s in workers]}
+    if shards:
+        out["shard_updates"] = [s["applied"] for s in shards]
+        out["ps_bytes_sent"] = sum(s["ps_bytes_sent"] for s in workers)
+    return out
+
+
 def _text(s: dict) -> str:
-    return (f"{s['name']}: executed {s['steps']} steps of {s['model']} on {s['ranks']} ranks "
-            f"({s['model_parallel']} per replica x {s['replicas']} replicas)\n"
-            f"  step time        {s['step_time_s'] * 1e3:.4g} ms (median)\n"
+    return (f"{s['name']}: executed {s['algorithm']} training of {s['model']} on {s['ranks']} ranks "
+            f"({s['workers']} workers, {s['ps_shards']} shards)\n"
+            f"  step time        {s['step_time_s'] * 1e3:.4g} ms (median over workers)\n"
             f"  throughput       {s['samples_per_s']:.4g} samples/s\n"
             f"  accuracy         {s['accuracy']:.2%} (test loss {s['loss']:.4g})\n"
             f"  wall             {s['wall_s']:.3g} s")

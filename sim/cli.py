@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--ranks", type=int, default=0, help="MPI ranks (default: model_parallel x replicas)")
     e.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     e.add_argument("--trace", metavar="FILE", help="write the merged Chrome trace of all ranks")
+    e.add_argument("--fail", metavar="rank=K@step=S", help="worker rank K stops at step S like a crashed machine")
     _common(e)
     e.set_defaults(func=cmd_execute)
 
@@ -132,10 +133,11 @@ def cmd_execute(args) -> int:
     """Checks the input here (one clean line on error), then starts ``mpiexec`` with one
     rank per replica slot running ``executor.ranks``."""
     import subprocess
-    from executor.ranks import check          # lazy: sim/ does not need executor/ otherwise
+    from executor.ranks import check, parse_fail, ranks_needed   # lazy: sim/ does not need executor/ otherwise
     sc = load_scenario(args.scenario, parse_set(args.set))
-    ranks = args.ranks or sc.parallel.model_parallel * sc.parallel.replicas
+    ranks = args.ranks or ranks_needed(sc)
     check(sc, ranks)
+    parse_fail(args.fail, sc)
     mpiexec = Path(sys.executable).parent / "mpiexec"
     if not mpiexec.exists():
         import shutil
@@ -151,6 +153,8 @@ def cmd_execute(args) -> int:
         cmd.append("--json")
     if args.trace:
         cmd += ["--trace", args.trace]
+    if args.fail:
+        cmd += ["--fail", args.fail]
     return subprocess.run(cmd).returncode
 
 

@@ -33,8 +33,9 @@ learning_rate = 0.5
 """
 
 
-def test_rank_roles_are_replica_major():
-    assert [rank_role(k, 2) for k in range(6)] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+def test_rank_roles_are_replica_major_then_shards():
+    assert [rank_role(k, 2, 2) for k in range(6)] == [
+        ("worker", 0, 0), ("worker", 0, 1), ("worker", 1, 0), ("worker", 1, 1), ("shard", 0, -1), ("shard", 1, -1)]
 
 
 @pytest.mark.parametrize("split", ["spatial", "layers"])
@@ -76,7 +77,8 @@ def test_execute_trains_mlp_digits_to_95_percent_on_three_ranks(tmp_path):
     for key in ("step_time_s", "samples_per_s", "sim_time_s", "sim_events", "wall_s", "loss"):
         assert key in out
     events = json.loads(trace.read_text())["traceEvents"]
-    assert {e["args"]["name"] for e in events if e["name"] == "thread_name"} >= {"rank0", "rank1", "rank2"}
+    names = {e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    assert {"m0.gpu0", "m0.gpu1", "m0.gpu2"} <= names          # spans carry the Plan's devices
 
 
 def test_execute_refuses_a_wrong_rank_count_in_one_line(tmp_path):
@@ -84,4 +86,34 @@ def test_execute_refuses_a_wrong_rank_count_in_one_line(tmp_path):
     f.write_text(SYNC.format(mp=2, r=2, steps=1))
     proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--ranks", "3"],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "needs model_parallel x replicas = 4" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "needs model_parallel x replicas + ps_shards = 4" \
+        in proc.stderr
+
+
+DOWNPOUR = SYNC.replace("[training]", "[training]\nalgorithm = \"downpour\"").replace("learning_rate = 0.5",
+                                                                                    "learning_rate = 0.2")
+
+
+def execute(tmp_path, text, *extra, timeout=300):
+    f = tmp_path / "s.toml"
+    f.write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--json", *extra],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def test_downpour_with_two_workers_and_one_shard_reaches_93_percent(tmp_path):
+    out = execute(tmp_path, DOWNPOUR.format(mp=1, r=2, steps=300),
+                  "--set", "parallel.ps_shards=1")
+    assert out["accuracy"] >= 0.93 and out["ps_shards"] == 1 and out["shard_updates"] == [600]
+    # every push carries the worker's whole share of the shard: parameters x 4 bytes, as planned
+    assert out["ps_bytes_sent"] == 600 * 9610 * 4
+
+
+def test_downpour_goes_on_without_a_crashed_worker_and_8_bit_pushes_are_a_quarter(tmp_path):
+    out = execute(tmp_path, DOWNPOUR.format(mp=1, r=2, steps=300), "--set", "parallel.ps_shards=1",
+                  "--set", "training.comm_bits=8", "--fail", "rank=1@step=40")
+    assert out["steps_per_worker"] == [300, 40] and out["accuracy"] >= 0.93
+    assert out["shard_updates"] == [340]
+    assert out["ps_bytes_sent"] == 340 * (9610 + 8)             # one byte per value plus min and step

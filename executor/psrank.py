@@ -1,0 +1,210 @@
+"""Parameter-server shards and their workers on real ranks (sync by PS, Downpour, DC-ASGD).
+
+Layout: the parameters are one vector, layer by layer and slot by slot (the Plan's
+order); shard k owns an even cut of it.  A worker slot holds its boxes' parameters as
+segments of that vector, so what it exchanges with shard k is a few contiguous runs.
+
+Protocol (tags): a worker sends PUSH (its accumulated gradient on the shard's runs), FETCH
+(a request; the reply is the shard's current values on those runs) and DONE.  MPI does
+not let messages between two ranks overtake each other, so a fetch sent after a push
+sees that push applied: a worker reads its own writes.  In ``sync`` mode a shard answers
+the fetches of step s only after it applied the mean of step s's pushes from every
+replica.  Shards poll with short sleeps: waiting ranks yield the CPU.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim.partition import even_cuts
+from sim.plan import Plan
+
+from .comm import POLL_SLEEP_S, wait_buffer
+from .optim import DCASGD, SGD, Adagrad
+
+PUSH, FETCH, REPLY, DONE = 11, 12, 13, 14
+
+
+@dataclass(frozen=True)
+class Run:
+    local: int      # offset in the worker's flat vector
+    shard: int      # offset in the shard's vector
+    size: int
+
+
+def slot_segments(p: Plan, slot: int, sizes: dict[tuple[int, int], list[int]]) -> list[tuple[int, int]]:
+    """(global offset, size) of each parameter array of ``slot``, in the worker's flat order.
+    ``sizes[(layer, slot)]`` are the array sizes of that box."""
+    out, offset = [], 0
+    for i, sl in enumerate(p.slices):
+        for j, _box in sl:
+            for n in sizes.get((i, j), []):
+                if j == slot:
+                    out.append((offset, n))
+                offset += n
+    return out
+
+
+def shard_runs(segments: list[tuple[int, int]], total: int, shards: int) -> list[list[Run]]:
+    """Per shard, the runs where this worker's segments fall into the shard's range."""
+    ranges = even_cuts(total, shards)
+    runs: list[list[Run]] = [[] for _ in range(shards)]
+    local = 0
+    for g0, n in segments:
+        for k, (lo, hi) in enumerate(ranges):
+            a, b = max(lo, g0), min(hi, g0 + n)
+            if b > a:
+                runs[k].append(Run(local + a - g0, a - lo, b - a))
+        local += n
+    return runs
+
+
+def take(vec: np.ndarray, runs: list[Run], side: str) -> np.ndarray:
+    parts = [vec[getattr(r, side):getattr(r, side) + r.size] for r in runs]
+    return np.concatenate(parts) if parts else np.zeros(0, vec.dtype)
+
+
+def put(vec: np.ndarray, runs: list[Run], side: str, values: np.ndarray, add: bool = False) -> None:
+    pos = 0
+    for r in runs:
+        dst = vec[getattr(r, side):getattr(r, side) + r.size]
+        if add:
+            dst += values[pos:pos + r.size]
+        else:
+            dst[...] = values[pos:pos + r.size]
+        pos += r.size
+
+
+# --- 8-bit messages -----------------------------------------------------------------------------
+def encode(values: np.ndarray, bits: int) -> np.ndarray:
+    """32-bit: the float32 values.  8-bit: 8 header bytes (min, step as float32) + one code per value."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if bits == 32 or values.size == 0:
+        return values
+    lo, hi = float(values.min()), float(values.max())
+    step = (hi - lo) / 255.0 or 1.0
+    codes = np.rint((values - lo) / step).astype(np.uint8)
+    return np.concatenate([np.array([lo, step], np.float32).view(np.uint8), codes])
+
+
+def decode(buf: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 32 or buf.size == 0:
+        return buf
+    lo, step = buf[:8].view(np.float32)
+    return buf[8:].astype(np.float32) * step + lo
+
+
+def message_buffer(n: int, bits: int) -> np.ndarray:
+    return np.empty(n, np.float32) if bits == 32 or n == 0 else np.empty(n + 8, np.uint8)
+
+
+# --- the shard ----------------------------------------------------------------------------------
+def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, list[Run]], rule: str,
+          sync_replicas: int = 0, checkpoint=None, silent: set[int] = frozenset(),
+          staleness_bound: int | None = None) -> dict:
+    """Runs shard k until every worker has said DONE; returns its counters.
+    ``worker_runs[rank]``: the runs of that worker on this shard.  ``sync_replicas`` > 0:
+    apply the mean of each step's pushes from that many replicas before answering fetches.
+    ``silent``: workers that stopped (crashed); the shard does not wait for them.
+    ``staleness_bound`` s (SSP): a fetch for step c is answered only once every live worker
+    has asked for step c - s or later (its clock: the step of its latest fetch)."""
+    from mpi4py import MPI
+    tr = p.scenario.training
+    w = initial.copy()
+    opt = (DCASGD(tr.learning_rate, tr.dcasgd_lambda, len(w), tr.dcasgd_adaptive) if rule == "dcasgd"
+           else Adagrad(tr.learning_rate, len(w)) if rule == "adagrad" else SGD(tr.learning_rate))
+    bits = tr.comm_bits
+    done, applied, busy = 0, 0, 0.0
+    pending_sum, pending_n, step_done = np.zeros_like(w), {}, -1     # sync: the step being summed
+    deferred: list[tuple[int, int]] = []
+    clock: dict[int, int] = {}
+    status = MPI.Status()
+    workers = set(worker_runs) - set(silent)
+    while done < len(workers):
+        spins = 0
+        while not comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
+            spins += 1
+            if spins > 20:
+                time.sleep(POLL_SLEEP_S)
+        src, tag = status.Get_source(), status.Get_tag()
+        runs = worker_runs.get(src, [])
+        n = sum(r.size for r in runs)
+        if tag == PUSH:
+            buf = message_buffer(n, bits)
+            comm.Recv(buf, source=src, tag=PUSH)
+            t = time.perf_counter()
+            g = np.zeros_like(w)
+            put(g, runs, "shard", decode(buf, bits))
+            if sync_replicas:                   # one step in flight: nobody pushes s+1 before fetching s's update
+                pending_n[src] = pending_n.get(src, 0) + 1
+                pending_sum += g
+                if min(pending_n.get(wk, 0) for wk in workers) > step_done + 1:
+                    opt.step(w, pending_sum / sync_replicas)
+                    pending_sum[...] = 0
+                    step_done += 1
+                    applied += 1
+            else:
+                opt.step(w, g, worker=src)
+                applied += 1
+            busy += time.perf_counter() - t
+            if checkpoint is not None:
+                checkpoint(w, applied)
+        elif tag == FETCH:
+            req = np.empty(1, np.int64)
+            comm.Recv(req, source=src, tag=FETCH)
+            deferred.append((src, int(req[0])))
+            clock[src] = max(clock.get(src, -1), int(req[0]))
+        elif tag == DONE:
+            comm.Recv(np.empty(1, np.int64), source=src, tag=DONE)
+            done += 1
+            clock[src] = 1 << 62                     # a finished worker holds nobody back
+        still = []
+        for wk, step in deferred:               # answer fetches whose step's update is in
+            if sync_replicas and step > step_done + 1:
+                still.append((wk, step))
+                continue
+            if staleness_bound is not None and step >= 0 and \
+                    step - min(clock.get(o, -1) for o in workers) > staleness_bound:
+                still.append((wk, step))
+                continue
+            vals = take(w, worker_runs[wk], "shard")
+            if isinstance(opt, DCASGD):
+                opt.fetched(wk, w)
+            comm.Send(encode(vals, bits), dest=wk, tag=REPLY)
+        deferred = still
+    return {"applied": applied, "busy_s": busy, "params": w}
+
+
+# --- the worker side ------------------------------------------------------------------------------
+class ShardClient:
+    """A worker's view of the shards: fetch into and push from its flat parameter vector."""
+
+    def __init__(self, comm, shard_ranks: list[int], runs: list[list[Run]], bits: int) -> None:
+        self.comm, self.ranks, self.runs, self.bits = comm, shard_ranks, runs, bits
+        self.sent = 0
+
+    def push(self, grad: np.ndarray) -> None:
+        reqs = []
+        for rank, runs in zip(self.ranks, self.runs):
+            if runs:
+                buf = encode(take(grad, runs, "local"), self.bits)
+                self.sent += buf.nbytes
+                reqs.append((self.comm.Isend(buf, dest=rank, tag=PUSH), buf))
+        for req, _ in reqs:
+            wait_buffer(req)
+
+    def fetch(self, params: np.ndarray, step: int) -> None:
+        for rank, runs in zip(self.ranks, self.runs):
+            if runs:
+                wait_buffer(self.comm.Isend(np.array([step], np.int64), dest=rank, tag=FETCH))
+        for rank, runs in zip(self.ranks, self.runs):
+            if runs:
+                buf = message_buffer(sum(r.size for r in runs), self.bits)
+                wait_buffer(self.comm.Irecv(buf, source=rank, tag=REPLY))
+                put(params, runs, "local", decode(buf, self.bits))
+
+    def done(self) -> None:
+        for rank in self.ranks:
+            self.comm.Send(np.zeros(1, np.int64), dest=rank, tag=DONE)
