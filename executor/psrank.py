@@ -101,15 +101,45 @@ def message_buffer(n: int, bits: int) -> np.ndarray:
 
 
 # --- the shard ----------------------------------------------------------------------------------
+def save_checkpoint(path, w: np.ndarray, applied: int, opt) -> None:
+    """Shard state to ``path`` via a temporary file in the same folder, fsync and rename:
+    the file is the previous checkpoint or the new one, never half of either."""
+    import os
+    from pathlib import Path
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {"params": w, "applied": np.array(applied)}
+    if isinstance(opt, Adagrad):
+        state["h"] = opt.h
+    if isinstance(opt, DCASGD):
+        state["ms"] = opt.ms
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **state)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, opt) -> tuple[np.ndarray, int]:
+    data = np.load(path)
+    if isinstance(opt, Adagrad) and "h" in data:
+        opt.h[...] = data["h"]
+    if isinstance(opt, DCASGD) and "ms" in data:
+        opt.ms[...] = data["ms"]
+    return data["params"].astype(np.float32), int(data["applied"])
+
+
 def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, list[Run]], rule: str,
           sync_replicas: int = 0, checkpoint=None, silent: set[int] = frozenset(),
-          staleness_bound: int | None = None) -> dict:
+          staleness_bound: int | None = None, checkpoint_every: int = 0, resume: bool = False) -> dict:
     """Runs shard k until every worker has said DONE; returns its counters.
     ``worker_runs[rank]``: the runs of that worker on this shard.  ``sync_replicas`` > 0:
     apply the mean of each step's pushes from that many replicas before answering fetches.
     ``silent``: workers that stopped (crashed); the shard does not wait for them.
     ``staleness_bound`` s (SSP): a fetch for step c is answered only once every live worker
-    has asked for step c - s or later (its clock: the step of its latest fetch)."""
+    has asked for step c - s or later (its clock: the step of its latest fetch).
+    ``checkpoint``: a file path; every ``checkpoint_every`` applies the shard saves its
+    parameters, update count and optimizer state there (``resume``: start from it)."""
     from mpi4py import MPI
     tr = p.scenario.training
     w = initial.copy()
@@ -117,6 +147,10 @@ def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, lis
            else Adagrad(tr.learning_rate, len(w)) if rule == "adagrad" else SGD(tr.learning_rate))
     bits = tr.comm_bits
     done, applied, busy = 0, 0, 0.0
+    resumed_from = 0
+    if resume and checkpoint is not None:
+        w, applied = load_checkpoint(checkpoint, opt)
+        resumed_from = applied
     pending_sum, pending_n, step_done = np.zeros_like(w), {}, -1     # sync: the step being summed
     deferred: list[tuple[int, int]] = []
     clock: dict[int, int] = {}
@@ -149,8 +183,8 @@ def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, lis
                 opt.step(w, g, worker=src)
                 applied += 1
             busy += time.perf_counter() - t
-            if checkpoint is not None:
-                checkpoint(w, applied)
+            if checkpoint is not None and checkpoint_every and applied % checkpoint_every == 0:
+                save_checkpoint(checkpoint, w, applied, opt)
         elif tag == FETCH:
             req = np.empty(1, np.int64)
             comm.Recv(req, source=src, tag=FETCH)
@@ -174,7 +208,7 @@ def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, lis
                 opt.fetched(wk, w)
             comm.Send(encode(vals, bits), dest=wk, tag=REPLY)
         deferred = still
-    return {"applied": applied, "busy_s": busy, "params": w}
+    return {"applied": applied, "busy_s": busy, "params": w, "resumed_from": resumed_from}
 
 
 # --- the worker side ------------------------------------------------------------------------------

@@ -69,6 +69,21 @@ def parse_fail(text: str | None, sc) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2))
 
 
+def check_checkpoint(args, sc) -> None:
+    from pathlib import Path
+    if (args.checkpoint or args.resume) and not sc.parallel.ps_shards:
+        raise ConfigError("--checkpoint", args.checkpoint or "", "checkpoints are kept by parameter-server "
+                          "shards: set parallel.ps_shards >= 1")
+    if args.resume and not args.checkpoint:
+        raise ConfigError("--resume", "", "needs --checkpoint DIR")
+    if args.checkpoint_every < 1:
+        raise ConfigError("--checkpoint-every", str(args.checkpoint_every), "must be >= 1")
+    if args.resume:
+        missing = [k for k in range(sc.parallel.ps_shards) if not (Path(args.checkpoint) / f"shard{k}.npz").exists()]
+        if missing:
+            raise ConfigError("--resume", args.checkpoint, f"no checkpoint of shard {missing[0]} there")
+
+
 def check(sc, size: int) -> None:
     need = ranks_needed(sc)
     if size != need:
@@ -102,18 +117,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trace")
     ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     ap.add_argument("--fail")
+    ap.add_argument("--checkpoint", help="folder where each shard keeps shard<k>.npz")
+    ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
     world = MPI.COMM_WORLD
     try:
         sc = load_scenario(args.scenario, parse_set(args.set))
         check(sc, world.size)
         fail = parse_fail(args.fail, sc)
+        check_checkpoint(args, sc)
         xp = get_xp(args.device)
     except (ConfigError, ValueError) as exc:
         if world.rank == 0:
             print(f"clustersim: error: {exc}", file=sys.stderr)
         return 2
-    summary, spans = Run(sc, world, xp, fail).go()
+    summary, spans = Run(sc, world, xp, fail, args).go()
     parts = world.gather((summary, spans), root=0)
     if world.rank == 0:
         out = _merge([s for s, _ in parts])
@@ -126,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 class Run:
     """One rank's part of the job."""
 
-    def __init__(self, sc, world, xp, fail) -> None:
+    def __init__(self, sc, world, xp, fail, args=None) -> None:
         from mpi4py import MPI
         self.sc, self.world, self.xp = sc, world, xp
+        self.args = args
         self.p = plan(sc)
         par = sc.parallel
         self.M, self.R, self.S = par.model_parallel, par.replicas, par.ps_shards
@@ -188,12 +208,21 @@ class Run:
         runs = {rank: rr for rank, rr in runs.items() if rr}
         tr = self.sc.training
         rule = "dcasgd" if tr.algorithm == "dcasgd" else tr.optimizer if tr.algorithm in ("downpour", "ssp") else "sgd"
+        a = self.args
+        path = None
+        if a is not None and a.checkpoint:
+            from pathlib import Path
+            Path(a.checkpoint).mkdir(parents=True, exist_ok=True)
+            path = Path(a.checkpoint) / f"shard{k}.npz"
         out = serve(self.world, self.p, k, flat[lo:hi].copy(), runs, rule,
                     sync_replicas=self.R if tr.algorithm == "sync" else 0, silent={self.failed_rank},
-                    staleness_bound=tr.staleness if tr.algorithm == "ssp" else None)
+                    staleness_bound=tr.staleness if tr.algorithm == "ssp" else None, checkpoint=path,
+                    checkpoint_every=a.checkpoint_every if a is not None else 0,
+                    resume=bool(a is not None and a.resume))
         where = self.p.ps.devices[k]
         self.span("serve", "update", where, -1, self.t0, time.perf_counter(), 0.0, 0.0, "ps_update")
-        return {"role": "shard", "applied": out["applied"], "busy_s": out["busy_s"]}
+        return {"role": "shard", "applied": out["applied"], "busy_s": out["busy_s"],
+                "resumed_from": out["resumed_from"]}
 
     def worker(self) -> dict:
         sc, xp, p = self.sc, self.xp, self.p
@@ -322,6 +351,7 @@ def _merge(parts: list[dict]) -> dict:
            "steps_per_worker": [s["steps"] for s in workers]}
     if shards:
         out["shard_updates"] = [s["applied"] for s in shards]
+        out["resumed_from_updates"] = [s["resumed_from"] for s in shards]
         out["ps_bytes_sent"] = sum(s["ps_bytes_sent"] for s in workers)
     return out
 

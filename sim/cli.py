@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     e.add_argument("--trace", metavar="FILE", help="write the merged Chrome trace of all ranks")
     e.add_argument("--fail", metavar="rank=K@step=S", help="worker rank K stops at step S like a crashed machine")
+    e.add_argument("--checkpoint", metavar="DIR", help="parameter-server shards checkpoint here")
+    e.add_argument("--checkpoint-every", type=int, default=100, metavar="N", help="updates between checkpoints")
+    e.add_argument("--resume", action="store_true", help="start the shards from the checkpoints in --checkpoint")
     _common(e)
     e.set_defaults(func=cmd_execute)
 
@@ -133,11 +136,12 @@ def cmd_execute(args) -> int:
     """Checks the input here (one clean line on error), then starts ``mpiexec`` with one
     rank per replica slot running ``executor.ranks``."""
     import subprocess
-    from executor.ranks import check, parse_fail, ranks_needed   # lazy: sim/ does not need executor/ otherwise
+    from executor.ranks import check, check_checkpoint, parse_fail, ranks_needed   # lazy: sim/ does not need executor/ otherwise
     sc = load_scenario(args.scenario, parse_set(args.set))
     ranks = args.ranks or ranks_needed(sc)
     check(sc, ranks)
     parse_fail(args.fail, sc)
+    check_checkpoint(args, sc)
     mpiexec = Path(sys.executable).parent / "mpiexec"
     if not mpiexec.exists():
         import shutil
@@ -155,6 +159,10 @@ def cmd_execute(args) -> int:
         cmd += ["--trace", args.trace]
     if args.fail:
         cmd += ["--fail", args.fail]
+    if args.checkpoint:
+        cmd += ["--checkpoint", args.checkpoint, "--checkpoint-every", str(args.checkpoint_every)]
+    if args.resume:
+        cmd.append("--resume")
     return subprocess.run(cmd).returncode
 
 

@@ -117,3 +117,40 @@ def test_downpour_goes_on_without_a_crashed_worker_and_8_bit_pushes_are_a_quarte
     assert out["steps_per_worker"] == [300, 40] and out["accuracy"] >= 0.93
     assert out["shard_updates"] == [340]
     assert out["ps_bytes_sent"] == 340 * (9610 + 8)             # one byte per value plus min and step
+
+
+def test_sigkill_then_resume_loses_no_update_before_the_checkpoint(tmp_path):
+    import os
+    import signal
+    import time
+
+    from executor.data import digits
+    from executor.nn import Net
+    from sim.models import zoo_model
+    ck = tmp_path / "ck"
+    f = tmp_path / "s.toml"
+    f.write_text(DOWNPOUR.format(mp=1, r=2, steps=1_000_000))
+    job = subprocess.Popen([sys.executable, "-m", "sim", "execute", str(f), "--set", "parallel.ps_shards=1",
+                            "--checkpoint", str(ck), "--checkpoint-every", "40"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if (ck / "shard0.npz").exists() and int(np.load(ck / "shard0.npz")["applied"]) >= 200:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    # whatever the kill interrupted, the checkpoint under its real name is whole
+    saved = np.load(ck / "shard0.npz")
+    applied, params = int(saved["applied"]), saved["params"]
+    assert applied >= 200 and applied % 40 == 0 and params.shape == (9610,)
+    assert [p.name for p in ck.iterdir() if not p.name.startswith(".")] == ["shard0.npz"]
+    # resume for one step at a learning rate too small to move float32 parameters
+    out = execute(tmp_path, DOWNPOUR.format(mp=1, r=2, steps=1), "--set", "parallel.ps_shards=1",
+                  "--set", "training.learning_rate=1e-30", "--checkpoint", str(ck), "--resume")
+    assert out["resumed_from_updates"] == [applied] and out["shard_updates"] == [applied + 2]
+    net, d = Net(zoo_model("mlp-digits")), digits(0)
+    acc, _ = net.evaluate(params, d.x_test, d.y_test)
+    assert out["accuracy"] == pytest.approx(acc)
