@@ -22,6 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sim.py
+	$(BIN)/python benchmarks/bench_executor.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

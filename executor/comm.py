@@ -1,7 +1,9 @@
-"""mpi4py transport.  Waiting ranks sleep between polls instead of spinning, so ranks that
-outnumber the cores (2 cores here) do not starve the rank they wait for."""
+"""mpi4py transport.  Waiting ranks yield the CPU between polls instead of spinning (for
+the first 10 ms ``sched_yield``, which costs nothing when a core is free, then short
+sleeps), so ranks that outnumber the cores (2 here) do not starve the rank they wait for."""
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -10,24 +12,18 @@ POLL_SLEEP_S = 50e-6      # between polls of a pending request; far below a step
 TAGS = {"a": 1, "g": 2, "r": 3}
 
 
-def wait(req):
-    """Waits for an mpi4py request by polling; returns its value (for lowercase receives)."""
-    spins = 0
-    while True:
-        done, value = req.test()
-        if done:
-            return value
-        spins += 1
-        if spins > 20:
-            time.sleep(POLL_SLEEP_S)
+YIELD_FOR_S = 10e-3      # poll with sched_yield this long (a 16 MB message takes ~2 ms), then sleep
 
 
 def wait_buffer(req) -> None:
-    """Waits for a buffer-based request (Isend, Irecv, Iallreduce) by polling."""
-    spins = 0
+    """Waits for a buffer-based request (Isend, Irecv, Iallreduce) by polling, yielding."""
+    if req.Test():
+        return
+    start = time.perf_counter()
     while not req.Test():
-        spins += 1
-        if spins > 20:
+        if time.perf_counter() - start < YIELD_FOR_S:
+            os.sched_yield()
+        else:
             time.sleep(POLL_SLEEP_S)
 
 
@@ -37,8 +33,9 @@ def tag_of(tag: tuple) -> int:
 
 
 class MPITransport:
-    """Slots are ranks of ``comm`` (slot j = rank j of the replica's communicator).
-    Arrays travel as contiguous buffers with their shape in a small header message."""
+    """Slots are ranks of ``comm`` (slot j = rank j of the replica's communicator).  The
+    receiver passes the shape and dtype it expects (it knows them from the Plan), so each
+    message is one contiguous payload."""
 
     def __init__(self, comm) -> None:
         self.comm = comm
@@ -47,31 +44,15 @@ class MPITransport:
 
     def send(self, src: int, dst: int, tag: tuple, array) -> None:
         data = np.ascontiguousarray(array)
-        t = tag_of(tag)
-        header = np.array([data.ndim, *data.shape, np.dtype(data.dtype).num], dtype=np.int64)
-        self.pending.append((self.comm.Isend(header, dest=dst, tag=t), header))
-        self.pending.append((self.comm.Isend(data, dest=dst, tag=t + 1), data))
+        self.pending.append((self.comm.Isend(data, dest=dst, tag=tag_of(tag)), data))
         self.bytes += data.nbytes
 
-    def recv(self, src: int, dst: int, tag: tuple):
-        t = tag_of(tag)
-        header = np.empty(8, dtype=np.int64)
-        wait_buffer(self.comm.Irecv(header, source=src, tag=t))
-        ndim = int(header[0])
-        shape = tuple(int(v) for v in header[1:1 + ndim])
-        dtype = _dtype_of(int(header[1 + ndim]))
+    def recv(self, src: int, dst: int, tag: tuple, shape: tuple, dtype):
         out = np.empty(shape, dtype=dtype)
-        wait_buffer(self.comm.Irecv(out, source=src, tag=t + 1))
+        wait_buffer(self.comm.Irecv(out, source=src, tag=tag_of(tag)))
         return out
 
     def flush(self) -> None:
         for req, _buf in self.pending:
             wait_buffer(req)
         self.pending.clear()
-
-
-def _dtype_of(num: int):
-    for dt in (np.float32, np.float64, np.float16, np.int64, np.int32):
-        if np.dtype(dt).num == num:
-            return dt
-    raise ValueError(f"unexpected dtype number {num}")

@@ -91,7 +91,9 @@ def forward(xp, layer, in_shape, xr, rin, box, params, rng_mask=None):
     if kind == "dense":
         x = xr.reshape(len(xr), -1)                              # (B, in)
         W, b = params
-        return (x @ W + b)[:, :, None, None], (x,)
+        y = x @ W
+        y += b
+        return y[:, :, None, None], (x,)
     if kind in ("conv2d", "locally_connected", "max_pool", "avg_pool"):
         if kind != "max_pool" and kind != "avg_pool":
             src = xr
@@ -99,12 +101,19 @@ def forward(xp, layer, in_shape, xr, rin, box, params, rng_mask=None):
             src = xr[:, c0 - rin[0][0]:c1 - rin[0][0]]
         buf, geo = _padded(xp, src, rin, in_shape, box, layer, -np.inf if kind == "max_pool" else 0.0)
         pat = windows(xp, buf, layer.kernel, layer.stride)       # (B, C, h, w, k, k)
-        if kind == "conv2d":
+        if kind == "conv2d":                                     # im2col: one GEMM
             W, b = params
-            y = xp.einsum("bcijuv,fcuv->bfij", pat, W) + b[None, :, None, None]
-        elif kind == "locally_connected":
+            B, C, h, w, k, _ = pat.shape
+            cols = xp.ascontiguousarray(pat.transpose(0, 2, 3, 1, 4, 5)).reshape(B * h * w, C * k * k)
+            y = (cols @ W.reshape(len(W), -1).T).reshape(B, h, w, -1).transpose(0, 3, 1, 2) + b[None, :, None, None]
+            return y, (buf.shape, geo, cols, src.shape)
+        elif kind == "locally_connected":                        # one small GEMM per output position, batched
             W, b = params
-            y = xp.einsum("bcijuv,ijfcuv->bfij", pat, W) + b.transpose(2, 0, 1)[None]
+            B, C, h, w, k, _ = pat.shape
+            cols = xp.ascontiguousarray(pat.transpose(2, 3, 0, 1, 4, 5)).reshape(h * w, B, C * k * k)
+            Wm = W.reshape(h * w, W.shape[2], C * k * k).transpose(0, 2, 1)     # (hw, Ckk, F)
+            y = xp.matmul(cols, Wm).reshape(h, w, B, -1).transpose(2, 3, 0, 1) + b.transpose(2, 0, 1)[None]
+            return y, (buf.shape, geo, cols, src.shape)
         elif kind == "max_pool":
             y = pat.max(axis=(4, 5))
         else:
@@ -173,14 +182,21 @@ def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
         buf_shape, geo, pat, src_shape = cache
         k, s = layer.kernel, layer.stride
         grads = ()
+        B, F, h, w = dy.shape
         if kind == "conv2d":
             W, _ = params
-            dpat = xp.einsum("bfij,fcuv->bcijuv", dy, W)
-            grads = (xp.einsum("bfij,bcijuv->fcuv", dy, pat), dy.sum(axis=(0, 2, 3)))
+            cols, C = pat, W.shape[1]
+            dym = xp.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(B * h * w, F)
+            grads = ((dym.T @ cols).reshape(W.shape), dy.sum(axis=(0, 2, 3)))
+            dpat = (dym @ W.reshape(F, -1)).reshape(B, h, w, C, k, k).transpose(0, 3, 1, 2, 4, 5)
         elif kind == "locally_connected":
             W, _ = params
-            dpat = xp.einsum("bfij,ijfcuv->bcijuv", dy, W)
-            grads = (xp.einsum("bfij,bcijuv->ijfcuv", dy, pat), dy.sum(axis=0).transpose(1, 2, 0))
+            cols, C = pat, W.shape[3]
+            dym = xp.ascontiguousarray(dy.transpose(2, 3, 0, 1)).reshape(h * w, B, F)
+            Wm = W.reshape(h * w, F, C * k * k)
+            dW = xp.matmul(dym.transpose(0, 2, 1), cols)                    # (hw, F, Ckk)
+            grads = (dW.reshape(W.shape), dy.sum(axis=0).transpose(1, 2, 0))
+            dpat = xp.matmul(dym, Wm).reshape(h, w, B, C, k, k).transpose(2, 3, 0, 1, 4, 5)
         elif kind == "max_pool":
             flat = pat.reshape(*pat.shape[:4], k * k)
             onehot = xp.arange(k * k) == flat.argmax(axis=-1)[..., None]

@@ -7,7 +7,8 @@ that layer's kernel on the slot's box; an ``xfer`` sends (when it holds the sour
 receives (when it holds the destination) exactly the elements the Plan counted: the
 producer's box intersected with what the consumer's box reads, or back on the way down
 the gradient of those elements.  The order is topological and sends do not block, so no
-two ranks wait on each other.
+two ranks wait on each other; the receiver knows every message's shape from the Plan, so
+a message is its payload alone.
 
 Softmax over features cut by channels exchanges two numbers per sample (each slice's max
 and sum of exponentials), as the Plan's ``reduction`` transfers say.
@@ -24,6 +25,10 @@ from sim.partition import even_cuts
 from sim.plan import Plan
 
 from . import kernels
+
+
+def _shape(batch: int, box: Box) -> tuple:
+    return (batch, *[b - a for a, b in box])
 
 
 def intersect(a: Box, b: Box) -> Box:
@@ -90,7 +95,7 @@ class Mailbox:
         self.box[(src, dst, tag)] = array.copy()
         self.bytes += array.nbytes
 
-    def recv(self, src: int, dst: int, tag: tuple):
+    def recv(self, src: int, dst: int, tag: tuple, shape: tuple = (), dtype=None):
         return self.box.pop((src, dst, tag))
 
     def flush(self) -> None:
@@ -172,14 +177,16 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
                 se = xp.exp(z - mx[:, None]).sum(axis=1)
                 transport.send(op.slot, op.dst, ("r", i, m), xp.stack([mx, se], axis=1))
             if op.dst in slots:
-                red.setdefault((i, op.dst, m), []).append(transport.recv(op.slot, op.dst, ("r", i, m)))
+                red.setdefault((i, op.dst, m), []).append(transport.recv(op.slot, op.dst, ("r", i, m),
+                                                                         (hi - lo, 2), x.dtype))
         elif op.kind == "xfer" and op.why != "gradient":
             prev = _box_of(p, i - 1, op.slot)
             ov = intersect(prev, needs(i, op.dst))
             if op.slot in slots:
                 transport.send(op.slot, op.dst, ("a", i, m), out[(i - 1, op.slot, m)][_rel(ov, prev)])
             if op.dst in slots:
-                recv_act.setdefault((i, op.dst, m), []).append((ov, transport.recv(op.slot, op.dst, ("a", i, m))))
+                recv_act.setdefault((i, op.dst, m), []).append(
+                    (ov, transport.recv(op.slot, op.dst, ("a", i, m), _shape(hi - lo, ov), x.dtype)))
         elif op.kind == "xfer":                  # gradient of layer i-1's output, from consumer op.slot
             owner_box = _box_of(p, i - 1, op.dst)
             region = needs(i, op.slot)
@@ -187,7 +194,8 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
             if op.slot in slots:
                 transport.send(op.slot, op.dst, ("g", i, m), dins[(i, op.slot, m)][_rel(ov, region)])
             if op.dst in slots:
-                recv_grad.setdefault((i - 1, op.dst, m), []).append((ov, transport.recv(op.slot, op.dst, ("g", i, m))))
+                recv_grad.setdefault((i - 1, op.dst, m), []).append(
+                    (ov, transport.recv(op.slot, op.dst, ("g", i, m), _shape(hi - lo, ov), x.dtype)))
         elif op.kind == "bwd" and op.slot in slots:
             j, box = op.slot, _box_of(p, i, op.slot)
             y = out[(i, j, m)]
