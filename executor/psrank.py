@@ -26,6 +26,12 @@ from .comm import POLL_SLEEP_S, YIELD_FOR_S, wait_buffer
 from .optim import DCASGD, SGD, Adagrad
 
 PUSH, FETCH, REPLY, DONE = 11, 12, 13, 14
+PUSH_STEP_TAGS = 10_000           # a push's tag is PUSH_BASE + its step modulo this (sync: late pushes are dropped)
+PUSH_BASE = 20_000
+
+
+def push_tag(step: int) -> int:
+    return PUSH_BASE + step % PUSH_STEP_TAGS
 
 
 @dataclass(frozen=True)
@@ -132,7 +138,8 @@ def load_checkpoint(path, opt) -> tuple[np.ndarray, int]:
 
 def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, list[Run]], rule: str,
           sync_replicas: int = 0, checkpoint=None, silent: set[int] = frozenset(),
-          staleness_bound: int | None = None, checkpoint_every: int = 0, resume: bool = False) -> dict:
+          staleness_bound: int | None = None, checkpoint_every: int = 0, resume: bool = False,
+          replica_of=lambda rank: rank, quorum: int = 0) -> dict:
     """Runs shard k until every worker has said DONE; returns its counters.
     ``worker_runs[rank]``: the runs of that worker on this shard.  ``sync_replicas`` > 0:
     apply the mean of each step's pushes from that many replicas before answering fetches.
@@ -140,7 +147,10 @@ def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, lis
     ``staleness_bound`` s (SSP): a fetch for step c is answered only once every live worker
     has asked for step c - s or later (its clock: the step of its latest fetch).
     ``checkpoint``: a file path; every ``checkpoint_every`` applies the shard saves its
-    parameters, update count and optimizer state there (``resume``: start from it)."""
+    parameters, update count and optimizer state there (``resume``: start from it).
+    Sync with backup workers: the step is applied once ``quorum`` replicas (``replica_of``
+    maps a worker rank to its replica) have pushed all their pieces; later pushes of that
+    step are dropped."""
     from mpi4py import MPI
     tr = p.scenario.training
     w = initial.copy()
@@ -167,18 +177,25 @@ def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, lis
         src, tag = status.Get_source(), status.Get_tag()
         runs = worker_runs.get(src, [])
         n = sum(r.size for r in runs)
-        if tag == PUSH:
+        if tag >= PUSH_BASE:
             buf = message_buffer(n, bits)
-            comm.Recv(buf, source=src, tag=PUSH)
+            comm.Recv(buf, source=src, tag=tag)
             t = time.perf_counter()
+            step = step_done + 1 - (step_done + 1 - (tag - PUSH_BASE)) % PUSH_STEP_TAGS
+            if sync_replicas and step <= step_done:
+                continue                         # a late replica's push for a step already applied: dropped
             g = np.zeros_like(w)
             put(g, runs, "shard", decode(buf, bits))
             if sync_replicas:                   # one step in flight: nobody pushes s+1 before fetching s's update
-                pending_n[src] = pending_n.get(src, 0) + 1
+                pending_n[src] = True
                 pending_sum += g
-                if min(pending_n.get(wk, 0) for wk in workers) > step_done + 1:
-                    opt.step(w, pending_sum / sync_replicas)
+                need = quorum or sync_replicas
+                complete = {replica_of(wk) for wk in worker_runs if wk not in silent} - \
+                    {replica_of(wk) for wk in worker_runs if wk not in silent and not pending_n.get(wk)}
+                if len(complete) >= need:
+                    opt.step(w, pending_sum / len(complete))
                     pending_sum[...] = 0
+                    pending_n = {}
                     step_done += 1
                     applied += 1
             else:
@@ -221,13 +238,13 @@ class ShardClient:
         self.comm, self.ranks, self.runs, self.bits = comm, shard_ranks, runs, bits
         self.sent = 0
 
-    def push(self, grad: np.ndarray) -> None:
+    def push(self, grad: np.ndarray, step: int = 0) -> None:
         reqs = []
         for rank, runs in zip(self.ranks, self.runs):
             if runs:
                 buf = encode(take(grad, runs, "local"), self.bits)
                 self.sent += buf.nbytes
-                reqs.append((self.comm.Isend(buf, dest=rank, tag=PUSH), buf))
+                reqs.append((self.comm.Isend(buf, dest=rank, tag=push_tag(step)), buf))
         for req, _ in reqs:
             wait_buffer(req)
 

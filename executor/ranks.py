@@ -8,7 +8,8 @@ communicator), then, by algorithm:
 
 - ``sync`` without shards: average its slot's gradients with the same slot of the other
   replicas (non-blocking allreduce, polled) and take an SGD step;
-- ``sync`` with shards: push the gradient; the shards apply the replicas' mean; fetch;
+- ``sync`` with shards: push the gradient; the shards apply the replicas' mean (with
+  ``backup_workers`` b: of the first R - b replicas, dropping the late pushes); fetch;
 - ``downpour`` / ``dcasgd`` / ``ssp``: fetch every n_fetch steps, push what it accumulated
   every n_push steps, never waiting for the others (Adagrad or DC-ASGD on the shards;
   under SSP a shard holds back the fetch of a worker more than ``staleness`` steps ahead);
@@ -94,8 +95,6 @@ def check(sc, size: int) -> None:
                           f"execute runs {', '.join(ALGORITHMS)} so far; got {sc.training.algorithm}")
     if sc.training.algorithm != "sync" and sc.training.algorithm != "local" and not sc.parallel.ps_shards:
         raise ConfigError(sc.file, "parallel.ps_shards", f"{sc.training.algorithm} needs ps_shards >= 1")
-    if sc.training.backup_workers:
-        raise ConfigError(sc.file, "training.backup_workers", "execute does not run backup workers yet")
 
 
 def dataset(sc, seed: int):
@@ -218,7 +217,8 @@ class Run:
                     sync_replicas=self.R if tr.algorithm == "sync" else 0, silent={self.failed_rank},
                     staleness_bound=tr.staleness if tr.algorithm == "ssp" else None, checkpoint=path,
                     checkpoint_every=a.checkpoint_every if a is not None else 0,
-                    resume=bool(a is not None and a.resume))
+                    resume=bool(a is not None and a.resume), replica_of=lambda rank: rank // self.M,
+                    quorum=self.R - tr.backup_workers if tr.algorithm == "sync" else 0)
         where = self.p.ps.devices[k]
         self.span("serve", "update", where, -1, self.t0, time.perf_counter(), 0.0, 0.0, "ps_update")
         return {"role": "shard", "applied": out["applied"], "busy_s": out["busy_s"],
@@ -270,7 +270,7 @@ class Run:
                 flat -= tr.learning_rate * g
                 self.unflatten(flat, params, j)
             elif tr.algorithm == "sync":
-                client.push(g)
+                client.push(g, step)
                 self.span("push", "transfer", me, step, t1, time.perf_counter(), g.nbytes, 0.0, "push")
             elif tr.algorithm == "local":
                 flat -= tr.learning_rate * g
@@ -285,7 +285,7 @@ class Run:
                     flat -= tr.learning_rate * g
                     self.unflatten(flat, params, j)
                 if (step + 1) % tr.n_push == 0:
-                    client.push(acc)
+                    client.push(acc, step)
                     acc[...] = 0
                     self.span("push", "transfer", me, step, t1, time.perf_counter(), 0.0, 0.0, "push")
             step_times.append(time.perf_counter() - start)

@@ -154,3 +154,18 @@ def test_sigkill_then_resume_loses_no_update_before_the_checkpoint(tmp_path):
     net, d = Net(zoo_model("mlp-digits")), digits(0)
     acc, _ = net.evaluate(params, d.x_test, d.y_test)
     assert out["accuracy"] == pytest.approx(acc)
+
+
+def test_sync_with_a_backup_worker_goes_on_after_a_crash(tmp_path):
+    out = execute(tmp_path, SYNC.format(mp=1, r=3, steps=200), "--set", "parallel.ps_shards=1",
+                  "--set", "training.backup_workers=1", "--fail", "rank=2@step=20")
+    assert out["steps_per_worker"] == [200, 200, 20] and out["shard_updates"] == [200]
+    assert out["accuracy"] >= 0.93
+
+
+def test_fail_must_name_a_worker_rank(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(DOWNPOUR.format(mp=1, r=2, steps=5))
+    proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--set", "parallel.ps_shards=1",
+                           "--fail", "rank=2@step=1"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--fail: rank=2@step=1" in proc.stderr
