@@ -163,7 +163,13 @@ def cmd_execute(args) -> int:
         cmd += ["--checkpoint", args.checkpoint, "--checkpoint-every", str(args.checkpoint_every)]
     if args.resume:
         cmd.append("--resume")
-    return subprocess.run(cmd).returncode
+    # BLAS threads: each rank gets its share of the cores; OpenBLAS's default (one thread per
+    # core in every rank) makes 2 ranks on 2 cores run 100x slower once matrices are large
+    env = dict(os.environ)
+    threads = str(max(1, (os.cpu_count() or 1) // ranks))
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, threads)
+    return subprocess.run(cmd, env=env).returncode
 
 
 # --- collective -------------------------------------------------------------------------------
