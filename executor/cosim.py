@@ -52,7 +52,9 @@ class Replay:
         self.local = [w0.copy() for _ in range(p.replicas)]
         self.ranges = _shard_ranges(p, self.net.size)
         self.rules = [_rule(p, lo, hi) for lo, hi in self.ranges]
-        self.lbfgs = LBFGS(lr=1.0, history=self.tr.lbfgs_history, first_step=self.tr.learning_rate)
+        from .ranks import LBFGS_MAX_STEP_FACTOR
+        self.lbfgs = LBFGS(lr=1.0, history=self.tr.lbfgs_history, first_step=self.tr.learning_rate,
+                           max_step=LBFGS_MAX_STEP_FACTOR * self.tr.learning_rate)
         R = p.replicas
         d = self.data
         self.batches = [Batches(d.x_train[r::R], d.y_train[r::R], sc.batch_size, np.random.default_rng([sc.seed, r]))

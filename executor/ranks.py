@@ -13,7 +13,9 @@ communicator), then, by algorithm:
 - ``downpour`` / ``dcasgd`` / ``ssp``: fetch every n_fetch steps, push what it accumulated
   every n_push steps, never waiting for the others (Adagrad or DC-ASGD on the shards;
   under SSP a shard holds back the fetch of a worker more than ``staleness`` steps ahead);
-- ``local``: its own SGD steps, parameters averaged every ``local_steps`` steps.
+- ``local``: its own SGD steps, parameters averaged every ``local_steps`` steps;
+- ``sandblaster``: units of each batch from a coordinator rank, L-BFGS on the shards
+  (``executor/sandblaster.py``; one device per replica so far).
 
 ``--fail K@S``: worker rank K stops at step S as a crashed machine would (it sends
 nothing more); asynchronous training carries on without it.  Rank 0 alone prints and
@@ -43,7 +45,8 @@ from .kernels import softmax_xent_loss
 from .partitioned import _box_of, box_index, full_params, run_step
 from .psrank import ShardClient, serve, shard_runs, slot_segments
 
-ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local")
+ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster")
+LBFGS_MAX_STEP_FACTOR = 10.0      # Sandblaster's L-BFGS step is capped at this many first steps (no line search)
 
 
 def rank_role(rank: int, model_parallel: int, replicas: int) -> tuple[str, int, int]:
@@ -56,7 +59,9 @@ def rank_role(rank: int, model_parallel: int, replicas: int) -> tuple[str, int, 
 
 
 def ranks_needed(sc) -> int:
-    return sc.parallel.model_parallel * sc.parallel.replicas + sc.parallel.ps_shards
+    """Workers, shards, and Sandblaster's coordinator."""
+    coordinator = 1 if sc.training.algorithm == "sandblaster" else 0
+    return sc.parallel.model_parallel * sc.parallel.replicas + sc.parallel.ps_shards + coordinator
 
 
 def parse_fail(text: str | None, sc) -> tuple[int, int] | None:
@@ -88,13 +93,17 @@ def check_checkpoint(args, sc) -> None:
 def check(sc, size: int) -> None:
     need = ranks_needed(sc)
     if size != need:
+        extra = " + 1 coordinator" if sc.training.algorithm == "sandblaster" else ""
         raise ConfigError("--ranks", str(size),
-                          f"the scenario needs model_parallel x replicas + ps_shards = {need} ranks")
+                          f"the scenario needs model_parallel x replicas + ps_shards{extra} = {need} ranks")
     if sc.training.algorithm not in ALGORITHMS:
         raise ConfigError(sc.file, "training.algorithm",
                           f"execute runs {', '.join(ALGORITHMS)} so far; got {sc.training.algorithm}")
     if sc.training.algorithm != "sync" and sc.training.algorithm != "local" and not sc.parallel.ps_shards:
         raise ConfigError(sc.file, "parallel.ps_shards", f"{sc.training.algorithm} needs ps_shards >= 1")
+    if sc.training.algorithm == "sandblaster" and sc.parallel.model_parallel != 1:
+        raise ConfigError(sc.file, "parallel.model_parallel", "execute runs sandblaster with one device per "
+                          "replica so far (model_parallel = 1)")
 
 
 def dataset(sc, seed: int):
@@ -152,11 +161,14 @@ class Run:
         par = sc.parallel
         self.M, self.R, self.S = par.model_parallel, par.replicas, par.ps_shards
         self.role, self.r, self.j = rank_role(world.rank, self.M, self.R)
+        if sc.training.algorithm == "sandblaster" and world.rank == world.size - 1:
+            self.role, self.r = "coordinator", -1
         self.failed_rank, self.fail_step = fail if fail else (-1, -1)
         is_worker = self.role == "worker"
         self.workers = world.Split(color=0 if is_worker else MPI.UNDEFINED, key=world.rank)
         self.rep = world.Split(color=self.r if is_worker else MPI.UNDEFINED, key=self.j)
         self.slot = world.Split(color=self.j if is_worker else MPI.UNDEFINED, key=self.r)
+        self.shards = world.Split(color=0 if self.role == "shard" else MPI.UNDEFINED, key=world.rank)
         full = full_params(self.p, np.random.default_rng(sc.seed), dtype=np.float32)
         self.box_params = {}
         for i, sl in enumerate(self.p.slices):
@@ -194,12 +206,79 @@ class Run:
     def go(self):
         self.world.Barrier()
         self.t0 = time.perf_counter()
+        if self.role == "coordinator":
+            return self.coordinator(), self.spans
         if self.role == "shard":
             return self.shard(), self.spans
+        if self.sc.training.algorithm == "sandblaster":
+            return self.sandblaster_worker(), self.spans
         return self.worker(), self.spans
+
+    # --- sandblaster ---------------------------------------------------------------------------
+    def coordinator(self) -> dict:
+        from sim.algorithms.sandblaster import units_of
+        from .sandblaster import coordinate
+        units, _ = units_of(self.sc)
+        W = self.M * self.R
+        out = coordinate(self.world, [r for r in range(W)], [W + k for k in range(self.S)], self.sc.training.steps,
+                         units, self.sc.training.backup_tasks, self.sc.faults.detect_timeout_s)
+        return {"role": "coordinator", **out}
+
+    def sandblaster_worker(self) -> dict:
+        import dataclasses
+        from sim.algorithms.sandblaster import units_of
+        from .sandblaster import ASSIGN, END, READY, RESULT, _probe
+        sc, xp, p, tr = self.sc, self.xp, self.p, self.sc.training
+        units, unit_size = units_of(sc)
+        unit_plan = plan(dataclasses.replace(sc, batch_size=unit_size), check_memory=False)
+        params = {key: [xp.asarray(a) for a in arrs] for key, arrs in self.box_params.items() if key[1] == 0}
+        x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed)
+        whole = Batches(x_tr, y_tr, sc.batch_size * self.R, np.random.default_rng([sc.seed, self.R]))
+        coord = self.world.size - 1
+        client = ShardClient(self.world, [self.M * self.R + k for k in range(self.S)], self.runs_of(0), tr.comm_bits)
+        flat = self.flatten(params, 0)
+        from mpi4py import MPI
+        status = MPI.Status()
+        me = p.devices[self.r][0]
+        step_times, done_units, batches = [], 0, 0
+        for b in range(tr.steps):
+            xb, yb = whole.next()
+            if self.world.rank == self.failed_rank and b >= self.fail_step:
+                break
+            start = time.perf_counter()
+            client.fetch(flat, b)
+            self.unflatten(flat, params, 0)
+            self.world.Send(np.zeros(1, np.int64), dest=coord, tag=READY)
+            grads: dict[int, np.ndarray] = {}
+            while True:
+                _, tag = _probe(self.world, status, coord, MPI.ANY_TAG)
+                if tag == ASSIGN:
+                    msg = np.empty(2, np.int64)
+                    self.world.Recv(msg, source=coord, tag=ASSIGN)
+                    u = int(msg[1])
+                    t = time.perf_counter()
+                    xs, ys = xb[u * unit_size:(u + 1) * unit_size], yb[u * unit_size:(u + 1) * unit_size]
+                    res = run_step(unit_plan, {0}, params, xp.asarray(xs), xp.asarray(ys), MPITransport(self.rep), xp=xp)
+                    grads[u] = self.flatten(res.grads, 0)
+                    self.span(f"unit {u}", "compute", me, b, t, time.perf_counter(), 0.0, 0.0, "unit")
+                    self.world.Send(np.array([b, u], np.int64), dest=coord, tag=RESULT)
+                    done_units += 1
+                else:
+                    msg = np.empty(units + 1, np.int64)
+                    self.world.Recv(msg, source=coord, tag=END)
+                    won = [int(u) for u in msg[1:1 + int(msg[0])]]
+                    total = sum((grads[u] for u in won), np.zeros_like(flat))
+                    client.push(total, b)
+                    break
+            step_times.append(time.perf_counter() - start)
+            batches += 1
+        return self.finish(params, flat, client, x_te, y_te, step_times, [], batches, final_fetch=tr.steps,
+                           slot=0)
 
     def shard(self) -> dict:
         k = self.r
+        if self.sc.training.algorithm == "sandblaster":
+            return self.lbfgs_shard(k)
         lo, hi = even_cuts(self.total, self.S)[k]
         flat = np.concatenate([a.ravel() for i, sl in enumerate(self.p.slices) for j, _ in sl
                                if (i, j) in self.box_params for a in self.box_params[(i, j)]])
@@ -223,6 +302,21 @@ class Run:
         self.span("serve", "update", where, -1, self.t0, time.perf_counter(), 0.0, 0.0, "ps_update")
         return {"role": "shard", "applied": out["applied"], "busy_s": out["busy_s"],
                 "resumed_from": out["resumed_from"]}
+
+    def lbfgs_shard(self, k: int) -> dict:
+        from sim.algorithms.sandblaster import units_of
+        from .optim import LBFGS
+        from .sandblaster import ShardDot, serve_lbfgs
+        lo, hi = even_cuts(self.total, self.S)[k]
+        flat = np.concatenate([a.ravel() for i, sl in enumerate(self.p.slices) for j, _ in sl
+                               if (i, j) in self.box_params for a in self.box_params[(i, j)]])
+        runs = {rank: self.runs_of(0)[k] for rank in range(self.M * self.R)}
+        tr = self.sc.training
+        lbfgs = LBFGS(lr=1.0, history=tr.lbfgs_history, first_step=tr.learning_rate, dot=ShardDot(self.shards),
+                      max_step=LBFGS_MAX_STEP_FACTOR * tr.learning_rate)
+        out = serve_lbfgs(self.world, flat[lo:hi].copy(), runs, units_of(self.sc)[0], lbfgs, tr.comm_bits,
+                          silent={self.failed_rank})
+        return {"role": "shard", "applied": out["applied"], "busy_s": 0.0, "resumed_from": 0}
 
     def worker(self) -> dict:
         sc, xp, p = self.sc, self.xp, self.p
@@ -293,16 +387,17 @@ class Run:
             steps_done += 1
         return self.finish(params, flat, client, x_te, y_te, step_times, losses, steps_done)
 
-    def finish(self, params, flat, client, x_te, y_te, step_times, losses, steps_done) -> dict:
+    def finish(self, params, flat, client, x_te, y_te, step_times, losses, steps_done, final_fetch=-1,
+               slot=None) -> dict:
         """Replica 0's slots (or the first replica with no failed rank) fetch the final
         parameters and evaluate on held-out data; everyone then tells the shards DONE."""
-        p, j = self.p, self.j
+        p, j = self.p, (self.j if slot is None else slot)
         self.workers.Barrier()
         wall = time.perf_counter() - self.t0
         alive_rep = next(r for r in range(self.R) if not (r * self.M <= self.failed_rank < (r + 1) * self.M))
         evaluating = self.r == alive_rep
         if client and evaluating:
-            client.fetch(flat, -1)
+            client.fetch(flat, final_fetch)
             self.unflatten(flat, params, j)
         if client and self.world.rank != self.failed_rank:
             client.done()
@@ -338,6 +433,7 @@ def evaluate(p, params, x, y, j: int, rep, xp) -> tuple[float, float]:
 def _merge(parts: list[dict]) -> dict:
     workers = [s for s in parts if s["role"] == "worker"]
     shards = [s for s in parts if s["role"] == "shard"]
+    coordinator = [s for s in parts if s["role"] == "coordinator"]
     ev = next(s for s in workers if s["accuracy"] is not None)
     med = float(np.median([s["step_time_s"] for s in workers if s["steps"]]))
     wall = max(s["wall_s"] for s in workers)
@@ -352,6 +448,8 @@ def _merge(parts: list[dict]) -> dict:
     if shards:
         out["shard_updates"] = [s["applied"] for s in shards]
         out["resumed_from_updates"] = [s["resumed_from"] for s in shards]
+    if coordinator:
+        out.update({k: v for k, v in coordinator[0].items() if k != "role"})
         out["ps_bytes_sent"] = sum(s["ps_bytes_sent"] for s in workers)
     return out
 

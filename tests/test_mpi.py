@@ -169,3 +169,16 @@ def test_fail_must_name_a_worker_rank(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--set", "parallel.ps_shards=1",
                            "--fail", "rank=2@step=1"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--fail: rank=2@step=1" in proc.stderr
+
+
+SANDBLASTER = SYNC.replace("[training]", "[training]\nalgorithm = \"sandblaster\"\nwork_units = 24").replace(
+    "learning_rate = 0.5", "learning_rate = 0.05")
+
+
+def test_sandblaster_on_real_ranks_survives_a_crashed_replica(tmp_path):
+    out = execute(tmp_path, SANDBLASTER.format(mp=1, r=3, steps=60), "--set", "parallel.ps_shards=2",
+                  "--fail", "rank=1@step=10")
+    assert out["ranks"] == 3 + 2 + 1                       # workers, shards, the coordinator
+    assert out["steps_per_worker"] == [60, 10, 60] and out["shard_updates"] == [60, 60]
+    assert out["replicas_left"] == 2 and out["units_run"] >= 60 * 24
+    assert out["accuracy"] >= 0.85

@@ -1,0 +1,173 @@
+"""Sandblaster L-BFGS on real ranks: workers, parameter-server shards and one coordinator.
+
+Per batch (``batch_size x replicas`` samples cut into ``work_units`` units):
+1. every live replica fetches the parameters and tells the coordinator READY;
+2. the coordinator hands units to whichever replica is free (ASSIGN), and once the queue
+   is empty copies unfinished units to free replicas (backup tasks); the first RESULT of a
+   unit wins.  A replica that goes silent loses its units to backups, or, without backup
+   tasks, they are re-queued after ``faults.detect_timeout_s``;
+3. END tells each replica which of its units won; it pushes their summed gradient;
+4. the shards average the pushes and take one L-BFGS step.  Its dot products are sums of
+   per-shard dot products, allreduced among the shard ranks: only scalars cross.
+
+Ranks: workers first (replica-major), then shards, then the coordinator.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+
+import numpy as np
+
+from .comm import POLL_SLEEP_S, YIELD_FOR_S, wait_buffer
+from .psrank import DONE, FETCH, REPLY, decode, encode, message_buffer, put, take
+
+READY, ASSIGN, RESULT, END, EXPECT = 31, 32, 33, 34, 35
+
+
+def _probe(comm, status, source, tag):
+    from mpi4py import MPI
+    start = time.perf_counter()
+    while not comm.Iprobe(source=source, tag=tag, status=status):
+        if time.perf_counter() - start < YIELD_FOR_S:
+            os.sched_yield()
+        else:
+            time.sleep(POLL_SLEEP_S)
+    return status.Get_source(), status.Get_tag()
+
+
+# --- coordinator ----------------------------------------------------------------------------------
+def coordinate(comm, leaders: list[int], shard_ranks: list[int], batches: int, units: int,
+               backup_tasks: bool, timeout_s: float) -> dict:
+    """Hands out units; returns counts of units run, duplicated and lost to failures."""
+    from mpi4py import MPI
+    status = MPI.Status()
+    live = set(leaders)
+    ran = dup = 0
+    for b in range(batches):
+        ready: set[int] = set()
+        first = None
+        while ready != live:                             # every live replica has the new parameters
+            if comm.Iprobe(source=MPI.ANY_SOURCE, tag=READY, status=status):
+                src = status.Get_source()
+                comm.Recv(np.empty(1, np.int64), source=src, tag=READY)
+                ready.add(src)
+                first = first or time.perf_counter()
+            elif first and time.perf_counter() - first > timeout_s:
+                live = set(ready)                        # the silent ones are gone
+            else:
+                time.sleep(POLL_SLEEP_S)
+        queue, running, won = deque(range(units)), {}, {}
+        free = deque(sorted(live))
+        started: dict[int, float] = {}
+        while len(won) < units:
+            while free:
+                r = free[0]
+                if queue:
+                    u = queue.popleft()
+                elif backup_tasks:
+                    spare = [u for u in running if u not in won and r not in running[u]]
+                    if not spare:
+                        break
+                    u = min(spare, key=lambda u: (len(running[u]), u))
+                    dup += 1
+                else:
+                    break
+                free.popleft()
+                running.setdefault(u, []).append(r)
+                started[r] = time.perf_counter()
+                comm.Send(np.array([b, u], np.int64), dest=r, tag=ASSIGN)
+                ran += 1
+            if comm.Iprobe(source=MPI.ANY_SOURCE, tag=RESULT, status=status):
+                src = status.Get_source()
+                msg = np.empty(2, np.int64)
+                comm.Recv(msg, source=src, tag=RESULT)
+                if int(msg[0]) != b:
+                    continue                             # a backup copy of an earlier batch, finished late
+                u = int(msg[1])
+                won.setdefault(u, src)
+                running[u].remove(src)
+                free.append(src)
+                continue
+            now = time.perf_counter()
+            stale = [r for r in live if r not in free and now - started.get(r, now) > timeout_s]
+            for r in stale:                              # silent too long: its units go back
+                live.discard(r)
+                for u, rs in running.items():
+                    if r in rs:
+                        rs.remove(r)
+                        if u not in won and not rs and u not in queue:
+                            queue.append(u)
+            if not stale:
+                time.sleep(POLL_SLEEP_S)
+        for r in live:
+            mine = [u for u, w in won.items() if w == r]
+            comm.Send(np.array([len(mine), *mine], np.int64), dest=r, tag=END)
+        for k in shard_ranks:
+            comm.Send(np.array([len(live)], np.int64), dest=k, tag=EXPECT)
+    for k in shard_ranks:
+        comm.Send(np.array([-1], np.int64), dest=k, tag=EXPECT)
+    return {"units_run": ran, "backup_copies": dup, "replicas_left": len(live)}
+
+
+# --- shard ----------------------------------------------------------------------------------------
+def serve_lbfgs(comm, initial: np.ndarray, worker_runs: dict, units: int, lbfgs, bits: int,
+                silent: set[int] = frozenset()) -> dict:
+    """Shard loop: answer fetches (a fetch for batch b once b steps are taken), sum a batch's
+    pushes, and when the coordinator says how many replicas pushed, take the L-BFGS step
+    (all shards together: its dot products are allreduced among them).  ``silent``:
+    crashed workers, whose DONE never comes."""
+    from mpi4py import MPI
+    w = initial.copy()
+    status = MPI.Status()
+    applied, done, finished = 0, 0, False
+    g_sum, pushes = np.zeros(w.shape, np.float64), 0     # float64: the sum's order varies with who won what
+    expects: deque[int] = deque()                        # pushes to wait for, batch by batch
+    deferred: list[tuple[int, int]] = []
+    expected_done = len(set(worker_runs) - set(silent))
+    while not (finished and not expects and done == expected_done):
+        src, tag = _probe(comm, status, MPI.ANY_SOURCE, MPI.ANY_TAG)
+        runs = worker_runs.get(src, [])
+        msg = np.empty(1, np.int64)
+        if tag == FETCH:
+            comm.Recv(msg, source=src, tag=FETCH)
+            deferred.append((src, int(msg[0])))
+        elif tag == EXPECT:
+            comm.Recv(msg, source=src, tag=EXPECT)
+            if msg[0] < 0:
+                finished = True                          # no more batches (earlier counts still stand)
+            else:
+                expects.append(int(msg[0]))
+        elif tag == DONE:
+            comm.Recv(msg, source=src, tag=DONE)
+            done += 1
+        else:                                            # a push: a replica's summed unit gradients
+            buf = message_buffer(sum(r.size for r in runs), bits)
+            comm.Recv(buf, source=src, tag=tag)
+            put(g_sum, runs, "shard", decode(buf, bits))
+            pushes += 1
+        if expects and pushes == expects[0]:
+            lbfgs.step(w, (g_sum / units).astype(w.dtype))   # the mean gradient over the whole batch
+            applied += 1
+            g_sum[...] = 0
+            pushes = 0
+            expects.popleft()
+        still = []
+        for wk, batch in deferred:
+            if batch > applied:
+                still.append((wk, batch))
+            else:
+                comm.Send(encode(take(w, worker_runs[wk], "shard"), bits), dest=wk, tag=REPLY)
+        deferred = still
+    return {"applied": applied, "params": w}
+
+
+class ShardDot:
+    """Dot products over the whole vector from shard pieces: local dot, allreduced."""
+
+    def __init__(self, shard_comm) -> None:
+        self.comm = shard_comm
+
+    def __call__(self, a, b) -> float:
+        return self.comm.allreduce(float((a * b).sum()))
