@@ -448,9 +448,9 @@ def _merge(parts: list[dict]) -> dict:
     if shards:
         out["shard_updates"] = [s["applied"] for s in shards]
         out["resumed_from_updates"] = [s["resumed_from"] for s in shards]
+        out["ps_bytes_sent"] = sum(s["ps_bytes_sent"] for s in workers)
     if coordinator:
         out.update({k: v for k, v in coordinator[0].items() if k != "role"})
-        out["ps_bytes_sent"] = sum(s["ps_bytes_sent"] for s in workers)
     return out
 
 
