@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+from .backend import to_numpy
+
 POLL_SLEEP_S = 50e-6      # between polls of a pending request; far below a step, far above a spin
 TAGS = {"a": 1, "g": 2, "r": 3}
 
@@ -37,20 +39,20 @@ class MPITransport:
     receiver passes the shape and dtype it expects (it knows them from the Plan), so each
     message is one contiguous payload."""
 
-    def __init__(self, comm) -> None:
-        self.comm = comm
+    def __init__(self, comm, xp=np) -> None:
+        self.comm, self.xp = comm, xp
         self.pending: list = []
         self.bytes = 0
 
     def send(self, src: int, dst: int, tag: tuple, array) -> None:
-        data = np.ascontiguousarray(array)
+        data = np.ascontiguousarray(to_numpy(array))     # a CuPy array comes to the host (stream synchronised)
         self.pending.append((self.comm.Isend(data, dest=dst, tag=tag_of(tag)), data))
         self.bytes += data.nbytes
 
     def recv(self, src: int, dst: int, tag: tuple, shape: tuple, dtype):
         out = np.empty(shape, dtype=dtype)
         wait_buffer(self.comm.Irecv(out, source=src, tag=tag_of(tag)))
-        return out
+        return self.xp.asarray(out)
 
     def flush(self) -> None:
         for req, _buf in self.pending:

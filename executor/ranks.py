@@ -38,7 +38,7 @@ from sim.plan import plan
 from sim.scenario import load_scenario, parse_set
 from sim.trace import Span, Trace, write_chrome
 
-from .backend import get_xp
+from .backend import get_xp, to_numpy
 from .comm import MPITransport, wait_buffer
 from .data import Batches, digits, synthetic
 from .kernels import softmax_xent_loss
@@ -185,7 +185,7 @@ class Run:
         return [(i, jj) for i, sl in enumerate(self.p.slices) for jj, _ in sl if jj == j and (i, jj) in self.sizes]
 
     def flatten(self, arrays: dict, j: int) -> np.ndarray:
-        parts = [np.asarray(a, np.float32).ravel() for key in self.keys(j) for a in arrays[key]]
+        parts = [to_numpy(a).astype(np.float32, copy=False).ravel() for key in self.keys(j) for a in arrays[key]]
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def unflatten(self, flat: np.ndarray, arrays: dict, j: int) -> None:
@@ -258,7 +258,7 @@ class Run:
                     u = int(msg[1])
                     t = time.perf_counter()
                     xs, ys = xb[u * unit_size:(u + 1) * unit_size], yb[u * unit_size:(u + 1) * unit_size]
-                    res = run_step(unit_plan, {0}, params, xp.asarray(xs), xp.asarray(ys), MPITransport(self.rep), xp=xp)
+                    res = run_step(unit_plan, {0}, params, xp.asarray(xs), xp.asarray(ys), MPITransport(self.rep, xp), xp=xp)
                     grads[u] = self.flatten(res.grads, 0)
                     self.span(f"unit {u}", "compute", me, b, t, time.perf_counter(), 0.0, 0.0, "unit")
                     self.world.Send(np.array([b, u], np.int64), dest=coord, tag=RESULT)
@@ -325,7 +325,7 @@ class Run:
         params = {key: [xp.asarray(a) for a in arrs] for key, arrs in self.box_params.items() if key[1] == j}
         x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed)
         batches = Batches(x_tr[r::self.R], y_tr[r::self.R], sc.batch_size, np.random.default_rng([sc.seed, r]))
-        transport = MPITransport(self.rep)
+        transport = MPITransport(self.rep, xp)
         devices = p.devices[r]
         me = devices[j]
         client = ShardClient(self.world, [self.M * self.R + k for k in range(self.S)], self.runs_of(j),
@@ -416,9 +416,9 @@ class Run:
 
 def evaluate(p, params, x, y, j: int, rep, xp) -> tuple[float, float]:
     """Accuracy and loss on held-out data; gathered on the replica's slot 0."""
-    res = run_step(p, {j}, params, xp.asarray(x), xp.asarray(y), MPITransport(rep), xp=xp, backward=False)
+    res = run_step(p, {j}, params, xp.asarray(x), xp.asarray(y), MPITransport(rep, xp), xp=xp, backward=False)
     last = len(p.slices) - 1
-    pieces = rep.gather({c: np.asarray(arr) for (c, _), arr in res.logits.items()}, root=0)
+    pieces = rep.gather({c: to_numpy(arr) for (c, _), arr in res.logits.items()}, root=0)
     if rep.rank != 0:
         return 0.0, 0.0
     logits = np.zeros((len(x), p.scenario.model.nodes[-1].out_shape[0]), np.float64)

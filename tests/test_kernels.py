@@ -33,6 +33,27 @@ def make_params(layer, s, out, rng):
     return []
 
 
+def _modules():
+    from executor.backend import cupy_or_none
+    cp = cupy_or_none()
+    return [np] + ([cp] if cp is not None else [pytest.param(None, marks=pytest.mark.skip(reason="no CuPy/GPU"))])
+
+
+@pytest.mark.parametrize("xp", _modules(), ids=["numpy", "cupy"])
+@pytest.mark.parametrize("layer, shape", CASES[:3] + CASES[8:10], ids=[c[0].kind for c in CASES[:3] + CASES[8:10]])
+def test_cupy_kernels_equal_numpy(xp, layer, shape):
+    """The same kernels with xp = cupy give NumPy's values (skipped without a GPU)."""
+    rng = np.random.default_rng(5)
+    out = layer.shape(shape)
+    x = rng.normal(size=(2, *shape))
+    params = make_params(layer, shape, out, rng)
+    rin, box = full_box(shape), full_box(out)
+    y_np, _ = forward(np, layer, shape, x, rin, box, params)
+    y_xp, _ = forward(xp, layer, shape, xp.asarray(x), rin, box, [xp.asarray(a) for a in params])
+    y_xp = y_xp.get() if hasattr(y_xp, "get") else y_xp
+    assert np.allclose(y_xp, y_np, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("layer, shape", CASES, ids=[c[0].kind for c in CASES])
 def test_backward_matches_finite_differences(layer, shape):
     rng = np.random.default_rng(3)
