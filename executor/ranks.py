@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if world.rank == 0:
             print(f"clustersim: error: {exc}", file=sys.stderr)
         return 2
-    summary, spans = Run(sc, world, xp, fail, args).go()
+    summary, spans = RankJob(sc, world, xp, fail, args).go()
     parts = world.gather((summary, spans), root=0)
     if world.rank == 0:
         out = _merge([s for s, _ in parts])
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class Run:
+class RankJob:
     """One rank's part of the job."""
 
     def __init__(self, sc, world, xp, fail, args=None) -> None:
