@@ -361,8 +361,10 @@ class RankJob:
                     wait_buffer(self.slot.Iallreduce(g, total))
                     g = total / self.R
                     self.span("allreduce", "transfer", me, step, t1, time.perf_counter(), g.nbytes, 0.0, "allreduce")
+                t2 = time.perf_counter()
                 flat -= tr.learning_rate * g
                 self.unflatten(flat, params, j)
+                self.span("update", "update", me, step, t2, time.perf_counter(), 0.0, 2.0 * flat.size, "update")
             elif tr.algorithm == "sync":
                 client.push(g, step)
                 self.span("push", "transfer", me, step, t1, time.perf_counter(), g.nbytes, 0.0, "push")

@@ -21,7 +21,7 @@ from .network import BACKENDS
 from .plan import plan
 from .scenario import load_scenario, parse_set
 from .topogen import builtin_topologies, load_topology
-from .trace import write_chrome
+from .trace import write_atomic, write_chrome
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +82,20 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--resume", action="store_true", help="start the shards from the checkpoints in --checkpoint")
     _common(e)
     e.set_defaults(func=cmd_execute)
+
+    c2 = sub.add_parser("calibrate", help="measure this host and write a topology the simulator can use")
+    c2.add_argument("--ranks", type=int, default=2, help="ranks the host will run (how they share its cores)")
+    c2.add_argument("--out", metavar="FILE", default="topologies/this-host.toml")
+    c2.add_argument("--json", action="store_true")
+    c2.set_defaults(func=cmd_calibrate)
+
+    v = sub.add_parser("validate", help="simulate and execute one scenario and compare step times")
+    v.add_argument("scenario")
+    v.add_argument("--topology", help="a calibrated topology (default: calibrate this host now)")
+    v.add_argument("--repeats", type=int, default=3)
+    v.add_argument("--plot", metavar="FILE", help="predicted and measured time per phase")
+    _common(v)
+    v.set_defaults(func=cmd_validate)
 
     t = sub.add_parser("topology", help="inspect a topology")
     tsub = t.add_subparsers(dest="action", required=True)
@@ -170,6 +184,62 @@ def cmd_execute(args) -> int:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, threads)
     return subprocess.run(cmd, env=env).returncode
+
+
+# --- calibrate and validate ------------------------------------------------------------------------
+def run_calibration(ranks: int, out: str) -> dict:
+    from executor.calibrate import calibrate, topology_text   # lazy: executor/ is not needed to simulate
+    if not 1 <= ranks <= 256:
+        raise ConfigError("--ranks", str(ranks), "must be 1..256")
+    res = calibrate(ranks)
+    name = Path(out).stem
+    write_atomic(out, topology_text(name, ranks, res["cores"], res["compute"], res["memory_bandwidth_bytes_per_s"],
+                                    res["mpi"]))
+    load_topology(out)                                  # what we wrote must load
+    return res
+
+
+def cmd_calibrate(args) -> int:
+    res = run_calibration(args.ranks, args.out)
+    if args.json:
+        print(json.dumps({**res, "out": args.out}, indent=2))
+        return 0
+    comp, mpi = res["compute"], res["mpi"]
+    print(f"calibrated {res['cores']} cores for {res['ranks']} ranks -> {args.out}")
+    print(f"  compute      peak {comp['peak_flops'] / 1e9:.4g} GFLOP/s per rank, {comp['op_overhead_s'] * 1e6:.3g} us per op")
+    print("  efficiency   " + ", ".join(f"{f:.2g} FLOP: {e:.2f}" for f, e in comp["efficiency_curve"]))
+    print(f"  memory       {res['memory_bandwidth_bytes_per_s'] / 1e9:.4g} GB/s (copy)")
+    print(f"  MPI          alpha {mpi['alpha_s'] * 1e6:.3g} us, beta {mpi['beta_bytes_per_s'] / 1e9:.4g} GB/s; fit R^2 "
+          f"{mpi['r2']:.4f}, worst relative error {mpi['max_rel_error']:.1%} over {len(mpi['samples'])} sizes")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    import tempfile
+    from executor.ranks import check, ranks_needed
+    from executor.validate import validate
+    sc = load_scenario(args.scenario, parse_set(args.set))
+    check(sc, ranks_needed(sc))
+    if args.repeats < 1:
+        raise ConfigError("--repeats", str(args.repeats), "must be >= 1")
+    topology = args.topology
+    if not topology:
+        topology = str(Path(tempfile.mkdtemp()) / "this-host.toml")
+        run_calibration(ranks_needed(sc), topology)
+    out = validate(args.scenario, topology, args.set, args.repeats)
+    if args.plot:
+        report.plot_validation(out, args.plot)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{out['scenario']}: {out['ranks']} ranks, predicted on {Path(out['topology']).name}, "
+          f"measured {len(out['measured_runs_s'])} runs (spread {out['spread_pct']:.1f}%)")
+    rows = [{"what": k, **v} for k, v in out["phases"].items()]
+    rows.append({"what": "step", "predicted_s": out["predicted_step_time_s"],
+                 "measured_s": out["measured_step_time_s"], "error_pct": out["error_pct"]})
+    print(report.table(rows, [("what", "per step"), ("predicted_s", "predicted (s)"), ("measured_s", "measured (s)"),
+                              ("error_pct", "error %")]))
+    return 0
 
 
 # --- collective -------------------------------------------------------------------------------

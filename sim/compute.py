@@ -16,7 +16,7 @@ from .topology import Topology
 
 def op_seconds(topology: Topology, device: str, flops: float, nbytes: float, dtype: str) -> float:
     dev = topology.devices[device]
-    return dev.op_overhead + max(flops / (dev.flops_per_s(dtype) * dev.efficiency), nbytes / dev.memory_bw)
+    return dev.op_overhead + max(flops / (dev.flops_per_s(dtype) * dev.efficiency_at(flops)), nbytes / dev.memory_bw)
 
 
 class Compute:

@@ -173,3 +173,21 @@ def plot_topology(topo, path: str | Path) -> None:
     ax.set_title(f"{topo.name}: {len(g)} devices, {g.number_of_edges()} links")
     ax.axis("off")
     save_figure(fig, path)
+
+
+def plot_validation(result: dict, path: str | Path) -> None:
+    """Predicted against measured seconds per step, by phase and for the whole step."""
+    names = list(result["phases"]) + ["step"]
+    pred = [result["phases"][n]["predicted_s"] for n in names[:-1]] + [result["predicted_step_time_s"]]
+    meas = [result["phases"][n]["measured_s"] for n in names[:-1]] + [result["measured_step_time_s"]]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [v * 1e3 for v in pred], width=0.4, label="predicted (simulated)")
+    ax.bar([x + 0.2 for x in xs], [v * 1e3 for v in meas], width=0.4, label="measured (executed)")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("ms per step")
+    ax.set_title(f"{result['scenario']}: step error {result['error_pct']:+.1f}% "
+                 f"(measurement spread {result['spread_pct']:.1f}%)")
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)

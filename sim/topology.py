@@ -40,6 +40,23 @@ class Device:
     efficiency: float = 1.0             # achieved / peak FLOP/s on dense work
     cores: int = 0                      # CPU cores (0 for a GPU)
     op_overhead: float = 0.0            # seconds every op costs on top of the roofline (kernel launch)
+    efficiency_curve: tuple = ()        # ((flops, efficiency), ...) measured by calibrate; overrides efficiency
+
+    def efficiency_at(self, flops: float) -> float:
+        """Efficiency for an op of ``flops``: interpolated in log(flops) on the measured curve,
+        held flat beyond its ends; the single ``efficiency`` when there is no curve."""
+        if not self.efficiency_curve:
+            return self.efficiency
+        import math
+        pts = self.efficiency_curve
+        x = math.log10(max(flops, 1.0))
+        xs = [math.log10(f) for f, _ in pts]
+        if x <= xs[0]:
+            return pts[0][1]
+        for (x0, (_, e0)), (x1, (_, e1)) in zip(zip(xs, pts), zip(xs[1:], pts[1:])):
+            if x <= x1:
+                return e0 + (e1 - e0) * (x - x0) / (x1 - x0)
+        return pts[-1][1]
 
     @property
     def is_compute(self) -> bool:

@@ -1,0 +1,199 @@
+"""Microbenchmarks of this host -> a topology the simulator can use (``clustersim calibrate``).
+
+Measured (medians of REPEATS):
+- compute: the executor's dense kernels (forward and backward) at the zoo's shapes; the
+  fastest rate is the peak, every shape's rate over the peak is a point of the efficiency
+  curve (by FLOPs); the fixed per-op overhead is what a step of a tiny net through the
+  executor's ``run_step`` costs per op (region assembly, the op walk), not a bare kernel call;
+- memory bandwidth: a large copy (bytes read + written over time);
+- MPI between two ranks: our transport's ping-pong by message size, fitted by least
+  squares to alpha + bytes / beta (reported with R^2 and the worst relative error);
+- cores, and how ranks share them: compute is measured with the BLAS threads one rank
+  gets (cores // ranks, as ``clustersim execute`` sets them); with more ranks than cores
+  each rank gets cores/ranks of that.
+
+The topology has one ``cpu`` device per rank (its own machine index, so each is a compute
+device, rank k = device k) on a ``switch`` standing for shared memory; each rank's link
+carries half the latency, so a message pays alpha once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sim.layers import full_box
+from sim.models import make_layer
+
+from .kernels import backward, forward
+
+REPEATS = 7
+DENSE_SHAPES = [(8, 64, 16), (32, 64, 128), (128, 64, 128), (32, 440, 2560), (128, 2560, 2560), (128, 2560, 8192)]
+MPI_SIZES = [2**k for k in range(3, 25, 3)]
+
+
+def _median_time(fn, repeats: int = REPEATS) -> float:
+    fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def measure_compute(rng: np.random.Generator) -> dict:
+    """Per-op overhead (s), peak FLOP/s and the efficiency curve of the dense kernels."""
+    tiny = make_layer("dense", units=1)
+    x1 = np.ones((1, 1, 1, 1), np.float32)
+    params1 = [np.ones((1, 1), np.float32), np.zeros(1, np.float32)]
+    overhead = _median_time(lambda: forward(np, tiny, (1, 1, 1), x1, full_box((1, 1, 1)), full_box((1, 1, 1)), params1),
+                            101)
+    points = []
+    for b, n_in, n_out in DENSE_SHAPES:
+        layer = make_layer("dense", units=n_out)
+        x = rng.standard_normal((b, n_in, 1, 1), dtype=np.float32)
+        params = [rng.standard_normal((n_in, n_out), dtype=np.float32), np.zeros(n_out, np.float32)]
+        rin, box = full_box((n_in, 1, 1)), full_box((n_out, 1, 1))
+        flops = 2.0 * b * n_in * n_out
+        points.append((flops, _median_time(lambda: forward(np, layer, (n_in, 1, 1), x, rin, box, params))))
+        y, cache = forward(np, layer, (n_in, 1, 1), x, rin, box, params)
+        dy = np.ones_like(y)
+        points.append((2 * flops, _median_time(
+            lambda: backward(np, layer, (n_in, 1, 1), x.shape, rin, box, params, cache, dy))))
+    peak = max(f / t for f, t in points)               # raw rates: the large shapes set it
+    curve: dict[float, list[float]] = {}
+    for flops, t in points:                            # the model is t = overhead + flops / (peak x eff)
+        eff = flops / (peak * max(t - overhead, 1e-12))
+        curve.setdefault(flops, []).append(min(1.0, eff))
+    return {"op_overhead_s": overhead, "peak_flops": peak,
+            "efficiency_curve": sorted((f, float(np.mean(e))) for f, e in curve.items())}
+
+
+def measure_step_overhead(rng: np.random.Generator) -> float:
+    """Seconds the executor spends per op beyond its arithmetic: one step of a tiny dense
+    net through ``run_step`` (region assembly, the op walk, bookkeeping), per op."""
+    import dataclasses
+
+    from sim.models import build_model
+    from sim.plan import plan
+    from sim.scenario import scenario_from_dict
+
+    from .partitioned import Mailbox, box_index, full_params, run_step
+    model = build_model("tiny", (4, 1, 1), [make_layer("dense", units=4), make_layer("relu"),
+                                            make_layer("dense", units=2), make_layer("softmax_xent")])
+    sc = scenario_from_dict({"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 1}},
+                            "calibrate.toml")
+    p = plan(dataclasses.replace(sc, model=model), check_memory=False)
+    full = full_params(p, rng, dtype=np.float32)
+    params = {(i, 0): [a[idx] for a, idx in zip(full[i], box_index(model.nodes[i].layer.kind, box))]
+              for i, sl in enumerate(p.slices) for _, box in sl if i in full}
+    x, y = np.ones((1, 4, 1, 1), np.float32), np.zeros(1, np.int64)
+    t = _median_time(lambda: run_step(p, {0}, params, x, y, Mailbox()), 51)
+    return t / len(p.ops)
+
+
+def measure_memory_bandwidth(n_bytes: int = 256 * 2**20) -> float:
+    a = np.ones(n_bytes // 8)
+    b = np.empty_like(a)
+    t = _median_time(lambda: np.copyto(b, a), 5)
+    return 2 * a.nbytes / t
+
+
+PINGPONG = r'''
+import sys, time, json, statistics
+import numpy as np
+from mpi4py import MPI
+sys.path.insert(0, sys.argv[1])
+from executor.comm import MPITransport
+c = MPI.COMM_WORLD
+t = MPITransport(c)
+out = []
+for n in json.loads(sys.argv[2]):
+    a = np.ones(max(1, n // 4), np.float32)
+    reps = max(5, min(300, (2**25) // n))
+    times = []
+    for _ in range(5):
+        c.Barrier(); s = time.perf_counter()
+        for _ in range(reps):
+            if c.rank == 0:
+                t.send(0, 1, ("a", 1, 0), a); t.flush(); t.recv(1, 0, ("a", 2, 0), a.shape, a.dtype)
+            else:
+                t.recv(0, 1, ("a", 1, 0), a.shape, a.dtype); t.send(1, 0, ("a", 2, 0), a); t.flush()
+        times.append((time.perf_counter() - s) / reps / 2)
+    out.append([a.nbytes, statistics.median(times)])
+if c.rank == 0:
+    print(json.dumps(out))
+'''
+
+
+def measure_mpi(sizes: list[int] = MPI_SIZES) -> dict:
+    """One-way message time by size on 2 ranks, and its alpha-beta fit."""
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
+        fh.write(PINGPONG)
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.run([str(mpiexec), "-n", "2", sys.executable, fh.name, str(Path(__file__).resolve().parents[1]),
+                           json.dumps(sizes)], capture_output=True, text=True, timeout=600, env=env)
+    Path(fh.name).unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"MPI ping-pong failed: {proc.stderr[-500:]}")
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"samples": rows, **fit_alpha_beta([r[0] for r in rows], [r[1] for r in rows])}
+
+
+def fit_alpha_beta(sizes: list[float], times: list[float]) -> dict:
+    """Least squares t = alpha + n / beta, weighted by 1/t so small and large messages count
+    alike; returns alpha (s), beta (bytes/s), R^2 and the worst relative error."""
+    n, t = np.asarray(sizes, float), np.asarray(times, float)
+    w = 1.0 / t
+    A = np.stack([np.ones_like(n), n], axis=1) * w[:, None]
+    (alpha, inv_beta), *_ = np.linalg.lstsq(A, t * w, rcond=None)
+    alpha, inv_beta = max(alpha, 0.0), max(inv_beta, 1e-15)
+    pred = alpha + n * inv_beta
+    ss_res = float(((t - pred) ** 2).sum())
+    ss_tot = float(((t - t.mean()) ** 2).sum()) or 1.0
+    return {"alpha_s": float(alpha), "beta_bytes_per_s": float(1.0 / inv_beta), "r2": 1.0 - ss_res / ss_tot,
+            "max_rel_error": float(np.max(np.abs(pred - t) / t))}
+
+
+def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, mpi: dict) -> str:
+    """``comp`` was measured with the BLAS threads one rank gets (cores // ranks, at least 1)."""
+    share = min(1.0, cores / ranks)              # ranks beyond the cores share them
+    per_rank = comp["peak_flops"] * share
+    curve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp["efficiency_curve"])
+    lines = [f'name = "{name}"',
+             f'description = "calibrated on this host: {cores} cores, {ranks} ranks; '
+             f'MPI alpha {mpi["alpha_s"] * 1e6:.2f} us, beta {mpi["beta_bytes_per_s"] / 1e9:.3g} GB/s (R^2 {mpi["r2"]:.4f})"']
+    for k in range(ranks):
+        lines += ["", "[[device]]", f'name = "rank{k}"', 'kind = "cpu"', f"machine = {k}", "cores = 1",
+                  f"core_gflops = {per_rank / 1e9:.6g}", "memory_gib = 16",
+                  f"memory_bandwidth_gbps = {mem_bw * share / 1e9 / max(1, min(ranks, cores)):.6g}",
+                  "efficiency = 1.0", f"op_overhead_us = {comp['op_overhead_s'] * 1e6:.4g}",
+                  f"efficiency_curve = [{curve}]"]
+    lines += ["", "[[device]]", 'name = "shm"', 'kind = "switch"']
+    for k in range(ranks):
+        lines += ["", "[[link]]", f'a = "rank{k}"', 'b = "shm"',
+                  f"bandwidth_gbps = {mpi['beta_bytes_per_s'] / 1e9:.6g}", f"latency_us = {mpi['alpha_s'] * 1e6 / 2:.6g}"]
+    return "\n".join(lines) + "\n"
+
+
+def calibrate(ranks: int = 2, seed: int = 0) -> dict:
+    """Everything measured, with each rank's share of BLAS threads (as ``execute`` sets them)."""
+    from threadpoolctl import threadpool_limits
+    cores = os.cpu_count() or 1
+    with threadpool_limits(limits=max(1, cores // ranks)):
+        comp = measure_compute(np.random.default_rng(seed))
+        kernel = comp["op_overhead_s"]
+        comp["op_overhead_s"] = max(kernel, measure_step_overhead(np.random.default_rng(seed)))
+        comp["kernel_overhead_s"] = kernel
+    mem = measure_memory_bandwidth()
+    mpi = measure_mpi()
+    return {"cores": cores, "ranks": ranks, "compute": comp, "memory_bandwidth_bytes_per_s": mem, "mpi": mpi}

@@ -1,0 +1,91 @@
+"""Predictions checked against real runs (``clustersim validate``).
+
+One Plan: simulated on the calibrated topology of this host, and executed for real
+``repeats`` times.  Compared: the step time (median of the measured runs' medians against
+the simulated median) and, on the first rank's device, the time per step spent in each
+phase (forward, backward, transfers, updates).  Errors are (predicted - measured) /
+measured in percent; the spread of the measurements ((max - min) / median) says how much
+of an error is noise.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from sim.engine import simulate
+from sim.metrics import summarize
+from sim.plan import plan
+from sim.scenario import load_scenario
+
+PHASES = {"fwd": "forward", "bwd": "backward", "update": "update", "activation": "transfers", "halo": "transfers",
+          "gradient": "transfers", "reduction": "transfers", "stage": "transfers", "allreduce": "transfers",
+          "push": "transfers", "fetch": "transfers"}
+
+
+def error_pct(predicted: float, measured: float) -> float:
+    """(predicted - measured) / measured x 100; inf when nothing was measured."""
+    if measured == 0:
+        return 0.0 if predicted == 0 else float("inf")
+    return (predicted - measured) / measured * 100.0
+
+
+def spread_pct(values: list[float]) -> float:
+    return (max(values) - min(values)) / statistics.median(values) * 100.0 if values else 0.0
+
+
+def phase_times(spans, device: str, steps: int) -> dict[str, float]:
+    """Seconds per step by phase on ``device`` (its compute spans and the transfers it sends)."""
+    out: dict[str, float] = defaultdict(float)
+    for name, phase, where, dur in spans:
+        group = PHASES.get(phase)
+        if group and (where == device or where.startswith(device + "->")):
+            out[group] += dur
+    return {k: v / max(steps, 1) for k, v in out.items()}
+
+
+def _chrome_spans(path: Path) -> list[tuple]:
+    data = json.loads(Path(path).read_text())
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in data["traceEvents"] if e.get("name") == "thread_name"}
+    return [(e["name"], e["cat"], names[(e["pid"], e["tid"])], e["dur"] * 1e-6)
+            for e in data["traceEvents"] if e.get("ph") == "X"]
+
+
+def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 3) -> dict:
+    """``set_items``: ``key=value`` overrides, applied to both the simulation and the runs."""
+    from sim.scenario import parse_set
+    items = list(set_items) + [f'cluster.topology="{Path(topology).resolve()}"', "cluster.machines=0",
+                               "training.cosim=false"]
+    sc = load_scenario(scenario, parse_set(items))
+    p = plan(sc)
+    res = simulate(p)
+    summary = summarize(p, res)
+    device = p.devices[0][0]
+    predicted_phases = phase_times([(s.name, s.phase, s.where, s.duration_s) for s in res.trace.spans], device,
+                                   summary["steps"])
+    measured, phases = [], []
+    set_args = [a for item in items for a in ("--set", item)]
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = Path(tmp) / "t.json"
+            proc = subprocess.run([sys.executable, "-m", "sim", "execute", scenario, "--json", "--trace", str(trace),
+                                   *set_args], capture_output=True, text=True, timeout=1800)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "execute failed")
+            out = json.loads(proc.stdout)
+            measured.append(out["step_time_s"])
+            phases.append(phase_times(_chrome_spans(trace), device, out["steps"]))
+    meas = statistics.median(measured)
+    table = {}
+    for group in sorted(set(predicted_phases) | {g for ph in phases for g in ph}):
+        m = statistics.median(ph.get(group, 0.0) for ph in phases)
+        pr = predicted_phases.get(group, 0.0)
+        table[group] = {"predicted_s": pr, "measured_s": m, "error_pct": error_pct(pr, m)}
+    return {"scenario": sc.name, "file": scenario, "topology": topology, "ranks": p.slots * p.replicas,
+            "predicted_step_time_s": summary["step_time_s"], "measured_step_time_s": meas,
+            "error_pct": error_pct(summary["step_time_s"], meas), "measured_runs_s": measured,
+            "spread_pct": spread_pct(measured), "phases": table}
