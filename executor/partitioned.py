@@ -217,10 +217,12 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
                                          params.get((i, j), []), c, dy)
             if i > 0:
                 dins[(i, j, m)] = dxr
-            if dpar:
-                acc = grads.setdefault((i, j), [xp.zeros_like(g) for g in dpar])
-                for a, g in zip(acc, dpar):
-                    a += g
+            if dpar:                                     # the first micro-batch's gradients are the accumulator
+                if (i, j) not in grads:
+                    grads[(i, j)] = list(dpar)
+                else:
+                    for a, g in zip(grads[(i, j)], dpar):
+                        a += g
         if on_op is not None:
             on_op(op)
     transport.flush()

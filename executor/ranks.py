@@ -353,22 +353,27 @@ class RankJob:
                               last[0], now, op.bytes, 0.0, op.why)
                 last[0] = now
             res = run_step(p, {j}, params, xp.asarray(x), xp.asarray(y), transport, xp=xp, on_op=on_op)
-            g = self.flatten(res.grads, j) if res.grads else np.zeros_like(flat)
             t1 = time.perf_counter()
             if tr.algorithm == "sync" and not self.S:
-                if self.R > 1:
+                if self.R > 1:                          # one flat buffer for the collective, then in place
+                    g = self.flatten(res.grads, j) if res.grads else np.zeros_like(flat)
                     total = np.empty_like(g)
                     wait_buffer(self.slot.Iallreduce(g, total))
-                    g = total / self.R
                     self.span("allreduce", "transfer", me, step, t1, time.perf_counter(), g.nbytes, 0.0, "allreduce")
+                    self.unflatten(total, res.grads, j)
                 t2 = time.perf_counter()
-                flat -= tr.learning_rate * g
-                self.unflatten(flat, params, j)
+                lr = tr.learning_rate / self.R
+                for key, gs in res.grads.items():       # SGD in place: w -= lr g, array by array
+                    for w, gr in zip(params[key], gs):
+                        gr *= lr
+                        w -= gr
                 self.span("update", "update", me, step, t2, time.perf_counter(), 0.0, 2.0 * flat.size, "update")
             elif tr.algorithm == "sync":
+                g = self.flatten(res.grads, j) if res.grads else np.zeros_like(flat)
                 client.push(g, step)
                 self.span("push", "transfer", me, step, t1, time.perf_counter(), g.nbytes, 0.0, "push")
             elif tr.algorithm == "local":
+                g = self.flatten(res.grads, j) if res.grads else np.zeros_like(flat)
                 flat -= tr.learning_rate * g
                 if (step + 1) % tr.local_steps == 0 and self.R > 1:
                     total = np.empty_like(flat)
@@ -376,6 +381,7 @@ class RankJob:
                     flat = total / self.R
                 self.unflatten(flat, params, j)
             else:
+                g = self.flatten(res.grads, j) if res.grads else np.zeros_like(flat)
                 acc += g
                 if tr.n_fetch > 1:                              # move on the local copy between fetches
                     flat -= tr.learning_rate * g

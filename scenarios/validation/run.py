@@ -1,0 +1,48 @@
+"""The validation suite: every scenario in this folder simulated on a topology calibrated
+on this host and executed for real (REPEATS runs), predicted against measured step time.
+
+    make validate        # writes out/validation.json and prints the table
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+from executor.ranks import ranks_needed  # noqa: E402
+from executor.validate import validate  # noqa: E402
+from sim.cli import run_calibration  # noqa: E402
+from sim.scenario import load_scenario  # noqa: E402
+from sim.trace import write_atomic  # noqa: E402
+
+REPEATS = 3
+OUT = Path("out/validation.json")
+CALIBRATION = Path("out/calibration")
+
+
+def main() -> None:
+    rows, calibrated = [], {}
+    for f in sorted(HERE.glob("*.toml")):
+        n = ranks_needed(load_scenario(f))
+        if n not in calibrated:
+            path = CALIBRATION / f"host-{n}-ranks.toml"
+            run_calibration(n, str(path))
+            calibrated[n] = str(path)
+        r = validate(str(f), calibrated[n], [], REPEATS)
+        rows.append(r)
+        print(f"{r['scenario']:<22} ranks {r['ranks'] + (1 if 'downpour' in f.name or '-ps-' in f.name else 0):>2}  "
+              f"predicted {r['predicted_step_time_s'] * 1e3:8.3f} ms  measured {r['measured_step_time_s'] * 1e3:8.3f} ms"
+              f"  error {r['error_pct']:+7.1f}%  spread {r['spread_pct']:5.1f}%", flush=True)
+    errors = [abs(r["error_pct"]) for r in rows]
+    summary = {"median_abs_error_pct": statistics.median(errors), "worst_abs_error_pct": max(errors), "cases": rows}
+    write_atomic(OUT, json.dumps(summary, indent=2))
+    print(f"median |error| {summary['median_abs_error_pct']:.1f}%, worst {summary['worst_abs_error_pct']:.1f}% "
+          f"(goal: <= 3% and <= 8%); wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
