@@ -35,7 +35,8 @@ from sim.models import make_layer
 from .kernels import backward, forward
 
 REPEATS = 7
-DENSE_SHAPES = [(8, 64, 16), (32, 64, 128), (128, 64, 128), (32, 440, 2560), (128, 2560, 2560), (128, 2560, 8192)]
+DENSE_SHAPES = [(8, 64, 16), (16, 64, 128), (64, 64, 128), (128, 64, 128), (16, 440, 2560), (32, 440, 2560),
+                (16, 2560, 2560), (128, 2560, 2560), (16, 2560, 8192), (128, 2560, 8192)]
 MPI_SIZES = [2**k for k in range(3, 25, 3)]
 
 
@@ -56,7 +57,7 @@ def measure_compute(rng: np.random.Generator) -> dict:
     params1 = [np.ones((1, 1), np.float32), np.zeros(1, np.float32)]
     overhead = _median_time(lambda: forward(np, tiny, (1, 1, 1), x1, full_box((1, 1, 1)), full_box((1, 1, 1)), params1),
                             101)
-    points = []
+    points, back = [], []
     for b, n_in, n_out in DENSE_SHAPES:
         layer = make_layer("dense", units=n_out)
         x = rng.standard_normal((b, n_in, 1, 1), dtype=np.float32)
@@ -66,15 +67,17 @@ def measure_compute(rng: np.random.Generator) -> dict:
         points.append((flops, _median_time(lambda: forward(np, layer, (n_in, 1, 1), x, rin, box, params))))
         y, cache = forward(np, layer, (n_in, 1, 1), x, rin, box, params)
         dy = np.ones_like(y)
-        points.append((2 * flops, _median_time(
+        back.append((2 * flops, _median_time(
             lambda: backward(np, layer, (n_in, 1, 1), x.shape, rin, box, params, cache, dy))))
-    peak = max(f / t for f, t in points)               # raw rates: the large shapes set it
-    curve: dict[float, list[float]] = {}
-    for flops, t in points:                            # the model is t = overhead + flops / (peak x eff)
-        eff = flops / (peak * max(t - overhead, 1e-12))
-        curve.setdefault(flops, []).append(min(1.0, eff))
-    return {"op_overhead_s": overhead, "peak_flops": peak,
-            "efficiency_curve": sorted((f, float(np.mean(e))) for f, e in curve.items())}
+    peak = max(f / t for f, t in points + back)        # raw rates: the large shapes set it
+
+    def curve_of(pts):                                 # the model is t = overhead + flops / (peak x eff)
+        curve: dict[float, list[float]] = {}
+        for flops, t in pts:
+            curve.setdefault(flops, []).append(min(1.0, flops / (peak * max(t - overhead, 1e-12))))
+        return sorted((f, float(np.mean(e))) for f, e in curve.items())
+    return {"op_overhead_s": overhead, "peak_flops": peak, "efficiency_curve": curve_of(points),
+            "backward_efficiency_curve": curve_of(back)}
 
 
 def measure_step_overhead(rng: np.random.Generator) -> float:
@@ -169,6 +172,7 @@ def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, 
     share = min(1.0, cores / ranks)              # ranks beyond the cores share them
     per_rank = comp["peak_flops"] * share
     curve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp["efficiency_curve"])
+    bcurve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp.get("backward_efficiency_curve", []))
     lines = [f'name = "{name}"',
              f'description = "calibrated on this host: {cores} cores, {ranks} ranks; '
              f'MPI alpha {mpi["alpha_s"] * 1e6:.2f} us, beta {mpi["beta_bytes_per_s"] / 1e9:.3g} GB/s (R^2 {mpi["r2"]:.4f})"']
@@ -177,7 +181,7 @@ def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, 
                   f"core_gflops = {per_rank / 1e9:.6g}", "memory_gib = 16",
                   f"memory_bandwidth_gbps = {mem_bw * share / 1e9 / max(1, min(ranks, cores)):.6g}",
                   "efficiency = 1.0", f"op_overhead_us = {comp['op_overhead_s'] * 1e6:.4g}",
-                  f"efficiency_curve = [{curve}]"]
+                  f"efficiency_curve = [{curve}]", f"backward_efficiency_curve = [{bcurve}]"]
     lines += ["", "[[device]]", 'name = "shm"', 'kind = "switch"']
     for k in range(ranks):
         lines += ["", "[[link]]", f'a = "rank{k}"', 'b = "shm"',

@@ -14,9 +14,11 @@ from .fluid import Fluid
 from .topology import Topology
 
 
-def op_seconds(topology: Topology, device: str, flops: float, nbytes: float, dtype: str) -> float:
+def op_seconds(topology: Topology, device: str, flops: float, nbytes: float, dtype: str,
+               backward: bool = False) -> float:
     dev = topology.devices[device]
-    return dev.op_overhead + max(flops / (dev.flops_per_s(dtype) * dev.efficiency_at(flops)), nbytes / dev.memory_bw)
+    eff = dev.efficiency_at(flops, backward)
+    return dev.op_overhead + max(flops / (dev.flops_per_s(dtype) * eff), nbytes / dev.memory_bw)
 
 
 class Compute:
@@ -28,8 +30,8 @@ class Compute:
         self.slowdown = slowdown or {}
         self.fluid = Fluid(env, {name: 1.0 for name, d in topology.devices.items() if d.is_compute})
 
-    def seconds(self, device: str, flops: float, nbytes: float) -> float:
-        return op_seconds(self.topology, device, flops, nbytes, self.dtype) * self.slowdown.get(device, 1.0)
+    def seconds(self, device: str, flops: float, nbytes: float, backward: bool = False) -> float:
+        return op_seconds(self.topology, device, flops, nbytes, self.dtype, backward) * self.slowdown.get(device, 1.0)
 
-    def run(self, device: str, flops: float, nbytes: float) -> simpy.Event:
-        return self.fluid.start({device: 1}, self.seconds(device, flops, nbytes))
+    def run(self, device: str, flops: float, nbytes: float, backward: bool = False) -> simpy.Event:
+        return self.fluid.start({device: 1}, self.seconds(device, flops, nbytes, backward))

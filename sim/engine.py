@@ -129,7 +129,7 @@ class Engine:
     def compute_op(self, device: str, flops: float, nbytes: float, replica: int, step: int,
                    name: str, phase: str, kind: str = "compute") -> simpy.Event:
         start = self.env.now
-        ev = self.compute.run(device, flops, nbytes)
+        ev = self.compute.run(device, flops, nbytes, backward=phase == "bwd")
         ev.callbacks.append(lambda _e: self.trace.add(
             Span(name, kind, device, replica, step, start, self.env.now, nbytes, flops, phase)))
         return ev

@@ -7,8 +7,8 @@ File format (units in the names; ``gbps`` is 10^9 *bytes* per second, like nccl-
     [machine.cpu]    cores, core_gflops, memory_gib, memory_bandwidth_gbps, efficiency,
                      op_overhead_us
     [machine.gpu]    count, peak_tflops_fp32 (fp16, bf16, fp64 optional), memory_gib,
-                     memory_bandwidth_gbps, efficiency, op_overhead_us, efficiency_curve
-                     ([[flops, efficiency], ...], written by calibrate)
+                     memory_bandwidth_gbps, efficiency, op_overhead_us, efficiency_curve and
+                     backward_efficiency_curve ([[flops, efficiency], ...], written by calibrate)
     [machine.pcie]   switches, generation, lanes, uplink_lanes, latency_us
     [machine.nvlink] bandwidth_gbps (per GPU, per direction), latency_us
     [machine.nic]    count, bandwidth_gbps, latency_us
@@ -151,19 +151,23 @@ def _compute_fields(t: Table, kind: str) -> dict[str, Any]:
     else:
         cores = t.int("cores", lo=1, hi=4096)
         peak = {"fp32": cores * t.float("core_gflops", positive=True) * 1e9}
-    curve = t.raw("efficiency_curve", [])
-    if (not isinstance(curve, list) or not all(
-            isinstance(pt, list) and len(pt) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                         for v in pt) and pt[0] > 0 and 0 < pt[1] <= 1
-            for pt in curve) or [pt[0] for pt in curve] != sorted({pt[0] for pt in curve})):
-        raise t.error("efficiency_curve", "must be [[flops, efficiency], ...] with flops increasing and 0 < efficiency <= 1")
-    return dict(peak_flops=peak,
-                efficiency_curve=tuple((float(f), float(e)) for f, e in curve),
+    curves = {key: _curve(t, key) for key in ("efficiency_curve", "backward_efficiency_curve")}
+    return dict(peak_flops=peak, **curves,
                 memory_bytes=t.float("memory_gib", positive=True) * GIB,
                 memory_bw=t.float("memory_bandwidth_gbps", positive=True) * 1e9,
                 efficiency=t.float("efficiency", 1.0, lo=1e-3, hi=1.0),
                 cores=cores,
                 op_overhead=t.float("op_overhead_us", 0.0, lo=0.0, hi=1e6) * 1e-6)
+
+
+def _curve(t: Table, key: str) -> tuple:
+    curve = t.raw(key, [])
+    if (not isinstance(curve, list) or not all(
+            isinstance(pt, list) and len(pt) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                         for v in pt) and pt[0] > 0 and 0 < pt[1] <= 1
+            for pt in curve) or [pt[0] for pt in curve] != sorted({pt[0] for pt in curve})):
+        raise t.error(key, "must be [[flops, efficiency], ...] with flops increasing and 0 < efficiency <= 1")
+    return tuple((float(f), float(e)) for f, e in curve)
 
 
 def _machine_template(mt: Table) -> dict[str, Any]:

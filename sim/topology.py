@@ -41,14 +41,17 @@ class Device:
     cores: int = 0                      # CPU cores (0 for a GPU)
     op_overhead: float = 0.0            # seconds every op costs on top of the roofline (kernel launch)
     efficiency_curve: tuple = ()        # ((flops, efficiency), ...) measured by calibrate; overrides efficiency
+    backward_efficiency_curve: tuple = ()   # the same for backward ops (their GEMMs have other shapes)
 
-    def efficiency_at(self, flops: float) -> float:
-        """Efficiency for an op of ``flops``: interpolated in log(flops) on the measured curve,
-        held flat beyond its ends; the single ``efficiency`` when there is no curve."""
-        if not self.efficiency_curve:
+    def efficiency_at(self, flops: float, backward: bool = False) -> float:
+        """Efficiency for an op of ``flops``: interpolated in log(flops) on the measured curve
+        (the backward one for backward ops, when given), held flat beyond its ends; the
+        single ``efficiency`` when there is no curve."""
+        pts = (self.backward_efficiency_curve if backward and self.backward_efficiency_curve
+               else self.efficiency_curve)
+        if not pts:
             return self.efficiency
         import math
-        pts = self.efficiency_curve
         x = math.log10(max(flops, 1.0))
         xs = [math.log10(f) for f, _ in pts]
         if x <= xs[0]:
