@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from executor.calibrate import median_time  # noqa: E402
 from executor.kernels import backward, forward, windows  # noqa: E402
 from sim.layers import full_box  # noqa: E402
 from sim.models import make_layer  # noqa: E402
@@ -31,13 +32,7 @@ CONV = [(16, 64, 27, 27, 192, 5, 2)]                                   # alexnet
 
 
 def timeit(fn, repeats=REPEATS) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_time(fn, repeats)
 
 
 def compute() -> list[dict]:

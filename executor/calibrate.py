@@ -40,7 +40,7 @@ DENSE_SHAPES = [(8, 64, 16), (16, 64, 128), (64, 64, 128), (128, 64, 128), (16, 
 MPI_SIZES = [2**k for k in range(3, 25, 3)]
 
 
-def _median_time(fn, repeats: int = REPEATS) -> float:
+def median_time(fn, repeats: int = REPEATS) -> float:
     fn()
     out = []
     for _ in range(repeats):
@@ -55,7 +55,7 @@ def measure_compute(rng: np.random.Generator) -> dict:
     tiny = make_layer("dense", units=1)
     x1 = np.ones((1, 1, 1, 1), np.float32)
     params1 = [np.ones((1, 1), np.float32), np.zeros(1, np.float32)]
-    overhead = _median_time(lambda: forward(np, tiny, (1, 1, 1), x1, full_box((1, 1, 1)), full_box((1, 1, 1)), params1),
+    overhead = median_time(lambda: forward(np, tiny, (1, 1, 1), x1, full_box((1, 1, 1)), full_box((1, 1, 1)), params1),
                             101)
     points, back = [], []
     for b, n_in, n_out in DENSE_SHAPES:
@@ -64,10 +64,10 @@ def measure_compute(rng: np.random.Generator) -> dict:
         params = [rng.standard_normal((n_in, n_out), dtype=np.float32), np.zeros(n_out, np.float32)]
         rin, box = full_box((n_in, 1, 1)), full_box((n_out, 1, 1))
         flops = 2.0 * b * n_in * n_out
-        points.append((flops, _median_time(lambda: forward(np, layer, (n_in, 1, 1), x, rin, box, params))))
+        points.append((flops, median_time(lambda: forward(np, layer, (n_in, 1, 1), x, rin, box, params))))
         y, cache = forward(np, layer, (n_in, 1, 1), x, rin, box, params)
         dy = np.ones_like(y)
-        back.append((2 * flops, _median_time(
+        back.append((2 * flops, median_time(
             lambda: backward(np, layer, (n_in, 1, 1), x.shape, rin, box, params, cache, dy))))
     peak = max(f / t for f, t in points + back)        # raw rates: the large shapes set it
 
@@ -99,14 +99,14 @@ def measure_step_overhead(rng: np.random.Generator) -> float:
     params = {(i, 0): [a[idx] for a, idx in zip(full[i], box_index(model.nodes[i].layer.kind, box))]
               for i, sl in enumerate(p.slices) for _, box in sl if i in full}
     x, y = np.ones((1, 4, 1, 1), np.float32), np.zeros(1, np.int64)
-    t = _median_time(lambda: run_step(p, {0}, params, x, y, Mailbox()), 51)
+    t = median_time(lambda: run_step(p, {0}, params, x, y, Mailbox()), 51)
     return t / len(p.ops)
 
 
 def measure_memory_bandwidth(n_bytes: int = 256 * 2**20) -> float:
     a = np.ones(n_bytes // 8)
     b = np.empty_like(a)
-    t = _median_time(lambda: np.copyto(b, a), 5)
+    t = median_time(lambda: np.copyto(b, a), 5)
     return 2 * a.nbytes / t
 
 
