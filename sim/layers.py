@@ -118,19 +118,27 @@ class _Window(Layer):
 
 
 @dataclass(frozen=True)
-class LocallyConnected(_Window):
+class _Filters(_Window):
+    """A bank of ``filters`` k x k filters over all input channels."""
+
     filters: int = 1
-    split = "rows"
     bwd_ratio = 2.0
 
     def shape(self, s):
         return (self.filters, *self._out_hw(s))
 
-    def params(self, s):
-        return box_size(full_box(self.shape(s))) * (self.kernel**2 * s[0] + 1)  # untied: one filter per position
-
     def flops_per_out(self, s):
         return 2.0 * self.kernel**2 * s[0]
+
+
+@dataclass(frozen=True)
+class LocallyConnected(_Filters):
+    """Untied filters: one per output position, so a row stripe owns exactly its weights."""
+
+    split = "rows"
+
+    def params(self, s):
+        return box_size(full_box(self.shape(s))) * (self.kernel**2 * s[0] + 1)
 
     def needs(self, s, box):
         return ((0, s[0]), *self._rows_needed(s, box))
@@ -140,19 +148,13 @@ class LocallyConnected(_Window):
 
 
 @dataclass(frozen=True)
-class Conv2d(_Window):
-    filters: int = 1
-    split = "channels"
-    bwd_ratio = 2.0
+class Conv2d(_Filters):
+    """Tied filters: cut by output channels; every slice reads the whole input."""
 
-    def shape(self, s):
-        return (self.filters, *self._out_hw(s))
+    split = "channels"
 
     def params(self, s):
         return self.filters * (self.kernel**2 * s[0] + 1)
-
-    def flops_per_out(self, s):
-        return 2.0 * self.kernel**2 * s[0]
 
     def needs(self, s, box):
         return full_box(s)
