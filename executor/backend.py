@@ -26,15 +26,5 @@ def get_xp(device: str = "cpu") -> ModuleType:
     return cp
 
 
-def array_module(x) -> ModuleType:
-    """The module an array belongs to (cupy.get_array_module without importing CuPy)."""
-    return _cupy() if type(x).__module__.startswith("cupy") else numpy
-
-
-def _cupy() -> ModuleType:
-    import cupy
-    return cupy
-
-
 def to_numpy(x):
     return x.get() if hasattr(x, "get") and not isinstance(x, numpy.ndarray) else numpy.asarray(x)

@@ -108,7 +108,6 @@ class StepResult:
     loss: float                                   # this process's share of the mean loss
     grads: dict[tuple[int, int], list]            # (layer, slot) -> parameter gradients of the box
     logits: dict[tuple[int, int], object] = field(default_factory=dict)   # (slot, micro) -> its box of the logits
-    sent_bytes: float = 0.0
 
 
 def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, labels, transport,
@@ -133,7 +132,6 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
     grads: dict[tuple[int, int], list] = {}
     loss = 0.0
     logits = {}
-    sent0 = getattr(transport, "bytes", 0)
 
     def needs(i, j):
         node = nodes[i]
@@ -226,7 +224,7 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
         if on_op is not None:
             on_op(op)
     transport.flush()
-    return StepResult(float(loss), grads, logits, getattr(transport, "bytes", 0) - sent0)
+    return StepResult(float(loss), grads, logits)
 
 
 def _softmax_grad(xp, p: Plan, y, box: Box, others: list, labels, batch: int):

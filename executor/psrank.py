@@ -4,7 +4,7 @@ Layout: the parameters are one vector, layer by layer and slot by slot (the Plan
 order); shard k owns an even cut of it.  A worker slot holds its boxes' parameters as
 segments of that vector, so what it exchanges with shard k is a few contiguous runs.
 
-Protocol (tags): a worker sends PUSH (its accumulated gradient on the shard's runs), FETCH
+Protocol (tags): a worker sends a push (tag ``push_tag(step)``) (its accumulated gradient on the shard's runs), FETCH
 (a request; the reply is the shard's current values on those runs) and DONE.  MPI does
 not let messages between two ranks overtake each other, so a fetch sent after a push
 sees that push applied: a worker reads its own writes.  In ``sync`` mode a shard answers
@@ -25,7 +25,7 @@ from sim.plan import Plan
 from .comm import POLL_SLEEP_S, YIELD_FOR_S, wait_buffer
 from .optim import DCASGD, SGD, Adagrad
 
-PUSH, FETCH, REPLY, DONE = 11, 12, 13, 14
+FETCH, REPLY, DONE = 12, 13, 14
 PUSH_STEP_TAGS = 10_000           # a push's tag is PUSH_BASE + its step modulo this (sync: late pushes are dropped)
 PUSH_BASE = 20_000
 

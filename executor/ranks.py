@@ -240,7 +240,7 @@ class RankJob:
         from mpi4py import MPI
         status = MPI.Status()
         me = p.devices[self.r][0]
-        step_times, done_units, batches = [], 0, 0
+        step_times, batches = [], 0
         for b in range(tr.steps):
             xb, yb = whole.next()
             if self.world.rank == self.failed_rank and b >= self.fail_step:
@@ -262,7 +262,6 @@ class RankJob:
                     grads[u] = self.flatten(res.grads, 0)
                     self.span(f"unit {u}", "compute", me, b, t, time.perf_counter(), 0.0, 0.0, "unit")
                     self.world.Send(np.array([b, u], np.int64), dest=coord, tag=RESULT)
-                    done_units += 1
                 else:
                     msg = np.empty(units + 1, np.int64)
                     self.world.Recv(msg, source=coord, tag=END)

@@ -20,14 +20,13 @@ from collections import deque
 
 import numpy as np
 
-from .comm import POLL_SLEEP_S, YIELD_FOR_S, wait_buffer
+from .comm import POLL_SLEEP_S, YIELD_FOR_S
 from .psrank import DONE, FETCH, REPLY, decode, encode, message_buffer, put, take
 
 READY, ASSIGN, RESULT, END, EXPECT = 31, 32, 33, 34, 35
 
 
 def _probe(comm, status, source, tag):
-    from mpi4py import MPI
     start = time.perf_counter()
     while not comm.Iprobe(source=source, tag=tag, status=status):
         if time.perf_counter() - start < YIELD_FOR_S:

@@ -8,7 +8,6 @@ how steps, gradient exchange and updates follow each other.  All state lives in 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -230,9 +229,6 @@ class SimResult:
     steps: int
     solves: int = 0
     engine: "Engine | None" = None
-
-
-Algorithm = Callable[[Engine, int], object]
 
 
 def simulate(plan: Plan, steps: int | None = None, rng: np.random.Generator | None = None) -> SimResult:

@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 KINDS = ("compute", "transfer", "update", "wait")
@@ -66,10 +66,6 @@ class Trace:
     def add(self, span: Span) -> None:
         self.spans.append(span)
 
-    @property
-    def makespan_s(self) -> float:
-        return max((s.end_s for s in self.spans), default=0.0)
-
     def step_times(self) -> list[float]:
         starts = [0.0] + self.step_ends[:-1]
         return [b - a for a, b in zip(starts, self.step_ends)]
@@ -105,9 +101,6 @@ class Trace:
         for (group, where), tid in tids.items():
             events.append({"name": "thread_name", "ph": "M", "pid": pids[group], "tid": tid, "args": {"name": where}})
         return {"traceEvents": events, "displayTimeUnit": "ms"}
-
-    def to_records(self) -> list[dict]:
-        return [asdict(s) for s in self.spans]
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:

@@ -91,7 +91,7 @@ def test_digits_split_and_batches_are_seeded():
     b = Batches(d.x_train, d.y_train, 32, np.random.default_rng(5))
     for _ in range(50):
         (xa, ya), (xb, yb) = a.next(), b.next()
-        assert (ya == yb).all()
+        assert (xa == xb).all() and (ya == yb).all()
 
 
 def test_idx_reader_round_trip(tmp_path):
