@@ -25,6 +25,39 @@ LCN_EPS = 1.0
 BN_EPS = 1e-5
 
 
+def param_shapes(layer, in_shape, out_shape) -> list[tuple]:
+    """Shapes of a whole layer's parameter arrays, in the order the kernels take them."""
+    s, o, k = in_shape, out_shape, getattr(layer, "kernel", 1)
+    if layer.kind == "dense":
+        return [(int(np.prod(s)), o[0]), (o[0],)]
+    if layer.kind == "conv2d":
+        return [(o[0], s[0], k, k), (o[0],)]
+    if layer.kind == "locally_connected":
+        return [(o[1], o[2], o[0], s[0], k, k), (o[1], o[2], o[0])]
+    if layer.kind == "batchnorm":
+        return [(s[0],), (s[0],)]
+    return []
+
+
+def init_params(model, rng: np.random.Generator, dtype=np.float64) -> dict[int, list]:
+    """Whole-layer parameters by layer index: Glorot-uniform weights (fan in and out of one
+    output unit), zero biases, batch-norm gamma 1 and beta 0."""
+    out = {}
+    for node in model.nodes:
+        shapes = param_shapes(node.layer, node.in_shape, node.out_shape)
+        if not shapes:
+            continue
+        if node.layer.kind == "batchnorm":
+            out[node.index] = [np.ones(shapes[0], dtype), np.zeros(shapes[1], dtype)]
+            continue
+        k2 = getattr(node.layer, "kernel", 1) ** 2
+        fan_in = shapes[0][0] if node.layer.kind == "dense" else node.in_shape[0] * k2
+        fan_out = node.out_shape[0] * (k2 if node.layer.kind == "conv2d" else 1)
+        lim = np.sqrt(6.0 / (fan_in + fan_out))
+        out[node.index] = [rng.uniform(-lim, lim, shapes[0]).astype(dtype), np.zeros(shapes[1], dtype)]
+    return out
+
+
 def windows(xp, x, k: int, s: int):
     """(B, C, Ho, Wo, k, k) strided view of the k x k windows of x (B, C, H, W) at stride s."""
     v = xp.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))

@@ -1,172 +1,89 @@
-"""Layers forward and backward in ``xp`` (NumPy or CuPy), each backward next to its
-forward, and ``Net``: a sim Model's layers over one flat parameter vector.
+"""``Net``: a sim Model's layers over one flat parameter vector, for co-simulation and any
+code that wants a whole network in one process.
 
-The flat vector is laid out layer by layer (a dense layer's W row-major (in, out), then
-b), so parameter-server shards are plain index ranges of it, as in the Plan.
+The math is ``kernels.py``'s (each layer on its whole output box); this module only lays
+the parameters out as one vector -- layer by layer, each layer's arrays in the kernels'
+order (a dense layer's W (in, out), then b) -- so parameter-server shards are plain index
+ranges of it, as in the Plan.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from math import prod
 
 import numpy as np
 
+from sim.layers import full_box
 from sim.models import Model
 
-SUPPORTED = ("dense", "relu", "sigmoid", "tanh", "dropout", "softmax_xent")
-
-
-# --- layer kinds: forward returns (y, cache); backward returns (dx, grads) --------------------
-def dense_forward(x, W, b):
-    # x (B, in), W (in, out), b (out,) -> (B, out)
-    return x @ W + b, x
-
-
-def dense_backward(cache, dy, W):
-    x = cache
-    return dy @ W.T, (x.T @ dy, dy.sum(axis=0))          # dx (B, in), dW (in, out), db (out,)
-
-
-def relu_forward(x):
-    return x * (x > 0), x > 0
-
-
-def relu_backward(mask, dy):
-    return dy * mask
-
-
-def sigmoid_forward(x, xp):
-    y = 1.0 / (1.0 + xp.exp(-x))
-    return y, y
-
-
-def sigmoid_backward(y, dy):
-    return dy * y * (1.0 - y)
-
-
-def tanh_forward(x, xp):
-    y = xp.tanh(x)
-    return y, y
-
-
-def tanh_backward(y, dy):
-    return dy * (1.0 - y * y)
-
-
-def softmax_xent_forward(logits, labels, xp):
-    """Mean cross-entropy over the batch; cache holds the probabilities."""
-    z = logits - logits.max(axis=1, keepdims=True)        # (B, C), stable
-    p = xp.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    n = logits.shape[0]
-    loss = -xp.log(p[xp.arange(n), labels] + 1e-12).mean()
-    return loss, (p, labels)
-
-
-def softmax_xent_backward(cache, xp):
-    p, labels = cache
-    g = p.copy()
-    g[xp.arange(len(labels)), labels] -= 1.0
-    return g / len(labels)                                 # d(mean loss)/d logits
-
-
-# --- a whole network ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Slot:
-    kind: str
-    start: int          # offset of this layer's parameters in the flat vector
-    shapes: tuple       # parameter shapes, in layout order
+from . import kernels
 
 
 class Net:
-    """Trainable view of a sim ``Model`` (flat inputs, dense-style layers)."""
+    """Trainable view of a sim ``Model`` whose last layer is softmax_xent."""
 
     def __init__(self, model: Model, xp=np) -> None:
-        self.model, self.xp = model, xp
-        self.slots: list[Slot] = []
-        offset = 0
-        for node in model.nodes:
-            kind = node.layer.kind
-            if kind not in SUPPORTED:
-                raise ValueError(f"layer {node.index} ({kind}) has no executor implementation yet; "
-                                 f"supported: {', '.join(SUPPORTED)}")
-            shapes = ((prod(node.in_shape), node.out_shape[0]), (node.out_shape[0],)) if kind == "dense" else ()
-            self.slots.append(Slot(kind, offset, shapes))
-            offset += sum(prod(s) for s in shapes)
         if model.nodes[-1].layer.kind != "softmax_xent":
             raise ValueError("training needs a softmax_xent layer last")
+        self.model, self.xp = model, xp
+        self.layout: list[list[tuple[int, tuple]]] = []      # per layer: (offset, shape) of each array
+        offset = 0
+        for node in model.nodes:
+            arrays = []
+            for shape in kernels.param_shapes(node.layer, node.in_shape, node.out_shape):
+                arrays.append((offset, shape))
+                offset += prod(shape)
+            self.layout.append(arrays)
         self.size = offset
 
     def init(self, rng: np.random.Generator):
-        """Glorot-uniform weights, zero biases (float32)."""
-        w = np.zeros(self.size, np.float32)
-        for slot in self.slots:
-            if slot.shapes:
-                fan_in, fan_out = slot.shapes[0]
-                limit = np.sqrt(6.0 / (fan_in + fan_out))
-                n = fan_in * fan_out
-                w[slot.start:slot.start + n] = rng.uniform(-limit, limit, n)
-        return self.xp.asarray(w)
+        """``kernels.init_params`` laid out flat (float32)."""
+        full = kernels.init_params(self.model, rng, np.float32)
+        flat = np.zeros(self.size, np.float32)
+        for i, arrays in full.items():
+            for (offset, shape), a in zip(self.layout[i], arrays):
+                flat[offset:offset + prod(shape)] = a.ravel()
+        return self.xp.asarray(flat)
 
-    def _params(self, flat, slot: Slot):
-        (fi, fo), _ = slot.shapes
-        W = flat[slot.start:slot.start + fi * fo].reshape(fi, fo)
-        b = flat[slot.start + fi * fo:slot.start + fi * fo + fo]
-        return W, b
+    def params(self, flat, i: int) -> list:
+        """Views of layer i's arrays inside ``flat``."""
+        return [flat[o:o + prod(shape)].reshape(shape) for o, shape in self.layout[i]]
 
     def forward(self, flat, x, labels=None, train: bool = False, rng: np.random.Generator | None = None):
-        """(loss or None, logits, caches).  Dropout is active only with ``train``."""
-        xp, caches = self.xp, []
-        h = x.reshape(len(x), -1)
-        for slot, node in zip(self.slots, self.model.nodes):
-            if slot.kind == "dense":
-                h, c = dense_forward(h, *self._params(flat, slot))
-            elif slot.kind == "relu":
-                h, c = relu_forward(h)
-            elif slot.kind == "sigmoid":
-                h, c = sigmoid_forward(h, xp)
-            elif slot.kind == "tanh":
-                h, c = tanh_forward(h, xp)
-            elif slot.kind == "dropout":
+        """(mean loss or None, logits (B, classes), caches).  Dropout is active only with ``train``."""
+        xp = self.xp
+        h = x.reshape(len(x), *self.model.input_shape)                   # (B, C, H, W)
+        caches = []
+        for i, node in enumerate(self.model.nodes[:-1]):
+            mask = None
+            if node.layer.kind == "dropout" and train and rng is not None:
                 keep = 1.0 - node.layer.rate
-                c = (xp.asarray(rng.random(h.shape) < keep) / keep) if train and rng is not None else None
-                h = h * c if c is not None else h
-            else:   # softmax_xent: the loss
-                if labels is None:
-                    return None, h, caches
-                loss, c = softmax_xent_forward(h, labels, xp)
-                caches.append(c)
-                return loss, h, caches
-            caches.append(c)
-        raise AssertionError("unreachable: the last layer is softmax_xent")
+                mask = xp.asarray((rng.random(h.shape) < keep) / keep)
+            rin, box = full_box(node.in_shape), full_box(node.out_shape)
+            y, cache = kernels.forward(xp, node.layer, node.in_shape, h, rin, box, self.params(flat, i), mask)
+            caches.append((h.shape, cache))
+            h = y
+        logits = h.reshape(len(h), -1)                                   # (B, classes)
+        if labels is None:
+            return None, logits, caches
+        loss, dlogits = kernels.softmax_xent_loss(xp, logits, labels)
+        return loss, logits, caches + [dlogits]
 
     def loss_and_grad(self, flat, x, labels, rng: np.random.Generator | None = None):
         """Mean loss over the batch and its gradient as a flat vector."""
-        xp = self.xp
-        loss, _, caches = self.forward(flat, x, labels, train=rng is not None, rng=rng)
-        grad = xp.zeros_like(flat)
-        dy = None
-        for slot, cache in zip(reversed(self.slots), reversed(caches)):
-            if slot.kind == "softmax_xent":
-                dy = softmax_xent_backward(cache, xp)
-            elif slot.kind == "dense":
-                W, _ = self._params(flat, slot)
-                dy, (dW, db) = dense_backward(cache, dy, W)
-                n = dW.size
-                grad[slot.start:slot.start + n] = dW.ravel()
-                grad[slot.start + n:slot.start + n + db.size] = db
-            elif slot.kind == "relu":
-                dy = relu_backward(cache, dy)
-            elif slot.kind == "sigmoid":
-                dy = sigmoid_backward(cache, dy)
-            elif slot.kind == "tanh":
-                dy = tanh_backward(cache, dy)
-            elif slot.kind == "dropout" and cache is not None:
-                dy = dy * cache
+        loss, logits, caches = self.forward(flat, x, labels, train=rng is not None, rng=rng)
+        grad = self.xp.zeros_like(flat)
+        dy = caches[-1].reshape(len(logits), *self.model.nodes[-1].in_shape)
+        for i in range(len(self.model.nodes) - 2, -1, -1):
+            node = self.model.nodes[i]
+            shape, cache = caches[i]
+            rin, box = full_box(node.in_shape), full_box(node.out_shape)
+            dy, dparams = kernels.backward(self.xp, node.layer, node.in_shape, shape, rin, box,
+                                           self.params(flat, i), cache, dy)
+            for (o, s), g in zip(self.layout[i], dparams):
+                grad[o:o + prod(s)] = g.ravel()
         return float(loss), grad
 
     def evaluate(self, flat, x, labels) -> tuple[float, float]:
         """(accuracy, mean loss) without dropout."""
         loss, logits, _ = self.forward(flat, x, labels)
-        pred = logits.argmax(axis=1)
-        return float((pred == labels).mean()), float(loss)
+        return float((logits.argmax(axis=1) == labels).mean()), float(loss)

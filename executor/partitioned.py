@@ -48,29 +48,6 @@ def _box_of(p: Plan, layer: int, slot: int) -> Box | None:
 
 
 # --- parameters of a box ------------------------------------------------------------------
-def full_params(p: Plan, rng: np.random.Generator, dtype=np.float64) -> dict[int, list]:
-    """Whole-layer parameters in the kernels' layouts (Glorot-uniform weights, zero biases)."""
-    out = {}
-    for node in p.scenario.model.nodes:
-        lay, s, o = node.layer, node.in_shape, node.out_shape
-        k = getattr(lay, "kernel", 1)
-
-        def glorot(shape, fan_in, fan_out):
-            lim = np.sqrt(6.0 / (fan_in + fan_out))
-            return rng.uniform(-lim, lim, shape).astype(dtype)
-        if lay.kind == "dense":
-            n = int(np.prod(s))
-            out[node.index] = [glorot((n, o[0]), n, o[0]), np.zeros(o[0], dtype)]
-        elif lay.kind == "conv2d":
-            out[node.index] = [glorot((o[0], s[0], k, k), s[0] * k * k, o[0] * k * k), np.zeros(o[0], dtype)]
-        elif lay.kind == "locally_connected":
-            out[node.index] = [glorot((o[1], o[2], o[0], s[0], k, k), s[0] * k * k, o[0]),
-                               np.zeros((o[1], o[2], o[0]), dtype)]
-        elif lay.kind == "batchnorm":
-            out[node.index] = [np.ones(s[0], dtype), np.zeros(s[0], dtype)]
-    return out
-
-
 def box_index(kind: str, box: Box) -> list[tuple]:
     """Index of a box's parameters inside the whole layer's arrays (same order as the arrays)."""
     (c0, c1), (h0, h1), (w0, w1) = box

@@ -41,8 +41,8 @@ from sim.trace import Span, Trace, write_chrome
 from .backend import get_xp, to_numpy
 from .comm import MPITransport, wait_buffer
 from .data import Batches, digits, synthetic
-from .kernels import softmax_xent_loss
-from .partitioned import _box_of, box_index, full_params, run_step
+from .kernels import init_params, softmax_xent_loss
+from .partitioned import _box_of, box_index, run_step
 from .psrank import ShardClient, serve, shard_runs, slot_segments
 
 ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster")
@@ -169,7 +169,7 @@ class RankJob:
         self.rep = world.Split(color=self.r if is_worker else MPI.UNDEFINED, key=self.j)
         self.slot = world.Split(color=self.j if is_worker else MPI.UNDEFINED, key=self.r)
         self.shards = world.Split(color=0 if self.role == "shard" else MPI.UNDEFINED, key=world.rank)
-        full = full_params(self.p, np.random.default_rng(sc.seed), dtype=np.float32)
+        full = init_params(sc.model, np.random.default_rng(sc.seed), dtype=np.float32)
         self.box_params = {}
         for i, sl in enumerate(self.p.slices):
             if i in full:

@@ -8,14 +8,15 @@ from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).parent))
 from executor.comm import MPITransport  # noqa: E402
-from executor.partitioned import box_index, full_params, run_step  # noqa: E402
+from executor.kernels import init_params  # noqa: E402
+from executor.partitioned import box_index, run_step  # noqa: E402
 from test_partitioned import ALL_KINDS, make_plan  # noqa: E402
 
 comm = MPI.COMM_WORLD
 out = Path(sys.argv[1])
 p = make_plan(ALL_KINDS, comm.size, sys.argv[2])
 rng = np.random.default_rng(7)
-full = full_params(make_plan(ALL_KINDS, 1, "spatial"), rng)
+full = init_params(ALL_KINDS, rng)
 x = rng.normal(size=(6, *ALL_KINDS.input_shape))
 y = rng.integers(0, 5, 6)
 j = comm.rank

@@ -10,7 +10,7 @@ import pytest
 from executor.partitioned import box_index
 from executor.ranks import rank_role
 from test_partitioned import ALL_KINDS, make_plan, run
-from executor.partitioned import full_params
+from executor.kernels import init_params
 
 HERE = Path(__file__).parent
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -44,7 +44,7 @@ def test_partitioned_step_on_three_real_ranks_equals_the_reference(tmp_path, spl
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rng = np.random.default_rng(7)
-    full = full_params(make_plan(ALL_KINDS, 1, "spatial"), rng)
+    full = init_params(ALL_KINDS, rng)
     x = rng.normal(size=(6, *ALL_KINDS.input_shape))
     y = rng.integers(0, 5, 6)
     loss0, _, grads0 = run(make_plan(ALL_KINDS, 1, "spatial"), full, x, y)

@@ -5,7 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from executor.partitioned import Mailbox, box_index, full_params, run_step
+from executor.kernels import init_params
+from executor.partitioned import Mailbox, box_index, run_step
 from sim.models import build_model, make_layer as L
 from sim.partition import even_cuts
 from sim.plan import plan
@@ -60,7 +61,7 @@ def run(p, full, x, y):
 def test_partitioned_step_equals_the_single_process_reference(model, split, m, micro):
     rng = np.random.default_rng(7)
     ref_plan = make_plan(model, 1, "spatial")
-    full = full_params(ref_plan, rng)
+    full = init_params(model, rng)
     x = rng.normal(size=(6, *model.input_shape))
     y = rng.integers(0, model.nodes[-1].out_shape[0], 6)
     loss0, logits0, grads0 = run(ref_plan, full, x, y)
@@ -75,7 +76,7 @@ def test_partitioned_step_equals_the_single_process_reference(model, split, m, m
 def test_messages_carry_the_bytes_the_plan_counts():
     p = make_plan(NO_BN, 3, "spatial")
     rng = np.random.default_rng(0)
-    full = full_params(make_plan(NO_BN, 1, "spatial"), rng, dtype=np.float32)
+    full = init_params(NO_BN, rng, dtype=np.float32)
     x = rng.normal(size=(6, *NO_BN.input_shape)).astype(np.float32)
     y = rng.integers(0, 4, 6)
     params = {(i, j): [a[idx] for a, idx in zip(full[i], box_index(NO_BN.nodes[i].layer.kind, box))]
