@@ -195,6 +195,12 @@ class RankJob:
                 a[...] = self.xp.asarray(flat[pos:pos + a.size].reshape(a.shape))
                 pos += a.size
 
+    def global_vector(self) -> np.ndarray:
+        """Every box's parameters as one vector in the Plan's order (layer by layer, slot by
+        slot): what the shards cut into even ranges."""
+        return np.concatenate([a.ravel() for i, sl in enumerate(self.p.slices) for j, _ in sl
+                               if (i, j) in self.box_params for a in self.box_params[(i, j)]])
+
     def runs_of(self, j: int) -> list:
         return shard_runs(slot_segments(self.p, j, self.sizes), self.total, self.S)
 
@@ -279,8 +285,7 @@ class RankJob:
         if self.sc.training.algorithm == "sandblaster":
             return self.lbfgs_shard(k)
         lo, hi = even_cuts(self.total, self.S)[k]
-        flat = np.concatenate([a.ravel() for i, sl in enumerate(self.p.slices) for j, _ in sl
-                               if (i, j) in self.box_params for a in self.box_params[(i, j)]])
+        flat = self.global_vector()
         runs = {rank: self.runs_of(rank % self.M)[k] for rank in range(self.M * self.R)}
         runs = {rank: rr for rank, rr in runs.items() if rr}
         tr = self.sc.training
@@ -307,8 +312,7 @@ class RankJob:
         from .optim import LBFGS
         from .sandblaster import ShardDot, serve_lbfgs
         lo, hi = even_cuts(self.total, self.S)[k]
-        flat = np.concatenate([a.ravel() for i, sl in enumerate(self.p.slices) for j, _ in sl
-                               if (i, j) in self.box_params for a in self.box_params[(i, j)]])
+        flat = self.global_vector()
         runs = {rank: self.runs_of(0)[k] for rank in range(self.M * self.R)}
         tr = self.sc.training
         lbfgs = LBFGS(lr=1.0, history=tr.lbfgs_history, first_step=tr.learning_rate, dot=ShardDot(self.shards),
