@@ -29,6 +29,17 @@ def wait_buffer(req) -> None:
             time.sleep(POLL_SLEEP_S)
 
 
+def probe(comm, status, source: int, tag: int) -> tuple[int, int]:
+    """Waits, yielding, for a message matching (source, tag); returns its (source, tag)."""
+    start = time.perf_counter()
+    while not comm.Iprobe(source=source, tag=tag, status=status):
+        if time.perf_counter() - start < YIELD_FOR_S:
+            os.sched_yield()
+        else:
+            time.sleep(POLL_SLEEP_S)
+    return status.Get_source(), status.Get_tag()
+
+
 def tag_of(tag: tuple) -> int:
     kind, layer, micro = tag
     return TAGS[kind] * 10_000_000 + layer * 10_000 + micro

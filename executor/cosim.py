@@ -20,7 +20,7 @@ from sim.plan import Plan
 
 from .data import Batches, digits
 from .nn import Net
-from .optim import DCASGD, LBFGS, SGD, Adagrad, quantize8
+from .optim import DCASGD, LBFGS, LBFGS_MAX_STEP_FACTOR, SGD, Adagrad, quantize8
 
 
 def _shard_ranges(p: Plan, size: int) -> list[tuple[int, int]]:
@@ -52,7 +52,6 @@ class Replay:
         self.local = [w0.copy() for _ in range(p.replicas)]
         self.ranges = _shard_ranges(p, self.net.size)
         self.rules = [_rule(p, lo, hi) for lo, hi in self.ranges]
-        from .ranks import LBFGS_MAX_STEP_FACTOR
         self.lbfgs = LBFGS(lr=1.0, history=self.tr.lbfgs_history, first_step=self.tr.learning_rate,
                            max_step=LBFGS_MAX_STEP_FACTOR * self.tr.learning_rate)
         R = p.replicas

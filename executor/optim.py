@@ -24,6 +24,7 @@ from collections import deque
 
 import numpy as np
 
+LBFGS_MAX_STEP_FACTOR = 10.0   # Sandblaster caps an L-BFGS step at this many first steps (no line search)
 ADAGRAD_EPS = 1e-8        # keeps the first steps finite when h is still ~0
 DCASGD_MOMENTUM = 0.95    # m for the adaptive lambda's mean square (the paper's value)
 

@@ -13,7 +13,6 @@ replica.  Shards poll with short sleeps: waiting ranks yield the CPU.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ import numpy as np
 from sim.partition import even_cuts
 from sim.plan import Plan
 
-from .comm import POLL_SLEEP_S, YIELD_FOR_S, wait_buffer
+from .comm import probe, wait_buffer
 from .optim import DCASGD, SGD, Adagrad
 
 FETCH, REPLY, DONE = 12, 13, 14
@@ -168,13 +167,7 @@ def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, lis
     status = MPI.Status()
     workers = set(worker_runs) - set(silent)
     while done < len(workers):
-        start = time.perf_counter()
-        while not comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
-            if time.perf_counter() - start < YIELD_FOR_S:
-                os.sched_yield()
-            else:
-                time.sleep(POLL_SLEEP_S)
-        src, tag = status.Get_source(), status.Get_tag()
+        src, tag = probe(comm, status, MPI.ANY_SOURCE, MPI.ANY_TAG)
         runs = worker_runs.get(src, [])
         n = sum(r.size for r in runs)
         if tag >= PUSH_BASE:

@@ -46,7 +46,6 @@ from .partitioned import _box_of, box_index, run_step
 from .psrank import ShardClient, serve, shard_runs, slot_segments
 
 ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster")
-LBFGS_MAX_STEP_FACTOR = 10.0      # Sandblaster's L-BFGS step is capped at this many first steps (no line search)
 
 
 def rank_role(rank: int, model_parallel: int, replicas: int) -> tuple[str, int, int]:
@@ -233,7 +232,8 @@ class RankJob:
     def sandblaster_worker(self) -> dict:
         import dataclasses
         from sim.algorithms.sandblaster import units_of
-        from .sandblaster import ASSIGN, END, READY, RESULT, _probe
+        from .comm import probe
+        from .sandblaster import ASSIGN, END, READY, RESULT
         sc, xp, p, tr = self.sc, self.xp, self.p, self.sc.training
         units, unit_size = units_of(sc)
         unit_plan = plan(dataclasses.replace(sc, batch_size=unit_size), check_memory=False)
@@ -257,7 +257,7 @@ class RankJob:
             self.world.Send(np.zeros(1, np.int64), dest=coord, tag=READY)
             grads: dict[int, np.ndarray] = {}
             while True:
-                _, tag = _probe(self.world, status, coord, MPI.ANY_TAG)
+                _, tag = probe(self.world, status, coord, MPI.ANY_TAG)
                 if tag == ASSIGN:
                     msg = np.empty(2, np.int64)
                     self.world.Recv(msg, source=coord, tag=ASSIGN)
@@ -309,7 +309,7 @@ class RankJob:
 
     def lbfgs_shard(self, k: int) -> dict:
         from sim.algorithms.sandblaster import units_of
-        from .optim import LBFGS
+        from .optim import LBFGS, LBFGS_MAX_STEP_FACTOR
         from .sandblaster import ShardDot, serve_lbfgs
         lo, hi = even_cuts(self.total, self.S)[k]
         flat = self.global_vector()

@@ -14,26 +14,15 @@ Ranks: workers first (replica-major), then shards, then the coordinator.
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 
 import numpy as np
 
-from .comm import POLL_SLEEP_S, YIELD_FOR_S
+from .comm import POLL_SLEEP_S, probe
 from .psrank import DONE, FETCH, REPLY, decode, encode, message_buffer, put, take
 
 READY, ASSIGN, RESULT, END, EXPECT = 31, 32, 33, 34, 35
-
-
-def _probe(comm, status, source, tag):
-    start = time.perf_counter()
-    while not comm.Iprobe(source=source, tag=tag, status=status):
-        if time.perf_counter() - start < YIELD_FOR_S:
-            os.sched_yield()
-        else:
-            time.sleep(POLL_SLEEP_S)
-    return status.Get_source(), status.Get_tag()
 
 
 # --- coordinator ----------------------------------------------------------------------------------
@@ -126,7 +115,7 @@ def serve_lbfgs(comm, initial: np.ndarray, worker_runs: dict, units: int, lbfgs,
     deferred: list[tuple[int, int]] = []
     expected_done = len(set(worker_runs) - set(silent))
     while not (finished and not expects and done == expected_done):
-        src, tag = _probe(comm, status, MPI.ANY_SOURCE, MPI.ANY_TAG)
+        src, tag = probe(comm, status, MPI.ANY_SOURCE, MPI.ANY_TAG)
         runs = worker_runs.get(src, [])
         msg = np.empty(1, np.int64)
         if tag == FETCH:
