@@ -33,6 +33,7 @@ from sim.layers import full_box
 from sim.models import make_layer
 
 from .kernels import backward, forward
+from .launch import mpiexec, rank_env
 
 REPEATS = 7
 DENSE_SHAPES = [(8, 64, 16), (16, 64, 128), (64, 64, 128), (128, 64, 128), (16, 440, 2560), (32, 440, 2560),
@@ -142,10 +143,8 @@ def measure_mpi(sizes: list[int] = MPI_SIZES) -> dict:
     """One-way message time by size on 2 ranks, and its alpha-beta fit."""
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
         fh.write(PINGPONG)
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    proc = subprocess.run([str(mpiexec), "-n", "2", sys.executable, fh.name, str(Path(__file__).resolve().parents[1]),
-                           json.dumps(sizes)], capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run([str(mpiexec()), "-n", "2", sys.executable, fh.name, str(Path(__file__).resolve().parents[1]),
+                           json.dumps(sizes)], capture_output=True, text=True, timeout=600, env=rank_env(2, 2))
     Path(fh.name).unlink(missing_ok=True)
     if proc.returncode != 0:
         raise RuntimeError(f"MPI ping-pong failed: {proc.stderr[-500:]}")
@@ -168,21 +167,74 @@ def fit_alpha_beta(sizes: list[float], times: list[float]) -> dict:
             "max_rel_error": float(np.max(np.abs(pred - t) / t))}
 
 
-def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, mpi: dict) -> str:
-    """``comp`` was measured with the BLAS threads one rank gets (cores // ranks, at least 1)."""
-    share = min(1.0, cores / ranks)              # ranks beyond the cores share them
-    per_rank = comp["peak_flops"] * share
+def measure_op_costs(ranks: int, cores: int) -> dict:
+    """The executor's ops timed in context (``executor/probe.py``) by min(ranks, cores)
+    ranks at once, each with the BLAS threads a rank of a ``ranks``-rank job gets, and the
+    costs fitted per op key."""
+    n = max(1, min(ranks, cores))
+    proc = subprocess.run([str(mpiexec()), "-n", str(n), sys.executable, "-m", "executor.probe"],
+                          capture_output=True, text=True, timeout=1200, env=rank_env(ranks, cores),
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    if proc.returncode != 0:
+        raise RuntimeError(f"op probe failed: {proc.stderr[-500:]}")
+    points = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {key: fit_op_cost(pts) for key, pts in sorted(points.items())}
+
+
+def fit_op_cost(points: list[list[float]]) -> dict:
+    """Least squares t = fixed + flops / flop_rate + bytes / byte_rate over (flops, bytes,
+    seconds) points, weighted by 1/t (relative error counts), every term >= 0: of the fits
+    on each subset of the terms, the best one whose coefficients are all non-negative.
+    Returns the costs (a rate of 0 means no such term), R^2 and the worst relative error."""
+    from itertools import combinations
+    pts = np.asarray(points, float)
+    X = np.stack([np.ones(len(pts)), pts[:, 0], pts[:, 1]], axis=1)
+    t = pts[:, 2]
+    w = 1.0 / t
+    best = None
+    for k in (1, 2, 3):
+        for cols in combinations(range(3), k):
+            cols = [c for c in cols if X[:, c].any()]
+            if not cols:
+                continue
+            coef, *_ = np.linalg.lstsq(X[:, cols] * w[:, None], t * w, rcond=None)
+            if (coef < 0).any():
+                continue
+            full = np.zeros(3)
+            full[cols] = coef
+            err = float(np.sum(((X @ full - t) * w) ** 2))
+            if best is None or err < best[0] - 1e-15:
+                best = (err, full)
+    c = best[1]
+    pred = X @ c
+    ss_tot = float(((t - t.mean()) ** 2).sum()) or 1.0
+    return {"fixed_s": float(c[0]), "flops_per_s": float(1.0 / c[1]) if c[1] > 0 else 0.0,
+            "bytes_per_s": float(1.0 / c[2]) if c[2] > 0 else 0.0, "points": len(pts),
+            "r2": 1.0 - float(((t - pred) ** 2).sum()) / ss_tot, "max_rel_error": float(np.max(np.abs(pred - t) / t))}
+
+
+def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, mpi: dict,
+                  op_costs: dict | None = None) -> str:
+    """``comp`` and ``op_costs`` were measured with the BLAS threads one rank gets (cores //
+    ranks, at least 1); every rank is in one core pool of ``cores``, so ranks beyond the
+    cores share them when they compute at once."""
+    share = min(1.0, cores / ranks)
+    per_rank = comp["peak_flops"]
     curve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp["efficiency_curve"])
     bcurve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp.get("backward_efficiency_curve", []))
+    costs = ", ".join(f'"{key}" = [{c["fixed_s"] * 1e6:.6g}, {c["flops_per_s"] / 1e9:.6g}, {c["bytes_per_s"] / 1e9:.6g}]'
+                      for key, c in sorted((op_costs or {}).items()))
     lines = [f'name = "{name}"',
              f'description = "calibrated on this host: {cores} cores, {ranks} ranks; '
-             f'MPI alpha {mpi["alpha_s"] * 1e6:.2f} us, beta {mpi["beta_bytes_per_s"] / 1e9:.3g} GB/s (R^2 {mpi["r2"]:.4f})"']
+             f'MPI alpha {mpi["alpha_s"] * 1e6:.2f} us, beta {mpi["beta_bytes_per_s"] / 1e9:.3g} GB/s (R^2 {mpi["r2"]:.4f})"',
+             "", "[core_pools]", f"host = {cores}"]
     for k in range(ranks):
         lines += ["", "[[device]]", f'name = "rank{k}"', 'kind = "cpu"', f"machine = {k}", "cores = 1",
                   f"core_gflops = {per_rank / 1e9:.6g}", "memory_gib = 16",
                   f"memory_bandwidth_gbps = {mem_bw * share / 1e9 / max(1, min(ranks, cores)):.6g}",
                   "efficiency = 1.0", f"op_overhead_us = {comp['op_overhead_s'] * 1e6:.4g}",
-                  f"efficiency_curve = [{curve}]", f"backward_efficiency_curve = [{bcurve}]"]
+                  f"efficiency_curve = [{curve}]", f"backward_efficiency_curve = [{bcurve}]",
+                  'core_pool = "host"', f"op_costs = {{ {costs} }}"]
     lines += ["", "[[device]]", 'name = "shm"', 'kind = "switch"']
     for k in range(ranks):
         lines += ["", "[[link]]", f'a = "rank{k}"', 'b = "shm"',
@@ -201,4 +253,6 @@ def calibrate(ranks: int = 2, seed: int = 0) -> dict:
         comp["kernel_overhead_s"] = kernel
     mem = measure_memory_bandwidth()
     mpi = measure_mpi()
-    return {"cores": cores, "ranks": ranks, "compute": comp, "memory_bandwidth_bytes_per_s": mem, "mpi": mpi}
+    costs = measure_op_costs(ranks, cores)
+    return {"cores": cores, "ranks": ranks, "compute": comp, "memory_bandwidth_bytes_per_s": mem, "mpi": mpi,
+            "op_costs": costs}

@@ -29,6 +29,15 @@ ADAGRAD_EPS = 1e-8        # keeps the first steps finite when h is still ~0
 DCASGD_MOMENTUM = 0.95    # m for the adaptive lambda's mean square (the paper's value)
 
 
+def sgd_in_place(params: dict, grads: dict, lr: float) -> None:
+    """A worker's SGD step, array by array: w -= lr g (the gradient arrays are scaled in
+    place, so nothing is allocated)."""
+    for key, gs in grads.items():
+        for w, g in zip(params[key], gs):
+            g *= lr
+            w -= g
+
+
 class SGD:
     def __init__(self, lr: float) -> None:
         self.lr = lr

@@ -42,6 +42,7 @@ from .backend import get_xp, to_numpy
 from .comm import MPITransport, wait_buffer
 from .data import Batches, digits, synthetic
 from .kernels import init_params, softmax_xent_loss
+from .optim import sgd_in_place
 from .partitioned import _box_of, box_index, run_step
 from .psrank import ShardClient, serve, shard_runs, slot_segments
 
@@ -365,11 +366,7 @@ class RankJob:
                     self.span("allreduce", "transfer", me, step, t1, time.perf_counter(), g.nbytes, 0.0, "allreduce")
                     self.unflatten(total, res.grads, j)
                 t2 = time.perf_counter()
-                lr = tr.learning_rate / self.R
-                for key, gs in res.grads.items():       # SGD in place: w -= lr g, array by array
-                    for w, gr in zip(params[key], gs):
-                        gr *= lr
-                        w -= gr
+                sgd_in_place(params, res.grads, tr.learning_rate / self.R)
                 self.span("update", "update", me, step, t2, time.perf_counter(), 0.0, 2.0 * flat.size, "update")
             elif tr.algorithm == "sync":
                 g = self.flatten(res.grads, j) if res.grads else np.zeros_like(flat)

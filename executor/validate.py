@@ -38,20 +38,25 @@ def spread_pct(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.median(values) * 100.0 if values else 0.0
 
 
-def phase_times(spans, device: str, steps: int) -> dict[str, float]:
-    """Seconds per step by phase on ``device`` (its compute spans and the transfers it sends)."""
-    out: dict[str, float] = defaultdict(float)
-    for name, phase, where, dur in spans:
+def phase_times(spans, device: str) -> dict[str, float]:
+    """Seconds per step by phase on ``device`` (its compute spans and the transfers it
+    sends): each phase's total in every step, the median over the steps (as the step time
+    is a median, so a first step's page faults count in neither)."""
+    per_step: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    steps = set()
+    for _name, phase, where, dur, step in spans:
+        steps.add(step)
         group = PHASES.get(phase)
         if group and (where == device or where.startswith(device + "->")):
-            out[group] += dur
-    return {k: v / max(steps, 1) for k, v in out.items()}
+            per_step[group][step] += dur
+    steps.discard(-1)
+    return {g: statistics.median(by_step.get(s, 0.0) for s in steps) for g, by_step in per_step.items()} if steps else {}
 
 
 def _chrome_spans(path: Path) -> list[tuple]:
     data = json.loads(Path(path).read_text())
     names = {(e["pid"], e["tid"]): e["args"]["name"] for e in data["traceEvents"] if e.get("name") == "thread_name"}
-    return [(e["name"], e["cat"], names[(e["pid"], e["tid"])], e["dur"] * 1e-6)
+    return [(e["name"], e["cat"], names[(e["pid"], e["tid"])], e["dur"] * 1e-6, e["args"].get("step", -1))
             for e in data["traceEvents"] if e.get("ph") == "X"]
 
 
@@ -65,8 +70,8 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     res = simulate(p)
     summary = summarize(p, res)
     device = p.devices[0][0]
-    predicted_phases = phase_times([(s.name, s.phase, s.where, s.duration_s) for s in res.trace.spans], device,
-                                   summary["steps"])
+    predicted_phases = phase_times([(s.name, s.phase, s.where, s.duration_s, s.step) for s in res.trace.spans],
+                                   device)
     measured, phases = [], []
     set_args = [a for item in items for a in ("--set", item)]
     for _ in range(repeats):
@@ -78,7 +83,7 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
                 raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "execute failed")
             out = json.loads(proc.stdout)
             measured.append(out["step_time_s"])
-            phases.append(phase_times(_chrome_spans(trace), device, out["steps"]))
+            phases.append(phase_times(_chrome_spans(trace), device))
     meas = statistics.median(measured)
     table = {}
     for group in sorted(set(predicted_phases) | {g for ph in phases for g in ph}):

@@ -150,20 +150,14 @@ def cmd_execute(args) -> int:
     """Checks the input here (one clean line on error), then starts ``mpiexec`` with one
     rank per replica slot running ``executor.ranks``."""
     import subprocess
-    from executor.ranks import check, check_checkpoint, parse_fail, ranks_needed   # lazy: sim/ does not need executor/ otherwise
+    from executor.launch import mpiexec, rank_env   # lazy: sim/ does not need executor/ otherwise
+    from executor.ranks import check, check_checkpoint, parse_fail, ranks_needed
     sc = load_scenario(args.scenario, parse_set(args.set))
     ranks = args.ranks or ranks_needed(sc)
     check(sc, ranks)
     parse_fail(args.fail, sc)
     check_checkpoint(args, sc)
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    if not mpiexec.exists():
-        import shutil
-        found = shutil.which("mpiexec")
-        if not found:
-            raise ConfigError("mpiexec", "", "not found: install the mpich wheel (pip install mpich)")
-        mpiexec = Path(found)
-    cmd = [str(mpiexec), "-n", str(ranks), sys.executable, "-m", "executor.ranks", args.scenario,
+    cmd = [str(mpiexec()), "-n", str(ranks), sys.executable, "-m", "executor.ranks", args.scenario,
            "--device", args.device]
     for item in args.set:
         cmd += ["--set", item]
@@ -177,13 +171,7 @@ def cmd_execute(args) -> int:
         cmd += ["--checkpoint", args.checkpoint, "--checkpoint-every", str(args.checkpoint_every)]
     if args.resume:
         cmd.append("--resume")
-    # BLAS threads: each rank gets its share of the cores; OpenBLAS's default (one thread per
-    # core in every rank) makes 2 ranks on 2 cores run 100x slower once matrices are large
-    env = dict(os.environ)
-    threads = str(max(1, (os.cpu_count() or 1) // ranks))
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.setdefault(var, threads)
-    return subprocess.run(cmd, env=env).returncode
+    return subprocess.run(cmd, env=rank_env(ranks)).returncode
 
 
 # --- calibrate and validate ------------------------------------------------------------------------
@@ -194,7 +182,7 @@ def run_calibration(ranks: int, out: str) -> dict:
     res = calibrate(ranks)
     name = Path(out).stem
     write_atomic(out, topology_text(name, ranks, res["cores"], res["compute"], res["memory_bandwidth_bytes_per_s"],
-                                    res["mpi"]))
+                                    res["mpi"], res["op_costs"]))
     load_topology(out)                                  # what we wrote must load
     return res
 
@@ -211,6 +199,12 @@ def cmd_calibrate(args) -> int:
     print(f"  memory       {res['memory_bandwidth_bytes_per_s'] / 1e9:.4g} GB/s (copy)")
     print(f"  MPI          alpha {mpi['alpha_s'] * 1e6:.3g} us, beta {mpi['beta_bytes_per_s'] / 1e9:.4g} GB/s; fit R^2 "
           f"{mpi['r2']:.4f}, worst relative error {mpi['max_rel_error']:.1%} over {len(mpi['samples'])} sizes")
+    print("  op costs     (the executor's ops in context: fixed + FLOPs / rate + bytes / rate)")
+    for key, c in res["op_costs"].items():
+        rates = [f"{c['flops_per_s'] / 1e9:.3g} GFLOP/s" if c["flops_per_s"] else "",
+                 f"{c['bytes_per_s'] / 1e9:.3g} GB/s" if c["bytes_per_s"] else ""]
+        print(f"    {key:<24} {c['fixed_s'] * 1e6:7.1f} us  {', '.join(r for r in rates if r):<28} "
+              f"R^2 {c['r2']:.3f}, worst {c['max_rel_error']:.0%} over {c['points']} ops")
     return 0
 
 

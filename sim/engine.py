@@ -126,16 +126,19 @@ class Engine:
 
     # --- primitives that record spans ----------------------------------------------------
     def compute_op(self, device: str, flops: float, nbytes: float, replica: int, step: int,
-                   name: str, phase: str, kind: str = "compute") -> simpy.Event:
+                   name: str, phase: str, kind: str = "compute", key: str = "") -> simpy.Event:
+        """``key`` names the op in the device's measured op times (a layer kind, with
+        ``.backward`` for backward ops; ``update``; ...), where calibration measured it."""
         start = self.env.now
-        ev = self.compute.run(device, flops, nbytes, backward=phase == "bwd")
+        ev = self.compute.run(device, flops, nbytes, backward=phase == "bwd", key=key)
         ev.callbacks.append(lambda _e: self.trace.add(
             Span(name, kind, device, replica, step, start, self.env.now, nbytes, flops, phase)))
         return ev
 
     def transfer(self, src: str, dst: str, nbytes: float, replica: int, step: int,
-                 name: str, phase: str) -> simpy.Event:
-        """A message; it never arrives when an end has failed or no route is left."""
+                 name: str, phase: str, key: str = "send") -> simpy.Event:
+        """A message; it never arrives when an end has failed or no route is left.  A sender
+        with measured costs for ``key`` spends that long on it before it leaves."""
         start = self.env.now
         try:
             if not self.alive(src, dst):
@@ -144,10 +147,18 @@ class Engine:
         except LookupError:
             self.failed_transfers += 1
             return self.env.event()
-        ev = self.network.send([(src, dst)], nbytes)
+        overhead = self.compute.topology.devices[src].op_time(key, 0.0, nbytes) if src in self.compute.weights else None
+        ev = self.env.process(self._send_after(src, dst, nbytes, overhead)) if overhead else \
+            self.network.send([(src, dst)], nbytes)
         ev.callbacks.append(lambda _e: self.trace.add(
             Span(name, "transfer", f"{src}->{dst}", replica, step, start, self.env.now, nbytes, 0.0, phase, links)))
         return ev
+
+    def _send_after(self, src: str, dst: str, nbytes: float, overhead: float):
+        """A message from a host rank: its sender's software cost first (measured by calibrate:
+        the executor's bookkeeping and the copy into a contiguous buffer)."""
+        yield self.compute.run_seconds(src, overhead)
+        yield self.network.send([(src, dst)], nbytes)
 
     def collective(self, op: str, algo: str, devices: list[str], nbytes: float, replica: int,
                    step: int, name: str) -> simpy.Event:
@@ -186,10 +197,13 @@ class Engine:
                 return                                   # a failed device computes and sends nothing
             if op.kind == "xfer":
                 ev = self.transfer(devices[op.slot], devices[op.dst], op.bytes, replica, step,
-                                   f"{op.why} L{op.layer}", op.why)
+                                   f"{op.why} L{op.layer}", op.why,
+                                   key="send.reduction" if op.why == "reduction" else "send")
             else:
+                kind = plan.scenario.model.nodes[op.layer].layer.kind
                 ev = self.compute_op(devices[op.slot], op.flops, op.bytes, replica, step,
-                                     f"{op.kind} L{op.layer}", op.kind)
+                                     f"{op.kind} L{op.layer}", op.kind,
+                                     key=kind + (".backward" if op.kind == "bwd" else ""))
             ev.callbacks.append(lambda _e: finish(op))
 
         def finish(op) -> None:

@@ -8,7 +8,9 @@ File format (units in the names; ``gbps`` is 10^9 *bytes* per second, like nccl-
                      op_overhead_us
     [machine.gpu]    count, peak_tflops_fp32 (fp16, bf16, fp64 optional), memory_gib,
                      memory_bandwidth_gbps, efficiency, op_overhead_us, efficiency_curve and
-                     backward_efficiency_curve ([[flops, efficiency], ...], written by calibrate)
+                     backward_efficiency_curve ([[flops, efficiency], ...], written by calibrate),
+                     op_costs ({key = [overhead_us, gflops, gbps], ...}: measured op costs,
+                     written by calibrate), core_pool (the name of a [core_pools] entry)
     [machine.pcie]   switches, generation, lanes, uplink_lanes, latency_us
     [machine.nvlink] bandwidth_gbps (per GPU, per direction), latency_us
     [machine.nic]    count, bandwidth_gbps, latency_us
@@ -16,6 +18,7 @@ File format (units in the names; ``gbps`` is 10^9 *bytes* per second, like nccl-
                      latency_us; k (fat-tree); spines, spine_bandwidth_gbps (rail)
     [[device]]       name, kind, machine, and the compute fields above for cpu/gpu
     [[link]]         a, b, bandwidth_gbps, latency_us
+    [core_pools]     name = cores: devices naming the pool share that many cores
 """
 from __future__ import annotations
 
@@ -116,8 +119,13 @@ def build_topology(data: Any, file: str) -> Topology:
             raise net.error("kind", "a network needs machine.nic.count >= 1")
         _add_network(net, kind, nics, devices, links, template["nic_bw"])
     net.done()
+    pools = top.table("core_pools", {})
+    core_pools = {key: pools.float(key, positive=True) for key in list(pools.data)}
+    pools.done()
     for dt in top.tables("device"):
         devices.append(_explicit_device(dt))
+        if devices[-1].core_pool and devices[-1].core_pool not in core_pools:
+            raise dt.error("core_pool", f"names {devices[-1].core_pool!r}, which [core_pools] does not define")
         dt.done()
     for lt in top.tables("link"):
         links.append(Link(lt.str("a"), lt.str("b"), lt.float("bandwidth_gbps", positive=True) * 1e9,
@@ -128,7 +136,7 @@ def build_topology(data: Any, file: str) -> Topology:
     if not any(d.is_compute for d in devices):
         raise ConfigError(file, "machine", "the topology has no cpu or gpu device")
     try:
-        return Topology(name, devices, links, description)
+        return Topology(name, devices, links, description, core_pools)
     except ValueError as exc:
         raise ConfigError(file, "link", str(exc)) from None
 
@@ -287,4 +295,20 @@ def _explicit_device(dt: Table) -> Device:
     name = dt.str("name")
     machine = dt.int("machine", -1, lo=-1, hi=MAX_MACHINES)
     fields = _compute_fields(dt, kind) if kind in ("cpu", "gpu") else {}
+    if kind in ("cpu", "gpu"):
+        fields.update(op_costs=_op_costs(dt), core_pool=dt.str("core_pool", ""))
     return Device(name, kind, None if machine < 0 else machine, **fields)
+
+
+def _op_costs(dt: Table) -> dict[str, tuple]:
+    """``op_costs = {key = [overhead_us, gflops, gbps]}`` -> (seconds, flop/s, byte/s)."""
+    raw = dt.raw("op_costs", {})
+    if not isinstance(raw, dict):
+        raise dt.error("op_costs", "must be a table of key = [overhead_us, gflops, gbps]")
+    out = {}
+    for key, v in raw.items():
+        if (not isinstance(v, list) or len(v) != 3 or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in v)):
+            raise dt.error(f"op_costs.{key}", "must be [overhead_us, gflops, gbps], each >= 0 (0: no such term)")
+        out[str(key)] = (v[0] * 1e-6, v[1] * 1e9, v[2] * 1e9)
+    return out

@@ -42,6 +42,19 @@ class Device:
     op_overhead: float = 0.0            # seconds every op costs on top of the roofline (kernel launch)
     efficiency_curve: tuple = ()        # ((flops, efficiency), ...) measured by calibrate; overrides efficiency
     backward_efficiency_curve: tuple = ()   # the same for backward ops (their GEMMs have other shapes)
+    # measured costs by op: key (a layer kind, "<kind>.backward", "update", "send", ...) ->
+    # (seconds, flop/s, byte/s): seconds + flops / flop rate + bytes / byte rate (a rate of 0
+    # drops its term); fitted by calibrate, they override the roofline for those ops
+    op_costs: dict[str, tuple] = field(default_factory=dict)
+    core_pool: str = ""                 # name of the cores this device shares with others (ranks of one host)
+
+    def op_time(self, key: str, flops: float, nbytes: float) -> float | None:
+        """Seconds of op ``key`` from its measured costs; None when it was not measured here."""
+        cost = self.op_costs.get(key)
+        if cost is None:
+            return None
+        fixed, flop_rate, byte_rate = cost
+        return fixed + (flops / flop_rate if flop_rate > 0 else 0.0) + (nbytes / byte_rate if byte_rate > 0 else 0.0)
 
     def efficiency_at(self, flops: float, backward: bool = False) -> float:
         """Efficiency for an op of ``flops``: interpolated in log(flops) on the measured curve
@@ -81,13 +94,17 @@ class Link:
 class Topology:
     """Devices and links; ``route`` gives the directed links a message crosses."""
 
-    def __init__(self, name: str, devices: list[Device], links: list[Link], description: str = "") -> None:
+    def __init__(self, name: str, devices: list[Device], links: list[Link], description: str = "",
+                 core_pools: dict[str, float] | None = None) -> None:
         self.name, self.description = name, description
+        self.core_pools = dict(core_pools or {})      # pool name -> cores its devices share
         self.devices: dict[str, Device] = {}
         self.graph = nx.Graph()
         for d in devices:
             if d.name in self.devices:
                 raise ValueError(f"device name {d.name!r} is used twice")
+            if d.core_pool and d.core_pool not in self.core_pools:
+                raise ValueError(f"device {d.name!r} names core pool {d.core_pool!r}, which is not defined")
             self.devices[d.name] = d
             self.graph.add_node(d.name, kind=d.kind, machine=d.machine)
         self.capacity: dict[DirLink, float] = {}

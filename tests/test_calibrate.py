@@ -20,9 +20,12 @@ def test_error_arithmetic():
     assert error_pct(0.5, 2.0) == pytest.approx(-75.0)
     assert error_pct(0.0, 0.0) == 0.0 and math.isinf(error_pct(1.0, 0.0))
     assert spread_pct([1.0, 1.2, 0.9]) == pytest.approx(30.0)
-    spans = [("fwd L0", "fwd", "d0", 2.0), ("halo L1", "halo", "d0->d1", 1.0), ("fwd L0", "fwd", "d1", 5.0),
-             ("update", "update", "d0", 0.5)]
-    assert phase_times(spans, "d0", 2) == {"forward": 1.0, "transfers": 0.5, "update": 0.25}
+    spans = [("fwd L0", "fwd", "d0", 2.0, 0), ("halo L1", "halo", "d0->d1", 1.0, 0), ("fwd L0", "fwd", "d1", 5.0, 0),
+             ("update", "update", "d0", 0.5, 0), ("fwd L0", "fwd", "d0", 1.0, 1), ("fwd L1", "fwd", "d0", 0.5, 1),
+             ("fwd L0", "fwd", "d0", 9.0, 2), ("serve", "ps_update", "d0", 7.0, -1)]
+    # per step: forward 2.0, 1.5, 9.0 -> median 2.0; transfers 1.0, 0, 0 -> 0; update 0.5, 0, 0 -> 0
+    assert phase_times(spans, "d0") == {"forward": 2.0, "transfers": 0.0, "update": 0.0}
+    assert phase_times([], "d0") == {}
 
 
 def test_alpha_beta_fit_recovers_exact_parameters():
@@ -38,14 +41,51 @@ def test_calibrated_topology_round_trips(tmp_path):
     comp = {"peak_flops": 50e9, "op_overhead_s": 10e-6, "efficiency_curve": [(1e4, 0.2), (1e8, 0.9), (1e10, 1.0)]}
     mpi = {"alpha_s": 4e-6, "beta_bytes_per_s": 6e9, "r2": 0.999}
     f = tmp_path / "host.toml"
-    f.write_text(topology_text("host", 4, 2, comp, 20e9, mpi))
+    costs = {"dense": {"fixed_s": 12e-6, "flops_per_s": 100e9, "bytes_per_s": 10e9},
+             "send": {"fixed_s": 5e-6, "flops_per_s": 0.0, "bytes_per_s": 7e9}}
+    f.write_text(topology_text("host", 4, 2, comp, 20e9, mpi, costs))
     topo = load_topology(str(f))
     assert topo.compute_devices() == ["rank0", "rank1", "rank2", "rank3"]
     dev = topo.devices["rank0"]
-    assert dev.flops_per_s("fp32") == pytest.approx(25e9)          # 4 ranks share 2 cores
+    assert dev.flops_per_s("fp32") == pytest.approx(50e9)          # alone, a rank has its core ...
+    assert topo.core_pools == {"host": 2} and {d.core_pool for d in topo.devices.values() if d.is_compute} == {"host"}
     assert dev.op_overhead == pytest.approx(10e-6)
+    assert dev.op_time("dense", 1e9, 1e8) == pytest.approx(12e-6 + 1e9 / 100e9 + 1e8 / 10e9)
+    assert dev.op_time("send", 0.0, 7e6) == pytest.approx(5e-6 + 1e-3)
+    assert dev.op_time("conv2d", 1e9, 1e8) is None
     route = topo.route("rank0", "rank3")
     assert topo.route_latency(route) == pytest.approx(4e-6) and topo.route_bandwidth(route) == pytest.approx(6e9)
+
+
+def test_ranks_of_a_core_pool_share_its_cores():
+    """... and 4 ranks computing at once on 2 cores each run at half speed (closed form)."""
+    import simpy
+
+    from sim.compute import Compute
+    comp = {"peak_flops": 50e9, "op_overhead_s": 0.0, "efficiency_curve": []}
+    topo = build_topology(__import__("tomllib").loads(topology_text("h", 4, 2, comp, 20e9, {
+        "alpha_s": 1e-6, "beta_bytes_per_s": 1e9, "r2": 1.0}, {"dense": {"fixed_s": 0.0, "flops_per_s": 1e9,
+                                                                            "bytes_per_s": 0.0}})), "h.toml")
+    env = simpy.Environment()
+    compute = Compute(env, topo, "fp32")
+    done = {}
+    for k, gflop in enumerate([1.0, 1.0, 1.0, 2.0]):          # 1 s, 1 s, 1 s and 2 s of work alone
+        compute.run(f"rank{k}", gflop * 1e9, 0.0, key="dense").callbacks.append(
+            lambda _e, k=k: done.__setitem__(k, env.now))
+    env.run()
+    # 4 busy on 2 cores: rate 1/2 until t=2 (the three 1 s jobs end); then the last one alone
+    assert done[0] == pytest.approx(2.0) and done[3] == pytest.approx(3.0)
+
+
+def test_op_cost_fit_recovers_exact_costs_and_keeps_terms_non_negative():
+    from executor.calibrate import fit_op_cost
+    pts = [[f, b, 8e-6 + f / 2e11 + b / 1e10] for f, b in [(1e4, 1e3), (1e6, 5e5), (1e8, 1e6), (1e9, 4e8), (3e9, 1e7)]]
+    fit = fit_op_cost(pts)
+    assert fit["fixed_s"] == pytest.approx(8e-6, rel=1e-6) and fit["flops_per_s"] == pytest.approx(2e11, rel=1e-6)
+    assert fit["bytes_per_s"] == pytest.approx(1e10, rel=1e-6) and fit["max_rel_error"] < 1e-6
+    falling = fit_op_cost([[0.0, 1e3, 2e-5], [0.0, 1e6, 1e-5]])      # more bytes, less time: no negative rate
+    # a constant c fitted in relative error: sum(1/t) / sum(1/t^2)
+    assert falling["bytes_per_s"] == 0.0 and falling["fixed_s"] == pytest.approx(1.5e5 / 1.25e10)
 
 
 def test_efficiency_curve_interpolates_in_log_flops_and_is_validated():

@@ -22,7 +22,8 @@ def run_local(engine: Engine, steps: int):
             start = env.now
             engine.log("local", r, -1, step)
             yield engine.run_graph(r, step).done
-            yield env.all_of([engine.compute_op(dev, 2 * n, 3 * n * PARAM_BYTES, r, step, "update", "update", "update")
+            yield env.all_of([engine.compute_op(dev, 2 * n, 3 * n * PARAM_BYTES, r, step, "update", "update", "update",
+                                                  key="update")
                               for dev, n in zip(devices, plan.slot_params) if n])
             engine.trace.replica_steps.append((r, step, start, env.now))
             if (step + 1) % k == 0 or step == steps - 1:

@@ -99,7 +99,8 @@ class ParameterServer:
             yield turn
             f, b = APPLY_COST[self.rule]
             n = self.ps.sizes[k]
-            yield eng.compute_op(self.ps.devices[k], f * n, b * n, r, step, "apply", "ps_update", kind="update")
+            yield eng.compute_op(self.ps.devices[k], f * n, b * n, r, step, "apply", "ps_update", kind="update",
+                                 key=f"apply.{self.rule}")
             eng.trace.staleness.append(self.version[k] - version)
             self.version[k] += 1
             self.applies[k] += 1

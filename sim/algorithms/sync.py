@@ -96,7 +96,7 @@ def _start_step(engine: Engine, active: list[int], free: dict, step: int):
 
 def _update(engine: Engine, device: str, params: int, replica: int, step: int, summed: int = 1):
     return engine.compute_op(device, (summed + 1) * params, (summed + 2) * params * PARAM_BYTES,
-                             replica, step, "update", "update", kind="update")
+                             replica, step, "update", "update", kind="update", key="update")
 
 
 def _slot_exchange(engine: Engine, runs, active, j: int, step: int):

@@ -1,0 +1,127 @@
+"""In-context op times for calibration: the executor's own step (``run_step``) on the
+zoo's CPU-sized models, timed op by op, so the simulator predicts what the executor does
+rather than what a bare kernel does (fresh arrays each step, region assembly, the op
+walk, sigmoid's exponentials are all in the figures).
+
+Probes: each model in ``PROBES`` at each of its batch sizes, whole (one slot) and cut in
+two by channels (two slots in this process, messages through an in-process mailbox), so
+every layer kind is timed at two sizes per batch.  Each point is (FLOPs, bytes, seconds)
+with FLOPs and bytes as the Plan counts them; keys as the simulator looks them up
+(``Device.op_costs``): ``<layer kind>`` and ``<layer kind>.backward``; ``update`` (the
+worker's SGD step: 2 FLOPs and 12 bytes per parameter); ``send`` (a message's software
+cost at the sender: the op's bookkeeping and the copy out; bytes only);
+``send.reduction`` (softmax's max and sum of exponentials, computed and sent).
+
+Run under ``mpiexec -n k python -m executor.probe`` every rank probes at once, so ranks
+that share a host's memory bandwidth and caches are timed as they run: rank 0 prints the
+medians as JSON.  Batch sizes differ from the validation suite's on purpose: those are
+predicted by interpolation, not read back.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from sim.plan import Plan, plan
+from sim.scenario import scenario_from_dict
+
+from .kernels import init_params
+from .optim import sgd_in_place
+from .partitioned import Mailbox, box_index, run_step
+
+PROBES = (("mlp-digits", (8, 32, 128)), ("distbelief-speech", (4, 32)))
+SPLITS = (1, 2)
+REPEATS = 5
+
+
+def probe_plan(model: str, batch: int, slots: int) -> Plan:
+    sc = scenario_from_dict({"cluster": {"topology": "dgx-h100"},
+                             "model": {"name": model, "batch_size": batch},
+                             "parallel": {"model_parallel": slots, "split": "spatial"}}, "probe.toml")
+    return plan(sc, check_memory=False)
+
+
+def op_key(p: Plan, op) -> tuple[str, float, float]:
+    """The op's key in ``Device.op_costs``, its FLOPs and bytes."""
+    if op.kind == "xfer":
+        return ("send.reduction" if op.why == "reduction" else "send"), 0.0, op.bytes
+    kind = p.scenario.model.nodes[op.layer].layer.kind
+    return kind + (".backward" if op.kind == "bwd" else ""), op.flops, op.bytes
+
+
+def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS) -> dict[str, list[tuple]]:
+    """(FLOPs, bytes, median seconds) of every op of one step of ``p`` (all slots here),
+    and of each slot's update."""
+    model = p.scenario.model
+    full = init_params(model, rng, dtype=np.float32)
+    params = {(i, j): [np.ascontiguousarray(a[idx]) for a, idx in zip(full[i], box_index(model.nodes[i].layer.kind, box))]
+              for i, sl in enumerate(p.slices) for j, box in sl if i in full}
+    x = rng.standard_normal((p.scenario.batch_size, *model.input_shape), dtype=np.float32)
+    y = rng.integers(0, model.nodes[-1].out_shape[0], p.scenario.batch_size)
+    per_op: dict[int, list[float]] = defaultdict(list)
+    updates: dict[int, list[float]] = defaultdict(list)
+    slots = set(range(p.slots))
+    for rep in range(repeats + 1):                    # the first step warms up and is not counted
+        last = [time.perf_counter()]
+
+        def on_op(op, rep=rep):
+            now = time.perf_counter()
+            if rep:
+                per_op[op.id].append(now - last[0])
+            last[0] = now
+        res = run_step(p, slots, params, x, y, Mailbox(), on_op=on_op)
+        for j in slots:
+            mine = {key: g for key, g in res.grads.items() if key[1] == j}
+            t = time.perf_counter()
+            sgd_in_place(params, mine, 1e-6)
+            if rep:
+                updates[j].append(time.perf_counter() - t)
+    out: dict[str, list[tuple]] = defaultdict(list)
+    for op in p.ops:
+        key, flops, nbytes = op_key(p, op)
+        out[key].append((flops, nbytes, statistics.median(per_op[op.id])))
+    for j, ts in updates.items():
+        if p.slot_params[j]:
+            out["update"].append((2.0 * p.slot_params[j], 12.0 * p.slot_params[j], statistics.median(ts)))
+    return out
+
+
+def merge(points: dict[str, list[tuple]]) -> dict[str, list[list[float]]]:
+    """Points of one key with the same FLOPs and bytes become their median."""
+    out = {}
+    for key, pts in points.items():
+        same: dict[tuple, list[float]] = defaultdict(list)
+        for flops, nbytes, t in pts:
+            same[(flops, nbytes)].append(t)
+        out[key] = [[f, b, statistics.median(ts)] for (f, b), ts in sorted(same.items())]
+    return out
+
+
+def op_times(seed: int = 0, repeats: int = REPEATS, barrier=lambda: None) -> dict[str, list[list[float]]]:
+    """Every probe; ``barrier`` is called before each, so concurrent ranks probe together."""
+    rng = np.random.default_rng(seed)
+    points: dict[str, list[tuple]] = defaultdict(list)
+    for model, batches in PROBES:
+        for batch in batches:
+            for slots in SPLITS:
+                barrier()
+                for key, pts in time_plan(probe_plan(model, batch, slots), rng, repeats).items():
+                    points[key] += pts
+    return merge(points)
+
+
+def main() -> None:
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    times = op_times(seed=comm.rank, barrier=comm.Barrier)
+    if comm.rank == 0:
+        print(json.dumps(times))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
