@@ -1,8 +1,12 @@
 """mpi4py transport.  Waiting ranks yield the CPU between polls instead of spinning (for
 the first 10 ms ``sched_yield``, which costs nothing when a core is free, then short
-sleeps), so ranks that outnumber the cores (2 here) do not starve the rank they wait for."""
+sleeps), so ranks that outnumber the cores (2 here) do not starve the rank they wait for.
+When the launcher says ranks outnumber the cores (``CLUSTERSIM_YIELD_S=0`` in their
+environment) waiting ranks sleep at once: a yielding rank still takes its turns on a core
+another rank needs to compute."""
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -17,13 +21,20 @@ TAGS = {"a": 1, "g": 2, "r": 3}
 YIELD_FOR_S = 10e-3      # poll with sched_yield this long (a 16 MB message takes ~2 ms), then sleep
 
 
+@functools.cache
+def yield_for_s() -> float:
+    """How long a waiting rank polls with sched_yield before it sleeps between polls."""
+    return float(os.environ.get("CLUSTERSIM_YIELD_S", YIELD_FOR_S))
+
+
 def wait_buffer(req) -> None:
     """Waits for a buffer-based request (Isend, Irecv, Iallreduce) by polling, yielding."""
     if req.Test():
         return
     start = time.perf_counter()
+    window = yield_for_s()
     while not req.Test():
-        if time.perf_counter() - start < YIELD_FOR_S:
+        if time.perf_counter() - start < window:
             os.sched_yield()
         else:
             time.sleep(POLL_SLEEP_S)
@@ -32,8 +43,9 @@ def wait_buffer(req) -> None:
 def probe(comm, status, source: int, tag: int) -> tuple[int, int]:
     """Waits, yielding, for a message matching (source, tag); returns its (source, tag)."""
     start = time.perf_counter()
+    window = yield_for_s()
     while not comm.Iprobe(source=source, tag=tag, status=status):
-        if time.perf_counter() - start < YIELD_FOR_S:
+        if time.perf_counter() - start < window:
             os.sched_yield()
         else:
             time.sleep(POLL_SLEEP_S)

@@ -114,13 +114,57 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
         node = nodes[i]
         return node.layer.needs(node.in_shape, _box_of(p, i, j))
 
+    def send(op) -> None:                    # this slot's part of an xfer: what the Plan counted
+        i, m = op.layer, op.micro
+        if op.why == "reduction":            # softmax: this slice's max and sum of exponentials
+            z = out[(i, op.slot, m)][:, :, 0, 0]
+            mx = z.max(axis=1)
+            se = xp.exp(z - mx[:, None]).sum(axis=1)
+            transport.send(op.slot, op.dst, ("r", i, m), xp.stack([mx, se], axis=1))
+        elif op.why != "gradient":
+            prev = _box_of(p, i - 1, op.slot)
+            ov = intersect(prev, needs(i, op.dst))
+            transport.send(op.slot, op.dst, ("a", i, m), out[(i - 1, op.slot, m)][_rel(ov, prev)])
+        else:                                # gradient of layer i-1's output, to its owner op.dst
+            region = needs(i, op.slot)
+            ov = intersect(_box_of(p, i - 1, op.dst), region)
+            transport.send(op.slot, op.dst, ("g", i, m), dins[(i, op.slot, m)][_rel(ov, region)])
+
+    def recv(op) -> None:
+        i, m = op.layer, op.micro
+        lo, hi = micro[m]
+        if op.why == "reduction":
+            red.setdefault((i, op.dst, m), []).append(transport.recv(op.slot, op.dst, ("r", i, m),
+                                                                     (hi - lo, 2), x.dtype))
+        elif op.why != "gradient":
+            ov = intersect(_box_of(p, i - 1, op.slot), needs(i, op.dst))
+            recv_act.setdefault((i, op.dst, m), []).append(
+                (ov, transport.recv(op.slot, op.dst, ("a", i, m), _shape(hi - lo, ov), x.dtype)))
+        else:
+            ov = intersect(_box_of(p, i - 1, op.dst), needs(i, op.slot))
+            recv_grad.setdefault((i - 1, op.dst, m), []).append(
+                (ov, transport.recv(op.slot, op.dst, ("g", i, m), _shape(hi - lo, ov), x.dtype)))
+
+    skip = (lambda op: op.kind == "bwd" or op.why in ("gradient", "reduction")) if not backward else (lambda op: False)
+    sends_after: dict[int, list] = {}        # a compute op -> the messages it completes (sent at once)
     for op in p.ops:
-        if not backward and (op.kind == "bwd" or op.why in ("gradient", "reduction")):
+        if op.kind == "xfer" and op.slot in slots and not skip(op):
+            sends_after.setdefault(max(op.deps), []).append(op)
+    for op in p.ops:
+        if skip(op):
             continue
         i, m = op.layer, op.micro
         lo, hi = micro[m]
         node = nodes[i]
-        if op.kind == "fwd" and op.slot in slots:
+        if op.kind == "xfer":                # sent when its producer finished; received here, in order
+            if op.dst in slots:
+                recv(op)
+                if on_op is not None:
+                    on_op(op, "recv")
+            continue
+        if op.slot not in slots:
+            continue
+        if op.kind == "fwd":
             j, box = op.slot, _box_of(p, i, op.slot)
             region = needs(i, j)
             xr = xp.zeros((hi - lo, *[b - a for a, b in region]), dtype=x.dtype)
@@ -145,33 +189,7 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
             cache[(i, j, m)] = (region, c, xr.shape)
             if i == last:
                 logits[(j, m)] = y
-        elif op.kind == "xfer" and op.why == "reduction":
-            if op.slot in slots:                 # softmax: this slice's max and sum of exponentials
-                z = out[(i, op.slot, m)][:, :, 0, 0]
-                mx = z.max(axis=1)
-                se = xp.exp(z - mx[:, None]).sum(axis=1)
-                transport.send(op.slot, op.dst, ("r", i, m), xp.stack([mx, se], axis=1))
-            if op.dst in slots:
-                red.setdefault((i, op.dst, m), []).append(transport.recv(op.slot, op.dst, ("r", i, m),
-                                                                         (hi - lo, 2), x.dtype))
-        elif op.kind == "xfer" and op.why != "gradient":
-            prev = _box_of(p, i - 1, op.slot)
-            ov = intersect(prev, needs(i, op.dst))
-            if op.slot in slots:
-                transport.send(op.slot, op.dst, ("a", i, m), out[(i - 1, op.slot, m)][_rel(ov, prev)])
-            if op.dst in slots:
-                recv_act.setdefault((i, op.dst, m), []).append(
-                    (ov, transport.recv(op.slot, op.dst, ("a", i, m), _shape(hi - lo, ov), x.dtype)))
-        elif op.kind == "xfer":                  # gradient of layer i-1's output, from consumer op.slot
-            owner_box = _box_of(p, i - 1, op.dst)
-            region = needs(i, op.slot)
-            ov = intersect(owner_box, region)
-            if op.slot in slots:
-                transport.send(op.slot, op.dst, ("g", i, m), dins[(i, op.slot, m)][_rel(ov, region)])
-            if op.dst in slots:
-                recv_grad.setdefault((i - 1, op.dst, m), []).append(
-                    (ov, transport.recv(op.slot, op.dst, ("g", i, m), _shape(hi - lo, ov), x.dtype)))
-        elif op.kind == "bwd" and op.slot in slots:
+        else:
             j, box = op.slot, _box_of(p, i, op.slot)
             y = out[(i, j, m)]
             if i == last:
@@ -199,7 +217,11 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
                     for a, g in zip(grads[(i, j)], dpar):
                         a += g
         if on_op is not None:
-            on_op(op)
+            on_op(op, "")
+        for x_op in sends_after.get(op.id, ()):
+            send(x_op)
+            if on_op is not None:
+                on_op(x_op, "send")
     transport.flush()
     return StepResult(float(loss), grads, logits)
 

@@ -8,9 +8,11 @@ two by channels (two slots in this process, messages through an in-process mailb
 every layer kind is timed at two sizes per batch.  Each point is (FLOPs, bytes, seconds)
 with FLOPs and bytes as the Plan counts them; keys as the simulator looks them up
 (``Device.op_costs``): ``<layer kind>`` and ``<layer kind>.backward``; ``update`` (the
-worker's SGD step: 2 FLOPs and 12 bytes per parameter); ``send`` (a message's software
-cost at the sender: the op's bookkeeping and the copy out; bytes only);
-``send.reduction`` (softmax's max and sum of exponentials, computed and sent).
+worker's SGD step: 2 FLOPs and 12 bytes per parameter); ``send`` and ``recv`` (a
+message's software cost at the sender -- the bookkeeping and the copy out -- and at the
+receiver; bytes only); ``send.reduction`` (softmax's max and sum of exponentials,
+computed and sent) and ``recv.reduction``; ``step`` (what a step costs a rank besides
+its ops: sampling the batch, the walk's set-up, the final flush; by the batch's bytes).
 
 Run under ``mpiexec -n k python -m executor.probe`` every rank probes at once, so ranks
 that share a host's memory bandwidth and caches are timed as they run: rank 0 prints the
@@ -32,11 +34,13 @@ from sim.scenario import scenario_from_dict
 
 from .kernels import init_params
 from .optim import sgd_in_place
+from .data import Batches
 from .partitioned import Mailbox, box_index, run_step
 
 PROBES = (("mlp-digits", (8, 32, 128)), ("distbelief-speech", (4, 32)))
 SPLITS = (1, 2)
 REPEATS = 5
+PASSES = 3
 
 
 def probe_plan(model: str, batch: int, slots: int) -> Plan:
@@ -46,10 +50,11 @@ def probe_plan(model: str, batch: int, slots: int) -> Plan:
     return plan(sc, check_memory=False)
 
 
-def op_key(p: Plan, op) -> tuple[str, float, float]:
-    """The op's key in ``Device.op_costs``, its FLOPs and bytes."""
+def op_key(p: Plan, op, part: str) -> tuple[str, float, float]:
+    """The op's key in ``Device.op_costs``, its FLOPs and bytes; ``part`` of an xfer is
+    "send" or "recv"."""
     if op.kind == "xfer":
-        return ("send.reduction" if op.why == "reduction" else "send"), 0.0, op.bytes
+        return part + (".reduction" if op.why == "reduction" else ""), 0.0, op.bytes
     kind = p.scenario.model.nodes[op.layer].layer.kind
     return kind + (".backward" if op.kind == "bwd" else ""), op.flops, op.bytes
 
@@ -61,20 +66,28 @@ def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS) -> dict
     full = init_params(model, rng, dtype=np.float32)
     params = {(i, j): [np.ascontiguousarray(a[idx]) for a, idx in zip(full[i], box_index(model.nodes[i].layer.kind, box))]
               for i, sl in enumerate(p.slices) for j, box in sl if i in full}
-    x = rng.standard_normal((p.scenario.batch_size, *model.input_shape), dtype=np.float32)
-    y = rng.integers(0, model.nodes[-1].out_shape[0], p.scenario.batch_size)
-    per_op: dict[int, list[float]] = defaultdict(list)
+    batch = p.scenario.batch_size
+    data = Batches(rng.standard_normal((4 * batch, *model.input_shape), dtype=np.float32),
+                   rng.integers(0, model.nodes[-1].out_shape[0], 4 * batch), batch, rng)
+    steps: list[float] = []
+    per_op: dict[tuple, list[float]] = defaultdict(list)
     updates: dict[int, list[float]] = defaultdict(list)
     slots = set(range(p.slots))
     for rep in range(repeats + 1):                    # the first step warms up and is not counted
+        start = time.perf_counter()
+        x, y = data.next()
         last = [time.perf_counter()]
+        in_ops = [0.0]
 
-        def on_op(op, rep=rep):
+        def on_op(op, part, rep=rep):
             now = time.perf_counter()
             if rep:
-                per_op[op.id].append(now - last[0])
+                per_op[(op.id, part)].append(now - last[0])
+                in_ops[0] += now - last[0]
             last[0] = now
         res = run_step(p, slots, params, x, y, Mailbox(), on_op=on_op)
+        if rep:                                       # sampling the batch, the step's set-up and flush
+            steps.append((time.perf_counter() - start - in_ops[0]) / p.slots)
         for j in slots:
             mine = {key: g for key, g in res.grads.items() if key[1] == j}
             t = time.perf_counter()
@@ -82,37 +95,44 @@ def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS) -> dict
             if rep:
                 updates[j].append(time.perf_counter() - t)
     out: dict[str, list[tuple]] = defaultdict(list)
-    for op in p.ops:
-        key, flops, nbytes = op_key(p, op)
-        out[key].append((flops, nbytes, statistics.median(per_op[op.id])))
+    for (op_id, part), ts in per_op.items():
+        key, flops, nbytes = op_key(p, p.ops[op_id], part)
+        out[key].append((flops, nbytes, statistics.median(ts)))
+    out["step"].append((0.0, float(x.nbytes), statistics.median(steps)))
     for j, ts in updates.items():
         if p.slot_params[j]:
             out["update"].append((2.0 * p.slot_params[j], 12.0 * p.slot_params[j], statistics.median(ts)))
     return out
 
 
-def merge(points: dict[str, list[tuple]]) -> dict[str, list[list[float]]]:
-    """Points of one key with the same FLOPs and bytes become their median."""
-    out = {}
-    for key, pts in points.items():
-        same: dict[tuple, list[float]] = defaultdict(list)
-        for flops, nbytes, t in pts:
-            same[(flops, nbytes)].append(t)
-        out[key] = [[f, b, statistics.median(ts)] for (f, b), ts in sorted(same.items())]
-    return out
+def merge(passes: list[dict[str, list[tuple]]]) -> dict[str, list[list[float]]]:
+    """Points of one key with the same FLOPs and bytes (the same op shape, in one pass or
+    several) become their median."""
+    same: dict[str, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for points in passes:
+        for key, pts in points.items():
+            for flops, nbytes, t in pts:
+                same[key][(flops, nbytes)].append(t)
+    return {key: [[f, b, statistics.median(ts)] for (f, b), ts in sorted(by.items())] for key, by in same.items()}
 
 
-def op_times(seed: int = 0, repeats: int = REPEATS, barrier=lambda: None) -> dict[str, list[list[float]]]:
-    """Every probe; ``barrier`` is called before each, so concurrent ranks probe together."""
+def op_times(seed: int = 0, repeats: int = REPEATS, passes: int = PASSES,
+             barrier=lambda: None) -> dict[str, list[list[float]]]:
+    """Every probe, ``passes`` times over (a slow spell of a shared host then spoils one
+    pass, not every figure); ``barrier`` is called before each probe, so concurrent ranks
+    probe together."""
     rng = np.random.default_rng(seed)
-    points: dict[str, list[tuple]] = defaultdict(list)
-    for model, batches in PROBES:
-        for batch in batches:
-            for slots in SPLITS:
-                barrier()
-                for key, pts in time_plan(probe_plan(model, batch, slots), rng, repeats).items():
-                    points[key] += pts
-    return merge(points)
+    results = []
+    for _ in range(passes):
+        points: dict[str, list[tuple]] = defaultdict(list)
+        for model, batches in PROBES:
+            for batch in batches:
+                for slots in SPLITS:
+                    barrier()
+                    for key, pts in time_plan(probe_plan(model, batch, slots), rng, repeats).items():
+                        points[key] += pts
+        results.append(points)
+    return merge(results)
 
 
 def main() -> None:

@@ -337,6 +337,7 @@ class RankJob:
         flat = self.flatten(params, j)
         acc = np.zeros_like(flat)
         step_times, losses, steps_done = [], [], 0
+        op_log: list[tuple] = []
         for step in range(tr.steps):
             if self.world.rank == self.failed_rank and step >= self.fail_step:
                 break                                          # crashed: silent from here on
@@ -348,13 +349,9 @@ class RankJob:
             x, y = batches.next()
             last = [time.perf_counter()]
 
-            def on_op(op, step=step):
+            def on_op(op, part, step=step):        # cheap: spans are made after the last step
                 now = time.perf_counter()
-                if op.kind in ("fwd", "bwd") and op.slot == j:
-                    self.span(f"{op.kind} L{op.layer}", "compute", me, step, last[0], now, 0.0, op.flops, op.kind)
-                elif op.kind == "xfer" and j in (op.slot, op.dst):
-                    self.span(f"{op.why} L{op.layer}", "transfer", f"{devices[op.slot]}->{devices[op.dst]}", step,
-                              last[0], now, op.bytes, 0.0, op.why)
+                op_log.append((op, part, step, last[0], now))
                 last[0] = now
             res = run_step(p, {j}, params, xp.asarray(x), xp.asarray(y), transport, xp=xp, on_op=on_op)
             t1 = time.perf_counter()
@@ -393,6 +390,12 @@ class RankJob:
             step_times.append(time.perf_counter() - start)
             losses.append(res.loss)
             steps_done += 1
+        for op, part, step, t0, t1 in op_log:
+            if op.kind == "xfer":
+                self.span(f"{op.why} L{op.layer} {part}", "transfer", f"{devices[op.slot]}->{devices[op.dst]}", step,
+                          t0, t1, op.bytes, 0.0, op.why)
+            else:
+                self.span(f"{op.kind} L{op.layer}", "compute", me, step, t0, t1, 0.0, op.flops, op.kind)
         return self.finish(params, flat, client, x_te, y_te, step_times, losses, steps_done)
 
     def finish(self, params, flat, client, x_te, y_te, step_times, losses, steps_done, final_fetch=-1,

@@ -17,7 +17,7 @@ from . import collectives
 from .compute import Compute
 from .faults import failure_schedule, slowdowns
 from .network import BACKENDS
-from .plan import Plan
+from .plan import PARAM_BYTES, Plan
 from .trace import Span, Trace, Update
 
 
@@ -138,7 +138,8 @@ class Engine:
     def transfer(self, src: str, dst: str, nbytes: float, replica: int, step: int,
                  name: str, phase: str, key: str = "send") -> simpy.Event:
         """A message; it never arrives when an end has failed or no route is left.  A sender
-        with measured costs for ``key`` spends that long on it before it leaves."""
+        with measured costs for ``key`` (``send``, ``send.reduction``) spends that long on it
+        before it leaves, a receiver with costs for the matching ``recv`` key after."""
         start = self.env.now
         try:
             if not self.alive(src, dst):
@@ -147,18 +148,24 @@ class Engine:
         except LookupError:
             self.failed_transfers += 1
             return self.env.event()
-        overhead = self.compute.topology.devices[src].op_time(key, 0.0, nbytes) if src in self.compute.weights else None
-        ev = self.env.process(self._send_after(src, dst, nbytes, overhead)) if overhead else \
+        devices = self.compute.topology.devices
+        sending = devices[src].op_time(key, 0.0, nbytes) if src in self.compute.weights else None
+        receiving = devices[dst].op_time("recv" + key[4:], 0.0, nbytes) if dst in self.compute.weights else None
+        ev = self.env.process(self._host_message(src, dst, nbytes, sending, receiving)) if sending or receiving else \
             self.network.send([(src, dst)], nbytes)
         ev.callbacks.append(lambda _e: self.trace.add(
             Span(name, "transfer", f"{src}->{dst}", replica, step, start, self.env.now, nbytes, 0.0, phase, links)))
         return ev
 
-    def _send_after(self, src: str, dst: str, nbytes: float, overhead: float):
-        """A message from a host rank: its sender's software cost first (measured by calibrate:
-        the executor's bookkeeping and the copy into a contiguous buffer)."""
-        yield self.compute.run_seconds(src, overhead)
+    def _host_message(self, src: str, dst: str, nbytes: float, sending: float | None, receiving: float | None):
+        """A message between host ranks: the sender's software cost (measured by calibrate:
+        the executor's bookkeeping and the copy into a contiguous buffer), the wire, then the
+        receiver's."""
+        if sending:
+            yield self.compute.run_seconds(src, sending)
         yield self.network.send([(src, dst)], nbytes)
+        if receiving:
+            yield self.compute.run_seconds(dst, receiving)
 
     def collective(self, op: str, algo: str, devices: list[str], nbytes: float, replica: int,
                    step: int, name: str) -> simpy.Event:
@@ -224,10 +231,25 @@ class Engine:
                 run.slot_ready[j].succeed()
         if not ops:
             run.done.succeed()
+        started = self._step_starts(plan, devices, replica, step)
         for op in ops:
             if not op.deps:
-                launch(op)
+                if op.slot in started:
+                    started[op.slot].callbacks.append(lambda _e, op=op: launch(op))
+                else:
+                    launch(op)
         return run
+
+    def _step_starts(self, plan: Plan, devices: list[str], replica: int, step: int) -> dict[int, simpy.Event]:
+        """Slot -> the event its step may start at: after what a step costs a host rank besides
+        its ops (measured by calibrate as ``step``: sampling the batch, set-up), where measured."""
+        sc = plan.scenario
+        nbytes = float(sc.batch_size * np.prod(sc.model.input_shape) * PARAM_BYTES)
+        out = {}
+        for j, dev in enumerate(devices):
+            if dev in self.compute.weights and "step" in self.compute.topology.devices[dev].op_costs:
+                out[j] = self.compute_op(dev, 0.0, nbytes, replica, step, "step", "step", key="step")
+        return out
 
 
 def _link_names(route) -> tuple[str, ...]:
