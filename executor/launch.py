@@ -37,6 +37,4 @@ def rank_env(ranks: int, cores: int | None = None) -> dict[str, str]:
         env.setdefault(var, threads)
     for var, value in MALLOC.items():
         env.setdefault(var, value)
-    if ranks > (cores or os.cpu_count() or 1):
-        env.setdefault("CLUSTERSIM_YIELD_S", "0")       # executor/comm.py: waiting ranks sleep at once
     return env

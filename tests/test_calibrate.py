@@ -110,3 +110,14 @@ def test_validate_runs_end_to_end_with_finite_errors(tmp_path):
     assert out["predicted_step_time_s"] > 0 and out["measured_step_time_s"] > 0
     assert math.isfinite(out["error_pct"]) and {"forward", "backward"} <= set(out["phases"])
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rank_env_gives_each_rank_its_share_of_the_cores(monkeypatch):
+    from executor.launch import rank_env
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "CLUSTERSIM_YIELD_S"):
+        monkeypatch.delenv(var, raising=False)
+    two = rank_env(2, cores=8)
+    assert two["OPENBLAS_NUM_THREADS"] == "4" and two["MALLOC_MMAP_MAX_"] == "0"
+    assert rank_env(5, cores=2)["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")                  # the caller's own setting wins
+    assert rank_env(2, cores=8)["OPENBLAS_NUM_THREADS"] == "3"

@@ -90,3 +90,28 @@ def test_model_parallel_traffic_in_trace_equals_the_plan():
     in_plan = sum(op.bytes for op in p.ops if op.kind == "xfer")
     in_trace = sum(s.bytes for s in res.trace.spans if s.kind == "transfer")
     assert in_trace == pytest.approx(in_plan) and in_plan > 0
+
+
+def costed(name, machine, costs):
+    """A GPU with measured op costs (as calibrate writes them for host ranks)."""
+    return {**gpu(name, 1.0, machine), "op_costs": costs}
+
+
+def test_host_message_pays_send_cost_wire_and_receive_cost():
+    from sim.engine import Engine
+    costs = {"send": [5.0, 0, 2.0], "recv": [3.0, 0, 4.0]}          # 5 us + bytes / 2 GB/s; 3 us + bytes / 4 GB/s
+    topo = build_topology({"name": "two", "device": [costed("g0", 0, costs), costed("g1", 1, costs)],
+                           "link": [link("g0", "g1", 10.0, 2.0)]}, "two.toml")
+    eng = Engine(plan(dataclasses.replace(scenario(batch=8), topology=topo), check_memory=False))
+    n = 1e6
+    done = eng.transfer("g0", "g1", n, 0, 0, "m", "activation")
+    eng.env.run(done)
+    assert eng.env.now == pytest.approx(5e-6 + n / 2e9 + 2e-6 + n / 10e9 + 3e-6 + n / 4e9, rel=1e-9)
+
+
+def test_a_measured_step_cost_comes_before_the_first_op():
+    costs = {"step": [40.0, 0, 0]}
+    topo = build_topology({"name": "one", "device": [costed("g0", 0, costs)]}, "one.toml")
+    p = plan(dataclasses.replace(scenario(batch=16, training={"steps": 2}), topology=topo), check_memory=False)
+    expected = 40e-6 + chain_seconds(p, "g0") + update_seconds(topo, "g0", p.scenario.model.params)
+    assert simulate(p).trace.step_times() == pytest.approx([expected] * 2, rel=1e-9)

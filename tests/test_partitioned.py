@@ -84,3 +84,23 @@ def test_messages_carry_the_bytes_the_plan_counts():
     mail = Mailbox()
     run_step(p, {0, 1, 2}, params, x, y, mail)
     assert mail.bytes == sum(op.bytes for op in p.ops if op.kind == "xfer")
+
+
+def test_each_message_is_sent_right_after_its_producer_and_received_in_plan_order():
+    p = make_plan(NO_BN, 3, "spatial")
+    rng = np.random.default_rng(0)
+    full = init_params(NO_BN, rng, dtype=np.float32)
+    params = {(i, j): [a[idx] for a, idx in zip(full[i], box_index(NO_BN.nodes[i].layer.kind, box))]
+              for i, sl in enumerate(p.slices) for j, box in sl if i in full}
+    seen = []
+    run_step(p, {0, 1, 2}, params, rng.normal(size=(6, *NO_BN.input_shape)).astype(np.float32),
+             rng.integers(0, 4, 6), Mailbox(), on_op=lambda op, part: seen.append((op.id, part)))
+    xfers = [op.id for op in p.ops if op.kind == "xfer"]
+    assert sorted(i for i, part in seen if part == "send") == sorted(xfers)
+    assert [i for i, part in seen if part == "recv"] == xfers           # received where the plan has them
+    assert [i for i, part in seen if part == ""] == [op.id for op in p.ops if op.kind != "xfer"]
+    where = {key: n for n, key in enumerate(seen)}
+    for op_id in xfers:                          # sent as soon as its producer is done, nothing between
+        producer = max(p.ops[op_id].deps)
+        between = seen[where[(producer, "")] + 1:where[(op_id, "send")]]
+        assert all(part == "send" for _, part in between)

@@ -98,3 +98,15 @@ def test_base_merges_subtables_and_missing_file_is_a_config_error(tmp_path):
     assert sum(d.kind == "gpu" for d in topo.devices.values()) == 4      # kept from the base
     with pytest.raises(ConfigError, match="cannot read topology"):
         load_topology("no-such-topology")
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"op_costs": {"dense": [1.0, 2.0]}}, "op_costs.dense"),
+    ({"op_costs": {"dense": [1.0, -2.0, 0]}}, "op_costs.dense"),
+    ({"op_costs": [1, 2, 3]}, "op_costs"),
+    ({"core_pool": "nowhere"}, "core_pool")])
+def test_bad_measured_costs_and_pools_name_the_field(extra, field):
+    from sim.errors import ConfigError
+    dev = {"name": "c", "kind": "cpu", "cores": 1, "core_gflops": 1, "memory_gib": 1, "memory_bandwidth_gbps": 1}
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        build_topology({"name": "t", "device": [{**dev, **extra}]}, "t.toml")

@@ -19,7 +19,7 @@ from sim.cli import run_calibration  # noqa: E402
 from sim.scenario import load_scenario  # noqa: E402
 from sim.trace import write_atomic  # noqa: E402
 
-REPEATS = 3
+REPEATS = 5
 OUT = Path("out/validation.json")
 CALIBRATION = Path("out/calibration")
 
