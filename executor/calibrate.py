@@ -8,6 +8,10 @@ Measured (medians of REPEATS):
 - memory bandwidth: a large copy (bytes read + written over time);
 - MPI between two ranks: our transport's ping-pong by message size, fitted by least
   squares to alpha + bytes / beta (reported with R^2 and the worst relative error);
+- the executor's ops in context (``executor/probe.py``: each layer kind forward and
+  backward, the update, a message's send and receive costs, a step's set-up) and an
+  allreduce among all the job's ranks as sync workers run it, each fitted to a fixed
+  cost plus FLOPs and bytes at fitted rates (``op_costs``);
 - cores, and how ranks share them: compute is measured with the BLAS threads one rank
   gets (cores // ranks, as ``clustersim execute`` sets them); with more ranks than cores
   each rank gets cores/ranks of that.
@@ -39,6 +43,7 @@ REPEATS = 7
 DENSE_SHAPES = [(8, 64, 16), (16, 64, 128), (64, 64, 128), (128, 64, 128), (16, 440, 2560), (32, 440, 2560),
                 (16, 2560, 2560), (128, 2560, 2560), (16, 2560, 8192), (128, 2560, 8192)]
 MPI_SIZES = [2**k for k in range(3, 25, 3)]
+ALLREDUCE_SIZES = [2**k for k in range(6, 27, 4)]
 
 
 def median_time(fn, repeats: int = REPEATS) -> float:
@@ -137,6 +142,46 @@ for n in json.loads(sys.argv[2]):
 if c.rank == 0:
     print(json.dumps(out))
 '''
+
+
+ALLREDUCE = r'''
+import sys, time, json, statistics
+import numpy as np
+from mpi4py import MPI
+sys.path.insert(0, sys.argv[1])
+from executor.comm import wait_buffer
+c = MPI.COMM_WORLD
+out = []
+for n in json.loads(sys.argv[2]):
+    parts = [np.ones(max(1, n // 8), np.float32), np.ones(max(1, n // 8), np.float32)]
+    reps = max(3, min(100, (2**24) // n))
+    times = []
+    for _ in range(5):
+        c.Barrier(); s = time.perf_counter()
+        for _ in range(reps):                 # as a worker does: one flat buffer, the collective, back in place
+            g = np.concatenate(parts)
+            total = np.empty_like(g)
+            wait_buffer(c.Iallreduce(g, total))
+            parts[0][...] = total[:len(parts[0])]; parts[1][...] = total[len(parts[0]):]
+        times.append((time.perf_counter() - s) / reps)
+    out.append([0.0, float(2 * parts[0].nbytes), statistics.median(times)])
+if c.rank == 0:
+    print(json.dumps(out))
+'''
+
+
+def measure_allreduce(ranks: int, cores: int, sizes: list[int] = ALLREDUCE_SIZES) -> dict:
+    """An allreduce among all ``ranks`` as the executor's sync workers run it (flatten, the
+    polled non-blocking collective, copy back), by bytes per rank; fitted like an op."""
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
+        fh.write(ALLREDUCE)
+    proc = subprocess.run([str(mpiexec()), "-n", str(ranks), sys.executable, fh.name,
+                           str(Path(__file__).resolve().parents[1]), json.dumps(sizes)],
+                          capture_output=True, text=True, timeout=600, env=rank_env(ranks, cores))
+    Path(fh.name).unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"MPI allreduce failed: {proc.stderr[-500:]}")
+    return fit_op_cost(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def measure_mpi(sizes: list[int] = MPI_SIZES) -> dict:
@@ -254,5 +299,7 @@ def calibrate(ranks: int = 2, seed: int = 0) -> dict:
     mem = measure_memory_bandwidth()
     mpi = measure_mpi()
     costs = measure_op_costs(ranks, cores)
+    if ranks > 1:
+        costs["allreduce"] = measure_allreduce(ranks, cores)
     return {"cores": cores, "ranks": ranks, "compute": comp, "memory_bandwidth_bytes_per_s": mem, "mpi": mpi,
             "op_costs": costs}

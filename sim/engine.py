@@ -181,10 +181,26 @@ class Engine:
             self.failed_transfers += 1
             return self.env.event()
 
+        measured = self._host_collective(op, devices, nbytes, replica, step, name)
+        if measured is not None:
+            return measured
+
         def record(pair, nb, start, end):
             self.trace.add(Span(name, "transfer", f"{pair[0]}->{pair[1]}", replica, step, start, end, nb, 0.0,
                                 op, _link_names(route(*pair))))
         return self.env.process(collectives.run(self.env, self.network, schedule, record))
+
+    def _host_collective(self, op: str, devices: list[str], nbytes: float, replica: int, step: int,
+                         name: str) -> simpy.Event | None:
+        """A collective among host ranks whose cost calibrate measured (key ``op``, by the
+        bytes each rank contributes): on one host it is the ranks' own copying and summing,
+        so each member spends that long on its core (sharing the host's cores like compute);
+        None when any member has no such measurement."""
+        topo = self.compute.topology.devices
+        if not all(d in self.compute.weights and op in topo[d].op_costs for d in devices):
+            return None
+        return self.env.all_of([self.compute_op(d, 0.0, nbytes, replica, step, name, op, kind="transfer", key=op)
+                                for d in devices])
 
     # --- one replica's step graph ----------------------------------------------------------
     def run_graph(self, replica: int, step: int, plan: Plan | None = None) -> GraphRun:

@@ -115,3 +115,14 @@ def test_a_measured_step_cost_comes_before_the_first_op():
     p = plan(dataclasses.replace(scenario(batch=16, training={"steps": 2}), topology=topo), check_memory=False)
     expected = 40e-6 + chain_seconds(p, "g0") + update_seconds(topo, "g0", p.scenario.model.params)
     assert simulate(p).trace.step_times() == pytest.approx([expected] * 2, rel=1e-9)
+
+
+def test_a_measured_host_allreduce_costs_each_member_its_fitted_time():
+    costs = {"allreduce": [30.0, 0, 1.0]}                          # 30 us + bytes / 1 GB/s on every member
+    topo = build_topology({"name": "two", "device": [costed("g0", 0, costs), costed("g1", 1, costs)],
+                           "link": [link("g0", "g1", 10.0, 2.0)]}, "two.toml")
+    p = plan(dataclasses.replace(scenario(batch=16, parallel={"replicas": 2}, training={"steps": 2}), topology=topo),
+             check_memory=False)
+    nbytes = p.scenario.model.params * PARAM_BYTES
+    expected = chain_seconds(p, "g0") + 30e-6 + nbytes / 1e9 + update_seconds(topo, "g0", p.scenario.model.params)
+    assert simulate(p).trace.step_times() == pytest.approx([expected] * 2, rel=1e-9)
