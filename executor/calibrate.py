@@ -12,9 +12,10 @@ Measured (medians of REPEATS):
   backward, the update, a message's send and receive costs, a step's set-up) and an
   allreduce among all the job's ranks as sync workers run it, each fitted to a fixed
   cost plus FLOPs and bytes at fitted rates (``op_costs``);
-- cores, and how ranks share them: compute is measured with the BLAS threads one rank
-  gets (cores // ranks, as ``clustersim execute`` sets them); with more ranks than cores
-  each rank gets cores/ranks of that.
+- cores, and how ranks share them: everything is measured with the BLAS threads and
+  allocator settings a rank of the job gets (``executor/launch.py``, as ``clustersim
+  execute`` sets them); all ranks are in one core pool of the host's cores, so ranks
+  beyond the cores share them when they compute at once.
 
 The topology has one ``cpu`` device per rank (its own machine index, so each is a compute
 device, rank k = device k) on a ``switch`` standing for shared memory; each rank's link
@@ -27,7 +28,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -117,83 +117,25 @@ def measure_memory_bandwidth(n_bytes: int = 256 * 2**20) -> float:
     return 2 * a.nbytes / t
 
 
-PINGPONG = r'''
-import sys, time, json, statistics
-import numpy as np
-from mpi4py import MPI
-sys.path.insert(0, sys.argv[1])
-from executor.comm import MPITransport
-c = MPI.COMM_WORLD
-t = MPITransport(c)
-out = []
-for n in json.loads(sys.argv[2]):
-    a = np.ones(max(1, n // 4), np.float32)
-    reps = max(5, min(300, (2**25) // n))
-    times = []
-    for _ in range(5):
-        c.Barrier(); s = time.perf_counter()
-        for _ in range(reps):
-            if c.rank == 0:
-                t.send(0, 1, ("a", 1, 0), a); t.flush(); t.recv(1, 0, ("a", 2, 0), a.shape, a.dtype)
-            else:
-                t.recv(0, 1, ("a", 1, 0), a.shape, a.dtype); t.send(1, 0, ("a", 2, 0), a); t.flush()
-        times.append((time.perf_counter() - s) / reps / 2)
-    out.append([a.nbytes, statistics.median(times)])
-if c.rank == 0:
-    print(json.dumps(out))
-'''
-
-
-ALLREDUCE = r'''
-import sys, time, json, statistics
-import numpy as np
-from mpi4py import MPI
-sys.path.insert(0, sys.argv[1])
-from executor.comm import wait_buffer
-c = MPI.COMM_WORLD
-out = []
-for n in json.loads(sys.argv[2]):
-    parts = [np.ones(max(1, n // 8), np.float32), np.ones(max(1, n // 8), np.float32)]
-    reps = max(3, min(100, (2**24) // n))
-    times = []
-    for _ in range(5):
-        c.Barrier(); s = time.perf_counter()
-        for _ in range(reps):                 # as a worker does: one flat buffer, the collective, back in place
-            g = np.concatenate(parts)
-            total = np.empty_like(g)
-            wait_buffer(c.Iallreduce(g, total))
-            parts[0][...] = total[:len(parts[0])]; parts[1][...] = total[len(parts[0]):]
-        times.append((time.perf_counter() - s) / reps)
-    out.append([0.0, float(2 * parts[0].nbytes), statistics.median(times)])
-if c.rank == 0:
-    print(json.dumps(out))
-'''
+def run_probe(ranks: int, env: dict, *args: str):
+    """``mpiexec -n ranks python -m executor.probe ARGS``: what rank 0 printed, as JSON."""
+    proc = subprocess.run([str(mpiexec()), "-n", str(ranks), sys.executable, "-m", "executor.probe", *args],
+                          capture_output=True, text=True, timeout=1200, env=env,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    if proc.returncode != 0:
+        raise RuntimeError(f"executor.probe {args[0]} on {ranks} ranks failed: {proc.stderr[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def measure_allreduce(ranks: int, cores: int, sizes: list[int] = ALLREDUCE_SIZES) -> dict:
     """An allreduce among all ``ranks`` as the executor's sync workers run it (flatten, the
     polled non-blocking collective, copy back), by bytes per rank; fitted like an op."""
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
-        fh.write(ALLREDUCE)
-    proc = subprocess.run([str(mpiexec()), "-n", str(ranks), sys.executable, fh.name,
-                           str(Path(__file__).resolve().parents[1]), json.dumps(sizes)],
-                          capture_output=True, text=True, timeout=600, env=rank_env(ranks, cores))
-    Path(fh.name).unlink(missing_ok=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"MPI allreduce failed: {proc.stderr[-500:]}")
-    return fit_op_cost(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return fit_op_cost(run_probe(ranks, rank_env(ranks, cores), "allreduce", json.dumps(sizes)))
 
 
 def measure_mpi(sizes: list[int] = MPI_SIZES) -> dict:
     """One-way message time by size on 2 ranks, and its alpha-beta fit."""
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
-        fh.write(PINGPONG)
-    proc = subprocess.run([str(mpiexec()), "-n", "2", sys.executable, fh.name, str(Path(__file__).resolve().parents[1]),
-                           json.dumps(sizes)], capture_output=True, text=True, timeout=600, env=rank_env(2, 2))
-    Path(fh.name).unlink(missing_ok=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"MPI ping-pong failed: {proc.stderr[-500:]}")
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = run_probe(2, rank_env(2, 2), "pingpong", json.dumps(sizes))
     return {"samples": rows, **fit_alpha_beta([r[0] for r in rows], [r[1] for r in rows])}
 
 
@@ -216,13 +158,7 @@ def measure_op_costs(ranks: int, cores: int) -> dict:
     """The executor's ops timed in context (``executor/probe.py``) by min(ranks, cores)
     ranks at once, each with the BLAS threads a rank of a ``ranks``-rank job gets, and the
     costs fitted per op key."""
-    n = max(1, min(ranks, cores))
-    proc = subprocess.run([str(mpiexec()), "-n", str(n), sys.executable, "-m", "executor.probe"],
-                          capture_output=True, text=True, timeout=1200, env=rank_env(ranks, cores),
-                          cwd=str(Path(__file__).resolve().parents[1]))
-    if proc.returncode != 0:
-        raise RuntimeError(f"op probe failed: {proc.stderr[-500:]}")
-    points = json.loads(proc.stdout.strip().splitlines()[-1])
+    points = run_probe(max(1, min(ranks, cores)), rank_env(ranks, cores), "ops")
     return {key: fit_op_cost(pts) for key, pts in sorted(points.items())}
 
 
@@ -264,7 +200,6 @@ def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, 
     ranks, at least 1); every rank is in one core pool of ``cores``, so ranks beyond the
     cores share them when they compute at once."""
     share = min(1.0, cores / ranks)
-    per_rank = comp["peak_flops"]
     curve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp["efficiency_curve"])
     bcurve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp.get("backward_efficiency_curve", []))
     costs = ", ".join(f'"{key}" = [{c["fixed_s"] * 1e6:.6g}, {c["flops_per_s"] / 1e9:.6g}, {c["bytes_per_s"] / 1e9:.6g}]'
@@ -275,7 +210,7 @@ def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, 
              "", "[core_pools]", f"host = {cores}"]
     for k in range(ranks):
         lines += ["", "[[device]]", f'name = "rank{k}"', 'kind = "cpu"', f"machine = {k}", "cores = 1",
-                  f"core_gflops = {per_rank / 1e9:.6g}", "memory_gib = 16",
+                  f"core_gflops = {comp['peak_flops'] / 1e9:.6g}", "memory_gib = 16",
                   f"memory_bandwidth_gbps = {mem_bw * share / 1e9 / max(1, min(ranks, cores)):.6g}",
                   "efficiency = 1.0", f"op_overhead_us = {comp['op_overhead_s'] * 1e6:.4g}",
                   f"efficiency_curve = [{curve}]", f"backward_efficiency_curve = [{bcurve}]",

@@ -1,13 +1,11 @@
 """mpi4py transport.  Waiting ranks yield the CPU between polls instead of spinning (for
 the first 10 ms ``sched_yield``, which costs nothing when a core is free, then short
 sleeps), so ranks that outnumber the cores (2 here) do not starve the rank they wait for.
-``CLUSTERSIM_YIELD_S`` in a rank's environment sets that window (0: sleep at once).
 Sleeping at once when ranks outnumber cores was measured and is worse here: every wait
 then costs a sleep's granularity (75-125 us on this host), 3 ranks of mlp-digits on 2 cores
 took 1.05 ms a step instead of 0.35 ms, and distbelief-speech was 5-10% slower too."""
 from __future__ import annotations
 
-import functools
 import os
 import time
 
@@ -22,20 +20,13 @@ TAGS = {"a": 1, "g": 2, "r": 3}
 YIELD_FOR_S = 10e-3      # poll with sched_yield this long (a 16 MB message takes ~2 ms), then sleep
 
 
-@functools.cache
-def yield_for_s() -> float:
-    """How long a waiting rank polls with sched_yield before it sleeps between polls."""
-    return float(os.environ.get("CLUSTERSIM_YIELD_S", YIELD_FOR_S))
-
-
 def wait_buffer(req) -> None:
     """Waits for a buffer-based request (Isend, Irecv, Iallreduce) by polling, yielding."""
     if req.Test():
         return
     start = time.perf_counter()
-    window = yield_for_s()
     while not req.Test():
-        if time.perf_counter() - start < window:
+        if time.perf_counter() - start < YIELD_FOR_S:
             os.sched_yield()
         else:
             time.sleep(POLL_SLEEP_S)
@@ -44,9 +35,8 @@ def wait_buffer(req) -> None:
 def probe(comm, status, source: int, tag: int) -> tuple[int, int]:
     """Waits, yielding, for a message matching (source, tag); returns its (source, tag)."""
     start = time.perf_counter()
-    window = yield_for_s()
     while not comm.Iprobe(source=source, tag=tag, status=status):
-        if time.perf_counter() - start < window:
+        if time.perf_counter() - start < YIELD_FOR_S:
             os.sched_yield()
         else:
             time.sleep(POLL_SLEEP_S)

@@ -14,9 +14,10 @@ receiver; bytes only); ``send.reduction`` (softmax's max and sum of exponentials
 computed and sent) and ``recv.reduction``; ``step`` (what a step costs a rank besides
 its ops: sampling the batch, the walk's set-up, the final flush; by the batch's bytes).
 
-Run under ``mpiexec -n k python -m executor.probe`` every rank probes at once, so ranks
-that share a host's memory bandwidth and caches are timed as they run: rank 0 prints the
-medians as JSON.  Batch sizes differ from the validation suite's on purpose: those are
+Run under ``mpiexec -n k python -m executor.probe ops`` every rank probes at once, so
+ranks that share a host's memory bandwidth and caches are timed as they run: rank 0
+prints the medians as JSON.  ``pingpong`` and ``allreduce`` time the executor's
+transport between two ranks and the sync workers' allreduce among all of them.  Batch sizes differ from the validation suite's on purpose: those are
 predicted by interpolation, not read back.
 """
 from __future__ import annotations
@@ -29,12 +30,13 @@ from collections import defaultdict
 
 import numpy as np
 
-from sim.plan import Plan, plan
+from sim.plan import Plan, cost_key, plan
 from sim.scenario import scenario_from_dict
 
+from .comm import MPITransport, wait_buffer
+from .data import Batches
 from .kernels import init_params
 from .optim import sgd_in_place
-from .data import Batches
 from .partitioned import Mailbox, box_index, run_step
 
 PROBES = (("mlp-digits", (8, 32, 128)), ("distbelief-speech", (4, 32)))
@@ -55,8 +57,7 @@ def op_key(p: Plan, op, part: str) -> tuple[str, float, float]:
     "send" or "recv"."""
     if op.kind == "xfer":
         return part + (".reduction" if op.why == "reduction" else ""), 0.0, op.bytes
-    kind = p.scenario.model.nodes[op.layer].layer.kind
-    return kind + (".backward" if op.kind == "bwd" else ""), op.flops, op.bytes
+    return cost_key(p, op), op.flops, op.bytes
 
 
 def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS) -> dict[str, list[tuple]]:
@@ -135,12 +136,67 @@ def op_times(seed: int = 0, repeats: int = REPEATS, passes: int = PASSES,
     return merge(results)
 
 
-def main() -> None:
+def _timed(comm, reps: int, body) -> float:
+    """Seconds per call of ``body`` on every rank at once: the median of 5 timed runs of
+    ``reps`` calls, each started together after a barrier."""
+    times = []
+    for _ in range(5):
+        comm.Barrier()
+        start = time.perf_counter()
+        for _ in range(reps):
+            body()
+        times.append((time.perf_counter() - start) / reps)
+    return statistics.median(times)
+
+
+def pingpong(comm, sizes: list[int]) -> list[list[float]]:
+    """[bytes, one-way seconds] between ranks 0 and 1 through the executor's transport."""
+    t = MPITransport(comm)
+    out = []
+    for n in sizes:
+        a = np.ones(max(1, n // 4), np.float32)
+
+        def round_trip(a=a):
+            if comm.rank == 0:
+                t.send(0, 1, ("a", 1, 0), a)
+                t.flush()
+                t.recv(1, 0, ("a", 2, 0), a.shape, a.dtype)
+            else:
+                t.recv(0, 1, ("a", 1, 0), a.shape, a.dtype)
+                t.send(1, 0, ("a", 2, 0), a)
+                t.flush()
+        out.append([a.nbytes, _timed(comm, max(5, min(300, (2**25) // n)), round_trip) / 2])
+    return out
+
+
+def allreduce(comm, sizes: list[int]) -> list[list[float]]:
+    """[0, bytes per rank, seconds] of an allreduce among every rank as a sync worker runs
+    it: one flat buffer from two arrays, the polled non-blocking collective, back in place."""
+    out = []
+    for n in sizes:
+        parts = [np.ones(max(1, n // 8), np.float32), np.ones(max(1, n // 8), np.float32)]
+
+        def once(parts=parts):
+            g = np.concatenate(parts)
+            total = np.empty_like(g)
+            wait_buffer(comm.Iallreduce(g, total))
+            parts[0][...] = total[:len(parts[0])]
+            parts[1][...] = total[len(parts[0]):]
+        out.append([0.0, float(2 * parts[0].nbytes), _timed(comm, max(3, min(100, (2**24) // n)), once)])
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``ops`` | ``pingpong SIZES`` | ``allreduce SIZES`` (SIZES a JSON list of bytes)."""
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
-    times = op_times(seed=comm.rank, barrier=comm.Barrier)
+    args = sys.argv[1:] if argv is None else argv
+    if args[0] == "ops":
+        out = op_times(seed=comm.rank, barrier=comm.Barrier)
+    else:
+        out = {"pingpong": pingpong, "allreduce": allreduce}[args[0]](comm, json.loads(args[1]))
     if comm.rank == 0:
-        print(json.dumps(times))
+        print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from . import collectives
 from .compute import Compute
 from .faults import failure_schedule, slowdowns
 from .network import BACKENDS
-from .plan import PARAM_BYTES, Plan
+from .plan import PARAM_BYTES, Plan, cost_key
 from .trace import Span, Trace, Update
 
 
@@ -68,6 +68,7 @@ class Engine:
         self.rng = rng if rng is not None else np.random.default_rng(sc.seed)
         self.slowdown = slowdowns(sc, self.rng)
         self.compute = Compute(self.env, sc.topology, sc.dtype, self.slowdown)
+        self.step_costed = {name for name in self.compute.weights if "step" in sc.topology.devices[name].op_costs}
         self.network = BACKENDS[sc.network](self.env, sc.topology)
         self.trace = Trace()
         self.failed: dict[str, float] = {}          # device -> time it failed
@@ -84,7 +85,8 @@ class Engine:
             self.env.process(self._inject())
 
     def _graph_info(self, plan: Plan) -> tuple:
-        """Successor lists and backward-op counts per slot of a plan's step graph (cached)."""
+        """Successor lists, backward-op counts per slot and each op's key in measured op costs
+        (its layer kind, ``.backward`` for backward ops) of a plan's step graph (cached)."""
         key = id(plan)
         if key not in self._graphs:
             succ: list[list[int]] = [[] for _ in plan.ops]
@@ -92,7 +94,8 @@ class Engine:
                 for d in op.deps:
                     succ[d].append(op.id)
             bwd = [sum(1 for op in plan.ops if op.kind == "bwd" and op.slot == j) for j in range(plan.slots)]
-            self._graphs[key] = (plan, succ, bwd)
+            keys = [cost_key(plan, op) for op in plan.ops]
+            self._graphs[key] = (plan, succ, bwd, keys)
         return self._graphs[key]
 
     # --- faults ------------------------------------------------------------------------------
@@ -136,10 +139,10 @@ class Engine:
         return ev
 
     def transfer(self, src: str, dst: str, nbytes: float, replica: int, step: int,
-                 name: str, phase: str, key: str = "send") -> simpy.Event:
+                 name: str, phase: str, what: str = "") -> simpy.Event:
         """A message; it never arrives when an end has failed or no route is left.  A sender
-        with measured costs for ``key`` (``send``, ``send.reduction``) spends that long on it
-        before it leaves, a receiver with costs for the matching ``recv`` key after."""
+        with measured costs for ``send<what>`` (``what``: "" or ".reduction") spends that long
+        on it before it leaves, a receiver with costs for ``recv<what>`` after."""
         start = self.env.now
         try:
             if not self.alive(src, dst):
@@ -149,8 +152,8 @@ class Engine:
             self.failed_transfers += 1
             return self.env.event()
         devices = self.compute.topology.devices
-        sending = devices[src].op_time(key, 0.0, nbytes) if src in self.compute.weights else None
-        receiving = devices[dst].op_time("recv" + key[4:], 0.0, nbytes) if dst in self.compute.weights else None
+        sending = devices[src].op_time("send" + what, 0.0, nbytes) if src in self.compute.weights else None
+        receiving = devices[dst].op_time("recv" + what, 0.0, nbytes) if dst in self.compute.weights else None
         ev = self.env.process(self._host_message(src, dst, nbytes, sending, receiving)) if sending or receiving else \
             self.network.send([(src, dst)], nbytes)
         ev.callbacks.append(lambda _e: self.trace.add(
@@ -206,7 +209,7 @@ class Engine:
     def run_graph(self, replica: int, step: int, plan: Plan | None = None) -> GraphRun:
         """Runs one replica's step graph (of ``plan``, default the engine's: sandblaster runs
         work units from a plan of the unit's batch).  Ops on failed devices never start."""
-        plan, succ, bwd_per_slot = self._graph_info(plan or self.plan)
+        plan, succ, bwd_per_slot, keys = self._graph_info(plan or self.plan)
         env = self.env
         ops, devices = plan.ops, self.plan.devices[replica]
         waiting = [len(op.deps) for op in ops]
@@ -221,12 +224,10 @@ class Engine:
             if op.kind == "xfer":
                 ev = self.transfer(devices[op.slot], devices[op.dst], op.bytes, replica, step,
                                    f"{op.why} L{op.layer}", op.why,
-                                   key="send.reduction" if op.why == "reduction" else "send")
+                                   what=".reduction" if op.why == "reduction" else "")
             else:
-                kind = plan.scenario.model.nodes[op.layer].layer.kind
                 ev = self.compute_op(devices[op.slot], op.flops, op.bytes, replica, step,
-                                     f"{op.kind} L{op.layer}", op.kind,
-                                     key=kind + (".backward" if op.kind == "bwd" else ""))
+                                     f"{op.kind} L{op.layer}", op.kind, key=keys[op.id])
             ev.callbacks.append(lambda _e: finish(op))
 
         def finish(op) -> None:
@@ -259,13 +260,12 @@ class Engine:
     def _step_starts(self, plan: Plan, devices: list[str], replica: int, step: int) -> dict[int, simpy.Event]:
         """Slot -> the event its step may start at: after what a step costs a host rank besides
         its ops (measured by calibrate as ``step``: sampling the batch, set-up), where measured."""
+        if not self.step_costed:
+            return {}
         sc = plan.scenario
         nbytes = float(sc.batch_size * np.prod(sc.model.input_shape) * PARAM_BYTES)
-        out = {}
-        for j, dev in enumerate(devices):
-            if dev in self.compute.weights and "step" in self.compute.topology.devices[dev].op_costs:
-                out[j] = self.compute_op(dev, 0.0, nbytes, replica, step, "step", "step", key="step")
-        return out
+        return {j: self.compute_op(dev, 0.0, nbytes, replica, step, "step", "step", key="step")
+                for j, dev in enumerate(devices) if dev in self.step_costed}
 
 
 def _link_names(route) -> tuple[str, ...]:

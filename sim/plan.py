@@ -201,6 +201,12 @@ def _fix_reduction_deps(ops: list[Op], bwd: dict) -> list[Op]:
     return [Op(**{**o.__dict__, "id": pos[o.id], "deps": tuple(pos[d] for d in o.deps)}) for o in order]
 
 
+def cost_key(p: Plan, op: Op) -> str:
+    """A compute op's key in a device's measured op costs (``Device.op_costs``): its layer
+    kind, with ``.backward`` for backward ops."""
+    return p.scenario.model.nodes[op.layer].layer.kind + (".backward" if op.kind == "bwd" else "")
+
+
 def talking_pairs(p: Plan) -> set[tuple[str, str]]:
     """Every (src, dst) device pair the step sends data between."""
     from .collectives import phases

@@ -114,7 +114,7 @@ def test_validate_runs_end_to_end_with_finite_errors(tmp_path):
 
 def test_rank_env_gives_each_rank_its_share_of_the_cores(monkeypatch):
     from executor.launch import rank_env
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "CLUSTERSIM_YIELD_S"):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(var, raising=False)
     two = rank_env(2, cores=8)
     assert two["OPENBLAS_NUM_THREADS"] == "4" and two["MALLOC_MMAP_MAX_"] == "0"

@@ -34,7 +34,8 @@ def main() -> None:
             calibrated[n] = str(path)
         r = validate(str(f), calibrated[n], [], REPEATS)
         rows.append(r)
-        print(f"{r['scenario']:<22} ranks {r['ranks'] + (1 if 'downpour' in f.name or '-ps-' in f.name else 0):>2}  "
+        r["all_ranks"] = n                      # workers, shards and any coordinator
+        print(f"{r['scenario']:<22} ranks {n:>2}  "
               f"predicted {r['predicted_step_time_s'] * 1e3:8.3f} ms  measured {r['measured_step_time_s'] * 1e3:8.3f} ms"
               f"  error {r['error_pct']:+7.1f}%  spread {r['spread_pct']:5.1f}%", flush=True)
     errors = [abs(r["error_pct"]) for r in rows]
