@@ -151,19 +151,17 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
         if op.kind == "xfer" and op.slot in slots and not skip(op):
             sends_after.setdefault(max(op.deps), []).append(op)
     for op in p.ops:
-        if skip(op):
+        if skip(op) or op.kind == "xfer" or op.slot not in slots:
             continue
+        for d in op.deps:                    # the messages this op needs, received just before it
+            msg = p.ops[d]
+            if msg.kind == "xfer":
+                recv(msg)
+                if on_op is not None:
+                    on_op(msg, "recv")
         i, m = op.layer, op.micro
         lo, hi = micro[m]
         node = nodes[i]
-        if op.kind == "xfer":                # sent when its producer finished; received here, in order
-            if op.dst in slots:
-                recv(op)
-                if on_op is not None:
-                    on_op(op, "recv")
-            continue
-        if op.slot not in slots:
-            continue
         if op.kind == "fwd":
             j, box = op.slot, _box_of(p, i, op.slot)
             region = needs(i, j)

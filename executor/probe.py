@@ -4,8 +4,9 @@ rather than what a bare kernel does (fresh arrays each step, region assembly, th
 walk, sigmoid's exponentials are all in the figures).
 
 Probes: each model in ``PROBES`` at each of its batch sizes, whole (one slot) and cut in
-two by channels (two slots in this process, messages through an in-process mailbox), so
-every layer kind is timed at two sizes per batch.  Each point is (FLOPs, bytes, seconds)
+two by channels (a slot on each of two ranks, messages through the executor's MPI
+transport; with one rank both slots in this process and an in-process mailbox), so every
+layer kind is timed at two sizes per batch.  Each point is (FLOPs, bytes, seconds)
 with FLOPs and bytes as the Plan counts them; keys as the simulator looks them up
 (``Device.op_costs``): ``<layer kind>`` and ``<layer kind>.backward``; ``update`` (the
 worker's SGD step: 2 FLOPs and 12 bytes per parameter); ``send`` and ``recv`` (a
@@ -42,7 +43,7 @@ from .partitioned import Mailbox, box_index, run_step
 PROBES = (("mlp-digits", (8, 32, 128)), ("distbelief-speech", (4, 32)))
 SPLITS = (1, 2)
 REPEATS = 5
-PASSES = 3
+PASSES = 5
 
 
 def probe_plan(model: str, batch: int, slots: int) -> Plan:
@@ -60,9 +61,10 @@ def op_key(p: Plan, op, part: str) -> tuple[str, float, float]:
     return cost_key(p, op), op.flops, op.bytes
 
 
-def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS) -> dict[str, list[tuple]]:
-    """(FLOPs, bytes, median seconds) of every op of one step of ``p`` (all slots here),
-    and of each slot's update."""
+def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS, comm=None) -> dict[str, list[tuple]]:
+    """(FLOPs, bytes, median seconds) of every op of one step of ``p`` and of each slot's
+    update: all slots here (messages through a mailbox), or with ``comm`` (as many ranks
+    as ``p`` has slots) this rank's slot, messages through the executor's MPI transport."""
     model = p.scenario.model
     full = init_params(model, rng, dtype=np.float32)
     params = {(i, j): [np.ascontiguousarray(a[idx]) for a, idx in zip(full[i], box_index(model.nodes[i].layer.kind, box))]
@@ -73,7 +75,7 @@ def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS) -> dict
     steps: list[float] = []
     per_op: dict[tuple, list[float]] = defaultdict(list)
     updates: dict[int, list[float]] = defaultdict(list)
-    slots = set(range(p.slots))
+    slots = {comm.rank} if comm is not None else set(range(p.slots))
     for rep in range(repeats + 1):                    # the first step warms up and is not counted
         start = time.perf_counter()
         x, y = data.next()
@@ -86,9 +88,9 @@ def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS) -> dict
                 per_op[(op.id, part)].append(now - last[0])
                 in_ops[0] += now - last[0]
             last[0] = now
-        res = run_step(p, slots, params, x, y, Mailbox(), on_op=on_op)
+        res = run_step(p, slots, params, x, y, MPITransport(comm) if comm is not None else Mailbox(), on_op=on_op)
         if rep:                                       # sampling the batch, the step's set-up and flush
-            steps.append((time.perf_counter() - start - in_ops[0]) / p.slots)
+            steps.append((time.perf_counter() - start - in_ops[0]) / len(slots))
         for j in slots:
             mine = {key: g for key, g in res.grads.items() if key[1] == j}
             t = time.perf_counter()
@@ -118,10 +120,11 @@ def merge(passes: list[dict[str, list[tuple]]]) -> dict[str, list[list[float]]]:
 
 
 def op_times(seed: int = 0, repeats: int = REPEATS, passes: int = PASSES,
-             barrier=lambda: None) -> dict[str, list[list[float]]]:
+             barrier=lambda: None, pair=None) -> dict[str, list[list[float]]]:
     """Every probe, ``passes`` times over (a slow spell of a shared host then spoils one
     pass, not every figure); ``barrier`` is called before each probe, so concurrent ranks
-    probe together."""
+    probe together.  With ``pair`` (a communicator of two ranks) the two-slot probes run
+    one slot per rank, so messages cost what MPI makes them cost."""
     rng = np.random.default_rng(seed)
     results = []
     for _ in range(passes):
@@ -130,7 +133,8 @@ def op_times(seed: int = 0, repeats: int = REPEATS, passes: int = PASSES,
             for batch in batches:
                 for slots in SPLITS:
                     barrier()
-                    for key, pts in time_plan(probe_plan(model, batch, slots), rng, repeats).items():
+                    comm = pair if slots == 2 and pair is not None else None
+                    for key, pts in time_plan(probe_plan(model, batch, slots), rng, repeats, comm).items():
                         points[key] += pts
         results.append(points)
     return merge(results)
@@ -192,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     comm = MPI.COMM_WORLD
     args = sys.argv[1:] if argv is None else argv
     if args[0] == "ops":
-        out = op_times(seed=comm.rank, barrier=comm.Barrier)
+        pair = comm.Split(color=comm.rank // 2, key=comm.rank)
+        out = op_times(seed=comm.rank, barrier=comm.Barrier, pair=pair if pair.size == 2 else None)
     else:
         out = {"pingpong": pingpong, "allreduce": allreduce}[args[0]](comm, json.loads(args[1]))
     if comm.rank == 0:
