@@ -11,7 +11,8 @@ Measured (medians of REPEATS):
 - the executor's ops in context (``executor/probe.py``: each layer kind forward and
   backward, the update, a message's send and receive costs, a step's set-up) and an
   allreduce among all the job's ranks as sync workers run it, each fitted to a fixed
-  cost plus FLOPs and bytes at fitted rates (``op_costs``);
+  cost plus FLOPs and bytes at fitted rates, bytes beyond a core's L2 cache at their own
+  rate (``op_costs``, ``cache_mib``);
 - cores, and how ranks share them: everything is measured with the BLAS threads and
   allocator settings a rank of the job gets (``executor/launch.py``, as ``clustersim
   execute`` sets them); all ranks are in one core pool of the host's cores, so ranks
@@ -127,10 +128,10 @@ def run_probe(ranks: int, env: dict, *args: str):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure_allreduce(ranks: int, cores: int, sizes: list[int] = ALLREDUCE_SIZES) -> dict:
+def measure_allreduce(ranks: int, cores: int, sizes: list[int] = ALLREDUCE_SIZES, cache: float = 0.0) -> dict:
     """An allreduce among all ``ranks`` as the executor's sync workers run it (flatten, the
     polled non-blocking collective, copy back), by bytes per rank; fitted like an op."""
-    return fit_op_cost(run_probe(ranks, rank_env(ranks, cores), "allreduce", json.dumps(sizes)))
+    return fit_op_cost(run_probe(ranks, rank_env(ranks, cores), "allreduce", json.dumps(sizes)), cache)
 
 
 def measure_mpi(sizes: list[int] = MPI_SIZES) -> dict:
@@ -154,34 +155,36 @@ def fit_alpha_beta(sizes: list[float], times: list[float]) -> dict:
             "max_rel_error": float(np.max(np.abs(pred - t) / t))}
 
 
-def measure_op_costs(ranks: int, cores: int) -> dict:
+def measure_op_costs(ranks: int, cores: int, cache: float = 0.0) -> dict:
     """The executor's ops timed in context (``executor/probe.py``) by min(ranks, cores)
     ranks at once, each with the BLAS threads a rank of a ``ranks``-rank job gets, and the
-    costs fitted per op key."""
+    costs fitted per op key (bytes beyond ``cache`` at their own rate)."""
     points = run_probe(max(1, min(ranks, cores)), rank_env(ranks, cores), "ops")
-    return {key: fit_op_cost(pts) for key, pts in sorted(points.items())}
+    return {key: fit_op_cost(pts, cache) for key, pts in sorted(points.items())}
 
 
-def fit_op_cost(points: list[list[float]]) -> dict:
-    """Least squares t = fixed + flops / flop_rate + bytes / byte_rate over (flops, bytes,
-    seconds) points, weighted by 1/t (relative error counts), every term >= 0: of the fits
+def fit_op_cost(points: list[list[float]], cache: float = 0.0) -> dict:
+    """Least squares t = fixed + flops / flop_rate + min(bytes, cache) / byte_rate +
+    max(bytes - cache, 0) / beyond_rate over (flops, bytes, seconds) points (``cache`` 0:
+    one byte rate), weighted by 1/t (relative error counts), every term >= 0: of the fits
     on each subset of the terms, the best one whose coefficients are all non-negative.
     Returns the costs (a rate of 0 means no such term), R^2 and the worst relative error."""
     from itertools import combinations
     pts = np.asarray(points, float)
-    X = np.stack([np.ones(len(pts)), pts[:, 0], pts[:, 1]], axis=1)
-    t = pts[:, 2]
+    flops, nbytes, t = pts[:, 0], pts[:, 1], pts[:, 2]
+    inside = np.minimum(nbytes, cache) if cache > 0 else nbytes
+    X = np.stack([np.ones(len(pts)), flops, inside, nbytes - inside], axis=1)
     w = 1.0 / t
     best = None
-    for k in (1, 2, 3):
-        for cols in combinations(range(3), k):
+    for k in range(1, 5):
+        for cols in combinations(range(4), k):
             cols = [c for c in cols if X[:, c].any()]
             if not cols:
                 continue
             coef, *_ = np.linalg.lstsq(X[:, cols] * w[:, None], t * w, rcond=None)
             if (coef < 0).any():
                 continue
-            full = np.zeros(3)
+            full = np.zeros(4)
             full[cols] = coef
             err = float(np.sum(((X @ full - t) * w) ** 2))
             if best is None or err < best[0] - 1e-15:
@@ -189,20 +192,34 @@ def fit_op_cost(points: list[list[float]]) -> dict:
     c = best[1]
     pred = X @ c
     ss_tot = float(((t - t.mean()) ** 2).sum()) or 1.0
-    return {"fixed_s": float(c[0]), "flops_per_s": float(1.0 / c[1]) if c[1] > 0 else 0.0,
-            "bytes_per_s": float(1.0 / c[2]) if c[2] > 0 else 0.0, "points": len(pts),
+    rate = lambda inv: float(1.0 / inv) if inv > 0 else 0.0     # noqa: E731
+    return {"fixed_s": float(c[0]), "flops_per_s": rate(c[1]), "bytes_per_s": rate(c[2]),
+            "bytes_beyond_cache_per_s": rate(c[3]) if cache > 0 else rate(c[2]), "points": len(pts),
             "r2": 1.0 - float(((t - pred) ** 2).sum()) / ss_tot, "max_rel_error": float(np.max(np.abs(pred - t) / t))}
 
 
+def cache_bytes() -> float:
+    """One core's level-2 cache (sysfs), where an op's working set stops fitting; 0 if unknown."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip()
+                return float(size[:-1]) * {"K": 2**10, "M": 2**20}[size[-1]] if size[-1] in "KM" else float(size)
+        except (OSError, ValueError):
+            return 0.0
+    return 0.0
+
+
 def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, mpi: dict,
-                  op_costs: dict | None = None) -> str:
+                  op_costs: dict | None = None, cache: float = 0.0) -> str:
     """``comp`` and ``op_costs`` were measured with the BLAS threads one rank gets (cores //
     ranks, at least 1); every rank is in one core pool of ``cores``, so ranks beyond the
     cores share them when they compute at once."""
     share = min(1.0, cores / ranks)
     curve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp["efficiency_curve"])
     bcurve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp.get("backward_efficiency_curve", []))
-    costs = ", ".join(f'"{key}" = [{c["fixed_s"] * 1e6:.6g}, {c["flops_per_s"] / 1e9:.6g}, {c["bytes_per_s"] / 1e9:.6g}]'
+    costs = ", ".join(f'"{key}" = [{c["fixed_s"] * 1e6:.6g}, {c["flops_per_s"] / 1e9:.6g}, {c["bytes_per_s"] / 1e9:.6g}, '
+                      f'{c.get("bytes_beyond_cache_per_s", c["bytes_per_s"]) / 1e9:.6g}]'
                       for key, c in sorted((op_costs or {}).items()))
     lines = [f'name = "{name}"',
              f'description = "calibrated on this host: {cores} cores, {ranks} ranks; '
@@ -214,7 +231,7 @@ def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, 
                   f"memory_bandwidth_gbps = {mem_bw * share / 1e9 / max(1, min(ranks, cores)):.6g}",
                   "efficiency = 1.0", f"op_overhead_us = {comp['op_overhead_s'] * 1e6:.4g}",
                   f"efficiency_curve = [{curve}]", f"backward_efficiency_curve = [{bcurve}]",
-                  'core_pool = "host"', f"op_costs = {{ {costs} }}"]
+                  'core_pool = "host"', f"cache_mib = {cache / 2**20:.6g}", f"op_costs = {{ {costs} }}"]
     lines += ["", "[[device]]", 'name = "shm"', 'kind = "switch"']
     for k in range(ranks):
         lines += ["", "[[link]]", f'a = "rank{k}"', 'b = "shm"',
@@ -233,8 +250,9 @@ def calibrate(ranks: int = 2, seed: int = 0) -> dict:
         comp["kernel_overhead_s"] = kernel
     mem = measure_memory_bandwidth()
     mpi = measure_mpi()
-    costs = measure_op_costs(ranks, cores)
+    cache = cache_bytes()
+    costs = measure_op_costs(ranks, cores, cache)
     if ranks > 1:
-        costs["allreduce"] = measure_allreduce(ranks, cores)
+        costs["allreduce"] = measure_allreduce(ranks, cores, cache=cache)
     return {"cores": cores, "ranks": ranks, "compute": comp, "memory_bandwidth_bytes_per_s": mem, "mpi": mpi,
-            "op_costs": costs}
+            "op_costs": costs, "cache_bytes": cache}

@@ -182,7 +182,7 @@ def run_calibration(ranks: int, out: str) -> dict:
     res = calibrate(ranks)
     name = Path(out).stem
     write_atomic(out, topology_text(name, ranks, res["cores"], res["compute"], res["memory_bandwidth_bytes_per_s"],
-                                    res["mpi"], res["op_costs"]))
+                                    res["mpi"], res["op_costs"], res["cache_bytes"]))
     load_topology(out)                                  # what we wrote must load
     return res
 
@@ -199,11 +199,13 @@ def cmd_calibrate(args) -> int:
     print(f"  memory       {res['memory_bandwidth_bytes_per_s'] / 1e9:.4g} GB/s (copy)")
     print(f"  MPI          alpha {mpi['alpha_s'] * 1e6:.3g} us, beta {mpi['beta_bytes_per_s'] / 1e9:.4g} GB/s; fit R^2 "
           f"{mpi['r2']:.4f}, worst relative error {mpi['max_rel_error']:.1%} over {len(mpi['samples'])} sizes")
-    print("  op costs     (the executor's ops in context: fixed + FLOPs / rate + bytes / rate)")
+    print(f"  op costs     (the executor's ops in context: fixed + FLOPs / rate + bytes / rate, bytes beyond "
+          f"{res['cache_bytes'] / 2**20:.3g} MiB of cache at their own rate)")
     for key, c in res["op_costs"].items():
         rates = [f"{c['flops_per_s'] / 1e9:.3g} GFLOP/s" if c["flops_per_s"] else "",
-                 f"{c['bytes_per_s'] / 1e9:.3g} GB/s" if c["bytes_per_s"] else ""]
-        print(f"    {key:<24} {c['fixed_s'] * 1e6:7.1f} us  {', '.join(r for r in rates if r):<28} "
+                 f"{c['bytes_per_s'] / 1e9:.3g} GB/s" if c["bytes_per_s"] else "",
+                 f"{c['bytes_beyond_cache_per_s'] / 1e9:.3g} GB/s beyond" if c["bytes_beyond_cache_per_s"] else ""]
+        print(f"    {key:<24} {c['fixed_s'] * 1e6:7.1f} us  {', '.join(r for r in rates if r):<44} "
               f"R^2 {c['r2']:.3f}, worst {c['max_rel_error']:.0%} over {c['points']} ops")
     return 0
 

@@ -9,8 +9,9 @@ File format (units in the names; ``gbps`` is 10^9 *bytes* per second, like nccl-
     [machine.gpu]    count, peak_tflops_fp32 (fp16, bf16, fp64 optional), memory_gib,
                      memory_bandwidth_gbps, efficiency, op_overhead_us, efficiency_curve and
                      backward_efficiency_curve ([[flops, efficiency], ...], written by calibrate),
-                     op_costs ({key = [overhead_us, gflops, gbps], ...}: measured op costs,
-                     written by calibrate), core_pool (the name of a [core_pools] entry)
+                     op_costs ({key = [overhead_us, gflops, gbps, gbps_beyond_cache], ...}:
+                     measured op costs, written by calibrate), cache_mib (where an op's bytes
+                     stop fitting in cache), core_pool (the name of a [core_pools] entry)
     [machine.pcie]   switches, generation, lanes, uplink_lanes, latency_us
     [machine.nvlink] bandwidth_gbps (per GPU, per direction), latency_us
     [machine.nic]    count, bandwidth_gbps, latency_us
@@ -296,19 +297,22 @@ def _explicit_device(dt: Table) -> Device:
     machine = dt.int("machine", -1, lo=-1, hi=MAX_MACHINES)
     fields = _compute_fields(dt, kind) if kind in ("cpu", "gpu") else {}
     if kind in ("cpu", "gpu"):
-        fields.update(op_costs=_op_costs(dt), core_pool=dt.str("core_pool", ""))
+        fields.update(op_costs=_op_costs(dt), core_pool=dt.str("core_pool", ""),
+                      cache_bytes=dt.float("cache_mib", 0.0, lo=0.0, hi=1e6) * 2**20)
     return Device(name, kind, None if machine < 0 else machine, **fields)
 
 
 def _op_costs(dt: Table) -> dict[str, tuple]:
-    """``op_costs = {key = [overhead_us, gflops, gbps]}`` -> (seconds, flop/s, byte/s)."""
+    """``op_costs = {key = [overhead_us, gflops, gbps, gbps_beyond_cache]}`` (the last may be
+    left out: the same rate beyond the cache) -> (seconds, flop/s, byte/s, byte/s)."""
     raw = dt.raw("op_costs", {})
     if not isinstance(raw, dict):
-        raise dt.error("op_costs", "must be a table of key = [overhead_us, gflops, gbps]")
+        raise dt.error("op_costs", "must be a table of key = [overhead_us, gflops, gbps, gbps_beyond_cache]")
     out = {}
     for key, v in raw.items():
-        if (not isinstance(v, list) or len(v) != 3 or not all(
+        if (not isinstance(v, list) or len(v) not in (3, 4) or not all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in v)):
-            raise dt.error(f"op_costs.{key}", "must be [overhead_us, gflops, gbps], each >= 0 (0: no such term)")
-        out[str(key)] = (v[0] * 1e-6, v[1] * 1e9, v[2] * 1e9)
+            raise dt.error(f"op_costs.{key}", "must be [overhead_us, gflops, gbps, gbps_beyond_cache], each >= 0 "
+                                              "(0: no such term)")
+        out[str(key)] = (v[0] * 1e-6, v[1] * 1e9, v[2] * 1e9, v[-1] * 1e9)
     return out

@@ -43,9 +43,11 @@ class Device:
     efficiency_curve: tuple = ()        # ((flops, efficiency), ...) measured by calibrate; overrides efficiency
     backward_efficiency_curve: tuple = ()   # the same for backward ops (their GEMMs have other shapes)
     # measured costs by op: key (a layer kind, "<kind>.backward", "update", "send", ...) ->
-    # (seconds, flop/s, byte/s): seconds + flops / flop rate + bytes / byte rate (a rate of 0
-    # drops its term); fitted by calibrate, they override the roofline for those ops
+    # (seconds, flop/s, byte/s, byte/s beyond the cache): seconds + flops / flop rate + the
+    # bytes up to ``cache_bytes`` at the first byte rate and the rest at the second (a rate
+    # of 0 drops its term); fitted by calibrate, they override the roofline for those ops
     op_costs: dict[str, tuple] = field(default_factory=dict)
+    cache_bytes: float = 0.0            # where an op's bytes stop fitting in a core's cache (0: no such knee)
     core_pool: str = ""                 # name of the cores this device shares with others (ranks of one host)
 
     def op_time(self, key: str, flops: float, nbytes: float) -> float | None:
@@ -53,8 +55,10 @@ class Device:
         cost = self.op_costs.get(key)
         if cost is None:
             return None
-        fixed, flop_rate, byte_rate = cost
-        return fixed + (flops / flop_rate if flop_rate > 0 else 0.0) + (nbytes / byte_rate if byte_rate > 0 else 0.0)
+        fixed, flop_rate, byte_rate, beyond_rate = cost
+        inside = min(nbytes, self.cache_bytes) if self.cache_bytes > 0 else nbytes
+        return (fixed + (flops / flop_rate if flop_rate > 0 else 0.0) + (inside / byte_rate if byte_rate > 0 else 0.0)
+                + ((nbytes - inside) / beyond_rate if beyond_rate > 0 else 0.0))
 
     def efficiency_at(self, flops: float, backward: bool = False) -> float:
         """Efficiency for an op of ``flops``: interpolated in log(flops) on the measured curve

@@ -41,16 +41,18 @@ def test_calibrated_topology_round_trips(tmp_path):
     comp = {"peak_flops": 50e9, "op_overhead_s": 10e-6, "efficiency_curve": [(1e4, 0.2), (1e8, 0.9), (1e10, 1.0)]}
     mpi = {"alpha_s": 4e-6, "beta_bytes_per_s": 6e9, "r2": 0.999}
     f = tmp_path / "host.toml"
-    costs = {"dense": {"fixed_s": 12e-6, "flops_per_s": 100e9, "bytes_per_s": 10e9},
+    costs = {"dense": {"fixed_s": 12e-6, "flops_per_s": 100e9, "bytes_per_s": 10e9, "bytes_beyond_cache_per_s": 5e9},
              "send": {"fixed_s": 5e-6, "flops_per_s": 0.0, "bytes_per_s": 7e9}}
-    f.write_text(topology_text("host", 4, 2, comp, 20e9, mpi, costs))
+    f.write_text(topology_text("host", 4, 2, comp, 20e9, mpi, costs, cache=2**20))
     topo = load_topology(str(f))
     assert topo.compute_devices() == ["rank0", "rank1", "rank2", "rank3"]
     dev = topo.devices["rank0"]
     assert dev.flops_per_s("fp32") == pytest.approx(50e9)          # alone, a rank has its core ...
     assert topo.core_pools == {"host": 2} and {d.core_pool for d in topo.devices.values() if d.is_compute} == {"host"}
     assert dev.op_overhead == pytest.approx(10e-6)
-    assert dev.op_time("dense", 1e9, 1e8) == pytest.approx(12e-6 + 1e9 / 100e9 + 1e8 / 10e9)
+    assert dev.cache_bytes == 2**20                                  # bytes beyond 1 MiB at 5 GB/s
+    assert dev.op_time("dense", 1e9, 1e8) == pytest.approx(12e-6 + 1e9 / 100e9 + 2**20 / 10e9 + (1e8 - 2**20) / 5e9)
+    assert dev.op_time("dense", 1e9, 1e5) == pytest.approx(12e-6 + 1e9 / 100e9 + 1e5 / 10e9)
     assert dev.op_time("send", 0.0, 7e6) == pytest.approx(5e-6 + 1e-3)
     assert dev.op_time("conv2d", 1e9, 1e8) is None
     route = topo.route("rank0", "rank3")
@@ -83,6 +85,11 @@ def test_op_cost_fit_recovers_exact_costs_and_keeps_terms_non_negative():
     fit = fit_op_cost(pts)
     assert fit["fixed_s"] == pytest.approx(8e-6, rel=1e-6) and fit["flops_per_s"] == pytest.approx(2e11, rel=1e-6)
     assert fit["bytes_per_s"] == pytest.approx(1e10, rel=1e-6) and fit["max_rel_error"] < 1e-6
+    knee = [[f, b, 8e-6 + f / 2e11 + min(b, 1e6) / 2e10 + max(b - 1e6, 0) / 5e9]
+            for f, b in [(1e4, 1e3), (1e6, 5e5), (1e8, 9e5), (1e9, 4e8), (3e9, 1e7), (5e7, 3e6)]]
+    fit = fit_op_cost(knee, cache=1e6)                      # a second byte rate beyond the cache
+    assert fit["bytes_per_s"] == pytest.approx(2e10, rel=1e-6) and fit["bytes_beyond_cache_per_s"] == pytest.approx(
+        5e9, rel=1e-6) and fit["flops_per_s"] == pytest.approx(2e11, rel=1e-6)
     falling = fit_op_cost([[0.0, 1e3, 2e-5], [0.0, 1e6, 1e-5]])      # more bytes, less time: no negative rate
     # a constant c fitted in relative error: sum(1/t) / sum(1/t^2)
     assert falling["bytes_per_s"] == 0.0 and falling["fixed_s"] == pytest.approx(1.5e5 / 1.25e10)
