@@ -62,8 +62,8 @@ def op_key(p: Plan, op, part: str) -> tuple[str, float, float]:
 
 
 def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS, comm=None) -> dict[str, list[tuple]]:
-    """(FLOPs, bytes, median seconds) of every op of one step of ``p`` and of each slot's
-    update: all slots here (messages through a mailbox), or with ``comm`` (as many ranks
+    """(FLOPs, bytes, [seconds of each repeat]) of every op of one step of ``p`` and of each
+    slot's update: all slots here (messages through a mailbox), or with ``comm`` (as many ranks
     as ``p`` has slots) this rank's slot, messages through the executor's MPI transport."""
     model = p.scenario.model
     full = init_params(model, rng, dtype=np.float32)
@@ -100,23 +100,30 @@ def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS, comm=No
     out: dict[str, list[tuple]] = defaultdict(list)
     for (op_id, part), ts in per_op.items():
         key, flops, nbytes = op_key(p, p.ops[op_id], part)
-        out[key].append((flops, nbytes, statistics.median(ts)))
-    out["step"].append((0.0, float(x.nbytes), statistics.median(steps)))
+        out[key].append((flops, nbytes, ts))
+    out["step"].append((0.0, float(x.nbytes), steps))
     for j, ts in updates.items():
         if p.slot_params[j]:
-            out["update"].append((2.0 * p.slot_params[j], 12.0 * p.slot_params[j], statistics.median(ts)))
+            out["update"].append((2.0 * p.slot_params[j], 12.0 * p.slot_params[j], ts))
     return out
 
 
 def merge(passes: list[dict[str, list[tuple]]]) -> dict[str, list[list[float]]]:
-    """Points of one key with the same FLOPs and bytes (the same op shape, in one pass or
-    several) become their median."""
+    """The samples of one key with the same FLOPs and bytes (the same op shape, in one pass
+    or several) become one point: their median, or for a message's send and receive their
+    lower quartile -- a receive's time also holds the wait for its sender, which the
+    simulator models itself, and the samples that did not wait are the cost."""
     same: dict[str, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
     for points in passes:
         for key, pts in points.items():
-            for flops, nbytes, t in pts:
-                same[key][(flops, nbytes)].append(t)
-    return {key: [[f, b, statistics.median(ts)] for (f, b), ts in sorted(by.items())] for key, by in same.items()}
+            for flops, nbytes, ts in pts:
+                same[key][(flops, nbytes)] += ts
+
+    def point(key: str, ts: list[float]) -> float:
+        if key.split(".")[0] in ("send", "recv") and len(ts) >= 4:
+            return statistics.quantiles(ts, n=4)[0]
+        return statistics.median(ts)
+    return {key: [[f, b, point(key, ts)] for (f, b), ts in sorted(by.items())] for key, by in same.items()}
 
 
 def op_times(seed: int = 0, repeats: int = REPEATS, passes: int = PASSES,
