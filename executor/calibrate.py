@@ -41,6 +41,7 @@ from .kernels import backward, forward
 from .launch import mpiexec, rank_env
 
 REPEATS = 7
+PROBE_JOBS = 3            # separate probe jobs (processes) whose figures are combined
 DENSE_SHAPES = [(8, 64, 16), (16, 64, 128), (64, 64, 128), (128, 64, 128), (16, 440, 2560), (32, 440, 2560),
                 (16, 2560, 2560), (128, 2560, 2560), (16, 2560, 8192), (128, 2560, 8192)]
 MPI_SIZES = [2**k for k in range(3, 25, 3)]
@@ -155,12 +156,20 @@ def fit_alpha_beta(sizes: list[float], times: list[float]) -> dict:
             "max_rel_error": float(np.max(np.abs(pred - t) / t))}
 
 
-def measure_op_costs(ranks: int, cores: int, cache: float = 0.0) -> dict:
+def measure_op_costs(ranks: int, cores: int, cache: float = 0.0, jobs: int = PROBE_JOBS) -> dict:
     """The executor's ops timed in context (``executor/probe.py``) by min(ranks, cores)
-    ranks at once, each with the BLAS threads a rank of a ``ranks``-rank job gets, and the
-    costs fitted per op key (bytes beyond ``cache`` at their own rate)."""
-    points = run_probe(max(1, min(ranks, cores)), rank_env(ranks, cores), "ops")
-    return {key: fit_op_cost(pts, cache) for key, pts in sorted(points.items())}
+    ranks at once, each with the BLAS threads a rank of a ``ranks``-rank job gets, in
+    ``jobs`` separate jobs (a process's memory layout moves large ops by 10-20%, so one
+    job's figures share its luck) whose points' median is fitted per op key (bytes beyond
+    ``cache`` at their own rate)."""
+    runs = [run_probe(max(1, min(ranks, cores)), rank_env(ranks, cores), "ops") for _ in range(jobs)]
+    points: dict[str, dict[tuple, list[float]]] = {}
+    for run in runs:
+        for key, pts in run.items():
+            for f, b, t in pts:
+                points.setdefault(key, {}).setdefault((f, b), []).append(t)
+    return {key: fit_op_cost([[f, b, statistics.median(ts)] for (f, b), ts in sorted(by.items())], cache)
+            for key, by in sorted(points.items())}
 
 
 def fit_op_cost(points: list[list[float]], cache: float = 0.0) -> dict:

@@ -43,7 +43,7 @@ from .partitioned import Mailbox, box_index, run_step
 PROBES = (("mlp-digits", (8, 32, 128)), ("distbelief-speech", (4, 32)))
 SPLITS = (1, 2)
 REPEATS = 5
-PASSES = 5
+PASSES = 2
 
 
 def probe_plan(model: str, batch: int, slots: int) -> Plan:

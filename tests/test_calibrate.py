@@ -128,3 +128,15 @@ def test_rank_env_gives_each_rank_its_share_of_the_cores(monkeypatch):
     assert rank_env(5, cores=2)["OPENBLAS_NUM_THREADS"] == "1"
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")                  # the caller's own setting wins
     assert rank_env(2, cores=8)["OPENBLAS_NUM_THREADS"] == "3"
+
+
+def test_probe_points_are_medians_and_a_messages_cost_its_lower_quartile():
+    import statistics
+
+    from executor.probe import merge
+    waits = [1.0, 1.0, 1.0, 1.0, 9.0, 9.0, 9.0]                  # some receives waited for their sender
+    passes = [{"dense": [(1e6, 1e3, [3.0, 1.0])], "recv": [(0.0, 64.0, waits[:4])]},
+              {"dense": [(1e6, 1e3, [2.0])], "recv": [(0.0, 64.0, waits[4:])]}]
+    out = merge(passes)
+    assert out["dense"] == [[1e6, 1e3, 2.0]]                     # all samples of both passes: median
+    assert out["recv"] == [[0.0, 64.0, statistics.quantiles(waits, n=4)[0]]] and out["recv"][0][2] == 1.0
