@@ -90,6 +90,14 @@ def test_execute_refuses_a_wrong_rank_count_in_one_line(tmp_path):
         in proc.stderr
 
 
+def test_execute_refuses_a_plan_the_topology_cannot_hold_in_one_line(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(SYNC.format(mp=4, r=2, steps=1))           # 8 devices; pcie-4gpu has 4
+    proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--set", 'cluster.topology="pcie-4gpu"'],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "parallel.replicas" in proc.stderr, proc.stderr
+
+
 DOWNPOUR = SYNC.replace("[training]", "[training]\nalgorithm = \"downpour\"").replace("learning_rate = 0.5",
                                                                                     "learning_rate = 0.2")
 
