@@ -222,9 +222,9 @@ def cache_bytes() -> float:
 def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, mpi: dict,
                   op_costs: dict | None = None, cache: float = 0.0) -> str:
     """``comp`` and ``op_costs`` were measured with the BLAS threads one rank gets (cores //
-    ranks, at least 1); every rank is in one core pool of ``cores``, so ranks beyond the
-    cores share them when they compute at once."""
-    share = min(1.0, cores / ranks)
+    ranks, at least 1), each rank bound to its own cores.  Ranks beyond the cores are bound
+    round-robin (``executor.launch.cores_of``): each core is a core pool of 1, and the
+    ranks bound to it its members."""
     curve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp["efficiency_curve"])
     bcurve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp.get("backward_efficiency_curve", []))
     costs = ", ".join(f'"{key}" = [{c["fixed_s"] * 1e6:.6g}, {c["flops_per_s"] / 1e9:.6g}, {c["bytes_per_s"] / 1e9:.6g}, '
@@ -233,14 +233,17 @@ def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, 
     lines = [f'name = "{name}"',
              f'description = "calibrated on this host: {cores} cores, {ranks} ranks; '
              f'MPI alpha {mpi["alpha_s"] * 1e6:.2f} us, beta {mpi["beta_bytes_per_s"] / 1e9:.3g} GB/s (R^2 {mpi["r2"]:.4f})"',
-             "", "[core_pools]", f"host = {cores}"]
+             ""]
+    if ranks > cores:
+        lines += ["[core_pools]"] + [f"core{c} = 1" for c in range(cores)]
     for k in range(ranks):
         lines += ["", "[[device]]", f'name = "rank{k}"', 'kind = "cpu"', f"machine = {k}", "cores = 1",
                   f"core_gflops = {comp['peak_flops'] / 1e9:.6g}", "memory_gib = 16",
-                  f"memory_bandwidth_gbps = {mem_bw * share / 1e9 / max(1, min(ranks, cores)):.6g}",
+                  f"memory_bandwidth_gbps = {mem_bw / 1e9 / max(1, min(ranks, cores)):.6g}",
                   "efficiency = 1.0", f"op_overhead_us = {comp['op_overhead_s'] * 1e6:.4g}",
                   f"efficiency_curve = [{curve}]", f"backward_efficiency_curve = [{bcurve}]",
-                  'core_pool = "host"', f"cache_mib = {cache / 2**20:.6g}", f"op_costs = {{ {costs} }}"]
+                  *([f'core_pool = "core{k % cores}"'] if ranks > cores else []),
+                  f"cache_mib = {cache / 2**20:.6g}", f"op_costs = {{ {costs} }}"]
     lines += ["", "[[device]]", 'name = "shm"', 'kind = "switch"']
     for k in range(ranks):
         lines += ["", "[[link]]", f'a = "rank{k}"', 'b = "shm"',

@@ -37,6 +37,7 @@ from sim.scenario import scenario_from_dict
 from .comm import MPITransport, wait_buffer
 from .data import Batches
 from .kernels import init_params
+from .launch import pin
 from .optim import sgd_in_place
 from .partitioned import Mailbox, box_index, run_step
 
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     """``ops`` | ``pingpong SIZES`` | ``allreduce SIZES`` (SIZES a JSON list of bytes)."""
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
+    pin(comm.rank, comm.size)                   # as the executor's ranks are
     args = sys.argv[1:] if argv is None else argv
     if args[0] == "ops":
         pair = comm.Split(color=comm.rank // 2, key=comm.rank)

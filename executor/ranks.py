@@ -42,6 +42,7 @@ from .backend import get_xp, to_numpy
 from .comm import MPITransport, wait_buffer
 from .data import Batches, digits, synthetic
 from .kernels import init_params, softmax_xent_loss
+from .launch import pin
 from .optim import sgd_in_place
 from .partitioned import _box_of, box_index, run_step
 from .psrank import ShardClient, serve, shard_runs, slot_segments
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
     world = MPI.COMM_WORLD
+    pin(world.rank, world.size)
     try:
         sc = load_scenario(args.scenario, parse_set(args.set))
         check(sc, world.size)

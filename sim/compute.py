@@ -8,8 +8,14 @@ achievable rate (peak for the dtype x efficiency) and its memory traffic over me
 bandwidth.  Ops that run at once on one device (a PS shard beside a worker slice on a
 CPU machine, micro-batches of a pipeline) share it as a processor-sharing queue:
 ``Compute.run`` is a fluid job of that many work-seconds on a unit-capacity device.
-Devices that name a core pool (ranks of one host) also share its cores: with more of
-them busy than the pool has cores, each runs at cores / busy.
+Devices that name a core pool (ranks bound to the same cores of one host) share its
+cores all the time, busy or not: a rank that waits polls (the executor's ranks yield
+between polls, and the kernel's fair scheduler pays a polling rank back the time it
+yielded), so each of n members of a pool of c cores runs at min(1, c / n) -- a closed
+form, not processor sharing among the busy ones.  Waits longer than the executor's
+yielding window (10 ms) sleep and give their share away; that is not modelled.  Costs
+that calibration measured with all the job's ranks running (``allreduce``) already hold
+the sharing and are not slowed again.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ import simpy
 
 from .fluid import Fluid
 from .topology import Topology
+
+MEASURED_SHARED = frozenset({"allreduce"})     # op cost keys calibrated with every rank of the job running
 
 
 def op_seconds(topology: Topology, device: str, flops: float, nbytes: float, dtype: str,
@@ -36,19 +44,29 @@ class Compute:
                  slowdown: dict[str, float] | None = None) -> None:
         self.topology, self.dtype = topology, dtype
         self.slowdown = slowdown or {}
-        capacity = {name: 1.0 for name, d in topology.devices.items() if d.is_compute}
-        capacity.update({("pool", name): float(cores) for name, cores in topology.core_pools.items()})
-        self.fluid = Fluid(env, capacity)
-        self.weights = {name: {name: 1, ("pool", d.core_pool): 1} if d.core_pool else {name: 1}
-                        for name, d in topology.devices.items() if d.is_compute}
+        self.fluid = Fluid(env, {name: 1.0 for name, d in topology.devices.items() if d.is_compute})
+        self.weights = {name: {name: 1} for name, d in topology.devices.items() if d.is_compute}
+        self.share = pool_shares(topology)
 
     def seconds(self, device: str, flops: float, nbytes: float, backward: bool = False, key: str = "") -> float:
+        share = 1.0 if key in MEASURED_SHARED else self.share.get(device, 1.0)
         return (op_seconds(self.topology, device, flops, nbytes, self.dtype, backward, key)
-                * self.slowdown.get(device, 1.0))
+                * self.slowdown.get(device, 1.0) / share)
 
     def run(self, device: str, flops: float, nbytes: float, backward: bool = False, key: str = "") -> simpy.Event:
         return self.fluid.start(self.weights[device], self.seconds(device, flops, nbytes, backward, key))
 
     def run_seconds(self, device: str, seconds: float) -> simpy.Event:
         """A job of ``seconds`` of the device's time (a message's software overhead)."""
-        return self.fluid.start(self.weights[device], seconds * self.slowdown.get(device, 1.0))
+        return self.fluid.start(self.weights[device],
+                                seconds * self.slowdown.get(device, 1.0) / self.share.get(device, 1.0))
+
+
+def pool_shares(topology: Topology) -> dict[str, float]:
+    """Device -> the share of a core it runs at: min(1, cores / members) of its pool."""
+    members: dict[str, int] = {}
+    for d in topology.devices.values():
+        if d.core_pool:
+            members[d.core_pool] = members.get(d.core_pool, 0) + 1
+    return {name: min(1.0, topology.core_pools[d.core_pool] / members[d.core_pool])
+            for name, d in topology.devices.items() if d.core_pool}

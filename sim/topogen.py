@@ -19,7 +19,8 @@ File format (units in the names; ``gbps`` is 10^9 *bytes* per second, like nccl-
                      latency_us; k (fat-tree); spines, spine_bandwidth_gbps (rail)
     [[device]]       name, kind, machine, and the compute fields above for cpu/gpu
     [[link]]         a, b, bandwidth_gbps, latency_us
-    [core_pools]     name = cores: devices naming the pool share that many cores
+    [core_pools]     name = cores: the devices naming the pool (ranks bound to those cores)
+                     share them; each of n runs at min(1, cores / n), busy or polling
 """
 from __future__ import annotations
 

@@ -48,7 +48,8 @@ def test_calibrated_topology_round_trips(tmp_path):
     assert topo.compute_devices() == ["rank0", "rank1", "rank2", "rank3"]
     dev = topo.devices["rank0"]
     assert dev.flops_per_s("fp32") == pytest.approx(50e9)          # alone, a rank has its core ...
-    assert topo.core_pools == {"host": 2} and {d.core_pool for d in topo.devices.values() if d.is_compute} == {"host"}
+    assert topo.core_pools == {"core0": 1, "core1": 1}                # 4 ranks bound round-robin to 2 cores
+    assert [topo.devices[f"rank{k}"].core_pool for k in range(4)] == ["core0", "core1", "core0", "core1"]
     assert dev.op_overhead == pytest.approx(10e-6)
     assert dev.cache_bytes == 2**20                                  # bytes beyond 1 MiB at 5 GB/s
     assert dev.op_time("dense", 1e9, 1e8) == pytest.approx(12e-6 + 1e9 / 100e9 + 2**20 / 10e9 + (1e8 - 2**20) / 5e9)
@@ -59,24 +60,31 @@ def test_calibrated_topology_round_trips(tmp_path):
     assert topo.route_latency(route) == pytest.approx(4e-6) and topo.route_bandwidth(route) == pytest.approx(6e9)
 
 
-def test_ranks_of_a_core_pool_share_its_cores():
-    """... and 4 ranks computing at once on 2 cores each run at half speed (closed form)."""
+def test_ranks_bound_to_one_core_share_it_busy_or_not():
+    """3 ranks on 2 cores: rank0 and rank2 share core0 and run at half speed even when the
+    other has nothing to do (it polls); rank1 has core1 to itself (closed form).  The
+    measured allreduce already holds the sharing."""
     import simpy
 
     from sim.compute import Compute
     comp = {"peak_flops": 50e9, "op_overhead_s": 0.0, "efficiency_curve": []}
-    topo = build_topology(__import__("tomllib").loads(topology_text("h", 4, 2, comp, 20e9, {
-        "alpha_s": 1e-6, "beta_bytes_per_s": 1e9, "r2": 1.0}, {"dense": {"fixed_s": 0.0, "flops_per_s": 1e9,
-                                                                            "bytes_per_s": 0.0}})), "h.toml")
+    costs = {"dense": {"fixed_s": 0.0, "flops_per_s": 1e9, "bytes_per_s": 0.0},
+             "allreduce": {"fixed_s": 1e-3, "flops_per_s": 0.0, "bytes_per_s": 0.0}}
+    topo = build_topology(__import__("tomllib").loads(topology_text("h", 3, 2, comp, 20e9, {
+        "alpha_s": 1e-6, "beta_bytes_per_s": 1e9, "r2": 1.0}, costs)), "h.toml")
     env = simpy.Environment()
     compute = Compute(env, topo, "fp32")
     done = {}
-    for k, gflop in enumerate([1.0, 1.0, 1.0, 2.0]):          # 1 s, 1 s, 1 s and 2 s of work alone
-        compute.run(f"rank{k}", gflop * 1e9, 0.0, key="dense").callbacks.append(
-            lambda _e, k=k: done.__setitem__(k, env.now))
+    for k in range(3):
+        compute.run(f"rank{k}", 1e9, 0.0, key="dense").callbacks.append(lambda _e, k=k: done.__setitem__(k, env.now))
+    compute.run_seconds("rank2", 0.5).callbacks.append(lambda _e: done.__setitem__("msg", env.now))
+    compute.run("rank0", 0.0, 0.0, key="allreduce").callbacks.append(lambda _e: done.__setitem__("ar", env.now))
     env.run()
-    # 4 busy on 2 cores: rate 1/2 until t=2 (the three 1 s jobs end); then the last one alone
-    assert done[0] == pytest.approx(2.0) and done[3] == pytest.approx(3.0)
+    # at half speed 1 s of dense is 2 s of work; two jobs on one device share it besides
+    assert done[1] == pytest.approx(1.0)
+    assert done["msg"] == pytest.approx(2.0) and done[2] == pytest.approx(3.0)      # 2 s and 1 s of work, shared
+    assert done["ar"] == pytest.approx(2e-3) and done[0] == pytest.approx(2.0 + 1e-3)  # 1 ms of allreduce, not slowed
+    assert compute.share == {"rank0": 0.5, "rank1": 1.0, "rank2": 0.5}
 
 
 def test_op_cost_fit_recovers_exact_costs_and_keeps_terms_non_negative():
@@ -128,6 +136,21 @@ def test_rank_env_gives_each_rank_its_share_of_the_cores(monkeypatch):
     assert rank_env(5, cores=2)["OPENBLAS_NUM_THREADS"] == "1"
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")                  # the caller's own setting wins
     assert rank_env(2, cores=8)["OPENBLAS_NUM_THREADS"] == "3"
+
+
+def test_ranks_are_bound_to_their_share_of_the_cores():
+    from executor.launch import cores_of
+    cores = [0, 1, 2, 3]
+    assert [cores_of(r, 1, cores) for r in range(1)] == [[0, 1, 2, 3]]
+    assert [cores_of(r, 2, cores) for r in range(2)] == [[0, 1], [2, 3]]
+    assert [cores_of(r, 3, cores) for r in range(3)] == [[0], [1], [2]]
+    assert [cores_of(r, 6, cores) for r in range(6)] == [[0], [1], [2], [3], [0], [1]]
+    import os
+    mine = sorted(os.sched_getaffinity(0))
+    code = "import os, sys; from executor.launch import pin; print(*pin(1, 3), '|', *sorted(os.sched_getaffinity(0)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,   # pytest stays unbound
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split("|")
+    assert [int(x) for x in out[0].split()] == [int(x) for x in out[1].split()] == cores_of(1, 3, mine)
 
 
 def test_probe_points_are_medians_and_a_messages_cost_its_lower_quartile():
