@@ -32,6 +32,12 @@ def wait_buffer(req) -> None:
             time.sleep(POLL_SLEEP_S)
 
 
+def barrier(comm) -> None:
+    """A barrier that yields while it waits (MPI's blocking Barrier spins: a rank done early
+    would take its core's share from the ranks still working on it)."""
+    wait_buffer(comm.Ibarrier())
+
+
 def probe(comm, status, source: int, tag: int) -> tuple[int, int]:
     """Waits, yielding, for a message matching (source, tag); returns its (source, tag)."""
     start = time.perf_counter()

@@ -39,7 +39,7 @@ from sim.scenario import load_scenario, parse_set
 from sim.trace import Span, Trace, write_chrome
 
 from .backend import get_xp, to_numpy
-from .comm import MPITransport, wait_buffer
+from .comm import MPITransport, barrier, wait_buffer
 from .data import Batches, digits, synthetic
 from .kernels import init_params, softmax_xent_loss
 from .launch import pin
@@ -213,7 +213,7 @@ class RankJob:
 
     # --- roles ------------------------------------------------------------------------------
     def go(self):
-        self.world.Barrier()
+        barrier(self.world)
         self.t0 = time.perf_counter()
         if self.role == "coordinator":
             return self.coordinator(), self.spans
@@ -406,7 +406,7 @@ class RankJob:
         """Replica 0's slots (or the first replica with no failed rank) fetch the final
         parameters and evaluate on held-out data; everyone then tells the shards DONE."""
         p, j = self.p, (self.j if slot is None else slot)
-        self.workers.Barrier()
+        barrier(self.workers)
         wall = time.perf_counter() - self.t0
         alive_rep = next(r for r in range(self.R) if not (r * self.M <= self.failed_rank < (r + 1) * self.M))
         evaluating = self.r == alive_rep

@@ -23,6 +23,10 @@ from .comm import POLL_SLEEP_S, probe
 from .psrank import DONE, FETCH, REPLY, decode, encode, message_buffer, put, take
 
 READY, ASSIGN, RESULT, END, EXPECT = 31, 32, 33, 34, 35
+# The first batch waits at least this long for every replica's READY: ranks start at
+# different times (importing, loading data, planning take seconds when ranks outnumber the
+# cores), and a replica given up on while it was only starting could never rejoin.
+STARTUP_S = 60.0
 
 
 # --- coordinator ----------------------------------------------------------------------------------
@@ -42,7 +46,7 @@ def coordinate(comm, leaders: list[int], shard_ranks: list[int], batches: int, u
                 comm.Recv(np.empty(1, np.int64), source=src, tag=READY)
                 ready.add(src)
                 first = first or time.perf_counter()
-            elif first and time.perf_counter() - first > timeout_s:
+            elif first and time.perf_counter() - first > (timeout_s if b else max(timeout_s, STARTUP_S)):
                 live = set(ready)                        # the silent ones are gone
             else:
                 time.sleep(POLL_SLEEP_S)
@@ -75,7 +79,9 @@ def coordinate(comm, leaders: list[int], shard_ranks: list[int], batches: int, u
                     continue                             # a backup copy of an earlier batch, finished late
                 u = int(msg[1])
                 won.setdefault(u, src)
-                running[u].remove(src)
+                if src in running[u]:
+                    running[u].remove(src)
+                live.add(src)                            # late, not dead: it gets END and more work
                 free.append(src)
                 continue
             now = time.perf_counter()

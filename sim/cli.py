@@ -171,7 +171,15 @@ def cmd_execute(args) -> int:
         cmd += ["--checkpoint", args.checkpoint, "--checkpoint-every", str(args.checkpoint_every)]
     if args.resume:
         cmd.append("--resume")
-    return subprocess.run(cmd, env=rank_env(ranks)).returncode
+    return subprocess.run(cmd, env=rank_env(ranks), preexec_fn=_die_with_parent).returncode
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when this process dies (mpiexec then stops its
+    ranks), so a killed ``clustersim execute`` leaves no ranks running."""
+    import ctypes
+    import signal
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
 
 
 # --- calibrate and validate ------------------------------------------------------------------------

@@ -98,6 +98,29 @@ def test_execute_refuses_a_plan_the_topology_cannot_hold_in_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "parallel.replicas" in proc.stderr, proc.stderr
 
 
+def test_killing_execute_stops_its_ranks(tmp_path):
+    import os
+    import signal
+    import time
+    f = tmp_path / "long.toml"                               # its path marks this job's processes
+    f.write_text(SYNC.format(mp=1, r=2, steps=100000))
+    proc = subprocess.Popen([sys.executable, "-m", "sim", "execute", str(f)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+    def ranks() -> int:
+        return subprocess.run(["pgrep", "-f", f"executor.ranks {f}"], capture_output=True, text=True).stdout.count("\n")
+    deadline = time.monotonic() + 60
+    while ranks() < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ranks() >= 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while ranks() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ranks() == 0
+
+
 DOWNPOUR = SYNC.replace("[training]", "[training]\nalgorithm = \"downpour\"").replace("learning_rate = 0.5",
                                                                                     "learning_rate = 0.2")
 
