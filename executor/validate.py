@@ -94,3 +94,22 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
             "predicted_step_time_s": summary["step_time_s"], "measured_step_time_s": meas,
             "error_pct": error_pct(summary["step_time_s"], meas), "measured_runs_s": measured,
             "spread_pct": spread_pct(measured), "phases": table}
+
+
+def combine(rounds: list[dict]) -> dict:
+    """One case validated in rounds (each: a fresh calibration, its prediction, its runs):
+    the median prediction against the median of all the rounds' runs, per phase and whole;
+    the spread over all runs.  On a host whose speed drifts over minutes, rounds spread
+    both sides of the comparison over the same stretch of time."""
+    runs = [t for r in rounds for t in r["measured_runs_s"]]
+    pred = statistics.median(r["predicted_step_time_s"] for r in rounds)
+    meas = statistics.median(runs)
+    phases = {}
+    for group in sorted({g for r in rounds for g in r["phases"]}):
+        pr = statistics.median(r["phases"].get(group, {}).get("predicted_s", 0.0) for r in rounds)
+        m = statistics.median(r["phases"].get(group, {}).get("measured_s", 0.0) for r in rounds)
+        phases[group] = {"predicted_s": pr, "measured_s": m, "error_pct": error_pct(pr, m)}
+    return {**rounds[0], "topology": [r["topology"] for r in rounds], "rounds": len(rounds),
+            "predicted_step_time_s": pred, "measured_step_time_s": meas, "error_pct": error_pct(pred, meas),
+            "measured_runs_s": runs, "predicted_rounds_s": [r["predicted_step_time_s"] for r in rounds],
+            "spread_pct": spread_pct(runs), "phases": phases}

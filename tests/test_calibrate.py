@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from executor.calibrate import fit_alpha_beta, topology_text
-from executor.validate import error_pct, phase_times, spread_pct
+from executor.validate import combine, error_pct, phase_times, spread_pct
 from sim.topogen import build_topology, load_topology
 from sim.topology import Device
 
@@ -125,6 +125,18 @@ def test_validate_runs_end_to_end_with_finite_errors(tmp_path):
     assert out["predicted_step_time_s"] > 0 and out["measured_step_time_s"] > 0
     assert math.isfinite(out["error_pct"]) and {"forward", "backward"} <= set(out["phases"])
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_validation_rounds_combine_into_medians():
+    def rnd(pred, runs, fwd):
+        return {"scenario": "s", "topology": f"t{pred}", "predicted_step_time_s": pred, "measured_runs_s": runs,
+                "phases": {"forward": {"predicted_s": fwd, "measured_s": fwd * 2}}}
+    out = combine([rnd(1.0, [2.0, 3.0], 0.1), rnd(4.0, [1.0, 9.0], 0.3), rnd(2.0, [5.0, 4.0], 0.2)])
+    assert out["predicted_step_time_s"] == 2.0 and out["measured_step_time_s"] == 3.5     # medians of 3 and of 6
+    assert out["error_pct"] == pytest.approx((2.0 - 3.5) / 3.5 * 100)
+    assert out["spread_pct"] == pytest.approx((9.0 - 1.0) / 3.5 * 100) and out["rounds"] == 3
+    assert out["phases"]["forward"] == {"predicted_s": 0.2, "measured_s": 0.4, "error_pct": pytest.approx(-50.0)}
+    assert out["topology"] == ["t1.0", "t4.0", "t2.0"] and out["predicted_rounds_s"] == [1.0, 4.0, 2.0]
 
 
 def test_rank_env_gives_each_rank_its_share_of_the_cores(monkeypatch):

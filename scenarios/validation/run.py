@@ -1,6 +1,6 @@
-"""The validation suite: every scenario in this folder simulated on a topology calibrated
-on this host right before it and executed for real (REPEATS runs), predicted against
-measured step time.
+"""The validation suite: every scenario in this folder in ROUNDS rounds, each calibrating
+this host afresh, simulating on that topology and executing for real (REPEATS runs); the
+median prediction against the median of all runs (``executor.validate.combine``).
 
     make validate        # writes out/validation.json and prints the table
 """
@@ -15,12 +15,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from executor.ranks import ranks_needed  # noqa: E402
-from executor.validate import validate  # noqa: E402
+from executor.validate import combine, validate  # noqa: E402
 from sim.cli import run_calibration  # noqa: E402
 from sim.scenario import load_scenario  # noqa: E402
 from sim.trace import write_atomic  # noqa: E402
 
-REPEATS = 5
+ROUNDS = 3      # calibrate, predict, run: the host drifts over minutes
+REPEATS = 2
 OUT = Path("out/validation.json")
 CALIBRATION = Path("out/calibration")
 
@@ -30,8 +31,11 @@ def main() -> None:
     for f in sorted(HERE.glob("*.toml")):
         n = ranks_needed(load_scenario(f))
         path = CALIBRATION / f"host-{n}-ranks.toml"
-        run_calibration(n, str(path))          # just before the runs: this shared host drifts by minutes
-        r = validate(str(f), str(path), [], REPEATS)
+        rounds = []
+        for _ in range(ROUNDS):
+            run_calibration(n, str(path))      # just before the runs: this shared host drifts by minutes
+            rounds.append(validate(str(f), str(path), [], REPEATS))
+        r = combine(rounds)
         rows.append(r)
         r["all_ranks"] = n                      # workers, shards and any coordinator
         print(f"{r['scenario']:<22} ranks {n:>2}  "
