@@ -40,7 +40,6 @@ def rank_env(ranks: int, cores: int | None = None) -> dict[str, str]:
     return env
 
 
-
 def cores_of(rank: int, ranks: int, cores: list[int]) -> list[int]:
     """The cores rank ``rank`` of ``ranks`` runs on: its own ``len(cores) // ranks`` of them
     while ranks fit, else core ``rank mod len(cores)`` (workers come first, then shards, so

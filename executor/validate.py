@@ -22,6 +22,8 @@ from sim.metrics import summarize
 from sim.plan import plan
 from sim.scenario import load_scenario
 
+from .ranks import ranks_needed
+
 PHASES = {"fwd": "forward", "bwd": "backward", "update": "update", "activation": "transfers", "halo": "transfers",
           "gradient": "transfers", "reduction": "transfers", "stage": "transfers", "allreduce": "transfers",
           "push": "transfers", "fetch": "transfers"}
@@ -32,6 +34,10 @@ def error_pct(predicted: float, measured: float) -> float:
     if measured == 0:
         return 0.0 if predicted == 0 else float("inf")
     return (predicted - measured) / measured * 100.0
+
+
+def _row(predicted: float, measured: float) -> dict:
+    return {"predicted_s": predicted, "measured_s": measured, "error_pct": error_pct(predicted, measured)}
 
 
 def spread_pct(values: list[float]) -> float:
@@ -89,8 +95,8 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     for group in sorted(set(predicted_phases) | {g for ph in phases for g in ph}):
         m = statistics.median(ph.get(group, 0.0) for ph in phases)
         pr = predicted_phases.get(group, 0.0)
-        table[group] = {"predicted_s": pr, "measured_s": m, "error_pct": error_pct(pr, m)}
-    return {"scenario": sc.name, "file": scenario, "topology": topology, "ranks": p.slots * p.replicas,
+        table[group] = _row(pr, m)
+    return {"scenario": sc.name, "file": scenario, "topology": topology, "ranks": ranks_needed(sc),
             "predicted_step_time_s": summary["step_time_s"], "measured_step_time_s": meas,
             "error_pct": error_pct(summary["step_time_s"], meas), "measured_runs_s": measured,
             "spread_pct": spread_pct(measured), "phases": table}
@@ -108,7 +114,7 @@ def combine(rounds: list[dict]) -> dict:
     for group in sorted({g for r in rounds for g in r["phases"]}):
         pr = statistics.median(r["phases"].get(group, {}).get("predicted_s", 0.0) for r in rounds)
         m = statistics.median(r["phases"].get(group, {}).get("measured_s", 0.0) for r in rounds)
-        phases[group] = {"predicted_s": pr, "measured_s": m, "error_pct": error_pct(pr, m)}
+        phases[group] = _row(pr, m)
     return {**rounds[0], "topology": [r["topology"] for r in rounds], "rounds": len(rounds),
             "predicted_step_time_s": pred, "measured_step_time_s": meas, "error_pct": error_pct(pred, meas),
             "measured_runs_s": runs, "predicted_rounds_s": [r["predicted_step_time_s"] for r in rounds],

@@ -155,6 +155,7 @@ def cmd_execute(args) -> int:
     sc = load_scenario(args.scenario, parse_set(args.set))
     ranks = args.ranks or ranks_needed(sc)
     check(sc, ranks)
+    plan(sc)                                    # every rank plans it: one that cannot be made fails here, once
     parse_fail(args.fail, sc)
     check_checkpoint(args, sc)
     cmd = [str(mpiexec()), "-n", str(ranks), sys.executable, "-m", "executor.ranks", args.scenario,

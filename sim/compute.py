@@ -48,18 +48,20 @@ class Compute:
         self.weights = {name: {name: 1} for name, d in topology.devices.items() if d.is_compute}
         self.share = pool_shares(topology)
 
-    def seconds(self, device: str, flops: float, nbytes: float, backward: bool = False, key: str = "") -> float:
+    def _factor(self, device: str, key: str = "") -> float:
+        """How much longer than alone on its device: a straggler's slowdown over its core share."""
         share = 1.0 if key in MEASURED_SHARED else self.share.get(device, 1.0)
-        return (op_seconds(self.topology, device, flops, nbytes, self.dtype, backward, key)
-                * self.slowdown.get(device, 1.0) / share)
+        return self.slowdown.get(device, 1.0) / share
+
+    def seconds(self, device: str, flops: float, nbytes: float, backward: bool = False, key: str = "") -> float:
+        return op_seconds(self.topology, device, flops, nbytes, self.dtype, backward, key) * self._factor(device, key)
 
     def run(self, device: str, flops: float, nbytes: float, backward: bool = False, key: str = "") -> simpy.Event:
         return self.fluid.start(self.weights[device], self.seconds(device, flops, nbytes, backward, key))
 
     def run_seconds(self, device: str, seconds: float) -> simpy.Event:
         """A job of ``seconds`` of the device's time (a message's software overhead)."""
-        return self.fluid.start(self.weights[device],
-                                seconds * self.slowdown.get(device, 1.0) / self.share.get(device, 1.0))
+        return self.fluid.start(self.weights[device], seconds * self._factor(device))
 
 
 def pool_shares(topology: Topology) -> dict[str, float]:

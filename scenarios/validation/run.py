@@ -37,7 +37,6 @@ def main() -> None:
             rounds.append(validate(str(f), str(path), [], REPEATS))
         r = combine(rounds)
         rows.append(r)
-        r["all_ranks"] = n                      # workers, shards and any coordinator
         print(f"{r['scenario']:<22} ranks {n:>2}  "
               f"predicted {r['predicted_step_time_s'] * 1e3:8.3f} ms  measured {r['measured_step_time_s'] * 1e3:8.3f} ms"
               f"  error {r['error_pct']:+7.1f}%  spread {r['spread_pct']:5.1f}%", flush=True)
