@@ -45,7 +45,7 @@ PROBE_JOBS = 3            # separate probe jobs (processes) whose figures are co
 DENSE_SHAPES = [(8, 64, 16), (16, 64, 128), (64, 64, 128), (128, 64, 128), (16, 440, 2560), (32, 440, 2560),
                 (16, 2560, 2560), (128, 2560, 2560), (16, 2560, 8192), (128, 2560, 8192)]
 MPI_SIZES = [2**k for k in range(3, 25, 3)]
-ALLREDUCE_SIZES = [2**k for k in range(6, 27, 4)]
+ALLREDUCE_SIZES = [2**k for k in (6, 10, 12, 14, 15, 16, 17, 18, 20, 22, 24, 26)]
 
 
 def median_time(fn, repeats: int = REPEATS) -> float:
@@ -130,9 +130,13 @@ def run_probe(ranks: int, env: dict, *args: str):
 
 
 def measure_allreduce(ranks: int, cores: int, sizes: list[int] = ALLREDUCE_SIZES, cache: float = 0.0) -> dict:
-    """An allreduce among all ``ranks`` as the executor's sync workers run it (flatten, the
-    polled non-blocking collective, copy back), by bytes per rank; fitted like an op."""
-    return fit_op_cost(run_probe(ranks, rank_env(ranks, cores), "allreduce", json.dumps(sizes)), cache)
+    """An allreduce among all ``ranks`` as it costs the executor's sync workers' step (flatten,
+    the polled non-blocking collective, copy back, after and before a step's work), by bytes
+    per rank; fitted like an op for the report, and kept as a curve of the measured times (the
+    simulator interpolates it: the collective's algorithm, and so its cost in a step, changes
+    with the size -- with 4 ranks on 2 cores ~180 us up to 1 KiB, ~400 us from 16 KiB)."""
+    points = run_probe(ranks, rank_env(ranks, cores), "allreduce", json.dumps(sizes), str(cores))
+    return {**fit_op_cost(points, cache), "curve": [[b, t] for _, b, t in points]}
 
 
 def measure_mpi(sizes: list[int] = MPI_SIZES) -> dict:
@@ -230,6 +234,8 @@ def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, 
     costs = ", ".join(f'"{key}" = [{c["fixed_s"] * 1e6:.6g}, {c["flops_per_s"] / 1e9:.6g}, {c["bytes_per_s"] / 1e9:.6g}, '
                       f'{c.get("bytes_beyond_cache_per_s", c["bytes_per_s"]) / 1e9:.6g}]'
                       for key, c in sorted((op_costs or {}).items()))
+    curves = ", ".join(f'"{key}" = [{", ".join(f"[{b:.6g}, {t * 1e6:.6g}]" for b, t in c["curve"])}]'
+                       for key, c in sorted((op_costs or {}).items()) if "curve" in c)
     lines = [f'name = "{name}"',
              f'description = "calibrated on this host: {cores} cores, {ranks} ranks; '
              f'MPI alpha {mpi["alpha_s"] * 1e6:.2f} us, beta {mpi["beta_bytes_per_s"] / 1e9:.3g} GB/s (R^2 {mpi["r2"]:.4f})"',
@@ -243,7 +249,7 @@ def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, 
                   "efficiency = 1.0", f"op_overhead_us = {comp['op_overhead_s'] * 1e6:.4g}",
                   f"efficiency_curve = [{curve}]", f"backward_efficiency_curve = [{bcurve}]",
                   *([f'core_pool = "core{k % cores}"'] if ranks > cores else []),
-                  f"cache_mib = {cache / 2**20:.6g}", f"op_costs = {{ {costs} }}"]
+                  f"cache_mib = {cache / 2**20:.6g}", f"op_costs = {{ {costs} }}", f"op_curves = {{ {curves} }}"]
     lines += ["", "[[device]]", 'name = "shm"', 'kind = "switch"']
     for k in range(ranks):
         lines += ["", "[[link]]", f'a = "rank{k}"', 'b = "shm"',

@@ -215,7 +215,8 @@ def cmd_calibrate(args) -> int:
                  f"{c['bytes_per_s'] / 1e9:.3g} GB/s" if c["bytes_per_s"] else "",
                  f"{c['bytes_beyond_cache_per_s'] / 1e9:.3g} GB/s beyond" if c["bytes_beyond_cache_per_s"] else ""]
         print(f"    {key:<24} {c['fixed_s'] * 1e6:7.1f} us  {', '.join(r for r in rates if r):<44} "
-              f"R^2 {c['r2']:.3f}, worst {c['max_rel_error']:.0%} over {c['points']} ops")
+              f"R^2 {c['r2']:.3f}, worst {c['max_rel_error']:.0%} over {c['points']} ops"
+              + ("; the simulator interpolates the measured sizes" if "curve" in c else ""))
     return 0
 
 

@@ -200,7 +200,7 @@ class Engine:
         so each member spends that long on its core (sharing the host's cores like compute);
         None when any member has no such measurement."""
         topo = self.compute.topology.devices
-        if not all(d in self.compute.weights and op in topo[d].op_costs for d in devices):
+        if not all(d in self.compute.weights and topo[d].measured(op) for d in devices):
             return None
         return self.env.all_of([self.compute_op(d, 0.0, nbytes, replica, step, name, op, kind="transfer", key=op)
                                 for d in devices])

@@ -10,8 +10,9 @@ File format (units in the names; ``gbps`` is 10^9 *bytes* per second, like nccl-
                      memory_bandwidth_gbps, efficiency, op_overhead_us, efficiency_curve and
                      backward_efficiency_curve ([[flops, efficiency], ...], written by calibrate),
                      op_costs ({key = [overhead_us, gflops, gbps, gbps_beyond_cache], ...}:
-                     measured op costs, written by calibrate), cache_mib (where an op's bytes
-                     stop fitting in cache), core_pool (the name of a [core_pools] entry)
+                     measured op costs, written by calibrate), op_curves ({key = [[bytes, us],
+                     ...]}: measured times by size, overriding op_costs for that key),
+                     cache_mib (where an op's bytes stop fitting in cache), core_pool (the name of a [core_pools] entry)
     [machine.pcie]   switches, generation, lanes, uplink_lanes, latency_us
     [machine.nvlink] bandwidth_gbps (per GPU, per direction), latency_us
     [machine.nic]    count, bandwidth_gbps, latency_us
@@ -298,9 +299,25 @@ def _explicit_device(dt: Table) -> Device:
     machine = dt.int("machine", -1, lo=-1, hi=MAX_MACHINES)
     fields = _compute_fields(dt, kind) if kind in ("cpu", "gpu") else {}
     if kind in ("cpu", "gpu"):
-        fields.update(op_costs=_op_costs(dt), core_pool=dt.str("core_pool", ""),
+        fields.update(op_costs=_op_costs(dt), op_curves=_op_curves(dt), core_pool=dt.str("core_pool", ""),
                       cache_bytes=dt.float("cache_mib", 0.0, lo=0.0, hi=1e6) * 2**20)
     return Device(name, kind, None if machine < 0 else machine, **fields)
+
+
+def _op_curves(dt: Table) -> dict[str, tuple]:
+    """``op_curves = {key = [[bytes, us], ...]}``, bytes increasing -> ((bytes, seconds), ...)."""
+    raw = dt.raw("op_curves", {})
+    if not isinstance(raw, dict):
+        raise dt.error("op_curves", "must be a table of key = [[bytes, us], ...]")
+    out = {}
+    for key, v in raw.items():
+        if (not isinstance(v, list) or not v or not all(
+                isinstance(pt, list) and len(pt) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                             for x in pt) and pt[0] > 0 and pt[1] >= 0 for pt in v)
+                or [pt[0] for pt in v] != sorted({pt[0] for pt in v})):
+            raise dt.error(f"op_curves.{key}", "must be [[bytes, us], ...] with bytes > 0 increasing and us >= 0")
+        out[str(key)] = tuple((float(b), float(us) * 1e-6) for b, us in v)
+    return out
 
 
 def _op_costs(dt: Table) -> dict[str, tuple]:

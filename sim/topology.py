@@ -27,6 +27,23 @@ DTYPES = ("fp32", "fp16", "bf16", "fp64")
 DirLink = tuple[str, str]
 
 
+def curve_time(curve: tuple, nbytes: float) -> float:
+    """Seconds at ``nbytes`` on a measured ((bytes, seconds), ...) curve: straight lines in
+    log(bytes) between its points, the first point's time below them, and beyond the last in
+    proportion to the bytes (large messages are bandwidth-bound)."""
+    import math
+    (b0, t0), (bn, tn) = curve[0], curve[-1]
+    if nbytes <= b0:
+        return t0
+    if nbytes >= bn:
+        return tn * nbytes / bn
+    x = math.log(nbytes)
+    for (ba, ta), (bb, tb) in zip(curve, curve[1:]):
+        if nbytes <= bb:
+            return ta + (tb - ta) * (x - math.log(ba)) / (math.log(bb) - math.log(ba))
+    return tn
+
+
 @dataclass(frozen=True)
 class Device:
     """One node of the graph.  Compute fields are zero for non-compute kinds."""
@@ -48,10 +65,15 @@ class Device:
     # of 0 drops its term); fitted by calibrate, they override the roofline for those ops
     op_costs: dict[str, tuple] = field(default_factory=dict)
     cache_bytes: float = 0.0            # where an op's bytes stop fitting in a core's cache (0: no such knee)
+    # measured times by size: key -> ((bytes, seconds), ...), bytes increasing; they override
+    # ``op_costs`` for that key (an allreduce whose algorithm changes with the size has no one line)
+    op_curves: dict[str, tuple] = field(default_factory=dict)
     core_pool: str = ""                 # name of the cores this device shares with others (ranks of one host)
 
     def op_time(self, key: str, flops: float, nbytes: float) -> float | None:
         """Seconds of op ``key`` from its measured costs; None when it was not measured here."""
+        if key in self.op_curves:
+            return curve_time(self.op_curves[key], nbytes)
         cost = self.op_costs.get(key)
         if cost is None:
             return None
@@ -59,6 +81,9 @@ class Device:
         inside = min(nbytes, self.cache_bytes) if self.cache_bytes > 0 else nbytes
         return (fixed + (flops / flop_rate if flop_rate > 0 else 0.0) + (inside / byte_rate if byte_rate > 0 else 0.0)
                 + ((nbytes - inside) / beyond_rate if beyond_rate > 0 else 0.0))
+
+    def measured(self, key: str) -> bool:
+        return key in self.op_costs or key in self.op_curves
 
     def efficiency_at(self, flops: float, backward: bool = False) -> float:
         """Efficiency for an op of ``flops``: interpolated in log(flops) on the measured curve

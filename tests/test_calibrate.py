@@ -42,7 +42,9 @@ def test_calibrated_topology_round_trips(tmp_path):
     mpi = {"alpha_s": 4e-6, "beta_bytes_per_s": 6e9, "r2": 0.999}
     f = tmp_path / "host.toml"
     costs = {"dense": {"fixed_s": 12e-6, "flops_per_s": 100e9, "bytes_per_s": 10e9, "bytes_beyond_cache_per_s": 5e9},
-             "send": {"fixed_s": 5e-6, "flops_per_s": 0.0, "bytes_per_s": 7e9}}
+             "send": {"fixed_s": 5e-6, "flops_per_s": 0.0, "bytes_per_s": 7e9},
+             "allreduce": {"fixed_s": 1e-6, "flops_per_s": 0.0, "bytes_per_s": 1e9,
+                           "curve": [[1e3, 100e-6], [1e5, 300e-6], [1e6, 1e-3]]}}
     f.write_text(topology_text("host", 4, 2, comp, 20e9, mpi, costs, cache=2**20))
     topo = load_topology(str(f))
     assert topo.compute_devices() == ["rank0", "rank1", "rank2", "rank3"]
@@ -56,6 +58,12 @@ def test_calibrated_topology_round_trips(tmp_path):
     assert dev.op_time("dense", 1e9, 1e5) == pytest.approx(12e-6 + 1e9 / 100e9 + 1e5 / 10e9)
     assert dev.op_time("send", 0.0, 7e6) == pytest.approx(5e-6 + 1e-3)
     assert dev.op_time("conv2d", 1e9, 1e8) is None
+    # the allreduce's measured curve overrides its fit: straight in log(bytes) between points,
+    # flat below the first, in proportion to the bytes beyond the last
+    assert dev.measured("allreduce") and not dev.measured("conv2d")
+    assert dev.op_time("allreduce", 0.0, 1e4) == pytest.approx(200e-6)
+    assert dev.op_time("allreduce", 0.0, 10.0) == pytest.approx(100e-6)
+    assert dev.op_time("allreduce", 0.0, 4e6) == pytest.approx(4e-3)
     route = topo.route("rank0", "rank3")
     assert topo.route_latency(route) == pytest.approx(4e-6) and topo.route_bandwidth(route) == pytest.approx(6e9)
 

@@ -104,6 +104,10 @@ def test_base_merges_subtables_and_missing_file_is_a_config_error(tmp_path):
     ({"op_costs": {"dense": [1.0, 2.0]}}, "op_costs.dense"),
     ({"op_costs": {"dense": [1.0, -2.0, 0]}}, "op_costs.dense"),
     ({"op_costs": [1, 2, 3]}, "op_costs"),
+    ({"op_curves": {"allreduce": [[64, 10.0], [32, 20.0]]}}, "op_curves.allreduce"),
+    ({"op_curves": {"allreduce": [[64, -1.0]]}}, "op_curves.allreduce"),
+    ({"op_curves": {"allreduce": []}}, "op_curves.allreduce"),
+    ({"op_curves": [[64, 1.0]]}, "op_curves"),
     ({"core_pool": "nowhere"}, "core_pool")])
 def test_bad_measured_costs_and_pools_name_the_field(extra, field):
     from sim.errors import ConfigError
