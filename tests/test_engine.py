@@ -97,16 +97,39 @@ def costed(name, machine, costs):
     return {**gpu(name, 1.0, machine), "op_costs": costs}
 
 
-def test_host_message_pays_send_cost_wire_and_receive_cost():
+def _two_costed(pooled: bool = False):
     from sim.engine import Engine
     costs = {"send": [5.0, 0, 2.0], "recv": [3.0, 0, 4.0]}          # 5 us + bytes / 2 GB/s; 3 us + bytes / 4 GB/s
-    topo = build_topology({"name": "two", "device": [costed("g0", 0, costs), costed("g1", 1, costs)],
-                           "link": [link("g0", "g1", 10.0, 2.0)]}, "two.toml")
-    eng = Engine(plan(dataclasses.replace(scenario(batch=8), topology=topo), check_memory=False))
-    n = 1e6
+    pool = {"core_pool": "c"} if pooled else {}
+    topo = build_topology({"name": "two", "device": [costed("g0", 0, costs), {**costed("g1", 1, costs), **pool},
+                                                     *([{**gpu("g2", 1.0, 2), **pool}] if pooled else [])],
+                           "link": [link("g0", "g1", 10.0, 2.0)], **({"core_pools": {"c": 1}} if pooled else {})},
+                          "two.toml")
+    return Engine(plan(dataclasses.replace(scenario(batch=8), topology=topo), check_memory=False))
+
+
+def test_host_message_to_a_busy_receiver_pays_send_cost_wire_and_receive_cost():
+    eng, n = _two_costed(), 1e6
+    eng.compute.run_seconds("g1", 1.0)                               # g1 computes all along
     done = eng.transfer("g0", "g1", n, 0, 0, "m", "activation")
     eng.env.run(done)
-    assert eng.env.now == pytest.approx(5e-6 + n / 2e9 + 2e-6 + n / 10e9 + 3e-6 + n / 4e9, rel=1e-9)
+    recv = 2 * (3e-6 + n / 4e9)                                      # shared with g1's work, at half speed
+    assert eng.env.now == pytest.approx(5e-6 + n / 2e9 + 2e-6 + n / 10e9 + recv, rel=1e-9)
+
+
+def test_host_message_to_a_waiting_receiver_arrives_with_the_send():
+    eng, n = _two_costed(), 1e6
+    done = eng.transfer("g0", "g1", n, 0, 0, "m", "activation")
+    eng.env.run(done)                                                # the wire alongside the send cost, no receive cost
+    assert eng.env.now == pytest.approx(max(5e-6 + n / 2e9, 2e-6 + n / 10e9), rel=1e-9)
+
+
+def test_a_waiting_receiver_that_shares_its_core_still_copies_the_message_out():
+    eng, n = _two_costed(pooled=True), 1e6                           # g1 and g2 bound to one core: half of it each
+    assert not eng.compute.waiting("g1") and eng.compute.waiting("g0")
+    done = eng.transfer("g0", "g1", n, 0, 0, "m", "activation")
+    eng.env.run(done)
+    assert eng.env.now == pytest.approx(5e-6 + n / 2e9 + 2e-6 + n / 10e9 + 2 * (3e-6 + n / 4e9), rel=1e-9)
 
 
 def test_a_measured_step_cost_comes_before_the_first_op():
