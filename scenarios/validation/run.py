@@ -21,7 +21,7 @@ from sim.scenario import load_scenario  # noqa: E402
 from sim.trace import write_atomic  # noqa: E402
 
 ROUNDS = 3      # calibrate, predict, run: the host drifts over minutes
-REPEATS = 2
+REPEATS = 4     # a whole run can fall in a slow spell (mlp-1rank, 4,000 steps: 284 us a step in one run, 195-215 in five)
 OUT = Path("out/validation.json")
 CALIBRATION = Path("out/calibration")
 
