@@ -171,10 +171,10 @@ def load_model_file(path: Path) -> Model:
     """Reads a model TOML; raises ConfigError naming the file and field."""
     try:
         data = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(str(path), "", f"cannot read model file ({exc.__class__.__name__})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), "", f"malformed TOML: {exc}") from None
+    except (OSError, ValueError) as exc:           # ValueError: undecodable, or a NUL in the name
+        raise ConfigError(str(path), "", f"cannot read model file ({exc.__class__.__name__})") from None
     return model_from_table(Table(data, str(path)))
 
 

@@ -100,10 +100,10 @@ class Scenario:
 def read_toml(path: Path) -> dict:
     try:
         return tomllib.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(str(path), "", f"cannot read file ({exc.__class__.__name__})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), "", f"malformed TOML: {exc}") from None
+    except (OSError, ValueError) as exc:           # ValueError: undecodable, or a NUL in the name
+        raise ConfigError(str(path), "", f"cannot read file ({exc.__class__.__name__})") from None
 
 
 def parse_set(items: list[str]) -> list[tuple[str, Any]]:

@@ -91,7 +91,7 @@ def _read(ref: str, base_dir: Path) -> tuple[str, str]:
     path = Path(ref) if Path(ref).is_absolute() else base_dir / ref
     try:
         return str(path), path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:           # ValueError: undecodable, or a NUL in the name
         names = ", ".join(builtin_topologies())
         raise ConfigError(str(path), "", f"cannot read topology ({exc.__class__.__name__}); "
                           f"built-in names are {names}") from None

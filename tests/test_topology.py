@@ -114,3 +114,15 @@ def test_bad_measured_costs_and_pools_name_the_field(extra, field):
     dev = {"name": "c", "kind": "cpu", "cores": 1, "core_gflops": 1, "memory_gib": 1, "memory_bandwidth_gbps": 1}
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         build_topology({"name": "t", "device": [{**dev, **extra}]}, "t.toml")
+
+
+@pytest.mark.parametrize("section, key", [("cluster", "topology"), ("model", "file")])
+def test_a_nul_byte_in_a_file_reference_is_a_config_error(tmp_path, section, key):
+    """Found by the fuzz test: open() raises ValueError, not OSError, on a NUL in a path."""
+    from sim.scenario import load_scenario
+    f = tmp_path / "s.toml"
+    model = 'file = "m\\u0000.toml"' if key == "file" else 'name = "mlp-digits"'
+    topo = '"\\u0000"' if key == "topology" else '"dgx-h100"'
+    f.write_text(f'[cluster]\ntopology = {topo}\n[model]\n{model}\nbatch_size = 8\n')
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_scenario(str(f))
