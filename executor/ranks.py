@@ -40,7 +40,7 @@ from sim.trace import Span, Trace, write_chrome
 
 from .backend import get_xp, to_numpy
 from .comm import MPITransport, barrier, wait_buffer
-from .data import Batches, digits, synthetic
+from .data import Batches, digits, mnist, synthetic
 from .kernels import init_params, softmax_xent_loss
 from .launch import pin
 from .optim import sgd_in_place
@@ -107,7 +107,32 @@ def check(sc, size: int) -> None:
                           "replica so far (model_parallel = 1)")
 
 
-def dataset(sc, seed: int):
+def check_data(folder: str | None, sc):
+    """MNIST from the IDX files in ``folder`` shaped for the scenario's model, or None when no
+    folder is given; ConfigError naming ``--data`` when it cannot be read or does not fit."""
+    if not folder:
+        return None
+    from math import prod
+    try:
+        d = mnist(folder)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("--data", folder, f"cannot read MNIST IDX files there ({exc})") from None
+    features, classes = prod(sc.model.input_shape), sc.model.classes or sc.model.nodes[-1].out_shape[0]
+    if d.x_train.shape[1] != features:
+        raise ConfigError("--data", folder, f"its images have {d.x_train.shape[1]} values; model "
+                                            f"{sc.model.name!r} takes {features}")
+    if int(max(d.y_train.max(), d.y_test.max())) >= classes:
+        raise ConfigError("--data", folder, f"labels go up to {int(max(d.y_train.max(), d.y_test.max()))}; model {sc.model.name!r} "
+                                            f"has {classes} classes")
+    shape = sc.model.input_shape
+    return (d.x_train.reshape(len(d.x_train), *shape), d.y_train, d.x_test.reshape(len(d.x_test), *shape), d.y_test)
+
+
+def dataset(sc, seed: int, data=None):
+    """(x_train, y_train, x_test, y_test): ``data`` (from ``check_data``) when given, the
+    bundled digits for mlp-digits, else seeded synthetic inputs."""
+    if data is not None:
+        return data
     if sc.model.name == "mlp-digits":
         d = digits(seed)
         return (d.x_train.reshape(len(d.x_train), *sc.model.input_shape), d.y_train,
@@ -129,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", help="folder where each shard keeps shard<k>.npz")
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--data", help="folder with MNIST's four IDX files")
     args = ap.parse_args(argv)
     world = MPI.COMM_WORLD
     pin(world.rank, world.size)
@@ -137,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         check(sc, world.size)
         fail = parse_fail(args.fail, sc)
         check_checkpoint(args, sc)
+        args.loaded = check_data(args.data, sc)
         xp = get_xp(args.device)
     except (ConfigError, ValueError) as exc:
         if world.rank == 0:
@@ -241,7 +268,7 @@ class RankJob:
         units, unit_size = units_of(sc)
         unit_plan = plan(dataclasses.replace(sc, batch_size=unit_size), check_memory=False)
         params = {key: [xp.asarray(a) for a in arrs] for key, arrs in self.box_params.items() if key[1] == 0}
-        x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed)
+        x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed, getattr(self.args, "loaded", None))
         whole = Batches(x_tr, y_tr, sc.batch_size * self.R, np.random.default_rng([sc.seed, self.R]))
         coord = self.world.size - 1
         client = ShardClient(self.world, [self.M * self.R + k for k in range(self.S)], self.runs_of(0), tr.comm_bits)
@@ -329,7 +356,7 @@ class RankJob:
         tr = sc.training
         r, j = self.r, self.j
         params = {key: [xp.asarray(a) for a in arrs] for key, arrs in self.box_params.items() if key[1] == j}
-        x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed)
+        x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed, getattr(self.args, "loaded", None))
         batches = Batches(x_tr[r::self.R], y_tr[r::self.R], sc.batch_size, np.random.default_rng([sc.seed, r]))
         transport = MPITransport(self.rep, xp)
         devices = p.devices[r]

@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", metavar="DIR", help="parameter-server shards checkpoint here")
     e.add_argument("--checkpoint-every", type=int, default=100, metavar="N", help="updates between checkpoints")
     e.add_argument("--resume", action="store_true", help="start the shards from the checkpoints in --checkpoint")
+    e.add_argument("--data", metavar="DIR", help="train on MNIST from its four IDX files in DIR (gzipped or not); "
+                                                 "the model must take 784 inputs")
     _common(e)
     e.set_defaults(func=cmd_execute)
 
@@ -151,13 +153,14 @@ def cmd_execute(args) -> int:
     rank per replica slot running ``executor.ranks``."""
     import subprocess
     from executor.launch import mpiexec, rank_env   # lazy: sim/ does not need executor/ otherwise
-    from executor.ranks import check, check_checkpoint, parse_fail, ranks_needed
+    from executor.ranks import check, check_checkpoint, check_data, parse_fail, ranks_needed
     sc = load_scenario(args.scenario, parse_set(args.set))
     ranks = args.ranks or ranks_needed(sc)
     check(sc, ranks)
     plan(sc)                                    # every rank plans it: one that cannot be made fails here, once
     parse_fail(args.fail, sc)
     check_checkpoint(args, sc)
+    check_data(args.data, sc)
     cmd = [str(mpiexec()), "-n", str(ranks), sys.executable, "-m", "executor.ranks", args.scenario,
            "--device", args.device]
     for item in args.set:
@@ -172,6 +175,8 @@ def cmd_execute(args) -> int:
         cmd += ["--checkpoint", args.checkpoint, "--checkpoint-every", str(args.checkpoint_every)]
     if args.resume:
         cmd.append("--resume")
+    if args.data:
+        cmd += ["--data", str(Path(args.data).resolve())]
     return subprocess.run(cmd, env=rank_env(ranks), preexec_fn=_die_with_parent).returncode
 
 

@@ -213,3 +213,63 @@ def test_sandblaster_on_real_ranks_survives_a_crashed_replica(tmp_path):
     assert out["steps_per_worker"] == [60, 10, 60] and out["shard_updates"] == [60, 60]
     assert out["replicas_left"] == 2 and out["units_run"] >= 60 * 24
     assert out["accuracy"] >= 0.8             # it depends on timing: 0.85-0.91 over runs (chance is 0.1)
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> None:
+    """An IDX file of unsigned bytes (MNIST's format), gzipped when ``gz``."""
+    import gzip
+    import struct
+    raw = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def mnist_like(folder: Path, n_train: int = 600, n_test: int = 200) -> None:
+    """28x28 images whose class k lights row block k: learnable in a few dozen steps."""
+    rng = np.random.default_rng(3)
+    for stem, n in (("train", n_train), ("t10k", n_test)):
+        y = rng.integers(0, 10, n)
+        x = rng.integers(0, 60, (n, 28, 28))
+        for i, k in enumerate(y):
+            x[i, 2 * k:2 * k + 3, :] = 255
+        write_idx(folder / f"{stem}-images-idx3-ubyte", x, gz=stem == "train")
+        write_idx(folder / f"{stem}-labels-idx1-ubyte", y)
+
+
+MNIST_MLP = """
+name = "mlp-mnist"
+input = [784]
+classes = 10
+[[layer]]
+kind = "dense"
+units = 32
+[[layer]]
+kind = "relu"
+[[layer]]
+kind = "dense"
+units = 10
+[[layer]]
+kind = "softmax_xent"
+"""
+
+
+def test_execute_trains_on_mnist_idx_files_given_by_data(tmp_path):
+    mnist_like(tmp_path)
+    (tmp_path / "mlp-mnist.toml").write_text(MNIST_MLP)
+    f = tmp_path / "s.toml"
+    f.write_text(SYNC.format(mp=1, r=2, steps=60).replace('name = "mlp-digits"', 'file = "mlp-mnist.toml"'))
+    proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--json", "--data", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["accuracy"] >= 0.9                # chance is 0.1
+
+
+def test_execute_refuses_data_that_is_missing_or_does_not_fit_the_model_in_one_line(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(SYNC.format(mp=1, r=1, steps=1))                       # mlp-digits takes 64 values, not 784
+    for folder, says in ((tmp_path / "none", "cannot read MNIST IDX files"), (tmp_path, "have 784 values")):
+        if folder == tmp_path:
+            mnist_like(tmp_path, 20, 10)
+        proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--data", str(folder)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--data" in proc.stderr \
+            and says in proc.stderr, proc.stderr
