@@ -9,14 +9,14 @@ Measured (medians of REPEATS):
 - MPI between two ranks: our transport's ping-pong by message size, fitted by least
   squares to alpha + bytes / beta (reported with R^2 and the worst relative error);
 - the executor's ops in context (``executor/probe.py``: each layer kind forward and
-  backward, the update, a message's send and receive costs, a step's set-up) and an
-  allreduce among all the job's ranks as sync workers run it, each fitted to a fixed
-  cost plus FLOPs and bytes at fitted rates, bytes beyond a core's L2 cache at their own
-  rate (``op_costs``, ``cache_mib``);
-- cores, and how ranks share them: everything is measured with the BLAS threads and
-  allocator settings a rank of the job gets (``executor/launch.py``, as ``clustersim
-  execute`` sets them); all ranks are in one core pool of the host's cores, so ranks
-  beyond the cores share them when they compute at once.
+  backward, the update, a message's send and receive costs, a step's set-up), each
+  fitted to a fixed cost plus FLOPs and bytes at fitted rates, bytes beyond a core's L2
+  cache at their own rate (``op_costs``, ``cache_mib``); and an allreduce among all the
+  job's ranks as it costs the sync workers' step, by size (``op_curves``, interpolated);
+- cores, and how ranks share them: everything is measured with the BLAS threads, core
+  binding and allocator settings a rank of the job gets (``executor/launch.py``, as
+  ``clustersim execute`` sets them); ranks beyond the cores are bound round-robin, one
+  core pool per core, whose members share it busy or polling.
 
 The topology has one ``cpu`` device per rank (its own machine index, so each is a compute
 device, rank k = device k) on a ``switch`` standing for shared memory; each rank's link

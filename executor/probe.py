@@ -17,8 +17,9 @@ its ops: sampling the batch, the walk's set-up, the final flush; by the batch's 
 
 Run under ``mpiexec -n k python -m executor.probe ops`` every rank probes at once, so
 ranks that share a host's memory bandwidth and caches are timed as they run: rank 0
-prints the medians as JSON.  ``pingpong`` and ``allreduce`` time the executor's
-transport between two ranks and the sync workers' allreduce among all of them.  Batch
+prints the medians as JSON.  ``pingpong`` times the executor's transport between two
+ranks; ``allreduce`` the sync workers' allreduce among all of them as it costs their step
+(after and before a step's own work, not back to back).  Batch
 sizes differ from the validation suite's on purpose: those are predicted by
 interpolation, not read back.
 """

@@ -15,7 +15,8 @@ yielded), so each of n members of a pool of c cores runs at min(1, c / n) -- a c
 form, not processor sharing among the busy ones.  Waits longer than the executor's
 yielding window (10 ms) sleep and give their share away; that is not modelled.  Costs
 that calibration measured with all the job's ranks running (``allreduce``) already hold
-the sharing and are not slowed again.
+the sharing and are not slowed again.  ``waiting`` says whether a device is idle on cores
+of its own (a receiver that takes a message in as it comes; ``Engine._host_message``).
 """
 from __future__ import annotations
 
