@@ -16,7 +16,13 @@ class ConfigError(Exception):
 
     def __init__(self, file: str, field: str, message: str) -> None:
         self.file, self.field, self.message = str(file), field, message
-        super().__init__(f"{self.file}: {field}: {message}" if field else f"{self.file}: {message}")
+        text = f"{self.file}: {field}: {message}" if field else f"{self.file}: {message}"
+        super().__init__(_one_line(text))
+
+
+def _one_line(text: str) -> str:
+    """Control characters (a newline in a file name from the input) escaped: one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 _MISSING = object()

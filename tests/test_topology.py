@@ -126,3 +126,10 @@ def test_a_nul_byte_in_a_file_reference_is_a_config_error(tmp_path, section, key
     f.write_text(f'[cluster]\ntopology = {topo}\n[model]\n{model}\nbatch_size = 8\n')
     with pytest.raises(ConfigError, match="cannot read"):
         load_scenario(str(f))
+
+
+def test_a_config_error_is_one_line_whatever_the_input_holds():
+    """Found by the fuzz test: a topology named "\\n" gave a two-line error."""
+    err = ConfigError("a\nb.toml", "cluster.topology", "cannot read \x00 it")
+    assert str(err) == "a\\nb.toml: cluster.topology: cannot read \\x00 it"
+    assert err.file == "a\nb.toml"                                     # the field values themselves are kept
