@@ -15,7 +15,7 @@ communicator), then, by algorithm:
   under SSP a shard holds back the fetch of a worker more than ``staleness`` steps ahead);
 - ``local``: its own SGD steps, parameters averaged every ``local_steps`` steps;
 - ``sandblaster``: units of each batch from a coordinator rank, L-BFGS on the shards
-  (``executor/sandblaster.py``; one device per replica so far).
+  (``executor/sandblaster.py``; a replica of several slots talks through its slot 0).
 
 ``--fail K@S``: worker rank K stops at step S as a crashed machine would (it sends
 nothing more); asynchronous training carries on without it.  Rank 0 alone prints and
@@ -73,6 +73,9 @@ def parse_fail(text: str | None, sc) -> tuple[int, int] | None:
     workers = sc.parallel.model_parallel * sc.parallel.replicas
     if not m or int(m.group(1)) >= workers:
         raise ConfigError("--fail", text, f"must be rank=K@step=S with K a worker rank (0..{workers - 1})")
+    if sc.training.algorithm == "sandblaster" and sc.parallel.model_parallel > 1:
+        raise ConfigError("--fail", text, "sandblaster with model_parallel > 1 does not survive a crashed rank yet "
+                                          "(its replica's other slots would wait for it)")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -102,9 +105,6 @@ def check(sc, size: int) -> None:
                           f"execute runs {', '.join(ALGORITHMS)} so far; got {sc.training.algorithm}")
     if sc.training.algorithm != "sync" and sc.training.algorithm != "local" and not sc.parallel.ps_shards:
         raise ConfigError(sc.file, "parallel.ps_shards", f"{sc.training.algorithm} needs ps_shards >= 1")
-    if sc.training.algorithm == "sandblaster" and sc.parallel.model_parallel != 1:
-        raise ConfigError(sc.file, "parallel.model_parallel", "execute runs sandblaster with one device per "
-                          "replica so far (model_parallel = 1)")
 
 
 def check_data(folder: str | None, sc):
@@ -255,27 +255,32 @@ class RankJob:
         from .sandblaster import coordinate
         units, _ = units_of(self.sc)
         W = self.M * self.R
-        out = coordinate(self.world, [r for r in range(W)], [W + k for k in range(self.S)], self.sc.training.steps,
-                         units, self.sc.training.backup_tasks, self.sc.faults.detect_timeout_s)
+        out = coordinate(self.world, [r * self.M for r in range(self.R)], [W + k for k in range(self.S)],
+                         self.sc.training.steps, units, self.sc.training.backup_tasks, self.sc.faults.detect_timeout_s,
+                         pushes_per_replica=self.M)
         return {"role": "coordinator", **out}
 
     def sandblaster_worker(self) -> dict:
+        """Slot 0 of a replica (its leader) talks to the coordinator and passes each ASSIGN
+        and END on to the replica's other slots (a non-blocking broadcast, polled); every
+        slot runs its share of each unit's step and pushes its part of the won units' sum."""
         import dataclasses
         from sim.algorithms.sandblaster import units_of
         from .comm import probe
         from .sandblaster import ASSIGN, END, READY, RESULT
-        sc, xp, p, tr = self.sc, self.xp, self.p, self.sc.training
+        sc, xp, p, tr, j = self.sc, self.xp, self.p, self.sc.training, self.j
         units, unit_size = units_of(sc)
         unit_plan = plan(dataclasses.replace(sc, batch_size=unit_size), check_memory=False)
-        params = {key: [xp.asarray(a) for a in arrs] for key, arrs in self.box_params.items() if key[1] == 0}
+        params = {key: [xp.asarray(a) for a in arrs] for key, arrs in self.box_params.items() if key[1] == j}
         x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed, getattr(self.args, "loaded", None))
         whole = Batches(x_tr, y_tr, sc.batch_size * self.R, np.random.default_rng([sc.seed, self.R]))
-        coord = self.world.size - 1
-        client = ShardClient(self.world, [self.M * self.R + k for k in range(self.S)], self.runs_of(0), tr.comm_bits)
-        flat = self.flatten(params, 0)
+        coord, lead = self.world.size - 1, j == 0
+        client = ShardClient(self.world, [self.M * self.R + k for k in range(self.S)], self.runs_of(j), tr.comm_bits)
+        flat = self.flatten(params, j)
         from mpi4py import MPI
         status = MPI.Status()
-        me = p.devices[self.r][0]
+        me = p.devices[self.r][j]
+        cmd = np.zeros(units + 2, np.int64)                    # [ASSIGN, unit] or [END, n, won units...]
         step_times, batches = [], 0
         for b in range(tr.steps):
             xb, yb = whole.next()
@@ -283,32 +288,39 @@ class RankJob:
                 break
             start = time.perf_counter()
             client.fetch(flat, b)
-            self.unflatten(flat, params, 0)
-            self.world.Send(np.zeros(1, np.int64), dest=coord, tag=READY)
+            self.unflatten(flat, params, j)
+            if lead:
+                self.world.Send(np.zeros(1, np.int64), dest=coord, tag=READY)
             grads: dict[int, np.ndarray] = {}
             while True:
-                _, tag = probe(self.world, status, coord, MPI.ANY_TAG)
-                if tag == ASSIGN:
-                    msg = np.empty(2, np.int64)
-                    self.world.Recv(msg, source=coord, tag=ASSIGN)
-                    u = int(msg[1])
+                if lead:
+                    _, tag = probe(self.world, status, coord, MPI.ANY_TAG)
+                    if tag == ASSIGN:                  # [batch, unit]
+                        msg = np.empty(2, np.int64)
+                        self.world.Recv(msg, source=coord, tag=ASSIGN)
+                        cmd[:2] = ASSIGN, msg[1]
+                    else:                              # [n, the n units this replica won]
+                        self.world.Recv(cmd[1:], source=coord, tag=END)
+                        cmd[0] = END
+                if self.M > 1:
+                    wait_buffer(self.rep.Ibcast(cmd, root=0))
+                if cmd[0] == ASSIGN:
+                    u = int(cmd[1])
                     t = time.perf_counter()
                     xs, ys = xb[u * unit_size:(u + 1) * unit_size], yb[u * unit_size:(u + 1) * unit_size]
-                    res = run_step(unit_plan, {0}, params, xp.asarray(xs), xp.asarray(ys), MPITransport(self.rep, xp), xp=xp)
-                    grads[u] = self.flatten(res.grads, 0)
+                    res = run_step(unit_plan, {j}, params, xp.asarray(xs), xp.asarray(ys), MPITransport(self.rep, xp), xp=xp)
+                    grads[u] = self.flatten(res.grads, j)
                     self.span(f"unit {u}", "compute", me, b, t, time.perf_counter(), 0.0, 0.0, "unit")
-                    self.world.Send(np.array([b, u], np.int64), dest=coord, tag=RESULT)
+                    if lead:
+                        self.world.Send(np.array([b, u], np.int64), dest=coord, tag=RESULT)
                 else:
-                    msg = np.empty(units + 1, np.int64)
-                    self.world.Recv(msg, source=coord, tag=END)
-                    won = [int(u) for u in msg[1:1 + int(msg[0])]]
+                    won = [int(u) for u in cmd[2:2 + int(cmd[1])]]
                     total = sum((grads[u] for u in won), np.zeros_like(flat))
                     client.push(total, b)
                     break
             step_times.append(time.perf_counter() - start)
             batches += 1
-        return self.finish(params, flat, client, x_te, y_te, step_times, [], batches, final_fetch=tr.steps,
-                           slot=0)
+        return self.finish(params, flat, client, x_te, y_te, step_times, [], batches, final_fetch=tr.steps)
 
     def shard(self) -> dict:
         k = self.r
@@ -343,7 +355,7 @@ class RankJob:
         from .sandblaster import ShardDot, serve_lbfgs
         lo, hi = even_cuts(self.total, self.S)[k]
         flat = self.global_vector()
-        runs = {rank: self.runs_of(0)[k] for rank in range(self.M * self.R)}
+        runs = {rank: self.runs_of(rank % self.M)[k] for rank in range(self.M * self.R)}
         tr = self.sc.training
         lbfgs = LBFGS(lr=1.0, history=tr.lbfgs_history, first_step=tr.learning_rate, dot=ShardDot(self.shards),
                       max_step=LBFGS_MAX_STEP_FACTOR * tr.learning_rate)

@@ -10,7 +10,9 @@ Per batch (``batch_size x replicas`` samples cut into ``work_units`` units):
 4. the shards average the pushes and take one L-BFGS step.  Its dot products are sums of
    per-shard dot products, allreduced among the shard ranks: only scalars cross.
 
-Ranks: workers first (replica-major), then shards, then the coordinator.
+Ranks: workers first (replica-major), then shards, then the coordinator.  A replica of
+several slots (model parallelism) talks to the coordinator through its slot 0, which
+passes each unit on to the others; every slot pushes its part of the won units' sum.
 """
 from __future__ import annotations
 
@@ -31,8 +33,10 @@ STARTUP_S = 60.0
 
 # --- coordinator ----------------------------------------------------------------------------------
 def coordinate(comm, leaders: list[int], shard_ranks: list[int], batches: int, units: int,
-               backup_tasks: bool, timeout_s: float) -> dict:
-    """Hands out units; returns counts of units run, duplicated and lost to failures."""
+               backup_tasks: bool, timeout_s: float, pushes_per_replica: int = 1) -> dict:
+    """Hands out units to the replicas' leaders (slot 0 of each); tells the shards how many
+    pushes a batch brings (one per slot of every live replica); returns counts of units
+    run, duplicated and lost to failures."""
     from mpi4py import MPI
     status = MPI.Status()
     live = set(leaders)
@@ -99,7 +103,7 @@ def coordinate(comm, leaders: list[int], shard_ranks: list[int], batches: int, u
             mine = [u for u, w in won.items() if w == r]
             comm.Send(np.array([len(mine), *mine], np.int64), dest=r, tag=END)
         for k in shard_ranks:
-            comm.Send(np.array([len(live)], np.int64), dest=k, tag=EXPECT)
+            comm.Send(np.array([len(live) * pushes_per_replica], np.int64), dest=k, tag=EXPECT)
     for k in shard_ranks:
         comm.Send(np.array([-1], np.int64), dest=k, tag=EXPECT)
     return {"units_run": ran, "backup_copies": dup, "replicas_left": len(live)}

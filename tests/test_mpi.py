@@ -215,6 +215,24 @@ def test_sandblaster_on_real_ranks_survives_a_crashed_replica(tmp_path):
     assert out["accuracy"] >= 0.8             # it depends on timing: 0.85-0.91 over runs (chance is 0.1)
 
 
+@pytest.mark.parametrize("split", ["spatial", "layers"])
+def test_sandblaster_with_two_slots_per_replica_trains_on_real_ranks(tmp_path, split):
+    text = SANDBLASTER.format(mp=2, r=2, steps=60).replace("replicas = 2", f'replicas = 2\nsplit = "{split}"')
+    out = execute(tmp_path, text, "--set", "parallel.ps_shards=1")
+    assert out["ranks"] == 2 * 2 + 1 + 1                       # workers, the shard, the coordinator
+    assert out["steps_per_worker"] == [60] * 4 and out["shard_updates"] == [60]
+    assert out["units_run"] >= 60 * 24 and out["replicas_left"] == 2
+    assert out["accuracy"] >= 0.8             # as with one slot per replica: 0.85-0.92 over runs (chance is 0.1)
+
+
+def test_sandblaster_with_model_parallelism_refuses_fail_in_one_line(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(SANDBLASTER.format(mp=2, r=2, steps=5))
+    proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--set", "parallel.ps_shards=1",
+                           "--fail", "rank=1@step=2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--fail" in proc.stderr, proc.stderr
+
+
 def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> None:
     """An IDX file of unsigned bytes (MNIST's format), gzipped when ``gz``."""
     import gzip
