@@ -209,11 +209,11 @@ def allreduce(comm, sizes: list[int], cores: int, steps: int = 300, passes: int 
     each rank runs a step's own work (``_sync_step_work``) and then the allreduce as the sync
     workers run it (one flat buffer from two arrays, the polled non-blocking collective, back
     in place); the cost is that step's median time less its work on the busiest core, timed
-    before with one rank per core (the rest asleep), and never less than the collective back to
-    back.  Where ranks outnumber the cores this is
-    several times the collective back to back (mlp-digits, 4 ranks on 2 cores: ~400 us against
-    ~90 us): the ranks sharing a core leave the collective one after another, and the first
-    out takes the core for its next step's work while the others still wait to leave it."""
+    before with one rank per core (the rest asleep), and never less than the collective back
+    to back.  Where ranks outnumber the cores this is several times the collective back to
+    back (4 ranks on 2 cores, 16-32 KiB: ~300-400 us against ~90 us): the ranks sharing a
+    core leave the collective one after another, and the first out takes the core for its
+    next step's work while the others still wait to leave it."""
     work = _sync_step_work(np.random.default_rng(comm.rank))
     first = comm.rank < cores                     # the first rank bound to each core (``cores_of``)
     busiest = -(-comm.size // cores)
@@ -230,11 +230,12 @@ def allreduce(comm, sizes: list[int], cores: int, steps: int = 300, passes: int 
     else:
         _sleep_until_done(comm.Ibarrier())
     solo = statistics.median(x for r in comm.allgather(own) for x in r)
+    half = lambda n: max(1, n // 8)               # noqa: E731 -- float32s in each of the two arrays
     times: dict[int, list[float]] = defaultdict(list)
     bare: dict[int, list[float]] = defaultdict(list)
     for _ in range(passes):                       # a slow spell of a shared host spoils one pass, not a size
         for n in sizes:
-            parts = [np.ones(max(1, n // 8), np.float32), np.ones(max(1, n // 8), np.float32)]
+            parts = [np.ones(half(n), np.float32), np.ones(half(n), np.float32)]
 
             def collective(parts=parts):
                 g = np.concatenate(parts)
@@ -253,7 +254,7 @@ def allreduce(comm, sizes: list[int], cores: int, steps: int = 300, passes: int 
     out = []
     for n in sizes:                               # never less than the collective alone (a noisy step can be)
         step = statistics.median(statistics.median(r) for r in comm.allgather(times[n]))
-        out.append([0.0, float(2 * (max(1, n // 8) * 4)), max(statistics.median(bare[n]), step - busiest * solo)])
+        out.append([0.0, float(8 * half(n)), max(statistics.median(bare[n]), step - busiest * solo)])
     return out
 
 

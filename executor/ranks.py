@@ -186,6 +186,7 @@ class RankJob:
         from mpi4py import MPI
         self.sc, self.world, self.xp = sc, world, xp
         self.args = args
+        self.data = getattr(args, "loaded", None)              # MNIST from --data, checked in main
         self.p = plan(sc)
         par = sc.parallel
         self.M, self.R, self.S = par.model_parallel, par.replicas, par.ps_shards
@@ -272,7 +273,7 @@ class RankJob:
         units, unit_size = units_of(sc)
         unit_plan = plan(dataclasses.replace(sc, batch_size=unit_size), check_memory=False)
         params = {key: [xp.asarray(a) for a in arrs] for key, arrs in self.box_params.items() if key[1] == j}
-        x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed, getattr(self.args, "loaded", None))
+        x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed, self.data)
         whole = Batches(x_tr, y_tr, sc.batch_size * self.R, np.random.default_rng([sc.seed, self.R]))
         coord, lead = self.world.size - 1, j == 0
         client = ShardClient(self.world, [self.M * self.R + k for k in range(self.S)], self.runs_of(j), tr.comm_bits)
@@ -368,7 +369,7 @@ class RankJob:
         tr = sc.training
         r, j = self.r, self.j
         params = {key: [xp.asarray(a) for a in arrs] for key, arrs in self.box_params.items() if key[1] == j}
-        x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed, getattr(self.args, "loaded", None))
+        x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed, self.data)
         batches = Batches(x_tr[r::self.R], y_tr[r::self.R], sc.batch_size, np.random.default_rng([sc.seed, r]))
         transport = MPITransport(self.rep, xp)
         devices = p.devices[r]
