@@ -143,7 +143,7 @@ def serve_lbfgs(comm, initial: np.ndarray, worker_runs: dict, units: int, lbfgs,
         else:                                            # a push: a replica's summed unit gradients
             buf = message_buffer(sum(r.size for r in runs), bits)
             comm.Recv(buf, source=src, tag=tag)
-            put(g_sum, runs, "shard", decode(buf, bits))
+            put(g_sum, runs, "shard", decode(buf, bits), add=True)
             pushes += 1
         if expects and pushes == expects[0]:
             lbfgs.step(w, (g_sum / units).astype(w.dtype))   # the mean gradient over the whole batch
