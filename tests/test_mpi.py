@@ -212,7 +212,7 @@ def test_sandblaster_on_real_ranks_survives_a_crashed_replica(tmp_path):
     assert out["ranks"] == 3 + 2 + 1                       # workers, shards, the coordinator
     assert out["steps_per_worker"] == [60, 10, 60] and out["shard_updates"] == [60, 60]
     assert out["replicas_left"] == 2 and out["units_run"] >= 60 * 24
-    assert out["accuracy"] >= 0.8             # it depends on timing: 0.85-0.91 over runs (chance is 0.1)
+    assert out["accuracy"] >= 0.9             # 0.944 in runs here: every unit counts, whoever ran it (chance 0.1)
 
 
 @pytest.mark.parametrize("split", ["spatial", "layers"])
@@ -222,7 +222,7 @@ def test_sandblaster_with_two_slots_per_replica_trains_on_real_ranks(tmp_path, s
     assert out["ranks"] == 2 * 2 + 1 + 1                       # workers, the shard, the coordinator
     assert out["steps_per_worker"] == [60] * 4 and out["shard_updates"] == [60]
     assert out["units_run"] >= 60 * 24 and out["replicas_left"] == 2
-    assert out["accuracy"] >= 0.8             # as with one slot per replica: 0.85-0.92 over runs (chance is 0.1)
+    assert out["accuracy"] >= 0.85            # 0.886 here, as with one slot per replica (chance is 0.1)
 
 
 def test_sandblaster_sums_every_replicas_units_the_same_with_one_or_two_slots(tmp_path):
