@@ -134,7 +134,7 @@ def measure_allreduce(ranks: int, cores: int, sizes: list[int] = ALLREDUCE_SIZES
     the polled non-blocking collective, copy back, after and before a step's work), by bytes
     per rank; fitted like an op for the report, and kept as a curve of the measured times (the
     simulator interpolates it: the collective's algorithm, and so its cost in a step, changes
-    with the size -- with 4 ranks on 2 cores ~180 us up to 1 KiB, ~400 us from 16 KiB)."""
+    with the size -- with 4 ranks on 2 cores ~200 us up to 1 KiB, ~300-400 us at 16-32 KiB)."""
     points = run_probe(ranks, rank_env(ranks, cores), "allreduce", json.dumps(sizes), str(cores))
     return {**fit_op_cost(points, cache), "curve": [[b, t] for _, b, t in points]}
 

@@ -64,10 +64,8 @@ def op_key(p: Plan, op, part: str) -> tuple[str, float, float]:
     return cost_key(p, op), op.flops, op.bytes
 
 
-def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS, comm=None) -> dict[str, list[tuple]]:
-    """(FLOPs, bytes, [seconds of each repeat]) of every op of one step of ``p`` and of each
-    slot's update: all slots here (messages through a mailbox), or with ``comm`` (as many ranks
-    as ``p`` has slots) this rank's slot, messages through the executor's MPI transport."""
+def probe_inputs(p: Plan, rng: np.random.Generator) -> tuple[dict, Batches]:
+    """Seeded parameters of every slot's boxes and four batches of random inputs and labels."""
     model = p.scenario.model
     full = init_params(model, rng, dtype=np.float32)
     params = {(i, j): [np.ascontiguousarray(a[idx]) for a, idx in zip(full[i], box_index(model.nodes[i].layer.kind, box))]
@@ -75,6 +73,14 @@ def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS, comm=No
     batch = p.scenario.batch_size
     data = Batches(rng.standard_normal((4 * batch, *model.input_shape), dtype=np.float32),
                    rng.integers(0, model.nodes[-1].out_shape[0], 4 * batch), batch, rng)
+    return params, data
+
+
+def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS, comm=None) -> dict[str, list[tuple]]:
+    """(FLOPs, bytes, [seconds of each repeat]) of every op of one step of ``p`` and of each
+    slot's update: all slots here (messages through a mailbox), or with ``comm`` (as many ranks
+    as ``p`` has slots) this rank's slot, messages through the executor's MPI transport."""
+    params, data = probe_inputs(p, rng)
     steps: list[float] = []
     per_op: dict[tuple, list[float]] = defaultdict(list)
     updates: dict[int, list[float]] = defaultdict(list)
@@ -187,10 +193,7 @@ def _sync_step_work(rng: np.random.Generator):
     """A sync worker's own step on a probe batch (mlp-digits at 8, whole): sampling, the op
     walk, the SGD update -- the work an allreduce follows and precedes in a step."""
     p = probe_plan("mlp-digits", 8, 1)
-    model = p.scenario.model
-    params = {(i, 0): list(arrays) for i, arrays in init_params(model, rng, dtype=np.float32).items()}
-    data = Batches(rng.standard_normal((32, *model.input_shape), dtype=np.float32),
-                   rng.integers(0, model.nodes[-1].out_shape[0], 32), 8, rng)
+    params, data = probe_inputs(p, rng)
 
     def work():
         x, y = data.next()

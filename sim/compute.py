@@ -61,9 +61,9 @@ class Compute:
         return self.fluid.start(self.weights[device], self.seconds(device, flops, nbytes, backward, key))
 
     def waiting(self, device: str) -> bool:
-        """Whether ``device`` is idle now and has its cores to itself (a rank that shares a core
-        polls only in its turn)."""
-        return not self.fluid.users.get(device) and self.share.get(device, 1.0) >= 1.0
+        """Whether compute device ``device`` is idle now and has its cores to itself (a rank
+        that shares a core polls only in its turn)."""
+        return device in self.weights and not self.fluid.users.get(device) and self.share.get(device, 1.0) >= 1.0
 
     def run_seconds(self, device: str, seconds: float) -> simpy.Event:
         """A job of ``seconds`` of the device's time (a message's software overhead)."""

@@ -174,7 +174,7 @@ class Engine:
         started (two ranks that send to each other at once are both busy sending)."""
         sent = self.compute.run_seconds(src, sending) if sending else None
         yield self.env.timeout(0)
-        if dst in self.compute.weights and self.compute.waiting(dst):
+        if self.compute.waiting(dst):
             yield self.env.all_of([self.network.send([(src, dst)], nbytes), *([sent] if sent else [])])
             return
         if sent:

@@ -14,6 +14,8 @@ a router between network switches.
 """
 from __future__ import annotations
 
+import bisect
+import math
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,17 +33,14 @@ def curve_time(curve: tuple, nbytes: float) -> float:
     """Seconds at ``nbytes`` on a measured ((bytes, seconds), ...) curve: straight lines in
     log(bytes) between its points, the first point's time below them, and beyond the last in
     proportion to the bytes (large messages are bandwidth-bound)."""
-    import math
     (b0, t0), (bn, tn) = curve[0], curve[-1]
     if nbytes <= b0:
         return t0
     if nbytes >= bn:
         return tn * nbytes / bn
-    x = math.log(nbytes)
-    for (ba, ta), (bb, tb) in zip(curve, curve[1:]):
-        if nbytes <= bb:
-            return ta + (tb - ta) * (x - math.log(ba)) / (math.log(bb) - math.log(ba))
-    return tn
+    i = bisect.bisect_left(curve, (nbytes,))                 # the first point at or above nbytes
+    (ba, ta), (bb, tb) = curve[i - 1], curve[i]
+    return ta + (tb - ta) * math.log(nbytes / ba) / math.log(bb / ba)
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,6 @@ class Device:
                else self.efficiency_curve)
         if not pts:
             return self.efficiency
-        import math
         x = math.log10(max(flops, 1.0))
         xs = [math.log10(f) for f, _ in pts]
         if x <= xs[0]:
