@@ -8,7 +8,8 @@ two by channels (a slot on each of two ranks, messages through the executor's MP
 transport; with one rank both slots in this process and an in-process mailbox), so every
 layer kind is timed at two sizes per batch.  Each point is (FLOPs, bytes, seconds)
 with FLOPs and bytes as the Plan counts them; keys as the simulator looks them up
-(``Device.op_costs``): ``<layer kind>`` and ``<layer kind>.backward``; ``update`` (the
+(``Device.op_costs``): ``<layer kind>`` and ``<layer kind>.backward``, with ``.split``
+for a two-slot probe's ops (``sim.plan.split_key``); ``update`` (the
 worker's SGD step: 2 FLOPs and 12 bytes per parameter); ``send`` and ``recv`` (a
 message's software cost at the sender -- the bookkeeping and the copy out -- and at the
 receiver; bytes only); ``send.reduction`` (softmax's max and sum of exponentials,
@@ -26,6 +27,7 @@ interpolation, not read back.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -33,7 +35,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from sim.plan import Plan, cost_key, plan
+from sim.plan import Plan, cost_key, plan, split_key
 from sim.scenario import scenario_from_dict
 
 from .comm import MPITransport, barrier, wait_buffer
@@ -46,6 +48,8 @@ from .partitioned import Mailbox, box_index, run_step
 PROBES = (("mlp-digits", (8, 32, 128)), ("distbelief-speech", (4, 32)))
 SPLITS = (1, 2)
 REPEATS = 5
+WARM_S = 0.01
+TIMED_S = 0.02
 PASSES = 2
 
 
@@ -76,41 +80,62 @@ def probe_inputs(p: Plan, rng: np.random.Generator) -> tuple[dict, Batches]:
     return params, data
 
 
+def step_counts(second_s: float, repeats: int) -> tuple[int, int]:
+    """(untimed, timed) steps of a probe whose second step took ``second_s``: warm for
+    ``WARM_S`` (at least two steps), then time ``TIMED_S`` (at least ``repeats`` steps)."""
+    return max(2, math.ceil(WARM_S / second_s)), max(repeats, math.ceil(TIMED_S / second_s))
+
+
 def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS, comm=None) -> dict[str, list[tuple]]:
     """(FLOPs, bytes, [seconds of each repeat]) of every op of one step of ``p`` and of each
     slot's update: all slots here (messages through a mailbox), or with ``comm`` (as many ranks
-    as ``p`` has slots) this rank's slot, messages through the executor's MPI transport."""
+    as ``p`` has slots) this rank's slot, messages through the executor's MPI transport.
+
+    Timed in the steady state a run's median step sees: after untimed steps for ``WARM_S``
+    (at least two), ``repeats`` steps or more, for ``TIMED_S`` at least (``step_counts``; by
+    the second step's time, the slowest rank's, so every rank runs as many).  mlp-digits at
+    batch 64 took 2,000, 420, 310, 280 us in its first steps and ~230 us from the tenth on:
+    timed from the second step, its ops came out 7-45% dearer than in a run (sum +17%)."""
     params, data = probe_inputs(p, rng)
     steps: list[float] = []
     per_op: dict[tuple, list[float]] = defaultdict(list)
     updates: dict[int, list[float]] = defaultdict(list)
     slots = {comm.rank} if comm is not None else set(range(p.slots))
-    for rep in range(repeats + 1):                    # the first step warms up and is not counted
+    transport = MPITransport(comm) if comm is not None else Mailbox()
+    warm, timed, rep = 2, repeats, 0
+    while rep < warm + timed:
+        counted = rep >= warm
         start = time.perf_counter()
         x, y = data.next()
         last = [time.perf_counter()]
         in_ops = [0.0]
 
-        def on_op(op, part, rep=rep):
+        def on_op(op, part, counted=counted):
             now = time.perf_counter()
-            if rep:
+            if counted:
                 per_op[(op.id, part)].append(now - last[0])
                 in_ops[0] += now - last[0]
             last[0] = now
-        res = run_step(p, slots, params, x, y, MPITransport(comm) if comm is not None else Mailbox(), on_op=on_op)
-        if rep:                                       # sampling the batch, the step's set-up and flush
+        res = run_step(p, slots, params, x, y, transport, on_op=on_op)
+        if counted:                                   # sampling the batch, the step's set-up and flush
             steps.append((time.perf_counter() - start - in_ops[0]) / len(slots))
         for j in slots:
             mine = {key: g for key, g in res.grads.items() if key[1] == j}
             t = time.perf_counter()
             sgd_in_place(params, mine, 1e-6)
-            if rep:
+            if counted:
                 updates[j].append(time.perf_counter() - t)
+        if rep == 1:                                  # the second step sets how many follow
+            second = time.perf_counter() - start
+            if comm is not None:
+                second = max(comm.allgather(second))
+            warm, timed = step_counts(second, repeats)
+        rep += 1
     out: dict[str, list[tuple]] = defaultdict(list)
     for (op_id, part), ts in per_op.items():
         key, flops, nbytes = op_key(p, p.ops[op_id], part)
         out[key].append((flops, nbytes, ts))
-    out["step"].append((0.0, float(x.nbytes), steps))
+    out[split_key(p, "step")].append((0.0, float(x.nbytes), steps))
     for j, ts in updates.items():
         if p.slot_params[j]:
             out["update"].append((2.0 * p.slot_params[j], 12.0 * p.slot_params[j], ts))

@@ -17,7 +17,7 @@ from . import collectives
 from .compute import Compute
 from .faults import failure_schedule, slowdowns
 from .network import BACKENDS
-from .plan import PARAM_BYTES, Plan, cost_key
+from .plan import PARAM_BYTES, Plan, cost_key, split_key
 from .trace import Span, Trace, Update
 
 
@@ -277,7 +277,8 @@ class Engine:
             return {}
         sc = plan.scenario
         nbytes = float(sc.batch_size * np.prod(sc.model.input_shape) * PARAM_BYTES)
-        return {j: self.compute_op(dev, 0.0, nbytes, replica, step, "step", "step", key="step")
+        key = split_key(plan, "step")
+        return {j: self.compute_op(dev, 0.0, nbytes, replica, step, "step", "step", key=key)
                 for j, dev in enumerate(devices) if dev in self.step_costed}
 
 

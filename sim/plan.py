@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .layers import box_overlap, box_size
 from .partition import Slices, even_cuts, layer_slices, spatial_slices
 from .scenario import Scenario
+from .topology import SPLIT
 
 PARAM_BYTES = 4      # master weights and gradients are fp32 whatever the activation dtype
 GIB = 2**30
@@ -203,8 +204,17 @@ def _fix_reduction_deps(ops: list[Op], bwd: dict) -> list[Op]:
 
 def cost_key(p: Plan, op: Op) -> str:
     """A compute op's key in a device's measured op costs (``Device.op_costs``): its layer
-    kind, with ``.backward`` for backward ops."""
-    return p.scenario.model.nodes[op.layer].layer.kind + (".backward" if op.kind == "bwd" else "")
+    kind, with ``.backward`` for backward ops (``split_key`` adds the plan's context)."""
+    return split_key(p, p.scenario.model.nodes[op.layer].layer.kind + (".backward" if op.kind == "bwd" else ""))
+
+
+def split_key(p: Plan, key: str) -> str:
+    """``key`` with ``.split`` where each layer is cut over slots (a spatial split):
+    calibration times a slice's ops apart from whole layers' (mlp-digits in two: each op
+    4-8 us dearer than its FLOPs and bytes make it beside the whole layers -- the walk's
+    messages around it), and ``Device.op_time`` falls back to the key without it where it
+    has no such costs.  A layers split runs whole layers: their keys stay as they are."""
+    return key + (SPLIT if p.slots > 1 and p.scenario.parallel.split == "spatial" else "")
 
 
 def talking_pairs(p: Plan) -> set[tuple[str, str]]:

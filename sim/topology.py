@@ -27,6 +27,7 @@ DEVICE_KINDS = ("cpu", "gpu", "pcie_switch", "nvswitch", "nic", "switch")
 DTYPES = ("fp32", "fp16", "bf16", "fp64")
 
 DirLink = tuple[str, str]
+SPLIT = ".split"         # op cost keys of a model split over slots (``sim.plan.split_key``)
 
 
 def curve_time(curve: tuple, nbytes: float) -> float:
@@ -70,7 +71,10 @@ class Device:
     core_pool: str = ""                 # name of the cores this device shares with others (ranks of one host)
 
     def op_time(self, key: str, flops: float, nbytes: float) -> float | None:
-        """Seconds of op ``key`` from its measured costs; None when it was not measured here."""
+        """Seconds of op ``key`` from its measured costs; None when it was not measured here.
+        A ``.split`` key not measured as such takes the costs of its kind as a whole."""
+        if key.endswith(SPLIT) and not self.measured(key):
+            key = key[:-len(SPLIT)]
         if key in self.op_curves:
             return curve_time(self.op_curves[key], nbytes)
         cost = self.op_costs.get(key)

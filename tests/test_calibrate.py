@@ -183,3 +183,60 @@ def test_probe_points_are_medians_and_a_messages_cost_its_lower_quartile():
     out = merge(passes)
     assert out["dense"] == [[1e6, 1e3, 2.0]]                     # all samples of both passes: median
     assert out["recv"] == [[0.0, 64.0, statistics.quantiles(waits, n=4)[0]]] and out["recv"][0][2] == 1.0
+
+
+def test_probe_step_counts_warm_up_then_time_a_stretch():
+    from executor import probe
+    assert (probe.WARM_S, probe.TIMED_S) == (0.01, 0.02)
+    assert probe.step_counts(1e-3, 5) == (10, 20)                # a 1 ms step: 10 ms untimed, 20 ms timed
+    assert probe.step_counts(0.1, 5) == (2, 5)                   # a slow step: at least 2 untimed, `repeats` timed
+    assert probe.step_counts(3e-3, 7) == (4, 7)
+
+
+def test_a_probe_times_only_the_steps_after_its_warm_up(monkeypatch):
+    import numpy as np
+
+    from executor import probe
+    calls = []
+    real = probe.run_step
+    monkeypatch.setattr(probe, "step_counts", lambda second, repeats: (3, repeats + 2))
+    monkeypatch.setattr(probe, "run_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = probe.time_plan(probe.probe_plan("mlp-digits", 8, 1), np.random.default_rng(0), repeats=4)
+    assert len(calls) == 3 + 6                                     # 3 untimed steps, then 6 timed
+    assert all(len(ts) == 6 for pts in out.values() for _f, _b, ts in pts)
+    assert set(out) == {"dense", "dense.backward", "relu", "relu.backward", "softmax_xent",
+                        "softmax_xent.backward", "step", "update"}
+
+
+def test_a_spatial_slice_has_its_own_op_costs_falling_back_to_the_whole_layers(tmp_path):
+    from sim.engine import simulate
+    from sim.metrics import summarize
+    from sim.plan import cost_key, plan
+    from sim.scenario import scenario_from_dict
+    comp = {"peak_flops": 50e9, "op_overhead_s": 1e-6, "efficiency_curve": [(1e4, 1.0)]}
+    mpi = {"alpha_s": 1e-6, "beta_bytes_per_s": 1e10, "r2": 1.0}
+    costs = {"dense": {"fixed_s": 1e-3, "flops_per_s": 0.0, "bytes_per_s": 0.0},
+             "dense.split": {"fixed_s": 1.0, "flops_per_s": 0.0, "bytes_per_s": 0.0}}
+    f = tmp_path / "host.toml"
+    f.write_text(topology_text("host", 2, 2, comp, 20e9, mpi, costs))
+    dev = load_topology(str(f)).devices["rank0"]
+    assert dev.op_time("dense.split", 1e6, 1e3) == 1.0 and dev.op_time("dense", 1e6, 1e3) == 1e-3
+    dev.op_costs.pop("dense.split")
+    assert dev.op_time("dense.split", 1e6, 1e3) == 1e-3            # not measured as a slice: the whole layer's
+    assert dev.op_time("relu.split", 1e6, 1e3) is None
+
+    def step(slots, split):
+        sc = scenario_from_dict({"cluster": {"topology": str(f), "machines": 0},
+                                 "model": {"name": "mlp-digits", "batch_size": 8},
+                                 "parallel": {"model_parallel": slots, "split": split},
+                                 "training": {"steps": 3}}, "t.toml")
+        p = plan(sc)
+        return p, summarize(p, simulate(p))["step_time_s"]
+    p, t = step(2, "spatial")                                      # two dense layers forward, at 1 s each
+    assert {cost_key(p, op) for op in p.ops if op.kind == "fwd"} >= {"dense.split", "relu.split"}
+    assert 2.0 <= t < 2.1
+    p, t = step(2, "layers")                                       # a layers split runs whole layers
+    assert {cost_key(p, op) for op in p.ops if op.kind == "fwd"} == {"dense", "relu", "softmax_xent"}
+    assert t < 0.1
+    p, t = step(1, "spatial")
+    assert "dense" in {cost_key(p, op) for op in p.ops} and t < 0.1
