@@ -6,6 +6,13 @@ the simulated median) and, on the first rank's device, the time per step spent i
 phase (forward, backward, transfers, updates).  Errors are (predicted - measured) /
 measured in percent; the spread of the measurements ((max - min) / median) says how much
 of an error is noise.
+
+Where the topology holds calibrate's reference steps (``reference_us``), every run is
+bracketed by the reference timed on each core again (``executor.hostspeed``), and the step
+is also predicted "as the host ran": each rank slowed by its cores' reference now over at
+calibration (the simulator's straggler input), one prediction per run.  The plain
+prediction says what the model predicts for the host as calibrated; the second, how much
+of the error is the host's speed drifting between calibration and run.
 """
 from __future__ import annotations
 
@@ -17,11 +24,14 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+import dataclasses
+
 from sim.engine import simulate
 from sim.metrics import summarize
 from sim.plan import plan
 from sim.scenario import load_scenario
 
+from .hostspeed import core_speeds, rank_references
 from .ranks import ranks_needed
 
 PHASES = {"fwd": "forward", "bwd": "backward", "update": "update", "activation": "transfers", "halo": "transfers",
@@ -78,9 +88,13 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     device = p.devices[0][0]
     predicted_phases = phase_times([(s.name, s.phase, s.where, s.duration_s, s.step) for s in res.trace.spans],
                                    device)
-    measured, phases = [], []
+    measured, phases, factors, adjusted = [], [], [], []
     set_args = [a for item in items for a in ("--set", item)]
+    n = ranks_needed(sc)
+    refs = [sc.topology.devices[f"rank{k}"].reference_s if f"rank{k}" in sc.topology.devices else 0.0
+            for k in range(n)]
     for _ in range(repeats):
+        before = core_speeds() if all(refs) else {}
         with tempfile.TemporaryDirectory() as tmp:
             trace = Path(tmp) / "t.json"
             proc = subprocess.run([sys.executable, "-m", "sim", "execute", scenario, "--json", "--trace", str(trace),
@@ -90,16 +104,38 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
             out = json.loads(proc.stdout)
             measured.append(out["step_time_s"])
             phases.append(phase_times(_chrome_spans(trace), device))
+        if before:
+            after = core_speeds()
+            now = rank_references({c: min(before[c], after[c]) for c in before}, n)
+            factors.append({f"rank{k}": now[k] / refs[k] for k in range(n)})
+            adjusted.append(predict_slowed(sc, factors[-1]))
     meas = statistics.median(measured)
     table = {}
     for group in sorted(set(predicted_phases) | {g for ph in phases for g in ph}):
         m = statistics.median(ph.get(group, 0.0) for ph in phases)
         pr = predicted_phases.get(group, 0.0)
         table[group] = _row(pr, m)
-    return {"scenario": sc.name, "file": scenario, "topology": topology, "ranks": ranks_needed(sc),
+    return {"scenario": sc.name, "file": scenario, "topology": topology, "ranks": n,
             "predicted_step_time_s": summary["step_time_s"], "measured_step_time_s": meas,
             "error_pct": error_pct(summary["step_time_s"], meas), "measured_runs_s": measured,
-            "spread_pct": spread_pct(measured), "phases": table}
+            "spread_pct": spread_pct(measured), "phases": table, **as_the_host_ran(adjusted, meas, factors)}
+
+
+def predict_slowed(sc, slowdown: dict[str, float]) -> float:
+    """The step time predicted with each device in ``slowdown`` that many times slower."""
+    slowed = dataclasses.replace(sc, faults=dataclasses.replace(sc.faults, slowdown=dict(slowdown)))
+    p = plan(slowed)
+    return summarize(p, simulate(p))["step_time_s"]
+
+
+def as_the_host_ran(adjusted: list[float], measured: float, factors: list[dict]) -> dict:
+    """The fields of the prediction as the host ran (none when it was not timed): one
+    prediction per run, their median against the measured median."""
+    if not adjusted:
+        return {}
+    pred = statistics.median(adjusted)
+    return {"host_factors": factors, "adjusted_runs_s": adjusted, "adjusted_step_time_s": pred,
+            "adjusted_error_pct": error_pct(pred, measured)}
 
 
 def combine(rounds: list[dict]) -> dict:
@@ -115,7 +151,11 @@ def combine(rounds: list[dict]) -> dict:
         pr = statistics.median(r["phases"].get(group, {}).get("predicted_s", 0.0) for r in rounds)
         m = statistics.median(r["phases"].get(group, {}).get("measured_s", 0.0) for r in rounds)
         phases[group] = _row(pr, m)
-    return {**rounds[0], "topology": [r["topology"] for r in rounds], "rounds": len(rounds),
+    adjusted = [t for r in rounds for t in r.get("adjusted_runs_s", [])]
+    factors = [f for r in rounds for f in r.get("host_factors", [])]
+    base = {k: v for k, v in rounds[0].items() if k not in as_the_host_ran([0.0], 0.0, [])}
+    return {**base, "topology": [r["topology"] for r in rounds], "rounds": len(rounds),
             "predicted_step_time_s": pred, "measured_step_time_s": meas, "error_pct": error_pct(pred, meas),
             "measured_runs_s": runs, "predicted_rounds_s": [r["predicted_step_time_s"] for r in rounds],
-            "spread_pct": spread_pct(runs), "phases": phases}
+            "spread_pct": spread_pct(runs), "phases": phases,
+            **(as_the_host_ran(adjusted, meas, factors) if len(adjusted) == len(runs) else {})}

@@ -45,8 +45,9 @@ def test_calibrated_topology_round_trips(tmp_path):
              "send": {"fixed_s": 5e-6, "flops_per_s": 0.0, "bytes_per_s": 7e9},
              "allreduce": {"fixed_s": 1e-6, "flops_per_s": 0.0, "bytes_per_s": 1e9,
                            "curve": [[1e3, 100e-6], [1e5, 300e-6], [1e6, 1e-3]]}}
-    f.write_text(topology_text("host", 4, 2, comp, 20e9, mpi, costs, cache=2**20))
+    f.write_text(topology_text("host", 4, 2, comp, 20e9, mpi, costs, cache=2**20, references=[1e-4, 2e-4, 1e-4, 2e-4]))
     topo = load_topology(str(f))
+    assert [topo.devices[f"rank{k}"].reference_s for k in range(4)] == pytest.approx([1e-4, 2e-4, 1e-4, 2e-4])
     assert topo.compute_devices() == ["rank0", "rank1", "rank2", "rank3"]
     dev = topo.devices["rank0"]
     assert dev.flops_per_s("fp32") == pytest.approx(50e9)          # alone, a rank has its core ...
@@ -132,6 +133,9 @@ def test_validate_runs_end_to_end_with_finite_errors(tmp_path):
     out = json.loads(proc.stdout)
     assert out["predicted_step_time_s"] > 0 and out["measured_step_time_s"] > 0
     assert math.isfinite(out["error_pct"]) and {"forward", "backward"} <= set(out["phases"])
+    # calibrated here, so each run was bracketed by the cores' reference steps: one prediction as the host ran
+    assert len(out["adjusted_runs_s"]) == len(out["host_factors"]) == 1 and math.isfinite(out["adjusted_error_pct"])
+    assert set(out["host_factors"][0]) == {"rank0", "rank1"} and all(v > 0 for v in out["host_factors"][0].values())
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -145,6 +149,13 @@ def test_validation_rounds_combine_into_medians():
     assert out["spread_pct"] == pytest.approx((9.0 - 1.0) / 3.5 * 100) and out["rounds"] == 3
     assert out["phases"]["forward"] == {"predicted_s": 0.2, "measured_s": 0.4, "error_pct": pytest.approx(-50.0)}
     assert out["topology"] == ["t1.0", "t4.0", "t2.0"] and out["predicted_rounds_s"] == [1.0, 4.0, 2.0]
+    assert "adjusted_step_time_s" not in out
+    rounds = [{**rnd(1.0, [2.0, 3.0], 0.1), "adjusted_runs_s": [2.5, 2.0], "host_factors": [{}, {}]},
+              {**rnd(4.0, [1.0, 9.0], 0.3), "adjusted_runs_s": [1.0, 8.0], "host_factors": [{}, {}]}]
+    out = combine(rounds)                                          # each run's prediction as the host ran: their median
+    assert out["adjusted_step_time_s"] == 2.25 and out["adjusted_error_pct"] == pytest.approx((2.25 - 2.5) / 2.5 * 100)
+    rounds[1] = rnd(4.0, [1.0, 9.0], 0.3)                          # a round without them: none in the whole
+    assert "adjusted_step_time_s" not in combine(rounds) and "host_factors" not in combine(rounds)
 
 
 def test_rank_env_gives_each_rank_its_share_of_the_cores(monkeypatch):
@@ -240,3 +251,45 @@ def test_a_spatial_slice_has_its_own_op_costs_falling_back_to_the_whole_layers(t
     assert t < 0.1
     p, t = step(1, "spatial")
     assert "dense" in {cost_key(p, op) for op in p.ops} and t < 0.1
+
+
+def test_each_rank_takes_the_reference_of_the_cores_it_is_bound_to():
+    from executor.hostspeed import rank_references
+    speeds = {0: 1.0, 1: 3.0}
+    assert rank_references(speeds, 1) == [2.0]                     # one rank on both cores
+    assert rank_references(speeds, 2) == [1.0, 3.0]
+    assert rank_references(speeds, 4) == [1.0, 3.0, 1.0, 3.0]      # round-robin beyond the cores
+
+
+def test_every_core_is_timed_at_once_with_the_reference_step():
+    import os
+
+    from executor.hostspeed import core_speeds
+    out = core_speeds()
+    assert set(out) == set(os.sched_getaffinity(0)) and all(0 < t < 1.0 for t in out.values())
+
+
+def test_a_prediction_as_the_host_ran_slows_each_rank_by_its_factor(tmp_path):
+    from executor.validate import predict_slowed
+    from sim.engine import simulate
+    from sim.metrics import summarize
+    from sim.plan import plan
+    from sim.scenario import scenario_from_dict
+    comp = {"peak_flops": 50e9, "op_overhead_s": 1e-6, "efficiency_curve": [(1e4, 1.0)]}
+    f = tmp_path / "host.toml"
+    f.write_text(topology_text("host", 2, 2, comp, 20e9, {"alpha_s": 1e-6, "beta_bytes_per_s": 1e10, "r2": 1.0}))
+
+    def scenario(replicas):
+        return scenario_from_dict({"cluster": {"topology": str(f), "machines": 0},
+                                   "model": {"name": "mlp-digits", "batch_size": 8},
+                                   "parallel": {"replicas": replicas}, "training": {"steps": 3}}, "t.toml")
+    one = scenario(1)
+    p = plan(one)
+    plain = summarize(p, simulate(p))["step_time_s"]
+    assert predict_slowed(one, {"rank0": 1.0}) == pytest.approx(plain)
+    assert predict_slowed(one, {"rank0": 2.0}) == pytest.approx(2 * plain)     # every op of the only rank twice as long
+    two = scenario(2)
+    p = plan(two)
+    both = summarize(p, simulate(p))["step_time_s"]
+    slow = predict_slowed(two, {"rank0": 1.0, "rank1": 1.5})                    # sync: waits for the slow rank
+    assert both < slow <= 1.5 * both + 1e-12

@@ -1,0 +1,82 @@
+"""How fast this host's cores run now, against how fast they ran at calibration.
+
+A shared VM's cores slow down on their own, each apart from the other: spells of 0.25-1 s
+at 1.5-2x (this reference, 250 ms windows over 20 s: 152 us a step, spells at 250-340 us,
+a fifth of the time on one core), and regimes of minutes (a calibration 1.4x slower than
+the runs after it).  A prediction made from a calibration's figures is for the host as
+fast as it was then.  The reference: whole steps of mlp-digits at batch
+32 (``run_step`` and SGD, after a warm-up) on one core, the median over ``REFERENCE_S``;
+``core_speeds`` times it on every core at once, one process bound to each (as a job's
+ranks are bound).  Calibration keeps each rank's core's figure in the topology
+(``reference_us``); validation times them again before and after every run, and each
+rank's ratio is its slowdown (the faster of the two timings each time: a spell in one
+of them is not the regime) -- a straggler input of the simulator -- for a prediction
+"as the host ran" beside the plain one (``executor.validate``).
+
+    python -m executor.hostspeed CORE      # this core's reference step, seconds
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .launch import cores_of, rank_env
+
+REFERENCE = ("mlp-digits", 32)
+WARM_S = 0.02
+REFERENCE_S = 0.2
+
+
+def reference_step_s(seconds: float = REFERENCE_S) -> float:
+    """Median seconds of a whole reference step in this process, after ``WARM_S`` of them."""
+    from .optim import sgd_in_place
+    from .partitioned import Mailbox, run_step
+    from .probe import probe_inputs, probe_plan
+    p = probe_plan(*REFERENCE, 1)
+    params, data = probe_inputs(p, np.random.default_rng(0))
+    times: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < WARM_S + seconds or len(times) < 5:
+        t = time.perf_counter()
+        x, y = data.next()
+        sgd_in_place(params, run_step(p, {0}, params, x, y, Mailbox()).grads, 1e-6)
+        if t - start >= WARM_S:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def core_speeds(cores: list[int] | None = None) -> dict[int, float]:
+    """Core -> its reference step (seconds), every core timed at once."""
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
+    env = rank_env(len(cores), len(cores))
+    procs = [subprocess.Popen([sys.executable, "-m", "executor.hostspeed", str(c)], stdout=subprocess.PIPE,
+                              text=True, env=env, cwd=str(Path(__file__).resolve().parents[1])) for c in cores]
+    out = {}
+    for c, proc in zip(cores, procs):
+        text, _ = proc.communicate(timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"executor.hostspeed on core {c} failed")
+        out[c] = float(text.strip())
+    return out
+
+
+def rank_references(speeds: dict[int, float], ranks: int) -> list[float]:
+    """Each rank's reference: the mean over the cores it is bound to (``cores_of``)."""
+    cores = sorted(speeds)
+    return [statistics.fmean(speeds[c] for c in cores_of(k, ranks, cores)) for k in range(ranks)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    core = int((sys.argv[1:] if argv is None else argv)[0])
+    os.sched_setaffinity(0, {core})
+    print(reference_step_s())
+
+
+if __name__ == "__main__":
+    main()
