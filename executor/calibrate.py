@@ -17,9 +17,11 @@ Measured (medians of REPEATS):
   binding and allocator settings a rank of the job gets (``executor/launch.py``, as
   ``clustersim execute`` sets them); ranks beyond the cores are bound round-robin, one
   core pool per core, whose members share it busy or polling;
-- how fast each core ran meanwhile: ``executor/hostspeed.py``'s reference step on every
-  core at once, before and after the rest, the faster of the two (``reference_us`` per
-  rank), so a later run can say how much faster or slower the host is then.
+- how fast each core ran meanwhile, and how that varies: ``executor/hostspeed.py``'s
+  reference step on every core at once for 1.5 s before the rest and 1.5 s after, by 50 ms
+  window; per rank the median (``reference_us``, so a later run can say how much faster
+  or slower the host is then) and each window over it (``speed_factors``: the host's
+  noise, which the validation draws from).
 
 The topology has one ``cpu`` device per rank (its own machine index, so each is a compute
 device, rank k = device k) on a ``switch`` standing for shared memory; each rank's link
@@ -41,7 +43,7 @@ from sim.layers import full_box
 from sim.models import make_layer
 
 from .kernels import backward, forward
-from .hostspeed import core_speeds, rank_references
+from .hostspeed import SERIES_S, core_series, rank_series
 from .launch import mpiexec, rank_env
 
 REPEATS = 7
@@ -228,12 +230,14 @@ def cache_bytes() -> float:
 
 
 def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, mpi: dict,
-                  op_costs: dict | None = None, cache: float = 0.0, references: list[float] | None = None) -> str:
+                  op_costs: dict | None = None, cache: float = 0.0, references: list[float] | None = None,
+                  speed_factors: list[list[float]] | None = None) -> str:
     """``comp`` and ``op_costs`` were measured with the BLAS threads one rank gets (cores //
     ranks, at least 1), each rank bound to its own cores.  Ranks beyond the cores are bound
     round-robin (``executor.launch.cores_of``): each core is a core pool of 1, and the
     ranks bound to it its members.  ``references``: each rank's reference step
-    (``executor.hostspeed``), kept as ``reference_us``."""
+    (``executor.hostspeed``), kept as ``reference_us``; ``speed_factors``: each rank's
+    reference window by window over it, the same windows for every rank."""
     curve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp["efficiency_curve"])
     bcurve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp.get("backward_efficiency_curve", []))
     costs = ", ".join(f'"{key}" = [{c["fixed_s"] * 1e6:.6g}, {c["flops_per_s"] / 1e9:.6g}, {c["bytes_per_s"] / 1e9:.6g}, '
@@ -255,7 +259,8 @@ def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, 
                   f"efficiency_curve = [{curve}]", f"backward_efficiency_curve = [{bcurve}]",
                   *([f'core_pool = "core{k % cores}"'] if ranks > cores else []),
                   f"cache_mib = {cache / 2**20:.6g}", f"op_costs = {{ {costs} }}", f"op_curves = {{ {curves} }}",
-                  *([f"reference_us = {references[k] * 1e6:.6g}"] if references else [])]
+                  *([f"reference_us = {references[k] * 1e6:.6g}"] if references else []),
+                  *([f"speed_factors = [{', '.join(f'{x:.4g}' for x in speed_factors[k])}]"] if speed_factors else [])]
     lines += ["", "[[device]]", 'name = "shm"', 'kind = "switch"']
     for k in range(ranks):
         lines += ["", "[[link]]", f'a = "rank{k}"', 'b = "shm"',
@@ -267,7 +272,7 @@ def calibrate(ranks: int = 2, seed: int = 0) -> dict:
     """Everything measured, with each rank's share of BLAS threads (as ``execute`` sets them)."""
     from threadpoolctl import threadpool_limits
     cores = os.cpu_count() or 1
-    before = core_speeds()
+    before = core_series(SERIES_S)
     with threadpool_limits(limits=max(1, cores // ranks)):
         comp = measure_compute(np.random.default_rng(seed))
         kernel = comp["op_overhead_s"]
@@ -279,8 +284,9 @@ def calibrate(ranks: int = 2, seed: int = 0) -> dict:
     costs = measure_op_costs(ranks, cores, cache)
     if ranks > 1:
         costs["allreduce"] = measure_allreduce(ranks, cores, cache=cache)
-    after = core_speeds()
-    speeds = {c: min(before[c], after[c]) for c in before}     # a sub-second slow spell in one of them is not the host's speed
+    after = core_series(SERIES_S)
+    series = rank_series({c: before[c] + after[c] for c in before}, ranks)
+    references = [statistics.median(s) for s in series]
     return {"cores": cores, "ranks": ranks, "compute": comp, "memory_bandwidth_bytes_per_s": mem, "mpi": mpi,
-            "op_costs": costs, "cache_bytes": cache, "core_reference_s": speeds,
-            "references_s": rank_references(speeds, ranks)}
+            "op_costs": costs, "cache_bytes": cache, "references_s": references,
+            "speed_factors": [[t / ref for t in s] for s, ref in zip(series, references)]}

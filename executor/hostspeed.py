@@ -13,10 +13,11 @@ rank's ratio is its slowdown (the faster of the two timings each time: a spell i
 of them is not the regime) -- a straggler input of the simulator -- for a prediction
 "as the host ran" beside the plain one (``executor.validate``).
 
-    python -m executor.hostspeed CORE      # this core's reference step, seconds
+    python -m executor.hostspeed CORE [SECONDS]   # this core's reference step by 50 ms window, JSON
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -30,52 +31,68 @@ from .launch import cores_of, rank_env
 
 REFERENCE = ("mlp-digits", 32)
 WARM_S = 0.02
-REFERENCE_S = 0.2
+REFERENCE_S = 0.2         # a bracket of a run: four windows
+SERIES_S = 1.5            # each of calibration's two samples of the host's noise
+WINDOW_S = 0.05
 
 
-def reference_step_s(seconds: float = REFERENCE_S) -> float:
-    """Median seconds of a whole reference step in this process, after ``WARM_S`` of them."""
+def reference_windows(seconds: float = REFERENCE_S, window: float = WINDOW_S) -> list[float]:
+    """Median seconds of a whole reference step in this process, in each ``window`` of
+    ``seconds`` (after ``WARM_S`` of steps)."""
     from .optim import sgd_in_place
     from .partitioned import Mailbox, run_step
     from .probe import probe_inputs, probe_plan
     p = probe_plan(*REFERENCE, 1)
     params, data = probe_inputs(p, np.random.default_rng(0))
-    times: list[float] = []
+    by_window: dict[int, list[float]] = {}
     start = time.perf_counter()
-    while time.perf_counter() - start < WARM_S + seconds or len(times) < 5:
-        t = time.perf_counter()
+    while (now := time.perf_counter()) - start < WARM_S + seconds:
         x, y = data.next()
         sgd_in_place(params, run_step(p, {0}, params, x, y, Mailbox()).grads, 1e-6)
-        if t - start >= WARM_S:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        if now - start >= WARM_S:
+            by_window.setdefault(int((now - start - WARM_S) / window), []).append(time.perf_counter() - now)
+    return [statistics.median(ts) for _, ts in sorted(by_window.items())]
+
+
+def core_series(seconds: float = REFERENCE_S, cores: list[int] | None = None) -> dict[int, list[float]]:
+    """Core -> its reference step window by window, every core timed at once (one process
+    bound to each); the same number of windows for each."""
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
+    env = rank_env(len(cores), len(cores))
+    procs = [subprocess.Popen([sys.executable, "-m", "executor.hostspeed", str(c), str(seconds)],
+                              stdout=subprocess.PIPE, text=True, env=env, cwd=str(Path(__file__).resolve().parents[1]))
+             for c in cores]
+    out = {}
+    for c, proc in zip(cores, procs):
+        text, _ = proc.communicate(timeout=60 + 2 * seconds)
+        if proc.returncode != 0:
+            raise RuntimeError(f"executor.hostspeed on core {c} failed")
+        out[c] = json.loads(text)
+    n = min(len(v) for v in out.values())
+    return {c: v[:n] for c, v in out.items()}
 
 
 def core_speeds(cores: list[int] | None = None) -> dict[int, float]:
-    """Core -> its reference step (seconds), every core timed at once."""
-    cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
-    env = rank_env(len(cores), len(cores))
-    procs = [subprocess.Popen([sys.executable, "-m", "executor.hostspeed", str(c)], stdout=subprocess.PIPE,
-                              text=True, env=env, cwd=str(Path(__file__).resolve().parents[1])) for c in cores]
-    out = {}
-    for c, proc in zip(cores, procs):
-        text, _ = proc.communicate(timeout=60)
-        if proc.returncode != 0:
-            raise RuntimeError(f"executor.hostspeed on core {c} failed")
-        out[c] = float(text.strip())
-    return out
+    """Core -> its reference step now (the median of ``REFERENCE_S``), every core at once."""
+    return {c: statistics.median(v) for c, v in core_series(REFERENCE_S, cores).items()}
+
+
+def rank_series(series: dict[int, list[float]], ranks: int) -> list[list[float]]:
+    """Each rank's reference window by window: the mean over the cores it is bound to
+    (``cores_of``)."""
+    cores = sorted(series)
+    return [[statistics.fmean(w) for w in zip(*(series[c] for c in cores_of(k, ranks, cores)))] for k in range(ranks)]
 
 
 def rank_references(speeds: dict[int, float], ranks: int) -> list[float]:
     """Each rank's reference: the mean over the cores it is bound to (``cores_of``)."""
-    cores = sorted(speeds)
-    return [statistics.fmean(speeds[c] for c in cores_of(k, ranks, cores)) for k in range(ranks)]
+    return [w[0] for w in rank_series({c: [t] for c, t in speeds.items()}, ranks)]
 
 
 def main(argv: list[str] | None = None) -> None:
-    core = int((sys.argv[1:] if argv is None else argv)[0])
-    os.sched_setaffinity(0, {core})
-    print(reference_step_s())
+    args = sys.argv[1:] if argv is None else argv
+    os.sched_setaffinity(0, {int(args[0])})
+    print(json.dumps(reference_windows(float(args[1]) if len(args) > 1 else REFERENCE_S)))
 
 
 if __name__ == "__main__":

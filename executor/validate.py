@@ -7,6 +7,13 @@ phase (forward, backward, transfers, updates).  Errors are (predicted - measured
 measured in percent; the spread of the measurements ((max - min) / median) says how much
 of an error is noise.
 
+Where the topology holds the host's noise as calibrate measured it (``speed_factors``: each
+rank's reference step by 50 ms window, over its median), the step is also predicted with
+it: the median over ``DRAWS`` simulations, each with every rank slowed by one measured
+window's factors (the windows were timed on all cores at once, so cores that slow down
+together are drawn together) -- a sync job waits for its slowest rank, so it is slower
+than the plain prediction wherever the cores slow down apart.
+
 Where the topology holds calibrate's reference steps (``reference_us``), every run is
 bracketed by the reference timed on each core again (``executor.hostspeed``), and the step
 is also predicted "as the host ran": each rank slowed by its cores' reference now over at
@@ -16,6 +23,7 @@ of the error is the host's speed drifting between calibration and run.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -24,7 +32,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-import dataclasses
+import numpy as np
 
 from sim.engine import simulate
 from sim.metrics import summarize
@@ -34,6 +42,7 @@ from sim.scenario import load_scenario
 from .hostspeed import core_speeds, rank_references
 from .ranks import ranks_needed
 
+NOISE_STEPS = 100          # steps of each simulation drawn from the host's noise (a median settles in far fewer)
 PHASES = {"fwd": "forward", "bwd": "backward", "update": "update", "activation": "transfers", "halo": "transfers",
           "gradient": "transfers", "reduction": "transfers", "stage": "transfers", "allreduce": "transfers",
           "push": "transfers", "fetch": "transfers"}
@@ -85,6 +94,7 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     p = plan(sc)
     res = simulate(p)
     summary = summarize(p, res)
+    noisy = predict_with_noise(sc)
     device = p.devices[0][0]
     predicted_phases = phase_times([(s.name, s.phase, s.where, s.duration_s, s.step) for s in res.trace.spans],
                                    device)
@@ -118,7 +128,34 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     return {"scenario": sc.name, "file": scenario, "topology": topology, "ranks": n,
             "predicted_step_time_s": summary["step_time_s"], "measured_step_time_s": meas,
             "error_pct": error_pct(summary["step_time_s"], meas), "measured_runs_s": measured,
-            "spread_pct": spread_pct(measured), "phases": table, **as_the_host_ran(adjusted, meas, factors)}
+            "spread_pct": spread_pct(measured), "phases": table, **with_noise(noisy, meas),
+            **as_the_host_ran(adjusted, meas, factors)}
+
+
+def predict_with_noise(sc, draws: int | None = None, steps: int = NOISE_STEPS) -> float | None:
+    """The median step time over simulations with each rank slowed by the factors of one
+    window of the host's measured noise (``Device.speed_factors``; ``draws`` windows drawn
+    with the scenario's seed, all when None; ``steps`` steps each); None without them."""
+    devices = {name: d.speed_factors for name, d in sc.topology.devices.items() if d.is_compute}
+    lengths = {len(f) for f in devices.values()}
+    if len(lengths) != 1 or not min(lengths):
+        return None
+    n = lengths.pop()
+    pick = np.random.default_rng(sc.seed).permutation(n)[:draws or n]
+    short = dataclasses.replace(sc, training=dataclasses.replace(sc.training, steps=min(sc.training.steps, steps)))
+    seen: dict[tuple, float] = {}
+    times = []
+    for w in pick:
+        factors = tuple(round(f[w], 2) for f in devices.values())
+        if factors not in seen:
+            seen[factors] = predict_slowed(short, dict(zip(devices, factors)))
+        times.append(seen[factors])
+    return statistics.median(times)
+
+
+def with_noise(predicted: float | None, measured: float) -> dict:
+    return {} if predicted is None else {"with_noise_step_time_s": predicted,
+                                         "with_noise_error_pct": error_pct(predicted, measured)}
 
 
 def predict_slowed(sc, slowdown: dict[str, float]) -> float:
@@ -153,9 +190,11 @@ def combine(rounds: list[dict]) -> dict:
         phases[group] = _row(pr, m)
     adjusted = [t for r in rounds for t in r.get("adjusted_runs_s", [])]
     factors = [f for r in rounds for f in r.get("host_factors", [])]
-    base = {k: v for k, v in rounds[0].items() if k not in as_the_host_ran([0.0], 0.0, [])}
+    base = {k: v for k, v in rounds[0].items() if k not in {**as_the_host_ran([0.0], 0.0, []), **with_noise(0.0, 0.0)}}
     return {**base, "topology": [r["topology"] for r in rounds], "rounds": len(rounds),
             "predicted_step_time_s": pred, "measured_step_time_s": meas, "error_pct": error_pct(pred, meas),
             "measured_runs_s": runs, "predicted_rounds_s": [r["predicted_step_time_s"] for r in rounds],
             "spread_pct": spread_pct(runs), "phases": phases,
+            **(with_noise(statistics.median(r["with_noise_step_time_s"] for r in rounds), meas)
+               if all("with_noise_step_time_s" in r for r in rounds) else {}),
             **(as_the_host_ran(adjusted, meas, factors) if len(adjusted) == len(runs) else {})}

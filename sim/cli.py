@@ -196,7 +196,8 @@ def run_calibration(ranks: int, out: str) -> dict:
     res = calibrate(ranks)
     name = Path(out).stem
     write_atomic(out, topology_text(name, ranks, res["cores"], res["compute"], res["memory_bandwidth_bytes_per_s"],
-                                    res["mpi"], res["op_costs"], res["cache_bytes"], res["references_s"]))
+                                    res["mpi"], res["op_costs"], res["cache_bytes"], res["references_s"],
+                                    res["speed_factors"]))
     load_topology(out)                                  # what we wrote must load
     return res
 
@@ -248,6 +249,9 @@ def cmd_validate(args) -> int:
     rows = [{"what": k, **v} for k, v in out["phases"].items()]
     rows.append({"what": "step", "predicted_s": out["predicted_step_time_s"],
                  "measured_s": out["measured_step_time_s"], "error_pct": out["error_pct"]})
+    if "with_noise_step_time_s" in out:
+        rows.append({"what": "step, with the host's noise", "predicted_s": out["with_noise_step_time_s"],
+                     "measured_s": out["measured_step_time_s"], "error_pct": out["with_noise_error_pct"]})
     if "adjusted_step_time_s" in out:
         rows.append({"what": "step, as the host ran", "predicted_s": out["adjusted_step_time_s"],
                      "measured_s": out["measured_step_time_s"], "error_pct": out["adjusted_error_pct"]})

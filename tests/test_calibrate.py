@@ -45,9 +45,11 @@ def test_calibrated_topology_round_trips(tmp_path):
              "send": {"fixed_s": 5e-6, "flops_per_s": 0.0, "bytes_per_s": 7e9},
              "allreduce": {"fixed_s": 1e-6, "flops_per_s": 0.0, "bytes_per_s": 1e9,
                            "curve": [[1e3, 100e-6], [1e5, 300e-6], [1e6, 1e-3]]}}
-    f.write_text(topology_text("host", 4, 2, comp, 20e9, mpi, costs, cache=2**20, references=[1e-4, 2e-4, 1e-4, 2e-4]))
+    f.write_text(topology_text("host", 4, 2, comp, 20e9, mpi, costs, cache=2**20, references=[1e-4, 2e-4, 1e-4, 2e-4],
+                               speed_factors=[[1.0, 1.5], [0.9, 1.0], [1.0, 1.5], [0.9, 1.0]]))
     topo = load_topology(str(f))
     assert [topo.devices[f"rank{k}"].reference_s for k in range(4)] == pytest.approx([1e-4, 2e-4, 1e-4, 2e-4])
+    assert topo.devices["rank2"].speed_factors == (1.0, 1.5) and topo.devices["rank3"].speed_factors == (0.9, 1.0)
     assert topo.compute_devices() == ["rank0", "rank1", "rank2", "rank3"]
     dev = topo.devices["rank0"]
     assert dev.flops_per_s("fp32") == pytest.approx(50e9)          # alone, a rank has its core ...
@@ -156,6 +158,11 @@ def test_validation_rounds_combine_into_medians():
     assert out["adjusted_step_time_s"] == 2.25 and out["adjusted_error_pct"] == pytest.approx((2.25 - 2.5) / 2.5 * 100)
     rounds[1] = rnd(4.0, [1.0, 9.0], 0.3)                          # a round without them: none in the whole
     assert "adjusted_step_time_s" not in combine(rounds) and "host_factors" not in combine(rounds)
+    rounds = [{**rnd(p, [2.0, 3.0], 0.1), "with_noise_step_time_s": p * 1.5} for p in (1.0, 4.0, 2.0)]
+    out = combine(rounds)                                          # the rounds' predictions with the host's noise: median
+    assert out["with_noise_step_time_s"] == 3.0 and out["with_noise_error_pct"] == pytest.approx((3.0 - 2.5) / 2.5 * 100)
+    rounds[0].pop("with_noise_step_time_s")
+    assert "with_noise_step_time_s" not in combine(rounds)
 
 
 def test_rank_env_gives_each_rank_its_share_of_the_cores(monkeypatch):
@@ -254,19 +261,24 @@ def test_a_spatial_slice_has_its_own_op_costs_falling_back_to_the_whole_layers(t
 
 
 def test_each_rank_takes_the_reference_of_the_cores_it_is_bound_to():
-    from executor.hostspeed import rank_references
+    from executor.hostspeed import rank_references, rank_series
     speeds = {0: 1.0, 1: 3.0}
     assert rank_references(speeds, 1) == [2.0]                     # one rank on both cores
     assert rank_references(speeds, 2) == [1.0, 3.0]
     assert rank_references(speeds, 4) == [1.0, 3.0, 1.0, 3.0]      # round-robin beyond the cores
+    series = {0: [1.0, 2.0], 1: [3.0, 3.0]}                        # window by window
+    assert rank_series(series, 1) == [[2.0, 2.5]] and rank_series(series, 3) == [[1.0, 2.0], [3.0, 3.0], [1.0, 2.0]]
 
 
 def test_every_core_is_timed_at_once_with_the_reference_step():
     import os
 
-    from executor.hostspeed import core_speeds
+    from executor.hostspeed import core_series, core_speeds
     out = core_speeds()
     assert set(out) == set(os.sched_getaffinity(0)) and all(0 < t < 1.0 for t in out.values())
+    series = core_series(0.3)                                      # 50 ms windows: six, give or take a short last one
+    assert set(series) == set(out) and len({len(v) for v in series.values()}) == 1
+    assert 5 <= len(series[min(series)]) <= 7 and all(0 < t < 1.0 for v in series.values() for t in v)
 
 
 def test_a_prediction_as_the_host_ran_slows_each_rank_by_its_factor(tmp_path):
@@ -293,3 +305,25 @@ def test_a_prediction_as_the_host_ran_slows_each_rank_by_its_factor(tmp_path):
     both = summarize(p, simulate(p))["step_time_s"]
     slow = predict_slowed(two, {"rank0": 1.0, "rank1": 1.5})                    # sync: waits for the slow rank
     assert both < slow <= 1.5 * both + 1e-12
+
+
+def test_a_prediction_with_the_hosts_noise_is_the_median_over_its_windows(tmp_path):
+    from executor.validate import predict_slowed, predict_with_noise
+    from sim.scenario import scenario_from_dict
+    comp = {"peak_flops": 50e9, "op_overhead_s": 1e-6, "efficiency_curve": [(1e4, 1.0)]}
+    mpi = {"alpha_s": 1e-6, "beta_bytes_per_s": 1e10, "r2": 1.0}
+
+    def scenario(ranks, factors):
+        f = tmp_path / f"host{ranks}.toml"
+        f.write_text(topology_text("host", ranks, 2, comp, 20e9, mpi, speed_factors=factors))
+        return scenario_from_dict({"cluster": {"topology": str(f), "machines": 0},
+                                   "model": {"name": "mlp-digits", "batch_size": 8},
+                                   "parallel": {"replicas": ranks}, "training": {"steps": 3}}, "t.toml")
+    one = scenario(1, [[1.0, 2.0, 2.0]])
+    plain = predict_slowed(one, {})
+    assert predict_with_noise(one) == pytest.approx(2 * plain)                  # median of 1x, 2x, 2x
+    assert predict_with_noise(scenario(1, [[1.0, 1.0, 2.0]])) == pytest.approx(plain)
+    assert predict_with_noise(scenario(1, [])) is None                          # no noise measured
+    two = scenario(2, [[1.0, 2.0, 1.0], [1.0, 1.0, 2.0]])                       # a core slow in two windows of three
+    assert predict_with_noise(two) == pytest.approx(predict_slowed(two, {"rank0": 2.0, "rank1": 1.0}))
+    assert predict_with_noise(two) > predict_slowed(two, {}) * 1.5
