@@ -18,10 +18,9 @@ Measured (medians of REPEATS):
   ``clustersim execute`` sets them); ranks beyond the cores are bound round-robin, one
   core pool per core, whose members share it busy or polling;
 - how fast each core ran meanwhile, and how that varies: ``executor/hostspeed.py``'s
-  reference step on every core at once for 1.5 s before the rest and 1.5 s after, by 50 ms
-  window; per rank the median (``reference_us``, so a later run can say how much faster
-  or slower the host is then) and each window over it (``speed_factors``: the host's
-  noise, which the validation draws from).
+  reference step on every core at once for 3 s before the rest and 3 s after, by 50 ms
+  window; per rank each window over their median (``speed_factors``: the host's noise,
+  which validation's prediction with noise draws from).
 
 The topology has one ``cpu`` device per rank (its own machine index, so each is a compute
 device, rank k = device k) on a ``switch`` standing for shared memory; each rank's link
@@ -230,14 +229,12 @@ def cache_bytes() -> float:
 
 
 def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, mpi: dict,
-                  op_costs: dict | None = None, cache: float = 0.0, references: list[float] | None = None,
-                  speed_factors: list[list[float]] | None = None) -> str:
+                  op_costs: dict | None = None, cache: float = 0.0, speed_factors: list[list[float]] | None = None) -> str:
     """``comp`` and ``op_costs`` were measured with the BLAS threads one rank gets (cores //
     ranks, at least 1), each rank bound to its own cores.  Ranks beyond the cores are bound
     round-robin (``executor.launch.cores_of``): each core is a core pool of 1, and the
-    ranks bound to it its members.  ``references``: each rank's reference step
-    (``executor.hostspeed``), kept as ``reference_us``; ``speed_factors``: each rank's
-    reference window by window over it, the same windows for every rank."""
+    ranks bound to it its members.  ``speed_factors``: each rank's reference step
+    (``executor.hostspeed``) window by window over its median, the same windows for every rank."""
     curve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp["efficiency_curve"])
     bcurve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp.get("backward_efficiency_curve", []))
     costs = ", ".join(f'"{key}" = [{c["fixed_s"] * 1e6:.6g}, {c["flops_per_s"] / 1e9:.6g}, {c["bytes_per_s"] / 1e9:.6g}, '
@@ -259,7 +256,6 @@ def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, 
                   f"efficiency_curve = [{curve}]", f"backward_efficiency_curve = [{bcurve}]",
                   *([f'core_pool = "core{k % cores}"'] if ranks > cores else []),
                   f"cache_mib = {cache / 2**20:.6g}", f"op_costs = {{ {costs} }}", f"op_curves = {{ {curves} }}",
-                  *([f"reference_us = {references[k] * 1e6:.6g}"] if references else []),
                   *([f"speed_factors = [{', '.join(f'{x:.4g}' for x in speed_factors[k])}]"] if speed_factors else [])]
     lines += ["", "[[device]]", 'name = "shm"', 'kind = "switch"']
     for k in range(ranks):

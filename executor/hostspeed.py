@@ -1,17 +1,19 @@
-"""How fast this host's cores run now, against how fast they ran at calibration.
+"""How fast this host's cores run now, and how that varies, against calibration.
 
-A shared VM's cores slow down on their own, each apart from the other: spells of 0.25-1 s
-at 1.5-2x (this reference, 250 ms windows over 20 s: 152 us a step, spells at 250-340 us,
-a fifth of the time on one core), and regimes of minutes (a calibration 1.4x slower than
-the runs after it).  A prediction made from a calibration's figures is for the host as
-fast as it was then.  The reference: whole steps of mlp-digits at batch
-32 (``run_step`` and SGD, after a warm-up) on one core, the median over ``REFERENCE_S``;
-``core_speeds`` times it on every core at once, one process bound to each (as a job's
-ranks are bound).  Calibration keeps each rank's core's figure in the topology
-(``reference_us``); validation times them again before and after every run, and each
-rank's ratio is its slowdown (the faster of the two timings each time: a spell in one
-of them is not the regime) -- a straggler input of the simulator -- for a prediction
-"as the host ran" beside the plain one (``executor.validate``).
+A shared VM's cores slow down on their own, each apart from the other: spells of 0.25-2.5 s
+at 1.5-2x (this reference by 250 ms windows over 30 s: ~152 us a step, spells at 200-330
+us, 28% of the windows on each core), and regimes of minutes (both cores at 340 us for
+seconds on end; a calibration 1.4x slower than the runs after it).  The reference: whole
+steps of mlp-digits at batch 32 (``run_step`` and SGD, after a warm-up) on one core, the
+median step in each 50 ms window; ``core_series`` times it on every core at once, one
+process bound to each (as a job's ranks are bound), so the windows line up.
+
+Calibration keeps each rank's windows over their median (``speed_factors``: the host's
+noise), which validation's prediction with noise draws from (``executor.validate``).
+Tried and dropped: timing the windows again for 0.2 s before and after each run and
+predicting with those -- spells are longer than such a bracket and shorter than a run, and
+a calibration's own 3 s of windows can sit in a slow regime, so the ratios ran 0.5-1.8
+and that prediction's median error was 18.9% where the plain one's was 10.7%.
 
     python -m executor.hostspeed CORE [SECONDS]   # this core's reference step by 50 ms window, JSON
 """
@@ -32,7 +34,7 @@ from .launch import cores_of, rank_env
 REFERENCE = ("mlp-digits", 32)
 WARM_S = 0.02
 REFERENCE_S = 0.2         # a bracket of a run: four windows
-SERIES_S = 1.5            # each of calibration's two samples of the host's noise
+SERIES_S = 3.0            # each of calibration's two samples of the host's noise
 WINDOW_S = 0.05
 
 
@@ -72,21 +74,12 @@ def core_series(seconds: float = REFERENCE_S, cores: list[int] | None = None) ->
     return {c: v[:n] for c, v in out.items()}
 
 
-def core_speeds(cores: list[int] | None = None) -> dict[int, float]:
-    """Core -> its reference step now (the median of ``REFERENCE_S``), every core at once."""
-    return {c: statistics.median(v) for c, v in core_series(REFERENCE_S, cores).items()}
-
-
 def rank_series(series: dict[int, list[float]], ranks: int) -> list[list[float]]:
-    """Each rank's reference window by window: the mean over the cores it is bound to
-    (``cores_of``)."""
+    """Each rank's reference window by window: the slowest of the cores it is bound to
+    (``cores_of``) -- a rank on several cores runs its GEMMs on a BLAS thread per core, and
+    each GEMM waits for the last of them."""
     cores = sorted(series)
-    return [[statistics.fmean(w) for w in zip(*(series[c] for c in cores_of(k, ranks, cores)))] for k in range(ranks)]
-
-
-def rank_references(speeds: dict[int, float], ranks: int) -> list[float]:
-    """Each rank's reference: the mean over the cores it is bound to (``cores_of``)."""
-    return [w[0] for w in rank_series({c: [t] for c, t in speeds.items()}, ranks)]
+    return [[max(w) for w in zip(*(series[c] for c in cores_of(k, ranks, cores)))] for k in range(ranks)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,17 +9,10 @@ of an error is noise.
 
 Where the topology holds the host's noise as calibrate measured it (``speed_factors``: each
 rank's reference step by 50 ms window, over its median), the step is also predicted with
-it: the median over ``DRAWS`` simulations, each with every rank slowed by one measured
-window's factors (the windows were timed on all cores at once, so cores that slow down
-together are drawn together) -- a sync job waits for its slowest rank, so it is slower
-than the plain prediction wherever the cores slow down apart.
-
-Where the topology holds calibrate's reference steps (``reference_us``), every run is
-bracketed by the reference timed on each core again (``executor.hostspeed``), and the step
-is also predicted "as the host ran": each rank slowed by its cores' reference now over at
-calibration (the simulator's straggler input), one prediction per run.  The plain
-prediction says what the model predicts for the host as calibrated; the second, how much
-of the error is the host's speed drifting between calibration and run.
+it: the median over simulations each with every rank slowed by one window's factors (the
+windows were timed on all cores at once, so cores that slow down together are drawn
+together) -- a sync job waits for its slowest rank, so it is slower than the plain
+prediction wherever the cores slow down apart.
 """
 from __future__ import annotations
 
@@ -39,7 +32,6 @@ from sim.metrics import summarize
 from sim.plan import plan
 from sim.scenario import load_scenario
 
-from .hostspeed import core_speeds, rank_references
 from .ranks import ranks_needed
 
 NOISE_STEPS = 100          # steps of each simulation drawn from the host's noise (a median settles in far fewer)
@@ -98,13 +90,9 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     device = p.devices[0][0]
     predicted_phases = phase_times([(s.name, s.phase, s.where, s.duration_s, s.step) for s in res.trace.spans],
                                    device)
-    measured, phases, factors, adjusted = [], [], [], []
+    measured, phases = [], []
     set_args = [a for item in items for a in ("--set", item)]
-    n = ranks_needed(sc)
-    refs = [sc.topology.devices[f"rank{k}"].reference_s if f"rank{k}" in sc.topology.devices else 0.0
-            for k in range(n)]
     for _ in range(repeats):
-        before = core_speeds() if all(refs) else {}
         with tempfile.TemporaryDirectory() as tmp:
             trace = Path(tmp) / "t.json"
             proc = subprocess.run([sys.executable, "-m", "sim", "execute", scenario, "--json", "--trace", str(trace),
@@ -114,29 +102,26 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
             out = json.loads(proc.stdout)
             measured.append(out["step_time_s"])
             phases.append(phase_times(_chrome_spans(trace), device))
-        if before:
-            after = core_speeds()
-            now = rank_references({c: min(before[c], after[c]) for c in before}, n)
-            factors.append({f"rank{k}": now[k] / refs[k] for k in range(n)})
-            adjusted.append(predict_slowed(sc, factors[-1]))
     meas = statistics.median(measured)
     table = {}
     for group in sorted(set(predicted_phases) | {g for ph in phases for g in ph}):
         m = statistics.median(ph.get(group, 0.0) for ph in phases)
         pr = predicted_phases.get(group, 0.0)
         table[group] = _row(pr, m)
-    return {"scenario": sc.name, "file": scenario, "topology": topology, "ranks": n,
+    return {"scenario": sc.name, "file": scenario, "topology": topology, "ranks": ranks_needed(sc),
             "predicted_step_time_s": summary["step_time_s"], "measured_step_time_s": meas,
             "error_pct": error_pct(summary["step_time_s"], meas), "measured_runs_s": measured,
-            "spread_pct": spread_pct(measured), "phases": table, **with_noise(noisy, meas),
-            **as_the_host_ran(adjusted, meas, factors)}
+            "spread_pct": spread_pct(measured), "phases": table, **with_noise(noisy, meas)}
 
 
-def predict_with_noise(sc, draws: int | None = None, steps: int = NOISE_STEPS) -> float | None:
-    """The median step time over simulations with each rank slowed by the factors of one
-    window of the host's measured noise (``Device.speed_factors``; ``draws`` windows drawn
-    with the scenario's seed, all when None; ``steps`` steps each); None without them."""
-    devices = {name: d.speed_factors for name, d in sc.topology.devices.items() if d.is_compute}
+def predict_with_noise(sc, factors: dict[str, list[float]] | None = None, draws: int | None = None,
+                       steps: int = NOISE_STEPS) -> float | None:
+    """The median step time over simulations with each device slowed by the factors of one
+    window of the host's noise (``factors``: device -> factor by window; by default the
+    calibrated ``Device.speed_factors``; ``draws`` windows drawn with the scenario's seed,
+    all when None; ``steps`` steps each); None without them."""
+    devices = factors if factors is not None else {name: d.speed_factors for name, d in sc.topology.devices.items()
+                                                   if d.is_compute}
     lengths = {len(f) for f in devices.values()}
     if len(lengths) != 1 or not min(lengths):
         return None
@@ -165,16 +150,6 @@ def predict_slowed(sc, slowdown: dict[str, float]) -> float:
     return summarize(p, simulate(p))["step_time_s"]
 
 
-def as_the_host_ran(adjusted: list[float], measured: float, factors: list[dict]) -> dict:
-    """The fields of the prediction as the host ran (none when it was not timed): one
-    prediction per run, their median against the measured median."""
-    if not adjusted:
-        return {}
-    pred = statistics.median(adjusted)
-    return {"host_factors": factors, "adjusted_runs_s": adjusted, "adjusted_step_time_s": pred,
-            "adjusted_error_pct": error_pct(pred, measured)}
-
-
 def combine(rounds: list[dict]) -> dict:
     """One case validated in rounds (each: a fresh calibration, its prediction, its runs):
     the median prediction against the median of all the rounds' runs, per phase and whole;
@@ -188,13 +163,10 @@ def combine(rounds: list[dict]) -> dict:
         pr = statistics.median(r["phases"].get(group, {}).get("predicted_s", 0.0) for r in rounds)
         m = statistics.median(r["phases"].get(group, {}).get("measured_s", 0.0) for r in rounds)
         phases[group] = _row(pr, m)
-    adjusted = [t for r in rounds for t in r.get("adjusted_runs_s", [])]
-    factors = [f for r in rounds for f in r.get("host_factors", [])]
-    base = {k: v for k, v in rounds[0].items() if k not in {**as_the_host_ran([0.0], 0.0, []), **with_noise(0.0, 0.0)}}
+    base = {k: v for k, v in rounds[0].items() if k not in with_noise(0.0, 0.0)}
     return {**base, "topology": [r["topology"] for r in rounds], "rounds": len(rounds),
             "predicted_step_time_s": pred, "measured_step_time_s": meas, "error_pct": error_pct(pred, meas),
             "measured_runs_s": runs, "predicted_rounds_s": [r["predicted_step_time_s"] for r in rounds],
             "spread_pct": spread_pct(runs), "phases": phases,
             **(with_noise(statistics.median(r["with_noise_step_time_s"] for r in rounds), meas)
-               if all("with_noise_step_time_s" in r for r in rounds) else {}),
-            **(as_the_host_ran(adjusted, meas, factors) if len(adjusted) == len(runs) else {})}
+               if all("with_noise_step_time_s" in r for r in rounds) else {})}

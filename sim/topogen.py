@@ -301,7 +301,6 @@ def _explicit_device(dt: Table) -> Device:
     if kind in ("cpu", "gpu"):
         fields.update(op_costs=_op_costs(dt), op_curves=_op_curves(dt), core_pool=dt.str("core_pool", ""),
                       cache_bytes=dt.float("cache_mib", 0.0, lo=0.0, hi=1e6) * 2**20,
-                      reference_s=dt.float("reference_us", 0.0, lo=0.0, hi=1e12) * 1e-6,
                       speed_factors=_speed_factors(dt))
     return Device(name, kind, None if machine < 0 else machine, **fields)
 
