@@ -33,7 +33,7 @@ from .launch import cores_of, rank_env
 
 REFERENCE = ("mlp-digits", 32)
 WARM_S = 0.02
-REFERENCE_S = 0.2         # a bracket of a run: four windows
+REFERENCE_S = 0.2         # a default sample: four windows
 SERIES_S = 3.0            # each of calibration's two samples of the host's noise
 WINDOW_S = 0.05
 
