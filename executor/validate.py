@@ -25,8 +25,6 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 from sim.engine import simulate
 from sim.metrics import summarize
 from sim.plan import plan
@@ -114,27 +112,24 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
             "spread_pct": spread_pct(measured), "phases": table, **with_noise(noisy, meas)}
 
 
-def predict_with_noise(sc, factors: dict[str, list[float]] | None = None, draws: int | None = None,
-                       steps: int = NOISE_STEPS) -> float | None:
-    """The median step time over simulations with each device slowed by the factors of one
-    window of the host's noise (``factors``: device -> factor by window; by default the
-    calibrated ``Device.speed_factors``; ``draws`` windows drawn with the scenario's seed,
-    all when None; ``steps`` steps each); None without them."""
+def predict_with_noise(sc, factors: dict[str, list[float]] | None = None, steps: int = NOISE_STEPS) -> float | None:
+    """The median step time over simulations, one per window of the host's noise, with each
+    device slowed by its factor in that window (``factors``: device -> factor by window; by
+    default the calibrated ``Device.speed_factors``; ``steps`` steps each); None without them.
+    Windows whose factors agree to 0.01 are simulated once."""
     devices = factors if factors is not None else {name: d.speed_factors for name, d in sc.topology.devices.items()
                                                    if d.is_compute}
     lengths = {len(f) for f in devices.values()}
     if len(lengths) != 1 or not min(lengths):
         return None
-    n = lengths.pop()
-    pick = np.random.default_rng(sc.seed).permutation(n)[:draws or n]
     short = dataclasses.replace(sc, training=dataclasses.replace(sc.training, steps=min(sc.training.steps, steps)))
     seen: dict[tuple, float] = {}
     times = []
-    for w in pick:
-        factors = tuple(round(f[w], 2) for f in devices.values())
-        if factors not in seen:
-            seen[factors] = predict_slowed(short, dict(zip(devices, factors)))
-        times.append(seen[factors])
+    for window in zip(*devices.values()):
+        key = tuple(round(x, 2) for x in window)
+        if key not in seen:
+            seen[key] = predict_slowed(short, dict(zip(devices, key)))
+        times.append(seen[key])
     return statistics.median(times)
 
 
