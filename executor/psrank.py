@@ -21,7 +21,7 @@ import numpy as np
 from sim.partition import even_cuts
 from sim.plan import Plan
 
-from .comm import probe, wait_buffer
+from .comm import Outbox, probe, wait_buffer
 from .optim import DCASGD, SGD, Adagrad
 
 FETCH, REPLY, DONE = 12, 13, 14
@@ -166,6 +166,7 @@ def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, lis
     clock: dict[int, int] = {}
     status = MPI.Status()
     workers = set(worker_runs) - set(silent)
+    outbox = Outbox(comm)
     while done < len(workers):
         src, tag = probe(comm, status, MPI.ANY_SOURCE, MPI.ANY_TAG)
         runs = worker_runs.get(src, [])
@@ -218,8 +219,9 @@ def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, lis
             vals = take(w, worker_runs[wk], "shard")
             if isinstance(opt, DCASGD):
                 opt.fetched(wk, w)
-            comm.Send(encode(vals, bits), dest=wk, tag=REPLY)
+            outbox.send(encode(vals, bits), wk, REPLY)
         deferred = still
+    outbox.drain()
     return {"applied": applied, "busy_s": busy, "params": w, "resumed_from": resumed_from}
 
 

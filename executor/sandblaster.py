@@ -21,7 +21,7 @@ from collections import deque
 
 import numpy as np
 
-from .comm import POLL_SLEEP_S, probe
+from .comm import POLL_SLEEP_S, Outbox, probe
 from .psrank import DONE, FETCH, REPLY, decode, encode, message_buffer, put, take
 
 READY, ASSIGN, RESULT, END, EXPECT = 31, 32, 33, 34, 35
@@ -124,6 +124,7 @@ def serve_lbfgs(comm, initial: np.ndarray, worker_runs: dict, units: int, lbfgs,
     expects: deque[int] = deque()                        # pushes to wait for, batch by batch
     deferred: list[tuple[int, int]] = []
     expected_done = len(set(worker_runs) - set(silent))
+    outbox = Outbox(comm)
     while not (finished and not expects and done == expected_done):
         src, tag = probe(comm, status, MPI.ANY_SOURCE, MPI.ANY_TAG)
         runs = worker_runs.get(src, [])
@@ -156,8 +157,9 @@ def serve_lbfgs(comm, initial: np.ndarray, worker_runs: dict, units: int, lbfgs,
             if batch > applied:
                 still.append((wk, batch))
             else:
-                comm.Send(encode(take(w, worker_runs[wk], "shard"), bits), dest=wk, tag=REPLY)
+                outbox.send(encode(take(w, worker_runs[wk], "shard"), bits), wk, REPLY)
         deferred = still
+    outbox.drain()
     return {"applied": applied, "params": w}
 
 

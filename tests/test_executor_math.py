@@ -117,3 +117,34 @@ def test_mlp_digits_learns_with_plain_sgd():
         w -= 0.5 * g
     acc, _ = net.evaluate(w, d.x_test, d.y_test)
     assert acc > 0.93
+
+
+def test_outbox_keeps_buffers_until_their_sends_complete():
+    from executor.comm import Outbox
+
+    class Req:                                    # completes on its second Test
+        def __init__(self):
+            self.tests = 0
+
+        def Test(self):
+            self.tests += 1
+            return self.tests >= 2
+
+    class Comm:
+        def __init__(self):
+            self.sent = []
+
+        def Isend(self, buf, dest, tag):
+            self.sent.append((buf, dest, tag))
+            return Req()
+
+    comm = Comm()
+    box = Outbox(comm)
+    a, b, c = np.zeros(2), np.ones(2), np.full(2, 2.0)
+    box.send(a, 1, 13)
+    box.send(b, 2, 13)                            # a's request: tested once, still in flight
+    assert [id(buf) for _, buf in box.pending] == [id(a), id(b)]
+    box.send(c, 1, 13)                            # a's second test completes it; b's first does not
+    assert [id(buf) for _, buf in box.pending] == [id(b), id(c)]
+    box.drain()
+    assert box.pending == [] and [(d, t) for _, d, t in comm.sent] == [(1, 13), (2, 13), (1, 13)]
