@@ -19,8 +19,10 @@ Measured (medians of REPEATS):
   core pool per core, whose members share it busy or polling;
 - how fast each core ran meanwhile, and how that varies: ``executor/hostspeed.py``'s
   reference step on every core at once for 3 s before the rest and 3 s after, by 50 ms
-  window; per rank each window over their median (``speed_factors``: the host's noise,
-  which validation's prediction with noise draws from).
+  window.  The first 3 s give the host's quiet speed (``quiet_reference``): the in-context
+  probes are timed where the host ran at it (``probe.quiet_probe``), so the op costs are
+  this host's without its neighbours; per rank each window over that quiet speed is
+  ``speed_factors`` (the host's noise, which validation's prediction with noise draws from).
 
 The topology has one ``cpu`` device per rank (its own machine index, so each is a compute
 device, rank k = device k) on a ``switch`` standing for shared memory; each rank's link
@@ -42,7 +44,7 @@ from sim.layers import full_box
 from sim.models import make_layer
 
 from .kernels import backward, forward
-from .hostspeed import SERIES_S, core_series, rank_series
+from .hostspeed import SERIES_S, core_series, quiet_reference, rank_series
 from .launch import mpiexec, rank_env
 
 REPEATS = 7
@@ -165,13 +167,16 @@ def fit_alpha_beta(sizes: list[float], times: list[float]) -> dict:
             "max_rel_error": float(np.max(np.abs(pred - t) / t))}
 
 
-def measure_op_costs(ranks: int, cores: int, cache: float = 0.0, jobs: int = PROBE_JOBS) -> dict:
+def measure_op_costs(ranks: int, cores: int, cache: float = 0.0, jobs: int = PROBE_JOBS,
+                     quiet: float | None = None) -> dict:
     """The executor's ops timed in context (``executor/probe.py``) by min(ranks, cores)
     ranks at once, each with the BLAS threads a rank of a ``ranks``-rank job gets, in
     ``jobs`` separate jobs (a process's memory layout moves large ops by 10-20%, so one
     job's figures share its luck) whose points' median is fitted per op key (bytes beyond
-    ``cache`` at their own rate)."""
-    runs = [run_probe(max(1, min(ranks, cores)), rank_env(ranks, cores), "ops") for _ in range(jobs)]
+    ``cache`` at their own rate).  ``quiet``: the reference step on a quiet host; probes wait
+    for the host to run at it (``probe.quiet_probe``)."""
+    quiet_args = [repr(quiet)] if quiet is not None else []
+    runs = [run_probe(max(1, min(ranks, cores)), rank_env(ranks, cores), "ops", *quiet_args) for _ in range(jobs)]
     points: dict[str, dict[tuple, list[float]]] = {}
     for run in runs:
         for key, pts in run.items():
@@ -277,12 +282,13 @@ def calibrate(ranks: int = 2, seed: int = 0) -> dict:
     mem = measure_memory_bandwidth()
     mpi = measure_mpi()
     cache = cache_bytes()
-    costs = measure_op_costs(ranks, cores, cache)
+    quiet = quiet_reference(before)
+    costs = measure_op_costs(ranks, cores, cache, quiet=quiet)
     if ranks > 1:
         costs["allreduce"] = measure_allreduce(ranks, cores, cache=cache)
     after = core_series(SERIES_S)
     series = rank_series({c: before[c] + after[c] for c in before}, ranks)
     references = [statistics.median(s) for s in series]
     return {"cores": cores, "ranks": ranks, "compute": comp, "memory_bandwidth_bytes_per_s": mem, "mpi": mpi,
-            "op_costs": costs, "cache_bytes": cache, "references_s": references,
-            "speed_factors": [[t / ref for t in s] for s, ref in zip(series, references)]}
+            "op_costs": costs, "cache_bytes": cache, "references_s": references, "quiet_reference_s": quiet,
+            "speed_factors": [[t / quiet for t in s] for s in series]}

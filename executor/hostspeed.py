@@ -36,24 +36,71 @@ WARM_S = 0.02
 REFERENCE_S = 0.2         # a default sample: four windows
 SERIES_S = 3.0            # each of calibration's two samples of the host's noise
 WINDOW_S = 0.05
+QUIET_PCT = 10            # the host's quiet speed: this percentile of the reference's windows
+BRACKET_S = 0.01          # a reference bracket around a probe
+
+
+class Reference:
+    """The reference step, set up once in this process: ``step`` runs one, ``median``
+    times them for a while."""
+
+    def __init__(self) -> None:
+        from .probe import probe_inputs, probe_plan
+        self.plan = probe_plan(*REFERENCE, 1)
+        self.params, self.data = probe_inputs(self.plan, np.random.default_rng(0))
+
+    def step(self) -> float:
+        from .optim import sgd_in_place
+        from .partitioned import Mailbox, run_step
+        start = time.perf_counter()
+        x, y = self.data.next()
+        sgd_in_place(self.params, run_step(self.plan, {0}, self.params, x, y, Mailbox()).grads, 1e-6)
+        return time.perf_counter() - start
+
+    def median(self, seconds: float = BRACKET_S, least: int = 3) -> float:
+        """The median step over ``seconds`` (``least`` steps at least): how fast this core
+        runs now."""
+        times, start = [], time.perf_counter()
+        while len(times) < least or time.perf_counter() - start < seconds:
+            times.append(self.step())
+        return statistics.median(times)
 
 
 def reference_windows(seconds: float = REFERENCE_S, window: float = WINDOW_S) -> list[float]:
     """Median seconds of a whole reference step in this process, in each ``window`` of
     ``seconds`` (after ``WARM_S`` of steps)."""
-    from .optim import sgd_in_place
-    from .partitioned import Mailbox, run_step
-    from .probe import probe_inputs, probe_plan
-    p = probe_plan(*REFERENCE, 1)
-    params, data = probe_inputs(p, np.random.default_rng(0))
+    ref = Reference()
     by_window: dict[int, list[float]] = {}
     start = time.perf_counter()
     while (now := time.perf_counter()) - start < WARM_S + seconds:
-        x, y = data.next()
-        sgd_in_place(params, run_step(p, {0}, params, x, y, Mailbox()).grads, 1e-6)
+        took = ref.step()
         if now - start >= WARM_S:
-            by_window.setdefault(int((now - start - WARM_S) / window), []).append(time.perf_counter() - now)
+            by_window.setdefault(int((now - start - WARM_S) / window), []).append(took)
     return [statistics.median(ts) for _, ts in sorted(by_window.items())]
+
+
+def quiet_time(times: list[float], window: float = WINDOW_S, pct: float = QUIET_PCT) -> float:
+    """A run's step on a quiet host: its steps cut into consecutive windows of ``window``
+    seconds (a last, shorter one dropped unless it is the only one), each window's median
+    step, and the ``pct``th percentile of those -- as ``quiet_reference`` is of the
+    reference's windows."""
+    medians, current, spent = [], [], 0.0
+    for t in times:
+        current.append(t)
+        spent += t
+        if spent >= window:
+            medians.append(statistics.median(current))
+            current, spent = [], 0.0
+    if current and not medians:
+        medians.append(statistics.median(current))
+    return float(np.percentile(medians, pct)) if medians else 0.0
+
+
+def quiet_reference(series: dict[int, list[float]]) -> float:
+    """The reference step on a quiet host: the ``QUIET_PCT``th percentile of every core's
+    windows (a shared VM is slowed by its neighbours most of the time, at times all of it;
+    here its quiet speed was 152-158 us a step whenever measured)."""
+    return float(np.percentile([t for s in series.values() for t in s], QUIET_PCT))
 
 
 def core_series(seconds: float = REFERENCE_S, cores: list[int] | None = None) -> dict[int, list[float]]:

@@ -41,6 +41,7 @@ from sim.trace import Span, Trace, write_chrome
 from .backend import get_xp, to_numpy
 from .comm import MPITransport, barrier, wait_buffer
 from .data import Batches, digits, mnist, synthetic
+from .hostspeed import quiet_time
 from .kernels import init_params, softmax_xent_loss
 from .launch import pin
 from .optim import sgd_in_place
@@ -458,11 +459,12 @@ class RankJob:
         if evaluating:
             acc, loss = evaluate(p, params, x_te, y_te, j, self.rep, self.xp)
         med = float(np.median(step_times)) if step_times else 0.0
+        quiet = quiet_time(step_times)
         sent = client.sent if client else 0
         return {"role": "worker", "rank": self.world.rank, "replica": self.r, "slot": j, "steps": steps_done,
                 "batch": self.sc.batch_size, "name": self.sc.name, "model": self.sc.model.name,
                 "algorithm": self.sc.training.algorithm,
-                "step_time_s": med, "wall_s": wall, "accuracy": acc if evaluating and j == 0 else None,
+                "step_time_s": med, "quiet_step_time_s": quiet, "wall_s": wall, "accuracy": acc if evaluating and j == 0 else None,
                 "loss": loss if evaluating and j == 0 else None, "ps_bytes_sent": sent,
                 "train_loss": float(np.mean(losses[-10:])) if losses else None, "events": len(self.spans)}
 
@@ -494,6 +496,7 @@ def _merge(parts: list[dict]) -> dict:
     out = {"name": ev["name"], "model": ev["model"], "algorithm": ev["algorithm"],
            "ranks": len(parts), "workers": len(workers), "ps_shards": len(shards),
            "steps": int(np.median([s["steps"] for s in workers])), "step_time_s": med,
+           "quiet_step_time_s": float(np.median([s["quiet_step_time_s"] for s in workers if s["steps"]])),
            "samples_per_s": samples / wall if wall else 0.0, "sim_time_s": wall,
            "sim_events": sum(s["events"] for s in workers),
            "wall_s": wall, "accuracy": ev["accuracy"], "loss": ev["loss"],

@@ -7,12 +7,16 @@ phase (forward, backward, transfers, updates).  Errors are (predicted - measured
 measured in percent; the spread of the measurements ((max - min) / median) says how much
 of an error is noise.
 
-Where the topology holds the host's noise as calibrate measured it (``speed_factors``: each
-rank's reference step by 50 ms window, over its median), the step is also predicted with
-it: the median over simulations each with every rank slowed by one window's factors (the
-windows were timed on all cores at once, so cores that slow down together are drawn
-together) -- a sync job waits for its slowest rank, so it is slower than the plain
-prediction wherever the cores slow down apart.
+Calibration times the ops where the host ran at its quiet speed (``executor.hostspeed``):
+the prediction is the step on this host without its neighbours.  Each run's quiet step
+(``quiet_step_time_s``: the 10th percentile of its 50 ms windows' median steps,
+``hostspeed.quiet_time``) is what it is compared with (``quiet_error_pct``); the run's
+median step holds however much of it the neighbours slowed.  Where the topology holds the
+host's noise as calibrate measured it (``speed_factors``: each rank's reference step by
+50 ms window, over the quiet one), the step is also predicted with it and compared with
+the median step: the median over simulations each with every rank slowed by one window's
+factors (the windows were timed on all cores at once, so cores that slow down together
+are drawn together) -- a sync job waits for its slowest rank.
 """
 from __future__ import annotations
 
@@ -88,7 +92,7 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     device = p.devices[0][0]
     predicted_phases = phase_times([(s.name, s.phase, s.where, s.duration_s, s.step) for s in res.trace.spans],
                                    device)
-    measured, phases = [], []
+    measured, quiet, phases = [], [], []
     set_args = [a for item in items for a in ("--set", item)]
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
@@ -99,6 +103,7 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
                 raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "execute failed")
             out = json.loads(proc.stdout)
             measured.append(out["step_time_s"])
+            quiet.append(out["quiet_step_time_s"])
             phases.append(phase_times(_chrome_spans(trace), device))
     meas = statistics.median(measured)
     table = {}
@@ -109,7 +114,15 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     return {"scenario": sc.name, "file": scenario, "topology": topology, "ranks": ranks_needed(sc),
             "predicted_step_time_s": summary["step_time_s"], "measured_step_time_s": meas,
             "error_pct": error_pct(summary["step_time_s"], meas), "measured_runs_s": measured,
-            "spread_pct": spread_pct(measured), "phases": table, **with_noise(noisy, meas)}
+            "spread_pct": spread_pct(measured), "phases": table, **with_noise(noisy, meas),
+            **quiet_row(summary["step_time_s"], quiet)}
+
+
+def quiet_row(predicted: float, quiet_runs: list[float]) -> dict:
+    """The prediction against the runs' quiet steps (their median), with their spread."""
+    q = statistics.median(quiet_runs)
+    return {"quiet_step_time_s": q, "quiet_error_pct": error_pct(predicted, q), "quiet_runs_s": quiet_runs,
+            "quiet_spread_pct": spread_pct(quiet_runs)}
 
 
 def predict_with_noise(sc, factors: dict[str, list[float]] | None = None, steps: int = NOISE_STEPS) -> float | None:
@@ -163,5 +176,6 @@ def combine(rounds: list[dict]) -> dict:
             "predicted_step_time_s": pred, "measured_step_time_s": meas, "error_pct": error_pct(pred, meas),
             "measured_runs_s": runs, "predicted_rounds_s": [r["predicted_step_time_s"] for r in rounds],
             "spread_pct": spread_pct(runs), "phases": phases,
+            **quiet_row(pred, [t for r in rounds for t in r["quiet_runs_s"]]),
             **(with_noise(statistics.median(r["with_noise_step_time_s"] for r in rounds), meas)
                if all("with_noise_step_time_s" in r for r in rounds) else {})}

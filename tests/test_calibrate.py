@@ -136,19 +136,22 @@ def test_validate_runs_end_to_end_with_finite_errors(tmp_path):
     assert math.isfinite(out["error_pct"]) and {"forward", "backward"} <= set(out["phases"])
     # calibrated here, with the host's noise: a second prediction, never faster than the plain one by much
     assert math.isfinite(out["with_noise_error_pct"]) and out["with_noise_step_time_s"] > 0.5 * out["predicted_step_time_s"]
+    assert out["quiet_step_time_s"] > 0 and math.isfinite(out["quiet_error_pct"]) and len(out["quiet_runs_s"]) == 1
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_validation_rounds_combine_into_medians():
     def rnd(pred, runs, fwd):
         return {"scenario": "s", "topology": f"t{pred}", "predicted_step_time_s": pred, "measured_runs_s": runs,
-                "phases": {"forward": {"predicted_s": fwd, "measured_s": fwd * 2}}}
+                "quiet_runs_s": [t / 2 for t in runs], "phases": {"forward": {"predicted_s": fwd, "measured_s": fwd * 2}}}
     out = combine([rnd(1.0, [2.0, 3.0], 0.1), rnd(4.0, [1.0, 9.0], 0.3), rnd(2.0, [5.0, 4.0], 0.2)])
     assert out["predicted_step_time_s"] == 2.0 and out["measured_step_time_s"] == 3.5     # medians of 3 and of 6
     assert out["error_pct"] == pytest.approx((2.0 - 3.5) / 3.5 * 100)
     assert out["spread_pct"] == pytest.approx((9.0 - 1.0) / 3.5 * 100) and out["rounds"] == 3
     assert out["phases"]["forward"] == {"predicted_s": 0.2, "measured_s": 0.4, "error_pct": pytest.approx(-50.0)}
     assert out["topology"] == ["t1.0", "t4.0", "t2.0"] and out["predicted_rounds_s"] == [1.0, 4.0, 2.0]
+    assert out["quiet_step_time_s"] == 1.75 and out["quiet_error_pct"] == pytest.approx((2.0 - 1.75) / 1.75 * 100)
+    assert out["quiet_spread_pct"] == pytest.approx((4.5 - 0.5) / 1.75 * 100)
     assert "with_noise_step_time_s" not in out
     rounds = [{**rnd(p, [2.0, 3.0], 0.1), "with_noise_step_time_s": p * 1.5} for p in (1.0, 4.0, 2.0)]
     out = combine(rounds)                                          # the rounds' predictions with the host's noise: median
@@ -318,3 +321,45 @@ def test_a_prediction_with_the_hosts_noise_is_the_median_over_its_windows(tmp_pa
     # windows given instead of the calibrated ones
     assert predict_with_noise(two, {"rank0": [1.0, 1.0, 1.0], "rank1": [1.0, 2.0, 1.0]}) == pytest.approx(
         predict_slowed(two, {}))
+
+
+def test_a_runs_quiet_step_is_a_low_percentile_of_its_windows_medians():
+    from executor.hostspeed import quiet_time
+    # windows of 1 s: [0.5, 0.5] -> 0.5; [1.0] -> 1.0; [0.25] * 4 -> 0.25; [2.0] -> 2.0; a short last [0.1] dropped
+    times = [0.5, 0.5, 1.0, 0.25, 0.25, 0.25, 0.25, 2.0, 0.1]
+    assert quiet_time(times, window=1.0, pct=0) == 0.25
+    assert quiet_time(times, window=1.0, pct=50) == pytest.approx(0.75)
+    assert quiet_time(times, window=1.0, pct=100) == 2.0
+    assert quiet_time([0.1, 0.3, 0.2], window=1.0, pct=10) == 0.2      # no whole window: the one there is
+    assert quiet_time([]) == 0.0
+
+
+def test_the_host_s_quiet_speed_is_a_low_percentile_of_every_core_s_windows():
+    from executor.hostspeed import quiet_reference
+    series = {0: [float(t) for t in range(1, 11)], 1: [float(t) for t in range(11, 21)]}
+    assert quiet_reference(series) == pytest.approx(2.9)          # the 10th percentile of 1..20
+
+
+def test_probes_wait_for_the_host_to_run_quietly():
+    from executor.probe import QUIET_TOLERANCE, quiet_probe
+    def probe(brackets):
+        seen = iter(brackets)
+        runs = []
+
+        def run():
+            runs.append(len(runs))
+            return len(runs) - 1
+        return run, lambda: next(seen), runs
+    run, bracket, runs = probe([1.0, 1.0])                          # quiet at once: one attempt
+    assert quiet_probe(run, bracket, 1.0) == 0 and runs == [0]
+    run, bracket, runs = probe([2.0, 1.0, 1.0, 3.0, 1.0, 1.0])      # slow before, then slow after, then quiet
+    assert quiet_probe(run, bracket, 1.0) == 2 and runs == [0, 1, 2]
+    run, bracket, runs = probe([2.0, 2.0, 1.5, 1.4, 3.0, 3.0])      # never quiet: the quickest brackets count
+    assert quiet_probe(run, bracket, 1.0, tries=3) == 1 and runs == [0, 1, 2]
+    run, bracket, runs = probe([1.0, 1.0, 1.0, 1.0])                 # another rank was slow: everyone retries
+    slowest = iter([2.0, 1.0])
+    assert quiet_probe(run, bracket, 1.0, slowest=lambda t: max(t, next(slowest))) == 1
+    run, bracket, runs = probe([QUIET_TOLERANCE * 0.99, 1.0])       # within the tolerance
+    assert quiet_probe(run, bracket, 1.0) == 0
+    run, bracket, runs = probe([])                                  # no quiet speed known: once, unbracketed
+    assert quiet_probe(run, bracket, None) == 0 and runs == [0]
