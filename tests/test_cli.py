@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from sim.cli import main
+from sim.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = str(ROOT / "scenarios" / "quickstart.toml")
@@ -179,6 +180,19 @@ def test_async_scenarios_report_staleness_and_accuracy(capsys, name, stale):
     assert code == 0 and 0.0 <= data["accuracy"] <= 1.0 and len(data["accuracy_curve"]) == 4
     assert ("staleness_mean" in data) == stale
     assert data["sim_time_s"] < 0.03
+
+
+@pytest.mark.parametrize("name", ["downpour", "dcasgd", "sandblaster"])
+def test_a_parameter_server_scenario_has_a_speedup_against_one_device_alone(capsys, name):
+    code, out, _ = run(capsys, "simulate", ROOT / "scenarios" / f"{name}.toml", "--json",
+                       "--set", "training.time_limit_s=0.02", "--set", "training.eval_points=1")
+    data = json.loads(out)
+    _, solo, _ = run(capsys, "simulate", ROOT / "scenarios" / f"{name}.toml", "--json", "--no-speedup",
+                     "--set", "training.algorithm=sync", "--set", "parallel.ps_shards=0", "--set", "parallel.replicas=1",
+                     "--set", "parallel.model_parallel=1", "--set", "training.steps=1")
+    assert code == 0 and data["one_device_step_time_s"] == pytest.approx(json.loads(solo)["sim_time_s"])
+    batch = load_scenario(ROOT / "scenarios" / f"{name}.toml").batch_size
+    assert data["speedup"] == pytest.approx(data["samples_per_s"] * data["one_device_step_time_s"] / batch)
 
 
 @pytest.mark.parametrize("sets, message", [
