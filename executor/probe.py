@@ -169,8 +169,8 @@ def quiet_probe(run, bracket, quiet: float | None, slowest=lambda t: t, tries: i
     ``slowest``) is within ``QUIET_TOLERANCE`` of ``quiet`` ends the search; else the
     attempt with the quickest brackets counts.  A spell of this host's neighbours lasts
     0.25-2.5 s and a probe 30-60 ms, so brackets say how the probe ran; scaling by them
-    would not do: in a spell at 2x the reference, mlp-digits' small ops ran 1.8x slower
-    and distbelief-speech's large GEMMs 1.1-1.2x.  ``quiet`` None: one attempt, unbracketed."""
+    would not do: in spells at 1.9-2.1x the reference, mlp-digits' ops at batch 8 ran
+    1.7-2.0x slower and distbelief-speech's large GEMMs 1.07-1.2x.  ``quiet`` None: one attempt, unbracketed."""
     if quiet is None:
         return run()
     best = None
