@@ -21,8 +21,8 @@ Measured (medians of REPEATS):
   reference step on every core at once for 3 s before the rest and 3 s after, by 50 ms
   window.  The first 3 s give the host's quiet speed (``quiet_reference``): the in-context
   probes are timed where the host ran at it (``probe.quiet_probe``), so the op costs are
-  this host's without its neighbours; per rank each window over that quiet speed is
-  ``speed_factors`` (the host's noise, which validation's prediction with noise draws from).
+  this host's without its neighbours; calibrate reports each rank's windows
+  (``reference_windows_s``).
 
 The topology has one ``cpu`` device per rank (its own machine index, so each is a compute
 device, rank k = device k) on a ``switch`` standing for shared memory; each rank's link
@@ -234,12 +234,11 @@ def cache_bytes() -> float:
 
 
 def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, mpi: dict,
-                  op_costs: dict | None = None, cache: float = 0.0, speed_factors: list[list[float]] | None = None) -> str:
+                  op_costs: dict | None = None, cache: float = 0.0) -> str:
     """``comp`` and ``op_costs`` were measured with the BLAS threads one rank gets (cores //
     ranks, at least 1), each rank bound to its own cores.  Ranks beyond the cores are bound
     round-robin (``executor.launch.cores_of``): each core is a core pool of 1, and the
-    ranks bound to it its members.  ``speed_factors``: each rank's reference step
-    (``executor.hostspeed``) window by window over its median, the same windows for every rank."""
+    ranks bound to it its members."""
     curve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp["efficiency_curve"])
     bcurve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp.get("backward_efficiency_curve", []))
     costs = ", ".join(f'"{key}" = [{c["fixed_s"] * 1e6:.6g}, {c["flops_per_s"] / 1e9:.6g}, {c["bytes_per_s"] / 1e9:.6g}, '
@@ -260,8 +259,7 @@ def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, 
                   "efficiency = 1.0", f"op_overhead_us = {comp['op_overhead_s'] * 1e6:.4g}",
                   f"efficiency_curve = [{curve}]", f"backward_efficiency_curve = [{bcurve}]",
                   *([f'core_pool = "core{k % cores}"'] if ranks > cores else []),
-                  f"cache_mib = {cache / 2**20:.6g}", f"op_costs = {{ {costs} }}", f"op_curves = {{ {curves} }}",
-                  *([f"speed_factors = [{', '.join(f'{x:.4g}' for x in speed_factors[k])}]"] if speed_factors else [])]
+                  f"cache_mib = {cache / 2**20:.6g}", f"op_costs = {{ {costs} }}", f"op_curves = {{ {curves} }}"]
     lines += ["", "[[device]]", 'name = "shm"', 'kind = "switch"']
     for k in range(ranks):
         lines += ["", "[[link]]", f'a = "rank{k}"', 'b = "shm"',
@@ -291,4 +289,4 @@ def calibrate(ranks: int = 2, seed: int = 0) -> dict:
     references = [statistics.median(s) for s in series]
     return {"cores": cores, "ranks": ranks, "compute": comp, "memory_bandwidth_bytes_per_s": mem, "mpi": mpi,
             "op_costs": costs, "cache_bytes": cache, "references_s": references, "quiet_reference_s": quiet,
-            "speed_factors": [[t / quiet for t in s] for s in series]}
+            "reference_windows_s": series}

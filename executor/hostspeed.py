@@ -8,12 +8,17 @@ steps of mlp-digits at batch 32 (``run_step`` and SGD, after a warm-up) on one c
 median step in each 50 ms window; ``core_series`` times it on every core at once, one
 process bound to each (as a job's ranks are bound), so the windows line up.
 
-Calibration keeps each rank's windows over their median (``speed_factors``: the host's
-noise), which validation's prediction with noise draws from (``executor.validate``).
-Tried and dropped: timing the windows again for 0.2 s before and after each run and
-predicting with those -- spells are longer than such a bracket and shorter than a run, and
-a calibration's own 3 s of windows can sit in a slow regime, so the ratios ran 0.5-1.8
-and that prediction's median error was 18.9% where the plain one's was 10.7%.
+Calibration takes the host's quiet speed from these windows (``quiet_reference``) and
+times its probes where the host runs at it; validation compares the prediction with each
+run's quiet windows (``quiet_time``).  Tried and dropped, measured: timing the windows
+again for 0.2 s before and after each run and predicting with those -- spells are longer
+than such a bracket and shorter than a run, and a calibration's own 3 s of windows can sit
+in a slow regime, so the ratios ran 0.5-1.8 and that prediction's median error was 18.9%
+where the plain one's was 10.7%; and a prediction "with the host's noise" (the median over
+simulations each with every rank slowed by one window's factor) -- a slowdown is not one
+factor for every op (in spells at 1.9-2.1x the reference, mlp-digits' ops at batch 8 ran
+1.7-2.0x slower and distbelief-speech's large GEMMs 1.07-1.2x), and with factors over the
+quiet speed its median error was 32.6% (the speech cases +4 to +59%).
 
     python -m executor.hostspeed CORE [SECONDS]   # this core's reference step by 50 ms window, JSON
 """
@@ -37,6 +42,7 @@ REFERENCE_S = 0.2         # a default sample: four windows
 SERIES_S = 3.0            # each of calibration's two samples of the host's noise
 WINDOW_S = 0.05
 QUIET_PCT = 10            # the host's quiet speed: this percentile of the reference's windows
+QUIET_LEAST = 5           # steps in a run's window at least (a speech step outlasts a window)
 BRACKET_S = 0.01          # a reference bracket around a probe
 
 
@@ -79,16 +85,19 @@ def reference_windows(seconds: float = REFERENCE_S, window: float = WINDOW_S) ->
     return [statistics.median(ts) for _, ts in sorted(by_window.items())]
 
 
-def quiet_time(times: list[float], window: float = WINDOW_S, pct: float = QUIET_PCT) -> float:
+def quiet_time(times: list[float], window: float = WINDOW_S, pct: float = QUIET_PCT,
+               least: int = QUIET_LEAST) -> float:
     """A run's step on a quiet host: its steps cut into consecutive windows of ``window``
-    seconds (a last, shorter one dropped unless it is the only one), each window's median
-    step, and the ``pct``th percentile of those -- as ``quiet_reference`` is of the
-    reference's windows."""
+    seconds and ``least`` steps or more (a last, shorter one dropped unless it is the only
+    one), each window's median step, and the ``pct``th percentile of those -- as
+    ``quiet_reference`` is of the reference's windows.  With one step a window, the
+    percentile of single steps sat 6-9% under distbelief-speech's median step: mostly the
+    jitter of its steps, as its large GEMMs hardly feel the host's spells."""
     medians, current, spent = [], [], 0.0
     for t in times:
         current.append(t)
         spent += t
-        if spent >= window:
+        if spent >= window and len(current) >= least:
             medians.append(statistics.median(current))
             current, spent = [], 0.0
     if current and not medians:

@@ -11,16 +11,10 @@ Calibration times the ops where the host ran at its quiet speed (``executor.host
 the prediction is the step on this host without its neighbours.  Each run's quiet step
 (``quiet_step_time_s``: the 10th percentile of its 50 ms windows' median steps,
 ``hostspeed.quiet_time``) is what it is compared with (``quiet_error_pct``); the run's
-median step holds however much of it the neighbours slowed.  Where the topology holds the
-host's noise as calibrate measured it (``speed_factors``: each rank's reference step by
-50 ms window, over the quiet one), the step is also predicted with it and compared with
-the median step: the median over simulations each with every rank slowed by one window's
-factors (the windows were timed on all cores at once, so cores that slow down together
-are drawn together) -- a sync job waits for its slowest rank.
+median step holds however much of it the neighbours slowed.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import subprocess
@@ -36,7 +30,6 @@ from sim.scenario import load_scenario
 
 from .ranks import ranks_needed
 
-NOISE_STEPS = 100          # steps of each simulation drawn from the host's noise (a median settles in far fewer)
 PHASES = {"fwd": "forward", "bwd": "backward", "update": "update", "activation": "transfers", "halo": "transfers",
           "gradient": "transfers", "reduction": "transfers", "stage": "transfers", "allreduce": "transfers",
           "push": "transfers", "fetch": "transfers"}
@@ -88,7 +81,6 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     p = plan(sc)
     res = simulate(p)
     summary = summarize(p, res)
-    noisy = predict_with_noise(sc)
     device = p.devices[0][0]
     predicted_phases = phase_times([(s.name, s.phase, s.where, s.duration_s, s.step) for s in res.trace.spans],
                                    device)
@@ -114,7 +106,7 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     return {"scenario": sc.name, "file": scenario, "topology": topology, "ranks": ranks_needed(sc),
             "predicted_step_time_s": summary["step_time_s"], "measured_step_time_s": meas,
             "error_pct": error_pct(summary["step_time_s"], meas), "measured_runs_s": measured,
-            "spread_pct": spread_pct(measured), "phases": table, **with_noise(noisy, meas),
+            "spread_pct": spread_pct(measured), "phases": table,
             **quiet_row(summary["step_time_s"], quiet)}
 
 
@@ -123,39 +115,6 @@ def quiet_row(predicted: float, quiet_runs: list[float]) -> dict:
     q = statistics.median(quiet_runs)
     return {"quiet_step_time_s": q, "quiet_error_pct": error_pct(predicted, q), "quiet_runs_s": quiet_runs,
             "quiet_spread_pct": spread_pct(quiet_runs)}
-
-
-def predict_with_noise(sc, factors: dict[str, list[float]] | None = None, steps: int = NOISE_STEPS) -> float | None:
-    """The median step time over simulations, one per window of the host's noise, with each
-    device slowed by its factor in that window (``factors``: device -> factor by window; by
-    default the calibrated ``Device.speed_factors``; ``steps`` steps each); None without them.
-    Windows whose factors agree to 0.01 are simulated once."""
-    devices = factors if factors is not None else {name: d.speed_factors for name, d in sc.topology.devices.items()
-                                                   if d.is_compute}
-    lengths = {len(f) for f in devices.values()}
-    if len(lengths) != 1 or not min(lengths):
-        return None
-    short = dataclasses.replace(sc, training=dataclasses.replace(sc.training, steps=min(sc.training.steps, steps)))
-    seen: dict[tuple, float] = {}
-    times = []
-    for window in zip(*devices.values()):
-        key = tuple(round(x, 2) for x in window)
-        if key not in seen:
-            seen[key] = predict_slowed(short, dict(zip(devices, key)))
-        times.append(seen[key])
-    return statistics.median(times)
-
-
-def with_noise(predicted: float | None, measured: float) -> dict:
-    return {} if predicted is None else {"with_noise_step_time_s": predicted,
-                                         "with_noise_error_pct": error_pct(predicted, measured)}
-
-
-def predict_slowed(sc, slowdown: dict[str, float]) -> float:
-    """The step time predicted with each device in ``slowdown`` that many times slower."""
-    slowed = dataclasses.replace(sc, faults=dataclasses.replace(sc.faults, slowdown=dict(slowdown)))
-    p = plan(slowed)
-    return summarize(p, simulate(p))["step_time_s"]
 
 
 def combine(rounds: list[dict]) -> dict:
@@ -171,11 +130,8 @@ def combine(rounds: list[dict]) -> dict:
         pr = statistics.median(r["phases"].get(group, {}).get("predicted_s", 0.0) for r in rounds)
         m = statistics.median(r["phases"].get(group, {}).get("measured_s", 0.0) for r in rounds)
         phases[group] = _row(pr, m)
-    base = {k: v for k, v in rounds[0].items() if k not in with_noise(0.0, 0.0)}
-    return {**base, "topology": [r["topology"] for r in rounds], "rounds": len(rounds),
+    return {**rounds[0], "topology": [r["topology"] for r in rounds], "rounds": len(rounds),
             "predicted_step_time_s": pred, "measured_step_time_s": meas, "error_pct": error_pct(pred, meas),
             "measured_runs_s": runs, "predicted_rounds_s": [r["predicted_step_time_s"] for r in rounds],
             "spread_pct": spread_pct(runs), "phases": phases,
-            **quiet_row(pred, [t for r in rounds for t in r["quiet_runs_s"]]),
-            **(with_noise(statistics.median(r["with_noise_step_time_s"] for r in rounds), meas)
-               if all("with_noise_step_time_s" in r for r in rounds) else {})}
+            **quiet_row(pred, [t for r in rounds for t in r["quiet_runs_s"]])}

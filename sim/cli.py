@@ -196,7 +196,7 @@ def run_calibration(ranks: int, out: str) -> dict:
     res = calibrate(ranks)
     name = Path(out).stem
     write_atomic(out, topology_text(name, ranks, res["cores"], res["compute"], res["memory_bandwidth_bytes_per_s"],
-                                    res["mpi"], res["op_costs"], res["cache_bytes"], res["speed_factors"]))
+                                    res["mpi"], res["op_costs"], res["cache_bytes"]))
     load_topology(out)                                  # what we wrote must load
     return res
 
@@ -213,7 +213,7 @@ def cmd_calibrate(args) -> int:
     print(f"  memory       {res['memory_bandwidth_bytes_per_s'] / 1e9:.4g} GB/s (copy)")
     print(f"  MPI          alpha {mpi['alpha_s'] * 1e6:.3g} us, beta {mpi['beta_bytes_per_s'] / 1e9:.4g} GB/s; fit R^2 "
           f"{mpi['r2']:.4f}, worst relative error {mpi['max_rel_error']:.1%} over {len(mpi['samples'])} sizes")
-    slow = [sum(x > 1.3 for x in f) / len(f) for f in res["speed_factors"]]
+    slow = [sum(t > 1.3 * res["quiet_reference_s"] for t in s) / len(s) for s in res["reference_windows_s"]]
     print(f"  host speed   reference step {res['quiet_reference_s'] * 1e6:.0f} us quiet (ops probed at it), median "
           + ", ".join(f"{t * 1e6:.0f}" for t in res["references_s"])
           + " us by rank; windows over 1.3x quiet: " + ", ".join(f"{x:.0%}" for x in slow))
@@ -254,9 +254,6 @@ def cmd_validate(args) -> int:
                  "measured_s": out["measured_step_time_s"], "error_pct": out["error_pct"]})
     rows.append({"what": "step, the runs' quiet windows", "predicted_s": out["predicted_step_time_s"],
                  "measured_s": out["quiet_step_time_s"], "error_pct": out["quiet_error_pct"]})
-    if "with_noise_step_time_s" in out:
-        rows.append({"what": "step, with the host's noise", "predicted_s": out["with_noise_step_time_s"],
-                     "measured_s": out["measured_step_time_s"], "error_pct": out["with_noise_error_pct"]})
     print(report.table(rows, [("what", "per step"), ("predicted_s", "predicted (s)"), ("measured_s", "measured (s)"),
                               ("error_pct", "error %")]))
     return 0

@@ -300,17 +300,8 @@ def _explicit_device(dt: Table) -> Device:
     fields = _compute_fields(dt, kind) if kind in ("cpu", "gpu") else {}
     if kind in ("cpu", "gpu"):
         fields.update(op_costs=_op_costs(dt), op_curves=_op_curves(dt), core_pool=dt.str("core_pool", ""),
-                      cache_bytes=dt.float("cache_mib", 0.0, lo=0.0, hi=1e6) * 2**20,
-                      speed_factors=_speed_factors(dt))
+                      cache_bytes=dt.float("cache_mib", 0.0, lo=0.0, hi=1e6) * 2**20)
     return Device(name, kind, None if machine < 0 else machine, **fields)
-
-
-def _speed_factors(dt: Table) -> tuple:
-    raw = dt.raw("speed_factors", [])
-    if not isinstance(raw, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < 1e6
-                                            for x in raw):
-        raise dt.error("speed_factors", "must be a list of numbers > 0")
-    return tuple(float(x) for x in raw)
 
 
 def _op_curves(dt: Table) -> dict[str, tuple]:

@@ -69,7 +69,6 @@ class Device:
     # ``op_costs`` for that key (an allreduce whose algorithm changes with the size has no one line)
     op_curves: dict[str, tuple] = field(default_factory=dict)
     core_pool: str = ""                 # name of the cores this device shares with others (ranks of one host)
-    speed_factors: tuple = ()           # calibrate's reference step by window over its quiet one (the host's noise); (): none
 
     def op_time(self, key: str, flops: float, nbytes: float) -> float | None:
         """Seconds of op ``key`` from its measured costs; None when it was not measured here.

@@ -45,10 +45,8 @@ def test_calibrated_topology_round_trips(tmp_path):
              "send": {"fixed_s": 5e-6, "flops_per_s": 0.0, "bytes_per_s": 7e9},
              "allreduce": {"fixed_s": 1e-6, "flops_per_s": 0.0, "bytes_per_s": 1e9,
                            "curve": [[1e3, 100e-6], [1e5, 300e-6], [1e6, 1e-3]]}}
-    f.write_text(topology_text("host", 4, 2, comp, 20e9, mpi, costs, cache=2**20,
-                               speed_factors=[[1.0, 1.5], [0.9, 1.0], [1.0, 1.5], [0.9, 1.0]]))
+    f.write_text(topology_text("host", 4, 2, comp, 20e9, mpi, costs, cache=2**20))
     topo = load_topology(str(f))
-    assert topo.devices["rank2"].speed_factors == (1.0, 1.5) and topo.devices["rank3"].speed_factors == (0.9, 1.0)
     assert topo.compute_devices() == ["rank0", "rank1", "rank2", "rank3"]
     dev = topo.devices["rank0"]
     assert dev.flops_per_s("fp32") == pytest.approx(50e9)          # alone, a rank has its core ...
@@ -134,8 +132,6 @@ def test_validate_runs_end_to_end_with_finite_errors(tmp_path):
     out = json.loads(proc.stdout)
     assert out["predicted_step_time_s"] > 0 and out["measured_step_time_s"] > 0
     assert math.isfinite(out["error_pct"]) and {"forward", "backward"} <= set(out["phases"])
-    # calibrated here, with the host's noise: a second prediction, never faster than the plain one by much
-    assert math.isfinite(out["with_noise_error_pct"]) and out["with_noise_step_time_s"] > 0.5 * out["predicted_step_time_s"]
     assert out["quiet_step_time_s"] > 0 and math.isfinite(out["quiet_error_pct"]) and len(out["quiet_runs_s"]) == 1
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -152,12 +148,6 @@ def test_validation_rounds_combine_into_medians():
     assert out["topology"] == ["t1.0", "t4.0", "t2.0"] and out["predicted_rounds_s"] == [1.0, 4.0, 2.0]
     assert out["quiet_step_time_s"] == 1.75 and out["quiet_error_pct"] == pytest.approx((2.0 - 1.75) / 1.75 * 100)
     assert out["quiet_spread_pct"] == pytest.approx((4.5 - 0.5) / 1.75 * 100)
-    assert "with_noise_step_time_s" not in out
-    rounds = [{**rnd(p, [2.0, 3.0], 0.1), "with_noise_step_time_s": p * 1.5} for p in (1.0, 4.0, 2.0)]
-    out = combine(rounds)                                          # the rounds' predictions with the host's noise: median
-    assert out["with_noise_step_time_s"] == 3.0 and out["with_noise_error_pct"] == pytest.approx((3.0 - 2.5) / 2.5 * 100)
-    rounds[0].pop("with_noise_step_time_s")                        # a round without it: none in the whole
-    assert "with_noise_step_time_s" not in combine(rounds) and "with_noise_error_pct" not in combine(rounds)
 
 
 def test_rank_env_gives_each_rank_its_share_of_the_cores(monkeypatch):
@@ -272,64 +262,16 @@ def test_every_core_is_timed_at_once_with_the_reference_step():
     assert 5 <= len(series[min(series)]) <= 7 and all(0 < t < 1.0 for v in series.values() for t in v)
 
 
-def test_a_slowed_prediction_slows_each_rank_by_its_factor(tmp_path):
-    from executor.validate import predict_slowed
-    from sim.engine import simulate
-    from sim.metrics import summarize
-    from sim.plan import plan
-    from sim.scenario import scenario_from_dict
-    comp = {"peak_flops": 50e9, "op_overhead_s": 1e-6, "efficiency_curve": [(1e4, 1.0)]}
-    f = tmp_path / "host.toml"
-    f.write_text(topology_text("host", 2, 2, comp, 20e9, {"alpha_s": 1e-6, "beta_bytes_per_s": 1e10, "r2": 1.0}))
-
-    def scenario(replicas):
-        return scenario_from_dict({"cluster": {"topology": str(f), "machines": 0},
-                                   "model": {"name": "mlp-digits", "batch_size": 8},
-                                   "parallel": {"replicas": replicas}, "training": {"steps": 3}}, "t.toml")
-    one = scenario(1)
-    p = plan(one)
-    plain = summarize(p, simulate(p))["step_time_s"]
-    assert predict_slowed(one, {"rank0": 1.0}) == pytest.approx(plain)
-    assert predict_slowed(one, {"rank0": 2.0}) == pytest.approx(2 * plain)     # every op of the only rank twice as long
-    two = scenario(2)
-    p = plan(two)
-    both = summarize(p, simulate(p))["step_time_s"]
-    slow = predict_slowed(two, {"rank0": 1.0, "rank1": 1.5})                    # sync: waits for the slow rank
-    assert both < slow <= 1.5 * both + 1e-12
-
-
-def test_a_prediction_with_the_hosts_noise_is_the_median_over_its_windows(tmp_path):
-    from executor.validate import predict_slowed, predict_with_noise
-    from sim.scenario import scenario_from_dict
-    comp = {"peak_flops": 50e9, "op_overhead_s": 1e-6, "efficiency_curve": [(1e4, 1.0)]}
-    mpi = {"alpha_s": 1e-6, "beta_bytes_per_s": 1e10, "r2": 1.0}
-
-    def scenario(ranks, factors):
-        f = tmp_path / f"host{ranks}.toml"
-        f.write_text(topology_text("host", ranks, 2, comp, 20e9, mpi, speed_factors=factors))
-        return scenario_from_dict({"cluster": {"topology": str(f), "machines": 0},
-                                   "model": {"name": "mlp-digits", "batch_size": 8},
-                                   "parallel": {"replicas": ranks}, "training": {"steps": 3}}, "t.toml")
-    one = scenario(1, [[1.0, 2.0, 2.0]])
-    plain = predict_slowed(one, {})
-    assert predict_with_noise(one) == pytest.approx(2 * plain)                  # median of 1x, 2x, 2x
-    assert predict_with_noise(scenario(1, [[1.0, 1.0, 2.0]])) == pytest.approx(plain)
-    assert predict_with_noise(scenario(1, [])) is None                          # no noise measured
-    two = scenario(2, [[1.0, 2.0, 1.0], [1.0, 1.0, 2.0]])                       # a core slow in two windows of three
-    assert predict_with_noise(two) == pytest.approx(predict_slowed(two, {"rank0": 2.0, "rank1": 1.0}))
-    assert predict_with_noise(two) > predict_slowed(two, {}) * 1.5
-    # windows given instead of the calibrated ones
-    assert predict_with_noise(two, {"rank0": [1.0, 1.0, 1.0], "rank1": [1.0, 2.0, 1.0]}) == pytest.approx(
-        predict_slowed(two, {}))
-
-
 def test_a_runs_quiet_step_is_a_low_percentile_of_its_windows_medians():
     from executor.hostspeed import quiet_time
     # windows of 1 s: [0.5, 0.5] -> 0.5; [1.0] -> 1.0; [0.25] * 4 -> 0.25; [2.0] -> 2.0; a short last [0.1] dropped
     times = [0.5, 0.5, 1.0, 0.25, 0.25, 0.25, 0.25, 2.0, 0.1]
-    assert quiet_time(times, window=1.0, pct=0) == 0.25
-    assert quiet_time(times, window=1.0, pct=50) == pytest.approx(0.75)
-    assert quiet_time(times, window=1.0, pct=100) == 2.0
+    assert quiet_time(times, window=1.0, pct=0, least=1) == 0.25
+    assert quiet_time(times, window=1.0, pct=50, least=1) == pytest.approx(0.75)
+    assert quiet_time(times, window=1.0, pct=100, least=1) == 2.0
+    # two steps a window at least: [0.5, 0.5] -> 0.5; [1.0, 0.25] -> 0.625; [0.25] * 3 + [2.0] (1 s after 4) -> 0.25
+    assert sorted(quiet_time(times, window=1.0, pct=p, least=2) for p in (0, 50, 100)) == \
+        pytest.approx([0.25, 0.5, 0.625])
     assert quiet_time([0.1, 0.3, 0.2], window=1.0, pct=10) == 0.2      # no whole window: the one there is
     assert quiet_time([]) == 0.0
 

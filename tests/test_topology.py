@@ -108,9 +108,6 @@ def test_base_merges_subtables_and_missing_file_is_a_config_error(tmp_path):
     ({"op_curves": {"allreduce": [[64, -1.0]]}}, "op_curves.allreduce"),
     ({"op_curves": {"allreduce": []}}, "op_curves.allreduce"),
     ({"op_curves": [[64, 1.0]]}, "op_curves"),
-    ({"speed_factors": [1.0, 0.0]}, "speed_factors"),
-    ({"speed_factors": ["fast"]}, "speed_factors"),
-    ({"speed_factors": 1.0}, "speed_factors"),
     ({"core_pool": "nowhere"}, "core_pool")])
 def test_bad_measured_costs_and_pools_name_the_field(extra, field):
     from sim.errors import ConfigError

@@ -1,10 +1,9 @@
 """The validation suite: every scenario in this folder in ROUNDS rounds, each calibrating
 this host afresh for each rank count the cases need (then those cases, one after another),
 simulating on that topology and executing for real (REPEATS runs); the
-median prediction against the median of all runs (``executor.validate.combine``), and the
-prediction with the host's noise as calibrate measured it (``executor.hostspeed``), and the
-prediction (the host without its neighbours: calibrate probes where it ran quietly) against
-the runs' quiet windows.
+median prediction against the median of all runs (``executor.validate.combine``), and
+against the runs' quiet windows (the prediction is the host without its neighbours:
+calibrate probes where it runs quietly; ``executor.hostspeed``).
 
     make validate        # writes out/validation.json and prints the table
 """
@@ -53,21 +52,16 @@ def main() -> None:
         print(f"{r['scenario']:<22} ranks {n:>2}  "
               f"predicted {r['predicted_step_time_s'] * 1e3:8.3f} ms  measured {r['measured_step_time_s'] * 1e3:8.3f} ms"
               f"  error {r['error_pct']:+7.1f}%  spread {r['spread_pct']:5.1f}%"
-              f"  with noise {r['with_noise_step_time_s'] * 1e3:8.3f} ms {r['with_noise_error_pct']:+7.1f}%"
               f"  quiet {r['quiet_step_time_s'] * 1e3:8.3f} ms {r['quiet_error_pct']:+7.1f}%"
               f" (spread {r['quiet_spread_pct']:5.1f}%)", flush=True)
     errors = [abs(r["error_pct"]) for r in rows]
-    noisy = [abs(r["with_noise_error_pct"]) for r in rows]
     quiet = [abs(r["quiet_error_pct"]) for r in rows]
     summary = {"median_abs_error_pct": statistics.median(errors), "worst_abs_error_pct": max(errors),
-               "with_noise_median_abs_error_pct": statistics.median(noisy),
-               "with_noise_worst_abs_error_pct": max(noisy),
                "quiet_median_abs_error_pct": statistics.median(quiet), "quiet_worst_abs_error_pct": max(quiet),
                "cases": rows}
     write_atomic(OUT, json.dumps(summary, indent=2))
     print(f"median |error| {summary['median_abs_error_pct']:.1f}%, worst {summary['worst_abs_error_pct']:.1f}% "
-          f"(goal: <= 3% and <= 8%); with the host's noise: {summary['with_noise_median_abs_error_pct']:.1f}%, "
-          f"{summary['with_noise_worst_abs_error_pct']:.1f}%; against the runs' quiet windows: "
+          f"(goal: <= 3% and <= 8%); against the runs' quiet windows: "
           f"{summary['quiet_median_abs_error_pct']:.1f}%, {summary['quiet_worst_abs_error_pct']:.1f}%; wrote {OUT}")
 
 
