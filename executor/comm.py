@@ -15,21 +15,60 @@ from .backend import to_numpy
 
 POLL_SLEEP_S = 50e-6      # between polls of a pending request; far below a step, far above a spin
 TAGS = {"a": 1, "g": 2, "r": 3}
+LOST_TAG = 4 * 10_000_000  # above every tag_of (layers < 1000)
 
 
 YIELD_FOR_S = 10e-3      # poll with sched_yield this long (a 16 MB message takes ~2 ms), then sleep
 
 
-def wait_buffer(req) -> None:
-    """Waits for a buffer-based request (Isend, Irecv, Iallreduce) by polling, yielding."""
+class ReplicaLost(Exception):
+    """A slot of this rank's replica crashed: the step can never finish."""
+
+
+def wait_buffer(req, lost=None) -> None:
+    """Waits for a buffer-based request (Isend, Irecv, Iallreduce) by polling, yielding.
+    ``lost`` (a ``LostWatch``) raises ``ReplicaLost`` when a slot of the replica crashed
+    before the step this wait belongs to."""
     if req.Test():
         return
     start = time.perf_counter()
     while not req.Test():
+        if lost is not None and lost.gone():
+            raise ReplicaLost
         if time.perf_counter() - start < YIELD_FOR_S:
             os.sched_yield()
         else:
             time.sleep(POLL_SLEEP_S)
+
+
+class LostWatch:
+    """Whether a slot of this replica crashed.  A crashed slot (``--fail``) tells the other
+    slots of its replica with one LOST message, standing in for the failure detector of a
+    real cluster: they would otherwise wait for it forever (every step needs every slot),
+    and so would the job's end.  The replica is gone from then on, as DistBelief loses a
+    model replica with any of its machines; the simulator's replica stalls the same way.
+
+    LOST carries the step the slot crashed at: it finished every step before it, so a mate
+    still in an earlier step (LOST can overtake it) waits on; ``step`` is set by the mate's
+    loop."""
+
+    def __init__(self, comm) -> None:
+        self.comm = comm
+        self.step = 0
+        self.crashed_at: int | None = None
+
+    def gone(self) -> bool:
+        if self.crashed_at is None and self.comm.Iprobe(tag=LOST_TAG):
+            msg = np.empty(1, np.int64)
+            self.comm.Recv(msg, tag=LOST_TAG)
+            self.crashed_at = int(msg[0])
+        return self.crashed_at is not None and self.step >= self.crashed_at
+
+    def tell(self, step: int) -> None:
+        """Sent by the crashed slot, once, to each other slot of its replica."""
+        for mate in range(self.comm.Get_size()):
+            if mate != self.comm.Get_rank():
+                self.comm.Send(np.array([step], np.int64), dest=mate, tag=LOST_TAG)
 
 
 def barrier(comm) -> None:
@@ -83,8 +122,8 @@ class MPITransport:
     receiver passes the shape and dtype it expects (it knows them from the Plan), so each
     message is one contiguous payload."""
 
-    def __init__(self, comm, xp=np) -> None:
-        self.comm, self.xp = comm, xp
+    def __init__(self, comm, xp=np, lost: LostWatch | None = None) -> None:
+        self.comm, self.xp, self.lost = comm, xp, lost
         self.pending: list = []
         self.bytes = 0
 
@@ -95,10 +134,16 @@ class MPITransport:
 
     def recv(self, src: int, dst: int, tag: tuple, shape: tuple, dtype):
         out = np.empty(shape, dtype=dtype)
-        wait_buffer(self.comm.Irecv(out, source=src, tag=tag_of(tag)))
+        req = self.comm.Irecv(out, source=src, tag=tag_of(tag))
+        try:
+            wait_buffer(req, self.lost)
+        except ReplicaLost:
+            req.Cancel()                                 # nothing will come: free the buffer
+            req.Wait()
+            raise
         return self.xp.asarray(out)
 
     def flush(self) -> None:
         for req, _buf in self.pending:
-            wait_buffer(req)
+            wait_buffer(req, self.lost)
         self.pending.clear()

@@ -39,7 +39,7 @@ from sim.scenario import load_scenario, parse_set
 from sim.trace import Span, Trace, write_chrome
 
 from .backend import get_xp, to_numpy
-from .comm import MPITransport, barrier, wait_buffer
+from .comm import LostWatch, MPITransport, ReplicaLost, barrier, wait_buffer
 from .data import Batches, digits, mnist, synthetic
 from .hostspeed import quiet_time
 from .kernels import init_params, softmax_xent_loss
@@ -74,10 +74,25 @@ def parse_fail(text: str | None, sc) -> tuple[int, int] | None:
     workers = sc.parallel.model_parallel * sc.parallel.replicas
     if not m or int(m.group(1)) >= workers:
         raise ConfigError("--fail", text, f"must be rank=K@step=S with K a worker rank (0..{workers - 1})")
-    if sc.training.algorithm == "sandblaster" and sc.parallel.model_parallel > 1:
-        raise ConfigError("--fail", text, "sandblaster with model_parallel > 1 does not survive a crashed rank yet "
-                                          "(its replica's other slots would wait for it)")
+    why = cannot_go_on(sc)
+    if why:
+        raise ConfigError("--fail", text, why)
     return int(m.group(1)), int(m.group(2))
+
+
+def cannot_go_on(sc) -> str:
+    """Why the job would wait for a crashed worker forever ("" when it goes on without it:
+    a crashed slot takes its replica with it, and the other replicas carry on)."""
+    par, tr = sc.parallel, sc.training
+    if par.replicas == 1:
+        return "the crashed rank's replica is the only one: nothing would be left to train"
+    if tr.algorithm == "sync" and not par.ps_shards:
+        return "sync SGD by allreduce waits for every replica: give parallel.ps_shards and training.backup_workers"
+    if tr.algorithm == "sync" and not tr.backup_workers:
+        return "sync SGD waits for every replica: give training.backup_workers >= 1"
+    if tr.algorithm == "local":
+        return "local SGD averages over every replica: it would wait for the crashed one"
+    return ""
 
 
 def check_checkpoint(args, sc) -> None:
@@ -200,6 +215,7 @@ class RankJob:
         self.rep = world.Split(color=self.r if is_worker else MPI.UNDEFINED, key=self.j)
         self.slot = world.Split(color=self.j if is_worker else MPI.UNDEFINED, key=self.r)
         self.shards = world.Split(color=0 if self.role == "shard" else MPI.UNDEFINED, key=world.rank)
+        self.lost = LostWatch(self.rep) if fail and is_worker and self.M > 1 else None
         full = init_params(sc.model, np.random.default_rng(sc.seed), dtype=np.float32)
         self.box_params = {}
         for i, sl in enumerate(self.p.slices):
@@ -259,7 +275,7 @@ class RankJob:
         W = self.M * self.R
         out = coordinate(self.world, [r * self.M for r in range(self.R)], [W + k for k in range(self.S)],
                          self.sc.training.steps, units, self.sc.training.backup_tasks, self.sc.faults.detect_timeout_s,
-                         pushes_per_replica=self.M)
+                         pushes_per_replica=self.M, acks=self.M > 1 and self.failed_rank >= 0)
         return {"role": "coordinator", **out}
 
     def sandblaster_worker(self) -> dict:
@@ -269,7 +285,7 @@ class RankJob:
         import dataclasses
         from sim.algorithms.sandblaster import units_of
         from .comm import probe
-        from .sandblaster import ASSIGN, END, READY, RESULT
+        from .sandblaster import ACK, ASSIGN, END, READY, RESULT
         sc, xp, p, tr, j = self.sc, self.xp, self.p, self.sc.training, self.j
         units, unit_size = units_of(sc)
         unit_plan = plan(dataclasses.replace(sc, batch_size=unit_size), check_memory=False)
@@ -286,7 +302,10 @@ class RankJob:
         step_times, batches = [], 0
         for b in range(tr.steps):
             xb, yb = whole.next()
+            if self.lost is not None:
+                self.lost.step = b
             if self.world.rank == self.failed_rank and b >= self.fail_step:
+                self.crash(b)
                 break
             start = time.perf_counter()
             client.fetch(flat, b)
@@ -294,6 +313,7 @@ class RankJob:
             if lead:
                 self.world.Send(np.zeros(1, np.int64), dest=coord, tag=READY)
             grads: dict[int, np.ndarray] = {}
+            gone = False
             while True:
                 if lead:
                     _, tag = probe(self.world, status, coord, MPI.ANY_TAG)
@@ -304,22 +324,36 @@ class RankJob:
                     else:                              # [n, the n units this replica won]
                         self.world.Recv(cmd[1:], source=coord, tag=END)
                         cmd[0] = END
-                if self.M > 1:
-                    wait_buffer(self.rep.Ibcast(cmd, root=0))
+                try:
+                    if self.M > 1:
+                        wait_buffer(self.rep.Ibcast(cmd, root=0), self.lost)
+                    if cmd[0] == ASSIGN:
+                        u = int(cmd[1])
+                        t = time.perf_counter()
+                        xs, ys = xb[u * unit_size:(u + 1) * unit_size], yb[u * unit_size:(u + 1) * unit_size]
+                        res = run_step(unit_plan, {j}, params, xp.asarray(xs), xp.asarray(ys),
+                                       MPITransport(self.rep, xp, self.lost), xp=xp)
+                    elif self.lost is not None:        # END: do all slots have it (will all push)?
+                        wait_buffer(self.rep.Ibarrier(), self.lost)
+                except ReplicaLost:                    # a slot of this replica crashed: so has the replica
+                    if lead:
+                        self.world.Send(np.array([b, 0], np.int64), dest=coord, tag=ACK)
+                    gone = True
+                    break
                 if cmd[0] == ASSIGN:
-                    u = int(cmd[1])
-                    t = time.perf_counter()
-                    xs, ys = xb[u * unit_size:(u + 1) * unit_size], yb[u * unit_size:(u + 1) * unit_size]
-                    res = run_step(unit_plan, {j}, params, xp.asarray(xs), xp.asarray(ys), MPITransport(self.rep, xp), xp=xp)
                     grads[u] = self.flatten(res.grads, j)
                     self.span(f"unit {u}", "compute", me, b, t, time.perf_counter(), 0.0, 0.0, "unit")
                     if lead:
                         self.world.Send(np.array([b, u], np.int64), dest=coord, tag=RESULT)
                 else:
+                    if lead and self.lost is not None:
+                        self.world.Send(np.array([b, 1], np.int64), dest=coord, tag=ACK)
                     won = [int(u) for u in cmd[2:2 + int(cmd[1])]]
                     total = sum((grads[u] for u in won), np.zeros_like(flat))
                     client.push(total, b)
                     break
+            if gone:
+                break
             step_times.append(time.perf_counter() - start)
             batches += 1
         return self.finish(params, flat, client, x_te, y_te, step_times, [], batches, final_fetch=tr.steps)
@@ -372,7 +406,7 @@ class RankJob:
         params = {key: [xp.asarray(a) for a in arrs] for key, arrs in self.box_params.items() if key[1] == j}
         x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed, self.data)
         batches = Batches(x_tr[r::self.R], y_tr[r::self.R], sc.batch_size, np.random.default_rng([sc.seed, r]))
-        transport = MPITransport(self.rep, xp)
+        transport = MPITransport(self.rep, xp, self.lost)
         devices = p.devices[r]
         me = devices[j]
         client = ShardClient(self.world, [self.M * self.R + k for k in range(self.S)], self.runs_of(j),
@@ -382,7 +416,10 @@ class RankJob:
         step_times, losses, steps_done = [], [], 0
         op_log: list[tuple] = []
         for step in range(tr.steps):
+            if self.lost is not None:
+                self.lost.step = step
             if self.world.rank == self.failed_rank and step >= self.fail_step:
+                self.crash(step)
                 break                                          # crashed: silent from here on
             start = time.perf_counter()
             if client and (tr.algorithm == "sync" or step % tr.n_fetch == 0):
@@ -396,7 +433,10 @@ class RankJob:
                 now = time.perf_counter()
                 op_log.append((op, part, step, last[0], now))
                 last[0] = now
-            res = run_step(p, {j}, params, xp.asarray(x), xp.asarray(y), transport, xp=xp, on_op=on_op)
+            try:
+                res = run_step(p, {j}, params, xp.asarray(x), xp.asarray(y), transport, xp=xp, on_op=on_op)
+            except ReplicaLost:                                # a slot of this replica crashed: so has the replica
+                break
             t1 = time.perf_counter()
             if tr.algorithm == "sync" and not self.S:
                 if self.R > 1:                          # one flat buffer for the collective, then in place
@@ -440,6 +480,12 @@ class RankJob:
             else:
                 self.span(f"{op.kind} L{op.layer}", "compute", me, step, t0, t1, 0.0, op.flops, op.kind)
         return self.finish(params, flat, client, x_te, y_te, step_times, losses, steps_done)
+
+    def crash(self, step: int) -> None:
+        """This rank stops as a crashed machine would, at ``step``; the other slots of its
+        replica are told (``comm.LostWatch``)."""
+        if self.lost is not None:
+            self.lost.tell(step)
 
     def finish(self, params, flat, client, x_te, y_te, step_times, losses, steps_done, final_fetch=-1,
                slot=None) -> dict:

@@ -13,6 +13,10 @@ Per batch (``batch_size x replicas`` samples cut into ``work_units`` units):
 Ranks: workers first (replica-major), then shards, then the coordinator.  A replica of
 several slots (model parallelism) talks to the coordinator through its slot 0, which
 passes each unit on to the others; every slot pushes its part of the won units' sum.
+Such a replica is lost with any of its slots (``comm.LostWatch``); when a slot may crash
+(``acks``), its leader answers each END with ACK [batch, 1] once every slot has it (they
+will all push) or sends ACK [batch, 0] as soon as its replica is lost, and the shards are
+told to wait for the pushes of the acknowledged replicas only.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import numpy as np
 from .comm import POLL_SLEEP_S, Outbox, probe
 from .psrank import DONE, FETCH, REPLY, decode, encode, message_buffer, put, take
 
-READY, ASSIGN, RESULT, END, EXPECT = 31, 32, 33, 34, 35
+READY, ASSIGN, RESULT, END, EXPECT, ACK = 31, 32, 33, 34, 35, 36
 # The first batch waits at least this long for every replica's READY: ranks start at
 # different times (importing, loading data, planning take seconds when ranks outnumber the
 # cores), and a replica given up on while it was only starting could never rejoin.
@@ -33,10 +37,10 @@ STARTUP_S = 60.0
 
 # --- coordinator ----------------------------------------------------------------------------------
 def coordinate(comm, leaders: list[int], shard_ranks: list[int], batches: int, units: int,
-               backup_tasks: bool, timeout_s: float, pushes_per_replica: int = 1) -> dict:
+               backup_tasks: bool, timeout_s: float, pushes_per_replica: int = 1, acks: bool = False) -> dict:
     """Hands out units to the replicas' leaders (slot 0 of each); tells the shards how many
     pushes a batch brings (one per slot of every live replica); returns counts of units
-    run, duplicated and lost to failures."""
+    run, duplicated and lost to failures.  ``acks``: leaders acknowledge END (see above)."""
     from mpi4py import MPI
     status = MPI.Status()
     live = set(leaders)
@@ -90,8 +94,14 @@ def coordinate(comm, leaders: list[int], shard_ranks: list[int], batches: int, u
                 continue
             now = time.perf_counter()
             stale = [r for r in live if r not in free and now - started.get(r, now) > timeout_s]
-            for r in stale:                              # silent too long: its units go back
+            if acks and comm.Iprobe(source=MPI.ANY_SOURCE, tag=ACK, status=status):
+                src = status.Get_source()                # before END only [b, 0] comes: its replica is lost
+                _ack(comm, src, b, live)
+                stale.append(src)
+            for r in stale:                              # silent too long, or lost: its units go back
                 live.discard(r)
+                if r in free:
+                    free.remove(r)
                 for u, rs in running.items():
                     if r in rs:
                         rs.remove(r)
@@ -102,11 +112,26 @@ def coordinate(comm, leaders: list[int], shard_ranks: list[int], batches: int, u
         for r in live:
             mine = [u for u, w in won.items() if w == r]
             comm.Send(np.array([len(mine), *mine], np.int64), dest=r, tag=END)
+        for r in sorted(live) if acks else []:           # each says whether its whole replica pushes
+            while r in live and _ack(comm, r, b, live) != r:
+                pass
         for k in shard_ranks:
             comm.Send(np.array([len(live) * pushes_per_replica], np.int64), dest=k, tag=EXPECT)
     for k in shard_ranks:
         comm.Send(np.array([-1], np.int64), dest=k, tag=EXPECT)
     return {"units_run": ran, "backup_copies": dup, "replicas_left": len(live)}
+
+
+def _ack(comm, src: int, b: int, live: set[int]) -> int:
+    """Takes one ACK from ``src``: [b, 1] returns ``src``; [b, 0] (its replica is lost)
+    drops it from ``live`` and returns -1, as does an ACK of an earlier batch."""
+    from mpi4py import MPI
+    msg = np.empty(2, np.int64)
+    probe(comm, MPI.Status(), src, ACK)                  # yields while it waits
+    comm.Recv(msg, source=src, tag=ACK)
+    if int(msg[0]) == b and not msg[1]:
+        live.discard(src)
+    return src if int(msg[0]) == b and msg[1] else -1
 
 
 # --- shard ----------------------------------------------------------------------------------------

@@ -148,3 +148,51 @@ def test_outbox_keeps_buffers_until_their_sends_complete():
     assert [id(buf) for _, buf in box.pending] == [id(b), id(c)]
     box.drain()
     assert box.pending == [] and [(d, t) for _, d, t in comm.sent] == [(1, 13), (2, 13), (1, 13)]
+
+
+def test_a_wait_gives_up_only_on_steps_from_the_one_its_mate_crashed_at():
+    from executor.comm import LOST_TAG, LostWatch, ReplicaLost, wait_buffer
+
+    class Comm:                                   # one LOST message waiting: "crashed at step 10"
+        def __init__(self):
+            self.lost = [10]
+
+        def Iprobe(self, tag):
+            return tag == LOST_TAG and bool(self.lost)
+
+        def Recv(self, buf, tag):
+            buf[0] = self.lost.pop()
+
+    class Req:                                    # completes on Test number ``at`` (never when 0)
+        def __init__(self, at):
+            self.at, self.tests = at, 0
+
+        def Test(self):
+            self.tests += 1
+            return self.tests == self.at
+
+    watch = LostWatch(Comm())
+    watch.step = 9                                # the mate finished step 9: its messages come
+    wait_buffer(Req(at=50), watch)
+    assert watch.crashed_at == 10
+    watch.step = 10
+    with pytest.raises(ReplicaLost):
+        wait_buffer(Req(at=0), watch)
+    wait_buffer(Req(at=1), watch)                 # already complete: taken, not lost
+    wait_buffer(Req(at=50))                       # no watch: waits it out
+
+
+def test_fail_is_refused_where_the_job_would_wait_for_the_crashed_rank_forever():
+    from executor.ranks import cannot_go_on
+    from helpers import scenario
+    assert cannot_go_on(scenario(parallel={"replicas": 2, "model_parallel": 2, "ps_shards": 1},
+                                 training={"algorithm": "downpour"})) == ""
+    assert cannot_go_on(scenario(parallel={"replicas": 2, "model_parallel": 2, "ps_shards": 1},
+                                 training={"algorithm": "sandblaster"})) == ""
+    assert cannot_go_on(scenario(parallel={"replicas": 3, "ps_shards": 1},
+                                 training={"algorithm": "sync", "backup_workers": 1})) == ""
+    assert "only one" in cannot_go_on(scenario(parallel={"replicas": 1, "model_parallel": 2, "ps_shards": 1},
+                                               training={"algorithm": "downpour"}))
+    assert "allreduce" in cannot_go_on(scenario(parallel={"replicas": 2}))
+    assert "backup_workers" in cannot_go_on(scenario(parallel={"replicas": 2, "ps_shards": 1}))
+    assert "local" in cannot_go_on(scenario(parallel={"replicas": 2}, training={"algorithm": "local"}))

@@ -234,12 +234,38 @@ def test_sandblaster_sums_every_replicas_units_the_same_with_one_or_two_slots(tm
     assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[2] == pytest.approx(losses[0], rel=1e-6)
 
 
-def test_sandblaster_with_model_parallelism_refuses_fail_in_one_line(tmp_path):
+@pytest.mark.parametrize("failed", [1, 2])               # replica 0's second slot; replica 1's leader
+def test_sandblaster_goes_on_without_the_replica_of_a_crashed_slot(tmp_path, failed):
+    out = execute(tmp_path, SANDBLASTER.format(mp=2, r=2, steps=30), "--set", "parallel.ps_shards=1",
+                  "--fail", f"rank={failed}@step=10")
+    lost = [0, 1] if failed < 2 else [2, 3]                # the crashed slot and its replica's other slot
+    assert [out["steps_per_worker"][k] for k in lost] == [10, 10]
+    assert [out["steps_per_worker"][k] for k in range(4) if k not in lost] == [30, 30]
+    assert out["shard_updates"] == [30] and out["replicas_left"] == 1 and out["units_run"] >= 30 * 24
+    assert out["accuracy"] >= 0.8
+
+
+def test_downpour_goes_on_without_the_replica_of_a_crashed_slot(tmp_path):
+    out = execute(tmp_path, DOWNPOUR.format(mp=2, r=2, steps=200), "--set", "parallel.ps_shards=1",
+                  "--fail", "rank=1@step=40")
+    assert out["steps_per_worker"] == [40, 40, 200, 200]
+    assert out["shard_updates"] == [2 * 40 + 2 * 200]       # one update per slot's push
+    assert out["accuracy"] >= 0.9
+
+
+def test_sync_with_a_backup_worker_goes_on_without_the_replica_of_a_crashed_slot(tmp_path):
+    out = execute(tmp_path, SYNC.format(mp=2, r=3, steps=30), "--set", "parallel.ps_shards=1",
+                  "--set", "training.backup_workers=1", "--fail", "rank=1@step=10")
+    assert out["steps_per_worker"] == [10, 10, 30, 30, 30, 30] and out["shard_updates"] == [30]
+    assert out["accuracy"] >= 0.85
+
+
+def test_fail_where_the_job_cannot_go_on_is_refused_in_one_line(tmp_path):
     f = tmp_path / "s.toml"
-    f.write_text(SANDBLASTER.format(mp=2, r=2, steps=5))
+    f.write_text(SYNC.format(mp=2, r=2, steps=5))
     proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--set", "parallel.ps_shards=1",
                            "--fail", "rank=1@step=2"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--fail" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "backup_workers" in proc.stderr, proc.stderr
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> None:
