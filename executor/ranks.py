@@ -257,8 +257,7 @@ class RankJob:
 
     # --- roles ------------------------------------------------------------------------------
     def go(self):
-        barrier(self.world)
-        self.t0 = time.perf_counter()
+        self.t0 = common_start(self.world)
         if self.role == "coordinator":
             return self.coordinator(), self.spans
         if self.role == "shard":
@@ -513,6 +512,18 @@ class RankJob:
                 "step_time_s": med, "quiet_step_time_s": quiet, "wall_s": wall, "accuracy": acc if evaluating and j == 0 else None,
                 "loss": loss if evaluating and j == 0 else None, "ps_bytes_sent": sent,
                 "train_loss": float(np.mean(losses[-10:])) if losses else None, "events": len(self.spans)}
+
+
+def common_start(world) -> float:
+    """The job's time zero for its spans, after a barrier: rank 0's clock reading where every
+    rank runs on one host (``perf_counter`` is the host's monotonic clock, so a message's
+    send on one rank and its receipt on another line up: validation pairs them), else
+    each rank's own."""
+    from mpi4py import MPI
+    one_host = len(set(world.allgather(MPI.Get_processor_name()))) == 1
+    barrier(world)
+    t0 = time.perf_counter()
+    return world.bcast(t0, root=0) if one_host else t0
 
 
 def evaluate(p, params, x, y, j: int, rep, xp) -> tuple[float, float]:

@@ -3,9 +3,9 @@
 One Plan: simulated on the calibrated topology of this host, and executed for real
 ``repeats`` times.  Compared: the step time (median of the measured runs' medians against
 the simulated median) and, on the first rank's device, the time per step spent in each
-phase (forward, backward, transfers, updates).  Errors are (predicted - measured) /
-measured in percent; the spread of the measurements ((max - min) / median) says how much
-of an error is noise.
+phase (forward, backward, transfers, updates, waits: the rest of the step), and two steps
+of each timeline for the plot.  Errors are (predicted - measured) / measured in percent;
+the spread of the measurements ((max - min) / median) says how much of an error is noise.
 
 Calibration times the ops where the host ran at its quiet speed (``executor.hostspeed``):
 the prediction is the step on this host without its neighbours.  Each run's quiet step
@@ -53,10 +53,12 @@ def spread_pct(values: list[float]) -> float:
 def phase_times(spans, device: str) -> dict[str, float]:
     """Seconds per step by phase on ``device`` (its compute spans and the transfers it
     sends): each phase's total in every step, the median over the steps (as the step time
-    is a median, so a first step's page faults count in neither)."""
+    is a median, so a first step's page faults count in neither).  ``spans``: (name,
+    phase, where, start, duration, step); an executed message's two halves are made one
+    first (``messages``)."""
     per_step: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
     steps = set()
-    for _name, phase, where, dur, step in spans:
+    for _name, phase, where, _start, dur, step in messages(spans):
         steps.add(step)
         group = PHASES.get(phase)
         if group and (where == device or where.startswith(device + "->")):
@@ -65,11 +67,57 @@ def phase_times(spans, device: str) -> dict[str, float]:
     return {g: statistics.median(by_step.get(s, 0.0) for s in steps) for g, by_step in per_step.items()} if steps else {}
 
 
+def waits(step_s: float, phases: dict[str, float]) -> float:
+    """What of a step the device spends on none of its phases: waiting for a message, a
+    shard, a collective's last member (the step's median less the phases' medians, at least 0)."""
+    return max(0.0, step_s - sum(v for k, v in phases.items() if k != "waits"))
+
+
+def messages(spans) -> list[tuple]:
+    """An executed message between slots is two spans, "<name> send" on the sender and
+    "<name> recv" on the receiver, from its previous op's end to the message's arrival
+    (waiting for the sender included).  As the simulator counts a message (the sender's
+    cost, the wire, the receiver's), it is the send and the part of the receive after the
+    send was done; a receiver that came late pays only its own copy.  The halves pair up in
+    order per name, route and step (the spans share one clock: ``ranks.common_start``)."""
+    halves: dict[tuple, dict[str, list]] = defaultdict(lambda: {"send": [], "recv": []})
+    out = []
+    for sp in spans:
+        name, phase, where, start, dur, step = sp
+        base, _, part = name.rpartition(" ")
+        if part in ("send", "recv"):
+            halves[(base, phase, where, step)][part].append((start, dur))
+        else:
+            out.append(sp)
+    for (base, phase, where, step), h in halves.items():
+        sends, recvs = sorted(h["send"]), sorted(h["recv"])
+        for (s0, sd), (r0, rd) in zip(sends, recvs):
+            after = max(0.0, r0 + rd - max(r0, s0 + sd))
+            out.append((base, phase, where, s0, sd + after, step))
+        for start, dur in sends[len(recvs):] + recvs[len(sends):]:
+            out.append((base, phase, where, start, dur, step))
+    return out
+
+
+def timeline(spans, steps: int = 2) -> list[list]:
+    """[where, phase, start, duration] of the spans of ``steps`` steps from the middle of a
+    run (start from the first one's start), for the plot of predicted and measured
+    timelines; ``spans`` as for ``phase_times``."""
+    spans = messages(spans)
+    numbers = sorted({sp[5] for sp in spans if sp[5] >= 0})
+    if not numbers:
+        return []
+    first = numbers[len(numbers) // 2 - (steps - 1) // 2 if len(numbers) > steps else 0]
+    shown = [sp for sp in spans if first <= sp[5] < first + steps]
+    t0 = min(sp[3] for sp in shown)
+    return [[where, phase, start - t0, dur] for _name, phase, where, start, dur, _step in sorted(shown, key=lambda sp: sp[3])]
+
+
 def _chrome_spans(path: Path) -> list[tuple]:
     data = json.loads(Path(path).read_text())
     names = {(e["pid"], e["tid"]): e["args"]["name"] for e in data["traceEvents"] if e.get("name") == "thread_name"}
-    return [(e["name"], e["cat"], names[(e["pid"], e["tid"])], e["dur"] * 1e-6, e["args"].get("step", -1))
-            for e in data["traceEvents"] if e.get("ph") == "X"]
+    return [(e["name"], e["cat"], names[(e["pid"], e["tid"])], e["ts"] * 1e-6, e["dur"] * 1e-6,
+             e["args"].get("step", -1)) for e in data["traceEvents"] if e.get("ph") == "X"]
 
 
 def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 3) -> dict:
@@ -82,8 +130,9 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     res = simulate(p)
     summary = summarize(p, res)
     device = p.devices[0][0]
-    predicted_phases = phase_times([(s.name, s.phase, s.where, s.duration_s, s.step) for s in res.trace.spans],
-                                   device)
+    sim_spans = [(s.name, s.phase, s.where, s.start_s, s.duration_s, s.step) for s in res.trace.spans]
+    predicted_phases = phase_times(sim_spans, device)
+    predicted_phases["waits"] = waits(summary["step_time_s"], predicted_phases)
     measured, quiet, phases = [], [], []
     set_args = [a for item in items for a in ("--set", item)]
     for _ in range(repeats):
@@ -96,7 +145,10 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
             out = json.loads(proc.stdout)
             measured.append(out["step_time_s"])
             quiet.append(out["quiet_step_time_s"])
-            phases.append(phase_times(_chrome_spans(trace), device))
+            run_spans = _chrome_spans(trace)
+            ph = phase_times(run_spans, device)
+            ph["waits"] = waits(out["step_time_s"], ph)
+            phases.append(ph)
     meas = statistics.median(measured)
     table = {}
     for group in sorted(set(predicted_phases) | {g for ph in phases for g in ph}):
@@ -107,6 +159,7 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
             "predicted_step_time_s": summary["step_time_s"], "measured_step_time_s": meas,
             "error_pct": error_pct(summary["step_time_s"], meas), "measured_runs_s": measured,
             "spread_pct": spread_pct(measured), "phases": table,
+            "timelines": {"predicted": timeline(sim_spans), "measured": timeline(run_spans)},
             **quiet_row(summary["step_time_s"], quiet)}
 
 

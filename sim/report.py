@@ -15,7 +15,7 @@ from .trace import Trace, replace_atomic  # noqa: E402
 
 PHASE_COLOURS = {"fwd": "#4c72b0", "bwd": "#dd8452", "update": "#55a868", "allreduce": "#c44e52",
                  "push": "#8172b3", "fetch": "#937860", "activation": "#da8bc3", "halo": "#8c8c8c",
-                 "gradient": "#ccb974", "reduction": "#64b5cd", "stage": "#da8bc3"}
+                 "gradient": "#ccb974", "reduction": "#64b5cd", "stage": "#da8bc3", "wait": "#bbbbbb"}
 
 
 def si(value: float, unit: str) -> str:
@@ -176,18 +176,42 @@ def plot_topology(topo, path: str | Path) -> None:
 
 
 def plot_validation(result: dict, path: str | Path) -> None:
-    """Predicted against measured seconds per step, by phase and for the whole step."""
+    """The predicted timeline above a measured one (two steps from the middle of the
+    simulation and of the last run, on one time axis), then predicted against measured
+    seconds per step by phase and for the whole step."""
+    lines = result.get("timelines", {})
     names = list(result["phases"]) + ["step"]
+    rows = list(dict.fromkeys(w for tl in lines.values() for w, *_ in tl if "->" not in w))
+    rows += sorted({w for tl in lines.values() for w, *_ in tl if "->" in w})
+    panels = [(k, lines[k]) for k in ("predicted", "measured") if lines.get(k)]
+    fig, axes = plt.subplots(len(panels) + 1, 1, figsize=(10, 3.5 + len(panels) * (1 + 0.25 * len(rows))),
+                             gridspec_kw={"height_ratios": [max(len(rows), 2)] * len(panels) + [5]})
+    axes = list(axes) if panels else [axes]
+    end = max((start + dur for _, tl in panels for _w, _ph, start, dur in tl), default=0.0)
+    scale, unit = (1e3, "ms") if end >= 1e-3 else (1e6, "us")
+    for ax, (label, tl) in zip(axes, panels):
+        for where, phase, start, dur in tl:
+            ax.barh(rows.index(where), dur * scale, left=start * scale, height=0.7,
+                    color=PHASE_COLOURS.get(phase, "#999999"), edgecolor="none")
+        ax.set_yticks(range(len(rows)), rows, fontsize=7)
+        ax.set_xlim(0, end * scale)
+        ax.invert_yaxis()
+        ax.set_title(f"{label}: two steps", fontsize=9)
+        ax.set_xlabel(unit, fontsize=8)
+    if panels:
+        shown = {ph for _, tl in panels for _w, ph, *_ in tl}
+        axes[0].legend([plt.Rectangle((0, 0), 1, 1, color=c) for ph, c in PHASE_COLOURS.items() if ph in shown],
+                       [ph for ph in PHASE_COLOURS if ph in shown], fontsize=7, loc="lower right", ncols=4)
     pred = [result["phases"][n]["predicted_s"] for n in names[:-1]] + [result["predicted_step_time_s"]]
     meas = [result["phases"][n]["measured_s"] for n in names[:-1]] + [result["measured_step_time_s"]]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    ax = axes[-1]
     xs = range(len(names))
     ax.bar([x - 0.2 for x in xs], [v * 1e3 for v in pred], width=0.4, label="predicted (simulated)")
     ax.bar([x + 0.2 for x in xs], [v * 1e3 for v in meas], width=0.4, label="measured (executed)")
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("ms per step")
     ax.set_title(f"{result['scenario']}: step error {result['error_pct']:+.1f}% "
-                 f"(measurement spread {result['spread_pct']:.1f}%)")
+                 f"(measurement spread {result['spread_pct']:.1f}%)", fontsize=9)
     ax.legend()
     fig.tight_layout()
     save_figure(fig, path)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from executor.calibrate import fit_alpha_beta, topology_text
-from executor.validate import combine, error_pct, phase_times, spread_pct
+from executor.validate import combine, error_pct, phase_times, spread_pct, waits
 from sim.topogen import build_topology, load_topology
 from sim.topology import Device
 
@@ -20,12 +20,29 @@ def test_error_arithmetic():
     assert error_pct(0.5, 2.0) == pytest.approx(-75.0)
     assert error_pct(0.0, 0.0) == 0.0 and math.isinf(error_pct(1.0, 0.0))
     assert spread_pct([1.0, 1.2, 0.9]) == pytest.approx(30.0)
-    spans = [("fwd L0", "fwd", "d0", 2.0, 0), ("halo L1", "halo", "d0->d1", 1.0, 0), ("fwd L0", "fwd", "d1", 5.0, 0),
-             ("update", "update", "d0", 0.5, 0), ("fwd L0", "fwd", "d0", 1.0, 1), ("fwd L1", "fwd", "d0", 0.5, 1),
-             ("fwd L0", "fwd", "d0", 9.0, 2), ("serve", "ps_update", "d0", 7.0, -1)]
+    spans = [("fwd L0", "fwd", "d0", 0.0, 2.0, 0), ("halo L1", "halo", "d0->d1", 2.0, 1.0, 0),
+             ("fwd L0", "fwd", "d1", 0.0, 5.0, 0), ("update", "update", "d0", 3.0, 0.5, 0),
+             ("fwd L0", "fwd", "d0", 4.0, 1.0, 1), ("fwd L1", "fwd", "d0", 5.0, 0.5, 1),
+             ("fwd L0", "fwd", "d0", 6.0, 9.0, 2), ("serve", "ps_update", "d0", 0.0, 7.0, -1)]
     # per step: forward 2.0, 1.5, 9.0 -> median 2.0; transfers 1.0, 0, 0 -> 0; update 0.5, 0, 0 -> 0
     assert phase_times(spans, "d0") == {"forward": 2.0, "transfers": 0.0, "update": 0.0}
     assert phase_times([], "d0") == {}
+    assert waits(3.0, {"forward": 2.0, "transfers": 0.5, "waits": 9.0}) == 0.5 and waits(1.0, {"forward": 2.0}) == 0.0
+
+
+def test_an_executed_message_is_its_send_and_the_receive_after_it():
+    from executor.validate import messages
+    spans = [("act L1 send", "activation", "d0->d1", 1.0, 0.1, 0),      # sent 1.0-1.1
+             ("act L1 recv", "activation", "d0->d1", 0.5, 0.9, 0),      # waited from 0.5: arrived at 1.4
+             ("act L1 send", "activation", "d0->d1", 1.2, 0.1, 0),      # the second micro-batch's, sent 1.2-1.3
+             ("act L1 recv", "activation", "d0->d1", 2.0, 0.05, 0),     # its receiver came late: its copy only
+             ("act L1 send", "activation", "d0->d1", 7.0, 0.2, 1),      # no receive traced: as it is
+             ("fwd L0", "fwd", "d0", 0.0, 1.0, 0)]
+    got = sorted(messages(spans), key=lambda sp: (sp[5], sp[3]))
+    assert got[0] == ("fwd L0", "fwd", "d0", 0.0, 1.0, 0)
+    assert [sp[:4] for sp in got[1:]] == [("act L1", "activation", "d0->d1", 1.0), ("act L1", "activation", "d0->d1", 1.2),
+                                          ("act L1", "activation", "d0->d1", 7.0)]
+    assert [sp[4] for sp in got[1:]] == pytest.approx([0.1 + 0.3, 0.1 + 0.05, 0.2])
 
 
 def test_alpha_beta_fit_recovers_exact_parameters():
@@ -131,7 +148,9 @@ def test_validate_runs_end_to_end_with_finite_errors(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert out["predicted_step_time_s"] > 0 and out["measured_step_time_s"] > 0
-    assert math.isfinite(out["error_pct"]) and {"forward", "backward"} <= set(out["phases"])
+    assert math.isfinite(out["error_pct"]) and {"forward", "backward", "waits"} <= set(out["phases"])
+    rows = [{w for w, *_ in out["timelines"][k]} for k in ("predicted", "measured")]
+    assert rows[0] == rows[1] and len(rows[0]) == 2            # the Plan's two devices, in the run as in the simulation
     assert out["quiet_step_time_s"] > 0 and math.isfinite(out["quiet_error_pct"]) and len(out["quiet_runs_s"]) == 1
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
 
