@@ -55,35 +55,41 @@ MPI_SIZES = [2**k for k in range(3, 25, 3)]
 ALLREDUCE_SIZES = [2**k for k in (6, 10, 12, 14, 15, 16, 17, 18, 20, 22, 24, 26)]
 
 
-def median_time(fn, repeats: int = REPEATS) -> float:
+def median_time(fn, repeats: int = REPEATS, sync=lambda: None) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after one untimed; ``sync`` waits
+    for the work ``fn`` queued (a GPU's stream), before the clock starts and stops."""
     fn()
+    sync()
     out = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        sync()
         out.append(time.perf_counter() - t)
     return statistics.median(out)
 
 
-def measure_compute(rng: np.random.Generator) -> dict:
-    """Per-op overhead (s), peak FLOP/s and the efficiency curve of the dense kernels."""
+def measure_compute(rng: np.random.Generator, xp=np, sync=lambda: None) -> dict:
+    """Per-op overhead (s), peak FLOP/s and the efficiency curve of the dense kernels, on
+    the arrays of ``xp`` (NumPy here, CuPy on a GPU with its ``sync``)."""
     tiny = make_layer("dense", units=1)
-    x1 = np.ones((1, 1, 1, 1), np.float32)
-    params1 = [np.ones((1, 1), np.float32), np.zeros(1, np.float32)]
-    overhead = median_time(lambda: forward(np, tiny, (1, 1, 1), x1, full_box((1, 1, 1)), full_box((1, 1, 1)), params1),
-                            101)
+    x1 = xp.ones((1, 1, 1, 1), np.float32)
+    params1 = [xp.ones((1, 1), np.float32), xp.zeros(1, np.float32)]
+    overhead = median_time(lambda: forward(xp, tiny, (1, 1, 1), x1, full_box((1, 1, 1)), full_box((1, 1, 1)), params1),
+                           101, sync)
     points, back = [], []
     for b, n_in, n_out in DENSE_SHAPES:
         layer = make_layer("dense", units=n_out)
-        x = rng.standard_normal((b, n_in, 1, 1), dtype=np.float32)
-        params = [rng.standard_normal((n_in, n_out), dtype=np.float32), np.zeros(n_out, np.float32)]
+        x = xp.asarray(rng.standard_normal((b, n_in, 1, 1), dtype=np.float32))
+        params = [xp.asarray(rng.standard_normal((n_in, n_out), dtype=np.float32)), xp.zeros(n_out, np.float32)]
         rin, box = full_box((n_in, 1, 1)), full_box((n_out, 1, 1))
         flops = 2.0 * b * n_in * n_out
-        points.append((flops, median_time(lambda: forward(np, layer, (n_in, 1, 1), x, rin, box, params))))
-        y, cache = forward(np, layer, (n_in, 1, 1), x, rin, box, params)
-        dy = np.ones_like(y)
+        points.append((flops, median_time(lambda: forward(xp, layer, (n_in, 1, 1), x, rin, box, params),
+                                          REPEATS, sync)))
+        y, cache = forward(xp, layer, (n_in, 1, 1), x, rin, box, params)
+        dy = xp.ones_like(y)
         back.append((2 * flops, median_time(
-            lambda: backward(np, layer, (n_in, 1, 1), x.shape, rin, box, params, cache, dy))))
+            lambda: backward(xp, layer, (n_in, 1, 1), x.shape, rin, box, params, cache, dy), REPEATS, sync)))
     peak = max(f / t for f, t in points + back)        # raw rates: the large shapes set it
 
     def curve_of(pts):                                 # the model is t = overhead + flops / (peak x eff)
@@ -233,14 +239,21 @@ def cache_bytes() -> float:
     return 0.0
 
 
+def compute_lines(comp: dict) -> list[str]:
+    """A device's measured compute (``measure_compute``) as topology lines, after its peak."""
+    def curve(points):
+        return "[" + ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in points) + "]"
+    return ["efficiency = 1.0", f"op_overhead_us = {comp['op_overhead_s'] * 1e6:.4g}",
+            f"efficiency_curve = {curve(comp['efficiency_curve'])}",
+            f"backward_efficiency_curve = {curve(comp.get('backward_efficiency_curve', []))}"]
+
+
 def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, mpi: dict,
                   op_costs: dict | None = None, cache: float = 0.0) -> str:
     """``comp`` and ``op_costs`` were measured with the BLAS threads one rank gets (cores //
     ranks, at least 1), each rank bound to its own cores.  Ranks beyond the cores are bound
     round-robin (``executor.launch.cores_of``): each core is a core pool of 1, and the
     ranks bound to it its members."""
-    curve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp["efficiency_curve"])
-    bcurve = ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in comp.get("backward_efficiency_curve", []))
     costs = ", ".join(f'"{key}" = [{c["fixed_s"] * 1e6:.6g}, {c["flops_per_s"] / 1e9:.6g}, {c["bytes_per_s"] / 1e9:.6g}, '
                       f'{c.get("bytes_beyond_cache_per_s", c["bytes_per_s"]) / 1e9:.6g}]'
                       for key, c in sorted((op_costs or {}).items()))
@@ -256,8 +269,7 @@ def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, 
         lines += ["", "[[device]]", f'name = "rank{k}"', 'kind = "cpu"', f"machine = {k}", "cores = 1",
                   f"core_gflops = {comp['peak_flops'] / 1e9:.6g}", "memory_gib = 16",
                   f"memory_bandwidth_gbps = {mem_bw / 1e9 / max(1, min(ranks, cores)):.6g}",
-                  "efficiency = 1.0", f"op_overhead_us = {comp['op_overhead_s'] * 1e6:.4g}",
-                  f"efficiency_curve = [{curve}]", f"backward_efficiency_curve = [{bcurve}]",
+                  *compute_lines(comp),
                   *([f'core_pool = "core{k % cores}"'] if ranks > cores else []),
                   f"cache_mib = {cache / 2**20:.6g}", f"op_costs = {{ {costs} }}", f"op_curves = {{ {curves} }}"]
     lines += ["", "[[device]]", 'name = "shm"', 'kind = "switch"']

@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     c2 = sub.add_parser("calibrate", help="measure this host and write a topology the simulator can use")
     c2.add_argument("--ranks", type=int, default=2, help="ranks the host will run (how they share its cores)")
     c2.add_argument("--out", metavar="FILE", default="topologies/this-host.toml")
+    c2.add_argument("--gpu", action="store_true",
+                    help="measure this machine's GPUs (GEMM, pinned copies over PCIe, peer copies) with CuPy")
     c2.add_argument("--json", action="store_true")
     c2.set_defaults(func=cmd_calibrate)
 
@@ -201,7 +203,39 @@ def run_calibration(ranks: int, out: str) -> dict:
     return res
 
 
+def run_gpu_calibration(out: str) -> dict:
+    from executor.backend import cupy_or_none
+    from executor.gpucal import calibrate_gpus, cupy_backend, gpu_topology_text
+    cp = cupy_or_none()
+    if cp is None:
+        raise ConfigError("--gpu", "", "needs CuPy and a visible GPU (pip install 'clustersim[gpu]' on a GPU host)")
+    res = calibrate_gpus(cupy_backend(cp))
+    write_atomic(out, gpu_topology_text(Path(out).stem, res))
+    load_topology(out)                                  # what we wrote must load
+    return res
+
+
+def print_gpu_calibration(res: dict, out: str) -> None:
+    gpu = res["gpu"]
+    print(f"calibrated {res['devices']} GPUs -> {out}")
+    print(f"  GPU compute  peak {gpu['peak_flops'] / 1e12:.4g} TFLOP/s, {gpu['op_overhead_s'] * 1e6:.3g} us per op; "
+          "efficiency " + ", ".join(f"{f:.2g} FLOP: {e:.2f}" for f, e in gpu["efficiency_curve"]))
+    print(f"  GPU memory   {res['gpu_memory_bandwidth_bytes_per_s'] / 1e9:.4g} GB/s (copy), "
+          f"{res['gpu_memory_bytes'] / 2**30:.3g} GiB")
+    for key, fit in res["copies"].items():
+        what = {"h2d": "pinned host -> GPU 0", "d2h": "GPU 0 -> pinned host"}.get(key, f"GPU 0 -> GPU {key[3:]}")
+        print(f"  {what:<22} alpha {fit['alpha_s'] * 1e6:.3g} us, beta {fit['beta_bytes_per_s'] / 1e9:.4g} GB/s; "
+              f"fit R^2 {fit['r2']:.4f}, worst relative error {fit['max_rel_error']:.1%} over {len(fit['samples'])} sizes")
+
+
 def cmd_calibrate(args) -> int:
+    if args.gpu:
+        res = run_gpu_calibration(args.out)
+        if args.json:
+            print(json.dumps({**res, "out": args.out}, indent=2))
+        else:
+            print_gpu_calibration(res, args.out)
+        return 0
     res = run_calibration(args.ranks, args.out)
     if args.json:
         print(json.dumps({**res, "out": args.out}, indent=2))

@@ -1,0 +1,141 @@
+"""The GPU part of calibration (``clustersim calibrate --gpu``) -> a topology of this machine.
+
+Measured on the GPUs CuPy sees (medians, each timing waiting for the device's stream):
+- compute: the executor's dense kernels forward and backward at the zoo's shapes on GPU 0
+  (``calibrate.measure_compute`` on CuPy arrays): peak, efficiency curve, per-op overhead
+  (a launch); on-device memory bandwidth (a large copy);
+- host <-> device over PCIe: copies between pinned host memory and GPU 0, each direction,
+  by size, fitted to alpha + bytes / beta (``calibrate.fit_alpha_beta``);
+- device <-> device: ``memcpyPeer`` from GPU 0 to each other GPU (NVLink or peer PCIe,
+  whichever the machine has), by size and fitted the same way;
+- the host CPU as ``calibrate.measure_compute`` on NumPy, and its memory bandwidth.
+
+The topology: the CPU, one PCIe switch, every GPU on it with the host <-> device fit (the
+slower direction's, as a link has one rate both ways; each of the two hops carries half
+the latency), and a direct link between each pair of GPUs with the device <-> device fit
+(so routing takes it over the switch).  Every GPU is taken to be GPU 0's like.
+
+Each piece runs on an array backend (``Backend``): CuPy on a GPU host; NumPy (a
+"device" is host memory, a copy is a memcpy) in the tests, so the sequence, the fits and
+the topology are checked on any machine.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .calibrate import compute_lines, fit_alpha_beta, measure_compute, measure_memory_bandwidth, median_time
+
+COPY_SIZES = [2**k for k in range(10, 29, 2)]      # 1 KiB .. 256 MiB
+COPY_REPEATS = 9
+
+
+@dataclass
+class Backend:
+    xp: Any                                        # numpy or cupy
+    devices: int
+    sync: Callable[[], None]                       # waits for every device's queued work
+    use: Callable[[int], Any]                      # a context: device d is current
+    pinned: Callable[[int], np.ndarray]            # n bytes of page-locked host memory
+    h2d: Callable[[Any, np.ndarray], None]         # device array <- host array
+    d2h: Callable[[np.ndarray, Any], None]         # host array <- device array
+    peer: Callable[[Any, int, Any, int], None]     # (dst, its device, src, its device)
+    memory_bytes: Callable[[], float]              # one device's memory
+
+
+def numpy_backend(devices: int = 2) -> Backend:
+    """Host memory standing in for ``devices`` GPUs (tests, and hosts without CuPy)."""
+    def copy(dst, src, *_):
+        np.copyto(dst, src)
+    return Backend(np, devices, lambda: None, lambda _d: nullcontext(), lambda n: np.empty(n, np.uint8),
+                   copy, copy, lambda dst, _dd, src, _sd: np.copyto(dst, src),
+                   lambda: float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
+
+
+def cupy_backend(cp) -> Backend:
+    import cupyx
+    n = cp.cuda.runtime.getDeviceCount()
+
+    def sync():
+        for d in range(n):
+            with cp.cuda.Device(d):
+                cp.cuda.runtime.deviceSynchronize()
+
+    def peer(dst, dst_dev, src, src_dev):
+        cp.cuda.runtime.memcpyPeer(dst.data.ptr, dst_dev, src.data.ptr, src_dev, src.nbytes)
+    return Backend(cp, n, sync, cp.cuda.Device, lambda k: cupyx.empty_pinned(k, np.uint8),
+                   lambda dev, host: dev.set(host), lambda host, dev: dev.get(out=host), peer,
+                   lambda: float(cp.cuda.runtime.memGetInfo()[1]))
+
+
+def measure_copies(be: Backend, sizes: list[int] = COPY_SIZES, repeats: int = COPY_REPEATS) -> dict:
+    """One-way seconds by size: pinned host -> GPU 0, GPU 0 -> pinned host, and GPU 0 ->
+    each other GPU; each with its alpha-beta fit."""
+    out: dict[str, dict] = {}
+    rows: dict[str, list[list[float]]] = {"h2d": [], "d2h": []}
+    peers: dict[int, list[list[float]]] = {d: [] for d in range(1, be.devices)}
+    for n in sizes:
+        host = be.pinned(n)
+        host[:] = 1
+        with be.use(0):
+            dev = be.xp.empty(n, np.uint8)
+        rows["h2d"].append([n, median_time(lambda: be.h2d(dev, host), repeats, be.sync)])
+        rows["d2h"].append([n, median_time(lambda: be.d2h(host, dev), repeats, be.sync)])
+        for d in peers:
+            with be.use(d):
+                other = be.xp.empty(n, np.uint8)
+            peers[d].append([n, median_time(lambda: be.peer(other, d, dev, 0), repeats, be.sync)])
+    for key, pts in [*rows.items(), *((f"d2d{d}", pts) for d, pts in peers.items())]:
+        out[key] = {"samples": pts, **fit_alpha_beta([p[0] for p in pts], [p[1] for p in pts])}
+    return out
+
+
+def measure_device_bandwidth(be: Backend, n_bytes: int = 256 * 2**20) -> float:
+    with be.use(0):
+        a = be.xp.ones(n_bytes // 4, np.float32)
+        b = be.xp.empty_like(a)
+        t = median_time(lambda: be.xp.copyto(b, a), 5, be.sync)
+    return 2 * a.nbytes / t
+
+
+def calibrate_gpus(be: Backend, seed: int = 0) -> dict:
+    with be.use(0):
+        gpu = measure_compute(np.random.default_rng(seed), be.xp, be.sync)
+    return {"devices": be.devices, "gpu": gpu, "gpu_memory_bytes": be.memory_bytes(),
+            "gpu_memory_bandwidth_bytes_per_s": measure_device_bandwidth(be), "copies": measure_copies(be),
+            "cpu": measure_compute(np.random.default_rng(seed)), "cores": os.cpu_count() or 1,
+            "cpu_memory_bandwidth_bytes_per_s": measure_memory_bandwidth()}
+
+
+def gpu_topology_text(name: str, res: dict) -> str:
+    """``res`` from ``calibrate_gpus``: the machine as a topology file (see the module)."""
+    cp, gpu, copies = res["cpu"], res["gpu"], res["copies"]
+    h2d, d2h = copies["h2d"], copies["d2h"]
+    bus = min(h2d["beta_bytes_per_s"], d2h["beta_bytes_per_s"])
+    alpha = max(h2d["alpha_s"], d2h["alpha_s"])
+    lines = [f'name = "{name}"',
+             f'description = "calibrated on this host: {res["devices"]} GPUs; pinned host->device alpha '
+             f'{h2d["alpha_s"] * 1e6:.2f} us, beta {h2d["beta_bytes_per_s"] / 1e9:.3g} GB/s, device->host '
+             f'{d2h["alpha_s"] * 1e6:.2f} us, {d2h["beta_bytes_per_s"] / 1e9:.3g} GB/s"',
+             "", "[[device]]", 'name = "cpu"', 'kind = "cpu"', "machine = 0", f"cores = {res['cores']}",
+             f"core_gflops = {cp['peak_flops'] / 1e9 / res['cores']:.6g}", "memory_gib = 16",
+             f"memory_bandwidth_gbps = {res['cpu_memory_bandwidth_bytes_per_s'] / 1e9:.6g}", *compute_lines(cp),
+             "", "[[device]]", 'name = "pcie"', 'kind = "pcie_switch"', "machine = 0"]
+    for g in range(res["devices"]):
+        lines += ["", "[[device]]", f'name = "gpu{g}"', 'kind = "gpu"', "machine = 0",
+                  f"peak_tflops_fp32 = {gpu['peak_flops'] / 1e12:.6g}",
+                  f"memory_gib = {res['gpu_memory_bytes'] / 2**30:.6g}",
+                  f"memory_bandwidth_gbps = {res['gpu_memory_bandwidth_bytes_per_s'] / 1e9:.6g}", *compute_lines(gpu)]
+    for a in ["cpu"] + [f"gpu{g}" for g in range(res["devices"])]:
+        lines += ["", "[[link]]", f'a = "{a}"', 'b = "pcie"', f"bandwidth_gbps = {bus / 1e9:.6g}",
+                  f"latency_us = {alpha * 1e6 / 2:.6g}"]
+    for g in range(res["devices"]):
+        for h in range(g + 1, res["devices"]):
+            fit = copies[f"d2d{h}"]                      # measured from GPU 0; pairs are taken alike
+            lines += ["", "[[link]]", f'a = "gpu{g}"', f'b = "gpu{h}"',
+                      f"bandwidth_gbps = {fit['beta_bytes_per_s'] / 1e9:.6g}", f"latency_us = {fit['alpha_s'] * 1e6:.6g}"]
+    return "\n".join(lines) + "\n"

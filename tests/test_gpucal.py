@@ -1,0 +1,81 @@
+"""GPU calibration: its sequence on the NumPy backend, its topology in closed form, and the
+CuPy path where a GPU is visible."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from executor.backend import cupy_or_none
+from executor.gpucal import gpu_topology_text, measure_copies, numpy_backend
+from sim.topogen import load_topology
+
+
+def fit(alpha_us: float, beta_gbps: float) -> dict:
+    return {"alpha_s": alpha_us * 1e-6, "beta_bytes_per_s": beta_gbps * 1e9, "r2": 1.0, "max_rel_error": 0.0,
+            "samples": [[1024, alpha_us * 1e-6 + 1024 / (beta_gbps * 1e9)]]}
+
+
+def result(devices: int) -> dict:
+    comp = {"op_overhead_s": 5e-6, "peak_flops": 40e12, "efficiency_curve": [[1e6, 0.1], [1e10, 0.8]],
+            "backward_efficiency_curve": [[2e6, 0.1], [2e10, 0.7]]}
+    cpu = {**comp, "op_overhead_s": 1e-6, "peak_flops": 100e9}
+    copies = {"h2d": fit(10.0, 25.0), "d2h": fit(12.0, 20.0), **{f"d2d{d}": fit(8.0, 150.0) for d in range(1, devices)}}
+    return {"devices": devices, "gpu": comp, "gpu_memory_bytes": 80 * 2**30, "gpu_memory_bandwidth_bytes_per_s": 2e12,
+            "copies": copies, "cpu": cpu, "cores": 4, "cpu_memory_bandwidth_bytes_per_s": 50e9}
+
+
+def test_gpu_topology_routes_host_copies_over_pcie_and_gpu_copies_over_their_link(tmp_path):
+    path = tmp_path / "gpus.toml"
+    path.write_text(gpu_topology_text("gpus", result(3)))
+    topo = load_topology(str(path))
+    assert topo.compute_devices() == ["gpu0", "gpu1", "gpu2"]
+    assert topo.devices["gpu1"].peak_flops["fp32"] == pytest.approx(40e12)
+    assert topo.devices["gpu1"].efficiency_at(1e10) == pytest.approx(0.8)
+    assert topo.devices["gpu0"].op_overhead == pytest.approx(5e-6)
+    assert topo.devices["cpu"].peak_flops["fp32"] == pytest.approx(100e9)
+    host = topo.route("cpu", "gpu2")                     # through the switch: both hops' latency, the slower rate
+    assert [ln[1] for ln in host] == ["pcie", "gpu2"]
+    assert topo.route_latency(host) == pytest.approx(12e-6)
+    assert topo.route_bandwidth(host) == pytest.approx(20e9)
+    peer = topo.route("gpu1", "gpu2")                    # the direct link, not the switch
+    assert len(peer) == 1 and topo.route_latency(peer) == pytest.approx(8e-6)
+    assert topo.route_bandwidth(peer) == pytest.approx(150e9)
+
+
+def test_one_gpu_has_no_peer_link(tmp_path):
+    path = tmp_path / "one.toml"
+    path.write_text(gpu_topology_text("one", result(1)))
+    topo = load_topology(str(path))
+    assert topo.compute_devices() == ["gpu0"] and len(topo.route("cpu", "gpu0")) == 2
+
+
+def test_copies_are_measured_each_way_and_to_each_other_device_on_the_numpy_backend():
+    out = measure_copies(numpy_backend(3), sizes=[2**10, 2**16, 2**22], repeats=3)
+    assert sorted(out) == ["d2d1", "d2d2", "d2h", "h2d"]
+    for key, f in out.items():
+        assert [s[0] for s in f["samples"]] == [2**10, 2**16, 2**22]
+        assert all(s[1] > 0 for s in f["samples"]) and f["beta_bytes_per_s"] > 0 and f["alpha_s"] >= 0
+        assert f["samples"][-1][1] > f["samples"][0][1]          # 4 MiB takes longer than 1 KiB
+
+
+@pytest.mark.skipif(cupy_or_none() is not None, reason="CuPy sees a GPU here")
+def test_calibrate_gpu_without_a_gpu_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "g.toml"
+    proc = subprocess.run([sys.executable, "-m", "sim", "calibrate", "--gpu", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--gpu" in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.skipif(cupy_or_none() is None, reason="needs CuPy and a GPU")
+def test_calibrate_gpu_writes_a_topology_that_loads(tmp_path):
+    out = tmp_path / "g.toml"
+    proc = subprocess.run([sys.executable, "-m", "sim", "calibrate", "--gpu", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    topo = load_topology(str(out))
+    gpus = topo.compute_devices()
+    assert gpus and all(topo.devices[g].kind == "gpu" for g in gpus)
+    assert topo.route_bandwidth(topo.route("cpu", gpus[0])) > 1e9          # PCIe moves more than 1 GB/s
