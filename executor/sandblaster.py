@@ -95,9 +95,7 @@ def coordinate(comm, leaders: list[int], shard_ranks: list[int], batches: int, u
             now = time.perf_counter()
             stale = [r for r in live if r not in free and now - started.get(r, now) > timeout_s]
             if acks and comm.Iprobe(source=MPI.ANY_SOURCE, tag=ACK, status=status):
-                src = status.Get_source()                # before END only [b, 0] comes: its replica is lost
-                _ack(comm, src, b, live)
-                stale.append(src)
+                stale.append(_ack(comm, status.Get_source(), live))   # before END only [b, 0]: lost
             for r in stale:                              # silent too long, or lost: its units go back
                 live.discard(r)
                 if r in free:
@@ -112,9 +110,9 @@ def coordinate(comm, leaders: list[int], shard_ranks: list[int], batches: int, u
         for r in live:
             mine = [u for u, w in won.items() if w == r]
             comm.Send(np.array([len(mine), *mine], np.int64), dest=r, tag=END)
-        for r in sorted(live) if acks else []:           # each says whether its whole replica pushes
-            while r in live and _ack(comm, r, b, live) != r:
-                pass
+        if acks:                                         # each says whether its whole replica pushes
+            for r in sorted(live):
+                _ack(comm, r, live)
         for k in shard_ranks:
             comm.Send(np.array([len(live) * pushes_per_replica], np.int64), dest=k, tag=EXPECT)
     for k in shard_ranks:
@@ -122,16 +120,16 @@ def coordinate(comm, leaders: list[int], shard_ranks: list[int], batches: int, u
     return {"units_run": ran, "backup_copies": dup, "replicas_left": len(live)}
 
 
-def _ack(comm, src: int, b: int, live: set[int]) -> int:
-    """Takes one ACK from ``src``: [b, 1] returns ``src``; [b, 0] (its replica is lost)
-    drops it from ``live`` and returns -1, as does an ACK of an earlier batch."""
+def _ack(comm, src: int, live: set[int]) -> int:
+    """Takes the ACK [batch, pushes] ``src`` sends once per batch; [batch, 0] (its replica
+    is lost) drops it from ``live``.  Returns ``src``."""
     from mpi4py import MPI
     msg = np.empty(2, np.int64)
     probe(comm, MPI.Status(), src, ACK)                  # yields while it waits
     comm.Recv(msg, source=src, tag=ACK)
-    if int(msg[0]) == b and not msg[1]:
+    if not msg[1]:
         live.discard(src)
-    return src if int(msg[0]) == b and msg[1] else -1
+    return src
 
 
 # --- shard ----------------------------------------------------------------------------------------
