@@ -98,8 +98,6 @@ def coordinate(comm, leaders: list[int], shard_ranks: list[int], batches: int, u
                 stale.append(_ack(comm, status.Get_source(), live))   # before END only [b, 0]: lost
             for r in stale:                              # silent too long, or lost: its units go back
                 live.discard(r)
-                if r in free:
-                    free.remove(r)
                 for u, rs in running.items():
                     if r in rs:
                         rs.remove(r)
