@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from executor.calibrate import median_time  # noqa: E402
+from clustersim.calibrate.host import median_time  # noqa: E402
 from executor.kernels import backward, forward, windows  # noqa: E402
-from sim.layers import full_box  # noqa: E402
-from sim.models import make_layer  # noqa: E402
+from clustersim.core.layers import full_box  # noqa: E402
+from clustersim.core.models import make_layer  # noqa: E402
 
 REPEATS = 7
 DENSE = [(128, 440, 2560), (128, 2560, 2560), (128, 2560, 8192)]       # distbelief-speech, batch 128
@@ -118,7 +118,7 @@ def ps_rate() -> dict:
     scen.write_text('[cluster]\ntopology = "dgx-h100"\n[model]\nname = "mlp-digits"\nbatch_size = 32\n'
                     '[parallel]\nreplicas = 2\nps_shards = 1\n[training]\nalgorithm = "downpour"\nsteps = 500\n'
                     'learning_rate = 0.2\n')
-    out = subprocess.run([sys.executable, "-m", "sim", "execute", str(scen), "--json"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "clustersim", "execute", str(scen), "--json"], capture_output=True,
                          text=True, timeout=600)
     d = json.loads(out.stdout)
     return {"updates": d["shard_updates"][0], "wall_s": d["wall_s"], "updates_per_s": d["shard_updates"][0] / d["wall_s"]}

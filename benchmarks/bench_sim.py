@@ -13,8 +13,8 @@ import statistics
 import time
 
 from sim.engine import CountingEnvironment, simulate
-from sim.plan import plan
-from sim.scenario import scenario_from_dict
+from clustersim.core.plan import plan
+from clustersim.core.scenario import scenario_from_dict
 
 REPEATS = 5
 BARE_PROCESSES = 200         # processes in the bare loop

@@ -1,2 +1,2 @@
-"""clustersim's executor: runs a Plan for real (MPI ranks, NumPy or CuPy).  Arrives with
-the real-executor issue; the simulator never imports it."""
+"""The executor: runs a Plan for real on MPI ranks (NumPy or CuPy) and emits a Trace.
+Never imports the simulator."""

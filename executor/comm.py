@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from .backend import to_numpy
+from executor.backend import to_numpy
 
 POLL_SLEEP_S = 50e-6      # between polls of a pending request; far below a step, far above a spin
 TAGS = {"a": 1, "g": 2, "r": 3}

@@ -6,7 +6,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from sim.errors import ConfigError
+from clustersim.core.config import ConfigError
 
 # glibc malloc: serve every array from the heap (no mmap) and never hand freed memory
 # back, so a step's fresh arrays reuse pages already mapped.  Otherwise every large array

@@ -12,10 +12,10 @@ from math import prod
 
 import numpy as np
 
-from sim.layers import full_box
-from sim.models import Model
+from clustersim.core.layers import full_box
+from clustersim.core.models import Model
 
-from . import kernels
+from executor import kernels
 
 
 class Net:

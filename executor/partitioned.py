@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sim.layers import Box
-from sim.partition import even_cuts
-from sim.plan import Plan
+from clustersim.core.layers import Box
+from clustersim.core.partition import even_cuts
+from clustersim.core.plan import Plan
 
-from . import kernels
+from executor import kernels
 
 
 def _shape(batch: int, box: Box) -> tuple:

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sim.partition import even_cuts
-from sim.plan import Plan
+from clustersim.core.partition import even_cuts
+from clustersim.core.plan import Plan
 
-from .comm import Outbox, probe, wait_buffer
-from .optim import DCASGD, SGD, Adagrad
+from executor.comm import Outbox, probe, wait_buffer
+from executor.optim import DCASGD, SGD, Adagrad
 
 FETCH, REPLY, DONE = 12, 13, 14
 PUSH_STEP_TAGS = 10_000           # a push's tag is PUSH_BASE + its step modulo this (sync: late pushes are dropped)

@@ -32,21 +32,22 @@ import time
 
 import numpy as np
 
-from sim.errors import ConfigError
-from sim.partition import even_cuts
-from sim.plan import plan
-from sim.scenario import load_scenario, parse_set
-from sim.trace import Span, Trace, write_chrome
+from clustersim.core.config import ConfigError
+from clustersim.core.partition import even_cuts
+from clustersim.core.plan import plan
+from clustersim.core.scenario import load_scenario, parse_set
+from clustersim.core.schedule import ranks_needed
+from clustersim.core.trace import Span, Trace, write_chrome
 
-from .backend import get_xp, to_numpy
-from .comm import LostWatch, MPITransport, ReplicaLost, barrier, wait_buffer
-from .data import Batches, digits, mnist, synthetic
-from .hostspeed import quiet_time
-from .kernels import init_params, softmax_xent_loss
-from .launch import pin
-from .optim import sgd_in_place
-from .partitioned import _box_of, box_index, run_step
-from .psrank import ShardClient, serve, shard_runs, slot_segments
+from executor.backend import get_xp, to_numpy
+from executor.comm import LostWatch, MPITransport, ReplicaLost, barrier, wait_buffer
+from executor.data import Batches, digits, mnist, synthetic
+from clustersim.core.metrics import quiet_time
+from executor.kernels import init_params, softmax_xent_loss
+from executor.launch import pin
+from executor.optim import sgd_in_place
+from executor.partitioned import _box_of, box_index, run_step
+from executor.psrank import ShardClient, serve, shard_runs, slot_segments
 
 ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster")
 
@@ -59,11 +60,6 @@ def rank_role(rank: int, model_parallel: int, replicas: int) -> tuple[str, int, 
         return "worker", r, j
     return "shard", rank - workers, -1
 
-
-def ranks_needed(sc) -> int:
-    """Workers, shards, and Sandblaster's coordinator."""
-    coordinator = 1 if sc.training.algorithm == "sandblaster" else 0
-    return sc.parallel.model_parallel * sc.parallel.replicas + sc.parallel.ps_shards + coordinator
 
 
 def parse_fail(text: str | None, sc) -> tuple[int, int] | None:
@@ -268,8 +264,8 @@ class RankJob:
 
     # --- sandblaster ---------------------------------------------------------------------------
     def coordinator(self) -> dict:
-        from sim.algorithms.sandblaster import units_of
-        from .sandblaster import coordinate
+        from clustersim.core.schedule import units_of
+        from executor.sandblaster import coordinate
         units, _ = units_of(self.sc)
         W = self.M * self.R
         out = coordinate(self.world, [r * self.M for r in range(self.R)], [W + k for k in range(self.S)],
@@ -282,9 +278,9 @@ class RankJob:
         and END on to the replica's other slots (a non-blocking broadcast, polled); every
         slot runs its share of each unit's step and pushes its part of the won units' sum."""
         import dataclasses
-        from sim.algorithms.sandblaster import units_of
-        from .comm import probe
-        from .sandblaster import ACK, ASSIGN, END, READY, RESULT
+        from clustersim.core.schedule import units_of
+        from executor.comm import probe
+        from executor.sandblaster import ACK, ASSIGN, END, READY, RESULT
         sc, xp, p, tr, j = self.sc, self.xp, self.p, self.sc.training, self.j
         units, unit_size = units_of(sc)
         unit_plan = plan(dataclasses.replace(sc, batch_size=unit_size), check_memory=False)
@@ -385,9 +381,9 @@ class RankJob:
                 "resumed_from": out["resumed_from"]}
 
     def lbfgs_shard(self, k: int) -> dict:
-        from sim.algorithms.sandblaster import units_of
-        from .optim import LBFGS, LBFGS_MAX_STEP_FACTOR
-        from .sandblaster import ShardDot, serve_lbfgs
+        from clustersim.core.schedule import units_of
+        from executor.optim import LBFGS, LBFGS_MAX_STEP_FACTOR
+        from executor.sandblaster import ShardDot, serve_lbfgs
         lo, hi = even_cuts(self.total, self.S)[k]
         flat = self.global_vector()
         runs = {rank: self.runs_of(rank % self.M)[k] for rank in range(self.M * self.R)}

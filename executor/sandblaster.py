@@ -25,8 +25,8 @@ from collections import deque
 
 import numpy as np
 
-from .comm import POLL_SLEEP_S, Outbox, probe
-from .psrank import DONE, FETCH, REPLY, decode, encode, message_buffer, put, take
+from executor.comm import POLL_SLEEP_S, Outbox, probe
+from executor.psrank import DONE, FETCH, REPLY, decode, encode, message_buffer, put, take
 
 READY, ASSIGN, RESULT, END, EXPECT, ACK = 31, 32, 33, 34, 35, 36
 # The first batch waits at least this long for every replica's READY: ranks start at

@@ -16,9 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from sim.cli import run_scenario  # noqa: E402
-from sim.report import save_figure  # noqa: E402
-from sim.trace import write_atomic  # noqa: E402
+import clustersim  # noqa: E402
 
 TIME_LIMIT_S = 0.3            # simulated seconds per run
 OUT_JSON = Path("out/time_to_accuracy.json")
@@ -34,11 +32,9 @@ RUNS = {   # label: (scenario file, overrides)
 
 
 def run_all(time_limit_s: float = TIME_LIMIT_S) -> dict:
-    from sim.scenario import parse_set
     results = {}
     for label, (file, sets) in RUNS.items():
-        summary, _, _ = run_scenario(str(HERE / file), parse_set(sets + [f"training.time_limit_s={time_limit_s}"]),
-                                     speedup=False)
+        summary = clustersim.simulate(HERE / file, sets + [f"training.time_limit_s={time_limit_s}"], speedup=False).data
         results[label] = {k: summary.get(k) for k in ("accuracy", "loss", "time_to_accuracy_s", "target_accuracy",
                                                       "accuracy_curve", "step_time_s", "samples_per_s",
                                                       "staleness_mean", "sim_time_s", "wall_s")}
@@ -62,12 +58,12 @@ def plot(results: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.suptitle("mlp-digits, 8 replicas on distbelief-2012 (1 GbE), co-simulated")
     fig.tight_layout()
-    save_figure(fig, path)
+    clustersim.save_figure(fig, path)
 
 
 def main() -> None:
     results = run_all()
-    write_atomic(OUT_JSON, json.dumps(results, indent=2))
+    clustersim.write_atomic(OUT_JSON, json.dumps(results, indent=2))
     plot(results, OUT_PNG)
     print(f"{'algorithm':<18} {'accuracy':>9} {'to 90%':>10} {'step':>10} {'staleness':>9}")
     for label, r in results.items():

@@ -1,2 +1,2 @@
-"""clustersim's simulator: topology, models, partitioning into a Plan, and a simpy engine
-that predicts how fast the partitioned network trains."""
+"""The simulator: a simpy engine that runs a Plan on modelled devices and links and
+emits a Trace.  Never imports the executor."""

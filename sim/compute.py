@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import simpy
 
-from .fluid import Fluid
-from .topology import Topology
+from sim.fluid import Fluid
+from clustersim.core.topology import Topology
 
 MEASURED_SHARED = frozenset({"allreduce"})     # op cost keys calibrated with every rank of the job running
 

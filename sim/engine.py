@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from . import collectives
-from .compute import Compute
-from .faults import failure_schedule, slowdowns
-from .network import BACKENDS
-from .plan import PARAM_BYTES, Plan, cost_key, split_key
-from .trace import Span, Trace, Update
+from sim import collectives
+from sim.compute import Compute
+from sim.faults import failure_schedule, slowdowns
+from sim.network import BACKENDS
+from clustersim.core.plan import PARAM_BYTES, Plan, cost_key, split_key
+from clustersim.core.trace import Span, Trace, Update
 
 
 class CountingEnvironment(simpy.Environment):
@@ -299,7 +299,7 @@ class SimResult:
 
 def simulate(plan: Plan, steps: int | None = None, rng: np.random.Generator | None = None) -> SimResult:
     """Runs ``steps`` training steps (default: the scenario's) with the scenario's algorithm."""
-    from .algorithms import ALGORITHMS
+    from sim.algorithms import ALGORITHMS
     sc = plan.scenario
     steps = steps or sc.training.steps
     engine = Engine(plan, rng=rng)

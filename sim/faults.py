@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .scenario import Failure, Scenario
+from clustersim.core.scenario import Failure, Scenario
 
 
 def slowdowns(sc: Scenario, rng: np.random.Generator) -> dict[str, float]:

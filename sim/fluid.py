@@ -16,7 +16,7 @@ from collections.abc import Hashable, Mapping
 
 import simpy
 
-from .flows import max_min_rates
+from sim.flows import max_min_rates
 
 # Work below this fraction of a job's amount counts as done (float round-off of rates).
 _DONE = 1e-9

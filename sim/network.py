@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 import simpy
 
-from .flows import link_weights
-from .fluid import Fluid
-from .topology import DirLink, Topology
+from sim.flows import link_weights
+from sim.fluid import Fluid
+from clustersim.core.topology import DirLink, Topology
 
 Pair = tuple[str, str]
 

@@ -1,6 +1,6 @@
 """Small builders shared by tests: topologies and scenarios as plain dicts."""
-from sim.scenario import scenario_from_dict
-from sim.topogen import build_topology
+from clustersim.core.scenario import scenario_from_dict
+from clustersim.core.topogen import build_topology
 
 
 def gpu(name, tflops=10.0, machine=0, overhead_us=0.0):

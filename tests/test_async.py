@@ -5,15 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from executor.cosim import cosimulate
+from clustersim.compare.cosim import cosimulate
 from executor.data import Batches, digits
 from executor.nn import Net
 from sim.compute import op_seconds
 from sim.engine import simulate
-from sim.metrics import summarize
-from sim.plan import PARAM_BYTES, plan
-from sim.scenario import Failure
-from sim.topogen import build_topology
+from clustersim.core.metrics import summarize
+from clustersim.core.plan import PARAM_BYTES, plan
+from clustersim.core.scenario import Failure
+from clustersim.core.topogen import build_topology
 from helpers import gpu, link, scenario
 
 

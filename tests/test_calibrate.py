@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from executor.calibrate import fit_alpha_beta, topology_text
-from executor.validate import combine, error_pct, phase_times, spread_pct, waits
-from sim.topogen import build_topology, load_topology
-from sim.topology import Device
+from clustersim.calibrate.host import fit_alpha_beta, topology_text
+from clustersim.compare.validate import combine, error_pct, phase_times, spread_pct, waits
+from clustersim.core.topogen import build_topology, load_topology
+from clustersim.core.topology import Device
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
@@ -31,7 +31,7 @@ def test_error_arithmetic():
 
 
 def test_an_executed_message_is_its_send_and_the_receive_after_it():
-    from executor.validate import messages
+    from clustersim.compare.validate import messages
     spans = [("act L1 send", "activation", "d0->d1", 1.0, 0.1, 0),      # sent 1.0-1.1
              ("act L1 recv", "activation", "d0->d1", 0.5, 0.9, 0),      # waited from 0.5: arrived at 1.4
              ("act L1 send", "activation", "d0->d1", 1.2, 0.1, 0),      # the second micro-batch's, sent 1.2-1.3
@@ -113,7 +113,7 @@ def test_ranks_bound_to_one_core_share_it_busy_or_not():
 
 
 def test_op_cost_fit_recovers_exact_costs_and_keeps_terms_non_negative():
-    from executor.calibrate import fit_op_cost
+    from clustersim.calibrate.host import fit_op_cost
     pts = [[f, b, 8e-6 + f / 2e11 + b / 1e10] for f, b in [(1e4, 1e3), (1e6, 5e5), (1e8, 1e6), (1e9, 4e8), (3e9, 1e7)]]
     fit = fit_op_cost(pts)
     assert fit["fixed_s"] == pytest.approx(8e-6, rel=1e-6) and fit["flops_per_s"] == pytest.approx(2e11, rel=1e-6)
@@ -143,7 +143,7 @@ def test_validate_runs_end_to_end_with_finite_errors(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text('name = "tiny"\n[cluster]\ntopology = "dgx-h100"\n[model]\nname = "mlp-digits"\nbatch_size = 16\n'
                  '[parallel]\nreplicas = 2\n[training]\nsteps = 20\n')
-    proc = subprocess.run([sys.executable, "-m", "sim", "validate", str(f), "--repeats", "1", "--json",
+    proc = subprocess.run([sys.executable, "-m", "clustersim", "validate", str(f), "--repeats", "1", "--json",
                            "--plot", str(tmp_path / "v.png")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
@@ -198,7 +198,7 @@ def test_ranks_are_bound_to_their_share_of_the_cores():
 def test_probe_points_are_medians_and_a_messages_cost_its_lower_quartile():
     import statistics
 
-    from executor.probe import merge
+    from clustersim.calibrate.probe import merge
     waits = [1.0, 1.0, 1.0, 1.0, 9.0, 9.0, 9.0]                  # some receives waited for their sender
     passes = [{"dense": [(1e6, 1e3, [3.0, 1.0])], "recv": [(0.0, 64.0, waits[:4])]},
               {"dense": [(1e6, 1e3, [2.0])], "recv": [(0.0, 64.0, waits[4:])]}]
@@ -208,7 +208,7 @@ def test_probe_points_are_medians_and_a_messages_cost_its_lower_quartile():
 
 
 def test_probe_step_counts_warm_up_then_time_a_stretch():
-    from executor import probe
+    from clustersim.calibrate import probe
     assert (probe.WARM_S, probe.TIMED_S) == (0.01, 0.02)
     assert probe.step_counts(1e-3, 5) == (10, 20)                # a 1 ms step: 10 ms untimed, 20 ms timed
     assert probe.step_counts(0.1, 5) == (2, 5)                   # a slow step: at least 2 untimed, `repeats` timed
@@ -218,7 +218,7 @@ def test_probe_step_counts_warm_up_then_time_a_stretch():
 def test_a_probe_times_only_the_steps_after_its_warm_up(monkeypatch):
     import numpy as np
 
-    from executor import probe
+    from clustersim.calibrate import probe
     calls = []
     real = probe.run_step
     monkeypatch.setattr(probe, "step_counts", lambda second, repeats: (3, repeats + 2))
@@ -232,9 +232,9 @@ def test_a_probe_times_only_the_steps_after_its_warm_up(monkeypatch):
 
 def test_a_spatial_slice_has_its_own_op_costs_falling_back_to_the_whole_layers(tmp_path):
     from sim.engine import simulate
-    from sim.metrics import summarize
-    from sim.plan import cost_key, plan
-    from sim.scenario import scenario_from_dict
+    from clustersim.core.metrics import summarize
+    from clustersim.core.plan import cost_key, plan
+    from clustersim.core.scenario import scenario_from_dict
     comp = {"peak_flops": 50e9, "op_overhead_s": 1e-6, "efficiency_curve": [(1e4, 1.0)]}
     mpi = {"alpha_s": 1e-6, "beta_bytes_per_s": 1e10, "r2": 1.0}
     costs = {"dense": {"fixed_s": 1e-3, "flops_per_s": 0.0, "bytes_per_s": 0.0},
@@ -265,7 +265,7 @@ def test_a_spatial_slice_has_its_own_op_costs_falling_back_to_the_whole_layers(t
 
 
 def test_each_rank_takes_the_reference_of_the_cores_it_is_bound_to():
-    from executor.hostspeed import rank_series
+    from clustersim.calibrate.hostspeed import rank_series
     series = {0: [1.0, 2.0], 1: [3.0, 3.0]}                        # window by window
     assert rank_series(series, 1) == [[3.0, 3.0]]                  # one rank on both cores: the slower
     assert rank_series(series, 2) == [[1.0, 2.0], [3.0, 3.0]]
@@ -275,14 +275,14 @@ def test_each_rank_takes_the_reference_of_the_cores_it_is_bound_to():
 def test_every_core_is_timed_at_once_with_the_reference_step():
     import os
 
-    from executor.hostspeed import core_series
+    from clustersim.calibrate.hostspeed import core_series
     series = core_series(0.3)                                      # 50 ms windows: six, give or take a short last one
     assert set(series) == set(os.sched_getaffinity(0)) and len({len(v) for v in series.values()}) == 1
     assert 5 <= len(series[min(series)]) <= 7 and all(0 < t < 1.0 for v in series.values() for t in v)
 
 
 def test_a_runs_quiet_step_is_a_low_percentile_of_its_windows_medians():
-    from executor.hostspeed import quiet_time
+    from clustersim.core.metrics import quiet_time
     # windows of 1 s: [0.5, 0.5] -> 0.5; [1.0] -> 1.0; [0.25] * 4 -> 0.25; [2.0] -> 2.0; a short last [0.1] dropped
     times = [0.5, 0.5, 1.0, 0.25, 0.25, 0.25, 0.25, 2.0, 0.1]
     assert quiet_time(times, window=1.0, pct=0, least=1) == 0.25
@@ -296,13 +296,13 @@ def test_a_runs_quiet_step_is_a_low_percentile_of_its_windows_medians():
 
 
 def test_the_host_s_quiet_speed_is_a_low_percentile_of_every_core_s_windows():
-    from executor.hostspeed import quiet_reference
+    from clustersim.calibrate.hostspeed import quiet_reference
     series = {0: [float(t) for t in range(1, 11)], 1: [float(t) for t in range(11, 21)]}
     assert quiet_reference(series) == pytest.approx(2.9)          # the 10th percentile of 1..20
 
 
 def test_probes_wait_for_the_host_to_run_quietly():
-    from executor.probe import QUIET_TOLERANCE, quiet_probe
+    from clustersim.calibrate.probe import QUIET_TOLERANCE, quiet_probe
     def probe(brackets):
         seen = iter(brackets)
         runs = []

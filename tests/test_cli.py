@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sim.cli import main
-from sim.scenario import load_scenario
+from clustersim.cli import main
+from clustersim.core.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = str(ROOT / "scenarios" / "quickstart.toml")
@@ -167,7 +167,7 @@ def test_bad_input_is_one_line_naming_file_and_field(tmp_path, capsys, case, fie
 def test_console_script_exits_2_without_traceback(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text("[cluster]\ntopology = 'dgx-h100'\n[model]\nname = 'no-such-model'\n")
-    proc = subprocess.run([sys.executable, "-m", "sim", "simulate", str(f)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "clustersim", "simulate", str(f)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "model.name: must be one of" in proc.stderr
 

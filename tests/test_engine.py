@@ -6,8 +6,8 @@ import simpy
 
 from sim.compute import Compute, op_seconds
 from sim.engine import simulate
-from sim.plan import PARAM_BYTES, plan
-from sim.topogen import build_topology
+from clustersim.core.plan import PARAM_BYTES, plan
+from clustersim.core.topogen import build_topology
 from helpers import gpu, link, scenario
 
 

@@ -5,7 +5,7 @@ import pytest
 from executor.data import Batches, digits, read_idx
 from executor.nn import Net
 from executor.optim import ADAGRAD_EPS, DCASGD, LBFGS, SGD, Adagrad, quantize8
-from sim.models import build_model, make_layer as L, zoo_model
+from clustersim.core.models import build_model, make_layer as L, zoo_model
 
 
 def numeric_grad(f, w, eps=1e-3):

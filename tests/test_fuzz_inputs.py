@@ -5,10 +5,10 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from sim.errors import ConfigError
-from sim.plan import plan
-from sim.scenario import load_scenario
-from sim.topogen import load_topology
+from clustersim.core.config import ConfigError
+from clustersim.core.plan import plan
+from clustersim.core.scenario import load_scenario
+from clustersim.core.topogen import load_topology
 from helpers import dump_toml
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from executor.backend import cupy_or_none
-from executor.gpucal import gpu_topology_text, measure_copies, numpy_backend
-from sim.topogen import load_topology
+from clustersim.calibrate.gpu import gpu_topology_text, measure_copies, numpy_backend
+from clustersim.core.topogen import load_topology
 
 
 def fit(alpha_us: float, beta_gbps: float) -> dict:
@@ -63,7 +63,7 @@ def test_copies_are_measured_each_way_and_to_each_other_device_on_the_numpy_back
 @pytest.mark.skipif(cupy_or_none() is not None, reason="CuPy sees a GPU here")
 def test_calibrate_gpu_without_a_gpu_is_refused_in_one_line(tmp_path):
     out = tmp_path / "g.toml"
-    proc = subprocess.run([sys.executable, "-m", "sim", "calibrate", "--gpu", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "clustersim", "calibrate", "--gpu", "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--gpu" in proc.stderr, proc.stderr
     assert not out.exists()
@@ -72,7 +72,7 @@ def test_calibrate_gpu_without_a_gpu_is_refused_in_one_line(tmp_path):
 @pytest.mark.skipif(cupy_or_none() is None, reason="needs CuPy and a GPU")
 def test_calibrate_gpu_writes_a_topology_that_loads(tmp_path):
     out = tmp_path / "g.toml"
-    proc = subprocess.run([sys.executable, "-m", "sim", "calibrate", "--gpu", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "clustersim", "calibrate", "--gpu", "--out", str(out)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     topo = load_topology(str(out))

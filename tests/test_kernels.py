@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from executor.kernels import backward, forward, softmax_xent_loss
-from sim.layers import full_box
-from sim.models import make_layer as L
+from clustersim.core.layers import full_box
+from clustersim.core.models import make_layer as L
 
 CASES = [
     (L("dense", units=3), (2, 3, 3)),

@@ -1,8 +1,8 @@
 """The zoo's parameter counts and shapes, layer FLOPs, and model files."""
 import pytest
 
-from sim.errors import ConfigError
-from sim.models import build_model, load_model_file, make_layer as L, zoo_model
+from clustersim.core.config import ConfigError
+from clustersim.core.models import build_model, load_model_file, make_layer as L, zoo_model
 
 
 def weights_and_biases(model):

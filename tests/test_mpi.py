@@ -69,7 +69,7 @@ def test_execute_trains_mlp_digits_to_95_percent_on_three_ranks(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text(SYNC.format(mp=1, r=3, steps=300))
     trace = tmp_path / "t.json"
-    proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--json", "--trace", str(trace)],
+    proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", str(f), "--json", "--trace", str(trace)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
@@ -84,7 +84,7 @@ def test_execute_trains_mlp_digits_to_95_percent_on_three_ranks(tmp_path):
 def test_execute_refuses_a_wrong_rank_count_in_one_line(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text(SYNC.format(mp=2, r=2, steps=1))
-    proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--ranks", "3"],
+    proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", str(f), "--ranks", "3"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "needs model_parallel x replicas + ps_shards = 4" \
         in proc.stderr
@@ -93,7 +93,7 @@ def test_execute_refuses_a_wrong_rank_count_in_one_line(tmp_path):
 def test_execute_refuses_a_plan_the_topology_cannot_hold_in_one_line(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text(SYNC.format(mp=4, r=2, steps=1))           # 8 devices; pcie-4gpu has 4
-    proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--set", 'cluster.topology="pcie-4gpu"'],
+    proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", str(f), "--set", 'cluster.topology="pcie-4gpu"'],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "parallel.replicas" in proc.stderr, proc.stderr
 
@@ -104,7 +104,7 @@ def test_killing_execute_stops_its_ranks(tmp_path):
     import time
     f = tmp_path / "long.toml"                               # its path marks this job's processes
     f.write_text(SYNC.format(mp=1, r=2, steps=100000))
-    proc = subprocess.Popen([sys.executable, "-m", "sim", "execute", str(f)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "clustersim", "execute", str(f)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
     def ranks() -> int:
@@ -128,7 +128,7 @@ DOWNPOUR = SYNC.replace("[training]", "[training]\nalgorithm = \"downpour\"").re
 def execute(tmp_path, text, *extra, timeout=300):
     f = tmp_path / "s.toml"
     f.write_text(text)
-    proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--json", *extra],
+    proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", str(f), "--json", *extra],
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)
@@ -157,11 +157,11 @@ def test_sigkill_then_resume_loses_no_update_before_the_checkpoint(tmp_path):
 
     from executor.data import digits
     from executor.nn import Net
-    from sim.models import zoo_model
+    from clustersim.core.models import zoo_model
     ck = tmp_path / "ck"
     f = tmp_path / "s.toml"
     f.write_text(DOWNPOUR.format(mp=1, r=2, steps=1_000_000))
-    job = subprocess.Popen([sys.executable, "-m", "sim", "execute", str(f), "--set", "parallel.ps_shards=1",
+    job = subprocess.Popen([sys.executable, "-m", "clustersim", "execute", str(f), "--set", "parallel.ps_shards=1",
                             "--checkpoint", str(ck), "--checkpoint-every", "40"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -197,7 +197,7 @@ def test_sync_with_a_backup_worker_goes_on_after_a_crash(tmp_path):
 def test_fail_must_name_a_worker_rank(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text(DOWNPOUR.format(mp=1, r=2, steps=5))
-    proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--set", "parallel.ps_shards=1",
+    proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", str(f), "--set", "parallel.ps_shards=1",
                            "--fail", "rank=2@step=1"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--fail: rank=2@step=1" in proc.stderr
 
@@ -263,7 +263,7 @@ def test_sync_with_a_backup_worker_goes_on_without_the_replica_of_a_crashed_slot
 def test_fail_where_the_job_cannot_go_on_is_refused_in_one_line(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text(SYNC.format(mp=2, r=2, steps=5))
-    proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--set", "parallel.ps_shards=1",
+    proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", str(f), "--set", "parallel.ps_shards=1",
                            "--fail", "rank=1@step=2"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "backup_workers" in proc.stderr, proc.stderr
 
@@ -310,7 +310,7 @@ def test_execute_trains_on_mnist_idx_files_given_by_data(tmp_path):
     (tmp_path / "mlp-mnist.toml").write_text(MNIST_MLP)
     f = tmp_path / "s.toml"
     f.write_text(SYNC.format(mp=1, r=2, steps=60).replace('name = "mlp-digits"', 'file = "mlp-mnist.toml"'))
-    proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--json", "--data", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", str(f), "--json", "--data", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["accuracy"] >= 0.9                # chance is 0.1
@@ -322,7 +322,7 @@ def test_execute_refuses_data_that_is_missing_or_does_not_fit_the_model_in_one_l
     for folder, says in ((tmp_path / "none", "cannot read MNIST IDX files"), (tmp_path, "have 784 values")):
         if folder == tmp_path:
             mnist_like(tmp_path, 20, 10)
-        proc = subprocess.run([sys.executable, "-m", "sim", "execute", str(f), "--data", str(folder)],
+        proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", str(f), "--data", str(folder)],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--data" in proc.stderr \
             and says in proc.stderr, proc.stderr

@@ -7,9 +7,9 @@ import pytest
 
 from executor.kernels import init_params
 from executor.partitioned import Mailbox, box_index, run_step
-from sim.models import build_model, make_layer as L
-from sim.partition import even_cuts
-from sim.plan import plan
+from clustersim.core.models import build_model, make_layer as L
+from clustersim.core.partition import even_cuts
+from clustersim.core.plan import plan
 from helpers import scenario
 
 ALL_KINDS = build_model("all-kinds", (3, 12, 12), [

@@ -3,9 +3,9 @@ transfer volumes equal the cut sizes, checked against a brute-force reference.""
 import numpy as np
 import pytest
 
-from sim.errors import ConfigError
-from sim.models import ZOO, build_model, make_layer as L, zoo_model
-from sim.plan import plan
+from clustersim.core.config import ConfigError
+from clustersim.core.models import ZOO, build_model, make_layer as L, zoo_model
+from clustersim.core.plan import plan
 from helpers import scenario
 
 SMALL = build_model("small", (3, 12, 12), [

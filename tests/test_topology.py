@@ -1,8 +1,8 @@
 """Topology files, generators and routing."""
 import pytest
 
-from sim.errors import ConfigError
-from sim.topogen import PCIE_LANE_GBPS, build_topology, builtin_topologies, load_topology
+from clustersim.core.config import ConfigError
+from clustersim.core.topogen import PCIE_LANE_GBPS, build_topology, builtin_topologies, load_topology
 
 
 def test_every_builtin_loads_with_compute_devices():
@@ -110,7 +110,7 @@ def test_base_merges_subtables_and_missing_file_is_a_config_error(tmp_path):
     ({"op_curves": [[64, 1.0]]}, "op_curves"),
     ({"core_pool": "nowhere"}, "core_pool")])
 def test_bad_measured_costs_and_pools_name_the_field(extra, field):
-    from sim.errors import ConfigError
+    from clustersim.core.config import ConfigError
     dev = {"name": "c", "kind": "cpu", "cores": 1, "core_gflops": 1, "memory_gib": 1, "memory_bandwidth_gbps": 1}
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         build_topology({"name": "t", "device": [{**dev, **extra}]}, "t.toml")
@@ -119,7 +119,7 @@ def test_bad_measured_costs_and_pools_name_the_field(extra, field):
 @pytest.mark.parametrize("section, key", [("cluster", "topology"), ("model", "file")])
 def test_a_nul_byte_in_a_file_reference_is_a_config_error(tmp_path, section, key):
     """Found by the fuzz test: open() raises ValueError, not OSError, on a NUL in a path."""
-    from sim.scenario import load_scenario
+    from clustersim.core.scenario import load_scenario
     f = tmp_path / "s.toml"
     model = 'file = "m\\u0000.toml"' if key == "file" else 'name = "mlp-digits"'
     topo = '"\\u0000"' if key == "topology" else '"dgx-h100"'

@@ -1,1 +1,1 @@
-"""Built-in cluster topologies (TOML data); shipped inside the wheel as sim.builtin_topologies."""
+"""Built-in cluster topologies (TOML data); shipped inside the wheel as clustersim.builtin_topologies."""

@@ -1,9 +1,9 @@
 """The validation suite: every scenario in this folder in ROUNDS rounds, each calibrating
 this host afresh for each rank count the cases need (then those cases, one after another),
 simulating on that topology and executing for real (REPEATS runs); the
-median prediction against the median of all runs (``executor.validate.combine``), and
+median prediction against the median of all runs (``clustersim.compare.validate.combine``), and
 against the runs' quiet windows (the prediction is the host without its neighbours:
-calibrate probes where it runs quietly; ``executor.hostspeed``).
+calibrate probes where it runs quietly; ``clustersim.calibrate.hostspeed``).
 
     make validate        # writes out/validation.json and prints the table
 """
@@ -17,11 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from executor.ranks import ranks_needed  # noqa: E402
-from executor.validate import combine, validate  # noqa: E402
-from sim.cli import run_calibration  # noqa: E402
-from sim.scenario import load_scenario  # noqa: E402
-from sim.trace import write_atomic  # noqa: E402
+import clustersim  # noqa: E402
 
 ROUNDS = 3      # calibrate, predict, run: the host drifts over minutes
 REPEATS = 4     # a whole run can fall in a slow spell (mlp-1rank, 4,000 steps: 284 us a step in one run, 195-215 in five)
@@ -33,20 +29,20 @@ def main() -> None:
     files = sorted(HERE.glob("*.toml"))
     by_ranks: dict[int, list[Path]] = {}
     for f in files:
-        by_ranks.setdefault(ranks_needed(load_scenario(f)), []).append(f)
+        by_ranks.setdefault(clustersim.ranks_needed(clustersim.load(f)), []).append(f)
     rounds: dict[Path, list[dict]] = {f: [] for f in files}
     for i in range(ROUNDS):
         for n, cases in sorted(by_ranks.items()):
             path = CALIBRATION / f"host-{n}-ranks.toml"
-            run_calibration(n, str(path))      # just before its cases' runs: this shared host drifts by minutes
+            clustersim.calibrate(n, path)      # just before its cases' runs: this shared host drifts by minutes
             for f in cases:
-                r = validate(str(f), str(path), [], REPEATS)
+                r = clustersim.validate(f, topology=path, repeats=REPEATS).data
                 rounds[f].append(r)
                 print(f"round {i + 1}: {r['scenario']:<22} error {r['error_pct']:+7.1f}%  quiet {r['quiet_error_pct']:+7.1f}%",
                       flush=True)
     rows = []
     for f in files:
-        r = combine(rounds[f])
+        r = clustersim.combine(rounds[f])
         n = r["ranks"]
         rows.append(r)
         print(f"{r['scenario']:<22} ranks {n:>2}  "
@@ -59,7 +55,7 @@ def main() -> None:
     summary = {"median_abs_error_pct": statistics.median(errors), "worst_abs_error_pct": max(errors),
                "quiet_median_abs_error_pct": statistics.median(quiet), "quiet_worst_abs_error_pct": max(quiet),
                "cases": rows}
-    write_atomic(OUT, json.dumps(summary, indent=2))
+    clustersim.write_atomic(OUT, json.dumps(summary, indent=2))
     print(f"median |error| {summary['median_abs_error_pct']:.1f}%, worst {summary['worst_abs_error_pct']:.1f}% "
           f"(goal: <= 3% and <= 8%); against the runs' quiet windows: "
           f"{summary['quiet_median_abs_error_pct']:.1f}%, {summary['quiet_worst_abs_error_pct']:.1f}%; wrote {OUT}")

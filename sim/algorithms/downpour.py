@@ -11,7 +11,7 @@ simply stops; the others carry on.
 """
 from __future__ import annotations
 
-from ..engine import Engine
+from sim.engine import Engine
 from .ps import ParameterServer, rule_of
 
 

@@ -3,8 +3,8 @@
 replicas), which is also where fast replicas wait for slow ones."""
 from __future__ import annotations
 
-from ..engine import Engine
-from ..plan import PARAM_BYTES
+from sim.engine import Engine
+from clustersim.core.plan import PARAM_BYTES
 
 
 def run_local(engine: Engine, steps: int):

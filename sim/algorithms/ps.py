@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import simpy
 
-from ..engine import Engine
-from ..plan import PARAM_BYTES
+from sim.engine import Engine
+from clustersim.core.plan import PARAM_BYTES
 
 APPLY_COST = {"sgd": (2.0, 12.0), "adagrad": (5.0, 20.0), "dcasgd": (8.0, 24.0),
               "dcasgd_adaptive": (11.0, 32.0)}

@@ -14,18 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..engine import Engine
-from ..plan import PARAM_BYTES, plan as make_plan
+from sim.engine import Engine
+from clustersim.core.plan import PARAM_BYTES, plan as make_plan
 from .ps import ParameterServer
+from clustersim.core.schedule import units_of
 
 CONTROL_BYTES = 64      # a unit assignment or a completion notice
 
-
-def units_of(sc) -> tuple[int, int]:
-    """(number of units, samples per unit) for one batch of batch_size x replicas."""
-    total = sc.batch_size * sc.parallel.replicas
-    units = min(sc.training.work_units or 8 * sc.parallel.replicas, total)
-    return units, max(1, total // units)
 
 
 def run_sandblaster(engine: Engine, steps: int):

@@ -18,8 +18,8 @@ parameter-server shard also sums the pushed gradients first.
 """
 from __future__ import annotations
 
-from ..engine import Engine, first_n
-from ..plan import PARAM_BYTES
+from sim.engine import Engine, first_n
+from clustersim.core.plan import PARAM_BYTES
 
 
 def run_sync(engine: Engine, steps: int):

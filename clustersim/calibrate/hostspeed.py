@@ -20,7 +20,7 @@ factor for every op (in spells at 1.9-2.1x the reference, mlp-digits' ops at bat
 1.7-2.0x slower and distbelief-speech's large GEMMs 1.07-1.2x), and with factors over the
 quiet speed its median error was 32.6% (the speech cases +4 to +59%).
 
-    python -m executor.hostspeed CORE [SECONDS]   # this core's reference step by 50 ms window, JSON
+    python -m clustersim.calibrate.hostspeed CORE [SECONDS]   # this core's reference step by 50 ms window, JSON
 """
 from __future__ import annotations
 
@@ -34,15 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .launch import cores_of, rank_env
+from clustersim.core.metrics import QUIET_LEAST, QUIET_PCT, WINDOW_S, quiet_time  # noqa: F401  (the runs' measure of the same windows)
+from executor.launch import cores_of, rank_env
 
 REFERENCE = ("mlp-digits", 32)
 WARM_S = 0.02
 REFERENCE_S = 0.2         # a default sample: four windows
 SERIES_S = 3.0            # each of calibration's two samples of the host's noise
-WINDOW_S = 0.05
-QUIET_PCT = 10            # the host's quiet speed: this percentile of the reference's windows
-QUIET_LEAST = 5           # steps in a run's window at least (a speech step outlasts a window)
 BRACKET_S = 0.01          # a reference bracket around a probe
 
 
@@ -51,13 +49,13 @@ class Reference:
     times them for a while."""
 
     def __init__(self) -> None:
-        from .probe import probe_inputs, probe_plan
+        from clustersim.calibrate.probe import probe_inputs, probe_plan
         self.plan = probe_plan(*REFERENCE, 1)
         self.params, self.data = probe_inputs(self.plan, np.random.default_rng(0))
 
     def step(self) -> float:
-        from .optim import sgd_in_place
-        from .partitioned import Mailbox, run_step
+        from executor.optim import sgd_in_place
+        from executor.partitioned import Mailbox, run_step
         start = time.perf_counter()
         x, y = self.data.next()
         sgd_in_place(self.params, run_step(self.plan, {0}, self.params, x, y, Mailbox()).grads, 1e-6)
@@ -85,25 +83,6 @@ def reference_windows(seconds: float = REFERENCE_S, window: float = WINDOW_S) ->
     return [statistics.median(ts) for _, ts in sorted(by_window.items())]
 
 
-def quiet_time(times: list[float], window: float = WINDOW_S, pct: float = QUIET_PCT,
-               least: int = QUIET_LEAST) -> float:
-    """A run's step on a quiet host: its steps cut into consecutive windows of ``window``
-    seconds and ``least`` steps or more (a last, shorter one dropped unless it is the only
-    one), each window's median step, and the ``pct``th percentile of those -- as
-    ``quiet_reference`` is of the reference's windows.  With one step a window, the
-    percentile of single steps sat 6-9% under distbelief-speech's median step: mostly the
-    jitter of its steps, as its large GEMMs hardly feel the host's spells."""
-    medians, current, spent = [], [], 0.0
-    for t in times:
-        current.append(t)
-        spent += t
-        if spent >= window and len(current) >= least:
-            medians.append(statistics.median(current))
-            current, spent = [], 0.0
-    if current and not medians:
-        medians.append(statistics.median(current))
-    return float(np.percentile(medians, pct)) if medians else 0.0
-
 
 def quiet_reference(series: dict[int, list[float]]) -> float:
     """The reference step on a quiet host: the ``QUIET_PCT``th percentile of every core's
@@ -117,14 +96,14 @@ def core_series(seconds: float = REFERENCE_S, cores: list[int] | None = None) ->
     bound to each); the same number of windows for each."""
     cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
     env = rank_env(len(cores), len(cores))
-    procs = [subprocess.Popen([sys.executable, "-m", "executor.hostspeed", str(c), str(seconds)],
+    procs = [subprocess.Popen([sys.executable, "-m", "clustersim.calibrate.hostspeed", str(c), str(seconds)],
                               stdout=subprocess.PIPE, text=True, env=env, cwd=str(Path(__file__).resolve().parents[1]))
              for c in cores]
     out = {}
     for c, proc in zip(cores, procs):
         text, _ = proc.communicate(timeout=60 + 2 * seconds)
         if proc.returncode != 0:
-            raise RuntimeError(f"executor.hostspeed on core {c} failed")
+            raise RuntimeError(f"clustersim.calibrate.hostspeed on core {c} failed")
         out[c] = json.loads(text)
     n = min(len(v) for v in out.values())
     return {c: v[:n] for c, v in out.items()}

@@ -8,8 +8,8 @@ parameters follow from boxes alone, so both splits share one mechanism.
 """
 from __future__ import annotations
 
-from .layers import Box, Shape, box_size, full_box
-from .models import Model
+from clustersim.core.layers import Box, Shape, box_size, full_box
+from clustersim.core.models import Model
 
 Slices = tuple[tuple[tuple[int, Box], ...], ...]     # per layer: ((slot, box), ...)
 

@@ -9,14 +9,14 @@ transport; with one rank both slots in this process and an in-process mailbox), 
 layer kind is timed at two sizes per batch.  Each point is (FLOPs, bytes, seconds)
 with FLOPs and bytes as the Plan counts them; keys as the simulator looks them up
 (``Device.op_costs``): ``<layer kind>`` and ``<layer kind>.backward``, with ``.split``
-for a two-slot probe's ops (``sim.plan.split_key``); ``update`` (the
+for a two-slot probe's ops (``clustersim.core.plan.split_key``); ``update`` (the
 worker's SGD step: 2 FLOPs and 12 bytes per parameter); ``send`` and ``recv`` (a
 message's software cost at the sender -- the bookkeeping and the copy out -- and at the
 receiver; bytes only); ``send.reduction`` (softmax's max and sum of exponentials,
 computed and sent) and ``recv.reduction``; ``step`` (what a step costs a rank besides
 its ops: sampling the batch, the walk's set-up, the final flush; by the batch's bytes).
 
-Run under ``mpiexec -n k python -m executor.probe ops`` every rank probes at once, so
+Run under ``mpiexec -n k python -m clustersim.calibrate.probe ops`` every rank probes at once, so
 ranks that share a host's memory bandwidth and caches are timed as they run: rank 0
 prints the medians as JSON.  ``pingpong`` times the executor's transport between two
 ranks; ``allreduce`` the sync workers' allreduce among all of them as it costs their step
@@ -35,15 +35,15 @@ from collections import defaultdict
 
 import numpy as np
 
-from sim.plan import Plan, cost_key, plan, split_key
-from sim.scenario import scenario_from_dict
+from clustersim.core.plan import Plan, cost_key, plan, split_key
+from clustersim.core.scenario import scenario_from_dict
 
-from .comm import MPITransport, barrier, wait_buffer
-from .data import Batches
-from .kernels import init_params
-from .launch import pin
-from .optim import sgd_in_place
-from .partitioned import Mailbox, box_index, run_step
+from executor.comm import MPITransport, barrier, wait_buffer
+from executor.data import Batches
+from executor.kernels import init_params
+from executor.launch import pin
+from executor.optim import sgd_in_place
+from executor.partitioned import Mailbox, box_index, run_step
 
 PROBES = (("mlp-digits", (8, 32, 128)), ("distbelief-speech", (4, 32)))
 SPLITS = (1, 2)
@@ -165,7 +165,7 @@ def merge(passes: list[dict[str, list[tuple]]]) -> dict[str, list[list[float]]]:
 def quiet_probe(run, bracket, quiet: float | None, slowest=lambda t: t, tries: int = QUIET_TRIES):
     """``run()`` timed while the host ran at its quiet speed, as far as ``tries`` attempts
     find it: each attempt between two brackets (``bracket()``: the reference step's time
-    now, ``executor.hostspeed``), and one whose slower bracket (the slowest rank's, by
+    now, ``clustersim.calibrate.hostspeed``), and one whose slower bracket (the slowest rank's, by
     ``slowest``) is within ``QUIET_TOLERANCE`` of ``quiet`` ends the search; else the
     attempt with the quickest brackets counts.  A spell of this host's neighbours lasts
     0.25-2.5 s and a probe 30-60 ms, so brackets say how the probe ran; scaling by them
@@ -194,7 +194,7 @@ def op_times(seed: int = 0, repeats: int = REPEATS, passes: int = PASSES,
     reference step on a quiet host, seconds): each probe is retried until the host ran
     quietly around it (``quiet_probe``; ``slowest`` gives every rank's slowest bracket,
     so the ranks retry together)."""
-    from .hostspeed import Reference
+    from clustersim.calibrate.hostspeed import Reference
     rng = np.random.default_rng(seed)
     ref = Reference() if quiet is not None else None
     results = []

@@ -7,7 +7,7 @@ phase (forward, backward, transfers, updates, waits: the rest of the step), and 
 of each timeline for the plot.  Errors are (predicted - measured) / measured in percent;
 the spread of the measurements ((max - min) / median) says how much of an error is noise.
 
-Calibration times the ops where the host ran at its quiet speed (``executor.hostspeed``):
+Calibration times the ops where the host ran at its quiet speed (``clustersim.calibrate.hostspeed``):
 the prediction is the step on this host without its neighbours.  Each run's quiet step
 (``quiet_step_time_s``: the 10th percentile of its 50 ms windows' median steps,
 ``hostspeed.quiet_time``) is what it is compared with (``quiet_error_pct``); the run's
@@ -24,11 +24,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from sim.engine import simulate
-from sim.metrics import summarize
-from sim.plan import plan
-from sim.scenario import load_scenario
+from clustersim.core.metrics import summarize
+from clustersim.core.plan import plan
+from clustersim.core.scenario import load_scenario
 
-from .ranks import ranks_needed
+from clustersim.core.schedule import ranks_needed
 
 PHASES = {"fwd": "forward", "bwd": "backward", "update": "update", "activation": "transfers", "halo": "transfers",
           "gradient": "transfers", "reduction": "transfers", "stage": "transfers", "allreduce": "transfers",
@@ -122,7 +122,7 @@ def _chrome_spans(path: Path) -> list[tuple]:
 
 def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 3) -> dict:
     """``set_items``: ``key=value`` overrides, applied to both the simulation and the runs."""
-    from sim.scenario import parse_set
+    from clustersim.core.scenario import parse_set
     items = list(set_items) + [f'cluster.topology="{Path(topology).resolve()}"', "cluster.machines=0",
                                "training.cosim=false"]
     sc = load_scenario(scenario, parse_set(items))
@@ -138,7 +138,7 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             trace = Path(tmp) / "t.json"
-            proc = subprocess.run([sys.executable, "-m", "sim", "execute", scenario, "--json", "--trace", str(trace),
+            proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", scenario, "--json", "--trace", str(trace),
                                    *set_args], capture_output=True, text=True, timeout=1800)
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "execute failed")

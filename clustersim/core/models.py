@@ -18,8 +18,8 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, Table
-from .layers import KINDS, Layer, Shape
+from clustersim.core.config import ConfigError, Table
+from clustersim.core.layers import KINDS, Layer, Shape
 
 
 @dataclass(frozen=True)

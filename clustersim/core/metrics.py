@@ -1,18 +1,19 @@
-"""Numbers a user reads off a run, computed from the trace (and the plan for context)."""
+"""Numbers a user reads off a run, computed from the trace (and the plan for context).
+
+``res`` is either runner's result: it has ``trace``, ``sim_time_s``, ``sim_events``,
+``wall_s`` and ``engine`` (the simulator's, or None)."""
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from collections import defaultdict
 
 import numpy as np
 
-from .engine import SimResult, simulate
-from .plan import Plan, plan
-from .trace import union_length
+from clustersim.core.plan import Plan
+from clustersim.core.trace import union_length
 
 
-def summarize(p: Plan, res: SimResult, baseline_step_s: float | None = None) -> dict:
+def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
     """JSON-ready summary: DESIGN.md's keys (step_time_s, samples_per_s, sim_time_s,
     sim_events, wall_s) plus utilisation, time by phase and speedup against one device."""
     sc = p.scenario
@@ -58,20 +59,8 @@ def summarize(p: Plan, res: SimResult, baseline_step_s: float | None = None) -> 
     return out
 
 
-def one_device_step_time(p: Plan) -> float:
-    """Step time of the same model and per-replica batch on the first device alone, taking
-    plain SGD steps (memory not checked: the baseline is hypothetical when the model does
-    not fit).  Alone means no parameter server, so an algorithm that needs one (Downpour,
-    Sandblaster, ...) is not the baseline's."""
-    sc = p.scenario
-    solo = dataclasses.replace(sc, parallel=dataclasses.replace(sc.parallel, model_parallel=1, replicas=1,
-                                                                ps_shards=0, micro_batches=1),
-                               training=dataclasses.replace(sc.training, algorithm="sync", backup_workers=0))
-    res = simulate(plan(solo, check_memory=False), steps=1)
-    return res.sim_time_s
 
-
-def async_metrics(p: Plan, res: SimResult) -> dict:
+def async_metrics(p: Plan, res) -> dict:
     """Staleness, parameter-server load, waiting and lost work (where they apply)."""
     tr, eng = res.trace, res.engine
     out: dict = {}
@@ -102,3 +91,27 @@ def async_metrics(p: Plan, res: SimResult) -> dict:
         out["failed_transfers"] = eng.failed_transfers
     return out
 
+
+WINDOW_S = 0.05           # a run's steps are cut into windows of this length
+QUIET_PCT = 10            # a quiet host: this percentile of the windows' median steps
+QUIET_LEAST = 5           # steps in a run's window at least (a speech step outlasts a window)
+
+
+def quiet_time(times: list[float], window: float = WINDOW_S, pct: float = QUIET_PCT,
+               least: int = QUIET_LEAST) -> float:
+    """A run's step on a quiet host: its steps cut into consecutive windows of ``window``
+    seconds and ``least`` steps or more (a last, shorter one dropped unless it is the only
+    one), each window's median step, and the ``pct``th percentile of those -- as
+    ``quiet_reference`` is of the reference's windows.  With one step a window, the
+    percentile of single steps sat 6-9% under distbelief-speech's median step: mostly the
+    jitter of its steps, as its large GEMMs hardly feel the host's spells."""
+    medians, current, spent = [], [], 0.0
+    for t in times:
+        current.append(t)
+        spent += t
+        if spent >= window and len(current) >= least:
+            medians.append(statistics.median(current))
+            current, spent = [], 0.0
+    if current and not medians:
+        medians.append(statistics.median(current))
+    return float(np.percentile(medians, pct)) if medians else 0.0

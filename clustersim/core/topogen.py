@@ -30,8 +30,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, Table
-from .topology import DEVICE_KINDS, DTYPES, Device, Link, Topology
+from clustersim.core.config import ConfigError, Table
+from clustersim.core.topology import DEVICE_KINDS, DTYPES, Device, Link, Topology
 
 # PCIe payload rate per lane and direction in GB/s: transfer rate x line-code efficiency
 # (PCI-SIG: gen3 8 GT/s 128b/130b, gen4 16 GT/s, gen5 32 GT/s, gen6 64 GT/s PAM4 ~1 B/bit/lane).
@@ -80,13 +80,13 @@ def _with_base(data: dict, path: str, base_dir: Path, depth: int = 0) -> dict:
 
 
 def builtin_topologies() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("sim.builtin_topologies").iterdir()
+    return sorted(p.name[:-5] for p in resources.files("clustersim.builtin_topologies").iterdir()
                   if p.name.endswith(".toml"))
 
 
 def _read(ref: str, base_dir: Path) -> tuple[str, str]:
     if ref in builtin_topologies():
-        res = resources.files("sim.builtin_topologies") / f"{ref}.toml"
+        res = resources.files("clustersim.builtin_topologies") / f"{ref}.toml"
         return f"topologies/{ref}.toml", res.read_text()
     path = Path(ref) if Path(ref).is_absolute() else base_dir / ref
     try:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import numpy as np
 
 from sim.engine import SimResult
-from sim.plan import Plan
+from clustersim.core.plan import Plan
 
-from .data import Batches, digits
-from .nn import Net
-from .optim import DCASGD, LBFGS, LBFGS_MAX_STEP_FACTOR, SGD, Adagrad, quantize8
+from executor.data import Batches, digits
+from executor.nn import Net
+from executor.optim import DCASGD, LBFGS, LBFGS_MAX_STEP_FACTOR, SGD, Adagrad, quantize8
 
 
 def _shard_ranges(p: Plan, size: int) -> list[tuple[int, int]]:
@@ -67,7 +67,7 @@ class Replay:
         self.checkpoint = w0.copy()
         self.sandblaster_batches: dict[int, tuple] = {}
         if self.tr.algorithm == "sandblaster":
-            from sim.algorithms.sandblaster import units_of
+            from clustersim.core.schedule import units_of
             self.units, self.unit_size = units_of(sc)
             self.whole = Batches(d.x_train, d.y_train, sc.batch_size * R, np.random.default_rng([sc.seed, R]))
 

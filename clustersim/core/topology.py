@@ -27,7 +27,7 @@ DEVICE_KINDS = ("cpu", "gpu", "pcie_switch", "nvswitch", "nic", "switch")
 DTYPES = ("fp32", "fp16", "bf16", "fp64")
 
 DirLink = tuple[str, str]
-SPLIT = ".split"         # op cost keys of a model split over slots (``sim.plan.split_key``)
+SPLIT = ".split"         # op cost keys of a model split over slots (``clustersim.core.plan.split_key``)
 
 
 def curve_time(curve: tuple, nbytes: float) -> float:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
-from .layers import box_overlap, box_size
-from .partition import Slices, even_cuts, layer_slices, spatial_slices
-from .scenario import Scenario
-from .topology import SPLIT
+from clustersim.core.config import ConfigError
+from clustersim.core.layers import box_overlap, box_size
+from clustersim.core.partition import Slices, even_cuts, layer_slices, spatial_slices
+from clustersim.core.scenario import Scenario
+from clustersim.core.topology import SPLIT
 
 PARAM_BYTES = 4      # master weights and gradients are fp32 whatever the activation dtype
 GIB = 2**30
@@ -219,7 +219,7 @@ def split_key(p: Plan, key: str) -> str:
 
 def talking_pairs(p: Plan) -> set[tuple[str, str]]:
     """Every (src, dst) device pair the step sends data between."""
-    from .collectives import phases
+    from clustersim.core.collective import phases
     pairs = {(row[op.slot], row[op.dst]) for row in p.devices for op in p.ops if op.kind == "xfer"}
     if p.sync == "allreduce":
         for j in range(p.slots):

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, Table
-from .models import ZOO, Model, load_model_file, zoo_model
-from .topogen import MAX_MACHINES, load_topology
-from .topology import DTYPES, Topology
+from clustersim.core.config import ConfigError, Table
+from clustersim.core.models import ZOO, Model, load_model_file, zoo_model
+from clustersim.core.topogen import MAX_MACHINES, load_topology
+from clustersim.core.topology import DTYPES, Topology
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster")

@@ -40,12 +40,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.layers import full_box
-from sim.models import make_layer
+from clustersim.core.layers import full_box
+from clustersim.core.models import make_layer
 
-from .kernels import backward, forward
-from .hostspeed import SERIES_S, core_series, quiet_reference, rank_series
-from .launch import mpiexec, rank_env
+from executor.kernels import backward, forward
+from clustersim.calibrate.hostspeed import SERIES_S, core_series, quiet_reference, rank_series
+from executor.launch import mpiexec, rank_env
 
 REPEATS = 7
 PROBE_JOBS = 3            # separate probe jobs (processes) whose figures are combined
@@ -106,12 +106,12 @@ def measure_step_overhead(rng: np.random.Generator) -> float:
     net through ``run_step`` (region assembly, the op walk, bookkeeping), per op."""
     import dataclasses
 
-    from sim.models import build_model
-    from sim.plan import plan
-    from sim.scenario import scenario_from_dict
+    from clustersim.core.models import build_model
+    from clustersim.core.plan import plan
+    from clustersim.core.scenario import scenario_from_dict
 
-    from .kernels import init_params
-    from .partitioned import Mailbox, box_index, run_step
+    from executor.kernels import init_params
+    from executor.partitioned import Mailbox, box_index, run_step
     model = build_model("tiny", (4, 1, 1), [make_layer("dense", units=4), make_layer("relu"),
                                             make_layer("dense", units=2), make_layer("softmax_xent")])
     sc = scenario_from_dict({"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 1}},
@@ -133,12 +133,12 @@ def measure_memory_bandwidth(n_bytes: int = 256 * 2**20) -> float:
 
 
 def run_probe(ranks: int, env: dict, *args: str):
-    """``mpiexec -n ranks python -m executor.probe ARGS``: what rank 0 printed, as JSON."""
-    proc = subprocess.run([str(mpiexec()), "-n", str(ranks), sys.executable, "-m", "executor.probe", *args],
+    """``mpiexec -n ranks python -m clustersim.calibrate.probe ARGS``: what rank 0 printed, as JSON."""
+    proc = subprocess.run([str(mpiexec()), "-n", str(ranks), sys.executable, "-m", "clustersim.calibrate.probe", *args],
                           capture_output=True, text=True, timeout=1200, env=env,
                           cwd=str(Path(__file__).resolve().parents[1]))
     if proc.returncode != 0:
-        raise RuntimeError(f"executor.probe {args[0]} on {ranks} ranks failed: {proc.stderr[-500:]}")
+        raise RuntimeError(f"clustersim.calibrate.probe {args[0]} on {ranks} ranks failed: {proc.stderr[-500:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -1,0 +1,255 @@
+"""The verbs a script calls: ``load``, ``simulate``, ``sweep``, ``execute``, ``validate``,
+``calibrate``.  Each returns a result whose attributes are the ``--json`` keys of the
+command of the same name (``r.step_time_s``), plus the Trace where there is one.
+
+A scenario is a path to a TOML file or a dict of the same tables; ``overrides`` are
+``{"parallel.model_parallel": 8}`` or ``["parallel.model_parallel=8"]``, as ``--set``.
+Bad input raises ``ConfigError`` naming the file and field.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from clustersim.core.config import ConfigError
+from clustersim.core.metrics import summarize
+from clustersim.core.plan import Plan, plan
+from clustersim.core.scenario import Scenario, apply_overrides, parse_set, read_toml, scenario_from_dict
+from clustersim.core.schedule import ranks_needed
+from clustersim.core.topogen import load_topology
+from clustersim.core.trace import Trace, write_atomic
+
+Source = str | Path | Mapping
+Overrides = Mapping[str, Any] | Iterable[str | tuple[str, Any]] | None
+
+__all__ = ["ConfigError", "Result", "load", "simulate", "sweep", "execute", "validate", "calibrate", "collective",
+           "combine", "ranks_needed", "save_figure", "write_atomic"]
+
+
+class Result:
+    """A command's JSON as attributes (``r.samples_per_s``), ``r.data`` the dict itself,
+    ``r.trace`` and ``r.plan`` where the run has them."""
+
+    def __init__(self, data: dict, trace: Trace | None = None, plan: Plan | None = None) -> None:
+        self.data, self.trace, self.plan = data, trace, plan
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["data"][name]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no {name!r} (keys: {', '.join(self.data)})") from None
+
+    def __repr__(self) -> str:
+        keys = ("step_time_s", "samples_per_s", "stalled_at_s", "error_pct")
+        shown = ", ".join(f"{k}={self.data[k]!r}" for k in keys if k in self.data)
+        return f"{type(self).__name__}({shown})"
+
+
+def _pairs(overrides: Overrides) -> list[tuple[str, Any]]:
+    if overrides is None:
+        return []
+    if isinstance(overrides, Mapping):
+        return [(str(k), v) for k, v in overrides.items()]
+    return [x if isinstance(x, tuple) else parse_set([str(x)])[0] for x in overrides]
+
+
+def load(source: Source, overrides: Overrides = None) -> Scenario:
+    """The validated Scenario of a file or dict with ``overrides`` applied."""
+    if isinstance(source, Mapping):
+        return scenario_from_dict(apply_overrides(dict(source), _pairs(overrides)), "<dict>")
+    path = Path(source)
+    return scenario_from_dict(apply_overrides(read_toml(path), _pairs(overrides)), str(path))
+
+
+def simulate(source: Source | Scenario, overrides: Overrides = None, *, speedup: bool = True) -> Result:
+    """Simulates the scenario: its summary (``clustersim simulate --json``), Trace and Plan.
+    ``speedup`` also simulates the one-device baseline (without faults)."""
+    from sim.baseline import one_device_step_time
+    from sim.engine import simulate as run
+    sc = source if isinstance(source, Scenario) else load(source, overrides)
+    p = plan(sc)
+    res = run(p)
+    summary = summarize(p, res, one_device_step_time(p) if speedup else None)
+    if sc.training.cosim:
+        from clustersim.compare.cosim import cosimulate
+        summary.update(cosimulate(p, res))
+    return Result(summary, res.trace, p)
+
+
+SWEEP_KEYS = ("step_time_s", "samples_per_s", "sim_time_s", "sim_events", "wall_s", "bytes_per_step")
+
+
+def _sweep_point(source: Source, pairs: list[tuple[str, Any]]) -> dict:
+    """One point's metrics, or its one-line reason when it cannot be planned."""
+    try:
+        summary = simulate(source, pairs, speedup=False).data
+    except ConfigError as exc:
+        return {"error": str(exc)}
+    return {k: summary[k] for k in SWEEP_KEYS if k in summary}
+
+
+def sweep(source: Source, vary: Mapping[str, Iterable[Any]], overrides: Overrides = None, *, jobs: int = 1) -> list[dict]:
+    """Every combination of ``vary``'s values: a list of points holding the varied keys
+    (dotted), the metrics and ``speedup`` against the first feasible point.  A point that
+    cannot be planned holds ``error`` instead; when no point can, the first point's
+    ConfigError is raised (bad input that they share)."""
+    base = _pairs(overrides)
+    axes = [[(key, v) for v in values] for key, values in vary.items()]
+    combos = [list(c) for c in itertools.product(*axes)]
+    load(source, base)                                     # bad shared input fails here, once
+    args = [base + c for c in combos]
+    if jobs > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(_sweep_point, [source] * len(combos), args))
+    else:
+        results = [_sweep_point(source, a) for a in args]
+    if all("error" in r for r in results):
+        plan(load(source, args[0]))                        # raises the first point's ConfigError
+    first = next((r for r in results if "error" not in r), None)
+    points = []
+    for combo, res in zip(combos, results):
+        point = {k: v for k, v in combo} | res
+        if "error" not in res and first is not None:
+            point["speedup"] = res["samples_per_s"] / first["samples_per_s"] if first["samples_per_s"] else 0.0
+        points.append(point)
+    return points
+
+
+def execute_command(path: str | Path, set_items: list[str], *, ranks: int = 0, device: str = "cpu",
+                    json_out: bool = False, trace: str | None = None, extra: list[str] = ()) -> list[str]:
+    """The ``mpiexec`` command line that runs the scenario's ranks (``executor.ranks``),
+    after checking the input here, once, so a bad scenario is one line and not N."""
+    from executor.launch import mpiexec
+    from executor.ranks import check
+    sc = load(path, set_items)
+    n = ranks or ranks_needed(sc)
+    check(sc, n)
+    plan(sc)                                    # a plan that cannot be made fails here, once
+    cmd = [str(mpiexec()), "-n", str(n), sys.executable, "-m", "executor.ranks", str(path), "--device", device]
+    for item in set_items:
+        cmd += ["--set", item]
+    if json_out:
+        cmd.append("--json")
+    if trace:
+        cmd += ["--trace", str(trace)]
+    return cmd + list(extra)
+
+
+def execute(path: str | Path, overrides: Overrides = None, *, ranks: int = 0, device: str = "cpu",
+            timeout_s: float = 1800.0) -> Result:
+    """Runs the scenario for real on MPI ranks (``clustersim execute --json``).  Raises
+    RuntimeError with the ranks' last line when the job fails."""
+    from executor.launch import rank_env
+    items = [f"{k}={_toml(v)}" for k, v in _pairs(overrides)]
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        cmd = execute_command(path, items, ranks=ranks, device=device, json_out=True, trace=str(trace))
+        n = int(cmd[2])
+        proc = subprocess.run(cmd, env=rank_env(n), capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines()
+            raise RuntimeError(lines[-1] if lines else f"execute failed with exit code {proc.returncode}")
+        return Result(json.loads(proc.stdout))
+
+
+def _toml(value: Any) -> str:
+    """A Python value as a TOML value for ``--set`` (booleans lower case, lists and tables)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def calibrate(ranks: int, out: str | Path) -> dict:
+    """Measures this host for a job of ``ranks`` ranks and writes the topology to ``out``."""
+    from clustersim.calibrate.host import calibrate as measure, topology_text
+    if not 1 <= ranks <= 256:
+        raise ConfigError("--ranks", str(ranks), "must be 1..256")
+    res = measure(ranks)
+    write_atomic(out, topology_text(Path(out).stem, ranks, res["cores"], res["compute"],
+                                    res["memory_bandwidth_bytes_per_s"], res["mpi"], res["op_costs"],
+                                    res["cache_bytes"]))
+    load_topology(str(out))                             # what we wrote must load
+    return res
+
+
+def calibrate_gpus(out: str | Path) -> dict:
+    """Measures this machine's GPUs with CuPy and writes the topology to ``out``."""
+    from clustersim.calibrate.gpu import calibrate_gpus as measure, cupy_backend, gpu_topology_text
+    from executor.backend import cupy_or_none
+    cp = cupy_or_none()
+    if cp is None:
+        raise ConfigError("--gpu", "", "needs CuPy and a visible GPU (pip install 'clustersim[gpu]' on a GPU host)")
+    res = measure(cupy_backend(cp))
+    write_atomic(out, gpu_topology_text(Path(out).stem, res))
+    load_topology(str(out))                             # what we wrote must load
+    return res
+
+
+def validate(path: str | Path, overrides: Overrides = None, *, topology: str | Path | None = None,
+             repeats: int = 3) -> Result:
+    """Simulates and executes the scenario and compares them (``clustersim validate``);
+    without ``topology`` this host is calibrated first."""
+    from clustersim.compare.validate import validate as compare
+    from executor.ranks import check
+    items = [f"{k}={_toml(v)}" for k, v in _pairs(overrides)]
+    sc = load(path, items)
+    check(sc, ranks_needed(sc))
+    if repeats < 1:
+        raise ConfigError("--repeats", str(repeats), "must be >= 1")
+    if not topology:
+        topology = Path(tempfile.mkdtemp()) / "this-host.toml"
+        calibrate(ranks_needed(sc), topology)
+    return Result(compare(str(path), str(topology), items, repeats))
+
+
+def collective(topology: str | Path, op: str = "allreduce", algo: str = "ring", sizes: Iterable[int] = (2**20,),
+               *, gpus: int = 0, machines: int = 0, network: str = "flow") -> list[dict]:
+    """nccl-tests-style rows (``bytes``, ``time_s``, ``algbw_gbps``, ``busbw_gbps``) of
+    ``op`` by ``algo`` over the first ``gpus`` compute devices (all by default)."""
+    import simpy
+
+    from clustersim.core.collective import bus_factor, phases
+    from sim import collectives
+    from sim.network import BACKENDS
+    topo = load_topology(str(topology), Path("."), machines or None)
+    devices = topo.compute_devices()
+    n = gpus or len(devices)
+    if not 2 <= n <= len(devices):
+        raise ConfigError("--gpus", str(gpus), f"must be 2..{len(devices)} for topology {topo.name}")
+    rows = []
+    for size in sizes:
+        env = simpy.Environment()
+        try:
+            schedule = phases(op, algo, devices[:n], size)
+        except ValueError as exc:
+            raise ConfigError("--algo", algo, str(exc)) from None
+        env.process(collectives.run(env, BACKENDS[network](env, topo), schedule))
+        env.run()
+        algbw = size / env.now / 1e9 if env.now else 0.0
+        rows.append({"bytes": size, "time_s": env.now, "algbw_gbps": algbw, "busbw_gbps": algbw * bus_factor(op, n)})
+    return rows
+
+
+def combine(rounds: list[dict]) -> dict:
+    """Several ``validate`` results of one case (rounds) as one: medians of predictions and runs."""
+    from clustersim.compare.validate import combine as merge
+    return merge(rounds)
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Writes a matplotlib figure whole or not at all, and closes it."""
+    from clustersim.plots import save_figure as save
+    save(fig, path)

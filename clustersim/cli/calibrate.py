@@ -1,0 +1,63 @@
+"""``clustersim calibrate``: measure this host (or its GPUs) and write a topology."""
+from __future__ import annotations
+
+import json
+
+from clustersim import api
+
+
+def add(sub) -> None:
+    c = sub.add_parser("calibrate", help="measure this host and write a topology the simulator can use")
+    c.add_argument("--ranks", type=int, default=2, help="ranks the host will run (how they share its cores)")
+    c.add_argument("--out", metavar="FILE", default="topologies/this-host.toml")
+    c.add_argument("--gpu", action="store_true",
+                   help="measure this machine's GPUs (GEMM, pinned copies over PCIe, peer copies) with CuPy")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=run)
+
+
+def run(args) -> int:
+    res = api.calibrate_gpus(args.out) if args.gpu else api.calibrate(args.ranks, args.out)
+    if args.json:
+        print(json.dumps({**res, "out": args.out}, indent=2))
+    elif args.gpu:
+        print_gpu(res, args.out)
+    else:
+        print_host(res, args.out)
+    return 0
+
+
+def print_gpu(res: dict, out: str) -> None:
+    gpu = res["gpu"]
+    print(f"calibrated {res['devices']} GPUs -> {out}")
+    print(f"  GPU compute  peak {gpu['peak_flops'] / 1e12:.4g} TFLOP/s, {gpu['op_overhead_s'] * 1e6:.3g} us per op; "
+          "efficiency " + ", ".join(f"{f:.2g} FLOP: {e:.2f}" for f, e in gpu["efficiency_curve"]))
+    print(f"  GPU memory   {res['gpu_memory_bandwidth_bytes_per_s'] / 1e9:.4g} GB/s (copy), "
+          f"{res['gpu_memory_bytes'] / 2**30:.3g} GiB")
+    for key, fit in res["copies"].items():
+        what = {"h2d": "pinned host -> GPU 0", "d2h": "GPU 0 -> pinned host"}.get(key, f"GPU 0 -> GPU {key[3:]}")
+        print(f"  {what:<22} alpha {fit['alpha_s'] * 1e6:.3g} us, beta {fit['beta_bytes_per_s'] / 1e9:.4g} GB/s; "
+              f"fit R^2 {fit['r2']:.4f}, worst relative error {fit['max_rel_error']:.1%} over {len(fit['samples'])} sizes")
+
+
+def print_host(res: dict, out: str) -> None:
+    comp, mpi = res["compute"], res["mpi"]
+    print(f"calibrated {res['cores']} cores for {res['ranks']} ranks -> {out}")
+    print(f"  compute      peak {comp['peak_flops'] / 1e9:.4g} GFLOP/s per rank, {comp['op_overhead_s'] * 1e6:.3g} us per op")
+    print("  efficiency   " + ", ".join(f"{f:.2g} FLOP: {e:.2f}" for f, e in comp["efficiency_curve"]))
+    print(f"  memory       {res['memory_bandwidth_bytes_per_s'] / 1e9:.4g} GB/s (copy)")
+    print(f"  MPI          alpha {mpi['alpha_s'] * 1e6:.3g} us, beta {mpi['beta_bytes_per_s'] / 1e9:.4g} GB/s; fit R^2 "
+          f"{mpi['r2']:.4f}, worst relative error {mpi['max_rel_error']:.1%} over {len(mpi['samples'])} sizes")
+    slow = [sum(t > 1.3 * res["quiet_reference_s"] for t in s) / len(s) for s in res["reference_windows_s"]]
+    print(f"  host speed   reference step {res['quiet_reference_s'] * 1e6:.0f} us quiet (ops probed at it), median "
+          + ", ".join(f"{t * 1e6:.0f}" for t in res["references_s"])
+          + " us by rank; windows over 1.3x quiet: " + ", ".join(f"{x:.0%}" for x in slow))
+    print(f"  op costs     (the executor's ops in context: fixed + FLOPs / rate + bytes / rate, bytes beyond "
+          f"{res['cache_bytes'] / 2**20:.3g} MiB of cache at their own rate)")
+    for key, c in res["op_costs"].items():
+        rates = [f"{c['flops_per_s'] / 1e9:.3g} GFLOP/s" if c["flops_per_s"] else "",
+                 f"{c['bytes_per_s'] / 1e9:.3g} GB/s" if c["bytes_per_s"] else "",
+                 f"{c['bytes_beyond_cache_per_s'] / 1e9:.3g} GB/s beyond" if c["bytes_beyond_cache_per_s"] else ""]
+        print(f"    {key:<24} {c['fixed_s'] * 1e6:7.1f} us  {', '.join(r for r in rates if r):<44} "
+              f"R^2 {c['r2']:.3f}, worst {c['max_rel_error']:.0%} over {c['points']} ops"
+              + ("; the simulator interpolates the measured sizes" if "curve" in c else ""))

@@ -1,0 +1,59 @@
+"""``clustersim collective``: an nccl-tests-style table of predicted collective times."""
+from __future__ import annotations
+
+import json
+import re
+
+from clustersim import api, report
+from clustersim.core.collective import ALGOS, OPS
+from clustersim.core.config import ConfigError
+
+NETWORKS = ("analytical", "flow")      # sim.network.BACKENDS' names
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def add(sub) -> None:
+    c = sub.add_parser("collective", help="nccl-tests-style table of predicted collective times")
+    c.add_argument("--topology", required=True)
+    c.add_argument("--op", default="allreduce", choices=OPS)
+    c.add_argument("--algo", default="ring", choices=ALGOS)
+    c.add_argument("--gpus", type=int, default=0, help="ranks (default: every compute device)")
+    c.add_argument("--machines", type=int, default=0, help="override the topology's machine count")
+    c.add_argument("--bytes", default="8..1G", help="SIZE or MIN..MAX, doubling (8..1G)")
+    c.add_argument("--network", default="flow", choices=NETWORKS)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=run)
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)B?\s*", text, re.IGNORECASE)
+    if not m or int(m.group(1)) < 1:
+        raise ConfigError("--bytes", text, "sizes look like 8, 64K, 1M or 1G")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def size_range(text: str) -> list[int]:
+    lo, sep, hi = text.partition("..")
+    a = parse_size(lo)
+    b = parse_size(hi) if sep else a
+    if b < a or b > 2**40:
+        raise ConfigError("--bytes", text, "must be MIN..MAX with MIN <= MAX <= 1T")
+    sizes = []
+    while a <= b:
+        sizes.append(a)
+        a *= 2
+    return sizes
+
+
+def run(args) -> int:
+    rows = api.collective(args.topology, args.op, args.algo, size_range(args.bytes), gpus=args.gpus,
+                          machines=args.machines, network=args.network)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    n = args.gpus or "all"
+    print(f"# {args.op} by {args.algo} over {n} ranks of {args.topology} ({args.network} network model)")
+    shown = [{**r, "time_us": r["time_s"] * 1e6} for r in rows]
+    print(report.table(shown, [("bytes", "size (B)"), ("time_us", "time (us)"),
+                               ("algbw_gbps", "algbw (GB/s)"), ("busbw_gbps", "busbw (GB/s)")]))
+    return 0

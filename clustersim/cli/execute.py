@@ -1,0 +1,54 @@
+"""``clustersim execute``: run the partitioned network for real on MPI ranks."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from clustersim import api
+from clustersim.cli.args import scenario_args
+
+
+def add(sub) -> None:
+    e = sub.add_parser("execute", help="run the scenario's partitioned network for real on MPI ranks")
+    scenario_args(e)
+    e.add_argument("--ranks", type=int, default=0, help="MPI ranks (default: model_parallel x replicas)")
+    e.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    e.add_argument("--trace", metavar="FILE", help="write the merged Chrome trace of all ranks")
+    e.add_argument("--fail", metavar="rank=K@step=S", help="worker rank K stops at step S like a crashed machine")
+    e.add_argument("--checkpoint", metavar="DIR", help="parameter-server shards checkpoint here")
+    e.add_argument("--checkpoint-every", type=int, default=100, metavar="N", help="updates between checkpoints")
+    e.add_argument("--resume", action="store_true", help="start the shards from the checkpoints in --checkpoint")
+    e.add_argument("--data", metavar="DIR", help="train on MNIST from its four IDX files in DIR (gzipped or not); "
+                                                 "the model must take 784 inputs")
+    e.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """Checks the input here (one clean line on error), then starts ``mpiexec`` with one
+    rank per replica slot running ``executor.ranks``, its output passed through."""
+    from executor.launch import rank_env
+    from executor.ranks import check_checkpoint, check_data, parse_fail
+    sc = api.load(args.scenario, args.set)
+    parse_fail(args.fail, sc)
+    check_checkpoint(args, sc)
+    check_data(args.data, sc)
+    extra = []
+    if args.fail:
+        extra += ["--fail", args.fail]
+    if args.checkpoint:
+        extra += ["--checkpoint", args.checkpoint, "--checkpoint-every", str(args.checkpoint_every)]
+    if args.resume:
+        extra.append("--resume")
+    if args.data:
+        extra += ["--data", str(Path(args.data).resolve())]
+    cmd = api.execute_command(args.scenario, args.set, ranks=args.ranks, device=args.device, json_out=args.json,
+                              trace=args.trace, extra=extra)
+    return subprocess.run(cmd, env=rank_env(int(cmd[2])), preexec_fn=_die_with_parent).returncode
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when this process dies (mpiexec then stops its
+    ranks), so a killed ``clustersim execute`` leaves no ranks running."""
+    import ctypes
+    import signal
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG

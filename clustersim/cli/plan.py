@@ -1,0 +1,37 @@
+"""``clustersim plan``: how a scenario is partitioned and placed."""
+from __future__ import annotations
+
+from clustersim import api, report
+from clustersim.core.plan import plan as make_plan
+
+
+def add(sub) -> None:
+    pl = sub.add_parser("plan", help="show how a scenario is partitioned and placed")
+    pl.add_argument("scenario")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pl.set_defaults(func=run)
+
+
+def run(args) -> int:
+    sc = api.load(args.scenario, args.set)
+    p = make_plan(sc)
+    print(f"{sc.name}: {sc.model.name}, {p.slots} slot(s) x {p.replicas} replica(s), split {sc.parallel.split}, "
+          f"sync {p.sync}")
+    for node, sl, axis in zip(sc.model.nodes, p.slices, p.axes):
+        cut = ", ".join(f"{slot}:{'x'.join(str(b - a) for a, b in box)}" for slot, box in sl)
+        print(f"  L{node.index:<3} {node.layer.kind:<18} out {'x'.join(map(str, node.out_shape)):<12} "
+              f"params {node.params:<12} by {axis:<8} [{cut}]")
+    totals: dict[str, float] = {}
+    for op in p.ops:
+        if op.kind == "xfer":
+            totals[op.why] = totals.get(op.why, 0.0) + op.bytes
+    print("  per replica and step: " + (", ".join(f"{k} {report.si(v, 'B')}" for k, v in sorted(totals.items()))
+                                        or "no transfers inside a replica"))
+    for r, row in enumerate(p.devices):
+        print(f"  replica {r}: " + ", ".join(row))
+    if p.ps:
+        print("  parameter-server shards: " + ", ".join(f"{d} ({report.si(n, 'params')})"
+                                                       for d, n in zip(p.ps.devices, p.ps.sizes)))
+    for dev, use in p.memory.items():
+        print(f"  memory {dev}: " + ", ".join(f"{k} {report.si(v, 'B')}" for k, v in use.items() if v))
+    return 0

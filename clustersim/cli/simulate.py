@@ -1,0 +1,35 @@
+"""``clustersim simulate``: where does the time go?"""
+from __future__ import annotations
+
+import json
+
+from clustersim import api, report
+from clustersim.cli.args import scenario_args
+from clustersim.core.trace import write_chrome
+
+STALL_EXIT = 3
+
+
+def add(sub) -> None:
+    s = sub.add_parser("simulate", help="simulate a scenario and summarise where the time goes")
+    scenario_args(s)
+    s.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace (JSON)")
+    s.add_argument("--plot", metavar="FILE", help="write a Gantt of one step and utilisation (PNG)")
+    s.add_argument("--no-speedup", action="store_true", help="skip the one-device baseline")
+    s.set_defaults(func=run)
+
+
+def run(args) -> int:
+    res = api.simulate(args.scenario, args.set, speedup=not args.no_speedup)
+    summary = res.data
+    if args.trace:
+        write_chrome(res.trace, args.trace)
+    if args.plot:
+        from clustersim.plots import plot_step
+        plot_step(res.trace, res.plan, summary, args.plot)
+    print(json.dumps(summary, indent=2) if args.json else report.summary_text(summary))
+    if not args.json:
+        for what, path in (("trace", args.trace), ("plot", args.plot)):
+            if path:
+                print(f"  wrote {what}: {path}")
+    return STALL_EXIT if "stalled_at_s" in summary else 0

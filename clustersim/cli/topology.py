@@ -1,0 +1,45 @@
+"""``clustersim topology show``: the built-in topologies, or one of them in words."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from clustersim import report
+from clustersim.core.topogen import builtin_topologies, load_topology
+
+
+def add(sub) -> None:
+    t = sub.add_parser("topology", help="inspect a topology")
+    tsub = t.add_subparsers(dest="action", required=True)
+    ts = tsub.add_parser("show")
+    ts.add_argument("topology", nargs="?", help=f"built-in ({', '.join(builtin_topologies())}) or a path")
+    ts.add_argument("--machines", type=int, default=0)
+    ts.add_argument("--plot", metavar="FILE")
+    ts.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if not args.topology:
+        print("built-in topologies: " + ", ".join(builtin_topologies()))
+        return 0
+    topo = load_topology(args.topology, Path("."), args.machines or None)
+    kinds: dict[str, int] = {}
+    for d in topo.devices.values():
+        kinds[d.kind] = kinds.get(d.kind, 0) + 1
+    compute = topo.compute_devices()
+    print(f"{topo.name}: {topo.description}")
+    print("  devices: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+    print(f"  links: {topo.graph.number_of_edges()} (full duplex)")
+    first = topo.devices[compute[0]]
+    print(f"  compute devices: {len(compute)} x {first.kind} ({report.si(first.flops_per_s('fp32'), 'FLOP/s')} "
+          f"fp32 peak, efficiency {first.efficiency:g}, {report.si(first.memory_bytes, 'B')})")
+    pairs = [(compute[0], c) for c in (compute[1:2] + compute[-1:]) if c != compute[0]]
+    for a, b in dict.fromkeys(pairs):
+        r = topo.route(a, b)
+        hops = " > ".join([a] + [v for _, v in r])
+        print(f"  route {hops}: {report.si(topo.route_bandwidth(r), 'B/s')}, "
+              f"{report.seconds(topo.route_latency(r))}")
+    if args.plot:
+        from clustersim.plots import plot_topology
+        plot_topology(topo, args.plot)
+        print(f"  wrote plot: {args.plot}")
+    return 0

@@ -1,0 +1,73 @@
+"""Human-readable tables and summaries of results (no plotting: ``clustersim.plots``)."""
+from __future__ import annotations
+
+
+
+def si(value: float, unit: str) -> str:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def seconds(value: float) -> str:
+    for factor, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
+        if abs(value) >= factor:
+            return f"{value / factor:.4g} {unit}"
+    return f"{value * 1e9:.4g} ns"
+
+
+def summary_text(s: dict) -> str:
+    lines = [
+        f"{s['name']}: {s['model']} ({si(s['parameters'], 'params')}) on {s['topology']}",
+        f"  split {s['split']} x{s['model_parallel']}, replicas {s['replicas']}, sync by {s['sync']}, "
+        f"batch {s['batch_size']}/replica {s['dtype']}, network model {s['network']}",
+        "",
+        f"  step time        {seconds(s['step_time_s'])}",
+        f"  throughput       {s['samples_per_s']:.4g} samples/s",
+    ]
+    if "speedup" in s:
+        lines.append(f"  speedup          {s['speedup']:.3g}x against one device "
+                     f"({seconds(s['one_device_step_time_s'])} per step)")
+    if "staleness_mean" in s:
+        lines.append(f"  staleness        mean {s['staleness_mean']:.3g}, p90 {s['staleness_p90']:.3g}, "
+                     f"max {s['staleness_max']} (shard updates missed)")
+    if "shard_updates_per_s" in s:
+        lines.append("  shards           " + ", ".join(f"{u:.4g}/s" for u in s["shard_updates_per_s"]) +
+                     "  busy " + ", ".join(f"{v:.0%}" for v in s["shard_utilisation"].values()))
+    if "lost_work_samples" in s:
+        lines.append(f"  failures         {', '.join(s['failed_devices']) or 'links only'}; "
+                     f"{s['lost_work_samples']} samples of work lost")
+    if "accuracy" in s:
+        tta = s["time_to_accuracy_s"]
+        lines.append(f"  accuracy         {s['accuracy']:.2%} (loss {s['loss']:.4g}); "
+                     + (f"{s['target_accuracy']:.0%} reached at {seconds(tta)}" if tta is not None
+                        else f"{s['target_accuracy']:.0%} not reached"))
+    lines += [f"  traffic          {si(s['bytes_per_step'], 'B')} per step",
+              f"  simulated        {s['steps']} steps{' per replica' if s['algorithm'] not in ('sync', 'sandblaster') else ''}, {seconds(s['sim_time_s'])} in {s['sim_events']} events, "
+              f"{s['wall_s']:.3g} s wall", "", "  time by phase (device- or transfer-seconds per step):"]
+    for phase, t in sorted(s["time_by_phase_s"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"    {phase:<12} {seconds(t)}")
+    util = s["device_utilisation"]
+    if util:
+        vals = sorted(util.values())
+        lines.append(f"  device busy      min {vals[0]:.1%}  median {vals[len(vals) // 2]:.1%}  max {vals[-1]:.1%}"
+                     f"  over {len(vals)} devices")
+    if s["link_utilisation"]:
+        lines.append("  busiest links:")
+        for link, u in list(s["link_utilisation"].items())[:5]:
+            lines.append(f"    {link:<32} {u:.1%}")
+    return "\n".join(lines)
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """Fixed-width table; ``columns`` is [(key, header)]."""
+    cells = [[h for _, h in columns]] + [[_fmt(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
