@@ -70,14 +70,16 @@ def load(source: Source, overrides: Overrides = None) -> Scenario:
 
 def simulate(source: Source | Scenario, overrides: Overrides = None, *, speedup: bool = True) -> Result:
     """Simulates the scenario: its summary (``clustersim simulate --json``), Trace and Plan.
-    ``speedup`` also simulates the one-device baseline (without faults)."""
+    ``speedup`` also simulates the one-device baseline (without faults).  A run that cannot
+    go on (a failure nothing gets past) has ``stalled_at_s`` and ``stalled_reason`` and no
+    ``step_time_s``, ``samples_per_s`` or ``speedup``."""
     from sim.baseline import one_device_step_time
     from sim.engine import simulate as run
     sc = source if isinstance(source, Scenario) else load(source, overrides)
     p = plan(sc)
     res = run(p)
-    summary = summarize(p, res, one_device_step_time(p) if speedup else None)
-    if sc.training.cosim:
+    summary = summarize(p, res, one_device_step_time(p) if speedup and res.stalled_at_s is None else None)
+    if sc.training.cosim and res.stalled_at_s is None:
         from clustersim.compare.cosim import cosimulate
         summary.update(cosimulate(p, res))
     return Result(summary, res.trace, p)
@@ -92,6 +94,8 @@ def _sweep_point(source: Source, pairs: list[tuple[str, Any]]) -> dict:
         summary = simulate(source, pairs, speedup=False).data
     except ConfigError as exc:
         return {"error": str(exc)}
+    if "stalled_at_s" in summary:
+        return {"error": f"stalled: {summary['stalled_reason']}", "stalled_at_s": summary["stalled_at_s"]}
     return {k: summary[k] for k in SWEEP_KEYS if k in summary}
 
 
@@ -110,7 +114,7 @@ def sweep(source: Source, vary: Mapping[str, Iterable[Any]], overrides: Override
             results = list(pool.map(_sweep_point, [source] * len(combos), args))
     else:
         results = [_sweep_point(source, a) for a in args]
-    if all("error" in r for r in results):
+    if all("error" in r and "stalled_at_s" not in r for r in results):
         plan(load(source, args[0]))                        # raises the first point's ConfigError
     first = next((r for r in results if "error" not in r), None)
     points = []

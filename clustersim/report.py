@@ -23,9 +23,13 @@ def summary_text(s: dict) -> str:
         f"  split {s['split']} x{s['model_parallel']}, replicas {s['replicas']}, sync by {s['sync']}, "
         f"batch {s['batch_size']}/replica {s['dtype']}, network model {s['network']}",
         "",
-        f"  step time        {seconds(s['step_time_s'])}",
-        f"  throughput       {s['samples_per_s']:.4g} samples/s",
     ]
+    if "stalled_at_s" in s:
+        lines += [f"  STALLED          at {seconds(s['stalled_at_s'])} after {s['steps']} steps: {s['stalled_reason']}",
+                  "                   (no step time or throughput: the job did not run to its end)"]
+    else:
+        lines += [f"  step time        {seconds(s['step_time_s'])}",
+                  f"  throughput       {s['samples_per_s']:.4g} samples/s"]
     if "speedup" in s:
         lines.append(f"  speedup          {s['speedup']:.3g}x against one device "
                      f"({seconds(s['one_device_step_time_s'])} per step)")

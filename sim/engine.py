@@ -71,8 +71,11 @@ class Engine:
         self.step_costed = {name for name in self.compute.weights if "step" in sc.topology.devices[name].op_costs}
         self.network = BACKENDS[sc.network](self.env, sc.topology)
         self.trace = Trace()
-        self.failed: dict[str, float] = {}          # device -> time it failed
+        self.failed: dict[str, float] = {}          # device -> time it failed (until a restart replaces it)
+        self.failed_ever: dict[str, float] = {}     # every device that failed in the run, and when
         self.failed_transfers = 0
+        self.blocked: dict[str, str] = {}           # dead end (device or link) -> the first message it held up
+        self._lost: dict[str, simpy.Event] = {}     # device -> fires when it fails
         self.ps_server = None                      # set by parameter-server algorithms
         self.failure_signal = self.env.event()     # fires (and is replaced) at every failure
         self.lost_samples = 0                      # work thrown away after failures
@@ -104,6 +107,9 @@ class Engine:
             yield self.env.timeout(max(0.0, f.at_s - self.env.now))
             for dev in f.devices:
                 self.failed.setdefault(dev, self.env.now)
+                self.failed_ever.setdefault(dev, self.env.now)
+                if dev in self._lost and not self._lost[dev].triggered:
+                    self._lost[dev].succeed(dev)
             if f.link:
                 self.network.topology = self.network.topology.without_link(*f.link)
             self.trace.add(Span("failure", "wait", ",".join(f.devices) or "-".join(f.link), -1, -1,
@@ -113,6 +119,40 @@ class Engine:
 
     def alive(self, *devices: str) -> bool:
         return not any(d in self.failed for d in devices)
+
+    def lost(self, devices: list[str]) -> simpy.Event:
+        """Fires when any of ``devices`` fails (at once if one is down already)."""
+        for d in devices:
+            if d not in self._lost:
+                self._lost[d] = self.env.event()
+                if d in self.failed:
+                    self._lost[d].succeed(d)
+        return self.env.any_of([self._lost[d] for d in devices])
+
+    def _block(self, dead_end: str, what: str) -> simpy.Event:
+        """A message or collective that can never complete: counted, its dead end kept for
+        the stall report, and an event that never fires (the algorithm's timeouts decide)."""
+        self.failed_transfers += 1
+        self.blocked.setdefault(dead_end, what)
+        return self.env.event()
+
+    def stall_reason(self) -> str:
+        """Which failed device or cut link the waiting work depends on, in words."""
+        plan = self.plan
+        shards = {d: k for k, d in enumerate(plan.ps.devices)} if plan.ps else {}
+        owner = {d: r for r, row in enumerate(plan.devices) for d in row}
+        ends = self.blocked or {d: "" for d in self.failed}
+        parts = []
+        for end, what in ends.items():
+            if end in shards:
+                who = f"parameter-server shard {shards[end]} on {end}"
+            elif end in owner:
+                who = f"replica {owner[end]}'s {end}"
+            else:
+                who = end
+            when = f", failed at {self.failed_ever[end]:.6g} s" if end in self.failed_ever else ""
+            parts.append(f"{who}{when}" + (f" (held up: {what})" if what else ""))
+        return "waiting forever on " + "; ".join(parts) if parts else "work left waiting and no event to run"
 
     def log(self, kind: str, replica: int = -1, shard: int = -1, step: int = -1, **info) -> None:
         """One entry of the update log that co-simulation replays in this exact order."""
@@ -144,13 +184,13 @@ class Engine:
         with measured costs for ``send<what>`` (``what``: "" or ".reduction") spends that long
         on it before it leaves, a receiver with costs for ``recv<what>`` after."""
         start = self.env.now
+        for end in (src, dst):
+            if not self.alive(end):
+                return self._block(end, f"{name} {src}->{dst}")
         try:
-            if not self.alive(src, dst):
-                raise LookupError("an end has failed")
             links = _link_names(self.network.topology.route(src, dst))
         except LookupError:
-            self.failed_transfers += 1
-            return self.env.event()
+            return self._block(f"the route {src}->{dst} (a link cut)", name)
         devices = self.compute.topology.devices
         sending = devices[src].op_time("send" + what, 0.0, nbytes) if src in self.compute.weights else None
         receiving = devices[dst].op_time("recv" + what, 0.0, nbytes) if dst in self.compute.weights else None
@@ -187,15 +227,15 @@ class Engine:
                    step: int, name: str) -> simpy.Event:
         schedule = collectives.phases(op, algo, devices, nbytes)
         route = self.network.topology.route
-        try:
-            for ph in schedule:
-                for pair in ph.pairs:
-                    if not self.alive(*pair):
-                        raise LookupError("an end has failed")
+        for ph in schedule:                    # a member gone or cut off: it never completes
+            for pair in ph.pairs:
+                for end in pair:
+                    if not self.alive(end):
+                        return self._block(end, f"{name} over {len(devices)} devices")
+                try:
                     route(*pair)
-        except LookupError:                    # a member is gone or cut off: it never completes
-            self.failed_transfers += 1
-            return self.env.event()
+                except LookupError:
+                    return self._block(f"the route {pair[0]}->{pair[1]} (a link cut)", name)
 
         measured = self._host_collective(op, devices, nbytes, replica, step, name)
         if measured is not None:
@@ -295,6 +335,8 @@ class SimResult:
     steps: int
     solves: int = 0
     engine: "Engine | None" = None
+    stalled_at_s: float | None = None      # the run ended with work still waiting (a failure it cannot pass)
+    stalled_reason: str = ""
 
 
 def simulate(plan: Plan, steps: int | None = None, rng: np.random.Generator | None = None) -> SimResult:
@@ -304,9 +346,11 @@ def simulate(plan: Plan, steps: int | None = None, rng: np.random.Generator | No
     steps = steps or sc.training.steps
     engine = Engine(plan, rng=rng)
     t0 = time.perf_counter()
-    engine.env.process(ALGORITHMS[sc.training.algorithm](engine, steps))
+    main = engine.env.process(ALGORITHMS[sc.training.algorithm](engine, steps))
     engine.env.run()
     wall = time.perf_counter() - t0
     solves = getattr(engine.network, "fluid", None)
+    stalled = not main.triggered                 # no event left, and the algorithm still waits
     return SimResult(engine.trace, engine.env.now, engine.env.events_processed, wall, steps,
-                     (solves.solves if solves else 0) + engine.compute.fluid.solves, engine)
+                     (solves.solves if solves else 0) + engine.compute.fluid.solves, engine,
+                     engine.env.now if stalled else None, engine.stall_reason() if stalled else "")

@@ -184,6 +184,7 @@ def test_sync_restart_loses_the_steps_since_the_checkpoint():
     assert summary["lost_work_samples"] == (redo + 1) * 64 * 4       # ... plus the broken step
     assert sum(u.kind == "apply" for u in res.trace.updates) == 6 + redo
     assert len(res.trace.step_ends) == 6 + redo and res.engine.failed == {}
+    assert summary["failed_devices"] == ["m0.gpu2"]                 # replaced by the restart, still reported
     assert 0.0 <= cosimulate(p, res)["accuracy"] <= 1.0
 
 
@@ -203,3 +204,4 @@ def test_a_failed_link_reroutes_and_a_cut_link_fails_the_transfers():
     cut = dataclasses.replace(broken, topology=one_path)
     res = simulate(plan(cut))
     assert res.engine.failed_transfers > 0 and not res.trace.step_ends
+    assert res.stalled_at_s is not None and "a link cut" in res.stalled_reason

@@ -53,6 +53,11 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
         "time_by_phase_s": {k: v / max(done, 1) for k, v in sorted(by_phase.items())},
     }
     out.update(async_metrics(p, res))
+    if getattr(res, "stalled_at_s", None) is not None:     # nothing is reported as if the job had run
+        for key in ("step_time_s", "samples_per_s"):
+            del out[key]
+        out.update(stalled_at_s=res.stalled_at_s, stalled_reason=res.stalled_reason)
+        return out
     if baseline_step_s:
         out["one_device_step_time_s"] = baseline_step_s
         out["speedup"] = out["samples_per_s"] / (sc.batch_size / baseline_step_s)
@@ -85,8 +90,8 @@ def async_metrics(p: Plan, res) -> dict:
             waits[s.replica] += s.duration_s
     if waits:
         out["replica_wait_fraction"] = {r: waits.get(r, 0.0) / makespan for r in range(p.replicas)}
-    if eng is not None and (eng.failed or eng.lost_samples or eng.failed_transfers):
-        out["failed_devices"] = sorted(eng.failed)
+    if eng is not None and (eng.failed_ever or eng.lost_samples or eng.failed_transfers):
+        out["failed_devices"] = sorted(eng.failed_ever)
         out["lost_work_samples"] = eng.lost_samples
         out["failed_transfers"] = eng.failed_transfers
     return out

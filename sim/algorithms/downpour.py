@@ -7,7 +7,7 @@ Each replica, independently: every ``n_fetch`` steps it fetches parameters (wait
 them, and first for its last push to be applied, so it reads its own writes); it computes
 a gradient on what it holds; every ``n_push`` steps it pushes what it accumulated without
 waiting.  Replica 0 starts alone when ``warm_start_s`` > 0.  A replica whose device fails
-simply stops; the others carry on.
+simply stops; the others carry on.  A failed shard holds every replica up: the run stalls.
 """
 from __future__ import annotations
 
@@ -61,4 +61,4 @@ def run_async(engine: Engine, steps: int):
 
     procs = [env.process(replica(r)) for r in range(plan.replicas)]
     engine.ps_server = ps
-    yield env.all_of(procs)
+    yield env.all_of([env.any_of([proc, engine.lost(plan.devices[r])]) for r, proc in enumerate(procs)])

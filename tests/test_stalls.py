@@ -1,0 +1,93 @@
+"""Failures fail loudly: a run that cannot go on is a stall (time, reason, exit 3), never
+throughput; the speedup baseline is the healthy job; a sweep keeps going past bad points."""
+import dataclasses
+import json
+
+import pytest
+
+from clustersim.cli import main
+from clustersim.core.metrics import summarize
+from clustersim.core.plan import plan
+from clustersim.core.scenario import Failure
+from sim.baseline import one_device_step_time
+from sim.engine import simulate
+from helpers import scenario
+
+DOWNPOUR = "scenarios/downpour.toml"
+
+
+def with_failure(sc, *failures):
+    return dataclasses.replace(sc, faults=dataclasses.replace(sc.faults, failures=tuple(failures)))
+
+
+def downpour(replicas=4, steps=30):
+    return scenario(batch=32, parallel={"replicas": replicas, "ps_shards": 1},
+                    training={"algorithm": "downpour", "steps": steps})
+
+
+def test_a_failed_shard_stalls_downpour_at_its_last_event():
+    sc = downpour()
+    p = plan(sc)
+    shard = p.ps.devices[0]
+    healthy = simulate(p)
+    t_fail = healthy.sim_time_s / 3
+    res = simulate(plan(with_failure(sc, Failure(t_fail, (shard,)))))
+    assert res.stalled_at_s is not None and t_fail <= res.stalled_at_s < healthy.sim_time_s
+    assert res.stalled_at_s == res.sim_time_s
+    assert f"parameter-server shard 0 on {shard}" in res.stalled_reason
+    summary = summarize(p, res, baseline_step_s=1.0)
+    assert summary["stalled_at_s"] == res.stalled_at_s
+    assert not {"samples_per_s", "step_time_s", "speedup"} & set(summary)
+
+
+def test_a_failed_worker_does_not_stall_downpour():
+    sc = downpour()
+    p = plan(sc)
+    res = simulate(plan(with_failure(sc, Failure(simulate(p).sim_time_s / 3, (p.devices[3][0],)))))
+    assert res.stalled_at_s is None and res.stalled_reason == ""
+    assert sum(1 for r, *_ in res.trace.replica_steps if r == 0) == 30      # the others finish their steps
+
+
+def test_local_sgd_with_a_failed_replica_stalls_at_the_average():
+    sc = scenario(batch=32, parallel={"replicas": 3}, training={"algorithm": "local", "steps": 20, "local_steps": 5})
+    p = plan(sc)
+    res = simulate(plan(with_failure(sc, Failure(simulate(p).sim_time_s / 2, (p.devices[1][0],)))))
+    assert res.stalled_at_s is not None and f"replica 1's {p.devices[1][0]}" in res.stalled_reason
+
+
+def test_the_speedup_baseline_has_no_faults():
+    sc = scenario(batch=64, parallel={"replicas": 2}, training={"steps": 3}, faults={"slowdown": {"m0.gpu0": 4.0}})
+    healthy = scenario(batch=64, parallel={"replicas": 2}, training={"steps": 3})
+    assert one_device_step_time(plan(sc)) == one_device_step_time(plan(healthy))
+
+
+def test_simulate_exits_3_with_the_stall_in_its_json(capsys):
+    code = main(["simulate", DOWNPOUR, "--json", "--set", "faults.fail=[{machine=8, at_s=0.01}]"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 3
+    assert out["stalled_at_s"] >= 0.01 and "parameter-server shard 0 on m8.cpu" in out["stalled_reason"]
+    assert not {"samples_per_s", "speedup", "step_time_s"} & set(out)
+
+
+def test_a_sweep_reports_an_infeasible_point_and_goes_on(capsys):
+    code = main(["sweep", "scenarios/quickstart.toml", "--json", "--set", "training.steps=2",
+                 "--vary", "parallel.replicas=9,2,4"])             # dgx-h100 has 8 GPUs: 9 replicas cannot be placed
+    points = json.loads(capsys.readouterr().out)
+    assert code == 0 and [p["parallel.replicas"] for p in points] == [9, 2, 4]
+    assert "error" in points[0] and "samples_per_s" not in points[0] and "speedup" not in points[0]
+    assert points[1]["speedup"] == 1.0                                # against the first feasible point
+    assert points[2]["speedup"] == pytest.approx(points[2]["samples_per_s"] / points[1]["samples_per_s"])
+
+
+def test_a_sweep_whose_every_point_is_bad_is_bad_input(capsys):
+    code = main(["sweep", "scenarios/quickstart.toml", "--set", "training.steps=2",
+                 "--vary", "parallel.replicas=9,10"])
+    assert code == 2 and "parallel" in capsys.readouterr().err
+
+
+def test_a_sweep_point_that_stalls_is_a_row_with_its_time(capsys):
+    code = main(["sweep", DOWNPOUR, "--json", "--set", "training.cosim=false",
+                 "--set", "faults.fail=[{machine=8, at_s=0.01}]", "--vary", "training.time_limit_s=0.005,0.05"])
+    points = json.loads(capsys.readouterr().out)
+    assert code == 0 and "samples_per_s" in points[0]
+    assert points[1]["stalled_at_s"] >= 0.01 and points[1]["error"].startswith("stalled: ")
