@@ -201,17 +201,12 @@ class Engine:
         return ev
 
     def _host_message(self, src: str, dst: str, nbytes: float, sending: float | None, receiving: float | None):
-        """A message between host ranks: the sender's software cost (measured by calibrate:
-        the executor's bookkeeping and the copy into a contiguous buffer), the wire, then the
-        receiver's.  A receiver already waiting (idle, on cores of its own) when the message
-        is sent takes it in as it comes: the wire runs alongside the sender's cost and the
-        receiver pays nothing after (traced on mlp-layers-2: the waiting rank had a 32 KB
-        gradient 7 us after the send began, where the three fitted costs add up to 35 us).
-        One that is busy, or shares its core, finds the message waiting and copies it out
-        itself (a shard bound beside a worker takes a push in only in its turn; counted as
-        waiting, the PS cases' predicted steps fell 23%, to 0.40 ms against 0.47-0.64 ms
-        measured).  Whether it waits is seen once everything else due at this instant has
-        started (two ranks that send to each other at once are both busy sending)."""
+        """A message between host ranks: the sender's software cost (measured by calibrate),
+        the wire, then the receiver's.  A receiver already waiting on cores of its own takes
+        the message in as it comes (wire alongside the sender's cost, nothing after); a busy
+        or core-sharing one copies it out itself afterwards.  Whether it waits is decided once
+        everything else due at this instant has started.
+        See docs/decisions/002-host-message-receiver-cost.md."""
         sent = self.compute.run_seconds(src, sending) if sending else None
         yield self.env.timeout(0)
         if self.compute.waiting(dst):
