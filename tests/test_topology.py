@@ -100,6 +100,15 @@ def test_base_merges_subtables_and_missing_file_is_a_config_error(tmp_path):
         load_topology("no-such-topology")
 
 
+def test_a_base_path_is_read_beside_the_file_that_names_it(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "my-machine.toml").write_text('base = "pcie-4gpu"\n[machine.nic]\ncount = 3\n')
+    (tmp_path / "sub" / "cluster.toml").write_text('base = "my-machine.toml"\nname = "cluster"\n')
+    monkeypatch.chdir(tmp_path)                        # not the folder that holds them
+    topo = load_topology("sub/cluster.toml")
+    assert topo.name == "cluster" and sum(d.kind == "nic" for d in topo.devices.values()) == 3
+
+
 @pytest.mark.parametrize("extra, field", [
     ({"op_costs": {"dense": [1.0, 2.0]}}, "op_costs.dense"),
     ({"op_costs": {"dense": [1.0, -2.0, 0]}}, "op_costs.dense"),

@@ -51,23 +51,24 @@ def load_topology(ref: str, base_dir: Path = Path("."), machines: int | None = N
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "", f"malformed TOML: {exc}") from None
-    data = _with_base(data, path, base_dir)
+    data = _with_base(data, path)
     if machines is not None and isinstance(data.get("network"), dict):
         data["network"] = {**data["network"], "machines": machines}
     return build_topology(data, path)
 
 
-def _with_base(data: dict, path: str, base_dir: Path, depth: int = 0) -> dict:
+def _with_base(data: dict, path: str, depth: int = 0) -> dict:
     """``base = "other"``: start from that topology's tables, then this file's replace them
-    table by table (so a fat-tree of DGX machines need not repeat the machine)."""
+    table by table (so a fat-tree of DGX machines need not repeat the machine).  A path is
+    read beside the file that names it, as ``model.file`` is beside its scenario."""
     if "base" not in data:
         return data
     ref = data.pop("base")
     if not isinstance(ref, str) or depth > 4:
         raise ConfigError(path, "base", "must name one topology (at most 4 levels deep)")
-    base_path, text = _read(ref, base_dir)
+    base_path, text = _read(ref, Path(path).parent)
     try:
-        base = _with_base(tomllib.loads(text), base_path, base_dir, depth + 1)
+        base = _with_base(tomllib.loads(text), base_path, depth + 1)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(base_path, "", f"malformed TOML: {exc}") from None
     base.pop("name", None)
