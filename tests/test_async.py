@@ -12,6 +12,7 @@ from sim.compute import op_seconds
 from sim.engine import simulate
 from clustersim.core.metrics import summarize
 from clustersim.core.plan import PARAM_BYTES, plan
+from clustersim.core.config import ConfigError
 from clustersim.core.scenario import Failure
 from clustersim.core.topogen import build_topology
 from helpers import gpu, link, scenario
@@ -148,16 +149,25 @@ def test_ssp_never_runs_more_than_s_steps_ahead():
     assert max_lead(free) > 3 * s      # without the bound the fast replicas do run ahead
 
 
-def test_eight_bit_messages_carry_a_quarter_of_the_bytes():
-    def push_bytes(bits):
-        sc = scenario(batch=64, parallel={"replicas": 2, "ps_shards": 1},
-                      training={"algorithm": "downpour", "steps": 4, "comm_bits": bits})
+@pytest.mark.parametrize("algorithm, backups", [("downpour", 0), ("sync", 0), ("sync", 1)])
+def test_eight_bit_messages_carry_a_quarter_of_the_bytes(algorithm, backups):
+    def phase_bytes(bits, phase):
+        sc = scenario(batch=64, parallel={"replicas": 3, "ps_shards": 1},
+                      training={"algorithm": algorithm, "steps": 4, "comm_bits": bits, "backup_workers": backups})
         res = simulate(plan(sc))
-        return sum(s.bytes for s in res.trace.spans if s.phase == "push"), res
-    b32, _ = push_bytes(32)
-    b8, res8 = push_bytes(8)
-    assert b8 == pytest.approx(b32 / 4)
-    assert any(s.name == "quantise" for s in res8.trace.spans) and any(s.name == "dequantise" for s in res8.trace.spans)
+        return sum(s.bytes for s in res.trace.spans if s.phase == phase), res
+    for phase in ("push", "fetch"):
+        b32, _ = phase_bytes(32, phase)
+        b8, res8 = phase_bytes(8, phase)
+        assert b32 > 0 and b8 == pytest.approx(b32 / 4)
+    names = [s.name for s in res8.trace.spans]
+    assert "quantise" in names and "dequantise" in names
+
+
+@pytest.mark.parametrize("training", [{"algorithm": "sync"}, {"algorithm": "local"}])
+def test_eight_bit_messages_without_a_parameter_server_are_refused(training):
+    with pytest.raises(ConfigError, match="training.comm_bits"):
+        scenario(parallel={"replicas": 2}, training={**training, "comm_bits": 8})
 
 
 def test_dcasgd_keeps_a_copy_per_worker_on_the_shard():
@@ -205,3 +215,13 @@ def test_a_failed_link_reroutes_and_a_cut_link_fails_the_transfers():
     res = simulate(plan(cut))
     assert res.engine.failed_transfers > 0 and not res.trace.step_ends
     assert res.stalled_at_s is not None and "a link cut" in res.stalled_reason
+
+
+def test_eight_bit_sync_through_shards_trains_on_quantised_values():
+    def cosim(bits):
+        sc = scenario(batch=32, parallel={"replicas": 2, "ps_shards": 1},
+                      training={"algorithm": "sync", "steps": 40, "comm_bits": bits, "learning_rate": 0.3})
+        p = plan(sc)
+        return cosimulate(p, simulate(p))["loss"]
+    l32, l8 = cosim(32), cosim(8)
+    assert l8 != l32 and abs(l8 - l32) < 0.1 * l32          # quantised, and still the same training

@@ -83,7 +83,7 @@ class Replay:
             x, y = self.batches[r].next()
             g = self._grad(self.local[r], x, y)
             if self.tr.algorithm == "sync":
-                self.grads[r] = g
+                self.grads[r] = self._q(g)       # 8-bit: pushed to the shards quantised
             else:
                 self.acc[r] += g
                 if self.tr.n_fetch > 1:          # between fetches the replica moves on its own copy
@@ -108,7 +108,7 @@ class Replay:
             lo, hi = self.ranges[k]
             self.local[r][lo:hi] = self.pending.pop((r, u.info["fetch"], k))
         elif kind == "deliver":
-            self.local[r] = self.server.copy()
+            self.local[r] = self._q(self.server.copy())
         elif kind == "local":
             x, y = self.batches[r].next()
             self.local[r] -= self.tr.learning_rate * self._grad(self.local[r], x, y)

@@ -184,6 +184,9 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
     if tr.backup_workers and not par.ps_shards:
         raise ConfigError(file, "training.backup_workers",
                           "needs parallel.ps_shards >= 1 (the shards drop the late replicas' pushes)")
+    if tr.comm_bits == 8 and not par.ps_shards:
+        raise ConfigError(file, "training.comm_bits", f"8-bit messages are the parameter server's pushes and fetches; "
+                          f"{tr.algorithm} without ps_shards sends 32-bit (set comm_bits = 32 or ps_shards >= 1)")
     if tr.cosim and model.name != "mlp-digits":
         raise ConfigError(file, "training.cosim",
                           f"co-simulation trains mlp-digits on the digits data set; got model {model.name}")

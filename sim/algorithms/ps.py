@@ -26,6 +26,17 @@ APPLY_COST = {"sgd": (2.0, 12.0), "adagrad": (5.0, 20.0), "dcasgd": (8.0, 24.0),
 QUANT_COST = (3.0, 5.0)
 
 
+def send_params(engine: Engine, src: str, dst: str, params: int, replica: int, step: int, phase: str, bits: int):
+    """A simpy process body: one piece of parameters or gradients, quantised on the way when
+    ``bits`` is 8 (a quantise pass at the sender, a quarter of the bytes, a dequantise pass)."""
+    f, b = QUANT_COST
+    if bits == 8:
+        yield engine.compute_op(src, f * params, b * params, replica, step, "quantise", "quantise")
+    yield engine.transfer(src, dst, params * PARAM_BYTES * bits / 32, replica, step, phase, phase)
+    if bits == 8:
+        yield engine.compute_op(dst, f * params, b * params, replica, step, "dequantise", "quantise")
+
+
 def rule_of(training) -> str:
     if training.algorithm == "dcasgd":
         return "dcasgd_adaptive" if training.dcasgd_adaptive else "dcasgd"
@@ -46,15 +57,7 @@ class ParameterServer:
 
     # --- messages ----------------------------------------------------------------------------
     def _send(self, src: str, dst: str, params: int, replica: int, step: int, phase: str):
-        """One piece of parameters or gradients, quantised on the way when 8-bit."""
-        eng = self.engine
-        if self.bits == 8:
-            f, b = QUANT_COST
-            yield eng.compute_op(src, f * params, b * params, replica, step, "quantise", "quantise")
-        yield eng.transfer(src, dst, params * PARAM_BYTES * self.bits / 32, replica, step, phase, phase)
-        if self.bits == 8:
-            f, b = QUANT_COST
-            yield eng.compute_op(dst, f * params, b * params, replica, step, "dequantise", "quantise")
+        return send_params(self.engine, src, dst, params, replica, step, phase, self.bits)
 
     def _pieces(self, r: int, k: int, to_shard: bool, step: int, phase: str) -> list[simpy.Event]:
         out = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from sim.engine import Engine, first_n
 from clustersim.core.plan import PARAM_BYTES
+from .ps import send_params
 
 
 def run_sync(engine: Engine, steps: int):
@@ -125,7 +126,7 @@ def _ps_exchange(engine: Engine, runs, active, step: int):
         yield run.slot_ready[j]
         for k, n in enumerate(ps.share[j]):
             if n:
-                ev = engine.transfer(plan.devices[r][j], ps.devices[k], n * PARAM_BYTES, r, step, "push", "push")
+                ev = _params(engine, plan.devices[r][j], ps.devices[k], n, r, step, "push")
                 ev.callbacks.append(lambda _e, key=(r, j, k): pushed[key].succeed())
 
     def shard(k: int):
@@ -139,9 +140,15 @@ def _ps_exchange(engine: Engine, runs, active, step: int):
     yield env.all_of([env.process(shard(k)) for k in range(len(ps.devices))])
 
 
+def _params(engine: Engine, src: str, dst: str, params: int, replica: int, step: int, phase: str):
+    """A push or fetch of ``params`` values, 8-bit when the scenario says so."""
+    bits = engine.plan.scenario.training.comm_bits
+    return engine.env.process(send_params(engine, src, dst, params, replica, step, phase, bits))
+
+
 def _fetches(engine: Engine, k: int, replicas, step: int):
     plan, ps = engine.plan, engine.plan.ps
-    return [engine.transfer(ps.devices[k], plan.devices[r][j], ps.share[j][k] * PARAM_BYTES, r, step, "fetch", "fetch")
+    return [_params(engine, ps.devices[k], plan.devices[r][j], ps.share[j][k], r, step, "fetch")
             for r in replicas for j in range(plan.slots) if ps.share[j][k]]
 
 
@@ -154,7 +161,7 @@ def _replica_with_push(engine: Engine, r: int, step: int, free: dict, runs: list
     run = engine.run_graph(r, step)
     runs.append(run)
     yield run.done
-    yield env.all_of([engine.transfer(dev, ps.devices[k], ps.share[j][k] * PARAM_BYTES, r, step, "push", "push")
+    yield env.all_of([_params(engine, dev, ps.devices[k], ps.share[j][k], r, step, "push")
                       for j, dev in enumerate(plan.devices[r]) for k in range(len(ps.devices)) if ps.share[j][k]])
 
 
