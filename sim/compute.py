@@ -1,26 +1,16 @@
 """Device compute time: a roofline with an efficiency factor, and sharing of a device.
 
-``op_seconds`` is the time an op takes with the device to itself: what calibration
-measured for that op (``Device.op_costs``, by layer kind: a fixed cost plus FLOPs and
-bytes at fitted rates) where it did, else a
-fixed per-op overhead (kernel launch, dispatch) plus the larger of its FLOPs over the
-achievable rate (peak for the dtype x efficiency) and its memory traffic over memory
-bandwidth.  Ops that run at once on one device (a PS shard beside a worker slice on a
-CPU machine, micro-batches of a pipeline) share it as a processor-sharing queue:
-``Compute.run`` is a fluid job of that many work-seconds on a unit-capacity device.
-Devices that name a core pool (ranks bound to the same cores of one host) share its
-cores all the time, busy or not: a rank that waits polls (the executor's ranks yield
-between polls, and the kernel's fair scheduler pays a polling rank back the time it
-yielded: on mlp-digits' sync PS case, 3 ranks on 2 cores, worker 0's push waited 308 us
-in one ``sched_yield`` while the shard on its core, done with the push after 48 us, polled
-on), so each of n members of a pool of c cores runs at min(1, c / n) -- a closed
-form, not processor sharing among the busy ones (a model where members take turns burst
-by burst, each at full speed until it waits, put that case at 290 us a step against 525
-for this one and 654 measured).  Waits longer than the executor's
-yielding window (10 ms) sleep and give their share away; that is not modelled.  Costs
-that calibration measured with all the job's ranks running (``allreduce``) already hold
-the sharing and are not slowed again.  ``waiting`` says whether a device is idle on cores
-of its own (a receiver that takes a message in as it comes; ``Engine._host_message``).
+``op_seconds`` is an op's time with the device to itself: calibration's measured cost for
+its key (``Device.op_costs``: a fixed cost plus FLOPs and bytes at fitted rates) where
+there is one, else a fixed per-op overhead plus the larger of its FLOPs over the
+achievable rate (dtype peak x efficiency) and its bytes over memory bandwidth.  Ops that
+run at once on one device share it as a processor-sharing queue (``Compute.run``: a fluid
+job on a unit-capacity device).  Devices in a core pool (ranks bound to the same cores)
+share it busy or polling, since a polling rank keeps its share: each of n members of a
+pool of c cores runs at min(1, c / n) all the time (a wait past the executor's yielding
+window, which sleeps, is not modelled).  Costs measured with every rank running
+(``MEASURED_SHARED``) are not slowed again.  ``waiting``: idle on cores of its own
+(``Engine._host_message``).  See docs/decisions/003-core-pool-shares.md.
 """
 from __future__ import annotations
 

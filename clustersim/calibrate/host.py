@@ -8,7 +8,7 @@ Measured (medians of REPEATS):
 - memory bandwidth: a large copy (bytes read + written over time);
 - MPI between two ranks: our transport's ping-pong by message size, fitted by least
   squares to alpha + bytes / beta (reported with R^2 and the worst relative error);
-- the executor's ops in context (``executor/probe.py``: each layer kind forward and
+- the executor's ops in context (``probe.py``: each layer kind forward and
   backward, the update, a message's send and receive costs, a step's set-up), each
   fitted to a fixed cost plus FLOPs and bytes at fitted rates, bytes beyond a core's L2
   cache at their own rate (``op_costs``, ``cache_mib``); and an allreduce among all the
@@ -17,12 +17,16 @@ Measured (medians of REPEATS):
   binding and allocator settings a rank of the job gets (``executor/launch.py``, as
   ``clustersim execute`` sets them); ranks beyond the cores are bound round-robin, one
   core pool per core, whose members share it busy or polling;
-- how fast each core ran meanwhile, and how that varies: ``executor/hostspeed.py``'s
+- how fast each core ran meanwhile, and how that varies: ``hostspeed.py``'s
   reference step on every core at once for 3 s before the rest and 3 s after, by 50 ms
   window.  The first 3 s give the host's quiet speed (``quiet_reference``): the in-context
   probes are timed where the host ran at it (``probe.quiet_probe``), so the op costs are
   this host's without its neighbours; calibrate reports each rank's windows
   (``reference_windows_s``).
+
+Why these choices: docs/decisions/004-quiet-host-calibration.md,
+005-probes-timed-in-steady-state.md, 006-probes-in-separate-jobs.md and
+007-allreduce-as-a-step-costs-it.md.
 
 The topology has one ``cpu`` device per rank (its own machine index, so each is a compute
 device, rank k = device k) on a ``switch`` standing for shared memory; each rank's link
@@ -147,7 +151,7 @@ def measure_allreduce(ranks: int, cores: int, sizes: list[int] = ALLREDUCE_SIZES
     the polled non-blocking collective, copy back, after and before a step's work), by bytes
     per rank; fitted like an op for the report, and kept as a curve of the measured times (the
     simulator interpolates it: the collective's algorithm, and so its cost in a step, changes
-    with the size -- with 4 ranks on 2 cores ~200 us up to 1 KiB, ~300-400 us at 16-32 KiB)."""
+    with the size; see docs/decisions/007-allreduce-as-a-step-costs-it.md)."""
     points = run_probe(ranks, rank_env(ranks, cores), "allreduce", json.dumps(sizes), str(cores))
     return {**fit_op_cost(points, cache), "curve": [[b, t] for _, b, t in points]}
 
@@ -175,12 +179,12 @@ def fit_alpha_beta(sizes: list[float], times: list[float]) -> dict:
 
 def measure_op_costs(ranks: int, cores: int, cache: float = 0.0, jobs: int = PROBE_JOBS,
                      quiet: float | None = None) -> dict:
-    """The executor's ops timed in context (``executor/probe.py``) by min(ranks, cores)
-    ranks at once, each with the BLAS threads a rank of a ``ranks``-rank job gets, in
-    ``jobs`` separate jobs (a process's memory layout moves large ops by 10-20%, so one
-    job's figures share its luck) whose points' median is fitted per op key (bytes beyond
-    ``cache`` at their own rate).  ``quiet``: the reference step on a quiet host; probes wait
-    for the host to run at it (``probe.quiet_probe``)."""
+    """The executor's ops timed in context (``probe.py``) by min(ranks, cores) ranks at
+    once, each with the BLAS threads a rank of a ``ranks``-rank job gets, in ``jobs``
+    separate jobs (a process's memory layout moves large ops, so one job's figures share its
+    luck: docs/decisions/006-probes-in-separate-jobs.md) whose points' median is fitted per
+    op key (bytes beyond ``cache`` at their own rate).  ``quiet``: the reference step on a
+    quiet host; probes wait for the host to run at it (``probe.quiet_probe``)."""
     quiet_args = [repr(quiet)] if quiet is not None else []
     runs = [run_probe(max(1, min(ranks, cores)), rank_env(ranks, cores), "ops", *quiet_args) for _ in range(jobs)]
     points: dict[str, dict[tuple, list[float]]] = {}

@@ -1,24 +1,13 @@
 """How fast this host's cores run now, and how that varies, against calibration.
 
-A shared VM's cores slow down on their own, each apart from the other: spells of 0.25-2.5 s
-at 1.5-2x (this reference by 250 ms windows over 30 s: ~152 us a step, spells at 200-330
-us, 28% of the windows on each core), and regimes of minutes (both cores at 340 us for
-seconds on end; a calibration 1.4x slower than the runs after it).  The reference: whole
-steps of mlp-digits at batch 32 (``run_step`` and SGD, after a warm-up) on one core, the
-median step in each 50 ms window; ``core_series`` times it on every core at once, one
-process bound to each (as a job's ranks are bound), so the windows line up.
-
-Calibration takes the host's quiet speed from these windows (``quiet_reference``) and
-times its probes where the host runs at it; validation compares the prediction with each
-run's quiet windows (``quiet_time``).  Tried and dropped, measured: timing the windows
-again for 0.2 s before and after each run and predicting with those -- spells are longer
-than such a bracket and shorter than a run, and a calibration's own 3 s of windows can sit
-in a slow regime, so the ratios ran 0.5-1.8 and that prediction's median error was 18.9%
-where the plain one's was 10.7%; and a prediction "with the host's noise" (the median over
-simulations each with every rank slowed by one window's factor) -- a slowdown is not one
-factor for every op (in spells at 1.9-2.1x the reference, mlp-digits' ops at batch 8 ran
-1.7-2.0x slower and distbelief-speech's large GEMMs 1.07-1.2x), and with factors over the
-quiet speed its median error was 32.6% (the speech cases +4 to +59%).
+A shared VM's cores slow down on their own, each apart from the other, in spells of
+seconds and regimes of minutes.  The reference: whole steps of mlp-digits at batch 32
+(``run_step`` and SGD, after a warm-up) on one core, the median step in each 50 ms window;
+``core_series`` times it on every core at once, one process bound to each (as a job's
+ranks are bound), so the windows line up.  Calibration takes the host's quiet speed from
+these windows (``quiet_reference``) and times its probes where the host runs at it;
+validation compares the prediction with each run's quiet windows (``quiet_time``).
+See docs/decisions/004-quiet-host-calibration.md (and the predictions tried and dropped).
 
     python -m clustersim.calibrate.hostspeed CORE [SECONDS]   # this core's reference step by 50 ms window, JSON
 """
@@ -87,7 +76,7 @@ def reference_windows(seconds: float = REFERENCE_S, window: float = WINDOW_S) ->
 def quiet_reference(series: dict[int, list[float]]) -> float:
     """The reference step on a quiet host: the ``QUIET_PCT``th percentile of every core's
     windows (a shared VM is slowed by its neighbours most of the time, at times all of it;
-    here its quiet speed was 152-158 us a step whenever measured)."""
+    see docs/decisions/004-quiet-host-calibration.md)."""
     return float(np.percentile([t for s in series.values() for t in s], QUIET_PCT))
 
 

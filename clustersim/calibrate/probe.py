@@ -95,9 +95,9 @@ def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS, comm=No
 
     Timed in the steady state a run's median step sees: after untimed steps for ``WARM_S``
     (at least two), ``repeats`` steps or more, for ``TIMED_S`` at least (``step_counts``; by
-    the second step's time, the slowest rank's, so every rank runs as many).  mlp-digits at
-    batch 64 took 2,000, 420, 310, 280 us in its first steps and ~230 us from the tenth on:
-    timed from the second step, its ops came out 7-45% dearer than in a run (sum +17%)."""
+    the second step's time, the slowest rank's, so every rank runs as many).  The first
+    steps run slower than a run's and would make the ops dearer: see
+    docs/decisions/005-probes-timed-in-steady-state.md."""
     params, data = probe_inputs(p, rng)
     steps: list[float] = []
     per_op: dict[tuple, list[float]] = defaultdict(list)
@@ -167,10 +167,10 @@ def quiet_probe(run, bracket, quiet: float | None, slowest=lambda t: t, tries: i
     find it: each attempt between two brackets (``bracket()``: the reference step's time
     now, ``clustersim.calibrate.hostspeed``), and one whose slower bracket (the slowest rank's, by
     ``slowest``) is within ``QUIET_TOLERANCE`` of ``quiet`` ends the search; else the
-    attempt with the quickest brackets counts.  A spell of this host's neighbours lasts
-    0.25-2.5 s and a probe 30-60 ms, so brackets say how the probe ran; scaling by them
-    would not do: in spells at 1.9-2.1x the reference, mlp-digits' ops at batch 8 ran
-    1.7-2.0x slower and distbelief-speech's large GEMMs 1.07-1.2x.  ``quiet`` None: one attempt, unbracketed."""
+    attempt with the quickest brackets counts.  A probe is far shorter than a spell of the
+    host's neighbours, so its brackets say how it ran; scaling its times by them would not
+    do, as a spell slows ops unevenly (docs/decisions/004-quiet-host-calibration.md).
+    ``quiet`` None: one attempt, unbracketed."""
     if quiet is None:
         return run()
     best = None
@@ -272,9 +272,8 @@ def allreduce(comm, sizes: list[int], cores: int, steps: int = 300, passes: int 
     in place); the cost is that step's median time less its work on the busiest core, timed
     before with one rank per core (the rest asleep), and never less than the collective back
     to back.  Where ranks outnumber the cores this is several times the collective back to
-    back (4 ranks on 2 cores, 16-32 KiB: ~300-400 us against ~90 us): the ranks sharing a
-    core leave the collective one after another, and the first out takes the core for its
-    next step's work while the others still wait to leave it."""
+    back: the ranks sharing a core leave it one after another, and the first out takes the
+    core for its next step's work (docs/decisions/007-allreduce-as-a-step-costs-it.md)."""
     work = _sync_step_work(np.random.default_rng(comm.rank))
     first = comm.rank < cores                     # the first rank bound to each core (``cores_of``)
     busiest = -(-comm.size // cores)

@@ -10,8 +10,9 @@ the spread of the measurements ((max - min) / median) says how much of an error 
 Calibration times the ops where the host ran at its quiet speed (``clustersim.calibrate.hostspeed``):
 the prediction is the step on this host without its neighbours.  Each run's quiet step
 (``quiet_step_time_s``: the 10th percentile of its 50 ms windows' median steps,
-``hostspeed.quiet_time``) is what it is compared with (``quiet_error_pct``); the run's
-median step holds however much of it the neighbours slowed.
+``clustersim.core.metrics.quiet_time``) is what it is compared with (``quiet_error_pct``);
+the run's median step holds however much of it the neighbours slowed.  Why, and the
+predictions tried and dropped: docs/decisions/004-quiet-host-calibration.md.
 """
 from __future__ import annotations
 
