@@ -225,3 +225,25 @@ def test_eight_bit_sync_through_shards_trains_on_quantised_values():
         return cosimulate(p, simulate(p))["loss"]
     l32, l8 = cosim(32), cosim(8)
     assert l8 != l32 and abs(l8 - l32) < 0.1 * l32          # quantised, and still the same training
+
+
+def test_async_replicas_start_spread_within_a_parameter_round_trip():
+    from sim.algorithms.downpour import start_offsets
+    from sim.engine import Engine
+    sc = scenario(topology="distbelief-2012", batch=32, parallel={"replicas": 6, "ps_shards": 1},
+                  training={"algorithm": "downpour", "steps": 3})
+    p = plan(sc)
+    topo = sc.topology
+    round_trip = 2 * sc.model.params * PARAM_BYTES / topo.route_bandwidth(topo.route(p.devices[0][0], p.ps.devices[0]))
+    offsets = start_offsets(Engine(p))
+    assert offsets[0] == 0.0 and all(0.0 < t < round_trip for t in offsets[1:])
+    assert offsets == start_offsets(Engine(p))                          # seeded
+    first = sorted(start for r, step, start, _ in simulate(p).trace.replica_steps if step == 0)
+    assert first == pytest.approx(sorted(offsets))
+    lockstep = dataclasses.replace(sc, training=dataclasses.replace(sc.training, start_spread_s=0.0))
+    assert start_offsets(Engine(plan(lockstep))) == [0.0] * 6
+
+
+def test_a_negative_start_spread_other_than_auto_is_refused():
+    with pytest.raises(ConfigError, match="training.start_spread_s"):
+        scenario(parallel={"replicas": 2, "ps_shards": 1}, training={"algorithm": "downpour", "start_spread_s": -0.5})

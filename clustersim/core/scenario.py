@@ -43,6 +43,7 @@ class Training:
     n_fetch: int = 1             # downpour/dcasgd/ssp: fetch parameters every n_fetch steps
     n_push: int = 1              # ... and push accumulated gradients every n_push steps
     warm_start_s: float = 0.0    # downpour: replica 0 alone until then, the others join after
+    start_spread_s: float = -1.0  # async: replicas start at seeded offsets in [0, this); -1: a parameter round trip
     backup_workers: int = 0      # sync: go on with the first (replicas - backup_workers) gradients
     dcasgd_lambda: float = 0.04  # dcasgd: lambda (lambda0 when adaptive), the paper's range
     dcasgd_adaptive: bool = False
@@ -204,6 +205,7 @@ def _training(tt: Table) -> Training:
         n_fetch=tt.int("n_fetch", 1, lo=1, hi=1_000_000),
         n_push=tt.int("n_push", 1, lo=1, hi=1_000_000),
         warm_start_s=tt.float("warm_start_s", 0.0, lo=0.0),
+        start_spread_s=tt.float("start_spread_s", -1.0, lo=-1.0),
         backup_workers=tt.int("backup_workers", 0, lo=0, hi=65535),
         dcasgd_lambda=tt.float("dcasgd_lambda", 0.04, lo=0.0),
         dcasgd_adaptive=tt.bool("dcasgd_adaptive", False),
@@ -216,6 +218,8 @@ def _training(tt: Table) -> Training:
         cosim=tt.bool("cosim", False),
         eval_points=tt.int("eval_points", 20, lo=1, hi=10_000),
         target_accuracy=tt.float("target_accuracy", 0.9, lo=0.0, hi=1.0))
+    if tr.start_spread_s < 0 and tr.start_spread_s != -1.0:
+        raise tt.error("start_spread_s", f"must be >= 0, or -1 for a parameter round trip; got {tr.start_spread_s}")
     if tr.comm_bits not in (8, 32):
         raise tt.error("comm_bits", f"must be 32 or 8, got {tr.comm_bits}")
     tt.done()

@@ -6,13 +6,31 @@ ahead of the slowest live replica waits).
 Each replica, independently: every ``n_fetch`` steps it fetches parameters (waiting for
 them, and first for its last push to be applied, so it reads its own writes); it computes
 a gradient on what it holds; every ``n_push`` steps it pushes what it accumulated without
-waiting.  Replica 0 starts alone when ``warm_start_s`` > 0.  A replica whose device fails
+waiting.  Replica 0 starts alone when ``warm_start_s`` > 0; the others start at seeded
+offsets within ``start_spread_s`` (default: a round trip of a replica's parameters on its
+route to shard 0), as launched jobs do: replicas started in the same instant stay in
+lockstep under fair sharing, pushing together and fetching together (docs/decisions/008).  A replica whose device fails
 simply stops; the others carry on.  A failed shard holds every replica up: the run stalls.
 """
 from __future__ import annotations
 
 from sim.engine import Engine
+from clustersim.core.plan import PARAM_BYTES
 from .ps import ParameterServer, rule_of
+
+
+def start_offsets(engine: Engine) -> list[float]:
+    """Each replica's start: 0 for replica 0, a seeded uniform draw in [0, spread) for the
+    others; spread -1 is a push and a fetch of a replica's parameters on its route alone."""
+    plan, tr = engine.plan, engine.plan.scenario.training
+    spread = tr.start_spread_s
+    if spread < 0:
+        topo = plan.scenario.topology
+        dev, shard = plan.devices[0][0], plan.ps.devices[0]
+        rate = topo.route_bandwidth(topo.route(dev, shard)) if dev != shard else float("inf")
+        spread = 2 * sum(plan.slot_params) * PARAM_BYTES * tr.comm_bits / 32 / rate
+    draws = engine.rng.uniform(0.0, spread, plan.replicas) if spread > 0 else [0.0] * plan.replicas
+    return [0.0] + [float(t) for t in draws[1:]]
 
 
 def run_async(engine: Engine, steps: int):
@@ -26,8 +44,12 @@ def run_async(engine: Engine, steps: int):
         live = [done[r] for r in range(plan.replicas) if engine.alive(*plan.devices[r])]
         return min(live) if live else max(done)
 
+    offsets = start_offsets(engine)
+
     def replica(r: int):
         devices = plan.devices[r]
+        if offsets[r]:
+            yield env.timeout(offsets[r])
         if r > 0 and tr.warm_start_s:
             yield engine.wait(env.timeout(tr.warm_start_s), devices[0], r, 0, "warm start")
         last_push, captured, fetches, pushes = None, None, 0, 0
