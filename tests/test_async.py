@@ -1,6 +1,7 @@
 """Asynchronous algorithms, stragglers and failures: each test can fail."""
 import dataclasses
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -247,3 +248,17 @@ def test_async_replicas_start_spread_within_a_parameter_round_trip():
 def test_a_negative_start_spread_other_than_auto_is_refused():
     with pytest.raises(ConfigError, match="training.start_spread_s"):
         scenario(parallel={"replicas": 2, "ps_shards": 1}, training={"algorithm": "downpour", "start_spread_s": -0.5})
+
+
+def test_local_sgd_step_time_holds_the_averaging_wait():
+    sc = scenario(topology="distbelief-2012", batch=32, parallel={"replicas": 4},
+                  training={"algorithm": "local", "steps": 20, "local_steps": 5})
+    p = plan(sc)
+    res = simulate(p)
+    summary = summarize(p, res)
+    averages = [s for s in res.trace.spans if s.name == "average" and s.kind == "transfer"]
+    assert averages                                          # four rounds of allreduce over 1 GbE
+    assert summary["step_time_s"] == pytest.approx(res.sim_time_s / 20, rel=1e-9)   # every replica ends averaged
+    assert summary["samples_per_s"] == pytest.approx(4 * 32 / summary["step_time_s"])
+    compute_only = statistics.median(e - s for _, step, s, e in res.trace.replica_steps if (step + 1) % 5)
+    assert summary["step_time_s"] > 2 * compute_only

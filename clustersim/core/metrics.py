@@ -21,8 +21,8 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
     steps = tr.step_times()
     step_s = statistics.median(steps) if steps else 0.0
     samples_per_s = sc.batch_size * p.replicas / step_s if step_s else 0.0
-    if tr.replica_steps:        # replicas step on their own: per-replica step times, all samples done
-        step_s = statistics.median(end - start for _, _, start, end in tr.replica_steps)
+    if tr.replica_steps:        # replicas step on their own: each one's period, waits included; all samples done
+        step_s = replica_period(tr.replica_steps)
         samples_per_s = sc.batch_size * len(tr.replica_steps) / (res.sim_time_s or 1.0)
     makespan = res.sim_time_s or 1.0
     busy = tr.device_busy()
@@ -63,6 +63,16 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
         out["speedup"] = out["samples_per_s"] / (sc.batch_size / baseline_step_s)
     return out
 
+
+
+def replica_period(replica_steps: list[tuple[int, int, float, float]]) -> float:
+    """The median over replicas of (last step's end - first step's start) / steps: a
+    replica's time per step with every wait it met (averaging, fetches, staleness)."""
+    spans: dict[int, list[float]] = {}
+    for r, _, start, end in replica_steps:
+        first, last, n = spans.get(r, (start, end, 0))
+        spans[r] = (min(first, start), max(last, end), n + 1)
+    return statistics.median((last - first) / n for first, last, n in spans.values())
 
 
 def async_metrics(p: Plan, res) -> dict:

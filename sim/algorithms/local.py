@@ -25,13 +25,13 @@ def run_local(engine: Engine, steps: int):
             yield env.all_of([engine.compute_op(dev, 2 * n, 3 * n * PARAM_BYTES, r, step, "update", "update", "update",
                                                   key="update")
                               for dev, n in zip(devices, plan.slot_params) if n])
-            engine.trace.replica_steps.append((r, step, start, env.now))
             if (step + 1) % k == 0 or step == steps - 1:
                 rnd = step // k
                 arrive[rnd][r].succeed()
                 yield engine.wait(release[rnd], devices[0], r, step, "average")
-                if stop[0]:
-                    return
+            engine.trace.replica_steps.append((r, step, start, env.now))    # an averaging step ends averaged
+            if stop[0]:
+                return
 
     def coordinator():
         for rnd in range(rounds):
