@@ -1,12 +1,12 @@
 # Two commands do all the set-up on a fresh machine that has only Python:
 #   make demo   simulate the embedded default scenario (plot and trace under out/)
-#   make test   run the test suite
+#   make test   run the test suite (make test-all: with the slow, real-host tests)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench validate clean
+.PHONY: demo test test-all bench validate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m "slow or not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sim.py

@@ -138,6 +138,7 @@ def test_efficiency_curve_interpolates_in_log_flops_and_is_validated():
         build_topology(bad, "t.toml")
 
 
+@pytest.mark.slow             # calibrates this host first: ~2-4 minutes
 @pytest.mark.skipif(not MPIEXEC.exists(), reason="the mpich wheel is not installed")
 def test_validate_runs_end_to_end_with_finite_errors(tmp_path):
     f = tmp_path / "s.toml"

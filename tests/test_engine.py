@@ -149,3 +149,20 @@ def test_a_measured_host_allreduce_costs_each_member_its_fitted_time():
     nbytes = p.scenario.model.params * PARAM_BYTES
     expected = chain_seconds(p, "g0") + 30e-6 + nbytes / 1e9 + update_seconds(topo, "g0", p.scenario.model.params)
     assert simulate(p).trace.step_times() == pytest.approx([expected] * 2, rel=1e-9)
+
+
+def test_a_trace_saved_loads_back_whole(tmp_path):
+    from clustersim.core.trace import Trace
+    sc = scenario(batch=64, parallel={"replicas": 2, "ps_shards": 1}, training={"algorithm": "downpour", "steps": 3})
+    tr = simulate(plan(sc)).trace
+    tr.save(tmp_path / "t.json")
+    back = Trace.load(tmp_path / "t.json")
+    def fields(spans):                    # times go through microseconds: equal to rounding
+        return sorted((s.name, s.kind, s.where, s.replica, s.step, s.bytes, s.flops, s.phase, s.links,
+                       round(s.start_s, 12), round(s.end_s, 12)) for s in spans)
+    assert len(back.spans) == len(tr.spans) > 0 and fields(back.spans) == fields(tr.spans)
+    assert back.step_ends == tr.step_ends and back.staleness == tr.staleness
+    assert back.replica_steps == tr.replica_steps
+    (tmp_path / "bad.json").write_text('{"traceEvents": []}')
+    with pytest.raises(ValueError, match="not a clustersim trace"):
+        Trace.load(tmp_path / "bad.json")

@@ -25,9 +25,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from sim.engine import simulate
-from clustersim.core.metrics import summarize
+from clustersim.core.metrics import summarize, traffic_per_step
 from clustersim.core.plan import plan
 from clustersim.core.scenario import load_scenario
+from clustersim.core.trace import Trace
 
 from clustersim.core.schedule import ranks_needed
 
@@ -114,11 +115,9 @@ def timeline(spans, steps: int = 2) -> list[list]:
     return [[where, phase, start - t0, dur] for _name, phase, where, start, dur, _step in sorted(shown, key=lambda sp: sp[3])]
 
 
-def _chrome_spans(path: Path) -> list[tuple]:
-    data = json.loads(Path(path).read_text())
-    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in data["traceEvents"] if e.get("name") == "thread_name"}
-    return [(e["name"], e["cat"], names[(e["pid"], e["tid"])], e["ts"] * 1e-6, e["dur"] * 1e-6,
-             e["args"].get("step", -1)) for e in data["traceEvents"] if e.get("ph") == "X"]
+def pieces(trace: Trace) -> list[tuple]:
+    """A trace's spans as (name, phase, where, start, duration, step)."""
+    return [(s.name, s.phase, s.where, s.start_s, s.duration_s, s.step) for s in trace.spans]
 
 
 def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 3) -> dict:
@@ -131,7 +130,8 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     res = simulate(p)
     summary = summarize(p, res)
     device = p.devices[0][0]
-    sim_spans = [(s.name, s.phase, s.where, s.start_s, s.duration_s, s.step) for s in res.trace.spans]
+    sim_spans = pieces(res.trace)
+    traffic = {"predicted": traffic_per_step(res.trace)}
     predicted_phases = phase_times(sim_spans, device)
     predicted_phases["waits"] = waits(summary["step_time_s"], predicted_phases)
     measured, quiet, phases = [], [], []
@@ -146,7 +146,9 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
             out = json.loads(proc.stdout)
             measured.append(out["step_time_s"])
             quiet.append(out["quiet_step_time_s"])
-            run_spans = _chrome_spans(trace)
+            run_trace = Trace.load(trace)
+            run_spans = pieces(run_trace)
+            traffic["measured"] = traffic_per_step(run_trace)
             ph = phase_times(run_spans, device)
             ph["waits"] = waits(out["step_time_s"], ph)
             phases.append(ph)
@@ -160,7 +162,7 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
             "predicted_step_time_s": summary["step_time_s"], "measured_step_time_s": meas,
             "error_pct": error_pct(summary["step_time_s"], meas), "measured_runs_s": measured,
             "spread_pct": spread_pct(measured), "phases": table,
-            "timelines": {"predicted": timeline(sim_spans), "measured": timeline(run_spans)},
+            "timelines": {"predicted": timeline(sim_spans), "measured": timeline(run_spans)}, "traffic": traffic,
             **quiet_row(summary["step_time_s"], quiet)}
 
 

@@ -130,3 +130,22 @@ def quiet_time(times: list[float], window: float = WINDOW_S, pct: float = QUIET_
     if current and not medians:
         medians.append(statistics.median(current))
     return float(np.percentile(medians, pct)) if medians else 0.0
+
+
+def traffic_per_step(trace) -> dict[str, dict[str, float]]:
+    """Per phase, the messages and bytes one step moves (medians over the steps), counted
+    alike for both runners: transfer spans of a step, an executed message once (its
+    ``send`` half; the ``recv`` half is the same message)."""
+    per: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))
+    steps = set()
+    for s in trace.spans:
+        if s.step < 0:
+            continue
+        steps.add(s.step)
+        if s.kind == "transfer" and not s.name.endswith(" recv"):
+            cell = per[s.phase][s.step]
+            cell[0] += 1
+            cell[1] += s.bytes
+    return {phase: {"messages": statistics.median(by.get(t, [0, 0.0])[0] for t in steps),
+                    "bytes": statistics.median(by.get(t, [0, 0.0])[1] for t in steps)}
+            for phase, by in sorted(per.items())}

@@ -85,8 +85,30 @@ class Trace:
                 out[link] += s.bytes
         return dict(out)
 
+    def save(self, path: str | Path) -> None:
+        """Writes the trace as Chrome/Perfetto JSON that ``load`` reads back whole."""
+        write_atomic(path, json.dumps(self.to_chrome()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trace":
+        """A trace written by ``save`` (either runner's): spans, step ends, replica steps,
+        staleness (not the update log).  Raises ValueError for a file that is not one."""
+        try:
+            data = json.loads(Path(path).read_text())
+            names = {(e["pid"], e["tid"]): e["args"]["name"] for e in data["traceEvents"]
+                     if e.get("name") == "thread_name"}
+            spans = [Span(e["name"], e["args"]["kind"], names[(e["pid"], e["tid"])], e["args"]["replica"],
+                          e["args"]["step"], e["ts"] * 1e-6, (e["ts"] + e["dur"]) * 1e-6, e["args"]["bytes"],
+                          e["args"]["flops"], e["args"]["phase"], tuple(e["args"]["links"]))
+                     for e in data["traceEvents"] if e.get("ph") == "X"]
+            extra = data["otherData"]["clustersim"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a clustersim trace ({exc.__class__.__name__}: {exc})") from None
+        return cls(spans, extra["step_ends"], [], extra["staleness"], [tuple(x) for x in extra["replica_steps"]])
+
     def to_chrome(self) -> dict:
-        """Chrome trace events (ts, dur in microseconds): one process per device or link owner."""
+        """Chrome trace events (ts, dur in microseconds): one process per device or link
+        owner; ``args`` and ``otherData`` carry what ``load`` needs to rebuild the Trace."""
         events, pids, tids = [], {}, {}
         for s in self.spans:
             where = s.where.split("->")[0] if s.kind == "transfer" else s.where
@@ -95,12 +117,15 @@ class Trace:
             tid = tids.setdefault((group, s.where), len(tids))
             events.append({"name": s.name, "cat": s.phase or s.kind, "ph": "X", "pid": pid, "tid": tid,
                            "ts": s.start_s * 1e6, "dur": s.duration_s * 1e6,
-                           "args": {"replica": s.replica, "step": s.step, "bytes": s.bytes, "flops": s.flops}})
+                           "args": {"replica": s.replica, "step": s.step, "bytes": s.bytes, "flops": s.flops,
+                                    "kind": s.kind, "phase": s.phase, "links": list(s.links)}})
         for group, pid in pids.items():
             events.append({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": group}})
         for (group, where), tid in tids.items():
             events.append({"name": "thread_name", "ph": "M", "pid": pids[group], "tid": tid, "args": {"name": where}})
-        return {"traceEvents": events, "displayTimeUnit": "ms"}
+        return {"traceEvents": events, "displayTimeUnit": "ms",
+                "otherData": {"clustersim": {"step_ends": self.step_ends, "staleness": self.staleness,
+                                             "replica_steps": [list(x) for x in self.replica_steps]}}}
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:
@@ -135,4 +160,4 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 
 def write_chrome(trace: Trace, path: str | Path) -> None:
-    write_atomic(path, json.dumps(trace.to_chrome()))
+    trace.save(path)
