@@ -31,10 +31,11 @@ def _shard_ranges(p: Plan, size: int) -> list[tuple[int, int]]:
 
 
 def _rule(p: Plan, lo: int, hi: int):
-    tr = p.scenario.training
-    if tr.algorithm == "dcasgd":
-        return DCASGD(tr.learning_rate, tr.dcasgd_lambda, hi - lo, tr.dcasgd_adaptive)
-    if tr.optimizer == "adagrad" and tr.algorithm in ("downpour", "ssp"):
+    """The optimiser of the shard holding [lo, hi), as the plan's schedule names it."""
+    tr, rule = p.scenario.training, p.schedule.rule
+    if rule.startswith("dcasgd"):
+        return DCASGD(tr.learning_rate, tr.dcasgd_lambda, hi - lo, rule == "dcasgd_adaptive")
+    if rule == "adagrad":
         return Adagrad(tr.learning_rate, hi - lo)
     return SGD(tr.learning_rate)
 
@@ -67,8 +68,7 @@ class Replay:
         self.checkpoint = w0.copy()
         self.sandblaster_batches: dict[int, tuple] = {}
         if self.tr.algorithm == "sandblaster":
-            from clustersim.core.schedule import units_of
-            self.units, self.unit_size = units_of(sc)
+            self.units, self.unit_size = p.schedule.units, p.schedule.unit_size
             self.whole = Batches(d.x_train, d.y_train, sc.batch_size * R, np.random.default_rng([sc.seed, R]))
 
     def _q(self, x):

@@ -3,7 +3,7 @@
 ``plan(scenario)`` decides everything about partitioning once: the boxes each device slot
 computes, the per-replica op graph (forward, backward, transfers, with dependencies), the
 devices every (replica, slot) and parameter-server shard is placed on, how gradients are
-combined, and what each device must hold in memory.
+combined, what each device must hold in memory, and the training schedule (``schedule``).
 
 Ops name *slots* (0..M-1), not devices, so one graph serves every replica; the engine
 maps slot j of replica r to ``plan.devices[r][j]``.
@@ -16,6 +16,7 @@ from clustersim.core.config import ConfigError
 from clustersim.core.layers import box_overlap, box_size
 from clustersim.core.partition import Slices, even_cuts, layer_slices, spatial_slices
 from clustersim.core.scenario import Scenario
+from clustersim.core.schedule import Schedule, schedule_of
 from clustersim.core.topology import SPLIT
 
 PARAM_BYTES = 4      # master weights and gradients are fp32 whatever the activation dtype
@@ -61,6 +62,7 @@ class Plan:
     slot_params: tuple[int, ...]
     sync: str                               # none | allreduce | ps
     ps: PSLayout | None
+    schedule: Schedule                      # when replicas fetch, push, average; shard rules; units; quorum
     memory: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
@@ -91,7 +93,7 @@ def plan(sc: Scenario, check_memory: bool = True) -> Plan:
     devices, ps = _place(sc, slices, slot_params)
     ops = _ops(sc, slices, axes)
     sync = "ps" if par.ps_shards else ("allreduce" if par.replicas > 1 else "none")
-    p = Plan(sc, slices, axes, tuple(ops), devices, tuple(slot_params), sync, ps)
+    p = Plan(sc, slices, axes, tuple(ops), devices, tuple(slot_params), sync, ps, schedule_of(sc))
     _check_routes(p)
     p.memory.update(memory_use(p))
     if check_memory:

@@ -1,8 +1,60 @@
-"""Training-schedule decisions both runners share: how a Sandblaster batch is cut into
-work units, and how many ranks a job's plan needs (workers, shards, coordinator)."""
+"""The training schedule: every decision about when a replica fetches, pushes, averages,
+which rule a shard applies, how a Sandblaster batch is cut and how many gradients a sync
+step waits for -- made once from the scenario, carried by the Plan, read by both runners."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from clustersim.core.scenario import Scenario
+
+ASYNC = ("downpour", "dcasgd", "ssp")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    algorithm: str
+    steps: int                     # per replica (sandblaster: batches)
+    rule: str                      # the shards' update: sgd | adagrad | dcasgd | dcasgd_adaptive | lbfgs | none
+    fetch_every: int               # async: fetch before every step s with s % fetch_every == 0
+    push_every: int                # async: push after every step s with (s + 1) % push_every == 0
+    averages: tuple[int, ...]      # local SGD: the steps after which the replicas average
+    quorum: int                    # sync: gradients a step applies (replicas - backup workers)
+    units: int                     # sandblaster: work units per batch ...
+    unit_size: int                 # ... and samples per unit
+    comm_bits: int                 # parameter-server pushes and fetches: 32 or 8
+    staleness_bound: int | None    # ssp: a replica at most this many steps ahead of the slowest
+
+    def fetches_before(self, step: int) -> bool:
+        return self.algorithm == "sync" or step % self.fetch_every == 0
+
+    def pushes_after(self, step: int) -> bool:
+        return self.algorithm == "sync" or (step + 1) % self.push_every == 0
+
+    def averages_after(self, step: int) -> bool:
+        return step in self.averages
+
+
+def rule_of(sc: Scenario) -> str:
+    """The update a parameter-server shard applies."""
+    tr = sc.training
+    if not sc.parallel.ps_shards:
+        return "none"
+    if tr.algorithm == "dcasgd":
+        return "dcasgd_adaptive" if tr.dcasgd_adaptive else "dcasgd"
+    if tr.algorithm == "sandblaster":
+        return "lbfgs"
+    return tr.optimizer if tr.algorithm in ASYNC else "sgd"
+
+
+def schedule_of(sc: Scenario) -> Schedule:
+    tr, par = sc.training, sc.parallel
+    k = tr.local_steps
+    averages = tuple(s for s in range(tr.steps) if (s + 1) % k == 0 or s == tr.steps - 1) \
+        if tr.algorithm == "local" else ()
+    units, unit_size = units_of(sc)
+    return Schedule(tr.algorithm, tr.steps, rule_of(sc), tr.n_fetch if tr.algorithm in ASYNC else 1,
+                    tr.n_push if tr.algorithm in ASYNC else 1, averages, par.replicas - tr.backup_workers,
+                    units, unit_size, tr.comm_bits, tr.staleness if tr.algorithm == "ssp" else None)
 
 
 def units_of(sc: Scenario) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from sim.engine import Engine
 from clustersim.core.plan import PARAM_BYTES
-from .ps import ParameterServer, rule_of
+from .ps import ParameterServer
 
 
 def start_offsets(engine: Engine) -> list[float]:
@@ -36,7 +36,7 @@ def start_offsets(engine: Engine) -> list[float]:
 def run_async(engine: Engine, steps: int):
     env, plan = engine.env, engine.plan
     tr = plan.scenario.training
-    ps = ParameterServer(engine, rule_of(tr))
+    ps = ParameterServer(engine, plan.schedule.rule)
     done = [0] * plan.replicas
     progress = [env.event()]                   # fires (and is replaced) whenever any replica ends a step
 
@@ -60,7 +60,7 @@ def run_async(engine: Engine, steps: int):
             if tr.algorithm == "ssp":
                 while step - slowest_live() > tr.staleness:
                     yield engine.wait(progress[0], devices[0], r, step, "staleness bound")
-            if step % tr.n_fetch == 0:
+            if plan.schedule.fetches_before(step):
                 if last_push is not None:
                     yield engine.wait(last_push, devices[0], r, step, "own push")
                 yield engine.wait(ps.fetch(r, step, fetches), devices[0], r, step, "fetch")
@@ -73,7 +73,7 @@ def run_async(engine: Engine, steps: int):
             done[r] = step + 1
             progress[0].succeed()
             progress[0] = env.event()
-            if (step + 1) % tr.n_push == 0:
+            if plan.schedule.pushes_after(step):
                 engine.log("send", r, -1, step, push=pushes)
                 last_push = ps.push(r, step, pushes, captured)
                 pushes += 1

@@ -10,10 +10,12 @@ from clustersim.core.plan import PARAM_BYTES
 def run_local(engine: Engine, steps: int):
     env, plan = engine.env, engine.plan
     tr = plan.scenario.training
-    k = tr.local_steps
-    rounds = -(-steps // k)
-    arrive = [[env.event() for _ in range(plan.replicas)] for _ in range(rounds)]
-    release = [env.event() for _ in range(rounds)]
+    points = [s for s in plan.schedule.averages if s < steps]      # the plan's averaging points
+    if not points or points[-1] != steps - 1:
+        points.append(steps - 1)                                    # a shorter run ends averaged too
+    rounds = {s: i for i, s in enumerate(points)}
+    arrive = [[env.event() for _ in range(plan.replicas)] for _ in points]
+    release = [env.event() for _ in points]
     stop = [False]
 
     def replica(r: int):
@@ -25,8 +27,8 @@ def run_local(engine: Engine, steps: int):
             yield env.all_of([engine.compute_op(dev, 2 * n, 3 * n * PARAM_BYTES, r, step, "update", "update", "update",
                                                   key="update")
                               for dev, n in zip(devices, plan.slot_params) if n])
-            if (step + 1) % k == 0 or step == steps - 1:
-                rnd = step // k
+            if step in rounds:
+                rnd = rounds[step]
                 arrive[rnd][r].succeed()
                 yield engine.wait(release[rnd], devices[0], r, step, "average")
             engine.trace.replica_steps.append((r, step, start, env.now))    # an averaging step ends averaged
@@ -34,13 +36,13 @@ def run_local(engine: Engine, steps: int):
                 return
 
     def coordinator():
-        for rnd in range(rounds):
+        for rnd, step in enumerate(points):
             yield env.all_of(arrive[rnd])
             if plan.replicas > 1:
                 yield env.all_of([engine.collective("allreduce", tr.allreduce, [row[j] for row in plan.devices],
                                                     n * PARAM_BYTES, -1, rnd, "average")
                                   for j, n in enumerate(plan.slot_params) if n])
-            engine.log("average", -1, -1, min((rnd + 1) * k, steps) - 1)
+            engine.log("average", -1, -1, step)
             engine.trace.step_ends.append(env.now)
             stop[0] = bool(tr.time_limit_s) and env.now >= tr.time_limit_s
             release[rnd].succeed()

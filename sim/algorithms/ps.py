@@ -37,12 +37,6 @@ def send_params(engine: Engine, src: str, dst: str, params: int, replica: int, s
         yield engine.compute_op(dst, f * params, b * params, replica, step, "dequantise", "quantise")
 
 
-def rule_of(training) -> str:
-    if training.algorithm == "dcasgd":
-        return "dcasgd_adaptive" if training.dcasgd_adaptive else "dcasgd"
-    return training.optimizer
-
-
 class ParameterServer:
     def __init__(self, engine: Engine, rule: str) -> None:
         self.engine, self.env = engine, engine.env

@@ -17,7 +17,6 @@ import dataclasses
 from sim.engine import Engine
 from clustersim.core.plan import PARAM_BYTES, plan as make_plan
 from .ps import ParameterServer
-from clustersim.core.schedule import units_of
 
 CONTROL_BYTES = 64      # a unit assignment or a completion notice
 
@@ -28,7 +27,7 @@ def run_sandblaster(engine: Engine, steps: int):
     sc, tr = p.scenario, p.scenario.training
     ps = ParameterServer(engine, "sgd")
     engine.ps_server = ps
-    n_units, unit_size = units_of(sc)
+    n_units, unit_size = p.schedule.units, p.schedule.unit_size
     unit_plan = make_plan(dataclasses.replace(sc, batch_size=unit_size), check_memory=False)
     coord = ps.ps.devices[0]
     m = tr.lbfgs_history

@@ -67,7 +67,7 @@ def _start_step(engine: Engine, active: list[int], free: dict, step: int):
     """Starts one step; returns its graph runs and an event that fires, with the replicas
     whose gradients were used, when the new parameters are in place."""
     env, plan = engine.env, engine.plan
-    backups = plan.scenario.training.backup_workers
+    backups = plan.replicas - plan.schedule.quorum      # the late gradients a step drops
     runs = []
     for r in active:
         engine.log("grad", r, -1, step)
