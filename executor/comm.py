@@ -1,9 +1,6 @@
-"""mpi4py transport.  Waiting ranks yield the CPU between polls instead of spinning (for
-the first 10 ms ``sched_yield``, which costs nothing when a core is free, then short
-sleeps), so ranks that outnumber the cores (2 here) do not starve the rank they wait for.
-Sleeping at once when ranks outnumber cores was measured and is worse here: every wait
-then costs a sleep's granularity (75-125 us on this host), 3 ranks of mlp-digits on 2 cores
-took 1.05 ms a step instead of 0.35 ms, and distbelief-speech was 5-10% slower too."""
+"""mpi4py transport.  Waiting ranks yield the CPU between polls instead of spinning
+(``sched_yield`` for the first 10 ms, then short sleeps), so ranks that outnumber the
+cores do not starve the rank they wait for (docs/decisions/009)."""
 from __future__ import annotations
 
 import os
@@ -90,12 +87,8 @@ def probe(comm, status, source: int, tag: int) -> tuple[int, int]:
 
 class Outbox:
     """A server's replies in flight: sent without waiting for their delivery, their buffers
-    held until MPI is done with them.  A shard that waited on each reply (a blocking
-    ``Send`` spins) held up every other worker until that one worker took it in; with the
-    worker on the shard's core and computing, that took its whole forward and backward
-    (mlp-digits Downpour, 3 ranks on 2 cores: a reply to the worker on the shard's core took
-    516 us to complete where the worker had it after 58, and the other worker's pushes
-    waited 240 us for the shard)."""
+    held until MPI is done with them (a blocking ``Send`` spins and held every other worker
+    up: docs/decisions/009)."""
 
     def __init__(self, comm) -> None:
         self.comm, self.pending = comm, []
