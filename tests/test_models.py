@@ -62,3 +62,22 @@ def test_model_file_loads_and_bad_shapes_name_the_layer(tmp_path):
     with pytest.raises(ConfigError, match="is required for a conv2d layer") as err:
         load_model_file(f)
     assert err.value.field == "layer[0].kernel"
+
+
+def test_each_kind_holds_its_parameter_shapes_and_slice_index():
+    """Invariants: the arrays hold exactly ``params``; a slice's index picks ``slice_params``."""
+    import numpy as np
+    from clustersim.core.partition import spatial_slices
+    from clustersim.core.models import build_model
+    layers = [L("locally_connected", filters=4, kernel=3), L("batchnorm"), L("conv2d", filters=6, kernel=3),
+              L("max_pool", kernel=2), L("dense", units=5), L("softmax_xent")]
+    model = build_model("t", (3, 12, 12), layers, 5)
+    slices, _ = spatial_slices(model, 3)
+    for node, sl in zip(model.nodes, slices):
+        layer, s = node.layer, node.in_shape
+        shapes = layer.param_shapes(s)
+        assert sum(int(np.prod(x)) for x in shapes) == layer.params(s)
+        arrays = [np.zeros(x) for x in shapes]
+        for _, box in sl:
+            picked = sum(a[ix].size for a, ix in zip(arrays, layer.box_index(box)))
+            assert picked == layer.slice_params(s, box), (layer.kind, box)

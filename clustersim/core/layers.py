@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
+from typing import ClassVar
 
 Shape = tuple[int, int, int]
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
@@ -57,6 +58,15 @@ class Layer:
     split = "follow"
     flops_per_elem = 1.0         # forward FLOPs per output element
     bwd_ratio = 1.0              # backward FLOPs / forward FLOPs (2 for weighted layers: dgrad + wgrad)
+    required: ClassVar[tuple[str, ...]] = ()   # model-file keys without a meaningful default
+
+    def param_shapes(self, s: Shape) -> list[tuple[int, ...]]:
+        """Shapes of the whole layer's parameter arrays, in the order the kernels take them."""
+        return []
+
+    def box_index(self, box: Box) -> list[tuple[slice, ...]]:
+        """Where a slice of output ``box`` keeps its parameters inside those arrays."""
+        return []
 
     def shape(self, s: Shape) -> Shape:
         return s
@@ -83,6 +93,14 @@ class Dense(Layer):
     units: int = 1
     split = "channels"
     bwd_ratio = 2.0
+    required = ("units",)
+
+    def param_shapes(self, s):
+        return [(prod(s), self.units), (self.units,)]              # W (features in, units), b
+
+    def box_index(self, box):
+        (c0, c1), _, _ = box
+        return [(slice(None), slice(c0, c1)), (slice(c0, c1),)]
 
     def shape(self, s):
         return (self.units, 1, 1)
@@ -123,6 +141,7 @@ class _Filters(_Window):
 
     filters: int = 1
     bwd_ratio = 2.0
+    required = ("filters", "kernel")
 
     def shape(self, s):
         return (self.filters, *self._out_hw(s))
@@ -146,6 +165,15 @@ class LocallyConnected(_Filters):
     def slice_params(self, s, box):
         return box_size(box) * (self.kernel**2 * s[0] + 1)
 
+    def param_shapes(self, s):
+        f, h, w = self.shape(s)                            # a filter per output position
+        return [(h, w, f, s[0], self.kernel, self.kernel), (h, w, f)]
+
+    def box_index(self, box):
+        (c0, c1), (h0, h1), (w0, w1) = box
+        rows = (slice(h0, h1), slice(w0, w1), slice(c0, c1))
+        return [rows, rows]
+
 
 @dataclass(frozen=True)
 class Conv2d(_Filters):
@@ -162,10 +190,19 @@ class Conv2d(_Filters):
     def slice_params(self, s, box):
         return (box[0][1] - box[0][0]) * (self.kernel**2 * s[0] + 1)
 
+    def param_shapes(self, s):
+        return [(self.filters, s[0], self.kernel, self.kernel), (self.filters,)]
+
+    def box_index(self, box):
+        (c0, c1), _, _ = box
+        return [(slice(c0, c1),), (slice(c0, c1),)]
+
 
 @dataclass(frozen=True)
 class Pool(_Window):
     """max_pool / avg_pool: per channel, window over rows and columns."""
+
+    required = ("kernel",)
 
     def shape(self, s):
         return (s[0], *self._out_hw(s))
@@ -241,6 +278,13 @@ class BatchNorm(Layer):
 
     def slice_params(self, s, box):
         return 2 * (box[0][1] - box[0][0])
+
+    def param_shapes(self, s):
+        return [(s[0],), (s[0],)]                           # gamma, beta
+
+    def box_index(self, box):
+        (c0, c1), _, _ = box
+        return [(slice(c0, c1),), (slice(c0, c1),)]
 
 
 @dataclass(frozen=True)

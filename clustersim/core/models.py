@@ -162,11 +162,6 @@ def zoo_model(name: str) -> Model:
 
 
 # --- model files ----------------------------------------------------------------------------
-# fields without a meaningful default; the rest default as the layer classes say
-_REQUIRED = {"dense": ("units",), "conv2d": ("filters", "kernel"), "locally_connected": ("filters", "kernel"),
-             "max_pool": ("kernel",), "avg_pool": ("kernel",)}
-
-
 def load_model_file(path: Path) -> Model:
     """Reads a model TOML; raises ConfigError naming the file and field."""
     try:
@@ -197,7 +192,7 @@ def model_from_table(top: Table) -> Model:
         for key in sorted(lt.data):            # a typo says so before "required" does
             if key != "kind" and key not in allowed:
                 raise lt.error(key, "unknown key")
-        for key in _REQUIRED.get(kind, ()):
+        for key in KINDS[kind].required:          # the rest default as the layer classes say
             if not lt.has(key):
                 raise lt.error(key, f"is required for a {kind} layer")
         for key in sorted(allowed):
