@@ -126,13 +126,27 @@ def save_checkpoint(path, w: np.ndarray, applied: int, opt) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, opt) -> tuple[np.ndarray, int]:
-    data = np.load(path)
-    if isinstance(opt, Adagrad) and "h" in data:
-        opt.h[...] = data["h"]
-    if isinstance(opt, DCASGD) and "ms" in data:
-        opt.ms[...] = data["ms"]
-    return data["params"].astype(np.float32), int(data["applied"])
+def load_checkpoint(path, opt, size: int) -> tuple[np.ndarray, int]:
+    """(parameters, updates applied) from ``save_checkpoint``'s file, and the optimizer's
+    state into ``opt``; ValueError naming the file when it cannot be read or does not hold
+    a shard of ``size`` parameters (one of another scenario or shard count)."""
+    import zipfile
+    try:
+        with np.load(path) as data:
+            state = {key: data[key] for key in data.files}
+        w, applied = state["params"].astype(np.float32), int(state["applied"])
+    except OSError as exc:
+        raise ValueError(f"checkpoint {path} cannot be read: {exc}") from None
+    except (ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        raise ValueError(f"checkpoint {path} is not a shard checkpoint (an .npz of params and applied)") from None
+    if w.shape != (size,):
+        raise ValueError(f"checkpoint {path} holds {w.size} parameters; this shard has {size} "
+                         f"(a checkpoint of another scenario or number of shards?)")
+    if isinstance(opt, Adagrad) and "h" in state:
+        opt.h[...] = state["h"]
+    if isinstance(opt, DCASGD) and "ms" in state:
+        opt.ms[...] = state["ms"]
+    return w, applied
 
 
 def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, list[Run]], rule: str,
@@ -159,7 +173,7 @@ def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, lis
     done, applied, busy = 0, 0, 0.0
     resumed_from = 0
     if resume and checkpoint is not None:
-        w, applied = load_checkpoint(checkpoint, opt)
+        w, applied = load_checkpoint(checkpoint, opt, len(w))
         resumed_from = applied
     pending_sum, pending_n, step_done = np.zeros_like(w), {}, -1     # sync: the step being summed
     deferred: list[tuple[int, int]] = []

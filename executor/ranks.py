@@ -13,7 +13,8 @@ communicator), then, by algorithm:
 - ``downpour`` / ``dcasgd`` / ``ssp``: fetch every n_fetch steps, push what it accumulated
   every n_push steps, never waiting for the others (Adagrad or DC-ASGD on the shards;
   under SSP a shard holds back the fetch of a worker more than ``staleness`` steps ahead);
-- ``local``: its own SGD steps, parameters averaged every ``local_steps`` steps;
+- ``local``: its own SGD steps, parameters averaged every ``local_steps`` steps and after
+  the last;
 - ``sandblaster``: units of each batch from a coordinator rank, L-BFGS on the shards
   (``executor/sandblaster.py``; a replica of several slots talks through its slot 0).
 
@@ -60,6 +61,12 @@ def rank_role(rank: int, model_parallel: int, replicas: int) -> tuple[str, int, 
         return "worker", r, j
     return "shard", rank - workers, -1
 
+
+def averages_after(step: int, steps: int, local_steps: int) -> bool:
+    """Local SGD: whether the replicas average their parameters after 0-based ``step``:
+    every ``local_steps`` steps and after the last, as the simulator does, so the run
+    ends on one model."""
+    return (step + 1) % local_steps == 0 or step == steps - 1
 
 
 def parse_fail(text: str | None, sc) -> tuple[int, int] | None:
@@ -181,14 +188,36 @@ def main(argv: list[str] | None = None) -> int:
         if world.rank == 0:
             print(f"clustersim: error: {exc}", file=sys.stderr)
         return 2
-    summary, spans = RankJob(sc, world, xp, fail, args).go()
-    parts = world.gather((summary, spans), root=0)
-    if world.rank == 0:
-        out = _merge([s for s, _ in parts])
-        if args.trace:
-            write_chrome(Trace([sp for _, part in parts for sp in part]), args.trace)
-        print(json.dumps(out, indent=2) if args.json else _text(out))
+    try:
+        summary, spans = RankJob(sc, world, xp, fail, args).go()
+        parts = world.gather((summary, spans), root=0)
+        if world.rank == 0:
+            out = _merge([s for s, _ in parts])
+            if args.trace:
+                write_chrome(Trace([sp for _, part in parts for sp in part]), args.trace)
+            print(json.dumps(out, indent=2) if args.json else _text(out))
+    except Exception as exc:            # the other ranks would wait for this one forever: end them all
+        print(error_line(world.rank, exc), file=sys.stderr, flush=True)
+        _quiet_stderr()                 # MPI_Abort's own line would say only that it was called
+        world.Abort(1)
     return 0
+
+
+def _quiet_stderr() -> None:
+    import os
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+
+
+def error_line(rank: int, exc: BaseException) -> str:
+    """One line for an exception that ends the job: the rank, the exception and where it
+    was raised (the innermost frame)."""
+    import traceback
+    from pathlib import Path
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    text = " ".join(str(exc).split())
+    return f"clustersim: error: rank {rank}: {type(exc).__name__}{': ' + text if text else ''}{where}"
 
 
 class RankJob:
@@ -450,10 +479,12 @@ class RankJob:
             elif tr.algorithm == "local":
                 g = self.flatten(res.grads, j) if res.grads else np.zeros_like(flat)
                 flat -= tr.learning_rate * g
-                if (step + 1) % tr.local_steps == 0 and self.R > 1:
+                if averages_after(step, tr.steps, tr.local_steps) and self.R > 1:
+                    t2 = time.perf_counter()
                     total = np.empty_like(flat)
                     wait_buffer(self.slot.Iallreduce(flat, total))
                     flat = total / self.R
+                    self.span("average", "transfer", me, step, t2, time.perf_counter(), flat.nbytes, 0.0, "allreduce")
                 self.unflatten(flat, params, j)
             else:
                 g = self.flatten(res.grads, j) if res.grads else np.zeros_like(flat)
@@ -487,6 +518,7 @@ class RankJob:
         """Replica 0's slots (or the first replica with no failed rank) fetch the final
         parameters and evaluate on held-out data; everyone then tells the shards DONE."""
         p, j = self.p, (self.j if slot is None else slot)
+        self.params = params                            # the slot's final parameters, for checks
         barrier(self.workers)
         wall = time.perf_counter() - self.t0
         alive_rep = next(r for r in range(self.R) if not (r * self.M <= self.failed_rank < (r + 1) * self.M))
@@ -526,14 +558,15 @@ def evaluate(p, params, x, y, j: int, rep, xp) -> tuple[float, float]:
     """Accuracy and loss on held-out data; gathered on the replica's slot 0."""
     res = run_step(p, {j}, params, xp.asarray(x), xp.asarray(y), MPITransport(rep, xp), xp=xp, backward=False)
     last = len(p.slices) - 1
-    pieces = rep.gather({c: to_numpy(arr) for (c, _), arr in res.logits.items()}, root=0)
+    pieces = rep.gather({key: to_numpy(arr) for key, arr in res.logits.items()}, root=0)
     if rep.rank != 0:
         return 0.0, 0.0
+    micro = even_cuts(len(x), p.scenario.parallel.micro_batches)      # run_step's cut of x
     logits = np.zeros((len(x), p.scenario.model.nodes[-1].out_shape[0]), np.float64)
     for part in pieces:
-        for c, arr in part.items():
-            c0, c1 = _box_of(p, last, c)[0]
-            logits[:, c0:c1] = arr[:, :, 0, 0]
+        for (c, m), arr in part.items():                  # slot c's classes of micro-batch m
+            (c0, c1), (lo, hi) = _box_of(p, last, c)[0], micro[m]
+            logits[lo:hi, c0:c1] = arr[:, :, 0, 0]          # (b_m, classes of c, 1, 1) -> (b_m, classes of c)
     loss, _ = softmax_xent_loss(np, logits, np.asarray(y))
     return float((logits.argmax(axis=1) == np.asarray(y)).mean()), float(loss)
 

@@ -1,0 +1,74 @@
+"""An exception on one rank ends the whole job: nonzero exit and one line on stderr, never
+a hang of the ranks that wait for it."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from executor.optim import SGD
+from executor.psrank import load_checkpoint, save_checkpoint
+from executor.ranks import error_line
+
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+WITH_SHARD = """
+name = "one-shard"
+seed = 0
+[cluster]
+topology = "dgx-h100"
+[model]
+name = "mlp-digits"
+batch_size = 32
+[parallel]
+model_parallel = 1
+replicas = 1
+ps_shards = 1
+[training]
+steps = 3
+"""
+
+
+def _raised(exc: Exception) -> Exception:
+    try:
+        raise exc
+    except Exception as caught:
+        return caught
+
+
+def test_error_line_names_rank_exception_and_place_on_one_line():
+    line = error_line(3, _raised(ValueError("two\nlines")))
+    assert line.startswith("clustersim: error: rank 3: ValueError: two lines (at test_exec_failures.py:")
+    assert line.endswith(" in _raised)") and "\n" not in line
+    assert error_line(0, KeyError()) == "clustersim: error: rank 0: KeyError"        # never raised: no place
+
+
+def test_a_checkpoint_of_another_size_is_refused_by_name(tmp_path):
+    path = tmp_path / "shard0.npz"
+    save_checkpoint(path, np.arange(4, dtype=np.float32), 7, SGD(0.1))
+    w, applied = load_checkpoint(path, SGD(0.1), 4)
+    assert w.tolist() == [0, 1, 2, 3] and applied == 7
+    with pytest.raises(ValueError, match=r"shard0.npz holds 4 parameters; this shard has 5"):
+        load_checkpoint(path, SGD(0.1), 5)
+    path.write_text("garbage")
+    with pytest.raises(ValueError, match=r"shard0.npz is not a shard checkpoint"):
+        load_checkpoint(path, SGD(0.1), 4)
+
+
+@pytest.mark.skipif(not MPIEXEC.exists(), reason="the mpich wheel is not installed")
+def test_an_exception_on_the_shard_rank_alone_ends_the_job(tmp_path):
+    """A corrupt checkpoint fails only the shard's rank (the CLI checks that it exists, not
+    what it holds); its worker waits on a fetch the shard will never answer."""
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "shard0.npz").write_text("garbage")
+    f = tmp_path / "s.toml"
+    f.write_text(WITH_SHARD)
+    proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", str(f), "--json", "--checkpoint",
+                           str(tmp_path / "ck"), "--resume"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert re.fullmatch(rf"clustersim: error: rank 1: ValueError: checkpoint {re.escape(str(tmp_path))}/ck/shard0.npz "
+                        r"is not a shard checkpoint \(an .npz of params and applied\) "
+                        r"\(at psrank.py:\d+ in load_checkpoint\)", lines[0]), lines[0]
