@@ -76,6 +76,7 @@ class Engine:
         self.failed_transfers = 0
         self.blocked: dict[str, str] = {}           # dead end (device or link) -> the first message it held up
         self._lost: dict[str, simpy.Event] = {}     # device -> fires when it fails
+        self._back: dict[str, simpy.Event] = {}     # failed device -> fires when it is replaced
         self.ps_server = None                      # set by parameter-server algorithms
         self.failure_signal = self.env.event()     # fires (and is replaced) at every failure
         self.lost_samples = 0                      # work thrown away after failures
@@ -128,6 +129,21 @@ class Engine:
                 if d in self.failed:
                     self._lost[d].succeed(d)
         return self.env.any_of([self._lost[d] for d in devices])
+
+    def recovered(self, device: str) -> simpy.Event:
+        """Fires when a failed ``device`` has been replaced (at once if it is up)."""
+        if device not in self.failed:
+            ev = self.env.event()
+            return ev.succeed()
+        return self._back.setdefault(device, self.env.event())
+
+    def replace(self, device: str) -> None:
+        """A failed device is up again (a replacement); it can fail again later."""
+        self.failed.pop(device, None)
+        self._lost.pop(device, None)
+        back = self._back.pop(device, None)
+        if back is not None:
+            back.succeed()
 
     def _block(self, dead_end: str, what: str) -> simpy.Event:
         """A message or collective that can never complete: counted, its dead end kept for

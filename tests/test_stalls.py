@@ -6,6 +6,7 @@ import json
 import pytest
 
 from clustersim.cli import main
+from clustersim.core.config import ConfigError
 from clustersim.core.metrics import summarize
 from clustersim.core.plan import plan
 from clustersim.core.scenario import Failure
@@ -91,3 +92,39 @@ def test_a_sweep_point_that_stalls_is_a_row_with_its_time(capsys):
     points = json.loads(capsys.readouterr().out)
     assert code == 0 and "samples_per_s" in points[0]
     assert points[1]["stalled_at_s"] >= 0.01 and points[1]["error"].startswith("stalled: ")
+
+
+def recovering(every=0, replicas=3, steps=40):
+    return scenario(batch=32, parallel={"replicas": replicas, "ps_shards": 1},
+                    training={"algorithm": "downpour", "steps": steps, "cosim": True},
+                    faults={"shard_recovery": "checkpoint", "shard_checkpoint_every": every, "restart_s": 1e-4,
+                            "checkpoint_gbps": 10.0})
+
+
+@pytest.mark.parametrize("every", [0, 7])
+def test_a_failed_shard_restarts_from_its_checkpoint(every):
+    from clustersim.compare.cosim import cosimulate
+    sc = recovering(every)
+    p = plan(sc)
+    shard = p.ps.devices[0]
+    healthy = simulate(p)
+    t_fail = healthy.sim_time_s / 2
+    res = simulate(plan(with_failure(sc, Failure(t_fail, (shard,)))))
+    assert res.stalled_at_s is None and res.sim_time_s > healthy.sim_time_s + 1e-4     # the restart took its time
+    log = res.trace.updates
+    [restore] = [u for u in log if u.kind == "restore"]
+    saves = [u for u in log if u.kind == "checkpoint" and u.shard == 0 and u.t <= t_fail]
+    applied_before = sum(1 for u in log if u.kind == "apply" and u.t <= t_fail)
+    assert len(saves) == (applied_before // every if every else 0)       # one every `every` applies
+    saved_version = len(saves) * every
+    assert all(u.kind != "apply" or u.t <= t_fail or u.t >= restore.t for u in log)   # none while it is down
+    assert res.engine.lost_samples == (applied_before - saved_version) * 32   # pushes since the checkpoint
+    assert restore.t >= t_fail + 1e-4
+    assert sum(1 for r, *_ in res.trace.replica_steps) == 3 * 40          # every replica finishes its steps
+    assert 0.5 <= cosimulate(plan(sc), res)["accuracy"] <= 1.0
+    assert min(res.trace.staleness) >= 0 and summarize(p, res)["failed_devices"] == [shard]
+
+
+def test_shard_recovery_is_refused_where_a_shard_cannot_restart_alone():
+    with pytest.raises(ConfigError, match="faults.shard_recovery"):
+        scenario(parallel={"replicas": 2, "ps_shards": 1}, faults={"shard_recovery": "checkpoint"})

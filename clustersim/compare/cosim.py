@@ -125,6 +125,12 @@ class Replay:
             self.lbfgs.step(self.server, self.batch_sum / max(self.batch_n, 1))
             self.batch_sum, self.batch_n = np.zeros_like(self.batch_sum), 0
             self.stash.clear()
+        elif kind == "checkpoint" and k >= 0:        # one shard's values (shard recovery)
+            lo, hi = self.ranges[k]
+            self.checkpoint[lo:hi] = self.server[lo:hi]
+        elif kind == "restore" and k >= 0:           # a replacement shard starts from them
+            lo, hi = self.ranges[k]
+            self.server[lo:hi] = self.checkpoint[lo:hi]
         elif kind == "checkpoint":
             self.checkpoint = self.server.copy()
         elif kind == "restore":

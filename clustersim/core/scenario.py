@@ -76,6 +76,8 @@ class Faults:
     checkpoint_every: int = 0          # sync restart: steps between checkpoints (0: never)
     checkpoint_gbps: float = 1.0       # checkpoint storage bandwidth, 10^9 bytes/s
     restart_s: float = 30.0            # sync restart: replacing the machine and relaunching
+    shard_recovery: str = "none"       # async: a failed shard stalls the job | restarts from its "checkpoint"
+    shard_checkpoint_every: int = 0    # shard_recovery: applies between a shard's checkpoints (0: the start only)
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,9 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
     if tr.backup_workers and not par.ps_shards:
         raise ConfigError(file, "training.backup_workers",
                           "needs parallel.ps_shards >= 1 (the shards drop the late replicas' pushes)")
+    if faults.shard_recovery != "none" and tr.algorithm not in ("downpour", "dcasgd", "ssp"):
+        raise ConfigError(file, "faults.shard_recovery", f"shards restart from checkpoints in Downpour, DC-ASGD "
+                          f"and SSP; {tr.algorithm} stops at a failed shard (sync: on_failure = \"restart\")")
     if tr.comm_bits == 8 and not par.ps_shards:
         raise ConfigError(file, "training.comm_bits", f"8-bit messages are the parameter server's pushes and fetches; "
                           f"{tr.algorithm} without ps_shards sends 32-bit (set comm_bits = 32 or ps_shards >= 1)")
@@ -243,7 +248,9 @@ def _faults(ft: Table, topology: Topology) -> Faults:
         on_failure=ft.str("on_failure", "continue", choices=("continue", "restart")),
         checkpoint_every=ft.int("checkpoint_every", 0, lo=0, hi=10_000_000),
         checkpoint_gbps=ft.float("checkpoint_gbps", 1.0, positive=True),
-        restart_s=ft.float("restart_s", 30.0, lo=0.0))
+        restart_s=ft.float("restart_s", 30.0, lo=0.0),
+        shard_recovery=ft.str("shard_recovery", "none", choices=("none", "checkpoint")),
+        shard_checkpoint_every=ft.int("shard_checkpoint_every", 0, lo=0, hi=10_000_000))
     ft.done()
     return faults
 

@@ -48,6 +48,46 @@ class ParameterServer:
         self.version = [0] * len(self.ps.devices)
         self.applies = [0] * len(self.ps.devices)
         self.held = [[0] * len(self.ps.devices) for _ in self.devices]   # versions each replica holds
+        faults = plan.scenario.faults
+        self.recovery = faults.shard_recovery == "checkpoint"
+        self.epoch = [0] * len(self.ps.devices)      # a shard's lives: a failure starts the next
+        self.saved = [0] * len(self.ps.devices)      # the version of each shard's last checkpoint
+        self.since = [0] * len(self.ps.devices)      # applies since it
+        if self.recovery:
+            for k in range(len(self.ps.devices)):
+                self.env.process(self._restart_when_failed(k))
+
+    # --- a failed shard restarts from its checkpoint -----------------------------------------
+    def _restart_when_failed(self, k: int):
+        """Each time shard k's device fails: its pushes since the last checkpoint are lost, a
+        replacement starts after ``restart_s`` and reading the checkpoint, at its version."""
+        eng, shard, plan = self.engine, self.ps.devices[k], self.engine.plan
+        faults = plan.scenario.faults
+        while True:
+            yield eng.lost([shard])
+            self.epoch[k] += 1
+            eng.lost_samples += (self.version[k] - self.saved[k]) * plan.schedule.push_every * plan.scenario.batch_size
+            seconds = faults.restart_s + self.ps.sizes[k] * PARAM_BYTES / (faults.checkpoint_gbps * 1e9)
+            yield eng.wait(self.env.timeout(seconds), shard, -1, -1, "shard restart")
+            self.version[k], self.since[k] = self.saved[k], 0
+            for held in self.held:                       # replicas ahead of the restored shard
+                held[k] = min(held[k], self.saved[k])
+            eng.log("restore", -1, k, -1)
+            eng.replace(shard)
+
+    def _survives(self, k: int, make):
+        """A simpy process body: the events ``make()`` starts, done while shard k stays up;
+        with recovery, a failure of the shard makes the replica wait for its replacement and
+        start them again.  Returns the epoch they completed in."""
+        eng, shard = self.engine, self.ps.devices[k]
+        while True:
+            if self.recovery and not eng.alive(shard):
+                yield eng.recovered(shard)
+            epoch = self.epoch[k]
+            done = self.env.all_of(make())
+            yield self.env.any_of([done, eng.lost([shard])]) if self.recovery else done
+            if done.triggered and self.epoch[k] == epoch:
+                return epoch
 
     # --- messages ----------------------------------------------------------------------------
     def _send(self, src: str, dst: str, params: int, replica: int, step: int, phase: str):
@@ -70,15 +110,23 @@ class ParameterServer:
 
     def _fetch_shard(self, r: int, k: int, step: int, fetch_id: int):
         eng = self.engine
-        eng.log("snap", r, k, step, fetch=fetch_id)
-        version = self.version[k]
+        version = [0]
+
+        def read() -> list[simpy.Event]:              # the shard's values as they are now, sent
+            eng.log("snap", r, k, step, fetch=fetch_id)
+            version[0] = self.version[k]
+            return [self.env.process(self._read(r, k, step))]
+        yield self.env.process(self._survives(k, read))
+        eng.log("deliver", r, k, step, fetch=fetch_id)
+        self.held[r][k] = version[0]
+
+    def _read(self, r: int, k: int, step: int):
+        eng = self.engine
         if self.rule.startswith("dcasgd"):           # the shard keeps this worker's copy
             n = self.ps.sizes[k]
             yield eng.compute_op(self.ps.devices[k], 0.0, 2 * n * PARAM_BYTES, r, step, "backup copy", "ps_update",
                                  kind="update")
         yield self.env.all_of(self._pieces(r, k, False, step, "fetch"))
-        eng.log("deliver", r, k, step, fetch=fetch_id)
-        self.held[r][k] = version
 
     # --- push --------------------------------------------------------------------------------
     def push(self, r: int, step: int, push_id: int, versions: list[int]) -> simpy.Event:
@@ -88,17 +136,33 @@ class ParameterServer:
 
     def _push_shard(self, r: int, k: int, step: int, push_id: int, version: int):
         eng = self.engine
-        pieces = self._pieces(r, k, True, step, "push")
-        if not pieces:
+        if not any(self.ps.share[j][k] for j in range(len(self.devices[r]))):
             return
-        yield self.env.all_of(pieces)
+        epoch = yield self.env.process(self._survives(k, lambda: self._pieces(r, k, True, step, "push")))
         with self.queues[k].request() as turn:
             yield turn
+            if self.epoch[k] != epoch:                  # queued when the shard failed: lost with it
+                return
             f, b = APPLY_COST[self.rule]
             n = self.ps.sizes[k]
             yield eng.compute_op(self.ps.devices[k], f * n, b * n, r, step, "apply", "ps_update", kind="update",
                                  key=f"apply.{self.rule}")
-            eng.trace.staleness.append(self.version[k] - version)
+            if self.epoch[k] != epoch:                  # the shard failed while applying it
+                return
+            eng.trace.staleness.append(max(0, self.version[k] - version))   # < 0: read before a restore
             self.version[k] += 1
             self.applies[k] += 1
             eng.log("apply", r, k, step, push=push_id)
+            yield from self._checkpoint(k, r, step)
+
+    def _checkpoint(self, k: int, r: int, step: int):
+        """With recovery, every ``shard_checkpoint_every`` applies the shard writes its values
+        (at ``checkpoint_gbps``, holding its queue)."""
+        faults = self.engine.plan.scenario.faults
+        self.since[k] += 1
+        if not (self.recovery and faults.shard_checkpoint_every and self.since[k] >= faults.shard_checkpoint_every):
+            return
+        seconds = self.ps.sizes[k] * PARAM_BYTES / (faults.checkpoint_gbps * 1e9)
+        yield self.engine.wait(self.env.timeout(seconds), self.ps.devices[k], r, step, "shard checkpoint")
+        self.saved[k], self.since[k] = self.version[k], 0
+        self.engine.log("checkpoint", -1, k, step)
