@@ -62,11 +62,10 @@ def rank_role(rank: int, model_parallel: int, replicas: int) -> tuple[str, int, 
     return "shard", rank - workers, -1
 
 
-def averages_after(step: int, steps: int, local_steps: int) -> bool:
-    """Local SGD: whether the replicas average their parameters after 0-based ``step``:
-    every ``local_steps`` steps and after the last, as the simulator does, so the run
-    ends on one model."""
-    return (step + 1) % local_steps == 0 or step == steps - 1
+def serve_rule(rule: str) -> str:
+    """The Plan's shard rule as ``psrank.serve`` names it: serve builds one DC-ASGD for both
+    "dcasgd" and "dcasgd_adaptive" (it reads ``training.dcasgd_adaptive`` itself)."""
+    return "dcasgd" if rule.startswith("dcasgd") else rule
 
 
 def parse_fail(text: str | None, sc) -> tuple[int, int] | None:
@@ -293,9 +292,8 @@ class RankJob:
 
     # --- sandblaster ---------------------------------------------------------------------------
     def coordinator(self) -> dict:
-        from clustersim.core.schedule import units_of
         from executor.sandblaster import coordinate
-        units, _ = units_of(self.sc)
+        units = self.p.schedule.units
         W = self.M * self.R
         out = coordinate(self.world, [r * self.M for r in range(self.R)], [W + k for k in range(self.S)],
                          self.sc.training.steps, units, self.sc.training.backup_tasks, self.sc.faults.detect_timeout_s,
@@ -307,17 +305,17 @@ class RankJob:
         and END on to the replica's other slots (a non-blocking broadcast, polled); every
         slot runs its share of each unit's step and pushes its part of the won units' sum."""
         import dataclasses
-        from clustersim.core.schedule import units_of
         from executor.comm import probe
         from executor.sandblaster import ACK, ASSIGN, END, READY, RESULT
         sc, xp, p, tr, j = self.sc, self.xp, self.p, self.sc.training, self.j
-        units, unit_size = units_of(sc)
+        units, unit_size = p.schedule.units, p.schedule.unit_size
         unit_plan = plan(dataclasses.replace(sc, batch_size=unit_size), check_memory=False)
         params = {key: [xp.asarray(a) for a in arrs] for key, arrs in self.box_params.items() if key[1] == j}
         x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed, self.data)
         whole = Batches(x_tr, y_tr, sc.batch_size * self.R, np.random.default_rng([sc.seed, self.R]))
         coord, lead = self.world.size - 1, j == 0
-        client = ShardClient(self.world, [self.M * self.R + k for k in range(self.S)], self.runs_of(j), tr.comm_bits)
+        client = ShardClient(self.world, [self.M * self.R + k for k in range(self.S)], self.runs_of(j),
+                             p.schedule.comm_bits)
         flat = self.flatten(params, j)
         from mpi4py import MPI
         status = MPI.Status()
@@ -390,27 +388,25 @@ class RankJob:
         flat = self.global_vector()
         runs = {rank: self.runs_of(rank % self.M)[k] for rank in range(self.M * self.R)}
         runs = {rank: rr for rank, rr in runs.items() if rr}
-        tr = self.sc.training
-        rule = "dcasgd" if tr.algorithm == "dcasgd" else tr.optimizer if tr.algorithm in ("downpour", "ssp") else "sgd"
+        tr, sched = self.sc.training, self.p.schedule
         a = self.args
         path = None
         if a is not None and a.checkpoint:
             from pathlib import Path
             Path(a.checkpoint).mkdir(parents=True, exist_ok=True)
             path = Path(a.checkpoint) / f"shard{k}.npz"
-        out = serve(self.world, self.p, k, flat[lo:hi].copy(), runs, rule,
+        out = serve(self.world, self.p, k, flat[lo:hi].copy(), runs, serve_rule(sched.rule),
                     sync_replicas=self.R if tr.algorithm == "sync" else 0, silent={self.failed_rank},
-                    staleness_bound=tr.staleness if tr.algorithm == "ssp" else None, checkpoint=path,
+                    staleness_bound=sched.staleness_bound, checkpoint=path,
                     checkpoint_every=a.checkpoint_every if a is not None else 0,
                     resume=bool(a is not None and a.resume), replica_of=lambda rank: rank // self.M,
-                    quorum=self.R - tr.backup_workers if tr.algorithm == "sync" else 0)
+                    quorum=sched.quorum if tr.algorithm == "sync" else 0)
         where = self.p.ps.devices[k]
         self.span("serve", "update", where, -1, self.t0, time.perf_counter(), 0.0, 0.0, "ps_update")
         return {"role": "shard", "applied": out["applied"], "busy_s": out["busy_s"],
                 "resumed_from": out["resumed_from"]}
 
     def lbfgs_shard(self, k: int) -> dict:
-        from clustersim.core.schedule import units_of
         from executor.optim import LBFGS, LBFGS_MAX_STEP_FACTOR
         from executor.sandblaster import ShardDot, serve_lbfgs
         lo, hi = even_cuts(self.total, self.S)[k]
@@ -419,13 +415,14 @@ class RankJob:
         tr = self.sc.training
         lbfgs = LBFGS(lr=1.0, history=tr.lbfgs_history, first_step=tr.learning_rate, dot=ShardDot(self.shards),
                       max_step=LBFGS_MAX_STEP_FACTOR * tr.learning_rate)
-        out = serve_lbfgs(self.world, flat[lo:hi].copy(), runs, units_of(self.sc)[0], lbfgs, tr.comm_bits,
+        sched = self.p.schedule
+        out = serve_lbfgs(self.world, flat[lo:hi].copy(), runs, sched.units, lbfgs, sched.comm_bits,
                           silent={self.failed_rank})
         return {"role": "shard", "applied": out["applied"], "busy_s": 0.0, "resumed_from": 0}
 
     def worker(self) -> dict:
         sc, xp, p = self.sc, self.xp, self.p
-        tr = sc.training
+        tr, sched = sc.training, p.schedule
         r, j = self.r, self.j
         params = {key: [xp.asarray(a) for a in arrs] for key, arrs in self.box_params.items() if key[1] == j}
         x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed, self.data)
@@ -434,7 +431,7 @@ class RankJob:
         devices = p.devices[r]
         me = devices[j]
         client = ShardClient(self.world, [self.M * self.R + k for k in range(self.S)], self.runs_of(j),
-                             tr.comm_bits) if self.S else None
+                             sched.comm_bits) if self.S else None
         flat = self.flatten(params, j)
         acc = np.zeros_like(flat)
         step_times, losses, steps_done = [], [], 0
@@ -446,7 +443,7 @@ class RankJob:
                 self.crash(step)
                 break                                          # crashed: silent from here on
             start = time.perf_counter()
-            if client and (tr.algorithm == "sync" or step % tr.n_fetch == 0):
+            if client and sched.fetches_before(step):
                 client.fetch(flat, step)
                 self.unflatten(flat, params, j)
                 self.span("fetch", "transfer", f"{p.ps.devices[0]}->{me}", step, start, time.perf_counter())
@@ -479,7 +476,7 @@ class RankJob:
             elif tr.algorithm == "local":
                 g = self.flatten(res.grads, j) if res.grads else np.zeros_like(flat)
                 flat -= tr.learning_rate * g
-                if averages_after(step, tr.steps, tr.local_steps) and self.R > 1:
+                if sched.averages_after(step) and self.R > 1:
                     t2 = time.perf_counter()
                     total = np.empty_like(flat)
                     wait_buffer(self.slot.Iallreduce(flat, total))
@@ -489,10 +486,10 @@ class RankJob:
             else:
                 g = self.flatten(res.grads, j) if res.grads else np.zeros_like(flat)
                 acc += g
-                if tr.n_fetch > 1:                              # move on the local copy between fetches
+                if sched.fetch_every > 1:                       # move on the local copy between fetches
                     flat -= tr.learning_rate * g
                     self.unflatten(flat, params, j)
-                if (step + 1) % tr.n_push == 0:
+                if sched.pushes_after(step):
                     client.push(acc, step)
                     acc[...] = 0
                     self.span("push", "transfer", me, step, t1, time.perf_counter(), 0.0, 0.0, "push")

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from executor.ranks import averages_after
+from clustersim.core.plan import plan
+from helpers import scenario
 
 HERE = Path(__file__).parent
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -35,7 +36,10 @@ learning_rate = 0.5
 
 
 def _points(steps: int, k: int) -> list[int]:
-    return [s for s in range(steps) if averages_after(s, steps, k)]
+    """The steps after which the Plan's schedule averages (what the executor follows)."""
+    sched = plan(scenario(parallel={"replicas": 2}, training={"algorithm": "local", "steps": steps,
+                                                              "local_steps": k})).schedule
+    return [s for s in range(steps) if sched.averages_after(s)]
 
 
 def test_averaging_points_are_every_k_steps_and_the_last():
@@ -46,7 +50,6 @@ def test_averaging_points_are_every_k_steps_and_the_last():
 
 
 def test_simulator_averages_after_the_same_steps(tmp_path):
-    from clustersim.core.plan import plan
     from clustersim.core.scenario import load_scenario
     from sim.engine import simulate
     f = tmp_path / "s.toml"
