@@ -126,19 +126,26 @@ def sweep(source: Source, vary: Mapping[str, Iterable[Any]], overrides: Override
     return points
 
 
-def execute_command(path: str | Path, set_items: list[str], *, ranks: int = 0, device: str = "cpu",
-                    json_out: bool = False, trace: str | None = None, extra: list[str] = ()) -> list[str]:
-    """The ``mpiexec`` command line that runs the scenario's ranks (``executor.ranks``),
-    after checking the input here, once, so a bad scenario is one line and not N."""
+PLAN_FILE = "plan.json"          # in the run's workdir: the Plan every rank loads
+
+
+def execute_command(path: str | Path, set_items: list[str], *, workdir: str | Path, ranks: int = 0,
+                    device: str = "cpu", json_out: bool = False, trace: str | None = None,
+                    extra: list[str] = ()) -> list[str]:
+    """The ``mpiexec`` command line that runs the scenario's ranks (``executor.ranks``).
+    Checks the input and plans here, once (a bad scenario is one line, not N), and saves
+    the Plan as ``workdir/plan.json`` for the ranks to load: the caller keeps ``workdir``
+    until the command has ended, then removes it.  Raises ConfigError."""
+    from clustersim.core.planio import save_plan
     from executor.launch import mpiexec
     from executor.ranks import check
     sc = load(path, set_items)
     n = ranks or ranks_needed(sc)
     check(sc, n)
-    plan(sc)                                    # a plan that cannot be made fails here, once
-    cmd = [str(mpiexec()), "-n", str(n), sys.executable, "-m", "executor.ranks", str(path), "--device", device]
-    for item in set_items:
-        cmd += ["--set", item]
+    plan_file = Path(workdir) / PLAN_FILE
+    save_plan(plan(sc), plan_file)              # a plan that cannot be made fails here, once
+    cmd = [str(mpiexec()), "-n", str(n), sys.executable, "-m", "executor.ranks", str(path), "--plan", str(plan_file),
+           "--device", device]
     if json_out:
         cmd.append("--json")
     if trace:
@@ -148,19 +155,21 @@ def execute_command(path: str | Path, set_items: list[str], *, ranks: int = 0, d
 
 def execute(path: str | Path, overrides: Overrides = None, *, ranks: int = 0, device: str = "cpu",
             timeout_s: float = 1800.0) -> Result:
-    """Runs the scenario for real on MPI ranks (``clustersim execute --json``).  Raises
-    RuntimeError with the ranks' last line when the job fails."""
+    """Runs the scenario for real on MPI ranks: the summary of ``clustersim execute
+    --json``, the merged Trace of all ranks and the Plan they ran.  Raises ConfigError for
+    bad input, RuntimeError with the ranks' last line when the job fails."""
+    from clustersim.core.planio import load_plan
     from executor.launch import rank_env
     items = [f"{k}={_toml(v)}" for k, v in _pairs(overrides)]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="clustersim-execute-") as tmp:
         trace = Path(tmp) / "trace.json"
-        cmd = execute_command(path, items, ranks=ranks, device=device, json_out=True, trace=str(trace))
+        cmd = execute_command(path, items, workdir=tmp, ranks=ranks, device=device, json_out=True, trace=str(trace))
         n = int(cmd[2])
         proc = subprocess.run(cmd, env=rank_env(n), capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines()
             raise RuntimeError(lines[-1] if lines else f"execute failed with exit code {proc.returncode}")
-        return Result(json.loads(proc.stdout))
+        return Result(json.loads(proc.stdout), Trace.load(trace), load_plan(Path(tmp) / PLAN_FILE))
 
 
 def _toml(value: Any) -> str:

@@ -1,7 +1,10 @@
-"""The executor's ranks: ``mpiexec -n N python -m executor.ranks SCENARIO [...]``.
+"""The executor's ranks: ``mpiexec -n N python -m executor.ranks SCENARIO --plan FILE [...]``.
 
-``clustersim execute`` starts this itself on one machine; on a cluster, start the same
-module with your own ``mpiexec``/``srun``.  Ranks: one per device slot of every replica
+``clustersim execute`` plans once, writes the Plan (``clustersim.core.planio``) and starts
+this itself on one machine; every rank loads that Plan (SCENARIO then only names the job,
+as in ``ps``).  On a cluster, start the same module with your own ``mpiexec``/``srun``,
+with a saved ``--plan`` or with SCENARIO and ``--set`` alone: then each rank plans the
+scenario itself (the same Plan everywhere: planning is deterministic).  Ranks: one per device slot of every replica
 (rank = replica x model_parallel + slot), then one per parameter-server shard.  Each step
 a worker runs its slot's share of the Plan's op graph (activations over the replica's
 communicator), then, by algorithm:
@@ -35,7 +38,8 @@ import numpy as np
 
 from clustersim.core.config import ConfigError
 from clustersim.core.partition import even_cuts
-from clustersim.core.plan import plan
+from clustersim.core.plan import Plan, plan
+from clustersim.core.planio import load_plan
 from clustersim.core.scenario import load_scenario, parse_set
 from clustersim.core.schedule import ranks_needed
 from clustersim.core.trace import Span, Trace, write_chrome
@@ -163,8 +167,9 @@ def dataset(sc, seed: int, data=None):
 def main(argv: list[str] | None = None) -> int:
     from mpi4py import MPI
     ap = argparse.ArgumentParser(prog="executor.ranks")
-    ap.add_argument("scenario")
+    ap.add_argument("scenario", help="the scenario file; with --plan it only names the job")
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--plan", help="the Plan as clustersim.core.planio saves it (the scenario is not read)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--trace")
     ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
@@ -177,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     world = MPI.COMM_WORLD
     pin(world.rank, world.size)
     try:
-        sc = load_scenario(args.scenario, parse_set(args.set))
+        p = plan_of(args)
+        sc = p.scenario
         check(sc, world.size)
         fail = parse_fail(args.fail, sc)
         check_checkpoint(args, sc)
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"clustersim: error: {exc}", file=sys.stderr)
         return 2
     try:
-        summary, spans = RankJob(sc, world, xp, fail, args).go()
+        summary, spans = RankJob(p, world, xp, fail, args).go()
         parts = world.gather((summary, spans), root=0)
         if world.rank == 0:
             out = _merge([s for s, _ in parts])
@@ -200,6 +206,19 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_stderr()                 # MPI_Abort's own line would say only that it was called
         world.Abort(1)
     return 0
+
+
+def plan_of(args) -> Plan:
+    """The Plan from ``--plan``, else the scenario's (with ``--set``) planned here;
+    ConfigError naming ``--plan`` for a file that cannot be read as one."""
+    if not args.plan:
+        return plan(load_scenario(args.scenario, parse_set(args.set)))
+    if args.set:
+        raise ConfigError("--set", args.set[0], "the Plan is made already: give --set where it is planned")
+    try:
+        return load_plan(args.plan)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError("--plan", args.plan, f"cannot read a Plan there ({exc})") from None
 
 
 def _quiet_stderr() -> None:
@@ -220,14 +239,14 @@ def error_line(rank: int, exc: BaseException) -> str:
 
 
 class RankJob:
-    """One rank's part of the job."""
+    """One rank's part of the job ``p``."""
 
-    def __init__(self, sc, world, xp, fail, args=None) -> None:
+    def __init__(self, p: Plan, world, xp, fail, args=None) -> None:
         from mpi4py import MPI
-        self.sc, self.world, self.xp = sc, world, xp
+        self.p, self.sc, self.world, self.xp = p, p.scenario, world, xp
+        sc = self.sc
         self.args = args
         self.data = getattr(args, "loaded", None)              # MNIST from --data, checked in main
-        self.p = plan(sc)
         par = sc.parallel
         self.M, self.R, self.S = par.model_parallel, par.replicas, par.ps_shards
         self.role, self.r, self.j = rank_role(world.rank, self.M, self.R)

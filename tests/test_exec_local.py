@@ -80,7 +80,7 @@ def _rank_main(scenario: str, out: str) -> None:
     from clustersim.core.scenario import load_scenario
     from executor.ranks import RankJob
     world = MPI.COMM_WORLD
-    job = RankJob(load_scenario(scenario), world, np, None)
+    job = RankJob(plan(load_scenario(scenario)), world, np, None)
     initial = job.flatten(job.box_params, job.j)
     job.go()
     steps = sorted(s.step for s in job.spans if s.name == "average")

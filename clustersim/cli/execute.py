@@ -24,8 +24,11 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    """Checks the input here (one clean line on error), then starts ``mpiexec`` with one
-    rank per replica slot running ``executor.ranks``, its output passed through."""
+    """Checks the input and plans here (one clean line on error), then starts ``mpiexec``
+    with one rank per replica slot running ``executor.ranks`` on that Plan, its output
+    passed through; the Plan's file lives in a temporary folder for the run's length."""
+    import tempfile
+
     from executor.launch import rank_env
     from executor.ranks import check_checkpoint, check_data, parse_fail
     sc = api.load(args.scenario, args.set)
@@ -41,9 +44,10 @@ def run(args) -> int:
         extra.append("--resume")
     if args.data:
         extra += ["--data", str(Path(args.data).resolve())]
-    cmd = api.execute_command(args.scenario, args.set, ranks=args.ranks, device=args.device, json_out=args.json,
-                              trace=args.trace, extra=extra)
-    return subprocess.run(cmd, env=rank_env(int(cmd[2])), preexec_fn=_die_with_parent).returncode
+    with tempfile.TemporaryDirectory(prefix="clustersim-execute-") as workdir:
+        cmd = api.execute_command(args.scenario, args.set, workdir=workdir, ranks=args.ranks, device=args.device,
+                                  json_out=args.json, trace=args.trace, extra=extra)
+        return subprocess.run(cmd, env=rank_env(int(cmd[2])), preexec_fn=_die_with_parent).returncode
 
 
 def _die_with_parent() -> None:
