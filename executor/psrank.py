@@ -4,12 +4,9 @@ Layout: the parameters are one vector, layer by layer and slot by slot (the Plan
 order); shard k owns an even cut of it.  A worker slot holds its boxes' parameters as
 segments of that vector, so what it exchanges with shard k is a few contiguous runs.
 
-Protocol (tags): a worker sends a push (tag ``push_tag(step)``) (its accumulated gradient on the shard's runs), FETCH
-(a request; the reply is the shard's current values on those runs) and DONE.  MPI does
-not let messages between two ranks overtake each other, so a fetch sent after a push
-sees that push applied: a worker reads its own writes.  In ``sync`` mode a shard answers
-the fetches of step s only after it applied the mean of step s's pushes from every
-replica.  Shards poll with short sleeps: waiting ranks yield the CPU.
+The protocol and what a shard decides are in ``executor.shard_state``; ``serve`` is the
+MPI loop around it: receive, decide, act.  Shards poll with short sleeps: waiting ranks
+yield the CPU.
 """
 from __future__ import annotations
 
@@ -23,14 +20,8 @@ from clustersim.core.plan import Plan
 
 from executor.comm import Outbox, probe, wait_buffer
 from executor.optim import DCASGD, SGD, Adagrad
-
-FETCH, REPLY, DONE = 12, 13, 14
-PUSH_STEP_TAGS = 10_000           # a push's tag is PUSH_BASE + its step modulo this (sync: late pushes are dropped)
-PUSH_BASE = 20_000
-
-
-def push_tag(step: int) -> int:
-    return PUSH_BASE + step % PUSH_STEP_TAGS
+from executor.shard_state import (DONE, FETCH, PUSH_BASE, REPLY, Apply, ApplyMean, Checkpoint, Reply, ShardState,
+                                  push_tag)
 
 
 @dataclass(frozen=True)
@@ -154,89 +145,56 @@ def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, lis
           staleness_bound: int | None = None, checkpoint_every: int = 0, resume: bool = False,
           replica_of=lambda rank: rank, quorum: int = 0) -> dict:
     """Runs shard k until every worker has said DONE; returns its counters.
-    ``worker_runs[rank]``: the runs of that worker on this shard.  ``sync_replicas`` > 0:
-    apply the mean of each step's pushes from that many replicas before answering fetches.
-    ``silent``: workers that stopped (crashed); the shard does not wait for them.
-    ``staleness_bound`` s (SSP): a fetch for step c is answered only once every live worker
-    has asked for step c - s or later (its clock: the step of its latest fetch).
-    ``checkpoint``: a file path; every ``checkpoint_every`` applies the shard saves its
-    parameters, update count and optimizer state there (``resume``: start from it).
-    Sync with backup workers: the step is applied once ``quorum`` replicas (``replica_of``
-    maps a worker rank to its replica) have pushed all their pieces; later pushes of that
-    step are dropped."""
+    ``worker_runs[rank]``: the runs of that worker on this shard.  ``silent``: workers
+    that stopped (crashed); the shard does not wait for them.  ``checkpoint``: a file
+    path, saved every ``checkpoint_every`` updates (``resume``: start from it).
+    ``sync_replicas``, ``quorum``, ``replica_of``, ``staleness_bound``: see
+    ``shard_state.ShardState``.  Raises ValueError for a checkpoint it cannot resume."""
     from mpi4py import MPI
     tr = p.scenario.training
     w = initial.copy()
     opt = (DCASGD(tr.learning_rate, tr.dcasgd_lambda, len(w), tr.dcasgd_adaptive) if rule == "dcasgd"
            else Adagrad(tr.learning_rate, len(w)) if rule == "adagrad" else SGD(tr.learning_rate))
     bits = tr.comm_bits
-    done, applied, busy = 0, 0, 0.0
-    resumed_from = 0
+    applied, busy = 0, 0.0
     if resume and checkpoint is not None:
         w, applied = load_checkpoint(checkpoint, opt, len(w))
-        resumed_from = applied
-    pending_sum, pending_n, step_done = np.zeros_like(w), {}, -1     # sync: the step being summed
-    deferred: list[tuple[int, int]] = []
-    clock: dict[int, int] = {}
+    resumed_from = applied
+    shard = ShardState(set(worker_runs) - set(silent), sync_replicas, quorum, replica_of, staleness_bound,
+                       checkpoint_every if checkpoint is not None else 0, applied)
     status = MPI.Status()
-    workers = set(worker_runs) - set(silent)
     outbox = Outbox(comm)
-    while done < len(workers):
+    while not shard.stopped:
         src, tag = probe(comm, status, MPI.ANY_SOURCE, MPI.ANY_TAG)
         runs = worker_runs.get(src, [])
-        n = sum(r.size for r in runs)
         if tag >= PUSH_BASE:
-            buf = message_buffer(n, bits)
+            buf = message_buffer(sum(r.size for r in runs), bits)
             comm.Recv(buf, source=src, tag=tag)
             t = time.perf_counter()
-            step = step_done + 1 - (step_done + 1 - (tag - PUSH_BASE)) % PUSH_STEP_TAGS
-            if sync_replicas and step <= step_done:
-                continue                         # a late replica's push for a step already applied: dropped
-            g = np.zeros_like(w)
-            put(g, runs, "shard", decode(buf, bits))
-            if sync_replicas:                   # one step in flight: nobody pushes s+1 before fetching s's update
-                pending_n[src] = True
-                pending_sum += g
-                need = quorum or sync_replicas
-                complete = {replica_of(wk) for wk in worker_runs if wk not in silent} - \
-                    {replica_of(wk) for wk in worker_runs if wk not in silent and not pending_n.get(wk)}
-                if len(complete) >= need:
-                    opt.step(w, pending_sum / len(complete))
-                    pending_sum[...] = 0
-                    pending_n = {}
-                    step_done += 1
-                    applied += 1
-            else:
-                opt.step(w, g, worker=src)
-                applied += 1
+            payload = np.zeros_like(w)
+            put(payload, runs, "shard", decode(buf, bits))
             busy += time.perf_counter() - t
-            if checkpoint is not None and checkpoint_every and applied % checkpoint_every == 0:
-                save_checkpoint(checkpoint, w, applied, opt)
-        elif tag == FETCH:
-            req = np.empty(1, np.int64)
-            comm.Recv(req, source=src, tag=FETCH)
-            deferred.append((src, int(req[0])))
-            clock[src] = max(clock.get(src, -1), int(req[0]))
-        elif tag == DONE:
-            comm.Recv(np.empty(1, np.int64), source=src, tag=DONE)
-            done += 1
-            clock[src] = 1 << 62                     # a finished worker holds nobody back
-        still = []
-        for wk, step in deferred:               # answer fetches whose step's update is in
-            if sync_replicas and step > step_done + 1:
-                still.append((wk, step))
-                continue
-            if staleness_bound is not None and step >= 0 and \
-                    step - min(clock.get(o, -1) for o in workers) > staleness_bound:
-                still.append((wk, step))
-                continue
-            vals = take(w, worker_runs[wk], "shard")
-            if isinstance(opt, DCASGD):
-                opt.fetched(wk, w)
-            outbox.send(encode(vals, bits), wk, REPLY)
-        deferred = still
+        else:
+            msg = np.empty(1, np.int64)
+            comm.Recv(msg, source=src, tag=tag)
+            payload = int(msg[0])
+        for act in shard.on(src, tag, payload):
+            if isinstance(act, Apply):
+                t = time.perf_counter()
+                opt.step(w, act.grad, worker=act.worker)
+                busy += time.perf_counter() - t
+            elif isinstance(act, ApplyMean):
+                t = time.perf_counter()
+                opt.step(w, act.grad)
+                busy += time.perf_counter() - t
+            elif isinstance(act, Checkpoint):
+                save_checkpoint(checkpoint, w, act.applied, opt)
+            elif isinstance(act, Reply):
+                if isinstance(opt, DCASGD):
+                    opt.fetched(act.worker, w)
+                outbox.send(encode(take(w, worker_runs[act.worker], "shard"), bits), act.worker, REPLY)
     outbox.drain()
-    return {"applied": applied, "busy_s": busy, "params": w, "resumed_from": resumed_from}
+    return {"applied": shard.applied, "busy_s": busy, "params": w, "resumed_from": resumed_from}
 
 
 # --- the worker side ------------------------------------------------------------------------------
