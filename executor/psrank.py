@@ -160,8 +160,8 @@ def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, lis
     if resume and checkpoint is not None:
         w, applied = load_checkpoint(checkpoint, opt, len(w))
     resumed_from = applied
-    shard = ShardState(set(worker_runs) - set(silent), sync_replicas, quorum, replica_of, staleness_bound,
-                       checkpoint_every if checkpoint is not None else 0, applied)
+    shard = ShardState(worker_runs, sync_replicas, quorum, replica_of, staleness_bound,
+                       checkpoint_every if checkpoint is not None else 0, applied, silent)
     status = MPI.Status()
     outbox = Outbox(comm)
     while not shard.stopped:

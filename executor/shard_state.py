@@ -62,7 +62,8 @@ class ApplyMean:
 
 @dataclass(frozen=True)
 class Drop:
-    """A push of ``worker`` for ``step``, which was applied without it (a backup worker's): discarded."""
+    """Sync: a push of ``worker`` for ``step``, which is applied without it (its replica
+    was not among the first ``quorum`` complete ones): discarded."""
     worker: int
     step: int
 
@@ -91,14 +92,15 @@ Action = Reply | Apply | ApplyMean | Drop | Checkpoint | Step | Stop
 
 # --- a parameter-server shard (sync by PS, Downpour, DC-ASGD, SSP) ------------------------------
 class ShardState:
-    """One shard's decisions.  ``workers``: the live worker ranks (a crashed one is left
-    out: the shard neither waits for it nor for its DONE; what it sent before still counts).
+    """One shard's decisions.  ``workers``: the ranks that push to this shard; ``silent``:
+    those that crashed (the shard waits neither for their DONE nor for their clocks).
 
     - async (``sync_replicas`` 0): every push is applied as it comes.
-    - sync: the pushes of step s are summed until ``quorum`` replicas (all of them when
-      0) have pushed all their pieces (``replica_of`` maps a worker to its replica); then
-      their mean is applied, and later pushes of step s are dropped.  A fetch for step s
-      is answered once step s - 1 is applied.
+    - sync: a replica (``replica_of`` maps a worker to it) is complete for step s once
+      every one of its workers has pushed s.  Once ``quorum`` replicas (all of them when
+      0) are complete, the mean of their pushes is applied; pushes of incomplete replicas
+      and later ones for step s are dropped.  A crashed worker's replica counts as long
+      as it pushes.  A fetch for step s is answered once step s - 1 is applied.
     - ``staleness_bound`` b (SSP): a fetch for step c waits until every live worker has
       fetched for step c - b or later (its clock: the step of its latest fetch).
     - every ``checkpoint_every`` updates (0: never), a checkpoint.  ``applied``: the
@@ -108,7 +110,7 @@ class ShardState:
 
     def __init__(self, workers: Iterable[int], sync_replicas: int = 0, quorum: int = 0,
                  replica_of: Callable[[int], int] = lambda rank: rank, staleness_bound: int | None = None,
-                 checkpoint_every: int = 0, applied: int = 0) -> None:
+                 checkpoint_every: int = 0, applied: int = 0, silent: Iterable[int] = ()) -> None:
         if sync_replicas < 0:
             raise ValueError(f"sync_replicas(={sync_replicas}) must be >= 0")
         if not 0 <= quorum <= sync_replicas:
@@ -117,13 +119,16 @@ class ShardState:
             raise ValueError(f"staleness_bound(={staleness_bound}) must be >= 0")
         if checkpoint_every < 0 or applied < 0:
             raise ValueError(f"checkpoint_every(={checkpoint_every}) and applied(={applied}) must be >= 0")
-        self.workers = frozenset(workers)
+        self.workers = frozenset(workers) - frozenset(silent)     # the live ones
+        self.members: dict[int, set[int]] = {}                   # replica -> its workers, crashed ones too
+        for wk in workers:
+            self.members.setdefault(replica_of(wk), set()).add(wk)
         self.sync_replicas, self.need = sync_replicas, quorum or sync_replicas
         self.replica_of, self.staleness_bound, self.checkpoint_every = replica_of, staleness_bound, checkpoint_every
         self.applied = applied
         self.step_done = -1                          # sync: the last step applied
         self.pushed: set[int] = set()                # sync: the workers that pushed the step in progress
-        self.pending: Any = None                     # sync: the sum of its pushes
+        self.sums: dict[int, Any] = {}               # sync: per replica, the sum of its pushes
         self.deferred: list[tuple[int, int]] = []    # fetches not answered yet: (worker, step)
         self.clock: dict[int, int] = {}
         self.done = 0
@@ -160,16 +165,19 @@ class ShardState:
         if step <= self.step_done:
             return [Drop(source, step)]
         self.pushed.add(source)                      # one step in flight: nobody pushes s+1 before fetching s's update
-        self.pending = grad if self.pending is None else self.pending + grad
-        live = {self.replica_of(wk) for wk in self.workers}
-        complete = tuple(sorted(live - {self.replica_of(wk) for wk in self.workers if wk not in self.pushed}))
+        r = self.replica_of(source)
+        self.sums[r] = grad if r not in self.sums else self.sums[r] + grad
+        complete = tuple(sorted(r for r, ws in self.members.items() if ws <= self.pushed))
         if len(complete) < self.need:
             return []
-        mean = self.pending / len(complete)
-        self.pushed, self.pending = set(), None
+        total = self.sums[complete[0]]
+        for r in complete[1:]:                       # in replica order: the same sum whoever came first
+            total = total + self.sums[r]
+        late = [Drop(wk, step) for wk in sorted(self.pushed) if self.replica_of(wk) not in complete]
+        self.pushed, self.sums = set(), {}
         self.step_done += 1
         self.applied += 1
-        return [ApplyMean(self.step_done, complete, mean)] + self._checkpoint()
+        return [ApplyMean(step, complete, total / len(complete))] + late + self._checkpoint()
 
     def _checkpoint(self) -> list[Action]:
         every = self.checkpoint_every

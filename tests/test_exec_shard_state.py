@@ -24,7 +24,7 @@ def test_two_workers_push_then_fetch_each_push_is_applied_and_each_fetch_answere
 
 
 def test_done_from_every_live_worker_stops_and_a_crashed_one_is_not_waited_for():
-    s = ShardState({0, 1, 2} - {2})                   # worker 2 crashed (silent)
+    s = ShardState({0, 1, 2}, silent={2})             # worker 2 crashed
     assert feed(s, push(2, 0, 5.0), (0, DONE, 0), (1, DONE, 0)) == [[Apply(2, 5.0)], [], [Stop()]]
     assert s.stopped and s.applied == 1               # what the crashed worker pushed before still counts
 
@@ -81,6 +81,28 @@ def test_sync_a_replica_counts_once_every_slot_of_it_has_pushed():
     s = ShardState({0, 1, 2, 3}, sync_replicas=2, replica_of=lambda rank: rank // 2)   # slots 0, 1 of two replicas
     assert feed(s, push(0, 0, 1.0), push(2, 0, 2.0), push(3, 0, 3.0), push(1, 0, 4.0)) == [
         [], [], [], [ApplyMean(0, (0, 1), 5.0)]]
+
+
+def test_sync_the_mean_leaves_out_the_pieces_of_a_replica_not_complete():
+    """Three replicas of two slots (ranks 2r, 2r+1), quorum 2: replica 2's first piece
+    comes before the quorum is met, yet is neither summed nor counted."""
+    s = ShardState(range(6), sync_replicas=3, quorum=2, replica_of=lambda rank: rank // 2)
+    assert feed(s, push(0, 0, 1.0), push(2, 0, 2.0), push(4, 0, 100.0), push(1, 0, 3.0), push(3, 0, 4.0),
+                push(5, 0, 100.0)) == [
+        [], [], [], [], [ApplyMean(0, (0, 1), 5.0), Drop(4, 0)], [Drop(5, 0)]]
+
+
+def test_sync_a_crashed_workers_pushes_count_while_it_lives():
+    s = ShardState({0, 1, 2}, sync_replicas=3, quorum=2, silent={2})    # worker 2 crashes at step 1
+    assert feed(s, push(2, 0, 5.0), push(0, 0, 1.0), push(1, 0, 9.0), push(1, 1, 2.0), push(0, 1, 4.0)) == [
+        [], [ApplyMean(0, (0, 2), 3.0)], [Drop(1, 0)], [], [ApplyMean(1, (0, 1), 3.0)]]
+
+
+def test_sync_sums_in_replica_order_whichever_push_comes_first():
+    a, b, c = 0.1, 0.2, 0.3                            # (a + b) + c != (c + b) + a in floats
+    logs = [feed(ShardState({0, 1, 2}, sync_replicas=3), *[push(w, 0, g) for w, g in order])
+            for order in (((0, a), (1, b), (2, c)), ((2, c), (1, b), (0, a)))]
+    assert logs[0][-1] == logs[1][-1] == [ApplyMean(0, (0, 1, 2), ((a + b) + c) / 3)]
 
 
 def test_push_tags_wrap_and_a_late_push_is_taken_for_the_step_before():
