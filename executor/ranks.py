@@ -42,7 +42,7 @@ from clustersim.core.plan import Plan, plan
 from clustersim.core.planio import load_plan
 from clustersim.core.scenario import load_scenario, parse_set
 from clustersim.core.schedule import ranks_needed
-from clustersim.core.trace import Span, Trace, write_chrome
+from clustersim.core.trace import Span
 
 from executor.backend import get_xp, to_numpy
 from executor.comm import LostWatch, MPITransport, ReplicaLost, barrier, wait_buffer
@@ -53,6 +53,7 @@ from executor.launch import pin
 from executor.optim import sgd_in_place
 from executor.partitioned import _box_of, box_index, run_step
 from executor.psrank import ShardClient, serve, shard_runs, slot_segments
+from executor.summary import merge_trace, summary
 
 ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster")
 
@@ -194,12 +195,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"clustersim: error: {exc}", file=sys.stderr)
         return 2
     try:
-        summary, spans = RankJob(p, world, xp, fail, args).go()
-        parts = world.gather((summary, spans), root=0)
+        parts = world.gather(RankJob(p, world, xp, fail, args).go(), root=0)
         if world.rank == 0:
-            out = _merge([s for s, _ in parts])
+            trace = merge_trace(p, [spans for _, spans, _ in parts], [steps for _, _, steps in parts])
+            out = summary(p, trace, [part for part, _, _ in parts])
             if args.trace:
-                write_chrome(Trace([sp for _, part in parts for sp in part]), args.trace)
+                trace.save(args.trace)
             print(json.dumps(out, indent=2) if args.json else _text(out))
     except Exception as exc:            # the other ranks would wait for this one forever: end them all
         print(error_line(world.rank, exc), file=sys.stderr, flush=True)
@@ -269,6 +270,7 @@ class RankJob:
         self.sizes = {key: [a.size for a in arrs] for key, arrs in self.box_params.items()}
         self.total = sum(sum(v) for v in self.sizes.values())
         self.spans: list[Span] = []
+        self.steps: list[tuple[int, int, float, float]] = []   # (replica, step, start, end): the Trace's replica_steps
 
     # --- flat views of one slot's parameters ------------------------------------------------
     def keys(self, j: int) -> list[tuple[int, int]]:
@@ -298,16 +300,26 @@ class RankJob:
         self.spans.append(Span(name, kind, where, self.r, step, start - self.t0, end - self.t0, nbytes, flops,
                                phase or name))
 
+    def stepped(self, step: int, start: float, end: float) -> None:
+        """This slot's part of its replica's ``step`` ran from ``start`` to ``end`` (perf_counter)."""
+        self.steps.append((self.r, step, start - self.t0, end - self.t0))
+
     # --- roles ------------------------------------------------------------------------------
-    def go(self):
-        self.t0 = common_start(self.world)
+    def go(self) -> tuple[dict, list[Span], list[tuple[int, int, float, float]]]:
+        """This rank's counters, spans and step entries.  The job's clock starts once every
+        worker has its data and is about to step (``common_start``, once on every rank):
+        loading the data is not part of the run's time."""
         if self.role == "coordinator":
-            return self.coordinator(), self.spans
-        if self.role == "shard":
-            return self.shard(), self.spans
-        if self.sc.training.algorithm == "sandblaster":
-            return self.sandblaster_worker(), self.spans
-        return self.worker(), self.spans
+            self.t0 = common_start(self.world)
+            out = self.coordinator()
+        elif self.role == "shard":
+            self.t0 = common_start(self.world)
+            out = self.shard()
+        elif self.sc.training.algorithm == "sandblaster":
+            out = self.sandblaster_worker()
+        else:
+            out = self.worker()
+        return out, self.spans, self.steps
 
     # --- sandblaster ---------------------------------------------------------------------------
     def coordinator(self) -> dict:
@@ -341,6 +353,7 @@ class RankJob:
         me = p.devices[self.r][j]
         cmd = np.zeros(units + 2, np.int64)                    # [ASSIGN, unit] or [END, n, won units...]
         step_times, batches = [], 0
+        self.t0 = common_start(self.world)
         for b in range(tr.steps):
             xb, yb = whole.next()
             if self.lost is not None:
@@ -395,7 +408,9 @@ class RankJob:
                     break
             if gone:
                 break
-            step_times.append(time.perf_counter() - start)
+            end = time.perf_counter()
+            step_times.append(end - start)
+            self.stepped(b, start, end)
             batches += 1
         return self.finish(params, flat, client, x_te, y_te, step_times, [], batches, final_fetch=tr.steps)
 
@@ -454,6 +469,7 @@ class RankJob:
         flat = self.flatten(params, j)
         acc = np.zeros_like(flat)
         step_times, losses, steps_done = [], [], 0
+        self.t0 = common_start(self.world)
         op_log: list[tuple] = []
         for step in range(tr.steps):
             if self.lost is not None:
@@ -512,7 +528,9 @@ class RankJob:
                     client.push(acc, step)
                     acc[...] = 0
                     self.span("push", "transfer", me, step, t1, time.perf_counter(), 0.0, 0.0, "push")
-            step_times.append(time.perf_counter() - start)
+            end = time.perf_counter()
+            step_times.append(end - start)
+            self.stepped(step, start, end)
             losses.append(res.loss)
             steps_done += 1
         for op, part, step, t0, t1 in op_log:
@@ -551,11 +569,9 @@ class RankJob:
         quiet = quiet_time(step_times)
         sent = client.sent if client else 0
         return {"role": "worker", "rank": self.world.rank, "replica": self.r, "slot": j, "steps": steps_done,
-                "batch": self.sc.batch_size, "name": self.sc.name, "model": self.sc.model.name,
-                "algorithm": self.sc.training.algorithm,
                 "step_time_s": med, "quiet_step_time_s": quiet, "wall_s": wall, "accuracy": acc if evaluating and j == 0 else None,
                 "loss": loss if evaluating and j == 0 else None, "ps_bytes_sent": sent,
-                "train_loss": float(np.mean(losses[-10:])) if losses else None, "events": len(self.spans)}
+                "train_loss": float(np.mean(losses[-10:])) if losses else None}
 
 
 def common_start(world) -> float:
@@ -585,31 +601,6 @@ def evaluate(p, params, x, y, j: int, rep, xp) -> tuple[float, float]:
             logits[lo:hi, c0:c1] = arr[:, :, 0, 0]          # (b_m, classes of c, 1, 1) -> (b_m, classes of c)
     loss, _ = softmax_xent_loss(np, logits, np.asarray(y))
     return float((logits.argmax(axis=1) == np.asarray(y)).mean()), float(loss)
-
-
-def _merge(parts: list[dict]) -> dict:
-    workers = [s for s in parts if s["role"] == "worker"]
-    shards = [s for s in parts if s["role"] == "shard"]
-    coordinator = [s for s in parts if s["role"] == "coordinator"]
-    ev = next(s for s in workers if s["accuracy"] is not None)
-    med = float(np.median([s["step_time_s"] for s in workers if s["steps"]]))
-    wall = max(s["wall_s"] for s in workers)
-    samples = sum(s["steps"] * s["batch"] for s in workers if s["slot"] == 0)
-    out = {"name": ev["name"], "model": ev["model"], "algorithm": ev["algorithm"],
-           "ranks": len(parts), "workers": len(workers), "ps_shards": len(shards),
-           "steps": int(np.median([s["steps"] for s in workers])), "step_time_s": med,
-           "quiet_step_time_s": float(np.median([s["quiet_step_time_s"] for s in workers if s["steps"]])),
-           "samples_per_s": samples / wall if wall else 0.0, "sim_time_s": wall,
-           "sim_events": sum(s["events"] for s in workers),
-           "wall_s": wall, "accuracy": ev["accuracy"], "loss": ev["loss"],
-           "steps_per_worker": [s["steps"] for s in workers]}
-    if shards:
-        out["shard_updates"] = [s["applied"] for s in shards]
-        out["resumed_from_updates"] = [s["resumed_from"] for s in shards]
-        out["ps_bytes_sent"] = sum(s["ps_bytes_sent"] for s in workers)
-    if coordinator:
-        out.update({k: v for k, v in coordinator[0].items() if k != "role"})
-    return out
 
 
 def _text(s: dict) -> str:
