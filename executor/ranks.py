@@ -52,7 +52,7 @@ from executor.kernels import init_params, softmax_xent_loss
 from executor.launch import pin
 from executor.optim import sgd_in_place
 from executor.partitioned import _box_of, box_index, run_step
-from executor.psrank import ShardClient, serve, shard_runs, slot_segments
+from executor.psrank import ShardClient, message_buffer, serve, shard_runs, slot_segments
 from executor.summary import merge_trace, summary
 
 ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster")
@@ -304,6 +304,22 @@ class RankJob:
         """This slot's part of its replica's ``step`` ran from ``start`` to ``end`` (perf_counter)."""
         self.steps.append((self.r, step, start - self.t0, end - self.t0))
 
+    def fetch_params(self, client: ShardClient, flat: np.ndarray, step: int, me: str) -> None:
+        """Fetches this slot's parameters into ``flat``: a "fetch" span of the replies' bytes."""
+        t = time.perf_counter()
+        client.fetch(flat, step)
+        bits = self.p.schedule.comm_bits
+        nbytes = sum(message_buffer(sum(run.size for run in runs), bits).nbytes
+                     for runs in self.runs_of(self.j) if runs)
+        self.span("fetch", "transfer", f"{self.p.ps.devices[0]}->{me}", step, t, time.perf_counter(), nbytes, 0.0,
+                  "fetch")
+
+    def push_grads(self, client: ShardClient, grad: np.ndarray, step: int, me: str, start: float) -> None:
+        """Pushes ``grad`` to the shards: a "push" span from ``start`` of the bytes sent."""
+        sent = client.sent
+        client.push(grad, step)
+        self.span("push", "transfer", me, step, start, time.perf_counter(), float(client.sent - sent), 0.0, "push")
+
     # --- roles ------------------------------------------------------------------------------
     def go(self) -> tuple[dict, list[Span], list[tuple[int, int, float, float]]]:
         """This rank's counters, spans and step entries.  The job's clock starts once every
@@ -362,7 +378,7 @@ class RankJob:
                 self.crash(b)
                 break
             start = time.perf_counter()
-            client.fetch(flat, b)
+            self.fetch_params(client, flat, b, me)
             self.unflatten(flat, params, j)
             if lead:
                 self.world.Send(np.zeros(1, np.int64), dest=coord, tag=READY)
@@ -404,7 +420,7 @@ class RankJob:
                         self.world.Send(np.array([b, 1], np.int64), dest=coord, tag=ACK)
                     won = [int(u) for u in cmd[2:2 + int(cmd[1])]]
                     total = sum((grads[u] for u in won), np.zeros_like(flat))
-                    client.push(total, b)
+                    self.push_grads(client, total, b, me, time.perf_counter())
                     break
             if gone:
                 break
@@ -479,9 +495,8 @@ class RankJob:
                 break                                          # crashed: silent from here on
             start = time.perf_counter()
             if client and sched.fetches_before(step):
-                client.fetch(flat, step)
+                self.fetch_params(client, flat, step, me)
                 self.unflatten(flat, params, j)
-                self.span("fetch", "transfer", f"{p.ps.devices[0]}->{me}", step, start, time.perf_counter())
             x, y = batches.next()
             last = [time.perf_counter()]
 
@@ -506,8 +521,7 @@ class RankJob:
                 self.span("update", "update", me, step, t2, time.perf_counter(), 0.0, 2.0 * flat.size, "update")
             elif tr.algorithm == "sync":
                 g = self.flatten(res.grads, j) if res.grads else np.zeros_like(flat)
-                client.push(g, step)
-                self.span("push", "transfer", me, step, t1, time.perf_counter(), g.nbytes, 0.0, "push")
+                self.push_grads(client, g, step, me, t1)
             elif tr.algorithm == "local":
                 g = self.flatten(res.grads, j) if res.grads else np.zeros_like(flat)
                 flat -= tr.learning_rate * g
@@ -525,9 +539,8 @@ class RankJob:
                     flat -= tr.learning_rate * g
                     self.unflatten(flat, params, j)
                 if sched.pushes_after(step):
-                    client.push(acc, step)
+                    self.push_grads(client, acc, step, me, t1)
                     acc[...] = 0
-                    self.span("push", "transfer", me, step, t1, time.perf_counter(), 0.0, 0.0, "push")
             end = time.perf_counter()
             step_times.append(end - start)
             self.stepped(step, start, end)
