@@ -210,3 +210,14 @@ def test_bad_training_and_fault_settings(capsys, sets, message):
         argv += ["--set", s]
     code, _, err = run(capsys, *argv)
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_plan_save_writes_the_plan_the_ranks_load(tmp_path, capsys):
+    from clustersim.core.plan import plan
+    from clustersim.core.planio import load_plan
+    out = tmp_path / "p.json"
+    assert main(["plan", QUICK, "--set", "parallel.replicas=2", "--save", str(out)]) == 0
+    assert f"--plan {out}" in capsys.readouterr().out
+    p = plan(load_scenario(QUICK, [("parallel.replicas", 2)]))
+    back = load_plan(out)
+    assert back.ops == p.ops and back.devices == p.devices and back.schedule == p.schedule

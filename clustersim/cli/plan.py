@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from clustersim import api, report
 from clustersim.core.plan import plan as make_plan
+from clustersim.core.planio import save_plan
+from clustersim.core.schedule import ranks_needed
 
 
 def add(sub) -> None:
     pl = sub.add_parser("plan", help="show how a scenario is partitioned and placed")
     pl.add_argument("scenario")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pl.add_argument("--save", metavar="FILE", help="write the Plan (JSON) for ranks you launch yourself: "
+                                                   "mpiexec -n N python -m executor.ranks SCENARIO --plan FILE")
     pl.set_defaults(func=run)
 
 
@@ -34,4 +38,8 @@ def run(args) -> int:
                                                        for d, n in zip(p.ps.devices, p.ps.sizes)))
     for dev, use in p.memory.items():
         print(f"  memory {dev}: " + ", ".join(f"{k} {report.si(v, 'B')}" for k, v in use.items() if v))
+    if args.save:
+        save_plan(p, args.save)
+        print(f"  wrote plan: {args.save} (mpiexec -n {ranks_needed(sc)} python -m executor.ranks "
+              f"{args.scenario} --plan {args.save})")
     return 0
