@@ -15,12 +15,18 @@ Each batch goes through three phases:
    runs them; one that answers late is live again;
 3. END tells each live replica the units it won (it pushes their sum); with ``acks``,
    each answers ACK [batch, 1] (its whole replica pushes) or [batch, 0] (lost); then
-   EXPECT tells the shards how many pushes the batch brings.
+   EXPECT tells each shard how many pushes the batch brings it: one from each slot of a
+   live replica that keeps parameters on that shard.
+
+A replica that says it is lost (ACK [batch, 0]) never comes back; one dropped for its
+silence may answer late.  Once every replica has said it is lost, or none is live and
+none answers for ``max(timeout_s, startup_s)``, the job cannot go on: the coordinator
+gives up (GiveUp) instead of waiting forever.
 """
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,30 +57,49 @@ class End:
 
 @dataclass(frozen=True)
 class Expect:
-    """EXPECT to every shard: ``pushes`` come for the batch (-1: no more batches)."""
-    pushes: int
+    """EXPECT to each shard: ``pushes[k]`` come to shard k for the batch (all -1: no more batches)."""
+    pushes: tuple[int, ...]
 
 
-Action = Assign | End | Expect | Stop
+@dataclass(frozen=True)
+class GiveUp:
+    """No replica is left to run batch ``batch``: the job cannot go on (``why`` says so in a line)."""
+    batch: int
+    why: str
+
+
+Action = Assign | End | Expect | GiveUp | Stop
+
+
+def shard_pushes(share: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """Per shard k, the pushes one replica brings it: its slots j that keep parameters there
+    (``share[j][k] > 0``, ``Plan.ps.share``).  A slot pushes only to the shards that hold
+    some of its parameters, so under a layer split a slot may skip some shards."""
+    return tuple(sum(1 for row in share if row[k] > 0) for k in range(len(share[0])))
 
 
 class CoordinatorState:
     """The coordinator's decisions over ``batches`` batches of ``units`` units, handed to
-    the replicas ``leaders`` (a replica is named by its leader's rank).  ``pushes_per_replica``:
-    the slots of a replica, each pushes.  Raises ValueError for counts out of range."""
+    the replicas ``leaders`` (a replica is named by its leader's rank).  ``shard_pushes[k]``:
+    the pushes one replica brings shard k (its slots that keep parameters there; see
+    ``shard_pushes``).  Raises ValueError for counts out of range."""
 
     def __init__(self, leaders: Iterable[int], batches: int, units: int, backup_tasks: bool, timeout_s: float,
-                 pushes_per_replica: int = 1, acks: bool = False, startup_s: float = STARTUP_S) -> None:
+                 shard_pushes: Sequence[int] = (1,), acks: bool = False, startup_s: float = STARTUP_S) -> None:
         self.live = set(leaders)
         if not self.live:
             raise ValueError("leaders must name at least one replica")
-        if batches < 1 or units < 1 or pushes_per_replica < 1:
-            raise ValueError(f"batches(={batches}), units(={units}) and pushes_per_replica(={pushes_per_replica}) "
-                             f"must be >= 1")
+        if batches < 1 or units < 1:
+            raise ValueError(f"batches(={batches}) and units(={units}) must be >= 1")
+        if not shard_pushes or min(shard_pushes) < 0:
+            raise ValueError(f"shard_pushes(={tuple(shard_pushes)}) must name one count >= 0 per shard")
         if timeout_s < 0 or startup_s < 0:
             raise ValueError(f"timeout_s(={timeout_s}) and startup_s(={startup_s}) must be >= 0")
         self.batches, self.units, self.backup_tasks, self.acks = batches, units, backup_tasks, acks
-        self.timeout_s, self.startup_s, self.pushes_per_replica = timeout_s, startup_s, pushes_per_replica
+        self.timeout_s, self.startup_s, self.shard_pushes = timeout_s, startup_s, tuple(shard_pushes)
+        self.leaders = frozenset(self.live)
+        self.said_lost: set[int] = set()             # ACK [batch, 0]: gone for good
+        self.empty_since: float | None = None        # since when no replica is live
         self.units_run = self.backup_copies = 0
         self.batch = 0
         self.stopped = False
@@ -108,33 +133,40 @@ class CoordinatorState:
             if source in self.running.get(unit, []):
                 self.running[unit].remove(source)
             self.live.add(source)                    # late, not dead: it gets END and more work
+            self.empty_since = None
             self.free.append(source)
             return self._end() if len(self.won) == self.units else self._assign(now)
         if self.phase == "units" and tag == ACK:     # before END an ACK says [batch, 0]: lost
-            self._lose(source)
-            return self._assign(now)
+            self.said_lost.add(source)
+            self._lose(source, now)
+            return self._give_up_if_all_lost() or self._assign(now)
         if self.phase == "acks" and tag == ACK:
             _batch, pushes = payload
             self.awaiting.discard(source)
             if not pushes:
-                self.live.discard(source)
-            return [] if self.awaiting else self._expect()
+                self.said_lost.add(source)
+                self._drop(source, now)
+            if self.awaiting:
+                return []
+            return self._give_up_if_all_lost() or self._expect()
         raise ValueError(f"tag(={tag}) from rank {source} is not taken in phase {self.phase!r}")
 
     def tick(self, now: float) -> list[Action]:
-        """The actions when no message came by time ``now``: give up on silent replicas."""
+        """The actions when no message came by time ``now``: give up on silent replicas,
+        and on the job when none has been live for ``max(timeout_s, startup_s)``."""
         if self.phase == "ready":
             limit = self.timeout_s if self.batch else max(self.timeout_s, self.startup_s)
             if self.first_ready_s is not None and now - self.first_ready_s > limit:
                 self.live = set(self.ready)          # the silent ones are gone
+                self.empty_since = None
                 return self._units_phase(now)
-            return []
+            return self._give_up_if_none_answers(now) if self.first_ready_s is None else []
         if self.phase == "units":
             stale = [r for r in sorted(self.live)
                      if r not in self.free and now - self.started.get(r, now) > self.timeout_s]
             for r in stale:
-                self._lose(r)
-            return self._assign(now) if stale else []
+                self._lose(r, now)
+            return self._assign(now) if stale else self._give_up_if_none_answers(now)
         return []
 
     # --- phases -------------------------------------------------------------------------------
@@ -175,14 +207,39 @@ class CoordinatorState:
             out.append(Assign(r, self.batch, u, backup))
         return out
 
-    def _lose(self, r: int) -> None:
-        """``r`` is dropped: units nobody else runs and nobody won go back to the queue."""
+    def _drop(self, r: int, now: float) -> None:
         self.live.discard(r)
+        if not self.live and self.empty_since is None:
+            self.empty_since = now
+
+    def _lose(self, r: int, now: float) -> None:
+        """``r`` is dropped: units nobody else runs and nobody won go back to the queue."""
+        self._drop(r, now)
         for u, rs in self.running.items():
             if r in rs:
                 rs.remove(r)
                 if u not in self.won and not rs and u not in self.queue:
                     self.queue.append(u)
+
+    def _give_up_if_all_lost(self) -> list[Action]:
+        if not self.leaders <= self.said_lost:
+            return []
+        return self._give_up(f"every replica is lost (each said so) by batch {self.batch} of {self.batches}: "
+                             f"none is left to train")
+
+    def _give_up_if_none_answers(self, now: float) -> list[Action]:
+        """A replica dropped for its silence may answer late; once none is live and none has
+        answered for as long as the first READY may take, none will."""
+        limit = max(self.timeout_s, self.startup_s)
+        if self.live or self.empty_since is None or now - self.empty_since <= limit:
+            return []
+        return self._give_up(f"no replica is live in batch {self.batch} of {self.batches} and none answered "
+                             f"for {limit:g} s: none is left to train")
+
+    def _give_up(self, why: str) -> list[Action]:
+        self.stopped = True
+        self.phase = "stopped"
+        return [GiveUp(self.batch, why)]
 
     def _end(self) -> list[Action]:
         out: list[Action] = [End(r, self.batch, tuple(sorted(u for u, w in self.won.items() if w == r)))
@@ -194,11 +251,11 @@ class CoordinatorState:
         return out + self._expect()
 
     def _expect(self) -> list[Action]:
-        out: list[Action] = [Expect(len(self.live) * self.pushes_per_replica)]
+        out: list[Action] = [Expect(tuple(len(self.live) * n for n in self.shard_pushes))]
         self.batch += 1
         if self.batch == self.batches:
             self.stopped = True
             self.phase = "stopped"
-            return out + [Expect(-1), Stop()]
+            return out + [Expect((-1,) * len(self.shard_pushes)), Stop()]
         self._ready_phase()
         return out

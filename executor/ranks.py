@@ -203,10 +203,16 @@ def main(argv: list[str] | None = None) -> int:
                 trace.save(args.trace)
             print(json.dumps(out, indent=2) if args.json else _text(out))
     except Exception as exc:            # the other ranks would wait for this one forever: end them all
-        print(error_line(world.rank, exc), file=sys.stderr, flush=True)
-        _quiet_stderr()                 # MPI_Abort's own line would say only that it was called
-        world.Abort(1)
+        abort(world, exc)
     return 0
+
+
+def abort(world, exc: BaseException) -> None:
+    """Ends the whole job for ``exc`` raised on this rank: its one line on stderr, then
+    MPI_Abort (the other ranks would wait for this one forever)."""
+    print(error_line(world.rank, exc), file=sys.stderr, flush=True)
+    _quiet_stderr()                     # MPI_Abort's own line would say only that it was called
+    world.Abort(1)
 
 
 def plan_of(args) -> Plan:
@@ -339,12 +345,13 @@ class RankJob:
 
     # --- sandblaster ---------------------------------------------------------------------------
     def coordinator(self) -> dict:
+        from executor.coordinator_state import shard_pushes
         from executor.sandblaster import coordinate
         units = self.p.schedule.units
         W = self.M * self.R
         out = coordinate(self.world, [r * self.M for r in range(self.R)], [W + k for k in range(self.S)],
                          self.sc.training.steps, units, self.sc.training.backup_tasks, self.sc.faults.detect_timeout_s,
-                         pushes_per_replica=self.M, acks=self.M > 1 and self.failed_rank >= 0)
+                         shard_pushes=shard_pushes(self.p.ps.share), acks=self.M > 1 and self.failed_rank >= 0)
         return {"role": "coordinator", **out}
 
     def sandblaster_worker(self) -> dict:

@@ -16,7 +16,10 @@ passes each unit on to the others; every slot pushes its part of the won units' 
 Such a replica is lost with any of its slots (``comm.LostWatch``); when a slot may crash
 (``acks``), its leader answers each END with ACK [batch, 1] once every slot has it (they
 will all push) or sends ACK [batch, 0] as soon as its replica is lost, and the shards are
-told to wait for the pushes of the acknowledged replicas only.
+told to wait for the pushes of the acknowledged replicas only.  A slot pushes only to the
+shards that keep some of its parameters (under a layer split, not every shard), so each
+shard is told its own count.  With no replica left the coordinator raises: the rank's
+error ends the job (``ranks.main``) rather than every rank waiting forever.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import numpy as np
 
 from executor.comm import POLL_SLEEP_S, Outbox, probe
 from executor.coordinator_state import (ACK, ASSIGN, END, READY, RESULT, STARTUP_S, Assign, CoordinatorState, End,
-                                        Expect)
+                                        Expect, GiveUp)
 from executor.psrank import REPLY, decode, encode, message_buffer, put, take
 from executor.shard_state import EXPECT, PUSH_BASE, LbfgsShardState, Reply, Step
 
@@ -36,15 +39,22 @@ __all__ = ["ACK", "ASSIGN", "END", "EXPECT", "READY", "RESULT", "STARTUP_S", "Sh
 
 # --- coordinator ----------------------------------------------------------------------------------
 def coordinate(comm, leaders: list[int], shard_ranks: list[int], batches: int, units: int,
-               backup_tasks: bool, timeout_s: float, pushes_per_replica: int = 1, acks: bool = False) -> dict:
-    """Hands out units to the replicas' leaders (slot 0 of each); tells the shards how many
-    pushes a batch brings (one per slot of every live replica); returns counts of units
-    run, duplicated and lost to failures.  ``acks``: leaders acknowledge END (see above).
-    The decisions are ``coordinator_state.CoordinatorState``'s; this loop probes for what
-    it listens to, hands it the message or, when none came, the time, and sends what it
-    says."""
+               backup_tasks: bool, timeout_s: float, shard_pushes: tuple[int, ...] | None = None,
+               acks: bool = False) -> dict:
+    """Hands out units to the replicas' leaders (slot 0 of each); tells each shard how many
+    pushes a batch brings it (``shard_pushes[k]`` per live replica; default one per
+    shard); returns counts of units run, duplicated and lost to failures.  ``acks``:
+    leaders acknowledge END (see above).  The decisions are
+    ``coordinator_state.CoordinatorState``'s; this loop probes for what it listens to,
+    hands it the message or, when none came, the time, and sends what it says.  Raises
+    RuntimeError when no replica is left (``GiveUp``), ValueError when ``shard_pushes``
+    does not name one count per shard."""
     from mpi4py import MPI
-    state = CoordinatorState(leaders, batches, units, backup_tasks, timeout_s, pushes_per_replica, acks)
+    shard_pushes = tuple(shard_pushes) if shard_pushes is not None else (1,) * len(shard_ranks)
+    if len(shard_pushes) != len(shard_ranks):
+        raise ValueError(f"shard_pushes(={shard_pushes}) must name one count for each of the "
+                         f"{len(shard_ranks)} shards")
+    state = CoordinatorState(leaders, batches, units, backup_tasks, timeout_s, shard_pushes, acks)
     status = MPI.Status()
     while not state.stopped:
         got = _pending(comm, status, state.listening())
@@ -64,8 +74,10 @@ def coordinate(comm, leaders: list[int], shard_ranks: list[int], batches: int, u
             elif isinstance(act, End):
                 comm.Send(np.array([len(act.won), *act.won], np.int64), dest=act.replica, tag=END)
             elif isinstance(act, Expect):
-                for k in shard_ranks:
-                    comm.Send(np.array([act.pushes], np.int64), dest=k, tag=EXPECT)
+                for k, pushes in zip(shard_ranks, act.pushes):
+                    comm.Send(np.array([pushes], np.int64), dest=k, tag=EXPECT)
+            elif isinstance(act, GiveUp):
+                raise RuntimeError(act.why)
     return {"units_run": state.units_run, "backup_copies": state.backup_copies, "replicas_left": len(state.live)}
 
 
