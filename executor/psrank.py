@@ -11,12 +11,13 @@ yield the CPU.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from clustersim.core.partition import even_cuts
-from clustersim.core.plan import Plan
+from clustersim.core.plan import PARAM_BYTES, Plan
 
 from executor.comm import Outbox, probe, wait_buffer
 from executor.optim import DCASGD, SGD, Adagrad
@@ -98,6 +99,27 @@ def message_buffer(n: int, bits: int) -> np.ndarray:
 
 
 # --- the shard ----------------------------------------------------------------------------------
+# FLOPs and bytes per parameter of one asynchronous apply, as the simulator counts them
+# (sim/algorithms/ps.py APPLY_COST, which the executor may not import; a test holds them equal)
+APPLY_COST = {"sgd": (2.0, 12.0), "adagrad": (5.0, 20.0), "dcasgd": (8.0, 24.0),
+              "dcasgd_adaptive": (11.0, 32.0)}
+
+
+def apply_cost(rule: str, params: int, summed: int = 0) -> tuple[float, float]:
+    """(FLOPs, bytes) of one apply on a shard of ``params`` parameters, as the simulator
+    counts it: ``rule``'s APPLY_COST per parameter for one push (``summed`` 0), or for sync
+    the mean of ``summed`` pushes and the step, (summed + 1) FLOPs and (summed + 2) values
+    read or written per parameter (sim/algorithms/sync.py ``_update``)."""
+    if summed:
+        return (summed + 1) * params, (summed + 2) * params * PARAM_BYTES
+    flops, nbytes = APPLY_COST[rule]
+    return flops * params, nbytes * params
+
+
+# (replica, step, start, end, summed): one apply, timed by perf_counter; summed 0: one push
+OnApply = Callable[[int, int, float, float, int], None]
+
+
 def save_checkpoint(path, w: np.ndarray, applied: int, opt) -> None:
     """Shard state to ``path`` via a temporary file in the same folder, fsync and rename:
     the file is the previous checkpoint or the new one, never half of either."""
@@ -143,13 +165,15 @@ def load_checkpoint(path, opt, size: int) -> tuple[np.ndarray, int]:
 def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, list[Run]], rule: str,
           sync_replicas: int = 0, checkpoint=None, silent: set[int] = frozenset(),
           staleness_bound: int | None = None, checkpoint_every: int = 0, resume: bool = False,
-          replica_of=lambda rank: rank, quorum: int = 0) -> dict:
+          replica_of=lambda rank: rank, quorum: int = 0, on_apply: OnApply | None = None) -> dict:
     """Runs shard k until every worker has said DONE; returns its counters.
     ``worker_runs[rank]``: the runs of that worker on this shard.  ``silent``: workers
     that stopped (crashed); the shard does not wait for them.  ``checkpoint``: a file
     path, saved every ``checkpoint_every`` updates (``resume``: start from it).
     ``sync_replicas``, ``quorum``, ``replica_of``, ``staleness_bound``: see
-    ``shard_state.ShardState``.  Raises ValueError for a checkpoint it cannot resume."""
+    ``shard_state.ShardState``.  ``on_apply``: told of each apply (the pushing worker's
+    replica, or -1 for sync's mean of several).  Raises ValueError for a checkpoint it
+    cannot resume."""
     from mpi4py import MPI
     tr = p.scenario.training
     w = initial.copy()
@@ -182,11 +206,17 @@ def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, lis
             if isinstance(act, Apply):
                 t = time.perf_counter()
                 opt.step(w, act.grad, worker=act.worker)
-                busy += time.perf_counter() - t
+                end = time.perf_counter()
+                busy += end - t
+                if on_apply is not None:
+                    on_apply(replica_of(act.worker), act.step, t, end, 0)
             elif isinstance(act, ApplyMean):
                 t = time.perf_counter()
                 opt.step(w, act.grad)
-                busy += time.perf_counter() - t
+                end = time.perf_counter()
+                busy += end - t
+                if on_apply is not None:
+                    on_apply(-1, act.step, t, end, len(act.replicas))
             elif isinstance(act, Checkpoint):
                 save_checkpoint(checkpoint, w, act.applied, opt)
             elif isinstance(act, Reply):

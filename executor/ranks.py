@@ -52,7 +52,7 @@ from executor.kernels import init_params, softmax_xent_loss
 from executor.launch import pin
 from executor.optim import sgd_in_place
 from executor.partitioned import _box_of, box_index, run_step
-from executor.psrank import ShardClient, message_buffer, serve, shard_runs, slot_segments
+from executor.psrank import ShardClient, apply_cost, message_buffer, serve, shard_runs, slot_segments
 from executor.summary import merge_trace, summary
 
 ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster")
@@ -302,9 +302,10 @@ class RankJob:
     def runs_of(self, j: int) -> list:
         return shard_runs(slot_segments(self.p, j, self.sizes), self.total, self.S)
 
-    def span(self, name, kind, where, step, start, end, nbytes=0.0, flops=0.0, phase=""):
-        self.spans.append(Span(name, kind, where, self.r, step, start - self.t0, end - self.t0, nbytes, flops,
-                               phase or name))
+    def span(self, name, kind, where, step, start, end, nbytes=0.0, flops=0.0, phase="", replica=None):
+        """A span of this rank's, times by perf_counter; ``replica``: this rank's unless given."""
+        self.spans.append(Span(name, kind, where, self.r if replica is None else replica, step, start - self.t0,
+                               end - self.t0, nbytes, flops, phase or name))
 
     def stepped(self, step: int, start: float, end: float) -> None:
         """This slot's part of its replica's ``step`` ran from ``start`` to ``end`` (perf_counter)."""
@@ -452,14 +453,20 @@ class RankJob:
             from pathlib import Path
             Path(a.checkpoint).mkdir(parents=True, exist_ok=True)
             path = Path(a.checkpoint) / f"shard{k}.npz"
+        where, size = self.p.ps.devices[k], hi - lo
+
+        def applied(replica: int, step: int, start: float, end: float, summed: int) -> None:
+            """One span per apply, as the simulator's: an asynchronous push's "apply"
+            (phase ps_update), or sync's "update" of the replicas' mean (phase update)."""
+            flops, nbytes = apply_cost(sched.rule, size, summed)
+            name, phase = ("update", "update") if summed else ("apply", "ps_update")
+            self.span(name, "update", where, step, start, end, nbytes, flops, phase, replica=replica)
         out = serve(self.world, self.p, k, flat[lo:hi].copy(), runs, serve_rule(sched.rule),
                     sync_replicas=self.R if tr.algorithm == "sync" else 0, silent={self.failed_rank},
                     staleness_bound=sched.staleness_bound, checkpoint=path,
                     checkpoint_every=a.checkpoint_every if a is not None else 0,
                     resume=bool(a is not None and a.resume), replica_of=lambda rank: rank // self.M,
-                    quorum=sched.quorum if tr.algorithm == "sync" else 0)
-        where = self.p.ps.devices[k]
-        self.span("serve", "update", where, -1, self.t0, time.perf_counter(), 0.0, 0.0, "ps_update")
+                    quorum=sched.quorum if tr.algorithm == "sync" else 0, on_apply=applied)
         return {"role": "shard", "applied": out["applied"], "busy_s": out["busy_s"],
                 "resumed_from": out["resumed_from"]}
 

@@ -47,8 +47,10 @@ class Reply:
 
 @dataclass(frozen=True)
 class Apply:
-    """Apply one worker's gradient with the shard's rule (DC-ASGD compensates per worker)."""
+    """Apply ``worker``'s gradient, pushed after its step ``step``, with the shard's rule
+    (DC-ASGD compensates per worker)."""
     worker: int
+    step: int
     grad: Any
 
 
@@ -131,6 +133,7 @@ class ShardState:
         self.sums: dict[int, Any] = {}               # sync: per replica, the sum of its pushes
         self.deferred: list[tuple[int, int]] = []    # fetches not answered yet: (worker, step)
         self.clock: dict[int, int] = {}
+        self.push_steps: dict[int, int] = {}         # async: the step of each worker's latest push
         self.done = 0
 
     @property
@@ -159,8 +162,12 @@ class ShardState:
 
     def _push(self, source: int, tag: int, grad: Any) -> list[Action]:
         if not self.sync_replicas:
+            # a worker's pushes come in order of step: its next one is the first step from its
+            # latest that the tag stands for (tags repeat every PUSH_STEP_TAGS steps)
+            last = self.push_steps.get(source, 0)
+            step = self.push_steps[source] = last + (tag - PUSH_BASE - last) % PUSH_STEP_TAGS
             self.applied += 1
-            return [Apply(source, grad)] + self._checkpoint()
+            return [Apply(source, step, grad)] + self._checkpoint()
         step = push_step(tag, self.step_done + 1)
         if step <= self.step_done:
             return [Drop(source, step)]

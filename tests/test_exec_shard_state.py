@@ -19,14 +19,25 @@ def push(worker, step, grad):
 def test_two_workers_push_then_fetch_each_push_is_applied_and_each_fetch_answered():
     s = ShardState({0, 1})
     assert feed(s, (0, FETCH, 0), (1, FETCH, 0), push(0, 0, 1.0), push(1, 0, 2.0), (0, FETCH, 1), (1, FETCH, 1)) == [
-        [Reply(0, 0)], [Reply(1, 0)], [Apply(0, 1.0)], [Apply(1, 2.0)], [Reply(0, 1)], [Reply(1, 1)]]
+        [Reply(0, 0)], [Reply(1, 0)], [Apply(0, 0, 1.0)], [Apply(1, 0, 2.0)], [Reply(0, 1)], [Reply(1, 1)]]
     assert s.applied == 2 and not s.stopped
 
 
 def test_done_from_every_live_worker_stops_and_a_crashed_one_is_not_waited_for():
     s = ShardState({0, 1, 2}, silent={2})             # worker 2 crashed
-    assert feed(s, push(2, 0, 5.0), (0, DONE, 0), (1, DONE, 0)) == [[Apply(2, 5.0)], [], [Stop()]]
+    assert feed(s, push(2, 0, 5.0), (0, DONE, 0), (1, DONE, 0)) == [[Apply(2, 0, 5.0)], [], [Stop()]]
     assert s.stopped and s.applied == 1               # what the crashed worker pushed before still counts
+
+
+def test_an_async_push_is_applied_with_its_step_past_the_tags_wrap():
+    """Push tags repeat every PUSH_STEP_TAGS (10,000) steps; a worker's pushes come in order
+    of step, n_push steps apart (fewer than 10,000), so each is the first step from its
+    latest one that the tag stands for."""
+    s = ShardState({0, 1})
+    assert feed(s, push(0, 3, 1.0), push(0, 9_999, 1.0), push(1, 7, 2.0), push(0, 10_003, 1.0),
+                push(0, 19_990, 1.0)) == [
+        [Apply(0, 3, 1.0)], [Apply(0, 9_999, 1.0)], [Apply(1, 7, 2.0)], [Apply(0, 10_003, 1.0)],
+        [Apply(0, 19_990, 1.0)]]
 
 
 def test_no_live_worker_is_stopped_from_the_start():
@@ -36,8 +47,8 @@ def test_no_live_worker_is_stopped_from_the_start():
 def test_a_checkpoint_every_two_updates_counts_the_resumed_ones():
     s = ShardState({0}, checkpoint_every=2, applied=40)
     assert feed(s, push(0, 0, 1.0), push(0, 1, 1.0), (0, FETCH, 2), push(0, 2, 1.0), push(0, 3, 1.0)) == [
-        [Apply(0, 1.0)], [Apply(0, 1.0), Checkpoint(42)], [Reply(0, 2)], [Apply(0, 1.0)],
-        [Apply(0, 1.0), Checkpoint(44)]]
+        [Apply(0, 0, 1.0)], [Apply(0, 1, 1.0), Checkpoint(42)], [Reply(0, 2)], [Apply(0, 2, 1.0)],
+        [Apply(0, 3, 1.0), Checkpoint(44)]]
 
 
 # --- SSP -------------------------------------------------------------------------------------------
@@ -47,9 +58,9 @@ def test_ssp_bound_1_holds_the_fetch_of_a_worker_two_steps_ahead_until_the_slow_
     s = ShardState({0, 1}, staleness_bound=1)
     assert feed(s, (0, FETCH, 0), (1, FETCH, 0), push(0, 0, 1.0), (0, FETCH, 1), push(0, 1, 1.0),
                 (0, FETCH, 2), push(1, 0, 3.0), (1, FETCH, 1)) == [
-        [Reply(0, 0)], [Reply(1, 0)], [Apply(0, 1.0)], [Reply(0, 1)], [Apply(0, 1.0)],
+        [Reply(0, 0)], [Reply(1, 0)], [Apply(0, 0, 1.0)], [Reply(0, 1)], [Apply(0, 1, 1.0)],
         [],                                            # 2 - 0 > 1: held
-        [Apply(1, 3.0)],                               # still held: worker 1's clock is 0
+        [Apply(1, 0, 3.0)],                            # still held: worker 1's clock is 0
         [Reply(0, 2), Reply(1, 1)]]                    # in the order the fetches came
 
 

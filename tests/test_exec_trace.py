@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from clustersim.core.plan import plan
+from clustersim.core.scenario import load_scenario
 from clustersim.core.trace import Trace
+from executor.psrank import APPLY_COST
 from executor.summary import replica_steps, step_ends
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -27,6 +30,61 @@ replicas = {REPLICAS}
 steps = {STEPS}
 learning_rate = 0.5
 """
+
+
+DOWNPOUR = SYNC.replace('name = "trace-sync"', 'name = "trace-downpour"').replace(
+    "[training]", "[training]\nalgorithm = \"downpour\"").replace("replicas = 2", "replicas = 2\nps_shards = 1")
+needs_mpi = pytest.mark.skipif(not MPIEXEC.exists(), reason="the mpich wheel is not installed")
+
+
+def executed(tmp_path, text: str):
+    """(summary, Trace, Plan) of ``clustersim execute`` on the scenario ``text``."""
+    f = tmp_path / "s.toml"
+    f.write_text(text)
+    path = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", str(f), "--json", "--trace", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout), Trace.load(path), plan(load_scenario(f))
+
+
+@pytest.fixture(scope="module")
+def downpour(tmp_path_factory):
+    """2 workers, 1 shard, Downpour (n_push 1), STEPS steps: one run for the tests below."""
+    return executed(tmp_path_factory.mktemp("downpour"), DOWNPOUR)
+
+
+def test_apply_costs_are_the_simulators():
+    from sim.algorithms.ps import APPLY_COST as SIMULATED
+    assert APPLY_COST == SIMULATED
+
+
+@needs_mpi
+def test_a_downpour_shard_records_one_apply_span_per_push(downpour):
+    """2 workers x STEPS pushes: 2 x STEPS "apply" spans on the shard's device, each of the
+    pushing replica's step, costed as the simulator's SGD apply; no whole-run span."""
+    out, trace, p = downpour
+    shard, n = p.ps.devices[0], p.ps.sizes[0]
+    on_shard = [s for s in trace.spans if s.where == shard]
+    assert p.schedule.rule == "sgd" and n == 9610
+    assert sorted((s.replica, s.step) for s in on_shard) == [(r, s) for r in range(REPLICAS) for s in range(STEPS)]
+    assert {(s.name, s.kind, s.phase, s.flops, s.bytes) for s in on_shard} == {
+        ("apply", "update", "ps_update", 2.0 * n, 12.0 * n)}
+    assert all(0.0 <= s.start_s <= s.end_s for s in on_shard)
+    applying = sum(s.duration_s for s in on_shard)
+    assert out["time_by_phase_s"]["ps_update"] == pytest.approx(applying / out["steps"], rel=1e-9)
+
+
+@needs_mpi
+def test_a_sync_shard_records_one_update_of_the_replicas_mean_per_step(tmp_path):
+    """As the simulator's sync through shards: one "update" (phase update) per step, of
+    no one replica, summing REPLICAS pushes: (R + 1) FLOPs and (R + 2) x 4 bytes a parameter."""
+    _, trace, p = executed(tmp_path, SYNC.replace("replicas = 2", "replicas = 2\nps_shards = 1"))
+    n = p.ps.sizes[0]
+    on_shard = [s for s in trace.spans if s.where == p.ps.devices[0]]
+    assert sorted(s.step for s in on_shard) == list(range(STEPS))
+    assert {(s.name, s.kind, s.phase, s.replica, s.flops, s.bytes) for s in on_shard} == {
+        ("update", "update", "update", -1, (REPLICAS + 1) * n, (REPLICAS + 2) * n * 4)}
 
 
 def test_a_replicas_step_runs_from_its_first_slots_start_to_its_last_slots_end():
