@@ -53,7 +53,7 @@ from executor.launch import pin
 from executor.optim import sgd_in_place
 from executor.partitioned import _box_of, box_index, run_step
 from executor.psrank import ShardClient, apply_cost, message_buffer, serve, shard_runs, slot_segments
-from executor.summary import merge_trace, summary
+from executor.summary import LOCKSTEP, merge_trace, summary
 
 ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster")
 
@@ -631,9 +631,10 @@ def evaluate(p, params, x, y, j: int, rep, xp) -> tuple[float, float]:
 
 
 def _text(s: dict) -> str:
+    how = "median over workers" if s["algorithm"] in LOCKSTEP else "a replica's period, waits included"
     return (f"{s['name']}: executed {s['algorithm']} training of {s['model']} on {s['ranks']} ranks "
             f"({s['workers']} workers, {s['ps_shards']} shards)\n"
-            f"  step time        {s['step_time_s'] * 1e3:.4g} ms (median over workers)\n"
+            f"  step time        {s['step_time_s'] * 1e3:.4g} ms ({how})\n"
             f"  throughput       {s['samples_per_s']:.4g} samples/s\n"
             f"  accuracy         {s['accuracy']:.2%} (test loss {s['loss']:.4g})\n"
             f"  wall             {s['wall_s']:.3g} s")

@@ -16,6 +16,7 @@ from clustersim.core.plan import Plan
 from clustersim.core.trace import Span, Trace
 
 Step = tuple[int, int, float, float]          # (replica, step, start_s, end_s) on the job's common clock
+LOCKSTEP = ("sync", "sandblaster")            # the simulator ends their steps together (Trace.step_ends)
 
 
 @dataclass(frozen=True)
@@ -57,18 +58,19 @@ def merge_trace(p: Plan, spans: list[list[Span]], steps: list[list[Step]]) -> Tr
     """The job's Trace from each rank's spans and step entries."""
     rs = replica_steps(steps)
     sched = p.schedule
-    lockstep = {"sync": sched.quorum, "sandblaster": p.replicas}
-    ends = step_ends(rs, lockstep[sched.algorithm]) if sched.algorithm in lockstep else []
+    quorum = {"sync": sched.quorum, "sandblaster": p.replicas}
+    ends = step_ends(rs, quorum[sched.algorithm]) if sched.algorithm in LOCKSTEP else []
     return Trace([sp for part in spans for sp in part], ends, [], [], rs)
 
 
 def summary(p: Plan, trace: Trace, parts: list[dict]) -> dict:
     """``summarize`` of the merged trace (``sim_time_s`` = ``wall_s`` = the measured run:
-    common start to the last worker's end) with two of its keys measured as before:
-    ``step_time_s`` is the median over the workers of their median step (validate
-    compares it and ``quiet_step_time_s`` with the prediction; ``summarize`` would give a
-    replica's mean period, first start to last end, as its ``replica_steps`` say), and for
-    sync ``samples_per_s`` is batch x replicas / step_time_s, as the simulator's sync.
+    common start to the last worker's end).  ``step_time_s`` is the simulator's definition
+    for replicas that step alone (Downpour, DC-ASGD, SSP, local SGD): ``summarize``'s
+    ``metrics.replica_period`` of the trace's ``replica_steps``, each replica's first start
+    to last end over its steps, waits included, median over replicas.  For the lockstep
+    jobs (sync, Sandblaster) it is the median over the workers of their median step, and
+    for sync ``samples_per_s`` is batch x replicas / step_time_s, as the simulator's sync.
     Then what only a run has: accuracy and loss on held-out data, training loss, quiet
     step, per-worker steps, the shards' updates and bytes pushed, the coordinator's counts."""
     workers = [s for s in parts if s["role"] == "worker"]
@@ -77,7 +79,8 @@ def summary(p: Plan, trace: Trace, parts: list[dict]) -> dict:
     stepped = [s for s in workers if s["steps"]]
     run_s = max(s["wall_s"] for s in workers)
     out = summarize(p, Measured(trace, run_s, len(trace.spans), run_s))
-    out["step_time_s"] = float(statistics.median(s["step_time_s"] for s in stepped)) if stepped else 0.0
+    if p.schedule.algorithm in LOCKSTEP:
+        out["step_time_s"] = float(statistics.median(s["step_time_s"] for s in stepped)) if stepped else 0.0
     if p.schedule.algorithm == "sync":
         out["samples_per_s"] = p.scenario.batch_size * p.replicas / out["step_time_s"] if out["step_time_s"] else 0.0
     ev = next(s for s in workers if s["accuracy"] is not None)

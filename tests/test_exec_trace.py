@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from clustersim.core.metrics import replica_period
 from clustersim.core.plan import plan
 from clustersim.core.scenario import load_scenario
 from clustersim.core.trace import Trace
@@ -73,6 +74,18 @@ def test_a_downpour_shard_records_one_apply_span_per_push(downpour):
     assert all(0.0 <= s.start_s <= s.end_s for s in on_shard)
     applying = sum(s.duration_s for s in on_shard)
     assert out["time_by_phase_s"]["ps_update"] == pytest.approx(applying / out["steps"], rel=1e-9)
+
+
+@needs_mpi
+def test_a_downpour_step_time_is_each_replicas_period_as_the_simulator_reports_it(downpour):
+    """Replicas that step alone: (last end - first start) / steps, waits included, median
+    over replicas (``metrics.replica_period``, the simulator's step_time_s)."""
+    out, trace, _ = downpour
+    assert sorted((r, s) for r, s, _, _ in trace.replica_steps) == [(r, s) for r in range(REPLICAS)
+                                                                    for s in range(STEPS)]
+    assert out["step_time_s"] == replica_period(trace.replica_steps)
+    assert out["samples_per_s"] == BATCH * REPLICAS * STEPS / out["sim_time_s"]
+    assert 0.0 < out["quiet_step_time_s"]
 
 
 @needs_mpi

@@ -1,17 +1,21 @@
 """Predictions checked against real runs (``clustersim validate``).
 
 One Plan: simulated on the calibrated topology of this host, and executed for real
-``repeats`` times.  Compared: the step time (median of the measured runs' medians against
-the simulated median) and, on the first rank's device, the time per step spent in each
-phase (forward, backward, transfers, updates, waits: the rest of the step), and two steps
-of each timeline for the plot.  Errors are (predicted - measured) / measured in percent;
-the spread of the measurements ((max - min) / median) says how much of an error is noise.
+``repeats`` times.  Compared: the step time (the median of the measured runs'
+``step_time_s`` against the simulated one: for sync and Sandblaster a median step, for
+replicas that step alone -- Downpour, DC-ASGD, SSP, local SGD -- in both runners each
+replica's period with its waits, median over replicas,
+``clustersim.core.metrics.replica_period``) and, on the first rank's device, the time per
+step spent in each phase (forward, backward, transfers, updates, waits: the rest of that
+step time), and two steps of each timeline for the plot.  Errors are (predicted -
+measured) / measured in percent; the spread of the measurements ((max - min) / median)
+says how much of an error is noise.
 
 Calibration times the ops where the host ran at its quiet speed (``clustersim.calibrate.hostspeed``):
 the prediction is the step on this host without its neighbours.  Each run's quiet step
 (``quiet_step_time_s``: the 10th percentile of its 50 ms windows' median steps,
 ``clustersim.core.metrics.quiet_time``) is what it is compared with (``quiet_error_pct``);
-the run's median step holds however much of it the neighbours slowed.  Why, and the
+the run's step time holds however much of it the neighbours slowed.  Why, and the
 predictions tried and dropped: docs/decisions/004-quiet-host-calibration.md.
 """
 from __future__ import annotations
