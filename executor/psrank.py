@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clustersim.core.partition import even_cuts
-from clustersim.core.plan import PARAM_BYTES, Plan
+from clustersim.core.plan import Plan
 
 from executor.comm import Outbox, probe, wait_buffer
 from executor.optim import DCASGD, SGD, Adagrad
@@ -99,23 +99,6 @@ def message_buffer(n: int, bits: int) -> np.ndarray:
 
 
 # --- the shard ----------------------------------------------------------------------------------
-# FLOPs and bytes per parameter of one asynchronous apply, as the simulator counts them
-# (sim/algorithms/ps.py APPLY_COST, which the executor may not import; a test holds them equal)
-APPLY_COST = {"sgd": (2.0, 12.0), "adagrad": (5.0, 20.0), "dcasgd": (8.0, 24.0),
-              "dcasgd_adaptive": (11.0, 32.0)}
-
-
-def apply_cost(rule: str, params: int, summed: int = 0) -> tuple[float, float]:
-    """(FLOPs, bytes) of one apply on a shard of ``params`` parameters, as the simulator
-    counts it: ``rule``'s APPLY_COST per parameter for one push (``summed`` 0), or for sync
-    the mean of ``summed`` pushes and the step, (summed + 1) FLOPs and (summed + 2) values
-    read or written per parameter (sim/algorithms/sync.py ``_update``)."""
-    if summed:
-        return (summed + 1) * params, (summed + 2) * params * PARAM_BYTES
-    flops, nbytes = APPLY_COST[rule]
-    return flops * params, nbytes * params
-
-
 # (replica, step, start, end, summed): one apply, timed by perf_counter; summed 0: one push
 OnApply = Callable[[int, int, float, float, int], None]
 

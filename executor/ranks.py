@@ -52,7 +52,8 @@ from executor.kernels import init_params, softmax_xent_loss
 from executor.launch import pin
 from executor.optim import sgd_in_place
 from executor.partitioned import _box_of, box_index, run_step
-from executor.psrank import ShardClient, apply_cost, message_buffer, serve, shard_runs, slot_segments
+from clustersim.core.schedule import apply_cost
+from executor.psrank import ShardClient, message_buffer, serve, shard_runs, slot_segments
 from executor.summary import LOCKSTEP, merge_trace, summary
 
 ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster")

@@ -11,7 +11,6 @@ from clustersim.core.metrics import replica_period
 from clustersim.core.plan import plan
 from clustersim.core.scenario import load_scenario
 from clustersim.core.trace import Trace
-from executor.psrank import APPLY_COST
 from executor.summary import replica_steps, step_ends
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -53,11 +52,6 @@ def executed(tmp_path, text: str):
 def downpour(tmp_path_factory):
     """2 workers, 1 shard, Downpour (n_push 1), STEPS steps: one run for the tests below."""
     return executed(tmp_path_factory.mktemp("downpour"), DOWNPOUR)
-
-
-def test_apply_costs_are_the_simulators():
-    from sim.algorithms.ps import APPLY_COST as SIMULATED
-    assert APPLY_COST == SIMULATED
 
 
 @needs_mpi

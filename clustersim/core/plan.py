@@ -16,10 +16,9 @@ from clustersim.core.config import ConfigError
 from clustersim.core.layers import box_overlap, box_size
 from clustersim.core.partition import Slices, even_cuts, layer_slices, spatial_slices
 from clustersim.core.scenario import Scenario
-from clustersim.core.schedule import Schedule, schedule_of
+from clustersim.core.schedule import PARAM_BYTES, Schedule, schedule_of  # noqa: F401  (PARAM_BYTES: plan's users)
 from clustersim.core.topology import SPLIT
 
-PARAM_BYTES = 4      # master weights and gradients are fp32 whatever the activation dtype
 GIB = 2**30
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from clustersim.core.scenario import Scenario
 
+PARAM_BYTES = 4      # master weights and gradients are fp32
+
 ASYNC = ("downpour", "dcasgd", "ssp")
 
 
@@ -68,3 +70,21 @@ def ranks_needed(sc: Scenario) -> int:
     """Workers, shards, and Sandblaster's coordinator."""
     coordinator = 1 if sc.training.algorithm == "sandblaster" else 0
     return sc.parallel.model_parallel * sc.parallel.replicas + sc.parallel.ps_shards + coordinator
+
+
+# FLOPs and bytes per parameter of one apply on a shard (reads and writes of fp32 arrays):
+# SGD w, g in, w out; Adagrad + h in and out; DC-ASGD + the worker's backup copy; adaptive
+# + the mean square.  Both runners cost (and trace) an apply with these.
+APPLY_COST = {"sgd": (2.0, 12.0), "adagrad": (5.0, 20.0), "dcasgd": (8.0, 24.0),
+              "dcasgd_adaptive": (11.0, 32.0)}
+QUANT_COST = (3.0, 5.0)   # an 8-bit message: a quantise and a dequantise pass, per element
+
+
+def apply_cost(rule: str, params: int, summed: int = 0) -> tuple[float, float]:
+    """(FLOPs, bytes) of one apply on ``params`` parameters: ``rule``'s APPLY_COST for one
+    push (``summed`` 0), or a sync step's mean of ``summed`` gradients and the SGD step,
+    (summed + 1) FLOPs and (summed + 2) values read or written per parameter."""
+    if summed:
+        return (summed + 1) * params, (summed + 2) * params * PARAM_BYTES
+    flops, nbytes = APPLY_COST[rule]
+    return flops * params, nbytes * params

@@ -20,10 +20,8 @@ import simpy
 
 from sim.engine import Engine
 from clustersim.core.plan import PARAM_BYTES
+from clustersim.core.schedule import QUANT_COST, apply_cost
 
-APPLY_COST = {"sgd": (2.0, 12.0), "adagrad": (5.0, 20.0), "dcasgd": (8.0, 24.0),
-              "dcasgd_adaptive": (11.0, 32.0)}
-QUANT_COST = (3.0, 5.0)
 
 
 def send_params(engine: Engine, src: str, dst: str, params: int, replica: int, step: int, phase: str, bits: int):
@@ -143,9 +141,8 @@ class ParameterServer:
             yield turn
             if self.epoch[k] != epoch:                  # queued when the shard failed: lost with it
                 return
-            f, b = APPLY_COST[self.rule]
-            n = self.ps.sizes[k]
-            yield eng.compute_op(self.ps.devices[k], f * n, b * n, r, step, "apply", "ps_update", kind="update",
+            flops, nbytes = apply_cost(self.rule, self.ps.sizes[k])
+            yield eng.compute_op(self.ps.devices[k], flops, nbytes, r, step, "apply", "ps_update", kind="update",
                                  key=f"apply.{self.rule}")
             if self.epoch[k] != epoch:                  # the shard failed while applying it
                 return

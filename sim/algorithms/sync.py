@@ -21,6 +21,7 @@ from __future__ import annotations
 from sim.engine import Engine, first_n
 from clustersim.core.plan import PARAM_BYTES
 from .ps import send_params
+from clustersim.core.schedule import apply_cost
 
 
 def run_sync(engine: Engine, steps: int):
@@ -96,8 +97,8 @@ def _start_step(engine: Engine, active: list[int], free: dict, step: int):
 
 
 def _update(engine: Engine, device: str, params: int, replica: int, step: int, summed: int = 1):
-    return engine.compute_op(device, (summed + 1) * params, (summed + 2) * params * PARAM_BYTES,
-                             replica, step, "update", "update", kind="update", key="update")
+    flops, nbytes = apply_cost("sgd", params, summed)
+    return engine.compute_op(device, flops, nbytes, replica, step, "update", "update", kind="update", key="update")
 
 
 def _slot_exchange(engine: Engine, runs, active, j: int, step: int):
