@@ -138,7 +138,7 @@ def execute_command(path: str | Path, set_items: list[str], *, workdir: str | Pa
     until the command has ended, then removes it.  Raises ConfigError."""
     from clustersim.core.planio import save_plan
     from executor.launch import mpiexec
-    from executor.ranks import check
+    from executor.checks import check
     sc = load(path, set_items)
     n = ranks or ranks_needed(sc)
     check(sc, n)
@@ -216,7 +216,7 @@ def validate(path: str | Path, overrides: Overrides = None, *, topology: str | P
     """Simulates and executes the scenario and compares them (``clustersim validate``);
     without ``topology`` this host is calibrated first."""
     from clustersim.compare.validate import validate as compare
-    from executor.ranks import check
+    from executor.checks import check
     items = [f"{k}={_toml(v)}" for k, v in _pairs(overrides)]
     sc = load(path, items)
     check(sc, ranks_needed(sc))

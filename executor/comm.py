@@ -140,3 +140,15 @@ class MPITransport:
         for req, _buf in self.pending:
             wait_buffer(req, self.lost)
         self.pending.clear()
+
+
+def common_start(world) -> float:
+    """The job's time zero for its spans, after a barrier: rank 0's clock reading where every
+    rank runs on one host (``perf_counter`` is the host's monotonic clock, so a message's
+    send on one rank and its receipt on another line up: validation pairs them), else
+    each rank's own."""
+    from mpi4py import MPI
+    one_host = len(set(world.allgather(MPI.Get_processor_name()))) == 1
+    barrier(world)
+    t0 = time.perf_counter()
+    return world.bcast(t0, root=0) if one_host else t0

@@ -78,7 +78,7 @@ def _rank_main(scenario: str, out: str) -> None:
     from mpi4py import MPI
 
     from clustersim.core.scenario import load_scenario
-    from executor.ranks import RankJob
+    from executor.job import RankJob
     world = MPI.COMM_WORLD
     job = RankJob(plan(load_scenario(scenario)), world, np, None)
     initial = job.flatten(job.box_params, job.j)

@@ -183,7 +183,7 @@ def test_a_wait_gives_up_only_on_steps_from_the_one_its_mate_crashed_at():
 
 
 def test_fail_is_refused_where_the_job_would_wait_for_the_crashed_rank_forever():
-    from executor.ranks import cannot_go_on
+    from executor.checks import cannot_go_on
     from helpers import scenario
     assert cannot_go_on(scenario(parallel={"replicas": 2, "model_parallel": 2, "ps_shards": 1},
                                  training={"algorithm": "downpour"})) == ""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from executor.partitioned import box_index
-from executor.ranks import rank_role
+from executor.checks import rank_role
 from test_partitioned import ALL_KINDS, make_plan, run
 from executor.kernels import init_params
 

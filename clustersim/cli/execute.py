@@ -30,7 +30,7 @@ def run(args) -> int:
     import tempfile
 
     from executor.launch import rank_env
-    from executor.ranks import check_checkpoint, check_data, parse_fail
+    from executor.checks import check_checkpoint, check_data, parse_fail
     sc = api.load(args.scenario, args.set)
     parse_fail(args.fail, sc)
     check_checkpoint(args, sc)

@@ -85,7 +85,7 @@ def messages(spans) -> list[tuple]:
     (waiting for the sender included).  As the simulator counts a message (the sender's
     cost, the wire, the receiver's), it is the send and the part of the receive after the
     send was done; a receiver that came late pays only its own copy.  The halves pair up in
-    order per name, route and step (the spans share one clock: ``ranks.common_start``)."""
+    order per name, route and step (the spans share one clock: ``executor.comm.common_start``)."""
     halves: dict[tuple, dict[str, list]] = defaultdict(lambda: {"send": [], "recv": []})
     out = []
     for sp in spans:

@@ -1,0 +1,121 @@
+"""Checks of a job's input before it starts, and the data it trains on: pure functions of
+the scenario, run once by the launcher (one clean line on bad input) and by every rank."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from clustersim.core.config import ConfigError
+from clustersim.core.schedule import ranks_needed
+
+from executor.data import digits, mnist, synthetic
+
+ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster")
+
+
+def rank_role(rank: int, model_parallel: int, replicas: int) -> tuple[str, int, int]:
+    """("worker", replica, slot) or ("shard", shard, -1): pure, so tests need no MPI."""
+    workers = model_parallel * replicas
+    if rank < workers:
+        r, j = divmod(rank, model_parallel)
+        return "worker", r, j
+    return "shard", rank - workers, -1
+
+
+def serve_rule(rule: str) -> str:
+    """The Plan's shard rule as ``psrank.serve`` names it: serve builds one DC-ASGD for both
+    "dcasgd" and "dcasgd_adaptive" (it reads ``training.dcasgd_adaptive`` itself)."""
+    return "dcasgd" if rule.startswith("dcasgd") else rule
+
+
+def parse_fail(text: str | None, sc) -> tuple[int, int] | None:
+    """``K@S`` or ``rank=K@step=S`` -> (rank, step); ConfigError when malformed or not a worker."""
+    if not text:
+        return None
+    m = re.fullmatch(r"(?:rank=)?(\d+)@(?:step=)?(\d+)", text.strip())
+    workers = sc.parallel.model_parallel * sc.parallel.replicas
+    if not m or int(m.group(1)) >= workers:
+        raise ConfigError("--fail", text, f"must be rank=K@step=S with K a worker rank (0..{workers - 1})")
+    why = cannot_go_on(sc)
+    if why:
+        raise ConfigError("--fail", text, why)
+    return int(m.group(1)), int(m.group(2))
+
+
+def cannot_go_on(sc) -> str:
+    """Why the job would wait for a crashed worker forever ("" when it goes on without it:
+    a crashed slot takes its replica with it, and the other replicas carry on)."""
+    par, tr = sc.parallel, sc.training
+    if par.replicas == 1:
+        return "the crashed rank's replica is the only one: nothing would be left to train"
+    if tr.algorithm == "sync" and not par.ps_shards:
+        return "sync SGD by allreduce waits for every replica: give parallel.ps_shards and training.backup_workers"
+    if tr.algorithm == "sync" and not tr.backup_workers:
+        return "sync SGD waits for every replica: give training.backup_workers >= 1"
+    if tr.algorithm == "local":
+        return "local SGD averages over every replica: it would wait for the crashed one"
+    return ""
+
+
+def check_checkpoint(args, sc) -> None:
+    from pathlib import Path
+    if (args.checkpoint or args.resume) and not sc.parallel.ps_shards:
+        raise ConfigError("--checkpoint", args.checkpoint or "", "checkpoints are kept by parameter-server "
+                          "shards: set parallel.ps_shards >= 1")
+    if args.resume and not args.checkpoint:
+        raise ConfigError("--resume", "", "needs --checkpoint DIR")
+    if args.checkpoint_every < 1:
+        raise ConfigError("--checkpoint-every", str(args.checkpoint_every), "must be >= 1")
+    if args.resume:
+        missing = [k for k in range(sc.parallel.ps_shards) if not (Path(args.checkpoint) / f"shard{k}.npz").exists()]
+        if missing:
+            raise ConfigError("--resume", args.checkpoint, f"no checkpoint of shard {missing[0]} there")
+
+
+def check(sc, size: int) -> None:
+    need = ranks_needed(sc)
+    if size != need:
+        extra = " + 1 coordinator" if sc.training.algorithm == "sandblaster" else ""
+        raise ConfigError("--ranks", str(size),
+                          f"the scenario needs model_parallel x replicas + ps_shards{extra} = {need} ranks")
+    if sc.training.algorithm not in ALGORITHMS:
+        raise ConfigError(sc.file, "training.algorithm",
+                          f"execute runs {', '.join(ALGORITHMS)} so far; got {sc.training.algorithm}")
+    if sc.training.algorithm != "sync" and sc.training.algorithm != "local" and not sc.parallel.ps_shards:
+        raise ConfigError(sc.file, "parallel.ps_shards", f"{sc.training.algorithm} needs ps_shards >= 1")
+
+
+def check_data(folder: str | None, sc):
+    """MNIST from the IDX files in ``folder`` shaped for the scenario's model, or None when no
+    folder is given; ConfigError naming ``--data`` when it cannot be read or does not fit."""
+    if not folder:
+        return None
+    from math import prod
+    try:
+        d = mnist(folder)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("--data", folder, f"cannot read MNIST IDX files there ({exc})") from None
+    features, classes = prod(sc.model.input_shape), sc.model.classes or sc.model.nodes[-1].out_shape[0]
+    if d.x_train.shape[1] != features:
+        raise ConfigError("--data", folder, f"its images have {d.x_train.shape[1]} values; model "
+                                            f"{sc.model.name!r} takes {features}")
+    if int(max(d.y_train.max(), d.y_test.max())) >= classes:
+        raise ConfigError("--data", folder, f"labels go up to {int(max(d.y_train.max(), d.y_test.max()))}; model {sc.model.name!r} "
+                                            f"has {classes} classes")
+    shape = sc.model.input_shape
+    return (d.x_train.reshape(len(d.x_train), *shape), d.y_train, d.x_test.reshape(len(d.x_test), *shape), d.y_test)
+
+
+def dataset(sc, seed: int, data=None):
+    """(x_train, y_train, x_test, y_test): ``data`` (from ``check_data``) when given, the
+    bundled digits for mlp-digits, else seeded synthetic inputs."""
+    if data is not None:
+        return data
+    if sc.model.name == "mlp-digits":
+        d = digits(seed)
+        return (d.x_train.reshape(len(d.x_train), *sc.model.input_shape), d.y_train,
+                d.x_test.reshape(len(d.x_test), *sc.model.input_shape), d.y_test)
+    classes = sc.model.classes or sc.model.nodes[-1].out_shape[0]
+    d = synthetic(sc.model.input_shape, classes, 4 * sc.batch_size * sc.parallel.replicas, np.random.default_rng(seed))
+    return d.x_train, d.y_train, d.x_test, d.y_test
