@@ -8,15 +8,23 @@ the (partial) gradient of the whole region -- the owner of each input element ad
 the pieces every consumer sends back -- and the gradient of the parameters of the box.
 The single-process reference is the same call with the whole input and the whole output.
 
-Arrays are (B, C, H, W), batch first.  Parameters of a box (``box_params``):
-dense W (in, c) and b (c,); conv2d W (c, C, k, k) and b (c,); locally_connected W (h, w, F,
-C, k, k) and b (h, w, F) for the box's output rows/cols; batchnorm gamma, beta (C,).
+One class per layer kind holds its forward and backward side by side, and how its
+parameters start (``init``); ``KERNELS`` maps every kind of ``clustersim.core.layers.KINDS``
+to its class (tested), and ``forward``/``backward`` dispatch on ``layer.kind``.  Parameter
+shapes and which part of them a box owns are the core layer's (``param_shapes``,
+``box_index``).
+
+Arrays are (B, C, H, W), batch first.  Parameters of a box: dense W (in, c) and b (c,);
+conv2d W (c, C, k, k) and b (c,); locally_connected W (h, w, F, C, k, k) and b (h, w, F)
+for the box's output rows/cols; batchnorm gamma, beta (c,).
 
 Conventions: windows are clipped at the image border; max pooling pads with -inf, average
 pooling counts padding as zeros; LRN is AlexNet's (k=2, alpha=1e-4, beta=0.75); LCN
 normalises by the mean and variance of its size x size x C window (clipped at the border).
 """
 from __future__ import annotations
+
+from math import prod
 
 import numpy as np
 
@@ -25,39 +33,7 @@ LCN_EPS = 1.0
 BN_EPS = 1e-5
 
 
-def param_shapes(layer, in_shape, out_shape) -> list[tuple]:
-    """Shapes of a whole layer's parameter arrays, in the order the kernels take them."""
-    s, o, k = in_shape, out_shape, getattr(layer, "kernel", 1)
-    if layer.kind == "dense":
-        return [(int(np.prod(s)), o[0]), (o[0],)]
-    if layer.kind == "conv2d":
-        return [(o[0], s[0], k, k), (o[0],)]
-    if layer.kind == "locally_connected":
-        return [(o[1], o[2], o[0], s[0], k, k), (o[1], o[2], o[0])]
-    if layer.kind == "batchnorm":
-        return [(s[0],), (s[0],)]
-    return []
-
-
-def init_params(model, rng: np.random.Generator, dtype=np.float64) -> dict[int, list]:
-    """Whole-layer parameters by layer index: Glorot-uniform weights (fan in and out of one
-    output unit), zero biases, batch-norm gamma 1 and beta 0."""
-    out = {}
-    for node in model.nodes:
-        shapes = param_shapes(node.layer, node.in_shape, node.out_shape)
-        if not shapes:
-            continue
-        if node.layer.kind == "batchnorm":
-            out[node.index] = [np.ones(shapes[0], dtype), np.zeros(shapes[1], dtype)]
-            continue
-        k2 = getattr(node.layer, "kernel", 1) ** 2
-        fan_in = shapes[0][0] if node.layer.kind == "dense" else node.in_shape[0] * k2
-        fan_out = node.out_shape[0] * (k2 if node.layer.kind == "conv2d" else 1)
-        lim = np.sqrt(6.0 / (fan_in + fan_out))
-        out[node.index] = [rng.uniform(-lim, lim, shapes[0]).astype(dtype), np.zeros(shapes[1], dtype)]
-    return out
-
-
+# --- helpers shared by several kinds ---------------------------------------------------------
 def windows(xp, x, k: int, s: int):
     """(B, C, Ho, Wo, k, k) strided view of the k x k windows of x (B, C, H, W) at stride s."""
     v = xp.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))
@@ -74,6 +50,21 @@ def col2im(xp, dpatch, shape, k: int, s: int):
     return dx
 
 
+def _at(rin, box, pieces: int = 1) -> tuple[slice, ...]:
+    """Index of output ``box``'s own elements (its channels times ``pieces``) inside an
+    input region placed at ``rin``."""
+    (c0, c1), (h0, h1), (w0, w1) = box
+    (r0, _), (q0, _), (s0, _) = rin
+    return (slice(None), slice(c0 * pieces - r0, c1 * pieces - r0), slice(h0 - q0, h1 - q0), slice(w0 - s0, w1 - s0))
+
+
+def _scatter(xp, shape, at, d, dtype):
+    """Zeros of ``shape`` (the input region) with ``d`` placed at index ``at``."""
+    dxr = xp.zeros(shape, dtype=dtype)
+    dxr[at] = d
+    return dxr
+
+
 def _padded(xp, xr, rin, in_shape, box, layer, fill):
     """The input rows/cols the box's windows read, from the region, ``fill`` outside the image."""
     k, s, p = layer.kernel, layer.stride, layer.padding
@@ -87,6 +78,7 @@ def _padded(xp, xr, rin, in_shape, box, layer, fill):
 
 
 def _unpad(xp, dbuf, geo, xr_shape, rin):
+    """Adjoint of ``_padded``: the part of ``dbuf`` inside the image, back in the region."""
     r0, c0, a0, a1, b0, b1 = geo
     dxr = xp.zeros(xr_shape, dtype=dbuf.dtype)
     dxr[:, :, a0 - rin[1][0]:a1 - rin[1][0], b0 - rin[2][0]:b1 - rin[2][0]] = dbuf[:, :, a0 - r0:a1 - r0, b0 - c0:b1 - c0]
@@ -116,162 +108,293 @@ def _chan_sum(xp, a, r: int, lo: int, hi: int):
     return c[:, np.minimum(idx + r + 1, n)] - c[:, np.maximum(idx - r, 0)]
 
 
-def forward(xp, layer, in_shape, xr, rin, box, params, rng_mask=None):
-    """Output box (B, c, h, w) of ``layer`` from the input region ``xr`` placed at ``rin``;
-    returns (y, cache).  ``rng_mask``: dropout's keep mask for the box."""
-    kind = layer.kind
-    (c0, c1), (h0, h1), (w0, w1) = box
-    if kind == "dense":
+# --- one class per layer kind ------------------------------------------------------------------
+class Kernel:
+    """A layer kind's math.  ``forward`` returns (output box, cache); ``backward`` takes the
+    cache and the output box's gradient ``dy`` and returns (gradient of the input region,
+    parameter gradients of the box).  The base is a kind without parameters."""
+
+    @staticmethod
+    def init(layer, in_shape, out_shape, rng: np.random.Generator, dtype) -> list:
+        """The whole layer's starting parameters, shaped as ``layer.param_shapes(in_shape)``."""
+        return []
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        raise NotImplementedError
+
+
+class _Weighted(Kernel):
+    """Weights and biases: Glorot-uniform weights over the fan in and out of one output
+    unit (``fans``), zero biases."""
+
+    @staticmethod
+    def fans(layer, in_shape, out_shape) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @classmethod
+    def init(cls, layer, in_shape, out_shape, rng, dtype):
+        w, b = layer.param_shapes(in_shape)
+        fan_in, fan_out = cls.fans(layer, in_shape, out_shape)
+        lim = np.sqrt(6.0 / (fan_in + fan_out))
+        return [rng.uniform(-lim, lim, w).astype(dtype), np.zeros(b, dtype)]
+
+
+class DenseKernel(_Weighted):
+    """y = x W + b on the flattened input; the box's units are columns c0..c1 of W."""
+
+    @staticmethod
+    def fans(layer, in_shape, out_shape):
+        return prod(in_shape), out_shape[0]
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
         x = xr.reshape(len(xr), -1)                              # (B, in)
         W, b = params
-        y = x @ W
+        y = x @ W                                                # (B, c)
         y += b
-        return y[:, :, None, None], (x,)
-    if kind in ("conv2d", "locally_connected", "max_pool", "avg_pool"):
-        if kind != "max_pool" and kind != "avg_pool":
-            src = xr
-        else:
-            src = xr[:, c0 - rin[0][0]:c1 - rin[0][0]]
-        buf, geo = _padded(xp, src, rin, in_shape, box, layer, -np.inf if kind == "max_pool" else 0.0)
+        return y[:, :, None, None], (x,)                         # (B, c, 1, 1)
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        (x,) = cache
+        W, _ = params
+        d2 = dy.reshape(len(dy), -1)                             # (B, c)
+        dx = (d2 @ W.T).reshape(xr_shape)                        # (B, C, H, W) the whole input
+        return dx, (x.T @ d2, d2.sum(axis=0))
+
+
+class Conv2dKernel(_Weighted):
+    """Tied filters by im2col: one GEMM of the box's windows (B h w, C k k) with its filters."""
+
+    @staticmethod
+    def fans(layer, in_shape, out_shape):
+        return in_shape[0] * layer.kernel ** 2, out_shape[0] * layer.kernel ** 2
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        W, b = params
+        buf, geo = _padded(xp, xr, rin, in_shape, box, layer, 0.0)
         pat = windows(xp, buf, layer.kernel, layer.stride)       # (B, C, h, w, k, k)
-        if kind == "conv2d":                                     # im2col: one GEMM
-            W, b = params
-            B, C, h, w, k, _ = pat.shape
-            cols = xp.ascontiguousarray(pat.transpose(0, 2, 3, 1, 4, 5)).reshape(B * h * w, C * k * k)
-            y = (cols @ W.reshape(len(W), -1).T).reshape(B, h, w, -1).transpose(0, 3, 1, 2) + b[None, :, None, None]
-            return y, (buf.shape, geo, cols, src.shape)
-        elif kind == "locally_connected":                        # one small GEMM per output position, batched
-            W, b = params
-            B, C, h, w, k, _ = pat.shape
-            cols = xp.ascontiguousarray(pat.transpose(2, 3, 0, 1, 4, 5)).reshape(h * w, B, C * k * k)
-            Wm = W.reshape(h * w, W.shape[2], C * k * k).transpose(0, 2, 1)     # (hw, Ckk, F)
-            y = xp.matmul(cols, Wm).reshape(h, w, B, -1).transpose(2, 3, 0, 1) + b.transpose(2, 0, 1)[None]
-            return y, (buf.shape, geo, cols, src.shape)
-        elif kind == "max_pool":
-            y = pat.max(axis=(4, 5))
-        else:
-            y = pat.mean(axis=(4, 5))
-        return y, (buf.shape, geo, pat, src.shape)
-    if kind in ("relu", "sigmoid", "tanh", "dropout"):
-        x = xr[:, c0 - rin[0][0]:c1 - rin[0][0], h0 - rin[1][0]:h1 - rin[1][0], w0 - rin[2][0]:w1 - rin[2][0]]
-        if kind == "relu":
-            return x * (x > 0), (x > 0,)
-        if kind == "sigmoid":
-            y = 1.0 / (1.0 + xp.exp(-x))
-            return y, (y,)
-        if kind == "tanh":
-            y = xp.tanh(x)
-            return y, (y,)
-        mask = rng_mask if rng_mask is not None else xp.ones_like(x)
+        B, C, h, w, k, _ = pat.shape
+        cols = xp.ascontiguousarray(pat.transpose(0, 2, 3, 1, 4, 5)).reshape(B * h * w, C * k * k)  # (Bhw, Ckk)
+        y = cols @ W.reshape(len(W), -1).T                       # (Bhw, F) from W (F, Ckk)
+        y = y.reshape(B, h, w, -1).transpose(0, 3, 1, 2) + b[None, :, None, None]                  # (B, F, h, w)
+        return y, (buf.shape, geo, cols, xr.shape)
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        buf_shape, geo, cols, src_shape = cache
+        W, _ = params
+        k, C = layer.kernel, W.shape[1]
+        B, F, h, w = dy.shape
+        dym = xp.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(B * h * w, F)               # (Bhw, F)
+        dW = (dym.T @ cols).reshape(W.shape)                                                      # (F, C, k, k)
+        dpat = (dym @ W.reshape(F, -1)).reshape(B, h, w, C, k, k).transpose(0, 3, 1, 2, 4, 5)    # (B, C, h, w, k, k)
+        dbuf = col2im(xp, dpat, buf_shape, k, layer.stride)
+        return _unpad(xp, dbuf, geo, src_shape, rin), (dW, dy.sum(axis=(0, 2, 3)))
+
+
+class LocallyConnectedKernel(_Weighted):
+    """Untied filters: one small GEMM per output position, batched over positions."""
+
+    @staticmethod
+    def fans(layer, in_shape, out_shape):
+        return in_shape[0] * layer.kernel ** 2, out_shape[0]
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        W, b = params
+        buf, geo = _padded(xp, xr, rin, in_shape, box, layer, 0.0)
+        pat = windows(xp, buf, layer.kernel, layer.stride)       # (B, C, h, w, k, k)
+        B, C, h, w, k, _ = pat.shape
+        cols = xp.ascontiguousarray(pat.transpose(2, 3, 0, 1, 4, 5)).reshape(h * w, B, C * k * k)  # (hw, B, Ckk)
+        Wm = W.reshape(h * w, W.shape[2], C * k * k).transpose(0, 2, 1)                          # (hw, Ckk, F)
+        y = xp.matmul(cols, Wm).reshape(h, w, B, -1).transpose(2, 3, 0, 1) + b.transpose(2, 0, 1)[None]  # (B, F, h, w)
+        return y, (buf.shape, geo, cols, xr.shape)
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        buf_shape, geo, cols, src_shape = cache
+        W, _ = params
+        k, C = layer.kernel, W.shape[3]
+        B, F, h, w = dy.shape
+        dym = xp.ascontiguousarray(dy.transpose(2, 3, 0, 1)).reshape(h * w, B, F)                # (hw, B, F)
+        Wm = W.reshape(h * w, F, C * k * k)                                                       # (hw, F, Ckk)
+        dW = xp.matmul(dym.transpose(0, 2, 1), cols).reshape(W.shape)                            # (h, w, F, C, k, k)
+        dpat = xp.matmul(dym, Wm).reshape(h, w, B, C, k, k).transpose(2, 3, 0, 1, 4, 5)          # (B, C, h, w, k, k)
+        dbuf = col2im(xp, dpat, buf_shape, k, layer.stride)
+        return _unpad(xp, dbuf, geo, src_shape, rin), (dW, dy.sum(axis=0).transpose(1, 2, 0))
+
+
+class _Pool(Kernel):
+    """Per channel: windows over the box's own channels of the region, padded with ``fill``."""
+
+    fill = 0.0
+
+    @classmethod
+    def _windows(cls, xp, layer, in_shape, xr, rin, box):
+        c = _at(rin, box)[1]
+        src = xr[:, c]                                           # (B, c, H', W') the box's channels
+        buf, geo = _padded(xp, src, rin, in_shape, box, layer, cls.fill)
+        pat = windows(xp, buf, layer.kernel, layer.stride)       # (B, c, h, w, k, k)
+        return pat, (buf.shape, geo, pat, src.shape)
+
+    @staticmethod
+    def _to_region(xp, layer, xr_shape, rin, box, cache, dpat, dtype):
+        buf_shape, geo, _, src_shape = cache
+        dsrc = _unpad(xp, col2im(xp, dpat, buf_shape, layer.kernel, layer.stride), geo, src_shape, rin)
+        return _scatter(xp, xr_shape, (slice(None), _at(rin, box)[1]), dsrc, dtype)
+
+
+class MaxPoolKernel(_Pool):
+    fill = -np.inf
+
+    @classmethod
+    def forward(cls, xp, layer, in_shape, xr, rin, box, params, mask=None):
+        pat, cache = cls._windows(xp, layer, in_shape, xr, rin, box)
+        return pat.max(axis=(4, 5)), cache                      # (B, c, h, w)
+
+    @classmethod
+    def backward(cls, xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        pat, k = cache[2], layer.kernel
+        flat = pat.reshape(*pat.shape[:4], k * k)                # (B, c, h, w, kk)
+        onehot = xp.arange(k * k) == flat.argmax(axis=-1)[..., None]
+        dpat = (onehot * dy[..., None]).reshape(pat.shape)       # (B, c, h, w, k, k)
+        return cls._to_region(xp, layer, xr_shape, rin, box, cache, dpat, dy.dtype), ()
+
+
+class AvgPoolKernel(_Pool):
+    @classmethod
+    def forward(cls, xp, layer, in_shape, xr, rin, box, params, mask=None):
+        pat, cache = cls._windows(xp, layer, in_shape, xr, rin, box)
+        return pat.mean(axis=(4, 5)), cache                      # (B, c, h, w)
+
+    @classmethod
+    def backward(cls, xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        pat, k = cache[2], layer.kernel
+        dpat = xp.broadcast_to(dy[..., None, None] / (k * k), pat.shape)    # (B, c, h, w, k, k)
+        return cls._to_region(xp, layer, xr_shape, rin, box, cache, dpat, dy.dtype), ()
+
+
+class ReluKernel(Kernel):
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        x = xr[_at(rin, box)]
+        return x * (x > 0), (x > 0,)
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        return _scatter(xp, xr_shape, _at(rin, box), dy * cache[0], dy.dtype), ()
+
+
+class SigmoidKernel(Kernel):
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        y = 1.0 / (1.0 + xp.exp(-xr[_at(rin, box)]))
+        return y, (y,)
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        (y,) = cache
+        return _scatter(xp, xr_shape, _at(rin, box), dy * y * (1 - y), dy.dtype), ()
+
+
+class TanhKernel(Kernel):
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        y = xp.tanh(xr[_at(rin, box)])
+        return y, (y,)
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        (y,) = cache
+        return _scatter(xp, xr_shape, _at(rin, box), dy * (1 - y * y), dy.dtype), ()
+
+
+class DropoutKernel(Kernel):
+    """Multiplies by ``mask``, the box's (scaled) keep mask; no mask is evaluation: identity."""
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        x = xr[_at(rin, box)]
+        mask = mask if mask is not None else xp.ones_like(x)
         return x * mask, (mask,)
-    if kind == "maxout":
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        return _scatter(xp, xr_shape, _at(rin, box), dy * cache[0], dy.dtype), ()
+
+
+class MaxoutKernel(Kernel):
+    """Max over groups of ``pieces`` consecutive input channels."""
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
         p = layer.pieces
-        x = xr[:, c0 * p - rin[0][0]:c1 * p - rin[0][0], h0 - rin[1][0]:h1 - rin[1][0], w0 - rin[2][0]:w1 - rin[2][0]]
-        g = x.reshape(len(x), c1 - c0, p, h1 - h0, w1 - w0)
-        arg = g.argmax(axis=2)
-        return g.max(axis=2), (arg, x.shape)
-    if kind == "lrn":
-        x = xr[:, :, h0 - rin[1][0]:h1 - rin[1][0], w0 - rin[2][0]:w1 - rin[2][0]]
+        (c0, c1), (h0, h1), (w0, w1) = box
+        x = xr[_at(rin, box, p)]                                 # (B, c p, h, w)
+        g = x.reshape(len(x), c1 - c0, p, h1 - h0, w1 - w0)     # (B, c, p, h, w)
+        return g.max(axis=2), (g.argmax(axis=2), x.shape)
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        arg, shape = cache
+        p = layer.pieces
+        onehot = xp.arange(p)[None, None, :, None, None] == arg[:, :, None]      # (B, c, p, h, w)
+        d = (onehot * dy[:, :, None]).reshape(shape)                             # (B, c p, h, w)
+        return _scatter(xp, xr_shape, _at(rin, box, p), d, dy.dtype), ()
+
+
+class LRNKernel(Kernel):
+    """y = x / (k + alpha / n * sum of x^2 over n neighbouring channels) ^ beta."""
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        _, c, rows, cols = _at(rin, box)
+        x = xr[:, :, rows, cols]                                 # (B, C', h, w) the region's channels
         half, n = layer.size // 2, layer.size
-        lo, hi = c0 - rin[0][0], c1 - rin[0][0]
+        lo, hi = c.start, c.stop
         s = LRN_K + LRN_ALPHA / n * _chan_sum(xp, x * x, half, lo, hi)   # (B, c, h, w), window inside region
         y = x[:, lo:hi] * s ** -LRN_BETA
         return y, (x, s, lo, hi)
-    if kind == "lcn":
-        r = layer.size // 2
-        # window sums over the region; the box's rows/cols sit inside it at an offset
-        S1 = _box_sum(xp, xr.sum(axis=1, keepdims=True), r)
-        S2 = _box_sum(xp, (xr * xr).sum(axis=1, keepdims=True), r)
-        N = _box_sum(xp, xp.ones((1, 1, *xr.shape[2:]), dtype=xr.dtype), r) * in_shape[0]
-        sl = (slice(None), slice(None), slice(h0 - rin[1][0], h1 - rin[1][0]), slice(w0 - rin[2][0], w1 - rin[2][0]))
-        m, q, Nb = S1[sl] / N[sl], S2[sl] / N[sl], N[sl]
-        sig = xp.sqrt(q - m * m + LCN_EPS)
-        x = xr[:, c0 - rin[0][0]:c1 - rin[0][0]][sl[:1] + (slice(None),) + sl[2:]]
-        y = (x - m) / sig
-        return y, (xr, x, m, sig, Nb, r, sl)
-    if kind == "batchnorm":
-        gamma, beta = params
-        x = xr[:, c0 - rin[0][0]:c1 - rin[0][0], h0 - rin[1][0]:h1 - rin[1][0], w0 - rin[2][0]:w1 - rin[2][0]]
-        mu = x.mean(axis=(0, 2, 3), keepdims=True)
-        var = x.var(axis=(0, 2, 3), keepdims=True)
-        xh = (x - mu) / xp.sqrt(var + BN_EPS)
-        return gamma[None, :, None, None] * xh + beta[None, :, None, None], (xh, var, gamma)
-    if kind == "softmax_xent":
-        return xr[:, c0 - rin[0][0]:c1 - rin[0][0]], ()
-    raise ValueError(f"no kernel for layer kind {kind}")
 
-
-def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
-    """(gradient of the input region, parameter gradients) for output-box gradient ``dy``."""
-    kind = layer.kind
-    (c0, c1), (h0, h1), (w0, w1) = box
-    dxr = xp.zeros(xr_shape, dtype=dy.dtype)
-    if kind == "dense":
-        (x,) = cache
-        W, _ = params
-        d2 = dy.reshape(len(dy), -1)
-        return (d2 @ W.T).reshape(xr_shape), (x.T @ d2, d2.sum(axis=0))
-    if kind in ("conv2d", "locally_connected", "max_pool", "avg_pool"):
-        buf_shape, geo, pat, src_shape = cache
-        k, s = layer.kernel, layer.stride
-        grads = ()
-        B, F, h, w = dy.shape
-        if kind == "conv2d":
-            W, _ = params
-            cols, C = pat, W.shape[1]
-            dym = xp.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(B * h * w, F)
-            grads = ((dym.T @ cols).reshape(W.shape), dy.sum(axis=(0, 2, 3)))
-            dpat = (dym @ W.reshape(F, -1)).reshape(B, h, w, C, k, k).transpose(0, 3, 1, 2, 4, 5)
-        elif kind == "locally_connected":
-            W, _ = params
-            cols, C = pat, W.shape[3]
-            dym = xp.ascontiguousarray(dy.transpose(2, 3, 0, 1)).reshape(h * w, B, F)
-            Wm = W.reshape(h * w, F, C * k * k)
-            dW = xp.matmul(dym.transpose(0, 2, 1), cols)                    # (hw, F, Ckk)
-            grads = (dW.reshape(W.shape), dy.sum(axis=0).transpose(1, 2, 0))
-            dpat = xp.matmul(dym, Wm).reshape(h, w, B, C, k, k).transpose(2, 3, 0, 1, 4, 5)
-        elif kind == "max_pool":
-            flat = pat.reshape(*pat.shape[:4], k * k)
-            onehot = xp.arange(k * k) == flat.argmax(axis=-1)[..., None]
-            dpat = (onehot * dy[..., None]).reshape(pat.shape)
-        else:
-            dpat = xp.broadcast_to(dy[..., None, None] / (k * k), pat.shape)
-        dbuf = col2im(xp, dpat, buf_shape, k, s)
-        dsrc = _unpad(xp, dbuf, geo, src_shape, rin)
-        if kind in ("max_pool", "avg_pool"):
-            dxr[:, c0 - rin[0][0]:c1 - rin[0][0]] = dsrc
-            return dxr, ()
-        return dsrc, grads
-    sl = (slice(None), slice(c0 - rin[0][0], c1 - rin[0][0]), slice(h0 - rin[1][0], h1 - rin[1][0]),
-          slice(w0 - rin[2][0], w1 - rin[2][0]))
-    if kind in ("relu", "dropout"):
-        dxr[sl] = dy * cache[0]
-        return dxr, ()
-    if kind == "sigmoid":
-        y = cache[0]
-        dxr[sl] = dy * y * (1 - y)
-        return dxr, ()
-    if kind == "tanh":
-        y = cache[0]
-        dxr[sl] = dy * (1 - y * y)
-        return dxr, ()
-    if kind == "maxout":
-        arg, shape = cache
-        p = layer.pieces
-        onehot = xp.arange(p)[None, None, :, None, None] == arg[:, :, None]
-        d = (onehot * dy[:, :, None]).reshape(shape)
-        dxr[:, c0 * p - rin[0][0]:c1 * p - rin[0][0], sl[2], sl[3]] = d
-        return dxr, ()
-    if kind == "lrn":
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
         x, s, lo, hi = cache
+        _, _, rows, cols = _at(rin, box)
         half, n = layer.size // 2, layer.size
         inner = xp.zeros_like(x)
         inner[:, lo:hi] = dy * x[:, lo:hi] * s ** (-LRN_BETA - 1)
         dx = -2 * LRN_ALPHA * LRN_BETA / n * x * _chan_sum(xp, inner, half, 0, x.shape[1])
         dx[:, lo:hi] += dy * s ** -LRN_BETA
-        dxr[:, :, sl[2], sl[3]] = dx
-        return dxr, ()
-    if kind == "lcn":
+        return _scatter(xp, xr_shape, (slice(None), slice(None), rows, cols), dx, dy.dtype), ()
+
+
+class LCNKernel(Kernel):
+    """y = (x - m) / sqrt(v + eps), m and v over the size x size x C window around each pixel."""
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        r = layer.size // 2
+        # window sums over the region; the box's rows/cols sit inside it at an offset
+        S1 = _box_sum(xp, xr.sum(axis=1, keepdims=True), r)     # (B, 1, H', W')
+        S2 = _box_sum(xp, (xr * xr).sum(axis=1, keepdims=True), r)
+        N = _box_sum(xp, xp.ones((1, 1, *xr.shape[2:]), dtype=xr.dtype), r) * in_shape[0]
+        at = _at(rin, box)
+        sl = (slice(None), slice(None), at[2], at[3])            # the box's rows/cols, every channel
+        m, q, Nb = S1[sl] / N[sl], S2[sl] / N[sl], N[sl]
+        sig = xp.sqrt(q - m * m + LCN_EPS)
+        x = xr[at]
+        y = (x - m) / sig
+        return y, (xr, x, m, sig, Nb, r, sl)
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
         xr, x, m, sig, Nb, r, slh = cache
         gm = (dy * (-1 / sig + (x - m) * m / sig ** 3)).sum(axis=1, keepdims=True)
         gq = (-(dy * (x - m)) / (2 * sig ** 3)).sum(axis=1, keepdims=True)
@@ -279,21 +402,91 @@ def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
         Bq = xp.zeros_like(A)
         A[slh] = gm / Nb
         Bq[slh] = gq / Nb
+        dxr = xp.zeros(xr_shape, dtype=dy.dtype)
         dxr += _box_sum(xp, A, r) + 2 * xr * _box_sum(xp, Bq, r)
-        dxr[:, sl[1], sl[2], sl[3]] += dy / sig
+        dxr[_at(rin, box)] += dy / sig
         return dxr, ()
-    if kind == "batchnorm":
+
+
+class BatchNormKernel(Kernel):
+    """Per channel over batch, rows and columns: y = gamma (x - mean) / sqrt(var + eps) + beta."""
+
+    @staticmethod
+    def init(layer, in_shape, out_shape, rng, dtype):
+        gamma, beta = layer.param_shapes(in_shape)
+        return [np.ones(gamma, dtype), np.zeros(beta, dtype)]
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        gamma, beta = params
+        x = xr[_at(rin, box)]
+        mu = x.mean(axis=(0, 2, 3), keepdims=True)
+        var = x.var(axis=(0, 2, 3), keepdims=True)
+        xh = (x - mu) / xp.sqrt(var + BN_EPS)
+        return gamma[None, :, None, None] * xh + beta[None, :, None, None], (xh, var, gamma)
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
         xh, var, gamma = cache
         dxh = dy * gamma[None, :, None, None]
-        n = dy.shape[0] * dy.shape[2] * dy.shape[3]
         dx = (dxh - dxh.mean(axis=(0, 2, 3), keepdims=True)
               - xh * (dxh * xh).mean(axis=(0, 2, 3), keepdims=True)) / xp.sqrt(var + BN_EPS)
-        dxr[sl] = dx
-        return dxr, ((dy * xh).sum(axis=(0, 2, 3)), dy.sum(axis=(0, 2, 3)))
-    if kind == "softmax_xent":
-        dxr[:, sl[1]] = dy
-        return dxr, ()
-    raise ValueError(f"no kernel for layer kind {kind}")
+        return _scatter(xp, xr_shape, _at(rin, box), dx, dy.dtype), ((dy * xh).sum(axis=(0, 2, 3)), dy.sum(axis=(0, 2, 3)))
+
+
+class SoftmaxXentKernel(Kernel):
+    """Passes the box's logits through; the loss and its gradient are ``softmax_xent_loss``
+    (or the partitioned step's, when the logits are cut by channels)."""
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        return xr[:, _at(rin, box)[1]], ()
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        return _scatter(xp, xr_shape, (slice(None), _at(rin, box)[1]), dy, dy.dtype), ()
+
+
+KERNELS: dict[str, type[Kernel]] = {
+    "dense": DenseKernel, "conv2d": Conv2dKernel, "locally_connected": LocallyConnectedKernel,
+    "max_pool": MaxPoolKernel, "avg_pool": AvgPoolKernel, "relu": ReluKernel, "sigmoid": SigmoidKernel,
+    "tanh": TanhKernel, "dropout": DropoutKernel, "maxout": MaxoutKernel, "lrn": LRNKernel, "lcn": LCNKernel,
+    "batchnorm": BatchNormKernel, "softmax_xent": SoftmaxXentKernel,
+}
+
+
+def kernel_of(kind: str) -> type[Kernel]:
+    """The class of a layer kind; raises ValueError for a kind without one."""
+    try:
+        return KERNELS[kind]
+    except KeyError:
+        raise ValueError(f"no kernel for layer kind {kind!r}; kinds with one: {sorted(KERNELS)}") from None
+
+
+# --- entry points ------------------------------------------------------------------------------
+def init_params(model, rng: np.random.Generator, dtype=np.float64) -> dict[int, list]:
+    """Whole-layer parameters by layer index, for the layers that have any: Glorot-uniform
+    weights (fan in and out of one output unit), zero biases, batch-norm gamma 1 and beta 0."""
+    out = {}
+    for node in model.nodes:
+        arrays = kernel_of(node.layer.kind).init(node.layer, node.in_shape, node.out_shape, rng, dtype)
+        if arrays:
+            out[node.index] = arrays
+    return out
+
+
+def forward(xp, layer, in_shape, xr, rin, box, params, rng_mask=None):
+    """Output box (B, c, h, w) of ``layer`` from the input region ``xr`` placed at ``rin``;
+    returns (y, cache).  ``rng_mask``: dropout's keep mask for the box.  Raises ValueError
+    for a kind without a kernel."""
+    kernel = KERNELS.get(layer.kind) or kernel_of(layer.kind)      # the dict alone on the hot path
+    return kernel.forward(xp, layer, in_shape, xr, rin, box, params, rng_mask)
+
+
+def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+    """(gradient of the input region, parameter gradients) for output-box gradient ``dy``."""
+    kernel = KERNELS.get(layer.kind) or kernel_of(layer.kind)
+    return kernel.backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy)
 
 
 def softmax_xent_loss(xp, logits, labels):

@@ -29,7 +29,7 @@ class Net:
         offset = 0
         for node in model.nodes:
             arrays = []
-            for shape in kernels.param_shapes(node.layer, node.in_shape, node.out_shape):
+            for shape in node.layer.param_shapes(node.in_shape):
                 arrays.append((offset, shape))
                 offset += prod(shape)
             self.layout.append(arrays)
@@ -46,7 +46,7 @@ class Net:
 
     def params(self, flat, i: int) -> list:
         """Views of layer i's arrays inside ``flat``."""
-        return [flat[o:o + prod(shape)].reshape(shape) for o, shape in self.layout[i]]
+        return [flat[o:o + prod(shape)].reshape(shape) for o, shape in self.layout[i]]   # each array's own shape
 
     def forward(self, flat, x, labels=None, train: bool = False, rng: np.random.Generator | None = None):
         """(mean loss or None, logits (B, classes), caches).  Dropout is active only with ``train``."""
@@ -72,7 +72,7 @@ class Net:
         """Mean loss over the batch and its gradient as a flat vector."""
         loss, logits, caches = self.forward(flat, x, labels, train=rng is not None, rng=rng)
         grad = self.xp.zeros_like(flat)
-        dy = caches[-1].reshape(len(logits), *self.model.nodes[-1].in_shape)
+        dy = caches[-1].reshape(len(logits), *self.model.nodes[-1].in_shape)   # (B, classes, 1, 1)
         for i in range(len(self.model.nodes) - 2, -1, -1):
             node = self.model.nodes[i]
             shape, cache = caches[i]

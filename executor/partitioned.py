@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clustersim.core.layers import Box
+from clustersim.core.layers import KINDS, Box
 from clustersim.core.partition import even_cuts
 from clustersim.core.plan import Plan
 
@@ -49,15 +49,12 @@ def _box_of(p: Plan, layer: int, slot: int) -> Box | None:
 
 # --- parameters of a box ------------------------------------------------------------------
 def box_index(kind: str, box: Box) -> list[tuple]:
-    """Index of a box's parameters inside the whole layer's arrays (same order as the arrays)."""
-    (c0, c1), (h0, h1), (w0, w1) = box
-    if kind == "dense":
-        return [(slice(None), slice(c0, c1)), (slice(c0, c1),)]
-    if kind in ("conv2d", "batchnorm"):
-        return [(slice(c0, c1),), (slice(c0, c1),)]
-    if kind == "locally_connected":
-        return [(slice(h0, h1), slice(w0, w1), slice(c0, c1)), (slice(h0, h1), slice(w0, w1), slice(c0, c1))]
-    return []
+    """Index of a box's parameters inside the whole layer's arrays (same order as the arrays):
+    the core layer's ``box_index``, which reads only the box, so a kind's default instance
+    answers for every layer of that kind (tested).  Raises ValueError for an unknown kind."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown layer kind {kind!r}; known: {sorted(KINDS)}")
+    return KINDS[kind](kind=kind).box_index(box)
 
 
 # --- transports ----------------------------------------------------------------------------

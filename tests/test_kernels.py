@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from executor.kernels import backward, forward, softmax_xent_loss
-from clustersim.core.layers import full_box
+from clustersim.core.layers import KINDS, full_box
 from clustersim.core.models import make_layer as L
 
 CASES = [
@@ -17,20 +17,13 @@ CASES = [
     (L("lrn", size=3), (5, 2, 2)),
     (L("lcn", size=3), (2, 4, 5)),
     (L("batchnorm"), (3, 2, 2)),
+    (L("dropout", rate=0.5), (2, 3, 3)), (L("softmax_xent"), (4, 1, 1)),
 ]
 
 
-def make_params(layer, s, out, rng):
-    k = getattr(layer, "kernel", 1)
-    if layer.kind == "dense":
-        return [rng.normal(size=(int(np.prod(s)), out[0])), rng.normal(size=out[0])]
-    if layer.kind == "conv2d":
-        return [rng.normal(size=(out[0], s[0], k, k)), rng.normal(size=out[0])]
-    if layer.kind == "locally_connected":
-        return [rng.normal(size=(out[1], out[2], out[0], s[0], k, k)), rng.normal(size=(out[1], out[2], out[0]))]
-    if layer.kind == "batchnorm":
-        return [rng.normal(size=s[0]) + 1.0, rng.normal(size=s[0])]
-    return []
+def make_params(layer, s, rng):
+    """Random parameters of the core layer's shapes."""
+    return [rng.normal(size=shape) for shape in layer.param_shapes(s)]
 
 
 def _modules():
@@ -46,7 +39,7 @@ def test_cupy_kernels_equal_numpy(xp, layer, shape):
     rng = np.random.default_rng(5)
     out = layer.shape(shape)
     x = rng.normal(size=(2, *shape))
-    params = make_params(layer, shape, out, rng)
+    params = make_params(layer, shape, rng)
     rin, box = full_box(shape), full_box(out)
     y_np, _ = forward(np, layer, shape, x, rin, box, params)
     y_xp, _ = forward(xp, layer, shape, xp.asarray(x), rin, box, [xp.asarray(a) for a in params])
@@ -54,12 +47,16 @@ def test_cupy_kernels_equal_numpy(xp, layer, shape):
     assert np.allclose(y_xp, y_np, rtol=1e-10, atol=1e-12)
 
 
+def test_every_kind_is_checked():
+    assert {layer.kind for layer, _ in CASES} == set(KINDS)
+
+
 @pytest.mark.parametrize("layer, shape", CASES, ids=[c[0].kind for c in CASES])
 def test_backward_matches_finite_differences(layer, shape):
     rng = np.random.default_rng(3)
     out = layer.shape(shape)
     x = rng.normal(size=(3, *shape))
-    params = make_params(layer, shape, out, rng)
+    params = make_params(layer, shape, rng)
     R = rng.normal(size=(3, *out))
     rin, box = full_box(shape), full_box(out)
 
