@@ -16,7 +16,7 @@ from executor.data import Batches
 from clustersim.core.metrics import quiet_time
 from executor.kernels import init_params, softmax_xent_loss
 from executor.optim import sgd_in_place
-from executor.partitioned import _box_of, box_index, run_step
+from executor.partitioned import _box_of, run_step, slot_params
 from clustersim.core.schedule import apply_cost
 from executor.psrank import ShardClient, message_buffer, serve, shard_runs, slot_segments
 from executor.checks import dataset, rank_role, serve_rule
@@ -46,12 +46,7 @@ class RankJob(SandblasterRoles):
         self.shards = world.Split(color=0 if self.role == "shard" else MPI.UNDEFINED, key=world.rank)
         self.lost = LostWatch(self.rep) if fail and is_worker and self.M > 1 else None
         full = init_params(sc.model, np.random.default_rng(sc.seed), dtype=np.float32)
-        self.box_params = {}
-        for i, sl in enumerate(self.p.slices):
-            if i in full:
-                kind = sc.model.nodes[i].layer.kind
-                for j, box in sl:
-                    self.box_params[(i, j)] = [np.ascontiguousarray(a[idx]) for a, idx in zip(full[i], box_index(kind, box))]
+        self.box_params = slot_params(self.p, full, contiguous=True)
         self.sizes = {key: [a.size for a in arrs] for key, arrs in self.box_params.items()}
         self.total = sum(sum(v) for v in self.sizes.values())
         self.spans: list[Span] = []

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clustersim.core.layers import KINDS, Box
+from clustersim.core.layers import Box
 from clustersim.core.partition import even_cuts
 from clustersim.core.plan import Plan
 
@@ -48,13 +48,14 @@ def _box_of(p: Plan, layer: int, slot: int) -> Box | None:
 
 
 # --- parameters of a box ------------------------------------------------------------------
-def box_index(kind: str, box: Box) -> list[tuple]:
-    """Index of a box's parameters inside the whole layer's arrays (same order as the arrays):
-    the core layer's ``box_index``, which reads only the box, so a kind's default instance
-    answers for every layer of that kind (tested).  Raises ValueError for an unknown kind."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown layer kind {kind!r}; known: {sorted(KINDS)}")
-    return KINDS[kind](kind=kind).box_index(box)
+def slot_params(p: Plan, full: dict[int, list], contiguous: bool = False) -> dict[tuple[int, int], list]:
+    """Each (layer, slot)'s parameters, cut from the whole layers' arrays ``full`` (as
+    ``init_params`` makes them) where the core layer's ``box_index`` says its box keeps them;
+    ``contiguous`` copies each cut into an array of its own (a message's buffer)."""
+    nodes = p.scenario.model.nodes
+    return {(i, j): [np.ascontiguousarray(a[ix]) if contiguous else a[ix]
+                     for a, ix in zip(full[i], nodes[i].layer.box_index(box))]
+            for i, sl in enumerate(p.slices) if i in full for j, box in sl}
 
 
 # --- transports ----------------------------------------------------------------------------

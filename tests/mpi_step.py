@@ -9,7 +9,7 @@ from mpi4py import MPI
 sys.path.insert(0, str(Path(__file__).parent))
 from executor.comm import MPITransport  # noqa: E402
 from executor.kernels import init_params  # noqa: E402
-from executor.partitioned import box_index, run_step  # noqa: E402
+from executor.partitioned import run_step  # noqa: E402
 from test_partitioned import ALL_KINDS, make_plan  # noqa: E402
 
 comm = MPI.COMM_WORLD
@@ -20,7 +20,7 @@ full = init_params(ALL_KINDS, rng)
 x = rng.normal(size=(6, *ALL_KINDS.input_shape))
 y = rng.integers(0, 5, 6)
 j = comm.rank
-params = {(i, j): [a[idx] for a, idx in zip(full[i], box_index(ALL_KINDS.nodes[i].layer.kind, dict(sl)[j]))]
+params = {(i, j): [a[idx] for a, idx in zip(full[i], ALL_KINDS.nodes[i].layer.box_index(dict(sl)[j]))]
           for i, sl in enumerate(p.slices) if i in full and j in dict(sl)}
 masks = {}
 

@@ -15,7 +15,7 @@ from clustersim.core.plan import plan
 from clustersim.core.scenario import load_scenario
 from executor.coordinator_state import shard_pushes
 from executor.kernels import init_params
-from executor.partitioned import box_index
+from executor.partitioned import slot_params
 from executor.psrank import shard_runs, slot_segments
 
 HERE = Path(__file__).parent
@@ -55,8 +55,7 @@ def test_slots_push_to_exactly_the_shards_the_plan_shares_them_with(tmp_path):
     p = plan(load_scenario(f))
     sc = p.scenario
     full = init_params(sc.model, np.random.default_rng(sc.seed), dtype=np.float32)
-    sizes = {(i, j): [a[idx].size for a, idx in zip(full[i], box_index(sc.model.nodes[i].layer.kind, box))]
-             for i, sl in enumerate(p.slices) if i in full for j, box in sl}
+    sizes = {key: [a.size for a in arrays] for key, arrays in slot_params(p, full).items()}
     total = sum(sum(v) for v in sizes.values())
     pushes_to = [[bool(runs) for runs in shard_runs(slot_segments(p, j, sizes), total, 4)] for j in range(2)]
     assert pushes_to == [[n > 0 for n in row] for row in p.ps.share] == [[True] * 4, [False, False, False, True]]

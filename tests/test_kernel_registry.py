@@ -7,7 +7,6 @@ import pytest
 
 from clustersim.core.layers import KINDS, full_box
 from executor.kernels import KERNELS, Kernel, backward, forward, init_params
-from executor.partitioned import box_index
 from clustersim.core.models import build_model, make_layer as L
 from test_kernels import CASES
 
@@ -25,17 +24,7 @@ def test_a_kind_without_a_kernel_is_a_value_error():
         forward(np, bogus, (1, 1, 1), np.ones((1, 1, 1, 1)), full_box((1, 1, 1)), full_box((1, 1, 1)), [])
     with pytest.raises(ValueError, match="no kernel for layer kind 'bogus'"):
         backward(np, bogus, (1, 1, 1), (1, 1, 1, 1), full_box((1, 1, 1)), full_box((1, 1, 1)), [], (), np.ones(1))
-    with pytest.raises(ValueError, match="unknown layer kind 'bogus'"):
-        box_index("bogus", full_box((1, 1, 1)))
 
-
-@pytest.mark.parametrize("layer, shape", CASES, ids=IDS)
-def test_box_index_by_kind_is_the_configured_layers(layer, shape):
-    """``box_index(kind, box)`` asks a default instance of the kind: right only while the
-    core's ``box_index`` reads the box alone, never the layer's fields."""
-    out = layer.shape(shape)
-    box = tuple((n // 2, n) for n in out)                    # the upper half of every axis
-    assert box_index(layer.kind, box) == layer.box_index(box)
 
 
 @pytest.mark.parametrize("layer, shape", CASES, ids=IDS)

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from executor.partitioned import box_index
 from executor.checks import rank_role
 from test_partitioned import ALL_KINDS, make_plan, run
 from executor.kernels import init_params
@@ -57,7 +56,7 @@ def test_partitioned_step_on_three_real_ranks_equals_the_reference(tmp_path, spl
             box = dict(p.slices[i]).get(j)
             if box is None:
                 continue
-            for n, idx in enumerate(box_index(ALL_KINDS.nodes[i].layer.kind, box)):
+            for n, idx in enumerate(ALL_KINDS.nodes[i].layer.box_index(box)):
                 grads[i][n][idx] += data[f"g_{i}_{n}"]
     assert loss == pytest.approx(loss0, rel=1e-10)
     for i in grads0:

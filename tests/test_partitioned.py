@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from executor.kernels import init_params
-from executor.partitioned import Mailbox, box_index, run_step
+from executor.partitioned import Mailbox, run_step, slot_params
 from clustersim.core.models import build_model, make_layer as L
 from clustersim.core.partition import even_cuts
 from clustersim.core.plan import plan
@@ -28,12 +28,7 @@ def make_plan(model, m, split, micro=1, batch=6):
 
 
 def run(p, full, x, y):
-    params = {}
-    for i, sl in enumerate(p.slices):
-        kind = p.scenario.model.nodes[i].layer.kind
-        for j, box in sl:
-            if i in full:
-                params[(i, j)] = [a[idx] for a, idx in zip(full[i], box_index(kind, box))]
+    params = slot_params(p, full)
     rng_masks = {}
 
     def dropout(i, shape):
@@ -43,8 +38,8 @@ def run(p, full, x, y):
     res = run_step(p, set(range(p.slots)), params, x, y, Mailbox(), dropout=dropout)
     grads = {i: [np.zeros_like(a) for a in arrs] for i, arrs in full.items()}
     for (i, j), gs in res.grads.items():
-        kind = p.scenario.model.nodes[i].layer.kind
-        for g_full, g, idx in zip(grads[i], gs, box_index(kind, dict(p.slices[i])[j])):
+        layer = p.scenario.model.nodes[i].layer
+        for g_full, g, idx in zip(grads[i], gs, layer.box_index(dict(p.slices[i])[j])):
             g_full[idx] += g
     last = len(p.slices) - 1
     logits = np.zeros((len(x), p.scenario.model.nodes[-1].out_shape[0]))
@@ -79,8 +74,7 @@ def test_messages_carry_the_bytes_the_plan_counts():
     full = init_params(NO_BN, rng, dtype=np.float32)
     x = rng.normal(size=(6, *NO_BN.input_shape)).astype(np.float32)
     y = rng.integers(0, 4, 6)
-    params = {(i, j): [a[idx] for a, idx in zip(full[i], box_index(NO_BN.nodes[i].layer.kind, box))]
-              for i, sl in enumerate(p.slices) for j, box in sl if i in full}
+    params = slot_params(p, full)
     mail = Mailbox()
     run_step(p, {0, 1, 2}, params, x, y, mail)
     assert mail.bytes == sum(op.bytes for op in p.ops if op.kind == "xfer")
@@ -90,8 +84,7 @@ def test_each_message_is_sent_right_after_its_producer_and_received_right_before
     p = make_plan(NO_BN, 3, "spatial")
     rng = np.random.default_rng(0)
     full = init_params(NO_BN, rng, dtype=np.float32)
-    params = {(i, j): [a[idx] for a, idx in zip(full[i], box_index(NO_BN.nodes[i].layer.kind, box))]
-              for i, sl in enumerate(p.slices) for j, box in sl if i in full}
+    params = slot_params(p, full)
     seen = []
     run_step(p, {0, 1, 2}, params, rng.normal(size=(6, *NO_BN.input_shape)).astype(np.float32),
              rng.integers(0, 4, 6), Mailbox(), on_op=lambda op, part: seen.append((op.id, part)))

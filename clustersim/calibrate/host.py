@@ -115,15 +115,14 @@ def measure_step_overhead(rng: np.random.Generator) -> float:
     from clustersim.core.scenario import scenario_from_dict
 
     from executor.kernels import init_params
-    from executor.partitioned import Mailbox, box_index, run_step
+    from executor.partitioned import Mailbox, run_step, slot_params
     model = build_model("tiny", (4, 1, 1), [make_layer("dense", units=4), make_layer("relu"),
                                             make_layer("dense", units=2), make_layer("softmax_xent")])
     sc = scenario_from_dict({"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 1}},
                             "calibrate.toml")
     p = plan(dataclasses.replace(sc, model=model), check_memory=False)
     full = init_params(model, rng, dtype=np.float32)
-    params = {(i, 0): [a[idx] for a, idx in zip(full[i], box_index(model.nodes[i].layer.kind, box))]
-              for i, sl in enumerate(p.slices) for _, box in sl if i in full}
+    params = slot_params(p, full)
     x, y = np.ones((1, 4, 1, 1), np.float32), np.zeros(1, np.int64)
     t = median_time(lambda: run_step(p, {0}, params, x, y, Mailbox()), 51)
     return t / len(p.ops)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clustersim.core.metrics import QUIET_LEAST, QUIET_PCT, WINDOW_S, quiet_time  # noqa: F401  (the runs' measure of the same windows)
+from clustersim.core.metrics import QUIET_PCT, WINDOW_S
 from executor.launch import cores_of, rank_env
 
 REFERENCE = ("mlp-digits", 32)

@@ -43,7 +43,7 @@ from executor.data import Batches
 from executor.kernels import init_params
 from executor.launch import pin
 from executor.optim import sgd_in_place
-from executor.partitioned import Mailbox, box_index, run_step
+from executor.partitioned import Mailbox, run_step, slot_params
 
 PROBES = (("mlp-digits", (8, 32, 128)), ("distbelief-speech", (4, 32)))
 SPLITS = (1, 2)
@@ -74,8 +74,7 @@ def probe_inputs(p: Plan, rng: np.random.Generator) -> tuple[dict, Batches]:
     """Seeded parameters of every slot's boxes and four batches of random inputs and labels."""
     model = p.scenario.model
     full = init_params(model, rng, dtype=np.float32)
-    params = {(i, j): [np.ascontiguousarray(a[idx]) for a, idx in zip(full[i], box_index(model.nodes[i].layer.kind, box))]
-              for i, sl in enumerate(p.slices) for j, box in sl if i in full}
+    params = slot_params(p, full, contiguous=True)
     batch = p.scenario.batch_size
     data = Batches(rng.standard_normal((4 * batch, *model.input_shape), dtype=np.float32),
                    rng.integers(0, model.nodes[-1].out_shape[0], 4 * batch), batch, rng)
