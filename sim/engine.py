@@ -36,10 +36,12 @@ class CountingEnvironment(simpy.Environment):
 @dataclass
 class GraphRun:
     """One replica's step in flight: ``done`` fires when all its ops have; ``slot_ready[j]``
-    when every backward op on slot j has (its gradients are final)."""
+    when every backward op on slot j has (its gradients are final); ``layer_ready[(j, i)]``
+    when slot j's backward ops of layer i have (that layer's gradients are final)."""
 
     done: simpy.Event
     slot_ready: list[simpy.Event] = field(default_factory=list)
+    layer_ready: dict[tuple[int, int], simpy.Event] = field(default_factory=dict)
     cancelled: bool = False              # abandoned (a sync step being redone): launch nothing more
 
 
@@ -99,7 +101,11 @@ class Engine:
                     succ[d].append(op.id)
             bwd = [sum(1 for op in plan.ops if op.kind == "bwd" and op.slot == j) for j in range(plan.slots)]
             keys = [cost_key(plan, op) for op in plan.ops]
-            self._graphs[key] = (plan, succ, bwd, keys)
+            per_layer: dict[tuple[int, int], int] = {}
+            for op in plan.ops:
+                if op.kind == "bwd":
+                    per_layer[(op.slot, op.layer)] = per_layer.get((op.slot, op.layer), 0) + 1
+            self._graphs[key] = (plan, succ, bwd, keys, per_layer)
         return self._graphs[key]
 
     # --- faults ------------------------------------------------------------------------------
@@ -273,13 +279,15 @@ class Engine:
     def run_graph(self, replica: int, step: int, plan: Plan | None = None) -> GraphRun:
         """Runs one replica's step graph (of ``plan``, default the engine's: sandblaster runs
         work units from a plan of the unit's batch).  Ops on failed devices never start."""
-        plan, succ, bwd_per_slot, keys = self._graph_info(plan or self.plan)
+        plan, succ, bwd_per_slot, keys, bwd_per_layer = self._graph_info(plan or self.plan)
         env = self.env
         ops, devices = plan.ops, self.plan.devices[replica]
         waiting = [len(op.deps) for op in ops]
         left = [len(ops)]
         slot_left = list(bwd_per_slot)
-        run = GraphRun(env.event(), [env.event() for _ in range(plan.slots)])
+        layer_left = dict(bwd_per_layer)
+        run = GraphRun(env.event(), [env.event() for _ in range(plan.slots)],
+                       {key: env.event() for key in bwd_per_layer})
         self.last_run[replica] = run
 
         def launch(op) -> None:
@@ -301,6 +309,9 @@ class Engine:
                     launch(ops[s])
             if op.kind == "bwd":
                 slot_left[op.slot] -= 1
+                layer_left[(op.slot, op.layer)] -= 1
+                if layer_left[(op.slot, op.layer)] == 0:
+                    run.layer_ready[(op.slot, op.layer)].succeed()
                 if slot_left[op.slot] == 0:
                     run.slot_ready[op.slot].succeed()
             left[0] -= 1

@@ -8,7 +8,7 @@ from sim.compute import Compute, op_seconds
 from sim.engine import simulate
 from clustersim.core.plan import PARAM_BYTES, plan
 from clustersim.core.topogen import build_topology
-from helpers import gpu, link, scenario
+from helpers import gpu, link, ring_topology, scenario
 
 
 def chain_seconds(p, device, dtype="fp32"):
@@ -166,3 +166,38 @@ def test_a_trace_saved_loads_back_whole(tmp_path):
     (tmp_path / "bad.json").write_text('{"traceEvents": []}')
     with pytest.raises(ValueError, match="not a clustersim trace"):
         Trace.load(tmp_path / "bad.json")
+
+
+def test_gradient_buckets_cover_every_layer_once_from_the_last():
+    from clustersim.core.plan import buckets
+    sc = scenario(model="distbelief-speech", batch=16, parallel={"replicas": 2, "model_parallel": 2},
+                  training={"bucket_mb": 20})
+    p = plan(sc)
+    for j in range(p.slots):
+        bs = buckets(p, j)
+        layers = [i for ls, _ in bs for i in ls]
+        assert layers == sorted(layers, reverse=True) and len(set(layers)) == len(layers)
+        assert sum(n for _, n in bs) == p.slot_params[j]
+        for ls, n in bs[:-1]:                     # each closed by the layer that filled it
+            node = sc.model.nodes[ls[-1]]
+            last = node.layer.slice_params(node.in_shape, dict(p.slices[ls[-1]])[j])
+            assert (n - last) * PARAM_BYTES < 20 * 2**20 <= n * PARAM_BYTES
+    whole = plan(scenario(model="distbelief-speech", batch=16, parallel={"replicas": 2}, training={"bucket_mb": 0}))
+    assert len(buckets(whole, 0)) == 1
+
+
+def test_bucketed_allreduce_overlaps_the_backward_and_moves_the_same_bytes():
+    def run(bucket_mb):
+        sc = dataclasses.replace(scenario(model="distbelief-speech", batch=64, parallel={"replicas": 2},
+                                          training={"steps": 2, "bucket_mb": bucket_mb}),
+                                 topology=ring_topology(2, gbps=2.0, lat_us=0.0))
+        res = simulate(plan(sc))
+        spans = [s for s in res.trace.spans if s.step == 1]
+        reduce = [s for s in spans if s.phase == "allreduce"]
+        return res, reduce, max(s.end_s for s in spans if s.phase == "bwd")
+    whole, reduce0, _ = run(0)
+    split, reduce1, last_bwd = run(16)
+    assert len(reduce1) > len(reduce0) == 2                                # several buckets, each a ring of 2
+    assert sum(s.bytes for s in reduce1) == pytest.approx(sum(s.bytes for s in reduce0))
+    assert min(s.start_s for s in reduce1) < last_bwd                      # the first starts inside the backward
+    assert split.trace.step_times()[1] < whole.trace.step_times()[1]

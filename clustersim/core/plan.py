@@ -203,6 +203,29 @@ def _fix_reduction_deps(ops: list[Op], bwd: dict) -> list[Op]:
     return [Op(**{**o.__dict__, "id": pos[o.id], "deps": tuple(pos[d] for d in o.deps)}) for o in order]
 
 
+def buckets(p: Plan, slot: int) -> list[tuple[tuple[int, ...], int]]:
+    """Slot ``slot``'s gradients as sync data parallelism exchanges them: (layers, parameters)
+    per bucket, from the last layer back, a bucket closed once it holds ``bucket_mb`` MiB (as
+    PyTorch DDP fills its buckets in reverse layer order); each bucket's allreduce can start
+    when its layers' backward is done.  ``bucket_mb = 0``: one bucket, after the backward."""
+    cap = p.scenario.training.bucket_mb * 2**20
+    nodes = p.scenario.model.nodes
+    out, layers, size = [], [], 0
+    for i in reversed(range(len(nodes))):
+        box = dict(p.slices[i]).get(slot)
+        n = nodes[i].layer.slice_params(nodes[i].in_shape, box) if box is not None else 0
+        if not n:
+            continue
+        layers.append(i)
+        size += n
+        if cap and size * PARAM_BYTES >= cap:
+            out.append((tuple(layers), size))
+            layers, size = [], 0
+    if layers:
+        out.append((tuple(layers), size))
+    return out
+
+
 def cost_key(p: Plan, op: Op) -> str:
     """A compute op's key in a device's measured op costs (``Device.op_costs``): its layer
     kind, with ``.backward`` for backward ops (``split_key`` adds the plan's context)."""

@@ -38,6 +38,7 @@ class Training:
     steps: int = 20              # per replica (sandblaster: batches)
     learning_rate: float = 0.1
     allreduce: str = "ring"      # ring | tree, when ps_shards = 0
+    bucket_mb: float = 25.0      # sync allreduce: gradient buckets (MiB, as PyTorch DDP's bucket_cap_mb); 0: one
     time_limit_s: float = 0.0    # > 0: no replica starts a step after this simulated time
     optimizer: str = "sgd"       # sgd | adagrad: the rule shards apply (downpour, ssp)
     n_fetch: int = 1             # downpour/dcasgd/ssp: fetch parameters every n_fetch steps
@@ -205,6 +206,7 @@ def _training(tt: Table) -> Training:
         steps=tt.int("steps", 20, lo=1, hi=10_000_000),
         learning_rate=tt.float("learning_rate", 0.1, positive=True),
         allreduce=tt.str("allreduce", "ring", choices=COLLECTIVE_ALGOS),
+        bucket_mb=tt.float("bucket_mb", 25.0, lo=0.0, hi=1e6),
         time_limit_s=tt.float("time_limit_s", 0.0, lo=0.0),
         optimizer=tt.str("optimizer", "sgd", choices=OPTIMIZERS),
         n_fetch=tt.int("n_fetch", 1, lo=1, hi=1_000_000),

@@ -19,7 +19,7 @@ parameter-server shard also sums the pushed gradients first.
 from __future__ import annotations
 
 from sim.engine import Engine, first_n
-from clustersim.core.plan import PARAM_BYTES
+from clustersim.core.plan import PARAM_BYTES, buckets
 from .ps import send_params
 from clustersim.core.schedule import apply_cost
 
@@ -102,17 +102,20 @@ def _update(engine: Engine, device: str, params: int, replica: int, step: int, s
 
 
 def _slot_exchange(engine: Engine, runs, active, j: int, step: int):
-    """Allreduce of slot j's gradients over the replicas, then every replica updates."""
+    """Allreduce of slot j's gradients over the replicas, bucket by bucket (``buckets``):
+    each starts once every replica's backward of its layers is done and the bucket before
+    it is through (one collective stream), so they overlap the rest of the backward; then
+    every replica updates."""
     env, plan = engine.env, engine.plan
-    params = plan.slot_params[j]
-    yield env.all_of([g.slot_ready[j] for g in runs])
-    if not params:
-        return
     devices = [plan.devices[r][j] for r in active]
-    if len(devices) > 1:
-        yield engine.collective("allreduce", plan.scenario.training.allreduce, devices,
-                                params * PARAM_BYTES, -1, step, "allreduce")
-    yield env.all_of([_update(engine, plan.devices[r][j], params, r, step) for r in active])
+    if len(devices) > 1 and plan.slot_params[j]:
+        for layers, n in buckets(plan, j):
+            yield env.all_of([g.layer_ready[(j, i)] for g in runs for i in layers if (j, i) in g.layer_ready])
+            yield engine.collective("allreduce", plan.scenario.training.allreduce, devices,
+                                    n * PARAM_BYTES, -1, step, "allreduce")
+    yield env.all_of([g.slot_ready[j] for g in runs])
+    if plan.slot_params[j]:
+        yield env.all_of([_update(engine, plan.devices[r][j], plan.slot_params[j], r, step) for r in active])
 
 
 def _ps_exchange(engine: Engine, runs, active, step: int):
