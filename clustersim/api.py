@@ -230,7 +230,7 @@ def validate(path: str | Path, overrides: Overrides = None, *, topology: str | P
 
 def collective(topology: str | Path, op: str = "allreduce", algo: str = "ring", sizes: Iterable[int] = (2**20,),
                *, gpus: int = 0, machines: int = 0, network: str = "flow") -> list[dict]:
-    """nccl-tests-style rows (``bytes``, ``time_s``, ``algbw_gbps``, ``busbw_gbps``) of
+    """nccl-tests-style rows (``bytes``, ``time_s``, ``algbw_gbps``, ``busbw_gbps``, ``algo``) of
     ``op`` by ``algo`` over the first ``gpus`` compute devices (all by default)."""
     import simpy
 
@@ -252,7 +252,8 @@ def collective(topology: str | Path, op: str = "allreduce", algo: str = "ring", 
         env.process(collectives.run(env, BACKENDS[network](env, topo), schedule))
         env.run()
         algbw = size / env.now / 1e9 if env.now else 0.0
-        rows.append({"bytes": size, "time_s": env.now, "algbw_gbps": algbw, "busbw_gbps": algbw * bus_factor(op, n)})
+        rows.append({"bytes": size, "time_s": env.now, "algbw_gbps": algbw, "busbw_gbps": algbw * bus_factor(op, n),
+                     "algo": algo})
     return rows
 
 

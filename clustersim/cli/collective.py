@@ -54,6 +54,6 @@ def run(args) -> int:
     n = args.gpus or "all"
     print(f"# {args.op} by {args.algo} over {n} ranks of {args.topology} ({args.network} network model)")
     shown = [{**r, "time_us": r["time_s"] * 1e6} for r in rows]
-    print(report.table(shown, [("bytes", "size (B)"), ("time_us", "time (us)"),
+    print(report.table(shown, [("bytes", "size (B)"), ("algo", "algo"), ("time_us", "time (us)"),
                                ("algbw_gbps", "algbw (GB/s)"), ("busbw_gbps", "busbw (GB/s)")]))
     return 0
