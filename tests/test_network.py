@@ -111,3 +111,23 @@ def test_bus_factors_follow_nccl_tests():
     assert collectives.bus_factor("broadcast", 8) == 1.0
     with pytest.raises(ValueError):
         collectives.phases("allgather", "tree", ["a", "b"], 1.0)
+
+
+def test_rail_flows_between_two_fat_tree_nodes_do_not_collide():
+    """Issue 16: 8 flows gpu i -> gpu i between two DGX H100 on the fat-tree, each through
+    its own NIC at both ends (rail) and on uplinks picked by destination (D-mod-K), so each
+    gets its NIC's 50 GB/s (a stable hash of the endpoints put two flows on a core link)."""
+    from clustersim.core.topogen import load_topology
+    topo = load_topology("dgx-h100-fat-tree", machines=2)
+    pairs = [(f"m0.gpu{i}", f"m1.gpu{i}") for i in range(8)]
+    for i, (a, b) in enumerate(pairs):
+        hops = [v for _, v in topo.route(a, b)]
+        assert f"m0.nic{i}" in hops and f"m1.nic{i}" in hops
+    env = simpy.Environment()
+    net = FlowNetwork(env, topo)
+    ends = {}
+    for p in pairs:
+        net.send([p], 1e9).callbacks.append(lambda _e, p=p: ends.__setitem__(p, env.now))
+    env.run()
+    latency = topo.route_latency(topo.route(*pairs[0]))
+    assert all(1e9 / (t - latency) == pytest.approx(50e9, rel=1e-6) for t in ends.values())

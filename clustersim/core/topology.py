@@ -6,8 +6,11 @@ Units: bandwidth in bytes/s and latency in seconds inside this module (files use
 resources ``(u, v)`` and ``(v, u)`` of the same capacity, so traffic in one direction never
 slows the other.
 
-Routing is widest-shortest-path: fewest hops, then the widest bottleneck, then
-deterministic ECMP (a stable hash of the endpoints picks among equal next hops).  Two rules keep routes physical: a GPU is never a transit
+Routing is widest-shortest-path: fewest hops, then the widest bottleneck, then among
+equal next hops: a machine's NICs by the endpoint's rail (GPU i's own NIC), switches by
+the destination's digits (D-mod-K, as InfiniBand's subnet manager routes a fat-tree: flows
+to different destinations leave an edge or aggregation switch on different uplinks).
+Two rules keep routes physical: a GPU is never a transit
 node, and the inside of a machine (its CPU/root complex, PCIe switches, NVSwitch, NICs) is
 transit only for traffic that starts or ends in that machine, so no route uses a host as
 a router between network switches.
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import zlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -150,7 +152,9 @@ class Topology:
             for u, v in ((ln.a, ln.b), (ln.b, ln.a)):
                 self.capacity[(u, v)] = ln.bandwidth
                 self.latency[(u, v)] = ln.latency
-        self._adj = {n: sorted(self.graph.neighbors(n)) for n in self.graph}
+        order = {n: i for i, n in enumerate(sorted(self.graph, key=lambda n: _device_order(self.devices[n])))}
+        self._adj = {n: sorted(self.graph.neighbors(n), key=order.__getitem__) for n in self.graph}
+        self._index = order                      # a device's place in device order: its D-mod-K digits
         self._routes: dict[tuple[str, str], tuple[DirLink, ...]] = {}
 
     def without_link(self, a: str, b: str) -> "Topology":
@@ -219,17 +223,26 @@ class Topology:
                     width[nb] = w
         if src not in dist:
             raise LookupError(f"no route from {src} to {dst}")
-        path, node = [], src
+        path, node, digits = [], src, self._index[dst]
         while node != dst:
             options = [nb for nb in self._adj[node] if dist.get(nb, -1) == dist[node] - 1
                        and min(cap[(node, nb)], width[nb]) >= width[node]]
-            if len(options) > 1:   # ECMP: a stable hash of (src, dst, hop) spreads pairs over paths
-                nxt = options[zlib.crc32(f"{src}>{dst}>{len(path)}".encode()) % len(options)]
-            else:
-                nxt = options[0]
+            nxt = options[0]
+            if len(options) > 1 and all(self.devices[o].kind == "nic" for o in options):
+                end = src if self.devices[options[0]].machine == machines[0] else dst
+                nxt = options[_rail(end) % len(options)]           # the endpoint's own NIC
+            elif len(options) > 1:
+                nxt = options[digits % len(options)]                # D-mod-K: the next digit
+                digits //= len(options)
             path.append((node, nxt))
             node = nxt
         return tuple(path)
+
+
+def _rail(name: str) -> int:
+    """A device's number in its machine (gpu3 -> 3): its rail."""
+    digits = name[len(name.rstrip("0123456789")):]
+    return int(digits) if digits else 0
 
 
 def _device_order(d: Device) -> tuple:
