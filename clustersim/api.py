@@ -129,17 +129,18 @@ def sweep(source: Source, vary: Mapping[str, Iterable[Any]], overrides: Override
 PLAN_FILE = "plan.json"          # in the run's workdir: the Plan every rank loads
 
 
-def execute_command(path: str | Path, set_items: list[str], *, workdir: str | Path, ranks: int = 0,
+def execute_command(path: str | Path, overrides: Overrides, *, workdir: str | Path, ranks: int = 0,
                     device: str = "cpu", json_out: bool = False, trace: str | None = None,
-                    extra: list[str] = ()) -> list[str]:
-    """The ``mpiexec`` command line that runs the scenario's ranks (``executor.ranks``).
+                    extra: list[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """The ``mpiexec`` command line that runs the scenario's ranks (``executor.ranks``) and
+    the environment to run it in (each rank's share of the cores' BLAS threads).
     Checks the input and plans here, once (a bad scenario is one line, not N), and saves
     the Plan as ``workdir/plan.json`` for the ranks to load: the caller keeps ``workdir``
     until the command has ended, then removes it.  Raises ConfigError."""
     from clustersim.core.planio import save_plan
-    from executor.launch import mpiexec
     from executor.checks import check
-    sc = load(path, set_items)
+    from executor.launch import mpiexec, rank_env
+    sc = load(path, overrides)
     n = ranks or ranks_needed(sc)
     check(sc, n)
     plan_file = Path(workdir) / PLAN_FILE
@@ -150,7 +151,7 @@ def execute_command(path: str | Path, set_items: list[str], *, workdir: str | Pa
         cmd.append("--json")
     if trace:
         cmd += ["--trace", str(trace)]
-    return cmd + list(extra)
+    return cmd + list(extra), rank_env(n)
 
 
 def execute(path: str | Path, overrides: Overrides = None, *, ranks: int = 0, device: str = "cpu",
@@ -159,13 +160,11 @@ def execute(path: str | Path, overrides: Overrides = None, *, ranks: int = 0, de
     --json``, the merged Trace of all ranks and the Plan they ran.  Raises ConfigError for
     bad input, RuntimeError with the ranks' last line when the job fails."""
     from clustersim.core.planio import load_plan
-    from executor.launch import rank_env
-    items = [f"{k}={_toml(v)}" for k, v in _pairs(overrides)]
     with tempfile.TemporaryDirectory(prefix="clustersim-execute-") as tmp:
         trace = Path(tmp) / "trace.json"
-        cmd = execute_command(path, items, workdir=tmp, ranks=ranks, device=device, json_out=True, trace=str(trace))
-        n = int(cmd[2])
-        proc = subprocess.run(cmd, env=rank_env(n), capture_output=True, text=True, timeout=timeout_s)
+        cmd, env = execute_command(path, overrides, workdir=tmp, ranks=ranks, device=device, json_out=True,
+                                   trace=str(trace))
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines()
             raise RuntimeError(lines[-1] if lines else f"execute failed with exit code {proc.returncode}")

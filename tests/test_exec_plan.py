@@ -37,7 +37,7 @@ def test_execute_command_saves_the_plan_in_workdir_and_passes_it_not_the_sets(tm
     f.write_text(SCENARIO)
     work = tmp_path / "work"
     work.mkdir()
-    cmd = api.execute_command(f, ["training.steps=4"], workdir=work, json_out=True)
+    cmd, _ = api.execute_command(f, ["training.steps=4"], workdir=work, json_out=True)
     at = cmd.index("--plan")
     assert cmd[at - 1] == str(f) and cmd[at + 1] == str(work / "plan.json") and "--set" not in cmd
     assert plan_to_dict(load_plan(work / "plan.json")) == plan_to_dict(plan(api.load(f, ["training.steps=4"])))

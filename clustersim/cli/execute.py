@@ -29,7 +29,6 @@ def run(args) -> int:
     passed through; the Plan's file lives in a temporary folder for the run's length."""
     import tempfile
 
-    from executor.launch import rank_env
     from executor.checks import check_checkpoint, check_data, parse_fail
     sc = api.load(args.scenario, args.set)
     parse_fail(args.fail, sc)
@@ -45,9 +44,9 @@ def run(args) -> int:
     if args.data:
         extra += ["--data", str(Path(args.data).resolve())]
     with tempfile.TemporaryDirectory(prefix="clustersim-execute-") as workdir:
-        cmd = api.execute_command(args.scenario, args.set, workdir=workdir, ranks=args.ranks, device=args.device,
-                                  json_out=args.json, trace=args.trace, extra=extra)
-        return subprocess.run(cmd, env=rank_env(int(cmd[2])), preexec_fn=_die_with_parent).returncode
+        cmd, env = api.execute_command(args.scenario, args.set, workdir=workdir, ranks=args.ranks,
+                                       device=args.device, json_out=args.json, trace=args.trace, extra=extra)
+        return subprocess.run(cmd, env=env, preexec_fn=_die_with_parent).returncode
 
 
 def _die_with_parent() -> None:
