@@ -190,7 +190,7 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
                           "needs parallel.ps_shards >= 1 (the shards drop the late replicas' pushes)")
     if faults.shard_recovery != "none" and tr.algorithm not in ("downpour", "dcasgd", "ssp"):
         raise ConfigError(file, "faults.shard_recovery", f"shards restart from checkpoints in Downpour, DC-ASGD "
-                          f"and SSP; {tr.algorithm} stops at a failed shard (sync: on_failure = \"restart\")")
+                          f"and SSP; {tr.algorithm} stops at a failed shard")
     if tr.comm_bits == 8 and not par.ps_shards:
         raise ConfigError(file, "training.comm_bits", f"8-bit messages are the parameter server's pushes and fetches; "
                           f"{tr.algorithm} without ps_shards sends 32-bit (set comm_bits = 32 or ps_shards >= 1)")
