@@ -27,7 +27,7 @@ VALUES = st.one_of(
     st.integers(-5, 100), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6))
 KEYS = st.sampled_from(["name", "seed", "cluster", "topology", "machines", "network", "model", "batch_size",
                         "dtype", "file", "parallel", "model_parallel", "split", "replicas", "ps_shards",
-                        "micro_batches", "training", "algorithm", "steps", "learning_rate", "allreduce",
+                        "micro_batches", "schedule", "grid", "training", "algorithm", "steps", "learning_rate", "allreduce",
                         "faults", "machine", "cpu", "gpu", "count", "cores", "core_gflops", "memory_gib",
                         "memory_bandwidth_gbps", "peak_tflops_fp32", "efficiency", "pcie", "switches",
                         "generation", "lanes", "nvlink", "nic", "bandwidth_gbps", "latency_us", "kind", "k",

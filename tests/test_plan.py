@@ -152,3 +152,14 @@ def test_more_partitions_than_devices_is_refused():
     with pytest.raises(ConfigError) as err:
         plan(scenario(parallel={"model_parallel": 4, "replicas": 3}))
     assert err.value.field == "parallel.replicas" and "12 devices" in str(err.value)
+
+
+@pytest.mark.parametrize("parallel, message", [
+    ({"model_parallel": 4, "grid": [2, 3]}, "2 x 3 blocks need model_parallel = 6"),
+    ({"model_parallel": 4, "grid": [4]}, "two integers"),
+    ({"model_parallel": 4, "grid": [2, 2], "split": "layers"}, "blocks are a spatial split"),
+    ({"schedule": "zigzag"}, "must be one of 1f1b, gpipe")])
+def test_pipeline_schedule_and_grid_are_checked(parallel, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        scenario(parallel=parallel)
+    assert err.value.field in ("parallel.grid", "parallel.schedule")

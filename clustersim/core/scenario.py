@@ -21,6 +21,16 @@ ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster")
 OPTIMIZERS = ("sgd", "adagrad")
 NETWORKS = ("flow", "analytical")
 COLLECTIVE_ALGOS = ("ring", "tree")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")
+
+
+def _grid(pt: Table) -> tuple[int, ...]:
+    """``parallel.grid = [rows, cols]``: two integers >= 1, or absent."""
+    value = pt.raw("grid", [])
+    if not isinstance(value, list) or (value and (len(value) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value))):
+        raise pt.error("grid", f"must be two integers >= 1 as [rows, cols]; got {value!r}")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,8 @@ class Parallel:
     replicas: int = 1
     ps_shards: int = 0           # 0: gradients are summed by allreduce
     micro_batches: int = 1       # pipeline (layers split): micro-batches per step
+    schedule: str = "1f1b"       # pipeline: gpipe (all forwards, then all backwards) | 1f1b
+    grid: tuple[int, ...] = ()   # spatial split: (rows, cols) blocks of every layer; (): chosen from model_parallel
 
 
 @dataclass(frozen=True)
@@ -173,9 +185,16 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
                    split=pt.str("split", "spatial", choices=("spatial", "layers")),
                    replicas=pt.int("replicas", 1, lo=1, hi=65536),
                    ps_shards=pt.int("ps_shards", 0, lo=0, hi=65536),
-                   micro_batches=pt.int("micro_batches", 1, lo=1, hi=4096))
+                   micro_batches=pt.int("micro_batches", 1, lo=1, hi=4096),
+                   schedule=pt.str("schedule", "1f1b", choices=PIPELINE_SCHEDULES),
+                   grid=_grid(pt))
     if par.micro_batches > batch:
         raise pt.error("micro_batches", f"must be <= model.batch_size ({batch})")
+    if par.grid and par.split != "spatial":
+        raise pt.error("grid", f"blocks are a spatial split; split is {par.split!r}")
+    if par.grid and par.grid[0] * par.grid[1] != par.model_parallel:
+        raise pt.error("grid", f"{par.grid[0]} x {par.grid[1]} blocks need model_parallel = "
+                               f"{par.grid[0] * par.grid[1]}; got {par.model_parallel}")
     pt.done()
 
     tr = _training(top.table("training", {}))
