@@ -36,8 +36,11 @@ def _cut(shape: Shape, axis: int, parts: int) -> list[Box]:
     return boxes
 
 
-def spatial_slices(model: Model, m: int) -> tuple[Slices, tuple[str, ...]]:
-    """Per layer the M boxes (empty boxes dropped) and the axis each layer is cut on."""
+def spatial_slices(model: Model, m: int, grid: tuple[int, ...] = ()) -> tuple[Slices, tuple[str, ...]]:
+    """Per layer the M boxes (empty boxes dropped) and the axis each layer is cut on.
+    ``grid`` (rows, cols): 2-D blocks where a layer is cut by rows (not yet: refused)."""
+    if grid and grid[1] > 1:
+        raise NotImplementedError("2-D blocks")
     out, axes = [], []
     axis = "rows" if model.input_shape[1] > 1 else "channels"
     for node in model.nodes:

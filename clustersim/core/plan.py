@@ -84,7 +84,7 @@ def plan(sc: Scenario, check_memory: bool = True) -> Plan:
                               f"a layers split has at most {len(model.nodes)} stages (one per layer); got {m}")
         slices, axes = layer_slices(model, m)
     else:
-        slices, axes = spatial_slices(model, m)
+        slices, axes = spatial_slices(model, m, par.grid)
     slot_params = [0] * m
     for node, layer_slices_ in zip(model.nodes, slices):
         for slot, box in layer_slices_:
