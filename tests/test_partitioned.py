@@ -22,8 +22,9 @@ NO_BN = build_model("no-bn", (3, 10, 10), [
     L("dense", units=6), L("tanh"), L("dense", units=4), L("softmax_xent")], 4)
 
 
-def make_plan(model, m, split, micro=1, batch=6):
-    sc = scenario(batch=batch, parallel={"model_parallel": m, "split": split, "micro_batches": micro})
+def make_plan(model, m, split, micro=1, batch=6, grid=()):
+    par = {"model_parallel": m, "split": split, "micro_batches": micro} | ({"grid": list(grid)} if grid else {})
+    sc = scenario(batch=batch, parallel=par)
     return plan(dataclasses.replace(sc, model=model), check_memory=False)
 
 
@@ -50,17 +51,22 @@ def run(p, full, x, y):
     return res.loss, logits, grads
 
 
-@pytest.mark.parametrize("model, split, m, micro", [
-    (ALL_KINDS, "spatial", 2, 1), (ALL_KINDS, "spatial", 3, 1), (ALL_KINDS, "layers", 2, 1),
-    (ALL_KINDS, "layers", 3, 1), (NO_BN, "layers", 3, 3), (NO_BN, "spatial", 3, 2)])
-def test_partitioned_step_equals_the_single_process_reference(model, split, m, micro):
+@pytest.mark.parametrize("model, split, m, micro, grid", [
+    (ALL_KINDS, "spatial", 2, 1, ()), (ALL_KINDS, "spatial", 3, 1, ()), (ALL_KINDS, "layers", 2, 1, ()),
+    (ALL_KINDS, "layers", 3, 1, ()), (NO_BN, "layers", 3, 3, ()), (NO_BN, "spatial", 3, 2, ()),
+    (ALL_KINDS, "spatial", 4, 1, ()), (ALL_KINDS, "spatial", 6, 1, (2, 3)), (ALL_KINDS, "spatial", 3, 1, (1, 3)),
+    (NO_BN, "spatial", 4, 2, (2, 2))])
+def test_partitioned_step_equals_the_single_process_reference(model, split, m, micro, grid):
+    """2-D blocks included: 4 slots cut ALL_KINDS' first layers in 2 x 2 blocks (automatically)."""
     rng = np.random.default_rng(7)
     ref_plan = make_plan(model, 1, "spatial")
     full = init_params(model, rng)
     x = rng.normal(size=(6, *model.input_shape))
     y = rng.integers(0, model.nodes[-1].out_shape[0], 6)
     loss0, logits0, grads0 = run(ref_plan, full, x, y)
-    loss, logits, grads = run(make_plan(model, m, split, micro), full, x, y)
+    p = make_plan(model, m, split, micro, grid=grid)
+    assert ("blocks" in p.axes) == (m == 4 or len(grid) == 2)
+    loss, logits, grads = run(p, full, x, y)
     assert loss == pytest.approx(loss0, rel=1e-10)
     assert np.allclose(logits, logits0, rtol=1e-10, atol=1e-12)
     for i in grads0:
@@ -68,15 +74,16 @@ def test_partitioned_step_equals_the_single_process_reference(model, split, m, m
             assert np.allclose(g, g0, rtol=1e-9, atol=1e-12), (i, model.nodes[i].layer.kind)
 
 
-def test_messages_carry_the_bytes_the_plan_counts():
-    p = make_plan(NO_BN, 3, "spatial")
+@pytest.mark.parametrize("m, grid", [(3, ()), (4, (2, 2))])
+def test_messages_carry_the_bytes_the_plan_counts(m, grid):
+    p = make_plan(NO_BN, m, "spatial", grid=grid)
     rng = np.random.default_rng(0)
     full = init_params(NO_BN, rng, dtype=np.float32)
     x = rng.normal(size=(6, *NO_BN.input_shape)).astype(np.float32)
     y = rng.integers(0, 4, 6)
     params = slot_params(p, full)
     mail = Mailbox()
-    run_step(p, {0, 1, 2}, params, x, y, mail)
+    run_step(p, set(range(m)), params, x, y, mail)
     assert mail.bytes == sum(op.bytes for op in p.ops if op.kind == "xfer")
 
 

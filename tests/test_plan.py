@@ -55,16 +55,17 @@ def owned_mask(shape, box):
     return mask
 
 
-def small_scenario(m, split, replicas=1, micro=1):
-    sc = scenario(batch=4, parallel={"model_parallel": m, "split": split, "replicas": replicas,
-                                     "micro_batches": micro})
+def small_scenario(m, split, replicas=1, micro=1, grid=None):
+    par = {"model_parallel": m, "split": split, "replicas": replicas, "micro_batches": micro}
+    sc = scenario(batch=4, parallel=par | ({"grid": list(grid)} if grid else {}))
     return sc.__class__(**{**sc.__dict__, "model": SMALL})
 
 
-@pytest.mark.parametrize("split", ["spatial", "layers"])
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
-def test_transfer_volumes_equal_cut_sizes(split, m):
-    p = plan(small_scenario(m, split))
+@pytest.mark.parametrize("split, m, grid", [(split, m, None) for split in ("spatial", "layers") for m in (1, 2, 3, 4)]
+                         + [("spatial", r * c, (r, c)) for r, c in ((1, 2), (1, 3), (2, 2), (2, 3), (3, 2), (4, 2), (2, 4))]
+                         + [("spatial", 6, None), ("spatial", 8, None)])
+def test_transfer_volumes_equal_cut_sizes(split, m, grid):
+    p = plan(small_scenario(m, split, grid=grid))
     model, db, batch = SMALL, 4, 4
     for i in range(1, len(model.nodes)):
         node, prev = model.nodes[i], model.nodes[i - 1]
@@ -79,6 +80,46 @@ def test_transfer_volumes_equal_cut_sizes(split, m):
         back = sum(op.bytes for op in p.ops if op.kind == "xfer" and op.layer == i and op.why == "gradient")
         assert sent == expected * batch * db, (i, node.layer.kind)
         assert back == sent                     # each activation's gradient goes back the way it came
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (1, 3), (3, 2)])
+def test_blocks_tile_every_layer_once(grid):
+    """Each layer's boxes are disjoint and cover its output; layers cut by rows are cut in
+    grid blocks, the rest by channels, into at most rows x cols boxes."""
+    p = plan(small_scenario(grid[0] * grid[1], "spatial", grid=grid))
+    for node, sl, axis in zip(SMALL.nodes, p.slices, p.axes):
+        cover = np.zeros(node.out_shape, int)
+        for _, box in sl:
+            cover += owned_mask(node.out_shape, box)
+        assert (cover == 1).all(), node.name
+        spatial = node.index < 4                   # locally_connected .. lcn; conv2d onwards by channels
+        assert axis == (("blocks" if grid[1] > 1 else "rows") if spatial else "channels"), node.name
+        if spatial:
+            assert len({box[1] for _, box in sl}) == min(grid[0], node.out_shape[1])
+            assert len({box[2] for _, box in sl}) == min(grid[1], node.out_shape[2])
+
+
+@pytest.mark.parametrize("shapes, m, grid", [
+    ([(4, 12, 12)], 4, (2, 2)), ([(4, 12, 12)], 8, (4, 2)), ([(4, 12, 12)], 9, (3, 3)),
+    ([(4, 40, 10)], 4, (4, 1)), ([(4, 10, 40)], 4, (1, 4)), ([(4, 20, 10)], 8, (4, 2)),
+    ([(4, 12, 12)], 7, (7, 1)), ([(4, 3, 40)], 8, (1, 8)), ([(4, 2, 3)], 8, (2, 4))])
+def test_auto_grid_follows_the_aspect_ratio(shapes, m, grid):
+    """Closed forms of the least halo perimeter (r-1) W + (c-1) H over r x c = m: square
+    layers get the squarest grid (more rows on a tie), tall ones rows, wide ones columns;
+    a prime m has only 1-D cuts; on a 2 x 3 layer 2 x 4 leaves the fewest slots idle."""
+    from clustersim.core.partition import auto_grid
+    c, h, w = shapes[0]
+    model = build_model("a", (c, h + 2, w + 2), [L("locally_connected", filters=c, kernel=3)])
+    assert auto_grid(model, m) == grid
+
+
+def test_auto_grid_leaves_channel_cut_models_one_dimensional():
+    from clustersim.core.partition import spatial_slices
+    slices, axes = spatial_slices(zoo_model("alexnet"), 8)
+    assert "blocks" not in axes and "rows" not in axes[:1]
+    slices, axes = spatial_slices(zoo_model("distbelief-image-1.7b"), 81)
+    assert axes[0] == "blocks" and len(slices[0]) == 81
+    assert {b[1] for _, b in slices[0]} == {b[2] for _, b in slices[0]}      # 9 x 9 blocks of 91 x 91
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))

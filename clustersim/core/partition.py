@@ -1,9 +1,9 @@
 """How one replica of a model is cut over M device slots.
 
-``spatial`` (DistBelief): every layer's output is cut into M boxes (rows or channels, as
-the layer kind says); slot j computes box j of every layer.  ``layers`` (pipeline):
-consecutive layers form M stages balanced by FLOPs; a layer's single box sits on its
-stage's slot.  Either way the result is, per layer, a list of (slot, box); transfers and
+``spatial`` (DistBelief): every layer's output is cut into M boxes (2-D blocks of rows
+and columns, or channels, as the layer kind says); slot j computes box j of every layer.
+``layers`` (pipeline): consecutive layers form M stages balanced by FLOPs; a layer's
+single box sits on its stage's slot.  Either way the result is, per layer, a list of (slot, box); transfers and
 parameters follow from boxes alone, so both splits share one mechanism.
 """
 from __future__ import annotations
@@ -36,19 +36,60 @@ def _cut(shape: Shape, axis: int, parts: int) -> list[Box]:
     return boxes
 
 
-def spatial_slices(model: Model, m: int, grid: tuple[int, ...] = ()) -> tuple[Slices, tuple[str, ...]]:
-    """Per layer the M boxes (empty boxes dropped) and the axis each layer is cut on.
-    ``grid`` (rows, cols): 2-D blocks where a layer is cut by rows (not yet: refused)."""
-    if grid and grid[1] > 1:
-        raise NotImplementedError("2-D blocks")
-    out, axes = [], []
-    axis = "rows" if model.input_shape[1] > 1 else "channels"
+def _blocks(shape: Shape, rows: int, cols: int) -> list[Box]:
+    """rows x cols blocks of (H, W), every channel; block (a, b) is slot a * cols + b."""
+    return [((0, shape[0]), hr, wc) for hr in even_cuts(shape[1], rows) for wc in even_cuts(shape[2], cols)]
+
+
+def _axes(model: Model, cols: int) -> list[str]:
+    """The axis each layer is cut on: its kind's, a ``follow`` layer its input's; a layer
+    cut by rows with nothing left to cut spatially goes by channels."""
+    axes = []
+    axis = "rows" if model.input_shape[1] > 1 or (cols > 1 and model.input_shape[2] > 1) else "channels"
     for node in model.nodes:
         want = node.layer.split if node.layer.split != "follow" else axis
-        if want == "rows" and node.out_shape[1] < 2:
-            want = "channels"          # nothing left to cut by rows
+        _, h, w = node.out_shape
+        if want == "rows" and h < 2 and (cols == 1 or w < 2):
+            want = "channels"          # nothing left to cut by rows (or columns)
         axis = want
-        boxes = _cut(node.out_shape, AXIS[axis], m)
+        axes.append(axis)
+    return axes
+
+
+def auto_grid(model: Model, m: int) -> tuple[int, int]:
+    """(rows, cols) blocks for the layers cut by rows when no ``parallel.grid`` is given:
+    among the factorisations r x c = m, the one whose cuts are shortest -- the least
+    Σ C (r-1) W + C (c-1) H over those layers' outputs (C, H, W), i.e. the least halo
+    perimeter, so r/c follows the layers' aspect ratio H/W -- among the grids that leave
+    the most blocks of the first such layer non-empty (more rows or columns than it has
+    would leave slots idle); ties go to more rows (the 1-D cut's axis).
+    One grid serves every layer, so consecutive layers' blocks line up on their slots."""
+    shapes = [n.out_shape for n, a in zip(model.nodes, _axes(model, 2)) if a == "rows"]
+    if not shapes or m == 1:
+        return (m, 1)
+    grids = [(r, m // r) for r in range(m, 0, -1) if m % r == 0]
+    _, h0, w0 = shapes[0]
+
+    def idle_then_perimeter(grid: tuple[int, int]) -> tuple[int, int]:
+        r, c = grid
+        return (-min(r, h0) * min(c, w0),
+                sum(ch * ((min(r, h) - 1) * w + (min(c, w) - 1) * h) for ch, h, w in shapes))
+    return min(grids, key=idle_then_perimeter)      # min keeps the first of equals: more rows
+
+
+def spatial_slices(model: Model, m: int, grid: tuple[int, ...] = ()) -> tuple[Slices, tuple[str, ...]]:
+    """Per layer the M boxes (empty boxes dropped) and the axis each layer is cut on.
+    Layers cut by rows are cut in ``grid`` = (rows, cols) blocks of (H, W) (DistBelief's
+    2-D blocks; ``auto_grid`` when not given, axis ``blocks`` when cols > 1); layers cut
+    by channels stay 1-D."""
+    rows, cols = tuple(grid) if grid else auto_grid(model, m)
+    out, axes = [], []
+    for node, axis in zip(model.nodes, _axes(model, cols)):
+        if axis == "rows":
+            boxes = _blocks(node.out_shape, rows, cols)
+            axis = "blocks" if cols > 1 else "rows"
+        else:
+            boxes = _cut(node.out_shape, AXIS[axis], m)
         out.append(tuple((slot, b) for slot, b in enumerate(boxes) if box_size(b)))
         axes.append(axis)
     return tuple(out), tuple(axes)
