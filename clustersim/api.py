@@ -30,7 +30,7 @@ Source = str | Path | Mapping
 Overrides = Mapping[str, Any] | Iterable[str | tuple[str, Any]] | None
 
 __all__ = ["ConfigError", "Result", "load", "simulate", "sweep", "execute", "validate", "calibrate", "collective",
-           "combine", "ranks_needed", "save_figure", "write_atomic"]
+           "combine", "ranks_needed", "save_figure", "write_atomic", "published", "published_score"]
 
 
 class Result:
@@ -227,33 +227,37 @@ def validate(path: str | Path, overrides: Overrides = None, *, topology: str | P
     return Result(compare(str(path), str(topology), items, repeats))
 
 
-def collective(topology: str | Path, op: str = "allreduce", algo: str = "ring", sizes: Iterable[int] = (2**20,),
-               *, gpus: int = 0, machines: int = 0, network: str = "flow") -> list[dict]:
-    """nccl-tests-style rows (``bytes``, ``time_s``, ``algbw_gbps``, ``busbw_gbps``, ``algo``) of
-    ``op`` by ``algo`` over the first ``gpus`` compute devices (all by default)."""
-    import simpy
-
-    from clustersim.core.collective import bus_factor, phases
-    from sim import collectives
-    from sim.network import BACKENDS
+def collective(topology: str | Path, op: str = "allreduce", algo: str = "auto", sizes: Iterable[int] = (2**20,),
+               *, gpus: int = 0, machines: int = 0, network: str = "flow", protocol: str = "") -> list[dict]:
+    """nccl-tests-style rows (``bytes``, ``time_s``, ``algbw_gbps``, ``busbw_gbps``, ``algo``,
+    ``protocol``) of ``op`` by ``algo`` (``auto``: NCCL's tuner picks per size) over the first
+    ``gpus`` compute devices (all by default)."""
+    from sim.collectives import table
     topo = load_topology(str(topology), Path("."), machines or None)
     devices = topo.compute_devices()
     n = gpus or len(devices)
     if not 2 <= n <= len(devices):
         raise ConfigError("--gpus", str(gpus), f"must be 2..{len(devices)} for topology {topo.name}")
-    rows = []
-    for size in sizes:
-        env = simpy.Environment()
-        try:
-            schedule = phases(op, algo, devices[:n], size)
-        except ValueError as exc:
-            raise ConfigError("--algo", algo, str(exc)) from None
-        env.process(collectives.run(env, BACKENDS[network](env, topo), schedule))
-        env.run()
-        algbw = size / env.now / 1e9 if env.now else 0.0
-        rows.append({"bytes": size, "time_s": env.now, "algbw_gbps": algbw, "busbw_gbps": algbw * bus_factor(op, n),
-                     "algo": algo})
-    return rows
+    try:
+        return table(topo, op, algo, list(sizes), devices[:n], network, protocol)
+    except ValueError as exc:
+        raise ConfigError("--algo", algo, str(exc)) from None
+
+
+PUBLISHED = Path(__file__).resolve().parents[1] / "scenarios" / "published"
+
+
+def published(directory: str | Path | None = None) -> list[dict]:
+    """Every published-measurement case (``scenarios/published``) predicted: rows with
+    ``name``, ``metric``, ``unit``, ``predicted``, ``published``, ``error_pct``, ``source``."""
+    from clustersim.compare.published import published as run
+    return run(Path(directory) if directory else PUBLISHED)
+
+
+def published_score(rows: list[dict]) -> dict:
+    """Median and worst |error| of the cases not fitted."""
+    from clustersim.compare.published import score
+    return score(rows)
 
 
 def combine(rounds: list[dict]) -> dict:

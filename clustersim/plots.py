@@ -147,3 +147,28 @@ def plot_validation(result: dict, path: str | Path) -> None:
     ax.legend()
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def plot_published(rows: list[dict], path: str | Path) -> None:
+    """Predicted against published, per unit a panel, the diagonal and +-15% marked."""
+    units = sorted({r["unit"] for r in rows})
+    fig, axes = plt.subplots(1, len(units), figsize=(5 * len(units), 4.5), squeeze=False)
+    for ax, unit in zip(axes[0], units):
+        pts = [r for r in rows if r["unit"] == unit]
+        hi = max(max(r["predicted"], r["published"]) for r in pts) * 1.15
+        lo = min(min(r["predicted"], r["published"]) for r in pts) / 1.15
+        ax.plot([lo, hi], [lo, hi], color="black", lw=0.8)
+        ax.fill_between([lo, hi], [lo / 1.15, hi / 1.15], [lo * 1.15, hi * 1.15], color="grey", alpha=0.15,
+                        label="within 15%")
+        for r in pts:
+            ax.scatter(r["published"], r["predicted"], marker="s" if r["fitted"] else "o")
+            ax.annotate(r["name"], (r["published"], r["predicted"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"published ({unit})")
+        ax.set_ylabel(f"predicted ({unit})")
+        ax.legend(loc="upper left", fontsize=7)
+    fig.suptitle("clustersim against published measurements")
+    fig.tight_layout()
+    save_figure(fig, path)

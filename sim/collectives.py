@@ -1,44 +1,232 @@
-"""Collective algorithms as phases of transfers, run on any network backend.
+"""Collectives laid out on a topology and run on any network backend.
 
-A ``Phase`` is a set of (src, dst) pairs each moving ``nbytes``; a *coupled* phase moves
-in lockstep (one ring: it advances at the pace of its slowest hop), otherwise its
-transfers are independent and the phase ends when the last one does.
+``layout`` turns (op, algo, devices, bytes) into a ``Collective``: NCCL's channels over the
+NICs of each machine (``clustersim.core.collective``), and, where every member is a GPU,
+NCCL's protocol and cost model (``clustersim.core.nccl``): ``auto`` picks ring or tree and
+LL / LL128 / Simple by NCCL's predicted time, using the bandwidth the flow model gives each
+algorithm on these links; the run then pays NCCL's latency for the algorithm and protocol,
+and every link carries at NCCL's speed for its kind (NVLink, PCIe, network) times the
+protocol's share.  Host (CPU) collectives run the ring by default and pay the routes'
+own latencies.
+
+``run`` runs the phases: those of one wave at once, waves one after another.  A coupled
+phase (one ring or tree of one channel) moves in lockstep at the pace of its slowest hop.
 
 Closed forms on a uniform ring of n ranks with per-hop latency a and bandwidth B
 (message size S): ring allreduce 2(n-1)a + 2(n-1)/n S/B; ring reduce-scatter and
-allgather (n-1)a + (n-1)/n S/B; pipelined ring broadcast (n-1)a + S/B.  The binary tree
-is pipelined as NCCL's is: chunks stream up and back down at once, so an allreduce over
-a tree of depth d costs 2d a plus the time its busiest link needs: with one link per
-rank, an interior rank's carries three streams out (to its parent and two children), 3 S/B.
-Ranks are placed in list order (heap-ordered); NCCL's topology-aware trees (one rank per
-node across nodes) and its second, complementary tree are not modelled.  ``ps`` is a parameter server sharded over the n ranks: everyone
-pushes S/n to every shard, then fetches S/n from every shard.
+allgather (n-1)a + (n-1)/n S/B; pipelined ring broadcast (n-1)a + S/B.  Trees are
+pipelined as NCCL's are: chunks stream up and back down at once, so an allreduce costs
+the latency of the deepest path up and down plus the time its busiest link needs.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import simpy
 
+from clustersim.core import nccl
 from clustersim.core.collective import ALGOS, OPS, Phase, bus_factor, phases  # noqa: F401  (the simulator's collective API)
-from sim.network import Network, Pair
+from clustersim.core.topology import DirLink, Topology
+from sim.network import FlowNetwork, Network, Pair
 
 Record = Callable[[Pair, float, float, float], None]   # (pair, bytes, start_s, end_s)
 
 
-def run(env: simpy.Environment, network: Network, schedule: list[Phase], record: Record | None = None):
-    """A simpy process body: runs the phases one after another."""
-    for ph in schedule:
-        start = env.now
-        if ph.coupled:
-            yield network.send(ph.pairs, ph.nbytes, ph.messages)
-            ends = [env.now] * len(ph.pairs)
-        else:
-            events = [network.send([p], ph.nbytes, ph.messages) for p in ph.pairs]
-            ends = [0.0] * len(events)
-            for i, ev in enumerate(events):
-                ev.callbacks.append(lambda _e, i=i: ends.__setitem__(i, env.now))
-            yield env.all_of(events)
-        if record:
-            for pair, end in zip(ph.pairs, ends):
-                record(pair, ph.nbytes, start, end)
+@dataclass(frozen=True)
+class Collective:
+    op: str
+    algo: str                       # the algorithm run (never "auto")
+    proto: str                      # NCCL protocol; "" for host collectives
+    phases: tuple[Phase, ...]
+    wave_latency: tuple[float, ...] = ()    # seconds per wave (NCCL's model); (): the routes' own
+    share: float = 1.0              # the protocol's share of NCCL's link speeds
+
+    @property
+    def label(self) -> str:
+        return f"{self.algo}/{self.proto}" if self.proto else self.algo
+
+
+def ports(topology: Topology, devices: Sequence[str]) -> list[list[tuple[str, str, str]]] | None:
+    """Every machine's rails (in order of first appearance), each (NIC, the member nearest
+    it, the next nearest: the one a ring leaves by); None on one machine or without NICs."""
+    by_machine: dict = {}
+    for d in devices:
+        by_machine.setdefault(topology.machine_of(d), []).append(d)
+    if len(by_machine) < 2:
+        return None
+    out = []
+    for machine, local in by_machine.items():
+        nics = [n for n, x in topology.devices.items() if x.kind == "nic" and x.machine == machine]
+        if not nics:
+            return None
+        rails = []
+        for nic in sorted(nics, key=_rail):
+            near = sorted(local, key=lambda d: (len(topology.route(d, nic)), (_rail(d) - _rail(nic)) % 64))
+            rails.append((nic, near[0], near[min(1, len(near) - 1)]))
+        out.append(rails)
+    return out
+
+
+def _rail(name: str) -> int:
+    digits = name[len(name.rstrip("0123456789")):]
+    return int(digits) if digits else 0
+
+
+def schedule(topology: Topology, op: str, algo: str, devices: Sequence[str], nbytes: float) -> list[Phase]:
+    """``phases`` laid out on the topology's machines and NICs (no protocol: the routes'
+    own latencies and full link speeds when run; ``layout`` for NCCL's model)."""
+    return phases(op, algo, devices, nbytes, [topology.machine_of(d) for d in devices], ports(topology, devices))
+
+
+def table(topology: Topology, op: str, algo: str, sizes: Sequence[int], devices: Sequence[str],
+          network: str = "flow", proto: str = "") -> list[dict]:
+    """nccl-tests-style rows (bytes, time_s, algbw_gbps, busbw_gbps, algo, protocol), each
+    size run alone on the topology.  Raises ValueError for an algorithm the op lacks."""
+    from sim.network import BACKENDS
+    rows, cache = [], {}
+    for size in sizes:
+        env = simpy.Environment()
+        coll = layout(topology, op, algo, devices, size, proto, cache)
+        env.process(run(env, BACKENDS[network](env, topology), coll))
+        env.run()
+        algbw = size / env.now / 1e9 if env.now else 0.0
+        rows.append({"bytes": size, "time_s": env.now, "algbw_gbps": algbw,
+                     "busbw_gbps": algbw * bus_factor(op, len(devices)), "algo": coll.algo, "protocol": coll.proto})
+    return rows
+
+
+def link_kind(topology: Topology, link: DirLink) -> str:
+    """nvlink | pci | net: which of NCCL's link speeds a directed link runs at."""
+    kinds = {topology.devices[end].kind for end in link}
+    if "switch" in kinds or "nic" in kinds:          # a NIC's own port runs at the NIC's speed
+        return "net"
+    if "nvswitch" in kinds or kinds == {"gpu"}:
+        return "nvlink"
+    return "pci"
+
+
+def _intra_kind(topology: Topology, devices: Sequence[str]) -> str:
+    """NVLink when the members of a machine reach each other over NVLink only, else PCI."""
+    by_machine: dict = {}
+    for d in devices:
+        by_machine.setdefault(topology.machine_of(d), []).append(d)
+    for local in by_machine.values():
+        for a, b in zip(local, local[1:]):
+            if any(link_kind(topology, ln) != "nvlink" for ln in topology.route(a, b)):
+                return "pci"
+    return "nvlink"
+
+
+def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbytes: float,
+           proto: str = "", cache: dict | None = None) -> Collective:
+    """The collective to run.  ``proto`` forces NCCL's protocol (GPU groups); ``cache`` keeps
+    the per-byte transfer times ``auto`` measures (per topology and group)."""
+    nodes = [topology.machine_of(d) for d in devices]
+    key = ("ports", id(topology), tuple(devices))
+    if cache is not None and key in cache:
+        rail_ports = cache[key]
+    else:
+        rail_ports = ports(topology, devices)
+        if cache is not None:
+            cache[key] = rail_ports
+    gpus = all(topology.devices[d].kind == "gpu" for d in devices)
+    if not gpus:
+        chosen = "ring" if algo == "auto" else algo
+        return Collective(op, chosen, "", tuple(phases(op, chosen, devices, nbytes, nodes)))
+    n, machines = len(devices), len(set(nodes))
+    intra = _intra_kind(topology, devices)
+    if algo == "auto" or not proto:
+        candidates = [algo] if algo != "auto" else ["ring"] + (["tree"] if op in ("allreduce", "broadcast") else [])
+        per_byte = {a: _us_per_byte(topology, op, a, devices, nodes, rail_ports, cache) for a in candidates}
+        channels = min(len(p) for p in rail_ports) if rail_ports else 1
+        best_algo, best_proto = nccl.choose(op, nbytes, per_byte, n, machines, intra, channels)
+        algo, proto = best_algo, proto or best_proto
+    schedule = tuple(phases(op, algo, devices, nbytes, nodes, rail_ports))
+    share = nccl.protocol_factor("tree" if algo == "tree" else "ring", proto, op, machines, n / machines)
+    return Collective(op, algo, proto, schedule, _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes),
+                      share)
+
+
+def _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes) -> tuple[float, ...]:
+    """NCCL's latency per wave: the whole collective's for ring and tree; for hierarchical,
+    a ring's inside the machines, across them, and inside again."""
+    if algo == "hierarchical":
+        ppn = n // machines
+        parts = []
+        if ppn > 1:
+            parts.append(nccl.latency_us("reducescatter", "ring", proto, ppn, 1, intra))
+        if machines > 1:
+            parts.append(nccl.latency_us("allreduce", "ring", proto, machines, machines, intra, nbytes / ppn))
+        if ppn > 1:
+            parts.append(nccl.latency_us("allgather", "ring", proto, ppn, 1, intra))
+        return tuple(x * 1e-6 for x in parts)
+    if algo == "ps":
+        return ()
+    lat = nccl.latency_us(op, algo, proto, n, machines, intra, nbytes, max(1, len(schedule)))
+    return (lat * 1e-6,)
+
+
+def _us_per_byte(topology, op, algo, devices, nodes, rail_ports, cache) -> float:
+    """Microseconds per byte of ``algo`` alone on the links at NCCL's speeds, no latency."""
+    key = (id(topology), op, algo, tuple(devices))
+    if cache is not None and key in cache:
+        return cache[key]
+    size = 2.0**20
+    env = simpy.Environment()
+    coll = Collective(op, algo, "Simple", tuple(phases(op, algo, devices, size, nodes, rail_ports)), (0.0,) * 3,
+                      1.0)
+    env.process(run(env, FlowNetwork(env, topology), coll))
+    env.run()
+    value = env.now * 1e6 / size
+    if cache is not None:
+        cache[key] = value
+    return value
+
+
+def phase_latency(network: Network, ph: Phase) -> float:
+    """The routes' own latency: what a chunk pays crossing the phase's hops in sequence."""
+    route, lat = network.topology.route, network.topology.route_latency
+    if ph.path:
+        return sum(lat(route(a, b)) for a, b in ph.path)
+    relays = sum(1 for a, _ in ph.pairs if network.topology.devices[a].kind == "nic")   # a ring's NIC hops
+    if len(ph.pairs) <= relays:
+        return 0.0
+    return ph.messages * sum(lat(route(a, b)) for a, b in ph.pairs) / (len(ph.pairs) - relays)
+
+
+def run(env: simpy.Environment, network: Network, coll: Collective | list[Phase], record: Record | None = None):
+    """A simpy process body: runs the waves one after another, the phases of a wave at once."""
+    if not isinstance(coll, Collective):
+        coll = Collective("", "", "", tuple(coll))
+    waves: list[list[Phase]] = []
+    for ph in coll.phases:
+        if not waves or waves[-1][0].wave != ph.wave:
+            waves.append([])
+        waves[-1].append(ph)
+    speed = None
+    if coll.proto:
+        topo = network.topology
+
+        def speed(link: DirLink) -> float:
+            return nccl.LINK_EFFICIENCY[link_kind(topo, link)] * coll.share
+    for w, wave in enumerate(waves):
+        lat = coll.wave_latency[w] if w < len(coll.wave_latency) else None
+        yield env.all_of([env.process(_phase(env, network, ph, record, lat, speed)) for ph in wave])
+
+
+def _phase(env: simpy.Environment, network: Network, ph: Phase, record: Record | None, latency, speed):
+    start = env.now
+    if ph.coupled:
+        yield network.send(ph.pairs, ph.nbytes, latency=phase_latency(network, ph) if latency is None else latency,
+                           speed=speed)
+        ends = [env.now] * len(ph.pairs)
+    else:
+        events = [network.send([p], ph.nbytes, ph.messages, latency=latency, speed=speed) for p in ph.pairs]
+        ends = [0.0] * len(events)
+        for i, ev in enumerate(events):
+            ev.callbacks.append(lambda _e, i=i: ends.__setitem__(i, env.now))
+        yield env.all_of(events)
+    if record:
+        for pair, end in zip(ph.pairs, ends):
+            record(pair, ph.nbytes, start, end)

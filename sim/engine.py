@@ -73,6 +73,7 @@ class Engine:
         self.step_costed = {name for name in self.compute.weights if "step" in sc.topology.devices[name].op_costs}
         self.network = BACKENDS[sc.network](self.env, sc.topology)
         self.trace = Trace()
+        self._collectives: dict = {}                # NCCL tuner's per-byte times per group (sim.collectives)
         self.failed: dict[str, float] = {}          # device -> time it failed (until a restart replaces it)
         self.failed_ever: dict[str, float] = {}     # every device that failed in the run, and when
         self.failed_transfers = 0
@@ -242,7 +243,11 @@ class Engine:
 
     def collective(self, op: str, algo: str, devices: list[str], nbytes: float, replica: int,
                    step: int, name: str) -> simpy.Event:
-        schedule = collectives.phases(op, algo, devices, nbytes)
+        try:
+            coll = collectives.layout(self.network.topology, op, algo, devices, nbytes, cache=self._collectives)
+        except LookupError as exc:             # the tuner's trial run found a route cut
+            return self._block(f"{exc} (a link cut)", name)
+        schedule = coll.phases
         route = self.network.topology.route
         for ph in schedule:                    # a member gone or cut off: it never completes
             for pair in ph.pairs:
@@ -261,7 +266,7 @@ class Engine:
         def record(pair, nb, start, end):
             self.trace.add(Span(name, "transfer", f"{pair[0]}->{pair[1]}", replica, step, start, end, nb, 0.0,
                                 op, _link_names(route(*pair))))
-        return self.env.process(collectives.run(self.env, self.network, schedule, record))
+        return self.env.process(collectives.run(self.env, self.network, coll, record))
 
     def _host_collective(self, op: str, devices: list[str], nbytes: float, replica: int, step: int,
                          name: str) -> simpy.Event | None:

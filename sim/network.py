@@ -11,7 +11,7 @@ message (a ring allreduce of n ranks is 2(n-1) messages).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import simpy
 
@@ -32,7 +32,11 @@ class Network:
     def latency(self, routes: list[tuple[DirLink, ...]], messages: int) -> float:
         return messages * max((self.topology.route_latency(r) for r in routes), default=0.0)
 
-    def send(self, pairs: Sequence[Pair], nbytes: float, messages: int = 1) -> simpy.Event:
+    def send(self, pairs: Sequence[Pair], nbytes: float, messages: int = 1,
+             latency: float | None = None, speed: Callable[[DirLink], float] | None = None) -> simpy.Event:
+        """``latency``: seconds before the bytes flow, given by the caller (a collective's
+        model); None: ``messages`` x the slowest route's latency.  ``speed``: the share of
+        each link's capacity this traffic reaches (NCCL's link speeds); None: all of it."""
         raise NotImplementedError
 
 
@@ -41,22 +45,26 @@ class FlowNetwork(Network):
         super().__init__(env, topology)
         self.fluid = Fluid(env, topology.capacity)
 
-    def send(self, pairs, nbytes, messages=1):
+    def send(self, pairs, nbytes, messages=1, latency=None, speed=None):
         routes = self.routes(pairs)
-        return self.env.process(self._send(routes, nbytes, messages))
+        weights = link_weights(routes)
+        if speed is not None:
+            weights = {link: n / speed(link) for link, n in weights.items()}
+        return self.env.process(self._send(weights, nbytes, self.latency(routes, messages) if latency is None else latency))
 
-    def _send(self, routes, nbytes, messages):
-        delay = self.latency(routes, messages)
+    def _send(self, weights, nbytes, delay):
         if delay:
             yield self.env.timeout(delay)
-        yield self.fluid.start(link_weights(routes), nbytes)
+        yield self.fluid.start(weights, nbytes)
 
 
 class AnalyticalNetwork(Network):
-    def send(self, pairs, nbytes, messages=1):
+    def send(self, pairs, nbytes, messages=1, latency=None, speed=None):
         routes = self.routes(pairs)
-        bw = min((self.topology.route_bandwidth(r) for r in routes), default=float("inf"))
-        return self.env.timeout(self.latency(routes, messages) + (nbytes / bw if routes and nbytes else 0.0))
+        bw = min((self.topology.capacity[ln] * (speed(ln) if speed else 1.0) for r in routes for ln in r),
+                 default=float("inf"))
+        delay = self.latency(routes, messages) if latency is None else latency
+        return self.env.timeout(delay + (nbytes / bw if routes and nbytes else 0.0))
 
 
 BACKENDS = {"flow": FlowNetwork, "analytical": AnalyticalNetwork}

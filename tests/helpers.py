@@ -74,3 +74,15 @@ def dump_toml(data: dict) -> str:
         return [f"{json.dumps(k)} = {scalar(v)}" for k, v in d.items()]
 
     return "\n".join(table(data, "")) + "\n"
+
+
+def nccl_ring_seconds(n, nbytes, link_gbps=450.0, intra="nvlink", machines=1):
+    """Closed form of a single-channel ring allreduce of ``n`` GPUs as the simulator runs it:
+    the protocol NCCL's tuner picks, its latency, and 2 (n-1)/n S at NCCL's link speed times
+    the protocol's share (clustersim.core.nccl)."""
+    from clustersim.core import nccl
+    us_per_byte = 2 * (n - 1) / n / (link_gbps * 1e3 * nccl.LINK_EFFICIENCY[intra])
+    _, proto = nccl.choose("allreduce", nbytes, {"ring": us_per_byte}, n, machines, intra)
+    share = nccl.protocol_factor("ring", proto, "allreduce", machines, n / machines)
+    lat = nccl.latency_us("allreduce", "ring", proto, n, machines, intra, nbytes)
+    return (lat + nbytes * us_per_byte / share) * 1e-6

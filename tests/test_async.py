@@ -16,7 +16,7 @@ from clustersim.core.plan import PARAM_BYTES, plan
 from clustersim.core.config import ConfigError
 from clustersim.core.scenario import Failure
 from clustersim.core.topogen import build_topology
-from helpers import gpu, link, scenario
+from helpers import gpu, link, nccl_ring_seconds, scenario
 
 
 def fast_star(n, gbps=1e6, lat_us=0.0):
@@ -57,12 +57,12 @@ def test_failed_downpour_replica_leaves_the_others_rate_unchanged():
 
 
 def test_sync_step_is_the_slowest_workers_and_backup_workers_cut_it():
-    sc = scenario(batch=256, parallel={"replicas": 4}, training={"steps": 2}, faults={"slowdown": {"m0.gpu2": 3.0}})
+    sc = scenario(batch=256, parallel={"replicas": 4}, training={"steps": 2, "allreduce": "ring"},
+                  faults={"slowdown": {"m0.gpu2": 3.0}})
     p = plan(sc)
     topo, params = sc.topology, sc.model.params
     chain = sum(op_seconds(topo, "m0.gpu2", op.flops, op.bytes, "fp32") for op in p.ops if op.kind != "xfer")
-    alpha = topo.route_latency(topo.route("m0.gpu0", "m0.gpu1"))
-    ring = 2 * 3 * alpha + 2 * 3 / 4 * params * PARAM_BYTES / 450e9
+    ring = nccl_ring_seconds(4, params * PARAM_BYTES)
     update = op_seconds(topo, "m0.gpu2", 2 * params, 3 * params * PARAM_BYTES, "fp32")
     assert simulate(p).trace.step_times() == pytest.approx([3 * chain + ring + 3 * update] * 2, rel=1e-9)
 

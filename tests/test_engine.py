@@ -8,7 +8,7 @@ from sim.compute import Compute, op_seconds
 from sim.engine import simulate
 from clustersim.core.plan import PARAM_BYTES, plan
 from clustersim.core.topogen import build_topology
-from helpers import gpu, link, ring_topology, scenario
+from helpers import gpu, link, nccl_ring_seconds, ring_topology, scenario
 
 
 def chain_seconds(p, device, dtype="fp32"):
@@ -29,11 +29,10 @@ def test_one_device_step_is_its_ops_in_a_row_plus_the_update():
 
 @pytest.mark.parametrize("network", ["flow", "analytical"])
 def test_data_parallel_step_is_compute_plus_ring_allreduce_plus_update(network):
-    p = plan(scenario(batch=64, parallel={"replicas": 8}, cluster={"network": network}))
+    p = plan(scenario(batch=64, parallel={"replicas": 8}, cluster={"network": network},
+                      training={"allreduce": "ring"}))
     topo = p.scenario.topology
-    n, size = 8, p.scenario.model.params * PARAM_BYTES
-    alpha = topo.route_latency(topo.route("m0.gpu0", "m0.gpu1"))        # gpu > nvswitch > gpu
-    ring = 2 * (n - 1) * alpha + 2 * (n - 1) / n * size / 450e9
+    ring = nccl_ring_seconds(8, p.scenario.model.params * PARAM_BYTES)      # NCCL's ring on NVSwitch
     expected = chain_seconds(p, "m0.gpu0") + ring + update_seconds(topo, "m0.gpu0", p.scenario.model.params)
     assert simulate(p, steps=2).trace.step_times() == pytest.approx([expected] * 2, rel=1e-9)
 
@@ -50,7 +49,7 @@ def test_sync_step_waits_for_the_slowest_replica():
     topo, params = p.scenario.topology, p.scenario.model.params
     slow = chain_seconds(p, "g0")
     assert slow > chain_seconds(p, "g1")
-    ring = 2 * 2e-6 + params * PARAM_BYTES / 10e9          # n = 2: 2 messages of S/2 each way
+    ring = nccl_ring_seconds(2, params * PARAM_BYTES, link_gbps=10.0, machines=2)   # one machine each
     expected = slow + ring + update_seconds(topo, "g0", params)
     assert simulate(p, steps=1).sim_time_s == pytest.approx(expected, rel=1e-9)
 

@@ -60,8 +60,9 @@ def test_opposite_directions_do_not_share():
 
 
 def collective_time(topo, backend, op, algo, devices, nbytes):
+    """Seconds of the collective laid out on the topology, run without NCCL's protocol model."""
     env = simpy.Environment()
-    env.process(collectives.run(env, backend(env, topo), collectives.phases(op, algo, devices, nbytes)))
+    env.process(collectives.run(env, backend(env, topo), collectives.schedule(topo, op, algo, devices, nbytes)))
     env.run()
     return env.now
 
@@ -84,16 +85,18 @@ def test_ring_allgather_and_reducescatter_closed_form(op):
 
 
 def test_pipelined_tree_allreduce_closed_forms():
-    # two ranks: the message streams up and back down at once over opposite directions
+    # two ranks on two machines: the double binary tree's two trees (S/2 each) stream up
+    # and back down at once over opposite directions
     topo = ring_topology(2, gbps=10.0, lat_us=5.0)
     t = collective_time(topo, FlowNetwork, "allreduce", "tree", ["g0", "g1"], 1e6)
     assert t == pytest.approx(2 * 5e-6 + 1e6 / 10e9)
-    # seven ranks (depth 2) behind one non-blocking switch, one link each: an interior rank's
-    # link carries three streams out (up to its parent, down to two children), so 3 S/B,
-    # and 2 x depth messages of two hops each
+    # seven machines (trees of depth 3) behind one non-blocking switch, one link each: a rank
+    # is interior (three streams out) in at most one tree and a leaf (one) in the other, so
+    # the busiest link carries four streams of S/2: 2 S/B; latency: the deepest path up and
+    # down, 6 hops of two links
     topo = star_topology(7, leaf_gbps=10.0, hub_gbps=10.0, lat_us=1.0)
     t = collective_time(topo, FlowNetwork, "allreduce", "tree", [f"s{i}" for i in range(7)], 4e6)
-    assert t == pytest.approx(2 * 2 * 2e-6 + 3 * 4e6 / 10e9)
+    assert t == pytest.approx(2 * 3 * 2e-6 + 2 * 4e6 / 10e9)
 
 
 def test_ps_allreduce_through_a_switch_is_two_all_to_all_rounds():

@@ -50,17 +50,19 @@ def test_no_route_through_a_gpu_or_another_host():
 
 
 def test_fat_tree_sizes_and_hop_counts():
-    topo = load_topology("dgx-h100-fat-tree", machines=128)     # 1,024 ports -> k = 16
+    topo = load_topology("dgx-h100-fat-tree", machines=160)     # 1,280 ports on k = 64 switches: 2 pods
     switches = [d for d in topo.devices.values() if d.kind == "switch"]
-    assert sum(d.name.startswith("core") for d in switches) == 64
-    assert len(topo.compute_devices()) == 1024
-    # edge-agg-core-agg-edge between pods: 6 switch hops + nic/pcie/gpu at each end
-    assert len(topo.route("m0.gpu0", "m127.gpu0")) == 10
+    assert sum(d.name.startswith("core") for d in switches) == 32 * 32
+    assert len(topo.compute_devices()) == 1280
+    # inside a pod (1,024 ports): edge-agg-edge; between pods edge-agg-core-agg-edge; plus
+    # gpu-pcie-nic at each end
+    assert len(topo.route("m0.gpu0", "m127.gpu0")) == 8
+    assert len(topo.route("m0.gpu0", "m159.gpu0")) == 10
 
 
 def test_ecmp_spreads_pairs_over_core_switches():
-    topo = load_topology("dgx-h100-fat-tree", machines=32)
-    cores = {v for m in range(1, 32) for u, v in topo.route("m0.gpu0", f"m{m}.gpu0") if v.startswith("core")}
+    topo = load_topology("dgx-h100-fat-tree", machines=160)
+    cores = {v for m in range(128, 160) for u, v in topo.route("m0.gpu0", f"m{m}.gpu0") if v.startswith("core")}
     assert len(cores) > 1
 
 

@@ -7,6 +7,7 @@ import re
 from clustersim import api, report
 from clustersim.core.collective import ALGOS, OPS
 from clustersim.core.config import ConfigError
+from clustersim.core.nccl import PROTOCOLS
 
 NETWORKS = ("analytical", "flow")      # sim.network.BACKENDS' names
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
@@ -16,7 +17,10 @@ def add(sub) -> None:
     c = sub.add_parser("collective", help="nccl-tests-style table of predicted collective times")
     c.add_argument("--topology", required=True)
     c.add_argument("--op", default="allreduce", choices=OPS)
-    c.add_argument("--algo", default="ring", choices=ALGOS)
+    c.add_argument("--algo", default="auto", choices=ALGOS,
+                   help="auto: NCCL's tuner (its 2.20.3 cost model) picks ring or tree per size")
+    c.add_argument("--protocol", default="", choices=("", *PROTOCOLS),
+                   help="NCCL protocol on GPUs (default: what the tuner picks)")
     c.add_argument("--gpus", type=int, default=0, help="ranks (default: every compute device)")
     c.add_argument("--machines", type=int, default=0, help="override the topology's machine count")
     c.add_argument("--bytes", default="8..1G", help="SIZE or MIN..MAX, doubling (8..1G)")
@@ -47,13 +51,13 @@ def size_range(text: str) -> list[int]:
 
 def run(args) -> int:
     rows = api.collective(args.topology, args.op, args.algo, size_range(args.bytes), gpus=args.gpus,
-                          machines=args.machines, network=args.network)
+                          machines=args.machines, network=args.network, protocol=args.protocol)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     n = args.gpus or "all"
     print(f"# {args.op} by {args.algo} over {n} ranks of {args.topology} ({args.network} network model)")
     shown = [{**r, "time_us": r["time_s"] * 1e6} for r in rows]
-    print(report.table(shown, [("bytes", "size (B)"), ("algo", "algo"), ("time_us", "time (us)"),
+    print(report.table(shown, [("bytes", "size (B)"), ("algo", "algo"), ("protocol", "protocol"), ("time_us", "time (us)"),
                                ("algbw_gbps", "algbw (GB/s)"), ("busbw_gbps", "busbw (GB/s)")]))
     return 0

@@ -2,8 +2,22 @@
 
 A ``Phase`` is a set of (src, dst) pairs each moving ``nbytes``; a *coupled* phase moves
 in lockstep (one ring: it advances at the pace of its slowest hop), otherwise its
-transfers are independent and the phase ends when the last one does.  The plan reads
-these to check routes, the simulator runs them on a network (``sim.collectives``).
+transfers are independent and the phase ends when the last one does.  Phases of one
+``wave`` run at once (the channels of a multi-channel ring); waves run one after another.
+The plan reads these to check routes, the simulator runs them on a network
+(``sim.collectives``).
+
+The algorithms are NCCL's (``src/graph/rings.cc``, ``trees.cc``, ``connect.cc``):
+- ``ring``: one ring per channel.  Over several machines there is one channel per NIC
+  (rail): it enters every machine by its NIC and leaves by the same one (``ring_channels``).
+  On one machine it is a single ring in the given order.
+- ``tree``: NCCL's double binary tree across machines, a chain inside each; two trees
+  (each carries half the data) per rail, chunks streaming up and down at once.
+- ``hierarchical``: reduce-scatter inside every machine, an allreduce of each 1/G shard
+  across machines on the G rails at once (one ring per rail), all-gather inside.
+- ``ps``: a parameter server sharded over the n ranks (push S/n to every shard, fetch back).
+- ``auto``: NCCL's tuner picks ring or tree per size (``clustersim.core.nccl``, run by the
+  simulator); as phases it is every pair either may use (what a route check needs).
 """
 from __future__ import annotations
 
@@ -11,17 +25,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 Pair = tuple[str, str]
+Port = tuple[str, str, str]      # one rail of a machine: (its NIC, the device entering by it, the one leaving)
 
 OPS = ("allreduce", "allgather", "reducescatter", "broadcast", "alltoall")
-ALGOS = ("ring", "tree", "ps")
+ALGOS = ("auto", "ring", "tree", "hierarchical", "ps")
 
 
 @dataclass(frozen=True)
 class Phase:
     pairs: tuple[Pair, ...]
     nbytes: float            # per pair
-    messages: int = 1
+    messages: int = 1        # steps in sequence: latency is paid per step
     coupled: bool = True
+    wave: int = 0            # phases of one wave run at once; waves one after another
+    path: tuple[Pair, ...] = ()   # hops one chunk crosses in sequence (latency); (): ``messages`` mean hops
 
 
 def bus_factor(op: str, n: int) -> float:
@@ -31,43 +48,185 @@ def bus_factor(op: str, n: int) -> float:
     return {"allreduce": 2 * (n - 1) / n, "broadcast": 1.0}.get(op, (n - 1) / n)
 
 
-def _tree_edges(n: int) -> tuple[list[tuple[int, int]], int]:
-    """(child, parent) pairs of a heap-ordered binary tree over ranks 0..n-1, and its depth."""
-    return [(i, (i - 1) // 2) for i in range(1, n)], (n).bit_length() - 1
+def binary_tree(n: int) -> list[int]:
+    """Parent of every rank 0..n-1 (-1: the root) in NCCL's in-order binary tree: rank r's
+    parent flips r's lowest set bit b off and sets the next one, (r ^ b) | 2b, or just
+    clears b when that rank does not exist.  Depth is ceil(log2 n)."""
+    parents = [-1] * n
+    for r in range(1, n):
+        low = r & -r
+        up = (r ^ low) | (low << 1)
+        parents[r] = up if up < n else r ^ low
+    return parents
 
 
-def phases(op: str, algo: str, devices: Sequence[str], nbytes: float) -> list[Phase]:
+def double_binary_tree(n: int) -> tuple[list[int], list[int]]:
+    """NCCL's two complementary trees (Sanders et al.'s double binary tree as NCCL builds
+    it): the second is the first mirrored (n even) or shifted by one (n odd), so a rank
+    that is interior in one tree is a leaf in the other."""
+    first = binary_tree(n)
+    if n % 2:
+        shift = [-1] * n
+        for r, p in enumerate(first):
+            shift[(r + 1) % n] = -1 if p < 0 else (p + 1) % n
+        return first, shift
+    return first, [-1 if first[n - 1 - r] < 0 else n - 1 - first[n - 1 - r] for r in range(n)]
+
+
+def depth(parents: list[int]) -> int:
+    def up(r: int) -> int:
+        d = 0
+        while parents[r] >= 0:
+            r, d = parents[r], d + 1
+        return d
+    return max((up(r) for r in range(len(parents))), default=0)
+
+
+def _machines(devices: list[str], nodes: Sequence[int] | None) -> list[list[str]]:
+    """Devices grouped by machine, machines in order of first appearance."""
+    if nodes is None:
+        return [devices]
+    groups: dict[int, list[str]] = {}
+    for dev, node in zip(devices, nodes):
+        groups.setdefault(node, []).append(dev)
+    return list(groups.values())
+
+
+def _chain(local: list[str], entry: int, leave: int) -> list[str]:
+    """Every device of a machine once, starting at index ``entry`` and ending at ``leave``."""
+    g = len(local)
+    middle = [k % g for k in range(entry + 1, entry + g) if k % g != leave]
+    return [local[entry]] + [local[k] for k in middle] + ([local[leave]] if leave != entry else [])
+
+
+def ring_channels(devices: Sequence[str], nodes: Sequence[int] | None = None,
+                  ports: Sequence[Sequence[Port]] | None = None) -> list[list[Pair]]:
+    """The hops of every ring channel, in ring order.  With ``ports`` (per machine, in order
+    of first appearance: (nic, entry, exit) per rail) and several machines, channel c enters
+    every machine at rail c's entry device, visits the others, and leaves from rail c's exit
+    device through rail c's NIC to the next machine's entry: ``(exit, nic), (nic, entry)``,
+    so every NIC carries one channel each way and traffic stays on its rail (NCCL's rings on
+    rail-optimised fabrics).  Otherwise one ring in the given order."""
+    d = list(devices)
+    groups = _machines(d, nodes)
+    if len(groups) == 1 or not ports or len(ports) != len(groups):
+        return [[(d[i], d[(i + 1) % len(d)]) for i in range(len(d))]]
+    channels = []
+    for c in range(min(len(p) for p in ports)):
+        chains = [_chain(local, local.index(ports[i][c][1]), local.index(ports[i][c][2]))
+                  for i, local in enumerate(groups)]
+        hops: list[Pair] = []
+        for i, chain in enumerate(chains):
+            hops += list(zip(chain, chain[1:]))
+            nic, nxt = ports[i][c][0], chains[(i + 1) % len(chains)][0]
+            hops += [(chain[-1], nic), (nic, nxt)]
+        channels.append(hops)
+    return channels
+
+
+def _ring(op: str, hops: list[Pair], n: int, nbytes: float, wave: int = 0) -> Phase:
+    """One ring channel of ``n`` ranks over ``hops`` (a closed ring; NIC relays take no step)."""
+    pairs = tuple(hops)
+    if op == "allreduce":
+        return Phase(pairs, 2 * (n - 1) / n * nbytes, 2 * (n - 1), wave=wave)
+    if op == "broadcast":
+        return Phase(pairs[:-1], nbytes, n - 1, wave=wave)
+    return Phase(pairs, (n - 1) / n * nbytes, n - 1, wave=wave)
+
+
+def _loop(order: list[str]) -> list[Pair]:
+    return [(order[i], order[(i + 1) % len(order)]) for i in range(len(order))]
+
+
+def _trees(op: str, groups: list[list[str]], nbytes: float, ports: Sequence[Sequence[Port]] | None) -> list[Phase]:
+    """Double binary trees across machines on every rail, a chain inside each machine
+    headed by the device nearest the rail's NIC."""
+    use = ports if ports and len(ports) == len(groups) else None
+    channels = min(len(p) for p in use) if use else 1
+    out = []
+    for c in range(channels):
+        heads = [local.index(use[i][c][1]) if use else 0 for i, local in enumerate(groups)]
+        chains = [local[h:] + local[:h] for h, local in zip(heads, groups)]
+        intra = [(ch[k + 1], ch[k]) for ch in chains for k in range(len(ch) - 1)]
+        for parents in (double_binary_tree(len(groups)) if len(groups) > 1 else ([-1],)):
+            inter = [(chains[r][0], chains[p][0]) for r, p in enumerate(parents) if p >= 0]
+            up = tuple(intra + inter)
+            down = tuple((b, a) for a, b in up)
+            path_up = [(chains[0][k + 1], chains[0][k]) for k in range(len(chains[0]) - 1)]
+            path_up += _deepest_path(parents, chains)
+            share = nbytes / channels / (2 if len(groups) > 1 else 1)
+            steps = len(path_up)
+            if op == "allreduce":
+                path = tuple(path_up) + tuple((b, a) for a, b in reversed(path_up))
+                out.append(Phase(up + down, share, 2 * steps, path=path))
+            else:                                                    # broadcast: down only
+                out.append(Phase(down, share, steps, path=tuple((b, a) for a, b in reversed(path_up))))
+    return out
+
+
+def _deepest_path(parents: list[int], chains: list[list[str]]) -> list[Pair]:
+    """The tree hops from the deepest rank up to the root."""
+    best: list[Pair] = []
+    for r in range(len(parents)):
+        hops, x = [], r
+        while parents[x] >= 0:
+            hops.append((chains[x][0], chains[parents[x]][0]))
+            x = parents[x]
+        if len(hops) > len(best):
+            best = hops
+    return best
+
+
+def phases(op: str, algo: str, devices: Sequence[str], nbytes: float,
+           nodes: Sequence[int] | None = None, ports: Sequence[Sequence[Port]] | None = None) -> list[Phase]:
     """The schedule of ``op`` by ``algo`` over ``devices`` (rank order = list order).
-    Raises ValueError for a combination that does not exist."""
+    ``nodes``: the machine of every device (None: one machine); ``ports``: every machine's
+    rails (``ring_channels``).  Raises ValueError for a combination that does not exist."""
     if op not in OPS or algo not in ALGOS:
         raise ValueError(f"unknown collective {op}/{algo}")
     n = len(devices)
     if n < 2 or nbytes <= 0:
         return []
     d = list(devices)
-    ring = tuple((d[i], d[(i + 1) % n]) for i in range(n))
     if op == "alltoall" or algo == "ps":
         everyone = tuple((a, b) for a in d for b in d if a != b)
     if op == "alltoall":
         return [Phase(everyone, nbytes / n, coupled=False)]
+    if algo == "auto":
+        both = phases(op, "ring", d, nbytes, nodes, ports)
+        return both + (phases(op, "tree", d, nbytes, nodes, ports) if op in ("allreduce", "broadcast") else [])
     if algo == "ring":
-        if op == "allreduce":
-            return [Phase(ring, 2 * (n - 1) / n * nbytes, 2 * (n - 1))]
-        if op == "broadcast":
-            return [Phase(ring[:-1], nbytes, n - 1)]
-        return [Phase(ring, (n - 1) / n * nbytes, n - 1)]
+        channels = ring_channels(d, nodes, ports)
+        return [_ring(op, hops, n, nbytes / len(channels)) for hops in channels]
     if algo == "tree":
-        edges, depth = _tree_edges(n)
-        up = tuple((d[c], d[p]) for c, p in edges)
-        down = tuple((d[p], d[c]) for c, p in edges)
-        if op == "allreduce":
-            return [Phase(up + down, nbytes, 2 * depth)]
-        if op == "broadcast":
-            return [Phase(down, nbytes, depth)]
-        raise ValueError(f"the tree algorithm does allreduce and broadcast, not {op}")
+        if op not in ("allreduce", "broadcast"):
+            raise ValueError(f"the tree algorithm does allreduce and broadcast, not {op}")
+        return _trees(op, _machines(d, nodes), nbytes, ports)
+    if algo == "hierarchical":
+        return _hierarchical(op, _machines(d, nodes), nbytes)
     push = Phase(everyone, nbytes / n, coupled=False)
+    fetch = Phase(everyone, nbytes / n, coupled=False, wave=1)
     if op == "allreduce":
-        return [push, push]
+        return [push, fetch]
     if op == "reducescatter" or op == "allgather":
         return [push]
-    return [Phase(tuple((d[0], b) for b in d[1:]), nbytes / n, coupled=False), push]   # broadcast
+    return [Phase(tuple((d[0], b) for b in d[1:]), nbytes / n, coupled=False), fetch]   # broadcast
+
+
+def _hierarchical(op: str, groups: list[list[str]], nbytes: float) -> list[Phase]:
+    """Reduce-scatter inside each machine, allreduce of each shard across machines on its
+    rail, all-gather inside (Horovod's and NCCL's hierarchical allreduce)."""
+    if op != "allreduce":
+        raise ValueError(f"the hierarchical algorithm does allreduce, not {op}")
+    g = len(groups[0])
+    if any(len(x) != g for x in groups):
+        raise ValueError("the hierarchical algorithm needs the same number of ranks on every machine")
+    out: list[Phase] = []
+    if g > 1:
+        out += [_ring("reducescatter", _loop(local), g, nbytes, wave=0) for local in groups]
+    if len(groups) > 1:
+        out += [_ring("allreduce", _loop([local[k] for local in groups]), len(groups), nbytes / g, wave=1)
+                for k in range(g)]
+    if g > 1:
+        out += [_ring("allgather", _loop(local), g, nbytes, wave=2) for local in groups]
+    return out

@@ -20,7 +20,7 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster")
 OPTIMIZERS = ("sgd", "adagrad")
 NETWORKS = ("flow", "analytical")
-COLLECTIVE_ALGOS = ("ring", "tree")
+COLLECTIVE_ALGOS = ("auto", "ring", "tree", "hierarchical")
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 
 
@@ -49,7 +49,7 @@ class Training:
     algorithm: str = "sync"
     steps: int = 20              # per replica (sandblaster: batches)
     learning_rate: float = 0.1
-    allreduce: str = "ring"      # ring | tree, when ps_shards = 0
+    allreduce: str = "auto"      # auto (NCCL's tuner, per bucket) | ring | tree | hierarchical, when ps_shards = 0
     bucket_mb: float = 25.0      # sync allreduce: gradient buckets (MiB, as PyTorch DDP's bucket_cap_mb); 0: one
     time_limit_s: float = 0.0    # > 0: no replica starts a step after this simulated time
     optimizer: str = "sgd"       # sgd | adagrad: the rule shards apply (downpour, ssp)
@@ -224,7 +224,7 @@ def _training(tt: Table) -> Training:
         algorithm=tt.str("algorithm", "sync", choices=ALGORITHMS),
         steps=tt.int("steps", 20, lo=1, hi=10_000_000),
         learning_rate=tt.float("learning_rate", 0.1, positive=True),
-        allreduce=tt.str("allreduce", "ring", choices=COLLECTIVE_ALGOS),
+        allreduce=tt.str("allreduce", "auto", choices=COLLECTIVE_ALGOS),
         bucket_mb=tt.float("bucket_mb", 25.0, lo=0.0, hi=1e6),
         time_limit_s=tt.float("time_limit_s", 0.0, lo=0.0),
         optimizer=tt.str("optimizer", "sgd", choices=OPTIMIZERS),

@@ -154,7 +154,13 @@ class Topology:
                 self.latency[(u, v)] = ln.latency
         order = {n: i for i, n in enumerate(sorted(self.graph, key=lambda n: _device_order(self.devices[n])))}
         self._adj = {n: sorted(self.graph.neighbors(n), key=order.__getitem__) for n in self.graph}
-        self._index = order                      # a device's place in device order: its D-mod-K digits
+        self._index = order                      # a device's place in device order
+        nics = sorted((n for n, d in self.devices.items() if d.kind == "nic"), key=order.__getitem__)
+        self._port = {n: i for i, n in enumerate(nics)}  # a NIC's host-port number: its D-mod-K digits
+        self._machine_nics: dict[int | None, list[str]] = {}
+        for n in nics:
+            self._machine_nics.setdefault(self.devices[n].machine, []).append(n)
+        self._nic_of: dict[str, str | None] = {}
         self._routes: dict[tuple[str, str], tuple[DirLink, ...]] = {}
 
     def without_link(self, a: str, b: str) -> "Topology":
@@ -162,7 +168,7 @@ class Topology:
         clone = object.__new__(Topology)
         clone.__dict__.update(self.__dict__)
         clone._adj = {n: [m for m in nbs if {n, m} != {a, b}] for n, nbs in self._adj.items()}
-        clone._routes = {}
+        clone._routes, clone._nic_of = {}, {}
         return clone
 
     # --- devices -------------------------------------------------------------------------
@@ -204,10 +210,52 @@ class Topology:
             return False
         return dev.machine is None or dev.machine in machines
 
+    def nic_of(self, device: str) -> str | None:
+        """The NIC a device's traffic to other machines leaves by: the nearest of its
+        machine's NICs (fewest hops), its own rail's among equals (GPU i's NIC i); None
+        when the machine has none."""
+        machine = self.devices[device].machine
+        if device in self._nic_of:
+            return self._nic_of[device]
+        nics = self._machine_nics.get(machine, [])
+        if machine is None or not nics or device in nics:
+            return device if device in nics else None
+        hops = {}
+        for n in nics:
+            try:
+                hops[n] = len(self.route(device, n))
+            except LookupError:
+                continue
+        if not hops:
+            return None
+        near = sorted((n for n in hops if hops[n] == min(hops.values())), key=lambda n: self._index[n])
+        own = [n for n in near if _rail(n) == _rail(device)]
+        self._nic_of[device] = own[0] if own else near[_rail(device) % len(near)]
+        return self._nic_of[device]
+
     def _find_route(self, src: str, dst: str) -> tuple[DirLink, ...]:
+        """Between machines: to the source's NIC, across the fabric to the destination's NIC,
+        in to the destination (RDMA moves NIC to NIC; no machine is a router).  Inside one
+        machine or the fabric: ``_shortest``."""
+        a, b = self.devices[src].machine, self.devices[dst].machine
+        if a is not None and b is not None and a != b:
+            nic_a, nic_b = self.nic_of(src), self.nic_of(dst)
+            if nic_a and nic_b:
+                return self.route(src, nic_a) + self._shortest(nic_a, nic_b, fabric_only=True) + self.route(nic_b, dst)
+        if a is not None and a == b:                  # inside one machine: its own links first
+            try:
+                return self._shortest(src, dst, inside=True)
+            except LookupError:
+                pass
+        return self._shortest(src, dst)
+
+    def _shortest(self, src: str, dst: str, fabric_only: bool = False, inside: bool = False) -> tuple[DirLink, ...]:
         """Widest shortest path: fewest hops, then the largest bottleneck bandwidth (so NVLink
-        wins over a PCIe switch of equal hop count), then ECMP among what is left."""
-        machines = (self.devices[src].machine, self.devices[dst].machine)
+        wins over a PCIe switch of equal hop count), then ECMP among what is left.
+        ``fabric_only``: no machine's insides in between (NIC to NIC); ``inside``: nothing
+        but the machine's own devices."""
+        machines = (None, None) if fabric_only else (self.devices[src].machine, self.devices[dst].machine)
+        own = self.devices[src].machine if inside else None
         cap = self.capacity
         dist, width = {dst: 0}, {dst: float("inf")}
         frontier = deque([dst])
@@ -216,14 +264,14 @@ class Topology:
             for nb in self._adj[node]:
                 w = min(cap[(nb, node)], width[node])
                 if nb not in dist:
-                    if self._allowed(nb, src, dst, machines):
+                    if self._allowed(nb, src, dst, machines) and (not inside or self.devices[nb].machine == own):
                         dist[nb], width[nb] = dist[node] + 1, w
                         frontier.append(nb)
                 elif dist[nb] == dist[node] + 1 and w > width[nb]:
                     width[nb] = w
         if src not in dist:
             raise LookupError(f"no route from {src} to {dst}")
-        path, node, digits = [], src, self._index[dst]
+        path, node, digits = [], src, self._port.get(dst, self._index[dst])
         while node != dst:
             options = [nb for nb in self._adj[node] if dist.get(nb, -1) == dist[node] - 1
                        and min(cap[(node, nb)], width[nb]) >= width[node]]

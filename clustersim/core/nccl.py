@@ -1,0 +1,107 @@
+"""NCCL's cost model of a named version, as its tuner uses it to pick algorithm and protocol.
+
+Source: NVIDIA/nccl ``src/graph/tuning.cc`` at commit b6475625 (NCCL 2.20.3-1):
+``baseLat``, ``hwLat`` (NVLink / PCI / network, per algorithm and protocol, microseconds),
+the protocol bandwidth factors and the latency formulas of ``ncclTopoTuneModel``, the tree
+correction of ``ncclTopoGetAlgoTime``.  What NCCL's topology search gives it (the bus
+bandwidth of each algorithm's channels) comes here from our own topology: the bandwidth
+the flow model gives the algorithm (``sim.collectives``).
+
+Link efficiencies are the per-link speeds NCCL's topology code assigns against the line
+rate: NVLink 20.6 GB/s per NVLink4 lane of 25 (``SM90_NVLINK_BW``, ``src/graph/topo.h``;
+18 lanes = 371 GB/s, the ring busbw measured on 8 H100: 365-370, NVIDIA/nccl#1455),
+PCIe 12 of 15.75 GB/s (``PCI_BW``, Gen3 x16), network 48 GB/s per 400 Gb/s NIC
+(``sm90SpeedArrayInter[0]``, ``src/graph/search.cc``; NVIDIA's "46-48 GB/s per NIC",
+NVIDIA/nccl-tests#290).  Not modelled: NVLS / NVLS-tree (NVLink SHARP), CollNet, the
+per-channel LL/LL128 caps (they depend on the GPU generation).
+"""
+from __future__ import annotations
+
+import math
+
+VERSION = "2.20.3"
+PROTOCOLS = ("LL", "LL128", "Simple")
+HW = ("nvlink", "pci", "net")
+
+# microseconds, per protocol (LL, LL128, Simple)
+BASE_LAT = {"tree": (6.8, 14.0, 0.0), "ring": (6.6, 14.0, 8.4)}
+HW_LAT = {
+    "nvlink": {"tree": (0.6, 1.25, 28.0), "ring": (0.6, 1.9, 3.4)},
+    "pci": {"tree": (1.0, 1.9, 28.0), "ring": (1.0, 2.5, 5.7)},
+    "net": {"tree": (5.0, 8.5, 28.0), "ring": (2.7, 4.0, 14.0)},
+}
+NET_OVERHEAD_US = 1.0          # getNetOverhead(): x86 Intel hosts
+LINK_EFFICIENCY = {"nvlink": 20.6 / 25.0, "pci": 12.0 / 15.75, "net": 48.0 / 50.0}
+# treeCorrectionFactor[protocol][log2(bytes / 64)], 64 B .. 256 MiB
+TREE_CORRECTION = (
+    (1.0, 1.0, 1.0, 1.0, .9, .8, .7, .7, .7, .7, .6, .5, .4, .4, .5, .6, .7, .8, .9, 1.0, 1.0, 1.0, 1.0),
+    (1.0, 1.0, 1.0, 1.0, 1.0, .9, .8, .8, .8, .7, .6, .6, .6, .6, .6, .6, .8, .9, .9, .9, .9, 1.0, 1.0),
+    (.9, .9, .9, .9, .9, .9, .9, .8, .7, .6, .6, .5, .5, .5, .5, .6, .7, .8, .7, .7, .8, .9, .9))
+RING_PLATEAU = 1.4             # multi-node ring Simple allreduce latency, compute capability >= 8.0
+
+
+def protocol_factor(algo: str, proto: str, op: str, nodes: int, ppn: float) -> float:
+    """The share of the algorithm's Simple bus bandwidth a protocol reaches (tuning.cc)."""
+    if algo == "ring":
+        if proto == "LL":
+            return 1 / 4 if nodes > 1 or op == "allreduce" else 1 / 3
+        if proto == "LL128":
+            return 0.92 if ppn >= 2 else 0.7
+        return 1.0
+    if proto == "LL":
+        return 0.92 / 3.8
+    if proto == "LL128":
+        return 0.92 * (7 / 9 if nodes == 1 else 120 / 128)
+    return 0.92
+
+
+def steps(op: str, ranks: int, nodes: int) -> tuple[int, int]:
+    """(nsteps, nInterSteps) of a ring: sequential hops, and how many of them leave a machine."""
+    if op == "allreduce":
+        return 2 * (ranks - 1), (2 * nodes if nodes > 1 else 0)
+    if op in ("reducescatter", "allgather"):
+        return ranks - 1, nodes - 1
+    return ranks, nodes
+
+
+def latency_us(op: str, algo: str, proto: str, ranks: int, nodes: int, intra: str, nbytes: float = 0.0,
+               channels: int = 1) -> float:
+    """ncclTopoTuneModel's latency of one collective (and the ring plateau of ncclTopoGetAlgoTime)."""
+    p = PROTOCOLS.index(proto)
+    lat = BASE_LAT[algo][p]
+    intra_lat, inter_lat = HW_LAT[intra][algo][p], HW_LAT["net"][algo][p]
+    if algo == "tree":
+        return lat + 2 * ((ranks / nodes - 1) * intra_lat + int(math.log2(nodes)) * inter_lat)
+    if op == "broadcast":
+        return lat + HW_LAT[intra][algo][p]
+    nsteps, inter_steps = steps(op, ranks, nodes)
+    if nodes > 1:
+        intra_lat = max(intra_lat, NET_OVERHEAD_US * (3 if proto == "Simple" else 1))
+    lat += (nsteps - inter_steps) * intra_lat + inter_steps * inter_lat
+    if proto == "Simple" and nodes > 1 and op == "allreduce" and nbytes / (channels * ranks) >= 64:
+        lat *= RING_PLATEAU
+    return lat
+
+
+def predicted_us(op: str, algo: str, proto: str, nbytes: float, us_per_byte: float, ranks: int, nodes: int,
+                 intra: str, channels: int = 1) -> float:
+    """ncclTopoGetAlgoTime: latency + bytes over the algorithm bandwidth, in microseconds.
+    ``us_per_byte``: the algorithm's transfer time per byte at the links' NCCL speeds (what
+    NCCL's topology search gives it), slowed by the protocol's factor; trees take NCCL's
+    correction for medium sizes."""
+    bw_time = nbytes * us_per_byte / protocol_factor(algo, proto, op, nodes, ranks / nodes)
+    if algo == "tree":
+        log_size = int(math.log2(max(nbytes, 64) / 64))
+        if log_size < len(TREE_CORRECTION[0]):
+            bw_time /= TREE_CORRECTION[PROTOCOLS.index(proto)][log_size]
+    return latency_us(op, algo, proto, ranks, nodes, intra, nbytes, channels) + bw_time
+
+
+def choose(op: str, nbytes: float, us_per_byte: dict[str, float], ranks: int, nodes: int, intra: str,
+           channels: int = 1) -> tuple[str, str]:
+    """(algorithm, protocol) with the least predicted time; ``us_per_byte``: every algorithm
+    that can run this op, with its transfer time per byte."""
+    options = [(predicted_us(op, a, p, nbytes, t, ranks, nodes, intra, channels), a, p)
+               for a, t in us_per_byte.items() for p in PROTOCOLS]
+    _, algo, proto = min(options)
+    return algo, proto
