@@ -2,8 +2,9 @@
 runs, with real arrays and real messages.
 
 Each process holds some device slots of the replica (all of them in one process, one each
-under MPI) and walks ``plan.ops`` in order: a ``fwd``/``bwd`` op of a slot it holds runs
-that layer's kernel on the slot's box; an ``xfer`` sends (when it holds the source) and
+under MPI) and walks ``plan.ops`` in order, so each slot runs its compute ops in its
+pipeline schedule's order (GPipe or 1F1B), as the Plan lists them: a ``fwd``/``bwd`` op of
+a slot it holds runs that layer's kernel on the slot's box; an ``xfer`` sends (when it holds the source) and
 receives (when it holds the destination) exactly the elements the Plan counted: the
 producer's box intersected with what the consumer's box reads, or back on the way down
 the gradient of those elements.  The order is topological and sends do not block, so no

@@ -6,17 +6,21 @@ devices every (replica, slot) and parameter-server shard is placed on, how gradi
 combined, what each device must hold in memory, and the training schedule (``schedule``).
 
 Ops name *slots* (0..M-1), not devices, so one graph serves every replica; the engine
-maps slot j of replica r to ``plan.devices[r][j]``.
+maps slot j of replica r to ``plan.devices[r][j]``.  ``plan.ops`` is topological, and each
+slot's compute ops come in it in the order the slot's device runs them: the pipeline
+schedule's (``parallel.schedule``; ``slot_sequence``), which both runners follow.
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 from clustersim.core.config import ConfigError
 from clustersim.core.layers import box_overlap, box_size
 from clustersim.core.partition import Slices, even_cuts, layer_slices, spatial_slices
 from clustersim.core.scenario import Scenario
-from clustersim.core.schedule import PARAM_BYTES, Schedule, schedule_of  # noqa: F401  (PARAM_BYTES: plan's users)
+from clustersim.core.schedule import (PARAM_BYTES, Schedule, micro_batches_held,  # noqa: F401  (PARAM_BYTES: plan's users)
+                                      schedule_of, stage_units)
 from clustersim.core.topology import SPLIT
 
 GIB = 2**30
@@ -56,7 +60,7 @@ class Plan:
     scenario: Scenario
     slices: Slices
     axes: tuple[str, ...]
-    ops: tuple[Op, ...]                     # topological order
+    ops: tuple[Op, ...]                     # topological; each slot's compute ops in the order its device runs them
     devices: tuple[tuple[str, ...], ...]    # [replica][slot]
     slot_params: tuple[int, ...]
     sync: str                               # none | allreduce | ps
@@ -167,7 +171,7 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...]) -> list[Op]:
                     deps += red_bwd.get((i + 1, j, mb), [])
                 bwd[(i, j, mb)] = add(kind="bwd", layer=i, micro=mb, slot=j,
                                       flops=f.flops * node.layer.bwd_ratio, bytes=2 * f.bytes, deps=tuple(deps))
-    return _fix_reduction_deps(ops, bwd)
+    return _in_schedule_order(_fix_reduction_deps(ops, bwd), sc, slices)
 
 
 def _reductions(layer_slices_, node, axis, b, i, mb, fwd, red_fwd, red_bwd, add) -> None:
@@ -201,6 +205,61 @@ def _fix_reduction_deps(ops: list[Op], bwd: dict) -> list[Op]:
     order = sorted(fixed, key=lambda o: (max(o.deps), 1, o.id) if o.why == "reduction" else (o.id, 0, o.id))
     pos = {o.id: n for n, o in enumerate(order)}
     return [Op(**{**o.__dict__, "id": pos[o.id], "deps": tuple(pos[d] for d in o.deps)}) for o in order]
+
+
+def stages_of(sc: Scenario, slices: Slices) -> tuple[dict[int, int], int]:
+    """Each slot's pipeline stage, and how many stages: a layers split's slots are its stages
+    in layer order; a spatial split is one stage of every slot."""
+    first: dict[int, int] = {}
+    for i, layer_slices_ in enumerate(slices):
+        for j, _ in layer_slices_:
+            first.setdefault(j, i)
+    if sc.parallel.split != "layers":
+        return {j: 0 for j in first}, 1
+    return {j: n for n, j in enumerate(sorted(first, key=first.get))}, len(first)
+
+
+def _in_schedule_order(ops: list[Op], sc: Scenario, slices: Slices) -> list[Op]:
+    """The ops renumbered in a topological order of their dependencies plus one more per
+    slot: each compute op after the one before it in the slot's schedule (``stage_units``;
+    a unit's ops in layer order).  Among ready ops the lowest old id comes first, so a
+    schedule the old order already follows keeps it.  Raises ValueError when the schedule
+    contradicts the dependencies (a pipeline that would deadlock)."""
+    stage, stages = stages_of(sc, slices)
+    groups: dict[tuple[int, str, int], list[int]] = {}
+    for op in ops:
+        if op.kind != "xfer":
+            groups.setdefault((op.slot, op.kind, op.micro), []).append(op.id)
+    succ: list[list[int]] = [[] for _ in ops]
+    indegree = [len(op.deps) for op in ops]
+    for op in ops:
+        for d in op.deps:
+            succ[d].append(op.id)
+    for j in sorted({slot for slot, _, _ in groups}):
+        units = stage_units(sc.parallel.schedule, stage[j], stages, sc.parallel.micro_batches)
+        seq = [i for kind, mb in units for i in groups.get((j, kind, mb), [])]
+        for a, b in zip(seq, seq[1:]):
+            succ[a].append(b)
+            indegree[b] += 1
+    ready = [op.id for op in ops if indegree[op.id] == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for s in succ[i]:
+            indegree[s] -= 1
+            if indegree[s] == 0:
+                heapq.heappush(ready, s)
+    if len(order) < len(ops):
+        raise ValueError(f"pipeline schedule {sc.parallel.schedule} contradicts the op graph")
+    pos = {old: new for new, old in enumerate(order)}
+    return [Op(**{**ops[i].__dict__, "id": pos[i], "deps": tuple(pos[d] for d in ops[i].deps)}) for i in order]
+
+
+def slot_sequence(p: Plan, slot: int) -> list[Op]:
+    """Slot ``slot``'s compute ops in the order its device runs them."""
+    return [op for op in p.ops if op.kind != "xfer" and op.slot == slot]
 
 
 def buckets(p: Plan, slot: int) -> list[tuple[tuple[int, ...], int]]:
@@ -302,15 +361,21 @@ def _place(sc: Scenario, slices: Slices, slot_params: list[int]) -> tuple[tuple[
 
 
 def memory_use(p: Plan) -> dict[str, dict[str, float]]:
-    """Bytes each device must hold: parameters+gradients, stored activations (every
-    micro-batch's, as GPipe keeps them), parameter-server shards with their optimizer state."""
+    """Bytes each device must hold: parameters+gradients, stored activations (of the most
+    micro-batches its stage holds at once under the pipeline schedule, ``micro_batches_held``:
+    every one under GPipe, min(m, p - stage) under 1F1B; the largest micro-batches where
+    they differ by one), parameter-server shards with their optimizer state."""
     sc = p.scenario
     use: dict[str, dict[str, float]] = {}
+    stage, stages = stages_of(sc, p.slices)
+    sizes = sorted((hi - lo for lo, hi in even_cuts(sc.batch_size, sc.parallel.micro_batches)), reverse=True)
     act = [0.0] * p.slots
     for node, layer_slices_ in zip(sc.model.nodes, p.slices):
         for slot, box in layer_slices_:
             needs = node.layer.needs(node.in_shape, box)
-            act[slot] += (box_size(box) + box_size(needs)) * sc.batch_size * sc.dtype_bytes
+            held = micro_batches_held(stage_units(sc.parallel.schedule, stage[slot], stages,
+                                                  sc.parallel.micro_batches))
+            act[slot] += (box_size(box) + box_size(needs)) * sum(sizes[:held]) * sc.dtype_bytes
     for row in p.devices:
         for slot, dev in enumerate(row):
             u = use.setdefault(dev, {"parameters": 0.0, "activations": 0.0, "ps_shards": 0.0})

@@ -88,3 +88,35 @@ def apply_cost(rule: str, params: int, summed: int = 0) -> tuple[float, float]:
         return (summed + 1) * params, (summed + 2) * params * PARAM_BYTES
     flops, nbytes = APPLY_COST[rule]
     return flops * params, nbytes * params
+
+
+# --- pipeline schedules ---------------------------------------------------------------------
+def stage_units(schedule: str, stage: int, stages: int, micro_batches: int) -> list[tuple[str, int]]:
+    """The (``fwd``/``bwd``, micro-batch) units pipeline stage ``stage`` of ``stages`` runs,
+    in the order it runs them.  ``gpipe``: every forward, then every backward, both in
+    micro-batch order (as torch.distributed.pipelining's ScheduleGPipe).  ``1f1b``
+    (PipeDream-flush, Megatron's non-interleaved schedule): min(m, p - stage - 1) warm-up
+    forwards, then one forward and one backward in turn, then the backwards left.
+    Raises ValueError for another schedule or a stage outside 0..stages-1."""
+    if not 0 <= stage < stages:
+        raise ValueError(f"stage(={stage}) must be in 0..{stages - 1}")
+    m = micro_batches
+    if schedule == "gpipe":
+        return [("fwd", k) for k in range(m)] + [("bwd", k) for k in range(m)]
+    if schedule != "1f1b":
+        raise ValueError(f"schedule(={schedule!r}) must be gpipe or 1f1b")
+    warm = min(m, stages - stage - 1)
+    units = [("fwd", k) for k in range(warm)]
+    for k in range(m - warm):
+        units += [("fwd", warm + k), ("bwd", k)]
+    return units + [("bwd", k) for k in range(m - warm, m)]
+
+
+def micro_batches_held(units: list[tuple[str, int]]) -> int:
+    """The most micro-batches whose activations a stage keeps at once running ``units``:
+    forward run, backward not yet (m under GPipe, min(m, p - stage) under 1F1B)."""
+    held = most = 0
+    for kind, _ in units:
+        held += 1 if kind == "fwd" else -1
+        most = max(most, held)
+    return most
