@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench validate clean
+.PHONY: demo test test-all bench validate published clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench: $(STAMP)
 
 validate: $(STAMP)
 	$(BIN)/python scenarios/validation/run.py
+
+published: $(STAMP)
+	$(BIN)/clustersim published --plot out/published.png
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

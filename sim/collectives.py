@@ -209,7 +209,8 @@ def run(env: simpy.Environment, network: Network, coll: Collective | list[Phase]
         topo = network.topology
 
         def speed(link: DirLink) -> float:
-            return nccl.LINK_EFFICIENCY[link_kind(topo, link)] * coll.share
+            cc = max(topo.devices[end].compute_capability for end in link)
+            return nccl.link_efficiency(link_kind(topo, link), cc) * coll.share
     for w, wave in enumerate(waves):
         lat = coll.wave_latency[w] if w < len(coll.wave_latency) else None
         yield env.all_of([env.process(_phase(env, network, ph, record, lat, speed)) for ph in wave])

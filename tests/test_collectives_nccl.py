@@ -138,3 +138,11 @@ def test_host_collectives_keep_the_routes_latency_and_full_speed():
     coll = collectives.layout(topo, "allreduce", "auto", devices, 1e6)
     assert (coll.algo, coll.proto, coll.wave_latency) == ("ring", "", ())
     assert coll.phases == tuple(phases("allreduce", "ring", devices, 1e6, [0, 1, 2, 3]))
+
+
+def test_a100_nvlink_runs_at_nccls_ampere_lane_speed():
+    """12 NVLink3 lanes of an A100 at NCCL's 20.0 GB/s each (SM80_NVLINK_BW): 240 GB/s."""
+    topo = load_topology("dgx-a100")
+    size = 2.0**30
+    coll = collectives.layout(topo, "allreduce", "ring", topo.compute_devices(), size, proto="Simple")
+    assert run_time(topo, coll) == pytest.approx(56e-6 + 1.75 * size / 240e9, rel=1e-9)

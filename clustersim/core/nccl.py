@@ -9,7 +9,8 @@ the flow model gives the algorithm (``sim.collectives``).
 
 Link efficiencies are the per-link speeds NCCL's topology code assigns against the line
 rate: NVLink 20.6 GB/s per NVLink4 lane of 25 (``SM90_NVLINK_BW``, ``src/graph/topo.h``;
-18 lanes = 371 GB/s, the ring busbw measured on 8 H100: 365-370, NVIDIA/nccl#1455),
+18 lanes = 371 GB/s, the ring busbw measured on 8 H100: 365-370, NVIDIA/nccl#1455) and
+20.0 per NVLink3 lane (``SM80_NVLINK_BW``: 12 lanes of an A100 = 240 GB/s),
 PCIe 12 of 15.75 GB/s (``PCI_BW``, Gen3 x16), network 48 GB/s per 400 Gb/s NIC
 (``sm90SpeedArrayInter[0]``, ``src/graph/search.cc``; NVIDIA's "46-48 GB/s per NIC",
 NVIDIA/nccl-tests#290).  Not modelled: NVLS / NVLS-tree (NVLink SHARP), CollNet, the
@@ -32,6 +33,15 @@ HW_LAT = {
 }
 NET_OVERHEAD_US = 1.0          # getNetOverhead(): x86 Intel hosts
 LINK_EFFICIENCY = {"nvlink": 20.6 / 25.0, "pci": 12.0 / 15.75, "net": 48.0 / 50.0}
+NVLINK_LANE_GBPS = {8: 20.0, 9: 20.6}     # SM80_NVLINK_BW, SM90_NVLINK_BW of a 25 GB/s lane
+
+
+def link_efficiency(kind: str, compute_capability: float = 0.0) -> float:
+    """NCCL's speed of a link of ``kind`` over its line rate; NVLink by the GPU's generation
+    (Hopper's figure when it is not given)."""
+    if kind == "nvlink" and int(compute_capability) in NVLINK_LANE_GBPS:
+        return NVLINK_LANE_GBPS[int(compute_capability)] / 25.0
+    return LINK_EFFICIENCY[kind]
 # treeCorrectionFactor[protocol][log2(bytes / 64)], 64 B .. 256 MiB
 TREE_CORRECTION = (
     (1.0, 1.0, 1.0, 1.0, .9, .8, .7, .7, .7, .7, .6, .5, .4, .4, .5, .6, .7, .8, .9, 1.0, 1.0, 1.0, 1.0),

@@ -1,0 +1,48 @@
+"""The published-measurement suite: every case file is well formed and cites its source;
+``clustersim published`` predicts a case as the collective and simulate commands do."""
+from pathlib import Path
+
+import pytest
+
+from clustersim import api
+from clustersim.cli import main
+from clustersim.compare.published import load_case, score
+
+SUITE = Path(__file__).resolve().parents[1] / "scenarios" / "published"
+CASE = '''name = "tiny"
+[reference]
+source = "a test"
+hardware = "none"
+metric = "busbw"
+unit = "GB/s"
+value = 100.0
+[collective]
+topology = "dgx-h100"
+op = "allreduce"
+algo = "ring"
+bytes = 1048576
+'''
+
+
+@pytest.mark.parametrize("path", sorted(SUITE.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_case_names_its_source_hardware_and_value(path):
+    case = load_case(path)
+    assert case["source"] and case["hardware"] and case["published"] > 0 and case["unit"]
+    assert case["kind"] in ("collective", "scenario")
+
+
+def test_a_case_is_predicted_as_the_collective_command_does(tmp_path):
+    (tmp_path / "tiny.toml").write_text(CASE)
+    [row] = api.published(tmp_path)
+    [ref] = api.collective("dgx-h100", "allreduce", "ring", [2**20])
+    assert row["predicted"] == pytest.approx(ref["busbw_gbps"])
+    assert row["error_pct"] == pytest.approx(100 * (ref["busbw_gbps"] - 100) / 100)
+    assert score([row, {**row, "error_pct": -50.0, "fitted": True}]) == {
+        "cases": 1, "median_abs_error_pct": abs(row["error_pct"]), "worst_abs_error_pct": abs(row["error_pct"])}
+
+
+def test_a_bad_case_is_one_line_naming_the_field(tmp_path, capsys):
+    (tmp_path / "bad.toml").write_text(CASE.replace("value = 100.0", "value = -1"))
+    assert main(["published", "--dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.toml: reference.value" in err
