@@ -144,3 +144,13 @@ def test_a_config_error_is_one_line_whatever_the_input_holds():
     err = ConfigError("a\nb.toml", "cluster.topology", "cannot read \x00 it")
     assert str(err) == "a\\nb.toml: cluster.topology: cannot read \\x00 it"
     assert err.file == "a\nb.toml"                                     # the field values themselves are kept
+
+
+def test_between_machines_a_route_leaves_and_enters_by_each_ends_own_nic():
+    """Issue 16: m0.gpu7 -> m1.gpu0 on the rail fabric went in through m1's NIC 7 and its CPU
+    root complex; RDMA goes NIC to NIC: out by NIC 7, across the spine, in by NIC 0."""
+    topo = load_topology("dgx-h100-rail", machines=4)
+    hops = [v for _, v in topo.route("m0.gpu7", "m1.gpu0")]
+    assert hops == ["m0.pcie3", "m0.nic7", "rail7", "spine0", "rail0", "m1.nic0", "m1.pcie0", "m1.gpu0"] or (
+        hops[:2] == ["m0.pcie3", "m0.nic7"] and hops[-3:] == ["m1.nic0", "m1.pcie0", "m1.gpu0"])
+    assert not any(h.endswith(".cpu") for h in hops)
