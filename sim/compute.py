@@ -3,9 +3,13 @@
 ``op_seconds`` is an op's time with the device to itself: calibration's measured cost for
 its key (``Device.op_costs``: a fixed cost plus FLOPs and bytes at fitted rates) where
 there is one, else a fixed per-op overhead plus the larger of its FLOPs over the
-achievable rate (dtype peak x efficiency) and its bytes over memory bandwidth.  Ops that
-run at once on one device share it as a processor-sharing queue (``Compute.run``: a fluid
-job on a unit-capacity device).  Devices in a core pool (ranks bound to the same cores)
+achievable rate (dtype peak x efficiency) and its bytes over memory bandwidth.
+
+A GPU runs one kernel at a time (``runs_in_order``): ops given to it queue and start one
+after the other, first come first served; the engine hands it a step's ops in the Plan's
+order (see docs/decisions/010-gpu-runs-its-ops-in-order.md).  On a CPU, or a device with
+calibrated costs (host ranks), ops that run at once share it as a processor-sharing queue
+(a fluid job on a unit-capacity device).  Devices in a core pool (ranks bound to the same cores)
 share it busy or polling, since a polling rank keeps its share: each of n members of a
 pool of c cores runs at min(1, c / n) all the time (a wait past the executor's yielding
 window, which sleeps, is not modelled).  Costs measured with every rank running
@@ -14,10 +18,12 @@ window, which sleeps, is not modelled).  Costs measured with every rank running
 """
 from __future__ import annotations
 
+from collections import deque
+
 import simpy
 
 from sim.fluid import Fluid
-from clustersim.core.topology import Topology
+from clustersim.core.topology import Device, Topology
 
 MEASURED_SHARED = frozenset({"allreduce"})     # op cost keys calibrated with every rank of the job running
 
@@ -32,16 +38,30 @@ def op_seconds(topology: Topology, device: str, flops: float, nbytes: float, dty
     return dev.op_overhead + max(flops / (dev.flops_per_s(dtype) * eff), nbytes / dev.memory_bw)
 
 
+def runs_in_order(device: Device) -> bool:
+    """Whether ``device`` runs one op at a time: a GPU (one stream of kernels), unless its
+    costs were calibrated as a host rank's (``op_costs``, ``op_curves``, a core pool)."""
+    return device.kind == "gpu" and not (device.op_costs or device.op_curves or device.core_pool)
+
+
 class Compute:
-    """Processor sharing on every compute device; ``run`` returns an event that fires when the op is done."""
+    """Every compute device: one op at a time on a GPU (``runs_in_order``), processor sharing
+    elsewhere.  ``run`` returns an event that fires when the op is done, with the time the
+    op started where it waited its turn (None: it started when it was given)."""
 
     def __init__(self, env: simpy.Environment, topology: Topology, dtype: str,
                  slowdown: dict[str, float] | None = None) -> None:
-        self.topology, self.dtype = topology, dtype
+        self.env, self.topology, self.dtype = env, topology, dtype
         self.slowdown = slowdown or {}
         self.fluid = Fluid(env, {name: 1.0 for name, d in topology.devices.items() if d.is_compute})
         self.weights = {name: {name: 1} for name, d in topology.devices.items() if d.is_compute}
         self.share = pool_shares(topology)
+        self.queues: dict[str, deque] = {name: deque() for name, d in topology.devices.items()
+                                         if d.is_compute and runs_in_order(d)}
+        self.busy: set[str] = set()        # in-order devices running an op now
+
+    def in_order(self, device: str) -> bool:
+        return device in self.queues
 
     def _factor(self, device: str, key: str = "") -> float:
         """How much longer than alone on its device: a straggler's slowdown over its core share."""
@@ -52,7 +72,31 @@ class Compute:
         return op_seconds(self.topology, device, flops, nbytes, self.dtype, backward, key) * self._factor(device, key)
 
     def run(self, device: str, flops: float, nbytes: float, backward: bool = False, key: str = "") -> simpy.Event:
-        return self.fluid.start(self.weights[device], self.seconds(device, flops, nbytes, backward, key))
+        return self._start(device, self.seconds(device, flops, nbytes, backward, key))
+
+    def _start(self, device: str, seconds: float) -> simpy.Event:
+        if device not in self.queues:
+            return self.fluid.start(self.weights[device], seconds)
+        done = self.env.event()
+        self.queues[device].append((seconds, done))
+        if device not in self.busy:
+            self._next(device)
+        return done
+
+    def _next(self, device: str) -> None:
+        """Starts the op first in ``device``'s queue, if any."""
+        queue = self.queues[device]
+        if not queue:
+            self.busy.discard(device)
+            return
+        self.busy.add(device)
+        seconds, done = queue.popleft()
+        start = self.env.now
+
+        def finished(_e) -> None:
+            self._next(device)
+            done.succeed(start)
+        self.fluid.start(self.weights[device], seconds).callbacks.append(finished)
 
     def waiting(self, device: str) -> bool:
         """Whether compute device ``device`` is idle now and has its cores to itself (a rank
@@ -61,7 +105,7 @@ class Compute:
 
     def run_seconds(self, device: str, seconds: float) -> simpy.Event:
         """A job of ``seconds`` of the device's time (a message's software overhead)."""
-        return self.fluid.start(self.weights[device], seconds * self._factor(device))
+        return self._start(device, seconds * self._factor(device))
 
 
 def pool_shares(topology: Topology) -> dict[str, float]:

@@ -92,21 +92,28 @@ class Engine:
             self.env.process(self._inject())
 
     def _graph_info(self, plan: Plan) -> tuple:
-        """Successor lists, backward-op counts per slot and each op's key in measured op costs
-        (its layer kind, ``.backward`` for backward ops) of a plan's step graph (cached)."""
+        """Successor lists, each compute op's next on its slot in the Plan's order (-1: the
+        last), backward-op counts per slot and each op's key in measured op costs (its layer
+        kind, ``.backward`` for backward ops) of a plan's step graph (cached)."""
         key = id(plan)
         if key not in self._graphs:
             succ: list[list[int]] = [[] for _ in plan.ops]
+            following = [-1] * len(plan.ops)
+            last: dict[int, int] = {}
             for op in plan.ops:
                 for d in op.deps:
                     succ[d].append(op.id)
+                if op.kind != "xfer":
+                    if op.slot in last:
+                        following[last[op.slot]] = op.id
+                    last[op.slot] = op.id
             bwd = [sum(1 for op in plan.ops if op.kind == "bwd" and op.slot == j) for j in range(plan.slots)]
             keys = [cost_key(plan, op) for op in plan.ops]
             per_layer: dict[tuple[int, int], int] = {}
             for op in plan.ops:
                 if op.kind == "bwd":
                     per_layer[(op.slot, op.layer)] = per_layer.get((op.slot, op.layer), 0) + 1
-            self._graphs[key] = (plan, succ, bwd, keys, per_layer)
+            self._graphs[key] = (plan, succ, following, bwd, keys, per_layer)
         return self._graphs[key]
 
     # --- faults ------------------------------------------------------------------------------
@@ -194,11 +201,13 @@ class Engine:
     def compute_op(self, device: str, flops: float, nbytes: float, replica: int, step: int,
                    name: str, phase: str, kind: str = "compute", key: str = "") -> simpy.Event:
         """``key`` names the op in the device's measured op times (a layer kind, with
-        ``.backward`` for backward ops; ``update``; ...), where calibration measured it."""
-        start = self.env.now
+        ``.backward`` for backward ops; ``update``; ...), where calibration measured it.  The
+        span starts when the device starts the op (a GPU may run others first)."""
+        asked = self.env.now
         ev = self.compute.run(device, flops, nbytes, backward=phase == "bwd", key=key)
-        ev.callbacks.append(lambda _e: self.trace.add(
-            Span(name, kind, device, replica, step, start, self.env.now, nbytes, flops, phase)))
+        ev.callbacks.append(lambda e: self.trace.add(
+            Span(name, kind, device, replica, step, asked if e.value is None else e.value, self.env.now,
+                 nbytes, flops, phase)))
         return ev
 
     def transfer(self, src: str, dst: str, nbytes: float, replica: int, step: int,
@@ -283,11 +292,18 @@ class Engine:
     # --- one replica's step graph ----------------------------------------------------------
     def run_graph(self, replica: int, step: int, plan: Plan | None = None) -> GraphRun:
         """Runs one replica's step graph (of ``plan``, default the engine's: sandblaster runs
-        work units from a plan of the unit's batch).  Ops on failed devices never start."""
-        plan, succ, bwd_per_slot, keys, bwd_per_layer = self._graph_info(plan or self.plan)
+        work units from a plan of the unit's batch).  A slot on a GPU gets its compute ops one
+        at a time in the Plan's order (the pipeline schedule), each once the one before has
+        finished, as a stream of kernels runs; a shared device gets each as it is ready.  Ops
+        on failed devices never start."""
+        plan, succ, following, bwd_per_slot, keys, bwd_per_layer = self._graph_info(plan or self.plan)
         env = self.env
         ops, devices = plan.ops, self.plan.devices[replica]
+        in_order = [self.compute.in_order(d) for d in devices]
         waiting = [len(op.deps) for op in ops]
+        for op in ops:
+            if following[op.id] >= 0 and in_order[op.slot]:
+                waiting[following[op.id]] += 1
         left = [len(ops)]
         slot_left = list(bwd_per_slot)
         layer_left = dict(bwd_per_layer)
@@ -308,7 +324,8 @@ class Engine:
             ev.callbacks.append(lambda _e: finish(op))
 
         def finish(op) -> None:
-            for s in succ[op.id]:
+            nxt = following[op.id] if in_order[op.slot] else -1
+            for s in succ[op.id] + ([nxt] if nxt >= 0 else []):
                 waiting[s] -= 1
                 if waiting[s] == 0:
                     launch(ops[s])
@@ -330,7 +347,7 @@ class Engine:
             run.done.succeed()
         started = self._step_starts(plan, devices, replica, step)
         for op in ops:
-            if not op.deps:
+            if waiting[op.id] == 0:
                 if op.slot in started:
                     started[op.slot].callbacks.append(lambda _e, op=op: launch(op))
                 else:

@@ -64,16 +64,39 @@ def test_parameter_server_step_is_push_update_fetch():
     assert simulate(p, steps=1).sim_time_s == pytest.approx(expected, rel=1e-9)
 
 
-def test_ops_sharing_a_device_run_at_half_speed():
+def test_ops_sharing_a_cpu_run_at_half_speed():
     sc = scenario()
     env = simpy.Environment()
     comp = Compute(env, sc.topology, "fp32")
-    t_one = comp.seconds("m0.gpu0", 1e12, 0)
+    t_one = comp.seconds("m0.cpu", 1e12, 0)
     ends = []
     for _ in range(2):
-        comp.run("m0.gpu0", 1e12, 0).callbacks.append(lambda _e: ends.append(env.now))
+        comp.run("m0.cpu", 1e12, 0).callbacks.append(lambda _e: ends.append(env.now))
     env.run()
     assert ends == pytest.approx([2 * t_one, 2 * t_one])
+
+
+def test_a_gpu_runs_its_ops_one_after_the_other_in_the_order_given():
+    """One kernel at a time: each op starts when the one before it ends, first come first
+    served; an op given while the GPU is idle starts at once."""
+    sc = scenario()
+    env = simpy.Environment()
+    comp = Compute(env, sc.topology, "fp32")
+    size = {"a": 3e12, "b": 1e12, "c": 2e12}
+    t = {k: comp.seconds("m0.gpu0", f, 0) for k, f in size.items()}
+    log = []
+
+    def give(name):
+        comp.run("m0.gpu0", size[name], 0).callbacks.append(lambda e: log.append((name, e.value, env.now)))
+    for name in "abc":
+        give(name)
+    env.run()
+    ends = [t["a"], t["a"] + t["b"], t["a"] + t["b"] + t["c"]]
+    assert [name for name, _, _ in log] == ["a", "b", "c"]
+    assert [x for _, *times in log for x in times] == pytest.approx([0.0, ends[0], ends[0], ends[1], ends[1], ends[2]])
+    env.timeout(1.0).callbacks.append(lambda _e: give("b"))
+    env.run()
+    assert log[-1][1:] == pytest.approx((ends[2] + 1.0, ends[2] + 1.0 + t["b"]))
 
 
 def test_same_seed_same_scenario_identical_trace():
