@@ -96,6 +96,14 @@ def table(topology: Topology, op: str, algo: str, sizes: Sequence[int], devices:
     return rows
 
 
+def sm_share(topology: Topology, devices: Sequence[str]) -> float:
+    """The share of each member GPU's SMs an NCCL collective over ``devices`` takes."""
+    sms = min(topology.devices[d].sms for d in devices)
+    machines = {topology.machine_of(d) for d in devices}
+    nics = min(sum(1 for x in topology.devices.values() if x.kind == "nic" and x.machine == m) for m in machines)
+    return nccl.sm_share(len(machines), nics, sms)
+
+
 def link_kind(topology: Topology, link: DirLink) -> str:
     """nvlink | pci | net: which of NCCL's link speeds a directed link runs at."""
     kinds = {topology.devices[end].kind for end in link}

@@ -59,6 +59,7 @@ class Compute:
         self.queues: dict[str, deque] = {name: deque() for name, d in topology.devices.items()
                                          if d.is_compute and runs_in_order(d)}
         self.busy: set[str] = set()        # in-order devices running an op now
+        self.held: dict[str, list[float]] = {}   # GPU -> shares collectives' kernels take now
 
     def in_order(self, device: str) -> bool:
         return device in self.queues
@@ -97,6 +98,26 @@ class Compute:
             self._next(device)
             done.succeed(start)
         self.fluid.start(self.weights[device], seconds).callbacks.append(finished)
+
+    def hold(self, devices, share: float):
+        """A collective's kernel takes ``share`` of every in-order GPU of ``devices`` until the
+        returned ``release()``: what runs beside it runs on the rest (NCCL's channels are
+        thread blocks on the GPU's SMs; ``clustersim.core.nccl.sm_share``)."""
+        held = [d for d in devices if d in self.queues] if share > 0 else []
+        for d in held:
+            self.held.setdefault(d, []).append(share)
+            self._capacity(d)
+
+        def release() -> None:
+            for d in held:
+                self.held[d].remove(share)
+                self._capacity(d)
+        return release
+
+    def _capacity(self, device: str) -> None:
+        sms = self.topology.devices[device].sms or 1
+        taken = sum(self.held.get(device, ()))
+        self.fluid.set_capacity(device, max(1.0 - taken, 1.0 / sms) if taken else 1.0)
 
     def waiting(self, device: str) -> bool:
         """Whether compute device ``device`` is idle now and has its cores to itself (a rank

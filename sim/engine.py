@@ -275,7 +275,11 @@ class Engine:
         def record(pair, nb, start, end):
             self.trace.add(Span(name, "transfer", f"{pair[0]}->{pair[1]}", replica, step, start, end, nb, 0.0,
                                 op, _link_names(route(*pair))))
-        return self.env.process(collectives.run(self.env, self.network, coll, record))
+        running = self.env.process(collectives.run(self.env, self.network, coll, record))
+        if coll.proto:                         # NCCL's kernel takes SMs from the compute beside it
+            release = self.compute.hold(devices, collectives.sm_share(self.network.topology, devices))
+            running.callbacks.append(lambda _e: release())
+        return running
 
     def _host_collective(self, op: str, devices: list[str], nbytes: float, replica: int, step: int,
                          name: str) -> simpy.Event | None:

@@ -63,6 +63,14 @@ class Fluid:
         self._mark([jid])
         return event
 
+    def set_capacity(self, resource: Hashable, capacity: float) -> None:
+        """Changes a resource's capacity from now on; the jobs on it are re-solved."""
+        if capacity <= 0:
+            raise ValueError(f"resource {resource!r} needs a capacity > 0, got {capacity}")
+        self.capacity[resource] = capacity
+        if self.users.get(resource):
+            self._mark(list(self.users[resource]))
+
     def _mark(self, jids) -> None:
         """Re-solve these jobs' components once, after every change at this instant (many
         transfers start together; one solve serves them all, at the same simulated time)."""

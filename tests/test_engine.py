@@ -223,3 +223,34 @@ def test_bucketed_allreduce_overlaps_the_backward_and_moves_the_same_bytes():
     assert sum(s.bytes for s in reduce1) == pytest.approx(sum(s.bytes for s in reduce0))
     assert min(s.start_s for s in reduce1) < last_bwd                      # the first starts inside the backward
     assert split.trace.step_times()[1] < whole.trace.step_times()[1]
+
+
+def test_an_op_beside_a_collective_runs_on_the_sms_it_leaves():
+    """NCCL takes one SM per channel (24 on one node): an op of t seconds that runs wholly
+    beside a collective on an H100 (132 SMs) takes t x 132 / 108; one whose collective ends
+    at t/2 has done (t/2)(108/132) of its work by then and does the rest at full speed."""
+    from clustersim.core import nccl
+    from clustersim.core.topogen import load_topology
+    topo = load_topology("dgx-h100")
+    env = simpy.Environment()
+    comp = Compute(env, topo, "fp16")
+    share = nccl.sm_share(1, 8, 132)
+    assert share == pytest.approx(24 / 132)
+    t = comp.seconds("m0.gpu0", 1e12, 0)
+    ends = {}
+    release = comp.hold(["m0.gpu0", "m0.gpu1"], share)
+    comp.run("m0.gpu0", 1e12, 0).callbacks.append(lambda _e: ends.setdefault("whole", env.now))
+
+    def later():
+        yield env.timeout(t / 2)
+        release()
+    env.process(later())
+    env.run()
+    # released at t/2: the op had done (t/2)(108/132) of its t; the rest at full speed
+    assert ends["whole"] == pytest.approx(t / 2 + (t - t / 2 * 108 / 132), rel=1e-12)
+    env = simpy.Environment()
+    comp = Compute(env, topo, "fp16")
+    comp.hold(["m0.gpu0"], share)
+    comp.run("m0.gpu0", 1e12, 0).callbacks.append(lambda _e: ends.setdefault("beside", env.now))
+    env.run()
+    assert ends["beside"] == pytest.approx(t * 132 / 108, rel=1e-12)

@@ -48,6 +48,19 @@ TREE_CORRECTION = (
     (1.0, 1.0, 1.0, 1.0, 1.0, .9, .8, .8, .8, .7, .6, .6, .6, .6, .6, .6, .8, .9, .9, .9, .9, 1.0, 1.0),
     (.9, .9, .9, .9, .9, .9, .9, .8, .7, .6, .6, .5, .5, .5, .5, .6, .7, .8, .7, .7, .8, .9, .9))
 RING_PLATEAU = 1.4             # multi-node ring Simple allreduce latency, compute capability >= 8.0
+# Channels NCCL opens, each one thread block (CTA) on one SM of every member GPU: 24 on one
+# node (nccl-tests#100, A100: "Channel 23/24"; nccl#1259, 8x H100: channels up to 22 at least),
+# 2 per NIC across nodes (nccl#1453: 16 ring channels on 8 NICs of H100 nodes).
+CHANNELS_ONE_NODE = 24
+CHANNELS_PER_NIC = 2
+
+
+def sm_share(machines: int, nics: int, sms: int) -> float:
+    """The share of a GPU's SMs a running collective's kernel takes: one per channel."""
+    if sms <= 0:
+        return 0.0
+    channels = CHANNELS_ONE_NODE if machines <= 1 else CHANNELS_PER_NIC * max(1, nics)
+    return min(channels, sms) / sms
 
 
 def protocol_factor(algo: str, proto: str, op: str, nodes: int, ppn: float) -> float:

@@ -164,7 +164,8 @@ def _compute_fields(t: Table, kind: str) -> dict[str, Any]:
         cores = t.int("cores", lo=1, hi=4096)
         peak = {"fp32": cores * t.float("core_gflops", positive=True) * 1e9}
     curves = {key: _curve(t, key) for key in ("efficiency_curve", "backward_efficiency_curve")}
-    extra = {"compute_capability": t.float("compute_capability", 0.0, lo=0.0, hi=20.0)} if kind == "gpu" else {}
+    extra = {"compute_capability": t.float("compute_capability", 0.0, lo=0.0, hi=20.0),
+             "sms": t.int("sms", 0, lo=0, hi=100_000)} if kind == "gpu" else {}
     return dict(peak_flops=peak, **curves, **extra,
                 memory_bytes=t.float("memory_gib", positive=True) * GIB,
                 memory_bw=t.float("memory_bandwidth_gbps", positive=True) * 1e9,

@@ -72,6 +72,7 @@ class Device:
     op_curves: dict[str, tuple] = field(default_factory=dict)
     core_pool: str = ""                 # name of the cores this device shares with others (ranks of one host)
     compute_capability: float = 0.0     # a GPU's CUDA compute capability (8.0 A100, 9.0 H100); 0: not given
+    sms: int = 0                        # a GPU's streaming multiprocessors (NCCL's kernels take some); 0: not given
 
     def op_time(self, key: str, flops: float, nbytes: float) -> float | None:
         """Seconds of op ``key`` from its measured costs; None when it was not measured here.
