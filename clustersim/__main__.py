@@ -3,4 +3,5 @@ import sys
 
 from clustersim.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":        # not when a worker re-imports the main module (mpi4py.futures)
+    sys.exit(main())

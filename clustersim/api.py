@@ -13,8 +13,8 @@ import json
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -99,23 +99,38 @@ def _sweep_point(source: Source, pairs: list[tuple[str, Any]]) -> dict:
     return {k: summary[k] for k in SWEEP_KEYS if k in summary}
 
 
-def sweep(source: Source, vary: Mapping[str, Iterable[Any]], overrides: Overrides = None, *, jobs: int = 1) -> list[dict]:
+def sweep(source: Source, vary: Mapping[str, Iterable[Any]], overrides: Overrides = None, *, jobs: int = 1,
+          mpi: bool = False, done: Mapping[tuple, dict] | None = None,
+          on_point: Callable[[dict], None] | None = None) -> list[dict]:
     """Every combination of ``vary``'s values: a list of points holding the varied keys
     (dotted), the metrics and ``speedup`` against the first feasible point.  A point that
     cannot be planned holds ``error`` instead; when no point can, the first point's
-    ConfigError is raised (bad input that they share)."""
+    ConfigError is raised (bad input that they share).  Points run in ``jobs`` processes,
+    or on the ranks of ``mpiexec`` with ``mpi`` (mpi4py.futures); ``done`` maps the tuple
+    of a combination's values to a point already run (``--resume``); ``on_point`` is called
+    with each point as it finishes (a progress bar)."""
     base = _pairs(overrides)
     axes = [[(key, v) for v in values] for key, values in vary.items()]
     combos = [list(c) for c in itertools.product(*axes)]
     load(source, base)                                     # bad shared input fails here, once
-    args = [base + c for c in combos]
-    if jobs > 1:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(_sweep_point, [source] * len(combos), args))
-    else:
-        results = [_sweep_point(source, a) for a in args]
+    done = done or {}
+    results: list[dict | None] = [None] * len(combos)
+    todo = []
+    for i, combo in enumerate(combos):
+        key = tuple(v for _, v in combo)
+        if key in done:
+            results[i] = {k: v for k, v in done[key].items() if k not in vary and k != "speedup"}
+        else:
+            todo.append(i)
+    with _pool(jobs, mpi) as pool:
+        futures = {pool.submit(_sweep_point, source, base + combos[i]): i for i in todo}
+        for fut in as_completed(futures):
+            i = futures[fut]
+            results[i] = fut.result()
+            if on_point:
+                on_point({k: v for k, v in combos[i]} | results[i])
     if all("error" in r and "stalled_at_s" not in r for r in results):
-        plan(load(source, args[0]))                        # raises the first point's ConfigError
+        plan(load(source, base + combos[0]))               # raises the first point's ConfigError
     first = next((r for r in results if "error" not in r), None)
     points = []
     for combo, res in zip(combos, results):
@@ -124,6 +139,31 @@ def sweep(source: Source, vary: Mapping[str, Iterable[Any]], overrides: Override
             point["speedup"] = res["samples_per_s"] / first["samples_per_s"] if first["samples_per_s"] else 0.0
         points.append(point)
     return points
+
+
+class _InProcess:
+    """The executor interface, run here and now (``jobs = 1``: no processes to start)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:       # noqa: BLE001 (handed to the caller by .result())
+            fut.set_exception(exc)
+        return fut
+
+
+def _pool(jobs: int, mpi: bool):
+    if mpi:
+        from mpi4py.futures import MPIPoolExecutor
+        return MPIPoolExecutor()
+    return ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else _InProcess()
 
 
 PLAN_FILE = "plan.json"          # in the run's workdir: the Plan every rank loads

@@ -1,19 +1,30 @@
-"""``clustersim sweep``: one scenario over the values of one or more keys."""
+"""``clustersim sweep``: one scenario over the values of one or more keys, in parallel,
+with a progress bar, written as it goes (``--out``) and resumable (``--resume``)."""
 from __future__ import annotations
 
+import csv
+import io
 import json
+import sys
+from pathlib import Path
 
 from clustersim import api, report
 from clustersim.cli.args import scenario_args
 from clustersim.core.config import ConfigError
 from clustersim.core.scenario import parse_set
 
+METRICS = ("step_time_s", "samples_per_s", "speedup", "sim_time_s", "sim_events", "wall_s", "bytes_per_step")
+
 
 def add(sub) -> None:
     w = sub.add_parser("sweep", help="simulate a scenario over values of one or more keys")
     scenario_args(w)
     w.add_argument("--vary", action="append", required=True, metavar="KEY=V1,V2,...")
-    w.add_argument("--jobs", type=int, default=1)
+    w.add_argument("--jobs", type=int, default=1, help="processes on this machine")
+    w.add_argument("--mpi", action="store_true",
+                   help="run points on MPI ranks (mpiexec -n N python -m mpi4py.futures -m clustersim sweep ...)")
+    w.add_argument("--out", metavar="PREFIX", help="write PREFIX.json and PREFIX.csv, point by point")
+    w.add_argument("--resume", action="store_true", help="skip the points already in PREFIX.json")
     w.add_argument("--plot", metavar="FILE")
     w.set_defaults(func=run)
 
@@ -29,9 +40,55 @@ def parse_vary(items: list[str]) -> dict[str, list]:
     return out
 
 
+def previous(prefix: str, vary: dict) -> dict[tuple, dict]:
+    """The points of an earlier run (``PREFIX.json``) by the tuple of their varied values."""
+    path = Path(prefix + ".json")
+    if not path.exists():
+        return {}
+    try:
+        points = json.loads(path.read_text())
+        return {tuple(p[k] for k in vary): p for p in points}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(str(path), "", f"cannot resume from it: {exc!r}") from None
+
+
+def to_csv(points: list[dict], vary: dict) -> str:
+    columns = list(vary) + [m for m in METRICS if any(m in p for p in points)] + \
+        (["error"] if any("error" in p for p in points) else [])
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(points)
+    return out.getvalue()
+
+
+def save(prefix: str, points: list[dict], vary: dict) -> None:
+    api.write_atomic(prefix + ".json", json.dumps(points, indent=2))
+    api.write_atomic(prefix + ".csv", to_csv(points, vary))
+
+
 def run(args) -> int:
     vary = parse_vary(args.vary)
-    points = api.sweep(args.scenario, vary, args.set, jobs=args.jobs)
+    if args.resume and not args.out:
+        raise ConfigError("--resume", "", "needs --out PREFIX (the run to resume)")
+    done = previous(args.out, vary) if args.resume else {}
+    finished = list(done.values())
+    total = 1
+    for values in vary.values():
+        total *= len(values)
+    bar = _progress(total, len(done))
+
+    def on_point(point: dict) -> None:
+        bar.update(1)
+        if args.out:
+            finished.append(point)
+            save(args.out, finished, vary)
+    try:
+        points = api.sweep(args.scenario, vary, args.set, jobs=args.jobs, mpi=args.mpi, done=done, on_point=on_point)
+    finally:
+        bar.close()
+    if args.out:
+        save(args.out, points, vary)
     if args.plot:
         from clustersim.plots import plot_sweep
         plot_sweep([p for p in points if "error" not in p], next(iter(vary)), args.plot)
@@ -44,3 +101,10 @@ def run(args) -> int:
         columns.append(("error", "error"))
     print(report.table(points, columns))
     return 0
+
+
+def _progress(total: int, initial: int):
+    """A tqdm bar on stderr, off when stderr is not a terminal."""
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="point", file=sys.stderr, disable=not sys.stderr.isatty(),
+                dynamic_ncols=True)

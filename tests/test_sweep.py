@@ -1,0 +1,51 @@
+"""Sweeps users leave running: written point by point, resumable, in parallel on real MPI
+ranks with the same rows as in one process, the progress bar off when stderr is a file."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from clustersim.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = str(ROOT / "scenarios" / "quickstart.toml")
+ARGS = ["sweep", QUICK, "--vary", "parallel.replicas=1,2,4", "--vary", "training.allreduce=ring,tree",
+        "--set", "training.steps=2"]
+
+
+def rows(points):
+    return [{k: v for k, v in p.items() if k != "wall_s"} for p in points]
+
+
+def test_out_writes_json_and_csv_and_resume_runs_only_what_is_missing(tmp_path, capsys):
+    prefix = str(tmp_path / "run")
+    assert main(ARGS + ["--out", prefix]) == 0
+    assert capsys.readouterr().err == ""                     # no progress bar on a non-terminal
+    points = json.loads(Path(prefix + ".json").read_text())
+    csv_lines = Path(prefix + ".csv").read_text().splitlines()
+    assert len(points) == 6 and len(csv_lines) == 7
+    assert csv_lines[0].startswith("parallel.replicas,training.allreduce,step_time_s,samples_per_s,speedup")
+    # mark five points as run earlier, drop the sixth: a resumed sweep keeps the five
+    kept = [dict(p, wall_s=-1.0) for p in points if (p["parallel.replicas"], p["training.allreduce"]) != (4, "tree")]
+    Path(prefix + ".json").write_text(json.dumps(kept))
+    assert main(ARGS + ["--out", prefix, "--resume", "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert [p["wall_s"] for p in resumed] == [-1.0] * 5 + [resumed[5]["wall_s"]] and resumed[5]["wall_s"] > 0
+    assert rows(resumed) == rows(points)
+    assert json.loads(Path(prefix + ".json").read_text()) == resumed
+
+
+def test_resume_without_out_is_bad_input(capsys):
+    assert main(ARGS + ["--resume"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_mpi_ranks_give_the_rows_of_one_process(tmp_path, capsys):
+    assert main(ARGS + ["--json"]) == 0
+    local = json.loads(capsys.readouterr().out)
+    bindir = Path(sys.executable).parent
+    out = subprocess.run([str(bindir / "mpiexec"), "-n", "3", sys.executable, "-m", "mpi4py.futures", "-m",
+                          "clustersim", *ARGS, "--mpi", "--json"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert rows(json.loads(out.stdout)) == rows(local)
