@@ -254,3 +254,18 @@ def test_an_op_beside_a_collective_runs_on_the_sms_it_leaves():
     comp.run("m0.gpu0", 1e12, 0).callbacks.append(lambda _e: ends.setdefault("beside", env.now))
     env.run()
     assert ends["beside"] == pytest.approx(t * 132 / 108, rel=1e-12)
+
+
+def test_time_and_cost_to_train_follow_from_throughput_price_and_power():
+    """epoch = samples / throughput; cost = hours x machines used x list price; energy =
+    hours x machines x machine power (dgx-h100: AWS p5.48xlarge's $98.32/h, 10.2 kW)."""
+    from clustersim.core.metrics import summarize
+    p = plan(scenario(batch=64, parallel={"replicas": 8},
+                      training={"dataset_samples": 1_000_000, "epochs": 3, "target_hours": 1e-9, "steps": 2}))
+    s = summarize(p, simulate(p))
+    epoch = 1_000_000 / s["samples_per_s"]
+    assert s["epoch_time_s"] == pytest.approx(epoch) and s["time_to_train_s"] == pytest.approx(3 * epoch)
+    assert s["machines_used"] == 1
+    assert s["cost_usd"] == pytest.approx(3 * epoch / 3600 * 98.32)
+    assert s["energy_kwh"] == pytest.approx(3 * epoch / 3600 * 10.2)
+    assert s["meets_target"] is False

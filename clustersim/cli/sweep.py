@@ -13,7 +13,8 @@ from clustersim.cli.args import scenario_args
 from clustersim.core.config import ConfigError
 from clustersim.core.scenario import parse_set
 
-METRICS = ("step_time_s", "samples_per_s", "speedup", "sim_time_s", "sim_events", "wall_s", "bytes_per_step")
+METRICS = ("step_time_s", "samples_per_s", "speedup", "sim_time_s", "sim_events", "wall_s", "bytes_per_step",
+           "epoch_time_s", "time_to_train_s", "cost_usd", "energy_kwh", "meets_target")
 
 
 def add(sub) -> None:
@@ -97,6 +98,8 @@ def run(args) -> int:
         return 0
     columns = [(k, k) for k in vary] + [("step_time_s", "step (s)"), ("samples_per_s", "samples/s"),
                                         ("speedup", "speedup"), ("wall_s", "wall (s)")]
+    columns += [(k, h) for k, h in (("time_to_train_s", "to train (s)"), ("cost_usd", "cost ($)"))
+                if any(k in p for p in points)]
     if any("error" in p for p in points):
         columns.append(("error", "error"))
     print(report.table(points, columns))

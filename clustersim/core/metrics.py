@@ -13,6 +13,35 @@ from clustersim.core.plan import Plan
 from clustersim.core.trace import union_length
 
 
+def machines_used(p: Plan) -> int:
+    """Machines holding a device of the plan (replica slots or parameter-server shards):
+    what a job rents."""
+    topo = p.scenario.topology
+    used = {d for row in p.devices for d in row} | set(p.ps.devices if p.ps else ())
+    return len({topo.machine_of(d) for d in used})
+
+
+def training_cost(p: Plan, samples_per_s: float) -> dict:
+    """With ``training.dataset_samples``: the time an epoch and the whole training take at
+    this throughput; with the topology's machine price and power, what it costs (list
+    price x machines used x hours) and the energy (machine power x machines x hours);
+    with ``training.target_hours``, whether it meets it."""
+    sc, tr = p.scenario, p.scenario.training
+    if not tr.dataset_samples or samples_per_s <= 0:
+        return {}
+    epoch = tr.dataset_samples / samples_per_s
+    hours = epoch * tr.epochs / 3600
+    machines = machines_used(p)
+    out = {"epoch_time_s": epoch, "time_to_train_s": epoch * tr.epochs, "machines_used": machines}
+    if sc.topology.price_usd_per_hour:
+        out["cost_usd"] = hours * machines * sc.topology.price_usd_per_hour
+    if sc.topology.power_w:
+        out["energy_kwh"] = hours * machines * sc.topology.power_w / 1000
+    if tr.target_hours:
+        out["meets_target"] = hours <= tr.target_hours
+    return out
+
+
 def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
     """JSON-ready summary: DESIGN.md's keys (step_time_s, samples_per_s, sim_time_s,
     sim_events, wall_s) plus utilisation, time by phase and speedup against one device."""
@@ -58,6 +87,7 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
             del out[key]
         out.update(stalled_at_s=res.stalled_at_s, stalled_reason=res.stalled_reason)
         return out
+    out.update(training_cost(p, samples_per_s))
     if baseline_step_s:
         out["one_device_step_time_s"] = baseline_step_s
         out["speedup"] = out["samples_per_s"] / (sc.batch_size / baseline_step_s)

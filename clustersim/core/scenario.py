@@ -69,6 +69,9 @@ class Training:
     cosim: bool = False          # run the real math on the simulated clock (mlp-digits)
     eval_points: int = 20        # cosim: accuracy evaluations over the run
     target_accuracy: float = 0.9  # cosim: time_to_accuracy_s is when this is first reached
+    dataset_samples: int = 0     # > 0: report epoch_time_s, time_to_train_s (and cost, energy where priced)
+    epochs: float = 1.0          # passes over dataset_samples
+    target_hours: float = 0.0    # > 0: report whether time_to_train_s meets it
 
 
 @dataclass(frozen=True)
@@ -243,7 +246,10 @@ def _training(tt: Table) -> Training:
         comm_bits=tt.int("comm_bits", 32, lo=8, hi=32),
         cosim=tt.bool("cosim", False),
         eval_points=tt.int("eval_points", 20, lo=1, hi=10_000),
-        target_accuracy=tt.float("target_accuracy", 0.9, lo=0.0, hi=1.0))
+        target_accuracy=tt.float("target_accuracy", 0.9, lo=0.0, hi=1.0),
+        dataset_samples=tt.int("dataset_samples", 0, lo=0, hi=10**15),
+        epochs=tt.float("epochs", 1.0, positive=True, hi=1e6),
+        target_hours=tt.float("target_hours", 0.0, lo=0.0, hi=1e7))
     if tr.start_spread_s < 0 and tr.start_spread_s != -1.0:
         raise tt.error("start_spread_s", f"must be >= 0, or -1 for a parameter round trip; got {tr.start_spread_s}")
     if tr.comm_bits not in (8, 32):

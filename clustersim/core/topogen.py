@@ -110,8 +110,10 @@ def build_topology(data: Any, file: str) -> Topology:
     if kind == "none" and n_machines != 1:
         raise net.error("machines", "must be 1 when network.kind is none")
     nics: list[list[str]] = []
+    price = power = 0.0
     if top.has("machine"):
         template = _machine_template(top.table("machine"))
+        price, power = template["price"], template["power"]
         if template["gpus"] * n_machines > MAX_DEVICES:
             raise net.error("machines", f"would build more than {MAX_DEVICES} devices")
         for m in range(n_machines):
@@ -140,7 +142,7 @@ def build_topology(data: Any, file: str) -> Topology:
     if not any(d.is_compute for d in devices):
         raise ConfigError(file, "machine", "the topology has no cpu or gpu device")
     try:
-        return Topology(name, devices, links, description, core_pools)
+        return Topology(name, devices, links, description, core_pools, price, power)
     except ValueError as exc:
         raise ConfigError(file, "link", str(exc)) from None
 
@@ -186,7 +188,9 @@ def _curve(t: Table, key: str) -> tuple:
 
 def _machine_template(mt: Table) -> dict[str, Any]:
     cpu_t = mt.table("cpu")
-    tpl: dict[str, Any] = {"cpu": _compute_fields(cpu_t, "cpu")}
+    tpl: dict[str, Any] = {"cpu": _compute_fields(cpu_t, "cpu"),
+                           "price": mt.float("price_usd_per_hour", 0.0, lo=0.0, hi=1e6),
+                           "power": mt.float("power_w", 0.0, lo=0.0, hi=1e7)}
     cpu_t.done()
     gpu_t = mt.table("gpu", {"count": 0})
     tpl["gpus"] = gpu_t.int("count", 0, lo=0, hi=MAX_PER_MACHINE)

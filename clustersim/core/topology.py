@@ -130,8 +130,11 @@ class Topology:
     """Devices and links; ``route`` gives the directed links a message crosses."""
 
     def __init__(self, name: str, devices: list[Device], links: list[Link], description: str = "",
-                 core_pools: dict[str, float] | None = None) -> None:
+                 core_pools: dict[str, float] | None = None, price_usd_per_hour: float = 0.0,
+                 power_w: float = 0.0) -> None:
         self.name, self.description = name, description
+        self.price_usd_per_hour = price_usd_per_hour   # one machine's list price (0: not given)
+        self.power_w = power_w                         # one machine's power at full load (0: not given)
         self.core_pools = dict(core_pools or {})      # pool name -> cores its devices share
         self.devices: dict[str, Device] = {}
         self.graph = nx.Graph()
