@@ -6,7 +6,9 @@ jobs changes, rates are re-solved by ``flows.max_min_rates`` -- but only for the
 component of jobs that share resources with the change, so traffic inside one machine
 never re-solves the whole cluster.  Changes at one instant are batched into one solve.
 Each job's finish time is then exact until the next change; the simpy side only
-reschedules completions (SimGrid's approach).
+reschedules completions (SimGrid's approach).  A job ends only when the clock reaches its
+own computed finish time, never "nearly done": ending a large job a few bytes early would
+hand its bandwidth to its neighbours too soon.
 """
 from __future__ import annotations
 
@@ -17,12 +19,6 @@ from collections.abc import Hashable, Mapping
 import simpy
 
 from sim.flows import max_min_rates
-
-# Work below this fraction of a job's amount counts as done (float round-off of rates).
-_DONE = 1e-9
-# A finish closer to now than this fraction of now is now: a timer for it would fire at
-# the same float time and find it unfinished again, forever.
-_NOW = 1e-12
 
 
 class _Job:
@@ -125,6 +121,9 @@ class Fluid:
             self._timer.callbacks.append(self._wake)
 
     def _wake(self, event: simpy.Event) -> None:
+        """Ends the jobs whose finish time has come.  simpy fires a timer at now + delay,
+        which round-off may put a few ulps before the finish; ``_schedule`` then re-arms for
+        the rest (exact once now and finish are that close), so the loop ends."""
         if event is not self._timer:
             return                                  # superseded by an earlier wake-up
         self._wake_at, self._timer = float("inf"), None
@@ -136,8 +135,7 @@ class Fluid:
             if job is None or job.finish != finish:
                 heapq.heappop(self._heap)
                 continue
-            left = job.remaining - job.rate * (now - job.since)
-            if finish - now > _NOW * now and left > _DONE * job.amount:
+            if finish > now:
                 break
             heapq.heappop(self._heap)
             finished[jid] = None
