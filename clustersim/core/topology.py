@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import networkx as nx
+import numpy as np
 
 COMPUTE_KINDS = ("gpu", "cpu")
 DEVICE_KINDS = ("cpu", "gpu", "pcie_switch", "nvswitch", "nic", "switch")
@@ -167,13 +168,14 @@ class Topology:
             self._machine_nics.setdefault(self.devices[n].machine, []).append(n)
         self._nic_of: dict[str, str | None] = {}
         self._routes: dict[tuple[str, str], tuple[DirLink, ...]] = {}
+        self._fabric: _Fabric | None = None         # built on the first route across the fabric
 
     def without_link(self, a: str, b: str) -> "Topology":
         """A copy whose routing no longer uses link a-b (devices and capacities shared)."""
         clone = object.__new__(Topology)
         clone.__dict__.update(self.__dict__)
         clone._adj = {n: [m for m in nbs if {n, m} != {a, b}] for n, nbs in self._adj.items()}
-        clone._routes, clone._nic_of = {}, {}
+        clone._routes, clone._nic_of, clone._fabric = {}, {}, None
         return clone
 
     # --- devices -------------------------------------------------------------------------
@@ -246,7 +248,7 @@ class Topology:
         if a is not None and b is not None and a != b:
             nic_a, nic_b = self.nic_of(src), self.nic_of(dst)
             if nic_a and nic_b:
-                return self.route(src, nic_a) + self._shortest(nic_a, nic_b, fabric_only=True) + self.route(nic_b, dst)
+                return self.route(src, nic_a) + self._across_fabric(nic_a, nic_b) + self.route(nic_b, dst)
         if a is not None and a == b:                  # inside one machine: its own links first
             try:
                 return self._shortest(src, dst, inside=True)
@@ -280,16 +282,132 @@ class Topology:
         while node != dst:
             options = [nb for nb in self._adj[node] if dist.get(nb, -1) == dist[node] - 1
                        and min(cap[(node, nb)], width[nb]) >= width[node]]
-            nxt = options[0]
-            if len(options) > 1 and all(self.devices[o].kind == "nic" for o in options):
-                end = src if self.devices[options[0]].machine == machines[0] else dst
-                nxt = options[_rail(end) % len(options)]           # the endpoint's own NIC
-            elif len(options) > 1:
-                nxt = options[digits % len(options)]                # D-mod-K: the next digit
-                digits //= len(options)
+            nxt, digits = self._pick(options, src, dst, machines[0], digits)
             path.append((node, nxt))
             node = nxt
         return tuple(path)
+
+    def _pick(self, options: list[str], src: str, dst: str, src_machine: int | None, digits: int) -> tuple[str, int]:
+        """The next hop among equally short and wide ``options``, and the digits left."""
+        if len(options) > 1 and all(self.devices[o].kind == "nic" for o in options):
+            end = src if self.devices[options[0]].machine == src_machine else dst
+            return options[_rail(end) % len(options)], digits          # the endpoint's own NIC
+        if len(options) > 1:
+            return options[digits % len(options)], digits // len(options)   # D-mod-K: the next digit
+        return options[0], digits
+
+    def _across_fabric(self, src: str, dst: str) -> tuple[DirLink, ...]:
+        """``_shortest(src, dst, fabric_only=True)`` by a BFS tree of the fabric cached per
+        destination switch, so one BFS serves every route into it.  Same routes: the
+        destination's BFS, cut at the source's level, is its switch's tree one level
+        deeper, with every width capped by the switch's link to it."""
+        fabric = self._fabric or self._build_fabric()
+        if dst in fabric.index:
+            root, cap0 = dst, float("inf")
+        else:
+            ups = [nb for nb in self._adj[dst] if nb in fabric.index]
+            if len(ups) != 1:
+                return self._shortest(src, dst, fabric_only=True)
+            root, cap0 = ups[0], self.capacity[(ups[0], dst)]
+        tree = fabric.tree(root, cap0)
+        below = 0 if root == dst else 1                     # dst's level under the root's tree
+        cap = self.capacity
+
+        def level(node):                                     # hops to dst; -1: not allowed
+            if node == dst:
+                return 0
+            i = fabric.index.get(node)
+            return -1 if i is None or tree.dist[i] < 0 else int(tree.dist[i]) + below
+
+        def wide(node):
+            return float("inf") if node == dst else float(tree.width[fabric.index[node]])
+
+        near = [nb for nb in self._adj[src] if level(nb) >= 0]
+        if not near:
+            raise LookupError(f"no route from {src} to {dst}")
+        hops = min(level(nb) for nb in near) + 1
+        width = max(min(cap[(src, nb)], wide(nb)) for nb in near if level(nb) == hops - 1)
+        options = [nb for nb in near if level(nb) == hops - 1 and min(cap[(src, nb)], wide(nb)) >= width]
+        digits = self._port.get(dst, self._index[dst])
+        nxt, digits = self._pick(options, src, dst, None, digits)
+        path = [(src, nxt)]
+        node = nxt
+        while node != dst:
+            if node == root:
+                nxt = dst
+            else:
+                options = tree.options.get(node)
+                if options is None:
+                    options = tree.options[node] = fabric.options(tree, node, self._adj[node])
+                nxt, digits = self._pick(options, src, dst, None, digits)
+            path.append((node, nxt))
+            node = nxt
+        return tuple(path)
+
+    def _build_fabric(self) -> "_Fabric":
+        nodes = [n for n in self._adj if self.devices[n].machine is None and self.devices[n].kind != "gpu"]
+        self._fabric = _Fabric(nodes, self._adj, self.capacity)
+        return self._fabric
+
+
+class _Tree:
+    """Hops and widest bottleneck (bytes/s) of every fabric node toward one root, and
+    the next-hop options found so far (a node -> its equally good next hops, in order)."""
+
+    __slots__ = ("dist", "width", "options")
+
+    def __init__(self, dist: np.ndarray, width: np.ndarray) -> None:
+        self.dist, self.width, self.options = dist, width, {}
+
+
+class _Fabric:
+    """The network switches as arrays: node indices and directed links (from, to,
+    capacity), for breadth-first trees computed level by level in array arithmetic."""
+
+    def __init__(self, nodes: list[str], adj: dict[str, list[str]], capacity: dict[DirLink, float]) -> None:
+        self.nodes = nodes
+        self.index = {n: i for i, n in enumerate(nodes)}
+        pairs = [(self.index[v], self.index[u], capacity[(v, u)])
+                 for u in nodes for v in adj[u] if v in self.index]
+        self.frm = np.array([p[0] for p in pairs], dtype=np.int64)     # a hop frm -> to, toward the root
+        self.to = np.array([p[1] for p in pairs], dtype=np.int64)
+        self.cap = np.array([p[2] for p in pairs], dtype=float)
+        self.capacity = capacity
+        self._trees: dict[tuple[str, float], _Tree] = {}
+
+    def tree(self, root: str, cap0: float) -> _Tree:
+        """BFS from ``root`` over the fabric, the root's width ``cap0``: each node's hops,
+        and the largest bottleneck over its shortest paths (what ``_shortest`` computes)."""
+        key = (root, cap0)
+        if key not in self._trees:
+            n = len(self.nodes)
+            dist = np.full(n, -1, dtype=np.int64)
+            width = np.zeros(n)
+            r = self.index[root]
+            dist[r], width[r] = 0, cap0
+            level = 0
+            while True:
+                grow = (dist[self.to] == level) & (dist[self.frm] < 0)
+                if not grow.any():
+                    break
+                new = np.unique(self.frm[grow])
+                dist[new] = level + 1
+                down = (dist[self.to] == level) & (dist[self.frm] == level + 1)
+                np.maximum.at(width, self.frm[down], np.minimum(self.cap[down], width[self.to[down]]))
+                level += 1
+            self._trees[key] = _Tree(dist, width)
+        return self._trees[key]
+
+    def options(self, tree: _Tree, node: str, neighbours: list[str]) -> list[str]:
+        """``node``'s next hops toward the root: one level closer, as wide as its best."""
+        i = self.index[node]
+        want, width = tree.dist[i] - 1, tree.width[i]
+        out = []
+        for nb in neighbours:
+            j = self.index.get(nb)
+            if j is not None and tree.dist[j] == want and min(self.capacity[(node, nb)], tree.width[j]) >= width:
+                out.append(nb)
+        return out
 
 
 def _rail(name: str) -> int:

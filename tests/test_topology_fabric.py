@@ -1,0 +1,61 @@
+"""Routes across the fabric from cached per-switch BFS trees equal the plain BFS's."""
+import itertools
+import random
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from clustersim.core.topogen import builtin_topologies, load_topology
+from clustersim.core.topology import Device, Link, Topology
+
+
+def nic_pairs(topo, limit=400, seed=0):
+    nics = [n for n, d in topo.devices.items() if d.kind == "nic"]
+    pairs = [(a, b) for a, b in itertools.permutations(nics, 2)
+             if topo.devices[a].machine != topo.devices[b].machine]
+    random.Random(seed).shuffle(pairs)
+    return pairs[:limit]
+
+
+def assert_same_routes(topo, pairs):
+    for a, b in pairs:
+        try:
+            want = topo._shortest(a, b, fabric_only=True)
+        except LookupError:
+            with pytest.raises(LookupError):
+                topo._across_fabric(a, b)
+            continue
+        assert topo._across_fabric(a, b) == want, (a, b)
+
+
+@pytest.mark.parametrize("name", builtin_topologies())
+def test_builtin_fabrics_route_as_the_plain_bfs(name):
+    topo = load_topology(name, machines=6)
+    assert_same_routes(topo, nic_pairs(topo))
+
+
+def test_two_pod_fat_tree_and_one_without_a_link_route_as_the_plain_bfs():
+    topo = load_topology("dgx-h100-fat-tree", machines=160)
+    assert_same_routes(topo, nic_pairs(topo, limit=300))
+    cut = topo.without_link("edge0.0", "agg0.0")
+    assert_same_routes(cut, nic_pairs(cut, limit=200, seed=1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_random_fabrics_with_uneven_links_route_as_the_plain_bfs(data):
+    n_sw = data.draw(st.integers(1, 7))
+    devices = [Device(f"s{i}", "switch") for i in range(n_sw)]
+    links = []
+    gbps = st.sampled_from([10e9, 25e9, 50e9, 100e9])
+    for i, j in itertools.combinations(range(n_sw), 2):
+        if data.draw(st.booleans()):
+            links.append(Link(f"s{i}", f"s{j}", data.draw(gbps), 1e-6))
+    for m in range(data.draw(st.integers(2, 5))):
+        for k in range(data.draw(st.integers(1, 2))):
+            nic = f"m{m}.nic{k}"
+            devices.append(Device(nic, "nic", machine=m))
+            ups = data.draw(st.lists(st.integers(0, n_sw - 1), min_size=1, max_size=2, unique=True))
+            links += [Link(nic, f"s{u}", data.draw(gbps), 1e-6) for u in ups]
+    topo = Topology("random", devices, links)
+    assert_same_routes(topo, nic_pairs(topo))
