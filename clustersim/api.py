@@ -142,6 +142,80 @@ def sweep(source: Source, vary: Mapping[str, Iterable[Any]], overrides: Override
     return points
 
 
+SEARCH_KEYS = SWEEP_KEYS + ("machines_used", "time_to_accuracy_s", "accuracy")
+
+
+def _search_point(source: Source, pairs: list[tuple[str, Any]]) -> dict:
+    """One candidate's metrics and why, or its one-line reason."""
+    from clustersim.search import why
+    try:
+        res = simulate(source, pairs, speedup=False)
+    except ConfigError as exc:
+        return {"error": str(exc)}
+    summary = res.data
+    if "stalled_at_s" in summary:
+        return {"error": f"stalled: {summary['stalled_reason']}"}
+    out = {k: summary[k] for k in SEARCH_KEYS if k in summary}
+    out["usd_per_hour"] = summary.get("machines_used", 0) * res.plan.scenario.topology.price_usd_per_hour
+    out["why"] = why(summary)
+    return out
+
+
+def search(source: Source, devices: int, overrides: Overrides = None, *, objective: str = "time",
+           target_hours: float = 0.0, jobs: int = 1, mpi: bool = False,
+           on_point: Callable[[dict], None] | None = None) -> dict:
+    """The ways to run the job on at most ``devices`` devices (``clustersim.search``), the
+    global batch fixed: candidates that cannot fit in memory are dropped before simulating,
+    the rest simulated (sync: one step, every step being alike) and ranked by ``objective``.
+    Returns ``ranked`` (best first: the chosen keys, the metrics, ``why``), ``dropped``
+    (candidates refused before simulating, with reasons) and ``note`` (a deadline no
+    candidate meets)."""
+    from clustersim.search import OBJECTIVES, candidates, score
+    base = _pairs(overrides)
+    sc = load(source, base)
+    n = len(sc.topology.compute_devices())
+    if not 1 <= devices <= n:
+        raise ConfigError("--devices", str(devices), f"must be 1..{n} for topology {sc.topology.name}")
+    if objective not in OBJECTIVES:
+        raise ConfigError("--objective", objective, f"must be one of {', '.join(OBJECTIVES)}")
+    if objective == "cost" and not sc.topology.price_usd_per_hour:
+        raise ConfigError(sc.topology.name, "machine.price_usd_per_hour", "the cost objective needs a price")
+    if objective == "time-to-accuracy" and not sc.training.cosim:
+        raise ConfigError(sc.file, "training.cosim", "time-to-accuracy needs the co-simulated model (cosim = true)")
+    if target_hours and not sc.training.dataset_samples:
+        raise ConfigError(sc.file, "training.dataset_samples", "a target in hours needs the data set's size")
+    steps = [("training.steps", 1)] if sc.training.algorithm == "sync" else []
+    if target_hours:
+        steps.append(("training.target_hours", target_hours))
+    trials, dropped = [], []
+    for cand in candidates(sc, devices):
+        pairs = base + steps + list(cand.items())
+        try:
+            plan(load(source, pairs))                          # the memory check is cheap
+        except ConfigError as exc:
+            dropped.append({**cand, "error": str(exc)})
+            continue
+        trials.append((cand, pairs))
+    points = []
+    with _pool(jobs, mpi) as pool:
+        futures = {pool.submit(_search_point, source, pairs): cand for cand, pairs in trials}
+        for fut in as_completed(futures):
+            point = futures[fut] | fut.result()
+            (dropped if "error" in point else points).append(point)
+            if on_point:
+                on_point(point)
+    ranked = sorted(points, key=lambda p: score(p, objective))
+    note = ""
+    if target_hours:
+        meeting = [p for p in ranked if p.get("meets_target")]
+        if not meeting and ranked:
+            fastest = min(ranked, key=lambda p: p["time_to_train_s"])
+            note = (f"no configuration trains in {target_hours:g} h on {devices} devices: the fastest takes "
+                    f"{fastest['time_to_train_s'] / 3600:.3g} h")
+        ranked = meeting + [p for p in ranked if not p.get("meets_target")]
+    return {"ranked": ranked, "dropped": dropped, "note": note, "candidates": len(trials) + len(dropped)}
+
+
 class _InProcess:
     """The executor interface, run here and now (``jobs = 1``: no processes to start)."""
 

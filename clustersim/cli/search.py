@@ -1,0 +1,52 @@
+"""``clustersim search``: the best ways to run a job on up to N devices, with why."""
+from __future__ import annotations
+
+import json
+import sys
+
+from clustersim import api, report
+from clustersim.cli.args import scenario_args
+from clustersim.search import OBJECTIVES
+
+SHOWN = 10
+
+
+def add(sub) -> None:
+    s = sub.add_parser("search", help="the best splits and placements of a job on up to N devices")
+    scenario_args(s)
+    s.add_argument("--devices", type=int, required=True)
+    s.add_argument("--objective", default="time", choices=OBJECTIVES)
+    s.add_argument("--target-hours", type=float, default=0.0,
+                   help="with training.dataset_samples: the deadline (cheapest first that meets it)")
+    s.add_argument("--jobs", type=int, default=1)
+    s.add_argument("--mpi", action="store_true")
+    s.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+    bar = tqdm(unit="config", file=sys.stderr, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    try:
+        res = api.search(args.scenario, args.devices, args.set, objective=args.objective,
+                         target_hours=args.target_hours, jobs=args.jobs, mpi=args.mpi,
+                         on_point=lambda _p: bar.update(1))
+    finally:
+        bar.close()
+    ranked = res["ranked"]
+    if args.json:
+        print(json.dumps(ranked, indent=2))
+        if res["note"]:
+            print(res["note"], file=sys.stderr)
+        return 0
+    print(f"# {res['candidates']} configurations of {args.scenario} on <= {args.devices} devices, "
+          f"{len(res['dropped'])} refused (memory, shape) -- best {min(SHOWN, len(ranked))} by {args.objective}:")
+    columns = [("parallel.replicas", "replicas"), ("parallel.model_parallel", "per replica"),
+               ("parallel.split", "split"), ("parallel.micro_batches", "micro"), ("parallel.ps_shards", "shards"),
+               ("samples_per_s", "samples/s")]
+    if any("cost_usd" in p for p in ranked):
+        columns += [("time_to_train_s", "to train (s)"), ("cost_usd", "cost ($)")]
+    columns.append(("why", "why"))
+    print(report.table(ranked[:SHOWN], columns))
+    if res["note"]:
+        print(f"# {res['note']}")
+    return 0

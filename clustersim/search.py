@@ -1,0 +1,76 @@
+"""What ``clustersim search`` tries and how it ranks: the ways to run one job on up to N
+devices, with the global batch held fixed.
+
+A candidate is a set of dotted overrides of the scenario: replicas r x devices per replica
+m (``model_parallel``), the split (spatial, or ``layers``: m pipeline stages with 1 or 4
+micro-batches), and how gradients meet (allreduce with NCCL's tuner, or a parameter
+server sharded over the machines used).  The global batch (the scenario's
+``model.batch_size`` x ``parallel.replicas``) is divided over the replicas, so every
+candidate trains on the same samples per step.  Placement: a replica's slots are
+consecutive devices, so they share a machine first (``plan`` places them in device order).
+Pure functions: the API runs the candidates.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from clustersim.core.scenario import Scenario
+
+OBJECTIVES = ("time", "cost", "time-to-accuracy")
+MICRO = (1, 4)                 # micro-batches tried per pipeline: none, and p for p = 4 stages' bubble
+
+
+def powers_of_two(limit: int) -> list[int]:
+    out, k = [], 1
+    while k <= limit:
+        out.append(k)
+        k *= 2
+    return out
+
+
+def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
+    """Every configuration to try on at most ``devices`` devices (dotted overrides)."""
+    global_batch = sc.batch_size * sc.parallel.replicas
+    machines = len({sc.topology.machine_of(d) for d in sc.topology.compute_devices()[:devices]})
+    out = []
+    for m in powers_of_two(devices):
+        for split in ("spatial", "layers") if m > 1 else ("spatial",):
+            for r in sorted(set(powers_of_two(devices // m)) | {devices // m}):
+                if global_batch % r:
+                    continue
+                batch = global_batch // r
+                for micro in MICRO if split == "layers" else (1,):
+                    if micro > batch:
+                        continue
+                    base = {"parallel.model_parallel": m, "parallel.split": split, "parallel.replicas": r,
+                            "model.batch_size": batch, "parallel.micro_batches": micro, "parallel.grid": []}
+                    out.append({**base, "parallel.ps_shards": 0, "training.allreduce": "auto"})
+                    if r > 1:
+                        out.append({**base, "parallel.ps_shards": max(1, machines)})
+    return out
+
+
+def score(point: dict, objective: str) -> float:
+    """Lower is better: seconds per sample, dollars per sample, or seconds to accuracy."""
+    if objective == "time":
+        return 1.0 / point["samples_per_s"]
+    if objective == "cost":
+        return point["usd_per_hour"] / 3600 / point["samples_per_s"]
+    tta = point.get("time_to_accuracy_s")
+    return float("inf") if tta is None else tta
+
+
+COMPUTE_PHASES = ("fwd", "bwd", "update")
+
+
+def why(summary: dict) -> str:
+    """Where the time goes and what binds, in a line: how busy the median device is (the
+    rest of its step it waits), and the traffic that moves the most (transfer-seconds)."""
+    util = sorted(summary.get("device_utilisation", {}).values())
+    median = util[len(util) // 2] if util else 0.0
+    phases = summary.get("time_by_phase_s", {})
+    traffic = sorted(((v, k) for k, v in phases.items() if k not in COMPUTE_PHASES and k != "wait" and v > 0),
+                     reverse=True)
+    moved = f"; most traffic: {traffic[0][1]}" if traffic else ""
+    binds = "compute binds" if median >= 0.6 else "waits on communication bind"
+    return f"median device busy {median:.0%} ({binds}){moved}"

@@ -1,0 +1,75 @@
+"""``clustersim search`` against brute force: on a small case it returns the same best
+configuration as simulating every way to run the job; what cannot fit is refused before
+simulating; cost ranks by dollars per sample; a deadline nobody meets is said in one line."""
+import itertools
+import json
+
+import pytest
+
+from clustersim import api
+from clustersim.cli import main
+from clustersim.core.config import ConfigError
+
+QUICK = "scenarios/quickstart.toml"
+BASE = {"training.steps": 1, "model.batch_size": 64, "parallel.replicas": 2}     # global batch 128
+
+
+def brute_force(devices):
+    """Every replicas x devices-per-replica x split x micro-batches x gradient exchange that
+    fits on ``devices`` with the global batch of 128, simulated; samples/s of each."""
+    out = {}
+    for r, m in itertools.product(range(1, devices + 1), repeat=2):
+        if r * m > devices or 128 % r:
+            continue
+        for split, micro, shards in itertools.product(("spatial", "layers"), (1, 2, 4, 8), (0, 1)):
+            if (m == 1 and split == "layers") or (split == "spatial" and micro > 1) or (r == 1 and shards):
+                continue
+            key = (r, m, split, micro, shards)
+            try:
+                res = api.simulate(QUICK, {**BASE, "parallel.replicas": r, "parallel.model_parallel": m,
+                                           "parallel.split": split, "parallel.micro_batches": micro,
+                                           "parallel.ps_shards": shards, "model.batch_size": 128 // r},
+                                   speedup=False)
+            except ConfigError:
+                continue
+            out[key] = res.samples_per_s
+    return out
+
+
+def test_search_finds_the_brute_force_best():
+    everything = brute_force(4)
+    best = max(everything.values())
+    res = api.search(QUICK, 4, BASE)
+    top = res["ranked"][0]
+    assert top["samples_per_s"] == pytest.approx(best, rel=1e-12)
+    assert all(a["samples_per_s"] >= b["samples_per_s"] for a, b in zip(res["ranked"], res["ranked"][1:]))
+    assert all(p["model.batch_size"] * p["parallel.replicas"] == 128 for p in res["ranked"])
+    assert "median device busy" in top["why"]
+
+
+def test_what_cannot_fit_is_refused_before_simulating():
+    """AlexNet with a global batch of 32,768 on four 80 GiB A100s: most ways need more
+    memory than a GPU has; they are refused with the memory check's reason, never run."""
+    res = api.search(QUICK, 4, {"model.name": "alexnet", "model.batch_size": 32768, "parallel.replicas": 1,
+                                "training.steps": 1, "cluster.topology": "pcie-4gpu"})
+    assert len(res["dropped"]) > len(res["ranked"]) > 0
+    assert all("does not fit" in d["error"] for d in res["dropped"])
+    assert {(1, 1), (4, 1)} <= {(d["parallel.replicas"], d["parallel.model_parallel"]) for d in res["dropped"]}
+    assert res["candidates"] == len(res["dropped"]) + len(res["ranked"])
+
+
+def test_cost_ranks_by_dollars_per_sample_and_a_missed_deadline_says_so(capsys):
+    res = api.search(QUICK, 8, {**BASE, "training.dataset_samples": 10**12}, objective="cost", target_hours=1e-6)
+    costs = [p["usd_per_hour"] / p["samples_per_s"] for p in res["ranked"]]
+    assert costs == sorted(costs)
+    assert res["note"].startswith("no configuration trains in 1e-06 h on 8 devices: the fastest takes")
+    assert main(["search", QUICK, "--devices", "2", "--json", "--set", "training.steps=1"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and "parallel.replicas" in rows[0] and "why" in rows[0]
+
+
+def test_bad_search_input_is_one_line():
+    with pytest.raises(ConfigError, match="--devices"):
+        api.search(QUICK, 99)
+    with pytest.raises(ConfigError, match="cosim"):
+        api.search(QUICK, 2, objective="time-to-accuracy")
