@@ -15,8 +15,13 @@ shapes and which part of them a box owns are the core layer's (``param_shapes``,
 ``box_index``).
 
 Arrays are (B, C, H, W), batch first.  Parameters of a box: dense W (in, c) and b (c,);
-conv2d W (c, C, k, k) and b (c,); locally_connected W (h, w, F, C, k, k) and b (h, w, F)
-for the box's output rows/cols; batchnorm gamma, beta (c,).
+conv2d W (c, C, kh, kw) and b (c,) (none with ``bias = false``); locally_connected
+W (h, w, F, C, kh, kw) and b (h, w, F) for the box's output rows/cols; batchnorm gamma,
+beta (c,).  Windows may be rectangular (kh x kw, strides and paddings per axis).
+
+Kinds that read several inputs (``layer.arity`` 0: add, concat) take ``in_shape``, ``xr``
+and ``rin`` as lists, one entry per input (its shape, its region, where that sits), and
+their backward returns a list of region gradients.
 
 Conventions: windows are clipped at the image border; max pooling pads with -inf, average
 pooling counts padding as zeros; LRN is AlexNet's (k=2, alpha=1e-4, beta=0.75); LCN
@@ -28,25 +33,30 @@ from math import prod
 
 import numpy as np
 
+from clustersim.core.layers import pair
+
 LRN_K, LRN_ALPHA, LRN_BETA = 2.0, 1e-4, 0.75
 LCN_EPS = 1.0
 BN_EPS = 1e-5
 
 
 # --- helpers shared by several kinds ---------------------------------------------------------
-def windows(xp, x, k: int, s: int):
-    """(B, C, Ho, Wo, k, k) strided view of the k x k windows of x (B, C, H, W) at stride s."""
-    v = xp.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))
-    return v[:, :, ::s, ::s]
+def windows(xp, x, k, s):
+    """(B, C, Ho, Wo, kh, kw) strided view of the kh x kw windows of x (B, C, H, W) at
+    stride s; k and s an int or (rows, cols)."""
+    (kh, kw), (sh, sw) = pair(k), pair(s)
+    v = xp.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))
+    return v[:, :, ::sh, ::sw]
 
 
-def col2im(xp, dpatch, shape, k: int, s: int):
-    """Adjoint of ``windows``: adds (B, C, Ho, Wo, k, k) back into an array of ``shape``."""
+def col2im(xp, dpatch, shape, k, s):
+    """Adjoint of ``windows``: adds (B, C, Ho, Wo, kh, kw) back into an array of ``shape``."""
     dx = xp.zeros(shape, dtype=dpatch.dtype)
+    (kh, kw), (sh, sw) = pair(k), pair(s)
     ho, wo = dpatch.shape[2], dpatch.shape[3]
-    for u in range(k):
-        for v in range(k):
-            dx[:, :, u:u + s * (ho - 1) + 1:s, v:v + s * (wo - 1) + 1:s] += dpatch[:, :, :, :, u, v]
+    for u in range(kh):
+        for v in range(kw):
+            dx[:, :, u:u + sh * (ho - 1) + 1:sh, v:v + sw * (wo - 1) + 1:sw] += dpatch[:, :, :, :, u, v]
     return dx
 
 
@@ -67,10 +77,10 @@ def _scatter(xp, shape, at, d, dtype):
 
 def _padded(xp, xr, rin, in_shape, box, layer, fill):
     """The input rows/cols the box's windows read, from the region, ``fill`` outside the image."""
-    k, s, p = layer.kernel, layer.stride, layer.padding
+    (kh, kw), (sh, sw), (ph, pw) = pair(layer.kernel), pair(layer.stride), pair(layer.padding)
     (h0, h1), (w0, w1) = box[1], box[2]
-    r0, r1 = h0 * s - p, (h1 - 1) * s - p + k
-    c0, c1 = w0 * s - p, (w1 - 1) * s - p + k
+    r0, r1 = h0 * sh - ph, (h1 - 1) * sh - ph + kh
+    c0, c1 = w0 * sw - pw, (w1 - 1) * sw - pw + kw
     buf = xp.full((xr.shape[0], xr.shape[1], r1 - r0, c1 - c0), fill, dtype=xr.dtype)
     (a0, a1), (b0, b1) = (max(r0, 0), min(r1, in_shape[1])), (max(c0, 0), min(c1, in_shape[2]))
     buf[:, :, a0 - r0:a1 - r0, b0 - c0:b1 - c0] = xr[:, :, a0 - rin[1][0]:a1 - rin[1][0], b0 - rin[2][0]:b1 - rin[2][0]]
@@ -138,10 +148,10 @@ class _Weighted(Kernel):
 
     @classmethod
     def init(cls, layer, in_shape, out_shape, rng, dtype):
-        w, b = layer.param_shapes(in_shape)
+        w, *b = layer.param_shapes(in_shape)                     # b: none for a conv2d without biases
         fan_in, fan_out = cls.fans(layer, in_shape, out_shape)
         lim = np.sqrt(6.0 / (fan_in + fan_out))
-        return [rng.uniform(-lim, lim, w).astype(dtype), np.zeros(b, dtype)]
+        return [rng.uniform(-lim, lim, w).astype(dtype)] + [np.zeros(shape, dtype) for shape in b]
 
 
 class DenseKernel(_Weighted):
@@ -173,30 +183,33 @@ class Conv2dKernel(_Weighted):
 
     @staticmethod
     def fans(layer, in_shape, out_shape):
-        return in_shape[0] * layer.kernel ** 2, out_shape[0] * layer.kernel ** 2
+        return in_shape[0] * layer.area, out_shape[0] * layer.area
 
     @staticmethod
     def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
-        W, b = params
+        W = params[0]
         buf, geo = _padded(xp, xr, rin, in_shape, box, layer, 0.0)
-        pat = windows(xp, buf, layer.kernel, layer.stride)       # (B, C, h, w, k, k)
-        B, C, h, w, k, _ = pat.shape
-        cols = xp.ascontiguousarray(pat.transpose(0, 2, 3, 1, 4, 5)).reshape(B * h * w, C * k * k)  # (Bhw, Ckk)
+        pat = windows(xp, buf, layer.kernel, layer.stride)       # (B, C, h, w, kh, kw)
+        B, C, h, w, kh, kw = pat.shape
+        cols = xp.ascontiguousarray(pat.transpose(0, 2, 3, 1, 4, 5)).reshape(B * h * w, C * kh * kw)  # (Bhw, Ckk)
         y = cols @ W.reshape(len(W), -1).T                       # (Bhw, F) from W (F, Ckk)
-        y = y.reshape(B, h, w, -1).transpose(0, 3, 1, 2) + b[None, :, None, None]                  # (B, F, h, w)
+        y = y.reshape(B, h, w, -1).transpose(0, 3, 1, 2)         # (B, F, h, w)
+        if layer.bias:
+            y = y + params[1][None, :, None, None]
         return y, (buf.shape, geo, cols, xr.shape)
 
     @staticmethod
     def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
         buf_shape, geo, cols, src_shape = cache
-        W, _ = params
-        k, C = layer.kernel, W.shape[1]
-        B, F, h, w = dy.shape
+        W = params[0]
+        F, C, kh, kw = W.shape
+        B, _, h, w = dy.shape
         dym = xp.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(B * h * w, F)               # (Bhw, F)
-        dW = (dym.T @ cols).reshape(W.shape)                                                      # (F, C, k, k)
-        dpat = (dym @ W.reshape(F, -1)).reshape(B, h, w, C, k, k).transpose(0, 3, 1, 2, 4, 5)    # (B, C, h, w, k, k)
-        dbuf = col2im(xp, dpat, buf_shape, k, layer.stride)
-        return _unpad(xp, dbuf, geo, src_shape, rin), (dW, dy.sum(axis=(0, 2, 3)))
+        dW = (dym.T @ cols).reshape(W.shape)                                                      # (F, C, kh, kw)
+        dpat = (dym @ W.reshape(F, -1)).reshape(B, h, w, C, kh, kw).transpose(0, 3, 1, 2, 4, 5)  # (B, C, h, w, kh, kw)
+        dbuf = col2im(xp, dpat, buf_shape, (kh, kw), layer.stride)
+        db = (dy.sum(axis=(0, 2, 3)),) if layer.bias else ()
+        return _unpad(xp, dbuf, geo, src_shape, rin), (dW, *db)
 
 
 class LocallyConnectedKernel(_Weighted):
@@ -204,16 +217,16 @@ class LocallyConnectedKernel(_Weighted):
 
     @staticmethod
     def fans(layer, in_shape, out_shape):
-        return in_shape[0] * layer.kernel ** 2, out_shape[0]
+        return in_shape[0] * layer.area, out_shape[0]
 
     @staticmethod
     def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
         W, b = params
         buf, geo = _padded(xp, xr, rin, in_shape, box, layer, 0.0)
-        pat = windows(xp, buf, layer.kernel, layer.stride)       # (B, C, h, w, k, k)
-        B, C, h, w, k, _ = pat.shape
-        cols = xp.ascontiguousarray(pat.transpose(2, 3, 0, 1, 4, 5)).reshape(h * w, B, C * k * k)  # (hw, B, Ckk)
-        Wm = W.reshape(h * w, W.shape[2], C * k * k).transpose(0, 2, 1)                          # (hw, Ckk, F)
+        pat = windows(xp, buf, layer.kernel, layer.stride)       # (B, C, h, w, kh, kw)
+        B, C, h, w, kh, kw = pat.shape
+        cols = xp.ascontiguousarray(pat.transpose(2, 3, 0, 1, 4, 5)).reshape(h * w, B, C * kh * kw)  # (hw, B, Ckk)
+        Wm = W.reshape(h * w, W.shape[2], C * kh * kw).transpose(0, 2, 1)                          # (hw, Ckk, F)
         y = xp.matmul(cols, Wm).reshape(h, w, B, -1).transpose(2, 3, 0, 1) + b.transpose(2, 0, 1)[None]  # (B, F, h, w)
         return y, (buf.shape, geo, cols, xr.shape)
 
@@ -221,13 +234,13 @@ class LocallyConnectedKernel(_Weighted):
     def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
         buf_shape, geo, cols, src_shape = cache
         W, _ = params
-        k, C = layer.kernel, W.shape[3]
+        C, kh, kw = W.shape[3:]
         B, F, h, w = dy.shape
         dym = xp.ascontiguousarray(dy.transpose(2, 3, 0, 1)).reshape(h * w, B, F)                # (hw, B, F)
-        Wm = W.reshape(h * w, F, C * k * k)                                                       # (hw, F, Ckk)
-        dW = xp.matmul(dym.transpose(0, 2, 1), cols).reshape(W.shape)                            # (h, w, F, C, k, k)
-        dpat = xp.matmul(dym, Wm).reshape(h, w, B, C, k, k).transpose(2, 3, 0, 1, 4, 5)          # (B, C, h, w, k, k)
-        dbuf = col2im(xp, dpat, buf_shape, k, layer.stride)
+        Wm = W.reshape(h * w, F, C * kh * kw)                                                     # (hw, F, Ckk)
+        dW = xp.matmul(dym.transpose(0, 2, 1), cols).reshape(W.shape)                            # (h, w, F, C, kh, kw)
+        dpat = xp.matmul(dym, Wm).reshape(h, w, B, C, kh, kw).transpose(2, 3, 0, 1, 4, 5)        # (B, C, h, w, kh, kw)
+        dbuf = col2im(xp, dpat, buf_shape, (kh, kw), layer.stride)
         return _unpad(xp, dbuf, geo, src_shape, rin), (dW, dy.sum(axis=0).transpose(1, 2, 0))
 
 
@@ -261,9 +274,9 @@ class MaxPoolKernel(_Pool):
 
     @classmethod
     def backward(cls, xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
-        pat, k = cache[2], layer.kernel
-        flat = pat.reshape(*pat.shape[:4], k * k)                # (B, c, h, w, kk)
-        onehot = xp.arange(k * k) == flat.argmax(axis=-1)[..., None]
+        pat, kk = cache[2], layer.area
+        flat = pat.reshape(*pat.shape[:4], kk)                   # (B, c, h, w, kh kw)
+        onehot = xp.arange(kk) == flat.argmax(axis=-1)[..., None]
         dpat = (onehot * dy[..., None]).reshape(pat.shape)       # (B, c, h, w, k, k)
         return cls._to_region(xp, layer, xr_shape, rin, box, cache, dpat, dy.dtype), ()
 
@@ -276,8 +289,8 @@ class AvgPoolKernel(_Pool):
 
     @classmethod
     def backward(cls, xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
-        pat, k = cache[2], layer.kernel
-        dpat = xp.broadcast_to(dy[..., None, None] / (k * k), pat.shape)    # (B, c, h, w, k, k)
+        pat = cache[2]
+        dpat = xp.broadcast_to(dy[..., None, None] / layer.area, pat.shape)    # (B, c, h, w, kh, kw)
         return cls._to_region(xp, layer, xr_shape, rin, box, cache, dpat, dy.dtype), ()
 
 
@@ -447,11 +460,58 @@ class SoftmaxXentKernel(Kernel):
         return _scatter(xp, xr_shape, (slice(None), _at(rin, box)[1]), dy, dy.dtype), ()
 
 
+class AddKernel(Kernel):
+    """Sum of the inputs' regions at the box (each region is the box itself)."""
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        y = xr[0][_at(rin[0], box)]
+        for x, r in zip(xr[1:], rin[1:]):
+            y = y + x[_at(r, box)]
+        return y, ()
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        return [_scatter(xp, shape, _at(r, box), dy, dy.dtype) for shape, r in zip(xr_shape, rin)], ()
+
+
+class ConcatKernel(Kernel):
+    """The inputs stacked along channels: input q's channels sit after those of the inputs
+    before it; each input's region is the part of it inside the box (empty where none)."""
+
+    @staticmethod
+    def _offsets(in_shape) -> list[int]:
+        out, offset = [], 0
+        for s in in_shape:
+            out.append(offset)
+            offset += s[0]
+        return out
+
+    @classmethod
+    def forward(cls, xp, layer, in_shape, xr, rin, box, params, mask=None):
+        (c0, c1), (h0, h1), (w0, w1) = box
+        y = xp.zeros((len(xr[0]), c1 - c0, h1 - h0, w1 - w0), dtype=xr[0].dtype)   # (B, c, h, w)
+        for x, r, offset in zip(xr, rin, cls._offsets(in_shape)):
+            if x.shape[1]:
+                part = ((r[0][0] + offset, r[0][1] + offset), box[1], box[2])
+                y[_at(box, part)] = x[_at(r, (r[0], box[1], box[2]))]
+        return y, ()
+
+    @classmethod
+    def backward(cls, xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        out = []
+        for shape, r, offset in zip(xr_shape, rin, cls._offsets(in_shape)):
+            part = ((r[0][0] + offset, r[0][1] + offset), box[1], box[2])
+            out.append(_scatter(xp, shape, _at(r, (r[0], box[1], box[2])), dy[_at(box, part)], dy.dtype)
+                       if shape[1] else xp.zeros(shape, dtype=dy.dtype))
+        return out, ()
+
+
 KERNELS: dict[str, type[Kernel]] = {
     "dense": DenseKernel, "conv2d": Conv2dKernel, "locally_connected": LocallyConnectedKernel,
     "max_pool": MaxPoolKernel, "avg_pool": AvgPoolKernel, "relu": ReluKernel, "sigmoid": SigmoidKernel,
     "tanh": TanhKernel, "dropout": DropoutKernel, "maxout": MaxoutKernel, "lrn": LRNKernel, "lcn": LCNKernel,
-    "batchnorm": BatchNormKernel, "softmax_xent": SoftmaxXentKernel,
+    "batchnorm": BatchNormKernel, "softmax_xent": SoftmaxXentKernel, "add": AddKernel, "concat": ConcatKernel,
 }
 
 

@@ -48,20 +48,32 @@ class Net:
         """Views of layer i's arrays inside ``flat``."""
         return [flat[o:o + prod(shape)].reshape(shape) for o, shape in self.layout[i]]   # each array's own shape
 
+    def _run(self, kernel, node, args: list, boxes: list, *rest):
+        """``kernel`` (kernels.forward or backward) on node's whole output: lists of the
+        inputs' arrays and boxes for a kind that reads several, the one otherwise."""
+        if node.layer.arity == 1:
+            return kernel(self.xp, node.layer, node.in_shape, args[0], boxes[0], full_box(node.out_shape), *rest)
+        return kernel(self.xp, node.layer, list(node.in_shapes), args, boxes, full_box(node.out_shape), *rest)
+
     def forward(self, flat, x, labels=None, train: bool = False, rng: np.random.Generator | None = None):
-        """(mean loss or None, logits (B, classes), caches).  Dropout is active only with ``train``."""
+        """(mean loss or None, logits (B, classes), caches).  Dropout is active only with
+        ``train``.  Layers run in the graph's order, each on the outputs of its inputs."""
         xp = self.xp
-        h = x.reshape(len(x), *self.model.input_shape)                   # (B, C, H, W)
+        x = x.reshape(len(x), *self.model.input_shape)                   # (B, C, H, W)
+        outs: list = []
         caches = []
         for i, node in enumerate(self.model.nodes[:-1]):
+            xs = [x if src < 0 else outs[src] for src in node.inputs]
             mask = None
             if node.layer.kind == "dropout" and train and rng is not None:
                 keep = 1.0 - node.layer.rate
-                mask = xp.asarray((rng.random(h.shape) < keep) / keep)
-            rin, box = full_box(node.in_shape), full_box(node.out_shape)
-            y, cache = kernels.forward(xp, node.layer, node.in_shape, h, rin, box, self.params(flat, i), mask)
-            caches.append((h.shape, cache))
-            h = y
+                mask = xp.asarray((rng.random(xs[0].shape) < keep) / keep)
+            y, cache = self._run(kernels.forward, node, xs, [full_box(s) for s in node.in_shapes],
+                                 self.params(flat, i), mask)
+            caches.append(([a.shape for a in xs], cache))
+            outs.append(y)
+        last = self.model.nodes[-1]
+        h = x if last.inputs[0] < 0 else outs[last.inputs[0]]
         logits = h.reshape(len(h), -1)                                   # (B, classes)
         if labels is None:
             return None, logits, caches
@@ -69,16 +81,20 @@ class Net:
         return loss, logits, caches + [dlogits]
 
     def loss_and_grad(self, flat, x, labels, rng: np.random.Generator | None = None):
-        """Mean loss over the batch and its gradient as a flat vector."""
+        """Mean loss over the batch and its gradient as a flat vector; a layer read by
+        several others gets the sum of their gradients."""
         loss, logits, caches = self.forward(flat, x, labels, train=rng is not None, rng=rng)
         grad = self.xp.zeros_like(flat)
-        dy = caches[-1].reshape(len(logits), *self.model.nodes[-1].in_shape)   # (B, classes, 1, 1)
-        for i in range(len(self.model.nodes) - 2, -1, -1):
-            node = self.model.nodes[i]
-            shape, cache = caches[i]
-            rin, box = full_box(node.in_shape), full_box(node.out_shape)
-            dy, dparams = kernels.backward(self.xp, node.layer, node.in_shape, shape, rin, box,
-                                           self.params(flat, i), cache, dy)
+        nodes = self.model.nodes
+        douts: dict[int, object] = {nodes[-1].inputs[0]: caches[-1].reshape(len(logits), *nodes[-1].in_shape)}
+        for i in range(len(nodes) - 2, -1, -1):
+            node = nodes[i]
+            shapes, cache = caches[i]
+            dxs, dparams = self._run(kernels.backward, node, shapes, [full_box(s) for s in node.in_shapes],
+                                     self.params(flat, i), cache, douts.pop(i))
+            for src, dx in zip(node.inputs, dxs if node.layer.arity != 1 else [dxs]):
+                if src >= 0:
+                    douts[src] = douts[src] + dx if src in douts else dx
             for (o, s), g in zip(self.layout[i], dparams):
                 grad[o:o + prod(s)] = g.ravel()
         return float(loss), grad

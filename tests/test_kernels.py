@@ -18,7 +18,12 @@ CASES = [
     (L("lcn", size=3), (2, 4, 5)),
     (L("batchnorm"), (3, 2, 2)),
     (L("dropout", rate=0.5), (2, 3, 3)), (L("softmax_xent"), (4, 1, 1)),
+    (L("conv2d", filters=2, kernel=(1, 3), padding=(0, 1), bias=False), (2, 4, 5)),   # Inception's 1 x n
+    (L("conv2d", filters=2, kernel=(3, 2), stride=(2, 1), padding=(1, 0)), (2, 5, 4)),
+    (L("max_pool", kernel=(3, 1), stride=(2, 1)), (2, 5, 3)),
 ]
+# kinds reading several inputs: (layer, the inputs' shapes)
+MULTI = [(L("add"), ((2, 3, 3), (2, 3, 3), (2, 3, 3))), (L("concat"), ((2, 3, 3), (3, 3, 3), (1, 3, 3)))]
 
 
 def make_params(layer, s, rng):
@@ -48,7 +53,41 @@ def test_cupy_kernels_equal_numpy(xp, layer, shape):
 
 
 def test_every_kind_is_checked():
-    assert {layer.kind for layer, _ in CASES} == set(KINDS)
+    assert {layer.kind for layer, _ in CASES + MULTI} == set(KINDS)
+
+
+def finite_difference_check(loss, arrays, grads, rng, eps=1e-6):
+    """Each gradient against central differences of ``loss()`` at 25 random entries."""
+    for arr, grad in zip(arrays, grads):
+        flat, g = arr.reshape(-1), np.asarray(grad).reshape(-1)
+        for i in rng.choice(flat.size, size=min(flat.size, 25), replace=False):
+            old = flat[i]
+            flat[i] = old + eps
+            up = loss()
+            flat[i] = old - eps
+            down = loss()
+            flat[i] = old
+            assert g[i] == pytest.approx((up - down) / (2 * eps), rel=1e-4, abs=1e-6), i
+
+
+@pytest.mark.parametrize("layer, shapes", MULTI, ids=[c[0].kind for c in MULTI])
+def test_multi_input_backward_matches_finite_differences(layer, shapes):
+    """add and concat on the whole output and on a box of it (the channels of one input or
+    of two, some rows), each input's region being what ``input_boxes`` says the box reads."""
+    rng = np.random.default_rng(4)
+    out = layer.shape(layer.merge(shapes))
+    xs = [rng.normal(size=(3, *s)) for s in shapes]
+    for box in (full_box(out), ((1, out[0] - 1), (1, 3), (0, 2))):
+        rins = list(layer.input_boxes(shapes, box))
+        regions = [x[(slice(None),) + tuple(slice(a, b) for a, b in r)].copy() for x, r in zip(xs, rins)]
+        R = rng.normal(size=(3, *[b - a for a, b in box]))
+
+        def loss():
+            return float((forward(np, layer, list(shapes), regions, rins, box, [])[0] * R).sum())
+        y, cache = forward(np, layer, list(shapes), regions, rins, box, [])
+        dxs, dparams = backward(np, layer, list(shapes), [r.shape for r in regions], rins, box, [], cache, R)
+        assert y.shape == R.shape and dparams == ()
+        finite_difference_check(loss, regions, dxs, rng)
 
 
 @pytest.mark.parametrize("layer, shape", CASES, ids=[c[0].kind for c in CASES])
@@ -66,17 +105,7 @@ def test_backward_matches_finite_differences(layer, shape):
     y, cache = forward(np, layer, shape, x, rin, box, params)
     assert y.shape == (3, *out)
     dx, dparams = backward(np, layer, shape, x.shape, rin, box, params, cache, R)
-    eps = 1e-6
-    for arr, grad in [(x, dx)] + list(zip(params, dparams)):
-        flat, g = arr.reshape(-1), np.asarray(grad).reshape(-1)
-        for i in rng.choice(flat.size, size=min(flat.size, 25), replace=False):
-            old = flat[i]
-            flat[i] = old + eps
-            up = loss(x, params)
-            flat[i] = old - eps
-            down = loss(x, params)
-            flat[i] = old
-            assert g[i] == pytest.approx((up - down) / (2 * eps), rel=1e-4, abs=1e-6), (layer.kind, i)
+    finite_difference_check(lambda: loss(x, params), [x] + params, [dx] + list(dparams), rng)
 
 
 def test_softmax_xent_gradient():

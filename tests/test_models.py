@@ -81,3 +81,158 @@ def test_each_kind_holds_its_parameter_shapes_and_slice_index():
         for _, box in sl:
             picked = sum(a[ix].size for a, ix in zip(arrays, layer.box_index(box)))
             assert picked == layer.slice_params(s, box), (layer.kind, box)
+
+
+# --- today's CNNs as graphs ------------------------------------------------------------------
+def basic_conv(cin, cout, kh, kw=None):
+    """torchvision's BasicConv2d: a convolution without biases and batch norm (gamma, beta)."""
+    return cin * cout * kh * (kw or kh) + 2 * cout
+
+
+def inception_v3_count():
+    """torchvision's Inception3(aux_logits=False), module by module from its source: the
+    classes' constructors written as sums of their BasicConv2d layers."""
+    def a(cin, pool):       # InceptionA
+        return (basic_conv(cin, 64, 1) + basic_conv(cin, 48, 1) + basic_conv(48, 64, 5) + basic_conv(cin, 64, 1)
+                + basic_conv(64, 96, 3) + basic_conv(96, 96, 3) + basic_conv(cin, pool, 1))
+
+    def c(c7):              # InceptionC on 768 channels
+        return (basic_conv(768, 192, 1) + basic_conv(768, c7, 1) + basic_conv(c7, c7, 1, 7) + basic_conv(c7, 192, 7, 1)
+                + basic_conv(768, c7, 1) + 3 * basic_conv(c7, c7, 7, 1) + basic_conv(c7, 192, 1, 7)
+                + basic_conv(768, 192, 1))
+
+    def e(cin):             # InceptionE
+        return (basic_conv(cin, 320, 1) + basic_conv(cin, 384, 1) + 2 * basic_conv(384, 384, 1, 3)
+                + basic_conv(cin, 448, 1) + basic_conv(448, 384, 3) + 2 * basic_conv(384, 384, 1, 3)
+                + basic_conv(cin, 192, 1))
+    stem = (basic_conv(3, 32, 3) + basic_conv(32, 32, 3) + basic_conv(32, 64, 3) + basic_conv(64, 80, 1)
+            + basic_conv(80, 192, 3))
+    b = basic_conv(288, 384, 3) + basic_conv(288, 64, 1) + basic_conv(64, 96, 3) + basic_conv(96, 96, 3)
+    d = basic_conv(768, 192, 1) + basic_conv(192, 320, 3) + basic_conv(768, 192, 1) + 2 * basic_conv(192, 192, 1, 7) \
+        + basic_conv(192, 192, 3)
+    return (stem + a(192, 32) + a(256, 64) + a(288, 64) + b + c(128) + c(160) + c(160) + c(192) + d
+            + e(1280) + e(2048) + 2048 * 1000 + 1000)
+
+
+def alexnet_2gpu_count():
+    """Krizhevsky et al. 2012, Fig. 2: per GPU 48, 128, 192, 192, 128 kernels and 2048 + 2048
+    units; conv2, conv4, conv5 read their own tower, conv3 and the dense layers both."""
+    tower = (48 * (11 * 11 * 3 + 1) + 128 * (5 * 5 * 48 + 1) + 192 * (3 * 3 * 256 + 1) + 192 * (3 * 3 * 192 + 1)
+             + 128 * (3 * 3 * 192 + 1) + 2048 * (6 * 6 * 256 + 1) + 2048 * (4096 + 1))
+    return 2 * tower + 1000 * (4096 + 1)
+
+
+@pytest.mark.parametrize("name, params", [
+    ("resnet-50", 25_557_032), ("vgg-16", 138_357_544),            # torchvision's trainable parameters
+    ("inception-v3", 23_834_568), ("alexnet-2gpu", 60_965_224)])
+def test_cnn_zoo_matches_the_reference_counts(name, params):
+    """Pinned figures: torchvision's sum(p.numel() for p in model.parameters()) for resnet50,
+    vgg16 and inception_v3(aux_logits=False) (batch-norm running statistics are buffers, not
+    parameters); the two-tower AlexNet's is Caffe's bvlc_alexnet (groups of 2).  The last
+    two are also summed module by module above, independently of the graph builder."""
+    assert zoo_model(name).params == params
+    assert inception_v3_count() == 23_834_568 and alexnet_2gpu_count() == 60_965_224
+
+
+def test_cnn_graphs_have_the_published_shapes_and_multiply_adds():
+    """Stage outputs of ResNet-50 and Inception V3, and the convolutions' and dense layers'
+    multiply-adds per image against torchvision's published GFLOPS (4.09, 15.47, 5.71)."""
+    res = zoo_model("resnet-50")
+    adds = [n for n in res.nodes if n.layer.kind == "add"]
+    assert len(adds) == 16 and len(res.nodes) == 175
+    assert sorted({n.out_shape for n in adds}, key=lambda s: s[0]) == [
+        (256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
+    inc = zoo_model("inception-v3")
+    cats = [n.out_shape for n in inc.nodes if n.layer.kind == "concat"]
+    assert cats == [(256, 35, 35), (288, 35, 35), (288, 35, 35), (768, 17, 17)] + [(768, 17, 17)] * 4 \
+        + [(1280, 8, 8), (2048, 8, 8), (2048, 8, 8)]
+    for name, gmacs in (("resnet-50", 4.09), ("vgg-16", 15.47), ("inception-v3", 5.71)):
+        macs = sum(n.fwd_flops for n in zoo_model(name).nodes if n.layer.kind in ("conv2d", "dense")) / 2
+        assert macs / 1e9 == pytest.approx(gmacs, abs=0.01), name
+
+
+def test_two_tower_alexnet_crosses_towers_where_the_paper_does():
+    m = zoo_model("alexnet-2gpu")
+    convs = [n for n in m.nodes if n.layer.kind == "conv2d"]        # tower A's conv1, conv2, tower B's, ...
+    reads = ["image" if n.inputs[0] < 0 else m.nodes[n.inputs[0]].layer.kind for n in convs]
+    # conv1 reads the image, conv2 its tower's pooling, conv3 the concat of both towers, conv4 and 5 their tower
+    assert reads == ["image", "max_pool"] * 2 + ["concat", "relu", "relu"] * 2
+    assert [n.out_shape[0] for n in convs] == [48, 128] * 2 + [192, 192, 128] * 2
+    dense_in = [m.nodes[n.inputs[0]].out_shape for n in m.nodes if n.layer.kind == "dense"]
+    assert dense_in == [(256, 6, 6)] * 2 + [(4096, 1, 1)] * 3
+
+
+GRAPH_FILE = '''
+name = "res"
+input = [2, 8, 8]
+[[layer]]
+kind = "conv2d"
+filters = 4
+kernel = 3
+padding = 1
+name = "stem"
+[[layer]]
+kind = "relu"
+name = "out"
+inputs = ["sum"]
+[[layer]]
+kind = "conv2d"
+filters = 4
+kernel = [1, 3]
+padding = [0, 1]
+bias = false
+name = "branch"
+inputs = ["stem"]
+[[layer]]
+kind = "add"
+name = "sum"
+inputs = ["branch", "stem"]
+[[layer]]
+kind = "concat"
+inputs = ["out", "input"]
+[[layer]]
+kind = "dense"
+units = 3
+[[layer]]
+kind = "softmax_xent"
+'''
+
+
+def test_graph_model_file_names_inputs_in_any_order(tmp_path):
+    """Layers may name layers further down the file: they run in a topological order, the
+    file's order where it is one; ``input`` is the model's input."""
+    f = tmp_path / "g.toml"
+    f.write_text(GRAPH_FILE)
+    m = load_model_file(f)
+    assert [n.label for n in m.nodes] == ["stem", "branch", "sum", "out", "", "", ""]
+    assert [n.inputs for n in m.nodes] == [(-1,), (0,), (1, 0), (2,), (3, -1), (4,), (5,)]
+    assert m.nodes[4].out_shape == (6, 8, 8) and m.nodes[4].in_shapes == ((4, 8, 8), (2, 8, 8))
+    assert m.nodes[1].params == 4 * 4 * 3 and m.consumers[0] == (1, 2)
+    chain = build_model("c", (4, 1, 1), [L("dense", units=3), L("relu")])
+    assert [n.inputs for n in chain.nodes] == [(-1,), (0,)]
+
+
+@pytest.mark.parametrize("edits, field, message", [
+    ([('inputs = ["branch", "stem"]', 'inputs = ["branch", "stme"]')], "layer[3].inputs", "'stme', which is no layer"),
+    ([('inputs = ["stem"]', 'inputs = ["out"]')], "layer[1].inputs", "layers out, branch, sum read each other in a cycle"),
+    ([('kind = "add"', 'kind = "add"\nimputs = 1')], "layer[3].imputs", "unknown key"),
+    ([('inputs = ["branch", "stem"]', 'inputs = ["branch", "input"]')], "layer[3].inputs",
+     r"add needs inputs of one shape, got \(4, 8, 8\) and \(2, 8, 8\)"),
+    ([('inputs = ["out", "input"]', 'inputs = ["out", "pooled"]'),
+      ('kind = "softmax_xent"', 'kind = "softmax_xent"\n[[layer]]\nkind = "max_pool"\nkernel = 2\nname = "pooled"\n'
+                                'inputs = ["input"]')],
+     "layer[4].inputs", r"concat needs inputs of one height and width, got \(4, 8, 8\) and \(2, 4, 4\)"),
+    ([('name = "sum"', 'name = "stem"')], "layer[3].name", "already layer 0's name"),
+    ([('inputs = ["out", "input"]', 'inputs = ["stem"]')], "layer", "layer 1 \\(relu\\): nothing reads its output"),
+    ([('bias = false', 'bias = 0')], "layer[2].bias", "must be true or false"),
+    ([('kernel = [1, 3]', 'kernel = [1, 3, 3]')], "layer[2].kernel", r"an integer or \[rows, cols\]")])
+def test_a_bad_graph_is_one_error_naming_the_layer_field(tmp_path, edits, field, message):
+    f = tmp_path / "g.toml"
+    text = GRAPH_FILE
+    for old, new in edits:
+        assert old in text
+        text = text.replace(old, new, 1)
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_model_file(f)
+    assert err.value.field == field and err.value.file == str(f)

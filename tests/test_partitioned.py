@@ -1,5 +1,6 @@
 """Partitioned forward outputs and gradients equal the single-process reference, for every
-layer kind and both splits, at 1, 2 and 3 ranks (slots run in one process here)."""
+layer kind and both splits, at 1, 2 and 3 ranks (slots run in one process here), chains
+and graphs (residual adds, concats) alike."""
 import dataclasses
 
 import numpy as np
@@ -20,6 +21,20 @@ ALL_KINDS = build_model("all-kinds", (3, 12, 12), [
 NO_BN = build_model("no-bn", (3, 10, 10), [
     L("locally_connected", filters=3, kernel=3), L("relu"), L("max_pool", kernel=2), L("conv2d", filters=4, kernel=2),
     L("dense", units=6), L("tanh"), L("dense", units=4), L("softmax_xent")], 4)
+
+# A residual CNN as a graph: a block of row-cut layers whose input is read twice (by the
+# next layer's halo and by the add), then a block of channel-cut layers with a projection
+# shortcut, and a concat of the block's output with its input.
+_GRAPH = [  # (name, layer, inputs)
+    ("a", L("locally_connected", filters=3, kernel=3, padding=1), None), ("r1", L("relu"), None),
+    ("b", L("locally_connected", filters=3, kernel=3, padding=1), None), ("r2", L("relu"), None),
+    ("sum1", L("add"), ("r2", "r1")), ("p", L("max_pool", kernel=2), None),
+    ("c", L("conv2d", filters=4, kernel=3, padding=1), None), ("bn", L("batchnorm"), None), ("r3", L("relu"), None),
+    ("short", L("conv2d", filters=4, kernel=1, bias=False), ("p",)), ("sum2", L("add"), ("r3", "short")),
+    ("r4", L("relu"), None), ("cat", L("concat"), ("r4", "p")), ("gap", L("avg_pool", kernel=5), None),
+    ("fc", L("dense", units=5), None), ("loss", L("softmax_xent"), None)]
+RESIDUAL = build_model("residual", (2, 10, 10), [lyr for _, lyr, _ in _GRAPH], 5,
+                       [n for n, _, _ in _GRAPH], [i for _, _, i in _GRAPH])
 
 
 def make_plan(model, m, split, micro=1, batch=6, grid=()):
@@ -74,12 +89,47 @@ def test_partitioned_step_equals_the_single_process_reference(model, split, m, m
             assert np.allclose(g, g0, rtol=1e-9, atol=1e-12), (i, model.nodes[i].layer.kind)
 
 
-@pytest.mark.parametrize("m, grid", [(3, ()), (4, (2, 2))])
-def test_messages_carry_the_bytes_the_plan_counts(m, grid):
-    p = make_plan(NO_BN, m, "spatial", grid=grid)
+@pytest.mark.parametrize("split, m, micro", [("spatial", 2, 1), ("spatial", 3, 2), ("spatial", 4, 1),
+                                             ("layers", 2, 1), ("layers", 3, 3)])
+def test_partitioned_residual_graph_equals_the_single_process_reference(split, m, micro):
+    """Graphs: every layer reading another's output gets it (once per slot) and gives its
+    gradient back, summed with the other readers'; 4 slots cut the row-cut block in 2 x 2."""
+    rng = np.random.default_rng(11)
+    full = init_params(RESIDUAL, rng)
+    x = rng.normal(size=(6, *RESIDUAL.input_shape))
+    y = rng.integers(0, 5, 6)
+    loss0, logits0, grads0 = run(make_plan(RESIDUAL, 1, "spatial", micro), full, x, y)    # batch norm: per micro-batch
+    loss, logits, grads = run(make_plan(RESIDUAL, m, split, micro), full, x, y)
+    assert loss == pytest.approx(loss0, rel=1e-10)
+    assert np.allclose(logits, logits0, rtol=1e-10, atol=1e-12)
+    for i in grads0:
+        for g, g0 in zip(grads[i], grads0[i]):
+            assert np.allclose(g, g0, rtol=1e-9, atol=1e-12), RESIDUAL.nodes[i].name
+
+
+def test_the_graph_reference_is_the_net_of_nn_py():
+    """The one-slot step and ``Net`` (the flat-vector reference) agree on a graph."""
+    from executor.nn import Net
+    rng = np.random.default_rng(2)
+    net = Net(RESIDUAL)
+    w = net.init(rng).astype(np.float64)
+    x = rng.normal(size=(4, *RESIDUAL.input_shape))
+    y = rng.integers(0, 5, 4)
+    loss, g = net.loss_and_grad(w, x, y)
+    full = {i: net.params(w, i) for i in range(len(RESIDUAL.nodes)) if net.layout[i]}
+    loss1, _, grads1 = run(make_plan(RESIDUAL, 1, "spatial", batch=4), full, x, y)
+    assert loss == pytest.approx(loss1, rel=1e-12)
+    for i, arrays in grads1.items():
+        for (o, shape), a in zip(net.layout[i], arrays):
+            assert np.allclose(g[o:o + a.size].reshape(shape), a, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("model, m, grid", [(NO_BN, 3, ()), (NO_BN, 4, (2, 2)), (RESIDUAL, 3, ()), (RESIDUAL, 4, ())])
+def test_messages_carry_the_bytes_the_plan_counts(model, m, grid):
+    p = make_plan(model, m, "spatial", grid=grid)
     rng = np.random.default_rng(0)
-    full = init_params(NO_BN, rng, dtype=np.float32)
-    x = rng.normal(size=(6, *NO_BN.input_shape)).astype(np.float32)
+    full = init_params(model, rng, dtype=np.float32)
+    x = rng.normal(size=(6, *model.input_shape)).astype(np.float32)
     y = rng.integers(0, 4, 6)
     params = slot_params(p, full)
     mail = Mailbox()

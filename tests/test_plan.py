@@ -204,3 +204,93 @@ def test_pipeline_schedule_and_grid_are_checked(parallel, message):
     with pytest.raises(ConfigError, match=message) as err:
         scenario(parallel=parallel)
     assert err.value.field in ("parallel.grid", "parallel.schedule")
+
+
+# --- graphs ------------------------------------------------------------------------------------
+def graph_needed_mask(model, c, q, box):
+    """Reference for the inputs of any layer: what output ``box`` of layer c reads of its
+    input q, element by element (add: the same elements; concat: its channels, shifted)."""
+    node = model.nodes[c]
+    shape = node.in_shapes[q]
+    if node.layer.kind == "add":
+        return owned_mask(shape, box)
+    if node.layer.kind == "concat":
+        offset = sum(s[0] for s in node.in_shapes[:q])
+        mask = np.zeros(node.in_shape, bool)
+        mask[box[0][0]:box[0][1], box[1][0]:box[1][1], box[2][0]:box[2][1]] = True
+        return mask[offset:offset + shape[0]]
+    return needed_mask(node.layer, shape, box)
+
+
+@pytest.mark.parametrize("split, m, micro", [("spatial", 2, 1), ("spatial", 3, 2), ("spatial", 4, 1), ("layers", 3, 2)])
+def test_a_graph_edge_crossing_slots_is_one_transfer_per_destination(split, m, micro):
+    """Brute force over every reader of every layer: where readers on slot j read elements
+    of a layer's box on slot k != j, one transfer k -> j per micro-batch carries them (and
+    one carries their gradient back), holding every element read and nothing outside k's
+    box -- exactly the elements read where one layer reads them; nowhere else a transfer."""
+    from test_partitioned import RESIDUAL, make_plan
+    p = make_plan(RESIDUAL, m, split, micro, batch=4)
+    read: dict[tuple[int, int, int], np.ndarray] = {}
+    readers: dict[tuple[int, int, int], set[int]] = {}
+    for c, node in enumerate(RESIDUAL.nodes):
+        for j, box in p.slices[c]:
+            for q, src in enumerate(node.inputs):
+                if src < 0:
+                    continue
+                need = graph_needed_mask(RESIDUAL, c, q, box)
+                for k, kbox in p.slices[src]:
+                    hit = need & owned_mask(RESIDUAL.nodes[src].out_shape, kbox)
+                    if k != j and hit.any():
+                        read[(src, k, j)] = read.get((src, k, j), False) | hit
+                        readers.setdefault((src, k, j), set()).add(c)
+    micro_sizes = {mb: 4 // micro + (mb < 4 % micro) for mb in range(micro)}
+    for why, key_of in (("fwd", lambda op: (op.producer, op.slot, op.dst)),
+                        ("gradient", lambda op: (op.producer, op.dst, op.slot))):
+        sent: dict[tuple, list[float]] = {}
+        for op in p.ops:
+            if op.kind == "xfer" and op.why != "reduction" and (op.why == "gradient") == (why == "gradient"):
+                sent.setdefault((*key_of(op), op.micro), []).append(op.bytes / micro_sizes[op.micro] / 4)
+        assert sorted(sent) == sorted((*key, mb) for key in read for mb in range(micro)), why
+        for (src, k, j, mb), sizes in sent.items():
+            assert len(sizes) == 1                                  # once per destination
+            kbox = dict(p.slices[src])[k]
+            assert read[(src, k, j)].sum() <= sizes[0] <= np.prod([b - a for a, b in kbox])
+            if len(readers[(src, k, j)]) == 1:
+                assert sizes[0] == read[(src, k, j)].sum()
+    if split == "spatial":                                       # the case this is about: several readers
+        assert any(len(r) > 1 for r in readers.values())
+
+
+def test_a_layers_backward_waits_for_every_layer_reading_it():
+    """In a graph the backward of a layer depends (directly, or through the transfer of
+    their gradients) on the backward of every layer that reads it, on any slot."""
+    from test_partitioned import RESIDUAL, make_plan
+    p = make_plan(RESIDUAL, 2, "spatial", batch=4)
+    bwd = {(op.layer, op.slot): op for op in p.ops if op.kind == "bwd"}
+
+    def before(op):                                 # every op it transitively depends on
+        seen, todo = set(), list(op.deps)
+        while todo:
+            d = todo.pop()
+            if d not in seen:
+                seen.add(d)
+                todo += p.ops[d].deps
+        return seen
+    for (i, j), op in bwd.items():
+        deps = before(op)
+        for c in RESIDUAL.consumers[i]:
+            assert any(bwd[(c, k)].id in deps for k, _ in p.slices[c]), (i, c)
+    assert [RESIDUAL.nodes[i].label for i in range(len(RESIDUAL.nodes)) if len(RESIDUAL.consumers[i]) > 1] == ["r1", "p"]
+
+
+def test_resnet_50_plans_quickly_on_eight_replicas_and_fits_an_h100():
+    """The quickstart's dgx-h100 with ResNet-50 at batch 32 per GPU, 8 replicas: one slot
+    each, a layer's backward after its readers' (the residual adds), and the allreduce's
+    buckets cover every parameter."""
+    from clustersim.core.plan import buckets
+    sc = scenario(model="resnet-50", batch=32, parallel={"replicas": 8})
+    p = plan(sc)
+    assert p.slot_params == (25_557_032,) and p.sync == "allreduce"
+    assert sum(n for _, n in buckets(p, 0)) == 25_557_032
+    assert len(p.ops) == 2 * len(sc.model.nodes) and not any(op.kind == "xfer" for op in p.ops)
+    assert max(sum(u.values()) for u in p.memory.values()) < 80 * 2**30

@@ -13,6 +13,12 @@ Model parallelism ("spatial", DistBelief) cuts each layer's output into boxes:
 For each kind, ``needs(in_shape, box)`` is the input box a slice of output ``box`` reads,
 and ``slice_params`` the parameters it owns.  Invariant (tested): slices' FLOPs and
 parameters add up to the whole layer's.
+
+Graphs: a layer reads one input (``arity`` 1) or, for ``add`` and ``concat`` (``arity``
+0), two or more.  ``merge(in_shapes)`` is the shape the layer sees as its input (the
+common shape for add, the channels stacked for concat) and ``input_boxes(in_shapes,
+box)`` the box of each input a slice of output ``box`` reads (an empty box where it reads
+none of it).  Window sizes, strides and paddings are an int or a (rows, cols) pair.
 """
 from __future__ import annotations
 
@@ -34,6 +40,20 @@ def box_size(box: Box) -> int:
 
 def box_overlap(x: Box, y: Box) -> int:
     return prod(max(0, min(xb, yb) - max(xa, ya)) for (xa, xb), (ya, yb) in zip(x, y))
+
+
+def box_intersect(x: Box, y: Box) -> Box:
+    return tuple((max(xa, ya), min(xb, yb)) for (xa, xb), (ya, yb) in zip(x, y))
+
+
+def box_hull(x: Box, y: Box) -> Box:
+    """The smallest box holding both."""
+    return tuple((min(xa, ya), max(xb, yb)) for (xa, xb), (ya, yb) in zip(x, y))
+
+
+def pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    """A window size, stride or padding as (rows, cols)."""
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _window(lo: int, hi: int, kernel: int, stride: int, pad: int, size: int) -> tuple[int, int]:
@@ -59,6 +79,18 @@ class Layer:
     flops_per_elem = 1.0         # forward FLOPs per output element
     bwd_ratio = 1.0              # backward FLOPs / forward FLOPs (2 for weighted layers: dgrad + wgrad)
     required: ClassVar[tuple[str, ...]] = ()   # model-file keys without a meaningful default
+    arity: ClassVar[int] = 1     # inputs it reads; 0: two or more
+
+    def merge(self, in_shapes: tuple[Shape, ...]) -> Shape:
+        """The shape this layer reads as its input; raises ValueError for a wrong number of
+        inputs (or, for add and concat, shapes that do not fit together)."""
+        if len(in_shapes) != 1:
+            raise ValueError(f"a {self.kind} layer reads one input, got {len(in_shapes)}")
+        return in_shapes[0]
+
+    def input_boxes(self, in_shapes: tuple[Shape, ...], box: Box) -> tuple[Box, ...]:
+        """Per input, the box of it that a slice of output ``box`` reads."""
+        return (self.needs(in_shapes[0], box),)
 
     def param_shapes(self, s: Shape) -> list[tuple[int, ...]]:
         """Shapes of the whole layer's parameter arrays, in the order the kernels take them."""
@@ -122,17 +154,23 @@ class Dense(Layer):
 class _Window(Layer):
     """Shared geometry of layers with a kernel x kernel window."""
 
-    kernel: int = 1
-    stride: int = 1
-    padding: int = 0
+    kernel: int | tuple[int, int] = 1
+    stride: int | tuple[int, int] = 1
+    padding: int | tuple[int, int] = 0
+
+    @property
+    def area(self) -> int:
+        """Input positions one window covers per channel (k_rows x k_cols)."""
+        kh, kw = pair(self.kernel)
+        return kh * kw
 
     def _out_hw(self, s):
-        return (_slide(s[1], self.kernel, self.stride, self.padding, self.kind),
-                _slide(s[2], self.kernel, self.stride, self.padding, self.kind))
+        (kh, kw), (sh, sw), (ph, pw) = pair(self.kernel), pair(self.stride), pair(self.padding)
+        return (_slide(s[1], kh, sh, ph, self.kind), _slide(s[2], kw, sw, pw, self.kind))
 
     def _rows_needed(self, s, box):
-        return (_window(*box[1], self.kernel, self.stride, self.padding, s[1]),
-                _window(*box[2], self.kernel, self.stride, self.padding, s[2]))
+        (kh, kw), (sh, sw), (ph, pw) = pair(self.kernel), pair(self.stride), pair(self.padding)
+        return (_window(*box[1], kh, sh, ph, s[1]), _window(*box[2], kw, sw, pw, s[2]))
 
 
 @dataclass(frozen=True)
@@ -147,7 +185,7 @@ class _Filters(_Window):
         return (self.filters, *self._out_hw(s))
 
     def flops_per_out(self, s):
-        return 2.0 * self.kernel**2 * s[0]
+        return 2.0 * self.area * s[0]
 
 
 @dataclass(frozen=True)
@@ -157,17 +195,17 @@ class LocallyConnected(_Filters):
     split = "rows"
 
     def params(self, s):
-        return box_size(full_box(self.shape(s))) * (self.kernel**2 * s[0] + 1)
+        return box_size(full_box(self.shape(s))) * (self.area * s[0] + 1)
 
     def needs(self, s, box):
         return ((0, s[0]), *self._rows_needed(s, box))
 
     def slice_params(self, s, box):
-        return box_size(box) * (self.kernel**2 * s[0] + 1)
+        return box_size(box) * (self.area * s[0] + 1)
 
     def param_shapes(self, s):
         f, h, w = self.shape(s)                            # a filter per output position
-        return [(h, w, f, s[0], self.kernel, self.kernel), (h, w, f)]
+        return [(h, w, f, s[0], *pair(self.kernel)), (h, w, f)]
 
     def box_index(self, box):
         (c0, c1), (h0, h1), (w0, w1) = box
@@ -177,25 +215,27 @@ class LocallyConnected(_Filters):
 
 @dataclass(frozen=True)
 class Conv2d(_Filters):
-    """Tied filters: cut by output channels; every slice reads the whole input."""
+    """Tied filters: cut by output channels; every slice reads the whole input.  ``bias =
+    false`` drops the biases (convolutions followed by batch norm, as in ResNet)."""
 
+    bias: bool = True
     split = "channels"
 
     def params(self, s):
-        return self.filters * (self.kernel**2 * s[0] + 1)
+        return self.filters * (self.area * s[0] + self.bias)
 
     def needs(self, s, box):
         return full_box(s)
 
     def slice_params(self, s, box):
-        return (box[0][1] - box[0][0]) * (self.kernel**2 * s[0] + 1)
+        return (box[0][1] - box[0][0]) * (self.area * s[0] + self.bias)
 
     def param_shapes(self, s):
-        return [(self.filters, s[0], self.kernel, self.kernel), (self.filters,)]
+        return [(self.filters, s[0], *pair(self.kernel))] + ([(self.filters,)] if self.bias else [])
 
     def box_index(self, box):
         (c0, c1), _, _ = box
-        return [(slice(c0, c1),), (slice(c0, c1),)]
+        return [(slice(c0, c1),)] * (1 + self.bias)
 
 
 @dataclass(frozen=True)
@@ -208,7 +248,7 @@ class Pool(_Window):
         return (s[0], *self._out_hw(s))
 
     def flops_per_out(self, s):
-        return float(self.kernel**2)
+        return float(self.area)
 
     def needs(self, s, box):
         return (box[0], *self._rows_needed(s, box))
@@ -315,9 +355,54 @@ class SoftmaxXent(Layer):
         return (2 * batch, 0)         # per sample: the slice's max and its sum of exponentials
 
 
+@dataclass(frozen=True)
+class Add(Layer):
+    """Element-wise sum of two or more inputs of one shape (a residual connection)."""
+
+    arity = 0
+
+    def merge(self, in_shapes):
+        if len(in_shapes) < 2:
+            raise ValueError(f"add sums two or more inputs, got {len(in_shapes)}")
+        if len(set(in_shapes)) > 1:
+            raise ValueError(f"add needs inputs of one shape, got {' and '.join(map(str, in_shapes))}")
+        return in_shapes[0]
+
+    def flops_per_out(self, s):
+        return 1.0           # one addition per element: two inputs, the residual case
+
+    def input_boxes(self, in_shapes, box):
+        return tuple(box for _ in in_shapes)
+
+
+@dataclass(frozen=True)
+class Concat(Layer):
+    """Two or more inputs stacked along channels (Inception's branches, AlexNet's towers
+    meeting); a copy, counted as no FLOPs."""
+
+    arity = 0
+    flops_per_elem = 0.0
+
+    def merge(self, in_shapes):
+        if len(in_shapes) < 2:
+            raise ValueError(f"concat stacks two or more inputs, got {len(in_shapes)}")
+        if len({s[1:] for s in in_shapes}) > 1:
+            raise ValueError(f"concat needs inputs of one height and width, got {' and '.join(map(str, in_shapes))}")
+        return (sum(s[0] for s in in_shapes), *in_shapes[0][1:])
+
+    def input_boxes(self, in_shapes, box):
+        (c0, c1), rows, cols = box
+        out, offset = [], 0
+        for s in in_shapes:
+            lo, hi = max(c0, offset), min(c1, offset + s[0])
+            out.append(((lo - offset, hi - offset) if hi > lo else (0, 0), rows, cols))
+            offset += s[0]
+        return tuple(out)
+
+
 KINDS: dict[str, type[Layer]] = {
     "dense": Dense, "locally_connected": LocallyConnected, "conv2d": Conv2d,
     "max_pool": Pool, "avg_pool": Pool, "relu": Activation, "sigmoid": Activation,
     "tanh": Activation, "maxout": Maxout, "lrn": LRN, "lcn": LCN, "batchnorm": BatchNorm,
-    "dropout": Dropout, "softmax_xent": SoftmaxXent,
+    "dropout": Dropout, "softmax_xent": SoftmaxXent, "add": Add, "concat": Concat,
 }

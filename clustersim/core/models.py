@@ -1,4 +1,9 @@
-"""Networks as a chain of layers with resolved shapes; the built-in zoo; model TOML files.
+"""Networks as directed acyclic graphs of layers with resolved shapes; the built-in zoo;
+model TOML files.
+
+A node reads the outputs of the nodes it names (default: the layer before it, so a chain
+is written as a list); nodes are kept in a topological order (the file's order where it is
+one), and the last node is the graph's one output.
 
 Model file format::
 
@@ -8,10 +13,13 @@ Model file format::
     [[layer]]
     kind = "conv2d"               # one of layers.KINDS
     filters = 32                  # the kind's fields: units, filters, kernel, stride, padding,
-    kernel = 3                    # pieces, size, rate
+    kernel = 3                    # pieces, size, rate, bias; kernel/stride/padding: n or [rows, cols]
+    name = "conv1"                # optional: what other layers' inputs call it
+    inputs = ["input"]            # optional: the layers it reads ("input": the model's input)
 """
 from __future__ import annotations
 
+import heapq
 import tomllib
 from dataclasses import dataclass, fields
 from math import prod
@@ -21,15 +29,32 @@ from typing import Any
 from clustersim.core.config import ConfigError, Table
 from clustersim.core.layers import KINDS, Layer, Shape
 
+INPUT = -1                 # Node.inputs entry: the model's input
+INPUT_NAME = "input"       # what a model file's ``inputs`` call the model's input
+
+
+class GraphError(ValueError):
+    """A model graph that cannot be built: ``layer`` is the layer's position as given,
+    ``key`` the model-file key at fault ("" for the layer as a whole)."""
+
+    def __init__(self, layer: int, key: str, message: str) -> None:
+        super().__init__(message)
+        self.layer, self.key = layer, key
+
 
 @dataclass(frozen=True)
 class Node:
-    """A layer in place: its input and output shapes (per sample) and totals."""
+    """A layer in place: its input and output shapes (per sample) and totals.  ``inputs``
+    are the nodes it reads (``INPUT``: the model's input), ``in_shapes`` their shapes and
+    ``in_shape`` what the layer reads as one input (``Layer.merge`` of them)."""
 
     index: int
     layer: Layer
     in_shape: Shape
     out_shape: Shape
+    inputs: tuple[int, ...] = ()
+    in_shapes: tuple[Shape, ...] = ()
+    label: str = ""            # the model file's name for it
 
     @property
     def params(self) -> int:
@@ -41,7 +66,7 @@ class Node:
 
     @property
     def name(self) -> str:
-        return f"{self.index}:{self.layer.kind}"
+        return self.label or f"{self.index}:{self.layer.kind}"
 
 
 @dataclass(frozen=True)
@@ -50,6 +75,7 @@ class Model:
     input_shape: Shape
     nodes: tuple[Node, ...]
     classes: int = 0
+    consumers: tuple[tuple[int, ...], ...] = ()     # per node: the nodes that read it, in order
 
     @property
     def params(self) -> int:
@@ -64,19 +90,98 @@ class Model:
         return sum(n.fwd_flops * n.layer.bwd_ratio for n in self.nodes)
 
 
-def build_model(name: str, input_shape: Shape, layers: list[Layer], classes: int = 0) -> Model:
-    """Resolves shapes; raises ValueError naming the layer whose shape does not fit."""
-    nodes, shape = [], input_shape
-    for i, layer in enumerate(layers):
+def build_model(name: str, input_shape: Shape, layers: list[Layer], classes: int = 0,
+                names: list[str] | None = None, inputs: list[tuple[str, ...] | None] | None = None) -> Model:
+    """The graph of ``layers`` with shapes resolved.  ``names[i]`` names layer i ("" or
+    absent: unnamed) and ``inputs[i]`` the layers it reads (None or absent: the layer before
+    it; ``INPUT_NAME``: the model's input).  Raises GraphError (a ValueError) naming the
+    layer: an unknown or repeated name, a cycle, a layer other than the last whose output
+    nothing reads, a shape that does not fit."""
+    n = len(layers)
+    names = list(names or [""] * n)
+    reads = _resolve_inputs(layers, names, list(inputs or [None] * n))
+    order = _topological(reads, names)
+    index = {old: new for new, old in enumerate(order)}
+    consumers: list[list[int]] = [[] for _ in order]
+    for old in order:
+        for src in reads[old]:
+            if src != INPUT:
+                consumers[index[src]].append(index[old])
+    for old in order[:-1]:
+        if not consumers[index[old]]:
+            raise GraphError(old, "", f"layer {old} ({layers[old].kind}): nothing reads its output; "
+                                      f"only the last layer may end the graph")
+    nodes: list[Node] = []
+    for old in order:
+        layer = layers[old]
+        srcs = tuple(INPUT if s == INPUT else index[s] for s in reads[old])
+        in_shapes = tuple(input_shape if s == INPUT else nodes[s].out_shape for s in srcs)
         try:
-            out = layer.shape(shape)
+            in_shape = layer.merge(in_shapes)
         except ValueError as exc:
-            raise ValueError(f"layer {i} ({layer.kind}): {exc}") from None
+            raise GraphError(old, "inputs", f"layer {old} ({layer.kind}): {exc}") from None
+        try:
+            out = layer.shape(in_shape)
+        except ValueError as exc:
+            raise GraphError(old, "", f"layer {old} ({layer.kind}): {exc}") from None
         if min(out) < 1:
-            raise ValueError(f"layer {i} ({layer.kind}): output shape {out} is empty")
-        nodes.append(Node(i, layer, shape, out))
-        shape = out
-    return Model(name, input_shape, tuple(nodes), classes)
+            raise GraphError(old, "", f"layer {old} ({layer.kind}): output shape {out} is empty")
+        nodes.append(Node(len(nodes), layer, in_shape, out, srcs, in_shapes, names[old]))
+    return Model(name, input_shape, tuple(nodes), classes, tuple(tuple(c) for c in consumers))
+
+
+def _resolve_inputs(layers: list[Layer], names: list[str], inputs: list) -> list[tuple[int, ...]]:
+    """Each layer's inputs as positions in ``layers`` (INPUT: the model's input)."""
+    where: dict[str, int] = {}
+    for i, nm in enumerate(names):
+        if nm == INPUT_NAME or nm in where:
+            raise GraphError(i, "name", f"{nm!r} is " + ("the model's input" if nm == INPUT_NAME
+                                                          else f"already layer {where[nm]}'s name"))
+        if nm:
+            where[nm] = i
+    reads = []
+    for i, wanted in enumerate(inputs):
+        if wanted is None:
+            reads.append((i - 1,) if i else (INPUT,))
+            continue
+        srcs = []
+        for nm in wanted:
+            if nm != INPUT_NAME and nm not in where:
+                raise GraphError(i, "inputs", f"names {nm!r}, which is no layer's name (nor {INPUT_NAME!r})")
+            srcs.append(INPUT if nm == INPUT_NAME else where[nm])
+        if not srcs:
+            raise GraphError(i, "inputs", "names no layer")
+        reads.append(tuple(srcs))
+    return reads
+
+
+def _topological(reads: list[tuple[int, ...]], names: list[str]) -> list[int]:
+    """Positions in a topological order, the lowest position first among the ready (so a
+    list already in order keeps it); raises GraphError on a cycle."""
+    waiting = [len({s for s in r if s != INPUT}) for r in reads]
+    succ: list[list[int]] = [[] for _ in reads]
+    for i, r in enumerate(reads):
+        for s in set(r) - {INPUT}:
+            succ[s].append(i)
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for t in succ[i]:
+            waiting[t] -= 1
+            if not waiting[t]:
+                heapq.heappush(ready, t)
+    if len(order) < len(reads):
+        walk, cur = [], min(i for i, w in enumerate(waiting) if w)
+        while cur not in walk:           # every stuck layer reads a stuck layer: walk back to a repeat
+            walk.append(cur)
+            cur = min(s for s in reads[cur] if s != INPUT and waiting[s])
+        cycle = sorted(walk[walk.index(cur):])
+        shown = ", ".join(names[i] or str(i) for i in cycle)
+        raise GraphError(cycle[0], "inputs", f"layers {shown} read each other in a cycle")
+    return order
 
 
 def make_layer(kind: str, **kw: Any) -> Layer:
@@ -147,6 +252,128 @@ def _alexnet() -> Model:
     return build_model("alexnet", (3, 224, 224), c, 1000)
 
 
+class _Graph:
+    """A zoo graph as it is written: each call adds a layer reading the named layers
+    (default: the one added before) and returns its name."""
+
+    def __init__(self) -> None:
+        self.layers: list[Layer] = []
+        self.inputs: list[tuple[str, ...] | None] = []
+
+    def __call__(self, kind: str, *inputs: str, **kw: Any) -> str:
+        self.layers.append(make_layer(kind, **kw))
+        self.inputs.append(inputs or None)
+        return str(len(self.layers) - 1)
+
+    def build(self, name: str, input_shape: Shape, classes: int) -> Model:
+        return build_model(name, input_shape, self.layers, classes,
+                           [str(i) for i in range(len(self.layers))], self.inputs)
+
+
+def _conv_bn(g: _Graph, x: str, filters: int, kernel: Any, stride: int = 1, padding: Any = 0,
+             relu: bool = True) -> str:
+    """Convolution without biases, batch norm, and ReLU unless ``relu`` is false."""
+    y = g("batchnorm", g("conv2d", x, filters=filters, kernel=kernel, stride=stride, padding=padding, bias=False))
+    return g("relu", y) if relu else y
+
+
+def _resnet50() -> Model:
+    # He et al. 2016 with torchvision's layout (v1.5: the stride on the 3x3 convolution):
+    # bottleneck blocks [3, 4, 6, 3], a 1x1 projection shortcut in each stage's first block;
+    # torchvision counts 25,557,032 trainable parameters
+    g = _Graph()
+    x = g("max_pool", _conv_bn(g, INPUT_NAME, 64, 7, 2, 3), kernel=3, stride=2, padding=1)
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for b in range(blocks):
+            s = stride if b == 0 else 1
+            y = _conv_bn(g, _conv_bn(g, _conv_bn(g, x, width, 1), width, 3, s, 1), 4 * width, 1, relu=False)
+            shortcut = _conv_bn(g, x, 4 * width, 1, s, relu=False) if b == 0 else x
+            x = g("relu", g("add", y, shortcut))
+    g("dense", g("avg_pool", x, kernel=7), units=1000)
+    g("softmax_xent")
+    return g.build("resnet-50", (3, 224, 224), 1000)
+
+
+def _vgg16() -> Model:
+    # Simonyan & Zisserman 2015, configuration D, as torchvision builds it (no batch norm):
+    # 138,357,544 parameters
+    layers: list[Layer] = []
+    for filters in (64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0):
+        layers += ([_l("conv2d", filters=filters, kernel=3, padding=1), _l("relu")] if filters
+                   else [_l("max_pool", kernel=2)])
+    layers += [_l("dense", units=4096), _l("relu"), _l("dropout", rate=0.5),
+               _l("dense", units=4096), _l("relu"), _l("dropout", rate=0.5),
+               _l("dense", units=1000), _l("softmax_xent")]
+    return build_model("vgg-16", (3, 224, 224), layers, 1000)
+
+
+def _inception_v3() -> Model:
+    # Szegedy et al. 2016 as torchvision builds it, without the auxiliary classifier: every
+    # convolution is BasicConv2d (no biases, batch norm, ReLU); Mixed_5b..7c below
+    g = _Graph()
+    x = _conv_bn(g, _conv_bn(g, _conv_bn(g, INPUT_NAME, 32, 3, 2), 32, 3), 64, 3, 1, 1)
+    x = _conv_bn(g, g("max_pool", x, kernel=3, stride=2), 80, 1)
+    x = g("max_pool", _conv_bn(g, x, 192, 3), kernel=3, stride=2)
+
+    def chain(src: str, *convs: tuple) -> str:       # (filters, kernel[, stride[, padding]]) each
+        for conv in convs:
+            src = _conv_bn(g, src, *conv)
+        return src
+
+    def pool_branch(src: str, filters: int) -> str:
+        return chain(g("avg_pool", src, kernel=3, stride=1, padding=1), (filters, 1))
+
+    for pool_features in (32, 64, 64):                                       # InceptionA: Mixed_5b, 5c, 5d
+        x = g("concat", chain(x, (64, 1)), chain(x, (48, 1), (64, 5, 1, 2)),
+              chain(x, (64, 1), (96, 3, 1, 1), (96, 3, 1, 1)), pool_branch(x, pool_features))
+    x = g("concat", chain(x, (384, 3, 2)), chain(x, (64, 1), (96, 3, 1, 1), (96, 3, 2)),   # InceptionB: 6a
+          g("max_pool", x, kernel=3, stride=2))
+    row, col = ((1, 7), (0, 3)), ((7, 1), (3, 0))
+    for c7 in (128, 160, 160, 192):                                          # InceptionC: Mixed_6b..6e
+        x = g("concat", chain(x, (192, 1)), chain(x, (c7, 1), (c7, row[0], 1, row[1]), (192, col[0], 1, col[1])),
+              chain(x, (c7, 1), (c7, col[0], 1, col[1]), (c7, row[0], 1, row[1]), (c7, col[0], 1, col[1]),
+                    (192, row[0], 1, row[1])), pool_branch(x, 192))
+    x = g("concat", chain(x, (192, 1), (320, 3, 2)),                         # InceptionD: Mixed_7a
+          chain(x, (192, 1), (192, row[0], 1, row[1]), (192, col[0], 1, col[1]), (192, 3, 2)),
+          g("max_pool", x, kernel=3, stride=2))
+    for _ in range(2):                                                       # InceptionE: Mixed_7b, 7c
+        a, b = chain(x, (384, 1)), chain(x, (448, 1), (384, 3, 1, 1))
+        x = g("concat", chain(x, (320, 1)),
+              chain(a, (384, (1, 3), 1, (0, 1))), chain(a, (384, (3, 1), 1, (1, 0))),
+              chain(b, (384, (1, 3), 1, (0, 1))), chain(b, (384, (3, 1), 1, (1, 0))), pool_branch(x, 192))
+    g("dense", g("dropout", g("avg_pool", x, kernel=8), rate=0.5), units=1000)
+    g("softmax_xent")
+    return g.build("inception-v3", (3, 299, 299), 1000)
+
+
+def _alexnet_2gpu() -> Model:
+    # Krizhevsky et al. 2012, section 3.5 and Fig. 2: two towers, one per GPU, of half the
+    # kernels each; conv3 and the fully connected layers read both towers (a concat: the
+    # cross-GPU layers), conv2, conv4 and conv5 their own tower only.  227 x 227 input (the
+    # size the layer shapes need; the paper says 224), LRN and max pooling after conv1 and
+    # conv2, max pooling after conv5, dropout after fc6 and fc7: 60,965,224 parameters
+    g = _Graph()
+    towers = []
+    for _ in range(2):
+        x = g("conv2d", INPUT_NAME, filters=48, kernel=11, stride=4)
+        x = g("max_pool", g("lrn", g("relu", x), size=5), kernel=3, stride=2)
+        x = g("conv2d", x, filters=128, kernel=5, padding=2)
+        towers.append(g("max_pool", g("lrn", g("relu", x), size=5), kernel=3, stride=2))
+    both = g("concat", *towers)
+    towers = []
+    for _ in range(2):
+        x = g("relu", g("conv2d", both, filters=192, kernel=3, padding=1))
+        x = g("relu", g("conv2d", x, filters=192, kernel=3, padding=1))
+        x = g("relu", g("conv2d", x, filters=128, kernel=3, padding=1))
+        towers.append(g("max_pool", x, kernel=3, stride=2))
+    for _ in ("fc6", "fc7"):
+        both = g("concat", *towers)
+        towers = [g("dropout", g("relu", g("dense", both, units=2048)), rate=0.5) for _ in range(2)]
+    g("dense", g("concat", *towers), units=1000)
+    g("softmax_xent")
+    return g.build("alexnet-2gpu", (3, 227, 227), 1000)
+
+
 ZOO = {
     "mlp-digits": _mlp_digits,
     "distbelief-speech": _distbelief_speech,
@@ -154,6 +381,10 @@ ZOO = {
     "distbelief-image-330m": lambda: _distbelief_image("distbelief-image-330m"),
     "distbelief-image-1.7b": lambda: _distbelief_image("distbelief-image-1.7b"),
     "alexnet": _alexnet,
+    "alexnet-2gpu": _alexnet_2gpu,
+    "resnet-50": _resnet50,
+    "vgg-16": _vgg16,
+    "inception-v3": _inception_v3,
 }
 
 
@@ -181,7 +412,7 @@ def model_from_table(top: Table) -> Model:
         raise top.error("input", "must be [features] or [C, H, W] of integers in 1..1000000")
     shape: Shape = (dims[0], 1, 1) if len(dims) == 1 else (dims[0], dims[1], dims[2])
     classes = top.int("classes", 0, lo=0, hi=10_000_000)
-    layers = []
+    layers, names, inputs = [], [], []
     tables = top.tables("layer")
     if not tables:
         raise top.error("layer", "a model needs at least one [[layer]]")
@@ -190,19 +421,43 @@ def model_from_table(top: Table) -> Model:
         allowed = {f.name for f in fields(KINDS[kind])} - {"kind"}
         kw: dict[str, Any] = {}
         for key in sorted(lt.data):            # a typo says so before "required" does
-            if key != "kind" and key not in allowed:
+            if key not in allowed | {"kind", "name", "inputs"}:
                 raise lt.error(key, "unknown key")
         for key in KINDS[kind].required:          # the rest default as the layer classes say
             if not lt.has(key):
                 raise lt.error(key, f"is required for a {kind} layer")
         for key in sorted(allowed):
             if lt.has(key):
-                kw[key] = (lt.float(key, lo=0.0, hi=0.999) if key == "rate"
-                           else lt.int(key, lo=0 if key == "padding" else 1, hi=1_000_000))
+                kw[key] = _layer_value(lt, key)
+        names.append(lt.str("name", ""))
+        inputs.append(_input_names(lt) if lt.has("inputs") else None)
         lt.done()
         layers.append(make_layer(kind, **kw))
     top.done()
     try:
-        return build_model(name, shape, layers, classes)
-    except ValueError as exc:
-        raise top.error("layer", str(exc)) from None
+        return build_model(name, shape, layers, classes, names, inputs)
+    except GraphError as exc:
+        raise top.error(f"layer[{exc.layer}].{exc.key}" if exc.key else "layer", str(exc)) from None
+
+
+def _layer_value(lt: Table, key: str) -> Any:
+    """One layer field: rate a fraction, bias true/false, a window field n or [rows, cols]."""
+    if key == "rate":
+        return lt.float(key, lo=0.0, hi=0.999)
+    if key == "bias":
+        return lt.bool(key)
+    lo = 0 if key == "padding" else 1
+    value = lt.raw(key)
+    if key in ("kernel", "stride", "padding") and isinstance(value, list):
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= 1_000_000
+                                      for v in value):
+            raise lt.error(key, f"must be an integer or [rows, cols] of integers in {lo}..1000000")
+        return (value[0], value[1])
+    return lt.int(key, lo=lo, hi=1_000_000)
+
+
+def _input_names(lt: Table) -> tuple[str, ...]:
+    value = lt.raw("inputs")
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise lt.error("inputs", f"must be a non-empty array of layer names (or {INPUT_NAME!r})")
+    return tuple(value)

@@ -2,8 +2,8 @@
 
 ``spatial`` (DistBelief): every layer's output is cut into M boxes (2-D blocks of rows
 and columns, or channels, as the layer kind says); slot j computes box j of every layer.
-``layers`` (pipeline): consecutive layers form M stages balanced by FLOPs; a layer's
-single box sits on its stage's slot.  Either way the result is, per layer, a list of (slot, box); transfers and
+``layers`` (pipeline): consecutive layers (in the graph's topological order) form M
+stages balanced by FLOPs; a layer's single box sits on its stage's slot.  Either way the result is, per layer, a list of (slot, box); transfers and
 parameters follow from boxes alone, so both splits share one mechanism.
 """
 from __future__ import annotations
@@ -42,17 +42,17 @@ def _blocks(shape: Shape, rows: int, cols: int) -> list[Box]:
 
 
 def _axes(model: Model, cols: int) -> list[str]:
-    """The axis each layer is cut on: its kind's, a ``follow`` layer its input's; a layer
-    cut by rows with nothing left to cut spatially goes by channels."""
-    axes = []
-    axis = "rows" if model.input_shape[1] > 1 or (cols > 1 and model.input_shape[2] > 1) else "channels"
+    """The axis each layer is cut on: its kind's, a ``follow`` layer its first input's; a
+    layer cut by rows with nothing left to cut spatially goes by channels."""
+    axes: list[str] = []
+    first = "rows" if model.input_shape[1] > 1 or (cols > 1 and model.input_shape[2] > 1) else "channels"
     for node in model.nodes:
-        want = node.layer.split if node.layer.split != "follow" else axis
+        src = node.inputs[0] if node.inputs else node.index - 1
+        want = node.layer.split if node.layer.split != "follow" else (first if src < 0 else axes[src])
         _, h, w = node.out_shape
         if want == "rows" and h < 2 and (cols == 1 or w < 2):
             want = "channels"          # nothing left to cut by rows (or columns)
-        axis = want
-        axes.append(axis)
+        axes.append(want)
     return axes
 
 

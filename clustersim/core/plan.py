@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from math import prod
 
 from clustersim.core.config import ConfigError
-from clustersim.core.layers import box_overlap, box_size
+from clustersim.core.layers import Box, box_hull, box_intersect, box_overlap, box_size
+from clustersim.core.models import Model
 from clustersim.core.partition import Slices, even_cuts, layer_slices, spatial_slices
 from clustersim.core.scenario import Scenario
 from clustersim.core.schedule import (PARAM_BYTES, Schedule, micro_batches_held,  # noqa: F401  (PARAM_BYTES: plan's users)
@@ -34,6 +36,8 @@ class Op:
     why (xfer): ``activation`` (full exchange), ``halo`` (rows a neighbour's receptive
     fields read), ``gradient`` (the backward of either), ``reduction`` (softmax or
     batch-norm statistics), ``stage`` (pipeline boundary).
+    An activation, halo, stage or gradient transfer carries (the gradient of) a part of
+    layer ``producer``'s output (``Edge``); its ``layer`` is the first layer reading it.
     """
 
     id: int
@@ -46,6 +50,7 @@ class Op:
     bytes: float = 0.0       # compute: memory traffic; xfer: payload
     why: str = ""
     deps: tuple[int, ...] = ()
+    producer: int = -1       # xfer: the layer whose output (or its gradient) it carries; -1: a reduction
 
 
 @dataclass(frozen=True)
@@ -105,70 +110,121 @@ def plan(sc: Scenario, check_memory: bool = True) -> Plan:
 
 
 # --- the op graph ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Edge:
+    """What the layers on slot ``reader`` read of layer ``src``'s box on slot ``owner``:
+    ``box``, the smallest box holding every such read (each read where there is one
+    reader, as in a chain), sent once whatever the number of readers; ``full`` when a
+    reader reads src's whole output; ``readers`` the reading layers, in order."""
+
+    box: Box
+    full: bool
+    readers: tuple[int, ...]
+
+
+def edges(model: Model, slices: Slices) -> dict[tuple[int, int, int], Edge]:
+    """Every (src layer, owner slot, reader slot) whose edge crosses slots: the forward
+    sends ``box`` from owner to reader, the backward the gradient of it back."""
+    found: dict[tuple[int, int, int], tuple[Box, bool, list[int]]] = {}
+    for c, node in enumerate(model.nodes):
+        for j, box in slices[c]:
+            for src, need in zip(node.inputs, node.layer.input_boxes(node.in_shapes, box)):
+                if src < 0 or not box_size(need):
+                    continue
+                full = box_size(need) == prod(model.nodes[src].out_shape)
+                for k, kbox in slices[src]:
+                    if k == j or not box_overlap(kbox, need):
+                        continue
+                    part = box_intersect(kbox, need)
+                    if (src, k, j) in found:
+                        hull, was_full, readers = found[(src, k, j)]
+                        found[(src, k, j)] = (box_hull(hull, part), was_full or full,
+                                              readers + ([c] if readers[-1] != c else []))
+                    else:
+                        found[(src, k, j)] = (part, full, [c])
+    return {key: Edge(b, f, tuple(r)) for key, (b, f, r) in found.items()}
+
+
 def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...]) -> list[Op]:
+    """The step graph: per micro-batch every layer's forward on each slot after its inputs
+    (from its own slot, or by one transfer per ``Edge``), then the backward in reverse, each
+    layer's after the gradients of every layer that reads it (summed where they land)."""
     model, db = sc.model, sc.dtype_bytes
     ops: list[Op] = []
     fwd: dict[tuple[int, int, int], int] = {}        # (layer, slot, micro) -> op id
     bwd: dict[tuple[int, int, int], int] = {}
     red_fwd: dict[tuple[int, int, int], list[int]] = {}   # reductions into (layer, slot, micro)
     red_bwd: dict[tuple[int, int, int], list[int]] = {}
-    split_kind = sc.parallel.split
+    crossing = edges(model, slices)
+    stage_split = sc.parallel.split == "layers"
 
     def add(**kw) -> int:
         ops.append(Op(id=len(ops), **kw))
         return len(ops) - 1
 
-    def why_fwd(i: int, needs_full: bool) -> str:
-        if split_kind == "layers":
-            return "stage"
-        return "activation" if needs_full else "halo"
+    def needs_of(c: int, box: Box, src: int) -> list[Box]:
+        node = model.nodes[c]
+        return [need for s, need in zip(node.inputs, node.layer.input_boxes(node.in_shapes, box)) if s == src]
 
     micro_sizes = [hi - lo for lo, hi in even_cuts(sc.batch_size, sc.parallel.micro_batches)]
     for mb, b in enumerate(micro_sizes):
+        sent: dict[tuple[int, int, int], int] = {}     # (src, owner, reader) -> its transfer
         for i, node in enumerate(model.nodes):
             layer = node.layer
             for j, box in slices[i]:
-                needs = layer.needs(node.in_shape, box)
-                deps = []
-                if i > 0:
-                    full = box_size(needs) == box_size(((0, node.in_shape[0]), (0, node.in_shape[1]),
-                                                         (0, node.in_shape[2])))
-                    for k, kbox in slices[i - 1]:
-                        ov = box_overlap(kbox, needs)
-                        if not ov:
+                deps: list[int] = []
+                needs = layer.input_boxes(node.in_shapes, box)
+                for src in dict.fromkeys(node.inputs):
+                    if src < 0:
+                        continue
+                    for k, kbox in slices[src]:
+                        if not any(box_overlap(kbox, need) for need in needs_of(i, box, src)):
                             continue
                         if k == j:
-                            deps.append(fwd[(i - 1, k, mb)])
+                            d = fwd[(src, k, mb)]
+                        elif (src, k, j) in sent:
+                            d = sent[(src, k, j)]
                         else:
-                            deps.append(add(kind="xfer", layer=i, micro=mb, slot=k, dst=j, bytes=ov * b * db,
-                                            why=why_fwd(i, full), deps=(fwd[(i - 1, k, mb)],)))
-                    deps += red_fwd.get((i - 1, j, mb), [])
+                            e = crossing[(src, k, j)]
+                            d = sent[(src, k, j)] = add(
+                                kind="xfer", layer=e.readers[0], micro=mb, slot=k, dst=j,
+                                bytes=box_size(e.box) * b * db, producer=src, deps=(fwd[(src, k, mb)],),
+                                why="stage" if stage_split else ("activation" if e.full else "halo"))
+                        if d not in deps:
+                            deps.append(d)
+                    deps += red_fwd.get((src, j, mb), [])
                 params = layer.slice_params(node.in_shape, box)
-                traffic = (box_size(needs) + box_size(box)) * b * db + params * PARAM_BYTES
+                traffic = (sum(map(box_size, needs)) + box_size(box)) * b * db + params * PARAM_BYTES
                 fwd[(i, j, mb)] = add(kind="fwd", layer=i, micro=mb, slot=j,
                                       flops=layer.flops_per_out(node.in_shape) * box_size(box) * b,
                                       bytes=traffic, deps=tuple(deps))
             _reductions(slices[i], node, axes[i], b, i, mb, fwd, red_fwd, red_bwd, add)
     for mb, b in enumerate(micro_sizes):
+        sent = {}
         for i in range(len(model.nodes) - 1, -1, -1):
             node = model.nodes[i]
             for j, box in slices[i]:
                 f = ops[fwd[(i, j, mb)]]
                 deps = [f.id]
-                if i == len(model.nodes) - 1:
+                if not model.consumers[i]:                 # the output: after the loss's reductions
                     deps += red_fwd.get((i, j, mb), [])
-                if i + 1 < len(model.nodes):
-                    nxt = model.nodes[i + 1]
-                    for k, kbox in slices[i + 1]:
-                        ov = box_overlap(box, nxt.layer.needs(nxt.in_shape, kbox))
-                        if not ov:
+                for c in model.consumers[i]:
+                    for k, kbox in slices[c]:
+                        if not any(box_overlap(box, need) for need in needs_of(c, kbox, i)):
                             continue
                         if k == j:
-                            deps.append(bwd[(i + 1, k, mb)])
+                            d = bwd[(c, k, mb)]
+                        elif (i, j, k) in sent:
+                            d = sent[(i, j, k)]
                         else:
-                            deps.append(add(kind="xfer", layer=i + 1, micro=mb, slot=k, dst=j,
-                                            bytes=ov * b * db, why="gradient", deps=(bwd[(i + 1, k, mb)],)))
-                    deps += red_bwd.get((i + 1, j, mb), [])
+                            e = crossing[(i, j, k)]
+                            d = sent[(i, j, k)] = add(
+                                kind="xfer", layer=e.readers[0], micro=mb, slot=k, dst=j, producer=i,
+                                bytes=box_size(e.box) * b * db, why="gradient",
+                                deps=tuple(bwd[(r, k, mb)] for r in e.readers))
+                        if d not in deps:
+                            deps.append(d)
+                    deps += [d for d in red_bwd.get((c, j, mb), []) if d not in deps]
                 bwd[(i, j, mb)] = add(kind="bwd", layer=i, micro=mb, slot=j,
                                       flops=f.flops * node.layer.bwd_ratio, bytes=2 * f.bytes, deps=tuple(deps))
     return _in_schedule_order(_fix_reduction_deps(ops, bwd), sc, slices)
@@ -372,10 +428,10 @@ def memory_use(p: Plan) -> dict[str, dict[str, float]]:
     act = [0.0] * p.slots
     for node, layer_slices_ in zip(sc.model.nodes, p.slices):
         for slot, box in layer_slices_:
-            needs = node.layer.needs(node.in_shape, box)
+            reads = sum(map(box_size, node.layer.input_boxes(node.in_shapes, box)))
             held = micro_batches_held(stage_units(sc.parallel.schedule, stage[slot], stages,
                                                   sc.parallel.micro_batches))
-            act[slot] += (box_size(box) + box_size(needs)) * sum(sizes[:held]) * sc.dtype_bytes
+            act[slot] += (box_size(box) + reads) * sum(sizes[:held]) * sc.dtype_bytes
     for row in p.devices:
         for slot, dev in enumerate(row):
             u = use.setdefault(dev, {"parameters": 0.0, "activations": 0.0, "ps_shards": 0.0})

@@ -15,7 +15,7 @@ from clustersim.core.scenario import scenario_from_dict
 from clustersim.core.schedule import Schedule
 from clustersim.core.trace import write_atomic
 
-VERSION = 1
+VERSION = 2                    # 2: transfers name the layer they carry (Op.producer)
 
 
 def plan_to_dict(p: Plan) -> dict:
