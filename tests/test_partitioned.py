@@ -66,6 +66,27 @@ def run(p, full, x, y):
     return res.loss, logits, grads
 
 
+def residual_case(batch=6):
+    """RESIDUAL's starting parameters, a batch and its labels (seed 11)."""
+    rng = np.random.default_rng(11)
+    full = init_params(RESIDUAL, rng)
+    return full, rng.normal(size=(batch, *RESIDUAL.input_shape)), rng.integers(0, 5, batch)
+
+
+def gathered(p, full, folder):
+    """The loss and the whole layers' parameter gradients from the ``rank{j}.npz`` files
+    that ranks of plan ``p`` saved (each its loss share and its boxes' gradients)."""
+    loss, grads = 0.0, {i: [np.zeros_like(a) for a in arrs] for i, arrs in full.items()}
+    for j in range(p.slots):
+        data = np.load(folder / f"rank{j}.npz")
+        loss += float(data["loss"])
+        for i in full:
+            box = dict(p.slices[i]).get(j)
+            for n, idx in enumerate(p.scenario.model.nodes[i].layer.box_index(box) if box else ()):
+                grads[i][n][idx] += data[f"g_{i}_{n}"]
+    return loss, grads
+
+
 @pytest.mark.parametrize("model, split, m, micro, grid", [
     (ALL_KINDS, "spatial", 2, 1, ()), (ALL_KINDS, "spatial", 3, 1, ()), (ALL_KINDS, "layers", 2, 1, ()),
     (ALL_KINDS, "layers", 3, 1, ()), (NO_BN, "layers", 3, 3, ()), (NO_BN, "spatial", 3, 2, ()),
@@ -94,10 +115,7 @@ def test_partitioned_step_equals_the_single_process_reference(model, split, m, m
 def test_partitioned_residual_graph_equals_the_single_process_reference(split, m, micro):
     """Graphs: every layer reading another's output gets it (once per slot) and gives its
     gradient back, summed with the other readers'; 4 slots cut the row-cut block in 2 x 2."""
-    rng = np.random.default_rng(11)
-    full = init_params(RESIDUAL, rng)
-    x = rng.normal(size=(6, *RESIDUAL.input_shape))
-    y = rng.integers(0, 5, 6)
+    full, x, y = residual_case()
     loss0, logits0, grads0 = run(make_plan(RESIDUAL, 1, "spatial", micro), full, x, y)    # batch norm: per micro-batch
     loss, logits, grads = run(make_plan(RESIDUAL, m, split, micro), full, x, y)
     assert loss == pytest.approx(loss0, rel=1e-10)
