@@ -10,6 +10,8 @@ digits is evaluated at ``eval_points`` times spread over the run.
 Data: the training set is split over the replicas (replica r takes every R-th sample)
 and each replica draws seeded mini-batches of ``batch_size`` from its part; Sandblaster's
 coordinator cuts batches of ``batch_size x replicas`` from the whole set into its units.
+Layerwise: the layer groups are one replica, so every worker reads the same batch at step
+s (the one replica's stream), each on its own copy of the weights.
 """
 from __future__ import annotations
 
@@ -28,6 +30,17 @@ def _shard_ranges(p: Plan, size: int) -> list[tuple[int, int]]:
         return [(0, size)]
     edges = np.cumsum([0, *p.ps.sizes])
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def group_ranges(p: Plan, net: Net) -> list[tuple[int, int]]:
+    """Each slot's [lo, hi) in the flat parameter vector of a layers split (a group's
+    layers are consecutive, and the vector is laid out layer by layer)."""
+    lo, hi = [net.size] * p.slots, [0] * p.slots
+    for i, arrays in enumerate(net.layout):
+        for offset, shape in arrays:
+            for slot, _ in p.slices[i]:
+                lo[slot], hi[slot] = min(lo[slot], offset), max(hi[slot], offset + int(np.prod(shape)))
+    return [(a, b) if b > a else (0, 0) for a, b in zip(lo, hi)]
 
 
 def _rule(p: Plan, lo: int, hi: int):
@@ -67,6 +80,11 @@ class Replay:
         self.batch_sum, self.batch_n = np.zeros_like(w0), 0
         self.checkpoint = w0.copy()
         self.sandblaster_batches: dict[int, tuple] = {}
+        if self.tr.algorithm == "layerwise":     # one copy per layer group; one data stream
+            self.groups = group_ranges(p, self.net)
+            self.local = [w0.copy() for _ in self.groups]
+            self.layer_batches: dict[int, list] = {}
+            self.sent: dict[tuple[int, int], list] = {}
         if self.tr.algorithm == "sandblaster":
             self.units, self.unit_size = p.schedule.units, p.schedule.unit_size
             self.whole = Batches(d.x_train, d.y_train, sc.batch_size * R, np.random.default_rng([sc.seed, R]))
@@ -125,6 +143,24 @@ class Replay:
             self.lbfgs.step(self.server, self.batch_sum / max(self.batch_n, 1))
             self.batch_sum, self.batch_n = np.zeros_like(self.batch_sum), 0
             self.stash.clear()
+        elif kind == "layer_step":               # worker g's SGD step on its own group only
+            g = u.info["worker"]
+            lo, hi = self.groups[g]
+            x, y = self._layer_batch(u.step)
+            self.local[g][lo:hi] -= self.tr.learning_rate * self._grad(self.local[g], x, y)[lo:hi]
+        elif kind == "exchange_send":
+            g = u.info["worker"]
+            lo, hi = self.groups[g]
+            self.sent[(g, u.info["round"])] = [self.local[g][lo:hi].copy(), len(self.groups) - 1]
+        elif kind == "exchange_recv":
+            h, rnd = u.info["worker"], u.info["round"]
+            for g, (lo, hi) in enumerate(self.groups):
+                if g != h:
+                    box = self.sent[(g, rnd)]
+                    self.local[h][lo:hi] = box[0]
+                    box[1] -= 1
+                    if not box[1]:
+                        del self.sent[(g, rnd)]
         elif kind == "checkpoint" and k >= 0:        # one shard's values (shard recovery)
             lo, hi = self.ranges[k]
             self.checkpoint[lo:hi] = self.server[lo:hi]
@@ -144,10 +180,26 @@ class Replay:
         lo = unit * self.unit_size
         return x[lo:lo + self.unit_size], y[lo:lo + self.unit_size]
 
+    def _layer_batch(self, step: int):
+        """Step ``step``'s batch of the one stream, drawn once and kept until every worker has read it."""
+        if step not in self.layer_batches:           # workers go 0, 1, 2, ...: drawn in step order
+            self.layer_batches[step] = [*self.batches[0].next(), len(self.groups)]
+        entry = self.layer_batches[step]
+        entry[2] -= 1
+        if not entry[2]:
+            del self.layer_batches[step]
+        return entry[0], entry[1]
+
     def model(self):
-        """The parameters a user would deploy now: the servers' (local SGD: the replicas' mean)."""
+        """The parameters a user would deploy now: the servers' (local SGD: the replicas'
+        mean; layerwise: each group's own weights, from the worker that trains it)."""
         if self.tr.algorithm == "local":
             return sum(self.local) / len(self.local)
+        if self.tr.algorithm == "layerwise":
+            w = self.server.copy()
+            for g, (lo, hi) in enumerate(self.groups):
+                w[lo:hi] = self.local[g][lo:hi]
+            return w
         return self.server
 
     def evaluate(self) -> tuple[float, float]:

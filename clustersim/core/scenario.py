@@ -17,7 +17,7 @@ from clustersim.core.topogen import MAX_MACHINES, load_topology
 from clustersim.core.topology import DTYPES, Topology
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
-ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster")
+ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster", "layerwise")
 OPTIMIZERS = ("sgd", "adagrad")
 NETWORKS = ("flow", "analytical")
 COLLECTIVE_ALGOS = ("auto", "ring", "tree", "hierarchical")
@@ -72,6 +72,7 @@ class Training:
     dataset_samples: int = 0     # > 0: report epoch_time_s, time_to_train_s (and cost, energy where priced)
     epochs: float = 1.0          # passes over dataset_samples
     target_hours: float = 0.0    # > 0: report whether time_to_train_s meets it
+    comm_interval: int = 10      # layerwise: samples between weight exchanges (the seed's interval)
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,12 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
     if tr.comm_bits == 8 and not par.ps_shards:
         raise ConfigError(file, "training.comm_bits", f"8-bit messages are the parameter server's pushes and fetches; "
                           f"{tr.algorithm} without ps_shards sends 32-bit (set comm_bits = 32 or ps_shards >= 1)")
+    if tr.algorithm == "layerwise":             # one replica of G layer groups, exchanging weights directly
+        for key, bad in (("split", par.split != "layers"), ("replicas", par.replicas != 1),
+                         ("ps_shards", par.ps_shards != 0)):
+            if bad:
+                raise ConfigError(file, f"parallel.{key}", "layerwise needs split = \"layers\", replicas = 1 "
+                                  f"and ps_shards = 0 (one worker per layer group); got {getattr(par, key)!r}")
     if tr.cosim and model.name != "mlp-digits":
         raise ConfigError(file, "training.cosim",
                           f"co-simulation trains mlp-digits on the digits data set; got model {model.name}")
@@ -249,7 +256,8 @@ def _training(tt: Table) -> Training:
         target_accuracy=tt.float("target_accuracy", 0.9, lo=0.0, hi=1.0),
         dataset_samples=tt.int("dataset_samples", 0, lo=0, hi=10**15),
         epochs=tt.float("epochs", 1.0, positive=True, hi=1e6),
-        target_hours=tt.float("target_hours", 0.0, lo=0.0, hi=1e7))
+        target_hours=tt.float("target_hours", 0.0, lo=0.0, hi=1e7),
+        comm_interval=tt.int("comm_interval", 10, lo=1, hi=10**12))
     if tr.start_spread_s < 0 and tr.start_spread_s != -1.0:
         raise tt.error("start_spread_s", f"must be >= 0, or -1 for a parameter round trip; got {tr.start_spread_s}")
     if tr.comm_bits not in (8, 32):

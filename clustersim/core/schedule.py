@@ -25,6 +25,7 @@ class Schedule:
     unit_size: int                 # ... and samples per unit
     comm_bits: int                 # parameter-server pushes and fetches: 32 or 8
     staleness_bound: int | None    # ssp: a replica at most this many steps ahead of the slowest
+    exchanges: tuple[int, ...] = ()  # layerwise: the steps after which the layer groups swap weights
 
     def fetches_before(self, step: int) -> bool:
         return self.algorithm == "sync" or step % self.fetch_every == 0
@@ -34,6 +35,16 @@ class Schedule:
 
     def averages_after(self, step: int) -> bool:
         return step in self.averages
+
+
+def exchange_steps(steps: int, batch_size: int, interval: int) -> tuple[int, ...]:
+    """Layerwise: the steps after which weights are exchanged -- the first step boundary at
+    or after each multiple of ``interval`` samples (step s ends at (s + 1) x batch_size
+    samples), and the last step, so that the run ends exchanged."""
+    out = [s for s in range(steps) if ((s + 1) * batch_size) // interval > (s * batch_size) // interval]
+    if not out or out[-1] != steps - 1:
+        out.append(steps - 1)
+    return tuple(out)
 
 
 def rule_of(sc: Scenario) -> str:
@@ -56,7 +67,8 @@ def schedule_of(sc: Scenario) -> Schedule:
     units, unit_size = units_of(sc)
     return Schedule(tr.algorithm, tr.steps, rule_of(sc), tr.n_fetch if tr.algorithm in ASYNC else 1,
                     tr.n_push if tr.algorithm in ASYNC else 1, averages, par.replicas - tr.backup_workers,
-                    units, unit_size, tr.comm_bits, tr.staleness if tr.algorithm == "ssp" else None)
+                    units, unit_size, tr.comm_bits, tr.staleness if tr.algorithm == "ssp" else None,
+                    exchange_steps(tr.steps, sc.batch_size, tr.comm_interval) if tr.algorithm == "layerwise" else ())
 
 
 def units_of(sc: Scenario) -> tuple[int, int]:
