@@ -262,3 +262,28 @@ def test_local_sgd_step_time_holds_the_averaging_wait():
     assert summary["samples_per_s"] == pytest.approx(4 * 32 / summary["step_time_s"])
     compute_only = statistics.median(e - s for _, step, s, e in res.trace.replica_steps if (step + 1) % 5)
     assert summary["step_time_s"] > 2 * compute_only
+
+
+def test_push_early_sends_each_layer_as_its_backward_ends():
+    """Sync with a shard: with push_early the last layer's gradients leave while the earlier
+    layers' backward still runs; the bytes pushed are the same, and the step no longer."""
+    def run(early):
+        sc = scenario(model="alexnet", batch=32, parallel={"replicas": 2, "ps_shards": 1},
+                      training={"steps": 1, "push_early": early})
+        return simulate(plan(sc))
+    late, early = run(False), run(True)
+
+    def pushes(res):
+        return [s for s in res.trace.spans if s.phase == "push"]
+    last_bwd = max(s.end_s for s in early.trace.spans if s.phase == "bwd" and s.replica == 0)
+    assert min(s.start_s for s in pushes(early) if s.replica == 0) < last_bwd
+    assert min(s.start_s for s in pushes(late) if s.replica == 0) >= max(
+        s.end_s for s in late.trace.spans if s.phase == "bwd" and s.replica == 0)
+    assert sum(s.bytes for s in pushes(early)) == pytest.approx(sum(s.bytes for s in pushes(late)))
+    assert len(pushes(early)) > len(pushes(late))
+    assert early.sim_time_s <= late.sim_time_s
+
+
+def test_push_early_is_refused_outside_sync_with_shards():
+    with pytest.raises(ConfigError, match="push_early"):
+        scenario(parallel={"replicas": 2}, training={"push_early": True})

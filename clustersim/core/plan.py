@@ -401,19 +401,26 @@ def _place(sc: Scenario, slices: Slices, slot_params: list[int]) -> tuple[tuple[
     spare = compute[need:] + [c for c in topo.host_cpus() if c not in compute]
     pool = spare or compute[:need]
     shard_devices = tuple(pool[k % len(pool)] for k in range(par.ps_shards))
-    total = sum(slot_params)
-    shard_ranges = even_cuts(total, par.ps_shards)
-    # the parameter vector is laid out layer by layer, slot by slot
+    shard_ranges = even_cuts(sum(slot_params), par.ps_shards)
     share = [[0] * par.ps_shards for _ in slot_params]
-    offset = 0
-    for node, layer_slices_ in zip(sc.model.nodes, slices):
-        for slot, box in layer_slices_:
-            n = node.layer.slice_params(node.in_shape, box)
-            for k, (lo, hi) in enumerate(shard_ranges):
-                share[slot][k] += max(0, min(hi, offset + n) - max(lo, offset))
-            offset += n
+    for _, slot, parts in param_layout(sc, slices):
+        for k, n in enumerate(parts):
+            share[slot][k] += n
     return devices, PSLayout(shard_devices, tuple(hi - lo for lo, hi in shard_ranges),
                              tuple(tuple(row) for row in share))
+
+
+def param_layout(sc: Scenario, slices: Slices) -> list[tuple[int, int, tuple[int, ...]]]:
+    """(layer, slot, parameters on each shard) of every layer slice: the parameter vector is
+    laid out layer by layer, slot by slot, and cut into ``ps_shards`` even ranges."""
+    sizes = [(i, slot, node.layer.slice_params(node.in_shape, box))
+             for i, (node, layer_slices_) in enumerate(zip(sc.model.nodes, slices)) for slot, box in layer_slices_]
+    ranges = even_cuts(sum(n for *_, n in sizes), sc.parallel.ps_shards)
+    out, offset = [], 0
+    for i, slot, n in sizes:
+        out.append((i, slot, tuple(max(0, min(hi, offset + n) - max(lo, offset)) for lo, hi in ranges)))
+        offset += n
+    return out
 
 
 def memory_use(p: Plan) -> dict[str, dict[str, float]]:

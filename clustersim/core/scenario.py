@@ -58,6 +58,7 @@ class Training:
     warm_start_s: float = 0.0    # downpour: replica 0 alone until then, the others join after
     start_spread_s: float = -1.0  # async: replicas start at seeded offsets in [0, this); -1: a parameter round trip
     backup_workers: int = 0      # sync: go on with the first (replicas - backup_workers) gradients
+    push_early: bool = False     # sync with shards: push each layer's gradients as its backward ends
     dcasgd_lambda: float = 0.04  # dcasgd: lambda (lambda0 when adaptive), the paper's range
     dcasgd_adaptive: bool = False
     staleness: int = 3           # ssp: a replica more than this many steps ahead waits
@@ -208,6 +209,9 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
         raise ConfigError(file, "parallel.ps_shards", f"{tr.algorithm} needs a parameter server: set ps_shards >= 1")
     if tr.backup_workers and tr.backup_workers >= par.replicas:
         raise ConfigError(file, "training.backup_workers", f"must be < parallel.replicas ({par.replicas})")
+    if tr.push_early and (tr.algorithm != "sync" or not par.ps_shards or tr.backup_workers):
+        raise ConfigError(file, "training.push_early", "pushes layer by layer are sync SGD's with ps_shards >= 1 "
+                                                       "and no backup workers")
     if tr.backup_workers and not par.ps_shards:
         raise ConfigError(file, "training.backup_workers",
                           "needs parallel.ps_shards >= 1 (the shards drop the late replicas' pushes)")
@@ -243,6 +247,7 @@ def _training(tt: Table) -> Training:
         warm_start_s=tt.float("warm_start_s", 0.0, lo=0.0),
         start_spread_s=tt.float("start_spread_s", -1.0, lo=-1.0),
         backup_workers=tt.int("backup_workers", 0, lo=0, hi=65535),
+        push_early=tt.bool("push_early", False),
         dcasgd_lambda=tt.float("dcasgd_lambda", 0.04, lo=0.0),
         dcasgd_adaptive=tt.bool("dcasgd_adaptive", False),
         staleness=tt.int("staleness", 3, lo=0, hi=1_000_000),

@@ -19,7 +19,7 @@ parameter-server shard also sums the pushed gradients first.
 from __future__ import annotations
 
 from sim.engine import Engine, first_n
-from clustersim.core.plan import PARAM_BYTES, buckets
+from clustersim.core.plan import PARAM_BYTES, buckets, param_layout
 from .ps import send_params
 from clustersim.core.schedule import apply_cost
 
@@ -120,21 +120,24 @@ def _slot_exchange(engine: Engine, runs, active, j: int, step: int):
 
 def _ps_exchange(engine: Engine, runs, active, step: int):
     """Each (replica, slot) pushes its gradient pieces to the shards as soon as its backward
-    is done; a shard sums all pushes, updates, and sends the new parameters back."""
+    is done -- or, with ``training.push_early``, each layer's pieces as soon as that layer's
+    backward is done, from the last layer back; a shard sums all pushes, updates, and sends
+    the new parameters back."""
     env, plan = engine.env, engine.plan
     ps = plan.ps
-    pushed = {(r, j, k): env.event() for r in active for j in range(plan.slots)
-              for k in range(len(ps.devices)) if ps.share[j][k]}
+    pieces = _push_pieces(plan)
+    pushed = {(r, j, i, k): env.event() for r in active for j, i, k, _ in pieces}
 
     def push(run, r: int, j: int):
-        yield run.slot_ready[j]
-        for k, n in enumerate(ps.share[j]):
-            if n:
-                ev = _params(engine, plan.devices[r][j], ps.devices[k], n, r, step, "push")
-                ev.callbacks.append(lambda _e, key=(r, j, k): pushed[key].succeed())
+        for jj, i, k, n in pieces:
+            if jj != j:
+                continue
+            yield run.layer_ready[(j, i)] if i >= 0 else run.slot_ready[j]
+            ev = _params(engine, plan.devices[r][j], ps.devices[k], n, r, step, "push")
+            ev.callbacks.append(lambda _e, key=(r, j, i, k): pushed[key].succeed())
 
     def shard(k: int):
-        yield env.all_of([ev for (r, j, kk), ev in pushed.items() if kk == k])
+        yield env.all_of([ev for (r, j, i, kk), ev in pushed.items() if kk == k])
         yield _update(engine, ps.devices[k], ps.sizes[k], -1, step, summed=len(active))
         yield env.all_of(_fetches(engine, k, active, step))
 
@@ -142,6 +145,16 @@ def _ps_exchange(engine: Engine, runs, active, step: int):
         for j in range(plan.slots):
             env.process(push(run, r, j))
     yield env.all_of([env.process(shard(k)) for k in range(len(ps.devices))])
+
+
+def _push_pieces(plan) -> list[tuple[int, int, int, int]]:
+    """(slot, layer, shard, parameters) of every push, in the order a slot sends them: per
+    slot and shard (layer -1: after the slot's whole backward), or with ``push_early`` per
+    layer from the last back (as the backward frees them)."""
+    if not plan.scenario.training.push_early:
+        return [(j, -1, k, n) for j in range(plan.slots) for k, n in enumerate(plan.ps.share[j]) if n]
+    layout = sorted(param_layout(plan.scenario, plan.slices), key=lambda x: (x[1], -x[0]))
+    return [(j, i, k, n) for i, j, parts in layout for k, n in enumerate(parts) if n]
 
 
 def _params(engine: Engine, src: str, dst: str, params: int, replica: int, step: int, phase: str):
