@@ -326,11 +326,14 @@ def calibrate_gpus(out: str | Path) -> dict:
 
 
 def validate(path: str | Path, overrides: Overrides = None, *, topology: str | Path | None = None,
-             repeats: int = 3) -> Result:
+             repeats: int = 3, against: Overrides = None, rounds: int = 5) -> Result:
     """Simulates and executes the scenario and compares them (``clustersim validate``);
-    without ``topology`` this host is calibrated first."""
+    without ``topology`` this host is calibrated first.  With ``against`` (overrides on top
+    of ``overrides``) it checks a speedup instead: ``validate_speedup``."""
     from clustersim.compare.validate import validate as compare
     from executor.checks import check
+    if against:
+        return validate_speedup(path, overrides, against, topology=topology, rounds=rounds)
     items = [f"{k}={_toml(v)}" for k, v in _pairs(overrides)]
     sc = load(path, items)
     check(sc, ranks_needed(sc))
@@ -340,6 +343,32 @@ def validate(path: str | Path, overrides: Overrides = None, *, topology: str | P
         topology = Path(tempfile.mkdtemp()) / "this-host.toml"
         calibrate(ranks_needed(sc), topology)
     return Result(compare(str(path), str(topology), items, repeats))
+
+
+def validate_speedup(path: str | Path, overrides: Overrides, against: Overrides, *,
+                     topology: str | Path | None = None, rounds: int = 5) -> Result:
+    """B (``overrides`` then ``against``) against A (``overrides``): predicted and measured
+    speedup, A and B run alternately ``rounds`` times each (``clustersim validate --against``,
+    ``clustersim.compare.validate.speedup``).  Without ``topology`` this host is calibrated
+    once per rank count the two sides need, each side predicted on its own."""
+    from clustersim.compare.validate import speedup
+    from executor.checks import check
+    items = [f"{k}={_toml(v)}" for k, v in _pairs(overrides)]
+    more = [f"{k}={_toml(v)}" for k, v in _pairs(against)]
+    if rounds < 1:
+        raise ConfigError("--rounds", str(rounds), "must be >= 1")
+    ranks = {}
+    for side, sc in (("a", load(path, items)), ("b", load(path, items + more))):
+        ranks[side] = ranks_needed(sc)
+        check(sc, ranks[side])
+    files = {}
+    for n in sorted(set(ranks.values())):
+        if topology:
+            files[n] = Path(topology)
+        else:
+            files[n] = Path(tempfile.mkdtemp()) / f"this-host-{n}-ranks.toml"
+            calibrate(n, files[n])
+    return Result(speedup(str(path), items, more, {side: str(files[n]) for side, n in ranks.items()}, rounds))
 
 
 def collective(topology: str | Path, op: str = "allreduce", algo: str = "auto", sizes: Iterable[int] = (2**20,),

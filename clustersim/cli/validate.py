@@ -14,10 +14,15 @@ def add(sub) -> None:
     v.add_argument("--topology", help="a calibrated topology (default: calibrate this host now)")
     v.add_argument("--repeats", type=int, default=3)
     v.add_argument("--plot", metavar="FILE", help="predicted and measured time per phase")
+    v.add_argument("--against", action="append", default=[], metavar="KEY=VALUE",
+                   help="check a speedup: B is the scenario with these overrides too, A without them")
+    v.add_argument("--rounds", type=int, default=5, help="with --against: runs of A and of B, interleaved")
     v.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.against:
+        return run_speedup(args)
     out = api.validate(args.scenario, args.set, topology=args.topology, repeats=args.repeats).data
     if args.plot:
         from clustersim.plots import plot_validation
@@ -34,4 +39,27 @@ def run(args) -> int:
                  "measured_s": out["quiet_step_time_s"], "error_pct": out["quiet_error_pct"]})
     print(report.table(rows, [("what", "per step"), ("predicted_s", "predicted (s)"), ("measured_s", "measured (s)"),
                               ("error_pct", "error %")]))
+    return 0
+
+
+def run_speedup(args) -> int:
+    """``--against``: the predicted and measured speedup of B over A, a row per side."""
+    from clustersim.core.config import ConfigError
+    if args.plot:
+        raise ConfigError("--plot", args.plot, "plots a single case: not with --against")
+    out = api.validate(args.scenario, args.set, topology=args.topology, against=args.against, rounds=args.rounds).data
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{out['scenario']}: B = A with {' '.join(out['against'])}; {out['rounds']} rounds each, interleaved")
+    rows = [{"what": f"{side.upper()}: {out[side]['ranks']} ranks", "predicted": out[side]["predicted_samples_per_s"],
+             "measured": out[side]["measured_samples_per_s"], "spread_pct": out[side]["spread_pct"]}
+            for side in ("a", "b")]
+    rows.append({"what": "speedup B / A", "predicted": out["predicted_speedup"], "measured": out["measured_speedup"],
+                 "error_pct": out["speedup_error_pct"], "spread_pct": out["speedup_spread_pct"]})
+    rows.append({"what": "speedup, the runs' quiet windows", "predicted": out["predicted_speedup"],
+                 "measured": out["quiet_speedup"], "error_pct": out["quiet_speedup_error_pct"],
+                 "spread_pct": out["quiet_speedup_spread_pct"]})
+    print(report.table(rows, [("what", "samples/s"), ("predicted", "predicted"), ("measured", "measured"),
+                              ("error_pct", "error %"), ("spread_pct", "spread %")]))
     return 0

@@ -139,15 +139,10 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     predicted_phases = phase_times(sim_spans, device)
     predicted_phases["waits"] = waits(summary["step_time_s"], predicted_phases)
     measured, quiet, phases = [], [], []
-    set_args = [a for item in items for a in ("--set", item)]
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             trace = Path(tmp) / "t.json"
-            proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", scenario, "--json", "--trace", str(trace),
-                                   *set_args], capture_output=True, text=True, timeout=1800)
-            if proc.returncode != 0:
-                raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "execute failed")
-            out = json.loads(proc.stdout)
+            out = execute_side(scenario, items, "--trace", str(trace))
             measured.append(out["step_time_s"])
             quiet.append(out["quiet_step_time_s"])
             run_trace = Trace.load(trace)
@@ -195,3 +190,79 @@ def combine(rounds: list[dict]) -> dict:
             "measured_runs_s": runs, "predicted_rounds_s": [r["predicted_step_time_s"] for r in rounds],
             "spread_pct": spread_pct(runs), "phases": phases,
             **quiet_row(pred, [t for r in rounds for t in r["quiet_runs_s"]])}
+
+
+def speedup_order(rounds: int) -> list[tuple[int, str]]:
+    """The runs of a speedup check as (round, side): A and B alternate, and every other
+    round starts with B (A B, B A, A B, ...), so a host that drifts steadily over the check
+    slows each side's runs alike instead of always the one that runs second."""
+    return [(r, side) for r in range(rounds) for side in (("a", "b") if r % 2 == 0 else ("b", "a"))]
+
+
+def _side_items(set_items: list[str], topology: str) -> list[str]:
+    return list(set_items) + [f'cluster.topology="{Path(topology).resolve()}"', "cluster.machines=0",
+                              "training.cosim=false"]
+
+
+def predicted_side(scenario: str, items: list[str]) -> dict:
+    """The simulator's ``samples_per_s`` and ``step_time_s`` of one side of a speedup check,
+    and the ranks it runs on."""
+    from clustersim.core.scenario import parse_set
+    sc = load_scenario(scenario, parse_set(items))
+    p = plan(sc)
+    s = summarize(p, simulate(p))
+    return {"samples_per_s": s["samples_per_s"], "step_time_s": s["step_time_s"], "ranks": ranks_needed(sc)}
+
+
+def execute_side(scenario: str, items: list[str], *extra: str) -> dict:
+    """One real run (``clustersim execute --json`` with ``items`` as ``--set``, then
+    ``extra``): its summary; RuntimeError with the run's last line when it fails.  Its step
+    time is the median step, so the first steps' warm-up counts in no comparison."""
+    set_args = [a for item in items for a in ("--set", item)]
+    proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", scenario, "--json", *set_args, *extra],
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "execute failed")
+    return json.loads(proc.stdout)
+
+
+def quiet_rate(run: dict) -> float:
+    """A run's samples/s at its quiet step (``quiet_step_time_s``) rather than its median step."""
+    q = run.get("quiet_step_time_s") or 0.0
+    return run["samples_per_s"] * run["step_time_s"] / q if q else run["samples_per_s"]
+
+
+def speedup(scenario: str, set_items: list[str], against_items: list[str], topologies: dict[str, str],
+            rounds: int = 5, predict=predicted_side, run=execute_side) -> dict:
+    """How much faster B (``set_items`` then ``against_items``) trains than A (``set_items``):
+    B's samples/s over A's, predicted on each side's calibrated topology (``topologies``:
+    side "a"/"b" -> file) and measured in ``rounds`` rounds of one run each, interleaved
+    (``speedup_order``).  The measured speedup is the median of the rounds' ratios (each
+    round's two runs share a stretch of the host's time), its spread their (max - min) /
+    median in percent; the error is (predicted - measured) / measured in percent.  The
+    same figures against the runs' quiet windows are ``quiet_*``."""
+    given = {"a": list(set_items), "b": list(set_items) + list(against_items)}
+    items = {side: _side_items(given[side], topologies[side]) for side in given}
+    predicted = {side: predict(scenario, items[side]) for side in ("a", "b")}
+    runs: dict[str, list[dict]] = {"a": [None] * rounds, "b": [None] * rounds}
+    for r, side in speedup_order(rounds):
+        runs[side][r] = run(scenario, items[side])
+    ratios = [b["samples_per_s"] / a["samples_per_s"] for a, b in zip(runs["a"], runs["b"])]
+    quiet = [quiet_rate(b) / quiet_rate(a) for a, b in zip(runs["a"], runs["b"])]
+    pred = predicted["b"]["samples_per_s"] / predicted["a"]["samples_per_s"]
+    meas, meas_quiet = statistics.median(ratios), statistics.median(quiet)
+
+    def side_row(side: str) -> dict:
+        rates = [x["samples_per_s"] for x in runs[side]]
+        return {"set": given[side], "topology": topologies[side], "ranks": predicted[side]["ranks"],
+                "predicted_samples_per_s": predicted[side]["samples_per_s"],
+                "predicted_step_time_s": predicted[side]["step_time_s"],
+                "measured_samples_per_s": statistics.median(rates), "measured_runs_samples_per_s": rates,
+                "measured_step_time_s": statistics.median(x["step_time_s"] for x in runs[side]),
+                "spread_pct": spread_pct(rates)}
+    return {"scenario": load_scenario(scenario).name, "file": scenario, "against": list(against_items),
+            "rounds": rounds, "a": side_row("a"), "b": side_row("b"),
+            "predicted_speedup": pred, "measured_speedup": meas, "speedup_error_pct": error_pct(pred, meas),
+            "speedup_spread_pct": spread_pct(ratios), "measured_speedups": ratios,
+            "quiet_speedup": meas_quiet, "quiet_speedup_error_pct": error_pct(pred, meas_quiet),
+            "quiet_speedup_spread_pct": spread_pct(quiet)}

@@ -1,0 +1,111 @@
+"""``clustersim validate --against``: a speedup, B over A, run interleaved.  The ratios'
+arithmetic is checked on a fake runner (closed forms), the calibration per rank count on a
+fake calibrate, and the command end to end on real ranks with a checked-in topology (the
+structure of its answer only: this host's noise is larger than any bound worth testing)."""
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import clustersim
+from clustersim import api
+from clustersim.compare import validate as cv
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPOLOGY = ROOT / "tests" / "data" / "host-2-ranks.toml"
+TINY = ('name = "tiny"\n[cluster]\ntopology = "dgx-h100"\n[model]\nname = "mlp-digits"\nbatch_size = 16\n'
+        '[training]\nsteps = 20\n')
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    f = tmp_path / "tiny.toml"
+    f.write_text(TINY)
+    return f
+
+
+def test_sides_alternate_and_every_other_round_starts_with_b():
+    assert cv.speedup_order(3) == [(0, "a"), (0, "b"), (1, "b"), (1, "a"), (2, "a"), (2, "b")]
+    assert cv.speedup_order(1) == [(0, "a"), (0, "b")]
+
+
+def test_measured_speedup_is_the_median_of_the_rounds_ratios(tiny):
+    rates = {"a": iter([100.0, 50.0, 100.0]), "b": iter([150.0, 100.0, 220.0])}   # ratios 1.5, 2.0, 2.2
+    calls = []
+
+    def run(scenario, items):
+        side = "b" if "parallel.replicas=2" in items else "a"
+        calls.append(side)
+        rate = next(rates[side])
+        return {"samples_per_s": rate, "step_time_s": 16 / rate, "quiet_step_time_s": 8 / rate}
+
+    def predict(scenario, items):
+        b = "parallel.replicas=2" in items
+        return {"samples_per_s": 180.0 if b else 100.0, "step_time_s": 0.1, "ranks": 2 if b else 1}
+
+    out = cv.speedup(str(tiny), [], ["parallel.replicas=2"], {"a": str(TOPOLOGY), "b": str(TOPOLOGY)}, 3,
+                     predict=predict, run=run)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert out["measured_speedups"] == [1.5, 2.0, 2.2]
+    assert out["measured_speedup"] == 2.0
+    assert out["predicted_speedup"] == 1.8
+    assert out["speedup_error_pct"] == pytest.approx(-10.0)
+    assert out["speedup_spread_pct"] == pytest.approx((2.2 - 1.5) / 2.0 * 100)
+    assert out["quiet_speedup"] == 2.0                  # every run's quiet step is half its step
+    assert out["a"]["measured_samples_per_s"] == statistics.median([100.0, 50.0, 100.0])
+    assert (out["a"]["ranks"], out["b"]["ranks"]) == (1, 2)
+    assert out["b"]["set"] == ["parallel.replicas=2"] and out["a"]["set"] == []
+
+
+def test_without_a_topology_each_rank_count_is_calibrated_once(tiny, monkeypatch):
+    calibrated, given = [], {}
+
+    def calibrate(n, out):
+        calibrated.append(n)
+        shutil.copy(TOPOLOGY, out)
+
+    def speedup(scenario, items, more, topologies, rounds):
+        given.update(topologies=topologies, items=items, more=more, rounds=rounds)
+        return {}
+
+    monkeypatch.setattr(api, "calibrate", calibrate)
+    monkeypatch.setattr(cv, "speedup", speedup)
+    clustersim.validate(tiny, ["training.steps=10"], against={"parallel.replicas": 2}, rounds=3)
+    assert calibrated == [1, 2]
+    assert Path(given["topologies"]["a"]).name == "this-host-1-ranks.toml"
+    assert Path(given["topologies"]["b"]).name == "this-host-2-ranks.toml"
+    assert (given["items"], given["more"], given["rounds"]) == (["training.steps=10"], ["parallel.replicas=2"], 3)
+    calibrated.clear()
+    clustersim.validate(tiny, against=["training.learning_rate=0.05"], rounds=1)   # both sides on 1 rank
+    assert calibrated == [1]
+
+
+@pytest.mark.parametrize("args, field", [(["--rounds", "0"], "--rounds"), (["--against", "parallel.nope=2"], "nope"),
+                                         (["--plot", "x.png"], "--plot")])
+def test_bad_speedup_input_is_one_line_and_exit_2(tiny, args, field):
+    base = ["--against", "parallel.replicas=2"] if "--against" not in args else []
+    proc = subprocess.run([sys.executable, "-m", "clustersim", "validate", str(tiny), "--topology", str(TOPOLOGY),
+                           *base, *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and field in proc.stderr
+
+
+def test_a_one_to_two_replica_speedup_on_real_ranks(tiny):
+    proc = subprocess.run([sys.executable, "-m", "clustersim", "validate", str(tiny), "--topology", str(TOPOLOGY),
+                           "--against", "parallel.replicas=2", "--rounds", "2", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    a, b = out["a"], out["b"]
+    assert (a["ranks"], b["ranks"]) == (1, 2)
+    assert len(a["measured_runs_samples_per_s"]) == len(b["measured_runs_samples_per_s"]) == 2
+    assert out["predicted_speedup"] == pytest.approx(b["predicted_samples_per_s"] / a["predicted_samples_per_s"])
+    ratios = [rb / ra for ra, rb in zip(a["measured_runs_samples_per_s"], b["measured_runs_samples_per_s"])]
+    assert out["measured_speedups"] == pytest.approx(ratios)
+    assert out["speedup_error_pct"] == pytest.approx(cv.error_pct(out["predicted_speedup"], out["measured_speedup"]))
+    # sync: samples/s is batch x replicas over the step, in both runners
+    assert b["predicted_samples_per_s"] == pytest.approx(2 * 16 / b["predicted_step_time_s"])
