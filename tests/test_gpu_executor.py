@@ -1,0 +1,159 @@
+"""A rank on a GPU host (executor/gpu.py): the device choice, the NCCL bootstrap over MPI
+and the stream of each op, on fakes (no GPU needed); the same on CuPy where it sees GPUs."""
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from clustersim.core.plan import Op, plan
+from clustersim.core.scenario import scenario_from_dict
+from executor.backend import cupy_or_none
+from executor.gpu import COMPUTE, COPY, device_for, local_rank, nccl_communicator, physical_gpu, stream_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_each_local_rank_takes_its_own_gpu():
+    assert [device_for(r, 4, 4) for r in range(4)] == [0, 1, 2, 3]
+    assert [device_for(r, 2, 8) for r in range(2)] == [0, 1]
+    assert [device_for(r, 4, 2, share=True) for r in range(4)] == [0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("local, size, visible, words", [(2, 3, 2, "3 ranks on this machine but 2 GPUs"),
+                                                        (0, 1, 0, "no GPU is visible"),
+                                                        (3, 3, 4, "local rank 3 is not one of 3")])
+def test_ranks_never_share_a_gpu_unless_asked(local, size, visible, words):
+    with pytest.raises(ValueError, match=words):
+        device_for(local, size, visible)
+
+
+def test_cuda_visible_devices_names_the_physical_gpu():
+    assert physical_gpu(1, "4,6") == "6"
+    assert physical_gpu(0, "GPU-3b1e, GPU-77aa") == "GPU-3b1e"
+    assert physical_gpu(2, None) == "2"
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+        physical_gpu(2, "0,1")
+
+
+class FakeComm:
+    """A rank of a job whose ranks sit on machines ``hosts[rank]``; bcast hands every rank
+    the root's value through ``board`` (the ranks are called one after another, root first)."""
+
+    def __init__(self, rank: int, hosts: list[str], board: dict) -> None:
+        self.rank, self.hosts, self.board, self.freed = rank, hosts, board, False
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return len(self.hosts)
+
+    def Split_type(self, split_type, key):
+        assert split_type == "SHARED" and key == self.rank
+        mates = [r for r, h in enumerate(self.hosts) if h == self.hosts[self.rank]]
+        node = SimpleNamespace(Get_rank=lambda: mates.index(self.rank), Get_size=lambda: len(mates))
+        node.Free = lambda: setattr(self, "freed", True)
+        return node
+
+    def bcast(self, value, root):
+        if self.rank == root:
+            self.board["value"] = value
+        return self.board["value"]
+
+
+def test_local_rank_is_the_rank_among_the_machine_s_ranks():
+    hosts = ["a", "a", "b", "a", "b"]
+    got = [local_rank(FakeComm(r, hosts, {}), "SHARED") for r in range(5)]
+    assert got == [(0, 3), (1, 3), (0, 2), (2, 3), (1, 2)]
+
+
+def test_local_rank_of_a_real_single_rank_job():
+    from mpi4py import MPI
+    assert local_rank(MPI.COMM_SELF, MPI.COMM_TYPE_SHARED) == (0, 1)
+
+
+class FakeNccl:
+    """``cupy.cuda.nccl``'s two calls the bootstrap makes, recorded."""
+
+    def __init__(self) -> None:
+        self.ids = 0
+        self.joined = []
+
+    def get_unique_id(self):
+        self.ids += 1
+        return (7, 1, 9)
+
+    def NcclCommunicator(self, n, uid, rank):
+        self.joined.append((n, uid, rank))
+        return ("comm", rank)
+
+
+def test_nccl_bootstrap_makes_one_id_on_rank_0_and_every_rank_joins_with_it():
+    nccl, board = FakeNccl(), {}
+    comms = [nccl_communicator(FakeComm(r, ["a"] * 3, board), nccl) for r in range(3)]
+    assert nccl.ids == 1
+    assert nccl.joined == [(3, (7, 1, 9), 0), (3, (7, 1, 9), 1), (3, (7, 1, 9), 2)]
+    assert comms == [("comm", 0), ("comm", 1), ("comm", 2)]
+
+
+BOOT = """
+from mpi4py import MPI
+from executor.gpu import nccl_communicator
+class N:
+    def get_unique_id(self): return (11, MPI.COMM_WORLD.rank)
+    def NcclCommunicator(self, n, uid, rank): return (n, uid, rank)
+got = MPI.COMM_WORLD.gather(nccl_communicator(MPI.COMM_WORLD, N()), root=0)
+if MPI.COMM_WORLD.rank == 0:
+    print(got)
+"""
+
+
+def test_nccl_bootstrap_broadcasts_the_id_over_real_mpi_ranks():
+    from executor.launch import mpiexec
+    proc = subprocess.run([str(mpiexec()), "-n", "2", sys.executable, "-c", BOOT], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert proc.stdout.strip() == "[(2, (11, 0), 0), (2, (11, 0), 1)]"
+
+
+def test_streams_wait_only_across_streams_of_their_own_rank():
+    ops = [Op(0, "fwd", 0, 0, 0), Op(1, "xfer", 0, 0, 0, dst=1, deps=(0,)), Op(2, "fwd", 1, 0, 1, deps=(1,)),
+           Op(3, "fwd", 1, 0, 0, deps=(0,)), Op(4, "xfer", 1, 0, 1, dst=0, deps=(2,)), Op(5, "bwd", 1, 0, 0, deps=(4, 3))]
+    assert stream_plan(ops, 0) == {0: (COMPUTE, ()), 1: (COPY, (0,)), 3: (COMPUTE, ()), 4: (COPY, ()),
+                                   5: (COMPUTE, (4,))}
+    assert stream_plan(ops, 1) == {1: (COPY, ()), 2: (COMPUTE, (1,)), 4: (COPY, (2,))}
+
+
+def test_every_received_input_of_a_pipeline_stage_is_waited_for_by_event():
+    sc = scenario_from_dict({"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 16},
+                             "parallel": {"model_parallel": 2, "split": "layers", "micro_batches": 2}}, "t.toml")
+    p = plan(sc)
+    by_id = {op.id: op for op in p.ops}
+    for slot in (0, 1):
+        streams = stream_plan(p.ops, slot)
+        assert {s for s, _ in streams.values()} == {COMPUTE, COPY}
+        assert any(w for s, w in streams.values() if s == COMPUTE)      # each stage receives something
+        for op_id, (stream, waits) in streams.items():
+            op = by_id[op_id]
+            assert stream == (COPY if op.kind == "xfer" else COMPUTE)
+            if stream == COMPUTE:           # its inputs that came over the wire: by event
+                assert {d for d in op.deps if by_id[d].kind == "xfer"} <= set(waits)
+            elif op.dst == slot:            # a receive waits for nothing of its own rank
+                assert waits == ()
+            else:                           # a send waits for the compute that made it
+                assert set(waits) == {d for d in op.deps if by_id[d].kind != "xfer" and by_id[d].slot == slot}
+
+
+@pytest.mark.skipif(cupy_or_none() is None, reason="needs CuPy and a visible GPU")
+def test_a_one_rank_nccl_communicator_on_this_gpu_sums_in_place():    # pragma: no cover - GPU hosts only
+    import cupy
+    from cupy.cuda import nccl
+    from mpi4py import MPI
+    with cupy.cuda.Device(device_for(0, 1, cupy.cuda.runtime.getDeviceCount())):
+        comm = nccl_communicator(MPI.COMM_SELF, nccl)
+        x = cupy.arange(4, dtype=cupy.float32)
+        comm.allReduce(x.data.ptr, x.data.ptr, 4, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, cupy.cuda.Stream.null.ptr)
+        cupy.cuda.Stream.null.synchronize()
+        assert x.tolist() == [0.0, 1.0, 2.0, 3.0]
