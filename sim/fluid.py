@@ -80,21 +80,27 @@ class Fluid:
         self._resolve(self._component(list(dirty)))
 
     def _component(self, seeds: list[int]) -> set[int]:
-        comp, todo = set(), list(seeds)
+        """The live jobs that share resources with ``seeds``, transitively; each resource
+        is expanded once, however many jobs reach it."""
+        comp, seen, todo = set(), set(), [j for j in seeds if j in self.jobs]
+        comp.update(todo)
         while todo:
-            jid = todo.pop()
-            if jid in comp or jid not in self.jobs:
-                continue
-            comp.add(jid)
-            for res in self.jobs[jid].weights:
-                todo.extend(self.users[res] - comp)
+            for res in self.jobs[todo.pop()].weights:
+                if res not in seen:
+                    seen.add(res)
+                    new = self.users[res] - comp
+                    comp |= new
+                    todo.extend(new)
         return comp
 
     def _resolve(self, comp: set[int]) -> None:
+        """New rates for the jobs of ``comp``, taken in start order (the floats of a solve
+        must not depend on how a set happens to iterate)."""
         if not comp:
             return
         now = self.env.now
         self.solves += 1
+        comp = sorted(comp)
         for jid in comp:
             job = self.jobs[jid]
             job.remaining -= job.rate * (now - job.since)
@@ -109,6 +115,9 @@ class Fluid:
             job.rate = rate
             job.finish = now + max(job.remaining, 0.0) / rate
             heapq.heappush(self._heap, (job.finish, jid))
+        if len(self._heap) > 2 * len(self.jobs) + 64:       # mostly stale entries: keep the live ones
+            self._heap = [(j.finish, i) for i, j in self.jobs.items() if j.finish < float("inf")]
+            heapq.heapify(self._heap)
         self._schedule()
 
     def _schedule(self) -> None:
