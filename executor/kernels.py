@@ -507,11 +507,224 @@ class ConcatKernel(Kernel):
         return out, ()
 
 
+# --- transformers: a sequence is (B, d, T, 1), features as channels (docs/decisions/017) ---------
+GELU_K = float(np.sqrt(2.0 / np.pi))
+NORM_EPS = 1e-5
+INIT_STD = 0.02            # GPT-2's starting spread of embedding tables and heads
+
+
+def _seq(x):
+    """(B, C, T, 1) -> (B, T, C)."""
+    return x[:, :, :, 0].transpose(0, 2, 1)
+
+
+def _unseq(x):
+    """(B, T, C) -> (B, C, T, 1)."""
+    return x.transpose(0, 2, 1)[:, :, :, None]
+
+
+class GeluKernel(Kernel):
+    """GPT-2's tanh approximation: 0.5 x (1 + tanh(k (x + 0.044715 x^3)))."""
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        x = xr[_at(rin, box)]
+        t = xp.tanh(GELU_K * (x + 0.044715 * x ** 3))
+        return 0.5 * x * (1 + t), (x, t)
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        x, t = cache
+        d = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * GELU_K * (1 + 3 * 0.044715 * x * x)
+        return _scatter(xp, xr_shape, _at(rin, box), dy * d, dy.dtype), ()
+
+
+class EmbeddingKernel(Kernel):
+    """Rows of the token table (ids rounded from the input), plus position rows h0..h1 and
+    token type 0 where the layer has them; the box's features are the tables' columns."""
+
+    @staticmethod
+    def init(layer, in_shape, out_shape, rng, dtype):
+        return [rng.normal(0.0, INIT_STD, shape).astype(dtype) for shape in layer.param_shapes(in_shape)]
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        ids = xp.rint(xr[:, 0, :, 0]).astype(np.int64)          # (B, t)
+        y = params[0][ids]                                         # (B, t, c)
+        if layer.positions:
+            y = y + params[1][box[1][0]:box[1][1]][None]
+        if layer.types:
+            y = y + params[-1][0]
+        return _unseq(y), (ids,)
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        (ids,) = cache
+        d = _seq(dy)                                               # (B, t, c)
+        dtok = xp.zeros_like(params[0])
+        xp.add.at(dtok, ids.reshape(-1), d.reshape(-1, d.shape[2]))
+        grads = [dtok]
+        if layer.positions:
+            dpos = xp.zeros_like(params[1])
+            dpos[box[1][0]:box[1][1]] = d.sum(axis=0)
+            grads.append(dpos)
+        if layer.types:
+            dtyp = xp.zeros_like(params[-1])
+            dtyp[0] = d.sum(axis=(0, 1))
+            grads.append(dtyp)
+        return xp.zeros(xr_shape, dtype=dy.dtype), tuple(grads)
+
+
+class NormKernel(Kernel):
+    """layernorm: gamma (x - mean) / sqrt(var + eps) + beta; rmsnorm: gamma x / sqrt(mean
+    x^2 + eps); statistics over every feature of a position, the box's features out."""
+
+    @staticmethod
+    def init(layer, in_shape, out_shape, rng, dtype):
+        shapes = layer.param_shapes(in_shape)
+        return [np.ones(shapes[0], dtype)] + [np.zeros(s, dtype) for s in shapes[1:]]
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        _, _, rows, cols = _at(rin, box)
+        x = xr[:, :, rows, cols]                                   # (B, C, t, w) every feature
+        centre = layer.kind == "layernorm"
+        mu = x.mean(axis=1, keepdims=True) if centre else 0.0
+        xc = x - mu
+        r = xp.sqrt((xc * xc).mean(axis=1, keepdims=True) + NORM_EPS)
+        xh = xc / r
+        c0, c1 = box[0]
+        y = params[0][None, :, None, None] * xh[:, c0:c1]
+        if centre:
+            y = y + params[1][None, :, None, None]
+        return y, (xh, r)
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        xh, r = cache
+        _, _, rows, cols = _at(rin, box)
+        c0, c1 = box[0]
+        dxh = xp.zeros_like(xh)
+        dxh[:, c0:c1] = dy * params[0][None, :, None, None]
+        dx = dxh - xh * (dxh * xh).mean(axis=1, keepdims=True)
+        if layer.kind == "layernorm":
+            dx = dx - dxh.mean(axis=1, keepdims=True)
+        grads = ((dy * xh[:, c0:c1]).sum(axis=(0, 2, 3)),)
+        if layer.kind == "layernorm":
+            grads += (dy.sum(axis=(0, 2, 3)),)
+        return _scatter(xp, xr_shape, (slice(None), slice(None), rows, cols), dx / r, dy.dtype), grads
+
+
+class SwiGLUKernel(Kernel):
+    """y_k = silu(x_2k) x_2k+1."""
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        x = xr[_at(rin, box, 2)]                                   # (B, 2c, h, w)
+        g, u = x[:, 0::2], x[:, 1::2]
+        sg = 1.0 / (1.0 + xp.exp(-g))
+        return g * sg * u, (g, u, sg)
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        g, u, sg = cache
+        d = xp.zeros((len(dy), 2 * dy.shape[1], *dy.shape[2:]), dtype=dy.dtype)   # (B, 2c, h, w)
+        d[:, 0::2] = dy * u * sg * (1 + g * (1 - sg))
+        d[:, 1::2] = dy * g * sg
+        return _scatter(xp, xr_shape, _at(rin, box, 2), d, dy.dtype), ()
+
+
+class AttentionKernel(_Weighted):
+    """The box's heads: q, k, v = x W (+ b), softmax(q k^T / sqrt(hd)) v, later positions
+    masked when causal; the whole input in, the heads' features out."""
+
+    @staticmethod
+    def fans(layer, in_shape, out_shape):
+        return in_shape[0], in_shape[0]
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        X = _seq(xr)                                               # (B, T, C)
+        B, T, C = X.shape
+        W = params[0]
+        c = W.shape[2]
+        hd = layer.unit(in_shape)
+        qkv = (X.reshape(B * T, C) @ W.reshape(C, 3 * c)).reshape(B, T, 3, c)
+        if layer.bias:
+            qkv = qkv + params[1][None, None]
+        q, k, v = (qkv[:, :, n].reshape(B, T, c // hd, hd).transpose(0, 2, 1, 3) for n in range(3))  # (B, nh, T, hd)
+        S = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)             # (B, nh, T, T)
+        if layer.causal:
+            S = S + xp.asarray(np.triu(np.full((T, T), -np.inf), 1), dtype=S.dtype)
+        P = xp.exp(S - S.max(axis=-1, keepdims=True))
+        P /= P.sum(axis=-1, keepdims=True)
+        O = (P @ v).transpose(0, 2, 1, 3).reshape(B, T, c)       # (B, T, c)
+        return _unseq(O), (X, q, k, v, P)
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        X, q, k, v, P = cache
+        B, T, C = X.shape
+        W = params[0]
+        c, hd = W.shape[2], q.shape[3]
+        dO = _seq(dy).reshape(B, T, c // hd, hd).transpose(0, 2, 1, 3)    # (B, nh, T, hd)
+        dv = P.transpose(0, 1, 3, 2) @ dO
+        dP = dO @ v.transpose(0, 1, 3, 2)                                # (B, nh, T, T)
+        dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True)) / np.sqrt(hd)
+        dq, dk = dS @ k, dS.transpose(0, 1, 3, 2) @ q
+        dqkv = xp.stack([d.transpose(0, 2, 1, 3).reshape(B, T, c) for d in (dq, dk, dv)], axis=2)  # (B, T, 3, c)
+        d2 = dqkv.reshape(B * T, 3 * c)
+        dW = (X.reshape(B * T, C).T @ d2).reshape(C, 3, c)
+        dX = (d2 @ W.reshape(C, 3 * c).T).reshape(B, T, C)
+        grads = (dW, dqkv.sum(axis=(0, 1))) if layer.bias else (dW,)
+        return _unseq(dX).reshape(xr_shape), grads
+
+
+class FirstTokenKernel(Kernel):
+    """Position 0's features (the region is exactly that)."""
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        return xr[_at(rin, box)], ()
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        return _scatter(xp, xr_shape, _at(rin, box), dy, dy.dtype), ()
+
+
+class LMHeadKernel(Kernel):
+    """Logits of the box's words at each position: x W^T with W (words, d).  A tied head
+    reads the embedding's table, which the executor's per-layer parameters cannot share:
+    it runs untied heads only (ValueError)."""
+
+    @staticmethod
+    def init(layer, in_shape, out_shape, rng, dtype):
+        return [rng.normal(0.0, INIT_STD, shape).astype(dtype) for shape in layer.param_shapes(in_shape)]
+
+    @staticmethod
+    def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
+        if layer.tied:
+            raise ValueError("the executor runs untied lm_head layers only (tied = false)")
+        _, _, rows, _ = _at(rin, box)
+        X = _seq(xr[:, :, rows])                                   # (B, t, C)
+        return _unseq(X @ params[0].T), (X,)
+
+    @staticmethod
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+        (X,) = cache
+        _, _, rows, _ = _at(rin, box)
+        d = _seq(dy)                                               # (B, t, v)
+        dW = d.reshape(-1, d.shape[2]).T @ X.reshape(-1, X.shape[2])
+        return _scatter(xp, xr_shape, (slice(None), slice(None), rows), _unseq(d @ params[0]), dy.dtype), (dW,)
+
+
 KERNELS: dict[str, type[Kernel]] = {
     "dense": DenseKernel, "conv2d": Conv2dKernel, "locally_connected": LocallyConnectedKernel,
     "max_pool": MaxPoolKernel, "avg_pool": AvgPoolKernel, "relu": ReluKernel, "sigmoid": SigmoidKernel,
     "tanh": TanhKernel, "dropout": DropoutKernel, "maxout": MaxoutKernel, "lrn": LRNKernel, "lcn": LCNKernel,
     "batchnorm": BatchNormKernel, "softmax_xent": SoftmaxXentKernel, "add": AddKernel, "concat": ConcatKernel,
+    "gelu": GeluKernel, "embedding": EmbeddingKernel, "layernorm": NormKernel, "rmsnorm": NormKernel,
+    "swiglu": SwiGLUKernel, "attention": AttentionKernel, "first_token": FirstTokenKernel, "lm_head": LMHeadKernel,
 }
 
 
@@ -550,7 +763,8 @@ def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
 
 
 def softmax_xent_loss(xp, logits, labels):
-    """Mean cross-entropy of (B, C) logits; returns (loss, d loss / d logits)."""
+    """Mean cross-entropy of (N, C) logits (a sequence's positions as rows); returns (loss,
+    d loss / d logits)."""
     z = logits - logits.max(axis=1, keepdims=True)
     p = xp.exp(z)
     p /= p.sum(axis=1, keepdims=True)

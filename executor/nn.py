@@ -56,7 +56,8 @@ class Net:
         return kernel(self.xp, node.layer, list(node.in_shapes), args, boxes, full_box(node.out_shape), *rest)
 
     def forward(self, flat, x, labels=None, train: bool = False, rng: np.random.Generator | None = None):
-        """(mean loss or None, logits (B, classes), caches).  Dropout is active only with
+        """(mean loss or None, logits (B, classes) -- (B T, classes) for classes per
+        position, labels (B, T) -- and caches).  Dropout is active only with
         ``train``.  Layers run in the graph's order, each on the outputs of its inputs."""
         xp = self.xp
         x = x.reshape(len(x), *self.model.input_shape)                   # (B, C, H, W)
@@ -74,10 +75,10 @@ class Net:
             outs.append(y)
         last = self.model.nodes[-1]
         h = x if last.inputs[0] < 0 else outs[last.inputs[0]]
-        logits = h.reshape(len(h), -1)                                   # (B, classes)
+        logits = h[:, :, :, 0].transpose(0, 2, 1).reshape(-1, h.shape[1])   # (B T, classes): a row per position
         if labels is None:
             return None, logits, caches
-        loss, dlogits = kernels.softmax_xent_loss(xp, logits, labels)
+        loss, dlogits = kernels.softmax_xent_loss(xp, logits, labels.reshape(-1))
         return loss, logits, caches + [dlogits]
 
     def loss_and_grad(self, flat, x, labels, rng: np.random.Generator | None = None):
@@ -86,7 +87,8 @@ class Net:
         loss, logits, caches = self.forward(flat, x, labels, train=rng is not None, rng=rng)
         grad = self.xp.zeros_like(flat)
         nodes = self.model.nodes
-        douts: dict[int, object] = {nodes[-1].inputs[0]: caches[-1].reshape(len(logits), *nodes[-1].in_shape)}
+        c, t, _ = nodes[-1].in_shape
+        douts: dict[int, object] = {nodes[-1].inputs[0]: caches[-1].reshape(-1, t, c).transpose(0, 2, 1)[:, :, :, None]}
         for i in range(len(nodes) - 2, -1, -1):
             node = nodes[i]
             shapes, cache = caches[i]
@@ -100,6 +102,6 @@ class Net:
         return float(loss), grad
 
     def evaluate(self, flat, x, labels) -> tuple[float, float]:
-        """(accuracy, mean loss) without dropout."""
+        """(accuracy, mean loss) without dropout; a sequence's labels are (B, T), one per position."""
         loss, logits, _ = self.forward(flat, x, labels)
-        return float((logits.argmax(axis=1) == labels).mean()), float(loss)
+        return float((logits.argmax(axis=1) == labels.reshape(-1)).mean()), float(loss)

@@ -119,11 +119,11 @@ class _Step:
     # --- messages: exactly what the Plan counted ---------------------------------------------
     def send(self, op) -> None:
         m = op.micro
-        if op.why == "reduction":            # softmax: this slice's max and sum of exponentials
-            z = self.out[(op.layer, op.slot, m)][:, :, 0, 0]
+        if op.why == "reduction":            # softmax: this slice's max and sum of exponentials per position
+            z = self.out[(op.layer, op.slot, m)][:, :, :, 0]                     # (b, c, t)
             mx = z.max(axis=1)
             se = self.xp.exp(z - mx[:, None]).sum(axis=1)
-            self.transport.send(op.slot, op.dst, ("r", op.layer, m), self.xp.stack([mx, se], axis=1))
+            self.transport.send(op.slot, op.dst, ("r", op.layer, m), self.xp.stack([mx, se], axis=2))
         elif op.why != "gradient":           # the part of the producer's box the readers on dst read
             src = op.producer
             e, own = self.edges[(src, op.slot, op.dst)], self.boxes[src][op.slot]
@@ -145,8 +145,9 @@ class _Step:
         lo, hi = self.micro[m]
         dtype = self.x.dtype
         if op.why == "reduction":
+            t = self.nodes[op.layer].out_shape[1]
             self.red.setdefault((op.layer, op.dst, m), []).append(
-                self.transport.recv(op.slot, op.dst, ("r", op.layer, m), (hi - lo, 2), dtype))
+                self.transport.recv(op.slot, op.dst, ("r", op.layer, m), (hi - lo, t, 2), dtype))
         elif op.why != "gradient":
             e = self.edges[(op.producer, op.slot, op.dst)]
             self.recv_act.setdefault((op.producer, op.dst, m), []).append(
@@ -255,21 +256,25 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
 
 
 def _softmax_grad(xp, p: Plan, y, box: Box, others: list, labels, batch: int):
-    """Gradient of the mean cross-entropy for this slice of the logits, and its share of the loss."""
-    z = y[:, :, 0, 0]                                        # (b, c) logits of the slice
-    mx = z.max(axis=1)
-    se = xp.exp(z - mx[:, None]).sum(axis=1)
+    """Gradient of the mean cross-entropy (over samples and positions) for this slice of the
+    logits, and its share of the loss; ``labels`` (b,) or (b, T), ``others`` the other
+    slices' (max, sum of exponentials) per sample and position."""
+    z = y[:, :, :, 0].transpose(0, 2, 1)                      # (b, t, c) logits of the slice
+    labels = labels.reshape(len(z), -1)                      # (b, t)
+    mx = z.max(axis=2)
+    se = xp.exp(z - mx[:, :, None]).sum(axis=2)
     M = mx
     for o in others:
-        M = xp.maximum(M, o[:, 0])
+        M = xp.maximum(M, o[:, :, 0])
     S = se * xp.exp(mx - M)
     for o in others:
-        S = S + o[:, 1] * xp.exp(o[:, 0] - M)
-    prob = xp.exp(z - M[:, None]) / S[:, None]
+        S = S + o[:, :, 1] * xp.exp(o[:, :, 0] - M)
+    prob = xp.exp(z - M[:, :, None]) / S[:, :, None]
     c0, c1 = box[0]
+    count = batch * z.shape[1]
     inside = (labels >= c0) & (labels < c1)
     g = prob.copy()
-    rows = xp.arange(len(labels))[inside]
-    g[rows, labels[inside] - c0] -= 1.0
-    part = -xp.log(prob[rows, labels[inside] - c0] + 1e-30).sum() / batch
-    return (g / batch)[:, :, None, None], float(part)
+    rows, pos = xp.nonzero(inside)
+    g[rows, pos, labels[inside] - c0] -= 1.0
+    part = -xp.log(prob[rows, pos, labels[inside] - c0] + 1e-30).sum() / count
+    return (g / count).transpose(0, 2, 1)[:, :, :, None], float(part)

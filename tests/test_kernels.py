@@ -21,6 +21,15 @@ CASES = [
     (L("conv2d", filters=2, kernel=(1, 3), padding=(0, 1), bias=False), (2, 4, 5)),   # Inception's 1 x n
     (L("conv2d", filters=2, kernel=(3, 2), stride=(2, 1), padding=(1, 0)), (2, 5, 4)),
     (L("max_pool", kernel=(3, 1), stride=(2, 1)), (2, 5, 3)),
+    (L("gelu"), (2, 3, 3)),
+    (L("embedding", vocab=7, dim=4, positions=6, types=2), (1, 5, 1)),
+    (L("layernorm"), (5, 4, 1)), (L("rmsnorm"), (5, 4, 1)),
+    (L("swiglu"), (6, 3, 1)),
+    (L("attention", heads=2, causal=True), (4, 5, 1)),
+    (L("attention", heads=3, bias=False), (6, 4, 1)),
+    (L("first_token"), (4, 3, 1)),
+    (L("lm_head", vocab=6, tied=False), (4, 3, 1)),
+    (L("softmax_xent"), (5, 3, 1)),                                                    # classes per position
 ]
 # kinds reading several inputs: (layer, the inputs' shapes)
 MULTI = [(L("add"), ((2, 3, 3), (2, 3, 3), (2, 3, 3))), (L("concat"), ((2, 3, 3), (3, 3, 3), (1, 3, 3)))]
@@ -94,7 +103,8 @@ def test_multi_input_backward_matches_finite_differences(layer, shapes):
 def test_backward_matches_finite_differences(layer, shape):
     rng = np.random.default_rng(3)
     out = layer.shape(shape)
-    x = rng.normal(size=(3, *shape))
+    x = rng.integers(0, layer.vocab, (3, *shape)).astype(float) if layer.kind == "embedding" \
+        else rng.normal(size=(3, *shape))
     params = make_params(layer, shape, rng)
     R = rng.normal(size=(3, *out))
     rin, box = full_box(shape), full_box(out)
@@ -119,3 +129,33 @@ def test_softmax_xent_gradient():
         zm[i] -= eps
         num = (softmax_xent_loss(np, zp.reshape(z.shape), y)[0] - softmax_xent_loss(np, zm.reshape(z.shape), y)[0]) / (2 * eps)
         assert g.reshape(-1)[i] == pytest.approx(num, rel=1e-5, abs=1e-8)
+
+
+@pytest.mark.parametrize("layer, shape", [(L("attention", heads=4, causal=True), (8, 5, 1)), (L("layernorm"), (6, 3, 1)),
+                                          (L("rmsnorm"), (6, 3, 1)), (L("embedding", vocab=9, dim=6, positions=4), (1, 4, 1)),
+                                          (L("lm_head", vocab=7, tied=False), (4, 3, 1)), (L("swiglu"), (8, 2, 1))],
+                         ids=["attention", "layernorm", "rmsnorm", "embedding", "lm_head", "swiglu"])
+def test_transformer_slices_add_up_to_the_whole_layer(layer, shape):
+    """Two channel slices (attention: two heads each) give the whole output's channels, and
+    their input gradients add up to the whole layer's (each slice reads what ``needs`` says)."""
+    from clustersim.core.partition import _cut
+    rng = np.random.default_rng(6)
+    out = layer.shape(shape)
+    x = rng.integers(0, 9, (2, *shape)).astype(float) if layer.kind == "embedding" else rng.normal(size=(2, *shape))
+    params = make_params(layer, shape, rng)
+    R = rng.normal(size=(2, *out))
+    y, cache = forward(np, layer, shape, x, full_box(shape), full_box(out), params)
+    dx, dparams = backward(np, layer, shape, x.shape, full_box(shape), full_box(out), params, cache, R)
+    dx_sum = np.zeros_like(x)
+    for box in _cut(out, 0, 2, layer.unit(shape)):
+        rin = layer.needs(shape, box)
+        region = x[(slice(None),) + tuple(slice(a, b) for a, b in rin)]
+        own = [a[ix] for a, ix in zip(params, layer.box_index(box))]
+        yb, cb = forward(np, layer, shape, region, rin, box, own)
+        sub = (slice(None),) + tuple(slice(a, b) for a, b in box)
+        assert np.allclose(yb, y[sub], rtol=1e-12, atol=1e-12)
+        dxb, dpb = backward(np, layer, shape, region.shape, rin, box, own, cb, R[sub])
+        dx_sum[(slice(None),) + tuple(slice(a, b) for a, b in rin)] += dxb
+        for g, ix, gb in zip(dparams, layer.box_index(box), dpb):
+            assert np.allclose(g[ix], gb, rtol=1e-10, atol=1e-12)
+    assert np.allclose(dx_sum, dx, rtol=1e-10, atol=1e-12)

@@ -236,3 +236,55 @@ def test_a_bad_graph_is_one_error_naming_the_layer_field(tmp_path, edits, field,
     with pytest.raises(ConfigError, match=message) as err:
         load_model_file(f)
     assert err.value.field == field and err.value.file == str(f)
+
+
+def gpt2_count(layers: int, d: int, vocab: int = 50257, positions: int = 1024) -> int:
+    """GPT2Model summed module by module: wte, wpe; per block ln_1, c_attn (d x 3d + 3d),
+    c_proj (d x d + d), ln_2, c_fc (d x 4d + 4d), mlp c_proj (4d x d + d); ln_f."""
+    block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (4 * d * d + 4 * d) + (4 * d * d + d)
+    return vocab * d + positions * d + layers * block + 2 * d
+
+
+@pytest.mark.parametrize("name, params", [
+    ("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080),
+    ("gpt2-xl", 1_557_611_200),                          # Hugging Face GPT2Model, tied head, 1,024 positions
+    ("gpt3-175b", 174_604_259_328),                      # GPT2Model's layout at 96 x 12,288, 2,048 positions
+    ("bert-large", 335_141_888 + 2 * 1024 + 2),          # BertModel with pooler + BertForSequenceClassification's 2-way head
+    ("llama-2-7b", 6_738_415_616)])                      # LlamaForCausalLM (untied head)
+def test_transformer_zoo_matches_the_reference_counts(name, params):
+    assert zoo_model(name).params == params
+    assert [gpt2_count(*a) for a in ((12, 768), (24, 1024), (36, 1280), (48, 1600))] == [
+        124_439_808, 354_823_168, 774_030_080, 1_557_611_200]
+    assert gpt2_count(96, 12288, positions=2048) == 174_604_259_328
+    d, f, v = 4096, 11008, 32000           # Llama: embed, 32 x (2 rmsnorm, q k v o, gate up down), norm, head
+    assert 2 * v * d + 32 * (2 * d + 4 * d * d + 3 * d * f) + d == 6_738_415_616
+
+
+def test_transformer_sequence_and_flops():
+    """model.sequence sets the positions and leaves the count alone; GPT-3's forward FLOPs
+    per sequence are Megatron's 24 b s h^2 (1 + s / 6h) per layer plus the head's 2 s h V."""
+    short = zoo_model("gpt2", sequence=128)
+    assert short.input_shape == (1, 128, 1) and short.params == 124_439_808
+    assert short.nodes[-1].out_shape == (50257, 128, 1)
+    m = zoo_model("gpt3-175b")
+    s, h, V = 2048, 12288, 50257
+    matmuls = sum(n.fwd_flops for n in m.nodes if n.layer.kind in ("attention", "conv2d", "lm_head"))
+    softmax = 96 * 5 * s * s * 96           # the attention's softmax, 5 FLOPs per score
+    assert matmuls - softmax == pytest.approx(96 * 24 * s * h * h * (1 + s / (6 * h)) + 2 * s * h * V, rel=1e-12)
+    with pytest.raises(ValueError, match="1..1024"):
+        zoo_model("gpt2", sequence=2048)
+    with pytest.raises(ValueError, match="no sequence"):
+        zoo_model("resnet-50", sequence=8)
+
+
+def test_transformer_kinds_in_a_model_file(tmp_path):
+    f = tmp_path / "tiny.toml"
+    f.write_text('input = [1, 8, 1]\n'
+                 '[[layer]]\nkind = "embedding"\nvocab = 11\ndim = 4\npositions = 8\nname = "e"\n'
+                 '[[layer]]\nkind = "rmsnorm"\n[[layer]]\nkind = "attention"\nheads = 2\ncausal = true\nbias = false\n'
+                 '[[layer]]\nkind = "add"\ninputs = ["2", "e"]\n'.replace('"2"', '"a"').replace(
+                     'bias = false\n', 'bias = false\nname = "a"\n')
+                 + '[[layer]]\nkind = "lm_head"\nvocab = 11\ntied = false\n[[layer]]\nkind = "softmax_xent"\n')
+    m = load_model_file(f)
+    assert [n.layer.kind for n in m.nodes] == ["embedding", "rmsnorm", "attention", "add", "lm_head", "softmax_xent"]
+    assert m.params == 19 * 4 + 4 + 3 * 4 * 4 + 11 * 4

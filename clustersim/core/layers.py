@@ -19,6 +19,10 @@ Graphs: a layer reads one input (``arity`` 1) or, for ``add`` and ``concat`` (``
 common shape for add, the channels stacked for concat) and ``input_boxes(in_shapes,
 box)`` the box of each input a slice of output ``box`` reads (an empty box where it reads
 none of it).  Window sizes, strides and paddings are an int or a (rows, cols) pair.
+
+Transformers: a sequence of T positions of d features is ``(d, T, 1)`` (features as
+channels, positions as rows; docs/decisions/017), so a channel cut is Megatron's cut of
+features and heads, and a position-wise dense layer is a 1 x 1 ``conv2d``.
 """
 from __future__ import annotations
 
@@ -118,6 +122,15 @@ class Layer:
     def exchange_floats(self, s: Shape, box: Box, split: str, batch: int) -> tuple[int, int]:
         """Small reductions a slice shares with every other slice: (forward, backward) floats."""
         return (0, 0)
+
+    def unit(self, s: Shape) -> int:
+        """Output channels a channel cut must keep together (an attention head's width)."""
+        return 1
+
+    def saved(self, s: Shape, box: Box) -> int:
+        """Elements per sample the backward of a slice keeps besides its input reads and its
+        output (attention: its queries, keys, values and score matrices)."""
+        return 0
 
 
 @dataclass(frozen=True)
@@ -334,10 +347,11 @@ class Dropout(Layer):
 
 @dataclass(frozen=True)
 class Activation(Layer):
-    """relu (1 FLOP per element), sigmoid and tanh (4: exp, add, divide, multiply)."""
+    """relu (1 FLOP per element), sigmoid and tanh (4: exp, add, divide, multiply), gelu
+    (8: GPT-2's tanh approximation, a cube, a tanh and four multiply-adds)."""
 
     def flops_per_out(self, s):
-        return 1.0 if self.kind == "relu" else 4.0
+        return {"relu": 1.0, "gelu": 8.0}.get(self.kind, 4.0)
 
 
 @dataclass(frozen=True)
@@ -347,12 +361,14 @@ class SoftmaxXent(Layer):
     flops_per_elem = 5.0
 
     def shape(self, s):
-        if s[1:] != (1, 1):
-            raise ValueError(f"softmax_xent needs a flat input (put a dense layer first), got {s}")
+        if s[2] != 1:
+            raise ValueError(f"softmax_xent needs a flat input (put a dense layer first) or classes per "
+                             f"position (C, T, 1), got {s}")
         return s
 
     def exchange_floats(self, s, box, split, batch):
-        return (2 * batch, 0)         # per sample: the slice's max and its sum of exponentials
+        # per sample and position: the slice's max and its sum of exponentials
+        return (2 * batch * (box[1][1] - box[1][0]), 0)
 
 
 @dataclass(frozen=True)
@@ -400,9 +416,197 @@ class Concat(Layer):
         return tuple(out)
 
 
+# --- transformers: a (sequence T, width d) activation is (d, T, 1), see docs/decisions/017 --
+@dataclass(frozen=True)
+class Embedding(Layer):
+    """Token ids (1, T, 1) to vectors (dim, T, 1): a ``vocab`` x ``dim`` table, plus learned
+    ``positions`` (rows 0..T-1 added) and ``types`` (BERT's token types; type 0 added) where
+    nonzero.  Cut by output features: a slice owns those columns of every table."""
+
+    vocab: int = 1
+    dim: int = 1
+    positions: int = 0
+    types: int = 0
+    split = "channels"
+    required = ("vocab", "dim")
+
+    def _rows(self) -> int:
+        return self.vocab + self.positions + self.types
+
+    def shape(self, s):
+        if s[0] != 1 or s[2] != 1:
+            raise ValueError(f"embedding reads token ids as (1, T, 1), got {s}")
+        if self.positions and s[1] > self.positions:
+            raise ValueError(f"sequence {s[1]} is longer than the {self.positions} learned positions")
+        return (self.dim, s[1], 1)
+
+    def flops_per_out(self, s):
+        return float((self.positions > 0) + (self.types > 0))     # the additions; the lookup is a copy
+
+    def params(self, s):
+        return self._rows() * self.dim
+
+    def needs(self, s, box):
+        return ((0, 1), box[1], box[2])
+
+    def slice_params(self, s, box):
+        return self._rows() * (box[0][1] - box[0][0])
+
+    def param_shapes(self, s):
+        return [(n, self.dim) for n in (self.vocab, self.positions, self.types) if n]
+
+    def box_index(self, box):
+        return [(slice(None), slice(*box[0]))] * (1 + (self.positions > 0) + (self.types > 0))
+
+
+@dataclass(frozen=True)
+class Norm(Layer):
+    """``layernorm`` (gamma, beta) and ``rmsnorm`` (gamma) over the features of each
+    position.  Cut by output features: a slice owns their gamma (and beta) and reads every
+    feature of its positions for the statistics."""
+
+    split = "channels"
+    bwd_ratio = 2.0
+
+    def flops_per_out(self, s):
+        return 8.0 if self.kind == "layernorm" else 6.0      # statistics, normalise, scale (and shift)
+
+    def _arrays(self) -> int:
+        return 2 if self.kind == "layernorm" else 1
+
+    def params(self, s):
+        return self._arrays() * s[0]
+
+    def needs(self, s, box):
+        return ((0, s[0]), box[1], box[2])
+
+    def slice_params(self, s, box):
+        return self._arrays() * (box[0][1] - box[0][0])
+
+    def param_shapes(self, s):
+        return [(s[0],)] * self._arrays()
+
+    def box_index(self, box):
+        return [(slice(*box[0]),)] * self._arrays()
+
+
+@dataclass(frozen=True)
+class SwiGLU(Layer):
+    """Llama's gate: channels (2k, 2k + 1) of the input are (gate, up) of feature k, and
+    y_k = silu(gate) * up; the fused projection before it is a 1 x 1 convolution of 2F
+    filters (interleaved so a channel cut keeps pairs together)."""
+
+    flops_per_elem = 6.0
+
+    def shape(self, s):
+        if s[0] % 2:
+            raise ValueError(f"swiglu pairs gate and up channels; {s[0]} input channels is odd")
+        return (s[0] // 2, s[1], s[2])
+
+    def needs(self, s, box):
+        return ((2 * box[0][0], 2 * box[0][1]), box[1], box[2])
+
+
+@dataclass(frozen=True)
+class Attention(Layer):
+    """Multi-head self-attention over positions: the query, key and value projections
+    (d x 3d, biases unless ``bias = false``) and softmax(q k^T / sqrt(d / heads)) v per
+    head, ``causal`` masking later positions; the output is the heads side by side (d, T,
+    1) -- the output projection is a 1 x 1 convolution after it.  Cut by heads (``unit``):
+    a slice owns its heads' projection columns and reads the whole input.  FLOPs count the
+    full T x T scores, as dense kernels compute them."""
+
+    heads: int = 1
+    causal: bool = False
+    bias: bool = True
+    split = "channels"
+    bwd_ratio = 2.0
+    required = ("heads",)
+
+    def shape(self, s):
+        if s[2] != 1 or s[0] % self.heads:
+            raise ValueError(f"attention needs (d, T, 1) with {self.heads} heads dividing d, got {s}")
+        return s
+
+    def unit(self, s):
+        return s[0] // self.heads
+
+    def flops_per_out(self, s):
+        return 6.0 * s[0] + 4.0 * s[1] + 5.0 * s[1] / self.unit(s)   # projections, q k^T and p v, softmax
+
+    def params(self, s):
+        return 3 * s[0] * (s[0] + self.bias)
+
+    def needs(self, s, box):
+        return full_box(s)
+
+    def slice_params(self, s, box):
+        return 3 * (box[0][1] - box[0][0]) * (s[0] + self.bias)
+
+    def param_shapes(self, s):
+        return [(s[0], 3, s[0])] + ([(3, s[0])] if self.bias else [])     # W (d in, q/k/v, d out), b
+
+    def box_index(self, box):
+        cols = slice(*box[0])
+        return [(slice(None), slice(None), cols)] + ([(slice(None), cols)] if self.bias else [])
+
+    def saved(self, s, box):
+        c, t = box[0][1] - box[0][0], s[1]
+        return 3 * c * t + 2 * (c // self.unit(s)) * t * t            # q, k, v; scores and probabilities
+
+
+@dataclass(frozen=True)
+class FirstToken(Layer):
+    """The features of position 0 (BERT's [CLS] token, which its pooler reads): (d, 1, 1)."""
+
+    flops_per_elem = 0.0
+
+    def shape(self, s):
+        return (s[0], 1, 1)
+
+    def needs(self, s, box):
+        return (box[0], (0, 1), (0, 1))
+
+
+@dataclass(frozen=True)
+class LMHead(Layer):
+    """Logits over a ``vocab`` at every position: (d, T, 1) -> (vocab, T, 1), cut by the
+    vocabulary.  ``tied`` (GPT-2, BERT): the embedding's table, counted there, so no
+    parameters here; untied (Llama): a vocab x d matrix of its own."""
+
+    vocab: int = 1
+    tied: bool = True
+    split = "channels"
+    bwd_ratio = 2.0
+    required = ("vocab",)
+
+    def shape(self, s):
+        return (self.vocab, s[1], s[2])
+
+    def flops_per_out(self, s):
+        return 2.0 * s[0]
+
+    def params(self, s):
+        return 0 if self.tied else self.vocab * s[0]
+
+    def needs(self, s, box):
+        return ((0, s[0]), box[1], box[2])
+
+    def slice_params(self, s, box):
+        return 0 if self.tied else (box[0][1] - box[0][0]) * s[0]
+
+    def param_shapes(self, s):
+        return [] if self.tied else [(self.vocab, s[0])]
+
+    def box_index(self, box):
+        return [] if self.tied else [(slice(*box[0]), slice(None))]
+
+
 KINDS: dict[str, type[Layer]] = {
     "dense": Dense, "locally_connected": LocallyConnected, "conv2d": Conv2d,
     "max_pool": Pool, "avg_pool": Pool, "relu": Activation, "sigmoid": Activation,
     "tanh": Activation, "maxout": Maxout, "lrn": LRN, "lcn": LCN, "batchnorm": BatchNorm,
     "dropout": Dropout, "softmax_xent": SoftmaxXent, "add": Add, "concat": Concat,
+    "gelu": Activation, "embedding": Embedding, "layernorm": Norm, "rmsnorm": Norm, "swiglu": SwiGLU,
+    "attention": Attention, "first_token": FirstToken, "lm_head": LMHead,
 }

@@ -13,7 +13,8 @@ Model file format::
     [[layer]]
     kind = "conv2d"               # one of layers.KINDS
     filters = 32                  # the kind's fields: units, filters, kernel, stride, padding,
-    kernel = 3                    # pieces, size, rate, bias; kernel/stride/padding: n or [rows, cols]
+    kernel = 3                    # pieces, size, rate, bias, vocab, dim, positions, types, heads,
+                                  # causal, tied; kernel/stride/padding: n or [rows, cols]
     name = "conv1"                # optional: what other layers' inputs call it
     inputs = ["input"]            # optional: the layers it reads ("input": the model's input)
 """
@@ -374,6 +375,79 @@ def _alexnet_2gpu() -> Model:
     return g.build("alexnet-2gpu", (3, 227, 227), 1000)
 
 
+# --- transformers ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Transformer:
+    """A decoder (GPT) or encoder (BERT) stack's sizes; ``context`` is the sequence used
+    when ``model.sequence`` is not given (and the learned positions where there are any)."""
+
+    layers: int
+    d: int
+    heads: int
+    vocab: int
+    context: int
+    ffn: int = 0                   # 0: 4 d
+    style: str = "gpt"             # gpt (pre-LN, causal) | bert (post-LN, token types, pooler) | llama
+
+
+TRANSFORMERS = {
+    # GPT-2 (Radford et al. 2019; Hugging Face gpt2*): GPT2Model's count, tied head
+    "gpt2": Transformer(12, 768, 12, 50257, 1024),
+    "gpt2-medium": Transformer(24, 1024, 16, 50257, 1024),
+    "gpt2-large": Transformer(36, 1280, 20, 50257, 1024),
+    "gpt2-xl": Transformer(48, 1600, 25, 50257, 1024),
+    # GPT-3 175B (Brown et al. 2020, Table 2.1): GPT-2's layout at 96 layers of 12,288
+    "gpt3-175b": Transformer(96, 12288, 96, 50257, 2048),
+    # BERT-large (Devlin et al. 2019; Hugging Face bert-large-uncased)
+    "bert-large": Transformer(24, 1024, 16, 30522, 512, style="bert"),
+    # Llama 2 7B (Touvron et al. 2023; Hugging Face Llama-2-7b-hf): RMSNorm, SwiGLU, untied head
+    "llama-2-7b": Transformer(32, 4096, 32, 32000, 4096, ffn=11008, style="llama"),
+}
+
+
+def _transformer(name: str, sequence: int = 0) -> Model:
+    """The zoo's transformers over ``sequence`` positions (0: the context length).  GPT:
+    embeddings (tokens and positions), pre-LN blocks [layernorm, causal attention, 1 x 1
+    projection, add; layernorm, 4d dense, gelu, dense, add], a final layernorm, the tied
+    head and the loss per position.  BERT: post-LN blocks after an embedding layernorm, the
+    pooler (dense and tanh of the first token) and a 2-way classifier on it (Hugging Face's
+    BertForSequenceClassification).  Llama: rmsnorm, attention without biases, SwiGLU, an
+    untied head (rotary position embeddings have no parameters and are not modelled)."""
+    t = TRANSFORMERS[name]
+    seq = sequence or t.context
+    ffn = t.ffn or 4 * t.d
+    bert, llama = t.style == "bert", t.style == "llama"
+    norm = "rmsnorm" if llama else "layernorm"
+    g = _Graph()
+    x = g("embedding", INPUT_NAME, vocab=t.vocab, dim=t.d, positions=0 if llama else t.context,
+          types=2 if bert else 0)
+    if bert:
+        x = g("layernorm", x)
+    for _ in range(t.layers):
+        a = x if bert else g(norm, x)
+        a = g("conv2d", g("attention", a, heads=t.heads, causal=not bert, bias=not llama),
+              filters=t.d, kernel=1, bias=not llama)
+        x = g("add", a, x)
+        if bert:
+            x = g("layernorm", x)
+        h = x if bert else g(norm, x)
+        if llama:
+            h = g("swiglu", g("conv2d", h, filters=2 * ffn, kernel=1, bias=False))
+        else:
+            h = g("gelu", g("conv2d", h, filters=ffn, kernel=1))
+        x = g("add", g("conv2d", h, filters=t.d, kernel=1, bias=not llama), x)
+        if bert:
+            x = g("layernorm", x)
+    if bert:
+        pooled = g("tanh", g("dense", g("first_token", x), units=t.d))
+        g("dense", pooled, units=2)
+        g("softmax_xent")
+        return g.build(name, (1, seq, 1), 2)
+    g("lm_head", g(norm, x), vocab=t.vocab, tied=not llama)
+    g("softmax_xent")
+    return g.build(name, (1, seq, 1), t.vocab)
+
+
 ZOO = {
     "mlp-digits": _mlp_digits,
     "distbelief-speech": _distbelief_speech,
@@ -385,11 +459,21 @@ ZOO = {
     "resnet-50": _resnet50,
     "vgg-16": _vgg16,
     "inception-v3": _inception_v3,
+    **{name: (lambda name=name: _transformer(name)) for name in TRANSFORMERS},
 }
 
 
-def zoo_model(name: str) -> Model:
-    return ZOO[name]()
+def zoo_model(name: str, sequence: int = 0) -> Model:
+    """A built-in model; ``sequence`` (transformers only, 0: the context length) sets the
+    positions of the input.  Raises ValueError for a sequence a model cannot take."""
+    if not sequence:
+        return ZOO[name]()
+    t = TRANSFORMERS.get(name)
+    if t is None:
+        raise ValueError(f"{name} has no sequence (only the transformers {', '.join(TRANSFORMERS)} do)")
+    if not 1 <= sequence <= t.context:
+        raise ValueError(f"{name} takes sequences of 1..{t.context} positions, got {sequence}")
+    return _transformer(name, sequence)
 
 
 # --- model files ----------------------------------------------------------------------------
@@ -444,9 +528,9 @@ def _layer_value(lt: Table, key: str) -> Any:
     """One layer field: rate a fraction, bias true/false, a window field n or [rows, cols]."""
     if key == "rate":
         return lt.float(key, lo=0.0, hi=0.999)
-    if key == "bias":
+    if key in ("bias", "causal", "tied"):
         return lt.bool(key)
-    lo = 0 if key == "padding" else 1
+    lo = 0 if key in ("padding", "positions", "types") else 1
     value = lt.raw(key)
     if key in ("kernel", "stride", "padding") and isinstance(value, list):
         if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= 1_000_000

@@ -27,9 +27,11 @@ def even_cuts(size: int, parts: int) -> list[tuple[int, int]]:
     return cuts
 
 
-def _cut(shape: Shape, axis: int, parts: int) -> list[Box]:
+def _cut(shape: Shape, axis: int, parts: int, unit: int = 1) -> list[Box]:
+    """``parts`` boxes along ``axis``, cut between groups of ``unit`` (attention heads)."""
     boxes = []
-    for lo, hi in even_cuts(shape[axis], parts):
+    for lo, hi in even_cuts(shape[axis] // unit, parts):
+        lo, hi = lo * unit, hi * unit
         box = list(full_box(shape))
         box[axis] = (lo, hi)
         boxes.append(tuple(box))
@@ -89,7 +91,7 @@ def spatial_slices(model: Model, m: int, grid: tuple[int, ...] = ()) -> tuple[Sl
             boxes = _blocks(node.out_shape, rows, cols)
             axis = "blocks" if cols > 1 else "rows"
         else:
-            boxes = _cut(node.out_shape, AXIS[axis], m)
+            boxes = _cut(node.out_shape, AXIS[axis], m, node.layer.unit(node.in_shape) if axis == "channels" else 1)
         out.append(tuple((slot, b) for slot, b in enumerate(boxes) if box_size(b)))
         axes.append(axis)
     return tuple(out), tuple(axes)
