@@ -44,13 +44,27 @@ class FlowNetwork(Network):
     def __init__(self, env: simpy.Environment, topology: Topology) -> None:
         super().__init__(env, topology)
         self.fluid = Fluid(env, topology.capacity)
+        self._patterns: dict[tuple[Pair, ...], tuple[dict[DirLink, int], float]] = {}
+        self._patterns_of: Topology | None = None     # the topology they were routed on
 
     def send(self, pairs, nbytes, messages=1, latency=None, speed=None):
-        routes = self.routes(pairs)
-        weights = link_weights(routes)
+        weights, slowest = self._pattern(pairs)
         if speed is not None:
             weights = {link: n / speed(link) for link, n in weights.items()}
-        return self.env.process(self._send(weights, nbytes, self.latency(routes, messages) if latency is None else latency))
+        return self.env.process(self._send(weights, nbytes, messages * slowest if latency is None else latency))
+
+    def _pattern(self, pairs: Sequence[Pair]) -> tuple[dict[DirLink, int], float]:
+        """The links ``pairs`` load and their slowest route's latency, routed once per
+        distinct set of pairs (a collective's rounds repeat the same ones) and topology
+        (a cut link gives the engine a new one)."""
+        if self._patterns_of is not self.topology:
+            self._patterns, self._patterns_of = {}, self.topology
+        key = tuple(pairs)
+        found = self._patterns.get(key)
+        if found is None:
+            routes = self.routes(pairs)
+            found = self._patterns[key] = (link_weights(routes), self.latency(routes, 1))
+        return found
 
     def _send(self, weights, nbytes, delay):
         if delay:

@@ -134,3 +134,28 @@ def test_rail_flows_between_two_fat_tree_nodes_do_not_collide():
     env.run()
     latency = topo.route_latency(topo.route(*pairs[0]))
     assert all(1e9 / (t - latency) == pytest.approx(50e9, rel=1e-6) for t in ends.values())
+
+
+def test_a_repeated_send_routes_again_after_a_link_is_cut():
+    # g0 -> g1 goes over switch a (2 hops of 2 us); with a's link to g1 cut, over b and c
+    # (3 hops), although the same pairs were routed and kept before the cut
+    from clustersim.core.topogen import build_topology
+    from helpers import gpu, link
+    devs = [gpu("g0", machine=0), gpu("g1", machine=1)] + [{"name": s, "kind": "switch"} for s in "abc"]
+    links = [link("g0", "a", 10.0, 2.0), link("a", "g1", 10.0, 2.0), link("g0", "b", 10.0, 2.0),
+             link("b", "c", 10.0, 2.0), link("c", "g1", 10.0, 2.0)]
+    topo = build_topology({"name": "two-ways", "device": devs, "link": links}, "two-ways.toml")
+    env = simpy.Environment()
+    net = FlowNetwork(env, topo)
+    took = []
+
+    def go():
+        for cut in (False, True):
+            if cut:
+                net.topology = topo.without_link("a", "g1")
+            t0 = env.now
+            yield net.send([("g0", "g1")], 1e6)
+            took.append(env.now - t0)
+    env.process(go())
+    env.run()
+    assert took == pytest.approx([2 * 2e-6 + 1e6 / 10e9, 3 * 2e-6 + 1e6 / 10e9], rel=1e-12)
