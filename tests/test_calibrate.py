@@ -325,3 +325,10 @@ def test_probes_wait_for_the_host_to_run_quietly():
     assert quiet_probe(run, bracket, 1.0) == 0
     run, bracket, runs = probe([])                                  # no quiet speed known: once, unbracketed
     assert quiet_probe(run, bracket, None) == 0 and runs == [0]
+
+
+def test_a_calibration_for_some_models_probes_only_theirs():
+    from clustersim.calibrate.probe import PROBES, probes_for
+    assert probes_for(["mlp-digits"]) == tuple(p for p in PROBES if p[0] == "mlp-digits")
+    assert probes_for(None) == probes_for([]) == PROBES
+    assert probes_for(["mlp-digits", "a-model-of-its-own"]) == PROBES     # its ops may be any probe's

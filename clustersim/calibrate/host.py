@@ -177,14 +177,15 @@ def fit_alpha_beta(sizes: list[float], times: list[float]) -> dict:
 
 
 def measure_op_costs(ranks: int, cores: int, cache: float = 0.0, jobs: int = PROBE_JOBS,
-                     quiet: float | None = None) -> dict:
+                     quiet: float | None = None, models: list[str] | None = None) -> dict:
     """The executor's ops timed in context (``probe.py``) by min(ranks, cores) ranks at
     once, each with the BLAS threads a rank of a ``ranks``-rank job gets, in ``jobs``
     separate jobs (a process's memory layout moves large ops, so one job's figures share its
     luck: docs/decisions/006-probes-in-separate-jobs.md) whose points' median is fitted per
     op key (bytes beyond ``cache`` at their own rate).  ``quiet``: the reference step on a
-    quiet host; probes wait for the host to run at it (``probe.quiet_probe``)."""
-    quiet_args = [repr(quiet)] if quiet is not None else []
+    quiet host; probes wait for the host to run at it (``probe.quiet_probe``).  ``models``:
+    probe only theirs (``probe.probes_for``)."""
+    quiet_args = [repr(quiet) if quiet is not None else "-"] + ([json.dumps(models)] if models else [])
     runs = [run_probe(max(1, min(ranks, cores)), rank_env(ranks, cores), "ops", *quiet_args) for _ in range(jobs)]
     points: dict[str, dict[tuple, list[float]]] = {}
     for run in runs:
@@ -282,8 +283,10 @@ def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, 
     return "\n".join(lines) + "\n"
 
 
-def calibrate(ranks: int = 2, seed: int = 0) -> dict:
-    """Everything measured, with each rank's share of BLAS threads (as ``execute`` sets them)."""
+def calibrate(ranks: int = 2, seed: int = 0, models: list[str] | None = None) -> dict:
+    """Everything measured, with each rank's share of BLAS threads (as ``execute`` sets them);
+    ``models``: the in-context op probes of these models only (``probe.probes_for``: a
+    calibration for one scenario need not time another model's ops)."""
     from threadpoolctl import threadpool_limits
     cores = os.cpu_count() or 1
     before = core_series(SERIES_S)
@@ -296,7 +299,7 @@ def calibrate(ranks: int = 2, seed: int = 0) -> dict:
     mpi = measure_mpi()
     cache = cache_bytes()
     quiet = quiet_reference(before)
-    costs = measure_op_costs(ranks, cores, cache, quiet=quiet)
+    costs = measure_op_costs(ranks, cores, cache, quiet=quiet, models=models)
     if ranks > 1:
         costs["allreduce"] = measure_allreduce(ranks, cores, cache=cache)
     after = core_series(SERIES_S)

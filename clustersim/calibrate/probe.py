@@ -184,8 +184,18 @@ def quiet_probe(run, bracket, quiet: float | None, slowest=lambda t: t, tries: i
     return best[1]
 
 
+def probes_for(models: list[str] | None) -> tuple:
+    """The probes of ``models`` (``PROBES`` entries by name), all of them for None or when
+    one of the models has none (a model of its own: every probe's ops may be its ops)."""
+    known = {name for name, _ in PROBES}
+    if not models or not set(models) <= known:
+        return PROBES
+    return tuple((name, batches) for name, batches in PROBES if name in models)
+
+
 def op_times(seed: int = 0, repeats: int = REPEATS, passes: int = PASSES,
-             barrier=lambda: None, pair=None, quiet: float | None = None, slowest=lambda t: t) -> dict[str, list[list[float]]]:
+             barrier=lambda: None, pair=None, quiet: float | None = None, slowest=lambda t: t,
+             probes: tuple = PROBES) -> dict[str, list[list[float]]]:
     """Every probe, ``passes`` times over (a slow spell of a shared host then spoils one
     pass, not every figure); ``barrier`` is called before each probe, so concurrent ranks
     probe together.  With ``pair`` (a communicator of two ranks) the two-slot probes run
@@ -199,7 +209,7 @@ def op_times(seed: int = 0, repeats: int = REPEATS, passes: int = PASSES,
     results = []
     for _ in range(passes):
         points: dict[str, list[tuple]] = defaultdict(list)
-        for model, batches in PROBES:
+        for model, batches in probes:
             for batch in batches:
                 for slots in SPLITS:
                     barrier()
@@ -318,8 +328,9 @@ def allreduce(comm, sizes: list[int], cores: int, steps: int = 300, passes: int 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``ops [QUIET_S]`` | ``pingpong SIZES`` | ``allreduce SIZES CORES`` (SIZES a JSON list of
-    bytes; QUIET_S the reference step on a quiet host: probes wait for one)."""
+    """``ops [QUIET_S [MODELS]]`` | ``pingpong SIZES`` | ``allreduce SIZES CORES`` (SIZES a JSON
+    list of bytes; QUIET_S the reference step on a quiet host, probes wait for one, "-" for
+    none; MODELS a JSON list of the models to probe, ``probes_for``)."""
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     pin(comm.rank, comm.size)                   # as the executor's ranks are
@@ -327,7 +338,9 @@ def main(argv: list[str] | None = None) -> None:
     if args[0] == "ops":
         pair = comm.Split(color=comm.rank // 2, key=comm.rank)
         out = op_times(seed=comm.rank, barrier=comm.Barrier, pair=pair if pair.size == 2 else None,
-                       quiet=float(args[1]) if len(args) > 1 else None, slowest=lambda t: max(comm.allgather(t)))
+                       quiet=float(args[1]) if len(args) > 1 and args[1] != "-" else None,
+                       slowest=lambda t: max(comm.allgather(t)),
+                       probes=probes_for(json.loads(args[2]) if len(args) > 2 else None))
     elif args[0] == "pingpong":
         out = pingpong(comm, json.loads(args[1]))
     else:
