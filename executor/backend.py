@@ -16,13 +16,19 @@ def cupy_or_none() -> ModuleType | None:
         return None
 
 
-def get_xp(device: str = "cpu") -> ModuleType:
-    """``numpy`` for device "cpu"; ``cupy`` for "gpu" (ValueError when it is not usable)."""
+def get_xp(device: str = "cpu", comm=None) -> ModuleType:
+    """``numpy`` for device "cpu"; ``cupy`` for "gpu" (ValueError when it is not usable),
+    with this rank's own GPU made current (``executor.gpu.use_local_gpu``: its local rank
+    among ``comm``'s ranks on this machine, MPI's world by default)."""
     if device == "cpu":
         return numpy
     cp = cupy_or_none()
     if cp is None:
         raise ValueError("device gpu needs CuPy and a visible GPU (pip install 'clustersim[gpu]')")
+    from mpi4py import MPI
+
+    from executor.gpu import use_local_gpu
+    use_local_gpu(cp, comm if comm is not None else MPI.COMM_WORLD, MPI.COMM_TYPE_SHARED)
     return cp
 
 

@@ -45,6 +45,16 @@ def device_for(local: int, local_size: int, visible: int, share: bool = False) -
     return local % visible
 
 
+def use_local_gpu(cp, comm, shared_type, share: bool = False) -> int:
+    """Makes this rank's GPU (``device_for`` its local rank) CuPy's current device and
+    returns its index; ``cp`` is CuPy (its runtime counts the GPUs CUDA_VISIBLE_DEVICES
+    leaves visible), ``comm`` the job's communicator.  ValueError as ``device_for``."""
+    local, size = local_rank(comm, shared_type)
+    device = device_for(local, size, cp.cuda.runtime.getDeviceCount(), share)
+    cp.cuda.Device(device).use()
+    return device
+
+
 def physical_gpu(device: int, cuda_visible_devices: str | None) -> str:
     """The name CUDA_VISIBLE_DEVICES gives visible GPU ``device`` (an index or a UUID), for
     reports; the index itself where the variable is unset."""

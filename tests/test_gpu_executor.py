@@ -10,7 +10,8 @@ import pytest
 from clustersim.core.plan import Op, plan
 from clustersim.core.scenario import scenario_from_dict
 from executor.backend import cupy_or_none
-from executor.gpu import COMPUTE, COPY, device_for, local_rank, nccl_communicator, physical_gpu, stream_plan
+from executor.gpu import (COMPUTE, COPY, device_for, local_rank, nccl_communicator, physical_gpu, stream_plan,
+                          use_local_gpu)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,3 +158,22 @@ def test_a_one_rank_nccl_communicator_on_this_gpu_sums_in_place():    # pragma: 
         comm.allReduce(x.data.ptr, x.data.ptr, 4, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, cupy.cuda.Stream.null.ptr)
         cupy.cuda.Stream.null.synchronize()
         assert x.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+class FakeCupy:
+    """CuPy's runtime count of visible GPUs and its current device, recorded."""
+
+    def __init__(self, visible: int) -> None:
+        self.current = []
+        runtime = SimpleNamespace(getDeviceCount=lambda: visible)
+        self.cuda = SimpleNamespace(runtime=runtime,
+                                    Device=lambda d: SimpleNamespace(use=lambda: self.current.append(d)))
+
+
+def test_each_rank_makes_its_own_gpu_current():
+    hosts = ["a", "a", "b", "b"]
+    cps = [FakeCupy(2) for _ in hosts]
+    got = [use_local_gpu(cp, FakeComm(r, hosts, {}), "SHARED") for r, cp in enumerate(cps)]
+    assert got == [0, 1, 0, 1] and [cp.current for cp in cps] == [[0], [1], [0], [1]]
+    with pytest.raises(ValueError, match="2 ranks on this machine but 1 GPUs"):
+        use_local_gpu(FakeCupy(1), FakeComm(1, hosts, {}), "SHARED")

@@ -64,7 +64,8 @@ def test_measured_speedup_is_the_median_of_the_rounds_ratios(tiny):
 def test_without_a_topology_each_rank_count_is_calibrated_once(tiny, monkeypatch):
     calibrated, given = [], {}
 
-    def calibrate(n, out):
+    def calibrate(n, out, models):
+        assert models == ["mlp-digits"]
         calibrated.append(n)
         shutil.copy(TOPOLOGY, out)
 
@@ -72,7 +73,7 @@ def test_without_a_topology_each_rank_count_is_calibrated_once(tiny, monkeypatch
         given.update(topologies=topologies, items=items, more=more, rounds=rounds)
         return {}
 
-    monkeypatch.setattr(api, "calibrate", calibrate)
+    monkeypatch.setattr(api, "calibrate_for", calibrate)
     monkeypatch.setattr(cv, "speedup", speedup)
     clustersim.validate(tiny, ["training.steps=10"], against={"parallel.replicas": 2}, rounds=3)
     assert calibrated == [1, 2]

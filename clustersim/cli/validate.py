@@ -13,6 +13,8 @@ def add(sub) -> None:
     scenario_args(v)
     v.add_argument("--topology", help="a calibrated topology (default: calibrate this host now)")
     v.add_argument("--repeats", type=int, default=3)
+    v.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                   help="where the runs compute (gpu: one GPU per rank; --topology from calibrate --gpu)")
     v.add_argument("--plot", metavar="FILE", help="predicted and measured time per phase")
     v.add_argument("--against", action="append", default=[], metavar="KEY=VALUE",
                    help="check a speedup: B is the scenario with these overrides too, A without them")
@@ -23,7 +25,7 @@ def add(sub) -> None:
 def run(args) -> int:
     if args.against:
         return run_speedup(args)
-    out = api.validate(args.scenario, args.set, topology=args.topology, repeats=args.repeats).data
+    out = api.validate(args.scenario, args.set, topology=args.topology, repeats=args.repeats, device=args.device).data
     if args.plot:
         from clustersim.plots import plot_validation
         plot_validation(out, args.plot)

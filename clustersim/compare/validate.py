@@ -124,31 +124,31 @@ def pieces(trace: Trace) -> list[tuple]:
     return [(s.name, s.phase, s.where, s.start_s, s.duration_s, s.step) for s in trace.spans]
 
 
-def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 3) -> dict:
-    """``set_items``: ``key=value`` overrides, applied to both the simulation and the runs."""
+def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 3, device: str = "cpu") -> dict:
+    """``set_items``: ``key=value`` overrides, applied to both the simulation and the runs;
+    ``device``: where the runs' ranks compute (cpu, or gpu: one GPU each)."""
     from clustersim.core.scenario import parse_set
-    items = list(set_items) + [f'cluster.topology="{Path(topology).resolve()}"', "cluster.machines=0",
-                               "training.cosim=false"]
+    items = _side_items(set_items, topology)
     sc = load_scenario(scenario, parse_set(items))
     p = plan(sc)
     res = simulate(p)
     summary = summarize(p, res)
-    device = p.devices[0][0]
+    first = p.devices[0][0]
     sim_spans = pieces(res.trace)
     traffic = {"predicted": traffic_per_step(res.trace)}
-    predicted_phases = phase_times(sim_spans, device)
+    predicted_phases = phase_times(sim_spans, first)
     predicted_phases["waits"] = waits(summary["step_time_s"], predicted_phases)
     measured, quiet, phases = [], [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             trace = Path(tmp) / "t.json"
-            out = execute_side(scenario, items, "--trace", str(trace))
+            out = execute_side(scenario, items, "--trace", str(trace), "--device", device)
             measured.append(out["step_time_s"])
             quiet.append(out["quiet_step_time_s"])
             run_trace = Trace.load(trace)
             run_spans = pieces(run_trace)
             traffic["measured"] = traffic_per_step(run_trace)
-            ph = phase_times(run_spans, device)
+            ph = phase_times(run_spans, first)
             ph["waits"] = waits(out["step_time_s"], ph)
             phases.append(ph)
     meas = statistics.median(measured)

@@ -1,0 +1,84 @@
+"""The GPU validation suite: calibrate this machine's GPUs (``clustersim calibrate --gpu``),
+then validate each case of ``CASES`` (one rank per GPU, ``--device gpu``) on that topology
+and print a table of predicted and measured step times; writes out/validation-gpu.json.
+Cases needing more GPUs than are visible are skipped with a note (NCCL, and the executor,
+put no two ranks of one job on one GPU).  Made to finish within 5 minutes on a 1- or
+8-GPU host.
+
+    make validate-gpu     # exit 0; with no GPU visible it says so in one line and exits 0
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+import clustersim  # noqa: E402
+
+BASE = HERE / "gpu" / "speech.toml"
+OUT = Path("out/validation-gpu.json")
+TOPOLOGY = Path("out/calibration/gpus.toml")
+REPEATS = 1                    # a GPU step repeats far better than this shared CPU host's
+CASES = [                      # (name, overrides): ranks = GPUs, from the Plan
+    ("1 GPU", []),
+    ("data parallel 2", ["parallel.replicas=2"]),
+    ("data parallel 4", ["parallel.replicas=4"]),
+    ("data parallel 8", ["parallel.replicas=8"]),
+    ("spatial 2", ["parallel.model_parallel=2"]),
+    ("spatial 4", ["parallel.model_parallel=4"]),
+    ("pipeline 2, 4 micro-batches", ["parallel.model_parallel=2", 'parallel.split="layers"', "parallel.micro_batches=4"]),
+    ("pipeline 4, 4 micro-batches", ["parallel.model_parallel=4", 'parallel.split="layers"', "parallel.micro_batches=4"]),
+    ("parameter server 2 + 1", ["parallel.replicas=2", "parallel.ps_shards=1"]),
+    ("parameter server 4 + 2", ["parallel.replicas=4", "parallel.ps_shards=2"]),
+]
+
+
+def visible_gpus() -> int:
+    """GPUs CuPy sees (CUDA_VISIBLE_DEVICES applied); 0 without CuPy, a driver or a GPU."""
+    try:
+        import cupy
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:          # no module, no driver, no device: all mean "no GPU here"
+        return 0
+
+
+def main() -> int:
+    gpus = visible_gpus()
+    if gpus == 0:
+        print("validate-gpu: no GPU is visible (needs CuPy and a GPU: pip install 'clustersim[gpu]'); nothing to do")
+        return 0
+    start = time.perf_counter()
+    clustersim.calibrate_gpus(TOPOLOGY)
+    print(f"calibrated {gpus} GPUs -> {TOPOLOGY} ({time.perf_counter() - start:.0f} s)", flush=True)
+    rows, skipped = [], []
+    for name, sets in CASES:
+        need = clustersim.ranks_needed(clustersim.load(BASE, sets))
+        if need > gpus:
+            skipped.append(f"{name}: needs {need} GPUs, {gpus} visible")
+            continue
+        r = clustersim.validate(BASE, sets, topology=TOPOLOGY, repeats=REPEATS, device="gpu").data
+        rows.append({"case": name, "gpus": need, **{k: r[k] for k in ("predicted_step_time_s", "measured_step_time_s",
+                                                                        "error_pct", "quiet_step_time_s",
+                                                                        "quiet_error_pct")}})
+        print(f"{name:<30} {need} GPUs  predicted {r['predicted_step_time_s'] * 1e3:8.3f} ms  "
+              f"measured {r['measured_step_time_s'] * 1e3:8.3f} ms  error {r['error_pct']:+7.1f}%", flush=True)
+    for note in skipped:
+        print(f"skipped {note}")
+    errors = [abs(r["error_pct"]) for r in rows]
+    summary = {"gpus": gpus, "median_abs_error_pct": statistics.median(errors) if errors else None,
+               "worst_abs_error_pct": max(errors) if errors else None, "cases": rows, "skipped": skipped,
+               "wall_s": time.perf_counter() - start}
+    clustersim.write_atomic(OUT, json.dumps(summary, indent=2))
+    if errors:
+        print(f"median |error| {summary['median_abs_error_pct']:.1f}%, worst {summary['worst_abs_error_pct']:.1f}% "
+              f"over {len(rows)} cases in {summary['wall_s']:.0f} s; wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
