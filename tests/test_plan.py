@@ -294,3 +294,98 @@ def test_resnet_50_plans_quickly_on_eight_replicas_and_fits_an_h100():
     assert sum(n for _, n in buckets(p, 0)) == 25_557_032
     assert len(p.ops) == 2 * len(sc.model.nodes) and not any(op.kind == "xfer" for op in p.ops)
     assert max(sum(u.values()) for u in p.memory.values()) < 80 * 2**30
+
+
+# --- transformers: memory as trainers count it, pipelines of tensor-parallel slices -------------
+def gpt2_scenario(**kw):
+    parallel = {"model_parallel": 2, **kw.pop("parallel", {})}
+    training = kw.pop("training", {})
+    from clustersim.core.scenario import scenario_from_dict
+    data = {"cluster": {"topology": "dgx-h100"}, "parallel": parallel, "training": training,
+            "model": {"name": "gpt2", "batch_size": kw.pop("batch", 4), "sequence": 64, "dtype": kw.pop("dtype", "bf16")}}
+    return scenario_from_dict(data, "test.toml")
+
+
+def test_state_bytes_closed_forms():
+    """16 bytes per parameter with Adam in 16-bit (2 + 2 + 12, ZeRO's count), 8 with SGD
+    (fp32 master weights), fp32 SGD as before (4 + 4); ZeRO shards over the replicas."""
+    from clustersim.core.plan import state_bytes
+    def total(**kw):
+        return state_bytes(gpt2_scenario(**kw))
+    assert total(dtype="bf16", training={"optimizer": "adam"}) == {"weights": 2, "gradients": 2, "optimizer": 12}
+    assert total(dtype="fp16") == {"weights": 2, "gradients": 2, "optimizer": 4}
+    assert total(dtype="fp32") == {"weights": 4, "gradients": 4, "optimizer": 0}
+    assert total(dtype="fp32", training={"optimizer": "adam"}) == {"weights": 4, "gradients": 4, "optimizer": 8}
+    for zero, want in ((1, (2, 2, 1.5)), (2, (2, 0.25, 1.5)), (3, (0.25, 0.25, 1.5))):
+        got = total(parallel={"replicas": 8}, training={"optimizer": "adam", "zero": zero})
+        assert (got["weights"], got["gradients"], got["optimizer"]) == want
+
+
+def test_memory_terms_sum_to_the_model_and_name_the_largest():
+    p = plan(gpt2_scenario(training={"optimizer": "adam"}), check_memory=False)
+    row = p.devices[0]
+    for term, nbytes in (("weights", 2), ("gradients", 2), ("optimizer", 12)):
+        assert sum(p.memory[d][term] for d in row) == 124_439_808 * nbytes
+    sc = gpt2_scenario(batch=8192, training={"optimizer": "adam"})
+    with pytest.raises(ConfigError, match=r"does not fit: device m0\.gpu0 needs [\d.]+ GiB .* largest: activations"):
+        plan(sc)
+
+
+def test_recompute_keeps_boundaries_and_reruns_the_forward():
+    from clustersim.core.plan import boundaries
+    assert all(boundaries(SMALL))
+    gpt = zoo_model("gpt2", sequence=16)
+    cut = boundaries(gpt)
+    kinds = {gpt.nodes[i].layer.kind for i, b in enumerate(cut) if b}
+    assert kinds == {"embedding", "add", "layernorm", "lm_head", "softmax_xent"}   # the residual stream, the head
+    assert not any(b for i, b in enumerate(cut) if gpt.nodes[i].layer.kind in ("attention", "gelu"))
+    plain, redo = (plan(gpt2_scenario(training={"recompute": r}), check_memory=False) for r in (False, True))
+    for a, b in zip(plain.ops, redo.ops):
+        if a.kind == "bwd":
+            fwd_flops = plain.ops[[o.id for o in plain.ops if o.kind == "fwd" and (o.layer, o.slot, o.micro)
+                                   == (a.layer, a.slot, a.micro)][0]].flops
+            assert b.flops == pytest.approx(a.flops + fwd_flops, rel=1e-12)
+    dev = plain.devices[0][0]
+    assert redo.memory[dev]["activations"] < plain.memory[dev]["activations"] / 2
+
+
+def test_pipeline_of_tensor_slices():
+    """pipeline 2 x tensor 2: four slots, slot j in stage j // 2; parameters and FLOPs add up
+    to the model; transfers between stages are 'stage', inside one 'activation'."""
+    p = plan(gpt2_scenario(parallel={"pipeline": 2}), check_memory=False)
+    assert p.slots == 4 and len(p.devices[0]) == 4 and sum(p.slot_params) == 124_439_808
+    from clustersim.core.plan import stages_of
+    stage, stages = stages_of(p.scenario, p.slices)
+    assert stages == 2 and stage == {0: 0, 1: 0, 2: 1, 3: 1}
+    model = p.scenario.model
+    assert sum(op.flops for op in p.ops if op.kind == "fwd") == pytest.approx(model.fwd_flops * 4, rel=1e-12)
+    for op in p.ops:
+        if op.kind == "xfer" and op.why != "reduction":
+            assert (op.why == "stage") == (op.slot // 2 != op.dst // 2) or op.why == "gradient"
+    assert {op.why for op in p.ops if op.kind == "xfer"} >= {"stage", "activation", "gradient"}
+
+
+def test_layers_split_with_pipeline_is_refused():
+    with pytest.raises(ConfigError, match="parallel.pipeline: a layers split"):
+        gpt2_scenario(parallel={"split": "layers", "pipeline": 2})
+
+
+def test_data_parallel_bytes_closed_forms():
+    from clustersim.core.plan import data_parallel_bytes
+    for zero, passes in ((0, 2), (1, 2), (3, 3)):
+        p = plan(gpt2_scenario(parallel={"replicas": 4}, training={"zero": zero}), check_memory=False)
+        sent = data_parallel_bytes(p)
+        assert [sum(d.values()) for d in sent] == pytest.approx([passes * 0.75 * n * 2 for n in p.slot_params])
+
+
+@pytest.mark.slow
+def test_gpt3_on_1024_h100s_fits_with_16_stages_and_not_without():
+    """Issue 17's done-when: GPT-3 175B, bf16, batch 8 of 2,048 positions, tensor 8 x
+    pipeline 16 x 8 replicas on 128 DGX H100s fits in 80 GiB; one stage does not."""
+    base = ["model.name=gpt3-175b", "model.dtype=bf16", "model.batch_size=8", "cluster.topology=dgx-h100-fat-tree",
+            "cluster.machines=128", "parallel.model_parallel=8", "parallel.replicas=8"]
+    from clustersim.core.scenario import load_scenario, parse_set
+    p = plan(load_scenario("scenarios/quickstart.toml", parse_set(base + ["parallel.pipeline=16"])))
+    assert p.slots == 128 and max(sum(u.values()) for u in p.memory.values()) < 80 * 2**30
+    with pytest.raises(ConfigError, match=r"device m0\.gpu0 needs \d+\.\d+ GiB"):
+        plan(load_scenario("scenarios/quickstart.toml", parse_set(base + ["parallel.pipeline=1"])))

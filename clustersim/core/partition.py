@@ -3,7 +3,8 @@
 ``spatial`` (DistBelief): every layer's output is cut into M boxes (2-D blocks of rows
 and columns, or channels, as the layer kind says); slot j computes box j of every layer.
 ``layers`` (pipeline): consecutive layers (in the graph's topological order) form M
-stages balanced by FLOPs; a layer's single box sits on its stage's slot.  Either way the result is, per layer, a list of (slot, box); transfers and
+stages balanced by FLOPs; a layer's single box sits on its stage's slot.  ``spatial``
+with ``pipeline`` P > 1: P such stages, each layer cut spatially over its stage's M slots.  Either way the result is, per layer, a list of (slot, box); transfers and
 parameters follow from boxes alone, so both splits share one mechanism.
 """
 from __future__ import annotations
@@ -122,8 +123,21 @@ def balanced_stages(costs: list[float], m: int) -> list[int]:
     return groups_needed(hi)
 
 
+def _stages(model: Model, m: int) -> list[int]:
+    """Each layer's pipeline stage: at most ``m`` contiguous groups balanced by FLOPs."""
+    return balanced_stages([n.fwd_flops * (1 + n.layer.bwd_ratio) + 1.0 for n in model.nodes], m)
+
+
 def layer_slices(model: Model, m: int) -> tuple[Slices, tuple[str, ...]]:
-    costs = [n.fwd_flops * (1 + n.layer.bwd_ratio) + 1.0 for n in model.nodes]
-    stages = balanced_stages(costs, m)
+    stages = _stages(model, m)
     slices = tuple(((stage, full_box(n.out_shape)),) for stage, n in zip(stages, model.nodes))
     return slices, tuple("channels" for _ in model.nodes)
+
+
+def pipeline_slices(model: Model, stages: int, m: int, grid: tuple[int, ...] = ()) -> tuple[Slices, tuple[str, ...]]:
+    """``stages`` pipeline stages (balanced as a layers split balances them), each layer cut
+    over its stage's ``m`` slots as the spatial split cuts it: slot ``stage * m + j`` holds
+    box j, so a stage's slots are consecutive (one machine's GPUs, as Megatron places them)."""
+    stage = _stages(model, stages)
+    slices, axes = spatial_slices(model, m, grid)
+    return tuple(tuple((stage[i] * m + j, box) for j, box in sl) for i, sl in enumerate(slices)), axes

@@ -19,7 +19,7 @@ from math import prod
 from clustersim.core.config import ConfigError
 from clustersim.core.layers import Box, box_hull, box_intersect, box_overlap, box_size
 from clustersim.core.models import Model
-from clustersim.core.partition import Slices, even_cuts, layer_slices, spatial_slices
+from clustersim.core.partition import Slices, even_cuts, layer_slices, pipeline_slices, spatial_slices
 from clustersim.core.scenario import Scenario
 from clustersim.core.schedule import (PARAM_BYTES, Schedule, micro_batches_held,  # noqa: F401  (PARAM_BYTES: plan's users)
                                       schedule_of, stage_units)
@@ -92,9 +92,11 @@ def plan(sc: Scenario, check_memory: bool = True) -> Plan:
             raise ConfigError(sc.file, "parallel.model_parallel",
                               f"a layers split has at most {len(model.nodes)} stages (one per layer); got {m}")
         slices, axes = layer_slices(model, m)
+    elif par.pipeline > 1:
+        slices, axes = pipeline_slices(model, par.pipeline, m, par.grid)
     else:
         slices, axes = spatial_slices(model, m, par.grid)
-    slot_params = [0] * m
+    slot_params = [0] * par.devices_per_replica
     for node, layer_slices_ in zip(model.nodes, slices):
         for slot, box in layer_slices_:
             slot_params[slot] += node.layer.slice_params(node.in_shape, box)
@@ -156,7 +158,8 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...]) -> list[Op]:
     red_fwd: dict[tuple[int, int, int], list[int]] = {}   # reductions into (layer, slot, micro)
     red_bwd: dict[tuple[int, int, int], list[int]] = {}
     crossing = edges(model, slices)
-    stage_split = sc.parallel.split == "layers"
+    tensor = sc.parallel.tensor                      # slot j is in pipeline stage j // tensor
+    redo = 1 if sc.training.recompute else 0         # recomputation: the forward again before the backward
 
     def add(**kw) -> int:
         ops.append(Op(id=len(ops), **kw))
@@ -189,7 +192,7 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...]) -> list[Op]:
                             d = sent[(src, k, j)] = add(
                                 kind="xfer", layer=e.readers[0], micro=mb, slot=k, dst=j,
                                 bytes=box_size(e.box) * b * db, producer=src, deps=(fwd[(src, k, mb)],),
-                                why="stage" if stage_split else ("activation" if e.full else "halo"))
+                                why="stage" if k // tensor != j // tensor else ("activation" if e.full else "halo"))
                         if d not in deps:
                             deps.append(d)
                     deps += red_fwd.get((src, j, mb), [])
@@ -226,7 +229,8 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...]) -> list[Op]:
                             deps.append(d)
                     deps += [d for d in red_bwd.get((c, j, mb), []) if d not in deps]
                 bwd[(i, j, mb)] = add(kind="bwd", layer=i, micro=mb, slot=j,
-                                      flops=f.flops * node.layer.bwd_ratio, bytes=2 * f.bytes, deps=tuple(deps))
+                                      flops=f.flops * (node.layer.bwd_ratio + redo), bytes=(2 + redo) * f.bytes,
+                                      deps=tuple(deps))
     return _in_schedule_order(_fix_reduction_deps(ops, bwd), sc, slices)
 
 
@@ -265,14 +269,16 @@ def _fix_reduction_deps(ops: list[Op], bwd: dict) -> list[Op]:
 
 def stages_of(sc: Scenario, slices: Slices) -> tuple[dict[int, int], int]:
     """Each slot's pipeline stage, and how many stages: a layers split's slots are its stages
-    in layer order; a spatial split is one stage of every slot."""
+    in layer order; a spatial split's slot j is in stage j // model_parallel (one stage
+    without ``pipeline``)."""
     first: dict[int, int] = {}
     for i, layer_slices_ in enumerate(slices):
         for j, _ in layer_slices_:
             first.setdefault(j, i)
-    if sc.parallel.split != "layers":
-        return {j: 0 for j in first}, 1
-    return {j: n for n, j in enumerate(sorted(first, key=first.get))}, len(first)
+    if sc.parallel.split == "layers":
+        return {j: n for n, j in enumerate(sorted(first, key=first.get))}, len(first)
+    stage = {j: j // sc.parallel.tensor for j in first}
+    return stage, len(set(stage.values()))
 
 
 def _in_schedule_order(ops: list[Op], sc: Scenario, slices: Slices) -> list[Op]:
@@ -353,7 +359,7 @@ def split_key(p: Plan, key: str) -> str:
     4-8 us dearer than its FLOPs and bytes make it beside the whole layers -- the walk's
     messages around it), and ``Device.op_time`` falls back to the key without it where it
     has no such costs.  A layers split runs whole layers: their keys stay as they are."""
-    return key + (SPLIT if p.slots > 1 and p.scenario.parallel.split == "spatial" else "")
+    return key + (SPLIT if p.scenario.parallel.tensor > 1 and p.scenario.parallel.split == "spatial" else "")
 
 
 def talking_pairs(p: Plan) -> set[tuple[str, str]]:
@@ -389,13 +395,13 @@ def _check_routes(p: Plan) -> None:
 def _place(sc: Scenario, slices: Slices, slot_params: list[int]) -> tuple[tuple[tuple[str, ...], ...], PSLayout | None]:
     par, topo = sc.parallel, sc.topology
     compute = topo.compute_devices()
-    need = par.model_parallel * par.replicas
+    per = par.devices_per_replica
+    need = per * par.replicas
     if need > len(compute):
+        what = "model_parallel x pipeline x replicas" if par.pipeline > 1 else "model_parallel x replicas"
         raise ConfigError(sc.file, "parallel.replicas",
-                          f"model_parallel x replicas = {need} devices, but topology {topo.name} has "
-                          f"{len(compute)} compute devices")
-    devices = tuple(tuple(compute[r * par.model_parallel + j] for j in range(par.model_parallel))
-                    for r in range(par.replicas))
+                          f"{what} = {need} devices, but topology {topo.name} has {len(compute)} compute devices")
+    devices = tuple(tuple(compute[r * per + j] for j in range(per)) for r in range(par.replicas))
     if not par.ps_shards:
         return devices, None
     spare = compute[need:] + [c for c in topo.host_cpus() if c not in compute]
@@ -424,32 +430,118 @@ def param_layout(sc: Scenario, slices: Slices) -> list[tuple[int, int, tuple[int
 
 
 def memory_use(p: Plan) -> dict[str, dict[str, float]]:
-    """Bytes each device must hold: parameters+gradients, stored activations (of the most
-    micro-batches its stage holds at once under the pipeline schedule, ``micro_batches_held``:
-    every one under GPipe, min(m, p - stage) under 1F1B; the largest micro-batches where
-    they differ by one), parameter-server shards with their optimizer state."""
+    """Bytes each device must hold, by term, as trainers count them (``state_bytes``):
+    ``weights`` and ``gradients`` in the model's dtype, ``optimizer`` state (fp32 master
+    weights under 16-bit training, Adam's two moments), ZeRO's sharding of these over the
+    replicas; ``activations`` kept for the backward (``activation_elements``) of the most
+    micro-batches its stage holds at once under the pipeline schedule (``micro_batches_held``:
+    every one under GPipe, min(m, p - stage) under 1F1B; the largest micro-batches where they
+    differ by one); parameter-server shards with their optimizer state."""
     sc = p.scenario
     use: dict[str, dict[str, float]] = {}
     stage, stages = stages_of(sc, p.slices)
     sizes = sorted((hi - lo for lo, hi in even_cuts(sc.batch_size, sc.parallel.micro_batches)), reverse=True)
-    act = [0.0] * p.slots
+    kept, work = activation_elements(p)
+    per_param = state_bytes(sc)
+    gather = [0] * p.slots                # ZeRO-3: the largest layer slice's weights, gathered whole
     for node, layer_slices_ in zip(sc.model.nodes, p.slices):
         for slot, box in layer_slices_:
-            reads = sum(map(box_size, node.layer.input_boxes(node.in_shapes, box)))
-            held = micro_batches_held(stage_units(sc.parallel.schedule, stage[slot], stages,
-                                                  sc.parallel.micro_batches))
-            act[slot] += (box_size(box) + reads) * sum(sizes[:held]) * sc.dtype_bytes
+            gather[slot] = max(gather[slot], node.layer.slice_params(node.in_shape, box))
+
+    def terms(dev: str) -> dict[str, float]:
+        return use.setdefault(dev, {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0, "activations": 0.0,
+                                    "ps_shards": 0.0})
     for row in p.devices:
         for slot, dev in enumerate(row):
-            u = use.setdefault(dev, {"parameters": 0.0, "activations": 0.0, "ps_shards": 0.0})
-            u["parameters"] += 2 * p.slot_params[slot] * PARAM_BYTES
-            u["activations"] += act[slot]
+            u = terms(dev)
+            for term, nbytes in per_param.items():
+                u[term] += nbytes * p.slot_params[slot]
+            if sc.training.zero >= 3:
+                u["weights"] += gather[slot] * sc.dtype_bytes
+            held = micro_batches_held(stage_units(sc.parallel.schedule, stage.get(slot, 0), stages,
+                                                  sc.parallel.micro_batches))
+            u["activations"] += (kept[slot] * sum(sizes[:held]) + work[slot] * sizes[0]) * sc.dtype_bytes
     if p.ps:
         copies = 2 + shard_state_copies(sc)
         for dev, size in zip(p.ps.devices, p.ps.sizes):
-            u = use.setdefault(dev, {"parameters": 0.0, "activations": 0.0, "ps_shards": 0.0})
-            u["ps_shards"] += copies * size * PARAM_BYTES
+            terms(dev)["ps_shards"] += copies * size * PARAM_BYTES
     return use
+
+
+def state_bytes(sc: Scenario) -> dict[str, float]:
+    """Bytes per parameter a replica's device keeps: weights and gradients in the model's
+    dtype; optimizer state of 4 bytes of fp32 master weights where the dtype is narrower
+    (mixed precision) plus 8 of Adam's two fp32 moments -- 2 + 2 + 12 = 16 with Adam in
+    fp16/bf16, as ZeRO's paper counts -- and ZeRO stage z's sharding over the R replicas:
+    the optimizer state from stage 1, the gradients from 2, the weights from 3."""
+    db, zero, r = float(sc.dtype_bytes), sc.training.zero, sc.parallel.replicas
+    optimizer = (4.0 if db < 4 else 0.0) + (8.0 if sc.training.optimizer == "adam" else 0.0)
+    return {"weights": db / (r if zero >= 3 else 1), "gradients": db / (r if zero >= 2 else 1),
+            "optimizer": optimizer / (r if zero >= 1 else 1)}
+
+
+def data_parallel_bytes(p: Plan) -> list[dict[str, float]]:
+    """Per slot, bytes each of its devices sends per step in the collectives over the R
+    replicas (ring volumes, (R - 1) / R of the data per pass): without ZeRO an allreduce of
+    the gradients (two passes); ZeRO 1 and 2 a reduce-scatter of the gradients and an
+    all-gather of the updated weights (the same two); ZeRO 3 all-gathers the weights before
+    the forward and again before the backward instead (three passes, ZeRO's 1.5x).  Counted
+    here and not in ``plan.ops``: the sim engine runs the gradient allreduce (the volume of
+    stages 0-2); stage 3's extra all-gather is not simulated."""
+    sc = p.scenario
+    r, db = sc.parallel.replicas, sc.dtype_bytes
+    if r < 2 or p.sync != "allreduce":
+        return [{} for _ in range(p.slots)]
+    share = (r - 1) / r
+    out = []
+    for n in p.slot_params:
+        if sc.training.zero >= 3:
+            out.append({"gradient reduce-scatter": share * n * db, "weight all-gather": 2 * share * n * db})
+        elif sc.training.zero:
+            out.append({"gradient reduce-scatter": share * n * db, "weight all-gather": share * n * db})
+        else:
+            out.append({"gradient allreduce": 2 * share * n * db})
+    return out
+
+
+def boundaries(model: Model) -> list[bool]:
+    """Per layer, whether it is a layer boundary: no edge of the graph passes over it (in the
+    topological order), so its output alone carries everything later layers read of what
+    came before -- a residual stream's sums, every layer of a chain."""
+    furthest = -1                            # the furthest reader of any layer before this one
+    out = []
+    for i, node in enumerate(model.nodes):
+        out.append(furthest <= i)
+        furthest = max([furthest] + list(model.consumers[i]))
+    return out
+
+
+def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
+    """Per slot, elements per sample kept for the backward from each held micro-batch, and
+    those of one micro-batch being worked on.  Without recomputation every layer slice keeps
+    its input reads, its output and what its kind saves (``Layer.saved``), all kept.  With
+    ``training.recompute`` only boundary layers' outputs are kept (``boundaries``), and the
+    backward reruns one stretch between boundaries at a time: its largest stretch's
+    elements are the working set of one micro-batch."""
+    sc = p.scenario
+    model = sc.model
+    kept, work = [0.0] * p.slots, [0.0] * p.slots
+    stretch = [0.0] * p.slots
+    cut = boundaries(model) if sc.training.recompute else [False] * len(model.nodes)
+    for node, layer_slices_, boundary in zip(model.nodes, p.slices, cut):
+        for slot, box in layer_slices_:
+            reads = sum(map(box_size, node.layer.input_boxes(node.in_shapes, box)))
+            whole = box_size(box) + reads + node.layer.saved(node.in_shape, box)
+            if not sc.training.recompute:
+                kept[slot] += whole
+                continue
+            stretch[slot] += whole
+            if boundary:
+                kept[slot] += box_size(box)
+        if boundary:
+            for slot in range(p.slots):
+                work[slot], stretch[slot] = max(work[slot], stretch[slot]), 0.0
+    return kept, [max(w, s) for w, s in zip(work, stretch)]
 
 
 def shard_state_copies(sc: Scenario) -> int:
@@ -464,13 +556,23 @@ def shard_state_copies(sc: Scenario) -> int:
     return 1 if tr.optimizer == "adagrad" and tr.algorithm in ("downpour", "ssp") else 0
 
 
+ADVICE = {"weights": "raise model_parallel or pipeline, or set training.zero = 3",
+          "gradients": "raise model_parallel or pipeline, or set training.zero >= 2",
+          "optimizer": "raise model_parallel or pipeline, or set training.zero >= 1",
+          "activations": "raise model_parallel or lower model.batch_size (or set training.recompute)",
+          "ps_shards": "raise parallel.ps_shards"}
+
+
 def _check_memory(p: Plan) -> None:
+    """Raises ConfigError naming the first device that does not fit, its GiB by term, the
+    largest term and what would shrink it."""
     sc = p.scenario
     for dev, parts in p.memory.items():
         have = sc.topology.devices[dev].memory_bytes
         need = sum(parts.values())
         if need > have:
             detail = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items() if v)
+            largest = max(parts, key=parts.get)
             raise ConfigError(sc.file, "parallel.model_parallel",
-                              f"does not fit: device {dev} needs {need / GIB:.2f} GiB ({detail}) "
-                              f"but has {have / GIB:.2f} GiB; raise model_parallel or lower model.batch_size")
+                              f"does not fit: device {dev} needs {need / GIB:.2f} GiB ({detail}) but has "
+                              f"{have / GIB:.2f} GiB; largest: {largest}, so {ADVICE[largest]}")

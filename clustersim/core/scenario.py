@@ -18,7 +18,7 @@ from clustersim.core.topology import DTYPES, Topology
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster", "layerwise")
-OPTIMIZERS = ("sgd", "adagrad")
+OPTIMIZERS = ("sgd", "adagrad", "adam")
 NETWORKS = ("flow", "analytical")
 COLLECTIVE_ALGOS = ("auto", "ring", "tree", "hierarchical")
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")
@@ -42,6 +42,21 @@ class Parallel:
     micro_batches: int = 1       # pipeline (layers split): micro-batches per step
     schedule: str = "1f1b"       # pipeline: gpipe (all forwards, then all backwards) | 1f1b
     grid: tuple[int, ...] = ()   # spatial split: (rows, cols) blocks of every layer; (): chosen from model_parallel
+    pipeline: int = 1            # spatial split: pipeline stages, each of model_parallel (tensor) slots
+
+    @property
+    def stages(self) -> int:
+        """Pipeline stages: ``layers`` with model_parallel = M is M stages of one device."""
+        return self.model_parallel if self.split == "layers" else self.pipeline
+
+    @property
+    def tensor(self) -> int:
+        """Devices each layer is cut over (1 under a layers split)."""
+        return 1 if self.split == "layers" else self.model_parallel
+
+    @property
+    def devices_per_replica(self) -> int:
+        return self.stages * self.tensor
 
 
 @dataclass(frozen=True)
@@ -52,7 +67,9 @@ class Training:
     allreduce: str = "auto"      # auto (NCCL's tuner, per bucket) | ring | tree | hierarchical, when ps_shards = 0
     bucket_mb: float = 25.0      # sync allreduce: gradient buckets (MiB, as PyTorch DDP's bucket_cap_mb); 0: one
     time_limit_s: float = 0.0    # > 0: no replica starts a step after this simulated time
-    optimizer: str = "sgd"       # sgd | adagrad: the rule shards apply (downpour, ssp)
+    optimizer: str = "sgd"       # sgd | adagrad: the rule shards apply (downpour, ssp); adam: sync (memory: 2 moments)
+    zero: int = 0                # sync: ZeRO stage, sharding over replicas 1 optimizer state, 2 + gradients, 3 + weights
+    recompute: bool = False      # keep activations at layer boundaries only; the backward reruns the forward
     n_fetch: int = 1             # downpour/dcasgd/ssp: fetch parameters every n_fetch steps
     n_push: int = 1              # ... and push accumulated gradients every n_push steps
     warm_start_s: float = 0.0    # downpour: replica 0 alone until then, the others join after
@@ -183,6 +200,13 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
         model = load_model_file(base_dir / mt.str("file"))
     batch = mt.int("batch_size", 32, lo=1, hi=1_000_000)
     dtype = mt.str("dtype", "fp32", choices=DTYPES)
+    if mt.has("sequence"):
+        if not mt.has("name"):
+            raise mt.error("sequence", "sets a built-in transformer's positions; a model file gives its input shape")
+        try:
+            model = zoo_model(model.name, mt.int("sequence", lo=1, hi=10_000_000))
+        except ValueError as exc:
+            raise mt.error("sequence", str(exc)) from None
     mt.done()
 
     pt = top.table("parallel", {})
@@ -192,7 +216,12 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
                    ps_shards=pt.int("ps_shards", 0, lo=0, hi=65536),
                    micro_batches=pt.int("micro_batches", 1, lo=1, hi=4096),
                    schedule=pt.str("schedule", "1f1b", choices=PIPELINE_SCHEDULES),
-                   grid=_grid(pt))
+                   grid=_grid(pt), pipeline=pt.int("pipeline", 1, lo=1, hi=65536))
+    if par.pipeline > 1 and par.split == "layers":
+        raise pt.error("pipeline", "a layers split is model_parallel pipeline stages of one device; for stages of "
+                                   "tensor-parallel slices use split = \"spatial\" with pipeline")
+    if par.pipeline > len(model.nodes):
+        raise pt.error("pipeline", f"at most {len(model.nodes)} stages (one per layer); got {par.pipeline}")
     if par.micro_batches > batch:
         raise pt.error("micro_batches", f"must be <= model.batch_size ({batch})")
     if par.grid and par.split != "spatial":
@@ -227,6 +256,12 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
             if bad:
                 raise ConfigError(file, f"parallel.{key}", "layerwise needs split = \"layers\", replicas = 1 "
                                   f"and ps_shards = 0 (one worker per layer group); got {getattr(par, key)!r}")
+    if tr.optimizer == "adam" and tr.algorithm != "sync":
+        raise ConfigError(file, "training.optimizer", f"adam is sync's optimizer; {tr.algorithm}'s shards apply "
+                                                      f"sgd or adagrad")
+    if tr.zero and (tr.algorithm != "sync" or par.ps_shards):
+        raise ConfigError(file, "training.zero", "ZeRO shards sync data parallelism's state over the replicas "
+                                                 "(algorithm = \"sync\", ps_shards = 0)")
     if tr.cosim and model.name != "mlp-digits":
         raise ConfigError(file, "training.cosim",
                           f"co-simulation trains mlp-digits on the digits data set; got model {model.name}")
@@ -262,7 +297,9 @@ def _training(tt: Table) -> Training:
         dataset_samples=tt.int("dataset_samples", 0, lo=0, hi=10**15),
         epochs=tt.float("epochs", 1.0, positive=True, hi=1e6),
         target_hours=tt.float("target_hours", 0.0, lo=0.0, hi=1e7),
-        comm_interval=tt.int("comm_interval", 10, lo=1, hi=10**12))
+        comm_interval=tt.int("comm_interval", 10, lo=1, hi=10**12),
+        zero=tt.int("zero", 0, lo=0, hi=3),
+        recompute=tt.bool("recompute", False))
     if tr.start_spread_s < 0 and tr.start_spread_s != -1.0:
         raise tt.error("start_spread_s", f"must be >= 0, or -1 for a parameter round trip; got {tr.start_spread_s}")
     if tr.comm_bits not in (8, 32):

@@ -81,7 +81,7 @@ def units_of(sc: Scenario) -> tuple[int, int]:
 def ranks_needed(sc: Scenario) -> int:
     """Workers, shards, and Sandblaster's coordinator."""
     coordinator = 1 if sc.training.algorithm == "sandblaster" else 0
-    return sc.parallel.model_parallel * sc.parallel.replicas + sc.parallel.ps_shards + coordinator
+    return sc.parallel.devices_per_replica * sc.parallel.replicas + sc.parallel.ps_shards + coordinator
 
 
 # FLOPs and bytes per parameter of one apply on a shard (reads and writes of fp32 arrays):
