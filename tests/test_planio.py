@@ -16,6 +16,8 @@ from helpers import scenario
     dict(parallel={"replicas": 3, "ps_shards": 2}, training={"algorithm": "downpour", "n_fetch": 2, "comm_bits": 8}),
     dict(parallel={"replicas": 2}, training={"algorithm": "local", "steps": 7, "local_steps": 3}),
     dict(parallel={"replicas": 2, "ps_shards": 1}, training={"algorithm": "sandblaster", "work_units": 5}),
+    dict(parallel={"model_parallel": 2, "pipeline": 2, "replicas": 2, "micro_batches": 2},      # stages of tensor slices
+         training={"optimizer": "adam", "zero": 3, "recompute": True}),
 ])
 def test_a_plan_round_trips_through_json(sections, tmp_path):
     p = plan(scenario(**sections))
