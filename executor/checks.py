@@ -15,7 +15,8 @@ ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster")
 
 
 def rank_role(rank: int, model_parallel: int, replicas: int) -> tuple[str, int, int]:
-    """("worker", replica, slot) or ("shard", shard, -1): pure, so tests need no MPI."""
+    """("worker", replica, slot) or ("shard", shard, -1): pure, so tests need no MPI.
+    ``model_parallel``: the slots of a replica (tensor slices x pipeline stages)."""
     workers = model_parallel * replicas
     if rank < workers:
         r, j = divmod(rank, model_parallel)
@@ -34,7 +35,7 @@ def parse_fail(text: str | None, sc) -> tuple[int, int] | None:
     if not text:
         return None
     m = re.fullmatch(r"(?:rank=)?(\d+)@(?:step=)?(\d+)", text.strip())
-    workers = sc.parallel.model_parallel * sc.parallel.replicas
+    workers = sc.parallel.devices_per_replica * sc.parallel.replicas
     if not m or int(m.group(1)) >= workers:
         raise ConfigError("--fail", text, f"must be rank=K@step=S with K a worker rank (0..{workers - 1})")
     why = cannot_go_on(sc)
@@ -78,7 +79,8 @@ def check(sc, size: int) -> None:
     if size != need:
         extra = " + 1 coordinator" if sc.training.algorithm == "sandblaster" else ""
         raise ConfigError("--ranks", str(size),
-                          f"the scenario needs model_parallel x replicas + ps_shards{extra} = {need} ranks")
+                          f"the scenario needs model_parallel x pipeline x replicas + ps_shards{extra} = "
+                          f"{need} ranks")
     if sc.training.algorithm not in ALGORITHMS:
         raise ConfigError(sc.file, "training.algorithm",
                           f"execute runs {', '.join(ALGORITHMS)} so far; got {sc.training.algorithm}")

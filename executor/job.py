@@ -34,7 +34,7 @@ class RankJob(SandblasterRoles):
         self.args = args
         self.data = getattr(args, "loaded", None)              # MNIST from --data, checked in main
         par = sc.parallel
-        self.M, self.R, self.S = par.model_parallel, par.replicas, par.ps_shards
+        self.M, self.R, self.S = par.devices_per_replica, par.replicas, par.ps_shards   # M: slots per replica
         self.role, self.r, self.j = rank_role(world.rank, self.M, self.R)
         if sc.training.algorithm == "sandblaster" and world.rank == world.size - 1:
             self.role, self.r = "coordinator", -1

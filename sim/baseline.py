@@ -14,8 +14,8 @@ def one_device_step_time(p: Plan) -> float:
     not fit).  Alone means no parameter server, so an algorithm that needs one (Downpour,
     Sandblaster, ...) is not the baseline's, and no faults: the baseline is the healthy job."""
     sc = p.scenario
-    solo = dataclasses.replace(sc, parallel=dataclasses.replace(sc.parallel, model_parallel=1, replicas=1,
-                                                                ps_shards=0, micro_batches=1),
+    solo = dataclasses.replace(sc, parallel=dataclasses.replace(sc.parallel, model_parallel=1, pipeline=1, replicas=1,
+                                                                ps_shards=0, micro_batches=1, grid=()),
                                training=dataclasses.replace(sc.training, algorithm="sync", backup_workers=0),
                                faults=Faults())
     res = simulate(plan(solo, check_memory=False), steps=1)

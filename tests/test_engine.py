@@ -269,3 +269,11 @@ def test_time_and_cost_to_train_follow_from_throughput_price_and_power():
     assert s["cost_usd"] == pytest.approx(3 * epoch / 3600 * 98.32)
     assert s["energy_kwh"] == pytest.approx(3 * epoch / 3600 * 10.2)
     assert s["meets_target"] is False
+
+
+def test_the_one_device_baseline_has_no_pipeline_and_no_grid():
+    """The speedup baseline of a pipelined or blocked run is the model on one device."""
+    from sim.baseline import one_device_step_time
+    flat = plan(scenario(batch=32))
+    piped = plan(scenario(batch=32, parallel={"model_parallel": 2, "pipeline": 2}))
+    assert one_device_step_time(piped) == pytest.approx(one_device_step_time(flat), rel=1e-12)

@@ -85,7 +85,7 @@ def test_execute_refuses_a_wrong_rank_count_in_one_line(tmp_path):
     f.write_text(SYNC.format(mp=2, r=2, steps=1))
     proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", str(f), "--ranks", "3"],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "needs model_parallel x replicas + ps_shards = 4" \
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "needs model_parallel x pipeline x replicas + ps_shards = 4" \
         in proc.stderr
 
 
