@@ -20,6 +20,7 @@ from typing import Any
 
 from clustersim.core.config import ConfigError
 from clustersim.core.metrics import summarize
+from clustersim.core.models import Model
 from clustersim.core.plan import Plan, plan
 from clustersim.core.scenario import Scenario, apply_overrides, parse_set, read_toml, scenario_from_dict
 from clustersim.core.schedule import ranks_needed
@@ -30,7 +31,8 @@ Source = str | Path | Mapping
 Overrides = Mapping[str, Any] | Iterable[str | tuple[str, Any]] | None
 
 __all__ = ["ConfigError", "Result", "load", "simulate", "sweep", "execute", "validate", "calibrate", "collective",
-           "combine", "ranks_needed", "save_figure", "write_atomic", "published", "published_score"]
+           "combine", "ranks_needed", "save_figure", "write_atomic", "published", "published_score",
+           "import_onnx"]
 
 
 class Result:
@@ -420,6 +422,17 @@ def published_score(rows: list[dict]) -> dict:
     """Median and worst |error| of the cases not fitted."""
     from clustersim.compare.published import score
     return score(rows)
+
+
+def import_onnx(path: str | Path, out: str | Path | None = None) -> Model:
+    """The clustersim model of an ONNX file (per sample: the batch is the scenario's
+    ``model.batch_size``, as with ``model.file = "x.onnx"``); ``out`` also writes it as a
+    model TOML, whole or not at all.  Raises ConfigError naming the file and the node."""
+    from clustersim.core.onnx_import import load_onnx, model_toml
+    model = load_onnx(Path(path))
+    if out is not None:
+        write_atomic(out, model_toml(model))
+    return model
 
 
 def combine(rounds: list[dict]) -> dict:

@@ -7,11 +7,11 @@ import argparse
 import os
 import sys
 
-from clustersim.cli import (calibrate, collective, execute, plan, published, search, simulate, sweep, topology,
-                            validate)
+from clustersim.cli import (calibrate, collective, execute, model, plan, published, search, simulate, sweep,
+                            topology, validate)
 from clustersim.core.config import ConfigError
 
-COMMANDS = (simulate, collective, sweep, search, execute, calibrate, validate, published, topology, plan)
+COMMANDS = (simulate, collective, sweep, search, execute, calibrate, validate, published, topology, plan, model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -478,7 +478,11 @@ def zoo_model(name: str, sequence: int = 0) -> Model:
 
 # --- model files ----------------------------------------------------------------------------
 def load_model_file(path: Path) -> Model:
-    """Reads a model TOML; raises ConfigError naming the file and field."""
+    """Reads a model TOML, or an ONNX graph (``.onnx``: core/onnx_import.py); raises
+    ConfigError naming the file and field."""
+    if path.suffix.lower() == ".onnx":
+        from clustersim.core.onnx_import import load_onnx    # imports onnx only when asked
+        return load_onnx(path)
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
