@@ -138,12 +138,13 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     traffic = {"predicted": traffic_per_step(res.trace)}
     predicted_phases = phase_times(sim_spans, first)
     predicted_phases["waits"] = waits(summary["step_time_s"], predicted_phases)
-    measured, quiet, phases = [], [], []
+    measured, quiet, phases, rates = [], [], [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             trace = Path(tmp) / "t.json"
             out = execute_side(scenario, items, "--trace", str(trace), "--device", device)
             measured.append(out["step_time_s"])
+            rates.append(out["samples_per_s"])
             quiet.append(out["quiet_step_time_s"])
             run_trace = Trace.load(trace)
             run_spans = pieces(run_trace)
@@ -160,6 +161,7 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     return {"scenario": sc.name, "file": scenario, "topology": topology, "ranks": ranks_needed(sc),
             "predicted_step_time_s": summary["step_time_s"], "measured_step_time_s": meas,
             "error_pct": error_pct(summary["step_time_s"], meas), "measured_runs_s": measured,
+            "predicted_samples_per_s": summary["samples_per_s"], "measured_runs_samples_per_s": rates,
             "spread_pct": spread_pct(measured), "phases": table,
             "timelines": {"predicted": timeline(sim_spans), "measured": timeline(run_spans)}, "traffic": traffic,
             **quiet_row(summary["step_time_s"], quiet)}
@@ -247,10 +249,9 @@ def speedup(scenario: str, set_items: list[str], against_items: list[str], topol
     runs: dict[str, list[dict]] = {"a": [None] * rounds, "b": [None] * rounds}
     for r, side in speedup_order(rounds):
         runs[side][r] = run(scenario, items[side])
-    ratios = [b["samples_per_s"] / a["samples_per_s"] for a, b in zip(runs["a"], runs["b"])]
-    quiet = [quiet_rate(b) / quiet_rate(a) for a, b in zip(runs["a"], runs["b"])]
-    pred = predicted["b"]["samples_per_s"] / predicted["a"]["samples_per_s"]
-    meas, meas_quiet = statistics.median(ratios), statistics.median(quiet)
+    figures = speedup_figures([predicted["a"]["samples_per_s"]], [predicted["b"]["samples_per_s"]],
+                              [x["samples_per_s"] for x in runs["a"]], [x["samples_per_s"] for x in runs["b"]])
+    quiet = speedup_figures([1.0], [1.0], [quiet_rate(x) for x in runs["a"]], [quiet_rate(x) for x in runs["b"]])
 
     def side_row(side: str) -> dict:
         rates = [x["samples_per_s"] for x in runs[side]]
@@ -261,8 +262,29 @@ def speedup(scenario: str, set_items: list[str], against_items: list[str], topol
                 "measured_step_time_s": statistics.median(x["step_time_s"] for x in runs[side]),
                 "spread_pct": spread_pct(rates)}
     return {"scenario": load_scenario(scenario).name, "file": scenario, "against": list(against_items),
-            "rounds": rounds, "a": side_row("a"), "b": side_row("b"),
-            "predicted_speedup": pred, "measured_speedup": meas, "speedup_error_pct": error_pct(pred, meas),
-            "speedup_spread_pct": spread_pct(ratios), "measured_speedups": ratios,
-            "quiet_speedup": meas_quiet, "quiet_speedup_error_pct": error_pct(pred, meas_quiet),
-            "quiet_speedup_spread_pct": spread_pct(quiet)}
+            "rounds": rounds, "a": side_row("a"), "b": side_row("b"), **figures,
+            "quiet_speedup": quiet["measured_speedup"],
+            "quiet_speedup_error_pct": error_pct(figures["predicted_speedup"], quiet["measured_speedup"]),
+            "quiet_speedup_spread_pct": quiet["speedup_spread_pct"]}
+
+
+def speedup_figures(predicted_a: list[float], predicted_b: list[float], measured_a: list[float],
+                    measured_b: list[float]) -> dict:
+    """B's samples/s over A's: predicted (the median of the rounds' predictions' ratios) and
+    measured (the median of the rounds' ratios: round r's B over round r's A, which ran
+    beside it), the error in percent, and the spread of the measured ratios ((max - min) /
+    median, percent)."""
+    ratios = [b / a for a, b in zip(measured_a, measured_b)]
+    pred = statistics.median(b / a for a, b in zip(predicted_a, predicted_b))
+    meas = statistics.median(ratios)
+    return {"predicted_speedup": pred, "measured_speedup": meas, "speedup_error_pct": error_pct(pred, meas),
+            "speedup_spread_pct": spread_pct(ratios), "measured_speedups": ratios}
+
+
+def suite_speedup(a_rounds: list[dict], b_rounds: list[dict]) -> dict:
+    """``speedup_figures`` of two cases validated in the same rounds (``validate`` results,
+    round by round): each round's prediction, and the median of each round's runs."""
+    return speedup_figures([r["predicted_samples_per_s"] for r in a_rounds],
+                           [r["predicted_samples_per_s"] for r in b_rounds],
+                           [statistics.median(r["measured_runs_samples_per_s"]) for r in a_rounds],
+                           [statistics.median(r["measured_runs_samples_per_s"]) for r in b_rounds])

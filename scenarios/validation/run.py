@@ -3,7 +3,9 @@ this host afresh for each rank count the cases need (then those cases, one after
 simulating on that topology and executing for real (REPEATS runs); the
 median prediction against the median of all runs (``clustersim.compare.validate.combine``), and
 against the runs' quiet windows (the prediction is the host without its neighbours:
-calibrate probes where it runs quietly; ``clustersim.calibrate.hostspeed``).
+calibrate probes where it runs quietly; ``clustersim.calibrate.hostspeed``).  Then the
+speedups of PAIRS of these cases (B's samples/s over A's, each round's runs against each
+other: the rounds interleave every case, ``clustersim.compare.validate.suite_speedup``).
 
     make validate        # writes out/validation.json and prints the table
 """
@@ -18,10 +20,19 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 import clustersim  # noqa: E402
+from clustersim.compare.validate import suite_speedup  # noqa: E402  (to become clustersim.api.suite_speedup)
 
 ROUNDS = 3      # calibrate, predict, run: the host drifts over minutes
 REPEATS = 4     # a whole run can fall in a slow spell (mlp-1rank, 4,000 steps: 284 us a step in one run, 195-215 in five)
 OUT = Path("out/validation.json")
+PAIRS = [                                   # (A, B): B's speedup over A
+    ("mlp-1rank", "mlp-allreduce-2"), ("mlp-1rank", "mlp-spatial-2"), ("mlp-1rank", "mlp-layers-2"),
+    ("mlp-1rank", "mlp-ps-2"), ("mlp-1rank", "mlp-downpour-2x1"),
+    ("mlp-allreduce-2", "mlp-ps-2"),        # allreduce vs parameter server
+    ("mlp-layers-2", "mlp-layers-2-micro4"),  # 1 vs 4 micro-batches
+    ("mlp-allreduce-2", "mlp-oversubscribed-4"),
+    ("speech-1rank", "speech-spatial-2"), ("speech-1rank", "speech-layers-2"),
+]
 CALIBRATION = Path("out/calibration")
 
 
@@ -55,10 +66,31 @@ def main() -> None:
     summary = {"median_abs_error_pct": statistics.median(errors), "worst_abs_error_pct": max(errors),
                "quiet_median_abs_error_pct": statistics.median(quiet), "quiet_worst_abs_error_pct": max(quiet),
                "cases": rows}
+    summary["speedups"] = speedups({f.stem: rounds[f] for f in files})
     clustersim.write_atomic(OUT, json.dumps(summary, indent=2))
     print(f"median |error| {summary['median_abs_error_pct']:.1f}%, worst {summary['worst_abs_error_pct']:.1f}% "
           f"(goal: <= 3% and <= 8%); against the runs' quiet windows: "
           f"{summary['quiet_median_abs_error_pct']:.1f}%, {summary['quiet_worst_abs_error_pct']:.1f}%; wrote {OUT}")
+
+
+
+def speedups(rounds: dict[str, list[dict]]) -> dict:
+    """The speedup of each pair in PAIRS whose cases both ran, printed as a table; with the
+    median and worst |error| (goal: <= 3% and <= 8%)."""
+    rows = []
+    for a, b in PAIRS:
+        if a in rounds and b in rounds:
+            rows.append({"a": a, "b": b, **suite_speedup(rounds[a], rounds[b])})
+    for r in rows:
+        print(f"{r['a']:>16} -> {r['b']:<22} predicted {r['predicted_speedup']:6.3f}  measured "
+              f"{r['measured_speedup']:6.3f}  error {r['speedup_error_pct']:+7.1f}%  spread {r['speedup_spread_pct']:5.1f}%")
+    errors = [abs(r["speedup_error_pct"]) for r in rows]
+    out = {"median_abs_error_pct": statistics.median(errors) if errors else None,
+           "worst_abs_error_pct": max(errors) if errors else None, "pairs": rows}
+    if errors:
+        print(f"speedups: median |error| {out['median_abs_error_pct']:.1f}%, worst {out['worst_abs_error_pct']:.1f}% "
+              f"(goal: <= 3% and <= 8%)")
+    return out
 
 
 if __name__ == "__main__":
