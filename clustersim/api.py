@@ -30,7 +30,7 @@ from clustersim.core.trace import Trace, write_atomic
 Source = str | Path | Mapping
 Overrides = Mapping[str, Any] | Iterable[str | tuple[str, Any]] | None
 
-__all__ = ["ConfigError", "Result", "load", "simulate", "sweep", "execute", "validate", "calibrate", "collective",
+__all__ = ["ConfigError", "Result", "load", "simulate", "sweep", "search", "execute", "validate", "calibrate", "collective",
            "combine", "ranks_needed", "save_figure", "write_atomic", "published", "published_score",
            "import_onnx"]
 
@@ -149,7 +149,7 @@ SEARCH_KEYS = SWEEP_KEYS + ("machines_used", "time_to_accuracy_s", "accuracy")
 
 def _search_point(source: Source, pairs: list[tuple[str, Any]]) -> dict:
     """One candidate's metrics and why, or its one-line reason."""
-    from clustersim.search import why
+    from clustersim.search_space import why
     try:
         res = simulate(source, pairs, speedup=False)
     except ConfigError as exc:
@@ -166,13 +166,13 @@ def _search_point(source: Source, pairs: list[tuple[str, Any]]) -> dict:
 def search(source: Source, devices: int, overrides: Overrides = None, *, objective: str = "time",
            target_hours: float = 0.0, jobs: int = 1, mpi: bool = False,
            on_point: Callable[[dict], None] | None = None) -> dict:
-    """The ways to run the job on at most ``devices`` devices (``clustersim.search``), the
+    """The ways to run the job on at most ``devices`` devices (``clustersim.search_space``), the
     global batch fixed: candidates that cannot fit in memory are dropped before simulating,
     the rest simulated (sync: one step, every step being alike) and ranked by ``objective``.
     Returns ``ranked`` (best first: the chosen keys, the metrics, ``why``), ``dropped``
     (candidates refused before simulating, with reasons) and ``note`` (a deadline no
     candidate meets)."""
-    from clustersim.search import OBJECTIVES, candidates, score
+    from clustersim.search_space import OBJECTIVES, candidates, score
     base = _pairs(overrides)
     sc = load(source, base)
     n = len(sc.topology.compute_devices())

@@ -6,7 +6,7 @@ import sys
 
 from clustersim import api, report
 from clustersim.cli.args import scenario_args
-from clustersim.search import OBJECTIVES
+from clustersim.search_space import OBJECTIVES
 
 SHOWN = 10
 

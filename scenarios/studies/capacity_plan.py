@@ -26,7 +26,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 import clustersim  # noqa: E402
-from clustersim.api import search  # noqa: E402  (not among clustersim's lazy verbs yet)
 
 CLUSTERS = (("dgx-h100-fat-tree", 4, 32), ("dgx-a100-fat-tree", 4, 32))   # (topology, machines, GPUs searched)
 MODEL, DTYPE = "resnet-50", "bf16"
@@ -55,7 +54,7 @@ def plan_cluster(topology: str, machines: int, devices: int, spec: dict, target_
     """The cost-ranked search on up to ``devices`` of one cluster's GPUs: its rows
     (``ROW_KEYS``), how many candidates were refused before simulating, and search's note."""
     sc = spec | {"cluster": {"topology": topology, "machines": machines}}
-    found = search(sc, devices, objective="cost", target_hours=target_hours, jobs=jobs)
+    found = clustersim.search(sc, devices, objective="cost", target_hours=target_hours, jobs=jobs)
     rows = [{"cluster": topology} | {k: r[k] for k in ROW_KEYS} for r in found["ranked"]]
     return {"cluster": topology, "machines": machines, "devices": devices, "candidates": found["candidates"],
             "dropped": len(found["dropped"]), "note": found["note"], "rows": rows}
