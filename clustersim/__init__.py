@@ -6,8 +6,9 @@ holds the verbs a script calls; ``clustersim.cli`` is the command.
 """
 from __future__ import annotations
 
-VERBS = ("load", "simulate", "sweep", "search", "execute", "validate", "calibrate", "calibrate_gpus", "collective",
-         "combine", "published", "import_onnx", "ranks_needed", "save_figure", "write_atomic", "Result", "ConfigError")
+VERBS = ("load", "simulate", "sweep", "search", "execute", "validate", "validate_speedup", "suite_speedup",
+         "calibrate", "calibrate_gpus", "collective", "combine", "published", "import_onnx", "ranks_needed",
+         "save_figure", "write_atomic", "Result", "ConfigError")
 
 
 def __getattr__(name: str):

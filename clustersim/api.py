@@ -379,6 +379,12 @@ def validate_speedup(path: str | Path, overrides: Overrides, against: Overrides,
     return Result(speedup(str(path), items, more, {side: str(files[n]) for side, n in ranks.items()}, rounds))
 
 
+def suite_speedup(a_rounds: list[dict], b_rounds: list[dict]) -> dict:
+    """B's speedup over A from two cases validated in the same rounds (``make validate``)."""
+    from clustersim.compare.validate import suite_speedup as figures
+    return figures(a_rounds, b_rounds)
+
+
 def calibrate_for(ranks: int, out: str | Path, models: list[str]) -> dict:
     """``calibrate`` with the in-context op probes of ``models`` only (all of them for a
     model calibrate has no probe of): a third of the time for mlp-digits alone."""

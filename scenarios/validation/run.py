@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 import clustersim  # noqa: E402
-from clustersim.compare.validate import suite_speedup  # noqa: E402  (to become clustersim.api.suite_speedup)
+from clustersim.api import suite_speedup  # noqa: E402
 
 ROUNDS = 3      # calibrate, predict, run: the host drifts over minutes
 REPEATS = 4     # a whole run can fall in a slow spell (mlp-1rank, 4,000 steps: 284 us a step in one run, 195-215 in five)
