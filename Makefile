@@ -23,9 +23,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "slow or not slow"
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_sim.py
-	$(BIN)/python benchmarks/bench_executor.py
+bench: $(STAMP)   # one line of JSON on stdout (issue 18's figures); the executor's table on stderr
+	@$(BIN)/python benchmarks/bench_sim.py
+	@$(BIN)/python benchmarks/bench_executor.py >&2
 
 validate: $(STAMP)
 	$(BIN)/python scenarios/validation/run.py
