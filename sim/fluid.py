@@ -54,8 +54,12 @@ class Fluid:
                 raise ValueError(f"resource {res!r} has no capacity")
         jid = next(self._ids)
         self.jobs[jid] = _Job(weights, float(amount), event, self.env.now)
+        users = self.users
         for res in weights:
-            self.users.setdefault(res, set()).add(jid)
+            if res in users:
+                users[res].add(jid)
+            else:
+                users[res] = {jid}
         self._mark([jid])
         return event
 
