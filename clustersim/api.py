@@ -87,7 +87,7 @@ def simulate(source: Source | Scenario, overrides: Overrides = None, *, speedup:
     return Result(summary, res.trace, p)
 
 
-SWEEP_KEYS = ("step_time_s", "samples_per_s", "sim_time_s", "sim_events", "wall_s", "bytes_per_step",
+SWEEP_KEYS = ("step_time_s", "samples_per_s", "devices", "sim_time_s", "sim_events", "wall_s", "bytes_per_step",
               "epoch_time_s", "time_to_train_s", "cost_usd", "energy_kwh", "meets_target")
 
 

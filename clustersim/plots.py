@@ -71,15 +71,28 @@ def plot_step(trace: Trace, p: Plan, summary: dict, path: str | Path, step: int 
 
 
 def plot_sweep(points: list[dict], key: str, path: str | Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    """Throughput and speedup against the varied key; parallel efficiency (speedup over
+    the devices used, against the first point); cost to train where the points have it."""
     xs = [str(p[key]) for p in points]
+    panels = 3 if any("cost_usd" in p for p in points) else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    ax = axes[0]
     ax.plot(xs, [p["samples_per_s"] for p in points], marker="o")
     ax.set_xlabel(key)
     ax.set_ylabel("samples / s")
     ax2 = ax.twinx()
     ax2.plot(xs, [p["speedup"] for p in points], marker="s", color="#c44e52", linestyle="--")
     ax2.set_ylabel("speedup against the first point", color="#c44e52")
-    ax.set_title(f"sweep over {key}")
+    base = points[0].get("devices", 1) if points else 1
+    axes[1].plot(xs, [p["speedup"] * base / p.get("devices", base) for p in points], marker="o", color="#55a868")
+    axes[1].set_xlabel(key)
+    axes[1].set_ylabel("parallel efficiency (speedup / device ratio)")
+    axes[1].set_ylim(bottom=0)
+    if panels == 3:
+        axes[2].plot(xs, [p.get("cost_usd", float("nan")) for p in points], marker="o", color="#8172b2")
+        axes[2].set_xlabel(key)
+        axes[2].set_ylabel("cost to train (USD)")
+    fig.suptitle(f"sweep over {key}")
     fig.tight_layout()
     save_figure(fig, path)
 

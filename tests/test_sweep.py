@@ -49,3 +49,13 @@ def test_mpi_ranks_give_the_rows_of_one_process(tmp_path, capsys):
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert rows(json.loads(out.stdout)) == rows(local)
+
+
+def test_points_say_their_devices_and_the_plot_has_efficiency_and_cost(tmp_path, capsys):
+    png = tmp_path / "sweep.png"
+    assert main(["sweep", QUICK, "--vary", "parallel.replicas=1,2,4", "--set", "training.steps=2",
+                 "--set", "training.dataset_samples=100000", "--plot", str(png), "--json"]) == 0
+    points = json.loads(capsys.readouterr().out)
+    assert [p["devices"] for p in points] == [1, 2, 4]
+    assert all(p["cost_usd"] > 0 for p in points)
+    assert png.stat().st_size > 10_000

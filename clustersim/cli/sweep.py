@@ -13,7 +13,7 @@ from clustersim.cli.args import scenario_args
 from clustersim.core.config import ConfigError
 from clustersim.core.scenario import parse_set
 
-METRICS = ("step_time_s", "samples_per_s", "speedup", "sim_time_s", "sim_events", "wall_s", "bytes_per_step",
+METRICS = ("step_time_s", "samples_per_s", "speedup", "devices", "sim_time_s", "sim_events", "wall_s", "bytes_per_step",
            "epoch_time_s", "time_to_train_s", "cost_usd", "energy_kwh", "meets_target")
 
 
