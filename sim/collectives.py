@@ -216,9 +216,14 @@ def run(env: simpy.Environment, network: Network, coll: Collective | list[Phase]
     if coll.proto:
         topo = network.topology
 
+        speeds: dict[DirLink, float] = {}
+
         def speed(link: DirLink) -> float:
-            cc = max(topo.devices[end].compute_capability for end in link)
-            return nccl.link_efficiency(link_kind(topo, link), cc) * coll.share
+            """NCCL's share of the link for this collective (worked out once per link)."""
+            if link not in speeds:
+                cc = max(topo.devices[end].compute_capability for end in link)
+                speeds[link] = nccl.link_efficiency(link_kind(topo, link), cc) * coll.share
+            return speeds[link]
     for w, wave in enumerate(waves):
         lat = coll.wave_latency[w] if w < len(coll.wave_latency) else None
         yield env.all_of([env.process(_phase(env, network, ph, record, lat, speed)) for ph in wave])
