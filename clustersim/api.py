@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ def sweep(source: Source, vary: Mapping[str, Iterable[Any]], overrides: Override
     (dotted), the metrics and ``speedup`` against the first feasible point.  A point that
     cannot be planned holds ``error`` instead; when no point can, the first point's
     ConfigError is raised (bad input that they share).  Points run in ``jobs`` processes,
-    or on the ranks of ``mpiexec`` with ``mpi`` (mpi4py.futures); ``done`` maps the tuple
+    or on the ranks of ``mpiexec`` with ``mpi`` (mpi4py.futures); ``done`` maps ``point_key``
     of a combination's values to a point already run (``--resume``); ``on_point`` is called
     with each point as it finishes (a progress bar)."""
     base = _pairs(overrides)
@@ -120,18 +120,16 @@ def sweep(source: Source, vary: Mapping[str, Iterable[Any]], overrides: Override
     results: list[dict | None] = [None] * len(combos)
     todo = []
     for i, combo in enumerate(combos):
-        key = tuple(v for _, v in combo)
+        key = point_key(v for _, v in combo)
         if key in done:
             results[i] = {k: v for k, v in done[key].items() if k not in vary and k != "speedup"}
         else:
             todo.append(i)
-    with _pool(jobs, mpi) as pool:
-        futures = {pool.submit(_sweep_point, source, base + combos[i]): i for i in todo}
-        for fut in as_completed(futures):
-            i = futures[fut]
-            results[i] = fut.result()
-            if on_point:
-                on_point({k: v for k, v in combos[i]} | results[i])
+    for n, result in _each(_sweep_point, [(source, base + combos[i]) for i in todo], jobs, mpi):
+        i = todo[n]
+        results[i] = result
+        if on_point:
+            on_point({k: v for k, v in combos[i]} | result)
     if all("error" in r and "stalled_at_s" not in r for r in results):
         plan(load(source, base + combos[0]))               # raises the first point's ConfigError
     first = next((r for r in results if "error" not in r), None)
@@ -186,7 +184,10 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
         raise ConfigError(sc.file, "training.cosim", "time-to-accuracy needs the co-simulated model (cosim = true)")
     if target_hours and not sc.training.dataset_samples:
         raise ConfigError(sc.file, "training.dataset_samples", "a target in hours needs the data set's size")
-    steps = [("training.steps", 1)] if sc.training.algorithm == "sync" else []
+    if target_hours < 0:
+        raise ConfigError("--target-hours", str(target_hours), "must be >= 0")
+    alike = sc.training.algorithm == "sync" and objective != "time-to-accuracy" and not sc.training.cosim
+    steps = [("training.steps", 1)] if alike else []       # sync steps are alike; training to accuracy is not
     if target_hours:
         steps.append(("training.target_hours", target_hours))
     trials, dropped = [], []
@@ -199,14 +200,14 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
             continue
         trials.append((cand, pairs))
     points = []
-    with _pool(jobs, mpi) as pool:
-        futures = {pool.submit(_search_point, source, pairs): cand for cand, pairs in trials}
-        for fut in as_completed(futures):
-            point = futures[fut] | fut.result()
-            (dropped if "error" in point else points).append(point)
-            if on_point:
-                on_point(point)
-    ranked = sorted(points, key=lambda p: score(p, objective))
+    for n, result in _each(_search_point, [(source, pairs) for _, pairs in trials], jobs, mpi):
+        point = trials[n][0] | result | {"candidate": n}
+        (dropped if "error" in point else points).append(point)
+        if on_point:
+            on_point(point)
+    if not points and dropped:                             # bad input every candidate shares
+        raise ConfigError(str(source), "", f"no configuration can run: {dropped[0]['error']}")
+    ranked = sorted(points, key=lambda p: (score(p, objective), p["candidate"]))
     note = ""
     if target_hours:
         meeting = [p for p in ranked if p.get("meets_target")]
@@ -218,29 +219,29 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     return {"ranked": ranked, "dropped": dropped, "note": note, "candidates": len(trials) + len(dropped)}
 
 
-class _InProcess:
-    """The executor interface, run here and now (``jobs = 1``: no processes to start)."""
+def point_key(values) -> tuple:
+    """A sweep point's varied values as a dict key (lists and tables as their JSON)."""
+    return tuple(json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v for v in values)
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def submit(self, fn, *args) -> Future:
-        fut: Future = Future()
-        try:
-            fut.set_result(fn(*args))
-        except BaseException as exc:       # noqa: BLE001 (handed to the caller by .result())
-            fut.set_exception(exc)
-        return fut
+def _each(fn, argsets: list[tuple], jobs: int, mpi: bool):
+    """(index, fn(*args)) for every args of ``argsets``, each as soon as it is done: here in
+    order (jobs = 1), or from a process pool / MPI ranks as they finish."""
+    if jobs <= 1 and not mpi:
+        for n, args in enumerate(argsets):
+            yield n, fn(*args)
+        return
+    with _pool(jobs, mpi) as pool:
+        futures = {pool.submit(fn, *args): n for n, args in enumerate(argsets)}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
 
 
 def _pool(jobs: int, mpi: bool):
     if mpi:
         from mpi4py.futures import MPIPoolExecutor
         return MPIPoolExecutor()
-    return ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else _InProcess()
+    return ProcessPoolExecutor(max_workers=jobs)
 
 
 PLAN_FILE = "plan.json"          # in the run's workdir: the Plan every rank loads

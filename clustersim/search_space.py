@@ -31,7 +31,7 @@ def powers_of_two(limit: int) -> list[int]:
 def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
     """Every configuration to try on at most ``devices`` devices (dotted overrides)."""
     global_batch = sc.batch_size * sc.parallel.replicas
-    machines = len({sc.topology.machine_of(d) for d in sc.topology.compute_devices()[:devices]})
+    compute = sc.topology.compute_devices()
     out = []
     for m in powers_of_two(devices):
         for split in ("spatial", "layers") if m > 1 else ("spatial",):
@@ -45,8 +45,9 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
                     base = {"parallel.model_parallel": m, "parallel.split": split, "parallel.replicas": r,
                             "model.batch_size": batch, "parallel.micro_batches": micro, "parallel.grid": []}
                     out.append({**base, "parallel.ps_shards": 0, "training.allreduce": "auto"})
-                    if r > 1:
-                        out.append({**base, "parallel.ps_shards": max(1, machines)})
+                    if r > 1:              # one shard per machine the replicas use
+                        used = len({sc.topology.machine_of(d) for d in compute[:r * m]})
+                        out.append({**base, "parallel.ps_shards": used})
     return out
 
 

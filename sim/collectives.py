@@ -144,12 +144,15 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
         return Collective(op, chosen, "", tuple(phases(op, chosen, devices, nbytes, nodes)))
     n, machines = len(devices), len(set(nodes))
     intra = _intra_kind(topology, devices)
-    if algo == "auto" or not proto:
-        candidates = [algo] if algo != "auto" else ["ring"] + (["tree"] if op in ("allreduce", "broadcast") else [])
+    if algo not in ("auto", "ring", "tree"):
+        proto = proto or "Simple"                 # hierarchical, ps: not in NCCL's tuner
+    elif algo == "auto" or not proto:
+        # NCCL 2.20 tunes broadcast over the ring only; a forced protocol limits the choice to it
+        candidates = [algo] if algo != "auto" else ["ring"] + (["tree"] if op == "allreduce" else [])
         per_byte = {a: _us_per_byte(topology, op, a, devices, nodes, rail_ports, cache) for a in candidates}
         channels = min(len(p) for p in rail_ports) if rail_ports else 1
-        best_algo, best_proto = nccl.choose(op, nbytes, per_byte, n, machines, intra, channels)
-        algo, proto = best_algo, proto or best_proto
+        algo, proto = nccl.choose(op, nbytes, per_byte, n, machines, intra, channels,
+                                  (proto,) if proto else nccl.PROTOCOLS)
     schedule = tuple(phases(op, algo, devices, nbytes, nodes, rail_ports))
     share = nccl.protocol_factor("tree" if algo == "tree" else "ring", proto, op, machines, n / machines)
     return Collective(op, algo, proto, schedule, _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes),

@@ -146,3 +146,25 @@ def test_a100_nvlink_runs_at_nccls_ampere_lane_speed():
     size = 2.0**30
     coll = collectives.layout(topo, "allreduce", "ring", topo.compute_devices(), size, proto="Simple")
     assert run_time(topo, coll) == pytest.approx(56e-6 + 1.75 * size / 240e9, rel=1e-9)
+
+
+def test_hierarchical_and_a_forced_protocol_run_in_training_and_from_the_command():
+    """hierarchical is not in NCCL's tuner: it runs Simple, also inside a training step;
+    a forced protocol limits auto's choice to it (NCCL_PROTO)."""
+    from clustersim.core.plan import plan
+    from sim.engine import simulate
+    from helpers import scenario
+    res = simulate(plan(scenario(batch=32, parallel={"replicas": 8}, training={"allreduce": "hierarchical",
+                                                                                "steps": 2})))
+    assert res.stalled_at_s is None and len(res.trace.step_ends) == 2
+    [row] = api.collective("dgx-h100-fat-tree", "allreduce", "hierarchical", [2**20], machines=2)
+    assert (row["algo"], row["protocol"]) == ("hierarchical", "Simple")
+    topo = load_topology("dgx-h100-fat-tree", machines=4)
+    devices = topo.compute_devices()
+    forced = collectives.layout(topo, "allreduce", "auto", devices, 1024, proto="Simple")
+    cache = {}
+    per_byte = {a: collectives._us_per_byte(topo, "allreduce", a, devices, [topo.machine_of(d) for d in devices],
+                                            collectives.ports(topo, devices), cache) for a in ("ring", "tree")}
+    best = min(per_byte, key=lambda a: nccl.predicted_us("allreduce", a, "Simple", 1024, per_byte[a], 32, 4,
+                                                         "nvlink", 8))
+    assert (forced.algo, forced.proto) == (best, "Simple")

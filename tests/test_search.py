@@ -73,3 +73,12 @@ def test_bad_search_input_is_one_line():
         api.search(QUICK, 99)
     with pytest.raises(ConfigError, match="cosim"):
         api.search(QUICK, 2, objective="time-to-accuracy")
+
+
+def test_time_to_accuracy_trains_each_candidate_and_ties_keep_candidate_order():
+    res = api.search(QUICK, 2, {"training.cosim": True, "training.steps": 60, "training.learning_rate": 0.5,
+                                "parallel.replicas": 1, "model.batch_size": 64, "training.target_accuracy": 0.5},
+                     objective="time-to-accuracy")
+    assert any(p.get("time_to_accuracy_s") is not None for p in res["ranked"])
+    assert [p["candidate"] for p in res["ranked"] if p.get("time_to_accuracy_s") is None] == sorted(
+        p["candidate"] for p in res["ranked"] if p.get("time_to_accuracy_s") is None)

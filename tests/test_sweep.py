@@ -59,3 +59,23 @@ def test_points_say_their_devices_and_the_plot_has_efficiency_and_cost(tmp_path,
     assert [p["devices"] for p in points] == [1, 2, 4]
     assert all(p["cost_usd"] > 0 for p in points)
     assert png.stat().st_size > 10_000
+
+
+def test_one_process_reports_every_point_as_it_finishes_and_lists_vary_too(monkeypatch, capsys):
+    """In one process a point is reported (and --out written) before the next one runs, so
+    an interrupted sweep keeps what it finished."""
+    from clustersim import api
+    log, run = [], api._sweep_point
+
+    def logged(source, pairs):
+        log.append(("ran", dict(pairs)["parallel.replicas"]))
+        return run(source, pairs)
+    monkeypatch.setattr(api, "_sweep_point", logged)
+    api.sweep(QUICK, {"parallel.replicas": [1, 2]}, {"training.steps": 1},
+              on_point=lambda p: log.append(("reported", p["parallel.replicas"])))
+    assert log == [("ran", 1), ("reported", 1), ("ran", 2), ("reported", 2)]
+    monkeypatch.undo()
+    assert main(["sweep", QUICK, "--vary", "parallel.grid=[]", "--set", "training.steps=1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["parallel.grid"] == []
+    assert main(["sweep", QUICK, "--vary", "parallel.replicas=1,2", "--vary", "parallel.replicas=4"]) == 2
+    assert "varied twice" in capsys.readouterr().err

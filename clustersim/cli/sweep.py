@@ -37,6 +37,8 @@ def parse_vary(items: list[str]) -> dict[str, list]:
         key, sep, values = item.partition("=")
         if not sep or not values:
             raise ConfigError("--vary", item, "must look like section.key=v1,v2,...")
+        if key.strip() in out:
+            raise ConfigError("--vary", item, f"{key.strip()} is varied twice; give its values in one --vary")
         out[key.strip()] = [v for _, v in parse_set([f"{key}={v}" for v in values.split(",")])]
     return out
 
@@ -48,7 +50,7 @@ def previous(prefix: str, vary: dict) -> dict[tuple, dict]:
         return {}
     try:
         points = json.loads(path.read_text())
-        return {tuple(p[k] for k in vary): p for p in points}
+        return {api.point_key(p[k] for k in vary): p for p in points}
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(str(path), "", f"cannot resume from it: {exc!r}") from None
 

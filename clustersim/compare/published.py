@@ -87,7 +87,10 @@ def published(directory: Path) -> list[dict]:
     """Every case of ``directory`` (sorted by file name), predicted: rows with ``name``,
     ``metric``, ``unit``, ``predicted``, ``published``, ``error_pct``, ``source``, ``fitted``."""
     rows = []
-    for path in sorted(Path(directory).glob("*.toml")):
+    paths = sorted(Path(directory).glob("*.toml"))
+    if not paths:
+        raise ConfigError(str(directory), "", "no published-measurement cases (*.toml) there")
+    for path in paths:
         case = load_case(path)
         predicted = predict(case)
         rows.append({"name": case["name"], "metric": case["metric"], "unit": case["unit"], "predicted": predicted,

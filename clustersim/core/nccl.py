@@ -95,8 +95,8 @@ def latency_us(op: str, algo: str, proto: str, ranks: int, nodes: int, intra: st
     intra_lat, inter_lat = HW_LAT[intra][algo][p], HW_LAT["net"][algo][p]
     if algo == "tree":
         return lat + 2 * ((ranks / nodes - 1) * intra_lat + int(math.log2(nodes)) * inter_lat)
-    if op == "broadcast":
-        return lat + HW_LAT[intra][algo][p]
+    if op == "broadcast":                    # the channels' hops overlap: one hop's latency
+        return lat + HW_LAT["net" if nodes > 1 else intra][algo][p]
     nsteps, inter_steps = steps(op, ranks, nodes)
     if nodes > 1:
         intra_lat = max(intra_lat, NET_OVERHEAD_US * (3 if proto == "Simple" else 1))
@@ -121,10 +121,11 @@ def predicted_us(op: str, algo: str, proto: str, nbytes: float, us_per_byte: flo
 
 
 def choose(op: str, nbytes: float, us_per_byte: dict[str, float], ranks: int, nodes: int, intra: str,
-           channels: int = 1) -> tuple[str, str]:
+           channels: int = 1, protocols: tuple[str, ...] = PROTOCOLS) -> tuple[str, str]:
     """(algorithm, protocol) with the least predicted time; ``us_per_byte``: every algorithm
-    that can run this op, with its transfer time per byte."""
+    that can run this op, with its transfer time per byte; ``protocols``: those allowed
+    (NCCL_PROTO)."""
     options = [(predicted_us(op, a, p, nbytes, t, ranks, nodes, intra, channels), a, p)
-               for a, t in us_per_byte.items() for p in PROTOCOLS]
+               for a, t in us_per_byte.items() for p in protocols]
     _, algo, proto = min(options)
     return algo, proto
