@@ -27,7 +27,7 @@ import simpy
 
 from clustersim.core import nccl
 from clustersim.core.collective import ALGOS, OPS, Phase, bus_factor, phases  # noqa: F401  (the simulator's collective API)
-from clustersim.core.topology import DirLink, Topology
+from clustersim.core.topology import DirLink, Topology, rail
 from sim.network import FlowNetwork, Network, Pair
 
 Record = Callable[[Pair, float, float, float], None]   # (pair, bytes, start_s, end_s)
@@ -57,20 +57,15 @@ def ports(topology: Topology, devices: Sequence[str]) -> list[list[tuple[str, st
         return None
     out = []
     for machine, local in by_machine.items():
-        nics = [n for n, x in topology.devices.items() if x.kind == "nic" and x.machine == machine]
+        nics = topology.nics_of(machine)
         if not nics:
             return None
         rails = []
-        for nic in sorted(nics, key=_rail):
-            near = sorted(local, key=lambda d: (len(topology.route(d, nic)), (_rail(d) - _rail(nic)) % 64))
+        for nic in sorted(nics, key=rail):
+            near = sorted(local, key=lambda d: (len(topology.route(d, nic)), (rail(d) - rail(nic)) % 64))
             rails.append((nic, near[0], near[min(1, len(near) - 1)]))
         out.append(rails)
     return out
-
-
-def _rail(name: str) -> int:
-    digits = name[len(name.rstrip("0123456789")):]
-    return int(digits) if digits else 0
 
 
 def schedule(topology: Topology, op: str, algo: str, devices: Sequence[str], nbytes: float) -> list[Phase]:
@@ -100,8 +95,7 @@ def sm_share(topology: Topology, devices: Sequence[str]) -> float:
     """The share of each member GPU's SMs an NCCL collective over ``devices`` takes."""
     sms = min(topology.devices[d].sms for d in devices)
     machines = {topology.machine_of(d) for d in devices}
-    nics = min(sum(1 for x in topology.devices.values() if x.kind == "nic" and x.machine == m) for m in machines)
-    return nccl.sm_share(len(machines), nics, sms)
+    return nccl.sm_share(len(machines), min(len(topology.nics_of(m)) for m in machines), sms)
 
 
 def link_kind(topology: Topology, link: DirLink) -> str:
@@ -143,7 +137,10 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
         chosen = "ring" if algo == "auto" else algo
         return Collective(op, chosen, "", tuple(phases(op, chosen, devices, nbytes, nodes)))
     n, machines = len(devices), len(set(nodes))
-    intra = _intra_kind(topology, devices)
+    key = ("intra", id(topology), tuple(devices))
+    if cache is not None and key not in cache:
+        cache[key] = _intra_kind(topology, devices)
+    intra = cache[key] if cache is not None else _intra_kind(topology, devices)
     if algo not in ("auto", "ring", "tree"):
         proto = proto or "Simple"                 # hierarchical, ps: not in NCCL's tuner
     elif algo == "auto" or not proto:

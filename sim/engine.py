@@ -19,6 +19,7 @@ from sim.compute import Compute
 from sim.faults import failure_schedule, slowdowns
 from sim.network import BACKENDS
 from clustersim.core.plan import PARAM_BYTES, Plan, cost_key, split_key
+from clustersim.core.topology import NoRoute
 from clustersim.core.trace import Span, Trace, Update
 
 
@@ -255,7 +256,7 @@ class Engine:
                    step: int, name: str) -> simpy.Event:
         try:
             coll = collectives.layout(self.network.topology, op, algo, devices, nbytes, cache=self._collectives)
-        except LookupError as exc:             # the tuner's trial run found a route cut
+        except NoRoute as exc:                 # the tuner's trial run found a route cut
             return self._block(f"{exc} (a link cut)", name)
         schedule = coll.phases
         route = self.network.topology.route

@@ -117,9 +117,8 @@ def test_bus_factors_follow_nccl_tests():
 
 
 def test_rail_flows_between_two_fat_tree_nodes_do_not_collide():
-    """Issue 16: 8 flows gpu i -> gpu i between two DGX H100 on the fat-tree, each through
-    its own NIC at both ends (rail) and on uplinks picked by destination (D-mod-K), so each
-    gets its NIC's 50 GB/s (a stable hash of the endpoints put two flows on a core link)."""
+    """8 flows gpu i -> gpu i between two DGX H100 on the fat-tree, each through its own NIC
+    at both ends (rail) and on uplinks picked by destination (D-mod-K), get 50 GB/s each."""
     from clustersim.core.topogen import load_topology
     topo = load_topology("dgx-h100-fat-tree", machines=2)
     pairs = [(f"m0.gpu{i}", f"m1.gpu{i}") for i in range(8)]

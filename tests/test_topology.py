@@ -147,8 +147,8 @@ def test_a_config_error_is_one_line_whatever_the_input_holds():
 
 
 def test_between_machines_a_route_leaves_and_enters_by_each_ends_own_nic():
-    """Issue 16: m0.gpu7 -> m1.gpu0 on the rail fabric went in through m1's NIC 7 and its CPU
-    root complex; RDMA goes NIC to NIC: out by NIC 7, across the spine, in by NIC 0."""
+    """RDMA goes NIC to NIC: m0.gpu7 -> m1.gpu0 on the rail fabric leaves by NIC 7, crosses
+    the spine and enters by NIC 0, never through m1's CPU root complex."""
     topo = load_topology("dgx-h100-rail", machines=4)
     hops = [v for _, v in topo.route("m0.gpu7", "m1.gpu0")]
     assert hops == ["m0.pcie3", "m0.nic7", "rail7", "spine0", "rail0", "m1.nic0", "m1.pcie0", "m1.gpu0"] or (

@@ -127,6 +127,10 @@ class Link:
     latency: float     # seconds
 
 
+class NoRoute(LookupError):
+    """No path joins two devices (none built, or the links it needed are cut)."""
+
+
 class Topology:
     """Devices and links; ``route`` gives the directed links a message crosses."""
 
@@ -195,7 +199,7 @@ class Topology:
 
     # --- routing -------------------------------------------------------------------------
     def route(self, src: str, dst: str) -> tuple[DirLink, ...]:
-        """Directed links from ``src`` to ``dst``; () when equal.  Raises LookupError if none."""
+        """Directed links from ``src`` to ``dst``; () when equal.  Raises NoRoute if none."""
         if src == dst:
             return ()
         key = (src, dst)
@@ -217,6 +221,10 @@ class Topology:
             return False
         return dev.machine is None or dev.machine in machines
 
+    def nics_of(self, machine: int | None) -> list[str]:
+        """A machine's NICs, in device order."""
+        return self._machine_nics.get(machine, [])
+
     def nic_of(self, device: str) -> str | None:
         """The NIC a device's traffic to other machines leaves by: the nearest of its
         machine's NICs (fewest hops), its own rail's among equals (GPU i's NIC i); None
@@ -236,8 +244,8 @@ class Topology:
         if not hops:
             return None
         near = sorted((n for n in hops if hops[n] == min(hops.values())), key=lambda n: self._index[n])
-        own = [n for n in near if _rail(n) == _rail(device)]
-        self._nic_of[device] = own[0] if own else near[_rail(device) % len(near)]
+        own = [n for n in near if rail(n) == rail(device)]
+        self._nic_of[device] = own[0] if own else near[rail(device) % len(near)]
         return self._nic_of[device]
 
     def _find_route(self, src: str, dst: str) -> tuple[DirLink, ...]:
@@ -277,7 +285,7 @@ class Topology:
                 elif dist[nb] == dist[node] + 1 and w > width[nb]:
                     width[nb] = w
         if src not in dist:
-            raise LookupError(f"no route from {src} to {dst}")
+            raise NoRoute(f"no route from {src} to {dst}")
         path, node, digits = [], src, self._port.get(dst, self._index[dst])
         while node != dst:
             options = [nb for nb in self._adj[node] if dist.get(nb, -1) == dist[node] - 1
@@ -291,7 +299,7 @@ class Topology:
         """The next hop among equally short and wide ``options``, and the digits left."""
         if len(options) > 1 and all(self.devices[o].kind == "nic" for o in options):
             end = src if self.devices[options[0]].machine == src_machine else dst
-            return options[_rail(end) % len(options)], digits          # the endpoint's own NIC
+            return options[rail(end) % len(options)], digits          # the endpoint's own NIC
         if len(options) > 1:
             return options[digits % len(options)], digits // len(options)   # D-mod-K: the next digit
         return options[0], digits
@@ -324,7 +332,7 @@ class Topology:
 
         near = [nb for nb in self._adj[src] if level(nb) >= 0]
         if not near:
-            raise LookupError(f"no route from {src} to {dst}")
+            raise NoRoute(f"no route from {src} to {dst}")
         hops = min(level(nb) for nb in near) + 1
         width = max(min(cap[(src, nb)], wide(nb)) for nb in near if level(nb) == hops - 1)
         options = [nb for nb in near if level(nb) == hops - 1 and min(cap[(src, nb)], wide(nb)) >= width]
@@ -410,7 +418,7 @@ class _Fabric:
         return out
 
 
-def _rail(name: str) -> int:
+def rail(name: str) -> int:
     """A device's number in its machine (gpu3 -> 3): its rail."""
     digits = name[len(name.rstrip("0123456789")):]
     return int(digits) if digits else 0

@@ -17,15 +17,16 @@ computing are cheapest, and the deadline decides how few that can be.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE))
 
 import clustersim  # noqa: E402
+from study_output import save  # noqa: E402
 
 CLUSTERS = (("dgx-h100-fat-tree", 4, 32), ("dgx-a100-fat-tree", 4, 32))   # (topology, machines, GPUs searched)
 MODEL, DTYPE = "resnet-50", "bf16"
@@ -143,8 +144,6 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     result = run(jobs=JOBS)
-    OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
-    clustersim.write_atomic(OUT_JSON, json.dumps(result, indent=1))
     for f in result["clusters"]:
         print(f"{f['cluster']}: {f['machines']} machines, {f['candidates']} candidates, {f['dropped']} refused"
               + (f"; {f['note']}" if f["note"] else ""))
@@ -160,8 +159,7 @@ def main() -> None:
     for f in result["clusters"]:
         if f["why_lost"]:
             print(f"{f['cluster']} lost: {f['why_lost']}")
-    plot(result, OUT_PNG)
-    print(f"wrote {OUT_JSON} and {OUT_PNG}")
+    save(result, OUT_JSON, plot, OUT_PNG)
 
 
 if __name__ == "__main__":

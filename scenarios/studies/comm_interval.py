@@ -15,14 +15,15 @@ overlap a worker's send with its next steps, so they beat it at short intervals.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE))
 
 import clustersim  # noqa: E402
+from study_output import save  # noqa: E402
 
 INTERVALS = (1, 5, 10, 100, 1000)       # samples between exchanges (the seed's)
 SEED_ACCURACY_PCT = {1: 88.7, 5: 83.8, 10: 74.4, 100: 55.6, 1000: 55.4}   # the seed, on MNIST
@@ -89,14 +90,11 @@ def plot(points: list[dict], path: Path) -> None:
 
 def main() -> None:
     points = run()
-    OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
-    clustersim.write_atomic(OUT_JSON, json.dumps(points, indent=1))
     print(f"{'interval':>8} {'accuracy':>9} {'seed':>6} {'speed-up':>9} {'formula':>8} {'exchange':>10}")
     for p in points:
         print(f"{p['interval']:8d} {100 * p['accuracy']:8.1f}% {SEED_ACCURACY_PCT[p['interval']]:5.1f}% "
               f"{p['speedup']:8.3f}x {p['formula_speedup']:7.3f}x {1e6 * p['exchange_s']:8.1f} us")
-    plot(points, OUT_PNG)
-    print(f"wrote {OUT_JSON} and {OUT_PNG}")
+    save(points, OUT_JSON, plot, OUT_PNG)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,15 @@ replicas' start phases on the shared links (docs/decisions/008) than with it.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE))
 
 import clustersim  # noqa: E402
+from study_output import log2_axis, save  # noqa: E402
 
 SCENARIO = HERE.parent / "dcasgd.toml"
 WORKERS = (4, 8, 16)
@@ -61,11 +62,7 @@ def plot(points: list[dict], path: Path) -> None:
     acc.set_ylabel(f"test accuracy after {SAMPLES:,} samples (%)")
     time.set_ylabel(f"simulated time for {SAMPLES:,} samples (ms)")
     for ax in (acc, time):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(WORKERS, [str(w) for w in WORKERS])
-        ax.set_xlabel("workers")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        log2_axis(ax, WORKERS, "workers")
     fig.suptitle("Sync SGD, ASGD and DC-ASGD: mlp-digits on distbelief-2012 (1 GbE), co-simulated")
     fig.tight_layout()
     clustersim.save_figure(fig, path)
@@ -73,14 +70,11 @@ def plot(points: list[dict], path: Path) -> None:
 
 def main() -> None:
     points = run()
-    OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
-    clustersim.write_atomic(OUT_JSON, json.dumps(points, indent=1))
     print(f"{'method':17s} {'workers':>7} {'accuracy':>9} {'loss':>7} {'time ms':>8} {'staleness':>9}")
     for p in points:
         print(f"{p['method']:17s} {p['workers']:7d} {100 * p['accuracy']:8.1f}% {p['loss']:7.3f} "
               f"{1e3 * p['time_s']:8.1f} {p['staleness_mean']:9.2f}")
-    plot(points, OUT_PNG)
-    print(f"wrote {OUT_JSON} and {OUT_PNG}")
+    save(points, OUT_JSON, plot, OUT_PNG)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,16 @@ not in the text and are not read off here.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE))
 
 import clustersim  # noqa: E402
+from study_output import log2_axis, save  # noqa: E402
 
 MACHINES = (1, 2, 4, 8, 16, 32, 64, 128)          # Figure 3's x axis
 EXTRA_MACHINES = {"distbelief-image-1.7b": (81,)}  # where the paper's text gives a point
@@ -67,26 +68,19 @@ def plot(results: dict, path: Path) -> None:
         for m, s in PAPER.get(model, ()):
             ax.plot([m], [s], marker="*", markersize=14, color=line.get_color(), linestyle="none")
     ax.plot([], [], marker="*", markersize=10, color="grey", linestyle="none", label="paper (text)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(MACHINES, [str(m) for m in MACHINES])
-    ax.set_xlabel("machines per model instance")
+    log2_axis(ax, MACHINES, "machines per model instance")
     ax.set_ylabel("training speed-up (samples/s vs 1 machine)")
     ax.set_title("DistBelief Fig. 3, simulated on distbelief-2012 (1 GbE, 16 cores)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     clustersim.save_figure(fig, path)
 
 
 def main() -> None:
     results = run()
-    OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
-    clustersim.write_atomic(OUT_JSON, json.dumps(results, indent=1))
     for model, points in results.items():
         row = "  ".join(f"{p['machines']}:{p['speedup']:.2f}x" for p in points)
         print(f"{model:24s} {row}   ({points[0]['sweep_wall_s']:.0f} s)")
-    plot(results, OUT_PNG)
-    print(f"wrote {OUT_JSON} and {OUT_PNG}")
+    save(results, OUT_JSON, plot, OUT_PNG)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,15 @@ single GPU is sync SGD with one replica and no parameter server, at Downpour's r
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE))
 
 import clustersim  # noqa: E402
+from study_output import log2_axis, save  # noqa: E402
 
 SCENARIOS = HERE.parent
 METHODS = {   # name -> (scenario file, overrides)
@@ -86,11 +87,7 @@ def plot(points: list[dict], path: Path) -> None:
     rate.set_ylabel("samples/s (millions)")
     ws = sorted({p["workers"] for p in points[1:]})
     for ax in (tta, rate):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ws, [str(w) for w in ws])
-        ax.set_xlabel("workers (one GPU each; +2 GPUs for the shards)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        log2_axis(ax, ws, "workers (one GPU each; +2 GPUs for the shards)")
     fig.suptitle("Downpour and Sandblaster: mlp-digits on DGX H100 GPUs, co-simulated")
     fig.tight_layout()
     clustersim.save_figure(fig, path)
@@ -98,16 +95,13 @@ def plot(points: list[dict], path: Path) -> None:
 
 def main() -> None:
     points = run()
-    OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
-    clustersim.write_atomic(OUT_JSON, json.dumps(points, indent=1))
     print(f"{'method':17s} {'workers':>7} {'to ' + format(TARGET_ACCURACY, '.0%'):>9} {'accuracy':>9} "
           f"{'samples/s':>10} {'compute':>8} {'staleness':>9}")
     for p in points:
         tta = f"{1e3 * p['time_to_accuracy_s']:.2f} ms" if p["time_to_accuracy_s"] is not None else "-"
         print(f"{p['method']:17s} {p['workers']:7d} {tta:>9} {100 * p['accuracy']:8.1f}% {p['samples_per_s']:10.0f} "
               f"{100 * p['compute_share']:7.0f}% {p['staleness_mean']:9.2f}")
-    plot(points, OUT_PNG)
-    print(f"wrote {OUT_JSON} and {OUT_PNG}")
+    save(points, OUT_JSON, plot, OUT_PNG)
 
 
 if __name__ == "__main__":

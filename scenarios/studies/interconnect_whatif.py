@@ -15,14 +15,15 @@ beside 32 images of compute, so the interconnect shows.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE))
 
 import clustersim  # noqa: E402
+from study_output import save  # noqa: E402
 
 CLUSTERS = (("pcie-4gpu", 1, 4),            # (topology, machines, GPUs used): all of each cluster's GPUs
             ("ethernet-cluster", 2, 8),
@@ -90,16 +91,13 @@ def plot(points: list[dict], path: Path) -> None:
 
 def main() -> None:
     points = run()
-    OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
-    clustersim.write_atomic(OUT_JSON, json.dumps(points, indent=1))
     print(f"{'cluster':18s} {'GPUs':>4} {'step ms':>8} {'compute':>8} {'exposed':>8} {'samples/s':>10} "
           f"{'of ideal':>8} {'buys':>6}  busiest link")
     for p in points:
         print(f"{p['cluster']:18s} {p['gpus']:4d} {1e3 * p['step_time_s']:8.2f} {1e3 * p['compute_s']:8.2f} "
               f"{1e3 * p['exposed_comm_s']:8.2f} {p['samples_per_s']:10.0f} {100 * p['efficiency']:7.0f}% "
               f"{p['buys']:5.2f}x  {p['busiest_link']} ({100 * p['busiest_link_utilisation']:.0f}%)")
-    plot(points, OUT_PNG)
-    print(f"wrote {OUT_JSON} and {OUT_PNG}")
+    save(points, OUT_JSON, plot, OUT_PNG)
 
 
 if __name__ == "__main__":
