@@ -36,3 +36,21 @@ def test_the_suite_spans_1_to_8_gpus_and_every_case_plans(suite):
         assert plan(sc).ops, name
         needs.append(n)
     assert {1, 2, 4, 8} <= set(needs) and max(needs) == 8
+
+
+def test_measured_nccl_busbw_is_set_beside_the_model_on_the_calibrated_topology(suite, tmp_path):
+    """Rows measured by calibrate --gpu (here: the model's own busbw scaled by 1.25) get the
+    collective model's busbw on the written topology and the error in percent."""
+    from clustersim.calibrate.gpu import gpu_topology_text
+    from test_gpucal import result
+    path = tmp_path / "g4.toml"
+    path.write_text(gpu_topology_text("g4", result(4)))
+    sizes = [2**20, 2**26]
+    model = clustersim.collective(path, "allreduce", "auto", sizes)
+    measured = [{"bytes": m["bytes"], "busbw_gbps": 1.25 * m["busbw_gbps"]} for m in model]
+    rows = suite.nccl_rows(measured, path)
+    assert [r["bytes"] for r in rows] == sizes
+    for r, m in zip(rows, model):
+        assert r["predicted_busbw_gbps"] == pytest.approx(m["busbw_gbps"]) and r["algo"] == m["algo"]
+        assert r["error_pct"] == pytest.approx(-20.0)
+    assert suite.nccl_rows([], path) == []

@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from executor.backend import cupy_or_none
-from clustersim.calibrate.gpu import gpu_topology_text, measure_copies, numpy_backend
+import numpy as np
+
+from clustersim.calibrate.gpu import gpu_topology_text, measure_allreduce, measure_copies, numpy_backend, pair_key
 from clustersim.core.topogen import load_topology
 
 
@@ -21,7 +23,8 @@ def result(devices: int) -> dict:
     comp = {"op_overhead_s": 5e-6, "peak_flops": 40e12, "efficiency_curve": [[1e6, 0.1], [1e10, 0.8]],
             "backward_efficiency_curve": [[2e6, 0.1], [2e10, 0.7]]}
     cpu = {**comp, "op_overhead_s": 1e-6, "peak_flops": 100e9}
-    copies = {"h2d": fit(10.0, 25.0), "d2h": fit(12.0, 20.0), **{f"d2d{d}": fit(8.0, 150.0) for d in range(1, devices)}}
+    pairs = {pair_key(a, b): fit(8.0 + a, 150.0 * (b - a)) for a in range(devices) for b in range(a + 1, devices)}
+    copies = {"h2d": fit(10.0, 25.0), "d2h": fit(12.0, 20.0), **pairs}
     return {"devices": devices, "gpu": comp, "gpu_memory_bytes": 80 * 2**30, "gpu_memory_bandwidth_bytes_per_s": 2e12,
             "copies": copies, "cpu": cpu, "cores": 4, "cpu_memory_bandwidth_bytes_per_s": 50e9}
 
@@ -39,9 +42,12 @@ def test_gpu_topology_routes_host_copies_over_pcie_and_gpu_copies_over_their_lin
     assert [ln[1] for ln in host] == ["pcie", "gpu2"]
     assert topo.route_latency(host) == pytest.approx(12e-6)
     assert topo.route_bandwidth(host) == pytest.approx(20e9)
-    peer = topo.route("gpu1", "gpu2")                    # the direct link, not the switch
-    assert len(peer) == 1 and topo.route_latency(peer) == pytest.approx(8e-6)
+    peer = topo.route("gpu1", "gpu2")                    # the direct link, not the switch, with that pair's fit
+    assert len(peer) == 1 and topo.route_latency(peer) == pytest.approx(9e-6)
     assert topo.route_bandwidth(peer) == pytest.approx(150e9)
+    far = topo.route("gpu0", "gpu2")
+    assert len(far) == 1 and topo.route_latency(far) == pytest.approx(8e-6)
+    assert topo.route_bandwidth(far) == pytest.approx(300e9)
 
 
 def test_one_gpu_has_no_peer_link(tmp_path):
@@ -51,13 +57,28 @@ def test_one_gpu_has_no_peer_link(tmp_path):
     assert topo.compute_devices() == ["gpu0"] and len(topo.route("cpu", "gpu0")) == 2
 
 
-def test_copies_are_measured_each_way_and_to_each_other_device_on_the_numpy_backend():
+def test_copies_are_measured_each_way_and_between_every_pair_on_the_numpy_backend():
     out = measure_copies(numpy_backend(3), sizes=[2**10, 2**16, 2**22], repeats=3)
-    assert sorted(out) == ["d2d1", "d2d2", "d2h", "h2d"]
+    assert sorted(out) == ["d2d0-1", "d2d0-2", "d2d1-2", "d2h", "h2d"]
     for key, f in out.items():
         assert [s[0] for s in f["samples"]] == [2**10, 2**16, 2**22]
         assert all(s[1] > 0 for s in f["samples"]) and f["beta_bytes_per_s"] > 0 and f["alpha_s"] >= 0
         assert f["samples"][-1][1] > f["samples"][0][1]          # 4 MiB takes longer than 1 KiB
+
+
+def test_the_allreduce_of_the_numpy_backend_sums_every_buffer_into_each():
+    bufs = [np.full(5, float(d + 1), np.float32) for d in range(3)]
+    numpy_backend(3).allreduce(bufs)
+    assert all(np.array_equal(b, np.full(5, 6.0)) for b in bufs)
+
+
+def test_allreduce_rows_are_nccl_tests_rows_by_size_within_the_memory_limit():
+    rows = measure_allreduce(numpy_backend(4), sizes=[2**12, 2**16, 2**20], repeats=3, limit=2**16)
+    assert [r["bytes"] for r in rows] == [2**12, 2**16]          # 1 MiB is over the limit
+    for r in rows:                                               # nccl-tests: busbw = algbw x 2 (n - 1) / n
+        assert r["algbw_gbps"] == pytest.approx(r["bytes"] / r["time_s"] / 1e9)
+        assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] * 2 * 3 / 4)
+    assert measure_allreduce(numpy_backend(1), sizes=[2**12]) == []
 
 
 @pytest.mark.skipif(cupy_or_none() is not None, reason="CuPy sees a GPU here")

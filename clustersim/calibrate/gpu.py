@@ -6,14 +6,17 @@ Measured on the GPUs CuPy sees (medians, each timing waiting for the device's st
   (a launch); on-device memory bandwidth (a large copy);
 - host <-> device over PCIe: copies between pinned host memory and GPU 0, each direction,
   by size, fitted to alpha + bytes / beta (``calibrate.fit_alpha_beta``);
-- device <-> device: ``memcpyPeer`` from GPU 0 to each other GPU (NVLink or peer PCIe,
-  whichever the machine has), by size and fitted the same way;
+- device <-> device: ``memcpyPeer`` between every pair of GPUs (NVLink or peer PCIe,
+  whichever joins that pair: machines mix them), by size and fitted the same way;
+- NCCL allreduce over all GPUs (one communicator per GPU in this process,
+  ``ncclCommInitAll``; nccl-tests' busbw = 2 (n - 1) / n x bytes / time), by size: not a
+  topology term, but what ``make validate-gpu`` checks the collective model against;
 - the host CPU as ``calibrate.measure_compute`` on NumPy, and its memory bandwidth.
 
 The topology: the CPU, one PCIe switch, every GPU on it with the host <-> device fit (the
 slower direction's, as a link has one rate both ways; each of the two hops carries half
-the latency), and a direct link between each pair of GPUs with the device <-> device fit
-(so routing takes it over the switch).  Every GPU is taken to be GPU 0's like.
+the latency), and a direct link between each pair of GPUs with that pair's device <-> device
+fit (so routing takes it over the switch).  Compute is GPU 0's, taken for every GPU.
 
 Each piece runs on an array backend (``Backend``): CuPy on a GPU host; NumPy (a
 "device" is host memory, a copy is a memcpy) in the tests, so the sequence, the fits and
@@ -32,6 +35,8 @@ from clustersim.calibrate.host import compute_lines, fit_alpha_beta, measure_com
 
 COPY_SIZES = [2**k for k in range(10, 29, 2)]      # 1 KiB .. 256 MiB
 COPY_REPEATS = 9
+ALLREDUCE_SIZES = [2**k for k in range(10, 31, 2)]   # 1 KiB .. 1 GiB, nccl-tests' range
+ALLREDUCE_REPEATS = 5
 
 
 @dataclass
@@ -45,15 +50,26 @@ class Backend:
     d2h: Callable[[np.ndarray, Any], None]         # host array <- device array
     peer: Callable[[Any, int, Any, int], None]     # (dst, its device, src, its device)
     memory_bytes: Callable[[], float]              # one device's memory
+    allreduce: Callable[[list], None]              # sums one buffer per device into each, in place
+
+
+def pair_key(a: int, b: int) -> str:
+    """The result key of the copies from GPU ``a`` to GPU ``b``."""
+    return f"d2d{a}-{b}"
 
 
 def numpy_backend(devices: int = 2) -> Backend:
     """Host memory standing in for ``devices`` GPUs (tests, and hosts without CuPy)."""
     def copy(dst, src, *_):
         np.copyto(dst, src)
+
+    def allreduce(bufs):
+        total = np.sum(bufs, axis=0)
+        for b in bufs:
+            np.copyto(b, total)
     return Backend(np, devices, lambda: None, lambda _d: nullcontext(), lambda n: np.empty(n, np.uint8),
                    copy, copy, lambda dst, _dd, src, _sd: np.copyto(dst, src),
-                   lambda: float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
+                   lambda: float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), allreduce)
 
 
 def cupy_backend(cp) -> Backend:
@@ -67,31 +83,64 @@ def cupy_backend(cp) -> Backend:
 
     def peer(dst, dst_dev, src, src_dev):
         cp.cuda.runtime.memcpyPeer(dst.data.ptr, dst_dev, src.data.ptr, src_dev, src.nbytes)
+    comms: list = []                               # made on first use: NCCL only where it is measured
+
+    def allreduce(bufs):
+        from cupy.cuda import nccl
+        if not comms:
+            comms.extend(nccl.NcclCommunicator.initAll(list(range(n))))
+        nccl.groupStart()
+        for d, (comm, b) in enumerate(zip(comms, bufs)):
+            with cp.cuda.Device(d):
+                comm.allReduce(b.data.ptr, b.data.ptr, b.size, nccl.NCCL_FLOAT32, nccl.NCCL_SUM,
+                               cp.cuda.get_current_stream().ptr)
+        nccl.groupEnd()
     return Backend(cp, n, sync, cp.cuda.Device, lambda k: cupyx.empty_pinned(k, np.uint8),
                    lambda dev, host: dev.set(host), lambda host, dev: dev.get(out=host), peer,
-                   lambda: float(cp.cuda.runtime.memGetInfo()[1]))
+                   lambda: float(cp.cuda.runtime.memGetInfo()[1]), allreduce)
 
 
 def measure_copies(be: Backend, sizes: list[int] = COPY_SIZES, repeats: int = COPY_REPEATS) -> dict:
-    """One-way seconds by size: pinned host -> GPU 0, GPU 0 -> pinned host, and GPU 0 ->
-    each other GPU; each with its alpha-beta fit."""
-    out: dict[str, dict] = {}
+    """One-way seconds by size: pinned host -> GPU 0, GPU 0 -> pinned host, and GPU a ->
+    GPU b for every pair a < b (``pair_key``); each with its alpha-beta fit."""
     rows: dict[str, list[list[float]]] = {"h2d": [], "d2h": []}
-    peers: dict[int, list[list[float]]] = {d: [] for d in range(1, be.devices)}
+    pairs = [(a, b) for a in range(be.devices) for b in range(a + 1, be.devices)]
+    rows.update({pair_key(a, b): [] for a, b in pairs})
     for n in sizes:
         host = be.pinned(n)
         host[:] = 1
-        with be.use(0):
-            dev = be.xp.empty(n, np.uint8)
-        rows["h2d"].append([n, median_time(lambda: be.h2d(dev, host), repeats, be.sync)])
-        rows["d2h"].append([n, median_time(lambda: be.d2h(host, dev), repeats, be.sync)])
-        for d in peers:
+        bufs = []
+        for d in range(be.devices):
             with be.use(d):
-                other = be.xp.empty(n, np.uint8)
-            peers[d].append([n, median_time(lambda: be.peer(other, d, dev, 0), repeats, be.sync)])
-    for key, pts in [*rows.items(), *((f"d2d{d}", pts) for d, pts in peers.items())]:
-        out[key] = {"samples": pts, **fit_alpha_beta([p[0] for p in pts], [p[1] for p in pts])}
-    return out
+                bufs.append(be.xp.ones(n, np.uint8))
+        rows["h2d"].append([n, median_time(lambda: be.h2d(bufs[0], host), repeats, be.sync)])
+        rows["d2h"].append([n, median_time(lambda: be.d2h(host, bufs[0]), repeats, be.sync)])
+        for a, b in pairs:
+            rows[pair_key(a, b)].append([n, median_time(lambda: be.peer(bufs[b], b, bufs[a], a), repeats, be.sync)])
+    return {key: {"samples": pts, **fit_alpha_beta([p[0] for p in pts], [p[1] for p in pts])}
+            for key, pts in rows.items()}
+
+
+def measure_allreduce(be: Backend, sizes: list[int] = ALLREDUCE_SIZES, repeats: int = ALLREDUCE_REPEATS,
+                      limit: float | None = None) -> list[dict]:
+    """nccl-tests' rows of a float32 sum-allreduce over all ``be.devices`` GPUs by size
+    (``bytes``, ``time_s``, ``algbw_gbps``, ``busbw_gbps``); sizes whose buffers would not fit
+    in ``limit`` bytes of one device (default: a quarter of its memory) are left out.  One GPU:
+    no rows (nothing to reduce with)."""
+    n = be.devices
+    if n < 2:
+        return []
+    limit = be.memory_bytes() / 4 if limit is None else limit
+    rows = []
+    for size in (s for s in sizes if s <= limit):
+        bufs = []
+        for d in range(n):
+            with be.use(d):
+                bufs.append(be.xp.ones(size // 4, np.float32))
+        t = median_time(lambda: be.allreduce(bufs), repeats, be.sync)
+        rows.append({"bytes": size, "time_s": t, "algbw_gbps": size / t / 1e9,
+                     "busbw_gbps": 2 * (n - 1) / n * size / t / 1e9})
+    return rows
 
 
 def measure_device_bandwidth(be: Backend, n_bytes: int = 256 * 2**20) -> float:
@@ -107,6 +156,7 @@ def calibrate_gpus(be: Backend, seed: int = 0) -> dict:
         gpu = measure_compute(np.random.default_rng(seed), be.xp, be.sync)
     return {"devices": be.devices, "gpu": gpu, "gpu_memory_bytes": be.memory_bytes(),
             "gpu_memory_bandwidth_bytes_per_s": measure_device_bandwidth(be), "copies": measure_copies(be),
+            "nccl_allreduce": measure_allreduce(be),
             "cpu": measure_compute(np.random.default_rng(seed)), "cores": os.cpu_count() or 1,
             "cpu_memory_bandwidth_bytes_per_s": measure_memory_bandwidth()}
 
@@ -135,7 +185,7 @@ def gpu_topology_text(name: str, res: dict) -> str:
                   f"latency_us = {alpha * 1e6 / 2:.6g}"]
     for g in range(res["devices"]):
         for h in range(g + 1, res["devices"]):
-            fit = copies[f"d2d{h}"]                      # measured from GPU 0; pairs are taken alike
+            fit = copies[pair_key(g, h)]
             lines += ["", "[[link]]", f'a = "gpu{g}"', f'b = "gpu{h}"',
                       f"bandwidth_gbps = {fit['beta_bytes_per_s'] / 1e9:.6g}", f"latency_us = {fit['alpha_s'] * 1e6:.6g}"]
     return "\n".join(lines) + "\n"

@@ -35,9 +35,13 @@ def print_gpu(res: dict, out: str) -> None:
     print(f"  GPU memory   {res['gpu_memory_bandwidth_bytes_per_s'] / 1e9:.4g} GB/s (copy), "
           f"{res['gpu_memory_bytes'] / 2**30:.3g} GiB")
     for key, fit in res["copies"].items():
-        what = {"h2d": "pinned host -> GPU 0", "d2h": "GPU 0 -> pinned host"}.get(key, f"GPU 0 -> GPU {key[3:]}")
+        what = {"h2d": "pinned host -> GPU 0", "d2h": "GPU 0 -> pinned host"}.get(
+            key, "GPU {} -> GPU {}".format(*key[3:].split("-")))
         print(f"  {what:<22} alpha {fit['alpha_s'] * 1e6:.3g} us, beta {fit['beta_bytes_per_s'] / 1e9:.4g} GB/s; "
               f"fit R^2 {fit['r2']:.4f}, worst relative error {fit['max_rel_error']:.1%} over {len(fit['samples'])} sizes")
+    if res.get("nccl_allreduce"):
+        print(f"  NCCL allreduce over {res['devices']} GPUs, busbw: " + ", ".join(
+            f"{r['bytes'] / 2**20:g} MiB {r['busbw_gbps']:.4g} GB/s" for r in res["nccl_allreduce"]))
 
 
 def print_host(res: dict, out: str) -> None:

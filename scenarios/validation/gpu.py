@@ -1,5 +1,6 @@
 """The GPU validation suite: calibrate this machine's GPUs (``clustersim calibrate --gpu``),
-then validate each case of ``CASES`` (one rank per GPU, ``--device gpu``) on that topology
+compare the NCCL allreduce busbw it measured with the collective model's on the calibrated
+topology (``clustersim collective``), then validate each case of ``CASES`` (one rank per GPU, ``--device gpu``) on that topology
 and print a table of predicted and measured step times; writes out/validation-gpu.json.
 Cases needing more GPUs than are visible are skipped with a note (NCCL, and the executor,
 put no two ranks of one job on one GPU).  Made to finish within 5 minutes on a 1- or
@@ -47,14 +48,31 @@ def visible_gpus() -> int:
         return 0
 
 
+def nccl_rows(measured: list[dict], topology: Path = TOPOLOGY) -> list[dict]:
+    """The measured allreduce rows beside the collective model's busbw on the calibrated
+    topology (NCCL's tuner picks the algorithm, as on the host), printed as they come."""
+    if not measured:
+        return []
+    predicted = clustersim.collective(topology, "allreduce", "auto", [r["bytes"] for r in measured])
+    rows = []
+    for m, p in zip(measured, predicted):
+        err = 100.0 * (p["busbw_gbps"] - m["busbw_gbps"]) / m["busbw_gbps"]
+        rows.append({"bytes": m["bytes"], "measured_busbw_gbps": m["busbw_gbps"],
+                     "predicted_busbw_gbps": p["busbw_gbps"], "algo": p["algo"], "error_pct": err})
+        print(f"NCCL allreduce {m['bytes'] / 2**20:>9g} MiB  busbw measured {m['busbw_gbps']:8.2f} GB/s  "
+              f"predicted {p['busbw_gbps']:8.2f} GB/s ({p['algo']})  error {err:+7.1f}%", flush=True)
+    return rows
+
+
 def main() -> int:
     gpus = visible_gpus()
     if gpus == 0:
         print("validate-gpu: no GPU is visible (needs CuPy and a GPU: pip install 'clustersim[gpu]'); nothing to do")
         return 0
     start = time.perf_counter()
-    clustersim.calibrate_gpus(TOPOLOGY)
+    cal = clustersim.calibrate_gpus(TOPOLOGY)
     print(f"calibrated {gpus} GPUs -> {TOPOLOGY} ({time.perf_counter() - start:.0f} s)", flush=True)
+    nccl = nccl_rows(cal.get("nccl_allreduce", []))
     rows, skipped = [], []
     for name, sets in CASES:
         need = clustersim.ranks_needed(clustersim.load(BASE, sets))
@@ -70,7 +88,7 @@ def main() -> int:
     for note in skipped:
         print(f"skipped {note}")
     errors = [abs(r["error_pct"]) for r in rows]
-    summary = {"gpus": gpus, "median_abs_error_pct": statistics.median(errors) if errors else None,
+    summary = {"gpus": gpus, "nccl_allreduce": nccl, "median_abs_error_pct": statistics.median(errors) if errors else None,
                "worst_abs_error_pct": max(errors) if errors else None, "cases": rows, "skipped": skipped,
                "wall_s": time.perf_counter() - start}
     clustersim.write_atomic(OUT, json.dumps(summary, indent=2))
