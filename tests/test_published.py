@@ -46,3 +46,21 @@ def test_a_bad_case_is_one_line_naming_the_field(tmp_path, capsys):
     assert main(["published", "--dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "bad.toml: reference.value" in err
+
+
+def test_tflops_per_gpu_is_the_publications_flops_over_the_predicted_step_and_devices(tmp_path):
+    """A scenario case scored in the paper's unit: its FLOPs per step (as the paper counts
+    them) over the simulated step time and every device the step uses."""
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "base.toml").write_text((SUITE.parent / "quickstart.toml").read_text())
+    sets = {"model.name": "mlp-digits", "parallel.replicas": 2, "training.steps": 2}
+    case = CASE.split("[collective]")[0].replace('unit = "GB/s"', 'unit = "TFLOP/s"') + (
+        '[scenario]\nfile = "s/base.toml"\nmetric = "tflops_per_gpu"\nflops_per_step = 3e9\nset = '
+        + "{" + ", ".join(f'"{k}" = {v!r}' if isinstance(v, int) else f'"{k}" = "{v}"' for k, v in sets.items()) + "}\n")
+    (tmp_path / "flops.toml").write_text(case)
+    [row] = api.published(tmp_path)
+    run = api.simulate(tmp_path / "s" / "base.toml", sets).data
+    assert run["devices"] == 2
+    assert row["predicted"] == pytest.approx(3e9 / (2 * run["step_time_s"]) / 1e12)
+    (tmp_path / "flops.toml").write_text(case.replace("flops_per_step = 3e9\n", ""))
+    assert main(["published", "--dir", str(tmp_path)]) == 2

@@ -6,7 +6,11 @@ metric, unit, value; ``fitted = true`` when the figure set a model parameter, sc
 - ``[collective]``: topology, machines, op, algo (what the measurement ran: ``auto`` for
   NCCL's default), bytes; the metric is ``busbw_gbps`` or ``time_us`` of that size; or
 - ``[scenario]``: file (beside this one), ``set`` (dotted keys), metric ``samples_per_s``,
-  ``step_time_s`` or ``speedup`` (samples/s over the same scenario with ``baseline`` set).
+  ``step_time_s``, ``speedup`` (samples/s over the same scenario with ``baseline`` set) or
+  ``tflops_per_gpu``: the publication's own count of a step's FLOPs (``flops_per_step``, as
+  its formula gives it: e.g. Megatron-LM's 96 B s l h^2 (1 + s / 6h + V / 16lh)) over the
+  predicted step time and the devices the step uses, so that the prediction is scored in
+  the measurement's unit whatever FLOPs the simulator itself counts.
 A case's error is 100 x (predicted - published) / published.
 """
 from __future__ import annotations
@@ -24,7 +28,7 @@ from sim import collectives
 from sim.engine import simulate
 
 COLLECTIVE_METRICS = ("busbw_gbps", "time_us")
-SCENARIO_METRICS = ("samples_per_s", "step_time_s", "speedup")
+SCENARIO_METRICS = ("samples_per_s", "step_time_s", "speedup", "tflops_per_gpu")
 
 
 def load_case(path: Path) -> dict:
@@ -55,6 +59,8 @@ def load_case(path: Path) -> dict:
         case.update(kind="scenario", scenario=str(path.parent / s.str("file")),
                     set=dict(s.raw("set", {})), baseline=dict(s.raw("baseline", {})),
                     metric=s.str("metric", "samples_per_s", choices=SCENARIO_METRICS))
+        if case["metric"] == "tflops_per_gpu":
+            case["flops_per_step"] = s.float("flops_per_step", positive=True)
         s.done()
     top.done()
     return case
@@ -80,6 +86,8 @@ def predict(case: dict) -> float:
     run = _simulated(case["scenario"], case["set"])
     if case["metric"] == "speedup":
         return run["samples_per_s"] / _simulated(case["scenario"], {**case["set"], **case["baseline"]})["samples_per_s"]
+    if case["metric"] == "tflops_per_gpu":
+        return case["flops_per_step"] / (run["devices"] * run["step_time_s"]) / 1e12
     return run[case["metric"]]
 
 
