@@ -1,5 +1,7 @@
-"""Data: scikit-learn's bundled digits (the embedded default), MNIST from IDX files given
-by path, and seeded synthetic inputs of any shape for models with no bundled data set."""
+"""Data: scikit-learn's bundled digits (the embedded default), a seeded corpus of a small
+fixed grammar (next-token prediction), MNIST from IDX files given by path, and seeded
+synthetic inputs of any shape for models with no bundled data set; ``for_model`` picks a
+model's own (``clustersim.core.models.BUNDLED_DATA``)."""
 from __future__ import annotations
 
 import gzip
@@ -8,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from clustersim.core.models import BUNDLED_DATA, Model
 
 DIGITS_TEST_FRACTION = 0.2     # 1,797 images -> 1,438 to train, 359 to test
 
@@ -83,6 +87,67 @@ def synthetic(shape: tuple[int, ...], classes: int, n: int, rng: np.random.Gener
     x = rng.standard_normal((n, *shape), dtype=np.float32)
     y = rng.integers(0, max(classes, 1), n)
     return Dataset(x, y, x[: max(1, n // 5)], y[: max(1, n // 5)], classes)
+
+
+# --- the grammar corpus ---------------------------------------------------------------------
+# Sentences "the [adj] noun verb the [adj] noun ." over 19 words; the verb agrees in number
+# with the subject (so predicting it needs the noun before), each optional adjective is
+# there with probability 1/2, all choices uniform.  The corpus is one seeded stream of
+# sentences cut into windows of T + 1 words: a sequence is the first T, its labels the last
+# T (the next word at every position).  Accuracy is next-word accuracy over every position
+# of held-out sequences (a stream of its own).  Chance is 1/19; always saying "the" scores
+# 2/7 (its share of the words); a predictor that knows the grammar scores at most 0.54 (per
+# sentence of 7 words on average: 1/6 after each "the", 1/8 after an adjective, 1/3 for the
+# verb, 1 after the verb, after the object and after "."; docs/decisions/020).
+GRAMMAR_WORDS = (".", "the", "big", "small", "red",
+                 "cat", "dog", "bird", "fox", "cats", "dogs", "birds", "foxes",
+                 "sees", "chases", "likes", "see", "chase", "like")
+_THE, _ADJ, _NOUN, _VERB = 1, (2, 5), (5, 9), (13, 16)   # "the"; [lo, hi) of adjectives, singular nouns and verbs
+_PLURAL = 4                                               # plural nouns and verbs: 4 and 3 words after the singular
+GRAMMAR_TRAIN, GRAMMAR_TEST = 2048, 256                  # sequences
+
+
+def grammar_stream(n_words: int, rng: np.random.Generator) -> np.ndarray:
+    """At least ``n_words`` word ids: whole sentences of the grammar above."""
+    words: list[int] = []
+    while len(words) < n_words:
+        plural = int(rng.integers(2))
+        for subject in (True, False):
+            words.append(_THE)
+            if rng.integers(2):
+                words.append(int(rng.integers(*_ADJ)))
+            noun = int(rng.integers(*_NOUN))
+            if subject:
+                words += [noun + _PLURAL * plural, int(rng.integers(*_VERB)) + 3 * plural]
+            else:
+                words += [noun + _PLURAL * int(rng.integers(2)), 0]
+    return np.asarray(words, np.int64)
+
+
+def grammar(seed: int, positions: int, n_train: int = GRAMMAR_TRAIN, n_test: int = GRAMMAR_TEST) -> Dataset:
+    """Sequences of ``positions`` word ids (as float32, what an embedding reads) and their
+    next words (int64, (N, positions)); train and test from two seeded streams."""
+    def windows(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        w = grammar_stream(n * (positions + 1), rng)[:n * (positions + 1)].reshape(n, positions + 1)
+        return w[:, :-1].astype(np.float32), w[:, 1:].copy()
+    x_tr, y_tr = windows(n_train, np.random.default_rng([seed, 0]))
+    x_te, y_te = windows(n_test, np.random.default_rng([seed, 1]))
+    return Dataset(x_tr, y_tr, x_te, y_te, len(GRAMMAR_WORDS))
+
+
+def for_model(model: Model, seed: int) -> Dataset | None:
+    """The data set ``model`` trains on where the package bundles one (inputs shaped as the
+    model reads them), else None."""
+    name = BUNDLED_DATA.get(model.name)
+    if name == "digits":
+        d = digits(seed)
+    elif name == "grammar":
+        d = grammar(seed, model.input_shape[1])
+    else:
+        return None
+    shape = model.input_shape
+    return Dataset(d.x_train.reshape(len(d.x_train), *shape), d.y_train,
+                   d.x_test.reshape(len(d.x_test), *shape), d.y_test, d.classes)
 
 
 class Batches:

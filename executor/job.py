@@ -12,7 +12,7 @@ from clustersim.core.trace import Span
 
 from executor.backend import to_numpy
 from executor.comm import LostWatch, MPITransport, ReplicaLost, barrier, wait_buffer
-from executor.data import Batches
+from executor.data import Batches, for_model
 from clustersim.core.metrics import quiet_time
 from executor.kernels import init_params, softmax_xent_loss
 from executor.optim import sgd_in_place
@@ -156,7 +156,7 @@ class RankJob(SandblasterRoles):
         tr, sched = sc.training, p.schedule
         r, j = self.r, self.j
         params = {key: [xp.asarray(a) for a in arrs] for key, arrs in self.box_params.items() if key[1] == j}
-        x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed, self.data)
+        x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed, self.data if self.data is not None else bundled(sc.model, sc.seed))
         batches = Batches(x_tr[r::self.R], y_tr[r::self.R], sc.batch_size, np.random.default_rng([sc.seed, r]))
         transport = MPITransport(self.rep, xp, self.lost)
         devices = p.devices[r]
@@ -270,18 +270,29 @@ class RankJob(SandblasterRoles):
 
 
 
+def bundled(model, seed: int) -> tuple | None:
+    """(x_train, y_train, x_test, y_test) of the data set the package bundles for ``model``, or None."""
+    d = for_model(model, seed)
+    return None if d is None else (d.x_train, d.y_train, d.x_test, d.y_test)
+
+
 def evaluate(p, params, x, y, j: int, rep, xp) -> tuple[float, float]:
-    """Accuracy and loss on held-out data; gathered on the replica's slot 0."""
+    """Accuracy and loss on held-out data (per position for a sequence model: labels
+    (N, T)); gathered on the replica's slot 0."""
     res = run_step(p, {j}, params, xp.asarray(x), xp.asarray(y), MPITransport(rep, xp), xp=xp, backward=False)
     last = len(p.slices) - 1
     pieces = rep.gather({key: to_numpy(arr) for key, arr in res.logits.items()}, root=0)
     if rep.rank != 0:
         return 0.0, 0.0
     micro = even_cuts(len(x), p.scenario.parallel.micro_batches)      # run_step's cut of x
-    logits = np.zeros((len(x), p.scenario.model.nodes[-1].out_shape[0]), np.float64)
+    classes, positions, _ = p.scenario.model.nodes[-1].out_shape
+    logits = np.zeros((len(x), classes, positions), np.float64)
     for part in pieces:
-        for (c, m), arr in part.items():                  # slot c's classes of micro-batch m
-            (c0, c1), (lo, hi) = _box_of(p, last, c)[0], micro[m]
-            logits[lo:hi, c0:c1] = arr[:, :, 0, 0]          # (b_m, classes of c, 1, 1) -> (b_m, classes of c)
-    loss, _ = softmax_xent_loss(np, logits, np.asarray(y))
-    return float((logits.argmax(axis=1) == np.asarray(y)).mean()), float(loss)
+        for (c, m), arr in part.items():                  # slot c's classes and positions of micro-batch m
+            (c0, c1), (t0, t1), _ = _box_of(p, last, c)
+            lo, hi = micro[m]
+            logits[lo:hi, c0:c1, t0:t1] = arr[:, :, :, 0]   # (b_m, classes of c, positions of c, 1)
+    logits = logits.transpose(0, 2, 1).reshape(-1, classes)            # (N T, classes): a row per position
+    labels = np.asarray(y).reshape(-1)
+    loss, _ = softmax_xent_loss(np, logits, labels)
+    return float((logits.argmax(axis=1) == labels).mean()), float(loss)

@@ -288,3 +288,21 @@ def test_transformer_kinds_in_a_model_file(tmp_path):
     m = load_model_file(f)
     assert [n.layer.kind for n in m.nodes] == ["embedding", "rmsnorm", "attention", "add", "lm_head", "softmax_xent"]
     assert m.params == 19 * 4 + 4 + 3 * 4 * 4 + 11 * 4
+
+
+def test_the_small_trainable_models_match_their_hand_counts():
+    """resnet-digits: conv 1->16 3x3, conv 16->16 3x3 (biases), dense 16*4*4 -> 10.
+    gpt-tiny: token (19) and position (16) tables of 32, per block two layernorms, q k v
+    and the output projection with biases, a 4d MLP; a final layernorm, an untied head."""
+    cnn = zoo_model("resnet-digits")
+    assert cnn.params == (9 * 16 + 16) + (16 * 9 * 16 + 16) + (16 * 4 * 4 * 10 + 10) == 5_050
+    assert [n.layer.kind for n in cnn.nodes] == ["conv2d", "relu", "conv2d", "add", "relu", "max_pool", "dense",
+                                                 "softmax_xent"]
+    add = cnn.nodes[3]
+    assert add.inputs == (2, 1) and cnn.consumers[1] == (2, 3)          # the shortcut: relu read by conv and add
+    d, v, t = 32, 19, 16
+    block = 2 * (2 * d) + 3 * (d * d + d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    gpt = zoo_model("gpt-tiny")
+    assert gpt.params == (v + t) * d + 2 * block + 2 * d + v * d == 27_200
+    assert gpt.input_shape == (1, t, 1) and gpt.nodes[-1].out_shape == (v, t, 1) and gpt.classes == v
+    assert [n.layer.causal for n in gpt.nodes if n.layer.kind == "attention"] == [True, True]

@@ -4,8 +4,10 @@ The simulator's update log (``Trace.updates``) says, in simulated order, when ea
 took a gradient, on which parameters (the ones it last received), when each shard applied
 which push, and when fetches were read and delivered.  Performance does not depend on
 the values, so replaying that log with real NumPy math gives exactly the gradients,
-staleness and update order the simulated cluster produced.  Accuracy on the held-out
-digits is evaluated at ``eval_points`` times spread over the run.
+staleness and update order the simulated cluster produced.  Accuracy on the model's
+held-out data (``executor.data.for_model``: the digits for mlp-digits and resnet-digits,
+next-word accuracy on the grammar corpus for gpt-tiny) is evaluated at ``eval_points``
+times spread over the run.
 
 Data: the training set is split over the replicas (replica r takes every R-th sample)
 and each replica draws seeded mini-batches of ``batch_size`` from its part; Sandblaster's
@@ -20,7 +22,7 @@ import numpy as np
 from sim.engine import SimResult
 from clustersim.core.plan import Plan
 
-from executor.data import Batches, digits
+from executor.data import Batches, for_model
 from executor.nn import Net
 from executor.optim import DCASGD, LBFGS, LBFGS_MAX_STEP_FACTOR, SGD, Adagrad, quantize8
 
@@ -60,7 +62,9 @@ class Replay:
         sc = self.sc = p.scenario
         self.p, self.tr = p, sc.training
         self.net = Net(sc.model)
-        self.data = digits(sc.seed)
+        self.data = for_model(sc.model, sc.seed)
+        if self.data is None:
+            raise ValueError(f"co-simulation needs a model with a bundled data set; {sc.model.name} has none")
         w0 = self.net.init(np.random.default_rng(sc.seed))
         self.server = w0.copy()
         self.local = [w0.copy() for _ in range(p.replicas)]

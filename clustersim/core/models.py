@@ -448,6 +448,44 @@ def _transformer(name: str, sequence: int = 0) -> Model:
     return g.build(name, (1, seq, 1), t.vocab)
 
 
+# --- small models the executor trains on bundled data ----------------------------------------
+def _resnet_digits() -> Model:
+    # the 8x8 digits through one residual block: conv 3x3 (16) -> relu -> conv 3x3 (16) + the
+    # block's input -> relu -> 2x2 max pool -> dense 10; 160 + 2,320 + 2,570 = 5,050 parameters
+    g = _Graph()
+    x = g("relu", g("conv2d", INPUT_NAME, filters=16, kernel=3, padding=1))
+    y = g("conv2d", x, filters=16, kernel=3, padding=1)
+    g("dense", g("max_pool", g("relu", g("add", y, x)), kernel=2), units=10)
+    g("softmax_xent")
+    return g.build("resnet-digits", (1, 8, 8), 10)
+
+
+GPT_TINY = Transformer(2, 32, 4, 19, 16)   # vocab: executor/data.py's grammar corpus; 16 positions
+
+
+def _gpt_tiny() -> Model:
+    """GPT-2's pre-LN layout at 2 layers of 32 features, 4 heads and 16 positions over the
+    grammar corpus's 19 words, with an untied head (the executor runs untied heads):
+    embeddings 35 x 32, blocks of 12,704, a final layernorm of 64 and a 19 x 32 head --
+    27,200 parameters."""
+    t = GPT_TINY
+    g = _Graph()
+    x = g("embedding", INPUT_NAME, vocab=t.vocab, dim=t.d, positions=t.context)
+    for _ in range(t.layers):
+        a = g("conv2d", g("attention", g("layernorm", x), heads=t.heads, causal=True), filters=t.d, kernel=1)
+        x = g("add", a, x)
+        h = g("gelu", g("conv2d", g("layernorm", x), filters=4 * t.d, kernel=1))
+        x = g("add", g("conv2d", h, filters=t.d, kernel=1), x)
+    g("lm_head", g("layernorm", x), vocab=t.vocab, tied=False)
+    g("softmax_xent")
+    return g.build("gpt-tiny", (1, t.context, 1), t.vocab)
+
+
+# the data set each model trains on where the package bundles one (executor/data.py):
+# "digits" (scikit-learn's 8x8 digits), "grammar" (the seeded corpus of a fixed grammar)
+BUNDLED_DATA = {"mlp-digits": "digits", "resnet-digits": "digits", "gpt-tiny": "grammar"}
+
+
 ZOO = {
     "mlp-digits": _mlp_digits,
     "distbelief-speech": _distbelief_speech,
@@ -459,6 +497,8 @@ ZOO = {
     "resnet-50": _resnet50,
     "vgg-16": _vgg16,
     "inception-v3": _inception_v3,
+    "resnet-digits": _resnet_digits,
+    "gpt-tiny": _gpt_tiny,
     **{name: (lambda name=name: _transformer(name)) for name in TRANSFORMERS},
 }
 
