@@ -3,7 +3,9 @@
 ``layout`` turns (op, algo, devices, bytes) into a ``Collective``: NCCL's channels over the
 NICs of each machine (``clustersim.core.collective``), and, where every member is a GPU,
 NCCL's protocol and cost model (``clustersim.core.nccl``): ``auto`` picks ring or tree and
-LL / LL128 / Simple by NCCL's predicted time, using the bandwidth the flow model gives each
+LL / LL128 / Simple by NCCL's predicted time (``nvls``, ``nvls_tree``: NVLink SHARP where
+NCCL 2.20 offers it: allreduce, compute capability 9.0+, an NVSwitch, more than 2 GPUs a
+machine), using the bandwidth the flow model gives each
 algorithm on these links; the run then pays NCCL's latency for the algorithm and protocol,
 and every link carries at NCCL's speed for its kind (NVLink, PCIe, network) times the
 protocol's share.  Host (CPU) collectives run the ring by default and pay the routes'
@@ -17,6 +19,8 @@ Closed forms on a uniform ring of n ranks with per-hop latency a and bandwidth B
 allgather (n-1)a + (n-1)/n S/B; pipelined ring broadcast (n-1)a + S/B.  Trees are
 pipelined as NCCL's are: chunks stream up and back down at once, so an allreduce costs
 the latency of the deepest path up and down plus the time its busiest link needs.
+NVLS on g GPUs of one NVSwitch with links of speed B (NCCL's) runs in NCCL's 23 us plus
+S (g+1)/g / (B x 5/6); NVLS_TREE adds each rail's double binary tree at the same time.
 """
 from __future__ import annotations
 
@@ -68,10 +72,44 @@ def ports(topology: Topology, devices: Sequence[str]) -> list[list[tuple[str, st
     return out
 
 
+def switches(topology: Topology, devices: Sequence[str]) -> list[str] | None:
+    """Every machine's NVSwitch (in order of first appearance) when each member of the
+    machine has a link to it; None where a machine has none."""
+    by_machine: dict = {}
+    for d in devices:
+        by_machine.setdefault(topology.machine_of(d), []).append(d)
+    out = []
+    for machine, local in by_machine.items():
+        found = [s for s, dev in topology.devices.items()
+                 if dev.kind == "nvswitch" and topology.machine_of(s) == machine
+                 and all(len(topology.route(d, s)) == 1 for d in local)]
+        if not found:
+            return None
+        out.append(found[0])
+    return out
+
+
+def nvls_algo(topology: Topology, op: str, devices: Sequence[str]) -> str:
+    """``nvls`` (one machine) or ``nvls_tree`` (several) where NCCL 2.20 offers NVLink SHARP
+    for this group, else "": allreduce (tuning.cc), GPUs of compute capability 9.0+ on an
+    NVSwitch (ncclTopoCompute), more than 2 of them a machine (ncclNvlsInit)."""
+    if op != "allreduce" or not all(topology.devices[d].kind == "gpu" for d in devices):
+        return ""
+    if min(topology.devices[d].compute_capability for d in devices) < nccl.NVLS_MIN_CC:
+        return ""
+    counts: dict = {}
+    for d in devices:
+        counts[topology.machine_of(d)] = counts.get(topology.machine_of(d), 0) + 1
+    if min(counts.values()) < nccl.NVLS_MIN_GPUS or switches(topology, devices) is None:
+        return ""
+    return "nvls" if len(counts) == 1 else "nvls_tree"
+
+
 def schedule(topology: Topology, op: str, algo: str, devices: Sequence[str], nbytes: float) -> list[Phase]:
-    """``phases`` laid out on the topology's machines and NICs (no protocol: the routes'
-    own latencies and full link speeds when run; ``layout`` for NCCL's model)."""
-    return phases(op, algo, devices, nbytes, [topology.machine_of(d) for d in devices], ports(topology, devices))
+    """``phases`` laid out on the topology's machines, NICs and NVSwitches (no protocol:
+    the routes' own latencies and full link speeds when run; ``layout`` for NCCL's model)."""
+    nvs = switches(topology, devices) if algo in nccl.NVLS else None
+    return phases(op, algo, devices, nbytes, [topology.machine_of(d) for d in devices], ports(topology, devices), nvs)
 
 
 def table(topology: Topology, op: str, algo: str, sizes: Sequence[int], devices: Sequence[str],
@@ -91,11 +129,12 @@ def table(topology: Topology, op: str, algo: str, sizes: Sequence[int], devices:
     return rows
 
 
-def sm_share(topology: Topology, devices: Sequence[str]) -> float:
-    """The share of each member GPU's SMs an NCCL collective over ``devices`` takes."""
+def sm_share(topology: Topology, devices: Sequence[str], algo: str = "ring") -> float:
+    """The share of each member GPU's SMs an NCCL collective over ``devices`` by ``algo``
+    (the one run, ``Collective.algo``) takes."""
     sms = min(topology.devices[d].sms for d in devices)
     machines = {topology.machine_of(d) for d in devices}
-    return nccl.sm_share(len(machines), min(len(topology.nics_of(m)) for m in machines), sms)
+    return nccl.sm_share(len(machines), min(len(topology.nics_of(m)) for m in machines), sms, algo)
 
 
 def link_kind(topology: Topology, link: DirLink) -> str:
@@ -125,33 +164,32 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
     """The collective to run.  ``proto`` forces NCCL's protocol (GPU groups); ``cache`` keeps
     the per-byte transfer times ``auto`` measures (per topology and group)."""
     nodes = [topology.machine_of(d) for d in devices]
-    key = ("ports", id(topology), tuple(devices))
-    if cache is not None and key in cache:
-        rail_ports = cache[key]
-    else:
-        rail_ports = ports(topology, devices)
-        if cache is not None:
-            cache[key] = rail_ports
+    group = (id(topology), tuple(devices))
+    rail_ports = _cached(cache, ("ports", *group), lambda: ports(topology, devices))
     gpus = all(topology.devices[d].kind == "gpu" for d in devices)
     if not gpus:
         chosen = "ring" if algo == "auto" else algo
         return Collective(op, chosen, "", tuple(phases(op, chosen, devices, nbytes, nodes)))
     n, machines = len(devices), len(set(nodes))
-    key = ("intra", id(topology), tuple(devices))
-    if cache is not None and key not in cache:
-        cache[key] = _intra_kind(topology, devices)
-    intra = cache[key] if cache is not None else _intra_kind(topology, devices)
-    if algo not in ("auto", "ring", "tree"):
+    intra = _cached(cache, ("intra", *group), lambda: _intra_kind(topology, devices))
+    nvls = _cached(cache, ("nvls", op, *group), lambda: nvls_algo(topology, op, devices))
+    nvs = _cached(cache, ("switches", *group), lambda: switches(topology, devices)) if nvls else None
+    if algo in nccl.NVLS and algo != nvls:
+        raise ValueError("not offered here: NCCL 2.20 runs NVLink SHARP for allreduce on GPUs of compute capability "
+                         "9.0+ behind an NVSwitch, more than 2 a machine (nvls on one machine, nvls_tree on several)")
+    if algo not in ("auto", "ring", "tree", *nccl.NVLS):
         proto = proto or "Simple"                 # hierarchical, ps: not in NCCL's tuner
     elif algo == "auto" or not proto:
         # NCCL 2.20 tunes broadcast over the ring only; a forced protocol limits the choice to it
         candidates = [algo] if algo != "auto" else ["ring"] + (["tree"] if op == "allreduce" else [])
-        per_byte = {a: _us_per_byte(topology, op, a, devices, nodes, rail_ports, cache) for a in candidates}
+        per_byte = {a: _us_per_byte(topology, op, a, devices, nodes, rail_ports, cache, nvs) for a in candidates}
         channels = min(len(p) for p in rail_ports) if rail_ports else 1
         algo, proto = nccl.choose(op, nbytes, per_byte, n, machines, intra, channels,
                                   (proto,) if proto else nccl.PROTOCOLS)
-    schedule = tuple(phases(op, algo, devices, nbytes, nodes, rail_ports))
-    share = nccl.protocol_factor("tree" if algo == "tree" else "ring", proto, op, machines, n / machines)
+    elif proto not in nccl.protocols(algo):
+        raise ValueError(f"NCCL runs {algo} with {'/'.join(nccl.protocols(algo))} only, not {proto}")
+    schedule = tuple(phases(op, algo, devices, nbytes, nodes, rail_ports, nvs))
+    share = nccl.protocol_factor(algo if algo in ("tree", *nccl.NVLS) else "ring", proto, op, machines, n / machines)
     return Collective(op, algo, proto, schedule, _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes),
                       share)
 
@@ -175,15 +213,24 @@ def _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes) -> tupl
     return (lat * 1e-6,)
 
 
-def _us_per_byte(topology, op, algo, devices, nodes, rail_ports, cache) -> float:
+def _cached(cache: dict | None, key: tuple, make: Callable):
+    """``cache[key]``, made by ``make()`` the first time (every time without a cache)."""
+    if cache is None:
+        return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
+def _us_per_byte(topology, op, algo, devices, nodes, rail_ports, cache, nvs=None) -> float:
     """Microseconds per byte of ``algo`` alone on the links at NCCL's speeds, no latency."""
     key = (id(topology), op, algo, tuple(devices))
     if cache is not None and key in cache:
         return cache[key]
     size = 2.0**20
     env = simpy.Environment()
-    coll = Collective(op, algo, "Simple", tuple(phases(op, algo, devices, size, nodes, rail_ports)), (0.0,) * 3,
-                      1.0)
+    coll = Collective(op, algo, "Simple", tuple(phases(op, algo, devices, size, nodes, rail_ports, nvs)),
+                      (0.0,) * 3, 1.0)
     env.process(run(env, FlowNetwork(env, topology), coll))
     env.run()
     value = env.now * 1e6 / size

@@ -15,6 +15,15 @@ The algorithms are NCCL's (``src/graph/rings.cc``, ``trees.cc``, ``connect.cc``)
   (each carries half the data) per rail, chunks streaming up and down at once.
 - ``hierarchical``: reduce-scatter inside every machine, an allreduce of each 1/G shard
   across machines on the G rails at once (one ring per rail), all-gather inside.
+- ``nvls`` (NVLink SHARP, one machine): every GPU reads its 1/n shard reduced by the
+  NVSwitch from all n GPUs (``multimem.ld_reduce``), then writes it once to all of them
+  (``multimem.st``), the two pipelined: each GPU's link to the switch carries its S to the
+  others' reductions plus its own shard's S/n each way, S (n+1)/n, where a ring carries
+  2 (n-1)/n S (as NCCL's NVLS search charges it: each channel's head twice, the others
+  once, ``ncclTopoSearchTryNvls`` in ``src/graph/search.cc``).
+- ``nvls_tree`` (NVLS_TREE, several machines): NVLS inside every machine, each rail's
+  shard S/G reduced to the GPU by rail G's NIC (its head), a double binary tree of the
+  heads across machines (each tree half the shard), multicast back; all pipelined.
 - ``ps``: a parameter server sharded over the n ranks (push S/n to every shard, fetch back).
 - ``auto``: NCCL's tuner picks ring or tree per size (``clustersim.core.nccl``, run by the
   simulator); as phases it is every pair either may use (what a route check needs).
@@ -28,7 +37,7 @@ Pair = tuple[str, str]
 Port = tuple[str, str, str]      # one rail of a machine: (its NIC, the device entering by it, the one leaving)
 
 OPS = ("allreduce", "allgather", "reducescatter", "broadcast", "alltoall")
-ALGOS = ("auto", "ring", "tree", "hierarchical", "ps")
+ALGOS = ("auto", "ring", "tree", "nvls", "nvls_tree", "hierarchical", "ps")
 
 
 @dataclass(frozen=True)
@@ -178,10 +187,12 @@ def _deepest_path(parents: list[int], chains: list[list[str]]) -> list[Pair]:
 
 
 def phases(op: str, algo: str, devices: Sequence[str], nbytes: float,
-           nodes: Sequence[int] | None = None, ports: Sequence[Sequence[Port]] | None = None) -> list[Phase]:
+           nodes: Sequence[int] | None = None, ports: Sequence[Sequence[Port]] | None = None,
+           switches: Sequence[str] | None = None) -> list[Phase]:
     """The schedule of ``op`` by ``algo`` over ``devices`` (rank order = list order).
     ``nodes``: the machine of every device (None: one machine); ``ports``: every machine's
-    rails (``ring_channels``).  Raises ValueError for a combination that does not exist."""
+    rails (``ring_channels``); ``switches``: every machine's NVSwitch (NVLS).  Raises
+    ValueError for a combination that does not exist."""
     if op not in OPS or algo not in ALGOS:
         raise ValueError(f"unknown collective {op}/{algo}")
     n = len(devices)
@@ -204,6 +215,8 @@ def phases(op: str, algo: str, devices: Sequence[str], nbytes: float,
         return _trees(op, _machines(d, nodes), nbytes, ports)
     if algo == "hierarchical":
         return _hierarchical(op, _machines(d, nodes), nbytes)
+    if algo in ("nvls", "nvls_tree"):
+        return _nvls(op, algo, _machines(d, nodes), nbytes, ports, switches)
     push = Phase(everyone, nbytes / n, coupled=False)
     fetch = Phase(everyone, nbytes / n, coupled=False, wave=1)
     if op == "allreduce":
@@ -229,4 +242,33 @@ def _hierarchical(op: str, groups: list[list[str]], nbytes: float) -> list[Phase
                 for k in range(g)]
     if g > 1:
         out += [_ring("allgather", _loop(local), g, nbytes, wave=2) for local in groups]
+    return out
+
+
+def _nvls(op: str, algo: str, groups: list[list[str]], nbytes: float, ports: Sequence[Sequence[Port]] | None,
+          switches: Sequence[str] | None) -> list[Phase]:
+    """NVLink SHARP: S (g+1)/g each way on every GPU's link to its machine's switch; with
+    several machines, a double binary tree per rail over the rails' heads, S/G/2 per tree
+    and direction, all in one wave (NCCL pipelines the in-switch and network parts)."""
+    if op != "allreduce":
+        raise ValueError(f"NVLS runs allreduce, not {op}")
+    if algo == "nvls" and len(groups) > 1:
+        raise ValueError("nvls runs inside one machine; across machines NCCL runs nvls_tree")
+    if algo == "nvls_tree" and len(groups) < 2:
+        raise ValueError("nvls_tree runs across machines; inside one NCCL runs nvls")
+    if not switches or len(switches) != len(groups):
+        raise ValueError("NVLS needs an NVSwitch in every machine")
+    out = []
+    for local, nvs in zip(groups, switches):
+        g = len(local)
+        out.append(Phase(tuple((x, nvs) for x in local) + tuple((nvs, x) for x in local), nbytes * (g + 1) / g))
+    if len(groups) > 1:
+        if not ports or len(ports) != len(groups):
+            raise ValueError("nvls_tree needs every machine's NICs")
+        rails = min(len(p) for p in ports)
+        for c in range(rails):
+            heads = [ports[i][c][1] for i in range(len(groups))]
+            for parents in double_binary_tree(len(groups)):
+                up = tuple((heads[r], heads[p]) for r, p in enumerate(parents) if p >= 0)
+                out.append(Phase(up + tuple((b, a) for a, b in up), nbytes / rails / 2, 2 * depth(parents)))
     return out

@@ -25,12 +25,17 @@ PROTOCOLS = ("LL", "LL128", "Simple")
 HW = ("nvlink", "pci", "net")
 
 # microseconds, per protocol (LL, LL128, Simple)
-BASE_LAT = {"tree": (6.8, 14.0, 0.0), "ring": (6.6, 14.0, 8.4)}
+BASE_LAT = {"tree": (6.8, 14.0, 0.0), "ring": (6.6, 14.0, 8.4), "nvls": (0.0, 0.0, 0.0), "nvls_tree": (0.0, 0.0, 0.0)}
 HW_LAT = {
-    "nvlink": {"tree": (0.6, 1.25, 28.0), "ring": (0.6, 1.9, 3.4)},
-    "pci": {"tree": (1.0, 1.9, 28.0), "ring": (1.0, 2.5, 5.7)},
-    "net": {"tree": (5.0, 8.5, 28.0), "ring": (2.7, 4.0, 14.0)},
+    "nvlink": {"tree": (0.6, 1.25, 28.0), "ring": (0.6, 1.9, 3.4), "nvls": (0, 0, 23.0), "nvls_tree": (0, 0, 23.0)},
+    "pci": {"tree": (1.0, 1.9, 28.0), "ring": (1.0, 2.5, 5.7), "nvls": (0, 0, 0.0), "nvls_tree": (0, 0, 0.0)},
+    "net": {"tree": (5.0, 8.5, 28.0), "ring": (2.7, 4.0, 14.0), "nvls": (0, 0, 18.0), "nvls_tree": (0, 0, 14.0)},
 }
+NVLS = ("nvls", "nvls_tree")   # NCCL_ALGO_NVLS (one machine), NCCL_ALGO_NVLS_TREE (several)
+NVLS_RATIO = 5 / 6             # tuning.cc: NVLS and NVLS_TREE bus bandwidth x 5/6
+NVLS_CHANNELS = 16             # NCCL_NVLS_NCHANNELS default (nvls.cc); enqueue.cc runs NVLS on these
+NVLS_MIN_CC = 9.0              # ncclTopoCompute: no NVLS graph below compute capability 9.0 or without NVSwitch
+NVLS_MIN_GPUS = 3              # ncclNvlsInit: off with 2 GPUs or fewer on the machine
 NET_OVERHEAD_US = 1.0          # getNetOverhead(): x86 Intel hosts
 LINK_EFFICIENCY = {"nvlink": 20.6 / 25.0, "pci": 12.0 / 15.75, "net": 48.0 / 50.0}
 NVLINK_LANE_GBPS = {8: 20.0, 9: 20.6}     # SM80_NVLINK_BW, SM90_NVLINK_BW of a 25 GB/s lane
@@ -55,16 +60,27 @@ CHANNELS_ONE_NODE = 24
 CHANNELS_PER_NIC = 2
 
 
-def sm_share(machines: int, nics: int, sms: int) -> float:
-    """The share of a GPU's SMs a running collective's kernel takes: one per channel."""
+def sm_share(machines: int, nics: int, sms: int, algo: str = "ring") -> float:
+    """The share of a GPU's SMs a running collective's kernel takes: one per channel (NVLS:
+    its 16, fewer than a ring's 24 on one node)."""
     if sms <= 0:
         return 0.0
-    channels = CHANNELS_ONE_NODE if machines <= 1 else CHANNELS_PER_NIC * max(1, nics)
+    if algo in NVLS:
+        channels = NVLS_CHANNELS
+    else:
+        channels = CHANNELS_ONE_NODE if machines <= 1 else CHANNELS_PER_NIC * max(1, nics)
     return min(channels, sms) / sms
+
+
+def protocols(algo: str) -> tuple[str, ...]:
+    """The protocols NCCL runs ``algo`` with: NVLS and NVLS_TREE only Simple (tuning.cc)."""
+    return ("Simple",) if algo in NVLS else PROTOCOLS
 
 
 def protocol_factor(algo: str, proto: str, op: str, nodes: int, ppn: float) -> float:
     """The share of the algorithm's Simple bus bandwidth a protocol reaches (tuning.cc)."""
+    if algo in NVLS:
+        return NVLS_RATIO
     if algo == "ring":
         if proto == "LL":
             return 1 / 4 if nodes > 1 or op == "allreduce" else 1 / 3
@@ -95,6 +111,10 @@ def latency_us(op: str, algo: str, proto: str, ranks: int, nodes: int, intra: st
     intra_lat, inter_lat = HW_LAT[intra][algo][p], HW_LAT["net"][algo][p]
     if algo == "tree":
         return lat + 2 * ((ranks / nodes - 1) * intra_lat + int(math.log2(nodes)) * inter_lat)
+    if algo == "nvls":                       # the latency *is* the NVLink one (no base)
+        return intra_lat + (inter_lat if nodes > 1 else 0.0)
+    if algo == "nvls_tree":
+        return lat + intra_lat + 2 * int(math.log2(nodes)) * inter_lat
     if op == "broadcast":                    # the channels' hops overlap: one hop's latency
         return lat + HW_LAT["net" if nodes > 1 else intra][algo][p]
     nsteps, inter_steps = steps(op, ranks, nodes)
@@ -121,11 +141,13 @@ def predicted_us(op: str, algo: str, proto: str, nbytes: float, us_per_byte: flo
 
 
 def choose(op: str, nbytes: float, us_per_byte: dict[str, float], ranks: int, nodes: int, intra: str,
-           channels: int = 1, protocols: tuple[str, ...] = PROTOCOLS) -> tuple[str, str]:
+           channels: int = 1, allowed: tuple[str, ...] = PROTOCOLS) -> tuple[str, str]:
     """(algorithm, protocol) with the least predicted time; ``us_per_byte``: every algorithm
-    that can run this op, with its transfer time per byte; ``protocols``: those allowed
-    (NCCL_PROTO)."""
+    that can run this op, with its transfer time per byte; ``allowed``: the protocols
+    allowed (NCCL_PROTO), of which each algorithm takes those it runs with."""
     options = [(predicted_us(op, a, p, nbytes, t, ranks, nodes, intra, channels), a, p)
-               for a, t in us_per_byte.items() for p in protocols]
+               for a, t in us_per_byte.items() for p in allowed if p in protocols(a)]
+    if not options:
+        raise ValueError(f"{'/'.join(us_per_byte)} does not run with protocol {'/'.join(allowed)}")
     _, algo, proto = min(options)
     return algo, proto
