@@ -11,8 +11,9 @@
   ``sandblaster_wall_s`` (one batch), at a tenth of the issue's 200 and 2,000 replicas
   unless ``--full`` (``*_replicas`` says which);
 - ``flows_per_s``: the flow model alone on fixed flow sets (ring steps on 1,024 hosts of
-  one switch; random flows among 64 hosts, ~120 at once); ``flow_rate_ratio_simgrid``
-  where Debian's ``python3-simgrid`` imports, else null with a note;
+  one switch and of a k = 16 fat-tree; random flows among 64 hosts, ~120 at once);
+  ``flow_rate_ratio_simgrid`` where Debian's ``python3-simgrid`` imports, else null with
+  a note;
 - ``peak_rss_mib`` of this process.  Figures are medians (rates) or best-of (walls);
   compare ratios, not absolute rates, on a shared machine.
 
@@ -45,6 +46,7 @@ BARE_TIMEOUTS = 500          # timeouts each: 100,000 events
 GPUS_PER_DGX = 8
 SCALE_DGX = (16, 128, 1250)  # 128 .. 10,000 GPUs for the time exponent
 RING_HOSTS, RING_STEPS = 1024, 4
+FAT_TREE_K = 16              # k^3 / 4 = RING_HOSTS hosts, full bisection
 RANDOM_HOSTS, RANDOM_FLOWS, RANDOM_LOAD = 64, 2000, 120   # ~RANDOM_LOAD flows at once
 FLOW_BYTES = 2.0**20
 HOST_LINK_BPS = 12.5e9       # 100 Gb/s per direction
@@ -128,12 +130,35 @@ def best_wall(data: dict, best: int) -> dict:
     return min(runs, key=lambda r: r["wall_s"])
 
 
-def ring_flows(fluid_env: simpy.Environment, fluid: Fluid):
-    """RING_STEPS steps of a ring on RING_HOSTS hosts of one switch: each host sends
-    FLOW_BYTES to the next, all at once, the next step when all have arrived."""
+def one_switch_route(a: int, b: int) -> dict:
+    return {(f"h{a}", "sw"): 1, ("sw", f"h{b}"): 1}
+
+
+def fat_tree_route(a: int, b: int, k: int = FAT_TREE_K) -> dict:
+    """Links from host a to host b of a k-ary fat-tree (Al-Fares et al., SIGCOMM 2008),
+    up by the destination's digits (D-mod-K): aggregation switch by its port, core by its
+    edge switch."""
+    half = k // 2
+    pod, edge, port = b // (half * half), b // half % half, b % half
+    src_pod, src_edge = a // (half * half), a // half % half
+    up_e, down_e = ("e", src_pod, src_edge), ("e", pod, edge)
+    links = [(("h", a), up_e)]
+    if up_e != down_e:
+        up_a, down_a = ("a", src_pod, port), ("a", pod, port)
+        links.append((up_e, up_a))
+        if up_a != down_a:
+            core = ("c", port, edge)
+            links += [(up_a, core), (core, down_a)]
+        links.append((down_a, down_e))
+    links.append((down_e, ("h", b)))
+    return dict.fromkeys(links, 1)
+
+
+def ring_flows(fluid_env: simpy.Environment, fluid: Fluid, steps: list[dict]):
+    """RING_STEPS steps of a ring on RING_HOSTS hosts: each host sends FLOW_BYTES to the
+    next (over the links in ``steps``), all at once, the next step when all have arrived."""
     for _ in range(RING_STEPS):
-        done = [fluid.start({(f"h{i}", "sw"): 1, ("sw", f"h{(i + 1) % RING_HOSTS}"): 1}, FLOW_BYTES)
-                for i in range(RING_HOSTS)]
+        done = [fluid.start(weights, FLOW_BYTES) for weights in steps]
         yield fluid_env.all_of(done)
 
 
@@ -143,24 +168,25 @@ def random_flows(env: simpy.Environment, fluid: Fluid, rng: np.random.Generator)
     gap = FLOW_BYTES / HOST_LINK_BPS / RANDOM_LOAD * 4
     for _ in range(RANDOM_FLOWS):
         a, b = rng.choice(RANDOM_HOSTS, 2, replace=False)
-        fluid.start({(f"h{a}", "sw"): 1, ("sw", f"h{b}"): 1}, FLOW_BYTES)
+        fluid.start(one_switch_route(a, b), FLOW_BYTES)
         yield env.timeout(rng.exponential(gap))
+
+
+FLOW_SETS = {"ring": one_switch_route, "ring_fat_tree": fat_tree_route, "random": one_switch_route}
 
 
 def flow_rate(kind: str) -> tuple[float, float]:
     """Flows per wall second of the flow model on one fixed flow set, and its simulated end."""
     env = simpy.Environment()
-    hosts = RING_HOSTS if kind == "ring" else RANDOM_HOSTS
-    cap = {}
-    for i in range(hosts):
-        cap[(f"h{i}", "sw")] = cap[("sw", f"h{i}")] = HOST_LINK_BPS
-    fluid = Fluid(env, cap)
-    if kind == "ring":
-        env.process(ring_flows(env, fluid))
-        flows = RING_HOSTS * RING_STEPS
-    else:
+    hosts = RANDOM_HOSTS if kind == "random" else RING_HOSTS
+    steps = [FLOW_SETS[kind](i, (i + 1) % hosts) for i in range(hosts)]    # every link, for random
+    fluid = Fluid(env, {link: HOST_LINK_BPS for weights in steps for link in weights})
+    if kind == "random":
         env.process(random_flows(env, fluid, np.random.default_rng(0)))
         flows = RANDOM_FLOWS
+    else:
+        env.process(ring_flows(env, fluid, steps))
+        flows = RING_HOSTS * RING_STEPS
     t0 = time.perf_counter()
     env.run()
     return flows / (time.perf_counter() - t0), env.now
@@ -168,7 +194,7 @@ def flow_rate(kind: str) -> tuple[float, float]:
 
 def flow_rates(repeats: int) -> dict:
     out = {}
-    for kind in ("ring", "random"):
+    for kind in FLOW_SETS:
         runs = [flow_rate(kind) for _ in range(repeats)]
         out[kind] = {"flows_per_s": statistics.median(r[0] for r in runs), "sim_end_s": runs[0][1]}
     try:

@@ -10,18 +10,28 @@ entity with n members, because a ring advances at the pace of its slowest hop). 
 by progressive filling (water-filling): raise every unfrozen rate together until some link
 saturates, freeze the flows that cross it, repeat.  A flow that crosses no capacitated link
 gets rate ``inf`` (the caller treats it as instantaneous).
+
+The filling is kept as each link's *fair share*, ``R_l / W_l`` (capacity left after the
+frozen flows over the unfrozen weight): the next link to saturate is the one with the
+smallest share, and freezing a flow touches only its own links -- work in proportion to
+the (flow, link) entries, not to levels x links (decision 021).
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 
 import numpy as np
 
 Link = Hashable
 FlowId = Hashable
 
-# Relative slack when deciding that a link is saturated (float round-off of the filling).
+# Links whose shares are within this relative slack of the smallest saturate together
+# (float round-off of the filling): their flows get the very same rate.
 _EPS = 1e-12
+
+# From this many (flow, link) entries on, the filling runs in array arithmetic: below it
+# the arrays' set-up costs more than the loops (decision 021).
+ARRAY_ENTRIES = 2048
 
 
 def link_weights(routes: Sequence[Sequence[Link]]) -> dict[Link, int]:
@@ -33,113 +43,133 @@ def link_weights(routes: Sequence[Sequence[Link]]) -> dict[Link, int]:
     return weights
 
 
-def max_min_rates(flows: Mapping[FlowId, Mapping[Link, int]],
-                  capacity: Mapping[Link, float]) -> dict[FlowId, float]:
+def max_min_rates(flows: Mapping[FlowId, Mapping[Link, float]], capacity: Mapping[Link, float],
+                  users: Mapping[Link, Collection[FlowId]] | None = None) -> dict[FlowId, float]:
     """Rates per flow (same unit as ``capacity``) for ``flows``: id -> {link: members crossing it}.
 
-    Raises KeyError if a flow crosses a link with no capacity and ValueError if a capacity
-    is not > 0.  Many links: the same filling in array arithmetic, the same floats in the
-    same order (``_filling_arrays``).
+    ``users``: link -> the flows that cross it, where the caller keeps them (every flow on
+    a link of ``flows`` must then be one of ``flows``); built here when None.  The floats
+    depend only on the order of ``flows``, not on how ``users`` iterates, and the array
+    path gives the loops' floats.  Raises KeyError if a flow crosses a link with no
+    capacity and ValueError if a capacity is not > 0.
     """
+    if sum(map(len, flows.values())) >= ARRAY_ENTRIES:
+        return _filling_arrays(flows, capacity)
+    return _filling(flows, capacity, users)
+
+
+def _checked(capacity: Mapping[Link, float], link: Link) -> float:
+    c = float(capacity[link])
+    if c <= 0:
+        raise ValueError(f"capacity of link {link!r} (={c}) must be > 0.")
+    return c
+
+
+def _filling(flows, capacity, users) -> dict[FlowId, float]:
+    """Progressive filling by fair shares.  Each level: the smallest share ``s`` (never
+    below the level before, against round-off), the links within ``_EPS`` of it saturate,
+    their unfrozen flows get ``s``; those flows' weight leaves their links, taken in flow
+    order so the floats do not depend on set order."""
     rates: dict[FlowId, float] = {}
-    users: dict[Link, list[FlowId]] = {}
+    load: dict[Link, float] = {}             # W_l: unfrozen weight, summed in flow order
+    count: dict[Link, int] = {}              # unfrozen flows on the link
     for fid, weights in flows.items():
         if not weights:
             rates[fid] = float("inf")
-            continue
-        for link in weights:
-            if capacity[link] <= 0:
-                raise ValueError(f"capacity of link {link!r} (={capacity[link]}) must be > 0.")
-            users.setdefault(link, []).append(fid)
-    if len(users) >= ARRAY_LINKS:
-        rates.update(_filling_arrays(flows, capacity, users, [f for f in flows if f not in rates]))
-    else:
-        rates.update(_filling(flows, capacity, users, {f for f in flows if f not in rates}))
-    return rates
-
-
-# From this many links on, the filling runs in array arithmetic: below it the arrays'
-# set-up costs more than the loops (decision 014).
-ARRAY_LINKS = 2048
-
-
-def _filling(flows, capacity, users, active) -> dict[FlowId, float]:
-    """Progressive filling, one link at a time.  Only links still carrying unfrozen flows
-    (weight > 0) are scanned: a link's weight never grows back, and a link without weight
-    neither saturates nor changes ``remaining`` (its step x 0 is 0)."""
-    rates = {}
-    remaining = {link: float(capacity[link]) for link in users}
-    load = {link: sum(flows[f][link] for f in fs) for link, fs in users.items()}  # unfrozen weight
-    live = [l for l in load if load[l] > 0]
+        for link, n in weights.items():
+            if link in load:
+                load[link] += n
+                count[link] += 1
+            else:
+                load[link], count[link] = n, 1
+    if users is None:
+        users = {}
+        for fid, weights in flows.items():
+            for link in weights:
+                users.setdefault(link, []).append(fid)
+    left = {link: _checked(capacity, link) for link in load}   # R_l: capacity not yet taken
+    share = {link: left[link] / w for link, w in load.items()}
+    order = {fid: i for i, fid in enumerate(flows)}
     level = 0.0
-    while active:
-        # the next link to saturate: smallest fair increment remaining / unfrozen weight
-        bottleneck = min(live, key=lambda l: remaining[l] / load[l])
-        step = max(remaining[bottleneck] / load[bottleneck], 0.0)
-        level += step
-        for link in live:
-            remaining[link] -= step * load[link]
-        saturated = [l for l in live if remaining[l] <= _EPS * capacity[l]]
-        saturated = saturated or [bottleneck]
-        for link in saturated:
+    while share:
+        s = min(share.values())
+        if s > level:
+            level = s
+        bound = s + abs(s) * _EPS
+        frozen = []
+        for link in [link for link, v in share.items() if v <= bound]:
             for fid in users[link]:
-                if fid in active:
-                    active.discard(fid)
+                if fid not in rates:
                     rates[fid] = level
-                    for l2, n in flows[fid].items():
-                        load[l2] -= n
-        for link in saturated:
-            load[link] = 0
-        live = [l for l in live if load[l] > 0]
+                    frozen.append(fid)
+        if len(rates) == len(flows):
+            break                                # all frozen: the loads left do not matter
+        if len(frozen) > 1:
+            frozen.sort(key=order.__getitem__)
+        gone: dict[Link, float] = {}             # weight frozen off each link, summed in flow order
+        went: dict[Link, int] = {}
+        for fid in frozen:
+            for link, n in flows[fid].items():
+                if link in gone:
+                    gone[link] += n
+                    went[link] += 1
+                else:
+                    gone[link], went[link] = n, 1
+        for link, n in gone.items():
+            c = count[link] = count[link] - went[link]
+            if c:
+                r = left[link] = left[link] - n * level
+                w = load[link] = load[link] - n
+                share[link] = r / w
+            else:
+                del share[link]
     return rates
 
 
-def _filling_arrays(flows, capacity, users, order) -> dict[FlowId, float]:
-    """``_filling`` with links and flows as arrays: every float is computed as there, in
-    the same order (sums and subtractions of weights one by one, ties to the first link),
-    so the rates are identical."""
-    links = list(users)
-    at = {link: i for i, link in enumerate(links)}
-    fidx = {f: i for i, f in enumerate(order)}
-    # users of each link in order (CSR), and each flow's (link, weight) in order (CSR)
-    u_ptr = np.zeros(len(links) + 1, dtype=np.int64)
-    u_ptr[1:] = np.cumsum([len(users[link]) for link in links])
-    u_flow = np.array([fidx[f] for link in links for f in users[link]], dtype=np.int64)
-    u_w = np.array([flows[f][link] for link in links for f in users[link]], dtype=float)
-    f_ptr = np.zeros(len(order) + 1, dtype=np.int64)
-    f_ptr[1:] = np.cumsum([len(flows[f]) for f in order])
-    f_link = np.array([at[link] for f in order for link in flows[f]], dtype=np.int64)
-    f_w = np.array([n for f in order for n in flows[f].values()], dtype=float)
-    cap = np.array([float(capacity[link]) for link in links])
-    remaining = cap.copy()
-    load = np.zeros(len(links))
-    np.add.at(load, np.repeat(np.arange(len(links)), np.diff(u_ptr)), u_w)     # one by one, in order
-    slack = _EPS * cap
-    active = np.ones(len(order), dtype=bool)
-    rates: dict[FlowId, float] = {}
-    level, left = 0.0, len(order)
-    while left:
-        loaded = load > 0
-        ratio = np.full(len(links), np.inf)
-        np.divide(remaining, load, out=ratio, where=loaded)
-        b = int(np.argmin(ratio))
-        step = max(float(remaining[b] / load[b]), 0.0)
-        level += step
-        remaining -= step * load
-        saturated = np.flatnonzero(loaded & (remaining <= slack))
-        if not len(saturated):
-            saturated = np.array([b])
+def _filling_arrays(flows, capacity) -> dict[FlowId, float]:
+    """``_filling`` with links and flows as arrays, every float computed as there and in
+    the same order (weights summed and frozen flows taken in flow order, each flow's links
+    in its order; ``ufunc.at`` and ``bincount`` add repeated indices one by one): the same
+    rates."""
+    rates: dict[FlowId, float] = {fid: float("inf") for fid, w in flows.items() if not w}
+    fids = [fid for fid, w in flows.items() if w]
+    if not fids:
+        return rates
+    at: dict[Link, int] = {}
+    f_link = np.array([at.setdefault(link, len(at)) for f in fids for link in flows[f]], dtype=np.int64)
+    f_w = np.array([n for f in fids for n in flows[f].values()], dtype=float)
+    f_ptr = np.zeros(len(fids) + 1, dtype=np.int64)
+    f_ptr[1:] = np.cumsum([len(flows[f]) for f in fids])
+    left = np.array([_checked(capacity, link) for link in at])
+    weight = np.zeros(len(at))
+    np.add.at(weight, f_link, f_w)
+    count = np.bincount(f_link, minlength=len(at))
+    by_link = np.argsort(f_link, kind="stable")                 # each link's users, in flow order
+    u_flow = np.repeat(np.arange(len(fids)), np.diff(f_ptr))[by_link]
+    u_ptr = np.zeros(len(at) + 1, dtype=np.int64)
+    u_ptr[1:] = np.cumsum(count)
+    active = np.ones(len(fids), dtype=bool)
+    share = np.empty(len(at))
+    level = 0.0
+    while True:
+        live = count > 0
+        share.fill(np.inf)
+        np.divide(left, weight, out=share, where=live)
+        s = float(share.min())
+        if s > level:
+            level = s
+        saturated = np.flatnonzero(share <= s + abs(s) * _EPS)
         cand = u_flow[_ranges(u_ptr, saturated)]
-        first = np.sort(np.unique(cand, return_index=True)[1])
-        frozen = cand[first]
-        frozen = frozen[active[frozen]]
+        frozen = np.unique(cand[active[cand]])
         active[frozen] = False
-        rates.update((order[i], level) for i in frozen.tolist())
-        left -= len(frozen)
+        rates.update((fids[i], level) for i in frozen.tolist())
+        if len(rates) == len(flows):
+            return rates
         pos = _ranges(f_ptr, frozen)
-        np.subtract.at(load, f_link[pos], f_w[pos])
-        load[saturated] = 0.0
-    return rates
+        gone = np.bincount(f_link[pos], weights=f_w[pos], minlength=len(at))    # in order, one by one
+        left -= gone * level
+        weight -= gone
+        count -= np.bincount(f_link[pos], minlength=len(at))
 
 
 def _ranges(ptr: np.ndarray, rows: np.ndarray) -> np.ndarray:

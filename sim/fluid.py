@@ -22,28 +22,40 @@ from sim.flows import max_min_rates
 
 
 class _Job:
-    __slots__ = ("weights", "amount", "remaining", "rate", "since", "event", "finish")
+    __slots__ = ("links", "key", "amount", "remaining", "rate", "since", "event", "finish")
 
-    def __init__(self, weights: Mapping[Hashable, int], amount: float, event: simpy.Event, now: float):
-        self.weights, self.amount, self.remaining = weights, amount, amount
+    def __init__(self, links: dict[int, float], amount: float, event: simpy.Event, now: float):
+        self.links, self.key, self.amount, self.remaining = links, tuple(links.items()), amount, amount
         self.rate, self.since, self.event, self.finish = 0.0, now, event, float("inf")
 
 
+# Solves remembered, by the jobs' (resource, weight) lists in start order: a step that
+# repeats a pattern (a collective's rounds, the next training step) re-solves nothing.
+MEMO_SOLVES = 512
+
+
 class Fluid:
-    """Jobs sharing resources max-min fairly; ``start`` returns an event that fires when done."""
+    """Jobs sharing resources max-min fairly; ``start`` returns an event that fires when done.
+    Capacities change through ``set_capacity`` only (solves are remembered)."""
 
     def __init__(self, env: simpy.Environment, capacity: Mapping[Hashable, float]) -> None:
         self.env, self.capacity = env, capacity
         self.jobs: dict[int, _Job] = {}
         self.users: dict[Hashable, set[int]] = {}
+        # the solver sees each resource as a small int (a route's links are tuples of
+        # names, slow to hash over and over); ``_users_at[i]`` is the set ``users`` holds
+        self._index: dict[Hashable, int] = {}
+        self._resources: list[Hashable] = []
+        self._users_at: list[set[int]] = []
         self._heap: list[tuple[float, int]] = []
         self._ids = itertools.count()
         self._wake_at = float("inf")
         self._timer: simpy.Event | None = None     # the one live wake-up; earlier-armed ones are stale
         self._dirty: set[int] = set()
+        self._memo: dict[tuple, tuple[float, ...]] = {}
         self.solves = 0
 
-    def start(self, weights: Mapping[Hashable, int], amount: float) -> simpy.Event:
+    def start(self, weights: Mapping[Hashable, float], amount: float) -> simpy.Event:
         """A job of ``amount`` over resources ``weights``; raises KeyError for an unknown resource."""
         event = self.env.event()
         if amount <= 0 or not weights:
@@ -53,13 +65,16 @@ class Fluid:
             if self.capacity[res] <= 0:
                 raise ValueError(f"resource {res!r} has no capacity")
         jid = next(self._ids)
-        self.jobs[jid] = _Job(weights, float(amount), event, self.env.now)
-        users = self.users
-        for res in weights:
-            if res in users:
-                users[res].add(jid)
-            else:
-                users[res] = {jid}
+        index, links = self._index, {}
+        for res, n in weights.items():
+            i = index.get(res)
+            if i is None:
+                i = index[res] = len(self._resources)
+                self._resources.append(res)
+                self._users_at.append(self.users.setdefault(res, set()))
+            links[i] = n
+            self._users_at[i].add(jid)
+        self.jobs[jid] = _Job(links, float(amount), event, self.env.now)
         self._mark([jid])
         return event
 
@@ -68,6 +83,7 @@ class Fluid:
         if capacity <= 0:
             raise ValueError(f"resource {resource!r} needs a capacity > 0, got {capacity}")
         self.capacity[resource] = capacity
+        self._memo.clear()
         if self.users.get(resource):
             self._mark(list(self.users[resource]))
 
@@ -81,46 +97,59 @@ class Fluid:
 
     def _flush(self, _event: simpy.Event) -> None:
         dirty, self._dirty = self._dirty, set()
-        self._resolve(self._component(list(dirty)))
+        self._resolve(*self._component(list(dirty)))
 
-    def _component(self, seeds: list[int]) -> set[int]:
-        """The live jobs that share resources with ``seeds``, transitively; each resource
-        is expanded once, however many jobs reach it."""
-        comp, seen, todo = set(), set(), [j for j in seeds if j in self.jobs]
+    def _component(self, seeds: list[int]) -> tuple[set[int], set[int]]:
+        """The live jobs that share resources with ``seeds``, transitively, and their
+        resources (as indices); each resource is expanded once, however many jobs reach it."""
+        jobs, users_at = self.jobs, self._users_at
+        comp, seen, todo = set(), set(), [j for j in seeds if j in jobs]
         comp.update(todo)
         while todo:
-            for res in self.jobs[todo.pop()].weights:
-                if res not in seen:
-                    seen.add(res)
-                    new = self.users[res] - comp
-                    comp |= new
-                    todo.extend(new)
-        return comp
+            for i in jobs[todo.pop()].links:
+                if i not in seen:
+                    seen.add(i)
+                    new = users_at[i] - comp
+                    if new:
+                        comp |= new
+                        todo.extend(new)
+        return comp, seen
 
-    def _resolve(self, comp: set[int]) -> None:
+    def _resolve(self, comp: set[int], links: set[int]) -> None:
         """New rates for the jobs of ``comp``, taken in start order (the floats of a solve
-        must not depend on how a set happens to iterate)."""
+        must not depend on how a set happens to iterate).  A job whose rate comes out the
+        same keeps its last update and finish time: nothing about it changed."""
         if not comp:
             return
         now = self.env.now
         self.solves += 1
-        comp = sorted(comp)
-        for jid in comp:
-            job = self.jobs[jid]
-            job.remaining -= job.rate * (now - job.since)
-            job.since = now
-        if len(comp) == 1 and len(job.weights) == 1:      # alone on one resource: no solve needed
-            [(res, n)] = job.weights.items()
-            rates = {jid: self.capacity[res] / n}
+        jobs, resources, capacity = self.jobs, self._resources, self.capacity
+        if len(comp) == 1 and len(links) == 1:             # alone on one resource: no solve needed
+            [jid], [(i, n)] = comp, jobs[next(iter(comp))].links.items()
+            rates = ((jid, capacity[resources[i]] / n),)
         else:
-            rates = max_min_rates({jid: self.jobs[jid].weights for jid in comp}, self.capacity)
-        for jid, rate in rates.items():
-            job = self.jobs[jid]
-            job.rate = rate
+            order = sorted(comp)
+            key = tuple([jobs[jid].key for jid in order])
+            found = self._memo.get(key)
+            if found is None:
+                solved = max_min_rates({jid: jobs[jid].links for jid in order},
+                                       {i: capacity[resources[i]] for i in links}, self._users_at)
+                found = tuple([solved[jid] for jid in order])
+                if len(self._memo) >= MEMO_SOLVES:
+                    del self._memo[next(iter(self._memo))]      # the oldest
+                self._memo[key] = found
+            rates = zip(order, found)
+        heap = self._heap
+        for jid, rate in rates:
+            job = jobs[jid]
+            if rate == job.rate:
+                continue
+            job.remaining -= job.rate * (now - job.since)
+            job.since, job.rate = now, rate
             job.finish = now + max(job.remaining, 0.0) / rate
-            heapq.heappush(self._heap, (job.finish, jid))
-        if len(self._heap) > 2 * len(self.jobs) + 64:       # mostly stale entries: keep the live ones
-            self._heap = [(j.finish, i) for i, j in self.jobs.items() if j.finish < float("inf")]
+            heapq.heappush(heap, (job.finish, jid))
+        if len(heap) > 2 * len(jobs) + 64:       # mostly stale entries: keep the live ones
+            self._heap = [(j.finish, i) for i, j in jobs.items() if j.finish < float("inf")]
             heapq.heapify(self._heap)
         self._schedule()
 
@@ -153,11 +182,12 @@ class Fluid:
             heapq.heappop(self._heap)
             finished[jid] = None
         neighbours: set[int] = set()
+        users_at = self._users_at
         for jid in finished:
             job = self.jobs.pop(jid)
-            for res in job.weights:
-                self.users[res].discard(jid)
-                neighbours |= self.users[res]
+            for i in job.links:
+                users_at[i].discard(jid)
+                neighbours |= users_at[i]
             job.event.succeed()
         if neighbours:
             self._mark(neighbours)

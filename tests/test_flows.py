@@ -61,39 +61,3 @@ def test_allocation_is_feasible_and_every_flow_has_a_saturated_bottleneck(data):
         assert any(load[l] >= caps[l] * (1 - 1e-9) and
                    all(rates[g] <= rates[f] * (1 + 1e-9) for g in flows if l in flows[g])
                    for l in w)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.data())
-def test_array_filling_gives_the_same_floats_in_the_same_order(data):
-    # both fillings on one input: integer members or NCCL-style fractional weights
-    from sim.flows import _filling, _filling_arrays
-    n_links = data.draw(st.integers(1, 12))
-    caps = {l: data.draw(st.sampled_from([1.0, 3.0, 12.5e9, 25e9, 0.7])) for l in range(n_links)}
-    frac = data.draw(st.booleans())
-    flows = {}
-    for f in range(data.draw(st.integers(1, 20))):
-        links = data.draw(st.lists(st.sampled_from(range(n_links)), min_size=1, max_size=4, unique=True))
-        flows[f] = {l: (data.draw(st.sampled_from([1, 2, 3])) / (0.93 if frac else 1)) for l in links}
-    users = {}
-    for f, w in flows.items():
-        for l in w:
-            users.setdefault(l, []).append(f)
-    want = _filling(flows, caps, users, set(flows))
-    got = _filling_arrays(flows, caps, users, list(flows))
-    assert list(got.items()) == list(want.items())
-
-
-def test_array_filling_on_a_large_random_mix_is_identical():
-    import random
-    from sim.flows import _filling, _filling_arrays
-    rng = random.Random(7)
-    caps = {("h", i, d): 12.5e9 for i in range(64) for d in (0, 1)}
-    flows = {f: {("h", rng.randrange(64), 0): 1, ("h", rng.randrange(64), 1): rng.choice([1, 1 / 0.85])}
-             for f in range(300)}
-    users = {}
-    for f, w in flows.items():
-        for l in w:
-            users.setdefault(l, []).append(f)
-    assert list(_filling_arrays(flows, caps, users, list(flows)).items()) == \
-        list(_filling(flows, caps, users, set(flows)).items())
