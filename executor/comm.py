@@ -11,8 +11,8 @@ import numpy as np
 from executor.backend import to_numpy
 
 POLL_SLEEP_S = 50e-6      # between polls of a pending request; far below a step, far above a spin
-TAGS = {"a": 1, "g": 2, "r": 3}
-LOST_TAG = 4 * 10_000_000  # above every tag_of (layers < 1000)
+TAGS = {"a": 1, "g": 2, "r": 3, "rs": 5, "ag": 6, "grs": 7, "gag": 8}   # rs..gag: a tensor split's allreduces
+LOST_TAG = 4 * 10_000_000  # between tag_of's kinds (layers < 1000); MPICH's tag bound is 2**29 - 1
 
 
 YIELD_FOR_S = 10e-3      # poll with sched_yield this long (a 16 MB message takes ~2 ms), then sleep

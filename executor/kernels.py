@@ -541,7 +541,8 @@ class GeluKernel(Kernel):
 
 class EmbeddingKernel(Kernel):
     """Rows of the token table (ids rounded from the input), plus position rows h0..h1 and
-    token type 0 where the layer has them; the box's features are the tables' columns."""
+    token type 0 where the layer has them; the box's features are the tables' columns.  A
+    table holding words ``offset``.. only (a tensor split's part) gives zeros for the others."""
 
     @staticmethod
     def init(layer, in_shape, out_shape, rng, dtype):
@@ -549,8 +550,10 @@ class EmbeddingKernel(Kernel):
 
     @staticmethod
     def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
-        ids = xp.rint(xr[:, 0, :, 0]).astype(np.int64)          # (B, t)
-        y = params[0][ids]                                         # (B, t, c)
+        ids = xp.rint(xr[:, 0, :, 0]).astype(np.int64) - layer.offset   # (B, t) rows of this table
+        inside = (ids >= 0) & (ids < len(params[0]))               # a slice of the vocabulary: zeros elsewhere
+        ids = xp.where(inside, ids, -1)
+        y = params[0][xp.maximum(ids, 0)] * inside[:, :, None]     # (B, t, c)
         if layer.positions:
             y = y + params[1][box[1][0]:box[1][1]][None]
         if layer.types:
@@ -562,7 +565,8 @@ class EmbeddingKernel(Kernel):
         (ids,) = cache
         d = _seq(dy)                                               # (B, t, c)
         dtok = xp.zeros_like(params[0])
-        xp.add.at(dtok, ids.reshape(-1), d.reshape(-1, d.shape[2]))
+        inside = ids.reshape(-1) >= 0                              # -1: a word of another slot's table
+        xp.add.at(dtok, ids.reshape(-1)[inside], d.reshape(-1, d.shape[2])[inside])
         grads = [dtok]
         if layer.positions:
             dpos = xp.zeros_like(params[1])

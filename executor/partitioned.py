@@ -13,6 +13,12 @@ a message is its payload alone.
 
 Softmax over features cut by channels exchanges two numbers per sample (each slice's max
 and sum of exponentials), as the Plan's ``reduction`` transfers say.
+
+A tensor split's allreduces are the Plan's reduce-scatter and all-gather sends: a slot sums
+the pieces it receives into its own piece before it sends that on, and every slot reads the
+whole sum -- of a layer's partial sums (forward) or of its column-parallel readers'
+gradients (backward).  A send that waits for received pieces is made at its place in the
+Plan's order, after receiving them, so ranks walking the same order never wait in a circle.
 """
 from __future__ import annotations
 
@@ -23,9 +29,12 @@ import numpy as np
 
 from clustersim.core.layers import Box, box_intersect
 from clustersim.core.partition import even_cuts
-from clustersim.core.plan import Plan, edges
+from clustersim.core.plan import Plan, allreduce_pieces, edges, grad_allreduced, param_index, part_of, reads
 
 from executor import kernels
+
+
+AR_TAGS = {"reduce-scatter": "rs", "all-gather": "ag", "gradient reduce-scatter": "grs", "gradient all-gather": "gag"}
 
 
 def _shape(batch: int, box: Box) -> tuple:
@@ -49,9 +58,9 @@ def slot_params(p: Plan, full: dict[int, list], contiguous: bool = False) -> dic
     """Each (layer, slot)'s parameters, cut from the whole layers' arrays ``full`` (as
     ``init_params`` makes them) where the core layer's ``box_index`` says its box keeps them;
     ``contiguous`` copies each cut into an array of its own (a message's buffer)."""
-    nodes = p.scenario.model.nodes
+    model = p.scenario.model
     return {(i, j): [np.ascontiguousarray(a[ix]) if contiguous else a[ix]
-                     for a, ix in zip(full[i], nodes[i].layer.box_index(box))]
+                     for a, ix in zip(full[i], param_index(model, p.parts, i, j, box))]
             for i, sl in enumerate(p.slices) if i in full for j, box in sl}
 
 
@@ -93,7 +102,12 @@ class _Step:
         self.nodes = p.scenario.model.nodes
         self.consumers = p.scenario.model.consumers
         self.boxes = [dict(sl) for sl in p.slices]
-        self.edges = edges(p.scenario.model, p.slices)
+        model = p.scenario.model
+        self.edges = edges(model, p.slices, p.parts, p.scenario.parallel.tensor)
+        self.parts = {(i, j): part_of(model, p.parts, i, j) for i, sl in enumerate(p.slices) for j, _ in sl}
+        self.ar_readers = [grad_allreduced(model, p.slices, p.parts, i) for i in range(len(self.nodes))]
+        self.ar: dict[tuple, object] = {}           # (kind, layer, slot, micro) -> the whole buffer being allreduced
+        self.ar_in: dict[tuple, list] = {}          # (kind, layer, slot, micro) -> reduce-scatter pieces not yet summed
         self.micro = even_cuts(len(x), p.scenario.parallel.micro_batches)
         self.masks: dict[int, object] = {}
         self.out: dict[tuple, object] = {}          # output box
@@ -107,19 +121,64 @@ class _Step:
         self.logits: dict[tuple[int, int], object] = {}
 
     def regions(self, i: int, j: int) -> tuple[Box, ...]:
-        node = self.nodes[i]
-        return node.layer.input_boxes(node.in_shapes, self.boxes[i][j])
+        return reads(self.p.scenario.model, self.p.parts, i, j, self.boxes[i][j])
 
-    def _kernel(self, fn, node, args: list, regions, box, *rest):
-        """``fn`` (kernels.forward / backward) with lists for a kind reading several inputs."""
+    def _kernel(self, fn, node, args: list, regions, box, *rest, part=None):
+        """``fn`` (kernels.forward / backward) with lists for a kind reading several inputs;
+        a tensor split's ``part`` runs its own layer on its part of the input."""
+        if part is not None:
+            return fn(self.xp, part.layer, part.in_shape, args[0], regions[0], box, *rest)
         if node.layer.arity == 1:
             return fn(self.xp, node.layer, node.in_shape, args[0], regions[0], box, *rest)
         return fn(self.xp, node.layer, list(node.in_shapes), args, list(regions), box, *rest)
 
+    # --- a tensor split's allreduces ---------------------------------------------------------
+    def _piece(self, op) -> Box:
+        """The piece of the whole output an allreduce transfer carries: the receiver's in a
+        reduce-scatter, the sender's in an all-gather."""
+        group = [j for j, _ in self.p.slices[op.producer]]
+        at = op.dst if op.why.endswith("reduce-scatter") else op.slot
+        return allreduce_pieces(self.nodes[op.producer].out_shape, len(group))[group.index(at)]
+
+    def _buffer(self, kind: str, i: int, j: int, m: int):
+        """Slot j's whole buffer of layer i's allreduce (``a``: its partial sum, the output;
+        ``g``: its column-parallel readers' gradients of it, summed), with the pieces
+        received so far added to its own piece."""
+        key = (kind, i, j, m)
+        if key not in self.ar:
+            if kind == "a":
+                self.ar[key] = self.out[(i, j, m)]
+            else:
+                buf = self.xp.zeros_like(self.out[(i, j, m)])
+                for c in self.ar_readers[i]:
+                    if (c, j, m) in self.dins:
+                        self._add_dins(buf, self.boxes[i][j], i, c, j, m)
+                self.ar[key] = buf
+        buf = self.ar[key]
+        for piece, arr in self.ar_in.pop(key, []):
+            buf[_rel(piece, self.boxes[i][j])] += arr
+        return buf
+
+    def _add_dins(self, buf, box: Box, i: int, c: int, j: int, m: int) -> None:
+        """Adds reader c's (on slot j) gradients of layer i's output inside ``box`` to ``buf``."""
+        regions, dxs = self.dins[(c, j, m)]
+        for s, region, dx in zip(self.nodes[c].inputs, regions, dxs):
+            ov = box_intersect(box, region)
+            if s == i and all(b > a for a, b in ov):
+                buf[_rel(ov, box)] += dx[_rel(ov, region)]
+
     # --- messages: exactly what the Plan counted ---------------------------------------------
+    def output(self, i: int, j: int, m: int):
+        """Layer i's output on slot j: a partial sum once its allreduce has reached j."""
+        return self._buffer("a", i, j, m) if self.parts.get((i, j)) else self.out[(i, j, m)]
+
     def send(self, op) -> None:
         m = op.micro
-        if op.why == "reduction":            # softmax: this slice's max and sum of exponentials per position
+        if op.why in AR_TAGS:
+            i, box = op.producer, self.boxes[op.producer][op.slot]
+            buf = self._buffer("g" if op.why.startswith("gradient") else "a", i, op.slot, m)
+            self.transport.send(op.slot, op.dst, (AR_TAGS[op.why], i, m), buf[_rel(self._piece(op), box)])
+        elif op.why == "reduction":            # softmax: this slice's max and sum of exponentials per position
             z = self.out[(op.layer, op.slot, m)][:, :, :, 0]                     # (b, c, t)
             mx = z.max(axis=1)
             se = self.xp.exp(z - mx[:, None]).sum(axis=1)
@@ -127,24 +186,28 @@ class _Step:
         elif op.why != "gradient":           # the part of the producer's box the readers on dst read
             src = op.producer
             e, own = self.edges[(src, op.slot, op.dst)], self.boxes[src][op.slot]
-            self.transport.send(op.slot, op.dst, ("a", src, m), self.out[(src, op.slot, m)][_rel(e.box, own)])
+            self.transport.send(op.slot, op.dst, ("a", src, m), self.output(src, op.slot, m)[_rel(e.box, own)])
         else:                                # the readers' gradients of it, summed, to its owner op.dst
             src = op.producer
             e = self.edges[(src, op.dst, op.slot)]
             buf = self.xp.zeros(_shape(self.micro[m][1] - self.micro[m][0], e.box), dtype=self.x.dtype)
             for c in e.readers:
-                regions, dxs = self.dins[(c, op.slot, m)]
-                for s, region, dx in zip(self.nodes[c].inputs, regions, dxs):
-                    ov = box_intersect(e.box, region)
-                    if s == src and all(b > a for a, b in ov):
-                        buf[_rel(ov, e.box)] += dx[_rel(ov, region)]
+                self._add_dins(buf, e.box, src, c, op.slot, m)
             self.transport.send(op.slot, op.dst, ("g", src, m), buf)
 
     def recv(self, op) -> None:
         m = op.micro
         lo, hi = self.micro[m]
         dtype = self.x.dtype
-        if op.why == "reduction":
+        if op.why in AR_TAGS:
+            i, piece = op.producer, self._piece(op)
+            kind = "g" if op.why.startswith("gradient") else "a"
+            arr = self.transport.recv(op.slot, op.dst, (AR_TAGS[op.why], i, m), _shape(hi - lo, piece), dtype)
+            if op.why.endswith("reduce-scatter"):     # summed into the receiver's piece when it is next used
+                self.ar_in.setdefault((kind, i, op.dst, m), []).append((piece, arr))
+            else:                                     # the sender's piece, summed
+                self._buffer(kind, i, op.dst, m)[_rel(piece, self.boxes[i][op.dst])] = arr
+        elif op.why == "reduction":
             t = self.nodes[op.layer].out_shape[1]
             self.red.setdefault((op.layer, op.dst, m), []).append(
                 self.transport.recv(op.slot, op.dst, ("r", op.layer, m), (hi - lo, t, 2), dtype))
@@ -170,7 +233,7 @@ class _Step:
             else:
                 pieces = list(self.recv_act.get((src, j, m), []))
                 if j in self.boxes[src] and (src, j, m) in self.out:
-                    pieces.append((self.boxes[src][j], self.out[(src, j, m)]))
+                    pieces.append((self.boxes[src][j], self.output(src, j, m)))
                 for pbox, arr in pieces:
                     ov = box_intersect(pbox, region)
                     if all(b > a for a, b in ov):
@@ -181,7 +244,7 @@ class _Step:
             if i not in self.masks:
                 self.masks[i] = self.dropout(i, (len(self.x), *node.out_shape))
             mask = self.masks[i][(slice(lo, hi),) + _rel(box, ((0, 0), (0, 0), (0, 0)))[1:]]
-        y, c = self._kernel(kernels.forward, node, xrs, regions, box, params, mask)
+        y, c = self._kernel(kernels.forward, node, xrs, regions, box, params, mask, part=self.parts[(i, j)])
         self.out[(i, j, m)] = y
         self.cache[(i, j, m)] = (regions, c, [xr.shape for xr in xrs])
         if not self.consumers[i]:
@@ -198,18 +261,15 @@ class _Step:
         else:
             dy = self.xp.zeros_like(y)
             pieces = self.recv_grad.pop((i, j, m), [])
-            for c in self.consumers[i]:      # the readers on this slot
-                if (c, j, m) not in self.dins:
-                    continue
-                regions, dxs = self.dins[(c, j, m)]
-                for s, region, dx in zip(self.nodes[c].inputs, regions, dxs):
-                    ov = box_intersect(box, region)
-                    if s == i and all(b > a for a, b in ov):
-                        pieces.append((ov, dx[_rel(ov, region)]))
+            for c in self.consumers[i]:      # the readers on this slot (column-parallel ones: allreduced)
+                if (c, j, m) in self.dins and c not in self.ar_readers[i]:
+                    self._add_dins(dy, box, i, c, j, m)
+            if self.ar_readers[i]:
+                dy += self._buffer("g", i, j, m)
             for pbox, arr in pieces:
                 dy[_rel(pbox, box)] += arr
         regions, c, shapes = self.cache.pop((i, j, m))
-        dxs, dpar = self._kernel(kernels.backward, node, shapes, regions, box, params, c, dy)
+        dxs, dpar = self._kernel(kernels.backward, node, shapes, regions, box, params, c, dy, part=self.parts[(i, j)])
         self.dins[(i, j, m)] = (regions, dxs if node.layer.arity != 1 else [dxs])
         if dpar:                                     # the first micro-batch's gradients are the accumulator
             if (i, j) not in self.grads:
@@ -227,22 +287,36 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
     gives the keep mask of the whole layer output for the batch (scaled), or None.
     ``backward=False`` runs the forward pass only (evaluation)."""
     step = _Step(p, x, labels, transport, xp, dropout)
-    skip = (lambda op: op.kind == "bwd" or op.why in ("gradient", "reduction")) if not backward else (lambda op: False)
+    skip = (lambda op: op.kind == "bwd" or op.why == "reduction" or op.why.startswith("gradient")) \
+        if not backward else (lambda op: False)
     sends_after: dict[int, list] = {}        # a compute op -> the messages it completes (sent at once)
+    in_order: set[int] = set()               # messages waiting for messages: sent at their place in the order
     received: set[int] = set()
     for op in p.ops:
         if op.kind == "xfer" and op.slot in slots and not skip(op):
-            sends_after.setdefault(max(op.deps), []).append(op)
-    for op in p.ops:
-        if skip(op) or op.kind == "xfer" or op.slot not in slots:
-            continue
-        for d in op.deps:                    # the messages this op needs, received just before the first
+            if any(p.ops[d].kind == "xfer" for d in op.deps):
+                in_order.add(op.id)
+            else:
+                sends_after.setdefault(max(op.deps), []).append(op)
+
+    def take(op) -> None:
+        """Receives the messages ``op`` needs, in order, that have not come yet."""
+        for d in op.deps:
             msg = p.ops[d]
             if msg.kind == "xfer" and d not in received:
                 received.add(d)
                 step.recv(msg)
                 if on_op is not None:
                     on_op(msg, "recv")
+    for op in p.ops:
+        if op.id in in_order:
+            take(op)
+            step.send(op)
+            if on_op is not None:
+                on_op(op, "send")
+        if skip(op) or op.kind == "xfer" or op.slot not in slots:
+            continue
+        take(op)
         run = step.forward if op.kind == "fwd" else step.backward
         run(op.layer, op.slot, op.micro, params.get((op.layer, op.slot), []))
         if on_op is not None:

@@ -189,10 +189,9 @@ TINY_GPT = build_model("tiny-gpt", (1, 6, 1), [lyr for _, lyr, _ in _TINY], 11,
                        [n for n, _, _ in _TINY], [i for _, _, i in _TINY])
 
 
-@pytest.mark.parametrize("m, pipeline, micro", [(2, 1, 1), (4, 1, 2), (2, 2, 1), (1, 3, 2)])
-def test_partitioned_transformer_step_equals_one_process(m, pipeline, micro):
-    """Tensor 2 and 4 (heads, features and vocabulary cut by channels), pipelines of tensor
-    slices: the loss over every position and every gradient equal ``Net``'s to 1e-10."""
+def tiny_gpt_case():
+    """``Net`` of TINY_GPT (float64, seed 3), a batch of 4 sequences and their next words, the
+    reference loss and flat gradient, and the whole layers' parameters."""
     from executor.nn import Net
     rng = np.random.default_rng(3)
     net = Net(TINY_GPT)
@@ -200,7 +199,14 @@ def test_partitioned_transformer_step_equals_one_process(m, pipeline, micro):
     x = rng.integers(0, 11, (4, 1, 6, 1)).astype(float)
     y = rng.integers(0, 11, (4, 6))
     loss0, g0 = net.loss_and_grad(w, x, y)
-    full = {i: net.params(w, i) for i in range(len(TINY_GPT.nodes)) if net.layout[i]}
+    return net, x, y, loss0, g0, {i: net.params(w, i) for i in range(len(TINY_GPT.nodes)) if net.layout[i]}
+
+
+@pytest.mark.parametrize("m, pipeline, micro", [(2, 1, 1), (4, 1, 2), (2, 2, 1), (1, 3, 2)])
+def test_partitioned_transformer_step_equals_one_process(m, pipeline, micro):
+    """Tensor 2 and 4 (heads, features and vocabulary cut by channels), pipelines of tensor
+    slices: the loss over every position and every gradient equal ``Net``'s to 1e-10."""
+    net, x, y, loss0, g0, full = tiny_gpt_case()
     sc = scenario(batch=4, parallel={"model_parallel": m, "pipeline": pipeline, "micro_batches": micro})
     p = plan(dataclasses.replace(sc, model=TINY_GPT), check_memory=False)
     assert p.slots == m * pipeline

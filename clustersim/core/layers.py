@@ -23,12 +23,17 @@ none of it).  Window sizes, strides and paddings are an int or a (rows, cols) pa
 Transformers: a sequence of T positions of d features is ``(d, T, 1)`` (features as
 channels, positions as rows; docs/decisions/017), so a channel cut is Megatron's cut of
 features and heads, and a position-wise dense layer is a 1 x 1 ``conv2d``.
+
+Megatron-LM's tensor split (docs/decisions/019) adds partial sums: a kind with ``reduces``
+lets a slot sum over a part of its inputs (conv2d: input channels, the row-parallel
+projection) or of its words (embedding), ``part`` saying what that slot runs; kinds with
+``replicate`` (norms) are computed whole on every slot.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 Shape = tuple[int, int, int]
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
@@ -53,6 +58,18 @@ def box_intersect(x: Box, y: Box) -> Box:
 def box_hull(x: Box, y: Box) -> Box:
     """The smallest box holding both."""
     return tuple((min(xa, ya), max(xb, yb)) for (xa, xb), (ya, yb) in zip(x, y))
+
+
+class Part(NamedTuple):
+    """What one slot of a tensor (Megatron) split runs where it computes a partial sum of a
+    layer's whole output from a range [lo, hi) of the dimension the layer sums over
+    (``Layer.reduces``): the layer it runs, that layer's input shape, the box of the input it
+    reads, and where its parameters sit inside the whole layer's arrays."""
+
+    layer: "Layer"
+    in_shape: Shape
+    reads: Box
+    index: list
 
 
 def pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -84,6 +101,8 @@ class Layer:
     bwd_ratio = 1.0              # backward FLOPs / forward FLOPs (2 for weighted layers: dgrad + wgrad)
     required: ClassVar[tuple[str, ...]] = ()   # model-file keys without a meaningful default
     arity: ClassVar[int] = 1     # inputs it reads; 0: two or more
+    reduces: ClassVar[str] = ""  # tensor split: what a slot's partial sum cuts (inputs | vocab); "": none
+    replicate: ClassVar[bool] = False   # tensor split: every slot computes it whole on a whole input (norms)
 
     def merge(self, in_shapes: tuple[Shape, ...]) -> Shape:
         """The shape this layer reads as its input; raises ValueError for a wrong number of
@@ -131,6 +150,15 @@ class Layer:
         """Elements per sample the backward of a slice keeps besides its input reads and its
         output (attention: its queries, keys, values and score matrices)."""
         return 0
+
+    def reduced(self, s: Shape) -> int:
+        """Size of the dimension a partial sum cuts (``reduces``): input channels, words."""
+        return 0
+
+    def part(self, s: Shape, lo: int, hi: int, first: bool) -> Part:
+        """The slot computing [lo, hi) of ``reduced`` (``first``: the slot adding the terms
+        counted once, a bias or the position table).  Kinds with ``reduces`` only."""
+        raise ValueError(f"a {self.kind} layer is not summed over parts")
 
 
 @dataclass(frozen=True)
@@ -233,9 +261,18 @@ class Conv2d(_Filters):
 
     bias: bool = True
     split = "channels"
+    reduces = "inputs"           # Megatron's row-parallel layer: input channels [lo, hi), a partial sum
 
     def params(self, s):
         return self.filters * (self.area * s[0] + self.bias)
+
+    def reduced(self, s):
+        return s[0]
+
+    def part(self, s, lo, hi, first):
+        bias = self.bias and first
+        return Part(replace(self, bias=bias), (hi - lo, s[1], s[2]), ((lo, hi), (0, s[1]), (0, s[2])),
+                    [(slice(None), slice(lo, hi))] + ([(slice(None),)] if bias else []))
 
     def needs(self, s, box):
         return full_box(s)
@@ -322,6 +359,7 @@ class BatchNorm(Layer):
     split = "channels"
     flops_per_elem = 5.0
     bwd_ratio = 2.0
+    replicate = True
 
     def params(self, s):
         return 2 * s[0]
@@ -427,7 +465,9 @@ class Embedding(Layer):
     dim: int = 1
     positions: int = 0
     types: int = 0
+    offset: int = 0              # the first token id the table holds (a tensor split's slice of the vocabulary)
     split = "channels"
+    reduces = "vocab"            # Megatron's vocabulary-parallel embedding: words [lo, hi), a partial sum
     required = ("vocab", "dim")
 
     def _rows(self) -> int:
@@ -458,6 +498,16 @@ class Embedding(Layer):
     def box_index(self, box):
         return [(slice(None), slice(*box[0]))] * (1 + (self.positions > 0) + (self.types > 0))
 
+    def reduced(self, s):
+        return self.vocab
+
+    def part(self, s, lo, hi, first):
+        """Words [lo, hi): ids outside give zeros; the ``first`` slot adds positions and types."""
+        extra = (self.positions > 0) + (self.types > 0) if first else 0
+        layer = replace(self, vocab=hi - lo, offset=self.offset + lo,
+                        positions=self.positions if first else 0, types=self.types if first else 0)
+        return Part(layer, s, full_box(s), [(slice(lo, hi), slice(None))] + [(slice(None), slice(None))] * extra)
+
 
 @dataclass(frozen=True)
 class Norm(Layer):
@@ -467,6 +517,7 @@ class Norm(Layer):
 
     split = "channels"
     bwd_ratio = 2.0
+    replicate = True
 
     def flops_per_out(self, s):
         return 8.0 if self.kind == "layernorm" else 6.0      # statistics, normalise, scale (and shift)

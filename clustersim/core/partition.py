@@ -4,8 +4,11 @@
 and columns, or channels, as the layer kind says); slot j computes box j of every layer.
 ``layers`` (pipeline): consecutive layers (in the graph's topological order) form M
 stages balanced by FLOPs; a layer's single box sits on its stage's slot.  ``spatial``
-with ``pipeline`` P > 1: P such stages, each layer cut spatially over its stage's M slots.  Either way the result is, per layer, a list of (slot, box); transfers and
-parameters follow from boxes alone, so both splits share one mechanism.
+with ``pipeline`` P > 1: P such stages, each layer cut spatially over its stage's M slots.
+``tensor`` (Megatron-LM, ``tensor_slices``): whole outputs on every slot between blocks,
+partial sums allreduced where a layer sums over a cut input or its words, the rest cut as
+``spatial``.  Either way the result is, per layer, a list of (slot, box); transfers and
+parameters follow from boxes (and a partial sum's part) alone, so the splits share one mechanism.
 """
 from __future__ import annotations
 
@@ -141,3 +144,85 @@ def pipeline_slices(model: Model, stages: int, m: int, grid: tuple[int, ...] = (
     stage = _stages(model, stages)
     slices, axes = spatial_slices(model, m, grid)
     return tuple(tuple((stage[i] * m + j, box) for j, box in sl) for i, sl in enumerate(slices)), axes
+
+
+# --- tensor (Megatron-LM) split: docs/decisions/019 ------------------------------------------
+Parts = tuple[tuple[tuple[int, int, int], ...], ...]  # per layer: ((slot, lo, hi), ...) of a partial sum; () if none
+
+
+def tensor_states(model: Model, m: int, cut: Slices, axes: tuple[str, ...]) -> list[str]:
+    """Each layer's output under Megatron's split of M slots, from kinds and edges alone:
+    ``partial`` (every slot a partial sum of the whole output, allreduced before it is read:
+    a conv2d reading a channel-cut input -- the row-parallel projection after attention or
+    the MLP's up projection -- or an embedding over its slot's words), ``rep`` (every slot
+    the whole output: norms and element-wise layers whose inputs are whole), or ``cut`` (as
+    the spatial split cuts it: column-parallel attention, dense and conv2d layers reading a
+    whole input, element-wise layers on their cut, the head and its softmax by words)."""
+    axes = _axes(model, 1)
+    states: list[str] = []
+    for node, axis in zip(model.nodes, axes):
+        ins = ["rep" if src < 0 else states[src] for src in node.inputs]
+        whole = "cut" not in ins
+        layer, src = node.layer, node.inputs[0]
+        if m > 1 and layer.reduces == "vocab" and whole and layer.reduced(node.in_shape) >= m:
+            states.append("partial")
+        elif m > 1 and layer.reduces == "inputs" and ins == ["cut"] and axes[src] == "channels" and len(cut[src]) == m:
+            states.append("partial")
+        elif layer.split == "follow" or layer.replicate:
+            states.append("rep" if whole else "cut")
+        else:
+            states.append("cut")
+    return states
+
+
+def _cuts_allowed(model: Model, states: list[str]) -> list[bool]:
+    """Per layer, whether a pipeline stage may end after it: every edge over the cut carries
+    a whole output (after its allreduce) to a layer computing it whole -- between
+    transformer blocks, where Megatron cuts, so a tensor group's allreduces stay in one stage."""
+    ok = []
+    for i in range(len(model.nodes)):
+        ok.append(all(states[src] != "cut" and states[c] == "rep"
+                      for src in range(i + 1) for c in model.consumers[src] if c > i))
+    return ok
+
+
+def tensor_slices(model: Model, stages: int, m: int) -> tuple[Slices, tuple[str, ...], Parts]:
+    """Megatron-LM's split of each of ``stages`` pipeline stages over ``m`` slots (slot
+    ``stage * m + j``): ``cut`` layers' boxes are the spatial split's (1-D), ``rep`` and
+    ``partial`` layers have the whole output on every slot of their stage, and a partial
+    layer's slot j sums over its input's channels on slot j (no transfer) or over words
+    ``even_cuts(vocab, m)[j]``.  Stages end only where ``_cuts_allowed``; axes name the
+    state of non-cut layers (``replicated``, ``partial``)."""
+    cut, axes = spatial_slices(model, m, (m, 1))
+    states = tensor_states(model, m, cut, axes)
+    allowed = _cuts_allowed(model, states)
+    groups, costs = [], []                       # contiguous runs of layers ending where a cut is allowed
+    for i, node in enumerate(model.nodes):
+        if not groups or allowed[i - 1]:
+            groups.append([])
+            costs.append(0.0)
+        groups[-1].append(i)
+        costs[-1] += node.fwd_flops * (1 + node.layer.bwd_ratio) + 1.0
+    stage = [0] * len(model.nodes)
+    for g, s in zip(groups, balanced_stages(costs, stages)):
+        for i in g:
+            stage[i] = s
+    slices, names, parts = [], [], []
+    for i, (node, state) in enumerate(zip(model.nodes, states)):
+        base = stage[i] * m
+        if state == "cut":
+            slices.append(tuple((base + j, box) for j, box in cut[i]))
+            names.append(axes[i])
+            parts.append(())
+            continue
+        slices.append(tuple((base + j, full_box(node.out_shape)) for j in range(m)))
+        names.append("replicated" if state == "rep" else "partial")
+        if state == "rep":
+            parts.append(())
+        elif node.layer.reduces == "vocab":
+            words = even_cuts(node.layer.reduced(node.in_shape), m)
+            parts.append(tuple((base + j, lo, hi) for j, (lo, hi) in enumerate(words)))
+        else:
+            src = cut[node.inputs[0]]
+            parts.append(tuple((base + j, box[0][0], box[0][1]) for j, box in src))
+    return tuple(slices), tuple(names), tuple(parts)

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from math import prod
 
 from clustersim.core.config import ConfigError
-from clustersim.core.layers import Box, box_hull, box_intersect, box_overlap, box_size
+from clustersim.core.layers import Box, Part, Shape, box_hull, box_intersect, box_overlap, box_size
 from clustersim.core.models import Model
-from clustersim.core.partition import Slices, even_cuts, layer_slices, pipeline_slices, spatial_slices
+from clustersim.core.partition import (Parts, Slices, even_cuts, layer_slices, pipeline_slices, spatial_slices,
+                                       tensor_slices)
 from clustersim.core.scenario import Scenario
 from clustersim.core.schedule import (PARAM_BYTES, Schedule, micro_batches_held,  # noqa: F401  (PARAM_BYTES: plan's users)
                                       schedule_of, stage_units)
@@ -35,7 +36,9 @@ class Op:
     kind: ``fwd`` / ``bwd`` (compute on ``slot``) or ``xfer`` (``slot`` -> ``dst``).
     why (xfer): ``activation`` (full exchange), ``halo`` (rows a neighbour's receptive
     fields read), ``gradient`` (the backward of either), ``reduction`` (softmax or
-    batch-norm statistics), ``stage`` (pipeline boundary).
+    batch-norm statistics), ``stage`` (pipeline boundary); a tensor split's allreduces
+    (``allreduce``): ``reduce-scatter`` and ``all-gather`` of a partial sum, ``gradient
+    reduce-scatter`` and ``gradient all-gather`` of a whole input's gradient.
     An activation, halo, stage or gradient transfer carries (the gradient of) a part of
     layer ``producer``'s output (``Edge``); its ``layer`` is the first layer reading it.
     """
@@ -72,6 +75,7 @@ class Plan:
     ps: PSLayout | None
     schedule: Schedule                      # when replicas fetch, push, average; shard rules; units; quorum
     memory: dict[str, dict[str, float]] = field(default_factory=dict)
+    parts: Parts = ()                       # tensor split: per layer, (slot, lo, hi) of each partial sum
 
     @property
     def slots(self) -> int:
@@ -92,23 +96,90 @@ def plan(sc: Scenario, check_memory: bool = True) -> Plan:
             raise ConfigError(sc.file, "parallel.model_parallel",
                               f"a layers split has at most {len(model.nodes)} stages (one per layer); got {m}")
         slices, axes = layer_slices(model, m)
+    elif par.split == "tensor":
+        slices, axes, parts = tensor_slices(model, par.pipeline, m)
     elif par.pipeline > 1:
         slices, axes = pipeline_slices(model, par.pipeline, m, par.grid)
     else:
         slices, axes = spatial_slices(model, m, par.grid)
+    if par.split != "tensor":
+        parts = ()
     slot_params = [0] * par.devices_per_replica
-    for node, layer_slices_ in zip(model.nodes, slices):
+    for i, layer_slices_ in enumerate(slices):
         for slot, box in layer_slices_:
-            slot_params[slot] += node.layer.slice_params(node.in_shape, box)
+            slot_params[slot] += params_of(model, parts, i, slot, box)
     devices, ps = _place(sc, slices, slot_params)
-    ops = _ops(sc, slices, axes)
+    ops = _ops(sc, slices, axes, parts)
     sync = "ps" if par.ps_shards else ("allreduce" if par.replicas > 1 else "none")
-    p = Plan(sc, slices, axes, tuple(ops), devices, tuple(slot_params), sync, ps, schedule_of(sc))
+    p = Plan(sc, slices, axes, tuple(ops), devices, tuple(slot_params), sync, ps, schedule_of(sc), parts=parts)
     _check_routes(p)
     p.memory.update(memory_use(p))
     if check_memory:
         _check_memory(p)
     return p
+
+
+# --- what a slot computes and reads -----------------------------------------------------------
+def part_of(model: Model, parts: Parts, i: int, slot: int) -> Part | None:
+    """Layer i's partial sum on ``slot`` under a tensor split (``Layer.part``), or None."""
+    for s, lo, hi in parts[i] if parts else ():
+        if s == slot:
+            node = model.nodes[i]
+            return node.layer.part(node.in_shape, lo, hi, s == parts[i][0][0])
+    return None
+
+
+def reads(model: Model, parts: Parts, i: int, slot: int, box: Box) -> tuple[Box, ...]:
+    """Per input of layer i, the box of it that ``slot`` (computing ``box``) reads."""
+    part = part_of(model, parts, i, slot)
+    node = model.nodes[i]
+    return (part.reads,) if part else node.layer.input_boxes(node.in_shapes, box)
+
+
+def params_of(model: Model, parts: Parts, i: int, slot: int, box: Box) -> int:
+    """Parameters layer i keeps on ``slot`` (every copy counted: a replicated norm's on each)."""
+    part = part_of(model, parts, i, slot)
+    node = model.nodes[i]
+    return part.layer.params(part.in_shape) if part else node.layer.slice_params(node.in_shape, box)
+
+
+def param_index(model: Model, parts: Parts, i: int, slot: int, box: Box) -> list:
+    """Where ``slot``'s parameters of layer i sit inside the whole layer's arrays (in order;
+    fewer than the layer's arrays where a part leaves the bias to another slot)."""
+    part = part_of(model, parts, i, slot)
+    return part.index if part else model.nodes[i].layer.box_index(box)
+
+
+def replicated(layer_slices_) -> bool:
+    """Whether every slot holds the same box (the whole output: a tensor split's norms,
+    residual sums and partial sums)."""
+    return len(layer_slices_) > 1 and layer_slices_[0][1] == layer_slices_[1][1]
+
+
+def sources(layer_slices_, reader: int, tensor: int):
+    """The (slot, box) a layer's reader on slot ``reader`` takes its input from: every box;
+    of a replicated layer one copy, the reader's own or else its tensor rank's in the
+    stage holding it (Megatron's pipeline sends between equal ranks)."""
+    if not replicated(layer_slices_):
+        return layer_slices_
+    mine = [(k, b) for k, b in layer_slices_ if k == reader] or \
+        [(k, b) for k, b in layer_slices_ if k % tensor == reader % tensor]
+    return mine[:1] or layer_slices_[:1]
+
+
+def grad_allreduced(model: Model, slices: Slices, parts: Parts, i: int) -> list[int]:
+    """The readers of replicated layer i whose gradients of it are partial sums (they cut
+    their output: column-parallel layers), to be allreduced over i's slots -- Megatron's
+    allreduce in the backward of a column-parallel layer's input; [] where there are none."""
+    if not replicated(slices[i]) or (parts and parts[i]):
+        return []
+    return [c for c in model.consumers[i] if not replicated(slices[c])]
+
+
+def allreduce_pieces(shape: Shape, n: int) -> list[Box]:
+    """The n pieces (by channels) an allreduce of a whole output scatters and gathers."""
+    c = shape[0]
+    return [((lo, hi), (0, shape[1]), (0, shape[2])) for lo, hi in even_cuts(c, n)]
 
 
 # --- the op graph ---------------------------------------------------------------------------
@@ -124,17 +195,18 @@ class Edge:
     readers: tuple[int, ...]
 
 
-def edges(model: Model, slices: Slices) -> dict[tuple[int, int, int], Edge]:
+def edges(model: Model, slices: Slices, parts: Parts = (), tensor: int = 1) -> dict[tuple[int, int, int], Edge]:
     """Every (src layer, owner slot, reader slot) whose edge crosses slots: the forward
-    sends ``box`` from owner to reader, the backward the gradient of it back."""
+    sends ``box`` from owner to reader, the backward the gradient of it back (a replicated
+    layer from one copy, ``sources``)."""
     found: dict[tuple[int, int, int], tuple[Box, bool, list[int]]] = {}
     for c, node in enumerate(model.nodes):
         for j, box in slices[c]:
-            for src, need in zip(node.inputs, node.layer.input_boxes(node.in_shapes, box)):
+            for src, need in zip(node.inputs, reads(model, parts, c, j, box)):
                 if src < 0 or not box_size(need):
                     continue
                 full = box_size(need) == prod(model.nodes[src].out_shape)
-                for k, kbox in slices[src]:
+                for k, kbox in sources(slices[src], j, tensor):
                     if k == j or not box_overlap(kbox, need):
                         continue
                     part = box_intersect(kbox, need)
@@ -147,27 +219,31 @@ def edges(model: Model, slices: Slices) -> dict[tuple[int, int, int], Edge]:
     return {key: Edge(b, f, tuple(r)) for key, (b, f, r) in found.items()}
 
 
-def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...]) -> list[Op]:
+def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ()) -> list[Op]:
     """The step graph: per micro-batch every layer's forward on each slot after its inputs
     (from its own slot, or by one transfer per ``Edge``), then the backward in reverse, each
-    layer's after the gradients of every layer that reads it (summed where they land)."""
+    layer's after the gradients of every layer that reads it (summed where they land).  A
+    tensor split's partial sums are allreduced before they are read, and replicated layers'
+    gradients from column-parallel readers before their backward (``_allreduce``)."""
     model, db = sc.model, sc.dtype_bytes
     ops: list[Op] = []
     fwd: dict[tuple[int, int, int], int] = {}        # (layer, slot, micro) -> op id
     bwd: dict[tuple[int, int, int], int] = {}
-    red_fwd: dict[tuple[int, int, int], list[int]] = {}   # reductions into (layer, slot, micro)
+    red_fwd: dict[tuple[int, int, int], list[int]] = {}   # reductions (and allreduces) into (layer, slot, micro)
     red_bwd: dict[tuple[int, int, int], list[int]] = {}
-    crossing = edges(model, slices)
     tensor = sc.parallel.tensor                      # slot j is in pipeline stage j // tensor
+    crossing = edges(model, slices, parts, tensor)
     redo = 1 if sc.training.recompute else 0         # recomputation: the forward again before the backward
 
     def add(**kw) -> int:
         ops.append(Op(id=len(ops), **kw))
         return len(ops) - 1
 
-    def needs_of(c: int, box: Box, src: int) -> list[Box]:
-        node = model.nodes[c]
-        return [need for s, need in zip(node.inputs, node.layer.input_boxes(node.in_shapes, box)) if s == src]
+    def needs_of(c: int, k: int, box: Box, src: int) -> list[Box]:
+        return [need for s, need in zip(model.nodes[c].inputs, reads(model, parts, c, k, box)) if s == src]
+
+    def source_of(src: int, k: int, j: int) -> bool:
+        return any(s == k for s, _ in sources(slices[src], j, tensor))
 
     micro_sizes = [hi - lo for lo, hi in even_cuts(sc.batch_size, sc.parallel.micro_batches)]
     for mb, b in enumerate(micro_sizes):
@@ -176,12 +252,12 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...]) -> list[Op]:
             layer = node.layer
             for j, box in slices[i]:
                 deps: list[int] = []
-                needs = layer.input_boxes(node.in_shapes, box)
+                needs = reads(model, parts, i, j, box)
                 for src in dict.fromkeys(node.inputs):
                     if src < 0:
                         continue
-                    for k, kbox in slices[src]:
-                        if not any(box_overlap(kbox, need) for need in needs_of(i, box, src)):
+                    for k, kbox in sources(slices[src], j, tensor):
+                        if not any(box_overlap(kbox, need) for need in needs_of(i, j, box, src)):
                             continue
                         if k == j:
                             d = fwd[(src, k, mb)]
@@ -191,21 +267,35 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...]) -> list[Op]:
                             e = crossing[(src, k, j)]
                             d = sent[(src, k, j)] = add(
                                 kind="xfer", layer=e.readers[0], micro=mb, slot=k, dst=j,
-                                bytes=box_size(e.box) * b * db, producer=src, deps=(fwd[(src, k, mb)],),
+                                bytes=box_size(e.box) * b * db, producer=src,
+                                deps=(fwd[(src, k, mb)], *red_fwd.get((src, k, mb), [])),
                                 why="stage" if k // tensor != j // tensor else ("activation" if e.full else "halo"))
                         if d not in deps:
                             deps.append(d)
                     deps += red_fwd.get((src, j, mb), [])
-                params = layer.slice_params(node.in_shape, box)
-                traffic = (sum(map(box_size, needs)) + box_size(box)) * b * db + params * PARAM_BYTES
-                fwd[(i, j, mb)] = add(kind="fwd", layer=i, micro=mb, slot=j,
-                                      flops=layer.flops_per_out(node.in_shape) * box_size(box) * b,
+                part = part_of(model, parts, i, j)
+                per_out = part.layer.flops_per_out(part.in_shape) if part else layer.flops_per_out(node.in_shape)
+                traffic = (sum(map(box_size, needs)) + box_size(box)) * b * db + \
+                    params_of(model, parts, i, j, box) * PARAM_BYTES
+                fwd[(i, j, mb)] = add(kind="fwd", layer=i, micro=mb, slot=j, flops=per_out * box_size(box) * b,
                                       bytes=traffic, deps=tuple(deps))
-            _reductions(slices[i], node, axes[i], b, i, mb, fwd, red_fwd, red_bwd, add)
+            if axes[i] not in ("replicated", "partial"):
+                _reductions(slices[i], node, axes[i], b, i, mb, fwd, red_fwd, red_bwd, add)
+            if parts and parts[i]:
+                into = _allreduce(add, [j for j, _ in slices[i]], node.out_shape, b * db, i, mb, False,
+                                  lambda j, i=i, mb=mb: (fwd[(i, j, mb)],))
+                for j, ids in into.items():
+                    red_fwd.setdefault((i, j, mb), []).extend(ids)
+    readers_ar = [grad_allreduced(model, slices, parts, i) for i in range(len(model.nodes))]
     for mb, b in enumerate(micro_sizes):
         sent = {}
         for i in range(len(model.nodes) - 1, -1, -1):
             node = model.nodes[i]
+            into = {}
+            if readers_ar[i]:
+                def partial_deps(j: int, i=i, mb=mb) -> tuple[int, ...]:
+                    return tuple(bwd[(c, j, mb)] for c in readers_ar[i] if (c, j, mb) in bwd) or (fwd[(i, j, mb)],)
+                into = _allreduce(add, [j for j, _ in slices[i]], node.out_shape, b * db, i, mb, True, partial_deps)
             for j, box in slices[i]:
                 f = ops[fwd[(i, j, mb)]]
                 deps = [f.id]
@@ -213,7 +303,8 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...]) -> list[Op]:
                     deps += red_fwd.get((i, j, mb), [])
                 for c in model.consumers[i]:
                     for k, kbox in slices[c]:
-                        if not any(box_overlap(box, need) for need in needs_of(c, kbox, i)):
+                        if not source_of(i, j, k) or not any(box_overlap(box, need)
+                                                              for need in needs_of(c, k, kbox, i)):
                             continue
                         if k == j:
                             d = bwd[(c, k, mb)]
@@ -228,10 +319,35 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...]) -> list[Op]:
                         if d not in deps:
                             deps.append(d)
                     deps += [d for d in red_bwd.get((c, j, mb), []) if d not in deps]
+                deps += into.get(j, [])
                 bwd[(i, j, mb)] = add(kind="bwd", layer=i, micro=mb, slot=j,
                                       flops=f.flops * (node.layer.bwd_ratio + redo), bytes=(2 + redo) * f.bytes,
                                       deps=tuple(deps))
     return _in_schedule_order(_fix_reduction_deps(ops, bwd), sc, slices)
+
+
+def _allreduce(add, group: list[int], shape: Shape, elem_bytes: float, layer: int, mb: int, grad: bool,
+               deps_of) -> dict[int, list[int]]:
+    """An allreduce over ``group`` of (the gradient of) layer's whole output, as direct sends
+    of the ring's volume: a reduce-scatter (slot j sends its sum's piece k to slot k), then
+    an all-gather (slot k sends its summed piece to every other), 2 (p - 1) / p of the
+    output from each slot.  ``deps_of(slot)``: what its sum waits for.  Returns per slot the
+    transfers into it, which its readers wait for."""
+    pieces = allreduce_pieces(shape, len(group))
+    rs, ag = ("gradient reduce-scatter", "gradient all-gather") if grad else ("reduce-scatter", "all-gather")
+    into: dict[int, list[int]] = {j: [] for j in group}
+    for j in group:
+        for k, piece in zip(group, pieces):
+            if k != j and box_size(piece):
+                into[k].append(add(kind="xfer", layer=layer, micro=mb, slot=j, dst=k, why=rs, producer=layer,
+                                   bytes=box_size(piece) * elem_bytes, deps=tuple(deps_of(j))))
+    scattered = {k: tuple(ids) for k, ids in into.items()}
+    for k, piece in zip(group, pieces):
+        for j in group:
+            if j != k and box_size(piece):
+                into[j].append(add(kind="xfer", layer=layer, micro=mb, slot=k, dst=j, why=ag, producer=layer,
+                                   bytes=box_size(piece) * elem_bytes, deps=tuple(deps_of(k)) + scattered[k]))
+    return into
 
 
 def _reductions(layer_slices_, node, axis, b, i, mb, fwd, red_fwd, red_bwd, add) -> None:
@@ -334,7 +450,7 @@ def buckets(p: Plan, slot: int) -> list[tuple[tuple[int, ...], int]]:
     out, layers, size = [], [], 0
     for i in reversed(range(len(nodes))):
         box = dict(p.slices[i]).get(slot)
-        n = nodes[i].layer.slice_params(nodes[i].in_shape, box) if box is not None else 0
+        n = params_of(p.scenario.model, p.parts, i, slot, box) if box is not None else 0
         if not n:
             continue
         layers.append(i)
@@ -359,7 +475,7 @@ def split_key(p: Plan, key: str) -> str:
     4-8 us dearer than its FLOPs and bytes make it beside the whole layers -- the walk's
     messages around it), and ``Device.op_time`` falls back to the key without it where it
     has no such costs.  A layers split runs whole layers: their keys stay as they are."""
-    return key + (SPLIT if p.scenario.parallel.tensor > 1 and p.scenario.parallel.split == "spatial" else "")
+    return key + (SPLIT if p.scenario.parallel.tensor > 1 and p.scenario.parallel.split != "layers" else "")
 
 
 def talking_pairs(p: Plan) -> set[tuple[str, str]]:
@@ -444,9 +560,9 @@ def memory_use(p: Plan) -> dict[str, dict[str, float]]:
     kept, work = activation_elements(p)
     per_param = state_bytes(sc)
     gather = [0] * p.slots                # ZeRO-3: the largest layer slice's weights, gathered whole
-    for node, layer_slices_ in zip(sc.model.nodes, p.slices):
+    for i, layer_slices_ in enumerate(p.slices):
         for slot, box in layer_slices_:
-            gather[slot] = max(gather[slot], node.layer.slice_params(node.in_shape, box))
+            gather[slot] = max(gather[slot], params_of(sc.model, p.parts, i, slot, box))
 
     def terms(dev: str) -> dict[str, float]:
         return use.setdefault(dev, {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0, "activations": 0.0,
@@ -519,7 +635,8 @@ def boundaries(model: Model) -> list[bool]:
 def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
     """Per slot, elements per sample kept for the backward from each held micro-batch, and
     those of one micro-batch being worked on.  Without recomputation every layer slice keeps
-    its input reads, its output and what its kind saves (``Layer.saved``), all kept.  With
+    its input reads, its output and what its kind saves (``Layer.saved``), all kept (a
+    tensor split's replicated layers and partial sums: the whole box on every slot).  With
     ``training.recompute`` only boundary layers' outputs are kept (``boundaries``), and the
     backward reruns one stretch between boundaries at a time: its largest stretch's
     elements are the working set of one micro-batch."""
@@ -528,10 +645,10 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
     kept, work = [0.0] * p.slots, [0.0] * p.slots
     stretch = [0.0] * p.slots
     cut = boundaries(model) if sc.training.recompute else [False] * len(model.nodes)
-    for node, layer_slices_, boundary in zip(model.nodes, p.slices, cut):
+    for i, (node, layer_slices_, boundary) in enumerate(zip(model.nodes, p.slices, cut)):
         for slot, box in layer_slices_:
-            reads = sum(map(box_size, node.layer.input_boxes(node.in_shapes, box)))
-            whole = box_size(box) + reads + node.layer.saved(node.in_shape, box)
+            read = sum(map(box_size, reads(model, p.parts, i, slot, box)))
+            whole = box_size(box) + read + node.layer.saved(node.in_shape, box)
             if not sc.training.recompute:
                 kept[slot] += whole
                 continue

@@ -15,7 +15,7 @@ from clustersim.core.scenario import scenario_from_dict
 from clustersim.core.schedule import Schedule
 from clustersim.core.trace import write_atomic
 
-VERSION = 2                    # 2: transfers name the layer they carry (Op.producer)
+VERSION = 3                    # 2: transfers name the layer they carry (Op.producer); 3: a tensor split's parts
 
 
 def plan_to_dict(p: Plan) -> dict:
@@ -23,7 +23,7 @@ def plan_to_dict(p: Plan) -> dict:
             "slices": p.slices, "axes": p.axes, "ops": [dataclasses.asdict(op) for op in p.ops],
             "devices": p.devices, "slot_params": p.slot_params, "sync": p.sync,
             "ps": dataclasses.asdict(p.ps) if p.ps else None, "schedule": dataclasses.asdict(p.schedule),
-            "memory": p.memory}
+            "memory": p.memory, "parts": p.parts}
 
 
 def _tuples(x):
@@ -40,7 +40,7 @@ def plan_from_dict(d: dict) -> Plan:
     ps = PSLayout(**{k: _tuples(v) for k, v in d["ps"].items()}) if d["ps"] else None
     sched = Schedule(**{k: _tuples(v) for k, v in d["schedule"].items()})
     return Plan(sc, _tuples(d["slices"]), _tuples(d["axes"]), ops, _tuples(d["devices"]), _tuples(d["slot_params"]),
-                d["sync"], ps, sched, d["memory"])
+                d["sync"], ps, sched, d["memory"], _tuples(d["parts"]))
 
 
 def save_plan(p: Plan, path: str | Path) -> None:

@@ -36,7 +36,8 @@ def _grid(pt: Table) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class Parallel:
     model_parallel: int = 1      # devices per replica (DistBelief: machines per model instance)
-    split: str = "spatial"       # spatial (each device a slice of every layer) | layers (pipeline)
+    split: str = "spatial"       # spatial (DistBelief: each device a slice of every layer) | tensor
+                                 # (Megatron-LM: replicated norms, allreduced partial sums) | layers (pipeline)
     replicas: int = 1
     ps_shards: int = 0           # 0: gradients are summed by allreduce
     micro_batches: int = 1       # pipeline (layers split): micro-batches per step
@@ -211,7 +212,7 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
 
     pt = top.table("parallel", {})
     par = Parallel(model_parallel=pt.int("model_parallel", 1, lo=1, hi=65536),
-                   split=pt.str("split", "spatial", choices=("spatial", "layers")),
+                   split=pt.str("split", "spatial", choices=("spatial", "tensor", "layers")),
                    replicas=pt.int("replicas", 1, lo=1, hi=65536),
                    ps_shards=pt.int("ps_shards", 0, lo=0, hi=65536),
                    micro_batches=pt.int("micro_batches", 1, lo=1, hi=4096),
@@ -229,6 +230,8 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
     if par.grid and par.grid[0] * par.grid[1] != par.model_parallel:
         raise pt.error("grid", f"{par.grid[0]} x {par.grid[1]} blocks need model_parallel = "
                                f"{par.grid[0] * par.grid[1]}; got {par.model_parallel}")
+    if par.split == "tensor" and par.ps_shards:
+        raise pt.error("ps_shards", "a tensor split keeps norms on every slot, synced by allreduce; set ps_shards = 0")
     pt.done()
 
     tr = _training(top.table("training", {}))

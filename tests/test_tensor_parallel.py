@@ -1,0 +1,159 @@
+"""Megatron-LM's tensor split (``parallel.split = "tensor"``, docs/decisions/019): the small
+causal transformer's step equals one process's, the allreduces carry the ring's volume,
+stages end between blocks, replicated layers are counted on every slot, and both runners
+and the Plan's JSON take it."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from clustersim.core.config import ConfigError
+from clustersim.core.models import zoo_model
+from clustersim.core.plan import param_index, plan, replicated
+from executor.kernels import init_params
+from executor.partitioned import Mailbox, run_step, slot_params
+from helpers import scenario
+from test_partitioned import TINY_GPT, tiny_gpt_case
+
+AR = ("reduce-scatter", "all-gather", "gradient reduce-scatter", "gradient all-gather")
+
+
+def tensor_plan(model, m, pipeline=1, micro=1, batch=4, **sections):
+    sc = scenario(batch=batch, parallel={"model_parallel": m, "split": "tensor", "pipeline": pipeline,
+                                         "micro_batches": micro}, **sections)
+    return plan(dataclasses.replace(sc, model=model), check_memory=False)
+
+
+def gpt2_tensor(m, pipeline=1, batch=2, sequence=16):
+    sc = scenario(batch=batch, parallel={"model_parallel": m, "split": "tensor", "pipeline": pipeline})
+    return plan(dataclasses.replace(sc, model=zoo_model("gpt2", sequence=sequence)), check_memory=False)
+
+
+def assert_equals_net(p, loss, grads):
+    """``loss`` equals ``Net``'s on ``tiny_gpt_case`` to 1e-10, the cut and summed layers'
+    gradients ``grads[(layer, slot)]`` add up to its gradient, and every slot's copy of a
+    replicated layer's (the norms') equals it."""
+    net, _, _, loss0, g0, full = tiny_gpt_case()
+    assert loss == pytest.approx(loss0, rel=1e-10)
+    for i, arrays in full.items():
+        copies = replicated(p.slices[i]) and not p.parts[i]
+        for n, ((o, shape), a) in enumerate(zip(net.layout[i], arrays)):
+            want = g0[o:o + a.size].reshape(shape)
+            got = np.zeros(shape)
+            for (layer, j), gs in grads.items():
+                if layer != i or n >= len(gs):          # a part without the bias: another slot adds it
+                    continue
+                if copies:
+                    assert np.allclose(gs[n], want, rtol=1e-9, atol=1e-12), (TINY_GPT.nodes[i].name, j)
+                else:
+                    got[param_index(TINY_GPT, p.parts, i, j, dict(p.slices[i])[j])[n]] += gs[n]
+            if not copies:
+                assert np.allclose(got, want, rtol=1e-9, atol=1e-12), TINY_GPT.nodes[i].name
+
+
+@pytest.mark.parametrize("m, pipeline, micro", [(2, 1, 1), (4, 1, 1), (2, 2, 2), (4, 2, 2), (3, 1, 2)])
+def test_tensor_step_equals_one_process(m, pipeline, micro):
+    """Heads, MLP columns then rows, vocabulary-split embedding and head, in one process."""
+    _, x, y, _, _, full = tiny_gpt_case()
+    p = tensor_plan(TINY_GPT, m, pipeline, micro)
+    assert p.slots == m * pipeline and {"replicated", "partial"} <= set(p.axes)
+    res = run_step(p, set(range(p.slots)), slot_params(p, full), x, y, Mailbox())
+    assert_equals_net(p, res.loss, res.grads)
+
+
+@pytest.mark.parametrize("m, pipeline, micro", [(2, 1, 1), (4, 2, 2)])
+def test_tensor_messages_carry_the_bytes_the_plan_counts(m, pipeline, micro):
+    p = tensor_plan(TINY_GPT, m, pipeline, micro)
+    rng = np.random.default_rng(0)
+    full = init_params(TINY_GPT, rng, dtype=np.float32)
+    x = rng.integers(0, 11, (4, 1, 6, 1)).astype(np.float32)
+    mail = Mailbox()
+    run_step(p, set(range(p.slots)), slot_params(p, full), x, rng.integers(0, 11, (4, 6)), mail)
+    assert mail.bytes == sum(op.bytes for op in p.ops if op.kind == "xfer")
+
+
+@pytest.mark.parametrize("p_", [2, 4, 8])
+def test_megatron_block_moves_two_allreduces_each_way(p_):
+    """GPT-2 (12 blocks, d 768, T 16, batch 2, fp32): per block forward two allreduces of
+    b T d elements (after the attention projection and the MLP's down projection), backward
+    two (into the norms that column-parallel layers read), plus the embedding's forward and
+    the head's input backward; each slot sends 2 (p - 1) / p of the activation in each.
+    Nothing is all-gathered for a reading layer, as DistBelief's split does."""
+    p = gpt2_tensor(p_)
+    b, t, d, db, layers = 2, 16, 768, 4, 12
+    per_slot = 2 * (p_ - 1) / p_ * b * t * d * db
+    for j in range(p_):
+        fwd = sum(op.bytes for op in p.ops if op.kind == "xfer" and op.slot == j and op.why in AR[:2])
+        bwd = sum(op.bytes for op in p.ops if op.kind == "xfer" and op.slot == j and op.why in AR[2:])
+        assert fwd == pytest.approx((2 * layers + 1) * per_slot, rel=1e-12)
+        assert bwd == pytest.approx((2 * layers + 1) * per_slot, rel=1e-12)
+    assert {op.why for op in p.ops if op.kind == "xfer"} == set(AR) | {"reduction"}
+    kinds = {(p.scenario.model.nodes[i].layer.kind, axis) for i, axis in enumerate(p.axes)}
+    assert kinds == {("embedding", "partial"), ("layernorm", "replicated"), ("attention", "channels"),
+                     ("conv2d", "partial"), ("add", "replicated"), ("conv2d", "channels"), ("gelu", "channels"),
+                     ("lm_head", "channels"), ("softmax_xent", "channels")}
+
+
+def test_spatial_split_moves_more_than_the_tensor_split():
+    spatial = plan(dataclasses.replace(scenario(batch=2, parallel={"model_parallel": 4}),
+                                       model=zoo_model("gpt2", sequence=16)), check_memory=False)
+    tensor = gpt2_tensor(4)
+    moved = [sum(op.bytes for op in q.ops if op.kind == "xfer") for q in (spatial, tensor)]
+    assert moved[1] < moved[0] / 2
+
+
+def test_stages_end_between_blocks_and_allreduces_stay_in_a_stage():
+    p = gpt2_tensor(2, pipeline=4)
+    m = 2
+    for op in p.ops:
+        if op.kind != "xfer":
+            continue
+        if op.why in AR:
+            assert op.slot // m == op.dst // m
+        if op.slot // m != op.dst // m:
+            assert op.why in ("stage", "gradient") and op.slot % m == op.dst % m   # equal tensor ranks
+            assert replicated(p.slices[op.producer]) and not p.parts[op.producer]
+    stages = {j // m for sl in p.slices for j, _ in sl}
+    assert stages == {0, 1, 2, 3}
+
+
+def test_every_slot_holds_the_replicated_layers():
+    """Parameters: the model's plus (p - 1) copies of the norms (25 layernorms of 2 d; the
+    position table and the projections' biases sit on the first slot only); activations: a
+    replicated layer's whole output counted on each slot."""
+    from clustersim.core.plan import activation_elements
+    for p_ in (2, 4):
+        p = gpt2_tensor(p_)
+        assert sum(p.slot_params) == p.scenario.model.params + (p_ - 1) * 25 * 2 * 768
+    p1, p4 = gpt2_tensor(1), gpt2_tensor(4)
+    kept1, kept4 = activation_elements(p1)[0], activation_elements(p4)[0]
+    ln = [i for i, n in enumerate(p4.scenario.model.nodes) if n.layer.kind == "layernorm"]
+    assert all(len(p4.slices[i]) == 4 and all(box == p1.slices[i][0][1] for _, box in p4.slices[i]) for i in ln)
+    assert all(kept4[j] > kept1[0] / 4 for j in range(4))
+
+
+def test_tensor_split_travels_as_json_and_the_simulator_runs_its_allreduces():
+    """The simulator moves every allreduce piece the Plan lists, each step, between the
+    slots' devices, and a rank's Plan from JSON has the same parts and ops."""
+    from clustersim.core.planio import plan_from_dict, plan_to_dict
+    from sim.engine import simulate
+    p = tensor_plan(TINY_GPT, 2, 2, 2, training={"steps": 3})
+    again = plan_from_dict(plan_to_dict(p))
+    assert again.parts == p.parts and again.ops == p.ops
+    res = simulate(p)
+    assert res.stalled_at_s is None and res.steps == 3
+    for why in AR:
+        spans = [s for s in res.trace.spans if s.kind == "transfer" and s.phase == why]
+        want = [op for op in p.ops if op.kind == "xfer" and op.why == why]
+        assert len(spans) == 3 * len(want) > 0
+        assert sum(s.bytes for s in spans) == pytest.approx(3 * sum(op.bytes for op in want), rel=1e-12)
+        devs = p.devices[0]
+        assert {s.where for s in spans} == {f"{devs[op.slot]}->{devs[op.dst]}" for op in want}
+
+
+def test_tensor_split_refuses_ps_shards_and_grids():
+    with pytest.raises(ConfigError, match="parallel.ps_shards: a tensor split"):
+        scenario(parallel={"model_parallel": 2, "split": "tensor", "replicas": 2, "ps_shards": 1},
+                 training={"algorithm": "downpour"})
+    with pytest.raises(ConfigError, match="parallel.grid"):
+        scenario(parallel={"model_parallel": 4, "split": "tensor", "grid": [2, 2]})
