@@ -2,11 +2,10 @@
 
 ``layout`` turns (op, algo, devices, bytes) into a ``Collective``: NCCL's channels over the
 NICs of each machine (``clustersim.core.collective``), and, where every member is a GPU,
-NCCL's protocol and cost model (``clustersim.core.nccl``): ``auto`` picks ring or tree and
-LL / LL128 / Simple by NCCL's predicted time (``nvls``, ``nvls_tree``: NVLink SHARP where
-NCCL 2.20 offers it: allreduce, compute capability 9.0+, an NVSwitch, more than 2 GPUs a
-machine), using the bandwidth the flow model gives each
-algorithm on these links; the run then pays NCCL's latency for the algorithm and protocol,
+NCCL's protocol and cost model (``clustersim.core.nccl``): ``auto`` picks ring, tree or
+NVLink SHARP (where NCCL 2.20 would: allreduce, compute capability 9.0+, an NVSwitch, more
+than 2 GPUs a machine) and LL / LL128 / Simple by NCCL's predicted time, using the
+bandwidth the flow model gives each algorithm on these links; the run then pays NCCL's latency for the algorithm and protocol,
 and every link carries at NCCL's speed for its kind (NVLink, PCIe, network) times the
 protocol's share.  Host (CPU) collectives run the ring by default and pay the routes'
 own latencies.
@@ -182,6 +181,8 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
     elif algo == "auto" or not proto:
         # NCCL 2.20 tunes broadcast over the ring only; a forced protocol limits the choice to it
         candidates = [algo] if algo != "auto" else ["ring"] + (["tree"] if op == "allreduce" else [])
+        if algo == "auto" and nvls:
+            candidates.append(nvls)
         per_byte = {a: _us_per_byte(topology, op, a, devices, nodes, rail_ports, cache, nvs) for a in candidates}
         channels = min(len(p) for p in rail_ports) if rail_ports else 1
         algo, proto = nccl.choose(op, nbytes, per_byte, n, machines, intra, channels,

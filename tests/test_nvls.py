@@ -1,9 +1,12 @@
 """NVLink SHARP (NVLS, NVLS_TREE) as NCCL 2.20.3 runs it: its tuner constants worked by hand,
 closed forms on uniform NVSwitch machines against the flow model, and where ``auto`` takes it."""
+import json
+
 import pytest
 from test_collectives_nccl import run_time
 
 from clustersim import api
+from clustersim.cli import main
 from clustersim.core import nccl
 from clustersim.core.collective import phases
 from clustersim.core.config import ConfigError
@@ -92,6 +95,16 @@ def test_four_machines_nvls_tree_is_bound_by_the_busiest_nic_closed_form():
     assert row["algo"] == "ring"
 
 
+def test_auto_takes_nvls_at_large_sizes_on_h100_and_not_on_a100():
+    rows = api.collective("dgx-h100", sizes=[2**10, 2**30])
+    assert [r["algo"] for r in rows] == ["ring", "nvls"]
+    assert rows[1]["busbw_gbps"] > 450                     # above what any ring reaches over NVLink
+    a100 = api.collective("dgx-a100", sizes=[2**30])       # compute capability 8.0: no NVLS
+    assert a100[0]["algo"] == "ring"
+    two = api.collective("dgx-h100", sizes=[2**30], gpus=2)  # 2 GPUs: NCCL leaves NVLS off
+    assert two[0]["algo"] == "ring"
+
+
 def test_nvls_is_refused_where_nccl_does_not_offer_it():
     with pytest.raises(ConfigError):
         api.collective("dgx-a100", algo="nvls", sizes=[2**20])
@@ -101,3 +114,12 @@ def test_nvls_is_refused_where_nccl_does_not_offer_it():
         api.collective("dgx-h100", algo="nvls", sizes=[2**20], protocol="LL")
     topo = load_topology("dgx-h100")
     assert collectives.nvls_algo(topo, "allgather", topo.compute_devices()) == ""
+
+
+def test_json_row_names_the_nvls_algorithm(capsys):
+    code = main(["collective", "--topology", "dgx-h100", "--bytes", "1G", "--json"])
+    [row] = json.loads(capsys.readouterr().out)
+    assert code == 0 and (row["algo"], row["protocol"]) == ("nvls", "Simple")
+    code = main(["collective", "--topology", "dgx-h100-fat-tree", "--machines", "2", "--bytes", "1G", "--json"])
+    [row] = json.loads(capsys.readouterr().out)
+    assert code == 0 and row["algo"] == "nvls_tree"

@@ -18,7 +18,8 @@ def add(sub) -> None:
     c.add_argument("--topology", required=True)
     c.add_argument("--op", default="allreduce", choices=OPS)
     c.add_argument("--algo", default="auto", choices=ALGOS,
-                   help="auto: NCCL's tuner (its 2.20.3 cost model) picks ring or tree per size")
+                   help="auto: NCCL's tuner (its 2.20.3 cost model) picks ring, tree or NVLink SHARP "
+                        "(nvls on one machine, nvls_tree across machines) per size")
     c.add_argument("--protocol", default="", choices=("", *PROTOCOLS),
                    help="NCCL protocol on GPUs (default: what the tuner picks)")
     c.add_argument("--gpus", type=int, default=0, help="ranks (default: every compute device)")

@@ -25,7 +25,7 @@ The algorithms are NCCL's (``src/graph/rings.cc``, ``trees.cc``, ``connect.cc``)
   shard S/G reduced to the GPU by rail G's NIC (its head), a double binary tree of the
   heads across machines (each tree half the shard), multicast back; all pipelined.
 - ``ps``: a parameter server sharded over the n ranks (push S/n to every shard, fetch back).
-- ``auto``: NCCL's tuner picks ring or tree per size (``clustersim.core.nccl``, run by the
+- ``auto``: NCCL's tuner picks ring, tree or NVLS per size (``clustersim.core.nccl``, run by the
   simulator); as phases it is every pair either may use (what a route check needs).
 """
 from __future__ import annotations
