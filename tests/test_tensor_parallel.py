@@ -157,3 +157,19 @@ def test_tensor_split_refuses_ps_shards_and_grids():
                  training={"algorithm": "downpour"})
     with pytest.raises(ConfigError, match="parallel.grid"):
         scenario(parallel={"model_parallel": 4, "split": "tensor", "grid": [2, 2]})
+
+
+@pytest.mark.slow
+def test_gpt3_tensor_split_fits_with_16_stages_and_not_without():
+    """Issue 17's GPT-3 175B case under Megatron's split: tensor 8 x pipeline 16 x 8 replicas
+    fits an 80 GiB H100 (the norms and sums whole on every slot); one stage does not."""
+    from clustersim.core.scenario import load_scenario, parse_set
+    base = ["model.name=gpt3-175b", "model.dtype=bf16", "model.batch_size=8", "cluster.topology=dgx-h100-fat-tree",
+            "cluster.machines=128", "parallel.model_parallel=8", "parallel.replicas=8", "parallel.split=tensor"]
+    p = plan(load_scenario("scenarios/quickstart.toml", parse_set(base + ["parallel.pipeline=16"])))
+    assert p.slots == 128 and max(sum(u.values()) for u in p.memory.values()) < 80 * 2**30
+    b_t_d = 8 * 2048 * 12288 * 2
+    rs = sum(op.bytes for op in p.ops if op.kind == "xfer" and op.why == "reduce-scatter")
+    assert rs == pytest.approx((2 * 96 + 1) * 7 * b_t_d, rel=1e-12)     # per block 2, the embedding 1; 8 slots
+    with pytest.raises(ConfigError, match=r"device m0\.gpu0 needs \d+\.\d+ GiB"):
+        plan(load_scenario("scenarios/quickstart.toml", parse_set(base + ["parallel.pipeline=1"])))
