@@ -58,11 +58,13 @@ def max_min_rates(flows: Mapping[FlowId, Mapping[Link, float]], capacity: Mappin
     return _filling(flows, capacity, users)
 
 
-def _checked(capacity: Mapping[Link, float], link: Link) -> float:
-    c = float(capacity[link])
-    if c <= 0:
-        raise ValueError(f"capacity of link {link!r} (={c}) must be > 0.")
-    return c
+def _capacities(capacity: Mapping[Link, float], links) -> dict[Link, float]:
+    """The capacity of each of ``links`` as a float; ValueError for one not > 0."""
+    caps = {link: float(capacity[link]) for link in links}
+    if caps and min(caps.values()) <= 0:
+        link = min(caps, key=caps.__getitem__)
+        raise ValueError(f"capacity of link {link!r} (={caps[link]}) must be > 0.")
+    return caps
 
 
 def _filling(flows, capacity, users) -> dict[FlowId, float]:
@@ -87,9 +89,9 @@ def _filling(flows, capacity, users) -> dict[FlowId, float]:
         for fid, weights in flows.items():
             for link in weights:
                 users.setdefault(link, []).append(fid)
-    left = {link: _checked(capacity, link) for link in load}   # R_l: capacity not yet taken
+    left = _capacities(capacity, load)                          # R_l: capacity not yet taken
     share = {link: left[link] / w for link, w in load.items()}
-    order = {fid: i for i, fid in enumerate(flows)}
+    order: dict[FlowId, int] = {}                # position in ``flows``, built when first needed
     level = 0.0
     while share:
         s = min(share.values())
@@ -105,6 +107,7 @@ def _filling(flows, capacity, users) -> dict[FlowId, float]:
         if len(rates) == len(flows):
             break                                # all frozen: the loads left do not matter
         if len(frozen) > 1:
+            order = order or {fid: i for i, fid in enumerate(flows)}
             frozen.sort(key=order.__getitem__)
         gone: dict[Link, float] = {}             # weight frozen off each link, summed in flow order
         went: dict[Link, int] = {}
@@ -140,7 +143,7 @@ def _filling_arrays(flows, capacity) -> dict[FlowId, float]:
     f_w = np.array([n for f in fids for n in flows[f].values()], dtype=float)
     f_ptr = np.zeros(len(fids) + 1, dtype=np.int64)
     f_ptr[1:] = np.cumsum([len(flows[f]) for f in fids])
-    left = np.array([_checked(capacity, link) for link in at])
+    left = np.array(list(_capacities(capacity, at).values()))
     weight = np.zeros(len(at))
     np.add.at(weight, f_link, f_w)
     count = np.bincount(f_link, minlength=len(at))
