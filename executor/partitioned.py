@@ -105,7 +105,7 @@ class _Step:
         model = p.scenario.model
         self.edges = edges(model, p.slices, p.parts, p.scenario.parallel.tensor)
         self.parts = {(i, j): part_of(model, p.parts, i, j) for i, sl in enumerate(p.slices) for j, _ in sl}
-        self.ar_readers = [grad_allreduced(model, p.slices, p.parts, i) for i in range(len(self.nodes))]
+        self.ar_readers = [grad_allreduced(model, p.slices, p.parts, p.axes, i) for i in range(len(self.nodes))]
         self.ar: dict[tuple, object] = {}           # (kind, layer, slot, micro) -> the whole buffer being allreduced
         self.ar_in: dict[tuple, list] = {}          # (kind, layer, slot, micro) -> reduce-scatter pieces not yet summed
         self.micro = even_cuts(len(x), p.scenario.parallel.micro_batches)
@@ -138,7 +138,8 @@ class _Step:
         reduce-scatter, the sender's in an all-gather."""
         group = [j for j, _ in self.p.slices[op.producer]]
         at = op.dst if op.why.endswith("reduce-scatter") else op.slot
-        return allreduce_pieces(self.nodes[op.producer].out_shape, len(group))[group.index(at)]
+        rows = self.p.axes[op.producer] == "scattered"
+        return allreduce_pieces(self.nodes[op.producer].out_shape, len(group), rows)[group.index(at)]
 
     def _buffer(self, kind: str, i: int, j: int, m: int):
         """Slot j's whole buffer of layer i's allreduce (``a``: its partial sum, the output;

@@ -18,15 +18,15 @@ from test_partitioned import TINY_GPT, tiny_gpt_case
 AR = ("reduce-scatter", "all-gather", "gradient reduce-scatter", "gradient all-gather")
 
 
-def tensor_plan(model, m, pipeline=1, micro=1, batch=4, **sections):
+def tensor_plan(model, m, pipeline=1, micro=1, batch=4, sp=False, **sections):
     sc = scenario(batch=batch, parallel={"model_parallel": m, "split": "tensor", "pipeline": pipeline,
-                                         "micro_batches": micro}, **sections)
+                                         "micro_batches": micro, "sequence_parallel": sp}, **sections)
     return plan(dataclasses.replace(sc, model=model), check_memory=False)
 
 
-def gpt2_tensor(m, pipeline=1, batch=2, sequence=16):
-    sc = scenario(batch=batch, parallel={"model_parallel": m, "split": "tensor", "pipeline": pipeline})
-    return plan(dataclasses.replace(sc, model=zoo_model("gpt2", sequence=sequence)), check_memory=False)
+def gpt2_tensor(m, pipeline=1, sp=False):
+    """GPT-2 at 16 positions, batch 2, fp32, tensor m (x pipeline)."""
+    return tensor_plan(zoo_model("gpt2", sequence=16), m, pipeline, batch=2, sp=sp)
 
 
 def assert_equals_net(p, loss, grads):
@@ -51,12 +51,16 @@ def assert_equals_net(p, loss, grads):
                 assert np.allclose(got, want, rtol=1e-9, atol=1e-12), TINY_GPT.nodes[i].name
 
 
+@pytest.mark.parametrize("sp", [False, True])
 @pytest.mark.parametrize("m, pipeline, micro", [(2, 1, 1), (4, 1, 1), (2, 2, 2), (4, 2, 2), (3, 1, 2)])
-def test_tensor_step_equals_one_process(m, pipeline, micro):
-    """Heads, MLP columns then rows, vocabulary-split embedding and head, in one process."""
+def test_tensor_step_equals_one_process(m, pipeline, micro, sp):
+    """Heads, MLP columns then rows, vocabulary-split embedding and head, in one process;
+    with sequence parallelism the norms and sums cut by positions."""
     _, x, y, _, _, full = tiny_gpt_case()
-    p = tensor_plan(TINY_GPT, m, pipeline, micro)
-    assert p.slots == m * pipeline and {"replicated", "partial"} <= set(p.axes)
+    p = tensor_plan(TINY_GPT, m, pipeline, micro, sp=sp)
+    assert p.slots == m * pipeline
+    assert set(p.axes) & {"replicated", "partial", "scattered", "rows"} == \
+        ({"scattered", "rows"} if sp else {"replicated", "partial"})
     res = run_step(p, set(range(p.slots)), slot_params(p, full), x, y, Mailbox())
     assert_equals_net(p, res.loss, res.grads)
 
@@ -92,6 +96,27 @@ def test_megatron_block_moves_two_allreduces_each_way(p_):
     assert kinds == {("embedding", "partial"), ("layernorm", "replicated"), ("attention", "channels"),
                      ("conv2d", "partial"), ("add", "replicated"), ("conv2d", "channels"), ("gelu", "channels"),
                      ("lm_head", "channels"), ("softmax_xent", "channels")}
+
+
+@pytest.mark.parametrize("p_", [2, 4])
+def test_sequence_parallel_moves_the_same_and_keeps_less(p_):
+    """Sequence parallelism (Korthikanti et al. 2022): each allreduce becomes a reduce-scatter
+    by positions after a partial sum and an all-gather before the column-parallel layer
+    (the box machinery's ``activation`` sends), the backward their mirror -- the same bytes
+    per slot as without it -- and every slot keeps less activation memory."""
+    from clustersim.core.plan import activation_elements
+    plain, sp = gpt2_tensor(p_), gpt2_tensor(p_, sp=True)
+    b, t, d, db, layers = 2, 16, 768, 4, 12
+    for j in range(p_):
+        fwd = sum(op.bytes for op in sp.ops if op.kind == "xfer" and op.slot == j
+                  and op.why in ("reduce-scatter", "activation"))
+        bwd = sum(op.bytes for op in sp.ops if op.kind == "xfer" and op.slot == j
+                  and op.why in ("gradient", "gradient all-gather"))
+        assert fwd == bwd == pytest.approx((2 * layers + 1) * 2 * (p_ - 1) / p_ * b * t * d * db, rel=1e-12)
+    assert {op.why for op in sp.ops if op.kind == "xfer"} == {"reduce-scatter", "activation", "gradient",
+                                                                "gradient all-gather", "reduction"}
+    assert all(a < b for a, b in zip(activation_elements(sp)[0], activation_elements(plain)[0]))
+    assert sum(sp.slot_params) == sum(plain.slot_params)
 
 
 def test_spatial_split_moves_more_than_the_tensor_split():
@@ -157,6 +182,8 @@ def test_tensor_split_refuses_ps_shards_and_grids():
                  training={"algorithm": "downpour"})
     with pytest.raises(ConfigError, match="parallel.grid"):
         scenario(parallel={"model_parallel": 4, "split": "tensor", "grid": [2, 2]})
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel: cuts a tensor split"):
+        scenario(parallel={"model_parallel": 4, "sequence_parallel": True})
 
 
 @pytest.mark.slow

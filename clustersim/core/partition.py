@@ -150,52 +150,88 @@ def pipeline_slices(model: Model, stages: int, m: int, grid: tuple[int, ...] = (
 Parts = tuple[tuple[tuple[int, int, int], ...], ...]  # per layer: ((slot, lo, hi), ...) of a partial sum; () if none
 
 
-def tensor_states(model: Model, m: int, cut: Slices, axes: tuple[str, ...]) -> list[str]:
+def _position_wise(node, m: int) -> bool:
+    """Whether a row (position) cut of the layer's output in ``m`` reads the same rows of
+    each input: norms, sums and element-wise kinds of a sequence, cut by sequence parallelism."""
+    shape = node.out_shape
+    if shape[1] < m or any(s[1] != shape[1] for s in node.in_shapes):
+        return False
+    return all(need[1] == box[1] for box in _cut(shape, 1, m)
+               for need in node.layer.input_boxes(node.in_shapes, box))
+
+
+def tensor_states(model: Model, m: int, cut: Slices, axes: tuple[str, ...], sequence: bool = False) -> list[str]:
     """Each layer's output under Megatron's split of M slots, from kinds and edges alone:
     ``partial`` (every slot a partial sum of the whole output, allreduced before it is read:
     a conv2d reading a channel-cut input -- the row-parallel projection after attention or
     the MLP's up projection -- or an embedding over its slot's words), ``rep`` (every slot
-    the whole output: norms and element-wise layers whose inputs are whole), or ``cut`` (as
-    the spatial split cuts it: column-parallel attention, dense and conv2d layers reading a
-    whole input, element-wise layers on their cut, the head and its softmax by words)."""
-    axes = _axes(model, 1)
+    the whole output: norms and element-wise layers whose inputs are whole), ``seq`` (with
+    ``sequence`` parallelism, those of them that act per position, cut by positions instead),
+    or ``cut`` (as the spatial split cuts it, ``cut`` and ``axes``: column-parallel
+    attention, dense and conv2d layers reading a whole input, element-wise layers on their
+    cut, the head and its softmax by words).  A replicated layer never reads a cut one (its
+    gradient would come back from every slot), and a partial sum's readers are all cut by
+    positions or none is (``seq`` is withdrawn from the others until that holds)."""
+    barred: set[int] = set()
+    while True:
+        states = _states(model, m, cut, axes, sequence, barred)
+        mixed = {c for i, s in enumerate(states) if s == "partial" for c in model.consumers[i]
+                 if states[c] == "seq" and any(states[o] != "seq" for o in model.consumers[i])}
+        if not mixed:
+            return states
+        barred |= mixed
+
+
+def _states(model: Model, m: int, cut: Slices, axes: tuple[str, ...], sequence: bool, barred: set[int]) -> list[str]:
     states: list[str] = []
-    for node, axis in zip(model.nodes, axes):
+    for node in model.nodes:
         ins = ["rep" if src < 0 else states[src] for src in node.inputs]
-        whole = "cut" not in ins
         layer, src = node.layer, node.inputs[0]
-        if m > 1 and layer.reduces == "vocab" and whole and layer.reduced(node.in_shape) >= m:
+        if m > 1 and layer.reduces == "vocab" and "cut" not in ins and layer.reduced(node.in_shape) >= m:
             states.append("partial")
         elif m > 1 and layer.reduces == "inputs" and ins == ["cut"] and axes[src] == "channels" and len(cut[src]) == m:
             states.append("partial")
         elif layer.split == "follow" or layer.replicate:
-            states.append("rep" if whole else "cut")
+            if sequence and node.index not in barred and "cut" not in ins and _position_wise(node, m):
+                states.append("seq")
+            else:
+                states.append("rep" if set(ins) <= {"rep", "partial"} else "cut")
         else:
             states.append("cut")
     return states
 
 
-def _cuts_allowed(model: Model, states: list[str]) -> list[bool]:
+def _scattered(model: Model, states: list[str]) -> list[bool]:
+    """Per layer, whether it is a partial sum read only by layers cut by positions: its
+    allreduce is a reduce-scatter by positions alone (sequence parallelism)."""
+    return [s == "partial" and bool(model.consumers[i]) and all(states[c] == "seq" for c in model.consumers[i])
+            for i, s in enumerate(states)]
+
+
+def _cuts_allowed(model: Model, states: list[str], scattered: list[bool]) -> list[bool]:
     """Per layer, whether a pipeline stage may end after it: every edge over the cut carries
-    a whole output (after its allreduce) to a layer computing it whole -- between
-    transformer blocks, where Megatron cuts, so a tensor group's allreduces stay in one stage."""
+    a whole output (after its allreduce), or a cut by positions, to a layer computing it
+    whole or by positions -- between transformer blocks, where Megatron cuts, so a tensor
+    group's allreduces stay in one stage."""
     ok = []
     for i in range(len(model.nodes)):
-        ok.append(all(states[src] != "cut" and states[c] == "rep"
+        ok.append(all(states[src] != "cut" and not scattered[src] and states[c] in ("rep", "seq")
                       for src in range(i + 1) for c in model.consumers[src] if c > i))
     return ok
 
 
-def tensor_slices(model: Model, stages: int, m: int) -> tuple[Slices, tuple[str, ...], Parts]:
+def tensor_slices(model: Model, stages: int, m: int, sequence: bool = False) -> tuple[Slices, tuple[str, ...], Parts]:
     """Megatron-LM's split of each of ``stages`` pipeline stages over ``m`` slots (slot
-    ``stage * m + j``): ``cut`` layers' boxes are the spatial split's (1-D), ``rep`` and
-    ``partial`` layers have the whole output on every slot of their stage, and a partial
-    layer's slot j sums over its input's channels on slot j (no transfer) or over words
-    ``even_cuts(vocab, m)[j]``.  Stages end only where ``_cuts_allowed``; axes name the
-    state of non-cut layers (``replicated``, ``partial``)."""
+    ``stage * m + j``): ``cut`` layers' boxes are the spatial split's (1-D), ``seq`` layers'
+    positions in m even rows, ``rep`` and ``partial`` layers have the whole output on every
+    slot of their stage, and a partial layer's slot j sums over its input's channels on slot
+    j (no transfer) or over words ``even_cuts(vocab, m)[j]``.  Stages end only where
+    ``_cuts_allowed``; axes name the state of the layers not cut (``replicated``,
+    ``partial``, ``scattered``: a partial sum reduce-scattered by positions)."""
     cut, axes = spatial_slices(model, m, (m, 1))
-    states = tensor_states(model, m, cut, axes)
-    allowed = _cuts_allowed(model, states)
+    states = tensor_states(model, m, cut, axes, sequence)
+    scattered = _scattered(model, states)
+    allowed = _cuts_allowed(model, states, scattered)
     groups, costs = [], []                       # contiguous runs of layers ending where a cut is allowed
     for i, node in enumerate(model.nodes):
         if not groups or allowed[i - 1]:
@@ -210,13 +246,14 @@ def tensor_slices(model: Model, stages: int, m: int) -> tuple[Slices, tuple[str,
     slices, names, parts = [], [], []
     for i, (node, state) in enumerate(zip(model.nodes, states)):
         base = stage[i] * m
-        if state == "cut":
-            slices.append(tuple((base + j, box) for j, box in cut[i]))
-            names.append(axes[i])
+        if state in ("cut", "seq"):
+            boxes = cut[i] if state == "cut" else tuple(enumerate(_cut(node.out_shape, 1, m)))
+            slices.append(tuple((base + j, box) for j, box in boxes))
+            names.append(axes[i] if state == "cut" else "rows")
             parts.append(())
             continue
         slices.append(tuple((base + j, full_box(node.out_shape)) for j in range(m)))
-        names.append("replicated" if state == "rep" else "partial")
+        names.append("replicated" if state == "rep" else "scattered" if scattered[i] else "partial")
         if state == "rep":
             parts.append(())
         elif node.layer.reduces == "vocab":

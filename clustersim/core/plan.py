@@ -97,7 +97,7 @@ def plan(sc: Scenario, check_memory: bool = True) -> Plan:
                               f"a layers split has at most {len(model.nodes)} stages (one per layer); got {m}")
         slices, axes = layer_slices(model, m)
     elif par.split == "tensor":
-        slices, axes, parts = tensor_slices(model, par.pipeline, m)
+        slices, axes, parts = tensor_slices(model, par.pipeline, m, par.sequence_parallel)
     elif par.pipeline > 1:
         slices, axes = pipeline_slices(model, par.pipeline, m, par.grid)
     else:
@@ -167,19 +167,25 @@ def sources(layer_slices_, reader: int, tensor: int):
     return mine[:1] or layer_slices_[:1]
 
 
-def grad_allreduced(model: Model, slices: Slices, parts: Parts, i: int) -> list[int]:
-    """The readers of replicated layer i whose gradients of it are partial sums (they cut
-    their output: column-parallel layers), to be allreduced over i's slots -- Megatron's
-    allreduce in the backward of a column-parallel layer's input; [] where there are none."""
+def grad_allreduced(model: Model, slices: Slices, parts: Parts, axes: tuple[str, ...], i: int) -> list[int]:
+    """The readers whose gradients of layer i are summed over i's slots before its backward:
+    of a replicated layer those that cut their output (column-parallel layers: their input
+    gradients are partial sums), allreduced -- Megatron's allreduce in the backward of a
+    column-parallel layer's input; of a ``scattered`` partial sum every reader (each gives
+    its positions), all-gathered; [] where there are none."""
+    if axes[i] == "scattered":
+        return list(model.consumers[i])
     if not replicated(slices[i]) or (parts and parts[i]):
         return []
     return [c for c in model.consumers[i] if not replicated(slices[c])]
 
 
-def allreduce_pieces(shape: Shape, n: int) -> list[Box]:
-    """The n pieces (by channels) an allreduce of a whole output scatters and gathers."""
-    c = shape[0]
-    return [((lo, hi), (0, shape[1]), (0, shape[2])) for lo, hi in even_cuts(c, n)]
+def allreduce_pieces(shape: Shape, n: int, rows: bool = False) -> list[Box]:
+    """The n pieces (by channels; by ``rows``, positions, for sequence parallelism) an
+    allreduce of a whole output scatters and gathers."""
+    if rows:
+        return [((0, shape[0]), (lo, hi), (0, shape[2])) for lo, hi in even_cuts(shape[1], n)]
+    return [((lo, hi), (0, shape[1]), (0, shape[2])) for lo, hi in even_cuts(shape[0], n)]
 
 
 # --- the op graph ---------------------------------------------------------------------------
@@ -279,14 +285,14 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                     params_of(model, parts, i, j, box) * PARAM_BYTES
                 fwd[(i, j, mb)] = add(kind="fwd", layer=i, micro=mb, slot=j, flops=per_out * box_size(box) * b,
                                       bytes=traffic, deps=tuple(deps))
-            if axes[i] not in ("replicated", "partial"):
+            if axes[i] not in ("replicated", "partial", "scattered"):
                 _reductions(slices[i], node, axes[i], b, i, mb, fwd, red_fwd, red_bwd, add)
             if parts and parts[i]:
                 into = _allreduce(add, [j for j, _ in slices[i]], node.out_shape, b * db, i, mb, False,
-                                  lambda j, i=i, mb=mb: (fwd[(i, j, mb)],))
+                                  lambda j, i=i, mb=mb: (fwd[(i, j, mb)],), gather=axes[i] != "scattered")
                 for j, ids in into.items():
                     red_fwd.setdefault((i, j, mb), []).extend(ids)
-    readers_ar = [grad_allreduced(model, slices, parts, i) for i in range(len(model.nodes))]
+    readers_ar = [grad_allreduced(model, slices, parts, axes, i) for i in range(len(model.nodes))]
     for mb, b in enumerate(micro_sizes):
         sent = {}
         for i in range(len(model.nodes) - 1, -1, -1):
@@ -295,7 +301,8 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
             if readers_ar[i]:
                 def partial_deps(j: int, i=i, mb=mb) -> tuple[int, ...]:
                     return tuple(bwd[(c, j, mb)] for c in readers_ar[i] if (c, j, mb) in bwd) or (fwd[(i, j, mb)],)
-                into = _allreduce(add, [j for j, _ in slices[i]], node.out_shape, b * db, i, mb, True, partial_deps)
+                into = _allreduce(add, [j for j, _ in slices[i]], node.out_shape, b * db, i, mb, True, partial_deps,
+                                  scatter=axes[i] != "scattered")
             for j, box in slices[i]:
                 f = ops[fwd[(i, j, mb)]]
                 deps = [f.id]
@@ -327,22 +334,23 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
 
 
 def _allreduce(add, group: list[int], shape: Shape, elem_bytes: float, layer: int, mb: int, grad: bool,
-               deps_of) -> dict[int, list[int]]:
+               deps_of, scatter: bool = True, gather: bool = True) -> dict[int, list[int]]:
     """An allreduce over ``group`` of (the gradient of) layer's whole output, as direct sends
     of the ring's volume: a reduce-scatter (slot j sends its sum's piece k to slot k), then
     an all-gather (slot k sends its summed piece to every other), 2 (p - 1) / p of the
-    output from each slot.  ``deps_of(slot)``: what its sum waits for.  Returns per slot the
-    transfers into it, which its readers wait for."""
-    pieces = allreduce_pieces(shape, len(group))
+    output from each slot.  ``deps_of(slot)``: what its sum waits for.  Without ``gather``
+    (``scatter``) only the reduce-scatter (all-gather), each of positions: sequence
+    parallelism's halves.  Returns per slot the transfers into it, which its readers wait for."""
+    pieces = allreduce_pieces(shape, len(group), rows=not (scatter and gather))
     rs, ag = ("gradient reduce-scatter", "gradient all-gather") if grad else ("reduce-scatter", "all-gather")
     into: dict[int, list[int]] = {j: [] for j in group}
-    for j in group:
+    for j in group if scatter else ():
         for k, piece in zip(group, pieces):
             if k != j and box_size(piece):
                 into[k].append(add(kind="xfer", layer=layer, micro=mb, slot=j, dst=k, why=rs, producer=layer,
                                    bytes=box_size(piece) * elem_bytes, deps=tuple(deps_of(j))))
     scattered = {k: tuple(ids) for k, ids in into.items()}
-    for k, piece in zip(group, pieces):
+    for k, piece in zip(group, pieces) if gather else ():
         for j in group:
             if j != k and box_size(piece):
                 into[j].append(add(kind="xfer", layer=layer, micro=mb, slot=k, dst=j, why=ag, producer=layer,

@@ -44,6 +44,7 @@ class Parallel:
     schedule: str = "1f1b"       # pipeline: gpipe (all forwards, then all backwards) | 1f1b
     grid: tuple[int, ...] = ()   # spatial split: (rows, cols) blocks of every layer; (): chosen from model_parallel
     pipeline: int = 1            # spatial split: pipeline stages, each of model_parallel (tensor) slots
+    sequence_parallel: bool = False   # tensor split: norms and sums cut by positions (Korthikanti et al. 2022)
 
     @property
     def stages(self) -> int:
@@ -217,7 +218,8 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
                    ps_shards=pt.int("ps_shards", 0, lo=0, hi=65536),
                    micro_batches=pt.int("micro_batches", 1, lo=1, hi=4096),
                    schedule=pt.str("schedule", "1f1b", choices=PIPELINE_SCHEDULES),
-                   grid=_grid(pt), pipeline=pt.int("pipeline", 1, lo=1, hi=65536))
+                   grid=_grid(pt), pipeline=pt.int("pipeline", 1, lo=1, hi=65536),
+                   sequence_parallel=pt.bool("sequence_parallel", False))
     if par.pipeline > 1 and par.split == "layers":
         raise pt.error("pipeline", "a layers split is model_parallel pipeline stages of one device; for stages of "
                                    "tensor-parallel slices use split = \"spatial\" with pipeline")
@@ -230,6 +232,8 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
     if par.grid and par.grid[0] * par.grid[1] != par.model_parallel:
         raise pt.error("grid", f"{par.grid[0]} x {par.grid[1]} blocks need model_parallel = "
                                f"{par.grid[0] * par.grid[1]}; got {par.model_parallel}")
+    if par.sequence_parallel and par.split != "tensor":
+        raise pt.error("sequence_parallel", f"cuts a tensor split's norms by positions; split is {par.split!r}")
     if par.split == "tensor" and par.ps_shards:
         raise pt.error("ps_shards", "a tensor split keeps norms on every slot, synced by allreduce; set ps_shards = 0")
     pt.done()
