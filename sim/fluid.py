@@ -8,7 +8,8 @@ never re-solves the whole cluster.  Changes at one instant are batched into one 
 Each job's finish time is then exact until the next change; the simpy side only
 reschedules completions (SimGrid's approach).  A job ends only when the clock reaches its
 own computed finish time, never "nearly done": ending a large job a few bytes early would
-hand its bandwidth to its neighbours too soon.
+hand its bandwidth to its neighbours too soon.  A pattern of jobs solved before (the next
+round of a collective, the next step) is looked up, not solved again (decision 021).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ class _Job:
 
 # Solves remembered, by the jobs' (resource, weight) lists in start order: a step that
 # repeats a pattern (a collective's rounds, the next training step) re-solves nothing.
-MEMO_SOLVES = 512
+# Bounded by (job, resource) entries kept, ~100 bytes each: 25 MB at most.
+MEMO_ENTRIES = 250_000
 
 
 class Fluid:
@@ -53,6 +55,7 @@ class Fluid:
         self._timer: simpy.Event | None = None     # the one live wake-up; earlier-armed ones are stale
         self._dirty: set[int] = set()
         self._memo: dict[tuple, tuple[float, ...]] = {}
+        self._memo_entries = 0
         self.solves = 0
 
     def start(self, weights: Mapping[Hashable, float], amount: float) -> simpy.Event:
@@ -84,6 +87,7 @@ class Fluid:
             raise ValueError(f"resource {resource!r} needs a capacity > 0, got {capacity}")
         self.capacity[resource] = capacity
         self._memo.clear()
+        self._memo_entries = 0
         if self.users.get(resource):
             self._mark(list(self.users[resource]))
 
@@ -135,9 +139,7 @@ class Fluid:
                 solved = max_min_rates({jid: jobs[jid].links for jid in order},
                                        {i: capacity[resources[i]] for i in links}, self._users_at)
                 found = tuple([solved[jid] for jid in order])
-                if len(self._memo) >= MEMO_SOLVES:
-                    del self._memo[next(iter(self._memo))]      # the oldest
-                self._memo[key] = found
+                self._remember(key, found)
             rates = zip(order, found)
         heap = self._heap
         for jid, rate in rates:
@@ -152,6 +154,19 @@ class Fluid:
             self._heap = [(j.finish, i) for i, j in jobs.items() if j.finish < float("inf")]
             heapq.heapify(self._heap)
         self._schedule()
+
+    def _remember(self, key: tuple, rates: tuple[float, ...]) -> None:
+        """Keeps a solve, dropping the oldest ones while the entries kept exceed the bound."""
+        size = sum(map(len, key))
+        if size > MEMO_ENTRIES:
+            return
+        memo = self._memo
+        while self._memo_entries + size > MEMO_ENTRIES:
+            old = next(iter(memo))
+            self._memo_entries -= sum(map(len, old))
+            del memo[old]
+        memo[key] = rates
+        self._memo_entries += size
 
     def _schedule(self) -> None:
         while self._heap and (self._heap[0][1] not in self.jobs

@@ -9,10 +9,13 @@ re-solves everything with the reference at every event.
 import random
 
 import pytest
+import simpy
 from hypothesis import given, settings, strategies as st
 
 import sim.flows as flows_mod
+import sim.fluid as fluid_mod
 from sim.flows import ARRAY_ENTRIES, max_min_rates
+from sim.fluid import Fluid
 from test_fluid_exact import simulated_finishes
 
 REL = 1e-12
@@ -132,3 +135,43 @@ def test_fluid_finish_times_equal_a_full_reference_re_solve(monkeypatch, hosts, 
 
 
 filling_arrays = flows_mod._filling_arrays
+
+
+def ring_and_random_finishes(seed: int) -> list[float]:
+    """Three ring steps on 8 hosts (the same pattern each step), then random transfers."""
+    rng = random.Random(seed)
+    caps = {(h, d): rng.choice([1.0, 2.5, 12.5e9]) for h in range(8) for d in "ud"}
+    jobs = [(step * 1e3, 1e6, {(h, "u"): 1, ((h + 1) % 8, "d"): 1}) for step in range(3) for h in range(8)]
+    for _ in range(20):
+        a, b = rng.sample(range(8), 2)
+        jobs.append((rng.choice([0.0, 3e3, rng.uniform(0, 5e3)]), rng.choice([1.0, 1e6]), {(a, "u"): 1, (b, "d"): 2}))
+    return simulated_finishes(jobs, caps)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_remembered_solves_give_the_very_floats_of_solving_again(monkeypatch, seed):
+    calls = []
+    monkeypatch.setattr(fluid_mod, "max_min_rates", lambda *a: calls.append(1) or max_min_rates(*a))
+    remembered = ring_and_random_finishes(seed)
+    looked_up = len(calls)
+    monkeypatch.setattr(fluid_mod, "MEMO_ENTRIES", 0)
+    calls.clear()
+    assert ring_and_random_finishes(seed) == remembered
+    assert looked_up < len(calls)            # the ring's later steps were looked up
+
+
+def test_a_capacity_change_forgets_remembered_solves():
+    # the same two-link job before and after link L doubles: 1 s, then 0.5 s
+    env = simpy.Environment()
+    fluid = Fluid(env, {"L": 1.0, "M": 5.0})
+    ends = []
+
+    def run():
+        yield fluid.start({"L": 1, "M": 1}, 1.0)
+        ends.append(env.now)
+        fluid.set_capacity("L", 2.0)
+        yield fluid.start({"L": 1, "M": 1}, 1.0)
+        ends.append(env.now)
+    env.process(run())
+    env.run()
+    assert ends == [1.0, 1.5]
