@@ -3,7 +3,11 @@
 ``op_seconds`` is an op's time with the device to itself: calibration's measured cost for
 its key (``Device.op_costs``: a fixed cost plus FLOPs and bytes at fitted rates) where
 there is one, else a fixed per-op overhead plus the larger of its FLOPs over the
-achievable rate (dtype peak x efficiency) and its bytes over memory bandwidth.
+achievable rate (dtype peak x efficiency) and its bytes over the achievable memory
+bandwidth.  On a GPU described by its public figures (compute capability and SMs given, no
+calibrated curve), an op whose ``LayerWork`` the caller knows runs as its kernels do
+(``sim.kernel_model``): tile- and wave-quantized GEMMs, the passes over memory a layer
+kind's kernels make (see docs/decisions/018-kernels-by-layer-kind.md).
 
 A GPU runs one kernel at a time (``runs_in_order``): ops given to it queue and start one
 after the other, first come first served; the engine hands it a step's ops in the Plan's
@@ -22,20 +26,32 @@ from collections import deque
 
 import simpy
 
+from sim import kernel_model
 from sim.fluid import Fluid
+from clustersim.core.scenario import DTYPE_BYTES
 from clustersim.core.topology import Device, Topology
 
 MEASURED_SHARED = frozenset({"allreduce"})     # op cost keys calibrated with every rank of the job running
 
 
 def op_seconds(topology: Topology, device: str, flops: float, nbytes: float, dtype: str,
-               backward: bool = False, key: str = "") -> float:
+               backward: bool = False, key: str = "", work: kernel_model.LayerWork | None = None) -> float:
     dev = topology.devices[device]
     measured = dev.op_time(key, flops, nbytes) if key else None
     if measured is not None:
         return measured
+    if work is not None and kernels_modelled(dev):
+        return kernel_model.work_seconds(dev, dtype, DTYPE_BYTES[dtype], work, backward, flops, nbytes)
     eff = dev.efficiency_at(flops, backward)
-    return dev.op_overhead + max(flops / (dev.flops_per_s(dtype) * eff), nbytes / dev.memory_bw)
+    return dev.op_overhead + max(flops / (dev.flops_per_s(dtype) * eff), nbytes / dev.achievable_bw)
+
+
+def kernels_modelled(device: Device) -> bool:
+    """Whether ``device`` is a GPU described by public figures (compute capability and SMs),
+    whose ops ``sim.kernel_model`` refines; a test device without them, or one whose
+    efficiency calibration measured, keeps the plain roofline."""
+    return (device.kind == "gpu" and device.compute_capability > 0 and device.sms > 0
+            and not device.efficiency_curve)
 
 
 def runs_in_order(device: Device) -> bool:
@@ -69,11 +85,15 @@ class Compute:
         share = 1.0 if key in MEASURED_SHARED else self.share.get(device, 1.0)
         return self.slowdown.get(device, 1.0) / share
 
-    def seconds(self, device: str, flops: float, nbytes: float, backward: bool = False, key: str = "") -> float:
-        return op_seconds(self.topology, device, flops, nbytes, self.dtype, backward, key) * self._factor(device, key)
+    def seconds(self, device: str, flops: float, nbytes: float, backward: bool = False, key: str = "",
+                work: kernel_model.LayerWork | None = None) -> float:
+        return (op_seconds(self.topology, device, flops, nbytes, self.dtype, backward, key, work)
+                * self._factor(device, key))
 
-    def run(self, device: str, flops: float, nbytes: float, backward: bool = False, key: str = "") -> simpy.Event:
-        return self._start(device, self.seconds(device, flops, nbytes, backward, key))
+    def run(self, device: str, flops: float, nbytes: float, backward: bool = False, key: str = "",
+            work: kernel_model.LayerWork | None = None) -> simpy.Event:
+        """``work``: what the op computes (``kernel_model.op_work``), where the caller knows it."""
+        return self._start(device, self.seconds(device, flops, nbytes, backward, key, work))
 
     def _start(self, device: str, seconds: float) -> simpy.Event:
         if device not in self.queues:

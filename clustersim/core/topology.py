@@ -74,6 +74,7 @@ class Device:
     core_pool: str = ""                 # name of the cores this device shares with others (ranks of one host)
     compute_capability: float = 0.0     # a GPU's CUDA compute capability (8.0 A100, 9.0 H100); 0: not given
     sms: int = 0                        # a GPU's streaming multiprocessors (NCCL's kernels take some); 0: not given
+    memory_efficiency: float = 1.0      # achievable / datasheet memory bandwidth of a streaming kernel (STREAM-like)
 
     def op_time(self, key: str, flops: float, nbytes: float) -> float | None:
         """Seconds of op ``key`` from its measured costs; None when it was not measured here.
@@ -109,6 +110,11 @@ class Device:
             if x <= x1:
                 return e0 + (e1 - e0) * (x - x0) / (x1 - x0)
         return pts[-1][1]
+
+    @property
+    def achievable_bw(self) -> float:
+        """Bytes/s a streaming kernel reaches: the datasheet bandwidth x ``memory_efficiency``."""
+        return self.memory_bw * self.memory_efficiency
 
     @property
     def is_compute(self) -> bool:

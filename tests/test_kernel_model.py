@@ -1,0 +1,177 @@
+"""sim.kernel_model: tile and wave quantization in closed form, GEMM shapes against the
+layers' FLOP counts, memory passes, and where the device model applies it."""
+import itertools
+
+import pytest
+
+from clustersim.core.models import make_layer
+from clustersim.core.plan import plan
+from clustersim.core.topogen import build_topology
+from clustersim.core.topology import Device
+from helpers import gpu, scenario
+from sim import kernel_model as km
+from sim.compute import kernels_modelled, op_seconds
+
+SMS = 108
+RATE = 200e12                  # FLOP/s of the largest tile over the whole GPU
+TOP = km.TILES[:1]             # only the 256 x 128 tile
+
+
+def test_tiles_that_fill_whole_waves_run_at_the_tile_rate():
+    g = km.Gemm(256 * 12, 128 * 9, 1024)               # 12 x 9 = 108 tiles: one full wave
+    assert km.gemm_seconds(g, RATE, SMS) == pytest.approx(2 * g.m * g.n * g.k / RATE, rel=1e-12)
+    two = km.Gemm(256 * 24, 128 * 9, 1024)             # two full waves
+    assert km.gemm_seconds(two, RATE, SMS) == pytest.approx(2 * two.m * two.n * two.k / RATE, rel=1e-12)
+    assert km.quantized_efficiency(g, SMS) == pytest.approx(1.0)
+
+
+def test_one_tile_more_than_a_wave_takes_a_second_wave():
+    """109 tiles on 108 SMs: two waves of one tile's time (a 32-deep K cannot be split)."""
+    g = km.Gemm(256 * 109, 128, 32)
+    tile = 2 * 256 * 128 * 32 / (RATE / SMS)
+    assert km.gemm_seconds(g, RATE, SMS, TOP) == pytest.approx(2 * tile, rel=1e-12)
+    assert km.quantized_efficiency(g, SMS, TOP) == pytest.approx(109 / 216)
+
+
+def test_a_partial_tile_costs_a_whole_tile():
+    g = km.Gemm(256 * 108 - 1, 128, 64)                 # tile quantization: the last tile is not full
+    whole = km.Gemm(256 * 108, 128, 64)
+    assert km.gemm_seconds(g, RATE, SMS, TOP) == km.gemm_seconds(whole, RATE, SMS, TOP)
+
+
+def test_split_k_fills_the_waves_of_a_small_output():
+    """One 256 x 128 output tile over K = 108 x 32: split 32 ways it runs on 32 SMs at once."""
+    g = km.Gemm(256, 128, 108 * 32)
+    assert km.gemm_seconds(g, RATE, SMS, TOP) == pytest.approx(2 * 256 * 128 * 32 * 4 / (RATE / SMS), rel=1e-12)
+
+
+def test_a_smaller_tile_runs_at_its_share_of_reuse():
+    """64 x 64 tiles reuse 32 per element against 256 x 128's 85.3: a GEMM of exactly one
+    wave of 64 x 64 tiles runs at 32 / 85.3 of the rate."""
+    g = km.Gemm(64 * 12, 64 * 9, 32)
+    t = km.gemm_seconds(g, RATE, SMS, ((256, 128), (64, 64)))
+    assert t == pytest.approx(2 * g.m * g.n * g.k / (RATE * 32 / (256 * 128 / 384)), rel=1e-12)
+
+
+SHAPES = list(itertools.product((1, 100, 1000, 5000), (64, 300, 2048), (32, 500, 4096)))
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_never_faster_than_the_roofline_and_monotonic(m, n, k):
+    t = km.gemm_seconds(km.Gemm(m, n, k), RATE, SMS)
+    assert t >= 2 * m * n * k / RATE * (1 - 1e-12)
+    for bigger in (km.Gemm(m + 1, n, k), km.Gemm(m, n + 37, k), km.Gemm(m, n, k + 1), km.Gemm(m, n, k, 2)):
+        assert km.gemm_seconds(bigger, RATE, SMS) >= t
+
+
+def test_gemm_needs_sms():
+    with pytest.raises(ValueError, match="sms"):
+        km.gemm_seconds(km.Gemm(1, 1, 1), RATE, 0)
+
+
+@pytest.mark.parametrize("kind,params,in_shape", [
+    ("conv2d", {"filters": 64, "kernel": 3, "stride": 2, "padding": 1}, (32, 56, 56)),
+    ("conv2d", {"filters": 4096, "kernel": 1}, (1024, 128, 1)),
+    ("dense", {"units": 1000}, (2048, 1, 1)),
+    ("lm_head", {"vocab": 30522}, (1024, 128, 1)),
+])
+def test_gemms_do_the_layers_flops(kind, params, in_shape):
+    """Forward GEMMs add up to the layer's FLOPs; backward (data + weights) to twice that."""
+    layer, batch = make_layer(kind, **params), 8
+    out = layer.shape(in_shape)
+    flops = layer.flops_per_out(in_shape) * out[0] * out[1] * out[2] * batch
+    w = km.LayerWork(layer, in_shape, batch, out)
+    assert sum(2 * g.m * g.n * g.k * g.batch for g in km.layer_gemms(w, False)) == pytest.approx(flops)
+    assert sum(2 * g.m * g.n * g.k * g.batch for g in km.layer_gemms(w, True)) == pytest.approx(2 * flops)
+
+
+def test_attention_gemms_are_its_flops_but_the_softmax():
+    layer, (d, t), batch = make_layer("attention", heads=16), (1024, 128), 4
+    w = km.LayerWork(layer, (d, t, 1), batch, (d, t, 1))
+    products = layer.flops_per_out((d, t, 1)) * d * t * batch - 5 * 16 * t * t * batch
+    assert sum(2 * g.m * g.n * g.k * g.batch for g in km.layer_gemms(w, False)) == pytest.approx(products)
+    assert sum(2 * g.m * g.n * g.k * g.batch for g in km.layer_gemms(w, True)) == pytest.approx(2 * products)
+    half = km.LayerWork(layer, (d, t, 1), batch, (d // 2, t, 1))  # a slice of 8 heads: half of it all
+    assert km.attention_extra_bytes(half, 2, False) == pytest.approx(km.attention_extra_bytes(w, 2, False) / 2)
+    assert km.layer_gemms(km.LayerWork(make_layer("relu"), (8, 1, 1), 1, (8, 1, 1)), False) == []
+
+
+def test_memory_passes_are_the_kernels_over_the_plans_count():
+    assert km.memory_passes("batchnorm", False) == 3 / 2
+    assert km.memory_passes("batchnorm.backward", True) == 5 / 4
+    assert km.memory_passes("add.backward", True) == 3 / 6
+    assert km.memory_passes("dropout.backward", True) == 2.5 / 4
+    assert km.memory_passes("layernorm.split", False) == 1.0
+    assert km.memory_passes("relu.backward", True) == 3 / 4
+    assert km.memory_passes("dense", False) == km.memory_passes("softmax_xent.backward", True) == 1.0
+
+
+def a100(**fields):
+    """One A100 as dgx-a100.toml describes it, with a per-op overhead of 4 us."""
+    return Device("g", "gpu", 0, {"fp32": 19.5e12, "fp16": 312e12}, 80 * 2**30, 2039e9, 0.7,
+                  op_overhead=4e-6, compute_capability=8.0, sms=108, **fields)
+
+
+def one(dev):
+    from clustersim.core.topology import Topology
+    return Topology("one", [dev], [])
+
+
+def test_memory_bound_kinds_take_their_passes_at_the_achievable_bandwidth():
+    topo = one(a100(memory_efficiency=0.88))
+    bn = km.LayerWork(make_layer("batchnorm"), (64, 56, 56), 0, (64, 56, 56))
+    t = op_seconds(topo, "g", 1e6, 1e9, "fp16", True, "batchnorm.backward", bn)
+    assert t == pytest.approx(4e-6 + 1e9 * 5 / 4 / (2039e9 * 0.88), rel=1e-12)
+    plain = op_seconds(topo, "g", 1e6, 1e9, "fp16", True, "batchnorm.backward")   # no work: the roofline
+    assert plain == pytest.approx(4e-6 + 1e9 / (2039e9 * 0.88), rel=1e-12)
+
+
+def test_test_devices_keep_the_plain_roofline():
+    """A device without compute capability and SMs (the closed-form test topologies) and
+    one whose efficiency calibration measured are not refined."""
+    topo = build_topology({"name": "t", "device": [gpu("g0", 10.0)]}, "t.toml")
+    assert not kernels_modelled(topo.devices["g0"])
+    conv = make_layer("conv2d", filters=64, kernel=3, padding=1)
+    w = km.LayerWork(conv, (64, 56, 56), 32, (64, 56, 56))
+    bn = km.LayerWork(make_layer("batchnorm"), (64, 56, 56), 0, (64, 56, 56))
+    for key, work in (("batchnorm", bn), ("conv2d", w)):
+        assert op_seconds(topo, "g0", 1e9, 1e8, "fp32", False, key, work) == pytest.approx(max(1e9 / 10e12, 1e8 / 1e12))
+    assert not kernels_modelled(a100(efficiency_curve=((1e9, 0.5),)))
+
+
+def test_an_op_with_its_work_is_never_faster_than_its_flops_at_the_tile_rate():
+    topo = one(a100())
+    conv = make_layer("conv2d", filters=64, kernel=1)
+    for batch, backward in itertools.product((1, 32, 256), (False, True)):
+        w = km.LayerWork(conv, (256, 56, 56), batch, (64, 56, 56))
+        flops = sum(2 * g.m * g.n * g.k for g in km.layer_gemms(w, backward))
+        t = op_seconds(topo, "g", flops, 0.0, "fp16", backward, "conv2d", w)
+        assert t >= 4e-6 + flops / (312e12 * 0.7)
+    assert (op_seconds(topo, "g", 0, 0, "fp16", True, "conv2d", w._replace(redo=True))
+            == pytest.approx(op_seconds(topo, "g", 0, 0, "fp16", True, "conv2d", w)
+                             + op_seconds(topo, "g", 0, 0, "fp16", False, "conv2d", w)))
+
+
+@pytest.mark.parametrize("model,parallel", [
+    ("resnet-50", {"model_parallel": 2, "split": "spatial"}),
+    ("alexnet", {"model_parallel": 4, "split": "spatial", "grid": [2, 2]}),
+    ("gpt2", {"model_parallel": 2, "split": "spatial"}),
+])
+def test_op_work_reads_the_plans_slices_and_batch(model, parallel):
+    """Every GEMM-kind op's GEMMs do exactly the FLOPs the Plan gave it."""
+    p = plan(scenario(model=model, batch=16, topology="dgx-a100", parallel=parallel), check_memory=False)
+    for op in p.ops:
+        w = km.op_work(p, op)
+        node = p.scenario.model.nodes[op.layer]
+        if op.kind == "xfer":
+            assert w is None
+            continue
+        if node.layer.kind not in km.GEMM_KINDS:
+            assert km.layer_gemms(w, op.kind == "bwd") == []
+            continue
+        assert w.batch == 16
+        flops = sum(2 * g.m * g.n * g.k * g.batch for g in km.layer_gemms(w, op.kind == "bwd"))
+        if node.layer.kind == "attention":                      # its softmax is no GEMM
+            c, t, _ = node.in_shape
+            flops += 5 * (w.out[0] // (c // node.layer.heads)) * t * t * 16 * (2 if op.kind == "bwd" else 1)
+        assert flops == pytest.approx(op.flops)
