@@ -64,22 +64,27 @@ class Fluid:
         if amount <= 0 or not weights:
             event.succeed()
             return event
-        for res in weights:
-            if self.capacity[res] <= 0:
-                raise ValueError(f"resource {res!r} has no capacity")
-        jid = next(self._ids)
         index, links = self._index, {}
         for res, n in weights.items():
             i = index.get(res)
-            if i is None:
-                i = index[res] = len(self._resources)
-                self._resources.append(res)
-                self._users_at.append(self.users.setdefault(res, set()))
-            links[i] = n
-            self._users_at[i].add(jid)
+            links[self._new_resource(res) if i is None else i] = n
+        jid = next(self._ids)
+        users_at = self._users_at
+        for i in links:
+            users_at[i].add(jid)
         self.jobs[jid] = _Job(links, float(amount), event, self.env.now)
-        self._mark([jid])
+        self._mark((jid,))
         return event
+
+    def _new_resource(self, res: Hashable) -> int:
+        """The index of a resource first used now; its capacity is checked once, here
+        (``set_capacity`` checks every later one)."""
+        if self.capacity[res] <= 0:
+            raise ValueError(f"resource {res!r} has no capacity")
+        i = self._index[res] = len(self._resources)
+        self._resources.append(res)
+        self._users_at.append(self.users.setdefault(res, set()))
+        return i
 
     def set_capacity(self, resource: Hashable, capacity: float) -> None:
         """Changes a resource's capacity from now on; the jobs on it are re-solved."""
