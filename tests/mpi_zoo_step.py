@@ -13,8 +13,8 @@ from executor.partitioned import run_step, slot_params  # noqa: E402
 from test_train_mpi import zoo_step_case  # noqa: E402
 
 comm = MPI.COMM_WORLD
-out, name, tensor, pipeline = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-p, full, x, y = zoo_step_case(name, tensor, pipeline)
+out, name, tensor, pipeline, split = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+p, full, x, y = zoo_step_case(name, tensor, pipeline, split)
 j = comm.rank
 params = {key: arrays for key, arrays in slot_params(p, full).items() if key[1] == j}
 res = run_step(p, {j}, params, x, y, MPITransport(comm))

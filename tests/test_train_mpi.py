@@ -10,22 +10,21 @@ import numpy as np
 import pytest
 
 from clustersim.core.models import zoo_model
-from clustersim.core.plan import plan
+from clustersim.core.plan import param_index, plan, replicated
 from executor.data import for_model
 from executor.nn import Net
 from helpers import scenario
-from test_partitioned import gathered
 
 HERE = Path(__file__).parent
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason="the mpich wheel is not installed")
 
 
-def zoo_step_case(name: str, tensor: int, pipeline: int, batch: int = 4):
-    """The Plan of ``name`` on tensor x pipeline slots, its float64 parameters (Net's init,
-    seed 5), a batch of its bundled data and the labels."""
+def zoo_step_case(name: str, tensor: int, pipeline: int, split: str = "spatial", batch: int = 4):
+    """The Plan of ``name`` on tensor x pipeline slots (``split``: how a stage's slots cut
+    it), its float64 parameters (Net's init, seed 5), a batch of its bundled data and the labels."""
     model = zoo_model(name)
-    sc = scenario(batch=batch, parallel={"model_parallel": tensor, "pipeline": pipeline})
+    sc = scenario(batch=batch, parallel={"model_parallel": tensor, "pipeline": pipeline, "split": split})
     p = plan(dataclasses.replace(sc, model=model), check_memory=False)
     net = Net(model)
     w = net.init(np.random.default_rng(5)).astype(np.float64)
@@ -34,27 +33,58 @@ def zoo_step_case(name: str, tensor: int, pipeline: int, batch: int = 4):
     return p, full, d.x_train[:batch].astype(np.float64), d.y_train[:batch]
 
 
-def split_step(tmp_path, name, tensor, pipeline):
-    p, full, x, y = zoo_step_case(name, tensor, pipeline)
+def split_step(tmp_path, name, tensor, pipeline, split):
+    """The loss (the sum of the ranks' shares) and each (layer, slot)'s parameter gradients
+    of ``zoo_step_case`` run on real ranks by tests/mpi_zoo_step.py."""
+    p, full, x, y = zoo_step_case(name, tensor, pipeline, split)
     proc = subprocess.run([str(MPIEXEC), "-n", str(p.slots), sys.executable, str(HERE / "mpi_zoo_step.py"),
-                           str(tmp_path), name, str(tensor), str(pipeline)], capture_output=True, text=True, timeout=240)
+                           str(tmp_path), name, str(tensor), str(pipeline), split], capture_output=True, text=True,
+                          timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return gathered(p, full, tmp_path)
+    loss, grads = 0.0, {}
+    for j in range(p.slots):
+        data = np.load(tmp_path / f"rank{j}.npz")
+        loss += float(data["loss"])
+        for key in data.files:
+            if key.startswith("g_"):
+                i, n = map(int, key[2:].split("_"))
+                grads.setdefault((i, j), {})[n] = data[key]
+    return p, full, x, y, loss, grads
 
 
-@pytest.mark.parametrize("name, tensor, pipeline", [("gpt-tiny", 2, 1), ("gpt-tiny", 4, 1)])
-def test_a_tensor_parallel_step_on_real_ranks_equals_the_single_process_step(tmp_path, name, tensor, pipeline):
+TENSOR_PARTIAL_SUMS = pytest.mark.xfail(strict=True, reason="the tensor split's backward is wrong where a "
+                                        "row-parallel conv's partial sums are read by a cut layer (here the add; "
+                                        "conv -> dense alike), in one process too: the convs' gradients differ by 0.1")
+
+
+@pytest.mark.parametrize("name, tensor, pipeline, split", [
+    ("gpt-tiny", 2, 1, "spatial"), ("gpt-tiny", 4, 1, "spatial"), ("gpt-tiny", 2, 1, "tensor"),
+    ("gpt-tiny", 4, 1, "tensor"), pytest.param("resnet-digits", 2, 1, "tensor", marks=TENSOR_PARTIAL_SUMS)])
+def test_a_tensor_parallel_step_on_real_ranks_equals_the_single_process_step(tmp_path, name, tensor, pipeline, split):
     """Issue 17's done-when: heads, features and vocabulary cut over 2 and 4 ranks (4 ranks
-    on 2 cores: waiting ranks yield); the loss and every gradient equal Net's to 1e-10."""
-    loss, grads = split_step(tmp_path, name, tensor, pipeline)
-    p, full, x, y = zoo_step_case(name, 1, 1)
-    net = Net(p.scenario.model)
+    on 2 cores: waiting ranks yield), by the spatial split (every slice reads the whole
+    activation it needs) and by Megatron's (partial sums allreduced, norms replicated);
+    the loss equals Net's to 1e-10, the slots' gradients add up to Net's (a replicated
+    layer's copy on every slot equals it)."""
+    p, full, x, y, loss, grads = split_step(tmp_path, name, tensor, pipeline, split)
+    model = p.scenario.model
+    net = Net(model)
     w = np.concatenate([a.ravel() for i in sorted(full) for a in full[i]])
     loss0, g0 = net.loss_and_grad(w, x, y)
     assert loss == pytest.approx(loss0, rel=1e-10)
-    for i, arrays in grads.items():
-        for (o, shape), g in zip(net.layout[i], arrays):
-            assert np.allclose(g, g0[o:o + g.size].reshape(shape), rtol=1e-9, atol=1e-12), p.scenario.model.nodes[i].name
+    for i, arrays in full.items():
+        copies = replicated(p.slices[i]) and not p.parts[i]
+        for n, ((o, shape), a) in enumerate(zip(net.layout[i], arrays)):
+            want, got = g0[o:o + a.size].reshape(shape), np.zeros(shape)
+            for j, box in p.slices[i]:
+                g = grads.get((i, j), {}).get(n)
+                if g is None:                        # a part without the bias: another slot holds it
+                    continue
+                if copies:
+                    assert np.allclose(g, want, rtol=1e-9, atol=1e-12), (model.nodes[i].name, j)
+                else:
+                    got[param_index(model, p.parts, i, j, box)[n]] += g
+            assert copies or np.allclose(got, want, rtol=1e-9, atol=1e-12), model.nodes[i].name
 
 
 def reference_run(name: str, steps: int, lr: float, batch: int, seed: int = 0) -> dict:
@@ -80,18 +110,19 @@ KERNEL_FLOAT64 = pytest.mark.xfail(strict=True, reason="executor/kernels.py's at
                                    "sends more bytes than its receiver expects (fix: math.sqrt)")
 
 
-@pytest.mark.parametrize("name, tensor, pipeline", [
-    ("resnet-digits", 2, 1), ("resnet-digits", 1, 2),
-    pytest.param("gpt-tiny", 2, 1, marks=KERNEL_FLOAT64), ("gpt-tiny", 1, 2)])
-def test_execute_trains_split_models_with_the_losses_of_one_process(tmp_path, name, tensor, pipeline):
-    """``clustersim execute`` of the scenario's model split over 2 ranks (spatial/tensor or
-    pipeline), 4 steps: the training and held-out losses and the accuracy are the
-    in-process reference run's (float32: to 1e-4)."""
+@pytest.mark.parametrize("name, tensor, pipeline, split", [
+    ("resnet-digits", 2, 1, "spatial"), ("resnet-digits", 1, 2, "spatial"),
+    pytest.param("gpt-tiny", 2, 1, "spatial", marks=KERNEL_FLOAT64), ("gpt-tiny", 2, 1, "tensor"),
+    ("gpt-tiny", 1, 2, "spatial")])
+def test_execute_trains_split_models_with_the_losses_of_one_process(tmp_path, name, tensor, pipeline, split):
+    """``clustersim execute`` of the scenario's model split over 2 ranks (spatial, Megatron's
+    tensor split, or pipeline), 4 steps: the training and held-out losses and the accuracy
+    are the in-process reference run's (float32: to 1e-4)."""
     import json
     steps, lr, batch = 4, 0.1, 16
     scenario_file = HERE.parent / "scenarios" / f"{name.replace('-', '_')}.toml"
     sets = [f"training.steps={steps}", f"training.learning_rate={lr}", f"model.batch_size={batch}",
-            f"parallel.model_parallel={tensor}", f"parallel.pipeline={pipeline}"]
+            f"parallel.model_parallel={tensor}", f"parallel.pipeline={pipeline}", f"parallel.split=\"{split}\""]
     proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", str(scenario_file), "--json",
                            *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
