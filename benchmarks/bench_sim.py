@@ -18,10 +18,12 @@
   compare ratios, not absolute rates, on a shared machine.
 
     make bench        # or: python benchmarks/bench_sim.py [--quick]
+    python benchmarks/bench_sim.py --against /tmp/old   # flow sets only, this sim/ over another checkout's
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import resource
@@ -175,34 +177,70 @@ def random_flows(env: simpy.Environment, fluid: Fluid, rng: np.random.Generator)
 FLOW_SETS = {"ring": one_switch_route, "ring_fat_tree": fat_tree_route, "random": one_switch_route}
 
 
-def flow_rate(kind: str) -> tuple[float, float]:
-    """Flows per wall second of the flow model on one fixed flow set, and its simulated end."""
+def flow_rate(kind: str, fluid: type = Fluid) -> tuple[float, float, float]:
+    """Flows per wall and per CPU second of the flow model on one fixed flow set, and its
+    simulated end."""
     env = simpy.Environment()
     hosts = RANDOM_HOSTS if kind == "random" else RING_HOSTS
     steps = [FLOW_SETS[kind](i, (i + 1) % hosts) for i in range(hosts)]    # every link, for random
-    fluid = Fluid(env, {link: HOST_LINK_BPS for weights in steps for link in weights})
+    model = fluid(env, {link: HOST_LINK_BPS for weights in steps for link in weights})
     if kind == "random":
-        env.process(random_flows(env, fluid, np.random.default_rng(0)))
+        env.process(random_flows(env, model, np.random.default_rng(0)))
         flows = RANDOM_FLOWS
     else:
-        env.process(ring_flows(env, fluid, steps))
+        env.process(ring_flows(env, model, steps))
         flows = RING_HOSTS * RING_STEPS
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     env.run()
-    return flows / (time.perf_counter() - t0), env.now
+    return flows / (time.perf_counter() - t0), flows / (time.process_time() - c0), env.now
 
 
 def flow_rates(repeats: int) -> dict:
     out = {}
     for kind in FLOW_SETS:
         runs = [flow_rate(kind) for _ in range(repeats)]
-        out[kind] = {"flows_per_s": statistics.median(r[0] for r in runs), "sim_end_s": runs[0][1]}
+        out[kind] = {"flows_per_s": statistics.median(r[0] for r in runs), "sim_end_s": runs[0][2]}
     try:
         import simgrid  # noqa: F401  (Debian's python3-simgrid; in no pip extra)
         note = "python3-simgrid imports, but the side-by-side run is not written yet"
     except ImportError:
         note = "python3-simgrid is not installed here: SimGrid comparison skipped"
     return {"flows_per_s": out, "flow_rate_ratio_simgrid": None, "simgrid_note": note}
+
+
+def fluid_of(tree: Path) -> type:
+    """The ``Fluid`` of another checkout (its own ``sim`` package), for runs side by side."""
+    ours = {name: mod for name, mod in sys.modules.items() if name == "sim" or name.startswith("sim.")}
+    for name in ours:
+        del sys.modules[name]
+    sys.path.insert(0, str(tree))
+    try:
+        return importlib.import_module("sim.fluid").Fluid
+    finally:
+        sys.path.remove(str(tree))
+        for name in [n for n in sys.modules if n == "sim" or n.startswith("sim.")]:
+            del sys.modules[name]
+        sys.modules.update(ours)
+
+
+def flow_rates_against(tree: Path, repeats: int) -> dict:
+    """Each flow set with this checkout's fluid and with ``tree``'s, interleaved (A B, B A,
+    ... after one unmeasured run of each): medians of flows per wall and CPU second, their
+    ratios (this over that), and both simulated ends."""
+    fluids = {"this": Fluid, "that": fluid_of(tree)}
+    out = {}
+    for kind in FLOW_SETS:
+        runs = {"this": [], "that": []}
+        for i in range(-1, repeats):
+            for side in (("this", "that") if i % 2 else ("that", "this")):
+                r = flow_rate(kind, fluids[side])
+                if i >= 0:
+                    runs[side].append(r)
+        med = {side: [statistics.median(r[i] for r in rs) for i in (0, 1)] for side, rs in runs.items()}
+        out[kind] = {"flows_per_s": med["this"][0], "flows_per_s_against": med["that"][0],
+                     "wall_ratio": med["this"][0] / med["that"][0], "cpu_ratio": med["this"][1] / med["that"][1],
+                     "sim_end_s": runs["this"][0][2], "sim_end_s_against": runs["that"][0][2]}
+    return {"against": str(tree), "repeats": repeats, "flow_sets": out}
 
 
 def time_exponent(points: list[tuple[int, float]]) -> float:
@@ -228,7 +266,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="skip the 10,000-GPU, Downpour and Sandblaster runs")
     ap.add_argument("--full", action="store_true",
                     help="Downpour and Sandblaster at the issue's size (200 and 2,000 replicas; minutes each here)")
+    ap.add_argument("--against", type=Path, metavar="DIR",
+                    help="only the flow sets, side by side with the sim/ of the checkout at DIR")
     args = ap.parse_args()
+    if args.against:
+        print(json.dumps(flow_rates_against(args.against, args.repeats)))
+        return
     out: dict = {}
     out.update(event_rates(args.repeats))
     scale = SCALE_DGX[:-1] if args.quick else SCALE_DGX
