@@ -19,6 +19,7 @@ from sim.compute import Compute
 from sim.faults import failure_schedule, slowdowns
 from sim.network import BACKENDS
 from clustersim.core.plan import PARAM_BYTES, Plan, cost_key, split_key
+from sim.kernel_model import op_work
 from clustersim.core.topology import NoRoute
 from clustersim.core.trace import Span, Trace, Update
 
@@ -111,11 +112,12 @@ class Engine:
                     last[op.slot] = op.id
             bwd = [sum(1 for op in plan.ops if op.kind == "bwd" and op.slot == j) for j in range(plan.slots)]
             keys = [cost_key(plan, op) for op in plan.ops]
+            works = [op_work(plan, op) for op in plan.ops]
             per_layer: dict[tuple[int, int], int] = {}
             for op in plan.ops:
                 if op.kind == "bwd":
                     per_layer[(op.slot, op.layer)] = per_layer.get((op.slot, op.layer), 0) + 1
-            self._graphs[key] = (plan, succ, following, bwd, keys, per_layer)
+            self._graphs[key] = (plan, succ, following, bwd, keys, per_layer, works)
         return self._graphs[key]
 
     # --- faults ------------------------------------------------------------------------------
@@ -201,12 +203,12 @@ class Engine:
 
     # --- primitives that record spans ----------------------------------------------------
     def compute_op(self, device: str, flops: float, nbytes: float, replica: int, step: int,
-                   name: str, phase: str, kind: str = "compute", key: str = "") -> simpy.Event:
+                   name: str, phase: str, kind: str = "compute", key: str = "", work=None) -> simpy.Event:
         """``key`` names the op in the device's measured op times (a layer kind, with
         ``.backward`` for backward ops; ``update``; ...), where calibration measured it.  The
         span starts when the device starts the op (a GPU may run others first)."""
         asked = self.env.now
-        ev = self.compute.run(device, flops, nbytes, backward=phase == "bwd", key=key)
+        ev = self.compute.run(device, flops, nbytes, backward=phase == "bwd", key=key, work=work)
         ev.callbacks.append(lambda e: self.trace.add(
             Span(name, kind, device, replica, step, asked if e.value is None else e.value, self.env.now,
                  nbytes, flops, phase)))
@@ -302,7 +304,7 @@ class Engine:
         at a time in the Plan's order (the pipeline schedule), each once the one before has
         finished, as a stream of kernels runs; a shared device gets each as it is ready.  Ops
         on failed devices never start."""
-        plan, succ, following, bwd_per_slot, keys, bwd_per_layer = self._graph_info(plan or self.plan)
+        plan, succ, following, bwd_per_slot, keys, bwd_per_layer, works = self._graph_info(plan or self.plan)
         env = self.env
         ops, devices = plan.ops, self.plan.devices[replica]
         in_order = [self.compute.in_order(d) for d in devices]
@@ -326,7 +328,7 @@ class Engine:
                                    what=".reduction" if op.why == "reduction" else "")
             else:
                 ev = self.compute_op(devices[op.slot], op.flops, op.bytes, replica, step,
-                                     f"{op.kind} L{op.layer}", op.kind, key=keys[op.id])
+                                     f"{op.kind} L{op.layer}", op.kind, key=keys[op.id], work=works[op.id])
             ev.callbacks.append(lambda _e: finish(op))
 
         def finish(op) -> None:

@@ -12,7 +12,8 @@ from executor.nn import Net
 from sim.compute import op_seconds
 from sim.engine import simulate
 from clustersim.core.metrics import summarize
-from clustersim.core.plan import PARAM_BYTES, plan
+from clustersim.core.plan import PARAM_BYTES, cost_key, plan
+from sim.kernel_model import op_work
 from clustersim.core.config import ConfigError
 from clustersim.core.scenario import Failure
 from clustersim.core.topogen import build_topology
@@ -61,7 +62,8 @@ def test_sync_step_is_the_slowest_workers_and_backup_workers_cut_it():
                   faults={"slowdown": {"m0.gpu2": 3.0}})
     p = plan(sc)
     topo, params = sc.topology, sc.model.params
-    chain = sum(op_seconds(topo, "m0.gpu2", op.flops, op.bytes, "fp32") for op in p.ops if op.kind != "xfer")
+    chain = sum(op_seconds(topo, "m0.gpu2", op.flops, op.bytes, "fp32", op.kind == "bwd", cost_key(p, op), op_work(p, op))
+                for op in p.ops if op.kind != "xfer")
     ring = nccl_ring_seconds(4, params * PARAM_BYTES)
     update = op_seconds(topo, "m0.gpu2", 2 * params, 3 * params * PARAM_BYTES, "fp32")
     assert simulate(p).trace.step_times() == pytest.approx([3 * chain + ring + 3 * update] * 2, rel=1e-9)

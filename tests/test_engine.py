@@ -6,14 +6,16 @@ import simpy
 
 from sim.compute import Compute, op_seconds
 from sim.engine import simulate
-from clustersim.core.plan import PARAM_BYTES, plan
+from clustersim.core.plan import PARAM_BYTES, cost_key, plan
+from sim.kernel_model import op_work
 from clustersim.core.topogen import build_topology
 from helpers import gpu, link, nccl_ring_seconds, ring_topology, scenario
 
 
 def chain_seconds(p, device, dtype="fp32"):
     topo = p.scenario.topology
-    return sum(op_seconds(topo, device, op.flops, op.bytes, dtype) for op in p.ops if op.kind != "xfer")
+    return sum(op_seconds(topo, device, op.flops, op.bytes, dtype, op.kind == "bwd", cost_key(p, op), op_work(p, op))
+               for op in p.ops if op.kind != "xfer")
 
 
 def update_seconds(topo, device, params, summed=1):

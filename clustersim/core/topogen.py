@@ -12,7 +12,8 @@ File format (units in the names; ``gbps`` is 10^9 *bytes* per second, like nccl-
                      op_costs ({key = [overhead_us, gflops, gbps, gbps_beyond_cache], ...}:
                      measured op costs, written by calibrate), op_curves ({key = [[bytes, us],
                      ...]}: measured times by size, overriding op_costs for that key),
-                     cache_mib (where an op's bytes stop fitting in cache), core_pool (the name of a [core_pools] entry)
+                     cache_mib (where an op's bytes stop fitting in cache), core_pool (the name of a [core_pools] entry),
+                     memory_efficiency (gpu: achievable / datasheet bandwidth of a streaming kernel)
     [machine.pcie]   switches, generation, lanes, uplink_lanes, latency_us
     [machine.nvlink] bandwidth_gbps (per GPU, per direction), latency_us
     [machine.nic]    count, bandwidth_gbps, latency_us
@@ -167,7 +168,8 @@ def _compute_fields(t: Table, kind: str) -> dict[str, Any]:
         peak = {"fp32": cores * t.float("core_gflops", positive=True) * 1e9}
     curves = {key: _curve(t, key) for key in ("efficiency_curve", "backward_efficiency_curve")}
     extra = {"compute_capability": t.float("compute_capability", 0.0, lo=0.0, hi=20.0),
-             "sms": t.int("sms", 0, lo=0, hi=100_000)} if kind == "gpu" else {}
+             "sms": t.int("sms", 0, lo=0, hi=100_000),
+             "memory_efficiency": t.float("memory_efficiency", 1.0, lo=0.05, hi=1.0)} if kind == "gpu" else {}
     return dict(peak_flops=peak, **curves, **extra,
                 memory_bytes=t.float("memory_gib", positive=True) * GIB,
                 memory_bw=t.float("memory_bandwidth_gbps", positive=True) * 1e9,
