@@ -281,7 +281,7 @@ class Engine:
                                 op, _link_names(route(*pair))))
         running = self.env.process(collectives.run(self.env, self.network, coll, record))
         if coll.proto:                         # NCCL's kernel takes SMs from the compute beside it
-            release = self.compute.hold(devices, collectives.sm_share(self.network.topology, devices))
+            release = self.compute.hold(devices, collectives.sm_share(self.network.topology, devices, coll.algo))
             running.callbacks.append(lambda _e: release())
         return running
 
