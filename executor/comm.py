@@ -11,7 +11,7 @@ import numpy as np
 from executor.backend import to_numpy
 
 POLL_SLEEP_S = 50e-6      # between polls of a pending request; far below a step, far above a spin
-TAGS = {"a": 1, "g": 2, "r": 3, "rs": 5, "ag": 6, "grs": 7, "gag": 8}   # rs..gag: a tensor split's allreduces
+TAGS = {"a": 1, "g": 2, "r": 3, "rs": 5, "ag": 6, "grs": 7, "gag": 8, "wrs": 9, "wag": 10}   # rs..: a tensor split's
 LOST_TAG = 4 * 10_000_000  # between tag_of's kinds (layers < 1000); MPICH's tag bound is 2**29 - 1
 
 

@@ -34,7 +34,8 @@ from clustersim.core.plan import Plan, allreduce_pieces, edges, grad_allreduced,
 from executor import kernels
 
 
-AR_TAGS = {"reduce-scatter": "rs", "all-gather": "ag", "gradient reduce-scatter": "grs", "gradient all-gather": "gag"}
+AR_TAGS = {"reduce-scatter": "rs", "all-gather": "ag", "gradient reduce-scatter": "grs", "gradient all-gather": "gag",
+           "weight gradient reduce-scatter": "wrs", "weight gradient all-gather": "wag"}
 
 
 def _shape(batch: int, box: Box) -> tuple:
@@ -108,6 +109,7 @@ class _Step:
         self.ar_readers = [grad_allreduced(model, p.slices, p.parts, p.axes, i) for i in range(len(self.nodes))]
         self.ar: dict[tuple, object] = {}           # (kind, layer, slot, micro) -> the whole buffer being allreduced
         self.ar_in: dict[tuple, list] = {}          # (kind, layer, slot, micro) -> reduce-scatter pieces not yet summed
+        self.wbuf: dict[tuple, object] = {}         # (layer, slot) -> its parameters' gradients flat, being allreduced
         self.micro = even_cuts(len(x), p.scenario.parallel.micro_batches)
         self.masks: dict[int, object] = {}
         self.out: dict[tuple, object] = {}          # output box
@@ -160,6 +162,28 @@ class _Step:
             buf[_rel(piece, self.boxes[i][j])] += arr
         return buf
 
+    def _weights(self, op, j: int) -> tuple:
+        """(slot j's flat parameter gradients with the pieces received so far summed in, the
+        range of them ``op`` carries) of a weight-gradient allreduce (sequence parallelism)."""
+        group = [k for k, _ in self.p.slices[op.producer]]
+        at = op.dst if op.why.endswith("reduce-scatter") else op.slot
+        key = (op.producer, j)
+        if key not in self.wbuf:
+            self.wbuf[key] = self.xp.concatenate([g.ravel() for g in self.grads[key]])
+        flat = self.wbuf[key]
+        for (lo, hi), arr in self.ar_in.pop(("w",) + key, []):
+            flat[lo:hi] += arr
+        return flat, even_cuts(len(flat), len(group))[group.index(at)]
+
+    def unflatten_weights(self) -> None:
+        """The allreduced parameter gradients back into ``grads``."""
+        for key, flat in self.wbuf.items():
+            pos, arrays = 0, []
+            for g in self.grads[key]:
+                arrays.append(flat[pos:pos + g.size].reshape(g.shape))
+                pos += g.size
+            self.grads[key] = arrays
+
     def _add_dins(self, buf, box: Box, i: int, c: int, j: int, m: int) -> None:
         """Adds reader c's (on slot j) gradients of layer i's output inside ``box`` to ``buf``."""
         regions, dxs = self.dins[(c, j, m)]
@@ -175,7 +199,10 @@ class _Step:
 
     def send(self, op) -> None:
         m = op.micro
-        if op.why in AR_TAGS:
+        if op.why.startswith("weight"):
+            flat, (lo, hi) = self._weights(op, op.slot)
+            self.transport.send(op.slot, op.dst, (AR_TAGS[op.why], op.producer, m), flat[lo:hi])
+        elif op.why in AR_TAGS:
             i, box = op.producer, self.boxes[op.producer][op.slot]
             buf = self._buffer("g" if op.why.startswith("gradient") else "a", i, op.slot, m)
             self.transport.send(op.slot, op.dst, (AR_TAGS[op.why], i, m), buf[_rel(self._piece(op), box)])
@@ -200,7 +227,14 @@ class _Step:
         m = op.micro
         lo, hi = self.micro[m]
         dtype = self.x.dtype
-        if op.why in AR_TAGS:
+        if op.why.startswith("weight"):
+            flat, (a, b) = self._weights(op, op.dst)
+            arr = self.transport.recv(op.slot, op.dst, (AR_TAGS[op.why], op.producer, m), (b - a,), flat.dtype)
+            if op.why.endswith("reduce-scatter"):
+                self.ar_in.setdefault(("w", op.producer, op.dst), []).append(((a, b), arr))
+            else:
+                flat[a:b] = arr
+        elif op.why in AR_TAGS:
             i, piece = op.producer, self._piece(op)
             kind = "g" if op.why.startswith("gradient") else "a"
             arr = self.transport.recv(op.slot, op.dst, (AR_TAGS[op.why], i, m), _shape(hi - lo, piece), dtype)
@@ -288,7 +322,7 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
     gives the keep mask of the whole layer output for the batch (scaled), or None.
     ``backward=False`` runs the forward pass only (evaluation)."""
     step = _Step(p, x, labels, transport, xp, dropout)
-    skip = (lambda op: op.kind == "bwd" or op.why == "reduction" or op.why.startswith("gradient")) \
+    skip = (lambda op: op.kind == "bwd" or op.why == "reduction" or op.why.startswith(("gradient", "weight"))) \
         if not backward else (lambda op: False)
     sends_after: dict[int, list] = {}        # a compute op -> the messages it completes (sent at once)
     in_order: set[int] = set()               # messages waiting for messages: sent at their place in the order
@@ -326,7 +360,14 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
             step.send(x_op)
             if on_op is not None:
                 on_op(x_op, "send")
+    for op in p.ops:                         # messages no op waits for (the weight gradients' all-gather)
+        if op.kind == "xfer" and op.dst in slots and op.id not in received and not skip(op):
+            received.add(op.id)
+            step.recv(op)
+            if on_op is not None:
+                on_op(op, "recv")
     transport.flush()
+    step.unflatten_weights()
     return StepResult(float(step.loss), step.grads, step.logits)
 
 

@@ -36,7 +36,7 @@ def assert_equals_net(p, loss, grads):
     net, _, _, loss0, g0, full = tiny_gpt_case()
     assert loss == pytest.approx(loss0, rel=1e-10)
     for i, arrays in full.items():
-        copies = replicated(p.slices[i]) and not p.parts[i]
+        copies = replicated(p.slices[i]) and not p.parts[i] or p.axes[i] == "positions"   # whole on each slot
         for n, ((o, shape), a) in enumerate(zip(net.layout[i], arrays)):
             want = g0[o:o + a.size].reshape(shape)
             got = np.zeros(shape)
@@ -59,8 +59,8 @@ def test_tensor_step_equals_one_process(m, pipeline, micro, sp):
     _, x, y, _, _, full = tiny_gpt_case()
     p = tensor_plan(TINY_GPT, m, pipeline, micro, sp=sp)
     assert p.slots == m * pipeline
-    assert set(p.axes) & {"replicated", "partial", "scattered", "rows"} == \
-        ({"scattered", "rows"} if sp else {"replicated", "partial"})
+    assert set(p.axes) & {"replicated", "partial", "scattered", "positions"} == \
+        ({"scattered", "positions"} if sp else {"replicated", "partial"})
     res = run_step(p, set(range(p.slots)), slot_params(p, full), x, y, Mailbox())
     assert_equals_net(p, res.loss, res.grads)
 
@@ -103,7 +103,8 @@ def test_sequence_parallel_moves_the_same_and_keeps_less(p_):
     """Sequence parallelism (Korthikanti et al. 2022): each allreduce becomes a reduce-scatter
     by positions after a partial sum and an all-gather before the column-parallel layer
     (the box machinery's ``activation`` sends), the backward their mirror -- the same bytes
-    per slot as without it -- and every slot keeps less activation memory."""
+    per slot as without it -- plus an allreduce of the norms' parameter gradients (each
+    slot's from its positions), and every slot keeps less activation memory."""
     from clustersim.core.plan import activation_elements
     plain, sp = gpt2_tensor(p_), gpt2_tensor(p_, sp=True)
     b, t, d, db, layers = 2, 16, 768, 4, 12
@@ -113,8 +114,12 @@ def test_sequence_parallel_moves_the_same_and_keeps_less(p_):
         bwd = sum(op.bytes for op in sp.ops if op.kind == "xfer" and op.slot == j
                   and op.why in ("gradient", "gradient all-gather"))
         assert fwd == bwd == pytest.approx((2 * layers + 1) * 2 * (p_ - 1) / p_ * b * t * d * db, rel=1e-12)
+        norms = sum(op.bytes for op in sp.ops if op.kind == "xfer" and op.slot == j and op.why.startswith("weight"))
+        assert norms == pytest.approx(25 * 2 * (p_ - 1) / p_ * 2 * d * db, rel=1e-12)   # each norm's gamma, beta
     assert {op.why for op in sp.ops if op.kind == "xfer"} == {"reduce-scatter", "activation", "gradient",
-                                                                "gradient all-gather", "reduction"}
+                                                                "gradient all-gather", "reduction",
+                                                                "weight gradient reduce-scatter",
+                                                                "weight gradient all-gather"}
     assert all(a < b for a, b in zip(activation_elements(sp)[0], activation_elements(plain)[0]))
     assert sum(sp.slot_params) == sum(plain.slot_params)
 

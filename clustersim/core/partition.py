@@ -226,8 +226,9 @@ def tensor_slices(model: Model, stages: int, m: int, sequence: bool = False) -> 
     positions in m even rows, ``rep`` and ``partial`` layers have the whole output on every
     slot of their stage, and a partial layer's slot j sums over its input's channels on slot
     j (no transfer) or over words ``even_cuts(vocab, m)[j]``.  Stages end only where
-    ``_cuts_allowed``; axes name the state of the layers not cut (``replicated``,
-    ``partial``, ``scattered``: a partial sum reduce-scattered by positions)."""
+    ``_cuts_allowed``; axes name the state of the layers not cut as ``spatial`` cuts them
+    (``replicated``, ``partial``, ``scattered``: a partial sum reduce-scattered by positions,
+    ``positions``: a ``seq`` layer)."""
     cut, axes = spatial_slices(model, m, (m, 1))
     states = tensor_states(model, m, cut, axes, sequence)
     scattered = _scattered(model, states)
@@ -249,7 +250,7 @@ def tensor_slices(model: Model, stages: int, m: int, sequence: bool = False) -> 
         if state in ("cut", "seq"):
             boxes = cut[i] if state == "cut" else tuple(enumerate(_cut(node.out_shape, 1, m)))
             slices.append(tuple((base + j, box) for j, box in boxes))
-            names.append(axes[i] if state == "cut" else "rows")
+            names.append(axes[i] if state == "cut" else "positions")
             parts.append(())
             continue
         slices.append(tuple((base + j, full_box(node.out_shape)) for j in range(m)))

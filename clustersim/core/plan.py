@@ -288,8 +288,10 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
             if axes[i] not in ("replicated", "partial", "scattered"):
                 _reductions(slices[i], node, axes[i], b, i, mb, fwd, red_fwd, red_bwd, add)
             if parts and parts[i]:
-                into = _allreduce(add, [j for j, _ in slices[i]], node.out_shape, b * db, i, mb, False,
-                                  lambda j, i=i, mb=mb: (fwd[(i, j, mb)],), gather=axes[i] != "scattered")
+                gather = axes[i] != "scattered"
+                into = _allreduce(add, [j for j, _ in slices[i]], _sizes(node.out_shape, len(slices[i]), not gather),
+                                  b * db, i, mb, ("reduce-scatter", "all-gather"),
+                                  lambda j, i=i, mb=mb: (fwd[(i, j, mb)],), gather=gather)
                 for j, ids in into.items():
                     red_fwd.setdefault((i, j, mb), []).extend(ids)
     readers_ar = [grad_allreduced(model, slices, parts, axes, i) for i in range(len(model.nodes))]
@@ -301,8 +303,10 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
             if readers_ar[i]:
                 def partial_deps(j: int, i=i, mb=mb) -> tuple[int, ...]:
                     return tuple(bwd[(c, j, mb)] for c in readers_ar[i] if (c, j, mb) in bwd) or (fwd[(i, j, mb)],)
-                into = _allreduce(add, [j for j, _ in slices[i]], node.out_shape, b * db, i, mb, True, partial_deps,
-                                  scatter=axes[i] != "scattered")
+                scatter = axes[i] != "scattered"
+                into = _allreduce(add, [j for j, _ in slices[i]], _sizes(node.out_shape, len(slices[i]), not scatter),
+                                  b * db, i, mb, ("gradient reduce-scatter", "gradient all-gather"), partial_deps,
+                                  scatter=scatter)
             for j, box in slices[i]:
                 f = ops[fwd[(i, j, mb)]]
                 deps = [f.id]
@@ -330,31 +334,51 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                 bwd[(i, j, mb)] = add(kind="bwd", layer=i, micro=mb, slot=j,
                                       flops=f.flops * (node.layer.bwd_ratio + redo), bytes=(2 + redo) * f.bytes,
                                       deps=tuple(deps))
+    last = len(micro_sizes) - 1
+    for i in weights_allreduced(model, slices, parts, axes):      # sequence parallelism's norms
+        group = [j for j, _ in slices[i]]
+        _allreduce(add, group, [hi - lo for lo, hi in even_cuts(params_of(model, parts, i, group[0], slices[i][0][1]),
+                                                                len(group))],
+                   db, i, last, ("weight gradient reduce-scatter", "weight gradient all-gather"),
+                   lambda j, i=i: tuple(bwd[(i, j, mb)] for mb in range(last + 1)))
     return _in_schedule_order(_fix_reduction_deps(ops, bwd), sc, slices)
 
 
-def _allreduce(add, group: list[int], shape: Shape, elem_bytes: float, layer: int, mb: int, grad: bool,
-               deps_of, scatter: bool = True, gather: bool = True) -> dict[int, list[int]]:
-    """An allreduce over ``group`` of (the gradient of) layer's whole output, as direct sends
-    of the ring's volume: a reduce-scatter (slot j sends its sum's piece k to slot k), then
-    an all-gather (slot k sends its summed piece to every other), 2 (p - 1) / p of the
-    output from each slot.  ``deps_of(slot)``: what its sum waits for.  Without ``gather``
-    (``scatter``) only the reduce-scatter (all-gather), each of positions: sequence
-    parallelism's halves.  Returns per slot the transfers into it, which its readers wait for."""
-    pieces = allreduce_pieces(shape, len(group), rows=not (scatter and gather))
-    rs, ag = ("gradient reduce-scatter", "gradient all-gather") if grad else ("reduce-scatter", "all-gather")
+def weights_allreduced(model: Model, slices: Slices, parts: Parts, axes: tuple[str, ...]) -> list[int]:
+    """Layers cut by positions under sequence parallelism that hold parameters (the norms):
+    every slot keeps them whole and computes their gradient from its positions, so the
+    gradients are allreduced over the tensor group after the backward, as Megatron does."""
+    return [i for i, (sl, axis) in enumerate(zip(slices, axes))
+            if axis == "positions" and len(sl) > 1 and params_of(model, parts, i, sl[0][0], sl[0][1])]
+
+
+def _sizes(shape: Shape, n: int, rows: bool) -> list[int]:
+    """Elements per sample of each of the n pieces of a whole output's allreduce."""
+    return [box_size(piece) for piece in allreduce_pieces(shape, n, rows)]
+
+
+def _allreduce(add, group: list[int], sizes: list[int], elem_bytes: float, layer: int, mb: int,
+               names: tuple[str, str], deps_of, scatter: bool = True, gather: bool = True) -> dict[int, list[int]]:
+    """An allreduce over ``group`` of pieces of ``sizes`` elements (of layer's output, its
+    gradient, or its parameters' gradient), as direct sends of the ring's volume: a
+    reduce-scatter (slot j sends its sum's piece k to slot k), then an all-gather (slot k
+    sends its summed piece to every other), 2 (p - 1) / p of the whole from each slot;
+    ``names`` their ``why``.  ``deps_of(slot)``: what its sum waits for.  Without ``gather``
+    (``scatter``) only the reduce-scatter (all-gather): sequence parallelism's halves.
+    Returns per slot the transfers into it, which its readers wait for."""
+    rs, ag = names
     into: dict[int, list[int]] = {j: [] for j in group}
     for j in group if scatter else ():
-        for k, piece in zip(group, pieces):
-            if k != j and box_size(piece):
+        for k, size in zip(group, sizes):
+            if k != j and size:
                 into[k].append(add(kind="xfer", layer=layer, micro=mb, slot=j, dst=k, why=rs, producer=layer,
-                                   bytes=box_size(piece) * elem_bytes, deps=tuple(deps_of(j))))
+                                   bytes=size * elem_bytes, deps=tuple(deps_of(j))))
     scattered = {k: tuple(ids) for k, ids in into.items()}
-    for k, piece in zip(group, pieces) if gather else ():
+    for k, size in zip(group, sizes) if gather else ():
         for j in group:
-            if j != k and box_size(piece):
+            if j != k and size:
                 into[j].append(add(kind="xfer", layer=layer, micro=mb, slot=k, dst=j, why=ag, producer=layer,
-                                   bytes=box_size(piece) * elem_bytes, deps=tuple(deps_of(k)) + scattered[k]))
+                                   bytes=size * elem_bytes, deps=tuple(deps_of(k)) + scattered[k]))
     return into
 
 
