@@ -32,9 +32,10 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
     """Every configuration to try on at most ``devices`` devices (dotted overrides)."""
     global_batch = sc.batch_size * sc.parallel.replicas
     compute = sc.topology.compute_devices()
+    splits = ("spatial", "layers") + (("tensor",) if any(n.layer.kind == "attention" for n in sc.model.nodes) else ())
     out = []
     for m in powers_of_two(devices):
-        for split in ("spatial", "layers") if m > 1 else ("spatial",):
+        for split in splits if m > 1 else ("spatial",):
             for r in sorted(set(powers_of_two(devices // m)) | {devices // m}):
                 if global_batch % r:
                     continue

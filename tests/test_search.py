@@ -82,3 +82,14 @@ def test_time_to_accuracy_trains_each_candidate_and_ties_keep_candidate_order():
     assert any(p.get("time_to_accuracy_s") is not None for p in res["ranked"])
     assert [p["candidate"] for p in res["ranked"] if p.get("time_to_accuracy_s") is None] == sorted(
         p["candidate"] for p in res["ranked"] if p.get("time_to_accuracy_s") is None)
+
+
+def test_transformers_are_searched_under_the_tensor_split_too():
+    """Megatron's split is a candidate where the model has attention, not for a CNN."""
+    from clustersim.search_space import candidates
+    splits = {}
+    for model in ("gpt2", "alexnet"):
+        sc = api.load("scenarios/quickstart.toml", [f"model.name={model!r}".replace("'", '"'), "model.batch_size=8",
+                                                     "parallel.replicas=1"])
+        splits[model] = {c["parallel.split"] for c in candidates(sc, 8)}
+    assert splits["gpt2"] == {"spatial", "layers", "tensor"} and splits["alexnet"] == {"spatial", "layers"}
