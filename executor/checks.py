@@ -9,7 +9,7 @@ import numpy as np
 from clustersim.core.config import ConfigError
 from clustersim.core.schedule import ranks_needed
 
-from executor.data import digits, mnist, synthetic
+from executor.data import for_model, mnist, synthetic
 
 ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster")
 
@@ -111,13 +111,13 @@ def check_data(folder: str | None, sc):
 
 def dataset(sc, seed: int, data=None):
     """(x_train, y_train, x_test, y_test): ``data`` (from ``check_data``) when given, the
-    bundled digits for mlp-digits, else seeded synthetic inputs."""
+    data set the package bundles for the model (``data.for_model``: digits, the grammar
+    corpus), else seeded synthetic inputs."""
     if data is not None:
         return data
-    if sc.model.name == "mlp-digits":
-        d = digits(seed)
-        return (d.x_train.reshape(len(d.x_train), *sc.model.input_shape), d.y_train,
-                d.x_test.reshape(len(d.x_test), *sc.model.input_shape), d.y_test)
-    classes = sc.model.classes or sc.model.nodes[-1].out_shape[0]
-    d = synthetic(sc.model.input_shape, classes, 4 * sc.batch_size * sc.parallel.replicas, np.random.default_rng(seed))
+    d = for_model(sc.model, seed)
+    if d is None:
+        classes = sc.model.classes or sc.model.nodes[-1].out_shape[0]
+        d = synthetic(sc.model.input_shape, classes, 4 * sc.batch_size * sc.parallel.replicas,
+                      np.random.default_rng(seed))
     return d.x_train, d.y_train, d.x_test, d.y_test

@@ -12,7 +12,7 @@ from clustersim.core.trace import Span
 
 from executor.backend import to_numpy
 from executor.comm import LostWatch, MPITransport, ReplicaLost, barrier, wait_buffer
-from executor.data import Batches, for_model
+from executor.data import Batches
 from clustersim.core.metrics import quiet_time
 from executor.kernels import init_params, softmax_xent_loss
 from executor.optim import sgd_in_place
@@ -156,7 +156,7 @@ class RankJob(SandblasterRoles):
         tr, sched = sc.training, p.schedule
         r, j = self.r, self.j
         params = {key: [xp.asarray(a) for a in arrs] for key, arrs in self.box_params.items() if key[1] == j}
-        x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed, self.data if self.data is not None else bundled(sc.model, sc.seed))
+        x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed, self.data)
         batches = Batches(x_tr[r::self.R], y_tr[r::self.R], sc.batch_size, np.random.default_rng([sc.seed, r]))
         transport = MPITransport(self.rep, xp, self.lost)
         devices = p.devices[r]
@@ -266,14 +266,6 @@ class RankJob(SandblasterRoles):
                 "step_time_s": med, "quiet_step_time_s": quiet, "wall_s": wall, "accuracy": acc if evaluating and j == 0 else None,
                 "loss": loss if evaluating and j == 0 else None, "ps_bytes_sent": sent,
                 "train_loss": float(np.mean(losses[-10:])) if losses else None}
-
-
-
-
-def bundled(model, seed: int) -> tuple | None:
-    """(x_train, y_train, x_test, y_test) of the data set the package bundles for ``model``, or None."""
-    d = for_model(model, seed)
-    return None if d is None else (d.x_train, d.y_train, d.x_test, d.y_test)
 
 
 def evaluate(p, params, x, y, j: int, rep, xp) -> tuple[float, float]:

@@ -29,7 +29,7 @@ normalises by the mean and variance of its size x size x C window (clipped at th
 """
 from __future__ import annotations
 
-from math import prod
+from math import prod, sqrt
 
 import numpy as np
 
@@ -657,7 +657,7 @@ class AttentionKernel(_Weighted):
         if layer.bias:
             qkv = qkv + params[1][None, None]
         q, k, v = (qkv[:, :, n].reshape(B, T, c // hd, hd).transpose(0, 2, 1, 3) for n in range(3))  # (B, nh, T, hd)
-        S = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)             # (B, nh, T, T)
+        S = q @ k.transpose(0, 1, 3, 2) / sqrt(hd)                # (B, nh, T, T): a Python float keeps float32
         if layer.causal:
             S = S + xp.asarray(np.triu(np.full((T, T), -np.inf), 1), dtype=S.dtype)
         P = xp.exp(S - S.max(axis=-1, keepdims=True))
@@ -674,7 +674,7 @@ class AttentionKernel(_Weighted):
         dO = _seq(dy).reshape(B, T, c // hd, hd).transpose(0, 2, 1, 3)    # (B, nh, T, hd)
         dv = P.transpose(0, 1, 3, 2) @ dO
         dP = dO @ v.transpose(0, 1, 3, 2)                                # (B, nh, T, T)
-        dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True)) / np.sqrt(hd)
+        dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True)) / sqrt(hd)
         dq, dk = dS @ k, dS.transpose(0, 1, 3, 2) @ q
         dqkv = xp.stack([d.transpose(0, 2, 1, 3).reshape(B, T, c) for d in (dq, dk, dv)], axis=2)  # (B, T, 3, c)
         d2 = dqkv.reshape(B * T, 3 * c)

@@ -105,14 +105,9 @@ def reference_run(name: str, steps: int, lr: float, batch: int, seed: int = 0) -
     return {"train_loss": float(np.mean(losses[-10:])), "accuracy": acc, "loss": test_loss}
 
 
-KERNEL_FLOAT64 = pytest.mark.xfail(strict=True, reason="executor/kernels.py's attention divides by np.sqrt(hd), "
-                                   "a float64 scalar: float32 activations become float64 and a 2-slot split "
-                                   "sends more bytes than its receiver expects (fix: math.sqrt)")
-
-
 @pytest.mark.parametrize("name, tensor, pipeline, split", [
     ("resnet-digits", 2, 1, "spatial"), ("resnet-digits", 1, 2, "spatial"),
-    pytest.param("gpt-tiny", 2, 1, "spatial", marks=KERNEL_FLOAT64), ("gpt-tiny", 2, 1, "tensor"),
+    ("gpt-tiny", 2, 1, "spatial"), ("gpt-tiny", 2, 1, "tensor"),
     ("gpt-tiny", 1, 2, "spatial")])
 def test_execute_trains_split_models_with_the_losses_of_one_process(tmp_path, name, tensor, pipeline, split):
     """``clustersim execute`` of the scenario's model split over 2 ranks (spatial, Megatron's

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from clustersim.core.config import ConfigError, Table
-from clustersim.core.models import ZOO, Model, load_model_file, zoo_model
+from clustersim.core.models import BUNDLED_DATA, ZOO, Model, load_model_file, zoo_model
 from clustersim.core.topogen import MAX_MACHINES, load_topology
 from clustersim.core.topology import DTYPES, Topology
 
@@ -269,9 +269,9 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
     if tr.zero and (tr.algorithm != "sync" or par.ps_shards):
         raise ConfigError(file, "training.zero", "ZeRO shards sync data parallelism's state over the replicas "
                                                  "(algorithm = \"sync\", ps_shards = 0)")
-    if tr.cosim and model.name != "mlp-digits":
-        raise ConfigError(file, "training.cosim",
-                          f"co-simulation trains mlp-digits on the digits data set; got model {model.name}")
+    if tr.cosim and model.name not in BUNDLED_DATA:
+        raise ConfigError(file, "training.cosim", f"co-simulation trains {', '.join(BUNDLED_DATA)} on their "
+                          f"bundled data sets; got model {model.name}")
     return Scenario(file, name, seed, topology, network, model, batch, dtype, par, tr, faults, data)
 
 
