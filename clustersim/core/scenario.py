@@ -86,7 +86,7 @@ class Training:
     backup_tasks: bool = True    # sandblaster: duplicate unfinished units near the end
     lbfgs_history: int = 10      # sandblaster: (s, y) pairs the shards keep
     comm_bits: int = 32          # 32 | 8: parameter and gradient messages
-    cosim: bool = False          # run the real math on the simulated clock (mlp-digits)
+    cosim: bool = False          # run the real math on the simulated clock (models with bundled data)
     eval_points: int = 20        # cosim: accuracy evaluations over the run
     target_accuracy: float = 0.9  # cosim: time_to_accuracy_s is when this is first reached
     dataset_samples: int = 0     # > 0: report epoch_time_s, time_to_train_s (and cost, energy where priced)
