@@ -16,9 +16,10 @@ and sum of exponentials), as the Plan's ``reduction`` transfers say.
 
 A tensor split's allreduces are the Plan's reduce-scatter and all-gather sends: a slot sums
 the pieces it receives into its own piece before it sends that on, and every slot reads the
-whole sum -- of a layer's partial sums (forward) or of its column-parallel readers'
-gradients (backward).  A send that waits for received pieces is made at its place in the
-Plan's order, after receiving them, so ranks walking the same order never wait in a circle.
+whole sum -- of a layer's partial sums (forward) or of the gradients its cut readers give
+back (backward; an all-gather alone where each slot's readers give back only its piece).
+A send that waits for received pieces is made at its place in the Plan's order, after
+receiving them, so ranks walking the same order never wait in a circle.
 """
 from __future__ import annotations
 
@@ -145,8 +146,8 @@ class _Step:
 
     def _buffer(self, kind: str, i: int, j: int, m: int):
         """Slot j's whole buffer of layer i's allreduce (``a``: its partial sum, the output;
-        ``g``: its column-parallel readers' gradients of it, summed), with the pieces
-        received so far added to its own piece."""
+        ``g``: its cut readers' gradients of it on j, summed), with the pieces received so
+        far added to its own piece (an all-gather's pieces overwrite theirs in ``recv``)."""
         key = (kind, i, j, m)
         if key not in self.ar:
             if kind == "a":
@@ -296,7 +297,7 @@ class _Step:
         else:
             dy = self.xp.zeros_like(y)
             pieces = self.recv_grad.pop((i, j, m), [])
-            for c in self.consumers[i]:      # the readers on this slot (column-parallel ones: allreduced)
+            for c in self.consumers[i]:      # the readers on this slot (cut ones: allreduced or gathered)
                 if (c, j, m) in self.dins and c not in self.ar_readers[i]:
                     self._add_dins(dy, box, i, c, j, m)
             if self.ar_readers[i]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from clustersim.core.config import ConfigError
-from clustersim.core.models import zoo_model
+from clustersim.core.models import build_model, make_layer as L, zoo_model
 from clustersim.core.plan import param_index, plan, replicated
 from executor.kernels import init_params
 from executor.partitioned import Mailbox, run_step, slot_params
@@ -29,11 +29,26 @@ def gpt2_tensor(m, pipeline=1, sp=False):
     return tensor_plan(zoo_model("gpt2", sequence=16), m, pipeline, batch=2, sp=sp)
 
 
-def assert_equals_net(p, loss, grads):
-    """``loss`` equals ``Net``'s on ``tiny_gpt_case`` to 1e-10, the cut and summed layers'
-    gradients ``grads[(layer, slot)]`` add up to its gradient, and every slot's copy of a
-    replicated layer's (the norms') equals it."""
-    net, _, _, loss0, g0, full = tiny_gpt_case()
+def net_case(model, seed=3, batch=4):
+    """``Net`` of a conv ``model`` (float64, ``seed``), a batch of normal inputs and labels,
+    the reference loss and flat gradient, and the whole layers' parameters (``tiny_gpt_case``'s
+    tuple)."""
+    from executor.nn import Net
+    rng = np.random.default_rng(seed)
+    net = Net(model)
+    w = net.init(rng).astype(np.float64)
+    x = rng.normal(size=(batch, *model.input_shape))
+    y = rng.integers(0, model.nodes[-1].out_shape[0], batch)
+    loss0, g0 = net.loss_and_grad(w, x, y)
+    return net, x, y, loss0, g0, {i: net.params(w, i) for i in range(len(model.nodes)) if net.layout[i]}
+
+
+def assert_equals_net(p, loss, grads, case=None):
+    """``loss`` equals ``Net``'s on ``case`` (default ``tiny_gpt_case``) to 1e-10, the cut and
+    summed layers' gradients ``grads[(layer, slot)]`` add up to its gradient, and every slot's
+    copy of a replicated layer's (the norms') equals it."""
+    net, _, _, loss0, g0, full = case or tiny_gpt_case()
+    model = p.scenario.model
     assert loss == pytest.approx(loss0, rel=1e-10)
     for i, arrays in full.items():
         copies = replicated(p.slices[i]) and not p.parts[i] or p.axes[i] == "positions"   # whole on each slot
@@ -44,11 +59,69 @@ def assert_equals_net(p, loss, grads):
                 if layer != i or n >= len(gs):          # a part without the bias: another slot adds it
                     continue
                 if copies:
-                    assert np.allclose(gs[n], want, rtol=1e-9, atol=1e-12), (TINY_GPT.nodes[i].name, j)
+                    assert np.allclose(gs[n], want, rtol=1e-9, atol=1e-12), (model.nodes[i].name, j)
                 else:
-                    got[param_index(TINY_GPT, p.parts, i, j, dict(p.slices[i])[j])[n]] += gs[n]
+                    got[param_index(model, p.parts, i, j, dict(p.slices[i])[j])[n]] += gs[n]
             if not copies:
-                assert np.allclose(got, want, rtol=1e-9, atol=1e-12), TINY_GPT.nodes[i].name
+                assert np.allclose(got, want, rtol=1e-9, atol=1e-12), model.nodes[i].name
+
+
+# a row-parallel conv's partial sums read by cut layers: a column-parallel dense (its input
+# gradients are partial sums), and a residual add cut by channels (each slot's add gives back
+# the gradient of its channels alone)
+CONV_DENSE = build_model("conv-dense", (2, 5, 5), [L("conv2d", filters=8, kernel=3, padding=1),
+                                                   L("conv2d", filters=8, kernel=3, padding=1),
+                                                   L("dense", units=6), L("softmax_xent")], 6)
+CONV_ADD = build_model("conv-add", (2, 5, 5),
+                       [L("conv2d", filters=8, kernel=3, padding=1), L("relu"),
+                        L("conv2d", filters=8, kernel=3, padding=1), L("add"), L("dense", units=6),
+                        L("softmax_xent")], 6, ["c1", "r1", "c2", "add", "fc", "loss"],
+                       [None, None, None, ("c2", "r1"), None, None])
+# the sum allreduced into a replicated relu first: the add gives the relu its channels
+CONV_RELU_ADD = build_model("conv-relu-add", (2, 5, 5),
+                            [L("conv2d", filters=8, kernel=3, padding=1), L("relu"),
+                             L("conv2d", filters=8, kernel=3, padding=1), L("relu"), L("add"), L("dense", units=6),
+                             L("softmax_xent")], 6, ["c1", "r1", "c2", "r2", "add", "fc", "loss"],
+                            [None, None, None, None, ("r2", "r1"), None, None])
+MODELS = {m.name: m for m in (CONV_DENSE, CONV_ADD, CONV_RELU_ADD)}
+
+
+@pytest.mark.parametrize("name, m", [("conv-dense", 2), ("conv-dense", 4), ("conv-add", 2), ("conv-add", 4),
+                                     ("conv-relu-add", 2), ("resnet-digits", 2), ("resnet-digits", 4)])
+def test_partial_sums_read_by_cut_layers_equal_one_process(name, m):
+    """A row-parallel conv's partial sums (or the replicated relu of them) read by a
+    column-parallel dense or by an add cut by channels: the backward gives each slot the
+    whole gradient of the sum (its readers' input gradients summed, or gathered), so the
+    loss and every gradient equal ``Net``'s, and the messages carry what the Plan counts."""
+    model = MODELS.get(name) or zoo_model(name)
+    case = net_case(model)
+    p = tensor_plan(model, m)
+    assert "partial" in p.axes
+    mail = Mailbox()
+    res = run_step(p, set(range(p.slots)), slot_params(p, case[5]), case[1], case[2], mail)
+    assert_equals_net(p, res.loss, res.grads, case)
+    sent = sum(op.bytes for op in p.ops if op.kind == "xfer") / p.scenario.dtype_bytes   # elements
+    assert mail.bytes == sent * case[1].itemsize                                        # float64 here
+
+
+@pytest.mark.parametrize("p_", [2, 4])
+def test_a_partial_sums_gradient_is_gathered_from_an_add_and_allreduced_from_a_dense(p_):
+    """Backward into the row-parallel conv c2 (8 x 5 x 5, batch 4): from the add cut by
+    channels each slot holds its channels' gradient, so an all-gather, (p - 1) / p of it per
+    slot; from the column-parallel dense every slot holds a partial sum of all of it, so an
+    allreduce, 2 (p - 1) / p.  The forward allreduces c2 in both."""
+    whole = 4 * 8 * 5 * 5
+    for model, back in ((CONV_ADD, {"gradient all-gather": (p_ - 1) / p_}),
+                        (CONV_DENSE, {"gradient reduce-scatter": (p_ - 1) / p_, "gradient all-gather": (p_ - 1) / p_})):
+        p = tensor_plan(model, p_)
+        c2 = p.axes.index("partial")
+        db = p.scenario.dtype_bytes
+        for j in range(p_):
+            for why in AR:
+                moved = sum(op.bytes for op in p.ops if op.kind == "xfer" and op.slot == j and op.why == why)
+                share = back.get(why, 0.0) if why.startswith("gradient") else (p_ - 1) / p_
+                assert moved == pytest.approx(share * whole * db, rel=1e-12), (model.name, why)
+        assert {op.producer for op in p.ops if op.kind == "xfer" and op.why in AR} == {c2}
 
 
 @pytest.mark.parametrize("sp", [False, True])

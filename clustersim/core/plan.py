@@ -168,16 +168,36 @@ def sources(layer_slices_, reader: int, tensor: int):
 
 
 def grad_allreduced(model: Model, slices: Slices, parts: Parts, axes: tuple[str, ...], i: int) -> list[int]:
-    """The readers whose gradients of layer i are summed over i's slots before its backward:
-    of a replicated layer those that cut their output (column-parallel layers: their input
-    gradients are partial sums), allreduced -- Megatron's allreduce in the backward of a
-    column-parallel layer's input; of a ``scattered`` partial sum every reader (each gives
-    its positions), all-gathered; [] where there are none."""
+    """The readers whose gradients of layer i are combined over i's slots before its backward:
+    of a layer whole on every slot (replicated, or a partial sum: a row-parallel layer's
+    backward reads its whole output's gradient) those that cut their output, allreduced
+    (a column-parallel reader's input gradients are partial sums: Megatron's allreduce in its
+    backward) or all-gathered (``grad_gathered``); of a ``scattered`` partial sum every
+    reader (each gives its positions), all-gathered; [] where there are none."""
     if axes[i] == "scattered":
         return list(model.consumers[i])
-    if not replicated(slices[i]) or (parts and parts[i]):
+    if not replicated(slices[i]):
         return []
     return [c for c in model.consumers[i] if not replicated(slices[c])]
+
+
+def grad_gathered(model: Model, slices: Slices, parts: Parts, axes: tuple[str, ...], i: int) -> bool:
+    """Whether layer i's readers' gradients (``grad_allreduced``) need only an all-gather:
+    a scattered sum's, and a whole layer's whose readers on each slot read inside that
+    slot's piece of it (an add cut by channels) -- each piece's gradient is then complete
+    on its slot, and summing it over the slots (a reduce-scatter) would add zeros."""
+    readers = grad_allreduced(model, slices, parts, axes, i)
+    if axes[i] == "scattered" or not readers:
+        return bool(readers)
+    group = [j for j, _ in slices[i]]
+    pieces = allreduce_pieces(model.nodes[i].out_shape, len(group))
+    for c in readers:
+        for k, box in slices[c]:
+            for src, need in zip(model.nodes[c].inputs, reads(model, parts, c, k, box)):
+                if src == i and box_size(need) and (k not in group or
+                                                    box_intersect(need, pieces[group.index(k)]) != need):
+                    return False
+    return True
 
 
 def allreduce_pieces(shape: Shape, n: int, rows: bool = False) -> list[Box]:
@@ -229,8 +249,9 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
     """The step graph: per micro-batch every layer's forward on each slot after its inputs
     (from its own slot, or by one transfer per ``Edge``), then the backward in reverse, each
     layer's after the gradients of every layer that reads it (summed where they land).  A
-    tensor split's partial sums are allreduced before they are read, and replicated layers'
-    gradients from column-parallel readers before their backward (``_allreduce``)."""
+    tensor split's partial sums are allreduced before they are read, and the gradients a
+    whole layer (replicated, or a partial sum) gets from readers that cut it are allreduced
+    or all-gathered before its backward (``_allreduce``, ``grad_gathered``)."""
     model, db = sc.model, sc.dtype_bytes
     ops: list[Op] = []
     fwd: dict[tuple[int, int, int], int] = {}        # (layer, slot, micro) -> op id
@@ -303,10 +324,10 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
             if readers_ar[i]:
                 def partial_deps(j: int, i=i, mb=mb) -> tuple[int, ...]:
                     return tuple(bwd[(c, j, mb)] for c in readers_ar[i] if (c, j, mb) in bwd) or (fwd[(i, j, mb)],)
-                scatter = axes[i] != "scattered"
-                into = _allreduce(add, [j for j, _ in slices[i]], _sizes(node.out_shape, len(slices[i]), not scatter),
+                rows = axes[i] == "scattered"
+                into = _allreduce(add, [j for j, _ in slices[i]], _sizes(node.out_shape, len(slices[i]), rows),
                                   b * db, i, mb, ("gradient reduce-scatter", "gradient all-gather"), partial_deps,
-                                  scatter=scatter)
+                                  scatter=not grad_gathered(model, slices, parts, axes, i))
             for j, box in slices[i]:
                 f = ops[fwd[(i, j, mb)]]
                 deps = [f.id]
