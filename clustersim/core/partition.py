@@ -164,7 +164,7 @@ def tensor_states(model: Model, m: int, cut: Slices, axes: tuple[str, ...], sequ
     """Each layer's output under Megatron's split of M slots, from kinds and edges alone:
     ``partial`` (every slot a partial sum of the whole output, allreduced before it is read:
     a conv2d reading a channel-cut input -- the row-parallel projection after attention or
-    the MLP's up projection -- or an embedding over its slot's words), ``rep`` (every slot
+    the MLP's down projection -- or an embedding over its slot's words), ``rep`` (every slot
     the whole output: norms and element-wise layers whose inputs are whole), ``seq`` (with
     ``sequence`` parallelism, those of them that act per position, cut by positions instead),
     or ``cut`` (as the spatial split cuts it, ``cut`` and ``axes``: column-parallel
@@ -244,6 +244,10 @@ def tensor_slices(model: Model, stages: int, m: int, sequence: bool = False) -> 
     for g, s in zip(groups, balanced_stages(costs, stages)):
         for i in g:
             stage[i] = s
+    if len(set(stage)) < stages:
+        raise ValueError(f"the tensor split ends a stage only between blocks, where a tensor group's allreduces "
+                         f"are done: this model gives {len(groups)} pieces, which fill {len(set(stage))} of {stages} "
+                         "stages")
     slices, names, parts = [], [], []
     for i, (node, state) in enumerate(zip(model.nodes, states)):
         base = stage[i] * m

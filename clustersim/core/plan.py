@@ -97,7 +97,15 @@ def plan(sc: Scenario, check_memory: bool = True) -> Plan:
                               f"a layers split has at most {len(model.nodes)} stages (one per layer); got {m}")
         slices, axes = layer_slices(model, m)
     elif par.split == "tensor":
-        slices, axes, parts = tensor_slices(model, par.pipeline, m, par.sequence_parallel)
+        for node in model.nodes:                 # Megatron-LM gives each slot whole heads, as many on each
+            if node.layer.kind == "attention" and node.layer.heads % m:
+                raise ConfigError(sc.file, "parallel.model_parallel",
+                                  f"the tensor split gives every slot the same whole heads: attention layer "
+                                  f"{node.name} has {node.layer.heads} heads, which do not divide by {m}")
+        try:
+            slices, axes, parts = tensor_slices(model, par.pipeline, m, par.sequence_parallel)
+        except ValueError as exc:
+            raise ConfigError(sc.file, "parallel.pipeline", str(exc)) from None
     elif par.pipeline > 1:
         slices, axes = pipeline_slices(model, par.pipeline, m, par.grid)
     else:
