@@ -13,8 +13,8 @@ gets rate ``inf`` (the caller treats it as instantaneous).
 
 The filling is kept as each link's *fair share*, ``R_l / W_l`` (capacity left after the
 frozen flows over the unfrozen weight): the next link to saturate is the one with the
-smallest share, and freezing a flow touches only its own links -- work in proportion to
-the (flow, link) entries, not to levels x links (decision 021).
+smallest share (one ``min`` over the live links a level), and freezing a flow touches
+only its own links, not every live one (decision 021).
 """
 from __future__ import annotations
 
@@ -44,11 +44,12 @@ def link_weights(routes: Sequence[Sequence[Link]]) -> dict[Link, int]:
 
 
 def max_min_rates(flows: Mapping[FlowId, Mapping[Link, float]], capacity: Mapping[Link, float],
-                  users: Mapping[Link, Collection[FlowId]] | None = None) -> dict[FlowId, float]:
+                  users: Mapping[Link, Collection[FlowId]] | Sequence[Collection[FlowId]] | None = None,
+                  ) -> dict[FlowId, float]:
     """Rates per flow (same unit as ``capacity``) for ``flows``: id -> {link: members crossing it}.
 
-    ``users``: link -> the flows that cross it, where the caller keeps them (every flow on
-    a link of ``flows`` must then be one of ``flows``); built here when None.  The floats
+    ``users``: indexed by link, the flows that cross it, where the caller keeps them (every
+    flow on a link of ``flows`` must then be one of ``flows``); built here when None.  The floats
     depend only on the order of ``flows``, not on how ``users`` iterates, and the array
     path gives the loops' floats.  Raises KeyError if a flow crosses a link with no
     capacity and ValueError if a capacity is not > 0.
