@@ -21,7 +21,8 @@ from __future__ import annotations
 from math import ceil
 from typing import NamedTuple
 
-from clustersim.core.layers import box_size
+from clustersim.core.partition import even_cuts
+from clustersim.core.plan import part_of
 
 # Thread-block tiles of cuBLAS's tensor-core GEMMs (Matrix Multiplication Background User's
 # Guide, 2.3 "Typical tile dimensions in cuBLAS and performance"), largest reuse first.
@@ -189,16 +190,16 @@ def work_seconds(dev, dtype: str, dtype_bytes: float, w: LayerWork, backward: bo
 
 
 def op_work(plan, op) -> LayerWork | None:
-    """The ``LayerWork`` of a Plan's compute op (None for a transfer): the slice's output
-    box from the Plan's slices; for a GEMM kind, the batch from the op's FLOPs (0 else)."""
+    """The ``LayerWork`` of a Plan's compute op (None for a transfer): the layer (under a
+    tensor split, the slot's partial-sum part) and the input it reads, the slice's output box,
+    and its micro-batch's samples as the Plan cuts the batch."""
     if op.kind == "xfer":
         return None
-    node = plan.scenario.model.nodes[op.layer]
+    model = plan.scenario.model
+    node = model.nodes[op.layer]
+    part = part_of(model, plan.parts, op.layer, op.slot)
+    layer, in_shape = (part.layer, part.in_shape) if part else (node.layer, node.in_shape)
     box = dict(plan.slices[op.layer])[op.slot]
-    out = tuple(hi - lo for lo, hi in box)
-    redo = bool(plan.scenario.training.recompute)
-    if node.layer.kind not in GEMM_KINDS:
-        return LayerWork(node.layer, node.in_shape, 0, out, redo)
-    per_sample = node.layer.flops_per_out(node.in_shape) * box_size(box)
-    ratio = node.layer.bwd_ratio + redo if op.kind == "bwd" else 1.0
-    return LayerWork(node.layer, node.in_shape, round(op.flops / (per_sample * ratio)), out, redo)
+    first, end = even_cuts(plan.scenario.batch_size, plan.scenario.parallel.micro_batches)[op.micro]
+    return LayerWork(layer, in_shape, end - first, tuple(hi - lo for lo, hi in box),
+                     bool(plan.scenario.training.recompute))

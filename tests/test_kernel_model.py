@@ -1,11 +1,13 @@
 """sim.kernel_model: tile and wave quantization in closed form, GEMM shapes against the
 layers' FLOP counts, memory passes, and where the device model applies it."""
+import dataclasses
 import itertools
 
 import pytest
 
-from clustersim.core.models import make_layer
-from clustersim.core.plan import plan
+from clustersim.core.models import build_model, make_layer
+from clustersim.core.partition import even_cuts
+from clustersim.core.plan import cost_key, plan
 from clustersim.core.topogen import build_topology
 from clustersim.core.topology import Device
 from helpers import gpu, scenario
@@ -152,10 +154,27 @@ def test_an_op_with_its_work_is_never_faster_than_its_flops_at_the_tile_rate():
                              + op_seconds(topo, "g", 0, 0, "fp16", False, "conv2d", w)))
 
 
+def gemm_flops_of(p, op, w):
+    """FLOPs of the GEMMs an op's ``LayerWork`` runs, and the FLOPs of the op the Plan says
+    they do: all of them but attention's softmax (5 per score), the forward again first when
+    ``redo``."""
+    backward = op.kind == "bwd"
+    flops = sum(2 * g.m * g.n * g.k * g.batch for g in km.layer_gemms(w, backward))
+    if backward and w.redo:
+        flops += sum(2 * g.m * g.n * g.k * g.batch for g in km.layer_gemms(w, False))
+    want = op.flops
+    if w.layer.kind == "attention":
+        c, t, _ = w.in_shape
+        times = (w.layer.bwd_ratio + w.redo) if backward else 1
+        want -= 5 * (w.out[0] // (c // w.layer.heads)) * t * t * w.batch * times
+    return flops, want
+
+
 @pytest.mark.parametrize("model,parallel", [
     ("resnet-50", {"model_parallel": 2, "split": "spatial"}),
     ("alexnet", {"model_parallel": 4, "split": "spatial", "grid": [2, 2]}),
     ("gpt2", {"model_parallel": 2, "split": "spatial"}),
+    ("gpt2", {"model_parallel": 4, "split": "tensor"}),
 ])
 def test_op_work_reads_the_plans_slices_and_batch(model, parallel):
     """Every GEMM-kind op's GEMMs do exactly the FLOPs the Plan gave it."""
@@ -166,12 +185,51 @@ def test_op_work_reads_the_plans_slices_and_batch(model, parallel):
         if op.kind == "xfer":
             assert w is None
             continue
+        assert w.batch == 16
         if node.layer.kind not in km.GEMM_KINDS:
             assert km.layer_gemms(w, op.kind == "bwd") == []
             continue
-        assert w.batch == 16
-        flops = sum(2 * g.m * g.n * g.k * g.batch for g in km.layer_gemms(w, op.kind == "bwd"))
-        if node.layer.kind == "attention":                      # its softmax is no GEMM
-            c, t, _ = node.in_shape
-            flops += 5 * (w.out[0] // (c // node.layer.heads)) * t * t * 16 * (2 if op.kind == "bwd" else 1)
-        assert flops == pytest.approx(op.flops)
+        flops, want = gemm_flops_of(p, op, w)
+        assert flops == pytest.approx(want, rel=1e-12)
+
+
+# one pre-LN block of GPT-2-medium's widths (1024 features, 1024 positions, a 4096-wide MLP) but
+# 8 heads, so that a tensor split of 8 gives each slot one, and an untied head over 1000 words:
+# under the tensor split its projection and MLP down projection are row-parallel (partial sums
+# over a slice of their input channels)
+SMALL_GPT = build_model("small-gpt", (1, 1024, 1), [
+    make_layer("embedding", vocab=1000, dim=1024, positions=1024), make_layer("layernorm"),
+    make_layer("attention", heads=8, causal=True), make_layer("conv2d", filters=1024, kernel=1),
+    make_layer("add"), make_layer("layernorm"), make_layer("conv2d", filters=4096, kernel=1),
+    make_layer("gelu"), make_layer("conv2d", filters=1024, kernel=1), make_layer("add"),
+    make_layer("layernorm"), make_layer("lm_head", vocab=1000, tied=False), make_layer("softmax_xent")], 1000,
+    ["emb", "ln1", "att", "proj", "res1", "ln2", "up", "gelu", "down", "res2", "lnf", "head", "loss"],
+    [None, None, None, None, ("proj", "emb"), None, None, None, None, ("down", "res1"), None, None, None])
+
+
+@pytest.mark.parametrize("m", [2, 4, 8])
+@pytest.mark.parametrize("batch,micro,recompute", [(4, 1, False), (8, 1, False), (12, 1, False), (8, 8, False),
+                                                   (12, 8, False), (12, 8, True)])
+def test_tensor_split_ops_run_their_parts_gemms_at_no_less_than_the_roofline(m, batch, micro, recompute):
+    """Under the tensor split every GEMM-kind op (row-parallel ones included) runs GEMMs of
+    exactly its FLOPs over its micro-batch's samples (12 over 8 micro-batches: 2 and 1), and
+    no compute op takes less than the per-op overhead plus its FLOPs at the tile rate."""
+    sc = scenario(model="gpt2", batch=batch, topology="dgx-a100",
+                  parallel={"model_parallel": m, "split": "tensor", "micro_batches": micro},
+                  training={"recompute": recompute})
+    p = plan(dataclasses.replace(sc, model=SMALL_GPT, dtype="fp16"), check_memory=False)
+    assert any(p.parts[i] for i in range(len(SMALL_GPT.nodes)) if SMALL_GPT.nodes[i].layer.kind == "conv2d")
+    sizes = [hi - lo for lo, hi in even_cuts(batch, micro)]
+    dev = p.scenario.topology.devices[p.devices[0][0]]
+    rate = dev.flops_per_s("fp16") * dev.efficiency
+    for op in p.ops:
+        if op.kind == "xfer":
+            continue
+        w = km.op_work(p, op)
+        assert w.batch == sizes[op.micro]
+        if w.layer.kind in km.GEMM_KINDS:
+            flops, want = gemm_flops_of(p, op, w)
+            assert flops == pytest.approx(want, rel=1e-12)
+        t = op_seconds(p.scenario.topology, p.devices[0][op.slot], op.flops, op.bytes, "fp16",
+                       op.kind == "bwd", cost_key(p, op), w)
+        assert t >= dev.op_overhead + op.flops / rate * (1 - 1e-12)
