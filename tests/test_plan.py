@@ -389,3 +389,19 @@ def test_gpt3_on_1024_h100s_fits_with_16_stages_and_not_without():
     assert p.slots == 128 and max(sum(u.values()) for u in p.memory.values()) < 80 * 2**30
     with pytest.raises(ConfigError, match=r"device m0\.gpu0 needs \d+\.\d+ GiB"):
         plan(load_scenario("scenarios/quickstart.toml", parse_set(base + ["parallel.pipeline=1"])))
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_a_tensor_read_on_its_own_slot_is_kept_once(m):
+    """A relu chain on (4, 6, 6), its last output read twice by an add: kept per sample
+    are the input and each layer's output once, as autograd saves them -- 4 + 1 boxes on
+    one slot; cut in m row stripes each slot keeps its stripes and, where a layer reads
+    another slot, nothing more (an element-wise chain reads only its own rows)."""
+    import dataclasses
+    from clustersim.core.plan import activation_elements
+    names = ["r1", "r2", "r3", "sum"]
+    model = build_model("chain", (4, 6, 6), [L("relu"), L("relu"), L("relu"), L("add")], 0, names,
+                        [None, None, None, ("r3", "r3")])
+    p = plan(dataclasses.replace(scenario(parallel={"model_parallel": m}), model=model), check_memory=False)
+    kept, _ = activation_elements(p)
+    assert sum(kept) == 5 * 4 * 6 * 6

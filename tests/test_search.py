@@ -48,9 +48,9 @@ def test_search_finds_the_brute_force_best():
 
 
 def test_what_cannot_fit_is_refused_before_simulating():
-    """AlexNet with a global batch of 32,768 on four 80 GiB A100s: most ways need more
+    """AlexNet with a global batch of 65,536 on four 80 GiB A100s: most ways need more
     memory than a GPU has; they are refused with the memory check's reason, never run."""
-    res = api.search(QUICK, 4, {"model.name": "alexnet", "model.batch_size": 32768, "parallel.replicas": 1,
+    res = api.search(QUICK, 4, {"model.name": "alexnet", "model.batch_size": 65536, "parallel.replicas": 1,
                                 "training.steps": 1, "cluster.topology": "pcie-4gpu"})
     assert len(res["dropped"]) > len(res["ranked"]) > 0
     assert all("does not fit" in d["error"] for d in res["dropped"])

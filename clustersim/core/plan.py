@@ -700,7 +700,12 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
     tensor split's replicated layers and partial sums: the whole box on every slot).  With
     ``training.recompute`` only boundary layers' outputs are kept (``boundaries``), and the
     backward reruns one stretch between boundaries at a time: its largest stretch's
-    elements are the working set of one micro-batch."""
+    elements are the working set of one micro-batch.  A read of a tensor its own slot
+    produced is that tensor, counted once as the producer's output (as autograd saves one
+    tensor for all its readers); a read from another slot, or of the model's input, is a
+    buffer of its own -- except the all-gather of a sequence-parallel layer's positions,
+    which Megatron-LM keeps as the local piece and gathers again in the backward
+    (Korthikanti et al. 2022, section 4.2.2; that second gather is not in the Plan's bytes)."""
     sc = p.scenario
     model = sc.model
     kept, work = [0.0] * p.slots, [0.0] * p.slots
@@ -708,7 +713,8 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
     cut = boundaries(model) if sc.training.recompute else [False] * len(model.nodes)
     for i, (node, layer_slices_, boundary) in enumerate(zip(model.nodes, p.slices, cut)):
         for slot, box in layer_slices_:
-            read = sum(map(box_size, reads(model, p.parts, i, slot, box)))
+            read = sum(box_size(need) for src, need in zip(node.inputs, reads(model, p.parts, i, slot, box))
+                       if not _held(p.slices, src, slot, need) and (src < 0 or p.axes[src] != "positions"))
             whole = box_size(box) + read + node.layer.saved(node.in_shape, box)
             if not sc.training.recompute:
                 kept[slot] += whole
@@ -720,6 +726,11 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
             for slot in range(p.slots):
                 work[slot], stretch[slot] = max(work[slot], stretch[slot]), 0.0
     return kept, [max(w, s) for w, s in zip(work, stretch)]
+
+
+def _held(slices: Slices, src: int, slot: int, need: Box) -> bool:
+    """Whether ``slot`` itself produced all of ``need`` of layer ``src``'s output."""
+    return src >= 0 and any(k == slot and box_intersect(kbox, need) == need for k, kbox in slices[src])
 
 
 def shard_state_copies(sc: Scenario) -> int:
