@@ -126,9 +126,15 @@ def balanced_stages(costs: list[float], m: int) -> list[int]:
     return groups_needed(hi)
 
 
+def stage_cost(node) -> float:
+    """A layer's weight in balancing pipeline stages: its forward and backward FLOPs, and 1
+    so that layers without FLOPs still count."""
+    return node.fwd_flops * (1 + node.layer.bwd_ratio) + 1.0
+
+
 def _stages(model: Model, m: int) -> list[int]:
     """Each layer's pipeline stage: at most ``m`` contiguous groups balanced by FLOPs."""
-    return balanced_stages([n.fwd_flops * (1 + n.layer.bwd_ratio) + 1.0 for n in model.nodes], m)
+    return balanced_stages([stage_cost(n) for n in model.nodes], m)
 
 
 def layer_slices(model: Model, m: int) -> tuple[Slices, tuple[str, ...]]:
@@ -239,7 +245,7 @@ def tensor_slices(model: Model, stages: int, m: int, sequence: bool = False) -> 
             groups.append([])
             costs.append(0.0)
         groups[-1].append(i)
-        costs[-1] += node.fwd_flops * (1 + node.layer.bwd_ratio) + 1.0
+        costs[-1] += stage_cost(node)
     stage = [0] * len(model.nodes)
     for g, s in zip(groups, balanced_stages(costs, stages)):
         for i in g:
