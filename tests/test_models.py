@@ -260,6 +260,26 @@ def test_transformer_zoo_matches_the_reference_counts(name, params):
     assert 2 * v * d + 32 * (2 * d + 4 * d * d + 3 * d * f) + d == 6_738_415_616
 
 
+MEGATRON_TABLE_1 = {  # Narayanan et al., SC21, Table 1: (layers, hidden, heads), published billions
+    "megatron-1.7b": ((24, 2304, 24), 1.7), "megatron-3.6b": ((30, 3072, 32), 3.6),
+    "megatron-7.5b": ((36, 4096, 32), 7.5), "megatron-18.4b": ((40, 6144, 48), 18.4)}
+
+
+@pytest.mark.parametrize("name", MEGATRON_TABLE_1)
+def test_megatron_weak_scaling_gpts_are_eq_2_plus_the_final_layernorm(name):
+    """The paper's Eq. 2, P = 12 l h^2 (1 + 13 / 12h + (V + s) / 12 l h) with V 51,200 and
+    s 2,048, counts every block (12 h^2 + 13 h: four matrices, their biases, two layernorms)
+    and both embedding tables (the head is tied); the zoo adds the final layernorm's 2h."""
+    (layers, h, heads), billions = MEGATRON_TABLE_1[name]
+    v, s = 51200, 2048
+    eq_2 = 12 * layers * h * h + 13 * layers * h + (v + s) * h
+    m = zoo_model(name)
+    assert m.params == eq_2 + 2 * h == gpt2_count(layers, h, vocab=v, positions=s)
+    assert round(eq_2 / 1e9, 1) == billions
+    assert m.input_shape == (1, s, 1) and m.nodes[-1].out_shape == (v, s, 1)
+    assert [n.layer.heads for n in m.nodes if n.layer.kind == "attention"] == [heads] * layers
+
+
 def test_transformer_sequence_and_flops():
     """model.sequence sets the positions and leaves the count alone; GPT-3's forward FLOPs
     per sequence are Megatron's 24 b s h^2 (1 + s / 6h) per layer plus the head's 2 s h V."""

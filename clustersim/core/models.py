@@ -398,6 +398,12 @@ TRANSFORMERS = {
     "gpt2-xl": Transformer(48, 1600, 25, 50257, 1024),
     # GPT-3 175B (Brown et al. 2020, Table 2.1): GPT-2's layout at 96 layers of 12,288
     "gpt3-175b": Transformer(96, 12288, 96, 50257, 2048),
+    # Megatron-LM's weak-scaling GPTs (Narayanan et al., SC21, Table 1): GPT-2's layout, tied
+    # head, vocabulary 51,200 (GPT-2's padded to a multiple of 1,024), 2,048 positions
+    "megatron-1.7b": Transformer(24, 2304, 24, 51200, 2048),
+    "megatron-3.6b": Transformer(30, 3072, 32, 51200, 2048),
+    "megatron-7.5b": Transformer(36, 4096, 32, 51200, 2048),
+    "megatron-18.4b": Transformer(40, 6144, 48, 51200, 2048),
     # BERT-large (Devlin et al. 2019; Hugging Face bert-large-uncased)
     "bert-large": Transformer(24, 1024, 16, 30522, 512, style="bert"),
     # Llama 2 7B (Touvron et al. 2023; Hugging Face Llama-2-7b-hf): RMSNorm, SwiGLU, untied head
