@@ -22,6 +22,7 @@ window, which sleeps, is not modelled).  Costs measured with every rank running
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 
 import simpy
@@ -54,6 +55,15 @@ def kernels_modelled(device: Device) -> bool:
             and not device.efficiency_curve)
 
 
+def alike_devices(topology: Topology) -> dict[str, int]:
+    """Each compute device's id among the distinct descriptions (every field but its name
+    and machine): ``op_seconds`` of the same op is the same on devices with one id, so a
+    step's ops are timed once for all the replicas that repeat them."""
+    ids: dict[str, int] = {}
+    return {name: ids.setdefault(repr(dataclasses.replace(d, name="", machine=None)), len(ids))
+            for name, d in topology.devices.items() if d.is_compute}
+
+
 def runs_in_order(device: Device) -> bool:
     """Whether ``device`` runs one op at a time: a GPU (one stream of kernels), unless its
     costs were calibrated as a host rank's (``op_costs``, ``op_curves``, a core pool)."""
@@ -76,6 +86,8 @@ class Compute:
                                          if d.is_compute and runs_in_order(d)}
         self.busy: set[str] = set()        # in-order devices running an op now
         self.held: dict[str, list[float]] = {}   # GPU -> shares collectives' kernels take now
+        self.alike = alike_devices(topology)    # device -> id shared by devices described alike
+        self.timed: dict[tuple, float] = {}     # (alike id, op) -> op_seconds: replicas repeat ops
 
     def in_order(self, device: str) -> bool:
         return device in self.queues
@@ -87,8 +99,11 @@ class Compute:
 
     def seconds(self, device: str, flops: float, nbytes: float, backward: bool = False, key: str = "",
                 work: kernel_model.LayerWork | None = None) -> float:
-        return (op_seconds(self.topology, device, flops, nbytes, self.dtype, backward, key, work)
-                * self._factor(device, key))
+        memo = (self.alike.get(device, device), flops, nbytes, backward, key, work)
+        alone = self.timed.get(memo)
+        if alone is None:
+            alone = self.timed[memo] = op_seconds(self.topology, device, flops, nbytes, self.dtype, backward, key, work)
+        return alone * self._factor(device, key)
 
     def run(self, device: str, flops: float, nbytes: float, backward: bool = False, key: str = "",
             work: kernel_model.LayerWork | None = None) -> simpy.Event:
