@@ -9,6 +9,7 @@ Bad input raises ``ConfigError`` naming the file and field.
 from __future__ import annotations
 
 import itertools
+import os
 import json
 import subprocess
 import sys
@@ -316,16 +317,42 @@ def calibrate(ranks: int, out: str | Path) -> dict:
 
 
 def calibrate_gpus(out: str | Path) -> dict:
-    """Measures this machine's GPUs with CuPy and writes the topology to ``out``."""
+    """Measures this machine's GPUs with CuPy and writes the topology to ``out``.  Under
+    ``mpiexec`` with one rank per host (``calibrate.hosts.launched_ranks`` > 1) every host
+    measures its own GPUs and rank 0 the path to each other host, and writes one topology of
+    all of them; the other ranks return {}."""
     from clustersim.calibrate.gpu import calibrate_gpus as measure, cupy_backend, gpu_topology_text
+    from clustersim.calibrate.hosts import launched_ranks
     from executor.backend import cupy_or_none
     cp = cupy_or_none()
     if cp is None:
         raise ConfigError("--gpu", "", "needs CuPy and a visible GPU (pip install 'clustersim[gpu]' on a GPU host)")
+    if launched_ranks(os.environ) > 1:
+        return _calibrate_hosts(cp, out)
     res = measure(cupy_backend(cp))
     write_atomic(out, gpu_topology_text(Path(out).stem, res))
     load_topology(str(out))                             # what we wrote must load
     return res
+
+
+def _calibrate_hosts(cp, out: str | Path) -> dict:
+    """``calibrate_gpus`` on one rank per host (see ``clustersim.calibrate.hosts``)."""
+    from mpi4py import MPI
+
+    from clustersim.calibrate.gpu import calibrate_gpus as measure, cupy_backend
+    from clustersim.calibrate.hosts import calibrate_hosts, hosts_topology_text, nccl_exchange
+    from executor.gpu import local_rank
+    comm = MPI.COMM_WORLD
+    if local_rank(comm, MPI.COMM_TYPE_SHARED)[1] > 1:
+        raise ConfigError("--gpu", "", "under mpiexec, start one rank per host (mpiexec -ppn 1): each "
+                                       "rank measures every GPU of its host")
+    got = calibrate_hosts(comm, lambda: measure(cupy_backend(cp)), nccl_exchange(cp, comm))
+    if got is None:
+        return {}
+    results, pairs = got
+    write_atomic(out, hosts_topology_text(Path(out).stem, results, pairs))
+    load_topology(str(out))
+    return {**results[0], "hosts": len(results), "host_pairs": pairs}
 
 
 def validate(path: str | Path, overrides: Overrides = None, *, topology: str | Path | None = None,

@@ -53,3 +53,19 @@ def test_calibrate_hosts_on_real_ranks_fits_every_pair_with_rank_0_and_writes_th
         assert all(s[1] > 0 for s in f["samples"]) and f["beta_bytes_per_s"] > 0 and f["alpha_s"] >= 0
     topo = load_topology(str(tmp_path / "hosts.toml"))     # each host its own GPUs: 1, 2 and 3
     assert topo.compute_devices() == ["h0.gpu0", "h1.gpu0", "h1.gpu1", "h2.gpu0", "h2.gpu1", "h2.gpu2"]
+
+
+def test_launched_ranks_reads_mpiexecs_environment_and_is_1_outside_it():
+    from clustersim.calibrate.hosts import launched_ranks
+    assert launched_ranks({}) == 1
+    assert launched_ranks({"PMI_SIZE": "4", "PMI_RANK": "2"}) == 4            # MPICH's Hydra
+    assert launched_ranks({"OMPI_COMM_WORLD_SIZE": "3"}) == 3                  # Open MPI
+    assert launched_ranks({"PMI_SIZE": ""}) == 1
+
+
+def test_mpiexec_sets_what_launched_ranks_reads(tmp_path):
+    """The mpich wheel's mpiexec: each of 2 ranks sees 2."""
+    code = "import os; from clustersim.calibrate.hosts import launched_ranks; print(launched_ranks(os.environ))"
+    proc = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["2", "2"], proc.stderr

@@ -128,3 +128,14 @@ def calibrate_hosts(comm, measure: Callable[[], dict], exchange: tuple) -> tuple
     results = comm.gather(measure(), root=0)
     pairs = ping_pong(comm, *exchange)
     return (results, pairs) if comm.Get_rank() == 0 else None
+
+
+def launched_ranks(environ) -> int:
+    """The ranks ``mpiexec`` started this process among (MPICH's Hydra: ``PMI_SIZE``; Open
+    MPI: ``OMPI_COMM_WORLD_SIZE``), 1 outside ``mpiexec``; read from the environment so that
+    a plain run never starts MPI."""
+    for key in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        value = environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 1

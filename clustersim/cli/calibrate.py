@@ -11,13 +11,16 @@ def add(sub) -> None:
     c.add_argument("--ranks", type=int, default=2, help="ranks the host will run (how they share its cores)")
     c.add_argument("--out", metavar="FILE", default="topologies/this-host.toml")
     c.add_argument("--gpu", action="store_true",
-                   help="measure this machine's GPUs (GEMM, pinned copies over PCIe, peer copies) with CuPy")
+                   help="measure this machine's GPUs (GEMM, pinned copies over PCIe, peer copies, NCCL allreduce) "
+                        "with CuPy; under mpiexec -ppn 1 across hosts, also the path between hosts")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=run)
 
 
 def run(args) -> int:
     res = api.calibrate_gpus(args.out) if args.gpu else api.calibrate(args.ranks, args.out)
+    if args.gpu and not res:              # one of several hosts' ranks: rank 0 reports
+        return 0
     if args.json:
         print(json.dumps({**res, "out": args.out}, indent=2))
     elif args.gpu:
@@ -29,6 +32,10 @@ def run(args) -> int:
 
 def print_gpu(res: dict, out: str) -> None:
     gpu = res["gpu"]
+    if "hosts" in res:
+        print(f"calibrated {res['hosts']} hosts -> {out}; host 0's GPUs below; host 0 <-> i: " + ", ".join(
+            f"{i}: alpha {f['alpha_s'] * 1e6:.3g} us, beta {f['beta_bytes_per_s'] / 1e9:.4g} GB/s"
+            for i, f in sorted(res["host_pairs"].items())))
     print(f"calibrated {res['devices']} GPUs -> {out}")
     print(f"  GPU compute  peak {gpu['peak_flops'] / 1e12:.4g} TFLOP/s, {gpu['op_overhead_s'] * 1e6:.3g} us per op; "
           "efficiency " + ", ".join(f"{f:.2g} FLOP: {e:.2f}" for f, e in gpu["efficiency_curve"]))
