@@ -12,9 +12,13 @@ one GPU; the GPU's own figures (SMs, peaks, bandwidth, ``memory_efficiency``) co
   its reuse m n / (m + n) over that of the largest tile.
 - Passes over memory: what a memory-bound layer's real kernels read and write, in tensors of
   its output's size, where the Plan counts its inputs and output once (twice backward).
-- Attention as eager PyTorch runs it (NVIDIA DeepLearningExamples BERT ``modeling.py``): the
-  scores are scaled, masked, soft-maxed and dropped out by separate kernels, each a pass over
-  the heads x T x T score matrices.
+- Attention as the scenario's framework runs it (``model.attention``): ``eager`` as eager
+  PyTorch runs it (NVIDIA DeepLearningExamples BERT ``modeling.py``): the scores are scaled,
+  masked, soft-maxed and dropped out by separate kernels, each a pass over the heads x T x T
+  score matrices; ``fused``, Megatron-LM's fused scale-mask-softmax (decision 023): fewer
+  passes and kernels; ``flash``, FlashAttention-2 (Dao 2023): the scores never leave the
+  SMs (q, k, v and the output are read and written once), and the backward recomputes
+  q k^T, one more batched product.
 """
 from __future__ import annotations
 
@@ -63,6 +67,13 @@ UNARY_PLAN_PASSES = (2.0, 4.0)
 SCORE_PASSES = (8.5, 7.5)
 CONTEXT_PASSES = (2.0, 2.0)
 EAGER_ATTENTION_KERNELS = (5, 4)   # scale, mask, softmax, dropout, copy; and backward's four
+# Megatron-LM's fused softmax (2020-21; decision 023): scaled inside baddbmm, one
+# scaled_upper_triang_masked_softmax (read + write), dropout 2.5; backward dropout 2.5 and
+# the fused softmax backward 3; the context's copy as eager's.
+FUSED_SCORE_PASSES = (4.5, 5.5)
+FUSED_ATTENTION_KERNELS = (3, 2)
+# FlashAttention-2: one kernel forward; backward a preprocessing kernel and the main one.
+FLASH_ATTENTION_KERNELS = (1, 2)
 
 
 class Gemm(NamedTuple):
@@ -128,6 +139,7 @@ class LayerWork(NamedTuple):
     batch: int
     out: tuple[int, int, int]
     redo: bool = False
+    attention: str = "eager"          # the scenario's model.attention
 
 
 def layer_gemms(w: LayerWork, backward: bool) -> list[Gemm]:
@@ -150,6 +162,7 @@ def layer_gemms(w: LayerWork, backward: bool) -> list[Gemm]:
         return [Gemm(b * t, c, 3 * f), Gemm(c, 3 * f, b * t),       # projection: data, weights
                 Gemm(t, dh, t, bh), Gemm(t, dh, t, bh),              # dQ = dS K, dK = dS^T Q
                 Gemm(t, t, dh, bh), Gemm(t, dh, t, bh)]              # dP = dC V^T, dV = P^T dC
+        # (the first one, or two backward, are the projection; the rest the per-head products)
     else:
         return []
     return [Gemm(m, k, n), Gemm(n, k, m)] if backward else [Gemm(m, n, k)]
@@ -161,12 +174,23 @@ def gemm_bytes(g: Gemm, dtype_bytes: float) -> float:
 
 
 def attention_extra_bytes(w: LayerWork, dtype_bytes: float, backward: bool) -> float:
-    """Traffic of eager attention's kernels besides its GEMMs: the passes over the scores
-    and the context's copy (``SCORE_PASSES``, ``CONTEXT_PASSES``)."""
+    """Traffic of attention's kernels besides its GEMMs: eager and fused, the passes over
+    the scores and the context's copy (``SCORE_PASSES`` or ``FUSED_SCORE_PASSES``,
+    ``CONTEXT_PASSES``); flash, q, k, v and the output once (forward), and q, k, v, the
+    output, its gradient and dq, dk, dv once (backward)."""
     c, t, _ = w.in_shape
     f = w.out[0]
+    if w.attention == "flash":
+        return (8.0 if backward else 4.0) * w.batch * f * t * dtype_bytes
     scores = w.batch * (f // (c // w.layer.heads)) * t * t
-    return (SCORE_PASSES[backward] * scores + CONTEXT_PASSES[backward] * w.batch * f * t) * dtype_bytes
+    passes = (FUSED_SCORE_PASSES if w.attention == "fused" else SCORE_PASSES)[backward]
+    return (passes * scores + CONTEXT_PASSES[backward] * w.batch * f * t) * dtype_bytes
+
+
+def attention_kernels(w: LayerWork, backward: bool) -> int:
+    """Kernels attention launches besides its GEMMs (flash: all of it, GEMMs included)."""
+    return {"eager": EAGER_ATTENTION_KERNELS, "fused": FUSED_ATTENTION_KERNELS,
+            "flash": FLASH_ATTENTION_KERNELS}[w.attention][backward]
 
 
 def work_seconds(dev, dtype: str, dtype_bytes: float, w: LayerWork, backward: bool,
@@ -181,9 +205,27 @@ def work_seconds(dev, dtype: str, dtype_bytes: float, w: LayerWork, backward: bo
     gemms = layer_gemms(w, backward)
     if not gemms:
         return dev.op_overhead + max(flops / rate, nbytes * memory_passes(w.layer.kind, backward) / bw)
+    if w.layer.kind == "attention" and w.attention == "flash":
+        return _flash_seconds(dev, dtype, dtype_bytes, w, gemms, backward)
     t = sum(dev.op_overhead + max(gemm_seconds(g, rate, dev.sms), gemm_bytes(g, dtype_bytes) / bw) for g in gemms)
     if w.layer.kind == "attention":
-        t += EAGER_ATTENTION_KERNELS[backward] * dev.op_overhead + attention_extra_bytes(w, dtype_bytes, backward) / bw
+        t += attention_kernels(w, backward) * dev.op_overhead + attention_extra_bytes(w, dtype_bytes, backward) / bw
+    if backward and w.redo:
+        t += work_seconds(dev, dtype, dtype_bytes, w, False, 0.0, 0.0)
+    return t
+
+
+def _flash_seconds(dev, dtype: str, dtype_bytes: float, w: LayerWork, gemms: list[Gemm], backward: bool) -> float:
+    """FlashAttention-2: the projection's GEMMs as any; the per-head products (and, backward,
+    q k^T once more) in its kernels at the slower of their quantized compute and q, k, v and
+    the output's traffic, the scores staying on chip."""
+    rate, bw = dev.flops_per_s(dtype) * dev.efficiency, dev.achievable_bw
+    proj = 2 if backward else 1
+    core = gemms[proj:] + ([gemms[-2]] if backward else [])        # backward: S = q k^T again
+    t = sum(dev.op_overhead + max(gemm_seconds(g, rate, dev.sms), gemm_bytes(g, dtype_bytes) / bw)
+            for g in gemms[:proj])
+    t += attention_kernels(w, backward) * dev.op_overhead
+    t += max(sum(gemm_seconds(g, rate, dev.sms) for g in core), attention_extra_bytes(w, dtype_bytes, backward) / bw)
     if backward and w.redo:
         t += work_seconds(dev, dtype, dtype_bytes, w, False, 0.0, 0.0)
     return t
@@ -202,4 +244,4 @@ def op_work(plan, op) -> LayerWork | None:
     box = dict(plan.slices[op.layer])[op.slot]
     first, end = even_cuts(plan.scenario.batch_size, plan.scenario.parallel.micro_batches)[op.micro]
     return LayerWork(layer, in_shape, end - first, tuple(hi - lo for lo, hi in box),
-                     bool(plan.scenario.training.recompute))
+                     bool(plan.scenario.training.recompute), plan.scenario.attention)

@@ -22,6 +22,7 @@ OPTIMIZERS = ("sgd", "adagrad", "adam")
 NETWORKS = ("flow", "analytical")
 COLLECTIVE_ALGOS = ("auto", "ring", "tree", "hierarchical")
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")
+ATTENTION = ("eager", "fused", "flash")   # model.attention: how the framework runs attention's kernels
 
 
 def _grid(pt: Table) -> tuple[int, ...]:
@@ -131,6 +132,7 @@ class Scenario:
     training: Training
     faults: Faults
     raw: dict                    # the validated TOML, for reports and sweeps
+    attention: str = "eager"     # how attention's kernels run: eager | fused (softmax) | flash
 
     @property
     def dtype_bytes(self) -> int:
@@ -202,6 +204,7 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
         model = load_model_file(base_dir / mt.str("file"))
     batch = mt.int("batch_size", 32, lo=1, hi=1_000_000)
     dtype = mt.str("dtype", "fp32", choices=DTYPES)
+    attention = mt.str("attention", "eager", choices=ATTENTION)
     if mt.has("sequence"):
         if not mt.has("name"):
             raise mt.error("sequence", "sets a built-in transformer's positions; a model file gives its input shape")
@@ -272,7 +275,7 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
     if tr.cosim and model.name not in BUNDLED_DATA:
         raise ConfigError(file, "training.cosim", f"co-simulation trains {', '.join(BUNDLED_DATA)} on their "
                           f"bundled data sets; got model {model.name}")
-    return Scenario(file, name, seed, topology, network, model, batch, dtype, par, tr, faults, data)
+    return Scenario(file, name, seed, topology, network, model, batch, dtype, par, tr, faults, data, attention)
 
 
 def _training(tt: Table) -> Training:
