@@ -685,7 +685,7 @@ class AttentionKernel(_Weighted):
 
 
 class FirstTokenKernel(Kernel):
-    """Position 0's features (the region is exactly that)."""
+    """The first positions' features (the region is exactly those)."""
 
     @staticmethod
     def forward(xp, layer, in_shape, xr, rin, box, params, mask=None):
@@ -711,7 +711,8 @@ class LMHeadKernel(Kernel):
             raise ValueError("the executor runs untied lm_head layers only (tied = false)")
         _, _, rows, _ = _at(rin, box)
         X = _seq(xr[:, :, rows])                                   # (B, t, C)
-        return _unseq(X @ params[0].T), (X,)
+        z = X @ params[0].T                                        # (B, t, v)
+        return _unseq(z + params[1] if layer.bias else z), (X,)
 
     @staticmethod
     def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
@@ -719,7 +720,8 @@ class LMHeadKernel(Kernel):
         _, _, rows, _ = _at(rin, box)
         d = _seq(dy)                                               # (B, t, v)
         dW = d.reshape(-1, d.shape[2]).T @ X.reshape(-1, X.shape[2])
-        return _scatter(xp, xr_shape, (slice(None), slice(None), rows), _unseq(d @ params[0]), dy.dtype), (dW,)
+        grads = (dW, d.sum(axis=(0, 1))) if layer.bias else (dW,)
+        return _scatter(xp, xr_shape, (slice(None), slice(None), rows), _unseq(d @ params[0]), dy.dtype), grads
 
 
 KERNELS: dict[str, type[Kernel]] = {

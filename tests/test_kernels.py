@@ -27,8 +27,8 @@ CASES = [
     (L("swiglu"), (6, 3, 1)),
     (L("attention", heads=2, causal=True), (4, 5, 1)),
     (L("attention", heads=3, bias=False), (6, 4, 1)),
-    (L("first_token"), (4, 3, 1)),
-    (L("lm_head", vocab=6, tied=False), (4, 3, 1)),
+    (L("first_token"), (4, 3, 1)), (L("first_token", tokens=2), (4, 3, 1)),
+    (L("lm_head", vocab=6, tied=False), (4, 3, 1)), (L("lm_head", vocab=6, tied=False, bias=True), (4, 3, 1)),
     (L("softmax_xent"), (5, 3, 1)),                                                    # classes per position
 ]
 # kinds reading several inputs: (layer, the inputs' shapes)
@@ -133,8 +133,9 @@ def test_softmax_xent_gradient():
 
 @pytest.mark.parametrize("layer, shape", [(L("attention", heads=4, causal=True), (8, 5, 1)), (L("layernorm"), (6, 3, 1)),
                                           (L("rmsnorm"), (6, 3, 1)), (L("embedding", vocab=9, dim=6, positions=4), (1, 4, 1)),
-                                          (L("lm_head", vocab=7, tied=False), (4, 3, 1)), (L("swiglu"), (8, 2, 1))],
-                         ids=["attention", "layernorm", "rmsnorm", "embedding", "lm_head", "swiglu"])
+                                          (L("lm_head", vocab=7, tied=False), (4, 3, 1)), (L("swiglu"), (8, 2, 1)),
+                                          (L("lm_head", vocab=7, tied=False, bias=True), (4, 3, 1))],
+                         ids=["attention", "layernorm", "rmsnorm", "embedding", "lm_head", "swiglu", "lm_head-bias"])
 def test_transformer_slices_add_up_to_the_whole_layer(layer, shape):
     """Two channel slices (attention: two heads each) give the whole output's channels, and
     their input gradients add up to the whole layer's (each slice reads what ``needs`` says)."""

@@ -280,6 +280,64 @@ def test_megatron_weak_scaling_gpts_are_eq_2_plus_the_final_layernorm(name):
     assert [n.layer.heads for n in m.nodes if n.layer.kind == "attention"] == [heads] * layers
 
 
+def test_bert_pretraining_count_is_hugging_faces_plus_the_padded_words():
+    """Hugging Face's BertForPreTraining for bert-large-uncased, derived here by hand from its
+    layer shapes (a verbatim figure from Hugging Face was not found; lucid's
+    bert_for_pre_training_large documents the same 336,226,108): BertModel with pooler
+    335,141,888 (the zoo's bert-large less its 2-way classifier), the MLM transform (dense
+    d x d + d, layernorm 2d), the decoder's bias (V; its matrix is the tied word table) and
+    NSP's classifier (2d + 2).  DeepLearningExamples pads V 30,522 to 30,528
+    (run_pretraining.py, "Padding for divisibility by 8"): 6 more rows of the word table and
+    6 more biases."""
+    d, v = 1024, 30522
+    hf = 335_141_888 + (d * d + d + 2 * d) + v + (2 * d + 2)
+    assert hf == 336_226_108
+    assert zoo_model("bert-large").params == 335_141_888 + 2 * d + 2
+    m = zoo_model("bert-large-pretrain", sequence=128)
+    assert m.params == hf + 6 * (d + 1)
+
+
+def test_bert_pretraining_graph_is_dles():
+    """Dropout after the embeddings' layernorm and after each block's two output projections;
+    NSP's loss on the pooled first token ends a branch, MLM's over 20 positions (DLE phase 1's
+    max_predictions_per_seq) ends the graph; the head's extra FLOPs are its 20 positions'."""
+    m = zoo_model("bert-large-pretrain", sequence=128)
+    kinds = [n.layer.kind for n in m.nodes]
+    assert kinds.count("dropout") == 1 + 2 * 24
+    assert {n.layer.rate for n in m.nodes if n.layer.kind == "dropout"} == {0.1}
+    drops = [n for n in m.nodes if n.layer.kind == "dropout"]
+    assert [m.nodes[n.inputs[0]].layer.kind for n in drops[:3]] == ["layernorm", "conv2d", "conv2d"]
+    assert [m.nodes[c].layer.kind for c in m.consumers[drops[1].index]] == ["add"]
+    sinks = [n for n in m.nodes if not m.consumers[n.index]]
+    assert [(n.layer.kind, n.out_shape) for n in sinks] == [("softmax_xent", (2, 1, 1)),
+                                                             ("softmax_xent", (30528, 20, 1))]
+    assert sinks[-1] is m.nodes[-1] and m.classes == 30528
+    head = m.nodes[-2]
+    assert head.layer.kind == "lm_head" and head.layer.tied and head.layer.bias and head.params == 30528
+    d, v, t = 1024, 30528, 20
+    assert head.fwd_flops == 2 * d * v * t
+    plain = zoo_model("bert-large", sequence=128)
+    assert m.fwd_flops - plain.fwd_flops == pytest.approx(
+        (1 + 2 * 24) * d * 128                              # dropout, 1 FLOP an element
+        + t * (2 * d * d + 8 * d + 8 * d) + 2 * d * v * t + 5 * v * t)  # transform, gelu, layernorm; decoder; loss
+    assert zoo_model("bert-large-pretrain", sequence=8).nodes[-1].out_shape == (30528, 8, 1)   # at most T
+    with pytest.raises(ValueError, match="keeps 3 positions of a sequence of 2"):
+        L("first_token", tokens=3).shape((4, 2, 1))
+
+
+def test_a_second_loss_ends_a_graph_only_where_the_builder_allows_it():
+    layers = [L("dense", units=3), L("softmax_xent"), L("dense", units=2), L("softmax_xent")]
+    inputs = [None, None, ("0",), None]
+    names = ["0", "", "", ""]
+    with pytest.raises(ValueError, match="nothing reads its output"):
+        build_model("two", (4, 1, 1), layers, names=names, inputs=inputs)
+    m = build_model("two", (4, 1, 1), layers, names=names, inputs=inputs, losses=True)
+    assert [n.out_shape for n in m.nodes if not m.consumers[n.index]] == [(3, 1, 1), (2, 1, 1)]
+    with pytest.raises(ValueError, match="nothing reads its output"):
+        build_model("two", (4, 1, 1), [L("dense", units=3), L("relu"), L("dense", units=2)],
+                    names=["0", "", ""], inputs=[None, None, ("0",)], losses=True)
+
+
 def test_transformer_sequence_and_flops():
     """model.sequence sets the positions and leaves the count alone; GPT-3's forward FLOPs
     per sequence are Megatron's 24 b s h^2 (1 + s / 6h) per layer plus the head's 2 s h V."""

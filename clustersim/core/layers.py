@@ -608,25 +608,33 @@ class Attention(Layer):
 
 @dataclass(frozen=True)
 class FirstToken(Layer):
-    """The features of position 0 (BERT's [CLS] token, which its pooler reads): (d, 1, 1)."""
+    """The features of the first ``tokens`` positions: (d, tokens, 1).  One: BERT's [CLS]
+    token, which its pooler reads; more: the positions a pretraining MLM head predicts,
+    standing in for the masked ones it gathers (the same copy of that many positions;
+    docs/decisions/024)."""
 
+    tokens: int = 1
     flops_per_elem = 0.0
 
     def shape(self, s):
-        return (s[0], 1, 1)
+        if self.tokens > s[1]:
+            raise ValueError(f"first_token keeps {self.tokens} positions of a sequence of {s[1]}")
+        return (s[0], self.tokens, 1)
 
     def needs(self, s, box):
-        return (box[0], (0, 1), (0, 1))
+        return (box[0], box[1], (0, 1))
 
 
 @dataclass(frozen=True)
 class LMHead(Layer):
     """Logits over a ``vocab`` at every position: (d, T, 1) -> (vocab, T, 1), cut by the
     vocabulary.  ``tied`` (GPT-2, BERT): the embedding's table, counted there, so no
-    parameters here; untied (Llama): a vocab x d matrix of its own."""
+    parameters here; untied (Llama): a vocab x d matrix of its own.  ``bias``: a bias per
+    word (BERT's MLM decoder keeps its own next to the tied table)."""
 
     vocab: int = 1
     tied: bool = True
+    bias: bool = False
     split = "channels"
     bwd_ratio = 2.0
     required = ("vocab",)
@@ -638,19 +646,20 @@ class LMHead(Layer):
         return 2.0 * s[0]
 
     def params(self, s):
-        return 0 if self.tied else self.vocab * s[0]
+        return self.slice_params(s, full_box(self.shape(s)))
 
     def needs(self, s, box):
         return ((0, s[0]), box[1], box[2])
 
     def slice_params(self, s, box):
-        return 0 if self.tied else (box[0][1] - box[0][0]) * s[0]
+        return (box[0][1] - box[0][0]) * ((0 if self.tied else s[0]) + self.bias)
 
     def param_shapes(self, s):
-        return [] if self.tied else [(self.vocab, s[0])]
+        return ([] if self.tied else [(self.vocab, s[0])]) + ([(self.vocab,)] if self.bias else [])
 
     def box_index(self, box):
-        return [] if self.tied else [(slice(*box[0]), slice(None))]
+        words = slice(*box[0])
+        return ([] if self.tied else [(words, slice(None))]) + ([(words,)] if self.bias else [])
 
 
 KINDS: dict[str, type[Layer]] = {

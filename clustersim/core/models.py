@@ -14,7 +14,7 @@ Model file format::
     kind = "conv2d"               # one of layers.KINDS
     filters = 32                  # the kind's fields: units, filters, kernel, stride, padding,
     kernel = 3                    # pieces, size, rate, bias, vocab, dim, positions, types, heads,
-                                  # causal, tied; kernel/stride/padding: n or [rows, cols]
+                                  # causal, tied, tokens; kernel/stride/padding: n or [rows, cols]
     name = "conv1"                # optional: what other layers' inputs call it
     inputs = ["input"]            # optional: the layers it reads ("input": the model's input)
 """
@@ -92,12 +92,15 @@ class Model:
 
 
 def build_model(name: str, input_shape: Shape, layers: list[Layer], classes: int = 0,
-                names: list[str] | None = None, inputs: list[tuple[str, ...] | None] | None = None) -> Model:
+                names: list[str] | None = None, inputs: list[tuple[str, ...] | None] | None = None,
+                losses: bool = False) -> Model:
     """The graph of ``layers`` with shapes resolved.  ``names[i]`` names layer i ("" or
     absent: unnamed) and ``inputs[i]`` the layers it reads (None or absent: the layer before
-    it; ``INPUT_NAME``: the model's input).  Raises GraphError (a ValueError) naming the
-    layer: an unknown or repeated name, a cycle, a layer other than the last whose output
-    nothing reads, a shape that does not fit."""
+    it; ``INPUT_NAME``: the model's input).  ``losses``: a ``softmax_xent`` layer may end the
+    graph besides the last (a model trained on several losses, BERT pretraining's MLM and
+    NSP; the simulator only: the executor trains one loss).  Raises GraphError (a
+    ValueError) naming the layer: an unknown or repeated name, a cycle, a layer other than
+    the last whose output nothing reads, a shape that does not fit."""
     n = len(layers)
     names = list(names or [""] * n)
     reads = _resolve_inputs(layers, names, list(inputs or [None] * n))
@@ -109,7 +112,7 @@ def build_model(name: str, input_shape: Shape, layers: list[Layer], classes: int
             if src != INPUT:
                 consumers[index[src]].append(index[old])
     for old in order[:-1]:
-        if not consumers[index[old]]:
+        if not consumers[index[old]] and not (losses and layers[old].kind == "softmax_xent"):
             raise GraphError(old, "", f"layer {old} ({layers[old].kind}): nothing reads its output; "
                                       f"only the last layer may end the graph")
     nodes: list[Node] = []
@@ -266,9 +269,9 @@ class _Graph:
         self.inputs.append(inputs or None)
         return str(len(self.layers) - 1)
 
-    def build(self, name: str, input_shape: Shape, classes: int) -> Model:
+    def build(self, name: str, input_shape: Shape, classes: int, losses: bool = False) -> Model:
         return build_model(name, input_shape, self.layers, classes,
-                           [str(i) for i in range(len(self.layers))], self.inputs)
+                           [str(i) for i in range(len(self.layers))], self.inputs, losses)
 
 
 def _conv_bn(g: _Graph, x: str, filters: int, kernel: Any, stride: int = 1, padding: Any = 0,
@@ -388,6 +391,8 @@ class Transformer:
     context: int
     ffn: int = 0                   # 0: 4 d
     style: str = "gpt"             # gpt (pre-LN, causal) | bert (post-LN, token types, pooler) | llama
+    masked: int = 0                # bert: positions the MLM head predicts (pretraining); 0: a 2-way classifier
+    dropout: float = 0.0           # dropout rate after the embeddings and each block's two projections
 
 
 TRANSFORMERS = {
@@ -406,6 +411,10 @@ TRANSFORMERS = {
     "megatron-18.4b": Transformer(40, 6144, 48, 51200, 2048),
     # BERT-large (Devlin et al. 2019; Hugging Face bert-large-uncased)
     "bert-large": Transformer(24, 1024, 16, 30522, 512, style="bert"),
+    # BERT-large as NVIDIA DeepLearningExamples' PyTorch BertForPreTraining trains it (phase 1,
+    # docs/decisions/024): the vocabulary padded to a multiple of 8 (run_pretraining.py), MLM
+    # over max_predictions_per_seq = 20 positions and NSP heads, dropout 0.1 (bert_config.json)
+    "bert-large-pretrain": Transformer(24, 1024, 16, 30528, 512, style="bert", masked=20, dropout=0.1),
     # Llama 2 7B (Touvron et al. 2023; Hugging Face Llama-2-7b-hf): RMSNorm, SwiGLU, untied head
     "llama-2-7b": Transformer(32, 4096, 32, 32000, 4096, ffn=11008, style="llama"),
 }
@@ -417,23 +426,30 @@ def _transformer(name: str, sequence: int = 0) -> Model:
     projection, add; layernorm, 4d dense, gelu, dense, add], a final layernorm, the tied
     head and the loss per position.  BERT: post-LN blocks after an embedding layernorm, the
     pooler (dense and tanh of the first token) and a 2-way classifier on it (Hugging Face's
-    BertForSequenceClassification).  Llama: rmsnorm, attention without biases, SwiGLU, an
-    untied head (rotary position embeddings have no parameters and are not modelled)."""
+    BertForSequenceClassification); with ``masked`` positions, BertForPreTraining's heads
+    instead (``_bert_pretraining_heads``).  ``dropout``: a dropout layer after the
+    embeddings and after each block's two output projections (attention's own dropout of
+    its probabilities is in the attention kind's kernels, sim/kernel_model.py).  Llama:
+    rmsnorm, attention without biases, SwiGLU, an untied head (rotary position embeddings
+    have no parameters and are not modelled)."""
     t = TRANSFORMERS[name]
     seq = sequence or t.context
     ffn = t.ffn or 4 * t.d
     bert, llama = t.style == "bert", t.style == "llama"
     norm = "rmsnorm" if llama else "layernorm"
     g = _Graph()
+
+    def drop(x: str) -> str:
+        return g("dropout", x, rate=t.dropout) if t.dropout else x
     x = g("embedding", INPUT_NAME, vocab=t.vocab, dim=t.d, positions=0 if llama else t.context,
           types=2 if bert else 0)
     if bert:
-        x = g("layernorm", x)
+        x = drop(g("layernorm", x))
     for _ in range(t.layers):
         a = x if bert else g(norm, x)
         a = g("conv2d", g("attention", a, heads=t.heads, causal=not bert, bias=not llama),
               filters=t.d, kernel=1, bias=not llama)
-        x = g("add", a, x)
+        x = g("add", drop(a), x)
         if bert:
             x = g("layernorm", x)
         h = x if bert else g(norm, x)
@@ -441,9 +457,12 @@ def _transformer(name: str, sequence: int = 0) -> Model:
             h = g("swiglu", g("conv2d", h, filters=2 * ffn, kernel=1, bias=False))
         else:
             h = g("gelu", g("conv2d", h, filters=ffn, kernel=1))
-        x = g("add", g("conv2d", h, filters=t.d, kernel=1, bias=not llama), x)
+        x = g("add", drop(g("conv2d", h, filters=t.d, kernel=1, bias=not llama)), x)
         if bert:
             x = g("layernorm", x)
+    if bert and t.masked:
+        _bert_pretraining_heads(g, x, t, min(t.masked, seq))
+        return g.build(name, (1, seq, 1), t.vocab, losses=True)
     if bert:
         pooled = g("tanh", g("dense", g("first_token", x), units=t.d))
         g("dense", pooled, units=2)
@@ -452,6 +471,18 @@ def _transformer(name: str, sequence: int = 0) -> Model:
     g("lm_head", g(norm, x), vocab=t.vocab, tied=not llama)
     g("softmax_xent")
     return g.build(name, (1, seq, 1), t.vocab)
+
+
+def _bert_pretraining_heads(g: _Graph, x: str, t: Transformer, masked: int) -> None:
+    """BertPreTrainingHeads on encoder output ``x``: NSP (the pooler, dense and tanh of the
+    first token, and a 2-way classifier with its loss) and MLM over ``masked`` positions
+    (dense d x d, gelu, layernorm, the decoder tied to the word embeddings with a bias of its
+    own, the loss per position), the graph's last layer.  The reference gathers the masked
+    positions; the first ``masked`` positions stand in for them (the same shapes and work)."""
+    pooled = g("tanh", g("dense", g("first_token", x), units=t.d))
+    g("softmax_xent", g("dense", pooled, units=2))
+    h = g("layernorm", g("gelu", g("conv2d", g("first_token", x, tokens=masked), filters=t.d, kernel=1)))
+    g("softmax_xent", g("lm_head", h, vocab=t.vocab, tied=True, bias=True))
 
 
 # --- small models the executor trains on bundled data ----------------------------------------
