@@ -136,6 +136,19 @@ def sm_share(topology: Topology, devices: Sequence[str], algo: str = "ring") -> 
     return nccl.sm_share(len(machines), min(len(topology.nics_of(m)) for m in machines), sms, algo)
 
 
+def nccl_link_speed(topology: Topology, share: float = 1.0) -> Callable[[DirLink], float]:
+    """NCCL's share of each link (its speed for the link's kind and GPU generation, times
+    ``share``: a protocol's), worked out once per link: ``Network.send``'s ``speed``."""
+    speeds: dict[DirLink, float] = {}
+
+    def speed(link: DirLink) -> float:
+        if link not in speeds:
+            cc = max(topology.devices[end].compute_capability for end in link)
+            speeds[link] = nccl.link_efficiency(link_kind(topology, link), cc) * share
+        return speeds[link]
+    return speed
+
+
 def link_kind(topology: Topology, link: DirLink) -> str:
     """nvlink | pci | net: which of NCCL's link speeds a directed link runs at."""
     kinds = {topology.devices[end].kind for end in link}
@@ -260,18 +273,7 @@ def run(env: simpy.Environment, network: Network, coll: Collective | list[Phase]
         if not waves or waves[-1][0].wave != ph.wave:
             waves.append([])
         waves[-1].append(ph)
-    speed = None
-    if coll.proto:
-        topo = network.topology
-
-        speeds: dict[DirLink, float] = {}
-
-        def speed(link: DirLink) -> float:
-            """NCCL's share of the link for this collective (worked out once per link)."""
-            if link not in speeds:
-                cc = max(topo.devices[end].compute_capability for end in link)
-                speeds[link] = nccl.link_efficiency(link_kind(topo, link), cc) * coll.share
-            return speeds[link]
+    speed = nccl_link_speed(network.topology, coll.share) if coll.proto else None
     for w, wave in enumerate(waves):
         lat = coll.wave_latency[w] if w < len(coll.wave_latency) else None
         yield env.all_of([env.process(_phase(env, network, ph, record, lat, speed)) for ph in wave])

@@ -75,6 +75,7 @@ class Engine:
         self.compute = Compute(self.env, sc.topology, sc.dtype, self.slowdown)
         self.step_costed = {name for name in self.compute.weights if "step" in sc.topology.devices[name].op_costs}
         self.network = BACKENDS[sc.network](self.env, sc.topology)
+        self._nccl_speed = collectives.nccl_link_speed(sc.topology)
         self.trace = Trace()
         self._collectives: dict = {}                # NCCL tuner's per-byte times per group (sim.collectives)
         self.failed: dict[str, float] = {}          # device -> time it failed (until a restart replaces it)
@@ -214,11 +215,19 @@ class Engine:
                  nbytes, flops, phase)))
         return ev
 
+    def _nccl_piece(self, op, src: str, dst: str) -> bool:
+        """Whether a Plan transfer is a piece of a tensor group's allreduce between GPUs (a
+        reduce-scatter or all-gather send, decision 019): NCCL runs those, at its link speeds."""
+        devices = self.network.topology.devices
+        return (op.why.endswith(("reduce-scatter", "all-gather"))
+                and devices[src].kind == devices[dst].kind == "gpu")
+
     def transfer(self, src: str, dst: str, nbytes: float, replica: int, step: int,
-                 name: str, phase: str, what: str = "") -> simpy.Event:
+                 name: str, phase: str, what: str = "", speed=None) -> simpy.Event:
         """A message; it never arrives when an end has failed or no route is left.  A sender
         with measured costs for ``send<what>`` (``what``: "" or ".reduction") spends that long
-        on it before it leaves, a receiver with costs for ``recv<what>`` after."""
+        on it before it leaves, a receiver with costs for ``recv<what>`` after.  ``speed``: the
+        share of each link it reaches (``Network.send``; NCCL's, for a collective's piece)."""
         start = self.env.now
         for end in (src, dst):
             if not self.alive(end):
@@ -231,7 +240,7 @@ class Engine:
         sending = devices[src].op_time("send" + what, 0.0, nbytes) if src in self.compute.weights else None
         receiving = devices[dst].op_time("recv" + what, 0.0, nbytes) if dst in self.compute.weights else None
         ev = self.env.process(self._host_message(src, dst, nbytes, sending, receiving)) if sending or receiving else \
-            self.network.send([(src, dst)], nbytes)
+            self.network.send([(src, dst)], nbytes, speed=speed)
         ev.callbacks.append(lambda _e: self.trace.add(
             Span(name, "transfer", f"{src}->{dst}", replica, step, start, self.env.now, nbytes, 0.0, phase, links)))
         return ev
@@ -323,9 +332,10 @@ class Engine:
             if run.cancelled or not self.alive(devices[op.slot]):
                 return                                   # a failed device computes and sends nothing
             if op.kind == "xfer":
-                ev = self.transfer(devices[op.slot], devices[op.dst], op.bytes, replica, step,
-                                   f"{op.why} L{op.layer}", op.why,
-                                   what=".reduction" if op.why == "reduction" else "")
+                src, dst = devices[op.slot], devices[op.dst]
+                ev = self.transfer(src, dst, op.bytes, replica, step, f"{op.why} L{op.layer}", op.why,
+                                   what=".reduction" if op.why == "reduction" else "",
+                                   speed=self._nccl_speed if self._nccl_piece(op, src, dst) else None)
             else:
                 ev = self.compute_op(devices[op.slot], op.flops, op.bytes, replica, step,
                                      f"{op.kind} L{op.layer}", op.kind, key=keys[op.id], work=works[op.id])

@@ -289,3 +289,19 @@ def test_heads_that_do_not_divide_and_stages_without_block_ends_are_refused():
         tensor_plan(TINY_GPT, 3, 1, 1)
     with pytest.raises(ConfigError, match="parallel.pipeline.*fill 1 of 2 stages"):
         tensor_plan(zoo_model("mlp-digits"), 2, 2, 1)
+
+
+def test_a_tensor_allreduce_piece_runs_at_nccls_nvlink_speed():
+    """On a DGX A100 a reduce-scatter send of the tensor split is an NCCL kernel's: the first
+    one (nothing else moving) takes the route's latency plus its bytes at NCCL's NVLink speed,
+    20.0 of 25 GB/s a lane (Ampere) of the 300 GB/s a GPU has to the NVSwitch."""
+    from sim.engine import simulate
+    sc = scenario(topology="dgx-a100", batch=4, parallel={"model_parallel": 2, "split": "tensor"},
+                  training={"steps": 1})
+    p = plan(dataclasses.replace(sc, model=TINY_GPT), check_memory=False)
+    res = simulate(p)
+    first = min((s for s in res.trace.spans if s.phase == "reduce-scatter"), key=lambda s: s.start_s)
+    topo = sc.topology
+    src, dst = first.where.split("->")
+    want = topo.route_latency(topo.route(src, dst)) + first.bytes / (300e9 * 20.0 / 25.0)
+    assert first.end_s - first.start_s == pytest.approx(want, rel=1e-9)
