@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import simpy
 
 from clustersim.core import nccl
-from clustersim.core.collective import ALGOS, OPS, Phase, bus_factor, phases  # noqa: F401  (the simulator's collective API)
+from clustersim.core.collective import Phase, bus_factor, phases  # noqa: F401  (the simulator's collective API)
 from clustersim.core.topology import DirLink, Topology, rail
 from sim.network import FlowNetwork, Network, Pair
 
@@ -50,12 +50,18 @@ class Collective:
         return f"{self.algo}/{self.proto}" if self.proto else self.algo
 
 
+def _by_machine(topology: Topology, devices: Sequence[str]) -> dict:
+    """The members of each machine, machines in order of first appearance."""
+    out: dict = {}
+    for d in devices:
+        out.setdefault(topology.machine_of(d), []).append(d)
+    return out
+
+
 def ports(topology: Topology, devices: Sequence[str]) -> list[list[tuple[str, str, str]]] | None:
     """Every machine's rails (in order of first appearance), each (NIC, the member nearest
     it, the next nearest: the one a ring leaves by); None on one machine or without NICs."""
-    by_machine: dict = {}
-    for d in devices:
-        by_machine.setdefault(topology.machine_of(d), []).append(d)
+    by_machine = _by_machine(topology, devices)
     if len(by_machine) < 2:
         return None
     out = []
@@ -74,14 +80,11 @@ def ports(topology: Topology, devices: Sequence[str]) -> list[list[tuple[str, st
 def switches(topology: Topology, devices: Sequence[str]) -> list[str] | None:
     """Every machine's NVSwitch (in order of first appearance) when each member of the
     machine has a link to it; None where a machine has none."""
-    by_machine: dict = {}
-    for d in devices:
-        by_machine.setdefault(topology.machine_of(d), []).append(d)
+    by_machine = _by_machine(topology, devices)
     out = []
-    for machine, local in by_machine.items():
-        found = [s for s, dev in topology.devices.items()
-                 if dev.kind == "nvswitch" and topology.machine_of(s) == machine
-                 and all(len(topology.route(d, s)) == 1 for d in local)]
+    for local in by_machine.values():
+        found = [s for s in topology.graph.neighbors(local[0]) if topology.devices[s].kind == "nvswitch"
+                 and all(topology.graph.has_edge(d, s) for d in local)]
         if not found:
             return None
         out.append(found[0])
@@ -96,12 +99,10 @@ def nvls_algo(topology: Topology, op: str, devices: Sequence[str]) -> str:
         return ""
     if min(topology.devices[d].compute_capability for d in devices) < nccl.NVLS_MIN_CC:
         return ""
-    counts: dict = {}
-    for d in devices:
-        counts[topology.machine_of(d)] = counts.get(topology.machine_of(d), 0) + 1
-    if min(counts.values()) < nccl.NVLS_MIN_GPUS or switches(topology, devices) is None:
+    by_machine = _by_machine(topology, devices)
+    if min(map(len, by_machine.values())) < nccl.NVLS_MIN_GPUS or switches(topology, devices) is None:
         return ""
-    return "nvls" if len(counts) == 1 else "nvls_tree"
+    return "nvls" if len(by_machine) == 1 else "nvls_tree"
 
 
 def schedule(topology: Topology, op: str, algo: str, devices: Sequence[str], nbytes: float) -> list[Phase]:
@@ -128,7 +129,7 @@ def table(topology: Topology, op: str, algo: str, sizes: Sequence[int], devices:
     return rows
 
 
-def sm_share(topology: Topology, devices: Sequence[str], algo: str = "ring") -> float:
+def sm_share(topology: Topology, devices: Sequence[str], algo: str) -> float:
     """The share of each member GPU's SMs an NCCL collective over ``devices`` by ``algo``
     (the one run, ``Collective.algo``) takes."""
     sms = min(topology.devices[d].sms for d in devices)
@@ -161,9 +162,7 @@ def link_kind(topology: Topology, link: DirLink) -> str:
 
 def _intra_kind(topology: Topology, devices: Sequence[str]) -> str:
     """NVLink when the members of a machine reach each other over NVLink only, else PCI."""
-    by_machine: dict = {}
-    for d in devices:
-        by_machine.setdefault(topology.machine_of(d), []).append(d)
+    by_machine = _by_machine(topology, devices)
     for local in by_machine.values():
         for a, b in zip(local, local[1:]):
             if any(link_kind(topology, ln) != "nvlink" for ln in topology.route(a, b)):

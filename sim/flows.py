@@ -107,6 +107,8 @@ def _filling(flows, capacity, users) -> dict[FlowId, float]:
                     frozen.append(fid)
         if len(rates) == len(flows):
             break                                # all frozen: the loads left do not matter
+        if not frozen:                           # the bottleneck's users are not its flows: no progress
+            raise ValueError("max-min filling: the users of a saturated link do not match the flows over it")
         if len(frozen) > 1:
             order = order or {fid: i for i, fid in enumerate(flows)}
             frozen.sort(key=order.__getitem__)

@@ -42,7 +42,7 @@ def test_nvls_takes_fewer_sms_than_the_ring():
     assert nccl.sm_share(1, 8, 132) == pytest.approx(24 / 132)
     topo = load_topology("dgx-h100")
     devices = topo.compute_devices()
-    assert collectives.sm_share(topo, devices, "nvls") < collectives.sm_share(topo, devices)
+    assert collectives.sm_share(topo, devices, "nvls") < collectives.sm_share(topo, devices, "ring")
 
 
 def test_nvls_phase_carries_s_times_g_plus_one_over_g_each_way():

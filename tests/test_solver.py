@@ -175,3 +175,9 @@ def test_a_capacity_change_forgets_remembered_solves():
     env.process(run())
     env.run()
     assert ends == [1.0, 1.5]
+
+
+def test_users_that_miss_a_flow_over_a_saturated_link_are_refused_not_looped_on():
+    from sim.flows import max_min_rates
+    with pytest.raises(ValueError, match="users"):
+        max_min_rates({"a": {"L": 1}, "b": {"L": 1}}, {"L": 2.0}, users={"L": ["a"]})
