@@ -86,6 +86,9 @@ def check(sc, size: int) -> None:
                           f"execute runs {', '.join(ALGORITHMS)} so far; got {sc.training.algorithm}")
     if sc.training.algorithm != "sync" and sc.training.algorithm != "local" and not sc.parallel.ps_shards:
         raise ConfigError(sc.file, "parallel.ps_shards", f"{sc.training.algorithm} needs ps_shards >= 1")
+    if sum(not readers for readers in sc.model.consumers) > 1:
+        raise ConfigError(sc.file, "model.name", f"execute trains a model with one loss; {sc.model.name} ends in "
+                                                 "several (simulate it instead)")
 
 
 def check_data(folder: str | None, sc):

@@ -107,7 +107,7 @@ class _Step:
         model = p.scenario.model
         self.edges = edges(model, p.slices, p.parts, p.scenario.parallel.tensor)
         self.parts = {(i, j): part_of(model, p.parts, i, j) for i, sl in enumerate(p.slices) for j, _ in sl}
-        self.ar_readers = [grad_allreduced(model, p.slices, p.parts, p.axes, i) for i in range(len(self.nodes))]
+        self.ar_readers = [grad_allreduced(model, p.slices, p.axes, i) for i in range(len(self.nodes))]
         self.ar: dict[tuple, object] = {}           # (kind, layer, slot, micro) -> the whole buffer being allreduced
         self.ar_in: dict[tuple, list] = {}          # (kind, layer, slot, micro) -> reduce-scatter pieces not yet summed
         self.wbuf: dict[tuple, object] = {}         # (layer, slot) -> its parameters' gradients flat, being allreduced

@@ -84,3 +84,15 @@ def test_clustersim_execute_removes_the_plan_after_the_run(tmp_path):
                           text=True, timeout=120, env={**os.environ, "TMPDIR": str(temp)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["steps"] == 3 and list(temp.iterdir()) == []
+
+
+def test_a_model_with_two_losses_is_refused_by_execute_in_one_line():
+    """bert-large-pretrain ends in the MLM and the NSP losses: the simulator times it, the
+    executor (one loss) refuses it naming the field."""
+    from clustersim import load
+    from clustersim.core.config import ConfigError
+    from executor.checks import check
+    sc = load("scenarios/quickstart.toml", ['model.name="bert-large-pretrain"', "parallel.replicas=1"])
+    with pytest.raises(ConfigError, match="model.name.*one loss"):
+        check(sc, 1)
+    check(load("scenarios/quickstart.toml", ["parallel.replicas=1"]), 1)       # one loss: fine

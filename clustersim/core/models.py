@@ -393,6 +393,7 @@ class Transformer:
     style: str = "gpt"             # gpt (pre-LN, causal) | bert (post-LN, token types, pooler) | llama
     masked: int = 0                # bert: positions the MLM head predicts (pretraining); 0: a 2-way classifier
     dropout: float = 0.0           # dropout rate after the embeddings and each block's two projections
+    tied: bool = True              # gpt: the head is the word embeddings' table (false: its own)
 
 
 TRANSFORMERS = {
@@ -417,6 +418,10 @@ TRANSFORMERS = {
     "bert-large-pretrain": Transformer(24, 1024, 16, 30528, 512, style="bert", masked=20, dropout=0.1),
     # Llama 2 7B (Touvron et al. 2023; Hugging Face Llama-2-7b-hf): RMSNorm, SwiGLU, untied head
     "llama-2-7b": Transformer(32, 4096, 32, 32000, 4096, ffn=11008, style="llama"),
+    # the executor's small transformer: 2 layers of 32, 4 heads, 16 positions over the grammar
+    # corpus's 19 words (executor/data.py), an untied head (the executor runs untied heads):
+    # embeddings 35 x 32, blocks of 12,704, a final layernorm of 64, a 19 x 32 head: 27,200
+    "gpt-tiny": Transformer(2, 32, 4, 19, 16, tied=False),
 }
 
 
@@ -468,7 +473,7 @@ def _transformer(name: str, sequence: int = 0) -> Model:
         g("dense", pooled, units=2)
         g("softmax_xent")
         return g.build(name, (1, seq, 1), 2)
-    g("lm_head", g(norm, x), vocab=t.vocab, tied=not llama)
+    g("lm_head", g(norm, x), vocab=t.vocab, tied=t.tied and not llama)
     g("softmax_xent")
     return g.build(name, (1, seq, 1), t.vocab)
 
@@ -497,27 +502,6 @@ def _resnet_digits() -> Model:
     return g.build("resnet-digits", (1, 8, 8), 10)
 
 
-GPT_TINY = Transformer(2, 32, 4, 19, 16)   # vocab: executor/data.py's grammar corpus; 16 positions
-
-
-def _gpt_tiny() -> Model:
-    """GPT-2's pre-LN layout at 2 layers of 32 features, 4 heads and 16 positions over the
-    grammar corpus's 19 words, with an untied head (the executor runs untied heads):
-    embeddings 35 x 32, blocks of 12,704, a final layernorm of 64 and a 19 x 32 head --
-    27,200 parameters."""
-    t = GPT_TINY
-    g = _Graph()
-    x = g("embedding", INPUT_NAME, vocab=t.vocab, dim=t.d, positions=t.context)
-    for _ in range(t.layers):
-        a = g("conv2d", g("attention", g("layernorm", x), heads=t.heads, causal=True), filters=t.d, kernel=1)
-        x = g("add", a, x)
-        h = g("gelu", g("conv2d", g("layernorm", x), filters=4 * t.d, kernel=1))
-        x = g("add", g("conv2d", h, filters=t.d, kernel=1), x)
-    g("lm_head", g("layernorm", x), vocab=t.vocab, tied=False)
-    g("softmax_xent")
-    return g.build("gpt-tiny", (1, t.context, 1), t.vocab)
-
-
 # the data set each model trains on where the package bundles one (executor/data.py):
 # "digits" (scikit-learn's 8x8 digits), "grammar" (the seeded corpus of a fixed grammar)
 BUNDLED_DATA = {"mlp-digits": "digits", "resnet-digits": "digits", "gpt-tiny": "grammar"}
@@ -535,7 +519,6 @@ ZOO = {
     "vgg-16": _vgg16,
     "inception-v3": _inception_v3,
     "resnet-digits": _resnet_digits,
-    "gpt-tiny": _gpt_tiny,
     **{name: (lambda name=name: _transformer(name)) for name in TRANSFORMERS},
 }
 

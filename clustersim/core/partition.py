@@ -31,7 +31,7 @@ def even_cuts(size: int, parts: int) -> list[tuple[int, int]]:
     return cuts
 
 
-def _cut(shape: Shape, axis: int, parts: int, unit: int = 1) -> list[Box]:
+def cut_along(shape: Shape, axis: int, parts: int, unit: int = 1) -> list[Box]:
     """``parts`` boxes along ``axis``, cut between groups of ``unit`` (attention heads)."""
     boxes = []
     for lo, hi in even_cuts(shape[axis] // unit, parts):
@@ -95,7 +95,7 @@ def spatial_slices(model: Model, m: int, grid: tuple[int, ...] = ()) -> tuple[Sl
             boxes = _blocks(node.out_shape, rows, cols)
             axis = "blocks" if cols > 1 else "rows"
         else:
-            boxes = _cut(node.out_shape, AXIS[axis], m, node.layer.unit(node.in_shape) if axis == "channels" else 1)
+            boxes = cut_along(node.out_shape, AXIS[axis], m, node.layer.unit(node.in_shape) if axis == "channels" else 1)
         out.append(tuple((slot, b) for slot, b in enumerate(boxes) if box_size(b)))
         axes.append(axis)
     return tuple(out), tuple(axes)
@@ -162,7 +162,7 @@ def _position_wise(node, m: int) -> bool:
     shape = node.out_shape
     if shape[1] < m or any(s[1] != shape[1] for s in node.in_shapes):
         return False
-    return all(need[1] == box[1] for box in _cut(shape, 1, m)
+    return all(need[1] == box[1] for box in cut_along(shape, 1, m)
                for need in node.layer.input_boxes(node.in_shapes, box))
 
 
@@ -258,7 +258,7 @@ def tensor_slices(model: Model, stages: int, m: int, sequence: bool = False) -> 
     for i, (node, state) in enumerate(zip(model.nodes, states)):
         base = stage[i] * m
         if state in ("cut", "seq"):
-            boxes = cut[i] if state == "cut" else tuple(enumerate(_cut(node.out_shape, 1, m)))
+            boxes = cut[i] if state == "cut" else tuple(enumerate(cut_along(node.out_shape, 1, m)))
             slices.append(tuple((base + j, box) for j, box in boxes))
             names.append(axes[i] if state == "cut" else "positions")
             parts.append(())

@@ -19,8 +19,8 @@ from math import prod
 from clustersim.core.config import ConfigError
 from clustersim.core.layers import Box, Part, Shape, box_hull, box_intersect, box_overlap, box_size
 from clustersim.core.models import Model
-from clustersim.core.partition import (Parts, Slices, even_cuts, layer_slices, pipeline_slices, spatial_slices,
-                                       tensor_slices)
+from clustersim.core.partition import (Parts, Slices, cut_along, even_cuts, layer_slices, pipeline_slices,
+                                       spatial_slices, tensor_slices)
 from clustersim.core.scenario import Scenario
 from clustersim.core.schedule import (PARAM_BYTES, Schedule, micro_batches_held,  # noqa: F401  (PARAM_BYTES: plan's users)
                                       schedule_of, stage_units)
@@ -175,7 +175,7 @@ def sources(layer_slices_, reader: int, tensor: int):
     return mine[:1] or layer_slices_[:1]
 
 
-def grad_allreduced(model: Model, slices: Slices, parts: Parts, axes: tuple[str, ...], i: int) -> list[int]:
+def grad_allreduced(model: Model, slices: Slices, axes: tuple[str, ...], i: int) -> list[int]:
     """The readers whose gradients of layer i are combined over i's slots before its backward:
     of a layer whole on every slot (replicated, or a partial sum: a row-parallel layer's
     backward reads its whole output's gradient) those that cut their output, allreduced
@@ -194,7 +194,7 @@ def grad_gathered(model: Model, slices: Slices, parts: Parts, axes: tuple[str, .
     a scattered sum's, and a whole layer's whose readers on each slot read inside that
     slot's piece of it (an add cut by channels) -- each piece's gradient is then complete
     on its slot, and summing it over the slots (a reduce-scatter) would add zeros."""
-    readers = grad_allreduced(model, slices, parts, axes, i)
+    readers = grad_allreduced(model, slices, axes, i)
     if axes[i] == "scattered" or not readers:
         return bool(readers)
     group = [j for j, _ in slices[i]]
@@ -211,9 +211,7 @@ def grad_gathered(model: Model, slices: Slices, parts: Parts, axes: tuple[str, .
 def allreduce_pieces(shape: Shape, n: int, rows: bool = False) -> list[Box]:
     """The n pieces (by channels; by ``rows``, positions, for sequence parallelism) an
     allreduce of a whole output scatters and gathers."""
-    if rows:
-        return [((0, shape[0]), (lo, hi), (0, shape[2])) for lo, hi in even_cuts(shape[1], n)]
-    return [((lo, hi), (0, shape[1]), (0, shape[2])) for lo, hi in even_cuts(shape[0], n)]
+    return cut_along(shape, 1 if rows else 0, n)
 
 
 # --- the op graph ---------------------------------------------------------------------------
@@ -314,8 +312,7 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                     params_of(model, parts, i, j, box) * PARAM_BYTES
                 fwd[(i, j, mb)] = add(kind="fwd", layer=i, micro=mb, slot=j, flops=per_out * box_size(box) * b,
                                       bytes=traffic, deps=tuple(deps))
-            if axes[i] not in ("replicated", "partial", "scattered"):
-                _reductions(slices[i], node, axes[i], b, i, mb, fwd, red_fwd, red_bwd, add)
+            _reductions(slices[i], node, axes[i], b, i, mb, fwd, red_fwd, red_bwd, add)
             if parts and parts[i]:
                 gather = axes[i] != "scattered"
                 into = _allreduce(add, [j for j, _ in slices[i]], _sizes(node.out_shape, len(slices[i]), not gather),
@@ -323,7 +320,7 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                                   lambda j, i=i, mb=mb: (fwd[(i, j, mb)],), gather=gather)
                 for j, ids in into.items():
                     red_fwd.setdefault((i, j, mb), []).extend(ids)
-    readers_ar = [grad_allreduced(model, slices, parts, axes, i) for i in range(len(model.nodes))]
+    readers_ar = [grad_allreduced(model, slices, axes, i) for i in range(len(model.nodes))]
     for mb, b in enumerate(micro_sizes):
         sent = {}
         for i in range(len(model.nodes) - 1, -1, -1):
@@ -412,8 +409,9 @@ def _allreduce(add, group: list[int], sizes: list[int], elem_bytes: float, layer
 
 
 def _reductions(layer_slices_, node, axis, b, i, mb, fwd, red_fwd, red_bwd, add) -> None:
-    """Small all-to-all exchanges (softmax max/sum, batch-norm statistics) of layer i."""
-    if len(layer_slices_) < 2:
+    """Small all-to-all exchanges (softmax max/sum, batch-norm statistics) of layer i; none
+    where every slot computes the whole output (a tensor split's replicated and partial layers)."""
+    if len(layer_slices_) < 2 or replicated(layer_slices_):
         return
     for j, box in layer_slices_:
         f_floats, b_floats = node.layer.exchange_floats(node.in_shape, box, axis, b)
