@@ -343,7 +343,7 @@ def _calibrate_hosts(cp, out: str | Path) -> dict:
     from clustersim.calibrate.hosts import calibrate_hosts, hosts_topology_text, nccl_exchange
     from executor.gpu import local_rank
     comm = MPI.COMM_WORLD
-    if local_rank(comm, MPI.COMM_TYPE_SHARED)[1] > 1:
+    if comm.allreduce(local_rank(comm, MPI.COMM_TYPE_SHARED)[1] > 1, op=MPI.LOR):   # every rank decides alike
         raise ConfigError("--gpu", "", "under mpiexec, start one rank per host (mpiexec -ppn 1): each "
                                        "rank measures every GPU of its host")
     got = calibrate_hosts(comm, lambda: measure(cupy_backend(cp)), nccl_exchange(cp, comm))

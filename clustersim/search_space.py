@@ -46,7 +46,8 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
                     base = {"parallel.model_parallel": m, "parallel.split": split, "parallel.replicas": r,
                             "model.batch_size": batch, "parallel.micro_batches": micro, "parallel.grid": []}
                     out.append({**base, "parallel.ps_shards": 0, "training.allreduce": "auto"})
-                    if r > 1:              # one shard per machine the replicas use
+                    if r > 1 and split != "tensor":   # one shard per machine the replicas use (a tensor
+                        # split keeps norms on every slot: no shards, which the scenario check refuses)
                         used = len({sc.topology.machine_of(d) for d in compute[:r * m]})
                         out.append({**base, "parallel.ps_shards": used})
     return out

@@ -93,3 +93,6 @@ def test_transformers_are_searched_under_the_tensor_split_too():
                                                      "parallel.replicas=1"])
         splits[model] = {c["parallel.split"] for c in candidates(sc, 8)}
     assert splits["gpt2"] == {"spatial", "layers", "tensor"} and splits["alexnet"] == {"spatial", "layers"}
+    sc = api.load("scenarios/quickstart.toml", ['model.name="gpt2"', "model.batch_size=8", "parallel.replicas=1"])
+    tensor = [c for c in candidates(sc, 8) if c["parallel.split"] == "tensor"]
+    assert tensor and all(c["parallel.ps_shards"] == 0 for c in tensor)    # the scenario check refuses shards

@@ -1,10 +1,10 @@
-"""The fair-share solver against the filling it replaced, and its array path against its loops.
+"""The fair-share solver against progressive filling by its definition, and its array path
+against its loops.
 
-``reference_rates`` is the progressive filling as it stood before decision 021 (every live
-link's remaining capacity lowered level by level): a plain statement of the definition.
-The new solver must give the same rates to round-off on random cases, including sizes
-where the array path engages, and a fluid run must give the same finish times as one that
-re-solves everything with the reference at every event.
+``reference_rates``: progressive filling, every live link's remaining capacity lowered level
+by level, independent of ``sim.flows``.  The solver must give the same rates to round-off on
+random cases, including sizes where the array path engages, and a fluid run must give the
+same finish times as one that re-solves everything with the reference at every event.
 """
 import random
 
@@ -22,7 +22,7 @@ REL = 1e-12
 
 
 def reference_rates(flows: dict, capacity: dict) -> dict:
-    """Progressive filling, one level at a time over every live link (the old solver)."""
+    """Progressive filling, one level at a time over every live link."""
     rates, users = {}, {}
     for f, w in flows.items():
         for link in w:

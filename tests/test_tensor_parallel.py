@@ -52,6 +52,8 @@ def assert_equals_net(p, loss, grads, case=None):
     assert loss == pytest.approx(loss0, rel=1e-10)
     for i, arrays in full.items():
         copies = replicated(p.slices[i]) and not p.parts[i] or p.axes[i] == "positions"   # whole on each slot
+        if copies:                                      # every slot returned its copy's gradient
+            assert {j for layer, j in grads if layer == i} == {j for j, _ in p.slices[i]}, model.nodes[i].name
         for n, ((o, shape), a) in enumerate(zip(net.layout[i], arrays)):
             want = g0[o:o + a.size].reshape(shape)
             got = np.zeros(shape)

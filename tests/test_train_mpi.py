@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from clustersim.core.models import zoo_model
-from clustersim.core.plan import param_index, plan, replicated
+from clustersim.core.plan import plan
 from executor.data import for_model
 from executor.nn import Net
 from helpers import scenario
+from test_tensor_parallel import assert_equals_net
 
 HERE = Path(__file__).parent
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -62,24 +63,11 @@ def test_a_tensor_parallel_step_on_real_ranks_equals_the_single_process_step(tmp
     the loss equals Net's to 1e-10, the slots' gradients add up to Net's (a replicated
     layer's copy on every slot equals it)."""
     p, full, x, y, loss, grads = split_step(tmp_path, name, tensor, pipeline, split)
-    model = p.scenario.model
-    net = Net(model)
+    net = Net(p.scenario.model)
     w = np.concatenate([a.ravel() for i in sorted(full) for a in full[i]])
     loss0, g0 = net.loss_and_grad(w, x, y)
-    assert loss == pytest.approx(loss0, rel=1e-10)
-    for i, arrays in full.items():
-        copies = replicated(p.slices[i]) and not p.parts[i]
-        for n, ((o, shape), a) in enumerate(zip(net.layout[i], arrays)):
-            want, got = g0[o:o + a.size].reshape(shape), np.zeros(shape)
-            for j, box in p.slices[i]:
-                g = grads.get((i, j), {}).get(n)
-                if g is None:                        # a part without the bias: another slot holds it
-                    continue
-                if copies:
-                    assert np.allclose(g, want, rtol=1e-9, atol=1e-12), (model.nodes[i].name, j)
-                else:
-                    got[param_index(model, p.parts, i, j, box)[n]] += g
-            assert copies or np.allclose(got, want, rtol=1e-9, atol=1e-12), model.nodes[i].name
+    assert_equals_net(p, loss, {key: [arrays[n] for n in sorted(arrays)] for key, arrays in grads.items()},
+                      (net, x, y, loss0, g0, full))
 
 
 def reference_run(name: str, steps: int, lr: float, batch: int, seed: int = 0) -> dict:

@@ -161,12 +161,18 @@ def calibrate_gpus(be: Backend, seed: int = 0) -> dict:
             "cpu_memory_bandwidth_bytes_per_s": measure_memory_bandwidth()}
 
 
+def host_bus(res: dict) -> tuple[float, float]:
+    """(rate, latency) of a host's PCIe path from ``calibrate_gpus``' copies: the slower
+    direction's rate (a link has one rate both ways) and the larger alpha."""
+    h2d, d2h = res["copies"]["h2d"], res["copies"]["d2h"]
+    return min(h2d["beta_bytes_per_s"], d2h["beta_bytes_per_s"]), max(h2d["alpha_s"], d2h["alpha_s"])
+
+
 def gpu_topology_text(name: str, res: dict) -> str:
     """``res`` from ``calibrate_gpus``: the machine as a topology file (see the module)."""
     cp, gpu, copies = res["cpu"], res["gpu"], res["copies"]
     h2d, d2h = copies["h2d"], copies["d2h"]
-    bus = min(h2d["beta_bytes_per_s"], d2h["beta_bytes_per_s"])
-    alpha = max(h2d["alpha_s"], d2h["alpha_s"])
+    bus, alpha = host_bus(res)
     lines = [f'name = "{name}"',
              f'description = "calibrated on this host: {res["devices"]} GPUs; pinned host->device alpha '
              f'{h2d["alpha_s"] * 1e6:.2f} us, beta {h2d["beta_bytes_per_s"] / 1e9:.3g} GB/s, device->host '

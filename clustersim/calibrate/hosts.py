@@ -18,10 +18,11 @@ not measured: their route adds both hosts' NIC links.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any, Callable
 
-from clustersim.calibrate.gpu import COPY_SIZES, gpu_topology_text
+from clustersim.calibrate.gpu import COPY_SIZES, gpu_topology_text, host_bus
 from clustersim.calibrate.host import fit_alpha_beta
 
 PING_REPEATS = 9
@@ -54,17 +55,10 @@ def ping_pong(comm, buffer: Callable[[int], Any], send: Callable[[Any, int], Non
                     send(buf, 0)
                     sync()
             if rank == 0:
-                times = sorted(times[1:])
-                samples.append([n, times[len(times) // 2] / 2])
+                samples.append([n, statistics.median(times[1:]) / 2])
         if rank == 0:
             out[peer] = {"samples": samples, **fit_alpha_beta([s[0] for s in samples], [s[1] for s in samples])}
     return out
-
-
-def _host_bus(res: dict) -> tuple[float, float]:
-    """(rate, one hop's latency) of a host's PCIe links, as ``gpu_topology_text`` writes them."""
-    h2d, d2h = res["copies"]["h2d"], res["copies"]["d2h"]
-    return min(h2d["beta_bytes_per_s"], d2h["beta_bytes_per_s"]), max(h2d["alpha_s"], d2h["alpha_s"]) / 2
 
 
 def _renamed(text: str, prefix: str, machine: int) -> list[str]:
@@ -92,10 +86,11 @@ def hosts_topology_text(name: str, results: list[dict], pairs: dict[int, dict]) 
                          for i, f in sorted(pairs.items())) + '"',
              "", "[[device]]", 'name = "net"', 'kind = "switch"']
     fastest = max(f["beta_bytes_per_s"] for f in pairs.values())
-    hop0 = _host_bus(results[0])[1]
+    hop0 = host_bus(results[0])[1] / 2            # each of the two PCIe hops carries half
     for i, res in enumerate(results):
         p = f"h{i}."
-        bus, hop = _host_bus(res)
+        bus, alpha = host_bus(res)
+        hop = alpha / 2
         lines += ["", *_renamed(gpu_topology_text(name, res), p, i),
                   "", "[[device]]", f'name = "{p}nic"', 'kind = "nic"', f"machine = {i}",
                   "", "[[link]]", f'a = "{p}pcie"', f'b = "{p}nic"', f"bandwidth_gbps = {bus / 1e9:.6g}", "latency_us = 0"]
