@@ -198,37 +198,31 @@ def work_seconds(dev, dtype: str, dtype_bytes: float, w: LayerWork, backward: bo
     """Seconds of op ``w`` (``flops`` and ``nbytes`` as the Plan counts them) on GPU ``dev``
     (its SMs, peak, ``efficiency`` as the largest tile's share of peak, achievable memory
     bandwidth, per-kernel overhead).  A GEMM kind: each GEMM at the slower of its quantized
-    compute and its operands' traffic, one kernel each; eager attention's other kernels at
-    memory speed; ``redo``: the forward again first.  Other kinds: a roofline over the
+    compute and its operands' traffic, one kernel each; attention's other kernels at memory
+    speed (flash: its per-head products inside them, at the slower of compute and their
+    q, k, v, output traffic); ``redo``: the forward again first.  Other kinds: a roofline over the
     passes their kernels make (``memory_passes``)."""
     rate, bw = dev.flops_per_s(dtype) * dev.efficiency, dev.achievable_bw
     gemms = layer_gemms(w, backward)
     if not gemms:
         return dev.op_overhead + max(flops / rate, nbytes * memory_passes(w.layer.kind, backward) / bw)
-    if w.layer.kind == "attention" and w.attention == "flash":
-        return _flash_seconds(dev, dtype, dtype_bytes, w, gemms, backward)
-    t = sum(dev.op_overhead + max(gemm_seconds(g, rate, dev.sms), gemm_bytes(g, dtype_bytes) / bw) for g in gemms)
+    flash = w.layer.kind == "attention" and w.attention == "flash"
+    kernels = gemms[:2 if backward else 1] if flash else gemms     # flash: the projection's alone
+    t = sum(dev.op_overhead + max(gemm_seconds(g, rate, dev.sms), gemm_bytes(g, dtype_bytes) / bw) for g in kernels)
     if w.layer.kind == "attention":
-        t += attention_kernels(w, backward) * dev.op_overhead + attention_extra_bytes(w, dtype_bytes, backward) / bw
+        t += attention_kernels(w, backward) * dev.op_overhead
+        extra = attention_extra_bytes(w, dtype_bytes, backward) / bw
+        t += max(_flash_core_seconds(gemms, backward, rate, dev.sms), extra) if flash else extra
     if backward and w.redo:
         t += work_seconds(dev, dtype, dtype_bytes, w, False, 0.0, 0.0)
     return t
 
 
-def _flash_seconds(dev, dtype: str, dtype_bytes: float, w: LayerWork, gemms: list[Gemm], backward: bool) -> float:
-    """FlashAttention-2: the projection's GEMMs as any; the per-head products (and, backward,
-    q k^T once more) in its kernels at the slower of their quantized compute and q, k, v and
-    the output's traffic, the scores staying on chip."""
-    rate, bw = dev.flops_per_s(dtype) * dev.efficiency, dev.achievable_bw
-    proj = 2 if backward else 1
-    core = gemms[proj:] + ([gemms[-2]] if backward else [])        # backward: S = q k^T again
-    t = sum(dev.op_overhead + max(gemm_seconds(g, rate, dev.sms), gemm_bytes(g, dtype_bytes) / bw)
-            for g in gemms[:proj])
-    t += attention_kernels(w, backward) * dev.op_overhead
-    t += max(sum(gemm_seconds(g, rate, dev.sms) for g in core), attention_extra_bytes(w, dtype_bytes, backward) / bw)
-    if backward and w.redo:
-        t += work_seconds(dev, dtype, dtype_bytes, w, False, 0.0, 0.0)
-    return t
+def _flash_core_seconds(gemms: list[Gemm], backward: bool, rate: float, sms: int) -> float:
+    """FlashAttention-2's per-head products (backward: and q k^T once more) at their
+    quantized compute, inside its kernels, the scores staying on chip."""
+    core = gemms[2:] + [gemms[-2]] if backward else gemms[1:]
+    return sum(gemm_seconds(g, rate, sms) for g in core)
 
 
 def op_work(plan, op) -> LayerWork | None:
