@@ -139,7 +139,7 @@ def test_softmax_xent_gradient():
 def test_transformer_slices_add_up_to_the_whole_layer(layer, shape):
     """Two channel slices (attention: two heads each) give the whole output's channels, and
     their input gradients add up to the whole layer's (each slice reads what ``needs`` says)."""
-    from clustersim.core.partition import _cut
+    from clustersim.core.partition import cut_along
     rng = np.random.default_rng(6)
     out = layer.shape(shape)
     x = rng.integers(0, 9, (2, *shape)).astype(float) if layer.kind == "embedding" else rng.normal(size=(2, *shape))
@@ -148,7 +148,7 @@ def test_transformer_slices_add_up_to_the_whole_layer(layer, shape):
     y, cache = forward(np, layer, shape, x, full_box(shape), full_box(out), params)
     dx, dparams = backward(np, layer, shape, x.shape, full_box(shape), full_box(out), params, cache, R)
     dx_sum = np.zeros_like(x)
-    for box in _cut(out, 0, 2, layer.unit(shape)):
+    for box in cut_along(out, 0, 2, layer.unit(shape)):
         rin = layer.needs(shape, box)
         region = x[(slice(None),) + tuple(slice(a, b) for a, b in rin)]
         own = [a[ix] for a, ix in zip(params, layer.box_index(box))]
