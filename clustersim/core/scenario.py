@@ -34,6 +34,11 @@ def _grid(pt: Table) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _attention_positions(model: Model) -> int:
+    """The positions attention layers read (a transformer's sequence); 0: no attention layers."""
+    return max((n.in_shape[1] for n in model.nodes if n.layer.kind == "attention"), default=0)
+
+
 @dataclass(frozen=True)
 class Parallel:
     model_parallel: int = 1      # devices per replica (DistBelief: machines per model instance)
@@ -212,6 +217,9 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
             model = zoo_model(model.name, mt.int("sequence", lo=1, hi=10_000_000))
         except ValueError as exc:
             raise mt.error("sequence", str(exc)) from None
+    positions = _attention_positions(model)
+    if mt.has("attention") and not positions:
+        raise mt.error("attention", f"{model.name} has no attention layers")
     mt.done()
 
     pt = top.table("parallel", {})
@@ -237,6 +245,11 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
                                f"{par.grid[0] * par.grid[1]}; got {par.model_parallel}")
     if par.sequence_parallel and par.split != "tensor":
         raise pt.error("sequence_parallel", f"cuts a tensor split's norms by positions; split is {par.split!r}")
+    if par.sequence_parallel and positions % par.tensor:     # Megatron-LM asserts it (tensor_parallel/mappings.py)
+        where = "model.sequence" if mt.has("name") else "the model file's input"
+        raise pt.error("sequence_parallel", f"cuts positions evenly over the {par.tensor} tensor slots; "
+                                            f"{model.name}'s {positions} are not a multiple of {par.tensor} "
+                                            f"(set {where})")
     if par.split == "tensor" and par.ps_shards:
         raise pt.error("ps_shards", "a tensor split keeps norms on every slot, synced by allreduce; set ps_shards = 0")
     pt.done()

@@ -1,0 +1,93 @@
+"""Scenario checks found by review: sequence parallelism needs positions that split evenly
+over the tensor slots (Megatron-LM's reduce-scatter asserts it), and ``model.attention`` is
+refused on a model without attention layers instead of being ignored.  Each refusal is one
+line naming the file and the field, and the command exits 2."""
+from pathlib import Path
+
+import pytest
+
+from clustersim.cli import main
+from clustersim.core.config import ConfigError
+from clustersim.core.scenario import scenario_from_dict
+
+ATTENTION_FILE = 'input = [8, 6, 1]\n[[layer]]\nkind = "attention"\nheads = 2\n[[layer]]\nkind = "softmax_xent"\n'
+
+
+def load(model: dict, parallel: dict | None = None, file: str = "t.toml"):
+    return scenario_from_dict({"cluster": {"topology": "dgx-h100"}, "model": model, "parallel": parallel or {}}, file)
+
+
+def tensor(m: int, sequence_parallel: bool = True) -> dict:
+    return {"split": "tensor", "model_parallel": m, "sequence_parallel": sequence_parallel}
+
+
+@pytest.mark.parametrize("sequence, m", [(100, 8), (1022, 4), (6, 4), (2, 4)])
+def test_sequence_parallel_refuses_positions_not_a_multiple_of_the_tensor_slots(sequence, m):
+    with pytest.raises(ConfigError, match=rf"^t.toml: parallel.sequence_parallel: .* gpt2's {sequence} are not a "
+                                          rf"multiple of {m} \(set model.sequence\)$"):
+        load({"name": "gpt2", "sequence": sequence}, tensor(m))
+
+
+def test_the_default_context_counts_as_the_sequence():
+    """gpt2's 1,024 positions over 3 slots (12 heads split 3 ways, so only the positions fail)."""
+    with pytest.raises(ConfigError, match="gpt2's 1024 are not a multiple of 3"):
+        load({"name": "gpt2"}, tensor(3))
+    assert load({"name": "gpt2"}, tensor(4)).model.input_shape == (1, 1024, 1)
+
+
+@pytest.mark.parametrize("sequence, m", [(96, 4), (16, 2), (100, 1)])
+def test_positions_a_multiple_of_the_slots_are_accepted(sequence, m):
+    sc = load({"name": "gpt2", "sequence": sequence}, tensor(m))
+    assert sc.parallel.sequence_parallel and sc.parallel.tensor == m
+
+
+def test_uneven_positions_stay_allowed_without_sequence_parallelism():
+    """Only the reduce-scatter by positions needs the even split; plain tensor slots hold whole positions."""
+    assert not load({"name": "gpt2", "sequence": 100}, tensor(4, sequence_parallel=False)).parallel.sequence_parallel
+
+
+def test_a_model_files_positions_are_checked_and_the_message_points_at_its_input(tmp_path):
+    (tmp_path / "att.toml").write_text(ATTENTION_FILE)
+    with pytest.raises(ConfigError, match=r"att's 6 are not a multiple of 4 \(set the model file's input\)$"):
+        load({"file": "att.toml"}, tensor(4), file=str(tmp_path / "s.toml"))
+    assert load({"file": "att.toml"}, tensor(2), file=str(tmp_path / "s.toml")).parallel.tensor == 2
+
+
+@pytest.mark.parametrize("name", ["alexnet", "mlp-digits", "resnet-50"])
+@pytest.mark.parametrize("mode", ["eager", "fused", "flash"])
+def test_attention_on_a_zoo_model_without_attention_is_refused(name, mode):
+    with pytest.raises(ConfigError, match=f"^t.toml: model.attention: {name} has no attention layers$"):
+        load({"name": name, "attention": mode})
+    assert load({"name": name}).attention == "eager"        # not given: nothing to refuse
+
+
+def test_attention_on_models_with_attention_layers_is_kept(tmp_path):
+    assert load({"name": "gpt-tiny", "attention": "flash"}).attention == "flash"
+    (tmp_path / "att.toml").write_text(ATTENTION_FILE)
+    assert load({"file": "att.toml", "attention": "fused"}, file=str(tmp_path / "s.toml")).attention == "fused"
+
+
+def test_attention_on_an_onnx_model_is_refused(tmp_path):
+    """The ONNX importer maps no operator onto an attention layer, so an imported graph never has one."""
+    pytest.importorskip("onnx")
+    import numpy as np
+    from test_onnx_import import Net
+    net = Net([1, 4], np.random.default_rng(0))
+    net.save(tmp_path / "mlp.onnx", net("Gemm", ["x", net.init("w", 3, 4), net.init("b", 3)], "y", transB=1))
+    with pytest.raises(ConfigError, match="model.attention: mlp has no attention layers"):
+        load({"file": "mlp.onnx", "attention": "flash"}, file=str(tmp_path / "s.toml"))
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["model.name=gpt2", "model.sequence=100", "parallel.split=tensor", "parallel.model_parallel=8",
+      "parallel.sequence_parallel=true"], "parallel.sequence_parallel: cuts positions evenly over the 8"),
+    (["model.attention=flash"], "model.attention: mlp-digits has no attention layers"),
+])
+def test_the_command_exits_2_with_one_line(capsys, sets, message):
+    argv = ["plan", Path(__file__).resolve().parents[1] / "scenarios" / "quickstart.toml"]
+    for s in sets:
+        argv += ["--set", s]
+    code = main([str(a) for a in argv])
+    _, err = capsys.readouterr()
+    assert code == 2 and message in err and "quickstart.toml" in err and err.count("\n") == 1
+    assert "Traceback" not in err
