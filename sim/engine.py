@@ -20,7 +20,7 @@ from sim.faults import failure_schedule, slowdowns
 from sim.network import BACKENDS
 from clustersim.core.plan import PARAM_BYTES, Plan, cost_key, split_key
 from sim.kernel_model import op_work
-from clustersim.core.topology import NoRoute
+from clustersim.core.topology import NoRoute, Topology
 from clustersim.core.trace import Span, Trace, Update
 
 
@@ -66,6 +66,8 @@ def first_n(env: simpy.Environment, events: list[simpy.Event], n: int) -> simpy.
 
 
 class Engine:
+    shortcut = True     # keep link names and checked routes per topology (False: work them out per message)
+
     def __init__(self, plan: Plan, env: CountingEnvironment | None = None,
                  rng: np.random.Generator | None = None) -> None:
         sc = plan.scenario
@@ -89,6 +91,8 @@ class Engine:
         self.lost_samples = 0                      # work thrown away after failures
         self.last_run: dict[int, GraphRun] = {}    # each replica's latest step graph
         self._graphs: dict[int, tuple] = {}
+        self._names: dict[tuple[str, str], tuple[str, ...]] = {}   # (src, dst) -> its route's link names
+        self._names_of = None                       # the topology they were routed on
         self._graph_info(plan)
         used = sorted({d for row in plan.devices for d in row})
         self.failures = failure_schedule(sc, used, self.rng)
@@ -138,7 +142,21 @@ class Engine:
             signal.succeed(f)
 
     def alive(self, *devices: str) -> bool:
-        return not any(d in self.failed for d in devices)
+        return not self.failed or not any(d in self.failed for d in devices)
+
+    def link_names(self, src: str, dst: str, topology: Topology | None = None) -> tuple[str, ...]:
+        """The names of the links from ``src`` to ``dst`` on ``topology`` (default: the one
+        now), as spans record them; raises LookupError where no route is left."""
+        now = self.network.topology
+        topology = topology or now
+        if not self.shortcut or topology is not now:
+            return _link_names(topology.route(src, dst))
+        if self._names_of is not now:               # a cut link gave the engine a new one
+            self._names, self._names_of = {}, now
+        names = self._names.get((src, dst))
+        if names is None:
+            names = self._names[(src, dst)] = _link_names(topology.route(src, dst))
+        return names
 
     def lost(self, devices: list[str]) -> simpy.Event:
         """Fires when any of ``devices`` fails (at once if one is down already)."""
@@ -233,7 +251,7 @@ class Engine:
             if not self.alive(end):
                 return self._block(end, f"{name} {src}->{dst}")
         try:
-            links = _link_names(self.network.topology.route(src, dst))
+            links = self.link_names(src, dst)
         except LookupError:
             return self._block(f"the route {src}->{dst} (a link cut)", name)
         devices = self.compute.topology.devices
@@ -269,15 +287,14 @@ class Engine:
             coll = collectives.layout(self.network.topology, op, algo, devices, nbytes, cache=self._collectives)
         except NoRoute as exc:                 # the tuner's trial run found a route cut
             return self._block(f"{exc} (a link cut)", name)
-        schedule = coll.phases
-        route = self.network.topology.route
-        for ph in schedule:                    # a member gone or cut off: it never completes
+        topology, names = self.network.topology, self.link_names
+        for ph in coll.phases:                 # a member gone or cut off: it never completes
             for pair in ph.pairs:
                 for end in pair:
                     if not self.alive(end):
                         return self._block(end, f"{name} over {len(devices)} devices")
                 try:
-                    route(*pair)
+                    names(*pair)
                 except LookupError:
                     return self._block(f"the route {pair[0]}->{pair[1]} (a link cut)", name)
 
@@ -287,7 +304,7 @@ class Engine:
 
         def record(pair, nb, start, end):
             self.trace.add(Span(name, "transfer", f"{pair[0]}->{pair[1]}", replica, step, start, end, nb, 0.0,
-                                op, _link_names(route(*pair))))
+                                op, names(*pair, topology)))
         running = self.env.process(collectives.run(self.env, self.network, coll, record))
         if coll.proto:                         # NCCL's kernel takes SMs from the compute beside it
             release = self.compute.hold(devices, collectives.sm_share(self.network.topology, devices, coll.algo))

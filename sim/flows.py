@@ -18,7 +18,9 @@ only its own links, not every live one (decision 021).
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Hashable, Mapping, Sequence
+from itertools import chain
 
 import numpy as np
 
@@ -35,12 +37,8 @@ ARRAY_ENTRIES = 2048
 
 
 def link_weights(routes: Sequence[Sequence[Link]]) -> dict[Link, int]:
-    """n_{f,l}: how many member routes of one flow cross each link."""
-    weights: dict[Link, int] = {}
-    for route in routes:
-        for link in route:
-            weights[link] = weights.get(link, 0) + 1
-    return weights
+    """n_{f,l}: how many member routes of one flow cross each link (links in order of first use)."""
+    return dict(Counter(chain.from_iterable(routes)))
 
 
 def max_min_rates(flows: Mapping[FlowId, Mapping[Link, float]], capacity: Mapping[Link, float],

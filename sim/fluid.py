@@ -9,7 +9,9 @@ Each job's finish time is then exact until the next change; the simpy side only
 reschedules completions (SimGrid's approach).  A job ends only when the clock reaches its
 own computed finish time, never "nearly done": ending a large job a few bytes early would
 hand its bandwidth to its neighbours too soon.  A pattern of jobs solved before (the next
-round of a collective, the next step) is looked up, not solved again (decision 021).
+round of a collective, the next step) is looked up, not solved again (decision 021).  A job
+alone on its one resource (a GPU's op) gets its rate at once, without the batching event:
+a job joining it at the same instant re-solves both to the same floats (decision 026).
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ MEMO_ENTRIES = 250_000
 class Fluid:
     """Jobs sharing resources max-min fairly; ``start`` returns an event that fires when done.
     Capacities change through ``set_capacity`` only (solves are remembered)."""
+
+    shortcut = True     # solve a job alone on its one resource at once (False: the batched path only)
 
     def __init__(self, env: simpy.Environment, capacity: Mapping[Hashable, float]) -> None:
         self.env, self.capacity = env, capacity
@@ -72,7 +76,16 @@ class Fluid:
         users_at = self._users_at
         for i in links:
             users_at[i].add(jid)
-        self.jobs[jid] = _Job(links, float(amount), event, self.env.now)
+        job = self.jobs[jid] = _Job(links, float(amount), event, self.env.now)
+        if len(links) == 1 and self.shortcut:
+            [(i, n)] = links.items()
+            if len(users_at[i]) == 1:                  # alone: its rate is the capacity's share
+                self.solves += 1
+                job.rate = self.capacity[self._resources[i]] / n
+                job.finish = job.since + job.amount / job.rate
+                heapq.heappush(self._heap, (job.finish, jid))
+                self._schedule()
+                return event
         self._mark((jid,))
         return event
 

@@ -12,6 +12,7 @@ message (a ring allreduce of n ranks is 2(n-1) messages).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from operator import truediv
 
 import simpy
 
@@ -44,26 +45,31 @@ class FlowNetwork(Network):
     def __init__(self, env: simpy.Environment, topology: Topology) -> None:
         super().__init__(env, topology)
         self.fluid = Fluid(env, topology.capacity)
-        self._patterns: dict[tuple[Pair, ...], tuple[dict[DirLink, int], float]] = {}
+        # per distinct tuple of pairs: [the links they load, their slowest route's latency or None]
+        self._patterns: dict[tuple[Pair, ...], list] = {}
         self._patterns_of: Topology | None = None     # the topology they were routed on
 
     def send(self, pairs, nbytes, messages=1, latency=None, speed=None):
-        weights, slowest = self._pattern(pairs)
-        if speed is not None:
-            weights = {link: n / speed(link) for link, n in weights.items()}
-        return self.env.process(self._send(weights, nbytes, messages * slowest if latency is None else latency))
+        pattern = self._pattern(pairs)
+        weights = pattern[0]
+        if speed is not None:                       # n / speed(link), link by link, in C loops
+            weights = dict(zip(weights, map(truediv, weights.values(), map(speed, weights))))
+        if latency is None:
+            if pattern[1] is None:                  # only sends without a model's latency need it
+                pattern[1] = self.latency(self.routes(pairs), 1)
+            latency = messages * pattern[1]
+        return self.env.process(self._send(weights, nbytes, latency))
 
-    def _pattern(self, pairs: Sequence[Pair]) -> tuple[dict[DirLink, int], float]:
-        """The links ``pairs`` load and their slowest route's latency, routed once per
-        distinct set of pairs (a collective's rounds repeat the same ones) and topology
-        (a cut link gives the engine a new one)."""
+    def _pattern(self, pairs: Sequence[Pair]) -> list:
+        """[the links ``pairs`` load, their slowest route's latency (None until asked)],
+        routed once per distinct set of pairs (a collective's rounds repeat the same ones)
+        and topology (a cut link gives the engine a new one)."""
         if self._patterns_of is not self.topology:
             self._patterns, self._patterns_of = {}, self.topology
         key = tuple(pairs)
         found = self._patterns.get(key)
         if found is None:
-            routes = self.routes(pairs)
-            found = self._patterns[key] = (link_weights(routes), self.latency(routes, 1))
+            found = self._patterns[key] = [link_weights(self.routes(pairs)), None]
         return found
 
     def _send(self, weights, nbytes, delay):

@@ -1,0 +1,57 @@
+"""The simulator's fast paths (issue 18, decision 026) give the answers of the plain ones.
+
+Each scenario runs twice in one process: as shipped, and with every shortcut switched off
+(``Fluid.shortcut``: a job alone on its one resource is solved at once instead of in the
+instant's batched solve; ``Engine.shortcut``: link names and route checks kept per
+topology instead of worked out per message).  Step times, the simulated end and every
+span must be equal, float for float: the shortcuts may save events, never move one.
+"""
+from __future__ import annotations
+
+import pytest
+
+from clustersim.core.plan import plan
+from clustersim.core.scenario import scenario_from_dict
+from sim.engine import Engine, simulate
+from sim.fluid import Fluid
+
+
+def _case(topology, model, batch, steps, machines=0, training=None, faults=None, **parallel) -> dict:
+    cluster = {"topology": topology, **({"machines": machines} if machines else {})}
+    return {"cluster": cluster, "model": {"name": model, "batch_size": batch}, "parallel": parallel,
+            "training": {"steps": steps, **(training or {})}, **({"faults": faults} if faults else {})}
+
+
+CASES = {
+    # make bench's alexnet step, small: every replica a straggler of its own
+    "alexnet-stragglers": _case("dgx-h100-fat-tree", "alexnet", 64, 2, machines=2, replicas=16,
+                                faults={"slowdown_sigma": 0.05}),
+    # identical replicas: their ops end at the very same instants
+    "alexnet-alike": _case("dgx-h100-fat-tree", "alexnet", 64, 2, machines=2, replicas=16),
+    # model parallel with halos and a data-parallel allreduce (make bench's image-80m)
+    "image-80m": _case("dgx-h100", "distbelief-image-80m", 8, 2, model_parallel=4, replicas=2),
+    # host ranks with measured send and receive costs (make bench's speech)
+    "speech": _case("distbelief-2012", "distbelief-speech", 64, 2, machines=8, model_parallel=8),
+    # asynchronous pushes and fetches to shards, coupled through their links
+    "downpour": _case("distbelief-2012", "distbelief-speech", 64, 3, machines=17, model_parallel=8, replicas=2,
+                      ps_shards=1, training={"algorithm": "downpour"}),
+    # a link cut mid-run: the topology changes under the kept link names and route checks
+    "link-cut": _case("dgx-h100-fat-tree", "alexnet", 64, 3, machines=2, replicas=16,
+                      faults={"slowdown_sigma": 0.05, "fail": [{"at_s": 0.012, "link": ["m1.nic0", "edge0.0"]}]}),
+}
+
+
+def _run(data: dict):
+    res = simulate(plan(scenario_from_dict(data, "speed.toml")))
+    spans = [(s.name, s.kind, s.where, s.replica, s.step, s.start_s, s.end_s, s.links) for s in res.trace.spans]
+    return res.trace.step_times(), res.sim_time_s, sorted(spans, key=repr), res.stalled_at_s
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fast_paths_give_the_plain_paths_answers(monkeypatch, name):
+    fast = _run(CASES[name])
+    monkeypatch.setattr(Fluid, "shortcut", False)
+    monkeypatch.setattr(Engine, "shortcut", False)
+    plain = _run(CASES[name])
+    assert fast[0] == plain[0] and fast[1] == plain[1] and fast[3] == plain[3]
+    assert fast[2] == plain[2]
