@@ -11,7 +11,7 @@ one GPU; the GPU's own figures (SMs, peaks, bandwidth, ``memory_efficiency``) co
   blocks) that finishes first; a smaller tile reuses each loaded element less, and runs at
   its reuse m n / (m + n) over that of the largest tile.
 - Passes over memory: what a memory-bound layer's real kernels read and write, in tensors of
-  its output's size, where the Plan counts its inputs and output once (twice backward).
+  its output's size (the Plan counts its inputs and output once, twice backward).
 - Attention as the scenario's framework runs it (``model.attention``): ``eager`` as eager
   PyTorch runs it (NVIDIA DeepLearningExamples BERT ``modeling.py``): the scores are scaled,
   masked, soft-maxed and dropped out by separate kernels, each a pass over the heads x T x T
@@ -56,9 +56,6 @@ PASSES: dict[str, tuple[float, float]] = {
     # reads dy and the mask, writes dx
     "dropout": (2.5, 2.5),
 }
-# What the Plan counts for the same layers (inputs + output, twice that backward).
-PLAN_PASSES: dict[str, tuple[float, float]] = {"add": (3.0, 6.0)}
-UNARY_PLAN_PASSES = (2.0, 4.0)
 
 # Eager attention over fp16 scores: passes over the heads x T x T matrix besides the two
 # batched GEMMs (scale: 2, mask add: 2, softmax: 2, dropout: 2 + its 1-byte mask 0.5;
@@ -113,16 +110,17 @@ def quantized_efficiency(g: Gemm, sms: int, tiles=TILES) -> float:
     return 2.0 * g.m * g.n * g.k * g.batch / gemm_seconds(g, 1.0, sms, tiles)
 
 
-def memory_passes(key: str, backward: bool) -> float:
-    """Real kernels' traffic over what the Plan counts for a memory-bound layer kind (an op
-    cost key: the kind, with ``.backward`` or ``.split``); 1 where they agree or the kind
-    is not described here."""
-    kind = key.split(".")[0]
-    if kind not in PASSES:
-        return 1.0
-    real = PASSES[kind][backward]
-    counted = PLAN_PASSES.get(kind, UNARY_PLAN_PASSES)[backward]
-    return real / counted
+def memory_bytes(w: "LayerWork", dtype_bytes: float, backward: bool) -> float | None:
+    """Bytes the kernels of a memory-bound layer kind (``PASSES``) read and write for op ``w``:
+    its passes over tensors of its output's size (the slice's box over its samples; statistics
+    and parameters left out), the forward's passes again first when ``redo``.  None for a kind
+    not described here: the caller keeps the Plan's bytes."""
+    passes = PASSES.get(w.layer.kind)
+    if passes is None:
+        return None
+    c, h, wd = w.out
+    n = passes[1] + (passes[0] if w.redo else 0.0) if backward else passes[0]
+    return n * w.batch * c * h * wd * dtype_bytes
 
 
 GEMM_KINDS = ("conv2d", "dense", "lm_head", "attention")
@@ -201,11 +199,12 @@ def work_seconds(dev, dtype: str, dtype_bytes: float, w: LayerWork, backward: bo
     compute and its operands' traffic, one kernel each; attention's other kernels at memory
     speed (flash: its per-head products inside them, at the slower of compute and their
     q, k, v, output traffic); ``redo``: the forward again first.  Other kinds: a roofline over the
-    passes their kernels make (``memory_passes``)."""
+    bytes their kernels move (``memory_bytes``; the Plan's ``nbytes`` for a kind not in ``PASSES``)."""
     rate, bw = dev.flops_per_s(dtype) * dev.efficiency, dev.achievable_bw
     gemms = layer_gemms(w, backward)
     if not gemms:
-        return dev.op_overhead + max(flops / rate, nbytes * memory_passes(w.layer.kind, backward) / bw)
+        real = memory_bytes(w, dtype_bytes, backward)
+        return dev.op_overhead + max(flops / rate, (nbytes if real is None else real) / bw)
     flash = w.layer.kind == "attention" and w.attention == "flash"
     kernels = gemms[:2 if backward else 1] if flash else gemms     # flash: the projection's alone
     t = sum(dev.op_overhead + max(gemm_seconds(g, rate, dev.sms), gemm_bytes(g, dtype_bytes) / bw) for g in kernels)
