@@ -5,7 +5,8 @@ File format (units in the names; ``gbps`` is 10^9 *bytes* per second, like nccl-
 
     name = "..."
     [machine.cpu]    cores, core_gflops, memory_gib, memory_bandwidth_gbps, efficiency,
-                     op_overhead_us
+                     op_overhead_us, op_costs (as for gpu below; ``send`` and ``recv``: a host
+                     message's software cost on each side, ``Engine._host_message``)
     [machine.gpu]    count, peak_tflops_fp32 (fp16, bf16, fp64 optional), memory_gib,
                      memory_bandwidth_gbps, efficiency, op_overhead_us, efficiency_curve and
                      backward_efficiency_curve ([[flops, efficiency], ...], written by calibrate),
@@ -190,7 +191,7 @@ def _curve(t: Table, key: str) -> tuple:
 
 def _machine_template(mt: Table) -> dict[str, Any]:
     cpu_t = mt.table("cpu")
-    tpl: dict[str, Any] = {"cpu": _compute_fields(cpu_t, "cpu"),
+    tpl: dict[str, Any] = {"cpu": {**_compute_fields(cpu_t, "cpu"), "op_costs": _op_costs(cpu_t)},
                            "price": mt.float("price_usd_per_hour", 0.0, lo=0.0, hi=1e6),
                            "power": mt.float("power_w", 0.0, lo=0.0, hi=1e7)}
     cpu_t.done()
