@@ -19,7 +19,9 @@ allgather (n-1)a + (n-1)/n S/B; pipelined ring broadcast (n-1)a + S/B.  Trees ar
 pipelined as NCCL's are: chunks stream up and back down at once, so an allreduce costs
 the latency of the deepest path up and down plus the time its busiest link needs.
 NVLS on g GPUs of one NVSwitch with links of speed B (NCCL's) runs in NCCL's 23 us plus
-S (g+1)/g / (B x 5/6); NVLS_TREE adds each rail's double binary tree at the same time.
+S (g+1)/g / (B x 5/6) times its chunk pipeline's fill (n + 2) / n (``nccl.nvls_pipeline``:
+n chunk steps a channel, three stages; decision 028); NVLS_TREE adds each rail's double
+binary tree at the same time.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ class Collective:
     proto: str                      # NCCL protocol; "" for host collectives
     phases: tuple[Phase, ...]
     wave_latency: tuple[float, ...] = ()    # seconds per wave (NCCL's model); (): the routes' own
-    share: float = 1.0              # the protocol's share of NCCL's link speeds
+    share: float = 1.0              # the protocol's share of NCCL's link speeds (NVLS: over its pipeline fill)
 
     @property
     def label(self) -> str:
@@ -113,14 +115,15 @@ def schedule(topology: Topology, op: str, algo: str, devices: Sequence[str], nby
 
 
 def table(topology: Topology, op: str, algo: str, sizes: Sequence[int], devices: Sequence[str],
-          network: str = "flow", proto: str = "") -> list[dict]:
+          network: str = "flow", proto: str = "", version: str = nccl.VERSION) -> list[dict]:
     """nccl-tests-style rows (bytes, time_s, algbw_gbps, busbw_gbps, algo, protocol), each
-    size run alone on the topology.  Raises ValueError for an algorithm the op lacks."""
+    size run alone on the topology as NCCL ``version`` runs it.  Raises ValueError for an
+    algorithm the op lacks or a version not of the form 2.20.3."""
     from sim.network import BACKENDS
     rows, cache = [], {}
     for size in sizes:
         env = simpy.Environment()
-        coll = layout(topology, op, algo, devices, size, proto, cache)
+        coll = layout(topology, op, algo, devices, size, proto, cache, version)
         env.process(run(env, BACKENDS[network](env, topology), coll))
         env.run()
         algbw = size / env.now / 1e9 if env.now else 0.0
@@ -171,9 +174,11 @@ def _intra_kind(topology: Topology, devices: Sequence[str]) -> str:
 
 
 def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbytes: float,
-           proto: str = "", cache: dict | None = None) -> Collective:
+           proto: str = "", cache: dict | None = None, version: str = nccl.VERSION) -> Collective:
     """The collective to run.  ``proto`` forces NCCL's protocol (GPU groups); ``cache`` keeps
-    the per-byte transfer times ``auto`` measures (per topology and group)."""
+    the per-byte transfer times ``auto`` measures (per topology and group); ``version``: the
+    NCCL whose NVLS kernel lays out the chunks (the tuner is 2.20.3's whatever it says)."""
+    nccl.version_tuple(version)
     nodes = [topology.machine_of(d) for d in devices]
     group = (id(topology), tuple(devices))
     rail_ports = _cached(cache, ("ports", *group), lambda: ports(topology, devices))
@@ -203,6 +208,8 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
         raise ValueError(f"NCCL runs {algo} with {'/'.join(nccl.protocols(algo))} only, not {proto}")
     schedule = tuple(phases(op, algo, devices, nbytes, nodes, rail_ports, nvs))
     share = nccl.protocol_factor(algo if algo in ("tree", *nccl.NVLS) else "ring", proto, op, machines, n / machines)
+    if algo == "nvls":
+        share /= nccl.nvls_pipeline(nbytes, n, version)
     return Collective(op, algo, proto, schedule, _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes),
                       share)
 

@@ -13,12 +13,14 @@ rate: NVLink 20.6 GB/s per NVLink4 lane of 25 (``SM90_NVLINK_BW``, ``src/graph/t
 20.0 per NVLink3 lane (``SM80_NVLINK_BW``: 12 lanes of an A100 = 240 GB/s),
 PCIe 12 of 15.75 GB/s (``PCI_BW``, Gen3 x16), network 48 GB/s per 400 Gb/s NIC
 (``sm90SpeedArrayInter[0]``, ``src/graph/search.cc``; NVIDIA's "46-48 GB/s per NIC",
-NVIDIA/nccl-tests#290).  Not modelled: NVLS / NVLS-tree (NVLink SHARP), CollNet, the
-per-channel LL/LL128 caps (they depend on the GPU generation).
+NVIDIA/nccl-tests#290).  NVLS runs add the fill of its three-stage chunk pipeline
+(``nvls_pipeline``, decision 028), which NCCL's tuner does not count.  Not modelled: CollNet,
+the per-channel LL/LL128 caps (they depend on the GPU generation).
 """
 from __future__ import annotations
 
 import math
+import re
 
 VERSION = "2.20.3"
 PROTOCOLS = ("LL", "LL128", "Simple")
@@ -37,6 +39,13 @@ NVLS_CHANNELS = 16             # NCCL_NVLS_NCHANNELS default (nvls.cc); enqueue.
 NVLS_MIN_CC = 9.0              # ncclTopoCompute: no NVLS graph below compute capability 9.0 or without NVSwitch
 NVLS_MIN_GPUS = 3              # ncclNvlsInit: off with 2 GPUs or fewer on the machine
 NET_OVERHEAD_US = 1.0          # getNetOverhead(): x86 Intel hosts
+# How one-machine NVLS moves a chunk (decision 028): three warp groups of one channel's block
+# (src/device/all_reduce.h) -- scatter into the heads' buffers, in-switch reduce + multicast,
+# gather -- hand each chunk on through the step FIFO, so the run takes steps + 2 chunk times.
+NVLS_STAGES = 3
+NVLS_MAX_CHUNK = 128 * 1024    # enqueue.cc: NVLS chunk at most 128 KiB (2.18-2.20), then halved ...
+NVLS_CHUNK_RULES = ((64, 64 * 1024), (8, 32 * 1024), (2, 16 * 1024))  # ... below k x channels x heads x chunk
+NVLS_CHANNEL_PARTS = (2, 20)   # from here each channel gets its own part; 2.18 fills channels in turn
 LINK_EFFICIENCY = {"nvlink": 20.6 / 25.0, "pci": 12.0 / 15.75, "net": 48.0 / 50.0}
 NVLINK_LANE_GBPS = {8: 20.0, 9: 20.6}     # SM80_NVLINK_BW, SM90_NVLINK_BW of a 25 GB/s lane
 
@@ -70,6 +79,37 @@ def sm_share(machines: int, nics: int, sms: int, algo: str = "ring") -> float:
     else:
         channels = CHANNELS_ONE_NODE if machines <= 1 else CHANNELS_PER_NIC * max(1, nics)
     return min(channels, sms) / sms
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """"2.18.5" -> (2, 18, 5); ValueError for anything else."""
+    if not re.fullmatch(r"\d+(\.\d+)*", version):
+        raise ValueError(f"NCCL version {version!r} is not of the form 2.20.3")
+    return tuple(int(x) for x in version.split("."))
+
+
+def nvls_chunk(nbytes: float, heads: int, channels: int = NVLS_CHANNELS) -> int:
+    """The NVLS chunk enqueue.cc (calcCollChunking, 2.18-2.20) picks for an allreduce of
+    ``nbytes`` on one machine: 128 KiB, halved to 64/32/16 KiB below 64/8/2 x channels x heads
+    chunks in flight."""
+    chunk, in_flight = NVLS_MAX_CHUNK, channels * heads
+    for times, smaller in NVLS_CHUNK_RULES:
+        if nbytes < times * in_flight * chunk and chunk > smaller:
+            chunk = smaller
+    return chunk
+
+
+def nvls_pipeline(nbytes: float, heads: int, version: str = VERSION, channels: int = NVLS_CHANNELS) -> float:
+    """How much longer one-machine NVLS moves its bytes than the links' steady rate: n chunk
+    steps per channel take n + 2 step times (three stages), and NCCL before 2.20 gives channel
+    c the bytes from c x heads x chunk on, so small messages leave channels idle and the busy
+    ones carry their share of the links' rate each (NCCL's bandwidth is channels x a channel's)."""
+    chunk = nvls_chunk(nbytes, heads, channels)
+    steps = max(1, math.ceil(nbytes / (channels * heads * chunk)))
+    busy = channels
+    if version_tuple(version) < NVLS_CHANNEL_PARTS:
+        busy = min(channels, max(1, math.ceil(nbytes / (heads * chunk))))
+    return (steps + NVLS_STAGES - 1) / steps * channels / busy
 
 
 def protocols(algo: str) -> tuple[str, ...]:

@@ -1,0 +1,70 @@
+"""One-machine NVLS as its kernel moves chunks (decision 028): enqueue.cc's chunk sizes worked
+by hand, the three-stage pipeline's fill (n + 2) / n over n chunk steps a channel, NCCL 2.18's
+channels filled in turn, and flow-model runs against the closed form."""
+import pytest
+from test_collectives_nccl import run_time
+
+from clustersim.core import nccl
+from clustersim.core.topogen import load_topology
+from sim import collectives
+
+KIB, MIB, GIB = 2**10, 2**20, 2**30
+H100_LINK = 450e9 * 20.6 / 25          # 18 NVLink4 lanes at NCCL's 20.6 GB/s (SM90_NVLINK_BW)
+RATIO = 5 / 6                           # NVLS's share (tuning.cc)
+
+
+@pytest.mark.parametrize("nbytes, chunk", [
+    (MIB, 16 * KIB),                    # below 2 x 16 x 8 x 32 KiB = 8 MiB
+    (8 * MIB, 32 * KIB),                # not below 8 MiB, below 8 x 128 x 64 KiB = 64 MiB
+    (64 * MIB, 64 * KIB),               # not below 64 MiB, below 64 x 128 x 128 KiB = 1 GiB
+    (GIB, 128 * KIB),                   # the largest chunk from 1 GiB on
+])
+def test_nvls_chunk_is_enqueue_ccs_on_16_channels_and_8_heads(nbytes, chunk):
+    assert nccl.nvls_chunk(nbytes, 8) == chunk
+
+
+def test_nvls_pipeline_fill_worked_by_hand():
+    """1 MiB on 8 GPUs: 16 KiB chunks, one step a channel, so the three stages run one after
+    another (3x the bytes' time); NCCL 2.18 gives channel c the bytes from c x 8 x 16 KiB on,
+    so 8 of 16 channels carry it (6x).  1 GiB: 64 steps of 128 KiB chunks, 66/64."""
+    assert nccl.nvls_pipeline(MIB, 8, "2.20.5") == 3.0
+    assert nccl.nvls_pipeline(MIB, 8, "2.18.5") == 6.0
+    assert nccl.nvls_pipeline(GIB, 8) == nccl.nvls_pipeline(GIB, 8, "2.18.5") == pytest.approx(66 / 64)
+    assert nccl.nvls_pipeline(2 * MIB, 8, "2.18.5") == 3.0            # every channel busy from 2 MiB
+    assert nccl.nvls_pipeline(8 * GIB, 8) == pytest.approx(514 / 512)
+    with pytest.raises(ValueError):
+        nccl.nvls_pipeline(MIB, 8, "latest")
+    topo = load_topology("dgx-h100")
+    with pytest.raises(ValueError):
+        collectives.layout(topo, "allreduce", "ring", topo.compute_devices(), MIB, version="2.x")
+
+
+@pytest.mark.parametrize("version, fill", [("2.20.3", 3.0), ("2.18.5", 6.0)])
+def test_nvls_at_one_mib_is_the_latency_plus_the_filled_pipeline_closed_form(version, fill):
+    """8 H100: 23 us + S 9/8 / (370.8 GB/s x 5/6) x fill; 2.20: 34.5 us, busbw 53.3 GB/s."""
+    topo = load_topology("dgx-h100")
+    devices = topo.compute_devices()
+    coll = collectives.layout(topo, "allreduce", "nvls", devices, MIB, version=version)
+    expected = 23e-6 + MIB * 9 / 8 / (H100_LINK * RATIO) * fill
+    assert run_time(topo, coll) == pytest.approx(expected, rel=1e-9)
+
+
+def test_auto_still_takes_nvls_at_one_mib_as_nccls_tuner_does():
+    """The fill is what the kernel costs, not what NCCL's tuner counts: auto keeps NVLS at
+    1 MiB (23 + 3.8 us predicted against ring LL's 35.9) and runs it with the fill."""
+    topo = load_topology("dgx-h100")
+    devices = topo.compute_devices()
+    [auto] = collectives.table(topo, "allreduce", "auto", [MIB], devices)
+    [nvls] = collectives.table(topo, "allreduce", "nvls", [MIB], devices)
+    assert auto["algo"] == "nvls" and auto["time_s"] == pytest.approx(nvls["time_s"], rel=1e-12)
+    [ring] = collectives.table(topo, "allreduce", "ring", [MIB], devices)
+    assert ring["algo"] == "ring" and ring["time_s"] != nvls["time_s"]
+
+
+def test_nvls_tree_takes_no_one_machine_fill():
+    """NVLS_TREE's chunking differs (enqueue.cc) and is not modelled: its run is unchanged."""
+    topo = load_topology("dgx-h100-fat-tree", machines=2)
+    devices = topo.compute_devices()
+    a = collectives.layout(topo, "allreduce", "nvls_tree", devices, MIB)
+    b = collectives.layout(topo, "allreduce", "nvls_tree", devices, MIB, version="2.18.5")
+    assert a.share == b.share == pytest.approx(RATIO)
