@@ -3,6 +3,7 @@ Each one loads (and plans) or is refused with a ConfigError -- never another exc
 import tomllib
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from clustersim.core.config import ConfigError
@@ -65,30 +66,39 @@ def load_or_refuse(fn):
         return None
 
 
-FUZZ = settings(max_examples=1200, deadline=None, suppress_health_check=list(HealthCheck))
+# make test draws 300 files of each kind; make test-all draws 1,200 more (slow).  A failing
+# draw is kept in .hypothesis/ and replayed first in every later run.
+EXAMPLES = [300, pytest.param(1200, marks=pytest.mark.slow)]
 
 
-@FUZZ
-@given(mutated(SCENARIOS))
-def test_mutated_scenarios_load_or_fail_cleanly(tmp_path_factory, data):
-    d = tmp_path_factory.mktemp("s")
-    (d / "m.toml").write_text(dump_toml(MODEL))
-    f = d / "s.toml"
-    f.write_text(dump_toml(data))
-    sc = load_or_refuse(lambda: load_scenario(f))
-    if sc is not None:
-        load_or_refuse(lambda: plan(sc))
+def fuzz(examples: int, strategy, check) -> None:
+    """``check`` on ``examples`` draws of ``strategy``."""
+    settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))(given(strategy)(check))()
 
 
-@FUZZ
-@given(mutated(TOPOLOGIES))
-def test_mutated_topologies_load_or_fail_cleanly(tmp_path_factory, data):
-    f = tmp_path_factory.mktemp("t") / "t.toml"
-    f.write_text(dump_toml(data))
-    topo = load_or_refuse(lambda: load_topology(str(f)))
-    if topo is not None:
-        devs = topo.compute_devices()
-        assert devs and all(topo.devices[d].is_compute for d in devs)
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_mutated_scenarios_load_or_fail_cleanly(tmp_path_factory, examples):
+    def check(data):
+        d = tmp_path_factory.mktemp("s")
+        (d / "m.toml").write_text(dump_toml(MODEL))
+        f = d / "s.toml"
+        f.write_text(dump_toml(data))
+        sc = load_or_refuse(lambda: load_scenario(f))
+        if sc is not None:
+            load_or_refuse(lambda: plan(sc))
+    fuzz(examples, mutated(SCENARIOS), check)
+
+
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_mutated_topologies_load_or_fail_cleanly(tmp_path_factory, examples):
+    def check(data):
+        f = tmp_path_factory.mktemp("t") / "t.toml"
+        f.write_text(dump_toml(data))
+        topo = load_or_refuse(lambda: load_topology(str(f)))
+        if topo is not None:
+            devs = topo.compute_devices()
+            assert devs and all(topo.devices[d].is_compute for d in devs)
+    fuzz(examples, mutated(TOPOLOGIES), check)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
