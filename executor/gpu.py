@@ -97,3 +97,9 @@ def stream_plan(ops, slot: int) -> dict[int, tuple[str, tuple[int, ...]]]:
         stream = stream_of(op)
         out[op.id] = (stream, tuple(d for d in op.deps if d in mine and stream_of(mine[d]) != stream))
     return out
+
+
+def copy_stream(xp):
+    """The stream a rank's transfers run on (``stream_of`` an ``xfer``: COPY): a CuPy stream
+    of its own beside the compute ops' current one; None for NumPy, which has no streams."""
+    return xp.cuda.Stream(non_blocking=True) if hasattr(xp, "cuda") else None

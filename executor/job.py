@@ -21,15 +21,19 @@ from clustersim.core.schedule import apply_cost
 from executor.psrank import ShardClient, message_buffer, serve, shard_runs, slot_segments
 from executor.checks import dataset, rank_role, serve_rule
 from executor.comm import common_start
+from executor.gpu import copy_stream, nccl_communicator
+from executor.nccl_transport import NcclTransport, allreduce_sum
 from executor.sandblaster_roles import SandblasterRoles
 
 
 class RankJob(SandblasterRoles):
-    """One rank's part of the job ``p``."""
+    """One rank's part of the job ``p``; ``nccl`` (``cupy.cuda.nccl`` or a module with its
+    calls) carries a worker's messages and allreduces, None: MPI does (``choose_transport``)."""
 
-    def __init__(self, p: Plan, world, xp, fail, args=None) -> None:
+    def __init__(self, p: Plan, world, xp, fail, args=None, nccl=None) -> None:
         from mpi4py import MPI
-        self.p, self.sc, self.world, self.xp = p, p.scenario, world, xp
+        self.p, self.sc, self.world, self.xp, self.nccl = p, p.scenario, world, xp, nccl
+        self.flat_xp = xp if nccl is not None else np          # where a worker's flat collectives run
         sc = self.sc
         self.args = args
         self.data = getattr(args, "loaded", None)              # MNIST from --data, checked in main
@@ -56,9 +60,11 @@ class RankJob(SandblasterRoles):
     def keys(self, j: int) -> list[tuple[int, int]]:
         return [(i, jj) for i, sl in enumerate(self.p.slices) for jj, _ in sl if jj == j and (i, jj) in self.sizes]
 
-    def flatten(self, arrays: dict, j: int) -> np.ndarray:
-        parts = [to_numpy(a).astype(np.float32, copy=False).ravel() for key in self.keys(j) for a in arrays[key]]
-        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    def flatten(self, arrays: dict, j: int, xp=np):
+        """Slot j's arrays as one float32 vector of ``xp`` (the host's NumPy by default)."""
+        parts = [(to_numpy(a) if xp is np else a).astype(np.float32, copy=False).ravel()
+                 for key in self.keys(j) for a in arrays[key]]
+        return xp.concatenate(parts) if parts else xp.zeros(0, np.float32)
 
     def unflatten(self, flat: np.ndarray, arrays: dict, j: int) -> None:
         pos = 0
@@ -72,6 +78,34 @@ class RankJob(SandblasterRoles):
         slot): what the shards cut into even ranges."""
         return np.concatenate([a.ravel() for i, sl in enumerate(self.p.slices) for j, _ in sl
                                if (i, j) in self.box_params for a in self.box_params[(i, j)]])
+
+    def join_nccl(self) -> None:
+        """A worker's NCCL communicators (over its replica, and over its slot's replicas:
+        collective, every worker calls this) and the copy stream they run on."""
+        self.stream = self.rep_nccl = self.slot_nccl = None
+        if self.nccl is not None:
+            self.stream = copy_stream(self.xp)
+            self.rep_nccl = nccl_communicator(self.rep, self.nccl) if self.M > 1 else None
+            self.slot_nccl = nccl_communicator(self.slot, self.nccl) if self.R > 1 else None
+
+    def transport(self, backward: bool = True):
+        """The replica's messages of a step (``backward`` False: an evaluation's forward pass)."""
+        if self.nccl is None:
+            return MPITransport(self.rep, self.xp, self.lost if backward else None)
+        return NcclTransport(self.p.ops, self.j, self.rep_nccl, self.nccl, self.xp, self.stream, backward)
+
+    def replica_sum(self, flat):
+        """``flat`` (a ``flat_xp`` vector) summed over the replicas' same slot: NCCL's allreduce
+        on this rank's GPU, else MPI's on the host; a new vector."""
+        if self.nccl is None:
+            total = np.empty_like(flat)
+            wait_buffer(self.slot.Iallreduce(flat, total))
+        else:
+            total = self.flat_xp.array(flat, copy=True)
+            allreduce_sum(self.slot_nccl, self.nccl, total, self.xp, self.stream)
+            if self.stream is not None:
+                self.stream.synchronize()           # its span times the allreduce, not its queueing
+        return total
 
     def runs_of(self, j: int) -> list:
         return shard_runs(slot_segments(self.p, j, self.sizes), self.total, self.S)
@@ -158,7 +192,8 @@ class RankJob(SandblasterRoles):
         params = {key: [xp.asarray(a) for a in arrs] for key, arrs in self.box_params.items() if key[1] == j}
         x_tr, y_tr, x_te, y_te = dataset(sc, sc.seed, self.data)
         batches = Batches(x_tr[r::self.R], y_tr[r::self.R], sc.batch_size, np.random.default_rng([sc.seed, r]))
-        transport = MPITransport(self.rep, xp, self.lost)
+        self.join_nccl()
+        transport = self.transport()
         devices = p.devices[r]
         me = devices[j]
         client = ShardClient(self.world, [self.M * self.R + k for k in range(self.S)], self.runs_of(j),
@@ -192,9 +227,9 @@ class RankJob(SandblasterRoles):
             t1 = time.perf_counter()
             if tr.algorithm == "sync" and not self.S:
                 if self.R > 1:                          # one flat buffer for the collective, then in place
-                    g = self.flatten(res.grads, j) if res.grads else np.zeros_like(flat)
-                    total = np.empty_like(g)
-                    wait_buffer(self.slot.Iallreduce(g, total))
+                    fx = self.flat_xp
+                    g = self.flatten(res.grads, j, fx) if res.grads else fx.zeros(flat.size, np.float32)
+                    total = self.replica_sum(g)
                     self.span("allreduce", "transfer", me, step, t1, time.perf_counter(), g.nbytes, 0.0, "allreduce")
                     self.unflatten(total, res.grads, j)
                 t2 = time.perf_counter()
@@ -208,9 +243,7 @@ class RankJob(SandblasterRoles):
                 flat -= tr.learning_rate * g
                 if sched.averages_after(step) and self.R > 1:
                     t2 = time.perf_counter()
-                    total = np.empty_like(flat)
-                    wait_buffer(self.slot.Iallreduce(flat, total))
-                    flat = total / self.R
+                    flat = to_numpy(self.replica_sum(self.flat_xp.asarray(flat))) / self.R
                     self.span("average", "transfer", me, step, t2, time.perf_counter(), flat.nbytes, 0.0, "allreduce")
                 self.unflatten(flat, params, j)
             else:
@@ -258,7 +291,7 @@ class RankJob(SandblasterRoles):
             client.done()
         acc = loss = None
         if evaluating:
-            acc, loss = evaluate(p, params, x_te, y_te, j, self.rep, self.xp)
+            acc, loss = evaluate(p, params, x_te, y_te, j, self.rep, self.xp, self.transport(backward=False))
         med = float(np.median(step_times)) if step_times else 0.0
         quiet = quiet_time(step_times)
         sent = client.sent if client else 0
@@ -268,10 +301,11 @@ class RankJob(SandblasterRoles):
                 "train_loss": float(np.mean(losses[-10:])) if losses else None}
 
 
-def evaluate(p, params, x, y, j: int, rep, xp) -> tuple[float, float]:
+def evaluate(p, params, x, y, j: int, rep, xp, transport=None) -> tuple[float, float]:
     """Accuracy and loss on held-out data (per position for a sequence model: labels
-    (N, T)); gathered on the replica's slot 0."""
-    res = run_step(p, {j}, params, xp.asarray(x), xp.asarray(y), MPITransport(rep, xp), xp=xp, backward=False)
+    (N, T)); gathered on the replica's slot 0.  ``transport``: MPI's over ``rep`` unless given."""
+    transport = transport if transport is not None else MPITransport(rep, xp)
+    res = run_step(p, {j}, params, xp.asarray(x), xp.asarray(y), transport, xp=xp, backward=False)
     last = len(p.slices) - 1
     pieces = rep.gather({key: to_numpy(arr) for key, arr in res.logits.items()}, root=0)
     if rep.rank != 0:

@@ -24,7 +24,9 @@ communicator), then, by algorithm:
 ``--fail K@S``: worker rank K stops at step S as a crashed machine would (it sends
 nothing more); asynchronous training carries on without it.  Rank 0 alone prints and
 writes files.  Spans are named by the Plan's devices, so executed and simulated traces
-line up.
+line up.  ``--transport``: a replica's messages and its slots' allreduce over NCCL on GPUs
+(``executor/nccl_transport.py``; ``auto``: where CuPy's NCCL works) or over MPI through
+the host; the parameter server's always over MPI.
 """
 from __future__ import annotations
 
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--trace")
     ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    ap.add_argument("--transport", default="auto", choices=("auto", "nccl", "mpi"),
+                    help="a replica's messages and allreduces: NCCL's (GPUs) or MPI's through the host")
     ap.add_argument("--fail")
     ap.add_argument("--checkpoint", help="folder where each shard keeps shard<k>.npz")
     ap.add_argument("--checkpoint-every", type=int, default=100)
@@ -69,12 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         check_checkpoint(args, sc)
         args.loaded = check_data(args.data, sc)
         xp = get_xp(args.device)
+        nccl = nccl_of(args, sc)
     except (ConfigError, ValueError) as exc:
         if world.rank == 0:
             print(f"clustersim: error: {exc}", file=sys.stderr)
         return 2
     try:
-        parts = world.gather(RankJob(p, world, xp, fail, args).go(), root=0)
+        parts = world.gather(RankJob(p, world, xp, fail, args, nccl).go(), root=0)
         if world.rank == 0:
             trace = merge_trace(p, [spans for _, spans, _ in parts], [steps for _, _, steps in parts])
             out = summary(p, trace, [part for part, _, _ in parts])
@@ -84,6 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:            # the other ranks would wait for this one forever: end them all
         abort(world, exc)
     return 0
+
+
+def nccl_of(args, sc):
+    """``cupy.cuda.nccl`` where the job's replicas run on NCCL (``choose_transport`` of
+    ``--transport``), else None (MPI); ConfigError where ``--transport nccl`` cannot run."""
+    from executor.nccl_transport import choose_transport, nccl_or_none
+    nccl = nccl_or_none() if args.device == "gpu" and args.transport != "mpi" else None
+    kind = choose_transport(args.transport, args.device, nccl is not None, sc.training.algorithm, bool(args.fail))
+    return nccl if kind == "nccl" else None
 
 
 def abort(world, exc: BaseException) -> None:

@@ -177,3 +177,77 @@ def test_each_rank_makes_its_own_gpu_current():
     assert got == [0, 1, 0, 1] and [cp.current for cp in cps] == [[0], [1], [0], [1]]
     with pytest.raises(ValueError, match="2 ranks on this machine but 1 GPUs"):
         use_local_gpu(FakeCupy(1), FakeComm(1, hosts, {}), "SHARED")
+
+
+# --- the transport of a job's replicas (executor/nccl_transport.py) -------------------------------
+@pytest.mark.parametrize("requested, device, have, algorithm, fail, want", [
+    ("auto", "gpu", True, "sync", False, "nccl"), ("auto", "gpu", False, "sync", False, "mpi"),
+    ("auto", "cpu", True, "sync", False, "mpi"), ("auto", "gpu", True, "sandblaster", False, "mpi"),
+    ("auto", "gpu", True, "downpour", True, "mpi"), ("mpi", "gpu", True, "sync", False, "mpi"),
+    ("nccl", "gpu", True, "downpour", False, "nccl")])
+def test_auto_is_nccl_on_gpus_where_it_works_and_the_job_allows(requested, device, have, algorithm, fail, want):
+    from executor.nccl_transport import choose_transport
+    assert choose_transport(requested, device, have, algorithm, fail) == want
+
+
+@pytest.mark.parametrize("device, have, algorithm, fail, words", [
+    ("cpu", True, "sync", False, "needs --device gpu"), ("gpu", False, "sync", False, "needs CuPy with NCCL"),
+    ("gpu", True, "sandblaster", False, "sandblaster"), ("gpu", True, "sync", True, "crashed rank")])
+def test_nccl_where_it_cannot_run_is_one_line_naming_the_option(device, have, algorithm, fail, words):
+    from clustersim.core.config import ConfigError
+    from executor.nccl_transport import choose_transport
+    with pytest.raises(ConfigError, match=words) as err:
+        choose_transport("nccl", device, have, algorithm, fail)
+    assert str(err.value).startswith("--transport: nccl: ") and "\n" not in str(err.value)
+
+
+def test_transfers_get_a_cupy_stream_of_their_own_and_numpy_none():
+    import numpy
+    from executor.gpu import copy_stream
+    made = []
+    fake = SimpleNamespace(cuda=SimpleNamespace(Stream=lambda non_blocking: made.append(non_blocking) or "copy"))
+    assert copy_stream(fake) == "copy" and made == [True]
+    assert copy_stream(numpy) is None
+
+
+@pytest.mark.parametrize("extra", [[], ["--device", "gpu"]])
+def test_execute_with_nccl_and_no_gpu_exits_2_in_one_line(tmp_path, capsys, extra):
+    from clustersim.cli import main
+    if cupy_or_none() is not None:                     # pragma: no cover - GPU hosts
+        pytest.skip("a GPU is visible here")
+    assert main(["execute", str(ROOT / "scenarios" / "quickstart.toml"), "--transport", "nccl", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("clustersim: error: --transport: nccl: ")
+
+
+def test_gpu_runs_take_nccl_by_default_as_validate_gpu_starts_them():
+    """``make validate-gpu`` runs ``clustersim execute --device gpu`` (compare.validate) with
+    no --transport: the ranks then choose auto, which is NCCL where CuPy's NCCL works."""
+    from clustersim.cli import parser
+    from executor.nccl_transport import choose_transport
+    from executor.ranks import nccl_of
+    args = parser().parse_args(["execute", "s.toml", "--device", "gpu"])
+    assert args.transport == "auto"
+    assert choose_transport(args.transport, "gpu", True) == "nccl"
+    sc = SimpleNamespace(training=SimpleNamespace(algorithm="sync"))
+    assert nccl_of(SimpleNamespace(device="cpu", transport="auto", fail=None), sc) is None
+    if cupy_or_none() is None:                        # here: no CuPy, so MPI
+        assert nccl_of(SimpleNamespace(device="gpu", transport="auto", fail=None), sc) is None
+
+
+@pytest.mark.skipif(cupy_or_none() is None, reason="needs CuPy with NCCL and a visible GPU")
+def test_nccl_allreduce_on_the_copy_stream_is_ordered_after_the_compute_that_fed_it():   # pragma: no cover
+    import cupy
+    from mpi4py import MPI
+    from executor.gpu import copy_stream
+    from executor.nccl_transport import allreduce_sum, nccl_or_none
+    nccl = nccl_or_none()
+    if nccl is None:
+        pytest.skip("needs CuPy built with NCCL")
+    with cupy.cuda.Device(0):
+        comm, stream = nccl_communicator(MPI.COMM_SELF, nccl), copy_stream(cupy)
+        x = cupy.zeros(1 << 20, cupy.float32)
+        x += 3.0                                    # queued on the compute stream before the allreduce
+        allreduce_sum(comm, nccl, x, cupy, stream)
+        x *= 2.0                                    # queued after it: waits for the copy stream
+        assert float(x.sum()) == 6.0 * (1 << 20)

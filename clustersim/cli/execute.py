@@ -5,7 +5,7 @@ import subprocess
 from pathlib import Path
 
 from clustersim import api
-from clustersim.cli.args import scenario_args
+from clustersim.cli.args import scenario_args, transport_arg
 
 
 def add(sub) -> None:
@@ -13,6 +13,7 @@ def add(sub) -> None:
     scenario_args(e)
     e.add_argument("--ranks", type=int, default=0, help="MPI ranks (default: model_parallel x replicas)")
     e.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    transport_arg(e)
     e.add_argument("--trace", metavar="FILE", help="write the merged Chrome trace of all ranks")
     e.add_argument("--fail", metavar="rank=K@step=S", help="worker rank K stops at step S like a crashed machine")
     e.add_argument("--checkpoint", metavar="DIR", help="parameter-server shards checkpoint here")
@@ -34,7 +35,11 @@ def run(args) -> int:
     parse_fail(args.fail, sc)
     check_checkpoint(args, sc)
     check_data(args.data, sc)
-    extra = []
+    extra = ["--transport", args.transport] if args.transport != "auto" else []
+    if args.transport == "nccl":            # here, in one line, rather than on every rank
+        from executor.nccl_transport import choose_transport, nccl_or_none
+        choose_transport("nccl", args.device, args.device == "gpu" and nccl_or_none() is not None,
+                         sc.training.algorithm, bool(args.fail))
     if args.fail:
         extra += ["--fail", args.fail]
     if args.checkpoint:
