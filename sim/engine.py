@@ -101,8 +101,9 @@ class Engine:
 
     def _graph_info(self, plan: Plan) -> tuple:
         """Successor lists, each compute op's next on its slot in the Plan's order (-1: the
-        last), backward-op counts per slot and each op's key in measured op costs (its layer
-        kind, ``.backward`` for backward ops) of a plan's step graph (cached)."""
+        last), the successor lists with that next op added, backward-op counts per slot, each
+        op's key in measured op costs (its layer kind, ``.backward`` for backward ops) and
+        span name of a plan's step graph (cached: every replica's step repeats them)."""
         key = id(plan)
         if key not in self._graphs:
             succ: list[list[int]] = [[] for _ in plan.ops]
@@ -122,7 +123,9 @@ class Engine:
             for op in plan.ops:
                 if op.kind == "bwd":
                     per_layer[(op.slot, op.layer)] = per_layer.get((op.slot, op.layer), 0) + 1
-            self._graphs[key] = (plan, succ, following, bwd, keys, per_layer, works)
+            chained = [s + [nxt] if nxt >= 0 else s for s, nxt in zip(succ, following)]
+            names = [f"{op.why if op.kind == 'xfer' else op.kind} L{op.layer}" for op in plan.ops]
+            self._graphs[key] = (plan, succ, following, bwd, keys, per_layer, works, chained, names)
         return self._graphs[key]
 
     # --- faults ------------------------------------------------------------------------------
@@ -330,10 +333,12 @@ class Engine:
         at a time in the Plan's order (the pipeline schedule), each once the one before has
         finished, as a stream of kernels runs; a shared device gets each as it is ready.  Ops
         on failed devices never start."""
-        plan, succ, following, bwd_per_slot, keys, bwd_per_layer, works = self._graph_info(plan or self.plan)
+        plan, succ, following, bwd_per_slot, keys, bwd_per_layer, works, chained, names = \
+            self._graph_info(plan or self.plan)
         env = self.env
         ops, devices = plan.ops, self.plan.devices[replica]
         in_order = [self.compute.in_order(d) for d in devices]
+        successors = [chained if ordered else succ for ordered in in_order]     # per slot
         waiting = [len(op.deps) for op in ops]
         for op in ops:
             if following[op.id] >= 0 and in_order[op.slot]:
@@ -350,17 +355,16 @@ class Engine:
                 return                                   # a failed device computes and sends nothing
             if op.kind == "xfer":
                 src, dst = devices[op.slot], devices[op.dst]
-                ev = self.transfer(src, dst, op.bytes, replica, step, f"{op.why} L{op.layer}", op.why,
+                ev = self.transfer(src, dst, op.bytes, replica, step, names[op.id], op.why,
                                    what=".reduction" if op.why == "reduction" else "",
                                    speed=self._nccl_speed if self._nccl_piece(op, src, dst) else None)
             else:
                 ev = self.compute_op(devices[op.slot], op.flops, op.bytes, replica, step,
-                                     f"{op.kind} L{op.layer}", op.kind, key=keys[op.id], work=works[op.id])
+                                     names[op.id], op.kind, key=keys[op.id], work=works[op.id])
             ev.callbacks.append(lambda _e: finish(op))
 
         def finish(op) -> None:
-            nxt = following[op.id] if in_order[op.slot] else -1
-            for s in succ[op.id] + ([nxt] if nxt >= 0 else []):
+            for s in successors[op.slot][op.id]:
                 waiting[s] -= 1
                 if waiting[s] == 0:
                     launch(ops[s])

@@ -139,9 +139,10 @@ def _filling_arrays(flows, capacity) -> dict[FlowId, float]:
     fids = [fid for fid, w in flows.items() if w]
     if not fids:
         return rates
-    at: dict[Link, int] = {}
-    f_link = np.array([at.setdefault(link, len(at)) for f in fids for link in flows[f]], dtype=np.int64)
-    f_w = np.array([n for f in fids for n in flows[f].values()], dtype=float)
+    entries = list(chain.from_iterable(flows[f] for f in fids))           # each flow's links, in flow order
+    at: dict[Link, int] = {link: i for i, link in enumerate(dict.fromkeys(entries))}   # by first use
+    f_link = np.fromiter(map(at.__getitem__, entries), dtype=np.int64, count=len(entries))
+    f_w = np.fromiter(chain.from_iterable(flows[f].values() for f in fids), dtype=float, count=len(entries))
     f_ptr = np.zeros(len(fids) + 1, dtype=np.int64)
     f_ptr[1:] = np.cumsum([len(flows[f]) for f in fids])
     left = np.array(list(_capacities(capacity, at).values()))

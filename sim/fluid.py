@@ -28,8 +28,14 @@ class _Job:
     __slots__ = ("links", "key", "amount", "remaining", "rate", "since", "event", "finish")
 
     def __init__(self, links: dict[int, float], amount: float, event: simpy.Event, now: float):
-        self.links, self.key, self.amount, self.remaining = links, tuple(links.items()), amount, amount
+        self.links, self.key, self.amount, self.remaining = links, None, amount, amount
         self.rate, self.since, self.event, self.finish = 0.0, now, event, float("inf")
+
+    def solve_key(self) -> tuple:
+        """(resource, weight) pairs: this job's part of a remembered solve's key (made once)."""
+        if self.key is None:
+            self.key = tuple(self.links.items())
+        return self.key
 
 
 # Solves remembered, by the jobs' (resource, weight) lists in start order: a step that
@@ -68,10 +74,10 @@ class Fluid:
         if amount <= 0 or not weights:
             event.succeed()
             return event
-        index, links = self._index, {}
-        for res, n in weights.items():
-            i = index.get(res)
-            links[self._new_resource(res) if i is None else i] = n
+        ids = list(map(self._index.get, weights))          # a collective's job loads thousands of links
+        if None in ids:
+            ids = [self._new_resource(res) if i is None else i for i, res in zip(ids, weights)]
+        links = dict(zip(ids, weights.values()))
         jid = next(self._ids)
         users_at = self._users_at
         for i in links:
@@ -151,7 +157,7 @@ class Fluid:
             rates = ((jid, capacity[resources[i]] / n),)
         else:
             order = sorted(comp)
-            key = tuple([jobs[jid].key for jid in order])
+            key = tuple([jobs[jid].solve_key() for jid in order])
             found = self._memo.get(key)
             if found is None:
                 solved = max_min_rates({jid: jobs[jid].links for jid in order},
@@ -187,11 +193,15 @@ class Fluid:
         self._memo_entries += size
 
     def _schedule(self) -> None:
-        while self._heap and (self._heap[0][1] not in self.jobs
-                              or self.jobs[self._heap[0][1]].finish != self._heap[0][0]):
-            heapq.heappop(self._heap)                       # stale entry
-        if self._heap and self._heap[0][0] < self._wake_at:
-            self._wake_at = self._heap[0][0]
+        heap, jobs = self._heap, self.jobs
+        while heap:
+            finish, jid = heap[0]
+            job = jobs.get(jid)
+            if job is not None and job.finish == finish:
+                break
+            heapq.heappop(heap)                              # stale entry
+        if heap and heap[0][0] < self._wake_at:
+            self._wake_at = heap[0][0]
             self._timer = self.env.timeout(max(0.0, self._wake_at - self.env.now))
             self._timer.callbacks.append(self._wake)
 
@@ -202,25 +212,27 @@ class Fluid:
         if event is not self._timer:
             return                                  # superseded by an earlier wake-up
         self._wake_at, self._timer = float("inf"), None
-        now = self.env.now
+        now, heap, jobs = self.env.now, self._heap, self.jobs
         finished: dict[int, None] = {}     # ordered set: one job may sit in the heap twice
-        while self._heap:
-            finish, jid = self._heap[0]
-            job = self.jobs.get(jid)
+        while heap:
+            finish, jid = heap[0]
+            job = jobs.get(jid)
             if job is None or job.finish != finish:
-                heapq.heappop(self._heap)
+                heapq.heappop(heap)
                 continue
             if finish > now:
                 break
-            heapq.heappop(self._heap)
+            heapq.heappop(heap)
             finished[jid] = None
         neighbours: set[int] = set()
         users_at = self._users_at
         for jid in finished:
-            job = self.jobs.pop(jid)
+            job = jobs.pop(jid)
             for i in job.links:
-                users_at[i].discard(jid)
-                neighbours |= users_at[i]
+                users = users_at[i]
+                users.discard(jid)
+                if users:
+                    neighbours |= users
             job.event.succeed()
         if neighbours:
             self._mark(neighbours)
