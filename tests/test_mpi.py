@@ -186,6 +186,7 @@ def test_sigkill_then_resume_loses_no_update_before_the_checkpoint(tmp_path):
     assert out["accuracy"] == pytest.approx(acc)
 
 
+@pytest.mark.slow    # make test: ..._without_the_replica_of_a_crashed_slot goes on past a lost replica the same way
 def test_sync_with_a_backup_worker_goes_on_after_a_crash(tmp_path):
     out = execute(tmp_path, SYNC.format(mp=1, r=3, steps=200), "--set", "parallel.ps_shards=1",
                   "--set", "training.backup_workers=1", "--fail", "rank=2@step=20")
@@ -214,6 +215,8 @@ def test_sandblaster_on_real_ranks_survives_a_crashed_replica(tmp_path):
     assert out["accuracy"] >= 0.9             # 0.944 in runs here: every unit counts, whoever ran it (chance 0.1)
 
 
+@pytest.mark.slow    # make test: ..._of_a_crashed_slot trains two-slot replicas (spatial), test_exec_sandblaster_layout
+                     # (layers)
 @pytest.mark.parametrize("split", ["spatial", "layers"])
 def test_sandblaster_with_two_slots_per_replica_trains_on_real_ranks(tmp_path, split):
     text = SANDBLASTER.format(mp=2, r=2, steps=60).replace("replicas = 2", f'replicas = 2\nsplit = "{split}"')

@@ -30,7 +30,9 @@ def rank_main(out: Path, m: int, pipeline: int, micro: int, sp: int) -> None:
 
 
 @pytest.mark.skipif(not MPIEXEC.exists(), reason="the mpich wheel is not installed")
-@pytest.mark.parametrize("m, pipeline, micro, sp", [(2, 1, 1, 0), (2, 2, 2, 0), (2, 2, 2, 1)])
+@pytest.mark.parametrize("m, pipeline, micro, sp", [
+    pytest.param(2, 1, 1, 0, marks=pytest.mark.slow),   # make test: tensor 2 inside both stages below, and
+    (2, 2, 2, 0), (2, 2, 2, 1)])                         # test_train_mpi's gpt-tiny tensor 2 step
 def test_tensor_step_on_ranks_equals_one_process(tmp_path, m, pipeline, micro, sp):
     from test_tensor_parallel import TINY_GPT, assert_equals_net, tensor_plan
     ranks = m * pipeline

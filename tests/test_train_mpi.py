@@ -53,8 +53,12 @@ def split_step(tmp_path, name, tensor, pipeline, split):
     return p, full, x, y, loss, grads
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("name, tensor, pipeline, split", [
-    ("gpt-tiny", 2, 1, "spatial"), ("gpt-tiny", 4, 1, "spatial"), ("gpt-tiny", 2, 1, "tensor"),
+    pytest.param("gpt-tiny", 2, 1, "spatial", marks=SLOW),       # make test: the spatial cuts over 4 ranks
+    ("gpt-tiny", 4, 1, "spatial"), ("gpt-tiny", 2, 1, "tensor"),
     ("gpt-tiny", 4, 1, "tensor"), ("resnet-digits", 2, 1, "tensor")])
 def test_a_tensor_parallel_step_on_real_ranks_equals_the_single_process_step(tmp_path, name, tensor, pipeline, split):
     """Issue 17's done-when: heads, features and vocabulary cut over 2 and 4 ranks (4 ranks
@@ -88,10 +92,11 @@ def reference_run(name: str, steps: int, lr: float, batch: int, seed: int = 0) -
     return {"train_loss": float(np.mean(losses[-10:])), "accuracy": acc, "loss": test_loss}
 
 
-@pytest.mark.parametrize("name, tensor, pipeline, split", [
-    ("resnet-digits", 2, 1, "spatial"), ("resnet-digits", 1, 2, "spatial"), ("resnet-digits", 2, 1, "tensor"),
-    ("gpt-tiny", 2, 1, "spatial"), ("gpt-tiny", 2, 1, "tensor"),
-    ("gpt-tiny", 1, 2, "spatial")])
+@pytest.mark.parametrize("name, tensor, pipeline, split", [   # make test: each split trained by execute once,
+    ("resnet-digits", 2, 1, "spatial"), ("resnet-digits", 1, 2, "spatial"),   # each model's split steps checked above
+    pytest.param("resnet-digits", 2, 1, "tensor", marks=SLOW),
+    pytest.param("gpt-tiny", 2, 1, "spatial", marks=SLOW), ("gpt-tiny", 2, 1, "tensor"),
+    pytest.param("gpt-tiny", 1, 2, "spatial", marks=SLOW)])
 def test_execute_trains_split_models_with_the_losses_of_one_process(tmp_path, name, tensor, pipeline, split):
     """``clustersim execute`` of the scenario's model split over 2 ranks (spatial, Megatron's
     tensor split, or pipeline), 4 steps: the training and held-out losses and the accuracy
