@@ -23,7 +23,8 @@ def cosim(name: str, sets: list[str]) -> dict:
 
 @pytest.mark.parametrize("name, algorithm, lr, time_limit_s, above", [
     ("resnet-digits", "downpour", 0.05, 0.02, 0.5), ("resnet-digits", "sync", 0.2, 0.02, 0.5),
-    ("gpt-tiny", "downpour", 0.1, 0.05, 0.4), ("gpt-tiny", "sync", 0.2, 0.05, 0.4)])
+    pytest.param("gpt-tiny", "downpour", 0.1, 0.05, 0.4, marks=pytest.mark.slow),   # make test: Downpour beyond
+    ("gpt-tiny", "sync", 0.2, 0.05, 0.4)])                                           # the MLP, the corpus by sync
 def test_cosimulated_accuracy_rises_above_chance(name, algorithm, lr, time_limit_s, above):
     d = for_model(zoo_model(name), 0)
     no_learning = max(1 / d.classes, float(np.bincount(d.y_test.ravel()).max() / d.y_test.size))
