@@ -15,10 +15,12 @@
   ``flow_rate_ratio_simgrid`` where Debian's ``python3-simgrid`` imports, else null with
   a note;
 - ``peak_rss_mib`` of this process.  Figures are medians (rates) or best-of (walls);
-  compare ratios, not absolute rates, on a shared machine.
+  compare ratios, not absolute rates, on a shared machine.  Each wall comes split into
+  ``load_s`` (scenario and topology), ``plan_s`` and ``simulate_s``, with its CPU seconds.
 
     make bench        # or: python benchmarks/bench_sim.py [--quick]
     python benchmarks/bench_sim.py --against /tmp/old   # flow sets only, this sim/ over another checkout's
+    python benchmarks/bench_sim.py --against /tmp/old --dgx 128 1250   # alexnet steps, alternating subprocesses
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import json
 import math
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -103,13 +106,15 @@ ASYNC_REPLICAS = {"downpour": (200, 20), "sandblaster": (2000, 200)}   # the iss
 
 
 def run_engine(data: dict) -> dict:
-    """Load, plan and simulate: wall seconds of each and of the whole."""
-    t0 = time.perf_counter()
-    p = plan(scenario_from_dict(data, "bench.toml"))
+    """Load, plan and simulate: wall seconds of each and of the whole, and CPU seconds."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    sc = scenario_from_dict(data, "bench.toml")
     t1 = time.perf_counter()
+    p = plan(sc)
+    t2 = time.perf_counter()
     res = simulate(p)
-    return {"plan_s": t1 - t0, "simulate_s": res.wall_s, "wall_s": time.perf_counter() - t0,
-            "events": res.sim_events, "sim_time_s": res.sim_time_s}
+    return {"load_s": t1 - t0, "plan_s": t2 - t1, "simulate_s": res.wall_s, "wall_s": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - c0, "events": res.sim_events, "sim_time_s": res.sim_time_s}
 
 
 def event_rates(repeats: int) -> dict:
@@ -243,6 +248,35 @@ def flow_rates_against(tree: Path, repeats: int) -> dict:
     return {"against": str(tree), "repeats": repeats, "flow_sets": out}
 
 
+def walls_against(tree: Path, dgx_counts: list[int], repeats: int) -> dict:
+    """Alexnet steps (``alexnet(dgx)``) with this checkout and with ``tree``, each run in a
+    subprocess of its own, alternating (A B, B A, ...): medians of wall, CPU and the split,
+    their ratios (that over this: > 1 is faster here), and whether the simulated times agree."""
+    this = Path(__file__).resolve().parents[1]
+    out = {}
+    for dgx in dgx_counts:
+        runs: dict[str, list[dict]] = {"this": [], "that": []}
+        for i in range(repeats):
+            for side in (("that", "this") if i % 2 == 0 else ("this", "that")):
+                root = this if side == "this" else tree.resolve()
+                # that tree's packages, imported first, then this file's bench (its path insert comes too late)
+                code = ("import json, sys; sys.path.insert(0, sys.argv[1]); "
+                        "import clustersim.core.plan, clustersim.core.scenario, sim.engine, sim.fluid; "
+                        "sys.path.insert(1, sys.argv[2]); import bench_sim as b; "
+                        "print(json.dumps(b.run_engine(b.alexnet(int(sys.argv[3])))))")
+                done = subprocess.run([sys.executable, "-c", code, str(root), str(this / "benchmarks"), str(dgx)],
+                                      cwd=root, capture_output=True, text=True, check=True)
+                runs[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        med = {side: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "cpu_s", "load_s", "plan_s",
+                                                                        "simulate_s", "events")}
+               for side, rs in runs.items()}
+        out[dgx] = {"this": med["this"], "that": med["that"],
+                    "wall_ratio": med["that"]["wall_s"] / med["this"]["wall_s"],
+                    "cpu_ratio": med["that"]["cpu_s"] / med["this"]["cpu_s"],
+                    "sim_time_equal": {r["sim_time_s"] for r in runs["this"]} == {r["sim_time_s"] for r in runs["that"]}}
+    return {"against": str(tree), "repeats": repeats, "alexnet": out}
+
+
 def time_exponent(points: list[tuple[int, float]]) -> float:
     """Least-squares slope of log(wall) on log(devices)."""
     xs = [math.log(d) for d, _ in points]
@@ -268,7 +302,12 @@ def main() -> None:
                     help="Downpour and Sandblaster at the issue's size (200 and 2,000 replicas; minutes each here)")
     ap.add_argument("--against", type=Path, metavar="DIR",
                     help="only the flow sets, side by side with the sim/ of the checkout at DIR")
+    ap.add_argument("--dgx", type=int, nargs="+", metavar="N",
+                    help="with --against: alexnet steps on N DGX instead of the flow sets")
     args = ap.parse_args()
+    if args.against and args.dgx:
+        print(json.dumps(walls_against(args.against, args.dgx, args.repeats)))
+        return
     if args.against:
         print(json.dumps(flow_rates_against(args.against, args.repeats)))
         return
@@ -276,11 +315,10 @@ def main() -> None:
     out.update(event_rates(args.repeats))
     scale = SCALE_DGX[:-1] if args.quick else SCALE_DGX
     walls = {dgx: best_wall(alexnet(dgx), args.best if dgx < 1000 else max(1, args.best - 2)) for dgx in scale}
-    out["wall_s_1024"] = walls[128]["wall_s"]
-    out["plan_s_1024"], out["simulate_s_1024"] = walls[128]["plan_s"], walls[128]["simulate_s"]
-    if 1250 in walls:
-        out["wall_s_10000"] = walls[1250]["wall_s"]
-        out["events_10000"] = walls[1250]["events"]
+    for dgx, suffix in ((128, "1024"), (1250, "10000")):
+        if dgx in walls:
+            for key in ("wall_s", "cpu_s", "load_s", "plan_s", "simulate_s", "events"):
+                out[f"{key}_{suffix}"] = walls[dgx][key]
     out["time_exponent"] = time_exponent([(dgx * GPUS_PER_DGX, w["wall_s"]) for dgx, w in walls.items()])
     if not args.quick:
         for name, make in (("downpour", downpour), ("sandblaster", sandblaster)):
