@@ -154,12 +154,18 @@ class Engine:
         topology = topology or now
         if not self.shortcut or topology is not now:
             return _link_names(topology.route(src, dst))
-        if self._names_of is not now:               # a cut link gave the engine a new one
-            self._names, self._names_of = {}, now
-        names = self._names.get((src, dst))
+        known = self._names_on(now)
+        names = known.get((src, dst))
         if names is None:
-            names = self._names[(src, dst)] = _link_names(topology.route(src, dst))
+            names = known[(src, dst)] = _link_names(topology.route(src, dst))
         return names
+
+    def _names_on(self, topology: Topology) -> dict[tuple[str, str], tuple[str, ...]]:
+        """The link names kept for ``topology``: none yet when it is new (a cut link gave
+        the engine a new one)."""
+        if self._names_of is not topology:
+            self._names, self._names_of = {}, topology
+        return self._names
 
     def lost(self, devices: list[str]) -> simpy.Event:
         """Fires when any of ``devices`` fails (at once if one is down already)."""
@@ -290,16 +296,19 @@ class Engine:
             coll = collectives.layout(self.network.topology, op, algo, devices, nbytes, cache=self._collectives)
         except NoRoute as exc:                 # the tuner's trial run found a route cut
             return self._block(f"{exc} (a link cut)", name)
-        topology, names = self.network.topology, self.link_names
+        topology, names, failed = self.network.topology, self.link_names, self.failed
+        known = self._names_on(topology) if self.shortcut else {}      # pairs routed on it before
         for ph in coll.phases:                 # a member gone or cut off: it never completes
             for pair in ph.pairs:
-                for end in pair:
-                    if not self.alive(end):
-                        return self._block(end, f"{name} over {len(devices)} devices")
-                try:
-                    names(*pair)
-                except LookupError:
-                    return self._block(f"the route {pair[0]}->{pair[1]} (a link cut)", name)
+                if failed:
+                    for end in pair:
+                        if end in failed:
+                            return self._block(end, f"{name} over {len(devices)} devices")
+                if pair not in known:
+                    try:
+                        names(*pair)
+                    except LookupError:
+                        return self._block(f"the route {pair[0]}->{pair[1]} (a link cut)", name)
 
         measured = self._host_collective(op, devices, nbytes, replica, step, name)
         if measured is not None:
