@@ -152,8 +152,9 @@ class NcclTransport:
         return out
 
     def flush(self) -> None:
-        """Issues what is left of the step's messages and waits for them (their buffers are
-        then free); every transfer of the order must have been sent or asked for."""
+        """Issues what is left of the step's messages and waits for them and for the compute
+        queued so far (the buffers are then free, and the step's time ends with its work);
+        every transfer of the order must have been sent or asked for."""
         self._issue()
         if self.issued != len(self.order):
             missing = self.order[self.issued]
@@ -161,6 +162,7 @@ class NcclTransport:
                                f"{'sent' if missing in self.sending else 'received'} this step")
         if self.stream is not None:
             self.stream.synchronize()
+            self._compute().synchronize()
         self.in_flight.clear()
         self.issued = 0
 
