@@ -41,11 +41,24 @@ def test_a_case_is_predicted_as_the_collective_command_does(tmp_path):
         "cases": 1, "median_abs_error_pct": abs(row["error_pct"]), "worst_abs_error_pct": abs(row["error_pct"])}
 
 
-def test_a_bad_case_is_one_line_naming_the_field(tmp_path, capsys):
-    (tmp_path / "bad.toml").write_text(CASE.replace("value = 100.0", "value = -1"))
+@pytest.mark.parametrize("old,new,field", [("value = 100.0", "value = -1", "reference.value"),
+                                           ("bytes = 1048576", 'bytes = 1048576\nnccl = "2.x"', "collective.nccl")])
+def test_a_bad_case_is_one_line_naming_the_field(tmp_path, capsys, old, new, field):
+    (tmp_path / "bad.toml").write_text(CASE.replace(old, new))
     assert main(["published", "--dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "bad.toml: reference.value" in err
+    assert len(err.splitlines()) == 1 and f"bad.toml: {field}" in err
+
+
+def test_a_case_runs_the_nccl_version_it_names(tmp_path):
+    """NVLS at 1 MiB on one DGX H100: NCCL 2.18 leaves half its channels idle there
+    (decision 028), so the case naming 2.18.5 predicts a lower busbw than 2.20.3's."""
+    nvls = CASE.replace('algo = "ring"', 'algo = "nvls"')
+    (tmp_path / "a.toml").write_text(nvls)
+    (tmp_path / "b.toml").write_text(nvls.replace('name = "tiny"', 'name = "old"') + 'nccl = "2.18.5"\n')
+    rows = {r["name"]: r["predicted"] for r in api.published(tmp_path)}
+    [new] = api.collective("dgx-h100", "allreduce", "nvls", [2**20])
+    assert rows["tiny"] == pytest.approx(new["busbw_gbps"]) and rows["old"] < rows["tiny"]
 
 
 def test_tflops_per_gpu_is_the_publications_flops_over_the_predicted_step_and_devices(tmp_path):

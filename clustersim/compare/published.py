@@ -4,7 +4,8 @@ Each file is one public measurement: a ``[reference]`` table (source, hardware, 
 metric, unit, value; ``fitted = true`` when the figure set a model parameter, scored apart;
 ``note``) and what to predict, either
 - ``[collective]``: topology, machines, op, algo (what the measurement ran: ``auto`` for
-  NCCL's default), bytes; the metric is ``busbw_gbps`` or ``time_us`` of that size; or
+  NCCL's default), bytes, nccl (the NCCL version it ran, where the model depends on it:
+  2.20.3 unless given); the metric is ``busbw_gbps`` or ``time_us`` of that size; or
 - ``[scenario]``: file (beside this one), ``set`` (dotted keys), metric ``samples_per_s``,
   ``step_time_s``, ``speedup`` (samples/s over the same scenario with ``baseline`` set) or
   ``tflops_per_gpu``: the publication's own count of a step's FLOPs (``flops_per_step``, as
@@ -19,6 +20,7 @@ import statistics
 import tomllib
 from pathlib import Path
 
+from clustersim.core import nccl
 from clustersim.core.config import ConfigError, Table
 from clustersim.core.collective import ALGOS, OPS
 from clustersim.core.plan import plan
@@ -51,8 +53,12 @@ def load_case(path: Path) -> dict:
         c = top.table("collective")
         case.update(kind="collective", topology=c.str("topology"), machines=c.int("machines", 0, lo=0),
                     op=c.str("op", "allreduce", choices=OPS), algo=c.str("algo", "auto", choices=ALGOS),
-                    bytes=c.int("bytes", lo=1), gpus=c.int("gpus", 0, lo=0),
+                    bytes=c.int("bytes", lo=1), gpus=c.int("gpus", 0, lo=0), nccl=c.str("nccl", nccl.VERSION),
                     metric=c.str("metric", "busbw_gbps", choices=COLLECTIVE_METRICS))
+        try:
+            nccl.version_tuple(case["nccl"])
+        except ValueError as exc:
+            raise c.error("nccl", str(exc)) from None
         c.done()
     else:
         s = top.table("scenario")
@@ -81,7 +87,7 @@ def predict(case: dict) -> float:
         topo = load_topology(case["topology"], Path(case["file"]).parent, case["machines"] or None)
         devices = topo.compute_devices()
         devices = devices[:case["gpus"]] if case["gpus"] else devices
-        [row] = collectives.table(topo, case["op"], case["algo"], [case["bytes"]], devices)
+        [row] = collectives.table(topo, case["op"], case["algo"], [case["bytes"]], devices, version=case["nccl"])
         return row["busbw_gbps"] if case["metric"] == "busbw_gbps" else row["time_s"] * 1e6
     run = _simulated(case["scenario"], case["set"])
     if case["metric"] == "speedup":
