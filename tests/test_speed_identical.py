@@ -55,3 +55,24 @@ def test_fast_paths_give_the_plain_paths_answers(monkeypatch, name):
     plain = _run(CASES[name])
     assert fast[0] == plain[0] and fast[1] == plain[1] and fast[3] == plain[3]
     assert fast[2] == plain[2]
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_a_job_joining_a_lone_one_at_the_same_instant_shares_from_the_start(monkeypatch, shortcut):
+    """Capacity 2: A (1 unit) alone is solved at once; B (3 units) joins at t = 0, so both run
+    at 1 until A ends at t = 1; B then runs at 2, and C (1 unit) joins it at t = 1.5, when B
+    has 1 unit left: both at 1, ending together at t = 2.5."""
+    import simpy
+    monkeypatch.setattr(Fluid, "shortcut", shortcut)
+    env = simpy.Environment()
+    fluid = Fluid(env, {"r": 2.0})
+    ends = {}
+
+    def job(name, at, amount):
+        yield env.timeout(at)
+        yield fluid.start({"r": 1}, amount)
+        ends[name] = env.now
+    for name, at, amount in (("A", 0.0, 1.0), ("B", 0.0, 3.0), ("C", 1.5, 1.0)):
+        env.process(job(name, at, amount))
+    env.run()
+    assert ends == {"A": 1.0, "B": 2.5, "C": 2.5}
