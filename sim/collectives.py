@@ -5,10 +5,12 @@ NICs of each machine (``clustersim.core.collective``), and, where every member i
 NCCL's protocol and cost model (``clustersim.core.nccl``): ``auto`` picks ring, tree or
 NVLink SHARP (where NCCL 2.20 would: allreduce, compute capability 9.0+, an NVSwitch, more
 than 2 GPUs a machine) and LL / LL128 / Simple by NCCL's predicted time, using the
-bandwidth the flow model gives each algorithm on these links; the run then pays NCCL's latency for the algorithm and protocol,
-and every link carries at NCCL's speed for its kind (NVLink, PCIe, network) times the
-protocol's share.  Host (CPU) collectives run the ring by default and pay the routes'
-own latencies.
+bandwidth the flow model gives each algorithm on these links; the run then pays NCCL's
+latency for the algorithm and protocol, and every link carries at NCCL's speed for its kind
+(NVLink, PCIe, network) times the share NCCL's model charges (the protocol's factor; for
+trees its correction at medium sizes; LL across machines capped by llMaxBws:
+``nccl.run_share``, decision 030).  Host (CPU) collectives run the ring by default and pay
+the routes' own latencies.
 
 ``run`` runs the phases: those of one wave at once, waves one after another.  A coupled
 phase (one ring or tree of one channel) moves in lockstep at the pace of its slowest hop.
@@ -207,7 +209,11 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
     elif proto not in nccl.protocols(algo):
         raise ValueError(f"NCCL runs {algo} with {'/'.join(nccl.protocols(algo))} only, not {proto}")
     schedule = tuple(phases(op, algo, devices, nbytes, nodes, rail_ports, nvs))
-    share = nccl.protocol_factor(algo if algo in ("tree", *nccl.NVLS) else "ring", proto, op, machines, n / machines)
+    if algo in ("ring", "tree"):
+        share = nccl.run_share(op, algo, proto, nbytes, _us_per_byte(topology, op, algo, devices, nodes, rail_ports,
+                                                                      cache), n, machines)
+    else:
+        share = nccl.protocol_factor(algo if algo in nccl.NVLS else "ring", proto, op, machines, n / machines)
     if algo == "nvls":
         share /= nccl.nvls_pipeline(nbytes, n, version)
     return Collective(op, algo, proto, schedule, _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes),

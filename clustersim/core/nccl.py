@@ -15,7 +15,8 @@ PCIe 12 of 15.75 GB/s (``PCI_BW``, Gen3 x16), network 48 GB/s per 400 Gb/s NIC
 (``sm90SpeedArrayInter[0]``, ``src/graph/search.cc``; NVIDIA's "46-48 GB/s per NIC",
 NVIDIA/nccl-tests#290).  NVLS runs add the fill of its three-stage chunk pipeline
 (``nvls_pipeline``, decision 028), which NCCL's tuner does not count.  Not modelled: CollNet,
-the per-channel LL/LL128 caps (they depend on the GPU generation).
+the per-channel LL128 and tree caps (not reached on the topologies here), one machine's LL cap
+(it depends on the GPU generation).
 """
 from __future__ import annotations
 
@@ -61,6 +62,9 @@ TREE_CORRECTION = (
     (1.0, 1.0, 1.0, 1.0, .9, .8, .7, .7, .7, .7, .6, .5, .4, .4, .5, .6, .7, .8, .9, 1.0, 1.0, 1.0, 1.0),
     (1.0, 1.0, 1.0, 1.0, 1.0, .9, .8, .8, .8, .7, .6, .6, .6, .6, .6, .6, .8, .9, .9, .9, .9, 1.0, 1.0),
     (.9, .9, .9, .9, .9, .9, .9, .8, .7, .6, .6, .5, .5, .5, .5, .6, .7, .8, .7, .7, .8, .9, .9))
+# llMaxBws (tuning.cc, 2.20.3 and the later source stored alike): LL's bus bandwidth across
+# machines, by the hosts' CPU (Intel row: Xeon hosts, as DGX H100's 8480C), up to 2 machines / more
+LL_MAX_BUSBW_NET = (39.0, 20.4)
 RING_PLATEAU = 1.4             # multi-node ring Simple allreduce latency, compute capability >= 8.0
 # Channels NCCL opens, each one thread block (CTA) on one SM of every member GPU: 24 on one
 # node (nccl-tests#100, A100: "Channel 23/24"; nccl#1259, 8x H100: channels up to 22 at least),
@@ -134,6 +138,34 @@ def protocol_factor(algo: str, proto: str, op: str, nodes: int, ppn: float) -> f
     return 0.92
 
 
+def tree_correction(proto: str, nbytes: float) -> float:
+    """treeCorrectionFactor: the share of its modelled bandwidth NCCL's tree reaches at this size
+    ("trees are not perfectly sticking to the model for medium sizes", tuning.cc); 1 beyond 256 MiB."""
+    log_size = int(math.log2(max(nbytes, 64) / 64))
+    return TREE_CORRECTION[PROTOCOLS.index(proto)][log_size] if log_size < len(TREE_CORRECTION[0]) else 1.0
+
+
+def ll_max_algbw(algo: str, op: str, ranks: int, nodes: int) -> float:
+    """GB/s: the algorithm bandwidth NCCL's model allows LL across machines (llMaxBws on Intel hosts,
+    turned to algbw as tuning.cc does: x 0.5 for the tree, x ranks / nsteps for the ring); inf on one."""
+    if nodes <= 1:
+        return math.inf
+    busbw = LL_MAX_BUSBW_NET[0 if nodes <= 2 else 1]
+    return busbw * (0.5 if algo == "tree" else ranks / steps(op, ranks, nodes)[0])
+
+
+def run_share(op: str, algo: str, proto: str, nbytes: float, us_per_byte: float, ranks: int, nodes: int) -> float:
+    """The share of the links' NCCL speeds a run of ``algo`` / ``proto`` moves its bytes at, as
+    ncclTopoGetAlgoTime charges them: the protocol's factor, the tree's correction at this size, and
+    for LL across machines no more than llMaxBws allows (``us_per_byte``: the algorithm at full speed)."""
+    share = protocol_factor(algo, proto, op, nodes, ranks / nodes)
+    if algo == "tree":
+        share *= tree_correction(proto, nbytes)
+    if proto == "LL" and algo in ("ring", "tree") and us_per_byte > 0:
+        share = min(share, ll_max_algbw(algo, op, ranks, nodes) * 1e3 * us_per_byte)
+    return share
+
+
 def steps(op: str, ranks: int, nodes: int) -> tuple[int, int]:
     """(nsteps, nInterSteps) of a ring: sequential hops, and how many of them leave a machine."""
     if op == "allreduce":
@@ -170,13 +202,8 @@ def predicted_us(op: str, algo: str, proto: str, nbytes: float, us_per_byte: flo
                  intra: str, channels: int = 1) -> float:
     """ncclTopoGetAlgoTime: latency + bytes over the algorithm bandwidth, in microseconds.
     ``us_per_byte``: the algorithm's transfer time per byte at the links' NCCL speeds (what
-    NCCL's topology search gives it), slowed by the protocol's factor; trees take NCCL's
-    correction for medium sizes."""
-    bw_time = nbytes * us_per_byte / protocol_factor(algo, proto, op, nodes, ranks / nodes)
-    if algo == "tree":
-        log_size = int(math.log2(max(nbytes, 64) / 64))
-        if log_size < len(TREE_CORRECTION[0]):
-            bw_time /= TREE_CORRECTION[PROTOCOLS.index(proto)][log_size]
+    NCCL's topology search gives it), slowed to ``run_share``."""
+    bw_time = nbytes * us_per_byte / run_share(op, algo, proto, nbytes, us_per_byte, ranks, nodes)
     return latency_us(op, algo, proto, ranks, nodes, intra, nbytes, channels) + bw_time
 
 
