@@ -18,14 +18,12 @@ from types import ModuleType
 import numpy as np
 
 from clustersim.core.config import ConfigError
+from executor.partitioned import AR_TAGS
 
 # NumPy's dtype name -> cupy.cuda.nccl's constant for it (NCCL has no bool or complex type)
 NCCL_TYPES = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64",
               "int8": "NCCL_INT8", "uint8": "NCCL_UINT8", "int32": "NCCL_INT32", "uint32": "NCCL_UINT32",
               "int64": "NCCL_INT64", "uint64": "NCCL_UINT64"}
-AR_KINDS = {"reduce-scatter": "rs", "all-gather": "ag", "gradient reduce-scatter": "grs",
-            "gradient all-gather": "gag", "weight gradient reduce-scatter": "wrs",
-            "weight gradient all-gather": "wag"}          # partitioned.AR_TAGS, the kinds run_step tags with
 
 
 def nccl_or_none() -> ModuleType | None:
@@ -72,8 +70,8 @@ def address(array) -> int:
 
 def tag_of(op) -> tuple:
     """The tag ``run_step`` gives transfer ``op``'s message: (kind, layer, micro-batch)."""
-    if op.why in AR_KINDS:
-        return AR_KINDS[op.why], op.producer, op.micro
+    if op.why in AR_TAGS:
+        return AR_TAGS[op.why], op.producer, op.micro
     if op.why == "reduction":
         return "r", op.layer, op.micro
     return ("g" if op.why == "gradient" else "a"), op.producer, op.micro
