@@ -7,7 +7,9 @@ image models, simulated on one cluster description (topologies/distbelief-2012.t
 Each model is swept over machines per instance with the paper's setting (sync SGD, one
 replica, 128-sample batches, a spatial split: fully connected layers by units, locally
 connected ones in 2-D blocks chosen automatically).  Speed-up is samples/s against the
-same model on one machine.  What bends each curve is in docs/decisions/011-*.md.
+same model on one machine.  The cluster file states every machine's figures, among them
+the kernel network stack's 15 us a message on each side (``[machine.cpu] op_costs``).
+What bends each curve is in docs/decisions/011-*.md and 025-*.md.
 
 The paper's points, from its text (section 5): the speech model "runs fastest on 8
 machines, computing 2.2x faster than using a single machine", slower beyond 8; the 1.7B
@@ -70,7 +72,7 @@ def plot(results: dict, path: Path) -> None:
     ax.plot([], [], marker="*", markersize=10, color="grey", linestyle="none", label="paper (text)")
     log2_axis(ax, MACHINES, "machines per model instance")
     ax.set_ylabel("training speed-up (samples/s vs 1 machine)")
-    ax.set_title("DistBelief Fig. 3, simulated on distbelief-2012 (1 GbE, 16 cores)")
+    ax.set_title("DistBelief Fig. 3, simulated on distbelief-2012 (1 GbE, 16 cores, 15 us a message)")
     fig.tight_layout()
     clustersim.save_figure(fig, path)
 
