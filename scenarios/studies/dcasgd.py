@@ -10,8 +10,8 @@ SAMPLES samples in all (steps per worker = SAMPLES / (32 x workers)).  Sync appl
 mean of the workers' gradients once per step, so with more workers it takes fewer,
 larger steps; the asynchronous shards apply every push, each delayed by about the other
 workers' pushes (``staleness_mean``), which the compensation corrects for.  The
-compensation's dearer apply shows at 4 workers; at 8 and 16 the times move more with the
-replicas' start phases on the shared links (docs/decisions/008) than with it.
+asynchronous runs' times move more with the replicas' start phases on the shared links
+(docs/decisions/008) than with the compensation's dearer apply.
 """
 from __future__ import annotations
 
