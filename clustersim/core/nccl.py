@@ -5,7 +5,9 @@ Source: NVIDIA/nccl ``src/graph/tuning.cc`` at commit b6475625 (NCCL 2.20.3-1):
 the protocol bandwidth factors and the latency formulas of ``ncclTopoTuneModel``, the tree
 correction of ``ncclTopoGetAlgoTime``.  What NCCL's topology search gives it (the bus
 bandwidth of each algorithm's channels) comes here from our own topology: the bandwidth
-the flow model gives the algorithm (``sim.collectives``).
+the flow model gives the algorithm (``sim.collectives``).  A ring or tree run moves its bytes
+at the share of the links that model charges (``run_share``): the protocol's factor, the
+tree's correction at medium sizes, LL's cap across machines (``llMaxBws``; decision 030).
 
 Link efficiencies are the per-link speeds NCCL's topology code assigns against the line
 rate: NVLink 20.6 GB/s per NVLink4 lane of 25 (``SM90_NVLINK_BW``, ``src/graph/topo.h``;
@@ -15,8 +17,8 @@ PCIe 12 of 15.75 GB/s (``PCI_BW``, Gen3 x16), network 48 GB/s per 400 Gb/s NIC
 (``sm90SpeedArrayInter[0]``, ``src/graph/search.cc``; NVIDIA's "46-48 GB/s per NIC",
 NVIDIA/nccl-tests#290).  NVLS runs add the fill of its three-stage chunk pipeline
 (``nvls_pipeline``, decision 028), which NCCL's tuner does not count.  Not modelled: CollNet,
-the per-channel LL128 and tree caps (not reached on the topologies here), one machine's LL cap
-(it depends on the GPU generation).
+the per-channel LL128 and tree caps (16 channels x 29 GB/s and more: above the flow model's
+bandwidth on the DGX fat-trees), one machine's LL cap (its row is the GPU generation's).
 """
 from __future__ import annotations
 
