@@ -206,6 +206,8 @@ SANDBLASTER = SYNC.replace("[training]", "[training]\nalgorithm = \"sandblaster\
     "learning_rate = 0.5", "learning_rate = 0.05")
 
 
+@pytest.mark.slow    # make test: ..._of_a_crashed_slot[2] loses a replica's leader, test_exec_sandblaster_layout
+                     # pushes to several shards
 def test_sandblaster_on_real_ranks_survives_a_crashed_replica(tmp_path):
     out = execute(tmp_path, SANDBLASTER.format(mp=1, r=3, steps=60), "--set", "parallel.ps_shards=2",
                   "--fail", "rank=1@step=10")
