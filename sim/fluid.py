@@ -28,20 +28,18 @@ class _Job:
     __slots__ = ("links", "key", "amount", "remaining", "rate", "since", "event", "finish")
 
     def __init__(self, links: dict[int, float], amount: float, event: simpy.Event, now: float):
-        self.links, self.key, self.amount, self.remaining = links, None, amount, amount
+        self.links, self.key, self.amount, self.remaining = links, tuple(links.items()), amount, amount
         self.rate, self.since, self.event, self.finish = 0.0, now, event, float("inf")
-
-    def solve_key(self) -> tuple:
-        """(resource, weight) pairs: this job's part of a remembered solve's key (made once)."""
-        if self.key is None:
-            self.key = tuple(self.links.items())
-        return self.key
 
 
 # Solves remembered, by the jobs' (resource, weight) lists in start order: a step that
 # repeats a pattern (a collective's rounds, the next training step) re-solves nothing.
 # Bounded by (job, resource) entries kept, ~100 bytes each: 25 MB at most.
 MEMO_ENTRIES = 250_000
+
+# From this many resources on, a job's are mapped to ids by ``map``/``zip``: below it the
+# plain loop is faster (a GPU's op has one, a message a few).
+BULK = 16
 
 
 class Fluid:
@@ -74,10 +72,17 @@ class Fluid:
         if amount <= 0 or not weights:
             event.succeed()
             return event
-        ids = list(map(self._index.get, weights))          # a collective's job loads thousands of links
-        if None in ids:
-            ids = [self._new_resource(res) if i is None else i for i, res in zip(ids, weights)]
-        links = dict(zip(ids, weights.values()))
+        index = self._index
+        if len(weights) < BULK:
+            links = {}
+            for res, n in weights.items():
+                i = index.get(res)
+                links[self._new_resource(res) if i is None else i] = n
+        else:                                           # a collective's job: thousands of links, in C loops
+            ids = list(map(index.get, weights))
+            if None in ids:
+                ids = [self._new_resource(res) if i is None else i for i, res in zip(ids, weights)]
+            links = dict(zip(ids, weights.values()))
         jid = next(self._ids)
         users_at = self._users_at
         for i in links:
@@ -157,7 +162,7 @@ class Fluid:
             rates = ((jid, capacity[resources[i]] / n),)
         else:
             order = sorted(comp)
-            key = tuple([jobs[jid].solve_key() for jid in order])
+            key = tuple([jobs[jid].key for jid in order])
             found = self._memo.get(key)
             if found is None:
                 solved = max_min_rates({jid: jobs[jid].links for jid in order},
