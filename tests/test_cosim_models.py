@@ -22,9 +22,10 @@ def cosim(name: str, sets: list[str]) -> dict:
 
 
 @pytest.mark.parametrize("name, algorithm, lr, time_limit_s, above", [
-    ("resnet-digits", "downpour", 0.05, 0.02, 0.5), ("resnet-digits", "sync", 0.2, 0.02, 0.5),
-    pytest.param("gpt-tiny", "downpour", 0.1, 0.05, 0.4, marks=pytest.mark.slow),   # make test: Downpour beyond
-    ("gpt-tiny", "sync", 0.2, 0.05, 0.4)])                                           # the MLP, the corpus by sync
+    ("resnet-digits", "downpour", 0.05, 0.02, 0.5),         # make test: each model and each algorithm once;
+    pytest.param("resnet-digits", "sync", 0.2, 0.02, 0.5, marks=pytest.mark.slow),   # make test-all: every pair
+    pytest.param("gpt-tiny", "downpour", 0.1, 0.05, 0.4, marks=pytest.mark.slow),
+    ("gpt-tiny", "sync", 0.2, 0.05, 0.4)])
 def test_cosimulated_accuracy_rises_above_chance(name, algorithm, lr, time_limit_s, above):
     d = for_model(zoo_model(name), 0)
     no_learning = max(1 / d.classes, float(np.bincount(d.y_test.ravel()).max() / d.y_test.size))
