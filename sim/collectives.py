@@ -28,7 +28,7 @@ binary tree at the same time.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import simpy
 
@@ -48,6 +48,7 @@ class Collective:
     phases: tuple[Phase, ...]
     wave_latency: tuple[float, ...] = ()    # seconds per wave (NCCL's model); (): the routes' own
     share: float = 1.0              # the protocol's share of NCCL's link speeds (NVLS: over its pipeline fill)
+    speed: Callable[[DirLink], float] | None = field(default=None, compare=False, repr=False)  # None: made by ``run``
 
     @property
     def label(self) -> str:
@@ -142,17 +143,44 @@ def sm_share(topology: Topology, devices: Sequence[str], algo: str) -> float:
     return nccl.sm_share(len(machines), min(len(topology.nics_of(m)) for m in machines), sms, algo)
 
 
-def nccl_link_speed(topology: Topology, share: float = 1.0) -> Callable[[DirLink], float]:
-    """NCCL's share of each link (its speed for the link's kind and GPU generation, times
-    ``share``: a protocol's), worked out once per link: ``Network.send``'s ``speed``."""
-    speeds: dict[DirLink, float] = {}
+class LayoutCache(dict):
+    """What ``layout`` keeps between calls (per topology and group: ports, the tuner's
+    per-byte times, NCCL's link speeds per share).  ``shortcut=False`` keeps only what it
+    always kept (the tuner's times, ports) and makes every collective's link speeds anew:
+    the slow path that tests compare the shortcuts with; a plain dict counts as True."""
 
-    def speed(link: DirLink) -> float:
-        if link not in speeds:
-            cc = max(topology.devices[end].compute_capability for end in link)
-            speeds[link] = nccl.link_efficiency(link_kind(topology, link), cc) * share
-        return speeds[link]
-    return speed
+    def __init__(self, shortcut: bool = True) -> None:
+        super().__init__()
+        self.shortcut = shortcut
+
+
+class _Speeds(dict):
+    """Link -> NCCL's speed for its kind and GPU generation times ``share``, each worked
+    out on its first look-up (``__missing__``), so that hits stay in C; ``full``: those
+    speeds at share 1 (x 1.0 is exact), to take instead of working them out again."""
+
+    def __init__(self, topology: Topology, share: float, full: "_Speeds | None" = None) -> None:
+        super().__init__()
+        self.topology, self.share, self.full = topology, share, full
+
+    def __missing__(self, link: DirLink) -> float:
+        if self.full is not None:
+            value = self[link] = self.full[link] * self.share
+            return value
+        cc = max(self.topology.devices[end].compute_capability for end in link)
+        value = self[link] = nccl.link_efficiency(link_kind(self.topology, link), cc) * self.share
+        return value
+
+
+def nccl_link_speed(topology: Topology, share: float = 1.0, cache: dict | None = None) -> Callable[[DirLink], float]:
+    """NCCL's share of each link (its speed for the link's kind and GPU generation, times
+    ``share``: a protocol's), worked out once per link: ``Network.send``'s ``speed``.
+    ``cache`` (``layout``'s) keeps one table per topology and share, each share's built
+    on the share-1 table's speeds."""
+    if cache is None:
+        return _Speeds(topology, share).__getitem__
+    full = _cached(cache, ("speeds", id(topology), 1.0), lambda: _Speeds(topology, 1.0))
+    return _cached(cache, ("speeds", id(topology), share), lambda: _Speeds(topology, share, full)).__getitem__
 
 
 def link_kind(topology: Topology, link: DirLink) -> str:
@@ -216,8 +244,9 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
         share = nccl.protocol_factor(algo if algo in nccl.NVLS else "ring", proto, op, machines, n / machines)
     if algo == "nvls":
         share /= nccl.nvls_pipeline(nbytes, n, version)
+    speed = nccl_link_speed(topology, share, cache) if _shortcut(cache) else None
     return Collective(op, algo, proto, schedule, _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes),
-                      share)
+                      share, speed)
 
 
 def _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes) -> tuple[float, ...]:
@@ -239,6 +268,11 @@ def _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes) -> tupl
     return (lat * 1e-6,)
 
 
+def _shortcut(cache: dict | None) -> bool:
+    """Whether ``cache`` keeps NCCL's link speeds between collectives (``LayoutCache``)."""
+    return cache is not None and getattr(cache, "shortcut", True)
+
+
 def _cached(cache: dict | None, key: tuple, make: Callable):
     """``cache[key]``, made by ``make()`` the first time (every time without a cache)."""
     if cache is None:
@@ -255,8 +289,9 @@ def _us_per_byte(topology, op, algo, devices, nodes, rail_ports, cache, nvs=None
         return cache[key]
     size = 2.0**20
     env = simpy.Environment()
+    speed = nccl_link_speed(topology, 1.0, cache) if _shortcut(cache) else None
     coll = Collective(op, algo, "Simple", tuple(phases(op, algo, devices, size, nodes, rail_ports, nvs)),
-                      (0.0,) * 3, 1.0)
+                      (0.0,) * 3, 1.0, speed)
     env.process(run(env, FlowNetwork(env, topology), coll))
     env.run()
     value = env.now * 1e6 / size
@@ -285,7 +320,7 @@ def run(env: simpy.Environment, network: Network, coll: Collective | list[Phase]
         if not waves or waves[-1][0].wave != ph.wave:
             waves.append([])
         waves[-1].append(ph)
-    speed = nccl_link_speed(network.topology, coll.share) if coll.proto else None
+    speed = (coll.speed or nccl_link_speed(network.topology, coll.share)) if coll.proto else None
     for w, wave in enumerate(waves):
         lat = coll.wave_latency[w] if w < len(coll.wave_latency) else None
         yield env.all_of([env.process(_phase(env, network, ph, record, lat, speed)) for ph in wave])

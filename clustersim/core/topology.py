@@ -142,7 +142,9 @@ class Topology:
 
     def __init__(self, name: str, devices: list[Device], links: list[Link], description: str = "",
                  core_pools: dict[str, float] | None = None, price_usd_per_hour: float = 0.0,
-                 power_w: float = 0.0) -> None:
+                 power_w: float = 0.0, route_templates: bool = True) -> None:
+        """``route_templates``: route the inside of each machine once per distinct machine
+        (``_inside``); False routes every pair by its own search (the same routes, slower)."""
         self.name, self.description = name, description
         self.price_usd_per_hour = price_usd_per_hour   # one machine's list price (0: not given)
         self.power_w = power_w                         # one machine's power at full load (0: not given)
@@ -179,6 +181,11 @@ class Topology:
         self._nic_of: dict[str, str | None] = {}
         self._routes: dict[tuple[str, str], tuple[DirLink, ...]] = {}
         self._fabric: _Fabric | None = None         # built on the first route across the fabric
+        self.route_templates = route_templates
+        self._templates: dict[tuple, tuple | None] = {}   # (machine shape, src i, dst i) -> index route
+        self._shapes: dict[int, tuple] = {}              # machine -> ``_shape``
+        self._shape_ids: dict[tuple, int] = {}           # a machine's full shape -> its id
+        self._members: dict[int | None, list[str]] = {}  # machine -> its devices in device order
 
     def without_link(self, a: str, b: str) -> "Topology":
         """A copy whose routing no longer uses link a-b (devices and capacities shared)."""
@@ -186,6 +193,7 @@ class Topology:
         clone.__dict__.update(self.__dict__)
         clone._adj = {n: [m for m in nbs if {n, m} != {a, b}] for n, nbs in self._adj.items()}
         clone._routes, clone._nic_of, clone._fabric = {}, {}, None
+        clone._templates, clone._shapes, clone._shape_ids = {}, {}, {}
         return clone
 
     # --- devices -------------------------------------------------------------------------
@@ -265,16 +273,52 @@ class Topology:
                 return self.route(src, nic_a) + self._across_fabric(nic_a, nic_b) + self.route(nic_b, dst)
         if a is not None and a == b:                  # inside one machine: its own links first
             try:
-                return self._shortest(src, dst, inside=True)
+                return self._inside(src, dst) if self.route_templates else self._shortest(src, dst, inside=True)
             except LookupError:
                 pass
         return self._shortest(src, dst)
 
-    def _shortest(self, src: str, dst: str, fabric_only: bool = False, inside: bool = False) -> tuple[DirLink, ...]:
+    def _inside(self, src: str, dst: str) -> tuple[DirLink, ...]:
+        """``_shortest(src, dst, inside=True)``, searched once per machine shape and pair of
+        places in it: the search sees nothing but the machine's own devices (kinds, rails,
+        links, capacities, in device order), so machines of one shape route alike -- unless
+        an ECMP choice used the destination's global digits, which are then searched anew."""
+        shape, nodes, place = self._shape(self.devices[src].machine)
+        key = (shape, place[src], place[dst])
+        if key in self._templates:
+            hops = self._templates[key]
+            if hops is not None:
+                return tuple((nodes[u], nodes[v]) for u, v in hops)
+            return self._shortest(src, dst, inside=True)
+        used: list[bool] = []
+        path = self._shortest(src, dst, inside=True, ecmp=used)
+        self._templates[key] = None if any(used) else tuple((place[u], place[v]) for u, v in path)
+        return path
+
+    def _shape(self, machine: int) -> tuple[int, list[str], dict[str, int]]:
+        """A machine's shape (an id: machines of one id have devices of the same kinds and
+        rails, linked alike, at the same capacities both ways, in the same neighbour order),
+        its devices in device order, and each one's place in that order."""
+        if machine not in self._shapes:
+            if not self._members:
+                for n in sorted(self.devices, key=self._index.__getitem__):
+                    self._members.setdefault(self.devices[n].machine, []).append(n)
+            nodes = self._members[machine]
+            place = {n: k for k, n in enumerate(nodes)}
+            cap = self.capacity
+            shape = tuple((self.devices[n].kind, rail(n),
+                           tuple((place[m], cap[(n, m)], cap[(m, n)]) for m in self._adj[n] if m in place))
+                          for n in nodes)
+            self._shapes[machine] = (self._shape_ids.setdefault(shape, len(self._shape_ids)), nodes, place)
+        return self._shapes[machine]
+
+    def _shortest(self, src: str, dst: str, fabric_only: bool = False, inside: bool = False,
+                  ecmp: list[bool] | None = None) -> tuple[DirLink, ...]:
         """Widest shortest path: fewest hops, then the largest bottleneck bandwidth (so NVLink
         wins over a PCIe switch of equal hop count), then ECMP among what is left.
         ``fabric_only``: no machine's insides in between (NIC to NIC); ``inside``: nothing
-        but the machine's own devices."""
+        but the machine's own devices; ``ecmp`` gets, per hop, whether the destination's
+        digits chose it."""
         machines = (None, None) if fabric_only else (self.devices[src].machine, self.devices[dst].machine)
         own = self.devices[src].machine if inside else None
         cap = self.capacity
@@ -297,6 +341,8 @@ class Topology:
             options = [nb for nb in self._adj[node] if dist.get(nb, -1) == dist[node] - 1
                        and min(cap[(node, nb)], width[nb]) >= width[node]]
             nxt, digits = self._pick(options, src, dst, machines[0], digits)
+            if ecmp is not None:
+                ecmp.append(len(options) > 1 and not all(self.devices[o].kind == "nic" for o in options))
             path.append((node, nxt))
             node = nxt
         return tuple(path)
