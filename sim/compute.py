@@ -76,10 +76,10 @@ class Compute:
     op started where it waited its turn (None: it started when it was given)."""
 
     def __init__(self, env: simpy.Environment, topology: Topology, dtype: str,
-                 slowdown: dict[str, float] | None = None) -> None:
+                 slowdown: dict[str, float] | None = None, shortcut: bool = True) -> None:
         self.env, self.topology, self.dtype = env, topology, dtype
         self.slowdown = slowdown or {}
-        self.fluid = Fluid(env, {name: 1.0 for name, d in topology.devices.items() if d.is_compute})
+        self.fluid = Fluid(env, {name: 1.0 for name, d in topology.devices.items() if d.is_compute}, shortcut)
         self.weights = {name: {name: 1} for name, d in topology.devices.items() if d.is_compute}
         self.share = pool_shares(topology)
         self.queues: dict[str, deque] = {name: deque() for name, d in topology.devices.items()

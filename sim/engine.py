@@ -66,20 +66,22 @@ def first_n(env: simpy.Environment, events: list[simpy.Event], n: int) -> simpy.
 
 
 class Engine:
-    shortcut = True     # keep link names and checked routes per topology (False: work them out per message)
-
     def __init__(self, plan: Plan, env: CountingEnvironment | None = None,
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: np.random.Generator | None = None, shortcut: bool = True) -> None:
+        """``shortcut``: keep what never changes within a run (a lone op's rate at once, link
+        names, checked routes and NCCL link speeds per topology); False works each out anew,
+        the slow path tests compare the shortcuts with (same floats)."""
+        self.shortcut = shortcut
         sc = plan.scenario
         self.plan, self.env = plan, env or CountingEnvironment()
         self.rng = rng if rng is not None else np.random.default_rng(sc.seed)
         self.slowdown = slowdowns(sc, self.rng)
-        self.compute = Compute(self.env, sc.topology, sc.dtype, self.slowdown)
+        self.compute = Compute(self.env, sc.topology, sc.dtype, self.slowdown, shortcut)
         self.step_costed = {name for name in self.compute.weights if "step" in sc.topology.devices[name].op_costs}
-        self.network = BACKENDS[sc.network](self.env, sc.topology)
-        self._nccl_speed = collectives.nccl_link_speed(sc.topology)
+        self.network = BACKENDS[sc.network](self.env, sc.topology, shortcut)
         self.trace = Trace()
-        self._collectives: dict = {}                # NCCL tuner's per-byte times per group (sim.collectives)
+        self._collectives = collectives.LayoutCache(shortcut)   # tuner's times, ports, link speeds per share
+        self._nccl_speed = collectives.nccl_link_speed(sc.topology, 1.0, self._collectives if shortcut else None)
         self.failed: dict[str, float] = {}          # device -> time it failed (until a restart replaces it)
         self.failed_ever: dict[str, float] = {}     # every device that failed in the run, and when
         self.failed_transfers = 0
@@ -431,12 +433,14 @@ class SimResult:
     stalled_reason: str = ""
 
 
-def simulate(plan: Plan, steps: int | None = None, rng: np.random.Generator | None = None) -> SimResult:
-    """Runs ``steps`` training steps (default: the scenario's) with the scenario's algorithm."""
+def simulate(plan: Plan, steps: int | None = None, rng: np.random.Generator | None = None,
+             shortcut: bool = True) -> SimResult:
+    """Runs ``steps`` training steps (default: the scenario's) with the scenario's algorithm
+    (``shortcut=False``: the engine's slow path, for tests)."""
     from sim.algorithms import ALGORITHMS
     sc = plan.scenario
     steps = steps or sc.training.steps
-    engine = Engine(plan, rng=rng)
+    engine = Engine(plan, rng=rng, shortcut=shortcut)
     t0 = time.perf_counter()
     main = engine.env.process(ALGORITHMS[sc.training.algorithm](engine, steps))
     collecting = gc.isenabled()

@@ -46,10 +46,9 @@ class Fluid:
     """Jobs sharing resources max-min fairly; ``start`` returns an event that fires when done.
     Capacities change through ``set_capacity`` only (solves are remembered)."""
 
-    shortcut = True     # solve a job alone on its one resource at once (False: the batched path only)
-
-    def __init__(self, env: simpy.Environment, capacity: Mapping[Hashable, float]) -> None:
+    def __init__(self, env: simpy.Environment, capacity: Mapping[Hashable, float], shortcut: bool = True) -> None:
         self.env, self.capacity = env, capacity
+        self.shortcut = shortcut    # solve a job alone on its one resource at once (False: the batched path only)
         self.jobs: dict[int, _Job] = {}
         self.users: dict[Hashable, set[int]] = {}
         # the solver sees each resource as a small int (a route's links are tuples of

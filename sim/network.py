@@ -24,8 +24,8 @@ Pair = tuple[str, str]
 
 
 class Network:
-    def __init__(self, env: simpy.Environment, topology: Topology) -> None:
-        self.env, self.topology = env, topology
+    def __init__(self, env: simpy.Environment, topology: Topology, shortcut: bool = True) -> None:
+        self.env, self.topology, self.shortcut = env, topology, shortcut
 
     def routes(self, pairs: Sequence[Pair]) -> list[tuple[DirLink, ...]]:
         return [self.topology.route(s, d) for s, d in pairs]
@@ -42,9 +42,9 @@ class Network:
 
 
 class FlowNetwork(Network):
-    def __init__(self, env: simpy.Environment, topology: Topology) -> None:
-        super().__init__(env, topology)
-        self.fluid = Fluid(env, topology.capacity)
+    def __init__(self, env: simpy.Environment, topology: Topology, shortcut: bool = True) -> None:
+        super().__init__(env, topology, shortcut)
+        self.fluid = Fluid(env, topology.capacity, shortcut)
         # per distinct tuple of pairs: [the links they load, their slowest route's latency or None]
         self._patterns: dict[tuple[Pair, ...], list] = {}
         self._patterns_of: Topology | None = None     # the topology they were routed on

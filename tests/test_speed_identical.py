@@ -1,10 +1,12 @@
 """The simulator's fast paths (issue 18, decision 026) give the answers of the plain ones.
 
-Each scenario runs twice in one process: as shipped, and with every shortcut switched off
-(``Fluid.shortcut``: a job alone on its one resource is solved at once instead of in the
-instant's batched solve; ``Engine.shortcut``: link names and route checks kept per
-topology instead of worked out per message).  Step times, the simulated end and every
-span must be equal, float for float: the shortcuts may save events, never move one.
+Each scenario runs twice in one process: as shipped, and with ``simulate(...,
+shortcut=False)`` (the fluid solves a job alone on its one resource in the instant's
+batched solve instead of at once; the engine works out link names, route checks and NCCL
+link speeds per message instead of keeping them per topology).  Step times, the simulated
+end and every span must be equal, float for float: the shortcuts may save events, never
+move one.  Rewrites that have no switch (C loops instead of Python ones, names built once
+per plan) run alike on both sides; decision 026 records their before/after check.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 
 from clustersim.core.plan import plan
 from clustersim.core.scenario import scenario_from_dict
-from sim.engine import Engine, simulate
+from sim.engine import simulate
 from sim.fluid import Fluid
 
 
@@ -41,31 +43,28 @@ CASES = {
 }
 
 
-def _run(data: dict):
-    res = simulate(plan(scenario_from_dict(data, "speed.toml")))
+def _run(data: dict, shortcut: bool = True):
+    res = simulate(plan(scenario_from_dict(data, "speed.toml")), shortcut=shortcut)
     spans = [(s.name, s.kind, s.where, s.replica, s.step, s.start_s, s.end_s, s.links) for s in res.trace.spans]
     return res.trace.step_times(), res.sim_time_s, sorted(spans, key=repr), res.stalled_at_s
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_fast_paths_give_the_plain_paths_answers(monkeypatch, name):
+def test_fast_paths_give_the_plain_paths_answers(name):
     fast = _run(CASES[name])
-    monkeypatch.setattr(Fluid, "shortcut", False)
-    monkeypatch.setattr(Engine, "shortcut", False)
-    plain = _run(CASES[name])
+    plain = _run(CASES[name], shortcut=False)
     assert fast[0] == plain[0] and fast[1] == plain[1] and fast[3] == plain[3]
     assert fast[2] == plain[2]
 
 
 @pytest.mark.parametrize("shortcut", [True, False])
-def test_a_job_joining_a_lone_one_at_the_same_instant_shares_from_the_start(monkeypatch, shortcut):
+def test_a_job_joining_a_lone_one_at_the_same_instant_shares_from_the_start(shortcut):
     """Capacity 2: A (1 unit) alone is solved at once; B (3 units) joins at t = 0, so both run
     at 1 until A ends at t = 1; B then runs at 2, and C (1 unit) joins it at t = 1.5, when B
     has 1 unit left: both at 1, ending together at t = 2.5."""
     import simpy
-    monkeypatch.setattr(Fluid, "shortcut", shortcut)
     env = simpy.Environment()
-    fluid = Fluid(env, {"r": 2.0})
+    fluid = Fluid(env, {"r": 2.0}, shortcut)
     ends = {}
 
     def job(name, at, amount):

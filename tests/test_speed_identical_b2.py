@@ -4,8 +4,9 @@
 The fast path is what ships: ``Topology(route_templates=True)`` routes the inside of a
 machine once per machine shape, and ``collectives.LayoutCache()`` keeps one link-speed table
 per topology and share across collectives.  The slow path rebuilds the same topology with
-``route_templates=False`` and runs with ``LayoutCache(shortcut=False)`` (every collective
-makes its link speeds anew, as before).  Each scenario runs both ways in one process;
+``route_templates=False`` and simulates with ``shortcut=False`` (the engine's
+``LayoutCache(shortcut=False)``: every collective makes its link speeds anew, as before;
+the engine's other shortcuts off too).  Each scenario runs both ways in one process;
 step times, the simulated end, the stall and an md5 of every span must be equal.
 """
 from __future__ import annotations
@@ -53,16 +54,10 @@ def _rebuilt(topology: Topology, route_templates: bool) -> Topology:
                     topology.core_pools, topology.price_usd_per_hour, topology.power_w, route_templates)
 
 
-def _run(monkeypatch, data: dict, fast: bool):
+def _run(data: dict, fast: bool):
     sc = scenario_from_dict(data, "speed.toml")
     sc = dataclasses.replace(sc, topology=_rebuilt(sc.topology, fast))
-
-    class Engine(sim.engine.Engine):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self._collectives = collectives.LayoutCache(shortcut=fast)
-    monkeypatch.setattr(sim.engine, "Engine", Engine)
-    res = sim.engine.simulate(plan(sc))
+    res = sim.engine.simulate(plan(sc), shortcut=fast)
     spans = sorted(repr((s.name, s.kind, s.where, s.replica, s.step, s.start_s, s.end_s, s.links))
                    for s in res.trace.spans)
     digest = hashlib.md5("\n".join(spans).encode()).hexdigest()
@@ -70,9 +65,9 @@ def _run(monkeypatch, data: dict, fast: bool):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_routes_and_speeds_kept_give_the_plain_answers(monkeypatch, name):
-    fast = _run(monkeypatch, CASES[name], True)
-    plain = _run(monkeypatch, CASES[name], False)
+def test_routes_and_speeds_kept_give_the_plain_answers(name):
+    fast = _run(CASES[name], True)
+    plain = _run(CASES[name], False)
     assert fast[3] > 0
     assert fast == plain
 
