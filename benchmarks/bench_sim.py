@@ -259,8 +259,13 @@ def walls_against(tree: Path, dgx_counts: list[int], repeats: int) -> dict:
         for i in range(repeats):
             for side in (("that", "this") if i % 2 == 0 else ("this", "that")):
                 root = this if side == "this" else tree.resolve()
-                # that tree's packages, imported first, then this file's bench (its path insert comes too late)
-                code = ("import json, sys; sys.path.insert(0, sys.argv[1]); "
+                # that tree's packages, imported first, then this file's bench (its path insert comes too late);
+                # its topology files too: an editable install maps clustersim.builtin_topologies to this
+                # checkout's topologies/ whatever sys.path says
+                code = ("import json, sys, importlib.util as u; sys.path.insert(0, sys.argv[1]); import clustersim; "
+                        "s = u.spec_from_file_location('clustersim.builtin_topologies', sys.argv[1] + "
+                        "'/topologies/__init__.py', submodule_search_locations=[sys.argv[1] + '/topologies']); "
+                        "m = u.module_from_spec(s); s.loader.exec_module(m); sys.modules[s.name] = m; "
                         "import clustersim.core.plan, clustersim.core.scenario, sim.engine, sim.fluid; "
                         "sys.path.insert(1, sys.argv[2]); import bench_sim as b; "
                         "print(json.dumps(b.run_engine(b.alexnet(int(sys.argv[3])))))")
@@ -305,6 +310,8 @@ def main() -> None:
     ap.add_argument("--dgx", type=int, nargs="+", metavar="N",
                     help="with --against: alexnet steps on N DGX instead of the flow sets")
     args = ap.parse_args()
+    if args.dgx and not args.against:
+        ap.error("--dgx: needs --against DIR (the checkout to run side by side)")
     if args.against and args.dgx:
         print(json.dumps(walls_against(args.against, args.dgx, args.repeats)))
         return
