@@ -32,8 +32,10 @@ def test_ll_cap_across_machines_is_llmaxbw_as_algorithm_bandwidth():
 
 def test_run_share_caps_only_where_the_cap_is_below_the_links():
     per_byte = 1 / 384e3                      # us per byte at 384 GB/s algbw
-    # tree LL, 256 KiB on 4 machines: 384 x 0.92 / 3.8 x 0.4 = 37 GB/s > 10.2: capped
-    assert nccl.run_share("allreduce", "tree", "LL", 2**18, per_byte, 32, 4) == pytest.approx(10.2 / 384)
+    # tree LL, 256 KiB on 4 machines: 384 x 0.92 / 3.8 = 93 GB/s > 10.2: capped, then the
+    # tree's correction at 256 KiB (0.4) scales the capped bandwidth, as ncclTopoGetAlgoTime does
+    assert nccl.tree_correction("LL", 2**18) == 0.4
+    assert nccl.run_share("allreduce", "tree", "LL", 2**18, per_byte, 32, 4) == pytest.approx(10.2 * 0.4 / 384)
     # tree LL128, 1 MiB: the protocol factor times the correction, no cap
     assert nccl.run_share("allreduce", "tree", "LL128", 2**20, per_byte, 32, 4) == pytest.approx(
         0.92 * 120 / 128 * 0.6)
@@ -65,6 +67,6 @@ def test_tree_run_on_four_dgx_is_nccls_latency_plus_bytes_at_the_run_share(proto
     expected = nccl.predicted_us("allreduce", "tree", proto, size, per_byte, 32, 4, "nvlink")
     assert coll.share == pytest.approx(nccl.run_share("allreduce", "tree", proto, size, per_byte, 32, 4))
     assert _run(topo, coll) * 1e6 == pytest.approx(expected, rel=1e-9)
-    if proto == "LL":                                       # the cap binds: S over 10.2 GB/s
+    if proto == "LL":                                       # the cap binds: S over 10.2 x 0.4 GB/s
         assert expected == pytest.approx(nccl.latency_us("allreduce", "tree", "LL", 32, 4, "nvlink")
-                                         + size / 10.2e3)
+                                         + size / (10.2e3 * 0.4))

@@ -18,7 +18,9 @@ PCIe 12 of 15.75 GB/s (``PCI_BW``, Gen3 x16), network 48 GB/s per 400 Gb/s NIC
 NVIDIA/nccl-tests#290).  NVLS runs add the fill of its three-stage chunk pipeline
 (``nvls_pipeline``, decision 028), which NCCL's tuner does not count.  Not modelled: CollNet,
 the per-channel LL128 and tree caps (16 channels x 29 GB/s and more: above the flow model's
-bandwidth on the DGX fat-trees), one machine's LL cap (its row is the GPU generation's).
+bandwidth on the DGX fat-trees), one machine's LL cap (2.20.3's Hopper row, 87.7 GB/s busbw,
+is not applied), and llMaxBws's and the net overhead's AMD rows: every host is taken as Intel
+(decision 030).
 """
 from __future__ import annotations
 
@@ -158,13 +160,15 @@ def ll_max_algbw(algo: str, op: str, ranks: int, nodes: int) -> float:
 
 def run_share(op: str, algo: str, proto: str, nbytes: float, us_per_byte: float, ranks: int, nodes: int) -> float:
     """The share of the links' NCCL speeds a run of ``algo`` / ``proto`` moves its bytes at, as
-    ncclTopoGetAlgoTime charges them: the protocol's factor, the tree's correction at this size, and
-    for LL across machines no more than llMaxBws allows (``us_per_byte``: the algorithm at full speed)."""
+    NCCL's model charges them: the protocol's factor, for LL across machines no more than llMaxBws
+    allows (ncclTopoTuneModel caps the bandwidth it stores), then the tree's correction at this size
+    (ncclTopoGetAlgoTime scales the stored bandwidth by it) (``us_per_byte``: the algorithm at full
+    speed)."""
     share = protocol_factor(algo, proto, op, nodes, ranks / nodes)
-    if algo == "tree":
-        share *= tree_correction(proto, nbytes)
     if proto == "LL" and algo in ("ring", "tree") and us_per_byte > 0:
         share = min(share, ll_max_algbw(algo, op, ranks, nodes) * 1e3 * us_per_byte)
+    if algo == "tree":
+        share *= tree_correction(proto, nbytes)
     return share
 
 
