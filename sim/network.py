@@ -25,7 +25,8 @@ Pair = tuple[str, str]
 
 class Network:
     def __init__(self, env: simpy.Environment, topology: Topology, shortcut: bool = True) -> None:
-        self.env, self.topology, self.shortcut = env, topology, shortcut
+        """``shortcut``: handed to the flow model's ``Fluid`` (a lone job solved at once)."""
+        self.env, self.topology = env, topology
 
     def routes(self, pairs: Sequence[Pair]) -> list[tuple[DirLink, ...]]:
         return [self.topology.route(s, d) for s, d in pairs]

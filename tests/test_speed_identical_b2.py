@@ -106,7 +106,7 @@ def test_routes_by_machine_shape_equal_every_pairs_own_search(topology, machines
         assert pairs
         for a, b in pairs:
             assert f.route(a, b) == p.route(a, b), (a, b)
-        assert f._templates                           # the shapes were used, not bypassed
+        assert any(t is not None for t in f._templates.values())   # shapes kept and used, not all searched anew
     if cut:                                           # the cut machine routes on a shape of its own
         assert tops[1][0].route("m1.gpu2", "m1.gpu5") != fast.route("m1.gpu2", "m1.gpu5")
 

@@ -27,6 +27,7 @@ File format (units in the names; ``gbps`` is 10^9 *bytes* per second, like nccl-
 """
 from __future__ import annotations
 
+import math
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -339,7 +340,7 @@ def _op_costs(dt: Table) -> dict[str, tuple]:
     out = {}
     for key, v in raw.items():
         if (not isinstance(v, list) or len(v) not in (3, 4) or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in v)):
+                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < math.inf for x in v)):
             raise dt.error(f"op_costs.{key}", "must be [overhead_us, gflops, gbps, gbps_beyond_cache], each >= 0 "
                                               "(0: no such term)")
         out[str(key)] = (v[0] * 1e-6, v[1] * 1e9, v[2] * 1e9, v[-1] * 1e9)
