@@ -72,7 +72,8 @@ def summary(p: Plan, trace: Trace, parts: list[dict]) -> dict:
     jobs (sync, Sandblaster) it is the median over the workers of their median step, and
     for sync ``samples_per_s`` is batch x replicas / step_time_s, as the simulator's sync.
     Then what only a run has: accuracy and loss on held-out data, training loss, quiet
-    step, per-worker steps, the shards' updates and bytes pushed, the coordinator's counts."""
+    step, per-worker steps, which transport carried the workers' messages (nccl | mpi), the
+    shards' updates and bytes pushed, the coordinator's counts."""
     workers = [s for s in parts if s["role"] == "worker"]
     shards = [s for s in parts if s["role"] == "shard"]
     coordinator = [s for s in parts if s["role"] == "coordinator"]
@@ -85,6 +86,7 @@ def summary(p: Plan, trace: Trace, parts: list[dict]) -> dict:
         out["samples_per_s"] = p.scenario.batch_size * p.replicas / out["step_time_s"] if out["step_time_s"] else 0.0
     ev = next(s for s in workers if s["accuracy"] is not None)
     out.update(ranks=len(parts), workers=len(workers), accuracy=ev["accuracy"], loss=ev["loss"],
+               transport="nccl" if any(s.get("transport") == "nccl" for s in workers) else "mpi",
                train_loss=train_loss(workers),
                quiet_step_time_s=float(statistics.median(s["quiet_step_time_s"] for s in stepped)) if stepped else 0.0,
                steps_per_worker=[s["steps"] for s in workers])

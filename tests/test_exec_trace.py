@@ -130,3 +130,4 @@ def test_executed_sync_trace_has_every_replica_step_and_the_summary_reads_it(tmp
     assert out["parameters"] == 9610 and out["sim_time_s"] == out["wall_s"] >= trace.step_ends[-1]
     for key in ("accuracy", "loss", "quiet_step_time_s", "train_loss", "time_by_phase_s", "device_utilisation"):
         assert key in out
+    assert out["transport"] == "mpi"                   # a CPU run: host MPI carries the messages
