@@ -55,6 +55,8 @@ def test_the_cost_reaches_every_machines_cpu_and_only_send_and_recv():
     ({"recv": [-1, 0, 0]}, "machine.cpu.op_costs.recv"),
     ({"send": [15, 0, True]}, "machine.cpu.op_costs.send"),
     ({"send": [float("inf"), 0, 0]}, "machine.cpu.op_costs.send"),
+    ({"sned": [15, 0, 0]}, "machine.cpu.op_costs.sned"),
+    ({"dense.forward": [1, 0, 0]}, "machine.cpu.op_costs.dense.forward"),
     ([15, 0, 0], "machine.cpu.op_costs")])
 def test_a_bad_cost_names_the_file_and_field(costs, field):
     with pytest.raises(ConfigError) as err:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from clustersim.core.config import ConfigError, Table
+from clustersim.core.layers import KINDS
 from clustersim.core.topology import DEVICE_KINDS, DTYPES, Device, Link, Topology
 
 # PCIe payload rate per lane and direction in GB/s: transfer rate x line-code efficiency
@@ -192,7 +193,7 @@ def _curve(t: Table, key: str) -> tuple:
 
 def _machine_template(mt: Table) -> dict[str, Any]:
     cpu_t = mt.table("cpu")
-    tpl: dict[str, Any] = {"cpu": {**_compute_fields(cpu_t, "cpu"), "op_costs": _op_costs(cpu_t)},
+    tpl: dict[str, Any] = {"cpu": {**_compute_fields(cpu_t, "cpu"), "op_costs": _op_costs(cpu_t, checked=True)},
                            "price": mt.float("price_usd_per_hour", 0.0, lo=0.0, hi=1e6),
                            "power": mt.float("power_w", 0.0, lo=0.0, hi=1e7)}
     cpu_t.done()
@@ -331,14 +332,27 @@ def _op_curves(dt: Table) -> dict[str, tuple]:
     return out
 
 
-def _op_costs(dt: Table) -> dict[str, tuple]:
+def _cost_key(key: str) -> bool:
+    """A key ``Device.op_time`` is asked for: a layer kind or send / recv / step, then
+    ``.backward``, ``.split`` or ``.reduction`` (``plan.cost_key``, the engine's messages)."""
+    base, *rest = key.split(".")
+    return (base in KINDS or base in ("send", "recv", "step")) and all(
+        r in ("backward", "split", "reduction") for r in rest)
+
+
+def _op_costs(dt: Table, checked: bool = False) -> dict[str, tuple]:
     """``op_costs = {key = [overhead_us, gflops, gbps, gbps_beyond_cache]}`` (the last may be
-    left out: the same rate beyond the cache) -> (seconds, flop/s, byte/s, byte/s)."""
+    left out: the same rate beyond the cache) -> (seconds, flop/s, byte/s, byte/s).
+    ``checked`` (a hand-written ``[machine.cpu]``): each key must be one the simulator looks
+    up, so a misspelt one is refused rather than silently unused."""
     raw = dt.raw("op_costs", {})
     if not isinstance(raw, dict):
         raise dt.error("op_costs", "must be a table of key = [overhead_us, gflops, gbps, gbps_beyond_cache]")
     out = {}
     for key, v in raw.items():
+        if checked and not _cost_key(str(key)):
+            raise dt.error(f"op_costs.{key}", "not an op cost key: send, recv, step, or a layer kind (dense, "
+                                              "conv2d, ...), with .backward, .split or .reduction")
         if (not isinstance(v, list) or len(v) not in (3, 4) or not all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < math.inf for x in v)):
             raise dt.error(f"op_costs.{key}", "must be [overhead_us, gflops, gbps, gbps_beyond_cache], each >= 0 "
