@@ -18,7 +18,7 @@ from types import ModuleType
 import numpy as np
 
 from clustersim.core.config import ConfigError
-from executor.partitioned import AR_TAGS
+from executor.partitioned import skipped, tag_of, waits_for_messages
 
 # NumPy's dtype name -> cupy.cuda.nccl's constant for it (NCCL has no bool or complex type)
 NCCL_TYPES = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64",
@@ -68,20 +68,6 @@ def address(array) -> int:
     return array.data.ptr if hasattr(array.data, "ptr") else array.ctypes.data
 
 
-def tag_of(op) -> tuple:
-    """The tag ``run_step`` gives transfer ``op``'s message: (kind, layer, micro-batch)."""
-    if op.why in AR_TAGS:
-        return AR_TAGS[op.why], op.producer, op.micro
-    if op.why == "reduction":
-        return "r", op.layer, op.micro
-    return ("g" if op.why == "gradient" else "a"), op.producer, op.micro
-
-
-def skipped(op, backward: bool) -> bool:
-    """Whether ``run_step`` leaves ``op`` out: the backward's ops in a forward-only pass."""
-    return not backward and (op.kind == "bwd" or op.why == "reduction" or op.why.startswith(("gradient", "weight")))
-
-
 def receive_order(ops, slot: int, backward: bool = True) -> list[tuple[int, int]]:
     """(key, transfer id) of each message ``slot`` receives, in the order ``run_step`` takes
     them: the transfers an op of the slot depends on, op by op in Plan order and in each
@@ -89,7 +75,7 @@ def receive_order(ops, slot: int, backward: bool = True) -> list[tuple[int, int]
     (position of the op taking it, index among its dependencies) orders every rank's
     messages in one order."""
     def sends_in_order(op) -> bool:     # run_step's in-order send: it takes its received pieces first
-        return op.kind == "xfer" and op.slot == slot and any(ops[d].kind == "xfer" for d in op.deps)
+        return op.kind == "xfer" and op.slot == slot and waits_for_messages(ops, op)
 
     out, taken = [], set()
     for op in ops:
@@ -123,7 +109,7 @@ class NcclTransport:
     the buffers it sends from."""
 
     def __init__(self, ops, slot: int, comm, nccl, xp=np, stream=None, backward: bool = True) -> None:
-        self.comm, self.nccl, self.xp, self.stream, self.slot = comm, nccl, xp, stream, slot
+        self.comm, self.nccl, self.xp, self.stream = comm, nccl, xp, stream
         self.order = issue_order(ops, slot, backward)
         self.tags = {(op.slot, op.dst, tag_of(op)): op.id for op in ops if op.kind == "xfer"}
         self.peer = {op.id: (op.dst if op.slot == slot else op.slot) for op in ops if op.kind == "xfer"}

@@ -39,6 +39,26 @@ AR_TAGS = {"reduce-scatter": "rs", "all-gather": "ag", "gradient reduce-scatter"
            "weight gradient reduce-scatter": "wrs", "weight gradient all-gather": "wag"}
 
 
+def tag_of(op) -> tuple:
+    """The tag transfer ``op``'s message carries: (kind, layer, micro-batch)."""
+    if op.why in AR_TAGS:
+        return AR_TAGS[op.why], op.producer, op.micro
+    if op.why == "reduction":
+        return "r", op.layer, op.micro
+    return ("g" if op.why == "gradient" else "a"), op.producer, op.micro
+
+
+def skipped(op, backward: bool) -> bool:
+    """Whether ``run_step`` leaves ``op`` out: the backward's ops in a forward-only pass."""
+    return not backward and (op.kind == "bwd" or op.why == "reduction" or op.why.startswith(("gradient", "weight")))
+
+
+def waits_for_messages(ops, op) -> bool:
+    """Whether transfer ``op`` forwards received pieces: ``run_step`` sends it at its place in
+    the Plan's order, after taking them, rather than as soon as its compute is done."""
+    return any(ops[d].kind == "xfer" for d in op.deps)
+
+
 def _shape(batch: int, box: Box) -> tuple:
     return (batch, *[b - a for a, b in box])
 
@@ -202,27 +222,27 @@ class _Step:
         m = op.micro
         if op.why.startswith("weight"):
             flat, (lo, hi) = self._weights(op, op.slot)
-            self.transport.send(op.slot, op.dst, (AR_TAGS[op.why], op.producer, m), flat[lo:hi])
+            self.transport.send(op.slot, op.dst, tag_of(op), flat[lo:hi])
         elif op.why in AR_TAGS:
             i, box = op.producer, self.boxes[op.producer][op.slot]
             buf = self._buffer("g" if op.why.startswith("gradient") else "a", i, op.slot, m)
-            self.transport.send(op.slot, op.dst, (AR_TAGS[op.why], i, m), buf[_rel(self._piece(op), box)])
+            self.transport.send(op.slot, op.dst, tag_of(op), buf[_rel(self._piece(op), box)])
         elif op.why == "reduction":            # softmax: this slice's max and sum of exponentials per position
             z = self.out[(op.layer, op.slot, m)][:, :, :, 0]                     # (b, c, t)
             mx = z.max(axis=1)
             se = self.xp.exp(z - mx[:, None]).sum(axis=1)
-            self.transport.send(op.slot, op.dst, ("r", op.layer, m), self.xp.stack([mx, se], axis=2))
+            self.transport.send(op.slot, op.dst, tag_of(op), self.xp.stack([mx, se], axis=2))
         elif op.why != "gradient":           # the part of the producer's box the readers on dst read
             src = op.producer
             e, own = self.edges[(src, op.slot, op.dst)], self.boxes[src][op.slot]
-            self.transport.send(op.slot, op.dst, ("a", src, m), self.output(src, op.slot, m)[_rel(e.box, own)])
+            self.transport.send(op.slot, op.dst, tag_of(op), self.output(src, op.slot, m)[_rel(e.box, own)])
         else:                                # the readers' gradients of it, summed, to its owner op.dst
             src = op.producer
             e = self.edges[(src, op.dst, op.slot)]
             buf = self.xp.zeros(_shape(self.micro[m][1] - self.micro[m][0], e.box), dtype=self.x.dtype)
             for c in e.readers:
                 self._add_dins(buf, e.box, src, c, op.slot, m)
-            self.transport.send(op.slot, op.dst, ("g", src, m), buf)
+            self.transport.send(op.slot, op.dst, tag_of(op), buf)
 
     def recv(self, op) -> None:
         m = op.micro
@@ -230,7 +250,7 @@ class _Step:
         dtype = self.x.dtype
         if op.why.startswith("weight"):
             flat, (a, b) = self._weights(op, op.dst)
-            arr = self.transport.recv(op.slot, op.dst, (AR_TAGS[op.why], op.producer, m), (b - a,), flat.dtype)
+            arr = self.transport.recv(op.slot, op.dst, tag_of(op), (b - a,), flat.dtype)
             if op.why.endswith("reduce-scatter"):
                 self.ar_in.setdefault(("w", op.producer, op.dst), []).append(((a, b), arr))
             else:
@@ -238,7 +258,7 @@ class _Step:
         elif op.why in AR_TAGS:
             i, piece = op.producer, self._piece(op)
             kind = "g" if op.why.startswith("gradient") else "a"
-            arr = self.transport.recv(op.slot, op.dst, (AR_TAGS[op.why], i, m), _shape(hi - lo, piece), dtype)
+            arr = self.transport.recv(op.slot, op.dst, tag_of(op), _shape(hi - lo, piece), dtype)
             if op.why.endswith("reduce-scatter"):     # summed into the receiver's piece when it is next used
                 self.ar_in.setdefault((kind, i, op.dst, m), []).append((piece, arr))
             else:                                     # the sender's piece, summed
@@ -246,15 +266,15 @@ class _Step:
         elif op.why == "reduction":
             t = self.nodes[op.layer].out_shape[1]
             self.red.setdefault((op.layer, op.dst, m), []).append(
-                self.transport.recv(op.slot, op.dst, ("r", op.layer, m), (hi - lo, t, 2), dtype))
+                self.transport.recv(op.slot, op.dst, tag_of(op), (hi - lo, t, 2), dtype))
         elif op.why != "gradient":
             e = self.edges[(op.producer, op.slot, op.dst)]
             self.recv_act.setdefault((op.producer, op.dst, m), []).append(
-                (e.box, self.transport.recv(op.slot, op.dst, ("a", op.producer, m), _shape(hi - lo, e.box), dtype)))
+                (e.box, self.transport.recv(op.slot, op.dst, tag_of(op), _shape(hi - lo, e.box), dtype)))
         else:
             e = self.edges[(op.producer, op.dst, op.slot)]
             self.recv_grad.setdefault((op.producer, op.dst, m), []).append(
-                (e.box, self.transport.recv(op.slot, op.dst, ("g", op.producer, m), _shape(hi - lo, e.box), dtype)))
+                (e.box, self.transport.recv(op.slot, op.dst, tag_of(op), _shape(hi - lo, e.box), dtype)))
 
     # --- compute --------------------------------------------------------------------------------
     def forward(self, i: int, j: int, m: int, params: list) -> None:
@@ -323,14 +343,14 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
     gives the keep mask of the whole layer output for the batch (scaled), or None.
     ``backward=False`` runs the forward pass only (evaluation)."""
     step = _Step(p, x, labels, transport, xp, dropout)
-    skip = (lambda op: op.kind == "bwd" or op.why == "reduction" or op.why.startswith(("gradient", "weight"))) \
-        if not backward else (lambda op: False)
+    def skip(op) -> bool:
+        return skipped(op, backward)
     sends_after: dict[int, list] = {}        # a compute op -> the messages it completes (sent at once)
     in_order: set[int] = set()               # messages waiting for messages: sent at their place in the order
     received: set[int] = set()
     for op in p.ops:
         if op.kind == "xfer" and op.slot in slots and not skip(op):
-            if any(p.ops[d].kind == "xfer" for d in op.deps):
+            if waits_for_messages(p.ops, op):
                 in_order.add(op.id)
             else:
                 sends_after.setdefault(max(op.deps), []).append(op)

@@ -1,6 +1,6 @@
-"""Scenario checks found by review: sequence parallelism needs positions that split evenly
-over the tensor slots (Megatron-LM's reduce-scatter asserts it), and ``model.attention`` is
-refused on a model without attention layers instead of being ignored.  Each refusal is one
+"""Scenario checks: sequence parallelism needs positions that split evenly over the tensor
+slots (Megatron-LM's reduce-scatter asserts it), and ``model.attention`` is refused on a
+model without attention layers (it would change nothing).  Each refusal is one
 line naming the file and the field, and the command exits 2."""
 from pathlib import Path
 

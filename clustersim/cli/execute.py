@@ -37,9 +37,8 @@ def run(args) -> int:
     check_data(args.data, sc)
     extra = ["--transport", args.transport] if args.transport != "auto" else []
     if args.transport == "nccl":            # here, in one line, rather than on every rank
-        from executor.nccl_transport import choose_transport, nccl_or_none
-        choose_transport("nccl", args.device, args.device == "gpu" and nccl_or_none() is not None,
-                         sc.training.algorithm, bool(args.fail))
+        from executor.ranks import nccl_of
+        nccl_of(args, sc)
     if args.fail:
         extra += ["--fail", args.fail]
     if args.checkpoint:

@@ -321,6 +321,7 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                 for j, ids in into.items():
                     red_fwd.setdefault((i, j, mb), []).extend(ids)
     readers_ar = [grad_allreduced(model, slices, axes, i) for i in range(len(model.nodes))]
+    gathered = [bool(readers_ar[i]) and grad_gathered(model, slices, parts, axes, i) for i in range(len(model.nodes))]
     for mb, b in enumerate(micro_sizes):
         sent = {}
         for i in range(len(model.nodes) - 1, -1, -1):
@@ -332,7 +333,7 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                 rows = axes[i] == "scattered"
                 into = _allreduce(add, [j for j, _ in slices[i]], _sizes(node.out_shape, len(slices[i]), rows),
                                   b * db, i, mb, ("gradient reduce-scatter", "gradient all-gather"), partial_deps,
-                                  scatter=not grad_gathered(model, slices, parts, axes, i))
+                                  scatter=not gathered[i])
             for j, box in slices[i]:
                 f = ops[fwd[(i, j, mb)]]
                 deps = [f.id]
