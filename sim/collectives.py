@@ -84,12 +84,12 @@ def ports(topology: Topology, devices: Sequence[str]) -> list[list[tuple[str, st
 
 def switches(topology: Topology, devices: Sequence[str]) -> list[str] | None:
     """Every machine's NVSwitch (in order of first appearance) when each member of the
-    machine has a link to it; None where a machine has none."""
+    machine has a link to it, cut links left out; None where a machine has none."""
     by_machine = _by_machine(topology, devices)
     out = []
     for local in by_machine.values():
-        found = [s for s in topology.graph.neighbors(local[0]) if topology.devices[s].kind == "nvswitch"
-                 and all(topology.graph.has_edge(d, s) for d in local)]
+        found = [s for s in topology.neighbors(local[0]) if topology.devices[s].kind == "nvswitch"
+                 and all(s in topology.neighbors(d) for d in local)]
         if not found:
             return None
         out.append(found[0])
@@ -223,6 +223,7 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
     if algo in nccl.NVLS and algo != nvls:
         raise ValueError("not offered here: NCCL 2.20 runs NVLink SHARP for allreduce on GPUs of compute capability "
                          "9.0+ behind an NVSwitch, more than 2 a machine (nvls on one machine, nvls_tree on several)")
+    tuned: dict[str, float] = {}                  # the tuner's per-byte times, where it ran
     if algo not in ("auto", "ring", "tree", *nccl.NVLS):
         proto = proto or "Simple"                 # hierarchical, ps: not in NCCL's tuner
     elif algo == "auto" or not proto:
@@ -231,6 +232,7 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
         if algo == "auto" and nvls:
             candidates.append(nvls)
         per_byte = {a: _us_per_byte(topology, op, a, devices, nodes, rail_ports, cache, nvs) for a in candidates}
+        tuned = per_byte
         channels = min(len(p) for p in rail_ports) if rail_ports else 1
         algo, proto = nccl.choose(op, nbytes, per_byte, n, machines, intra, channels,
                                   (proto,) if proto else nccl.PROTOCOLS)
@@ -238,8 +240,10 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
         raise ValueError(f"NCCL runs {algo} with {'/'.join(nccl.protocols(algo))} only, not {proto}")
     schedule = tuple(phases(op, algo, devices, nbytes, nodes, rail_ports, nvs))
     if algo in ("ring", "tree"):
-        share = nccl.run_share(op, algo, proto, nbytes, _us_per_byte(topology, op, algo, devices, nodes, rail_ports,
-                                                                      cache), n, machines)
+        # the per-byte time only caps LL; the tuner's trial run gave it where the tuner ran
+        upb = tuned[algo] if algo in tuned else (
+            _us_per_byte(topology, op, algo, devices, nodes, rail_ports, cache) if proto == "LL" else 0.0)
+        share = nccl.run_share(op, algo, proto, nbytes, upb, n, machines)
     else:
         share = nccl.protocol_factor(algo if algo in nccl.NVLS else "ring", proto, op, machines, n / machines)
     if algo == "nvls":

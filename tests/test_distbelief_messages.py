@@ -40,6 +40,11 @@ def wire(nbytes: float) -> float:
 COSTS = {"send": [SEND_US, 0, 1.0], "recv": [RECV_US, 0, 0]}
 
 
+def test_every_key_the_simulator_asks_for_is_accepted():
+    from clustersim.core.topogen import _cost_key
+    assert all(_cost_key(k) for k in ("send", "recv.reduction", "step", "update", "dense.backward.split", "conv2d"))
+
+
 def test_the_cost_reaches_every_machines_cpu_and_only_send_and_recv():
     topo = build_topology(two_machines(COSTS), "two.toml")
     for cpu in ("m0.cpu", "m1.cpu"):

@@ -124,3 +124,14 @@ def test_json_row_names_the_nvls_algorithm(capsys):
     code = main(["collective", "--topology", "dgx-h100-fat-tree", "--machines", "2", "--bytes", "1G", "--json"])
     [row] = json.loads(capsys.readouterr().out)
     assert code == 0 and row["algo"] == "nvls_tree"
+
+
+def test_a_cut_nvlink_takes_the_gpus_switch_away():
+    """NVLS needs every GPU of the machine linked to the NVSwitch: with m0.gpu0's link cut,
+    routing (and so the switch search) no longer sees that link."""
+    topo = load_topology("dgx-h100")
+    gpus = topo.compute_devices()
+    assert collectives.switches(topo, gpus) == ["m0.nvswitch"]
+    cut = topo.without_link("m0.gpu0", "m0.nvswitch")
+    assert collectives.switches(cut, gpus) is None
+    assert collectives.switches(cut, gpus[1:]) == ["m0.nvswitch"]

@@ -24,6 +24,7 @@ is not applied), and llMaxBws's and the net overhead's AMD rows: every host is t
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -89,6 +90,7 @@ def sm_share(machines: int, nics: int, sms: int, algo: str = "ring") -> float:
     return min(channels, sms) / sms
 
 
+@functools.lru_cache(maxsize=None)       # asked on every collective's layout
 def version_tuple(version: str) -> tuple[int, ...]:
     """"2.18.5" -> (2, 18, 5); ValueError for anything else."""
     if not re.fullmatch(r"\d+(\.\d+)*", version):

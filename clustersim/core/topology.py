@@ -212,6 +212,10 @@ class Topology:
         return self.devices[name].machine
 
     # --- routing -------------------------------------------------------------------------
+    def neighbors(self, node: str) -> list[str]:
+        """The devices ``node`` has a link to, as routing sees them (cut links left out)."""
+        return self._adj[node]
+
     def route(self, src: str, dst: str) -> tuple[DirLink, ...]:
         """Directed links from ``src`` to ``dst``; () when equal.  Raises NoRoute if none."""
         if src == dst:
@@ -301,7 +305,7 @@ class Topology:
         its devices in device order, and each one's place in that order."""
         if machine not in self._shapes:
             if not self._members:
-                for n in sorted(self.devices, key=self._index.__getitem__):
+                for n in self._index:                   # device order
                     self._members.setdefault(self.devices[n].machine, []).append(n)
             nodes = self._members[machine]
             place = {n: k for k, n in enumerate(nodes)}
