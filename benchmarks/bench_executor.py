@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clustersim.calibrate.host import median_time  # noqa: E402
+from clustersim.calibration.host import median_time  # noqa: E402
 from executor.kernels import backward, forward, windows  # noqa: E402
 from clustersim.core.layers import full_box  # noqa: E402
 from clustersim.core.models import make_layer  # noqa: E402

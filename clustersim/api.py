@@ -305,7 +305,7 @@ def _toml(value: Any) -> str:
 
 def calibrate(ranks: int, out: str | Path) -> dict:
     """Measures this host for a job of ``ranks`` ranks and writes the topology to ``out``."""
-    from clustersim.calibrate.host import calibrate as measure, topology_text
+    from clustersim.calibration.host import calibrate as measure, topology_text
     if not 1 <= ranks <= 256:
         raise ConfigError("--ranks", str(ranks), "must be 1..256")
     res = measure(ranks)
@@ -318,11 +318,11 @@ def calibrate(ranks: int, out: str | Path) -> dict:
 
 def calibrate_gpus(out: str | Path) -> dict:
     """Measures this machine's GPUs with CuPy and writes the topology to ``out``.  Under
-    ``mpiexec`` with one rank per host (``calibrate.hosts.launched_ranks`` > 1) every host
+    ``mpiexec`` with one rank per host (``calibration.hosts.launched_ranks`` > 1) every host
     measures its own GPUs and rank 0 the path to each other host, and writes one topology of
     all of them; the other ranks return {}."""
-    from clustersim.calibrate.gpu import calibrate_gpus as measure, cupy_backend, gpu_topology_text
-    from clustersim.calibrate.hosts import launched_ranks
+    from clustersim.calibration.gpu import calibrate_gpus as measure, cupy_backend, gpu_topology_text
+    from clustersim.calibration.hosts import launched_ranks
     from executor.backend import cupy_or_none
     cp = cupy_or_none()
     if cp is None:
@@ -336,11 +336,11 @@ def calibrate_gpus(out: str | Path) -> dict:
 
 
 def _calibrate_hosts(cp, out: str | Path) -> dict:
-    """``calibrate_gpus`` on one rank per host (see ``clustersim.calibrate.hosts``)."""
+    """``calibrate_gpus`` on one rank per host (see ``clustersim.calibration.hosts``)."""
     from mpi4py import MPI
 
-    from clustersim.calibrate.gpu import calibrate_gpus as measure, cupy_backend
-    from clustersim.calibrate.hosts import calibrate_hosts, hosts_topology_text, nccl_exchange
+    from clustersim.calibration.gpu import calibrate_gpus as measure, cupy_backend
+    from clustersim.calibration.hosts import calibrate_hosts, hosts_topology_text, nccl_exchange
     from executor.gpu import local_rank
     comm = MPI.COMM_WORLD
     if comm.allreduce(local_rank(comm, MPI.COMM_TYPE_SHARED)[1] > 1, op=MPI.LOR):   # every rank decides alike
@@ -416,7 +416,7 @@ def suite_speedup(a_rounds: list[dict], b_rounds: list[dict]) -> dict:
 def calibrate_for(ranks: int, out: str | Path, models: list[str]) -> dict:
     """``calibrate`` with the in-context op probes of ``models`` only (all of them for a
     model calibrate has no probe of): a third of the time for mlp-digits alone."""
-    from clustersim.calibrate.host import calibrate as measure, topology_text
+    from clustersim.calibration.host import calibrate as measure, topology_text
     res = measure(ranks, models=models)
     write_atomic(out, topology_text(Path(out).stem, ranks, res["cores"], res["compute"],
                                     res["memory_bandwidth_bytes_per_s"], res["mpi"], res["op_costs"],

@@ -9,7 +9,7 @@ import numpy as np
 from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).parent))
-from clustersim.calibrate.hosts import calibrate_hosts, hosts_topology_text  # noqa: E402
+from clustersim.calibration.hosts import calibrate_hosts, hosts_topology_text  # noqa: E402
 from test_gpucal import result  # noqa: E402
 
 comm = MPI.COMM_WORLD

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from clustersim.calibrate.host import fit_alpha_beta, topology_text
+from clustersim.calibration.host import fit_alpha_beta, topology_text
 from clustersim.compare.validate import combine, error_pct, phase_times, spread_pct, waits
 from clustersim.core.topogen import build_topology, load_topology
 from clustersim.core.topology import Device
@@ -113,7 +113,7 @@ def test_ranks_bound_to_one_core_share_it_busy_or_not():
 
 
 def test_op_cost_fit_recovers_exact_costs_and_keeps_terms_non_negative():
-    from clustersim.calibrate.host import fit_op_cost
+    from clustersim.calibration.host import fit_op_cost
     pts = [[f, b, 8e-6 + f / 2e11 + b / 1e10] for f, b in [(1e4, 1e3), (1e6, 5e5), (1e8, 1e6), (1e9, 4e8), (3e9, 1e7)]]
     fit = fit_op_cost(pts)
     assert fit["fixed_s"] == pytest.approx(8e-6, rel=1e-6) and fit["flops_per_s"] == pytest.approx(2e11, rel=1e-6)
@@ -199,7 +199,7 @@ def test_ranks_are_bound_to_their_share_of_the_cores():
 def test_probe_points_are_medians_and_a_messages_cost_its_lower_quartile():
     import statistics
 
-    from clustersim.calibrate.probe import merge
+    from clustersim.calibration.probe import merge
     waits = [1.0, 1.0, 1.0, 1.0, 9.0, 9.0, 9.0]                  # some receives waited for their sender
     passes = [{"dense": [(1e6, 1e3, [3.0, 1.0])], "recv": [(0.0, 64.0, waits[:4])]},
               {"dense": [(1e6, 1e3, [2.0])], "recv": [(0.0, 64.0, waits[4:])]}]
@@ -209,7 +209,7 @@ def test_probe_points_are_medians_and_a_messages_cost_its_lower_quartile():
 
 
 def test_probe_step_counts_warm_up_then_time_a_stretch():
-    from clustersim.calibrate import probe
+    from clustersim.calibration import probe
     assert (probe.WARM_S, probe.TIMED_S) == (0.01, 0.02)
     assert probe.step_counts(1e-3, 5) == (10, 20)                # a 1 ms step: 10 ms untimed, 20 ms timed
     assert probe.step_counts(0.1, 5) == (2, 5)                   # a slow step: at least 2 untimed, `repeats` timed
@@ -219,7 +219,7 @@ def test_probe_step_counts_warm_up_then_time_a_stretch():
 def test_a_probe_times_only_the_steps_after_its_warm_up(monkeypatch):
     import numpy as np
 
-    from clustersim.calibrate import probe
+    from clustersim.calibration import probe
     calls = []
     real = probe.run_step
     monkeypatch.setattr(probe, "step_counts", lambda second, repeats: (3, repeats + 2))
@@ -266,7 +266,7 @@ def test_a_spatial_slice_has_its_own_op_costs_falling_back_to_the_whole_layers(t
 
 
 def test_each_rank_takes_the_reference_of_the_cores_it_is_bound_to():
-    from clustersim.calibrate.hostspeed import rank_series
+    from clustersim.calibration.hostspeed import rank_series
     series = {0: [1.0, 2.0], 1: [3.0, 3.0]}                        # window by window
     assert rank_series(series, 1) == [[3.0, 3.0]]                  # one rank on both cores: the slower
     assert rank_series(series, 2) == [[1.0, 2.0], [3.0, 3.0]]
@@ -276,7 +276,7 @@ def test_each_rank_takes_the_reference_of_the_cores_it_is_bound_to():
 def test_every_core_is_timed_at_once_with_the_reference_step():
     import os
 
-    from clustersim.calibrate.hostspeed import core_series
+    from clustersim.calibration.hostspeed import core_series
     series = core_series(0.3)                                      # 50 ms windows: six, give or take a short last one
     assert set(series) == set(os.sched_getaffinity(0)) and len({len(v) for v in series.values()}) == 1
     assert 5 <= len(series[min(series)]) <= 7 and all(0 < t < 1.0 for v in series.values() for t in v)
@@ -297,13 +297,13 @@ def test_a_runs_quiet_step_is_a_low_percentile_of_its_windows_medians():
 
 
 def test_the_host_s_quiet_speed_is_a_low_percentile_of_every_core_s_windows():
-    from clustersim.calibrate.hostspeed import quiet_reference
+    from clustersim.calibration.hostspeed import quiet_reference
     series = {0: [float(t) for t in range(1, 11)], 1: [float(t) for t in range(11, 21)]}
     assert quiet_reference(series) == pytest.approx(2.9)          # the 10th percentile of 1..20
 
 
 def test_probes_wait_for_the_host_to_run_quietly():
-    from clustersim.calibrate.probe import QUIET_TOLERANCE, quiet_probe
+    from clustersim.calibration.probe import QUIET_TOLERANCE, quiet_probe
     def probe(brackets):
         seen = iter(brackets)
         runs = []
@@ -328,7 +328,7 @@ def test_probes_wait_for_the_host_to_run_quietly():
 
 
 def test_a_calibration_for_some_models_probes_only_theirs():
-    from clustersim.calibrate.probe import PROBES, probes_for
+    from clustersim.calibration.probe import PROBES, probes_for
     assert probes_for(["mlp-digits"]) == tuple(p for p in PROBES if p[0] == "mlp-digits")
     assert probes_for(None) == probes_for([]) == PROBES
     assert probes_for(["mlp-digits", "a-model-of-its-own"]) == PROBES     # its ops may be any probe's

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from clustersim.calibrate.hosts import hosts_topology_text
+from clustersim.calibration.hosts import hosts_topology_text
 from clustersim.core.topogen import load_topology
 from test_gpucal import fit, result
 from test_mpi import MPIEXEC
@@ -57,7 +57,7 @@ def test_calibrate_hosts_on_real_ranks_fits_every_pair_with_rank_0_and_writes_th
 
 
 def test_launched_ranks_reads_mpiexecs_environment_and_is_1_outside_it():
-    from clustersim.calibrate.hosts import launched_ranks
+    from clustersim.calibration.hosts import launched_ranks
     assert launched_ranks({}) == 1
     assert launched_ranks({"PMI_SIZE": "4", "PMI_RANK": "2"}) == 4            # MPICH's Hydra
     assert launched_ranks({"OMPI_COMM_WORLD_SIZE": "3"}) == 3                  # Open MPI
@@ -67,7 +67,7 @@ def test_launched_ranks_reads_mpiexecs_environment_and_is_1_outside_it():
 @pytest.mark.skipif(not MPIEXEC.exists(), reason="the mpich wheel is not installed")
 def test_mpiexec_sets_what_launched_ranks_reads(tmp_path):
     """The mpich wheel's mpiexec: each of 2 ranks sees 2."""
-    code = "import os; from clustersim.calibrate.hosts import launched_ranks; print(launched_ranks(os.environ))"
+    code = "import os; from clustersim.calibration.hosts import launched_ranks; print(launched_ranks(os.environ))"
     proc = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.split() == ["2", "2"], proc.stderr

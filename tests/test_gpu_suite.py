@@ -41,7 +41,7 @@ def test_the_suite_spans_1_to_8_gpus_and_every_case_plans(suite):
 def test_measured_nccl_busbw_is_set_beside_the_model_on_the_calibrated_topology(suite, tmp_path):
     """Rows measured by calibrate --gpu (here: the model's own busbw scaled by 1.25) get the
     collective model's busbw on the written topology and the error in percent."""
-    from clustersim.calibrate.gpu import gpu_topology_text
+    from clustersim.calibration.gpu import gpu_topology_text
     from test_gpucal import result
     path = tmp_path / "g4.toml"
     path.write_text(gpu_topology_text("g4", result(4)))

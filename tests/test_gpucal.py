@@ -10,7 +10,7 @@ import pytest
 from executor.backend import cupy_or_none
 import numpy as np
 
-from clustersim.calibrate.gpu import gpu_topology_text, measure_allreduce, measure_copies, numpy_backend, pair_key
+from clustersim.calibration.gpu import gpu_topology_text, measure_allreduce, measure_copies, numpy_backend, pair_key
 from clustersim.core.topogen import load_topology
 
 

@@ -1,6 +1,7 @@
 """make validate's speedup table (scenarios/validation/run.py): every pair names two cases
 of the suite that differ in how they split the same model, and a pair's figures are
 ``suite_speedup``'s closed forms over the rounds."""
+import importlib
 import importlib.util
 from pathlib import Path
 
@@ -37,3 +38,14 @@ def test_a_pair_s_speedup_is_the_median_of_its_rounds_ratios(suite, capsys):
     assert row["speedup_error_pct"] == pytest.approx(-25.0)
     assert out["median_abs_error_pct"] == out["worst_abs_error_pct"] == pytest.approx(25.0)
     assert "mlp-1rank -> mlp-allreduce-2" in capsys.readouterr().out
+
+
+def test_every_verb_is_the_api_s_even_after_every_subpackage_is_imported():
+    """A subpackage named like a verb would shadow it once imported (``clustersim.calibrate``
+    did, and ``make validate`` failed on its first calibration)."""
+    import pkgutil
+    from clustersim import api
+    for info in pkgutil.walk_packages(clustersim.__path__, "clustersim."):
+        importlib.import_module(info.name)
+    for verb in clustersim.VERBS:
+        assert getattr(clustersim, verb) is getattr(api, verb), verb

@@ -11,7 +11,7 @@ step time), and two steps of each timeline for the plot.  Errors are (predicted 
 measured) / measured in percent; the spread of the measurements ((max - min) / median)
 says how much of an error is noise.
 
-Calibration times the ops where the host ran at its quiet speed (``clustersim.calibrate.hostspeed``):
+Calibration times the ops where the host ran at its quiet speed (``clustersim.calibration.hostspeed``):
 the prediction is the step on this host without its neighbours.  Each run's quiet step
 (``quiet_step_time_s``: the 10th percentile of its 50 ms windows' median steps,
 ``clustersim.core.metrics.quiet_time``) is what it is compared with (``quiet_error_pct``);

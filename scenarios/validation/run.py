@@ -3,7 +3,7 @@ this host afresh for each rank count the cases need (then those cases, one after
 simulating on that topology and executing for real (REPEATS runs); the
 median prediction against the median of all runs (``clustersim.compare.validate.combine``), and
 against the runs' quiet windows (the prediction is the host without its neighbours:
-calibrate probes where it runs quietly; ``clustersim.calibrate.hostspeed``).  Then the
+calibrate probes where it runs quietly; ``clustersim.calibration.hostspeed``).  Then the
 speedups of PAIRS of these cases (B's samples/s over A's, each round's runs against each
 other: the rounds interleave every case, ``clustersim.compare.validate.suite_speedup``).
 

@@ -48,7 +48,7 @@ from clustersim.core.layers import full_box
 from clustersim.core.models import make_layer
 
 from executor.kernels import backward, forward
-from clustersim.calibrate.hostspeed import SERIES_S, core_series, quiet_reference, rank_series
+from clustersim.calibration.hostspeed import SERIES_S, core_series, quiet_reference, rank_series
 from executor.launch import mpiexec, rank_env
 
 REPEATS = 7
@@ -136,12 +136,12 @@ def measure_memory_bandwidth(n_bytes: int = 256 * 2**20) -> float:
 
 
 def run_probe(ranks: int, env: dict, *args: str):
-    """``mpiexec -n ranks python -m clustersim.calibrate.probe ARGS``: what rank 0 printed, as JSON."""
-    proc = subprocess.run([str(mpiexec()), "-n", str(ranks), sys.executable, "-m", "clustersim.calibrate.probe", *args],
+    """``mpiexec -n ranks python -m clustersim.calibration.probe ARGS``: what rank 0 printed, as JSON."""
+    proc = subprocess.run([str(mpiexec()), "-n", str(ranks), sys.executable, "-m", "clustersim.calibration.probe", *args],
                           capture_output=True, text=True, timeout=1200, env=env,
                           cwd=str(Path(__file__).resolve().parents[1]))
     if proc.returncode != 0:
-        raise RuntimeError(f"clustersim.calibrate.probe {args[0]} on {ranks} ranks failed: {proc.stderr[-500:]}")
+        raise RuntimeError(f"clustersim.calibration.probe {args[0]} on {ranks} ranks failed: {proc.stderr[-500:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -9,7 +9,7 @@ these windows (``quiet_reference``) and times its probes where the host runs at 
 validation compares the prediction with each run's quiet windows (``quiet_time``).
 See docs/decisions/004-quiet-host-calibration.md (and the predictions tried and dropped).
 
-    python -m clustersim.calibrate.hostspeed CORE [SECONDS]   # this core's reference step by 50 ms window, JSON
+    python -m clustersim.calibration.hostspeed CORE [SECONDS]   # this core's reference step by 50 ms window, JSON
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class Reference:
     times them for a while."""
 
     def __init__(self) -> None:
-        from clustersim.calibrate.probe import probe_inputs, probe_plan
+        from clustersim.calibration.probe import probe_inputs, probe_plan
         self.plan = probe_plan(*REFERENCE, 1)
         self.params, self.data = probe_inputs(self.plan, np.random.default_rng(0))
 
@@ -85,14 +85,14 @@ def core_series(seconds: float = REFERENCE_S, cores: list[int] | None = None) ->
     bound to each); the same number of windows for each."""
     cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
     env = rank_env(len(cores), len(cores))
-    procs = [subprocess.Popen([sys.executable, "-m", "clustersim.calibrate.hostspeed", str(c), str(seconds)],
+    procs = [subprocess.Popen([sys.executable, "-m", "clustersim.calibration.hostspeed", str(c), str(seconds)],
                               stdout=subprocess.PIPE, text=True, env=env, cwd=str(Path(__file__).resolve().parents[1]))
              for c in cores]
     out = {}
     for c, proc in zip(cores, procs):
         text, _ = proc.communicate(timeout=60 + 2 * seconds)
         if proc.returncode != 0:
-            raise RuntimeError(f"clustersim.calibrate.hostspeed on core {c} failed")
+            raise RuntimeError(f"clustersim.calibration.hostspeed on core {c} failed")
         out[c] = json.loads(text)
     n = min(len(v) for v in out.values())
     return {c: v[:n] for c, v in out.items()}

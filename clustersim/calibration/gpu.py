@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from clustersim.calibrate.host import compute_lines, fit_alpha_beta, measure_compute, measure_memory_bandwidth, median_time
+from clustersim.calibration.host import compute_lines, fit_alpha_beta, measure_compute, measure_memory_bandwidth, median_time
 
 COPY_SIZES = [2**k for k in range(10, 29, 2)]      # 1 KiB .. 256 MiB
 COPY_REPEATS = 9

@@ -16,7 +16,7 @@ receiver; bytes only); ``send.reduction`` (softmax's max and sum of exponentials
 computed and sent) and ``recv.reduction``; ``step`` (what a step costs a rank besides
 its ops: sampling the batch, the walk's set-up, the final flush; by the batch's bytes).
 
-Run under ``mpiexec -n k python -m clustersim.calibrate.probe ops`` every rank probes at once, so
+Run under ``mpiexec -n k python -m clustersim.calibration.probe ops`` every rank probes at once, so
 ranks that share a host's memory bandwidth and caches are timed as they run: rank 0
 prints the medians as JSON.  ``pingpong`` times the executor's transport between two
 ranks; ``allreduce`` the sync workers' allreduce among all of them as it costs their step
@@ -164,7 +164,7 @@ def merge(passes: list[dict[str, list[tuple]]]) -> dict[str, list[list[float]]]:
 def quiet_probe(run, bracket, quiet: float | None, slowest=lambda t: t, tries: int = QUIET_TRIES):
     """``run()`` timed while the host ran at its quiet speed, as far as ``tries`` attempts
     find it: each attempt between two brackets (``bracket()``: the reference step's time
-    now, ``clustersim.calibrate.hostspeed``), and one whose slower bracket (the slowest rank's, by
+    now, ``clustersim.calibration.hostspeed``), and one whose slower bracket (the slowest rank's, by
     ``slowest``) is within ``QUIET_TOLERANCE`` of ``quiet`` ends the search; else the
     attempt with the quickest brackets counts.  A probe is far shorter than a spell of the
     host's neighbours, so its brackets say how it ran; scaling its times by them would not
@@ -203,7 +203,7 @@ def op_times(seed: int = 0, repeats: int = REPEATS, passes: int = PASSES,
     reference step on a quiet host, seconds): each probe is retried until the host ran
     quietly around it (``quiet_probe``; ``slowest`` gives every rank's slowest bracket,
     so the ranks retry together)."""
-    from clustersim.calibrate.hostspeed import Reference
+    from clustersim.calibration.hostspeed import Reference
     rng = np.random.default_rng(seed)
     ref = Reference() if quiet is not None else None
     results = []

@@ -22,8 +22,8 @@ import statistics
 import time
 from typing import Any, Callable
 
-from clustersim.calibrate.gpu import COPY_SIZES, gpu_topology_text, host_bus
-from clustersim.calibrate.host import fit_alpha_beta
+from clustersim.calibration.gpu import COPY_SIZES, gpu_topology_text, host_bus
+from clustersim.calibration.host import fit_alpha_beta
 
 PING_REPEATS = 9
 
