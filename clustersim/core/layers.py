@@ -146,9 +146,10 @@ class Layer:
         """Output channels a channel cut must keep together (an attention head's width)."""
         return 1
 
-    def saved(self, s: Shape, box: Box) -> int:
+    def saved(self, s: Shape, box: Box, attention: str = "eager") -> int:
         """Elements per sample the backward of a slice keeps besides its input reads and its
-        output (attention: its queries, keys, values and score matrices)."""
+        output (attention: its queries, keys, values and score matrices, as ``attention``,
+        the scenario's ``model.attention``, keeps them)."""
         return 0
 
     def reduced(self, s: Shape) -> int:
@@ -558,6 +559,9 @@ class SwiGLU(Layer):
         return ((2 * box[0][0], 2 * box[0][1]), box[1], box[2])
 
 
+SCORE_COPIES = {"eager": 2, "fused": 1, "flash": 0}   # heads x T x T matrices attention keeps
+
+
 @dataclass(frozen=True)
 class Attention(Layer):
     """Multi-head self-attention over positions: the query, key and value projections
@@ -601,9 +605,13 @@ class Attention(Layer):
         cols = slice(*box[0])
         return [(slice(None), slice(None), cols)] + ([(slice(None), cols)] if self.bias else [])
 
-    def saved(self, s, box):
+    def saved(self, s, box, attention="eager"):
+        """q, k, v, and the score matrices as the framework keeps them: eager the scores and
+        the probabilities, Megatron's fused softmax the probabilities, FlashAttention none
+        but one log-sum-exp per head and position."""
         c, t = box[0][1] - box[0][0], s[1]
-        return 3 * c * t + 2 * (c // self.unit(s)) * t * t            # q, k, v; scores and probabilities
+        heads = c // self.unit(s)
+        return 3 * c * t + SCORE_COPIES[attention] * heads * t * t + (heads * t if attention == "flash" else 0)
 
 
 @dataclass(frozen=True)

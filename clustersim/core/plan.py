@@ -714,7 +714,7 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
         for slot, box in layer_slices_:
             read = sum(box_size(need) for src, need in zip(node.inputs, reads(model, p.parts, i, slot, box))
                        if not _held(p.slices, src, slot, need) and (src < 0 or p.axes[src] != "positions"))
-            whole = box_size(box) + read + saved_elements(node, box, sc.attention)
+            whole = box_size(box) + read + node.layer.saved(node.in_shape, box, sc.attention)
             if not sc.training.recompute:
                 kept[slot] += whole
                 continue
@@ -725,21 +725,6 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
             for slot in range(p.slots):
                 work[slot], stretch[slot] = max(work[slot], stretch[slot]), 0.0
     return kept, [max(w, s) for w, s in zip(work, stretch)]
-
-
-SCORE_COPIES = {"eager": 2, "fused": 1, "flash": 0}   # heads x T x T matrices attention keeps
-
-
-def saved_elements(node, box: Box, attention: str = "eager") -> int:
-    """What a slice keeps besides its reads and output (``Layer.saved``), with attention's
-    score matrices as the framework keeps them (``model.attention``): eager the scores and
-    the probabilities, Megatron's fused softmax the probabilities, FlashAttention none but
-    one log-sum-exp per head and position."""
-    saved = node.layer.saved(node.in_shape, box)
-    if node.layer.kind != "attention" or attention == "eager":
-        return saved
-    heads, t = (box[0][1] - box[0][0]) // node.layer.unit(node.in_shape), node.in_shape[1]
-    return saved - (2 - SCORE_COPIES[attention]) * heads * t * t + (heads * t if attention == "flash" else 0)
 
 
 def _held(slices: Slices, src: int, slot: int, need: Box) -> bool:
