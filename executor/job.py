@@ -16,7 +16,7 @@ from executor.data import Batches
 from clustersim.core.metrics import quiet_time
 from executor.kernels import init_params, softmax_xent_loss
 from executor.optim import sgd_in_place
-from executor.partitioned import _box_of, run_step, slot_params
+from executor.partitioned import _box_of, pieces, run_step, slot_params
 from clustersim.core.schedule import apply_cost
 from executor.psrank import ShardClient, message_buffer, serve, shard_runs, slot_segments
 from executor.checks import dataset, rank_role, serve_rule
@@ -67,11 +67,9 @@ class RankJob(SandblasterRoles):
         return xp.concatenate(parts) if parts else xp.zeros(0, np.float32)
 
     def unflatten(self, flat: np.ndarray, arrays: dict, j: int) -> None:
-        pos = 0
-        for key in self.keys(j):
-            for a in arrays[key]:
-                a[...] = self.xp.asarray(flat[pos:pos + a.size].reshape(a.shape))
-                pos += a.size
+        held = [a for key in self.keys(j) for a in arrays[key]]
+        for a, piece in zip(held, pieces(flat, held)):
+            a[...] = self.xp.asarray(piece)
 
     def global_vector(self) -> np.ndarray:
         """Every box's parameters as one vector in the Plan's order (layer by layer, slot by

@@ -59,6 +59,15 @@ def waits_for_messages(ops, op) -> bool:
     return any(ops[d].kind == "xfer" for d in op.deps)
 
 
+def pieces(flat, arrays) -> list:
+    """``flat`` cut into views shaped as ``arrays``, one after the other."""
+    out, pos = [], 0
+    for a in arrays:
+        out.append(flat[pos:pos + a.size].reshape(a.shape))
+        pos += a.size
+    return out
+
+
 def _shape(batch: int, box: Box) -> tuple:
     return (batch, *[b - a for a, b in box])
 
@@ -156,13 +165,16 @@ class _Step:
         return fn(self.xp, node.layer, list(node.in_shapes), args, list(regions), box, *rest)
 
     # --- a tensor split's allreduces ---------------------------------------------------------
-    def _piece(self, op) -> Box:
-        """The piece of the whole output an allreduce transfer carries: the receiver's in a
-        reduce-scatter, the sender's in an all-gather."""
+    def _member(self, op) -> tuple[int, int]:
+        """(the tensor group's size, the index of the member whose piece an allreduce transfer
+        carries: the receiver's in a reduce-scatter, the sender's in an all-gather)."""
         group = [j for j, _ in self.p.slices[op.producer]]
-        at = op.dst if op.why.endswith("reduce-scatter") else op.slot
-        rows = self.p.axes[op.producer] == "scattered"
-        return allreduce_pieces(self.nodes[op.producer].out_shape, len(group), rows)[group.index(at)]
+        return len(group), group.index(op.dst if op.why.endswith("reduce-scatter") else op.slot)
+
+    def _piece(self, op) -> Box:
+        """The piece of the whole output an allreduce transfer carries (``_member``)."""
+        n, k = self._member(op)
+        return allreduce_pieces(self.nodes[op.producer].out_shape, n, self.p.axes[op.producer] == "scattered")[k]
 
     def _buffer(self, kind: str, i: int, j: int, m: int):
         """Slot j's whole buffer of layer i's allreduce (``a``: its partial sum, the output;
@@ -186,24 +198,19 @@ class _Step:
     def _weights(self, op, j: int) -> tuple:
         """(slot j's flat parameter gradients with the pieces received so far summed in, the
         range of them ``op`` carries) of a weight-gradient allreduce (sequence parallelism)."""
-        group = [k for k, _ in self.p.slices[op.producer]]
-        at = op.dst if op.why.endswith("reduce-scatter") else op.slot
         key = (op.producer, j)
         if key not in self.wbuf:
             self.wbuf[key] = self.xp.concatenate([g.ravel() for g in self.grads[key]])
         flat = self.wbuf[key]
         for (lo, hi), arr in self.ar_in.pop(("w",) + key, []):
             flat[lo:hi] += arr
-        return flat, even_cuts(len(flat), len(group))[group.index(at)]
+        n, k = self._member(op)
+        return flat, even_cuts(len(flat), n)[k]
 
     def unflatten_weights(self) -> None:
         """The allreduced parameter gradients back into ``grads``."""
         for key, flat in self.wbuf.items():
-            pos, arrays = 0, []
-            for g in self.grads[key]:
-                arrays.append(flat[pos:pos + g.size].reshape(g.shape))
-                pos += g.size
-            self.grads[key] = arrays
+            self.grads[key] = pieces(flat, self.grads[key])
 
     def _add_dins(self, buf, box: Box, i: int, c: int, j: int, m: int) -> None:
         """Adds reader c's (on slot j) gradients of layer i's output inside ``box`` to ``buf``."""
