@@ -11,7 +11,9 @@ kind's kernels make (see docs/decisions/018-kernels-by-layer-kind.md).
 
 A GPU runs one kernel at a time (``runs_in_order``): ops given to it queue and start one
 after the other, first come first served; the engine hands it a step's ops in the Plan's
-order (see docs/decisions/010-gpu-runs-its-ops-in-order.md).  On a CPU, or a device with
+order (see docs/decisions/010-gpu-runs-its-ops-in-order.md).  Such a device runs its ops
+as a *lane*, without the fluid: the fluid's arithmetic for a job alone on its resource,
+one shared timer, one simpy event per op (decision 032; ``shortcut=False``: fluid jobs).  On a CPU, or a device with
 calibrated costs (host ranks), ops that run at once share it as a processor-sharing queue
 (a fluid job on a unit-capacity device).  Devices in a core pool (ranks bound to the same cores)
 share it busy or polling, since a polling rank keeps its share: each of n members of a
@@ -23,12 +25,15 @@ window, which sleeps, is not modelled).  Costs measured with every rank running
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
 from collections import deque
 
 import simpy
 
 from sim import kernel_model
-from sim.fluid import Fluid
+from sim.flows import max_min_rates
+from sim.fluid import Fluid, rerate, timeout_at
 from clustersim.core.scenario import DTYPE_BYTES
 from clustersim.core.topology import Device, Topology
 
@@ -88,6 +93,12 @@ class Compute:
         self.held: dict[str, list[float]] = {}   # GPU -> shares collectives' kernels take now
         self.alike = alike_devices(topology)    # device -> id shared by devices described alike
         self.timed: dict[tuple, float] = {}     # (alike id, op) -> op_seconds: replicas repeat ops
+        # shortcut: an in-order device runs its ops as a lane, without the fluid (below)
+        self.lanes = {name: _Lane() for name in self.queues} if shortcut else None
+        self._due: list[tuple[float, int, str]] = []    # (finish, start sequence, device); stale ones skipped
+        self._seq = itertools.count()
+        self._wake_at, self._timer = float("inf"), None  # the one live lane timer
+        self._dirty: list[tuple[str, int]] = []          # (lane, its op) whose capacity changed this instant
 
     def in_order(self, device: str) -> bool:
         return device in self.queues
@@ -127,12 +138,93 @@ class Compute:
             return
         self.busy.add(device)
         seconds, done = queue.popleft()
+        if self.lanes is not None:
+            self._lane_start(device, seconds, done)
+            return
         start = self.env.now
 
         def finished(_e) -> None:
             self._next(device)
             done.succeed(start)
         self.fluid.start(self.weights[device], seconds).callbacks.append(finished)
+
+    # --- lanes: an in-order device's op with the fluid's arithmetic for a job alone on its
+    # resource (weight 1: rate = capacity), ended by one timer shared by all lanes, in
+    # (finish, start) order as the fluid's heap ends jobs (decision 032)
+    def _lane_start(self, device: str, seconds: float, done: simpy.Event) -> None:
+        lane, now = self.lanes[device], self.env.now
+        lane.done, lane.start, lane.since, lane.remaining = done, now, now, seconds
+        lane.rate, lane.seq = lane.capacity, next(self._seq)
+        lane.finish = now + seconds / lane.rate if seconds > 0 else now
+        heapq.heappush(self._due, (lane.finish, lane.seq, device))
+        self._arm()
+
+    def _arm(self) -> None:
+        due = self._due
+        while due and not self._live(due[0]):
+            heapq.heappop(due)                               # stale: ended, or moved by a capacity change
+        if due and due[0][0] < self._wake_at:
+            self._wake_at = due[0][0]
+            self._timer = timeout_at(self.env, self._wake_at)
+            self._timer.callbacks.append(self._lanes_due)
+
+    def _live(self, entry: tuple[float, int, str]) -> bool:
+        """Whether a (finish, sequence, device) entry is the running op's finish now."""
+        lane = self.lanes[entry[2]]
+        return lane.done is not None and lane.seq == entry[1] and lane.finish == entry[0]
+
+    def _lanes_due(self, event: simpy.Event) -> None:
+        """Ends the lanes' ops due now, as the fluid's wake-up, job events and ``done``
+        events did one after the other: first every such lane takes its next op, then the
+        first op's callbacks run here and the others' ``done`` events fire in that order
+        (an event each, so what one op's callbacks start urgently comes before the next)."""
+        if event is not self._timer:
+            return                                           # superseded by an earlier one
+        self._wake_at, self._timer = float("inf"), None
+        now, due, lanes = self.env.now, self._due, self.lanes
+        ended = []
+        while due and due[0][0] <= now:
+            entry = heapq.heappop(due)
+            if self._live(entry):
+                lane = lanes[entry[2]]
+                ended.append((entry[2], lane.done, lane.start))
+                lane.done = None
+        for device, _, _ in ended:
+            self._next(device)
+        self._arm()
+        for _, done, start in ended[1:]:
+            done.succeed(start)
+        if ended:
+            _process(ended[0][1], ended[0][2])
+
+    def _lane_capacity(self, device: str, capacity: float) -> None:
+        """A lane's capacity changes now; its op, if running, is re-solved once this instant's
+        changes are all in (the fluid's batched solve: the same floats, below)."""
+        lane = self.lanes[device]
+        lane.capacity = capacity
+        if lane.done is not None:                       # the op running now (not one started later)
+            if not self._dirty:
+                self.env.timeout(0).callbacks.append(self._lanes_resolve)
+            self._dirty.append((device, lane.seq))
+
+    def _lanes_resolve(self, _event: simpy.Event) -> None:
+        """New rates for the changed lanes' ops, as ``Fluid._resolve`` gives them: one op
+        alone at capacity / 1, several through ``max_min_rates`` in start order (one solve
+        for independent resources still groups shares within its round-off slack)."""
+        lanes, now = self.lanes, self.env.now
+        running = sorted({d for d, seq in self._dirty if lanes[d].seq == seq and lanes[d].done is not None},
+                         key=lambda d: lanes[d].seq)
+        self._dirty = []
+        if len(running) == 1:
+            rates = [lanes[running[0]].capacity / 1]
+        else:
+            solved = max_min_rates({d: {d: 1} for d in running}, {d: lanes[d].capacity for d in running})
+            rates = [solved[d] for d in running]
+        for device, rate in zip(running, rates):
+            lane = lanes[device]
+            if rerate(lane, rate, now):
+                heapq.heappush(self._due, (lane.finish, lane.seq, device))
+        self._arm()
 
     def hold(self, devices, share: float):
         """A collective's kernel takes ``share`` of every in-order GPU of ``devices`` until the
@@ -152,16 +244,39 @@ class Compute:
     def _capacity(self, device: str) -> None:
         sms = self.topology.devices[device].sms or 1
         taken = sum(self.held.get(device, ()))
-        self.fluid.set_capacity(device, max(1.0 - taken, 1.0 / sms) if taken else 1.0)
+        capacity = max(1.0 - taken, 1.0 / sms) if taken else 1.0
+        if self.lanes is not None:
+            self._lane_capacity(device, capacity)
+        else:
+            self.fluid.set_capacity(device, capacity)
 
     def waiting(self, device: str) -> bool:
         """Whether compute device ``device`` is idle now and has its cores to itself (a rank
         that shares a core polls only in its turn)."""
-        return device in self.weights and not self.fluid.users.get(device) and self.share.get(device, 1.0) >= 1.0
+        return (device in self.weights and not self.fluid.users.get(device) and device not in self.busy
+                and self.share.get(device, 1.0) >= 1.0)
 
     def run_seconds(self, device: str, seconds: float) -> simpy.Event:
         """A job of ``seconds`` of the device's time (a message's software overhead)."""
         return self._start(device, seconds * self._factor(device))
+
+
+class _Lane:
+    """An in-order device's running op (``done`` None: idle) and its capacity now."""
+    __slots__ = ("capacity", "done", "start", "since", "remaining", "rate", "finish", "seq")
+
+    def __init__(self) -> None:
+        self.capacity, self.done = 1.0, None
+
+
+def _process(event: simpy.Event, value) -> None:
+    """Fires ``event`` with ``value`` at once, its callbacks run here, without a trip through
+    simpy's queue (what ``Environment.step`` does with it, minus the queue entry): the
+    caller is a callback that would otherwise schedule it as the very next thing."""
+    event._ok, event._value = True, value
+    callbacks, event.callbacks = event.callbacks, None
+    for callback in callbacks:
+        callback(event)
 
 
 def pool_shares(topology: Topology) -> dict[str, float]:

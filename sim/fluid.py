@@ -24,6 +24,31 @@ import simpy
 from sim.flows import max_min_rates
 
 
+def timeout_at(env: simpy.Environment, when: float) -> simpy.Event:
+    """An event that fires at ``when`` itself.  ``env.timeout(when - now)`` fires at
+    ``now + (when - now)``, which round-off puts an ulp off ``when`` for ~2% of pairs (and no
+    delay lands on an odd ``when`` whose sum ties), so a job would end an ulp early or late,
+    or take a second timer.  simpy has no absolute-time call: this puts the event on its
+    queue as ``Environment.schedule`` does, with ``when`` as the time (simpy 4's queue
+    entries, checked by tests/test_fluid_exact.py)."""
+    event = simpy.Event(env)
+    event._ok, event._value = True, None
+    heapq.heappush(env._queue, (max(when, env.now), simpy.core.NORMAL, next(env._eid), event))
+    return event
+
+
+def rerate(job, rate: float, now: float) -> bool:
+    """Moves a job (``remaining``, ``rate``, ``since``, ``finish``) to ``rate`` from ``now``:
+    the work done at the old rate comes off.  False, and nothing touched, where the rate is
+    the same: the job keeps its last update and finish time."""
+    if rate == job.rate:
+        return False
+    job.remaining -= job.rate * (now - job.since)
+    job.since, job.rate = now, rate
+    job.finish = now + max(job.remaining, 0.0) / rate
+    return True
+
+
 class _Job:
     __slots__ = ("links", "key", "amount", "remaining", "rate", "since", "event", "finish")
 
@@ -172,12 +197,8 @@ class Fluid:
         heap = self._heap
         for jid, rate in rates:
             job = jobs[jid]
-            if rate == job.rate:
-                continue
-            job.remaining -= job.rate * (now - job.since)
-            job.since, job.rate = now, rate
-            job.finish = now + max(job.remaining, 0.0) / rate
-            heapq.heappush(heap, (job.finish, jid))
+            if rerate(job, rate, now):
+                heapq.heappush(heap, (job.finish, jid))
         if len(heap) > 2 * len(jobs) + 64:       # mostly stale entries: keep the live ones
             self._heap = [(j.finish, i) for i, j in jobs.items() if j.finish < float("inf")]
             heapq.heapify(self._heap)
@@ -206,13 +227,12 @@ class Fluid:
             heapq.heappop(heap)                              # stale entry
         if heap and heap[0][0] < self._wake_at:
             self._wake_at = heap[0][0]
-            self._timer = self.env.timeout(max(0.0, self._wake_at - self.env.now))
+            self._timer = timeout_at(self.env, self._wake_at)
             self._timer.callbacks.append(self._wake)
 
     def _wake(self, event: simpy.Event) -> None:
-        """Ends the jobs whose finish time has come.  simpy fires a timer at now + delay,
-        which round-off may put a few ulps before the finish; ``_schedule`` then re-arms for
-        the rest (exact once now and finish are that close), so the loop ends."""
+        """Ends the jobs whose finish time has come (``timeout_at``: the clock reads the
+        earliest finish itself)."""
         if event is not self._timer:
             return                                  # superseded by an earlier wake-up
         self._wake_at, self._timer = float("inf"), None

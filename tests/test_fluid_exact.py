@@ -12,7 +12,7 @@ import pytest
 import simpy
 from hypothesis import given, settings, strategies as st
 
-from sim.fluid import Fluid
+from sim.fluid import Fluid, timeout_at
 
 # (start_s, amount, {resource: weight}) per job
 Job = tuple[float, float, dict]
@@ -126,7 +126,24 @@ def test_random_mixes_of_huge_and_tiny_jobs_match_exact_arithmetic(data):
 @settings(max_examples=300, deadline=None)
 @given(st.floats(1e-5, 1e5), st.floats(1e-5, 1e8))
 def test_a_lone_job_ends_at_exactly_its_computed_finish(start, amount):
-    # simpy fires a timer at now + (finish - now), which round-off can put an ulp before
-    # the finish (79.3155... + (495.743... - 79.3155...)); the job must still end at its
-    # finish, not before it and not never
+    # a timer of delay finish - now fires at now + (finish - now), which round-off can put
+    # an ulp before the finish (79.3155... + (495.743... - 79.3155...)); the job must still
+    # end at its finish, not before it and not never (``timeout_at``)
     assert simulated_finishes([(start, amount, {"L": 1})], {"L": 1.0}) == [start + amount]
+
+
+def test_a_timer_at_an_absolute_time_fires_there_where_no_delay_lands():
+    """now + (when - now) is an ulp below ``when`` here, and no delay at all lands on it (the
+    sums round to even on either side): ``timeout_at`` still fires at ``when``, in one event."""
+    now, when = float.fromhex("0x1.4f1401779d4ddp-11"), float.fromhex("0x1.f69e0793f19a7p-10")
+    delay = when - now
+    near = [delay + k * math.ulp(delay) for k in range(-4, 5)]
+    assert all(now + d != when for d in near)
+    env = simpy.Environment(initial_time=now)
+    fired = []
+    timeout_at(env, when).callbacks.append(lambda _e: fired.append(env.now))
+    steps = 0
+    while env.peek() < math.inf:
+        env.step()
+        steps += 1
+    assert fired == [when] and steps == 1

@@ -1,0 +1,140 @@
+"""An in-order GPU's ops run as a lane, without the fluid (issue 18, decision 032): the same
+times, values and order of completions as the fluid path, at one simpy event per op.
+
+``Compute(shortcut=False)`` runs every op as a fluid job (the plain path); the shortcut
+runs a GPU's ops with the fluid's arithmetic for a job alone on its resource and one
+shared timer.  Random schedules below mix ops, ties (durations on a coarse grid), ops
+started from another op's completion at that instant, and NCCL holds and releases (two at
+one instant among them) that re-solve running ops: the log of every completion, in the
+order the callbacks ran, must be equal, float for float.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clustersim.core.topogen import load_topology
+from sim.compute import Compute
+from sim.engine import CountingEnvironment
+
+TOPOLOGY = load_topology("dgx-h100")
+GPUS = TOPOLOGY.compute_devices()[:4]
+SHARES = (0.0625, 0.125, 0.25, 1 / 3)
+
+
+def _schedule(seed: int) -> tuple[list, list]:
+    """Ops (at, gpu, seconds, then: an op its completion starts, directly or from a process,
+    or None) and holds (at, gpus, share, release_after: 0.0 = at the same instant).  Starts
+    on a grid of 1/4 s, durations on one of 0.1 s: ties, and floats that round."""
+    rng = np.random.default_rng(seed)
+    pick = lambda seq: seq[rng.integers(len(seq))]          # noqa: E731
+    starts, lengths = (8, 4) if seed % 2 else (20, 7)       # odd seeds: crowded, many ties
+    ops = []
+    for _ in range(40):
+        then = (pick(GPUS), 0.1 * float(rng.integers(1, 5)), bool(rng.random() < 0.5)) if rng.random() < 0.6 else None
+        ops.append((0.25 * float(rng.integers(0, starts)), pick(GPUS), 0.1 * float(rng.integers(1, lengths)), then))
+    holds = [(0.25 * float(rng.integers(0, 20)), list(rng.choice(GPUS, size=rng.integers(1, len(GPUS) + 1),
+                                                                 replace=False)),
+              pick(SHARES), 0.25 * float(rng.integers(0, 8))) for _ in range(8)]
+    return ops, holds
+
+
+def _run(seed: int, shortcut: bool) -> tuple[list, int]:
+    env = CountingEnvironment()
+    compute = Compute(env, TOPOLOGY, "fp16", shortcut=shortcut)
+    log = []
+    ops, holds = _schedule(seed)
+
+    def op(k, gpu, seconds, then):
+        def follow(gpu, seconds):
+            compute.run_seconds(gpu, seconds).callbacks.append(lambda e: log.append((f"{k}'", gpu, env.now, e.value)))
+
+        def process(gpu, seconds):
+            follow(gpu, seconds)
+            yield env.timeout(0)
+
+        def done(ev):
+            log.append((k, gpu, env.now, ev.value))
+            if then and then[2]:
+                env.process(process(*then[:2]))     # starts before the next completion's callbacks
+            elif then:
+                follow(*then[:2])
+        compute.run_seconds(gpu, seconds).callbacks.append(done)
+
+    def at(when, fn, *args):
+        env.timeout(when).callbacks.append(lambda _e: fn(*args))
+    for k, (when, gpu, seconds, then) in enumerate(ops):
+        at(when, op, k, gpu, seconds, then)
+    for when, gpus, share, after in holds:
+        def hold(gpus=gpus, share=share, after=after):
+            release = compute.hold(gpus, share)
+            if after:
+                at(after, release)
+            else:
+                release()
+        at(when, hold)
+    env.run()
+    return log, env.events_processed
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_lanes_give_the_fluids_completions_in_its_order(seed):
+    lanes, events_lanes = _run(seed, True)
+    fluid, events_fluid = _run(seed, False)
+    assert len(lanes) > 40
+    assert lanes == fluid
+    assert events_lanes < events_fluid
+
+
+def test_a_gpu_runs_n_ops_back_to_back_in_n_events():
+    """One lane, ops queued at once: each ends at the sum of the durations before it (exact
+    in binary), each its own single event; the plain path takes four per op (the batched
+    solve, the fluid's timer, the job's event, Compute's ``done``)."""
+    for shortcut, per_op in ((True, 1), (False, 4)):
+        env = CountingEnvironment()
+        compute = Compute(env, TOPOLOGY, "fp16", shortcut=shortcut)
+        ends = []
+        for seconds in (0.5, 0.25, 1.0, 0.125):
+            compute.run_seconds(GPUS[0], seconds).callbacks.append(lambda e: ends.append((e.value, env.now)))
+        env.run()
+        assert ends == [(0.0, 0.5), (0.5, 0.75), (0.75, 1.75), (1.75, 1.875)]
+        assert env.events_processed == 4 * per_op + 1      # + the step that finds the queue empty
+
+
+def test_a_hold_slows_the_running_op_by_its_share():
+    """An op of 1 s; at t = 0.5 a collective takes a quarter of the GPU until t = 1.0: the
+    half second left runs at 0.75 for 0.5 s (0.375 done), the last 0.125 at 1 again."""
+    for shortcut in (True, False):
+        env = CountingEnvironment()
+        compute = Compute(env, TOPOLOGY, "fp16", shortcut=shortcut)
+        ends = []
+        compute.run_seconds(GPUS[0], 1.0).callbacks.append(lambda _e: ends.append(env.now))
+
+        def hold():
+            release = compute.hold([GPUS[0]], 0.25)
+            env.timeout(0.5).callbacks.append(lambda _e: release())
+        env.timeout(0.5).callbacks.append(lambda _e: hold())
+        env.run()
+        assert ends == [1.125]
+
+
+def test_what_one_completion_starts_urgently_comes_before_the_next_tied_completion():
+    """GPUs 0 and 1 end 1 s ops at t = 1 together.  GPU 0's completion starts a process that
+    gives GPU 2 an op of 0.5 s; GPU 1's gives GPU 2 one of 0.25 s directly.  The fluid path
+    fires the two completions as two events, and the process starts (an urgent event) in
+    between: GPU 2 runs the 0.5 s op first.  The lanes keep that order."""
+    for shortcut in (True, False):
+        env = CountingEnvironment()
+        compute = Compute(env, TOPOLOGY, "fp16", shortcut=shortcut)
+        log = []
+
+        def on_gpu2(seconds):
+            compute.run_seconds(GPUS[2], seconds).callbacks.append(lambda e: log.append((seconds, e.value, env.now)))
+
+        def process():
+            on_gpu2(0.5)
+            yield env.timeout(0)
+        compute.run_seconds(GPUS[0], 1.0).callbacks.append(lambda _e: env.process(process()))
+        compute.run_seconds(GPUS[1], 1.0).callbacks.append(lambda _e: on_gpu2(0.25))
+        env.run()
+        assert log == [(0.5, 1.0, 1.5), (0.25, 1.5, 1.75)]
