@@ -8,8 +8,9 @@ than 2 GPUs a machine) and LL / LL128 / Simple by NCCL's predicted time, using t
 bandwidth the flow model gives each algorithm on these links; the run then pays NCCL's
 latency for the algorithm and protocol, and every link carries at NCCL's speed for its kind
 (NVLink, PCIe, network) times the share NCCL's model charges (the protocol's factor; for
-trees its correction at medium sizes; LL across machines capped by llMaxBws:
-``nccl.run_share``, decision 030).  Host (CPU) collectives run the ring by default and pay
+trees its correction at medium sizes; LL across machines capped by llMaxBws, the tree and
+LL128 by NCCL's per-channel caps on one search channel a NIC: ``nccl.run_share``, decisions
+030 and 033).  Host (CPU) collectives run the ring by default and pay
 the routes' own latencies.
 
 ``run`` runs the phases: those of one wave at once, waves one after another.  A coupled
@@ -218,6 +219,10 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
         return Collective(op, chosen, "", tuple(phases(op, chosen, devices, nbytes, nodes)))
     n, machines = len(devices), len(set(nodes))
     intra = _cached(cache, ("intra", *group), lambda: _intra_kind(topology, devices))
+    # NCCL's per-channel caps: the group's lowest compute capability, one search channel a NIC
+    graph = {"compute_capability": _cached(cache, ("cc", *group), lambda: min(
+        topology.devices[d].compute_capability for d in devices)),
+        "search_channels": min(len(p) for p in rail_ports) if rail_ports else 0}
     nvls = _cached(cache, ("nvls", op, *group), lambda: nvls_algo(topology, op, devices))
     nvs = _cached(cache, ("switches", *group), lambda: switches(topology, devices)) if nvls else None
     if algo in nccl.NVLS and algo != nvls:
@@ -233,17 +238,18 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
             candidates.append(nvls)
         per_byte = {a: _us_per_byte(topology, op, a, devices, nodes, rail_ports, cache, nvs) for a in candidates}
         tuned = per_byte
-        channels = min(len(p) for p in rail_ports) if rail_ports else 1
+        channels = graph["search_channels"] or 1
         algo, proto = nccl.choose(op, nbytes, per_byte, n, machines, intra, channels,
-                                  (proto,) if proto else nccl.PROTOCOLS)
+                                  (proto,) if proto else nccl.PROTOCOLS, **graph)
     elif proto not in nccl.protocols(algo):
         raise ValueError(f"NCCL runs {algo} with {'/'.join(nccl.protocols(algo))} only, not {proto}")
     schedule = tuple(phases(op, algo, devices, nbytes, nodes, rail_ports, nvs))
     if algo in ("ring", "tree"):
-        # the per-byte time only caps LL; the tuner's trial run gave it where the tuner ran
+        # the per-byte time only caps; the tuner's trial run gave it where the tuner ran
+        capped = nccl.needs_per_byte(algo, proto, machines, graph["search_channels"])
         upb = tuned[algo] if algo in tuned else (
-            _us_per_byte(topology, op, algo, devices, nodes, rail_ports, cache) if proto == "LL" else 0.0)
-        share = nccl.run_share(op, algo, proto, nbytes, upb, n, machines)
+            _us_per_byte(topology, op, algo, devices, nodes, rail_ports, cache) if capped else 0.0)
+        share = nccl.run_share(op, algo, proto, nbytes, upb, n, machines, **graph)
     else:
         share = nccl.protocol_factor(algo if algo in nccl.NVLS else "ring", proto, op, machines, n / machines)
     if algo == "nvls":

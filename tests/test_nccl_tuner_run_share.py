@@ -64,8 +64,9 @@ def test_tree_run_on_four_dgx_is_nccls_latency_plus_bytes_at_the_run_share(proto
     nodes = [topo.machine_of(d) for d in devices]
     per_byte = collectives._us_per_byte(topo, "allreduce", "tree", devices, nodes, collectives.ports(topo, devices),
                                         cache)
-    expected = nccl.predicted_us("allreduce", "tree", proto, size, per_byte, 32, 4, "nvlink")
-    assert coll.share == pytest.approx(nccl.run_share("allreduce", "tree", proto, size, per_byte, 32, 4))
+    graph = {"compute_capability": 9.0, "search_channels": 8}       # H100s, 8 NICs a machine (decision 033)
+    expected = nccl.predicted_us("allreduce", "tree", proto, size, per_byte, 32, 4, "nvlink", **graph)
+    assert coll.share == pytest.approx(nccl.run_share("allreduce", "tree", proto, size, per_byte, 32, 4, **graph))
     assert _run(topo, coll) * 1e6 == pytest.approx(expected, rel=1e-9)
     if proto == "LL":                                       # the cap binds: S over 10.2 x 0.4 GB/s
         assert expected == pytest.approx(nccl.latency_us("allreduce", "tree", "LL", 32, 4, "nvlink")

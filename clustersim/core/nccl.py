@@ -7,7 +7,8 @@ correction of ``ncclTopoGetAlgoTime``.  What NCCL's topology search gives it (th
 bandwidth of each algorithm's channels) comes here from our own topology: the bandwidth
 the flow model gives the algorithm (``sim.collectives``).  A ring or tree run moves its bytes
 at the share of the links that model charges (``run_share``): the protocol's factor, the
-tree's correction at medium sizes, LL's cap across machines (``llMaxBws``; decision 030).
+tree's correction at medium sizes, LL's cap across machines (``llMaxBws``; decision 030), and
+across machines the per-channel caps of the tree and of LL128 (decision 033).
 
 Link efficiencies are the per-link speeds NCCL's topology code assigns against the line
 rate: NVLink 20.6 GB/s per NVLink4 lane of 25 (``SM90_NVLINK_BW``, ``src/graph/topo.h``;
@@ -16,11 +17,13 @@ rate: NVLink 20.6 GB/s per NVLink4 lane of 25 (``SM90_NVLINK_BW``, ``src/graph/t
 PCIe 12 of 15.75 GB/s (``PCI_BW``, Gen3 x16), network 48 GB/s per 400 Gb/s NIC
 (``sm90SpeedArrayInter[0]``, ``src/graph/search.cc``; NVIDIA's "46-48 GB/s per NIC",
 NVIDIA/nccl-tests#290).  NVLS runs add the fill of its three-stage chunk pipeline
-(``nvls_pipeline``, decision 028), which NCCL's tuner does not count.  Not modelled: CollNet,
-the per-channel LL128 and tree caps (16 channels x 29 GB/s and more: above the flow model's
-bandwidth on the DGX fat-trees), one machine's LL cap (2.20.3's Hopper row, 87.7 GB/s busbw,
-is not applied), and llMaxBws's and the net overhead's AMD rows: every host is taken as Intel
-(decision 030).
+(``nvls_pipeline``, decision 028), which NCCL's tuner does not count.  The per-channel caps
+count NCCL's *search* channels, one per NIC of a machine (half the execution channels,
+``CHANNELS_PER_NIC``): 8 on a DGX H100, where they bind (tree LL128 across 4 or more
+machines at 8 x 29 GB/s busbw).  Not modelled: CollNet, one machine's per-channel and LL caps
+(its search channels come from NVLink, which we do not search; 2.20.3's Hopper LL row,
+87.7 GB/s busbw, is not applied), and llMaxBws's and the net overhead's AMD rows: every host
+is taken as Intel (decision 030).
 """
 from __future__ import annotations
 
@@ -70,6 +73,14 @@ TREE_CORRECTION = (
 # llMaxBws (tuning.cc, 2.20.3 and the later source stored alike): LL's bus bandwidth across
 # machines, by the hosts' CPU (Intel row: Xeon hosts, as DGX H100's 8480C), up to 2 machines / more
 LL_MAX_BUSBW_NET = (39.0, 20.4)
+# Bus bandwidth caps in GB/s per *search* channel (``graphs[a]->nChannels``; "Execution channels
+# are typically 2x the search channels", sjeaugey, NVIDIA/nccl#1041), tuning.cc @ b6475625 lines
+# 92-106: rows Volta / Ampere / Hopper (compCapIndex of the lowest compute capability, line 140),
+# columns 1 / 2 / more machines (index2, line 143).
+PER_CH_MAX_RING_LL128 = ((20.0, 20.0, 20.0), (20.0, 20.0, 20.0), (36.7, 36.7, 36.7))
+PER_CH_MAX_TREE_LL128 = ((20.0, 20.0, 20.0), (20.0, 20.0, 20.0), (36.7, 36.7, 29.0))
+PER_CH_MAX_TREE = ((26.5, 18.5, 10.0), (24.0, 23.6, 17.8), (38.7, 41.4, 36.0))
+TREE_FACTOR = 0.92             # tuning.cc line 183: a tree's bus bandwidth x .92 before its protocol's
 RING_PLATEAU = 1.4             # multi-node ring Simple allreduce latency, compute capability >= 8.0
 # Channels NCCL opens, each one thread block (CTA) on one SM of every member GPU: 24 on one
 # node (nccl-tests#100, A100: "Channel 23/24"; nccl#1259, 8x H100: channels up to 22 at least),
@@ -138,10 +149,10 @@ def protocol_factor(algo: str, proto: str, op: str, nodes: int, ppn: float) -> f
             return 0.92 if ppn >= 2 else 0.7
         return 1.0
     if proto == "LL":
-        return 0.92 / 3.8
+        return TREE_FACTOR / 3.8
     if proto == "LL128":
-        return 0.92 * (7 / 9 if nodes == 1 else 120 / 128)
-    return 0.92
+        return TREE_FACTOR * (7 / 9 if nodes == 1 else 120 / 128)
+    return TREE_FACTOR
 
 
 def tree_correction(proto: str, nbytes: float) -> float:
@@ -151,24 +162,59 @@ def tree_correction(proto: str, nbytes: float) -> float:
     return TREE_CORRECTION[PROTOCOLS.index(proto)][log_size] if log_size < len(TREE_CORRECTION[0]) else 1.0
 
 
+def algbw_ratio(algo: str, op: str, ranks: int, nodes: int) -> float:
+    """NCCL's algorithm bandwidth over its bus bandwidth: 0.5 for the tree, ranks / nsteps for
+    the ring (tuning.cc, "Convert bus BW to algorithm BW")."""
+    return 0.5 if algo == "tree" else ranks / steps(op, ranks, nodes)[0]
+
+
 def ll_max_algbw(algo: str, op: str, ranks: int, nodes: int) -> float:
     """GB/s: the algorithm bandwidth NCCL's model allows LL across machines (llMaxBws on Intel hosts,
     turned to algbw as tuning.cc does: x 0.5 for the tree, x ranks / nsteps for the ring); inf on one."""
     if nodes <= 1:
         return math.inf
-    busbw = LL_MAX_BUSBW_NET[0 if nodes <= 2 else 1]
-    return busbw * (0.5 if algo == "tree" else ranks / steps(op, ranks, nodes)[0])
+    return LL_MAX_BUSBW_NET[0 if nodes <= 2 else 1] * algbw_ratio(algo, op, ranks, nodes)
 
 
-def run_share(op: str, algo: str, proto: str, nbytes: float, us_per_byte: float, ranks: int, nodes: int) -> float:
+def channel_max_busbw(table: tuple, compute_capability: float, nodes: int, search_channels: int) -> float:
+    """GB/s: a per-channel cap of tuning.cc (``PER_CH_MAX_*``) times NCCL's search channels, the
+    row by the group's lowest compute capability (Hopper from 9.0, Ampere from 8.0, else Volta),
+    the column by machines (1, 2, more); inf on one machine or with no search channels given."""
+    if nodes <= 1 or search_channels <= 0:
+        return math.inf
+    row = 2 if compute_capability >= 9.0 else 1 if compute_capability >= 8.0 else 0
+    return search_channels * table[row][min(nodes, 3) - 1]
+
+
+def needs_per_byte(algo: str, proto: str, nodes: int, search_channels: int) -> bool:
+    """Whether ``run_share`` caps this run, so needs the algorithm's per-byte time: LL, the tree
+    and LL128 across machines."""
+    if nodes <= 1 or algo not in ("ring", "tree"):
+        return False
+    return proto == "LL" or (search_channels > 0 and (algo == "tree" or proto == "LL128"))
+
+
+def run_share(op: str, algo: str, proto: str, nbytes: float, us_per_byte: float, ranks: int, nodes: int, *,
+              compute_capability: float = 0.0, search_channels: int = 0) -> float:
     """The share of the links' NCCL speeds a run of ``algo`` / ``proto`` moves its bytes at, as
-    NCCL's model charges them: the protocol's factor, for LL across machines no more than llMaxBws
-    allows (ncclTopoTuneModel caps the bandwidth it stores), then the tree's correction at this size
-    (ncclTopoGetAlgoTime scales the stored bandwidth by it) (``us_per_byte``: the algorithm at full
-    speed)."""
+    ncclTopoTuneModel caps the bandwidth it stores (tuning.cc @ b6475625 lines 181-185): the tree's
+    bus bandwidth min(x .92, search channels x perChMaxTreeBw), then the protocol's factor, for
+    LL128 across machines no more than search channels x perChMaxTree/RingLL128Bw, for LL no more
+    than llMaxBws; then the tree's correction at this size (ncclTopoGetAlgoTime scales the stored
+    bandwidth by it).  ``us_per_byte``: the algorithm at full speed (0: no caps);
+    ``compute_capability``: the group's lowest; ``search_channels``: NCCL's, one per NIC of a
+    machine (0: not known, no per-channel caps)."""
     share = protocol_factor(algo, proto, op, nodes, ranks / nodes)
-    if proto == "LL" and algo in ("ring", "tree") and us_per_byte > 0:
-        share = min(share, ll_max_algbw(algo, op, ranks, nodes) * 1e3 * us_per_byte)
+    if algo in ("ring", "tree") and us_per_byte > 0:
+        per_busbw = algbw_ratio(algo, op, ranks, nodes) * 1e3 * us_per_byte    # the share 1 GB/s busbw is
+        caps = functools.partial(channel_max_busbw, compute_capability=compute_capability, nodes=nodes,
+                                 search_channels=search_channels)
+        if algo == "tree":
+            share *= min(1.0, caps(PER_CH_MAX_TREE) * per_busbw / TREE_FACTOR)
+        if proto == "LL128":
+            share = min(share, caps(PER_CH_MAX_TREE_LL128 if algo == "tree" else PER_CH_MAX_RING_LL128) * per_busbw)
+        if proto == "LL":
+            share = min(share, ll_max_algbw(algo, op, ranks, nodes) * 1e3 * us_per_byte)
     if algo == "tree":
         share *= tree_correction(proto, nbytes)
     return share
@@ -207,20 +253,25 @@ def latency_us(op: str, algo: str, proto: str, ranks: int, nodes: int, intra: st
 
 
 def predicted_us(op: str, algo: str, proto: str, nbytes: float, us_per_byte: float, ranks: int, nodes: int,
-                 intra: str, channels: int = 1) -> float:
+                 intra: str, channels: int = 1, *, compute_capability: float = 0.0, search_channels: int = 0) -> float:
     """ncclTopoGetAlgoTime: latency + bytes over the algorithm bandwidth, in microseconds.
     ``us_per_byte``: the algorithm's transfer time per byte at the links' NCCL speeds (what
-    NCCL's topology search gives it), slowed to ``run_share``."""
-    bw_time = nbytes * us_per_byte / run_share(op, algo, proto, nbytes, us_per_byte, ranks, nodes)
+    NCCL's topology search gives it), slowed to ``run_share`` (the last two arguments: its)."""
+    share = run_share(op, algo, proto, nbytes, us_per_byte, ranks, nodes, compute_capability=compute_capability,
+                      search_channels=search_channels)
+    bw_time = nbytes * us_per_byte / share
     return latency_us(op, algo, proto, ranks, nodes, intra, nbytes, channels) + bw_time
 
 
 def choose(op: str, nbytes: float, us_per_byte: dict[str, float], ranks: int, nodes: int, intra: str,
-           channels: int = 1, allowed: tuple[str, ...] = PROTOCOLS) -> tuple[str, str]:
+           channels: int = 1, allowed: tuple[str, ...] = PROTOCOLS, *, compute_capability: float = 0.0,
+           search_channels: int = 0) -> tuple[str, str]:
     """(algorithm, protocol) with the least predicted time; ``us_per_byte``: every algorithm
     that can run this op, with its transfer time per byte; ``allowed``: the protocols
-    allowed (NCCL_PROTO), of which each algorithm takes those it runs with."""
-    options = [(predicted_us(op, a, p, nbytes, t, ranks, nodes, intra, channels), a, p)
+    allowed (NCCL_PROTO), of which each algorithm takes those it runs with; the last two
+    arguments: ``run_share``'s."""
+    options = [(predicted_us(op, a, p, nbytes, t, ranks, nodes, intra, channels, compute_capability=compute_capability,
+                             search_channels=search_channels), a, p)
                for a, t in us_per_byte.items() for p in allowed if p in protocols(a)]
     if not options:
         raise ValueError(f"{'/'.join(us_per_byte)} does not run with protocol {'/'.join(allowed)}")
