@@ -125,8 +125,13 @@ class Compute:
         if device not in self.queues:
             return self.fluid.start(self.weights[device], seconds)
         done = self.env.event()
-        self.queues[device].append((seconds, done))
-        if device not in self.busy:
+        if device in self.busy:
+            self.queues[device].append((seconds, done))
+        elif self.lanes is not None:
+            self.busy.add(device)
+            self._lane_start(device, seconds, done)
+        else:
+            self.queues[device].append((seconds, done))
             self._next(device)
         return done
 
@@ -155,9 +160,12 @@ class Compute:
         lane, now = self.lanes[device], self.env.now
         lane.done, lane.start, lane.since, lane.remaining = done, now, now, seconds
         lane.rate, lane.seq = lane.capacity, next(self._seq)
-        lane.finish = now + seconds / lane.rate if seconds > 0 else now
-        heapq.heappush(self._due, (lane.finish, lane.seq, device))
-        self._arm()
+        lane.finish = finish = now + seconds / lane.rate if seconds > 0 else now
+        heapq.heappush(self._due, (finish, lane.seq, device))
+        if finish < self._wake_at:                   # the earliest now: the timer moves to it
+            self._wake_at = finish
+            self._timer = timeout_at(self.env, finish)
+            self._timer.callbacks.append(self._lanes_due)
 
     def _arm(self) -> None:
         due = self._due
@@ -180,17 +188,18 @@ class Compute:
         (an event each, so what one op's callbacks start urgently comes before the next)."""
         if event is not self._timer:
             return                                           # superseded by an earlier one
-        self._wake_at, self._timer = float("inf"), None
+        self._timer = None                                   # (_wake_at stays now: next ops arm nothing)
         now, due, lanes = self.env.now, self._due, self.lanes
         ended = []
         while due and due[0][0] <= now:
             entry = heapq.heappop(due)
-            if self._live(entry):
-                lane = lanes[entry[2]]
+            lane = lanes[entry[2]]
+            if lane.done is not None and lane.seq == entry[1] and lane.finish == entry[0]:    # _live
                 ended.append((entry[2], lane.done, lane.start))
                 lane.done = None
         for device, _, _ in ended:
             self._next(device)
+        self._wake_at = float("inf")
         self._arm()
         for _, done, start in ended[1:]:
             done.succeed(start)
