@@ -220,9 +220,9 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
     n, machines = len(devices), len(set(nodes))
     intra = _cached(cache, ("intra", *group), lambda: _intra_kind(topology, devices))
     # NCCL's per-channel caps: the group's lowest compute capability, one search channel a NIC
-    graph = {"compute_capability": _cached(cache, ("cc", *group), lambda: min(
-        topology.devices[d].compute_capability for d in devices)),
-        "search_channels": min(len(p) for p in rail_ports) if rail_ports else 0}
+    graph = _cached(cache, ("graph", *group), lambda: {
+        "compute_capability": min(topology.devices[d].compute_capability for d in devices),
+        "search_channels": min(len(p) for p in rail_ports) if rail_ports else 0})
     nvls = _cached(cache, ("nvls", op, *group), lambda: nvls_algo(topology, op, devices))
     nvs = _cached(cache, ("switches", *group), lambda: switches(topology, devices)) if nvls else None
     if algo in nccl.NVLS and algo != nvls:
