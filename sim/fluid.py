@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Hashable, Mapping
+from itertools import repeat
 
 import simpy
 
@@ -105,12 +107,16 @@ class Fluid:
         else:                                           # a collective's job: thousands of links, in C loops
             ids = list(map(index.get, weights))
             if None in ids:
-                ids = [self._new_resource(res) if i is None else i for i, res in zip(ids, weights)]
+                self._new_resources([res for i, res in zip(ids, weights) if i is None])
+                ids = list(map(index.__getitem__, weights))
             links = dict(zip(ids, weights.values()))
         jid = next(self._ids)
         users_at = self._users_at
-        for i in links:
-            users_at[i].add(jid)
+        if len(links) < BULK:
+            for i in links:
+                users_at[i].add(jid)
+        else:
+            deque(map(set.add, map(users_at.__getitem__, links), repeat(jid)), 0)
         job = self.jobs[jid] = _Job(links, float(amount), event, self.env.now)
         if len(links) == 1 and self.shortcut:
             [(i, n)] = links.items()
@@ -133,6 +139,18 @@ class Fluid:
         self._resources.append(res)
         self._users_at.append(self.users.setdefault(res, set()))
         return i
+
+    def _new_resources(self, new: list[Hashable]) -> None:
+        """``_new_resource`` for many at once, in C loops (a collective's first job)."""
+        caps = list(map(self.capacity.__getitem__, new))
+        if min(caps) <= 0:
+            raise ValueError(f"resource {next(r for r, c in zip(new, caps) if c <= 0)!r} has no capacity")
+        base = len(self._resources)
+        self._index.update(zip(new, range(base, base + len(new))))
+        self._resources.extend(new)
+        sets = list(map(set, repeat((), len(new))))
+        self.users.update(zip(new, sets))
+        self._users_at.extend(sets)
 
     def set_capacity(self, resource: Hashable, capacity: float) -> None:
         """Changes a resource's capacity from now on; the jobs on it are re-solved."""
@@ -252,11 +270,16 @@ class Fluid:
         users_at = self._users_at
         for jid in finished:
             job = jobs.pop(jid)
-            for i in job.links:
-                users = users_at[i]
-                users.discard(jid)
-                if users:
-                    neighbours |= users
+            if len(job.links) < BULK:
+                for i in job.links:
+                    users = users_at[i]
+                    users.discard(jid)
+                    if users:
+                        neighbours |= users
+            else:                                   # thousands of links: C loops, the same sets
+                sets = list(map(users_at.__getitem__, job.links))
+                deque(map(set.discard, sets, repeat(jid)), 0)
+                neighbours.update(*sets)
             job.event.succeed()
         if neighbours:
             self._mark(neighbours)

@@ -147,3 +147,33 @@ def test_a_timer_at_an_absolute_time_fires_there_where_no_delay_lands():
         env.step()
         steps += 1
     assert fired == [when] and steps == 1
+
+
+def _wide_jobs(seed: int) -> tuple[list[Job], dict]:
+    """Jobs over 16..40 of 60 resources each (a collective's width), starting at a few instants."""
+    import random
+    rng = random.Random(seed)
+    caps = {f"l{i}": rng.choice([1.0, 3.0, 1e9]) for i in range(60)}
+    jobs = [(rng.choice([0.0, 0.5, 1.25]), rng.choice([1.0, 7.0, 1e6]),
+             {f"l{i}": rng.randint(1, 2) for i in rng.sample(range(60), rng.randint(16, 40))}) for _ in range(12)]
+    return jobs, caps
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_wide_jobs_in_c_loops_give_the_plain_loops_floats(monkeypatch, seed):
+    """From ``BULK`` resources on, a job's resources are mapped and released in C loops;
+    with the threshold out of reach every job takes the plain loops: the same finishes."""
+    import sim.fluid as fluid_mod
+    jobs, caps = _wide_jobs(seed)
+    bulk = simulated_finishes(jobs, caps)
+    monkeypatch.setattr(fluid_mod, "BULK", 10**9)
+    assert simulated_finishes(jobs, caps) == bulk
+
+
+def test_a_wide_job_over_an_unknown_or_dead_resource_is_refused():
+    env = simpy.Environment()
+    fluid = Fluid(env, {**{f"l{i}": 1.0 for i in range(20)}, "dead": 0.0})
+    with pytest.raises(KeyError):
+        fluid.start({**{f"l{i}": 1 for i in range(20)}, "nowhere": 1}, 1.0)
+    with pytest.raises(ValueError, match="'dead' has no capacity"):
+        fluid.start({**{f"l{i}": 1 for i in range(20)}, "dead": 1}, 1.0)
