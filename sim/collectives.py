@@ -75,9 +75,10 @@ def ports(topology: Topology, devices: Sequence[str]) -> list[list[tuple[str, st
         nics = topology.nics_of(machine)
         if not nics:
             return None
-        rails = []
+        rails, own = [], {d: rail(d) for d in local}
         for nic in sorted(nics, key=rail):
-            near = sorted(local, key=lambda d: (len(topology.route(d, nic)), (rail(d) - rail(nic)) % 64))
+            at = rail(nic)
+            near = sorted(local, key=lambda d: (len(topology.route(d, nic)), (own[d] - at) % 64))
             rails.append((nic, near[0], near[min(1, len(near) - 1)]))
         out.append(rails)
     return out
