@@ -68,9 +68,10 @@ def first_n(env: simpy.Environment, events: list[simpy.Event], n: int) -> simpy.
 class Engine:
     def __init__(self, plan: Plan, env: CountingEnvironment | None = None,
                  rng: np.random.Generator | None = None, shortcut: bool = True) -> None:
-        """``shortcut``: keep what never changes within a run (a lone op's rate at once, link
-        names, checked routes and NCCL link speeds per topology); False works each out anew,
-        the slow path tests compare the shortcuts with (same floats)."""
+        """``shortcut``: keep what never changes within a run (a GPU's ops as a lane, not
+        fluid jobs: decision 032; a lone job's rate at once, link names, checked routes and
+        NCCL link speeds per topology); False works each out anew, the slow path tests
+        compare the shortcuts with (same floats)."""
         self.shortcut = shortcut
         sc = plan.scenario
         self.plan, self.env = plan, env or CountingEnvironment()

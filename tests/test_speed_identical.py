@@ -1,9 +1,10 @@
 """The simulator's fast paths (issue 18, decision 026) give the answers of the plain ones.
 
 Each scenario runs twice in one process: as shipped, and with ``simulate(...,
-shortcut=False)`` (the fluid solves a job alone on its one resource in the instant's
-batched solve instead of at once; the engine works out link names, route checks and NCCL
-link speeds per message instead of keeping them per topology).  Step times, the simulated
+shortcut=False)`` (a GPU's ops run as fluid jobs, not as a lane (decision 032); the fluid
+solves a job alone on its one resource in the instant's batched solve instead of at once;
+the engine works out link names, route checks and NCCL link speeds per message instead of
+keeping them per topology).  Step times, the simulated
 end and every span must be equal, float for float: the shortcuts may save events, never
 move one.  Rewrites that have no switch (C loops instead of Python ones, names built once
 per plan) run alike on both sides; decision 026 records their before/after check.
