@@ -16,7 +16,7 @@ from pathlib import Path
 KINDS = ("compute", "transfer", "update", "wait")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Span:
     name: str            # e.g. "fwd L3", "allreduce", "halo L2"
     kind: str            # compute | transfer | update | wait
