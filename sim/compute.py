@@ -103,25 +103,33 @@ class Compute:
     def in_order(self, device: str) -> bool:
         return device in self.queues
 
-    def _factor(self, device: str, key: str = "") -> float:
+    def factor(self, device: str, key: str = "") -> float:
         """How much longer than alone on its device: a straggler's slowdown over its core share."""
         share = 1.0 if key in MEASURED_SHARED else self.share.get(device, 1.0)
         return self.slowdown.get(device, 1.0) / share
 
-    def seconds(self, device: str, flops: float, nbytes: float, backward: bool = False, key: str = "",
-                work: kernel_model.LayerWork | None = None) -> float:
+    def alone(self, device: str, flops: float, nbytes: float, backward: bool = False, key: str = "",
+              work: kernel_model.LayerWork | None = None) -> float:
+        """The op's seconds with ``device`` to itself, before its straggler factor (kept per
+        alike device: replicas repeat their ops)."""
         memo = (self.alike.get(device, device), flops, nbytes, backward, key, work)
         alone = self.timed.get(memo)
         if alone is None:
             alone = self.timed[memo] = op_seconds(self.topology, device, flops, nbytes, self.dtype, backward, key, work)
-        return alone * self._factor(device, key)
+        return alone
+
+    def seconds(self, device: str, flops: float, nbytes: float, backward: bool = False, key: str = "",
+                work: kernel_model.LayerWork | None = None) -> float:
+        return self.alone(device, flops, nbytes, backward, key, work) * self.factor(device, key)
 
     def run(self, device: str, flops: float, nbytes: float, backward: bool = False, key: str = "",
             work: kernel_model.LayerWork | None = None) -> simpy.Event:
         """``work``: what the op computes (``kernel_model.op_work``), where the caller knows it."""
-        return self._start(device, self.seconds(device, flops, nbytes, backward, key, work))
+        return self.start(device, self.seconds(device, flops, nbytes, backward, key, work))
 
-    def _start(self, device: str, seconds: float) -> simpy.Event:
+    def start(self, device: str, seconds: float) -> simpy.Event:
+        """An op of ``seconds`` (its straggler factor applied) on ``device``: queued behind
+        the running one on an in-order device; the event as ``run``'s."""
         if device not in self.queues:
             return self.fluid.start(self.weights[device], seconds)
         done = self.env.event()
@@ -168,9 +176,13 @@ class Compute:
             self._timer.callbacks.append(self._lanes_due)
 
     def _arm(self) -> None:
-        due = self._due
-        while due and not self._live(due[0]):
-            heapq.heappop(due)                               # stale: ended, or moved by a capacity change
+        due, lanes = self._due, self.lanes
+        while due:                                           # drop stale entries: ended, or moved by a
+            finish, seq, device = due[0]                     # capacity change (``_live``, inlined)
+            lane = lanes[device]
+            if lane.done is not None and lane.seq == seq and lane.finish == finish:
+                break
+            heapq.heappop(due)
         if due and due[0][0] < self._wake_at:
             self._wake_at = due[0][0]
             self._timer = timeout_at(self.env, self._wake_at)
@@ -197,8 +209,13 @@ class Compute:
             if lane.done is not None and lane.seq == entry[1] and lane.finish == entry[0]:    # _live
                 ended.append((entry[2], lane.done, lane.start))
                 lane.done = None
-        for device, _, _ in ended:
-            self._next(device)
+        queues = self.queues
+        for device, _, _ in ended:                           # ``_next``, inlined
+            queue = queues[device]
+            if queue:
+                self._lane_start(device, *queue.popleft())
+            else:
+                self.busy.discard(device)
         self._wake_at = float("inf")
         self._arm()
         for _, done, start in ended[1:]:
@@ -267,7 +284,7 @@ class Compute:
 
     def run_seconds(self, device: str, seconds: float) -> simpy.Event:
         """A job of ``seconds`` of the device's time (a message's software overhead)."""
-        return self._start(device, seconds * self._factor(device))
+        return self.start(device, seconds * self.factor(device))
 
 
 class _Lane:

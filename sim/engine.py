@@ -15,7 +15,7 @@ import numpy as np
 import simpy
 
 from sim import collectives
-from sim.compute import Compute
+from sim.compute import MEASURED_SHARED, Compute
 from sim.faults import failure_schedule, slowdowns
 from sim.network import BACKENDS
 from clustersim.core.plan import PARAM_BYTES, Plan, cost_key, split_key
@@ -106,7 +106,8 @@ class Engine:
         """Successor lists, each compute op's next on its slot in the Plan's order (-1: the
         last), the successor lists with that next op added, backward-op counts per slot, each
         op's key in measured op costs (its layer kind, ``.backward`` for backward ops) and
-        span name of a plan's step graph (cached: every replica's step repeats them)."""
+        span name of a plan's step graph, and a table of its ops' seconds alone per alike
+        device, filled as they run (cached: every replica's step repeats them)."""
         key = id(plan)
         if key not in self._graphs:
             succ: list[list[int]] = [[] for _ in plan.ops]
@@ -128,7 +129,8 @@ class Engine:
                     per_layer[(op.slot, op.layer)] = per_layer.get((op.slot, op.layer), 0) + 1
             chained = [s + [nxt] if nxt >= 0 else s for s, nxt in zip(succ, following)]
             names = [f"{op.why if op.kind == 'xfer' else op.kind} L{op.layer}" for op in plan.ops]
-            self._graphs[key] = (plan, succ, following, bwd, keys, per_layer, works, chained, names)
+            alone: dict = {}        # alike device id -> each op's seconds alone there (None: not yet)
+            self._graphs[key] = (plan, succ, following, bwd, keys, per_layer, works, chained, names, alone)
         return self._graphs[key]
 
     # --- faults ------------------------------------------------------------------------------
@@ -345,11 +347,15 @@ class Engine:
         at a time in the Plan's order (the pipeline schedule), each once the one before has
         finished, as a stream of kernels runs; a shared device gets each as it is ready.  Ops
         on failed devices never start."""
-        plan, succ, following, bwd_per_slot, keys, bwd_per_layer, works, chained, names = \
+        plan, succ, following, bwd_per_slot, keys, bwd_per_layer, works, chained, names, alone = \
             self._graph_info(plan or self.plan)
-        env = self.env
+        env, compute, failed, add, shortcut = self.env, self.compute, self.failed, self.trace.add, self.shortcut
         ops, devices = plan.ops, self.plan.devices[replica]
-        in_order = [self.compute.in_order(d) for d in devices]
+        in_order = [compute.in_order(d) for d in devices]
+        # shortcut: each op's seconds alone from the plan's table for the slot's alike device,
+        # times the slot's straggler factor (what ``Compute.run`` works out per op)
+        tables = [alone.setdefault(compute.alike.get(d, d), [None] * len(ops)) for d in devices]
+        factors = [compute.factor(d) for d in devices]
         successors = [chained if ordered else succ for ordered in in_order]     # per slot
         waiting = [len(op.deps) for op in ops]
         for op in ops:
@@ -363,8 +369,11 @@ class Engine:
         self.last_run[replica] = run
 
         def launch(op) -> None:
-            if run.cancelled or not self.alive(devices[op.slot]):
+            if run.cancelled or failed and devices[op.slot] in failed:
                 return                                   # a failed device computes and sends nothing
+            if op.kind != "xfer" and shortcut:
+                start_op(op)
+                return
             if op.kind == "xfer":
                 src, dst = devices[op.slot], devices[op.dst]
                 ev = self.transfer(src, dst, op.bytes, replica, step, names[op.id], op.why,
@@ -374,6 +383,25 @@ class Engine:
                 ev = self.compute_op(devices[op.slot], op.flops, op.bytes, replica, step,
                                      names[op.id], op.kind, key=keys[op.id], work=works[op.id])
             ev.callbacks.append(lambda _e: finish(op))
+
+        def start_op(op) -> None:
+            """``compute_op``'s work, from the tables: the op on its device, and one callback
+            that records its span, then runs ``finish`` (the two callbacks of the plain path)."""
+            i, slot, device = op.id, op.slot, devices[op.slot]
+            seconds = tables[slot][i]
+            if seconds is None:
+                seconds = tables[slot][i] = compute.alone(device, op.flops, op.bytes, op.kind == "bwd", keys[i],
+                                                          works[i])
+            key = keys[i]
+            asked = env.now
+            ev = compute.start(device, seconds * (compute.factor(device, key) if key in MEASURED_SHARED
+                                                  else factors[slot]))
+
+            def ended(e) -> None:
+                add(Span(names[i], "compute", device, replica, step, asked if e.value is None else e.value, env.now,
+                         op.bytes, op.flops, op.kind))
+                finish(op)
+            ev.callbacks.append(ended)
 
         def finish(op) -> None:
             for s in successors[op.slot][op.id]:
