@@ -90,7 +90,7 @@ def test_a_gpu_runs_n_ops_back_to_back_in_n_events():
     """One lane, ops queued at once: each ends at the sum of the durations before it (exact
     in binary), each its own single event; the plain path takes four per op (the batched
     solve, the fluid's timer, the job's event, Compute's ``done``)."""
-    for shortcut, per_op in ((True, 1), (False, 4)):
+    for shortcut, events in ((True, 4), (False, 4 * 4)):
         env = CountingEnvironment()
         compute = Compute(env, TOPOLOGY, "fp16", shortcut=shortcut)
         ends = []
@@ -98,7 +98,37 @@ def test_a_gpu_runs_n_ops_back_to_back_in_n_events():
             compute.run_seconds(GPUS[0], seconds).callbacks.append(lambda e: ends.append((e.value, env.now)))
         env.run()
         assert ends == [(0.0, 0.5), (0.5, 0.75), (0.75, 1.75), (1.75, 1.875)]
-        assert env.events_processed == 4 * per_op + 1      # + the step that finds the queue empty
+        assert env.events_processed == events + 1      # + the step that finds the queue empty
+
+
+def _tied_with_timeouts(shortcut: bool) -> list:
+    """A lane's ops of 0.5 and 0.25 s beside simpy timeouts that tie with the second's end
+    at 0.75: one set before the lane's timer is armed (at t = 0), one after (from the first
+    op's callback at 0.5), and one at 0.6 between the two ends; the log of callbacks."""
+    env = CountingEnvironment()
+    compute = Compute(env, TOPOLOGY, "fp16", shortcut=shortcut)
+    log = []
+
+    def mark(what):
+        return lambda _e: log.append((what, env.now))
+    compute.run_seconds(GPUS[0], 0.5).callbacks.append(
+        lambda _e: (log.append(("op1", env.now)), env.timeout(0.25).callbacks.append(mark("after"))))
+    compute.run_seconds(GPUS[0], 0.25).callbacks.append(mark("op2"))
+    env.timeout(0.75).callbacks.append(mark("before"))
+    env.timeout(0.6).callbacks.append(mark("between"))
+    env.run()
+    return log
+
+
+def test_a_lanes_timer_ties_with_timeouts_by_when_it_was_armed():
+    """The lanes' timer is armed when the op before ends, before that op's callbacks run:
+    a timeout at the same instant set earlier comes first, one set from those callbacks
+    after.  The plain path differs in the second tie (since decision 032): the fluid ends
+    op2 events after its own timer, behind "after" (no engine case of the speed tests
+    meets such a tie: their spans are equal both ways)."""
+    want = [("op1", 0.5), ("between", 0.6), ("before", 0.75), ("op2", 0.75), ("after", 0.75)]
+    assert _tied_with_timeouts(True) == want
+    assert _tied_with_timeouts(False) == want[:3] + [want[4], want[3]]
 
 
 def test_a_hold_slows_the_running_op_by_its_share():
