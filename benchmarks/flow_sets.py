@@ -1,0 +1,217 @@
+"""Flow sets through the flow model and through SimGrid's max-min kernel, side by side (issue 18).
+
+A flow set is a list of ``(at, route, bytes)``: ``at`` a start time (mode "times") or a
+ring step (mode "steps": a step's flows all at once, the next step when all have
+arrived), ``route`` the flow's links as ``{link: 1}``.  ``run_ours`` runs one through
+``sim.fluid.Fluid`` and records each flow's finish from its event; ``run_simgrid`` writes
+it as JSON and runs ``simgrid_flows.py`` under Debian's ``/usr/bin/python3`` (SimGrid is in
+no pip extra, and its dist-packages must stay out of the venv).  ``simgrid_side_by_side``
+is what ``bench_sim`` merges: flows per wall second of ours (``bench_sim.flow_rate``'s
+figure) over SimGrid's, medians of alternating runs, and how far the finish times differ.
+Decision 035 has the figures.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Hashable
+from pathlib import Path
+
+import numpy as np
+import simpy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sim.fluid import Fluid, timeout_at  # noqa: E402
+
+SIMGRID_PYTHON = "/usr/bin/python3"      # Debian's, where python3-simgrid installs
+SCRIPT = Path(__file__).with_name("simgrid_flows.py")
+SEED = 0                                 # bench_sim.flow_rate's generator for the random set
+
+Flow = tuple[float, dict, float]         # (start_s or step, {link: 1}, bytes)
+
+
+def simgrid_missing(python: str = SIMGRID_PYTHON) -> str | None:
+    """None where ``python`` imports simgrid, else why not, in one line."""
+    try:
+        done = subprocess.run([python, "-c", "import simgrid"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{python} does not run: {exc}"
+    if done.returncode:
+        return f"{python} cannot import simgrid (Debian's python3-simgrid is not installed)"
+    return None
+
+
+def as_json(flows: list[Flow], capacity: dict[Hashable, float], mode: str) -> dict:
+    """The set in simgrid_flows.py's format: links named ``L0``, ``L1``, ... in first use."""
+    names: dict[Hashable, str] = {}
+    for _, route, _ in flows:
+        for link in route:
+            names.setdefault(link, f"L{len(names)}")
+    return {"mode": mode, "links": {name: capacity[link] for link, name in names.items()},
+            "flows": [[at, [names[link] for link in route], size] for at, route, size in flows]}
+
+
+def run_simgrid(flows: list[Flow], capacity: dict[Hashable, float], mode: str,
+                python: str = SIMGRID_PYTHON) -> tuple[float, list[float], float]:
+    """SimGrid's wall seconds of the run alone, each flow's finish time, and the run's CPU
+    seconds (SimGrid's Python binding runs actors as threads: its wall clock suffers more
+    from a busy host than its CPU clock).  Raises RuntimeError with the script's last
+    line of stderr where it fails."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(as_json(flows, capacity, mode), f)
+    try:
+        done = subprocess.run([python, str(SCRIPT), f.name], capture_output=True, text=True)
+    finally:
+        Path(f.name).unlink()
+    if done.returncode:
+        raise RuntimeError(f"{SCRIPT.name} exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return out["wall_s"], out["finish_s"], out["cpu_s"]
+
+
+def run_ours(flows: list[Flow], capacity: dict[Hashable, float], mode: str,
+             fluid: type = Fluid) -> tuple[float, list[float], float]:
+    """The flow model's wall seconds of ``env.run``, each flow's finish, and the simulated end."""
+    env = simpy.Environment()
+    model = fluid(env, dict(capacity))
+    finish = [float("nan")] * len(flows)
+
+    def started(i: int) -> simpy.Event:
+        at, route, size = flows[i]
+        event = model.start(route, size)
+        event.callbacks.append(lambda _e: finish.__setitem__(i, env.now))
+        return event
+
+    def steps():
+        for step in sorted({f[0] for f in flows}):
+            yield env.all_of([started(i) for i, f in enumerate(flows) if f[0] == step])
+
+    def times():
+        for i in sorted(range(len(flows)), key=lambda i: flows[i][0]):
+            if flows[i][0] > env.now:
+                yield timeout_at(env, flows[i][0])
+            started(i)
+
+    env.process(steps() if mode == "steps" else times())
+    t0 = time.perf_counter()
+    env.run()
+    return time.perf_counter() - t0, finish, env.now
+
+
+def max_rel_diff(flows: list[Flow], ours: list[float], theirs: list[float], mode: str) -> float:
+    """The largest difference of finish times over the flow's duration (SimGrid's: from its
+    start, or from its step's start, the previous step's last finish)."""
+    begin: dict[float, float] = {}
+    if mode == "steps":
+        last = 0.0
+        for step in sorted({f[0] for f in flows}):
+            begin[step] = last
+            last = max(t for f, t in zip(flows, theirs) if f[0] == step)
+    worst = 0.0
+    for (at, _, _), a, b in zip(flows, ours, theirs):
+        start = begin[at] if mode == "steps" else at
+        worst = max(worst, abs(a - b) / (b - start))
+    return worst
+
+
+class _Recorder:
+    """Stands in for ``Fluid`` under bench_sim's own generators: notes each flow started
+    (now, route, bytes) and finishes it at once, so the generators draw what they always do."""
+
+    def __init__(self, env: simpy.Environment) -> None:
+        self.env, self.flows = env, []
+
+    def start(self, weights: dict, amount: float) -> simpy.Event:
+        self.flows.append((self.env.now, dict(weights), amount))
+        return self.env.event().succeed()
+
+
+def bench_sets(bench) -> dict[str, tuple[list[Flow], dict, str]]:
+    """bench_sim's flow sets (``bench``: the bench_sim module) as explicit lists, drawn by its
+    own ``ring_flows`` and ``random_flows`` with the generator ``flow_rate`` gives them:
+    kind -> (flows, capacity, mode)."""
+    out = {}
+    for kind, route in bench.FLOW_SETS.items():
+        hosts = bench.RANDOM_HOSTS if kind == "random" else bench.RING_HOSTS
+        steps = [route(i, (i + 1) % hosts) for i in range(hosts)]
+        capacity = {link: bench.HOST_LINK_BPS for weights in steps for link in weights}
+        env = simpy.Environment()
+        rec = _Recorder(env)
+        if kind == "random":
+            env.process(bench.random_flows(env, rec, np.random.default_rng(SEED)))
+        else:
+            env.process(bench.ring_flows(env, rec, steps))
+        env.run()
+        if kind == "random":
+            out[kind] = (rec.flows, capacity, "times")
+        else:
+            out[kind] = ([(i // hosts, w, b) for i, (_, w, b) in enumerate(rec.flows)], capacity, "steps")
+    return out
+
+
+def simgrid_side_by_side(sets: dict[str, tuple[list[Flow], dict, str]], flow_rate: Callable, repeats: int,
+                         python: str = SIMGRID_PYTHON) -> dict:
+    """Per set, ``flow_rate(kind)`` (flows per wall second, per CPU second, simulated end) and
+    SimGrid's, ``repeats`` of each alternating (ours first on even runs), medians; ``ratio``
+    is ours over SimGrid's per wall second (``cpu_ratio`` per CPU second),
+    ``flow_rate_ratio_simgrid`` the lowest ``ratio``.
+    Raises ValueError where our recorded run ends elsewhere than ``flow_rate``'s (the sets
+    would not be the same flows)."""
+    missing = simgrid_missing(python)
+    if missing:
+        return {"flow_rate_ratio_simgrid": None, "simgrid_note": f"SimGrid comparison skipped: {missing}"}
+    per_set = {}
+    for kind, (flows, capacity, mode) in sets.items():
+        ours, theirs = [], []
+        for i in range(repeats):
+            for side in (("ours", "simgrid") if i % 2 == 0 else ("simgrid", "ours")):
+                if side == "ours":
+                    ours.append(flow_rate(kind))
+                else:
+                    wall, finish_sg, cpu = run_simgrid(flows, capacity, mode, python)
+                    theirs.append((len(flows) / wall, len(flows) / cpu))
+        _, finish, end = run_ours(flows, capacity, mode)
+        if end != ours[0][2]:
+            raise ValueError(f"{kind}: the recorded set ends at {end!r} s, flow_rate's at {ours[0][2]!r} s")
+        (wall_ours, cpu_ours), (wall_sg, cpu_sg) = ([statistics.median(r[k] for r in runs) for k in (0, 1)]
+                                                     for runs in (ours, theirs))
+        per_set[kind] = {"ours_flows_per_s": wall_ours, "simgrid_flows_per_s": wall_sg,
+                         "ratio": wall_ours / wall_sg, "cpu_ratio": cpu_ours / cpu_sg,
+                         "max_finish_rel_diff": max_rel_diff(flows, finish, finish_sg, mode)}
+    return {"flow_rate_ratio_simgrid": min(s["ratio"] for s in per_set.values()), "flow_rates_simgrid": per_set,
+            "simgrid_note": f"SimGrid 3.32 CM02, no factors, via {python}; medians of {repeats} alternating runs"}
+
+
+def random_tree_set(rng: np.random.Generator, switches: int, hosts: int, flows: int,
+                    mean_gap_s: float) -> tuple[list[Flow], dict]:
+    """Random flows on a random tree: switch k > 0 hangs under a random earlier one, each
+    host under a random switch; both directions of every edge a link of its own random
+    capacity (1-100 GB/s); flows between random host pairs along the tree's one path, random
+    sizes (1 B - 100 MB, log-uniform), Poisson arrivals.  Returns (flows, capacity)."""
+    parent = {("s", k): ("s", int(rng.integers(k))) for k in range(1, switches)}
+    parent.update({("h", h): ("s", int(rng.integers(switches))) for h in range(hosts)})
+    capacity = {}
+    for child, up in parent.items():
+        capacity[(child, up)] = float(rng.uniform(1e9, 1e11))
+        capacity[(up, child)] = float(rng.uniform(1e9, 1e11))
+
+    def to_root(node):
+        path = [node]
+        while path[-1] in parent:
+            path.append(parent[path[-1]])
+        return path
+
+    out, now = [], 0.0
+    for _ in range(flows):
+        a, b = rng.choice(hosts, 2, replace=False)
+        up, down = to_root(("h", int(a))), to_root(("h", int(b)))
+        while len(up) > 1 and len(down) > 1 and up[-2] == down[-2]:     # drop the shared part above the meeting point
+            up, down = up[:-1], down[:-1]
+        links = list(zip(up, up[1:])) + [(v, u) for u, v in reversed(list(zip(down, down[1:])))]
+        out.append((now, dict.fromkeys(links, 1), float(round(10 ** rng.uniform(0, 8)))))
+        now += float(rng.exponential(mean_gap_s))
+    return out, capacity
