@@ -241,7 +241,8 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
         tuned = per_byte
         channels = graph["search_channels"] or 1
         algo, proto = nccl.choose(op, nbytes, per_byte, n, machines, intra, channels,
-                                  (proto,) if proto else nccl.PROTOCOLS, **graph)
+                                  (proto,) if proto else nccl.default_protocols(intra, graph["compute_capability"]),
+                                  **graph)
     elif proto not in nccl.protocols(algo):
         raise ValueError(f"NCCL runs {algo} with {'/'.join(nccl.protocols(algo))} only, not {proto}")
     schedule = tuple(phases(op, algo, devices, nbytes, nodes, rail_ports, nvs))

@@ -23,7 +23,7 @@ PER_BYTE = 1 / (ALGBW * 1e3)       # us per byte
     (nccl.PER_CH_MAX_TREE, 8.0, 3, 4, 4 * 17.8),           # Ampere
     (nccl.PER_CH_MAX_TREE_LL128, 8.6, 2, 8, 8 * 20.0),
     (nccl.PER_CH_MAX_TREE, 7.0, 4, 2, 2 * 10.0),           # Volta
-    (nccl.PER_CH_MAX_TREE, 0.0, 2, 1, 18.5),               # not given: below 8.0, Volta's row as NCCL's index
+    (nccl.PER_CH_MAX_TREE, 0.0, 2, 1, math.inf),           # not given (a test or calibrated GPU): no cap
     (nccl.PER_CH_MAX_TREE, 9.0, 1, 8, math.inf),           # one machine: not applied
     (nccl.PER_CH_MAX_TREE, 9.0, 4, 0, math.inf),           # search channels not known
 ])
@@ -100,3 +100,24 @@ def test_four_dgx_h100_run_at_the_capped_share(algo, proto):
     capped = nccl.run_share("allreduce", algo, proto, size, per_byte, 32, 4, **HOPPER)
     assert coll.share == pytest.approx(capped)
     assert capped < nccl.run_share("allreduce", algo, proto, size, per_byte, 32, 4)
+
+
+@pytest.mark.parametrize("intra,cc,ll128", [
+    ("nvlink", 9.0, True), ("nvlink", 8.0, True), ("nvlink", 7.0, True),
+    ("pci", 8.0, False),                 # no NVLink inside the machine: LL128 off by default
+    ("nvlink", 8.6, False),              # an Ampere other than the A100: not among NCCL's tested
+    ("nvlink", 0.0, True),               # not given: kept
+])
+def test_ll128_is_on_by_default_only_on_nvlink_volta_ampere_hopper(intra, cc, ll128):
+    assert ("LL128" in nccl.default_protocols(intra, cc)) is ll128
+    assert {"LL", "Simple"} <= set(nccl.default_protocols(intra, cc))
+
+
+def test_a_pcie_cluster_never_picks_ll128_unless_asked():
+    """ethernet-cluster: 4 A100 PCIe a server, no NVLink; every size's auto pick avoids LL128,
+    which a forced protocol still runs (NCCL_PROTO=LL128)."""
+    topo = load_topology("ethernet-cluster")
+    gpus = [d for d, dev in topo.devices.items() if dev.kind == "gpu"][:8]
+    for size in (2**10, 2**20, 2**24, 2**28):
+        assert collectives.layout(topo, "allreduce", "auto", gpus, size).proto != "LL128", size
+    assert collectives.layout(topo, "allreduce", "tree", gpus, 2**20, proto="LL128").proto == "LL128"

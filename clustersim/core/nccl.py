@@ -179,11 +179,25 @@ def ll_max_algbw(algo: str, op: str, ranks: int, nodes: int) -> float:
 def channel_max_busbw(table: tuple, compute_capability: float, nodes: int, search_channels: int) -> float:
     """GB/s: a per-channel cap of tuning.cc (``PER_CH_MAX_*``) times NCCL's search channels, the
     row by the group's lowest compute capability (Hopper from 9.0, Ampere from 8.0, else Volta),
-    the column by machines (1, 2, more); inf on one machine or with no search channels given."""
-    if nodes <= 1 or search_channels <= 0:
+    the column by machines (1, 2, more); inf on one machine, with no search channels given, or
+    where the compute capability is not given (0: a test or calibrated device, whose GPU NCCL's
+    rows may not describe)."""
+    if nodes <= 1 or search_channels <= 0 or compute_capability <= 0:
         return math.inf
     row = 2 if compute_capability >= 9.0 else 1 if compute_capability >= 8.0 else 0
     return search_channels * table[row][min(nodes, 3) - 1]
+
+
+def default_protocols(intra: str, compute_capability: float) -> tuple[str, ...]:
+    """The protocols NCCL enables when NCCL_PROTO is not set: LL128 only where the members of a
+    machine reach each other over NVLink (``typeIntra <= PATH_NVB``) and the GPUs are Volta,
+    Ampere or Hopper (compute capability 7.0, 8.0 or 9.0): tuning.cc @ b6475625, "Enable LL128
+    by default only on Volta/Ampere/Hopper+NVLink".  Not modelled: its NIC path condition
+    (``typeInter <= PATH_PXB``, PXN on Hopper) and mixed compute capabilities (``min == max``:
+    we get the lowest only).  A compute capability not given (0) keeps LL128."""
+    if intra != "nvlink" or (compute_capability > 0 and compute_capability not in (7.0, 8.0, 9.0)):
+        return tuple(p for p in PROTOCOLS if p != "LL128")
+    return PROTOCOLS
 
 
 def needs_per_byte(algo: str, proto: str, nodes: int, search_channels: int) -> bool:
