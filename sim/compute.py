@@ -127,12 +127,18 @@ class Compute:
         """``work``: what the op computes (``kernel_model.op_work``), where the caller knows it."""
         return self.start(device, self.seconds(device, flops, nbytes, backward, key, work))
 
-    def start(self, device: str, seconds: float) -> simpy.Event:
+    def start(self, device: str, seconds: float, then=None) -> simpy.Event | None:
         """An op of ``seconds`` (its straggler factor applied) on ``device``: queued behind
-        the running one on an in-order device; the event as ``run``'s."""
+        the running one on an in-order device; the event as ``run``'s.  ``then``: instead,
+        a callable the op's end calls with that event's value (a lane's op then needs no
+        event of its own where it ends alone: ``_lanes_due``)."""
+        if then is not None and (self.lanes is None or device not in self.queues):
+            ev = self.start(device, seconds)
+            ev.callbacks.append(lambda e: then(e.value))
+            return None
         if device not in self.queues:
             return self.fluid.start(self.weights[device], seconds)
-        done = self.env.event()
+        done = then or self.env.event()
         if device in self.busy:
             self.queues[device].append((seconds, done))
         elif self.lanes is not None:
@@ -219,9 +225,16 @@ class Compute:
         self._wake_at = float("inf")
         self._arm()
         for _, done, start in ended[1:]:
+            if type(done) is not simpy.Event:                # a ``then``: its own event now, as ``done``
+                done, then = self.env.event(), done
+                done.callbacks.append(lambda e, then=then: then(e.value))
             done.succeed(start)
         if ended:
-            _process(ended[0][1], ended[0][2])
+            done, start = ended[0][1], ended[0][2]
+            if type(done) is simpy.Event:
+                _process(done, start)
+            else:
+                done(start)
 
     def _lane_capacity(self, device: str, capacity: float) -> None:
         """A lane's capacity changes now; its op, if running, is re-solved once this instant's

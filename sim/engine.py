@@ -386,7 +386,8 @@ class Engine:
 
         def start_op(op) -> None:
             """``compute_op``'s work, from the tables: the op on its device, and one callback
-            that records its span, then runs ``finish`` (the two callbacks of the plain path)."""
+            (no event where a lane ends it alone) that records its span, then runs ``finish``
+            (the two callbacks of the plain path)."""
             i, slot, device = op.id, op.slot, devices[op.slot]
             seconds = tables[slot][i]
             if seconds is None:
@@ -394,14 +395,13 @@ class Engine:
                                                           works[i])
             key = keys[i]
             asked = env.now
-            ev = compute.start(device, seconds * (compute.factor(device, key) if key in MEASURED_SHARED
-                                                  else factors[slot]))
 
-            def ended(e) -> None:
-                add(Span(names[i], "compute", device, replica, step, asked if e.value is None else e.value, env.now,
+            def ended(started) -> None:
+                add(Span(names[i], "compute", device, replica, step, asked if started is None else started, env.now,
                          op.bytes, op.flops, op.kind))
                 finish(op)
-            ev.callbacks.append(ended)
+            compute.start(device, seconds * (compute.factor(device, key) if key in MEASURED_SHARED else factors[slot]),
+                          ended)
 
         def finish(op) -> None:
             for s in successors[op.slot][op.id]:

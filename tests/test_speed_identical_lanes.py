@@ -168,3 +168,24 @@ def test_what_one_completion_starts_urgently_comes_before_the_next_tied_completi
         compute.run_seconds(GPUS[1], 1.0).callbacks.append(lambda _e: on_gpu2(0.25))
         env.run()
         assert log == [(0.5, 1.0, 1.5), (0.25, 1.5, 1.75)]
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_an_op_started_with_a_callable_ends_in_the_order_of_events(shortcut):
+    """``Compute.start(..., then)`` (the engine's graph ops): tied completions keep the order
+    the events gave above -- the first's callable runs inside the timer, the next's from an
+    event of its own, after the process the first started."""
+    env = CountingEnvironment()
+    compute = Compute(env, TOPOLOGY, "fp16", shortcut=shortcut)
+    log = []
+
+    def on_gpu2(seconds):
+        compute.start(GPUS[2], seconds, lambda started: log.append((seconds, started, env.now)))
+
+    def process():
+        on_gpu2(0.5)
+        yield env.timeout(0)
+    compute.start(GPUS[0], 1.0, lambda _started: env.process(process()))
+    compute.start(GPUS[1], 1.0, lambda _started: on_gpu2(0.25))
+    env.run()
+    assert log == [(0.5, 1.0, 1.5), (0.25, 1.5, 1.75)]
