@@ -30,6 +30,10 @@ from sim.fluid import Fluid, timeout_at  # noqa: E402
 SIMGRID_PYTHON = "/usr/bin/python3"      # Debian's, where python3-simgrid installs
 SCRIPT = Path(__file__).with_name("simgrid_flows.py")
 SEED = 0                                 # bench_sim.flow_rate's generator for the random set
+# The bench times SimGrid with raw contexts: the binding's default, an OS thread per actor,
+# costs each hand-over a thread switch: 2.5-4x its run here, more on a busy host; the same floats
+# (tests/test_simgrid_agreement.py).  What is left is the kernel's speed (decision 035).
+BENCH_CONFIG = ("contexts/factory:raw",)
 
 Flow = tuple[float, dict, float]         # (start_s or step, {link: 1}, bytes)
 
@@ -56,15 +60,15 @@ def as_json(flows: list[Flow], capacity: dict[Hashable, float], mode: str) -> di
 
 
 def run_simgrid(flows: list[Flow], capacity: dict[Hashable, float], mode: str,
-                python: str = SIMGRID_PYTHON) -> tuple[float, list[float], float]:
+                python: str = SIMGRID_PYTHON, config: tuple[str, ...] = ()) -> tuple[float, list[float], float]:
     """SimGrid's wall seconds of the run alone, each flow's finish time, and the run's CPU
     seconds (SimGrid's Python binding runs actors as threads: its wall clock suffers more
     from a busy host than its CPU clock).  Raises RuntimeError with the script's last
-    line of stderr where it fails."""
+    line of stderr where it fails.  ``config``: further SimGrid items (``"contexts/factory:raw"``)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(as_json(flows, capacity, mode), f)
     try:
-        done = subprocess.run([python, str(SCRIPT), f.name], capture_output=True, text=True)
+        done = subprocess.run([python, str(SCRIPT), f.name, *config], capture_output=True, text=True)
     finally:
         Path(f.name).unlink()
     if done.returncode:
@@ -102,20 +106,21 @@ def run_ours(flows: list[Flow], capacity: dict[Hashable, float], mode: str,
     return time.perf_counter() - t0, finish, env.now
 
 
-def max_rel_diff(flows: list[Flow], ours: list[float], theirs: list[float], mode: str) -> float:
-    """The largest difference of finish times over the flow's duration (SimGrid's: from its
-    start, or from its step's start, the previous step's last finish)."""
+def rel_diffs(flows: list[Flow], ours: list[float], theirs: list[float], mode: str) -> list[float]:
+    """Each flow's difference of finish times over its duration (SimGrid's: from its start,
+    or from its step's start, the previous step's last finish)."""
     begin: dict[float, float] = {}
     if mode == "steps":
         last = 0.0
         for step in sorted({f[0] for f in flows}):
             begin[step] = last
             last = max(t for f, t in zip(flows, theirs) if f[0] == step)
-    worst = 0.0
-    for (at, _, _), a, b in zip(flows, ours, theirs):
-        start = begin[at] if mode == "steps" else at
-        worst = max(worst, abs(a - b) / (b - start))
-    return worst
+    return [abs(a - b) / (b - (begin[at] if mode == "steps" else at)) for (at, _, _), a, b in zip(flows, ours, theirs)]
+
+
+def max_rel_diff(flows: list[Flow], ours: list[float], theirs: list[float], mode: str) -> float:
+    """The largest of ``rel_diffs``."""
+    return max(rel_diffs(flows, ours, theirs, mode))
 
 
 class _Recorder:
@@ -154,11 +159,11 @@ def bench_sets(bench) -> dict[str, tuple[list[Flow], dict, str]]:
 
 
 def simgrid_side_by_side(sets: dict[str, tuple[list[Flow], dict, str]], flow_rate: Callable, repeats: int,
-                         python: str = SIMGRID_PYTHON) -> dict:
+                         python: str = SIMGRID_PYTHON, config: tuple[str, ...] = BENCH_CONFIG) -> dict:
     """Per set, ``flow_rate(kind)`` (flows per wall second, per CPU second, simulated end) and
     SimGrid's, ``repeats`` of each alternating (ours first on even runs), medians; ``ratio``
     is ours over SimGrid's per wall second (``cpu_ratio`` per CPU second),
-    ``flow_rate_ratio_simgrid`` the lowest ``ratio``.
+    ``flow_rate_ratio_simgrid`` the lowest ``ratio``.  ``config``: as ``run_simgrid``'s.
     Raises ValueError where our recorded run ends elsewhere than ``flow_rate``'s (the sets
     would not be the same flows)."""
     missing = simgrid_missing(python)
@@ -172,7 +177,7 @@ def simgrid_side_by_side(sets: dict[str, tuple[list[Flow], dict, str]], flow_rat
                 if side == "ours":
                     ours.append(flow_rate(kind))
                 else:
-                    wall, finish_sg, cpu = run_simgrid(flows, capacity, mode, python)
+                    wall, finish_sg, cpu = run_simgrid(flows, capacity, mode, python, config)
                     theirs.append((len(flows) / wall, len(flows) / cpu))
         _, finish, end = run_ours(flows, capacity, mode)
         if end != ours[0][2]:
@@ -183,7 +188,8 @@ def simgrid_side_by_side(sets: dict[str, tuple[list[Flow], dict, str]], flow_rat
                          "ratio": wall_ours / wall_sg, "cpu_ratio": cpu_ours / cpu_sg,
                          "max_finish_rel_diff": max_rel_diff(flows, finish, finish_sg, mode)}
     return {"flow_rate_ratio_simgrid": min(s["ratio"] for s in per_set.values()), "flow_rates_simgrid": per_set,
-            "simgrid_note": f"SimGrid 3.32 CM02, no factors, via {python}; medians of {repeats} alternating runs"}
+            "simgrid_note": f"SimGrid 3.32 CM02, no factors, via {python} {' '.join(config)}; "
+                            f"medians of {repeats} alternating runs"}
 
 
 def random_tree_set(rng: np.random.Generator, switches: int, hosts: int, flows: int,
@@ -215,3 +221,20 @@ def random_tree_set(rng: np.random.Generator, switches: int, hosts: int, flows: 
         out.append((now, dict.fromkeys(links, 1), float(round(10 ** rng.uniform(0, 8)))))
         now += float(rng.exponential(mean_gap_s))
     return out, capacity
+
+
+def tree_agreement(trees: int, first_seed: int = 1000, python: str = SIMGRID_PYTHON) -> dict:
+    """The issue's agreement check on ``trees`` random trees (seeds from ``first_seed``):
+    flows, how many finish at the identical float and within 1e-9 of their duration, the
+    largest difference over a duration."""
+    diffs, identical = [], 0
+    for seed in range(first_seed, first_seed + trees):
+        rng = np.random.default_rng(seed)
+        flows, cap = random_tree_set(rng, switches=int(rng.integers(2, 10)), hosts=int(rng.integers(4, 16)),
+                                     flows=int(rng.integers(5, 30)), mean_gap_s=2e-4)
+        _, ours, _ = run_ours(flows, cap, "times")
+        _, theirs, _ = run_simgrid(flows, cap, "times", python)
+        diffs += rel_diffs(flows, ours, theirs, "times")
+        identical += sum(a == b for a, b in zip(ours, theirs))
+    return {"trees": trees, "flows": len(diffs), "identical": identical,
+            "within_1e-9": sum(d <= 1e-9 for d in diffs), "max_rel_diff": max(diffs)}

@@ -1,6 +1,7 @@
 """One flow set through SimGrid's max-min kernel; run by Debian's /usr/bin/python3 (issue 18).
 
-    /usr/bin/python3 benchmarks/simgrid_flows.py SET.json    # prints {"flows", "wall_s", "cpu_s", "finish_s"}
+    /usr/bin/python3 benchmarks/simgrid_flows.py SET.json [ITEM:VALUE ...]
+    # prints {"flows", "wall_s", "cpu_s", "finish_s"}
 
 SET.json: ``{"links": {name: bytes_per_s}, "mode": "steps" | "times",
 "flows": [[step or start_s, [link names], bytes], ...]}``.  Every directed link is one
@@ -12,6 +13,8 @@ fine time and rate precisions, so the kernel solves the plain max-min problem th
 model solves.  "steps": each step's flows all at once, the next step when all of them
 have arrived (a ring); "times": each flow starts at its own time.  ``wall_s`` and ``cpu_s``
 time ``Engine.run`` alone (platform building excluded); ``finish_s`` is in input order.
+Further ``ITEM:VALUE`` arguments are SimGrid configuration items set after these (e.g.
+``contexts/factory:raw``: the binding runs actors as threads unless told otherwise).
 
 Standard library and simgrid only: this file never runs in the project's venv (Debian's
 dist-packages would shadow its packages).
@@ -91,10 +94,11 @@ def fail(line: str) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        fail("usage: /usr/bin/python3 benchmarks/simgrid_flows.py SET.json")
+    if len(sys.argv) < 2:
+        fail("usage: /usr/bin/python3 benchmarks/simgrid_flows.py SET.json [ITEM:VALUE ...]")
     spec = read(sys.argv[1])
-    engine = simgrid.Engine([sys.argv[0], "--log=root.thres:critical"] + [f"--cfg={c}" for c in CONFIG])
+    config = CONFIG + tuple(sys.argv[2:])
+    engine = simgrid.Engine([sys.argv[0], "--log=root.thres:critical"] + [f"--cfg={c}" for c in config])
     flows = spec["flows"]
     ends = build(engine, spec["links"], flows)
     comms = [None] * len(flows)

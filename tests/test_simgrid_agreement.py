@@ -58,3 +58,12 @@ def test_bench_sets_are_the_flows_bench_sim_runs():
         assert min(finish) > 0 and max(finish) <= end
     assert len(sets["ring"][0]) == bench_sim.RING_HOSTS * bench_sim.RING_STEPS
     assert len(sets["random"][0]) == bench_sim.RANDOM_FLOWS
+
+
+@needs_simgrid
+def test_raw_contexts_give_the_same_floats():
+    """The bench may time SimGrid with its fastest contexts: the kernel's answers stay."""
+    flows, cap = flow_sets.random_tree_set(np.random.default_rng(3), switches=4, hosts=8, flows=30, mean_gap_s=2e-4)
+    _, threads, _ = flow_sets.run_simgrid(flows, cap, "times")
+    _, raw, _ = flow_sets.run_simgrid(flows, cap, "times", config=("contexts/factory:raw",))
+    assert raw == threads
