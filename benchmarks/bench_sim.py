@@ -12,8 +12,11 @@
   unless ``--full`` (``*_replicas`` says which);
 - ``flows_per_s``: the flow model alone on fixed flow sets (ring steps on 1,024 hosts of
   one switch and of a k = 16 fat-tree; random flows among 64 hosts, ~120 at once);
-  ``flow_rate_ratio_simgrid`` where Debian's ``python3-simgrid`` imports, else null with
-  a note;
+  ``flow_rate_ratio_simgrid``: ours over SimGrid 3.32's max-min kernel (CM02, no factors,
+  raw contexts) in flows per wall second on the same flows, the lowest of the three sets
+  (``flow_rates_simgrid``: each set's, with the largest finish-time difference over a
+  flow's duration; benchmarks/flow_sets.py, decision 035), where Debian's
+  ``/usr/bin/python3`` imports ``simgrid``, else null with a note;
 - ``peak_rss_mib`` of this process.  Figures are medians (rates) or best-of (walls);
   compare ratios, not absolute rates, on a shared machine.  Each wall comes split into
   ``load_s`` (scenario and topology), ``plan_s`` and ``simulate_s``, with its CPU seconds.
@@ -43,6 +46,7 @@ from clustersim.core.plan import plan  # noqa: E402
 from clustersim.core.scenario import scenario_from_dict  # noqa: E402
 from sim.engine import CountingEnvironment, simulate  # noqa: E402
 from sim.fluid import Fluid  # noqa: E402
+from flow_sets import bench_sets, simgrid_side_by_side  # noqa: E402  (benchmarks/, this file's folder)
 
 REPEATS = 5                  # medians of event rates
 BEST_OF = 3                  # best-of for the big walls
@@ -205,12 +209,10 @@ def flow_rates(repeats: int) -> dict:
     for kind in FLOW_SETS:
         runs = [flow_rate(kind) for _ in range(repeats)]
         out[kind] = {"flows_per_s": statistics.median(r[0] for r in runs), "sim_end_s": runs[0][2]}
-    try:
-        import simgrid  # noqa: F401  (Debian's python3-simgrid; in no pip extra)
-        note = "python3-simgrid imports, but the side-by-side run is not written yet"
-    except ImportError:
-        note = "python3-simgrid is not installed here: SimGrid comparison skipped"
-    return {"flows_per_s": out, "flow_rate_ratio_simgrid": None, "simgrid_note": note}
+    side = guarded(simgrid_side_by_side, bench_sets(sys.modules[__name__]), flow_rate, repeats)
+    if "error" in side:
+        side = {"flow_rate_ratio_simgrid": None, "simgrid_note": f"SimGrid comparison failed: {side['error']}"}
+    return {"flows_per_s": out, **side}
 
 
 def fluid_of(tree: Path) -> type:
