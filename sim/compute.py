@@ -203,7 +203,9 @@ class Compute:
         """Ends the lanes' ops due now, as the fluid's wake-up, job events and ``done``
         events did one after the other: first every such lane takes its next op, then the
         first op's callbacks run here and the others' ``done`` events fire in that order
-        (an event each, so what one op's callbacks start urgently comes before the next)."""
+        (an event each, so what one op's callbacks start urgently comes before the next).
+        The first op's end takes one trip through simpy's queue, not the fluid's three: an
+        unrelated event tied with it runs after it here, before it there (decision 032)."""
         if event is not self._timer:
             return                                           # superseded by an earlier one
         self._timer = None                                   # (_wake_at stays now: next ops arm nothing)
@@ -238,7 +240,8 @@ class Compute:
 
     def _lane_capacity(self, device: str, capacity: float) -> None:
         """A lane's capacity changes now; its op, if running, is re-solved once this instant's
-        changes are all in (the fluid's batched solve: the same floats, below)."""
+        changes are all in (the fluid's batched solve, over the changed lanes only: the same
+        floats but where near-equal shares group, decision 032)."""
         lane = self.lanes[device]
         lane.capacity = capacity
         if lane.done is not None:                       # the op running now (not one started later)

@@ -5,8 +5,9 @@ shortcut=False)`` (a GPU's ops run as fluid jobs, not as a lane (decision 032); 
 solves a job alone on its one resource in the instant's batched solve instead of at once;
 the engine works out link names, route checks and NCCL link speeds per message instead of
 keeping them per topology).  Step times, the simulated
-end and every span must be equal, float for float: the shortcuts may save events, never
-move one.  Rewrites that have no switch (C loops instead of Python ones, names built once
+end and every span must be equal, float for float: on these cases the shortcuts save events
+and move none (where a GPU op's end ties with an unrelated event at one instant the lanes
+may order the two otherwise: decision 032).  Rewrites that have no switch (C loops instead of Python ones, names built once
 per plan) run alike on both sides; decision 026 records their before/after check.
 """
 from __future__ import annotations
