@@ -19,8 +19,9 @@ PCIe 12 of 15.75 GB/s (``PCI_BW``, Gen3 x16), network 48 GB/s per 400 Gb/s NIC
 NVIDIA/nccl-tests#290).  NVLS runs add the fill of its three-stage chunk pipeline
 (``nvls_pipeline``, decision 028), which NCCL's tuner does not count.  The per-channel caps
 count NCCL's *search* channels, one per NIC of a machine (half the execution channels,
-``CHANNELS_PER_NIC``): 8 on a DGX H100, where they bind (tree LL128 across 4 or more
-machines at 8 x 29 GB/s busbw).  Not modelled: CollNet, one machine's per-channel and LL caps
+``CHANNELS_PER_NIC``): 8 on a DGX H100, where they bind (the tree from 2 machines on, any
+protocol: 8 x 41.4 GB/s busbw on 2, 8 x 36.0 on 3 or more; tree LL128 on 3 or more at 8 x
+29.0).  LL128 runs by default only as NCCL enables it (``default_protocols``).  Not modelled: CollNet, one machine's per-channel and LL caps
 (its search channels come from NVLink, which we do not search; 2.20.3's Hopper LL row,
 87.7 GB/s busbw, is not applied), and llMaxBws's and the net overhead's AMD rows: every host
 is taken as Intel (decision 030).
