@@ -385,10 +385,7 @@ def validate_speedup(path: str | Path, overrides: Overrides, against: Overrides,
     """B (``overrides`` then ``against``) against A (``overrides``): predicted and measured
     speedup, A and B run alternately ``rounds`` times each (``clustersim validate --against``,
     ``clustersim.compare.validate.speedup``).  Without ``topology`` this host is calibrated
-    for the larger rank count; a side of one rank is predicted on that calibration too when
-    it gives every rank a core of its own (it needs none of the figures between ranks, and
-    the two calibrations' noise no longer divides: docs/decisions/036), any other count on
-    a calibration of its own."""
+    once per rank count the two sides need, each side predicted on its own."""
     from clustersim.compare.validate import speedup
     from executor.checks import check
     items = [f"{k}={_toml(v)}" for k, v in _pairs(overrides)]
@@ -401,11 +398,9 @@ def validate_speedup(path: str | Path, overrides: Overrides, against: Overrides,
         models.add(sc.model.name)
         check(sc, ranks[side])
     files = {}
-    for n in sorted(set(ranks.values()), reverse=True):
+    for n in sorted(set(ranks.values())):
         if topology:
             files[n] = Path(topology)
-        elif n == 1 and files and not load_topology(str(files[max(files)])).core_pools:
-            files[n] = files[max(files)]
         else:
             files[n] = Path(tempfile.mkdtemp()) / f"this-host-{n}-ranks.toml"
             calibrate_for(n, files[n], sorted(models))

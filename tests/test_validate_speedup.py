@@ -14,7 +14,6 @@ import pytest
 import clustersim
 from clustersim import api
 from clustersim.compare import validate as cv
-from clustersim.core.topogen import load_topology
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGY = ROOT / "tests" / "data" / "host-2-ranks.toml"
@@ -63,16 +62,12 @@ def test_measured_speedup_is_the_median_of_the_rounds_ratios(tiny):
 
 
 def test_without_a_topology_each_rank_count_is_calibrated_once(tiny, monkeypatch):
-    """One rank against two: the two-rank calibration (a core a rank) serves both sides, so
-    the calibrations' noise does not divide in the ratio (decision 036); with core pools
-    (more ranks than cores) the one-rank side gets a calibration of its own."""
     calibrated, given = [], {}
-    source = {"file": TOPOLOGY}
 
     def calibrate(n, out, models):
         assert models == ["mlp-digits"]
         calibrated.append(n)
-        shutil.copy(source["file"], out)
+        shutil.copy(TOPOLOGY, out)
 
     def speedup(scenario, items, more, topologies, rounds):
         given.update(topologies=topologies, items=items, more=more, rounds=rounds)
@@ -81,22 +76,11 @@ def test_without_a_topology_each_rank_count_is_calibrated_once(tiny, monkeypatch
     monkeypatch.setattr(api, "calibrate_for", calibrate)
     monkeypatch.setattr(cv, "speedup", speedup)
     clustersim.validate(tiny, ["training.steps=10"], against={"parallel.replicas": 2}, rounds=3)
-    assert calibrated == [2]
-    assert given["topologies"]["a"] == given["topologies"]["b"]
+    assert calibrated == [1, 2]
+    assert Path(given["topologies"]["a"]).name == "this-host-1-ranks.toml"
     assert Path(given["topologies"]["b"]).name == "this-host-2-ranks.toml"
     assert (given["items"], given["more"], given["rounds"]) == (["training.steps=10"], ["parallel.replicas=2"], 3)
     calibrated.clear()
-    pooled = Path(given["topologies"]["b"]).with_name("pooled.toml")
-    text = TOPOLOGY.read_text()       # both ranks bound to one core: the two-rank side shares it
-    for rank in ("rank0", "rank1"):
-        text = text.replace(f'name = "{rank}"\n', f'name = "{rank}"\ncore_pool = "core0"\n', 1)
-    pooled.write_text(text + '\n[core_pools]\ncore0 = 1\n')
-    assert load_topology(str(pooled)).core_pools == {"core0": 1.0}
-    source["file"] = pooled
-    clustersim.validate(tiny, against={"parallel.replicas": 2}, rounds=1)
-    assert calibrated == [2, 1] and given["topologies"]["a"] != given["topologies"]["b"]
-    calibrated.clear()
-    source["file"] = TOPOLOGY
     clustersim.validate(tiny, against=["training.learning_rate=0.05"], rounds=1)   # both sides on 1 rank
     assert calibrated == [1]
 
