@@ -66,13 +66,16 @@ def run_simgrid(flows: list[Flow], capacity: dict[Hashable, float], mode: str,
     from a busy host than its CPU clock).  Raises RuntimeError with the script's last
     line of stderr where it fails.  ``config``: further SimGrid items (``"contexts/factory:raw"``)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(as_json(flows, capacity, mode), f)
-    try:
-        done = subprocess.run([python, str(SCRIPT), f.name, *config], capture_output=True, text=True)
-    finally:
-        Path(f.name).unlink()
+        try:
+            json.dump(as_json(flows, capacity, mode), f)
+            f.close()
+            done = subprocess.run([python, str(SCRIPT), f.name, *config], capture_output=True, text=True,
+                                  timeout=600)
+        finally:
+            Path(f.name).unlink()
     if done.returncode:
-        raise RuntimeError(f"{SCRIPT.name} exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{SCRIPT.name} exited {done.returncode}: {last}")
     out = json.loads(done.stdout.strip().splitlines()[-1])
     return out["wall_s"], out["finish_s"], out["cpu_s"]
 

@@ -82,7 +82,8 @@ def nccl_ring_seconds(n, nbytes, link_gbps=450.0, intra="nvlink", machines=1):
     the protocol's share (clustersim.core.nccl)."""
     from clustersim.core import nccl
     us_per_byte = 2 * (n - 1) / n / (link_gbps * 1e3 * nccl.LINK_EFFICIENCY[intra])
-    _, proto = nccl.choose("allreduce", nbytes, {"ring": us_per_byte}, n, machines, intra)
+    _, proto = nccl.choose("allreduce", nbytes, {"ring": us_per_byte}, n, machines, intra,
+                           allowed=nccl.default_protocols(intra, 0.0))
     share = nccl.protocol_factor("ring", proto, "allreduce", machines, n / machines)
     lat = nccl.latency_us("allreduce", "ring", proto, n, machines, intra, nbytes)
     return (lat + nbytes * us_per_byte / share) * 1e-6
