@@ -74,16 +74,22 @@ def test_one_machine_is_untouched(algo, proto):
     assert not nccl.needs_per_byte(algo, proto, 1, 8)
 
 
-def test_one_dgx_h100_layout_has_no_search_channels():
+@pytest.mark.parametrize("algo,proto", [(a, p) for a in ("ring", "tree") for p in nccl.PROTOCOLS])
+def test_one_dgx_h100_runs_uncapped(algo, proto):
+    """One machine: a forced ring or tree runs at the protocol's share with the tree's
+    correction and nothing else, Hopper's row and 8 NICs notwithstanding; the tuner's choice
+    there is the same with or without the caps' inputs."""
     topo = load_topology("dgx-h100")
     devices = topo.compute_devices()
+    size = 2**20
+    coll = collectives.layout(topo, "allreduce", algo, devices, size, proto=proto)
+    uncapped = nccl.protocol_factor(algo, proto, "allreduce", 1, 8) * (
+        nccl.tree_correction(proto, size) if algo == "tree" else 1.0)
+    assert coll.share == pytest.approx(uncapped, rel=1e-12)
+    assert nccl.run_share("allreduce", algo, proto, size, PER_BYTE, 8, 1, **HOPPER) == coll.share
     per_byte = {"ring": PER_BYTE, "tree": PER_BYTE}
-    for size in (2**10, 2**20, 2**30):
-        coll = collectives.layout(topo, "allreduce", "auto", devices, size)
-        if coll.algo in ("ring", "tree"):
-            assert coll.share == nccl.run_share("allreduce", coll.algo, coll.proto, size, PER_BYTE, 8, 1)
-        assert nccl.choose("allreduce", size, per_byte, 8, 1, "nvlink", **HOPPER) == nccl.choose(
-            "allreduce", size, per_byte, 8, 1, "nvlink")
+    assert nccl.choose("allreduce", size, per_byte, 8, 1, "nvlink", **HOPPER) == nccl.choose(
+        "allreduce", size, per_byte, 8, 1, "nvlink")
 
 
 @pytest.mark.parametrize("algo,proto", [("tree", "LL128"), ("tree", "Simple"), ("ring", "LL128")])
