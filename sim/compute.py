@@ -177,27 +177,24 @@ class Compute:
         lane.finish = finish = now + seconds / lane.rate if seconds > 0 else now
         heapq.heappush(self._due, (finish, lane.seq, device))
         if finish < self._wake_at:                   # the earliest now: the timer moves to it
-            self._wake_at = finish
-            self._timer = timeout_at(self.env, finish)
-            self._timer.callbacks.append(self._lanes_due)
+            self._arm_at(finish)
+
+    def _arm_at(self, when: float) -> None:
+        """The one live lane timer, at ``when`` (an earlier-armed one goes stale)."""
+        self._wake_at = when
+        self._timer = timeout_at(self.env, when)
+        self._timer.callbacks.append(self._lanes_due)
 
     def _arm(self) -> None:
         due, lanes = self._due, self.lanes
         while due:                                           # drop stale entries: ended, or moved by a
-            finish, seq, device = due[0]                     # capacity change (``_live``, inlined)
-            lane = lanes[device]
+            finish, seq, device = due[0]                     # capacity change (live: the running op's
+            lane = lanes[device]                             # sequence and finish now)
             if lane.done is not None and lane.seq == seq and lane.finish == finish:
                 break
             heapq.heappop(due)
         if due and due[0][0] < self._wake_at:
-            self._wake_at = due[0][0]
-            self._timer = timeout_at(self.env, self._wake_at)
-            self._timer.callbacks.append(self._lanes_due)
-
-    def _live(self, entry: tuple[float, int, str]) -> bool:
-        """Whether a (finish, sequence, device) entry is the running op's finish now."""
-        lane = self.lanes[entry[2]]
-        return lane.done is not None and lane.seq == entry[1] and lane.finish == entry[0]
+            self._arm_at(due[0][0])
 
     def _lanes_due(self, event: simpy.Event) -> None:
         """Ends the lanes' ops due now, as the fluid's wake-up, job events and ``done``
@@ -214,7 +211,7 @@ class Compute:
         while due and due[0][0] <= now:
             entry = heapq.heappop(due)
             lane = lanes[entry[2]]
-            if lane.done is not None and lane.seq == entry[1] and lane.finish == entry[0]:    # _live
+            if lane.done is not None and lane.seq == entry[1] and lane.finish == entry[0]:    # live (``_arm``)
                 ended.append((entry[2], lane.done, lane.start))
                 lane.done = None
         queues = self.queues

@@ -133,15 +133,12 @@ class Fluid:
     def _new_resource(self, res: Hashable) -> int:
         """The index of a resource first used now; its capacity is checked once, here
         (``set_capacity`` checks every later one)."""
-        if self.capacity[res] <= 0:
-            raise ValueError(f"resource {res!r} has no capacity")
-        i = self._index[res] = len(self._resources)
-        self._resources.append(res)
-        self._users_at.append(self.users.setdefault(res, set()))
-        return i
+        self._new_resources([res])
+        return self._index[res]
 
     def _new_resources(self, new: list[Hashable]) -> None:
-        """``_new_resource`` for many at once, in C loops (a collective's first job)."""
+        """Indexes resources first used now, in C loops (a collective's first job brings
+        thousands); ValueError for one with no capacity."""
         caps = list(map(self.capacity.__getitem__, new))
         if min(caps) <= 0:
             raise ValueError(f"resource {next(r for r, c in zip(new, caps) if c <= 0)!r} has no capacity")
