@@ -51,10 +51,10 @@ def test_steps_on_a_tree_finish_as_in_simgrid():
 def test_bench_sets_are_the_flows_bench_sim_runs():
     import bench_sim
     sets = flow_sets.bench_sets(bench_sim)
-    for kind in ("random", "ring"):
+    for kind in bench_sim.FLOW_SETS:
         flows, cap, mode = sets[kind]
         _, finish, end = flow_sets.run_ours(flows, cap, mode)
-        assert end == bench_sim.flow_rate(kind)[2]      # random_flows' last gap ends its run
+        assert end == bench_sim.flow_rate(kind)[2]      # the last finish ends both runs
         assert min(finish) > 0 and max(finish) <= end
     assert len(sets["ring"][0]) == bench_sim.RING_HOSTS * bench_sim.RING_STEPS
     assert len(sets["random"][0]) == bench_sim.RANDOM_FLOWS

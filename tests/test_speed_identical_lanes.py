@@ -148,44 +148,35 @@ def test_a_hold_slows_the_running_op_by_its_share():
         assert ends == [1.125]
 
 
-def test_what_one_completion_starts_urgently_comes_before_the_next_tied_completion():
-    """GPUs 0 and 1 end 1 s ops at t = 1 together.  GPU 0's completion starts a process that
-    gives GPU 2 an op of 0.5 s; GPU 1's gives GPU 2 one of 0.25 s directly.  The fluid path
-    fires the two completions as two events, and the process starts (an urgent event) in
-    between: GPU 2 runs the 0.5 s op first.  The lanes keep that order."""
-    for shortcut in (True, False):
-        env = CountingEnvironment()
-        compute = Compute(env, TOPOLOGY, "fp16", shortcut=shortcut)
-        log = []
+def _by_event(compute, device, seconds, then):
+    compute.run_seconds(device, seconds).callbacks.append(lambda e: then(e.value))
 
-        def on_gpu2(seconds):
-            compute.run_seconds(GPUS[2], seconds).callbacks.append(lambda e: log.append((seconds, e.value, env.now)))
 
-        def process():
-            on_gpu2(0.5)
-            yield env.timeout(0)
-        compute.run_seconds(GPUS[0], 1.0).callbacks.append(lambda _e: env.process(process()))
-        compute.run_seconds(GPUS[1], 1.0).callbacks.append(lambda _e: on_gpu2(0.25))
-        env.run()
-        assert log == [(0.5, 1.0, 1.5), (0.25, 1.5, 1.75)]
+def _by_callable(compute, device, seconds, then):
+    compute.start(device, seconds, then)
 
 
 @pytest.mark.parametrize("shortcut", [True, False])
-def test_an_op_started_with_a_callable_ends_in_the_order_of_events(shortcut):
-    """``Compute.start(..., then)`` (the engine's graph ops): tied completions keep the order
-    the events gave above -- the first's callable runs inside the timer, the next's from an
-    event of its own, after the process the first started."""
+@pytest.mark.parametrize("starter", [_by_event, _by_callable])
+def test_what_one_completion_starts_urgently_comes_before_the_next_tied_completion(shortcut, starter):
+    """GPUs 0 and 1 end 1 s ops at t = 1 together.  GPU 0's completion starts a process that
+    gives GPU 2 an op of 0.5 s; GPU 1's gives GPU 2 one of 0.25 s directly.  The fluid path
+    fires the two completions as two events, and the process starts (an urgent event) in
+    between: GPU 2 runs the 0.5 s op first.  The lanes keep that order, for ops given an
+    event (``run_seconds``) and ops given a callable (``Compute.start(..., then)``, the
+    engine's graph ops: the first's callable runs inside the timer, the next's from an event
+    of its own, after the process the first started)."""
     env = CountingEnvironment()
     compute = Compute(env, TOPOLOGY, "fp16", shortcut=shortcut)
     log = []
 
     def on_gpu2(seconds):
-        compute.start(GPUS[2], seconds, lambda started: log.append((seconds, started, env.now)))
+        starter(compute, GPUS[2], seconds, lambda started: log.append((seconds, started, env.now)))
 
     def process():
         on_gpu2(0.5)
         yield env.timeout(0)
-    compute.start(GPUS[0], 1.0, lambda _started: env.process(process()))
-    compute.start(GPUS[1], 1.0, lambda _started: on_gpu2(0.25))
+    starter(compute, GPUS[0], 1.0, lambda _started: env.process(process()))
+    starter(compute, GPUS[1], 1.0, lambda _started: on_gpu2(0.25))
     env.run()
     assert log == [(0.5, 1.0, 1.5), (0.25, 1.5, 1.75)]

@@ -1,7 +1,6 @@
 """make validate's speedup table (scenarios/validation/run.py): every pair names two cases
 of the suite that differ in how they split the same model, and a pair's figures are
 ``suite_speedup``'s closed forms over the rounds."""
-import importlib
 import importlib.util
 from pathlib import Path
 
