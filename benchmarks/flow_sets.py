@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Hashable
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from sim.fluid import Fluid, timeout_at  # noqa: E402
 
 SIMGRID_PYTHON = "/usr/bin/python3"      # Debian's, where python3-simgrid installs
 SCRIPT = Path(__file__).with_name("simgrid_flows.py")
-SEED = 0                                 # bench_sim.flow_rate's generator for the random set
 # The bench times SimGrid with raw contexts: the binding's default, an OS thread per actor,
 # costs each hand-over a thread switch: 2.5-4x its run here, more on a busy host; the same floats
 # (tests/test_simgrid_agreement.py).  What is left is the kernel's speed (decision 035).
@@ -81,8 +79,8 @@ def run_simgrid(flows: list[Flow], capacity: dict[Hashable, float], mode: str,
 
 
 def run_ours(flows: list[Flow], capacity: dict[Hashable, float], mode: str,
-             fluid: type = Fluid) -> tuple[float, list[float], float]:
-    """The flow model's wall seconds of ``env.run``, each flow's finish, and the simulated end."""
+             fluid: type = Fluid) -> tuple[list[float], float]:
+    """Each flow's finish in the flow model, and the simulated end."""
     env = simpy.Environment()
     model = fluid(env, dict(capacity))
     finish = [float("nan")] * len(flows)
@@ -104,9 +102,8 @@ def run_ours(flows: list[Flow], capacity: dict[Hashable, float], mode: str,
             started(i)
 
     env.process(steps() if mode == "steps" else times())
-    t0 = time.perf_counter()
     env.run()
-    return time.perf_counter() - t0, finish, env.now
+    return finish, env.now
 
 
 def rel_diffs(flows: list[Flow], ours: list[float], theirs: list[float], mode: str) -> list[float]:
@@ -127,11 +124,12 @@ def max_rel_diff(flows: list[Flow], ours: list[float], theirs: list[float], mode
 
 
 class _Recorder:
-    """Stands in for ``Fluid`` under bench_sim's own generators: notes each flow started
-    (now, route, bytes) and finishes it at once, so the generators draw what they always do."""
+    """Stands in for ``Fluid`` under bench_sim's ``flow_rate``: keeps the capacities and
+    notes each flow started (now, route, bytes), finishing it at once, so the generators
+    draw what they always do."""
 
-    def __init__(self, env: simpy.Environment) -> None:
-        self.env, self.flows = env, []
+    def __init__(self, env: simpy.Environment, capacity: dict) -> None:
+        self.env, self.capacity, self.flows = env, dict(capacity), []
 
     def start(self, weights: dict, amount: float) -> simpy.Event:
         self.flows.append((self.env.now, dict(weights), amount))
@@ -139,25 +137,19 @@ class _Recorder:
 
 
 def bench_sets(bench) -> dict[str, tuple[list[Flow], dict, str]]:
-    """bench_sim's flow sets (``bench``: the bench_sim module) as explicit lists, drawn by its
-    own ``ring_flows`` and ``random_flows`` with the generator ``flow_rate`` gives them:
-    kind -> (flows, capacity, mode)."""
+    """bench_sim's flow sets (``bench``: the bench_sim module) as explicit lists, recorded
+    from its own ``flow_rate`` run over a ``_Recorder``: kind -> (flows, capacity, mode);
+    a ring's flows by step (``RING_HOSTS`` flows a step), the random set's by start time."""
     out = {}
-    for kind, route in bench.FLOW_SETS.items():
-        hosts = bench.RANDOM_HOSTS if kind == "random" else bench.RING_HOSTS
-        steps = [route(i, (i + 1) % hosts) for i in range(hosts)]
-        capacity = {link: bench.HOST_LINK_BPS for weights in steps for link in weights}
-        env = simpy.Environment()
-        rec = _Recorder(env)
+    for kind in bench.FLOW_SETS:
+        made: list[_Recorder] = []
+        bench.flow_rate(kind, lambda env, capacity: made.append(_Recorder(env, capacity)) or made[-1])
+        rec = made[0]
         if kind == "random":
-            env.process(bench.random_flows(env, rec, np.random.default_rng(SEED)))
+            out[kind] = (rec.flows, rec.capacity, "times")
         else:
-            env.process(bench.ring_flows(env, rec, steps))
-        env.run()
-        if kind == "random":
-            out[kind] = (rec.flows, capacity, "times")
-        else:
-            out[kind] = ([(i // hosts, w, b) for i, (_, w, b) in enumerate(rec.flows)], capacity, "steps")
+            out[kind] = ([(i // bench.RING_HOSTS, w, b) for i, (_, w, b) in enumerate(rec.flows)], rec.capacity,
+                         "steps")
     return out
 
 
@@ -182,7 +174,7 @@ def simgrid_side_by_side(sets: dict[str, tuple[list[Flow], dict, str]], flow_rat
                 else:
                     wall, finish_sg, cpu = run_simgrid(flows, capacity, mode, python, config)
                     theirs.append((len(flows) / wall, len(flows) / cpu))
-        _, finish, end = run_ours(flows, capacity, mode)
+        finish, end = run_ours(flows, capacity, mode)
         if end != ours[0][2]:
             raise ValueError(f"{kind}: the recorded set ends at {end!r} s, flow_rate's at {ours[0][2]!r} s")
         (wall_ours, cpu_ours), (wall_sg, cpu_sg) = ([statistics.median(r[k] for r in runs) for k in (0, 1)]
@@ -235,7 +227,7 @@ def tree_agreement(trees: int, first_seed: int = 1000, python: str = SIMGRID_PYT
         rng = np.random.default_rng(seed)
         flows, cap = random_tree_set(rng, switches=int(rng.integers(2, 10)), hosts=int(rng.integers(4, 16)),
                                      flows=int(rng.integers(5, 30)), mean_gap_s=2e-4)
-        _, ours, _ = run_ours(flows, cap, "times")
+        ours, _ = run_ours(flows, cap, "times")
         _, theirs, _ = run_simgrid(flows, cap, "times", python)
         diffs += rel_diffs(flows, ours, theirs, "times")
         identical += sum(a == b for a, b in zip(ours, theirs))

@@ -21,7 +21,7 @@ AGREE = 1e-6        # of each flow's duration; decision 035 has what is seen (<=
 def test_two_flows_share_one_link_in_both():
     cap = {"l": 1e9}
     flows = [(0.0, {"l": 1}, 1e6), (0.0, {"l": 1}, 1e6), (0.003, {"l": 1}, 5e5)]
-    _, ours, _ = flow_sets.run_ours(flows, cap, "times")
+    ours, _ = flow_sets.run_ours(flows, cap, "times")
     _, theirs, _ = flow_sets.run_simgrid(flows, cap, "times")
     assert ours == pytest.approx([0.002, 0.002, 0.0035], rel=1e-12)
     assert theirs == pytest.approx(ours, rel=1e-12)
@@ -33,7 +33,7 @@ def test_random_trees_finish_as_in_simgrid(seed):
     rng = np.random.default_rng(seed)
     flows, cap = flow_sets.random_tree_set(rng, switches=int(rng.integers(2, 8)), hosts=int(rng.integers(4, 12)),
                                            flows=36, mean_gap_s=2e-4)
-    _, ours, _ = flow_sets.run_ours(flows, cap, "times")
+    ours, _ = flow_sets.run_ours(flows, cap, "times")
     _, theirs, _ = flow_sets.run_simgrid(flows, cap, "times")
     assert flow_sets.max_rel_diff(flows, ours, theirs, "times") <= AGREE
 
@@ -42,7 +42,7 @@ def test_random_trees_finish_as_in_simgrid(seed):
 def test_steps_on_a_tree_finish_as_in_simgrid():
     flows, cap = flow_sets.random_tree_set(np.random.default_rng(7), switches=5, hosts=9, flows=30, mean_gap_s=1.0)
     steps = [(i // 10, route, size) for i, (_, route, size) in enumerate(flows)]
-    _, ours, end = flow_sets.run_ours(steps, cap, "steps")
+    ours, end = flow_sets.run_ours(steps, cap, "steps")
     _, theirs, _ = flow_sets.run_simgrid(steps, cap, "steps")
     assert flow_sets.max_rel_diff(steps, ours, theirs, "steps") <= AGREE
     assert end == max(ours)
@@ -53,7 +53,7 @@ def test_bench_sets_are_the_flows_bench_sim_runs():
     sets = flow_sets.bench_sets(bench_sim)
     for kind in bench_sim.FLOW_SETS:
         flows, cap, mode = sets[kind]
-        _, finish, end = flow_sets.run_ours(flows, cap, mode)
+        finish, end = flow_sets.run_ours(flows, cap, mode)
         assert end == bench_sim.flow_rate(kind)[2]      # the last finish ends both runs
         assert min(finish) > 0 and max(finish) <= end
     assert len(sets["ring"][0]) == bench_sim.RING_HOSTS * bench_sim.RING_STEPS
