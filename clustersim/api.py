@@ -356,7 +356,8 @@ def _calibrate_hosts(cp, out: str | Path) -> dict:
 
 
 def validate(path: str | Path, overrides: Overrides = None, *, topology: str | Path | None = None,
-             repeats: int = 3, against: Overrides = None, rounds: int = 5, device: str = "cpu") -> Result:
+             repeats: int = 3, against: Overrides = None, rounds: int = 5, device: str = "cpu",
+             calibrations: int = 3) -> Result:
     """Simulates and executes the scenario and compares them (``clustersim validate``);
     without ``topology`` this host is calibrated first (``device`` "gpu": the ranks run on
     GPUs, ``topology`` from ``calibrate_gpus`` required).  With ``against`` (overrides on
@@ -364,7 +365,8 @@ def validate(path: str | Path, overrides: Overrides = None, *, topology: str | P
     from clustersim.compare.validate import validate as compare
     from executor.checks import check
     if against:
-        return validate_speedup(path, overrides, against, topology=topology, rounds=rounds)
+        return validate_speedup(path, overrides, against, topology=topology, rounds=rounds,
+                                calibrations=calibrations)
     items = [f"{k}={_toml(v)}" for k, v in _pairs(overrides)]
     sc = load(path, items)
     check(sc, ranks_needed(sc))
@@ -381,30 +383,37 @@ def validate(path: str | Path, overrides: Overrides = None, *, topology: str | P
 
 
 def validate_speedup(path: str | Path, overrides: Overrides, against: Overrides, *,
-                     topology: str | Path | None = None, rounds: int = 5) -> Result:
+                     topology: str | Path | None = None, rounds: int = 5, calibrations: int = 3) -> Result:
     """B (``overrides`` then ``against``) against A (``overrides``): predicted and measured
     speedup, A and B run alternately ``rounds`` times each (``clustersim validate --against``,
     ``clustersim.compare.validate.speedup``).  Without ``topology`` this host is calibrated
-    once per rank count the two sides need, each side predicted on its own."""
+    ``calibrations`` times per rank count the two sides need, the counts alternating (1 2,
+    2 1, ...), and each side is predicted on each of its own (decision 039)."""
     from clustersim.compare.validate import speedup
     from executor.checks import check
     items = [f"{k}={_toml(v)}" for k, v in _pairs(overrides)]
     more = [f"{k}={_toml(v)}" for k, v in _pairs(against)]
     if rounds < 1:
         raise ConfigError("--rounds", str(rounds), "must be >= 1")
+    if calibrations < 1:
+        raise ConfigError("--calibrations", str(calibrations), "must be >= 1")
     ranks, models = {}, set()
     for side, sc in (("a", load(path, items)), ("b", load(path, items + more))):
         ranks[side] = ranks_needed(sc)
         models.add(sc.model.name)
         check(sc, ranks[side])
-    files = {}
-    for n in sorted(set(ranks.values())):
-        if topology:
-            files[n] = Path(topology)
-        else:
-            files[n] = Path(tempfile.mkdtemp()) / f"this-host-{n}-ranks.toml"
-            calibrate_for(n, files[n], sorted(models))
-    return Result(speedup(str(path), items, more, {side: str(files[n]) for side, n in ranks.items()}, rounds))
+    counts = sorted(set(ranks.values()))
+    files: dict[int, list[Path]] = {n: [] for n in counts}
+    if topology:
+        files = {n: [Path(topology)] for n in counts}
+    else:
+        where = Path(tempfile.mkdtemp())
+        for k in range(calibrations):
+            for n in counts if k % 2 == 0 else counts[::-1]:
+                files[n].append(where / f"this-host-{n}-ranks-{k}.toml")
+                calibrate_for(n, files[n][-1], sorted(models))
+    return Result(speedup(str(path), items, more, {side: [str(f) for f in files[n]] for side, n in ranks.items()},
+                          rounds))
 
 
 def suite_speedup(a_rounds: list[dict], b_rounds: list[dict]) -> dict:

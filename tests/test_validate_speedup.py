@@ -47,7 +47,7 @@ def test_measured_speedup_is_the_median_of_the_rounds_ratios(tiny):
         b = "parallel.replicas=2" in items
         return {"samples_per_s": 180.0 if b else 100.0, "step_time_s": 0.1, "ranks": 2 if b else 1}
 
-    out = cv.speedup(str(tiny), [], ["parallel.replicas=2"], {"a": str(TOPOLOGY), "b": str(TOPOLOGY)}, 3,
+    out = cv.speedup(str(tiny), [], ["parallel.replicas=2"], {"a": [str(TOPOLOGY)], "b": [str(TOPOLOGY)]}, 3,
                      predict=predict, run=run)
     assert calls == ["a", "b", "b", "a", "a", "b"]
     assert out["measured_speedups"] == [1.5, 2.0, 2.2]
@@ -61,7 +61,7 @@ def test_measured_speedup_is_the_median_of_the_rounds_ratios(tiny):
     assert out["b"]["set"] == ["parallel.replicas=2"] and out["a"]["set"] == []
 
 
-def test_without_a_topology_each_rank_count_is_calibrated_once(tiny, monkeypatch):
+def test_without_a_topology_each_rank_count_is_calibrated_in_alternating_rounds(tiny, monkeypatch):
     calibrated, given = [], {}
 
     def calibrate(n, out, models):
@@ -76,16 +76,43 @@ def test_without_a_topology_each_rank_count_is_calibrated_once(tiny, monkeypatch
     monkeypatch.setattr(api, "calibrate_for", calibrate)
     monkeypatch.setattr(cv, "speedup", speedup)
     clustersim.validate(tiny, ["training.steps=10"], against={"parallel.replicas": 2}, rounds=3)
-    assert calibrated == [1, 2]
-    assert Path(given["topologies"]["a"]).name == "this-host-1-ranks.toml"
-    assert Path(given["topologies"]["b"]).name == "this-host-2-ranks.toml"
+    assert calibrated == [1, 2, 2, 1, 1, 2]                     # three each by default, alternating
+    assert [Path(f).name for f in given["topologies"]["a"]] == [f"this-host-1-ranks-{k}.toml" for k in range(3)]
+    assert [Path(f).name for f in given["topologies"]["b"]] == [f"this-host-2-ranks-{k}.toml" for k in range(3)]
     assert (given["items"], given["more"], given["rounds"]) == (["training.steps=10"], ["parallel.replicas=2"], 3)
     calibrated.clear()
-    clustersim.validate(tiny, against=["training.learning_rate=0.05"], rounds=1)   # both sides on 1 rank
-    assert calibrated == [1]
+    clustersim.validate(tiny, against=["training.learning_rate=0.05"], rounds=1, calibrations=2)   # 1 rank each
+    assert calibrated == [1, 1]
+    assert given["topologies"]["a"] == given["topologies"]["b"]
 
 
-@pytest.mark.parametrize("args, field", [(["--rounds", "0"], "--rounds"), (["--against", "parallel.nope=2"], "nope"),
+def test_a_side_is_predicted_as_the_median_over_its_calibrations(tiny):
+    """One calibration a neighbour slowed (A's 50) moves neither side's median: the
+    predicted speedup is B's median over A's, not a median of per-calibration ratios."""
+    predicted = {"a0": 100.0, "a1": 50.0, "a2": 104.0, "b0": 130.0, "b1": 150.0, "b2": 140.0}
+    runs = []
+
+    def predict(scenario, items):
+        topo = next(i for i in items if i.startswith("cluster.topology="))
+        key = Path(topo.split('"')[1]).name
+        return {"samples_per_s": predicted[key], "step_time_s": 1 / predicted[key], "ranks": 1 + (key[0] == "b")}
+
+    def run(scenario, items):
+        runs.append(next(i for i in items if i.startswith("cluster.topology=")))
+        return {"samples_per_s": 10.0, "step_time_s": 0.1, "quiet_step_time_s": 0.1}
+
+    out = cv.speedup(str(tiny), [], ["parallel.replicas=2"], {"a": ["a0", "a1", "a2"], "b": ["b0", "b1", "b2"]}, 2,
+                     predict=predict, run=run)
+    assert out["predicted_speedup"] == pytest.approx(140.0 / 100.0)  # per-pair ratios' median: 1.35
+    assert out["a"]["predicted_samples_per_s"] == 100.0 and out["b"]["predicted_samples_per_s"] == 140.0
+    assert out["a"]["predicted_calibrations_samples_per_s"] == [100.0, 50.0, 104.0]
+    assert out["a"]["predicted_spread_pct"] == pytest.approx((104.0 - 50.0) / 100.0 * 100)
+    assert out["calibrations"] == 3
+    assert all(Path(t.split('"')[1]).name in ("a0", "b0") for t in runs)      # the runs read the first
+
+
+@pytest.mark.parametrize("args, field", [(["--rounds", "0"], "--rounds"), (["--calibrations", "0"], "--calibrations"),
+                                         (["--against", "parallel.nope=2"], "nope"),
                                          (["--plot", "x.png"], "--plot")])
 def test_bad_speedup_input_is_one_line_and_exit_2(tiny, args, field):
     base = ["--against", "parallel.replicas=2"] if "--against" not in args else []

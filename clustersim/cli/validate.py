@@ -19,6 +19,8 @@ def add(sub) -> None:
     v.add_argument("--against", action="append", default=[], metavar="KEY=VALUE",
                    help="check a speedup: B is the scenario with these overrides too, A without them")
     v.add_argument("--rounds", type=int, default=5, help="with --against: runs of A and of B, interleaved")
+    v.add_argument("--calibrations", type=int, default=3,
+                   help="with --against and no --topology: calibrations per rank count, alternating")
     v.set_defaults(func=run)
 
 
@@ -49,11 +51,14 @@ def run_speedup(args) -> int:
     from clustersim.core.config import ConfigError
     if args.plot:
         raise ConfigError("--plot", args.plot, "plots a single case: not with --against")
-    out = api.validate(args.scenario, args.set, topology=args.topology, against=args.against, rounds=args.rounds).data
+    out = api.validate(args.scenario, args.set, topology=args.topology, against=args.against, rounds=args.rounds,
+                       calibrations=args.calibrations).data
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{out['scenario']}: B = A with {' '.join(out['against'])}; {out['rounds']} rounds each, interleaved")
+    print(f"{out['scenario']}: B = A with {' '.join(out['against'])}; {out['rounds']} rounds each, interleaved; "
+          f"predicted on {out['calibrations']} calibration(s) per side (spread A {out['a']['predicted_spread_pct']:.1f}%, "
+          f"B {out['b']['predicted_spread_pct']:.1f}%)")
     rows = [{"what": f"{side.upper()}: {out[side]['ranks']} ranks", "predicted": out[side]["predicted_samples_per_s"],
              "measured": out[side]["measured_samples_per_s"], "spread_pct": out[side]["spread_pct"]}
             for side in ("a", "b")]

@@ -234,35 +234,41 @@ def quiet_rate(run: dict) -> float:
     return run["samples_per_s"] * run["step_time_s"] / q if q else run["samples_per_s"]
 
 
-def speedup(scenario: str, set_items: list[str], against_items: list[str], topologies: dict[str, str],
+def speedup(scenario: str, set_items: list[str], against_items: list[str], topologies: dict[str, list[str]],
             rounds: int = 5, predict=predicted_side, run=execute_side) -> dict:
     """How much faster B (``set_items`` then ``against_items``) trains than A (``set_items``):
-    B's samples/s over A's, predicted on each side's calibrated topology (``topologies``:
-    side "a"/"b" -> file) and measured in ``rounds`` rounds of one run each, interleaved
-    (``speedup_order``).  The measured speedup is the median of the rounds' ratios (each
-    round's two runs share a stretch of the host's time), its spread their (max - min) /
-    median in percent; the error is (predicted - measured) / measured in percent.  The
-    same figures against the runs' quiet windows are ``quiet_*``."""
+    B's samples/s over A's, predicted on each of each side's calibrated topologies
+    (``topologies``: side "a"/"b" -> files; a side's prediction is the median over them, so
+    one calibration that a neighbour slowed does not set the ratio: decision 039) and
+    measured in ``rounds`` rounds of one run each, interleaved (``speedup_order``).  The
+    measured speedup is the median of the rounds' ratios (each round's two runs share a
+    stretch of the host's time), its spread their (max - min) / median in percent; the
+    error is (predicted - measured) / measured in percent.  The same figures against the
+    runs' quiet windows are ``quiet_*``."""
     given = {"a": list(set_items), "b": list(set_items) + list(against_items)}
-    items = {side: _side_items(given[side], topologies[side]) for side in given}
-    predicted = {side: predict(scenario, items[side]) for side in ("a", "b")}
+    items = {side: [_side_items(given[side], f) for f in topologies[side]] for side in given}
+    predicted = {side: [predict(scenario, its) for its in items[side]] for side in ("a", "b")}
     runs: dict[str, list[dict]] = {"a": [None] * rounds, "b": [None] * rounds}
     for r, side in speedup_order(rounds):
-        runs[side][r] = run(scenario, items[side])
-    figures = speedup_figures([predicted["a"]["samples_per_s"]], [predicted["b"]["samples_per_s"]],
-                              [x["samples_per_s"] for x in runs["a"]], [x["samples_per_s"] for x in runs["b"]])
+        runs[side][r] = run(scenario, items[side][0])
+    rates = {side: [x["samples_per_s"] for x in predicted[side]] for side in ("a", "b")}
+    figures = speedup_figures(rates["a"], rates["b"], [x["samples_per_s"] for x in runs["a"]],
+                              [x["samples_per_s"] for x in runs["b"]])
     quiet = speedup_figures([1.0], [1.0], [quiet_rate(x) for x in runs["a"]], [quiet_rate(x) for x in runs["b"]])
 
     def side_row(side: str) -> dict:
-        rates = [x["samples_per_s"] for x in runs[side]]
-        return {"set": given[side], "topology": topologies[side], "ranks": predicted[side]["ranks"],
-                "predicted_samples_per_s": predicted[side]["samples_per_s"],
-                "predicted_step_time_s": predicted[side]["step_time_s"],
-                "measured_samples_per_s": statistics.median(rates), "measured_runs_samples_per_s": rates,
+        measured = [x["samples_per_s"] for x in runs[side]]
+        return {"set": given[side], "topology": topologies[side], "ranks": predicted[side][0]["ranks"],
+                "predicted_samples_per_s": statistics.median(rates[side]),
+                "predicted_calibrations_samples_per_s": rates[side],
+                "predicted_spread_pct": spread_pct(rates[side]),
+                "predicted_step_time_s": statistics.median(x["step_time_s"] for x in predicted[side]),
+                "measured_samples_per_s": statistics.median(measured), "measured_runs_samples_per_s": measured,
                 "measured_step_time_s": statistics.median(x["step_time_s"] for x in runs[side]),
-                "spread_pct": spread_pct(rates)}
+                "spread_pct": spread_pct(measured)}
     return {"scenario": load_scenario(scenario).name, "file": scenario, "against": list(against_items),
-            "rounds": rounds, "a": side_row("a"), "b": side_row("b"), **figures,
+            "rounds": rounds, "calibrations": max(len(topologies["a"]), len(topologies["b"])),
+            "a": side_row("a"), "b": side_row("b"), **figures,
             "quiet_speedup": quiet["measured_speedup"],
             "quiet_speedup_error_pct": error_pct(figures["predicted_speedup"], quiet["measured_speedup"]),
             "quiet_speedup_spread_pct": quiet["speedup_spread_pct"]}
@@ -270,12 +276,13 @@ def speedup(scenario: str, set_items: list[str], against_items: list[str], topol
 
 def speedup_figures(predicted_a: list[float], predicted_b: list[float], measured_a: list[float],
                     measured_b: list[float]) -> dict:
-    """B's samples/s over A's: predicted (the median of the rounds' predictions' ratios) and
-    measured (the median of the rounds' ratios: round r's B over round r's A, which ran
-    beside it), the error in percent, and the spread of the measured ratios ((max - min) /
-    median, percent)."""
+    """B's samples/s over A's: predicted (the median of B's predictions over the median of
+    A's: each side's calibrations are its own, and a median per side drops one outlier
+    where a ratio per pair would keep it) and measured (the median of the rounds' ratios:
+    round r's B over round r's A, which ran beside it), the error in percent, and the
+    spread of the measured ratios ((max - min) / median, percent)."""
     ratios = [b / a for a, b in zip(measured_a, measured_b)]
-    pred = statistics.median(b / a for a, b in zip(predicted_a, predicted_b))
+    pred = statistics.median(predicted_b) / statistics.median(predicted_a)
     meas = statistics.median(ratios)
     return {"predicted_speedup": pred, "measured_speedup": meas, "speedup_error_pct": error_pct(pred, meas),
             "speedup_spread_pct": spread_pct(ratios), "measured_speedups": ratios}
