@@ -10,7 +10,8 @@ import pytest
 from executor.backend import cupy_or_none
 import numpy as np
 
-from clustersim.calibration.gpu import gpu_topology_text, measure_allreduce, measure_copies, numpy_backend, pair_key
+from clustersim.calibration.gpu import (capability, gpu_topology_text, measure_allreduce, measure_copies,
+                                        numpy_backend, pair_key)
 from clustersim.core.topogen import load_topology
 
 
@@ -48,6 +49,20 @@ def test_gpu_topology_routes_host_copies_over_pcie_and_gpu_copies_over_their_lin
     far = topo.route("gpu0", "gpu2")
     assert len(far) == 1 and topo.route_latency(far) == pytest.approx(8e-6)
     assert topo.route_bandwidth(far) == pytest.approx(300e9)
+
+
+@pytest.mark.parametrize("digits, cc", [("90", 9.0), ("80", 8.0), ("86", 8.6), ("120", 12.0)])
+def test_cupy_s_compute_capability_digits_are_the_topology_s_number(digits, cc):
+    assert capability(digits) == cc
+
+
+def test_the_compute_capability_is_written_where_known_for_nccl_s_tuner(tmp_path):
+    path = tmp_path / "h100.toml"
+    path.write_text(gpu_topology_text("h100", {**result(2), "compute_capability": 9.0}))
+    assert {load_topology(str(path)).devices[g].compute_capability for g in ("gpu0", "gpu1")} == {9.0}
+    path.write_text(gpu_topology_text("unknown", result(2)))      # NumPy's stand-in: not given, 0
+    assert load_topology(str(path)).devices["gpu0"].compute_capability == 0.0
+    assert numpy_backend(2).compute_capability() == 0.0
 
 
 def test_one_gpu_has_no_peer_link(tmp_path):

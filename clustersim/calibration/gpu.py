@@ -51,6 +51,7 @@ class Backend:
     peer: Callable[[Any, int, Any, int], None]     # (dst, its device, src, its device)
     memory_bytes: Callable[[], float]              # one device's memory
     allreduce: Callable[[list], None]              # sums one buffer per device into each, in place
+    compute_capability: Callable[[], float] = lambda: 0.0   # device 0's (9.0 H100); 0: not a GPU
 
 
 def pair_key(a: int, b: int) -> str:
@@ -97,7 +98,14 @@ def cupy_backend(cp) -> Backend:
         nccl.groupEnd()
     return Backend(cp, n, sync, cp.cuda.Device, lambda k: cupyx.empty_pinned(k, np.uint8),
                    lambda dev, host: dev.set(host), lambda host, dev: dev.get(out=host), peer,
-                   lambda: float(cp.cuda.runtime.memGetInfo()[1]), allreduce)
+                   lambda: float(cp.cuda.runtime.memGetInfo()[1]), allreduce,
+                   lambda: capability(cp.cuda.Device(0).compute_capability))
+
+
+def capability(digits: str) -> float:
+    """CuPy's ``Device.compute_capability`` ("90", "80", "120") as the topology's number
+    (9.0, 8.0, 12.0): NCCL's tuner picks protocols and per-channel caps by it."""
+    return int(digits[:-1]) + int(digits[-1]) / 10
 
 
 def measure_copies(be: Backend, sizes: list[int] = COPY_SIZES, repeats: int = COPY_REPEATS) -> dict:
@@ -155,6 +163,7 @@ def calibrate_gpus(be: Backend, seed: int = 0) -> dict:
     with be.use(0):
         gpu = measure_compute(np.random.default_rng(seed), be.xp, be.sync)
     return {"devices": be.devices, "gpu": gpu, "gpu_memory_bytes": be.memory_bytes(),
+            "compute_capability": be.compute_capability(),
             "gpu_memory_bandwidth_bytes_per_s": measure_device_bandwidth(be), "copies": measure_copies(be),
             "nccl_allreduce": measure_allreduce(be),
             "cpu": measure_compute(np.random.default_rng(seed)), "cores": os.cpu_count() or 1,
@@ -186,6 +195,8 @@ def gpu_topology_text(name: str, res: dict) -> str:
                   f"peak_tflops_fp32 = {gpu['peak_flops'] / 1e12:.6g}",
                   f"memory_gib = {res['gpu_memory_bytes'] / 2**30:.6g}",
                   f"memory_bandwidth_gbps = {res['gpu_memory_bandwidth_bytes_per_s'] / 1e9:.6g}", *compute_lines(gpu)]
+        if res.get("compute_capability"):
+            lines.append(f"compute_capability = {res['compute_capability']:g}")
     for a in ["cpu"] + [f"gpu{g}" for g in range(res["devices"])]:
         lines += ["", "[[link]]", f'a = "{a}"', 'b = "pcie"', f"bandwidth_gbps = {bus / 1e9:.6g}",
                   f"latency_us = {alpha * 1e6 / 2:.6g}"]
