@@ -41,10 +41,12 @@ def link_weights(routes: Sequence[Sequence[Link]]) -> dict[Link, int]:
     return dict(Counter(chain.from_iterable(routes)))
 
 
-def max_min_rates(flows: Mapping[FlowId, Mapping[Link, float]], capacity: Mapping[Link, float],
+def max_min_rates(flows: Mapping[FlowId, Mapping[Link, float]],
+                  capacity: Mapping[Link, float] | Sequence[float],
                   users: Mapping[Link, Collection[FlowId]] | Sequence[Collection[FlowId]] | None = None,
                   ) -> dict[FlowId, float]:
     """Rates per flow (same unit as ``capacity``) for ``flows``: id -> {link: members crossing it}.
+    ``capacity`` and ``users`` are indexed by link (sequences where links are small ints).
 
     ``users``: indexed by link, the flows that cross it, where the caller keeps them (every
     flow on a link of ``flows`` must then be one of ``flows``); built here when None.  The floats
@@ -57,7 +59,7 @@ def max_min_rates(flows: Mapping[FlowId, Mapping[Link, float]], capacity: Mappin
     return _filling(flows, capacity, users)
 
 
-def _capacities(capacity: Mapping[Link, float], links) -> dict[Link, float]:
+def _capacities(capacity: Mapping[Link, float] | Sequence[float], links) -> dict[Link, float]:
     """The capacity of each of ``links`` as a float; ValueError for one not > 0."""
     caps = {link: float(capacity[link]) for link in links}
     if caps and min(caps.values()) <= 0:

@@ -4,7 +4,8 @@ A *job* needs ``amount`` units of work and loads resources with weights (a netwo
 its directed links, bytes; a compute op: its device, work-seconds).  Whenever the set of
 jobs changes, rates are re-solved by ``flows.max_min_rates`` -- but only for the connected
 component of jobs that share resources with the change, so traffic inside one machine
-never re-solves the whole cluster.  Changes at one instant are batched into one solve.
+never re-solves the whole cluster; one component is kept from solve to solve, so a change
+inside it needs no search (decision 037).  Changes at one instant are batched into one solve.
 Each job's finish time is then exact until the next change; the simpy side only
 reschedules completions (SimGrid's approach).  A job ends only when the clock reaches its
 own computed finish time, never "nearly done": ending a large job a few bytes early would
@@ -82,12 +83,19 @@ class Fluid:
         # names, slow to hash over and over); ``_users_at[i]`` is the set ``users`` holds
         self._index: dict[Hashable, int] = {}
         self._resources: list[Hashable] = []
+        self._caps: list[float] = []                # ``capacity`` of each, as the solver reads it
         self._users_at: list[set[int]] = []
         self._heap: list[tuple[float, int]] = []
         self._ids = itertools.count()
         self._wake_at = float("inf")
         self._timer: simpy.Event | None = None     # the one live wake-up; earlier-armed ones are stale
         self._dirty: set[int] = set()
+        # one connected component of jobs kept between solves, so that a change inside it
+        # needs no search: closed (no job outside shares a resource with one inside); one
+        # component at each solve's start, several after a finish inside it until that solve
+        # (each part then holds one of the finished job's neighbours, all due for the solve)
+        self._known: set[int] | None = None
+        self._known_one = True
         self._memo: dict[tuple, tuple[float, ...]] = {}
         self._memo_entries = 0
         self.solves = 0
@@ -127,8 +135,24 @@ class Fluid:
                 heapq.heappush(self._heap, (job.finish, jid))
                 self._schedule()
                 return event
+        self._join(jid, links)
         self._mark((jid,))
         return event
+
+    def _join(self, jid: int, links: dict[int, float]) -> None:
+        """Keeps the known component closed as job ``jid`` starts: it joins it where every
+        other job on its resources is inside; where some are and some are not, components
+        merge and the next solve searches."""
+        known = self._known
+        if known is None:
+            return
+        others = set().union(*map(self._users_at.__getitem__, links))
+        others.discard(jid)
+        if others <= known:
+            if others:
+                known.add(jid)
+        elif not others.isdisjoint(known):
+            self._known = None
 
     def _new_resource(self, res: Hashable) -> int:
         """The index of a resource first used now; its capacity is checked once, here
@@ -145,6 +169,7 @@ class Fluid:
         base = len(self._resources)
         self._index.update(zip(new, range(base, base + len(new))))
         self._resources.extend(new)
+        self._caps.extend(map(float, caps))
         sets = list(map(set, repeat((), len(new))))
         self.users.update(zip(new, sets))
         self._users_at.extend(sets)
@@ -154,6 +179,8 @@ class Fluid:
         if capacity <= 0:
             raise ValueError(f"resource {resource!r} needs a capacity > 0, got {capacity}")
         self.capacity[resource] = capacity
+        if resource in self._index:
+            self._caps[self._index[resource]] = float(capacity)
         self._memo.clear()
         self._memo_entries = 0
         if self.users.get(resource):
@@ -169,14 +196,26 @@ class Fluid:
 
     def _flush(self, _event: simpy.Event) -> None:
         dirty, self._dirty = self._dirty, set()
-        self._resolve(*self._component(list(dirty)))
+        known, split = self._known, not self._known_one
+        self._known_one = True
+        if known is not None and dirty and dirty <= known:
+            comp = known                            # the union of the seeds' components: no search
+            if split:                               # this solve serves every part; the next searches
+                self._known = None
+        else:
+            comp, one = self._component(list(dirty))
+            if known is None or split or len(comp) > len(known) or not comp.isdisjoint(known):
+                self._known = comp if one and comp else None    # else the larger one stays kept
+        self._resolve(comp)
 
-    def _component(self, seeds: list[int]) -> tuple[set[int], set[int]]:
-        """The live jobs that share resources with ``seeds``, transitively, and their
-        resources (as indices); each resource is expanded once, however many jobs reach it."""
+    def _component(self, seeds: list[int]) -> tuple[set[int], bool]:
+        """The live jobs that share resources with ``seeds``, transitively, and whether they
+        form one component (the first seed's reaches all); each resource is expanded once,
+        however many jobs reach it."""
         jobs, users_at = self.jobs, self._users_at
-        comp, seen, todo = set(), set(), [j for j in seeds if j in jobs]
-        comp.update(todo)
+        live = [j for j in seeds if j in jobs]
+        comp, seen, todo = set(live[:1]), set(), live[:1]
+        one = True
         while todo:
             for i in jobs[todo.pop()].links:
                 if i not in seen:
@@ -185,9 +224,14 @@ class Fluid:
                     if new:
                         comp |= new
                         todo.extend(new)
-        return comp, seen
+            if not todo:
+                todo = [j for j in live if j not in comp]
+                if todo:
+                    one = False
+                    comp.update(todo)
+        return comp, one
 
-    def _resolve(self, comp: set[int], links: set[int]) -> None:
+    def _resolve(self, comp: set[int]) -> None:
         """New rates for the jobs of ``comp``, taken in start order (the floats of a solve
         must not depend on how a set happens to iterate).  A job whose rate comes out the
         same keeps its last update and finish time: nothing about it changed."""
@@ -196,16 +240,16 @@ class Fluid:
         now = self.env.now
         self.solves += 1
         jobs, resources, capacity = self.jobs, self._resources, self.capacity
-        if len(comp) == 1 and len(links) == 1:             # alone on one resource: no solve needed
-            [jid], [(i, n)] = comp, jobs[next(iter(comp))].links.items()
+        first = jobs[next(iter(comp))]
+        if len(comp) == 1 and len(first.links) == 1:      # alone on one resource: no solve needed
+            [jid], [(i, n)] = comp, first.links.items()
             rates = ((jid, capacity[resources[i]] / n),)
         else:
             order = sorted(comp)
             key = tuple([jobs[jid].key for jid in order])
             found = self._memo.get(key)
             if found is None:
-                solved = max_min_rates({jid: jobs[jid].links for jid in order},
-                                       {i: capacity[resources[i]] for i in links}, self._users_at)
+                solved = max_min_rates({jid: jobs[jid].links for jid in order}, self._caps, self._users_at)
                 found = tuple([solved[jid] for jid in order])
                 self._remember(key, found)
             rates = zip(order, found)
@@ -264,9 +308,10 @@ class Fluid:
             heapq.heappop(heap)
             finished[jid] = None
         neighbours: set[int] = set()
-        users_at = self._users_at
+        users_at, known = self._users_at, self._known
         for jid in finished:
             job = jobs.pop(jid)
+            self._dirty.discard(jid)
             if len(job.links) < BULK:
                 for i in job.links:
                     users = users_at[i]
@@ -277,7 +322,13 @@ class Fluid:
                 sets = list(map(users_at.__getitem__, job.links))
                 deque(map(set.discard, sets, repeat(jid)), 0)
                 neighbours.update(*sets)
+            if known is not None and jid in known:
+                known.discard(jid)
+                if sum(map(bool, map(users_at.__getitem__, job.links))) > 1:
+                    self._known_one = False         # the component may split here
             job.event.succeed()
+        if known is not None and not known:
+            self._known = None
         if neighbours:
             self._mark(neighbours)
         self._schedule()
