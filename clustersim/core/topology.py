@@ -253,18 +253,35 @@ class Topology:
         nics = self._machine_nics.get(machine, [])
         if machine is None or not nics or device in nics:
             return device if device in nics else None
-        hops = {}
+        if self.route_templates:                      # machines of one shape: the NIC at the same place
+            shape, nodes, place = self._shape(machine)
+            key = ("nic", shape, place[device])
+            if key not in self._templates:
+                found, inside = self._nearest_nic(device, nics)
+                self._templates[key] = place[found] if inside and found is not None else None
+            at = self._templates[key]
+            self._nic_of[device] = nodes[at] if at is not None else self._nearest_nic(device, nics)[0]
+        else:
+            self._nic_of[device] = self._nearest_nic(device, nics)[0]
+        return self._nic_of[device]
+
+    def _nearest_nic(self, device: str, nics: list[str]) -> tuple[str | None, bool]:
+        """``nic_of``'s search: the NIC, and whether every route it measured stayed inside the
+        machine (found by the inside search, so the same by place on machines of one shape)."""
+        hops, machine, inside = {}, self.devices[device].machine, True
         for n in nics:
             try:
-                hops[n] = len(self.route(device, n))
+                r = self.route(device, n)
             except LookupError:
+                inside = False
                 continue
+            hops[n] = len(r)
+            inside = inside and all(self.devices[v].machine == machine for _, v in r)
         if not hops:
-            return None
+            return None, inside
         near = sorted((n for n in hops if hops[n] == min(hops.values())), key=lambda n: self._index[n])
         own = [n for n in near if rail(n) == rail(device)]
-        self._nic_of[device] = own[0] if own else near[rail(device) % len(near)]
-        return self._nic_of[device]
+        return (own[0] if own else near[rail(device) % len(near)]), inside
 
     def _find_route(self, src: str, dst: str) -> tuple[DirLink, ...]:
         """Between machines: to the source's NIC, across the fabric to the destination's NIC,
@@ -298,6 +315,11 @@ class Topology:
         path = self._shortest(src, dst, inside=True, ecmp=used)
         self._templates[key] = None if any(used) else tuple((place[u], place[v]) for u, v in path)
         return path
+
+    def machine_shape(self, machine: int | None) -> tuple[int, list[str], dict[str, int]] | None:
+        """``_shape``: what routes inside ``machine`` are kept by (its shape's id, its devices
+        in device order, each one's place); None outside machines or without ``route_templates``."""
+        return self._shape(machine) if self.route_templates and machine is not None else None
 
     def _shape(self, machine: int) -> tuple[int, list[str], dict[str, int]]:
         """A machine's shape (an id: machines of one id have devices of the same kinds and
@@ -386,14 +408,20 @@ class Topology:
         def wide(node):
             return float("inf") if node == dst else float(tree.width[fabric.index[node]])
 
-        near = [nb for nb in self._adj[src] if level(nb) >= 0]
-        if not near:
-            raise NoRoute(f"no route from {src} to {dst}")
-        hops = min(level(nb) for nb in near) + 1
-        width = max(min(cap[(src, nb)], wide(nb)) for nb in near if level(nb) == hops - 1)
-        options = [nb for nb in near if level(nb) == hops - 1 and min(cap[(src, nb)], wide(nb)) >= width]
         digits = self._port.get(dst, self._index[dst])
-        nxt, digits = self._pick(options, src, dst, None, digits)
+        up = fabric.uplink(src, self._adj[src])
+        if up is not None and dst not in self._adj[src]:    # one way up: the search below picks it
+            if tree.dist[fabric.index[up]] < 0:
+                raise NoRoute(f"no route from {src} to {dst}")
+            nxt = up
+        else:
+            near = [nb for nb in self._adj[src] if level(nb) >= 0]
+            if not near:
+                raise NoRoute(f"no route from {src} to {dst}")
+            hops = min(level(nb) for nb in near) + 1
+            width = max(min(cap[(src, nb)], wide(nb)) for nb in near if level(nb) == hops - 1)
+            options = [nb for nb in near if level(nb) == hops - 1 and min(cap[(src, nb)], wide(nb)) >= width]
+            nxt, digits = self._pick(options, src, dst, None, digits)
         path = [(src, nxt)]
         node = nxt
         while node != dst:
@@ -403,7 +431,10 @@ class Topology:
                 options = tree.options.get(node)
                 if options is None:
                     options = tree.options[node] = fabric.options(tree, node, self._adj[node])
-                nxt, digits = self._pick(options, src, dst, None, digits)
+                if len(options) == 1:                        # ``_pick``'s answer for one option
+                    nxt = options[0]
+                else:
+                    nxt, digits = self._pick(options, src, dst, None, digits)
             path.append((node, nxt))
             node = nxt
         return tuple(path)
@@ -420,13 +451,14 @@ class _Tree:
 
     __slots__ = ("dist", "width", "options")
 
-    def __init__(self, dist: np.ndarray, width: np.ndarray) -> None:
+    def __init__(self, dist: list[int], width: list[float]) -> None:
         self.dist, self.width, self.options = dist, width, {}
 
 
 class _Fabric:
     """The network switches as arrays: node indices and directed links (from, to,
-    capacity), for breadth-first trees computed level by level in array arithmetic."""
+    capacity), for breadth-first trees computed level by level in array arithmetic, each
+    level from the hops into the one before (not a pass over every link per level)."""
 
     def __init__(self, nodes: list[str], adj: dict[str, list[str]], capacity: dict[DirLink, float]) -> None:
         self.nodes = nodes
@@ -436,8 +468,21 @@ class _Fabric:
         self.frm = np.array([p[0] for p in pairs], dtype=np.int64)     # a hop frm -> to, toward the root
         self.to = np.array([p[1] for p in pairs], dtype=np.int64)
         self.cap = np.array([p[2] for p in pairs], dtype=float)
+        # the same hops sorted by ``to``: those into node i are ``in_frm[into[i]:into[i + 1]]``
+        order = np.argsort(self.to, kind="stable")
+        self.in_frm, self.in_to, self.in_cap = self.frm[order], self.to[order], self.cap[order]
+        self.into = np.searchsorted(self.in_to, np.arange(len(nodes) + 1))
         self.capacity = capacity
         self._trees: dict[tuple[str, float], _Tree] = {}
+        self._uplinks: dict[str, str | None] = {}
+        self._hops: dict[str, list[tuple[str, int, float]]] = {}
+
+    def uplink(self, node: str, neighbours: list[str]) -> str | None:
+        """``node``'s one fabric neighbour (a host port's switch); None where it has none or several."""
+        if node not in self._uplinks:
+            ups = [nb for nb in neighbours if nb in self.index]
+            self._uplinks[node] = ups[0] if len(ups) == 1 and node not in self.index else None
+        return self._uplinks[node]
 
     def tree(self, root: str, cap0: float) -> _Tree:
         """BFS from ``root`` over the fabric, the root's width ``cap0``: each node's hops,
@@ -449,29 +494,31 @@ class _Fabric:
             width = np.zeros(n)
             r = self.index[root]
             dist[r], width[r] = 0, cap0
-            level = 0
-            while True:
-                grow = (dist[self.to] == level) & (dist[self.frm] < 0)
-                if not grow.any():
+            level, front = 0, np.array([r])
+            while True:                      # the hops into this level's nodes, and the nodes they come from
+                starts, counts = self.into[front], self.into[front + 1] - self.into[front]
+                hops = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+                frm = self.in_frm[hops]
+                new = np.unique(frm[dist[frm] < 0])
+                if not len(new):
                     break
-                new = np.unique(self.frm[grow])
                 dist[new] = level + 1
-                down = (dist[self.to] == level) & (dist[self.frm] == level + 1)
-                np.maximum.at(width, self.frm[down], np.minimum(self.cap[down], width[self.to[down]]))
-                level += 1
-            self._trees[key] = _Tree(dist, width)
+                down = hops[dist[frm] == level + 1]
+                np.maximum.at(width, self.in_frm[down], np.minimum(self.in_cap[down], width[self.in_to[down]]))
+                level, front = level + 1, new
+            self._trees[key] = _Tree(dist.tolist(), width.tolist())   # lists: read one by one, in Python
         return self._trees[key]
 
     def options(self, tree: _Tree, node: str, neighbours: list[str]) -> list[str]:
         """``node``'s next hops toward the root: one level closer, as wide as its best."""
+        hops = self._hops.get(node)
+        if hops is None:                                # its fabric neighbours, once: (name, index, capacity)
+            hops = self._hops[node] = [(nb, self.index[nb], self.capacity[(node, nb)])
+                                       for nb in neighbours if nb in self.index]
         i = self.index[node]
-        want, width = tree.dist[i] - 1, tree.width[i]
-        out = []
-        for nb in neighbours:
-            j = self.index.get(nb)
-            if j is not None and tree.dist[j] == want and min(self.capacity[(node, nb)], tree.width[j]) >= width:
-                out.append(nb)
-        return out
+        dist, wide = tree.dist, tree.width
+        want, width = dist[i] - 1, wide[i]
+        return [nb for nb, j, c in hops if dist[j] == want and min(c, wide[j]) >= width]
 
 
 def rail(name: str) -> int:
