@@ -70,18 +70,42 @@ def ports(topology: Topology, devices: Sequence[str]) -> list[list[tuple[str, st
     by_machine = _by_machine(topology, devices)
     if len(by_machine) < 2:
         return None
-    out = []
+    out, kept = [], {}            # (machine shape, members' places) -> rails by place (None: routes left it)
     for machine, local in by_machine.items():
         nics = topology.nics_of(machine)
         if not nics:
             return None
-        rails, own = [], {d: rail(d) for d in local}
-        for nic in sorted(nics, key=rail):
-            at = rail(nic)
-            near = sorted(local, key=lambda d: (len(topology.route(d, nic)), (own[d] - at) % 64))
-            rails.append((nic, near[0], near[min(1, len(near) - 1)]))
-        out.append(rails)
+        shape = topology.machine_shape(machine)
+        if shape is None:
+            out.append(_rails(topology, machine, local, nics)[0])
+            continue
+        ident, nodes, place = shape
+        key = (ident, tuple(place[d] for d in local))
+        if key not in kept:
+            rails, inside = _rails(topology, machine, local, nics)
+            kept[key] = [tuple(place[d] for d in r) for r in rails] if inside else None
+            out.append(rails)
+        elif kept[key] is None:
+            out.append(_rails(topology, machine, local, nics)[0])
+        else:
+            out.append([tuple(nodes[i] for i in r) for r in kept[key]])
     return out
+
+
+def _rails(topology: Topology, machine, local: list[str], nics: list[str]) -> tuple[list[tuple[str, str, str]], bool]:
+    """One machine's rails for ``ports``, and whether every route it measured stayed inside
+    the machine (so machines of one shape give the same rails by place)."""
+    rails, own, inside = [], {d: rail(d) for d in local}, True
+    for nic in sorted(nics, key=rail):
+        at = rail(nic)
+        hops = {}
+        for d in local:
+            r = topology.route(d, nic)
+            hops[d] = len(r)
+            inside = inside and all(topology.devices[v].machine == machine for _, v in r)
+        near = sorted(local, key=lambda d: (hops[d], (own[d] - at) % 64))
+        rails.append((nic, near[0], near[min(1, len(near) - 1)]))
+    return rails, inside
 
 
 def switches(topology: Topology, devices: Sequence[str]) -> list[str] | None:
@@ -155,6 +179,14 @@ class LayoutCache(dict):
         super().__init__()
         self.shortcut = shortcut
 
+    def patterns(self, topology: Topology) -> dict:
+        """The flow model's routed patterns kept for ``topology`` (``FlowNetwork``'s
+        ``patterns``): the tuner's trial runs route a group's pairs once for the run too."""
+        kept = self.setdefault(("patterns", id(topology)), (topology, {}))
+        if kept[0] is not topology:                  # another topology at that id: start afresh
+            kept = self[("patterns", id(topology))] = (topology, {})
+        return kept[1]
+
 
 class _Speeds(dict):
     """Link -> NCCL's speed for its kind and GPU generation times ``share``, each worked
@@ -164,6 +196,7 @@ class _Speeds(dict):
     def __init__(self, topology: Topology, share: float, full: "_Speeds | None" = None) -> None:
         super().__init__()
         self.topology, self.share, self.full = topology, share, full
+        self.lookup = self.__getitem__          # one callable per table: networks know it again by identity
 
     def __missing__(self, link: DirLink) -> float:
         if self.full is not None:
@@ -180,9 +213,9 @@ def nccl_link_speed(topology: Topology, share: float = 1.0, cache: dict | None =
     ``cache`` (``layout``'s) keeps one table per topology and share, each share's built
     on the share-1 table's speeds."""
     if cache is None:
-        return _Speeds(topology, share).__getitem__
+        return _Speeds(topology, share).lookup
     full = _cached(cache, ("speeds", id(topology), 1.0), lambda: _Speeds(topology, 1.0))
-    return _cached(cache, ("speeds", id(topology), share), lambda: _Speeds(topology, share, full)).__getitem__
+    return _cached(cache, ("speeds", id(topology), share), lambda: _Speeds(topology, share, full)).lookup
 
 
 def link_kind(topology: Topology, link: DirLink) -> str:
@@ -304,7 +337,8 @@ def _us_per_byte(topology, op, algo, devices, nodes, rail_ports, cache, nvs=None
     speed = nccl_link_speed(topology, 1.0, cache) if _shortcut(cache) else None
     coll = Collective(op, algo, "Simple", tuple(phases(op, algo, devices, size, nodes, rail_ports, nvs)),
                       (0.0,) * 3, 1.0, speed)
-    env.process(run(env, FlowNetwork(env, topology), coll))
+    patterns = cache.patterns if isinstance(cache, LayoutCache) and cache.shortcut else None
+    env.process(run(env, FlowNetwork(env, topology, patterns=patterns), coll))
     env.run()
     value = env.now * 1e6 / size
     if cache is not None:
