@@ -320,9 +320,12 @@ class Engine:
         if measured is not None:
             return measured
 
-        def record(pair, nb, start, end):
-            self.trace.add(Span(name, "transfer", f"{pair[0]}->{pair[1]}", replica, step, start, end, nb, 0.0,
-                                op, names(*pair, topology)))
+        add = self.trace.add
+
+        def record(pair, nb, start, end):        # ``known``: the names ``link_names`` keeps while no link is cut
+            links = known.get(pair) if self.network.topology is topology else None
+            add(Span(name, "transfer", f"{pair[0]}->{pair[1]}", replica, step, start, end, nb, 0.0,
+                     op, links or names(*pair, topology)))
         running = self.env.process(collectives.run(self.env, self.network, coll, record))
         if coll.proto:                         # NCCL's kernel takes SMs from the compute beside it
             release = self.compute.hold(devices, collectives.sm_share(self.network.topology, devices, coll.algo))
