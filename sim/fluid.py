@@ -5,7 +5,10 @@ its directed links, bytes; a compute op: its device, work-seconds).  Whenever th
 jobs changes, rates are re-solved by ``flows.max_min_rates`` -- but only for the connected
 component of jobs that share resources with the change, so traffic inside one machine
 never re-solves the whole cluster; one component is kept from solve to solve, so a change
-inside it needs no search (decision 037).  Changes at one instant are batched into one solve.
+inside it needs no search.  In a large component only the jobs at or above the level where
+the filling first differs are solved again, over the capacity the jobs below leave them:
+the same max-min rates, in floats that may differ from a whole solve's in the last digits
+(decision 037).  Changes at one instant are batched into one solve.
 Each job's finish time is then exact until the next change; the simpy side only
 reschedules completions (SimGrid's approach).  A job ends only when the clock reaches its
 own computed finish time, never "nearly done": ending a large job a few bytes early would
@@ -65,6 +68,14 @@ class _Job:
 # Bounded by (job, resource) entries kept, ~100 bytes each: 25 MB at most.
 MEMO_ENTRIES = 250_000
 
+# Jobs within this relative slack below the level where a change first matters are solved
+# again too: their rates came from floats, and one that truly sits at that level moves.
+_SLACK = 1e-9
+
+# From this many jobs in a component on, a change re-solves only the jobs above it; below,
+# solving the whole costs about what finding them does (and whole solves are remembered).
+ABOVE_JOBS = 16
+
 # From this many resources on, a job's are mapped to ids by ``map``/``zip``: below it the
 # plain loop is faster (a GPU's op has one, a message a few).
 BULK = 16
@@ -96,6 +107,11 @@ class Fluid:
         # (each part then holds one of the finished job's neighbours, all due for the solve)
         self._known: set[int] | None = None
         self._known_one = True
+        # the changes since the last solve, for re-solving only the flows above them (decision 037)
+        self._new: list[int] = []                   # jobs started
+        self._below = float("inf")                  # the lowest rate of a job that finished
+        self._gone: set[int] = set()                # the resources of jobs that finished
+        self._whole = False                         # a capacity changed: solve whole components
         self._memo: dict[tuple, tuple[float, ...]] = {}
         self._memo_entries = 0
         self.solves = 0
@@ -136,6 +152,7 @@ class Fluid:
                 self._schedule()
                 return event
         self._join(jid, links)
+        self._new.append(jid)
         self._mark((jid,))
         return event
 
@@ -183,6 +200,7 @@ class Fluid:
             self._caps[self._index[resource]] = float(capacity)
         self._memo.clear()
         self._memo_entries = 0
+        self._whole = True
         if self.users.get(resource):
             self._mark(list(self.users[resource]))
 
@@ -196,6 +214,8 @@ class Fluid:
 
     def _flush(self, _event: simpy.Event) -> None:
         dirty, self._dirty = self._dirty, set()
+        new, below, gone, whole = self._new, self._below, self._gone, self._whole
+        self._new, self._below, self._gone, self._whole = [], float("inf"), set(), False
         known, split = self._known, not self._known_one
         self._known_one = True
         if known is not None and dirty and dirty <= known:
@@ -206,7 +226,54 @@ class Fluid:
             comp, one = self._component(list(dirty))
             if known is None or split or len(comp) > len(known) or not comp.isdisjoint(known):
                 self._known = comp if one and comp else None    # else the larger one stays kept
+        if not whole and len(comp) >= ABOVE_JOBS:
+            upper = self._upper([j for j in new if j in self.jobs], below, gone)
+            if upper is not None and 2 * len(upper[0]) < len(comp):     # saves at least half the solve
+                self._resolve(*upper)
+                return
         self._resolve(comp)
+
+    def _upper(self, new: list[int], below: float, gone: set[int]) -> tuple[set[int], dict | None] | None:
+        """The jobs whose rates can change, after jobs ``new`` started and jobs that held
+        at least ``below`` left ``gone``: those at or above the level where the filling first
+        differs, connected to a changed resource through such jobs, and the capacity their
+        resources have left beside the jobs held below (None where none is held: a whole
+        component).  None where this does not pay (a wide job) or capacity is left nowhere."""
+        jobs, users_at, caps = self.jobs, self._users_at, self._caps
+        seeds = set(gone)
+        for jid in new:
+            links = jobs[jid].links
+            if len(links) >= BULK:
+                return None
+            seeds.update(links)
+            for i, n in links.items():              # it gets at least every resource's even share
+                below = min(below, caps[i] / sum(jobs[u].links[i] for u in users_at[i]))
+        below *= 1 - _SLACK
+        fresh = set(new)
+        comp, seen, held = set(), set(), set()
+        todo = list(seeds)
+        while todo:
+            i = todo.pop()
+            if i in seen:
+                continue
+            seen.add(i)
+            for jid in users_at[i]:
+                if jid in comp or jid in held:
+                    continue
+                job = jobs[jid]
+                if job.rate < below and jid not in fresh:
+                    held.add(jid)
+                else:
+                    comp.add(jid)
+                    todo.extend(job.links)
+        if not held:
+            return comp, None
+        left = {}
+        for i in set().union(*[jobs[j].links for j in comp]):
+            left[i] = caps[i] - sum([jobs[j].links[i] * jobs[j].rate for j in sorted(users_at[i] & held)])
+        if min(left.values(), default=1.0) <= 0:
+            return None
+        return comp, left
 
     def _component(self, seeds: list[int]) -> tuple[set[int], bool]:
         """The live jobs that share resources with ``seeds``, transitively, and whether they
@@ -231,17 +298,22 @@ class Fluid:
                     comp.update(todo)
         return comp, one
 
-    def _resolve(self, comp: set[int]) -> None:
+    def _resolve(self, comp: set[int], left: dict[int, float] | None = None) -> None:
         """New rates for the jobs of ``comp``, taken in start order (the floats of a solve
-        must not depend on how a set happens to iterate).  A job whose rate comes out the
-        same keeps its last update and finish time: nothing about it changed."""
+        must not depend on how a set happens to iterate), over the capacity ``left`` to them
+        (None: all of it; such solves are remembered).  A job whose rate comes out the same
+        keeps its last update and finish time: nothing about it changed."""
         if not comp:
             return
         now = self.env.now
         self.solves += 1
         jobs, resources, capacity = self.jobs, self._resources, self.capacity
         first = jobs[next(iter(comp))]
-        if len(comp) == 1 and len(first.links) == 1:      # alone on one resource: no solve needed
+        if left is not None:
+            order = sorted(comp)
+            solved = max_min_rates({jid: jobs[jid].links for jid in order}, left)
+            rates = [(jid, solved[jid]) for jid in order]
+        elif len(comp) == 1 and len(first.links) == 1:    # alone on one resource: no solve needed
             [jid], [(i, n)] = comp, first.links.items()
             rates = ((jid, capacity[resources[i]] / n),)
         else:
@@ -322,6 +394,8 @@ class Fluid:
                 sets = list(map(users_at.__getitem__, job.links))
                 deque(map(set.discard, sets, repeat(jid)), 0)
                 neighbours.update(*sets)
+            self._below = min(self._below, job.rate)
+            self._gone.update(job.links)
             if known is not None and jid in known:
                 known.discard(jid)
                 if sum(map(bool, map(users_at.__getitem__, job.links))) > 1:
