@@ -197,13 +197,19 @@ class _Speeds(dict):
         super().__init__()
         self.topology, self.share, self.full = topology, share, full
         self.lookup = self.__getitem__          # one callable per table: networks know it again by identity
+        self.by_ends: dict[tuple, float] = {}    # (kinds, compute capabilities of the two ends) -> speed
 
     def __missing__(self, link: DirLink) -> float:
         if self.full is not None:
             value = self[link] = self.full[link] * self.share
             return value
-        cc = max(self.topology.devices[end].compute_capability for end in link)
-        value = self[link] = nccl.link_efficiency(link_kind(self.topology, link), cc) * self.share
+        u, v = self.topology.devices[link[0]], self.topology.devices[link[1]]
+        ends = (u.kind, v.kind, u.compute_capability, v.compute_capability)    # all the speed depends on
+        value = self.by_ends.get(ends)
+        if value is None:
+            cc = max(u.compute_capability, v.compute_capability)
+            value = self.by_ends[ends] = nccl.link_efficiency(link_kind(self.topology, link), cc) * self.share
+        self[link] = value
         return value
 
 
