@@ -109,8 +109,7 @@ class Fluid:
         self._known_one = True
         # the changes since the last solve, for re-solving only the flows above them (decision 037)
         self._new: list[int] = []                   # jobs started
-        self._below = float("inf")                  # the lowest rate of a job that finished
-        self._gone: set[int] = set()                # the resources of jobs that finished
+        self._ended: list[_Job] = []                # jobs finished
         self._whole = False                         # a capacity changed: solve whole components
         self._memo: dict[tuple, tuple[float, ...]] = {}
         self._memo_entries = 0
@@ -214,8 +213,8 @@ class Fluid:
 
     def _flush(self, _event: simpy.Event) -> None:
         dirty, self._dirty = self._dirty, set()
-        new, below, gone, whole = self._new, self._below, self._gone, self._whole
-        self._new, self._below, self._gone, self._whole = [], float("inf"), set(), False
+        new, ended, whole = self._new, self._ended, self._whole
+        self._new, self._ended, self._whole = [], [], False
         known, split = self._known, not self._known_one
         self._known_one = True
         if known is not None and dirty and dirty <= known:
@@ -226,21 +225,23 @@ class Fluid:
             comp, one = self._component(list(dirty))
             if known is None or split or len(comp) > len(known) or not comp.isdisjoint(known):
                 self._known = comp if one and comp else None    # else the larger one stays kept
-        if not whole and len(comp) >= ABOVE_JOBS:
-            upper = self._upper([j for j in new if j in self.jobs], below, gone)
+        if not whole and len(comp) >= ABOVE_JOBS and len(new) < len(comp):     # else none can be held
+            upper = self._upper([j for j in new if j in self.jobs], ended)
             if upper is not None and 2 * len(upper[0]) < len(comp):     # saves at least half the solve
                 self._resolve(*upper)
                 return
         self._resolve(comp)
 
-    def _upper(self, new: list[int], below: float, gone: set[int]) -> tuple[set[int], dict | None] | None:
-        """The jobs whose rates can change, after jobs ``new`` started and jobs that held
-        at least ``below`` left ``gone``: those at or above the level where the filling first
-        differs, connected to a changed resource through such jobs, and the capacity their
-        resources have left beside the jobs held below (None where none is held: a whole
-        component).  None where this does not pay (a wide job) or capacity is left nowhere."""
+    def _upper(self, new: list[int], ended: list[_Job]) -> tuple[set[int], dict | None] | None:
+        """The jobs whose rates can change after jobs ``new`` started and jobs ``ended``
+        finished: those at or above the level where the filling first differs (a finished
+        job's rate; a new job's least even share of a resource), connected to a changed
+        resource through such jobs, and the capacity their resources have left beside the
+        jobs held below (None where none is held: a whole component).  None where this does
+        not pay (a wide job) or capacity is left nowhere."""
         jobs, users_at, caps = self.jobs, self._users_at, self._caps
-        seeds = set(gone)
+        seeds = set().union(*[job.links for job in ended])
+        below = min([job.rate for job in ended], default=float("inf"))
         for jid in new:
             links = jobs[jid].links
             if len(links) >= BULK:
@@ -380,10 +381,9 @@ class Fluid:
             heapq.heappop(heap)
             finished[jid] = None
         neighbours: set[int] = set()
-        users_at, known = self._users_at, self._known
+        users_at, known, ended = self._users_at, self._known, self._ended
         for jid in finished:
             job = jobs.pop(jid)
-            self._dirty.discard(jid)
             if len(job.links) < BULK:
                 for i in job.links:
                     users = users_at[i]
@@ -394,13 +394,13 @@ class Fluid:
                 sets = list(map(users_at.__getitem__, job.links))
                 deque(map(set.discard, sets, repeat(jid)), 0)
                 neighbours.update(*sets)
-            self._below = min(self._below, job.rate)
-            self._gone.update(job.links)
             if known is not None and jid in known:
                 known.discard(jid)
-                if sum(map(bool, map(users_at.__getitem__, job.links))) > 1:
+                if self._known_one and sum(map(bool, map(users_at.__getitem__, job.links))) > 1:
                     self._known_one = False         # the component may split here
+            ended.append(job)
             job.event.succeed()
+        self._dirty.difference_update(finished)
         if known is not None and not known:
             self._known = None
         if neighbours:
