@@ -226,19 +226,20 @@ class Fluid:
             if known is None or split or len(comp) > len(known) or not comp.isdisjoint(known):
                 self._known = comp if one and comp else None    # else the larger one stays kept
         if not whole and len(comp) >= ABOVE_JOBS and len(new) < len(comp):     # else none can be held
-            upper = self._upper([j for j in new if j in self.jobs], ended)
-            if upper is not None and 2 * len(upper[0]) < len(comp):     # saves at least half the solve
+            upper = self._upper([j for j in new if j in self.jobs], ended, (len(comp) + 1) // 2)
+            if upper is not None:                   # at most half the component: solve those
                 self._resolve(*upper)
                 return
         self._resolve(comp)
 
-    def _upper(self, new: list[int], ended: list[_Job]) -> tuple[set[int], dict | None] | None:
+    def _upper(self, new: list[int], ended: list[_Job], most: int) -> tuple[set[int], dict] | None:
         """The jobs whose rates can change after jobs ``new`` started and jobs ``ended``
         finished: those at or above the level where the filling first differs (a finished
         job's rate; a new job's least even share of a resource), connected to a changed
         resource through such jobs, and the capacity their resources have left beside the
-        jobs held below (None where none is held: a whole component).  None where this does
-        not pay (a wide job) or capacity is left nowhere."""
+        jobs held below.  None where they are ``most`` jobs or more (a whole solve costs
+        about as much, and is remembered), where one is wide, or where capacity is left
+        nowhere."""
         jobs, users_at, caps = self.jobs, self._users_at, self._caps
         seeds = set().union(*[job.links for job in ended])
         below = min([job.rate for job in ended], default=float("inf"))
@@ -258,17 +259,15 @@ class Fluid:
             if i in seen:
                 continue
             seen.add(i)
-            for jid in users_at[i]:
-                if jid in comp or jid in held:
-                    continue
+            for jid in users_at[i] - comp - held:
                 job = jobs[jid]
                 if job.rate < below and jid not in fresh:
                     held.add(jid)
                 else:
                     comp.add(jid)
                     todo.extend(job.links)
-        if not held:
-            return comp, None
+            if len(comp) >= most:
+                return None
         left = {}
         for i in set().union(*[jobs[j].links for j in comp]):
             left[i] = caps[i] - sum([jobs[j].links[i] * jobs[j].rate for j in sorted(users_at[i] & held)])
