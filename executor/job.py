@@ -219,7 +219,8 @@ class RankJob(SandblasterRoles):
                 op_log.append((op, part, step, last[0], now))
                 last[0] = now
             try:
-                res = run_step(p, {j}, params, xp.asarray(x), xp.asarray(y), transport, xp=xp, on_op=on_op)
+                res = run_step(p, {j}, params, xp.asarray(x), xp.asarray(y), transport, xp=xp, on_op=on_op,
+                               on_setup=lambda: last.__setitem__(0, time.perf_counter()))
             except ReplicaLost:                                # a slot of this replica crashed: so has the replica
                 break
             t1 = time.perf_counter()
