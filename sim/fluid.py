@@ -380,7 +380,7 @@ class Fluid:
             heapq.heappop(heap)
             finished[jid] = None
         neighbours: set[int] = set()
-        users_at, known, ended = self._users_at, self._known, self._ended
+        users_at, known, ended = self._users_at, self._known, []
         for jid in finished:
             job = jobs.pop(jid)
             if len(job.links) < BULK:
@@ -402,6 +402,7 @@ class Fluid:
         self._dirty.difference_update(finished)
         if known is not None and not known:
             self._known = None
-        if neighbours:
+        if neighbours:                              # else every one was alone: the next solve needs none
+            self._ended += ended
             self._mark(neighbours)
         self._schedule()
