@@ -73,7 +73,7 @@ MEMO_ENTRIES = 250_000
 _SLACK = 1e-9
 
 # From this many jobs in a component on, a change re-solves only the jobs above it; below,
-# solving the whole costs about what finding them does (and whole solves are remembered).
+# whole solves cost no more (2-32 run the random bench set alike) and are remembered.
 ABOVE_JOBS = 16
 
 # From this many resources on, a job's are mapped to ids by ``map``/``zip``: below it the
