@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 
+import networkx as nx
 import pytest
 
 from clustersim.core.topogen import builtin_topologies, load_topology
@@ -154,3 +155,34 @@ def test_trees_on_random_fabrics_with_uneven_links_are_the_plain_bfs(seed):
         dist, width = _plain_tree(topo, root, cap0)
         assert {k: tree.dist[i] for k, i in fabric.index.items() if tree.dist[i] >= 0} == dist
         assert {k: tree.width[i] for k, i in fabric.index.items() if tree.dist[i] >= 0} == width
+
+
+@pytest.mark.parametrize("name", builtin_topologies())
+def test_the_graph_and_link_tables_are_those_built_link_by_link(name):
+    """``Topology`` adds its devices and links to the graph at once: the same nodes, edges,
+    attributes and orders as adding them one by one, and the same capacity and latency
+    tables (both directions, in link order)."""
+    topo = load_topology(name, machines=3)
+    links = [Link(a, b, d["bandwidth"], d["latency"]) for a, b, d in topo.graph.edges(data=True)]
+    graph, capacity, latency = nx.Graph(), {}, {}
+    for d in topo.devices.values():
+        graph.add_node(d.name, kind=d.kind, machine=d.machine)
+    for ln in links:
+        graph.add_edge(ln.a, ln.b, bandwidth=ln.bandwidth, latency=ln.latency)
+        for u, v in ((ln.a, ln.b), (ln.b, ln.a)):
+            capacity[(u, v)], latency[(u, v)] = ln.bandwidth, ln.latency
+    built = Topology(name, list(topo.devices.values()), links)
+    assert list(built.graph.nodes(data=True)) == list(graph.nodes(data=True))
+    assert list(built.graph.edges(data=True)) == list(graph.edges(data=True))
+    assert {n: list(built.graph.adj[n]) for n in graph} == {n: list(graph.adj[n]) for n in graph}
+    assert list(built.capacity.items()) == list(capacity.items())
+    assert list(built.latency.items()) == list(latency.items())
+
+
+def test_bad_links_are_refused_as_before():
+    devices = [Device("s0", "switch"), Device("s1", "switch")]
+    with pytest.raises(KeyError):
+        Topology("t", devices, [Link("s0", "s9", 1e9, 0.0)])
+    for links in ([Link("s0", "s0", 1e9, 0.0)], [Link("s0", "s1", 1e9, 0.0), Link("s1", "s0", 1e9, 0.0)]):
+        with pytest.raises(ValueError, match="self-loop or listed twice"):
+            Topology("t", devices, links)

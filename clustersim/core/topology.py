@@ -157,19 +157,20 @@ class Topology:
             if d.core_pool and d.core_pool not in self.core_pools:
                 raise ValueError(f"device {d.name!r} names core pool {d.core_pool!r}, which is not defined")
             self.devices[d.name] = d
-            self.graph.add_node(d.name, kind=d.kind, machine=d.machine)
+        self.graph.add_nodes_from((d.name, {"kind": d.kind, "machine": d.machine}) for d in devices)
         self.capacity: dict[DirLink, float] = {}
         self.latency: dict[DirLink, float] = {}
-        for ln in links:
-            for end in (ln.a, ln.b):
+        capacity, latency = self.capacity, self.latency
+        for ln in links:                         # checked here, added to the graph at once below
+            a, b = ln.a, ln.b
+            for end in (a, b):
                 if end not in self.devices:
                     raise KeyError(end)
-            if ln.a == ln.b or self.graph.has_edge(ln.a, ln.b):
-                raise ValueError(f"link {ln.a} - {ln.b} is a self-loop or listed twice")
-            self.graph.add_edge(ln.a, ln.b, bandwidth=ln.bandwidth, latency=ln.latency)
-            for u, v in ((ln.a, ln.b), (ln.b, ln.a)):
-                self.capacity[(u, v)] = ln.bandwidth
-                self.latency[(u, v)] = ln.latency
+            if a == b or (a, b) in capacity:     # both directions are in ``capacity`` once linked
+                raise ValueError(f"link {a} - {b} is a self-loop or listed twice")
+            capacity[(a, b)] = capacity[(b, a)] = ln.bandwidth
+            latency[(a, b)] = latency[(b, a)] = ln.latency
+        self.graph.add_edges_from((ln.a, ln.b, {"bandwidth": ln.bandwidth, "latency": ln.latency}) for ln in links)
         order = {n: i for i, n in enumerate(sorted(self.graph, key=lambda n: _device_order(self.devices[n])))}
         self._adj = {n: sorted(self.graph.neighbors(n), key=order.__getitem__) for n in self.graph}
         self._index = order                      # a device's place in device order
