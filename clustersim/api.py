@@ -361,7 +361,8 @@ def validate(path: str | Path, overrides: Overrides = None, *, topology: str | P
     """Simulates and executes the scenario and compares them (``clustersim validate``);
     without ``topology`` this host is calibrated first (``device`` "gpu": the ranks run on
     GPUs, ``topology`` from ``calibrate_gpus`` required).  With ``against`` (overrides on
-    top of ``overrides``) it checks a speedup instead: ``validate_speedup``."""
+    top of ``overrides``) it checks a speedup instead: ``validate_speedup``, on
+    ``calibrations`` calibrations per rank count."""
     from clustersim.compare.validate import validate as compare
     from executor.checks import check
     if against:
