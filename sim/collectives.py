@@ -196,7 +196,6 @@ class _Speeds(dict):
     def __init__(self, topology: Topology, share: float, full: "_Speeds | None" = None) -> None:
         super().__init__()
         self.topology, self.share, self.full = topology, share, full
-        self.lookup = self.__getitem__          # one callable per table: networks know it again by identity
         self.by_ends: dict[tuple, float] = {}    # (kinds, compute capabilities of the two ends) -> speed
 
     def __missing__(self, link: DirLink) -> float:
@@ -219,9 +218,9 @@ def nccl_link_speed(topology: Topology, share: float = 1.0, cache: dict | None =
     ``cache`` (``layout``'s) keeps one table per topology and share, each share's built
     on the share-1 table's speeds."""
     if cache is None:
-        return _Speeds(topology, share).lookup
+        return _Speeds(topology, share).__getitem__
     full = _cached(cache, ("speeds", id(topology), 1.0), lambda: _Speeds(topology, 1.0))
-    return _cached(cache, ("speeds", id(topology), share), lambda: _Speeds(topology, share, full)).lookup
+    return _cached(cache, ("speeds", id(topology), share), lambda: _Speeds(topology, share, full)).__getitem__
 
 
 def link_kind(topology: Topology, link: DirLink) -> str:

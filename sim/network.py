@@ -29,11 +29,10 @@ Patterns = Callable[[Topology], dict]
 class Network:
     def __init__(self, env: simpy.Environment, topology: Topology, shortcut: bool = True,
                  patterns: Patterns | None = None) -> None:
-        """``shortcut``: handed to the flow model's ``Fluid`` (a lone job solved at once), and
-        a send's links weighted by NCCL's speeds kept per pattern.  ``patterns``: where the
-        flow model keeps routed patterns for a topology, shared with other networks on it
-        (``collectives.LayoutCache.patterns``: the tuner's trial runs and the run itself);
-        None: its own."""
+        """``shortcut``: handed to the flow model's ``Fluid`` (a lone job solved at once).
+        ``patterns``: where the flow model keeps routed patterns for a topology, shared with
+        other networks on it (``collectives.LayoutCache.patterns``: the tuner's trial runs
+        and the run itself); None: its own."""
         self.env, self.topology = env, topology
 
     def routes(self, pairs: Sequence[Pair]) -> list[tuple[DirLink, ...]]:
@@ -55,9 +54,7 @@ class FlowNetwork(Network):
                  patterns: Patterns | None = None) -> None:
         super().__init__(env, topology, shortcut, patterns)
         self.fluid = Fluid(env, topology.capacity, shortcut)
-        self.shortcut = shortcut
-        # per distinct tuple of pairs: [the links they load, their slowest route's latency or
-        # None, the last speed they were weighted by and those weights (``shortcut``)]
+        # per distinct tuple of pairs: [the links they load, their slowest route's latency or None]
         self._patterns: dict[tuple[Pair, ...], list] = {}
         self._patterns_of: Topology | None = None     # the topology they were routed on
         self._shared = patterns
@@ -66,12 +63,7 @@ class FlowNetwork(Network):
         pattern = self._pattern(pairs)
         weights = pattern[0]
         if speed is not None:                       # n / speed(link), link by link, in C loops
-            if pattern[2] is speed and self.shortcut:
-                weights = pattern[3]
-            else:
-                weights = dict(zip(weights, map(truediv, weights.values(), map(speed, weights))))
-                if self.shortcut:
-                    pattern[2:] = speed, weights
+            weights = dict(zip(weights, map(truediv, weights.values(), map(speed, weights))))
         if latency is None:
             if pattern[1] is None:                  # only sends without a model's latency need it
                 pattern[1] = self.latency(self.routes(pairs), 1)
@@ -79,7 +71,7 @@ class FlowNetwork(Network):
         return self.env.process(self._send(weights, nbytes, latency))
 
     def _pattern(self, pairs: Sequence[Pair]) -> list:
-        """[the links ``pairs`` load, their slowest route's latency (None until asked), ...],
+        """[the links ``pairs`` load, their slowest route's latency (None until asked)],
         routed once per distinct set of pairs (a collective's rounds repeat the same ones)
         and topology (a cut link gives the engine a new one): all of it a function of the
         pairs and the topology, so networks on one topology may share it."""
@@ -89,7 +81,7 @@ class FlowNetwork(Network):
         key = tuple(pairs)
         found = self._patterns.get(key)
         if found is None:
-            found = self._patterns[key] = [link_weights(self.routes(pairs)), None, None, None]
+            found = self._patterns[key] = [link_weights(self.routes(pairs)), None]
         return found
 
     def _send(self, weights, nbytes, delay):
