@@ -179,14 +179,6 @@ class LayoutCache(dict):
         super().__init__()
         self.shortcut = shortcut
 
-    def patterns(self, topology: Topology) -> dict:
-        """The flow model's routed patterns kept for ``topology`` (``FlowNetwork``'s
-        ``patterns``): the tuner's trial runs route a group's pairs once for the run too."""
-        kept = self.setdefault(("patterns", id(topology)), (topology, {}))
-        if kept[0] is not topology:                  # another topology at that id: start afresh
-            kept = self[("patterns", id(topology))] = (topology, {})
-        return kept[1]
-
 
 class _Speeds(dict):
     """Link -> NCCL's speed for its kind and GPU generation times ``share``, each worked
@@ -342,8 +334,7 @@ def _us_per_byte(topology, op, algo, devices, nodes, rail_ports, cache, nvs=None
     speed = nccl_link_speed(topology, 1.0, cache) if _shortcut(cache) else None
     coll = Collective(op, algo, "Simple", tuple(phases(op, algo, devices, size, nodes, rail_ports, nvs)),
                       (0.0,) * 3, 1.0, speed)
-    patterns = cache.patterns if isinstance(cache, LayoutCache) and cache.shortcut else None
-    env.process(run(env, FlowNetwork(env, topology, patterns=patterns), coll))
+    env.process(run(env, FlowNetwork(env, topology), coll))
     env.run()
     value = env.now * 1e6 / size
     if cache is not None:

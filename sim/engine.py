@@ -79,10 +79,9 @@ class Engine:
         self.slowdown = slowdowns(sc, self.rng)
         self.compute = Compute(self.env, sc.topology, sc.dtype, self.slowdown, shortcut)
         self.step_costed = {name for name in self.compute.weights if "step" in sc.topology.devices[name].op_costs}
-        self._collectives = collectives.LayoutCache(shortcut)   # tuner's times, ports, link speeds per share
-        self.network = BACKENDS[sc.network](self.env, sc.topology, shortcut,
-                                            self._collectives.patterns if shortcut else None)
+        self.network = BACKENDS[sc.network](self.env, sc.topology, shortcut)
         self.trace = Trace()
+        self._collectives = collectives.LayoutCache(shortcut)   # tuner's times, ports, link speeds per share
         self._nccl_speed = collectives.nccl_link_speed(sc.topology, 1.0, self._collectives if shortcut else None)
         self.failed: dict[str, float] = {}          # device -> time it failed (until a restart replaces it)
         self.failed_ever: dict[str, float] = {}     # every device that failed in the run, and when

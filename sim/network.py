@@ -23,16 +23,9 @@ from clustersim.core.topology import DirLink, Topology
 Pair = tuple[str, str]
 
 
-Patterns = Callable[[Topology], dict]
-
-
 class Network:
-    def __init__(self, env: simpy.Environment, topology: Topology, shortcut: bool = True,
-                 patterns: Patterns | None = None) -> None:
-        """``shortcut``: handed to the flow model's ``Fluid`` (a lone job solved at once).
-        ``patterns``: where the flow model keeps routed patterns for a topology, shared with
-        other networks on it (``collectives.LayoutCache.patterns``: the tuner's trial runs
-        and the run itself); None: its own."""
+    def __init__(self, env: simpy.Environment, topology: Topology, shortcut: bool = True) -> None:
+        """``shortcut``: handed to the flow model's ``Fluid`` (a lone job solved at once)."""
         self.env, self.topology = env, topology
 
     def routes(self, pairs: Sequence[Pair]) -> list[tuple[DirLink, ...]]:
@@ -50,14 +43,12 @@ class Network:
 
 
 class FlowNetwork(Network):
-    def __init__(self, env: simpy.Environment, topology: Topology, shortcut: bool = True,
-                 patterns: Patterns | None = None) -> None:
-        super().__init__(env, topology, shortcut, patterns)
+    def __init__(self, env: simpy.Environment, topology: Topology, shortcut: bool = True) -> None:
+        super().__init__(env, topology, shortcut)
         self.fluid = Fluid(env, topology.capacity, shortcut)
         # per distinct tuple of pairs: [the links they load, their slowest route's latency or None]
         self._patterns: dict[tuple[Pair, ...], list] = {}
         self._patterns_of: Topology | None = None     # the topology they were routed on
-        self._shared = patterns
 
     def send(self, pairs, nbytes, messages=1, latency=None, speed=None):
         pattern = self._pattern(pairs)
@@ -73,11 +64,9 @@ class FlowNetwork(Network):
     def _pattern(self, pairs: Sequence[Pair]) -> list:
         """[the links ``pairs`` load, their slowest route's latency (None until asked)],
         routed once per distinct set of pairs (a collective's rounds repeat the same ones)
-        and topology (a cut link gives the engine a new one): all of it a function of the
-        pairs and the topology, so networks on one topology may share it."""
+        and topology (a cut link gives the engine a new one)."""
         if self._patterns_of is not self.topology:
-            self._patterns = self._shared(self.topology) if self._shared else {}
-            self._patterns_of = self.topology
+            self._patterns, self._patterns_of = {}, self.topology
         key = tuple(pairs)
         found = self._patterns.get(key)
         if found is None:
