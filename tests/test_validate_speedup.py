@@ -111,6 +111,28 @@ def test_a_side_is_predicted_as_the_median_over_its_calibrations(tiny):
     assert all(Path(t.split('"')[1]).name in ("a0", "b0") for t in runs)      # the runs read the first
 
 
+def test_sides_on_the_same_calibrations_pair_them_and_steps_follow_the_median_rate(tiny):
+    """Both sides on one rank count share each calibration: the ratio per calibration
+    (2.0, 1.15, 1.19 -> 1.19), not the ratio of medians (1.46).  With an even count of
+    calibrations a side's step time is the one its median rate gives."""
+    predicted = {"t0": (100.0, 200.0), "t1": (130.0, 150.0), "t2": (160.0, 190.0), "t3": (170.0, 10.0)}
+
+    def predict(scenario, items):
+        key = Path(next(i for i in items if i.startswith("cluster.topology=")).split('"')[1]).name
+        rate = predicted[key]["parallel.replicas=2" in items]
+        return {"samples_per_s": rate, "step_time_s": 16 / rate, "ranks": 1}
+
+    def run(scenario, items):
+        return {"samples_per_s": 10.0, "step_time_s": 0.1, "quiet_step_time_s": 0.1}
+    out = cv.speedup(str(tiny), [], ["parallel.replicas=2"], {"a": ["t0", "t1", "t2"], "b": ["t0", "t1", "t2"]}, 1,
+                     predict=predict, run=run)
+    assert out["predicted_speedup"] == pytest.approx(190.0 / 160.0)
+    out = cv.speedup(str(tiny), [], ["parallel.replicas=2"], {"a": ["t0", "t1", "t2", "t3"], "b": ["t0"]}, 1,
+                     predict=predict, run=run)
+    assert out["a"]["predicted_samples_per_s"] == 145.0            # (130 + 160) / 2
+    assert out["a"]["predicted_step_time_s"] == pytest.approx(16 / 145.0)
+
+
 @pytest.mark.parametrize("args, field", [(["--rounds", "0"], "--rounds"), (["--calibrations", "0"], "--calibrations"),
                                          (["--against", "parallel.nope=2"], "nope"),
                                          (["--plot", "x.png"], "--plot")])

@@ -40,6 +40,19 @@ def test_a_pair_s_speedup_is_the_median_of_its_rounds_ratios(suite, capsys):
     assert "mlp-1rank -> mlp-allreduce-2" in capsys.readouterr().out
 
 
+def test_cases_on_the_same_calibrations_pair_their_predictions_round_by_round(suite):
+    """Two cases of one rank count share each round's calibration: the ratio per round
+    cancels its error (A 100, 130, 160 against B 200, 150, 190: 2.0, 1.15, 1.19 -> 1.19),
+    where the ratio of medians (190 / 130 = 1.46) would not."""
+    def rnd(pred, topo):
+        return {"predicted_samples_per_s": pred, "measured_runs_samples_per_s": [1.0], "topology": topo}
+    a = [rnd(100.0, "t0"), rnd(130.0, "t1"), rnd(160.0, "t2")]
+    b = [rnd(200.0, "t0"), rnd(150.0, "t1"), rnd(190.0, "t2")]
+    assert suite.suite_speedup(a, b)["predicted_speedup"] == pytest.approx(190.0 / 160.0)
+    b = [{**r, "topology": r["topology"] + "-other"} for r in b]
+    assert suite.suite_speedup(a, b)["predicted_speedup"] == pytest.approx(190.0 / 130.0)
+
+
 def test_every_verb_is_the_api_s_even_after_every_subpackage_is_imported():
     """A subpackage named like a verb would shadow it once imported (``clustersim.calibrate``
     did, and ``make validate`` failed on its first calibration)."""

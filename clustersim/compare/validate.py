@@ -253,7 +253,7 @@ def speedup(scenario: str, set_items: list[str], against_items: list[str], topol
         runs[side][r] = run(scenario, items[side][0])
     rates = {side: [x["samples_per_s"] for x in predicted[side]] for side in ("a", "b")}
     figures = speedup_figures(rates["a"], rates["b"], [x["samples_per_s"] for x in runs["a"]],
-                              [x["samples_per_s"] for x in runs["b"]])
+                              [x["samples_per_s"] for x in runs["b"]], paired=topologies["a"] == topologies["b"])
     quiet = speedup_figures([1.0], [1.0], [quiet_rate(x) for x in runs["a"]], [quiet_rate(x) for x in runs["b"]])
 
     def side_row(side: str) -> dict:
@@ -262,7 +262,7 @@ def speedup(scenario: str, set_items: list[str], against_items: list[str], topol
                 "predicted_samples_per_s": statistics.median(rates[side]),
                 "predicted_calibrations_samples_per_s": rates[side],
                 "predicted_spread_pct": spread_pct(rates[side]),
-                "predicted_step_time_s": statistics.median(x["step_time_s"] for x in predicted[side]),
+                "predicted_step_time_s": step_at(predicted[side][0], statistics.median(rates[side])),
                 "measured_samples_per_s": statistics.median(measured), "measured_runs_samples_per_s": measured,
                 "measured_step_time_s": statistics.median(x["step_time_s"] for x in runs[side]),
                 "spread_pct": spread_pct(measured)}
@@ -274,15 +274,24 @@ def speedup(scenario: str, set_items: list[str], against_items: list[str], topol
             "quiet_speedup_spread_pct": quiet["speedup_spread_pct"]}
 
 
+def step_at(predicted: dict, rate: float) -> float:
+    """The step time of one prediction's scenario at samples/s ``rate`` (samples a step
+    over the rate), so that a side's step and rate stay one figure under a median."""
+    return predicted["samples_per_s"] * predicted["step_time_s"] / rate
+
+
 def speedup_figures(predicted_a: list[float], predicted_b: list[float], measured_a: list[float],
-                    measured_b: list[float]) -> dict:
-    """B's samples/s over A's: predicted (the median of B's predictions over the median of
-    A's: each side's calibrations are its own, and a median per side drops one outlier
-    where a ratio per pair would keep it) and measured (the median of the rounds' ratios:
-    round r's B over round r's A, which ran beside it), the error in percent, and the
-    spread of the measured ratios ((max - min) / median, percent)."""
+                    measured_b: list[float], paired: bool = False) -> dict:
+    """B's samples/s over A's: predicted and measured, the error in percent, and the spread
+    of the measured ratios ((max - min) / median, percent).  Measured: the median of the
+    rounds' ratios (round r's B over round r's A, which ran beside it).  Predicted: the
+    median of B's predictions over the median of A's, where each side has calibrations of
+    its own (a median per side drops one outlier where a ratio per pair keeps it);
+    ``paired`` (both sides predicted on the same calibrations, in order): the median of
+    the per-calibration ratios, where one calibration's error cancels."""
     ratios = [b / a for a, b in zip(measured_a, measured_b)]
-    pred = statistics.median(predicted_b) / statistics.median(predicted_a)
+    pred = (statistics.median(b / a for a, b in zip(predicted_a, predicted_b)) if paired
+            else statistics.median(predicted_b) / statistics.median(predicted_a))
     meas = statistics.median(ratios)
     return {"predicted_speedup": pred, "measured_speedup": meas, "speedup_error_pct": error_pct(pred, meas),
             "speedup_spread_pct": spread_pct(ratios), "measured_speedups": ratios}
@@ -290,8 +299,11 @@ def speedup_figures(predicted_a: list[float], predicted_b: list[float], measured
 
 def suite_speedup(a_rounds: list[dict], b_rounds: list[dict]) -> dict:
     """``speedup_figures`` of two cases validated in the same rounds (``validate`` results,
-    round by round): each round's prediction, and the median of each round's runs."""
+    round by round): each round's prediction, and the median of each round's runs; paired
+    where the two cases ran on the same calibrations (the same rank count)."""
     return speedup_figures([r["predicted_samples_per_s"] for r in a_rounds],
                            [r["predicted_samples_per_s"] for r in b_rounds],
                            [statistics.median(r["measured_runs_samples_per_s"]) for r in a_rounds],
-                           [statistics.median(r["measured_runs_samples_per_s"]) for r in b_rounds])
+                           [statistics.median(r["measured_runs_samples_per_s"]) for r in b_rounds],
+                           paired=all("topology" in r for r in a_rounds + b_rounds)
+                           and [r["topology"] for r in a_rounds] == [r["topology"] for r in b_rounds])
