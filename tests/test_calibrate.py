@@ -254,6 +254,20 @@ def test_a_step_s_set_up_is_timed_as_the_step_not_as_its_first_op(monkeypatch):
     assert min(out["step"][0][2]) >= 5e-3
 
 
+def test_stages_of_whole_layers_are_probed_as_stages_only_on_two_ranks(monkeypatch):
+    """A layers split's ops get ``.stage`` keys (the simulator asks for them, falling back
+    to the whole layers'); op_times probes them only with a pair of ranks, since two
+    stages in one process never wait for each other."""
+    import numpy as np
+
+    from clustersim.calibration import probe
+    monkeypatch.setattr(probe, "step_counts", lambda second, repeats: (1, repeats))
+    out = probe.time_plan(probe.probe_plan("mlp-digits", 8, 2, "layers"), np.random.default_rng(0), repeats=2)
+    assert {"dense.stage", "dense.backward.stage", "softmax_xent.stage", "step.stage"} <= set(out)
+    alone = probe.op_times(repeats=2, passes=1, probes=(("mlp-digits", (8,)),))
+    assert not any(key.endswith(".stage") for key in alone) and "dense.split" in alone
+
+
 def test_a_spatial_slice_has_its_own_op_costs_falling_back_to_the_whole_layers(tmp_path):
     from sim.engine import simulate
     from clustersim.core.metrics import summarize
@@ -281,9 +295,10 @@ def test_a_spatial_slice_has_its_own_op_costs_falling_back_to_the_whole_layers(t
     p, t = step(2, "spatial")                                      # two dense layers forward, at 1 s each
     assert {cost_key(p, op) for op in p.ops if op.kind == "fwd"} >= {"dense.split", "relu.split"}
     assert 2.0 <= t < 2.1
-    p, t = step(2, "layers")                                       # a layers split runs whole layers
-    assert {cost_key(p, op) for op in p.ops if op.kind == "fwd"} == {"dense", "relu", "softmax_xent"}
+    p, t = step(2, "layers")                  # stages of whole layers: not measured so, the whole layers' costs
+    assert {cost_key(p, op) for op in p.ops if op.kind == "fwd"} == {"dense.stage", "relu.stage", "softmax_xent.stage"}
     assert t < 0.1
+    assert dev.op_time("dense.stage", 1e6, 1e3) == 1e-3 and dev.op_time("relu.stage", 1e6, 1e3) is None
     p, t = step(1, "spatial")
     assert "dense" in {cost_key(p, op) for op in p.ops} and t < 0.1
 

@@ -6,7 +6,9 @@ walk, sigmoid's exponentials are all in the figures).
 Probes: each model in ``PROBES`` at each of its batch sizes, whole (one slot) and cut in
 two by channels (a slot on each of two ranks, messages through the executor's MPI
 transport; with one rank both slots in this process and an in-process mailbox), so every
-layer kind is timed at two sizes per batch.  Each point is (FLOPs, bytes, seconds)
+layer kind is timed at two sizes per batch; on two ranks also cut in two stages of whole
+layers (keys ``.stage``: a stage's ops, between waits for the other, ran 1.3-1.9x dearer
+than in a whole step; decision 039).  Each point is (FLOPs, bytes, seconds)
 with FLOPs and bytes as the Plan counts them; keys as the simulator looks them up
 (``Device.op_costs``): ``<layer kind>`` and ``<layer kind>.backward``, with ``.split``
 for a two-slot probe's ops (``clustersim.core.plan.split_key``); ``update`` (the
@@ -46,7 +48,7 @@ from executor.optim import sgd_in_place
 from executor.partitioned import Mailbox, run_step, slot_params
 
 PROBES = (("mlp-digits", (8, 32, 128)), ("distbelief-speech", (4, 32)))
-SPLITS = (1, 2)
+SPLITS = ((1, "spatial"), (2, "spatial"), (2, "layers"))   # (slots, split); layers only on two ranks
 REPEATS = 5
 WARM_S = 0.01
 TIMED_S = 0.02
@@ -55,10 +57,10 @@ QUIET_TOLERANCE = 1.15    # a probe counts as timed on a quiet host when the ref
 QUIET_TRIES = 3
 
 
-def probe_plan(model: str, batch: int, slots: int) -> Plan:
+def probe_plan(model: str, batch: int, slots: int, split: str = "spatial") -> Plan:
     sc = scenario_from_dict({"cluster": {"topology": "dgx-h100"},
                              "model": {"name": model, "batch_size": batch},
-                             "parallel": {"model_parallel": slots, "split": "spatial"}}, "probe.toml")
+                             "parallel": {"model_parallel": slots, "split": split}}, "probe.toml")
     return plan(sc, check_memory=False)
 
 
@@ -213,10 +215,12 @@ def op_times(seed: int = 0, repeats: int = REPEATS, passes: int = PASSES,
         points: dict[str, list[tuple]] = defaultdict(list)
         for model, batches in probes:
             for batch in batches:
-                for slots in SPLITS:
-                    barrier()
+                for slots, split in SPLITS:
+                    barrier()                   # every rank, every probe: a rank without a pair too
                     comm = pair if slots == 2 and pair is not None else None
-                    p = probe_plan(model, batch, slots)
+                    if split == "layers" and comm is None:
+                        continue                # stages in one process would not wait for each other
+                    p = probe_plan(model, batch, slots, split)
                     out = quiet_probe(lambda p=p, comm=comm: time_plan(p, rng, repeats, comm),
                                       lambda: ref.median(), quiet, slowest)
                     for key, pts in out.items():
@@ -329,6 +333,19 @@ def allreduce(comm, sizes: list[int], cores: int, steps: int = 300, passes: int 
     return out
 
 
+def with_others(mine: dict, everyone: list[dict] | None) -> dict:
+    """Rank 0's points, and those of other ranks at ops rank 0 did not run (a stage of whole
+    layers holds its own ops: stage 1's are measured on rank 1 only); None off rank 0."""
+    if everyone is None:
+        return mine
+    out = {key: list(pts) for key, pts in mine.items()}
+    for theirs in everyone[1:]:
+        for key, pts in theirs.items():
+            have = {(f, b) for f, b, _t in out.setdefault(key, [])}
+            out[key] += [pt for pt in pts if (pt[0], pt[1]) not in have]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """``ops [QUIET_S [MODELS]]`` | ``pingpong SIZES`` | ``allreduce SIZES CORES`` (SIZES a JSON
     list of bytes; QUIET_S the reference step on a quiet host, probes wait for one, "-" for
@@ -343,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
                        quiet=float(args[1]) if len(args) > 1 and args[1] != "-" else None,
                        slowest=lambda t: max(comm.allgather(t)),
                        probes=probes_for(json.loads(args[2]) if len(args) > 2 else None))
+        out = with_others(out, comm.gather(out))
     elif args[0] == "pingpong":
         out = pingpong(comm, json.loads(args[1]))
     else:

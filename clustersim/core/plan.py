@@ -24,7 +24,7 @@ from clustersim.core.partition import (Parts, Slices, cut_along, even_cuts, laye
 from clustersim.core.scenario import Scenario
 from clustersim.core.schedule import (PARAM_BYTES, Schedule, micro_batches_held,  # noqa: F401  (PARAM_BYTES: plan's users)
                                       schedule_of, stage_units)
-from clustersim.core.topology import SPLIT
+from clustersim.core.topology import SPLIT, STAGE
 
 GIB = 2**30
 
@@ -533,9 +533,12 @@ def split_key(p: Plan, key: str) -> str:
     """``key`` with ``.split`` where each layer is cut over slots (a spatial split):
     calibration times a slice's ops apart from whole layers' (mlp-digits in two: each op
     4-8 us dearer than its FLOPs and bytes make it beside the whole layers -- the walk's
-    messages around it), and ``Device.op_time`` falls back to the key without it where it
-    has no such costs.  A layers split runs whole layers: their keys stay as they are."""
-    return key + (SPLIT if p.scenario.parallel.tensor > 1 and p.scenario.parallel.split != "layers" else "")
+    messages around it); with ``.stage`` in a pipeline of whole layers (a layers split),
+    whose ops ran 1.3-1.9x dearer than the same ops of a whole step (decision 039: ranks
+    that wait for each other between ops).  ``Device.op_time`` falls back to the key
+    without either where it has no such costs."""
+    par = p.scenario.parallel
+    return key + (SPLIT if par.tensor > 1 else STAGE if par.stages > 1 else "")
 
 
 def talking_pairs(p: Plan) -> set[tuple[str, str]]:

@@ -35,7 +35,7 @@ from typing import Any
 
 from clustersim.core.config import ConfigError, Table
 from clustersim.core.layers import KINDS
-from clustersim.core.topology import DEVICE_KINDS, DTYPES, SPLIT, Device, Link, Topology
+from clustersim.core.topology import DEVICE_KINDS, DTYPES, SPLIT, STAGE, Device, Link, Topology
 
 # PCIe payload rate per lane and direction in GB/s: transfer rate x line-code efficiency
 # (PCI-SIG: gen3 8 GT/s 128b/130b, gen4 16 GT/s, gen5 32 GT/s, gen6 64 GT/s PAM4 ~1 B/bit/lane).
@@ -334,10 +334,11 @@ def _op_curves(dt: Table) -> dict[str, tuple]:
 
 def _cost_key(key: str) -> bool:
     """A key ``Device.op_time`` is asked for: a layer kind, send / recv (messages), step or
-    update, then ``.backward``, ``.split`` or ``.reduction`` (``plan.cost_key``, the engine)."""
+    update, then ``.backward``, ``.split``, ``.stage`` or ``.reduction`` (``plan.cost_key``,
+    the engine)."""
     base, *rest = key.split(".")
     return (base in KINDS or base in ("send", "recv", "step", "update")) and all(
-        "." + r in (".backward", SPLIT, ".reduction") for r in rest)
+        "." + r in (".backward", SPLIT, STAGE, ".reduction") for r in rest)
 
 
 def _op_costs(dt: Table, checked: bool = False) -> dict[str, tuple]:
@@ -352,7 +353,7 @@ def _op_costs(dt: Table, checked: bool = False) -> dict[str, tuple]:
     for key, v in raw.items():
         if checked and not _cost_key(str(key)):
             raise dt.error(f"op_costs.{key}", "not an op cost key: send, recv, step, update, or a layer kind (dense, "
-                                              "conv2d, ...), with .backward, .split or .reduction")
+                                              "conv2d, ...), with .backward, .split, .stage or .reduction")
         if (not isinstance(v, list) or len(v) not in (3, 4) or not all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < math.inf for x in v)):
             raise dt.error(f"op_costs.{key}", "must be [overhead_us, gflops, gbps, gbps_beyond_cache], each >= 0 "

@@ -31,6 +31,7 @@ DTYPES = ("fp32", "fp16", "bf16", "fp64")
 
 DirLink = tuple[str, str]
 SPLIT = ".split"         # op cost keys of a model split over slots (``clustersim.core.plan.split_key``)
+STAGE = ".stage"         # op cost keys of a pipeline stage of whole layers (the same)
 
 
 def curve_time(curve: tuple, nbytes: float) -> float:
@@ -78,9 +79,11 @@ class Device:
 
     def op_time(self, key: str, flops: float, nbytes: float) -> float | None:
         """Seconds of op ``key`` from its measured costs; None when it was not measured here.
-        A ``.split`` key not measured as such takes the costs of its kind as a whole."""
-        if key.endswith(SPLIT) and not self.measured(key):
-            key = key[:-len(SPLIT)]
+        A ``.split`` or ``.stage`` key not measured as such takes the costs of its kind as a
+        whole."""
+        for context in (SPLIT, STAGE):
+            if key.endswith(context) and not self.measured(key):
+                key = key[:-len(context)]
         if key in self.op_curves:
             return curve_time(self.op_curves[key], nbytes)
         cost = self.op_costs.get(key)
