@@ -18,7 +18,7 @@ from sim import collectives
 from sim.compute import MEASURED_SHARED, Compute
 from sim.faults import failure_schedule, slowdowns
 from sim.network import BACKENDS
-from clustersim.core.plan import PARAM_BYTES, Plan, cost_key, message_key, split_key
+from clustersim.core.plan import PARAM_BYTES, Plan, cost_key, split_key
 from sim.kernel_model import op_work
 from clustersim.core.topology import NoRoute, Topology
 from clustersim.core.trace import Span, Trace, Update
@@ -269,10 +269,8 @@ class Engine:
         except LookupError:
             return self._block(f"the route {src}->{dst} (a link cut)", name)
         devices = self.compute.topology.devices
-        sending = (devices[src].op_time(message_key(self.plan, "send" + what), 0.0, nbytes)
-                   if src in self.compute.weights else None)
-        receiving = (devices[dst].op_time(message_key(self.plan, "recv" + what), 0.0, nbytes)
-                     if dst in self.compute.weights else None)
+        sending = devices[src].op_time("send" + what, 0.0, nbytes) if src in self.compute.weights else None
+        receiving = devices[dst].op_time("recv" + what, 0.0, nbytes) if dst in self.compute.weights else None
         ev = self.env.process(self._host_message(src, dst, nbytes, sending, receiving)) if sending or receiving else \
             self.network.send([(src, dst)], nbytes, speed=speed)
         ev.callbacks.append(lambda _e: self.trace.add(

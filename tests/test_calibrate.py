@@ -263,33 +263,9 @@ def test_stages_of_whole_layers_are_probed_as_stages_only_on_two_ranks(monkeypat
     from clustersim.calibration import probe
     monkeypatch.setattr(probe, "step_counts", lambda second, repeats: (1, repeats))
     out = probe.time_plan(probe.probe_plan("mlp-digits", 8, 2, "layers"), np.random.default_rng(0), repeats=2)
-    assert {"dense.stage", "dense.backward.stage", "softmax_xent.stage", "step.stage", "send.stage",
-            "recv.stage"} <= set(out)
+    assert {"dense.stage", "dense.backward.stage", "softmax_xent.stage", "step.stage"} <= set(out)
     alone = probe.op_times(repeats=2, passes=1, probes=(("mlp-digits", (8,)),))
     assert not any(key.endswith(".stage") for key in alone) and "dense.split" in alone
-
-
-def test_a_stage_s_messages_cost_their_stage_keys(tmp_path):
-    """A layers split's messages (activation forward, gradient back) cost ``send.stage``
-    on the sender; a spatial split's do not (their ``send`` is not measured here)."""
-    from sim.engine import simulate
-    from clustersim.core.metrics import summarize
-    from clustersim.core.plan import plan
-    from clustersim.core.scenario import scenario_from_dict
-    comp = {"peak_flops": 50e9, "op_overhead_s": 1e-6, "efficiency_curve": [(1e4, 1.0)]}
-    mpi = {"alpha_s": 1e-6, "beta_bytes_per_s": 1e10, "r2": 1.0}
-    f = tmp_path / "host.toml"
-    f.write_text(topology_text("host", 2, 2, comp, 20e9, mpi,
-                               {"send.stage": {"fixed_s": 1.0, "flops_per_s": 0.0, "bytes_per_s": 0.0}}))
-
-    def step(split):
-        sc = scenario_from_dict({"cluster": {"topology": str(f), "machines": 0},
-                                 "model": {"name": "mlp-digits", "batch_size": 8},
-                                 "parallel": {"model_parallel": 2, "split": split}, "training": {"steps": 3}}, "t.toml")
-        p = plan(sc)
-        return summarize(p, simulate(p))["step_time_s"]
-    assert 2.0 <= step("layers") < 2.1                  # one message each way, 1 s at its sender
-    assert step("spatial") < 0.1
 
 
 def test_a_spatial_slice_has_its_own_op_costs_falling_back_to_the_whole_layers(tmp_path):

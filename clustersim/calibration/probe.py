@@ -37,7 +37,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from clustersim.core.plan import Plan, cost_key, message_key, plan, split_key
+from clustersim.core.plan import Plan, cost_key, plan, split_key
 from clustersim.core.scenario import scenario_from_dict
 
 from executor.comm import MPITransport, barrier, wait_buffer
@@ -68,7 +68,7 @@ def op_key(p: Plan, op, part: str) -> tuple[str, float, float]:
     """The op's key in ``Device.op_costs``, its FLOPs and bytes; ``part`` of an xfer is
     "send" or "recv"."""
     if op.kind == "xfer":
-        return message_key(p, part + (".reduction" if op.why == "reduction" else "")), 0.0, op.bytes
+        return part + (".reduction" if op.why == "reduction" else ""), 0.0, op.bytes
     return cost_key(p, op), op.flops, op.bytes
 
 

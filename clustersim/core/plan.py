@@ -541,14 +541,6 @@ def split_key(p: Plan, key: str) -> str:
     return key + (SPLIT if par.tensor > 1 else STAGE if par.stages > 1 else "")
 
 
-def message_key(p: Plan, key: str) -> str:
-    """A message's cost key (``send``, ``recv``, with ``.reduction``), with ``.stage`` in a
-    pipeline of whole layers: there a message cost the sender and receiver 2.5-3x what it
-    costs between spatial slices (decision 039).  Falls back like ``split_key``'s."""
-    par = p.scenario.parallel
-    return key + (STAGE if par.tensor == 1 and par.stages > 1 else "")
-
-
 def talking_pairs(p: Plan) -> set[tuple[str, str]]:
     """Every (src, dst) device pair the step sends data between."""
     from clustersim.core.collective import phases
