@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from clustersim.core.config import ConfigError
 from clustersim.core.plan import Plan, plan
@@ -44,6 +45,11 @@ from executor.launch import pin
 from executor.summary import LOCKSTEP, merge_trace, summary
 from executor.checks import check, check_checkpoint, check_data, parse_fail
 from executor.job import RankJob
+
+# An aborting rank's error line is in the pipe to mpiexec's proxy; MPI_Abort tears the job
+# down at once, and under load the proxy was killed before it forwarded the line (a CI run
+# on 2026-12-03 saw an abort with empty stderr).  A moment first, once, on the way out.
+ABORT_GRACE_S = 0.2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +111,7 @@ def abort(world, exc: BaseException) -> None:
     MPI_Abort (the other ranks would wait for this one forever)."""
     print(error_line(world.rank, exc), file=sys.stderr, flush=True)
     _quiet_stderr()                     # MPI_Abort's own line would say only that it was called
+    time.sleep(ABORT_GRACE_S)           # the launcher's proxy forwards the line before the job is torn down
     world.Abort(1)
 
 
