@@ -264,8 +264,26 @@ def test_stages_of_whole_layers_are_probed_as_stages_only_on_two_ranks(monkeypat
     monkeypatch.setattr(probe, "step_counts", lambda second, repeats: (1, repeats))
     out = probe.time_plan(probe.probe_plan("mlp-digits", 8, 2, "layers"), np.random.default_rng(0), repeats=2)
     assert {"dense.stage", "dense.backward.stage", "softmax_xent.stage", "step.stage"} <= set(out)
+    assert not {"send", "recv"} & set(out)      # a stage's receive holds its wait: not a message's cost
     alone = probe.op_times(repeats=2, passes=1, probes=(("mlp-digits", (8,)),))
     assert not any(key.endswith(".stage") for key in alone) and "dense.split" in alone
+
+
+def test_three_ranks_probe_stages_on_the_pair_while_the_third_brackets_along():
+    """Ranks 0 and 1 probe the stages; rank 2 has no pair and skips them, yet takes part in
+    every quiet bracket (an allgather over all ranks): without that, 3 ranks hung (R8)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip("the mpich wheel is not installed")
+    proc = subprocess.run([str(mpiexec), "-n", "3", sys.executable, "-m", "clustersim.calibration.probe", "ops",
+                           "1.0", '["mlp-digits"]'], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    keys = set(json.loads(proc.stdout))
+    assert {"dense.stage", "relu.stage", "softmax_xent.backward.stage", "dense.split", "dense"} <= keys
 
 
 def test_a_spatial_slice_has_its_own_op_costs_falling_back_to_the_whole_layers(tmp_path):

@@ -131,6 +131,14 @@ def test_sides_on_the_same_calibrations_pair_them_and_steps_follow_the_median_ra
                      predict=predict, run=run)
     assert out["a"]["predicted_samples_per_s"] == 145.0            # (130 + 160) / 2
     assert out["a"]["predicted_step_time_s"] == pytest.approx(16 / 145.0)
+    steps = {"t0": 0.5, "t1": 0.2, "t2": 0.3}              # asynchronous: samples a step differ (review R8)
+
+    def predict_async(scenario, items):
+        key = Path(next(i for i in items if i.startswith("cluster.topology=")).split('"')[1]).name
+        return {"samples_per_s": predicted[key][0], "step_time_s": steps[key], "ranks": 1}
+    out = cv.speedup(str(tiny), [], ["parallel.replicas=2"], {"a": ["t0", "t1", "t2"], "b": ["t0"]}, 1,
+                     predict=predict_async, run=run)
+    assert out["a"]["predicted_step_time_s"] == 0.3
 
 
 @pytest.mark.parametrize("args, field", [(["--rounds", "0"], "--rounds"), (["--calibrations", "0"], "--calibrations"),

@@ -137,7 +137,10 @@ def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS, comm=No
             warm, timed = step_counts(second, repeats)
         rep += 1
     out: dict[str, list[tuple]] = defaultdict(list)
+    stages = p.scenario.parallel.split == "layers"
     for (op_id, part), ts in per_op.items():
+        if stages and p.ops[op_id].kind == "xfer":
+            continue          # a stage's receive always holds its wait for the other stage (decision 039)
         key, flops, nbytes = op_key(p, p.ops[op_id], part)
         out[key].append((flops, nbytes, ts))
     out[split_key(p, "step")].append((0.0, float(x.nbytes), steps))
@@ -218,8 +221,9 @@ def op_times(seed: int = 0, repeats: int = REPEATS, passes: int = PASSES,
                 for slots, split in SPLITS:
                     barrier()                   # every rank, every probe: a rank without a pair too
                     comm = pair if slots == 2 and pair is not None else None
-                    if split == "layers" and comm is None:
-                        continue                # stages in one process would not wait for each other
+                    if split == "layers" and comm is None:   # stages in one process would not wait:
+                        quiet_probe(dict, lambda: ref.median(), quiet, slowest)   # bracket with the pair
+                        continue                # (its brackets are an allgather over every rank: review R8)
                     p = probe_plan(model, batch, slots, split)
                     out = quiet_probe(lambda p=p, comm=comm: time_plan(p, rng, repeats, comm),
                                       lambda: ref.median(), quiet, slowest)

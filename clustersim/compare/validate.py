@@ -262,7 +262,7 @@ def speedup(scenario: str, set_items: list[str], against_items: list[str], topol
                 "predicted_samples_per_s": statistics.median(rates[side]),
                 "predicted_calibrations_samples_per_s": rates[side],
                 "predicted_spread_pct": spread_pct(rates[side]),
-                "predicted_step_time_s": step_at(predicted[side][0], statistics.median(rates[side])),
+                "predicted_step_time_s": step_of(predicted[side], statistics.median(rates[side])),
                 "measured_samples_per_s": statistics.median(measured), "measured_runs_samples_per_s": measured,
                 "measured_step_time_s": statistics.median(x["step_time_s"] for x in runs[side]),
                 "spread_pct": spread_pct(measured)}
@@ -274,10 +274,15 @@ def speedup(scenario: str, set_items: list[str], against_items: list[str], topol
             "quiet_speedup_spread_pct": quiet["speedup_spread_pct"]}
 
 
-def step_at(predicted: dict, rate: float) -> float:
-    """The step time of one prediction's scenario at samples/s ``rate`` (samples a step
-    over the rate), so that a side's step and rate stay one figure under a median."""
-    return predicted["samples_per_s"] * predicted["step_time_s"] / rate
+def step_of(predicted: list[dict], rate: float) -> float:
+    """A side's predicted step time beside its median samples/s ``rate``: samples a step
+    over the rate where every prediction has the same samples a step (synchronous runs;
+    the two then stay one figure for an even count of calibrations), else the median of
+    the steps (asynchronous replicas: samples/s comes from the whole run, review R8)."""
+    per_step = [x["samples_per_s"] * x["step_time_s"] for x in predicted]
+    if max(per_step) - min(per_step) <= 1e-9 * max(per_step):
+        return per_step[0] / rate
+    return statistics.median(x["step_time_s"] for x in predicted)
 
 
 def speedup_figures(predicted_a: list[float], predicted_b: list[float], measured_a: list[float],
