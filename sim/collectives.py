@@ -243,6 +243,7 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
     nccl.version_tuple(version)
     nodes = [topology.machine_of(d) for d in devices]
     group = (id(topology), tuple(devices))
+    _cached(cache, ("topology", id(topology)), lambda: topology)   # kept alive: its id keys the entries
     rail_ports = _cached(cache, ("ports", *group), lambda: ports(topology, devices))
     gpus = all(topology.devices[d].kind == "gpu" for d in devices)
     if not gpus:

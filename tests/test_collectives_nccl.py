@@ -172,3 +172,19 @@ def test_hierarchical_and_a_forced_protocol_run_in_training_and_from_the_command
     best = min(per_byte, key=lambda a: nccl.predicted_us("allreduce", a, "Simple", 1024, per_byte[a], 32, 4,
                                                          "nvlink", 8))
     assert (forced.algo, forced.proto) == (best, "Simple") == ("nvls_tree", "Simple")
+
+
+def test_a_layout_cache_keeps_its_topologies_alive_so_their_ids_stay_theirs():
+    """Entries are keyed by id(topology); a topology clone (a cut link) collected while the
+    cache lives could hand its id to another and its entries to that one (review R8)."""
+    import gc
+    import weakref
+    cache: dict = {}
+    topo = load_topology("dgx-h100-fat-tree", machines=2).without_link("m0.nic0", "fab.leaf0")
+    cpus = [d.name for d in topo.devices.values() if d.kind == "cpu"][:2]    # no NCCL speeds kept for them
+    assert len(cpus) == 2
+    collectives.layout(topo, "allreduce", "ring", cpus, 2**20, cache=cache)
+    alive = weakref.ref(topo)
+    del topo
+    gc.collect()
+    assert alive() is not None
