@@ -351,8 +351,8 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
     gives the keep mask of the whole layer output for the batch (scaled), or None.
     ``backward=False`` runs the forward pass only (evaluation).  ``on_op(op, part)`` is
     called as each op ends; ``on_setup()`` once the step's set-up is done, before the first
-    op, so that a timer of ops does not charge the set-up (11-17 us for mlp-digits) to the
-    first of them: it is the step's own cost (the ``step`` key, as the simulator has it)."""
+    op, so that a timer of ops does not charge the set-up to the first of them: it is the
+    step's own cost (the ``step`` key, as the simulator has it; decision 039)."""
     step = _Step(p, x, labels, transport, xp, dropout)
     def skip(op) -> bool:
         return skipped(op, backward)

@@ -7,8 +7,8 @@ Probes: each model in ``PROBES`` at each of its batch sizes, whole (one slot) an
 two by channels (a slot on each of two ranks, messages through the executor's MPI
 transport; with one rank both slots in this process and an in-process mailbox), so every
 layer kind is timed at two sizes per batch; on two ranks also cut in two stages of whole
-layers (keys ``.stage``: a stage's ops, between waits for the other, ran 1.3-1.9x dearer
-than in a whole step; decision 039).  Each point is (FLOPs, bytes, seconds)
+layers (keys ``.stage``: a stage's ops run between waits for the other stage, dearer than
+in a whole step; decision 039).  Each point is (FLOPs, bytes, seconds)
 with FLOPs and bytes as the Plan counts them; keys as the simulator looks them up
 (``Device.op_costs``): ``<layer kind>`` and ``<layer kind>.backward``, with ``.split``
 for a two-slot probe's ops (``clustersim.core.plan.split_key``); ``update`` (the
@@ -223,7 +223,7 @@ def op_times(seed: int = 0, repeats: int = REPEATS, passes: int = PASSES,
                     comm = pair if slots == 2 and pair is not None else None
                     if split == "layers" and comm is None:   # stages in one process would not wait:
                         quiet_probe(dict, lambda: ref.median(), quiet, slowest)   # bracket with the pair
-                        continue                # (its brackets are an allgather over every rank: review R8)
+                        continue                # (the brackets allgather over every rank)
                     p = probe_plan(model, batch, slots, split)
                     out = quiet_probe(lambda p=p, comm=comm: time_plan(p, rng, repeats, comm),
                                       lambda: ref.median(), quiet, slowest)

@@ -278,7 +278,7 @@ def step_of(predicted: list[dict], rate: float) -> float:
     """A side's predicted step time beside its median samples/s ``rate``: samples a step
     over the rate where every prediction has the same samples a step (synchronous runs;
     the two then stay one figure for an even count of calibrations), else the median of
-    the steps (asynchronous replicas: samples/s comes from the whole run, review R8)."""
+    the steps (asynchronous replicas: samples/s comes from the whole run)."""
     per_step = [x["samples_per_s"] * x["step_time_s"] for x in predicted]
     if max(per_step) - min(per_step) <= 1e-9 * max(per_step):
         return per_step[0] / rate

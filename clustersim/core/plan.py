@@ -534,9 +534,9 @@ def split_key(p: Plan, key: str) -> str:
     calibration times a slice's ops apart from whole layers' (mlp-digits in two: each op
     4-8 us dearer than its FLOPs and bytes make it beside the whole layers -- the walk's
     messages around it); with ``.stage`` in a pipeline of whole layers (a layers split),
-    whose ops ran 1.3-1.9x dearer than the same ops of a whole step (decision 039: ranks
-    that wait for each other between ops).  ``Device.op_time`` falls back to the key
-    without either where it has no such costs."""
+    whose ops cost more than the same ops of a whole step (ranks that wait for each other
+    between ops; decision 039).  ``Device.op_time`` falls back to the key without either
+    where it has no such costs."""
     par = p.scenario.parallel
     return key + (SPLIT if par.tensor > 1 else STAGE if par.stages > 1 else "")
 
