@@ -404,10 +404,10 @@ def validate_speedup(path: str | Path, overrides: Overrides, against: Overrides,
         models.add(sc.model.name)
         check(sc, ranks[side])
     counts = sorted(set(ranks.values()))
-    files: dict[int, list[Path]] = {n: [] for n in counts}
     if topology:
         files = {n: [Path(topology)] for n in counts}
     else:
+        files: dict[int, list[Path]] = {n: [] for n in counts}
         where = Path(tempfile.mkdtemp())
         for k in range(calibrations):
             for n in counts if k % 2 == 0 else counts[::-1]:

@@ -176,7 +176,7 @@ def test_hierarchical_and_a_forced_protocol_run_in_training_and_from_the_command
 
 def test_a_layout_cache_keeps_its_topologies_alive_so_their_ids_stay_theirs():
     """Entries are keyed by id(topology); a topology clone (a cut link) collected while the
-    cache lives could hand its id to another and its entries to that one (review R8)."""
+    cache lives could hand its id to another and its entries to that one."""
     import gc
     import weakref
     cache: dict = {}

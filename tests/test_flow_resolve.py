@@ -127,8 +127,7 @@ def tied_weighted_run(seed: int) -> Checked:
     """Jobs crossing any resources 1-3 times, integer sizes, start times and capacities
     (many finishes and starts at one instant), starts chained at finishes, capacity
     changes: the cases where the level below a change depends on weights and on several
-    finishes at once (review R7: a bound without weights, or the highest of several
-    finishes' rates instead of the lowest, passed the workload above)."""
+    finishes at once."""
     rng = random.Random(seed)
     nres = rng.choice([rng.randint(2, 8), rng.randint(10, 24)])
     env = simpy.Environment()

@@ -131,7 +131,7 @@ def test_sides_on_the_same_calibrations_pair_them_and_steps_follow_the_median_ra
                      predict=predict, run=run)
     assert out["a"]["predicted_samples_per_s"] == 145.0            # (130 + 160) / 2
     assert out["a"]["predicted_step_time_s"] == pytest.approx(16 / 145.0)
-    steps = {"t0": 0.5, "t1": 0.2, "t2": 0.3}              # asynchronous: samples a step differ (review R8)
+    steps = {"t0": 0.5, "t1": 0.2, "t2": 0.3}              # asynchronous: samples a step differ
 
     def predict_async(scenario, items):
         key = Path(next(i for i in items if i.startswith("cluster.topology=")).split('"')[1]).name

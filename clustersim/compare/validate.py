@@ -258,11 +258,12 @@ def speedup(scenario: str, set_items: list[str], against_items: list[str], topol
 
     def side_row(side: str) -> dict:
         measured = [x["samples_per_s"] for x in runs[side]]
+        rate = statistics.median(rates[side])
         return {"set": given[side], "topology": topologies[side], "ranks": predicted[side][0]["ranks"],
-                "predicted_samples_per_s": statistics.median(rates[side]),
+                "predicted_samples_per_s": rate,
                 "predicted_calibrations_samples_per_s": rates[side],
                 "predicted_spread_pct": spread_pct(rates[side]),
-                "predicted_step_time_s": step_of(predicted[side], statistics.median(rates[side])),
+                "predicted_step_time_s": step_of(predicted[side], rate),
                 "measured_samples_per_s": statistics.median(measured), "measured_runs_samples_per_s": measured,
                 "measured_step_time_s": statistics.median(x["step_time_s"] for x in runs[side]),
                 "spread_pct": spread_pct(measured)}

@@ -260,11 +260,16 @@ class Topology:
         if self.route_templates:                      # machines of one shape: the NIC at the same place
             shape, nodes, place = self._shape(machine)
             key = ("nic", shape, place[device])
+            searched = None
             if key not in self._templates:
-                found, inside = self._nearest_nic(device, nics)
+                searched = self._nearest_nic(device, nics)
+                found, inside = searched
                 self._templates[key] = place[found] if inside and found is not None else None
             at = self._templates[key]
-            self._nic_of[device] = nodes[at] if at is not None else self._nearest_nic(device, nics)[0]
+            if at is not None:
+                self._nic_of[device] = nodes[at]
+            else:                                     # this device's own search (done above if first)
+                self._nic_of[device] = (searched or self._nearest_nic(device, nics))[0]
         else:
             self._nic_of[device] = self._nearest_nic(device, nics)[0]
         return self._nic_of[device]
@@ -379,12 +384,12 @@ class Topology:
 
     def _pick(self, options: list[str], src: str, dst: str, src_machine: int | None, digits: int) -> tuple[str, int]:
         """The next hop among equally short and wide ``options``, and the digits left."""
-        if len(options) > 1 and all(self.devices[o].kind == "nic" for o in options):
+        if len(options) == 1:
+            return options[0], digits
+        if all(self.devices[o].kind == "nic" for o in options):
             end = src if self.devices[options[0]].machine == src_machine else dst
             return options[rail(end) % len(options)], digits          # the endpoint's own NIC
-        if len(options) > 1:
-            return options[digits % len(options)], digits // len(options)   # D-mod-K: the next digit
-        return options[0], digits
+        return options[digits % len(options)], digits // len(options)   # D-mod-K: the next digit
 
     def _across_fabric(self, src: str, dst: str) -> tuple[DirLink, ...]:
         """``_shortest(src, dst, fabric_only=True)`` by a BFS tree of the fabric cached per
@@ -395,10 +400,10 @@ class Topology:
         if dst in fabric.index:
             root, cap0 = dst, float("inf")
         else:
-            ups = [nb for nb in self._adj[dst] if nb in fabric.index]
-            if len(ups) != 1:
+            root = fabric.uplink(dst, self._adj[dst])
+            if root is None:
                 return self._shortest(src, dst, fabric_only=True)
-            root, cap0 = ups[0], self.capacity[(ups[0], dst)]
+            cap0 = self.capacity[(root, dst)]
         tree = fabric.tree(root, cap0)
         below = 0 if root == dst else 1                     # dst's level under the root's tree
         cap = self.capacity
@@ -435,10 +440,7 @@ class Topology:
                 options = tree.options.get(node)
                 if options is None:
                     options = tree.options[node] = fabric.options(tree, node, self._adj[node])
-                if len(options) == 1:                        # ``_pick``'s answer for one option
-                    nxt = options[0]
-                else:
-                    nxt, digits = self._pick(options, src, dst, None, digits)
+                nxt, digits = self._pick(options, src, dst, None, digits)
             path.append((node, nxt))
             node = nxt
         return tuple(path)
@@ -462,19 +464,19 @@ class _Tree:
 class _Fabric:
     """The network switches as arrays: node indices and directed links (from, to,
     capacity), for breadth-first trees computed level by level in array arithmetic, each
-    level from the hops into the one before (not a pass over every link per level)."""
+    level from the hops into the one before."""
 
     def __init__(self, nodes: list[str], adj: dict[str, list[str]], capacity: dict[DirLink, float]) -> None:
         self.nodes = nodes
         self.index = {n: i for i, n in enumerate(nodes)}
         pairs = [(self.index[v], self.index[u], capacity[(v, u)])
                  for u in nodes for v in adj[u] if v in self.index]
-        self.frm = np.array([p[0] for p in pairs], dtype=np.int64)     # a hop frm -> to, toward the root
-        self.to = np.array([p[1] for p in pairs], dtype=np.int64)
-        self.cap = np.array([p[2] for p in pairs], dtype=float)
-        # the same hops sorted by ``to``: those into node i are ``in_frm[into[i]:into[i + 1]]``
-        order = np.argsort(self.to, kind="stable")
-        self.in_frm, self.in_to, self.in_cap = self.frm[order], self.to[order], self.cap[order]
+        frm = np.array([p[0] for p in pairs], dtype=np.int64)          # a hop frm -> to, toward the root
+        to = np.array([p[1] for p in pairs], dtype=np.int64)
+        cap = np.array([p[2] for p in pairs], dtype=float)
+        # the hops sorted by ``to``: those into node i are ``in_frm[into[i]:into[i + 1]]``
+        order = np.argsort(to, kind="stable")
+        self.in_frm, self.in_to, self.in_cap = frm[order], to[order], cap[order]
         self.into = np.searchsorted(self.in_to, np.arange(len(nodes) + 1))
         self.capacity = capacity
         self._trees: dict[tuple[str, float], _Tree] = {}
