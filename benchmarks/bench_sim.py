@@ -176,8 +176,7 @@ def ring_flows(fluid_env: simpy.Environment, fluid: Fluid, steps: list[dict]):
 def random_flows(env: simpy.Environment, fluid: Fluid, rng: np.random.Generator):
     """RANDOM_FLOWS flows between random hosts, arriving as a Poisson stream at the rate
     that keeps ~RANDOM_LOAD in flight (each alone would take FLOW_BYTES / link).  The
-    hosts, routes and gaps are drawn here, before the run is timed (drawing inside it was
-    ~15% of the random set's time), in the order the stream used to draw them."""
+    hosts, routes and gaps are drawn here, before the run is timed, in the stream's order."""
     gap = FLOW_BYTES / HOST_LINK_BPS / RANDOM_LOAD * 4
     draws = []
     for _ in range(RANDOM_FLOWS):
@@ -218,7 +217,7 @@ def flow_rates(repeats: int) -> dict:
     for kind in FLOW_SETS:
         runs = [flow_rate(kind) for _ in range(repeats)]
         out[kind] = {"flows_per_s": statistics.median(r[0] for r in runs), "sim_end_s": runs[0][2]}
-    side = guarded(simgrid_side_by_side, bench_sets(sys.modules[__name__]), flow_rate, repeats)
+    side = guarded(lambda: simgrid_side_by_side(bench_sets(sys.modules[__name__]), flow_rate, repeats))
     if "error" in side:
         side = {"flow_rate_ratio_simgrid": None, "simgrid_note": f"SimGrid comparison failed: {side['error']}"}
     return {"flows_per_s": out, **side}

@@ -29,8 +29,8 @@ from sim.fluid import Fluid, timeout_at  # noqa: E402
 SIMGRID_PYTHON = "/usr/bin/python3"      # Debian's, where python3-simgrid installs
 SCRIPT = Path(__file__).with_name("simgrid_flows.py")
 # The bench times SimGrid with raw contexts: the binding's default, an OS thread per actor,
-# costs each hand-over a thread switch: 2.5-4x its run here, more on a busy host; the same floats
-# (tests/test_simgrid_agreement.py).  What is left is the kernel's speed (decision 035).
+# costs each hand-over a thread switch; raw contexts give the same floats
+# (tests/test_simgrid_agreement.py), so what is timed is the kernel's speed (decision 035).
 BENCH_CONFIG = ("contexts/factory:raw",)
 
 Flow = tuple[float, dict, float]         # (start_s or step, {link: 1}, bytes)
@@ -78,11 +78,10 @@ def run_simgrid(flows: list[Flow], capacity: dict[Hashable, float], mode: str,
     return out["wall_s"], out["finish_s"], out["cpu_s"]
 
 
-def run_ours(flows: list[Flow], capacity: dict[Hashable, float], mode: str,
-             fluid: type = Fluid) -> tuple[list[float], float]:
+def run_ours(flows: list[Flow], capacity: dict[Hashable, float], mode: str) -> tuple[list[float], float]:
     """Each flow's finish in the flow model, and the simulated end."""
     env = simpy.Environment()
-    model = fluid(env, dict(capacity))
+    model = Fluid(env, dict(capacity))
     finish = [float("nan")] * len(flows)
 
     def started(i: int) -> simpy.Event:

@@ -32,9 +32,9 @@ CONFIG = ("network/model:CM02", "network/bandwidth-factor:1", "network/latency-f
 HOST_FLOPS = 1e9                        # hosts compute nothing here; SimGrid needs a speed
 
 
-def build(engine: "simgrid.Engine", links: dict, flows: list) -> list:
-    """The platform: one zone, the links, a host pair per distinct route; the (src, dst)
-    hosts of every flow in input order."""
+def build(links: dict, flows: list) -> list:
+    """The platform (in the engine made before): one zone, the links, a host pair per
+    distinct route; the (src, dst) hosts of every flow in input order."""
     zone = simgrid.NetZone.create_full_zone("flows")
     made = {name: zone.create_link(name, float(bps)).set_latency(0.0).seal() for name, bps in links.items()}
     pairs, ends = {}, []
@@ -109,7 +109,7 @@ def main() -> None:
     config = CONFIG + tuple(sys.argv[2:])
     engine = simgrid.Engine([sys.argv[0], "--log=root.thres:critical"] + [f"--cfg={c}" for c in config])
     flows = spec["flows"]
-    ends = build(engine, spec["links"], flows)
+    ends = build(spec["links"], flows)
     comms = [None] * len(flows)
     simgrid.Actor.create("driver", ends[0][0], driver, spec["mode"], schedule(spec["mode"], flows),
                          [int(f[2]) for f in flows], ends, comms)

@@ -211,8 +211,8 @@ def nccl_link_speed(topology: Topology, share: float = 1.0, cache: dict | None =
     on the share-1 table's speeds."""
     if cache is None:
         return _Speeds(topology, share).__getitem__
-    full = _cached(cache, ("speeds", id(topology), 1.0), lambda: _Speeds(topology, 1.0))
-    return _cached(cache, ("speeds", id(topology), share), lambda: _Speeds(topology, share, full)).__getitem__
+    full = _cached(cache, ("speeds", topology, 1.0), lambda: _Speeds(topology, 1.0))
+    return _cached(cache, ("speeds", topology, share), lambda: _Speeds(topology, share, full)).__getitem__
 
 
 def link_kind(topology: Topology, link: DirLink) -> str:
@@ -242,8 +242,7 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
     NCCL whose NVLS kernel lays out the chunks (the tuner is 2.20.3's whatever it says)."""
     nccl.version_tuple(version)
     nodes = [topology.machine_of(d) for d in devices]
-    group = (id(topology), tuple(devices))
-    _cached(cache, ("topology", id(topology)), lambda: topology)   # kept alive: its id keys the entries
+    group = (topology, tuple(devices))      # the topology itself (hashed by identity): kept alive while cached
     rail_ports = _cached(cache, ("ports", *group), lambda: ports(topology, devices))
     gpus = all(topology.devices[d].kind == "gpu" for d in devices)
     if not gpus:
@@ -327,7 +326,7 @@ def _cached(cache: dict | None, key: tuple, make: Callable):
 
 def _us_per_byte(topology, op, algo, devices, nodes, rail_ports, cache, nvs=None) -> float:
     """Microseconds per byte of ``algo`` alone on the links at NCCL's speeds, no latency."""
-    key = (id(topology), op, algo, tuple(devices))
+    key = (topology, op, algo, tuple(devices))
     if cache is not None and key in cache:
         return cache[key]
     size = 2.0**20

@@ -147,19 +147,17 @@ class Compute:
         else:
             self.queues[device].append((seconds, done))
             self._next(device)
-        return done
+        return done if then is None else None
 
     def _next(self, device: str) -> None:
-        """Starts the op first in ``device``'s queue, if any."""
+        """Starts the op first in ``device``'s queue, if any (the fluid path: lanes start
+        their next op in ``_lanes_due``)."""
         queue = self.queues[device]
         if not queue:
             self.busy.discard(device)
             return
         self.busy.add(device)
         seconds, done = queue.popleft()
-        if self.lanes is not None:
-            self._lane_start(device, seconds, done)
-            return
         start = self.env.now
 
         def finished(_e) -> None:
@@ -197,8 +195,8 @@ class Compute:
             self._arm_at(due[0][0])
 
     def _lanes_due(self, event: simpy.Event) -> None:
-        """Ends the lanes' ops due now, as the fluid's wake-up, job events and ``done``
-        events did one after the other: first every such lane takes its next op, then the
+        """Ends the lanes' ops due now in the fluid path's order: first every such lane
+        takes its next op, then the
         first op's callbacks run here and the others' ``done`` events fire in that order
         (an event each, so what one op's callbacks start urgently comes before the next).
         The first op's end takes one trip through simpy's queue, not the fluid's three: an

@@ -73,7 +73,7 @@ MEMO_ENTRIES = 250_000
 _SLACK = 1e-9
 
 # From this many jobs in a component on, a change re-solves only the jobs above it; below,
-# whole solves cost no more (2-32 run the random bench set alike) and are remembered.
+# whole solves cost no more and are remembered (decision 037).
 ABOVE_JOBS = 16
 
 # From this many resources on, a job's are mapped to ids by ``map``/``zip``: below it the
@@ -171,8 +171,8 @@ class Fluid:
             self._known = None
 
     def _new_resource(self, res: Hashable) -> int:
-        """The index of a resource first used now; its capacity is checked once, here
-        (``set_capacity`` checks every later one)."""
+        """The index of a resource first used now; its capacity is checked once, in
+        ``_new_resources`` (``set_capacity`` checks every later one)."""
         self._new_resources([res])
         return self._index[res]
 
