@@ -2,13 +2,16 @@
 
 A *job* needs ``amount`` units of work and loads resources with weights (a network flow:
 its directed links, bytes; a compute op: its device, work-seconds).  Whenever the set of
-jobs changes, rates are re-solved by ``flows.max_min_rates`` -- but only for the connected
-component of jobs that share resources with the change, so traffic inside one machine
-never re-solves the whole cluster; one component is kept from solve to solve, so a change
-inside it needs no search.  In a large component only the jobs at or above the level where
-the filling first differs are solved again, over the capacity the jobs below leave them:
-the same max-min rates, in floats that may differ from a whole solve's in the last digits
-(decision 037).  Changes at one instant are batched into one solve.
+jobs changes, rates are re-solved by ``flows.max_min_rates`` -- but only where the change
+can move them.  A few jobs started or finished re-solve a part of their component, over the
+capacity the rest leaves it: the jobs on a changed resource at or above the level where the
+filling first differs, grown until every job has a saturated resource where no job gets more
+(the max-min allocation by its definition), so the same rates in floats that may differ from
+a whole solve's in the last digits (decisions 037, 042).  Many jobs started at once, a
+capacity changed, or a part that is whole components re-solve the whole connected components
+of the jobs touched, so traffic inside one machine never re-solves the whole cluster; one
+component is kept from solve to solve, so a change inside it needs no search.  Changes at one
+instant are batched into one solve.
 Each job's finish time is then exact until the next change; the simpy side only
 reschedules completions (SimGrid's approach).  A job ends only when the clock reaches its
 own computed finish time, never "nearly done": ending a large job a few bytes early would
@@ -72,9 +75,16 @@ MEMO_ENTRIES = 250_000
 # again too: their rates came from floats, and one that truly sits at that level moves.
 _SLACK = 1e-9
 
+# A resource within this relative slack of its capacity is saturated, and a job within it
+# of the top rate on a resource gets the most there (the checks of a part solved: round-off).
+_TIGHT = 1e-12
+
 # From this many jobs in a component on, a change re-solves only the jobs above it; below,
 # whole solves cost no more and are remembered (decision 037).
 ABOVE_JOBS = 16
+
+# The most jobs a change re-solves in a component not searched to its end (decision 042).
+LOCAL_JOBS = 64
 
 # From this many resources on, a job's are mapped to ids by ``map``/``zip``: below it the
 # plain loop is faster (a GPU's op has one, a message a few).
@@ -222,63 +232,193 @@ class Fluid:
             if split:                               # this solve serves every part; the next searches
                 self._known = None
         else:
+            # a change among few new jobs outside the kept component: solved where it moves rates,
+            # with no search (a part that is whole components is solved whole and remembered)
+            if not whole and len(new) < ABOVE_JOBS and self._local([j for j in new if j in self.jobs], ended,
+                                                                    LOCAL_JOBS):
+                if split:
+                    self._known = None
+                return
             comp, one = self._component(list(dirty))
             if known is None or split or len(comp) > len(known) or not comp.isdisjoint(known):
                 self._known = comp if one and comp else None    # else the larger one stays kept
-        if not whole and len(comp) >= ABOVE_JOBS and len(new) < len(comp):     # else none can be held
-            upper = self._upper([j for j in new if j in self.jobs], ended, (len(comp) + 1) // 2)
-            if upper is not None:                   # at most half the component: solve those
-                self._resolve(*upper)
+            if not whole and len(new) < ABOVE_JOBS:
+                self._resolve(comp)                 # solving a part failed: solve it whole
                 return
+        if (not whole and len(comp) >= ABOVE_JOBS and len(new) < len(comp)     # else none can be held
+                and not self._remembered(comp)
+                and self._local([j for j in new if j in self.jobs], ended, (len(comp) + 1) // 2)):
+            return                                  # at most half the component solved
         self._resolve(comp)
 
-    def _upper(self, new: list[int], ended: list[_Job], most: int) -> tuple[set[int], dict] | None:
-        """The jobs whose rates can change after jobs ``new`` started and jobs ``ended``
-        finished: those at or above the level where the filling first differs (a finished
-        job's rate; a new job's least even share of a resource), connected to a changed
-        resource through such jobs, and the capacity their resources have left beside the
-        jobs held below.  None where they are ``most`` jobs or more (a whole solve costs
-        about as much, and is remembered), where one is wide, or where capacity is left
-        nowhere."""
-        jobs, users_at, caps = self.jobs, self._users_at, self._caps
+    def _local(self, new: list[int], ended: list[_Job], most: int) -> bool:
+        """Re-solves only the jobs whose rates the changes (jobs ``new`` started, jobs ``ended``
+        finished) move, and applies their rates; False, with nothing touched, where that set
+        reaches ``most`` jobs, a new job is wide, capacity is left nowhere or no job can
+        settle a solved one (the caller then solves the whole component).
+
+        The set solved (over the capacity every other job leaves it, at its rate) starts as
+        the new jobs and those on a changed resource at or above the level where the filling
+        first differs (``_below``), and grows until the result is the max-min allocation by
+        its definition: every job has a saturated resource where no job gets more
+        (``_unsettled``).  Jobs away from every change and every moved rate keep theirs, as
+        they had one.  Decision 042."""
+        jobs, users_at = self.jobs, self._users_at
+        level = self._below(new, ended)
+        if level is None:
+            return False
+        below, changed = level
+        solve = set(new)
+        for i in changed:
+            solve.update([u for u in users_at[i] if jobs[u].rate >= below])
+        while len(solve) < most:
+            part = self._part(solve)
+            if part is None:
+                return False
+            flows, left, top, shared = part
+            if not shared and all(users_at[i] <= solve for i in changed):
+                self._resolve(solve)                # the changed jobs' whole components: remembered
+                return True
+            solved = max_min_rates(flows, left)
+            more = self._unsettled(solve, solved, left, top, changed)
+            if more is None:
+                return False
+            if not more:
+                self._apply(solved.items())
+                return True
+            solve |= more
+        return False
+
+    def _below(self, new: list[int], ended: list[_Job]) -> tuple[float, set[int]] | None:
+        """The level below which no rate moves (less a relative ``_SLACK``) and the resources
+        changed; None where a new job is wide.  A finish moves nothing below the finished
+        job's rate (none of its resources saturates earlier without it); starts nothing below
+        the least ``_fill_level`` over their resources."""
+        jobs = self.jobs
         seeds = set().union(*[job.links for job in ended])
         below = min([job.rate for job in ended], default=float("inf"))
+        fresh = set(new)
+        reached: set[int] = set()
         for jid in new:
             links = jobs[jid].links
             if len(links) >= BULK:
                 return None
-            seeds.update(links)
-            for i, n in links.items():              # it gets at least every resource's even share
-                below = min(below, caps[i] / sum(jobs[u].links[i] for u in users_at[i]))
-        below *= 1 - _SLACK
-        fresh = set(new)
-        comp, seen, held = set(), set(), set()
-        todo = list(seeds)
-        while todo:
-            i = todo.pop()
-            if i in seen:
-                continue
-            seen.add(i)
-            for jid in users_at[i] - comp - held:
-                job = jobs[jid]
-                if job.rate < below and jid not in fresh:
-                    held.add(jid)
-                else:
-                    comp.add(jid)
-                    todo.extend(job.links)
-            if len(comp) >= most:
-                return None
-        left = {}
-        for i in set().union(*[jobs[j].links for j in comp]):
-            left[i] = caps[i] - sum([jobs[j].links[i] * jobs[j].rate for j in sorted(users_at[i] & held)])
-        if min(left.values(), default=1.0) <= 0:
-            return None
-        return comp, left
+            reached.update(links)
+        for i in reached:
+            below = min(below, self._fill_level(i, fresh))
+        return below * (1 - _SLACK), seeds | reached
 
-    def _component(self, seeds: list[int]) -> tuple[set[int], bool]:
+    def _part(self, solve: set[int]) -> tuple[dict[int, dict[int, float]], dict[int, float], dict[int, float], bool] | None:
+        """The jobs ``solve`` as the solver takes them (in start order), the capacity the other
+        jobs leave them at their rates and those jobs' top rate, by resource, and whether any
+        other job shares a resource with them; None where some resource has none left."""
+        jobs, users_at, caps = self.jobs, self._users_at, self._caps
+        flows = {jid: jobs[jid].links for jid in sorted(solve)}
+        left: dict[int, float] = {}
+        top: dict[int, float] = {}
+        shared = False
+        for links in flows.values():
+            for i in links:
+                if i in left:
+                    continue
+                others = users_at[i] - solve
+                room, most = caps[i], 0.0
+                if others:
+                    shared = True
+                    for u in sorted(others):
+                        job = jobs[u]
+                        room -= job.links[i] * job.rate
+                        if job.rate > most:
+                            most = job.rate
+                    if room <= 0:
+                        return None
+                left[i], top[i] = room, most
+        return flows, left, top, shared
+
+    def _unsettled(self, solve: set[int], solved: dict[int, float], left: dict[int, float], top: dict[int, float],
+                   changed: set[int]) -> set[int] | None:
+        """The jobs outside ``solve`` that must join it for its rates ``solved`` (over ``left``,
+        beside other jobs of ``top`` rate at most) to be max-min fair after the resources
+        ``changed`` changed: a solved job's blockers (higher on its saturated resources)
+        where it has no saturated resource of its own, and the jobs on a changed resource,
+        or beside a moved rate, that no longer have one (to ``_TIGHT``).  None where a
+        solved job lacks one and nothing outside blocks it (round-off)."""
+        jobs, users_at, caps = self.jobs, self._users_at, self._caps
+        load = {i: caps[i] - room for i, room in left.items()}
+        top = dict(top)
+        for jid, rate in solved.items():
+            for i, n in jobs[jid].links.items():
+                load[i] += n * rate
+                if rate > top[i]:
+                    top[i] = rate
+        full = {i for i, used in load.items() if used >= caps[i] * (1 - _TIGHT)}
+        more: set[int] = set()
+        moved = set(changed)
+        for jid, rate in solved.items():
+            job = jobs[jid]
+            if rate != job.rate:
+                moved.update(job.links)
+            least = rate * (1 + _TIGHT)
+            for i in job.links:
+                if i in full and top[i] * (1 - _TIGHT) <= rate:
+                    break                                   # settled here
+            else:
+                blockers = [u for i in job.links if i in full for u in users_at[i]
+                            if u not in solve and jobs[u].rate > least]
+                if not blockers:
+                    return None
+                more.update(blockers)
+        for i in moved:
+            for u in users_at[i]:
+                if u not in solve and u not in more and not self._settled(u, load, top, full):
+                    more.add(u)
+        return more
+
+    def _settled(self, jid: int, load: dict[int, float], top: dict[int, float], full: set[int]) -> bool:
+        """Whether job ``jid``, at its rate, has a saturated resource where no job gets more
+        (to ``_TIGHT``); ``load``, ``top`` and ``full`` hold the resources seen so far (the
+        solved part's with its new rates) and take the others as they are."""
+        jobs, caps, rate = self.jobs, self._caps, self.jobs[jid].rate
+        for i in jobs[jid].links:
+            if i not in load:
+                used = most = 0.0
+                for u in self._users_at[i]:
+                    job = jobs[u]
+                    used += job.links[i] * job.rate
+                    if job.rate > most:
+                        most = job.rate
+                load[i], top[i] = used, most
+                if used >= caps[i] * (1 - _TIGHT):
+                    full.add(i)
+            if i in full and top[i] * (1 - _TIGHT) <= rate:
+                return True
+        return False
+
+    def _fill_level(self, i: int, fresh: set[int]) -> float:
+        """The level at which resource ``i`` fills when the jobs ``fresh`` on it run at that
+        level and every other at the lesser of its rate and that level: where new jobs start,
+        the filling first differs at the least such level over their resources (below it every
+        resource saturates as before, and the first new job to freeze freezes there)."""
+        jobs, room, weight, old = self.jobs, self._caps[i], 0.0, []
+        for u in self._users_at[i]:
+            job = jobs[u]
+            n = job.links[i]
+            weight += n
+            if u not in fresh:
+                old.append((job.rate, n))
+        old.sort()
+        for rate, n in old:
+            if rate * weight >= room:
+                break
+            room -= rate * n
+            weight -= n
+        return room / weight
+
+    def _component(self, seeds: list[int], most: int = 0) -> tuple[set[int] | None, bool]:
         """The live jobs that share resources with ``seeds``, transitively, and whether they
         form one component (the first seed's reaches all); each resource is expanded once,
-        however many jobs reach it."""
+        however many jobs reach it.  ``(None, False)`` once they are ``most`` jobs or more,
+        where ``most`` is given."""
         jobs, users_at = self.jobs, self._users_at
         live = [j for j in seeds if j in jobs]
         comp, seen, todo = set(live[:1]), set(), live[:1]
@@ -291,6 +431,8 @@ class Fluid:
                     if new:
                         comp |= new
                         todo.extend(new)
+            if most and len(comp) >= most:
+                return None, False
             if not todo:
                 todo = [j for j in live if j not in comp]
                 if todo:
@@ -298,34 +440,38 @@ class Fluid:
                     comp.update(todo)
         return comp, one
 
-    def _resolve(self, comp: set[int], left: dict[int, float] | None = None) -> None:
-        """New rates for the jobs of ``comp``, taken in start order (the floats of a solve
-        must not depend on how a set happens to iterate), over the capacity ``left`` to them
-        (None: all of it; such solves are remembered).  A job whose rate comes out the same
-        keeps its last update and finish time: nothing about it changed."""
+    def _remembered(self, comp: set[int]) -> bool:
+        """Whether the solve of the whole component ``comp`` is remembered (a hit costs less
+        than any part solved)."""
+        jobs = self.jobs
+        return tuple([jobs[jid].key for jid in sorted(comp)]) in self._memo
+
+    def _resolve(self, comp: set[int]) -> None:
+        """New rates for the jobs of ``comp``, a whole component, taken in start order (the
+        floats of a solve must not depend on how a set happens to iterate); remembered.  A
+        job whose rate comes out the same keeps its last update and finish time: nothing
+        about it changed."""
         if not comp:
             return
-        now = self.env.now
-        self.solves += 1
         jobs, resources, capacity = self.jobs, self._resources, self.capacity
         first = jobs[next(iter(comp))]
-        if left is not None:
-            order = sorted(comp)
-            solved = max_min_rates({jid: jobs[jid].links for jid in order}, left)
-            rates = [(jid, solved[jid]) for jid in order]
-        elif len(comp) == 1 and len(first.links) == 1:    # alone on one resource: no solve needed
+        if len(comp) == 1 and len(first.links) == 1:    # alone on one resource: no solve needed
             [jid], [(i, n)] = comp, first.links.items()
-            rates = ((jid, capacity[resources[i]] / n),)
-        else:
-            order = sorted(comp)
-            key = tuple([jobs[jid].key for jid in order])
-            found = self._memo.get(key)
-            if found is None:
-                solved = max_min_rates({jid: jobs[jid].links for jid in order}, self._caps, self._users_at)
-                found = tuple([solved[jid] for jid in order])
-                self._remember(key, found)
-            rates = zip(order, found)
-        heap = self._heap
+            self._apply(((jid, capacity[resources[i]] / n),))
+            return
+        order = sorted(comp)
+        key = tuple([jobs[jid].key for jid in order])
+        found = self._memo.get(key)
+        if found is None:
+            solved = max_min_rates({jid: jobs[jid].links for jid in order}, self._caps, self._users_at)
+            found = tuple([solved[jid] for jid in order])
+            self._remember(key, found)
+        self._apply(zip(order, found))
+
+    def _apply(self, rates) -> None:
+        """Moves each ``(job, rate)`` to its rate from now and wakes at the earliest finish."""
+        now, jobs, heap = self.env.now, self.jobs, self._heap
+        self.solves += 1
         for jid, rate in rates:
             job = jobs[jid]
             if rerate(job, rate, now):

@@ -138,13 +138,15 @@ filling_arrays = flows_mod._filling_arrays
 
 
 def ring_and_random_finishes(seed: int) -> list[float]:
-    """Three ring steps on 8 hosts (the same pattern each step), then random transfers."""
+    """Three ring steps on 8 hosts (the same pattern each step, each step done before the
+    next), then random transfers, some of them during a fourth step."""
     rng = random.Random(seed)
     caps = {(h, d): rng.choice([1.0, 2.5, 12.5e9]) for h in range(8) for d in "ud"}
-    jobs = [(step * 1e3, 1e6, {(h, "u"): 1, ((h + 1) % 8, "d"): 1}) for step in range(3) for h in range(8)]
+    jobs = [(step * 1e7, 1e6, {(h, "u"): 1, ((h + 1) % 8, "d"): 1}) for step in range(4) for h in range(8)]
     for _ in range(20):
         a, b = rng.sample(range(8), 2)
-        jobs.append((rng.choice([0.0, 3e3, rng.uniform(0, 5e3)]), rng.choice([1.0, 1e6]), {(a, "u"): 1, (b, "d"): 2}))
+        jobs.append((rng.choice([3e7, 3e7 + 3e3, 3e7 + rng.uniform(0, 5e3)]), rng.choice([1.0, 1e6]),
+                     {(a, "u"): 1, (b, "d"): 2}))
     return simulated_finishes(jobs, caps)
 
 
