@@ -98,6 +98,10 @@ class Compute:
         self._due: list[tuple[float, int, str]] = []    # (finish, start sequence, device); stale ones skipped
         self._seq = itertools.count()
         self._wake_at, self._timer = float("inf"), None  # the one live lane timer
+        # inside ``_lanes_due`` the next timer is only reserved, (time, simpy event id), and
+        # put on simpy's queue on the way out unless it is the very next event: then the
+        # lanes run ahead to it at once (``ahead`` counts those ends, events not queued)
+        self._inside, self._reserved, self.ahead = False, None, 0
         self._dirty: list[tuple[str, int]] = []          # (lane, its op) whose capacity changed this instant
 
     def in_order(self, device: str) -> bool:
@@ -140,7 +144,10 @@ class Compute:
             return self.fluid.start(self.weights[device], seconds)
         done = then or self.env.event()
         if device in self.busy:
-            self.queues[device].append((seconds, done))
+            queue = self.queues[device]
+            if queue and type(queue[-1][1]) is Quiet and type(done) is not Quiet:
+                raise RuntimeError(f"{device}: an op queued behind a chain given ahead (decision 043)")
+            queue.append((seconds, done))
         elif self.lanes is not None:
             self.busy.add(device)
             self._lane_start(device, seconds, done)
@@ -178,8 +185,13 @@ class Compute:
             self._arm_at(finish)
 
     def _arm_at(self, when: float) -> None:
-        """The one live lane timer, at ``when`` (an earlier-armed one goes stale)."""
+        """The one live lane timer, at ``when`` (an earlier-armed one goes stale).  Inside
+        ``_lanes_due`` it takes its simpy event id now, as ``timeout_at`` would, and the
+        queue entry later (``_leave``): the same place among simpy's events."""
         self._wake_at = when
+        if self._inside:
+            self._reserved = (max(when, self.env.now), next(self.env._eid))
+            return
         self._timer = timeout_at(self.env, when)
         self._timer.callbacks.append(self._lanes_due)
 
@@ -203,17 +215,35 @@ class Compute:
         unrelated event tied with it runs after it here, before it there (decision 032)."""
         if event is not self._timer:
             return                                           # superseded by an earlier one
-        self._timer = None                                   # (_wake_at stays now: next ops arm nothing)
+        self._timer, self._inside = None, True
+        try:
+            while self._lanes_end():                         # the next timer would be simpy's next event
+                self.ahead += 1
+        finally:
+            self._inside = False
+        self._leave()
+
+    def _lanes_end(self) -> bool:
+        """``_lanes_due``'s work at one instant; True where the timer it reserved would be
+        the next event simpy takes (nothing else queued before it, at its time or earlier
+        in simpy's order): then simpy's clock is moved to it and the caller runs it at once,
+        as ``Environment.step`` would next (decision 043)."""
         now, due, lanes = self.env.now, self._due, self.lanes
-        ended = []
+        ended, devices = [], []
         while due and due[0][0] <= now:
             entry = heapq.heappop(due)
             lane = lanes[entry[2]]
             if lane.done is not None and lane.seq == entry[1] and lane.finish == entry[0]:    # live (``_arm``)
-                ended.append((entry[2], lane.done, lane.start))
-                lane.done = None
+                done, lane.done = lane.done, None
+                devices.append(entry[2])
+                if type(done) is Quiet:                      # logged; woken only where asked
+                    done.log.append((done.i, lane.start, now))
+                    done = done.wake[done.i]
+                    if done is None:
+                        continue
+                ended.append((entry[2], done, lane.start))
         queues = self.queues
-        for device, _, _ in ended:                           # ``_next``, inlined
+        for device in devices:                               # ``_next``, inlined
             queue = queues[device]
             if queue:
                 self._lane_start(device, *queue.popleft())
@@ -232,6 +262,24 @@ class Compute:
                 _process(done, start)
             else:
                 done(start)
+        reserved, env = self._reserved, self.env
+        if reserved is None:
+            return False
+        queue = env._queue
+        if queue and queue[0][:3] < (reserved[0], simpy.core.NORMAL, reserved[1]):
+            return False
+        self._reserved, env._now = None, reserved[0]
+        return True
+
+    def _leave(self) -> None:
+        """Puts the timer reserved inside ``_lanes_due`` on simpy's queue with the id it took."""
+        if self._reserved is not None:
+            when, eid = self._reserved
+            self._reserved = None
+            timer = self._timer = simpy.Event(self.env)
+            timer._ok, timer._value = True, None
+            timer.callbacks.append(self._lanes_due)
+            heapq.heappush(self.env._queue, (when, simpy.core.NORMAL, eid, timer))
 
     def _lane_capacity(self, device: str, capacity: float) -> None:
         """A lane's capacity changes now; its op, if running, is re-solved once this instant's
@@ -304,6 +352,16 @@ class _Lane:
 
     def __init__(self) -> None:
         self.capacity, self.done = 1.0, None
+
+
+class Quiet:
+    """A lane op the engine gave ahead, as part of a chain (``Engine.run_graph``): its end
+    only appends ``(i, start, end)`` to ``log`` and starts the lane's next op, unless
+    ``wake[i]`` holds a callable, which its end then calls as a ``then`` (decision 043)."""
+    __slots__ = ("log", "i", "wake")
+
+    def __init__(self, log: list, i: int, wake: list) -> None:
+        self.log, self.i, self.wake = log, i, wake
 
 
 def _process(event: simpy.Event, value) -> None:

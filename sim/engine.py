@@ -15,7 +15,7 @@ import numpy as np
 import simpy
 
 from sim import collectives
-from sim.compute import MEASURED_SHARED, Compute
+from sim.compute import MEASURED_SHARED, Compute, Quiet
 from sim.faults import failure_schedule, slowdowns
 from sim.network import BACKENDS
 from clustersim.core.plan import PARAM_BYTES, Plan, cost_key, split_key
@@ -130,7 +130,8 @@ class Engine:
             chained = [s + [nxt] if nxt >= 0 else s for s, nxt in zip(succ, following)]
             names = [f"{op.why if op.kind == 'xfer' else op.kind} L{op.layer}" for op in plan.ops]
             alone: dict = {}        # alike device id -> each op's seconds alone there (None: not yet)
-            self._graphs[key] = (plan, succ, following, bwd, keys, per_layer, works, chained, names, alone)
+            self._graphs[key] = (plan, succ, following, bwd, keys, per_layer, works, chained, names, alone,
+                                 _chains(plan, self.plan))
         return self._graphs[key]
 
     # --- faults ------------------------------------------------------------------------------
@@ -349,8 +350,9 @@ class Engine:
         work units from a plan of the unit's batch).  A slot on a GPU gets its compute ops one
         at a time in the Plan's order (the pipeline schedule), each once the one before has
         finished, as a stream of kernels runs; a shared device gets each as it is ready.  Ops
-        on failed devices never start."""
-        plan, succ, following, bwd_per_slot, keys, bwd_per_layer, works, chained, names, alone = \
+        on failed devices never start.  A slot that runs on its own goes to its GPU as one
+        chain, the engine woken only where it must be (``_chains``, decision 043)."""
+        plan, succ, following, bwd_per_slot, keys, bwd_per_layer, works, chained, names, alone, chains = \
             self._graph_info(plan or self.plan)
         env, compute, failed, add, shortcut = self.env, self.compute, self.failed, self.trace.add, self.shortcut
         ops, devices = plan.ops, self.plan.devices[replica]
@@ -367,8 +369,14 @@ class Engine:
         left = [len(ops)]
         slot_left = list(bwd_per_slot)
         layer_left = dict(bwd_per_layer)
+        # a slot whose ops form a chain of their own goes to its lane at once (``_chains``);
+        # its layers' events are made when first asked for (``Ready``)
+        chains = [c if c is not None and in_order[j] and shortcut and not self.failures else None
+                  for j, c in enumerate(chains)]
+        asked: dict = {}                     # chained slot -> what makes a layer's event
         run = GraphRun(env.event(), [env.event() for _ in range(plan.slots)],
-                       {key: env.event() for key in bwd_per_layer})
+                       Ready({key: env.event() for key in bwd_per_layer if chains[key[0]] is None},
+                             bwd_per_layer, asked))
         self.last_run[replica] = run
 
         def launch(op) -> None:
@@ -422,6 +430,53 @@ class Engine:
             if left[0] == 0:
                 run.done.succeed()
 
+        def give_chain(slot: int) -> None:
+            """The slot's ops to its lane at once, each ending quietly (``Quiet``) but where
+            the engine must hear of it now: the slot's last backward op, the chain's last
+            op, a layer's last backward op once its event is asked for (``asked``)."""
+            device, table, factor = devices[slot], tables[slot], factors[slot]
+            log, wake, ids = [], [None] * len(ops), chains[slot]
+
+            def settle(_started=None) -> None:
+                """Spans and counts of the chain's ops ended so far (the log), in order."""
+                made = run.layer_ready
+                for i, start, end in log:
+                    op = ops[i]
+                    add(Span(names[i], "compute", device, replica, step, start, end, op.bytes, op.flops, op.kind))
+                    if op.kind == "bwd":
+                        slot_left[slot] -= 1
+                        layer = (slot, op.layer)
+                        layer_left[layer] -= 1
+                        if layer_left[layer] == 0 and dict.get(made, layer) is not None:
+                            made[layer].succeed()
+                        if slot_left[slot] == 0:
+                            run.slot_ready[slot].succeed()
+                    left[0] -= 1
+                    if left[0] == 0:
+                        run.done.succeed()
+                log.clear()
+
+            def ask(layer) -> simpy.Event:
+                settle()
+                event = env.event()
+                if layer_left[layer] == 0:          # ended already: as an event fired and taken
+                    event._ok, event._value, event.callbacks = True, None, None
+                else:
+                    wake[[i for i in ids if ops[i].kind == "bwd" and ops[i].layer == layer[1]][-1]] = settle
+                return event
+            asked[slot] = ask
+            bwd = [i for i in ids if ops[i].kind == "bwd"]
+            for i in (ids[-1], *bwd[-1:]):
+                wake[i] = settle
+            for i in ids:
+                seconds = table[i]
+                if seconds is None:
+                    seconds = table[i] = compute.alone(device, ops[i].flops, ops[i].bytes, ops[i].kind == "bwd",
+                                                       keys[i], works[i])
+                key = keys[i]
+                compute.start(device, seconds * (compute.factor(device, key) if key in MEASURED_SHARED else factor),
+                              Quiet(log, i, wake))
+
         for j, n in enumerate(slot_left):
             if n == 0:
                 run.slot_ready[j].succeed()
@@ -430,7 +485,9 @@ class Engine:
         started = self._step_starts(plan, devices, replica, step)
         for op in ops:
             if waiting[op.id] == 0:
-                if op.slot in started:
+                if chains[op.slot] is not None and op.slot not in started:
+                    give_chain(op.slot)
+                elif op.slot in started:
                     started[op.slot].callbacks.append(lambda _e, op=op: launch(op))
                 else:
                     launch(op)
@@ -446,6 +503,63 @@ class Engine:
         key = split_key(plan, "step")
         return {j: self.compute_op(dev, 0.0, nbytes, replica, step, "step", "step", key=key)
                 for j, dev in enumerate(devices) if dev in self.step_costed}
+
+
+class Ready(dict):
+    """A step's layer events, (slot, layer) -> event: made up front for slots run op by op,
+    when first asked for on a slot given as a chain (``asked[slot](key)``), so that the
+    chain's lane wakes the engine only at the layers someone waits on."""
+
+    def __init__(self, made: dict, keys, asked: dict) -> None:
+        super().__init__(made)
+        self.keys_, self.asked = keys, asked
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys_
+
+    def __missing__(self, key):
+        if key not in self.keys_:
+            raise KeyError(key)
+        event = self[key] = self.asked[key[0]](key)
+        return event
+
+
+def _chains(plan: Plan, engine_plan: Plan) -> list[list[int] | None]:
+    """Per slot, its ops in the Plan's order where they form a chain of their own, else
+    None: compute ops only, each depending only on earlier ops of the slot, none depended
+    on from another slot, the slot's last backward op its last op, and its device given to
+    no other (replica, slot) of the engine's plan and no parameter-server shard -- so
+    nothing else is queued on the device while they run and each starts as the one
+    before ends (decision 043).  Not with per-layer pushes, whose quantising runs there."""
+    sc = engine_plan.scenario
+    if engine_plan.sync == "ps" and sc.training.push_early:
+        return [None] * plan.slots
+    by_slot: dict[int, list[int]] = {j: [] for j in range(plan.slots)}
+    place = {op.id: k for k, op in enumerate(plan.ops)}
+    ok = [True] * plan.slots
+    for op in plan.ops:
+        by_slot[op.slot].append(op.id)
+        if op.kind == "xfer":
+            ok[op.slot] = False
+            if op.dst is not None and 0 <= op.dst < plan.slots:
+                ok[op.dst] = False
+        for d in op.deps:
+            dep = plan.ops[d]
+            if dep.slot != op.slot or dep.kind == "xfer" or place[d] > place[op.id]:
+                ok[op.slot] = ok[dep.slot] = False
+    uses: dict[str, int] = {}
+    for row in engine_plan.devices:
+        for d in row:
+            uses[d] = uses.get(d, 0) + 1
+    shards = set(engine_plan.ps.devices) if engine_plan.ps is not None else set()
+    chains: list[list[int] | None] = []
+    for j in range(plan.slots):
+        ids = by_slot[j]
+        bwd = [i for i in ids if plan.ops[i].kind == "bwd"]
+        devices = {row[j] for row in engine_plan.devices}
+        alone = all(uses[d] == 1 and d not in shards for d in devices)
+        chains.append(ids if ok[j] and ids and alone and (not bwd or bwd[-1] == ids[-1]) else None)
+    return chains
 
 
 def _link_names(route) -> tuple[str, ...]:
@@ -485,6 +599,6 @@ def simulate(plan: Plan, steps: int | None = None, rng: np.random.Generator | No
     wall = time.perf_counter() - t0
     solves = getattr(engine.network, "fluid", None)
     stalled = not main.triggered                 # no event left, and the algorithm still waits
-    return SimResult(engine.trace, engine.env.now, engine.env.events_processed, wall, steps,
+    return SimResult(engine.trace, engine.env.now, engine.env.events_processed + engine.compute.ahead, wall, steps,
                      (solves.solves if solves else 0) + engine.compute.fluid.solves, engine,
                      engine.env.now if stalled else None, engine.stall_reason() if stalled else "")

@@ -39,6 +39,14 @@ CASES = {
     # asynchronous pushes and fetches to shards, coupled through their links
     "downpour": _case("distbelief-2012", "distbelief-speech", 64, 3, machines=17, model_parallel=8, replicas=2,
                       ps_shards=1, training={"algorithm": "downpour"}),
+    # slots given to their GPUs as chains (decision 043) beside parameter-server shards, with
+    # backup workers, local updates and work units
+    "ps-sync": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, ps_shards=2),
+    "backups": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, ps_shards=2, training={"backup_workers": 1},
+                     faults={"slowdown_sigma": 0.1}),
+    "local": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, training={"algorithm": "local", "local_steps": 2}),
+    "sandblaster": _case("dgx-h100", "mlp-digits", 32, 1, replicas=4, ps_shards=2,
+                         training={"algorithm": "sandblaster", "work_units": 8}),
     # a link cut mid-run: the topology changes under the kept link names and route checks
     "link-cut": _case("dgx-h100-fat-tree", "alexnet", 64, 3, machines=2, replicas=16,
                       faults={"slowdown_sigma": 0.05, "fail": [{"at_s": 0.012, "link": ["m1.nic0", "edge0.0"]}]}),
@@ -77,3 +85,39 @@ def test_a_job_joining_a_lone_one_at_the_same_instant_shares_from_the_start(shor
         env.process(job(name, at, amount))
     env.run()
     assert ends == {"A": 1.0, "B": 2.5, "C": 2.5}
+
+
+def test_chains_are_the_slots_that_run_on_their_own():
+    """``_chains``: a data-parallel replica's one slot is a chain of all its ops; slots that
+    send activations (model parallel) and per-layer pushes (their quantising runs on the
+    replica's GPU) are run op by op."""
+    from sim.engine import _chains
+
+    def chains(data):
+        p = plan(scenario_from_dict(data, "speed.toml"))
+        return p, _chains(p, p)
+    p, got = chains(CASES["alexnet-alike"])
+    assert got == [[op.id for op in p.ops]]
+    assert chains(CASES["image-80m"])[1] == [None] * 4
+    early = _case("dgx-h100", "mlp-digits", 32, 1, replicas=4, ps_shards=2,
+                  training={"push_early": True, "comm_bits": 8})
+    assert chains(early)[1] == [None]
+
+
+def test_an_op_given_behind_a_chain_is_an_error():
+    """A chain takes its device's queue for itself: anything else queued behind it would run
+    after the whole chain rather than between its ops, so it is refused loudly."""
+    import simpy
+    from clustersim.core.topogen import load_topology
+    from sim.compute import Compute, Quiet
+    env = simpy.Environment()
+    topology = load_topology("dgx-h100")
+    gpu = topology.compute_devices()[0]
+    compute = Compute(env, topology, "fp16")
+    log, wake = [], [None, None]
+    for i in range(2):
+        compute.start(gpu, 1.0, Quiet(log, i, wake))
+    with pytest.raises(RuntimeError, match="behind a chain"):
+        compute.run_seconds(gpu, 1.0)
+    env.run()
+    assert log == [(0, 0.0, 1.0), (1, 1.0, 2.0)]

@@ -89,8 +89,10 @@ def test_lanes_give_the_fluids_completions_in_its_order(seed):
 def test_a_gpu_runs_n_ops_back_to_back_in_n_events():
     """One lane, ops queued at once: each ends at the sum of the durations before it (exact
     in binary), each its own single event; the plain path takes four per op (the batched
-    solve, the fluid's timer, the job's event, Compute's ``done``)."""
-    for shortcut, events in ((True, 4), (False, 4 * 4)):
+    solve, the fluid's timer, the job's event, Compute's ``done``).  With nothing else
+    queued, the lane's first end is simpy's event and the next three run ahead of it
+    without a queue entry each (``Compute.ahead``, decision 043)."""
+    for shortcut, events, queued in ((True, 4, 1), (False, 4 * 4, 4 * 4)):
         env = CountingEnvironment()
         compute = Compute(env, TOPOLOGY, "fp16", shortcut=shortcut)
         ends = []
@@ -98,7 +100,8 @@ def test_a_gpu_runs_n_ops_back_to_back_in_n_events():
             compute.run_seconds(GPUS[0], seconds).callbacks.append(lambda e: ends.append((e.value, env.now)))
         env.run()
         assert ends == [(0.0, 0.5), (0.5, 0.75), (0.75, 1.75), (1.75, 1.875)]
-        assert env.events_processed == events + 1      # + the step that finds the queue empty
+        assert env.events_processed + compute.ahead == events + 1      # + the step that finds the queue empty
+        assert env.events_processed == queued + 1
 
 
 def _tied_with_timeouts(shortcut: bool) -> list:
