@@ -62,7 +62,7 @@ class _Job:
     __slots__ = ("links", "key", "amount", "remaining", "rate", "since", "event", "finish")
 
     def __init__(self, links: dict[int, float], amount: float, event: simpy.Event, now: float):
-        self.links, self.key, self.amount, self.remaining = links, tuple(links.items()), amount, amount
+        self.links, self.key, self.amount, self.remaining = links, None, amount, amount
         self.rate, self.since, self.event, self.finish = 0.0, now, event, float("inf")
 
 
@@ -160,9 +160,12 @@ class Fluid:
                 heapq.heappush(self._heap, (job.finish, jid))
                 self._schedule()
                 return event
-        self._join(jid, links)
+        if self._known is not None:
+            self._join(jid, links)
         self._new.append(jid)
-        self._mark((jid,))
+        if not self._dirty:                         # as ``_mark``, for one job
+            self.env.timeout(0).callbacks.append(self._flush)
+        self._dirty.add(jid)
         return event
 
     def _join(self, jid: int, links: dict[int, float]) -> None:
@@ -170,8 +173,6 @@ class Fluid:
         other job on its resources is inside; where some are and some are not, components
         merge and the next solve searches."""
         known = self._known
-        if known is None:
-            return
         others = set().union(*map(self._users_at.__getitem__, links))
         others.discard(jid)
         if others <= known:
@@ -181,14 +182,22 @@ class Fluid:
             self._known = None
 
     def _new_resource(self, res: Hashable) -> int:
-        """The index of a resource first used now; its capacity is checked once, in
-        ``_new_resources`` (``set_capacity`` checks every later one)."""
-        self._new_resources([res])
-        return self._index[res]
+        """The index of a resource first used now, as ``_new_resources`` gives it (a ring's
+        first step brings thousands, one at a time)."""
+        cap = self.capacity[res]
+        if cap <= 0:
+            raise ValueError(f"resource {res!r} has no capacity")
+        i = self._index[res] = len(self._resources)
+        self._resources.append(res)
+        self._caps.append(float(cap))
+        users = self.users[res] = set()
+        self._users_at.append(users)
+        return i
 
     def _new_resources(self, new: list[Hashable]) -> None:
         """Indexes resources first used now, in C loops (a collective's first job brings
-        thousands); ValueError for one with no capacity."""
+        thousands); ValueError for one with no capacity (checked once: ``set_capacity``
+        checks every later one)."""
         caps = list(map(self.capacity.__getitem__, new))
         if min(caps) <= 0:
             raise ValueError(f"resource {next(r for r, c in zip(new, caps) if c <= 0)!r} has no capacity")
@@ -443,8 +452,18 @@ class Fluid:
     def _remembered(self, comp: set[int]) -> bool:
         """Whether the solve of the whole component ``comp`` is remembered (a hit costs less
         than any part solved)."""
-        jobs = self.jobs
-        return tuple([jobs[jid].key for jid in sorted(comp)]) in self._memo
+        return self._key(sorted(comp)) in self._memo
+
+    def _key(self, order: list[int]) -> tuple:
+        """The memo's key of the jobs ``order``: their (resource, weight) lists, each built
+        when first asked (most jobs are never solved whole: fewer objects kept, fewer
+        garbage collections)."""
+        keys = []
+        for job in map(self.jobs.__getitem__, order):
+            if job.key is None:
+                job.key = tuple(job.links.items())
+            keys.append(job.key)
+        return tuple(keys)
 
     def _resolve(self, comp: set[int]) -> None:
         """New rates for the jobs of ``comp``, a whole component, taken in start order (the
@@ -460,7 +479,7 @@ class Fluid:
             self._apply(((jid, capacity[resources[i]] / n),))
             return
         order = sorted(comp)
-        key = tuple([jobs[jid].key for jid in order])
+        key = self._key(order)
         found = self._memo.get(key)
         if found is None:
             solved = max_min_rates({jid: jobs[jid].links for jid in order}, self._caps, self._users_at)
