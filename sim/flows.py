@@ -54,6 +54,10 @@ def max_min_rates(flows: Mapping[FlowId, Mapping[Link, float]],
     path gives the loops' floats.  Raises KeyError if a flow crosses a link with no
     capacity and ValueError if a capacity is not > 0.
     """
+    if len(flows) == 1:                      # one flow: its least share, the filling's float
+        [(fid, weights)] = flows.items()
+        caps = _capacities(capacity, weights)
+        return {fid: min([caps[link] / n for link, n in weights.items()], default=float("inf"))}
     if sum(map(len, flows.values())) >= ARRAY_ENTRIES:
         return _filling_arrays(flows, capacity)
     return _filling(flows, capacity, users)

@@ -80,6 +80,13 @@ def test_array_path_gives_the_loops_floats(seed, n_links, n_flows, frac):
     assert arrays == loops
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32), st.integers(1, 12), st.booleans())
+def test_one_flow_gets_the_fillings_float(seed, n_links, frac):
+    flows, caps = random_case(random.Random(seed), n_links, 1, frac)
+    assert max_min_rates(flows, caps) == flows_mod._filling(flows, caps, None)
+
+
 @pytest.mark.parametrize("seed", [0, 1, pytest.param(2, marks=pytest.mark.slow)])   # make test: integer 0, fractional 1
 def test_large_components_on_the_array_path_match_the_reference(seed):
     # ~3,000 links and 6,000 flows (15,000 entries) in one solve: the array path by size
