@@ -145,7 +145,8 @@ class Compute:
         done = then or self.env.event()
         if device in self.busy:
             queue = self.queues[device]
-            if queue and type(queue[-1][1]) is Quiet and type(done) is not Quiet:
+            if type(done) is not Quiet and self.lanes is not None and (
+                    self.lanes[device].ahead or queue and type(queue[-1][1]) is Quiet):
                 raise RuntimeError(f"{device}: an op queued behind a chain given ahead (decision 043)")
             queue.append((seconds, done))
         elif self.lanes is not None:
@@ -155,6 +156,52 @@ class Compute:
             self.queues[device].append((seconds, done))
             self._next(device)
         return done if then is None else None
+
+    def give(self, device: str, entries: list[tuple[float, Quiet]]) -> None:
+        """A chain's ops, ``(seconds, Quiet)`` each, to an in-order device's lane at once
+        (``Engine.run_graph``, decision 043)."""
+        queue = self.queues[device]
+        queue.extend(entries)                   # behind what is queued, as ``start`` one by one
+        if device not in self.busy:
+            self.busy.add(device)
+            self._lane_start(device, *queue.popleft())
+
+    def catch_up(self, device: str) -> None:
+        """Logs the ops of ``device``'s chain computed ahead that have ended by now."""
+        lane, now = self.lanes[device], self.env.now
+        ahead = lane.ahead
+        k = 0
+        while k < len(ahead) and ahead[k][3] <= now:
+            q, _, start, end = ahead[k]
+            q.log.append((q.i, start, end))
+            k += 1
+        del ahead[:k]
+
+    def woken(self, device: str) -> None:
+        """A wake was set on an op of ``device``'s chain: where that op was computed ahead
+        (silent), the lane runs it as its own op instead, so that its end is heard."""
+        self.catch_up(device)
+        ahead = self.lanes[device].ahead
+        for k, (q, _, _, _) in enumerate(ahead):
+            if q.wake[q.i] is not None:
+                self._cut(device, k)
+                return
+
+    def _cut(self, device: str, k: int) -> None:
+        """Makes the k-th op computed ahead ``device``'s running op, from its own start, and
+        gives the ops after it back to the queue's front (unstarted: the op running till
+        now had its seconds untouched, as any rate change cuts first)."""
+        lane, queue = self.lanes[device], self.queues[device]
+        ahead = lane.ahead
+        q, seconds, start, end = ahead[k]
+        queue.appendleft((lane.remaining, lane.done))
+        queue.extendleft([(s, r) for r, s, _, _ in reversed(ahead[k + 1:])])
+        del ahead[k:]
+        lane.done, lane.start, lane.since, lane.remaining = q, start, start, seconds
+        lane.seq, lane.finish = next(self._seq), end
+        heapq.heappush(self._due, (end, lane.seq, device))
+        if end < self._wake_at:
+            self._arm_at(end)
 
     def _next(self, device: str) -> None:
         """Starts the op first in ``device``'s queue, if any (the fluid path: lanes start
@@ -176,10 +223,28 @@ class Compute:
     # resource (weight 1: rate = capacity), ended by one timer shared by all lanes, in
     # (finish, start) order as the fluid's heap ends jobs (decision 032)
     def _lane_start(self, device: str, seconds: float, done: simpy.Event) -> None:
+        """Starts an op on the lane now.  A chain's silent ops (``Quiet``, no wake) with
+        more of the chain queued behind them are computed ahead, each from its
+        predecessor's end as if started then, up to the first that must be heard or is
+        last queued: that one runs as the lane's op, its end on the due heap.  Only at full
+        capacity: a later change can then only slow the lane, so a timer the stretch's end
+        armed never fires after the run's last event."""
         lane, now = self.lanes[device], self.env.now
+        rate = lane.capacity
+        if rate == 1.0 and type(done) is Quiet and done.wake[done.i] is None:
+            queue = self.queues[device]
+            if queue and type(queue[0][1]) is Quiet:
+                ahead = lane.ahead
+                while True:
+                    end = now + seconds / rate if seconds > 0 else now
+                    ahead.append((done, seconds, now, end))
+                    now = end
+                    seconds, done = queue.popleft()
+                    if done.wake[done.i] is not None or not queue or type(queue[0][1]) is not Quiet:
+                        break
         lane.done, lane.start, lane.since, lane.remaining = done, now, now, seconds
-        lane.rate, lane.seq = lane.capacity, next(self._seq)
-        lane.finish = finish = now + seconds / lane.rate if seconds > 0 else now
+        lane.rate, lane.seq = rate, next(self._seq)
+        lane.finish = finish = now + seconds / rate if seconds > 0 else now
         heapq.heappush(self._due, (finish, lane.seq, device))
         if finish < self._wake_at:                   # the earliest now: the timer moves to it
             self._arm_at(finish)
@@ -237,6 +302,10 @@ class Compute:
                 done, lane.done = lane.done, None
                 devices.append(entry[2])
                 if type(done) is Quiet:                      # logged; woken only where asked
+                    if lane.ahead:                           # the chain's ops computed before it
+                        for q, _, start, end in lane.ahead:
+                            q.log.append((q.i, start, end))
+                        lane.ahead.clear()
                     done.log.append((done.i, lane.start, now))
                     done = done.wake[done.i]
                     if done is None:
@@ -287,6 +356,10 @@ class Compute:
         floats but where near-equal shares group, decision 032)."""
         lane = self.lanes[device]
         lane.capacity = capacity
+        if lane.ahead:                                  # a chain computed ahead at the old rate: the
+            self.catch_up(device)                       # op running now becomes the lane's own
+            if lane.ahead:
+                self._cut(device, 0)
         if lane.done is not None:                       # the op running now (not one started later)
             if not self._dirty:
                 self.env.timeout(0).callbacks.append(self._lanes_resolve)
@@ -348,10 +421,11 @@ class Compute:
 
 class _Lane:
     """An in-order device's running op (``done`` None: idle) and its capacity now."""
-    __slots__ = ("capacity", "done", "start", "since", "remaining", "rate", "finish", "seq")
+    __slots__ = ("capacity", "done", "start", "since", "remaining", "rate", "finish", "seq", "ahead")
 
     def __init__(self) -> None:
         self.capacity, self.done = 1.0, None
+        self.ahead: list[tuple[Quiet, float, float, float]] = []   # a chain's ops computed ahead of it
 
 
 class Quiet:

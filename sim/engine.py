@@ -457,25 +457,29 @@ class Engine:
                 log.clear()
 
             def ask(layer) -> simpy.Event:
+                compute.catch_up(device)
                 settle()
                 event = env.event()
                 if layer_left[layer] == 0:          # ended already: as an event fired and taken
                     event._ok, event._value, event.callbacks = True, None, None
                 else:
                     wake[[i for i in ids if ops[i].kind == "bwd" and ops[i].layer == layer[1]][-1]] = settle
+                    compute.woken(device)
                 return event
             asked[slot] = ask
             bwd = [i for i in ids if ops[i].kind == "bwd"]
             for i in (ids[-1], *bwd[-1:]):
                 wake[i] = settle
+            entries = []
             for i in ids:
                 seconds = table[i]
                 if seconds is None:
                     seconds = table[i] = compute.alone(device, ops[i].flops, ops[i].bytes, ops[i].kind == "bwd",
                                                        keys[i], works[i])
                 key = keys[i]
-                compute.start(device, seconds * (compute.factor(device, key) if key in MEASURED_SHARED else factor),
-                              Quiet(log, i, wake))
+                entries.append((seconds * (compute.factor(device, key) if key in MEASURED_SHARED else factor),
+                                Quiet(log, i, wake)))
+            compute.give(device, entries)
 
         for j, n in enumerate(slot_left):
             if n == 0:

@@ -183,3 +183,62 @@ def test_what_one_completion_starts_urgently_comes_before_the_next_tied_completi
     starter(compute, GPUS[1], 1.0, lambda _started: on_gpu2(0.25))
     env.run()
     assert log == [(0.5, 1.0, 1.5), (0.25, 1.5, 1.75)]
+
+
+def _chain_ends(as_chain: bool, hold_at: float, share: float, wake_at: float, wake_op: int) -> tuple[list, list]:
+    """Six ops on one GPU (seconds on a coarse grid), as a chain given at once (``Quiet``,
+    decision 043) or one by one from each end; a hold of ``share`` from ``hold_at`` to
+    ``hold_at + 0.5``; at ``wake_at`` the engine asks to hear op ``wake_op``'s end.  Returns
+    every op's (start, end) and the (op, time) of the ends heard."""
+    from sim.compute import Quiet
+    env = CountingEnvironment()
+    compute = Compute(env, TOPOLOGY, "fp16")
+    gpu, seconds = GPUS[0], [0.25, 0.5, 0.125, 0.375, 0.25, 0.5]
+    spans, heard = {}, []
+    if as_chain:
+        log, wake = [], [None] * len(seconds)
+
+        def settle(_start, i=None):
+            for k, start, end in log:
+                spans[k] = (start, end)
+            log.clear()
+        for i in range(len(seconds)):
+            wake[i] = None
+        wake[-1] = settle
+        compute.give(gpu, [(s, Quiet(log, i, wake)) for i, s in enumerate(seconds)])
+
+        def ask(_e):
+            compute.catch_up(gpu)
+            wake[wake_op] = lambda start: (settle(start), heard.append((wake_op, env.now)))
+            compute.woken(gpu)
+        env.timeout(wake_at).callbacks.append(ask)
+    else:
+        def one(i, _start=None):
+            def ended(e):
+                spans[i] = (e.value, env.now)
+                if i == wake_op and env.now > wake_at:
+                    heard.append((i, env.now))
+                if i + 1 < len(seconds):
+                    one(i + 1)
+            compute.run_seconds(gpu, seconds[i]).callbacks.append(ended)
+        one(0)
+
+    def hold(_e):
+        release = compute.hold([gpu], share)
+        env.timeout(0.5).callbacks.append(lambda _e: release())
+    env.timeout(hold_at).callbacks.append(hold)
+    env.run()
+    return [spans[i] for i in range(len(seconds))], heard
+
+
+@pytest.mark.parametrize("hold_at,share,wake_at,wake_op", [(0.3, 0.25, 0.1, 3), (0.75, 1 / 3, 0.8, 4),
+                                                           (0.875, 0.125, 0.2, 1), (1.5, 0.25, 0.0, 5)])
+def test_a_chain_computed_ahead_gives_the_op_by_op_times(hold_at, share, wake_at, wake_op):
+    """A chain's silent ops are computed ahead of the lane (``Compute._lane_start``); a hold
+    in the middle of that stretch (sometimes exactly at an op's end) and a wake asked for
+    while it runs cut it, and every op's start and end, and the heard end, equal the op-by-op
+    lane's, float for float."""
+    chain, heard = _chain_ends(True, hold_at, share, wake_at, wake_op)
+    one_by_one, heard_one = _chain_ends(False, hold_at, share, wake_at, wake_op)
+    assert chain == one_by_one
+    assert heard == heard_one
