@@ -334,7 +334,7 @@ def _us_per_byte(topology, op, algo, devices, nodes, rail_ports, cache, nvs=None
     speed = nccl_link_speed(topology, 1.0, cache) if _shortcut(cache) else None
     coll = Collective(op, algo, "Simple", tuple(phases(op, algo, devices, size, nodes, rail_ports, nvs)),
                       (0.0,) * 3, 1.0, speed)
-    env.process(run(env, FlowNetwork(env, topology), coll))
+    env.process(run(env, FlowNetwork(env, topology, getattr(cache, "shortcut", True), cache), coll))
     env.run()
     value = env.now * 1e6 / size
     if cache is not None:

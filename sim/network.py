@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from operator import truediv
 
+import numpy as np
 import simpy
 
 from sim.flows import link_weights
@@ -43,18 +44,36 @@ class Network:
 
 
 class FlowNetwork(Network):
-    def __init__(self, env: simpy.Environment, topology: Topology, shortcut: bool = True) -> None:
+    """``shortcut``: the fluid's resources are the topology's link ids and a send's links are
+    counted and weighted as int arrays (a collective's phase loads thousands); False keeps
+    links as tuples of names, counted by ``link_weights`` -- the same weights in the same order.
+    ``kept``: where speed functions' values by link id are kept (``collectives.LayoutCache``
+    shares them between the tuner's trial runs); None: this network's own."""
+
+    def __init__(self, env: simpy.Environment, topology: Topology, shortcut: bool = True,
+                 kept: dict | None = None) -> None:
         super().__init__(env, topology, shortcut)
-        self.fluid = Fluid(env, topology.capacity, shortcut)
-        # per distinct tuple of pairs: [the links they load, their slowest route's latency or None]
+        self.by_id = shortcut
+        self.fluid = Fluid(env, list(topology.capacity.values()) if shortcut else topology.capacity, shortcut)
+        # per distinct tuple of pairs: [the links they load, their slowest route's latency or None,
+        # (link ids, counts) as arrays or None]
         self._patterns: dict[tuple[Pair, ...], list] = {}
         self._patterns_of: Topology | None = None     # the topology they were routed on
+        self._speeds: dict = {} if kept is None else kept   # ("speed", function) -> its values by link id
+        self._own_speeds = kept is None
 
     def send(self, pairs, nbytes, messages=1, latency=None, speed=None):
         pattern = self._pattern(pairs)
         weights = pattern[0]
         if speed is not None:                       # n / speed(link), link by link, in C loops
-            weights = dict(zip(weights, map(truediv, weights.values(), map(speed, weights))))
+            if not self.by_id:
+                weights = dict(zip(weights, map(truediv, weights.values(), map(speed, weights))))
+            elif pattern[2] is None:
+                links = map(self.topology.links.__getitem__, weights)
+                weights = dict(zip(weights, map(truediv, weights.values(), map(speed, links))))
+            else:
+                ids, counts = pattern[2]
+                weights = dict(zip(weights, (counts / self._speed_at(speed, ids)).tolist()))
         if latency is None:
             if pattern[1] is None:                  # only sends without a model's latency need it
                 pattern[1] = self.latency(self.routes(pairs), 1)
@@ -62,21 +81,61 @@ class FlowNetwork(Network):
         return self.env.process(self._send(weights, nbytes, latency))
 
     def _pattern(self, pairs: Sequence[Pair]) -> list:
-        """[the links ``pairs`` load, their slowest route's latency (None until asked)],
-        routed once per distinct set of pairs (a collective's rounds repeat the same ones)
-        and topology (a cut link gives the engine a new one)."""
+        """[the links ``pairs`` load (link -> routes crossing it, in order of first use), their
+        slowest route's latency (None until asked), (link ids, counts) as arrays (None: few
+        links)], routed once per distinct set of pairs (a collective's rounds repeat the same
+        ones) and topology (a cut link gives the engine a new one)."""
         if self._patterns_of is not self.topology:
             self._patterns, self._patterns_of = {}, self.topology
         key = tuple(pairs)
         found = self._patterns.get(key)
         if found is None:
-            found = self._patterns[key] = [link_weights(self.routes(pairs)), None]
+            weights, arrays = link_counts(self.topology, pairs) if self.by_id else (link_weights(self.routes(pairs)), None)
+            found = self._patterns[key] = [weights, None, arrays]
         return found
+
+    def _speed_at(self, speed: Callable[[DirLink], float], ids: np.ndarray) -> np.ndarray:
+        """``speed`` of each link of ``ids``, each link's asked once per function and kept by id
+        (a bound method of one table is one key: it hashes and compares by its table)."""
+        key = ("speed", speed)
+        table = self._speeds.get(key)
+        if table is None:
+            if self._own_speeds and len(self._speeds) >= _SPEED_TABLES:
+                self._speeds.clear()                   # functions made per send: keep a few
+            table = self._speeds[key] = np.full(len(self.topology.links), np.nan)
+        out = table[ids]
+        missing = np.isnan(out)
+        if missing.any():
+            new = ids[missing]
+            links = self.topology.links
+            table[new] = out[missing] = list(map(speed, map(links.__getitem__, new.tolist())))
+        return out
 
     def _send(self, weights, nbytes, delay):
         if delay:
             yield self.env.timeout(delay)
         yield self.fluid.start(weights, nbytes)
+
+
+def link_counts(topology: Topology, pairs: Sequence[Pair]) -> tuple[dict[int, int], tuple | None]:
+    """``link_weights`` of the pairs' routes by link id (the same counts in the same order:
+    of first use), and, from ``_ARRAYS`` hops on, (ids, counts) as int arrays (counted by
+    ``np.unique`` over all the routes' hops at once: a tree's phase crosses ~50,000)."""
+    hops = np.frombuffer(topology.route_ids(pairs), dtype=np.int32)
+    if len(hops) < _ARRAYS:
+        return link_weights([hops.tolist()]), None
+    ids, first, counts = np.unique(hops, return_index=True, return_counts=True)
+    order = np.argsort(first)
+    ids, counts = ids[order].astype(np.int64), counts[order]
+    return dict(zip(ids.tolist(), counts.tolist())), (ids, counts)
+
+
+# From this many links (or hops) on, a send's links are counted and weighted as arrays:
+# below it the arrays' set-up costs more than the loops (a message crosses a few links).
+_ARRAYS = 64
+
+# Speed functions kept by link id at once: a run has one per protocol share (decision 031)
+_SPEED_TABLES = 16
 
 
 class AnalyticalNetwork(Network):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -174,6 +175,10 @@ class Topology:
             capacity[(a, b)] = capacity[(b, a)] = ln.bandwidth
             latency[(a, b)] = latency[(b, a)] = ln.latency
         self.graph.add_edges_from((ln.a, ln.b, {"bandwidth": ln.bandwidth, "latency": ln.latency}) for ln in links)
+        # every directed link numbered (its place in ``links``): a collective's thousands of
+        # links are counted and weighted as int arrays (``sim.network``), not as tuples of names
+        self.links: list[DirLink] = list(capacity)
+        self.link_id: dict[DirLink, int] = dict(zip(self.links, range(len(self.links))))
         order = {n: i for i, n in enumerate(sorted(self.graph, key=lambda n: _device_order(self.devices[n])))}
         self._adj = {n: sorted(self.graph.neighbors(n), key=order.__getitem__) for n in self.graph}
         self._index = order                      # a device's place in device order
@@ -184,6 +189,7 @@ class Topology:
             self._machine_nics.setdefault(self.devices[n].machine, []).append(n)
         self._nic_of: dict[str, str | None] = {}
         self._routes: dict[tuple[str, str], tuple[DirLink, ...]] = {}
+        self._route_ids: dict[tuple[str, str], bytes] = {}
         self._fabric: _Fabric | None = None         # built on the first route across the fabric
         self.route_templates = route_templates
         self._templates: dict[tuple, tuple | None] = {}   # (machine shape, src i, dst i) -> index route
@@ -196,7 +202,7 @@ class Topology:
         clone = object.__new__(Topology)
         clone.__dict__.update(self.__dict__)
         clone._adj = {n: [m for m in nbs if {n, m} != {a, b}] for n, nbs in self._adj.items()}
-        clone._routes, clone._nic_of, clone._fabric = {}, {}, None
+        clone._routes, clone._route_ids, clone._nic_of, clone._fabric = {}, {}, {}, None
         clone._templates, clone._shapes, clone._shape_ids = {}, {}, {}
         return clone
 
@@ -228,6 +234,34 @@ class Topology:
         if key not in self._routes:
             self._routes[key] = self._find_route(src, dst)
         return self._routes[key]
+
+    def route_ids(self, pairs: list[tuple[str, str]]) -> bytes:
+        """The routes of ``pairs`` (``route``) as link ids (``link_id``), joined in pair order:
+        int32 in native order, for ``np.frombuffer`` (a collective's phase counts the links of
+        thousands of routes at once).  Kept per pair, looked up in C loops; looking up a link by
+        its pair of names costs more than the whole count."""
+        kept = self._route_ids
+        found = list(map(kept.get, pairs))
+        if None in found:
+            found = [ids if ids is not None else kept.get(pair) or self._ids(*pair) for ids, pair in zip(found, pairs)]
+        return b"".join(found)
+
+    def _ids(self, src: str, dst: str) -> bytes:
+        """One pair's ``route_ids``, kept.  A route between machines joins its three kept parts
+        (to the NIC, across the fabric, in from the NIC; as ``_find_route`` splits it), so a
+        link is looked up by its names once per part, not once per route."""
+        found = self._route_ids.get((src, dst))
+        if found is None:
+            a, b = self.devices[src].machine, self.devices[dst].machine
+            nic_a = nic_b = None
+            if a is not None and b is not None and a != b:
+                nic_a, nic_b = self.nic_of(src), self.nic_of(dst)
+            if nic_a and nic_b and (src, dst) != (nic_a, nic_b):
+                found = self._ids(src, nic_a) + self._ids(nic_a, nic_b) + self._ids(nic_b, dst)
+            else:
+                found = array("i", map(self.link_id.__getitem__, self.route(src, dst))).tobytes()
+            self._route_ids[(src, dst)] = found
+        return found
 
     def route_latency(self, route: tuple[DirLink, ...]) -> float:
         return sum(self.latency[link] for link in route)
@@ -299,8 +333,10 @@ class Topology:
         a, b = self.devices[src].machine, self.devices[dst].machine
         if a is not None and b is not None and a != b:
             nic_a, nic_b = self.nic_of(src), self.nic_of(dst)
-            if nic_a and nic_b:
-                return self.route(src, nic_a) + self._across_fabric(nic_a, nic_b) + self.route(nic_b, dst)
+            if nic_a == src and nic_b == dst:
+                return self._across_fabric(src, dst)
+            if nic_a and nic_b:                       # the part across is kept as the NICs' own route
+                return self.route(src, nic_a) + self.route(nic_a, nic_b) + self.route(nic_b, dst)
         if a is not None and a == b:                  # inside one machine: its own links first
             try:
                 return self._inside(src, dst) if self.route_templates else self._shortest(src, dst, inside=True)
