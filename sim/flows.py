@@ -80,6 +80,7 @@ def _filling(flows, capacity, users) -> dict[FlowId, float]:
     rates: dict[FlowId, float] = {}
     load: dict[Link, float] = {}             # W_l: unfrozen weight, summed in flow order
     count: dict[Link, int] = {}              # unfrozen flows on the link
+    own = {} if users is None else None      # users, where not given: built in the same pass, in flow order
     for fid, weights in flows.items():
         if not weights:
             rates[fid] = float("inf")
@@ -87,13 +88,14 @@ def _filling(flows, capacity, users) -> dict[FlowId, float]:
             if link in load:
                 load[link] += n
                 count[link] += 1
+                if own is not None:
+                    own[link].append(fid)
             else:
                 load[link], count[link] = n, 1
-    if users is None:
-        users = {}
-        for fid, weights in flows.items():
-            for link in weights:
-                users.setdefault(link, []).append(fid)
+                if own is not None:
+                    own[link] = [fid]
+    if own is not None:
+        users = own
     left = _capacities(capacity, load)                          # R_l: capacity not yet taken
     share = {link: left[link] / w for link, w in load.items()}
     order: dict[FlowId, int] = {}                # position in ``flows``, built when first needed
@@ -116,17 +118,19 @@ def _filling(flows, capacity, users) -> dict[FlowId, float]:
         if len(frozen) > 1:
             order = order or {fid: i for i, fid in enumerate(flows)}
             frozen.sort(key=order.__getitem__)
-        gone: dict[Link, float] = {}             # weight frozen off each link, summed in flow order
-        went: dict[Link, int] = {}
-        for fid in frozen:
-            for link, n in flows[fid].items():
-                if link in gone:
-                    gone[link] += n
-                    went[link] += 1
-                else:
-                    gone[link], went[link] = n, 1
+            gone: Mapping[Link, float] = {}      # weight frozen off each link, summed in flow order
+            went: Mapping[Link, int] = {}
+            for fid in frozen:
+                for link, n in flows[fid].items():
+                    if link in gone:
+                        gone[link] += n
+                        went[link] += 1
+                    else:
+                        gone[link], went[link] = n, 1
+        else:                                    # one flow: its own weights, one flow off each link
+            gone, went = flows[frozen[0]], {}
         for link, n in gone.items():
-            c = count[link] = count[link] - went[link]
+            c = count[link] = count[link] - went.get(link, 1)
             if c:
                 r = left[link] = left[link] - n * level
                 w = load[link] = load[link] - n
