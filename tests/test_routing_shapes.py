@@ -141,13 +141,18 @@ def test_fabric_trees_are_the_plain_bfs(cut):
         assert {n: tree.width[i] for n, i in fabric.index.items() if tree.dist[i] >= 0} == width
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_trees_on_random_fabrics_with_uneven_links_are_the_plain_bfs(seed):
-    rng = random.Random(seed)
+def random_fabric(rng: random.Random) -> Topology:
+    """2-12 switches, each pair linked with chance 0.4 at one of four speeds."""
     n = rng.randint(2, 12)
     links = [Link(f"s{i}", f"s{j}", rng.choice([10e9, 25e9, 50e9, 100e9]), 1e-6)
              for i in range(n) for j in range(i + 1, n) if rng.random() < 0.4]
-    topo = Topology("random", [Device(f"s{i}", "switch") for i in range(n)], links)
+    return Topology("random", [Device(f"s{i}", "switch") for i in range(n)], links)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_trees_on_random_fabrics_with_uneven_links_are_the_plain_bfs(seed):
+    rng = random.Random(seed)
+    topo = random_fabric(rng)
     fabric = topo._build_fabric()
     for root in fabric.nodes:
         cap0 = rng.choice([float("inf"), 25e9])

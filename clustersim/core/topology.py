@@ -475,8 +475,11 @@ class Topology:
             else:
                 options = tree.options.get(node)
                 if options is None:
-                    options = tree.options[node] = fabric.options(tree, node, self._adj[node])
-                nxt, digits = self._pick(options, src, dst, None, digits)
+                    options = tree.options[node] = fabric.options(tree, node)
+                if len(options) == 1:
+                    nxt = options[0]
+                else:
+                    nxt, digits = self._pick(options, src, dst, None, digits)
             path.append((node, nxt))
             node = nxt
         return tuple(path)
@@ -491,10 +494,11 @@ class _Tree:
     """Hops and widest bottleneck (bytes/s) of every fabric node toward one root, and
     the next-hop options found so far (a node -> its equally good next hops, in order)."""
 
-    __slots__ = ("dist", "width", "options")
+    __slots__ = ("dist", "width", "options", "ok")
 
-    def __init__(self, dist: list[int], width: list[float]) -> None:
+    def __init__(self, dist: list[int], width: list[float], ok: np.ndarray) -> None:
         self.dist, self.width, self.options = dist, width, {}
+        self.ok = ok                  # per hop out of a node (``_Fabric.out_to``): one of its options
 
 
 class _Fabric:
@@ -514,10 +518,14 @@ class _Fabric:
         order = np.argsort(to, kind="stable")
         self.in_frm, self.in_to, self.in_cap = frm[order], to[order], cap[order]
         self.into = np.searchsorted(self.in_to, np.arange(len(nodes) + 1))
-        self.capacity = capacity
+        # the hops out of node i, in its neighbour order: ``out_to[out_at[i]:out_at[i + 1]]``
+        out = [(i, self.index[v], capacity[(u, v)]) for i, u in enumerate(nodes) for v in adj[u] if v in self.index]
+        self.out_frm = np.array([p[0] for p in out], dtype=np.int64)
+        self.out_to = np.array([p[1] for p in out], dtype=np.int64)
+        self.out_cap = np.array([p[2] for p in out], dtype=float)
+        self.out_at = np.searchsorted(self.out_frm, np.arange(len(nodes) + 1))
         self._trees: dict[tuple[str, float], _Tree] = {}
         self._uplinks: dict[str, str | None] = {}
-        self._hops: dict[str, list[tuple[str, int, float]]] = {}
 
     def uplink(self, node: str, neighbours: list[str]) -> str | None:
         """``node``'s one fabric neighbour (a host port's switch); None where it has none or several."""
@@ -541,26 +549,29 @@ class _Fabric:
                 starts, counts = self.into[front], self.into[front + 1] - self.into[front]
                 hops = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
                 frm = self.in_frm[hops]
-                new = np.unique(frm[dist[frm] < 0])
+                seen = np.zeros(n, dtype=bool)          # the new nodes, sorted and once each
+                seen[frm[dist[frm] < 0]] = True
+                new = np.flatnonzero(seen)
                 if not len(new):
                     break
                 dist[new] = level + 1
                 down = hops[dist[frm] == level + 1]
                 np.maximum.at(width, self.in_frm[down], np.minimum(self.in_cap[down], width[self.in_to[down]]))
                 level, front = level + 1, new
-            self._trees[key] = _Tree(dist.tolist(), width.tolist())   # lists: read one by one, in Python
+            # every node's next hops at once: one level closer, as wide as its best (``options``)
+            ok = (dist[self.out_to] == dist[self.out_frm] - 1) & (
+                np.minimum(self.out_cap, width[self.out_to]) >= width[self.out_frm])
+            self._trees[key] = _Tree(dist.tolist(), width.tolist(), ok)   # lists: read one by one, in Python
         return self._trees[key]
 
-    def options(self, tree: _Tree, node: str, neighbours: list[str]) -> list[str]:
-        """``node``'s next hops toward the root: one level closer, as wide as its best."""
-        hops = self._hops.get(node)
-        if hops is None:                                # its fabric neighbours, once: (name, index, capacity)
-            hops = self._hops[node] = [(nb, self.index[nb], self.capacity[(node, nb)])
-                                       for nb in neighbours if nb in self.index]
+    def options(self, tree: _Tree, node: str) -> list[str]:
+        """``node``'s next hops toward the root, in its neighbour order: one level closer, as
+        wide as its best (a neighbour j of node i with dist[j] == dist[i] - 1 and
+        min(capacity(i, j), width[j]) >= width[i], worked out for every hop with the tree)."""
         i = self.index[node]
-        dist, wide = tree.dist, tree.width
-        want, width = dist[i] - 1, wide[i]
-        return [nb for nb, j, c in hops if dist[j] == want and min(c, wide[j]) >= width]
+        at, to = self.out_at[i], self.out_at[i + 1]
+        nodes = self.nodes
+        return [nodes[j] for j in self.out_to[at:to][tree.ok[at:to]].tolist()]
 
 
 def rail(name: str) -> int:
