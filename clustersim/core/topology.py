@@ -154,18 +154,17 @@ class Topology:
         self.power_w = power_w                         # one machine's power at full load (0: not given)
         self.core_pools = dict(core_pools or {})      # pool name -> cores its devices share
         self.devices: dict[str, Device] = {}
-        self.graph = nx.Graph()
         for d in devices:
             if d.name in self.devices:
                 raise ValueError(f"device name {d.name!r} is used twice")
             if d.core_pool and d.core_pool not in self.core_pools:
                 raise ValueError(f"device {d.name!r} names core pool {d.core_pool!r}, which is not defined")
             self.devices[d.name] = d
-        self.graph.add_nodes_from((d.name, {"kind": d.kind, "machine": d.machine}) for d in devices)
         self.capacity: dict[DirLink, float] = {}
         self.latency: dict[DirLink, float] = {}
         capacity, latency = self.capacity, self.latency
-        for ln in links:                         # checked here, added to the graph at once below
+        near: dict[str, list[str]] = {n: [] for n in self.devices}    # neighbours in link order
+        for ln in links:                         # checked here; the networkx graph is built when asked
             a, b = ln.a, ln.b
             for end in (a, b):
                 if end not in self.devices:
@@ -174,13 +173,15 @@ class Topology:
                 raise ValueError(f"link {a} - {b} is a self-loop or listed twice")
             capacity[(a, b)] = capacity[(b, a)] = ln.bandwidth
             latency[(a, b)] = latency[(b, a)] = ln.latency
-        self.graph.add_edges_from((ln.a, ln.b, {"bandwidth": ln.bandwidth, "latency": ln.latency}) for ln in links)
+            near[a].append(b)
+            near[b].append(a)
+        self._links_given, self._graph = list(links), None
         # every directed link numbered (its place in ``links``): a collective's thousands of
         # links are counted and weighted as int arrays (``sim.network``), not as tuples of names
         self.links: list[DirLink] = list(capacity)
         self.link_id: dict[DirLink, int] = dict(zip(self.links, range(len(self.links))))
-        order = {n: i for i, n in enumerate(sorted(self.graph, key=lambda n: _device_order(self.devices[n])))}
-        self._adj = {n: sorted(self.graph.neighbors(n), key=order.__getitem__) for n in self.graph}
+        order = {n: i for i, n in enumerate(sorted(self.devices, key=lambda n: _device_order(self.devices[n])))}
+        self._adj = {n: sorted(nbs, key=order.__getitem__) for n, nbs in near.items()}
         self._index = order                      # a device's place in device order
         nics = sorted((n for n, d in self.devices.items() if d.kind == "nic"), key=order.__getitem__)
         self._port = {n: i for i, n in enumerate(nics)}  # a NIC's host-port number: its D-mod-K digits
@@ -196,6 +197,18 @@ class Topology:
         self._shapes: dict[int, tuple] = {}              # machine -> ``_shape``
         self._shape_ids: dict[tuple, int] = {}           # a machine's full shape -> its id
         self._members: dict[int | None, list[str]] = {}  # machine -> its devices in device order
+
+    @property
+    def graph(self) -> nx.Graph:
+        """The devices (``kind``, ``machine``) and links (``bandwidth``, ``latency``) as a
+        networkx graph, built on first use (plots and listings; routing reads its own tables)."""
+        if self._graph is None:
+            graph = nx.Graph()
+            graph.add_nodes_from((d.name, {"kind": d.kind, "machine": d.machine}) for d in self.devices.values())
+            graph.add_edges_from((ln.a, ln.b, {"bandwidth": ln.bandwidth, "latency": ln.latency})
+                                 for ln in self._links_given)
+            self._graph = graph
+        return self._graph
 
     def without_link(self, a: str, b: str) -> "Topology":
         """A copy whose routing no longer uses link a-b (devices and capacities shared)."""
