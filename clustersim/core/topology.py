@@ -271,8 +271,9 @@ class Topology:
                 nic_a, nic_b = self.nic_of(src), self.nic_of(dst)
             if nic_a and nic_b and (src, dst) != (nic_a, nic_b):
                 found = self._ids(src, nic_a) + self._ids(nic_a, nic_b) + self._ids(nic_b, dst)
-            else:
-                found = array("i", map(self.link_id.__getitem__, self.route(src, dst))).tobytes()
+            else:        # NIC to NIC across the fabric: its names are not kept (``_find_route`` reads these)
+                path = self._across_fabric(src, dst) if nic_a and nic_b else self.route(src, dst)
+                found = array("i", map(self.link_id.__getitem__, path)).tobytes()
             self._route_ids[(src, dst)] = found
         return found
 
@@ -346,10 +347,11 @@ class Topology:
         a, b = self.devices[src].machine, self.devices[dst].machine
         if a is not None and b is not None and a != b:
             nic_a, nic_b = self.nic_of(src), self.nic_of(dst)
-            if nic_a == src and nic_b == dst:
-                return self._across_fabric(src, dst)
-            if nic_a and nic_b:                       # the part across is kept as the NICs' own route
-                return self.route(src, nic_a) + self.route(nic_a, nic_b) + self.route(nic_b, dst)
+            if nic_a and nic_b:                       # the part across: from its kept ids where known
+                ids = self._route_ids.get((nic_a, nic_b))
+                across = (self._across_fabric(nic_a, nic_b) if ids is None
+                          else tuple(map(self.links.__getitem__, array("i", ids))))
+                return self.route(src, nic_a) + across + self.route(nic_b, dst)
         if a is not None and a == b:                  # inside one machine: its own links first
             try:
                 return self._inside(src, dst) if self.route_templates else self._shortest(src, dst, inside=True)
