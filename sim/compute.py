@@ -147,7 +147,7 @@ class Compute:
             queue = self.queues[device]
             if type(done) is not Quiet and self.lanes is not None and (
                     self.lanes[device].ahead or queue and type(queue[-1][1]) is Quiet):
-                raise RuntimeError(f"{device}: an op queued behind a chain given ahead (decision 043)")
+                self._dissolve(device)
             queue.append((seconds, done))
         elif self.lanes is not None:
             self.busy.add(device)
@@ -157,23 +157,51 @@ class Compute:
             self._next(device)
         return done if then is None else None
 
-    def give(self, device: str, entries: list[tuple[float, Quiet]]) -> None:
+    def give(self, device: str, entries: list[tuple[float, Quiet]], log: list, wake: list) -> None:
         """A chain's ops, ``(seconds, Quiet)`` each, to an in-order device's lane at once
-        (``Engine.run_graph``, decision 043)."""
-        queue = self.queues[device]
+        (``Engine.run_graph``, decision 043): their ends go to ``log`` as ``(op, start,
+        end)``; an op ``i`` with a callable ``wake[i]`` calls it as a ``then`` when it ends."""
+        queue, lane = self.queues[device], self.lanes[device]
+        if not self.can_give(device):
+            raise RuntimeError(f"{device}: a chain given while another runs (decision 043)")
+        lane.log, lane.wake = log, wake
         queue.extend(entries)                   # behind what is queued, as ``start`` one by one
         if device not in self.busy:
             self.busy.add(device)
             self._lane_start(device, *queue.popleft())
 
+    def can_give(self, device: str) -> bool:
+        """Whether ``device`` is a lane with no chain's op left to run (``give``)."""
+        if self.lanes is None or device not in self.lanes:
+            return False
+        lane = self.lanes[device]
+        return not (lane.ahead or lane.rest or type(lane.done) is Quiet
+                    or any(type(e[1]) is Quiet for e in self.queues[device]))
+
+    def _dissolve(self, device: str) -> None:
+        """Another op comes to a lane running a chain: the chain's ops not yet started go
+        back to being given one at a time, each at its predecessor's end (``rest``), as the
+        engine gives ops op by op, so that the newcomer runs between them in its turn."""
+        lane, queue = self.lanes[device], self.queues[device]
+        self.catch_up(device)
+        if lane.ahead:
+            self._cut(device, 0)
+        entries = list(queue)
+        queue.clear()
+        queue.extend(e for e in entries if type(e[1]) is not Quiet)     # all queued before the chain
+        quiet = [e for e in entries if type(e[1]) is Quiet]
+        if quiet and type(lane.done) is not Quiet:       # the chain's next op was given already
+            queue.append(quiet.pop(0))
+        lane.rest.extend(quiet)
+
     def catch_up(self, device: str) -> None:
         """Logs the ops of ``device``'s chain computed ahead that have ended by now."""
         lane, now = self.lanes[device], self.env.now
-        ahead = lane.ahead
+        ahead, log = lane.ahead, lane.log
         k = 0
         while k < len(ahead) and ahead[k][3] <= now:
             q, _, start, end = ahead[k]
-            q.log.append((q.i, start, end))
+            log.append((q.i, start, end))
             k += 1
         del ahead[:k]
 
@@ -181,9 +209,9 @@ class Compute:
         """A wake was set on an op of ``device``'s chain: where that op was computed ahead
         (silent), the lane runs it as its own op instead, so that its end is heard."""
         self.catch_up(device)
-        ahead = self.lanes[device].ahead
-        for k, (q, _, _, _) in enumerate(ahead):
-            if q.wake[q.i] is not None:
+        lane = self.lanes[device]
+        for k, (q, _, _, _) in enumerate(lane.ahead):
+            if lane.wake[q.i] is not None:
                 self._cut(device, k)
                 return
 
@@ -231,16 +259,16 @@ class Compute:
         armed never fires after the run's last event."""
         lane, now = self.lanes[device], self.env.now
         rate = lane.capacity
-        if rate == 1.0 and type(done) is Quiet and done.wake[done.i] is None:
+        if rate == 1.0 and type(done) is Quiet and lane.wake[done.i] is None:
             queue = self.queues[device]
             if queue and type(queue[0][1]) is Quiet:
-                ahead = lane.ahead
+                ahead, wake = lane.ahead, lane.wake
                 while True:
                     end = now + seconds / rate if seconds > 0 else now
                     ahead.append((done, seconds, now, end))
                     now = end
                     seconds, done = queue.popleft()
-                    if done.wake[done.i] is not None or not queue or type(queue[0][1]) is not Quiet:
+                    if wake[done.i] is not None or not queue or type(queue[0][1]) is not Quiet:
                         break
         lane.done, lane.start, lane.since, lane.remaining = done, now, now, seconds
         lane.rate, lane.seq = rate, next(self._seq)
@@ -294,7 +322,7 @@ class Compute:
         in simpy's order): then simpy's clock is moved to it and the caller runs it at once,
         as ``Environment.step`` would next (decision 043)."""
         now, due, lanes = self.env.now, self._due, self.lanes
-        ended, devices = [], []
+        ended, devices, rests = [], [], []
         while due and due[0][0] <= now:
             entry = heapq.heappop(due)
             lane = lanes[entry[2]]
@@ -302,12 +330,15 @@ class Compute:
                 done, lane.done = lane.done, None
                 devices.append(entry[2])
                 if type(done) is Quiet:                      # logged; woken only where asked
+                    log = lane.log
                     if lane.ahead:                           # the chain's ops computed before it
                         for q, _, start, end in lane.ahead:
-                            q.log.append((q.i, start, end))
+                            log.append((q.i, start, end))
                         lane.ahead.clear()
-                    done.log.append((done.i, lane.start, now))
-                    done = done.wake[done.i]
+                    log.append((done.i, lane.start, now))
+                    if lane.rest:                            # a dissolved chain: its next op given now
+                        rests.append(entry[2])
+                    done = lane.wake[done.i]
                     if done is None:
                         continue
                 ended.append((entry[2], done, lane.start))
@@ -318,6 +349,8 @@ class Compute:
                 self._lane_start(device, *queue.popleft())
             else:
                 self.busy.discard(device)
+        for device in rests:                                 # as the op-by-op engine gives them
+            self.start(device, *self.lanes[device].rest.pop(0))
         self._wake_at = float("inf")
         self._arm()
         for _, done, start in ended[1:]:
@@ -421,21 +454,26 @@ class Compute:
 
 class _Lane:
     """An in-order device's running op (``done`` None: idle) and its capacity now."""
-    __slots__ = ("capacity", "done", "start", "since", "remaining", "rate", "finish", "seq", "ahead")
+    __slots__ = ("capacity", "done", "start", "since", "remaining", "rate", "finish", "seq", "ahead", "log", "wake",
+                 "rest")
 
     def __init__(self) -> None:
         self.capacity, self.done = 1.0, None
         self.ahead: list[tuple[Quiet, float, float, float]] = []   # a chain's ops computed ahead of it
+        self.log: list = []                  # the chain's (op, start, end) ends (``give``)
+        self.wake: list = []                 # op -> what its end calls, or None
+        self.rest: list = []                 # a dissolved chain's ops, given one at a time (``_dissolve``)
 
 
 class Quiet:
-    """A lane op the engine gave ahead, as part of a chain (``Engine.run_graph``): its end
-    only appends ``(i, start, end)`` to ``log`` and starts the lane's next op, unless
-    ``wake[i]`` holds a callable, which its end then calls as a ``then`` (decision 043)."""
-    __slots__ = ("log", "i", "wake")
+    """Op ``i`` of a chain given to a lane at once (``Compute.give``): its end only appends
+    ``(i, start, end)`` to the lane's log and starts the lane's next op, unless the lane's
+    ``wake[i]`` holds a callable, which its end then calls as a ``then`` (decision 043).
+    One per op of a plan, shared by every replica's chain."""
+    __slots__ = ("i",)
 
-    def __init__(self, log: list, i: int, wake: list) -> None:
-        self.log, self.i, self.wake = log, i, wake
+    def __init__(self, i: int) -> None:
+        self.i = i
 
 
 def _process(event: simpy.Event, value) -> None:

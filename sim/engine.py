@@ -130,8 +130,11 @@ class Engine:
             chained = [s + [nxt] if nxt >= 0 else s for s, nxt in zip(succ, following)]
             names = [f"{op.why if op.kind == 'xfer' else op.kind} L{op.layer}" for op in plan.ops]
             alone: dict = {}        # alike device id -> each op's seconds alone there (None: not yet)
+            chains = _chains(plan, self.plan)
+            quiet = [Quiet(op.id) for op in plan.ops]
             self._graphs[key] = (plan, succ, following, bwd, keys, per_layer, works, chained, names, alone,
-                                 _chains(plan, self.plan))
+                                 [c and (c, [quiet[i] for i in c], any(keys[i] in MEASURED_SHARED for i in c))
+                                  for c in chains])
         return self._graphs[key]
 
     # --- faults ------------------------------------------------------------------------------
@@ -371,7 +374,7 @@ class Engine:
         layer_left = dict(bwd_per_layer)
         # a slot whose ops form a chain of their own goes to its lane at once (``_chains``);
         # its layers' events are made when first asked for (``Ready``)
-        chains = [c if c is not None and in_order[j] and shortcut and not self.failures else None
+        chains = [c if c and in_order[j] and shortcut and not self.failures and compute.can_give(devices[j]) else None
                   for j, c in enumerate(chains)]
         asked: dict = {}                     # chained slot -> what makes a layer's event
         run = GraphRun(env.event(), [env.event() for _ in range(plan.slots)],
@@ -435,7 +438,8 @@ class Engine:
             the engine must hear of it now: the slot's last backward op, the chain's last
             op, a layer's last backward op once its event is asked for (``asked``)."""
             device, table, factor = devices[slot], tables[slot], factors[slot]
-            log, wake, ids = [], [None] * len(ops), chains[slot]
+            ids, quiet, shared = chains[slot]
+            log, wake = [], [None] * len(ops)
 
             def settle(_started=None) -> None:
                 """Spans and counts of the chain's ops ended so far (the log), in order."""
@@ -470,16 +474,15 @@ class Engine:
             bwd = [i for i in ids if ops[i].kind == "bwd"]
             for i in (ids[-1], *bwd[-1:]):
                 wake[i] = settle
-            entries = []
-            for i in ids:
-                seconds = table[i]
-                if seconds is None:
-                    seconds = table[i] = compute.alone(device, ops[i].flops, ops[i].bytes, ops[i].kind == "bwd",
-                                                       keys[i], works[i])
-                key = keys[i]
-                entries.append((seconds * (compute.factor(device, key) if key in MEASURED_SHARED else factor),
-                                Quiet(log, i, wake)))
-            compute.give(device, entries)
+            for i in ids if None in table else ():
+                if table[i] is None:
+                    table[i] = compute.alone(device, ops[i].flops, ops[i].bytes, ops[i].kind == "bwd", keys[i], works[i])
+            if shared:
+                seconds = [table[i] * (compute.factor(device, keys[i]) if keys[i] in MEASURED_SHARED else factor)
+                           for i in ids]
+            else:
+                seconds = [table[i] * factor for i in ids]
+            compute.give(device, list(zip(seconds, quiet)), log, wake)
 
         for j, n in enumerate(slot_left):
             if n == 0:
@@ -533,11 +536,9 @@ def _chains(plan: Plan, engine_plan: Plan) -> list[list[int] | None]:
     None: compute ops only, each depending only on earlier ops of the slot, none depended
     on from another slot, the slot's last backward op its last op, and its device given to
     no other (replica, slot) of the engine's plan and no parameter-server shard -- so
-    nothing else is queued on the device while they run and each starts as the one
-    before ends (decision 043).  Not with per-layer pushes, whose quantising runs there."""
-    sc = engine_plan.scenario
-    if engine_plan.sync == "ps" and sc.training.push_early:
-        return [None] * plan.slots
+    each op starts as the one before ends (decision 043).  An op that comes to the
+    device while a chain runs there (an 8-bit push's quantising, a late replica's next
+    step) has the chain given op by op again (``Compute._dissolve``)."""
     by_slot: dict[int, list[int]] = {j: [] for j in range(plan.slots)}
     place = {op.id: k for k, op in enumerate(plan.ops)}
     ok = [True] * plan.slots

@@ -44,6 +44,11 @@ CASES = {
     "ps-sync": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, ps_shards=2),
     "backups": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, ps_shards=2, training={"backup_workers": 1},
                      faults={"slowdown_sigma": 0.1}),
+    # an 8-bit push's quantising and a late replica's next step come to a GPU mid-chain
+    "ps-early8": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, ps_shards=2,
+                       training={"push_early": True, "comm_bits": 8}),
+    "backups-late": _case("dgx-h100", "mlp-digits", 256, 4, replicas=4, ps_shards=2, training={"backup_workers": 1},
+                          faults={"slowdown": {"m0.gpu2": 3.0}}),
     "local": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, training={"algorithm": "local", "local_steps": 2}),
     "sandblaster": _case("dgx-h100", "mlp-digits", 32, 1, replicas=4, ps_shards=2,
                          training={"algorithm": "sandblaster", "work_units": 8}),
@@ -89,8 +94,7 @@ def test_a_job_joining_a_lone_one_at_the_same_instant_shares_from_the_start(shor
 
 def test_chains_are_the_slots_that_run_on_their_own():
     """``_chains``: a data-parallel replica's one slot is a chain of all its ops; slots that
-    send activations (model parallel) and per-layer pushes (their quantising runs on the
-    replica's GPU) are run op by op."""
+    send activations (model parallel) are run op by op."""
     from sim.engine import _chains
 
     def chains(data):
@@ -99,14 +103,13 @@ def test_chains_are_the_slots_that_run_on_their_own():
     p, got = chains(CASES["alexnet-alike"])
     assert got == [[op.id for op in p.ops]]
     assert chains(CASES["image-80m"])[1] == [None] * 4
-    early = _case("dgx-h100", "mlp-digits", 32, 1, replicas=4, ps_shards=2,
-                  training={"push_early": True, "comm_bits": 8})
-    assert chains(early)[1] == [None]
+    assert chains(CASES["ps-sync"])[1] != [None]
 
 
-def test_an_op_given_behind_a_chain_is_an_error():
-    """A chain takes its device's queue for itself: anything else queued behind it would run
-    after the whole chain rather than between its ops, so it is refused loudly."""
+def test_an_op_given_mid_chain_runs_between_its_ops():
+    """An op that comes while a chain runs takes its turn as it would op by op: after the
+    running op, before the chain's next (the chain is given op by op again); a second chain
+    on a lane with one left is refused (the engine gives that graph op by op)."""
     import simpy
     from clustersim.core.topogen import load_topology
     from sim.compute import Compute, Quiet
@@ -115,9 +118,12 @@ def test_an_op_given_behind_a_chain_is_an_error():
     gpu = topology.compute_devices()[0]
     compute = Compute(env, topology, "fp16")
     log, wake = [], [None, None]
-    for i in range(2):
-        compute.start(gpu, 1.0, Quiet(log, i, wake))
-    with pytest.raises(RuntimeError, match="behind a chain"):
-        compute.run_seconds(gpu, 1.0)
+    compute.give(gpu, [(1.0, Quiet(0)), (1.0, Quiet(1))], log, wake)
+    ends = []
+    compute.run_seconds(gpu, 1.0).callbacks.append(lambda e: ends.append((e.value, env.now)))
+    assert not compute.can_give(gpu)
+    with pytest.raises(RuntimeError, match="while another runs"):
+        compute.give(gpu, [(1.0, Quiet(0))], [], [None])
     env.run()
-    assert log == [(0, 0.0, 1.0), (1, 1.0, 2.0)]
+    assert log == [(0, 0.0, 1.0), (1, 2.0, 3.0)] and ends == [(1.0, 2.0)]
+    assert compute.can_give(gpu)
