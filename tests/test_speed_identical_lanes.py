@@ -205,7 +205,7 @@ def _chain_ends(as_chain: bool, hold_at: float, share: float, wake_at: float, wa
         for i in range(len(seconds)):
             wake[i] = None
         wake[-1] = settle
-        compute.give(gpu, [(s, Quiet(log, i, wake)) for i, s in enumerate(seconds)])
+        compute.give(gpu, [(s, Quiet(i)) for i, s in enumerate(seconds)], log, wake)
 
         def ask(_e):
             compute.catch_up(gpu)
