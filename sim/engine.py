@@ -133,8 +133,8 @@ class Engine:
             chains = _chains(plan, self.plan)
             quiet = [Quiet(op.id) for op in plan.ops]
             self._graphs[key] = (plan, succ, following, bwd, keys, per_layer, works, chained, names, alone,
-                                 [c and (c, [quiet[i] for i in c], any(keys[i] in MEASURED_SHARED for i in c))
-                                  for c in chains])
+                                 [c and (c, [quiet[i] for i in c], any(keys[i] in MEASURED_SHARED for i in c),
+                                         _heard(plan, c)) for c in chains])
         return self._graphs[key]
 
     # --- faults ------------------------------------------------------------------------------
@@ -438,7 +438,7 @@ class Engine:
             the engine must hear of it now: the slot's last backward op, the chain's last
             op, a layer's last backward op once its event is asked for (``asked``)."""
             device, table, factor = devices[slot], tables[slot], factors[slot]
-            ids, quiet, shared = chains[slot]
+            ids, quiet, shared, heard = chains[slot]
             log, wake = [], [None] * len(ops)
 
             def settle(_started=None) -> None:
@@ -467,12 +467,11 @@ class Engine:
                 if layer_left[layer] == 0:          # ended already: as an event fired and taken
                     event._ok, event._value, event.callbacks = True, None, None
                 else:
-                    wake[[i for i in ids if ops[i].kind == "bwd" and ops[i].layer == layer[1]][-1]] = settle
+                    wake[heard[layer[1]]] = settle
                     compute.woken(device)
                 return event
             asked[slot] = ask
-            bwd = [i for i in ids if ops[i].kind == "bwd"]
-            for i in (ids[-1], *bwd[-1:]):
+            for i in heard["always"]:
                 wake[i] = settle
             for i in ids if None in table else ():
                 if table[i] is None:
@@ -565,6 +564,19 @@ def _chains(plan: Plan, engine_plan: Plan) -> list[list[int] | None]:
         alone = all(uses[d] == 1 and d not in shards for d in devices)
         chains.append(ids if ok[j] and ids and alone and (not bwd or bwd[-1] == ids[-1]) else None)
     return chains
+
+
+def _heard(plan: Plan, ids: list[int]) -> dict:
+    """The ops of a chain whose ends the engine must hear of: per layer, its last backward
+    op (once that layer's event is asked for); ``"always"``: the chain's last op and its
+    last backward op."""
+    heard: dict = {}
+    for i in ids:
+        if plan.ops[i].kind == "bwd":
+            heard[plan.ops[i].layer] = i
+    bwd = [i for i in ids if plan.ops[i].kind == "bwd"]
+    heard["always"] = (ids[-1], *bwd[-1:])
+    return heard
 
 
 def _link_names(route) -> tuple[str, ...]:
