@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import simpy
 
 from clustersim.core import nccl
@@ -189,6 +190,24 @@ class _Speeds(dict):
         super().__init__()
         self.topology, self.share, self.full = topology, share, full
         self.by_ends: dict[tuple, float] = {}    # (kinds, compute capabilities of the two ends) -> speed
+        self.by_id: np.ndarray | None = None     # the speeds by link id (``Topology.link_id``); nan: not yet
+
+    def at(self, ids: np.ndarray) -> np.ndarray:
+        """The speeds of the links ``ids`` (``sim.network`` weights a phase's thousands of
+        links at once), each worked out once per table: by its link (``__missing__``), or, for
+        a share's table, as the share-1 table's times ``share`` (the same product)."""
+        if self.by_id is None:
+            self.by_id = np.full(len(self.topology.links), np.nan)
+        out = self.by_id[ids]
+        missing = np.isnan(out)
+        if missing.any():
+            new = ids[missing]
+            if self.full is not None:
+                values = self.full.at(new) * self.share
+            else:
+                values = list(map(self.__getitem__, map(self.topology.links.__getitem__, new.tolist())))
+            self.by_id[new] = out[missing] = values
+        return out
 
     def __missing__(self, link: DirLink) -> float:
         if self.full is not None:
@@ -334,7 +353,7 @@ def _us_per_byte(topology, op, algo, devices, nodes, rail_ports, cache, nvs=None
     speed = nccl_link_speed(topology, 1.0, cache) if _shortcut(cache) else None
     coll = Collective(op, algo, "Simple", tuple(phases(op, algo, devices, size, nodes, rail_ports, nvs)),
                       (0.0,) * 3, 1.0, speed)
-    env.process(run(env, FlowNetwork(env, topology, getattr(cache, "shortcut", True), cache), coll))
+    env.process(run(env, FlowNetwork(env, topology, getattr(cache, "shortcut", True)), coll))
     env.run()
     value = env.now * 1e6 / size
     if cache is not None:

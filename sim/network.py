@@ -47,11 +47,11 @@ class FlowNetwork(Network):
     """``shortcut``: the fluid's resources are the topology's link ids and a send's links are
     counted and weighted as int arrays (a collective's phase loads thousands); False keeps
     links as tuples of names, counted by ``link_weights`` -- the same weights in the same order.
-    ``kept``: where speed functions' values by link id are kept (``collectives.LayoutCache``
-    shares them between the tuner's trial runs); None: this network's own."""
+    A speed that is a bound method of a table with ``at(ids)`` (``collectives``' NCCL speeds)
+    gives a phase's speeds from it, kept by the table across networks; other functions' are
+    kept by this network."""
 
-    def __init__(self, env: simpy.Environment, topology: Topology, shortcut: bool = True,
-                 kept: dict | None = None) -> None:
+    def __init__(self, env: simpy.Environment, topology: Topology, shortcut: bool = True) -> None:
         super().__init__(env, topology, shortcut)
         self.by_id = shortcut
         self.fluid = Fluid(env, list(topology.capacity.values()) if shortcut else topology.capacity, shortcut)
@@ -59,8 +59,7 @@ class FlowNetwork(Network):
         # (link ids, counts) as arrays or None]
         self._patterns: dict[tuple[Pair, ...], list] = {}
         self._patterns_of: Topology | None = None     # the topology they were routed on
-        self._speeds: dict = {} if kept is None else kept   # ("speed", function) -> its values by link id
-        self._own_speeds = kept is None
+        self._speeds: dict[Callable, np.ndarray] = {}      # a speed function -> its values by link id
 
     def send(self, pairs, nbytes, messages=1, latency=None, speed=None):
         pattern = self._pattern(pairs)
@@ -97,12 +96,14 @@ class FlowNetwork(Network):
     def _speed_at(self, speed: Callable[[DirLink], float], ids: np.ndarray) -> np.ndarray:
         """``speed`` of each link of ``ids``, each link's asked once per function and kept by id
         (a bound method of one table is one key: it hashes and compares by its table)."""
-        key = ("speed", speed)
-        table = self._speeds.get(key)
+        at = getattr(getattr(speed, "__self__", None), "at", None)
+        if at is not None:
+            return at(ids)
+        table = self._speeds.get(speed)
         if table is None:
-            if self._own_speeds and len(self._speeds) >= _SPEED_TABLES:
+            if len(self._speeds) >= _SPEED_TABLES:
                 self._speeds.clear()                   # functions made per send: keep a few
-            table = self._speeds[key] = np.full(len(self.topology.links), np.nan)
+            table = self._speeds[speed] = np.full(len(self.topology.links), np.nan)
         out = table[ids]
         missing = np.isnan(out)
         if missing.any():
@@ -134,7 +135,7 @@ def link_counts(topology: Topology, pairs: Sequence[Pair]) -> tuple[dict[int, in
 # below it the arrays' set-up costs more than the loops (a message crosses a few links).
 _ARRAYS = 64
 
-# Speed functions kept by link id at once: a run has one per protocol share (decision 031)
+# Speed functions other than tables with ``at`` kept by link id at once per network
 _SPEED_TABLES = 16
 
 

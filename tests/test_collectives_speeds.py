@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import numpy as np
+
 from clustersim.core import nccl
 from clustersim.core.topogen import load_topology
 from clustersim.core.topology import Link, Topology
@@ -29,3 +31,19 @@ def test_link_speeds_kept_by_their_ends_are_worked_out_per_link():
     kinds = {(collectives.link_kind(topo, ln), max(topo.devices[e].compute_capability for e in ln))
              for ln in topo.capacity}
     assert {("nvlink", 8.0), ("nvlink", 9.0)} <= kinds
+
+
+def test_speeds_by_link_id_are_the_speeds_by_link():
+    """A table's speeds by id (``_Speeds.at``: a share's from share 1's by array) equal its
+    speeds by link, asked in either order, ids repeated and out of order."""
+    topo = load_topology("dgx-h100-fat-tree", machines=3)
+    cache: dict = {}
+    rng = random.Random(2)
+    for share in (0.37, 1.0, 0.5):
+        table = collectives.nccl_link_speed(topo, share, cache)
+        ids = np.array(rng.sample(range(len(topo.links)), 400) * 2)
+        early = [table(topo.links[i]) for i in ids[:50].tolist()]      # some by link first
+        got = table.__self__.at(ids).tolist()
+        assert got[:50] == early
+        assert got == [table(topo.links[i]) for i in ids.tolist()]
+        assert table.__self__.at(ids[::-1]).tolist() == got[::-1]
