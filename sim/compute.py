@@ -33,7 +33,7 @@ import simpy
 
 from sim import kernel_model
 from sim.flows import max_min_rates
-from sim.fluid import Fluid, rerate, timeout_at
+from sim.fluid import Fluid, rerate, supersede, timeout_at
 from clustersim.core.scenario import DTYPE_BYTES
 from clustersim.core.topology import Device, Topology
 
@@ -182,9 +182,15 @@ class Compute:
         """Another op comes to a lane running a chain: the chain's ops not yet started go
         back to being given one at a time, each at its predecessor's end (``rest``), as the
         engine gives ops op by op, so that the newcomer runs between them in its turn."""
-        lane, queue = self.lanes[device], self.queues[device]
-        self.catch_up(device)
-        if lane.ahead:
+        lane, queue, now = self.lanes[device], self.queues[device], self.env.now
+        ahead = lane.ahead
+        k = 0
+        while k < len(ahead) and ahead[k][3] < now:          # ended before now: logged
+            q, _, start, end = ahead[k]
+            lane.log.append((q.i, start, end))
+            k += 1
+        del ahead[:k]
+        if ahead:           # the op running now -- or ending now: it ends through the timer, after the newcomer came
             self._cut(device, 0)
         entries = list(queue)
         queue.clear()
@@ -285,6 +291,7 @@ class Compute:
         if self._inside:
             self._reserved = (max(when, self.env.now), next(self.env._eid))
             return
+        supersede(self._timer)
         self._timer = timeout_at(self.env, when)
         self._timer.callbacks.append(self._lanes_due)
 

@@ -8,6 +8,7 @@ how steps, gradient exchange and updates follow each other.  All state lives in 
 from __future__ import annotations
 
 import gc
+import heapq
 import time
 from dataclasses import dataclass, field
 
@@ -25,13 +26,19 @@ from clustersim.core.trace import Span, Trace, Update
 
 
 class CountingEnvironment(simpy.Environment):
-    """A simpy Environment that counts the events it processes."""
+    """A simpy Environment that counts the events it processes and drops, unrun and
+    uncounted, wake-up timers a newer one replaced (``sim.fluid.supersede``): their
+    callbacks do nothing, and run they would move the clock, and so the simulated end,
+    past the last real event."""
 
     def __init__(self, initial_time: float = 0) -> None:
         super().__init__(initial_time)
         self.events_processed = 0
 
     def step(self) -> None:
+        queue = self._queue
+        while queue and getattr(queue[0][3], "stale", False):
+            heapq.heappop(queue)
         self.events_processed += 1
         super().step()
 

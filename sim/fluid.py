@@ -46,6 +46,15 @@ def timeout_at(env: simpy.Environment, when: float) -> simpy.Event:
     return event
 
 
+def supersede(timer: simpy.Event | None) -> None:
+    """Marks a wake-up timer that a newer one replaced: its callback does nothing, and an
+    environment that honours the mark (``sim.engine.CountingEnvironment``) drops it unrun,
+    so that it cannot move the clock past the run's last real event (a rate raised after
+    it was armed ends the job before it)."""
+    if timer is not None and timer.callbacks is not None:
+        timer.stale = True
+
+
 def rerate(job, rate: float, now: float) -> bool:
     """Moves a job (``remaining``, ``rate``, ``since``, ``finish``) to ``rate`` from ``now``:
     the work done at the old rate comes off.  False, and nothing touched, where the rate is
@@ -523,6 +532,7 @@ class Fluid:
             heapq.heappop(heap)                              # stale entry
         if heap and heap[0][0] < self._wake_at:
             self._wake_at = heap[0][0]
+            supersede(self._timer)
             self._timer = timeout_at(self.env, self._wake_at)
             self._timer.callbacks.append(self._wake)
 

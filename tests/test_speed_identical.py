@@ -47,6 +47,10 @@ CASES = {
     # an 8-bit push's quantising and a late replica's next step come to a GPU mid-chain
     "ps-early8": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, ps_shards=2,
                        training={"push_early": True, "comm_bits": 8}),
+    # pushes of 8-bit gradients layer by layer from alexnet: stale wake-ups once moved the
+    # fast path's simulated end 11% past the last span (sim.fluid.supersede)
+    "ps-early8-alexnet": _case("dgx-h100", "alexnet", 64, 4, replicas=8, ps_shards=2,
+                               training={"push_early": True, "comm_bits": 8}),
     "backups-late": _case("dgx-h100", "mlp-digits", 256, 4, replicas=4, ps_shards=2, training={"backup_workers": 1},
                           faults={"slowdown": {"m0.gpu2": 3.0}}),
     "local": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, training={"algorithm": "local", "local_steps": 2}),
@@ -70,6 +74,7 @@ def test_fast_paths_give_the_plain_paths_answers(name):
     plain = _run(CASES[name], shortcut=False)
     assert fast[0] == plain[0] and fast[1] == plain[1] and fast[3] == plain[3]
     assert fast[2] == plain[2]
+    assert fast[1] == max(span[6] for span in fast[2])       # the run ends with its last span
 
 
 @pytest.mark.parametrize("shortcut", [True, False])
@@ -127,3 +132,17 @@ def test_an_op_given_mid_chain_runs_between_its_ops():
     env.run()
     assert log == [(0, 0.0, 1.0), (1, 2.0, 3.0)] and ends == [(1.0, 2.0)]
     assert compute.can_give(gpu)
+
+
+def test_a_superseded_wake_up_does_not_move_the_end():
+    """One job of 10 units on capacity 1, the capacity raised to 2 at t = 1: it ends at 5.5.
+    The wake-up armed for t = 10 is superseded (``sim.fluid.supersede``) and the engine's
+    environment drops it, so the clock, and the simulated end, stay at 5.5."""
+    from sim.engine import CountingEnvironment
+    env = CountingEnvironment()
+    fluid = Fluid(env, {"L": 1.0})
+    ends = []
+    fluid.start({"L": 1}, 10.0).callbacks.append(lambda _e: ends.append(env.now))
+    env.timeout(1.0).callbacks.append(lambda _e: fluid.set_capacity("L", 2.0))
+    env.run()
+    assert ends == [5.5] and env.now == 5.5

@@ -242,3 +242,33 @@ def test_a_chain_computed_ahead_gives_the_op_by_op_times(hold_at, share, wake_at
     one_by_one, heard_one = _chain_ends(False, hold_at, share, wake_at, wake_op)
     assert chain == one_by_one
     assert heard == heard_one
+
+
+def test_an_op_coming_as_a_chain_op_ends_runs_before_the_next():
+    """Three 1 s ops as a chain; another op comes at t = 1.0, the instant the first ends
+    (computed ahead): it runs 1..2 and the chain's second 2..3, as on the op-by-op lane and
+    the fluid, where the newcomer is queued before the op's end is taken."""
+    from sim.compute import Quiet
+
+    def run(chain: bool, shortcut: bool = True):
+        env = CountingEnvironment()
+        compute = Compute(env, TOPOLOGY, "fp16", shortcut=shortcut)
+        gpu, out = GPUS[0], []
+        env.timeout(1.0).callbacks.append(lambda _e: compute.run_seconds(gpu, 1.0).callbacks.append(
+            lambda e: out.append(("new", e.value, env.now))))
+        if chain:
+            log, wake = [], [None, None, None]
+            wake[2] = lambda _start: out.extend((i, start, end) for i, start, end in log)
+            compute.give(gpu, [(1.0, Quiet(i)) for i in range(3)], log, wake)
+        else:
+            def one(i):
+                def ended(e):
+                    out.append((i, e.value, env.now))
+                    if i < 2:
+                        one(i + 1)
+                compute.run_seconds(gpu, 1.0).callbacks.append(ended)
+            one(0)
+        env.run()
+        return sorted(out, key=lambda x: x[2])
+    expected = [(0, 0.0, 1.0), ("new", 1.0, 2.0), (1, 2.0, 3.0), (2, 3.0, 4.0)]
+    assert run(True) == run(False) == run(False, shortcut=False) == expected
