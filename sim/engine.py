@@ -18,6 +18,7 @@ import simpy
 from sim import collectives
 from sim.compute import MEASURED_SHARED, Compute, Quiet
 from sim.faults import failure_schedule, slowdowns
+from sim.fluid import supersede
 from sim.network import BACKENDS
 from clustersim.core.plan import PARAM_BYTES, Plan, cost_key, split_key
 from sim.kernel_model import op_work
@@ -106,6 +107,7 @@ class Engine:
         self._graph_info(plan)
         used = sorted({d for row in plan.devices for d in row})
         self.failures = failure_schedule(sc, used, self.rng)
+        self._next_failure: simpy.Event | None = None   # the timer of the next failure to come
         if self.failures:
             self.env.process(self._inject())
 
@@ -147,7 +149,8 @@ class Engine:
     # --- faults ------------------------------------------------------------------------------
     def _inject(self):
         for f in self.failures:
-            yield self.env.timeout(max(0.0, f.at_s - self.env.now))
+            self._next_failure = self.env.timeout(max(0.0, f.at_s - self.env.now))
+            yield self._next_failure
             for dev in f.devices:
                 self.failed.setdefault(dev, self.env.now)
                 self.failed_ever.setdefault(dev, self.env.now)
@@ -159,6 +162,10 @@ class Engine:
                                 self.env.now, self.env.now, phase="failure"))
             signal, self.failure_signal = self.failure_signal, self.env.event()
             signal.succeed(f)
+
+    def stop_failures(self) -> None:
+        """The job is over: a failure still to come does not happen, nor move the clock."""
+        supersede(self._next_failure)
 
     def alive(self, *devices: str) -> bool:
         return not self.failed or not any(d in self.failed for d in devices)
@@ -613,6 +620,7 @@ def simulate(plan: Plan, steps: int | None = None, rng: np.random.Generator | No
     engine = Engine(plan, rng=rng, shortcut=shortcut)
     t0 = time.perf_counter()
     main = engine.env.process(ALGORITHMS[sc.training.algorithm](engine, steps))
+    main.callbacks.append(lambda _e: engine.stop_failures())
     collecting = gc.isenabled()
     gc.disable()            # the run frees few cyclic objects; the collector's passes cost ~1/3 of it
     try:

@@ -56,6 +56,12 @@ CASES = {
     "local": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, training={"algorithm": "local", "local_steps": 2}),
     "sandblaster": _case("dgx-h100", "mlp-digits", 32, 1, replicas=4, ps_shards=2,
                          training={"algorithm": "sandblaster", "work_units": 8}),
+    # a link cut mid-step that the step routes around (the failure-detection timer must not
+    # end the run a second later), and a cut after the last step (it does not happen)
+    "cut-around": _case("dgx-h100", "alexnet", 64, 2, machines=2, replicas=8,
+                        faults={"fail": [{"at_s": 0.001, "link": ["m0.pcie0", "m0.nic0"]}]}),
+    "cut-after": _case("dgx-h100", "alexnet", 64, 2, machines=2, replicas=8,
+                       faults={"fail": [{"at_s": 0.5, "link": ["m0.pcie0", "m0.nic0"]}]}),
     # a link cut mid-run: the topology changes under the kept link names and route checks
     "link-cut": _case("dgx-h100-fat-tree", "alexnet", 64, 3, machines=2, replicas=16,
                       faults={"slowdown_sigma": 0.05, "fail": [{"at_s": 0.012, "link": ["m1.nic0", "edge0.0"]}]}),
@@ -146,3 +152,12 @@ def test_a_superseded_wake_up_does_not_move_the_end():
     env.timeout(1.0).callbacks.append(lambda _e: fluid.set_capacity("L", 2.0))
     env.run()
     assert ends == [5.5] and env.now == 5.5
+
+
+def test_a_failure_after_the_last_step_does_not_happen():
+    """The job is over before the link is cut: no failure is recorded and the run ends at its
+    last step's end, not at the cut (``Engine.stop_failures``)."""
+    res = simulate(plan(scenario_from_dict(CASES["cut-after"], "speed.toml")))
+    assert res.stalled_at_s is None
+    assert res.sim_time_s == res.trace.step_ends[-1] < 0.5
+    assert not [s for s in res.trace.spans if s.phase == "failure"]

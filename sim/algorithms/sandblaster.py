@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from sim.engine import Engine
+from sim.fluid import supersede
 from clustersim.core.plan import PARAM_BYTES, plan as make_plan
 from .ps import ParameterServer
 
@@ -109,6 +110,8 @@ def _hand_out(engine: Engine, batch: int, n_units: int, unit_plan, coord: str):
         if any(not engine.alive(*p.devices[r]) for r in busy):
             waits.append(env.timeout(p.scenario.faults.detect_timeout_s))
         yield env.any_of(waits)
+        for timer in waits[1:]:               # progress came first: the detection timer has nothing to do
+            supersede(timer)
         if progress[0].triggered:
             progress[0] = env.event()
 

@@ -19,6 +19,7 @@ parameter-server shard also sums the pushed gradients first.
 from __future__ import annotations
 
 from sim.engine import Engine, first_n
+from sim.fluid import supersede
 from clustersim.core.plan import PARAM_BYTES, buckets, param_layout
 from .ps import send_params
 from clustersim.core.schedule import apply_cost
@@ -39,7 +40,9 @@ def run_sync(engine: Engine, steps: int):
         if all(engine.alive(*plan.devices[r]) for r in active):
             yield env.any_of([finished, engine.failure_signal])
         if not finished.triggered:            # somebody has failed: does the step still finish?
-            yield env.any_of([finished, env.timeout(faults.detect_timeout_s)])
+            detect = env.timeout(faults.detect_timeout_s)
+            yield env.any_of([finished, detect])
+            supersede(detect)                 # finished first: the timer has nothing to do
         if not finished.triggered:
             for run in runs:
                 run.cancelled = True
