@@ -47,8 +47,8 @@ CASES = {
     # an 8-bit push's quantising and a late replica's next step come to a GPU mid-chain
     "ps-early8": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, ps_shards=2,
                        training={"push_early": True, "comm_bits": 8}),
-    # pushes of 8-bit gradients layer by layer from alexnet: stale wake-ups once moved the
-    # fast path's simulated end 11% past the last span (sim.fluid.supersede)
+    # pushes of 8-bit gradients layer by layer from alexnet: wake-ups superseded near the end
+    # must not move the simulated end past the last span (sim.fluid.supersede)
     "ps-early8-alexnet": _case("dgx-h100", "alexnet", 64, 4, replicas=8, ps_shards=2,
                                training={"push_early": True, "comm_bits": 8}),
     "backups-late": _case("dgx-h100", "mlp-digits", 256, 4, replicas=4, ps_shards=2, training={"backup_workers": 1},
