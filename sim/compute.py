@@ -182,15 +182,9 @@ class Compute:
         """Another op comes to a lane running a chain: the chain's ops not yet started go
         back to being given one at a time, each at its predecessor's end (``rest``), as the
         engine gives ops op by op, so that the newcomer runs between them in its turn."""
-        lane, queue, now = self.lanes[device], self.queues[device], self.env.now
-        ahead = lane.ahead
-        k = 0
-        while k < len(ahead) and ahead[k][3] < now:          # ended before now: logged
-            q, _, start, end = ahead[k]
-            lane.log.append((q.i, start, end))
-            k += 1
-        del ahead[:k]
-        if ahead:           # the op running now -- or ending now: it ends through the timer, after the newcomer came
+        lane, queue = self.lanes[device], self.queues[device]
+        self.catch_up(device, ending_now=False)
+        if lane.ahead:      # the op running now -- or ending now: it ends through the timer, after the newcomer came
             self._cut(device, 0)
         entries = list(queue)
         queue.clear()
@@ -200,12 +194,13 @@ class Compute:
             queue.append(quiet.pop(0))
         lane.rest.extend(quiet)
 
-    def catch_up(self, device: str) -> None:
-        """Logs the ops of ``device``'s chain computed ahead that have ended by now."""
+    def catch_up(self, device: str, ending_now: bool = True) -> None:
+        """Logs the ops of ``device``'s chain computed ahead that have ended by now (those
+        ending at this very instant too, unless ``ending_now`` is False)."""
         lane, now = self.lanes[device], self.env.now
         ahead, log = lane.ahead, lane.log
         k = 0
-        while k < len(ahead) and ahead[k][3] <= now:
+        while k < len(ahead) and (ahead[k][3] <= now if ending_now else ahead[k][3] < now):
             q, _, start, end = ahead[k]
             log.append((q.i, start, end))
             k += 1
