@@ -289,3 +289,20 @@ def test_push_early_sends_each_layer_as_its_backward_ends():
 def test_push_early_is_refused_outside_sync_with_shards():
     with pytest.raises(ConfigError, match="push_early"):
         scenario(parallel={"replicas": 2}, training={"push_early": True})
+
+
+def test_a_late_backup_replica_computes_one_step_at_a_time():
+    """Backup workers: a replica three times slower is late every step; it starts its next
+    step only when its last one's graph is done, even where that graph was still waiting
+    to start when the shards applied (its steps' compute spans do not interleave)."""
+    sc = scenario(batch=256, parallel={"replicas": 4, "ps_shards": 2},
+                  training={"steps": 4, "backup_workers": 1}, faults={"slowdown": {"m0.gpu2": 3.0}})
+    res = simulate(plan(sc))
+    by_step: dict[int, list] = {}
+    for s in res.trace.spans:
+        if s.where == "m0.gpu2" and s.kind == "compute":
+            by_step.setdefault(s.step, []).append(s)
+    assert len(by_step) >= 3
+    steps = sorted(by_step)
+    for a, b in zip(steps, steps[1:]):
+        assert max(s.end_s for s in by_step[a]) <= min(s.start_s for s in by_step[b])

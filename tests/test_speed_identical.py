@@ -44,7 +44,8 @@ CASES = {
     "ps-sync": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, ps_shards=2),
     "backups": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, ps_shards=2, training={"backup_workers": 1},
                      faults={"slowdown_sigma": 0.1}),
-    # an 8-bit push's quantising and a late replica's next step come to a GPU mid-chain
+    # an 8-bit push's quantising and a backup task's next unit come to a GPU mid-chain; a
+    # late replica under backup workers
     "ps-early8": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, ps_shards=2,
                        training={"push_early": True, "comm_bits": 8}),
     # pushes of 8-bit gradients layer by layer from alexnet: wake-ups superseded near the end
@@ -53,6 +54,9 @@ CASES = {
                                training={"push_early": True, "comm_bits": 8}),
     "backups-late": _case("dgx-h100", "mlp-digits", 256, 4, replicas=4, ps_shards=2, training={"backup_workers": 1},
                           faults={"slowdown": {"m0.gpu2": 3.0}}),
+    "backup-tasks": _case("dgx-h100", "mlp-digits", 256, 2, replicas=4, ps_shards=1,
+                          training={"algorithm": "sandblaster", "work_units": 16, "backup_tasks": True},
+                          faults={"slowdown": {"m0.gpu3": 8.0}}),
     "local": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, training={"algorithm": "local", "local_steps": 2}),
     "sandblaster": _case("dgx-h100", "mlp-digits", 32, 1, replicas=4, ps_shards=2,
                          training={"algorithm": "sandblaster", "work_units": 8}),

@@ -31,12 +31,13 @@ def run_sync(engine: Engine, steps: int):
     tr, faults = sc.training, sc.faults
     active = list(range(plan.replicas))
     free = {r: None for r in active}          # backup mode: when each replica is free again
+    working: dict = {}                        # backup mode: replica -> its last step's graph done
     last_checkpoint, step = 0, 0
     engine.log("checkpoint", -1, -1, 0)
     while step < steps:
         if tr.time_limit_s and env.now >= tr.time_limit_s:
             break
-        runs, finished = _start_step(engine, active, free, step)
+        runs, finished = _start_step(engine, active, free, step, working)
         if all(engine.alive(*plan.devices[r]) for r in active):
             yield env.any_of([finished, engine.failure_signal])
         if not finished.triggered:            # somebody has failed: does the step still finish?
@@ -67,7 +68,7 @@ def run_sync(engine: Engine, steps: int):
         engine.trace.step_ends.append(env.now)
 
 
-def _start_step(engine: Engine, active: list[int], free: dict, step: int):
+def _start_step(engine: Engine, active: list[int], free: dict, step: int, working: dict):
     """Starts one step; returns its graph runs and an event that fires, with the replicas
     whose gradients were used, when the new parameters are in place."""
     env, plan = engine.env, engine.plan
@@ -87,13 +88,14 @@ def _start_step(engine: Engine, active: list[int], free: dict, step: int):
         return runs, done
     delivered = []
     for r in active:
-        delivered.append(env.process(_replica_with_push(engine, r, step, free, runs)))
+        working[r] = env.event()
+        delivered.append(env.process(_replica_with_push(engine, r, step, free, runs, working[r])))
     quorum = first_n(env, delivered, len(active) - backups)
     done = env.event()
 
     def apply(_e):
         winners = [active[i] for i in quorum.value]
-        proc = env.process(_ps_apply_and_fetch(engine, winners, active, step, free))
+        proc = env.process(_ps_apply_and_fetch(engine, winners, active, step, free, working))
         proc.callbacks.append(lambda _p: done.succeed(winners))
     quorum.callbacks.append(apply)
     return runs, done
@@ -172,8 +174,9 @@ def _fetches(engine: Engine, k: int, replicas, step: int):
             for r in replicas for j in range(plan.slots) if ps.share[j][k]]
 
 
-def _replica_with_push(engine: Engine, r: int, step: int, free: dict, runs: list):
-    """Backup mode: replica r (once free) computes and pushes its whole gradient."""
+def _replica_with_push(engine: Engine, r: int, step: int, free: dict, runs: list, computed):
+    """Backup mode: replica r (once free) computes and pushes its whole gradient;
+    ``computed`` fires when its graph is done."""
     env, plan = engine.env, engine.plan
     ps = plan.ps
     if free[r] is not None:
@@ -181,26 +184,24 @@ def _replica_with_push(engine: Engine, r: int, step: int, free: dict, runs: list
     run = engine.run_graph(r, step)
     runs.append(run)
     yield run.done
+    computed.succeed()
     yield env.all_of([_params(engine, dev, ps.devices[k], ps.share[j][k], r, step, "push")
                       for j, dev in enumerate(plan.devices[r]) for k in range(len(ps.devices)) if ps.share[j][k]])
 
 
-def _ps_apply_and_fetch(engine: Engine, winners, active, step: int, free: dict):
+def _ps_apply_and_fetch(engine: Engine, winners, active, step: int, free: dict, working: dict):
     """Shards apply the first gradients; every replica is sent the new parameters and is
-    free for the next step once it has them and has finished its own (maybe late) work."""
+    free for the next step once it has them and has finished its own (maybe late) work:
+    the graph of the step it was last given, started or still waiting (``working``), so
+    that a replica never computes two steps at once."""
     env, plan = engine.env, engine.plan
     ps = plan.ps
     yield env.all_of([_update(engine, ps.devices[k], ps.sizes[k], -1, step, summed=len(winners))
                       for k in range(len(ps.devices))])
     for r in active:
         fetched = env.all_of([ev for k in range(len(ps.devices)) for ev in _fetches(engine, k, [r], step)])
-        free[r] = fetched if r in winners else env.all_of([fetched, _previous_run(engine, r)])
+        free[r] = fetched if r in winners else env.all_of([fetched, working[r]])
     yield env.all_of([free[r] for r in winners])
-
-
-def _previous_run(engine: Engine, r: int):
-    """The late replica's current graph (the last one started for it)."""
-    return engine.last_run[r].done
 
 
 def _restart(engine: Engine, step: int, checkpoint: int, dead: list[int]):
