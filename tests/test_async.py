@@ -306,3 +306,22 @@ def test_a_late_backup_replica_computes_one_step_at_a_time():
     steps = sorted(by_step)
     for a, b in zip(steps, steps[1:]):
         assert max(s.end_s for s in by_step[a]) <= min(s.start_s for s in by_step[b])
+
+
+def test_a_sandblaster_replica_computes_one_unit_at_a_time():
+    """Backup tasks: a replica eight times slower still runs a backup copy when its batch is
+    done; it takes a unit of the next batch only once that copy ends (on each GPU one
+    batch's compute ends before the next batch's starts)."""
+    sc = scenario(batch=256, training={"algorithm": "sandblaster", "steps": 3, "work_units": 16,
+                                       "backup_tasks": True},
+                  parallel={"replicas": 4, "ps_shards": 1}, faults={"slowdown": {"m0.gpu3": 8.0}})
+    res = simulate(plan(sc))
+    by_batch: dict[str, dict[int, list]] = {}
+    for s in res.trace.spans:
+        if s.kind == "compute" and s.replica >= 0:
+            by_batch.setdefault(s.where, {}).setdefault(s.step, []).append(s)
+    assert len(by_batch["m0.gpu3"]) >= 2
+    for where, batches in by_batch.items():
+        steps = sorted(batches)
+        for a, b in zip(steps, steps[1:]):
+            assert max(s.end_s for s in batches[a]) <= min(s.start_s for s in batches[b]), where

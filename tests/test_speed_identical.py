@@ -44,8 +44,8 @@ CASES = {
     "ps-sync": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, ps_shards=2),
     "backups": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, ps_shards=2, training={"backup_workers": 1},
                      faults={"slowdown_sigma": 0.1}),
-    # an 8-bit push's quantising and a backup task's next unit come to a GPU mid-chain; a
-    # late replica under backup workers
+    # an 8-bit push's quantising comes to a GPU mid-chain; a late replica under backup
+    # workers, and one under Sandblaster's backup tasks
     "ps-early8": _case("dgx-h100", "mlp-digits", 32, 3, replicas=4, ps_shards=2,
                        training={"push_early": True, "comm_bits": 8}),
     # pushes of 8-bit gradients layer by layer from alexnet: wake-ups superseded near the end

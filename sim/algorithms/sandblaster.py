@@ -32,6 +32,8 @@ def run_sandblaster(engine: Engine, steps: int):
     unit_plan = make_plan(dataclasses.replace(sc, batch_size=unit_size), check_memory=False)
     coord = ps.ps.devices[0]
     m = tr.lbfgs_history
+    busy: set[int] = set()           # replicas computing a unit, kept across batches (a backup
+    progress = [env.event()]         # copy may outlive its batch); fires when one finishes
     for batch in range(steps):
         if tr.time_limit_s and env.now >= tr.time_limit_s:
             break
@@ -39,7 +41,7 @@ def run_sandblaster(engine: Engine, steps: int):
         if not live:
             break
         yield env.all_of([engine.wait(ps.fetch(r, batch, batch), p.devices[r][0], r, batch, "fetch") for r in live])
-        yield from _hand_out(engine, batch, n_units, unit_plan, coord)
+        yield from _hand_out(engine, batch, n_units, unit_plan, coord, busy, progress)
         contributors = [r for r in live if engine.alive(*p.devices[r])]
         yield env.all_of([ev for r in contributors for k in range(len(ps.ps.devices))
                           for ev in ps._pieces(r, k, True, batch, "push")])
@@ -59,15 +61,15 @@ def _lbfgs_step(engine: Engine, ps: ParameterServer, k: int, coord: str, batch: 
     ps.applies[k] += 1
 
 
-def _hand_out(engine: Engine, batch: int, n_units: int, unit_plan, coord: str):
-    """The coordinator's loop for one batch: returns when every unit has a result."""
+def _hand_out(engine: Engine, batch: int, n_units: int, unit_plan, coord: str, busy: set[int], progress: list):
+    """The coordinator's loop for one batch: returns when every unit has a result.  A
+    replica still computing a backup copy from an earlier batch is ``busy`` until it is
+    done: a worker computes one unit at a time."""
     env, p = engine.env, engine.plan
     tr = p.scenario.training
     queue = list(range(n_units))
     running: dict[int, list[int]] = {}       # unit -> replicas working on it
     finished: set[int] = set()
-    busy: set[int] = set()
-    progress = [env.event()]
 
     def work(r: int, u: int):
         dev = p.devices[r][0]
