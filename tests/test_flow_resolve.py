@@ -19,8 +19,8 @@ import simpy
 
 from sim.fluid import Fluid
 
-# Parts and whole solves agree to round-off, not float for float (decision 042): the worst
-# finish seen over 360 random runs was 4.1e-15 relative; 1e-9 would let a wrong part through.
+# Parts and whole solves agree to round-off, not float for float (decision 042); a looser
+# bound would let a part that drifts from the whole solve through.
 REL = 1e-12
 
 

@@ -18,9 +18,8 @@ from sim.flows import ARRAY_ENTRIES, max_min_rates
 from sim.fluid import Fluid
 from test_fluid_exact import simulated_finishes
 
-# The reference sums loads and subtracts frozen shares in its own order: on random cases of
-# up to 20 flows with fractional weights the two differ by up to ~2.3e-12 relative (one
-# case hypothesis found; 1.5e-12 the worst of 96,000 drawn), so 1e-12 failed now and then.
+# The reference sums loads and subtracts frozen shares in its own order, so on random cases
+# of up to 20 flows with fractional weights the two differ by a few 1e-12 relative.
 REL = 1e-11
 
 
