@@ -333,8 +333,8 @@ class Compute:
                 devices.append(entry[2])
                 if type(done) is Quiet:                      # logged; woken only where asked
                     log = lane.log
-                    if lane.ahead:                           # the chain's ops computed before it
-                        for q, _, start, end in lane.ahead:
+                    if lane.ahead:                           # the chain's ops computed before it, all
+                        for q, _, start, end in lane.ahead:  # ended by now (``catch_up``, inlined)
                             log.append((q.i, start, end))
                         lane.ahead.clear()
                     log.append((done.i, lane.start, now))
@@ -352,7 +352,7 @@ class Compute:
             else:
                 self.busy.discard(device)
         for device in rests:                                 # as the op-by-op engine gives them
-            self.start(device, *self.lanes[device].rest.pop(0))
+            self.start(device, *self.lanes[device].rest.popleft())
         self._wake_at = float("inf")
         self._arm()
         for _, done, start in ended[1:]:
@@ -380,10 +380,8 @@ class Compute:
         if self._reserved is not None:
             when, eid = self._reserved
             self._reserved = None
-            timer = self._timer = simpy.Event(self.env)
-            timer._ok, timer._value = True, None
-            timer.callbacks.append(self._lanes_due)
-            heapq.heappush(self.env._queue, (when, simpy.core.NORMAL, eid, timer))
+            self._timer = timeout_at(self.env, when, eid)
+            self._timer.callbacks.append(self._lanes_due)
 
     def _lane_capacity(self, device: str, capacity: float) -> None:
         """A lane's capacity changes now; its op, if running, is re-solved once this instant's
@@ -464,7 +462,7 @@ class _Lane:
         self.ahead: list[tuple[Quiet, float, float, float]] = []   # a chain's ops computed ahead of it
         self.log: list = []                  # the chain's (op, start, end) ends (``give``)
         self.wake: list = []                 # op -> what its end calls, or None
-        self.rest: list = []                 # a dissolved chain's ops, given one at a time (``_dissolve``)
+        self.rest: deque = deque()           # a dissolved chain's ops, given one at a time (``_dissolve``)
 
 
 class Quiet:

@@ -100,7 +100,6 @@ class Engine:
         self.ps_server = None                      # set by parameter-server algorithms
         self.failure_signal = self.env.event()     # fires (and is replaced) at every failure
         self.lost_samples = 0                      # work thrown away after failures
-        self.last_run: dict[int, GraphRun] = {}    # each replica's latest step graph
         self._graphs: dict[int, tuple] = {}
         self._names: dict[tuple[str, str], tuple[str, ...]] = {}   # (src, dst) -> its route's link names
         self._names_of = None                       # the topology they were routed on
@@ -394,7 +393,6 @@ class Engine:
         run = GraphRun(env.event(), [env.event() for _ in range(plan.slots)],
                        Ready({key: env.event() for key in bwd_per_layer if chains[key[0]] is None},
                              bwd_per_layer, asked))
-        self.last_run[replica] = run
 
         def launch(op) -> None:
             if run.cancelled or failed and devices[op.slot] in failed:
@@ -449,8 +447,8 @@ class Engine:
 
         def give_chain(slot: int) -> None:
             """The slot's ops to its lane at once, each ending quietly (``Quiet``) but where
-            the engine must hear of it now: the slot's last backward op, the chain's last
-            op, a layer's last backward op once its event is asked for (``asked``)."""
+            the engine must hear of it now: the chain's last op (also its last backward
+            op), a layer's last backward op once its event is asked for (``asked``)."""
             device, table, factor = devices[slot], tables[slot], factors[slot]
             ids, quiet, shared, heard = chains[slot]
             log, wake = [], [None] * len(ops)
@@ -485,8 +483,7 @@ class Engine:
                     compute.woken(device)
                 return event
             asked[slot] = ask
-            for i in heard["always"]:
-                wake[i] = settle
+            wake[ids[-1]] = settle              # its last op, also its last backward op
             for i in ids if None in table else ():
                 if table[i] is None:
                     table[i] = compute.alone(device, ops[i].flops, ops[i].bytes, ops[i].kind == "bwd", keys[i], works[i])
@@ -581,15 +578,12 @@ def _chains(plan: Plan, engine_plan: Plan) -> list[list[int] | None]:
 
 
 def _heard(plan: Plan, ids: list[int]) -> dict:
-    """The ops of a chain whose ends the engine must hear of: per layer, its last backward
-    op (once that layer's event is asked for); ``"always"``: the chain's last op and its
-    last backward op."""
+    """Per layer, the chain op whose end the engine must hear of once that layer's event is
+    asked for: the layer's last backward op."""
     heard: dict = {}
     for i in ids:
         if plan.ops[i].kind == "bwd":
             heard[plan.ops[i].layer] = i
-    bwd = [i for i in ids if plan.ops[i].kind == "bwd"]
-    heard["always"] = (ids[-1], *bwd[-1:])
     return heard
 
 

@@ -33,16 +33,17 @@ import simpy
 from sim.flows import max_min_rates
 
 
-def timeout_at(env: simpy.Environment, when: float) -> simpy.Event:
+def timeout_at(env: simpy.Environment, when: float, eid: int | None = None) -> simpy.Event:
     """An event that fires at ``when`` itself.  ``env.timeout(when - now)`` fires at
     ``now + (when - now)``, which round-off puts an ulp off ``when`` for ~2% of pairs (and no
     delay lands on an odd ``when`` whose sum ties), so a job would end an ulp early or late,
     or take a second timer.  simpy has no absolute-time call: this puts the event on its
     queue as ``Environment.schedule`` does, with ``when`` as the time (simpy 4's queue
-    entries, checked by tests/test_fluid_exact.py)."""
+    entries, checked by tests/test_fluid_exact.py).  ``eid``: the simpy event id taken
+    earlier for it (its place among events at one time), else the next."""
     event = simpy.Event(env)
     event._ok, event._value = True, None
-    heapq.heappush(env._queue, (max(when, env.now), simpy.core.NORMAL, next(env._eid), event))
+    heapq.heappush(env._queue, (max(when, env.now), simpy.core.NORMAL, next(env._eid) if eid is None else eid, event))
     return event
 
 

@@ -198,12 +198,10 @@ def _chain_ends(as_chain: bool, hold_at: float, share: float, wake_at: float, wa
     if as_chain:
         log, wake = [], [None] * len(seconds)
 
-        def settle(_start, i=None):
+        def settle(_start):
             for k, start, end in log:
                 spans[k] = (start, end)
             log.clear()
-        for i in range(len(seconds)):
-            wake[i] = None
         wake[-1] = settle
         compute.give(gpu, [(s, Quiet(i)) for i, s in enumerate(seconds)], log, wake)
 
@@ -213,7 +211,7 @@ def _chain_ends(as_chain: bool, hold_at: float, share: float, wake_at: float, wa
             compute.woken(gpu)
         env.timeout(wake_at).callbacks.append(ask)
     else:
-        def one(i, _start=None):
+        def one(i):
             def ended(e):
                 spans[i] = (e.value, env.now)
                 if i == wake_op and env.now > wake_at:
