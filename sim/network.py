@@ -121,7 +121,7 @@ class FlowNetwork(Network):
 def link_counts(topology: Topology, pairs: Sequence[Pair]) -> tuple[dict[int, int], tuple | None]:
     """``link_weights`` of the pairs' routes by link id (the same counts in the same order:
     of first use), and, from ``_ARRAYS`` hops on, (ids, counts) as int arrays (counted by
-    ``np.unique`` over all the routes' hops at once: a tree's phase crosses ~50,000)."""
+    ``np.unique`` over all the routes' hops at once, for the phases of large groups)."""
     hops = np.frombuffer(topology.route_ids(pairs), dtype=np.int32)
     if len(hops) < _ARRAYS:
         return link_weights([hops.tolist()]), None

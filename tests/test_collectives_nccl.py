@@ -175,8 +175,8 @@ def test_hierarchical_and_a_forced_protocol_run_in_training_and_from_the_command
 
 
 def test_a_layout_cache_keeps_its_topologies_alive_so_their_ids_stay_theirs():
-    """Entries are keyed by id(topology); a topology clone (a cut link) collected while the
-    cache lives could hand its id to another and its entries to that one."""
+    """A topology a layout cache keys by stays alive while the cache lives, so a clone (a cut
+    link) cannot be collected and its id, and so its entries, taken by another."""
     import gc
     import weakref
     cache: dict = {}

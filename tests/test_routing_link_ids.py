@@ -53,11 +53,11 @@ def test_route_ids_are_the_routes_links_by_id(name, cut):
     fresh = fresh.without_link(*cut) if cut else fresh
     assert _ids(fresh, pairs) == [fresh.link_id[ln] for r in routes for ln in r]
     assert [fresh.route(a, b) for a, b in pairs] == routes      # names read back from the kept ids
-    assert all(fresh.links[fresh.link_id[ln]] == ln for ln in fresh.capacity)
 
 
 def test_link_counts_are_link_weights_in_their_order():
     topo = load_topology("dgx-h100-fat-tree", machines=6)
+    counted_as_arrays = 0
     for group in _groups(topo, 3):
         machines = [topo.machine_of(d) for d in group]
         for ph in collectives.phases("allreduce", "tree", group, 1.0, machines, collectives.ports(topo, group)):
@@ -66,7 +66,8 @@ def test_link_counts_are_link_weights_in_their_order():
             assert [(topo.links[i], n) for i, n in counts.items()] == list(by_name.items())
             if arrays is not None:
                 assert arrays[0].tolist() == list(counts) and arrays[1].tolist() == list(counts.values())
-
+                counted_as_arrays += 1
+    assert counted_as_arrays > 0
 
 @pytest.mark.parametrize("cut", [None, ("m1.gpu2", "m1.nvswitch"), ("m2.nic3", "m2.pcie1")])
 def test_trial_runs_by_link_id_give_the_per_byte_times_by_name(cut):

@@ -175,7 +175,7 @@ class Topology:
             latency[(a, b)] = latency[(b, a)] = ln.latency
             near[a].append(b)
             near[b].append(a)
-        self._links_given, self._graph = list(links), None
+        self._graph = None
         # every directed link numbered (its place in ``links``): a collective's thousands of
         # links are counted and weighted as int arrays (``sim.network``), not as tuples of names
         self.links: list[DirLink] = list(capacity)
@@ -205,8 +205,9 @@ class Topology:
         if self._graph is None:
             graph = nx.Graph()
             graph.add_nodes_from((d.name, {"kind": d.kind, "machine": d.machine}) for d in self.devices.values())
-            graph.add_edges_from((ln.a, ln.b, {"bandwidth": ln.bandwidth, "latency": ln.latency})
-                                 for ln in self._links_given)
+            capacity, latency = self.capacity, self.latency     # ``links``: both ways of each, in turn
+            graph.add_edges_from((a, b, {"bandwidth": capacity[(a, b)], "latency": latency[(a, b)]})
+                                 for a, b in self.links[::2])
             self._graph = graph
         return self._graph
 
@@ -251,12 +252,12 @@ class Topology:
     def route_ids(self, pairs: list[tuple[str, str]]) -> bytes:
         """The routes of ``pairs`` (``route``) as link ids (``link_id``), joined in pair order:
         int32 in native order, for ``np.frombuffer`` (a collective's phase counts the links of
-        thousands of routes at once).  Kept per pair, looked up in C loops; looking up a link by
-        its pair of names costs more than the whole count."""
+        thousands of routes at once).  Kept per pair and looked up in C loops: looking links up
+        by their names, route by route, is what this saves."""
         kept = self._route_ids
         found = list(map(kept.get, pairs))
         if None in found:
-            found = [ids if ids is not None else kept.get(pair) or self._ids(*pair) for ids, pair in zip(found, pairs)]
+            found = [ids if ids is not None else self._ids(*pair) for ids, pair in zip(found, pairs)]
         return b"".join(found)
 
     def _ids(self, src: str, dst: str) -> bytes:
@@ -513,7 +514,7 @@ class _Tree:
 
     def __init__(self, dist: list[int], width: list[float], ok: np.ndarray) -> None:
         self.dist, self.width, self.options = dist, width, {}
-        self.ok = ok                  # per hop out of a node (``_Fabric.out_to``): one of its options
+        self.ok = ok                  # per hop out of a node (``_Fabric.into`` read outward): one of its options
 
 
 class _Fabric:
@@ -526,19 +527,14 @@ class _Fabric:
         self.index = {n: i for i, n in enumerate(nodes)}
         pairs = [(self.index[v], self.index[u], capacity[(v, u)])
                  for u in nodes for v in adj[u] if v in self.index]
-        frm = np.array([p[0] for p in pairs], dtype=np.int64)          # a hop frm -> to, toward the root
-        to = np.array([p[1] for p in pairs], dtype=np.int64)
-        cap = np.array([p[2] for p in pairs], dtype=float)
-        # the hops sorted by ``to``: those into node i are ``in_frm[into[i]:into[i + 1]]``
-        order = np.argsort(to, kind="stable")
-        self.in_frm, self.in_to, self.in_cap = frm[order], to[order], cap[order]
+        # a hop in_frm -> in_to, toward the root, built node by node (so sorted by ``in_to``):
+        # those into node i are ``in_frm[into[i]:into[i + 1]]``, in i's neighbour order --
+        # read the other way, the hops out of node i (``out_cap``: their capacity that way)
+        self.in_frm = np.array([p[0] for p in pairs], dtype=np.int64)
+        self.in_to = np.array([p[1] for p in pairs], dtype=np.int64)
+        self.in_cap = np.array([p[2] for p in pairs], dtype=float)
         self.into = np.searchsorted(self.in_to, np.arange(len(nodes) + 1))
-        # the hops out of node i, in its neighbour order: ``out_to[out_at[i]:out_at[i + 1]]``
-        out = [(i, self.index[v], capacity[(u, v)]) for i, u in enumerate(nodes) for v in adj[u] if v in self.index]
-        self.out_frm = np.array([p[0] for p in out], dtype=np.int64)
-        self.out_to = np.array([p[1] for p in out], dtype=np.int64)
-        self.out_cap = np.array([p[2] for p in out], dtype=float)
-        self.out_at = np.searchsorted(self.out_frm, np.arange(len(nodes) + 1))
+        self.out_cap = np.array([capacity[(u, v)] for u in nodes for v in adj[u] if v in self.index], dtype=float)
         self._trees: dict[tuple[str, float], _Tree] = {}
         self._uplinks: dict[str, str | None] = {}
 
@@ -574,8 +570,8 @@ class _Fabric:
                 np.maximum.at(width, self.in_frm[down], np.minimum(self.in_cap[down], width[self.in_to[down]]))
                 level, front = level + 1, new
             # every node's next hops at once: one level closer, as wide as its best (``options``)
-            ok = (dist[self.out_to] == dist[self.out_frm] - 1) & (
-                np.minimum(self.out_cap, width[self.out_to]) >= width[self.out_frm])
+            ok = (dist[self.in_frm] == dist[self.in_to] - 1) & (
+                np.minimum(self.out_cap, width[self.in_frm]) >= width[self.in_to])
             self._trees[key] = _Tree(dist.tolist(), width.tolist(), ok)   # lists: read one by one, in Python
         return self._trees[key]
 
@@ -584,9 +580,9 @@ class _Fabric:
         wide as its best (a neighbour j of node i with dist[j] == dist[i] - 1 and
         min(capacity(i, j), width[j]) >= width[i], worked out for every hop with the tree)."""
         i = self.index[node]
-        at, to = self.out_at[i], self.out_at[i + 1]
+        at, to = self.into[i], self.into[i + 1]
         nodes = self.nodes
-        return [nodes[j] for j in self.out_to[at:to][tree.ok[at:to]].tolist()]
+        return [nodes[j] for j in self.in_frm[at:to][tree.ok[at:to]].tolist()]
 
 
 def rail(name: str) -> int:
