@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import heapq
 import time
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -103,6 +104,7 @@ class Engine:
         self._graphs: dict[int, tuple] = {}
         self._names: dict[tuple[str, str], tuple[str, ...]] = {}   # (src, dst) -> its route's link names
         self._names_of = None                       # the topology they were routed on
+        self._id_names: list[str | None] = []       # link id -> its name, as spans record it, on that topology
         self._graph_info(plan)
         used = sorted({d for row in plan.devices for d in row})
         self.failures = failure_schedule(sc, used, self.rng)
@@ -178,8 +180,10 @@ class Engine:
             return _link_names(topology.route(src, dst))
         known = self._names_on(now)
         names = known.get((src, dst))
-        if names is None:
-            names = known[(src, dst)] = _link_names(topology.route(src, dst))
+        if names is None:       # from the route's link ids, which the flows use too: no route by name
+            named = self._id_names
+            names = known[(src, dst)] = tuple([named[i] or _name_of(named, now.links, i)
+                                               for i in array("i", now.route_ids([(src, dst)]))])
         return names
 
     def _names_on(self, topology: Topology) -> dict[tuple[str, str], tuple[str, ...]]:
@@ -187,6 +191,7 @@ class Engine:
         the engine a new one)."""
         if self._names_of is not topology:
             self._names, self._names_of = {}, topology
+            self._id_names = [None] * len(topology.links)
         return self._names
 
     def lost(self, devices: list[str]) -> simpy.Event:
@@ -589,6 +594,13 @@ def _heard(plan: Plan, ids: list[int]) -> dict:
 
 def _link_names(route) -> tuple[str, ...]:
     return tuple(f"{u}>{v}" for u, v in route)
+
+
+def _name_of(named: list, links: list, i: int) -> str:
+    """Link ``i``'s name as ``_link_names`` writes it, kept in ``named``."""
+    u, v = links[i]
+    name = named[i] = f"{u}>{v}"
+    return name
 
 
 @dataclass
