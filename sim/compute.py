@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import operator
 from collections import deque
 
 import simpy
@@ -65,8 +66,8 @@ def alike_devices(topology: Topology) -> dict[str, int]:
     and machine): ``op_seconds`` of the same op is the same on devices with one id, so a
     step's ops are timed once for all the replicas that repeat them."""
     ids: dict[str, int] = {}
-    return {name: ids.setdefault(repr(dataclasses.replace(d, name="", machine=None)), len(ids))
-            for name, d in topology.devices.items() if d.is_compute}
+    described = operator.attrgetter(*(f.name for f in dataclasses.fields(Device) if f.name not in ("name", "machine")))
+    return {name: ids.setdefault(repr(described(d)), len(ids)) for name, d in topology.devices.items() if d.is_compute}
 
 
 def runs_in_order(device: Device) -> bool:
