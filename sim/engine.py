@@ -91,6 +91,7 @@ class Engine:
         self.network = BACKENDS[sc.network](self.env, sc.topology, shortcut)
         self.trace = Trace()
         self._collectives = collectives.LayoutCache(shortcut)   # tuner's times, ports, link speeds per share
+        self._layouts: dict[tuple, collectives.Collective] = {}  # (topology, op, algo, group, bytes) -> its layout
         self._nccl_speed = collectives.nccl_link_speed(sc.topology, 1.0, self._collectives if shortcut else None)
         self.failed: dict[str, float] = {}          # device -> time it failed (until a restart replaces it)
         self.failed_ever: dict[str, float] = {}     # every device that failed in the run, and when
@@ -319,10 +320,15 @@ class Engine:
 
     def collective(self, op: str, algo: str, devices: list[str], nbytes: float, replica: int,
                    step: int, name: str) -> simpy.Event:
-        try:
-            coll = collectives.layout(self.network.topology, op, algo, devices, nbytes, cache=self._collectives)
-        except NoRoute as exc:                 # the tuner's trial run found a route cut
-            return self._block(f"{exc} (a link cut)", name)
+        key = (self.network.topology, op, algo, tuple(devices), nbytes)
+        coll = self._layouts.get(key)
+        if coll is None:                       # steps repeat their collectives: laid out once (shortcut)
+            try:
+                coll = collectives.layout(self.network.topology, op, algo, devices, nbytes, cache=self._collectives)
+            except NoRoute as exc:             # the tuner's trial run found a route cut
+                return self._block(f"{exc} (a link cut)", name)
+            if self.shortcut:
+                self._layouts[key] = coll
         topology, names, failed = self.network.topology, self.link_names, self.failed
         known = self._names_on(topology) if self.shortcut else {}      # pairs routed on it before
         for ph in coll.phases:                 # a member gone or cut off: it never completes
