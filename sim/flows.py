@@ -150,12 +150,15 @@ def _filling_arrays(flows, capacity) -> dict[FlowId, float]:
     if not fids:
         return rates
     entries = list(chain.from_iterable(flows[f] for f in fids))           # each flow's links, in flow order
-    at: dict[Link, int] = {link: i for i, link in enumerate(dict.fromkeys(entries))}   # by first use
+    first = dict.fromkeys(entries)                                     # the links by first use
+    at: dict[Link, int] = dict(zip(first, range(len(first))))
     f_link = np.fromiter(map(at.__getitem__, entries), dtype=np.int64, count=len(entries))
     f_w = np.fromiter(chain.from_iterable(flows[f].values() for f in fids), dtype=float, count=len(entries))
     f_ptr = np.zeros(len(fids) + 1, dtype=np.int64)
     f_ptr[1:] = np.cumsum([len(flows[f]) for f in fids])
-    left = np.array(list(_capacities(capacity, at).values()))
+    left = np.fromiter(map(float, map(capacity.__getitem__, at)), dtype=float, count=len(at))
+    if len(at) and left.min() <= 0:
+        _capacities(capacity, at)                                   # raises, naming the link
     weight = np.zeros(len(at))
     np.add.at(weight, f_link, f_w)
     count = np.bincount(f_link, minlength=len(at))

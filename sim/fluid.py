@@ -287,15 +287,15 @@ class Fluid:
         if level is None:
             return False
         below, changed = level
+        on = set().union(*map(users_at.__getitem__, changed))   # a collective's finish: thousands of resources
         solve = set(new)
-        for i in changed:
-            solve.update([u for u in users_at[i] if jobs[u].rate >= below])
+        solve.update([u for u in on if jobs[u].rate >= below])
         while len(solve) < most:
             part = self._part(solve)
             if part is None:
                 return False
             flows, left, top, shared = part
-            if not shared and all(users_at[i] <= solve for i in changed):
+            if not shared and on <= solve:
                 self._resolve(solve)                # the changed jobs' whole components: remembered
                 return True
             solved = max_min_rates(flows, left)
@@ -443,13 +443,22 @@ class Fluid:
         comp, seen, todo = set(live[:1]), set(), live[:1]
         one = True
         while todo:
-            for i in jobs[todo.pop()].links:
-                if i not in seen:
-                    seen.add(i)
-                    new = users_at[i] - comp
-                    if new:
-                        comp |= new
-                        todo.extend(new)
+            links = jobs[todo.pop()].links
+            if len(links) >= BULK:                  # a collective's job: its resources in C set operations
+                fresh = links.keys() - seen
+                seen |= fresh
+                new = set().union(*map(users_at.__getitem__, fresh)) - comp
+                if new:
+                    comp |= new
+                    todo.extend(new)
+            else:
+                for i in links:
+                    if i not in seen:
+                        seen.add(i)
+                        new = users_at[i] - comp
+                        if new:
+                            comp |= new
+                            todo.extend(new)
             if most and len(comp) >= most:
                 return None, False
             if not todo:
@@ -462,12 +471,16 @@ class Fluid:
     def _remembered(self, comp: set[int]) -> bool:
         """Whether the solve of the whole component ``comp`` is remembered (a hit costs less
         than any part solved)."""
-        return self._key(sorted(comp)) in self._memo
+        key = self._key(sorted(comp))
+        return key is not None and key in self._memo
 
-    def _key(self, order: list[int]) -> tuple:
+    def _key(self, order: list[int]) -> tuple | None:
         """The memo's key of the jobs ``order``: their (resource, weight) lists, each built
         when first asked (most jobs are never solved whole: fewer objects kept, fewer
-        garbage collections)."""
+        garbage collections); None for a solve too large to remember (a collective's jobs:
+        never looked up, so no pass over their links)."""
+        if sum([len(self.jobs[jid].links) for jid in order]) > MEMO_ENTRIES:
+            return None
         keys = []
         for job in map(self.jobs.__getitem__, order):
             if job.key is None:
@@ -490,11 +503,12 @@ class Fluid:
             return
         order = sorted(comp)
         key = self._key(order)
-        found = self._memo.get(key)
+        found = None if key is None else self._memo.get(key)
         if found is None:
             solved = max_min_rates({jid: jobs[jid].links for jid in order}, self._caps, self._users_at)
             found = tuple([solved[jid] for jid in order])
-            self._remember(key, found)
+            if key is not None:
+                self._remember(key, found)
         self._apply(zip(order, found))
 
     def _apply(self, rates) -> None:
@@ -560,6 +574,7 @@ class Fluid:
         for jid in finished:
             job = jobs.pop(jid)
             if len(job.links) < BULK:
+                sets = None
                 for i in job.links:
                     users = users_at[i]
                     users.discard(jid)
@@ -571,7 +586,7 @@ class Fluid:
                 neighbours.update(*sets)
             if known is not None and jid in known:
                 known.discard(jid)
-                if self._known_one and sum(map(bool, map(users_at.__getitem__, job.links))) > 1:
+                if self._known_one and sum(map(bool, sets or map(users_at.__getitem__, job.links))) > 1:
                     self._known_one = False         # the component may split here
             ended.append(job)
             job.event.succeed()
