@@ -131,6 +131,9 @@ class Fluid:
         self._new: list[int] = []                   # jobs started
         self._ended: list[_Job] = []                # jobs finished
         self._whole = False                         # a capacity changed: solve whole components
+        # every job due started on resources no other job used, none was due otherwise: each
+        # is a component of its own (a ring step's flows), found with no search
+        self._apart = False
         self._memo: dict[tuple, tuple[float, ...]] = {}
         self._memo_entries = 0
         self.solves = 0
@@ -141,25 +144,32 @@ class Fluid:
         if amount <= 0 or not weights:
             event.succeed()
             return event
-        index = self._index
+        index, users_at, jid = self._index, self._users_at, next(self._ids)
         if len(weights) < BULK:
-            links = {}
-            for res, n in weights.items():
-                i = index.get(res)
-                links[self._new_resource(res) if i is None else i] = n
+            links: dict[int, float] = {}
+            alone = True                                # on resources no other job uses
+            try:
+                for res, n in weights.items():
+                    i = index.get(res)
+                    if i is None:
+                        i = self._new_resource(res)
+                    users = users_at[i]
+                    if users:
+                        alone = False
+                    users.add(jid)
+                    links[i] = n
+            except BaseException:                       # an unknown or dead resource: nothing kept
+                for i in links:
+                    users_at[i].discard(jid)
+                raise
         else:                                           # a collective's job: thousands of links, in C loops
             ids = list(map(index.get, weights))
             if None in ids:
                 self._new_resources([res for i, res in zip(ids, weights) if i is None])
                 ids = list(map(index.__getitem__, weights))
             links = dict(zip(ids, weights.values()))
-        jid = next(self._ids)
-        users_at = self._users_at
-        if len(links) < BULK:
-            for i in links:
-                users_at[i].add(jid)
-        else:
             deque(map(set.add, map(users_at.__getitem__, links), repeat(jid)), 0)
+            alone = False                               # not asked
         job = self.jobs[jid] = _Job(links, float(amount), event, self.env.now)
         if len(links) == 1 and self.shortcut:
             [(i, n)] = links.items()
@@ -175,6 +185,9 @@ class Fluid:
         self._new.append(jid)
         if not self._dirty:                         # as ``_mark``, for one job
             self.env.timeout(0).callbacks.append(self._flush)
+            self._apart = alone
+        elif not alone:
+            self._apart = False
         self._dirty.add(jid)
         return event
 
@@ -239,6 +252,7 @@ class Fluid:
             flush = self.env.timeout(0)
             flush.callbacks.append(self._flush)
         self._dirty.update(jids)
+        self._apart = False
 
     def _flush(self, _event: simpy.Event) -> None:
         dirty, self._dirty = self._dirty, set()
@@ -258,7 +272,10 @@ class Fluid:
                 if split:
                     self._known = None
                 return
-            comp, one = self._component(list(dirty))
+            if self._apart and not ended and len(dirty) == len(new):
+                comp, one = dirty, len(dirty) == 1
+            else:
+                comp, one = self._component(list(dirty))
             if known is None or split or len(comp) > len(known) or not comp.isdisjoint(known):
                 self._known = comp if one and comp else None    # else the larger one stays kept
             if not whole and len(new) < ABOVE_JOBS:
@@ -517,7 +534,10 @@ class Fluid:
         self.solves += 1
         for jid, rate in rates:
             job = jobs[jid]
-            if rerate(job, rate, now):
+            if rate != job.rate:                        # ``rerate``, inline: a solve moves thousands
+                job.remaining -= job.rate * (now - job.since)
+                job.since, job.rate = now, rate
+                job.finish = now + max(job.remaining, 0.0) / rate
                 heapq.heappush(heap, (job.finish, jid))
         if len(heap) > 2 * len(jobs) + 64:       # mostly stale entries: keep the live ones
             self._heap = [(j.finish, i) for i, j in jobs.items() if j.finish < float("inf")]
@@ -571,6 +591,7 @@ class Fluid:
             finished[jid] = None
         neighbours: set[int] = set()
         users_at, known, ended = self._users_at, self._known, []
+        queue, eid = self.env._queue, self.env._eid
         for jid in finished:
             job = jobs.pop(jid)
             if len(job.links) < BULK:
@@ -589,7 +610,9 @@ class Fluid:
                 if self._known_one and sum(map(bool, sets or map(users_at.__getitem__, job.links))) > 1:
                     self._known_one = False         # the component may split here
             ended.append(job)
-            job.event.succeed()
+            event = job.event                       # ``succeed()`` as simpy 4 does it, inline (a ring step ends thousands)
+            event._ok, event._value = True, None
+            heapq.heappush(queue, (now, simpy.core.NORMAL, next(eid), event))
         self._dirty.difference_update(finished)
         if known is not None and not known:
             self._known = None

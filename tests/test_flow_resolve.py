@@ -247,3 +247,38 @@ def test_a_finish_that_splits_the_component_solves_both_parts_then_each_alone():
     # 0-1 s: a, b, c at 1/2 (b done); 1-2 s: a and c at 1 (a 8.5 left); 2-4 s: a and d at
     # 1/2 (a 7.5 left), then a at 1; c alone at 1 from 1 s with 9.5 left
     assert ends == {"b": 1.0, "d": 4.0, "a": 11.5, "c": 10.5}
+
+
+
+def ring_then_a_joining_step(fluid_type: type) -> tuple[dict, Fluid, int]:
+    """A ring step: 24 transfers at 0 s, each on an up link and a down link of its own;
+    at 0.5 s 20 more at once (too many to solve a part), each on links of its own, and one
+    beside ring transfer 5 (on its up link).  Each job's finish, the fluid, and its
+    searches by 0.5 s."""
+    env = simpy.Environment()
+    fluid = fluid_type(env, {(h, d): 1.0 + h % 3 for h in range(24) for d in "udvw"})
+    ends = {}
+
+    def job(name, at, links, amount):
+        yield env.timeout(at)
+        yield fluid.start(links, amount)
+        ends[name] = env.now
+    for h in range(24):
+        env.process(job(("ring", h), 0.0, {(h, "u"): 1, ((h + 1) % 24, "d"): 1}, 1.0 + h))
+    for h in range(20):
+        env.process(job(("next", h), 0.5, {(h, "v"): 1, (h, "w"): 2}, 1.0))
+    env.process(job("joins", 0.5, {(5, "u"): 1}, 2.0))
+    env.run(until=0.5)
+    searches = getattr(fluid, "searches", 0)
+    env.run()
+    return ends, fluid, searches
+
+
+def test_a_batch_of_jobs_each_on_resources_of_its_own_is_solved_without_a_search():
+    # the ring step needs no search; the later step, whose one job joins a running one, does
+    # (``Checked`` asserts that every whole solve takes whole components)
+    ends, fluid, searches = ring_then_a_joining_step(Checked)
+    assert searches == 0 and fluid.searches == 1
+    want = ring_then_a_joining_step(Whole)[0]
+    assert ends.keys() == want.keys()
+    assert all(ends[k] == pytest.approx(want[k], rel=REL) for k in want)

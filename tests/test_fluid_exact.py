@@ -177,3 +177,16 @@ def test_a_wide_job_over_an_unknown_or_dead_resource_is_refused():
         fluid.start({**{f"l{i}": 1 for i in range(20)}, "nowhere": 1}, 1.0)
     with pytest.raises(ValueError, match="'dead' has no capacity"):
         fluid.start({**{f"l{i}": 1 for i in range(20)}, "dead": 1}, 1.0)
+
+
+def test_a_narrow_job_over_an_unknown_or_dead_resource_leaves_nothing_behind():
+    # refused after its first resource was taken: that resource's next job runs alone on it
+    env = simpy.Environment()
+    fluid = Fluid(env, {"a": 2.0, "dead": 0.0})
+    with pytest.raises(KeyError):
+        fluid.start({"a": 1, "nowhere": 1}, 1.0)
+    with pytest.raises(ValueError, match="'dead' has no capacity"):
+        fluid.start({"a": 1, "dead": 1}, 1.0)
+    done = fluid.start({"a": 1}, 4.0)
+    env.run()
+    assert done.processed and env.now == 2.0 and not fluid.jobs and not any(fluid.users.values())
