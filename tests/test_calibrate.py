@@ -45,6 +45,22 @@ def test_an_executed_message_is_its_send_and_the_receive_after_it():
     assert [sp[4] for sp in got[1:]] == pytest.approx([0.1 + 0.3, 0.1 + 0.05, 0.2])
 
 
+def test_op_medians_leave_out_the_first_step_and_pair_messages():
+    from clustersim.compare.validate import op_medians, op_rows
+    spans = [("fwd L0", "fwd", "d0", 0.0, 9.0, 0),                      # the warm-up step: left out
+             ("fwd L0", "fwd", "d0", 10.0, 1.0, 1), ("fwd L0", "fwd", "d0", 20.0, 3.0, 2),
+             ("fwd L0", "fwd", "d0", 30.0, 2.0, 3),
+             ("act L1 send", "activation", "d0->d1", 11.0, 0.1, 1),     # one message: send + receive after it
+             ("act L1 recv", "activation", "d0->d1", 10.5, 0.9, 1)]
+    got = op_medians(spans)
+    assert got[("d0", "fwd L0")] == 2.0 and got[("d0->d1", "act L1")] == pytest.approx(0.4) and len(got) == 2
+    assert op_medians([("update", "update", "d0", 0.0, 5.0, 0)]) == {("d0", "update"): 5.0}   # one step: kept
+    rows = op_rows({("d0", "fwd L0"): 2.2, ("d0", "step"): 1.0}, [got, {("d0", "fwd L0"): 1.0}])
+    assert [(r["where"], r["op"]) for r in rows] == [("d0", "fwd L0"), ("d0", "step"), ("d0->d1", "act L1")]
+    assert rows[0]["measured_s"] == 1.5 and rows[0]["error_pct"] == pytest.approx(100 * (2.2 - 1.5) / 1.5)
+    assert rows[1]["measured_s"] == 0.0 and rows[2]["predicted_s"] == 0.0 and rows[2]["measured_s"] == pytest.approx(0.4)
+
+
 def test_alpha_beta_fit_recovers_exact_parameters():
     sizes = [2**k for k in range(3, 25, 3)]
     times = [3e-6 + n / 8e9 for n in sizes]

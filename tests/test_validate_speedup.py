@@ -143,7 +143,7 @@ def test_sides_on_the_same_calibrations_pair_them_and_steps_follow_the_median_ra
 
 @pytest.mark.parametrize("args, field", [(["--rounds", "0"], "--rounds"), (["--calibrations", "0"], "--calibrations"),
                                          (["--against", "parallel.nope=2"], "nope"),
-                                         (["--plot", "x.png"], "--plot")])
+                                         (["--plot", "x.png"], "--plot"), (["--ops"], "--ops")])
 def test_bad_speedup_input_is_one_line_and_exit_2(tiny, args, field):
     base = ["--against", "parallel.replicas=2"] if "--against" not in args else []
     proc = subprocess.run([sys.executable, "-m", "clustersim", "validate", str(tiny), "--topology", str(TOPOLOGY),

@@ -32,5 +32,9 @@ def test_simulated_and_executed_traces_move_the_same_messages(tmp_path, sets, tr
     assert {"forward", "backward", "update", "waits"} <= set(out["phases"])
     for phase, row in out["phases"].items():     # waits are what is left of a step: timing, not structure
         assert phase == "waits" or (row["predicted_s"] > 0) == (row["measured_s"] > 0), (phase, row)
+    # every op and message predicted is traced by the runs under the same name and place, and
+    # nothing else is -- but the step's set-up, a span of the simulator's only (in the runs' waits)
+    named = [{(r["where"], r["op"]) for r in out["ops"] if r[side] > 0} for side in ("predicted_s", "measured_s")]
+    assert {key for key in named[0] if key[1] != "step"} == named[1] and len(named[1]) >= 10
     rows = [{w for w, *_ in out["timelines"][k]} for k in ("predicted", "measured")]
     assert rows[0] == rows[1] and len(rows[0]) >= 2             # the same devices and routes in both timelines

@@ -16,6 +16,8 @@ def add(sub) -> None:
     v.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
                    help="where the runs compute (gpu: one GPU per rank; --topology from calibrate --gpu)")
     v.add_argument("--plot", metavar="FILE", help="predicted and measured time per phase")
+    v.add_argument("--ops", action="store_true",
+                   help="also a row per op and message: its predicted and measured median (--json has them always)")
     v.add_argument("--against", action="append", default=[], metavar="KEY=VALUE",
                    help="check a speedup: B is the scenario with these overrides too, A without them")
     v.add_argument("--rounds", type=int, default=5, help="with --against: runs of A and of B, interleaved")
@@ -43,6 +45,9 @@ def run(args) -> int:
                  "measured_s": out["quiet_step_time_s"], "error_pct": out["quiet_error_pct"]})
     print(report.table(rows, [("what", "per step"), ("predicted_s", "predicted (s)"), ("measured_s", "measured (s)"),
                               ("error_pct", "error %")]))
+    if args.ops:
+        print(report.table(out["ops"], [("where", "where"), ("op", "op or message"), ("predicted_s", "predicted (s)"),
+                                        ("measured_s", "measured (s)"), ("error_pct", "error %")]))
     return 0
 
 
@@ -51,6 +56,8 @@ def run_speedup(args) -> int:
     from clustersim.core.config import ConfigError
     if args.plot:
         raise ConfigError("--plot", args.plot, "plots a single case: not with --against")
+    if args.ops:
+        raise ConfigError("--ops", "", "compares a single case's ops: not with --against")
     out = api.validate(args.scenario, args.set, topology=args.topology, against=args.against, rounds=args.rounds,
                        calibrations=args.calibrations).data
     if args.json:
