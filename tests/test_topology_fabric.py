@@ -57,21 +57,27 @@ def test_two_pod_fat_tree_and_one_without_a_link_route_as_the_plain_bfs():
     assert_same_routes(cut, nic_pairs(cut, limit=100, seed=1, ends=under))
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.data())
-def test_random_fabrics_with_uneven_links_route_as_the_plain_bfs(data):
-    n_sw = data.draw(st.integers(1, 7))
+def random_fabric(data, switches: int, machines: tuple[int, int], nics: int) -> Topology:
+    """Up to ``switches`` switches linked at random with uneven capacities, and hosts (a
+    number of machines in ``machines``, up to ``nics`` NICs each) with one or two uplinks."""
+    n_sw = data.draw(st.integers(1, switches))
     devices = [Device(f"s{i}", "switch") for i in range(n_sw)]
     links = []
     gbps = st.sampled_from([10e9, 25e9, 50e9, 100e9])
     for i, j in itertools.combinations(range(n_sw), 2):
         if data.draw(st.booleans()):
             links.append(Link(f"s{i}", f"s{j}", data.draw(gbps), 1e-6))
-    for m in range(data.draw(st.integers(2, 5))):
-        for k in range(data.draw(st.integers(1, 2))):
+    for m in range(data.draw(st.integers(*machines))):
+        for k in range(data.draw(st.integers(1, nics))):
             nic = f"m{m}.nic{k}"
             devices.append(Device(nic, "nic", machine=m))
             ups = data.draw(st.lists(st.integers(0, n_sw - 1), min_size=1, max_size=2, unique=True))
             links += [Link(nic, f"s{u}", data.draw(gbps), 1e-6) for u in ups]
-    topo = Topology("random", devices, links)
+    return Topology("random", devices, links)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_random_fabrics_with_uneven_links_route_as_the_plain_bfs(data):
+    topo = random_fabric(data, 7, (2, 5), 2)
     assert_same_routes(topo, nic_pairs(topo))

@@ -22,6 +22,7 @@ import math
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import compress
 
 import networkx as nx
 import numpy as np
@@ -197,6 +198,7 @@ class Topology:
         self._shapes: dict[int, tuple] = {}              # machine -> ``_shape``
         self._shape_ids: dict[tuple, int] = {}           # a machine's full shape -> its id
         self._members: dict[int | None, list[str]] = {}  # machine -> its devices in device order
+        self._machine: dict[str, int | None] | None = None   # device -> its machine, for many pairs at once
 
     @property
     def graph(self) -> nx.Graph:
@@ -257,8 +259,129 @@ class Topology:
         kept = self._route_ids
         found = list(map(kept.get, pairs))
         if None in found:
+            missing = [pair for ids, pair in zip(found, pairs) if ids is None]
+            if len(missing) >= _MANY:
+                self._ids_many(missing)
+                found = list(map(kept.get, pairs))
             found = [ids if ids is not None else self._ids(*pair) for ids, pair in zip(found, pairs)]
         return b"".join(found)
+
+    def _ids_many(self, pairs: list[tuple[str, str]]) -> None:
+        """``_ids`` of many new pairs, kept: inside one machine from its shape's kept route
+        (``_inside_ids``); between machines joined from their three parts (to the NIC,
+        across, in from the NIC), the parts across walked together (``_walk_fabric``), those
+        inside as before.  A pair whose route fails, or that these leave out, is left to
+        ``_ids``, which raises or searches as before."""
+        kept, nic, nic_of = self._route_ids, self._nic_of, self.nic_of
+        if self._machine is None:
+            self._machine = {n: d.machine for n, d in self.devices.items()}
+        machine = self._machine.__getitem__
+        pairs = list(dict.fromkeys(pairs))
+        inside, cross = [], []
+        for pair, a, b in zip(pairs, map(machine, [s for s, _ in pairs]), map(machine, [d for _, d in pairs])):
+            if a is None or b is None:
+                continue
+            if a == b:
+                inside.append(pair)
+                continue
+            src, dst = pair
+            nic_a, nic_b = nic.get(src) or nic_of(src), nic.get(dst) or nic_of(dst)
+            if nic_a and nic_b:
+                cross.append((pair, (src, nic_a), (nic_a, nic_b), (nic_b, dst)))
+        across = [pair for pair in dict.fromkeys(mid for _, _, mid, _ in cross) if pair not in kept]
+        if across:
+            kept.update(self._walk_fabric(across))
+        ends = [part for part in dict.fromkeys([c[1] for c in cross] + [c[3] for c in cross]) if part not in kept]
+        self._inside_ids(inside + ends)
+        for part in ends:
+            if part not in kept:
+                try:
+                    self._ids(*part)
+                except LookupError:
+                    pass
+        get = kept.get
+        for (pair, _, _, _), x, y, z in zip(cross, map(get, [c[1] for c in cross]), map(get, [c[2] for c in cross]),
+                                            map(get, [c[3] for c in cross])):
+            if x is not None and y is not None and z is not None:
+                kept[pair] = x + y + z
+
+    def _inside_ids(self, pairs: list[tuple[str, str]]) -> None:
+        """``_ids`` of pairs inside one machine each, kept: from its shape's kept route where
+        there is one (``_inside``), the rest searched pair by pair (the first of a shape and
+        place keeps its route for the others)."""
+        if not self.route_templates:
+            return
+        kept, templates, machine, link = self._route_ids, self._templates, self._machine, self.link_id.__getitem__
+        for src, dst in pairs:
+            if src == dst or (src, dst) in kept:
+                continue
+            shape, nodes, place = self._shape(machine[src])
+            hops = templates.get((shape, place[src], place[dst]))
+            if hops:
+                kept[(src, dst)] = array("i", map(link, [(nodes[u], nodes[v]) for u, v in hops])).tobytes()
+            else:
+                try:
+                    self._ids(src, dst)
+                except LookupError:
+                    pass
+
+    def _walk_fabric(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
+        """``_across_fabric``'s link ids of many NIC pairs on different machines, all stepping
+        hop by hop together, each in its destination switch's tree (``_Walks``): taking
+        option ``digits % k`` of its node's ``k`` and keeping ``digits // k`` (``_pick``'s
+        D-mod-K; one option leaves the digits as they are).  Only host ports with one
+        uplink and no other link out of their machine, whose tree reaches the source's
+        switch; the rest are left out (``_across_fabric`` routes or raises)."""
+        fabric = self._fabric or self._build_fabric()
+        if fabric.has_nics or fabric.degree > _Walks.DEGREE:    # a NIC among the switches: ``_pick``'s own-rail rule
+            return {}
+        walks = fabric.walks or self._walks(fabric)
+        index = self._index
+        src = np.fromiter(map(index.__getitem__, [a for a, _ in pairs]), dtype=np.int64, count=len(pairs))
+        dst = np.fromiter(map(index.__getitem__, [b for _, b in pairs]), dtype=np.int64, count=len(pairs))
+        up, root = walks.up[src], walks.up[dst]
+        ok = (up >= 0) & (root >= 0)
+        kinds = len(walks.caps)
+        keys, slot = np.unique(root[ok] * kinds + walks.cap_code[dst[ok]], return_inverse=True)
+        rows = np.array([walks.row(fabric, r // kinds, walks.caps[r % kinds]) for r in keys.tolist()], dtype=np.int64)
+        base = rows[slot] * len(fabric.nodes)         # node i of row t is t * nodes + i
+        node, root = up[ok], root[ok]
+        count, first, into = walks.count[:len(walks.rows)].reshape(-1), walks.first[:len(walks.rows)].reshape(-1), fabric.into
+        went = (count[base + node] > 0) | (node == root)    # the rest raise NoRoute in ``_across_fabric``
+        ok[ok] = went
+        base, node, root, digits = base[went], node[went], root[went], walks.digits[dst[ok]]
+        steps = [walks.link_up[src[ok]]]
+        moving = np.flatnonzero(node != root)
+        while len(moving):
+            at = node[moving]
+            k = count[base[moving] + at]
+            h = into[at] + walks.hop[first[base[moving] + at] + digits[moving] % k]
+            step = np.full(len(node), -1, dtype=np.int64)
+            step[moving] = walks.out_link[h]
+            node[moving] = fabric.in_frm[h]
+            digits[moving] //= k
+            steps.append(step)
+            moving = moving[node[moving] != root[moving]]
+        steps.append(walks.link_down[dst[ok]])
+        table = np.column_stack(steps)
+        used = table >= 0
+        ends = (np.cumsum(used.sum(axis=1)) * 4).tolist()
+        joined = table[used].astype(np.int32).tobytes()
+        return dict(zip(compress(pairs, ok.tolist()), map(joined.__getitem__, map(slice, [0, *ends[:-1]], ends))))
+
+    def _walks(self, fabric: "_Fabric") -> "_Walks":
+        """``fabric``'s ``_Walks``: each host port's uplink and links, by device order."""
+        devices, adj, cap, link_id, index = self.devices, self._adj, self.capacity, self.link_id, self._index
+        ports = []
+        for nic in self._port:
+            up = fabric.uplink(nic, adj[nic])
+            machine = devices[nic].machine
+            if up is not None and machine is not None and all(
+                    nb == up or devices[nb].machine == machine for nb in adj[nic]):
+                ports.append((index[nic], fabric.index[up], link_id[(nic, up)], link_id[(up, nic)],
+                              cap[(up, nic)], self._port[nic]))
+        fabric.walks = _Walks(len(devices), len(fabric.nodes), ports, fabric.out_links(link_id))
+        return fabric.walks
 
     def _ids(self, src: str, dst: str) -> bytes:
         """One pair's ``route_ids``, kept.  A route between machines joins its three kept parts
@@ -502,7 +625,7 @@ class Topology:
 
     def _build_fabric(self) -> "_Fabric":
         nodes = [n for n in self._adj if self.devices[n].machine is None and self.devices[n].kind != "gpu"]
-        self._fabric = _Fabric(nodes, self._adj, self.capacity)
+        self._fabric = _Fabric(nodes, self._adj, self.capacity, {n: self.devices[n].kind for n in nodes})
         return self._fabric
 
 
@@ -522,7 +645,8 @@ class _Fabric:
     capacity), for breadth-first trees computed level by level in array arithmetic, each
     level from the hops into the one before."""
 
-    def __init__(self, nodes: list[str], adj: dict[str, list[str]], capacity: dict[DirLink, float]) -> None:
+    def __init__(self, nodes: list[str], adj: dict[str, list[str]], capacity: dict[DirLink, float],
+                 kinds: dict[str, str]) -> None:
         self.nodes = nodes
         self.index = {n: i for i, n in enumerate(nodes)}
         pairs = [(self.index[v], self.index[u], capacity[(v, u)])
@@ -537,6 +661,9 @@ class _Fabric:
         self.out_cap = np.array([capacity[(u, v)] for u in nodes for v in adj[u] if v in self.index], dtype=float)
         self._trees: dict[tuple[str, float], _Tree] = {}
         self._uplinks: dict[str, str | None] = {}
+        self.walks: _Walks | None = None          # built on the first walk of many pairs
+        self.degree = int(np.diff(self.into).max(initial=0))      # the most hops out of one node
+        self.has_nics = any(kinds[n] == "nic" for n in nodes)
 
     def uplink(self, node: str, neighbours: list[str]) -> str | None:
         """``node``'s one fabric neighbour (a host port's switch); None where it has none or several."""
@@ -575,6 +702,12 @@ class _Fabric:
             self._trees[key] = _Tree(dist.tolist(), width.tolist(), ok)   # lists: read one by one, in Python
         return self._trees[key]
 
+    def out_links(self, link_id: dict[DirLink, int]) -> np.ndarray:
+        """The link id of each hop read outward (from ``in_to`` to ``in_frm``)."""
+        nodes = self.nodes
+        return np.array([link_id[(nodes[t], nodes[f])] for f, t in zip(self.in_frm.tolist(), self.in_to.tolist())],
+                        dtype=np.int64)
+
     def options(self, tree: _Tree, node: str) -> list[str]:
         """``node``'s next hops toward the root, in its neighbour order: one level closer, as
         wide as its best (a neighbour j of node i with dist[j] == dist[i] - 1 and
@@ -583,6 +716,61 @@ class _Fabric:
         at, to = self.into[i], self.into[i + 1]
         nodes = self.nodes
         return [nodes[j] for j in self.in_frm[at:to][tree.ok[at:to]].tolist()]
+
+
+class _Walks:
+    """What ``Topology._walk_fabric`` reads, as arrays: per device (device order) a host
+    port's uplink (a fabric index; -1: not walked), its links up and down, the down link's
+    capacity (a code in ``caps``) and its D-mod-K digits; and every tree walked so far as a
+    row: node i of row t has ``count[t, i]`` next hops, ``hop[first[t, i]:][:count]``
+    (``_Fabric.options``, each as its place among node i's hops), rows grown by doubling."""
+
+    DEGREE = 2**16 - 1          # the most hops out of one switch the places in ``hop`` hold
+
+    def __init__(self, devices: int, nodes: int, ports: list[tuple], out_link: np.ndarray) -> None:
+        self.up = np.full(devices, -1, dtype=np.int64)
+        self.link_up, self.link_down, self.digits = (np.zeros(devices, dtype=np.int64) for _ in range(3))
+        self.caps: list[float] = sorted({p[4] for p in ports})
+        self.cap_code = np.zeros(devices, dtype=np.int64)
+        if ports:
+            at, up, link_up, link_down, cap, digits = (np.array(col) for col in zip(*ports))
+            self.up[at], self.link_up[at], self.link_down[at], self.digits[at] = up, link_up, link_down, digits
+            self.cap_code[at] = np.searchsorted(self.caps, cap)
+        self.out_link = out_link
+        self.rows: dict[tuple[int, float], int] = {}
+        self.count = self.first = np.zeros((0, nodes), dtype=np.int32)
+        self.hop = np.zeros(0, dtype=np.uint16)    # ~20,000 a tree on the 1,250-DGX fat-tree
+        self._hops = 0
+
+    def row(self, fabric: "_Fabric", root: int, cap0: float) -> int:
+        """The row of the tree of fabric node ``root`` at width ``cap0``, added when new."""
+        key = (root, cap0)
+        if key not in self.rows:
+            tree = fabric.tree(fabric.nodes[root], cap0)
+            hop = np.flatnonzero(tree.ok)
+            count = np.bincount(fabric.in_to[hop], minlength=len(fabric.nodes))
+            t = len(self.rows)
+            if t == len(self.count):
+                self.count, self.first = (_grown(a, max(8, 2 * t)) for a in (self.count, self.first))
+            if self._hops + len(hop) > len(self.hop):
+                self.hop = _grown(self.hop, max(2 * len(self.hop), 8 * len(hop)))
+            self.count[t], self.first[t] = count, self._hops + np.cumsum(count) - count
+            self.hop[self._hops:self._hops + len(hop)] = hop - fabric.into[fabric.in_to[hop]]
+            self._hops += len(hop)
+            self.rows[key] = t
+        return self.rows[key]
+
+
+def _grown(a: np.ndarray, rows: int) -> np.ndarray:
+    """``a`` with room for ``rows`` rows, its own first (the rest not set)."""
+    out = np.empty((rows, *a.shape[1:]), dtype=a.dtype)
+    out[:len(a)] = a
+    return out
+
+
+# From this many new pairs on, ``route_ids`` finds them together (``_ids_many``): below
+# that the arrays' set-up costs more than routing pair by pair (~25 us each).
+_MANY = 64
 
 
 def rail(name: str) -> int:
