@@ -149,25 +149,23 @@ def _filling_arrays(flows, capacity) -> dict[FlowId, float]:
     fids = [fid for fid, w in flows.items() if w]
     if not fids:
         return rates
-    entries = list(chain.from_iterable(flows[f] for f in fids))           # each flow's links, in flow order
-    first = dict.fromkeys(entries)                                     # the links by first use
-    at: dict[Link, int] = dict(zip(first, range(len(first))))
-    f_link = np.fromiter(map(at.__getitem__, entries), dtype=np.int64, count=len(entries))
-    f_w = np.fromiter(chain.from_iterable(flows[f].values() for f in fids), dtype=float, count=len(entries))
+    f_link, links = _numbered(fids, flows, capacity)
+    f_w = np.fromiter(chain.from_iterable(flows[f].values() for f in fids), dtype=float, count=len(f_link))
     f_ptr = np.zeros(len(fids) + 1, dtype=np.int64)
     f_ptr[1:] = np.cumsum([len(flows[f]) for f in fids])
-    left = np.fromiter(map(float, map(capacity.__getitem__, at)), dtype=float, count=len(at))
-    if len(at) and left.min() <= 0:
-        _capacities(capacity, at)                                   # raises, naming the link
-    weight = np.zeros(len(at))
+    n = len(links)
+    left = np.fromiter(map(float, map(capacity.__getitem__, links)), dtype=float, count=n)
+    if n and left.min() <= 0:
+        _capacities(capacity, links)                                # raises, naming the link
+    weight = np.zeros(n)
     np.add.at(weight, f_link, f_w)
-    count = np.bincount(f_link, minlength=len(at))
+    count = np.bincount(f_link, minlength=n)
     by_link = np.argsort(f_link, kind="stable")                 # each link's users, in flow order
     u_flow = np.repeat(np.arange(len(fids)), np.diff(f_ptr))[by_link]
-    u_ptr = np.zeros(len(at) + 1, dtype=np.int64)
+    u_ptr = np.zeros(n + 1, dtype=np.int64)
     u_ptr[1:] = np.cumsum(count)
     active = np.ones(len(fids), dtype=bool)
-    share = np.empty(len(at))
+    share = np.empty(n)
     level = 0.0
     while True:
         live = count > 0
@@ -184,10 +182,31 @@ def _filling_arrays(flows, capacity) -> dict[FlowId, float]:
         if len(rates) == len(flows):
             return rates
         pos = _ranges(f_ptr, frozen)
-        gone = np.bincount(f_link[pos], weights=f_w[pos], minlength=len(at))    # in order, one by one
+        gone = np.bincount(f_link[pos], weights=f_w[pos], minlength=n)      # in order, one by one
         left -= gone * level
         weight -= gone
-        count -= np.bincount(f_link[pos], minlength=len(at))
+        count -= np.bincount(f_link[pos], minlength=n)
+
+
+def _numbered(fids: list, flows, capacity) -> tuple[np.ndarray, list]:
+    """Each (flow, link) entry's link as a number 0 .. n - 1, flows in order, each flow's
+    links in its order, and the n links.  The numbering does not enter the floats (every
+    sum runs over the entries in their order).  Where ``capacity`` is a sequence, links are
+    its indices: numbered in index order by a mark over them, in C (a collective's solve
+    has hundreds of thousands of entries); else in order of first use, by a dict."""
+    chained = chain.from_iterable(flows[f] for f in fids)      # each flow's links, in flow order
+    if isinstance(capacity, Mapping):
+        entries = list(chained)
+        first = dict.fromkeys(entries)
+        at = dict(zip(first, range(len(first))))
+        return np.fromiter(map(at.__getitem__, entries), dtype=np.int64, count=len(entries)), list(at)
+    raw = np.fromiter(chained, dtype=np.int64, count=sum(len(flows[f]) for f in fids))
+    used = np.zeros(len(capacity), dtype=bool)
+    used[raw] = True
+    links = np.flatnonzero(used)
+    number = np.empty(len(capacity), dtype=np.int64)
+    number[links] = np.arange(len(links))
+    return number[raw], links.tolist()
 
 
 def _ranges(ptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
