@@ -1,8 +1,8 @@
 """Many new pairs routed at once (decision 044) give the plain searches' routes.
 
-``Topology.route_ids`` finds a list's new pairs together from ``_MANY`` on: the parts inside
-machines from each shape's kept route, the NIC-to-NIC parts across the fabric walked hop by
-hop as arrays (D-mod-K digits by integer division), the rest pair by pair.  Every pair's
+``Topology.route_ids`` finds a list's new pairs together: the parts inside machines from
+each shape's kept route, from ``_MANY`` on the NIC-to-NIC parts across the fabric walked
+hop by hop as arrays (D-mod-K digits by integer division), the rest pair by pair.  Every pair's
 ids must be its route by the plain searches (``_reference``: ``_find_route``'s rule with
 ``_shortest`` for every part and ``nic_of`` searched without templates) looked up in
 ``link_id``, on topologies with cuts, a larger fat-tree, hosts with two uplinks or a direct
@@ -58,10 +58,20 @@ def _check_many(topo: Topology, pairs: list[tuple[str, str]]) -> int:
         except NoRoute:
             continue
         routed.append((a, b))
-    assert len(routed) >= topology_module._MANY
     got = np.frombuffer(fresh.route_ids(routed), dtype=np.int32).tolist()
     assert got == [i for ids in want for i in ids]
     return len(routed)
+
+
+def _check_walk(topo: Topology, pairs: list[tuple[str, str]]) -> int:
+    """Asserts that every NIC pair ``_walk_fabric`` gives on a fresh copy of ``topo`` is the
+    plain fabric search's route; returns how many it gave."""
+    fresh = _rebuilt(topo, True)
+    walked = fresh._walk_fabric(pairs)
+    for (a, b), ids in walked.items():
+        assert np.frombuffer(ids, dtype=np.int32).tolist() == [
+            fresh.link_id[ln] for ln in fresh._shortest(a, b, fabric_only=True)], (a, b)
+    return len(walked)
 
 
 def _without(topo: Topology, cut) -> Topology:
@@ -117,12 +127,16 @@ def test_a_fat_tree_of_pods_routes_rail_rings_and_random_pairs_as_the_plain_sear
     rng = random.Random(3)
     across = [(rng.choice(nics), rng.choice(nics)) for _ in range(300)]
     assert _check_many(topo, ring + [(a, b) for a, b in across if a != b] + _pairs(topo, 200, seed=4)) > 700
+    apart = [(a, b) for a, b in across if topo.devices[a].machine != topo.devices[b].machine]
+    assert _check_walk(topo, apart) == len(apart) > topology_module._MANY
 
 
 def test_hosts_with_two_uplinks_or_a_direct_link_are_routed_as_the_plain_searches():
     topo = _dual_homed()
     nics = [n for n, d in topo.devices.items() if d.kind == "nic"]
     assert _check_many(topo, [(a, b) for a in nics for b in nics if a != b] * 6) == 72
+    apart = [(a, b) for a in nics for b in nics if topo.devices[a].machine != topo.devices[b].machine]
+    assert _check_walk(topo, apart) == 0      # all left to the search: only b.nic0 has one uplink and no direct link
 
 
 @settings(max_examples=40, deadline=None)
@@ -144,6 +158,7 @@ def test_random_fabrics_route_many_pairs_as_the_plain_searches(data):
             return
     got = np.frombuffer(fresh.route_ids(pairs), dtype=np.int32).tolist()
     assert got == [i for ids in want for i in ids]
+    _check_walk(topo, pairs)
 
 
 def test_a_list_with_a_pair_without_a_route_raises_and_the_rest_stay_right():

@@ -260,18 +260,18 @@ class Topology:
         found = list(map(kept.get, pairs))
         if None in found:
             missing = [pair for ids, pair in zip(found, pairs) if ids is None]
-            if len(missing) >= _MANY:
+            if len(missing) > 1:
                 self._ids_many(missing)
                 found = list(map(kept.get, pairs))
             found = [ids if ids is not None else self._ids(*pair) for ids, pair in zip(found, pairs)]
         return b"".join(found)
 
     def _ids_many(self, pairs: list[tuple[str, str]]) -> None:
-        """``_ids`` of many new pairs, kept: inside one machine from its shape's kept route
-        (``_inside_ids``); between machines joined from their three parts (to the NIC,
-        across, in from the NIC), the parts across walked together (``_walk_fabric``), those
-        inside as before.  A pair whose route fails, or that these leave out, is left to
-        ``_ids``, which raises or searches as before."""
+        """``_ids`` of new pairs, kept: inside one machine from its shape's kept route
+        (``_inside_ids``: no route by name); between machines joined from their three parts
+        (to the NIC, across, in from the NIC), the parts across walked together from
+        ``_MANY`` on (``_walk_fabric``), those inside as before.  A pair whose route fails,
+        or that these leave out, is left to ``_ids``, which raises or searches as before."""
         kept, nic, nic_of = self._route_ids, self._nic_of, self.nic_of
         if self._machine is None:
             self._machine = {n: d.machine for n, d in self.devices.items()}
@@ -289,7 +289,7 @@ class Topology:
             if nic_a and nic_b:
                 cross.append((pair, (src, nic_a), (nic_a, nic_b), (nic_b, dst)))
         across = [pair for pair in dict.fromkeys(mid for _, _, mid, _ in cross) if pair not in kept]
-        if across:
+        if len(across) >= _MANY:
             kept.update(self._walk_fabric(across))
         ends = [part for part in dict.fromkeys([c[1] for c in cross] + [c[3] for c in cross]) if part not in kept]
         self._inside_ids(inside + ends)
@@ -768,8 +768,9 @@ def _grown(a: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
-# From this many new pairs on, ``route_ids`` finds them together (``_ids_many``): below
-# that the arrays' set-up costs more than routing pair by pair (~25 us each).
+# From this many new NIC pairs on, ``_ids_many`` walks them across the fabric together
+# (``_walk_fabric``): below that the arrays' set-up costs more than routing pair by pair
+# (~10-15 us each).
 _MANY = 64
 
 
