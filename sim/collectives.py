@@ -173,7 +173,8 @@ def sm_share(topology: Topology, devices: Sequence[str], algo: str) -> float:
 
 class LayoutCache(dict):
     """What ``layout`` keeps between calls (per topology and group: ports, the tuner's
-    per-byte times, NCCL's link speeds per share).  ``shortcut=False`` keeps only what it
+    per-byte times, NCCL's link speeds per share), and the engine its layouts (key
+    ``("layout", topology, op, algo, group, bytes)``, shortcut only).  ``shortcut=False`` keeps only what it
     always kept (the tuner's times, ports) and makes every collective's link speeds anew:
     the slow path that tests compare the shortcuts with; a plain dict counts as True."""
 
@@ -216,7 +217,7 @@ class _Speeds(dict):
         """The speeds of the links ``ids``, by what they depend on: each device's (kind,
         compute capability) numbered once per table, one link of each distinct pair of
         numbers asked by link (``__missing__``), the rest taken in C loops (a phase over
-        10,000 GPUs brings ~100,000 links, ~1 us each by link)."""
+        10,000 GPUs brings ~100,000 links)."""
         if self.ends is None:
             kinds: dict[tuple, int] = {}
             self.ends = {name: kinds.setdefault((d.kind, d.compute_capability), len(kinds))

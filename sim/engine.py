@@ -91,7 +91,6 @@ class Engine:
         self.network = BACKENDS[sc.network](self.env, sc.topology, shortcut)
         self.trace = Trace()
         self._collectives = collectives.LayoutCache(shortcut)   # tuner's times, ports, link speeds per share
-        self._layouts: dict[tuple, collectives.Collective] = {}  # (topology, op, algo, group, bytes) -> its layout
         self._nccl_speed = collectives.nccl_link_speed(sc.topology, 1.0, self._collectives if shortcut else None)
         self.failed: dict[str, float] = {}          # device -> time it failed (until a restart replaces it)
         self.failed_ever: dict[str, float] = {}     # every device that failed in the run, and when
@@ -181,7 +180,7 @@ class Engine:
             return _link_names(topology.route(src, dst))
         known = self._names_on(now)
         names = known.get((src, dst))
-        if names is None:       # from the route's link ids, which the flows use too: no route by name
+        if names is None:       # from the route's link ids (the ones the flows use)
             named = self._id_names
             names = known[(src, dst)] = tuple([named[i] or _name_of(named, now.links, i)
                                                for i in array("i", now.route_ids([(src, dst)]))])
@@ -320,15 +319,15 @@ class Engine:
 
     def collective(self, op: str, algo: str, devices: list[str], nbytes: float, replica: int,
                    step: int, name: str) -> simpy.Event:
-        key = (self.network.topology, op, algo, tuple(devices), nbytes)
-        coll = self._layouts.get(key)
+        key = ("layout", self.network.topology, op, algo, tuple(devices), nbytes)
+        coll = self._collectives.get(key)
         if coll is None:                       # steps repeat their collectives: laid out once (shortcut)
             try:
                 coll = collectives.layout(self.network.topology, op, algo, devices, nbytes, cache=self._collectives)
             except NoRoute as exc:             # the tuner's trial run found a route cut
                 return self._block(f"{exc} (a link cut)", name)
             if self.shortcut:
-                self._layouts[key] = coll
+                self._collectives[key] = coll
         topology, names, failed = self.network.topology, self.link_names, self.failed
         known = self._names_on(topology) if self.shortcut else {}      # pairs routed on it before
         for ph in coll.phases:                 # a member gone or cut off: it never completes
@@ -599,13 +598,17 @@ def _heard(plan: Plan, ids: list[int]) -> dict:
 
 
 def _link_names(route) -> tuple[str, ...]:
-    return tuple(f"{u}>{v}" for u, v in route)
+    return tuple(map(_link_name, route))
+
+
+def _link_name(link: tuple[str, str]) -> str:
+    """A directed link's name as spans record it."""
+    return f"{link[0]}>{link[1]}"
 
 
 def _name_of(named: list, links: list, i: int) -> str:
-    """Link ``i``'s name as ``_link_names`` writes it, kept in ``named``."""
-    u, v = links[i]
-    name = named[i] = f"{u}>{v}"
+    """Link ``i``'s name (``_link_name``), kept in ``named``."""
+    name = named[i] = _link_name(links[i])
     return name
 
 

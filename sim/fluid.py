@@ -60,7 +60,8 @@ def supersede(timer: simpy.Event | None) -> None:
 def rerate(job, rate: float, now: float) -> bool:
     """Moves a job (``remaining``, ``rate``, ``since``, ``finish``) to ``rate`` from ``now``:
     the work done at the old rate comes off.  False, and nothing touched, where the rate is
-    the same: the job keeps its last update and finish time."""
+    the same: the job keeps its last update and finish time.  ``Fluid._apply`` runs the
+    same lines inline: change both together."""
     if rate == job.rate:
         return False
     job.remaining -= job.rate * (now - job.since)
@@ -275,8 +276,8 @@ class Fluid:
                 if split:
                     self._known = None
                 return
-            if self._apart and not ended and len(dirty) == len(new):
-                comp, one = dirty, len(dirty) == 1
+            if self._apart:                         # only jobs started now, each on resources of its own
+                comp, one = dirty, len(dirty) == 1  # (a finish or any other change marks through ``_mark``)
             else:
                 comp, one = self._component(list(dirty))
             if known is None or split or len(comp) > len(known) or not comp.isdisjoint(known):
@@ -284,11 +285,14 @@ class Fluid:
             if not whole and len(new) < ABOVE_JOBS:
                 self._resolve(comp)                 # solving a part failed: solve it whole
                 return
-        if (not whole and len(comp) >= ABOVE_JOBS and len(new) < len(comp)     # else none can be held
-                and not self._remembered(comp)
-                and self._local([j for j in new if j in self.jobs], ended, (len(comp) + 1) // 2)):
-            return                                  # at most half the component solved
-        self._resolve(comp)
+        order = key = None
+        if not whole and len(comp) >= ABOVE_JOBS and len(new) < len(comp):     # else none can be held
+            order = sorted(comp)
+            key = self._key(order)
+            if ((key is None or key not in self._memo)
+                    and self._local([j for j in new if j in self.jobs], ended, (len(comp) + 1) // 2)):
+                return                              # at most half the component solved (a remembered solve is cheaper)
+        self._resolve(comp, order, key)
 
     def _local(self, new: list[int], ended: list[_Job], most: int) -> bool:
         """Re-solves only the jobs whose rates the changes (jobs ``new`` started, jobs ``ended``
@@ -488,27 +492,21 @@ class Fluid:
                     comp.update(todo)
         return comp, one
 
-    def _remembered(self, comp: set[int]) -> bool:
-        """Whether the solve of the whole component ``comp`` is remembered (a hit costs less
-        than any part solved)."""
-        key = self._key(sorted(comp))
-        return key is not None and key in self._memo
-
     def _key(self, order: list[int]) -> tuple | None:
         """The memo's key of the jobs ``order``: their (resource, weight) lists, built in C
-        loops when asked (a ring step asks for a thousand jobs'; kept nowhere else: fewer
-        objects, fewer garbage collections); None for a solve too large to remember (a
+        loops when asked and not stored; None for a solve too large to remember (a
         collective's jobs: never looked up, so no pass over their links)."""
         links = list(map(_links, map(self.jobs.__getitem__, order)))
         if sum(map(len, links)) > MEMO_ENTRIES:
             return None
         return tuple(map(tuple, map(dict.items, links)))
 
-    def _resolve(self, comp: set[int]) -> None:
+    def _resolve(self, comp: set[int], order: list[int] | None = None, key: tuple | None = None) -> None:
         """New rates for the jobs of ``comp``, a whole component, taken in start order (the
         floats of a solve must not depend on how a set happens to iterate); remembered.  A
         job whose rate comes out the same keeps its last update and finish time: nothing
-        about it changed."""
+        about it changed.  ``order`` and ``key``: ``sorted(comp)`` and its ``_key``, where
+        the caller has them."""
         if not comp:
             return
         jobs, resources, capacity = self.jobs, self._resources, self.capacity
@@ -517,8 +515,9 @@ class Fluid:
             [jid], [(i, n)] = comp, first.links.items()
             self._apply(((jid, capacity[resources[i]] / n),))
             return
-        order = sorted(comp)
-        key = self._key(order)
+        if order is None:
+            order = sorted(comp)
+            key = self._key(order)
         found = None if key is None else self._memo.get(key)
         if found is None:
             solved = max_min_rates({jid: jobs[jid].links for jid in order}, self._caps, self._users_at)
@@ -552,9 +551,7 @@ class Fluid:
 
     def _remember(self, key: tuple, rates: tuple[float, ...]) -> None:
         """Keeps a solve, dropping the oldest ones while the entries kept exceed the bound."""
-        size = sum(map(len, key))
-        if size > MEMO_ENTRIES:
-            return
+        size = sum(map(len, key))           # within the bound: ``_key`` makes no larger key
         memo = self._memo
         while self._memo_entries + size > MEMO_ENTRIES:
             old = next(iter(memo))
@@ -616,7 +613,8 @@ class Fluid:
                 if self._known_one and sum(map(bool, sets or map(users_at.__getitem__, job.links))) > 1:
                     self._known_one = False         # the component may split here
             ended.append(job)
-            event = job.event                       # ``succeed()`` as simpy 4 does it, inline (a ring step ends thousands)
+            event = job.event                       # ``succeed()`` as simpy 4 does it, inline (a ring step ends
+            # thousands), less its check that the event was not triggered: only this fluid triggers a job's event
             event._ok, event._value = True, None
             heapq.heappush(queue, (now, simpy.core.NORMAL, next(eid), event))
         self._dirty.difference_update(finished)

@@ -70,11 +70,12 @@ class Checked(Fluid):
         self.searches += comp is not None
         return comp, one
 
-    def _resolve(self, comp: set[int]) -> None:
+    def _resolve(self, comp: set[int], order=None, key=None) -> None:
         # whole components, at least the due jobs' ones (a part found closed may also hold a
         # job started alone on a resource a finished job left at this instant)
         assert closure(self, comp) == comp >= closure(self, self.seeds)
-        super()._resolve(comp)
+        assert order is None or order == sorted(comp) and key == self._key(order)
+        super()._resolve(comp, order, key)
 
     def _local(self, new: list[int], ended: list, most: int) -> bool:
         done = super()._local(new, ended, most)
