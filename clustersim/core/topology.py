@@ -198,7 +198,7 @@ class Topology:
         self._shapes: dict[int, tuple] = {}              # machine -> ``_shape``
         self._shape_ids: dict[tuple, int] = {}           # a machine's full shape -> its id
         self._members: dict[int | None, list[str]] = {}  # machine -> its devices in device order
-        self._machine: dict[str, int | None] | None = None   # device -> its machine, for many pairs at once
+        self._machine = {n: d.machine for n, d in self.devices.items()}   # device -> its machine (many pairs at once)
 
     @property
     def graph(self) -> nx.Graph:
@@ -256,6 +256,10 @@ class Topology:
         int32 in native order, for ``np.frombuffer`` (a collective's phase counts the links of
         thousands of routes at once).  Kept per pair and looked up in C loops: looking links up
         by their names, route by route, is what this saves."""
+        return b"".join(self.route_ids_each(pairs))
+
+    def route_ids_each(self, pairs: list[tuple[str, str]]) -> list[bytes]:
+        """``route_ids`` of each pair apart, in pair order."""
         kept = self._route_ids
         found = list(map(kept.get, pairs))
         if None in found:
@@ -264,17 +268,15 @@ class Topology:
                 self._ids_many(missing)
                 found = list(map(kept.get, pairs))
             found = [ids if ids is not None else self._ids(*pair) for ids, pair in zip(found, pairs)]
-        return b"".join(found)
+        return found
 
     def _ids_many(self, pairs: list[tuple[str, str]]) -> None:
         """``_ids`` of new pairs, kept: inside one machine from its shape's kept route
         (``_inside_ids``: no route by name); between machines joined from their three parts
         (to the NIC, across, in from the NIC), the parts across walked together from
-        ``_MANY`` on (``_walk_fabric``), those inside as before.  A pair whose route fails,
-        or that these leave out, is left to ``_ids``, which raises or searches as before."""
+        ``_MANY`` on (``_walk_fabric``), those inside by ``_inside_ids``.  A pair whose route
+        fails, or that these leave out, is left to ``_ids``, which searches or raises ``NoRoute``."""
         kept, nic, nic_of = self._route_ids, self._nic_of, self.nic_of
-        if self._machine is None:
-            self._machine = {n: d.machine for n, d in self.devices.items()}
         machine = self._machine.__getitem__
         pairs = list(dict.fromkeys(pairs))
         inside, cross = [], []
@@ -293,12 +295,6 @@ class Topology:
             kept.update(self._walk_fabric(across))
         ends = [part for part in dict.fromkeys([c[1] for c in cross] + [c[3] for c in cross]) if part not in kept]
         self._inside_ids(inside + ends)
-        for part in ends:
-            if part not in kept:
-                try:
-                    self._ids(*part)
-                except LookupError:
-                    pass
         get = kept.get
         for (pair, _, _, _), x, y, z in zip(cross, map(get, [c[1] for c in cross]), map(get, [c[2] for c in cross]),
                                             map(get, [c[3] for c in cross])):
@@ -308,15 +304,18 @@ class Topology:
     def _inside_ids(self, pairs: list[tuple[str, str]]) -> None:
         """``_ids`` of pairs inside one machine each, kept: from its shape's kept route where
         there is one (``_inside``), the rest searched pair by pair (the first of a shape and
-        place keeps its route for the others)."""
-        if not self.route_templates:
-            return
+        place keeps its route for the others; without ``route_templates`` every pair)."""
         kept, templates, machine, link = self._route_ids, self._templates, self._machine, self.link_id.__getitem__
         for src, dst in pairs:
-            if src == dst or (src, dst) in kept:
+            if (src, dst) in kept:
                 continue
-            shape, nodes, place = self._shape(machine[src])
-            hops = templates.get((shape, place[src], place[dst]))
+            if src == dst:
+                kept[(src, dst)] = b""
+                continue
+            hops = None
+            if self.route_templates:
+                shape, nodes, place = self._shape(machine[src])
+                hops = templates.get((shape, place[src], place[dst]))
             if hops:
                 kept[(src, dst)] = array("i", map(link, [(nodes[u], nodes[v]) for u, v in hops])).tobytes()
             else:
@@ -739,7 +738,7 @@ class _Walks:
         self.out_link = out_link
         self.rows: dict[tuple[int, float], int] = {}
         self.count = self.first = np.zeros((0, nodes), dtype=np.int32)
-        self.hop = np.zeros(0, dtype=np.uint16)    # ~20,000 a tree on the 1,250-DGX fat-tree
+        self.hop = np.zeros(0, dtype=np.uint16)
         self._hops = 0
 
     def row(self, fabric: "_Fabric", root: int, cap0: float) -> int:
@@ -770,7 +769,7 @@ def _grown(a: np.ndarray, rows: int) -> np.ndarray:
 
 # From this many new NIC pairs on, ``_ids_many`` walks them across the fabric together
 # (``_walk_fabric``): below that the arrays' set-up costs more than routing pair by pair
-# (~10-15 us each).
+# (docs/decisions/044-many-routes-at-once.md).
 _MANY = 64
 
 
