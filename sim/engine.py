@@ -181,10 +181,18 @@ class Engine:
         known = self._names_on(now)
         names = known.get((src, dst))
         if names is None:       # from the route's link ids (the ones the flows use)
-            named = self._id_names
-            names = known[(src, dst)] = tuple([named[i] or _name_of(named, now.links, i)
-                                               for i in array("i", now.route_ids([(src, dst)]))])
+            self._name_routes([(src, dst)])
+            names = known[(src, dst)]
         return names
+
+    def _name_routes(self, pairs: list[tuple[str, str]]) -> None:
+        """The link names of ``pairs``' routes on the topology now, kept (``link_names``),
+        the routes found together (``Topology.route_ids_each``); LookupError where one has
+        none (nothing kept then)."""
+        topology = self.network.topology
+        known, named, links = self._names_on(topology), self._id_names, topology.links
+        for pair, ids in zip(pairs, topology.route_ids_each(pairs)):
+            known[pair] = tuple([named[i] or _name_of(named, links, i) for i in array("i", ids)])
 
     def _names_on(self, topology: Topology) -> dict[tuple[str, str], tuple[str, ...]]:
         """The link names kept for ``topology``: none yet when it is new (a cut link gave
@@ -330,6 +338,13 @@ class Engine:
                 self._collectives[key] = coll
         topology, names, failed = self.network.topology, self.link_names, self.failed
         known = self._names_on(topology) if self.shortcut else {}      # pairs routed on it before
+        if self.shortcut and not failed:
+            new = [pair for ph in coll.phases for pair in ph.pairs if pair not in known]
+            if new:
+                try:
+                    self._name_routes(new)
+                except LookupError:
+                    pass                       # the pair with no route is found one by one below
         for ph in coll.phases:                 # a member gone or cut off: it never completes
             for pair in ph.pairs:
                 if failed:
