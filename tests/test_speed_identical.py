@@ -121,6 +121,26 @@ def test_chains_are_the_slots_that_run_on_their_own():
     assert chains(CASES["ps-sync"])[1] != [None]
 
 
+def test_a_bucket_waits_on_a_chained_slot_s_layer_that_ends_last_in_its_chain():
+    """``Ready.waited``: of a chained slot's layers only the one whose last backward op
+    comes last in the chain is asked for (the lane ends the others first); a slot run op by
+    op has every layer's event."""
+    import simpy
+    from sim.engine import Ready
+    env = simpy.Environment()
+    made = {(1, 0): env.event(), (1, 1): env.event()}
+    asks = []
+
+    def ask(key):
+        asks.append(key)
+        return env.event()
+    ready = Ready(made, {(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)}, {0: ask})
+    ready.ends[0] = {0: 9, 1: 5, 2: 7}           # backward runs from the last layer: layer 0 ends last
+    got = ready.waited([(0, 1), (1, 0), (0, 0), (0, 2), (1, 1)])
+    assert asks == [(0, 0)] and got == [made[(1, 0)], made[(1, 1)], ready[(0, 0)]]
+    assert ready.waited([(0, 2)]) == [ready[(0, 2)]] and asks == [(0, 0), (0, 2)]
+
+
 def test_an_op_given_mid_chain_runs_between_its_ops():
     """An op that comes while a chain runs takes its turn as it would op by op: after the
     running op, before the chain's next (the chain is given op by op again); a second chain

@@ -115,7 +115,8 @@ def _slot_exchange(engine: Engine, runs, active, j: int, step: int):
     devices = [plan.devices[r][j] for r in active]
     if len(devices) > 1 and plan.slot_params[j]:
         for layers, n in buckets(plan, j):
-            yield env.all_of([g.layer_ready[(j, i)] for g in runs for i in layers if (j, i) in g.layer_ready])
+            yield env.all_of([ev for g in runs
+                              for ev in g.layer_ready.waited([(j, i) for i in layers if (j, i) in g.layer_ready])])
             yield engine.collective("allreduce", plan.scenario.training.allreduce, devices,
                                     n * PARAM_BYTES, -1, step, "allreduce")
     yield env.all_of([g.slot_ready[j] for g in runs])
