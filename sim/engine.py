@@ -144,7 +144,7 @@ class Engine:
             quiet = [Quiet(op.id) for op in plan.ops]
             self._graphs[key] = (plan, succ, following, bwd, keys, per_layer, works, chained, names, alone,
                                  [c and (c, [quiet[i] for i in c], any(keys[i] in MEASURED_SHARED for i in c),
-                                         *_heard(plan, c)) for c in chains])
+                                         _heard(plan, c)) for c in chains])
         return self._graphs[key]
 
     # --- faults ------------------------------------------------------------------------------
@@ -475,7 +475,7 @@ class Engine:
             the engine must hear of it now: the chain's last op (also its last backward
             op), a layer's last backward op once its event is asked for (``asked``)."""
             device, table, factor = devices[slot], tables[slot], factors[slot]
-            ids, quiet, shared, heard, ends = chains[slot]
+            ids, quiet, shared, heard = chains[slot]
             log, wake = [], [None] * len(ops)
 
             def settle(_started=None) -> None:
@@ -508,7 +508,7 @@ class Engine:
                     compute.woken(device)
                 return event
             asked[slot] = ask
-            run.layer_ready.ends[slot] = ends
+            run.layer_ready.ends[slot] = heard
             wake[ids[-1]] = settle              # its last op, also its last backward op
             for i in ids if None in table else ():
                 if table[i] is None:
@@ -556,15 +556,16 @@ class Ready(dict):
     def __init__(self, made: dict, keys, asked: dict) -> None:
         super().__init__(made)
         self.keys_, self.asked = keys, asked
-        self.ends: dict[int, dict[int, int]] = {}    # chained slot -> layer -> its last backward op's place in the chain
+        self.ends: dict[int, dict[int, int]] = {}    # chained slot -> layer -> its last backward op (``_heard``)
 
     def __contains__(self, key) -> bool:
         return key in self.keys_
 
     def waited(self, keys: list[tuple[int, int]]) -> list[simpy.Event]:
         """The events to wait on for every one of ``keys`` to have fired: of a chained
-        slot's layers only the one whose last backward op comes last in the chain (its lane
-        ends the others before it), so that the lane wakes the engine once, not per layer."""
+        slot's layers only the one whose last backward op comes last in the chain (op ids
+        are Plan places, so the largest; the lane ends the others before it), so that the
+        lane wakes the engine once, not per layer."""
         last: dict[int, tuple[int, int]] = {}
         out = []
         for key in keys:
@@ -618,16 +619,14 @@ def _chains(plan: Plan, engine_plan: Plan) -> list[list[int] | None]:
     return chains
 
 
-def _heard(plan: Plan, ids: list[int]) -> tuple[dict, dict]:
+def _heard(plan: Plan, ids: list[int]) -> dict:
     """Per layer, the chain op whose end the engine must hear of once that layer's event is
-    asked for (the layer's last backward op), and that op's place in the chain."""
+    asked for: the layer's last backward op."""
     heard: dict = {}
-    ends: dict = {}
-    for k, i in enumerate(ids):
+    for i in ids:
         if plan.ops[i].kind == "bwd":
             heard[plan.ops[i].layer] = i
-            ends[plan.ops[i].layer] = k
-    return heard, ends
+    return heard
 
 
 def _link_names(route) -> tuple[str, ...]:

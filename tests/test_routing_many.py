@@ -172,8 +172,8 @@ def _check_routes_at_once(topo: Topology, pairs: list[tuple[str, str]]) -> None:
 
 def test_a_list_with_a_pair_without_a_route_raises_and_the_rest_stay_right():
     """m2's NIC 3 with both its links cut has no route to anything: a list of many pairs
-    with one such pair raises ``NoRoute`` for the first pair in order that has no route, and
-    the other pairs' routes, found before or after, are kept right."""
+    with one such pair raises ``NoRoute``, and the other pairs' routes, found before or
+    after, are kept right."""
     topo = load_topology("dgx-h100-fat-tree", machines=6)
     for nb in list(topo.neighbors("m2.nic3")):
         topo = _without(topo, ("m2.nic3", nb))
