@@ -1,6 +1,7 @@
 """Calibration and validation: fits, round trips, error arithmetic, one end-to-end run."""
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,11 @@ def test_op_medians_leave_out_the_first_step_and_pair_messages():
     assert [(r["where"], r["op"]) for r in rows] == [("d0", "fwd L0"), ("d0", "step"), ("d0->d1", "act L1")]
     assert rows[0]["measured_s"] == 1.5 and rows[0]["error_pct"] == pytest.approx(100 * (2.2 - 1.5) / 1.5)
     assert rows[1]["measured_s"] == 0.0 and rows[2]["predicted_s"] == 0.0 and rows[2]["measured_s"] == pytest.approx(0.4)
+    assert "measured_mean_s" not in rows[0]
+    means = op_medians(spans, statistics.fmean)           # fwd L0 over steps 1-3: 1, 3, 2
+    assert means[("d0", "fwd L0")] == 2.0 and op_medians(spans[:3], statistics.fmean)[("d0", "fwd L0")] == 2.0
+    rows = op_rows({("d0", "fwd L0"): 2.2}, [got, {("d0", "fwd L0"): 1.0}], [means, {("d0", "fwd L0"): 4.0}])
+    assert rows[0]["measured_mean_s"] == 3.0 and rows[1]["measured_mean_s"] == pytest.approx(0.4)
 
 
 def test_alpha_beta_fit_recovers_exact_parameters():
@@ -213,8 +219,6 @@ def test_ranks_are_bound_to_their_share_of_the_cores():
 
 
 def test_probe_points_are_medians_and_a_messages_cost_its_lower_quartile():
-    import statistics
-
     from clustersim.calibration.probe import merge
     waits = [1.0, 1.0, 1.0, 1.0, 9.0, 9.0, 9.0]                  # some receives waited for their sender
     passes = [{"dense": [(1e6, 1e3, [3.0, 1.0])], "recv": [(0.0, 64.0, waits[:4])]},

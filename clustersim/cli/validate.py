@@ -47,7 +47,8 @@ def run(args) -> int:
                               ("error_pct", "error %")]))
     if args.ops:
         print(report.table(out["ops"], [("where", "where"), ("op", "op or message"), ("predicted_s", "predicted (s)"),
-                                        ("measured_s", "measured (s)"), ("error_pct", "error %")]))
+                                        ("measured_s", "measured (s)"), ("error_pct", "error %"),
+                                        ("measured_mean_s", "measured mean (s)")]))
     return 0
 
 

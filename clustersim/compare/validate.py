@@ -105,10 +105,11 @@ def messages(spans) -> list[tuple]:
     return out
 
 
-def op_medians(spans) -> dict[tuple[str, str], float]:
-    """(where, name) -> the median duration of that op or message over the run's steps after
-    its first (the warm-up), messages counted as ``messages`` pairs them: what ``--ops``
-    sets beside each other to find the ops a prediction misses."""
+def op_medians(spans, stat=statistics.median) -> dict[tuple[str, str], float]:
+    """(where, name) -> the median duration (or ``stat`` of the durations) of that op or
+    message over the run's steps after its first (the warm-up), messages counted as
+    ``messages`` pairs them: what ``--ops`` sets beside each other to find the ops a
+    prediction misses."""
     spans = messages(spans)
     first = min((sp[5] for sp in spans if sp[5] >= 0), default=0)
     later = any(sp[5] > first for sp in spans)
@@ -116,17 +117,25 @@ def op_medians(spans) -> dict[tuple[str, str], float]:
     for name, _phase, where, _start, dur, step in spans:
         if step > first or (step == first and not later):
             times[(where, name)].append(dur)
-    return {key: statistics.median(ts) for key, ts in times.items()}
+    return {key: stat(ts) for key, ts in times.items()}
 
 
-def op_rows(predicted: dict[tuple[str, str], float], runs: list[dict[tuple[str, str], float]]) -> list[dict]:
+def op_rows(predicted: dict[tuple[str, str], float], runs: list[dict[tuple[str, str], float]],
+            run_means: list[dict[tuple[str, str], float]] = ()) -> list[dict]:
     """A row per op or message in the prediction or the runs: its predicted median, the median
-    of the runs' medians (0 where a side has none), the error."""
+    of the runs' medians (0 where a side has none), the error, and with ``run_means`` the
+    median of the runs' means (``measured_mean_s``: an op whose mean stands well above its
+    median has a long tail, which a sum of medians leaves out; decision 047)."""
     rows = []
     for where, name in sorted(set(predicted) | {key for run in runs for key in run}):
-        measured = [run[(where, name)] for run in runs if (where, name) in run]
-        rows.append({"where": where, "op": name,
-                     **_row(predicted.get((where, name), 0.0), statistics.median(measured) if measured else 0.0)})
+        key = (where, name)
+        measured = [run[key] for run in runs if key in run]
+        row = {"where": where, "op": name,
+               **_row(predicted.get(key, 0.0), statistics.median(measured) if measured else 0.0)}
+        if run_means:
+            means = [run[key] for run in run_means if key in run]
+            row["measured_mean_s"] = statistics.median(means) if means else 0.0
+        rows.append(row)
     return rows
 
 
@@ -163,7 +172,7 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     traffic = {"predicted": traffic_per_step(res.trace)}
     predicted_phases = phase_times(sim_spans, first)
     predicted_phases["waits"] = waits(summary["step_time_s"], predicted_phases)
-    measured, quiet, phases, rates, ops = [], [], [], [], []
+    measured, quiet, phases, rates, ops, op_means = [], [], [], [], [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             trace = Path(tmp) / "t.json"
@@ -178,6 +187,7 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
             ph["waits"] = waits(out["step_time_s"], ph)
             phases.append(ph)
             ops.append(op_medians(run_spans))
+            op_means.append(op_medians(run_spans, statistics.fmean))
     meas = statistics.median(measured)
     table = {}
     for group in sorted(set(predicted_phases) | {g for ph in phases for g in ph}):
@@ -188,7 +198,7 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
             "predicted_step_time_s": summary["step_time_s"], "measured_step_time_s": meas,
             "error_pct": error_pct(summary["step_time_s"], meas), "measured_runs_s": measured,
             "predicted_samples_per_s": summary["samples_per_s"], "measured_runs_samples_per_s": rates,
-            "spread_pct": spread_pct(measured), "phases": table, "ops": op_rows(op_medians(sim_spans), ops),
+            "spread_pct": spread_pct(measured), "phases": table, "ops": op_rows(op_medians(sim_spans), ops, op_means),
             "timelines": {"predicted": timeline(sim_spans), "measured": timeline(run_spans)}, "traffic": traffic,
             **quiet_row(summary["step_time_s"], quiet)}
 
