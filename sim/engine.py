@@ -339,7 +339,7 @@ class Engine:
         topology, names, failed = self.network.topology, self.link_names, self.failed
         known = self._names_on(topology) if self.shortcut else {}      # pairs routed on it before
         if self.shortcut and not failed:
-            new = [pair for ph in coll.phases for pair in ph.pairs if pair not in known]
+            new = list(dict.fromkeys(pair for ph in coll.phases for pair in ph.pairs if pair not in known))
             if new:
                 try:
                     self._name_routes(new)
@@ -508,7 +508,7 @@ class Engine:
                     compute.woken(device)
                 return event
             asked[slot] = ask
-            run.layer_ready.ends[slot] = heard
+            run.layer_ready.last_bwd[slot] = heard
             wake[ids[-1]] = settle              # its last op, also its last backward op
             for i in ids if None in table else ():
                 if table[i] is None:
@@ -556,7 +556,7 @@ class Ready(dict):
     def __init__(self, made: dict, keys, asked: dict) -> None:
         super().__init__(made)
         self.keys_, self.asked = keys, asked
-        self.ends: dict[int, dict[int, int]] = {}    # chained slot -> layer -> its last backward op (``_heard``)
+        self.last_bwd: dict[int, dict[int, int]] = {}    # chained slot -> layer -> its last backward op (``_heard``)
 
     def __contains__(self, key) -> bool:
         return key in self.keys_
@@ -569,7 +569,7 @@ class Ready(dict):
         last: dict[int, tuple[int, int]] = {}
         out = []
         for key in keys:
-            ends = self.ends.get(key[0])
+            ends = self.last_bwd.get(key[0])
             if ends is None:
                 out.append(self[key])
             elif key[0] not in last or ends[key[1]] > ends[last[key[0]][1]]:

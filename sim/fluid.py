@@ -42,7 +42,12 @@ def timeout_at(env: simpy.Environment, when: float, eid: int | None = None) -> s
     queue as ``Environment.schedule`` does, with ``when`` as the time (simpy 4's queue
     entries, checked by tests/test_fluid_exact.py).  ``eid``: the simpy event id taken
     earlier for it (its place among events at one time), else the next."""
-    event = simpy.Event(env)
+    return fire_at(env, simpy.Event(env), when, eid)
+
+
+def fire_at(env: simpy.Environment, event: simpy.Event, when: float, eid: int | None = None) -> simpy.Event:
+    """Triggers ``event`` (not yet triggered) to fire at ``when``: ``succeed()`` and
+    ``Environment.schedule`` as simpy 4 does them, with ``when`` as the time (``timeout_at``)."""
     event._ok, event._value = True, None
     heapq.heappush(env._queue, (max(when, env.now), simpy.core.NORMAL, next(env._eid) if eid is None else eid, event))
     return event
@@ -594,7 +599,7 @@ class Fluid:
             finished[jid] = None
         neighbours: set[int] = set()
         users_at, known, ended = self._users_at, self._known, []
-        queue, eid = self.env._queue, self.env._eid
+        env = self.env
         for jid in finished:
             job = jobs.pop(jid)
             if len(job.links) < BULK:
@@ -613,10 +618,7 @@ class Fluid:
                 if self._known_one and sum(map(bool, sets or map(users_at.__getitem__, job.links))) > 1:
                     self._known_one = False         # the component may split here
             ended.append(job)
-            event = job.event                       # ``succeed()`` as simpy 4 does it, inline (a ring step ends
-            # thousands), less its check that the event was not triggered: only this fluid triggers a job's event
-            event._ok, event._value = True, None
-            heapq.heappush(queue, (now, simpy.core.NORMAL, next(eid), event))
+            fire_at(env, job.event, now)            # ``succeed()`` less its check: only this fluid triggers it
         self._dirty.difference_update(finished)
         if known is not None and not known:
             self._known = None

@@ -135,7 +135,7 @@ def test_a_bucket_waits_on_a_chained_slot_s_layer_that_ends_last_in_its_chain():
         asks.append(key)
         return env.event()
     ready = Ready(made, {(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)}, {0: ask})
-    ready.ends[0] = {0: 9, 1: 5, 2: 7}           # backward runs from the last layer: layer 0 ends last
+    ready.last_bwd[0] = {0: 9, 1: 5, 2: 7}       # backward runs from the last layer: layer 0 ends last
     got = ready.waited([(0, 1), (1, 0), (0, 0), (0, 2), (1, 1)])
     assert asks == [(0, 0)] and got == [made[(1, 0)], made[(1, 1)], ready[(0, 0)]]
     assert ready.waited([(0, 2)]) == [ready[(0, 2)]] and asks == [(0, 0), (0, 2)]
