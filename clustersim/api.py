@@ -305,15 +305,10 @@ def _toml(value: Any) -> str:
 
 def calibrate(ranks: int, out: str | Path) -> dict:
     """Measures this host for a job of ``ranks`` ranks and writes the topology to ``out``."""
-    from clustersim.calibration.host import calibrate as measure, topology_text
+    from clustersim.calibration.host import calibrate as measure
     if not 1 <= ranks <= 256:
         raise ConfigError("--ranks", str(ranks), "must be 1..256")
-    res = measure(ranks)
-    write_atomic(out, topology_text(Path(out).stem, ranks, res["cores"], res["compute"],
-                                    res["memory_bandwidth_bytes_per_s"], res["mpi"], res["op_costs"],
-                                    res["cache_bytes"]))
-    load_topology(str(out))                             # what we wrote must load
-    return res
+    return _write_host(out, ranks, measure(ranks))
 
 
 def calibrate_gpus(out: str | Path) -> dict:
@@ -409,10 +404,12 @@ def validate_speedup(path: str | Path, overrides: Overrides, against: Overrides,
     else:
         files: dict[int, list[Path]] = {n: [] for n in counts}
         where = Path(tempfile.mkdtemp())
+        done = []
         for k in range(calibrations):
             for n in counts if k % 2 == 0 else counts[::-1]:
                 files[n].append(where / f"this-host-{n}-ranks-{k}.toml")
-                calibrate_for(n, files[n][-1], sorted(models))
+                done.append((files[n][-1], n, calibrate_for(n, files[n][-1], sorted(models))))
+        _share_noise(done)
     return Result(speedup(str(path), items, more, {side: [str(f) for f in files[n]] for side, n in ranks.items()},
                           rounds))
 
@@ -426,12 +423,31 @@ def suite_speedup(a_rounds: list[dict], b_rounds: list[dict]) -> dict:
 def calibrate_for(ranks: int, out: str | Path, models: list[str]) -> dict:
     """``calibrate`` with the in-context op probes of ``models`` only (all of them for a
     model calibrate has no probe of): a third of the time for mlp-digits alone."""
-    from clustersim.calibration.host import calibrate as measure, topology_text
-    res = measure(ranks, models=models)
+    from clustersim.calibration.host import calibrate as measure
+    return _write_host(out, ranks, measure(ranks, models=models))
+
+
+def _share_noise(calibrations: list[tuple[Path, int, dict]]) -> None:
+    """Rewrites each calibration's topology with the noise of all of them, its cores' windows
+    pooled (``hostspeed.pooled``) and mapped onto its ranks: both sides of a speedup check
+    then replay one sample of the host's noise, not two taken minutes apart, whose spells
+    differ more than the sides do (docs/decisions/048)."""
+    from clustersim.calibration.hostspeed import noise_series, pooled
+    measured = [res for _, _, res in calibrations if res and res.get("core_slowdowns")]
+    if len(measured) == len(calibrations) > 1:
+        shared = pooled([res["core_slowdowns"] for res in measured])
+        for out, ranks, res in calibrations:
+            _write_host(out, ranks, {**res, "noise": noise_series(shared, ranks)})
+
+
+def _write_host(out: str | Path, ranks: int, res: dict) -> dict:
+    """A host calibration ``res`` written as a topology to ``out`` (loaded back: what we
+    wrote must load)."""
+    from clustersim.calibration.host import topology_text
     write_atomic(out, topology_text(Path(out).stem, ranks, res["cores"], res["compute"],
                                     res["memory_bandwidth_bytes_per_s"], res["mpi"], res["op_costs"],
-                                    res["cache_bytes"]))
-    load_topology(str(out))                             # what we wrote must load
+                                    res["cache_bytes"], res.get("noise")))
+    load_topology(str(out))
     return res
 
 

@@ -62,11 +62,13 @@ def kernels_modelled(device: Device) -> bool:
 
 
 def alike_devices(topology: Topology) -> dict[str, int]:
-    """Each compute device's id among the distinct descriptions (every field but its name
-    and machine): ``op_seconds`` of the same op is the same on devices with one id, so a
-    step's ops are timed once for all the replicas that repeat them."""
+    """Each compute device's id among the distinct descriptions (every field but its name,
+    machine and noise series, which an op's time alone does not read): ``op_seconds`` of
+    the same op is the same on devices with one id, so a step's ops are timed once for all
+    the replicas that repeat them."""
     ids: dict[str, int] = {}
-    described = operator.attrgetter(*(f.name for f in dataclasses.fields(Device) if f.name not in ("name", "machine")))
+    described = operator.attrgetter(*(f.name for f in dataclasses.fields(Device)
+                                      if f.name not in ("name", "machine", "noise")))
     return {name: ids.setdefault(repr(described(d)), len(ids)) for name, d in topology.devices.items() if d.is_compute}
 
 
@@ -92,6 +94,7 @@ class Compute:
                                          if d.is_compute and runs_in_order(d)}
         self.busy: set[str] = set()        # in-order devices running an op now
         self.held: dict[str, list[float]] = {}   # GPU -> shares collectives' kernels take now
+        self.speed: dict[str, float] = {}        # device -> its speed now, where host noise is replayed
         self.alike = alike_devices(topology)    # device -> id shared by devices described alike
         self.timed: dict[tuple, float] = {}     # (alike id, op) -> op_seconds: replicas repeat ops
         # shortcut: an in-order device runs its ops as a lane, without the fluid (below)
@@ -433,11 +436,18 @@ class Compute:
                 self._capacity(d)
         return release
 
+    def set_speed(self, device: str, speed: float) -> None:
+        """From now on ``device`` runs at ``speed`` times its speed on a quiet host (its
+        ``noise`` replayed: ``Engine._replay_noise``); what it runs now is re-solved."""
+        if self.speed.get(device, 1.0) != speed:
+            self.speed[device] = speed
+            self._capacity(device)
+
     def _capacity(self, device: str) -> None:
         sms = self.topology.devices[device].sms or 1
         taken = sum(self.held.get(device, ()))
-        capacity = max(1.0 - taken, 1.0 / sms) if taken else 1.0
-        if self.lanes is not None:
+        capacity = (max(1.0 - taken, 1.0 / sms) if taken else 1.0) * self.speed.get(device, 1.0)
+        if self.lanes is not None and device in self.lanes:
             self._lane_capacity(device, capacity)
         else:
             self.fluid.set_capacity(device, capacity)

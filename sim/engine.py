@@ -31,7 +31,8 @@ class CountingEnvironment(simpy.Environment):
     """A simpy Environment that counts the events it processes and drops, unrun and
     uncounted, wake-up timers a newer one replaced (``sim.fluid.supersede``): their
     callbacks do nothing, and run they would move the clock, and so the simulated end,
-    past the last real event."""
+    past the last real event.  A ``background`` timer (the host noise's next window) is
+    dropped too where it is all that is left: nothing else will happen."""
 
     def __init__(self, initial_time: float = 0) -> None:
         super().__init__(initial_time)
@@ -39,7 +40,8 @@ class CountingEnvironment(simpy.Environment):
 
     def step(self) -> None:
         queue = self._queue
-        while queue and getattr(queue[0][3], "stale", False):
+        while queue and (getattr(queue[0][3], "stale", False)
+                         or len(queue) == 1 and getattr(queue[0][3], "background", False)):
             heapq.heappop(queue)
         self.events_processed += 1
         super().step()
@@ -111,6 +113,35 @@ class Engine:
         self._next_failure: simpy.Event | None = None   # the timer of the next failure to come
         if self.failures:
             self.env.process(self._inject())
+        self._noise_timer: simpy.Event | None = None
+        if sc.faults.host_noise:
+            self._replay_noise(sc.topology, sc.faults.host_noise_window_s or sc.topology.noise_window_s)
+
+    def _replay_noise(self, topology: Topology, window: float) -> None:
+        """Each host rank's measured speed, window by window (``Device.noise``: how many times
+        slower than quiet), from a window drawn at random, the same for all ranks (their
+        windows were timed at once), each ``window`` long, on in a loop: a rank slowed by a
+        spell of its core slows
+        every rank that meets it (docs/decisions/048).  The replay stops with the job; its
+        timer is ``background``, so a stalled job ends where it stalled."""
+        series = {name: d.noise for name, d in topology.devices.items() if d.noise and name in self.compute.weights}
+        n = len(next(iter(series.values())))
+        first = int(self.rng.integers(n))
+
+        def speeds(k: int) -> None:
+            for name, factors in series.items():
+                self.compute.set_speed(name, 1.0 / factors[k % n])
+
+        def replay():
+            k = first
+            while True:
+                self._noise_timer = self.env.timeout(window)
+                self._noise_timer.background = True
+                yield self._noise_timer
+                k += 1
+                speeds(k)
+        speeds(first)
+        self.env.process(replay())
 
     def _graph_info(self, plan: Plan) -> tuple:
         """Successor lists, each compute op's next on its slot in the Plan's order (-1: the
@@ -165,8 +196,10 @@ class Engine:
             signal.succeed(f)
 
     def stop_failures(self) -> None:
-        """The job is over: a failure still to come does not happen, nor move the clock."""
+        """The job is over: a failure still to come does not happen, nor move the clock; nor
+        does the host noise's next window."""
         supersede(self._next_failure)
+        supersede(self._noise_timer)
 
     def alive(self, *devices: str) -> bool:
         return not self.failed or not any(d in self.failed for d in devices)

@@ -22,7 +22,8 @@ Measured (medians of REPEATS):
   window.  The first 3 s give the host's quiet speed (``quiet_reference``): the in-context
   probes are timed where the host ran at it (``probe.quiet_probe``), so the op costs are
   this host's without its neighbours; calibrate reports each rank's windows
-  (``reference_windows_s``).
+  (``reference_windows_s``) and writes each rank's slowdown by window as its ``noise``
+  series, which ``faults.host_noise`` replays (decision 048).
 
 Why these choices: docs/decisions/004-quiet-host-calibration.md,
 005-probes-timed-in-steady-state.md, 006-probes-in-separate-jobs.md and
@@ -45,10 +46,11 @@ from pathlib import Path
 import numpy as np
 
 from clustersim.core.layers import full_box
+from clustersim.core.metrics import WINDOW_S
 from clustersim.core.models import make_layer
 
 from executor.kernels import backward, forward
-from clustersim.calibration.hostspeed import SERIES_S, core_series, quiet_reference, rank_series
+from clustersim.calibration.hostspeed import SERIES_S, core_series, noise_series, quiet_reference, rank_series
 from executor.launch import mpiexec, rank_env
 
 REPEATS = 7
@@ -253,11 +255,12 @@ def compute_lines(comp: dict) -> list[str]:
 
 
 def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, mpi: dict,
-                  op_costs: dict | None = None, cache: float = 0.0) -> str:
+                  op_costs: dict | None = None, cache: float = 0.0, noise: list[list[float]] | None = None) -> str:
     """``comp`` and ``op_costs`` were measured with the BLAS threads one rank gets (cores //
     ranks, at least 1), each rank bound to its own cores.  Ranks beyond the cores are bound
     round-robin (``executor.launch.cores_of``): each core is a core pool of 1, and the
-    ranks bound to it its members."""
+    ranks bound to it its members.  ``noise``: each rank's slowdown by window
+    (``hostspeed.noise_series``)."""
     costs = ", ".join(f'"{key}" = [{c["fixed_s"] * 1e6:.6g}, {c["flops_per_s"] / 1e9:.6g}, {c["bytes_per_s"] / 1e9:.6g}, '
                       f'{c.get("bytes_beyond_cache_per_s", c["bytes_per_s"]) / 1e9:.6g}]'
                       for key, c in sorted((op_costs or {}).items()))
@@ -266,7 +269,7 @@ def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, 
     lines = [f'name = "{name}"',
              f'description = "calibrated on this host: {cores} cores, {ranks} ranks; '
              f'MPI alpha {mpi["alpha_s"] * 1e6:.2f} us, beta {mpi["beta_bytes_per_s"] / 1e9:.3g} GB/s (R^2 {mpi["r2"]:.4f})"',
-             ""]
+             *([f"noise_window_ms = {WINDOW_S * 1e3:g}"] if noise else []), ""]
     if ranks > cores:
         lines += ["[core_pools]"] + [f"core{c} = 1" for c in range(cores)]
     for k in range(ranks):
@@ -275,7 +278,8 @@ def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, 
                   f"memory_bandwidth_gbps = {mem_bw / 1e9 / max(1, min(ranks, cores)):.6g}",
                   *compute_lines(comp),
                   *([f'core_pool = "core{k % cores}"'] if ranks > cores else []),
-                  f"cache_mib = {cache / 2**20:.6g}", f"op_costs = {{ {costs} }}", f"op_curves = {{ {curves} }}"]
+                  f"cache_mib = {cache / 2**20:.6g}", f"op_costs = {{ {costs} }}", f"op_curves = {{ {curves} }}",
+                  *([f"noise = [{', '.join(f'{x:.4g}' for x in noise[k])}]"] if noise else [])]
     lines += ["", "[[device]]", 'name = "shm"', 'kind = "switch"']
     for k in range(ranks):
         lines += ["", "[[link]]", f'a = "rank{k}"', 'b = "shm"',
@@ -303,8 +307,10 @@ def calibrate(ranks: int = 2, seed: int = 0, models: list[str] | None = None) ->
     if ranks > 1:
         costs["allreduce"] = measure_allreduce(ranks, cores, cache=cache)
     after = core_series(SERIES_S)
-    series = rank_series({c: before[c] + after[c] for c in before}, ranks)
+    both = {c: before[c] + after[c] for c in before}
+    slowdowns = {c: [t / quiet for t in ts] for c, ts in both.items()}
+    series = rank_series(both, ranks)
     references = [statistics.median(s) for s in series]
     return {"cores": cores, "ranks": ranks, "compute": comp, "memory_bandwidth_bytes_per_s": mem, "mpi": mpi,
             "op_costs": costs, "cache_bytes": cache, "references_s": references, "quiet_reference_s": quiet,
-            "reference_windows_s": series}
+            "reference_windows_s": series, "core_slowdowns": slowdowns, "noise": noise_series(slowdowns, ranks)}

@@ -106,6 +106,24 @@ def rank_series(series: dict[int, list[float]], ranks: int) -> list[list[float]]
     return [[max(w) for w in zip(*(series[c] for c in cores_of(k, ranks, cores)))] for k in range(ranks)]
 
 
+def noise_series(slowdowns: dict[int, list[float]], ranks: int) -> list[list[float]]:
+    """Each rank's slowdown over the quiet host window by window (``Device.noise``, which
+    ``faults.host_noise`` replays), from each core's (``slowdowns``: core -> its reference
+    windows over the quiet step): the mean of its cores' -- a rank on several cores runs
+    its Python on one of them at a time, wherever the scheduler puts it, and its large
+    GEMMs on all (``rank_series`` takes their slowest, for the reference it reports).
+    Ranks sharing a core share its series.  See docs/decisions/048."""
+    cores = sorted(slowdowns)
+    return [[statistics.fmean(w) for w in zip(*(slowdowns[c] for c in cores_of(k, ranks, cores)))]
+            for k in range(ranks)]
+
+
+def pooled(slowdowns: list[dict[int, list[float]]]) -> dict[int, list[float]]:
+    """Several calibrations' core slowdowns as one longer sample, core by core (windows of
+    one calibration stay lined up across cores)."""
+    return {c: [x for s in slowdowns for x in s[c]] for c in slowdowns[0]}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     os.sched_setaffinity(0, {int(args[0])})

@@ -20,7 +20,9 @@ predictions tried and dropped: docs/decisions/004-quiet-host-calibration.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -39,6 +41,9 @@ from clustersim.core.schedule import ranks_needed
 PHASES = {"fwd": "forward", "bwd": "backward", "update": "update", "activation": "transfers", "halo": "transfers",
           "gradient": "transfers", "reduction": "transfers", "stage": "transfers", "allreduce": "transfers",
           "push": "transfers", "fetch": "transfers"}
+
+
+NOISE_WINDOW_STEPS = 40     # quiet steps a replayed noise window holds in a speedup prediction (decision 048)
 
 
 def error_pct(predicted: float, measured: float) -> float:
@@ -244,12 +249,29 @@ def _side_items(set_items: list[str], topology: str) -> list[str]:
 
 def predicted_side(scenario: str, items: list[str]) -> dict:
     """The simulator's ``samples_per_s`` and ``step_time_s`` of one side of a speedup check,
-    and the ranks it runs on."""
+    the ranks it runs on, and ``quiet_samples_per_s``: the quiet host's.  With
+    ``faults.host_noise`` the first are with the calibrated noise replayed, each window
+    ``NOISE_WINDOW_STEPS`` quiet steps long where it holds more (``host_noise_window_s``: the
+    median step of a window's steady state and the steps a window holds keep their
+    proportions, at a fraction of the simulated steps), over as many steps as replay the
+    whole series once (docs/decisions/048)."""
     from clustersim.core.scenario import parse_set
     sc = load_scenario(scenario, parse_set(items))
-    p = plan(sc)
+    quiet_sc = dataclasses.replace(sc, faults=dataclasses.replace(sc.faults, host_noise=False))
+    p = plan(quiet_sc)
     s = summarize(p, simulate(p))
-    return {"samples_per_s": s["samples_per_s"], "step_time_s": s["step_time_s"], "ranks": ranks_needed(sc)}
+    out = {"samples_per_s": s["samples_per_s"], "step_time_s": s["step_time_s"], "ranks": ranks_needed(sc),
+           "quiet_samples_per_s": s["samples_per_s"]}
+    series = [d.noise for d in sc.topology.devices.values() if d.noise]
+    if sc.faults.host_noise and s["step_time_s"] > 0:
+        window = sc.faults.host_noise_window_s or min(sc.topology.noise_window_s, NOISE_WINDOW_STEPS * s["step_time_s"])
+        steps = max(sc.training.steps, math.ceil(len(series[0]) * window / s["step_time_s"]))
+        noisy = dataclasses.replace(sc, faults=dataclasses.replace(sc.faults, host_noise_window_s=window),
+                                    training=dataclasses.replace(sc.training, steps=steps))
+        p = plan(noisy)
+        s = summarize(p, simulate(p))
+        out.update(samples_per_s=s["samples_per_s"], step_time_s=s["step_time_s"])
+    return out
 
 
 def execute_side(scenario: str, items: list[str], *extra: str) -> dict:
@@ -279,8 +301,8 @@ def speedup(scenario: str, set_items: list[str], against_items: list[str], topol
     measured in ``rounds`` rounds of one run each, interleaved (``speedup_order``).  The
     measured speedup is the median of the rounds' ratios (each round's two runs share a
     stretch of the host's time), its spread their (max - min) / median in percent; the
-    error is (predicted - measured) / measured in percent.  The same figures against the
-    runs' quiet windows are ``quiet_*``."""
+    error is (predicted - measured) / measured in percent.  The same figures predicted for
+    the quiet host (``quiet_samples_per_s``) against the runs' quiet windows are ``quiet_*``."""
     given = {"a": list(set_items), "b": list(set_items) + list(against_items)}
     items = {side: [_side_items(given[side], f) for f in topologies[side]] for side in given}
     predicted = {side: [predict(scenario, its) for its in items[side]] for side in ("a", "b")}
@@ -290,7 +312,10 @@ def speedup(scenario: str, set_items: list[str], against_items: list[str], topol
     rates = {side: [x["samples_per_s"] for x in predicted[side]] for side in ("a", "b")}
     figures = speedup_figures(rates["a"], rates["b"], [x["samples_per_s"] for x in runs["a"]],
                               [x["samples_per_s"] for x in runs["b"]], paired=topologies["a"] == topologies["b"])
-    quiet = speedup_figures([1.0], [1.0], [quiet_rate(x) for x in runs["a"]], [quiet_rate(x) for x in runs["b"]])
+    quiet = speedup_figures([x.get("quiet_samples_per_s", x["samples_per_s"]) for x in predicted["a"]],
+                            [x.get("quiet_samples_per_s", x["samples_per_s"]) for x in predicted["b"]],
+                            [quiet_rate(x) for x in runs["a"]], [quiet_rate(x) for x in runs["b"]],
+                            paired=topologies["a"] == topologies["b"])
 
     def side_row(side: str) -> dict:
         measured = [x["samples_per_s"] for x in runs[side]]
@@ -306,8 +331,8 @@ def speedup(scenario: str, set_items: list[str], against_items: list[str], topol
     return {"scenario": load_scenario(scenario).name, "file": scenario, "against": list(against_items),
             "rounds": rounds, "calibrations": max(len(topologies["a"]), len(topologies["b"])),
             "a": side_row("a"), "b": side_row("b"), **figures,
-            "quiet_speedup": quiet["measured_speedup"],
-            "quiet_speedup_error_pct": error_pct(figures["predicted_speedup"], quiet["measured_speedup"]),
+            "quiet_predicted_speedup": quiet["predicted_speedup"], "quiet_speedup": quiet["measured_speedup"],
+            "quiet_speedup_error_pct": quiet["speedup_error_pct"],
             "quiet_speedup_spread_pct": quiet["speedup_spread_pct"]}
 
 

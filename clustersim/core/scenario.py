@@ -121,6 +121,8 @@ class Faults:
     restart_s: float = 30.0            # sync restart: replacing the machine and relaunching
     shard_recovery: str = "none"       # async: a failed shard stalls the job | restarts from its "checkpoint"
     shard_checkpoint_every: int = 0    # shard_recovery: applies between a shard's checkpoints (0: the start only)
+    host_noise: bool = False           # replay the topology's measured noise series (host ranks' speed over time)
+    host_noise_window_s: float = 0.0   # > 0: replay each window of those series this long (0: as measured)
 
 
 @dataclass(frozen=True)
@@ -350,7 +352,10 @@ def _faults(ft: Table, topology: Topology) -> Faults:
         checkpoint_gbps=ft.float("checkpoint_gbps", 1.0, positive=True),
         restart_s=ft.float("restart_s", 30.0, lo=0.0),
         shard_recovery=ft.str("shard_recovery", "none", choices=("none", "checkpoint")),
-        shard_checkpoint_every=ft.int("shard_checkpoint_every", 0, lo=0, hi=10_000_000))
+        shard_checkpoint_every=ft.int("shard_checkpoint_every", 0, lo=0, hi=10_000_000),
+        host_noise=ft.bool("host_noise", False), host_noise_window_s=ft.float("host_noise_window_s", 0.0, lo=0.0, hi=1e6))
+    if faults.host_noise and not any(d.noise for d in devices.values()):
+        raise ft.error("host_noise", "the topology has no noise series (calibrate writes them for its host ranks)")
     ft.done()
     return faults
 

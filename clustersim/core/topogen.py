@@ -20,7 +20,10 @@ File format (units in the names; ``gbps`` is 10^9 *bytes* per second, like nccl-
     [machine.nic]    count, bandwidth_gbps, latency_us
     [network]        kind = none | switch | fat-tree | rail; machines; bandwidth_gbps;
                      latency_us; k (fat-tree); spines, spine_bandwidth_gbps (rail)
-    [[device]]       name, kind, machine, and the compute fields above for cpu/gpu
+    [[device]]       name, kind, machine, and the compute fields above for cpu/gpu; a cpu's
+                     noise ([factor, ...]: its slowdown over the quiet host window by window,
+                     written by calibrate, replayed by ``faults.host_noise``)
+    noise_window_ms  the window of those series (default 50)
     [[link]]         a, b, bandwidth_gbps, latency_us
     [core_pools]     name = cores: the devices naming the pool (ranks bound to those cores)
                      share them; each of n runs at min(1, cores / n), busy or polling
@@ -142,11 +145,14 @@ def build_topology(data: Any, file: str) -> Topology:
                           lt.float("latency_us", lo=0.0) * 1e-6))
         _check_link_ends(lt, links[-1], devices)
         lt.done()
+    window = top.float("noise_window_ms", 50.0, positive=True, hi=1e6) * 1e-3
     top.done()
     if not any(d.is_compute for d in devices):
         raise ConfigError(file, "machine", "the topology has no cpu or gpu device")
+    if len({len(d.noise) for d in devices if d.noise}) > 1:
+        raise ConfigError(file, "device.noise", "every device's series must have one length (their windows line up)")
     try:
-        return Topology(name, devices, links, description, core_pools, price, power)
+        return Topology(name, devices, links, description, core_pools, price, power, noise_window_s=window)
     except ValueError as exc:
         raise ConfigError(file, "link", str(exc)) from None
 
@@ -312,8 +318,19 @@ def _explicit_device(dt: Table) -> Device:
     fields = _compute_fields(dt, kind) if kind in ("cpu", "gpu") else {}
     if kind in ("cpu", "gpu"):
         fields.update(op_costs=_op_costs(dt), op_curves=_op_curves(dt), core_pool=dt.str("core_pool", ""),
-                      cache_bytes=dt.float("cache_mib", 0.0, lo=0.0, hi=1e6) * 2**20)
+                      cache_bytes=dt.float("cache_mib", 0.0, lo=0.0, hi=1e6) * 2**20, noise=_noise(dt, kind))
     return Device(name, kind, None if machine < 0 else machine, **fields)
+
+
+def _noise(dt: Table, kind: str) -> tuple:
+    """``noise = [factor, ...]``: a host rank's slowdown over the quiet host, window by window."""
+    raw = dt.raw("noise", [])
+    if not isinstance(raw, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.01 <= v <= 100
+                                            for v in raw):
+        raise dt.error("noise", "must be a list of slowdown factors, each in [0.01, 100]")
+    if raw and kind != "cpu":
+        raise dt.error("noise", "is a host rank's (a cpu device's) series, measured by calibrate")
+    return tuple(float(v) for v in raw)
 
 
 def _op_curves(dt: Table) -> dict[str, tuple]:

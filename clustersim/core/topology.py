@@ -78,6 +78,10 @@ class Device:
     compute_capability: float = 0.0     # a GPU's CUDA compute capability (8.0 A100, 9.0 H100); 0: not given
     sms: int = 0                        # a GPU's streaming multiprocessors (NCCL's kernels take some); 0: not given
     memory_efficiency: float = 1.0      # achievable / datasheet memory bandwidth of a streaming kernel (STREAM-like)
+    # a host rank's speed over time, measured by calibrate: how many times slower than the
+    # quiet host it ran in each window of ``Topology.noise_window_s`` (windows line up across
+    # the devices); replayed by ``faults.host_noise`` (docs/decisions/048)
+    noise: tuple = ()
 
     def op_time(self, key: str, flops: float, nbytes: float) -> float | None:
         """Seconds of op ``key`` from its measured costs; None when it was not measured here.
@@ -147,10 +151,12 @@ class Topology:
 
     def __init__(self, name: str, devices: list[Device], links: list[Link], description: str = "",
                  core_pools: dict[str, float] | None = None, price_usd_per_hour: float = 0.0,
-                 power_w: float = 0.0, route_templates: bool = True) -> None:
+                 power_w: float = 0.0, route_templates: bool = True, noise_window_s: float = 0.05) -> None:
         """``route_templates``: route the inside of each machine once per distinct machine
-        (``_inside``); False routes every pair by its own search (the same routes, slower)."""
+        (``_inside``); False routes every pair by its own search (the same routes, slower).
+        ``noise_window_s``: the window of the devices' ``noise`` series."""
         self.name, self.description = name, description
+        self.noise_window_s = noise_window_s
         self.price_usd_per_hour = price_usd_per_hour   # one machine's list price (0: not given)
         self.power_w = power_w                         # one machine's power at full load (0: not given)
         self.core_pools = dict(core_pools or {})      # pool name -> cores its devices share
@@ -161,6 +167,8 @@ class Topology:
             if d.core_pool and d.core_pool not in self.core_pools:
                 raise ValueError(f"device {d.name!r} names core pool {d.core_pool!r}, which is not defined")
             self.devices[d.name] = d
+        if len({len(d.noise) for d in self.devices.values() if d.noise}) > 1:
+            raise ValueError("the devices' noise series must have one length (their windows line up)")
         self.capacity: dict[DirLink, float] = {}
         self.latency: dict[DirLink, float] = {}
         capacity, latency = self.capacity, self.latency
