@@ -40,6 +40,18 @@ def test_a_pair_s_speedup_is_the_median_of_its_rounds_ratios(suite, capsys):
     assert "mlp-1rank -> mlp-allreduce-2" in capsys.readouterr().out
 
 
+def test_a_pair_s_quiet_speedup_is_its_rounds_runs_at_their_quiet_windows(suite):
+    def rnd(pred, runs, quiet):          # runs' rates; each run's quiet step a fraction of its step
+        return {"predicted_samples_per_s": pred, "measured_runs_samples_per_s": runs,
+                "measured_runs_s": [1.0 / r for r in runs], "quiet_runs_s": [q / r for q, r in zip(quiet, runs)]}
+    a = [rnd(100.0, [100.0], [0.5]), rnd(100.0, [80.0, 100.0], [0.5, 1.0])]     # quiet rates 200; 160 and 100
+    b = [rnd(150.0, [150.0], [1.0]), rnd(150.0, [300.0], [0.75])]                # 150; 400
+    out = suite.suite_speedup(a, b)
+    assert out["quiet_speedup"] == pytest.approx((150.0 / 200.0 + 400.0 / 130.0) / 2)
+    assert out["quiet_speedup_error_pct"] == pytest.approx((1.5 / out["quiet_speedup"] - 1) * 100)
+    assert "quiet_speedup" not in suite.suite_speedup([{k: v for k, v in r.items() if k != "quiet_runs_s"} for r in a], b)
+
+
 def test_cases_on_the_same_calibrations_pair_their_predictions_round_by_round(suite):
     """Two cases of one rank count share each round's calibration: the ratio per round
     cancels its error (A 100, 130, 160 against B 200, 150, 190: 2.0, 1.15, 1.19 -> 1.19),

@@ -367,10 +367,19 @@ def speedup_figures(predicted_a: list[float], predicted_b: list[float], measured
 def suite_speedup(a_rounds: list[dict], b_rounds: list[dict]) -> dict:
     """``speedup_figures`` of two cases validated in the same rounds (``validate`` results,
     round by round): each round's prediction, and the median of each round's runs; paired
-    where the two cases ran on the same calibrations (the same rank count)."""
-    return speedup_figures([r["predicted_samples_per_s"] for r in a_rounds],
-                           [r["predicted_samples_per_s"] for r in b_rounds],
-                           [statistics.median(r["measured_runs_samples_per_s"]) for r in a_rounds],
-                           [statistics.median(r["measured_runs_samples_per_s"]) for r in b_rounds],
-                           paired=all("topology" in r for r in a_rounds + b_rounds)
-                           and [r["topology"] for r in a_rounds] == [r["topology"] for r in b_rounds])
+    where the two cases ran on the same calibrations (the same rank count).  Where the
+    rounds carry their runs' quiet steps, also ``quiet_speedup`` (each round's runs at their
+    quiet windows) and the prediction's error against it."""
+    paired = (all("topology" in r for r in a_rounds + b_rounds)
+              and [r["topology"] for r in a_rounds] == [r["topology"] for r in b_rounds])
+    predicted = ([r["predicted_samples_per_s"] for r in a_rounds], [r["predicted_samples_per_s"] for r in b_rounds])
+    out = speedup_figures(*predicted,
+                          [statistics.median(r["measured_runs_samples_per_s"]) for r in a_rounds],
+                          [statistics.median(r["measured_runs_samples_per_s"]) for r in b_rounds], paired=paired)
+    if all("quiet_runs_s" in r for r in a_rounds + b_rounds):
+        def quiet(r: dict) -> float:
+            return statistics.median(rate * step / q for rate, step, q in
+                                     zip(r["measured_runs_samples_per_s"], r["measured_runs_s"], r["quiet_runs_s"]))
+        q = speedup_figures(*predicted, [quiet(r) for r in a_rounds], [quiet(r) for r in b_rounds], paired=paired)
+        out.update(quiet_speedup=q["measured_speedup"], quiet_speedup_error_pct=q["speedup_error_pct"])
+    return out
