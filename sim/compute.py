@@ -438,7 +438,10 @@ class Compute:
 
     def set_speed(self, device: str, speed: float) -> None:
         """From now on ``device`` runs at ``speed`` times its speed on a quiet host (its
-        ``noise`` replayed: ``Engine._replay_noise``); what it runs now is re-solved."""
+        ``noise`` replayed: ``Engine._replay_noise``); what it runs now is re-solved.  Not
+        an in-order device: a lane computes ahead only where no later change can speed it."""
+        if device in self.queues:
+            raise ValueError(f"set_speed({device!r}): an in-order device takes no noise")
         if self.speed.get(device, 1.0) != speed:
             self.speed[device] = speed
             self._capacity(device)

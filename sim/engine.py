@@ -27,12 +27,16 @@ from clustersim.core.topology import NoRoute, Topology
 from clustersim.core.trace import Span, Trace, Update
 
 
+BACKGROUND = "background"     # a timer's ``stale`` mark: run it only while other events are due
+
+
 class CountingEnvironment(simpy.Environment):
     """A simpy Environment that counts the events it processes and drops, unrun and
     uncounted, wake-up timers a newer one replaced (``sim.fluid.supersede``): their
     callbacks do nothing, and run they would move the clock, and so the simulated end,
-    past the last real event.  A ``background`` timer (the host noise's next window) is
-    dropped too where it is all that is left: nothing else will happen."""
+    past the last real event.  A ``BACKGROUND`` timer (``stale`` set to it: the host
+    noise's next window) is dropped too where nothing but such dropped timers is left:
+    nothing else will happen.  One attribute read per event, as before."""
 
     def __init__(self, initial_time: float = 0) -> None:
         super().__init__(initial_time)
@@ -40,9 +44,14 @@ class CountingEnvironment(simpy.Environment):
 
     def step(self) -> None:
         queue = self._queue
-        while queue and (getattr(queue[0][3], "stale", False)
-                         or len(queue) == 1 and getattr(queue[0][3], "background", False)):
-            heapq.heappop(queue)
+        while queue:
+            mark = getattr(queue[0][3], "stale", False)      # True: superseded; BACKGROUND: see above
+            if mark is True:
+                heapq.heappop(queue)
+            elif mark and all(getattr(e[3], "stale", False) is True for e in queue[1:]):
+                queue.clear()                   # the replay's next window, and timers dropped anyway
+            else:
+                break
         self.events_processed += 1
         super().step()
 
@@ -121,10 +130,10 @@ class Engine:
         """Each host rank's measured speed, window by window (``Device.noise``: how many times
         slower than quiet), from a window drawn at random, the same for all ranks (their
         windows were timed at once), each ``window`` long, on in a loop: a rank slowed by a
-        spell of its core slows
-        every rank that meets it (docs/decisions/048).  The replay stops with the job; its
-        timer is ``background``, so a stalled job ends where it stalled."""
-        series = {name: d.noise for name, d in topology.devices.items() if d.noise and name in self.compute.weights}
+        spell of its core slows every rank that meets it (docs/decisions/048).  The replay
+        stops with the job; its timer is marked ``BACKGROUND``, so a stalled job ends at its
+        last event."""
+        series = {name: d.noise for name, d in topology.devices.items() if d.noise}
         n = len(next(iter(series.values())))
         first = int(self.rng.integers(n))
 
@@ -136,7 +145,7 @@ class Engine:
             k = first
             while True:
                 self._noise_timer = self.env.timeout(window)
-                self._noise_timer.background = True
+                self._noise_timer.stale = BACKGROUND
                 yield self._noise_timer
                 k += 1
                 speeds(k)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from clustersim.calibration.host import topology_text
@@ -35,13 +36,13 @@ def noisy(tmp_path: Path, rank0: list[float], rank1: list[float], window_ms: flo
 
 
 def run(topology: Path, slots: int = 1, steps: int = 20, shortcut: bool = True, parallel=None, training=None,
-        **faults):
+        seed: int = 0, **faults):
     sc = scenario_from_dict({"cluster": {"topology": str(topology), "machines": 0},
                              "model": {"name": "mlp-digits", "batch_size": 16},
                              "parallel": {"model_parallel": slots, "split": "spatial", **(parallel or {})},
                              "training": {"steps": steps, **(training or {})}, "faults": faults}, "t.toml")
     p = plan(sc)
-    return p, simulate(p, shortcut=shortcut)
+    return p, simulate(p, shortcut=shortcut, rng=np.random.default_rng(seed))
 
 
 def test_a_constant_factor_scales_a_one_rank_run(tmp_path):
@@ -50,13 +51,16 @@ def test_a_constant_factor_scales_a_one_rank_run(tmp_path):
     assert slow.sim_time_s == pytest.approx(2 * quiet.sim_time_s, rel=1e-12)
 
 
-def test_two_windows_take_the_time_their_work_needs(tmp_path):
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_two_windows_take_the_time_their_work_needs(tmp_path, seed):
     """Work T (seconds on a quiet host), windows of W = T / 1.5 at 1x then 2x slower: W of
-    work by W, the other 0.5 W at half speed by 2 W -- and 2 W from either window first."""
+    work by W, the other 0.5 W at half speed by 2 W -- and 2 W from either window first
+    (the seeds draw both)."""
     _, quiet = run(HOST)
     window = quiet.sim_time_s / 1.5
-    _, noisy_run = run(noisy(tmp_path, [1.0, 2.0], [1.0, 2.0], window * 1e3), host_noise=True)
+    _, noisy_run = run(noisy(tmp_path, [1.0, 2.0], [1.0, 2.0], window * 1e3), host_noise=True, seed=seed)
     assert noisy_run.sim_time_s == pytest.approx(2 * window, rel=1e-9)
+    assert {int(np.random.default_rng(s).integers(2)) for s in (0, 1, 2, 3)} == {0, 1}
 
 
 def test_ranks_that_meet_run_at_the_slower_ones_speed(tmp_path):
@@ -91,8 +95,19 @@ def test_a_replay_with_nothing_to_change_leaves_runs_and_stalls_alone(tmp_path):
     assert replayed.stalled_at_s is not None             # the other replica waits at the average for ever
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_stalled_run_under_real_noise_ends_at_its_last_event(tmp_path, seed):
+    """Speed changes leave superseded timers behind the replay's; they and its next window
+    are all that is left after a stall, and none may move the clock."""
+    topo = noisy(tmp_path, [0.7, 2.0, 1.1], [1.1, 2.0, 0.7], 0.05)
+    _, res = run(topo, slots=1, seed=seed, host_noise=True, fail=[{"device": "rank1", "at_s": 2e-3}],
+                 parallel={"replicas": 2}, training={"algorithm": "local", "local_steps": 5})
+    assert res.stalled_at_s is not None
+    assert res.stalled_at_s == res.sim_time_s == max(sp.end_s for sp in res.trace.spans)
+
+
 def test_the_engines_shortcut_and_plain_paths_agree_under_noise(tmp_path):
-    topo = noisy(tmp_path, [1.3, 2.0, 1.0, 1.7], [1.0, 1.1, 2.5, 1.0], 1.0)
+    topo = noisy(tmp_path, [0.8, 2.0, 0.6, 1.7], [1.0, 0.7, 2.5, 0.9], 1.0)      # faster than quiet too
     fast = run(topo, slots=2, host_noise=True)[1]
     plain = run(topo, slots=2, host_noise=True, shortcut=False)[1]
     assert fast.trace.step_times() == plain.trace.step_times() and fast.sim_time_s == plain.sim_time_s
@@ -139,6 +154,22 @@ def test_a_speedup_side_is_predicted_with_the_noise_and_quiet(tmp_path):
     assert cv.predicted_side(str(scenario), items)["samples_per_s"] == side["quiet_samples_per_s"]
 
 
+def test_a_speedup_side_replays_whole_passes_whichever_window_comes_first(tmp_path):
+    """Windows at 1x and 2x: a pass holds twice as many quiet steps as slow ones, so the
+    median step is the quiet one from either start (the seeds draw both)."""
+    topo = noisy(tmp_path, [1.0, 2.0], [1.0, 2.0])
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('name = "s"\n[cluster]\ntopology = "dgx-h100"\n[model]\nname = "mlp-digits"\n')
+    steps = []
+    for seed in (0, 1):                     # first windows 1 and 0 (``Engine._replay_noise``)
+        items = [f'cluster.topology="{topo}"', "cluster.machines=0", "model.batch_size=16", "training.steps=20",
+                 "faults.host_noise=true", f"seed={seed}"]
+        side = cv.predicted_side(str(scenario), items)
+        steps.append(side["step_time_s"])
+        assert side["step_time_s"] == pytest.approx(16 / side["quiet_samples_per_s"], rel=1e-9)
+    assert steps[0] == pytest.approx(steps[1], rel=1e-9)
+
+
 def test_a_replayed_window_can_be_set_shorter(tmp_path):
     """Windows [1, 2] of W, replayed W / 4 long: the run's work T = 1.5 W' ends at 2 W'."""
     _, quiet = run(HOST)
@@ -154,6 +185,7 @@ def test_a_replayed_window_can_be_set_shorter(tmp_path):
     (lambda t: t.replace('name = "rank0"\n', 'name = "rank0"\nnoise = [1.0]\n')
               .replace('name = "rank1"\n', 'name = "rank1"\nnoise = [1.0, 2.0]\n'), "device.noise"),
     (lambda t: t.replace('kind = "switch"\n', 'kind = "switch"\nnoise = [1.0]\n'), "noise"),
+    (lambda t: t.replace('\n\n', '\nnoise_window_ms = 1e-9\n\n', 1), "noise_window_ms"),
 ])
 def test_bad_series_name_the_field(tmp_path, edit, field):
     f = tmp_path / "bad.toml"
@@ -163,11 +195,13 @@ def test_bad_series_name_the_field(tmp_path, edit, field):
     assert field in str(err.value)
 
 
-def test_replaying_a_topology_without_series_is_one_line_and_exit_2(tmp_path):
+@pytest.mark.parametrize("faults, field", [("host_noise = true", "faults.host_noise"),
+                                           ("host_noise_window_s = 1e-12", "faults.host_noise_window_s")])
+def test_bad_replays_are_one_line_and_exit_2(tmp_path, faults, field):
     scenario = tmp_path / "s.toml"
     scenario.write_text(f'name = "s"\n[cluster]\ntopology = "{HOST}"\nmachines = 0\n'
-                        '[model]\nname = "mlp-digits"\n[faults]\nhost_noise = true\n')
+                        f'[model]\nname = "mlp-digits"\n[faults]\n{faults}\n')
     proc = subprocess.run([sys.executable, "-m", "clustersim", "simulate", str(scenario)],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "faults.host_noise" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and field in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -61,6 +61,35 @@ def test_measured_speedup_is_the_median_of_the_rounds_ratios(tiny):
     assert out["b"]["set"] == ["parallel.replicas=2"] and out["a"]["set"] == []
 
 
+def test_the_quiet_hosts_prediction_is_checked_against_the_runs_quiet_windows(tiny):
+    def run(scenario, items):
+        rate = 200.0 if "parallel.replicas=2" in items else 100.0
+        return {"samples_per_s": rate, "step_time_s": 16 / rate, "quiet_step_time_s": 8 / rate}
+
+    def predict(scenario, items):          # replayed noise slows B more than A; quietly B is 2x
+        b = "parallel.replicas=2" in items
+        return {"samples_per_s": 120.0 if b else 90.0, "step_time_s": 0.1, "ranks": 1 + b,
+                "quiet_samples_per_s": 200.0 if b else 100.0}
+    out = cv.speedup(str(tiny), [], ["parallel.replicas=2"], {"a": ["t"], "b": ["t"]}, 1, predict=predict, run=run)
+    assert out["predicted_speedup"] == pytest.approx(120.0 / 90.0)
+    assert out["quiet_predicted_speedup"] == 2.0 and out["quiet_speedup"] == 2.0
+    assert out["quiet_speedup_error_pct"] == 0.0
+
+
+def test_a_checks_calibrations_are_rewritten_with_their_pooled_noise(tiny, monkeypatch):
+    written = {}
+
+    def calibrate(n, out, models):
+        return {"core_slowdowns": {0: [float(n)], 1: [2.0 * n]}}
+    monkeypatch.setattr(api, "calibrate_for", calibrate)
+    monkeypatch.setattr(api, "_write_host", lambda out, ranks, res: written.__setitem__(Path(out).name, res["noise"]))
+    monkeypatch.setattr(cv, "speedup", lambda *a, **k: {})
+    clustersim.validate(tiny, against={"parallel.replicas": 2}, rounds=1, calibrations=2)
+    # calibrated 1, 2, 2, 1 ranks: cores 0 and 1 pooled as [1, 2, 2, 1] and [2, 4, 4, 2]
+    assert written["this-host-1-ranks-0.toml"] == [[1.5, 3.0, 3.0, 1.5]]
+    assert written["this-host-2-ranks-1.toml"] == [[1.0, 2.0, 2.0, 1.0], [2.0, 4.0, 4.0, 2.0]]
+
+
 def test_without_a_topology_each_rank_count_is_calibrated_in_alternating_rounds(tiny, monkeypatch):
     calibrated, given = [], {}
 

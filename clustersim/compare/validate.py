@@ -44,6 +44,7 @@ PHASES = {"fwd": "forward", "bwd": "backward", "update": "update", "activation":
 
 
 NOISE_WINDOW_STEPS = 40     # quiet steps a replayed noise window holds in a speedup prediction (decision 048)
+MAX_NOISE_STEPS = 2_000_000   # steps such a prediction may replay
 
 
 def error_pct(predicted: float, measured: float) -> float:
@@ -253,8 +254,11 @@ def predicted_side(scenario: str, items: list[str]) -> dict:
     ``faults.host_noise`` the first are with the calibrated noise replayed, each window
     ``NOISE_WINDOW_STEPS`` quiet steps long where it holds more (``host_noise_window_s``: the
     median step of a window's steady state and the steps a window holds keep their
-    proportions, at a fraction of the simulated steps), over as many steps as replay the
-    whole series once (docs/decisions/048)."""
+    proportions, at a fraction of the simulated steps), over whole passes of the series:
+    a pass is the steps the windows hold at the slowest used rank's speed in each (exact
+    for one rank; ranks that meet go at about the slower one's), so that every window
+    weighs once whichever the replay starts from (docs/decisions/048)."""
+    from clustersim.core.config import ConfigError
     from clustersim.core.scenario import parse_set
     sc = load_scenario(scenario, parse_set(items))
     quiet_sc = dataclasses.replace(sc, faults=dataclasses.replace(sc.faults, host_noise=False))
@@ -262,10 +266,15 @@ def predicted_side(scenario: str, items: list[str]) -> dict:
     s = summarize(p, simulate(p))
     out = {"samples_per_s": s["samples_per_s"], "step_time_s": s["step_time_s"], "ranks": ranks_needed(sc),
            "quiet_samples_per_s": s["samples_per_s"]}
-    series = [d.noise for d in sc.topology.devices.values() if d.noise]
     if sc.faults.host_noise and s["step_time_s"] > 0:
+        used = {d for row in p.devices for d in row} | set(p.ps.devices if p.ps is not None else ())
+        series = [sc.topology.devices[d].noise for d in sorted(used) if sc.topology.devices[d].noise]
         window = sc.faults.host_noise_window_s or min(sc.topology.noise_window_s, NOISE_WINDOW_STEPS * s["step_time_s"])
-        steps = max(sc.training.steps, math.ceil(len(series[0]) * window / s["step_time_s"]))
+        one_pass = math.ceil(sum(window / max(w) for w in zip(*series)) / s["step_time_s"]) if series else 1
+        steps = one_pass * math.ceil(sc.training.steps / one_pass)
+        if steps > MAX_NOISE_STEPS:
+            raise ConfigError(scenario, "faults.host_noise_window_s",
+                              f"{window:g} s replays the noise over {steps} steps (at most {MAX_NOISE_STEPS}): leave it 0")
         noisy = dataclasses.replace(sc, faults=dataclasses.replace(sc.faults, host_noise_window_s=window),
                                     training=dataclasses.replace(sc.training, steps=steps))
         p = plan(noisy)
@@ -378,7 +387,8 @@ def suite_speedup(a_rounds: list[dict], b_rounds: list[dict]) -> dict:
                           [statistics.median(r["measured_runs_samples_per_s"]) for r in b_rounds], paired=paired)
     if all("quiet_runs_s" in r for r in a_rounds + b_rounds):
         def quiet(r: dict) -> float:
-            return statistics.median(rate * step / q for rate, step, q in
+            return statistics.median(quiet_rate({"samples_per_s": rate, "step_time_s": step, "quiet_step_time_s": q})
+                                     for rate, step, q in
                                      zip(r["measured_runs_samples_per_s"], r["measured_runs_s"], r["quiet_runs_s"]))
         q = speedup_figures(*predicted, [quiet(r) for r in a_rounds], [quiet(r) for r in b_rounds], paired=paired)
         out.update(quiet_speedup=q["measured_speedup"], quiet_speedup_error_pct=q["speedup_error_pct"])

@@ -354,6 +354,8 @@ def _faults(ft: Table, topology: Topology) -> Faults:
         shard_recovery=ft.str("shard_recovery", "none", choices=("none", "checkpoint")),
         shard_checkpoint_every=ft.int("shard_checkpoint_every", 0, lo=0, hi=10_000_000),
         host_noise=ft.bool("host_noise", False), host_noise_window_s=ft.float("host_noise_window_s", 0.0, lo=0.0, hi=1e6))
+    if 0 < faults.host_noise_window_s < 1e-6:
+        raise ft.error("host_noise_window_s", f"must be 0 (as measured) or >= 1e-6 s, got {faults.host_noise_window_s:g}")
     if faults.host_noise and not any(d.noise for d in devices.values()):
         raise ft.error("host_noise", "the topology has no noise series (calibrate writes them for its host ranks)")
     ft.done()

@@ -145,7 +145,7 @@ def build_topology(data: Any, file: str) -> Topology:
                           lt.float("latency_us", lo=0.0) * 1e-6))
         _check_link_ends(lt, links[-1], devices)
         lt.done()
-    window = top.float("noise_window_ms", 50.0, positive=True, hi=1e6) * 1e-3
+    window = top.float("noise_window_ms", 50.0, lo=1e-3, hi=1e6) * 1e-3
     top.done()
     if not any(d.is_compute for d in devices):
         raise ConfigError(file, "machine", "the topology has no cpu or gpu device")
@@ -325,9 +325,11 @@ def _explicit_device(dt: Table) -> Device:
 def _noise(dt: Table, kind: str) -> tuple:
     """``noise = [factor, ...]``: a host rank's slowdown over the quiet host, window by window."""
     raw = dt.raw("noise", [])
-    if not isinstance(raw, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.01 <= v <= 100
-                                            for v in raw):
-        raise dt.error("noise", "must be a list of slowdown factors, each in [0.01, 100]")
+    if not isinstance(raw, list):
+        raise dt.error("noise", f"must be a list of slowdown factors, got {raw!r}")
+    for i, v in enumerate(raw):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.01 <= v <= 100:
+            raise dt.error("noise", f"must hold slowdown factors in [0.01, 100], got {v!r} at [{i}]")
     if raw and kind != "cpu":
         raise dt.error("noise", "is a host rank's (a cpu device's) series, measured by calibrate")
     return tuple(float(v) for v in raw)

@@ -81,7 +81,7 @@ class Device:
     # a host rank's speed over time, measured by calibrate: how many times slower than the
     # quiet host it ran in each window of ``Topology.noise_window_s`` (windows line up across
     # the devices); replayed by ``faults.host_noise`` (docs/decisions/048)
-    noise: tuple = ()
+    noise: tuple[float, ...] = ()
 
     def op_time(self, key: str, flops: float, nbytes: float) -> float | None:
         """Seconds of op ``key`` from its measured costs; None when it was not measured here.
@@ -167,8 +167,6 @@ class Topology:
             if d.core_pool and d.core_pool not in self.core_pools:
                 raise ValueError(f"device {d.name!r} names core pool {d.core_pool!r}, which is not defined")
             self.devices[d.name] = d
-        if len({len(d.noise) for d in self.devices.values() if d.noise}) > 1:
-            raise ValueError("the devices' noise series must have one length (their windows line up)")
         self.capacity: dict[DirLink, float] = {}
         self.latency: dict[DirLink, float] = {}
         capacity, latency = self.capacity, self.latency
