@@ -9,7 +9,7 @@ these windows (``quiet_reference``) and times its probes where the host runs at 
 validation compares the prediction with each run's quiet windows (``quiet_time``).
 See docs/decisions/004-quiet-host-calibration.md (and the predictions tried and dropped).
 
-    python -m clustersim.calibration.hostspeed CORE [SECONDS]   # this core's reference step by 50 ms window, JSON
+    python -m clustersim.calibration.hostspeed CORE [SECONDS [START]]   # this core's reference step by 50 ms window, JSON
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ WARM_S = 0.02
 REFERENCE_S = 0.2         # a default sample: four windows
 SERIES_S = 3.0            # each of calibration's two samples of the host's noise
 BRACKET_S = 0.01          # a reference bracket around a probe
+STARTUP_S = 1.5           # core_series' processes start timing this long after they are launched
 
 
 class Reference:
@@ -59,18 +60,35 @@ class Reference:
         return statistics.median(times)
 
 
-def reference_windows(seconds: float = REFERENCE_S, window: float = WINDOW_S) -> list[float]:
+def reference_windows(seconds: float = REFERENCE_S, window: float = WINDOW_S, start: float | None = None) -> list[float]:
     """Median seconds of a whole reference step in this process, in each ``window`` of
-    ``seconds`` (after ``WARM_S`` of steps)."""
+    ``seconds`` from ``start`` (``time.monotonic``, one clock for every process: windows of
+    several processes line up; default ``WARM_S`` from now), steps run before it to warm up.
+    A window in which no step ended takes the step that spans it, so that window k is the
+    same stretch of time on every core."""
     ref = Reference()
-    by_window: dict[int, list[float]] = {}
-    start = time.perf_counter()
-    while (now := time.perf_counter()) - start < WARM_S + seconds:
+    start = time.monotonic() + WARM_S if start is None else start
+    while time.monotonic() < start:
+        ref.step()
+    ends: list[tuple[float, float]] = []          # (end since start, seconds) of each timed step
+    while not ends or ends[-1][0] < seconds:
         took = ref.step()
-        if now - start >= WARM_S:
-            by_window.setdefault(int((now - start - WARM_S) / window), []).append(took)
-    return [statistics.median(ts) for _, ts in sorted(by_window.items())]
+        ends.append((time.monotonic() - start, took))
+    return windows_of(ends, seconds, window)
 
+
+def windows_of(ends: list[tuple[float, float]], seconds: float, window: float) -> list[float]:
+    """Each ``window`` of ``seconds``: the median of the steps that ended in it, or where none
+    did the step that spans it (``ends``: (end, duration) in order, the last ending at or
+    after ``seconds``)."""
+    out, i = [], 0
+    for k in range(max(1, round(seconds / window))):
+        inside = []
+        while i < len(ends) and ends[i][0] < (k + 1) * window:
+            inside.append(ends[i][1])
+            i += 1
+        out.append(statistics.median(inside) if inside else ends[min(i, len(ends) - 1)][1])
+    return out
 
 
 def quiet_reference(series: dict[int, list[float]]) -> float:
@@ -82,10 +100,13 @@ def quiet_reference(series: dict[int, list[float]]) -> float:
 
 def core_series(seconds: float = REFERENCE_S, cores: list[int] | None = None) -> dict[int, list[float]]:
     """Core -> its reference step window by window, every core timed at once (one process
-    bound to each); the same number of windows for each."""
+    bound to each, all counting windows from one start ``STARTUP_S`` from now, after their
+    imports); the same number of windows for each."""
     cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
     env = rank_env(len(cores), len(cores))
-    procs = [subprocess.Popen([sys.executable, "-m", "clustersim.calibration.hostspeed", str(c), str(seconds)],
+    start = time.monotonic() + STARTUP_S          # one start for all: their windows line up
+    procs = [subprocess.Popen([sys.executable, "-m", "clustersim.calibration.hostspeed", str(c), str(seconds),
+                               repr(start)],
                               stdout=subprocess.PIPE, text=True, env=env, cwd=str(Path(__file__).resolve().parents[1]))
              for c in cores]
     out = {}
@@ -127,7 +148,8 @@ def pooled(slowdowns: list[dict[int, list[float]]]) -> dict[int, list[float]]:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     os.sched_setaffinity(0, {int(args[0])})
-    print(json.dumps(reference_windows(float(args[1]) if len(args) > 1 else REFERENCE_S)))
+    print(json.dumps(reference_windows(float(args[1]) if len(args) > 1 else REFERENCE_S,
+                                       start=float(args[2]) if len(args) > 2 else None)))
 
 
 if __name__ == "__main__":
