@@ -364,7 +364,7 @@ def validate(path: str | Path, overrides: Overrides = None, *, topology: str | P
         return validate_speedup(path, overrides, against, topology=topology, rounds=rounds,
                                 calibrations=calibrations)
     items = [f"{k}={_toml(v)}" for k, v in _pairs(overrides)]
-    sc = load(path, items)
+    sc = load(path, _on_own_topology(items))
     check(sc, ranks_needed(sc))
     if repeats < 1:
         raise ConfigError("--repeats", str(repeats), "must be >= 1")
@@ -394,7 +394,8 @@ def validate_speedup(path: str | Path, overrides: Overrides, against: Overrides,
     if calibrations < 1:
         raise ConfigError("--calibrations", str(calibrations), "must be >= 1")
     ranks, models = {}, set()
-    for side, sc in (("a", load(path, items)), ("b", load(path, items + more))):
+    quiet = _on_own_topology(items)
+    for side, sc in (("a", load(path, quiet)), ("b", load(path, quiet + more))):
         ranks[side] = ranks_needed(sc)
         models.add(sc.model.name)
         check(sc, ranks[side])
@@ -425,6 +426,12 @@ def calibrate_for(ranks: int, out: str | Path, models: list[str]) -> dict:
     model calibrate has no probe of): a third of the time for mlp-digits alone."""
     from clustersim.calibration.host import calibrate as measure
     return _write_host(out, ranks, measure(ranks, models=models))
+
+
+def _on_own_topology(items: list[str]) -> list[str]:
+    """``items`` for loading a scenario on its own topology, before it is calibrated: without
+    ``faults.host_noise*``, which replays a calibrated topology's noise series."""
+    return [item for item in items if not item.startswith("faults.host_noise")]
 
 
 def _share_noise(calibrations: list[tuple[Path, int, dict]]) -> None:

@@ -110,6 +110,10 @@ def test_without_a_topology_each_rank_count_is_calibrated_in_alternating_rounds(
     assert [Path(f).name for f in given["topologies"]["b"]] == [f"this-host-2-ranks-{k}.toml" for k in range(3)]
     assert (given["items"], given["more"], given["rounds"]) == (["training.steps=10"], ["parallel.replicas=2"], 3)
     calibrated.clear()
+    clustersim.validate(tiny, ["faults.host_noise=true"], against={"parallel.replicas": 2}, rounds=1,
+                        calibrations=1)     # replayed on the calibrations: the scenario's own topology has none
+    assert calibrated == [1, 2] and given["items"] == ["faults.host_noise=true"]
+    calibrated.clear()
     clustersim.validate(tiny, against=["training.learning_rate=0.05"], rounds=1, calibrations=2)   # 1 rank each
     assert calibrated == [1, 1]
     assert given["topologies"]["a"] == given["topologies"]["b"]
