@@ -394,8 +394,7 @@ def validate_speedup(path: str | Path, overrides: Overrides, against: Overrides,
     if calibrations < 1:
         raise ConfigError("--calibrations", str(calibrations), "must be >= 1")
     ranks, models = {}, set()
-    quiet = _on_own_topology(items)
-    for side, sc in (("a", load(path, quiet)), ("b", load(path, quiet + more))):
+    for side, sc in (("a", load(path, _on_own_topology(items))), ("b", load(path, _on_own_topology(items + more)))):
         ranks[side] = ranks_needed(sc)
         models.add(sc.model.name)
         check(sc, ranks[side])
@@ -429,9 +428,14 @@ def calibrate_for(ranks: int, out: str | Path, models: list[str]) -> dict:
 
 
 def _on_own_topology(items: list[str]) -> list[str]:
-    """``items`` for loading a scenario on its own topology, before it is calibrated: without
-    ``faults.host_noise*``, which replays a calibrated topology's noise series."""
-    return [item for item in items if not item.startswith("faults.host_noise")]
+    """``items`` for loading a scenario on its own topology, before it is calibrated: with the
+    replay of a calibrated topology's noise series (``faults.host_noise``) switched off there,
+    every other item checked as given."""
+    from clustersim.core.scenario import parse_set
+    for key, value in parse_set(items):
+        if key == "faults.host_noise" and not isinstance(value, bool):
+            raise ConfigError("--set", key, f"must be true or false, got {value!r}")
+    return [*items, "faults.host_noise=false"]
 
 
 def _share_noise(calibrations: list[tuple[Path, int, dict]]) -> None:

@@ -135,7 +135,7 @@ class Engine:
         last event."""
         series = {name: d.noise for name, d in topology.devices.items() if d.noise}
         n = len(next(iter(series.values())))
-        first = int(self.rng.integers(n))
+        first = self.noise_first = int(self.rng.integers(n))
 
         def speeds(k: int) -> None:
             for name, factors in series.items():

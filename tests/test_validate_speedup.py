@@ -14,6 +14,7 @@ import pytest
 import clustersim
 from clustersim import api
 from clustersim.compare import validate as cv
+from clustersim.core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGY = ROOT / "tests" / "data" / "host-2-ranks.toml"
@@ -113,6 +114,12 @@ def test_without_a_topology_each_rank_count_is_calibrated_in_alternating_rounds(
     clustersim.validate(tiny, ["faults.host_noise=true"], against={"parallel.replicas": 2}, rounds=1,
                         calibrations=1)     # replayed on the calibrations: the scenario's own topology has none
     assert calibrated == [1, 2] and given["items"] == ["faults.host_noise=true"]
+    calibrated.clear()
+    for bad, field in ((["faults.host_noise_windows_s=0.01"], "host_noise_windows_s"),
+                       (["faults.host_noise=maybe"], "faults.host_noise")):
+        with pytest.raises(ConfigError, match=field):          # before any calibration
+            clustersim.validate(tiny, bad, against={"parallel.replicas": 2}, rounds=1, calibrations=1)
+    assert calibrated == []
     calibrated.clear()
     clustersim.validate(tiny, against=["training.learning_rate=0.05"], rounds=1, calibrations=2)   # 1 rank each
     assert calibrated == [1, 1]

@@ -67,6 +67,7 @@ def reference_windows(seconds: float = REFERENCE_S, window: float = WINDOW_S, st
     A window in which no step ended takes the step that spans it, so that window k is the
     same stretch of time on every core."""
     ref = Reference()
+    ref.step()                                    # the first, cold, step never counts (a late start)
     start = time.monotonic() + WARM_S if start is None else start
     while time.monotonic() < start:
         ref.step()

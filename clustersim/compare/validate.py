@@ -273,8 +273,9 @@ def predicted_side(scenario: str, items: list[str]) -> dict:
         one_pass = math.ceil(sum(window / max(w) for w in zip(*series)) / s["step_time_s"]) if series else 1
         steps = one_pass * math.ceil(sc.training.steps / one_pass)
         if steps > MAX_NOISE_STEPS:
-            raise ConfigError(scenario, "faults.host_noise_window_s",
-                              f"{window:g} s replays the noise over {steps} steps (at most {MAX_NOISE_STEPS}): leave it 0")
+            field = "training.steps" if sc.training.steps > MAX_NOISE_STEPS else "faults.host_noise_window_s"
+            raise ConfigError(scenario, field, f"the replay of the host's noise would take {steps} steps "
+                                               f"(at most {MAX_NOISE_STEPS})")
         noisy = dataclasses.replace(sc, faults=dataclasses.replace(sc.faults, host_noise_window_s=window),
                                     training=dataclasses.replace(sc.training, steps=steps))
         p = plan(noisy)

@@ -328,8 +328,8 @@ def _noise(dt: Table, kind: str) -> tuple:
     if not isinstance(raw, list):
         raise dt.error("noise", f"must be a list of slowdown factors, got {raw!r}")
     for i, v in enumerate(raw):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1e-3 <= v <= 1e6:
-            raise dt.error("noise", f"must hold slowdown factors in [0.001, 1e6], got {v!r} at [{i}]")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.01 <= v <= 1e6:
+            raise dt.error("noise", f"must hold slowdown factors in [0.01, 1e6], got {v!r} at [{i}]")
     if raw and kind != "cpu":
         raise dt.error("noise", "is a host rank's (a cpu device's) series, measured by calibrate")
     return tuple(float(v) for v in raw)
