@@ -36,7 +36,7 @@ class CountingEnvironment(simpy.Environment):
     callbacks do nothing, and run they would move the clock, and so the simulated end,
     past the last real event.  A ``BACKGROUND`` timer (``stale`` set to it: the host
     noise's next window) is dropped too where nothing but such dropped timers is left:
-    nothing else will happen.  One attribute read per event, as before."""
+    nothing else will happen.  One attribute read per event."""
 
     def __init__(self, initial_time: float = 0) -> None:
         super().__init__(initial_time)

@@ -298,8 +298,12 @@ def execute_side(scenario: str, items: list[str], *extra: str) -> dict:
 
 def quiet_rate(run: dict) -> float:
     """A run's samples/s at its quiet step (``quiet_step_time_s``) rather than its median step."""
-    q = run.get("quiet_step_time_s") or 0.0
-    return run["samples_per_s"] * run["step_time_s"] / q if q else run["samples_per_s"]
+    return at_quiet(run["samples_per_s"], run["step_time_s"], run.get("quiet_step_time_s") or 0.0)
+
+
+def at_quiet(rate: float, step: float, quiet: float) -> float:
+    """Samples/s ``rate`` at median step ``step`` as at step ``quiet`` (0: unknown, ``rate``)."""
+    return rate * step / quiet if quiet else rate
 
 
 def speedup(scenario: str, set_items: list[str], against_items: list[str], topologies: dict[str, list[str]],
@@ -388,9 +392,8 @@ def suite_speedup(a_rounds: list[dict], b_rounds: list[dict]) -> dict:
                           [statistics.median(r["measured_runs_samples_per_s"]) for r in b_rounds], paired=paired)
     if all("quiet_runs_s" in r for r in a_rounds + b_rounds):
         def quiet(r: dict) -> float:
-            return statistics.median(quiet_rate({"samples_per_s": rate, "step_time_s": step, "quiet_step_time_s": q})
-                                     for rate, step, q in
-                                     zip(r["measured_runs_samples_per_s"], r["measured_runs_s"], r["quiet_runs_s"]))
+            return statistics.median(map(at_quiet, r["measured_runs_samples_per_s"], r["measured_runs_s"],
+                                         r["quiet_runs_s"]))
         q = speedup_figures(*predicted, [quiet(r) for r in a_rounds], [quiet(r) for r in b_rounds], paired=paired)
         out.update(quiet_speedup=q["measured_speedup"], quiet_speedup_error_pct=q["speedup_error_pct"])
     return out
