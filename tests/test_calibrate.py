@@ -19,7 +19,12 @@ MPIEXEC = Path(sys.executable).parent / "mpiexec"
 def test_error_arithmetic():
     assert error_pct(1.1, 1.0) == pytest.approx(10.0)
     assert error_pct(0.5, 2.0) == pytest.approx(-75.0)
-    assert error_pct(0.0, 0.0) == 0.0 and math.isinf(error_pct(1.0, 0.0))
+    assert error_pct(0.0, 0.0) == 0.0 and error_pct(1.0, 0.0) is None
+    # an op the runs have no span of (the step's software cost): a row strict JSON takes
+    from clustersim.compare.validate import op_rows
+    rows = op_rows({("rank0", "step"): 4e-5, ("rank0", "fwd L0"): 2e-5}, [{("rank0", "fwd L0"): 3e-5}])
+    assert [r["error_pct"] for r in rows] == [pytest.approx(-100 / 3), None]
+    json.dumps(rows, allow_nan=False)
     assert spread_pct([1.0, 1.2, 0.9]) == pytest.approx(30.0)
     spans = [("fwd L0", "fwd", "d0", 0.0, 2.0, 0), ("halo L1", "halo", "d0->d1", 2.0, 1.0, 0),
              ("fwd L0", "fwd", "d1", 0.0, 5.0, 0), ("update", "update", "d0", 3.0, 0.5, 0),

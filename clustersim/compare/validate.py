@@ -47,10 +47,11 @@ NOISE_WINDOW_STEPS = 40     # quiet steps a replayed noise window holds in a spe
 MAX_NOISE_STEPS = 2_000_000   # steps such a prediction may replay
 
 
-def error_pct(predicted: float, measured: float) -> float:
-    """(predicted - measured) / measured x 100; inf when nothing was measured."""
+def error_pct(predicted: float, measured: float) -> float | None:
+    """(predicted - measured) / measured x 100; None (JSON's null) where nothing was
+    measured and something predicted (an op the executor has no span for: JSON has no inf)."""
     if measured == 0:
-        return 0.0 if predicted == 0 else float("inf")
+        return 0.0 if predicted == 0 else None
     return (predicted - measured) / measured * 100.0
 
 
