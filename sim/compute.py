@@ -34,7 +34,7 @@ import simpy
 
 from sim import kernel_model
 from sim.flows import max_min_rates
-from sim.fluid import Fluid, rerate, supersede, timeout_at
+from sim.fluid import Fluid, fire_now, rerate, supersede, timeout_at
 from clustersim.core.scenario import DTYPE_BYTES
 from clustersim.core.topology import Device, Topology
 
@@ -367,7 +367,7 @@ class Compute:
         if ended:
             done, start = ended[0][1], ended[0][2]
             if type(done) is simpy.Event:
-                _process(done, start)
+                fire_now(done, start)
             else:
                 done(start)
         reserved, env = self._reserved, self.env
@@ -488,16 +488,6 @@ class Quiet:
 
     def __init__(self, i: int) -> None:
         self.i = i
-
-
-def _process(event: simpy.Event, value) -> None:
-    """Fires ``event`` with ``value`` at once, its callbacks run here, without a trip through
-    simpy's queue (what ``Environment.step`` does with it, minus the queue entry): the
-    caller is a callback that would otherwise schedule it as the very next thing."""
-    event._ok, event._value = True, value
-    callbacks, event.callbacks = event.callbacks, None
-    for callback in callbacks:
-        callback(event)
 
 
 def pool_shares(topology: Topology) -> dict[str, float]:

@@ -19,7 +19,7 @@ import simpy
 from sim import collectives
 from sim.compute import MEASURED_SHARED, Compute, Quiet
 from sim.faults import failure_schedule, slowdowns
-from sim.fluid import supersede
+from sim.fluid import fire_now, supersede
 from sim.network import BACKENDS
 from clustersim.core.plan import PARAM_BYTES, Plan, cost_key, split_key
 from sim.kernel_model import op_work
@@ -343,29 +343,48 @@ class Engine:
         devices = self.compute.topology.devices
         sending = devices[src].op_time("send" + what, 0.0, nbytes) if src in self.compute.weights else None
         receiving = devices[dst].op_time("recv" + what, 0.0, nbytes) if dst in self.compute.weights else None
-        ev = self.env.process(self._host_message(src, dst, nbytes, sending, receiving)) if sending or receiving else \
+        ev = self._host_message(src, dst, nbytes, sending, receiving) if sending or receiving else \
             self.network.send([(src, dst)], nbytes, speed=speed)
         ev.callbacks.append(lambda _e: self.trace.add(
             Span(name, "transfer", f"{src}->{dst}", replica, step, start, self.env.now, nbytes, 0.0, phase, links)))
         return ev
 
-    def _host_message(self, src: str, dst: str, nbytes: float, sending: float | None, receiving: float | None):
+    def _host_message(self, src: str, dst: str, nbytes: float, sending: float | None,
+                      receiving: float | None) -> simpy.Event:
         """A message between host ranks: the sender's software cost (measured by calibrate),
         the wire, then the receiver's.  A receiver already waiting on cores of its own takes
         the message in as it comes (wire alongside the sender's cost, nothing after); a busy
         or core-sharing one copies it out itself afterwards.  Whether it waits is decided once
-        everything else due at this instant has started.
+        everything else due at this instant has started.  Callbacks, not a process (a
+        process costs each message two more events).
         See docs/decisions/002-host-message-receiver-cost.md."""
-        sent = self.compute.run_seconds(src, sending) if sending else None
-        yield self.env.timeout(0)
-        if self.compute.waiting(dst):
-            yield self.env.all_of([self.network.send([(src, dst)], nbytes), *([sent] if sent else [])])
-            return
-        if sent:
-            yield sent
-        yield self.network.send([(src, dst)], nbytes)
-        if receiving:
-            yield self.compute.run_seconds(dst, receiving)
+        env, compute, network = self.env, self.compute, self.network
+        done = env.event()
+        sent = compute.run_seconds(src, sending) if sending else None
+
+        def then(event: simpy.Event, step) -> None:
+            """``step`` once ``event`` has fired (at once where it has been processed)."""
+            if event.callbacks is None:
+                step(event)
+            else:
+                event.callbacks.append(step)
+
+        def arrived(_e) -> None:
+            if receiving:
+                then(compute.run_seconds(dst, receiving), lambda _r: fire_now(done, None))
+            else:
+                fire_now(done, None)
+
+        def decide(_e) -> None:
+            if compute.waiting(dst):
+                wire = network.send([(src, dst)], nbytes)
+                then(env.all_of([wire, sent]) if sent else env.all_of([wire]), lambda _a: fire_now(done, None))
+            elif sent:
+                then(sent, lambda _s: then(network.send([(src, dst)], nbytes), arrived))
+            else:
+                then(network.send([(src, dst)], nbytes), arrived)
+        env.timeout(0).callbacks.append(decide)
+        return done
 
     def collective(self, op: str, algo: str, devices: list[str], nbytes: float, replica: int,
                    step: int, name: str) -> simpy.Event:

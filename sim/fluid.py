@@ -53,6 +53,16 @@ def fire_at(env: simpy.Environment, event: simpy.Event, when: float, eid: int | 
     return event
 
 
+def fire_now(event: simpy.Event, value) -> None:
+    """Fires ``event`` with ``value`` at once, its callbacks run here, without a trip through
+    simpy's queue (what ``Environment.step`` does with it, minus the queue entry): the
+    caller is a callback that would otherwise schedule it as the very next thing."""
+    event._ok, event._value = True, value
+    callbacks, event.callbacks = event.callbacks, None
+    for callback in callbacks:
+        callback(event)
+
+
 def supersede(timer: simpy.Event | None) -> None:
     """Marks a wake-up timer that a newer one replaced: its callback does nothing, and an
     environment that honours the mark (``sim.engine.CountingEnvironment``) drops it unrun,
