@@ -405,21 +405,26 @@ def run(env: simpy.Environment, network: Network, coll: Collective | list[Phase]
     speed = (coll.speed or nccl_link_speed(network.topology, coll.share)) if coll.proto else None
     for w, wave in enumerate(waves):
         lat = coll.wave_latency[w] if w < len(coll.wave_latency) else None
-        yield env.all_of([env.process(_phase(env, network, ph, record, lat, speed)) for ph in wave])
+        yield env.all_of([_phase(env, network, ph, record, lat, speed) for ph in wave])
 
 
-def _phase(env: simpy.Environment, network: Network, ph: Phase, record: Record | None, latency, speed):
+def _phase(env: simpy.Environment, network: Network, ph: Phase, record: Record | None, latency,
+           speed) -> simpy.Event:
+    """An event that fires when the phase's sends have arrived, each send recorded then (a
+    coupled phase's pairs at once).  Callbacks, not a process: a process took two more events."""
     start = env.now
     if ph.coupled:
-        yield network.send(ph.pairs, ph.nbytes, latency=phase_latency(network, ph) if latency is None else latency,
-                           speed=speed)
-        ends = [env.now] * len(ph.pairs)
-    else:
-        events = [network.send([p], ph.nbytes, ph.messages, latency=latency, speed=speed) for p in ph.pairs]
-        ends = [0.0] * len(events)
+        done = network.send(ph.pairs, ph.nbytes, latency=phase_latency(network, ph) if latency is None else latency,
+                            speed=speed)
+        if record:
+            done.callbacks.append(lambda _e: [record(pair, ph.nbytes, start, env.now) for pair in ph.pairs])
+        return done
+    events = [network.send([p], ph.nbytes, ph.messages, latency=latency, speed=speed) for p in ph.pairs]
+    ends = [0.0] * len(events)
+    if record:
         for i, ev in enumerate(events):
             ev.callbacks.append(lambda _e, i=i: ends.__setitem__(i, env.now))
-        yield env.all_of(events)
+    done = env.all_of(events)
     if record:
-        for pair, end in zip(ph.pairs, ends):
-            record(pair, ph.nbytes, start, end)
+        done.callbacks.append(lambda _e: [record(pair, ph.nbytes, start, end) for pair, end in zip(ph.pairs, ends)])
+    return done
