@@ -276,11 +276,12 @@ class Engine:
         return self.env.event()
 
     def stall_reason(self) -> str:
-        """Which failed device or cut link the waiting work depends on, in words."""
+        """Which failed devices or cut links the waiting work depends on, in words: those a
+        message or collective is held up at, then every other device down now."""
         plan = self.plan
         shards = {d: k for k, d in enumerate(plan.ps.devices)} if plan.ps else {}
         owner = {d: r for r, row in enumerate(plan.devices) for d in row}
-        ends = self.blocked or {d: "" for d in self.failed}
+        ends = {**self.blocked, **{d: "" for d in self.failed if d not in self.blocked}}
         parts = []
         for end, what in ends.items():
             if end in shards:

@@ -49,6 +49,21 @@ def test_a_failed_worker_does_not_stall_downpour():
     assert sum(1 for r, *_ in res.trace.replica_steps if r == 0) == 30      # the others finish their steps
 
 
+@pytest.mark.parametrize("algorithm", ["downpour", "dcasgd", "ssp"])
+def test_every_replica_failed_stalls_the_async_job(algorithm):
+    sc = scenario(batch=32, parallel={"replicas": 3, "ps_shards": 1}, training={"algorithm": algorithm, "steps": 30})
+    p = plan(sc)
+    t_fail = simulate(p).sim_time_s / 3
+    workers = [row[0] for row in p.devices]
+    res = simulate(plan(with_failure(sc, *(Failure(t_fail, (d,)) for d in workers))))
+    assert res.stalled_at_s is not None
+    assert all(f"replica {r}'s {d}" in res.stalled_reason for r, d in enumerate(workers))
+    assert not {"samples_per_s", "step_time_s"} & set(summarize(p, res))
+    # one replica left: it trains on to its end
+    res = simulate(plan(with_failure(sc, *(Failure(t_fail, (d,)) for d in workers[1:]))))
+    assert res.stalled_at_s is None and sum(1 for r, *_ in res.trace.replica_steps if r == 0) == 30
+
+
 def test_local_sgd_with_a_failed_replica_stalls_at_the_average():
     sc = scenario(batch=32, parallel={"replicas": 3}, training={"algorithm": "local", "steps": 20, "local_steps": 5})
     p = plan(sc)

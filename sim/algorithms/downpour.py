@@ -10,7 +10,8 @@ waiting.  Replica 0 starts alone when ``warm_start_s`` > 0; the others start at 
 offsets within ``start_spread_s`` (default: a round trip of a replica's parameters on its
 route to shard 0), as launched jobs do: replicas started in the same instant stay in
 lockstep under fair sharing, pushing together and fetching together (docs/decisions/008).  A replica whose device fails
-simply stops; the others carry on.  A failed shard holds every replica up: the run stalls.
+simply stops; the others carry on.  A failed shard holds every replica up, and a job whose
+every replica failed before its end has nothing left to train on: the run stalls.
 """
 from __future__ import annotations
 
@@ -84,3 +85,5 @@ def run_async(engine: Engine, steps: int):
     procs = [env.process(replica(r)) for r in range(plan.replicas)]
     engine.ps_server = ps
     yield env.all_of([env.any_of([proc, engine.lost(plan.devices[r])]) for r, proc in enumerate(procs)])
+    if not any(proc.triggered for proc in procs):
+        yield env.event()           # every replica failed before its end: nothing trains on, a stall
