@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from clustersim.core.config import ConfigError
-from clustersim.core.metrics import summarize
+from clustersim.core.metrics import machines_used, summarize
 from clustersim.core.models import Model
 from clustersim.core.plan import Plan, plan
 from clustersim.core.scenario import Scenario, apply_overrides, parse_set, read_toml, scenario_from_dict
@@ -157,7 +157,8 @@ def _search_point(source: Source, pairs: list[tuple[str, Any]]) -> dict:
     if "stalled_at_s" in summary:
         return {"error": f"stalled: {summary['stalled_reason']}"}
     out = {k: summary[k] for k in SEARCH_KEYS if k in summary}
-    out["usd_per_hour"] = summary.get("machines_used", 0) * res.plan.scenario.topology.price_usd_per_hour
+    out["machines_used"] = machines_used(res.plan)     # the summary has it only with dataset_samples
+    out["usd_per_hour"] = out["machines_used"] * res.plan.scenario.topology.price_usd_per_hour
     out["why"] = why(summary)
     return out
 

@@ -68,6 +68,17 @@ def test_cost_ranks_by_dollars_per_sample_and_a_missed_deadline_says_so(capsys):
     assert rows and "parallel.replicas" in rows[0] and "why" in rows[0]
 
 
+def test_cost_counts_the_machines_used_without_a_data_set_size():
+    res = api.search(QUICK, 16, {**BASE, "cluster.topology": "dgx-h100-fat-tree", "cluster.machines": 2},
+                     objective="cost")
+    price = api.load(QUICK, [("cluster.topology", "dgx-h100-fat-tree")]).topology.price_usd_per_hour
+    assert price > 0
+    assert all(p["usd_per_hour"] == p["machines_used"] * price > 0 for p in res["ranked"])
+    assert {p["machines_used"] for p in res["ranked"]} == {1, 2}
+    costs = [p["usd_per_hour"] / p["samples_per_s"] for p in res["ranked"]]
+    assert costs == sorted(costs)
+
+
 def test_bad_search_input_is_one_line():
     with pytest.raises(ConfigError, match="--devices"):
         api.search(QUICK, 99)
