@@ -29,7 +29,8 @@ def save_figure(fig, path: str | Path) -> None:
 
 def plot_step(trace: Trace, p: Plan, summary: dict, path: str | Path, step: int | None = None,
               max_rows: int = 24) -> None:
-    """Gantt of one step (devices, then the busiest transfers) above device and link utilisation."""
+    """Gantt of one step (devices, then the busiest transfers) above device and link utilisation.
+    A stalled run (``stalled_at_s`` in the summary, no step time) shows its last finished step."""
     steps = trace.step_ends
     step = (len(steps) - 1 if steps else 0) if step is None else step
     spans = [s for s in trace.spans if s.step == step]
@@ -52,7 +53,8 @@ def plot_step(trace: Trace, p: Plan, summary: dict, path: str | Path, step: int 
     ax.set_yticks(range(len(order)), order, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel(f"{unit} into the step")
-    ax.set_title(f"{summary['name']}: step {step}, {seconds(summary['step_time_s'])} per step")
+    ax.set_title(f"{summary['name']}: step {step}, " + (f"STALLED at {seconds(summary['stalled_at_s'])}"
+                 if "stalled_at_s" in summary else f"{seconds(summary['step_time_s'])} per step"))
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for ph, c in PHASE_COLOURS.items()
                if any(s.phase == ph for s in spans)]
     ax.legend(handles, [ph for ph in PHASE_COLOURS if any(s.phase == ph for s in spans)],

@@ -92,9 +92,12 @@ def run(args) -> int:
         bar.close()
     if args.out:
         save(args.out, points, vary)
-    if args.plot:
+    drawn = [p for p in points if "error" not in p]
+    if args.plot and drawn:
         from clustersim.plots import plot_sweep
-        plot_sweep([p for p in points if "error" not in p], next(iter(vary)), args.plot)
+        plot_sweep(drawn, next(iter(vary)), args.plot)
+    elif args.plot:
+        print(f"clustersim: no plot written to {args.plot}: no point ran to its end", file=sys.stderr)
     if args.json:
         print(json.dumps(points, indent=2))
         return 0
