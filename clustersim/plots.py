@@ -20,6 +20,17 @@ PHASE_COLOURS = {"fwd": "#4c72b0", "bwd": "#dd8452", "update": "#55a868", "allre
                  "gradient": "#ccb974", "reduction": "#64b5cd", "stage": "#da8bc3", "wait": "#bbbbbb"}
 
 
+def formats() -> list[str]:
+    """The extensions (no dot) a figure can be saved as: what the Agg canvas writes
+    itself or hands to another backend (pdf, svg, ...); pgf only where its TeX is installed
+    (matplotlib lists it anyway and fails at the end of the run)."""
+    import shutil
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    return sorted(f for f in FigureCanvasAgg.get_supported_filetypes()
+                  if f != "pgf" or shutil.which(matplotlib.rcParams["pgf.texsystem"]))
+
+
 def save_figure(fig, path: str | Path) -> None:
     try:
         replace_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))

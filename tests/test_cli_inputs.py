@@ -3,10 +3,14 @@ topologies without routes, and counts that must be positive.  Each case runs the
 command's main function and checks the exit code and what reaches stdout and stderr."""
 from pathlib import Path
 
-from clustersim.cli import main
+import pytest
+
+from clustersim import api
+from clustersim.cli import main, topology
 
 ROOT = Path(__file__).resolve().parents[1]
 DOWNPOUR = str(ROOT / "scenarios" / "downpour.toml")
+QUICK = str(ROOT / "scenarios" / "quickstart.toml")
 STALL = "faults.fail=[{machine=8, at_s=0.01}]"     # the shard on m8 fails: Downpour waits on it forever
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -34,3 +38,33 @@ def test_a_sweep_with_no_finished_point_skips_its_plot_in_one_line(tmp_path, cap
     assert err == f"clustersim: no plot written to {plot}: no point ran to its end\n"
     assert not plot.exists()
     assert code == 0          # api.sweep: points that stall are rows, not bad input
+
+
+SUPPORTED = ".avif, .eps, .gif, .jpeg, .jpg, .pdf"      # the start of matplotlib's list (pgf only with TeX)
+
+
+@pytest.mark.parametrize("argv", [
+    ["simulate", QUICK], ["sweep", QUICK, "--vary", "training.steps=1,2"], ["validate", QUICK],
+    ["published"], ["topology", "show", "dgx-h100"]])
+@pytest.mark.parametrize("name, why", [("x.xyz", "cannot draw a .xyz file"),
+                                       ("x", "cannot draw a file without an extension")])
+def test_a_plot_file_matplotlib_cannot_write_is_refused_before_any_work(tmp_path, capsys, monkeypatch, argv,
+                                                                         name, why):
+    def work(*_a, **_k):
+        raise AssertionError("ran before refusing --plot")
+    for where in ("simulate", "sweep", "validate", "published"):
+        monkeypatch.setattr(api, where, work)
+    monkeypatch.setattr(topology, "load_topology", work)
+    plot = tmp_path / name
+    code, out, err = run(capsys, *argv, "--plot", plot)
+    assert code == 2 and out == ""
+    assert err.startswith(f"clustersim: error: --plot: {plot}: {why}; give one of {SUPPORTED}")
+    assert err.count("\n") == 1 and ".png, .ps" in err and ".svg" in err
+    assert not plot.exists()
+
+
+def test_a_plot_extension_is_read_in_any_case(tmp_path, capsys):
+    plot = tmp_path / "step.PNG"
+    code, out, err = run(capsys, "simulate", QUICK, "--no-speedup", "--plot", plot)
+    assert code == 0 and err == "" and f"wrote plot: {plot}" in out
+    assert plot.read_bytes()[:8] == PNG

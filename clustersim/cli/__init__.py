@@ -15,8 +15,8 @@ COMMANDS = (simulate, collective, sweep, search, execute, calibrate, validate, p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
     try:
+        args = parser().parse_args(argv)       # inside: a ``type=`` check raises ConfigError
         return args.func(args)
     except ConfigError as exc:
         print(f"clustersim: error: {exc}", file=sys.stderr)

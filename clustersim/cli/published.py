@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 
 from clustersim import api, report
+from clustersim.cli.args import plot_arg
 
 
 def add(sub) -> None:
     c = sub.add_parser("published", help="predicted against published measurements (scenarios/published)")
     c.add_argument("--dir", default="", help="a directory of case files (default: the built-in suite)")
     c.add_argument("--json", action="store_true")
-    c.add_argument("--plot", metavar="FILE", help="predicted against published, one point per case")
+    plot_arg(c, "predicted against published, one point per case")
     c.set_defaults(func=run)
 
 

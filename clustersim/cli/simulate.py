@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from clustersim import api, report
-from clustersim.cli.args import scenario_args
+from clustersim.cli.args import plot_arg, scenario_args
 from clustersim.core.trace import write_chrome
 
 STALL_EXIT = 3
@@ -14,7 +14,7 @@ def add(sub) -> None:
     s = sub.add_parser("simulate", help="simulate a scenario and summarise where the time goes")
     scenario_args(s)
     s.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace (JSON)")
-    s.add_argument("--plot", metavar="FILE", help="write a Gantt of one step and utilisation (PNG)")
+    plot_arg(s, "write a Gantt of one step and utilisation (PNG, SVG, PDF, ...)")
     s.add_argument("--no-speedup", action="store_true", help="skip the one-device baseline")
     s.set_defaults(func=run)
 

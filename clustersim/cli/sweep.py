@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from clustersim import api, report
-from clustersim.cli.args import scenario_args
+from clustersim.cli.args import plot_arg, scenario_args
 from clustersim.core.config import ConfigError
 from clustersim.core.scenario import parse_set
 
@@ -26,7 +26,7 @@ def add(sub) -> None:
                    help="run points on MPI ranks (mpiexec -n N python -m mpi4py.futures -m clustersim sweep ...)")
     w.add_argument("--out", metavar="PREFIX", help="write PREFIX.json and PREFIX.csv, point by point")
     w.add_argument("--resume", action="store_true", help="skip the points already in PREFIX.json")
-    w.add_argument("--plot", metavar="FILE")
+    plot_arg(w, "throughput, speedup and efficiency against the first varied key")
     w.set_defaults(func=run)
 
 

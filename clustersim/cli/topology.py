@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from clustersim import report
+from clustersim.cli.args import plot_arg
 from clustersim.core.topogen import builtin_topologies, load_topology
 
 
@@ -13,7 +14,7 @@ def add(sub) -> None:
     ts = tsub.add_parser("show")
     ts.add_argument("topology", nargs="?", help=f"built-in ({', '.join(builtin_topologies())}) or a path")
     ts.add_argument("--machines", type=int, default=0)
-    ts.add_argument("--plot", metavar="FILE")
+    plot_arg(ts, "draw the devices and links")
     ts.set_defaults(func=run)
 
 

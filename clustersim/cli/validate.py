@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from clustersim import api, report
-from clustersim.cli.args import scenario_args
+from clustersim.cli.args import plot_arg, scenario_args
 
 
 def add(sub) -> None:
@@ -15,7 +15,7 @@ def add(sub) -> None:
     v.add_argument("--repeats", type=int, default=3)
     v.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
                    help="where the runs compute (gpu: one GPU per rank; --topology from calibrate --gpu)")
-    v.add_argument("--plot", metavar="FILE", help="predicted and measured time per phase")
+    plot_arg(v, "predicted and measured time per phase")
     v.add_argument("--ops", action="store_true",
                    help="also a row per op and message: its predicted and measured median (--json has them always)")
     v.add_argument("--against", action="append", default=[], metavar="KEY=VALUE",
