@@ -68,3 +68,27 @@ def test_a_plot_extension_is_read_in_any_case(tmp_path, capsys):
     code, out, err = run(capsys, "simulate", QUICK, "--no-speedup", "--plot", plot)
     assert code == 0 and err == "" and f"wrote plot: {plot}" in out
     assert plot.read_bytes()[:8] == PNG
+
+
+CPU = """
+[[device]]
+name = "{name}"
+kind = "cpu"
+cores = 2
+core_gflops = 10
+memory_gib = 4
+memory_bandwidth_gbps = 10
+"""
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["topology", "show", "{topo}"], "no route from c0 to c1 in topology apart: its compute devices cannot send "
+                                     "each other data"),
+    (["collective", "--topology", "{topo}", "--bytes", "1M"], "no route from c0 to c1, and the allreduce sends "
+                                                              "data between them")])
+def test_compute_devices_without_a_route_are_one_line_naming_the_topology_file(tmp_path, capsys, argv, why):
+    topo = tmp_path / "apart.toml"
+    topo.write_text('name = "apart"\n' + CPU.format(name="c0") + CPU.format(name="c1"))    # no [[link]]
+    code, out, err = run(capsys, *[a.format(topo=topo) for a in argv])
+    assert (code, out) == (2, "")
+    assert err == f"clustersim: error: {topo}: link: {why}\n"

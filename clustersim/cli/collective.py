@@ -8,6 +8,7 @@ from clustersim import api, report
 from clustersim.core.collective import ALGOS, OPS
 from clustersim.core.config import ConfigError
 from clustersim.core.nccl import PROTOCOLS
+from clustersim.core.topology import NoRoute
 
 NETWORKS = ("analytical", "flow")      # sim.network.BACKENDS' names
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
@@ -51,8 +52,11 @@ def size_range(text: str) -> list[int]:
 
 
 def run(args) -> int:
-    rows = api.collective(args.topology, args.op, args.algo, size_range(args.bytes), gpus=args.gpus,
-                          machines=args.machines, network=args.network, protocol=args.protocol)
+    try:
+        rows = api.collective(args.topology, args.op, args.algo, size_range(args.bytes), gpus=args.gpus,
+                              machines=args.machines, network=args.network, protocol=args.protocol)
+    except NoRoute as exc:
+        raise ConfigError(args.topology, "link", f"{exc}, and the {args.op} sends data between them") from None
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -5,7 +5,9 @@ from pathlib import Path
 
 from clustersim import report
 from clustersim.cli.args import plot_arg
+from clustersim.core.config import ConfigError
 from clustersim.core.topogen import builtin_topologies, load_topology
+from clustersim.core.topology import NoRoute
 
 
 def add(sub) -> None:
@@ -27,15 +29,19 @@ def run(args) -> int:
     for d in topo.devices.values():
         kinds[d.kind] = kinds.get(d.kind, 0) + 1
     compute = topo.compute_devices()
+    pairs = [(compute[0], c) for c in (compute[1:2] + compute[-1:]) if c != compute[0]]
+    try:
+        routes = [(a, topo.route(a, b)) for a, b in dict.fromkeys(pairs)]
+    except NoRoute as exc:
+        raise ConfigError(args.topology, "link", f"{exc} in topology {topo.name}: its compute devices "
+                                                 "cannot send each other data") from None
     print(f"{topo.name}: {topo.description}")
     print("  devices: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
     print(f"  links: {topo.graph.number_of_edges()} (full duplex)")
     first = topo.devices[compute[0]]
     print(f"  compute devices: {len(compute)} x {first.kind} ({report.si(first.flops_per_s('fp32'), 'FLOP/s')} "
           f"fp32 peak, efficiency {first.efficiency:g}, {report.si(first.memory_bytes, 'B')})")
-    pairs = [(compute[0], c) for c in (compute[1:2] + compute[-1:]) if c != compute[0]]
-    for a, b in dict.fromkeys(pairs):
-        r = topo.route(a, b)
+    for a, r in routes:
         hops = " > ".join([a] + [v for _, v in r])
         print(f"  route {hops}: {report.si(topo.route_bandwidth(r), 'B/s')}, "
               f"{report.seconds(topo.route_latency(r))}")
