@@ -1,6 +1,7 @@
 """The clustersim command at its edges: stalled runs with --plot, plot file types,
 topologies without routes, and counts that must be positive.  Each case runs the
 command's main function and checks the exit code and what reaches stdout and stderr."""
+import json
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,48 @@ def test_compute_devices_without_a_route_are_one_line_naming_the_topology_file(t
     code, out, err = run(capsys, *[a.format(topo=topo) for a in argv])
     assert (code, out) == (2, "")
     assert err == f"clustersim: error: {topo}: link: {why}\n"
+
+
+@pytest.mark.parametrize("argv, option, value", [
+    (["collective", "--topology", "dgx-h100", "--gpus", "0"], "--gpus", "0"),
+    (["collective", "--topology", "dgx-h100", "--machines", "0"], "--machines", "0"),
+    (["collective", "--topology", "dgx-h100", "--gpus", "two"], "--gpus", "two"),
+    (["topology", "show", "dgx-h100-fat-tree", "--machines", "-2"], "--machines", "-2"),
+    (["execute", QUICK, "--ranks", "0"], "--ranks", "0"),
+    (["sweep", QUICK, "--vary", "training.steps=1,2", "--jobs", "0"], "--jobs", "0"),
+    (["sweep", QUICK, "--vary", "training.steps=1,2", "--jobs", "-1"], "--jobs", "-1"),
+    (["search", QUICK, "--devices", "0"], "--devices", "0"),
+    (["search", QUICK, "--devices", "8", "--jobs", "0"], "--jobs", "0"),
+    (["calibrate", "--ranks", "0"], "--ranks", "0")])
+def test_a_count_below_1_is_refused_in_one_line_naming_the_option(capsys, monkeypatch, argv, option, value):
+    def work(*_a, **_k):
+        raise AssertionError("ran with a count below 1")
+    for where in ("collective", "execute_command", "sweep", "search", "calibrate"):
+        monkeypatch.setattr(api, where, work)
+    monkeypatch.setattr(topology, "load_topology", work)
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert err == f"clustersim: error: {option}: {value}: must be a whole number >= 1\n"
+
+
+def test_collective_without_gpus_still_runs_on_every_compute_device(capsys):
+    code, out, err = run(capsys, "collective", "--topology", "dgx-h100", "--bytes", "1M", "--json")
+    assert (code, err) == (0, "")
+    assert len(json.loads(out)) == 1
+    code, out, _ = run(capsys, "collective", "--topology", "dgx-h100", "--bytes", "1M")
+    assert code == 0 and out.startswith("# allreduce by auto over all ranks of dgx-h100")
+
+
+def test_execute_refuses_a_second_fail_before_starting_ranks(capsys, monkeypatch):
+    def work(*_a, **_k):
+        raise AssertionError("started ranks")
+    monkeypatch.setattr(api, "execute_command", work)
+    code, out, err = run(capsys, "execute", DOWNPOUR, "--fail", "rank=0@step=5", "--fail", "rank=1@step=5")
+    assert (code, out) == (2, "")
+    assert err == "clustersim: error: --fail: rank=1@step=5: give one --fail: a run crashes one worker\n"
+
+
+def test_execute_still_checks_a_single_fail(capsys):
+    code, _, err = run(capsys, "execute", DOWNPOUR, "--fail", "rank=99@step=5")
+    assert code == 2
+    assert err == "clustersim: error: --fail: rank=99@step=5: must be rank=K@step=S with K a worker rank (0..7)\n"

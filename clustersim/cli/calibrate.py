@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 
 from clustersim import api
+from clustersim.cli.args import count
 
 
 def add(sub) -> None:
     c = sub.add_parser("calibrate", help="measure this host and write a topology the simulator can use")
-    c.add_argument("--ranks", type=int, default=2, help="ranks the host will run (how they share its cores)")
+    c.add_argument("--ranks", type=count("--ranks"), default=2, help="ranks the host will run (how they share its cores)")
     c.add_argument("--out", metavar="FILE", default="topologies/this-host.toml")
     c.add_argument("--gpu", action="store_true",
                    help="measure this machine's GPUs (GEMM, pinned copies over PCIe, peer copies, NCCL allreduce) "

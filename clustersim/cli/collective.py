@@ -5,6 +5,7 @@ import json
 import re
 
 from clustersim import api, report
+from clustersim.cli.args import count
 from clustersim.core.collective import ALGOS, OPS
 from clustersim.core.config import ConfigError
 from clustersim.core.nccl import PROTOCOLS
@@ -23,8 +24,8 @@ def add(sub) -> None:
                         "(nvls on one machine, nvls_tree across machines) per size")
     c.add_argument("--protocol", default="", choices=("", *PROTOCOLS),
                    help="NCCL protocol on GPUs (default: what the tuner picks)")
-    c.add_argument("--gpus", type=int, default=0, help="ranks (default: every compute device)")
-    c.add_argument("--machines", type=int, default=0, help="override the topology's machine count")
+    c.add_argument("--gpus", type=count("--gpus"), help="ranks (default: every compute device)")
+    c.add_argument("--machines", type=count("--machines"), help="override the topology's machine count")
     c.add_argument("--bytes", default="8..1G", help="SIZE or MIN..MAX, doubling (8..1G)")
     c.add_argument("--network", default="flow", choices=NETWORKS)
     c.add_argument("--json", action="store_true")
@@ -53,8 +54,8 @@ def size_range(text: str) -> list[int]:
 
 def run(args) -> int:
     try:
-        rows = api.collective(args.topology, args.op, args.algo, size_range(args.bytes), gpus=args.gpus,
-                              machines=args.machines, network=args.network, protocol=args.protocol)
+        rows = api.collective(args.topology, args.op, args.algo, size_range(args.bytes), gpus=args.gpus or 0,
+                              machines=args.machines or 0, network=args.network, protocol=args.protocol)
     except NoRoute as exc:
         raise ConfigError(args.topology, "link", f"{exc}, and the {args.op} sends data between them") from None
     if args.json:

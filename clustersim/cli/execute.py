@@ -5,17 +5,19 @@ import subprocess
 from pathlib import Path
 
 from clustersim import api
-from clustersim.cli.args import scenario_args, transport_arg
+from clustersim.cli.args import count, scenario_args, transport_arg
+from clustersim.core.config import ConfigError
 
 
 def add(sub) -> None:
     e = sub.add_parser("execute", help="run the scenario's partitioned network for real on MPI ranks")
     scenario_args(e)
-    e.add_argument("--ranks", type=int, default=0, help="MPI ranks (default: model_parallel x replicas)")
+    e.add_argument("--ranks", type=count("--ranks"), help="MPI ranks (default: model_parallel x replicas)")
     e.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     transport_arg(e)
     e.add_argument("--trace", metavar="FILE", help="write the merged Chrome trace of all ranks")
-    e.add_argument("--fail", metavar="rank=K@step=S", help="worker rank K stops at step S like a crashed machine")
+    e.add_argument("--fail", action="append", metavar="rank=K@step=S",
+                   help="worker rank K stops at step S like a crashed machine (one per run)")
     e.add_argument("--checkpoint", metavar="DIR", help="parameter-server shards checkpoint here")
     e.add_argument("--checkpoint-every", type=int, default=100, metavar="N", help="updates between checkpoints")
     e.add_argument("--resume", action="store_true", help="start the shards from the checkpoints in --checkpoint")
@@ -31,6 +33,9 @@ def run(args) -> int:
     import tempfile
 
     from executor.checks import check_checkpoint, check_data, parse_fail
+    if args.fail and len(args.fail) > 1:    # executor.ranks crashes one worker per run
+        raise ConfigError("--fail", args.fail[1], "give one --fail: a run crashes one worker")
+    args.fail = args.fail[0] if args.fail else None
     sc = api.load(args.scenario, args.set)
     parse_fail(args.fail, sc)
     check_checkpoint(args, sc)
@@ -48,7 +53,7 @@ def run(args) -> int:
     if args.data:
         extra += ["--data", str(Path(args.data).resolve())]
     with tempfile.TemporaryDirectory(prefix="clustersim-execute-") as workdir:
-        cmd, env = api.execute_command(args.scenario, args.set, workdir=workdir, ranks=args.ranks,
+        cmd, env = api.execute_command(args.scenario, args.set, workdir=workdir, ranks=args.ranks or 0,
                                        device=args.device, json_out=args.json, trace=args.trace, extra=extra)
         return subprocess.run(cmd, env=env, preexec_fn=_die_with_parent).returncode
 

@@ -5,7 +5,7 @@ import json
 import sys
 
 from clustersim import api, report
-from clustersim.cli.args import scenario_args
+from clustersim.cli.args import count, scenario_args
 from clustersim.search_space import OBJECTIVES
 
 SHOWN = 10
@@ -14,11 +14,11 @@ SHOWN = 10
 def add(sub) -> None:
     s = sub.add_parser("search", help="the best splits and placements of a job on up to N devices")
     scenario_args(s)
-    s.add_argument("--devices", type=int, required=True)
+    s.add_argument("--devices", type=count("--devices"), required=True)
     s.add_argument("--objective", default="time", choices=OBJECTIVES)
     s.add_argument("--target-hours", type=float, default=0.0,
                    help="with training.dataset_samples: the deadline (cheapest first that meets it)")
-    s.add_argument("--jobs", type=int, default=1)
+    s.add_argument("--jobs", type=count("--jobs"), default=1, help="processes on this machine")
     s.add_argument("--mpi", action="store_true")
     s.set_defaults(func=run)
 

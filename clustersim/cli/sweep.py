@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from clustersim import api, report
-from clustersim.cli.args import plot_arg, scenario_args
+from clustersim.cli.args import count, plot_arg, scenario_args
 from clustersim.core.config import ConfigError
 from clustersim.core.scenario import parse_set
 
@@ -21,7 +21,7 @@ def add(sub) -> None:
     w = sub.add_parser("sweep", help="simulate a scenario over values of one or more keys")
     scenario_args(w)
     w.add_argument("--vary", action="append", required=True, metavar="KEY=V1,V2,...")
-    w.add_argument("--jobs", type=int, default=1, help="processes on this machine")
+    w.add_argument("--jobs", type=count("--jobs"), default=1, help="processes on this machine")
     w.add_argument("--mpi", action="store_true",
                    help="run points on MPI ranks (mpiexec -n N python -m mpi4py.futures -m clustersim sweep ...)")
     w.add_argument("--out", metavar="PREFIX", help="write PREFIX.json and PREFIX.csv, point by point")

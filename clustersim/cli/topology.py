@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from clustersim import report
-from clustersim.cli.args import plot_arg
+from clustersim.cli.args import count, plot_arg
 from clustersim.core.config import ConfigError
 from clustersim.core.topogen import builtin_topologies, load_topology
 from clustersim.core.topology import NoRoute
@@ -15,7 +15,7 @@ def add(sub) -> None:
     tsub = t.add_subparsers(dest="action", required=True)
     ts = tsub.add_parser("show")
     ts.add_argument("topology", nargs="?", help=f"built-in ({', '.join(builtin_topologies())}) or a path")
-    ts.add_argument("--machines", type=int, default=0)
+    ts.add_argument("--machines", type=count("--machines"), help="override the topology's machine count")
     plot_arg(ts, "draw the devices and links")
     ts.set_defaults(func=run)
 
