@@ -469,7 +469,7 @@ def collective(topology: str | Path, op: str = "allreduce", algo: str = "auto", 
     ``protocol``) of ``op`` by ``algo`` (``auto``: NCCL's tuner picks per size) over the first
     ``gpus`` compute devices (all by default)."""
     from sim.collectives import table
-    topo = load_topology(str(topology), Path("."), machines or None)
+    topo = load_topology(str(topology), Path("."), machines or None, ("--topology", ""))
     devices = topo.compute_devices()
     n = gpus or len(devices)
     if not 2 <= n <= len(devices):

@@ -62,9 +62,9 @@ CASES = {
                          training={"algorithm": "sandblaster", "work_units": 8}),
     # a link cut mid-step that the step routes around (the failure-detection timer must not
     # end the run a second later), and a cut after the last step (it does not happen)
-    "cut-around": _case("dgx-h100", "alexnet", 64, 2, machines=2, replicas=8,
+    "cut-around": _case("dgx-h100", "alexnet", 64, 2, replicas=8,
                         faults={"fail": [{"at_s": 0.001, "link": ["m0.pcie0", "m0.nic0"]}]}),
-    "cut-after": _case("dgx-h100", "alexnet", 64, 2, machines=2, replicas=8,
+    "cut-after": _case("dgx-h100", "alexnet", 64, 2, replicas=8,
                        faults={"fail": [{"at_s": 0.5, "link": ["m0.pcie0", "m0.nic0"]}]}),
     # a link cut mid-run: the topology changes under the kept link names and route checks
     "link-cut": _case("dgx-h100-fat-tree", "alexnet", 64, 3, machines=2, replicas=16,

@@ -98,7 +98,7 @@ def test_base_merges_subtables_and_missing_file_is_a_config_error(tmp_path):
     topo = load_topology(str(f))
     assert sum(d.kind == "nic" for d in topo.devices.values()) == 2
     assert sum(d.kind == "gpu" for d in topo.devices.values()) == 4      # kept from the base
-    with pytest.raises(ConfigError, match="cannot read topology"):
+    with pytest.raises(ConfigError, match="'no-such-topology' is neither a built-in topology .* nor a file"):
         load_topology("no-such-topology")
 
 
@@ -135,7 +135,7 @@ def test_a_nul_byte_in_a_file_reference_is_a_config_error(tmp_path, section, key
     model = 'file = "m\\u0000.toml"' if key == "file" else 'name = "mlp-digits"'
     topo = '"\\u0000"' if key == "topology" else '"dgx-h100"'
     f.write_text(f'[cluster]\ntopology = {topo}\n[model]\n{model}\nbatch_size = 8\n')
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="cannot read" if key == "file" else "s.toml: cluster.topology: .* nor a file"):
         load_scenario(str(f))
 
 
@@ -154,3 +154,23 @@ def test_between_machines_a_route_leaves_and_enters_by_each_ends_own_nic():
     assert hops == ["m0.pcie3", "m0.nic7", "rail7", "spine0", "rail0", "m1.nic0", "m1.pcie0", "m1.gpu0"] or (
         hops[:2] == ["m0.pcie3", "m0.nic7"] and hops[-3:] == ["m1.nic0", "m1.pcie0", "m1.gpu0"])
     assert not any(h.endswith(".cpu") for h in hops)
+
+
+def test_machines_for_a_one_machine_topology_is_bad_input_where_a_user_named_them(tmp_path):
+    """A scenario's ``cluster.machines`` (or ``--machines``) on a topology with no network
+    to repeat its machine over was silently one machine; now one line naming the field."""
+    from clustersim import api
+    from clustersim.core.scenario import load_scenario
+    f = tmp_path / "s.toml"
+    f.write_text('[cluster]\ntopology = "dgx-h100"\nmachines = 4\n[model]\nname = "mlp-digits"\nbatch_size = 8\n')
+    with pytest.raises(ConfigError, match=r"s\.toml: cluster\.machines: 4 machines of dgx-h100, which is one machine"):
+        load_scenario(str(f))
+    f.write_text(f.read_text().replace("machines = 4", "machines = 1"))
+    assert len(load_scenario(str(f)).topology.compute_devices()) == 8
+    with pytest.raises(ConfigError, match=r"--machines: 2 machines of pcie-4gpu"):
+        api.collective("pcie-4gpu", machines=2)
+    with pytest.raises(ConfigError, match=r"s\.toml: cluster\.topology: 'dgx-h1000' is neither a built-in"):
+        f.write_text(f.read_text().replace('"dgx-h100"', '"dgx-h1000"'))
+        load_scenario(str(f))
+    from clustersim.cli import main
+    assert main(["topology", "show", "dgx-h100", "--machines", "4"]) == 2

@@ -198,7 +198,7 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
 
     ct = top.table("cluster")
     machines = ct.int("machines", 0, lo=0, hi=MAX_MACHINES)
-    topology = load_topology(ct.str("topology"), base_dir, machines or None)
+    topology = load_topology(ct.str("topology"), base_dir, machines or None, (file, "cluster.topology"))
     network = ct.str("network", "flow", choices=NETWORKS)
     ct.done()
 

@@ -50,10 +50,15 @@ MAX_DEVICES = 200_000
 GIB = 2**30
 
 
-def load_topology(ref: str, base_dir: Path = Path("."), machines: int | None = None) -> Topology:
+def load_topology(ref: str, base_dir: Path = Path("."), machines: int | None = None,
+                  named_in: tuple[str, str] = ("", "")) -> Topology:
     """A built-in name or a path (relative to ``base_dir``).  ``machines`` overrides
-    ``network.machines``.  Raises ConfigError naming the file and field."""
-    path, text = _read(ref, base_dir)
+    ``network.machines``.  ``named_in``: the (file, field) that named ``ref`` (a scenario's
+    ``cluster.topology``, or ``("--topology", "")``), where a name that is no topology is
+    reported, and where given, a machine count other than 1 for a topology of one machine
+    (no ``[network]`` to repeat it over) is bad input, not ignored.  Raises ConfigError
+    naming the file and field."""
+    path, text = _read(ref, base_dir, named_in)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -61,6 +66,12 @@ def load_topology(ref: str, base_dir: Path = Path("."), machines: int | None = N
     data = _with_base(data, path)
     if machines is not None and isinstance(data.get("network"), dict):
         data["network"] = {**data["network"], "machines": machines}
+    elif machines not in (None, 1) and any(named_in):
+        file, field = named_in
+        networked = [n for n in builtin_topologies() if "network" in tomllib.loads(_read(n, base_dir)[1])]
+        raise ConfigError(*((file, "cluster.machines") if field == "cluster.topology" else ("--machines", "")),
+                          f"{machines} machines of {ref}, which is one machine (no [network] table to repeat it "
+                          f"over); built-in topologies with one: {', '.join(networked)}")
     return build_topology(data, path)
 
 
@@ -73,7 +84,7 @@ def _with_base(data: dict, path: str, depth: int = 0) -> dict:
     ref = data.pop("base")
     if not isinstance(ref, str) or depth > 4:
         raise ConfigError(path, "base", "must name one topology (at most 4 levels deep)")
-    base_path, text = _read(ref, Path(path).parent)
+    base_path, text = _read(ref, Path(path).parent, (path, "base"))
     try:
         base = _with_base(tomllib.loads(text), base_path, depth + 1)
     except tomllib.TOMLDecodeError as exc:
@@ -92,7 +103,9 @@ def builtin_topologies() -> list[str]:
                   if p.name.endswith(".toml"))
 
 
-def _read(ref: str, base_dir: Path) -> tuple[str, str]:
+def _read(ref: str, base_dir: Path, named_in: tuple[str, str] = ("", "")) -> tuple[str, str]:
+    """The path and text of topology ``ref``; a ConfigError against ``named_in`` (file,
+    field), else the path, where it is neither a built-in name nor a readable file."""
     if ref in builtin_topologies():
         res = resources.files("clustersim.builtin_topologies") / f"{ref}.toml"
         return f"topologies/{ref}.toml", res.read_text()
@@ -101,8 +114,9 @@ def _read(ref: str, base_dir: Path) -> tuple[str, str]:
         return str(path), path.read_text()
     except (OSError, ValueError) as exc:           # ValueError: undecodable, or a NUL in the name
         names = ", ".join(builtin_topologies())
-        raise ConfigError(str(path), "", f"cannot read topology ({exc.__class__.__name__}); "
-                          f"built-in names are {names}") from None
+        file, field = named_in
+        raise ConfigError(file or str(path), field, f"{ref!r} is neither a built-in topology ({names}) nor a "
+                          f"file that can be read ({path}: {exc.__class__.__name__})") from None
 
 
 def build_topology(data: Any, file: str) -> Topology:
