@@ -108,6 +108,7 @@ class Engine:
         self.failed_transfers = 0
         self.blocked: dict[str, str] = {}           # dead end (device or link) -> the first message it held up
         self._lost: dict[str, simpy.Event] = {}     # device -> fires when it fails
+        self._cut: dict[str, simpy.Event] = {}      # device -> fires when a message to or from it has no route
         self._back: dict[str, simpy.Event] = {}     # failed device -> fires when it is replaced
         self.ps_server = None                      # set by parameter-server algorithms
         self.failure_signal = self.env.event()     # fires (and is replaced) at every failure
@@ -253,6 +254,11 @@ class Engine:
                     self._lost[d].succeed(d)
         return self.env.any_of([self._lost[d] for d in devices])
 
+    def cut_off(self, devices: list[str]) -> simpy.Event:
+        """Fires when a message to or from any of ``devices`` finds no route (a link cut):
+        an asynchronous replica cut off from its shards stops, as one whose device failed."""
+        return self.env.any_of([self._cut.setdefault(d, self.env.event()) for d in devices])
+
     def recovered(self, device: str) -> simpy.Event:
         """Fires when a failed ``device`` has been replaced (at once if it is up)."""
         if device not in self.failed:
@@ -340,6 +346,10 @@ class Engine:
         try:
             links = self.link_names(src, dst)
         except LookupError:
+            for end in (src, dst):
+                cut = self._cut.setdefault(end, self.env.event())
+                if not cut.triggered:
+                    cut.succeed(end)
             return self._block(f"the route {src}->{dst} (a link cut)", name)
         devices = self.compute.topology.devices
         sending = devices[src].op_time("send" + what, 0.0, nbytes) if src in self.compute.weights else None

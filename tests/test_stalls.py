@@ -143,3 +143,14 @@ def test_a_failed_shard_restarts_from_its_checkpoint(every):
 def test_shard_recovery_is_refused_where_a_shard_cannot_restart_alone():
     with pytest.raises(ConfigError, match="faults.shard_recovery"):
         scenario(parallel={"replicas": 2, "ps_shards": 1}, faults={"shard_recovery": "checkpoint"})
+
+
+def test_an_async_replica_cut_off_by_a_link_stops_and_the_others_train_on():
+    from clustersim import api
+    base = {"training.cosim": False, "training.time_limit_s": 0, "training.steps": 20}
+    cut = api.simulate(DOWNPOUR, {**base, "faults.fail": [{"link": ["m1.nic0", "switch"], "at_s": 0.001}]}).data
+    assert "stalled_at_s" not in cut and cut["failed_transfers"] > 0
+    assert cut["steps"] == 20                       # the median replica ends its 20 steps
+    # the shard's own link: every replica is cut off, nothing trains on: a stall naming the routes
+    shard = api.simulate(DOWNPOUR, {**base, "faults.fail": [{"link": ["m8.nic0", "switch"], "at_s": 0.001}]}).data
+    assert shard["stalled_at_s"] is not None and "m8.cpu (a link cut)" in shard["stalled_reason"]
