@@ -47,7 +47,9 @@ def summary_text(s: dict) -> str:
                      "  busy " + ", ".join(f"{v:.0%}" for v in s["shard_utilisation"].values()))
     if "lost_work_samples" in s:
         lines.append(f"  failures         {', '.join(s['failed_devices']) or 'links only'}; "
-                     f"{s['lost_work_samples']} samples of work lost")
+                     f"{s['lost_work_samples']} samples of work lost"
+                     + (f"; {s['run_samples_per_s']:.4g} samples/s over the whole run" if "run_samples_per_s" in s
+                        and "stalled_at_s" not in s else ""))
     if "accuracy" in s:
         tta = s["time_to_accuracy_s"]
         lines.append(f"  accuracy         {s['accuracy']:.2%} (loss {s['loss']:.4g}); "

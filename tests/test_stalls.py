@@ -154,3 +154,21 @@ def test_an_async_replica_cut_off_by_a_link_stops_and_the_others_train_on():
     # the shard's own link: every replica is cut off, nothing trains on: a stall naming the routes
     shard = api.simulate(DOWNPOUR, {**base, "faults.fail": [{"link": ["m8.nic0", "switch"], "at_s": 0.001}]}).data
     assert shard["stalled_at_s"] is not None and "m8.cpu (a link cut)" in shard["stalled_reason"]
+
+
+def test_a_sync_run_with_failures_reports_its_rate_over_the_whole_run():
+    """One replica failed: the job restarts after ``restart_s`` and redoes the step, so its
+    steady rate is the healthy one and its rate over the run is steps x batch / the run's
+    time; eight replicas going on without one: each step counts the replicas it used."""
+    from clustersim import api
+    one = api.simulate("scenarios/quickstart.toml", {"parallel.replicas": 1,
+                       "faults.fail": [{"device": "m0.gpu0", "at_s": 0.0001}]}).data
+    assert one["sim_time_s"] > 30                                   # restart_s = 30
+    assert one["run_samples_per_s"] == pytest.approx(20 * 128 / one["sim_time_s"])
+    assert one["samples_per_s"] > 1000 * one["run_samples_per_s"]
+    eight = api.simulate("scenarios/quickstart.toml", {"faults.fail": [{"device": "m0.gpu3", "at_s": 0.0001}]})
+    applies = [u for u in eight.trace.updates if u.kind == "apply"]
+    assert [len(u.info["replicas"]) for u in applies][-1] == 7
+    assert eight.data["run_samples_per_s"] == pytest.approx(
+        128 * sum(len(u.info["replicas"]) for u in applies) / eight.data["sim_time_s"])
+    assert "run_samples_per_s" not in api.simulate("scenarios/quickstart.toml").data

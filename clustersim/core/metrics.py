@@ -134,7 +134,20 @@ def async_metrics(p: Plan, res) -> dict:
         out["failed_devices"] = sorted(eng.failed_ever)
         out["lost_work_samples"] = eng.lost_samples
         out["failed_transfers"] = eng.failed_transfers
+        if p.scenario.training.algorithm == "sync":
+            out["run_samples_per_s"] = run_rate(p, tr, makespan)
     return out
+
+
+def run_rate(p: Plan, tr, makespan: float) -> float:
+    """A synchronous run's samples per second over its whole simulated time, failures,
+    restarts and steps done again included: each step's samples counted once, from the
+    replicas whose gradients its last apply used (``samples_per_s`` is the steady step's)."""
+    used: dict[int, int] = {}
+    for u in tr.updates:
+        if u.kind == "apply" and u.shard == -1 and "replicas" in u.info:
+            used[u.step] = len(u.info["replicas"])      # a step done again after a restart: its last
+    return p.scenario.batch_size * sum(used.values()) / makespan
 
 
 WINDOW_S = 0.05           # a run's steps are cut into windows of this length
