@@ -108,7 +108,7 @@ class Engine:
         self.failed_transfers = 0
         self.blocked: dict[str, str] = {}           # dead end (device or link) -> the first message it held up
         self._lost: dict[str, simpy.Event] = {}     # device -> fires when it fails
-        self._cut: dict[str, simpy.Event] = {}      # device -> fires when a message to or from it has no route
+        self._cut: dict[int, simpy.Event] = {}      # replica -> fires when a message of its finds no route
         self._back: dict[str, simpy.Event] = {}     # failed device -> fires when it is replaced
         self.ps_server = None                      # set by parameter-server algorithms
         self.failure_signal = self.env.event()     # fires (and is replaced) at every failure
@@ -254,10 +254,20 @@ class Engine:
                     self._lost[d].succeed(d)
         return self.env.any_of([self._lost[d] for d in devices])
 
-    def cut_off(self, devices: list[str]) -> simpy.Event:
-        """Fires when a message to or from any of ``devices`` finds no route (a link cut):
-        an asynchronous replica cut off from its shards stops, as one whose device failed."""
-        return self.env.any_of([self._cut.setdefault(d, self.env.event()) for d in devices])
+    def cut_off(self, replica: int) -> simpy.Event:
+        """Fires when a message of ``replica`` (its pushes and fetches, its slots' messages)
+        finds no route (a link cut): an asynchronous replica cut off from its shards stops,
+        as one whose device failed.  Keyed by replica, not device: a shard may share a
+        device with a replica that can still reach it."""
+        return self._cut.setdefault(replica, self.env.event())
+
+    def _no_route(self, src: str, dst: str, replica: int, name: str) -> simpy.Event:
+        """A message with no route left: its replica is cut off, and it never arrives."""
+        if replica >= 0:
+            cut = self.cut_off(replica)
+            if not cut.triggered:
+                cut.succeed(replica)
+        return self._block(f"the route {src}->{dst} (a link cut)", name)
 
     def recovered(self, device: str) -> simpy.Event:
         """Fires when a failed ``device`` has been replaced (at once if it is up)."""
@@ -346,28 +356,25 @@ class Engine:
         try:
             links = self.link_names(src, dst)
         except LookupError:
-            for end in (src, dst):
-                cut = self._cut.setdefault(end, self.env.event())
-                if not cut.triggered:
-                    cut.succeed(end)
-            return self._block(f"the route {src}->{dst} (a link cut)", name)
+            return self._no_route(src, dst, replica, name)
         devices = self.compute.topology.devices
         sending = devices[src].op_time("send" + what, 0.0, nbytes) if src in self.compute.weights else None
         receiving = devices[dst].op_time("recv" + what, 0.0, nbytes) if dst in self.compute.weights else None
-        ev = self._host_message(src, dst, nbytes, sending, receiving) if sending or receiving else \
+        ev = self._host_message(src, dst, nbytes, sending, receiving, replica, name) if sending or receiving else \
             self.network.send([(src, dst)], nbytes, speed=speed)
         ev.callbacks.append(lambda _e: self.trace.add(
             Span(name, "transfer", f"{src}->{dst}", replica, step, start, self.env.now, nbytes, 0.0, phase, links)))
         return ev
 
     def _host_message(self, src: str, dst: str, nbytes: float, sending: float | None,
-                      receiving: float | None) -> simpy.Event:
+                      receiving: float | None, replica: int = -1, name: str = "") -> simpy.Event:
         """A message between host ranks: the sender's software cost (measured by calibrate),
         the wire, then the receiver's.  A receiver already waiting on cores of its own takes
         the message in as it comes (wire alongside the sender's cost, nothing after); a busy
         or core-sharing one copies it out itself afterwards.  Whether it waits is decided once
-        everything else due at this instant has started.  Callbacks, not a process (a
-        process costs each message two more events).
+        everything else due at this instant has started; a link cut by then leaves it no
+        route (``_no_route``).  Callbacks, not a process (a process costs each message two
+        more events).
         See docs/decisions/002-host-message-receiver-cost.md."""
         env, compute, network = self.env, self.compute, self.network
         done = env.event()
@@ -380,6 +387,12 @@ class Engine:
             else:
                 event.callbacks.append(step)
 
+        def wire() -> simpy.Event:
+            try:
+                return network.send([(src, dst)], nbytes)
+            except LookupError:                     # cut after ``transfer`` found the route
+                return self._no_route(src, dst, replica, name)
+
         def arrived(_e) -> None:
             if receiving:
                 then(compute.run_seconds(dst, receiving), lambda _r: fire_now(done, None))
@@ -388,12 +401,12 @@ class Engine:
 
         def decide(_e) -> None:
             if compute.waiting(dst):
-                wire = network.send([(src, dst)], nbytes)
-                then(env.all_of([wire, sent]) if sent else env.all_of([wire]), lambda _a: fire_now(done, None))
+                moving = wire()
+                then(env.all_of([moving, sent]) if sent else env.all_of([moving]), lambda _a: fire_now(done, None))
             elif sent:
-                then(sent, lambda _s: then(network.send([(src, dst)], nbytes), arrived))
+                then(sent, lambda _s: then(wire(), arrived))
             else:
-                then(network.send([(src, dst)], nbytes), arrived)
+                then(wire(), arrived)
         env.timeout(0).callbacks.append(decide)
         return done
 

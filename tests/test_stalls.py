@@ -172,3 +172,29 @@ def test_a_sync_run_with_failures_reports_its_rate_over_the_whole_run():
     assert eight.data["run_samples_per_s"] == pytest.approx(
         128 * sum(len(u.info["replicas"]) for u in applies) / eight.data["sim_time_s"])
     assert "run_samples_per_s" not in api.simulate("scenarios/quickstart.toml").data
+
+
+def _cut_run(algorithm, machines, steps, at_s):
+    from clustersim.core.scenario import scenario_from_dict
+    d = {"cluster": {"topology": "distbelief-2012", "machines": machines},
+         "model": {"name": "mlp-digits", "batch_size": 32}, "parallel": {"replicas": 2, "ps_shards": 1},
+         "training": {"algorithm": algorithm, "steps": steps},
+         "faults": {"fail": [{"at_s": at_s, "link": ["m1.nic0", "switch"]}]}}
+    res = simulate(plan(scenario_from_dict(d, "cut.toml")))
+    return res, {r: sum(1 for a, *_ in res.trace.replica_steps if a == r) for r in (0, 1)}
+
+
+@pytest.mark.parametrize("algorithm, machines", [("downpour", 2), ("ssp", 3), ("ssp", 2)])
+def test_a_cut_worker_link_stops_that_replica_only(algorithm, machines):
+    """Review R17: on 2 machines the shard shares replica 0's device, and a cut marked both
+    ends of the route, stopping replica 0 too (a false stall); SSP counted the cut replica
+    as live and waited for it for ever.  The other replica ends its steps."""
+    res, steps = _cut_run(algorithm, machines, 20, 0.0001)
+    assert res.stalled_at_s is None and steps[0] == 20 and steps[1] < 20
+
+
+def test_a_link_cut_as_host_messages_start_is_no_traceback():
+    """Review R17: cut at 0 s, after ``transfer`` found a route and before the wire left
+    (host ranks' messages leave after the instant's decisions): NoRoute was raised."""
+    res, steps = _cut_run("downpour", 2, 4, 0.0)
+    assert res.stalled_at_s is None and steps[0] == 4

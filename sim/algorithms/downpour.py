@@ -42,8 +42,20 @@ def run_async(engine: Engine, steps: int):
     progress = [env.event()]                   # fires (and is replaced) whenever any replica ends a step
 
     def slowest_live() -> int:
-        live = [done[r] for r in range(plan.replicas) if engine.alive(*plan.devices[r])]
+        live = [done[r] for r in range(plan.replicas)
+                if engine.alive(*plan.devices[r]) and not engine.cut_off(r).triggered]
         return min(live) if live else max(done)
+
+    def moved(_e) -> None:
+        """A replica stopped (failed or cut off): the slowest live one may be another now,
+        so SSP's waits look again."""
+        if not progress[0].triggered:
+            progress[0].succeed()
+            progress[0] = env.event()
+    if tr.algorithm == "ssp":
+        for r in range(plan.replicas):
+            engine.lost(plan.devices[r]).callbacks.append(moved)
+            engine.cut_off(r).callbacks.append(moved)
 
     offsets = start_offsets(engine)
 
@@ -84,7 +96,7 @@ def run_async(engine: Engine, steps: int):
 
     procs = [env.process(replica(r)) for r in range(plan.replicas)]
     engine.ps_server = ps
-    yield env.all_of([env.any_of([proc, engine.lost(plan.devices[r]), engine.cut_off(plan.devices[r])])
+    yield env.all_of([env.any_of([proc, engine.lost(plan.devices[r]), engine.cut_off(r)])
                       for r, proc in enumerate(procs)])
     if not any(proc.triggered for proc in procs):
         yield env.event()           # every replica failed before its end: nothing trains on, a stall
