@@ -9,9 +9,10 @@ a gradient on what it holds; every ``n_push`` steps it pushes what it accumulate
 waiting.  Replica 0 starts alone when ``warm_start_s`` > 0; the others start at seeded
 offsets within ``start_spread_s`` (default: a round trip of a replica's parameters on its
 route to shard 0), as launched jobs do: replicas started in the same instant stay in
-lockstep under fair sharing, pushing together and fetching together (docs/decisions/008).  A replica whose device fails,
-or whose messages find no route (a link cut), simply stops; the others carry on.  A failed shard holds every replica up, and a job whose
-every replica failed before its end has nothing left to train on: the run stalls.
+lockstep under fair sharing, pushing together and fetching together (docs/decisions/008).
+A replica whose device fails, or whose messages find no route (a link cut), simply stops;
+the others carry on.  A failed shard holds every replica up, and a job whose every replica
+stopped before its end has nothing left to train on: the run stalls.
 """
 from __future__ import annotations
 
@@ -99,4 +100,4 @@ def run_async(engine: Engine, steps: int):
     yield env.all_of([env.any_of([proc, engine.lost(plan.devices[r]), engine.cut_off(r)])
                       for r, proc in enumerate(procs)])
     if not any(proc.triggered for proc in procs):
-        yield env.event()           # every replica failed before its end: nothing trains on, a stall
+        yield env.event()           # every replica stopped before its end: nothing trains on, a stall
