@@ -174,6 +174,18 @@ def test_a_sync_run_with_failures_reports_its_rate_over_the_whole_run():
     assert "run_samples_per_s" not in api.simulate("scenarios/quickstart.toml").data
 
 
+def test_a_sync_job_going_on_without_a_replica_counts_only_the_live_ones():
+    """Second sweep: with ``on_failure = "continue"`` the steady rate counted the dropped
+    replica's samples (8 x 128 a step where 7 replicas were left)."""
+    from clustersim import api
+    out = api.simulate("scenarios/quickstart.toml", {"faults.fail": [{"device": "m0.gpu1", "at_s": 1e-5}],
+                                                     "faults.detect_timeout_s": 0}).data
+    assert out["samples_per_s"] * out["step_time_s"] == pytest.approx(7 * 128)
+    restarted = api.simulate("scenarios/quickstart.toml", {"faults.fail": [{"device": "m0.gpu1", "at_s": 1e-5}],
+                                                           "faults.on_failure": "restart", "faults.restart_s": 0}).data
+    assert restarted["samples_per_s"] * restarted["step_time_s"] == pytest.approx(8 * 128)    # replaced
+
+
 def _cut_run(algorithm, machines, steps, at_s):
     from clustersim.core.scenario import scenario_from_dict
     d = {"cluster": {"topology": "distbelief-2012", "machines": machines},

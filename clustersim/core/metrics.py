@@ -49,7 +49,7 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
     tr = res.trace
     steps = tr.step_times()
     step_s = statistics.median(steps) if steps else 0.0
-    samples_per_s = sc.batch_size * p.replicas / step_s if step_s else 0.0
+    samples_per_s = sc.batch_size * live_replicas(p, res) / step_s if step_s else 0.0
     if tr.replica_steps:        # replicas step on their own: each one's period, waits included; all samples done
         step_s = replica_period(tr.replica_steps)
         samples_per_s = sc.batch_size * len(tr.replica_steps) / (res.sim_time_s or 1.0)
@@ -93,6 +93,16 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
         out["speedup"] = out["samples_per_s"] / (sc.batch_size / baseline_step_s)
     return out
 
+
+
+def live_replicas(p: Plan, res) -> int:
+    """The replicas a synchronous job still runs at its end: all of them, less those it
+    went on without after their devices failed (``faults.on_failure = "continue"``; a
+    restart replaces them)."""
+    eng = getattr(res, "engine", None)
+    if eng is None or not eng.failed or p.scenario.training.algorithm != "sync":
+        return p.replicas
+    return sum(1 for row in p.devices if eng.alive(*row))
 
 
 def replica_period(replica_steps: list[tuple[int, int, float, float]]) -> float:
