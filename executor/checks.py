@@ -38,6 +38,9 @@ def parse_fail(text: str | None, sc) -> tuple[int, int] | None:
     workers = sc.parallel.devices_per_replica * sc.parallel.replicas
     if not m or int(m.group(1)) >= workers:
         raise ConfigError("--fail", text, f"must be rank=K@step=S with K a worker rank (0..{workers - 1})")
+    if int(m.group(2)) >= sc.training.steps:
+        raise ConfigError("--fail", text, f"step {m.group(2)} is past the run's last (training.steps = "
+                                          f"{sc.training.steps}): nothing would fail")
     why = cannot_go_on(sc)
     if why:
         raise ConfigError("--fail", text, why)
@@ -59,15 +62,30 @@ def cannot_go_on(sc) -> str:
     return ""
 
 
+CHECKPOINT_EVERY = 100      # updates between a shard's checkpoints, where --checkpoint-every is not given
+
+
 def check_checkpoint(args, sc) -> None:
+    """``--checkpoint``, ``--checkpoint-every`` and ``--resume`` as one line each, before any
+    rank starts (a folder that cannot be made would otherwise fail on a shard's rank)."""
     from pathlib import Path
     if (args.checkpoint or args.resume) and not sc.parallel.ps_shards:
         raise ConfigError("--checkpoint", args.checkpoint or "", "checkpoints are kept by parameter-server "
                           "shards: set parallel.ps_shards >= 1")
     if args.resume and not args.checkpoint:
         raise ConfigError("--resume", "", "needs --checkpoint DIR")
-    if args.checkpoint_every < 1:
+    if args.checkpoint_every is not None and not args.checkpoint:
+        raise ConfigError("--checkpoint-every", str(args.checkpoint_every), "needs --checkpoint DIR")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise ConfigError("--checkpoint-every", str(args.checkpoint_every), "must be >= 1")
+    if args.checkpoint:
+        folder = Path(args.checkpoint)
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError("--checkpoint", args.checkpoint, "is a file, not a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)     # the shards would make it; here it fails in one line
+        except OSError as exc:
+            raise ConfigError("--checkpoint", args.checkpoint, f"cannot be made ({exc.strerror})") from None
     if args.resume:
         missing = [k for k in range(sc.parallel.ps_shards) if not (Path(args.checkpoint) / f"shard{k}.npz").exists()]
         if missing:

@@ -19,7 +19,7 @@ from executor.optim import sgd_in_place
 from executor.partitioned import _box_of, pieces, run_step, slot_params
 from clustersim.core.schedule import apply_cost
 from executor.psrank import ShardClient, message_buffer, serve, shard_runs, slot_segments
-from executor.checks import dataset, rank_role, serve_rule
+from executor.checks import CHECKPOINT_EVERY, dataset, rank_role, serve_rule
 from executor.comm import common_start
 from executor.gpu import copy_stream, nccl_communicator
 from executor.nccl_transport import NcclTransport, allreduce_sum
@@ -177,7 +177,7 @@ class RankJob(SandblasterRoles):
         out = serve(self.world, self.p, k, flat[lo:hi].copy(), runs, serve_rule(sched.rule),
                     sync_replicas=self.R if tr.algorithm == "sync" else 0, silent={self.failed_rank},
                     staleness_bound=sched.staleness_bound, checkpoint=path,
-                    checkpoint_every=a.checkpoint_every if a is not None else 0,
+                    checkpoint_every=(a.checkpoint_every or CHECKPOINT_EVERY) if a is not None else 0,
                     resume=bool(a is not None and a.resume), replica_of=lambda rank: rank // self.M,
                     quorum=sched.quorum if tr.algorithm == "sync" else 0, on_apply=applied)
         return {"role": "shard", "applied": out["applied"], "busy_s": out["busy_s"],

@@ -43,7 +43,7 @@ from clustersim.core.scenario import load_scenario, parse_set
 from executor.backend import get_xp
 from executor.launch import pin
 from executor.summary import LOCKSTEP, merge_trace, summary
-from executor.checks import check, check_checkpoint, check_data, parse_fail
+from executor.checks import CHECKPOINT_EVERY, check, check_checkpoint, check_data, parse_fail
 from executor.job import RankJob
 
 # An aborting rank's error line is in the pipe to mpiexec's proxy; MPI_Abort tears the job
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="a replica's messages and allreduces: NCCL's (GPUs) or MPI's through the host")
     ap.add_argument("--fail")
     ap.add_argument("--checkpoint", help="folder where each shard keeps shard<k>.npz")
-    ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--checkpoint-every", type=int, help=f"default {CHECKPOINT_EVERY}")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--data", help="folder with MNIST's four IDX files")
     args = ap.parse_args(argv)

@@ -138,3 +138,33 @@ def test_execute_still_checks_a_single_fail(capsys):
     code, _, err = run(capsys, "execute", DOWNPOUR, "--fail", "rank=99@step=5")
     assert code == 2
     assert err == "clustersim: error: --fail: rank=99@step=5: must be rank=K@step=S with K a worker rank (0..7)\n"
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--checkpoint", "{file}"], "--checkpoint: {file}: is a file, not a folder"),
+    (["--checkpoint", "{file}/sub"], "--checkpoint: {file}/sub: cannot be made"),
+    (["--checkpoint-every", "5"], "--checkpoint-every: 5: needs --checkpoint DIR"),
+    (["--fail", "rank=1@step=500"], "--fail: rank=1@step=500: step 500 is past the run's last"),
+    (["--trace", "{dir}"], "--trace: {dir}: must name a file in a folder that exists")])
+def test_execute_refuses_what_would_fail_on_a_rank_before_starting_ranks(tmp_path, capsys, monkeypatch, extra,
+                                                                          says):
+    """Second sweep: these failed inside a rank after the launch (exit 1, a rank's
+    traceback line) or were ignored; now one line, exit 2, and no rank starts."""
+    started = []
+    monkeypatch.setattr(api, "execute_command", lambda *a, **k: started.append(a) or (["true"], {}))
+    (tmp_path / "f").write_text("x")
+    fill = {"file": tmp_path / "f", "dir": tmp_path}
+    code, _, err = run(capsys, "execute", DOWNPOUR, "--set", "training.steps=20", "--set", "parallel.replicas=2",
+                       "--set", "cluster.machines=0", "--set", "cluster.topology=dgx-h100",
+                       *[a.format(**fill) for a in extra])
+    assert code == 2 and not started
+    assert err.startswith("clustersim: error: " + says.format(**fill)) and len(err.strip().splitlines()) == 1
+
+
+def test_execute_on_gpus_without_cupy_is_one_line_before_starting_ranks(capsys, monkeypatch):
+    from executor.backend import cupy_or_none
+    if cupy_or_none() is not None:                     # pragma: no cover - GPU hosts
+        pytest.skip("a GPU is visible here")
+    monkeypatch.setattr(api, "execute_command", lambda *a, **k: pytest.fail("started ranks"))
+    code, _, err = run(capsys, "execute", QUICK, "--device", "gpu", "--set", "parallel.replicas=2")
+    assert code == 2 and err.startswith("clustersim: error: --device: gpu: needs CuPy and a visible GPU")

@@ -19,7 +19,7 @@ def add(sub) -> None:
     e.add_argument("--fail", action="append", metavar="rank=K@step=S",
                    help="worker rank K stops at step S like a crashed machine (one per run)")
     e.add_argument("--checkpoint", metavar="DIR", help="parameter-server shards checkpoint here")
-    e.add_argument("--checkpoint-every", type=int, default=100, metavar="N", help="updates between checkpoints")
+    e.add_argument("--checkpoint-every", type=int, metavar="N", help="updates between checkpoints (default 100)")
     e.add_argument("--resume", action="store_true", help="start the shards from the checkpoints in --checkpoint")
     e.add_argument("--data", metavar="DIR", help="train on MNIST from its four IDX files in DIR (gzipped or not); "
                                                  "the model must take 784 inputs")
@@ -40,14 +40,22 @@ def run(args) -> int:
     parse_fail(args.fail, sc)
     check_checkpoint(args, sc)
     check_data(args.data, sc)
+    if args.trace and (Path(args.trace).is_dir() or not Path(args.trace).absolute().parent.is_dir()):
+        raise ConfigError("--trace", args.trace, "must name a file in a folder that exists")
     extra = ["--transport", args.transport] if args.transport != "auto" else []
     if args.transport == "nccl":            # here, in one line, rather than on every rank
         from executor.ranks import nccl_of
         nccl_of(args, sc)
+    if args.device == "gpu":
+        from executor.backend import cupy_or_none
+        if cupy_or_none() is None:          # here, in one line, rather than on every rank
+            raise ConfigError("--device", "gpu", "needs CuPy and a visible GPU (pip install 'clustersim[gpu]' "
+                              "on a GPU host)")
     if args.fail:
         extra += ["--fail", args.fail]
     if args.checkpoint:
-        extra += ["--checkpoint", args.checkpoint, "--checkpoint-every", str(args.checkpoint_every)]
+        extra += ["--checkpoint", args.checkpoint]
+        extra += ["--checkpoint-every", str(args.checkpoint_every)] if args.checkpoint_every else []
     if args.resume:
         extra.append("--resume")
     if args.data:
