@@ -78,18 +78,23 @@ def check_checkpoint(args, sc) -> None:
         raise ConfigError("--checkpoint-every", str(args.checkpoint_every), "needs --checkpoint DIR")
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise ConfigError("--checkpoint-every", str(args.checkpoint_every), "must be >= 1")
-    if args.checkpoint:
-        folder = Path(args.checkpoint)
-        if folder.exists() and not folder.is_dir():
-            raise ConfigError("--checkpoint", args.checkpoint, "is a file, not a folder")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)     # the shards would make it; here it fails in one line
-        except OSError as exc:
-            raise ConfigError("--checkpoint", args.checkpoint, f"cannot be made ({exc.strerror})") from None
+    if args.checkpoint and Path(args.checkpoint).exists() and not Path(args.checkpoint).is_dir():
+        raise ConfigError("--checkpoint", args.checkpoint, "is a file, not a folder")
     if args.resume:
         missing = [k for k in range(sc.parallel.ps_shards) if not (Path(args.checkpoint) / f"shard{k}.npz").exists()]
         if missing:
             raise ConfigError("--resume", args.checkpoint, f"no checkpoint of shard {missing[0]} there")
+
+
+def make_checkpoint_folder(folder: str | None) -> None:
+    """Makes ``--checkpoint``'s folder, once every other check has passed (the shards would
+    make it on their ranks, failing there on a path that cannot be made)."""
+    from pathlib import Path
+    if folder:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError("--checkpoint", folder, f"cannot be made ({exc.strerror})") from None
 
 
 def check(sc, size: int) -> None:

@@ -161,6 +161,14 @@ def test_execute_refuses_what_would_fail_on_a_rank_before_starting_ranks(tmp_pat
     assert err.startswith("clustersim: error: " + says.format(**fill)) and len(err.strip().splitlines()) == 1
 
 
+def test_a_refused_execute_makes_no_checkpoint_folder(tmp_path, capsys, monkeypatch):
+    """Review R18: the folder was made before later checks refused the run."""
+    monkeypatch.setattr(api, "execute_command", lambda *a, **k: pytest.fail("started ranks"))
+    for extra in (["--resume"], ["--data", str(tmp_path / "none")], ["--trace", str(tmp_path)]):
+        code, _, _ = run(capsys, "execute", DOWNPOUR, "--checkpoint", tmp_path / "ck" / "a", *extra)
+        assert code == 2 and not (tmp_path / "ck").exists()
+
+
 def test_execute_on_gpus_without_cupy_is_one_line_before_starting_ranks(capsys, monkeypatch):
     from executor.backend import cupy_or_none
     if cupy_or_none() is not None:                     # pragma: no cover - GPU hosts

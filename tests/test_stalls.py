@@ -210,3 +210,28 @@ def test_a_link_cut_as_host_messages_start_is_no_traceback():
     (host ranks' messages leave after the instant's decisions): NoRoute was raised."""
     res, steps = _cut_run("downpour", 2, 4, 0.0)
     assert res.stalled_at_s is None and steps[0] == 4
+
+
+def test_a_failure_after_the_last_step_drops_no_replica_from_the_rate():
+    """Review R18: the live count came from the devices up at the run's end, so GPUs failing
+    during the final checkpoint, after every step had used all 8, cut the rate (to 0 with
+    all 8): the replicas the job went on with count, as ``run_samples_per_s`` does."""
+    from clustersim import api
+    faults = {"checkpoint_every": 20, "checkpoint_gbps": 0.001}
+    healthy = api.simulate("scenarios/quickstart.toml", {"faults.checkpoint_every": 20,
+                                                          "faults.checkpoint_gbps": 0.001}).data
+    last = max(healthy["sim_time_s"] - 1e-4, healthy["sim_time_s"] * 0.999)
+    late = api.simulate("scenarios/quickstart.toml", {**{f"faults.{k}": v for k, v in faults.items()},
+                        "faults.fail": [{"device": f"m0.gpu{g}", "at_s": last} for g in range(8)]}).data
+    assert late["samples_per_s"] == pytest.approx(healthy["samples_per_s"])
+    assert late["run_samples_per_s"] == pytest.approx(20 * 8 * 128 / late["sim_time_s"])
+
+
+def test_a_stalled_sync_run_reports_no_rate_over_the_run():
+    from clustersim.core.scenario import scenario_from_dict
+    d = {"cluster": {"topology": "distbelief-2012", "machines": 3}, "model": {"name": "mlp-digits", "batch_size": 32},
+         "parallel": {"replicas": 2, "ps_shards": 1}, "training": {"algorithm": "sync", "steps": 20},
+         "faults": {"fail": [{"at_s": 0.012, "link": ["m1.nic0", "switch"]}]}}
+    p = plan(scenario_from_dict(d, "cut.toml"))
+    out = summarize(p, simulate(p))
+    assert "stalled_at_s" in out and not {"samples_per_s", "run_samples_per_s"} & set(out)

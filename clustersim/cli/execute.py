@@ -32,7 +32,7 @@ def run(args) -> int:
     passed through; the Plan's file lives in a temporary folder for the run's length."""
     import tempfile
 
-    from executor.checks import check_checkpoint, check_data, parse_fail
+    from executor.checks import check_checkpoint, check_data, make_checkpoint_folder, parse_fail
     if args.fail and len(args.fail) > 1:    # executor.ranks crashes one worker per run
         raise ConfigError("--fail", args.fail[1], "give one --fail: a run crashes one worker")
     args.fail = args.fail[0] if args.fail else None
@@ -51,6 +51,7 @@ def run(args) -> int:
         if cupy_or_none() is None:          # here, in one line, rather than on every rank
             raise ConfigError("--device", "gpu", "needs CuPy and a visible GPU (pip install 'clustersim[gpu]' "
                               "on a GPU host)")
+    make_checkpoint_folder(args.checkpoint)     # last: a refused run leaves no folder behind
     if args.fail:
         extra += ["--fail", args.fail]
     if args.checkpoint:

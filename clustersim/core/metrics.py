@@ -83,8 +83,8 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
     }
     out.update(async_metrics(p, res))
     if getattr(res, "stalled_at_s", None) is not None:     # nothing is reported as if the job had run
-        for key in ("step_time_s", "samples_per_s"):
-            del out[key]
+        for key in ("step_time_s", "samples_per_s", "run_samples_per_s"):
+            out.pop(key, None)
         out.update(stalled_at_s=res.stalled_at_s, stalled_reason=res.stalled_reason)
         return out
     out.update(training_cost(p, samples_per_s))
@@ -98,11 +98,11 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
 def live_replicas(p: Plan, res) -> int:
     """The replicas a synchronous job still runs at its end: all of them, less those it
     went on without after their devices failed (``faults.on_failure = "continue"``; a
-    restart replaces them)."""
+    restart replaces them, and a failure after the last step drops none)."""
     eng = getattr(res, "engine", None)
-    if eng is None or not eng.failed or p.scenario.training.algorithm != "sync":
+    if eng is None or p.scenario.training.algorithm != "sync":
         return p.replicas
-    return sum(1 for row in p.devices if eng.alive(*row))
+    return p.replicas if eng.sync_replicas is None else eng.sync_replicas
 
 
 def replica_period(replica_steps: list[tuple[int, int, float, float]]) -> float:
@@ -152,11 +152,14 @@ def async_metrics(p: Plan, res) -> dict:
 def run_rate(p: Plan, tr, makespan: float) -> float:
     """A synchronous run's samples per second over its whole simulated time, failures,
     restarts and steps done again included: each step's samples counted once, from the
-    replicas whose gradients its last apply used (``samples_per_s`` is the steady step's)."""
+    replicas its last completion ran on (``samples_per_s`` is the steady step's)."""
     used: dict[int, int] = {}
+    step = None
     for u in tr.updates:
         if u.kind == "apply" and u.shard == -1 and "replicas" in u.info:
-            used[u.step] = len(u.info["replicas"])      # a step done again after a restart: its last
+            step, used[u.step] = u.step, 0              # a step done again after a restart: its last
+        elif u.kind == "deliver" and u.step == step:
+            used[step] += 1                             # a replica the step ran on, as ``samples_per_s`` counts
     return p.scenario.batch_size * sum(used.values()) / makespan
 
 

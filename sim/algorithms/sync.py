@@ -66,6 +66,7 @@ def run_sync(engine: Engine, steps: int):
             engine.log("checkpoint", -1, -1, step)
             last_checkpoint = step
         engine.trace.step_ends.append(env.now)
+    engine.sync_replicas = len(active)       # the replicas the job went on with (summarize's count)
 
 
 def _start_step(engine: Engine, active: list[int], free: dict, step: int, working: dict):
