@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine that has only Python:
-#   make demo   simulate the embedded default scenario (plot and trace under out/)
+#   make demo   simulate scenarios/quickstart.toml, the default job (plot and trace under out/)
 #   make test   run the test suite (make test-all: with the slow, real-host tests)
 PYTHON ?= python3
 VENV   := .venv

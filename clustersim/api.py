@@ -480,14 +480,15 @@ def collective(topology: str | Path, op: str = "allreduce", algo: str = "auto", 
         raise ConfigError("--algo", algo, str(exc)) from None
 
 
-PUBLISHED = Path(__file__).resolve().parents[1] / "scenarios" / "published"
-
-
 def published(directory: str | Path | None = None) -> list[dict]:
-    """Every published-measurement case (``scenarios/published``) predicted: rows with
-    ``name``, ``metric``, ``unit``, ``predicted``, ``published``, ``error_pct``, ``source``."""
+    """Every published-measurement case (``scenarios/published``, installed with the package
+    as ``clustersim.builtin_scenarios``) predicted: rows with ``name``, ``metric``, ``unit``,
+    ``predicted``, ``published``, ``error_pct``, ``source``."""
+    from importlib import resources
+
     from clustersim.compare.published import published as run
-    return run(Path(directory) if directory else PUBLISHED)
+    return run(Path(directory) if directory else
+               Path(str(resources.files("clustersim.builtin_scenarios"))) / "published")
 
 
 def published_score(rows: list[dict]) -> dict:

@@ -145,7 +145,8 @@ def test_execute_still_checks_a_single_fail(capsys):
     (["--checkpoint", "{file}/sub"], "--checkpoint: {file}/sub: cannot be made"),
     (["--checkpoint-every", "5"], "--checkpoint-every: 5: needs --checkpoint DIR"),
     (["--fail", "rank=1@step=500"], "--fail: rank=1@step=500: step 500 is past the run's last"),
-    (["--trace", "{dir}"], "--trace: {dir}: must name a file in a folder that exists")])
+    (["--trace", "{dir}"], "--trace: {dir}: is a folder: give a file name"),
+    (["--trace", "{file}/t.json"], "--trace: {file}/t.json: its folder cannot be made")])
 def test_execute_refuses_what_would_fail_on_a_rank_before_starting_ranks(tmp_path, capsys, monkeypatch, extra,
                                                                           says):
     """Second sweep: these failed inside a rank after the launch (exit 1, a rank's

@@ -77,3 +77,37 @@ def test_tflops_per_gpu_is_the_publications_flops_over_the_predicted_step_and_de
     assert row["predicted"] == pytest.approx(3e9 / (2 * run["step_time_s"]) / 1e12)
     (tmp_path / "flops.toml").write_text(case.replace("flops_per_step = 3e9\n", ""))
     assert main(["published", "--dir", str(tmp_path)]) == 2
+
+
+def test_the_default_suite_is_found_outside_the_checkout(tmp_path, monkeypatch):
+    """Installed, the cases were looked for at site-packages/scenarios/published (a new
+    user's `clustersim published` found none): they ship as clustersim.builtin_scenarios,
+    with the scenarios their ``file`` keys start from."""
+    from importlib import resources
+    packaged = Path(str(resources.files("clustersim.builtin_scenarios"))) / "published"
+    assert sorted(p.name for p in packaged.glob("*.toml")) == sorted(p.name for p in SUITE.glob("*.toml"))
+    for case in packaged.glob("*.toml"):
+        for line in case.read_text().splitlines():
+            if line.startswith("file = "):
+                assert (case.parent / line.split('"')[1]).is_file(), case.name
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr("clustersim.compare.published.published", lambda d: seen.append(d) or [])
+    assert api.published() == [] and seen == [packaged]
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_the_published_cases_and_their_scenarios(tmp_path):
+    """``pip wheel`` (make test-all): every case and every scenario a case starts from is in it."""
+    import subprocess
+    import sys
+    import zipfile
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), str(root)],
+                   check=True, capture_output=True, timeout=600)
+    names = set(zipfile.ZipFile(next(tmp_path.glob("clustersim-*.whl"))).namelist())
+    for case in SUITE.glob("*.toml"):
+        assert f"clustersim/builtin_scenarios/published/{case.name}" in names
+        for line in case.read_text().splitlines():
+            if line.startswith("file = "):
+                assert f"clustersim/builtin_scenarios/{line.split('/')[-1].rstrip(chr(34))}" in names

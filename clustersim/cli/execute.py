@@ -40,8 +40,8 @@ def run(args) -> int:
     parse_fail(args.fail, sc)
     check_checkpoint(args, sc)
     check_data(args.data, sc)
-    if args.trace and (Path(args.trace).is_dir() or not Path(args.trace).absolute().parent.is_dir()):
-        raise ConfigError("--trace", args.trace, "must name a file in a folder that exists")
+    if args.trace and Path(args.trace).is_dir():
+        raise ConfigError("--trace", args.trace, "is a folder: give a file name")
     extra = ["--transport", args.transport] if args.transport != "auto" else []
     if args.transport == "nccl":            # here, in one line, rather than on every rank
         from executor.ranks import nccl_of
@@ -52,6 +52,11 @@ def run(args) -> int:
             raise ConfigError("--device", "gpu", "needs CuPy and a visible GPU (pip install 'clustersim[gpu]' "
                               "on a GPU host)")
     make_checkpoint_folder(args.checkpoint)     # last: a refused run leaves no folder behind
+    if args.trace:                              # as simulate --trace does: its folder is made
+        try:
+            Path(args.trace).absolute().parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError("--trace", args.trace, f"its folder cannot be made ({exc.strerror})") from None
     if args.fail:
         extra += ["--fail", args.fail]
     if args.checkpoint:
