@@ -235,3 +235,13 @@ def test_a_stalled_sync_run_reports_no_rate_over_the_run():
     p = plan(scenario_from_dict(d, "cut.toml"))
     out = summarize(p, simulate(p))
     assert "stalled_at_s" in out and not {"samples_per_s", "run_samples_per_s"} & set(out)
+
+
+def test_a_sweep_whose_every_point_stalls_exits_3(capsys):
+    """As simulate does for one stalled job; a sweep with one point that ran exits 0."""
+    args = ["sweep", DOWNPOUR, "--json", "--set", "training.steps=50", "--vary", "parallel.ps_shards=1,2"]
+    assert main(args + ["--set", "faults.fail=[{machine=8, at_s=0.01}]"]) == 3
+    points = json.loads(capsys.readouterr().out)
+    assert all("stalled_at_s" in p and "samples_per_s" not in p for p in points)
+    assert main(args + ["--set", "faults.fail=[{machine=9, at_s=0.01}]"]) == 0     # shard 1 only with 2 shards
+    assert ["stalled_at_s" in p for p in json.loads(capsys.readouterr().out)] == [False, True]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from clustersim import api, report
 from clustersim.cli.args import count, plot_arg, scenario_args
+from clustersim.cli.simulate import STALL_EXIT
 from clustersim.core.config import ConfigError
 from clustersim.core.scenario import parse_set
 
@@ -98,9 +99,11 @@ def run(args) -> int:
         plot_sweep(drawn, next(iter(vary)), args.plot)
     elif args.plot:
         print(f"clustersim: no plot written to {args.plot}: no point ran to its end", file=sys.stderr)
+    # every point stalled: the sweep ran, but no job could go on (simulate's exit for a stall)
+    code = STALL_EXIT if points and all("stalled_at_s" in p for p in points) else 0
     if args.json:
         print(json.dumps(points, indent=2))
-        return 0
+        return code
     columns = [(k, k) for k in vary] + [("step_time_s", "step (s)"), ("samples_per_s", "samples/s"),
                                         ("speedup", "speedup"), ("wall_s", "wall (s)")]
     columns += [(k, h) for k, h in (("time_to_train_s", "to train (s)"), ("cost_usd", "cost ($)"))
@@ -108,7 +111,7 @@ def run(args) -> int:
     if any("error" in p for p in points):
         columns.append(("error", "error"))
     print(report.table(points, columns))
-    return 0
+    return code
 
 
 def _progress(total: int, initial: int):
