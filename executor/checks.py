@@ -84,6 +84,20 @@ def check_checkpoint(args, sc) -> None:
         missing = [k for k in range(sc.parallel.ps_shards) if not (Path(args.checkpoint) / f"shard{k}.npz").exists()]
         if missing:
             raise ConfigError("--resume", args.checkpoint, f"no checkpoint of shard {missing[0]} there")
+        for k in range(sc.parallel.ps_shards):
+            readable_checkpoint(Path(args.checkpoint) / f"shard{k}.npz")
+
+
+def readable_checkpoint(path) -> None:
+    """ConfigError naming ``--resume`` where ``path`` is not a shard checkpoint (an .npz of
+    ``params`` and ``applied``); whether it fits its shard the shard says (its size lives
+    with the ranks)."""
+    import zipfile
+    try:
+        with np.load(path) as data:
+            data["params"].shape, int(data["applied"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+        raise ConfigError("--resume", str(path), "is not a shard checkpoint (an .npz of params and applied)") from None
 
 
 def make_checkpoint_folder(folder: str | None) -> None:

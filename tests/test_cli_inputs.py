@@ -177,3 +177,12 @@ def test_execute_on_gpus_without_cupy_is_one_line_before_starting_ranks(capsys, 
     monkeypatch.setattr(api, "execute_command", lambda *a, **k: pytest.fail("started ranks"))
     code, _, err = run(capsys, "execute", QUICK, "--device", "gpu", "--set", "parallel.replicas=2")
     assert code == 2 and err.startswith("clustersim: error: --device: gpu: needs CuPy and a visible GPU")
+
+
+def test_resuming_from_a_file_that_is_no_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    """Second sweep: a junk shard0.npz failed on the shard's rank (exit 1)."""
+    monkeypatch.setattr(api, "execute_command", lambda *a, **k: pytest.fail("started ranks"))
+    (tmp_path / "shard0.npz").write_text("junk")
+    code, _, err = run(capsys, "execute", DOWNPOUR, "--set", "parallel.ps_shards=1", "--checkpoint", tmp_path,
+                       "--resume")
+    assert code == 2 and err.startswith(f"clustersim: error: --resume: {tmp_path / 'shard0.npz'}: is not a shard")
