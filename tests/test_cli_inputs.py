@@ -38,7 +38,7 @@ def test_a_sweep_with_no_finished_point_skips_its_plot_in_one_line(tmp_path, cap
     assert out.count("stalled: waiting forever on parameter-server shard 0") == 2
     assert err == f"clustersim: no plot written to {plot}: no point ran to its end\n"
     assert not plot.exists()
-    assert code == 0          # api.sweep: points that stall are rows, not bad input
+    assert code == 3          # every point stalled: simulate's exit for a stall (points are rows, not bad input)
 
 
 SUPPORTED = ".avif, .eps, .gif, .jpeg, .jpg, .pdf"      # the start of matplotlib's list (pgf only with TeX)

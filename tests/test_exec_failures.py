@@ -58,10 +58,11 @@ def test_a_checkpoint_of_another_size_is_refused_by_name(tmp_path):
 
 @pytest.mark.skipif(not MPIEXEC.exists(), reason="the mpich wheel is not installed")
 def test_an_exception_on_the_shard_rank_alone_ends_the_job(tmp_path):
-    """A corrupt checkpoint fails only the shard's rank (the CLI checks that it exists, not
-    what it holds); its worker waits on a fetch the shard will never answer."""
+    """A checkpoint of another size fails only the shard's rank (the CLI checks that it is a
+    checkpoint, not whether it fits the shard); its worker waits on a fetch the shard will
+    never answer."""
     (tmp_path / "ck").mkdir()
-    (tmp_path / "ck" / "shard0.npz").write_text("garbage")
+    np.savez(tmp_path / "ck" / "shard0.npz", params=np.zeros(3, np.float32), applied=np.int64(7))
     f = tmp_path / "s.toml"
     f.write_text(WITH_SHARD)
     proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", str(f), "--json", "--checkpoint",
@@ -70,5 +71,5 @@ def test_an_exception_on_the_shard_rank_alone_ends_the_job(tmp_path):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
     assert re.fullmatch(rf"clustersim: error: rank 1: ValueError: checkpoint {re.escape(str(tmp_path))}/ck/shard0.npz "
-                        r"is not a shard checkpoint \(an .npz of params and applied\) "
-                        r"\(at psrank.py:\d+ in load_checkpoint\)", lines[0]), lines[0]
+                        r"holds 3 parameters; this shard has \d+ \(a checkpoint of another scenario or number of "
+                        r"shards\?\) \(at psrank.py:\d+ in load_checkpoint\)", lines[0]), lines[0]
