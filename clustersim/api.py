@@ -23,7 +23,7 @@ from clustersim.core.config import ConfigError
 from clustersim.core.metrics import machines_used, summarize
 from clustersim.core.models import Model
 from clustersim.core.plan import Plan, plan
-from clustersim.core.scenario import Scenario, apply_overrides, parse_set, read_toml, scenario_from_dict
+from clustersim.core.scenario import Scenario, apply_overrides, parse_set, read_toml, scenario_file, scenario_from_dict
 from clustersim.core.schedule import ranks_needed
 from clustersim.core.topogen import load_topology
 from clustersim.core.trace import Trace, write_atomic
@@ -67,7 +67,7 @@ def load(source: Source, overrides: Overrides = None) -> Scenario:
     """The validated Scenario of a file or dict with ``overrides`` applied."""
     if isinstance(source, Mapping):
         return scenario_from_dict(apply_overrides(dict(source), _pairs(overrides)), "<dict>")
-    path = Path(source)
+    path = scenario_file(source)
     return scenario_from_dict(apply_overrides(read_toml(path), _pairs(overrides)), str(path))
 
 

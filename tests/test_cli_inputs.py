@@ -186,3 +186,18 @@ def test_resuming_from_a_file_that_is_no_checkpoint_is_one_line(tmp_path, capsys
     code, _, err = run(capsys, "execute", DOWNPOUR, "--set", "parallel.ps_shards=1", "--checkpoint", tmp_path,
                        "--resume")
     assert code == 2 and err.startswith(f"clustersim: error: --resume: {tmp_path / 'shard0.npz'}: is not a shard")
+
+
+def test_a_built_in_scenario_runs_by_name_from_any_folder(tmp_path, capsys, monkeypatch):
+    """Installed, the examples live in the package (clustersim.builtin_scenarios): a bare
+    name with no such file is the built-in scenario; an unknown one lists the names."""
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "simulate", "quickstart", "--json", "--no-speedup", "--set", "training.steps=2")
+    assert code == 0 and json.loads(out)["name"] == "quickstart"
+    assert api.load("downpour").training.algorithm == "downpour"
+    code, _, err = run(capsys, "simulate", "nosuch")
+    assert code == 2 and "nosuch: cannot read file (FileNotFoundError); built-in scenarios: " in err
+    assert "quickstart" in err and "downpour" in err
+    (tmp_path / "quickstart").write_text('[cluster]\ntopology = "dgx-h100"\n[model]\nname = "mlp-digits"\n'
+                                         'batch_size = 4\n')
+    assert api.load("quickstart").batch_size == 4          # a file of that name comes first

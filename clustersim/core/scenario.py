@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,14 @@ def read_toml(path: Path) -> dict:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), "", f"malformed TOML: {exc}") from None
     except (OSError, ValueError) as exc:           # ValueError: undecodable, or a NUL in the name
-        raise ConfigError(str(path), "", f"cannot read file ({exc.__class__.__name__})") from None
+        names = "" if Path(path).suffix else "; built-in scenarios: " + ", ".join(builtin_scenarios())
+        raise ConfigError(str(path), "", f"cannot read file ({exc.__class__.__name__}){names}") from None
+
+
+def builtin_scenarios() -> list[str]:
+    """The names ``scenario_file`` takes for the scenarios shipped with the package."""
+    return sorted(p.name[:-5] for p in resources.files("clustersim.builtin_scenarios").iterdir()
+                  if p.name.endswith(".toml"))
 
 
 def parse_set(items: list[str]) -> list[tuple[str, Any]]:
@@ -184,8 +192,19 @@ def apply_overrides(data: dict, overrides: list[tuple[str, Any]]) -> dict:
     return data
 
 
+def scenario_file(ref: str | Path) -> Path:
+    """``ref`` as a path; a bare name with no such file (``quickstart``) is the built-in
+    scenario of that name (``scenarios/``, shipped as ``clustersim.builtin_scenarios``), so
+    an installed package runs its examples from any folder."""
+    path = Path(ref)
+    if path.exists() or path.suffix or len(path.parts) != 1:
+        return path
+    builtin = resources.files("clustersim.builtin_scenarios") / f"{path.name}.toml"
+    return Path(str(builtin)) if builtin.is_file() else path
+
+
 def load_scenario(path: str | Path, overrides: list[tuple[str, Any]] = ()) -> Scenario:
-    path = Path(path)
+    path = scenario_file(path)
     return scenario_from_dict(apply_overrides(read_toml(path), list(overrides)), str(path))
 
 
