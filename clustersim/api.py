@@ -23,7 +23,8 @@ from clustersim.core.config import ConfigError
 from clustersim.core.metrics import machines_used, summarize
 from clustersim.core.models import Model
 from clustersim.core.plan import Plan, plan
-from clustersim.core.scenario import Scenario, apply_overrides, parse_set, read_toml, scenario_file, scenario_from_dict
+from clustersim.core.scenario import (Scenario, apply_overrides, builtin_scenario_folder, parse_set, read_toml,
+                                     scenario_file, scenario_from_dict)
 from clustersim.core.schedule import ranks_needed
 from clustersim.core.topogen import load_topology
 from clustersim.core.trace import Trace, write_atomic
@@ -484,11 +485,8 @@ def published(directory: str | Path | None = None) -> list[dict]:
     """Every published-measurement case (``scenarios/published``, installed with the package
     as ``clustersim.builtin_scenarios``) predicted: rows with ``name``, ``metric``, ``unit``,
     ``predicted``, ``published``, ``error_pct``, ``source``."""
-    from importlib import resources
-
     from clustersim.compare.published import published as run
-    return run(Path(directory) if directory else
-               Path(str(resources.files("clustersim.builtin_scenarios"))) / "published")
+    return run(Path(directory) if directory else builtin_scenario_folder() / "published")
 
 
 def published_score(rows: list[dict]) -> dict:

@@ -89,26 +89,26 @@ def check_checkpoint(args, sc) -> None:
 
 
 def readable_checkpoint(path) -> None:
-    """ConfigError naming ``--resume`` where ``path`` is not a shard checkpoint (an .npz of
-    ``params`` and ``applied``); whether it fits its shard the shard says (its size lives
+    """ConfigError naming ``--resume`` where ``path`` is no shard checkpoint
+    (``psrank.read_checkpoint``); whether it fits its shard the shard says (its size lives
     with the ranks)."""
-    import zipfile
+    from executor.psrank import read_checkpoint
     try:
-        with np.load(path) as data:
-            data["params"].shape, int(data["applied"])
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
-        raise ConfigError("--resume", str(path), "is not a shard checkpoint (an .npz of params and applied)") from None
+        read_checkpoint(path)
+    except ValueError as exc:
+        raise ConfigError("--resume", str(path), str(exc).replace(f"checkpoint {path} ", "", 1)) from None
 
 
-def make_checkpoint_folder(folder: str | None) -> None:
-    """Makes ``--checkpoint``'s folder, once every other check has passed (the shards would
-    make it on their ranks, failing there on a path that cannot be made)."""
+def make_folder(option: str, given: str, inside: bool = False) -> None:
+    """Makes the folder ``option`` writes into (``given``, or with ``inside`` the folder that
+    holds the file ``given``) once every other check has passed, so that a refused run
+    leaves none behind; the ranks would fail there on a path that cannot be made."""
     from pathlib import Path
-    if folder:
-        try:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError("--checkpoint", folder, f"cannot be made ({exc.strerror})") from None
+    folder = Path(given).absolute().parent if inside else Path(given)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(option, given, f"{'its folder ' if inside else ''}cannot be made ({exc.strerror})") from None
 
 
 def check(sc, size: int) -> None:

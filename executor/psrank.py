@@ -122,19 +122,25 @@ def save_checkpoint(path, w: np.ndarray, applied: int, opt) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, opt, size: int) -> tuple[np.ndarray, int]:
-    """(parameters, updates applied) from ``save_checkpoint``'s file, and the optimizer's
-    state into ``opt``; ValueError naming the file when it cannot be read or does not hold
-    a shard of ``size`` parameters (one of another scenario or shard count)."""
+def read_checkpoint(path) -> tuple[np.ndarray, int, dict]:
+    """(parameters, updates applied, every array) of ``save_checkpoint``'s file; ValueError
+    naming the file when it cannot be read or is not a shard checkpoint."""
     import zipfile
     try:
         with np.load(path) as data:
             state = {key: data[key] for key in data.files}
-        w, applied = state["params"].astype(np.float32), int(state["applied"])
+        return state["params"].astype(np.float32), int(state["applied"]), state
     except OSError as exc:
         raise ValueError(f"checkpoint {path} cannot be read: {exc}") from None
-    except (ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         raise ValueError(f"checkpoint {path} is not a shard checkpoint (an .npz of params and applied)") from None
+
+
+def load_checkpoint(path, opt, size: int) -> tuple[np.ndarray, int]:
+    """(parameters, updates applied) from ``save_checkpoint``'s file, and the optimizer's
+    state into ``opt``; ValueError naming the file when it cannot be read or does not hold
+    a shard of ``size`` parameters (one of another scenario or shard count)."""
+    w, applied, state = read_checkpoint(path)
     if w.shape != (size,):
         raise ValueError(f"checkpoint {path} holds {w.size} parameters; this shard has {size} "
                          f"(a checkpoint of another scenario or number of shards?)")

@@ -411,7 +411,7 @@ def run(env: simpy.Environment, network: Network, coll: Collective | list[Phase]
 def _phase(env: simpy.Environment, network: Network, ph: Phase, record: Record | None, latency,
            speed) -> simpy.Event:
     """An event that fires when the phase's sends have arrived, each send recorded then (a
-    coupled phase's pairs at once).  Callbacks, not a process: a process took two more events."""
+    coupled phase's pairs at once).  Callbacks, where a process would cost two more events."""
     start = env.now
     if ph.coupled:
         done = network.send(ph.pairs, ph.nbytes, latency=phase_latency(network, ph) if latency is None else latency,

@@ -403,6 +403,7 @@ class Engine:
         def decide(_e) -> None:
             if compute.waiting(dst):
                 moving = wire()
+                # an all_of even alone: its queue trip keeps the instant's order of ends (digests)
                 then(env.all_of([moving, sent]) if sent else env.all_of([moving]), lambda _a: fire_now(done, None))
             elif sent:
                 then(sent, lambda _s: then(wire(), arrived))

@@ -79,8 +79,8 @@ class FlowNetwork(Network):
             latency = messages * pattern[1]
         if not latency:
             return self.fluid.start(weights, nbytes)
-        # the latency, then the bytes: two events and callbacks, not a process (a message
-        # as a process took four events, and image-80m's step ~15% more wall time)
+        # the latency, then the bytes: callbacks, where a process would cost two more events
+        # a message (decision 049)
         done, fluid = self.env.event(), self.fluid
 
         def flow(_timer: simpy.Event) -> None:

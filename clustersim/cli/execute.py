@@ -32,7 +32,7 @@ def run(args) -> int:
     passed through; the Plan's file lives in a temporary folder for the run's length."""
     import tempfile
 
-    from executor.checks import check_checkpoint, check_data, make_checkpoint_folder, parse_fail
+    from executor.checks import check_checkpoint, check_data, make_folder, parse_fail
     if args.fail and len(args.fail) > 1:    # executor.ranks crashes one worker per run
         raise ConfigError("--fail", args.fail[1], "give one --fail: a run crashes one worker")
     args.fail = args.fail[0] if args.fail else None
@@ -51,12 +51,10 @@ def run(args) -> int:
         if cupy_or_none() is None:          # here, in one line, rather than on every rank
             raise ConfigError("--device", "gpu", "needs CuPy and a visible GPU (pip install 'clustersim[gpu]' "
                               "on a GPU host)")
-    make_checkpoint_folder(args.checkpoint)     # last: a refused run leaves no folder behind
+    if args.checkpoint:                         # last: a refused run leaves no folder behind
+        make_folder("--checkpoint", args.checkpoint)
     if args.trace:                              # as simulate --trace does: its folder is made
-        try:
-            Path(args.trace).absolute().parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError("--trace", args.trace, f"its folder cannot be made ({exc.strerror})") from None
+        make_folder("--trace", args.trace, inside=True)
     if args.fail:
         extra += ["--fail", args.fail]
     if args.checkpoint:

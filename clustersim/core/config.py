@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from importlib import resources
 from typing import Any
 
 
@@ -115,3 +116,9 @@ def _check_range(t: Table, key: str, value: float, lo: float | None, hi: float |
 def _kind(value: Any) -> str:
     return {dict: "a table", list: "an array", str: "a string", bool: "a boolean",
             int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def bundled_names(package: str) -> list[str]:
+    """The names of the TOML files a data package shipped with clustersim holds (built-in
+    topologies, built-in scenarios), without ``.toml``."""
+    return sorted(p.name[:-5] for p in resources.files(package).iterdir() if p.name.endswith(".toml"))

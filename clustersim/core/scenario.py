@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from clustersim.core.config import ConfigError, Table
+from clustersim.core.config import ConfigError, Table, bundled_names
 from clustersim.core.models import BUNDLED_DATA, ZOO, Model, load_model_file, zoo_model
 from clustersim.core.topogen import MAX_MACHINES, load_topology
 from clustersim.core.topology import DTYPES, Topology
@@ -159,8 +159,7 @@ def read_toml(path: Path) -> dict:
 
 def builtin_scenarios() -> list[str]:
     """The names ``scenario_file`` takes for the scenarios shipped with the package."""
-    return sorted(p.name[:-5] for p in resources.files("clustersim.builtin_scenarios").iterdir()
-                  if p.name.endswith(".toml"))
+    return bundled_names("clustersim.builtin_scenarios")
 
 
 def parse_set(items: list[str]) -> list[tuple[str, Any]]:
@@ -199,8 +198,13 @@ def scenario_file(ref: str | Path) -> Path:
     path = Path(ref)
     if path.exists() or path.suffix or len(path.parts) != 1:
         return path
-    builtin = resources.files("clustersim.builtin_scenarios") / f"{path.name}.toml"
-    return Path(str(builtin)) if builtin.is_file() else path
+    builtin = builtin_scenario_folder() / f"{path.name}.toml"
+    return builtin if builtin.is_file() else path
+
+
+def builtin_scenario_folder() -> Path:
+    """Where the scenarios shipped with the package are (``scenarios/`` in the checkout)."""
+    return Path(str(resources.files("clustersim.builtin_scenarios")))
 
 
 def load_scenario(path: str | Path, overrides: list[tuple[str, Any]] = ()) -> Scenario:

@@ -36,7 +36,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from clustersim.core.config import ConfigError, Table
+from clustersim.core.config import ConfigError, Table, bundled_names
 from clustersim.core.layers import KINDS
 from clustersim.core.topology import DEVICE_KINDS, DTYPES, SPLIT, STAGE, Device, Link, Topology
 
@@ -99,8 +99,7 @@ def _with_base(data: dict, path: str, depth: int = 0) -> dict:
 
 
 def builtin_topologies() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("clustersim.builtin_topologies").iterdir()
-                  if p.name.endswith(".toml"))
+    return bundled_names("clustersim.builtin_topologies")
 
 
 def _read(ref: str, base_dir: Path, named_in: tuple[str, str] = ("", "")) -> tuple[str, str]:
