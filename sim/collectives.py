@@ -24,7 +24,8 @@ the latency of the deepest path up and down plus the time its busiest link needs
 NVLS on g GPUs of one NVSwitch with links of speed B (NCCL's) runs in NCCL's 23 us plus
 S (g+1)/g / (B x 5/6) times its chunk pipeline's fill (n + 2) / n (``nccl.nvls_pipeline``:
 n chunk steps a channel, three stages; decision 028); NVLS_TREE adds each rail's double
-binary tree at the same time.
+binary tree at the same time, with the same three-stage fill over its own chunks (decision
+050).
 """
 from __future__ import annotations
 
@@ -324,8 +325,8 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
         share = nccl.run_share(op, algo, proto, nbytes, upb, n, machines, **graph)
     else:
         share = nccl.protocol_factor(algo if algo in nccl.NVLS else "ring", proto, op, machines, n / machines)
-    if algo == "nvls":
-        share /= nccl.nvls_pipeline(nbytes, n, version)
+    if algo in nccl.NVLS:
+        share /= nccl.nvls_pipeline(nbytes, n // machines, version, tree=machines > 1)
     speed = nccl_link_speed(topology, share, cache) if _shortcut(cache) else None
     return Collective(op, algo, proto, schedule, _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes),
                       share, speed)

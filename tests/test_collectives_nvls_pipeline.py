@@ -1,6 +1,6 @@
-"""One-machine NVLS as its kernel moves chunks (decision 028): enqueue.cc's chunk sizes worked
-by hand, the three-stage pipeline's fill (n + 2) / n over n chunk steps a channel, NCCL 2.18's
-channels filled in turn, and flow-model runs against the closed form."""
+"""NVLS as its kernels move chunks (decisions 028, 050): enqueue.cc's chunk sizes worked by
+hand, the three-stage pipeline's fill (n + 2) / n over n chunk steps a channel (NVLS_TREE with
+its own chunks), NCCL 2.18's channels filled in turn, and flow-model runs against the closed form."""
 import pytest
 from test_collectives_nccl import run_time
 
@@ -61,10 +61,32 @@ def test_auto_still_takes_nvls_at_one_mib_as_nccls_tuner_does():
     assert ring["algo"] == "ring" and ring["time_s"] != nvls["time_s"]
 
 
-def test_nvls_tree_takes_no_one_machine_fill():
-    """NVLS_TREE's chunking differs (enqueue.cc) and is not modelled: its run is unchanged."""
+@pytest.mark.parametrize("nbytes, chunk", [
+    (8 * GIB, 512 * KIB),               # not below 32 x 16 x 8 x 512 KiB = 2 GiB: the Simple step
+    (GIB, 256 * KIB),                   # below 2 GiB, not below 16 x 128 x 256 KiB = 512 MiB
+    (128 * MIB, 128 * KIB),             # below 512 MiB, not below 4 x 128 x 128 KiB = 64 MiB
+    (16 * MIB, 64 * KIB),               # below 64 MiB, not below 1 x 128 x 64 KiB = 8 MiB
+    (MIB, 32 * KIB),                    # the smallest
+])
+def test_nvls_tree_chunk_is_enqueue_ccs_from_the_simple_step(nbytes, chunk):
+    """enqueue.cc (2.18-2.21): NVLS_TREE starts from NCCL_BUFFSIZE's 4 MiB over 8 steps."""
+    assert nccl.nvls_chunk(nbytes, 8, tree=True) == chunk
+
+
+def test_nvls_tree_pipeline_fill_worked_by_hand():
+    """Three stages over NVLS_TREE's chunks, whatever the tree's depth: 1 MiB, 32 KiB chunks,
+    one step a channel: 3x the bytes' time; 2.18 fills 4 of 16 channels: 12x.  1 GiB: 32 steps
+    of 256 KiB, 34/32; 8 GiB: 128 steps of 512 KiB, 130/128."""
+    assert nccl.nvls_pipeline(MIB, 8, "2.20.3", tree=True) == 3.0
+    assert nccl.nvls_pipeline(MIB, 8, "2.18.5", tree=True) == 12.0
+    assert nccl.nvls_pipeline(GIB, 8, tree=True) == pytest.approx(34 / 32)
+    assert nccl.nvls_pipeline(8 * GIB, 8, tree=True) == pytest.approx(130 / 128)
+
+
+def test_nvls_tree_runs_with_its_fill_by_version():
+    """The run's share is 5/6 over the fill: 2 DGX H100 at 1 MiB, 3 (2.20) and 12 (2.18)."""
     topo = load_topology("dgx-h100-fat-tree", machines=2)
     devices = topo.compute_devices()
     a = collectives.layout(topo, "allreduce", "nvls_tree", devices, MIB)
     b = collectives.layout(topo, "allreduce", "nvls_tree", devices, MIB, version="2.18.5")
-    assert a.share == b.share == pytest.approx(RATIO)
+    assert a.share == pytest.approx(RATIO / 3) and b.share == pytest.approx(RATIO / 12)

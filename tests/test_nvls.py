@@ -72,25 +72,27 @@ def test_one_machine_nvls_is_nccls_latency_plus_the_switch_links_closed_form(g):
 def test_two_machines_nvls_tree_is_bound_by_nvlink_closed_form():
     """Two DGX H100: the NVLink part (S 9/8 each way) and each rail's two trees (S/16 up
     and S/16 down a tree, S/8 each way a NIC) run at once; NVLink is the slower:
-    51 us + S 9/8 / (370.8 GB/s x 5/6)."""
+    51 us + S 9/8 / (370.8 GB/s x 5/6), times the chunk pipeline's fill."""
     topo = load_topology("dgx-h100-fat-tree", machines=2)
     devices = topo.compute_devices()
     coll = collectives.layout(topo, "allreduce", "nvls_tree", devices, GIB)
     assert [ph.wave for ph in coll.phases] == [0] * len(coll.phases)
     assert len(coll.phases) == 2 + 8 * 2                   # a switch phase per machine, 2 trees per rail
-    expected = 51e-6 + GIB * 9 / 8 / (H100_LINK * RATIO)
+    fill = (32 + 2) / 32                                   # 32 steps of 256 KiB, 3 stages (decision 050)
+    expected = 51e-6 + GIB * 9 / 8 / (H100_LINK * RATIO) * fill
     assert run_time(topo, coll) == pytest.approx(expected, rel=1e-9)
     assert 9 / 8 / H100_LINK > (1 / 8) / NIC                # NVLink bound, not the NICs
 
 
 def test_four_machines_nvls_tree_is_bound_by_the_busiest_nic_closed_form():
     """Four machines: a machine interior in one tree and a leaf in the other sends 4 of
-    the rail's S/16 messages each way, S/4 a NIC: 79 us + S/4 / (48 GB/s x 5/6), slower
+    the rail's S/16 messages each way, S/4 a NIC: 79 us + S/4 / (48 GB/s x 5/6) x fill, slower
     than the ring (why NCCL gains nothing from NVLS beyond 2 nodes, nccl#1221)."""
     topo = load_topology("dgx-h100-fat-tree", machines=4)
     devices = topo.compute_devices()
     coll = collectives.layout(topo, "allreduce", "nvls_tree", devices, GIB)
-    expected = 79e-6 + GIB / 4 / (NIC * RATIO)
+    fill = (32 + 2) / 32                                   # the same fill 2 machines deep
+    expected = 79e-6 + GIB / 4 / (NIC * RATIO) * fill
     assert run_time(topo, coll) == pytest.approx(expected, rel=1e-9)
     [row] = api.collective("dgx-h100-fat-tree", sizes=[2**33], machines=4)
     assert row["algo"] == "ring"

@@ -16,8 +16,8 @@ rate: NVLink 20.6 GB/s per NVLink4 lane of 25 (``SM90_NVLINK_BW``, ``src/graph/t
 20.0 per NVLink3 lane (``SM80_NVLINK_BW``: 12 lanes of an A100 = 240 GB/s),
 PCIe 12 of 15.75 GB/s (``PCI_BW``, Gen3 x16), network 48 GB/s per 400 Gb/s NIC
 (``sm90SpeedArrayInter[0]``, ``src/graph/search.cc``; NVIDIA's "46-48 GB/s per NIC",
-NVIDIA/nccl-tests#290).  NVLS runs add the fill of its three-stage chunk pipeline
-(``nvls_pipeline``, decision 028), which NCCL's tuner does not count.  The per-channel caps
+NVIDIA/nccl-tests#290).  NVLS and NVLS_TREE runs add the fill of their chunk pipelines
+(``nvls_pipeline``, decisions 028 and 050), which NCCL's tuner does not count.  The per-channel caps
 count NCCL's *search* channels, one per NIC of a machine (half the execution channels,
 ``CHANNELS_PER_NIC``): 8 on a DGX H100, where they bind (the tree from 2 machines on, any
 protocol: 8 x 41.4 GB/s busbw on 2, 8 x 36.0 on 3 or more; tree LL128 on 3 or more at 8 x
@@ -55,6 +55,11 @@ NET_OVERHEAD_US = 1.0          # getNetOverhead(): x86 Intel hosts
 NVLS_STAGES = 3
 NVLS_MAX_CHUNK = 128 * 1024    # enqueue.cc: NVLS chunk at most 128 KiB (2.18-2.20), then halved ...
 NVLS_CHUNK_RULES = ((64, 64 * 1024), (8, 32 * 1024), (2, 16 * 1024))  # ... below k x channels x heads x chunk
+# NVLS_TREE (decision 050): enqueue.cc (2.18-2.21 alike) starts from the Simple step, NCCL_BUFFSIZE's
+# default 4 MiB over NCCL_STEPS = 8 (chunkSteps 1 outside the ring), and steps it down below
+# k x channels x heads x chunk.
+NVLS_TREE_MAX_CHUNK = (4 << 20) // 8
+NVLS_TREE_CHUNK_RULES = ((32, 256 * 1024), (16, 128 * 1024), (4, 64 * 1024), (1, 32 * 1024))
 NVLS_CHANNEL_PARTS = (2, 20)   # from here each channel gets its own part; 2.18 fills channels in turn
 LINK_EFFICIENCY = {"nvlink": 20.6 / 25.0, "pci": 12.0 / 15.75, "net": 48.0 / 50.0}
 NVLINK_LANE_GBPS = {8: 20.0, 9: 20.6}     # SM80_NVLINK_BW, SM90_NVLINK_BW of a 25 GB/s lane
@@ -110,23 +115,26 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(x) for x in version.split("."))
 
 
-def nvls_chunk(nbytes: float, heads: int, channels: int = NVLS_CHANNELS) -> int:
-    """The NVLS chunk enqueue.cc (calcCollChunking, 2.18-2.20) picks for an allreduce of
-    ``nbytes`` on one machine: 128 KiB, halved to 64/32/16 KiB below 64/8/2 x channels x heads
-    chunks in flight."""
-    chunk, in_flight = NVLS_MAX_CHUNK, channels * heads
-    for times, smaller in NVLS_CHUNK_RULES:
+def nvls_chunk(nbytes: float, heads: int, channels: int = NVLS_CHANNELS, tree: bool = False) -> int:
+    """The chunk enqueue.cc (2.18-2.21) picks for an NVLS allreduce of ``nbytes``: on one machine
+    128 KiB, halved to 64/32/16 KiB below 64/8/2 x channels x heads chunks in flight; NVLS_TREE
+    (``tree``) 512 KiB, then 256/128/64/32 KiB below 32/16/4/1 x channels x heads x chunk."""
+    chunk, in_flight = (NVLS_TREE_MAX_CHUNK if tree else NVLS_MAX_CHUNK), channels * heads
+    for times, smaller in (NVLS_TREE_CHUNK_RULES if tree else NVLS_CHUNK_RULES):
         if nbytes < times * in_flight * chunk and chunk > smaller:
             chunk = smaller
     return chunk
 
 
-def nvls_pipeline(nbytes: float, heads: int, version: str = VERSION, channels: int = NVLS_CHANNELS) -> float:
-    """How much longer one-machine NVLS moves its bytes than the links' steady rate: n chunk
-    steps per channel take n + 2 step times (three stages), and NCCL before 2.20 gives channel
-    c the bytes from c x heads x chunk on, so small messages leave channels idle and the busy
-    ones carry their share of the links' rate each (NCCL's bandwidth is channels x a channel's)."""
-    chunk = nvls_chunk(nbytes, heads, channels)
+def nvls_pipeline(nbytes: float, heads: int, version: str = VERSION, channels: int = NVLS_CHANNELS,
+                  tree: bool = False) -> float:
+    """How much longer NVLS moves its bytes than the links' steady rate: n chunk steps per
+    channel take n + 2 step times (three stages a chunk passes on its machine), with NVLS_TREE's
+    chunk rule where ``tree`` (decision 050: across machines the measured fill does not grow
+    with the tree's depth), and NCCL before 2.20 gives channel c the bytes from c x heads x
+    chunk on, so small messages leave channels idle and the busy ones carry their share of the
+    links' rate each (NCCL's bandwidth is channels x a channel's)."""
+    chunk = nvls_chunk(nbytes, heads, channels, tree)
     steps = max(1, math.ceil(nbytes / (channels * heads * chunk)))
     busy = channels
     if version_tuple(version) < NVLS_CHANNEL_PARTS:
