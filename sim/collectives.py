@@ -326,7 +326,7 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
     else:
         share = nccl.protocol_factor(algo if algo in nccl.NVLS else "ring", proto, op, machines, n / machines)
     if algo in nccl.NVLS:
-        share /= nccl.nvls_pipeline(nbytes, n // machines, version, tree=machines > 1)
+        share /= nccl.nvls_pipeline(nbytes, n // machines, version, machines=machines)
     speed = nccl_link_speed(topology, share, cache) if _shortcut(cache) else None
     return Collective(op, algo, proto, schedule, _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes),
                       share, speed)

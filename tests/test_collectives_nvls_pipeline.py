@@ -70,17 +70,28 @@ def test_auto_still_takes_nvls_at_one_mib_as_nccls_tuner_does():
 ])
 def test_nvls_tree_chunk_is_enqueue_ccs_from_the_simple_step(nbytes, chunk):
     """enqueue.cc (2.18-2.21): NVLS_TREE starts from NCCL_BUFFSIZE's 4 MiB over 8 steps."""
-    assert nccl.nvls_chunk(nbytes, 8, tree=True) == chunk
+    assert nccl.nvls_chunk(nbytes, 8, machines=2) == chunk
+
+
+def test_nvls_tree_chunk_from_four_machines_is_64_kib_since_2_19_3():
+    """NCCL 2.19.3 caps NVLS_TREE's chunk at 64 KiB from 4 machines on (NVIDIA/nccl PR 1112;
+    NCCL_NVLSTREE_MAX_CHUNKSIZE's default from 2.20.3); 2.18 and 2 or 3 machines keep 512 KiB."""
+    assert nccl.nvls_chunk(8 * GIB, 8, machines=4) == 64 * KIB
+    assert nccl.nvls_chunk(8 * GIB, 8, machines=16, version="2.24.3") == 64 * KIB
+    assert nccl.nvls_chunk(8 * GIB, 8, machines=3) == 512 * KIB
+    assert nccl.nvls_chunk(8 * GIB, 8, machines=4, version="2.18.5") == 512 * KIB
+    assert nccl.nvls_chunk(MIB, 8, machines=4) == 32 * KIB           # the rules still step it down
+    assert nccl.nvls_pipeline(GIB, 8, machines=16) == pytest.approx(130 / 128)
 
 
 def test_nvls_tree_pipeline_fill_worked_by_hand():
     """Three stages over NVLS_TREE's chunks, whatever the tree's depth: 1 MiB, 32 KiB chunks,
     one step a channel: 3x the bytes' time; 2.18 fills 4 of 16 channels: 12x.  1 GiB: 32 steps
     of 256 KiB, 34/32; 8 GiB: 128 steps of 512 KiB, 130/128."""
-    assert nccl.nvls_pipeline(MIB, 8, "2.20.3", tree=True) == 3.0
-    assert nccl.nvls_pipeline(MIB, 8, "2.18.5", tree=True) == 12.0
-    assert nccl.nvls_pipeline(GIB, 8, tree=True) == pytest.approx(34 / 32)
-    assert nccl.nvls_pipeline(8 * GIB, 8, tree=True) == pytest.approx(130 / 128)
+    assert nccl.nvls_pipeline(MIB, 8, "2.20.3", machines=2) == 3.0
+    assert nccl.nvls_pipeline(MIB, 8, "2.18.5", machines=2) == 12.0
+    assert nccl.nvls_pipeline(GIB, 8, machines=2) == pytest.approx(34 / 32)
+    assert nccl.nvls_pipeline(8 * GIB, 8, machines=2) == pytest.approx(130 / 128)
 
 
 def test_nvls_tree_runs_with_its_fill_by_version():

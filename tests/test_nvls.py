@@ -91,7 +91,7 @@ def test_four_machines_nvls_tree_is_bound_by_the_busiest_nic_closed_form():
     topo = load_topology("dgx-h100-fat-tree", machines=4)
     devices = topo.compute_devices()
     coll = collectives.layout(topo, "allreduce", "nvls_tree", devices, GIB)
-    fill = (32 + 2) / 32                                   # the same fill 2 machines deep
+    fill = (128 + 2) / 128                                 # 128 steps of 64 KiB from 4 machines on
     expected = 79e-6 + GIB / 4 / (NIC * RATIO) * fill
     assert run_time(topo, coll) == pytest.approx(expected, rel=1e-9)
     [row] = api.collective("dgx-h100-fat-tree", sizes=[2**33], machines=4)

@@ -59,6 +59,7 @@ NVLS_CHUNK_RULES = ((64, 64 * 1024), (8, 32 * 1024), (2, 16 * 1024))  # ... belo
 # default 4 MiB over NCCL_STEPS = 8 (chunkSteps 1 outside the ring), and steps it down below
 # k x channels x heads x chunk.
 NVLS_TREE_MAX_CHUNK = (4 << 20) // 8
+NVLS_TREE_WIDE = (4, 64 * 1024, (2, 19, 3))  # from 4 machines on at most 64 KiB, since 2.19.3 (nccl PR 1112)
 NVLS_TREE_CHUNK_RULES = ((32, 256 * 1024), (16, 128 * 1024), (4, 64 * 1024), (1, 32 * 1024))
 NVLS_CHANNEL_PARTS = (2, 20)   # from here each channel gets its own part; 2.18 fills channels in turn
 LINK_EFFICIENCY = {"nvlink": 20.6 / 25.0, "pci": 12.0 / 15.75, "net": 48.0 / 50.0}
@@ -115,26 +116,35 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(x) for x in version.split("."))
 
 
-def nvls_chunk(nbytes: float, heads: int, channels: int = NVLS_CHANNELS, tree: bool = False) -> int:
+def nvls_chunk(nbytes: float, heads: int, channels: int = NVLS_CHANNELS, machines: int = 1,
+               version: str = VERSION) -> int:
     """The chunk enqueue.cc (2.18-2.21) picks for an NVLS allreduce of ``nbytes``: on one machine
     128 KiB, halved to 64/32/16 KiB below 64/8/2 x channels x heads chunks in flight; NVLS_TREE
-    (``tree``) 512 KiB, then 256/128/64/32 KiB below 32/16/4/1 x channels x heads x chunk."""
-    chunk, in_flight = (NVLS_TREE_MAX_CHUNK if tree else NVLS_MAX_CHUNK), channels * heads
-    for times, smaller in (NVLS_TREE_CHUNK_RULES if tree else NVLS_CHUNK_RULES):
+    (several ``machines``) 512 KiB -- 64 KiB from 4 machines on since 2.19.3 (the default of
+    NCCL_NVLSTREE_MAX_CHUNKSIZE from 2.20.3) -- then 256/128/64/32 KiB below 32/16/4/1 x channels
+    x heads x chunk."""
+    chunk, rules = NVLS_MAX_CHUNK, NVLS_CHUNK_RULES
+    if machines > 1:
+        chunk, rules = NVLS_TREE_MAX_CHUNK, NVLS_TREE_CHUNK_RULES
+        wide, cap, since = NVLS_TREE_WIDE
+        if machines >= wide and version_tuple(version) >= since:
+            chunk = cap
+    in_flight = channels * heads
+    for times, smaller in rules:
         if nbytes < times * in_flight * chunk and chunk > smaller:
             chunk = smaller
     return chunk
 
 
 def nvls_pipeline(nbytes: float, heads: int, version: str = VERSION, channels: int = NVLS_CHANNELS,
-                  tree: bool = False) -> float:
+                  machines: int = 1) -> float:
     """How much longer NVLS moves its bytes than the links' steady rate: n chunk steps per
-    channel take n + 2 step times (three stages a chunk passes on its machine), with NVLS_TREE's
-    chunk rule where ``tree`` (decision 050: across machines the measured fill does not grow
-    with the tree's depth), and NCCL before 2.20 gives channel c the bytes from c x heads x
-    chunk on, so small messages leave channels idle and the busy ones carry their share of the
-    links' rate each (NCCL's bandwidth is channels x a channel's)."""
-    chunk = nvls_chunk(nbytes, heads, channels, tree)
+    channel take n + 2 step times (three stages a chunk passes on its machine), over NVLS_TREE's
+    chunks across ``machines`` (decision 050: the measured fill does not grow with the tree's
+    depth), and NCCL before 2.20 gives channel c the bytes from c x heads x chunk on, so small
+    messages leave channels idle and the busy ones carry their share of the links' rate each
+    (NCCL's bandwidth is channels x a channel's)."""
+    chunk = nvls_chunk(nbytes, heads, channels, machines, version)
     steps = max(1, math.ceil(nbytes / (channels * heads * chunk)))
     busy = channels
     if version_tuple(version) < NVLS_CHANNEL_PARTS:
