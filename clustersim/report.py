@@ -34,7 +34,7 @@ def summary_text(s: dict) -> str:
         lines.append(f"  speedup          {s['speedup']:.3g}x against one device "
                      f"({seconds(s['one_device_step_time_s'])} per step)")
     if "time_to_train_s" in s:
-        extra = [f"${s['cost_usd']:,.0f} on {s['machines_used']} machine(s)"] if "cost_usd" in s else []
+        extra = [f"${s['cost_usd']:,.2f} on {s['machines_used']} machine(s)"] if "cost_usd" in s else []
         extra += [f"{s['energy_kwh']:,.4g} kWh"] if "energy_kwh" in s else []
         extra += ["meets the target" if s["meets_target"] else "MISSES the target"] if "meets_target" in s else []
         lines.append(f"  to train         {seconds(s['time_to_train_s'])} ({seconds(s['epoch_time_s'])} an epoch)"

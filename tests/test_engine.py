@@ -271,6 +271,8 @@ def test_time_and_cost_to_train_follow_from_throughput_price_and_power():
     assert s["cost_usd"] == pytest.approx(3 * epoch / 3600 * 98.32)
     assert s["energy_kwh"] == pytest.approx(3 * epoch / 3600 * 10.2)
     assert s["meets_target"] is False
+    from clustersim.report import summary_text
+    assert f"${s['cost_usd']:,.2f} on 1 machine(s)" in summary_text(s)      # cents: a $0.02 job read "$0"
 
 
 def test_the_one_device_baseline_has_no_pipeline_and_no_grid():

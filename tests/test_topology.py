@@ -83,6 +83,7 @@ def _tiny(**over):
      "link[0].bandwidth_gbps"),
     (lambda d: d["network"].update(machines=3), "network.machines"),
     (lambda d: d["network"].update(kind="torus"), "network.kind"),
+    (lambda d: d["machine"].update(gpu={"count": 0, "compute_capability": 9.0}), "machine.gpu.count"),
 ])
 def test_bad_topology_names_the_field(mutate, field):
     data = _tiny()
@@ -125,6 +126,17 @@ def test_bad_measured_costs_and_pools_name_the_field(extra, field):
     dev = {"name": "c", "kind": "cpu", "cores": 1, "core_gflops": 1, "memory_gib": 1, "memory_bandwidth_gbps": 1}
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         build_topology({"name": "t", "device": [{**dev, **extra}]}, "t.toml")
+
+
+def test_a_topology_of_explicit_devices_takes_a_machine_price_at_its_top():
+    """Without [machine] there was nowhere to price a hand-built cluster ([machine] then
+    wants a cpu): its one machine's price and power go at the top of the file."""
+    dev = {"name": "c", "kind": "cpu", "cores": 1, "core_gflops": 1, "memory_gib": 1, "memory_bandwidth_gbps": 1}
+    topo = build_topology({"name": "t", "price_usd_per_hour": 3.0, "power_w": 400, "device": [dev]}, "t.toml")
+    assert (topo.price_usd_per_hour, topo.power_w) == (3.0, 400)
+    with pytest.raises(ConfigError) as err:
+        build_topology({"name": "t", "price_usd_per_hour": -1, "device": [dev]}, "t.toml")
+    assert err.value.field == "price_usd_per_hour"
 
 
 @pytest.mark.parametrize("section, key", [("cluster", "topology"), ("model", "file")])

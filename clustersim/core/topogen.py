@@ -140,6 +140,9 @@ def build_topology(data: Any, file: str) -> Topology:
             nics.append(_add_machine(m, template, devices, links))
     elif n_machines != 1:
         raise net.error("machines", "needs a [machine] table to repeat")
+    else:           # explicit devices only: one machine's price and power at the top
+        price = top.float("price_usd_per_hour", 0.0, lo=0.0, hi=1e6)
+        power = top.float("power_w", 0.0, lo=0.0, hi=1e7)
     if kind != "none":
         if not nics or not nics[0]:
             raise net.error("kind", "a network needs machine.nic.count >= 1")
@@ -218,6 +221,8 @@ def _machine_template(mt: Table) -> dict[str, Any]:
     cpu_t.done()
     gpu_t = mt.table("gpu", {"count": 0})
     tpl["gpus"] = gpu_t.int("count", 0, lo=0, hi=MAX_PER_MACHINE)
+    if not tpl["gpus"] and len(gpu_t.data) > 1:
+        raise gpu_t.error("count", "must be >= 1 where [machine.gpu] describes a GPU (no GPUs: leave the table out)")
     tpl["gpu"] = _compute_fields(gpu_t, "gpu") if tpl["gpus"] else None
     gpu_t.done()
     pcie = mt.table("pcie", {"switches": 0})
