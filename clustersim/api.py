@@ -91,6 +91,7 @@ def simulate(source: Source | Scenario, overrides: Overrides = None, *, speedup:
 
 SWEEP_KEYS = ("step_time_s", "samples_per_s", "devices", "sim_time_s", "sim_events", "wall_s", "bytes_per_step",
               "epoch_time_s", "time_to_train_s", "cost_usd", "energy_kwh", "meets_target")
+STALLED = "stalled: "           # a point's error when its run stalled
 
 
 def _sweep_point(source: Source, pairs: list[tuple[str, Any]]) -> dict:
@@ -100,7 +101,7 @@ def _sweep_point(source: Source, pairs: list[tuple[str, Any]]) -> dict:
     except ConfigError as exc:
         return {"error": str(exc)}
     if "stalled_at_s" in summary:
-        return {"error": f"stalled: {summary['stalled_reason']}", "stalled_at_s": summary["stalled_at_s"]}
+        return {"error": STALLED + summary["stalled_reason"], "stalled_at_s": summary["stalled_at_s"]}
     return {k: summary[k] for k in SWEEP_KEYS if k in summary}
 
 
@@ -156,10 +157,11 @@ def _search_point(source: Source, pairs: list[tuple[str, Any]]) -> dict:
         return {"error": str(exc)}
     summary = res.data
     if "stalled_at_s" in summary:
-        return {"error": f"stalled: {summary['stalled_reason']}"}
+        return {"error": STALLED + summary["stalled_reason"]}
     out = {k: summary[k] for k in SEARCH_KEYS if k in summary}
     out["machines_used"] = machines_used(res.plan)     # the summary has it only with dataset_samples
-    out["usd_per_hour"] = out["machines_used"] * res.plan.scenario.topology.price_usd_per_hour
+    price = res.plan.scenario.topology.price_usd_per_hour
+    out["usd_per_hour"] = out["machines_used"] * price if price else None     # None: the topology has no price
     out["why"] = why(summary)
     return out
 
@@ -171,8 +173,11 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     global batch fixed: candidates that cannot fit in memory are dropped before simulating,
     the rest simulated (sync: one step, every step being alike) and ranked by ``objective``.
     Returns ``ranked`` (best first: the chosen keys, the metrics, ``why``), ``dropped``
-    (candidates refused before simulating, with reasons) and ``note`` (a deadline no
-    candidate meets)."""
+    (candidates that did not rank, each with its ``error``: refused before simulating, or
+    failed or stalled when run), ``stalled`` (those of them that stalled), ``refused`` (how
+    many were refused before simulating) and ``note`` (a deadline or accuracy no candidate
+    meets; where every candidate that ran stalled, why).  The deadline is ``target_hours``,
+    else the scenario's ``training.target_hours``."""
     from clustersim.search_space import OBJECTIVES, candidates, score
     base = _pairs(overrides)
     sc = load(source, base)
@@ -182,13 +187,15 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     if objective not in OBJECTIVES:
         raise ConfigError("--objective", objective, f"must be one of {', '.join(OBJECTIVES)}")
     if objective == "cost" and not sc.topology.price_usd_per_hour:
-        raise ConfigError(sc.topology.name, "machine.price_usd_per_hour", "the cost objective needs a price")
+        raise ConfigError(sc.topology.name, "machine.price_usd_per_hour", "the cost objective needs a price "
+                          "(price_usd_per_hour at the top of a topology of explicit devices)")
+    target_hours = target_hours or sc.training.target_hours
     if objective == "time-to-accuracy" and not sc.training.cosim:
         raise ConfigError(sc.file, "training.cosim", "time-to-accuracy needs the co-simulated model (cosim = true)")
-    if target_hours and not sc.training.dataset_samples:
-        raise ConfigError(sc.file, "training.dataset_samples", "a target in hours needs the data set's size")
     if target_hours < 0:
         raise ConfigError("--target-hours", str(target_hours), "must be >= 0")
+    if target_hours and not sc.training.dataset_samples:
+        raise ConfigError(sc.file, "training.dataset_samples", "a target in hours needs the data set's size")
     alike = sc.training.algorithm == "sync" and objective != "time-to-accuracy" and not sc.training.cosim
     steps = [("training.steps", 1)] if alike else []       # sync steps are alike; training to accuracy is not
     if target_hours:
@@ -202,16 +209,30 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
             dropped.append({**cand, "error": str(exc)})
             continue
         trials.append((cand, pairs))
-    points = []
+    refused = len(dropped)
+    points, failed, stalled = [], [], []
     for n, result in _each(_search_point, [(source, pairs) for _, pairs in trials], jobs, mpi):
         point = trials[n][0] | result | {"candidate": n}
-        (dropped if "error" in point else points).append(point)
+        if "error" not in point:
+            points.append(point)
+        else:
+            (stalled if point["error"].startswith(STALLED) else failed).append(point)
         if on_point:
             on_point(point)
+    dropped += failed + stalled
+    found = {"dropped": dropped, "stalled": stalled, "refused": refused, "candidates": len(trials) + refused}
+    if not points and stalled and not failed:              # they ran, and no job could go on
+        return {"ranked": [], **found, "note": f"every configuration that ran stalled ({len(stalled)}); the "
+                f"first: {stalled[0]['error'][len(STALLED):]}"}
     if not points and dropped:                             # bad input every candidate shares
-        raise ConfigError(str(source), "", f"no configuration can run: {dropped[0]['error']}")
-    ranked = sorted(points, key=lambda p: (score(p, objective), p["candidate"]))
+        raise ConfigError(str(source), "", f"no configuration can run: {(failed or dropped)[0]['error']}")
+    accurate = objective == "time-to-accuracy"             # none reached: the most accurate first
+    ranked = sorted(points, key=lambda p: (score(p, objective), -(p.get("accuracy") or 0.0) if accurate else 0.0,
+                                           p["candidate"]))
     note = ""
+    if accurate and ranked and all(p.get("time_to_accuracy_s") is None for p in ranked):
+        note = (f"no configuration reaches {sc.training.target_accuracy:.0%} accuracy in {sc.training.steps} steps: "
+                f"ranked by the accuracy reached (best {ranked[0].get('accuracy', 0.0):.1%})")
     if target_hours:
         meeting = [p for p in ranked if p.get("meets_target")]
         if not meeting and ranked:
@@ -219,7 +240,7 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
             note = (f"no configuration trains in {target_hours:g} h on {devices} devices: the fastest takes "
                     f"{fastest['time_to_train_s'] / 3600:.3g} h")
         ranked = meeting + [p for p in ranked if not p.get("meets_target")]
-    return {"ranked": ranked, "dropped": dropped, "note": note, "candidates": len(trials) + len(dropped)}
+    return {"ranked": ranked, **found, "note": note}
 
 
 def point_key(values) -> tuple:

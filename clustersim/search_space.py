@@ -75,5 +75,5 @@ def why(summary: dict) -> str:
     traffic = sorted(((v, k) for k, v in phases.items() if k not in COMPUTE_PHASES and k != "wait" and v > 0),
                      reverse=True)
     moved = f"; most traffic: {traffic[0][1]}" if traffic else ""
-    binds = "compute binds" if median >= 0.6 else "waits on communication bind"
+    binds = "compute binds" if median >= 0.6 else "waiting on communication binds"
     return f"median device busy {median:.0%} ({binds}){moved}"

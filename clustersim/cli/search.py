@@ -6,6 +6,7 @@ import sys
 
 from clustersim import api, report
 from clustersim.cli.args import count, scenario_args
+from clustersim.cli.simulate import STALL_EXIT
 from clustersim.search_space import OBJECTIVES
 
 SHOWN = 10
@@ -33,20 +34,38 @@ def run(args) -> int:
     finally:
         bar.close()
     ranked = res["ranked"]
+    code = STALL_EXIT if not ranked and res["stalled"] else 0      # every candidate that ran stalled
     if args.json:
         print(json.dumps(ranked, indent=2))
         if res["note"]:
             print(res["note"], file=sys.stderr)
-        return 0
+        return code
     print(f"# {res['candidates']} configurations of {args.scenario} on <= {args.devices} devices, "
-          f"{len(res['dropped'])} refused (memory, shape) -- best {min(SHOWN, len(ranked))} by {args.objective}:")
+          f"{_not_ranked(res)} -- " + (f"best {min(SHOWN, len(ranked))} by {args.objective}:" if ranked else
+                                        "none ranked"))
     columns = [("parallel.replicas", "replicas"), ("parallel.model_parallel", "per replica"),
                ("parallel.split", "split"), ("parallel.micro_batches", "micro"), ("parallel.ps_shards", "shards"),
                ("samples_per_s", "samples/s")]
-    if any("cost_usd" in p for p in ranked):
-        columns += [("time_to_train_s", "to train (s)"), ("cost_usd", "cost ($)")]
+    if args.objective == "time-to-accuracy":
+        columns += [("time_to_accuracy_s", "to accuracy (s)"), ("accuracy", "accuracy")]
+    if any(p.get("usd_per_hour") for p in ranked):
+        columns.append(("usd_per_hour", "$/h"))
+    columns += [(k, h) for k, h in (("time_to_train_s", "to train (s)"), ("cost_usd", "cost ($)"))
+                if any(k in p for p in ranked)]
     columns.append(("why", "why"))
-    print(report.table(ranked[:SHOWN], columns))
+    if ranked:
+        print(report.table(ranked[:SHOWN], columns))
     if res["note"]:
         print(f"# {res['note']}")
-    return 0
+    return code
+
+
+def _not_ranked(res: dict) -> str:
+    """What did not rank and why: refused before simulating (memory, shape, settings),
+    failed or stalled when run."""
+    stalled = len(res["stalled"])
+    failed = len(res["dropped"]) - res["refused"] - stalled
+    parts = [f"{res['refused']} refused before simulating (memory, shape, settings)"]
+    parts += [f"{failed} failed when run"] if failed else []
+    parts += [f"{stalled} stalled"] if stalled else []
+    return ", ".join(parts)
