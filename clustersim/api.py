@@ -486,18 +486,25 @@ def _write_host(out: str | Path, ranks: int, res: dict) -> dict:
 
 
 def collective(topology: str | Path, op: str = "allreduce", algo: str = "auto", sizes: Iterable[int] = (2**20,),
-               *, gpus: int = 0, machines: int = 0, network: str = "flow", protocol: str = "") -> list[dict]:
+               *, gpus: int = 0, machines: int = 0, network: str = "flow", protocol: str = "",
+               nccl: str = "") -> list[dict]:
     """nccl-tests-style rows (``bytes``, ``time_s``, ``algbw_gbps``, ``busbw_gbps``, ``algo``,
     ``protocol``) of ``op`` by ``algo`` (``auto``: NCCL's tuner picks per size) over the first
-    ``gpus`` compute devices (all by default)."""
+    ``gpus`` compute devices (all by default); ``nccl``: the version whose kernels lay out
+    NVLS chunks (default: the tuner's, 2.20.3)."""
     from sim.collectives import table
     topo = load_topology(str(topology), Path("."), machines or None, ("--topology", ""))
     devices = topo.compute_devices()
     n = gpus or len(devices)
     if not 2 <= n <= len(devices):
         raise ConfigError("--gpus", str(gpus), f"must be 2..{len(devices)} for topology {topo.name}")
+    from clustersim.core.nccl import VERSION, version_tuple
     try:
-        return table(topo, op, algo, list(sizes), devices[:n], network, protocol)
+        version_tuple(nccl or VERSION)
+    except ValueError as exc:
+        raise ConfigError("--nccl", nccl, str(exc)) from None
+    try:
+        return table(topo, op, algo, list(sizes), devices[:n], network, protocol, nccl or VERSION)
     except ValueError as exc:
         raise ConfigError("--algo", algo, str(exc)) from None
 

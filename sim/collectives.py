@@ -326,7 +326,8 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
     else:
         share = nccl.protocol_factor(algo if algo in nccl.NVLS else "ring", proto, op, machines, n / machines)
     if algo in nccl.NVLS:
-        share /= nccl.nvls_pipeline(nbytes, n // machines, version, machines=machines)
+        heads = min(nodes.count(m) for m in set(nodes))   # NCCL keeps one head count a communicator
+        share /= nccl.nvls_pipeline(nbytes, heads, version, machines=machines)
     speed = nccl_link_speed(topology, share, cache) if _shortcut(cache) else None
     return Collective(op, algo, proto, schedule, _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes),
                       share, speed)

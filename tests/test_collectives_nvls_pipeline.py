@@ -80,6 +80,8 @@ def test_nvls_tree_chunk_from_four_machines_is_64_kib_since_2_19_3():
     assert nccl.nvls_chunk(8 * GIB, 8, machines=16, version="2.24.3") == 64 * KIB
     assert nccl.nvls_chunk(8 * GIB, 8, machines=3) == 512 * KIB
     assert nccl.nvls_chunk(8 * GIB, 8, machines=4, version="2.18.5") == 512 * KIB
+    assert nccl.nvls_chunk(8 * GIB, 8, machines=4, version="2.19.2") == 512 * KIB
+    assert nccl.nvls_chunk(8 * GIB, 8, machines=4, version="2.19.3") == 64 * KIB
     assert nccl.nvls_chunk(MIB, 8, machines=4) == 32 * KIB           # the rules still step it down
     assert nccl.nvls_pipeline(GIB, 8, machines=16) == pytest.approx(130 / 128)
 
@@ -101,3 +103,38 @@ def test_nvls_tree_runs_with_its_fill_by_version():
     a = collectives.layout(topo, "allreduce", "nvls_tree", devices, MIB)
     b = collectives.layout(topo, "allreduce", "nvls_tree", devices, MIB, version="2.18.5")
     assert a.share == pytest.approx(RATIO / 3) and b.share == pytest.approx(RATIO / 12)
+
+
+def test_nvls_tree_on_uneven_machines_takes_the_fewest_gpus_as_heads():
+    """8 + 4 GPUs: NCCL keeps one head count a communicator; the fill is the 4-head one's,
+    not that of an average 6 no machine has."""
+    topo = load_topology("dgx-h100-fat-tree", machines=2)
+    devices = topo.compute_devices()[:12]
+    coll = collectives.layout(topo, "allreduce", "nvls_tree", devices, 32 * MIB)
+    assert coll.share == pytest.approx(RATIO / nccl.nvls_pipeline(32 * MIB, 4, machines=2))
+    assert nccl.nvls_pipeline(32 * MIB, 4, machines=2) != nccl.nvls_pipeline(32 * MIB, 6, machines=2)
+
+
+def test_the_collective_command_takes_the_nccl_version(capsys):
+    """The 2.19.3 cap from the command line: 16 DGX H100 at 1 GiB, 293.3 GB/s busbw as 2.19.2
+    lays chunks out (256 KiB), 306.5 as 2.19.3 and later do (64 KiB)."""
+    from clustersim.cli import main
+    rows = {}
+    for version in ("2.19.2", "2.19.3"):
+        assert main(["collective", "--topology", "dgx-h100-fat-tree", "--machines", "16", "--bytes", "1G",
+                     "--nccl", version, "--json"]) == 0
+        [rows[version]] = __import__("json").loads(capsys.readouterr().out)
+    assert rows["2.19.2"]["algo"] == rows["2.19.3"]["algo"] == "nvls_tree"
+    assert rows["2.19.2"]["busbw_gbps"] < rows["2.19.3"]["busbw_gbps"]
+    assert main(["collective", "--topology", "dgx-h100", "--nccl", "2.x"]) == 2
+
+
+def test_sixteen_alexnet_replicas_on_two_dgx_step_slower_than_eight_on_one():
+    """Before decision 050 NVLS_TREE ran without the fill one machine's NVLS pays, and two
+    nodes stepped faster than one (1.772 against 1.830 ms)."""
+    from clustersim import api
+    one = api.simulate("scenarios/alexnet-fat-tree.toml", {"parallel.replicas": 8}, speedup=False)
+    two = api.simulate("scenarios/alexnet-fat-tree.toml", {"cluster.machines": 2, "parallel.replicas": 16},
+                       speedup=False)
+    assert 1.0 < two.step_time_s / one.step_time_s < 1.5
+

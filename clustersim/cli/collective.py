@@ -28,6 +28,8 @@ def add(sub) -> None:
     c.add_argument("--machines", type=count("--machines"), help="override the topology's machine count")
     c.add_argument("--bytes", default="8..1G", help="SIZE or MIN..MAX, doubling (8..1G)")
     c.add_argument("--network", default="flow", choices=NETWORKS)
+    c.add_argument("--nccl", default="", metavar="VERSION",
+                   help="the NCCL whose kernels lay out NVLS chunks, e.g. 2.18.5 (default: the tuner's, 2.20.3)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=run)
 
@@ -55,7 +57,8 @@ def size_range(text: str) -> list[int]:
 def run(args) -> int:
     try:
         rows = api.collective(args.topology, args.op, args.algo, size_range(args.bytes), gpus=args.gpus or 0,
-                              machines=args.machines or 0, network=args.network, protocol=args.protocol)
+                              machines=args.machines or 0, network=args.network, protocol=args.protocol,
+                              nccl=args.nccl)
     except NoRoute as exc:
         raise ConfigError(args.topology, "link", f"{exc}, and the {args.op} sends data between them") from None
     if args.json:
