@@ -3,6 +3,7 @@ written to a temporary file and renamed into place, so a failed run never leaves
 PNG.  Imported only when a plot is drawn."""
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -83,29 +84,69 @@ def plot_step(trace: Trace, p: Plan, summary: dict, path: str | Path, step: int 
     save_figure(fig, path)
 
 
-def plot_sweep(points: list[dict], key: str, path: str | Path) -> None:
-    """Throughput and speedup against the varied key; parallel efficiency (speedup over
-    the devices used, against the first point); cost to train where the points have it."""
-    xs = [str(p[key]) for p in points]
+def sweep_series(points: list[dict], keys: list[str]) -> tuple[list[str], list[dict]]:
+    """The first key's values (x tick labels) and a series per combination of the other
+    keys' values: ``label`` (``"model.batch_size=32"``, empty for one key), ``x`` (tick
+    positions), ``samples_per_s``, ``cost_usd`` (NaN where missing), and ``speedup`` and
+    ``efficiency`` (speedup / device ratio) against the series' first point: only points
+    with the same other values are compared.  ``efficiency`` is None where the devices do
+    not change along a series (it would only repeat the speedup)."""
+    key, others = keys[0], keys[1:]
+    ticks = list(dict.fromkeys(_text(p[key]) for p in points))
+    groups: dict[str, list[dict]] = {}
+    for p in points:
+        groups.setdefault(", ".join(f"{k}={_text(p[k])}" for k in others), []).append(p)
+    series = []
+    for label, pts in groups.items():
+        first = pts[0]
+        devices = [p.get("devices", 1) for p in pts]
+        speedup = [p["samples_per_s"] / first["samples_per_s"] if first["samples_per_s"] else 0.0 for p in pts]
+        series.append({"label": label, "x": [ticks.index(_text(p[key])) for p in pts],
+                       "samples_per_s": [p["samples_per_s"] for p in pts], "speedup": speedup,
+                       "efficiency": None if len(set(devices)) == 1 else
+                       [s * devices[0] / d for s, d in zip(speedup, devices)],
+                       "cost_usd": [p.get("cost_usd", float("nan")) for p in pts]})
+    return ticks, series
+
+
+def _text(value) -> str:
+    """A varied value as a label: a string as it is, the rest as JSON (``true``, ``[1, 2]``)."""
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def plot_sweep(points: list[dict], keys: list[str], path: str | Path) -> None:
+    """Throughput and speedup against the first varied key, a line per combination of the
+    other keys' values (``sweep_series``); parallel efficiency where the devices change
+    along a line; cost to train where the points have it."""
+    ticks, series = sweep_series(points, keys)
+    several = len(series) > 1
     panels = 3 if any("cost_usd" in p for p in points) else 2
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
     ax = axes[0]
-    ax.plot(xs, [p["samples_per_s"] for p in points], marker="o")
-    ax.set_xlabel(key)
-    ax.set_ylabel("samples / s")
     ax2 = ax.twinx()
-    ax2.plot(xs, [p["speedup"] for p in points], marker="s", color="#c44e52", linestyle="--")
-    ax2.set_ylabel("speedup against the first point", color="#c44e52")
-    base = points[0].get("devices", 1) if points else 1
-    axes[1].plot(xs, [p["speedup"] * base / p.get("devices", base) for p in points], marker="o", color="#55a868")
-    axes[1].set_xlabel(key)
+    for n, line in enumerate(series):
+        colour = f"C{n}"
+        ax.plot(line["x"], line["samples_per_s"], marker="o", color=colour, label=line["label"] or None)
+        ax2.plot(line["x"], line["speedup"], marker="s", color=colour, linestyle="--")
+        if line["efficiency"] is not None:
+            axes[1].plot(line["x"], line["efficiency"], marker="o", color=colour)
+        if panels == 3:
+            axes[2].plot(line["x"], line["cost_usd"], marker="o", color=colour)
+    ax.set_ylabel("samples / s")
+    ax2.set_ylabel("speedup against the line's first point (dashed)")
     axes[1].set_ylabel("parallel efficiency (speedup / device ratio)")
     axes[1].set_ylim(bottom=0)
+    if all(line["efficiency"] is None for line in series):
+        axes[1].text(0.5, 0.5, f"the devices do not change along {keys[0]}", ha="center", va="center",
+                     transform=axes[1].transAxes, fontsize=8)
     if panels == 3:
-        axes[2].plot(xs, [p.get("cost_usd", float("nan")) for p in points], marker="o", color="#8172b2")
-        axes[2].set_xlabel(key)
         axes[2].set_ylabel("cost to train (USD)")
-    fig.suptitle(f"sweep over {key}")
+    for a in axes:
+        a.set_xticks(range(len(ticks)), ticks)
+        a.set_xlabel(keys[0])
+    if several:
+        ax.legend(fontsize=7)
+    fig.suptitle(f"sweep over {keys[0]}" + (f", a line per {', '.join(keys[1:])}" if several else ""))
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -12,10 +12,11 @@ from clustersim import api, report
 from clustersim.cli.args import count, plot_arg, scenario_args
 from clustersim.cli.simulate import STALL_EXIT
 from clustersim.core.config import ConfigError
-from clustersim.core.scenario import parse_set
+from clustersim.core.scenario import builtin_scenario_folder, parse_set, scenario_file
 
 METRICS = ("step_time_s", "samples_per_s", "speedup", "devices", "sim_time_s", "sim_events", "wall_s", "bytes_per_step",
            "epoch_time_s", "time_to_train_s", "cost_usd", "energy_kwh", "meets_target")
+RUN = ".run.json"       # beside PREFIX.json: what run its points belong to (``--resume`` checks it)
 
 
 def add(sub) -> None:
@@ -25,9 +26,11 @@ def add(sub) -> None:
     w.add_argument("--jobs", type=count("--jobs"), default=1, help="processes on this machine")
     w.add_argument("--mpi", action="store_true",
                    help="run points on MPI ranks (mpiexec -n N python -m mpi4py.futures -m clustersim sweep ...)")
-    w.add_argument("--out", metavar="PREFIX", help="write PREFIX.json and PREFIX.csv, point by point")
-    w.add_argument("--resume", action="store_true", help="skip the points already in PREFIX.json")
-    plot_arg(w, "throughput, speedup and efficiency against the first varied key")
+    w.add_argument("--out", metavar="PREFIX",
+                   help="write PREFIX.json and PREFIX.csv point by point, and PREFIX.run.json (what the run is)")
+    w.add_argument("--resume", action="store_true",
+                   help="skip the points already in PREFIX.json (refused for another scenario, --set or --vary keys)")
+    plot_arg(w, "throughput, speedup and efficiency against the first varied key, a line per other values")
     w.set_defaults(func=run)
 
 
@@ -40,20 +43,85 @@ def parse_vary(items: list[str]) -> dict[str, list]:
             raise ConfigError("--vary", item, "must look like section.key=v1,v2,...")
         if key.strip() in out:
             raise ConfigError("--vary", item, f"{key.strip()} is varied twice; give its values in one --vary")
-        out[key.strip()] = [v for _, v in parse_set([f"{key}={v}" for v in values.split(",")])]
+        out[key.strip()] = [v for _, v in parse_set([f"{key}={v}" for v in split_values(values)])]
     return out
 
 
-def previous(prefix: str, vary: dict) -> dict[tuple, dict]:
-    """The points of an earlier run (``PREFIX.json``) by the tuple of their varied values."""
-    path = Path(prefix + ".json")
+def split_values(text: str) -> list[str]:
+    """``text`` cut at its top-level commas: not inside ``[]``, ``{}`` or a quoted string,
+    so a value may be a list or a table (``[1,2],[2,1]``)."""
+    parts, depth, quote, start, i = [], 0, "", 0, 0
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\" and quote == '"':
+                i += 1                                     # an escaped character, a quote too
+            elif c == quote:
+                quote = ""
+        elif c in "\"'":
+            quote = c
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth = max(depth - 1, 0)
+        elif c == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    return parts + [text[start:]]
+
+
+def run_record(scenario: str, overrides: list[str], vary: dict) -> dict:
+    """What a sweep is, for ``--resume`` to compare: the scenario (a built-in's name, else
+    its absolute path), the ``--set`` overrides (the last of a key wins, as in ``load``)
+    and the varied keys; varied values may grow between runs."""
+    path = scenario_file(scenario).resolve()
+    builtin = path.parent == builtin_scenario_folder().resolve()
+    record = {"scenario": path.stem if builtin else str(path), "set": dict(parse_set(overrides)),
+              "vary": sorted(vary)}
+    return json.loads(json.dumps(record, default=str))   # as it reads back from the file
+
+
+def previous(prefix: str, record: dict, vary: dict) -> dict[tuple, dict]:
+    """The points of an earlier run (``PREFIX.json``) by the tuple of their varied values.
+    Raises ConfigError when ``PREFIX.run.json`` is missing or names another run."""
+    path, held = Path(prefix + ".json"), Path(prefix + RUN)
     if not path.exists():
         return {}
+    earlier = _held(held)
+    if earlier is None:
+        raise ConfigError(str(path), "", f"cannot tell what run it holds (no record of it in {held}); "
+                                         "rerun without --resume, or give another --out")
+    differs = [f"{what} {_shown(earlier.get(key), record[key])} there, {_shown(record[key], earlier.get(key))} here"
+               for key, what in (("scenario", "scenario"), ("set", "--set"), ("vary", "--vary keys"))
+               if earlier.get(key) != record[key]]
+    if differs:
+        raise ConfigError(str(path), "", f"holds another run ({'; '.join(differs)}); rerun without --resume, "
+                                         "or give another --out")
     try:
         points = json.loads(path.read_text())
         return {api.point_key(p[k] for k in vary): p for p in points}
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(str(path), "", f"cannot resume from it: {exc!r}") from None
+
+
+def _held(path: Path) -> dict | None:
+    """The run record in ``path``; None when there is none or it is not one."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _shown(value, other) -> str:
+    """A record's field for the one-line refusal: of ``--set``, only the keys that differ."""
+    if isinstance(value, dict):
+        other = other if isinstance(other, dict) else {}
+        return " ".join(f"{k}={json.dumps(v)}" for k, v in value.items() if other.get(k, ...) != v) or "none"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
 
 
 def to_csv(points: list[dict], vary: dict) -> str:
@@ -66,16 +134,25 @@ def to_csv(points: list[dict], vary: dict) -> str:
     return out.getvalue()
 
 
-def save(prefix: str, points: list[dict], vary: dict) -> None:
+def save(prefix: str, points: list[dict], vary: dict, record: dict) -> None:
+    """PREFIX.json and .csv, each whole (temp file, then rename), and PREFIX.run.json.  A
+    record of another run goes first, so a run cut short never leaves one run's points
+    beside the other's record (``--resume`` then refuses: it cannot tell)."""
+    held = Path(prefix + RUN)
+    if _held(held) != record:
+        held.unlink(missing_ok=True)
     api.write_atomic(prefix + ".json", json.dumps(points, indent=2))
     api.write_atomic(prefix + ".csv", to_csv(points, vary))
+    if not held.exists():
+        api.write_atomic(held, json.dumps(record, indent=2))
 
 
 def run(args) -> int:
     vary = parse_vary(args.vary)
     if args.resume and not args.out:
         raise ConfigError("--resume", "", "needs --out PREFIX (the run to resume)")
-    done = previous(args.out, vary) if args.resume else {}
+    record = run_record(args.scenario, args.set, vary)
+    done = previous(args.out, record, vary) if args.resume else {}
     finished = list(done.values())
     total = 1
     for values in vary.values():
@@ -86,17 +163,17 @@ def run(args) -> int:
         bar.update(1)
         if args.out:
             finished.append(point)
-            save(args.out, finished, vary)
+            save(args.out, finished, vary, record)
     try:
         points = api.sweep(args.scenario, vary, args.set, jobs=args.jobs, mpi=args.mpi, done=done, on_point=on_point)
     finally:
         bar.close()
     if args.out:
-        save(args.out, points, vary)
+        save(args.out, points, vary, record)
     drawn = [p for p in points if "error" not in p]
     if args.plot and drawn:
         from clustersim.plots import plot_sweep
-        plot_sweep(drawn, next(iter(vary)), args.plot)
+        plot_sweep(drawn, list(vary), args.plot)
     elif args.plot:
         print(f"clustersim: no plot written to {args.plot}: no point ran to its end", file=sys.stderr)
     # every point stalled: the sweep ran, but no job could go on (simulate's exit for a stall)
