@@ -82,7 +82,7 @@ def receive_order(ops, slot: int, backward: bool = True) -> list[tuple[int, int]
         if skipped(op, backward) or not (sends_in_order(op) or (op.kind != "xfer" and op.slot == slot)):
             continue
         for n, d in enumerate(op.deps):
-            if ops[d].kind == "xfer" and d not in taken:
+            if ops[d].kind == "xfer" and d not in taken and not skipped(ops[d], backward):
                 taken.add(d)
                 out.append(((op.id, n), d))
     rest = [op.id for op in ops if op.kind == "xfer" and op.dst == slot and op.id not in taken

@@ -49,8 +49,11 @@ def tag_of(op) -> tuple:
 
 
 def skipped(op, backward: bool) -> bool:
-    """Whether ``run_step`` leaves ``op`` out: the backward's ops in a forward-only pass."""
-    return not backward and (op.kind == "bwd" or op.why == "reduction" or op.why.startswith(("gradient", "weight")))
+    """Whether ``run_step`` leaves ``op`` out: the backward's ops in a forward-only pass, and
+    always the recomputed forward's allreduces (``training.recompute``): the executor keeps
+    every activation and does not rerun the forward, so it has nothing to send again."""
+    return op.why.startswith("recompute") or (
+        not backward and (op.kind == "bwd" or op.why == "reduction" or op.why.startswith(("gradient", "weight"))))
 
 
 def waits_for_messages(ops, op) -> bool:
@@ -370,7 +373,7 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
         """Receives the messages ``op`` needs, in order, that have not come yet."""
         for d in op.deps:
             msg = p.ops[d]
-            if msg.kind == "xfer" and d not in received:
+            if msg.kind == "xfer" and d not in received and not skip(msg):
                 received.add(d)
                 step.recv(msg)
                 if on_op is not None:

@@ -356,6 +356,33 @@ def test_recompute_keeps_boundaries_and_reruns_the_forward():
     assert redo.memory[dev]["activations"] < plain.memory[dev]["activations"] / 2
 
 
+def test_recompute_allreduces_a_tensor_splits_partial_sums_again():
+    """Megatron's recomputation reruns the forward, its tensor allreduces included (2 a
+    block); the Plan carried the recomputed FLOPs but not those sends (decision 023).  Every
+    partial sum not kept at a boundary (the blocks' projections, not the vocabulary-parallel
+    embedding) is allreduced again, the forward's bytes, before its own backward and after
+    what that backward waits for; without recompute, none."""
+    from clustersim.core.plan import boundaries
+    plain, redo = (plan(gpt2_scenario(parallel={"split": "tensor"}, training={"recompute": r}), check_memory=False)
+                   for r in (False, True))
+    kept = boundaries(redo.scenario.model)
+
+    def sent(p, why, keep=None):
+        return sum(o.bytes for o in p.ops if o.kind == "xfer" and o.why == why
+                   and (keep is None or kept[o.producer] == keep))
+    assert not any(o.why.startswith("recompute") for o in plain.ops)
+    for what in ("reduce-scatter", "all-gather"):
+        assert sent(redo, "recompute " + what) == sent(redo, what, keep=False) > 0
+        assert sent(redo, what, keep=True) > 0                     # the embedding's: kept, not sent again
+        assert sent(redo, what) == sent(plain, what)
+    for o in redo.ops:
+        if o.why == "recompute all-gather":
+            [reader] = [b for b in redo.ops if b.kind == "bwd" and o.id in b.deps]
+            assert (reader.slot, reader.layer, reader.micro) == (o.dst, o.producer, o.micro)
+        if o.why == "recompute reduce-scatter":          # after the gradient of the sum it redoes
+            assert any(redo.ops[d].kind == "bwd" and redo.ops[d].layer > o.producer for d in o.deps)
+
+
 def test_pipeline_of_tensor_slices():
     """pipeline 2 x tensor 2: four slots, slot j in stage j // 2; parameters and FLOPs add up
     to the model; transfers between stages are 'stage', inside one 'activation'."""

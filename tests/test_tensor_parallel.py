@@ -140,6 +140,25 @@ def test_tensor_step_equals_one_process(m, pipeline, micro, sp):
     assert_equals_net(p, res.loss, res.grads)
 
 
+@pytest.mark.parametrize("sp", [False, True])
+@pytest.mark.parametrize("m, pipeline, micro", [(2, 1, 1), (4, 2, 2)])
+def test_with_recompute_the_ranks_leave_the_plans_second_allreduces_out(m, pipeline, micro, sp):
+    """``training.recompute``: the Plan allreduces the partial sums again for the backward
+    (the simulator's cost of rerunning the forward); the ranks keep every activation and do
+    not rerun it, so they leave those sends out: the same step, the other messages' bytes."""
+    _, x, y, _, _, full = tiny_gpt_case()
+    p = tensor_plan(TINY_GPT, m, pipeline, micro, sp=sp, training={"recompute": True})
+    plain = tensor_plan(TINY_GPT, m, pipeline, micro, sp=sp)
+    again = [op for op in p.ops if op.why.startswith("recompute")]
+    assert again and all(op.kind == "xfer" for op in again)
+    assert len(p.ops) == len(plain.ops) + len(again)
+    mails = Mailbox(), Mailbox()
+    res = run_step(p, set(range(p.slots)), slot_params(p, full), x, y, mails[0])
+    assert_equals_net(p, res.loss, res.grads)
+    run_step(plain, set(range(plain.slots)), slot_params(plain, full), x, y, mails[1])
+    assert mails[0].bytes == mails[1].bytes > 0
+
+
 @pytest.mark.parametrize("m, pipeline, micro", [(2, 1, 1), (4, 2, 2)])
 def test_tensor_messages_carry_the_bytes_the_plan_counts(m, pipeline, micro):
     p = tensor_plan(TINY_GPT, m, pipeline, micro)

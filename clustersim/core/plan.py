@@ -322,10 +322,15 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                     red_fwd.setdefault((i, j, mb), []).extend(ids)
     readers_ar = [grad_allreduced(model, slices, axes, i) for i in range(len(model.nodes))]
     gathered = [bool(readers_ar[i]) and grad_gathered(model, slices, parts, axes, i) for i in range(len(model.nodes))]
+    # with recompute the backward reruns the forward, a tensor split's allreduces of partial sums
+    # included (Megatron's recomputation): each partial sum not kept at a boundary is allreduced
+    # again before its backward, after what that backward waits for
+    kept = boundaries(model) if redo else []
     for mb, b in enumerate(micro_sizes):
         sent = {}
         for i in range(len(model.nodes) - 1, -1, -1):
             node = model.nodes[i]
+            waits: dict[int, list[int]] = {}                # a recomputed partial sum's backward: deps first
             into = {}
             if readers_ar[i]:
                 def partial_deps(j: int, i=i, mb=mb) -> tuple[int, ...]:
@@ -358,9 +363,21 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                             deps.append(d)
                     deps += [d for d in red_bwd.get((c, j, mb), []) if d not in deps]
                 deps += into.get(j, [])
+                if kept and parts and parts[i] and not kept[i]:
+                    waits[j] = deps
+                    continue
                 bwd[(i, j, mb)] = add(kind="bwd", layer=i, micro=mb, slot=j,
                                       flops=f.flops * (node.layer.bwd_ratio + redo), bytes=(2 + redo) * f.bytes,
                                       deps=tuple(deps))
+            if waits:
+                again = _allreduce(add, list(waits), _sizes(node.out_shape, len(waits), axes[i] == "scattered"),
+                                   b * db, i, mb, ("recompute reduce-scatter", "recompute all-gather"),
+                                   lambda j, waits=waits: waits[j], gather=axes[i] != "scattered")
+                for j, deps in waits.items():
+                    f = ops[fwd[(i, j, mb)]]
+                    bwd[(i, j, mb)] = add(kind="bwd", layer=i, micro=mb, slot=j,
+                                          flops=f.flops * (node.layer.bwd_ratio + redo), bytes=(2 + redo) * f.bytes,
+                                          deps=tuple(deps + again[j]))
     last = len(micro_sizes) - 1
     for i in weights_allreduced(model, slices, parts, axes):      # sequence parallelism's norms
         group = [j for j, _ in slices[i]]
