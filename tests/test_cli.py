@@ -93,6 +93,11 @@ def test_topology_show_and_plan_print(tmp_path, capsys):
     assert code == 0 and "8 gpu" in out and (tmp_path / "t.png").exists()
     code, out, _ = run(capsys, "plan", write_scenario(tmp_path, model='name = "distbelief-speech"', mp=2))
     assert code == 0 and "activation" in out and "m0.gpu1" in out
+    from clustersim import api                       # memory in GiB with its total, as the memory check says it
+    from clustersim.core.plan import GIB, plan
+    p = plan(api.load(write_scenario(tmp_path, model='name = "distbelief-speech"', mp=2)))
+    use = p.memory["m0.gpu1"]
+    assert f"memory m0.gpu1: {sum(use.values()) / GIB:.4g} GiB of 80 (weights {use['weights'] / GIB:.4g}" in out
 
 
 BAD_TOPOLOGY = """

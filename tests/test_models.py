@@ -384,3 +384,14 @@ def test_the_small_trainable_models_match_their_hand_counts():
     assert gpt.params == (v + t) * d + 2 * block + 2 * d + v * d == 27_200
     assert gpt.input_shape == (1, t, 1) and gpt.nodes[-1].out_shape == (v, t, 1) and gpt.classes == v
     assert [n.layer.causal for n in gpt.nodes if n.layer.kind == "attention"] == [True, True]
+
+
+def test_model_list_names_every_built_in_model_with_its_count(capsys):
+    """``clustersim model list``: there was no way to see the zoo but an unknown name's error."""
+    from clustersim.cli import main
+    from clustersim.core.models import ZOO
+    assert main(["model", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == set(ZOO)
+    assert rows["resnet-50"][3] == "25557032" and rows["megatron-7.5b"][3] == "7467786240"

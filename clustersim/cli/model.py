@@ -1,17 +1,33 @@
-"""``clustersim model import``: an ONNX graph as a clustersim model, shown layer by layer
-and written as a model TOML with ``--out``."""
+"""``clustersim model list``: the built-in models; ``clustersim model import``: an ONNX graph
+as a clustersim model, shown layer by layer and written as a model TOML with ``--out``."""
 from __future__ import annotations
 
 from clustersim import api, report
 
 
 def add(sub) -> None:
-    m = sub.add_parser("model", help="model files: import an ONNX graph")
+    m = sub.add_parser("model", help="the built-in models; import an ONNX graph")
     verbs = m.add_subparsers(dest="verb", required=True)
     imp = verbs.add_parser("import", help="read an ONNX graph (needs the onnx extra); show and save it as a model TOML")
     imp.add_argument("file", help="an .onnx file")
     imp.add_argument("--out", metavar="FILE", help="write the model TOML (use it as model.file in a scenario)")
     imp.set_defaults(func=run)
+    ls = verbs.add_parser("list", help="the built-in models: parameters and forward FLOPs per sample")
+    ls.set_defaults(func=run_list)
+
+
+def run_list(args) -> int:
+    """Every built-in model (``model.name``), with its input, layers, parameters and
+    forward FLOPs per sample (the transformers' at their full context)."""
+    from clustersim.core.models import ZOO, zoo_model
+    rows = []
+    for name in ZOO:
+        model = zoo_model(name)
+        rows.append({"name": name, "input": "x".join(map(str, model.input_shape)), "layers": len(model.nodes),
+                     "params": model.params, "fwd_flops": report.si(model.fwd_flops, "FLOP")})
+    print(report.table(rows, [("name", "model.name"), ("input", "input"), ("layers", "layers"),
+                              ("params", "parameters"), ("fwd_flops", "forward per sample")]))
+    return 0
 
 
 def run(args) -> int:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from clustersim import api, report
-from clustersim.core.plan import plan as make_plan
+from clustersim.core.plan import GIB, plan as make_plan
 from clustersim.core.planio import save_plan
 from clustersim.core.schedule import ranks_needed
 
@@ -36,8 +36,10 @@ def run(args) -> int:
     if p.ps:
         print("  parameter-server shards: " + ", ".join(f"{d} ({report.si(n, 'params')})"
                                                        for d, n in zip(p.ps.devices, p.ps.sizes)))
-    for dev, use in p.memory.items():
-        print(f"  memory {dev}: " + ", ".join(f"{k} {report.si(v, 'B')}" for k, v in use.items() if v))
+    for dev, use in p.memory.items():      # GiB, as the memory check and a GPU's datasheet count
+        terms = ", ".join(f"{k} {v / GIB:.4g}" for k, v in use.items() if v)
+        print(f"  memory {dev}: {sum(use.values()) / GIB:.4g} GiB of {sc.topology.devices[dev].memory_bytes / GIB:.4g} "
+              f"({terms})")
     if args.save:
         save_plan(p, args.save)
         print(f"  wrote plan: {args.save} (mpiexec -n {ranks_needed(sc)} python -m executor.ranks "
