@@ -356,16 +356,35 @@ def test_recompute_keeps_boundaries_and_reruns_the_forward():
     assert redo.memory[dev]["activations"] < plain.memory[dev]["activations"] / 2
 
 
+def test_full_recompute_keeps_a_transformer_layers_input_only():
+    """Korthikanti et al. 2022 (full recomputation) keep each transformer layer's input, 2sbh
+    bytes in 16 bits; the block's first residual sum, a boundary too, was kept as well (+100%
+    on the stored checkpoints, a new-user sweep found).  Graphs without blocks keep every
+    boundary."""
+    from math import prod
+
+    from clustersim.core.plan import activation_elements, boundaries, checkpoints
+    p = plan(gpt2_scenario(parallel={"model_parallel": 1}, training={"recompute": True}), check_memory=False)
+    model = p.scenario.model
+    keep = checkpoints(model)
+    adds = [i for i, n in enumerate(model.nodes) if n.layer.kind == "add"]
+    assert len(adds) == 24 and [i for i in adds if keep[i]] == adds[1::2]     # each block's output
+    assert sum(keep) == 1 + 12 + 3                     # the embedding, 12 blocks, final norm, head, loss
+    kept, _ = activation_elements(p)
+    assert kept[0] == sum(prod(model.nodes[i].out_shape) for i, k in enumerate(keep) if k)
+    assert checkpoints(SMALL) == boundaries(SMALL)
+
+
 def test_recompute_allreduces_a_tensor_splits_partial_sums_again():
     """Megatron's recomputation reruns the forward, its tensor allreduces included (2 a
     block); the Plan carried the recomputed FLOPs but not those sends (decision 023).  Every
     partial sum not kept at a boundary (the blocks' projections, not the vocabulary-parallel
     embedding) is allreduced again, the forward's bytes, before its own backward and after
     what that backward waits for; without recompute, none."""
-    from clustersim.core.plan import boundaries
+    from clustersim.core.plan import checkpoints
     plain, redo = (plan(gpt2_scenario(parallel={"split": "tensor"}, training={"recompute": r}), check_memory=False)
                    for r in (False, True))
-    kept = boundaries(redo.scenario.model)
+    kept = checkpoints(redo.scenario.model)
 
     def sent(p, why, keep=None):
         return sum(o.bytes for o in p.ops if o.kind == "xfer" and o.why == why

@@ -20,6 +20,8 @@ Model file format::
 """
 from __future__ import annotations
 
+import dataclasses
+
 import heapq
 import tomllib
 from dataclasses import dataclass, fields
@@ -77,6 +79,8 @@ class Model:
     nodes: tuple[Node, ...]
     classes: int = 0
     consumers: tuple[tuple[int, ...], ...] = ()     # per node: the nodes that read it, in order
+    inner: tuple[int, ...] = ()     # boundaries inside a repeated block, which full recomputation
+    #                                 does not keep (a transformer layer's first residual sum)
 
     @property
     def params(self) -> int:
@@ -263,6 +267,7 @@ class _Graph:
     def __init__(self) -> None:
         self.layers: list[Layer] = []
         self.inputs: list[tuple[str, ...] | None] = []
+        self.inner: set[str] = set()        # ``Model.inner`` by name
 
     def __call__(self, kind: str, *inputs: str, **kw: Any) -> str:
         self.layers.append(make_layer(kind, **kw))
@@ -270,8 +275,9 @@ class _Graph:
         return str(len(self.layers) - 1)
 
     def build(self, name: str, input_shape: Shape, classes: int, losses: bool = False) -> Model:
-        return build_model(name, input_shape, self.layers, classes,
-                           [str(i) for i in range(len(self.layers))], self.inputs, losses)
+        model = build_model(name, input_shape, self.layers, classes,
+                            [str(i) for i in range(len(self.layers))], self.inputs, losses)
+        return dataclasses.replace(model, inner=tuple(n.index for n in model.nodes if n.name in self.inner))
 
 
 def _conv_bn(g: _Graph, x: str, filters: int, kernel: Any, stride: int = 1, padding: Any = 0,
@@ -455,8 +461,10 @@ def _transformer(name: str, sequence: int = 0) -> Model:
         a = g("conv2d", g("attention", a, heads=t.heads, causal=not bert, bias=not llama),
               filters=t.d, kernel=1, bias=not llama)
         x = g("add", drop(a), x)
+        g.inner.add(x)                    # Megatron's recomputation keeps a layer's input only
         if bert:
             x = g("layernorm", x)
+            g.inner.add(x)
         h = x if bert else g(norm, x)
         if llama:
             h = g("swiglu", g("conv2d", h, filters=2 * ffn, kernel=1, bias=False))
@@ -464,6 +472,7 @@ def _transformer(name: str, sequence: int = 0) -> Model:
             h = g("gelu", g("conv2d", h, filters=ffn, kernel=1))
         x = g("add", drop(g("conv2d", h, filters=t.d, kernel=1, bias=not llama)), x)
         if bert:
+            g.inner.add(x)
             x = g("layernorm", x)
     if bert and t.masked:
         _bert_pretraining_heads(g, x, t, min(t.masked, seq))

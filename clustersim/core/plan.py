@@ -323,9 +323,9 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
     readers_ar = [grad_allreduced(model, slices, axes, i) for i in range(len(model.nodes))]
     gathered = [bool(readers_ar[i]) and grad_gathered(model, slices, parts, axes, i) for i in range(len(model.nodes))]
     # with recompute the backward reruns the forward, a tensor split's allreduces of partial sums
-    # included (Megatron's recomputation): each partial sum not kept at a boundary is allreduced
+    # included (Megatron's recomputation): each partial sum not kept at a checkpoint is allreduced
     # again before its backward, after what that backward waits for
-    kept = boundaries(model) if redo else []
+    kept = checkpoints(model) if redo else []
     for mb, b in enumerate(micro_sizes):
         sent = {}
         for i in range(len(model.nodes) - 1, -1, -1):
@@ -720,13 +720,20 @@ def boundaries(model: Model) -> list[bool]:
     return out
 
 
+def checkpoints(model: Model) -> list[bool]:
+    """Per layer, whether full recomputation keeps its output: a boundary not inside a
+    repeated block (``Model.inner``), so a transformer keeps each layer's input, as
+    Megatron-LM's full recomputation does (Korthikanti et al. 2022: 2sbh a layer)."""
+    return [b and i not in model.inner for i, b in enumerate(boundaries(model))]
+
+
 def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
     """Per slot, elements per sample kept for the backward from each held micro-batch, and
     those of one micro-batch being worked on.  Without recomputation every layer slice keeps
     its input reads, its output and what its kind saves (``Layer.saved``), all kept (a
     tensor split's replicated layers and partial sums: the whole box on every slot).  With
-    ``training.recompute`` only boundary layers' outputs are kept (``boundaries``), and the
-    backward reruns one stretch between boundaries at a time: its largest stretch's
+    ``training.recompute`` only the checkpoints' outputs are kept (``checkpoints``), and the
+    backward reruns one stretch between them at a time: its largest stretch's
     elements are the working set of one micro-batch.  A read of a tensor its own slot
     produced is that tensor, counted once as the producer's output (as autograd saves one
     tensor for all its readers); a read from another slot, or of the model's input, is a
@@ -737,7 +744,7 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
     model = sc.model
     kept, work = [0.0] * p.slots, [0.0] * p.slots
     stretch = [0.0] * p.slots
-    cut = boundaries(model) if sc.training.recompute else [False] * len(model.nodes)
+    cut = checkpoints(model) if sc.training.recompute else [False] * len(model.nodes)
     for i, (node, layer_slices_, boundary) in enumerate(zip(model.nodes, p.slices, cut)):
         for slot, box in layer_slices_:
             read = sum(box_size(need) for src, need in zip(node.inputs, reads(model, p.parts, i, slot, box))

@@ -78,7 +78,7 @@ class Training:
     time_limit_s: float = 0.0    # > 0: no replica starts a step after this simulated time
     optimizer: str = "sgd"       # sgd | adagrad: the rule shards apply (downpour, ssp); adam: sync (memory: 2 moments)
     zero: int = 0                # sync: ZeRO stage, sharding over replicas 1 optimizer state, 2 + gradients, 3 + weights
-    recompute: bool = False      # keep activations at layer boundaries only; the backward reruns the forward
+    recompute: bool = False      # keep activations at checkpoints only (plan.checkpoints); the backward reruns the forward
     n_fetch: int = 1             # downpour/dcasgd/ssp: fetch parameters every n_fetch steps
     n_push: int = 1              # ... and push accumulated gradients every n_push steps
     warm_start_s: float = 0.0    # downpour: replica 0 alone until then, the others join after
