@@ -167,7 +167,7 @@ def _search_point(source: Source, pairs: list[tuple[str, Any]]) -> dict:
 
 
 def search(source: Source, devices: int, overrides: Overrides = None, *, objective: str = "time",
-           target_hours: float = 0.0, jobs: int = 1, mpi: bool = False,
+           target_hours: float | None = None, jobs: int = 1, mpi: bool = False,
            on_point: Callable[[dict], None] | None = None) -> dict:
     """The ways to run the job on at most ``devices`` devices (``clustersim.search_space``), the
     global batch fixed: candidates that cannot fit in memory are dropped before simulating,
@@ -176,8 +176,8 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     (candidates that did not rank, each with its ``error``: refused before simulating, or
     failed or stalled when run), ``stalled`` (those of them that stalled), ``refused`` (how
     many were refused before simulating) and ``note`` (a deadline or accuracy no candidate
-    meets; where every candidate that ran stalled, why).  The deadline is ``target_hours``,
-    else the scenario's ``training.target_hours``."""
+    meets; where every candidate that ran stalled, why).  The deadline is ``target_hours``
+    (0: none), or where it is None the scenario's ``training.target_hours``."""
     from clustersim.search_space import OBJECTIVES, candidates, score
     base = _pairs(overrides)
     sc = load(source, base)
@@ -189,7 +189,7 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     if objective == "cost" and not sc.topology.price_usd_per_hour:
         raise ConfigError(sc.topology.name, "machine.price_usd_per_hour", "the cost objective needs a price "
                           "(price_usd_per_hour at the top of a topology of explicit devices)")
-    target_hours = target_hours or sc.training.target_hours
+    target_hours = sc.training.target_hours if target_hours is None else target_hours
     if objective == "time-to-accuracy" and not sc.training.cosim:
         raise ConfigError(sc.file, "training.cosim", "time-to-accuracy needs the co-simulated model (cosim = true)")
     if target_hours < 0:
@@ -198,7 +198,7 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
         raise ConfigError(sc.file, "training.dataset_samples", "a target in hours needs the data set's size")
     alike = sc.training.algorithm == "sync" and objective != "time-to-accuracy" and not sc.training.cosim
     steps = [("training.steps", 1)] if alike else []       # sync steps are alike; training to accuracy is not
-    if target_hours:
+    if target_hours or sc.training.target_hours:         # 0 turns the scenario's deadline off
         steps.append(("training.target_hours", target_hours))
     trials, dropped = [], []
     for cand in candidates(sc, devices):

@@ -111,7 +111,8 @@ class NcclTransport:
     def __init__(self, ops, slot: int, comm, nccl, xp=np, stream=None, backward: bool = True) -> None:
         self.comm, self.nccl, self.xp, self.stream = comm, nccl, xp, stream
         self.order = issue_order(ops, slot, backward)
-        self.tags = {(op.slot, op.dst, tag_of(op)): op.id for op in ops if op.kind == "xfer"}
+        self.tags = {(op.slot, op.dst, tag_of(op)): op.id for op in ops           # a skipped op's tag may be a
+                     if op.kind == "xfer" and not skipped(op, backward)}         # sent one's (recompute's)
         self.peer = {op.id: (op.dst if op.slot == slot else op.slot) for op in ops if op.kind == "xfer"}
         self.sending = {op.id for op in ops if op.kind == "xfer" and op.slot == slot}
         self.ready: dict[int, object] = {}      # transfer -> the array to send, or the buffer to receive into

@@ -375,10 +375,28 @@ def test_full_recompute_keeps_a_transformer_layers_input_only():
     assert checkpoints(SMALL) == boundaries(SMALL)
 
 
+def test_with_recompute_a_pipeline_stage_keeps_what_it_receives():
+    """A stage reruns its forward from its input; where the cut falls inside a block (here at a
+    block's first sum, not a checkpoint) neither side kept that activation (review R20)."""
+    from math import prod
+
+    from clustersim.core.plan import activation_elements, checkpoints
+    p = plan(gpt2_scenario(parallel={"split": "layers", "model_parallel": 3}, training={"recompute": True}),
+             check_memory=False)
+    keep = checkpoints(p.scenario.model)
+    kept, _ = activation_elements(p)
+    per_sample = p.scenario.batch_size * p.scenario.dtype_bytes
+    for slot in range(3):
+        own = sum(prod(p.scenario.model.nodes[i].out_shape) for i, sl in enumerate(p.slices)
+                  if keep[i] and any(j == slot for j, _ in sl))
+        received = sum(o.bytes for o in p.ops if o.kind == "xfer" and o.why == "stage" and o.dst == slot) / per_sample
+        assert kept[slot] == pytest.approx(own + received, rel=1e-12) and (received > 0) == (slot > 0)
+
+
 def test_recompute_allreduces_a_tensor_splits_partial_sums_again():
     """Megatron's recomputation reruns the forward, its tensor allreduces included (2 a
     block); the Plan carried the recomputed FLOPs but not those sends (decision 023).  Every
-    partial sum not kept at a boundary (the blocks' projections, not the vocabulary-parallel
+    partial sum not kept at a checkpoint (the blocks' projections, not the vocabulary-parallel
     embedding) is allreduced again, the forward's bytes, before its own backward and after
     what that backward waits for; without recompute, none."""
     from clustersim.core.plan import checkpoints
@@ -400,6 +418,12 @@ def test_recompute_allreduces_a_tensor_splits_partial_sums_again():
             assert (reader.slot, reader.layer, reader.micro) == (o.dst, o.producer, o.micro)
         if o.why == "recompute reduce-scatter":          # after the gradient of the sum it redoes
             assert any(redo.ops[d].kind == "bwd" and redo.ops[d].layer > o.producer for d in o.deps)
+    # sequence parallelism: the forward only reduce-scatters its sums (positions stay cut), and so
+    # does the recomputed forward; its all-gathers of positions are "activation" sends, not redone
+    sp = plan(gpt2_scenario(parallel={"split": "tensor", "sequence_parallel": True}, training={"recompute": True}),
+              check_memory=False)
+    assert sent(sp, "recompute reduce-scatter") == sent(sp, "reduce-scatter", keep=False) > 0
+    assert sent(sp, "recompute all-gather") == sent(sp, "all-gather") == 0
 
 
 def test_pipeline_of_tensor_slices():

@@ -137,6 +137,10 @@ def test_the_scenarios_own_deadline_ranks_as_target_hours_does():
         assert scenario["note"] == flag["note"]
     assert flag["note"] == "" and scenario["note"] == ""
     assert api.search(QUICK, 4, {**over, "training.target_hours": 0.1})["note"].startswith("no configuration trains")
+    off = api.search(QUICK, 4, {**over, "training.target_hours": 0.1}, objective="cost", target_hours=0)
+    assert off["note"] == "" and not any("meets_target" in p for p in off["ranked"])      # --target-hours 0: none
+    with pytest.raises(ConfigError, match="training.target_hours: a deadline needs training.dataset_samples"):
+        api.load(QUICK, {"training.target_hours": 1.0})
 
 
 def test_prices_and_times_to_train_show_as_the_topology_gives_them(capsys):

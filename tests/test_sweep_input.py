@@ -35,6 +35,19 @@ def test_vary_splits_only_at_top_level_commas_so_lists_and_tables_can_be_varied(
     # commas inside quotes stay too; each piece is then read as --set reads a value
     assert split_values('"a,b",\'c,[\',[{x=1,y=[2,3]}],4') == ['"a,b"', "'c,['", "[{x=1,y=[2,3]}]", "4"]
     assert split_values(r'"a\",b",c') == [r'"a\",b"', "c"]
+    for bad, why in (("parallel.replicas=1,2,", "empty value"), ("parallel.replicas=1,,2", "empty value"),
+                     ("parallel.grid=[1,2", "unclosed bracket"), ('model.name="gpt2', 'unclosed "')):
+        code, out, err = run(capsys, "sweep", QUICK, *STEPS, "--vary", bad)      # ran a bad point, exit 0
+        assert code == 2 and why in err and len(err.strip().splitlines()) == 1, bad
+
+
+def test_a_resume_over_fewer_values_keeps_the_earlier_points(tmp_path, capsys):
+    """Resuming with a smaller grid wrote only that grid: the other points already run were lost."""
+    prefix = str(tmp_path / "run")
+    assert main(["sweep", QUICK, *STEPS, "--vary", "parallel.replicas=1,2,4", "--out", prefix]) == 0
+    assert main(["sweep", QUICK, *STEPS, "--vary", "parallel.replicas=1,2", "--out", prefix, "--resume"]) == 0
+    capsys.readouterr()
+    assert sorted(p["parallel.replicas"] for p in json.loads(Path(prefix + ".json").read_text())) == [1, 2, 4]
 
 
 @pytest.fixture

@@ -17,8 +17,9 @@ def add(sub) -> None:
     scenario_args(s)
     s.add_argument("--devices", type=count("--devices"), required=True)
     s.add_argument("--objective", default="time", choices=OBJECTIVES)
-    s.add_argument("--target-hours", type=float, default=0.0,
-                   help="with training.dataset_samples: the deadline (cheapest first that meets it)")
+    s.add_argument("--target-hours", type=float, default=None,
+                   help="with training.dataset_samples: the deadline (cheapest first that meets it); "
+                        "default: the scenario's training.target_hours; 0: none")
     s.add_argument("--jobs", type=count("--jobs"), default=1, help="processes on this machine")
     s.add_argument("--mpi", action="store_true")
     s.set_defaults(func=run)

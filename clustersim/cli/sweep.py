@@ -43,13 +43,20 @@ def parse_vary(items: list[str]) -> dict[str, list]:
             raise ConfigError("--vary", item, "must look like section.key=v1,v2,...")
         if key.strip() in out:
             raise ConfigError("--vary", item, f"{key.strip()} is varied twice; give its values in one --vary")
-        out[key.strip()] = [v for _, v in parse_set([f"{key}={v}" for v in split_values(values)])]
+        try:
+            pieces = split_values(values)
+        except ValueError as exc:
+            raise ConfigError("--vary", item, str(exc)) from None
+        if any(not v.strip() for v in pieces):
+            raise ConfigError("--vary", item, "has an empty value (a comma too many)")
+        out[key.strip()] = [v for _, v in parse_set([f"{key}={v}" for v in pieces])]
     return out
 
 
 def split_values(text: str) -> list[str]:
     """``text`` cut at its top-level commas: not inside ``[]``, ``{}`` or a quoted string,
-    so a value may be a list or a table (``[1,2],[2,1]``)."""
+    so a value may be a list or a table (``[1,2],[2,1]``).  ValueError for an unclosed
+    bracket or quote."""
     parts, depth, quote, start, i = [], 0, "", 0, 0
     while i < len(text):
         c = text[i]
@@ -68,6 +75,8 @@ def split_values(text: str) -> list[str]:
             parts.append(text[start:i])
             start = i + 1
         i += 1
+    if quote or depth:
+        raise ValueError(f"has an unclosed {quote or 'bracket'}")
     return parts + [text[start:]]
 
 
@@ -168,8 +177,9 @@ def run(args) -> int:
         points = api.sweep(args.scenario, vary, args.set, jobs=args.jobs, mpi=args.mpi, done=done, on_point=on_point)
     finally:
         bar.close()
-    if args.out:
-        save(args.out, points, vary, record)
+    if args.out:                 # the earlier run's points outside this grid stay in the files
+        ran = {api.point_key(p[k] for k in vary) for p in points}
+        save(args.out, points + [p for key, p in done.items() if key not in ran], vary, record)
     drawn = [p for p in points if "error" not in p]
     if args.plot and drawn:
         from clustersim.plots import plot_sweep

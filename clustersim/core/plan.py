@@ -732,7 +732,8 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
     those of one micro-batch being worked on.  Without recomputation every layer slice keeps
     its input reads, its output and what its kind saves (``Layer.saved``), all kept (a
     tensor split's replicated layers and partial sums: the whole box on every slot).  With
-    ``training.recompute`` only the checkpoints' outputs are kept (``checkpoints``), and the
+    ``training.recompute`` only the checkpoints' outputs are kept (``checkpoints``) and what a
+    pipeline stage receives from another, and the
     backward reruns one stretch between them at a time: its largest stretch's
     elements are the working set of one micro-batch.  A read of a tensor its own slot
     produced is that tensor, counted once as the producer's output (as autograd saves one
@@ -745,9 +746,11 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
     kept, work = [0.0] * p.slots, [0.0] * p.slots
     stretch = [0.0] * p.slots
     cut = checkpoints(model) if sc.training.recompute else [False] * len(model.nodes)
+    tensor = sc.parallel.tensor                      # slot j is in pipeline stage j // tensor
     for i, (node, layer_slices_, boundary) in enumerate(zip(model.nodes, p.slices, cut)):
         for slot, box in layer_slices_:
-            read = sum(box_size(need) for src, need in zip(node.inputs, reads(model, p.parts, i, slot, box))
+            needs = list(zip(node.inputs, reads(model, p.parts, i, slot, box)))
+            read = sum(box_size(need) for src, need in needs
                        if not _held(p.slices, src, slot, need) and (src < 0 or p.axes[src] != "positions"))
             whole = box_size(box) + read + node.layer.saved(node.in_shape, box, sc.attention)
             if not sc.training.recompute:
@@ -756,6 +759,9 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
             stretch[slot] += whole
             if boundary:
                 kept[slot] += box_size(box)
+            # what a stage receives from another is its own checkpoint: the stage reruns from it
+            kept[slot] += sum(box_size(need) for src, need in needs
+                              if src >= 0 and all(k // tensor != slot // tensor for k, _ in p.slices[src]))
         if boundary:
             for slot in range(p.slots):
                 work[slot], stretch[slot] = max(work[slot], stretch[slot]), 0.0

@@ -352,6 +352,8 @@ def _training(tt: Table) -> Training:
         raise tt.error("start_spread_s", f"must be >= 0, or -1 for a parameter round trip; got {tr.start_spread_s}")
     if tr.comm_bits not in (8, 32):
         raise tt.error("comm_bits", f"must be 32 or 8, got {tr.comm_bits}")
+    if tr.target_hours and not tr.dataset_samples:
+        raise tt.error("target_hours", "a deadline needs training.dataset_samples (the data set's size) to be met")
     tt.done()
     return tr
 
