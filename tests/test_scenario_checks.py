@@ -91,3 +91,23 @@ def test_the_command_exits_2_with_one_line(capsys, sets, message):
     _, err = capsys.readouterr()
     assert code == 2 and message in err and "quickstart.toml" in err and err.count("\n") == 1
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("training, parallel, faults, field", [
+    ({"algorithm": "sync", "optimizer": "adagrad"}, {"ps_shards": 1}, {}, "training.optimizer"),
+    ({"algorithm": "sync", "n_push": 4}, {"ps_shards": 1}, {}, "training.n_push"),
+    ({"algorithm": "local", "n_fetch": 2}, {}, {}, "training.n_fetch"),
+    ({"algorithm": "downpour", "backup_workers": 1}, {"ps_shards": 1}, {}, "training.backup_workers"),
+    ({"algorithm": "local", "comm_bits": 8}, {"ps_shards": 1}, {}, "training.comm_bits"),
+    ({"algorithm": "downpour"}, {"ps_shards": 1}, {"checkpoint_every": 5}, "faults.checkpoint_every"),
+    ({"algorithm": "ssp"}, {"ps_shards": 1}, {"on_failure": "restart"}, "faults.on_failure"),
+])
+def test_a_setting_the_algorithm_would_ignore_is_refused(training, parallel, faults, field):
+    """Each of these ran as if it were not there, the output identical (a new-user sweep)."""
+    data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 32},
+            "parallel": {"replicas": 4, **parallel}, "training": training, "faults": faults}
+    with pytest.raises(ConfigError, match=rf"^t.toml: {field}: .*; {training['algorithm']} would ignore it$"):
+        scenario_from_dict(data, "t.toml")
+    section, key = field.split(".")
+    (training if section == "training" else faults).pop(key)
+    scenario_from_dict(data, "t.toml")                    # without it, the same scenario loads

@@ -17,6 +17,8 @@ from clustersim.core.models import BUNDLED_DATA, ZOO, Model, load_model_file, zo
 from clustersim.core.topogen import MAX_MACHINES, load_topology
 from clustersim.core.topology import DTYPES, Topology
 
+ASYNC = ("downpour", "dcasgd", "ssp")   # replicas step on their own against a parameter server
+
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 ALGORITHMS = ("sync", "downpour", "dcasgd", "ssp", "local", "sandblaster", "layerwise")
 OPTIMIZERS = ("sgd", "adagrad", "adam")
@@ -304,6 +306,22 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
             if bad:
                 raise ConfigError(file, f"parallel.{key}", "layerwise needs split = \"layers\", replicas = 1 "
                                   f"and ps_shards = 0 (one worker per layer group); got {getattr(par, key)!r}")
+    # settings an algorithm would silently ignore are bad input (a new-user sweep found five)
+    for key, bad, why in (
+            ("training.optimizer", tr.optimizer == "adagrad" and tr.algorithm not in ("downpour", "ssp"),
+             "adagrad is the rule Downpour's and SSP's shards apply"),
+            ("training.n_push" if tr.n_push != 1 else "training.n_fetch",
+             (tr.n_fetch != 1 or tr.n_push != 1) and tr.algorithm not in ASYNC,
+             "fetching and pushing every n steps is Downpour's, DC-ASGD's and SSP's"),
+            ("training.backup_workers", tr.backup_workers and tr.algorithm != "sync",
+             "backup workers are sync SGD's (Chen et al. 2016)"),
+            ("training.comm_bits", tr.comm_bits == 8 and tr.algorithm not in ASYNC + ("sync",),
+             "8-bit messages are the parameter server's pushes and fetches in sync, Downpour, DC-ASGD and SSP"),
+            ("faults.checkpoint_every" if faults.checkpoint_every else "faults.on_failure",
+             (faults.checkpoint_every or faults.on_failure == "restart") and tr.algorithm != "sync",
+             "restarting from checkpoints is sync SGD's (shards: faults.shard_recovery)")):
+        if bad:
+            raise ConfigError(file, key, f"{why}; {tr.algorithm} would ignore it")
     if tr.optimizer == "adam" and tr.algorithm != "sync":
         raise ConfigError(file, "training.optimizer", f"adam is sync's optimizer; {tr.algorithm}'s shards apply "
                                                       f"sgd or adagrad")

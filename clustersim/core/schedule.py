@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clustersim.core.scenario import Scenario
+from clustersim.core.scenario import ASYNC, Scenario  # noqa: F401  (ASYNC: re-exported)
 
 PARAM_BYTES = 4      # master weights and gradients are fp32
 
-ASYNC = ("downpour", "dcasgd", "ssp")
 
 
 @dataclass(frozen=True)
@@ -90,6 +89,15 @@ def ranks_needed(sc: Scenario) -> int:
 APPLY_COST = {"sgd": (2.0, 12.0), "adagrad": (5.0, 20.0), "dcasgd": (8.0, 24.0),
               "dcasgd_adaptive": (11.0, 32.0)}
 QUANT_COST = (3.0, 5.0)   # an 8-bit message: a quantise and a dequantise pass, per element
+QUANT_HEADER = 8          # an 8-bit message's header: its minimum and step as two float32
+
+
+def message_bytes(params: int, bits: int) -> float:
+    """Bytes of a push or fetch of ``params`` values: 4 each, or with 8-bit messages one code
+    each after the header (the executor's ``psrank.encode``)."""
+    if bits == 32 or not params:
+        return params * PARAM_BYTES
+    return params + QUANT_HEADER
 
 
 def apply_cost(rule: str, params: int, summed: int = 0) -> tuple[float, float]:
