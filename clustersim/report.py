@@ -53,7 +53,8 @@ def summary_text(s: dict) -> str:
     if "accuracy" in s:
         tta = s["time_to_accuracy_s"]
         lines.append(f"  accuracy         {s['accuracy']:.2%} (loss {s['loss']:.4g}); "
-                     + (f"{s['target_accuracy']:.0%} reached at {seconds(tta)}" if tta is not None
+                     + (f"{s['target_accuracy']:.0%} reached by {seconds(tta)} (evaluated every "
+                        f"{seconds(s['time_to_accuracy_resolution_s'])})" if tta is not None
                         else f"{s['target_accuracy']:.0%} not reached"))
     lines += [f"  traffic          {si(s['bytes_per_step'], 'B')} per step",
               f"  simulated        {s['steps']} steps{' per replica' if s['algorithm'] not in ('sync', 'sandblaster') else ''}, {seconds(s['sim_time_s'])} in {s['sim_events']} events, "

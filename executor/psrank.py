@@ -18,6 +18,7 @@ import numpy as np
 
 from clustersim.core.partition import even_cuts
 from clustersim.core.plan import Plan
+from clustersim.core.schedule import message_bytes
 
 from executor.comm import Outbox, probe, wait_buffer
 from executor.optim import DCASGD, SGD, Adagrad
@@ -95,7 +96,8 @@ def decode(buf: np.ndarray, bits: int) -> np.ndarray:
 
 
 def message_buffer(n: int, bits: int) -> np.ndarray:
-    return np.empty(n, np.float32) if bits == 32 or n == 0 else np.empty(n + 8, np.uint8)
+    """A receive buffer of ``n`` values' message: ``schedule.message_bytes`` of them."""
+    return np.empty(n, np.float32) if bits == 32 or n == 0 else np.empty(int(message_bytes(n, bits)), np.uint8)
 
 
 # --- the shard ----------------------------------------------------------------------------------

@@ -112,6 +112,7 @@ class Engine:
         self._back: dict[str, simpy.Event] = {}     # failed device -> fires when it is replaced
         self.ps_server = None                      # set by parameter-server algorithms
         self.sync_replicas: int | None = None      # set by sync SGD: the replicas it ended with
+        self.sync_since = 0                        # ... and the first step it ran with them
         self.failure_signal = self.env.event()     # fires (and is replaced) at every failure
         self.lost_samples = 0                      # work thrown away after failures
         self._graphs: dict[int, tuple] = {}

@@ -2,6 +2,7 @@
 import dataclasses
 import math
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +93,9 @@ def test_sandblaster_reassigns_the_units_of_a_failed_replica():
     won = [u for u in res.trace.updates if u.kind == "won"]
     assert len(res.trace.step_ends) == 3 and len(won) == 3 * 16
     assert {u.info["unit"] for u in won if u.step == 0} == set(range(16))
+    requeued = len([u for u in res.trace.updates if u.kind == "unit"]) - 3 * 16     # handed out twice
+    p = plan(sc)
+    assert requeued >= 1 and summarize(p, res)["lost_work_samples"] == requeued * p.schedule.unit_size
 
 
 def reference_sgd(sc, steps):
@@ -152,8 +156,21 @@ def test_ssp_never_runs_more_than_s_steps_ahead():
     assert max_lead(free) > 3 * s      # without the bound the fast replicas do run ahead
 
 
+def test_ssp_at_staleness_0_reads_every_update_of_the_step_before():
+    """Ho et al. 2013: at clock c a replica sees every update of clocks <= c - s - 1; s = 0 is
+    bulk-synchronous, so an apply misses at most the other replicas' pushes of its own clock.
+    A waiting replica was let go when the slow one finished computing, before its push was
+    applied: applies then missed up to 14 versions with 8 replicas (a new-user sweep)."""
+    from clustersim import api
+    over = {"training.algorithm": "ssp", "training.staleness": 0, "faults.slowdown": {"m0.cpu": 20.0},
+            "training.steps": 20, "training.cosim": False, "training.time_limit_s": 0}
+    res = api.simulate(Path(__file__).resolve().parents[1] / "scenarios" / "downpour.toml", over, speedup=False)
+    replicas, shards = res.plan.replicas, len(res.plan.ps.devices)
+    assert len(res.trace.staleness) == replicas * 20 * shards and max(res.trace.staleness) == replicas - 1
+
+
 @pytest.mark.parametrize("algorithm, backups", [("downpour", 0), ("sync", 0), ("sync", 1)])
-def test_eight_bit_messages_carry_a_quarter_of_the_bytes(algorithm, backups):
+def test_eight_bit_messages_carry_a_quarter_of_the_bytes_and_a_header(algorithm, backups):
     def phase_bytes(bits, phase):
         sc = scenario(batch=64, parallel={"replicas": 3, "ps_shards": 1},
                       training={"algorithm": algorithm, "steps": 4, "comm_bits": bits, "backup_workers": backups})
@@ -162,7 +179,8 @@ def test_eight_bit_messages_carry_a_quarter_of_the_bytes(algorithm, backups):
     for phase in ("push", "fetch"):
         b32, _ = phase_bytes(32, phase)
         b8, res8 = phase_bytes(8, phase)
-        assert b32 > 0 and b8 == pytest.approx(b32 / 4)
+        messages = sum(1 for s in res8.trace.spans if s.phase == phase and s.bytes)
+        assert b32 > 0 and b8 == pytest.approx(b32 / 4 + 8 * messages)     # a code a value + min and step
     names = [s.name for s in res8.trace.spans]
     assert "quantise" in names and "dequantise" in names
 

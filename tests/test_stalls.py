@@ -2,6 +2,7 @@
 throughput; the speedup baseline is the healthy job; a sweep keeps going past bad points."""
 import dataclasses
 import json
+import statistics
 
 import pytest
 
@@ -184,6 +185,22 @@ def test_a_sync_job_going_on_without_a_replica_counts_only_the_live_ones():
     restarted = api.simulate("scenarios/quickstart.toml", {"faults.fail": [{"device": "m0.gpu1", "at_s": 1e-5}],
                                                            "faults.on_failure": "restart", "faults.restart_s": 0}).data
     assert restarted["samples_per_s"] * restarted["step_time_s"] == pytest.approx(8 * 128)    # replaced
+
+
+def test_a_sync_job_going_on_without_a_replica_reports_the_steps_it_runs_now():
+    """Third sweep: the step time was the median over the whole run, mostly steps of all the
+    replicas, times the replicas left: a rate of neither phase.  Now the steps after the drop."""
+    from clustersim import api
+    over = {"training.algorithm": "sync", "parallel.ps_shards": 0, "parallel.replicas": 4, "training.cosim": False,
+            "training.time_limit_s": 0, "training.steps": 20, "faults.detect_timeout_s": 0.1}
+    plain = api.simulate("scenarios/downpour.toml", over, speedup=False)
+    ends = plain.trace.step_ends
+    dropped = api.simulate("scenarios/downpour.toml", {**over, "faults.fail": [{"machine": 1, "at_s": ends[14] + 5e-6}]},
+                           speedup=False)
+    after = dropped.trace.step_times()[16:]             # step 15 waits out the detection
+    assert dropped.data["step_time_s"] == pytest.approx(statistics.median(after), rel=1e-12)
+    assert dropped.data["step_time_s"] < plain.data["step_time_s"]           # 3 replicas' allreduce is quicker
+    assert dropped.data["samples_per_s"] == pytest.approx(3 * 32 / dropped.data["step_time_s"])
 
 
 def _cut_run(algorithm, machines, steps, at_s):

@@ -212,7 +212,9 @@ class Replay:
 
 def cosimulate(p: Plan, res: SimResult) -> dict:
     """Replays ``res``'s update log with real math; returns accuracy, loss, the curve over
-    simulated time and the time the target accuracy was first reached (None if never)."""
+    simulated time and the time the target accuracy was first reached (None if never): the
+    first evaluation at or above it, so up to ``time_to_accuracy_resolution_s`` (the time
+    between evaluations, ``training.eval_points`` over the run) after the crossing."""
     replay = Replay(p)
     tr = p.scenario.training
     end = res.sim_time_s
@@ -226,4 +228,5 @@ def cosimulate(p: Plan, res: SimResult) -> dict:
         curve.append([t, *replay.evaluate()])
     hit = next((t for t, acc, _ in curve if acc >= tr.target_accuracy), None)
     return {"accuracy": curve[-1][1], "loss": curve[-1][2], "accuracy_curve": curve,
-            "time_to_accuracy_s": hit, "target_accuracy": tr.target_accuracy}
+            "time_to_accuracy_s": hit, "target_accuracy": tr.target_accuracy,
+            "time_to_accuracy_resolution_s": end / tr.eval_points}

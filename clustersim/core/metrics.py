@@ -48,6 +48,9 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
     sc = p.scenario
     tr = res.trace
     steps = tr.step_times()
+    since = getattr(getattr(res, "engine", None), "sync_since", 0)
+    if 0 < since < len(steps):      # sync went on without failed replicas: the steps it runs at now
+        steps = steps[since:]
     step_s = statistics.median(steps) if steps else 0.0
     samples_per_s = sc.batch_size * live_replicas(p, res) / step_s if step_s else 0.0
     if tr.replica_steps:        # replicas step on their own: each one's period, waits included; all samples done

@@ -1,7 +1,9 @@
 """Asynchronous replicas against a sharded parameter server: Downpour SGD (Dean et al.
 2012), DC-ASGD (Zheng et al. 2017: the same traffic, a costlier apply and a per-worker
 copy on the shards) and SSP (Ho et al. 2013: a replica more than ``staleness`` steps
-ahead of the slowest live replica waits).
+ahead of the slowest live replica waits; a step counts once its push is applied, so a
+replica at clock c reads every update of clocks up to c - staleness - 1: staleness 0 is
+bulk-synchronous).
 
 Each replica, independently: every ``n_fetch`` steps it fetches parameters (waiting for
 them, and first for its last push to be applied, so it reads its own writes); it computes
@@ -47,6 +49,11 @@ def run_async(engine: Engine, steps: int):
                 if engine.alive(*plan.devices[r]) and not engine.cut_off(r).triggered]
         return min(live) if live else max(done)
 
+    def advance(r: int, clock: int) -> None:
+        """Replica r has ended ``clock`` steps (under SSP: its updates applied)."""
+        done[r] = max(done[r], clock)
+        moved(None)
+
     def moved(_e) -> None:
         """A replica stopped (failed or cut off): the slowest live one may be another now,
         so SSP's waits look again."""
@@ -84,14 +91,16 @@ def run_async(engine: Engine, steps: int):
                 captured = list(ps.held[r])
             yield engine.run_graph(r, step).done
             engine.trace.replica_steps.append((r, step, start, env.now))
-            done[r] = step + 1
-            progress[0].succeed()
-            progress[0] = env.event()
-            if plan.schedule.pushes_after(step):
+            pushing = plan.schedule.pushes_after(step)
+            if pushing:
                 engine.log("send", r, -1, step, push=pushes)
                 last_push = ps.push(r, step, pushes, captured)
                 pushes += 1
                 captured = None
+            if tr.algorithm == "ssp" and pushing:       # Ho et al.: a clock's updates, applied, end it
+                last_push.callbacks.append(lambda _e, r=r, clock=step + 1: advance(r, clock))
+            else:
+                advance(r, step + 1)
         if last_push is not None:
             yield last_push
 

@@ -20,17 +20,17 @@ import simpy
 
 from sim.engine import Engine
 from clustersim.core.plan import PARAM_BYTES
-from clustersim.core.schedule import QUANT_COST, apply_cost
+from clustersim.core.schedule import QUANT_COST, apply_cost, message_bytes
 
 
 
 def send_params(engine: Engine, src: str, dst: str, params: int, replica: int, step: int, phase: str, bits: int):
     """A simpy process body: one piece of parameters or gradients, quantised on the way when
-    ``bits`` is 8 (a quantise pass at the sender, a quarter of the bytes, a dequantise pass)."""
+    ``bits`` is 8 (a quantise pass at the sender, a byte a value and the header, a dequantise pass)."""
     f, b = QUANT_COST
     if bits == 8:
         yield engine.compute_op(src, f * params, b * params, replica, step, "quantise", "quantise")
-    yield engine.transfer(src, dst, params * PARAM_BYTES * bits / 32, replica, step, phase, phase)
+    yield engine.transfer(src, dst, message_bytes(params, bits), replica, step, phase, phase)
     if bits == 8:
         yield engine.compute_op(dst, f * params, b * params, replica, step, "dequantise", "quantise")
 

@@ -92,6 +92,7 @@ def _hand_out(engine: Engine, batch: int, n_units: int, unit_plan, coord: str, b
                     not engine.alive(*p.devices[r]) and now - _failed_at(engine, r) >= p.scenario.faults.detect_timeout_s
                     for r in rs):
                 queue.append(u)
+                engine.lost_samples += p.schedule.unit_size       # its work is done again
         free = [r for r in range(p.replicas) if r not in busy and engine.alive(*p.devices[r])]
         for r in free:
             if queue:

@@ -54,6 +54,7 @@ def run_sync(engine: Engine, steps: int):
                 step = last_checkpoint
             else:
                 active = [r for r in active if r not in dead]
+                engine.sync_since = len(engine.trace.step_ends)   # steps from here run on fewer replicas
             free = {r: None for r in active}
             continue
         engine.log("apply", -1, -1, step, replicas=finished.value)
