@@ -330,8 +330,13 @@ class Engine:
                    name: str, phase: str, kind: str = "compute", key: str = "", work=None) -> simpy.Event:
         """``key`` names the op in the device's measured op times (a layer kind, with
         ``.backward`` for backward ops; ``update``; ...), where calibration measured it.  The
-        span starts when the device starts the op (a GPU may run others first)."""
+        span starts when the device starts the op (a GPU may run others first).  On a failed
+        device the op never ends (one already running when it fails does, as a message in
+        flight arrives)."""
         asked = self.env.now
+        if not self.alive(device):              # a failed device starts nothing: the op never ends
+            self.blocked.setdefault(device, f"{name} on {device}")
+            return self.env.event()
         ev = self.compute.run(device, flops, nbytes, backward=phase == "bwd", key=key, work=work)
         ev.callbacks.append(lambda e: self.trace.add(
             Span(name, kind, device, replica, step, asked if e.value is None else e.value, self.env.now,

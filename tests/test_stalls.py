@@ -203,6 +203,43 @@ def test_a_sync_job_going_on_without_a_replica_reports_the_steps_it_runs_now():
     assert dropped.data["samples_per_s"] == pytest.approx(3 * 32 / dropped.data["step_time_s"])
 
 
+def test_a_backup_worker_absorbs_a_failure_while_its_push_is_in_flight():
+    """Chen et al. 2016: with one backup the step goes on with the first three gradients.  A
+    replica failing while its push was in flight still counted among them, and the step waited
+    for its fetch until the detection timeout redid it (102.7 ms and 128 samples lost)."""
+    from clustersim import api
+    over = {"training.algorithm": "sync", "training.cosim": False, "training.time_limit_s": 0, "training.steps": 12,
+            "parallel.replicas": 4, "parallel.ps_shards": 1, "training.backup_workers": 1,
+            "faults.detect_timeout_s": 0.1}
+    plain = api.simulate("scenarios/downpour.toml", over, speedup=False)
+    [push] = [x for x in plain.trace.spans if x.phase == "push" and x.kind == "transfer" and x.step == 5
+              and x.where.startswith("m1.")]
+    failed = api.simulate("scenarios/downpour.toml",
+                          {**over, "faults.fail": [{"machine": 1, "at_s": (push.start_s + push.end_s) / 2}]},
+                          speedup=False)
+    steps = failed.trace.step_times()
+    assert len(steps) == 12 and failed.data.get("lost_work_samples", 0) == 0
+    assert max(steps) < 1.5 * max(plain.trace.step_times())
+
+
+def test_a_machine_failing_in_the_allreduce_computes_nothing_after():
+    """Sync allreduce, restart from a checkpoint every 5 steps: a machine failing in step 12's
+    allreduce ran that step's update on the dead machine, the step counted and 4 steps' samples
+    were lost where 3 (10, 11 and the broken 12) were.  A failed device now starts nothing."""
+    from clustersim import api
+    over = {"training.algorithm": "sync", "training.cosim": False, "training.time_limit_s": 0, "training.steps": 20,
+            "parallel.replicas": 4, "parallel.ps_shards": 0, "faults.checkpoint_every": 5, "faults.restart_s": 0.5,
+            "faults.detect_timeout_s": 0.1, "faults.on_failure": "restart"}
+    plain = api.simulate("scenarios/downpour.toml", over, speedup=False)
+    [ar, *_] = [x for x in plain.trace.spans if x.step == 12 and x.kind == "transfer" and "m1." in x.where]
+    at = (ar.start_s + ar.end_s) / 2
+    failed = api.simulate("scenarios/downpour.toml", {**over, "faults.fail": [{"machine": 1, "at_s": at}]},
+                          speedup=False)
+    assert failed.data["lost_work_samples"] == 3 * 4 * 32
+    assert not [x for x in failed.trace.spans if x.where.startswith("m1.") and x.kind in ("compute", "update")
+                and at < x.start_s < at + 0.1]
+
+
 def _cut_run(algorithm, machines, steps, at_s):
     from clustersim.core.scenario import scenario_from_dict
     d = {"cluster": {"topology": "distbelief-2012", "machines": machines},

@@ -204,7 +204,8 @@ def _ps_apply_and_fetch(engine: Engine, winners, active, step: int, free: dict, 
     for r in active:
         fetched = env.all_of([ev for k in range(len(ps.devices)) for ev in _fetches(engine, k, [r], step)])
         free[r] = fetched if r in winners else env.all_of([fetched, working[r]])
-    yield env.all_of([free[r] for r in winners])
+    # a winner that fails before its fetch arrives is not waited for: its gradient is in
+    yield env.all_of([env.any_of([free[r], engine.lost(plan.devices[r])]) for r in winners])
 
 
 def _restart(engine: Engine, step: int, checkpoint: int, dead: list[int]):
