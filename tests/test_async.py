@@ -85,6 +85,17 @@ def test_sandblaster_backup_tasks_shorten_a_batch_with_a_slow_replica():
     assert max(times[True]) < 0.9 * min(times[False])
 
 
+def test_sandblaster_gives_units_to_each_replica_as_soon_as_it_has_the_parameters():
+    """On distbelief-2012 a machine 50x slow held its backup copy past the batch's end, its
+    fetch came late, and every replica waited for it before any unit was handed out: backup
+    tasks made batches slower (6.86 ms against 5.66 without; a new-user sweep)."""
+    from clustersim import api
+    times = {bt: api.simulate(Path(__file__).resolve().parents[1] / "scenarios" / "sandblaster.toml",
+                              {"training.backup_tasks": bt, "faults.slowdown": {"m3.cpu": 50.0}},
+                              speedup=False).data["step_time_s"] for bt in (True, False)}
+    assert times[True] < times[False]
+
+
 def test_sandblaster_reassigns_the_units_of_a_failed_replica():
     sc = scenario(batch=256, parallel={"replicas": 4, "ps_shards": 1},
                   training={"algorithm": "sandblaster", "steps": 3, "work_units": 16, "backup_tasks": False},

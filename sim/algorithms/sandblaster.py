@@ -2,7 +2,8 @@
 ``batch_size x replicas`` samples into ``work_units`` much smaller than 1/R of it and
 hands each to whichever replica is free; near the end it hands out copies of unfinished
 units (backup tasks) and keeps the first result.  Replicas fetch parameters once per
-batch and push their accumulated gradients once at its end.  The shards hold the
+batch (each given units as soon as it has them) and push their accumulated gradients once
+at its end.  The shards hold the
 parameters and the L-BFGS history and run the vector operations (dot products, axpy)
 on their own slices: (4m + 8) passes over the shard for a history of m; the coordinator
 exchanges only scalars with them (2m + 2 numbers each way).
@@ -40,8 +41,11 @@ def run_sandblaster(engine: Engine, steps: int):
         live = [r for r in range(p.replicas) if engine.alive(*p.devices[r])]
         if not live:
             break
-        yield env.all_of([engine.wait(ps.fetch(r, batch, batch), p.devices[r][0], r, batch, "fetch") for r in live])
-        yield from _hand_out(engine, batch, n_units, unit_plan, coord, busy, progress)
+        ready: set[int] = set()      # replicas holding this batch's parameters: each is given units
+        for r in live:               # as soon as it has them, not once every replica has
+            engine.wait(ps.fetch(r, batch, batch), p.devices[r][0], r, batch, "fetch").callbacks.append(
+                lambda _e, r=r: (ready.add(r), _poke(progress)))
+        yield from _hand_out(engine, batch, n_units, unit_plan, coord, busy, progress, ready)
         contributors = [r for r in live if engine.alive(*p.devices[r])]
         yield env.all_of([ev for r in contributors for k in range(len(ps.ps.devices))
                           for ev in ps._pieces(r, k, True, batch, "push")])
@@ -61,10 +65,18 @@ def _lbfgs_step(engine: Engine, ps: ParameterServer, k: int, coord: str, batch: 
     ps.applies[k] += 1
 
 
-def _hand_out(engine: Engine, batch: int, n_units: int, unit_plan, coord: str, busy: set[int], progress: list):
+def _poke(progress: list) -> None:
+    """Wakes the coordinator's loop (``progress[0]``), once per wait."""
+    if not progress[0].triggered:
+        progress[0].succeed()
+
+
+def _hand_out(engine: Engine, batch: int, n_units: int, unit_plan, coord: str, busy: set[int], progress: list,
+              ready: set[int]):
     """The coordinator's loop for one batch: returns when every unit has a result.  A
-    replica still computing a backup copy from an earlier batch is ``busy`` until it is
-    done: a worker computes one unit at a time."""
+    replica gets units once it holds the batch's parameters (``ready``); one still
+    computing a backup copy from an earlier batch is ``busy`` until it is done: a worker
+    computes one unit at a time."""
     env, p = engine.env, engine.plan
     tr = p.scenario.training
     queue = list(range(n_units))
@@ -82,8 +94,7 @@ def _hand_out(engine: Engine, batch: int, n_units: int, unit_plan, coord: str, b
             engine.log("won", r, -1, batch, unit=u)
         running[u].remove(r)
         busy.discard(r)
-        if not progress[0].triggered:
-            progress[0].succeed()
+        _poke(progress)
 
     while len(finished) < n_units:
         now = env.now
@@ -93,7 +104,7 @@ def _hand_out(engine: Engine, batch: int, n_units: int, unit_plan, coord: str, b
                     for r in rs):
                 queue.append(u)
                 engine.lost_samples += p.schedule.unit_size       # its work is done again
-        free = [r for r in range(p.replicas) if r not in busy and engine.alive(*p.devices[r])]
+        free = [r for r in range(p.replicas) if r in ready and r not in busy and engine.alive(*p.devices[r])]
         for r in free:
             if queue:
                 u = queue.pop(0)
