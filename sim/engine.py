@@ -112,7 +112,8 @@ class Engine:
         self._back: dict[str, simpy.Event] = {}     # failed device -> fires when it is replaced
         self.ps_server = None                      # set by parameter-server algorithms
         self.sync_replicas: int | None = None      # set by sync SGD: the replicas it ended with
-        self.sync_since = 0                        # ... and the first step it ran with them
+        self.sync_phases: list[tuple[int, int]] = [(0, plan.replicas)]   # sync: (first step, replicas) of each
+        #                                            stretch it ran with fewer after a failure
         self.failure_signal = self.env.event()     # fires (and is replaced) at every failure
         self.lost_samples = 0                      # work thrown away after failures
         self._graphs: dict[int, tuple] = {}
@@ -282,6 +283,7 @@ class Engine:
         """A failed device is up again (a replacement); it can fail again later."""
         self.failed.pop(device, None)
         self._lost.pop(device, None)
+        self.blocked.pop(device, None)          # what waited on it is no longer held up there
         back = self._back.pop(device, None)
         if back is not None:
             back.succeed()

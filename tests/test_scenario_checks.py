@@ -93,6 +93,14 @@ def test_the_command_exits_2_with_one_line(capsys, sets, message):
     assert "Traceback" not in err
 
 
+def test_sandblasters_eight_bit_messages_are_real_and_accepted():
+    """Review R21: Sandblaster's pushes and fetches go through the parameter server's 8-bit
+    path (simulator and executor); the refusal took them for ignored."""
+    data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 32},
+            "parallel": {"replicas": 4, "ps_shards": 1}, "training": {"algorithm": "sandblaster", "comm_bits": 8}}
+    assert scenario_from_dict(data, "t.toml").training.comm_bits == 8
+
+
 @pytest.mark.parametrize("training, parallel, faults, field", [
     ({"algorithm": "sync", "optimizer": "adagrad"}, {"ps_shards": 1}, {}, "training.optimizer"),
     ({"algorithm": "sync", "n_push": 4}, {"ps_shards": 1}, {}, "training.n_push"),

@@ -220,6 +220,39 @@ def test_a_backup_worker_absorbs_a_failure_while_its_push_is_in_flight():
     steps = failed.trace.step_times()
     assert len(steps) == 12 and failed.data.get("lost_work_samples", 0) == 0
     assert max(steps) < 1.5 * max(plain.trace.step_times())
+    # the job goes on with three replicas: its rate counts three (R21: it counted four, and
+    # losing a machine raised the throughput)
+    assert failed.data["samples_per_s"] == pytest.approx(3 * 32 / failed.data["step_time_s"])
+    assert failed.data["samples_per_s"] < plain.data["samples_per_s"]
+
+
+def test_backups_and_restarts_together_run_to_the_end():
+    """Review R21: a restart put machines back without clearing their loss events, so with a
+    backup worker a restored replica counted as lost for good and the run stalled."""
+    from clustersim import api
+    over = {"training.algorithm": "sync", "training.cosim": False, "training.time_limit_s": 0, "training.steps": 12,
+            "parallel.replicas": 4, "parallel.ps_shards": 1, "training.backup_workers": 1,
+            "faults.detect_timeout_s": 0.1, "faults.on_failure": "restart", "faults.checkpoint_every": 4}
+    plain = api.simulate("scenarios/downpour.toml", over, speedup=False)
+    at = plain.trace.step_ends[4] + 5e-6
+    out = api.simulate("scenarios/downpour.toml", {**over, "faults.fail": [{"machine": 1, "at_s": at},
+                                                                           {"machine": 2, "at_s": at}]},
+                       speedup=False)
+    assert "stalled_at_s" not in out.data and len(out.trace.step_ends) >= 12
+
+
+def test_the_rate_after_a_drop_skips_the_step_that_waited_for_detection():
+    """Review R21: a replica failing in the last step left one step after the drop, the one
+    that waited out the detection (100.7 ms a step); the rate is then the stretch before's."""
+    from clustersim import api
+    over = {"training.algorithm": "sync", "parallel.ps_shards": 0, "parallel.replicas": 4, "training.cosim": False,
+            "training.time_limit_s": 0, "training.steps": 20, "faults.detect_timeout_s": 0.1}
+    plain = api.simulate("scenarios/downpour.toml", over, speedup=False)
+    late = api.simulate("scenarios/downpour.toml",
+                        {**over, "faults.fail": [{"machine": 1, "at_s": plain.trace.step_ends[18] + 5e-6}]},
+                        speedup=False)
+    assert late.data["step_time_s"] == pytest.approx(plain.data["step_time_s"], rel=1e-9)
+    assert late.data["samples_per_s"] == pytest.approx(plain.data["samples_per_s"], rel=1e-9)
 
 
 def test_a_machine_failing_in_the_allreduce_computes_nothing_after():

@@ -47,12 +47,9 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
     sim_events, wall_s) plus utilisation, time by phase and speedup against one device."""
     sc = p.scenario
     tr = res.trace
-    steps = tr.step_times()
-    since = getattr(getattr(res, "engine", None), "sync_since", 0)
-    if 0 < since < len(steps):      # sync went on without failed replicas: the steps it runs at now
-        steps = steps[since:]
+    steps, replicas = sync_stretch(p, res)
     step_s = statistics.median(steps) if steps else 0.0
-    samples_per_s = sc.batch_size * live_replicas(p, res) / step_s if step_s else 0.0
+    samples_per_s = sc.batch_size * replicas / step_s if step_s else 0.0
     if tr.replica_steps:        # replicas step on their own: each one's period, waits included; all samples done
         step_s = replica_period(tr.replica_steps)
         samples_per_s = sc.batch_size * len(tr.replica_steps) / (res.sim_time_s or 1.0)
@@ -96,6 +93,23 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
         out["speedup"] = out["samples_per_s"] / (sc.batch_size / baseline_step_s)
     return out
 
+
+
+def sync_stretch(p: Plan, res) -> tuple[list[float], int]:
+    """The step times a run's rate is read from, and the replicas that ran them: for sync SGD
+    that went on without failed replicas, the last stretch it ran with a set of replicas
+    that has a step of its own (a stretch's first step waited out the failure's detection);
+    otherwise every step and ``live_replicas``."""
+    steps = res.trace.step_times()
+    phases = getattr(getattr(res, "engine", None), "sync_phases", [(0, p.replicas)])
+    if p.scenario.training.algorithm != "sync" or len(phases) < 2:
+        return steps, live_replicas(p, res)
+    ends = [first for first, _ in phases[1:]] + [len(steps)]
+    for (first, replicas), end in reversed(list(zip(phases, ends))):
+        part = steps[first + (1 if first else 0):end]
+        if part:
+            return part, replicas
+    return steps, live_replicas(p, res)
 
 
 def live_replicas(p: Plan, res) -> int:

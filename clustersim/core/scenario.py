@@ -315,8 +315,9 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
              "fetching and pushing every n steps is Downpour's, DC-ASGD's and SSP's"),
             ("training.backup_workers", tr.backup_workers and tr.algorithm != "sync",
              "backup workers are sync SGD's (Chen et al. 2016)"),
-            ("training.comm_bits", tr.comm_bits == 8 and tr.algorithm not in ASYNC + ("sync",),
-             "8-bit messages are the parameter server's pushes and fetches in sync, Downpour, DC-ASGD and SSP"),
+            ("training.comm_bits", tr.comm_bits == 8 and tr.algorithm not in ASYNC + ("sync", "sandblaster"),
+             "8-bit messages are the parameter server's pushes and fetches (sync, Downpour, DC-ASGD, SSP, "
+             "Sandblaster)"),
             ("faults.checkpoint_every" if faults.checkpoint_every else "faults.on_failure",
              (faults.checkpoint_every or faults.on_failure == "restart") and tr.algorithm != "sync",
              "restarting from checkpoints is sync SGD's (shards: faults.shard_recovery)")):

@@ -3,7 +3,9 @@
 copy on the shards) and SSP (Ho et al. 2013: a replica more than ``staleness`` steps
 ahead of the slowest live replica waits; a step counts once its push is applied, so a
 replica at clock c reads every update of clocks up to c - staleness - 1: staleness 0 is
-bulk-synchronous).
+bulk-synchronous; with ``n_push`` > 1 a step that does not push counts at once, so the
+guarantee covers the steps whose pushes have gone, and with ``n_fetch`` > 1 a replica reads
+only at its fetches).
 
 Each replica, independently: every ``n_fetch`` steps it fetches parameters (waiting for
 them, and first for its last push to be applied, so it reads its own writes); it computes
@@ -19,7 +21,7 @@ stopped before its end has nothing left to train on: the run stalls.
 from __future__ import annotations
 
 from sim.engine import Engine
-from clustersim.core.plan import PARAM_BYTES
+from clustersim.core.schedule import message_bytes
 from .ps import ParameterServer
 
 
@@ -32,7 +34,7 @@ def start_offsets(engine: Engine) -> list[float]:
         topo = plan.scenario.topology
         dev, shard = plan.devices[0][0], plan.ps.devices[0]
         rate = topo.route_bandwidth(topo.route(dev, shard)) if dev != shard else float("inf")
-        spread = 2 * sum(plan.slot_params) * PARAM_BYTES * tr.comm_bits / 32 / rate
+        spread = 2 * message_bytes(sum(plan.slot_params), tr.comm_bits) / rate
     draws = engine.rng.uniform(0.0, spread, plan.replicas) if spread > 0 else [0.0] * plan.replicas
     return [0.0] + [float(t) for t in draws[1:]]
 

@@ -54,13 +54,18 @@ def run_sync(engine: Engine, steps: int):
                 step = last_checkpoint
             else:
                 active = [r for r in active if r not in dead]
-                engine.sync_since = len(engine.trace.step_ends)   # steps from here run on fewer replicas
+                engine.sync_phases.append((len(engine.trace.step_ends), len(active)))
             free = {r: None for r in active}
             continue
         engine.log("apply", -1, -1, step, replicas=finished.value)
         for r in active:
             engine.log("deliver", r, -1, step)
         step += 1
+        gone = [r for r in active if not engine.alive(*plan.devices[r])]
+        if gone:                              # failed, and the backups finished the step without it
+            active = [r for r in active if r not in gone]
+            free = {r: free[r] for r in active}
+            engine.sync_phases.append((len(engine.trace.step_ends) + 1, len(active)))
         if faults.checkpoint_every and step % faults.checkpoint_every == 0:
             seconds = sum(plan.slot_params) * PARAM_BYTES / (faults.checkpoint_gbps * 1e9)
             yield engine.wait(env.timeout(seconds), "checkpoint", -1, step, "checkpoint")
@@ -217,5 +222,5 @@ def _restart(engine: Engine, step: int, checkpoint: int, dead: list[int]):
     yield engine.wait(env.timeout(seconds), "restart", -1, step, "restart")
     for r in dead:
         for dev in plan.devices[r]:
-            engine.failed.pop(dev, None)
+            engine.replace(dev)
     engine.log("restore", -1, -1, checkpoint)
