@@ -22,6 +22,7 @@ from typing import Any
 from clustersim.core.config import ConfigError
 from clustersim.core.metrics import machines_used, summarize
 from clustersim.core.models import Model
+from clustersim.core.nccl import VERSION as NCCL_VERSION, version_tuple
 from clustersim.core.plan import Plan, plan
 from clustersim.core.scenario import (Scenario, apply_overrides, builtin_scenario_folder, parse_set, read_toml,
                                      scenario_file, scenario_from_dict)
@@ -491,20 +492,19 @@ def collective(topology: str | Path, op: str = "allreduce", algo: str = "auto", 
     """nccl-tests-style rows (``bytes``, ``time_s``, ``algbw_gbps``, ``busbw_gbps``, ``algo``,
     ``protocol``) of ``op`` by ``algo`` (``auto``: NCCL's tuner picks per size) over the first
     ``gpus`` compute devices (all by default); ``nccl``: the version whose kernels lay out
-    NVLS chunks (default: the tuner's, 2.20.3)."""
+    NVLS chunks (default: the tuner's, ``nccl.VERSION``)."""
     from sim.collectives import table
     topo = load_topology(str(topology), Path("."), machines or None, ("--topology", ""))
     devices = topo.compute_devices()
     n = gpus or len(devices)
     if not 2 <= n <= len(devices):
         raise ConfigError("--gpus", str(gpus), f"must be 2..{len(devices)} for topology {topo.name}")
-    from clustersim.core.nccl import VERSION, version_tuple
     try:
-        version_tuple(nccl or VERSION)
+        version_tuple(nccl or NCCL_VERSION)
     except ValueError as exc:
         raise ConfigError("--nccl", nccl, str(exc)) from None
     try:
-        return table(topo, op, algo, list(sizes), devices[:n], network, protocol, nccl or VERSION)
+        return table(topo, op, algo, list(sizes), devices[:n], network, protocol, nccl or NCCL_VERSION)
     except ValueError as exc:
         raise ConfigError("--algo", algo, str(exc)) from None
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from clustersim.core.layers import Box, box_intersect
 from clustersim.core.partition import even_cuts
-from clustersim.core.plan import Plan, allreduce_pieces, edges, grad_allreduced, param_index, part_of, reads
+from clustersim.core.plan import RECOMPUTE, Plan, allreduce_pieces, edges, grad_allreduced, param_index, part_of, reads
 
 from executor import kernels
 
@@ -52,7 +52,7 @@ def skipped(op, backward: bool) -> bool:
     """Whether ``run_step`` leaves ``op`` out: the backward's ops in a forward-only pass, and
     always the recomputed forward's allreduces (``training.recompute``): the executor keeps
     every activation and does not rerun the forward, so it has nothing to send again."""
-    return op.why.startswith("recompute") or (
+    return op.why in RECOMPUTE or (
         not backward and (op.kind == "bwd" or op.why == "reduction" or op.why.startswith(("gradient", "weight"))))
 
 

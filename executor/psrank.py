@@ -18,7 +18,7 @@ import numpy as np
 
 from clustersim.core.partition import even_cuts
 from clustersim.core.plan import Plan
-from clustersim.core.schedule import message_bytes
+from clustersim.core.schedule import QUANT_HEADER, message_bytes
 
 from executor.comm import Outbox, probe, wait_buffer
 from executor.optim import DCASGD, SGD, Adagrad
@@ -85,19 +85,19 @@ def encode(values: np.ndarray, bits: int) -> np.ndarray:
     lo, hi = float(values.min()), float(values.max())
     step = (hi - lo) / 255.0 or 1.0
     codes = np.rint((values - lo) / step).astype(np.uint8)
-    return np.concatenate([np.array([lo, step], np.float32).view(np.uint8), codes])
+    return np.concatenate([np.array([lo, step], np.float32).view(np.uint8), codes])   # QUANT_HEADER bytes + codes
 
 
 def decode(buf: np.ndarray, bits: int) -> np.ndarray:
     if bits == 32 or buf.size == 0:
         return buf
-    lo, step = buf[:8].view(np.float32)
-    return buf[8:].astype(np.float32) * step + lo
+    lo, step = buf[:QUANT_HEADER].view(np.float32)
+    return buf[QUANT_HEADER:].astype(np.float32) * step + lo
 
 
 def message_buffer(n: int, bits: int) -> np.ndarray:
     """A receive buffer of ``n`` values' message: ``schedule.message_bytes`` of them."""
-    return np.empty(n, np.float32) if bits == 32 or n == 0 else np.empty(int(message_bytes(n, bits)), np.uint8)
+    return np.empty(n, np.float32) if bits == 32 or n == 0 else np.empty(message_bytes(n, bits), np.uint8)
 
 
 # --- the shard ----------------------------------------------------------------------------------

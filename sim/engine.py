@@ -111,9 +111,9 @@ class Engine:
         self._cut: dict[int, simpy.Event] = {}      # replica -> fires when a message of its finds no route
         self._back: dict[str, simpy.Event] = {}     # failed device -> fires when it is replaced
         self.ps_server = None                      # set by parameter-server algorithms
-        self.sync_replicas: int | None = None      # set by sync SGD: the replicas it ended with
-        self.sync_phases: list[tuple[int, int]] = [(0, plan.replicas)]   # sync: (first step, replicas) of each
-        #                                            stretch it ran with fewer after a failure
+        # sync SGD: (index into trace.step_ends, replicas) where each stretch of steps it ran
+        # with one set of replicas begins: the first all of them, then one after each drop
+        self.sync_phases: list[tuple[int, int]] = [(0, plan.replicas)]
         self.failure_signal = self.env.event()     # fires (and is replaced) at every failure
         self.lost_samples = 0                      # work thrown away after failures
         self._graphs: dict[int, tuple] = {}

@@ -8,7 +8,7 @@ from clustersim import api, report
 from clustersim.cli.args import count
 from clustersim.core.collective import ALGOS, OPS
 from clustersim.core.config import ConfigError
-from clustersim.core.nccl import PROTOCOLS
+from clustersim.core.nccl import PROTOCOLS, VERSION
 from clustersim.core.topology import NoRoute
 
 NETWORKS = ("analytical", "flow")      # sim.network.BACKENDS' names
@@ -20,7 +20,7 @@ def add(sub) -> None:
     c.add_argument("--topology", required=True)
     c.add_argument("--op", default="allreduce", choices=OPS)
     c.add_argument("--algo", default="auto", choices=ALGOS,
-                   help="auto: NCCL's tuner (its 2.20.3 cost model) picks ring, tree or NVLink SHARP "
+                   help=f"auto: NCCL's tuner (its {VERSION} cost model) picks ring, tree or NVLink SHARP "
                         "(nvls on one machine, nvls_tree across machines) per size")
     c.add_argument("--protocol", default="", choices=("", *PROTOCOLS),
                    help="NCCL protocol on GPUs (default: what the tuner picks)")
@@ -29,7 +29,7 @@ def add(sub) -> None:
     c.add_argument("--bytes", default="8..1G", help="SIZE or MIN..MAX, doubling (8..1G)")
     c.add_argument("--network", default="flow", choices=NETWORKS)
     c.add_argument("--nccl", default="", metavar="VERSION",
-                   help="the NCCL whose kernels lay out NVLS chunks, e.g. 2.18.5 (default: the tuner's, 2.20.3)")
+                   help=f"the NCCL whose kernels lay out NVLS chunks, e.g. 2.18.5 (default: the tuner's, {VERSION})")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=run)
 

@@ -96,30 +96,22 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
 
 
 def sync_stretch(p: Plan, res) -> tuple[list[float], int]:
-    """The step times a run's rate is read from, and the replicas that ran them: for sync SGD
-    that went on without failed replicas, the last stretch it ran with a set of replicas
-    that has a step of its own (a stretch's first step waited out the failure's detection);
-    otherwise every step and ``live_replicas``."""
+    """The step times a run's rate is read from, and the replicas that ran them.  Sync SGD
+    that went on without failed replicas (``faults.on_failure = "continue"``, or backups
+    that finished the step without one, which then stays out even under "restart") runs
+    in stretches (``Engine.sync_phases``): the last one with a step after its first (which
+    waited out the detection, or finished without the failed replica).  A restart replaces
+    the failed machines: one stretch.  Otherwise every step and every replica."""
     steps = res.trace.step_times()
     phases = getattr(getattr(res, "engine", None), "sync_phases", [(0, p.replicas)])
     if p.scenario.training.algorithm != "sync" or len(phases) < 2:
-        return steps, live_replicas(p, res)
+        return steps, p.replicas
     ends = [first for first, _ in phases[1:]] + [len(steps)]
     for (first, replicas), end in reversed(list(zip(phases, ends))):
         part = steps[first + (1 if first else 0):end]
         if part:
             return part, replicas
-    return steps, live_replicas(p, res)
-
-
-def live_replicas(p: Plan, res) -> int:
-    """The replicas a synchronous job still runs at its end: all of them, less those it
-    went on without after their devices failed (``faults.on_failure = "continue"``; a
-    restart replaces them, and a failure after the last step drops none)."""
-    eng = getattr(res, "engine", None)
-    if eng is None or p.scenario.training.algorithm != "sync":
-        return p.replicas
-    return p.replicas if eng.sync_replicas is None else eng.sync_replicas
+    return steps, phases[-1][1]
 
 
 def replica_period(replica_steps: list[tuple[int, int, float, float]]) -> float:

@@ -20,11 +20,9 @@ Model file format::
 """
 from __future__ import annotations
 
-import dataclasses
-
 import heapq
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -277,7 +275,7 @@ class _Graph:
     def build(self, name: str, input_shape: Shape, classes: int, losses: bool = False) -> Model:
         model = build_model(name, input_shape, self.layers, classes,
                             [str(i) for i in range(len(self.layers))], self.inputs, losses)
-        return dataclasses.replace(model, inner=tuple(n.index for n in model.nodes if n.name in self.inner))
+        return replace(model, inner=tuple(n.index for n in model.nodes if n.name in self.inner))
 
 
 def _conv_bn(g: _Graph, x: str, filters: int, kernel: Any, stride: int = 1, padding: Any = 0,

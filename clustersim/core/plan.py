@@ -26,6 +26,7 @@ from clustersim.core.schedule import (PARAM_BYTES, Schedule, micro_batches_held,
                                       schedule_of, stage_units)
 from clustersim.core.topology import SPLIT, STAGE
 
+RECOMPUTE = ("recompute reduce-scatter", "recompute all-gather")   # a recomputed forward's allreduces
 GIB = 2**30
 
 
@@ -38,7 +39,9 @@ class Op:
     fields read), ``gradient`` (the backward of either), ``reduction`` (softmax or
     batch-norm statistics), ``stage`` (pipeline boundary); a tensor split's allreduces
     (``allreduce``): ``reduce-scatter`` and ``all-gather`` of a partial sum, ``gradient
-    reduce-scatter`` and ``gradient all-gather`` of a whole input's gradient.
+    reduce-scatter`` and ``gradient all-gather`` of a whole input's gradient, and with
+    ``training.recompute`` the forward's again (``RECOMPUTE``: the simulator's cost of rerunning
+    it; the executor, keeping activations, leaves them out).
     An activation, halo, stage or gradient transfer carries (the gradient of) a part of
     layer ``producer``'s output (``Edge``); its ``layer`` is the first layer reading it.
     """
@@ -371,7 +374,7 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                                       deps=tuple(deps))
             if waits:
                 again = _allreduce(add, list(waits), _sizes(node.out_shape, len(waits), axes[i] == "scattered"),
-                                   b * db, i, mb, ("recompute reduce-scatter", "recompute all-gather"),
+                                   b * db, i, mb, RECOMPUTE,
                                    lambda j, waits=waits: waits[j], gather=axes[i] != "scattered")
                 for j, deps in waits.items():
                     f = ops[fwd[(i, j, mb)]]

@@ -306,7 +306,7 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
             if bad:
                 raise ConfigError(file, f"parallel.{key}", "layerwise needs split = \"layers\", replicas = 1 "
                                   f"and ps_shards = 0 (one worker per layer group); got {getattr(par, key)!r}")
-    # settings an algorithm would silently ignore are bad input (a new-user sweep found five)
+    # settings an algorithm would silently ignore are bad input (docs/decisions/052)
     for key, bad, why in (
             ("training.optimizer", tr.optimizer == "adagrad" and tr.algorithm not in ("downpour", "ssp"),
              "adagrad is the rule Downpour's and SSP's shards apply"),

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clustersim.core.scenario import ASYNC, Scenario  # noqa: F401  (ASYNC: re-exported)
+from clustersim.core.scenario import ASYNC, Scenario
 
 PARAM_BYTES = 4      # master weights and gradients are fp32
-
 
 
 @dataclass(frozen=True)
@@ -92,7 +91,7 @@ QUANT_COST = (3.0, 5.0)   # an 8-bit message: a quantise and a dequantise pass, 
 QUANT_HEADER = 8          # an 8-bit message's header: its minimum and step as two float32
 
 
-def message_bytes(params: int, bits: int) -> float:
+def message_bytes(params: int, bits: int) -> int:
     """Bytes of a push or fetch of ``params`` values: 4 each, or with 8-bit messages one code
     each after the header (the executor's ``psrank.encode``)."""
     if bits == 32 or not params:

@@ -2,7 +2,7 @@
 ``batch_size x replicas`` samples into ``work_units`` much smaller than 1/R of it and
 hands each to whichever replica is free; near the end it hands out copies of unfinished
 units (backup tasks) and keeps the first result.  Replicas fetch parameters once per
-batch (each given units as soon as it has them) and push their accumulated gradients once
+batch, each given units as soon as it has them, and push their accumulated gradients once
 at its end.  The shards hold the
 parameters and the L-BFGS history and run the vector operations (dot products, axpy)
 on their own slices: (4m + 8) passes over the shard for a history of m; the coordinator
@@ -44,7 +44,7 @@ def run_sandblaster(engine: Engine, steps: int):
         ready: set[int] = set()      # replicas holding this batch's parameters: each is given units
         for r in live:               # as soon as it has them, not once every replica has
             engine.wait(ps.fetch(r, batch, batch), p.devices[r][0], r, batch, "fetch").callbacks.append(
-                lambda _e, r=r: (ready.add(r), _poke(progress)))
+                _holds(r, ready, progress))
         yield from _hand_out(engine, batch, n_units, unit_plan, coord, busy, progress, ready)
         contributors = [r for r in live if engine.alive(*p.devices[r])]
         yield env.all_of([ev for r in contributors for k in range(len(ps.ps.devices))
@@ -63,6 +63,14 @@ def _lbfgs_step(engine: Engine, ps: ParameterServer, k: int, coord: str, batch: 
     yield engine.transfer(coord, dev, scalars, -1, batch, "scalars", "control")
     ps.version[k] += 1
     ps.applies[k] += 1
+
+
+def _holds(r: int, ready: set[int], progress: list):
+    """A fetch's callback: replica r holds the batch's parameters; the coordinator looks again."""
+    def fetched(_e) -> None:
+        ready.add(r)
+        _poke(progress)
+    return fetched
 
 
 def _poke(progress: list) -> None:

@@ -65,14 +65,13 @@ def run_sync(engine: Engine, steps: int):
         if gone:                              # failed, and the backups finished the step without it
             active = [r for r in active if r not in gone]
             free = {r: free[r] for r in active}
-            engine.sync_phases.append((len(engine.trace.step_ends) + 1, len(active)))
+            engine.sync_phases.append((len(engine.trace.step_ends), len(active)))   # from this step
         if faults.checkpoint_every and step % faults.checkpoint_every == 0:
             seconds = sum(plan.slot_params) * PARAM_BYTES / (faults.checkpoint_gbps * 1e9)
             yield engine.wait(env.timeout(seconds), "checkpoint", -1, step, "checkpoint")
             engine.log("checkpoint", -1, -1, step)
             last_checkpoint = step
         engine.trace.step_ends.append(env.now)
-    engine.sync_replicas = len(active)       # the replicas the job went on with (summarize's count)
 
 
 def _start_step(engine: Engine, active: list[int], free: dict, step: int, working: dict):
