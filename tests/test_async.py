@@ -91,7 +91,7 @@ def test_sandblaster_gives_units_to_each_replica_as_soon_as_it_has_the_parameter
     tasks made batches slower (6.86 ms against 5.66 without; a new-user sweep)."""
     from clustersim import api
     times = {bt: api.simulate(Path(__file__).resolve().parents[1] / "scenarios" / "sandblaster.toml",
-                              {"training.backup_tasks": bt, "faults.slowdown": {"m3.cpu": 50.0}},
+                              {"training.backup_tasks": bt, "faults.slowdown": {"m3.cpu": 50.0}, "training.steps": 4},
                               speedup=False).data["step_time_s"] for bt in (True, False)}
     assert times[True] < times[False]
 
