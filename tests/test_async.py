@@ -259,6 +259,20 @@ def test_eight_bit_sync_through_shards_trains_on_quantised_values():
     assert l8 != l32 and abs(l8 - l32) < 0.1 * l32          # quantised, and still the same training
 
 
+def test_co_simulated_eight_bit_values_are_the_executors_messages_shard_by_shard():
+    """The executor sends one 8-bit message a shard, each with its own minimum and step
+    (psrank.encode); the co-simulation quantised the whole vector with one (decision 052)."""
+    from clustersim.compare.cosim import Replay
+    from executor.psrank import decode, encode
+    sc = scenario(batch=32, parallel={"replicas": 2, "ps_shards": 2},
+                  training={"algorithm": "sync", "steps": 2, "comm_bits": 8})
+    replay = Replay(plan(sc))
+    x = np.random.default_rng(0).normal(size=replay.net.size) * np.linspace(0.1, 10.0, replay.net.size)
+    want = np.concatenate([decode(encode(x[lo:hi], 8), 8) for lo, hi in replay.ranges])
+    assert len(replay.ranges) == 2
+    assert np.allclose(replay._q(x), want, rtol=1e-5, atol=1e-5 * np.abs(x).max())
+
+
 def test_async_replicas_start_spread_within_a_parameter_round_trip():
     from sim.algorithms.downpour import start_offsets
     from sim.engine import Engine

@@ -94,7 +94,16 @@ class Replay:
             self.whole = Batches(d.x_train, d.y_train, sc.batch_size * R, np.random.default_rng([sc.seed, R]))
 
     def _q(self, x):
-        return quantize8(x) if self.tr.comm_bits == 8 else x
+        """A whole vector as 8-bit messages deliver it: each shard's piece a message of its
+        own, with its own minimum and step (as the executor sends one a shard; a replica of
+        several slots sends finer pieces, one a slot and shard)."""
+        if self.tr.comm_bits != 8:
+            return x
+        out = x.copy()
+        for lo, hi in self.ranges:
+            if hi > lo:
+                out[lo:hi] = quantize8(x[lo:hi])
+        return out
 
     def _grad(self, w, x, y):
         return self.net.loss_and_grad(w, x, y)[1]
@@ -123,7 +132,8 @@ class Replay:
             self.grads.clear()
         elif kind == "snap":
             lo, hi = self.ranges[k]
-            self.pending[(r, u.info["fetch"], k)] = self._q(self.server[lo:hi].copy())
+            piece = self.server[lo:hi].copy()           # one shard's message
+            self.pending[(r, u.info["fetch"], k)] = quantize8(piece) if self.tr.comm_bits == 8 else piece
             if isinstance(self.rules[k], DCASGD):
                 self.rules[k].fetched(r, self.server[lo:hi])
         elif kind == "deliver" and k >= 0:
