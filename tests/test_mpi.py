@@ -229,6 +229,7 @@ def test_sandblaster_with_two_slots_per_replica_trains_on_real_ranks(tmp_path, s
     assert out["accuracy"] >= 0.85            # 0.886 here, as with one slot per replica (chance is 0.1)
 
 
+@pytest.mark.slow             # make test-all (7.5 s): the suite neared its 4 minutes on 2026-12-03
 def test_sandblaster_sums_every_replicas_units_the_same_with_one_or_two_slots(tmp_path):
     """The shards sum all pushes of a batch (they kept only the last one: which replica
     pushed last and what it had won changed the step, so identical runs differed by 1e-3
