@@ -175,8 +175,8 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     the rest simulated (sync: one step, every step being alike) and ranked by ``objective``.
     Returns ``ranked`` (best first: the chosen keys, the metrics, ``why``), ``dropped``
     (candidates that did not rank, each with its ``error``: refused before simulating, or
-    failed or stalled when run), ``stalled`` (those of them that stalled), ``refused`` (how
-    many were refused before simulating) and ``note`` (a deadline or accuracy no candidate
+    failed or stalled when run), ``failed`` and ``stalled`` (those of them that failed or
+    stalled when run), ``refused`` (how many were refused before simulating) and ``note`` (a deadline or accuracy no candidate
     meets; where every candidate that ran stalled, why).  The deadline is ``target_hours``
     (0: none), or where it is None the scenario's ``training.target_hours``."""
     from clustersim.search_space import OBJECTIVES, candidates, score
@@ -221,7 +221,8 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
         if on_point:
             on_point(point)
     dropped += failed + stalled
-    found = {"dropped": dropped, "stalled": stalled, "refused": refused, "candidates": len(trials) + refused}
+    found = {"dropped": dropped, "failed": failed, "stalled": stalled, "refused": refused,
+             "candidates": len(trials) + refused}
     if not points and stalled and not failed:              # they ran, and no job could go on
         return {"ranked": [], **found, "note": f"every configuration that ran stalled ({len(stalled)}); the "
                 f"first: {stalled[0]['error'][len(STALLED):]}"}

@@ -288,10 +288,12 @@ class Engine:
         if back is not None:
             back.succeed()
 
-    def _block(self, dead_end: str, what: str) -> simpy.Event:
-        """A message or collective that can never complete: counted, its dead end kept for
-        the stall report, and an event that never fires (the algorithm's timeouts decide)."""
-        self.failed_transfers += 1
+    def _block(self, dead_end: str, what: str, message: bool = True) -> simpy.Event:
+        """Work that can never complete (a message or collective, counted as a failed
+        transfer; or an op on a failed device): its dead end kept for the stall report, and
+        an event that never fires (the algorithm's timeouts decide)."""
+        if message:
+            self.failed_transfers += 1
         self.blocked.setdefault(dead_end, what)
         return self.env.event()
 
@@ -337,8 +339,7 @@ class Engine:
         flight arrives)."""
         asked = self.env.now
         if not self.alive(device):              # a failed device starts nothing: the op never ends
-            self.blocked.setdefault(device, f"{name} on {device}")
-            return self.env.event()
+            return self._block(device, f"{name} on {device}", message=False)
         ev = self.compute.run(device, flops, nbytes, backward=phase == "bwd", key=key, work=work)
         ev.callbacks.append(lambda e: self.trace.add(
             Span(name, kind, device, replica, step, asked if e.value is None else e.value, self.env.now,

@@ -63,7 +63,7 @@ def test_slots_push_to_exactly_the_shards_the_plan_shares_them_with(tmp_path):
 
 
 @needs_mpi
-@pytest.mark.slow             # make test-all (4.7 s): the suite neared its 4 minutes on 2026-12-03
+@pytest.mark.slow             # make test-all: 4.7 s
 def test_sandblaster_split_by_layers_over_four_shards_trains_to_the_end(tmp_path):
     """It hung: every shard waited for two pushes per replica, shards 0-2 get one."""
     f = tmp_path / "s.toml"

@@ -229,7 +229,7 @@ def test_sandblaster_with_two_slots_per_replica_trains_on_real_ranks(tmp_path, s
     assert out["accuracy"] >= 0.85            # 0.886 here, as with one slot per replica (chance is 0.1)
 
 
-@pytest.mark.slow             # make test-all (7.5 s): the suite neared its 4 minutes on 2026-12-03
+@pytest.mark.slow             # make test-all: three launches, 7.5 s
 def test_sandblaster_sums_every_replicas_units_the_same_with_one_or_two_slots(tmp_path):
     """The shards sum all pushes of a batch (they kept only the last one: which replica
     pushed last and what it had won changed the step, so identical runs differed by 1e-3
@@ -240,7 +240,7 @@ def test_sandblaster_sums_every_replicas_units_the_same_with_one_or_two_slots(tm
 
 
 @pytest.mark.parametrize("failed", [1, pytest.param(2, marks=pytest.mark.slow)])   # replica 0's second slot;
-# replica 1's leader (make test-all: the suite neared its 4 minutes on 2026-12-03)
+# replica 1's leader (the same path: make test-all)
 def test_sandblaster_goes_on_without_the_replica_of_a_crashed_slot(tmp_path, failed):
     out = execute(tmp_path, SANDBLASTER.format(mp=2, r=2, steps=30), "--set", "parallel.ps_shards=1",
                   "--fail", f"rank={failed}@step=10")

@@ -64,8 +64,7 @@ def run(args) -> int:
 def _not_ranked(res: dict) -> str:
     """What did not rank and why: refused before simulating (memory, shape, settings),
     failed or stalled when run."""
-    stalled = len(res["stalled"])
-    failed = len(res["dropped"]) - res["refused"] - stalled
+    stalled, failed = len(res["stalled"]), len(res["failed"])
     parts = [f"{res['refused']} refused before simulating (memory, shape, settings)"]
     parts += [f"{failed} failed when run"] if failed else []
     parts += [f"{stalled} stalled"] if stalled else []

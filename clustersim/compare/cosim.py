@@ -102,8 +102,12 @@ class Replay:
         out = x.copy()
         for lo, hi in self.ranges:
             if hi > lo:
-                out[lo:hi] = quantize8(x[lo:hi])
+                out[lo:hi] = self._message(x[lo:hi])
         return out
+
+    def _message(self, piece):
+        """One push or fetch as its receiver sees it (8-bit: 256 levels of its own)."""
+        return quantize8(piece) if self.tr.comm_bits == 8 else piece
 
     def _grad(self, w, x, y):
         return self.net.loss_and_grad(w, x, y)[1]
@@ -132,8 +136,7 @@ class Replay:
             self.grads.clear()
         elif kind == "snap":
             lo, hi = self.ranges[k]
-            piece = self.server[lo:hi].copy()           # one shard's message
-            self.pending[(r, u.info["fetch"], k)] = quantize8(piece) if self.tr.comm_bits == 8 else piece
+            self.pending[(r, u.info["fetch"], k)] = self._message(self.server[lo:hi].copy())
             if isinstance(self.rules[k], DCASGD):
                 self.rules[k].fetched(r, self.server[lo:hi])
         elif kind == "deliver" and k >= 0:

@@ -275,6 +275,12 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
         ops.append(Op(id=len(ops), **kw))
         return len(ops) - 1
 
+    def backward(i: int, j: int, mb: int, deps: list[int]) -> int:
+        """Layer i's backward on slot j (and with recompute its forward again) after ``deps``."""
+        f = ops[fwd[(i, j, mb)]]
+        return add(kind="bwd", layer=i, micro=mb, slot=j, flops=f.flops * (model.nodes[i].layer.bwd_ratio + redo),
+                   bytes=(2 + redo) * f.bytes, deps=tuple(deps))
+
     def needs_of(c: int, k: int, box: Box, src: int) -> list[Box]:
         return [need for s, need in zip(model.nodes[c].inputs, reads(model, parts, c, k, box)) if s == src]
 
@@ -317,10 +323,8 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                                       bytes=traffic, deps=tuple(deps))
             _reductions(slices[i], node, axes[i], b, i, mb, fwd, red_fwd, red_bwd, add)
             if parts and parts[i]:
-                gather = axes[i] != "scattered"
-                into = _allreduce(add, [j for j, _ in slices[i]], _sizes(node.out_shape, len(slices[i]), not gather),
-                                  b * db, i, mb, ("reduce-scatter", "all-gather"),
-                                  lambda j, i=i, mb=mb: (fwd[(i, j, mb)],), gather=gather)
+                into = _partial_sum(add, node, [j for j, _ in slices[i]], axes[i], b * db, i, mb,
+                                    ("reduce-scatter", "all-gather"), lambda j, i=i, mb=mb: (fwd[(i, j, mb)],))
                 for j, ids in into.items():
                     red_fwd.setdefault((i, j, mb), []).extend(ids)
     readers_ar = [grad_allreduced(model, slices, axes, i) for i in range(len(model.nodes))]
@@ -369,18 +373,12 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                 if kept and parts and parts[i] and not kept[i]:
                     waits[j] = deps
                     continue
-                bwd[(i, j, mb)] = add(kind="bwd", layer=i, micro=mb, slot=j,
-                                      flops=f.flops * (node.layer.bwd_ratio + redo), bytes=(2 + redo) * f.bytes,
-                                      deps=tuple(deps))
+                bwd[(i, j, mb)] = backward(i, j, mb, deps)
             if waits:
-                again = _allreduce(add, list(waits), _sizes(node.out_shape, len(waits), axes[i] == "scattered"),
-                                   b * db, i, mb, RECOMPUTE,
-                                   lambda j, waits=waits: waits[j], gather=axes[i] != "scattered")
+                again = _partial_sum(add, node, list(waits), axes[i], b * db, i, mb, RECOMPUTE,
+                                     lambda j, waits=waits: waits[j])
                 for j, deps in waits.items():
-                    f = ops[fwd[(i, j, mb)]]
-                    bwd[(i, j, mb)] = add(kind="bwd", layer=i, micro=mb, slot=j,
-                                          flops=f.flops * (node.layer.bwd_ratio + redo), bytes=(2 + redo) * f.bytes,
-                                          deps=tuple(deps + again[j]))
+                    bwd[(i, j, mb)] = backward(i, j, mb, deps + again[j])
     last = len(micro_sizes) - 1
     for i in weights_allreduced(model, slices, parts, axes):      # sequence parallelism's norms
         group = [j for j, _ in slices[i]]
@@ -427,6 +425,15 @@ def _allreduce(add, group: list[int], sizes: list[int], elem_bytes: float, layer
                 into[j].append(add(kind="xfer", layer=layer, micro=mb, slot=k, dst=j, why=ag, producer=layer,
                                    bytes=size * elem_bytes, deps=tuple(deps_of(k)) + scattered[k]))
     return into
+
+
+def _partial_sum(add, node, group: list[int], axis: str, elem_bytes: float, layer: int, mb: int,
+                 names: tuple[str, str], deps_of) -> dict[int, list[int]]:
+    """The allreduce of a tensor split's partial sum over ``group`` (``_allreduce``): under
+    sequence parallelism (axis ``scattered``) only its reduce-scatter, by rows."""
+    scattered = axis == "scattered"
+    return _allreduce(add, group, _sizes(node.out_shape, len(group), scattered), elem_bytes, layer, mb, names,
+                      deps_of, gather=not scattered)
 
 
 def _reductions(layer_slices_, node, axis, b, i, mb, fwd, red_fwd, red_bwd, add) -> None:

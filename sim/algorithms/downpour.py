@@ -57,8 +57,8 @@ def run_async(engine: Engine, steps: int):
         moved(None)
 
     def moved(_e) -> None:
-        """A replica stopped (failed or cut off): the slowest live one may be another now,
-        so SSP's waits look again."""
+        """A replica's clock advanced or it stopped (failed or cut off): the slowest live
+        one may be another now, so SSP's waits look again."""
         if not progress[0].triggered:
             progress[0].succeed()
             progress[0] = env.event()
