@@ -353,7 +353,7 @@ def test_recompute_keeps_boundaries_and_reruns_the_forward():
                                    == (a.layer, a.slot, a.micro)][0]].flops
             assert b.flops == pytest.approx(a.flops + fwd_flops, rel=1e-12)
     dev = plain.devices[0][0]
-    assert redo.memory[dev]["activations"] < plain.memory[dev]["activations"] / 2
+    assert redo.memory[dev]["activations"] < plain.memory[dev]["activations"]   # closed forms: below
 
 
 def test_full_recompute_keeps_a_transformer_layers_input_only():
@@ -470,15 +470,61 @@ def test_gpt3_on_1024_h100s_fits_with_16_stages_and_not_without():
 
 @pytest.mark.parametrize("m", [1, 2])
 def test_a_tensor_read_on_its_own_slot_is_kept_once(m):
-    """A relu chain on (4, 6, 6), its last output read twice by an add: kept per sample
-    are the input and each layer's output once, as autograd saves them -- 4 + 1 boxes on
-    one slot; cut in m row stripes each slot keeps its stripes and, where a layer reads
-    another slot, nothing more (an element-wise chain reads only its own rows)."""
+    """A relu chain on (4, 6, 6) whose last output two gelus read, summed: kept per sample are
+    each relu's output (its backward reads it, as PyTorch's threshold_backward does), the last
+    one once for both gelus (which read their input), and neither the model's input, the
+    gelus' outputs nor the sum (no backward reads them) -- 3 boxes on one slot; cut in m row
+    stripes each slot keeps its stripes and, where a layer reads another slot, nothing more
+    (an element-wise chain reads only its own rows)."""
     import dataclasses
     from clustersim.core.plan import activation_elements
-    names = ["r1", "r2", "r3", "sum"]
-    model = build_model("chain", (4, 6, 6), [L("relu"), L("relu"), L("relu"), L("add")], 0, names,
-                        [None, None, None, ("r3", "r3")])
+    names = ["r1", "r2", "r3", "g1", "g2", "sum"]
+    model = build_model("chain", (4, 6, 6), [L("relu"), L("relu"), L("relu"), L("gelu"), L("gelu"), L("add")],
+                        0, names, [None, None, None, ("r3",), ("r3",), ("g1", "g2")])
     p = plan(dataclasses.replace(scenario(parallel={"model_parallel": m}), model=model), check_memory=False)
     kept, _ = activation_elements(p)
-    assert sum(kept) == 5 * 4 * 6 * 6
+    assert sum(kept) == 3 * 4 * 6 * 6
+
+
+@pytest.mark.parametrize("t, sp", [(1, False), (2, False), (4, False), (2, True), (4, True)])
+def test_a_gpt_block_keeps_korthikantis_activations_less_the_masks(t, sp, monkeypatch):
+    """Korthikanti et al. 2022 (section 4.1, eq. 1-3) count a GPT layer's activations in
+    16-bit bytes as s b h (34 + 5 a s / h), tensor t: s b h (10 + 24 / t + 5 a s / h t), with
+    sequence parallelism s b h (34 + 5 a s / h) / t; their dropout masks (2 s b h + a s^2 b
+    bytes) and the dropped probabilities' copy are the zoo's GPT without dropout's less, so
+    per sample the elements are 16 s h + 2 a s^2 (eager: the scores and the probabilities),
+    4 s h + (12 s h + 2 a s^2) / t and (16 s h + 2 a s^2) / t.  One block is the difference
+    of a 2- and a 1-layer model; a projection's output, read only by the residual sum, is not
+    kept (it was: 18 s h)."""
+    from clustersim.core import models
+    from clustersim.core.plan import activation_elements
+    from test_tensor_parallel import tensor_plan
+    s, h, a = 16, 64, 4
+    kept = []
+    for layers in (1, 2):
+        monkeypatch.setitem(models.TRANSFORMERS, f"gpt-{layers}", models.Transformer(layers, h, a, 50, s))
+        p = tensor_plan(zoo_model(f"gpt-{layers}", sequence=s), t, batch=1, sp=sp)
+        kept.append(activation_elements(p)[0])
+    want = (16 * s * h + 2 * a * s * s) / t if sp else 4 * s * h + (12 * s * h + 2 * a * s * s) / t
+    assert [two - one for one, two in zip(*kept)] == [want] * t
+
+
+@pytest.mark.parametrize("t, sp", [(1, False), (4, False), (4, True)])
+def test_full_recompute_keeps_2sbh_a_gpt_layer_and_works_on_one(t, sp, monkeypatch):
+    """Korthikanti et al. 2022 (section 4.3): full recomputation stores a layer's input, 2sbh
+    bytes (sequence parallelism: 2sbh / t), and reruns one layer at a time, whose
+    activations (the test above) are the working set: a block adds s h (or s h / t) elements
+    per sample to what is kept and nothing to the working set."""
+    from clustersim.core import models
+    from clustersim.core.plan import activation_elements
+    from test_tensor_parallel import tensor_plan
+    s, h, a = 16, 64, 4
+    kept, work = [], []
+    for layers in (2, 3):
+        monkeypatch.setitem(models.TRANSFORMERS, f"gpt-{layers}", models.Transformer(layers, h, a, 50, s))
+        p = tensor_plan(zoo_model(f"gpt-{layers}", sequence=s), t, batch=1, sp=sp, training={"recompute": True})
+        k, w = activation_elements(p)
+        kept.append(k)
+        work.append(w)
+    assert [b - a_ for a_, b in zip(*kept)] == [s * h / t if sp else s * h] * t
+    assert work[0] == work[1] == [(16 * s * h + 2 * a * s * s) / t if sp else 4 * s * h + (12 * s * h + 2 * a * s * s) / t] * t

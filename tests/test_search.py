@@ -49,12 +49,15 @@ def test_search_finds_the_brute_force_best():
 
 def test_what_cannot_fit_is_refused_before_simulating():
     """AlexNet with a global batch of 65,536 on four 80 GiB A100s: most ways need more
-    memory than a GPU has; they are refused with the memory check's reason, never run."""
+    memory than a GPU has; they are refused with the memory check's reason, never run.
+    One GPU would keep 261 GiB of activations for the backward; four replicas of 16,384
+    keep a quarter each (65 GiB) and run."""
     res = api.search(QUICK, 4, {"model.name": "alexnet", "model.batch_size": 65536, "parallel.replicas": 1,
                                 "training.steps": 1, "cluster.topology": "pcie-4gpu"})
     assert len(res["dropped"]) > len(res["ranked"]) > 0
     assert all("does not fit" in d["error"] for d in res["dropped"])
-    assert {(1, 1), (4, 1)} <= {(d["parallel.replicas"], d["parallel.model_parallel"]) for d in res["dropped"]}
+    assert (1, 1) in {(d["parallel.replicas"], d["parallel.model_parallel"]) for d in res["dropped"]}
+    assert (4, 1) in {(d["parallel.replicas"], d["parallel.model_parallel"]) for d in res["ranked"]}
     assert res["candidates"] == len(res["dropped"]) + len(res["ranked"])
 
 

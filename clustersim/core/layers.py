@@ -152,6 +152,14 @@ class Layer:
         the scenario's ``model.attention``, keeps them)."""
         return 0
 
+    def backward_reads(self) -> tuple[bool, bool]:
+        """Whether the layer's backward reads its input and whether it reads its output -- what
+        autograd saves for it.  A product reads its input (the other factor of its weight's
+        gradient), a norm its input; relu, sigmoid, tanh and the loss's softmax read their
+        output; an add, a concat and a dropout (its mask aside) read neither.  A tensor that no
+        backward reads is freed after the forward (``plan.activation_elements``)."""
+        return (True, False)
+
     def reduced(self, s: Shape) -> int:
         """Size of the dimension a partial sum cuts (``reduces``): input channels, words."""
         return 0
@@ -295,6 +303,9 @@ class Pool(_Window):
 
     required = ("kernel",)
 
+    def backward_reads(self):
+        return (self.kind == "max_pool", False)        # max: where each maximum was; avg: nothing
+
     def shape(self, s):
         return (s[0], *self._out_hw(s))
 
@@ -308,6 +319,9 @@ class Pool(_Window):
 @dataclass(frozen=True)
 class Maxout(Layer):
     pieces: int = 2
+
+    def backward_reads(self):
+        return (True, True)                             # not looked at: kept as before
 
     def shape(self, s):
         if s[0] % self.pieces:
@@ -327,6 +341,9 @@ class LRN(Layer):
 
     size: int = 5
 
+    def backward_reads(self):
+        return (True, True)                             # not looked at: kept as before
+
     def flops_per_out(self, s):
         return 2.0 * self.size + 4.0
 
@@ -341,6 +358,9 @@ class LCN(Layer):
     normalisation over a size x size window of all channels."""
 
     size: int = 9
+
+    def backward_reads(self):
+        return (True, True)                             # not looked at: kept as before
 
     def flops_per_out(self, s):
         return 4.0 * self.size**2      # weighted mean and weighted variance over the window
@@ -383,6 +403,9 @@ class BatchNorm(Layer):
 class Dropout(Layer):
     rate: float = 0.5
 
+    def backward_reads(self):
+        return (False, False)                           # its mask (not counted)
+
 
 @dataclass(frozen=True)
 class Activation(Layer):
@@ -392,12 +415,18 @@ class Activation(Layer):
     def flops_per_out(self, s):
         return {"relu": 1.0, "gelu": 8.0}.get(self.kind, 4.0)
 
+    def backward_reads(self):
+        return (self.kind == "gelu", self.kind != "gelu")     # PyTorch: gelu its input, the rest their output
+
 
 @dataclass(frozen=True)
 class SoftmaxXent(Layer):
     """Softmax with cross-entropy loss over all features."""
 
     flops_per_elem = 5.0
+
+    def backward_reads(self):
+        return (False, True)                            # the probabilities (log-softmax's output)
 
     def shape(self, s):
         if s[2] != 1:
@@ -415,6 +444,9 @@ class Add(Layer):
     """Element-wise sum of two or more inputs of one shape (a residual connection)."""
 
     arity = 0
+
+    def backward_reads(self):
+        return (False, False)
 
     def merge(self, in_shapes):
         if len(in_shapes) < 2:
@@ -437,6 +469,9 @@ class Concat(Layer):
 
     arity = 0
     flops_per_elem = 0.0
+
+    def backward_reads(self):
+        return (False, False)
 
     def merge(self, in_shapes):
         if len(in_shapes) < 2:
@@ -623,6 +658,9 @@ class FirstToken(Layer):
 
     tokens: int = 1
     flops_per_elem = 0.0
+
+    def backward_reads(self):
+        return (False, False)                           # a copy of some positions
 
     def shape(self, s):
         if self.tokens > s[1]:

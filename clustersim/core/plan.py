@@ -739,9 +739,13 @@ def checkpoints(model: Model) -> list[bool]:
 
 def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
     """Per slot, elements per sample kept for the backward from each held micro-batch, and
-    those of one micro-batch being worked on.  Without recomputation every layer slice keeps
-    its input reads, its output and what its kind saves (``Layer.saved``), all kept (a
-    tensor split's replicated layers and partial sums: the whole box on every slot).  With
+    those of one micro-batch being worked on.  Without recomputation a layer slice keeps what
+    backward passes read (``Layer.backward_reads``, as autograd saves them): its input reads
+    where its backward reads its input, its output where its own backward or a reader's on
+    that slot reads it, and what its kind saves (``Layer.saved``); a tensor split's replicated
+    layers and partial sums count the whole box on every slot.  A GPT block then keeps
+    Korthikanti et al. 2022's 34sbh + 5as^2b less its dropout masks (section 4.1): a
+    projection's output, read only by the residual sum, is not kept.  With
     ``training.recompute`` only the checkpoints' outputs are kept (``checkpoints``) and what a
     pipeline stage receives from another, and the
     backward reruns one stretch between them at a time: its largest stretch's
@@ -757,12 +761,24 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
     stretch = [0.0] * p.slots
     cut = checkpoints(model) if sc.training.recompute else [False] * len(model.nodes)
     tensor = sc.parallel.tensor                      # slot j is in pipeline stage j // tensor
+    needs_of: dict[tuple[int, int], list] = {}
+    read_back: set[tuple[int, int]] = set()          # (layer, slot): a backward on that slot reads its output
+    for i, node in enumerate(model.nodes):
+        reads_input, reads_output = node.layer.backward_reads()
+        for slot, box in p.slices[i]:
+            needs_of[i, slot] = needs = list(zip(node.inputs, reads(model, p.parts, i, slot, box)))
+            if reads_output:
+                read_back.add((i, slot))
+            if reads_input:
+                read_back.update((src, slot) for src, need in needs if src >= 0 and (
+                    p.axes[src] == "positions" or _held(p.slices, src, slot, need)))
     for i, (node, layer_slices_, boundary) in enumerate(zip(model.nodes, p.slices, cut)):
+        reads_input = node.layer.backward_reads()[0]
         for slot, box in layer_slices_:
-            needs = list(zip(node.inputs, reads(model, p.parts, i, slot, box)))
-            read = sum(box_size(need) for src, need in needs
-                       if not _held(p.slices, src, slot, need) and (src < 0 or p.axes[src] != "positions"))
-            whole = box_size(box) + read + node.layer.saved(node.in_shape, box, sc.attention)
+            needs = needs_of[i, slot]
+            read = sum(box_size(need) for src, need in needs if reads_input
+                       and not _held(p.slices, src, slot, need) and (src < 0 or p.axes[src] != "positions"))
+            whole = ((i, slot) in read_back) * box_size(box) + read + node.layer.saved(node.in_shape, box, sc.attention)
             if not sc.training.recompute:
                 kept[slot] += whole
                 continue
