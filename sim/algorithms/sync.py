@@ -10,7 +10,7 @@ when it has finished and received the new parameters.
 Failures: a replica that stops stalls the step; after ``faults.detect_timeout_s`` the
 step is redone either without it (``on_failure = "continue"``) or, after
 ``faults.restart_s`` and reading the last checkpoint, from that checkpoint with the
-machine replaced (``"restart"``).  Checkpoints every ``checkpoint_every`` steps write the
+machine replaced (``"restart"``, and under ``"continue"`` when no replica is left).  Checkpoints every ``checkpoint_every`` steps write the
 parameters at ``checkpoint_gbps``.
 
 Update cost: SGD reads w and g and writes w (3 x 4 bytes, 2 FLOPs per parameter); a
