@@ -426,9 +426,14 @@ class Fluid:
                 if not blockers:
                     return None
                 more.update(blockers)
+        settled: set[int] = set()          # a job's answer holds for the call: seen resources stay as seen
         for i in moved:
             for u in users_at[i]:
-                if u not in solve and u not in more and not self._settled(u, load, top, full):
+                if u in solve or u in more or u in settled:
+                    continue
+                if self._settled(u, load, top, full):
+                    settled.add(u)
+                else:
                     more.add(u)
         return more
 
