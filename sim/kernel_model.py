@@ -130,7 +130,7 @@ class LayerWork(NamedTuple):
     """What a compute op computes: ``layer`` reading ``in_shape`` for
     ``batch`` samples, ``out`` = (channels, rows, columns) of its output (a slice's box
     extent; attention: its heads' columns), and its forward again before the backward
-    when ``redo``."""
+    when ``redo`` (``selective``: attention's forward but its projection)."""
 
     layer: object
     in_shape: tuple[int, int, int]
@@ -138,6 +138,7 @@ class LayerWork(NamedTuple):
     out: tuple[int, int, int]
     redo: bool = False
     attention: str = "eager"          # the scenario's model.attention
+    selective: bool = False           # training.recompute = "selective"
 
 
 def layer_gemms(w: LayerWork, backward: bool) -> list[Gemm]:
@@ -214,6 +215,10 @@ def work_seconds(dev, dtype: str, dtype_bytes: float, w: LayerWork, backward: bo
         t += max(_flash_core_seconds(gemms, backward, rate, dev.sms), extra) if flash else extra
     if backward and w.redo:
         t += work_seconds(dev, dtype, dtype_bytes, w, False, 0.0, 0.0)
+    elif backward and w.selective and w.layer.kind == "attention":     # the forward but its projection
+        projection = layer_gemms(w, False)[0]
+        t += work_seconds(dev, dtype, dtype_bytes, w, False, 0.0, 0.0) - (
+            dev.op_overhead + max(gemm_seconds(projection, rate, dev.sms), gemm_bytes(projection, dtype_bytes) / bw))
     return t
 
 
@@ -236,5 +241,6 @@ def op_work(plan, op) -> LayerWork | None:
     layer, in_shape = (part.layer, part.in_shape) if part else (node.layer, node.in_shape)
     box = dict(plan.slices[op.layer])[op.slot]
     first, end = even_cuts(plan.scenario.batch_size, plan.scenario.parallel.micro_batches)[op.micro]
+    recompute = plan.scenario.training.recompute
     return LayerWork(layer, in_shape, end - first, tuple(hi - lo for lo, hi in box),
-                     bool(plan.scenario.training.recompute), plan.scenario.attention)
+                     recompute == "full", plan.scenario.attention, recompute == "selective")

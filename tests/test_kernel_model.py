@@ -155,6 +155,26 @@ def test_recomputed_backward_makes_the_forward_passes_again():
     assert km.memory_bytes(km.LayerWork(make_layer("dense", units=4), (16, 1, 1), 4, (4, 1, 1)), 2, True) is None
 
 
+def test_selective_backward_reruns_attentions_forward_but_its_projection():
+    """With ``training.recompute = "selective"`` attention's backward runs its forward's
+    per-head products and score kernels first (not the q, k, v projection): its time is the
+    plain backward's plus the forward's less the projection's kernel; other kinds as plain."""
+    topo = one(a100())
+    dev = topo.devices["g"]
+    for mode in ("eager", "fused", "flash"):
+        w = km.LayerWork(make_layer("attention", heads=12), (768, 256, 1), 4, (768, 256, 1), attention=mode)
+        plain, sel = (op_seconds(topo, "g", 0, 0, "fp16", True, "attention", w._replace(selective=r))
+                      for r in (False, True))
+        g = km.layer_gemms(w, False)[0]
+        rate = dev.flops_per_s("fp16") * dev.efficiency
+        projection = dev.op_overhead + max(km.gemm_seconds(g, rate, dev.sms), km.gemm_bytes(g, 2) / dev.achievable_bw)
+        forward = op_seconds(topo, "g", 0, 0, "fp16", False, "attention", w)
+        assert sel == pytest.approx(plain + forward - projection, rel=1e-12) and forward > projection
+    gelu = km.LayerWork(make_layer("gelu"), (16, 8, 8), 4, (16, 8, 8))
+    assert (op_seconds(topo, "g", 0, 0, "fp16", True, "gelu", gelu._replace(selective=True))
+            == op_seconds(topo, "g", 0, 0, "fp16", True, "gelu", gelu))
+
+
 def a100(**fields):
     """One A100 as dgx-a100.toml describes it, with a per-op overhead of 4 us."""
     return Device("g", "gpu", 0, {"fp32": 19.5e12, "fp16": 312e12}, 80 * 2**30, 2039e9, 0.7,
@@ -204,15 +224,16 @@ def test_an_op_with_its_work_is_never_faster_than_its_flops_at_the_tile_rate():
 def gemm_flops_of(p, op, w):
     """FLOPs of the GEMMs an op's ``LayerWork`` runs, and the FLOPs of the op the Plan says
     they do: all of them but attention's softmax (5 per score), the forward again first when
-    ``redo``."""
+    ``redo`` (``selective``: attention's per-head products and softmax)."""
     backward = op.kind == "bwd"
     flops = sum(2 * g.m * g.n * g.k * g.batch for g in km.layer_gemms(w, backward))
-    if backward and w.redo:
-        flops += sum(2 * g.m * g.n * g.k * g.batch for g in km.layer_gemms(w, False))
+    rerun = backward and w.selective and w.layer.kind == "attention"
+    if backward and w.redo or rerun:
+        flops += sum(2 * g.m * g.n * g.k * g.batch for g in km.layer_gemms(w, False)[1 if rerun else 0:])
     want = op.flops
     if w.layer.kind == "attention":
         c, t, _ = w.in_shape
-        times = (w.layer.bwd_ratio + w.redo) if backward else 1
+        times = (w.layer.bwd_ratio + (w.redo or rerun)) if backward else 1
         want -= 5 * (w.out[0] // (c // w.layer.heads)) * t * t * w.batch * times
     return flops, want
 
@@ -256,7 +277,7 @@ SMALL_GPT = build_model("small-gpt", (1, 1024, 1), [
 
 @pytest.mark.parametrize("m", [2, 4, 8])
 @pytest.mark.parametrize("batch,micro,recompute", [(4, 1, False), (8, 1, False), (12, 1, False), (8, 8, False),
-                                                   (12, 8, False), (12, 8, True)])
+                                                   (12, 8, False), (12, 8, True), (12, 8, "selective")])
 def test_tensor_split_ops_run_their_parts_gemms_at_no_less_than_the_roofline(m, batch, micro, recompute):
     """Under the tensor split every GEMM-kind op (row-parallel ones included) runs GEMMs of
     exactly its FLOPs over its micro-batch's samples (12 over 8 micro-batches: 2 and 1), and

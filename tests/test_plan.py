@@ -510,6 +510,44 @@ def test_a_gpt_block_keeps_korthikantis_activations_less_the_masks(t, sp, monkey
 
 
 @pytest.mark.parametrize("t, sp", [(1, False), (4, False), (4, True)])
+def test_selective_recompute_keeps_no_score_matrices_and_reruns_their_flops(t, sp, monkeypatch):
+    """Korthikanti et al. 2022 (section 5): selective recomputation keeps a GPT layer's
+    activations but the attention's score matrices, s b h 34 / t with sequence parallelism
+    (eq. 6), and reruns what made them before the backward: q k^T and p v (4 b s^2 h FLOPs a
+    layer) and the softmax (5 a FLOPs a score here).  Per sample a block keeps 16 s h / t
+    elements with sequence parallelism, 4 s h + 12 s h / t without; one layer's eager score
+    matrices (2 a s^2 / t) are the working set."""
+    from clustersim.core import models
+    from clustersim.core.plan import activation_elements
+    from test_tensor_parallel import tensor_plan
+    s, h, a, batch = 16, 64, 4, 2
+    kept, work, extra = [], [], []
+    for layers in (1, 2):
+        monkeypatch.setitem(models.TRANSFORMERS, f"gpt-{layers}", models.Transformer(layers, h, a, 50, s))
+        model = zoo_model(f"gpt-{layers}", sequence=s)
+        plain, sel = (tensor_plan(model, t, batch=batch, sp=sp, training={"recompute": r}) for r in (False, "selective"))
+        k, w = activation_elements(sel)
+        kept.append(k)
+        work.append(w)
+        extra.append(sum(o.flops for o in sel.ops if o.kind == "bwd") - sum(o.flops for o in plain.ops if o.kind == "bwd"))
+        assert [o.why for o in sel.ops if o.kind == "xfer"] == [o.why for o in plain.ops if o.kind == "xfer"]
+    assert [two - one for one, two in zip(*kept)] == [16 * s * h / t if sp else 4 * s * h + 12 * s * h / t] * t
+    assert work[0] == work[1] == [2 * a * s * s / t] * t
+    assert extra[1] - extra[0] == pytest.approx(batch * (4 * s * s * h + 5 * a * s * s), rel=1e-12)
+
+
+def test_recompute_takes_true_full_selective_and_refuses_the_rest():
+    from clustersim.core.scenario import scenario_from_dict
+    def mode(value):
+        data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "gpt2"}, "training": {"recompute": value}}
+        return scenario_from_dict(data, "t.toml").training.recompute
+    assert [mode(v) for v in (True, False, "full", "selective", "none")] == ["full", "", "full", "selective", ""]
+    for bad in ("partial", 1):
+        with pytest.raises(ConfigError, match=r't\.toml: training\.recompute: must be true, false, "full" or "selective"'):
+            mode(bad)
+
+
+@pytest.mark.parametrize("t, sp", [(1, False), (4, False), (4, True)])
 def test_full_recompute_keeps_2sbh_a_gpt_layer_and_works_on_one(t, sp, monkeypatch):
     """Korthikanti et al. 2022 (section 4.3): full recomputation stores a layer's input, 2sbh
     bytes (sequence parallelism: 2sbh / t), and reruns one layer at a time, whose

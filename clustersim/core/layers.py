@@ -146,11 +146,18 @@ class Layer:
         """Output channels a channel cut must keep together (an attention head's width)."""
         return 1
 
-    def saved(self, s: Shape, box: Box, attention: str = "eager") -> int:
+    def saved(self, s: Shape, box: Box, attention: str = "eager", scores: bool = True) -> int:
         """Elements per sample the backward of a slice keeps besides its input reads and its
         output (attention: its queries, keys, values and score matrices, as ``attention``,
-        the scenario's ``model.attention``, keeps them)."""
+        the scenario's ``model.attention``, keeps them; ``scores`` False: none of the score
+        matrices, which selective recomputation reruns)."""
         return 0
+
+    def rerun_share(self, s: Shape) -> float:
+        """The share of the forward's FLOPs that selective recomputation reruns before the
+        backward: attention's scores, softmax and context (Korthikanti et al. 2022, 5); none
+        of other kinds."""
+        return 0.0
 
     def backward_reads(self) -> tuple[bool, bool]:
         """Whether the layer's backward reads its input and whether it reads its output -- what
@@ -640,13 +647,19 @@ class Attention(Layer):
         cols = slice(*box[0])
         return [(slice(None), slice(None), cols)] + ([(slice(None), cols)] if self.bias else [])
 
-    def saved(self, s, box, attention="eager"):
+    def saved(self, s, box, attention="eager", scores=True):
         """q, k, v, and the score matrices as the framework keeps them: eager the scores and
         the probabilities, Megatron's fused softmax the probabilities, FlashAttention none
-        but one log-sum-exp per head and position."""
+        but one log-sum-exp per head and position; with ``scores`` False q, k, v only."""
         c, t = box[0][1] - box[0][0], s[1]
         heads = c // self.unit(s)
+        if not scores:
+            return 3 * c * t
         return 3 * c * t + SCORE_COPIES[attention] * heads * t * t + (heads * t if attention == "flash" else 0)
+
+    def rerun_share(self, s):
+        core = 4.0 * s[1] + 5.0 * s[1] / self.unit(s)          # q k^T, p v and the softmax
+        return core / self.flops_per_out(s)
 
 
 @dataclass(frozen=True)

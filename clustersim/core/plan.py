@@ -40,7 +40,7 @@ class Op:
     batch-norm statistics), ``stage`` (pipeline boundary); a tensor split's allreduces
     (``allreduce``): ``reduce-scatter`` and ``all-gather`` of a partial sum, ``gradient
     reduce-scatter`` and ``gradient all-gather`` of a whole input's gradient, and with
-    ``training.recompute`` the forward's again (``RECOMPUTE``: the simulator's cost of rerunning
+    full ``training.recompute`` the forward's again (``RECOMPUTE``: the simulator's cost of rerunning
     it; the executor, keeping activations, leaves them out).
     An activation, halo, stage or gradient transfer carries (the gradient of) a part of
     layer ``producer``'s output (``Edge``); its ``layer`` is the first layer reading it.
@@ -269,17 +269,20 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
     red_bwd: dict[tuple[int, int, int], list[int]] = {}
     tensor = sc.parallel.tensor                      # slot j is in pipeline stage j // tensor
     crossing = edges(model, slices, parts, tensor)
-    redo = 1 if sc.training.recompute else 0         # recomputation: the forward again before the backward
+    redo = 1 if sc.training.recompute == "full" else 0       # the forward again before the backward
+    rerun = [node.layer.rerun_share(node.in_shape) if sc.training.recompute == "selective" else redo
+             for node in model.nodes]                           # its share (selective: attention's scores)
 
     def add(**kw) -> int:
         ops.append(Op(id=len(ops), **kw))
         return len(ops) - 1
 
     def backward(i: int, j: int, mb: int, deps: list[int]) -> int:
-        """Layer i's backward on slot j (and with recompute its forward again) after ``deps``."""
+        """Layer i's backward on slot j (and with recompute its forward, or its share that
+        selective recomputation reruns, again) after ``deps``."""
         f = ops[fwd[(i, j, mb)]]
-        return add(kind="bwd", layer=i, micro=mb, slot=j, flops=f.flops * (model.nodes[i].layer.bwd_ratio + redo),
-                   bytes=(2 + redo) * f.bytes, deps=tuple(deps))
+        return add(kind="bwd", layer=i, micro=mb, slot=j, flops=f.flops * (model.nodes[i].layer.bwd_ratio + rerun[i]),
+                   bytes=(2 + rerun[i]) * f.bytes, deps=tuple(deps))
 
     def needs_of(c: int, k: int, box: Box, src: int) -> list[Box]:
         return [need for s, need in zip(model.nodes[c].inputs, reads(model, parts, c, k, box)) if s == src]
@@ -746,10 +749,11 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
     layers and partial sums count the whole box on every slot.  A GPT block then keeps
     Korthikanti et al. 2022's 34sbh + 5as^2b less its dropout masks (section 4.1): a
     projection's output, read only by the residual sum, is not kept.  With
-    ``training.recompute`` only the checkpoints' outputs are kept (``checkpoints``) and what a
-    pipeline stage receives from another, and the
-    backward reruns one stretch between them at a time: its largest stretch's
-    elements are the working set of one micro-batch.  A read of a tensor its own slot
+    ``training.recompute = "selective"`` no attention keeps its score matrices: one layer's,
+    rerun for its backward, are the working set of one micro-batch.  With "full" only the
+    checkpoints' outputs are kept (``checkpoints``) and what a pipeline stage receives from
+    another, and the backward reruns one stretch between them at a time: its largest
+    stretch's elements are the working set of one micro-batch.  A read of a tensor its own slot
     produced is that tensor, counted once as the producer's output (as autograd saves one
     tensor for all its readers); a read from another slot, or of the model's input, is a
     buffer of its own -- except the all-gather of a sequence-parallel layer's positions,
@@ -759,7 +763,8 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
     model = sc.model
     kept, work = [0.0] * p.slots, [0.0] * p.slots
     stretch = [0.0] * p.slots
-    cut = checkpoints(model) if sc.training.recompute else [False] * len(model.nodes)
+    full, scores = sc.training.recompute == "full", sc.training.recompute != "selective"
+    cut = checkpoints(model) if full else [False] * len(model.nodes)
     tensor = sc.parallel.tensor                      # slot j is in pipeline stage j // tensor
     needs_of: dict[tuple[int, int], list] = {}
     read_back: set[tuple[int, int]] = set()          # (layer, slot): a backward on that slot reads its output
@@ -778,9 +783,12 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
             needs = needs_of[i, slot]
             read = sum(box_size(need) for src, need in needs if reads_input
                        and not _held(p.slices, src, slot, need) and (src < 0 or p.axes[src] != "positions"))
-            whole = ((i, slot) in read_back) * box_size(box) + read + node.layer.saved(node.in_shape, box, sc.attention)
-            if not sc.training.recompute:
+            saved = node.layer.saved(node.in_shape, box, sc.attention, scores)
+            whole = ((i, slot) in read_back) * box_size(box) + read + saved
+            if not full:
                 kept[slot] += whole
+                # selective: one layer's score matrices exist again while its backward runs
+                work[slot] = max(work[slot], node.layer.saved(node.in_shape, box, sc.attention) - saved)
                 continue
             stretch[slot] += whole
             if boundary:
@@ -814,7 +822,8 @@ def shard_state_copies(sc: Scenario) -> int:
 ADVICE = {"weights": "raise model_parallel or pipeline, or set training.zero = 3",
           "gradients": "raise model_parallel or pipeline, or set training.zero >= 2",
           "optimizer": "raise model_parallel or pipeline, or set training.zero >= 1",
-          "activations": "raise model_parallel or lower model.batch_size (or set training.recompute)",
+          "activations": 'raise model_parallel or lower model.batch_size (or set training.recompute = "selective" '
+                         'or "full")',
           "ps_shards": "raise parallel.ps_shards"}
 
 

@@ -80,7 +80,8 @@ class Training:
     time_limit_s: float = 0.0    # > 0: no replica starts a step after this simulated time
     optimizer: str = "sgd"       # sgd | adagrad: the rule shards apply (downpour, ssp); adam: sync (memory: 2 moments)
     zero: int = 0                # sync: ZeRO stage, sharding over replicas 1 optimizer state, 2 + gradients, 3 + weights
-    recompute: bool = False      # keep activations at checkpoints only (plan.checkpoints); the backward reruns the forward
+    recompute: str = ""          # "full": activations at checkpoints only (plan.checkpoints), the backward reruns the
+                                 # forward; "selective": attention's scores rerun (Korthikanti et al. 2022); "": none
     n_fetch: int = 1             # downpour/dcasgd/ssp: fetch parameters every n_fetch steps
     n_push: int = 1              # ... and push accumulated gradients every n_push steps
     warm_start_s: float = 0.0    # downpour: replica 0 alone until then, the others join after
@@ -335,6 +336,18 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
     return Scenario(file, name, seed, topology, network, model, batch, dtype, par, tr, faults, data, attention)
 
 
+RECOMPUTE_MODES = {False: "", True: "full", "none": "", "full": "full", "selective": "selective"}
+
+
+def _recompute(tt: Table) -> str:
+    """``training.recompute``: true or "full" (Megatron-LM's full recomputation), "selective"
+    (its default: only attention's score matrices are rerun), false or "none"."""
+    value = tt.raw("recompute", False)
+    if isinstance(value, (bool, str)) and value in RECOMPUTE_MODES:
+        return RECOMPUTE_MODES[value]
+    raise tt.error("recompute", f'must be true, false, "full" or "selective"; got {value!r}')
+
+
 def _training(tt: Table) -> Training:
     tr = Training(
         algorithm=tt.str("algorithm", "sync", choices=ALGORITHMS),
@@ -366,7 +379,7 @@ def _training(tt: Table) -> Training:
         target_hours=tt.float("target_hours", 0.0, lo=0.0, hi=1e7),
         comm_interval=tt.int("comm_interval", 10, lo=1, hi=10**12),
         zero=tt.int("zero", 0, lo=0, hi=3),
-        recompute=tt.bool("recompute", False))
+        recompute=_recompute(tt))
     if tr.start_spread_s < 0 and tr.start_spread_s != -1.0:
         raise tt.error("start_spread_s", f"must be >= 0, or -1 for a parameter round trip; got {tr.start_spread_s}")
     if tr.comm_bits not in (8, 32):
