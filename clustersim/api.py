@@ -23,7 +23,7 @@ from clustersim.core.config import ConfigError
 from clustersim.core.metrics import machines_used, summarize
 from clustersim.core.models import Model
 from clustersim.core.nccl import VERSION as NCCL_VERSION, version_tuple
-from clustersim.core.plan import Plan, plan
+from clustersim.core.plan import DoesNotFit, Plan, plan
 from clustersim.core.scenario import (Scenario, apply_overrides, builtin_scenario_folder, parse_set, read_toml,
                                      scenario_file, scenario_from_dict)
 from clustersim.core.schedule import ranks_needed
@@ -179,7 +179,7 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     stalled when run), ``refused`` (how many were refused before simulating) and ``note`` (a deadline or accuracy no candidate
     meets; where every candidate that ran stalled, why).  The deadline is ``target_hours``
     (0: none), or where it is None the scenario's ``training.target_hours``."""
-    from clustersim.search_space import OBJECTIVES, candidates, score
+    from clustersim.search_space import OBJECTIVES, candidates, recompute_tries, score
     base = _pairs(overrides)
     sc = load(source, base)
     n = len(sc.topology.compute_devices())
@@ -203,13 +203,11 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
         steps.append(("training.target_hours", target_hours))
     trials, dropped = [], []
     for cand in candidates(sc, devices):
-        pairs = base + steps + list(cand.items())
-        try:
-            plan(load(source, pairs))                          # the memory check is cheap
-        except ConfigError as exc:
-            dropped.append({**cand, "error": str(exc)})
+        cand, error = _fitting(source, base + steps, cand, recompute_tries(sc))
+        if error:
+            dropped.append({**cand, "error": error})
             continue
-        trials.append((cand, pairs))
+        trials.append((cand, base + steps + list(cand.items())))
     refused = len(dropped)
     points, failed, stalled = [], [], []
     for n, result in _each(_search_point, [(source, pairs) for _, pairs in trials], jobs, mpi):
@@ -243,6 +241,24 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
                     f"{fastest['time_to_train_s'] / 3600:.3g} h")
         ranked = meeting + [p for p in ranked if not p.get("meets_target")]
     return {"ranked": ranked, **found, "note": note}
+
+
+def _fitting(source: Source, pairs: list[tuple[str, Any]], cand: dict, tries: list[str]) -> tuple[dict, str]:
+    """The candidate as it plans (the memory check is cheap): as given or, where its device
+    would fit without activations but does not with them, with the first recomputation of
+    ``tries`` that fits (``training.recompute`` joins its keys); else its last one-line error."""
+    for mode in [None] + tries:
+        trial = cand if mode is None else {**cand, "training.recompute": mode}
+        try:
+            plan(load(source, pairs + list(trial.items())))
+            return trial, ""
+        except DoesNotFit as exc:
+            error = str(exc)
+            if exc.need - exc.activations > exc.have:        # the rest alone does not fit: nothing to recompute
+                return trial, error
+        except ConfigError as exc:
+            return trial, str(exc)
+    return trial, error
 
 
 def point_key(values) -> tuple:

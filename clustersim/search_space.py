@@ -53,6 +53,16 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
     return out
 
 
+def recompute_tries(sc: Scenario) -> list[str]:
+    """Recomputation to try, in turn, on a candidate whose activations do not fit: none where
+    the scenario sets it; else selective (where the model has attention's score matrices to
+    drop), then full -- the cheapest that fits is what a trainer would run."""
+    if sc.training.recompute:
+        return []
+    attention = any(n.layer.kind == "attention" for n in sc.model.nodes)
+    return (["selective"] if attention else []) + ["full"]
+
+
 def score(point: dict, objective: str) -> float:
     """Lower is better: seconds per sample, dollars per sample, or seconds to accuracy."""
     if objective == "time":

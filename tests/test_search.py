@@ -172,3 +172,29 @@ def test_transformers_are_searched_under_the_tensor_split_too():
     sc = api.load("scenarios/quickstart.toml", ['model.name="gpt2"', "model.batch_size=8", "parallel.replicas=1"])
     tensor = [c for c in candidates(sc, 8) if c["parallel.split"] == "tensor"]
     assert tensor and all(c["parallel.ps_shards"] == 0 for c in tensor)    # the scenario check refuses shards
+
+
+def test_a_candidate_whose_activations_do_not_fit_is_tried_with_recomputation():
+    """GPT-2 (bf16, Adam, 1,024 positions) at 128 sequences on one 80 GiB H100 does not fit
+    for its activations; without attention's score matrices (selective recomputation) it
+    does, and search ranks it so, ``training.recompute`` among its keys.  A scenario that
+    sets recomputation is left as it is; a candidate whose weights and optimizer state alone
+    do not fit is not planned again."""
+    from clustersim.core.plan import DoesNotFit
+    from clustersim.search_space import recompute_tries
+    pairs = [("model.name", "gpt2"), ("model.dtype", "bf16"), ("model.batch_size", 128), ("parallel.replicas", 1),
+             ("cluster.topology", "dgx-h100"), ("training.optimizer", "adam"), ("training.steps", 1)]
+    one = {"parallel.model_parallel": 1, "parallel.replicas": 1}
+    with pytest.raises(DoesNotFit, match="largest: activations"):
+        api.plan(api.load(QUICK, pairs + list(one.items())))
+    assert recompute_tries(api.load(QUICK, pairs)) == ["selective", "full"]
+    assert recompute_tries(api.load(QUICK, [("model.name", "alexnet")])) == ["full"]
+    assert recompute_tries(api.load(QUICK, pairs + [("training.recompute", "selective")])) == []
+    assert api._fitting(QUICK, pairs, one, ["selective", "full"]) == ({**one, "training.recompute": "selective"}, "")
+    kept, error = api._fitting(QUICK, pairs, one, [])
+    assert kept == one and "does not fit" in error
+    res = api.search(QUICK, 1, dict(pairs))
+    assert [p["training.recompute"] for p in res["ranked"]] == ["selective"]
+    big = pairs[1:] + [("model.name", "megatron-18.4b"), ("model.batch_size", 1)]
+    kept, error = api._fitting(QUICK, big, one, ["selective", "full"])
+    assert kept == one and "largest: optimizer" in error

@@ -20,7 +20,7 @@ def run(args) -> int:
     sc = api.load(args.scenario, args.set)
     p = make_plan(sc)
     print(f"{sc.name}: {sc.model.name}, {p.slots} slot(s) x {p.replicas} replica(s), split {sc.parallel.split}, "
-          f"sync {p.sync}")
+          f"sync {p.sync}" + (f", recompute {sc.training.recompute}" if sc.training.recompute else ""))
     for node, sl, axis in zip(sc.model.nodes, p.slices, p.axes):
         cut = ", ".join(f"{slot}:{'x'.join(str(b - a) for a, b in box)}" for slot, box in sl)
         print(f"  L{node.index:<3} {node.layer.kind:<18} out {'x'.join(map(str, node.out_shape)):<12} "

@@ -45,8 +45,9 @@ def run(args) -> int:
           f"{_not_ranked(res)} -- " + (f"best {min(SHOWN, len(ranked))} by {args.objective}:" if ranked else
                                         "none ranked"))
     columns = [("parallel.replicas", "replicas"), ("parallel.model_parallel", "per replica"),
-               ("parallel.split", "split"), ("parallel.micro_batches", "micro"), ("parallel.ps_shards", "shards"),
-               ("samples_per_s", "samples/s")]
+               ("parallel.split", "split"), ("parallel.micro_batches", "micro"), ("parallel.ps_shards", "shards")]
+    columns += [("training.recompute", "recompute")] if any("training.recompute" in p for p in ranked) else []
+    columns.append(("samples_per_s", "samples/s"))
     if args.objective == "time-to-accuracy":
         columns += [("time_to_accuracy_s", "to accuracy (s)"), ("accuracy", "accuracy")]
     if any(p.get("usd_per_hour") for p in ranked):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from math import prod
+from math import ceil, prod, sqrt
 
 from clustersim.core.config import ConfigError
 from clustersim.core.layers import Box, Part, Shape, box_hull, box_intersect, box_overlap, box_size
@@ -734,10 +734,20 @@ def boundaries(model: Model) -> list[bool]:
 
 
 def checkpoints(model: Model) -> list[bool]:
-    """Per layer, whether full recomputation keeps its output: a boundary not inside a
-    repeated block (``Model.inner``), so a transformer keeps each layer's input, as
-    Megatron-LM's full recomputation does (Korthikanti et al. 2022: 2sbh a layer)."""
-    return [b and i not in model.inner for i, b in enumerate(boundaries(model))]
+    """Per layer, whether full recomputation keeps its output.  A graph of repeated blocks
+    (``Model.inner``: the zoo's transformers) keeps every boundary not inside a block, so
+    each layer's input, as Megatron-LM's full recomputation does (Korthikanti et al. 2022:
+    2sbh a layer).  Other graphs keep every k-th of their n boundaries and the last, k =
+    ceil(sqrt(n)) (Chen et al. 2016's sublinear memory; PyTorch's checkpoint_sequential in
+    k segments): a checkpoint at every layer of a chain would keep each output that no
+    backward reads (``activation_elements``), more than no recomputation at all."""
+    cut = boundaries(model)
+    if model.inner:
+        return [b and i not in model.inner for i, b in enumerate(cut)]
+    at = [i for i, b in enumerate(cut) if b]
+    k = ceil(sqrt(len(at)))
+    kept = set(at[k - 1::k]) | set(at[-1:])
+    return [i in kept for i in range(len(cut))]
 
 
 def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
@@ -822,13 +832,25 @@ def shard_state_copies(sc: Scenario) -> int:
 ADVICE = {"weights": "raise model_parallel or pipeline, or set training.zero = 3",
           "gradients": "raise model_parallel or pipeline, or set training.zero >= 2",
           "optimizer": "raise model_parallel or pipeline, or set training.zero >= 1",
-          "activations": 'raise model_parallel or lower model.batch_size (or set training.recompute = "selective" '
-                         'or "full")',
+          "activations": "raise model_parallel or lower model.batch_size",
           "ps_shards": "raise parallel.ps_shards"}
 
 
+RECOMPUTE_ADVICE = {"": ' (or set training.recompute = "selective" or "full")',
+                    "selective": ' (or set training.recompute = "full")'}
+
+
+class DoesNotFit(ConfigError):
+    """A plan's device needs more memory than it has: ``need`` and ``have`` bytes, of which
+    ``activations`` (what recomputation could shrink)."""
+
+    def __init__(self, file: str, field: str, message: str, need: float, have: float, activations: float) -> None:
+        super().__init__(file, field, message)
+        self.need, self.have, self.activations = need, have, activations
+
+
 def _check_memory(p: Plan) -> None:
-    """Raises ConfigError naming the first device that does not fit, its GiB by term, the
+    """Raises DoesNotFit naming the first device that does not fit, its GiB by term, the
     largest term and what would shrink it."""
     sc = p.scenario
     for dev, parts in p.memory.items():
@@ -837,6 +859,8 @@ def _check_memory(p: Plan) -> None:
         if need > have:
             detail = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items() if v)
             largest = max(parts, key=parts.get)
-            raise ConfigError(sc.file, "parallel.model_parallel",
-                              f"does not fit: device {dev} needs {need / GIB:.2f} GiB ({detail}) but has "
-                              f"{have / GIB:.2f} GiB; largest: {largest}, so {ADVICE[largest]}")
+            advice = ADVICE[largest] + (RECOMPUTE_ADVICE.get(sc.training.recompute, "") if largest == "activations" else "")
+            raise DoesNotFit(sc.file, "parallel.model_parallel",
+                             f"does not fit: device {dev} needs {need / GIB:.2f} GiB ({detail}) but has "
+                             f"{have / GIB:.2f} GiB; largest: {largest}, so {advice}",
+                             need, have, parts.get("activations", 0.0))
