@@ -21,7 +21,7 @@ from sim.compute import MEASURED_SHARED, Compute, Quiet
 from sim.faults import failure_schedule, slowdowns
 from sim.fluid import fire_now, supersede
 from sim.network import BACKENDS
-from clustersim.core.plan import PARAM_BYTES, Plan, cost_key, split_key
+from clustersim.core.plan import PARAM_BYTES, Plan, cost_key, reruns, split_key
 from sim.kernel_model import op_work
 from clustersim.core.topology import NoRoute, Topology
 from clustersim.core.trace import Span, Trace, Update
@@ -176,7 +176,8 @@ class Engine:
                     last[op.slot] = op.id
             bwd = [sum(1 for op in plan.ops if op.kind == "bwd" and op.slot == j) for j in range(plan.slots)]
             keys = [cost_key(plan, op) for op in plan.ops]
-            works = [op_work(plan, op) for op in plan.ops]
+            again = reruns(plan.scenario.model)
+            works = [op_work(plan, op, again) for op in plan.ops]
             per_layer: dict[tuple[int, int], int] = {}
             for op in plan.ops:
                 if op.kind == "bwd":

@@ -26,7 +26,7 @@ from math import ceil
 from typing import NamedTuple
 
 from clustersim.core.partition import even_cuts
-from clustersim.core.plan import part_of
+from clustersim.core.plan import part_of, reruns
 
 # Thread-block tiles of cuBLAS's tensor-core GEMMs (Matrix Multiplication Background User's
 # Guide, 2.3 "Typical tile dimensions in cuBLAS and performance"), largest reuse first.
@@ -229,10 +229,11 @@ def _flash_core_seconds(gemms: list[Gemm], backward: bool, rate: float, sms: int
     return sum(gemm_seconds(g, rate, sms) for g in core)
 
 
-def op_work(plan, op) -> LayerWork | None:
+def op_work(plan, op, again: list[bool] | None = None) -> LayerWork | None:
     """The ``LayerWork`` of a Plan's compute op (None for a transfer): the layer (under a
     tensor split, the slot's partial-sum part) and the input it reads, the slice's output box,
-    and its micro-batch's samples as the Plan cuts the batch."""
+    its micro-batch's samples as the Plan cuts the batch, and what recomputation reruns
+    (``again``: ``plan.reruns`` of the model, found here when not given)."""
     if op.kind == "xfer":
         return None
     model = plan.scenario.model
@@ -242,5 +243,6 @@ def op_work(plan, op) -> LayerWork | None:
     box = dict(plan.slices[op.layer])[op.slot]
     first, end = even_cuts(plan.scenario.batch_size, plan.scenario.parallel.micro_batches)[op.micro]
     recompute = plan.scenario.training.recompute
+    full = recompute == "full" and (reruns(model) if again is None else again)[op.layer]
     return LayerWork(layer, in_shape, end - first, tuple(hi - lo for lo, hi in box),
-                     recompute == "full", plan.scenario.attention, recompute == "selective")
+                     full, plan.scenario.attention, recompute == "selective")

@@ -347,11 +347,15 @@ def test_recompute_keeps_boundaries_and_reruns_the_forward():
     assert kinds == {"embedding", "add", "layernorm", "lm_head", "softmax_xent"}   # the residual stream, the head
     assert not any(b for i, b in enumerate(cut) if gpt.nodes[i].layer.kind in ("attention", "gelu"))
     plain, redo = (plan(gpt2_scenario(training={"recompute": r}), check_memory=False) for r in (False, True))
+    from clustersim.core.plan import reruns
+    again = reruns(redo.scenario.model)       # Megatron reruns the blocks, not the embedding, final norm, head, loss
+    assert [n.layer.kind for n, a in zip(redo.scenario.model.nodes, again) if not a] == [
+        "embedding", "layernorm", "lm_head", "softmax_xent"]
     for a, b in zip(plain.ops, redo.ops):
         if a.kind == "bwd":
             fwd_flops = plain.ops[[o.id for o in plain.ops if o.kind == "fwd" and (o.layer, o.slot, o.micro)
                                    == (a.layer, a.slot, a.micro)][0]].flops
-            assert b.flops == pytest.approx(a.flops + fwd_flops, rel=1e-12)
+            assert b.flops == pytest.approx(a.flops + again[a.layer] * fwd_flops, rel=1e-12)
     dev = plain.devices[0][0]
     assert redo.memory[dev]["activations"] < plain.memory[dev]["activations"]   # closed forms: below
 
@@ -371,7 +375,9 @@ def test_full_recompute_keeps_a_transformer_layers_input_only():
     assert len(adds) == 24 and [i for i in adds if keep[i]] == adds[1::2]     # each block's output
     assert sum(keep) == 1 + 12 + 3                     # the embedding, 12 blocks, final norm, head, loss
     kept, _ = activation_elements(p)
-    assert kept[0] == sum(prod(model.nodes[i].out_shape) for i, k in enumerate(keep) if k)
+    t, d, vocab = 64, 768, 50257                       # per sample: 13 residual checkpoints, the token ids, the
+    assert kept[0] == 13 * d * t + t + d * t + vocab * t    # head's input and the loss's probabilities (not rerun)
+    assert sum(prod(model.nodes[i].out_shape) for i in adds[1::2]) == 12 * d * t
     assert boundaries(SMALL) == [True] * 14                # a chain: 14 boundaries, segments of 4
     assert [i for i, k in enumerate(checkpoints(SMALL)) if k] == [3, 7, 11, 13]
 
@@ -395,20 +401,24 @@ def test_full_recompute_of_a_chain_keeps_less_than_none():
 
 def test_with_recompute_a_pipeline_stage_keeps_what_it_receives():
     """A stage reruns its forward from its input; where the cut falls inside a block (here at a
-    block's first sum, not a checkpoint) neither side kept that activation (review R20)."""
+    block's first sum, not a checkpoint) neither side kept that activation (review R20).  The
+    first stage keeps the token ids too, the last the head's input and the loss's
+    probabilities (Megatron reruns neither the embedding nor the head)."""
     from math import prod
 
-    from clustersim.core.plan import activation_elements, checkpoints
+    from clustersim.core.plan import activation_elements, checkpoints, reruns
     p = plan(gpt2_scenario(parallel={"split": "layers", "model_parallel": 3}, training={"recompute": True}),
              check_memory=False)
-    keep = checkpoints(p.scenario.model)
+    model = p.scenario.model
+    keep, again = checkpoints(model), reruns(model)
     kept, _ = activation_elements(p)
     per_sample = p.scenario.batch_size * p.scenario.dtype_bytes
-    for slot in range(3):
-        own = sum(prod(p.scenario.model.nodes[i].out_shape) for i, sl in enumerate(p.slices)
-                  if keep[i] and any(j == slot for j, _ in sl))
+    t, d, vocab = 64, 768, 50257
+    for slot, outside in enumerate((d * t + t, 0, d * t + vocab * t)):
+        own = sum(prod(model.nodes[i].out_shape) for i, sl in enumerate(p.slices)
+                  if keep[i] and again[i] and any(j == slot for j, _ in sl))
         received = sum(o.bytes for o in p.ops if o.kind == "xfer" and o.why == "stage" and o.dst == slot) / per_sample
-        assert kept[slot] == pytest.approx(own + received, rel=1e-12) and (received > 0) == (slot > 0)
+        assert kept[slot] == pytest.approx(own + received + outside, rel=1e-12) and (received > 0) == (slot > 0)
 
 
 def test_recompute_allreduces_a_tensor_splits_partial_sums_again():
@@ -504,14 +514,35 @@ def test_a_tensor_read_on_its_own_slot_is_kept_once(m):
     assert sum(kept) == 3 * 4 * 6 * 6
 
 
+def test_each_kind_keeps_what_its_backward_reads():
+    """A chain conv -> max pool -> dropout -> avg pool -> relu -> tanh -> dense -> loss, as
+    PyTorch's autograd saves it: the conv keeps its input (the model's), both pools theirs,
+    relu and tanh their outputs, the dense its input (tanh's) and the loss its probabilities;
+    the max pool's, the avg pool's and the dense's outputs are read by no backward (dropout,
+    relu and the loss read no input) and are not kept."""
+    import dataclasses
+    from math import prod
+
+    from clustersim.core.plan import activation_elements
+    kinds = [L("conv2d", filters=4, kernel=3, padding=1), L("max_pool", kernel=2), L("dropout", rate=0.5),
+             L("avg_pool", kernel=2), L("relu"), L("tanh"), L("dense", units=10), L("softmax_xent")]
+    model = build_model("kinds", (3, 8, 8), kinds, 10)
+    p = plan(dataclasses.replace(scenario(), model=model), check_memory=False)
+    out = {n.layer.kind: prod(n.out_shape) for n in model.nodes}
+    assert sum(activation_elements(p)[0]) == (3 * 8 * 8 + out["conv2d"] + out["dropout"] + out["relu"] + out["tanh"]
+                                              + out["softmax_xent"])
+
+
 @pytest.mark.parametrize("t, sp", [(1, False), (2, False), (4, False), (2, True), (4, True)])
 def test_a_gpt_block_keeps_korthikantis_activations_less_the_masks(t, sp, monkeypatch):
     """Korthikanti et al. 2022 (section 4.1, eq. 1-3) count a GPT layer's activations in
     16-bit bytes as s b h (34 + 5 a s / h), tensor t: s b h (10 + 24 / t + 5 a s / h t), with
-    sequence parallelism s b h (34 + 5 a s / h) / t; their dropout masks (2 s b h + a s^2 b
-    bytes) and the dropped probabilities' copy are the zoo's GPT without dropout's less, so
-    per sample the elements are 16 s h + 2 a s^2 (eager: the scores and the probabilities),
-    4 s h + (12 s h + 2 a s^2) / t and (16 s h + 2 a s^2) / t.  One block is the difference
+    sequence parallelism s b h (34 + 5 a s / h) / t.  Less their dropout masks (2 s b h + a
+    s^2 b bytes), which the zoo's GPT has no dropout for, per sample the elements are 16 s h +
+    2 a s^2, 4 s h + (12 s h + 2 a s^2) / t and (16 s h + 2 a s^2) / t: the two score copies
+    they count (the softmax's output and its dropped copy) are eager attention's two here (the
+    scores and the probabilities, ``SCORE_COPIES``).  Pipelines of 2 and 4 stages keep the
+    same in all (a stage's received input is a buffer of its own, a review found).  One block is the difference
     of a 2- and a 1-layer model; a projection's output, read only by the residual sum, is not
     kept (it was: 18 s h)."""
     from clustersim.core import models
@@ -525,6 +556,11 @@ def test_a_gpt_block_keeps_korthikantis_activations_less_the_masks(t, sp, monkey
         kept.append(activation_elements(p)[0])
     want = (16 * s * h + 2 * a * s * s) / t if sp else 4 * s * h + (12 * s * h + 2 * a * s * s) / t
     assert [two - one for one, two in zip(*kept)] == [want] * t
+    for stages in [n for n in (2, 4) if t > 1 and t * n <= 8]:            # on one DGX H100
+        monkeypatch.setitem(models.TRANSFORMERS, "gpt-4", models.Transformer(4, h, a, 50, s))
+        one, staged = (activation_elements(tensor_plan(zoo_model("gpt-4", sequence=s), t, pipeline=n, batch=1,
+                                                       sp=sp))[0] for n in (1, stages))
+        assert sum(staged) == sum(one)
 
 
 @pytest.mark.parametrize("t, sp", [(1, False), (4, False), (4, True)])
@@ -561,7 +597,7 @@ def test_recompute_takes_true_full_selective_and_refuses_the_rest():
         return scenario_from_dict(data, "t.toml").training.recompute
     assert [mode(v) for v in (True, False, "full", "selective", "none")] == ["full", "", "full", "selective", ""]
     for bad in ("partial", 1):
-        with pytest.raises(ConfigError, match=r't\.toml: training\.recompute: must be true, false, "full" or "selective"'):
+        with pytest.raises(ConfigError, match=r't\.toml: training\.recompute: must be true, false, "full", "selective" or "none"'):
             mode(bad)
 
 

@@ -162,8 +162,8 @@ class Layer:
     def backward_reads(self) -> tuple[bool, bool]:
         """Whether the layer's backward reads its input and whether it reads its output -- what
         autograd saves for it.  A product reads its input (the other factor of its weight's
-        gradient), a norm its input; relu, sigmoid, tanh and the loss's softmax read their
-        output; an add, a concat and a dropout (its mask aside) read neither.  A tensor that no
+        gradient), a norm or a pooling its input; relu, sigmoid, tanh and the loss's softmax
+        read their output; an add, a concat and a dropout (its mask aside) read neither.  A tensor that no
         backward reads is freed after the forward (``plan.activation_elements``)."""
         return (True, False)
 
@@ -311,7 +311,7 @@ class Pool(_Window):
     required = ("kernel",)
 
     def backward_reads(self):
-        return (self.kind == "max_pool", False)        # max: where each maximum was; avg: nothing
+        return (True, False)        # PyTorch saves the input of both (max: and its int64 indices, not counted)
 
     def shape(self, s):
         return (s[0], *self._out_hw(s))

@@ -270,8 +270,9 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
     tensor = sc.parallel.tensor                      # slot j is in pipeline stage j // tensor
     crossing = edges(model, slices, parts, tensor)
     redo = 1 if sc.training.recompute == "full" else 0       # the forward again before the backward
-    rerun = [node.layer.rerun_share(node.in_shape) if sc.training.recompute == "selective" else redo
-             for node in model.nodes]                           # its share (selective: attention's scores)
+    rerun_layer = reruns(model) if redo else [False] * len(model.nodes)
+    rerun = [node.layer.rerun_share(node.in_shape) if sc.training.recompute == "selective" else float(rerun_layer[i])
+             for i, node in enumerate(model.nodes)]             # its share (selective: attention's scores)
 
     def add(**kw) -> int:
         ops.append(Op(id=len(ops), **kw))
@@ -373,7 +374,7 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                             deps.append(d)
                     deps += [d for d in red_bwd.get((c, j, mb), []) if d not in deps]
                 deps += into.get(j, [])
-                if kept and parts and parts[i] and not kept[i]:
+                if kept and parts and parts[i] and not kept[i] and rerun_layer[i]:
                     waits[j] = deps
                     continue
                 bwd[(i, j, mb)] = backward(i, j, mb, deps)
@@ -750,6 +751,24 @@ def checkpoints(model: Model) -> list[bool]:
     return [i in kept for i in range(len(cut))]
 
 
+def reruns(model: Model) -> list[bool]:
+    """Per layer, whether full recomputation reruns its forward before its backward: in a
+    graph of repeated blocks (``Model.inner``), the layers of a stretch between checkpoints
+    that holds a block's inside -- Megatron-LM reruns its transformer layers, not the
+    embedding, the final norm, the head or the loss, which keep what their backward reads
+    (Narayanan et al. 2021's FLOPs count the head twice, not three times); in other graphs
+    every layer."""
+    n = len(model.nodes)
+    if not model.inner:
+        return [True] * n
+    cut, out, start = checkpoints(model), [], 0
+    for i in range(n):
+        if cut[i] or i == n - 1:
+            out += [any(j in model.inner for j in range(start, i + 1))] * (i + 1 - start)
+            start = i + 1
+    return out
+
+
 def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
     """Per slot, elements per sample kept for the backward from each held micro-batch, and
     those of one micro-batch being worked on.  Without recomputation a layer slice keeps what
@@ -775,9 +794,15 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
     stretch = [0.0] * p.slots
     full, scores = sc.training.recompute == "full", sc.training.recompute != "selective"
     cut = checkpoints(model) if full else [False] * len(model.nodes)
+    again = reruns(model) if full else [False] * len(model.nodes)
     tensor = sc.parallel.tensor                      # slot j is in pipeline stage j // tensor
     needs_of: dict[tuple[int, int], list] = {}
     read_back: set[tuple[int, int]] = set()          # (layer, slot): a backward on that slot reads its output
+    def gathered(src: int, slot: int) -> bool:
+        """Whether ``slot`` reads ``src`` through an all-gather of positions within its own
+        stage: it keeps its own piece (a stage's received input is a buffer of its own)."""
+        return p.axes[src] == "positions" and any(k // tensor == slot // tensor for k, _ in p.slices[src])
+
     for i, node in enumerate(model.nodes):
         reads_input, reads_output = node.layer.backward_reads()
         for slot, box in p.slices[i]:
@@ -786,16 +811,16 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
                 read_back.add((i, slot))
             if reads_input:
                 read_back.update((src, slot) for src, need in needs if src >= 0 and (
-                    p.axes[src] == "positions" or _held(p.slices, src, slot, need)))
+                    gathered(src, slot) or _held(p.slices, src, slot, need)))
     for i, (node, layer_slices_, boundary) in enumerate(zip(model.nodes, p.slices, cut)):
         reads_input = node.layer.backward_reads()[0]
         for slot, box in layer_slices_:
             needs = needs_of[i, slot]
             read = sum(box_size(need) for src, need in needs if reads_input
-                       and not _held(p.slices, src, slot, need) and (src < 0 or p.axes[src] != "positions"))
+                       and not _held(p.slices, src, slot, need) and (src < 0 or not gathered(src, slot)))
             saved = node.layer.saved(node.in_shape, box, sc.attention, scores)
             whole = ((i, slot) in read_back) * box_size(box) + read + saved
-            if not full:
+            if not again[i]:
                 kept[slot] += whole
                 # selective: one layer's score matrices exist again while its backward runs
                 work[slot] = max(work[slot], node.layer.saved(node.in_shape, box, sc.attention) - saved)

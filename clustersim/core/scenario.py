@@ -345,7 +345,7 @@ def _recompute(tt: Table) -> str:
     value = tt.raw("recompute", False)
     if isinstance(value, (bool, str)) and value in RECOMPUTE_MODES:
         return RECOMPUTE_MODES[value]
-    raise tt.error("recompute", f'must be true, false, "full" or "selective"; got {value!r}')
+    raise tt.error("recompute", f'must be true, false, "full", "selective" or "none"; got {value!r}')
 
 
 def _training(tt: Table) -> Training:
