@@ -2,8 +2,9 @@
 devices, with the global batch held fixed.
 
 A candidate is a set of dotted overrides of the scenario: replicas r x devices per replica
-m (``model_parallel``), the split (spatial, or ``layers``: m pipeline stages with 1 or 4
-micro-batches), and how gradients meet (allreduce with NCCL's tuner, or a parameter
+m (``model_parallel``), the split (spatial, ``layers``: m pipeline stages with 1 or 4
+micro-batches, or for models with attention ``tensor``, with and without sequence
+parallelism where the positions divide by m), and how gradients meet (allreduce with NCCL's tuner, or a parameter
 server sharded over the machines used).  The global batch (the scenario's
 ``model.batch_size`` x ``parallel.replicas``) is divided over the replicas, so every
 candidate trains on the same samples per step.  Placement: a replica's slots are
@@ -32,7 +33,8 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
     """Every configuration to try on at most ``devices`` devices (dotted overrides)."""
     global_batch = sc.batch_size * sc.parallel.replicas
     compute = sc.topology.compute_devices()
-    splits = ("spatial", "layers") + (("tensor",) if any(n.layer.kind == "attention" for n in sc.model.nodes) else ())
+    positions = max((n.in_shape[1] for n in sc.model.nodes if n.layer.kind == "attention"), default=0)
+    splits = ("spatial", "layers") + (("tensor",) if positions else ())
     out = []
     for m in powers_of_two(devices):
         for split in splits if m > 1 else ("spatial",):
@@ -44,8 +46,11 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
                     if micro > batch:
                         continue
                     base = {"parallel.model_parallel": m, "parallel.split": split, "parallel.replicas": r,
-                            "model.batch_size": batch, "parallel.micro_batches": micro, "parallel.grid": []}
+                            "model.batch_size": batch, "parallel.micro_batches": micro, "parallel.grid": [],
+                            "parallel.sequence_parallel": False}
                     out.append({**base, "parallel.ps_shards": 0, "training.allreduce": "auto"})
+                    if split == "tensor" and positions % m == 0:      # Korthikanti et al. 2022's
+                        out.append({**out[-1], "parallel.sequence_parallel": True})
                     if r > 1 and split != "tensor":   # one shard per machine the replicas use (a tensor
                         # split keeps norms on every slot: no shards, which the scenario check refuses)
                         used = len({sc.topology.machine_of(d) for d in compute[:r * m]})

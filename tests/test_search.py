@@ -198,3 +198,21 @@ def test_a_candidate_whose_activations_do_not_fit_is_tried_with_recomputation():
     big = pairs[1:] + [("model.name", "megatron-18.4b"), ("model.batch_size", 1)]
     kept, error = api._fitting(QUICK, big, one, ["selective", "full"])
     assert kept == one and "largest: optimizer" in error
+
+
+def test_tensor_candidates_come_with_and_without_sequence_parallelism():
+    """A model with attention is tried under the tensor split with and without sequence
+    parallelism (Korthikanti et al. 2022) where its positions divide by the slots; other
+    splits and models without attention never set it."""
+    from clustersim.search_space import candidates
+    gpt = api.load(QUICK, [("model.name", "gpt2"), ("model.sequence", 36), ("cluster.topology", "dgx-h100")])
+    cands = candidates(gpt, 8)
+    tensor = [c for c in cands if c["parallel.split"] == "tensor"]
+    def key(c):
+        return tuple(sorted((k, v) for k, v in c.items() if k not in ("parallel.sequence_parallel", "parallel.grid")))
+    plain = {key(c) for c in tensor if not c["parallel.sequence_parallel"]}
+    seq = {key(c) for c in tensor if c["parallel.sequence_parallel"]}
+    assert {dict(c)["parallel.model_parallel"] for c in plain} == {2, 4, 8}
+    assert seq == {c for c in plain if 36 % dict(c)["parallel.model_parallel"] == 0} and len(seq) < len(plain)
+    assert not any(c["parallel.sequence_parallel"] for c in cands if c["parallel.split"] != "tensor")
+    assert not any(c["parallel.sequence_parallel"] for c in candidates(api.load(QUICK, BASE), 8))
