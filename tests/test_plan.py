@@ -517,9 +517,10 @@ def test_a_tensor_read_on_its_own_slot_is_kept_once(m):
 def test_each_kind_keeps_what_its_backward_reads():
     """A chain conv -> max pool -> dropout -> avg pool -> relu -> tanh -> dense -> loss, as
     PyTorch's autograd saves it: the conv keeps its input (the model's), both pools theirs,
-    relu and tanh their outputs, the dense its input (tanh's) and the loss its probabilities;
-    the max pool's, the avg pool's and the dense's outputs are read by no backward (dropout,
-    relu and the loss read no input) and are not kept."""
+    relu and tanh their outputs, the dense its input (tanh's) and the loss its probabilities,
+    the dropout its mask (a byte an element: a quarter of an fp32 element); the max pool's,
+    the avg pool's and the dense's outputs are read by no backward (dropout, relu and the
+    loss read no input) and are not kept."""
     import dataclasses
     from math import prod
 
@@ -529,8 +530,9 @@ def test_each_kind_keeps_what_its_backward_reads():
     model = build_model("kinds", (3, 8, 8), kinds, 10)
     p = plan(dataclasses.replace(scenario(), model=model), check_memory=False)
     out = {n.layer.kind: prod(n.out_shape) for n in model.nodes}
+    assert p.scenario.dtype_bytes == 4
     assert sum(activation_elements(p)[0]) == (3 * 8 * 8 + out["conv2d"] + out["dropout"] + out["relu"] + out["tanh"]
-                                              + out["softmax_xent"])
+                                              + out["softmax_xent"] + out["dropout"] / 4)
 
 
 @pytest.mark.parametrize("t, sp", [(1, False), (2, False), (4, False), (2, True), (4, True)])
@@ -556,6 +558,12 @@ def test_a_gpt_block_keeps_korthikantis_activations_less_the_masks(t, sp, monkey
         kept.append(activation_elements(p)[0])
     want = (16 * s * h + 2 * a * s * s) / t if sp else 4 * s * h + (12 * s * h + 2 * a * s * s) / t
     assert [two - one for one, two in zip(*kept)] == [want] * t
+    masked = []                             # with dropout after both projections: their masks, 2 s b h bytes
+    for layers in (1, 2):
+        monkeypatch.setitem(models.TRANSFORMERS, f"gpt-{layers}", models.Transformer(layers, h, a, 50, s, dropout=0.1))
+        p = tensor_plan(zoo_model(f"gpt-{layers}", sequence=s), t, batch=1, sp=sp)
+        masked.append(activation_elements(p)[0])
+    assert [two - one for one, two in zip(*masked)] == [want + 2 * s * h / (t if sp else 1) / p.scenario.dtype_bytes] * t
     for stages in [n for n in (2, 4) if t > 1 and t * n <= 8]:            # on one DGX H100
         monkeypatch.setitem(models.TRANSFORMERS, "gpt-4", models.Transformer(4, h, a, 50, s))
         one, staged = (activation_elements(tensor_plan(zoo_model("gpt-4", sequence=s), t, pipeline=n, batch=1,

@@ -153,6 +153,12 @@ class Layer:
         matrices, which selective recomputation reruns)."""
         return 0
 
+    def mask_bytes(self, box: Box) -> int:
+        """Bytes per sample a slice keeps for its backward besides tensors of the model's
+        dtype: a dropout's mask, one byte an element (PyTorch's native_dropout saves a bool
+        mask; Korthikanti et al. 2022 count it so)."""
+        return 0
+
     def rerun_share(self, s: Shape) -> float:
         """The share of the forward's FLOPs that selective recomputation reruns before the
         backward: attention's scores, softmax and context (Korthikanti et al. 2022, 5); none
@@ -411,7 +417,10 @@ class Dropout(Layer):
     rate: float = 0.5
 
     def backward_reads(self):
-        return (False, False)                           # its mask (not counted)
+        return (False, False)                           # its mask: ``mask_bytes``
+
+    def mask_bytes(self, box):
+        return box_size(box)
 
 
 @dataclass(frozen=True)

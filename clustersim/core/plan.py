@@ -793,6 +793,7 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
     kept, work = [0.0] * p.slots, [0.0] * p.slots
     stretch = [0.0] * p.slots
     full, scores = sc.training.recompute == "full", sc.training.recompute != "selective"
+    db = sc.dtype_bytes                              # a dropout's mask: bytes, as elements of the dtype
     cut = checkpoints(model) if full else [False] * len(model.nodes)
     again = reruns(model) if full else [False] * len(model.nodes)
     tensor = sc.parallel.tensor                      # slot j is in pipeline stage j // tensor
@@ -819,7 +820,7 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
             read = sum(box_size(need) for src, need in needs if reads_input
                        and not _held(p.slices, src, slot, need) and (src < 0 or not gathered(src, slot)))
             saved = node.layer.saved(node.in_shape, box, sc.attention, scores)
-            whole = ((i, slot) in read_back) * box_size(box) + read + saved
+            whole = ((i, slot) in read_back) * box_size(box) + read + saved + node.layer.mask_bytes(box) / db
             if not again[i]:
                 kept[slot] += whole
                 # selective: one layer's score matrices exist again while its backward runs
