@@ -4,7 +4,8 @@ devices, with the global batch held fixed.
 A candidate is a set of dotted overrides of the scenario: replicas r x devices per replica
 m (``model_parallel``), the split (spatial, ``layers``: m pipeline stages with 1 or 4
 micro-batches, or for models with attention ``tensor``, with and without sequence
-parallelism where the positions divide by m), and how gradients meet (allreduce with NCCL's tuner, or a parameter
+parallelism where the positions divide by m; no pipeline of tensor slices, so a scenario's
+``parallel.pipeline`` is set to 1), and how gradients meet (allreduce with NCCL's tuner, or a parameter
 server sharded over the machines used).  The global batch (the scenario's
 ``model.batch_size`` x ``parallel.replicas``) is divided over the replicas, so every
 candidate trains on the same samples per step.  Placement: a replica's slots are
@@ -47,7 +48,7 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
                         continue
                     base = {"parallel.model_parallel": m, "parallel.split": split, "parallel.replicas": r,
                             "model.batch_size": batch, "parallel.micro_batches": micro, "parallel.grid": [],
-                            "parallel.sequence_parallel": False}
+                            "parallel.sequence_parallel": False, "parallel.pipeline": 1}
                     out.append({**base, "parallel.ps_shards": 0, "training.allreduce": "auto"})
                     if split == "tensor" and positions % m == 0:      # Korthikanti et al. 2022's
                         out.append({**out[-1], "parallel.sequence_parallel": True})

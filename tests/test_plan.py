@@ -309,7 +309,8 @@ def gpt2_scenario(**kw):
     training = kw.pop("training", {})
     from clustersim.core.scenario import scenario_from_dict
     data = {"cluster": {"topology": "dgx-h100"}, "parallel": parallel, "training": training,
-            "model": {"name": "gpt2", "batch_size": kw.pop("batch", 4), "sequence": 64, "dtype": kw.pop("dtype", "bf16")}}
+            "model": {"name": kw.pop("name", "gpt2"), "batch_size": kw.pop("batch", 4), "sequence": kw.pop("sequence", 64),
+                      "dtype": kw.pop("dtype", "bf16")}}
     return scenario_from_dict(data, "test.toml")
 
 
@@ -397,6 +398,36 @@ def test_full_recompute_of_a_chain_keeps_less_than_none():
     k = ceil(sqrt(n))
     assert n > 16 and sum(checkpoints(model)) == n // k + (n % k > 0)
     assert sum(full[0]) + max(full[1]) < sum(plain[0])
+
+
+@pytest.mark.parametrize("name", ["mlp-digits", "distbelief-speech", "distbelief-image-1.7b", "resnet-digits",
+                                  "gpt-tiny"])
+def test_full_recompute_never_keeps_more_than_none(name):
+    """What is kept plus the working set under full recomputation is at most what no
+    recomputation keeps (a checkpoint's output counted once; review R23 found small chains and
+    the image models keeping more)."""
+    from clustersim.core.plan import activation_elements
+    total = {}
+    for r in (False, True):
+        kept, work = activation_elements(plan(scenario(model=name, batch=1, training={"recompute": r}),
+                                              check_memory=False))
+        total[r] = sum(kept) + max(work)
+    assert total[True] <= total[False]
+
+
+def test_a_stage_keeps_its_received_input_once_however_many_layers_read_it():
+    """BERT's stage cut falls after a block's output norm, which the next attention and the
+    next sum both read: one transfer, one buffer kept under full recomputation (it was kept
+    once a reader; review R23)."""
+    from clustersim.core.plan import activation_elements
+    kept = {}
+    for m in (1, 2):
+        p = plan(gpt2_scenario(parallel={"split": "layers", "model_parallel": m}, training={"recompute": True},
+                               name="bert-large", sequence=16), check_memory=False)
+        kept[m] = sum(activation_elements(p)[0])
+        per_sample = p.scenario.batch_size * p.scenario.dtype_bytes
+        received = sum(o.bytes for o in p.ops if o.kind == "xfer" and o.why == "stage") / per_sample
+    assert received == 1024 * 16 and kept[2] == kept[1] + received
 
 
 def test_with_recompute_a_pipeline_stage_keeps_what_it_receives():
@@ -603,7 +634,9 @@ def test_recompute_takes_true_full_selective_and_refuses_the_rest():
     def mode(value):
         data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "gpt2"}, "training": {"recompute": value}}
         return scenario_from_dict(data, "t.toml").training.recompute
-    assert [mode(v) for v in (True, False, "full", "selective", "none")] == ["full", "", "full", "selective", ""]
+    assert [mode(v) for v in (True, False, "full", "selective", "none")] == ["full", "none", "full", "selective", "none"]
+    unset = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "gpt2"}}
+    assert scenario_from_dict(unset, "t.toml").training.recompute == ""       # not set
     for bad in ("partial", 1):
         with pytest.raises(ConfigError, match=r't\.toml: training\.recompute: must be true, false, "full", "selective" or "none"'):
             mode(bad)
@@ -613,8 +646,10 @@ def test_recompute_takes_true_full_selective_and_refuses_the_rest():
 def test_full_recompute_keeps_2sbh_a_gpt_layer_and_works_on_one(t, sp, monkeypatch):
     """Korthikanti et al. 2022 (section 4.3): full recomputation stores a layer's input, 2sbh
     bytes (sequence parallelism: 2sbh / t), and reruns one layer at a time, whose
-    activations (the test above) are the working set: a block adds s h (or s h / t) elements
-    per sample to what is kept and nothing to the working set."""
+    activations (the test above) less that input, kept already, are the working set: a block
+    adds s h (or s h / t) elements per sample to what is kept and nothing to the working set
+    (the block's output counted once: as the next checkpoint, not again in its working set,
+    which made full recomputation keep more than none on small chains; review R23)."""
     from clustersim.core import models
     from clustersim.core.plan import activation_elements
     from test_tensor_parallel import tensor_plan
@@ -627,4 +662,34 @@ def test_full_recompute_keeps_2sbh_a_gpt_layer_and_works_on_one(t, sp, monkeypat
         kept.append(k)
         work.append(w)
     assert [b - a_ for a_, b in zip(*kept)] == [s * h / t if sp else s * h] * t
-    assert work[0] == work[1] == [(16 * s * h + 2 * a * s * s) / t if sp else 4 * s * h + (12 * s * h + 2 * a * s * s) / t] * t
+    assert work[0] == work[1] == [(15 * s * h + 2 * a * s * s) / t if sp else 3 * s * h + (12 * s * h + 2 * a * s * s) / t] * t
+
+
+def test_plan_lists_what_each_replica_sends_across_the_replicas(capsys):
+    """``clustersim plan`` names the data-parallel bytes (``data_parallel_bytes``): with ZeRO 3
+    a reduce-scatter of the gradients, (R - 1) / R of them, and twice that of weights
+    all-gathered (a new-user sweep found the README's claim of them counted nowhere)."""
+    from clustersim.cli import main
+    from clustersim.core.models import zoo_model
+    assert main(["plan", "scenarios/quickstart.toml", "--set", "model.name=gpt2", "--set", "model.batch_size=8",
+                 "--set", "parallel.replicas=4", "--set", "training.zero=3", "--set", "training.optimizer=adam"]) == 0
+    out = capsys.readouterr().out
+    grads = 3 / 4 * zoo_model("gpt2").params * 4 / 1e6            # fp32, MB
+    assert (f"data parallel, sent per replica and step: gradient reduce-scatter {grads:.3g} MB, weight all-gather "
+            f"{2 * grads:.3g} MB (ZeRO 3's second weight all-gather is not simulated)") in out
+
+
+def test_a_pipeline_that_does_not_fit_is_told_to_raise_its_micro_batches(capsys):
+    """Under 1F1B a stage holds at most the stages' count of micro-batches, so smaller ones
+    shrink its activations: the advice says so where the schedule is 1F1B and there are
+    stages (a new-user sweep found it missing); the plan's header names the layout."""
+    from clustersim.cli import main
+    base = ["plan", "scenarios/quickstart.toml", "--set", "model.name=gpt2", "--set", "parallel.replicas=1",
+            "--set", "parallel.split=layers", "--set", "parallel.model_parallel=4"]
+    with pytest.raises(ConfigError, match="so raise model_parallel or lower model.batch_size, or raise "
+                                          "parallel.micro_batches"):
+        plan(scenario(model="gpt2", batch=512, parallel={"split": "layers", "model_parallel": 4}))
+    with pytest.raises(ConfigError, match=r"lower model\.batch_size \(or set"):
+        plan(scenario(model="gpt2", batch=512, parallel={"split": "layers", "model_parallel": 4, "schedule": "gpipe"}))
+    assert main(base + ["--set", "model.batch_size=8", "--set", "parallel.micro_batches=2"]) == 0
+    assert "split layers, sync none, 4 stages x 2 micro-batches (1f1b)" in capsys.readouterr().out

@@ -62,7 +62,9 @@ def test_attention_on_a_zoo_model_without_attention_is_refused(name, mode):
 
 
 def test_attention_on_models_with_attention_layers_is_kept(tmp_path):
-    assert load({"name": "gpt-tiny", "attention": "flash"}).attention == "flash"
+    assert load({"name": "gpt-tiny", "attention": "flash", "dtype": "bf16"}).attention == "flash"
+    with pytest.raises(ConfigError, match=r"model\.attention: FlashAttention runs in fp16 or bf16; model\.dtype is fp32"):
+        load({"name": "gpt-tiny", "attention": "flash"})
     (tmp_path / "att.toml").write_text(ATTENTION_FILE)
     assert load({"file": "att.toml", "attention": "fused"}, file=str(tmp_path / "s.toml")).attention == "fused"
 
@@ -119,3 +121,19 @@ def test_a_setting_the_algorithm_would_ignore_is_refused(training, parallel, fau
     section, key = field.split(".")
     (training if section == "training" else faults).pop(key)
     scenario_from_dict(data, "t.toml")                    # without it, the same scenario loads
+
+
+def test_zero_with_one_replica_and_selective_without_attention_are_refused():
+    """Settings that would do nothing (a new-user sweep): ZeRO with nothing to shard over, and
+    selective recomputation of a model with no attention scores to rerun."""
+    from clustersim.core.scenario import scenario_from_dict
+    def data(model, **training):
+        return {"cluster": {"topology": "dgx-h100"}, "model": {"name": model}, "parallel": {"replicas": 1},
+                "training": training}
+    with pytest.raises(ConfigError, match="t.toml: training.zero: ZeRO shards state over the replicas; "
+                                          "parallel.replicas = 1 has none to shard over"):
+        scenario_from_dict(data("gpt2", zero=1), "t.toml")
+    with pytest.raises(ConfigError, match="t.toml: training.recompute: selective recomputation reruns attention's "
+                                          "score matrices; resnet-50 has no attention layers"):
+        scenario_from_dict(data("resnet-50", recompute="selective"), "t.toml")
+    assert scenario_from_dict(data("gpt2", recompute="selective"), "t.toml").training.recompute == "selective"

@@ -190,6 +190,7 @@ def test_a_candidate_whose_activations_do_not_fit_is_tried_with_recomputation():
     assert recompute_tries(api.load(QUICK, pairs)) == ["selective", "full"]
     assert recompute_tries(api.load(QUICK, [("model.name", "alexnet")])) == ["full"]
     assert recompute_tries(api.load(QUICK, pairs + [("training.recompute", "selective")])) == []
+    assert recompute_tries(api.load(QUICK, pairs + [("training.recompute", False)])) == []    # said: none
     assert api._fitting(QUICK, pairs, one, ["selective", "full"]) == ({**one, "training.recompute": "selective"}, "")
     kept, error = api._fitting(QUICK, pairs, one, [])
     assert kept == one and "does not fit" in error

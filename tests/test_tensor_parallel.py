@@ -19,8 +19,15 @@ AR = ("reduce-scatter", "all-gather", "gradient reduce-scatter", "gradient all-g
 
 
 def tensor_plan(model, m, pipeline=1, micro=1, batch=4, sp=False, **sections):
+    """``model`` (a transformer the zoo may not hold) split over ``m`` slots a stage; the
+    scenario is read with mlp-digits, so ``training.recompute`` is set after."""
+    from clustersim.core.scenario import RECOMPUTE_MODES
+    training = dict(sections.pop("training", {}))
+    recompute = training.pop("recompute", None)
     sc = scenario(batch=batch, parallel={"model_parallel": m, "split": "tensor", "pipeline": pipeline,
-                                         "micro_batches": micro, "sequence_parallel": sp}, **sections)
+                                         "micro_batches": micro, "sequence_parallel": sp}, training=training, **sections)
+    if recompute is not None:
+        sc = dataclasses.replace(sc, training=dataclasses.replace(sc.training, recompute=RECOMPUTE_MODES[recompute]))
     return plan(dataclasses.replace(sc, model=model), check_memory=False)
 
 
@@ -326,3 +333,15 @@ def test_a_tensor_allreduce_piece_runs_at_nccls_nvlink_speed():
     src, dst = first.where.split("->")
     want = topo.route_latency(topo.route(src, dst)) + first.bytes / (300e9 * 20.0 / 25.0)
     assert first.end_s - first.start_s == pytest.approx(want, rel=1e-9)
+
+
+def test_pipeline_alone_under_the_tensor_split_cuts_between_blocks():
+    """``split = "tensor"`` with one slot a stage is Megatron's pipeline alone: stages end
+    after a block's output, as with more slots (it was refused: no allowed cut, a new-user
+    sweep found)."""
+    model = zoo_model("gpt2", sequence=16)
+    p = tensor_plan(model, 1, pipeline=4)
+    stage = [sl[0][0] for sl in p.slices]
+    ends = [i for i in range(len(stage) - 1) if stage[i + 1] != stage[i]]
+    assert sorted(set(stage)) == [0, 1, 2, 3] and stage == sorted(stage) and len(ends) == 3
+    assert all(model.nodes[i].layer.kind == "add" and i not in model.inner for i in ends)

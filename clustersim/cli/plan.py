@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from clustersim import api, report
-from clustersim.core.plan import GIB, plan as make_plan
+from clustersim.core.plan import GIB, data_parallel_bytes, plan as make_plan
 from clustersim.core.planio import save_plan
 from clustersim.core.schedule import ranks_needed
 
@@ -20,7 +20,11 @@ def run(args) -> int:
     sc = api.load(args.scenario, args.set)
     p = make_plan(sc)
     print(f"{sc.name}: {sc.model.name}, {p.slots} slot(s) x {p.replicas} replica(s), split {sc.parallel.split}, "
-          f"sync {p.sync}" + (f", recompute {sc.training.recompute}" if sc.training.recompute else ""))
+          f"sync {p.sync}" + (f", {sc.parallel.stages} stages x {sc.parallel.micro_batches} micro-batches "
+                              f"({sc.parallel.schedule})" if sc.parallel.stages > 1 else "")
+          + (f", sequence parallel" if sc.parallel.sequence_parallel else "")
+          + (f", ZeRO {sc.training.zero}" if sc.training.zero else "")
+          + (f", recompute {sc.training.recompute}" if sc.training.recompute else ""))
     for node, sl, axis in zip(sc.model.nodes, p.slices, p.axes):
         cut = ", ".join(f"{slot}:{'x'.join(str(b - a) for a, b in box)}" for slot, box in sl)
         print(f"  L{node.index:<3} {node.layer.kind:<18} out {'x'.join(map(str, node.out_shape)):<12} "
@@ -31,6 +35,14 @@ def run(args) -> int:
             totals[op.why] = totals.get(op.why, 0.0) + op.bytes
     print("  per replica and step: " + (", ".join(f"{k} {report.si(v, 'B')}" for k, v in sorted(totals.items()))
                                         or "no transfers inside a replica"))
+    across: dict[str, float] = {}
+    for use in data_parallel_bytes(p):
+        for k, v in use.items():
+            across[k] = across.get(k, 0.0) + v
+    if across:                          # ZeRO 3's second all-gather is counted here, not simulated
+        print("  data parallel, sent per replica and step: "
+              + ", ".join(f"{k} {report.si(v, 'B')}" for k, v in across.items())
+              + (" (ZeRO 3's second weight all-gather is not simulated)" if sc.training.zero >= 3 else ""))
     for r, row in enumerate(p.devices):
         print(f"  replica {r}: " + ", ".join(row))
     if p.ps:

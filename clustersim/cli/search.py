@@ -46,9 +46,10 @@ def run(args) -> int:
                                         "none ranked"))
     columns = [("parallel.replicas", "replicas"), ("parallel.model_parallel", "per replica"),
                ("parallel.split", "split"), ("parallel.micro_batches", "micro"), ("parallel.ps_shards", "shards")]
+    shown = ranked[:SHOWN]
     columns += [("parallel.sequence_parallel", "seq par")] if any(p.get("parallel.sequence_parallel")
-                                                                   for p in ranked) else []
-    columns += [("training.recompute", "recompute")] if any("training.recompute" in p for p in ranked) else []
+                                                                   for p in shown) else []
+    columns += [("training.recompute", "recompute")] if any("training.recompute" in p for p in shown) else []
     columns.append(("samples_per_s", "samples/s"))
     if args.objective == "time-to-accuracy":
         columns += [("time_to_accuracy_s", "to accuracy (s)"), ("accuracy", "accuracy")]

@@ -214,15 +214,21 @@ def _scattered(model: Model, states: list[str]) -> list[bool]:
             for i, s in enumerate(states)]
 
 
-def _cuts_allowed(model: Model, states: list[str], scattered: list[bool]) -> list[bool]:
+def _cuts_allowed(model: Model, states: list[str], scattered: list[bool], alone: bool = False) -> list[bool]:
     """Per layer, whether a pipeline stage may end after it: every edge over the cut carries
     a whole output (after its allreduce), or a cut by positions, to a layer computing it
     whole or by positions -- between transformer blocks, where Megatron cuts, so a tensor
     group's allreduces stay in one stage."""
-    ok = []
+    ok, inside = [], False              # inside: a block's inner layer since the last block end
     for i in range(len(model.nodes)):
+        crossing = [(src, c) for src in range(i + 1) for c in model.consumers[src] if c > i]
+        if alone:                       # one slot a stage (a pipeline alone): after a block's output
+            inside = inside or i in model.inner
+            ok.append(all(src == i for src, _ in crossing) and i not in model.inner and (inside or not model.inner))
+            inside = inside and not ok[-1]
+            continue
         ok.append(all(states[src] != "cut" and not scattered[src] and states[c] in ("rep", "seq")
-                      for src in range(i + 1) for c in model.consumers[src] if c > i))
+                      for src, c in crossing))
     return ok
 
 
@@ -238,7 +244,7 @@ def tensor_slices(model: Model, stages: int, m: int, sequence: bool = False) -> 
     cut, axes = spatial_slices(model, m, (m, 1))
     states = tensor_states(model, m, cut, axes, sequence)
     scattered = _scattered(model, states)
-    allowed = _cuts_allowed(model, states, scattered)
+    allowed = _cuts_allowed(model, states, scattered, alone=m == 1)
     groups, costs = [], []                       # contiguous runs of layers ending where a cut is allowed
     for i, node in enumerate(model.nodes):
         if not groups or allowed[i - 1]:

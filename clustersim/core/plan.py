@@ -798,6 +798,7 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
     again = reruns(model) if full else [False] * len(model.nodes)
     tensor = sc.parallel.tensor                      # slot j is in pipeline stage j // tensor
     needs_of: dict[tuple[int, int], list] = {}
+    received: dict[tuple[int, int], int] = {}        # (slot, layer): a stage's input from another, under "full"
     read_back: set[tuple[int, int]] = set()          # (layer, slot): a backward on that slot reads its output
     def gathered(src: int, slot: int) -> bool:
         """Whether ``slot`` reads ``src`` through an all-gather of positions within its own
@@ -826,15 +827,20 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
                 # selective: one layer's score matrices exist again while its backward runs
                 work[slot] = max(work[slot], node.layer.saved(node.in_shape, box, sc.attention) - saved)
                 continue
-            stretch[slot] += whole
+            # a checkpoint's output is kept once, not again in the working set of the stretch it ends
+            stretch[slot] += whole - (boundary and (i, slot) in read_back) * box_size(box)
             if boundary:
                 kept[slot] += box_size(box)
-            # what a stage receives from another is its own checkpoint: the stage reruns from it
-            kept[slot] += sum(box_size(need) for src, need in needs
-                              if src >= 0 and all(k // tensor != slot // tensor for k, _ in p.slices[src]))
+            # what a stage receives from another is its own checkpoint, once however many layers read
+            # it (one transfer each): the stage reruns from it
+            for src, need in needs:
+                if src >= 0 and all(k // tensor != slot // tensor for k, _ in p.slices[src]):
+                    received[slot, src] = max(received.get((slot, src), 0), box_size(need))
         if boundary:
             for slot in range(p.slots):
                 work[slot], stretch[slot] = max(work[slot], stretch[slot]), 0.0
+    for (slot, _), size in received.items():
+        kept[slot] += size
     return kept, [max(w, s) for w, s in zip(work, stretch)]
 
 
@@ -863,6 +869,7 @@ ADVICE = {"weights": "raise model_parallel or pipeline, or set training.zero = 3
 
 
 RECOMPUTE_ADVICE = {"": ' (or set training.recompute = "selective" or "full")',
+                    "none": ' (or set training.recompute = "selective" or "full")',
                     "selective": ' (or set training.recompute = "full")'}
 
 
@@ -885,7 +892,11 @@ def _check_memory(p: Plan) -> None:
         if need > have:
             detail = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items() if v)
             largest = max(parts, key=parts.get)
-            advice = ADVICE[largest] + (RECOMPUTE_ADVICE.get(sc.training.recompute, "") if largest == "activations" else "")
+            advice = ADVICE[largest]
+            if largest == "activations":       # 1F1B holds at most the stages' micro-batches: smaller ones help
+                pipelined = sc.parallel.stages > 1 and sc.parallel.schedule == "1f1b"
+                advice += (", or raise parallel.micro_batches" if pipelined else "") + RECOMPUTE_ADVICE.get(
+                    sc.training.recompute, "")
             raise DoesNotFit(sc.file, "parallel.model_parallel",
                              f"does not fit: device {dev} needs {need / GIB:.2f} GiB ({detail}) but has "
                              f"{have / GIB:.2f} GiB; largest: {largest}, so {advice}",

@@ -81,7 +81,8 @@ class Training:
     optimizer: str = "sgd"       # sgd | adagrad: the rule shards apply (downpour, ssp); adam: sync (memory: 2 moments)
     zero: int = 0                # sync: ZeRO stage, sharding over replicas 1 optimizer state, 2 + gradients, 3 + weights
     recompute: str = ""          # "full": activations at checkpoints only (plan.checkpoints), the backward reruns the
-                                 # forward; "selective": attention's scores rerun (Korthikanti et al. 2022); "": none
+                                 # forward; "selective": attention's scores rerun (Korthikanti et al. 2022); "none"
+                                 # (false): none; "": none, not set (search may try recomputation)
     n_fetch: int = 1             # downpour/dcasgd/ssp: fetch parameters every n_fetch steps
     n_push: int = 1              # ... and push accumulated gradients every n_push steps
     warm_start_s: float = 0.0    # downpour: replica 0 alone until then, the others join after
@@ -248,6 +249,8 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
     positions = _attention_positions(model)
     if mt.has("attention") and not positions:
         raise mt.error("attention", f"{model.name} has no attention layers")
+    if attention == "flash" and dtype not in ("fp16", "bf16"):
+        raise mt.error("attention", f"FlashAttention runs in fp16 or bf16; model.dtype is {dtype}")
     mt.done()
 
     pt = top.table("parallel", {})
@@ -330,19 +333,28 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
     if tr.zero and (tr.algorithm != "sync" or par.ps_shards):
         raise ConfigError(file, "training.zero", "ZeRO shards sync data parallelism's state over the replicas "
                                                  "(algorithm = \"sync\", ps_shards = 0)")
+    if tr.zero and par.replicas == 1:
+        raise ConfigError(file, "training.zero", "ZeRO shards state over the replicas; parallel.replicas = 1 "
+                                                 "has none to shard over")
+    if tr.recompute == "selective" and not positions:
+        raise ConfigError(file, "training.recompute", f"selective recomputation reruns attention's score matrices; "
+                                                      f"{model.name} has no attention layers")
     if tr.cosim and model.name not in BUNDLED_DATA:
         raise ConfigError(file, "training.cosim", f"co-simulation trains {', '.join(BUNDLED_DATA)} on their "
                           f"bundled data sets; got model {model.name}")
     return Scenario(file, name, seed, topology, network, model, batch, dtype, par, tr, faults, data, attention)
 
 
-RECOMPUTE_MODES = {False: "", True: "full", "none": "", "full": "full", "selective": "selective"}
+RECOMPUTE_MODES = {False: "none", True: "full", "none": "none", "full": "full", "selective": "selective"}
 
 
 def _recompute(tt: Table) -> str:
     """``training.recompute``: true or "full" (Megatron-LM's full recomputation), "selective"
-    (its default: only attention's score matrices are rerun), false or "none"."""
-    value = tt.raw("recompute", False)
+    (its default: only attention's score matrices are rerun), false or "none" ("": not set,
+    which search may fill)."""
+    value = tt.raw("recompute", "")
+    if value == "":
+        return ""
     if isinstance(value, (bool, str)) and value in RECOMPUTE_MODES:
         return RECOMPUTE_MODES[value]
     raise tt.error("recompute", f'must be true, false, "full", "selective" or "none"; got {value!r}')
