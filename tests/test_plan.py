@@ -693,3 +693,16 @@ def test_a_pipeline_that_does_not_fit_is_told_to_raise_its_micro_batches(capsys)
         plan(scenario(model="gpt2", batch=512, parallel={"split": "layers", "model_parallel": 4, "schedule": "gpipe"}))
     assert main(base + ["--set", "model.batch_size=8", "--set", "parallel.micro_batches=2"]) == 0
     assert "split layers, sync none, 4 stages x 2 micro-batches (1f1b)" in capsys.readouterr().out
+
+
+def test_a_plan_that_does_not_fit_is_refused_before_its_ops_are_built(monkeypatch):
+    """The memory check needs no ops: GPT-3 at 16 micro-batches on 64 A100s was refused after
+    28 s of building them (a new-user sweep); it is refused before ``_ops`` runs."""
+    from clustersim.core import plan as plan_module
+    from clustersim.core.plan import DoesNotFit
+
+    def no_ops(*args):
+        raise AssertionError("ops built for a plan that does not fit")
+    monkeypatch.setattr(plan_module, "_ops", no_ops)
+    with pytest.raises(DoesNotFit, match="largest: activations"):
+        plan(scenario(model="gpt2", batch=512))

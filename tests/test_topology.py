@@ -103,6 +103,19 @@ def test_base_merges_subtables_and_missing_file_is_a_config_error(tmp_path):
         load_topology("no-such-topology")
 
 
+def test_one_key_of_a_base_machine_table_is_overridden_alone(tmp_path):
+    """An A100 40GB over dgx-a100 is ``[machine.gpu] memory_gib = 40``: the GPU's other keys
+    stay the base's (the whole table was replaced, and the file refused as incomplete, a
+    new-user sweep found)."""
+    f = tmp_path / "a40.toml"
+    f.write_text('base = "dgx-a100"\n[machine.gpu]\nmemory_gib = 40\n')
+    topo, base = load_topology(str(f)), load_topology("dgx-a100")
+    gpu, was = topo.devices["m0.gpu0"], base.devices["m0.gpu0"]
+    assert gpu.memory_bytes == 40 * 2**30 and was.memory_bytes == 80 * 2**30
+    assert (gpu.peak_flops, gpu.achievable_bw, gpu.sms) == (was.peak_flops, was.achievable_bw, was.sms)
+    assert len(topo.devices) == len(base.devices)
+
+
 def test_a_base_path_is_read_beside_the_file_that_names_it(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "my-machine.toml").write_text('base = "pcie-4gpu"\n[machine.nic]\ncount = 3\n')

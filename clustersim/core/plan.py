@@ -13,6 +13,7 @@ schedule's (``parallel.schedule``; ``slot_sequence``), which both runners follow
 from __future__ import annotations
 
 import heapq
+import dataclasses
 from dataclasses import dataclass, field
 from math import ceil, prod, sqrt
 
@@ -120,13 +121,13 @@ def plan(sc: Scenario, check_memory: bool = True) -> Plan:
         for slot, box in layer_slices_:
             slot_params[slot] += params_of(model, parts, i, slot, box)
     devices, ps = _place(sc, slices, slot_params)
-    ops = _ops(sc, slices, axes, parts)
     sync = "ps" if par.ps_shards else ("allreduce" if par.replicas > 1 else "none")
-    p = Plan(sc, slices, axes, tuple(ops), devices, tuple(slot_params), sync, ps, schedule_of(sc), parts=parts)
-    _check_routes(p)
-    p.memory.update(memory_use(p))
+    p = Plan(sc, slices, axes, (), devices, tuple(slot_params), sync, ps, schedule_of(sc), parts=parts)
+    p.memory.update(memory_use(p))                   # needs no ops: a plan that does not fit says so at once
     if check_memory:
         _check_memory(p)
+    p = dataclasses.replace(p, ops=tuple(_ops(sc, slices, axes, parts)))
+    _check_routes(p)
     return p
 
 

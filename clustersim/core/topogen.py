@@ -76,9 +76,11 @@ def load_topology(ref: str, base_dir: Path = Path("."), machines: int | None = N
 
 
 def _with_base(data: dict, path: str, depth: int = 0) -> dict:
-    """``base = "other"``: start from that topology's tables, then this file's replace them
-    table by table (so a fat-tree of DGX machines need not repeat the machine).  A path is
-    read beside the file that names it, as ``model.file`` is beside its scenario."""
+    """``base = "other"``: start from that topology's tables, then this file's keys replace
+    theirs, table inside table (so a fat-tree of DGX machines need not repeat the machine,
+    and ``[machine.gpu] memory_gib = 40`` makes an A100 40GB of dgx-a100's); arrays of
+    tables are replaced whole.  A path is read beside the file that names it, as
+    ``model.file`` is beside its scenario."""
     if "base" not in data:
         return data
     ref = data.pop("base")
@@ -91,11 +93,15 @@ def _with_base(data: dict, path: str, depth: int = 0) -> dict:
         raise ConfigError(base_path, "", f"malformed TOML: {exc}") from None
     base.pop("name", None)
     base.pop("description", None)
-    merged = dict(base)
-    for key, value in data.items():   # one level deep: [machine.nic] replaces only the NIC table
-        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = {**merged[key], **value} if both else value
-    return merged
+    return _merged(base, data)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """``base`` with ``over``'s keys, tables merged key by key at every depth."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def builtin_topologies() -> list[str]:
