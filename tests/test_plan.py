@@ -706,3 +706,14 @@ def test_a_plan_that_does_not_fit_is_refused_before_its_ops_are_built(monkeypatc
     monkeypatch.setattr(plan_module, "_ops", no_ops)
     with pytest.raises(DoesNotFit, match="largest: activations"):
         plan(scenario(model="gpt2", batch=512))
+
+
+def test_a_simulated_pipeline_names_its_stages_and_micro_batches():
+    """``simulate``'s summary named the slots only ("split tensor x16"), hiding a pipeline's
+    stages and micro-batches (a new-user sweep): its keys and header give them."""
+    from clustersim import api, report
+    res = api.simulate("scenarios/quickstart.toml", {"parallel.split": "layers", "parallel.model_parallel": 4,
+                                                     "parallel.replicas": 1, "parallel.micro_batches": 4,
+                                                     "training.steps": 2}, speedup=False)
+    assert (res.data["pipeline_stages"], res.data["micro_batches"], res.data["schedule"]) == (4, 4, "1f1b")
+    assert "split layers x4 (4 stages, 4 micro-batches, 1f1b), replicas 1" in report.summary_text(res.data)
