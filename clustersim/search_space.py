@@ -49,6 +49,8 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
                     base = {"parallel.model_parallel": m, "parallel.split": split, "parallel.replicas": r,
                             "model.batch_size": batch, "parallel.micro_batches": micro, "parallel.grid": [],
                             "parallel.sequence_parallel": False, "parallel.pipeline": 1}
+                    if r == 1 and sc.training.zero:          # nothing to shard over: ZeRO off, as it is refused
+                        base["training.zero"] = 0
                     out.append({**base, "parallel.ps_shards": 0, "training.allreduce": "auto"})
                     if split == "tensor" and positions % m == 0:      # Korthikanti et al. 2022's
                         out.append({**out[-1], "parallel.sequence_parallel": True})

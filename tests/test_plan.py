@@ -717,3 +717,23 @@ def test_a_simulated_pipeline_names_its_stages_and_micro_batches():
                                                      "training.steps": 2}, speedup=False)
     assert (res.data["pipeline_stages"], res.data["micro_batches"], res.data["schedule"]) == (4, 4, "1f1b")
     assert "split layers x4 (4 stages, 4 micro-batches, 1f1b), replicas 1" in report.summary_text(res.data)
+
+
+def test_memory_advice_offers_only_what_the_scenario_would_take():
+    """Review R24: the advice named selective recomputation for a model without attention
+    and ZeRO for one replica, both refused when followed.  Advice follows the scenario."""
+    with pytest.raises(ConfigError, match=r'lower model\.batch_size \(or set training\.recompute = "full"\)$'):
+        plan(scenario(model="distbelief-image-1.7b", batch=16384))
+    with pytest.raises(ConfigError, match=r'\(or set training\.recompute = "full"\)$'):
+        plan(scenario(model="gpt2", batch=512, training={"recompute": "selective"}))
+    from clustersim.core.scenario import scenario_from_dict
+
+    def llama(replicas):                                 # fp32 with Adam: 25 + 25 + 50 GB a GPU
+        return scenario_from_dict({"cluster": {"topology": "dgx-h100"}, "parallel": {"replicas": replicas},
+                                   "model": {"name": "llama-2-7b", "batch_size": 1, "sequence": 256},
+                                   "training": {"optimizer": "adam"}}, "test.toml")
+    with pytest.raises(ConfigError, match=r"largest: optimizer, so raise model_parallel or pipeline$"):
+        plan(llama(1))
+    with pytest.raises(ConfigError, match=r"largest: optimizer, so raise model_parallel or pipeline, or set "
+                                          r"training\.zero >= 1$"):
+        plan(llama(2))

@@ -137,3 +137,12 @@ def test_zero_with_one_replica_and_selective_without_attention_are_refused():
                                           "score matrices; resnet-50 has no attention layers"):
         scenario_from_dict(data("resnet-50", recompute="selective"), "t.toml")
     assert scenario_from_dict(data("gpt2", recompute="selective"), "t.toml").training.recompute == "selective"
+
+
+def test_a_published_case_given_as_a_scenario_says_what_it_is():
+    """``clustersim plan scenarios/published/...toml`` said "cluster: is required" (a new-user
+    sweep): a file with a [reference] table and no [cluster] is a published case."""
+    assert main(["plan", "scenarios/published/megatron-7.5b-a100-x128.toml"]) == 2
+    with pytest.raises(ConfigError, match=r"x\.toml: reference: a published case, not a scenario: "
+                                          r"`clustersim published` runs it"):
+        scenario_from_dict({"name": "n", "reference": {"value": 1}}, "x.toml")

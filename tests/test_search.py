@@ -217,3 +217,12 @@ def test_tensor_candidates_come_with_and_without_sequence_parallelism():
     assert seq == {c for c in plain if 36 % dict(c)["parallel.model_parallel"] == 0} and len(seq) < len(plain)
     assert not any(c["parallel.sequence_parallel"] for c in cands if c["parallel.split"] != "tensor")
     assert not any(c["parallel.sequence_parallel"] for c in candidates(api.load(QUICK, BASE), 8))
+
+
+def test_a_scenarios_zero_is_off_where_a_candidate_has_one_replica():
+    """ZeRO with one replica is refused (nothing to shard over); search's one-replica
+    candidates of a ZeRO scenario were all refused with it (review R24): they run without."""
+    res = api.search(QUICK, 1, {"training.zero": 1, "training.optimizer": "adam", "training.steps": 1})
+    assert [(p["parallel.replicas"], p["training.zero"]) for p in res["ranked"]] == [(1, 0)]
+    res = api.search(QUICK, 2, {"training.zero": 1, "training.optimizer": "adam", "training.steps": 1})
+    assert {p.get("training.zero", 1) for p in res["ranked"] if p["parallel.replicas"] == 2} == {1}

@@ -24,7 +24,7 @@ def run(args) -> int:
                               f"({sc.parallel.schedule})" if sc.parallel.stages > 1 else "")
           + (f", sequence parallel" if sc.parallel.sequence_parallel else "")
           + (f", ZeRO {sc.training.zero}" if sc.training.zero else "")
-          + (f", recompute {sc.training.recompute}" if sc.training.recompute else ""))
+          + (f", recompute {sc.training.recompute}" if sc.training.recompute not in ("", "none") else ""))
     for node, sl, axis in zip(sc.model.nodes, p.slices, p.axes):
         cut = ", ".join(f"{slot}:{'x'.join(str(b - a) for a, b in box)}" for slot, box in sl)
         print(f"  L{node.index:<3} {node.layer.kind:<18} out {'x'.join(map(str, node.out_shape)):<12} "

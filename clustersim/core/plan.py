@@ -862,16 +862,29 @@ def shard_state_copies(sc: Scenario) -> int:
     return 1 if tr.optimizer == "adagrad" and tr.algorithm in ("downpour", "ssp") else 0
 
 
-ADVICE = {"weights": "raise model_parallel or pipeline, or set training.zero = 3",
-          "gradients": "raise model_parallel or pipeline, or set training.zero >= 2",
-          "optimizer": "raise model_parallel or pipeline, or set training.zero >= 1",
+ADVICE = {"weights": "raise model_parallel or pipeline",
+          "gradients": "raise model_parallel or pipeline",
+          "optimizer": "raise model_parallel or pipeline",
           "activations": "raise model_parallel or lower model.batch_size",
           "ps_shards": "raise parallel.ps_shards"}
+ZERO_ADVICE = {"weights": ", or set training.zero = 3", "gradients": ", or set training.zero >= 2",
+               "optimizer": ", or set training.zero >= 1"}     # with replicas to shard over
 
 
-RECOMPUTE_ADVICE = {"": ' (or set training.recompute = "selective" or "full")',
-                    "none": ' (or set training.recompute = "selective" or "full")',
-                    "selective": ' (or set training.recompute = "full")'}
+def _advice(sc: Scenario, largest: str) -> str:
+    """What would shrink the largest term, as the scenario allows: ZeRO where there are
+    replicas to shard over, more micro-batches under 1F1B (a stage holds at most the stages'
+    count of them), the recomputations not set yet that the model has use for."""
+    advice = ADVICE[largest] + (ZERO_ADVICE.get(largest, "") if sc.parallel.replicas > 1 else "")
+    if largest != "activations":
+        return advice
+    if sc.parallel.stages > 1 and sc.parallel.schedule == "1f1b":
+        advice += ", or raise parallel.micro_batches"
+    modes = [m for m in (("selective", "full") if any(n.layer.kind == "attention" for n in sc.model.nodes)
+                         else ("full",)) if m != sc.training.recompute]
+    if sc.training.recompute != "full" and modes:
+        advice += " (or set training.recompute = " + " or ".join(f'"{m}"' for m in modes) + ")"
+    return advice
 
 
 class DoesNotFit(ConfigError):
@@ -893,11 +906,7 @@ def _check_memory(p: Plan) -> None:
         if need > have:
             detail = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items() if v)
             largest = max(parts, key=parts.get)
-            advice = ADVICE[largest]
-            if largest == "activations":       # 1F1B holds at most the stages' micro-batches: smaller ones help
-                pipelined = sc.parallel.stages > 1 and sc.parallel.schedule == "1f1b"
-                advice += (", or raise parallel.micro_batches" if pipelined else "") + RECOMPUTE_ADVICE.get(
-                    sc.training.recompute, "")
+            advice = _advice(sc, largest)
             raise DoesNotFit(sc.file, "parallel.model_parallel",
                              f"does not fit: device {dev} needs {need / GIB:.2f} GiB ({detail}) but has "
                              f"{have / GIB:.2f} GiB; largest: {largest}, so {advice}",
