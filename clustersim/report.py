@@ -21,7 +21,8 @@ def summary_text(s: dict) -> str:
     lines = [
         f"{s['name']}: {s['model']} ({si(s['parameters'], 'params')}) on {s['topology']}",
         f"  split {s['split']} x{s['model_parallel']}"
-        + (f" ({s['pipeline_stages']} stages, {s['micro_batches']} micro-batches, {s['schedule']})"
+        + (f" ({s['pipeline_stages']} stages, {s['micro_batches']} micro-batch{'es' if s['micro_batches'] > 1 else ''}, "
+           f"{s['schedule']})"
            if s.get("pipeline_stages", 1) > 1 else "")
         + f", replicas {s['replicas']}, sync by {s['sync']}, "
         f"batch {s['batch_size']}/replica {s['dtype']}, network model {s['network']}",

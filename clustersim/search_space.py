@@ -52,6 +52,7 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
                     if r == 1 and sc.training.zero:          # nothing to shard over: ZeRO off, as it is refused
                         base["training.zero"] = 0
                     out.append({**base, "parallel.ps_shards": 0, "training.allreduce": "auto"})
+                    base = {**base, "training.zero": 0} if sc.training.zero else base   # shards: no ZeRO
                     if split == "tensor" and positions % m == 0:      # Korthikanti et al. 2022's
                         out.append({**out[-1], "parallel.sequence_parallel": True})
                     if r > 1 and split != "tensor":   # one shard per machine the replicas use (a tensor

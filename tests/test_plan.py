@@ -728,12 +728,24 @@ def test_memory_advice_offers_only_what_the_scenario_would_take():
         plan(scenario(model="gpt2", batch=512, training={"recompute": "selective"}))
     from clustersim.core.scenario import scenario_from_dict
 
-    def llama(replicas):                                 # fp32 with Adam: 25 + 25 + 50 GB a GPU
-        return scenario_from_dict({"cluster": {"topology": "dgx-h100"}, "parallel": {"replicas": replicas},
-                                   "model": {"name": "llama-2-7b", "batch_size": 1, "sequence": 256},
-                                   "training": {"optimizer": "adam"}}, "test.toml")
+    def llama(replicas, ps_shards=0, zero=0, name="llama-2-7b", dtype="fp32", **parallel):   # fp32 Adam: 25+25+50 GB
+        return scenario_from_dict({"cluster": {"topology": "dgx-h100"},
+                                   "parallel": {"replicas": replicas, "ps_shards": ps_shards, **parallel},
+                                   "model": {"name": name, "batch_size": 1, "sequence": 256, "dtype": dtype},
+                                   "training": {"optimizer": "adam", "zero": zero}}, "test.toml")
     with pytest.raises(ConfigError, match=r"largest: optimizer, so raise model_parallel or pipeline$"):
         plan(llama(1))
     with pytest.raises(ConfigError, match=r"largest: optimizer, so raise model_parallel or pipeline, or set "
-                                          r"training\.zero >= 1$"):
+                                          r"training\.zero = 1$"):
         plan(llama(2))
+    with pytest.raises(ConfigError, match=r"largest: optimizer, so raise model_parallel or pipeline$"):
+        plan(llama(2, ps_shards=1, zero=0))                  # ZeRO is sync's without shards: not offered
+    with pytest.raises(ConfigError, match=r"largest: optimizer, so raise model_parallel or pipeline, or raise "
+                                          r"parallel\.replicas \(ZeRO shards over them\)$"):
+        plan(llama(2, zero=1, name="megatron-18.4b", dtype="bf16"))   # 37 + 37 + 110 / 2 GB: more replicas
+    with pytest.raises(ConfigError, match=r"largest: optimizer, so raise model_parallel$"):
+        plan(llama(1, name="megatron-18.4b", split="layers", model_parallel=2))   # a layers split: no pipeline key
+    full = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "llama-2-7b", "batch_size": 2, "dtype": "bf16"},
+            "parallel": {"replicas": 1, "split": "layers", "model_parallel": 2, "micro_batches": 2}}
+    with pytest.raises(ConfigError, match=r'batch_size \(or set training\.recompute = "selective" or "full"\)$'):
+        plan(scenario_from_dict(full, "test.toml"))      # micro-batches of one sample already: not offered

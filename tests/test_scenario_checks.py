@@ -144,5 +144,6 @@ def test_a_published_case_given_as_a_scenario_says_what_it_is():
     sweep): a file with a [reference] table and no [cluster] is a published case."""
     assert main(["plan", "scenarios/published/megatron-7.5b-a100-x128.toml"]) == 2
     with pytest.raises(ConfigError, match=r"x\.toml: reference: a published case, not a scenario: "
-                                          r"`clustersim published` runs it"):
-        scenario_from_dict({"name": "n", "reference": {"value": 1}}, "x.toml")
+                                          r"`clustersim published` runs the built-in ones, `--dir FOLDER`"):
+        scenario_from_dict({"name": "n", "reference": {"value": 1}, "scenario": {"file": "q.toml"},
+                            "cluster": {"topology": "dgx-h100"}}, "x.toml")      # a --set cluster too

@@ -71,7 +71,8 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
         "name": sc.name, "topology": sc.topology.name, "model": sc.model.name,
         "parameters": sc.model.params, "batch_size": sc.batch_size, "dtype": sc.dtype,
         "model_parallel": p.slots, "split": sc.parallel.split, "replicas": p.replicas, "devices": p.slots * p.replicas,
-        "pipeline_stages": sc.parallel.stages, "micro_batches": sc.parallel.micro_batches,
+        "pipeline_stages": 1 if sc.training.algorithm == "layerwise" else sc.parallel.stages,   # 016: whole forward
+        "micro_batches": sc.parallel.micro_batches,
         "schedule": sc.parallel.schedule,
         "ps_shards": sc.parallel.ps_shards, "sync": p.sync, "algorithm": sc.training.algorithm,
         "network": sc.network, "steps": done,

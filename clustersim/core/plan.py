@@ -862,27 +862,32 @@ def shard_state_copies(sc: Scenario) -> int:
     return 1 if tr.optimizer == "adagrad" and tr.algorithm in ("downpour", "ssp") else 0
 
 
-ADVICE = {"weights": "raise model_parallel or pipeline",
-          "gradients": "raise model_parallel or pipeline",
-          "optimizer": "raise model_parallel or pipeline",
+ADVICE = {"weights": "raise model_parallel", "gradients": "raise model_parallel", "optimizer": "raise model_parallel",
           "activations": "raise model_parallel or lower model.batch_size",
           "ps_shards": "raise parallel.ps_shards"}
-ZERO_ADVICE = {"weights": ", or set training.zero = 3", "gradients": ", or set training.zero >= 2",
-               "optimizer": ", or set training.zero >= 1"}     # with replicas to shard over
+ZERO_STAGE = {"weights": 3, "gradients": 2, "optimizer": 1}   # the ZeRO stage that shards the term
 
 
 def _advice(sc: Scenario, largest: str) -> str:
-    """What would shrink the largest term, as the scenario allows: ZeRO where there are
-    replicas to shard over, more micro-batches under 1F1B (a stage holds at most the stages'
-    count of them), the recomputations not set yet that the model has use for."""
-    advice = ADVICE[largest] + (ZERO_ADVICE.get(largest, "") if sc.parallel.replicas > 1 else "")
+    """What would shrink the largest term, as the scenario allows: more stages where the
+    split takes them, ZeRO where sync data parallelism has replicas to shard over (more
+    replicas where the stage that shards the term is set), more micro-batches under 1F1B (a
+    stage holds at most the stages' count of them), the recomputations not set yet that the
+    model has use for."""
+    par, tr = sc.parallel, sc.training
+    advice = ADVICE[largest]
+    if largest in ZERO_STAGE:
+        advice += "" if par.split == "layers" else " or pipeline"
+        if tr.algorithm == "sync" and not par.ps_shards and par.replicas > 1:
+            advice += (f", or set training.zero = {ZERO_STAGE[largest]}" if tr.zero < ZERO_STAGE[largest]
+                       else ", or raise parallel.replicas (ZeRO shards over them)")
     if largest != "activations":
         return advice
-    if sc.parallel.stages > 1 and sc.parallel.schedule == "1f1b":
-        advice += ", or raise parallel.micro_batches"
+    if par.stages > 1 and par.schedule == "1f1b" and par.micro_batches < sc.batch_size:
+        advice += f", or raise parallel.micro_batches past the {par.stages} stages"
     modes = [m for m in (("selective", "full") if any(n.layer.kind == "attention" for n in sc.model.nodes)
-                         else ("full",)) if m != sc.training.recompute]
-    if sc.training.recompute != "full" and modes:
+                         else ("full",)) if m != tr.recompute]
+    if tr.recompute != "full" and modes:
         advice += " (or set training.recompute = " + " or ".join(f'"{m}"' for m in modes) + ")"
     return advice
 

@@ -218,9 +218,10 @@ def load_scenario(path: str | Path, overrides: list[tuple[str, Any]] = ()) -> Sc
 
 def scenario_from_dict(data: dict, file: str) -> Scenario:
     base_dir = Path(file).parent
-    if "reference" in data and "cluster" not in data:
-        raise ConfigError(file, "reference", "a published case, not a scenario: `clustersim published` runs it "
-                          "(its [scenario] or [collective] table says what it simulates)")
+    if "reference" in data and ("scenario" in data or "collective" in data):
+        raise ConfigError(file, "reference", "a published case, not a scenario: `clustersim published` runs the "
+                          "built-in ones, `--dir FOLDER` a folder of them (its [scenario] or [collective] table "
+                          "says what it simulates)")
     top = Table(data, file)
     name = top.str("name", Path(file).stem)
     top.str("description", "")
