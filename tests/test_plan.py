@@ -722,7 +722,8 @@ def test_a_simulated_pipeline_names_its_stages_and_micro_batches():
 def test_memory_advice_offers_only_what_the_scenario_would_take():
     """Review R24: the advice named selective recomputation for a model without attention
     and ZeRO for one replica, both refused when followed.  Advice follows the scenario."""
-    with pytest.raises(ConfigError, match=r'lower model\.batch_size \(or set training\.recompute = "full"\)$'):
+    with pytest.raises(ConfigError, match=r'lower model\.batch_size, or raise parallel\.micro_batches \(or set '
+                                          r'training\.recompute = "full"\)$'):
         plan(scenario(model="distbelief-image-1.7b", batch=16384))
     with pytest.raises(ConfigError, match=r'\(or set training\.recompute = "full"\)$'):
         plan(scenario(model="gpt2", batch=512, training={"recompute": "selective"}))
@@ -749,3 +750,18 @@ def test_memory_advice_offers_only_what_the_scenario_would_take():
             "parallel": {"replicas": 1, "split": "layers", "model_parallel": 2, "micro_batches": 2}}
     with pytest.raises(ConfigError, match=r'batch_size \(or set training\.recompute = "selective" or "full"\)$'):
         plan(scenario_from_dict(full, "test.toml"))      # micro-batches of one sample already: not offered
+    # review R26: GPipe holds every micro-batch (1F1B fits), one stage takes micro-batches too,
+    # flash keeps no score matrices, a batch of one cannot be lowered
+    gpipe = {**full, "model": {**full["model"], "batch_size": 8},
+             "parallel": {"replicas": 1, "pipeline": 2, "model_parallel": 2, "micro_batches": 8, "schedule": "gpipe"}}
+    with pytest.raises(ConfigError, match=r'batch_size, or set parallel\.schedule = "1f1b" \(or set'):
+        plan(scenario_from_dict(gpipe, "test.toml"))
+    one = {**full, "model": {**full["model"], "batch_size": 8}, "parallel": {"replicas": 1}}
+    with pytest.raises(ConfigError, match=r"batch_size, or raise parallel\.micro_batches \(or set"):
+        plan(scenario_from_dict(one, "test.toml"))
+    flash = {**one, "model": {**one["model"], "attention": "flash"}}
+    with pytest.raises(ConfigError, match=r'micro_batches \(or set training\.recompute = "full"\)$'):
+        plan(scenario_from_dict(flash, "test.toml"))
+    single = {**one, "model": {**one["model"], "batch_size": 1}}
+    with pytest.raises(ConfigError, match=r'activations, so raise model_parallel \(or set training\.recompute'):
+        plan(scenario_from_dict(single, "test.toml"))

@@ -147,3 +147,5 @@ def test_a_published_case_given_as_a_scenario_says_what_it_is():
                                           r"`clustersim published` runs the built-in ones, `--dir FOLDER`"):
         scenario_from_dict({"name": "n", "reference": {"value": 1}, "scenario": {"file": "q.toml"},
                             "cluster": {"topology": "dgx-h100"}}, "x.toml")      # a --set cluster too
+    with pytest.raises(ConfigError, match=r"x\.toml: reference: a published case, not a scenario"):
+        scenario_from_dict({"name": "n", "reference": {"value": 1}}, "x.toml")            # nothing else

@@ -871,9 +871,9 @@ ZERO_STAGE = {"weights": 3, "gradients": 2, "optimizer": 1}   # the ZeRO stage t
 def _advice(sc: Scenario, largest: str) -> str:
     """What would shrink the largest term, as the scenario allows: more stages where the
     split takes them, ZeRO where sync data parallelism has replicas to shard over (more
-    replicas where the stage that shards the term is set), more micro-batches under 1F1B (a
-    stage holds at most the stages' count of them), the recomputations not set yet that the
-    model has use for."""
+    replicas where the stage that shards the term is set), 1F1B over GPipe, more micro-batches
+    where a smaller one shrinks what is held (1F1B holds at most the stages' count of them),
+    the recomputations not set yet that the model has use for (flash keeps no scores)."""
     par, tr = sc.parallel, sc.training
     advice = ADVICE[largest]
     if largest in ZERO_STAGE:
@@ -883,10 +883,15 @@ def _advice(sc: Scenario, largest: str) -> str:
                        else ", or raise parallel.replicas (ZeRO shards over them)")
     if largest != "activations":
         return advice
-    if par.stages > 1 and par.schedule == "1f1b" and par.micro_batches < sc.batch_size:
-        advice += f", or raise parallel.micro_batches past the {par.stages} stages"
-    modes = [m for m in (("selective", "full") if any(n.layer.kind == "attention" for n in sc.model.nodes)
-                         else ("full",)) if m != tr.recompute]
+    if sc.batch_size == 1:
+        advice = advice.replace(" or lower model.batch_size", "")
+    stages = 1 if tr.algorithm == "layerwise" else par.stages
+    if stages > 1 and par.schedule == "gpipe" and par.micro_batches > 1:
+        advice += ', or set parallel.schedule = "1f1b"'       # it holds at most the stages' count of them
+    elif par.micro_batches < sc.batch_size and (stages == 1 or par.schedule == "1f1b" and sc.batch_size > stages):
+        advice += ", or raise parallel.micro_batches" + (f" past the {stages} stages" if stages > 1 else "")
+    attention = any(n.layer.kind == "attention" for n in sc.model.nodes) and sc.attention != "flash"
+    modes = [m for m in (("selective", "full") if attention else ("full",)) if m != tr.recompute]
     if tr.recompute != "full" and modes:
         advice += " (or set training.recompute = " + " or ".join(f'"{m}"' for m in modes) + ")"
     return advice

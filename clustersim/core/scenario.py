@@ -218,7 +218,7 @@ def load_scenario(path: str | Path, overrides: list[tuple[str, Any]] = ()) -> Sc
 
 def scenario_from_dict(data: dict, file: str) -> Scenario:
     base_dir = Path(file).parent
-    if "reference" in data and ("scenario" in data or "collective" in data):
+    if "reference" in data and ("scenario" in data or "collective" in data or "cluster" not in data):
         raise ConfigError(file, "reference", "a published case, not a scenario: `clustersim published` runs the "
                           "built-in ones, `--dir FOLDER` a folder of them (its [scenario] or [collective] table "
                           "says what it simulates)")
