@@ -34,7 +34,7 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
     """Every configuration to try on at most ``devices`` devices (dotted overrides)."""
     global_batch = sc.batch_size * sc.parallel.replicas
     compute = sc.topology.compute_devices()
-    positions = max((n.in_shape[1] for n in sc.model.nodes if n.layer.kind == "attention"), default=0)
+    positions = sc.model.attention_positions
     splits = ("spatial", "layers") + (("tensor",) if positions else ())
     out = []
     for m in powers_of_two(devices):
@@ -49,16 +49,16 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
                     base = {"parallel.model_parallel": m, "parallel.split": split, "parallel.replicas": r,
                             "model.batch_size": batch, "parallel.micro_batches": micro, "parallel.grid": [],
                             "parallel.sequence_parallel": False, "parallel.pipeline": 1}
-                    if r == 1 and sc.training.zero:          # nothing to shard over: ZeRO off, as it is refused
-                        base["training.zero"] = 0
-                    out.append({**base, "parallel.ps_shards": 0, "training.allreduce": "auto"})
-                    base = {**base, "training.zero": 0} if sc.training.zero else base   # shards: no ZeRO
+                    # ZeRO shards sync allreduce's state over replicas: off with one replica or shards
+                    no_zero = {"training.zero": 0} if sc.training.zero else {}
+                    out.append({**base, "parallel.ps_shards": 0, "training.allreduce": "auto",
+                                **(no_zero if r == 1 else {})})
                     if split == "tensor" and positions % m == 0:      # Korthikanti et al. 2022's
                         out.append({**out[-1], "parallel.sequence_parallel": True})
                     if r > 1 and split != "tensor":   # one shard per machine the replicas use (a tensor
                         # split keeps norms on every slot: no shards, which the scenario check refuses)
                         used = len({sc.topology.machine_of(d) for d in compute[:r * m]})
-                        out.append({**base, "parallel.ps_shards": used})
+                        out.append({**base, "parallel.ps_shards": used, **no_zero})
     return out
 
 
@@ -68,8 +68,7 @@ def recompute_tries(sc: Scenario) -> list[str]:
     drop), then full -- the cheapest that fits is what a trainer would run."""
     if sc.training.recompute:
         return []
-    attention = any(n.layer.kind == "attention" for n in sc.model.nodes)
-    return (["selective"] if attention else []) + ["full"]
+    return (["selective"] if sc.model.attention_positions else []) + ["full"]
 
 
 def score(point: dict, objective: str) -> float:

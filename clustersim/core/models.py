@@ -92,6 +92,11 @@ class Model:
     def bwd_flops(self) -> float:
         return sum(n.fwd_flops * n.layer.bwd_ratio for n in self.nodes)
 
+    @property
+    def attention_positions(self) -> int:
+        """The positions its attention layers read (a transformer's sequence); 0: none."""
+        return max((n.in_shape[1] for n in self.nodes if n.layer.kind == "attention"), default=0)
+
 
 def build_model(name: str, input_shape: Shape, layers: list[Layer], classes: int = 0,
                 names: list[str] | None = None, inputs: list[tuple[str, ...] | None] | None = None,

@@ -271,7 +271,8 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
     tensor = sc.parallel.tensor                      # slot j is in pipeline stage j // tensor
     crossing = edges(model, slices, parts, tensor)
     redo = 1 if sc.training.recompute == "full" else 0       # the forward again before the backward
-    rerun_layer = reruns(model) if redo else [False] * len(model.nodes)
+    kept = checkpoints(model) if redo else []
+    rerun_layer = reruns(model, kept) if redo else [False] * len(model.nodes)
     rerun = [node.layer.rerun_share(node.in_shape) if sc.training.recompute == "selective" else float(rerun_layer[i])
              for i, node in enumerate(model.nodes)]             # its share (selective: attention's scores)
 
@@ -336,8 +337,7 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
     gathered = [bool(readers_ar[i]) and grad_gathered(model, slices, parts, axes, i) for i in range(len(model.nodes))]
     # with recompute the backward reruns the forward, a tensor split's allreduces of partial sums
     # included (Megatron's recomputation): each partial sum not kept at a checkpoint is allreduced
-    # again before its backward, after what that backward waits for
-    kept = checkpoints(model) if redo else []
+    # again before its backward, after what that backward waits for (``kept``, above)
     for mb, b in enumerate(micro_sizes):
         sent = {}
         for i in range(len(model.nodes) - 1, -1, -1):
@@ -752,17 +752,17 @@ def checkpoints(model: Model) -> list[bool]:
     return [i in kept for i in range(len(cut))]
 
 
-def reruns(model: Model) -> list[bool]:
+def reruns(model: Model, cut: list[bool] | None = None) -> list[bool]:
     """Per layer, whether full recomputation reruns its forward before its backward: in a
     graph of repeated blocks (``Model.inner``), the layers of a stretch between checkpoints
     that holds a block's inside -- Megatron-LM reruns its transformer layers, not the
     embedding, the final norm, the head or the loss, which keep what their backward reads
     (Narayanan et al. 2021's FLOPs count the head twice, not three times); in other graphs
-    every layer."""
+    every layer.  ``cut``: ``checkpoints(model)``, where the caller has it."""
     n = len(model.nodes)
     if not model.inner:
         return [True] * n
-    cut, out, start = checkpoints(model), [], 0
+    cut, out, start = checkpoints(model) if cut is None else cut, [], 0
     for i in range(n):
         if cut[i] or i == n - 1:
             out += [any(j in model.inner for j in range(start, i + 1))] * (i + 1 - start)
@@ -796,11 +796,12 @@ def activation_elements(p: Plan) -> tuple[list[float], list[float]]:
     full, scores = sc.training.recompute == "full", sc.training.recompute != "selective"
     db = sc.dtype_bytes                              # a dropout's mask: bytes, as elements of the dtype
     cut = checkpoints(model) if full else [False] * len(model.nodes)
-    again = reruns(model) if full else [False] * len(model.nodes)
+    again = reruns(model, cut) if full else [False] * len(model.nodes)
     tensor = sc.parallel.tensor                      # slot j is in pipeline stage j // tensor
     needs_of: dict[tuple[int, int], list] = {}
     received: dict[tuple[int, int], int] = {}        # (slot, layer): a stage's input from another, under "full"
     read_back: set[tuple[int, int]] = set()          # (layer, slot): a backward on that slot reads its output
+
     def gathered(src: int, slot: int) -> bool:
         """Whether ``slot`` reads ``src`` through an all-gather of positions within its own
         stage: it keeps its own piece (a stage's received input is a buffer of its own)."""
@@ -890,7 +891,7 @@ def _advice(sc: Scenario, largest: str) -> str:
         advice += ', or set parallel.schedule = "1f1b"'       # it holds at most the stages' count of them
     elif par.micro_batches < sc.batch_size and (stages == 1 or par.schedule == "1f1b" and sc.batch_size > stages):
         advice += ", or raise parallel.micro_batches" + (f" past the {stages} stages" if stages > 1 else "")
-    attention = any(n.layer.kind == "attention" for n in sc.model.nodes) and sc.attention != "flash"
+    attention = sc.model.attention_positions and sc.attention != "flash"
     modes = [m for m in (("selective", "full") if attention else ("full",)) if m != tr.recompute]
     if tr.recompute != "full" and modes:
         advice += " (or set training.recompute = " + " or ".join(f'"{m}"' for m in modes) + ")"

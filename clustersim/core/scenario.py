@@ -37,11 +37,6 @@ def _grid(pt: Table) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _attention_positions(model: Model) -> int:
-    """The positions attention layers read (a transformer's sequence); 0: no attention layers."""
-    return max((n.in_shape[1] for n in model.nodes if n.layer.kind == "attention"), default=0)
-
-
 @dataclass(frozen=True)
 class Parallel:
     model_parallel: int = 1      # devices per replica (DistBelief: machines per model instance)
@@ -250,7 +245,7 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
             model = zoo_model(model.name, mt.int("sequence", lo=1, hi=10_000_000))
         except ValueError as exc:
             raise mt.error("sequence", str(exc)) from None
-    positions = _attention_positions(model)
+    positions = model.attention_positions
     if mt.has("attention") and not positions:
         raise mt.error("attention", f"{model.name} has no attention layers")
     if attention == "flash" and dtype not in ("fp16", "bf16"):
