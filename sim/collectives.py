@@ -69,7 +69,11 @@ def _by_machine(topology: Topology, devices: Sequence[str]) -> dict:
 
 def ports(topology: Topology, devices: Sequence[str]) -> list[list[tuple[str, str, str]]] | None:
     """Every machine's rails (in order of first appearance), each (NIC, the member nearest
-    it, the next nearest: the one a ring leaves by); None on one machine or without NICs."""
+    it, the next nearest: the one a ring leaves by); None on one machine or without NICs.
+    A machine's rails are its members' own NICs (``Topology.nic_of``): NCCL gives a GPU's
+    channels its local NICs (``ncclTopoGetLocalNet``), and PXN reaches another NIC only
+    through the member beside it, so a group of one GPU a machine (data parallelism
+    beside tensor parallelism) stays on that GPU's rail."""
     by_machine = _by_machine(topology, devices)
     if len(by_machine) < 2:
         return None
@@ -99,7 +103,8 @@ def _rails(topology: Topology, machine, local: list[str], nics: list[str]) -> tu
     """One machine's rails for ``ports``, and whether every route it measured stayed inside
     the machine (so machines of one shape give the same rails by place)."""
     rails, own, inside = [], {d: rail(d) for d in local}, True
-    for nic in sorted(nics, key=rail):
+    members = {topology.nic_of(d) for d in local}
+    for nic in sorted((n for n in nics if n in members), key=rail):
         at = rail(nic)
         hops = {}
         for d in local:
@@ -164,12 +169,15 @@ def table(topology: Topology, op: str, algo: str, sizes: Sequence[int], devices:
     return rows
 
 
-def sm_share(topology: Topology, devices: Sequence[str], algo: str) -> float:
+def sm_share(topology: Topology, devices: Sequence[str], algo: str, cache: dict | None = None) -> float:
     """The share of each member GPU's SMs an NCCL collective over ``devices`` by ``algo``
-    (the one run, ``Collective.algo``) takes."""
+    (the one run, ``Collective.algo``) takes: two channels a rail across machines.
+    ``cache``: ``layout``'s, whose ports it reuses."""
     sms = min(topology.devices[d].sms for d in devices)
-    machines = {topology.machine_of(d) for d in devices}
-    return nccl.sm_share(len(machines), min(len(topology.nics_of(m)) for m in machines), sms, algo)
+    machines = len({topology.machine_of(d) for d in devices})
+    rails = _cached(cache, ("ports", topology, tuple(devices)), lambda: ports(topology, devices)) \
+        if machines > 1 else None
+    return nccl.sm_share(machines, min(map(len, rails)) if rails else 0, sms, algo)
 
 
 class LayoutCache(dict):

@@ -466,7 +466,8 @@ class Engine:
                      op, links or names(*pair, topology)))
         running = self.env.process(collectives.run(self.env, self.network, coll, record))
         if coll.proto:                         # NCCL's kernel takes SMs from the compute beside it
-            release = self.compute.hold(devices, collectives.sm_share(self.network.topology, devices, coll.algo))
+            release = self.compute.hold(devices, collectives.sm_share(self.network.topology, devices, coll.algo,
+                                                                           self._collectives))
             running.callbacks.append(lambda _e: release())
         return running
 

@@ -23,6 +23,47 @@ def reaches_root(parents):
     return sum(1 for p in parents if p < 0) == 1
 
 
+
+def _run_together(topo, groups, nbytes):
+    """Every group's ring allreduce started at once on one flow network: the end time."""
+    env = simpy.Environment()
+    network = FlowNetwork(env, topo)
+    for group in groups:
+        env.process(collectives.run(env, network, collectives.layout(topo, "allreduce", "ring", group, nbytes)))
+    env.run()
+    return env.now
+
+
+@pytest.mark.parametrize("name", ["dgx-h100-fat-tree", "dgx-a100-fat-tree"])
+def test_one_gpu_a_machine_stays_on_its_own_rail(name):
+    """Data parallelism beside 8-way tensor parallelism: the 8 groups (GPU k of every
+    machine) each ring over NIC k alone, as NCCL gives a GPU its local NIC; no hop passes
+    a CPU, and the 8 groups at once take the time of one alone (disjoint rails)."""
+    topo = load_topology(name, machines=4)
+    groups = [[f"m{m}.gpu{k}" for m in range(4)] for k in range(8)]
+    for k, group in enumerate(groups):
+        rails = collectives.ports(topo, group)
+        assert [[nic for nic, _, _ in machine] for machine in rails] == [[f"m{m}.nic{k}"] for m in range(4)]
+        coll = collectives.layout(topo, "allreduce", "ring", group, 2**30)
+        for ph in coll.phases:
+            for a, b in ph.pairs:
+                assert all(topo.devices[v].kind != "cpu" for _, v in topo.route(a, b))
+    alone = _run_together(topo, groups[:1], 2**30)
+    assert _run_together(topo, groups, 2**30) == pytest.approx(alone, rel=1e-9)
+
+
+def test_a_group_of_two_gpus_a_machine_rings_over_their_two_nics():
+    """Tensor 4 x data parallel: GPUs 0 and 4 of each machine use NICs 0 and 4 (two search
+    channels), and NCCL's kernel takes two channels' SMs a rail."""
+    topo = load_topology("dgx-h100-fat-tree", machines=2)
+    group = [f"m{m}.gpu{k}" for m in range(2) for k in (0, 4)]
+    rails = collectives.ports(topo, group)
+    assert [[nic for nic, _, _ in machine] for machine in rails] == [["m0.nic0", "m0.nic4"], ["m1.nic0", "m1.nic4"]]
+    sms = topo.devices["m0.gpu0"].sms
+    assert collectives.sm_share(topo, group, "ring") == pytest.approx(2 * 2 / sms)
+    everyone = topo.compute_devices()
+    assert collectives.sm_share(topo, everyone, "ring") == pytest.approx(2 * 8 / sms)
+
 @pytest.mark.parametrize("n", range(1, 70))
 def test_double_binary_tree_is_two_spanning_trees_of_log_depth(n):
     first, second = double_binary_tree(n)
