@@ -293,20 +293,28 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
     def source_of(src: int, k: int, j: int) -> bool:
         return any(s == k for s, _ in sources(slices[src], j, tensor))
 
+    # what a slot's forward of a layer reads, from which slots, and its work per sample: the same
+    # for every micro-batch, so found once (a micro-batch's ops differ only in size and ids)
+    fwd_recipe: dict[tuple[int, int], tuple] = {}
+    for i, node in enumerate(model.nodes):
+        for j, box in slices[i]:
+            needs = reads(model, parts, i, j, box)
+            inputs = [(src, [k for k, kbox in sources(slices[src], j, tensor)
+                             if any(box_overlap(kbox, need) for need in needs_of(i, j, box, src))])
+                      for src in dict.fromkeys(node.inputs) if src >= 0]
+            part = part_of(model, parts, i, j)
+            per_out = part.layer.flops_per_out(part.in_shape) if part else node.layer.flops_per_out(node.in_shape)
+            fwd_recipe[(i, j)] = (inputs, per_out * box_size(box), sum(map(box_size, needs)) + box_size(box),
+                                  params_of(model, parts, i, j, box) * PARAM_BYTES)
     micro_sizes = [hi - lo for lo, hi in even_cuts(sc.batch_size, sc.parallel.micro_batches)]
     for mb, b in enumerate(micro_sizes):
         sent: dict[tuple[int, int, int], int] = {}     # (src, owner, reader) -> its transfer
         for i, node in enumerate(model.nodes):
-            layer = node.layer
             for j, box in slices[i]:
                 deps: list[int] = []
-                needs = reads(model, parts, i, j, box)
-                for src in dict.fromkeys(node.inputs):
-                    if src < 0:
-                        continue
-                    for k, kbox in sources(slices[src], j, tensor):
-                        if not any(box_overlap(kbox, need) for need in needs_of(i, j, box, src)):
-                            continue
+                inputs, flops, elements, param_bytes = fwd_recipe[(i, j)]
+                for src, ks in inputs:
+                    for k in ks:
                         if k == j:
                             d = fwd[(src, k, mb)]
                         elif (src, k, j) in sent:
@@ -321,12 +329,8 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                         if d not in deps:
                             deps.append(d)
                     deps += red_fwd.get((src, j, mb), [])
-                part = part_of(model, parts, i, j)
-                per_out = part.layer.flops_per_out(part.in_shape) if part else layer.flops_per_out(node.in_shape)
-                traffic = (sum(map(box_size, needs)) + box_size(box)) * b * db + \
-                    params_of(model, parts, i, j, box) * PARAM_BYTES
-                fwd[(i, j, mb)] = add(kind="fwd", layer=i, micro=mb, slot=j, flops=per_out * box_size(box) * b,
-                                      bytes=traffic, deps=tuple(deps))
+                fwd[(i, j, mb)] = add(kind="fwd", layer=i, micro=mb, slot=j, flops=flops * b,
+                                      bytes=elements * b * db + param_bytes, deps=tuple(deps))
             _reductions(slices[i], node, axes[i], b, i, mb, fwd, red_fwd, red_bwd, add)
             if parts and parts[i]:
                 into = _partial_sum(add, node, [j for j, _ in slices[i]], axes[i], b * db, i, mb,
@@ -338,6 +342,11 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
     # with recompute the backward reruns the forward, a tensor split's allreduces of partial sums
     # included (Megatron's recomputation): each partial sum not kept at a checkpoint is allreduced
     # again before its backward, after what that backward waits for (``kept``, above)
+    # the slots whose backward of each reader sends layer i's slot j its gradient: found once
+    bwd_recipe = {(i, j): [(c, [k for k, kbox in slices[c]
+                                if source_of(i, j, k) and any(box_overlap(box, need) for need in needs_of(c, k, kbox, i))])
+                           for c in model.consumers[i]]
+                  for i in range(len(model.nodes)) for j, box in slices[i]}
     for mb, b in enumerate(micro_sizes):
         sent = {}
         for i in range(len(model.nodes) - 1, -1, -1):
@@ -356,11 +365,8 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                 deps = [f.id]
                 if not model.consumers[i]:                 # the output: after the loss's reductions
                     deps += red_fwd.get((i, j, mb), [])
-                for c in model.consumers[i]:
-                    for k, kbox in slices[c]:
-                        if not source_of(i, j, k) or not any(box_overlap(box, need)
-                                                              for need in needs_of(c, k, kbox, i)):
-                            continue
+                for c, ks in bwd_recipe[(i, j)]:
+                    for k in ks:
                         if k == j:
                             d = bwd[(c, k, mb)]
                         elif (i, j, k) in sent:
@@ -391,7 +397,7 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                                                                 len(group))],
                    db, i, last, ("weight gradient reduce-scatter", "weight gradient all-gather"),
                    lambda j, i=i: tuple(bwd[(i, j, mb)] for mb in range(last + 1)))
-    return _in_schedule_order(_fix_reduction_deps(ops, bwd), sc, slices)
+    return _in_schedule_order(ops, _fix_reduction_deps(ops, bwd), sc, slices)
 
 
 def weights_allreduced(model: Model, slices: Slices, parts: Parts, axes: tuple[str, ...]) -> list[int]:
@@ -461,18 +467,27 @@ def _reductions(layer_slices_, node, axis, b, i, mb, fwd, red_fwd, red_bwd, add)
                         why="reduction", deps=(-1 - i,)))
 
 
-def _fix_reduction_deps(ops: list[Op], bwd: dict) -> list[Op]:
-    """Backward reductions were created before their source op; point them at it and
-    restore topological order (a stable sort by the latest dependency)."""
-    fixed = []
-    for op in ops:
+def _fix_reduction_deps(ops: list[Op], bwd: dict) -> list[int]:
+    """Backward reductions were created before their source op: point them at it (in place)
+    and return each op's rank in a topological order (a stable sort by the latest
+    dependency), which ``_in_schedule_order`` follows among ready ops."""
+    for n, op in enumerate(ops):
         if op.deps and op.deps[0] < 0:
             i = -1 - op.deps[0]
-            op = Op(**{**op.__dict__, "deps": (bwd[(i, op.slot, op.micro)],)})
-        fixed.append(op)
-    order = sorted(fixed, key=lambda o: (max(o.deps), 1, o.id) if o.why == "reduction" else (o.id, 0, o.id))
-    pos = {o.id: n for n, o in enumerate(order)}
-    return [Op(**{**o.__dict__, "id": pos[o.id], "deps": tuple(pos[d] for d in o.deps)}) for o in order]
+            ops[n] = _moved(op, op.id, (bwd[(i, op.slot, op.micro)],))
+    order = sorted(range(len(ops)), key=lambda n: (max(ops[n].deps), 1, n) if ops[n].why == "reduction" else (n, 0, n))
+    rank = [0] * len(ops)
+    for r, n in enumerate(order):
+        rank[n] = r
+    return rank
+
+
+def _moved(op: Op, id_: int, deps: tuple[int, ...]) -> Op:
+    """``op`` with another id and dependencies (a plain copy of its fields: the plan makes
+    one per op, so ``dataclasses.replace``'s checks would cost seconds on large plans)."""
+    new = object.__new__(Op)
+    new.__dict__.update(op.__dict__, id=id_, deps=deps)
+    return new
 
 
 def stages_of(sc: Scenario, slices: Slices) -> tuple[dict[int, int], int]:
@@ -489,17 +504,19 @@ def stages_of(sc: Scenario, slices: Slices) -> tuple[dict[int, int], int]:
     return stage, len(set(stage.values()))
 
 
-def _in_schedule_order(ops: list[Op], sc: Scenario, slices: Slices) -> list[Op]:
+def _in_schedule_order(ops: list[Op], rank: list[int], sc: Scenario, slices: Slices) -> list[Op]:
     """The ops renumbered in a topological order of their dependencies plus one more per
     slot: each compute op after the one before it in the slot's schedule (``stage_units``;
-    a unit's ops in layer order).  Among ready ops the lowest old id comes first, so a
-    schedule the old order already follows keeps it.  Raises ValueError when the schedule
+    a unit's ops in layer order).  Among ready ops the lowest ``rank`` comes first, so a
+    schedule the ranks already follow keeps it.  Raises ValueError when the schedule
     contradicts the dependencies (a pipeline that would deadlock)."""
     stage, stages = stages_of(sc, slices)
+    by_rank = sorted(range(len(ops)), key=rank.__getitem__)
     groups: dict[tuple[int, str, int], list[int]] = {}
-    for op in ops:
+    for n in by_rank:
+        op = ops[n]
         if op.kind != "xfer":
-            groups.setdefault((op.slot, op.kind, op.micro), []).append(op.id)
+            groups.setdefault((op.slot, op.kind, op.micro), []).append(n)
     succ: list[list[int]] = [[] for _ in ops]
     indegree = [len(op.deps) for op in ops]
     for op in ops:
@@ -511,20 +528,22 @@ def _in_schedule_order(ops: list[Op], sc: Scenario, slices: Slices) -> list[Op]:
         for a, b in zip(seq, seq[1:]):
             succ[a].append(b)
             indegree[b] += 1
-    ready = [op.id for op in ops if indegree[op.id] == 0]
+    ready = [rank[n] for n in range(len(ops)) if indegree[n] == 0]
     heapq.heapify(ready)
     order: list[int] = []
     while ready:
-        i = heapq.heappop(ready)
+        i = by_rank[heapq.heappop(ready)]
         order.append(i)
         for s in succ[i]:
             indegree[s] -= 1
             if indegree[s] == 0:
-                heapq.heappush(ready, s)
+                heapq.heappush(ready, rank[s])
     if len(order) < len(ops):
         raise ValueError(f"pipeline schedule {sc.parallel.schedule} contradicts the op graph")
-    pos = {old: new for new, old in enumerate(order)}
-    return [Op(**{**ops[i].__dict__, "id": pos[i], "deps": tuple(pos[d] for d in ops[i].deps)}) for i in order]
+    pos = [0] * len(ops)
+    for new, old in enumerate(order):
+        pos[old] = new
+    return [_moved(ops[i], pos[i], tuple(pos[d] for d in ops[i].deps)) for i in order]
 
 
 def slot_sequence(p: Plan, slot: int) -> list[Op]:
