@@ -244,13 +244,14 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
 
 
 def _fitting(source: Source, pairs: list[tuple[str, Any]], cand: dict, tries: list[str]) -> tuple[dict, str]:
-    """The candidate as it plans (the memory check is cheap): as given or, where its device
-    would fit without activations but does not with them, with the first recomputation of
-    ``tries`` that fits (``training.recompute`` joins its keys); else its last one-line error."""
+    """The candidate as it places and fits (no step graph yet: simulating builds it): as
+    given or, where its device would fit without activations but does not with them, with
+    the first recomputation of ``tries`` that fits (``training.recompute`` joins its keys);
+    else its last one-line error."""
     for mode in [None] + tries:
         trial = cand if mode is None else {**cand, "training.recompute": mode}
         try:
-            plan(load(source, pairs + list(trial.items())))
+            plan(load(source, pairs + list(trial.items())), ops=False)
             return trial, ""
         except DoesNotFit as exc:
             error = str(exc)

@@ -2,24 +2,29 @@
 devices, with the global batch held fixed.
 
 A candidate is a set of dotted overrides of the scenario: replicas r x devices per replica
-m (``model_parallel``), the split (spatial, ``layers``: m pipeline stages with 1 or 4
-micro-batches, or for models with attention ``tensor``, with and without sequence
-parallelism where the positions divide by m; no pipeline of tensor slices, so a scenario's
-``parallel.pipeline`` is set to 1), and how gradients meet (allreduce with NCCL's tuner, or a parameter
-server sharded over the machines used).  The global batch (the scenario's
-``model.batch_size`` x ``parallel.replicas``) is divided over the replicas, so every
-candidate trains on the same samples per step.  Placement: a replica's slots are
-consecutive devices, so they share a machine first (``plan`` places them in device order).
-Pure functions: the API runs the candidates.
+m (``model_parallel``), the split (spatial, ``layers``: m pipeline stages with 1, 4, m or
+4m micro-batches, or for models with attention ``tensor``, with and without sequence
+parallelism where the positions divide by m), and how gradients meet (allreduce with
+NCCL's tuner, or a parameter server sharded over the machines used).  Models with
+attention are also tried as Megatron-LM lays out large ones (``pipelines``): t tensor
+slots inside one machine x p pipeline stages (``parallel.pipeline``) x as many replicas as
+fill the N devices, with p or 4p micro-batches and sequence parallelism where the positions
+divide by t.  The global batch (the scenario's ``model.batch_size`` x
+``parallel.replicas``) is divided over the replicas, so every candidate trains on the same
+samples per step.  Placement: a replica's slots are consecutive devices, so they share a
+machine first (``plan`` places them in device order).  Pure functions: the API runs the
+candidates.
 """
 from __future__ import annotations
 
 from typing import Any
 
+from clustersim.core.partition import tensor_slices
 from clustersim.core.scenario import Scenario
 
 OBJECTIVES = ("time", "cost", "time-to-accuracy")
-MICRO = (1, 4)                 # micro-batches tried per pipeline: none, and p for p = 4 stages' bubble
+MICRO = (1, 4)                 # micro-batches per pipeline of one-device stages, besides p and 4p
+PIPELINE_MICRO = (1, 4)        # micro-batches per stage of a pipeline of tensor slices: p and 4p
 
 
 def powers_of_two(limit: int) -> list[int]:
@@ -43,7 +48,7 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
                 if global_batch % r:
                     continue
                 batch = global_batch // r
-                for micro in MICRO if split == "layers" else (1,):
+                for micro in sorted({*MICRO, m, 4 * m}) if split == "layers" else (1,):
                     if micro > batch:
                         continue
                     base = {"parallel.model_parallel": m, "parallel.split": split, "parallel.replicas": r,
@@ -59,7 +64,46 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
                         # split keeps norms on every slot: no shards, which the scenario check refuses)
                         used = len({sc.topology.machine_of(d) for d in compute[:r * m]})
                         out.append({**base, "parallel.ps_shards": used, **no_zero})
+    return out + pipelines(sc, devices) if positions else out
+
+
+def pipelines(sc: Scenario, devices: int) -> list[dict[str, Any]]:
+    """Pipelines of tensor slices (Narayanan et al. 2021): t tensor slots (2 up to one
+    machine's devices, never across machines) x p >= 2 stages, replicated to fill
+    ``devices``; p or 4p micro-batches (the bubble (p - 1) / (m + p - 1)); sequence
+    parallelism where the positions divide by t (it only saves: Korthikanti et al. 2022).
+    Only models with attention: the tensor split needs its heads."""
+    global_batch = sc.batch_size * sc.parallel.replicas
+    compute = sc.topology.compute_devices()
+    machine = sc.topology.machine_of(compute[0])
+    per_machine = sum(1 for d in compute if sc.topology.machine_of(d) == machine)
+    positions = sc.model.attention_positions
+    out = []
+    for t in powers_of_two(min(per_machine, devices))[1:]:
+        for p in powers_of_two(devices // t)[1:]:
+            r = devices // (t * p)
+            if global_batch % r or not _stages_fill(sc, p, t, positions % t == 0):
+                continue
+            batch = global_batch // r
+            for micro in sorted({k * p for k in PIPELINE_MICRO}):
+                if micro > batch:
+                    continue
+                out.append({"parallel.model_parallel": t, "parallel.split": "tensor", "parallel.replicas": r,
+                            "model.batch_size": batch, "parallel.micro_batches": micro, "parallel.grid": [],
+                            "parallel.sequence_parallel": positions % t == 0, "parallel.pipeline": p,
+                            "parallel.ps_shards": 0, "training.allreduce": "auto",
+                            **({"training.zero": 0} if sc.training.zero and r == 1 else {})})
     return out
+
+
+def _stages_fill(sc: Scenario, stages: int, tensor: int, sequence: bool) -> bool:
+    """Whether the tensor split of ``tensor`` slots makes ``stages`` pipeline stages of the
+    model (a stage ends only between blocks; heads that do not divide are the plan's to say)."""
+    try:
+        tensor_slices(sc.model, stages, tensor, sequence)
+    except ValueError:
+        return False
+    return True
 
 
 def recompute_tries(sc: Scenario) -> list[str]:

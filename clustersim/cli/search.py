@@ -44,20 +44,7 @@ def run(args) -> int:
     print(f"# {res['candidates']} configurations of {args.scenario} on <= {args.devices} devices, "
           f"{_not_ranked(res)} -- " + (f"best {min(SHOWN, len(ranked))} by {args.objective}:" if ranked else
                                         "none ranked"))
-    columns = [("parallel.replicas", "replicas"), ("parallel.model_parallel", "per replica"),
-               ("parallel.split", "split"), ("parallel.micro_batches", "micro"), ("parallel.ps_shards", "shards")]
-    shown = ranked[:SHOWN]
-    columns += [("parallel.sequence_parallel", "seq par")] if any(p.get("parallel.sequence_parallel")
-                                                                   for p in shown) else []
-    columns += [("training.recompute", "recompute")] if any("training.recompute" in p for p in shown) else []
-    columns.append(("samples_per_s", "samples/s"))
-    if args.objective == "time-to-accuracy":
-        columns += [("time_to_accuracy_s", "to accuracy (s)"), ("accuracy", "accuracy")]
-    if any(p.get("usd_per_hour") for p in ranked):
-        columns.append(("usd_per_hour", "$/h"))
-    columns += [(k, h) for k, h in (("time_to_train_s", "to train (s)"), ("cost_usd", "cost ($)"))
-                if any(k in p for p in ranked)]
-    columns.append(("why", "why"))
+    columns = table_columns(ranked, args.objective)
     if ranked:
         print(report.table(ranked[:SHOWN], columns))
     if res["note"]:
@@ -73,3 +60,26 @@ def _not_ranked(res: dict) -> str:
     parts += [f"{failed} failed when run"] if failed else []
     parts += [f"{stalled} stalled"] if stalled else []
     return ", ".join(parts)
+
+
+def table_columns(ranked: list[dict], objective: str) -> list[tuple[str, str]]:
+    """(key, header) of the table of the best ``SHOWN`` rows: the optional columns only where
+    a shown row sets them; ``x stages`` where a row is a pipeline of tensor slices (a
+    replica is then per replica x stages devices)."""
+    columns = [("parallel.replicas", "replicas"), ("parallel.model_parallel", "per replica"),
+               ("parallel.split", "split"), ("parallel.micro_batches", "micro"), ("parallel.ps_shards", "shards")]
+    shown = ranked[:SHOWN]
+    if any(p.get("parallel.pipeline", 1) > 1 for p in shown):
+        columns.insert(2, ("parallel.pipeline", "x stages"))
+    columns += [("parallel.sequence_parallel", "seq par")] if any(p.get("parallel.sequence_parallel")
+                                                                   for p in shown) else []
+    columns += [("training.recompute", "recompute")] if any("training.recompute" in p for p in shown) else []
+    columns.append(("samples_per_s", "samples/s"))
+    if objective == "time-to-accuracy":
+        columns += [("time_to_accuracy_s", "to accuracy (s)"), ("accuracy", "accuracy")]
+    if any(p.get("usd_per_hour") for p in ranked):
+        columns.append(("usd_per_hour", "$/h"))
+    columns += [(k, h) for k, h in (("time_to_train_s", "to train (s)"), ("cost_usd", "cost ($)"))
+                if any(k in p for p in ranked)]
+    columns.append(("why", "why"))
+    return columns

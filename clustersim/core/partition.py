@@ -102,10 +102,29 @@ def spatial_slices(model: Model, m: int, grid: tuple[int, ...] = ()) -> tuple[Sl
 
 
 def balanced_stages(costs: list[float], m: int) -> list[int]:
-    """Stage index per layer: contiguous groups, at most ``m``, minimising the largest
-    group cost (linear partition by binary search on the bound; exact for these sizes)."""
+    """Stage index per layer: contiguous groups minimising the largest group cost (linear
+    partition by binary search on the bound; exact for these sizes), then the costliest
+    group of several layers cut in two at its most even point until there are ``m`` groups
+    or every group is one layer: a stage the bound leaves empty (one layer, such as a
+    language model's head, costing more than the rest of its share) still gets layers, as
+    a pipeline of m devices uses all m, and no group grows."""
     if not costs:
         return []
+    assign = _bounded_stages(costs, m)
+    groups = [[i for i, s in enumerate(assign) if s == g] for g in range(assign[-1] + 1)]
+    while len(groups) < m:
+        wide = [g for g in groups if len(g) > 1]
+        if not wide:
+            break
+        g = max(wide, key=lambda g: sum(costs[i] for i in g))
+        cut = min(range(1, len(g)), key=lambda k: max(sum(costs[i] for i in g[:k]), sum(costs[i] for i in g[k:])))
+        at = groups.index(g)
+        groups[at:at + 1] = [g[:cut], g[cut:]]
+    return [s for s, g in enumerate(groups) for _ in g]
+
+
+def _bounded_stages(costs: list[float], m: int) -> list[int]:
+    """``balanced_stages``'s first pass: at most ``m`` groups under the least bound."""
 
     def groups_needed(bound: float) -> list[int]:
         stage, acc, assign = 0, 0.0, []

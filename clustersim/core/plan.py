@@ -90,9 +90,10 @@ class Plan:
         return len(self.devices)
 
 
-def plan(sc: Scenario, check_memory: bool = True) -> Plan:
+def plan(sc: Scenario, check_memory: bool = True, ops: bool = True) -> Plan:
     """Raises ConfigError (naming the scenario file and field) when the split cannot be
-    placed on the topology or does not fit in memory."""
+    placed on the topology or does not fit in memory.  ``ops=False``: placement and memory
+    only (no step graph, no route check), what search asks before it simulates."""
     par, model = sc.parallel, sc.model
     m = par.model_parallel
     if par.split == "layers":
@@ -126,6 +127,8 @@ def plan(sc: Scenario, check_memory: bool = True) -> Plan:
     p.memory.update(memory_use(p))                   # needs no ops: a plan that does not fit says so at once
     if check_memory:
         _check_memory(p)
+    if not ops:
+        return p
     p = dataclasses.replace(p, ops=tuple(_ops(sc, slices, axes, parts)))
     _check_routes(p)
     return p
