@@ -38,7 +38,7 @@ import simpy
 
 from clustersim.core import nccl
 from clustersim.core.collective import Phase, bus_factor, phases  # noqa: F401  (the simulator's collective API)
-from clustersim.core.topology import DirLink, Topology, rail
+from clustersim.core.topology import DirLink, NoRoute, Topology, rail
 from sim.network import FlowNetwork, Network, Pair
 
 Record = Callable[[Pair, float, float, float], None]   # (pair, bytes, start_s, end_s)
@@ -69,11 +69,14 @@ def _by_machine(topology: Topology, devices: Sequence[str]) -> dict:
 
 def ports(topology: Topology, devices: Sequence[str]) -> list[list[tuple[str, str, str]]] | None:
     """Every machine's rails (in order of first appearance), each (NIC, the member nearest
-    it, the next nearest: the one a ring leaves by); None on one machine or without NICs.
+    it, the one a ring leaves by: the next nearest); None on one machine or without NICs.
     A machine's rails are its members' own NICs (``Topology.nic_of``): NCCL gives a GPU's
-    channels its local NICs (``ncclTopoGetLocalNet``), and PXN reaches another NIC only
-    through the member beside it, so a group of one GPU a machine (data parallelism
-    beside tensor parallelism) stays on that GPU's rail."""
+    channels its local NICs (``ncclTopoGetLocalNet``), so a group of one GPU a machine
+    (data parallelism beside tensor parallelism) stays on that GPU's rail.  Where the next
+    nearest member would reach the NIC only through a CPU but reaches the nearest without
+    one (NVLink), the ring leaves by the nearest again (``ring_channels``): PXN, NCCL's
+    send through the member beside the NIC.  Raises NoRoute where a member reaches no NIC
+    of its machine (a link cut)."""
     by_machine = _by_machine(topology, devices)
     if len(by_machine) < 2:
         return None
@@ -103,16 +106,24 @@ def _rails(topology: Topology, machine, local: list[str], nics: list[str]) -> tu
     """One machine's rails for ``ports``, and whether every route it measured stayed inside
     the machine (so machines of one shape give the same rails by place)."""
     rails, own, inside = [], {d: rail(d) for d in local}, True
-    members = {topology.nic_of(d) for d in local}
+    members = set()
+    for d in local:
+        nic = topology.nic_of(d)
+        if nic is None:
+            raise NoRoute(f"{d} reaches no NIC of its machine")
+        members.add(nic)
+
+    def via_cpu(route) -> bool:
+        return any(topology.devices[v].kind == "cpu" for _, v in route)
     for nic in sorted((n for n in nics if n in members), key=rail):
         at = rail(nic)
-        hops = {}
-        for d in local:
-            r = topology.route(d, nic)
-            hops[d] = len(r)
-            inside = inside and all(topology.devices[v].machine == machine for _, v in r)
-        near = sorted(local, key=lambda d: (hops[d], (own[d] - at) % 64))
-        rails.append((nic, near[0], near[min(1, len(near) - 1)]))
+        routes = {d: topology.route(d, nic) for d in local}
+        inside = inside and all(topology.devices[v].machine == machine for r in routes.values() for _, v in r)
+        near = sorted(local, key=lambda d: (len(routes[d]), (own[d] - at) % 64))
+        leave = near[min(1, len(near) - 1)]
+        if leave != near[0] and via_cpu(routes[leave]) and not via_cpu(topology.route(leave, near[0])):
+            leave = near[0]                            # PXN: through the member beside the NIC
+        rails.append((nic, near[0], leave))
     return rails, inside
 
 

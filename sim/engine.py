@@ -466,8 +466,12 @@ class Engine:
                      op, links or names(*pair, topology)))
         running = self.env.process(collectives.run(self.env, self.network, coll, record))
         if coll.proto:                         # NCCL's kernel takes SMs from the compute beside it
-            release = self.compute.hold(devices, collectives.sm_share(self.network.topology, devices, coll.algo,
-                                                                           self._collectives))
+            share = self._collectives.get(("sm share", key))
+            if share is None:
+                share = collectives.sm_share(self.network.topology, devices, coll.algo, self._collectives)
+                if self.shortcut:
+                    self._collectives[("sm share", key)] = share
+            release = self.compute.hold(devices, share)
             running.callbacks.append(lambda _e: release())
         return running
 

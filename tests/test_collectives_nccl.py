@@ -52,17 +52,43 @@ def test_one_gpu_a_machine_stays_on_its_own_rail(name):
     assert _run_together(topo, groups, 2**30) == pytest.approx(alone, rel=1e-9)
 
 
-def test_a_group_of_two_gpus_a_machine_rings_over_their_two_nics():
+@pytest.mark.parametrize("name", ["dgx-h100-fat-tree", "dgx-a100-fat-tree"])
+def test_a_group_of_two_gpus_a_machine_rings_over_their_two_nics(name):
     """Tensor 4 x data parallel: GPUs 0 and 4 of each machine use NICs 0 and 4 (two search
-    channels), and NCCL's kernel takes two channels' SMs a rail."""
-    topo = load_topology("dgx-h100-fat-tree", machines=2)
-    group = [f"m{m}.gpu{k}" for m in range(2) for k in (0, 4)]
-    rails = collectives.ports(topo, group)
-    assert [[nic for nic, _, _ in machine] for machine in rails] == [["m0.nic0", "m0.nic4"], ["m1.nic0", "m1.nic4"]]
+    channels); a ring entering by NIC 0 at GPU 0 leaves by it through GPU 0 again (PXN: GPU
+    4 is on another PCIe switch, behind the CPU), so no hop passes a CPU and the 4 groups
+    at once take the time of one.  NCCL's kernel takes two channels' SMs a rail."""
+    topo = load_topology(name, machines=2)
+    groups = [[f"m{m}.gpu{k}" for m in range(2) for k in (j, j + 4)] for j in range(4)]
+    rails = collectives.ports(topo, groups[0])
+    assert rails == [[(f"m{m}.nic{k}", f"m{m}.gpu{k}", f"m{m}.gpu{k}") for k in (0, 4)] for m in range(2)]
+    coll = collectives.layout(topo, "allreduce", "ring", groups[0], 2**30)
+    assert len(coll.phases) == 2
+    for ph in coll.phases:
+        assert sum(1 for a, _ in ph.pairs if ".gpu" in a) == 6          # 4 ranks, and back to each entry
+        for a, b in ph.pairs:
+            assert all(topo.devices[v].kind != "cpu" for _, v in topo.route(a, b))
+    assert _run_together(topo, groups, 2**30) == pytest.approx(_run_together(topo, groups[:1], 2**30), rel=1e-9)
     sms = topo.devices["m0.gpu0"].sms
-    assert collectives.sm_share(topo, group, "ring") == pytest.approx(2 * 2 / sms)
+    assert collectives.sm_share(topo, groups[0], "ring") == pytest.approx(2 * 2 / sms)
     everyone = topo.compute_devices()
     assert collectives.sm_share(topo, everyone, "ring") == pytest.approx(2 * 8 / sms)
+
+
+def test_a_member_that_reaches_no_nic_has_no_route():
+    """A cut link between a machine's only NIC and its PCIe switch: the group's members reach
+    no NIC, so a collective across machines has no route (it ran in no time, review R27),
+    and the engine says the job cannot go on."""
+    from clustersim.core.topology import NoRoute
+    topo = load_topology("ethernet-cluster", machines=2).without_link("m0.nic0", "m0.pcie0")
+    with pytest.raises(NoRoute, match="m0.gpu0 reaches no NIC"):
+        collectives.ports(topo, ["m0.gpu0", "m0.gpu1", "m1.gpu0", "m1.gpu1"])
+    res = api.simulate("scenarios/quickstart.toml", {"cluster.topology": "ethernet-cluster", "cluster.machines": 2,
+                                                     "training.steps": 3,
+                                                     "faults.fail": [{"at_s": 0.0, "link": ["m0.pcie0", "m0.nic0"]}]},
+                       speedup=False)
+    assert "stalled_at_s" in res.data and "reaches no NIC" in res.data["stalled_reason"]
+
 
 @pytest.mark.parametrize("n", range(1, 70))
 def test_double_binary_tree_is_two_spanning_trees_of_log_depth(n):

@@ -102,10 +102,12 @@ def _machines(devices: list[str], nodes: Sequence[int] | None) -> list[list[str]
 
 
 def _chain(local: list[str], entry: int, leave: int) -> list[str]:
-    """Every device of a machine once, starting at index ``entry`` and ending at ``leave``."""
+    """Every device of a machine once, starting at index ``entry`` and ending at ``leave``;
+    where ``leave`` is ``entry`` on a machine of several, back at the entry after the others
+    (PXN: the last sends to the NIC through the member beside it, ``sim.collectives.ports``)."""
     g = len(local)
     middle = [k % g for k in range(entry + 1, entry + g) if k % g != leave]
-    return [local[entry]] + [local[k] for k in middle] + ([local[leave]] if leave != entry else [])
+    return [local[entry]] + [local[k] for k in middle] + ([local[leave]] if leave != entry or g > 1 else [])
 
 
 def ring_channels(devices: Sequence[str], nodes: Sequence[int] | None = None,
