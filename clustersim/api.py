@@ -172,7 +172,8 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
            on_point: Callable[[dict], None] | None = None) -> dict:
     """The ways to run the job on at most ``devices`` devices (``clustersim.search_space``), the
     global batch fixed: candidates that cannot fit in memory are dropped before simulating,
-    the rest simulated (sync: one step, every step being alike) and ranked by ``objective``.
+    the rest simulated (sync: one step, every step being alike) and ranked by ``objective``
+    (a route the plan cannot find shows when the candidate runs: failed, not refused).
     Returns ``ranked`` (best first: the chosen keys, the metrics, ``why``), ``dropped``
     (candidates that did not rank, each with its ``error``: refused before simulating, or
     failed or stalled when run), ``failed`` and ``stalled`` (those of them that failed or

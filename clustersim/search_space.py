@@ -74,9 +74,11 @@ def pipelines(sc: Scenario, devices: int) -> list[dict[str, Any]]:
     parallelism where the positions divide by t (it only saves: Korthikanti et al. 2022).
     Only models with attention: the tensor split needs its heads."""
     global_batch = sc.batch_size * sc.parallel.replicas
-    compute = sc.topology.compute_devices()
-    machine = sc.topology.machine_of(compute[0])
-    per_machine = sum(1 for d in compute if sc.topology.machine_of(d) == machine)
+    per: dict = {}
+    for d in sc.topology.compute_devices():
+        machine = sc.topology.machine_of(d)
+        per[machine] = per.get(machine, 0) + 1
+    per_machine = min(per.values())                  # the smallest machine: a group never spans two
     positions = sc.model.attention_positions
     out = []
     for t in powers_of_two(min(per_machine, devices))[1:]:
@@ -98,7 +100,10 @@ def pipelines(sc: Scenario, devices: int) -> list[dict[str, Any]]:
 
 def _stages_fill(sc: Scenario, stages: int, tensor: int, sequence: bool) -> bool:
     """Whether the tensor split of ``tensor`` slots makes ``stages`` pipeline stages of the
-    model (a stage ends only between blocks; heads that do not divide are the plan's to say)."""
+    model: every attention's heads divide by it, and its blocks make that many stages (a
+    stage ends only between blocks)."""
+    if any(n.layer.kind == "attention" and n.layer.heads % tensor for n in sc.model.nodes):
+        return False
     try:
         tensor_slices(sc.model, stages, tensor, sequence)
     except ValueError:

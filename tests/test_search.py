@@ -250,6 +250,13 @@ def test_pipelines_of_tensor_slices_fill_the_devices_as_megatron_lays_them_out()
         res = api.simulate(QUICK, [("model.name", "gpt-tiny"), ("cluster.topology", "dgx-h100-fat-tree"),
                                    ("cluster.machines", 2), ("training.steps", 1), *c.items()], speedup=False)
         assert res.data["pipeline_stages"] == p and len(set(res.plan.devices[0])) == t * p
+    odd = api.load(QUICK, [("model.name", "gpt-tiny"), ("model.sequence", 6), ("model.batch_size", 8),
+                           ("parallel.replicas", 1), ("cluster.topology", "dgx-h100")])
+    assert {(c["parallel.model_parallel"], c["parallel.sequence_parallel"]) for c in pipelines(odd, 8)} == \
+        {(2, True), (4, False)}                                  # 6 positions: not by 4
+    gpt2 = api.load(QUICK, [("model.name", "gpt2"), ("model.batch_size", 8), ("parallel.replicas", 1),
+                            ("cluster.topology", "dgx-h100-fat-tree"), ("cluster.machines", 2)])
+    assert {c["parallel.model_parallel"] for c in pipelines(gpt2, 16)} == {2, 4}   # 12 heads: not by 8
     cnn = api.load(QUICK, [("model.name", "alexnet"), ("cluster.topology", "dgx-h100")])
     assert not any(c["parallel.pipeline"] > 1 for c in candidates(cnn, 8))
 

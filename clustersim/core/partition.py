@@ -152,7 +152,8 @@ def stage_cost(node) -> float:
 
 
 def _stages(model: Model, m: int) -> list[int]:
-    """Each layer's pipeline stage: at most ``m`` contiguous groups balanced by FLOPs."""
+    """Each layer's pipeline stage: ``m`` contiguous groups balanced by FLOPs (fewer only
+    where the model has fewer layers)."""
     return balanced_stages([stage_cost(n) for n in model.nodes], m)
 
 
