@@ -12,8 +12,9 @@ schedule's (``parallel.schedule``; ``slot_sequence``), which both runners follow
 """
 from __future__ import annotations
 
-import heapq
 import dataclasses
+import functools
+import heapq
 from dataclasses import dataclass, field
 from math import ceil, prod, sqrt
 
@@ -233,6 +234,11 @@ class Edge:
     full: bool
     readers: tuple[int, ...]
 
+    @functools.cached_property
+    def size(self) -> int:
+        """Elements per sample of ``box`` (asked per micro-batch)."""
+        return box_size(self.box)
+
 
 def edges(model: Model, slices: Slices, parts: Parts = (), tensor: int = 1) -> dict[tuple[int, int, int], Edge]:
     """Every (src layer, owner slot, reader slot) whose edge crosses slots: the forward
@@ -326,7 +332,7 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                             e = crossing[(src, k, j)]
                             d = sent[(src, k, j)] = add(
                                 kind="xfer", layer=e.readers[0], micro=mb, slot=k, dst=j,
-                                bytes=box_size(e.box) * b * db, producer=src,
+                                bytes=e.size * b * db, producer=src,
                                 deps=(fwd[(src, k, mb)], *red_fwd.get((src, k, mb), [])),
                                 why="stage" if k // tensor != j // tensor else ("activation" if e.full else "halo"))
                         if d not in deps:
@@ -378,7 +384,7 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                             e = crossing[(i, j, k)]
                             d = sent[(i, j, k)] = add(
                                 kind="xfer", layer=e.readers[0], micro=mb, slot=k, dst=j, producer=i,
-                                bytes=box_size(e.box) * b * db, why="gradient",
+                                bytes=e.size * b * db, why="gradient",
                                 deps=tuple(bwd[(r, k, mb)] for r in e.readers))
                         if d not in deps:
                             deps.append(d)
@@ -411,9 +417,10 @@ def weights_allreduced(model: Model, slices: Slices, parts: Parts, axes: tuple[s
             if axis == "positions" and len(sl) > 1 and params_of(model, parts, i, sl[0][0], sl[0][1])]
 
 
-def _sizes(shape: Shape, n: int, rows: bool) -> list[int]:
+@functools.lru_cache(maxsize=4096)          # asked per layer and micro-batch, of few shapes
+def _sizes(shape: Shape, n: int, rows: bool) -> tuple[int, ...]:
     """Elements per sample of each of the n pieces of a whole output's allreduce."""
-    return [box_size(piece) for piece in allreduce_pieces(shape, n, rows)]
+    return tuple(box_size(piece) for piece in allreduce_pieces(shape, n, rows))
 
 
 def _allreduce(add, group: list[int], sizes: list[int], elem_bytes: float, layer: int, mb: int,
@@ -546,7 +553,8 @@ def _in_schedule_order(ops: list[Op], rank: list[int], sc: Scenario, slices: Sli
     pos = [0] * len(ops)
     for new, old in enumerate(order):
         pos[old] = new
-    return [_moved(ops[i], pos[i], tuple(pos[d] for d in ops[i].deps)) for i in order]
+    at = pos.__getitem__
+    return [_moved(ops[i], pos[i], tuple(map(at, ops[i].deps))) for i in order]
 
 
 def slot_sequence(p: Plan, slot: int) -> list[Op]:
