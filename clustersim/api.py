@@ -185,7 +185,9 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     sc = load(source, base)
     n = len(sc.topology.compute_devices())
     if not 1 <= devices <= n:
-        raise ConfigError("--devices", str(devices), f"must be 1..{n} for topology {sc.topology.name}")
+        machines = len({sc.topology.machine_of(d) for d in sc.topology.compute_devices()})
+        raise ConfigError("--devices", str(devices), f"must be 1..{n}: topology {sc.topology.name} has {n} compute "
+                          f"devices on {machines} machines (cluster.machines)")
     if objective not in OBJECTIVES:
         raise ConfigError("--objective", objective, f"must be one of {', '.join(OBJECTIVES)}")
     if objective == "cost" and not sc.topology.price_usd_per_hour:

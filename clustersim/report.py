@@ -23,6 +23,9 @@ def summary_text(s: dict) -> str:
         f"  split {s['split']} x{s['model_parallel']}"
         + (f" ({s['pipeline_stages']} stages, {s['micro_batches']} micro-batch{'es' if s['micro_batches'] > 1 else ''}, "
            f"{s['schedule']})"
+           if s.get("pipeline_stages", 1) > 1 and s["split"] == "layers" else
+           f" ({s['pipeline_stages']} stages of {s['model_parallel'] // s['pipeline_stages']} slots, {s['micro_batches']} "
+           f"micro-batch{'es' if s['micro_batches'] > 1 else ''}, {s['schedule']})"
            if s.get("pipeline_stages", 1) > 1 else "")
         + f", replicas {s['replicas']}, sync by {s['sync']}, "
         f"batch {s['batch_size']}/replica {s['dtype']}, network model {s['network']}",

@@ -49,14 +49,14 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
                     continue
                 batch = global_batch // r
                 for micro in sorted({*MICRO, m, 4 * m}) if split == "layers" else (1,):
-                    if micro > batch:
+                    if batch % micro:                   # even micro-batches, as Megatron-LM requires
                         continue
                     base = {"parallel.model_parallel": m, "parallel.split": split, "parallel.replicas": r,
                             "model.batch_size": batch, "parallel.micro_batches": micro, "parallel.grid": [],
                             "parallel.sequence_parallel": False, "parallel.pipeline": 1}
                     # ZeRO shards sync allreduce's state over replicas: off with one replica or shards
                     no_zero = {"training.zero": 0} if sc.training.zero else {}
-                    out.append({**base, "parallel.ps_shards": 0, "training.allreduce": "auto",
+                    out.append({**base, "parallel.ps_shards": 0, "training.allreduce": sc.training.allreduce,
                                 **(no_zero if r == 1 else {})})
                     if split == "tensor" and positions % m == 0:      # Korthikanti et al. 2022's
                         out.append({**out[-1], "parallel.sequence_parallel": True})
@@ -88,12 +88,12 @@ def pipelines(sc: Scenario, devices: int) -> list[dict[str, Any]]:
                 continue
             batch = global_batch // r
             for micro in sorted({k * p for k in PIPELINE_MICRO}):
-                if micro > batch:
+                if batch % micro:                       # even micro-batches, as Megatron-LM requires
                     continue
                 out.append({"parallel.model_parallel": t, "parallel.split": "tensor", "parallel.replicas": r,
                             "model.batch_size": batch, "parallel.micro_batches": micro, "parallel.grid": [],
                             "parallel.sequence_parallel": positions % t == 0, "parallel.pipeline": p,
-                            "parallel.ps_shards": 0, "training.allreduce": "auto",
+                            "parallel.ps_shards": 0, "training.allreduce": sc.training.allreduce,
                             **({"training.zero": 0} if sc.training.zero and r == 1 else {})})
     return out
 
@@ -101,7 +101,7 @@ def pipelines(sc: Scenario, devices: int) -> list[dict[str, Any]]:
 def _stages_fill(sc: Scenario, stages: int, tensor: int, sequence: bool) -> bool:
     """Whether the tensor split of ``tensor`` slots makes ``stages`` pipeline stages of the
     model: every attention's heads divide by it, and its blocks make that many stages (a
-    stage ends only between blocks)."""
+    stage ends only after a residual sum, where a tensor group's allreduces are done)."""
     if any(n.layer.kind == "attention" and n.layer.heads % tensor for n in sc.model.nodes):
         return False
     try:

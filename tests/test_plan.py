@@ -717,6 +717,13 @@ def test_a_simulated_pipeline_names_its_stages_and_micro_batches():
                                                      "training.steps": 2}, speedup=False)
     assert (res.data["pipeline_stages"], res.data["micro_batches"], res.data["schedule"]) == (4, 4, "1f1b")
     assert "split layers x4 (4 stages, 4 micro-batches, 1f1b), replicas 1" in report.summary_text(res.data)
+    # stages of tensor slices: "x4" is the replica's devices, which the header splits (a new-user sweep, 059)
+    res = api.simulate("scenarios/quickstart.toml", {"model.name": "gpt-tiny", "cluster.topology": "dgx-h100",
+                                                     "parallel.split": "tensor", "parallel.model_parallel": 2,
+                                                     "parallel.pipeline": 2, "parallel.micro_batches": 4,
+                                                     "parallel.replicas": 2, "model.batch_size": 8,
+                                                     "training.steps": 1}, speedup=False)
+    assert "split tensor x4 (2 stages of 2 slots, 4 micro-batches, 1f1b), replicas 2" in report.summary_text(res.data)
 
 
 def test_memory_advice_offers_only_what_the_scenario_would_take():

@@ -239,7 +239,7 @@ def test_pipelines_of_tensor_slices_fill_the_devices_as_megatron_lays_them_out()
                           ("cluster.topology", "dgx-h100-fat-tree"), ("cluster.machines", 2), ("training.steps", 1)])
     found = pipelines(sc, 16)
     assert found and all(c in candidates(sc, 16) for c in found)
-    # 2 blocks in 5 pieces (a stage ends only between them): at most 4 stages of 2 or 4 slots (4 heads)
+    # 2 blocks in 5 pieces (a stage ends after a residual sum): at most 4 stages of 2 or 4 slots (4 heads)
     assert {(c["parallel.model_parallel"], c["parallel.pipeline"]) for c in found} == {(2, 2), (2, 4), (4, 2), (4, 4)}
     for c in found:
         t, p, r = c["parallel.model_parallel"], c["parallel.pipeline"], c["parallel.replicas"]
@@ -293,3 +293,19 @@ def test_the_table_shows_stages_only_where_a_shown_row_is_a_pipeline_of_tensor_s
     piped = table_columns([row, {**row, "parallel.pipeline": 4, "parallel.micro_batches": 16}], "time")
     assert piped[:3] == [("parallel.replicas", "replicas"), ("parallel.model_parallel", "per replica"),
                          ("parallel.pipeline", "x stages")]
+
+
+def test_candidates_split_the_batch_evenly_and_keep_the_scenarios_allreduce():
+    """Micro-batches divide the replica's batch (Megatron-LM requires it: 10 sequences are
+    not cut in 8, nor 20 in 16), and a scenario's allreduce algorithm stays (it was
+    replaced by auto)."""
+    from clustersim.search_space import candidates
+    sc = api.load(QUICK, [("model.name", "gpt-tiny"), ("model.batch_size", 20), ("parallel.replicas", 1),
+                          ("cluster.topology", "dgx-h100-fat-tree"), ("cluster.machines", 2),
+                          ("training.allreduce", "ring")])
+    cands = candidates(sc, 16)
+    assert all(c["model.batch_size"] % c["parallel.micro_batches"] == 0 for c in cands)
+    micro = {(c["parallel.pipeline"], c["parallel.replicas"]): c["parallel.micro_batches"] for c in cands
+             if c["parallel.pipeline"] > 1}
+    assert micro == {(2, 2): 2, (4, 1): 4}                      # p, not 4p (tensor 2 x 2 stages: 5 a replica)
+    assert {c["training.allreduce"] for c in cands if "training.allreduce" in c} == {"ring"}

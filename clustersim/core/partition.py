@@ -237,8 +237,9 @@ def _scattered(model: Model, states: list[str]) -> list[bool]:
 def _cuts_allowed(model: Model, states: list[str], scattered: list[bool], alone: bool = False) -> list[bool]:
     """Per layer, whether a pipeline stage may end after it: every edge over the cut carries
     a whole output (after its allreduce), or a cut by positions, to a layer computing it
-    whole or by positions -- between transformer blocks, where Megatron cuts, so a tensor
-    group's allreduces stay in one stage."""
+    whole or by positions, so a tensor group's allreduces stay in one stage: after a residual
+    sum, between attention and MLP as well as between blocks (Megatron gives each stage
+    whole layers; one slot a stage cuts between blocks only)."""
     ok, inside = [], False              # inside: a block's inner layer since the last block end
     for i in range(len(model.nodes)):
         crossing = [(src, c) for src in range(i + 1) for c in model.consumers[src] if c > i]
@@ -277,7 +278,7 @@ def tensor_slices(model: Model, stages: int, m: int, sequence: bool = False) -> 
         for i in g:
             stage[i] = s
     if len(set(stage)) < stages:
-        raise ValueError(f"the tensor split ends a stage only between blocks, where a tensor group's allreduces "
+        raise ValueError(f"the tensor split ends a stage only after a residual sum, where a tensor group's allreduces "
                          f"are done: this model gives {len(groups)} pieces, which fill {len(set(stage))} of {stages} "
                          "stages")
     slices, names, parts = [], [], []
