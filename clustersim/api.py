@@ -68,9 +68,15 @@ def _pairs(overrides: Overrides) -> list[tuple[str, Any]]:
 def load(source: Source, overrides: Overrides = None) -> Scenario:
     """The validated Scenario of a file or dict with ``overrides`` applied."""
     if isinstance(source, Mapping):
-        return scenario_from_dict(apply_overrides(dict(source), _pairs(overrides)), "<dict>")
-    path = scenario_file(source)
-    return scenario_from_dict(apply_overrides(read_toml(path), _pairs(overrides)), str(path))
+        return scenario_from_dict(_raw(source, overrides), "<dict>")
+    return scenario_from_dict(_raw(source, overrides), str(scenario_file(source)))
+
+
+def _raw(source: Source, overrides: Overrides = None) -> dict:
+    """The scenario's tables with ``overrides`` applied, not yet validated."""
+    if isinstance(source, Mapping):
+        return apply_overrides(dict(source), _pairs(overrides))
+    return apply_overrides(read_toml(scenario_file(source)), _pairs(overrides))
 
 
 def simulate(source: Source | Scenario, overrides: Overrides = None, *, speedup: bool = True) -> Result:
@@ -182,7 +188,14 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     (0: none), or where it is None the scenario's ``training.target_hours``."""
     from clustersim.search_space import OBJECTIVES, candidates, recompute_tries, score
     base = _pairs(overrides)
-    sc = load(source, base)
+    zero = 0                          # ZeRO asked of a one-replica scenario: the rows with replicas shard
+    try:
+        sc = load(source, base)
+    except ConfigError as exc:
+        if exc.field != "training.zero" or "replicas = 1" not in exc.message:
+            raise
+        zero = int(_raw(source, base)["training"]["zero"])
+        sc = load(source, base + [("training.zero", 0)])
     n = len(sc.topology.compute_devices())
     if not 1 <= devices <= n:
         machines = len({sc.topology.machine_of(d) for d in sc.topology.compute_devices()})
@@ -206,6 +219,8 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
         steps.append(("training.target_hours", target_hours))
     trials, dropped = [], []
     for cand in candidates(sc, devices):
+        if zero:
+            cand["training.zero"] = zero if cand["parallel.replicas"] > 1 and not cand["parallel.ps_shards"] else 0
         cand, error = _fitting(source, base + steps, cand, recompute_tries(sc))
         if error:
             dropped.append({**cand, "error": error})

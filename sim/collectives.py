@@ -9,7 +9,7 @@ bandwidth the flow model gives each algorithm on these links; the run then pays 
 latency for the algorithm and protocol, and every link carries at NCCL's speed for its kind
 (NVLink, PCIe, network) times the share NCCL's model charges (the protocol's factor; for
 trees its correction at medium sizes; LL across machines capped by llMaxBws, the tree and
-LL128 by NCCL's per-channel caps on one search channel a NIC: ``nccl.run_share``, decisions
+LL128 by NCCL's per-channel caps on one search channel a rail: ``nccl.run_share``, decisions
 030 and 033).  Host (CPU) collectives run the ring by default and pay
 the routes' own latencies.
 
@@ -310,7 +310,7 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
         return Collective(op, chosen, "", tuple(phases(op, chosen, devices, nbytes, nodes)))
     n, machines = len(devices), len(set(nodes))
     intra = _cached(cache, ("intra", *group), lambda: _intra_kind(topology, devices))
-    # NCCL's per-channel caps: the group's lowest compute capability, one search channel a NIC
+    # NCCL's per-channel caps: the group's lowest compute capability, one search channel a rail
     graph = _cached(cache, ("graph", *group), lambda: {
         "compute_capability": min(topology.devices[d].compute_capability for d in devices),
         "search_channels": min(len(p) for p in rail_ports) if rail_ports else 0})

@@ -227,6 +227,14 @@ def test_a_scenarios_zero_is_off_where_a_candidate_has_one_replica():
     res = api.search(QUICK, 2, {"training.zero": 1, "training.optimizer": "adam", "training.steps": 1})
     assert {(p["parallel.ps_shards"] > 0, p.get("training.zero", 1)) for p in res["ranked"]
             if p["parallel.replicas"] == 2} == {(False, 1), (True, 0)}    # ZeRO is sync's without shards
+    # a one-replica scenario asking for ZeRO was refused outright (new-user sweep U27): search
+    # chooses the replicas, and its rows with several shard as asked
+    res = api.search(QUICK, 2, {"training.zero": 1, "training.optimizer": "adam", "training.steps": 1,
+                                "parallel.replicas": 1})
+    assert {(p["parallel.replicas"], p["parallel.ps_shards"] > 0, p["training.zero"]) for p in res["ranked"]} == \
+        {(1, False, 0), (2, False, 1), (2, True, 0)}
+    with pytest.raises(ConfigError, match="training.zero"):
+        api.simulate(QUICK, {"training.zero": 1, "training.optimizer": "adam", "parallel.replicas": 1})
 
 
 def test_pipelines_of_tensor_slices_fill_the_devices_as_megatron_lays_them_out():
