@@ -17,6 +17,7 @@ candidates.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from clustersim.core.partition import tensor_slices
@@ -48,9 +49,7 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
                 if global_batch % r:
                     continue
                 batch = global_batch // r
-                for micro in sorted({*MICRO, m, 4 * m}) if split == "layers" else (1,):
-                    if batch % micro:                   # even micro-batches, as Megatron-LM requires
-                        continue
+                for micro in even_micro(batch, (*MICRO, m, 4 * m)) if split == "layers" else (1,):
                     base = {"parallel.model_parallel": m, "parallel.split": split, "parallel.replicas": r,
                             "model.batch_size": batch, "parallel.micro_batches": micro, "parallel.grid": [],
                             "parallel.sequence_parallel": False, "parallel.pipeline": 1}
@@ -78,24 +77,28 @@ def pipelines(sc: Scenario, devices: int) -> list[dict[str, Any]]:
     for d in sc.topology.compute_devices():
         machine = sc.topology.machine_of(d)
         per[machine] = per.get(machine, 0) + 1
-    per_machine = min(per.values())                  # the smallest machine: a group never spans two
+    whole = math.gcd(*per.values())                  # t divides every machine: a group never spans two
     positions = sc.model.attention_positions
     out = []
-    for t in powers_of_two(min(per_machine, devices))[1:]:
+    for t in (k for k in powers_of_two(min(whole, devices))[1:] if whole % k == 0):
         for p in powers_of_two(devices // t)[1:]:
             r = devices // (t * p)
             if global_batch % r or not _stages_fill(sc, p, t, positions % t == 0):
                 continue
             batch = global_batch // r
-            for micro in sorted({k * p for k in PIPELINE_MICRO}):
-                if batch % micro:                       # even micro-batches, as Megatron-LM requires
-                    continue
+            for micro in even_micro(batch, [k * p for k in PIPELINE_MICRO]) if batch >= p else ():
                 out.append({"parallel.model_parallel": t, "parallel.split": "tensor", "parallel.replicas": r,
                             "model.batch_size": batch, "parallel.micro_batches": micro, "parallel.grid": [],
                             "parallel.sequence_parallel": positions % t == 0, "parallel.pipeline": p,
                             "parallel.ps_shards": 0, "training.allreduce": sc.training.allreduce,
                             **({"training.zero": 0} if sc.training.zero and r == 1 else {})})
     return out
+
+
+def even_micro(batch: int, targets) -> list[int]:
+    """Micro-batch counts near ``targets`` that divide ``batch`` evenly (Megatron-LM requires
+    it): each target no larger than the batch rounded up to the next divisor."""
+    return sorted({next(d for d in range(k, batch + 1) if batch % d == 0) for k in targets if k <= batch})
 
 
 def _stages_fill(sc: Scenario, stages: int, tensor: int, sequence: bool) -> bool:

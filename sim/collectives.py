@@ -121,7 +121,8 @@ def _rails(topology: Topology, machine, local: list[str], nics: list[str]) -> tu
         inside = inside and all(topology.devices[v].machine == machine for r in routes.values() for _, v in r)
         near = sorted(local, key=lambda d: (len(routes[d]), (own[d] - at) % 64))
         leave = near[min(1, len(near) - 1)]
-        if leave != near[0] and via_cpu(routes[leave]) and not via_cpu(topology.route(leave, near[0])):
+        if leave != near[0] and via_cpu(routes[leave]) and not via_cpu(routes[near[0]]) \
+                and not via_cpu(topology.route(leave, near[0])):
             leave = near[0]                            # PXN: through the member beside the NIC
         rails.append((nic, near[0], leave))
     return rails, inside

@@ -75,6 +75,19 @@ def test_a_group_of_two_gpus_a_machine_rings_over_their_two_nics(name):
     assert collectives.sm_share(topo, everyone, "ring") == pytest.approx(2 * 8 / sms)
 
 
+def test_no_pxn_where_the_member_beside_the_nic_is_behind_the_cpu_too(tmp_path):
+    """Two NICs a DGX H100 (NIC 0 on GPU 0's switch): GPUs 2 and 6 both reach NIC 0 through
+    the CPU, so returning to GPU 2 over NVLink would add a hop and save none (review R28):
+    the ring leaves from GPU 6 directly, as before PXN."""
+    from pathlib import Path
+    base = Path(__file__).resolve().parents[1] / "topologies" / "dgx-h100-fat-tree.toml"
+    f = tmp_path / "two-nics.toml"
+    f.write_text(f'name = "two-nics"\nbase = "{base}"\n[machine.nic]\ncount = 2\nbandwidth_gbps = 50\n')
+    topo = load_topology(str(f), machines=2)
+    group = [f"m{m}.gpu{k}" for m in range(2) for k in (2, 6)]
+    assert collectives.ports(topo, group) == [[(f"m{m}.nic0", f"m{m}.gpu2", f"m{m}.gpu6")] for m in range(2)]
+
+
 def test_a_member_that_reaches_no_nic_has_no_route():
     """A cut link between a machine's only NIC and its PCIe switch: the group's members reach
     no NIC, so a collective across machines has no route (it ran in no time, review R27),

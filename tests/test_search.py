@@ -304,16 +304,37 @@ def test_the_table_shows_stages_only_where_a_shown_row_is_a_pipeline_of_tensor_s
 
 
 def test_candidates_split_the_batch_evenly_and_keep_the_scenarios_allreduce():
-    """Micro-batches divide the replica's batch (Megatron-LM requires it: 10 sequences are
-    not cut in 8, nor 20 in 16), and a scenario's allreduce algorithm stays (it was
-    replaced by auto)."""
+    """Micro-batches divide the replica's batch (Megatron-LM requires it): p or 4p rounded up
+    to the next divisor (10 sequences in 10, not 8; 5 in 5, not 2), no layout dropped for
+    want of one (review R28); a scenario's allreduce algorithm stays (it was replaced by
+    auto)."""
     from clustersim.search_space import candidates
     sc = api.load(QUICK, [("model.name", "gpt-tiny"), ("model.batch_size", 20), ("parallel.replicas", 1),
                           ("cluster.topology", "dgx-h100-fat-tree"), ("cluster.machines", 2),
                           ("training.allreduce", "ring")])
     cands = candidates(sc, 16)
     assert all(c["model.batch_size"] % c["parallel.micro_batches"] == 0 for c in cands)
-    micro = {(c["parallel.pipeline"], c["parallel.replicas"]): c["parallel.micro_batches"] for c in cands
-             if c["parallel.pipeline"] > 1}
-    assert micro == {(2, 2): 2, (4, 1): 4}                      # p, not 4p (tensor 2 x 2 stages: 5 a replica)
+    micro: dict = {}
+    for c in cands:
+        if c["parallel.pipeline"] > 1:
+            key = (c["parallel.model_parallel"], c["parallel.pipeline"], c["parallel.replicas"])
+            micro.setdefault(key, set()).add(c["parallel.micro_batches"])
+    assert micro == {(2, 2, 4): {5}, (2, 4, 2): {5}, (4, 2, 2): {2, 10}, (4, 4, 1): {4, 20}}
     assert {c["training.allreduce"] for c in cands if "training.allreduce" in c} == {"ring"}
+
+
+def test_a_tensor_group_never_spans_two_machines_of_six():
+    """Machines of 6 devices: tensor 4 would start a group at device 4 of a machine and end
+    it on the next (review R28); only tensor sizes dividing every machine's count are tried."""
+    import dataclasses
+    from clustersim.search_space import pipelines
+
+    class SixAMachine:                                     # only what ``pipelines`` asks of a topology
+        def compute_devices(self):
+            return [f"m{m}.gpu{k}" for m in range(2) for k in range(6)]
+
+        def machine_of(self, d):
+            return int(d[1])
+    sc = api.load(QUICK, [("model.name", "gpt-tiny"), ("model.batch_size", 8), ("parallel.replicas", 1)])
+    found = pipelines(dataclasses.replace(sc, topology=SixAMachine()), 12)
+    assert found and {c["parallel.model_parallel"] for c in found} == {2}
