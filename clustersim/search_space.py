@@ -5,11 +5,12 @@ A candidate is a set of dotted overrides of the scenario: replicas r x devices p
 m (``model_parallel``), the split (spatial, ``layers``: m pipeline stages with 1, 4, m or
 4m micro-batches, or for models with attention ``tensor``, with and without sequence
 parallelism where the positions divide by m), and how gradients meet (allreduce with
-NCCL's tuner, or a parameter server sharded over the machines used).  Models with
-attention are also tried as Megatron-LM lays out large ones (``pipelines``): t tensor
-slots inside one machine x p pipeline stages (``parallel.pipeline``) x as many replicas as
-fill the N devices, with p or 4p micro-batches and sequence parallelism where the positions
-divide by t.  The global batch (the scenario's ``model.batch_size`` x
+NCCL's tuner, or a parameter server of one shard per machine used, placed by ``plan``).
+Models with attention are also tried as Megatron-LM lays out large ones (``pipelines``):
+t tensor slots inside one machine x p pipeline stages (``parallel.pipeline``) x as many
+replicas as fill the N devices, with p or 4p micro-batches (rounded up to divisors of the
+batch: ``even_micro``) and sequence parallelism where the positions divide by t.  The
+global batch (the scenario's ``model.batch_size`` x
 ``parallel.replicas``) is divided over the replicas, so every candidate trains on the same
 samples per step.  Placement: a replica's slots are consecutive devices, so they share a
 machine first (``plan`` places them in device order).  Pure functions: the API runs the
