@@ -10,9 +10,8 @@ Models with attention are also tried as Megatron-LM lays out large ones (``pipel
 t tensor slots inside one machine x p pipeline stages (``parallel.pipeline``) x as many
 replicas as fill the N devices, with p or 4p micro-batches (rounded up to divisors of the
 batch: ``even_micro``) and sequence parallelism where the positions divide by t.  The
-global batch (the scenario's ``model.batch_size`` x
-``parallel.replicas``) is divided over the replicas, so every candidate trains on the same
-samples per step.  Placement: a replica's slots are consecutive devices, so they share a
+global batch (the scenario's ``model.batch_size`` x ``parallel.replicas``) is divided over
+the replicas, so every candidate trains on the same samples per step.  Placement: a replica's slots are consecutive devices, so they share a
 machine first (``plan`` places them in device order).  Pure functions: the API runs the
 candidates.
 """
@@ -68,8 +67,8 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
 
 
 def pipelines(sc: Scenario, devices: int) -> list[dict[str, Any]]:
-    """Pipelines of tensor slices (Narayanan et al. 2021): t tensor slots (2 up to one
-    machine's devices, never across machines) x p >= 2 stages, replicated to fill
+    """Pipelines of tensor slices (Narayanan et al. 2021): t tensor slots (2 and up, dividing
+    every machine's device count, so never across machines) x p >= 2 stages, replicated to fill
     ``devices``; p or 4p micro-batches (the bubble (p - 1) / (m + p - 1)); sequence
     parallelism where the positions divide by t (it only saves: Korthikanti et al. 2022).
     Only models with attention: the tensor split needs its heads."""
