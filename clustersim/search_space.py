@@ -5,7 +5,8 @@ A candidate is a set of dotted overrides of the scenario: replicas r x devices p
 m (``model_parallel``), the split (spatial, ``layers``: m pipeline stages with 1, 4, m or
 4m micro-batches, or for models with attention ``tensor``, with and without sequence
 parallelism where the positions divide by m), and how gradients meet (allreduce with
-NCCL's tuner, or a parameter server of one shard per machine used, placed by ``plan``).
+NCCL's tuner, or a parameter server of one shard per machine used, on those machines:
+``parallel.ps_placement = "local"``).
 Models with attention are also tried as Megatron-LM lays out large ones (``pipelines``):
 t tensor slots inside one machine x p pipeline stages (``parallel.pipeline``) x as many
 replicas as fill the N devices, with p or 4p micro-batches (rounded up to divisors of the
@@ -62,7 +63,8 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
                     if r > 1 and split != "tensor":   # one shard per machine the replicas use (a tensor
                         # split keeps norms on every slot: no shards, which the scenario check refuses)
                         used = len({sc.topology.machine_of(d) for d in compute[:r * m]})
-                        out.append({**base, "parallel.ps_shards": used, **no_zero})
+                        out.append({**base, "parallel.ps_shards": used, "parallel.ps_placement": "local",
+                                    **no_zero})
     return out + pipelines(sc, devices) if positions else out
 
 

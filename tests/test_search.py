@@ -338,3 +338,24 @@ def test_a_tensor_group_never_spans_two_machines_of_six():
     sc = api.load(QUICK, [("model.name", "gpt-tiny"), ("model.batch_size", 8), ("parallel.replicas", 1)])
     found = pipelines(dataclasses.replace(sc, topology=SixAMachine()), 12)
     assert found and {c["parallel.model_parallel"] for c in found} == {2}
+
+
+def test_a_parameter_server_row_is_the_same_on_a_larger_cluster():
+    """Search's parameter-server rows keep their shards on the machines the replicas use
+    (``parallel.ps_placement = "local"``: their free devices, then their CPUs): on a larger
+    cluster a shard went to a free GPU of another machine, so one configuration ranked 317.7
+    or 116.9 samples/s by cluster size (new-user sweep U27).  The default placement is
+    unchanged; "local" without shards is refused."""
+    rows = {}
+    for machines in (1, 2):
+        res = api.search(QUICK, 8, {"cluster.topology": "dgx-h100-fat-tree", "cluster.machines": machines,
+                                    "training.steps": 1, "model.batch_size": 8, "parallel.replicas": 8})
+        rows[machines] = {(p["parallel.replicas"], p["parallel.model_parallel"], p["parallel.split"],
+                           p["parallel.micro_batches"]): p["samples_per_s"]
+                          for p in res["ranked"] if p["parallel.ps_shards"]}
+    assert rows[1] and rows[1] == rows[2]
+    plain = api.plan(api.load(QUICK, {"cluster.topology": "dgx-h100-fat-tree", "cluster.machines": 2,
+                                      "parallel.replicas": 8, "model.batch_size": 8, "parallel.ps_shards": 1}))
+    assert plain.ps.devices == ("m1.gpu0",)                    # spare: the first device the job leaves free
+    with pytest.raises(ConfigError, match="parallel.ps_placement"):
+        api.load(QUICK, {"parallel.ps_placement": "local"})

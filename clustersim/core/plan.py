@@ -654,6 +654,9 @@ def _place(sc: Scenario, slices: Slices, slot_params: list[int]) -> tuple[tuple[
     if not par.ps_shards:
         return devices, None
     spare = compute[need:] + [c for c in topo.host_cpus() if c not in compute]
+    if par.ps_placement == "local":                  # on the machines the replicas use: free devices, then CPUs
+        used = set(topo.machine_of(d) for row in devices for d in row)
+        spare = [c for c in spare if topo.machine_of(c) in used] or spare
     pool = spare or compute[:need]
     shard_devices = tuple(pool[k % len(pool)] for k in range(par.ps_shards))
     shard_ranges = even_cuts(sum(slot_params), par.ps_shards)

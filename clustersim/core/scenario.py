@@ -44,6 +44,8 @@ class Parallel:
                                  # (Megatron-LM: replicated norms, allreduced partial sums) | layers (pipeline)
     replicas: int = 1
     ps_shards: int = 0           # 0: gradients are summed by allreduce
+    ps_placement: str = "spare"  # spare: shards on the compute devices the job leaves free, else host CPUs |
+                                 # local: on the machines the replicas use (their free devices, then CPUs)
     micro_batches: int = 1       # pipeline (layers split): micro-batches per step
     schedule: str = "1f1b"       # pipeline: gpipe (all forwards, then all backwards) | 1f1b
     grid: tuple[int, ...] = ()   # spatial split: (rows, cols) blocks of every layer; (): chosen from model_parallel
@@ -257,6 +259,7 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
                    split=pt.str("split", "spatial", choices=("spatial", "tensor", "layers")),
                    replicas=pt.int("replicas", 1, lo=1, hi=65536),
                    ps_shards=pt.int("ps_shards", 0, lo=0, hi=65536),
+                   ps_placement=pt.str("ps_placement", "spare", choices=("spare", "local")),
                    micro_batches=pt.int("micro_batches", 1, lo=1, hi=4096),
                    schedule=pt.str("schedule", "1f1b", choices=PIPELINE_SCHEDULES),
                    grid=_grid(pt), pipeline=pt.int("pipeline", 1, lo=1, hi=65536),
@@ -280,6 +283,8 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
         raise pt.error("sequence_parallel", f"cuts positions evenly over the {par.tensor} tensor slots; "
                                             f"{model.name}'s {positions} are not a multiple of {par.tensor} "
                                             f"(set {where})")
+    if par.ps_placement != "spare" and not par.ps_shards:
+        raise pt.error("ps_placement", "places parameter-server shards; ps_shards = 0 has none")
     if par.split == "tensor" and par.ps_shards:
         raise pt.error("ps_shards", "a tensor split keeps norms on every slot, synced by allreduce; set ps_shards = 0")
     pt.done()
