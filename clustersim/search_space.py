@@ -12,9 +12,9 @@ t tensor slots inside one machine x p pipeline stages (``parallel.pipeline``) x 
 replicas as fill the N devices, with p or 4p micro-batches (rounded up to divisors of the
 batch: ``even_micro``) and sequence parallelism where the positions divide by t.  The
 global batch (the scenario's ``model.batch_size`` x ``parallel.replicas``) is divided over
-the replicas, so every candidate trains on the same samples per step.  Placement: a replica's slots are consecutive devices, so they share a
-machine first (``plan`` places them in device order).  Pure functions: the API runs the
-candidates.
+the replicas, so every candidate trains on the same samples per step.  Placement: a
+replica's slots are consecutive devices, so they share a machine first (``plan`` places
+them in device order).  Pure functions: the API runs the candidates.
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
                 for micro in even_micro(batch, (*MICRO, m, 4 * m)) if split == "layers" else (1,):
                     base = {"parallel.model_parallel": m, "parallel.split": split, "parallel.replicas": r,
                             "model.batch_size": batch, "parallel.micro_batches": micro, "parallel.grid": [],
-                            "parallel.sequence_parallel": False, "parallel.pipeline": 1}
+                            "parallel.sequence_parallel": False, "parallel.pipeline": 1,
+                            "parallel.ps_placement": "spare"}
                     # ZeRO shards sync allreduce's state over replicas: off with one replica or shards
                     no_zero = {"training.zero": 0} if sc.training.zero else {}
                     out.append({**base, "parallel.ps_shards": 0, "training.allreduce": sc.training.allreduce,
@@ -92,7 +93,8 @@ def pipelines(sc: Scenario, devices: int) -> list[dict[str, Any]]:
                 out.append({"parallel.model_parallel": t, "parallel.split": "tensor", "parallel.replicas": r,
                             "model.batch_size": batch, "parallel.micro_batches": micro, "parallel.grid": [],
                             "parallel.sequence_parallel": positions % t == 0, "parallel.pipeline": p,
-                            "parallel.ps_shards": 0, "training.allreduce": sc.training.allreduce,
+                            "parallel.ps_shards": 0, "parallel.ps_placement": "spare",
+                            "training.allreduce": sc.training.allreduce,
                             **({"training.zero": 0} if sc.training.zero and r == 1 else {})})
     return out
 

@@ -359,3 +359,19 @@ def test_a_parameter_server_row_is_the_same_on_a_larger_cluster():
     assert plain.ps.devices == ("m1.gpu0",)                    # spare: the first device the job leaves free
     with pytest.raises(ConfigError, match="parallel.ps_placement"):
         api.load(QUICK, {"parallel.ps_placement": "local"})
+    # machine by machine: m0 has no free GPU, so its host CPU, then a free GPU of m1 (review R29)
+    three = api.plan(api.load(QUICK, {"cluster.topology": "dgx-h100-fat-tree", "cluster.machines": 3,
+                                      "parallel.replicas": 12, "model.batch_size": 8, "parallel.ps_shards": 2,
+                                      "parallel.ps_placement": "local"}))
+    assert three.ps.devices == ("m0.cpu", "m1.gpu4")
+    # CPU machines (DistBelief's): no free device on the used machines, so the replicas' own
+    cpu_rows = []
+    for machines in (2, 4):
+        res = api.search(QUICK, 2, {"cluster.topology": "distbelief-2012", "cluster.machines": machines,
+                                    "training.steps": 1, "model.batch_size": 8, "parallel.replicas": 2})
+        cpu_rows.append([p["samples_per_s"] for p in res["ranked"] if p["parallel.ps_shards"]])
+    assert cpu_rows[0] and cpu_rows[0] == cpu_rows[1]
+    # a scenario of local shards: its allreduce rows (no shards) go back to the default, not refused
+    res = api.search(QUICK, 2, {"parallel.ps_shards": 1, "parallel.ps_placement": "local", "training.steps": 1,
+                                "parallel.replicas": 2, "model.batch_size": 32})
+    assert res["refused"] == 0 and any(not p["parallel.ps_shards"] for p in res["ranked"])

@@ -654,9 +654,12 @@ def _place(sc: Scenario, slices: Slices, slot_params: list[int]) -> tuple[tuple[
     if not par.ps_shards:
         return devices, None
     spare = compute[need:] + [c for c in topo.host_cpus() if c not in compute]
-    if par.ps_placement == "local":                  # on the machines the replicas use: free devices, then CPUs
-        used = set(topo.machine_of(d) for row in devices for d in row)
-        spare = [c for c in spare if topo.machine_of(c) in used] or spare
+    if par.ps_placement == "local":
+        # on the machines the replicas use, one machine after another (shard k on machine k mod
+        # their count): each machine's free devices, then its CPUs; else the replicas' own devices
+        used = list(dict.fromkeys(topo.machine_of(d) for row in devices for d in row))
+        free = [[c for c in spare if topo.machine_of(c) == m] for m in used]
+        spare = [at[k] for k in range(max(map(len, free), default=0)) for at in free if k < len(at)]
     pool = spare or compute[:need]
     shard_devices = tuple(pool[k % len(pool)] for k in range(par.ps_shards))
     shard_ranges = even_cuts(sum(slot_params), par.ps_shards)

@@ -45,7 +45,8 @@ class Parallel:
     replicas: int = 1
     ps_shards: int = 0           # 0: gradients are summed by allreduce
     ps_placement: str = "spare"  # spare: shards on the compute devices the job leaves free, else host CPUs |
-                                 # local: on the machines the replicas use (their free devices, then CPUs)
+                                 # local: on the machines the replicas use, in turn (their free devices,
+                                 # then CPUs; else the replicas' own devices)
     micro_batches: int = 1       # pipeline (layers split): micro-batches per step
     schedule: str = "1f1b"       # pipeline: gpipe (all forwards, then all backwards) | 1f1b
     grid: tuple[int, ...] = ()   # spatial split: (rows, cols) blocks of every layer; (): chosen from model_parallel
