@@ -17,17 +17,21 @@ def seconds(value: float) -> str:
     return f"{value * 1e9:.4g} ns"
 
 
+def _stages(s: dict) -> str:
+    """A pipeline's stages (and their slots, where a stage is a tensor split's), micro-batches
+    and schedule, for the summary's split line; "" without a pipeline."""
+    stages = s.get("pipeline_stages", 1)
+    if stages <= 1:
+        return ""
+    slots = "" if s["split"] == "layers" else f" of {s['model_parallel'] // stages} slots"
+    micro = s["micro_batches"]
+    return f" ({stages} stages{slots}, {micro} micro-batch{'es' if micro > 1 else ''}, {s['schedule']})"
+
+
 def summary_text(s: dict) -> str:
     lines = [
         f"{s['name']}: {s['model']} ({si(s['parameters'], 'params')}) on {s['topology']}",
-        f"  split {s['split']} x{s['model_parallel']}"
-        + (f" ({s['pipeline_stages']} stages, {s['micro_batches']} micro-batch{'es' if s['micro_batches'] > 1 else ''}, "
-           f"{s['schedule']})"
-           if s.get("pipeline_stages", 1) > 1 and s["split"] == "layers" else
-           f" ({s['pipeline_stages']} stages of {s['model_parallel'] // s['pipeline_stages']} slots, {s['micro_batches']} "
-           f"micro-batch{'es' if s['micro_batches'] > 1 else ''}, {s['schedule']})"
-           if s.get("pipeline_stages", 1) > 1 else "")
-        + f", replicas {s['replicas']}, sync by {s['sync']}, "
+        f"  split {s['split']} x{s['model_parallel']}{_stages(s)}, replicas {s['replicas']}, sync by {s['sync']}, "
         f"batch {s['batch_size']}/replica {s['dtype']}, network model {s['network']}",
         "",
     ]

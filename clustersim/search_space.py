@@ -19,6 +19,7 @@ them in device order).  Pure functions: the API runs the candidates.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 from clustersim.core.partition import tensor_slices
@@ -76,10 +77,7 @@ def pipelines(sc: Scenario, devices: int) -> list[dict[str, Any]]:
     parallelism where the positions divide by t (it only saves: Korthikanti et al. 2022).
     Only models with attention: the tensor split needs its heads."""
     global_batch = sc.batch_size * sc.parallel.replicas
-    per: dict = {}
-    for d in sc.topology.compute_devices():
-        machine = sc.topology.machine_of(d)
-        per[machine] = per.get(machine, 0) + 1
+    per = Counter(sc.topology.machine_of(d) for d in sc.topology.compute_devices())
     whole = math.gcd(*per.values())                  # t divides every machine: a group never spans two
     positions = sc.model.attention_positions
     out = []

@@ -53,6 +53,7 @@ class Collective:
     wave_latency: tuple[float, ...] = ()    # seconds per wave (NCCL's model); (): the routes' own
     share: float = 1.0              # the protocol's share of NCCL's link speeds (NVLS: over its pipeline fill)
     speed: Callable[[DirLink], float] | None = field(default=None, compare=False, repr=False)  # None: made by ``run``
+    sms: float = 0.0                # the share of each member's SMs NCCL's kernel takes (``sm_share``)
 
     @property
     def label(self) -> str:
@@ -350,7 +351,7 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
         share /= nccl.nvls_pipeline(nbytes, heads, version, machines=machines)
     speed = nccl_link_speed(topology, share, cache) if _shortcut(cache) else None
     return Collective(op, algo, proto, schedule, _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes),
-                      share, speed)
+                      share, speed, sm_share(topology, devices, algo, cache))
 
 
 def _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes) -> tuple[float, ...]:

@@ -466,12 +466,7 @@ class Engine:
                      op, links or names(*pair, topology)))
         running = self.env.process(collectives.run(self.env, self.network, coll, record))
         if coll.proto:                         # NCCL's kernel takes SMs from the compute beside it
-            share = self._collectives.get(("sm share", key))
-            if share is None:
-                share = collectives.sm_share(self.network.topology, devices, coll.algo, self._collectives)
-                if self.shortcut:
-                    self._collectives[("sm share", key)] = share
-            release = self.compute.hold(devices, share)
+            release = self.compute.hold(devices, coll.sms)
             running.callbacks.append(lambda _e: release())
         return running
 
