@@ -77,8 +77,8 @@ def test_a_group_of_two_gpus_a_machine_rings_over_their_two_nics(name):
 
 def test_no_pxn_where_the_member_beside_the_nic_is_behind_the_cpu_too(tmp_path):
     """Two NICs a DGX H100 (NIC 0 on GPU 0's switch): GPUs 2 and 6 both reach NIC 0 through
-    the CPU, so returning to GPU 2 over NVLink would add a hop and save none (review R28):
-    the ring leaves from GPU 6 directly, as before PXN."""
+    the CPU, so returning to GPU 2 over NVLink would add a hop and save none:
+    the ring leaves from GPU 6 directly."""
     from pathlib import Path
     base = Path(__file__).resolve().parents[1] / "topologies" / "dgx-h100-fat-tree.toml"
     f = tmp_path / "two-nics.toml"
@@ -90,8 +90,8 @@ def test_no_pxn_where_the_member_beside_the_nic_is_behind_the_cpu_too(tmp_path):
 
 def test_a_member_that_reaches_no_nic_has_no_route():
     """A cut link between a machine's only NIC and its PCIe switch: the group's members reach
-    no NIC, so a collective across machines has no route (it ran in no time, review R27),
-    and the engine says the job cannot go on."""
+    no NIC, so a collective across machines has no route, and the engine says the job
+    cannot go on."""
     from clustersim.core.topology import NoRoute
     topo = load_topology("ethernet-cluster", machines=2).without_link("m0.nic0", "m0.pcie0")
     with pytest.raises(NoRoute, match="m0.gpu0 reaches no NIC"):

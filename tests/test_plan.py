@@ -418,7 +418,7 @@ def test_full_recompute_never_keeps_more_than_none(name):
 def test_a_stage_keeps_its_received_input_once_however_many_layers_read_it():
     """BERT's stage cut falls after a block's output norm, which the next attention and the
     next sum both read: one transfer, one buffer kept under full recomputation (it was kept
-    once a reader; review R23)."""
+    once a reader)."""
     from clustersim.core.plan import activation_elements
     kept = {}
     for m in (1, 2):
@@ -432,7 +432,7 @@ def test_a_stage_keeps_its_received_input_once_however_many_layers_read_it():
 
 def test_with_recompute_a_pipeline_stage_keeps_what_it_receives():
     """A stage reruns its forward from its input; where the cut falls inside a block (here at a
-    block's first sum, not a checkpoint) neither side kept that activation (review R20).  The
+    block's first sum, not a checkpoint) neither side kept that activation.  The
     first stage keeps the token ids too, the last the head's input and the loss's
     probabilities (Megatron reruns neither the embedding nor the head)."""
     from math import prod
@@ -649,7 +649,7 @@ def test_full_recompute_keeps_2sbh_a_gpt_layer_and_works_on_one(t, sp, monkeypat
     activations (the test above) less that input, kept already, are the working set: a block
     adds s h (or s h / t) elements per sample to what is kept and nothing to the working set
     (the block's output counted once: as the next checkpoint, not again in its working set,
-    which made full recomputation keep more than none on small chains; review R23)."""
+    which made full recomputation keep more than none on small chains)."""
     from clustersim.core import models
     from clustersim.core.plan import activation_elements
     from test_tensor_parallel import tensor_plan
@@ -696,8 +696,8 @@ def test_a_pipeline_that_does_not_fit_is_told_to_raise_its_micro_batches(capsys)
 
 
 def test_a_plan_that_does_not_fit_is_refused_before_its_ops_are_built(monkeypatch):
-    """The memory check needs no ops: GPT-3 at 16 micro-batches on 64 A100s was refused after
-    28 s of building them (a new-user sweep); it is refused before ``_ops`` runs."""
+    """The memory check needs no ops, so a plan that does not fit is refused before ``_ops``
+    runs (GPT-3 at 16 micro-batches on 64 A100s would build ops for 28 s first)."""
     from clustersim.core import plan as plan_module
     from clustersim.core.plan import DoesNotFit
 
@@ -710,14 +710,14 @@ def test_a_plan_that_does_not_fit_is_refused_before_its_ops_are_built(monkeypatc
 
 def test_a_simulated_pipeline_names_its_stages_and_micro_batches():
     """``simulate``'s summary named the slots only ("split tensor x16"), hiding a pipeline's
-    stages and micro-batches (a new-user sweep): its keys and header give them."""
+    stages and micro-batches: its keys and header give them."""
     from clustersim import api, report
     res = api.simulate("scenarios/quickstart.toml", {"parallel.split": "layers", "parallel.model_parallel": 4,
                                                      "parallel.replicas": 1, "parallel.micro_batches": 4,
                                                      "training.steps": 2}, speedup=False)
     assert (res.data["pipeline_stages"], res.data["micro_batches"], res.data["schedule"]) == (4, 4, "1f1b")
     assert "split layers x4 (4 stages, 4 micro-batches, 1f1b), replicas 1" in report.summary_text(res.data)
-    # stages of tensor slices: "x4" is the replica's devices, which the header splits (a new-user sweep, 059)
+    # stages of tensor slices: "x4" is the replica's devices, which the header splits
     res = api.simulate("scenarios/quickstart.toml", {"model.name": "gpt-tiny", "cluster.topology": "dgx-h100",
                                                      "parallel.split": "tensor", "parallel.model_parallel": 2,
                                                      "parallel.pipeline": 2, "parallel.micro_batches": 4,

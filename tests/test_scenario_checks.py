@@ -113,7 +113,7 @@ def test_sandblasters_eight_bit_messages_are_real_and_accepted():
     ({"algorithm": "ssp"}, {"ps_shards": 1}, {"on_failure": "restart"}, "faults.on_failure"),
 ])
 def test_a_setting_the_algorithm_would_ignore_is_refused(training, parallel, faults, field):
-    """Each of these ran as if it were not there, the output identical (a new-user sweep)."""
+    """Each of these ran as if it were not there, the output identical."""
     data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 32},
             "parallel": {"replicas": 4, **parallel}, "training": training, "faults": faults}
     with pytest.raises(ConfigError, match=rf"^t.toml: {field}: .*; {training['algorithm']} would ignore it$"):
@@ -124,7 +124,7 @@ def test_a_setting_the_algorithm_would_ignore_is_refused(training, parallel, fau
 
 
 def test_zero_with_one_replica_and_selective_without_attention_are_refused():
-    """Settings that would do nothing (a new-user sweep): ZeRO with nothing to shard over, and
+    """Settings that would do nothing: ZeRO with nothing to shard over, and
     selective recomputation of a model with no attention scores to rerun."""
     from clustersim.core.scenario import scenario_from_dict
     def data(model, **training):

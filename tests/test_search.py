@@ -221,13 +221,13 @@ def test_tensor_candidates_come_with_and_without_sequence_parallelism():
 
 def test_a_scenarios_zero_is_off_where_a_candidate_has_one_replica():
     """ZeRO with one replica is refused (nothing to shard over); search's one-replica
-    candidates of a ZeRO scenario were all refused with it (review R24): they run without."""
+    candidates of a ZeRO scenario run without it."""
     res = api.search(QUICK, 1, {"training.zero": 1, "training.optimizer": "adam", "training.steps": 1})
     assert [(p["parallel.replicas"], p["training.zero"]) for p in res["ranked"]] == [(1, 0)]
     res = api.search(QUICK, 2, {"training.zero": 1, "training.optimizer": "adam", "training.steps": 1})
     assert {(p["parallel.ps_shards"] > 0, p.get("training.zero", 1)) for p in res["ranked"]
             if p["parallel.replicas"] == 2} == {(False, 1), (True, 0)}    # ZeRO is sync's without shards
-    # a one-replica scenario asking for ZeRO was refused outright (new-user sweep U27): search
+    # a one-replica scenario may ask for ZeRO: search
     # chooses the replicas, and its rows with several shard as asked
     res = api.search(QUICK, 2, {"training.zero": 1, "training.optimizer": "adam", "training.steps": 1,
                                 "parallel.replicas": 1})
@@ -289,7 +289,7 @@ def test_stages_balance_as_the_best_partition_into_exactly_m(seed):
                        for cuts in itertools.combinations(range(1, n), min(m, n) - 1))
             assert worst == pytest.approx(best, rel=1e-9)
     head = balanced_stages([1.0] * 12 + [6.0], 8)        # 12 blocks and a head of six blocks' work
-    assert set(head) == set(range(8)) and head[-1] == 7 and head.count(7) == 1     # was 3 stages of 8
+    assert set(head) == set(range(8)) and head[-1] == 7 and head.count(7) == 1     # all 8 stages, the head alone
 
 
 def test_the_table_shows_stages_only_where_a_shown_row_is_a_pipeline_of_tensor_slices():
@@ -306,8 +306,7 @@ def test_the_table_shows_stages_only_where_a_shown_row_is_a_pipeline_of_tensor_s
 def test_candidates_split_the_batch_evenly_and_keep_the_scenarios_allreduce():
     """Micro-batches divide the replica's batch (Megatron-LM requires it): p or 4p rounded up
     to the next divisor (10 sequences in 10, not 8; 5 in 5, not 2), no layout dropped for
-    want of one (review R28); a scenario's allreduce algorithm stays (it was replaced by
-    auto)."""
+    want of one; a scenario's allreduce algorithm stays."""
     from clustersim.search_space import candidates
     sc = api.load(QUICK, [("model.name", "gpt-tiny"), ("model.batch_size", 20), ("parallel.replicas", 1),
                           ("cluster.topology", "dgx-h100-fat-tree"), ("cluster.machines", 2),
@@ -325,7 +324,7 @@ def test_candidates_split_the_batch_evenly_and_keep_the_scenarios_allreduce():
 
 def test_a_tensor_group_never_spans_two_machines_of_six():
     """Machines of 6 devices: tensor 4 would start a group at device 4 of a machine and end
-    it on the next (review R28); only tensor sizes dividing every machine's count are tried."""
+    it on the next; only tensor sizes dividing every machine's count are tried."""
     import dataclasses
     from clustersim.search_space import pipelines
 
@@ -342,10 +341,9 @@ def test_a_tensor_group_never_spans_two_machines_of_six():
 
 def test_a_parameter_server_row_is_the_same_on_a_larger_cluster():
     """Search's parameter-server rows keep their shards on the machines the replicas use
-    (``parallel.ps_placement = "local"``: their free devices, then their CPUs): on a larger
-    cluster a shard went to a free GPU of another machine, so one configuration ranked 317.7
-    or 116.9 samples/s by cluster size (new-user sweep U27).  The default placement is
-    unchanged; "local" without shards is refused."""
+    (``parallel.ps_placement = "local"``: their free devices, then their CPUs), so a row
+    gives one answer whatever the cluster's size, where the default ("spare") takes a free
+    GPU of another machine on a larger cluster; "local" without shards is refused."""
     rows = {}
     for machines in (1, 2):
         res = api.search(QUICK, 8, {"cluster.topology": "dgx-h100-fat-tree", "cluster.machines": machines,
@@ -359,7 +357,7 @@ def test_a_parameter_server_row_is_the_same_on_a_larger_cluster():
     assert plain.ps.devices == ("m1.gpu0",)                    # spare: the first device the job leaves free
     with pytest.raises(ConfigError, match="parallel.ps_placement"):
         api.load(QUICK, {"parallel.ps_placement": "local"})
-    # machine by machine: m0 has no free GPU, so its host CPU, then a free GPU of m1 (review R29)
+    # machine by machine: m0 has no free GPU, so its host CPU, then a free GPU of m1
     three = api.plan(api.load(QUICK, {"cluster.topology": "dgx-h100-fat-tree", "cluster.machines": 3,
                                       "parallel.replicas": 12, "model.batch_size": 8, "parallel.ps_shards": 2,
                                       "parallel.ps_placement": "local"}))
