@@ -48,8 +48,8 @@ wheelhouse: $(STAMP)
 		$$($(BIN)/python -c 'import tomllib; print(" ".join(d.replace(" ", "") for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
 	@ls wheelhouse | wc -l | xargs printf '%s wheels in wheelhouse/ for Python $(WHEEL_PYTHON)\n'
 
-published: $(STAMP)
-	$(BIN)/clustersim published --plot out/published.png
+published: $(STAMP)   # the cases in as many processes as this machine has cores
+	$(BIN)/clustersim published --plot out/published.png --jobs $$($(BIN)/python -c 'import os; print(os.cpu_count() or 1)')
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

@@ -545,12 +545,15 @@ def collective(topology: str | Path, op: str = "allreduce", algo: str = "auto", 
         raise ConfigError("--algo", algo, str(exc)) from None
 
 
-def published(directory: str | Path | None = None) -> list[dict]:
+def published(directory: str | Path | None = None, *, jobs: int = 1) -> list[dict]:
     """Every published-measurement case (``scenarios/published``, installed with the package
-    as ``clustersim.builtin_scenarios``) predicted: rows with ``name``, ``metric``, ``unit``,
-    ``predicted``, ``published``, ``error_pct``, ``source``."""
-    from clustersim.compare.published import published as run
-    return run(Path(directory) if directory else builtin_scenario_folder() / "published")
+    as ``clustersim.builtin_scenarios``) predicted, in file-name order, ``jobs`` cases at a
+    time: rows with ``name``, ``metric``, ``unit``, ``predicted``, ``published``,
+    ``error_pct``, ``source``."""
+    from clustersim.compare.published import case_files, row
+    paths = case_files(Path(directory) if directory else builtin_scenario_folder() / "published")
+    rows = dict(_each(row, [(path,) for path in paths], jobs, False))
+    return [rows[n] for n in range(len(paths))]
 
 
 def published_score(rows: list[dict]) -> dict:

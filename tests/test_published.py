@@ -41,6 +41,17 @@ def test_a_case_is_predicted_as_the_collective_command_does(tmp_path):
         "cases": 1, "median_abs_error_pct": abs(row["error_pct"]), "worst_abs_error_pct": abs(row["error_pct"])}
 
 
+def test_cases_run_at_once_come_back_in_file_order(tmp_path):
+    """``--jobs``: cases predicted in worker processes, rows in file-name order as one at a
+    time gives them (the sizes make every row differ; the slowest case first in the files)."""
+    for name, size in (("a", 2**30), ("b", 2**20), ("c", 2**10)):
+        (tmp_path / f"{name}.toml").write_text(CASE.replace('"tiny"', f'"{name}"').replace("1048576", str(size)))
+    one = api.published(tmp_path)
+    assert [r["name"] for r in one] == ["a", "b", "c"] and len({r["predicted"] for r in one}) == 3
+    assert api.published(tmp_path, jobs=2) == one
+    assert main(["published", "--dir", str(tmp_path), "--jobs", "0"]) == 2
+
+
 @pytest.mark.parametrize("old,new,field", [("value = 100.0", "value = -1", "reference.value"),
                                            ("bytes = 1048576", 'bytes = 1048576\nnccl = "2.x"', "collective.nccl")])
 def test_a_bad_case_is_one_line_naming_the_field(tmp_path, capsys, old, new, field):
@@ -92,7 +103,7 @@ def test_the_default_suite_is_found_outside_the_checkout(tmp_path, monkeypatch):
                 assert (case.parent / line.split('"')[1]).is_file(), case.name
     monkeypatch.chdir(tmp_path)
     seen = []
-    monkeypatch.setattr("clustersim.compare.published.published", lambda d: seen.append(d) or [])
+    monkeypatch.setattr("clustersim.compare.published.case_files", lambda d: seen.append(d) or [])
     assert api.published() == [] and seen == [packaged]
 
 

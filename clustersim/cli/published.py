@@ -4,19 +4,20 @@ from __future__ import annotations
 import json
 
 from clustersim import api, report
-from clustersim.cli.args import plot_arg
+from clustersim.cli.args import count, plot_arg
 
 
 def add(sub) -> None:
     c = sub.add_parser("published", help="predicted against published measurements (scenarios/published)")
     c.add_argument("--dir", default="", help="a directory of case files (default: the built-in suite)")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--jobs", type=count("--jobs"), default=1, help="cases run at once, in processes on this machine")
     plot_arg(c, "predicted against published, one point per case")
     c.set_defaults(func=run)
 
 
 def run(args) -> int:
-    rows = api.published(args.dir or None)
+    rows = api.published(args.dir or None, jobs=args.jobs)
     if args.plot:
         from clustersim.plots import plot_published
         plot_published(rows, args.plot)

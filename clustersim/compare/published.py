@@ -97,22 +97,27 @@ def predict(case: dict) -> float:
     return run[case["metric"]]
 
 
-def published(directory: Path) -> list[dict]:
-    """Every case of ``directory`` (sorted by file name), predicted: rows with ``name``,
-    ``metric``, ``unit``, ``predicted``, ``published``, ``error_pct``, ``source``, ``fitted``."""
-    rows = []
+def case_files(directory: Path) -> list[Path]:
+    """The case files of ``directory``, sorted by name (ConfigError where there are none)."""
     paths = sorted(Path(directory).glob("*.toml"))
     if not paths:
         raise ConfigError(str(directory), "", "no published-measurement cases (*.toml) there")
-    for path in paths:
-        case = load_case(path)
-        predicted = predict(case)
-        rows.append({"name": case["name"], "metric": case["metric"], "unit": case["unit"], "predicted": predicted,
-                     "published": case["published"],
-                     "error_pct": 100 * (predicted - case["published"]) / case["published"],
-                     "source": case["source"], "hardware": case["hardware"], "fitted": case["fitted"],
-                     "note": case["note"]})
-    return rows
+    return paths
+
+
+def row(path: Path) -> dict:
+    """One case predicted: ``name``, ``metric``, ``unit``, ``predicted``, ``published``,
+    ``error_pct``, ``source``, ``hardware``, ``fitted``, ``note``."""
+    case = load_case(path)
+    predicted = predict(case)
+    return {"name": case["name"], "metric": case["metric"], "unit": case["unit"], "predicted": predicted,
+            "published": case["published"], "error_pct": 100 * (predicted - case["published"]) / case["published"],
+            "source": case["source"], "hardware": case["hardware"], "fitted": case["fitted"], "note": case["note"]}
+
+
+def published(directory: Path) -> list[dict]:
+    """Every case of ``directory`` (sorted by file name), predicted (``row``)."""
+    return [row(path) for path in case_files(directory)]
 
 
 def score(rows: list[dict]) -> dict:
