@@ -64,6 +64,22 @@ def test_a_plot_file_matplotlib_cannot_write_is_refused_before_any_work(tmp_path
     assert not plot.exists()
 
 
+@pytest.mark.parametrize("argv, where", [
+    (["plan", QUICK, "--save", "{f}/p.json"], "{f}/p.json"),
+    (["simulate", QUICK, "--set", "training.steps=1", "--trace", "{d}"], "{d}"),
+    (["simulate", QUICK, "--set", "training.steps=1", "--plot", "{f}/p.png"], "{f}/p.png"),
+    (["sweep", QUICK, "--vary", "training.steps=1,2", "--out", "{f}/sw"], "{f}/sw.run.json")])
+def test_an_output_path_that_cannot_be_written_is_one_line_naming_it(tmp_path, capsys, argv, where):
+    """A file where a folder should be, or a folder where a file should be: one line naming
+    the path, exit 2, the file in the way untouched (a new user found tracebacks)."""
+    f = tmp_path / "taken"
+    f.write_text("keep")
+    code, out, err = run(capsys, *[a.format(f=f, d=tmp_path) for a in argv])
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"clustersim: error: {where.format(f=f, d=tmp_path)}: cannot write there: ")
+    assert f.read_text() == "keep" and sorted(q.name for q in tmp_path.iterdir()) == ["taken"]
+
+
 def test_a_plot_extension_is_read_in_any_case(tmp_path, capsys):
     plot = tmp_path / "step.PNG"
     code, out, err = run(capsys, "simulate", QUICK, "--no-speedup", "--plot", plot)

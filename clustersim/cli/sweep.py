@@ -149,7 +149,10 @@ def save(prefix: str, points: list[dict], vary: dict, record: dict) -> None:
     beside the other's record (``--resume`` then refuses: it cannot tell)."""
     held = Path(prefix + RUN)
     if _held(held) != record:
-        held.unlink(missing_ok=True)
+        try:
+            held.unlink(missing_ok=True)
+        except OSError as exc:
+            raise ConfigError(str(held), "", f"cannot write there: {exc.strerror or exc}") from None
     api.write_atomic(prefix + ".json", json.dumps(points, indent=2))
     api.write_atomic(prefix + ".csv", to_csv(points, vary))
     if not held.exists():
@@ -166,6 +169,8 @@ def run(args) -> int:
     total = 1
     for values in vary.values():
         total *= len(values)
+    if args.out:                 # a PREFIX that cannot be written is one line before any point runs
+        save(args.out, finished, vary, record)
     bar = _progress(total, len(done))
 
     def on_point(point: dict) -> None:

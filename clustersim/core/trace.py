@@ -12,6 +12,7 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from clustersim.core.config import ConfigError
 
 KINDS = ("compute", "transfer", "update", "wait")
 
@@ -139,10 +140,15 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
 
 def replace_atomic(path: str | Path, write) -> None:
     """Calls ``write(tmp_path)`` on a temporary file beside ``path``, then renames it into
-    place with the usual permissions: the file is whole or absent, never half-written."""
+    place with the usual permissions: the file is whole or absent, never half-written.  A
+    path that cannot be written (a file where a folder should be, a folder, no permission)
+    raises ConfigError naming it: one line, nothing else written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot write there: {exc.strerror or exc}") from None
     os.close(fd)
     try:
         write(tmp)
@@ -150,6 +156,9 @@ def replace_atomic(path: str | Path, write) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; outputs are for sharing
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise ConfigError(str(path), "", f"cannot write there: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
