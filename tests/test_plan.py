@@ -514,6 +514,43 @@ def test_data_parallel_bytes_closed_forms():
         assert [sum(d.values()) for d in sent] == pytest.approx([passes * 0.75 * n * 2 for n in p.slot_params])
 
 
+@pytest.mark.parametrize("sets, size", [
+    (["model.dtype=fp32"], 4), (["model.dtype=fp16"], 2), (["model.dtype=bf16"], 2), (["model.dtype=fp64"], 8),
+    (["model.dtype=fp16", "training.gradient_dtype=fp32"], 4),
+    (["model.dtype=bf16", "training.gradient_dtype=fp32", "training.zero=1"], 3),     # fp32 scatter, bf16 gather
+    (["model.dtype=bf16", "training.algorithm=local", "training.local_steps=5"], 4 / 5)])   # fp32 weights, 1 in 5
+def test_the_simulated_exchange_sends_what_the_plan_counts(sets, size):
+    """One rule for a gradient's bytes (a new user found fp16's allreduce simulated at 4
+    bytes a value where ``clustersim plan`` and the memory check counted 2): pure data
+    parallelism moves nothing but the replicas' exchange, so the simulated bytes a step are
+    the replicas' ``data_parallel_bytes``, ring volumes of ``size`` bytes a value (a value's
+    gradient and weight under ZeRO, half of each a pass; local SGD's fp32 weights every k steps)."""
+    from clustersim.core.plan import data_parallel_bytes
+    from clustersim.core.scenario import load_scenario, parse_set
+    from sim.engine import simulate
+    steps = 10
+    p = plan(load_scenario("scenarios/quickstart.toml", parse_set(sets + ["parallel.replicas=4",
+                                                                            f"training.steps={steps}"])))
+    [sent] = data_parallel_bytes(p)
+    assert sum(sent.values()) == pytest.approx(2 * 0.75 * p.slot_params[0] * size)
+    res = simulate(p)
+    moved = sum(s.bytes for s in res.trace.spans if s.kind == "transfer") / steps
+    assert moved == pytest.approx(4 * sum(sent.values()))
+
+
+def test_buckets_fill_to_bucket_mb_of_gradient_bytes():
+    """DDP fills its 25 MiB buckets with gradients as they are kept: fp16 gradients fill
+    twice the parameters of fp32 ones a bucket."""
+    from clustersim.core.plan import buckets
+    sizes = {}
+    for g in ("fp16", "fp32"):
+        p = plan(scenario(model="alexnet", batch=8, parallel={"replicas": 2},
+                          training={"gradient_dtype": g, "bucket_mb": 8}), check_memory=False)
+        sizes[g] = [n for _, n in buckets(p, 0)]
+        assert all(n * {"fp16": 2, "fp32": 4}[g] >= 8 * 2**20 for n in sizes[g][:-1])
+    assert len(sizes["fp16"]) < len(sizes["fp32"])
+
+
 @pytest.mark.slow
 def test_gpt3_on_1024_h100s_fits_with_16_stages_and_not_without():
     """Issue 17's done-when: GPT-3 175B, bf16, batch 8 of 2,048 positions, tensor 8 x

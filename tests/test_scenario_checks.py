@@ -53,6 +53,27 @@ def test_a_model_files_positions_are_checked_and_the_message_points_at_its_input
     assert load({"file": "att.toml"}, tensor(2), file=str(tmp_path / "s.toml")).parallel.tensor == 2
 
 
+def test_a_warm_start_is_every_asynchronous_algorithms():
+    """Downpour, DC-ASGD and SSP share the warm start (sim.algorithms.downpour); review R31
+    found it refused for the last two."""
+    for algorithm in ("downpour", "dcasgd", "ssp"):
+        data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 32},
+                "parallel": {"replicas": 4, "ps_shards": 1}, "training": {"algorithm": algorithm, "warm_start_s": 0.1}}
+        assert scenario_from_dict(data, "t.toml").training.warm_start_s == 0.1
+
+
+def test_an_emptied_model_name_switches_a_scenario_to_a_model_file(tmp_path):
+    """``--set model.name= --set model.file=X`` on a scenario that names a built-in model (a
+    new user could not switch); both empty, or both given, stays refused."""
+    (tmp_path / "att.toml").write_text(ATTENTION_FILE)
+    s = str(tmp_path / "s.toml")
+    assert load({"name": "", "file": "att.toml"}, file=s).model.name == "att"
+    assert load({"name": "gpt2", "file": ""}, file=s).model.name == "gpt2"
+    for model in ({"name": "", "file": ""}, {"name": "gpt2", "file": "att.toml"}):
+        with pytest.raises(ConfigError, match="give exactly one of model.name"):
+            load(model, file=s)
+
+
 @pytest.mark.parametrize("name", ["alexnet", "mlp-digits", "resnet-50"])
 @pytest.mark.parametrize("mode", ["eager", "fused", "flash"])
 def test_attention_on_a_zoo_model_without_attention_is_refused(name, mode):
@@ -111,6 +132,15 @@ def test_sandblasters_eight_bit_messages_are_real_and_accepted():
     ({"algorithm": "local", "comm_bits": 8}, {"ps_shards": 1}, {}, "training.comm_bits"),
     ({"algorithm": "downpour"}, {"ps_shards": 1}, {"checkpoint_every": 5}, "faults.checkpoint_every"),
     ({"algorithm": "ssp"}, {"ps_shards": 1}, {"on_failure": "restart"}, "faults.on_failure"),
+    ({"algorithm": "downpour", "staleness": 2}, {"ps_shards": 1}, {}, "training.staleness"),
+    ({"algorithm": "downpour", "local_steps": 3}, {"ps_shards": 1}, {}, "training.local_steps"),
+    ({"algorithm": "ssp", "dcasgd_lambda": 0.1}, {"ps_shards": 1}, {}, "training.dcasgd_lambda"),
+    ({"algorithm": "downpour", "dcasgd_adaptive": True}, {"ps_shards": 1}, {}, "training.dcasgd_adaptive"),
+    ({"algorithm": "downpour", "work_units": 3}, {"ps_shards": 1}, {}, "training.work_units"),
+    ({"algorithm": "sync", "backup_tasks": False}, {}, {}, "training.backup_tasks"),
+    ({"algorithm": "sync", "lbfgs_history": 5}, {}, {}, "training.lbfgs_history"),
+    ({"algorithm": "sync", "comm_interval": 3}, {}, {}, "training.comm_interval"),
+    ({"algorithm": "sync", "warm_start_s": 0.1}, {"ps_shards": 1}, {}, "training.warm_start_s"),
 ])
 def test_a_setting_the_algorithm_would_ignore_is_refused(training, parallel, faults, field):
     """Each of these ran as if it were not there, the output identical."""

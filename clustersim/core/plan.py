@@ -577,7 +577,7 @@ def buckets(p: Plan, slot: int) -> list[tuple[tuple[int, ...], int]]:
             continue
         layers.append(i)
         size += n
-        if cap and size * PARAM_BYTES >= cap:
+        if cap and size * p.scenario.gradient_bytes >= cap:
             out.append((tuple(layers), size))
             layers, size = [], 0
     if layers:
@@ -724,14 +724,14 @@ def memory_use(p: Plan) -> dict[str, dict[str, float]]:
 
 
 def state_bytes(sc: Scenario) -> dict[str, float]:
-    """Bytes per parameter a replica's device keeps: weights and gradients in the model's
-    dtype; optimizer state of 4 bytes of fp32 master weights where the dtype is narrower
+    """Bytes per parameter a replica's device keeps: weights in the model's dtype, gradients
+    in ``Scenario.gradient_bytes`` (the same unless ``training.gradient_dtype``); optimizer state of 4 bytes of fp32 master weights where the dtype is narrower
     (mixed precision) plus 8 of Adam's two fp32 moments -- 2 + 2 + 12 = 16 with Adam in
     fp16/bf16, as ZeRO's paper counts -- and ZeRO stage z's sharding over the R replicas:
     the optimizer state from stage 1, the gradients from 2, the weights from 3."""
     db, zero, r = float(sc.dtype_bytes), sc.training.zero, sc.parallel.replicas
     optimizer = (4.0 if db < 4 else 0.0) + (8.0 if sc.training.optimizer == "adam" else 0.0)
-    return {"weights": db / (r if zero >= 3 else 1), "gradients": db / (r if zero >= 2 else 1),
+    return {"weights": db / (r if zero >= 3 else 1), "gradients": sc.gradient_bytes / (r if zero >= 2 else 1),
             "optimizer": optimizer / (r if zero >= 1 else 1)}
 
 
@@ -742,20 +742,23 @@ def data_parallel_bytes(p: Plan) -> list[dict[str, float]]:
     all-gather of the updated weights (the same two); ZeRO 3 all-gathers the weights before
     the forward and again before the backward instead (three passes, ZeRO's 1.5x).  Counted
     here and not in ``plan.ops``: the sim engine runs the gradient allreduce (the volume of
-    stages 0-2); stage 3's extra all-gather is not simulated."""
+    stages 0-2); stage 3's extra all-gather is not simulated.  Local SGD averages its fp32
+    weights every ``local_steps`` steps instead: per step, that allreduce over k."""
     sc = p.scenario
-    r, db = sc.parallel.replicas, sc.dtype_bytes
+    r, db, gb = sc.parallel.replicas, sc.dtype_bytes, sc.gradient_bytes
     if r < 2 or p.sync != "allreduce":
         return [{} for _ in range(p.slots)]
     share = (r - 1) / r
     out = []
     for n in p.slot_params:
-        if sc.training.zero >= 3:
-            out.append({"gradient reduce-scatter": share * n * db, "weight all-gather": 2 * share * n * db})
+        if sc.training.algorithm == "local":      # fp32 weights averaged every local_steps steps (sim.algorithms.local)
+            out.append({"weight average": 2 * share * n * PARAM_BYTES / sc.training.local_steps})
+        elif sc.training.zero >= 3:
+            out.append({"gradient reduce-scatter": share * n * gb, "weight all-gather": 2 * share * n * db})
         elif sc.training.zero:
-            out.append({"gradient reduce-scatter": share * n * db, "weight all-gather": share * n * db})
+            out.append({"gradient reduce-scatter": share * n * gb, "weight all-gather": share * n * db})
         else:
-            out.append({"gradient allreduce": 2 * share * n * db})
+            out.append({"gradient allreduce": 2 * share * n * gb})
     return out
 
 

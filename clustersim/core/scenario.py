@@ -75,6 +75,7 @@ class Training:
     learning_rate: float = 0.1
     allreduce: str = "auto"      # auto (NCCL's tuner, per bucket) | ring | tree | hierarchical, when ps_shards = 0
     bucket_mb: float = 25.0      # sync allreduce: gradient buckets (MiB, as PyTorch DDP's bucket_cap_mb); 0: one
+    gradient_dtype: str = ""     # gradients as kept and allreduced: "" the model's dtype; fp32 as AMP keeps them
     time_limit_s: float = 0.0    # > 0: no replica starts a step after this simulated time
     optimizer: str = "sgd"       # sgd | adagrad: the rule shards apply (downpour, ssp); adam: sync (memory: 2 moments)
     zero: int = 0                # sync: ZeRO stage, sharding over replicas 1 optimizer state, 2 + gradients, 3 + weights
@@ -147,6 +148,13 @@ class Scenario:
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def gradient_bytes(self) -> int:
+        """Bytes of one gradient value, in memory and in the replicas' allreduce: the model's
+        dtype (Megatron-LM and DeepSpeed in fp16), or ``training.gradient_dtype`` (fp32:
+        PyTorch AMP's fp32 parameters, Megatron-LM's bf16 with fp32 gradient accumulation)."""
+        return DTYPE_BYTES[self.training.gradient_dtype or self.dtype]
 
 
 def read_toml(path: Path) -> dict:
@@ -232,6 +240,7 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
     ct.done()
 
     mt = top.table("model")
+    mt.data = {k: v for k, v in mt.data.items() if not (k in ("name", "file") and v == "")}   # --set model.name=
     if mt.has("file") == mt.has("name"):
         raise mt.error("name", "give exactly one of model.name (built-in) or model.file")
     if mt.has("name"):
@@ -327,6 +336,21 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
             ("training.comm_bits", tr.comm_bits == 8 and tr.algorithm not in ASYNC + ("sync", "sandblaster"),
              "8-bit messages are the parameter server's pushes and fetches (sync, Downpour, DC-ASGD, SSP, "
              "Sandblaster)"),
+            ("training.staleness", tr.staleness != Training.staleness and tr.algorithm != "ssp",
+             "a staleness bound is SSP's"),
+            ("training.local_steps", tr.local_steps != Training.local_steps and tr.algorithm != "local",
+             "averaging every k steps is local SGD's"),
+            ("training.dcasgd_lambda" if tr.dcasgd_lambda != Training.dcasgd_lambda else "training.dcasgd_adaptive",
+             (tr.dcasgd_lambda != Training.dcasgd_lambda or tr.dcasgd_adaptive) and tr.algorithm != "dcasgd",
+             "delay compensation is DC-ASGD's"),
+            ("training.work_units" if tr.work_units else "training.lbfgs_history" if tr.lbfgs_history != Training.lbfgs_history
+             else "training.backup_tasks",
+             (tr.work_units or tr.lbfgs_history != Training.lbfgs_history or not tr.backup_tasks)
+             and tr.algorithm != "sandblaster", "work units, backup tasks and L-BFGS history are Sandblaster's"),
+            ("training.comm_interval", tr.comm_interval != Training.comm_interval and tr.algorithm != "layerwise",
+             "a weight-exchange interval is the layer-wise algorithm's"),
+            ("training.warm_start_s", tr.warm_start_s and tr.algorithm not in ASYNC,
+             "a warm start is Downpour's, DC-ASGD's and SSP's"),
             ("faults.checkpoint_every" if faults.checkpoint_every else "faults.on_failure",
              (faults.checkpoint_every or faults.on_failure == "restart") and tr.algorithm != "sync",
              "restarting from checkpoints is sync SGD's (shards: faults.shard_recovery)")):
@@ -365,6 +389,15 @@ def _recompute(tt: Table) -> str:
     raise tt.error("recompute", f'must be true, false, "full", "selective" or "none"; got {value!r}')
 
 
+def _gradient_dtype(tt: Table) -> str:
+    """``training.gradient_dtype``: one of the dtypes, or empty (the model's)."""
+    value = tt.str("gradient_dtype", "")
+    if value and value not in DTYPE_BYTES:
+        raise tt.error("gradient_dtype", f"must be one of {', '.join(DTYPE_BYTES)} (or unset: the model's dtype); "
+                                         f"got {value!r}")
+    return value
+
+
 def _training(tt: Table) -> Training:
     tr = Training(
         algorithm=tt.str("algorithm", "sync", choices=ALGORITHMS),
@@ -372,6 +405,7 @@ def _training(tt: Table) -> Training:
         learning_rate=tt.float("learning_rate", 0.1, positive=True),
         allreduce=tt.str("allreduce", "auto", choices=COLLECTIVE_ALGOS),
         bucket_mb=tt.float("bucket_mb", 25.0, lo=0.0, hi=1e6),
+        gradient_dtype=_gradient_dtype(tt),
         time_limit_s=tt.float("time_limit_s", 0.0, lo=0.0),
         optimizer=tt.str("optimizer", "sgd", choices=OPTIMIZERS),
         n_fetch=tt.int("n_fetch", 1, lo=1, hi=1_000_000),

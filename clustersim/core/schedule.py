@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from clustersim.core.scenario import ASYNC, Scenario
 
-PARAM_BYTES = 4      # master weights and gradients are fp32
+PARAM_BYTES = 4      # fp32 master weights: checkpoints, updates, parameter-server messages (gradients: Scenario.gradient_bytes)
 
 
 @dataclass(frozen=True)

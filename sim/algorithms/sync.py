@@ -119,12 +119,16 @@ def _slot_exchange(engine: Engine, runs, active, j: int, step: int):
     every replica updates."""
     env, plan = engine.env, engine.plan
     devices = [plan.devices[r][j] for r in active]
+    sc = plan.scenario
+    # ZeRO: a reduce-scatter of the gradients and an all-gather of the weights, timed as one
+    # allreduce of the same ring volume (half a value of each dtype a pass)
+    value_bytes = (sc.gradient_bytes + sc.dtype_bytes) / 2 if sc.training.zero else sc.gradient_bytes
     if len(devices) > 1 and plan.slot_params[j]:
         for layers, n in buckets(plan, j):
             yield env.all_of([ev for g in runs
                               for ev in g.layer_ready.waited([(j, i) for i in layers if (j, i) in g.layer_ready])])
             yield engine.collective("allreduce", plan.scenario.training.allreduce, devices,
-                                    n * PARAM_BYTES, -1, step, "allreduce")
+                                    n * value_bytes, -1, step, "allreduce")
     yield env.all_of([g.slot_ready[j] for g in runs])
     if plan.slot_params[j]:
         yield env.all_of([_update(engine, plan.devices[r][j], plan.slot_params[j], r, step) for r in active])
