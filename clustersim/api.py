@@ -124,8 +124,15 @@ def sweep(source: Source, vary: Mapping[str, Iterable[Any]], overrides: Override
     with each point as it finishes (a progress bar)."""
     base = _pairs(overrides)
     axes = [[(key, v) for v in values] for key, values in vary.items()]
+    for key, values in zip(vary, axes):
+        if not values:
+            raise ConfigError("--vary", str(key), "give at least one value to vary it over")
     combos = [list(c) for c in itertools.product(*axes)]
-    load(source, base)                                     # bad shared input fails here, once
+    try:
+        load(source, base)                                 # bad shared input fails here, once
+    except ConfigError:                                    # unless the varied keys mend it (a key only an
+        if not any(_loads(source, base + combo) for combo in combos):    # algorithm of --vary reads)
+            raise
     done = done or {}
     results: list[dict | None] = [None] * len(combos)
     todo = []
@@ -278,6 +285,14 @@ def _fitting(source: Source, pairs: list[tuple[str, Any]], cand: dict, tries: li
         except ConfigError as exc:
             return trial, str(exc)
     return trial, error
+
+
+def _loads(source: Source, pairs: list) -> bool:
+    try:
+        load(source, pairs)
+        return True
+    except ConfigError:
+        return False
 
 
 def point_key(values) -> tuple:
@@ -529,7 +544,17 @@ def collective(topology: str | Path, op: str = "allreduce", algo: str = "auto", 
     ``protocol``) of ``op`` by ``algo`` (``auto``: NCCL's tuner picks per size) over the first
     ``gpus`` compute devices (all by default); ``nccl``: the version whose kernels lay out
     NVLS chunks (default: the tuner's, ``nccl.VERSION``)."""
+    from clustersim.core.collective import ALGOS, OPS
+    from clustersim.core.nccl import PROTOCOLS
+    from clustersim.core.scenario import NETWORKS
     from sim.collectives import table
+    sizes = list(sizes)
+    for option, value, choices in (("--op", op, OPS), ("--algo", algo, ALGOS), ("--network", network, NETWORKS),
+                                   ("--protocol", protocol, ("",) + PROTOCOLS)):
+        if value not in choices:
+            raise ConfigError(option, str(value), f"one of {', '.join(c for c in choices if c)}")
+    if not sizes or any(isinstance(b, bool) or not hasattr(b, "__index__") or b < 1 for b in sizes):
+        raise ConfigError("--bytes", str(sizes), "sizes are whole numbers of bytes >= 1")
     topo = load_topology(str(topology), Path("."), machines or None, ("--topology", ""))
     devices = topo.compute_devices()
     n = gpus or len(devices)
@@ -540,7 +565,7 @@ def collective(topology: str | Path, op: str = "allreduce", algo: str = "auto", 
     except ValueError as exc:
         raise ConfigError("--nccl", nccl, str(exc)) from None
     try:
-        return table(topo, op, algo, list(sizes), devices[:n], network, protocol, nccl or NCCL_VERSION)
+        return table(topo, op, algo, sizes, devices[:n], network, protocol, nccl or NCCL_VERSION)
     except ValueError as exc:
         raise ConfigError("--algo", algo, str(exc)) from None
 

@@ -133,6 +133,30 @@ def test_a_count_below_1_is_refused_in_one_line_naming_the_option(capsys, monkey
     assert err == f"clustersim: error: {option}: {value}: must be a whole number >= 1\n"
 
 
+@pytest.mark.parametrize("kw, line", [
+    ({"sizes": [0]}, "--bytes: [0]: sizes are whole numbers of bytes >= 1"),
+    ({"sizes": [-8]}, "--bytes: [-8]: sizes are whole numbers of bytes >= 1"),
+    ({"sizes": []}, "--bytes: []: sizes are whole numbers of bytes >= 1"),
+    ({"network": "fluid"}, "--network: fluid: one of flow, analytical"),
+    ({"op": "allreduc"}, "--op: allreduc: one of allreduce, allgather"),
+    ({"op": "alltoall", "algo": "tree"}, "--algo: tree: alltoall runs as direct sends between every pair"),
+    ({"op": "alltoall", "algo": "ps"}, "--algo: ps: alltoall runs as direct sends between every pair")])
+def test_collective_refuses_what_it_cannot_run_naming_the_option(kw, line):
+    """A new user's calls from Python: a zero or negative size ran (a zero-time row), an
+    unknown network raised KeyError, a misspelt op blamed --algo, alltoall ran by "tree"."""
+    from clustersim.core.config import ConfigError
+    with pytest.raises(ConfigError) as err:
+        api.collective("dgx-h100", **kw)
+    assert str(err.value).startswith(line)
+
+
+def test_collective_sizes_reach_1t(capsys):
+    code, out, err = run(capsys, "collective", "--topology", "dgx-h100", "--bytes", "512G..1T", "--json")
+    assert code == 0 and [r["bytes"] for r in json.loads(out)] == [2**39, 2**40]
+    code, out, err = run(capsys, "collective", "--topology", "dgx-h100", "--bytes", "1P")
+    assert code == 2 and "sizes look like 8, 64K, 1M, 1G or 1T" in err
+
+
 def test_collective_without_gpus_still_runs_on_every_compute_device(capsys):
     code, out, err = run(capsys, "collective", "--topology", "dgx-h100", "--bytes", "1M", "--json")
     assert (code, err) == (0, "")

@@ -59,6 +59,8 @@ def test_what_cannot_fit_is_refused_before_simulating():
     assert (1, 1) in {(d["parallel.replicas"], d["parallel.model_parallel"]) for d in res["dropped"]}
     assert (4, 1) in {(d["parallel.replicas"], d["parallel.model_parallel"]) for d in res["ranked"]}
     assert res["candidates"] == len(res["dropped"]) + len(res["ranked"])
+    from clustersim.cli.search import _not_ranked
+    assert _not_ranked(res) == f"{len(res['dropped'])} refused before simulating ({len(res['dropped'])} for memory)"
 
 
 def test_cost_ranks_by_dollars_per_sample_and_a_missed_deadline_says_so(capsys):
@@ -121,7 +123,7 @@ def test_a_search_whose_every_run_stalls_says_so_and_exits_3(capsys):
     args = ["search", "scenarios/downpour.toml", "--devices", "2", "--set", "faults.mtbf_s=0.000001"]
     assert main(args) == 3
     out = capsys.readouterr().out
-    assert "7 refused before simulating (memory, shape, settings), 1 stalled -- none ranked" in out
+    assert "7 refused before simulating (7 by parallel.ps_shards), 1 stalled -- none ranked" in out
     assert "# every configuration that ran stalled (1); the first: waiting forever" in out
     assert main(args + ["--json"]) == 3
     assert json.loads(capsys.readouterr().out) == []

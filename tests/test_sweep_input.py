@@ -150,3 +150,23 @@ def test_the_sweep_command_plots_against_every_varied_key(tmp_path, monkeypatch,
     assert main(["sweep", QUICK, *STEPS, "--vary", "model.batch_size=32,512", "--vary", "parallel.replicas=1,2",
                  "--plot", str(png)]) == 0
     assert png.stat().st_size > 10_000
+
+
+def test_a_shared_setting_only_a_varied_algorithm_reads_is_no_refusal(capsys):
+    """``--set training.staleness=5 --vary training.algorithm=ssp,downpour`` on a Downpour
+    scenario: the base alone is refused (Downpour would ignore the bound), the SSP point runs
+    and the Downpour point carries the refusal; with no point that reads it, one line, exit 2."""
+    downpour = str(ROOT / "scenarios" / "downpour.toml")
+    code, out, err = run(capsys, "sweep", downpour, *STEPS, "--set", "training.staleness=5",
+                         "--vary", "training.algorithm=ssp,downpour", "--json")
+    points = json.loads(out)
+    assert code == 0 and "error" not in points[0] and "staleness bound is SSP's" in points[1]["error"]
+    code, out, err = run(capsys, "sweep", downpour, *STEPS, "--set", "training.staleness=5",
+                         "--vary", "training.algorithm=downpour,dcasgd")
+    assert code == 2 and err.count("\n") == 1 and "training.staleness" in err
+
+
+def test_an_empty_list_of_values_is_one_line():
+    from clustersim import ConfigError, sweep
+    with pytest.raises(ConfigError, match="^--vary: parallel.replicas: give at least one value"):
+        sweep(QUICK, {"parallel.replicas": []})

@@ -12,7 +12,7 @@ from clustersim.core.nccl import PROTOCOLS, VERSION
 from clustersim.core.topology import NoRoute
 
 NETWORKS = ("analytical", "flow")      # sim.network.BACKENDS' names
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def add(sub) -> None:
@@ -35,9 +35,9 @@ def add(sub) -> None:
 
 
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)B?\s*", text, re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
     if not m or int(m.group(1)) < 1:
-        raise ConfigError("--bytes", text, "sizes look like 8, 64K, 1M or 1G")
+        raise ConfigError("--bytes", text, "sizes look like 8, 64K, 1M, 1G or 1T")
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 
 from clustersim import api, report
 from clustersim.cli.args import count, scenario_args
@@ -56,10 +57,21 @@ def _not_ranked(res: dict) -> str:
     """What did not rank and why: refused before simulating (memory, shape, settings),
     failed or stalled when run."""
     stalled, failed = len(res["stalled"]), len(res["failed"])
-    parts = [f"{res['refused']} refused before simulating (memory, shape, settings)"]
+    why = Counter(_refusal(p["error"]) for p in res["dropped"][:res["refused"]])
+    parts = [f"{res['refused']} refused before simulating"
+             + (f" ({', '.join(f'{n} {reason}' for reason, n in why.most_common())})" if why else "")]
     parts += [f"{failed} failed when run"] if failed else []
     parts += [f"{stalled} stalled"] if stalled else []
     return ", ".join(parts)
+
+
+def _refusal(error: str) -> str:
+    """A refusal's reason in a word or two: ``memory`` where the plan does not fit, else the
+    field its one-line error names (``file: field: message``)."""
+    if ": does not fit: device " in error:                 # plan.DoesNotFit's message
+        return "for memory"
+    parts = error.split(": ")
+    return f"by {parts[1]}" if len(parts) > 2 else "other"
 
 
 def table_columns(ranked: list[dict], objective: str) -> list[tuple[str, str]]:

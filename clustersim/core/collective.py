@@ -204,6 +204,9 @@ def phases(op: str, algo: str, devices: Sequence[str], nbytes: float,
     if op == "alltoall" or algo == "ps":
         everyone = tuple((a, b) for a in d for b in d if a != b)
     if op == "alltoall":
+        if algo != "auto":
+            raise ValueError(f"alltoall runs as direct sends between every pair, as NCCL's does; not by {algo} "
+                             f"(give auto)")
         return [Phase(everyone, nbytes / n, coupled=False)]
     if algo == "auto":
         both = phases(op, "ring", d, nbytes, nodes, ports)
