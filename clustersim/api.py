@@ -560,6 +560,9 @@ def collective(topology: str | Path, op: str = "allreduce", algo: str = "auto", 
     n = gpus or len(devices)
     if not 2 <= n <= len(devices):
         raise ConfigError("--gpus", str(gpus), f"must be 2..{len(devices)} for topology {topo.name}")
+    if protocol and any(topo.devices[d].kind != "gpu" for d in devices[:n]):
+        raise ConfigError("--protocol", protocol, f"NCCL's protocols run on GPUs; topology {topo.name}'s "
+                          f"devices are {', '.join(sorted({topo.devices[d].kind for d in devices[:n]}))}")
     try:
         version_tuple(nccl or NCCL_VERSION)
     except ValueError as exc:

@@ -140,13 +140,14 @@ def test_a_count_below_1_is_refused_in_one_line_naming_the_option(capsys, monkey
     ({"network": "fluid"}, "--network: fluid: one of flow, analytical"),
     ({"op": "allreduc"}, "--op: allreduc: one of allreduce, allgather"),
     ({"op": "alltoall", "algo": "tree"}, "--algo: tree: alltoall runs as direct sends between every pair"),
-    ({"op": "alltoall", "algo": "ps"}, "--algo: ps: alltoall runs as direct sends between every pair")])
+    ({"op": "alltoall", "algo": "ps"}, "--algo: ps: alltoall runs as direct sends between every pair"),
+    ({"topology": "distbelief-2012", "protocol": "LL"}, "--protocol: LL: NCCL's protocols run on GPUs")])
 def test_collective_refuses_what_it_cannot_run_naming_the_option(kw, line):
     """A new user's calls from Python: a zero or negative size ran (a zero-time row), an
     unknown network raised KeyError, a misspelt op blamed --algo, alltoall ran by "tree"."""
     from clustersim.core.config import ConfigError
     with pytest.raises(ConfigError) as err:
-        api.collective("dgx-h100", **kw)
+        api.collective(**{"topology": "dgx-h100", **kw})
     assert str(err.value).startswith(line)
 
 
