@@ -131,3 +131,27 @@ def test_executed_sync_trace_has_every_replica_step_and_the_summary_reads_it(tmp
     for key in ("accuracy", "loss", "quiet_step_time_s", "train_loss", "time_by_phase_s", "device_utilisation"):
         assert key in out
     assert out["transport"] == "mpi"                   # a CPU run: host MPI carries the messages
+
+
+def test_an_executed_message_counts_once_in_bytes_and_phase_times():
+    """``execute --json`` read 262,144 bytes a step on a 2-stage split where ``simulate`` read
+    131,072: the executor records a message as a ``send`` span and a ``recv`` span, both
+    with its bytes.  A simulated trace rewritten in the executor's way summarizes the same."""
+    from dataclasses import replace
+
+    from sim.engine import simulate
+    from clustersim.core.metrics import summarize
+    from helpers import scenario
+    sc = scenario(batch=32, parallel={"model_parallel": 2, "split": "layers"}, training={"steps": 3})
+    p = plan(sc)
+    res = simulate(p)
+    halves = []
+    for s in res.trace.spans:
+        if s.kind == "transfer":
+            halves += [replace(s, name=f"{s.name} send"), replace(s, name=f"{s.name} recv")]
+        else:
+            halves.append(s)
+    executed = replace(res, trace=replace(res.trace, spans=halves))
+    plain, twice = summarize(p, res), summarize(p, executed)
+    assert plain["bytes_per_step"] > 0 and twice["bytes_per_step"] == plain["bytes_per_step"]
+    assert twice["time_by_phase_s"] == plain["time_by_phase_s"]

@@ -55,10 +55,12 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
         samples_per_s = sc.batch_size * len(tr.replica_steps) / (res.sim_time_s or 1.0)
     makespan = res.sim_time_s or 1.0
     busy = tr.device_busy()
+    once = [s for s in tr.spans if not _receive_half(s)]       # an executed message counted once
     by_phase: dict[str, float] = defaultdict(float)
-    for s in tr.spans:
+    for s in once:
         by_phase[s.phase] += s.duration_s
-    done = len(steps)                        # steps completed (per replica when replicas step alone)
+    done = len(tr.step_times())              # steps completed, every stretch of a run that lost replicas
+                                             # (the rate is the last stretch's); per replica when replicas step alone
     if tr.replica_steps:
         per = defaultdict(int)
         for r, *_ in tr.replica_steps:
@@ -81,7 +83,7 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
         "sim_time_s": res.sim_time_s, "sim_events": res.sim_events, "wall_s": res.wall_s,
         "device_utilisation": {d: busy.get(d, 0.0) / makespan for row in p.devices for d in row},
         "link_utilisation": dict(sorted(link_util.items(), key=lambda kv: -kv[1])[:10]),
-        "bytes_per_step": sum(s.bytes for s in tr.spans if s.kind == "transfer") / max(done, 1),
+        "bytes_per_step": sum(s.bytes for s in once if s.kind == "transfer") / max(done, 1),
         "time_by_phase_s": {k: v / max(done, 1) for k, v in sorted(by_phase.items())},
     }
     out.update(async_metrics(p, res))
@@ -200,6 +202,13 @@ def quiet_time(times: list[float], window: float = WINDOW_S, pct: float = QUIET_
     return float(np.percentile(medians, pct)) if medians else 0.0
 
 
+def _receive_half(span) -> bool:
+    """An executed message's receive span (``executor.job``: ``... recv``): the same message
+    as its ``send`` span, which alone counts in bytes and phase times (the simulator has one
+    span a message)."""
+    return span.kind == "transfer" and span.name.endswith(" recv")
+
+
 def traffic_per_step(trace) -> dict[str, dict[str, float]]:
     """Per phase, the messages and bytes one step moves (medians over the steps), counted
     alike for both runners: transfer spans of a step, an executed message once (its
@@ -210,7 +219,7 @@ def traffic_per_step(trace) -> dict[str, dict[str, float]]:
         if s.step < 0:
             continue
         steps.add(s.step)
-        if s.kind == "transfer" and not s.name.endswith(" recv"):
+        if s.kind == "transfer" and not _receive_half(s):
             cell = per[s.phase][s.step]
             cell[0] += 1
             cell[1] += s.bytes

@@ -50,6 +50,10 @@ def run_sync(engine: Engine, steps: int):
             engine.lost_samples += sc.batch_size * len(active)
             dead = [r for r in active if not engine.alive(*plan.devices[r])]
             if faults.on_failure == "restart" or len(dead) == len(active):
+                if len(dead) == len(active) < plan.replicas:     # none left: every replica comes back,
+                    dead = sorted(set(dead) | set(range(plan.replicas)) - set(active))   # dropped ones too
+                    active = list(range(plan.replicas))
+                    engine.sync_phases.append((len(engine.trace.step_ends), len(active)))
                 yield from _restart(engine, step, last_checkpoint, dead)
                 step = last_checkpoint
             else:
@@ -96,7 +100,9 @@ def _start_step(engine: Engine, active: list[int], free: dict, step: int, workin
     for r in active:
         working[r] = env.event()
         delivered.append(env.process(_replica_with_push(engine, r, step, free, runs, working[r])))
-    quorum = first_n(env, delivered, len(active) - backups)
+    # the shards apply the first R - b complete replicas; where failures left fewer, every
+    # survivor (never none: a step of nobody's gradients is no step)
+    quorum = first_n(env, delivered, plan.schedule.quorum)
     done = env.event()
 
     def apply(_e):
