@@ -38,3 +38,14 @@ def test_simulated_and_executed_traces_move_the_same_messages(tmp_path, sets, tr
     assert {key for key in named[0] if key[1] != "step"} == named[1] and len(named[1]) >= 10
     rows = [{w for w, *_ in out["timelines"][k]} for k in ("predicted", "measured")]
     assert rows[0] == rows[1] and len(rows[0]) >= 2             # the same devices and routes in both timelines
+
+
+def test_a_built_in_topology_name_is_passed_on_as_a_name(tmp_path, monkeypatch):
+    """``validate --topology dgx-h100`` looked for a file ./dgx-h100 and said it was neither a
+    built-in topology (listing dgx-h100) nor a file: a file goes on as its absolute path, a
+    name as given."""
+    from clustersim.compare.validate import _side_items
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "host.toml").write_text("")
+    assert 'cluster.topology="dgx-h100"' in _side_items([], "dgx-h100")
+    assert f'cluster.topology="{tmp_path / "host.toml"}"' in _side_items([], "host.toml")

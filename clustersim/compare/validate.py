@@ -245,8 +245,10 @@ def speedup_order(rounds: int) -> list[tuple[int, str]]:
 
 
 def _side_items(set_items: list[str], topology: str) -> list[str]:
-    return list(set_items) + [f'cluster.topology="{Path(topology).resolve()}"', "cluster.machines=0",
-                              "training.cosim=false"]
+    """A side's overrides on ``topology``: a file as its absolute path (the runs start in
+    other folders), a built-in name as given."""
+    where = Path(topology).resolve() if Path(topology).exists() else topology
+    return list(set_items) + [f'cluster.topology="{where}"', "cluster.machines=0", "training.cosim=false"]
 
 
 def predicted_side(scenario: str, items: list[str]) -> dict:
