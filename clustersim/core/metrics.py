@@ -55,12 +55,12 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
         samples_per_s = sc.batch_size * len(tr.replica_steps) / (res.sim_time_s or 1.0)
     makespan = res.sim_time_s or 1.0
     busy = tr.device_busy()
-    once = [s for s in tr.spans if not _receive_half(s)]       # an executed message counted once
-    by_phase: dict[str, float] = defaultdict(float)
-    for s in once:
+    by_phase: dict[str, float] = defaultdict(float)        # device-seconds: an executed message's send
+    for s in tr.spans:                                     # and receive halves both (the receiver's wait)
         by_phase[s.phase] += s.duration_s
-    done = len(tr.step_times())              # steps completed, every stretch of a run that lost replicas
-                                             # (the rate is the last stretch's); per replica when replicas step alone
+    done = len(tr.step_times())              # steps run: every stretch of a run that lost replicas (the rate
+                                             # is the last stretch's), steps redone after a restart included;
+                                             # per replica when replicas step alone
     if tr.replica_steps:
         per = defaultdict(int)
         for r, *_ in tr.replica_steps:
@@ -83,7 +83,8 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
         "sim_time_s": res.sim_time_s, "sim_events": res.sim_events, "wall_s": res.wall_s,
         "device_utilisation": {d: busy.get(d, 0.0) / makespan for row in p.devices for d in row},
         "link_utilisation": dict(sorted(link_util.items(), key=lambda kv: -kv[1])[:10]),
-        "bytes_per_step": sum(s.bytes for s in once if s.kind == "transfer") / max(done, 1),
+        "bytes_per_step": sum(s.bytes for s in tr.spans if s.kind == "transfer" and not _receive_half(s))
+                          / max(done, 1),                  # an executed message once (its send half)
         "time_by_phase_s": {k: v / max(done, 1) for k, v in sorted(by_phase.items())},
     }
     out.update(async_metrics(p, res))
@@ -103,10 +104,11 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
 def sync_stretch(p: Plan, res) -> tuple[list[float], int]:
     """The step times a run's rate is read from, and the replicas that ran them.  Sync SGD
     that went on without failed replicas (``faults.on_failure = "continue"``, or backups
-    that finished the step without one, which then stays out even under "restart") runs
-    in stretches (``Engine.sync_phases``): the last one with a step after its first (which
-    waited out the detection, or finished without the failed replica).  A restart replaces
-    the failed machines: one stretch.  Otherwise every step and every replica."""
+    that finished the step without one, which then stays out even under "restart" until no
+    replica is left, when the restart brings every one back) runs in stretches
+    (``Engine.sync_phases``): the last one with a step after its first (which waited out the
+    detection, or finished without the failed replica).  A restart replaces the failed
+    machines: one stretch.  Otherwise every step and every replica."""
     steps = res.trace.step_times()
     phases = getattr(getattr(res, "engine", None), "sync_phases", [(0, p.replicas)])
     if p.scenario.training.algorithm != "sync" or len(phases) < 2:
@@ -204,8 +206,8 @@ def quiet_time(times: list[float], window: float = WINDOW_S, pct: float = QUIET_
 
 def _receive_half(span) -> bool:
     """An executed message's receive span (``executor.job``: ``... recv``): the same message
-    as its ``send`` span, which alone counts in bytes and phase times (the simulator has one
-    span a message)."""
+    as its ``send`` span, which alone counts its bytes (the simulator has one span a
+    message); its time is the receiver's, and counts in the phase's device-seconds."""
     return span.kind == "transfer" and span.name.endswith(" recv")
 
 
