@@ -22,7 +22,7 @@ from typing import Any
 from clustersim.core.config import ConfigError
 from clustersim.core.metrics import machines_used, summarize
 from clustersim.core.models import Model
-from clustersim.core.nccl import VERSION as NCCL_VERSION, version_tuple
+from clustersim.core.nccl import VERSION as NCCL_VERSION, supported
 from clustersim.core.plan import DoesNotFit, Plan, plan
 from clustersim.core.scenario import (Scenario, apply_overrides, builtin_scenario_folder, parse_set, read_toml,
                                      scenario_file, scenario_from_dict)
@@ -564,7 +564,7 @@ def collective(topology: str | Path, op: str = "allreduce", algo: str = "auto", 
         raise ConfigError("--protocol", protocol, f"NCCL's protocols run on GPUs; topology {topo.name}'s "
                           f"devices are {', '.join(sorted({topo.devices[d].kind for d in devices[:n]}))}")
     try:
-        version_tuple(nccl or NCCL_VERSION)
+        supported(nccl or NCCL_VERSION)
     except ValueError as exc:
         raise ConfigError("--nccl", nccl, str(exc)) from None
     try:

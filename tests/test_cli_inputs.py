@@ -242,3 +242,24 @@ def test_a_built_in_scenario_runs_by_name_from_any_folder(tmp_path, capsys, monk
     (tmp_path / "quickstart").write_text('[cluster]\ntopology = "dgx-h100"\n[model]\nname = "mlp-digits"\n'
                                          'batch_size = 4\n')
     assert api.load("quickstart").batch_size == 4          # a file of that name comes first
+
+
+def test_a_bad_against_is_named_as_itself(capsys):
+    """It was named --set (a new user's sweep)."""
+    code, out, err = run(capsys, "validate", QUICK, "--against", "foo")
+    assert code == 2 and err == "clustersim: error: --against: foo: must look like section.key=value\n"
+
+
+def test_an_unknown_topology_to_show_is_named_as_the_argument_it_is(capsys):
+    """``topology show nosuch`` blamed a ``--topology`` option the command does not have."""
+    code, out, err = run(capsys, "topology", "show", "nosuch")
+    assert code == 2 and err.startswith("clustersim: error: topology show: 'nosuch' is neither a built-in topology")
+
+
+@pytest.mark.parametrize("version", ["2.10.0", "2.17.1", "9.9.9"])
+def test_an_nccl_version_the_model_does_not_lay_out_is_refused(capsys, version):
+    """``--nccl 2.10.0`` still offered NVLS (NCCL has it from 2.17) and 9.9.9 was taken."""
+    code, out, err = run(capsys, "collective", "--topology", "dgx-h100", "--bytes", "1M", "--nccl", version)
+    assert code == 2 and err.startswith(f"clustersim: error: --nccl: {version}: NCCL {version} is not modelled")
+    code, out, err = run(capsys, "collective", "--topology", "dgx-h100", "--bytes", "1M", "--nccl", "2.24.3")
+    assert code == 0

@@ -179,3 +179,11 @@ def test_a_published_case_given_as_a_scenario_says_what_it_is():
                             "cluster": {"topology": "dgx-h100"}}, "x.toml")      # a --set cluster too
     with pytest.raises(ConfigError, match=r"x\.toml: reference: a published case, not a scenario"):
         scenario_from_dict({"name": "n", "reference": {"value": 1}}, "x.toml")            # nothing else
+
+
+def test_a_noise_window_without_host_noise_is_refused():
+    """A new user's sweep: the window was accepted and did nothing."""
+    data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 32},
+            "faults": {"host_noise_window_s": 0.1}}
+    with pytest.raises(ConfigError, match=r"^t.toml: faults.host_noise_window_s: .*host_noise is off"):
+        scenario_from_dict(data, "t.toml")

@@ -24,7 +24,7 @@ def run(args) -> int:
     if not args.topology:
         print("built-in topologies: " + ", ".join(builtin_topologies()))
         return 0
-    topo = load_topology(args.topology, Path("."), args.machines or None, ("--topology", ""))
+    topo = load_topology(args.topology, Path("."), args.machines or None, ("topology show", ""))
     kinds: dict[str, int] = {}
     for d in topo.devices.values():
         kinds[d.kind] = kinds.get(d.kind, 0) + 1

@@ -28,6 +28,8 @@ def add(sub) -> None:
 
 def run(args) -> int:
     if args.against:
+        from clustersim.core.scenario import parse_set
+        parse_set(args.against, "--against")            # a bad one is named as itself, before any run
         return run_speedup(args)
     out = api.validate(args.scenario, args.set, topology=args.topology, repeats=args.repeats, device=args.device).data
     if args.plot:

@@ -56,7 +56,7 @@ def load_case(path: Path) -> dict:
                     bytes=c.int("bytes", lo=1), gpus=c.int("gpus", 0, lo=0), nccl=c.str("nccl", nccl.VERSION),
                     metric=c.str("metric", "busbw_gbps", choices=COLLECTIVE_METRICS))
         try:
-            nccl.version_tuple(case["nccl"])
+            nccl.supported(case["nccl"])
         except ValueError as exc:
             raise c.error("nccl", str(exc)) from None
         c.done()

@@ -108,6 +108,19 @@ def sm_share(machines: int, nics: int, sms: int, algo: str = "ring") -> float:
     return min(channels, sms) / sms
 
 
+OLDEST_MODELLED = (2, 18)      # NVLS arrived in 2.17; its chunk rules are modelled from 2.18's kernels on
+
+
+def supported(version: str) -> tuple[int, ...]:
+    """``version_tuple`` of a version the model lays NVLS out for: 2.18 or later in NCCL 2
+    (later than 2.21 as 2.21's rules); ValueError otherwise."""
+    v = version_tuple(version)
+    if not OLDEST_MODELLED <= v < (3,):
+        raise ValueError(f"NCCL {version} is not modelled: NVLS chunks are laid out as NCCL 2.18 and later "
+                         f"2.x lay them out (2.17 first ran NVLS; the tuner is {VERSION}'s)")
+    return v
+
+
 @functools.lru_cache(maxsize=None)       # asked on every collective's layout
 def version_tuple(version: str) -> tuple[int, ...]:
     """"2.18.5" -> (2, 18, 5); ValueError for anything else."""

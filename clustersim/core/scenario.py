@@ -172,14 +172,14 @@ def builtin_scenarios() -> list[str]:
     return bundled_names("clustersim.builtin_scenarios")
 
 
-def parse_set(items: list[str]) -> list[tuple[str, Any]]:
+def parse_set(items: list[str], option: str = "--set") -> list[tuple[str, Any]]:
     """``key=value`` pairs; the value is read as a TOML value (``8``, ``true``, ``"x"``,
-    ``[1, 2]``) and, failing that, as a bare string."""
+    ``[1, 2]``) and, failing that, as a bare string.  ``option``: what a bad one is named."""
     out = []
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
-            raise ConfigError("--set", item, "must look like section.key=value")
+            raise ConfigError(option, item, "must look like section.key=value")
         try:
             value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
@@ -464,6 +464,9 @@ def _faults(ft: Table, topology: Topology) -> Faults:
         host_noise=ft.bool("host_noise", False), host_noise_window_s=ft.float("host_noise_window_s", 0.0, lo=0.0, hi=1e6))
     if 0 < faults.host_noise_window_s < 1e-6:
         raise ft.error("host_noise_window_s", f"must be 0 (as measured) or >= 1e-6 s, got {faults.host_noise_window_s:g}")
+    if faults.host_noise_window_s and not faults.host_noise:
+        raise ft.error("host_noise_window_s", "sets the window of the replayed host noise; host_noise is off, "
+                                              "so it would be ignored")
     if faults.host_noise and not any(d.noise for d in devices.values()):
         raise ft.error("host_noise", "the topology has no noise series (calibrate writes them for its host ranks)")
     ft.done()
