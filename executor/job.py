@@ -298,7 +298,8 @@ class RankJob(SandblasterRoles):
                 "step_time_s": med, "quiet_step_time_s": quiet, "wall_s": wall, "accuracy": acc if evaluating and j == 0 else None,
                 "loss": loss if evaluating and j == 0 else None, "ps_bytes_sent": sent,
                 "train_loss": float(np.mean(losses[-10:])) if losses else None,
-                "transport": "nccl" if self.nccl is not None else "mpi"}
+                "transport": "nccl" if self.nccl is not None else "mpi",
+                "crashed": self.world.rank == self.failed_rank}
 
 
 def evaluate(p, params, x, y, j: int, rep, xp, transport=None) -> tuple[float, float]:

@@ -90,6 +90,9 @@ def summary(p: Plan, trace: Trace, parts: list[dict]) -> dict:
                train_loss=train_loss(workers),
                quiet_step_time_s=float(statistics.median(s["quiet_step_time_s"] for s in stepped)) if stepped else 0.0,
                steps_per_worker=[s["steps"] for s in workers])
+    crashed = sorted(p.devices[s["replica"]][s["slot"]] for s in workers if s.get("crashed"))
+    if crashed:                                          # --fail: the device of the stopped worker, as simulate names it
+        out["failed_devices"] = crashed
     if shards:
         out["shard_updates"] = [s["applied"] for s in shards]
         out["resumed_from_updates"] = [s["resumed_from"] for s in shards]

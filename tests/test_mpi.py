@@ -146,6 +146,7 @@ def test_downpour_goes_on_without_a_crashed_worker_and_8_bit_pushes_are_a_quarte
                   "--set", "training.comm_bits=8", "--fail", "rank=1@step=40")
     assert out["steps_per_worker"] == [300, 40] and out["accuracy"] >= 0.93
     assert out["shard_updates"] == [340]
+    assert out["failed_devices"] == ["m0.gpu1"]                  # rank 1: replica 1's one slot, as simulate names it
     assert out["ps_bytes_sent"] == 340 * (9610 + 8)             # one byte per value plus min and step
 
 
