@@ -66,8 +66,8 @@ def test_a_plot_file_matplotlib_cannot_write_is_refused_before_any_work(tmp_path
 
 @pytest.mark.parametrize("argv, where", [
     (["plan", QUICK, "--save", "{f}/p.json"], "{f}/p.json"),
-    (["simulate", QUICK, "--set", "training.steps=1", "--trace", "{d}"], "{d}"),
-    (["simulate", QUICK, "--set", "training.steps=1", "--plot", "{f}/p.png"], "{f}/p.png"),
+    (["simulate", QUICK, "--set", "training.steps=1", "--trace", "{d}"], "--trace: {d}"),
+    (["simulate", QUICK, "--set", "training.steps=1", "--plot", "{f}/p.png"], "--plot: {f}/p.png"),
     (["sweep", QUICK, "--vary", "training.steps=1,2", "--out", "{f}/sw"], "{f}/sw.run.json")])
 def test_an_output_path_that_cannot_be_written_is_one_line_naming_it(tmp_path, capsys, argv, where):
     """A file where a folder should be, or a folder where a file should be: one line naming

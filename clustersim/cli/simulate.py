@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 from clustersim import api, report
 from clustersim.cli.args import plot_arg, scenario_args
+from clustersim.core.config import ConfigError
 from clustersim.core.trace import write_chrome
 
 STALL_EXIT = 3
@@ -19,14 +21,27 @@ def add(sub) -> None:
     s.set_defaults(func=run)
 
 
+@contextmanager
+def named(option: str, path: str):
+    """An output that cannot be written, named by the option that asked for it."""
+    try:
+        yield
+    except ConfigError as exc:
+        if exc.file != str(path):
+            raise
+        raise ConfigError(option, str(path), exc.message) from None
+
+
 def run(args) -> int:
     res = api.simulate(args.scenario, args.set, speedup=not args.no_speedup)
     summary = res.data
     if args.trace:
-        write_chrome(res.trace, args.trace)
+        with named("--trace", args.trace):
+            write_chrome(res.trace, args.trace)
     if args.plot:
         from clustersim.plots import plot_step
-        plot_step(res.trace, res.plan, summary, args.plot)
+        with named("--plot", args.plot):
+            plot_step(res.trace, res.plan, summary, args.plot)
     print(json.dumps(summary, indent=2) if args.json else report.summary_text(summary))
     if not args.json:
         for what, path in (("trace", args.trace), ("plot", args.plot)):
