@@ -9,9 +9,9 @@ from clustersim.cli.args import count
 from clustersim.core.collective import ALGOS, OPS
 from clustersim.core.config import ConfigError
 from clustersim.core.nccl import PROTOCOLS, VERSION
+from clustersim.core.scenario import NETWORKS
 from clustersim.core.topology import NoRoute
 
-NETWORKS = ("analytical", "flow")      # sim.network.BACKENDS' names
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 

@@ -13,6 +13,7 @@ from clustersim.cli.args import count, plot_arg, scenario_args
 from clustersim.cli.simulate import STALL_EXIT
 from clustersim.core.config import ConfigError
 from clustersim.core.scenario import builtin_scenario_folder, parse_set, scenario_file
+from clustersim.core.trace import unwritable
 
 METRICS = ("step_time_s", "samples_per_s", "speedup", "devices", "sim_time_s", "sim_events", "wall_s", "bytes_per_step",
            "epoch_time_s", "time_to_train_s", "cost_usd", "energy_kwh", "meets_target")
@@ -152,7 +153,7 @@ def save(prefix: str, points: list[dict], vary: dict, record: dict) -> None:
         try:
             held.unlink(missing_ok=True)
         except OSError as exc:
-            raise ConfigError(str(held), "", f"cannot write there: {exc.strerror or exc}") from None
+            raise unwritable(held, exc) from None
     api.write_atomic(prefix + ".json", json.dumps(points, indent=2))
     api.write_atomic(prefix + ".csv", to_csv(points, vary))
     if not held.exists():

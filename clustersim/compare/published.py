@@ -115,11 +115,6 @@ def row(path: Path) -> dict:
             "source": case["source"], "hardware": case["hardware"], "fitted": case["fitted"], "note": case["note"]}
 
 
-def published(directory: Path) -> list[dict]:
-    """Every case of ``directory`` (sorted by file name), predicted (``row``)."""
-    return [row(path) for path in case_files(directory)]
-
-
 def score(rows: list[dict]) -> dict:
     """Median and worst |error| over the cases not fitted (and how many there are)."""
     errors = [abs(r["error_pct"]) for r in rows if not r["fitted"]]

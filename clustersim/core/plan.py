@@ -725,8 +725,9 @@ def memory_use(p: Plan) -> dict[str, dict[str, float]]:
 
 def state_bytes(sc: Scenario) -> dict[str, float]:
     """Bytes per parameter a replica's device keeps: weights in the model's dtype, gradients
-    in ``Scenario.gradient_bytes`` (the same unless ``training.gradient_dtype``); optimizer state of 4 bytes of fp32 master weights where the dtype is narrower
-    (mixed precision) plus 8 of Adam's two fp32 moments -- 2 + 2 + 12 = 16 with Adam in
+    in ``Scenario.gradient_bytes`` (the same unless ``training.gradient_dtype``); optimizer
+    state of 4 bytes of fp32 master weights where the dtype is narrower (mixed precision)
+    plus 8 of Adam's two fp32 moments -- 2 + 2 + 12 = 16 with Adam in
     fp16/bf16, as ZeRO's paper counts -- and ZeRO stage z's sharding over the R replicas:
     the optimizer state from stage 1, the gradients from 2, the weights from 3."""
     db, zero, r = float(sc.dtype_bytes), sc.training.zero, sc.parallel.replicas

@@ -12,6 +12,7 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from clustersim.core.config import ConfigError
 
 KINDS = ("compute", "transfer", "update", "wait")
@@ -138,6 +139,11 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def unwritable(path: str | Path, exc: OSError) -> ConfigError:
+    """The one-line error of an output ``path`` the OS refused (``exc``)."""
+    return ConfigError(str(path), "", f"cannot write there: {exc.strerror or exc}")
+
+
 def replace_atomic(path: str | Path, write) -> None:
     """Calls ``write(tmp_path)`` on a temporary file beside ``path``, then renames it into
     place with the usual permissions: the file is whole or absent, never half-written.  A
@@ -148,7 +154,7 @@ def replace_atomic(path: str | Path, write) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
     except OSError as exc:
-        raise ConfigError(str(path), "", f"cannot write there: {exc.strerror or exc}") from None
+        raise unwritable(path, exc) from None
     os.close(fd)
     try:
         write(tmp)
@@ -158,7 +164,7 @@ def replace_atomic(path: str | Path, write) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise ConfigError(str(path), "", f"cannot write there: {exc.strerror or exc}") from None
+        raise unwritable(path, exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

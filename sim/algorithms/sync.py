@@ -51,8 +51,7 @@ def run_sync(engine: Engine, steps: int):
             dead = [r for r in active if not engine.alive(*plan.devices[r])]
             if faults.on_failure == "restart" or len(dead) == len(active):
                 if len(dead) == len(active) < plan.replicas:     # none left: every replica comes back,
-                    dead = sorted(set(dead) | set(range(plan.replicas)) - set(active))   # dropped ones too
-                    active = list(range(plan.replicas))
+                    dead = active = list(range(plan.replicas))   # the ones dropped before too
                     engine.sync_phases.append((len(engine.trace.step_ends), len(active)))
                 yield from _restart(engine, step, last_checkpoint, dead)
                 step = last_checkpoint
@@ -133,8 +132,8 @@ def _slot_exchange(engine: Engine, runs, active, j: int, step: int):
         for layers, n in buckets(plan, j):
             yield env.all_of([ev for g in runs
                               for ev in g.layer_ready.waited([(j, i) for i in layers if (j, i) in g.layer_ready])])
-            yield engine.collective("allreduce", plan.scenario.training.allreduce, devices,
-                                    n * value_bytes, -1, step, "allreduce")
+            yield engine.collective("allreduce", sc.training.allreduce, devices, n * value_bytes, -1, step,
+                                    "allreduce")
     yield env.all_of([g.slot_ready[j] for g in runs])
     if plan.slot_params[j]:
         yield env.all_of([_update(engine, plan.devices[r][j], plan.slot_params[j], r, step) for r in active])
