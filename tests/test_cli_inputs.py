@@ -71,7 +71,7 @@ def test_a_plot_file_matplotlib_cannot_write_is_refused_before_any_work(tmp_path
     (["sweep", QUICK, "--vary", "training.steps=1,2", "--out", "{f}/sw"], "{f}/sw.run.json")])
 def test_an_output_path_that_cannot_be_written_is_one_line_naming_it(tmp_path, capsys, argv, where):
     """A file where a folder should be, or a folder where a file should be: one line naming
-    the path, exit 2, the file in the way untouched (a new user found tracebacks)."""
+    the path (and the option where one asked for it), exit 2, the file in the way untouched."""
     f = tmp_path / "taken"
     f.write_text("keep")
     code, out, err = run(capsys, *[a.format(f=f, d=tmp_path) for a in argv])
@@ -143,8 +143,8 @@ def test_a_count_below_1_is_refused_in_one_line_naming_the_option(capsys, monkey
     ({"op": "alltoall", "algo": "ps"}, "--algo: ps: alltoall runs as direct sends between every pair"),
     ({"topology": "distbelief-2012", "protocol": "LL"}, "--protocol: LL: NCCL's protocols run on GPUs")])
 def test_collective_refuses_what_it_cannot_run_naming_the_option(kw, line):
-    """A new user's calls from Python: a zero or negative size ran (a zero-time row), an
-    unknown network raised KeyError, a misspelt op blamed --algo, alltoall ran by "tree"."""
+    """From Python as from the command line: sizes of at least a byte, a known network and
+    op named as themselves, alltoall only as the pairwise sends it is, protocols on GPUs."""
     from clustersim.core.config import ConfigError
     with pytest.raises(ConfigError) as err:
         api.collective(**{"topology": "dgx-h100", **kw})
@@ -245,20 +245,21 @@ def test_a_built_in_scenario_runs_by_name_from_any_folder(tmp_path, capsys, monk
 
 
 def test_a_bad_against_is_named_as_itself(capsys):
-    """It was named --set (a new user's sweep)."""
+    """A bad ``--against`` pair is named ``--against``, before any run."""
     code, out, err = run(capsys, "validate", QUICK, "--against", "foo")
     assert code == 2 and err == "clustersim: error: --against: foo: must look like section.key=value\n"
 
 
 def test_an_unknown_topology_to_show_is_named_as_the_argument_it_is(capsys):
-    """``topology show nosuch`` blamed a ``--topology`` option the command does not have."""
+    """``topology show``'s topology is a positional argument: the error names the command."""
     code, out, err = run(capsys, "topology", "show", "nosuch")
     assert code == 2 and err.startswith("clustersim: error: topology show: 'nosuch' is neither a built-in topology")
 
 
 @pytest.mark.parametrize("version", ["2.10.0", "2.17.1", "9.9.9"])
 def test_an_nccl_version_the_model_does_not_lay_out_is_refused(capsys, version):
-    """``--nccl 2.10.0`` still offered NVLS (NCCL has it from 2.17) and 9.9.9 was taken."""
+    """The model lays NVLS out as NCCL 2.18 and later 2.x do (2.17 first ran it): other
+    versions are refused, later 2.x ones taken."""
     code, out, err = run(capsys, "collective", "--topology", "dgx-h100", "--bytes", "1M", "--nccl", version)
     assert code == 2 and err.startswith(f"clustersim: error: --nccl: {version}: NCCL {version} is not modelled")
     code, out, err = run(capsys, "collective", "--topology", "dgx-h100", "--bytes", "1M", "--nccl", "2.24.3")

@@ -134,10 +134,9 @@ def test_executed_sync_trace_has_every_replica_step_and_the_summary_reads_it(tmp
 
 
 def test_an_executed_message_counts_its_bytes_once():
-    """``execute --json`` read 262,144 bytes a step on a 2-stage split where ``simulate`` read
-    131,072: the executor records a message as a ``send`` span and a ``recv`` span, both
-    with its bytes.  A simulated trace rewritten in the executor's way moves the same bytes;
-    its phase times are device-seconds, the receiver's wait too (review R32)."""
+    """The executor records a message as a ``send`` span and a ``recv`` span, both with its
+    bytes: a simulated trace rewritten in the executor's way moves the same bytes a step;
+    its phase times are device-seconds, the receiver's wait too."""
     from dataclasses import replace
 
     from sim.engine import simulate

@@ -520,11 +520,11 @@ def test_data_parallel_bytes_closed_forms():
     (["model.dtype=bf16", "training.gradient_dtype=fp32", "training.zero=1"], 3),     # fp32 scatter, bf16 gather
     (["model.dtype=bf16", "training.algorithm=local", "training.local_steps=5"], 4 / 5)])   # fp32 weights, 1 in 5
 def test_the_simulated_exchange_sends_what_the_plan_counts(sets, size):
-    """One rule for a gradient's bytes (a new user found fp16's allreduce simulated at 4
-    bytes a value where ``clustersim plan`` and the memory check counted 2): pure data
-    parallelism moves nothing but the replicas' exchange, so the simulated bytes a step are
-    the replicas' ``data_parallel_bytes``, ring volumes of ``size`` bytes a value (a value's
-    gradient and weight under ZeRO, half of each a pass; local SGD's fp32 weights every k steps)."""
+    """One rule for a gradient's bytes in the simulator, ``clustersim plan`` and the memory
+    check (decision 061): pure data parallelism moves nothing but the replicas' exchange, so
+    the simulated bytes a step are the replicas' ``data_parallel_bytes``, ring volumes of
+    ``size`` bytes a value (a value's gradient and weight under ZeRO, half of each a pass;
+    local SGD's fp32 weights every k steps)."""
     from clustersim.core.plan import data_parallel_bytes
     from clustersim.core.scenario import load_scenario, parse_set
     from sim.engine import simulate

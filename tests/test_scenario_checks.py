@@ -54,8 +54,8 @@ def test_a_model_files_positions_are_checked_and_the_message_points_at_its_input
 
 
 def test_a_warm_start_is_every_asynchronous_algorithms():
-    """Downpour, DC-ASGD and SSP share the warm start (sim.algorithms.downpour); review R31
-    found it refused for the last two."""
+    """Downpour, DC-ASGD and SSP share the warm start (sim.algorithms.downpour): none of
+    them refuses it."""
     for algorithm in ("downpour", "dcasgd", "ssp"):
         data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 32},
                 "parallel": {"replicas": 4, "ps_shards": 1}, "training": {"algorithm": algorithm, "warm_start_s": 0.1}}
@@ -63,8 +63,8 @@ def test_a_warm_start_is_every_asynchronous_algorithms():
 
 
 def test_an_emptied_model_name_switches_a_scenario_to_a_model_file(tmp_path):
-    """``--set model.name= --set model.file=X`` on a scenario that names a built-in model (a
-    new user could not switch); both empty, or both given, stays refused."""
+    """``--set model.name= --set model.file=X`` switches a scenario that names a built-in
+    model to a file; both empty, or both given, stays refused."""
     (tmp_path / "att.toml").write_text(ATTENTION_FILE)
     s = str(tmp_path / "s.toml")
     assert load({"name": "", "file": "att.toml"}, file=s).model.name == "att"
@@ -182,7 +182,7 @@ def test_a_published_case_given_as_a_scenario_says_what_it_is():
 
 
 def test_a_noise_window_without_host_noise_is_refused():
-    """A new user's sweep: the window was accepted and did nothing."""
+    """The window only shapes the replayed host noise: without it, it would do nothing."""
     data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 32},
             "faults": {"host_noise_window_s": 0.1}}
     with pytest.raises(ConfigError, match=r"^t.toml: faults.host_noise_window_s: .*host_noise is off"):

@@ -41,9 +41,8 @@ def test_simulated_and_executed_traces_move_the_same_messages(tmp_path, sets, tr
 
 
 def test_a_built_in_topology_name_is_passed_on_as_a_name(tmp_path, monkeypatch):
-    """``validate --topology dgx-h100`` looked for a file ./dgx-h100 and said it was neither a
-    built-in topology (listing dgx-h100) nor a file: a file goes on as its absolute path, a
-    name as given."""
+    """``validate --topology`` takes a built-in name or a file: a file goes on as its
+    absolute path (the runs start in other folders), a name as given."""
     from clustersim.compare.validate import _side_items
     monkeypatch.chdir(tmp_path)
     (tmp_path / "host.toml").write_text("")
