@@ -24,8 +24,8 @@ from clustersim.core.metrics import machines_used, summarize
 from clustersim.core.models import Model
 from clustersim.core.nccl import VERSION as NCCL_VERSION, supported
 from clustersim.core.plan import DoesNotFit, Plan, plan
-from clustersim.core.scenario import (Scenario, apply_overrides, builtin_scenario_folder, parse_set, read_toml,
-                                     scenario_file, scenario_from_dict)
+from clustersim.core.scenario import (NothingToShard, Scenario, apply_overrides, builtin_scenario_folder, parse_set,
+                                     read_toml, scenario_file, scenario_from_dict)
 from clustersim.core.schedule import ranks_needed
 from clustersim.core.topogen import load_topology
 from clustersim.core.trace import Trace, write_atomic
@@ -195,12 +195,10 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     (0: none), or where it is None the scenario's ``training.target_hours``."""
     from clustersim.search_space import OBJECTIVES, candidates, recompute_tries, score
     base = _pairs(overrides)
-    zero = 0                          # ZeRO asked of a one-replica scenario: the rows with replicas shard
+    zero = None                       # ZeRO asked of a one-replica scenario: the rows with replicas shard
     try:
         sc = load(source, base)
-    except ConfigError as exc:
-        if exc.field != "training.zero" or "replicas = 1" not in exc.message:
-            raise
+    except NothingToShard:
         zero = int(_raw(source, base)["training"]["zero"])
         sc = load(source, base + [("training.zero", 0)])
     n = len(sc.topology.compute_devices())
@@ -225,9 +223,7 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     if target_hours or sc.training.target_hours:         # 0 turns the scenario's deadline off
         steps.append(("training.target_hours", target_hours))
     trials, dropped = [], []
-    for cand in candidates(sc, devices):
-        if zero:
-            cand["training.zero"] = zero if cand["parallel.replicas"] > 1 and not cand["parallel.ps_shards"] else 0
+    for cand in candidates(sc, devices, zero):
         cand, error = _fitting(source, base + steps, cand, recompute_tries(sc))
         if error:
             dropped.append({**cand, "error": error})

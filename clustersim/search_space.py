@@ -38,8 +38,10 @@ def powers_of_two(limit: int) -> list[int]:
     return out
 
 
-def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
-    """Every configuration to try on at most ``devices`` devices (dotted overrides)."""
+def candidates(sc: Scenario, devices: int, zero: int | None = None) -> list[dict[str, Any]]:
+    """Every configuration to try on at most ``devices`` devices (dotted overrides); ``zero``
+    is the ZeRO stage asked for (default the scenario's), run where a candidate has replicas."""
+    zero = sc.training.zero if zero is None else zero
     global_batch = sc.batch_size * sc.parallel.replicas
     compute = sc.topology.compute_devices()
     positions = sc.model.attention_positions
@@ -56,26 +58,31 @@ def candidates(sc: Scenario, devices: int) -> list[dict[str, Any]]:
                             "model.batch_size": batch, "parallel.micro_batches": micro, "parallel.grid": [],
                             "parallel.sequence_parallel": False, "parallel.pipeline": 1,
                             "parallel.ps_placement": "spare"}
-                    # ZeRO shards sync allreduce's state over replicas: off with one replica or shards
-                    no_zero = {"training.zero": 0} if sc.training.zero else {}
                     out.append({**base, "parallel.ps_shards": 0, "training.allreduce": sc.training.allreduce,
-                                **(no_zero if r == 1 else {})})
+                                **sharded(zero, r, 0)})
                     if split == "tensor" and positions % m == 0:      # Korthikanti et al. 2022's
                         out.append({**out[-1], "parallel.sequence_parallel": True})
                     if r > 1 and split != "tensor":   # one shard per machine the replicas use (a tensor
                         # split keeps norms on every slot: no shards, which the scenario check refuses)
                         used = len({sc.topology.machine_of(d) for d in compute[:r * m]})
                         out.append({**base, "parallel.ps_shards": used, "parallel.ps_placement": "local",
-                                    **no_zero})
-    return out + pipelines(sc, devices) if positions else out
+                                    **sharded(zero, r, used)})
+    return out + pipelines(sc, devices, zero) if positions else out
 
 
-def pipelines(sc: Scenario, devices: int) -> list[dict[str, Any]]:
+def sharded(zero: int, replicas: int, shards: int) -> dict[str, int]:
+    """ZeRO shards sync allreduce's state over the replicas: the stage asked for where a
+    candidate has several replicas and no parameter server, else off."""
+    return {"training.zero": zero if replicas > 1 and not shards else 0} if zero else {}
+
+
+def pipelines(sc: Scenario, devices: int, zero: int | None = None) -> list[dict[str, Any]]:
     """Pipelines of tensor slices (Narayanan et al. 2021): t tensor slots (2 and up, dividing
     every machine's device count, so never across machines) x p >= 2 stages, replicated to fill
     ``devices``; p or 4p micro-batches (the bubble (p - 1) / (m + p - 1)); sequence
     parallelism where the positions divide by t (it only saves: Korthikanti et al. 2022).
-    Only models with attention: the tensor split needs its heads."""
+    Only models with attention: the tensor split needs its heads.  ``zero`` as ``candidates``."""
+    zero = sc.training.zero if zero is None else zero
     global_batch = sc.batch_size * sc.parallel.replicas
     per = Counter(sc.topology.machine_of(d) for d in sc.topology.compute_devices())
     whole = math.gcd(*per.values())                  # t divides every machine: a group never spans two
@@ -93,7 +100,7 @@ def pipelines(sc: Scenario, devices: int) -> list[dict[str, Any]]:
                             "parallel.sequence_parallel": positions % t == 0, "parallel.pipeline": p,
                             "parallel.ps_shards": 0, "parallel.ps_placement": "spare",
                             "training.allreduce": sc.training.allreduce,
-                            **({"training.zero": 0} if sc.training.zero and r == 1 else {})})
+                            **sharded(zero, r, 0)})
     return out
 
 

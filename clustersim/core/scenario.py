@@ -28,6 +28,11 @@ PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 ATTENTION = ("eager", "fused", "flash")   # model.attention: how the framework runs attention's kernels
 
 
+class NothingToShard(ConfigError):
+    """ZeRO asked of one replica: bad for a run, but a search that picks the replicas itself
+    applies it to the candidates that have several."""
+
+
 def _grid(pt: Table) -> tuple[int, ...]:
     """``parallel.grid = [rows, cols]``: two integers >= 1, or absent."""
     value = pt.raw("grid", [])
@@ -363,8 +368,8 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
         raise ConfigError(file, "training.zero", "ZeRO shards sync data parallelism's state over the replicas "
                                                  "(algorithm = \"sync\", ps_shards = 0)")
     if tr.zero and par.replicas == 1:
-        raise ConfigError(file, "training.zero", "ZeRO shards state over the replicas; parallel.replicas = 1 "
-                                                 "has none to shard over")
+        raise NothingToShard(file, "training.zero", "ZeRO shards state over the replicas; parallel.replicas = 1 "
+                                                    "has none to shard over")
     if tr.recompute == "selective" and not positions:
         raise ConfigError(file, "training.recompute", f"selective recomputation reruns attention's score matrices; "
                                                       f"{model.name} has no attention layers")
