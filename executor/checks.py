@@ -123,6 +123,11 @@ def check(sc, size: int) -> None:
                           f"execute runs {', '.join(ALGORITHMS)} so far; got {sc.training.algorithm}")
     if sc.training.algorithm != "sync" and sc.training.algorithm != "local" and not sc.parallel.ps_shards:
         raise ConfigError(sc.file, "parallel.ps_shards", f"{sc.training.algorithm} needs ps_shards >= 1")
+    if sc.dtype != "fp32" or sc.gradient_bytes != 4:        # NumPy has no bf16; CuPy's fp16 is untried
+        key, value = ("model.dtype", sc.dtype) if sc.dtype != "fp32" else ("training.gradient_dtype",
+                                                                           sc.training.gradient_dtype)
+        raise ConfigError(sc.file, key, f"execute computes and sends fp32; a {value} prediction would be checked "
+                                        f"against fp32 arithmetic (set {key} = \"fp32\", or simulate it)")
     if sum(not readers for readers in sc.model.consumers) > 1:
         raise ConfigError(sc.file, "model.name", f"execute trains a model with one loss; {sc.model.name} ends in "
                                                  "several (simulate it instead)")

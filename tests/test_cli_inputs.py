@@ -220,6 +220,18 @@ def test_execute_on_gpus_without_cupy_is_one_line_before_starting_ranks(capsys, 
     assert code == 2 and err.startswith("clustersim: error: --device: gpu: needs CuPy and a visible GPU")
 
 
+@pytest.mark.parametrize("command", ["execute", "validate"])
+@pytest.mark.parametrize("setting, key", [("model.dtype=fp16", "model.dtype"), ("model.dtype=bf16", "model.dtype"),
+                                          ("training.gradient_dtype=fp16", "training.gradient_dtype")])
+def test_a_run_the_executor_would_do_in_fp32_is_refused(capsys, monkeypatch, command, setting, key):
+    """The executor computes and sends fp32 whatever the model's dtype: a 16-bit scenario was
+    executed (and validated against its 16-bit prediction) in fp32 without a word."""
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("started ranks or a calibration"))
+    code, _, err = run(capsys, command, QUICK, "--set", setting)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"clustersim: error: {QUICK}: {key}: execute computes and sends fp32"), err
+
+
 def test_resuming_from_a_file_that_is_no_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
     """Second sweep: a junk shard0.npz failed on the shard's rank (exit 1)."""
     monkeypatch.setattr(api, "execute_command", lambda *a, **k: pytest.fail("started ranks"))
