@@ -307,10 +307,17 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
     group = (topology, tuple(devices))      # the topology itself (hashed by identity): kept alive while cached
     rail_ports = _cached(cache, ("ports", *group), lambda: ports(topology, devices))
     gpus = all(topology.devices[d].kind == "gpu" for d in devices)
+    n, machines = len(devices), len(set(nodes))
+    if op == "alltoall":            # every pair's sends at once (NCCL's grouped send/recv): nothing to tune
+        schedule = tuple(phases(op, algo, devices, nbytes, nodes))      # refuses an algorithm but auto
+        if not gpus:
+            return Collective(op, "p2p", "", schedule)
+        share = nccl.protocol_factor("ring", "Simple", op, machines, n / machines)
+        speed = nccl_link_speed(topology, share, cache) if _shortcut(cache) else None
+        return Collective(op, "p2p", "Simple", schedule, (), share, speed, sm_share(topology, devices, "p2p", cache))
     if not gpus:
         chosen = "ring" if algo == "auto" else algo
         return Collective(op, chosen, "", tuple(phases(op, chosen, devices, nbytes, nodes)))
-    n, machines = len(devices), len(set(nodes))
     intra = _cached(cache, ("intra", *group), lambda: _intra_kind(topology, devices))
     # NCCL's per-channel caps: the group's lowest compute capability, one search channel a rail
     graph = _cached(cache, ("graph", *group), lambda: {

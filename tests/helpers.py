@@ -19,10 +19,13 @@ def ring_topology(n, gbps=10.0, lat_us=2.0):
     return build_topology({"name": f"ring{n}", "device": devs, "link": links}, f"ring{n}.toml")
 
 
-def star_topology(n, leaf_gbps=100.0, hub_gbps=10.0, lat_us=1.0):
-    """n GPUs s0..s(n-1) on a switch by fast links, and a sink behind one slower link."""
-    devs = [gpu(f"s{i}", machine=i) for i in range(n)] + [gpu("sink", machine=n),
-                                                        {"name": "sw", "kind": "switch"}]
+def star_topology(n, leaf_gbps=100.0, hub_gbps=10.0, lat_us=1.0, kind="gpu"):
+    """n GPUs (or CPUs) s0..s(n-1) on a switch by fast links, and a sink behind one slower link."""
+    def rank(i):
+        return gpu(f"s{i}", machine=i) if kind == "gpu" else {"name": f"s{i}", "kind": kind, "machine": i,
+                                                               "cores": 1, "core_gflops": 10.0, "memory_gib": 16,
+                                                               "memory_bandwidth_gbps": 100}
+    devs = [rank(i) for i in range(n)] + [gpu("sink", machine=n), {"name": "sw", "kind": "switch"}]
     links = [link(f"s{i}", "sw", leaf_gbps, lat_us) for i in range(n)] + [link("sw", "sink", hub_gbps, lat_us)]
     return build_topology({"name": "star", "device": devs, "link": links}, "star.toml")
 

@@ -154,8 +154,11 @@ def test_collective_refuses_what_it_cannot_run_naming_the_option(kw, line):
 def test_collective_sizes_reach_1t(capsys):
     code, out, err = run(capsys, "collective", "--topology", "dgx-h100", "--bytes", "512G..1T", "--json")
     assert code == 0 and [r["bytes"] for r in json.loads(out)] == [2**39, 2**40]
-    code, out, err = run(capsys, "collective", "--topology", "dgx-h100", "--bytes", "1P")
-    assert code == 2 and "sizes look like 8, 64K, 1M, 1G or 1T" in err
+    for bad in ("1P", "100Gb", "8b"):                  # a lowercase b was read as bytes: 8x a size in bits
+        code, out, err = run(capsys, "collective", "--topology", "dgx-h100", "--bytes", bad)
+        assert code == 2 and f"--bytes: {bad}: sizes look like 8, 64K, 1M, 1G or 1T" in err
+    code, out, err = run(capsys, "collective", "--topology", "dgx-h100", "--bytes", "1GiB..2GB", "--json")
+    assert code == 0 and [r["bytes"] for r in json.loads(out)] == [2**30, 2**31]
 
 
 def test_collective_without_gpus_still_runs_on_every_compute_device(capsys):

@@ -108,6 +108,22 @@ def test_ps_allreduce_through_a_switch_is_two_all_to_all_rounds():
     assert t == pytest.approx(2 * one_round, rel=1e-9)
 
 
+def test_alltoall_through_a_switch_is_one_all_to_all_round_and_runs_from_the_command():
+    """Every rank sends S/n to each of its n - 1 peers at once through its own uplink.  The
+    command refused it whatever --algo said (a check meant for tree and ps), so it never ran."""
+    n, size = 4, 4e6
+    topo = star_topology(n, leaf_gbps=10.0, hub_gbps=10.0, lat_us=1.0)
+    ranks = [f"s{i}" for i in range(n)]
+    t = collective_time(topo, FlowNetwork, "alltoall", "auto", ranks, size)
+    assert t == pytest.approx(2e-6 + (n - 1) * (size / n) / 10e9, rel=1e-9)
+    hosts = star_topology(n, leaf_gbps=10.0, hub_gbps=10.0, lat_us=1.0, kind="cpu")
+    (on_gpus,), (on_hosts,) = (collectives.table(x, "alltoall", "auto", [int(size)], ranks) for x in (topo, hosts))
+    assert on_hosts["time_s"] == pytest.approx(t, rel=1e-9) and on_gpus["time_s"] >= t    # NCCL's link share
+    assert (on_gpus["algo"], on_gpus["protocol"], on_hosts["algo"], on_hosts["protocol"]) == ("p2p", "Simple", "p2p", "")
+    with pytest.raises(ValueError, match="give auto"):
+        collectives.table(topo, "alltoall", "ring", [int(size)], ranks)
+
+
 def test_bus_factors_follow_nccl_tests():
     assert collectives.bus_factor("allreduce", 8) == pytest.approx(1.75)
     assert collectives.bus_factor("allgather", 8) == pytest.approx(0.875)

@@ -35,9 +35,11 @@ def add(sub) -> None:
 
 
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
+    """``64K``, ``1M``, ``1GB`` or ``1GiB`` (binary multiples of bytes); a lowercase ``b``,
+    bits to most readers, is refused rather than read as bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGTkmgt]?)(?:i?B)?\s*", text)
     if not m or int(m.group(1)) < 1:
-        raise ConfigError("--bytes", text, "sizes look like 8, 64K, 1M, 1G or 1T")
+        raise ConfigError("--bytes", text, "sizes look like 8, 64K, 1M, 1G or 1T (bytes)")
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
