@@ -88,6 +88,21 @@ def test_collective_rows(capsys):
     assert rows[-1]["busbw_gbps"] < 450                 # never above NVLink's per-direction rate
 
 
+def test_topology_show_names_every_kind_of_compute_device(tmp_path, capsys):
+    """It described all compute devices by the first: a 5 TFLOP/s GPU beside a 20 TFLOP/s one,
+    or a CPU-only host beside GPUs, never showed."""
+    from helpers import dump_toml, gpu, link
+    devices = [gpu("fast", tflops=20.0, machine=0), gpu("slow", tflops=5.0, machine=0),
+               {"name": "host", "kind": "cpu", "machine": 1, "cores": 4, "core_gflops": 10.0, "memory_gib": 32,
+                "memory_bandwidth_gbps": 100}, {"name": "sw", "kind": "switch"}]
+    f = tmp_path / "mixed.toml"
+    f.write_text(dump_toml({"name": "mixed", "device": devices,
+                            "link": [link(d, "sw", 10.0, 1.0) for d in ("fast", "slow", "host")]}))
+    code, out, _ = run(capsys, "topology", "show", f)
+    assert code == 0 and "compute devices: 1 x gpu (20 TFLOP/s fp32 peak, efficiency 1, 16 GiB), 1 x gpu (5 TFLOP/s " \
+                         "fp32 peak, efficiency 1, 16 GiB), 1 x cpu (40 GFLOP/s fp32 peak, efficiency 1, 32 GiB)" in out
+
+
 def test_topology_show_and_plan_print(tmp_path, capsys):
     code, out, _ = run(capsys, "topology", "show", "dgx-h100", "--plot", tmp_path / "t.png")
     assert code == 0 and "8 gpu" in out and (tmp_path / "t.png").exists()

@@ -38,9 +38,7 @@ def run(args) -> int:
     print(f"{topo.name}: {topo.description}")
     print("  devices: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
     print(f"  links: {topo.graph.number_of_edges()} (full duplex)")
-    first = topo.devices[compute[0]]
-    print(f"  compute devices: {len(compute)} x {first.kind} ({report.si(first.flops_per_s('fp32'), 'FLOP/s')} "
-          f"fp32 peak, efficiency {first.efficiency:g}, {report.si(first.memory_bytes, 'B')})")
+    print("  compute devices: " + ", ".join(f"{n} x {line}" for line, n in device_kinds(topo, compute).items()))
     for a, r in routes:
         hops = " > ".join([a] + [v for _, v in r])
         print(f"  route {hops}: {report.si(topo.route_bandwidth(r), 'B/s')}, "
@@ -50,3 +48,15 @@ def run(args) -> int:
         plot_topology(topo, args.plot)
         print(f"  wrote plot: {args.plot}")
     return 0
+
+
+def device_kinds(topo, names) -> dict[str, int]:
+    """Each distinct kind of device among ``names`` in words, with how many there are (a
+    file may mix GPUs of two speeds, or GPUs and CPU-only hosts)."""
+    out: dict[str, int] = {}
+    for name in names:
+        d = topo.devices[name]
+        line = (f"{d.kind} ({report.si(d.flops_per_s('fp32'), 'FLOP/s')} fp32 peak, efficiency {d.efficiency:g}, "
+                f"{d.memory_bytes / 2**30:.4g} GiB)")
+        out[line] = out.get(line, 0) + 1
+    return out

@@ -70,8 +70,8 @@ def load_topology(ref: str, base_dir: Path = Path("."), machines: int | None = N
         file, field = named_in
         networked = [n for n in builtin_topologies() if "network" in tomllib.loads(_read(n, base_dir)[1])]
         raise ConfigError(*((file, "cluster.machines") if field == "cluster.topology" else ("--machines", "")),
-                          f"{machines} machines of {ref}, which is one machine (no [network] table to repeat it "
-                          f"over); built-in topologies with one: {', '.join(networked)}")
+                          f"{machines} machines of {ref}, which has no [network] table to repeat a machine over "
+                          f"(its devices are as listed); built-in topologies with one: {', '.join(networked)}")
     return build_topology(data, path)
 
 
