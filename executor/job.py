@@ -15,7 +15,7 @@ from executor.comm import LostWatch, MPITransport, ReplicaLost, barrier, wait_bu
 from executor.data import Batches
 from clustersim.core.metrics import quiet_time
 from executor.kernels import init_params, softmax_xent_loss
-from executor.optim import sgd_in_place
+from executor.optim import replica_step
 from executor.partitioned import _box_of, pieces, run_step, slot_params
 from clustersim.core.schedule import apply_cost
 from executor.psrank import ShardClient, message_buffer, serve, shard_runs, slot_segments
@@ -198,6 +198,7 @@ class RankJob(SandblasterRoles):
                              sched.comm_bits) if self.S else None
         flat = self.flatten(params, j)
         acc = np.zeros_like(flat)
+        adam: dict = {}                                        # sync's Adam: one per parameter array
         step_times, losses, steps_done = [], [], 0
         self.t0 = common_start(self.world)
         op_log: list[tuple] = []
@@ -232,7 +233,7 @@ class RankJob(SandblasterRoles):
                     self.span("allreduce", "transfer", me, step, t1, time.perf_counter(), g.nbytes, 0.0, "allreduce")
                     self.unflatten(total, res.grads, j)
                 t2 = time.perf_counter()
-                sgd_in_place(params, res.grads, tr.learning_rate / self.R)
+                replica_step(params, res.grads, tr.learning_rate, self.R, adam if tr.optimizer == "adam" else None)
                 self.span("update", "update", me, step, t2, time.perf_counter(), 0.0, 2.0 * flat.size, "update")
             elif tr.algorithm == "sync":
                 g = self.flatten(res.grads, j) if res.grads else np.zeros_like(flat)

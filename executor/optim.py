@@ -3,6 +3,9 @@
 - ``SGD``:      w <- w - lr g
 - ``Adagrad``:  h <- h + g*g;  w <- w - lr g / (sqrt(h) + eps)   (Duchi et al. 2011; per
                 shard, as in DistBelief's Downpour)
+- ``Adam``:     m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g*g;  w <- w - lr m^ / (sqrt(v^) + eps),
+                m^ and v^ bias-corrected by 1 - b^t (Kingma & Ba 2015, Algorithm 1; PyTorch's
+                defaults); sync's replicas apply it after the allreduce.
 - ``DCASGD``:   g' = g + lam * g*g*(w - w_bak[worker]);  w <- w - lr g'   (Zheng et al.
                 ICML 2017).  w_bak[worker] is the copy the worker last fetched, kept by the
                 shard -- one copy per worker.  Adaptive lambda (DC-ASGD-a):
@@ -26,6 +29,7 @@ import numpy as np
 
 LBFGS_MAX_STEP_FACTOR = 10.0   # Sandblaster caps an L-BFGS step at this many first steps (no line search)
 ADAGRAD_EPS = 1e-8        # keeps the first steps finite when h is still ~0
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8     # torch.optim.Adam's defaults
 DCASGD_MOMENTUM = 0.95    # m for the adaptive lambda's mean square (the paper's value)
 
 
@@ -36,6 +40,19 @@ def sgd_in_place(params: dict, grads: dict, lr: float) -> None:
         for w, g in zip(params[key], gs):
             g *= lr
             w -= g
+
+
+def replica_step(params: dict, grads: dict, lr: float, replicas: int, adam: dict | None = None) -> None:
+    """A sync replica's update after the allreduce (``grads`` summed over ``replicas``):
+    SGD, or where ``adam`` is given (kept between steps: one ``Adam`` per parameter
+    array) Adam on the replicas' mean gradient.  In place; the gradients are scratch."""
+    if adam is None:
+        sgd_in_place(params, grads, lr / replicas)
+        return
+    for key, gs in grads.items():
+        for i, (w, g) in enumerate(zip(params[key], gs)):
+            g /= replicas
+            adam.setdefault((key, i), Adam(lr, w)).step(w, g)
 
 
 class SGD:
@@ -53,6 +70,22 @@ class Adagrad:
     def step(self, w, g, worker: int = 0) -> None:
         self.h += g * g
         w -= self.lr * g / (self.h ** 0.5 + ADAGRAD_EPS)
+
+
+class Adam:
+    """Adam on an array shaped as ``like`` (a flat vector, or one layer's array)."""
+
+    def __init__(self, lr: float, like, betas: tuple[float, float] = ADAM_BETAS, eps: float = ADAM_EPS) -> None:
+        self.lr, (self.b1, self.b2), self.eps, self.t = lr, betas, eps, 0
+        self.m, self.v = like * 0, like * 0
+
+    def step(self, w, g, worker: int = 0) -> None:
+        self.t += 1
+        self.m *= self.b1
+        self.m += (1 - self.b1) * g
+        self.v *= self.b2
+        self.v += (1 - self.b2) * g * g
+        w -= self.lr / (1 - self.b1 ** self.t) * self.m / ((self.v / (1 - self.b2 ** self.t)) ** 0.5 + self.eps)
 
 
 class DCASGD:

@@ -10,6 +10,7 @@ import pytest
 from clustersim.compare.cosim import cosimulate
 from executor.data import Batches, digits
 from executor.nn import Net
+from executor.optim import SGD, Adam
 from sim.compute import op_seconds
 from sim.engine import simulate
 from clustersim.core.metrics import summarize
@@ -109,14 +110,15 @@ def test_sandblaster_reassigns_the_units_of_a_failed_replica():
     assert requeued >= 1 and summarize(p, res)["lost_work_samples"] == requeued * p.schedule.unit_size
 
 
-def reference_sgd(sc, steps):
-    """Plain SGD on one replica's batch stream, outside the simulator."""
+def reference_sgd(sc, steps, rule=None):
+    """Plain SGD (or ``rule``) on one replica's batch stream, outside the simulator."""
     net, d = Net(sc.model), digits(sc.seed)
     w = net.init(np.random.default_rng(sc.seed))
+    rule = rule(w) if rule else SGD(sc.training.learning_rate)
     batches = Batches(d.x_train[0::1], d.y_train[0::1], sc.batch_size, np.random.default_rng([sc.seed, 0]))
     for _ in range(steps):
         x, y = batches.next()
-        w -= sc.training.learning_rate * net.loss_and_grad(w, x, y)[1]
+        rule.step(w, net.loss_and_grad(w, x, y)[1])
     return net, d, w
 
 
@@ -129,6 +131,15 @@ def test_cosimulation_of_one_replica_equals_plain_sgd_exactly(algorithm, ps):
     net, d, w = reference_sgd(sc, 25)
     acc, loss = net.evaluate(w, d.x_test, d.y_test)
     assert out["accuracy"] == acc and out["loss"] == loss
+
+
+def test_cosimulation_of_sync_adam_on_one_replica_equals_plain_adam_exactly():
+    """Co-simulation stepped sync's server by SGD whatever training.optimizer said."""
+    sc = scenario(batch=32, training={"steps": 25, "cosim": True, "learning_rate": 0.01, "optimizer": "adam"})
+    p = plan(sc)
+    out = cosimulate(p, simulate(p))
+    net, d, w = reference_sgd(sc, 25, lambda w0: Adam(0.01, w0))
+    assert (out["accuracy"], out["loss"]) == net.evaluate(w, d.x_test, d.y_test)
 
 
 def test_same_seed_same_trace_and_another_seed_differs():

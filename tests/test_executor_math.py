@@ -4,7 +4,7 @@ import pytest
 
 from executor.data import Batches, digits, read_idx
 from executor.nn import Net
-from executor.optim import ADAGRAD_EPS, DCASGD, LBFGS, SGD, Adagrad, quantize8
+from executor.optim import ADAGRAD_EPS, DCASGD, LBFGS, SGD, Adagrad, Adam, quantize8, replica_step
 from clustersim.core.models import build_model, make_layer as L, zoo_model
 
 
@@ -45,6 +45,38 @@ def test_sgd_and_adagrad_hand_values():
     assert w == pytest.approx([1 - 0.1 * 3 / (3 + ADAGRAD_EPS), 1 + 0.1 * 4 / (4 + ADAGRAD_EPS)])
     ada.step(w, np.array([4.0, 3.0], np.float32))           # h = [25, 25]
     assert w == pytest.approx([0.9 - 0.1 * 4 / 5, 1.1 - 0.1 * 3 / 5], rel=1e-6)
+
+
+def test_adam_hand_values():
+    """Kingma & Ba's Algorithm 1 by hand: the first step moves lr against the gradient's sign
+    (both moments bias-corrected to g and g*g)."""
+    w = np.array([1.0])
+    adam = Adam(0.1, w)
+    adam.step(w, np.array([2.0]))
+    assert w == pytest.approx([0.9])
+    adam.step(w, np.array([-1.0]))
+    m, v = 0.9 * 0.2 - 0.1, 0.999 * 0.004 + 0.001 * 1.0       # m, v after the second step
+    w1 = 1.0 - 0.1 * 2.0 / (2.0 + 1e-8)
+    assert w == pytest.approx([w1 - 0.1 * (m / (1 - 0.9 ** 2)) / ((v / (1 - 0.999 ** 2)) ** 0.5 + 1e-8)], rel=1e-12)
+
+
+def test_a_sync_replicas_adam_per_array_is_adam_on_the_whole_vector():
+    """The executor steps each parameter array with its own Adam on the replicas' mean
+    gradient: element-wise, so the same as one Adam over the flat vector (it ran SGD)."""
+    rng = np.random.default_rng(3)
+    params = {(0, 0): [rng.normal(size=(3, 2)), rng.normal(size=2)], (1, 0): [rng.normal(size=4)]}
+    flat = np.concatenate([a.ravel() for arrays in params.values() for a in arrays])
+    reference, state = Adam(0.01, flat), {}
+    for _ in range(3):
+        grads = {k: [rng.normal(size=a.shape) for a in arrays] for k, arrays in params.items()}
+        summed = np.concatenate([g.ravel() for gs in grads.values() for g in gs])
+        reference.step(flat, summed / 4)
+        replica_step(params, grads, 0.01, 4, state)
+    assert np.allclose(np.concatenate([a.ravel() for arrays in params.values() for a in arrays]), flat,
+                       rtol=1e-12, atol=0)
+    sgd = {(0, 0): [np.ones(2)]}
+    replica_step(sgd, {(0, 0): [np.full(2, 4.0)]}, 0.5, 4)      # no state: SGD on the mean, w - 0.5 x 1
+    assert sgd[(0, 0)][0].tolist() == [0.5, 0.5]
 
 
 def test_dcasgd_constant_lambda_hand_value():

@@ -773,18 +773,20 @@ def test_memory_advice_offers_only_what_the_scenario_would_take():
         plan(scenario(model="gpt2", batch=512, training={"recompute": "selective"}))
     from clustersim.core.scenario import scenario_from_dict
 
-    def llama(replicas, ps_shards=0, zero=0, name="llama-2-7b", dtype="fp32", **parallel):   # fp32 Adam: 25+25+50 GB
+    def llama(replicas, ps_shards=0, zero=0, name="llama-2-7b", dtype="fp32", optimizer="adam",
+              **parallel):                                                                 # fp32 Adam: 25+25+50 GB
         return scenario_from_dict({"cluster": {"topology": "dgx-h100"},
                                    "parallel": {"replicas": replicas, "ps_shards": ps_shards, **parallel},
                                    "model": {"name": name, "batch_size": 1, "sequence": 256, "dtype": dtype},
-                                   "training": {"optimizer": "adam", "zero": zero}}, "test.toml")
+                                   "training": {"optimizer": optimizer, "zero": zero}}, "test.toml")
     with pytest.raises(ConfigError, match=r"largest: optimizer, so raise model_parallel or pipeline$"):
         plan(llama(1))
     with pytest.raises(ConfigError, match=r"largest: optimizer, so raise model_parallel or pipeline, or set "
                                           r"training\.zero = 1$"):
         plan(llama(2))
     with pytest.raises(ConfigError, match=r"largest: optimizer, so raise model_parallel or pipeline$"):
-        plan(llama(2, ps_shards=1, zero=0))                  # ZeRO is sync's without shards: not offered
+        plan(llama(2, ps_shards=1, name="megatron-18.4b", dtype="bf16", optimizer="sgd"))   # fp32 master 74 GB:
+        # ZeRO is sync's without shards: not offered
     with pytest.raises(ConfigError, match=r"largest: optimizer, so raise model_parallel or pipeline, or raise "
                                           r"parallel\.replicas \(ZeRO shards over them\)$"):
         plan(llama(2, zero=1, name="megatron-18.4b", dtype="bf16"))   # 37 + 37 + 110 / 2 GB: more replicas

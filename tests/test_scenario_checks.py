@@ -126,6 +126,7 @@ def test_sandblasters_eight_bit_messages_are_real_and_accepted():
 
 @pytest.mark.parametrize("training, parallel, faults, field", [
     ({"algorithm": "sync", "optimizer": "adagrad"}, {"ps_shards": 1}, {}, "training.optimizer"),
+    ({"algorithm": "sync", "optimizer": "adam"}, {"ps_shards": 1}, {}, "training.optimizer"),   # shards: sgd
     ({"algorithm": "sync", "n_push": 4}, {"ps_shards": 1}, {}, "training.n_push"),
     ({"algorithm": "local", "n_fetch": 2}, {}, {}, "training.n_fetch"),
     ({"algorithm": "downpour", "backup_workers": 1}, {"ps_shards": 1}, {}, "training.backup_workers"),

@@ -226,13 +226,15 @@ def test_a_scenarios_zero_is_off_where_a_candidate_has_one_replica():
     candidates of a ZeRO scenario run without it."""
     res = api.search(QUICK, 1, {"training.zero": 1, "training.optimizer": "adam", "training.steps": 1})
     assert [(p["parallel.replicas"], p["training.zero"]) for p in res["ranked"]] == [(1, 0)]
-    res = api.search(QUICK, 2, {"training.zero": 1, "training.optimizer": "adam", "training.steps": 1})
+    res = api.search(QUICK, 2, {"training.zero": 1, "training.steps": 1})
     assert {(p["parallel.ps_shards"] > 0, p.get("training.zero", 1)) for p in res["ranked"]
             if p["parallel.replicas"] == 2} == {(False, 1), (True, 0)}    # ZeRO is sync's without shards
+    res = api.search(QUICK, 2, {"training.zero": 1, "training.optimizer": "adam", "training.steps": 1})
+    assert not any(p["parallel.ps_shards"] for p in res["ranked"])            # shards apply sgd, not adam
+    assert {d["error"].split(": ")[1] for d in res["dropped"]} == {"training.optimizer"}
     # a one-replica scenario may ask for ZeRO: search
     # chooses the replicas, and its rows with several shard as asked
-    res = api.search(QUICK, 2, {"training.zero": 1, "training.optimizer": "adam", "training.steps": 1,
-                                "parallel.replicas": 1})
+    res = api.search(QUICK, 2, {"training.zero": 1, "training.steps": 1, "parallel.replicas": 1})
     assert {(p["parallel.replicas"], p["parallel.ps_shards"] > 0, p["training.zero"]) for p in res["ranked"]} == \
         {(1, False, 0), (2, False, 1), (2, True, 0)}
     with pytest.raises(ConfigError, match="training.zero"):

@@ -24,7 +24,7 @@ from clustersim.core.plan import Plan
 
 from executor.data import Batches, for_model
 from executor.nn import Net
-from executor.optim import DCASGD, LBFGS, LBFGS_MAX_STEP_FACTOR, SGD, Adagrad, quantize8
+from executor.optim import DCASGD, LBFGS, LBFGS_MAX_STEP_FACTOR, SGD, Adagrad, Adam, quantize8
 
 
 def _shard_ranges(p: Plan, size: int) -> list[tuple[int, int]]:
@@ -70,6 +70,7 @@ class Replay:
         self.local = [w0.copy() for _ in range(p.replicas)]
         self.ranges = _shard_ranges(p, self.net.size)
         self.rules = [_rule(p, lo, hi) for lo, hi in self.ranges]
+        self.sync_rule = Adam(self.tr.learning_rate, w0) if self.tr.optimizer == "adam" else SGD(self.tr.learning_rate)
         self.lbfgs = LBFGS(lr=1.0, history=self.tr.lbfgs_history, first_step=self.tr.learning_rate,
                            max_step=LBFGS_MAX_STEP_FACTOR * self.tr.learning_rate)
         R = p.replicas
@@ -132,7 +133,7 @@ class Replay:
         elif kind == "apply":                    # sync: the mean of the gradients used
             used = u.info["replicas"]
             g = sum(self.grads[i] for i in used) / len(used)
-            self.server -= self.tr.learning_rate * g
+            self.sync_rule.step(self.server, g)
             self.grads.clear()
         elif kind == "snap":
             lo, hi = self.ranges[k]

@@ -333,6 +333,9 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
     for key, bad, why in (
             ("training.optimizer", tr.optimizer == "adagrad" and tr.algorithm not in ("downpour", "ssp"),
              "adagrad is the rule Downpour's and SSP's shards apply"),
+            ("training.optimizer", tr.optimizer == "adam" and tr.algorithm == "sync" and par.ps_shards,
+             "adam is stepped by sync's replicas after their allreduce (ps_shards = 0); parameter-server shards "
+             "apply sgd"),
             ("training.n_push" if tr.n_push != 1 else "training.n_fetch",
              (tr.n_fetch != 1 or tr.n_push != 1) and tr.algorithm not in ASYNC,
              "fetching and pushing every n steps is Downpour's, DC-ASGD's and SSP's"),

@@ -87,6 +87,8 @@ def ranks_needed(sc: Scenario) -> int:
 # + the mean square.  Both runners cost (and trace) an apply with these.
 APPLY_COST = {"sgd": (2.0, 12.0), "adagrad": (5.0, 20.0), "dcasgd": (8.0, 24.0),
               "dcasgd_adaptive": (11.0, 32.0)}
+OPTIMIZER_STATES = {"sgd": 0, "adagrad": 1, "adam": 2}   # values kept per parameter besides the weight
+ADAM_FLOPS = 10.0          # per parameter: two moment updates, bias corrections, a square root and a divide
 QUANT_COST = (3.0, 5.0)   # an 8-bit message: a quantise and a dequantise pass, per element
 QUANT_HEADER = 8          # an 8-bit message's header: its minimum and step as two float32
 
@@ -106,6 +108,20 @@ def apply_cost(rule: str, params: int, summed: int = 0) -> tuple[float, float]:
     if summed:
         return (summed + 1) * params, (summed + 2) * params * PARAM_BYTES
     flops, nbytes = APPLY_COST[rule]
+    return flops * params, nbytes * params
+
+
+def update_cost(sc: Scenario, params: int) -> tuple[float, float]:
+    """(FLOPs, bytes) of a replica's optimizer step on ``params`` parameters after the
+    allreduce, bound by memory traffic: the gradient read (``Scenario.gradient_bytes``), the
+    master weight read and written (fp32, or the model's 8-byte values) and each optimizer
+    state likewise (Adam: two moments, Kingma & Ba 2015, Algorithm 1), and a 16-bit model's
+    copy of the weight written.  fp32 SGD: 2 FLOPs and 12 bytes, as ``apply_cost``'s."""
+    master = max(PARAM_BYTES, sc.dtype_bytes)
+    optimizer = sc.training.optimizer
+    copy = sc.dtype_bytes if sc.dtype_bytes < master else 0
+    nbytes = sc.gradient_bytes + 2 * master * (1 + OPTIMIZER_STATES[optimizer]) + copy
+    flops = 2.0 + (ADAM_FLOPS if optimizer == "adam" else 0.0)
     return flops * params, nbytes * params
 
 

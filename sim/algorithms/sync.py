@@ -22,7 +22,7 @@ from sim.engine import Engine, first_n
 from sim.fluid import supersede
 from clustersim.core.plan import PARAM_BYTES, buckets, param_layout
 from .ps import send_params
-from clustersim.core.schedule import apply_cost
+from clustersim.core.schedule import apply_cost, update_cost
 
 
 def run_sync(engine: Engine, steps: int):
@@ -112,8 +112,10 @@ def _start_step(engine: Engine, active: list[int], free: dict, step: int, workin
     return runs, done
 
 
-def _update(engine: Engine, device: str, params: int, replica: int, step: int, summed: int = 1):
-    flops, nbytes = apply_cost("sgd", params, summed)
+def _update(engine: Engine, device: str, cost: tuple[float, float], replica: int, step: int):
+    """The update op of ``cost`` (FLOPs, bytes): a replica's optimizer step, or a shard's
+    SGD on the sum of the pushes (``apply_cost``; parameter-server values are fp32)."""
+    flops, nbytes = cost
     return engine.compute_op(device, flops, nbytes, replica, step, "update", "update", kind="update", key="update")
 
 
@@ -136,7 +138,9 @@ def _slot_exchange(engine: Engine, runs, active, j: int, step: int):
                                     "allreduce")
     yield env.all_of([g.slot_ready[j] for g in runs])
     if plan.slot_params[j]:
-        yield env.all_of([_update(engine, plan.devices[r][j], plan.slot_params[j], r, step) for r in active])
+        # ZeRO: each replica steps its 1/R of the weights (and states), then they are gathered
+        params = -(-plan.slot_params[j] // len(devices)) if sc.training.zero else plan.slot_params[j]
+        yield env.all_of([_update(engine, plan.devices[r][j], update_cost(sc, params), r, step) for r in active])
 
 
 def _ps_exchange(engine: Engine, runs, active, step: int):
@@ -159,7 +163,7 @@ def _ps_exchange(engine: Engine, runs, active, step: int):
 
     def shard(k: int):
         yield env.all_of([ev for (r, j, i, kk), ev in pushed.items() if kk == k])
-        yield _update(engine, ps.devices[k], ps.sizes[k], -1, step, summed=len(active))
+        yield _update(engine, ps.devices[k], apply_cost("sgd", ps.sizes[k], len(active)), -1, step)
         yield env.all_of(_fetches(engine, k, active, step))
 
     for run, r in zip(runs, active):
@@ -212,7 +216,7 @@ def _ps_apply_and_fetch(engine: Engine, winners, active, step: int, free: dict, 
     that a replica never computes two steps at once."""
     env, plan = engine.env, engine.plan
     ps = plan.ps
-    yield env.all_of([_update(engine, ps.devices[k], ps.sizes[k], -1, step, summed=len(winners))
+    yield env.all_of([_update(engine, ps.devices[k], apply_cost("sgd", ps.sizes[k], len(winners)), -1, step)
                       for k in range(len(ps.devices))])
     for r in active:
         fetched = env.all_of([ev for k in range(len(ps.devices)) for ev in _fetches(engine, k, [r], step)])
