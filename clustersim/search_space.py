@@ -113,7 +113,7 @@ def even_micro(batch: int, targets) -> list[int]:
 def _stages_fill(sc: Scenario, stages: int, tensor: int, sequence: bool) -> bool:
     """Whether the tensor split of ``tensor`` slots makes ``stages`` pipeline stages of the
     model: every attention's heads divide by it, and its blocks make that many stages (a
-    stage ends only after a residual sum, where a tensor group's allreduces are done)."""
+    stage ends only between whole blocks, where a tensor group's allreduces are done)."""
     if any(n.layer.kind == "attention" and n.layer.heads % tensor for n in sc.model.nodes):
         return False
     try:

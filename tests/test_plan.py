@@ -811,3 +811,24 @@ def test_memory_advice_offers_only_what_the_scenario_would_take():
     single = {**one, "model": {**one["model"], "batch_size": 1}}
     with pytest.raises(ConfigError, match=r'activations, so raise model_parallel \(or set training\.recompute'):
         plan(scenario_from_dict(single, "test.toml"))
+
+
+def test_a_pipeline_of_tensor_slices_sends_one_activation_a_slot_between_whole_blocks():
+    """U33: with 2 slots a stage, a stage could end after the MLP's projection, before its
+    residual sum, so the residual travelled beside the branch (37.7 MB where Megatron sends
+    18.9: 2 slots x s x h x 2 bytes), and GPT-2's 12 layers took 40 stages, some holding
+    one add, where one slot a stage took at most 13."""
+    from clustersim.core.scenario import scenario_from_dict
+
+    def gpt(name, tensor, stages):
+        return scenario_from_dict({"cluster": {"topology": "dgx-a100-fat-tree", "machines": 10},
+                                   "model": {"name": name, "batch_size": 1, "dtype": "bf16"},
+                                   "parallel": {"split": "tensor", "model_parallel": tensor, "pipeline": stages},
+                                   "training": {"optimizer": "adam"}}, "t.toml")
+    p = plan(gpt("megatron-1.7b", 2, 2))
+    sent = sum(op.bytes for op in p.ops if op.kind == "xfer" and op.why == "stage")
+    assert sent == 2 * 2048 * 2304 * 2
+    for tensor in (1, 2, 4):
+        assert plan(gpt("gpt2", tensor, 13)).scenario.parallel.stages == 13   # 12 blocks and the head
+        with pytest.raises(ConfigError, match="parallel.pipeline: .*gives 13 pieces, which fill 13 of 14 stages"):
+            plan(gpt("gpt2", tensor, 14))

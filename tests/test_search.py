@@ -251,8 +251,8 @@ def test_pipelines_of_tensor_slices_fill_the_devices_as_megatron_lays_them_out()
                           ("cluster.topology", "dgx-h100-fat-tree"), ("cluster.machines", 2), ("training.steps", 1)])
     found = pipelines(sc, 16)
     assert found and all(c in candidates(sc, 16) for c in found)
-    # 2 blocks in 5 pieces (a stage ends after a residual sum): at most 4 stages of 2 or 4 slots (4 heads)
-    assert {(c["parallel.model_parallel"], c["parallel.pipeline"]) for c in found} == {(2, 2), (2, 4), (4, 2), (4, 4)}
+    # 2 blocks in 3 pieces (a stage ends between whole blocks): 2 stages of 2 or 4 slots (4 heads)
+    assert {(c["parallel.model_parallel"], c["parallel.pipeline"]) for c in found} == {(2, 2), (4, 2)}
     for c in found:
         t, p, r = c["parallel.model_parallel"], c["parallel.pipeline"], c["parallel.replicas"]
         assert t * p * r == 16 and c["parallel.split"] == "tensor"
@@ -322,7 +322,7 @@ def test_candidates_split_the_batch_evenly_and_keep_the_scenarios_allreduce():
         if c["parallel.pipeline"] > 1:
             key = (c["parallel.model_parallel"], c["parallel.pipeline"], c["parallel.replicas"])
             micro.setdefault(key, set()).add(c["parallel.micro_batches"])
-    assert micro == {(2, 2, 4): {5}, (2, 4, 2): {5}, (4, 2, 2): {2, 10}, (4, 4, 1): {4, 20}}
+    assert micro == {(2, 2, 4): {5}, (4, 2, 2): {2, 10}}      # gpt-tiny's 2 blocks: 2 stages
     assert {c["training.allreduce"] for c in cands if "training.allreduce" in c} == {"ring"}
 
 
@@ -338,7 +338,7 @@ def test_a_tensor_group_never_spans_two_machines_of_six():
 
         def machine_of(self, d):
             return int(d[1])
-    sc = api.load(QUICK, [("model.name", "gpt-tiny"), ("model.batch_size", 8), ("parallel.replicas", 1)])
+    sc = api.load(QUICK, [("model.name", "gpt2"), ("model.batch_size", 6), ("parallel.replicas", 1)])
     found = pipelines(dataclasses.replace(sc, topology=SixAMachine()), 12)
     assert found and {c["parallel.model_parallel"] for c in found} == {2}
 

@@ -235,21 +235,20 @@ def _scattered(model: Model, states: list[str]) -> list[bool]:
 
 
 def _cuts_allowed(model: Model, states: list[str], scattered: list[bool], alone: bool = False) -> list[bool]:
-    """Per layer, whether a pipeline stage may end after it: every edge over the cut carries
-    a whole output (after its allreduce), or a cut by positions, to a layer computing it
-    whole or by positions, so a tensor group's allreduces stay in one stage: after a residual
-    sum, between attention and MLP as well as between blocks (Megatron gives each stage
-    whole layers; one slot a stage cuts between blocks only)."""
+    """Per layer, whether a pipeline stage may end after it: only its own output crosses (a
+    block's output, never a residual beside a branch: both would travel), not inside a
+    repeated block (Megatron gives each stage whole transformer layers), and with several
+    slots a stage (``alone`` False) that output is whole on every slot (after its
+    allreduce) or cut by positions, read by layers computing it whole or by positions, so
+    a tensor group's allreduces stay in one stage."""
     ok, inside = [], False              # inside: a block's inner layer since the last block end
     for i in range(len(model.nodes)):
         crossing = [(src, c) for src in range(i + 1) for c in model.consumers[src] if c > i]
-        if alone:                       # one slot a stage (a pipeline alone): after a block's output
-            inside = inside or i in model.inner
-            ok.append(all(src == i for src, _ in crossing) and i not in model.inner and (inside or not model.inner))
-            inside = inside and not ok[-1]
-            continue
-        ok.append(all(states[src] != "cut" and not scattered[src] and states[c] in ("rep", "seq")
-                      for src, c in crossing))
+        inside = inside or i in model.inner
+        whole = all(src == i for src, _ in crossing) and i not in model.inner and (inside or not model.inner)
+        ok.append(whole and (alone or all(states[src] != "cut" and not scattered[src] and states[c] in ("rep", "seq")
+                                          for src, c in crossing)))
+        inside = inside and not ok[-1]
     return ok
 
 
@@ -278,9 +277,9 @@ def tensor_slices(model: Model, stages: int, m: int, sequence: bool = False) -> 
         for i in g:
             stage[i] = s
     if len(set(stage)) < stages:
-        raise ValueError(f"the tensor split ends a stage only after a residual sum, where a tensor group's allreduces "
-                         f"are done: this model gives {len(groups)} pieces, which fill {len(set(stage))} of {stages} "
-                         "stages")
+        raise ValueError(f"a pipeline stage ends only between whole blocks (transformer layers), where only the "
+                         f"block's output crosses and a tensor group's allreduces are done: this model gives "
+                         f"{len(groups)} pieces, which fill {len(set(stage))} of {stages} stages")
     slices, names, parts = [], [], []
     for i, (node, state) in enumerate(zip(model.nodes, states)):
         base = stage[i] * m
