@@ -66,8 +66,11 @@ def test_launched_ranks_reads_mpiexecs_environment_and_is_1_outside_it():
 
 @pytest.mark.skipif(not MPIEXEC.exists(), reason="the mpich wheel is not installed")
 def test_mpiexec_sets_what_launched_ranks_reads(tmp_path):
-    """The mpich wheel's mpiexec: each of 2 ranks sees 2."""
-    code = "import os; from clustersim.calibration.hosts import launched_ranks; print(launched_ranks(os.environ))"
-    proc = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0 and proc.stdout.split() == ["2", "2"], proc.stderr
+    """The mpich wheel's mpiexec: each of 2 ranks sees 2 (each writes its own file: the two
+    ranks' prints can interleave on the shared stdout, "22" then two newlines)."""
+    code = ("import os, sys; from clustersim.calibration.hosts import launched_ranks; "
+            "open(os.path.join(sys.argv[1], os.environ['PMI_RANK']), 'w').write(str(launched_ranks(os.environ)))")
+    proc = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert {f.name: f.read_text() for f in tmp_path.iterdir()} == {"0": "2", "1": "2"}
