@@ -193,7 +193,7 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     stalled when run), ``refused`` (how many were refused before simulating) and ``note`` (a deadline or accuracy no candidate
     meets; where every candidate that ran stalled, why).  The deadline is ``target_hours``
     (0: none), or where it is None the scenario's ``training.target_hours``."""
-    from clustersim.search_space import OBJECTIVES, candidates, recompute_tries, score
+    from clustersim.search_space import OBJECTIVES, candidates, memory_tries, score
     base = _pairs(overrides)
     zero = None                       # ZeRO asked of a one-replica scenario: the rows with replicas shard
     try:
@@ -224,11 +224,10 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
         steps.append(("training.target_hours", target_hours))
     trials, dropped = [], []
     for cand in candidates(sc, devices, zero):
-        cand, error = _fitting(source, base + steps, cand, recompute_tries(sc))
+        fitted, error = _fitting(source, base + steps, cand, memory_tries(sc, cand))
         if error:
             dropped.append({**cand, "error": error})
-            continue
-        trials.append((cand, base + steps + list(cand.items())))
+        trials += [(trial, base + steps + list(trial.items())) for trial in fitted]
     refused = len(dropped)
     points, failed, stalled = [], [], []
     for n, result in _each(_search_point, [(source, pairs) for _, pairs in trials], jobs, mpi):
@@ -264,23 +263,35 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     return {"ranked": ranked, **found, "note": note}
 
 
-def _fitting(source: Source, pairs: list[tuple[str, Any]], cand: dict, tries: list[str]) -> tuple[dict, str]:
+def _fitting(source: Source, pairs: list[tuple[str, Any]], cand: dict,
+             tries: list[list[dict]]) -> tuple[list[dict], str]:
     """The candidate as it places and fits (no step graph yet: simulating builds it): as
-    given or, where its device would fit without activations but does not with them, with
-    the first recomputation of ``tries`` that fits (``training.recompute`` joins its keys);
-    else its last one-line error."""
-    for mode in [None] + tries:
-        trial = cand if mode is None else {**cand, "training.recompute": mode}
+    given where it fits; else, where its device would fit but for its activations, from
+    each group of ``tries`` (more micro-batches; a recomputation) the first that fits, its
+    keys joined to the candidate's -- each simulated, so the faster ranks.  Returns the
+    trials and, where none fits, the last one-line error."""
+    def refusal(trial: dict) -> tuple[str, bool]:
+        """(one-line error or "", whether anything could still help: only activations over)."""
         try:
             plan(load(source, pairs + list(trial.items())), ops=False)
-            return trial, ""
+            return "", False
         except DoesNotFit as exc:
-            error = str(exc)
-            if exc.need - exc.activations > exc.have:        # the rest alone does not fit: nothing to recompute
-                return trial, error
+            return str(exc), exc.need - exc.activations <= exc.have
         except ConfigError as exc:
-            return trial, str(exc)
-    return trial, error
+            return str(exc), False
+    error, helps = refusal(cand)
+    if not error or not helps:
+        return ([] if error else [cand]), error
+    found = []
+    for group in tries:
+        for extra in group:
+            trial = {**cand, **extra}
+            error, helps = refusal(trial)
+            if not error:
+                found.append(trial)
+            if not error or not helps:
+                break
+    return found, "" if found else error
 
 
 def _loads(source: Source, pairs: list) -> bool:

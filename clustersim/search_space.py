@@ -123,6 +123,18 @@ def _stages_fill(sc: Scenario, stages: int, tensor: int, sequence: bool) -> bool
     return True
 
 
+def memory_tries(sc: Scenario, cand: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """What to try on a candidate whose activations do not fit, in groups whose first fit
+    is simulated: for one without a pipeline, gradient accumulation (its batch in 2, 4, 8 ...
+    micro-batches, rounded up to divisors: the step's samples and FLOPs kept, one allreduce
+    a step); then ``recompute_tries`` (recomputed FLOPs, whole kernels)."""
+    groups = []
+    if cand["parallel.pipeline"] == 1 and cand["parallel.split"] != "layers":
+        batch = cand["model.batch_size"]
+        groups.append([{"parallel.micro_batches": k} for k in even_micro(batch, powers_of_two(batch)[1:])])
+    return groups + [[{"training.recompute": mode} for mode in recompute_tries(sc)]]
+
+
 def recompute_tries(sc: Scenario) -> list[str]:
     """Recomputation to try, in turn, on a candidate whose activations do not fit: none where
     the scenario sets it; else selective (where the model has attention's score matrices to

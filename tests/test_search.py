@@ -9,6 +9,7 @@ import pytest
 from clustersim import api
 from clustersim.cli import main
 from clustersim.core.config import ConfigError
+from clustersim.core.plan import DoesNotFit, plan
 
 QUICK = "scenarios/quickstart.toml"
 BASE = {"training.steps": 1, "model.batch_size": 64, "parallel.replicas": 2}     # global batch 128
@@ -48,16 +49,18 @@ def test_search_finds_the_brute_force_best():
 
 
 def test_what_cannot_fit_is_refused_before_simulating():
-    """AlexNet with a global batch of 65,536 on four 80 GiB A100s: many ways need more
-    memory than a GPU has; they are refused with the memory check's reason, never run.
-    One GPU would keep 261 GiB of activations for the backward; four replicas of 16,384
-    keep a quarter each (65 GiB) and run."""
+    """AlexNet with a global batch of 65,536 on four 80 GiB A100s: pipelines whose stages
+    keep too many micro-batches' activations need more memory than a GPU has; they are
+    refused with the memory check's reason, never run.  One GPU would keep 261 GiB of
+    activations for the backward: it runs its batch in 4 micro-batches (gradient
+    accumulation, a quarter each); four replicas of 16,384 keep 65 GiB each and run whole."""
     res = api.search(QUICK, 4, {"model.name": "alexnet", "model.batch_size": 65536, "parallel.replicas": 1,
                                 "training.steps": 1, "cluster.topology": "pcie-4gpu"})
-    assert len(res["dropped"]) >= 10 and len(res["ranked"]) > 0
-    assert all("does not fit" in d["error"] for d in res["dropped"])
-    assert (1, 1) in {(d["parallel.replicas"], d["parallel.model_parallel"]) for d in res["dropped"]}
-    assert (4, 1) in {(d["parallel.replicas"], d["parallel.model_parallel"]) for d in res["ranked"]}
+    assert len(res["dropped"]) >= 5 and len(res["ranked"]) > 0
+    assert all("does not fit" in d["error"] and d["parallel.split"] == "layers" for d in res["dropped"])
+    ranked = {(d["parallel.replicas"], d["parallel.model_parallel"], d["parallel.split"]): d["parallel.micro_batches"]
+              for d in res["ranked"]}
+    assert ranked[(1, 1, "spatial")] == 4 and ranked[(4, 1, "spatial")] == 1
     assert res["candidates"] == len(res["dropped"]) + len(res["ranked"])
     from clustersim.cli.search import _not_ranked
     assert _not_ranked(res) == f"{len(res['dropped'])} refused before simulating ({len(res['dropped'])} for memory)"
@@ -193,14 +196,16 @@ def test_a_candidate_whose_activations_do_not_fit_is_tried_with_recomputation():
     assert recompute_tries(api.load(QUICK, [("model.name", "alexnet")])) == ["full"]
     assert recompute_tries(api.load(QUICK, pairs + [("training.recompute", "selective")])) == []
     assert recompute_tries(api.load(QUICK, pairs + [("training.recompute", False)])) == []    # said: none
-    assert api._fitting(QUICK, pairs, one, ["selective", "full"]) == ({**one, "training.recompute": "selective"}, "")
+    assert api._fitting(QUICK, pairs, one, [[{"training.recompute": "selective"}, {"training.recompute": "full"}]]) \
+        == ([{**one, "training.recompute": "selective"}], "")
     kept, error = api._fitting(QUICK, pairs, one, [])
-    assert kept == one and "does not fit" in error
-    res = api.search(QUICK, 1, dict(pairs))
-    assert [p["training.recompute"] for p in res["ranked"]] == ["selective"]
+    assert kept == [] and "does not fit" in error
+    res = api.search(QUICK, 1, dict(pairs))                # and 2 micro-batches (gradient accumulation)
+    assert {(p["training.recompute"] if "training.recompute" in p else "", p["parallel.micro_batches"])
+            for p in res["ranked"]} == {("selective", 1), ("", 2)}
     big = pairs[1:] + [("model.name", "megatron-18.4b"), ("model.batch_size", 1)]
-    kept, error = api._fitting(QUICK, big, one, ["selective", "full"])
-    assert kept == one and "largest: optimizer" in error
+    kept, error = api._fitting(QUICK, big, one, [[{"training.recompute": "selective"}]])
+    assert kept == [] and "largest: optimizer" in error
 
 
 def test_tensor_candidates_come_with_and_without_sequence_parallelism():
@@ -377,3 +382,26 @@ def test_a_parameter_server_row_is_the_same_on_a_larger_cluster():
     res = api.search(QUICK, 2, {"parallel.ps_shards": 1, "parallel.ps_placement": "local", "training.steps": 1,
                                 "parallel.replicas": 2, "model.batch_size": 32})
     assert res["refused"] == 0 and any(not p["parallel.ps_shards"] for p in res["ranked"])
+
+
+def test_a_candidate_whose_activations_do_not_fit_accumulates_gradients_before_recomputing():
+    """U33: search met a replica's activations only by recomputation (or a pipeline), so a
+    plain data-parallel row with 2 micro-batches, 14% faster than its best, was never
+    tried.  Micro-batches keep the step's samples and FLOPs: tried first, fewest first."""
+    from clustersim.search_space import memory_tries
+    base = [("model.name", "gpt2"), ("model.batch_size", 256), ("model.dtype", "bf16"), ("parallel.replicas", 1),
+            ("cluster.topology", "dgx-h100"), ("training.optimizer", "adam")]
+    sc = api.load(QUICK, base)
+    cand = {"parallel.model_parallel": 1, "parallel.split": "spatial", "parallel.replicas": 1,
+            "model.batch_size": 256, "parallel.micro_batches": 1, "parallel.pipeline": 1}
+    micro, recompute = memory_tries(sc, cand)
+    assert micro == [{"parallel.micro_batches": k} for k in (2, 4, 8, 16, 32, 64, 128, 256)]
+    assert recompute == [{"training.recompute": "selective"}, {"training.recompute": "full"}]
+    fitted, error = api._fitting(QUICK, base, cand, [micro, recompute])
+    # 256 sequences keep ~241 GiB at once: in 4 micro-batches they fit; selective recomputation
+    # alone (the scores dropped) does not, full does -- both simulated, the faster ranks
+    assert not error and fitted == [{**cand, "parallel.micro_batches": 4}, {**cand, "training.recompute": "full"}]
+    with pytest.raises(DoesNotFit):                                           # 2 were not enough
+        plan(api.load(QUICK, base + [("parallel.micro_batches", 2)]), ops=False)
+    piped = {**cand, "parallel.split": "layers", "parallel.model_parallel": 2}
+    assert memory_tries(sc, piped) == [recompute]                  # a pipeline has its own micro-batches
