@@ -139,7 +139,7 @@ memory_bandwidth_gbps = 100
     ("negative_latency", "link[0].latency_us: must be >= 0"),
     ("ghost_link", "link[0].b: no device named 'g9'"),
     ("no_route", "cluster.topology: no route from g0 to g1"),
-    ("too_many_partitions", "parallel.replicas: model_parallel x replicas = 16 devices"),
+    ("too_many_partitions", "parallel: model_parallel x replicas = 16 devices"),
     ("bad_layer_shape", "layer: layer 0 (conv2d): conv2d kernel 9 does not fit"),
     ("does_not_fit", "parallel.model_parallel: does not fit"),
     ("bad_set", "--set: parallel: must look like section.key=value"),

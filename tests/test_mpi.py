@@ -94,7 +94,7 @@ def test_execute_refuses_a_plan_the_topology_cannot_hold_in_one_line(tmp_path):
     f.write_text(SYNC.format(mp=4, r=2, steps=1))           # 8 devices; pcie-4gpu has 4
     proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", str(f), "--set", 'cluster.topology="pcie-4gpu"'],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "parallel.replicas" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and ": parallel: model_parallel x replicas = 8 devices" in proc.stderr, proc.stderr
 
 
 def test_killing_execute_stops_its_ranks(tmp_path):

@@ -199,7 +199,7 @@ def test_model_that_does_not_fit_names_the_device(tmp_path):
 def test_more_partitions_than_devices_is_refused():
     with pytest.raises(ConfigError) as err:
         plan(scenario(parallel={"model_parallel": 4, "replicas": 3}))
-    assert err.value.field == "parallel.replicas" and "12 devices" in str(err.value)
+    assert err.value.field == "parallel" and "model_parallel x replicas = 12 devices" in str(err.value)
 
 
 @pytest.mark.parametrize("parallel, message", [

@@ -2,6 +2,7 @@
 slots (Megatron-LM's reduce-scatter asserts it), and ``model.attention`` is refused on a
 model without attention layers (it would change nothing).  Each refusal is one
 line naming the file and the field, and the command exits 2."""
+import re
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def test_the_default_context_counts_as_the_sequence():
     assert load({"name": "gpt2"}, tensor(4)).model.input_shape == (1, 1024, 1)
 
 
-@pytest.mark.parametrize("sequence, m", [(96, 4), (16, 2), (100, 1)])
+@pytest.mark.parametrize("sequence, m", [(96, 4), (16, 2), (100, 2)])
 def test_positions_a_multiple_of_the_slots_are_accepted(sequence, m):
     sc = load({"name": "gpt2", "sequence": sequence}, tensor(m))
     assert sc.parallel.sequence_parallel and sc.parallel.tensor == m
@@ -87,7 +88,8 @@ def test_attention_on_models_with_attention_layers_is_kept(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.attention: FlashAttention runs in fp16 or bf16; model\.dtype is fp32"):
         load({"name": "gpt-tiny", "attention": "flash"})
     (tmp_path / "att.toml").write_text(ATTENTION_FILE)
-    assert load({"file": "att.toml", "attention": "fused"}, file=str(tmp_path / "s.toml")).attention == "fused"
+    assert load({"file": "att.toml", "attention": "fused", "dtype": "fp16"},
+                file=str(tmp_path / "s.toml")).attention == "fused"
 
 
 def test_attention_on_an_onnx_model_is_refused(tmp_path):
@@ -168,6 +170,29 @@ def test_zero_with_one_replica_and_selective_without_attention_are_refused():
                                           "score matrices; resnet-50 has no attention layers"):
         scenario_from_dict(data("resnet-50", recompute="selective"), "t.toml")
     assert scenario_from_dict(data("gpt2", recompute="selective"), "t.toml").training.recompute == "selective"
+
+
+@pytest.mark.parametrize("model, parallel, training, field, says", [
+    ({"dtype": "bf16"}, {}, {"epochs": 3}, "training.epochs", "passes over training.dataset_samples, which is not given"),
+    ({"dtype": "bf16"}, {"split": "tensor", "sequence_parallel": True}, {}, "parallel.sequence_parallel",
+     "model_parallel = 1 has one slot: it would do nothing"),
+    ({"dtype": "bf16"}, {"schedule": "gpipe"}, {}, "parallel.schedule", "with one stage and one micro-batch"),
+    ({"attention": "fused"}, {}, {}, "model.attention", "the fused softmax kernel runs in fp16 or bf16"),
+    ({"dtype": "bf16"}, {"split": "layers", "model_parallel": 2, "pipeline": 2}, {}, "parallel.pipeline",
+     'use split = "tensor"'),
+])
+def test_what_u33_found_ignored_or_misnamed_is_one_line_naming_it(model, parallel, training, field, says):
+    """A capacity planner's settings that ran as if absent (epochs without a data set,
+    sequence parallelism over one slot, GPipe with nothing to order, Megatron's fused
+    softmax in fp32, where its kernel needs 16 bits), and a pipeline refusal that sent a
+    tensor user to the spatial split; each loads once the setting is dropped."""
+    data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "gpt2", "batch_size": 8, **model},
+            "parallel": parallel, "training": training}
+    with pytest.raises(ConfigError, match=rf"^t\.toml: {field}: .*{re.escape(says)}"):
+        scenario_from_dict(data, "t.toml")
+    section, key = field.split(".")
+    data[section].pop(key)
+    scenario_from_dict(data, "t.toml")
 
 
 def test_a_published_case_given_as_a_scenario_says_what_it_is():

@@ -648,7 +648,7 @@ def _place(sc: Scenario, slices: Slices, slot_params: list[int]) -> tuple[tuple[
     need = per * par.replicas
     if need > len(compute):
         what = "model_parallel x pipeline x replicas" if par.pipeline > 1 else "model_parallel x replicas"
-        raise ConfigError(sc.file, "parallel.replicas",
+        raise ConfigError(sc.file, "parallel",
                           f"{what} = {need} devices, but topology {topo.name} has {len(compute)} compute devices")
     devices = tuple(tuple(compute[r * per + j] for j in range(per)) for r in range(par.replicas))
     if not par.ps_shards:
