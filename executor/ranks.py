@@ -43,6 +43,7 @@ from clustersim.core.scenario import load_scenario, parse_set
 from executor.backend import get_xp
 from executor.launch import pin
 from executor.summary import LOCKSTEP, merge_trace, summary
+from clustersim.core.models import BUNDLED_DATA
 from executor.checks import CHECKPOINT_EVERY, check, check_checkpoint, check_data, parse_fail
 from executor.job import RankJob
 
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if world.rank == 0:
             trace = merge_trace(p, [spans for _, spans, _ in parts], [steps for _, _, steps in parts])
             out = summary(p, trace, [part for part, _, _ in parts])
+            out["data"] = "mnist" if args.data else BUNDLED_DATA.get(p.scenario.model.name, "synthetic")
             if args.trace:
                 trace.save(args.trace)
             print(json.dumps(out, indent=2) if args.json else _text(out))
@@ -151,7 +153,8 @@ def _text(s: dict) -> str:
             f"({s['workers']} workers, {s['ps_shards']} shards)\n"
             f"  step time        {s['step_time_s'] * 1e3:.4g} ms ({how})\n"
             f"  throughput       {s['samples_per_s']:.4g} samples/s\n"
-            f"  accuracy         {s['accuracy']:.2%} (test loss {s['loss']:.4g})\n"
+            f"  accuracy         {s['accuracy']:.2%} (test loss {s['loss']:.4g}"
+            f"{'; synthetic data, random labels: chance' if s.get('data') == 'synthetic' else ''})\n"
             f"  wall             {s['wall_s']:.3g} s")
 
 

@@ -49,3 +49,13 @@ def test_grammar_corpus_follows_its_grammar_and_its_ceiling_is_the_closed_form()
     assert len(GRAMMAR_WORDS) == d.classes == m.classes == gpt.classes and m.x_train.shape == (2048, 1, 16, 1)
     assert for_model(zoo_model("resnet-digits"), 4).x_test.shape == (359, 1, 8, 8)
     assert for_model(zoo_model("resnet-50"), 4) is None
+
+
+def test_synthetic_held_out_samples_are_not_training_samples():
+    """U34: the "test" set of synthetic data was the training set's first fifth, so execute
+    printed 100% test accuracy on random labels over 1,000 classes."""
+    from executor.data import synthetic
+    d = synthetic((3, 4, 4), 1000, 50, np.random.default_rng(0))
+    assert d.x_train.shape == (50, 3, 4, 4) and d.x_test.shape == (10, 3, 4, 4)
+    train = {row.tobytes() for row in d.x_train}
+    assert not any(row.tobytes() in train for row in d.x_test)

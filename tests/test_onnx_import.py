@@ -222,6 +222,17 @@ def test_what_does_not_map_says_which_node_and_why(tmp_path):
         load_model_file(tmp_path / "junk.onnx")
 
 
+def test_a_weight_two_layers_share_is_refused_naming_both(tmp_path):
+    """U34: one 8x8 weight read by two Gemms was imported as two layers of 8x8, its
+    parameters (and its gradient allreduce, and its memory) counted twice, without a word."""
+    g = Net(["N", 8], np.random.default_rng(10))
+    w = g.init("W", 8, 8)
+    g("Gemm", [g("Gemm", ["x", w], "h1"), w], "h2")
+    with pytest.raises(ConfigError, match=r"node 'h2': Gemm: its parameter 'W' belongs to node 'h1' too: tied "
+                                          r"weights are not supported"):
+        load_model_file(g.save(tmp_path / "tied.onnx", "h2"))
+
+
 def test_a_graph_with_its_loss_keeps_it_and_reads_the_labels_as_no_activation(tmp_path):
     g = Net(["N", 6], np.random.default_rng(9))
     g.nodes.append(helper.make_node("SoftmaxCrossEntropyLoss", [g("Gemm", ["x", g.init("w", 6, 4), g.init("b", 4)],

@@ -213,3 +213,23 @@ def test_a_noise_window_without_host_noise_is_refused():
             "faults": {"host_noise_window_s": 0.1}}
     with pytest.raises(ConfigError, match=r"^t.toml: faults.host_noise_window_s: .*host_noise is off"):
         scenario_from_dict(data, "t.toml")
+
+
+def test_fp64_needs_a_gpus_own_figure_and_a_cpu_runs_it_at_half_rate(tmp_path):
+    """U34: a GPU table without peak_tflops_fp64 ran an fp64 model at its fp32 rate (GPUs run
+    fp64 at 1/2 to 1/64 of it), silently; a CPU's fp64 rate is half its fp32 (SIMD lanes)."""
+    from helpers import dump_toml, gpu, link
+    from clustersim.core.topogen import load_topology
+    (tmp_path / "nofp64.toml").write_text(dump_toml({
+        "name": "nofp64", "device": [gpu("g0"), gpu("g1", machine=1), {"name": "sw", "kind": "switch"}],
+        "link": [link("g0", "sw", 10.0, 1.0), link("g1", "sw", 10.0, 1.0)]}))
+    data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 8, "dtype": "fp64"}}
+    assert scenario_from_dict(data, str(tmp_path / "t.toml")).dtype == "fp64"     # the H100's table: 34 TFLOP/s
+    data["cluster"]["topology"] = "nofp64.toml"
+    with pytest.raises(ConfigError, match=r"t\.toml: model\.dtype: fp64 on g0 of topology nofp64, whose table gives "
+                                          r"no peak_tflops_fp64"):
+        scenario_from_dict(data, str(tmp_path / "t.toml"))
+    data["model"]["dtype"] = "fp32"
+    assert scenario_from_dict(data, str(tmp_path / "t.toml")).dtype == "fp32"
+    cpu = load_topology("distbelief-2012", Path(".")).devices["m0.cpu"]
+    assert cpu.flops_per_s("fp64") == cpu.flops_per_s("fp32") / 2

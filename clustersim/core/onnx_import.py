@@ -84,6 +84,7 @@ class _Importer:
         self.inputs: list[tuple[str, ...]] = []
         self.taken: set[str] = {INPUT_NAME}
         self.skip: set[int] = set()              # nodes folded into an earlier layer (MatMul's Add)
+        self.owners: dict[str, str] = {}         # constant -> the node whose parameters it is
 
     # --- reading the graph --------------------------------------------------------------
     def error(self, node: Any, message: str) -> ConfigError:
@@ -187,6 +188,10 @@ class _Importer:
             raise self.error(node, str(exc)) from None
         if node is not None:
             out = out or node.output[0]
+            for p in params:
+                if p and self.owners.setdefault(p, node.name or node.output[0]) != (node.name or node.output[0]):
+                    raise self.error(node, f"its parameter {p!r} belongs to node {self.owners[p]!r} too: tied weights "
+                                           f"are not supported (each layer owns its parameters; they would count twice)")
             have = sum(self.consts[p].size for p in params if p)
             if have != layer.params(in_shape):
                 raise self.error(node, f"its constants hold {have} parameters, a {layer.kind} layer on "

@@ -196,7 +196,8 @@ def _compute_fields(t: Table, kind: str) -> dict[str, Any]:
         cores = 0
     else:
         cores = t.int("cores", lo=1, hi=4096)
-        peak = {"fp32": cores * t.float("core_gflops", positive=True) * 1e9}
+        fp32 = cores * t.float("core_gflops", positive=True) * 1e9
+        peak = {"fp32": fp32, "fp64": fp32 / 2}         # SIMD lanes hold half as many 8-byte values
     curves = {key: _curve(t, key) for key in ("efficiency_curve", "backward_efficiency_curve")}
     extra = {"compute_capability": t.float("compute_capability", 0.0, lo=0.0, hi=20.0),
              "sms": t.int("sms", 0, lo=0, hi=100_000),
