@@ -19,12 +19,12 @@ def seconds(value: float) -> str:
 
 def _stages(s: dict) -> str:
     """A pipeline's stages (and their slots, where a stage is a tensor split's), micro-batches
-    and schedule, for the summary's split line; "" without a pipeline."""
-    stages = s.get("pipeline_stages", 1)
+    and schedule, for the summary's split line; without a pipeline, its micro-batches where a
+    replica's batch runs in several (gradient accumulation), else ""."""
+    stages, micro = s.get("pipeline_stages", 1), s.get("micro_batches", 1)
     if stages <= 1:
-        return ""
+        return f" ({micro} micro-batches, gradients accumulated)" if micro > 1 else ""
     slots = "" if s["split"] == "layers" else f" of {s['model_parallel'] // stages} slots"
-    micro = s["micro_batches"]
     return f" ({stages} stages{slots}, {micro} micro-batch{'es' if micro > 1 else ''}, {s['schedule']})"
 
 

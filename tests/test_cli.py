@@ -103,6 +103,15 @@ def test_topology_show_names_every_kind_of_compute_device(tmp_path, capsys):
                          "fp32 peak, efficiency 1, 16 GiB), 1 x cpu (40 GFLOP/s fp32 peak, efficiency 1, 32 GiB)" in out
 
 
+def test_a_replicas_micro_batches_show_without_a_pipeline(capsys):
+    """U33: 4 micro-batches without a pipeline (gradient accumulation) changed memory and time
+    but neither the plan's nor the summary's header said so."""
+    quick = str(Path(__file__).resolve().parents[1] / "scenarios" / "quickstart.toml")
+    for command in ("plan", "simulate"):
+        code, out, _ = run(capsys, command, quick, "--set", "parallel.micro_batches=4", "--set", "training.steps=1")
+        assert code == 0 and "4 micro-batches" in out.splitlines()[0 if command == "plan" else 1]
+
+
 def test_topology_show_and_plan_print(tmp_path, capsys):
     code, out, _ = run(capsys, "topology", "show", "dgx-h100", "--plot", tmp_path / "t.png")
     assert code == 0 and "8 gpu" in out and (tmp_path / "t.png").exists()

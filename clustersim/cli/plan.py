@@ -22,7 +22,9 @@ def run(args) -> int:
     print(f"{sc.name}: {sc.model.name}, {p.slots} slot(s) x {p.replicas} replica(s), split {sc.parallel.split}, "
           f"sync {p.sync}" + (f", {sc.parallel.stages} stages x {sc.parallel.micro_batches} micro-batch"
                               f"{'es' if sc.parallel.micro_batches > 1 else ''} ({sc.parallel.schedule})"
-                              if sc.parallel.stages > 1 and sc.training.algorithm != "layerwise" else "")
+                              if sc.parallel.stages > 1 and sc.training.algorithm != "layerwise" else
+                              f", {sc.parallel.micro_batches} micro-batches (gradients accumulated)"
+                              if sc.parallel.micro_batches > 1 else "")
           + (f", sequence parallel" if sc.parallel.sequence_parallel else "")
           + (f", ZeRO {sc.training.zero}" if sc.training.zero else "")
           + (f", recompute {sc.training.recompute}" if sc.training.recompute not in ("", "none") else ""))
