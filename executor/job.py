@@ -17,7 +17,7 @@ from clustersim.core.metrics import quiet_time
 from executor.kernels import init_params, softmax_xent_loss
 from executor.optim import replica_step
 from executor.partitioned import _box_of, pieces, run_step, slot_params
-from clustersim.core.schedule import apply_cost
+from clustersim.core.schedule import apply_cost, update_cost
 from executor.psrank import ShardClient, message_buffer, serve, shard_runs, slot_segments
 from executor.checks import CHECKPOINT_EVERY, dataset, rank_role, serve_rule
 from executor.comm import common_start
@@ -234,7 +234,8 @@ class RankJob(SandblasterRoles):
                     self.unflatten(total, res.grads, j)
                 t2 = time.perf_counter()
                 replica_step(params, res.grads, tr.learning_rate, self.R, adam if tr.optimizer == "adam" else None)
-                self.span("update", "update", me, step, t2, time.perf_counter(), 0.0, 2.0 * flat.size, "update")
+                flops, nbytes = update_cost(self.sc, flat.size)                 # as the simulator counts it
+                self.span("update", "update", me, step, t2, time.perf_counter(), nbytes, flops, "update")
             elif tr.algorithm == "sync":
                 g = self.flatten(res.grads, j) if res.grads else np.zeros_like(flat)
                 self.push_grads(client, g, step, me, t1)

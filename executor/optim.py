@@ -52,7 +52,9 @@ def replica_step(params: dict, grads: dict, lr: float, replicas: int, adam: dict
     for key, gs in grads.items():
         for i, (w, g) in enumerate(zip(params[key], gs)):
             g /= replicas
-            adam.setdefault((key, i), Adam(lr, w)).step(w, g)
+            if (key, i) not in adam:
+                adam[(key, i)] = Adam(lr, w)
+            adam[(key, i)].step(w, g)
 
 
 class SGD:

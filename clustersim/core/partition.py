@@ -239,14 +239,15 @@ def _cuts_allowed(model: Model, states: list[str], scattered: list[bool], alone:
     block's output, never a residual beside a branch: both would travel), not inside a
     repeated block (Megatron gives each stage whole transformer layers), and with several
     slots a stage (``alone`` False) that output is whole on every slot (after its
-    allreduce) or cut by positions, read by layers computing it whole or by positions, so
-    a tensor group's allreduces stay in one stage."""
+    allreduce) or cut by positions, read by no partial sum (a row-parallel layer reads its
+    input cut), so a tensor group's allreduces stay in one stage: a post-norm block (BERT)
+    ends in a layer norm the next block's column-parallel attention reads whole."""
     ok, inside = [], False              # inside: a block's inner layer since the last block end
     for i in range(len(model.nodes)):
         crossing = [(src, c) for src in range(i + 1) for c in model.consumers[src] if c > i]
         inside = inside or i in model.inner
         whole = all(src == i for src, _ in crossing) and i not in model.inner and (inside or not model.inner)
-        ok.append(whole and (alone or all(states[src] != "cut" and not scattered[src] and states[c] in ("rep", "seq")
+        ok.append(whole and (alone or all(states[src] != "cut" and not scattered[src] and states[c] != "partial"
                                           for src, c in crossing)))
         inside = inside and not ok[-1]
     return ok

@@ -25,7 +25,7 @@ from clustersim.core.partition import (Parts, Slices, cut_along, even_cuts, laye
                                        spatial_slices, tensor_slices)
 from clustersim.core.scenario import Scenario
 from clustersim.core.schedule import (PARAM_BYTES, Schedule, micro_batches_held,  # noqa: F401  (PARAM_BYTES: plan's users)
-                                      schedule_of, stage_units)
+                                      optimizer_bytes, schedule_of, stage_units)
 from clustersim.core.topology import SPLIT, STAGE
 
 RECOMPUTE = ("recompute reduce-scatter", "recompute all-gather")   # a recomputed forward's allreduces
@@ -725,13 +725,12 @@ def memory_use(p: Plan) -> dict[str, dict[str, float]]:
 
 def state_bytes(sc: Scenario) -> dict[str, float]:
     """Bytes per parameter a replica's device keeps: weights in the model's dtype, gradients
-    in ``Scenario.gradient_bytes`` (the same unless ``training.gradient_dtype``); optimizer
-    state of 4 bytes of fp32 master weights where the dtype is narrower (mixed precision)
-    plus 8 of Adam's two fp32 moments -- 2 + 2 + 12 = 16 with Adam in
-    fp16/bf16, as ZeRO's paper counts -- and ZeRO stage z's sharding over the R replicas:
-    the optimizer state from stage 1, the gradients from 2, the weights from 3."""
+    in ``Scenario.gradient_bytes`` (the same unless ``training.gradient_dtype``), optimizer
+    state (``schedule.optimizer_bytes``: 2 + 2 + 12 = 16 with Adam in fp16/bf16, as ZeRO's
+    paper counts), and ZeRO stage z's sharding over the R replicas: the optimizer state
+    from stage 1, the gradients from 2, the weights from 3."""
     db, zero, r = float(sc.dtype_bytes), sc.training.zero, sc.parallel.replicas
-    optimizer = (4.0 if db < 4 else 0.0) + (8.0 if sc.training.optimizer == "adam" else 0.0)
+    optimizer = float(optimizer_bytes(sc))
     return {"weights": db / (r if zero >= 3 else 1), "gradients": sc.gradient_bytes / (r if zero >= 2 else 1),
             "optimizer": optimizer / (r if zero >= 1 else 1)}
 

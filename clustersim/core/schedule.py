@@ -111,13 +111,27 @@ def apply_cost(rule: str, params: int, summed: int = 0) -> tuple[float, float]:
     return flops * params, nbytes * params
 
 
+def master_bytes(sc: Scenario) -> int:
+    """Bytes of a master weight and of each optimizer state value (Adam's moments): fp32,
+    or the model's own 8-byte values."""
+    return max(PARAM_BYTES, sc.dtype_bytes)
+
+
+def optimizer_bytes(sc: Scenario) -> float:
+    """Optimizer state a parameter keeps besides its weight and gradient: a master weight
+    where the model's dtype is narrower (mixed precision), and the optimizer's states
+    (Adam: two moments) -- 4 + 8 = 12 with Adam in fp16/bf16, as ZeRO's paper counts."""
+    master = master_bytes(sc)
+    return (master if sc.dtype_bytes < master else 0) + OPTIMIZER_STATES[sc.training.optimizer] * master
+
+
 def update_cost(sc: Scenario, params: int) -> tuple[float, float]:
     """(FLOPs, bytes) of a replica's optimizer step on ``params`` parameters after the
     allreduce, bound by memory traffic: the gradient read (``Scenario.gradient_bytes``), the
-    master weight read and written (fp32, or the model's 8-byte values) and each optimizer
-    state likewise (Adam: two moments, Kingma & Ba 2015, Algorithm 1), and a 16-bit model's
-    copy of the weight written.  fp32 SGD: 2 FLOPs and 12 bytes, as ``apply_cost``'s."""
-    master = max(PARAM_BYTES, sc.dtype_bytes)
+    master weight read and written and each optimizer state likewise (Adam: two moments,
+    Kingma & Ba 2015, Algorithm 1), and a 16-bit model's copy of the weight written.  fp32
+    SGD: 2 FLOPs and 12 bytes, as ``apply_cost``'s."""
+    master = master_bytes(sc)
     optimizer = sc.training.optimizer
     copy = sc.dtype_bytes if sc.dtype_bytes < master else 0
     nbytes = sc.gradient_bytes + 2 * master * (1 + OPTIMIZER_STATES[optimizer]) + copy
