@@ -560,6 +560,8 @@ def collective(topology: str | Path, op: str = "allreduce", algo: str = "auto", 
                                    ("--protocol", protocol, ("",) + PROTOCOLS)):
         if value not in choices:
             raise ConfigError(option, str(value), f"one of {', '.join(c for c in choices if c)}")
+    if op == "alltoall" and protocol not in ("", "Simple"):
+        raise ConfigError("--protocol", protocol, "alltoall runs as NCCL's point-to-point sends, Simple only")
     if not sizes or any(isinstance(b, bool) or not hasattr(b, "__index__") or b < 1 for b in sizes):
         raise ConfigError("--bytes", str(sizes), "sizes are whole numbers of bytes >= 1")
     topo = load_topology(str(topology), Path("."), machines or None, ("--topology", ""))

@@ -22,8 +22,9 @@ def _stages(s: dict) -> str:
     and schedule, for the summary's split line; without a pipeline, its micro-batches where a
     replica's batch runs in several (gradient accumulation), else ""."""
     stages, micro = s.get("pipeline_stages", 1), s.get("micro_batches", 1)
-    if stages <= 1:
-        return f" ({micro} micro-batches, gradients accumulated)" if micro > 1 else ""
+    if stages <= 1:              # layerwise's micro-batches flow through its layer groups
+        accumulated = micro > 1 and s.get("split") != "layers"
+        return f" ({micro} micro-batches, gradients accumulated)" if accumulated else ""
     slots = "" if s["split"] == "layers" else f" of {s['model_parallel'] // stages} slots"
     return f" ({stages} stages{slots}, {micro} micro-batch{'es' if micro > 1 else ''}, {s['schedule']})"
 

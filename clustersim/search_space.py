@@ -62,8 +62,9 @@ def candidates(sc: Scenario, devices: int, zero: int | None = None) -> list[dict
                                 **sharded(zero, r, 0)})
                     if split == "tensor" and positions % m == 0:      # Korthikanti et al. 2022's
                         out.append({**out[-1], "parallel.sequence_parallel": True})
-                    if r > 1 and split != "tensor":   # one shard per machine the replicas use (a tensor
-                        # split keeps norms on every slot: no shards, which the scenario check refuses)
+                    if r > 1 and split != "tensor" and sc.training.optimizer != "adam":
+                        # one shard per machine the replicas use (a tensor split keeps norms on every
+                        # slot, and shards apply no Adam: no shards, which the scenario check refuses)
                         used = len({sc.topology.machine_of(d) for d in compute[:r * m]})
                         out.append({**base, "parallel.ps_shards": used, "parallel.ps_placement": "local",
                                     **sharded(zero, r, used)})

@@ -7,6 +7,7 @@ import re
 import numpy as np
 
 from clustersim.core.config import ConfigError
+from clustersim.core.models import BUNDLED_DATA
 from clustersim.core.schedule import ranks_needed
 
 from executor.data import for_model, mnist, synthetic
@@ -128,6 +129,9 @@ def check(sc, size: int) -> None:
                                                                            sc.training.gradient_dtype)
         raise ConfigError(sc.file, key, f"execute computes and sends fp32; a {value} prediction would be checked "
                                         f"against fp32 arithmetic (set {key} = \"fp32\", or simulate it)")
+    if sc.training.zero:
+        raise ConfigError(sc.file, "training.zero", "execute keeps every replica's state whole (ZeRO is simulated "
+                                                    "only); its run would not be the prediction's")
     if sum(not readers for readers in sc.model.consumers) > 1:
         raise ConfigError(sc.file, "model.name", f"execute trains a model with one loss; {sc.model.name} ends in "
                                                  "several (simulate it instead)")
@@ -154,10 +158,16 @@ def check_data(folder: str | None, sc):
     return (d.x_train.reshape(len(d.x_train), *shape), d.y_train, d.x_test.reshape(len(d.x_test), *shape), d.y_test)
 
 
+def data_source(sc, data=None) -> str:
+    """Where ``dataset`` takes the data from: ``mnist`` (``--data``), the bundled set's name
+    (``digits``, ``grammar``), or ``synthetic``."""
+    return "mnist" if data is not None else BUNDLED_DATA.get(sc.model.name, "synthetic")
+
+
 def dataset(sc, seed: int, data=None):
     """(x_train, y_train, x_test, y_test): ``data`` (from ``check_data``) when given, the
     data set the package bundles for the model (``data.for_model``: digits, the grammar
-    corpus), else seeded synthetic inputs."""
+    corpus), else seeded synthetic inputs (``data_source`` names which)."""
     if data is not None:
         return data
     d = for_model(sc.model, seed)

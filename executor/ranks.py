@@ -43,8 +43,7 @@ from clustersim.core.scenario import load_scenario, parse_set
 from executor.backend import get_xp
 from executor.launch import pin
 from executor.summary import LOCKSTEP, merge_trace, summary
-from clustersim.core.models import BUNDLED_DATA
-from executor.checks import CHECKPOINT_EVERY, check, check_checkpoint, check_data, parse_fail
+from executor.checks import CHECKPOINT_EVERY, check, check_checkpoint, check_data, data_source, parse_fail
 from executor.job import RankJob
 
 # An aborting rank's error line is in the pipe to mpiexec's proxy; MPI_Abort tears the job
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if world.rank == 0:
             trace = merge_trace(p, [spans for _, spans, _ in parts], [steps for _, _, steps in parts])
             out = summary(p, trace, [part for part, _, _ in parts])
-            out["data"] = "mnist" if args.data else BUNDLED_DATA.get(p.scenario.model.name, "synthetic")
+            out["data"] = data_source(p.scenario, args.loaded)
             if args.trace:
                 trace.save(args.trace)
             print(json.dumps(out, indent=2) if args.json else _text(out))

@@ -107,9 +107,14 @@ def test_a_replicas_micro_batches_show_without_a_pipeline(capsys):
     """U33: 4 micro-batches without a pipeline (gradient accumulation) changed memory and time
     but neither the plan's nor the summary's header said so."""
     quick = str(Path(__file__).resolve().parents[1] / "scenarios" / "quickstart.toml")
+    layerwise = ["--set", "training.algorithm=layerwise", "--set", "parallel.split=layers", "--set",
+                 "parallel.model_parallel=2", "--set", "parallel.replicas=1"]
     for command in ("plan", "simulate"):
         code, out, _ = run(capsys, command, quick, "--set", "parallel.micro_batches=4", "--set", "training.steps=1")
         assert code == 0 and "4 micro-batches" in out.splitlines()[0 if command == "plan" else 1]
+        code, out, _ = run(capsys, command, quick, "--set", "parallel.micro_batches=4", "--set", "training.steps=1",
+                           *layerwise)        # its micro-batches flow through the layer groups (review R33)
+        assert code == 0 and "accumulated" not in out
 
 
 def test_topology_show_and_plan_print(tmp_path, capsys):

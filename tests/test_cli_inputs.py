@@ -141,6 +141,7 @@ def test_a_count_below_1_is_refused_in_one_line_naming_the_option(capsys, monkey
     ({"op": "allreduc"}, "--op: allreduc: one of allreduce, allgather"),
     ({"op": "alltoall", "algo": "tree"}, "--algo: tree: alltoall runs as direct sends between every pair"),
     ({"op": "alltoall", "algo": "ps"}, "--algo: ps: alltoall runs as direct sends between every pair"),
+    ({"op": "alltoall", "protocol": "LL"}, "--protocol: LL: alltoall runs as NCCL's point-to-point sends"),
     ({"topology": "distbelief-2012", "protocol": "LL"}, "--protocol: LL: NCCL's protocols run on GPUs")])
 def test_collective_refuses_what_it_cannot_run_naming_the_option(kw, line):
     """From Python as from the command line: sizes of at least a byte, a known network and
@@ -221,6 +222,15 @@ def test_execute_on_gpus_without_cupy_is_one_line_before_starting_ranks(capsys, 
     monkeypatch.setattr(api, "execute_command", lambda *a, **k: pytest.fail("started ranks"))
     code, _, err = run(capsys, "execute", QUICK, "--device", "gpu", "--set", "parallel.replicas=2")
     assert code == 2 and err.startswith("clustersim: error: --device: gpu: needs CuPy and a visible GPU")
+
+
+@pytest.mark.parametrize("command", ["execute", "validate"])
+def test_zero_which_the_executor_does_not_shard_is_refused(capsys, monkeypatch, command):
+    """Review R33: execute kept every replica's state whole under training.zero while
+    simulate timed each replica's 1/R update: validate would compare unlike runs."""
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("started ranks or a calibration"))
+    code, _, err = run(capsys, command, QUICK, "--set", "training.zero=1", "--set", "parallel.replicas=2")
+    assert code == 2 and err.startswith(f"clustersim: error: {QUICK}: training.zero: execute keeps every replica's")
 
 
 @pytest.mark.parametrize("command", ["execute", "validate"])

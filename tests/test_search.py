@@ -235,8 +235,8 @@ def test_a_scenarios_zero_is_off_where_a_candidate_has_one_replica():
     assert {(p["parallel.ps_shards"] > 0, p.get("training.zero", 1)) for p in res["ranked"]
             if p["parallel.replicas"] == 2} == {(False, 1), (True, 0)}    # ZeRO is sync's without shards
     res = api.search(QUICK, 2, {"training.zero": 1, "training.optimizer": "adam", "training.steps": 1})
-    assert not any(p["parallel.ps_shards"] for p in res["ranked"])            # shards apply sgd, not adam
-    assert {d["error"].split(": ")[1] for d in res["dropped"]} == {"training.optimizer"}
+    assert not any(p["parallel.ps_shards"] for p in res["ranked"] + res["dropped"])   # shards apply sgd, not adam
+    assert res["refused"] == 0                        # not made to be refused (review R33: 48 of 182 on 32 GPUs)
     # a one-replica scenario may ask for ZeRO: search
     # chooses the replicas, and its rows with several shard as asked
     res = api.search(QUICK, 2, {"training.zero": 1, "training.steps": 1, "parallel.replicas": 1})

@@ -24,7 +24,7 @@ def run(args) -> int:
                               f"{'es' if sc.parallel.micro_batches > 1 else ''} ({sc.parallel.schedule})"
                               if sc.parallel.stages > 1 and sc.training.algorithm != "layerwise" else
                               f", {sc.parallel.micro_batches} micro-batches (gradients accumulated)"
-                              if sc.parallel.micro_batches > 1 else "")
+                              if sc.parallel.micro_batches > 1 and sc.parallel.stages == 1 else "")
           + (f", sequence parallel" if sc.parallel.sequence_parallel else "")
           + (f", ZeRO {sc.training.zero}" if sc.training.zero else "")
           + (f", recompute {sc.training.recompute}" if sc.training.recompute not in ("", "none") else ""))

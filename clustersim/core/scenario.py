@@ -294,12 +294,6 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
                                f"{par.grid[0] * par.grid[1]}; got {par.model_parallel}")
     if par.sequence_parallel and par.split != "tensor":
         raise pt.error("sequence_parallel", f"cuts a tensor split's norms by positions; split is {par.split!r}")
-    if par.sequence_parallel and par.model_parallel == 1:
-        raise pt.error("sequence_parallel", "cuts norms and residual sums by positions over the tensor slots; "
-                                            "model_parallel = 1 has one slot: it would do nothing")
-    if par.schedule == "gpipe" and par.stages == 1 and par.micro_batches == 1:
-        raise pt.error("schedule", "orders the micro-batches of pipeline stages; with one stage and one "
-                                   "micro-batch it would do nothing")
     if par.sequence_parallel and positions % par.tensor:     # Megatron-LM asserts it (tensor_parallel/mappings.py)
         where = "model.sequence" if mt.has("name") else "the model file's input"
         raise pt.error("sequence_parallel", f"cuts positions evenly over the {par.tensor} tensor slots; "
@@ -455,7 +449,7 @@ def _training(tt: Table) -> Training:
         raise tt.error("start_spread_s", f"must be >= 0, or -1 for a parameter round trip; got {tr.start_spread_s}")
     if tr.comm_bits not in (8, 32):
         raise tt.error("comm_bits", f"must be 32 or 8, got {tr.comm_bits}")
-    if tt.has("epochs") and not tr.dataset_samples:
+    if tr.epochs != 1.0 and not tr.dataset_samples:
         raise tt.error("epochs", "passes over training.dataset_samples, which is not given: nothing would use it")
     if tr.target_hours and not tr.dataset_samples:
         raise tt.error("target_hours", "a deadline needs training.dataset_samples (the data set's size) to be met")
