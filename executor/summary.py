@@ -70,7 +70,7 @@ def summary(p: Plan, trace: Trace, parts: list[dict]) -> dict:
     ``metrics.replica_period`` of the trace's ``replica_steps``, each replica's first start
     to last end over its steps, waits included, median over replicas.  For the lockstep
     jobs (sync, Sandblaster) it is the median over the workers of their median step, and
-    for sync ``samples_per_s`` is batch x replicas / step_time_s, as the simulator's sync.
+    for sync ``samples_per_s`` is batch x the gradients a step applies / step_time_s, as the simulator's sync.
     Then what only a run has: accuracy and loss on held-out data, training loss, quiet
     step, per-worker steps, which transport carried the workers' messages (nccl | mpi), the
     shards' updates and bytes pushed, the coordinator's counts."""
@@ -83,7 +83,8 @@ def summary(p: Plan, trace: Trace, parts: list[dict]) -> dict:
     if p.schedule.algorithm in LOCKSTEP:
         out["step_time_s"] = float(statistics.median(s["step_time_s"] for s in stepped)) if stepped else 0.0
     if p.schedule.algorithm == "sync":
-        out["samples_per_s"] = p.scenario.batch_size * p.replicas / out["step_time_s"] if out["step_time_s"] else 0.0
+        used = min(p.replicas, p.schedule.quorum)          # a backup worker's late gradient trains nothing
+        out["samples_per_s"] = p.scenario.batch_size * used / out["step_time_s"] if out["step_time_s"] else 0.0
     ev = next(s for s in workers if s["accuracy"] is not None)
     out.update(ranks=len(parts), workers=len(workers), accuracy=ev["accuracy"], loss=ev["loss"],
                transport="nccl" if any(s.get("transport") == "nccl" for s in workers) else "mpi",

@@ -49,7 +49,8 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
     tr = res.trace
     steps, replicas = sync_stretch(p, res)
     step_s = statistics.median(steps) if steps else 0.0
-    samples_per_s = sc.batch_size * replicas / step_s if step_s else 0.0
+    used = min(replicas, p.schedule.quorum) if sc.training.algorithm == "sync" else replicas   # backups' dropped
+    samples_per_s = sc.batch_size * used / step_s if step_s else 0.0                       # gradients: no samples
     if tr.replica_steps:        # replicas step on their own: each one's period, waits included; all samples done
         step_s = replica_period(tr.replica_steps)
         samples_per_s = sc.batch_size * len(tr.replica_steps) / (res.sim_time_s or 1.0)
@@ -168,14 +169,12 @@ def async_metrics(p: Plan, res) -> dict:
 def run_rate(p: Plan, tr, makespan: float) -> float:
     """A synchronous run's samples per second over its whole simulated time, failures,
     restarts and steps done again included: each step's samples counted once, from the
-    replicas its last completion ran on (``samples_per_s`` is the steady step's)."""
+    gradients its last completion applied (a backup worker's dropped gradient trained
+    nothing; ``samples_per_s`` is the steady step's)."""
     used: dict[int, int] = {}
-    step = None
     for u in tr.updates:
         if u.kind == "apply" and u.shard == -1 and "replicas" in u.info:
-            step, used[u.step] = u.step, 0              # a step done again after a restart: its last
-        elif u.kind == "deliver" and u.step == step:
-            used[step] += 1                             # a replica the step ran on, as ``samples_per_s`` counts
+            used[u.step] = len(u.info["replicas"])      # a step done again after a restart: its last
     return p.scenario.batch_size * sum(used.values()) / makespan
 
 

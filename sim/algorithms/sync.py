@@ -65,7 +65,10 @@ def run_sync(engine: Engine, steps: int):
             engine.log("deliver", r, -1, step)
         step += 1
         gone = [r for r in active if not engine.alive(*plan.devices[r])]
-        if gone:                              # failed, and the backups finished the step without it
+        # failed after its gradient was in (the step finished without it): with backup workers
+        # or on_failure = "continue" the job goes on without it; else it stays in, so that the
+        # next step waits for it, finds it gone and restarts from the checkpoint
+        if gone and (faults.on_failure != "restart" or plan.schedule.quorum < plan.replicas):
             active = [r for r in active if r not in gone]
             free = {r: free[r] for r in active}
             engine.sync_phases.append((len(engine.trace.step_ends), len(active)))   # from this step
