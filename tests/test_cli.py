@@ -104,7 +104,7 @@ def test_topology_show_names_every_kind_of_compute_device(tmp_path, capsys):
 
 
 def test_a_replicas_micro_batches_show_without_a_pipeline(capsys):
-    """U33: 4 micro-batches without a pipeline (gradient accumulation) changed memory and time
+    """4 micro-batches without a pipeline (gradient accumulation) changed memory and time
     but neither the plan's nor the summary's header said so."""
     quick = str(Path(__file__).resolve().parents[1] / "scenarios" / "quickstart.toml")
     layerwise = ["--set", "training.algorithm=layerwise", "--set", "parallel.split=layers", "--set",
@@ -113,7 +113,7 @@ def test_a_replicas_micro_batches_show_without_a_pipeline(capsys):
         code, out, _ = run(capsys, command, quick, "--set", "parallel.micro_batches=4", "--set", "training.steps=1")
         assert code == 0 and "4 micro-batches" in out.splitlines()[0 if command == "plan" else 1]
         code, out, _ = run(capsys, command, quick, "--set", "parallel.micro_batches=4", "--set", "training.steps=1",
-                           *layerwise)        # its micro-batches flow through the layer groups (review R33)
+                           *layerwise)        # its micro-batches flow through the layer groups
         assert code == 0 and "accumulated" not in out
 
 

@@ -226,7 +226,7 @@ def test_execute_on_gpus_without_cupy_is_one_line_before_starting_ranks(capsys, 
 
 @pytest.mark.parametrize("command", ["execute", "validate"])
 def test_zero_which_the_executor_does_not_shard_is_refused(capsys, monkeypatch, command):
-    """Review R33: execute kept every replica's state whole under training.zero while
+    """Execute kept every replica's state whole under training.zero while
     simulate timed each replica's 1/R update: validate would compare unlike runs."""
     monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("started ranks or a calibration"))
     code, _, err = run(capsys, command, QUICK, "--set", "training.zero=1", "--set", "parallel.replicas=2")

@@ -52,7 +52,7 @@ def test_grammar_corpus_follows_its_grammar_and_its_ceiling_is_the_closed_form()
 
 
 def test_synthetic_held_out_samples_are_not_training_samples():
-    """U34: the "test" set of synthetic data was the training set's first fifth, so execute
+    """The "test" set of synthetic data was the training set's first fifth, so execute
     printed 100% test accuracy on random labels over 1,000 classes."""
     from executor.data import synthetic
     d = synthetic((3, 4, 4), 1000, 50, np.random.default_rng(0))

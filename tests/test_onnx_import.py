@@ -223,7 +223,7 @@ def test_what_does_not_map_says_which_node_and_why(tmp_path):
 
 
 def test_a_weight_two_layers_share_is_refused_naming_both(tmp_path):
-    """U34: one 8x8 weight read by two Gemms was imported as two layers of 8x8, its
+    """One 8x8 weight read by two Gemms was imported as two layers of 8x8, its
     parameters (and its gradient allreduce, and its memory) counted twice, without a word."""
     g = Net(["N", 8], np.random.default_rng(10))
     w = g.init("W", 8, 8)

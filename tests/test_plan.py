@@ -324,7 +324,7 @@ def test_state_bytes_closed_forms():
     assert total(dtype="fp16") == {"weights": 2, "gradients": 2, "optimizer": 4}
     assert total(dtype="fp32") == {"weights": 4, "gradients": 4, "optimizer": 0}
     assert total(dtype="fp32", training={"optimizer": "adam"}) == {"weights": 4, "gradients": 4, "optimizer": 8}
-    # fp64: moments in 8 bytes, as the update moves them (review R33: memory counted 4)
+    # fp64: moments in 8 bytes, as the update moves them (memory counted 4)
     assert total(dtype="fp64", training={"optimizer": "adam"}) == {"weights": 8, "gradients": 8, "optimizer": 16}
     for zero, want in ((1, (2, 2, 1.5)), (2, (2, 0.25, 1.5)), (3, (0.25, 0.25, 1.5))):
         got = total(parallel={"replicas": 8}, training={"optimizer": "adam", "zero": zero})
@@ -816,7 +816,7 @@ def test_memory_advice_offers_only_what_the_scenario_would_take():
 
 
 def test_a_pipeline_of_tensor_slices_sends_one_activation_a_slot_between_whole_blocks():
-    """U33: with 2 slots a stage, a stage could end after the MLP's projection, before its
+    """With 2 slots a stage, a stage could end after the MLP's projection, before its
     residual sum, so the residual travelled beside the branch (37.7 MB where Megatron sends
     18.9: 2 slots x s x h x 2 bytes), and GPT-2's 12 layers took 40 stages, some holding
     one add, where one slot a stage took at most 13."""
@@ -835,7 +835,6 @@ def test_a_pipeline_of_tensor_slices_sends_one_activation_a_slot_between_whole_b
         with pytest.raises(ConfigError, match="parallel.pipeline: .*gives 13 pieces, which fill 13 of 14 stages"):
             plan(gpt("gpt2", tensor, 14))
     # post-norm (BERT): a block ends in a layer norm the next block's attention reads whole;
-    # review R33 caught a first version that allowed no cut there with 2 slots a stage
     p = plan(gpt("bert-large", 2, 2))
     assert sum(op.bytes for op in p.ops if op.kind == "xfer" and op.why == "stage") == 2 * 512 * 1024 * 2
     for tensor in (1, 2, 4):

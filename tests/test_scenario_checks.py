@@ -178,12 +178,12 @@ def test_zero_with_one_replica_and_selective_without_attention_are_refused():
     ({"dtype": "bf16"}, {"split": "layers", "model_parallel": 2, "pipeline": 2}, {}, "parallel.pipeline",
      'use split = "tensor"'),
 ])
-def test_what_u33_found_ignored_or_misnamed_is_one_line_naming_it(model, parallel, training, field, says):
+def test_ignored_or_misnamed_planning_settings_are_one_line_naming_the_field(model, parallel, training, field, says):
     """A capacity planner's settings that ran as if absent (epochs without a data set,
     Megatron's fused softmax in fp32, where its kernel needs 16 bits), and a pipeline
     refusal that sent a tensor user to the spatial split; each loads once the setting is
-    dropped.  Sequence parallelism over one slot and GPipe with one stage stay accepted
-    (review R33): a sweep over model_parallel or pipeline shares them with its first point."""
+    dropped.  Sequence parallelism over one slot and GPipe with one stage stay accepted:
+    a sweep over model_parallel or pipeline shares them with its first point."""
     data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "gpt2", "batch_size": 8, **model},
             "parallel": parallel, "training": training}
     with pytest.raises(ConfigError, match=rf"^t\.toml: {field}: .*{re.escape(says)}"):
@@ -214,7 +214,7 @@ def test_a_noise_window_without_host_noise_is_refused():
 
 
 def test_fp64_needs_a_gpus_own_figure_and_a_cpu_runs_it_at_half_rate(tmp_path):
-    """U34: a GPU table without peak_tflops_fp64 ran an fp64 model at its fp32 rate (GPUs run
+    """A GPU table without peak_tflops_fp64 ran an fp64 model at its fp32 rate (GPUs run
     fp64 at 1/2 to 1/64 of it), silently; a CPU's fp64 rate is half its fp32 (SIMD lanes)."""
     from helpers import dump_toml, gpu, link
     from clustersim.core.topogen import load_topology

@@ -53,7 +53,7 @@ def test_local_averages_every_k_steps_and_at_the_end(steps, k, points):
     ("fp32", "", "adam", 1, 4 + 2 * 4 * 3)])              # ZeRO: each replica steps its half
 def test_a_replicas_update_moves_what_its_optimizer_reads_and_writes(dtype, gradients, optimizer, zero, per_param):
     """The sync update was fp32 SGD's 12 bytes a parameter whatever the optimizer, dtype or
-    ZeRO stage (U34: Adam and fp64 took 3.009 ms like SGD)."""
+    ZeRO stage (Adam and fp64 took 3.009 ms like SGD)."""
     p = plan(scenario_from_dict({"cluster": {"topology": "dgx-h100"},
                                  "model": {"name": "mlp-digits", "batch_size": 32, "dtype": dtype},
                                  "parallel": {"replicas": 2}, "training": {"optimizer": optimizer, "zero": zero,

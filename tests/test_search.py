@@ -236,7 +236,7 @@ def test_a_scenarios_zero_is_off_where_a_candidate_has_one_replica():
             if p["parallel.replicas"] == 2} == {(False, 1), (True, 0)}    # ZeRO is sync's without shards
     res = api.search(QUICK, 2, {"training.zero": 1, "training.optimizer": "adam", "training.steps": 1})
     assert not any(p["parallel.ps_shards"] for p in res["ranked"] + res["dropped"])   # shards apply sgd, not adam
-    assert res["refused"] == 0                        # not made to be refused (review R33: 48 of 182 on 32 GPUs)
+    assert res["refused"] == 0                        # not made to be refused (48 of 182 on 32 GPUs)
     # a one-replica scenario may ask for ZeRO: search
     # chooses the replicas, and its rows with several shard as asked
     res = api.search(QUICK, 2, {"training.zero": 1, "training.steps": 1, "parallel.replicas": 1})
@@ -385,7 +385,7 @@ def test_a_parameter_server_row_is_the_same_on_a_larger_cluster():
 
 
 def test_a_candidate_whose_activations_do_not_fit_accumulates_gradients_before_recomputing():
-    """U33: search met a replica's activations only by recomputation (or a pipeline), so a
+    """Search met a replica's activations only by recomputation (or a pipeline), so a
     plain data-parallel row with 2 micro-batches, 14% faster than its best, was never
     tried.  Micro-batches keep the step's samples and FLOPs: tried first, fewest first."""
     from clustersim.search_space import memory_tries

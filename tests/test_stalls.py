@@ -261,7 +261,7 @@ def test_a_backup_worker_absorbs_a_failure_while_its_push_is_in_flight():
     # the job goes on with three replicas: its rate counts three (R21: it counted four, and
     # losing a machine raised the throughput)
     assert failed.data["samples_per_s"] == pytest.approx(3 * 32 / failed.data["step_time_s"])
-    # ... as the four did, whose fourth gradient a step dropped (U35); three pushing to the
+    # ... as the four did, whose fourth gradient a step dropped; three pushing to the
     # shard instead of four contend less, so the step may be shorter
     assert plain.data["samples_per_s"] == pytest.approx(3 * 32 / plain.data["step_time_s"])
 
@@ -377,7 +377,7 @@ def test_a_sweep_whose_every_point_stalls_exits_3(capsys):
 
 @pytest.mark.parametrize("at_s", [0.0095, 0.0102, 0.011])
 def test_a_restart_job_restarts_when_the_step_finished_before_its_failure_was_seen(at_s):
-    """U35: a sync job with on_failure = "restart" and no backup workers whose replica failed
+    """A sync job with on_failure = "restart" and no backup workers whose replica failed
     after its gradient was in (messages in flight finish) went on with 3 replicas of 4 as
     if it had backups: no restore, no lost work, no restart cost, at 5 of 6 failure times."""
     from clustersim import api
@@ -393,7 +393,7 @@ def test_a_restart_job_restarts_when_the_step_finished_before_its_failure_was_se
 
 @pytest.mark.parametrize("backups", [0, 1, 3])
 def test_sync_throughput_counts_the_gradients_a_step_applies_not_the_backups_dropped(backups):
-    """U35: with b backup workers a step applies R - b gradients (Chen et al. 2016 drop the
+    """With b backup workers a step applies R - b gradients (Chen et al. 2016 drop the
     late ones), but samples_per_s counted all R: R / (R - b) too high (4x at b = 3)."""
     from clustersim import api
     res = api.simulate("scenarios/downpour.toml", {
