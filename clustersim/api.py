@@ -97,7 +97,8 @@ def simulate(source: Source | Scenario, overrides: Overrides = None, *, speedup:
 
 
 SWEEP_KEYS = ("step_time_s", "samples_per_s", "devices", "sim_time_s", "sim_events", "wall_s", "bytes_per_step",
-              "epoch_time_s", "time_to_train_s", "cost_usd", "energy_kwh", "meets_target")
+              "epoch_time_s", "time_to_train_s", "cost_usd", "energy_kwh", "meets_target",
+              "accuracy", "loss", "time_to_accuracy_s", "staleness_mean")    # the last four where co-simulated
 STALLED = "stalled: "           # a point's error when its run stalled
 
 
@@ -159,7 +160,7 @@ def sweep(source: Source, vary: Mapping[str, Iterable[Any]], overrides: Override
     return points
 
 
-SEARCH_KEYS = SWEEP_KEYS + ("machines_used", "time_to_accuracy_s", "accuracy")
+SEARCH_KEYS = SWEEP_KEYS + ("machines_used",)
 
 
 def _search_point(source: Source, pairs: list[tuple[str, Any]]) -> dict:

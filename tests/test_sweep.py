@@ -79,3 +79,16 @@ def test_one_process_reports_every_point_as_it_finishes_and_lists_vary_too(monke
     assert json.loads(capsys.readouterr().out)[0]["parallel.grid"] == []
     assert main(["sweep", QUICK, "--vary", "parallel.replicas=1,2", "--vary", "parallel.replicas=4"]) == 2
     assert "varied twice" in capsys.readouterr().err
+
+
+def test_a_co_simulated_sweep_keeps_each_points_accuracy_as_simulate_gives_it():
+    """A sweep of a co-simulated scenario ran the math and dropped its results: an accuracy
+    study could not use sweep."""
+    from clustersim import api
+    over = {"training.cosim": True, "training.steps": 40, "training.time_limit_s": 0}
+    points = api.sweep("scenarios/downpour.toml", {"parallel.replicas": [2, 4]}, over)
+    for point in points:
+        alone = api.simulate("scenarios/downpour.toml", {**over, "parallel.replicas": point["parallel.replicas"]},
+                             speedup=False).data
+        for key in ("accuracy", "loss", "time_to_accuracy_s", "staleness_mean"):
+            assert point.get(key) == alone.get(key) and (key == "time_to_accuracy_s" or key in point)
