@@ -11,7 +11,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
-from clustersim.core.metrics import summarize
+from clustersim.core.metrics import step_samples, summarize
 from clustersim.core.plan import Plan
 from clustersim.core.trace import Span, Trace
 
@@ -83,8 +83,7 @@ def summary(p: Plan, trace: Trace, parts: list[dict]) -> dict:
     if p.schedule.algorithm in LOCKSTEP:
         out["step_time_s"] = float(statistics.median(s["step_time_s"] for s in stepped)) if stepped else 0.0
     if p.schedule.algorithm == "sync":
-        used = min(p.replicas, p.schedule.quorum)          # a backup worker's late gradient trains nothing
-        out["samples_per_s"] = p.scenario.batch_size * used / out["step_time_s"] if out["step_time_s"] else 0.0
+        out["samples_per_s"] = step_samples(p, p.replicas) / out["step_time_s"] if out["step_time_s"] else 0.0
     ev = next(s for s in workers if s["accuracy"] is not None)
     out.update(ranks=len(parts), workers=len(workers), accuracy=ev["accuracy"], loss=ev["loss"],
                transport="nccl" if any(s.get("transport") == "nccl" for s in workers) else "mpi",

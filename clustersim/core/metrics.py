@@ -49,8 +49,7 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
     tr = res.trace
     steps, replicas = sync_stretch(p, res)
     step_s = statistics.median(steps) if steps else 0.0
-    used = min(replicas, p.schedule.quorum) if sc.training.algorithm == "sync" else replicas   # backups' dropped
-    samples_per_s = sc.batch_size * used / step_s if step_s else 0.0                       # gradients: no samples
+    samples_per_s = step_samples(p, replicas) / step_s if step_s else 0.0
     if tr.replica_steps:        # replicas step on their own: each one's period, waits included; all samples done
         step_s = replica_period(tr.replica_steps)
         samples_per_s = sc.batch_size * len(tr.replica_steps) / (res.sim_time_s or 1.0)
@@ -100,6 +99,13 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
         out["speedup"] = out["samples_per_s"] / (sc.batch_size / baseline_step_s)
     return out
 
+
+
+def step_samples(p: Plan, replicas: int) -> int:
+    """Samples a lockstep step of ``replicas`` trains on: sync applies at most its quorum's
+    gradients (a backup worker's late one trains nothing)."""
+    used = min(replicas, p.schedule.quorum) if p.scenario.training.algorithm == "sync" else replicas
+    return p.scenario.batch_size * used
 
 
 def sync_stretch(p: Plan, res) -> tuple[list[float], int]:

@@ -380,10 +380,10 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
     if tr.cosim and model.name not in BUNDLED_DATA:
         raise ConfigError(file, "training.cosim", f"co-simulation trains {', '.join(BUNDLED_DATA)} on their "
                           f"bundled data sets; got model {model.name}")
-    lacking = [d for d in topology.compute_devices() if "fp64" not in topology.devices[d].peak_flops] \
-        if dtype == "fp64" else []
+    lacking = dtype == "fp64" and next((d for d in topology.compute_devices()
+                                        if "fp64" not in topology.devices[d].peak_flops), None)
     if lacking:
-        raise ConfigError(file, "model.dtype", f"fp64 on {lacking[0]} of topology {topology.name}, whose table gives "
+        raise ConfigError(file, "model.dtype", f"fp64 on {lacking} of topology {topology.name}, whose table gives "
                                                f"no peak_tflops_fp64 (GPUs run fp64 at 1/2 to 1/64 of fp32)")
     return Scenario(file, name, seed, topology, network, model, batch, dtype, par, tr, faults, data, attention)
 
