@@ -132,9 +132,37 @@ def check(sc, size: int) -> None:
     if sc.training.zero:
         raise ConfigError(sc.file, "training.zero", "execute keeps every replica's state whole (ZeRO is simulated "
                                                     "only); its run would not be the prediction's")
+    unrun = simulated_only(sc)
+    if unrun:
+        raise ConfigError(sc.file, unrun[0], f"{unrun[1]} is simulated only: execute would run without it "
+                                             f"(remove it, or simulate the scenario)")
     if sum(not readers for readers in sc.model.consumers) > 1:
         raise ConfigError(sc.file, "model.name", f"execute trains a model with one loss; {sc.model.name} ends in "
                                                  "several (simulate it instead)")
+
+
+def simulated_only(sc) -> tuple[str, str] | None:
+    """The first setting the executor does not act on, as (field, what it is), or None: the
+    simulator draws failures, stragglers and start offsets and stops at a time limit; a
+    real run has its own (``--fail``, ``--checkpoint``), and validating a prediction that
+    has them against a run that has not would compare two different jobs."""
+    tr, f = sc.training, sc.faults
+    for key, given, what in (
+            ("faults.fail", f.failures, "a scheduled failure"), ("faults.mtbf_s", f.mtbf_s, "a failure rate"),
+            ("faults.slowdown", f.slowdown, "a slowed device"), ("faults.slowdown_sigma", f.slowdown_sigma,
+                                                                 "drawn stragglers"),
+            ("faults.on_failure", f.on_failure != "continue", "a restart from checkpoints (--fail and "
+                                                              "--checkpoint are the executor's)"),
+            ("faults.checkpoint_every", f.checkpoint_every, "a sync checkpoint (--checkpoint-every is the "
+                                                            "executor's)"),
+            ("faults.shard_recovery", f.shard_recovery != "none", "a shard restart (--checkpoint and --resume are "
+                                                                  "the executor's)"),
+            ("training.time_limit_s", tr.time_limit_s, "a simulated time limit"),
+            ("training.warm_start_s", tr.warm_start_s, "a warm start"),
+            ("training.start_spread_s", tr.start_spread_s != -1.0, "a start spread")):
+        if given:
+            return key, what
+    return None
 
 
 def check_data(folder: str | None, sc):

@@ -234,6 +234,30 @@ def test_zero_which_the_executor_does_not_shard_is_refused(capsys, monkeypatch, 
 
 
 @pytest.mark.parametrize("command", ["execute", "validate"])
+@pytest.mark.parametrize("setting", [
+    "faults.fail=[{at_s = 0.001, device = \"m0.gpu1\"}]", "faults.mtbf_s=10", "faults.slowdown={\"m0.gpu1\" = 2.0}",
+    "faults.slowdown_sigma=0.5", "faults.on_failure=\"restart\"", "faults.checkpoint_every=5",
+    "training.time_limit_s=0.1"])
+def test_a_setting_the_executor_does_not_act_on_is_refused(capsys, monkeypatch, command, setting):
+    """Execute ran scheduled failures, stragglers and time limits as if they were not there
+    (a run of 20 steps with m0.gpu1 failing at 1 ms trained every step), and validate
+    compared that run with a prediction that had them."""
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("started ranks or a calibration"))
+    code, _, err = run(capsys, command, QUICK, "--set", "parallel.replicas=2", "--set", setting)
+    key = setting.split("=")[0]
+    assert code == 2 and err.startswith(f"clustersim: error: {QUICK}: {key}: ") and "execute would run without it" in err
+
+
+@pytest.mark.parametrize("command", ["execute", "validate"])
+def test_the_asynchronous_start_settings_are_refused_by_execute_too(capsys, monkeypatch, command):
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("started ranks or a calibration"))
+    for setting in ("training.warm_start_s=0.01", "training.start_spread_s=0.01", "faults.shard_recovery=\"checkpoint\""):
+        code, _, err = run(capsys, command, DOWNPOUR, "--set", "training.time_limit_s=0", "--set", "parallel.replicas=2",
+                           "--set", "cluster.machines=0", "--set", "cluster.topology=dgx-h100", "--set", setting)
+        assert code == 2 and f": {setting.split('=')[0]}: " in err and "execute would run without it" in err, err
+
+
+@pytest.mark.parametrize("command", ["execute", "validate"])
 @pytest.mark.parametrize("setting, key", [("model.dtype=fp16", "model.dtype"), ("model.dtype=bf16", "model.dtype"),
                                           ("training.gradient_dtype=fp16", "training.gradient_dtype")])
 def test_a_run_the_executor_would_do_in_fp32_is_refused(capsys, monkeypatch, command, setting, key):
@@ -289,3 +313,11 @@ def test_an_nccl_version_the_model_does_not_lay_out_is_refused(capsys, version):
     assert code == 2 and err.startswith(f"clustersim: error: --nccl: {version}: NCCL {version} is not modelled")
     code, out, err = run(capsys, "collective", "--topology", "dgx-h100", "--bytes", "1M", "--nccl", "2.24.3")
     assert code == 0
+
+
+def test_a_table_passed_on_as_a_set_keeps_a_dotted_key_whole():
+    """validate passes its overrides on as --set text: {"m0.gpu1" = 2.0} came back as the
+    dotted key m0.gpu1 (a table m0), so a slowed device was "faults.slowdown.m0"."""
+    import tomllib
+    value = {"m0.gpu1": 2.0, "plain_key-1": {"with space": "x", "é": [1, True]}}
+    assert tomllib.loads(f"v = {api._toml(value)}")["v"] == value
