@@ -144,6 +144,13 @@ def test_sandblasters_eight_bit_messages_are_real_and_accepted():
     ({"algorithm": "sync", "lbfgs_history": 5}, {}, {}, "training.lbfgs_history"),
     ({"algorithm": "sync", "comm_interval": 3}, {}, {}, "training.comm_interval"),
     ({"algorithm": "sync", "warm_start_s": 0.1}, {"ps_shards": 1}, {}, "training.warm_start_s"),
+    ({"algorithm": "sync", "start_spread_s": 0.01}, {}, {}, "training.start_spread_s"),
+    ({"algorithm": "layerwise", "time_limit_s": 0.1}, {"replicas": 1, "split": "layers", "model_parallel": 2}, {},
+     "training.time_limit_s"),
+    ({"algorithm": "downpour"}, {"ps_shards": 1}, {"detect_timeout_s": 2.0}, "faults.detect_timeout_s"),
+    ({"algorithm": "local"}, {}, {"restart_s": 5.0}, "faults.restart_s"),
+    ({"algorithm": "dcasgd"}, {"ps_shards": 1}, {"checkpoint_gbps": 5.0}, "faults.checkpoint_gbps"),
+    ({"algorithm": "ssp"}, {"ps_shards": 1}, {"shard_checkpoint_every": 5}, "faults.shard_checkpoint_every"),
 ])
 def test_a_setting_the_algorithm_would_ignore_is_refused(training, parallel, faults, field):
     """Each of these ran as if it were not there, the output identical."""
@@ -154,6 +161,25 @@ def test_a_setting_the_algorithm_would_ignore_is_refused(training, parallel, fau
     section, key = field.split(".")
     (training if section == "training" else faults).pop(key)
     scenario_from_dict(data, "t.toml")                    # without it, the same scenario loads
+
+
+@pytest.mark.parametrize("training, parallel, faults", [
+    ({"algorithm": "sandblaster"}, {"ps_shards": 1}, {"detect_timeout_s": 2.0}),
+    ({"algorithm": "downpour"}, {"ps_shards": 1}, {"shard_recovery": "checkpoint", "shard_checkpoint_every": 5,
+                                                   "restart_s": 1.0, "checkpoint_gbps": 5.0}),
+    ({"algorithm": "sync", "eval_points": 5, "target_accuracy": 0.5}, {}, {}),    # a cosim sweep point turned off
+    ({"algorithm": "ssp", "start_spread_s": 0.0}, {"ps_shards": 1}, {}),
+    ({"algorithm": "sync"}, {}, {"restart_s": 1.0, "checkpoint_gbps": 5.0, "detect_timeout_s": 2.0}),
+])
+def test_the_same_settings_load_where_the_algorithm_reads_them(training, parallel, faults):
+    """The other side of the refusals above: where a setting is read it is taken."""
+    data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 32},
+            "parallel": {"replicas": 4, **parallel}, "training": training, "faults": faults}
+    sc = scenario_from_dict(data, "t.toml")
+    for key, value in training.items():
+        assert getattr(sc.training, key) == value
+    for key, value in faults.items():
+        assert getattr(sc.faults, key) == value
 
 
 def test_zero_with_one_replica_and_selective_without_attention_are_refused():

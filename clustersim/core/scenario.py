@@ -362,7 +362,20 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
              "a warm start is Downpour's, DC-ASGD's and SSP's"),
             ("faults.checkpoint_every" if faults.checkpoint_every else "faults.on_failure",
              (faults.checkpoint_every or faults.on_failure == "restart") and tr.algorithm != "sync",
-             "restarting from checkpoints is sync SGD's (shards: faults.shard_recovery)")):
+             "restarting from checkpoints is sync SGD's (shards: faults.shard_recovery)"),
+            ("training.start_spread_s", tr.start_spread_s != Training.start_spread_s and tr.algorithm not in ASYNC,
+             "replicas starting apart are Downpour's, DC-ASGD's and SSP's"),
+            ("training.time_limit_s", tr.time_limit_s and tr.algorithm == "layerwise",
+             "a time limit is read where replicas start steps (every algorithm but layerwise)"),
+            ("faults.detect_timeout_s", faults.detect_timeout_s != Faults.detect_timeout_s
+             and tr.algorithm not in ("sync", "sandblaster"),
+             "waiting for a silent replica is sync SGD's and Sandblaster's; the others go on without it"),
+            ("faults.restart_s" if faults.restart_s != Faults.restart_s else "faults.checkpoint_gbps",
+             (faults.restart_s != Faults.restart_s or faults.checkpoint_gbps != Faults.checkpoint_gbps)
+             and tr.algorithm != "sync" and faults.shard_recovery == "none",
+             "restarts and checkpoint writes are sync SGD's and faults.shard_recovery's"),
+            ("faults.shard_checkpoint_every", faults.shard_checkpoint_every and faults.shard_recovery == "none",
+             "a shard's checkpoints are for faults.shard_recovery = \"checkpoint\"")):
         if bad:
             raise ConfigError(file, key, f"{why}; {tr.algorithm} would ignore it")
     if tr.optimizer == "adam" and tr.algorithm != "sync":
