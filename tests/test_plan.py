@@ -540,6 +540,31 @@ def test_the_simulated_exchange_sends_what_the_plan_counts(sets, size):
     assert moved == pytest.approx(4 * sum(sent.values()))
 
 
+@pytest.mark.parametrize("machines, replicas", [(2, 16), (4, 32)])
+def test_a_ring_across_machines_counts_each_message_once_and_each_link_it_crosses(machines, replicas):
+    """U36: a ring channel crossing machines runs GPU -> NIC -> next GPU, two spans of the
+    same bytes, and ``bytes_per_step`` added both (dgx-h100-fat-tree on 2 machines: 1.125x
+    the ring's n x 2(n-1)/n x S).  The NIC's hop is not a message; the links see both."""
+    from clustersim.core.metrics import relays, summarize
+    from clustersim.core.plan import data_parallel_bytes
+    from clustersim.core.scenario import load_scenario, parse_set
+    from sim.engine import simulate
+    p = plan(load_scenario("scenarios/quickstart.toml", parse_set([
+        "cluster.topology=dgx-h100-fat-tree", f"cluster.machines={machines}", f"parallel.replicas={replicas}",
+        "training.allreduce=ring", "training.steps=2"])))
+    res = simulate(p)
+    [sent] = data_parallel_bytes(p)
+    out = summarize(p, res)
+    assert out["bytes_per_step"] == pytest.approx(replicas * sum(sent.values()))
+    assert out["bytes_per_step"] == pytest.approx(replicas * 2 * (replicas - 1) / replicas * p.slot_params[0] * 4)
+    relayed = relays(p.scenario.topology)
+    hops = [(s.bytes, *s.where.split("->")) for s in res.trace.spans if s.kind == "transfer"]
+    out_of = [b for b, src, _ in hops if src in relayed]
+    into = sum(b for b, _, dst in hops if dst in relayed)
+    assert out_of and sum(out_of) == pytest.approx(into)     # a relay passes on what it got
+    assert sum(res.trace.link_bytes().values()) > out["bytes_per_step"] * 2     # links carry both hops
+
+
 def test_buckets_fill_to_bucket_mb_of_gradient_bytes():
     """DDP fills its 25 MiB buckets with gradients as they are kept: fp16 gradients fill
     twice the parameters of fp32 ones a bucket."""

@@ -31,7 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from sim.engine import simulate
-from clustersim.core.metrics import summarize, traffic_per_step
+from clustersim.core.metrics import relays, summarize, traffic_per_step
 from clustersim.core.plan import plan
 from clustersim.core.scenario import load_scenario
 from clustersim.core.trace import Trace
@@ -176,7 +176,7 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     summary = summarize(p, res)
     first = p.devices[0][0]
     sim_spans = pieces(res.trace)
-    traffic = {"predicted": traffic_per_step(res.trace)}
+    traffic = {"predicted": traffic_per_step(res.trace, relays(sc.topology))}
     predicted_phases = phase_times(sim_spans, first)
     predicted_phases["waits"] = waits(summary["step_time_s"], predicted_phases)
     measured, quiet, phases, rates, ops, op_means = [], [], [], [], [], []
@@ -189,7 +189,7 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
             quiet.append(out["quiet_step_time_s"])
             run_trace = Trace.load(trace)
             run_spans = pieces(run_trace)
-            traffic["measured"] = traffic_per_step(run_trace)
+            traffic["measured"] = traffic_per_step(run_trace, relays(sc.topology))
             ph = phase_times(run_spans, first)
             ph["waits"] = waits(out["step_time_s"], ph)
             phases.append(ph)

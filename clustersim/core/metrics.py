@@ -83,8 +83,7 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
         "sim_time_s": res.sim_time_s, "sim_events": res.sim_events, "wall_s": res.wall_s,
         "device_utilisation": {d: busy.get(d, 0.0) / makespan for row in p.devices for d in row},
         "link_utilisation": dict(sorted(link_util.items(), key=lambda kv: -kv[1])[:10]),
-        "bytes_per_step": sum(s.bytes for s in tr.spans if s.kind == "transfer" and not _receive_half(s))
-                          / max(done, 1),                  # an executed message once (its send half)
+        "bytes_per_step": sum(s.bytes for s in tr.spans if is_message(s, relays(sc.topology))) / max(done, 1),
         "time_by_phase_s": {k: v / max(done, 1) for k, v in sorted(by_phase.items())},
     }
     out.update(async_metrics(p, res))
@@ -209,24 +208,32 @@ def quiet_time(times: list[float], window: float = WINDOW_S, pct: float = QUIET_
     return float(np.percentile(medians, pct)) if medians else 0.0
 
 
-def _receive_half(span) -> bool:
-    """An executed message's receive span (``executor.job``: ``... recv``): the same message
-    as its ``send`` span, which alone counts its bytes (the simulator has one span a
-    message); its time is the receiver's, and counts in the phase's device-seconds."""
-    return span.kind == "transfer" and span.name.endswith(" recv")
+def relays(topology) -> frozenset[str]:
+    """The devices that pass messages on and send none of their own (NICs, switches)."""
+    return frozenset(d for d, dev in topology.devices.items() if not dev.is_compute)
 
 
-def traffic_per_step(trace) -> dict[str, dict[str, float]]:
+def is_message(span, relayed: frozenset[str] = frozenset()) -> bool:
+    """A transfer span that is one message sent, counted once: not an executed message's
+    receive span (``executor.job``: ``... recv``, the same message as its ``send`` span; its
+    time is the receiver's and counts in the phase's device-seconds), and not a relay's
+    hop (a ring channel crossing machines is GPU -> NIC -> next GPU, two spans of the
+    same bytes, each counted on its own links by ``Trace.link_bytes``)."""
+    return (span.kind == "transfer" and not span.name.endswith(" recv")
+            and span.where.split("->", 1)[0] not in relayed)
+
+
+def traffic_per_step(trace, relayed: frozenset[str] = frozenset()) -> dict[str, dict[str, float]]:
     """Per phase, the messages and bytes one step moves (medians over the steps), counted
-    alike for both runners: transfer spans of a step, an executed message once (its
-    ``send`` half; the ``recv`` half is the same message)."""
+    alike for both runners: transfer spans of a step that are messages (``is_message``;
+    ``relayed``: the topology's ``relays``)."""
     per: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))
     steps = set()
     for s in trace.spans:
         if s.step < 0:
             continue
         steps.add(s.step)
-        if s.kind == "transfer" and not _receive_half(s):
+        if is_message(s, relayed):
             cell = per[s.phase][s.step]
             cell[0] += 1
             cell[1] += s.bytes
