@@ -7,7 +7,7 @@ import re
 import numpy as np
 
 from clustersim.core.config import ConfigError
-from clustersim.core.models import BUNDLED_DATA
+from clustersim.core.models import bundled_data, token_vocab
 from clustersim.core.schedule import ranks_needed
 
 from executor.data import for_model, mnist, synthetic
@@ -189,7 +189,7 @@ def check_data(folder: str | None, sc):
 def data_source(sc, data=None) -> str:
     """Where ``dataset`` takes the data from: ``mnist`` (``--data``), the bundled set's name
     (``digits``, ``grammar``), or ``synthetic``."""
-    return "mnist" if data is not None else BUNDLED_DATA.get(sc.model.name, "synthetic")
+    return "mnist" if data is not None else bundled_data(sc.model) or "synthetic"
 
 
 def dataset(sc, seed: int, data=None):
@@ -202,5 +202,5 @@ def dataset(sc, seed: int, data=None):
     if d is None:
         classes = sc.model.classes or sc.model.nodes[-1].out_shape[0]
         d = synthetic(sc.model.input_shape, classes, 4 * sc.batch_size * sc.parallel.replicas,
-                      np.random.default_rng(seed))
+                      np.random.default_rng(seed), token_vocab(sc.model), sc.model.nodes[-1].out_shape[1])
     return d.x_train, d.y_train, d.x_test, d.y_test

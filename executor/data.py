@@ -1,7 +1,7 @@
 """Data: scikit-learn's bundled digits (the embedded default), a seeded corpus of a small
 fixed grammar (next-token prediction), MNIST from IDX files given by path, and seeded
 synthetic inputs of any shape for models with no bundled data set; ``for_model`` picks a
-model's own (``clustersim.core.models.BUNDLED_DATA``)."""
+model's own (``clustersim.core.models.bundled_data``)."""
 from __future__ import annotations
 
 import gzip
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clustersim.core.models import BUNDLED_DATA, Model
+from clustersim.core.models import Model, bundled_data
 
 DIGITS_TEST_FRACTION = 0.2     # 1,797 images -> 1,438 to train, 359 to test
 
@@ -82,13 +82,17 @@ def mnist(folder: str | Path) -> Dataset:
     return Dataset(flat(xtr), ytr.astype(np.int64), flat(xte), yte.astype(np.int64), 10)
 
 
-def synthetic(shape: tuple[int, ...], classes: int, n: int, rng: np.random.Generator) -> Dataset:
+def synthetic(shape: tuple[int, ...], classes: int, n: int, rng: np.random.Generator, vocab: int = 0,
+              positions: int = 1) -> Dataset:
     """Seeded random inputs and labels of the right shapes (timing runs of big models), and
     a held-out fifth drawn apart (it was a slice of the training set: 100% "test" accuracy
-    on random labels); its accuracy is chance."""
+    on random labels); its accuracy is chance.  ``vocab`` > 0: the inputs are token ids
+    below it (as float32, what an embedding reads); ``positions`` > 1: a label at each of
+    that many positions, (N, positions), as a sequence model predicts."""
     m = max(1, n // 5)
-    x = rng.standard_normal((n + m, *shape), dtype=np.float32)
-    y = rng.integers(0, max(classes, 1), n + m)
+    x = (rng.integers(0, vocab, (n + m, *shape)).astype(np.float32) if vocab
+         else rng.standard_normal((n + m, *shape), dtype=np.float32))
+    y = rng.integers(0, max(classes, 1), (n + m, positions) if positions > 1 else n + m)
     return Dataset(x[:n], y[:n], x[n:], y[n:], classes)
 
 
@@ -141,7 +145,7 @@ def grammar(seed: int, positions: int, n_train: int = GRAMMAR_TRAIN, n_test: int
 def for_model(model: Model, seed: int) -> Dataset | None:
     """The data set ``model`` trains on where the package bundles one (inputs shaped as the
     model reads them), else None."""
-    name = BUNDLED_DATA.get(model.name)
+    name = bundled_data(model)
     if name == "digits":
         d = digits(seed)
     elif name == "grammar":

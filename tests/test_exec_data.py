@@ -59,3 +59,67 @@ def test_synthetic_held_out_samples_are_not_training_samples():
     assert d.x_train.shape == (50, 3, 4, 4) and d.x_test.shape == (10, 3, 4, 4)
     train = {row.tobytes() for row in d.x_train}
     assert not any(row.tobytes() in train for row in d.x_test)
+
+
+TINY_GPT = """name = "my-gpt"
+input = [1, 8, 1]
+classes = 50
+[[layer]]
+kind = "embedding"
+vocab = 50
+dim = 16
+positions = 8
+name = "emb"
+[[layer]]
+kind = "layernorm"
+[[layer]]
+kind = "attention"
+heads = 2
+causal = true
+[[layer]]
+kind = "conv2d"
+filters = 16
+kernel = 1
+name = "proj"
+[[layer]]
+kind = "add"
+inputs = ["emb", "proj"]
+[[layer]]
+kind = "lm_head"
+vocab = 50
+tied = false
+[[layer]]
+kind = "softmax_xent"
+"""
+
+
+def test_a_model_file_named_as_a_built_in_trains_on_its_data_only_where_it_fits(tmp_path):
+    """U37: a 784-input MLP file named "mlp-digits" was handed the 64-value digits (execute:
+    a reshape error on a rank, exit 1; cosim: a traceback)."""
+    from clustersim.core.models import bundled_data, load_model_file, zoo_model
+    from executor.data import for_model
+    f = tmp_path / "m.toml"
+    f.write_text('name = "mlp-digits"\ninput = [784]\nclasses = 10\n[[layer]]\nkind = "dense"\nunits = 10\n'
+                 '[[layer]]\nkind = "softmax_xent"\n')
+    assert bundled_data(load_model_file(f)) is None and for_model(load_model_file(f), 0) is None
+    assert bundled_data(zoo_model("mlp-digits")) == "digits"
+    assert bundled_data(zoo_model("gpt-tiny", 8)) == "grammar"        # the corpus fits any positions
+    f.write_text(TINY_GPT.replace('"my-gpt"', '"gpt-tiny"'))
+    assert bundled_data(load_model_file(f)) is None                   # 50 words, not the grammar's 19
+
+
+def test_synthetic_data_for_a_sequence_model_is_token_ids_with_a_label_a_position(tmp_path):
+    """U37: a transformer written as a model file got random floats for token ids and one
+    label a sample where it predicts at every position (execute: a broadcast error on a
+    rank, exit 1).  Now ids below the vocabulary and (N, positions) labels, and it runs."""
+    from clustersim import api
+    from executor.checks import dataset
+    (tmp_path / "gpt.toml").write_text(TINY_GPT)
+    (tmp_path / "s.toml").write_text('[cluster]\ntopology = "dgx-h100"\n[model]\nfile = "gpt.toml"\nbatch_size = 4\n'
+                                     '[training]\nsteps = 2\n')
+    sc = api.load(tmp_path / "s.toml")
+    x, y, x_test, y_test = dataset(sc, 0)
+    assert x.shape[1:] == (1, 8, 1) and np.array_equal(x, np.floor(x)) and 0 <= x.min() and x.max() < 50
+    assert y.shape == (len(x), 8) and y_test.shape == (len(x_test), 8) and y.max() < 50
+    out = api.execute(tmp_path / "s.toml").data
+    assert out["data"] == "synthetic" and out["steps"] == 2 and 0.0 <= out["accuracy"] <= 1.0

@@ -21,6 +21,7 @@ Model file format::
 from __future__ import annotations
 
 import heapq
+import math
 import tomllib
 from dataclasses import dataclass, fields, replace
 from math import prod
@@ -138,7 +139,26 @@ def build_model(name: str, input_shape: Shape, layers: list[Layer], classes: int
         if min(out) < 1:
             raise GraphError(old, "", f"layer {old} ({layer.kind}): output shape {out} is empty")
         nodes.append(Node(len(nodes), layer, in_shape, out, srcs, in_shapes, names[old]))
+    for old, node in zip(order, nodes):
+        _check_head_and_loss(old, node, nodes, [order[r] for r in consumers[node.index]])
     return Model(name, input_shape, tuple(nodes), classes, tuple(tuple(c) for c in consumers))
+
+
+def _check_head_and_loss(old: int, node: Node, nodes: list[Node], readers: list[int]) -> None:
+    """A tied ``lm_head`` reads the table of an embedding of its vocabulary and width (else it
+    would count no weights and the executor could not run it); a ``softmax_xent`` loss ends
+    the graph (the executor passes nothing on from it).  ``old``, ``readers``: positions as
+    given."""
+    layer = node.layer
+    if layer.kind == "lm_head" and layer.tied and not any(
+            n.layer.kind == "embedding" and n.layer.vocab == layer.vocab and n.layer.dim == node.in_shape[0]
+            for n in nodes):
+        raise GraphError(old, "tied", f"layer {old} (lm_head): tied to the word embeddings, but no embedding "
+                                      f"layer has vocab = {layer.vocab} and dim = {node.in_shape[0]} (set tied = false "
+                                      f"for a head of its own)")
+    if layer.kind == "softmax_xent" and readers:
+        raise GraphError(old, "", f"layer {old} (softmax_xent): a loss ends the graph; layer {readers[0]} "
+                                  f"reads its output")
 
 
 def _resolve_inputs(layers: list[Layer], names: list[str], inputs: list) -> list[tuple[int, ...]]:
@@ -517,6 +537,25 @@ def _resnet_digits() -> Model:
 # the data set each model trains on where the package bundles one (executor/data.py):
 # "digits" (scikit-learn's 8x8 digits), "grammar" (the seeded corpus of a fixed grammar)
 BUNDLED_DATA = {"mlp-digits": "digits", "resnet-digits": "digits", "gpt-tiny": "grammar"}
+
+
+def token_vocab(model: Model) -> int:
+    """The vocabulary of the embedding that reads the model's input (its input is token
+    ids), or 0 (its input is values)."""
+    return next((n.layer.vocab for n in model.nodes if INPUT in n.inputs and n.layer.kind == "embedding"), 0)
+
+
+def bundled_data(model: Model) -> str | None:
+    """The bundled data set ``model`` trains on (``BUNDLED_DATA``), or None: the zoo model of
+    its name, or a model of the same input and classes (a model file may take a zoo name
+    for a model of another shape, which that data does not fit; gpt-tiny's corpus fits any
+    number of positions)."""
+    data = BUNDLED_DATA.get(model.name)
+    if data is None:
+        return None
+    zoo = ZOO[model.name]()
+    same_input = data == "grammar" or math.prod(model.input_shape) == math.prod(zoo.input_shape)
+    return data if same_input and model.classes == zoo.classes and token_vocab(model) == token_vocab(zoo) else None
 
 
 ZOO = {

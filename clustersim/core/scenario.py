@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from clustersim.core.config import ConfigError, Table, bundled_names
-from clustersim.core.models import BUNDLED_DATA, ZOO, Model, load_model_file, zoo_model
+from clustersim.core.models import BUNDLED_DATA, ZOO, Model, bundled_data, load_model_file, zoo_model
 from clustersim.core.topogen import MAX_MACHINES, load_topology
 from clustersim.core.topology import DTYPES, Topology
 
@@ -390,9 +390,10 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
     if tr.recompute == "selective" and not positions:
         raise ConfigError(file, "training.recompute", f"selective recomputation reruns attention's score matrices; "
                                                       f"{model.name} has no attention layers")
-    if tr.cosim and model.name not in BUNDLED_DATA:
+    if tr.cosim and bundled_data(model) is None:
         raise ConfigError(file, "training.cosim", f"co-simulation trains {', '.join(BUNDLED_DATA)} on their "
-                          f"bundled data sets; got model {model.name}")
+                          f"bundled data sets; got model {model.name}"
+                          + (" of another input or classes than the built-in's" if model.name in BUNDLED_DATA else ""))
     lacking = dtype == "fp64" and next((d for d in topology.compute_devices()
                                         if "fp64" not in topology.devices[d].peak_flops), None)
     if lacking:
