@@ -2,7 +2,7 @@
 import pytest
 
 from clustersim.core.config import ConfigError
-from clustersim.core.models import build_model, load_model_file, make_layer as L, zoo_model
+from clustersim.core.models import GraphError, build_model, load_model_file, make_layer as L, zoo_model
 
 
 def weights_and_biases(model):
@@ -336,6 +336,26 @@ def test_a_second_loss_ends_a_graph_only_where_the_builder_allows_it():
     with pytest.raises(ValueError, match="nothing reads its output"):
         build_model("two", (4, 1, 1), [L("dense", units=3), L("relu"), L("dense", units=2)],
                     names=["0", "", ""], inputs=[None, None, ("0",)], losses=True)
+
+
+def test_a_tied_head_without_its_table_and_a_loss_read_on_are_refused():
+    """U37: a tied lm_head with no embedding of its vocabulary counted 0 weights (and failed
+    on an executor rank, exit 1); a softmax_xent another layer read was charged by the
+    simulator and passed over by the executor."""
+    with pytest.raises(GraphError, match=r"layer 1 \(lm_head\): tied to the word embeddings, but no embedding "
+                                         r"layer has vocab = 100 and dim = 8") as err:
+        build_model("head", (8, 4, 1), [L("layernorm"), L("lm_head", vocab=100), L("softmax_xent")])
+    assert err.value.key == "tied"
+    with pytest.raises(GraphError, match="no embedding layer has vocab = 100"):     # a table of another vocabulary
+        build_model("head", (1, 4, 1), [L("embedding", vocab=50, dim=8), L("lm_head", vocab=100),
+                                        L("softmax_xent")])
+    tied = build_model("head", (1, 4, 1), [L("embedding", vocab=100, dim=8), L("lm_head", vocab=100),
+                                           L("softmax_xent")])
+    assert tied.params == 100 * 8                                       # the table, counted once
+    untied = build_model("head", (8, 4, 1), [L("layernorm"), L("lm_head", vocab=100, tied=False), L("softmax_xent")])
+    assert untied.params == 2 * 8 + 100 * 8
+    with pytest.raises(GraphError, match=r"layer 1 \(softmax_xent\): a loss ends the graph; layer 2 reads"):
+        build_model("mid", (4, 1, 1), [L("dense", units=3), L("softmax_xent"), L("relu"), L("softmax_xent")])
 
 
 def test_transformer_sequence_and_flops():
