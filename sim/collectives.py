@@ -357,26 +357,41 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
         heads = min(nodes.count(m) for m in set(nodes))   # NCCL keeps one head count a communicator
         share /= nccl.nvls_pipeline(nbytes, heads, version, machines=machines)
     speed = nccl_link_speed(topology, share, cache) if _shortcut(cache) else None
-    return Collective(op, algo, proto, schedule, _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes),
+    floor = _cached(cache, ("net floor", *group), lambda: net_latency_us(topology, devices)) if machines > 1 else 0.0
+    return Collective(op, algo, proto, schedule,
+                      _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes, floor),
                       share, speed, sm_share(topology, devices, algo, cache))
 
 
-def _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes) -> tuple[float, ...]:
+def net_latency_us(topology: Topology, devices: Sequence[str]) -> float:
+    """The longest one-way route latency, in microseconds, from the group's first device to
+    the first of each other machine: what a step across machines takes at least."""
+    first: dict[int, str] = {}
+    for d in devices:
+        first.setdefault(topology.machine_of(d), d)
+    src = devices[0]
+    return max((topology.route_latency(topology.route(src, d)) * 1e6 for m, d in first.items()
+                if m != topology.machine_of(src)), default=0.0)
+
+
+def _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes, floor=0.0) -> tuple[float, ...]:
     """NCCL's latency per wave: the whole collective's for ring and tree; for hierarchical,
-    a ring's inside the machines, across them, and inside again."""
+    a ring's inside the machines, across them, and inside again.  ``floor``: the cluster's
+    latency between machines (``net_latency_us``), below which no crossing step goes."""
     if algo == "hierarchical":
         ppn = n // machines
         parts = []
         if ppn > 1:
             parts.append(nccl.latency_us("reducescatter", "ring", proto, ppn, 1, intra))
         if machines > 1:
-            parts.append(nccl.latency_us("allreduce", "ring", proto, machines, machines, intra, nbytes / ppn))
+            parts.append(nccl.latency_us("allreduce", "ring", proto, machines, machines, intra, nbytes / ppn,
+                                         net_floor_us=floor))
         if ppn > 1:
             parts.append(nccl.latency_us("allgather", "ring", proto, ppn, 1, intra))
         return tuple(x * 1e-6 for x in parts)
     if algo == "ps":
         return ()
-    lat = nccl.latency_us(op, algo, proto, n, machines, intra, nbytes, max(1, len(schedule)))
+    lat = nccl.latency_us(op, algo, proto, n, machines, intra, nbytes, max(1, len(schedule)), floor)
     return (lat * 1e-6,)
 
 

@@ -268,3 +268,57 @@ def test_a_layout_cache_keeps_its_topologies_alive_so_their_ids_stay_theirs():
     del topo
     gc.collect()
     assert alive() is not None
+
+
+SLOW_NET = """name = "pcie-{nic}"
+[machine.cpu]
+cores = 8
+core_gflops = 50
+memory_gib = 64
+memory_bandwidth_gbps = 100
+[machine.gpu]
+count = 2
+peak_tflops_fp32 = 19.5
+memory_gib = 80
+memory_bandwidth_gbps = 1935
+[machine.pcie]
+switches = 1
+generation = 4
+lanes = 16
+latency_us = 0.5
+[machine.nic]
+count = 1
+bandwidth_gbps = 12.5
+latency_us = {nic}
+[network]
+kind = "switch"
+machines = 2
+bandwidth_gbps = 12.5
+latency_us = {switch}
+"""
+
+
+def test_a_step_across_machines_takes_at_least_the_clusters_latency(tmp_path):
+    """U36: a cluster file's latencies never reached a GPU collective (NCCL's table alone
+    set its latency): 200 us NICs behind a 100 us switch gave the 4 KiB ring allreduce of
+    1 us ones.  A run's step that leaves a machine now takes at least the route's one-way
+    latency (``net_latency_us``); NCCL's tuner, which knows only its table, chooses alike."""
+    rows = {}
+    for nic, switch in ((1.0, 0.5), (200.0, 100.0)):
+        f = tmp_path / f"t{nic:g}.toml"
+        f.write_text(SLOW_NET.format(nic=nic, switch=switch))
+        topo = load_topology(str(f), tmp_path)
+        route = topo.route(topo.compute_devices()[0], topo.compute_devices()[-1])
+        floor = collectives.net_latency_us(topo, topo.compute_devices())
+        assert floor == pytest.approx(topo.route_latency(route) * 1e6)
+        rows[nic] = (floor, api.collective(f, "allreduce", "ring", [4096], protocol="LL")[0])
+        assert rows[nic][1]["algo"] == "ring" and rows[nic][1]["protocol"] == "LL"
+    (fast, a), (slow, b) = rows[1.0], rows[200.0]
+    assert slow == pytest.approx(4 * 0.5 + 2 * 200 + 2 * 100)        # GPU-PCIe-NIC-switch-NIC-PCIe-GPU
+    _, inter = nccl.steps("allreduce", 4, 2)
+    ll_net = nccl.HW_LAT["net"]["ring"][0]
+    grown = (slow - max(fast, ll_net)) * inter * 1e-6
+    assert b["time_s"] - a["time_s"] == pytest.approx(grown, rel=1e-6)
+    chosen = [[(r["algo"], r["protocol"]) for r in api.collective(tmp_path / f"t{nic:g}.toml", "allreduce", "auto",
+                                                                   [4096, 2**20, 2**26])] for nic in (1.0, 200.0)]
+    assert chosen[0] == chosen[1]

@@ -276,11 +276,13 @@ def steps(op: str, ranks: int, nodes: int) -> tuple[int, int]:
 
 
 def latency_us(op: str, algo: str, proto: str, ranks: int, nodes: int, intra: str, nbytes: float = 0.0,
-               channels: int = 1) -> float:
-    """ncclTopoTuneModel's latency of one collective (and the ring plateau of ncclTopoGetAlgoTime)."""
+               channels: int = 1, net_floor_us: float = 0.0) -> float:
+    """ncclTopoTuneModel's latency of one collective (and the ring plateau of ncclTopoGetAlgoTime).
+    ``net_floor_us``: the cluster's one-way latency between machines, where a step that
+    crosses them cannot take less than it (a run's time; NCCL's tuner knows only its table)."""
     p = PROTOCOLS.index(proto)
     lat = BASE_LAT[algo][p]
-    intra_lat, inter_lat = HW_LAT[intra][algo][p], HW_LAT["net"][algo][p]
+    intra_lat, inter_lat = HW_LAT[intra][algo][p], max(HW_LAT["net"][algo][p], net_floor_us)
     if algo == "tree":
         return lat + 2 * ((ranks / nodes - 1) * intra_lat + int(math.log2(nodes)) * inter_lat)
     if algo == "nvls":                       # the latency *is* the NVLink one (no base)
@@ -288,7 +290,7 @@ def latency_us(op: str, algo: str, proto: str, ranks: int, nodes: int, intra: st
     if algo == "nvls_tree":
         return lat + intra_lat + 2 * int(math.log2(nodes)) * inter_lat
     if op == "broadcast":                    # the channels' hops overlap: one hop's latency
-        return lat + HW_LAT["net" if nodes > 1 else intra][algo][p]
+        return lat + (inter_lat if nodes > 1 else intra_lat)
     nsteps, inter_steps = steps(op, ranks, nodes)
     if nodes > 1:
         intra_lat = max(intra_lat, NET_OVERHEAD_US * (3 if proto == "Simple" else 1))
