@@ -573,6 +573,9 @@ def collective(topology: str | Path, op: str = "allreduce", algo: str = "auto", 
         raise ConfigError("--bytes", str(sizes), "sizes are whole numbers of bytes >= 1")
     topo = load_topology(str(topology), Path("."), machines or None, ("--topology", ""))
     devices = topo.compute_devices()
+    if len(devices) < 2:
+        raise ConfigError("--topology", str(topology), f"topology {topo.name} has {len(devices)} compute device: "
+                                                      f"a collective needs 2 or more (cluster.machines, --machines)")
     n = gpus or len(devices)
     if not 2 <= n <= len(devices):
         raise ConfigError("--gpus", str(gpus), f"must be 2..{len(devices)} for topology {topo.name}")

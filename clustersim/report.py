@@ -1,6 +1,7 @@
 """Human-readable tables and summaries of results (no plotting: ``clustersim.plots``)."""
 from __future__ import annotations
 
+import statistics
 
 
 def si(value: float, unit: str) -> str:
@@ -76,7 +77,7 @@ def summary_text(s: dict) -> str:
     util = s["device_utilisation"]
     if util:
         vals = sorted(util.values())
-        lines.append(f"  device busy      min {vals[0]:.1%}  median {vals[len(vals) // 2]:.1%}  max {vals[-1]:.1%}"
+        lines.append(f"  device busy      min {vals[0]:.1%}  median {statistics.median(vals):.1%}  max {vals[-1]:.1%}"
                      f"  over {len(vals)} devices")
     if s["link_utilisation"]:
         lines.append("  busiest links:")

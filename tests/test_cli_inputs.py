@@ -142,7 +142,9 @@ def test_a_count_below_1_is_refused_in_one_line_naming_the_option(capsys, monkey
     ({"op": "alltoall", "algo": "tree"}, "--algo: tree: alltoall runs as direct sends between every pair"),
     ({"op": "alltoall", "algo": "ps"}, "--algo: ps: alltoall runs as direct sends between every pair"),
     ({"op": "alltoall", "protocol": "LL"}, "--protocol: LL: alltoall runs as NCCL's point-to-point sends"),
-    ({"topology": "distbelief-2012", "protocol": "LL"}, "--protocol: LL: NCCL's protocols run on GPUs")])
+    ({"topology": "distbelief-2012", "protocol": "LL"}, "--protocol: LL: NCCL's protocols run on GPUs"),
+    ({"topology": "distbelief-2012", "machines": 1},          # U36: "--gpus: 0: must be 2..1"
+     "--topology: distbelief-2012: topology distbelief-2012 has 1 compute device: a collective needs 2")])
 def test_collective_refuses_what_it_cannot_run_naming_the_option(kw, line):
     """From Python as from the command line: sizes of at least a byte, a known network and
     op named as themselves, alltoall only as the pairwise sends it is, protocols on GPUs."""
@@ -321,3 +323,17 @@ def test_a_table_passed_on_as_a_set_keeps_a_dotted_key_whole():
     import tomllib
     value = {"m0.gpu1": 2.0, "plain_key-1": {"with space": "x", "é": [1, True]}}
     assert tomllib.loads(f"v = {api._toml(value)}")["v"] == value
+
+
+def test_topology_show_finds_a_compute_device_no_link_reaches(tmp_path, capsys):
+    """U36: it tried routes from the first device to the second and the last only, and
+    showed a file with an unlinked GPU in between as sound (exit 0)."""
+    f = tmp_path / "t.toml"
+    gpu = 'kind = "gpu"\nmachine = 0\npeak_tflops_fp32 = 10\nmemory_gib = 16\nmemory_bandwidth_gbps = 900\n'
+    f.write_text(f'base = "pcie-4gpu"\n[[device]]\nname = "m0.gpu4"\n{gpu}[[device]]\nname = "m0.gpu5"\n{gpu}'
+                 '[[link]]\na = "m0.gpu5"\nb = "m0.pcie0"\nbandwidth_gbps = 16\nlatency_us = 1\n')
+    from clustersim.core.topogen import load_topology
+    compute = load_topology(str(f)).compute_devices()
+    assert compute.index("m0.gpu4") == 4 and len(compute) == 6     # not the first, the second nor the last
+    code, _, err = run(capsys, "topology", "show", str(f))
+    assert code == 2 and ": link: no links join m0.gpu4 to m0.gpu0" in err and len(err.splitlines()) == 1

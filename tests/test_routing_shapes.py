@@ -189,6 +189,11 @@ def test_bad_links_are_refused():
     devices = [Device("s0", "switch"), Device("s1", "switch")]
     with pytest.raises(KeyError):
         Topology("t", devices, [Link("s0", "s9", 1e9, 0.0)])
-    for links in ([Link("s0", "s0", 1e9, 0.0)], [Link("s0", "s1", 1e9, 0.0), Link("s1", "s0", 1e9, 0.0)]):
-        with pytest.raises(ValueError, match="self-loop or listed twice"):
+    for links, says in (([Link("s0", "s0", 1e9, 0.0)], "is a self-loop"),
+                        ([Link("s0", "s1", 1e9, 0.0), Link("s1", "s0", 1e9, 0.0)], "is listed twice")):
+        with pytest.raises(ValueError, match=f"link s. - s. {says}") as err:
             Topology("t", devices, links)
+        assert err.value.field == "link"
+    with pytest.raises(ValueError, match="device name 's0' is used twice") as err:
+        Topology("t", devices + [Device("s0", "switch")], [])
+    assert err.value.field == "device"

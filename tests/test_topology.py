@@ -199,3 +199,30 @@ def test_machines_for_a_one_machine_topology_is_bad_input_where_a_user_named_the
         load_scenario(str(f))
     from clustersim.cli import main
     assert main(["topology", "show", "dgx-h100", "--machines", "4"]) == 2
+
+
+def test_a_cluster_file_that_is_not_text_or_bases_on_itself_says_so(tmp_path):
+    """U36: a binary file was "neither a built-in topology nor a file that can be read
+    (UnicodeDecodeError)" under the command's name, and a base naming itself "must name one
+    topology (at most 4 levels deep)"."""
+    f = tmp_path / "bin.toml"
+    f.write_bytes(b"\xff\xfe\x00name")
+    with pytest.raises(ConfigError, match=r"bin.toml: is not UTF-8 text") as err:
+        load_topology(str(f), tmp_path, None, ("topology show", ""))
+    assert err.value.file == str(f)
+    (tmp_path / "a.toml").write_text('base = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('base = "a.toml"\n')
+    with pytest.raises(ConfigError, match=r"b.toml: base: 'a.toml' leads back to a file that names it"):
+        load_topology(str(tmp_path / "a.toml"))
+
+
+def test_a_twice_used_device_name_and_a_link_listed_twice_name_their_table(tmp_path):
+    """U36: both were reported as field ``link`` ("self-loop or listed twice" for either)."""
+    f = tmp_path / "t.toml"
+    f.write_text('base = "pcie-4gpu"\n[[device]]\nname = "m0.gpu0"\nkind = "switch"\n')
+    with pytest.raises(ConfigError, match=r"t.toml: device: device name 'm0.gpu0' is used twice"):
+        load_topology(str(f))
+    f.write_text('base = "pcie-4gpu"\n[[device]]\nname = "x"\nkind = "switch"\n'
+                 '[[link]]\na = "x"\nb = "x"\nbandwidth_gbps = 1\nlatency_us = 0\n')
+    with pytest.raises(ConfigError, match=r"t.toml: link: link x - x is a self-loop"):
+        load_topology(str(f))

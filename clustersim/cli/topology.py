@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import networkx as nx
+
 from clustersim import report
 from clustersim.cli.args import count, plot_arg
 from clustersim.core.config import ConfigError
@@ -35,6 +37,11 @@ def run(args) -> int:
     except NoRoute as exc:
         raise ConfigError(args.topology, "link", f"{exc} in topology {topo.name}: its compute devices "
                                                  "cannot send each other data") from None
+    reached = nx.node_connected_component(topo.graph, compute[0])
+    alone = next((c for c in compute if c not in reached), None)
+    if alone:                                    # the routes above try two pairs; every device is linked
+        raise ConfigError(args.topology, "link", f"no links join {alone} to {compute[0]} in topology {topo.name}: "
+                                                 f"its compute devices cannot send each other data")
     print(f"{topo.name}: {topo.description}")
     print("  devices: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
     print(f"  links: {topo.graph.number_of_edges()} (full duplex)")

@@ -38,7 +38,7 @@ from typing import Any
 
 from clustersim.core.config import ConfigError, Table, bundled_names
 from clustersim.core.layers import KINDS
-from clustersim.core.topology import DEVICE_KINDS, DTYPES, SPLIT, STAGE, Device, Link, Topology
+from clustersim.core.topology import DEVICE_KINDS, DTYPES, SPLIT, STAGE, Device, Link, Topology, TopologyError
 
 # PCIe payload rate per lane and direction in GB/s: transfer rate x line-code efficiency
 # (PCI-SIG: gen3 8 GT/s 128b/130b, gen4 16 GT/s, gen5 32 GT/s, gen6 64 GT/s PAM4 ~1 B/bit/lane).
@@ -75,7 +75,7 @@ def load_topology(ref: str, base_dir: Path = Path("."), machines: int | None = N
     return build_topology(data, path)
 
 
-def _with_base(data: dict, path: str, depth: int = 0) -> dict:
+def _with_base(data: dict, path: str, depth: int = 0, seen: tuple[str, ...] = ()) -> dict:
     """``base = "other"``: start from that topology's tables, then this file's keys replace
     theirs, table inside table (so a fat-tree of DGX machines need not repeat the machine,
     and ``[machine.gpu] memory_gib = 40`` makes an A100 40GB of dgx-a100's); arrays of
@@ -87,8 +87,11 @@ def _with_base(data: dict, path: str, depth: int = 0) -> dict:
     if not isinstance(ref, str) or depth > 4:
         raise ConfigError(path, "base", "must name one topology (at most 4 levels deep)")
     base_path, text = _read(ref, Path(path).parent, (path, "base"))
+    chain = (*seen, str(Path(path).resolve()))
+    if str(Path(base_path).resolve()) in chain:
+        raise ConfigError(path, "base", f"{ref!r} leads back to a file that names it (a cycle of bases)")
     try:
-        base = _with_base(tomllib.loads(text), base_path, depth + 1)
+        base = _with_base(tomllib.loads(text), base_path, depth + 1, chain)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(base_path, "", f"malformed TOML: {exc}") from None
     base.pop("name", None)
@@ -117,6 +120,8 @@ def _read(ref: str, base_dir: Path, named_in: tuple[str, str] = ("", "")) -> tup
     path = Path(ref) if Path(ref).is_absolute() else base_dir / ref
     try:
         return str(path), path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "", "is not UTF-8 text, which a TOML topology file is") from None
     except (OSError, ValueError) as exc:           # ValueError: undecodable, or a NUL in the name
         names = ", ".join(builtin_topologies())
         file, field = named_in
@@ -175,8 +180,8 @@ def build_topology(data: Any, file: str) -> Topology:
         raise ConfigError(file, "device.noise", "every device's series must have one length (their windows line up)")
     try:
         return Topology(name, devices, links, description, core_pools, price, power, noise_window_s=window)
-    except ValueError as exc:
-        raise ConfigError(file, "link", str(exc)) from None
+    except TopologyError as exc:
+        raise ConfigError(file, exc.field, str(exc)) from None
 
 
 def _check_link_ends(lt: Table, link: Link, devices: list[Device]) -> None:

@@ -146,6 +146,15 @@ class NoRoute(LookupError):
     """No path joins two devices (none built, or the links it needed are cut)."""
 
 
+class TopologyError(ValueError):
+    """Devices or links that make no topology; ``field`` is the cluster file's key at fault
+    ("device", "device.core_pool", "link")."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class Topology:
     """Devices and links; ``route`` gives the directed links a message crosses."""
 
@@ -163,9 +172,11 @@ class Topology:
         self.devices: dict[str, Device] = {}
         for d in devices:
             if d.name in self.devices:
-                raise ValueError(f"device name {d.name!r} is used twice")
+                raise TopologyError("device", f"device name {d.name!r} is used twice (a [[device]], or one the "
+                                              f"[machine] template makes)")
             if d.core_pool and d.core_pool not in self.core_pools:
-                raise ValueError(f"device {d.name!r} names core pool {d.core_pool!r}, which is not defined")
+                raise TopologyError("device.core_pool", f"device {d.name!r} names core pool {d.core_pool!r}, "
+                                                        f"which is not defined")
             self.devices[d.name] = d
         self.capacity: dict[DirLink, float] = {}
         self.latency: dict[DirLink, float] = {}
@@ -176,8 +187,11 @@ class Topology:
             for end in (a, b):
                 if end not in self.devices:
                     raise KeyError(end)
-            if a == b or (a, b) in capacity:     # both directions are in ``capacity`` once linked
-                raise ValueError(f"link {a} - {b} is a self-loop or listed twice")
+            if a == b:
+                raise TopologyError("link", f"link {a} - {b} is a self-loop (both ends one device)")
+            if (a, b) in capacity:               # both directions are in ``capacity`` once linked
+                raise TopologyError("link", f"link {a} - {b} is listed twice (a [[link]], or one the "
+                                            f"[machine] or [network] tables make)")
             capacity[(a, b)] = capacity[(b, a)] = ln.bandwidth
             latency[(a, b)] = latency[(b, a)] = ln.latency
             near[a].append(b)
