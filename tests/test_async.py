@@ -59,6 +59,34 @@ def test_failed_downpour_replica_leaves_the_others_rate_unchanged():
     assert len(step_ends(failed, 3)) < 30 and failed.engine.failed == {"w3": pytest.approx(t_fail)}
 
 
+@pytest.mark.parametrize("algorithm", ["downpour", "dcasgd", "ssp"])
+def test_an_async_replicas_unpushed_steps_train_nothing_and_a_failure_loses_them(algorithm):
+    """U35: a failed replica's steps since its last push (n_push = 4 here) and the step it
+    was in counted in ``samples_per_s`` and in no lost work; a run's tail past its last push
+    counted too.  Now only pushed steps count, and a failure loses the rest."""
+    base = dict(parallel={"replicas": 4, "ps_shards": 1},
+                training={"algorithm": algorithm, "steps": 30, "n_push": 4, "start_spread_s": 0.0})
+    healthy_p = plan(on(fast_star(4), **base))
+    healthy = simulate(healthy_p)
+    out = summarize(healthy_p, healthy)
+    assert "lost_work_samples" not in out
+    batch = healthy_p.scenario.batch_size
+    assert out["samples_per_s"] == pytest.approx(batch * 4 * 28 / healthy.sim_time_s)   # steps 28, 29: never pushed
+    t_fail = healthy.sim_time_s / 2 + 1e-9
+    sc = on(fast_star(4), **base)
+    sc = dataclasses.replace(sc, faults=dataclasses.replace(sc.faults, failures=(Failure(t_fail, ("w3",)),)))
+    p = plan(sc)
+    failed = simulate(p)
+    out = summarize(p, failed)
+    ran = sorted(step for r, step, *_ in failed.trace.replica_steps if r == 3)
+    began = sum(u.kind == "grad" and u.replica == 3 for u in failed.trace.updates)
+    pushed = 4 * (len(ran) // 4)
+    assert began - len(ran) in (0, 1) and len(ran) % 4            # maybe inside a step; pushes outstanding
+    assert out["lost_work_samples"] == batch * (began - pushed)
+    others = sum(1 for r, step, *_ in failed.trace.replica_steps if r < 3 and step < 28)
+    assert out["samples_per_s"] == pytest.approx(batch * (others + pushed) / failed.sim_time_s)
+
+
 def test_sync_step_is_the_slowest_workers_and_backup_workers_cut_it():
     sc = scenario(batch=256, parallel={"replicas": 4}, training={"steps": 2, "allreduce": "ring"},
                   faults={"slowdown": {"m0.gpu2": 3.0}})

@@ -10,6 +10,7 @@ from collections import defaultdict
 import numpy as np
 
 from clustersim.core.plan import Plan
+from clustersim.core.scenario import ASYNC
 from clustersim.core.trace import union_length
 
 
@@ -50,9 +51,9 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
     steps, replicas = sync_stretch(p, res)
     step_s = statistics.median(steps) if steps else 0.0
     samples_per_s = step_samples(p, replicas) / step_s if step_s else 0.0
-    if tr.replica_steps:        # replicas step on their own: each one's period, waits included; all samples done
-        step_s = replica_period(tr.replica_steps)
-        samples_per_s = sc.batch_size * len(tr.replica_steps) / (res.sim_time_s or 1.0)
+    if tr.replica_steps:        # replicas step on their own: each one's period, waits included; the samples
+        step_s = replica_period(tr.replica_steps)        # of the gradients that left (an async replica's pushes)
+        samples_per_s = sc.batch_size * pushed_steps(p, tr.replica_steps) / (res.sim_time_s or 1.0)
     makespan = res.sim_time_s or 1.0
     busy = tr.device_busy()
     by_phase: dict[str, float] = defaultdict(float)        # device-seconds: an executed message's send
@@ -125,6 +126,20 @@ def sync_stretch(p: Plan, res) -> tuple[list[float], int]:
         if part:
             return part, replicas
     return steps, phases[-1][1]
+
+
+def pushed_steps(p: Plan, replica_steps: list[tuple[int, int, float, float]]) -> int:
+    """The steps whose gradients left their replica: an asynchronous replica (Downpour,
+    DC-ASGD, SSP) pushes what it accumulated after every ``n_push``-th step, so the steps
+    after its last push -- a failed replica's, or a run's tail where ``n_push`` does not
+    divide the steps it ran -- trained nothing.  Every step for the others."""
+    if p.schedule.algorithm not in ASYNC:
+        return len(replica_steps)
+    last: dict[int, int] = defaultdict(lambda: -1)
+    for r, step, *_ in replica_steps:
+        if p.schedule.pushes_after(step):
+            last[r] = max(last[r], step)
+    return sum(step <= last[r] for r, step, *_ in replica_steps)
 
 
 def replica_period(replica_steps: list[tuple[int, int, float, float]]) -> float:

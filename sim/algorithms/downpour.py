@@ -15,12 +15,14 @@ offsets within ``start_spread_s`` (default: a round trip of a replica's paramete
 route to shard 0), as launched jobs do: replicas started in the same instant stay in
 lockstep under fair sharing, pushing together and fetching together (docs/decisions/008).
 A replica whose device fails, or whose messages find no route (a link cut), simply stops;
-the others carry on.  A failed shard holds every replica up, and a job whose every replica
+the others carry on; the step it was in and those it had not pushed are its lost work
+(``lost_work_samples``; ``samples_per_s`` counts pushed steps only, ``metrics.pushed_steps``).  A failed shard holds every replica up, and a job whose every replica
 stopped before its end has nothing left to train on: the run stalls.
 """
 from __future__ import annotations
 
 from sim.engine import Engine
+from clustersim.core.metrics import pushed_steps
 from clustersim.core.schedule import message_bytes
 from .ps import ParameterServer
 
@@ -68,6 +70,7 @@ def run_async(engine: Engine, steps: int):
             engine.cut_off(r).callbacks.append(moved)
 
     offsets = start_offsets(engine)
+    began = [0] * plan.replicas                # steps each replica started computing
 
     def replica(r: int):
         devices = plan.devices[r]
@@ -89,6 +92,7 @@ def run_async(engine: Engine, steps: int):
                 yield engine.wait(ps.fetch(r, step, fetches), devices[0], r, step, "fetch")
                 fetches += 1
             engine.log("grad", r, -1, step)
+            began[r] += 1
             if captured is None:
                 captured = list(ps.held[r])
             yield engine.run_graph(r, step).done
@@ -110,5 +114,9 @@ def run_async(engine: Engine, steps: int):
     engine.ps_server = ps
     yield env.all_of([env.any_of([proc, engine.lost(plan.devices[r]), engine.cut_off(r)])
                       for r, proc in enumerate(procs)])
+    for r, proc in enumerate(procs):          # a stopped replica's unpushed steps and the one it was in
+        if not proc.triggered:
+            mine = [s for s in engine.trace.replica_steps if s[0] == r]
+            engine.lost_samples += plan.scenario.batch_size * (began[r] - pushed_steps(plan, mine))
     if not any(proc.triggered for proc in procs):
         yield env.event()           # every replica stopped before its end: nothing trains on, a stall
