@@ -154,7 +154,7 @@ memory_bandwidth_gbps = 100
     ("ghost_link", "link[0].b: no device named 'g9'"),
     ("no_route", "cluster.topology: no route from g0 to g1"),
     ("too_many_partitions", "parallel: model_parallel x replicas = 16 devices"),
-    ("bad_layer_shape", "layer: layer 0 (conv2d): conv2d kernel 9 does not fit"),
+    ("bad_layer_shape", "layer[0]: layer 0 (conv2d): conv2d kernel 9 does not fit"),
     ("does_not_fit", "parallel.model_parallel: does not fit"),
     ("bad_set", "--set: parallel: must look like section.key=value"),
     ("zero_flops", "device[0].peak_tflops_fp32: must be > 0"),

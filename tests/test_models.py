@@ -53,7 +53,7 @@ def test_model_file_loads_and_bad_shapes_name_the_layer(tmp_path):
     f.write_text('input = [4]\n[[layer]]\nkind = "maxout"\npieces = 3\n')
     with pytest.raises(ConfigError, match="maxout pieces 3 must divide the 4 input channels") as err:
         load_model_file(f)
-    assert err.value.field == "layer"
+    assert err.value.field == "layer[0]"
     f.write_text('input = [4]\n[[layer]]\nkind = "dense"\nunit = 3\n')
     with pytest.raises(ConfigError) as err:
         load_model_file(f)
@@ -223,7 +223,7 @@ def test_graph_model_file_names_inputs_in_any_order(tmp_path):
                                 'inputs = ["input"]')],
      "layer[4].inputs", r"concat needs inputs of one height and width, got \(4, 8, 8\) and \(2, 4, 4\)"),
     ([('name = "sum"', 'name = "stem"')], "layer[3].name", "already layer 0's name"),
-    ([('inputs = ["out", "input"]', 'inputs = ["stem"]')], "layer", "layer 1 \\(relu\\): nothing reads its output"),
+    ([('inputs = ["out", "input"]', 'inputs = ["stem"]')], "layer[1]", "layer 1 \\(relu\\): nothing reads its output"),
     ([('bias = false', 'bias = 0')], "layer[2].bias", "must be true or false"),
     ([('kernel = [1, 3]', 'kernel = [1, 3, 3]')], "layer[2].kernel", r"an integer or \[rows, cols\]")])
 def test_a_bad_graph_is_one_error_naming_the_layer_field(tmp_path, edits, field, message):
@@ -356,6 +356,19 @@ def test_a_tied_head_without_its_table_and_a_loss_read_on_are_refused():
     assert untied.params == 2 * 8 + 100 * 8
     with pytest.raises(GraphError, match=r"layer 1 \(softmax_xent\): a loss ends the graph; layer 2 reads"):
         build_model("mid", (4, 1, 1), [L("dense", units=3), L("softmax_xent"), L("relu"), L("softmax_xent")])
+
+
+def test_a_misspelt_top_level_key_of_a_model_file_is_named_before_what_is_missing(tmp_path):
+    """U37: ``[[layers]]`` said "a model needs at least one [[layer]]" and ``inputs = [64]``
+    "input: is required", neither naming the key at fault."""
+    f = tmp_path / "m.toml"
+    for text, key in (('input = [4]\n[[layers]]\nkind = "dense"\nunits = 2\n', "layers"),
+                      ('inputs = [4]\n[[layer]]\nkind = "dense"\nunits = 2\n', "inputs")):
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=f"{key}: unknown key \\(a model file has name, input, classes, "
+                                              f"layer\\)") as err:
+            load_model_file(f)
+        assert err.value.field == key
 
 
 def test_transformer_sequence_and_flops():

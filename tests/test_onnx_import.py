@@ -245,3 +245,24 @@ def test_a_graph_with_its_loss_keeps_it_and_reads_the_labels_as_no_activation(tm
     m = load_model_file(f)
     assert [(n.name, n.layer.kind) for n in m.nodes] == [("fc", "dense"), ("xent", "softmax_xent")]
     assert m.params == 6 * 4 + 4 and m.name == "loss" and m.classes == 4       # named for the file
+
+
+def test_missing_external_data_and_an_empty_file_say_what_is_wrong(tmp_path):
+    """U37: weights saved beside the graph and since lost were "not an ONNX model
+    (ValidationError)"; an empty file "graph.input: ... reads 0: none"."""
+    w = numpy_helper.from_array(np.zeros((10, 64), np.float32), "W")
+    b = numpy_helper.from_array(np.zeros(10, np.float32), "b")
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "W", "b"], ["y"], transB=1)], "ext",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    f = tmp_path / "ext.onnx"
+    onnx.save(model, str(f), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data",
+              size_threshold=0)
+    assert load_model_file(f).params == 650
+    (tmp_path / "ext.data").unlink()
+    with pytest.raises(ConfigError, match=r"ext.onnx: cannot load the model \(ValidationError: .*ext.data"):
+        load_model_file(f)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"empty.onnx: graph.node: the graph has no nodes"):
+        load_model_file(tmp_path / "empty.onnx")

@@ -257,3 +257,18 @@ def test_fp64_needs_a_gpus_own_figure_and_a_cpu_runs_it_at_half_rate(tmp_path):
     assert scenario_from_dict(data, str(tmp_path / "t.toml")).dtype == "fp32"
     cpu = load_topology("distbelief-2012", Path(".")).devices["m0.cpu"]
     assert cpu.flops_per_s("fp64") == cpu.flops_per_s("fp32") / 2
+
+
+def test_a_missing_model_file_and_too_few_devices_name_the_scenarios_field():
+    """U37: a missing model file was "missing.toml: cannot read model file", naming neither
+    the scenario nor model.file; U36: too many devices did not say that cluster.machines
+    sets the topology's size."""
+    data = {"cluster": {"topology": "dgx-h100"}, "model": {"file": "missing.toml"}}
+    with pytest.raises(ConfigError, match=r"^s.toml: model.file: .*missing.toml does not exist \(a model file is read "
+                                          r"beside the scenario"):
+        scenario_from_dict(data, "s.toml")
+    from clustersim.core.plan import plan
+    sc = scenario_from_dict({"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits"},
+                             "parallel": {"replicas": 9}}, "s.toml")
+    with pytest.raises(ConfigError, match=r"has 8 compute devices on 1 machine \(cluster.machines sets how many\)"):
+        plan(sc)

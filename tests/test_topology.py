@@ -160,7 +160,8 @@ def test_a_nul_byte_in_a_file_reference_is_a_config_error(tmp_path, section, key
     model = 'file = "m\\u0000.toml"' if key == "file" else 'name = "mlp-digits"'
     topo = '"\\u0000"' if key == "topology" else '"dgx-h100"'
     f.write_text(f'[cluster]\ntopology = {topo}\n[model]\n{model}\nbatch_size = 8\n')
-    with pytest.raises(ConfigError, match="cannot read" if key == "file" else "s.toml: cluster.topology: .* nor a file"):
+    with pytest.raises(ConfigError, match="s.toml: model.file: .* does not exist" if key == "file"
+                       else "s.toml: cluster.topology: .* nor a file"):
         load_scenario(str(f))
 
 

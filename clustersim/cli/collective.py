@@ -27,7 +27,8 @@ def add(sub) -> None:
     c.add_argument("--gpus", type=count("--gpus"), help="ranks (default: every compute device)")
     c.add_argument("--machines", type=count("--machines"), help="override the topology's machine count")
     c.add_argument("--bytes", default="8..1G", help="SIZE or MIN..MAX, doubling (8..1G)")
-    c.add_argument("--network", default="flow", choices=NETWORKS)
+    c.add_argument("--network", default="flow", choices=NETWORKS,
+                   help="flow: links shared max-min fair (default); analytical: alpha-beta times, no contention")
     c.add_argument("--nccl", default="", metavar="VERSION",
                    help=f"the NCCL whose kernels lay out NVLS chunks, e.g. 2.18.5 (default: the tuner's, {VERSION})")
     c.add_argument("--json", action="store_true")

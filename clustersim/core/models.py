@@ -603,7 +603,13 @@ def load_model_file(path: Path) -> Model:
     return model_from_table(Table(data, str(path)))
 
 
+MODEL_KEYS = ("name", "input", "classes", "layer")      # a model file's top-level keys
+
+
 def model_from_table(top: Table) -> Model:
+    unknown = sorted(set(top.data) - set(MODEL_KEYS))      # a typo ([[layers]]) says so before "required" does
+    if unknown:
+        raise top.error(unknown[0], f"unknown key (a model file has {', '.join(MODEL_KEYS)})")
     name = top.str("name", Path(top.file).stem)
     dims = top.raw("input")
     if (not isinstance(dims, list) or len(dims) not in (1, 3)
@@ -636,7 +642,7 @@ def model_from_table(top: Table) -> Model:
     try:
         return build_model(name, shape, layers, classes, names, inputs)
     except GraphError as exc:
-        raise top.error(f"layer[{exc.layer}].{exc.key}" if exc.key else "layer", str(exc)) from None
+        raise top.error(f"layer[{exc.layer}]" + (f".{exc.key}" if exc.key else ""), str(exc)) from None
 
 
 def _layer_value(lt: Table, key: str) -> Any:

@@ -57,8 +57,14 @@ def load_onnx(path: Path) -> Model:
         proto = onnx.load(str(path))
     except OSError as exc:
         raise ConfigError(str(path), "", f"cannot read ONNX file ({exc.__class__.__name__})") from None
-    except Exception as exc:                    # protobuf's DecodeError (its module varies by version)
+    except Exception as exc:                    # protobuf's DecodeError (its module varies by version), or
+        said = str(exc).strip().splitlines()    # onnx's ValidationError (external data not found)
+        if said and exc.__class__.__name__ != "DecodeError":
+            raise ConfigError(str(path), "", f"cannot load the model ({exc.__class__.__name__}: {said[0][:240]})") \
+                from None
         raise ConfigError(str(path), "", f"not an ONNX model ({exc.__class__.__name__})") from None
+    if not proto.graph.node:
+        raise ConfigError(str(path), "graph.node", "the graph has no nodes (an empty or truncated file?)")
     return _Importer(str(path), proto).run()
 
 

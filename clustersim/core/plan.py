@@ -648,8 +648,10 @@ def _place(sc: Scenario, slices: Slices, slot_params: list[int]) -> tuple[tuple[
     need = per * par.replicas
     if need > len(compute):
         what = "model_parallel x pipeline x replicas" if par.pipeline > 1 else "model_parallel x replicas"
+        machines = len({topo.machine_of(d) for d in compute})
         raise ConfigError(sc.file, "parallel",
-                          f"{what} = {need} devices, but topology {topo.name} has {len(compute)} compute devices")
+                          f"{what} = {need} devices, but topology {topo.name} has {len(compute)} compute devices "
+                          f"on {machines} machine{'s' if machines > 1 else ''} (cluster.machines sets how many)")
     devices = tuple(tuple(compute[r * per + j] for j in range(per)) for r in range(par.replicas))
     if not par.ps_shards:
         return devices, None

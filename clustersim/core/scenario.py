@@ -251,7 +251,10 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
     if mt.has("name"):
         model = zoo_model(mt.str("name", choices=ZOO))
     else:
-        model = load_model_file(base_dir / mt.str("file"))
+        path = base_dir / mt.str("file")
+        if not path.exists():
+            raise mt.error("file", f"{path} does not exist (a model file is read beside the scenario that names it)")
+        model = load_model_file(path)
     batch = mt.int("batch_size", 32, lo=1, hi=1_000_000)
     dtype = mt.str("dtype", "fp32", choices=DTYPES)
     attention = mt.str("attention", "eager", choices=ATTENTION)
