@@ -428,3 +428,13 @@ def test_model_list_names_every_built_in_model_with_its_count(capsys):
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == set(ZOO)
     assert rows["resnet-50"][3] == "25557032" and rows["megatron-7.5b"][3] == "7467786240"
+
+
+def test_classes_that_are_not_the_last_layers_outputs_are_refused(tmp_path):
+    """U37: ``classes = 7`` on a 10-way output was taken (labels 0..6 on 10 logits)."""
+    f = tmp_path / "m.toml"
+    f.write_text('input = [4]\nclasses = 7\n[[layer]]\nkind = "dense"\nunits = 10\n[[layer]]\nkind = "softmax_xent"\n')
+    with pytest.raises(ConfigError, match=r"classes: 7, but the last layer \(softmax_xent\) gives 10 outputs"):
+        load_model_file(f)
+    f.write_text(f.read_text().replace("classes = 7", "classes = 10"))
+    assert load_model_file(f).classes == 10

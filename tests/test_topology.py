@@ -227,3 +227,20 @@ def test_a_twice_used_device_name_and_a_link_listed_twice_name_their_table(tmp_p
                  '[[link]]\na = "x"\nb = "x"\nbandwidth_gbps = 1\nlatency_us = 0\n')
     with pytest.raises(ConfigError, match=r"t.toml: link: link x - x is a self-loop"):
         load_topology(str(f))
+
+
+def test_a_network_key_of_another_kind_says_whose_it_is():
+    """U36: ``k`` under kind = "switch", ``spines`` under a fat-tree and ``bandwidth_gbps``
+    without a network were each "unknown key", as if misspelt."""
+    from clustersim.core.topogen import build_topology
+    machine = {"gpu": {"count": 1, "peak_tflops_fp32": 10, "memory_gib": 16, "memory_bandwidth_gbps": 900},
+               "cpu": {"cores": 8, "core_gflops": 10, "memory_gib": 64, "memory_bandwidth_gbps": 100},
+               "nic": {"count": 1, "bandwidth_gbps": 12.5}}
+    for net, field, says in (({"kind": "switch", "machines": 2, "k": 4}, "network.k", "a fat-tree network's key"),
+                             ({"kind": "fat-tree", "machines": 2, "spines": 2}, "network.spines", "a rail network's"),
+                             ({"kind": "none", "bandwidth_gbps": 4}, "network.bandwidth_gbps", 'kind = "none" has')):
+        with pytest.raises(ConfigError, match=says) as err:
+            build_topology({"network": net, "machine": machine}, "t.toml")
+        assert err.value.field == field
+    ok = build_topology({"network": {"kind": "rail", "machines": 2, "spines": 1}, "machine": machine}, "t.toml")
+    assert len(ok.compute_devices()) == 2

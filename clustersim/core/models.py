@@ -640,9 +640,14 @@ def model_from_table(top: Table) -> Model:
         layers.append(make_layer(kind, **kw))
     top.done()
     try:
-        return build_model(name, shape, layers, classes, names, inputs)
+        model = build_model(name, shape, layers, classes, names, inputs)
     except GraphError as exc:
         raise top.error(f"layer[{exc.layer}]" + (f".{exc.key}" if exc.key else ""), str(exc)) from None
+    last = model.nodes[-1]
+    if classes and classes != last.out_shape[0]:
+        raise top.error("classes", f"{classes}, but the last layer ({last.layer.kind}) gives {last.out_shape[0]} "
+                                   f"outputs (a label indexes them)")
+    return model
 
 
 def _layer_value(lt: Table, key: str) -> Any:

@@ -137,6 +137,7 @@ def build_topology(data: Any, file: str) -> Topology:
     links: list[Link] = []
     net = top.table("network", {"kind": "none"})
     kind = net.str("kind", "none", choices=("none", "switch", "fat-tree", "rail"))
+    _keys_of_kind(net, kind)
     n_machines = net.int("machines", 1, lo=1, hi=MAX_MACHINES)
     if kind == "none" and n_machines != 1:
         raise net.error("machines", "must be 1 when network.kind is none")
@@ -291,6 +292,19 @@ def _add_machine(m: int, tpl: dict[str, Any], devices: list[Device], links: list
         devices.append(Device(n, "nic", m))
         attach(i, len(nics), n, tpl["nic_bw"], tpl["nic_latency"])   # the NIC's own delay sits here
     return nics
+
+
+NETWORK_OWN_KEYS = {"fat-tree": ("k",), "rail": ("spines", "spine_bandwidth_gbps")}
+
+
+def _keys_of_kind(net: Table, kind: str) -> None:
+    """A key of another kind of network says so, where "unknown key" would suggest a typo."""
+    for key in net.data:
+        if key in ("bandwidth_gbps", "latency_us") and kind == "none":
+            raise net.error(key, 'sets the links between machines; kind = "none" has none')
+        other = next((k for k, keys in NETWORK_OWN_KEYS.items() if key in keys and k != kind), None)
+        if other:
+            raise net.error(key, f"is a {other} network's key; kind is {kind!r}")
 
 
 def _add_network(net: Table, kind: str, nics: list[list[str]], devices: list[Device], links: list[Link],
