@@ -7,7 +7,7 @@ import re
 import numpy as np
 
 from clustersim.core.config import ConfigError
-from clustersim.core.models import bundled_data, token_vocab
+from clustersim.core.models import ZOO, bundled_data, token_vocab
 from clustersim.core.schedule import ranks_needed
 
 from executor.data import for_model, mnist, synthetic
@@ -134,11 +134,16 @@ def check(sc, size: int) -> None:
                                                     "only); its run would not be the prediction's")
     unrun = simulated_only(sc)
     if unrun:
-        raise ConfigError(sc.file, unrun[0], f"{unrun[1]} is simulated only: execute would run without it "
+        raise ConfigError(sc.file, unrun[0], f"execute runs no {unrun[1]}: its run would go on without it "
                                              f"(remove it, or simulate the scenario)")
     if sum(not readers for readers in sc.model.consumers) > 1:
         raise ConfigError(sc.file, "model.name", f"execute trains a model with one loss; {sc.model.name} ends in "
                                                  "several (simulate it instead)")
+    tied = next((n for n in sc.model.nodes if n.layer.kind == "lm_head" and n.layer.tied), None)
+    if tied:
+        raise ConfigError(sc.file, "model.name" if sc.model.name in ZOO else "model.file",
+                          f"execute runs an untied LM head only; layer {tied.index} of {sc.model.name} is tied to "
+                          f"the word embeddings (tied = false in a model file, or simulate it)")
 
 
 def simulated_only(sc) -> tuple[str, str] | None:
@@ -148,18 +153,15 @@ def simulated_only(sc) -> tuple[str, str] | None:
     has them against a run that has not would compare two different jobs."""
     tr, f = sc.training, sc.faults
     for key, given, what in (
-            ("faults.fail", f.failures, "a scheduled failure"), ("faults.mtbf_s", f.mtbf_s, "a failure rate"),
-            ("faults.slowdown", f.slowdown, "a slowed device"), ("faults.slowdown_sigma", f.slowdown_sigma,
-                                                                 "drawn stragglers"),
-            ("faults.on_failure", f.on_failure != "continue", "a restart from checkpoints (--fail and "
-                                                              "--checkpoint are the executor's)"),
-            ("faults.checkpoint_every", f.checkpoint_every, "a sync checkpoint (--checkpoint-every is the "
-                                                            "executor's)"),
-            ("faults.shard_recovery", f.shard_recovery != "none", "a shard restart (--checkpoint and --resume are "
-                                                                  "the executor's)"),
-            ("training.time_limit_s", tr.time_limit_s, "a simulated time limit"),
-            ("training.warm_start_s", tr.warm_start_s, "a warm start"),
-            ("training.start_spread_s", tr.start_spread_s != -1.0, "a start spread")):
+            ("faults.fail", f.failures, "scheduled failures (--fail crashes a worker)"),
+            ("faults.mtbf_s", f.mtbf_s, "drawn failures"), ("faults.slowdown", f.slowdown, "slowed devices"),
+            ("faults.slowdown_sigma", f.slowdown_sigma, "drawn stragglers"),
+            ("faults.on_failure", f.on_failure != "continue", "restarts from sync checkpoints"),
+            ("faults.checkpoint_every", f.checkpoint_every, "sync checkpoints (--checkpoint keeps the shards')"),
+            ("faults.shard_recovery", f.shard_recovery != "none", "shard restarts (--checkpoint and --resume)"),
+            ("training.time_limit_s", tr.time_limit_s, "time limit (it runs training.steps)"),
+            ("training.warm_start_s", tr.warm_start_s, "warm start"),
+            ("training.start_spread_s", tr.start_spread_s != -1.0, "start spread")):
         if given:
             return key, what
     return None

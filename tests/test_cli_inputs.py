@@ -199,7 +199,8 @@ def test_execute_refuses_what_would_fail_on_a_rank_before_starting_ranks(tmp_pat
     """Second sweep: these failed inside a rank after the launch (exit 1, a rank's
     traceback line) or were ignored; now one line, exit 2, and no rank starts."""
     started = []
-    monkeypatch.setattr(api, "execute_command", lambda *a, **k: started.append(a) or (["true"], {}))
+    monkeypatch.setattr(api, "execute_command", lambda *a, **k: (["true"], {}))
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: started.append(a))
     (tmp_path / "f").write_text("x")
     fill = {"file": tmp_path / "f", "dir": tmp_path}
     code, _, err = run(capsys, "execute", DOWNPOUR, "--set", "training.steps=20", "--set", "parallel.replicas=2",
@@ -210,11 +211,13 @@ def test_execute_refuses_what_would_fail_on_a_rank_before_starting_ranks(tmp_pat
 
 
 def test_a_refused_execute_makes_no_checkpoint_folder(tmp_path, capsys, monkeypatch):
-    """Review R18: the folder was made before later checks refused the run."""
-    monkeypatch.setattr(api, "execute_command", lambda *a, **k: pytest.fail("started ranks"))
-    for extra in (["--resume"], ["--data", str(tmp_path / "none")], ["--trace", str(tmp_path)]):
+    """Review R18: the folder was made before later checks refused the run; review R36:
+    also before ``execute_command``'s checks (downpour.toml's time limit, a dtype)."""
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("started ranks"))
+    for extra in (["--resume"], ["--data", str(tmp_path / "none")], ["--trace", str(tmp_path)],
+                  ["--trace", str(tmp_path / "t" / "x.json")], ["--set", "model.dtype=fp16"], []):
         code, _, _ = run(capsys, "execute", DOWNPOUR, "--checkpoint", tmp_path / "ck" / "a", *extra)
-        assert code == 2 and not (tmp_path / "ck").exists()
+        assert code == 2 and not (tmp_path / "ck").exists() and not (tmp_path / "t").exists()
 
 
 def test_execute_on_gpus_without_cupy_is_one_line_before_starting_ranks(capsys, monkeypatch):
@@ -247,7 +250,7 @@ def test_a_setting_the_executor_does_not_act_on_is_refused(capsys, monkeypatch, 
     monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("started ranks or a calibration"))
     code, _, err = run(capsys, command, QUICK, "--set", "parallel.replicas=2", "--set", setting)
     key = setting.split("=")[0]
-    assert code == 2 and err.startswith(f"clustersim: error: {QUICK}: {key}: ") and "execute would run without it" in err
+    assert code == 2 and err.startswith(f"clustersim: error: {QUICK}: {key}: ") and "its run would go on without it" in err
 
 
 @pytest.mark.parametrize("command", ["execute", "validate"])
@@ -256,7 +259,7 @@ def test_the_asynchronous_start_settings_are_refused_by_execute_too(capsys, monk
     for setting in ("training.warm_start_s=0.01", "training.start_spread_s=0.01", "faults.shard_recovery=\"checkpoint\""):
         code, _, err = run(capsys, command, DOWNPOUR, "--set", "training.time_limit_s=0", "--set", "parallel.replicas=2",
                            "--set", "cluster.machines=0", "--set", "cluster.topology=dgx-h100", "--set", setting)
-        assert code == 2 and f": {setting.split('=')[0]}: " in err and "execute would run without it" in err, err
+        assert code == 2 and f": {setting.split('=')[0]}: " in err and "its run would go on without it" in err, err
 
 
 @pytest.mark.parametrize("command", ["execute", "validate"])
@@ -337,3 +340,14 @@ def test_topology_show_finds_a_compute_device_no_link_reaches(tmp_path, capsys):
     assert compute.index("m0.gpu4") == 4 and len(compute) == 6     # not the first, the second nor the last
     code, _, err = run(capsys, "topology", "show", str(f))
     assert code == 2 and ": link: no links join m0.gpu4 to m0.gpu0" in err and len(err.splitlines()) == 1
+
+
+def test_execute_refuses_a_tied_lm_head_before_starting_ranks(tmp_path, capsys, monkeypatch):
+    """Review R36: a model file's tied head with its embedding passed every check and failed
+    on a rank (exit 1: "the executor runs untied lm_head layers only")."""
+    from test_exec_data import TINY_GPT
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("started ranks"))
+    (tmp_path / "gpt.toml").write_text(TINY_GPT.replace("tied = false\n", ""))
+    (tmp_path / "s.toml").write_text('[cluster]\ntopology = "dgx-h100"\n[model]\nfile = "gpt.toml"\nbatch_size = 4\n')
+    code, _, err = run(capsys, "execute", str(tmp_path / "s.toml"))
+    assert code == 2 and ": model.file: execute runs an untied LM head only; layer 5 of my-gpt is tied" in err

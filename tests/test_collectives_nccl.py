@@ -322,3 +322,19 @@ def test_a_step_across_machines_takes_at_least_the_clusters_latency(tmp_path):
     chosen = [[(r["algo"], r["protocol"]) for r in api.collective(tmp_path / f"t{nic:g}.toml", "allreduce", "auto",
                                                                    [4096, 2**20, 2**26])] for nic in (1.0, 200.0)]
     assert chosen[0] == chosen[1]
+
+
+def test_the_latency_floor_counts_each_crossing_once_however_nccls_steps_count():
+    """Review R36: hierarchical's ring across machines runs ``latency_us`` with one rank a
+    machine, where NCCL's 2 x nodes crossings exceed its 2(m - 1) steps, and paid about four
+    floors over 2 machines where the tree pays two.  The floor now adds to at most every
+    step, and to the tree's 2 log2(nodes) crossings."""
+    floor = 600.0
+    for algo, proto, ranks, nodes, crossings in (("ring", "LL", 2, 2, 2), ("ring", "LL", 8, 2, 4),
+                                                 ("tree", "LL", 8, 4, 4), ("ring", "Simple", 16, 4, 8)):
+        without = nccl.latency_us("allreduce", algo, proto, ranks, nodes, "nvlink")
+        with_floor = nccl.latency_us("allreduce", algo, proto, ranks, nodes, "nvlink", net_floor_us=floor)
+        table = nccl.HW_LAT["net"][algo][nccl.PROTOCOLS.index(proto)]
+        assert with_floor - without == pytest.approx(crossings * (floor - table))
+    assert nccl.latency_us("allreduce", "ring", "LL", 16, 2, "nvlink", net_floor_us=1.0) == \
+        nccl.latency_us("allreduce", "ring", "LL", 16, 2, "nvlink")      # under the table: NCCL's own

@@ -244,3 +244,13 @@ def test_a_network_key_of_another_kind_says_whose_it_is():
         assert err.value.field == field
     ok = build_topology({"network": {"kind": "rail", "machines": 2, "spines": 1}, "machine": machine}, "t.toml")
     assert len(ok.compute_devices()) == 2
+
+
+def test_a_file_named_as_a_built_in_may_base_on_that_built_in(tmp_path, monkeypatch):
+    """Review R36: the cycle check took a built-in for ./topologies/<name>.toml, so a user's
+    topologies/dgx-h100.toml with base = "dgx-h100" was "a cycle of bases"."""
+    (tmp_path / "topologies").mkdir()
+    (tmp_path / "topologies" / "dgx-h100.toml").write_text('name = "mine"\nbase = "dgx-h100"\n')
+    monkeypatch.chdir(tmp_path)
+    topo = load_topology("topologies/dgx-h100.toml")
+    assert topo.name == "mine" and len(topo.compute_devices()) == 8

@@ -51,10 +51,6 @@ def run(args) -> int:
         if cupy_or_none() is None:          # here, in one line, rather than on every rank
             raise ConfigError("--device", "gpu", "needs CuPy and a visible GPU (pip install 'clustersim[gpu]' "
                               "on a GPU host)")
-    if args.checkpoint:                         # last: a refused run leaves no folder behind
-        make_folder("--checkpoint", args.checkpoint)
-    if args.trace:                              # as simulate --trace does: its folder is made
-        make_folder("--trace", args.trace, inside=True)
     if args.fail:
         extra += ["--fail", args.fail]
     if args.checkpoint:
@@ -67,6 +63,10 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory(prefix="clustersim-execute-") as workdir:
         cmd, env = api.execute_command(args.scenario, args.set, workdir=workdir, ranks=args.ranks or 0,
                                        device=args.device, json_out=args.json, trace=args.trace, extra=extra)
+        if args.checkpoint:                     # last, once the scenario is checked and planned: a
+            make_folder("--checkpoint", args.checkpoint)    # refused run leaves no folder behind
+        if args.trace:                          # as simulate --trace does: its folder is made
+            make_folder("--trace", args.trace, inside=True)
         return subprocess.run(cmd, env=env, preexec_fn=_die_with_parent).returncode
 
 

@@ -146,7 +146,7 @@ def build_model(name: str, input_shape: Shape, layers: list[Layer], classes: int
 
 def _check_head_and_loss(old: int, node: Node, nodes: list[Node], readers: list[int]) -> None:
     """A tied ``lm_head`` reads the table of an embedding of its vocabulary and width (else it
-    would count no weights and the executor could not run it); a ``softmax_xent`` loss ends
+    would count no weights); a ``softmax_xent`` loss ends
     the graph (the executor passes nothing on from it).  ``old``, ``readers``: positions as
     given."""
     layer = node.layer

@@ -279,25 +279,28 @@ def latency_us(op: str, algo: str, proto: str, ranks: int, nodes: int, intra: st
                channels: int = 1, net_floor_us: float = 0.0) -> float:
     """ncclTopoTuneModel's latency of one collective (and the ring plateau of ncclTopoGetAlgoTime).
     ``net_floor_us``: the cluster's one-way latency between machines, where a step that
-    crosses them cannot take less than it (a run's time; NCCL's tuner knows only its table)."""
+    crosses them cannot take less than it (a run's time; NCCL's tuner knows only its table):
+    each crossing step's latency raised to it, at most one crossing a step."""
     p = PROTOCOLS.index(proto)
     lat = BASE_LAT[algo][p]
-    intra_lat, inter_lat = HW_LAT[intra][algo][p], max(HW_LAT["net"][algo][p], net_floor_us)
+    intra_lat, inter_lat = HW_LAT[intra][algo][p], HW_LAT["net"][algo][p]
+    over = max(0.0, net_floor_us - inter_lat) if nodes > 1 else 0.0     # per crossing step
     if algo == "tree":
-        return lat + 2 * ((ranks / nodes - 1) * intra_lat + int(math.log2(nodes)) * inter_lat)
+        crossings = 2 * int(math.log2(nodes))
+        return lat + 2 * (ranks / nodes - 1) * intra_lat + crossings * (inter_lat + over)
     if algo == "nvls":                       # the latency *is* the NVLink one (no base)
-        return intra_lat + (inter_lat if nodes > 1 else 0.0)
+        return intra_lat + (inter_lat + over if nodes > 1 else 0.0)
     if algo == "nvls_tree":
-        return lat + intra_lat + 2 * int(math.log2(nodes)) * inter_lat
+        return lat + intra_lat + 2 * int(math.log2(nodes)) * (inter_lat + over)
     if op == "broadcast":                    # the channels' hops overlap: one hop's latency
-        return lat + (inter_lat if nodes > 1 else intra_lat)
+        return lat + (inter_lat + over if nodes > 1 else intra_lat)
     nsteps, inter_steps = steps(op, ranks, nodes)
     if nodes > 1:
         intra_lat = max(intra_lat, NET_OVERHEAD_US * (3 if proto == "Simple" else 1))
     lat += (nsteps - inter_steps) * intra_lat + inter_steps * inter_lat
     if proto == "Simple" and nodes > 1 and op == "allreduce" and nbytes / (channels * ranks) >= 64:
         lat *= RING_PLATEAU
-    return lat
+    return lat + min(inter_steps, nsteps) * over     # NCCL counts 2 x nodes crossings of 2(n - 1) steps
 
 
 def predicted_us(op: str, algo: str, proto: str, nbytes: float, us_per_byte: float, ranks: int, nodes: int,

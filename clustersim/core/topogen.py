@@ -63,7 +63,7 @@ def load_topology(ref: str, base_dir: Path = Path("."), machines: int | None = N
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "", f"malformed TOML: {exc}") from None
-    data = _with_base(data, path)
+    data = _with_base(data, path, me=_identity(ref, path))
     if machines is not None and isinstance(data.get("network"), dict):
         data["network"] = {**data["network"], "machines": machines}
     elif machines not in (None, 1) and any(named_in):
@@ -75,28 +75,35 @@ def load_topology(ref: str, base_dir: Path = Path("."), machines: int | None = N
     return build_topology(data, path)
 
 
-def _with_base(data: dict, path: str, depth: int = 0, seen: tuple[str, ...] = ()) -> dict:
+def _with_base(data: dict, path: str, depth: int = 0, seen: tuple[str, ...] = (), me: str = "") -> dict:
     """``base = "other"``: start from that topology's tables, then this file's keys replace
     theirs, table inside table (so a fat-tree of DGX machines need not repeat the machine,
     and ``[machine.gpu] memory_gib = 40`` makes an A100 40GB of dgx-a100's); arrays of
     tables are replaced whole.  A path is read beside the file that names it, as
-    ``model.file`` is beside its scenario."""
+    ``model.file`` is beside its scenario.  ``me``: this file's identity (``_identity``),
+    ``seen``: those of the files that based on it, where a cycle would start."""
     if "base" not in data:
         return data
     ref = data.pop("base")
     if not isinstance(ref, str) or depth > 4:
         raise ConfigError(path, "base", "must name one topology (at most 4 levels deep)")
     base_path, text = _read(ref, Path(path).parent, (path, "base"))
-    chain = (*seen, str(Path(path).resolve()))
-    if str(Path(base_path).resolve()) in chain:
+    chain, its = (*seen, me or _identity(path, path)), _identity(ref, base_path)
+    if its in chain:
         raise ConfigError(path, "base", f"{ref!r} leads back to a file that names it (a cycle of bases)")
     try:
-        base = _with_base(tomllib.loads(text), base_path, depth + 1, chain)
+        base = _with_base(tomllib.loads(text), base_path, depth + 1, chain, its)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(base_path, "", f"malformed TOML: {exc}") from None
     base.pop("name", None)
     base.pop("description", None)
     return _merged(base, data)
+
+
+def _identity(ref: str, path: str) -> str:
+    """One topology's identity whatever names it: a built-in's name (``_read`` takes a
+    built-in name before a file), else its file's resolved path."""
+    return f"built-in {ref}" if ref in builtin_topologies() else str(Path(path).resolve())
 
 
 def _merged(base: dict, over: dict) -> dict:
