@@ -68,6 +68,7 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
             per[r] += 1
         done = int(statistics.median(per.values()))
     link_bytes = tr.link_bytes()
+    relayed = relays(sc.topology)          # once: a set of the topology's NICs and switches
     cap = sc.topology.capacity
     link_util = {l: b / (cap[tuple(l.split(">"))] * makespan) for l, b in link_bytes.items()}
     out = {
@@ -84,7 +85,7 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
         "sim_time_s": res.sim_time_s, "sim_events": res.sim_events, "wall_s": res.wall_s,
         "device_utilisation": {d: busy.get(d, 0.0) / makespan for row in p.devices for d in row},
         "link_utilisation": dict(sorted(link_util.items(), key=lambda kv: -kv[1])[:10]),
-        "bytes_per_step": sum(s.bytes for s in tr.spans if is_message(s, relays(sc.topology))) / max(done, 1),
+        "bytes_per_step": sum(s.bytes for s in tr.spans if is_message(s, relayed)) / max(done, 1),
         "time_by_phase_s": {k: v / max(done, 1) for k, v in sorted(by_phase.items())},
     }
     out.update(async_metrics(p, res))
