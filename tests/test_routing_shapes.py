@@ -13,7 +13,7 @@ import networkx as nx
 import pytest
 
 from clustersim.core.topogen import builtin_topologies, load_topology
-from clustersim.core.topology import Device, Link, Topology
+from clustersim.core.topology import Device, Link, NoRoute, Topology
 from sim import collectives
 from test_speed_identical_b2 import _rebuilt
 
@@ -197,3 +197,16 @@ def test_bad_links_are_refused():
     with pytest.raises(ValueError, match="device name 's0' is used twice") as err:
         Topology("t", devices + [Device("s0", "switch")], [])
     assert err.value.field == "device"
+
+
+def test_no_route_names_the_two_machines_where_they_differ():
+    """U36: a GPU given the wrong ``machine`` (5, linked inside machine 1) was "no route from
+    m0.gpu0 to m1.gpu1", naming neither machine; a route between machines passes only
+    through devices of those two machines and of none."""
+    devices = [Device("a", "gpu", 0), Device("s", "switch", 1), Device("b", "gpu", 5)]
+    topo = Topology("t", devices, [Link("a", "s", 1e9, 0.0), Link("s", "b", 1e9, 0.0)])
+    with pytest.raises(NoRoute, match=r"^no route from a to b \(on machines 0 and 5\)$"):
+        topo.route("a", "b")
+    fixed = Topology("t", [Device("a", "gpu", 0), Device("s", "switch", 1), Device("b", "gpu", 1)],
+                     [Link("a", "s", 1e9, 0.0), Link("s", "b", 1e9, 0.0)])
+    assert fixed.route("a", "b") == (("a", "s"), ("s", "b"))

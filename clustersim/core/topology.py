@@ -420,6 +420,14 @@ class Topology:
             self._route_ids[(src, dst)] = found
         return found
 
+    def _no_route(self, src: str, dst: str) -> NoRoute:
+        """The error for a pair no path joins, with their machines where they differ (a
+        route between machines passes only through devices of those two and of none, so a
+        device given the wrong ``machine`` is unreachable)."""
+        ma, mb = self.devices[src].machine, self.devices[dst].machine
+        on = f" (on machines {ma} and {mb})" if None not in (ma, mb) and ma != mb else ""
+        return NoRoute(f"no route from {src} to {dst}{on}")
+
     def route_latency(self, route: tuple[DirLink, ...]) -> float:
         return sum(self.latency[link] for link in route)
 
@@ -564,7 +572,7 @@ class Topology:
                 elif dist[nb] == dist[node] + 1 and w > width[nb]:
                     width[nb] = w
         if src not in dist:
-            raise NoRoute(f"no route from {src} to {dst}")
+            raise self._no_route(src, dst)
         path, node, digits = [], src, self._port.get(dst, self._index[dst])
         while node != dst:
             options = [nb for nb in self._adj[node] if dist.get(nb, -1) == dist[node] - 1
@@ -615,12 +623,12 @@ class Topology:
         up = fabric.uplink(src, self._adj[src])
         if up is not None and dst not in self._adj[src]:    # one way up: the search below picks it
             if tree.dist[fabric.index[up]] < 0:
-                raise NoRoute(f"no route from {src} to {dst}")
+                raise self._no_route(src, dst)
             nxt = up
         else:
             near = [nb for nb in self._adj[src] if level(nb) >= 0]
             if not near:
-                raise NoRoute(f"no route from {src} to {dst}")
+                raise self._no_route(src, dst)
             hops = min(level(nb) for nb in near) + 1
             width = max(min(cap[(src, nb)], wide(nb)) for nb in near if level(nb) == hops - 1)
             options = [nb for nb in near if level(nb) == hops - 1 and min(cap[(src, nb)], wide(nb)) >= width]
