@@ -561,6 +561,7 @@ def collective(topology: str | Path, op: str = "allreduce", algo: str = "auto", 
     from clustersim.core.collective import ALGOS, OPS
     from clustersim.core.nccl import PROTOCOLS
     from clustersim.core.scenario import NETWORKS
+    from clustersim.core.topology import NoRoute
     from sim.collectives import table
     sizes = list(sizes)
     for option, value, choices in (("--op", op, OPS), ("--algo", algo, ALGOS), ("--network", network, NETWORKS),
@@ -588,6 +589,8 @@ def collective(topology: str | Path, op: str = "allreduce", algo: str = "auto", 
         raise ConfigError("--nccl", nccl, str(exc)) from None
     try:
         return table(topo, op, algo, sizes, devices[:n], network, protocol, nccl or NCCL_VERSION)
+    except NoRoute as exc:                             # the file as written: say where the ends are
+        raise NoRoute(f"{exc}{topo.machines_note(*exc.ends) if exc.ends else ''}") from None
     except ValueError as exc:
         raise ConfigError("--algo", algo, str(exc)) from None
 

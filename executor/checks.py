@@ -7,7 +7,7 @@ import re
 import numpy as np
 
 from clustersim.core.config import ConfigError
-from clustersim.core.models import ZOO, bundled_data, token_vocab
+from clustersim.core.models import bundled_data, token_vocab
 from clustersim.core.schedule import ranks_needed
 
 from executor.data import for_model, mnist, synthetic
@@ -100,6 +100,17 @@ def readable_checkpoint(path) -> None:
         raise ConfigError("--resume", str(path), str(exc).replace(f"checkpoint {path} ", "", 1)) from None
 
 
+def check_folder(option: str, given: str, inside: bool = False) -> None:
+    """A ConfigError naming ``option`` where the folder ``make_folder`` would make cannot be
+    made because a file stands in its path, before any folder is made (two folders to make:
+    the second's refusal would leave the first behind)."""
+    from pathlib import Path
+    folder = Path(given).absolute().parent if inside else Path(given).absolute()
+    at = next(p for p in (folder, *folder.parents) if p.exists())
+    if not at.is_dir():
+        raise ConfigError(option, given, f"{'its folder ' if inside else ''}cannot be made ({at} is a file)")
+
+
 def make_folder(option: str, given: str, inside: bool = False) -> None:
     """Makes the folder ``option`` writes into (``given``, or with ``inside`` the folder that
     holds the file ``given``) once every other check has passed, so that a refused run
@@ -139,11 +150,10 @@ def check(sc, size: int) -> None:
     if sum(not readers for readers in sc.model.consumers) > 1:
         raise ConfigError(sc.file, "model.name", f"execute trains a model with one loss; {sc.model.name} ends in "
                                                  "several (simulate it instead)")
-    tied = next((n for n in sc.model.nodes if n.layer.kind == "lm_head" and n.layer.tied), None)
-    if tied:
-        raise ConfigError(sc.file, "model.name" if sc.model.name in ZOO else "model.file",
-                          f"execute runs an untied LM head only; layer {tied.index} of {sc.model.name} is tied to "
-                          f"the word embeddings (tied = false in a model file, or simulate it)")
+    if any(n.layer.kind == "lm_head" and n.layer.tied for n in sc.model.nodes):
+        raise ConfigError(sc.file, "model", f"execute runs an untied LM head only; {sc.model.name}'s lm_head is "
+                                            f"tied to the word embeddings (tied = false in a model file, or "
+                                            f"simulate it)")
 
 
 def simulated_only(sc) -> tuple[str, str] | None:

@@ -214,8 +214,11 @@ def test_a_refused_execute_makes_no_checkpoint_folder(tmp_path, capsys, monkeypa
     """Review R18: the folder was made before later checks refused the run; review R36:
     also before ``execute_command``'s checks (downpour.toml's time limit, a dtype)."""
     monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("started ranks"))
+    (tmp_path / "afile").write_text("x")
     for extra in (["--resume"], ["--data", str(tmp_path / "none")], ["--trace", str(tmp_path)],
-                  ["--trace", str(tmp_path / "t" / "x.json")], ["--set", "model.dtype=fp16"], []):
+                  ["--trace", str(tmp_path / "t" / "x.json")], ["--set", "model.dtype=fp16"], [],
+                  ["--set", "training.time_limit_s=0", "--set", "parallel.replicas=2", "--set", "cluster.machines=0",
+                   "--set", "cluster.topology=dgx-h100", "--trace", str(tmp_path / "afile" / "t.json")]):
         code, _, _ = run(capsys, "execute", DOWNPOUR, "--checkpoint", tmp_path / "ck" / "a", *extra)
         assert code == 2 and not (tmp_path / "ck").exists() and not (tmp_path / "t").exists()
 
@@ -350,4 +353,17 @@ def test_execute_refuses_a_tied_lm_head_before_starting_ranks(tmp_path, capsys, 
     (tmp_path / "gpt.toml").write_text(TINY_GPT.replace("tied = false\n", ""))
     (tmp_path / "s.toml").write_text('[cluster]\ntopology = "dgx-h100"\n[model]\nfile = "gpt.toml"\nbatch_size = 4\n')
     code, _, err = run(capsys, "execute", str(tmp_path / "s.toml"))
-    assert code == 2 and ": model.file: execute runs an untied LM head only; layer 5 of my-gpt is tied" in err
+    assert code == 2 and ": model: execute runs an untied LM head only; my-gpt's lm_head is tied" in err
+
+
+def test_a_device_on_the_wrong_machine_is_named_with_its_machine_by_simulate(tmp_path, capsys):
+    """Review R37: the machines reached topology show and collective but not plan or
+    simulate, whose route check writes its own message."""
+    f = tmp_path / "wrong.toml"
+    f.write_text('base = "ethernet-cluster"\n[[device]]\nname = "m1.gpu4"\nkind = "gpu"\nmachine = 5\n'
+                 'peak_tflops_fp32 = 10\nmemory_gib = 16\nmemory_bandwidth_gbps = 900\n'
+                 '[[link]]\na = "m1.gpu4"\nb = "m1.pcie0"\nbandwidth_gbps = 16\nlatency_us = 1\n')
+    from clustersim.core.topogen import load_topology
+    n = len(load_topology(str(f)).compute_devices())
+    code, _, err = run(capsys, "simulate", QUICK, "--set", f"cluster.topology={f}", "--set", f"parallel.replicas={n}")
+    assert code == 2 and "no route from m1.gpu4 to " in err and "(on machines 5 and " in err, err

@@ -330,10 +330,11 @@ def test_the_latency_floor_counts_each_crossing_once_however_nccls_steps_count()
     floors over 2 machines where the tree pays two.  The floor now adds to at most every
     step, and to the tree's 2 log2(nodes) crossings."""
     floor = 600.0
-    for algo, proto, ranks, nodes, crossings in (("ring", "LL", 2, 2, 2), ("ring", "LL", 8, 2, 4),
-                                                 ("tree", "LL", 8, 4, 4), ("ring", "Simple", 16, 4, 8)):
-        without = nccl.latency_us("allreduce", algo, proto, ranks, nodes, "nvlink")
-        with_floor = nccl.latency_us("allreduce", algo, proto, ranks, nodes, "nvlink", net_floor_us=floor)
+    for algo, proto, ranks, nodes, crossings, nbytes in (
+            ("ring", "LL", 2, 2, 2, 0), ("ring", "LL", 8, 2, 4, 0), ("tree", "LL", 8, 4, 4, 0),
+            ("ring", "Simple", 16, 4, 8, 0), ("ring", "Simple", 16, 4, 8, 2**22)):   # the plateau: not the wire's
+        without = nccl.latency_us("allreduce", algo, proto, ranks, nodes, "nvlink", nbytes)
+        with_floor = nccl.latency_us("allreduce", algo, proto, ranks, nodes, "nvlink", nbytes, net_floor_us=floor)
         table = nccl.HW_LAT["net"][algo][nccl.PROTOCOLS.index(proto)]
         assert with_floor - without == pytest.approx(crossings * (floor - table))
     assert nccl.latency_us("allreduce", "ring", "LL", 16, 2, "nvlink", net_floor_us=1.0) == \

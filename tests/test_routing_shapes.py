@@ -202,11 +202,14 @@ def test_bad_links_are_refused():
 def test_no_route_names_the_two_machines_where_they_differ():
     """U36: a GPU given the wrong ``machine`` (5, linked inside machine 1) was "no route from
     m0.gpu0 to m1.gpu1", naming neither machine; a route between machines passes only
-    through devices of those two machines and of none."""
+    through devices of those two machines and of none.  The note is added where a file's
+    topology is checked as written (plan, topology show, collective), not to a mid-run
+    cut's stall (review R37: "(on machines 0 and 1) (a link cut)")."""
     devices = [Device("a", "gpu", 0), Device("s", "switch", 1), Device("b", "gpu", 5)]
     topo = Topology("t", devices, [Link("a", "s", 1e9, 0.0), Link("s", "b", 1e9, 0.0)])
-    with pytest.raises(NoRoute, match=r"^no route from a to b \(on machines 0 and 5\)$"):
+    with pytest.raises(NoRoute, match=r"^no route from a to b$") as err:
         topo.route("a", "b")
+    assert err.value.ends == ("a", "b") and topo.machines_note("a", "b") == " (on machines 0 and 5)"
     fixed = Topology("t", [Device("a", "gpu", 0), Device("s", "switch", 1), Device("b", "gpu", 1)],
                      [Link("a", "s", 1e9, 0.0), Link("s", "b", 1e9, 0.0)])
     assert fixed.route("a", "b") == (("a", "s"), ("s", "b"))

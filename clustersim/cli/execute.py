@@ -32,7 +32,7 @@ def run(args) -> int:
     passed through; the Plan's file lives in a temporary folder for the run's length."""
     import tempfile
 
-    from executor.checks import check_checkpoint, check_data, make_folder, parse_fail
+    from executor.checks import check_checkpoint, check_data, check_folder, make_folder, parse_fail
     if args.fail and len(args.fail) > 1:    # executor.ranks crashes one worker per run
         raise ConfigError("--fail", args.fail[1], "give one --fail: a run crashes one worker")
     args.fail = args.fail[0] if args.fail else None
@@ -63,10 +63,12 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory(prefix="clustersim-execute-") as workdir:
         cmd, env = api.execute_command(args.scenario, args.set, workdir=workdir, ranks=args.ranks or 0,
                                        device=args.device, json_out=args.json, trace=args.trace, extra=extra)
-        if args.checkpoint:                     # last, once the scenario is checked and planned: a
-            make_folder("--checkpoint", args.checkpoint)    # refused run leaves no folder behind
-        if args.trace:                          # as simulate --trace does: its folder is made
-            make_folder("--trace", args.trace, inside=True)
+        folders = ([("--checkpoint", args.checkpoint, False)] if args.checkpoint else []) + \
+            ([("--trace", args.trace, True)] if args.trace else [])   # as simulate --trace: its folder
+        for option, given, inside in folders:   # last, once the scenario is checked and planned, and
+            check_folder(option, given, inside)  # all before any is made: a refused run leaves none
+        for option, given, inside in folders:
+            make_folder(option, given, inside)
         return subprocess.run(cmd, env=env, preexec_fn=_die_with_parent).returncode
 
 

@@ -35,8 +35,9 @@ def run(args) -> int:
     try:
         routes = [(a, topo.route(a, b)) for a, b in dict.fromkeys(pairs)]
     except NoRoute as exc:
-        raise ConfigError(args.topology, "link", f"{exc} in topology {topo.name}: its compute devices "
-                                                 "cannot send each other data") from None
+        raise ConfigError(args.topology, "link", f"{exc}{topo.machines_note(*exc.ends) if exc.ends else ''} in "
+                                                 f"topology {topo.name}: its compute devices cannot send each "
+                                                 f"other data") from None
     reached = nx.node_connected_component(topo.graph, compute[0])
     alone = next((c for c in compute if c not in reached), None)
     if alone:                                    # the routes above try two pairs; every device is linked

@@ -636,8 +636,8 @@ def _check_routes(p: Plan) -> None:
             topo.route_ids([(a, b)])
         except LookupError:
             raise ConfigError(p.scenario.file, "cluster.topology",
-                              f"no route from {a} to {b} in topology {topo.name}, and this plan sends data "
-                              f"between them") from None
+                              f"no route from {a} to {b}{topo.machines_note(a, b)} in topology {topo.name}, and "
+                              f"this plan sends data between them") from None
 
 
 # --- placement and memory -------------------------------------------------------------------

@@ -143,7 +143,10 @@ class Link:
 
 
 class NoRoute(LookupError):
-    """No path joins two devices (none built, or the links it needed are cut)."""
+    """No path joins two devices (none built, or the links it needed are cut); ``ends``:
+    the two, where the search knew them."""
+
+    ends: tuple[str, str] | None = None
 
 
 class TopologyError(ValueError):
@@ -421,12 +424,17 @@ class Topology:
         return found
 
     def _no_route(self, src: str, dst: str) -> NoRoute:
-        """The error for a pair no path joins, with their machines where they differ (a
-        route between machines passes only through devices of those two and of none, so a
-        device given the wrong ``machine`` is unreachable)."""
+        exc = NoRoute(f"no route from {src} to {dst}")
+        exc.ends = (src, dst)
+        return exc
+
+    def machines_note(self, src: str, dst: str) -> str:
+        """" (on machines A and B)" where two devices no route joins are on different
+        machines, else "": a route between machines passes only through devices of those two
+        and of none, so a device given the wrong ``machine`` is unreachable.  For a file's
+        topology as written (a cut link mid-run is another story)."""
         ma, mb = self.devices[src].machine, self.devices[dst].machine
-        on = f" (on machines {ma} and {mb})" if None not in (ma, mb) and ma != mb else ""
-        return NoRoute(f"no route from {src} to {dst}{on}")
+        return f" (on machines {ma} and {mb})" if None not in (ma, mb) and ma != mb else ""
 
     def route_latency(self, route: tuple[DirLink, ...]) -> float:
         return sum(self.latency[link] for link in route)
