@@ -1,4 +1,6 @@
 """Topology files, generators and routing."""
+import re
+
 import pytest
 
 from clustersim.core.config import ConfigError
@@ -254,3 +256,19 @@ def test_a_file_named_as_a_built_in_may_base_on_that_built_in(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     topo = load_topology("topologies/dgx-h100.toml")
     assert topo.name == "mine" and len(topo.compute_devices()) == 8
+
+
+@pytest.mark.parametrize("table, key, value, says", [
+    ("nic", "bandwidth_gbps", 1e300, "must be <= 1e+12"), ("nic", "latency_us", 1e300, "must be <= 1e+07"),
+    ("gpu", "memory_bandwidth_gbps", 1e300, "must be <= 1e+12")])
+def test_a_bandwidth_or_latency_past_any_hardware_is_refused(table, key, value, says):
+    """U36: a NIC of 1e300 GB/s, a latency of 1e300 us (topology show: "2e+294 s") and a
+    bandwidth of 1e-300 (a step of 7.5e+295 s, exit 0) were taken."""
+    from clustersim.core.topogen import build_topology
+    machine = {"gpu": {"count": 1, "peak_tflops_fp32": 10, "memory_gib": 16, "memory_bandwidth_gbps": 900},
+               "cpu": {"cores": 8, "core_gflops": 10, "memory_gib": 64, "memory_bandwidth_gbps": 100},
+               "nic": {"count": 1, "bandwidth_gbps": 12.5}}
+    machine[table] = {**machine[table], key: value}
+    with pytest.raises(ConfigError, match=re.escape(says)) as err:
+        build_topology({"network": {"kind": "switch", "machines": 2}, "machine": machine}, "t.toml")
+    assert err.value.field == f"machine.{table}.{key}"
