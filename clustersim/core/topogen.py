@@ -47,7 +47,8 @@ PCIE_LANE_GBPS = {3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
 MAX_MACHINES = 4096       # keeps a typo from building a graph that eats the machine
 MAX_PER_MACHINE = 64      # GPUs, NICs or PCIe switches in one machine
 MAX_DEVICES = 200_000
-MAX_GBPS = 1e12           # 10^9 bytes/s: room for "free" what-ifs (tests use 1e9), not for 1e300's overflows
+MIN_GBPS = 1e-9           # 10^9 bytes/s: a byte a second (1e-300 gave a step of 7.5e+295 s, exit 0)
+MAX_GBPS = 1e12           # room for "free" what-ifs (tests use 1e9), not for 1e300's overflows
 MAX_LATENCY_US = 1e7      # ten seconds, past any route
 GIB = 2**30
 
@@ -178,7 +179,8 @@ def build_topology(data: Any, file: str) -> Topology:
             raise dt.error("core_pool", f"names {devices[-1].core_pool!r}, which [core_pools] does not define")
         dt.done()
     for lt in top.tables("link"):
-        links.append(Link(lt.str("a"), lt.str("b"), lt.float("bandwidth_gbps", positive=True, hi=MAX_GBPS) * 1e9,
+        links.append(Link(lt.str("a"), lt.str("b"),
+                          lt.float("bandwidth_gbps", positive=True, lo=MIN_GBPS, hi=MAX_GBPS) * 1e9,
                           lt.float("latency_us", lo=0.0, hi=MAX_LATENCY_US) * 1e-6))
         _check_link_ends(lt, links[-1], devices)
         lt.done()
@@ -219,7 +221,7 @@ def _compute_fields(t: Table, kind: str) -> dict[str, Any]:
              "memory_efficiency": t.float("memory_efficiency", 1.0, lo=0.05, hi=1.0)} if kind == "gpu" else {}
     return dict(peak_flops=peak, **curves, **extra,
                 memory_bytes=t.float("memory_gib", positive=True) * GIB,
-                memory_bw=t.float("memory_bandwidth_gbps", positive=True, hi=MAX_GBPS) * 1e9,
+                memory_bw=t.float("memory_bandwidth_gbps", positive=True, lo=MIN_GBPS, hi=MAX_GBPS) * 1e9,
                 efficiency=t.float("efficiency", 1.0, lo=1e-3, hi=1.0),
                 cores=cores,
                 op_overhead=t.float("op_overhead_us", 0.0, lo=0.0, hi=1e6) * 1e-6)
@@ -259,14 +261,14 @@ def _machine_template(mt: Table) -> dict[str, Any]:
         nv = mt.table("nvlink")
         if not tpl["gpus"]:
             raise nv.error("bandwidth_gbps", "NVLink needs machine.gpu.count >= 1")
-        tpl["nvlink"] = (nv.float("bandwidth_gbps", positive=True, hi=MAX_GBPS) * 1e9,
+        tpl["nvlink"] = (nv.float("bandwidth_gbps", positive=True, lo=MIN_GBPS, hi=MAX_GBPS) * 1e9,
                          nv.float("latency_us", 1.0, lo=0.0, hi=MAX_LATENCY_US) * 1e-6)
         nv.done()
     else:
         tpl["nvlink"] = None
     nic = mt.table("nic", {"count": 0})
     tpl["nics"] = nic.int("count", 0, lo=0, hi=MAX_PER_MACHINE)
-    tpl["nic_bw"] = nic.float("bandwidth_gbps", 12.5, positive=True, hi=MAX_GBPS) * 1e9
+    tpl["nic_bw"] = nic.float("bandwidth_gbps", 12.5, positive=True, lo=MIN_GBPS, hi=MAX_GBPS) * 1e9
     tpl["nic_latency"] = nic.float("latency_us", 1.0, lo=0.0, hi=MAX_LATENCY_US) * 1e-6
     nic.done()
     mt.done()
@@ -319,7 +321,7 @@ def _keys_of_kind(net: Table, kind: str) -> None:
 
 def _add_network(net: Table, kind: str, nics: list[list[str]], devices: list[Device], links: list[Link],
                  nic_bw: float) -> None:
-    bw = net.float("bandwidth_gbps", nic_bw / 1e9, positive=True, hi=MAX_GBPS) * 1e9
+    bw = net.float("bandwidth_gbps", nic_bw / 1e9, positive=True, lo=MIN_GBPS, hi=MAX_GBPS) * 1e9
     lat = net.float("latency_us", 1.0, lo=0.0, hi=MAX_LATENCY_US) * 1e-6
     ports = [n for machine in nics for n in machine]
     if kind == "switch":
@@ -328,7 +330,8 @@ def _add_network(net: Table, kind: str, nics: list[list[str]], devices: list[Dev
     elif kind == "rail":
         rails = len(nics[0])
         spines = net.int("spines", 1, lo=1, hi=MAX_PER_MACHINE)
-        spine_bw = net.float("spine_bandwidth_gbps", bw * len(nics) / spines / 1e9, positive=True, hi=MAX_GBPS) * 1e9
+        spine_bw = net.float("spine_bandwidth_gbps", bw * len(nics) / spines / 1e9, positive=True, lo=MIN_GBPS,
+                             hi=MAX_GBPS) * 1e9
         for r in range(rails):
             devices.append(Device(f"rail{r}", "switch"))
             links.extend(Link(machine[r], f"rail{r}", bw, lat) for machine in nics)
