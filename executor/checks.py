@@ -100,12 +100,18 @@ def readable_checkpoint(path) -> None:
         raise ConfigError("--resume", str(path), str(exc).replace(f"checkpoint {path} ", "", 1)) from None
 
 
+def _folder(given: str, inside: bool):
+    """The folder a path option writes into: ``given``, or with ``inside`` the one that
+    holds the file ``given``."""
+    from pathlib import Path
+    return Path(given).absolute().parent if inside else Path(given).absolute()
+
+
 def check_folder(option: str, given: str, inside: bool = False) -> None:
     """A ConfigError naming ``option`` where the folder ``make_folder`` would make cannot be
     made because a file stands in its path, before any folder is made (two folders to make:
     the second's refusal would leave the first behind)."""
-    from pathlib import Path
-    folder = Path(given).absolute().parent if inside else Path(given).absolute()
+    folder = _folder(given, inside)
     at = next(p for p in (folder, *folder.parents) if p.exists())
     if not at.is_dir():
         raise ConfigError(option, given, f"{'its folder ' if inside else ''}cannot be made ({at} is a file)")
@@ -115,10 +121,8 @@ def make_folder(option: str, given: str, inside: bool = False) -> None:
     """Makes the folder ``option`` writes into (``given``, or with ``inside`` the folder that
     holds the file ``given``) once every other check has passed, so that a refused run
     leaves none behind; the ranks would fail there on a path that cannot be made."""
-    from pathlib import Path
-    folder = Path(given).absolute().parent if inside else Path(given)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        _folder(given, inside).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(option, given, f"{'its folder ' if inside else ''}cannot be made ({exc.strerror})") from None
 

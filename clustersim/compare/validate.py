@@ -176,7 +176,8 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
     summary = summarize(p, res)
     first = p.devices[0][0]
     sim_spans = pieces(res.trace)
-    traffic = {"predicted": traffic_per_step(res.trace, relays(sc.topology))}
+    relayed = relays(sc.topology)
+    traffic = {"predicted": traffic_per_step(res.trace, relayed)}
     predicted_phases = phase_times(sim_spans, first)
     predicted_phases["waits"] = waits(summary["step_time_s"], predicted_phases)
     measured, quiet, phases, rates, ops, op_means = [], [], [], [], [], []
@@ -189,7 +190,7 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
             quiet.append(out["quiet_step_time_s"])
             run_trace = Trace.load(trace)
             run_spans = pieces(run_trace)
-            traffic["measured"] = traffic_per_step(run_trace, relays(sc.topology))
+            traffic["measured"] = traffic_per_step(run_trace, relayed)
             ph = phase_times(run_spans, first)
             ph["waits"] = waits(out["step_time_s"], ph)
             phases.append(ph)

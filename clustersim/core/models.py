@@ -21,7 +21,6 @@ Model file format::
 from __future__ import annotations
 
 import heapq
-import math
 import tomllib
 from dataclasses import dataclass, fields, replace
 from math import prod
@@ -146,9 +145,8 @@ def build_model(name: str, input_shape: Shape, layers: list[Layer], classes: int
 
 def _check_head_and_loss(old: int, node: Node, nodes: list[Node], readers: list[int]) -> None:
     """A tied ``lm_head`` reads the table of an embedding of its vocabulary and width (else it
-    would count no weights); a ``softmax_xent`` loss ends
-    the graph (the executor passes nothing on from it).  ``old``, ``readers``: positions as
-    given."""
+    would count no weights); a ``softmax_xent`` loss ends the graph (the executor passes
+    nothing on from it).  ``old``, ``readers``: positions as given."""
     layer = node.layer
     if layer.kind == "lm_head" and layer.tied and not any(
             n.layer.kind == "embedding" and n.layer.vocab == layer.vocab and n.layer.dim == node.in_shape[0]
@@ -554,7 +552,7 @@ def bundled_data(model: Model) -> str | None:
     if data is None:
         return None
     zoo = ZOO[model.name]()
-    same_input = data == "grammar" or math.prod(model.input_shape) == math.prod(zoo.input_shape)
+    same_input = data == "grammar" or prod(model.input_shape) == prod(zoo.input_shape)
     return data if same_input and model.classes == zoo.classes and token_vocab(model) == token_vocab(zoo) else None
 
 

@@ -16,8 +16,9 @@ route to shard 0), as launched jobs do: replicas started in the same instant sta
 lockstep under fair sharing, pushing together and fetching together (docs/decisions/008).
 A replica whose device fails, or whose messages find no route (a link cut), simply stops;
 the others carry on; the step it was in and those it had not pushed are its lost work
-(``lost_work_samples``; ``samples_per_s`` counts pushed steps only, ``metrics.pushed_steps``).  A failed shard holds every replica up, and a job whose every replica
-stopped before its end has nothing left to train on: the run stalls.
+(``lost_work_samples``; ``samples_per_s`` counts pushed steps only, ``metrics.pushed_steps``).
+A failed shard holds every replica up, and a job whose every replica stopped before its
+end has nothing left to train on: the run stalls.
 """
 from __future__ import annotations
 
