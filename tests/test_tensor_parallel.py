@@ -242,8 +242,10 @@ def test_stages_end_between_blocks_and_allreduces_stay_in_a_stage():
         if op.why in AR:
             assert op.slot // m == op.dst // m
         if op.slot // m != op.dst // m:
-            assert op.why in ("stage", "gradient") and op.slot % m == op.dst % m   # equal tensor ranks
-            assert replicated(p.slices[op.producer]) and not p.parts[op.producer]
+            assert op.slot % m == op.dst % m                                       # equal tensor ranks
+            if op.why.startswith("embedding gradient"):                            # the tied table's copy
+                continue
+            assert op.why in ("stage", "gradient") and replicated(p.slices[op.producer]) and not p.parts[op.producer]
     stages = {j // m for sl in p.slices for j, _ in sl}
     assert stages == {0, 1, 2, 3}
 
@@ -345,3 +347,52 @@ def test_pipeline_alone_under_the_tensor_split_cuts_between_blocks():
     ends = [i for i in range(len(stage) - 1) if stage[i + 1] != stage[i]]
     assert sorted(set(stage)) == [0, 1, 2, 3] and stage == sorted(stage) and len(ends) == 3
     assert all(model.nodes[i].layer.kind == "add" and i not in model.inner for i in ends)
+
+
+@pytest.mark.parametrize("m, pipeline", [(2, 2), (1, 3), (2, 1)])
+def test_a_tied_head_on_a_later_stage_keeps_a_copy_and_allreduces_its_gradient(m, pipeline):
+    """Megatron-LM keeps the word table on the last stage too (the head's words' rows) and,
+    after the backward, allreduces that copy's gradient with the first stage's slot of the
+    same tensor rank: 768 x the slot's words more parameters there (memory, the data-parallel
+    buckets), and per tensor rank two halves each way between the two slots, sent once all
+    micro-batches' backward of the head (there) and of the embedding (in stage 0) are done.
+    Where the head shares its stages' slots with the embedding (one stage), nothing."""
+    from clustersim.core.plan import buckets, params_of
+    p = gpt2_tensor(m, pipeline)
+    model = p.scenario.model
+    head = next(n.index for n in model.nodes if n.layer.kind == "lm_head")
+    embedding = next(n.index for n in model.nodes if n.layer.kind == "embedding")
+    own = [sum(params_of(model, p.parts, i, j, box) for i, sl in enumerate(p.slices) for j, box in sl if j == slot)
+           for slot in range(p.slots)]
+    ops = [op for op in p.ops if op.why.startswith("embedding gradient")]
+    if pipeline == 1:
+        assert list(p.slot_params) == own and not ops
+        return
+    words = [50257] if m == 1 else [25129, 25128]
+    for rank in range(m):
+        slot, partner = (pipeline - 1) * m + rank, rank
+        n = words[rank] * 768
+        assert p.slot_params[slot] == own[slot] + n
+        assert sum(size for _, size in buckets(p, slot)) == p.slot_params[slot]
+        pair = [op for op in ops if {op.slot, op.dst} == {slot, partner}]
+        assert sorted(op.why.split()[-1] for op in pair) == ["all-gather"] * 2 + ["reduce-scatter"] * 2
+        assert sum(op.bytes for op in pair if op.slot == slot) == sum(op.bytes for op in pair if op.slot == partner) \
+            == n * 4                                    # fp32 gradients: half of n each way, twice
+        for op in pair:
+            if op.why.endswith("reduce-scatter"):
+                layer = head if op.slot == slot else embedding
+                assert {(p.ops[d].kind, p.ops[d].layer, p.ops[d].slot) for d in op.deps} == {("bwd", layer, op.slot)}
+    assert len(ops) == 4 * m
+    assert list(p.slot_params[:m]) == own[:m]         # the embedding's slots hold the table already
+
+
+def test_the_simulated_step_waits_for_the_tied_tables_allreduce():
+    """Each step moves the copy's gradient allreduce the Plan lists, and ends after it."""
+    from sim.engine import simulate
+    p = tensor_plan(zoo_model("gpt2", sequence=16), 1, 2, batch=2, training={"steps": 2})
+    res = simulate(p)
+    spans = [s for s in res.trace.spans if s.phase.startswith("embedding gradient")]
+    assert len(spans) == 2 * 4
+    assert sum(s.bytes for s in spans) == pytest.approx(2 * 2 * 50257 * 768 * 4)
+    for step, end in enumerate(res.trace.step_ends):
+        assert max(s.end_s for s in spans if s.step == step) <= end

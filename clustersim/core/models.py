@@ -148,15 +148,20 @@ def _check_head_and_loss(old: int, node: Node, nodes: list[Node], readers: list[
     would count no weights); a ``softmax_xent`` loss ends the graph (the executor passes
     nothing on from it).  ``old``, ``readers``: positions as given."""
     layer = node.layer
-    if layer.kind == "lm_head" and layer.tied and not any(
-            n.layer.kind == "embedding" and n.layer.vocab == layer.vocab and n.layer.dim == node.in_shape[0]
-            for n in nodes):
+    if layer.kind == "lm_head" and layer.tied and tied_embedding(nodes, node) is None:
         raise GraphError(old, "tied", f"layer {old} (lm_head): tied to the word embeddings, but no embedding "
                                       f"layer has vocab = {layer.vocab} and dim = {node.in_shape[0]} (set tied = false "
                                       f"for a head of its own)")
     if layer.kind == "softmax_xent" and readers:
         raise GraphError(old, "", f"layer {old} (softmax_xent): a loss ends the graph; layer {readers[0]} "
                                   f"reads its output")
+
+
+def tied_embedding(nodes, head: Node) -> int | None:
+    """Position in ``nodes`` of the embedding whose table the tied ``lm_head`` ``head`` reads:
+    the first of its vocabulary and width; None where there is none."""
+    return next((n.index for n in nodes if n.layer.kind == "embedding" and n.layer.vocab == head.layer.vocab
+                 and n.layer.dim == head.in_shape[0]), None)
 
 
 def _resolve_inputs(layers: list[Layer], names: list[str], inputs: list) -> list[tuple[int, ...]]:

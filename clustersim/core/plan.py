@@ -20,7 +20,7 @@ from math import ceil, prod, sqrt
 
 from clustersim.core.config import ConfigError
 from clustersim.core.layers import Box, Part, Shape, box_hull, box_intersect, box_overlap, box_size
-from clustersim.core.models import Model
+from clustersim.core.models import Model, tied_embedding
 from clustersim.core.partition import (Parts, Slices, cut_along, even_cuts, layer_slices, pipeline_slices,
                                        spatial_slices, tensor_slices)
 from clustersim.core.scenario import Scenario
@@ -122,6 +122,8 @@ def plan(sc: Scenario, check_memory: bool = True, ops: bool = True) -> Plan:
     for i, layer_slices_ in enumerate(slices):
         for slot, box in layer_slices_:
             slot_params[slot] += params_of(model, parts, i, slot, box)
+    for _, slot, _, n in table_copies(model, slices, par.tensor):
+        slot_params[slot] += n
     devices, ps = _place(sc, slices, slot_params)
     sync = "ps" if par.ps_shards else ("allreduce" if par.replicas > 1 else "none")
     p = Plan(sc, slices, axes, (), devices, tuple(slot_params), sync, ps, schedule_of(sc), parts=parts)
@@ -157,6 +159,24 @@ def params_of(model: Model, parts: Parts, i: int, slot: int, box: Box) -> int:
     part = part_of(model, parts, i, slot)
     node = model.nodes[i]
     return part.layer.params(part.in_shape) if part else node.layer.slice_params(node.in_shape, box)
+
+
+def table_copies(model: Model, slices: Slices, tensor: int) -> list[tuple[int, int, int, int]]:
+    """(head, slot, partner, elements) for each slice of a tied LM head on a slot that holds
+    no slice of the embedding it is tied to (a later pipeline stage): Megatron-LM keeps a copy
+    of the table there (its words' rows), counted in the slot's parameters, and after the
+    backward allreduces the copy's gradient with the embedding's slot of the same tensor rank
+    (``partner``; Megatron's embedding group, ``_allreduce_embedding_grads``)."""
+    out = []
+    for node, layer_slices_ in zip(model.nodes, slices):
+        if node.layer.kind != "lm_head" or not node.layer.tied:
+            continue
+        holders = [k for k, _ in slices[tied_embedding(model.nodes, node)]]
+        for slot, box in layer_slices_:
+            if slot not in holders:
+                partner = next((k for k in holders if k % tensor == slot % tensor), holders[0])
+                out.append((node.index, slot, partner, (box[0][1] - box[0][0]) * node.in_shape[0]))
+    return out
 
 
 def param_index(model: Model, parts: Parts, i: int, slot: int, box: Box) -> list:
@@ -406,6 +426,11 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
                                                                 len(group))],
                    db, i, last, ("weight gradient reduce-scatter", "weight gradient all-gather"),
                    lambda j, i=i: tuple(bwd[(i, j, mb)] for mb in range(last + 1)))
+    for i, slot, partner, n in table_copies(model, slices, tensor):      # the tied head's copy of the table
+        e = tied_embedding(model.nodes, model.nodes[i])
+        _allreduce(add, [partner, slot], [hi - lo for lo, hi in even_cuts(n, 2)], sc.gradient_bytes, i, last,
+                   ("embedding gradient reduce-scatter", "embedding gradient all-gather"),
+                   lambda j, i=i, e=e, slot=slot: tuple(bwd[(i if j == slot else e, j, mb)] for mb in range(last + 1)))
     return _in_schedule_order(ops, _fix_reduction_deps(ops, bwd), sc, slices)
 
 
@@ -568,11 +593,12 @@ def buckets(p: Plan, slot: int) -> list[tuple[tuple[int, ...], int]]:
     PyTorch DDP fills its buckets in reverse layer order); each bucket's allreduce can start
     when its layers' backward is done.  ``bucket_mb = 0``: one bucket, after the backward."""
     cap = p.scenario.training.bucket_mb * 2**20
-    nodes = p.scenario.model.nodes
+    model = p.scenario.model
+    copies = {i: n for i, j, _, n in table_copies(model, p.slices, p.scenario.parallel.tensor) if j == slot}
     out, layers, size = [], [], 0
-    for i in reversed(range(len(nodes))):
+    for i in reversed(range(len(model.nodes))):
         box = dict(p.slices[i]).get(slot)
-        n = params_of(p.scenario.model, p.parts, i, slot, box) if box is not None else 0
+        n = params_of(model, p.parts, i, slot, box) + copies.get(i, 0) if box is not None else 0
         if not n:
             continue
         layers.append(i)
@@ -704,6 +730,8 @@ def memory_use(p: Plan) -> dict[str, dict[str, float]]:
     for i, layer_slices_ in enumerate(p.slices):
         for slot, box in layer_slices_:
             gather[slot] = max(gather[slot], params_of(sc.model, p.parts, i, slot, box))
+    for i, slot, _, n in table_copies(sc.model, p.slices, sc.parallel.tensor):
+        gather[slot] = max(gather[slot], params_of(sc.model, p.parts, i, slot, dict(p.slices[i])[slot]) + n)
 
     def terms(dev: str) -> dict[str, float]:
         return use.setdefault(dev, {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0, "activations": 0.0,
