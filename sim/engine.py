@@ -121,7 +121,7 @@ class Engine:
         self._names_of = None                       # the topology they were routed on
         self._id_names: list[str | None] = []       # link id -> its name, as spans record it, on that topology
         self._graph_info(plan)
-        used = sorted({d for row in plan.devices for d in row})
+        used = sorted({d for row in plan.devices for d in row} | set(plan.ps.devices if plan.ps else ()))
         self.failures = failure_schedule(sc, used, self.rng)
         self._next_failure: simpy.Event | None = None   # the timer of the next failure to come
         if self.failures:
@@ -764,7 +764,12 @@ def simulate(plan: Plan, steps: int | None = None, rng: np.random.Generator | No
     engine = Engine(plan, rng=rng, shortcut=shortcut)
     t0 = time.perf_counter()
     main = engine.env.process(ALGORITHMS[sc.training.algorithm](engine, steps))
-    main.callbacks.append(lambda _e: engine.stop_failures())
+    ended: list[float] = []
+
+    def over(_e) -> None:
+        engine.stop_failures()
+        ended.append(engine.env.now)
+    main.callbacks.append(over)
     collecting = gc.isenabled()
     gc.disable()            # the run frees few cyclic objects; the collector's passes cost ~1/3 of it
     try:
@@ -775,6 +780,22 @@ def simulate(plan: Plan, steps: int | None = None, rng: np.random.Generator | No
     wall = time.perf_counter() - t0
     solves = getattr(engine.network, "fluid", None)
     stalled = not main.triggered                 # no event left, and the algorithm still waits
-    return SimResult(engine.trace, engine.env.now, engine.env.events_processed + engine.compute.ahead, wall, steps,
+    end = ended[0] if ended else engine.env.now
+    if end < engine.env.now:     # the job is over when its algorithm is: work still going then (a late
+        engine.trace.spans[:] = [s for s in engine.trace.spans if s.end_s <= end]   # backup's graph) is not its
+    reason = engine.stall_reason() if stalled else ""
+    if not stalled and not engine.trace.step_ends and not engine.trace.replica_steps:
+        stalled, reason = True, _no_step(engine)     # it ended (a time limit) before any step: no rate to give
+    return SimResult(engine.trace, end, engine.env.events_processed + engine.compute.ahead, wall, steps,
                      (solves.solves if solves else 0) + engine.compute.fluid.solves, engine,
-                     engine.env.now if stalled else None, engine.stall_reason() if stalled else "")
+                     end if stalled else None, reason)
+
+
+def _no_step(engine: Engine) -> str:
+    """Why a run that ended finished no step: its time limit, and the failures before it."""
+    limit = engine.plan.scenario.training.time_limit_s
+    first = sorted(engine.failed_ever.items(), key=lambda kv: kv[1])
+    failed = ", ".join(f"{d} failed at {t:.6g} s" for d, t in first[:3]) + (
+        f" and {len(first) - 3} more" if len(first) > 3 else "")
+    return ("no step finished" + (f" within training.time_limit_s = {limit:g} s" if limit else "")
+            + (f" ({failed})" if failed else ""))

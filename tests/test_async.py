@@ -378,7 +378,7 @@ def test_a_late_backup_replica_computes_one_step_at_a_time():
     step only when its last one's graph is done, even where that graph was still waiting
     to start when the shards applied (its steps' compute spans do not interleave)."""
     sc = scenario(batch=256, parallel={"replicas": 4, "ps_shards": 2},
-                  training={"steps": 4, "backup_workers": 1}, faults={"slowdown": {"m0.gpu2": 3.0}})
+                  training={"steps": 12, "backup_workers": 1}, faults={"slowdown": {"m0.gpu2": 3.0}})
     res = simulate(plan(sc))
     by_step: dict[int, list] = {}
     for s in res.trace.spans:
@@ -388,6 +388,32 @@ def test_a_late_backup_replica_computes_one_step_at_a_time():
     steps = sorted(by_step)
     for a, b in zip(steps, steps[1:]):
         assert max(s.end_s for s in by_step[a]) <= min(s.start_s for s in by_step[b])
+
+
+def test_a_late_backup_replica_skips_the_steps_that_passed_it():
+    """U39: a replica 200 times slower, with a backup worker, was given every step and
+    computed them one after another, so the run lasted until that backlog was done (0.47 s
+    for 73 ms of steps, a wait fraction of 17). Now a step that is over by the time the
+    replica is free is skipped (its gradient would be dropped, Chen et al. 2016): the run
+    ends with its last step, and each step it computes began while that step was current
+    (here 4 of 20: 0, 4, 8 and 13; all 20 one after another before)."""
+    sc = scenario(batch=256, parallel={"replicas": 4, "ps_shards": 2},
+                  training={"steps": 20, "backup_workers": 1}, faults={"slowdown": {"m0.gpu2": 5.0}})
+    p = plan(sc)
+    res = simulate(p)
+    ends = res.trace.step_ends
+    assert len(ends) == 20 and res.sim_time_s == ends[-1] and res.stalled_at_s is None
+    begun: dict[int, float] = {}
+    for s in res.trace.spans:
+        if s.where == "m0.gpu2" and s.kind == "compute":
+            begun[s.step] = min(begun.get(s.step, s.start_s), s.start_s)
+    chain = sum(s.duration_s for s in res.trace.spans if s.where == "m0.gpu2" and s.kind == "compute"
+                and s.step == min(begun))                               # one step's graph, 5x
+    assert 2 <= len(begun) <= 1 + res.sim_time_s / chain
+    for step, start in begun.items():
+        assert start < ends[step]                                       # current when it began
+    summary = summarize(p, res)
+    assert all(0 <= f <= 1 for f in summary.get("replica_wait_fraction", {}).values())
 
 
 def test_a_sandblaster_replica_computes_one_unit_at_a_time():

@@ -72,6 +72,23 @@ def test_local_sgd_with_a_failed_replica_stalls_at_the_average():
     assert res.stalled_at_s is not None and f"replica 1's {p.devices[1][0]}" in res.stalled_reason
 
 
+def test_a_run_that_ends_before_its_first_step_is_a_stall_not_a_rate(capsys):
+    """U39: every sync replica failed, the restart ran past the time limit, and the run
+    ended with no step: it printed 0 s a step and 0 samples/s, exit 0."""
+    sc = scenario(batch=32, parallel={"replicas": 2}, training={"steps": 10, "time_limit_s": 0.05},
+                  faults={"restart_s": 1.0})
+    p = plan(sc)
+    res = simulate(plan(with_failure(sc, Failure(1e-6, tuple(row[0] for row in p.devices)))))
+    assert res.stalled_at_s == res.sim_time_s > 1.0
+    assert res.stalled_reason.startswith("no step finished within training.time_limit_s = 0.05 s (")
+    assert not {"samples_per_s", "step_time_s"} & set(summarize(p, res))
+    code = main(["simulate", DOWNPOUR, "--json", "--set", "training.algorithm=sync", "--set", "training.cosim=false",
+                 "--set", "training.time_limit_s=0.05", "--set", "faults.mtbf_s=0.2"])   # U39's command
+    out = json.loads(capsys.readouterr().out)
+    assert code == 3 and out["stalled_reason"].startswith("no step finished within training.time_limit_s = 0.05 s (")
+    assert out["steps"] == 0 and not {"samples_per_s", "step_time_s", "speedup"} & set(out)
+
+
 def test_the_speedup_baseline_has_no_faults():
     sc = scenario(batch=64, parallel={"replicas": 2}, training={"steps": 3}, faults={"slowdown": {"m0.gpu0": 4.0}})
     healthy = scenario(batch=64, parallel={"replicas": 2}, training={"steps": 3})
@@ -264,6 +281,49 @@ def test_a_backup_worker_absorbs_a_failure_while_its_push_is_in_flight():
     # ... as the four did, whose fourth gradient a step dropped; three pushing to the
     # shard instead of four contend less, so the step may be shorter
     assert plain.data["samples_per_s"] == pytest.approx(3 * 32 / plain.data["step_time_s"])
+
+
+def test_a_sync_replica_failing_in_its_fetch_is_waited_for_as_in_its_step():
+    """U39: under on_failure = "continue", a replica failing during the step's compute was
+    waited for (detect_timeout_s, then the step was lost and the job went on without it),
+    one failing during the step's fetch was dropped at once: 1.07 s against 0.07 s of run
+    for 0.5 ms between the two failures. Without backup workers the next step waits for it
+    (README), so both now lose the step and the wait."""
+    from clustersim import api
+    over = {"training.algorithm": "sync", "training.cosim": False, "training.time_limit_s": 0, "training.steps": 12}
+    plain = api.simulate(DOWNPOUR, over, speedup=False)
+    [fwd] = [x for x in plain.trace.spans if x.step == 5 and x.where == "m2.cpu" and x.name == "fwd L0"]
+    [fetch] = [x for x in plain.trace.spans if x.step == 5 and x.phase == "fetch" and x.where == "m8.cpu->m2.cpu"]
+    for span in (fwd, fetch):
+        out = api.simulate(DOWNPOUR, {**over, "faults.fail": [{"machine": 2, "at_s": (span.start_s + span.end_s) / 2}]},
+                           speedup=False)
+        assert out.data["lost_work_samples"] == 8 * 32 and len(out.trace.step_ends) == 12
+        assert out.sim_time_s == pytest.approx(plain.sim_time_s + 1.0, abs=0.01)      # detect_timeout_s = 1
+
+
+def test_a_cut_link_loses_the_work_a_failed_device_loses():
+    """U39: replica 0 cut off from its shards at 10 ms (its next push finds no route) and
+    replica 0's device failing at 10 ms both stop it after 7 pushes; the cut counted no lost
+    work (the step whose push never arrived counted as pushed), the failure 32 samples."""
+    from clustersim import api
+    over = {"training.cosim": False, "training.time_limit_s": 0.02}
+    out = {what: api.simulate(DOWNPOUR, {**over, "faults.fail": [{what: where, "at_s": 0.01}]}, speedup=False)
+           for what, where in (("link", ["m0.nic0", "switch"]), ("device", "m0.cpu"))}
+    assert out["link"].data["failed_transfers"] > 0 and out["device"].data["failed_devices"] == ["m0.cpu"]
+    assert out["link"].data["lost_work_samples"] == out["device"].data["lost_work_samples"] == 32
+    steps = {what: sum(1 for r, *_ in res.trace.replica_steps if r == 0) for what, res in out.items()}
+    assert steps["link"] == steps["device"] == 7
+
+
+def test_mtbf_fails_the_shards_too():
+    """U39: ``mtbf_s`` drew a failure for every replica device and none for the
+    parameter-server shards on spare machines, so a failed shard never came from it."""
+    from sim.engine import Engine
+    sc = dataclasses.replace(downpour(), faults=dataclasses.replace(downpour().faults, mtbf_s=1.0))
+    p = plan(sc)
+    assert set(p.ps.devices).isdisjoint(d for row in p.devices for d in row)
+    failed = {d for f in Engine(p).failures for d in f.devices}
+    assert failed == {d for row in p.devices for d in row} | set(p.ps.devices)
 
 
 def test_backups_and_restarts_together_run_to_the_end():

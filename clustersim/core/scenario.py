@@ -122,7 +122,7 @@ class Faults:
     slowdown: dict = field(default_factory=dict)   # device -> factor (2.0: twice as slow)
     slowdown_sigma: float = 0.0        # > 0: every compute device also slowed by lognormal(0, sigma), >= 1
     failures: tuple[Failure, ...] = ()
-    mtbf_s: float = 0.0                # > 0: each compute device fails after an exponential time
+    mtbf_s: float = 0.0                # > 0: each device the job uses (replicas, shards) fails after an exponential time
     detect_timeout_s: float = 1.0      # how long sync waits for a silent replica
     on_failure: str = "continue"       # sync: continue without it | restart from the last checkpoint
     checkpoint_every: int = 0          # sync restart: steps between checkpoints (0: never)

@@ -72,6 +72,7 @@ def run_async(engine: Engine, steps: int):
 
     offsets = start_offsets(engine)
     began = [0] * plan.replicas                # steps each replica started computing
+    sent: list = [(None, ())] * plan.replicas  # each replica's last push, and its steps' replica_steps entries
 
     def replica(r: int):
         devices = plan.devices[r]
@@ -79,7 +80,7 @@ def run_async(engine: Engine, steps: int):
             yield env.timeout(offsets[r])
         if r > 0 and tr.warm_start_s:
             yield engine.wait(env.timeout(tr.warm_start_s), devices[0], r, 0, "warm start")
-        last_push, captured, fetches, pushes = None, None, 0, 0
+        last_push, captured, fetches, pushes, carried = None, None, 0, 0, []
         for step in range(steps):
             if tr.time_limit_s and env.now >= tr.time_limit_s:
                 break
@@ -97,11 +98,13 @@ def run_async(engine: Engine, steps: int):
             if captured is None:
                 captured = list(ps.held[r])
             yield engine.run_graph(r, step).done
+            carried.append(len(engine.trace.replica_steps))
             engine.trace.replica_steps.append((r, step, start, env.now))
             pushing = plan.schedule.pushes_after(step)
             if pushing:
                 engine.log("send", r, -1, step, push=pushes)
                 last_push = ps.push(r, step, pushes, captured)
+                sent[r], carried = (last_push, tuple(carried)), []
                 pushes += 1
                 captured = None
             if tr.algorithm == "ssp" and pushing:       # Ho et al.: a clock's updates, applied, end it
@@ -115,9 +118,16 @@ def run_async(engine: Engine, steps: int):
     engine.ps_server = ps
     yield env.all_of([env.any_of([proc, engine.lost(plan.devices[r]), engine.cut_off(r)])
                       for r, proc in enumerate(procs)])
+    # a stopped replica's push that had not arrived when the job ended (one that found no
+    # route: a cut link) trained nothing: its steps are dropped from the replica's steps and
+    # counted lost below, as a failed replica's step in flight is (U39: a cut counted none)
+    lost = {i for push, entries in sent if push is not None and not push.triggered for i in entries}
+    if lost:
+        engine.trace.replica_steps[:] = [s for i, s in enumerate(engine.trace.replica_steps) if i not in lost]
     for r, proc in enumerate(procs):          # a stopped replica's unpushed steps and the one it was in
         if not proc.triggered:
             mine = [s for s in engine.trace.replica_steps if s[0] == r]
             engine.lost_samples += plan.scenario.batch_size * (began[r] - pushed_steps(plan, mine))
     if not any(proc.triggered for proc in procs):
         yield env.event()           # every replica stopped before its end: nothing trains on, a stall
+

@@ -32,12 +32,13 @@ def run_sync(engine: Engine, steps: int):
     active = list(range(plan.replicas))
     free = {r: None for r in active}          # backup mode: when each replica is free again
     working: dict = {}                        # backup mode: replica -> its last step's graph done
+    issued = [0]                              # backup mode: steps started so far (restarts go on counting)
     last_checkpoint, step = 0, 0
     engine.log("checkpoint", -1, -1, 0)
     while step < steps:
         if tr.time_limit_s and env.now >= tr.time_limit_s:
             break
-        runs, finished = _start_step(engine, active, free, step, working)
+        runs, finished = _start_step(engine, active, free, step, working, issued)
         if all(engine.alive(*plan.devices[r]) for r in active):
             yield env.any_of([finished, engine.failure_signal])
         if not finished.triggered:            # somebody has failed: does the step still finish?
@@ -59,6 +60,7 @@ def run_sync(engine: Engine, steps: int):
                 active = [r for r in active if r not in dead]
                 engine.sync_phases.append((len(engine.trace.step_ends), len(active)))
             free = {r: None for r in active}
+            working.clear()                   # the cancelled graphs' events never fire
             continue
         engine.log("apply", -1, -1, step, replicas=finished.value)
         for r in active:
@@ -66,9 +68,10 @@ def run_sync(engine: Engine, steps: int):
         step += 1
         gone = [r for r in active if not engine.alive(*plan.devices[r])]
         # failed after its gradient was in (the step finished without it): with backup workers
-        # or on_failure = "continue" the job goes on without it; else it stays in, so that the
-        # next step waits for it, finds it gone and restarts from the checkpoint
-        if gone and (faults.on_failure != "restart" or plan.schedule.quorum < plan.replicas):
+        # the job goes on without it; else it stays in, so that the next step waits
+        # detect_timeout_s for it, finds it gone and continues without it or restarts (U39: a
+        # failure during the fetch skipped that wait under on_failure = "continue")
+        if gone and plan.schedule.quorum < plan.replicas:
             active = [r for r in active if r not in gone]
             free = {r: free[r] for r in active}
             engine.sync_phases.append((len(engine.trace.step_ends), len(active)))   # from this step
@@ -80,7 +83,7 @@ def run_sync(engine: Engine, steps: int):
         engine.trace.step_ends.append(env.now)
 
 
-def _start_step(engine: Engine, active: list[int], free: dict, step: int, working: dict):
+def _start_step(engine: Engine, active: list[int], free: dict, step: int, working: dict, issued: list[int]):
     """Starts one step; returns its graph runs and an event that fires, with the replicas
     whose gradients were used, when the new parameters are in place."""
     env, plan = engine.env, engine.plan
@@ -99,9 +102,10 @@ def _start_step(engine: Engine, active: list[int], free: dict, step: int, workin
         env.all_of([g.done for g in runs] + exchange).callbacks.append(lambda _e: done.succeed(list(active)))
         return runs, done
     delivered = []
+    issued[0] += 1
     for r in active:
-        working[r] = env.event()
-        delivered.append(env.process(_replica_with_push(engine, r, step, free, runs, working[r])))
+        busy, working[r] = working.get(r), env.event()
+        delivered.append(env.process(_replica_with_push(engine, r, step, free, runs, working[r], busy, issued)))
     # the shards apply the first R - b complete replicas; where failures left fewer, every
     # survivor (never none: a step of nobody's gradients is no step)
     quorum = first_n(env, delivered, plan.schedule.quorum)
@@ -197,11 +201,20 @@ def _fetches(engine: Engine, k: int, replicas, step: int):
             for r in replicas for j in range(plan.slots) if ps.share[j][k]]
 
 
-def _replica_with_push(engine: Engine, r: int, step: int, free: dict, runs: list, computed):
-    """Backup mode: replica r (once free) computes and pushes its whole gradient;
-    ``computed`` fires when its graph is done."""
+def _replica_with_push(engine: Engine, r: int, step: int, free: dict, runs: list, computed, busy, issued):
+    """Backup mode: replica r, once done with the graph it was last given (``busy``, late)
+    and given the new parameters, computes and pushes its whole gradient; ``computed`` fires
+    when its graph is done.  Where the step is over by then (``issued`` has moved on), it
+    skips it: a late worker's gradient is dropped and it starts on the current step's
+    parameters (Chen et al. 2016), so no backlog of old steps builds up behind it."""
     env, plan = engine.env, engine.plan
     ps = plan.ps
+    mine = issued[0]
+    if busy is not None and not busy.triggered:
+        yield busy                            # computing (not waiting): no wait span
+    if issued[0] > mine:
+        computed.succeed()
+        return
     if free[r] is not None:
         yield engine.wait(free[r], plan.devices[r][0], r, step, "late: previous step")
     run = engine.run_graph(r, step)
