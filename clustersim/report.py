@@ -30,10 +30,17 @@ def _stages(s: dict) -> str:
     return f" ({stages} stages{slots}, {micro} micro-batch{'es' if micro > 1 else ''}, {s['schedule']})"
 
 
+def _exchange(s: dict) -> str:
+    """How the replicas exchange: "sync by allreduce", "downpour via ps", "layerwise"."""
+    if s["algorithm"] == "sync":
+        return f"sync by {s['sync']}"
+    return s["algorithm"] + (f" via {s['sync']}" if s["sync"] != "none" else "")
+
+
 def summary_text(s: dict) -> str:
     lines = [
         f"{s['name']}: {s['model']} ({si(s['parameters'], 'params')}) on {s['topology']}",
-        f"  split {s['split']} x{s['model_parallel']}{_stages(s)}, replicas {s['replicas']}, sync by {s['sync']}, "
+        f"  split {s['split']} x{s['model_parallel']}{_stages(s)}, replicas {s['replicas']}, {_exchange(s)}, "
         f"batch {s['batch_size']}/replica {s['dtype']}, network model {s['network']}",
         "",
     ]

@@ -348,11 +348,19 @@ class Engine:
         return ev
 
     def _nccl_piece(self, op, src: str, dst: str) -> bool:
-        """Whether a Plan transfer is a piece of a tensor group's allreduce between GPUs (a
-        reduce-scatter or all-gather send, decision 019): NCCL runs those, at its link speeds."""
+        """Whether NCCL runs a Plan transfer between GPUs, at its link speeds: a piece of an
+        allreduce (a reduce-scatter or all-gather send, decision 019), or under the tensor
+        split any transfer inside a stage's tensor group -- sequence parallelism's gathers by
+        positions and reduce-scatters of input gradients, the loss's reductions over the
+        vocabulary -- which Megatron-LM runs as NCCL collectives too (U40: those ran at the
+        links' full speed beside reduce-scatters at NCCL's)."""
         devices = self.network.topology.devices
-        return (op.why.endswith(("reduce-scatter", "all-gather"))
-                and devices[src].kind == devices[dst].kind == "gpu")
+        if not devices[src].kind == devices[dst].kind == "gpu":
+            return False
+        if op.why.endswith(("reduce-scatter", "all-gather")):
+            return True
+        par = self.plan.scenario.parallel
+        return par.split == "tensor" and op.slot // par.tensor == op.dst // par.tensor
 
     def transfer(self, src: str, dst: str, nbytes: float, replica: int, step: int,
                  name: str, phase: str, what: str = "", speed=None) -> simpy.Event:

@@ -281,3 +281,12 @@ def test_the_one_device_baseline_has_no_pipeline_and_no_grid():
     flat = plan(scenario(batch=32))
     piped = plan(scenario(batch=32, parallel={"model_parallel": 2, "pipeline": 2}))
     assert one_device_step_time(piped) == pytest.approx(one_device_step_time(flat), rel=1e-12)
+
+
+@pytest.mark.parametrize("algorithm, sync, words", [("sync", "ps", "sync by ps"), ("downpour", "ps", "downpour via ps"),
+                                                    ("local", "allreduce", "local via allreduce"),
+                                                    ("layerwise", "none", "layerwise")])
+def test_the_summary_header_names_the_algorithm(algorithm, sync, words):
+    """U39: every parameter-server algorithm's header read "sync by ps", layerwise's "sync by none"."""
+    from clustersim.report import _exchange
+    assert _exchange({"algorithm": algorithm, "sync": sync}) == words

@@ -132,7 +132,10 @@ def test_sandblasters_eight_bit_messages_are_real_and_accepted():
     ({"algorithm": "sync", "n_push": 4}, {"ps_shards": 1}, {}, "training.n_push"),
     ({"algorithm": "local", "n_fetch": 2}, {}, {}, "training.n_fetch"),
     ({"algorithm": "downpour", "backup_workers": 1}, {"ps_shards": 1}, {}, "training.backup_workers"),
-    ({"algorithm": "local", "comm_bits": 8}, {"ps_shards": 1}, {}, "training.comm_bits"),
+    ({"algorithm": "local", "comm_bits": 8}, {}, {}, "training.comm_bits"),
+    ({"algorithm": "layerwise", "comm_bits": 8}, {"replicas": 1, "split": "layers", "model_parallel": 2}, {},
+     "training.comm_bits"),                   # U39: it said "set ... ps_shards >= 1", which layerwise refuses
+    ({"algorithm": "local"}, {"ps_shards": 1}, {}, "parallel.ps_shards"),     # U39: plan placed shards, labelled "ps"
     ({"algorithm": "downpour"}, {"ps_shards": 1}, {"checkpoint_every": 5}, "faults.checkpoint_every"),
     ({"algorithm": "ssp"}, {"ps_shards": 1}, {"on_failure": "restart"}, "faults.on_failure"),
     ({"algorithm": "downpour", "staleness": 2}, {"ps_shards": 1}, {}, "training.staleness"),
@@ -159,8 +162,32 @@ def test_a_setting_the_algorithm_would_ignore_is_refused(training, parallel, fau
     with pytest.raises(ConfigError, match=rf"^t.toml: {field}: .*; {training['algorithm']} would ignore it$"):
         scenario_from_dict(data, "t.toml")
     section, key = field.split(".")
-    (training if section == "training" else faults).pop(key)
+    data[section].pop(key)
     scenario_from_dict(data, "t.toml")                    # without it, the same scenario loads
+
+
+@pytest.mark.parametrize("algorithm, rule", [("local", "its replicas step sgd"), ("downpour", "its shards apply sgd or "
+                                                                                                "adagrad")])
+def test_adam_outside_sync_says_what_the_algorithm_steps(algorithm, rule):
+    """U39: local SGD with Adam was told "local's shards apply sgd or adagrad": it has no
+    shards, and adagrad is refused for it too."""
+    data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 32},
+            "parallel": {"replicas": 4, "ps_shards": 0 if algorithm == "local" else 1},
+            "training": {"algorithm": algorithm, "optimizer": "adam"}}
+    with pytest.raises(ConfigError, match=rf"^t.toml: training.optimizer: adam is sync's optimizer; {algorithm} "
+                                          rf"would ignore it \({rule}\)$"):
+        scenario_from_dict(data, "t.toml")
+
+
+def test_more_work_units_than_samples_are_refused():
+    """U39: 100 units of a batch of 64 ran as 64 units of one sample, without a word."""
+    data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 32},
+            "parallel": {"replicas": 4, "ps_shards": 1}, "training": {"algorithm": "sandblaster", "work_units": 129}}
+    with pytest.raises(ConfigError, match=r"^t.toml: training.work_units: a unit is at least one sample: at most "
+                                          r"model.batch_size x parallel.replicas = 128$"):
+        scenario_from_dict(data, "t.toml")
+    data["training"]["work_units"] = 128
+    assert scenario_from_dict(data, "t.toml").training.work_units == 128
 
 
 @pytest.mark.parametrize("training, parallel, faults", [

@@ -92,3 +92,13 @@ def test_a_co_simulated_sweep_keeps_each_points_accuracy_as_simulate_gives_it():
                              speedup=False).data
         for key in ("accuracy", "loss", "time_to_accuracy_s", "staleness_mean"):
             assert point.get(key) == alone.get(key) and (key == "time_to_accuracy_s" or key in point)
+
+
+def test_a_co_simulated_sweeps_table_shows_its_accuracy(capsys):
+    """U39: the table of a co-simulated sweep had no accuracy, time to accuracy or staleness
+    (only --json had them)."""
+    from clustersim.cli import main
+    code = main(["sweep", "scenarios/downpour.toml", "--vary", "parallel.replicas=2,4", "--set", "training.steps=20",
+                 "--set", "training.time_limit_s=0", "--set", "training.target_accuracy=0.5"])
+    header, *rows = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and header.split()[-5:] == ["accuracy", "to", "accuracy", "(s)", "staleness"] and len(rows) == 2

@@ -337,6 +337,27 @@ def test_a_tensor_allreduce_piece_runs_at_nccls_nvlink_speed():
     assert first.end_s - first.start_s == pytest.approx(want, rel=1e-9)
 
 
+@pytest.mark.parametrize("phase", ["activation", "gradient", "reduction"])
+def test_every_transfer_inside_a_tensor_group_runs_at_nccls_speed(phase):
+    """U40: under sequence parallelism the gathers by positions ("activation") and the input
+    gradients' reduce-scatters ("gradient") ran at the links' full speed beside reduce-scatter
+    pieces at NCCL's; the loss's reductions too. Megatron-LM runs them all as NCCL
+    collectives: the first of each alone takes the latency plus its bytes at 20 of 25 GB/s a
+    lane of the DGX A100's 300 GB/s."""
+    from sim.engine import simulate
+    sc = scenario(topology="dgx-a100", batch=4, parallel={"model_parallel": 2, "split": "tensor",
+                                                          "sequence_parallel": True}, training={"steps": 1})
+    res = simulate(plan(dataclasses.replace(sc, model=TINY_GPT), check_memory=False))
+    first = min((s for s in res.trace.spans if s.phase == phase and s.kind == "transfer"), key=lambda s: s.start_s)
+    sharing = [s for s in res.trace.spans if s.kind == "transfer" and set(s.links) & set(first.links)
+               and s.start_s < first.end_s and s.end_s > first.start_s]
+    assert sharing == [first]                                           # alone on its links
+    topo = sc.topology
+    src, dst = first.where.split("->")
+    want = topo.route_latency(topo.route(src, dst)) + first.bytes / (300e9 * 20.0 / 25.0)
+    assert first.end_s - first.start_s == pytest.approx(want, rel=1e-9)
+
+
 def test_pipeline_alone_under_the_tensor_split_cuts_between_blocks():
     """``split = "tensor"`` with one slot a stage is Megatron's pipeline alone: stages end
     after a block's output, as with more slots (it was refused: no allowed cut, a new-user

@@ -200,7 +200,9 @@ def run(args) -> int:
         return code
     columns = [(k, k) for k in vary] + [("step_time_s", "step (s)"), ("samples_per_s", "samples/s"),
                                         ("speedup", "speedup"), ("wall_s", "wall (s)")]
-    columns += [(k, h) for k, h in (("time_to_train_s", "to train (s)"), ("cost_usd", "cost ($)"))
+    columns += [(k, h) for k, h in (("time_to_train_s", "to train (s)"), ("cost_usd", "cost ($)"),
+                                    ("accuracy", "accuracy"), ("time_to_accuracy_s", "to accuracy (s)"),
+                                    ("staleness_mean", "staleness"))
                 if any(k in p for p in points)]
     if any("error" in p for p in points):
         columns.append(("error", "error"))

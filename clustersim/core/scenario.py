@@ -324,7 +324,7 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
     if faults.shard_recovery != "none" and tr.algorithm not in ("downpour", "dcasgd", "ssp"):
         raise ConfigError(file, "faults.shard_recovery", f"shards restart from checkpoints in Downpour, DC-ASGD "
                           f"and SSP; {tr.algorithm} stops at a failed shard")
-    if tr.comm_bits == 8 and not par.ps_shards:
+    if tr.comm_bits == 8 and not par.ps_shards and tr.algorithm not in ("local", "layerwise"):   # those: below
         raise ConfigError(file, "training.comm_bits", f"8-bit messages are the parameter server's pushes and fetches; "
                           f"{tr.algorithm} without ps_shards sends 32-bit (set comm_bits = 32 or ps_shards >= 1)")
     if tr.algorithm == "layerwise":             # one replica of G layer groups, exchanging weights directly
@@ -352,6 +352,8 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
              "a staleness bound is SSP's"),
             ("training.local_steps", tr.local_steps != Training.local_steps and tr.algorithm != "local",
              "averaging every k steps is local SGD's"),
+            ("parallel.ps_shards", par.ps_shards and tr.algorithm == "local",
+             "local SGD averages its replicas' weights by allreduce, with no parameter server"),
             ("training.dcasgd_lambda" if tr.dcasgd_lambda != Training.dcasgd_lambda else "training.dcasgd_adaptive",
              (tr.dcasgd_lambda != Training.dcasgd_lambda or tr.dcasgd_adaptive) and tr.algorithm != "dcasgd",
              "delay compensation is DC-ASGD's"),
@@ -382,8 +384,14 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
         if bad:
             raise ConfigError(file, key, f"{why}; {tr.algorithm} would ignore it")
     if tr.optimizer == "adam" and tr.algorithm != "sync":
-        raise ConfigError(file, "training.optimizer", f"adam is sync's optimizer; {tr.algorithm}'s shards apply "
-                                                      f"sgd or adagrad")
+        rule = {"downpour": "its shards apply sgd or adagrad", "ssp": "its shards apply sgd or adagrad",
+                "dcasgd": "its shards apply delay-compensated sgd", "sandblaster": "its coordinator steps L-BFGS",
+                "local": "its replicas step sgd", "layerwise": "its workers step sgd"}[tr.algorithm]
+        raise ConfigError(file, "training.optimizer", f"adam is sync's optimizer; {tr.algorithm} would ignore it "
+                                                      f"({rule})")
+    if tr.work_units > batch * par.replicas:
+        raise ConfigError(file, "training.work_units", f"a unit is at least one sample: at most model.batch_size x "
+                                                       f"parallel.replicas = {batch * par.replicas}")
     if tr.zero and (tr.algorithm != "sync" or par.ps_shards):
         raise ConfigError(file, "training.zero", "ZeRO shards sync data parallelism's state over the replicas "
                                                  "(algorithm = \"sync\", ps_shards = 0)")
