@@ -181,7 +181,7 @@ class RankJob(SandblasterRoles):
                     resume=bool(a is not None and a.resume), replica_of=lambda rank: rank // self.M,
                     quorum=sched.quorum if tr.algorithm == "sync" else 0, on_apply=applied)
         return {"role": "shard", "applied": out["applied"], "busy_s": out["busy_s"],
-                "resumed_from": out["resumed_from"]}
+                "resumed_from": out["resumed_from"], "staleness": out["staleness"]}
 
     def worker(self) -> dict:
         sc, xp, p = self.sc, self.xp, self.p

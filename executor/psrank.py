@@ -215,7 +215,8 @@ def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, lis
                     opt.fetched(act.worker, w)
                 outbox.send(encode(take(w, worker_runs[act.worker], "shard"), bits), act.worker, REPLY)
     outbox.drain()
-    return {"applied": shard.applied, "busy_s": busy, "params": w, "resumed_from": resumed_from}
+    return {"applied": shard.applied, "busy_s": busy, "params": w, "resumed_from": resumed_from,
+            "staleness": shard.staleness}
 
 
 # --- the worker side ------------------------------------------------------------------------------

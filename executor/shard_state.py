@@ -107,6 +107,8 @@ class ShardState:
       fetched for step c - b or later (its clock: the step of its latest fetch).
     - every ``checkpoint_every`` updates (0: never), a checkpoint.  ``applied``: the
       updates before this run (a resumed checkpoint's).
+    - ``staleness``: per async apply, the updates applied since the pushing worker's last
+      fetch was answered (the simulator's definition, ``sim.algorithms.ps``).
 
     Raises ValueError for a count out of range."""
 
@@ -134,6 +136,8 @@ class ShardState:
         self.deferred: list[tuple[int, int]] = []    # fetches not answered yet: (worker, step)
         self.clock: dict[int, int] = {}
         self.push_steps: dict[int, int] = {}         # async: the step of each worker's latest push
+        self.read: dict[int, int] = {}               # async: the updates applied when each worker's fetch was answered
+        self.staleness: list[int] = []
         self.done = 0
 
     @property
@@ -166,6 +170,7 @@ class ShardState:
             # latest that the tag stands for (tags repeat every PUSH_STEP_TAGS steps)
             last = self.push_steps.get(source, 0)
             step = self.push_steps[source] = last + (tag - PUSH_BASE - last) % PUSH_STEP_TAGS
+            self.staleness.append(self.applied - self.read.get(source, self.applied))
             self.applied += 1
             return [Apply(source, step, grad)] + self._checkpoint()
         step = push_step(tag, self.step_done + 1)
@@ -201,6 +206,7 @@ class ShardState:
                 still.append((wk, step))
             else:
                 out.append(Reply(wk, step))
+                self.read[wk] = self.applied
         self.deferred = still
         return out
 

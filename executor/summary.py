@@ -73,12 +73,14 @@ def summary(p: Plan, trace: Trace, parts: list[dict]) -> dict:
     for sync ``samples_per_s`` is batch x the gradients a step applies / step_time_s, as the simulator's sync.
     Then what only a run has: accuracy and loss on held-out data, training loss, quiet
     step, per-worker steps, which transport carried the workers' messages (nccl | mpi), the
-    shards' updates and bytes pushed, the coordinator's counts."""
+    shards' updates and bytes pushed, the coordinator's counts.  The asynchronous shards'
+    staleness of each apply joins the trace, so that ``staleness_*`` are summarize's."""
     workers = [s for s in parts if s["role"] == "worker"]
     shards = [s for s in parts if s["role"] == "shard"]
     coordinator = [s for s in parts if s["role"] == "coordinator"]
     stepped = [s for s in workers if s["steps"]]
     run_s = max(s["wall_s"] for s in workers)
+    trace.staleness[:] = [n for s in shards for n in s.get("staleness", [])]    # the async shards' applies
     out = summarize(p, Measured(trace, run_s, len(trace.spans), run_s))
     if p.schedule.algorithm in LOCKSTEP:
         out["step_time_s"] = float(statistics.median(s["step_time_s"] for s in stepped)) if stepped else 0.0

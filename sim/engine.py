@@ -35,8 +35,10 @@ class CountingEnvironment(simpy.Environment):
     uncounted, wake-up timers a newer one replaced (``sim.fluid.supersede``): their
     callbacks do nothing, and run they would move the clock, and so the simulated end,
     past the last real event.  A ``BACKGROUND`` timer (``stale`` set to it: the host
-    noise's next window) is dropped too where nothing but such dropped timers is left:
-    nothing else will happen.  One attribute read per event."""
+    noise's next window, the next failure) is dropped too where nothing but such timers is
+    left: nothing else will happen, and a stalled job ends at its last event (R38: with
+    ``mtbf_s`` the shards' failures moved a stall to the last of them).  One attribute
+    read per event."""
 
     def __init__(self, initial_time: float = 0) -> None:
         super().__init__(initial_time)
@@ -48,8 +50,8 @@ class CountingEnvironment(simpy.Environment):
             mark = getattr(queue[0][3], "stale", False)      # True: superseded; BACKGROUND: see above
             if mark is True:
                 heapq.heappop(queue)
-            elif mark and all(getattr(e[3], "stale", False) is True for e in queue[1:]):
-                queue.clear()                   # the replay's next window, and timers dropped anyway
+            elif mark and all(getattr(e[3], "stale", False) for e in queue[1:]):
+                queue.clear()                   # background timers, and timers dropped anyway
             else:
                 break
         self.events_processed += 1
@@ -196,6 +198,7 @@ class Engine:
     def _inject(self):
         for f in self.failures:
             self._next_failure = self.env.timeout(max(0.0, f.at_s - self.env.now))
+            self._next_failure.stale = BACKGROUND      # a job with nothing else due is stalled: no later failure
             yield self._next_failure
             for dev in f.devices:
                 self.failed.setdefault(dev, self.env.now)

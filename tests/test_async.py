@@ -390,6 +390,21 @@ def test_a_late_backup_replica_computes_one_step_at_a_time():
         assert max(s.end_s for s in by_step[a]) <= min(s.start_s for s in by_step[b])
 
 
+@pytest.mark.parametrize("slow", [60.0, 100.0])
+def test_a_late_backup_replica_keeps_computing_to_the_end(slow):
+    """Review R38: a late replica's process for a step read ``free`` after its previous graph
+    was done; where this step's apply had set it by then, it held this step's own event and
+    waited on itself for good: at 60x the replica computed steps 0-3 of 40, then nothing.
+    It must still be computing in the last third of the run."""
+    from clustersim import api
+    over = {"training.algorithm": "sync", "training.cosim": False, "training.time_limit_s": 0, "training.steps": 40,
+            "parallel.replicas": 4, "parallel.ps_shards": 1, "training.backup_workers": 1,
+            "faults.slowdown": {"m3.cpu": slow}}
+    res = api.simulate("scenarios/downpour.toml", over, speedup=False)
+    starts = [s.start_s for s in res.trace.spans if s.where == "m3.cpu" and s.kind == "compute"]
+    assert len(res.trace.step_ends) == 40 and max(starts) > 2 / 3 * res.sim_time_s
+
+
 def test_a_late_backup_replica_skips_the_steps_that_passed_it():
     """U39: a replica 200 times slower, with a backup worker, was given every step and
     computed them one after another, so the run lasted until that backlog was done (0.47 s

@@ -23,6 +23,15 @@ def test_two_workers_push_then_fetch_each_push_is_applied_and_each_fetch_answere
     assert s.applied == 2 and not s.stopped
 
 
+def test_an_async_applys_staleness_is_the_updates_since_the_workers_fetch_was_answered():
+    """U39: execute's JSON had no staleness (the simulator's does): each apply counts the
+    updates the shard applied since the pushing worker's last answered fetch."""
+    s = ShardState({0, 1})
+    feed(s, (0, FETCH, 0), (1, FETCH, 0), push(0, 0, 1.0), push(1, 0, 1.0), (0, FETCH, 1), push(0, 1, 1.0),
+         push(0, 2, 1.0), (1, FETCH, 1), push(1, 1, 1.0))
+    assert s.staleness == [0, 1, 0, 1, 0]
+
+
 def test_done_from_every_live_worker_stops_and_a_crashed_one_is_not_waited_for():
     s = ShardState({0, 1, 2}, silent={2})             # worker 2 crashed
     assert feed(s, push(2, 0, 5.0), (0, DONE, 0), (1, DONE, 0)) == [[Apply(2, 0, 5.0)], [], [Stop()]]

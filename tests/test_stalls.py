@@ -315,6 +315,34 @@ def test_a_cut_link_loses_the_work_a_failed_device_loses():
     assert steps["link"] == steps["device"] == 7
 
 
+def test_backups_go_on_past_a_failure_beside_a_late_replica():
+    """Review R38: with a replica 60x slower (late every step, backup worker 1) and another
+    failing anywhere in step 8, the late replica waited on its own step's event and the run
+    stalled at step 8 or 9 of 20; it finishes."""
+    from clustersim import api
+    over = {"training.algorithm": "sync", "training.cosim": False, "training.time_limit_s": 0, "training.steps": 20,
+            "parallel.replicas": 4, "parallel.ps_shards": 1, "training.backup_workers": 1,
+            "faults.slowdown": {"m3.cpu": 60.0}}
+    plain = api.simulate(DOWNPOUR, over, speedup=False)
+    a, b = plain.trace.step_ends[7], plain.trace.step_ends[8]
+    for k in range(0, 12, 3):
+        out = api.simulate(DOWNPOUR, {**over, "faults.fail": [{"machine": 1, "at_s": a + (b - a) * k / 12}]},
+                           speedup=False)
+        assert "stalled_at_s" not in out.data and len(out.trace.step_ends) == 20
+
+
+def test_a_stall_ends_at_its_last_event_not_at_later_failures():
+    """Review R38: with ``mtbf_s`` the shards' failures, drawn after every replica had
+    failed, moved the stall to the last of them (0.303 s where the job stopped at 0.082)."""
+    from clustersim import api
+    p = plan(api.load(DOWNPOUR, {"training.cosim": False, "faults.mtbf_s": 0.05}))
+    res = simulate(p)
+    replicas = {d for row in p.devices for d in row}
+    last = max(t for d, t in res.engine.failed_ever.items() if d in replicas)
+    assert res.stalled_at_s == res.sim_time_s and last <= res.sim_time_s < last + 0.001
+    assert set(res.engine.failed_ever) <= replicas          # the shards' later failures did not happen
+
+
 def test_mtbf_fails_the_shards_too():
     """U39: ``mtbf_s`` drew a failure for every replica device and none for the
     parameter-server shards on spare machines, so a failed shard never came from it."""

@@ -72,7 +72,8 @@ def run_async(engine: Engine, steps: int):
 
     offsets = start_offsets(engine)
     began = [0] * plan.replicas                # steps each replica started computing
-    sent: list = [(None, ())] * plan.replicas  # each replica's last push, and its steps' replica_steps entries
+    sent: list[list] = [[] for _ in range(plan.replicas)]   # per replica, its pushes not yet arrived (each
+                                                            # with its steps' replica_steps entries)
 
     def replica(r: int):
         devices = plan.devices[r]
@@ -104,7 +105,8 @@ def run_async(engine: Engine, steps: int):
             if pushing:
                 engine.log("send", r, -1, step, push=pushes)
                 last_push = ps.push(r, step, pushes, captured)
-                sent[r], carried = (last_push, tuple(carried)), []
+                sent[r] = [x for x in sent[r] if not x[0].triggered] + [(last_push, tuple(carried))]
+                carried = []
                 pushes += 1
                 captured = None
             if tr.algorithm == "ssp" and pushing:       # Ho et al.: a clock's updates, applied, end it
@@ -121,7 +123,8 @@ def run_async(engine: Engine, steps: int):
     # a stopped replica's push that had not arrived when the job ended (one that found no
     # route: a cut link) trained nothing: its steps are dropped from the replica's steps and
     # counted lost below, as a failed replica's step in flight is (U39: a cut counted none)
-    lost = {i for push, entries in sent if push is not None and not push.triggered for i in entries}
+    lost = {i for proc, pushes in zip(procs, sent) if not proc.triggered
+            for push, entries in pushes if not push.triggered for i in entries}
     if lost:
         engine.trace.replica_steps[:] = [s for i, s in enumerate(engine.trace.replica_steps) if i not in lost]
     for r, proc in enumerate(procs):          # a stopped replica's unpushed steps and the one it was in

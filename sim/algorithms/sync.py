@@ -209,14 +209,14 @@ def _replica_with_push(engine: Engine, r: int, step: int, free: dict, runs: list
     parameters (Chen et al. 2016), so no backlog of old steps builds up behind it."""
     env, plan = engine.env, engine.plan
     ps = plan.ps
-    mine = issued[0]
-    if busy is not None and not busy.triggered:
+    mine, ready = issued[0], free[r]          # ready: read now, for this step's apply replaces free[r] (R38:
+    if busy is not None and not busy.triggered:   # with this very step's ``computed`` in it, a wait on itself)
         yield busy                            # computing (not waiting): no wait span
     if issued[0] > mine:
         computed.succeed()
         return
-    if free[r] is not None:
-        yield engine.wait(free[r], plan.devices[r][0], r, step, "late: previous step")
+    if ready is not None:
+        yield engine.wait(ready, plan.devices[r][0], r, step, "late: previous step")
     run = engine.run_graph(r, step)
     runs.append(run)
     yield run.done
