@@ -122,7 +122,11 @@ def _chan_sum(xp, a, r: int, lo: int, hi: int):
 class Kernel:
     """A layer kind's math.  ``forward`` returns (output box, cache); ``backward`` takes the
     cache and the output box's gradient ``dy`` and returns (gradient of the input region,
-    parameter gradients of the box).  The base is a kind without parameters."""
+    parameter gradients of the box).  The base is a kind without parameters.
+    ``skips_input_grad``: its ``backward`` takes ``input_grad=False`` and then leaves the
+    input's gradient out (None), the GEMM a layer reading the model's input needs not run."""
+
+    skips_input_grad = False
 
     @staticmethod
     def init(layer, in_shape, out_shape, rng: np.random.Generator, dtype) -> list:
@@ -157,6 +161,8 @@ class _Weighted(Kernel):
 class DenseKernel(_Weighted):
     """y = x W + b on the flattened input; the box's units are columns c0..c1 of W."""
 
+    skips_input_grad = True
+
     @staticmethod
     def fans(layer, in_shape, out_shape):
         return prod(in_shape), out_shape[0]
@@ -170,16 +176,18 @@ class DenseKernel(_Weighted):
         return y[:, :, None, None], (x,)                         # (B, c, 1, 1)
 
     @staticmethod
-    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy, input_grad=True):
         (x,) = cache
         W, _ = params
         d2 = dy.reshape(len(dy), -1)                             # (B, c)
-        dx = (d2 @ W.T).reshape(xr_shape)                        # (B, C, H, W) the whole input
+        dx = (d2 @ W.T).reshape(xr_shape) if input_grad else None   # (B, C, H, W) the whole input
         return dx, (x.T @ d2, d2.sum(axis=0))
 
 
 class Conv2dKernel(_Weighted):
     """Tied filters by im2col: one GEMM of the box's windows (B h w, C k k) with its filters."""
+
+    skips_input_grad = True
 
     @staticmethod
     def fans(layer, in_shape, out_shape):
@@ -199,21 +207,25 @@ class Conv2dKernel(_Weighted):
         return y, (buf.shape, geo, cols, xr.shape)
 
     @staticmethod
-    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy, input_grad=True):
         buf_shape, geo, cols, src_shape = cache
         W = params[0]
         F, C, kh, kw = W.shape
         B, _, h, w = dy.shape
         dym = xp.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(B * h * w, F)               # (Bhw, F)
         dW = (dym.T @ cols).reshape(W.shape)                                                      # (F, C, kh, kw)
+        db = (dy.sum(axis=(0, 2, 3)),) if layer.bias else ()
+        if not input_grad:
+            return None, (dW, *db)
         dpat = (dym @ W.reshape(F, -1)).reshape(B, h, w, C, kh, kw).transpose(0, 3, 1, 2, 4, 5)  # (B, C, h, w, kh, kw)
         dbuf = col2im(xp, dpat, buf_shape, (kh, kw), layer.stride)
-        db = (dy.sum(axis=(0, 2, 3)),) if layer.bias else ()
         return _unpad(xp, dbuf, geo, src_shape, rin), (dW, *db)
 
 
 class LocallyConnectedKernel(_Weighted):
     """Untied filters: one small GEMM per output position, batched over positions."""
+
+    skips_input_grad = True
 
     @staticmethod
     def fans(layer, in_shape, out_shape):
@@ -231,7 +243,7 @@ class LocallyConnectedKernel(_Weighted):
         return y, (buf.shape, geo, cols, xr.shape)
 
     @staticmethod
-    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
+    def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy, input_grad=True):
         buf_shape, geo, cols, src_shape = cache
         W, _ = params
         C, kh, kw = W.shape[3:]
@@ -239,6 +251,8 @@ class LocallyConnectedKernel(_Weighted):
         dym = xp.ascontiguousarray(dy.transpose(2, 3, 0, 1)).reshape(h * w, B, F)                # (hw, B, F)
         Wm = W.reshape(h * w, F, C * kh * kw)                                                     # (hw, F, Ckk)
         dW = xp.matmul(dym.transpose(0, 2, 1), cols).reshape(W.shape)                            # (h, w, F, C, kh, kw)
+        if not input_grad:
+            return None, (dW, dy.sum(axis=0).transpose(1, 2, 0))
         dpat = xp.matmul(dym, Wm).reshape(h, w, B, C, kh, kw).transpose(2, 3, 0, 1, 4, 5)        # (B, C, h, w, kh, kw)
         dbuf = col2im(xp, dpat, buf_shape, (kh, kw), layer.stride)
         return _unpad(xp, dbuf, geo, src_shape, rin), (dW, dy.sum(axis=0).transpose(1, 2, 0))
@@ -762,9 +776,13 @@ def forward(xp, layer, in_shape, xr, rin, box, params, rng_mask=None):
     return kernel.forward(xp, layer, in_shape, xr, rin, box, params, rng_mask)
 
 
-def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy):
-    """(gradient of the input region, parameter gradients) for output-box gradient ``dy``."""
+def backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy, input_grad=True):
+    """(gradient of the input region, parameter gradients) for output-box gradient ``dy``;
+    without ``input_grad`` (a layer reading the model's input alone: ``Node.input_grad``) a
+    kernel that can leaves the first out (None)."""
     kernel = KERNELS.get(layer.kind) or kernel_of(layer.kind)
+    if not input_grad and kernel.skips_input_grad:
+        return kernel.backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy, input_grad=False)
     return kernel.backward(xp, layer, in_shape, xr_shape, rin, box, params, cache, dy)
 
 

@@ -335,7 +335,8 @@ class _Step:
             for pbox, arr in pieces:
                 dy[_rel(pbox, box)] += arr
         regions, c, shapes = self.cache.pop((i, j, m))
-        dxs, dpar = self._kernel(kernels.backward, node, shapes, regions, box, params, c, dy, part=self.parts[(i, j)])
+        dxs, dpar = self._kernel(kernels.backward, node, shapes, regions, box, params, c, dy, node.input_grad,
+                                 part=self.parts[(i, j)])
         self.dins[(i, j, m)] = (regions, dxs if node.layer.arity != 1 else [dxs])
         if dpar:                                     # the first micro-batch's gradients are the accumulator
             if (i, j) not in self.grads:

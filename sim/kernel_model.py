@@ -130,7 +130,8 @@ class LayerWork(NamedTuple):
     """What a compute op computes: ``layer`` reading ``in_shape`` for
     ``batch`` samples, ``out`` = (channels, rows, columns) of its output (a slice's box
     extent; attention: its heads' columns), and its forward again before the backward
-    when ``redo`` (``selective``: attention's forward but its projection)."""
+    when ``redo`` (``selective``: attention's forward but its projection); without
+    ``input_grad`` (a layer reading the model's input alone) no data-gradient GEMM."""
 
     layer: object
     in_shape: tuple[int, int, int]
@@ -139,6 +140,7 @@ class LayerWork(NamedTuple):
     redo: bool = False
     attention: str = "eager"          # the scenario's model.attention
     selective: bool = False           # training.recompute = "selective"
+    input_grad: bool = True           # ``Node.input_grad``
 
 
 def layer_gemms(w: LayerWork, backward: bool) -> list[Gemm]:
@@ -164,7 +166,9 @@ def layer_gemms(w: LayerWork, backward: bool) -> list[Gemm]:
         # (the first one, or two backward, are the projection; the rest the per-head products)
     else:
         return []
-    return [Gemm(m, k, n), Gemm(n, k, m)] if backward else [Gemm(m, n, k)]
+    if not backward:
+        return [Gemm(m, n, k)]
+    return [Gemm(m, k, n), Gemm(n, k, m)] if w.input_grad else [Gemm(n, k, m)]     # data, weights
 
 
 def gemm_bytes(g: Gemm, dtype_bytes: float) -> float:
@@ -245,4 +249,4 @@ def op_work(plan, op, again: list[bool] | None = None) -> LayerWork | None:
     recompute = plan.scenario.training.recompute
     full = recompute == "full" and (reruns(model) if again is None else again)[op.layer]
     return LayerWork(layer, in_shape, end - first, tuple(hi - lo for lo, hi in box),
-                     full, plan.scenario.attention, recompute == "selective")
+                     full, plan.scenario.attention, recompute == "selective", node.input_grad)

@@ -26,7 +26,7 @@ def test_a_stalled_run_with_plot_prints_its_summary_draws_and_exits_3(tmp_path, 
     plot = tmp_path / "stalled.png"
     code, out, err = run(capsys, "simulate", DOWNPOUR, "--set", STALL, "--plot", plot)
     assert code == 3, err
-    assert "STALLED          at 11.03 ms after 7 steps" in out and f"wrote plot: {plot}" in out
+    assert "STALLED          at 11.17 ms after 8 steps" in out and f"wrote plot: {plot}" in out
     assert err == ""
     assert plot.read_bytes()[:8] == PNG
 

@@ -17,8 +17,8 @@ from study_loader import load_study
 
 TOPOLOGY = Path(__file__).resolve().parents[1] / "topologies/distbelief-2012.toml"
 
-SPEECH = {1: 1.0, 8: 1.7215, 16: 1.7796, 32: 1.7533}
-IMAGE_1_7B = {1: 1.0, 4: 3.0730, 16: 5.2817}
+SPEECH = {1: 1.0, 8: 1.7097, 16: 1.7658, 32: 1.7388}
+IMAGE_1_7B = {1: 1.0, 4: 3.0478, 16: 5.1486}
 
 
 def test_distbelief_2012_states_a_kernel_stacks_cost_per_message_and_side():

@@ -301,3 +301,15 @@ def test_tensor_split_ops_run_their_parts_gemms_at_no_less_than_the_roofline(m, 
         t = op_seconds(p.scenario.topology, p.devices[0][op.slot], op.flops, op.bytes, "fp16",
                        op.kind == "bwd", cost_key(p, op), w)
         assert t >= dev.op_overhead + op.flops / rate * (1 - 1e-12)
+
+
+def test_the_first_convolutions_backward_runs_its_weight_gradient_alone():
+    """A layer reading the model's input: its backward's GEMMs are the weight gradient's
+    (n x k from k x m and m x n), with no data gradient (cuDNN's first convolution)."""
+    from sim.kernel_model import Gemm, LayerWork, layer_gemms
+    conv = make_layer("conv2d", filters=64, kernel=7, stride=2, padding=3)
+    work = LayerWork(conv, (3, 224, 224), 32, (64, 112, 112))
+    m, n, k = 32 * 112 * 112, 64, 3 * 49
+    assert layer_gemms(work, True) == [Gemm(m, k, n), Gemm(n, k, m)]
+    assert layer_gemms(work._replace(input_grad=False), True) == [Gemm(n, k, m)]
+    assert layer_gemms(work._replace(input_grad=False), False) == [Gemm(m, n, k)]

@@ -160,3 +160,22 @@ def test_transformer_slices_add_up_to_the_whole_layer(layer, shape):
         for g, ix, gb in zip(dparams, layer.box_index(box), dpb):
             assert np.allclose(g[ix], gb, rtol=1e-10, atol=1e-12)
     assert np.allclose(dx_sum, dx, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer, shape", CASES, ids=[c[0].kind for c in CASES])
+def test_without_the_input_gradient_a_weighted_kernel_gives_the_same_parameter_gradients(layer, shape):
+    """A layer reading the model's input alone needs no input gradient (``Node.input_grad``):
+    the kernels of the weighted kinds whose data-gradient GEMM the Plan then leaves out
+    (``Layer.input_grad_share``) skip it and return the same parameter gradients; the others
+    compute as before."""
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, layer.vocab, (3, *shape)).astype(float) if layer.kind == "embedding" \
+        else rng.normal(size=(3, *shape))
+    params = make_params(layer, shape, rng)
+    rin, box = full_box(shape), full_box(layer.shape(shape))
+    y, cache = forward(np, layer, shape, x, rin, box, params)
+    R = rng.normal(size=y.shape)
+    dx, dparams = backward(np, layer, shape, x.shape, rin, box, params, cache, R)
+    skipped, again = backward(np, layer, shape, x.shape, rin, box, params, cache, R, input_grad=False)
+    assert (skipped is None) == (layer.input_grad_share > 0) == (layer.kind in ("dense", "conv2d", "locally_connected"))
+    assert len(again) == len(dparams) and all(np.array_equal(a, b) for a, b in zip(again, dparams))

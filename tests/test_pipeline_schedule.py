@@ -60,7 +60,12 @@ def test_each_slot_runs_its_ops_in_the_schedule_order_and_the_plan_stays_topolog
 
 def uniform_pipeline(m: int, schedule: str):
     """P stages of LAYERS_PER_STAGE identical dense layers on four equal GPUs: compute-bound
-    (memory bandwidth far above need), no per-op overhead, stage messages all but free."""
+    (memory bandwidth far above need), no per-op overhead, stage messages all but free.  The
+    first layer keeps its input's gradient here (``Node.input_grad`` patched), so that every
+    stage is alike: a first layer computes none (decision 068), which would make stage 0's
+    backward a third lighter."""
+    from unittest import mock
+    from clustersim.core.models import Node
     fast = {"efficiency": 1.0, "op_overhead_us": 0.0, "memory_bandwidth_gbps": 1e9}
     topo = build_topology({"name": "uniform", "device": [{**gpu(f"g{i}", 10.0, i), **fast} for i in range(P)]
                            + [{"name": "sw", "kind": "switch"}],
@@ -69,7 +74,8 @@ def uniform_pipeline(m: int, schedule: str):
                         [make_layer("dense", units=WIDTH) for _ in range(P * LAYERS_PER_STAGE)])
     sc = scenario(batch=BATCH, parallel={"model_parallel": P, "split": "layers", "micro_batches": m,
                                          "schedule": schedule}, training={"steps": 1})
-    return plan(dataclasses.replace(sc, model=model, topology=topo), check_memory=False)
+    with mock.patch.object(Node, "input_grad", property(lambda node: True)):
+        return plan(dataclasses.replace(sc, model=model, topology=topo), check_memory=False)
 
 
 def held_in_trace(res, device: str) -> int:

@@ -887,3 +887,21 @@ def test_a_pipeline_of_tensor_slices_sends_one_activation_a_slot_between_whole_b
     for tensor in (1, 2, 4):
         with pytest.raises(ConfigError, match="gives 25 pieces, which fill 25 of 26 stages"):
             plan(gpt("bert-large", tensor, 26))
+
+
+@pytest.mark.parametrize("name", ["mlp-digits", "alexnet", "distbelief-speech", "gpt2"])
+def test_a_layer_reading_the_models_input_computes_no_input_gradient(name):
+    """No framework computes the gradient of the data: the first weighted layer's backward
+    is its weight gradient alone, one forward's FLOPs where the others take two (a dense
+    layer, a convolution; GPT-2's first layer is its embedding, whose backward never had one)."""
+    sc = scenario(model=name, batch=4, topology="dgx-h100")
+    p = plan(sc, check_memory=False)
+    model = sc.model
+    fwd = {op.layer: op.flops for op in p.ops if op.kind == "fwd"}
+    for op in p.ops:
+        if op.kind == "bwd":
+            node = model.nodes[op.layer]
+            first = all(s == -1 for s in node.inputs)
+            want = node.layer.bwd_ratio - (node.layer.kind in ("dense", "conv2d", "locally_connected") and first)
+            assert op.flops == pytest.approx(fwd[op.layer] * want, rel=1e-12)
+    assert model.nodes[0].bwd_ratio == (1.0 if name != "gpt2" else model.nodes[0].layer.bwd_ratio)

@@ -99,6 +99,7 @@ class Layer:
     split = "follow"
     flops_per_elem = 1.0         # forward FLOPs per output element
     bwd_ratio = 1.0              # backward FLOPs / forward FLOPs (2 for weighted layers: dgrad + wgrad)
+    input_grad_share = 0.0       # of bwd_ratio, the input's gradient (a weighted layer's dgrad GEMM: 1)
     required: ClassVar[tuple[str, ...]] = ()   # model-file keys without a meaningful default
     arity: ClassVar[int] = 1     # inputs it reads; 0: two or more
     reduces: ClassVar[str] = ""  # tensor split: what a slot's partial sum cuts (inputs | vocab); "": none
@@ -188,6 +189,7 @@ class Dense(Layer):
     units: int = 1
     split = "channels"
     bwd_ratio = 2.0
+    input_grad_share = 1.0
     required = ("units",)
 
     def param_shapes(self, s):
@@ -242,6 +244,7 @@ class _Filters(_Window):
 
     filters: int = 1
     bwd_ratio = 2.0
+    input_grad_share = 1.0
     required = ("filters", "kernel")
 
     def shape(self, s):

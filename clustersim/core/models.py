@@ -66,6 +66,19 @@ class Node:
         return self.layer.flops_per_out(self.in_shape) * prod(self.out_shape)
 
     @property
+    def input_grad(self) -> bool:
+        """Whether its backward computes its input's gradient: not where it reads the model's
+        input alone, which needs none (PyTorch's autograd skips it for an input without
+        ``requires_grad``, so cuDNN runs no data-gradient kernel for a first convolution)."""
+        return any(s != INPUT for s in self.inputs)
+
+    @property
+    def bwd_ratio(self) -> float:
+        """Backward FLOPs over forward: the layer's, less its input gradient's share where it
+        computes none (``input_grad``)."""
+        return self.layer.bwd_ratio - (0.0 if self.input_grad else self.layer.input_grad_share)
+
+    @property
     def name(self) -> str:
         return self.label or f"{self.index}:{self.layer.kind}"
 
@@ -90,7 +103,7 @@ class Model:
 
     @property
     def bwd_flops(self) -> float:
-        return sum(n.fwd_flops * n.layer.bwd_ratio for n in self.nodes)
+        return sum(n.fwd_flops * n.bwd_ratio for n in self.nodes)
 
     @property
     def attention_positions(self) -> int:

@@ -148,7 +148,7 @@ def _bounded_stages(costs: list[float], m: int) -> list[int]:
 def stage_cost(node) -> float:
     """A layer's weight in balancing pipeline stages: its forward and backward FLOPs, and 1
     so that layers without FLOPs still count."""
-    return node.fwd_flops * (1 + node.layer.bwd_ratio) + 1.0
+    return node.fwd_flops * (1 + node.bwd_ratio) + 1.0
 
 
 def _stages(model: Model, m: int) -> list[int]:

@@ -313,7 +313,7 @@ def _ops(sc: Scenario, slices: Slices, axes: tuple[str, ...], parts: Parts = ())
         """Layer i's backward on slot j (and with recompute its forward, or its share that
         selective recomputation reruns, again) after ``deps``."""
         f = ops[fwd[(i, j, mb)]]
-        return add(kind="bwd", layer=i, micro=mb, slot=j, flops=f.flops * (model.nodes[i].layer.bwd_ratio + rerun[i]),
+        return add(kind="bwd", layer=i, micro=mb, slot=j, flops=f.flops * (model.nodes[i].bwd_ratio + rerun[i]),
                    bytes=(2 + rerun[i]) * f.bytes, deps=tuple(deps))
 
     def needs_of(c: int, k: int, box: Box, src: int) -> list[Box]:
