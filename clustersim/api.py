@@ -46,10 +46,11 @@ class Result:
         self.data, self.trace, self.plan = data, trace, plan
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["data"][name]
-        except KeyError:
-            raise AttributeError(f"{type(self).__name__} has no {name!r} (keys: {', '.join(self.data)})") from None
+        data = self.__dict__.get("data")      # absent while pickle and copy build one (U41: they recursed)
+        if data is None or name not in data:
+            raise AttributeError(f"{type(self).__name__} has no {name!r}"
+                                 + (f" (keys: {', '.join(data)})" if data is not None else ""))
+        return data[name]
 
     def __repr__(self) -> str:
         keys = ("step_time_s", "samples_per_s", "stalled_at_s", "error_pct")
@@ -60,6 +61,8 @@ class Result:
 def _pairs(overrides: Overrides) -> list[tuple[str, Any]]:
     if overrides is None:
         return []
+    if isinstance(overrides, (str, bytes)):           # U41: split into characters, each "not KEY=VALUE"
+        raise ConfigError("overrides", "", f"a dict or a list of KEY=VALUE strings; got the string {overrides!r}")
     if isinstance(overrides, Mapping):
         return [(str(k), v) for k, v in overrides.items()]
     return [x if isinstance(x, tuple) else parse_set([str(x)])[0] for x in overrides]
@@ -86,6 +89,9 @@ def simulate(source: Source | Scenario, overrides: Overrides = None, *, speedup:
     ``step_time_s``, ``samples_per_s`` or ``speedup``."""
     from sim.baseline import one_device_step_time
     from sim.engine import simulate as run
+    if isinstance(source, Scenario) and overrides:      # U41: they were dropped without a word
+        raise ConfigError(source.file, "", "overrides apply to a scenario file or dict; this Scenario is loaded "
+                                           "already (load it with them: clustersim.load(file, overrides))")
     sc = source if isinstance(source, Scenario) else load(source, overrides)
     p = plan(sc)
     res = run(p)
@@ -124,6 +130,9 @@ def sweep(source: Source, vary: Mapping[str, Iterable[Any]], overrides: Override
     of a combination's values to a point already run (``--resume``); ``on_point`` is called
     with each point as it finishes (a progress bar)."""
     base = _pairs(overrides)
+    for key, values in vary.items():                   # U41: a scalar raised Python's TypeError
+        if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+            raise ConfigError("--vary", str(key), f"give a list of values to vary it over; got {values!r}")
     axes = [[(key, v) for v in values] for key, values in vary.items()]
     for key, values in zip(vary, axes):
         if not values:

@@ -39,6 +39,21 @@ def save_figure(fig, path: str | Path) -> None:
         plt.close(fig)
 
 
+def gantt_rows(spans: list, p: Plan, max_rows: int) -> dict[str, list]:
+    """The chart's rows, in order, and their spans: the devices that ran something, then
+    the busiest transfers; up to a third of ``max_rows`` go to transfers where there are
+    more rows than that (U41: 128 GPUs left no row for a transfer, the allreduce a gap)."""
+    rows: dict[str, list] = defaultdict(list)
+    for s in spans:
+        rows[s.where].append(s)
+    devices = [d for row in p.devices for d in row] + list(p.ps.devices if p.ps else [])
+    busy = [d for d in dict.fromkeys(devices) if d in rows]
+    xfers = sorted((w for w in rows if "->" in w), key=lambda w: -sum(s.duration_s for s in rows[w]))
+    order = busy[:max_rows - min(len(xfers), max_rows // 3)]
+    order += xfers[:max_rows - len(order)]
+    return {w: rows[w] for w in order}
+
+
 def plot_step(trace: Trace, p: Plan, summary: dict, path: str | Path, step: int | None = None,
               max_rows: int = 24) -> None:
     """Gantt of one step (devices, then the busiest transfers) above device and link utilisation.
@@ -47,13 +62,8 @@ def plot_step(trace: Trace, p: Plan, summary: dict, path: str | Path, step: int 
     step = (len(steps) - 1 if steps else 0) if step is None else step
     spans = [s for s in trace.spans if s.step == step]
     t0 = min((s.start_s for s in spans), default=0.0)
-    rows: dict[str, list] = defaultdict(list)
-    for s in spans:
-        rows[s.where].append(s)
-    devices = [d for row in p.devices for d in row] + list(p.ps.devices if p.ps else [])
-    order = [d for d in dict.fromkeys(devices) if d in rows][:max_rows]
-    xfers = sorted((w for w in rows if "->" in w), key=lambda w: -sum(s.duration_s for s in rows[w]))
-    order += xfers[:max(0, max_rows - len(order))]
+    rows = gantt_rows(spans, p, max_rows)
+    order = list(rows)
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(11, 3 + 0.28 * len(order)),
                                   gridspec_kw={"height_ratios": [max(len(order), 3), 4]})
     span = max((s.end_s for s in spans), default=t0) - t0

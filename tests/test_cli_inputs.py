@@ -68,7 +68,7 @@ def test_a_plot_file_matplotlib_cannot_write_is_refused_before_any_work(tmp_path
     (["plan", QUICK, "--save", "{f}/p.json"], "{f}/p.json"),
     (["simulate", QUICK, "--set", "training.steps=1", "--trace", "{d}"], "--trace: {d}"),
     (["simulate", QUICK, "--set", "training.steps=1", "--plot", "{f}/p.png"], "--plot: {f}/p.png"),
-    (["sweep", QUICK, "--vary", "training.steps=1,2", "--out", "{f}/sw"], "{f}/sw.run.json")])
+    (["sweep", QUICK, "--vary", "training.steps=1,2", "--out", "{f}/sw"], "{f}/sw.json")])
 def test_an_output_path_that_cannot_be_written_is_one_line_naming_it(tmp_path, capsys, argv, where):
     """A file where a folder should be, or a folder where a file should be: one line naming
     the path (and the option where one asked for it), exit 2, the file in the way untouched."""
@@ -367,3 +367,28 @@ def test_a_device_on_the_wrong_machine_is_named_with_its_machine_by_simulate(tmp
     n = len(load_topology(str(f)).compute_devices())
     code, _, err = run(capsys, "simulate", QUICK, "--set", f"cluster.topology={f}", "--set", f"parallel.replicas={n}")
     assert code == 2 and "no route from m1.gpu4 to " in err and "(on machines 5 and " in err, err
+
+
+def test_an_output_through_a_symlink_or_to_a_fifo_is_written_there(tmp_path):
+    """U41: ``--trace`` to a symlink replaced the link with a file (its target untouched),
+    to a FIFO or a device (/dev/full) replaced that with a file too. A symlink's target is
+    written now and a FIFO gets the bytes; the link and the FIFO stay what they were."""
+    import os
+    import stat
+    import threading
+
+    from clustersim.core.trace import replace_atomic
+    target = tmp_path / "t.json"
+    target.write_text("old")
+    (tmp_path / "link.json").symlink_to("t.json")
+    replace_atomic(tmp_path / "link.json", lambda tmp: Path(tmp).write_text("new"))
+    assert (tmp_path / "link.json").is_symlink() and target.read_text() == "new"
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    replace_atomic(fifo, lambda path: Path(path).write_text("through"))
+    reader.join(timeout=10)
+    assert got == ["through"] and stat.S_ISFIFO(os.stat(fifo).st_mode)

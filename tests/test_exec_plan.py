@@ -96,3 +96,22 @@ def test_a_model_with_two_losses_is_refused_by_execute_in_one_line():
     with pytest.raises(ConfigError, match="model.name.*one loss"):
         check(sc, 1)
     check(load("scenarios/quickstart.toml", ["parallel.replicas=1"]), 1)       # one loss: fine
+
+
+def test_a_saved_plan_reads_its_model_file_by_its_path_and_refuses_it_changed(tmp_path, monkeypatch):
+    """U41: a plan saved from a scenario given by a relative path read its model file again
+    from the loader's working directory (ConfigError elsewhere), and a model file changed
+    since would have been run with the old ops. The path is absolute now, and a changed
+    model is refused."""
+    (tmp_path / "mf").mkdir()
+    (tmp_path / "mf" / "m.toml").write_text('name = "tiny"\ninput = [8]\nclasses = 3\n'
+                                            '[[layer]]\nkind = "dense"\nunits = 3\n[[layer]]\nkind = "softmax_xent"\n')
+    (tmp_path / "mf" / "scen.toml").write_text(SCENARIO.replace('name = "mlp-digits"', 'file = "m.toml"'))
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")
+    save_plan(plan(api.load("../mf/scen.toml")), tmp_path / "plan.json")
+    monkeypatch.chdir("/")
+    assert load_plan(tmp_path / "plan.json").scenario.model.params == 8 * 3 + 3
+    (tmp_path / "mf" / "m.toml").write_text((tmp_path / "mf" / "m.toml").read_text().replace("[8]", "[9]"))
+    with pytest.raises(ValueError, match="changed since the plan was made"):
+        load_plan(tmp_path / "plan.json")

@@ -102,3 +102,33 @@ def test_a_co_simulated_sweeps_table_shows_its_accuracy(capsys):
                  "--set", "training.time_limit_s=0", "--set", "training.target_accuracy=0.5"])
     header, *rows = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and header.split()[-5:] == ["accuracy", "to", "accuracy", "(s)", "staleness"] and len(rows) == 2
+
+
+def test_a_sweep_refused_for_its_input_keeps_the_earlier_runs_files(tmp_path, capsys):
+    """U41: a sweep to an existing --out whose input then proved bad (an unknown key, exit 2)
+    left PREFIX.json as [] and PREFIX.csv as its header: the earlier points were gone."""
+    from clustersim.cli import main
+    prefix = str(tmp_path / "q")
+    assert main(["sweep", "scenarios/quickstart.toml", "--vary", "parallel.replicas=1,2", "--set", "training.steps=2",
+                 "--out", prefix]) == 0
+    before = {suffix: Path(prefix + suffix).read_text() for suffix in (".json", ".csv", ".run.json")}
+    assert main(["sweep", "scenarios/quickstart.toml", "--vary", "parallel.replicas=1,2", "--set", "parallel.replicaz=3",
+                 "--out", prefix]) == 2
+    assert {suffix: Path(prefix + suffix).read_text() for suffix in before} == before
+    assert "unknown key" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_scenario_file_edited_since(tmp_path, capsys):
+    """U41: --resume took a scenario file edited between the runs (another topology): the
+    old points stood beside new ones and the speed-ups were against a stale first point."""
+    from clustersim.cli import main
+    mine = tmp_path / "mine.toml"
+    mine.write_text(Path("scenarios/quickstart.toml").read_text())
+    prefix = str(tmp_path / "r")
+    assert main(["sweep", str(mine), "--vary", "parallel.replicas=1,2", "--set", "training.steps=2",
+                 "--out", prefix]) == 0
+    mine.write_text(mine.read_text().replace('"dgx-h100"', '"pcie-4gpu"'))
+    code = main(["sweep", str(mine), "--vary", "parallel.replicas=1,2,4", "--set", "training.steps=2",
+                 "--out", prefix, "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds another run (the scenario file's sha256 " in err

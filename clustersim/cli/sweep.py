@@ -3,9 +3,13 @@ with a progress bar, written as it goes (``--out``) and resumable (``--resume``)
 from __future__ import annotations
 
 import csv
+import errno
+import hashlib
 import io
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from clustersim import api, report
@@ -84,12 +88,18 @@ def split_values(text: str) -> list[str]:
 
 def run_record(scenario: str, overrides: list[str], vary: dict) -> dict:
     """What a sweep is, for ``--resume`` to compare: the scenario (a built-in's name, else
-    its absolute path), the ``--set`` overrides (the last of a key wins, as in ``load``)
-    and the varied keys; varied values may grow between runs."""
+    its absolute path) and the sha256 of its text (U41: a file edited between the runs was
+    resumed, old points beside new; files it names are not hashed), the ``--set`` overrides
+    (the last of a key wins, as in ``load``) and the varied keys; varied values may grow
+    between runs."""
     path = scenario_file(scenario).resolve()
     builtin = path.parent == builtin_scenario_folder().resolve()
-    record = {"scenario": path.stem if builtin else str(path), "set": dict(parse_set(overrides)),
-              "vary": sorted(vary)}
+    try:
+        content = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError:
+        content = ""                          # load reports it, naming the file
+    record = {"scenario": path.stem if builtin else str(path), "content": content,
+              "set": dict(parse_set(overrides)), "vary": sorted(vary)}
     return json.loads(json.dumps(record, default=str))   # as it reads back from the file
 
 
@@ -104,8 +114,9 @@ def previous(prefix: str, record: dict, vary: dict) -> dict[tuple, dict]:
         raise ConfigError(str(path), "", f"cannot tell what run it holds (no record of it in {held}); "
                                          "rerun without --resume, or give another --out")
     differs = [f"{what} {_shown(earlier.get(key), record[key])} there, {_shown(record[key], earlier.get(key))} here"
-               for key, what in (("scenario", "scenario"), ("set", "--set"), ("vary", "--vary keys"))
-               if earlier.get(key) != record[key]]
+               for key, what in (("scenario", "scenario"), ("content", "the scenario file's sha256"),
+                                 ("set", "--set"), ("vary", "--vary keys"))
+               if earlier.get(key) != record[key] and (key in earlier or key != "content")]   # older records: no hash
     if differs:
         raise ConfigError(str(path), "", f"holds another run ({'; '.join(differs)}); rerun without --resume, "
                                          "or give another --out")
@@ -161,6 +172,22 @@ def save(prefix: str, points: list[dict], vary: dict, record: dict) -> None:
         api.write_atomic(held, json.dumps(record, indent=2))
 
 
+def check_writable(prefix: str) -> None:
+    """A PREFIX whose files cannot be written is one line before any point runs, and nothing
+    is written yet (U41: an empty save here wiped an earlier run's points when the input then
+    proved bad): each file is not a folder, and its folder takes a new file."""
+    for path in (Path(prefix + ".json"), Path(prefix + ".csv"), Path(prefix + RUN)):
+        try:
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as exc:
+            raise unwritable(path, exc) from None
+
+
 def run(args) -> int:
     vary = parse_vary(args.vary)
     if args.resume and not args.out:
@@ -171,8 +198,8 @@ def run(args) -> int:
     total = 1
     for values in vary.values():
         total *= len(values)
-    if args.out:                 # a PREFIX that cannot be written is one line before any point runs
-        save(args.out, finished, vary, record)
+    if args.out:
+        check_writable(args.out)
     bar = _progress(total, len(done))
 
     def on_point(point: dict) -> None:

@@ -1,12 +1,16 @@
 """A Plan as plain JSON data, so the launcher plans once and hands the Plan to the ranks.
 
-The scenario travels as its validated tables (``Scenario.raw``) and file name and is
-rebuilt from them (topology and model included); every partitioning and schedule
-decision travels as made: nothing is planned again on the other side.
+The scenario travels as its validated tables (``Scenario.raw``) and its file's absolute
+path, and is rebuilt from them: a model or topology file it names is read again there, by
+the same path (U41: a relative one was read from the loader's working directory), and a
+digest of the model and the devices refuses a plan whose files changed since it was made;
+every partitioning and schedule decision travels as made: nothing is planned again on the
+other side.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,11 +19,19 @@ from clustersim.core.scenario import scenario_from_dict
 from clustersim.core.schedule import Schedule
 from clustersim.core.trace import write_atomic
 
-VERSION = 3                    # 2: transfers name the layer they carry (Op.producer); 3: a tensor split's parts
+VERSION = 4                    # 2: transfers name the layer they carry (Op.producer); 3: a tensor split's parts;
+                               # 4: the scenario's absolute path and the digest of what it read
+
+
+def digest(sc) -> str:
+    """What a Plan's ops were made from that its scenario's tables do not hold: the model
+    (maybe a model file) and the devices (maybe a cluster file)."""
+    return hashlib.sha256(repr((sc.model, sorted(sc.topology.devices.items()))).encode()).hexdigest()[:16]
 
 
 def plan_to_dict(p: Plan) -> dict:
-    return {"version": VERSION, "scenario": {"file": p.scenario.file, "tables": p.scenario.raw},
+    return {"version": VERSION, "scenario": {"file": str(Path(p.scenario.file).resolve()), "tables": p.scenario.raw,
+                                             "digest": digest(p.scenario)},
             "slices": p.slices, "axes": p.axes, "ops": [dataclasses.asdict(op) for op in p.ops],
             "devices": p.devices, "slot_params": p.slot_params, "sync": p.sync,
             "ps": dataclasses.asdict(p.ps) if p.ps else None, "schedule": dataclasses.asdict(p.schedule),
@@ -36,6 +48,9 @@ def plan_from_dict(d: dict) -> Plan:
     if not isinstance(d, dict) or d.get("version") != VERSION:
         raise ValueError(f"not a clustersim plan of version {VERSION}")
     sc = scenario_from_dict(d["scenario"]["tables"], d["scenario"]["file"])
+    if digest(sc) != d["scenario"]["digest"]:
+        raise ValueError(f"the model or cluster that {d['scenario']['file']} names changed since the plan was made; "
+                         f"plan it again")
     ops = tuple(Op(**{**o, "deps": tuple(o["deps"])}) for o in d["ops"])
     ps = PSLayout(**{k: _tuples(v) for k, v in d["ps"].items()}) if d["ps"] else None
     sched = Schedule(**{k: _tuples(v) for k, v in d["schedule"].items()})

@@ -148,13 +148,22 @@ def replace_atomic(path: str | Path, write) -> None:
     """Calls ``write(tmp_path)`` on a temporary file beside ``path``, then renames it into
     place with the usual permissions: the file is whole or absent, never half-written.  A
     path that cannot be written (a file where a folder should be, a folder, no permission)
-    raises ConfigError naming it: one line, nothing else written."""
-    path = Path(path)
+    raises ConfigError naming it: one line, nothing else written.  A symlink's target is
+    written (the link stays), and a path that is neither a file nor a folder (a FIFO, a
+    device, /dev/stdout) is written in place: U41 found a trace to /dev/full replacing the
+    device with a file, and a symlink replaced instead of its target written."""
+    shown, path = Path(path), Path(os.path.realpath(path))
+    if path.exists() and not path.is_file() and not path.is_dir():
+        try:
+            write(str(path))
+        except OSError as exc:
+            raise unwritable(shown, exc) from None
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
     except OSError as exc:
-        raise unwritable(path, exc) from None
+        raise unwritable(shown, exc) from None
     os.close(fd)
     try:
         write(tmp)
@@ -164,7 +173,7 @@ def replace_atomic(path: str | Path, write) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise unwritable(path, exc) from None
+        raise unwritable(shown, exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
