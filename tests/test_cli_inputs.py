@@ -392,3 +392,18 @@ def test_an_output_through_a_symlink_or_to_a_fifo_is_written_there(tmp_path):
     replace_atomic(fifo, lambda path: Path(path).write_text("through"))
     reader.join(timeout=10)
     assert got == ["through"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_dev_stdout_is_written_through_and_a_dangling_links_folder_is_not_made(tmp_path, capfd):
+    """Review R39: /dev/stdout (a link into /proc) resolved to a path that was not there, or,
+    redirected to a file, replaced that file; a dangling symlink had its target's missing
+    folders made. /dev and /proc paths are written in place through the path given, and a
+    dangling link whose folder is missing is refused as the shell's ``>`` refuses it."""
+    from clustersim.core.config import ConfigError
+    from clustersim.core.trace import write_atomic
+    write_atomic("/dev/stdout", "to stdout\n")
+    assert capfd.readouterr().out == "to stdout\n"
+    (tmp_path / "dangling").symlink_to("nowhere/deep/t.txt")
+    with pytest.raises(ConfigError, match="dangling: cannot write there"):
+        write_atomic(tmp_path / "dangling", "x")
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["dangling"]

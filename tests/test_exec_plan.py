@@ -115,3 +115,16 @@ def test_a_saved_plan_reads_its_model_file_by_its_path_and_refuses_it_changed(tm
     (tmp_path / "mf" / "m.toml").write_text((tmp_path / "mf" / "m.toml").read_text().replace("[8]", "[9]"))
     with pytest.raises(ValueError, match="changed since the plan was made"):
         load_plan(tmp_path / "plan.json")
+
+
+def test_a_plan_of_a_symlinked_scenario_reads_its_files_beside_the_link(tmp_path):
+    """Review R39: the plan kept the link's target's path, so a model file named beside the
+    link (where load and simulate look) was not found when the plan was loaded."""
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "store").mkdir()
+    (tmp_path / "proj" / "m.toml").write_text('name = "tiny"\ninput = [8]\nclasses = 3\n'
+                                              '[[layer]]\nkind = "dense"\nunits = 3\n[[layer]]\nkind = "softmax_xent"\n')
+    (tmp_path / "store" / "scen.toml").write_text(SCENARIO.replace('name = "mlp-digits"', 'file = "m.toml"'))
+    (tmp_path / "proj" / "scen.toml").symlink_to(tmp_path / "store" / "scen.toml")
+    save_plan(plan(api.load(tmp_path / "proj" / "scen.toml")), tmp_path / "plan.json")
+    assert load_plan(tmp_path / "plan.json").scenario.model.params == 8 * 3 + 3

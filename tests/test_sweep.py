@@ -132,3 +132,17 @@ def test_resume_refuses_a_scenario_file_edited_since(tmp_path, capsys):
                  "--out", prefix, "--resume"])
     err = capsys.readouterr().err
     assert code == 2 and "holds another run (the scenario file's sha256 " in err
+
+
+def test_resume_takes_a_record_written_before_it_held_the_files_hash(tmp_path, capsys):
+    """Records of sweeps run before the scenario file's sha256 was kept still resume."""
+    from clustersim.cli import main
+    prefix = str(tmp_path / "r")
+    args = ["sweep", "scenarios/quickstart.toml", "--vary", "parallel.replicas=1,2", "--set", "training.steps=2",
+            "--out", prefix]
+    assert main(args) == 0
+    record = json.loads(Path(prefix + ".run.json").read_text())
+    del record["content"]
+    Path(prefix + ".run.json").write_text(json.dumps(record))
+    assert main(args[:3] + ["parallel.replicas=1,2,4"] + args[4:] + ["--resume"]) == 0
+    assert "content" in json.loads(Path(prefix + ".run.json").read_text())

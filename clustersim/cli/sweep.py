@@ -176,7 +176,7 @@ def check_writable(prefix: str) -> None:
     """A PREFIX whose files cannot be written is one line before any point runs, and nothing
     is written yet (U41: an empty save here wiped an earlier run's points when the input then
     proved bad): each file is not a folder, and its folder takes a new file."""
-    for path in (Path(prefix + ".json"), Path(prefix + ".csv"), Path(prefix + RUN)):
+    for path in (Path(os.path.realpath(prefix + end)) for end in (".json", ".csv", RUN)):   # where they go
         try:
             if path.is_dir():
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))

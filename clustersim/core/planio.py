@@ -1,7 +1,7 @@
 """A Plan as plain JSON data, so the launcher plans once and hands the Plan to the ranks.
 
 The scenario travels as its validated tables (``Scenario.raw``) and its file's absolute
-path, and is rebuilt from them: a model or topology file it names is read again there, by
+path (a symlink's own, not its target's: files are named beside it), and is rebuilt from them: a model or topology file it names is read again there, by
 the same path (U41: a relative one was read from the loader's working directory), and a
 digest of the model and the devices refuses a plan whose files changed since it was made;
 every partitioning and schedule decision travels as made: nothing is planned again on the
@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from clustersim.core.plan import Op, Plan, PSLayout
@@ -30,7 +31,7 @@ def digest(sc) -> str:
 
 
 def plan_to_dict(p: Plan) -> dict:
-    return {"version": VERSION, "scenario": {"file": str(Path(p.scenario.file).resolve()), "tables": p.scenario.raw,
+    return {"version": VERSION, "scenario": {"file": os.path.abspath(p.scenario.file), "tables": p.scenario.raw,
                                              "digest": digest(p.scenario)},
             "slices": p.slices, "axes": p.axes, "ops": [dataclasses.asdict(op) for op in p.ops],
             "devices": p.devices, "slot_params": p.slot_params, "sync": p.sync,
@@ -49,8 +50,8 @@ def plan_from_dict(d: dict) -> Plan:
         raise ValueError(f"not a clustersim plan of version {VERSION}")
     sc = scenario_from_dict(d["scenario"]["tables"], d["scenario"]["file"])
     if digest(sc) != d["scenario"]["digest"]:
-        raise ValueError(f"the model or cluster that {d['scenario']['file']} names changed since the plan was made; "
-                         f"plan it again")
+        raise ValueError(f"its model or cluster is not what {d['scenario']['file']} gives now (a file it names "
+                         f"changed since the plan was made, or the plan was built in code): plan it from the files")
     ops = tuple(Op(**{**o, "deps": tuple(o["deps"])}) for o in d["ops"])
     ps = PSLayout(**{k: _tuples(v) for k, v in d["ps"].items()}) if d["ps"] else None
     sched = Schedule(**{k: _tuples(v) for k, v in d["schedule"].items()})

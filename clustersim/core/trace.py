@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -149,18 +150,27 @@ def replace_atomic(path: str | Path, write) -> None:
     place with the usual permissions: the file is whole or absent, never half-written.  A
     path that cannot be written (a file where a folder should be, a folder, no permission)
     raises ConfigError naming it: one line, nothing else written.  A symlink's target is
-    written (the link stays), and a path that is neither a file nor a folder (a FIFO, a
-    device, /dev/stdout) is written in place: U41 found a trace to /dev/full replacing the
-    device with a file, and a symlink replaced instead of its target written."""
-    shown, path = Path(path), Path(os.path.realpath(path))
-    if path.exists() and not path.is_file() and not path.is_dir():
+    written (the link stays; a dangling one's folder must exist, as for the shell's ``>``),
+    and a path that is neither a file nor a folder (a FIFO, a device) or lies under /dev or
+    /proc (/dev/stdout, /dev/fd/N, whatever they lead to) is written in place, through the
+    path given: U41 found a trace to /dev/full replacing the device with a file, and a
+    symlink replaced instead of its target written."""
+    shown = Path(path)
+    try:
+        kind = os.stat(shown).st_mode              # follows links, /proc's too
+    except OSError:
+        kind = None
+    special = os.path.abspath(shown).startswith(("/dev/", "/proc/"))
+    if special or (kind is not None and not stat.S_ISREG(kind) and not stat.S_ISDIR(kind)):
         try:
-            write(str(path))
+            write(str(shown))
         except OSError as exc:
             raise unwritable(shown, exc) from None
         return
+    path = Path(os.path.realpath(shown))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not shown.is_symlink():
+            path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
     except OSError as exc:
         raise unwritable(shown, exc) from None
