@@ -70,6 +70,8 @@ def summary_text(s: dict) -> str:
                      f"{s['lost_work_samples']} samples of work lost"
                      + (f"; {s['run_samples_per_s']:.4g} samples/s over the whole run" if "run_samples_per_s" in s
                         and "stalled_at_s" not in s else ""))
+    elif "run_samples_per_s" in s:                     # checkpoints without failures
+        lines.append(f"  checkpoints      {s['run_samples_per_s']:.4g} samples/s over the whole run, writes included")
     if "accuracy" in s:
         tta = s["time_to_accuracy_s"]
         lines.append(f"  accuracy         {s['accuracy']:.2%} (loss {s['loss']:.4g}); "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+import itertools
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from sim.faults import failure_schedule, slowdowns
 from sim.fluid import fire_now, supersede
 from sim.network import BACKENDS
 from clustersim.core.plan import PARAM_BYTES, Plan, cost_key, reruns, split_key
+from clustersim.core.scenario import Failure
 from sim.kernel_model import op_work
 from clustersim.core.topology import NoRoute, Topology
 from clustersim.core.trace import Span, Trace, Update
@@ -126,6 +128,11 @@ class Engine:
         used = sorted({d for row in plan.devices for d in row} | set(plan.ps.devices if plan.ps else ()))
         self.failures = failure_schedule(sc, used, self.rng)
         self._next_failure: simpy.Event | None = None   # the timer of the next failure to come
+        self._due = [(f.at_s, k, f) for k, f in enumerate(self.failures)]   # a heap: what is yet to fail
+        heapq.heapify(self._due)
+        self._rearm: simpy.Event | None = None          # fires when a failure earlier than the timer's comes
+        self._renewed = set(used) if sc.faults.mtbf_s > 0 else set()   # replaced, these fail again (mtbf)
+        self._drawn = itertools.count(len(self.failures))           # the heap's tie-break for those
         if self.failures:
             self.env.process(self._inject())
         self._noise_timer: simpy.Event | None = None
@@ -196,10 +203,19 @@ class Engine:
 
     # --- faults ------------------------------------------------------------------------------
     def _inject(self):
-        for f in self.failures:
-            self._next_failure = self.env.timeout(max(0.0, f.at_s - self.env.now))
+        """Each failure at its time, earliest first: the scenario's and, with ``mtbf_s``, a
+        replaced device's next (``replace``; U43: a device failed once a run, so a run of
+        many MTBFs went failure-free after its first restarts)."""
+        due = self._due
+        while due:
+            self._next_failure = self.env.timeout(max(0.0, due[0][0] - self.env.now))
             self._next_failure.stale = BACKGROUND      # a job with nothing else due is stalled: no later failure
-            yield self._next_failure
+            self._rearm = self.env.event()
+            yield self.env.any_of([self._next_failure, self._rearm])
+            if self._rearm.triggered:                  # an earlier one came: wait for it instead
+                supersede(self._next_failure)
+                continue
+            f = heapq.heappop(due)[2]
             for dev in f.devices:
                 self.failed.setdefault(dev, self.env.now)
                 self.failed_ever.setdefault(dev, self.env.now)
@@ -284,7 +300,14 @@ class Engine:
         return self._back.setdefault(device, self.env.event())
 
     def replace(self, device: str) -> None:
-        """A failed device is up again (a replacement); it can fail again later."""
+        """A failed device is up again (a replacement); it can fail again later: with
+        ``mtbf_s``, after a new exponential time from now."""
+        if device in self._renewed and device in self.failed:
+            at = self.env.now + float(self.rng.exponential(self.plan.scenario.faults.mtbf_s))
+            earlier = not self._due or at < self._due[0][0]
+            heapq.heappush(self._due, (at, next(self._drawn), Failure(at, (device,))))
+            if earlier and self._rearm is not None and not self._rearm.triggered:
+                self._rearm.succeed()
         self.failed.pop(device, None)
         self._lost.pop(device, None)
         self.blocked.pop(device, None)          # what waited on it is no longer held up there
@@ -438,6 +461,8 @@ class Engine:
         key = ("layout", self.network.topology, op, algo, tuple(devices), nbytes)
         coll = self._collectives.get(key)
         if coll is None:                       # steps repeat their collectives: laid out once (shortcut)
+            if algo == "hierarchical" and not self.network.topology.even_machines(devices):
+                algo = "ring"                  # failures left machines uneven (U43: a traceback); plan refuses it
             try:
                 coll = collectives.layout(self.network.topology, op, algo, devices, nbytes, cache=self._collectives)
             except NoRoute as exc:             # the tuner's trial run found a route cut

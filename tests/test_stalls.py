@@ -491,3 +491,51 @@ def test_sync_throughput_counts_the_gradients_a_step_applies_not_the_backups_dro
     assert set(applied) == {4 - backups}
     d, batch = res.data, res.plan.scenario.batch_size
     assert d["samples_per_s"] * d["step_time_s"] == pytest.approx(batch * (4 - backups))
+
+
+def test_a_hierarchical_allreduce_on_uneven_machines_is_refused_and_after_a_failure_runs_as_a_ring():
+    """U43: 12 replicas on two DGX (8 + 4), or 16 after one failed under "continue" (8 + 7),
+    ended in a 39-line traceback from the layout. Planned so: one line naming
+    training.allreduce; left so by a failure: the group's allreduce runs as a ring."""
+    from clustersim import api
+    base = {"cluster.machines": 2, "training.allreduce": "hierarchical", "training.steps": 6}
+    with pytest.raises(ConfigError, match="training.allreduce: hierarchical needs as many replicas on every machine"):
+        plan(api.load("scenarios/alexnet-fat-tree.toml", {**base, "parallel.replicas": 12}))
+    out = api.simulate("scenarios/alexnet-fat-tree.toml",
+                       {**base, "parallel.replicas": 16, "faults.detect_timeout_s": 0.001,
+                        "faults.fail": [{"device": "m1.gpu5", "at_s": 0.003}]}, speedup=False)
+    assert "stalled_at_s" not in out.data and len(out.trace.step_ends) == 6
+    assert out.data["failed_devices"] == ["m1.gpu5"]
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_a_checkpoint_write_is_in_the_runs_rate_not_the_steps(every):
+    """U43: step_time_s read the write of every step's checkpoint as a 246 ms step (every 1),
+    the mean of a short and a long step (every 2), or nothing (every 3 and up): throughput,
+    time to train and cost jumped with checkpoint_every. The steps leave the writes out;
+    run_samples_per_s, over the run, has them."""
+    from clustersim import api
+    base = {"cluster.machines": 2, "parallel.replicas": 16, "training.steps": 6}
+    plain = api.simulate("scenarios/alexnet-fat-tree.toml", base, speedup=False).data
+    out = api.simulate("scenarios/alexnet-fat-tree.toml", {**base, "faults.checkpoint_every": every},
+                       speedup=False).data
+    assert out["step_time_s"] == pytest.approx(plain["step_time_s"], rel=1e-9)
+    writes = 6 // every
+    write_s = 61_100_840 * 4 / 1e9                          # alexnet's parameters x 4 B at 1 GB/s
+    assert out["sim_time_s"] == pytest.approx(plain["sim_time_s"] + writes * write_s, rel=1e-6)
+    assert out["run_samples_per_s"] == pytest.approx(16 * 64 * 6 / out["sim_time_s"], rel=1e-9)
+
+
+def test_mtbf_fails_a_replaced_device_again():
+    """U43: each device failed once a run (one draw each), so a run of many MTBFs went
+    failure-free after its first restarts: 8 restarts in 16 ms of a 212 ms run at 10 ms.
+    A replacement draws its next failure from then on."""
+    from clustersim import api
+    res = api.simulate("scenarios/quickstart.toml", {"training.steps": 3000, "faults.mtbf_s": 0.01,
+                                                     "faults.on_failure": "restart", "faults.restart_s": 0.0001,
+                                                     "faults.detect_timeout_s": 0.00001,
+                                                     "faults.checkpoint_every": 10}, speedup=False)
+    fails = [s for s in res.trace.spans if s.phase == "failure"]
+    per = {d: sum(1 for s in fails if s.where == d) for d in res.plan.devices[0] + tuple(r[0] for r in res.plan.devices)}
+    late = [s for s in fails if s.start_s > res.sim_time_s / 2]
+    assert len(fails) > 8 * res.sim_time_s / 0.01 / 2 and all(n > 3 for n in per.values()) and late

@@ -4,6 +4,7 @@
 ``wall_s`` and ``engine`` (the simulator's, or None)."""
 from __future__ import annotations
 
+import bisect
 import statistics
 from collections import defaultdict
 
@@ -116,8 +117,16 @@ def sync_stretch(p: Plan, res) -> tuple[list[float], int]:
     replica is left, when the restart brings every one back) runs in stretches
     (``Engine.sync_phases``): the last one with a step after its first (which waited out the
     detection, or finished without the failed replica).  A restart replaces the failed
-    machines: one stretch.  Otherwise every step and every replica."""
+    machines: one stretch.  Otherwise every step and every replica.  A step's checkpoint
+    write (``faults.checkpoint_every``; its wait span at "checkpoint") is not its time: it is in
+    the run's rate (``run_samples_per_s``), not the steps' (U43: every 1 read the write as
+    a 246 ms step, every 2 the mean of two steps, every 3 none of it)."""
     steps = res.trace.step_times()
+    if p.scenario.faults.checkpoint_every:
+        ends = res.trace.step_ends
+        for s in res.trace.spans:             # a write ends its step: the step whose end is its own
+            if s.where == "checkpoint" and s.kind == "wait" and (k := bisect.bisect_left(ends, s.end_s)) < len(ends):
+                steps[k] -= s.duration_s
     phases = getattr(getattr(res, "engine", None), "sync_phases", [(0, p.replicas)])
     if p.scenario.training.algorithm != "sync" or len(phases) < 2:
         return steps, p.replicas
@@ -184,6 +193,8 @@ def async_metrics(p: Plan, res) -> dict:
         out["failed_transfers"] = eng.failed_transfers
         if p.scenario.training.algorithm == "sync":
             out["run_samples_per_s"] = run_rate(p, tr, makespan)
+    elif eng is not None and p.scenario.faults.checkpoint_every and p.scenario.training.algorithm == "sync":
+        out["run_samples_per_s"] = run_rate(p, tr, makespan)    # the checkpoint writes' cost, which steps leave out
     return out
 
 

@@ -125,6 +125,13 @@ def plan(sc: Scenario, check_memory: bool = True, ops: bool = True) -> Plan:
     for _, slot, _, n in table_copies(model, slices, par.tensor):
         slot_params[slot] += n
     devices, ps = _place(sc, slices, slot_params)
+    if sc.training.allreduce == "hierarchical" and not ps and par.replicas > 1:
+        uneven = next((j for j in range(par.devices_per_replica)
+                       if not sc.topology.even_machines([row[j] for row in devices])), None)
+        if uneven is not None:                      # U43: a traceback from the layout at the first allreduce
+            raise ConfigError(sc.file, "training.allreduce",
+                              f"hierarchical needs as many replicas on every machine; slot {uneven}'s "
+                              f"{par.replicas} sit unevenly on {sc.topology.name}'s machines (set ring, tree or auto)")
     sync = "ps" if par.ps_shards else ("allreduce" if par.replicas > 1 else "none")
     p = Plan(sc, slices, axes, (), devices, tuple(slot_params), sync, ps, schedule_of(sc), parts=parts)
     p.memory.update(memory_use(p))                   # needs no ops: a plan that does not fit says so at once

@@ -260,6 +260,14 @@ class Topology:
     def machine_of(self, name: str) -> int | None:
         return self.devices[name].machine
 
+    def even_machines(self, devices) -> bool:
+        """Whether every machine of ``devices`` holds as many of them: what a hierarchical
+        allreduce needs (a reduce-scatter inside each machine, one ring a rail across)."""
+        counts: dict = {}
+        for d in devices:
+            counts[self.machine_of(d)] = counts.get(self.machine_of(d), 0) + 1
+        return len(set(counts.values())) <= 1
+
     # --- routing -------------------------------------------------------------------------
     def neighbors(self, node: str) -> list[str]:
         """The devices ``node`` has a link to, as routing sees them (cut links left out)."""

@@ -209,8 +209,10 @@ def _replica_with_push(engine: Engine, r: int, step: int, free: dict, runs: list
     parameters (Chen et al. 2016), so no backlog of old steps builds up behind it."""
     env, plan = engine.env, engine.plan
     ps = plan.ps
-    mine, ready = issued[0], free[r]          # ready: read now, for this step's apply replaces free[r] (R38:
-    if busy is not None and not busy.triggered:   # with this very step's ``computed`` in it, a wait on itself)
+    # free[r] is read now: this step's apply replaces it, with this very step's ``computed``
+    # in it, and waiting on that the replica waited on itself for good (review R38)
+    mine, ready = issued[0], free[r]
+    if busy is not None and not busy.triggered:
         yield busy                            # computing (not waiting): no wait span
     if issued[0] > mine:
         computed.succeed()
