@@ -66,7 +66,7 @@ def summary_text(s: dict) -> str:
         lines.append("  shards           " + ", ".join(f"{u:.4g}/s" for u in s["shard_updates_per_s"]) +
                      "  busy " + ", ".join(f"{v:.0%}" for v in s["shard_utilisation"].values()))
     if "lost_work_samples" in s:
-        lines.append(f"  failures         {', '.join(s['failed_devices']) or 'links only'}; "
+        lines.append(f"  failures         {', '.join(s['failed_devices'] + s.get('failed_links', [])) or 'none named'}; "
                      f"{s['lost_work_samples']} samples of work lost"
                      + (f"; {s['run_samples_per_s']:.4g} samples/s over the whole run" if "run_samples_per_s" in s
                         and "stalled_at_s" not in s else ""))

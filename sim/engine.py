@@ -109,6 +109,7 @@ class Engine:
         self._nccl_speed = collectives.nccl_link_speed(sc.topology, 1.0, self._collectives if shortcut else None)
         self.failed: dict[str, float] = {}          # device -> time it failed (until a restart replaces it)
         self.failed_ever: dict[str, float] = {}     # every device that failed in the run, and when
+        self.failed_links: list[str] = []           # every link cut in the run ("a-b"), in order
         self.failed_transfers = 0
         self.blocked: dict[str, str] = {}           # dead end (device or link) -> the first message it held up
         self._lost: dict[str, simpy.Event] = {}     # device -> fires when it fails
@@ -133,6 +134,10 @@ class Engine:
         self._rearm: simpy.Event | None = None          # fires when a failure earlier than the timer's comes
         self._renewed = set(used) if sc.faults.mtbf_s > 0 else set()   # replaced, these fail again (mtbf)
         self._drawn = itertools.count(len(self.failures))           # the heap's tie-break for those
+        given = set(sc.faults.failures)
+        self._mtbf_due = {f.devices[0] for f in self.failures if f not in given}   # devices with a draw to come
+        self._stopped = False                                         # the job is over: nothing fails now
+        self.stall_note = ""                                          # the algorithm's own word on a stall
         if self.failures:
             self.env.process(self._inject())
         self._noise_timer: simpy.Event | None = None
@@ -206,16 +211,21 @@ class Engine:
         """Each failure at its time, earliest first: the scenario's and, with ``mtbf_s``, a
         replaced device's next (``replace``; U43: a device failed once a run, so a run of
         many MTBFs went failure-free after its first restarts)."""
-        due = self._due
-        while due:
+        due, given = self._due, set(self.plan.scenario.faults.failures)
+        while not self._stopped:
+            self._rearm = self.env.event()
+            if not due:                                # R40: a replacement's draw may come later
+                yield self._rearm                      # (not queued: a stalled job still ends)
+                continue
             self._next_failure = self.env.timeout(max(0.0, due[0][0] - self.env.now))
             self._next_failure.stale = BACKGROUND      # a job with nothing else due is stalled: no later failure
-            self._rearm = self.env.event()
             yield self.env.any_of([self._next_failure, self._rearm])
-            if self._rearm.triggered:                  # an earlier one came: wait for it instead
+            if self._rearm.triggered or self._stopped:     # an earlier one came: wait for it instead
                 supersede(self._next_failure)
                 continue
             f = heapq.heappop(due)[2]
+            if f not in given:
+                self._mtbf_due.discard(f.devices[0])
             for dev in f.devices:
                 self.failed.setdefault(dev, self.env.now)
                 self.failed_ever.setdefault(dev, self.env.now)
@@ -223,6 +233,7 @@ class Engine:
                     self._lost[dev].succeed(dev)
             if f.link:
                 self.network.topology = self.network.topology.without_link(*f.link)
+                self.failed_links.append("-".join(f.link))
             self.trace.add(Span("failure", "wait", ",".join(f.devices) or "-".join(f.link), -1, -1,
                                 self.env.now, self.env.now, phase="failure"))
             signal, self.failure_signal = self.failure_signal, self.env.event()
@@ -231,6 +242,7 @@ class Engine:
     def stop_failures(self) -> None:
         """The job is over: a failure still to come does not happen, nor move the clock; nor
         does the host noise's next window."""
+        self._stopped = True
         supersede(self._next_failure)
         supersede(self._noise_timer)
 
@@ -302,7 +314,8 @@ class Engine:
     def replace(self, device: str) -> None:
         """A failed device is up again (a replacement); it can fail again later: with
         ``mtbf_s``, after a new exponential time from now."""
-        if device in self._renewed and device in self.failed:
+        if device in self._renewed and device in self.failed and device not in self._mtbf_due and not self._stopped:
+            self._mtbf_due.add(device)                 # one draw to come a device (R40: explicit failures added more)
             at = self.env.now + float(self.rng.exponential(self.plan.scenario.faults.mtbf_s))
             earlier = not self._due or at < self._due[0][0]
             heapq.heappush(self._due, (at, next(self._drawn), Failure(at, (device,))))
@@ -326,7 +339,10 @@ class Engine:
 
     def stall_reason(self) -> str:
         """Which failed devices or cut links the waiting work depends on, in words: those a
-        message or collective is held up at, then every other device down now."""
+        message or collective is held up at, then every other device down now; or the
+        algorithm's own word (``stall_note``: a job that cannot get past its failures)."""
+        if self.stall_note:
+            return self.stall_note
         plan = self.plan
         shards = {d: k for k, d in enumerate(plan.ps.devices)} if plan.ps else {}
         owner = {d: r for r, row in enumerate(plan.devices) for d in row}

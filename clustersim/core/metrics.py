@@ -187,8 +187,9 @@ def async_metrics(p: Plan, res) -> dict:
             waits[s.replica] += s.duration_s
     if waits:
         out["replica_wait_fraction"] = {r: waits.get(r, 0.0) / makespan for r in range(p.replicas)}
-    if eng is not None and (eng.failed_ever or eng.lost_samples or eng.failed_transfers):
+    if eng is not None and (eng.failed_ever or eng.lost_samples or eng.failed_transfers or eng.failed_links):
         out["failed_devices"] = sorted(eng.failed_ever)
+        out["failed_links"] = list(eng.failed_links)     # U43: a cut that rerouted said nothing
         out["lost_work_samples"] = eng.lost_samples
         out["failed_transfers"] = eng.failed_transfers
         if p.scenario.training.algorithm == "sync":

@@ -25,6 +25,9 @@ from .ps import send_params
 from clustersim.core.schedule import apply_cost, update_cost
 
 
+RESTARTS_IN_VAIN = 100    # a sync job restarting this often without a new checkpoint is stalled
+
+
 def run_sync(engine: Engine, steps: int):
     env, plan = engine.env, engine.plan
     sc = plan.scenario
@@ -34,6 +37,7 @@ def run_sync(engine: Engine, steps: int):
     working: dict = {}                        # backup mode: replica -> its last step's graph done
     issued = [0]                              # backup mode: steps started so far (restarts go on counting)
     last_checkpoint, step = 0, 0
+    in_vain = 0                               # restarts in a row back to the same checkpoint
     engine.log("checkpoint", -1, -1, 0)
     while step < steps:
         if tr.time_limit_s and env.now >= tr.time_limit_s:
@@ -56,6 +60,13 @@ def run_sync(engine: Engine, steps: int):
                     engine.sync_phases.append((len(engine.trace.step_ends), len(active)))
                 yield from _restart(engine, step, last_checkpoint, dead)
                 step = last_checkpoint
+                in_vain += 1
+                if in_vain >= RESTARTS_IN_VAIN:   # R40: with mtbf renewed a job could restart for ever
+                    engine.stall_note = (f"no progress: {in_vain} restarts in a row back to step {step}'s "
+                                         "checkpoint (failures come faster than " +
+                                         (f"checkpoint_every = {faults.checkpoint_every} steps complete)"
+                                          if faults.checkpoint_every else "the run completes: no checkpoints)"))
+                    yield env.event()
             else:
                 active = [r for r in active if r not in dead]
                 engine.sync_phases.append((len(engine.trace.step_ends), len(active)))
@@ -79,7 +90,7 @@ def run_sync(engine: Engine, steps: int):
             seconds = sum(plan.slot_params) * PARAM_BYTES / (faults.checkpoint_gbps * 1e9)
             yield engine.wait(env.timeout(seconds), "checkpoint", -1, step, "checkpoint")
             engine.log("checkpoint", -1, -1, step)
-            last_checkpoint = step
+            last_checkpoint, in_vain = step, 0
         engine.trace.step_ends.append(env.now)
 
 
