@@ -592,3 +592,20 @@ def test_an_explicit_failure_does_not_add_a_second_mtbf_draw():
     res = simulate(plan(sc))
     due = [f.devices[0] for _, _, f in res.engine._due]
     assert due.count("m0.gpu0") == 1 and len(due) == len(set(due)) == 8
+
+
+def test_a_restart_loses_each_step_with_the_replicas_that_ran_it():
+    """U43: after "continue" dropped a replica and the last one's failure restarted the job,
+    the steps since the checkpoint counted every replica: 1,088 samples lost where 768 were
+    (a steps by 2 replicas, b by 1, and the two steps in flight, 128 and 64)."""
+    from clustersim import api
+    res = simulate(plan(api.load("scenarios/alexnet-fat-tree.toml", {
+        "cluster.machines": 1, "parallel.replicas": 2, "training.steps": 20, "faults.detect_timeout_s": 0.0001,
+        "faults.restart_s": 1.0, "faults.fail": [{"device": "m0.gpu0", "at_s": 0.004},
+                                                 {"device": "m0.gpu1", "at_s": 0.012}]})))
+    [restart] = [s for s in res.trace.spans if s.where == "restart"]
+    before = [e for e in res.trace.step_ends if e <= restart.start_s]
+    a = res.engine.sync_phases[1][0]                     # steps done when the first replica was dropped
+    b = len(before) - a
+    assert a > 0 and b > 0
+    assert res.engine.lost_samples == 64 * (2 * a + b) + 128 + 64 == 768
