@@ -134,8 +134,8 @@ class Engine:
         self._rearm: simpy.Event | None = None          # fires when a failure earlier than the timer's comes
         self._renewed = set(used) if sc.faults.mtbf_s > 0 else set()   # replaced, these fail again (mtbf)
         self._drawn = itertools.count(len(self.failures))           # the heap's tie-break for those
-        given = set(sc.faults.failures)
-        self._mtbf_due = {f.devices[0] for f in self.failures if f not in given}   # devices with a draw to come
+        self._given = set(sc.faults.failures)                         # the scenario's own (the rest: mtbf draws)
+        self._mtbf_due = {f.devices[0] for f in self.failures if f not in self._given}   # devices with a draw to come
         self._stopped = False                                         # the job is over: nothing fails now
         self.stall_note = ""                                          # the algorithm's own word on a stall
         if self.failures:
@@ -211,7 +211,7 @@ class Engine:
         """Each failure at its time, earliest first: the scenario's and, with ``mtbf_s``, a
         replaced device's next (``replace``; U43: a device failed once a run, so a run of
         many MTBFs went failure-free after its first restarts)."""
-        due, given = self._due, set(self.plan.scenario.faults.failures)
+        due = self._due
         while not self._stopped:
             self._rearm = self.env.event()
             if not due:                                # R40: a replacement's draw may come later
@@ -224,7 +224,7 @@ class Engine:
                 supersede(self._next_failure)
                 continue
             f = heapq.heappop(due)[2]
-            if f not in given:
+            if f not in self._given:
                 self._mtbf_due.discard(f.devices[0])
             for dev in f.devices:
                 self.failed.setdefault(dev, self.env.now)
