@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import json
+import numbers
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,14 @@ class Result:
         keys = ("step_time_s", "samples_per_s", "stalled_at_s", "error_pct")
         shown = ", ".join(f"{k}={self.data[k]!r}" for k in keys if k in self.data)
         return f"{type(self).__name__}({shown})"
+
+
+def _a_file_or_dict(source, verb: str) -> None:
+    """``verb`` applies each candidate's values to the scenario's tables, which a loaded
+    Scenario no longer is (U41: Python's TypeError)."""
+    if isinstance(source, Scenario):
+        raise ConfigError(source.file, "", f"{verb} takes a scenario file or dict (it sets each candidate's values "
+                                           f"in it); got a loaded Scenario")
 
 
 def _pairs(overrides: Overrides) -> list[tuple[str, Any]]:
@@ -129,6 +138,7 @@ def sweep(source: Source, vary: Mapping[str, Iterable[Any]], overrides: Override
     or on the ranks of ``mpiexec`` with ``mpi`` (mpi4py.futures); ``done`` maps ``point_key``
     of a combination's values to a point already run (``--resume``); ``on_point`` is called
     with each point as it finishes (a progress bar)."""
+    _a_file_or_dict(source, "sweep")
     base = _pairs(overrides)
     for key, values in vary.items():                   # U41: a scalar raised Python's TypeError
         if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
@@ -203,6 +213,9 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     stalled when run), ``refused`` (how many were refused before simulating) and ``note`` (a deadline or accuracy no candidate
     meets; where every candidate that ran stalled, why).  The deadline is ``target_hours``
     (0: none), or where it is None the scenario's ``training.target_hours``."""
+    _a_file_or_dict(source, "search")
+    if isinstance(devices, bool) or not isinstance(devices, numbers.Integral):   # U41: "8": Python's TypeError
+        raise ConfigError("devices", "", f"a whole number of devices; got {devices!r}")
     from clustersim.search_space import OBJECTIVES, candidates, memory_tries, score
     base = _pairs(overrides)
     zero = None                       # ZeRO asked of a one-replica scenario: the rows with replicas shard

@@ -51,3 +51,14 @@ def test_a_string_of_overrides_or_a_scalar_to_vary_is_one_clear_error():
         clustersim.simulate("scenarios/quickstart.toml", "parallel.replicas=2")
     with pytest.raises(clustersim.ConfigError, match="parallel.replicas: give a list of values to vary it over; got 4"):
         clustersim.sweep("scenarios/quickstart.toml", {"parallel.replicas": 4})
+
+
+def test_sweep_and_search_take_a_file_or_dict_and_a_whole_device_count():
+    """U41: a loaded Scenario or devices="8" raised Python's TypeError."""
+    sc = clustersim.load("scenarios/quickstart.toml")
+    with pytest.raises(clustersim.ConfigError, match="sweep takes a scenario file or dict"):
+        clustersim.sweep(sc, {"parallel.replicas": [1, 2]})
+    with pytest.raises(clustersim.ConfigError, match="search takes a scenario file or dict"):
+        clustersim.search(sc, 8)
+    with pytest.raises(clustersim.ConfigError, match="devices: a whole number of devices; got '8'"):
+        clustersim.search("scenarios/quickstart.toml", "8")
