@@ -47,7 +47,7 @@ class Result:
         self.data, self.trace, self.plan = data, trace, plan
 
     def __getattr__(self, name: str) -> Any:
-        data = self.__dict__.get("data")      # absent while pickle and copy build one (U41: they recursed)
+        data = self.__dict__.get("data")      # absent while pickle and copy build one
         if data is None or name not in data:
             raise AttributeError(f"{type(self).__name__} has no {name!r}"
                                  + (f" (keys: {', '.join(data)})" if data is not None else ""))
@@ -61,7 +61,7 @@ class Result:
 
 def _a_file_or_dict(source, verb: str) -> None:
     """``verb`` applies each candidate's values to the scenario's tables, which a loaded
-    Scenario no longer is (U41: Python's TypeError)."""
+    Scenario no longer is."""
     if isinstance(source, Scenario):
         raise ConfigError(source.file, "", f"{verb} takes a scenario file or dict (it sets each candidate's values "
                                            f"in it); got a loaded Scenario")
@@ -70,7 +70,7 @@ def _a_file_or_dict(source, verb: str) -> None:
 def _pairs(overrides: Overrides) -> list[tuple[str, Any]]:
     if overrides is None:
         return []
-    if isinstance(overrides, (str, bytes)):           # U41: split into characters, each "not KEY=VALUE"
+    if isinstance(overrides, (str, bytes)):           # else split into characters
         raise ConfigError("overrides", "", f"a dict or a list of KEY=VALUE strings; got the string {overrides!r}")
     if isinstance(overrides, Mapping):
         return [(str(k), v) for k, v in overrides.items()]
@@ -98,7 +98,7 @@ def simulate(source: Source | Scenario, overrides: Overrides = None, *, speedup:
     ``step_time_s``, ``samples_per_s`` or ``speedup``."""
     from sim.baseline import one_device_step_time
     from sim.engine import simulate as run
-    if isinstance(source, Scenario) and overrides:      # U41: they were dropped without a word
+    if isinstance(source, Scenario) and overrides:      # a loaded Scenario has nowhere to take them
         raise ConfigError(source.file, "", "overrides apply to a scenario file or dict; this Scenario is loaded "
                                            "already (load it with them: clustersim.load(file, overrides))")
     sc = source if isinstance(source, Scenario) else load(source, overrides)
@@ -140,7 +140,7 @@ def sweep(source: Source, vary: Mapping[str, Iterable[Any]], overrides: Override
     with each point as it finishes (a progress bar)."""
     _a_file_or_dict(source, "sweep")
     base = _pairs(overrides)
-    for key, values in vary.items():                   # U41: a scalar raised Python's TypeError
+    for key, values in vary.items():                   # each a list: one line, not Python's TypeError
         if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
             raise ConfigError("--vary", str(key), f"give a list of values to vary it over; got {values!r}")
     axes = [[(key, v) for v in values] for key, values in vary.items()]
@@ -214,7 +214,7 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     meets; where every candidate that ran stalled, why).  The deadline is ``target_hours``
     (0: none), or where it is None the scenario's ``training.target_hours``."""
     _a_file_or_dict(source, "search")
-    if isinstance(devices, bool) or not isinstance(devices, numbers.Integral):   # U41: "8": Python's TypeError
+    if isinstance(devices, bool) or not isinstance(devices, numbers.Integral):
         raise ConfigError("devices", "", f"a whole number of devices; got {devices!r}")
     from clustersim.search_space import OBJECTIVES, candidates, memory_tries, score
     base = _pairs(overrides)

@@ -42,7 +42,7 @@ def save_figure(fig, path: str | Path) -> None:
 def gantt_rows(spans: list, p: Plan, max_rows: int) -> dict[str, list]:
     """The chart's rows, in order, and their spans: the devices that ran something, then
     the busiest transfers; up to a third of ``max_rows`` go to transfers where there are
-    more rows than that (U41: 128 GPUs left no row for a transfer, the allreduce a gap)."""
+    more rows than that, so that a step's communication shows however many devices ran."""
     rows: dict[str, list] = defaultdict(list)
     for s in spans:
         rows[s.where].append(s)

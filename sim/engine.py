@@ -38,9 +38,8 @@ class CountingEnvironment(simpy.Environment):
     callbacks do nothing, and run they would move the clock, and so the simulated end,
     past the last real event.  A ``BACKGROUND`` timer (``stale`` set to it: the host
     noise's next window, the next failure) is dropped too where nothing but such timers is
-    left: nothing else will happen, and a stalled job ends at its last event (R38: with
-    ``mtbf_s`` the shards' failures moved a stall to the last of them).  One attribute
-    read per event."""
+    left: nothing else will happen, and a stalled job ends at its last event, not at a
+    failure drawn for later.  One attribute read per event."""
 
     def __init__(self, initial_time: float = 0) -> None:
         super().__init__(initial_time)
@@ -138,6 +137,8 @@ class Engine:
         self._mtbf_due = {f.devices[0] for f in self.failures if f not in self._given}   # devices with a draw to come
         self._stopped = False                                         # the job is over: nothing fails now
         self.stall_note = ""                                          # the algorithm's own word on a stall
+        par = sc.parallel                                             # a tensor group's width, 0 without one
+        self._tensor_group = par.tensor if par.split == "tensor" else 0
         if self.failures:
             self.env.process(self._inject())
         self._noise_timer: simpy.Event | None = None
@@ -209,12 +210,12 @@ class Engine:
     # --- faults ------------------------------------------------------------------------------
     def _inject(self):
         """Each failure at its time, earliest first: the scenario's and, with ``mtbf_s``, a
-        replaced device's next (``replace``; U43: a device failed once a run, so a run of
-        many MTBFs went failure-free after its first restarts)."""
+        replaced device's next (``replace``: an MTBF is a rate, so a run of many MTBFs keeps
+        failing)."""
         due = self._due
         while not self._stopped:
             self._rearm = self.env.event()
-            if not due:                                # R40: a replacement's draw may come later
+            if not due:                                # a replacement's draw may come later
                 yield self._rearm                      # (not queued: a stalled job still ends)
                 continue
             self._next_failure = self.env.timeout(max(0.0, due[0][0] - self.env.now))
@@ -315,7 +316,7 @@ class Engine:
         """A failed device is up again (a replacement); it can fail again later: with
         ``mtbf_s``, after a new exponential time from now."""
         if device in self._renewed and device in self.failed and device not in self._mtbf_due and not self._stopped:
-            self._mtbf_due.add(device)                 # one draw to come a device (R40: explicit failures added more)
+            self._mtbf_due.add(device)                 # one draw to come a device, however it failed
             at = self.env.now + float(self.rng.exponential(self.plan.scenario.faults.mtbf_s))
             earlier = not self._due or at < self._due[0][0]
             heapq.heappush(self._due, (at, next(self._drawn), Failure(at, (device,))))
@@ -394,15 +395,14 @@ class Engine:
         allreduce (a reduce-scatter or all-gather send, decision 019), or under the tensor
         split any transfer inside a stage's tensor group -- sequence parallelism's gathers by
         positions and reduce-scatters of input gradients, the loss's reductions over the
-        vocabulary -- which Megatron-LM runs as NCCL collectives too (U40: those ran at the
-        links' full speed beside reduce-scatters at NCCL's)."""
+        vocabulary -- which Megatron-LM runs as NCCL collectives too."""
         devices = self.network.topology.devices
         if not devices[src].kind == devices[dst].kind == "gpu":
             return False
         if op.why.endswith(("reduce-scatter", "all-gather")):
             return True
-        par = self.plan.scenario.parallel
-        return par.split == "tensor" and op.slot // par.tensor == op.dst // par.tensor
+        tensor = self._tensor_group
+        return tensor > 0 and op.slot // tensor == op.dst // tensor
 
     def transfer(self, src: str, dst: str, nbytes: float, replica: int, step: int,
                  name: str, phase: str, what: str = "", speed=None) -> simpy.Event:
@@ -478,7 +478,7 @@ class Engine:
         coll = self._collectives.get(key)
         if coll is None:                       # steps repeat their collectives: laid out once (shortcut)
             if algo == "hierarchical" and not self.network.topology.even_machines(devices):
-                algo = "ring"                  # failures left machines uneven (U43: a traceback); plan refuses it
+                algo = "ring"                  # failures left machines uneven (plan refuses it up front)
             try:
                 coll = collectives.layout(self.network.topology, op, algo, devices, nbytes, cache=self._collectives)
             except NoRoute as exc:             # the tuner's trial run found a route cut

@@ -88,8 +88,8 @@ def split_values(text: str) -> list[str]:
 
 def run_record(scenario: str, overrides: list[str], vary: dict) -> dict:
     """What a sweep is, for ``--resume`` to compare: the scenario (a built-in's name, else
-    its absolute path) and the sha256 of its text (U41: a file edited between the runs was
-    resumed, old points beside new; files it names are not hashed), the ``--set`` overrides
+    its absolute path) and the sha256 of its text (a file edited between the runs would put
+    old points beside new; files it names are not hashed), the ``--set`` overrides
     (the last of a key wins, as in ``load``) and the varied keys; varied values may grow
     between runs."""
     path = scenario_file(scenario).resolve()
@@ -174,8 +174,8 @@ def save(prefix: str, points: list[dict], vary: dict, record: dict) -> None:
 
 def check_writable(prefix: str) -> None:
     """A PREFIX whose files cannot be written is one line before any point runs, and nothing
-    is written yet (U41: an empty save here wiped an earlier run's points when the input then
-    proved bad): each file is not a folder, and its folder takes a new file."""
+    is written yet (an earlier run's files stay until a point replaces them): each file is
+    not a folder, and its folder takes a new file."""
     for path in (Path(os.path.realpath(prefix + end)) for end in (".json", ".csv", RUN)):   # where they go
         try:
             if path.is_dir():

@@ -119,8 +119,8 @@ def sync_stretch(p: Plan, res) -> tuple[list[float], int]:
     detection, or finished without the failed replica).  A restart replaces the failed
     machines: one stretch.  Otherwise every step and every replica.  A step's checkpoint
     write (``faults.checkpoint_every``; its wait span at "checkpoint") is not its time: it is in
-    the run's rate (``run_samples_per_s``), not the steps' (U43: every 1 read the write as
-    a 246 ms step, every 2 the mean of two steps, every 3 none of it)."""
+    the run's rate (``run_samples_per_s``), not the steps', whose median would otherwise
+    take it in or not depending on ``checkpoint_every``."""
     steps = res.trace.step_times()
     if p.scenario.faults.checkpoint_every:
         ends = res.trace.step_ends
@@ -189,7 +189,7 @@ def async_metrics(p: Plan, res) -> dict:
         out["replica_wait_fraction"] = {r: waits.get(r, 0.0) / makespan for r in range(p.replicas)}
     if eng is not None and (eng.failed_ever or eng.lost_samples or eng.failed_transfers or eng.failed_links):
         out["failed_devices"] = sorted(eng.failed_ever)
-        out["failed_links"] = list(eng.failed_links)     # U43: a cut that rerouted said nothing
+        out["failed_links"] = list(eng.failed_links)     # a cut may reroute: named all the same
         out["lost_work_samples"] = eng.lost_samples
         out["failed_transfers"] = eng.failed_transfers
         if p.scenario.training.algorithm == "sync":

@@ -128,7 +128,7 @@ def plan(sc: Scenario, check_memory: bool = True, ops: bool = True) -> Plan:
     if sc.training.allreduce == "hierarchical" and not ps and par.replicas > 1:
         uneven = next((j for j in range(par.devices_per_replica)
                        if not sc.topology.even_machines([row[j] for row in devices])), None)
-        if uneven is not None:                      # U43: a traceback from the layout at the first allreduce
+        if uneven is not None:                      # the layout could not lay it out at the first allreduce
             raise ConfigError(sc.file, "training.allreduce",
                               f"hierarchical needs as many replicas on every machine; slot {uneven}'s "
                               f"{par.replicas} sit unevenly on {sc.topology.name}'s machines (set ring, tree or auto)")

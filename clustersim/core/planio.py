@@ -2,7 +2,7 @@
 
 The scenario travels as its validated tables (``Scenario.raw``) and its file's absolute
 path (a symlink's own, not its target's: files are named beside it), and is rebuilt from them: a model or topology file it names is read again there, by
-the same path (U41: a relative one was read from the loader's working directory), and a
+the same path (a relative one would be read from the loader's working directory), and a
 digest of the model and the devices refuses a plan whose files changed since it was made;
 every partitioning and schedule decision travels as made: nothing is planned again on the
 other side.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import math
 from array import array
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from itertools import compress
 
@@ -263,10 +263,7 @@ class Topology:
     def even_machines(self, devices) -> bool:
         """Whether every machine of ``devices`` holds as many of them: what a hierarchical
         allreduce needs (a reduce-scatter inside each machine, one ring a rail across)."""
-        counts: dict = {}
-        for d in devices:
-            counts[self.machine_of(d)] = counts.get(self.machine_of(d), 0) + 1
-        return len(set(counts.values())) <= 1
+        return len(set(Counter(self.machine_of(d) for d in devices).values())) <= 1
 
     # --- routing -------------------------------------------------------------------------
     def neighbors(self, node: str) -> list[str]:

@@ -153,8 +153,7 @@ def replace_atomic(path: str | Path, write) -> None:
     written (the link stays; a dangling one's folder must exist, as for the shell's ``>``),
     and a path that is neither a file nor a folder (a FIFO, a device) or lies under /dev or
     /proc (/dev/stdout, /dev/fd/N, whatever they lead to) is written in place, through the
-    path given: U41 found a trace to /dev/full replacing the device with a file, and a
-    symlink replaced instead of its target written."""
+    path given: a rename would replace the link, the FIFO or the device with a file."""
     shown = Path(path)
     try:
         kind = os.stat(shown).st_mode              # follows links, /proc's too

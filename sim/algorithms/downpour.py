@@ -122,7 +122,7 @@ def run_async(engine: Engine, steps: int):
                       for r, proc in enumerate(procs)])
     # a stopped replica's push that had not arrived when the job ended (one that found no
     # route: a cut link) trained nothing: its steps are dropped from the replica's steps and
-    # counted lost below, as a failed replica's step in flight is (U39: a cut counted none)
+    # counted lost below, as a failed replica's step in flight is
     lost = {i for proc, pushes in zip(procs, sent) if not proc.triggered
             for push, entries in pushes if not push.triggered for i in entries}
     if lost:

@@ -62,7 +62,7 @@ def run_sync(engine: Engine, steps: int):
                 yield from _restart(engine, step, last_checkpoint, dead, ran)
                 step = last_checkpoint
                 in_vain += 1
-                if in_vain >= RESTARTS_IN_VAIN:   # R40: with mtbf renewed a job could restart for ever
+                if in_vain >= RESTARTS_IN_VAIN:   # failures faster than its checkpoints: it would restart for ever
                     engine.stall_note = (f"no progress: {in_vain} restarts in a row back to step {step}'s "
                                          "checkpoint (failures come faster than " +
                                          (f"checkpoint_every = {faults.checkpoint_every} steps complete)"
@@ -82,8 +82,8 @@ def run_sync(engine: Engine, steps: int):
         gone = [r for r in active if not engine.alive(*plan.devices[r])]
         # failed after its gradient was in (the step finished without it): with backup workers
         # the job goes on without it; else it stays in, so that the next step waits
-        # detect_timeout_s for it, finds it gone and continues without it or restarts (U39: a
-        # failure during the fetch skipped that wait under on_failure = "continue")
+        # detect_timeout_s for it, finds it gone and continues without it or restarts, as a
+        # failure during its compute does
         if gone and plan.schedule.quorum < plan.replicas:
             active = [r for r in active if r not in gone]
             free = {r: free[r] for r in active}
@@ -223,7 +223,7 @@ def _replica_with_push(engine: Engine, r: int, step: int, free: dict, runs: list
     env, plan = engine.env, engine.plan
     ps = plan.ps
     # free[r] is read now: this step's apply replaces it, with this very step's ``computed``
-    # in it, and waiting on that the replica waited on itself for good (review R38)
+    # in it, and waiting on that the replica would wait on itself for good
     mine, ready = issued[0], free[r]
     if busy is not None and not busy.triggered:
         yield busy                            # computing (not waiting): no wait span
@@ -258,8 +258,7 @@ def _ps_apply_and_fetch(engine: Engine, winners, active, step: int, free: dict, 
 
 def _restart(engine: Engine, step: int, checkpoint: int, dead: list[int], ran: dict[int, int]):
     """Replace the failed machines, relaunch, read the checkpoint; the steps since are lost,
-    each with the replicas that computed it (U43: every replica was counted, also for steps
-    run by fewer after "continue" dropped some: 1,088 samples where 768 were lost)."""
+    each with the replicas that computed it (fewer where "continue" had dropped some)."""
     env, plan = engine.env, engine.plan
     sc = plan.scenario
     engine.lost_samples += sc.batch_size * sum(ran.get(k, plan.replicas) for k in range(checkpoint, step))
