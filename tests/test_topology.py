@@ -273,3 +273,24 @@ def test_a_bandwidth_or_latency_past_any_hardware_is_refused(table, key, value, 
     with pytest.raises(ConfigError, match=re.escape(says)) as err:
         build_topology({"network": {"kind": "switch", "machines": 2}, "machine": machine}, "t.toml")
     assert err.value.field == f"machine.{table}.{key}"
+
+
+def test_a_checkout_imported_without_installing_finds_its_own_data_folders(monkeypatch):
+    """Where the wheel's data packages do not import (the source tree first on sys.path on
+    a host where the wheel is installed), the checkout's topologies/ and scenarios/ serve."""
+    from importlib import resources
+    from pathlib import Path
+
+    from clustersim.core import config
+    from clustersim.core.scenario import builtin_scenario_folder
+    installed = builtin_topologies()
+
+    def missing(package):
+        raise ModuleNotFoundError(f"No module named {package!r}")
+    monkeypatch.setattr(resources, "files", missing)
+    root = Path(config.__file__).resolve().parents[2]
+    assert config.bundled_folder("clustersim.builtin_topologies") == root / "topologies"
+    assert config.bundled_folder("clustersim.builtin_scenarios.published") == root / "scenarios" / "published"
+    assert builtin_scenario_folder() == root / "scenarios"
+    assert builtin_topologies() == installed
+    assert load_topology("dgx-h100").devices

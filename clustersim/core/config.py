@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 
@@ -118,7 +119,23 @@ def _kind(value: Any) -> str:
             int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
 
 
+# The data packages of the wheel (pyproject's package-dir) and their folders in a checkout
+SOURCE_FOLDERS = {"clustersim.builtin_topologies": "topologies", "clustersim.builtin_scenarios": "scenarios"}
+
+
+def bundled_folder(package: str) -> Path:
+    """The folder of a data package shipped with clustersim: the installed package's, else
+    the checkout's (``SOURCE_FOLDERS``) where the source tree is imported without being
+    installed (``PYTHONPATH=.``, or a script that puts the checkout first on ``sys.path``
+    on a host where the wheel is installed)."""
+    try:
+        return Path(str(resources.files(package)))
+    except ModuleNotFoundError:
+        top = ".".join(package.split(".")[:2])
+        return Path(__file__).resolve().parents[2] / SOURCE_FOLDERS[top] / "/".join(package.split(".")[2:])
+
+
 def bundled_names(package: str) -> list[str]:
     """The names of the TOML files a data package shipped with clustersim holds (built-in
     topologies, built-in scenarios), without ``.toml``."""
-    return sorted(p.name[:-5] for p in resources.files(package).iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name[:-5] for p in bundled_folder(package).iterdir() if p.name.endswith(".toml"))

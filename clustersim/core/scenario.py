@@ -8,11 +8,10 @@ from __future__ import annotations
 import copy
 import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from clustersim.core.config import ConfigError, Table, bundled_names
+from clustersim.core.config import ConfigError, Table, bundled_folder, bundled_names
 from clustersim.core.models import BUNDLED_DATA, ZOO, Model, bundled_data, load_model_file, zoo_model
 from clustersim.core.topogen import MAX_MACHINES, load_topology
 from clustersim.core.topology import DTYPES, Topology
@@ -219,7 +218,7 @@ def scenario_file(ref: str | Path) -> Path:
 
 def builtin_scenario_folder() -> Path:
     """Where the scenarios shipped with the package are (``scenarios/`` in the checkout)."""
-    return Path(str(resources.files("clustersim.builtin_scenarios")))
+    return bundled_folder("clustersim.builtin_scenarios")
 
 
 def load_scenario(path: str | Path, overrides: list[tuple[str, Any]] = ()) -> Scenario:

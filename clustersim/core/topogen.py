@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import math
 import tomllib
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from clustersim.core.config import ConfigError, Table, bundled_names
+from clustersim.core.config import ConfigError, Table, bundled_folder, bundled_names
 from clustersim.core.layers import KINDS
 from clustersim.core.topology import DEVICE_KINDS, DTYPES, SPLIT, STAGE, Device, Link, Topology, TopologyError
 
@@ -125,7 +124,7 @@ def _read(ref: str, base_dir: Path, named_in: tuple[str, str] = ("", "")) -> tup
     """The path and text of topology ``ref``; a ConfigError against ``named_in`` (file,
     field), else the path, where it is neither a built-in name nor a readable file."""
     if ref in builtin_topologies():
-        res = resources.files("clustersim.builtin_topologies") / f"{ref}.toml"
+        res = bundled_folder("clustersim.builtin_topologies") / f"{ref}.toml"
         return f"topologies/{ref}.toml", res.read_text()
     path = Path(ref) if Path(ref).is_absolute() else base_dir / ref
     try:

@@ -27,6 +27,8 @@ TOPOLOGY = Path("out/calibration/gpus.toml")
 REPEATS = 1                    # a GPU step repeats far better than this shared CPU host's
 CASES = [                      # (name, overrides): ranks = GPUs, from the Plan
     ("1 GPU", []),
+    ("1 GPU, batch 64", ["model.batch_size=64"]),
+    ("1 GPU, batch 1024", ["model.batch_size=1024"]),
     ("data parallel 2", ["parallel.replicas=2"]),
     ("data parallel 4", ["parallel.replicas=4"]),
     ("data parallel 8", ["parallel.replicas=8"]),
