@@ -34,3 +34,12 @@ def get_xp(device: str = "cpu", comm=None) -> ModuleType:
 
 def to_numpy(x):
     return x.get() if hasattr(x, "get") and not isinstance(x, numpy.ndarray) else numpy.asarray(x)
+
+
+def device_sync(xp):
+    """A call that waits for the work queued on this rank's GPU (CuPy: every stream of the
+    current device), so that a clock read after it times the work, not its queueing; a
+    no-op for NumPy, whose calls return when their work is done."""
+    if xp is numpy:
+        return lambda: None
+    return lambda: xp.cuda.Device().synchronize()

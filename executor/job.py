@@ -10,7 +10,7 @@ from clustersim.core.partition import even_cuts
 from clustersim.core.plan import Plan
 from clustersim.core.trace import Span
 
-from executor.backend import to_numpy
+from executor.backend import device_sync, to_numpy
 from executor.comm import LostWatch, MPITransport, ReplicaLost, barrier, wait_buffer
 from executor.data import Batches
 from clustersim.core.metrics import quiet_time
@@ -197,6 +197,7 @@ class RankJob(SandblasterRoles):
         client = ShardClient(self.world, [self.M * self.R + k for k in range(self.S)], self.runs_of(j),
                              sched.comm_bits) if self.S else None
         flat = self.flatten(params, j)
+        sync = device_sync(xp)                                 # a GPU's spans time its work, not its queueing
         acc = np.zeros_like(flat)
         adam: dict = {}                                        # sync's Adam: one per parameter array
         step_times, losses, steps_done = [], [], 0
@@ -216,14 +217,19 @@ class RankJob(SandblasterRoles):
             last = [time.perf_counter()]
 
             def on_op(op, part, step=step):        # cheap: spans are made after the last step
+                sync()
                 now = time.perf_counter()
                 op_log.append((op, part, step, last[0], now))
                 last[0] = now
+            def on_setup():
+                sync()
+                last[0] = time.perf_counter()
             try:
                 res = run_step(p, {j}, params, xp.asarray(x), xp.asarray(y), transport, xp=xp, on_op=on_op,
-                               on_setup=lambda: last.__setitem__(0, time.perf_counter()))
+                               on_setup=on_setup)
             except ReplicaLost:                                # a slot of this replica crashed: so has the replica
                 break
+            sync()
             t1 = time.perf_counter()
             if tr.algorithm == "sync" and not self.S:
                 if self.R > 1:                          # one flat buffer for the collective, then in place
@@ -234,6 +240,7 @@ class RankJob(SandblasterRoles):
                     self.unflatten(total, res.grads, j)
                 t2 = time.perf_counter()
                 replica_step(params, res.grads, tr.learning_rate, self.R, adam if tr.optimizer == "adam" else None)
+                sync()
                 flops, nbytes = update_cost(self.sc, flat.size)                 # as the simulator counts it
                 self.span("update", "update", me, step, t2, time.perf_counter(), nbytes, flops, "update")
             elif tr.algorithm == "sync":
@@ -256,6 +263,7 @@ class RankJob(SandblasterRoles):
                 if sched.pushes_after(step):
                     self.push_grads(client, acc, step, me, t1)
                     acc[...] = 0
+            sync()
             end = time.perf_counter()
             step_times.append(end - start)
             self.stepped(step, start, end)

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         fail = parse_fail(args.fail, sc)
         check_checkpoint(args, sc)
         args.loaded = check_data(args.data, sc)
-        xp = get_xp(args.device)
+        xp = rank_xp(world, sc, args.device)
         nccl = nccl_of(args, sc)
     except (ConfigError, ValueError) as exc:
         if world.rank == 0:
@@ -96,6 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:            # the other ranks would wait for this one forever: end them all
         abort(world, exc)
     return 0
+
+
+def rank_xp(world, sc, device: str):
+    """This rank's array module: a worker's on ``device`` (its GPU: its index among the
+    workers on its machine), NumPy for a parameter-server shard or Sandblaster's
+    coordinator, which never touch a GPU and take none from the workers.  Collective."""
+    worker = world.rank < sc.parallel.devices_per_replica * sc.parallel.replicas
+    workers = world.Split(color=0 if worker else 1, key=world.rank)
+    try:
+        return get_xp(device if worker else "cpu", workers)
+    finally:
+        workers.Free()
 
 
 def nccl_of(args, sc):

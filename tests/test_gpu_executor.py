@@ -251,3 +251,33 @@ def test_nccl_allreduce_on_the_copy_stream_is_ordered_after_the_compute_that_fed
         allreduce_sum(comm, nccl, x, cupy, stream)
         x *= 2.0                                    # queued after it: waits for the copy stream
         assert float(x.sum()) == 6.0 * (1 << 20)
+
+
+def test_only_worker_ranks_take_a_gpu_and_count_among_the_machine_s_gpu_ranks(monkeypatch):
+    """A parameter-server shard (or Sandblaster's coordinator) runs NumPy and takes no GPU:
+    2 workers and a shard fit 2 GPUs, each worker's GPU its index among the workers."""
+    import executor.ranks as ranks
+    sc = scenario_from_dict({"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits"},
+                             "parallel": {"replicas": 2, "ps_shards": 1}}, "t.toml")
+    asked = []
+
+    class World:
+        def __init__(self, rank):
+            self.rank = rank
+
+        def Split(self, color, key):
+            assert key == self.rank
+            return SimpleNamespace(color=color, Free=lambda: asked.append(("freed", self.rank)))
+    monkeypatch.setattr(ranks, "get_xp", lambda device, comm: asked.append((device, comm.color)) or device)
+    assert [ranks.rank_xp(World(r), sc, "gpu") for r in range(3)] == ["gpu", "gpu", "cpu"]
+    assert asked == [("gpu", 0), ("freed", 0), ("gpu", 0), ("freed", 1), ("cpu", 1), ("freed", 2)]
+
+
+def test_a_gpu_rank_waits_for_its_device_before_reading_the_clock_and_numpy_does_not():
+    from executor.backend import device_sync
+    import numpy
+    assert device_sync(numpy)() is None
+    waited = []
+    fake = SimpleNamespace(cuda=SimpleNamespace(Device=lambda: SimpleNamespace(synchronize=lambda: waited.append(1))))
+    device_sync(fake)()
+    assert waited == [1]

@@ -1,6 +1,7 @@
 """make validate-gpu (scenarios/validation/gpu.py) where no GPU is: one line, exit 0; and
 every case of its suite is a job the executor takes and the simulator plans."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -31,10 +32,9 @@ def test_the_suite_spans_1_to_8_gpus_and_every_case_plans(suite):
     needs = []
     for name, sets in suite.CASES:
         sc = clustersim.load(suite.BASE, sets)
-        n = clustersim.ranks_needed(sc)
-        check(sc, n)
+        check(sc, clustersim.ranks_needed(sc))
         assert plan(sc).ops, name
-        needs.append(n)
+        needs.append(suite.gpus_needed(sc))
     assert {1, 2, 4, 8} <= set(needs) and max(needs) == 8
 
 
@@ -54,3 +54,33 @@ def test_measured_nccl_busbw_is_set_beside_the_model_on_the_calibrated_topology(
         assert r["predicted_busbw_gbps"] == pytest.approx(m["busbw_gbps"]) and r["algo"] == m["algo"]
         assert r["error_pct"] == pytest.approx(-20.0)
     assert suite.nccl_rows([], path) == []
+
+
+def test_a_failing_case_is_named_and_the_others_still_run_and_are_saved(suite, monkeypatch, tmp_path, capsys):
+    """A one-shot run on a lent GPU host: a case that fails is one FAILED line and exit 1,
+    the cases after it run, and the JSON holds every case that ran (saved after each)."""
+    from clustersim.core.config import ConfigError
+    monkeypatch.setattr(suite, "OUT", tmp_path / "v.json")
+    monkeypatch.setattr(suite, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(suite.clustersim, "calibrate_gpus", lambda out: {"nccl_allreduce": []})
+    ran = []
+
+    def validate(path, sets, **kw):
+        ran.append(sets)
+        if len(ran) == 2:
+            raise RuntimeError("rank 0: Traceback ...\ncupy.cuda.memory.OutOfMemoryError: out of memory")
+        step = 0.01 * len(ran)
+        return clustersim.Result({"predicted_step_time_s": step, "measured_step_time_s": step * 1.1,
+                                  "error_pct": -100 / 11, "quiet_step_time_s": step, "quiet_error_pct": 0.0})
+    monkeypatch.setattr(suite.clustersim, "validate", validate)
+    assert suite.main() == 1
+    out = capsys.readouterr().out
+    fits = [name for name, sets in suite.CASES if suite.gpus_needed(clustersim.load(suite.BASE, sets)) <= 2]
+    assert len(ran) == len(fits) > 2
+    saved = json.loads((tmp_path / "v.json").read_text())
+    assert [c["case"] for c in saved["cases"]] == fits[:1] + fits[2:]
+    assert saved["failed"] == [f"{fits[1]}: RuntimeError: cupy.cuda.memory.OutOfMemoryError: out of memory"]
+    assert f"FAILED {saved['failed'][0]}" in out and saved["median_abs_error_pct"] == pytest.approx(100 / 11)
+    assert all("needs" in s and "2 visible" in s for s in saved["skipped"])
+    monkeypatch.setattr(suite.clustersim, "calibrate_gpus", lambda out: (_ for _ in ()).throw(ConfigError("--gpu", "", "no")))
+    assert suite.main() == 1 and json.loads((tmp_path / "v.json").read_text())["cases"] == []

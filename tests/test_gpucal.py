@@ -2,6 +2,7 @@
 CuPy path where a GPU is visible."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from clustersim.calibration.gpu import (capability, gpu_topology_text, measure_allreduce, measure_copies,
                                         numpy_backend, pair_key)
+from clustersim.calibration.host import measure_step_overhead
 from clustersim.core.topogen import load_topology
 
 
@@ -115,3 +117,38 @@ def test_calibrate_gpu_writes_a_topology_that_loads(tmp_path):
     gpus = topo.compute_devices()
     assert gpus and all(topo.devices[g].kind == "gpu" for g in gpus)
     assert topo.route_bandwidth(topo.route("cpu", gpus[0])) > 1e9          # PCIe moves more than 1 GB/s
+
+
+def test_a_gpu_op_costs_the_executor_s_own_overhead_where_that_exceeds_a_launch(monkeypatch):
+    """As on a CPU host: op_overhead_s is the larger of one dense forward's and the
+    executor's per op (``measure_step_overhead``), both timed waiting for the current GPU
+    alone; the launch stays as kernel_overhead_s."""
+    from clustersim.calibration import gpu
+    waits = []
+    be = dataclasses.replace(numpy_backend(1), sync_current=lambda: waits.append("current"))
+
+    def compute(rng, xp=np, sync=lambda: None):
+        sync()
+        return {"op_overhead_s": 4e-6 if xp is be.xp and sync is be.sync_current else 1e-6, "peak_flops": 1e12}
+
+    def step(rng, xp=np, sync=lambda: None):
+        sync()
+        return 3e-5
+    monkeypatch.setattr(gpu, "measure_compute", compute)
+    monkeypatch.setattr(gpu, "measure_step_overhead", step)
+    for name in ("measure_device_bandwidth", "measure_memory_bandwidth"):
+        monkeypatch.setattr(gpu, name, lambda *a: 1e9)
+    monkeypatch.setattr(gpu, "measure_copies", lambda be: {})
+    res = gpu.calibrate_gpus(be)
+    assert res["gpu"]["op_overhead_s"] == 3e-5 and res["gpu"]["kernel_overhead_s"] == 4e-6
+    assert waits == ["current", "current"]
+    monkeypatch.setattr(gpu, "measure_step_overhead", lambda rng, xp, sync: 2e-6)
+    assert gpu.calibrate_gpus(be)["gpu"]["op_overhead_s"] == 4e-6
+
+
+def test_the_executor_s_step_overhead_is_measured_on_the_array_module_given():
+    """``measure_step_overhead`` runs the executor's step on ``xp`` and waits with ``sync``
+    after each timed call (a GPU's queued kernels), 51 timed and one untimed."""
+    calls = []
+    t = measure_step_overhead(np.random.default_rng(0), np, lambda: calls.append(1))
+    assert 0 < t < 0.01 and len(calls) == 52

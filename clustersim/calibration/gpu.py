@@ -3,7 +3,7 @@
 Measured on the GPUs CuPy sees (medians, each timing waiting for the device's stream):
 - compute: the executor's dense kernels forward and backward at the zoo's shapes on GPU 0
   (``calibrate.measure_compute`` on CuPy arrays): peak, efficiency curve, per-op overhead
-  (a launch); on-device memory bandwidth (a large copy);
+  (a launch, or the executor's own per op where larger); on-device memory bandwidth (a large copy);
 - host <-> device over PCIe: copies between pinned host memory and GPU 0, each direction,
   by size, fitted to alpha + bytes / beta (``calibrate.fit_alpha_beta``);
 - device <-> device: ``memcpyPeer`` between every pair of GPUs (NVLink or peer PCIe,
@@ -31,7 +31,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from clustersim.calibration.host import compute_lines, fit_alpha_beta, measure_compute, measure_memory_bandwidth, median_time
+from clustersim.calibration.host import (compute_lines, fit_alpha_beta, measure_compute, measure_memory_bandwidth,
+                                         measure_step_overhead, median_time)
 
 COPY_SIZES = [2**k for k in range(10, 29, 2)]      # 1 KiB .. 256 MiB
 COPY_REPEATS = 9
@@ -52,6 +53,7 @@ class Backend:
     memory_bytes: Callable[[], float]              # one device's memory
     allreduce: Callable[[list], None]              # sums one buffer per device into each, in place
     compute_capability: Callable[[], float] = lambda: 0.0   # device 0's (9.0 H100); 0: not a GPU
+    sync_current: Callable[[], None] = lambda: None         # waits for the current device's work only
 
 
 def pair_key(a: int, b: int) -> str:
@@ -99,7 +101,7 @@ def cupy_backend(cp) -> Backend:
     return Backend(cp, n, sync, cp.cuda.Device, lambda k: cupyx.empty_pinned(k, np.uint8),
                    lambda dev, host: dev.set(host), lambda host, dev: dev.get(out=host), peer,
                    lambda: float(cp.cuda.runtime.memGetInfo()[1]), allreduce,
-                   lambda: capability(cp.cuda.Device(0).compute_capability))
+                   lambda: capability(cp.cuda.Device(0).compute_capability), lambda: cp.cuda.Device().synchronize())
 
 
 def capability(digits: str) -> float:
@@ -160,8 +162,16 @@ def measure_device_bandwidth(be: Backend, n_bytes: int = 256 * 2**20) -> float:
 
 
 def calibrate_gpus(be: Backend, seed: int = 0) -> dict:
+    """Everything above.  The per-op overhead, as on a CPU host, is the larger of one dense
+    forward's and the executor's own per op (``measure_step_overhead``: its region assembly
+    and bookkeeping beside a layer's kernels); both wait for GPU 0 alone (``sync_current``),
+    as a waiting rank does, not for every GPU of the host."""
     with be.use(0):
-        gpu = measure_compute(np.random.default_rng(seed), be.xp, be.sync)
+        gpu = measure_compute(np.random.default_rng(seed), be.xp, be.sync_current)
+        kernel = gpu["op_overhead_s"]
+        gpu["op_overhead_s"] = max(kernel, measure_step_overhead(np.random.default_rng(seed), be.xp,
+                                                                 be.sync_current))
+        gpu["kernel_overhead_s"] = kernel
     return {"devices": be.devices, "gpu": gpu, "gpu_memory_bytes": be.memory_bytes(),
             "compute_capability": be.compute_capability(),
             "gpu_memory_bandwidth_bytes_per_s": measure_device_bandwidth(be), "copies": measure_copies(be),

@@ -50,6 +50,11 @@ def visible_gpus() -> int:
         return 0
 
 
+def gpus_needed(sc) -> int:
+    """The GPUs a case takes: one per worker rank (a parameter-server shard runs on the host)."""
+    return sc.parallel.devices_per_replica * sc.parallel.replicas
+
+
 def nccl_rows(measured: list[dict], topology: Path = TOPOLOGY) -> list[dict]:
     """The measured allreduce rows beside the collective model's busbw on the calibrated
     topology (NCCL's tuner picks the algorithm, as on the host), printed as they come."""
@@ -72,33 +77,55 @@ def main() -> int:
         print("validate-gpu: no GPU is visible (needs CuPy and a GPU: pip install 'clustersim[gpu]'); nothing to do")
         return 0
     start = time.perf_counter()
-    cal = clustersim.calibrate_gpus(TOPOLOGY)
+    summary: dict = {"gpus": gpus, "nccl_allreduce": [], "cases": [], "failed": [], "skipped": []}
+    try:
+        cal = clustersim.calibrate_gpus(TOPOLOGY)
+    except Exception as exc:           # a one-shot run on a lent host: say what broke, keep the rest
+        summary["failed"].append(f"calibrate --gpu: {type(exc).__name__}: {exc}")
+        return finish(summary, start)
     print(f"calibrated {gpus} GPUs -> {TOPOLOGY} ({time.perf_counter() - start:.0f} s)", flush=True)
-    nccl = nccl_rows(cal.get("nccl_allreduce", []))
-    rows, skipped = [], []
+    summary["nccl_allreduce"] = nccl_rows(cal.get("nccl_allreduce", []))
+    save(summary, start)
     for name, sets in CASES:
-        need = clustersim.ranks_needed(clustersim.load(BASE, sets))
+        need = gpus_needed(clustersim.load(BASE, sets))
         if need > gpus:
-            skipped.append(f"{name}: needs {need} GPUs, {gpus} visible")
+            summary["skipped"].append(f"{name}: needs {need} GPUs, {gpus} visible")
             continue
-        r = clustersim.validate(BASE, sets, topology=TOPOLOGY, repeats=REPEATS, device="gpu").data
-        rows.append({"case": name, "gpus": need, **{k: r[k] for k in ("predicted_step_time_s", "measured_step_time_s",
-                                                                        "error_pct", "quiet_step_time_s",
-                                                                        "quiet_error_pct")}})
+        try:
+            r = clustersim.validate(BASE, sets, topology=TOPOLOGY, repeats=REPEATS, device="gpu").data
+        except Exception as exc:       # the next case may still run: each is its own job
+            summary["failed"].append(f"{name}: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}")
+            print(f"{name:<30} {need} GPUs  FAILED: {summary['failed'][-1]}", flush=True)
+            save(summary, start)
+            continue
+        summary["cases"].append({"case": name, "gpus": need, **{k: r[k] for k in (
+            "predicted_step_time_s", "measured_step_time_s", "error_pct", "quiet_step_time_s", "quiet_error_pct")}})
         print(f"{name:<30} {need} GPUs  predicted {r['predicted_step_time_s'] * 1e3:8.3f} ms  "
               f"measured {r['measured_step_time_s'] * 1e3:8.3f} ms  error {r['error_pct']:+7.1f}%", flush=True)
-    for note in skipped:
-        print(f"skipped {note}")
-    errors = [abs(r["error_pct"]) for r in rows]
-    summary = {"gpus": gpus, "nccl_allreduce": nccl, "median_abs_error_pct": statistics.median(errors) if errors else None,
-               "worst_abs_error_pct": max(errors) if errors else None, "cases": rows, "skipped": skipped,
-               "wall_s": time.perf_counter() - start}
-    clustersim.write_atomic(OUT, json.dumps(summary, indent=2))
-    if errors:
-        print(f"median |error| {summary['median_abs_error_pct']:.1f}%, worst {summary['worst_abs_error_pct']:.1f}% "
-              f"over {len(rows)} cases in {summary['wall_s']:.0f} s; wrote {OUT}")
-    return 0
+        save(summary, start)
+    return finish(summary, start)
 
+
+def save(summary: dict, start: float) -> None:
+    """Writes what is known so far (a run cut short by its host still leaves its cases)."""
+    errors = [abs(c["error_pct"]) for c in summary["cases"]]
+    summary.update(median_abs_error_pct=statistics.median(errors) if errors else None,
+                   worst_abs_error_pct=max(errors) if errors else None, wall_s=time.perf_counter() - start)
+    clustersim.write_atomic(OUT, json.dumps(summary, indent=2))
+
+
+def finish(summary: dict, start: float) -> int:
+    """Saves, prints the skipped and failed cases and the errors' median and worst; 1 when
+    anything failed."""
+    save(summary, start)
+    for note in summary["skipped"]:
+        print(f"skipped {note}")
+    for note in summary["failed"]:
+        print(f"FAILED {note}")
+    if summary["cases"]:
+        print(f"median |error| {summary['median_abs_error_pct']:.1f}%, worst {summary['worst_abs_error_pct']:.1f}% "
+              f"over {len(summary['cases'])} cases in {summary['wall_s']:.0f} s; wrote {OUT}")
+    return 1 if summary["failed"] else 0
 
 if __name__ == "__main__":
     sys.exit(main())
