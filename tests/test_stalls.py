@@ -10,7 +10,8 @@ from clustersim.cli import main
 from clustersim.core.config import ConfigError
 from clustersim.core.metrics import summarize
 from clustersim.core.plan import plan
-from clustersim.core.scenario import Failure
+from clustersim.core.scenario import Failure, scenario_from_dict
+from clustersim.core.schedule import checkpoint_bytes
 from sim.baseline import one_device_step_time
 from sim.engine import simulate
 from helpers import scenario
@@ -609,3 +610,17 @@ def test_a_restart_loses_each_step_with_the_replicas_that_ran_it():
     b = len(before) - a
     assert a > 0 and b > 0
     assert res.engine.lost_samples == 64 * (2 * a + b) + 128 + 64 == 768
+
+
+@pytest.mark.parametrize("optimizer, per_param", [("sgd", 4), ("adam", 12)])
+def test_a_checkpoint_writes_the_optimizer_s_state_beside_the_weights(optimizer, per_param):
+    """A checkpoint holds the fp32 master weights and each optimizer state value (Adam's two
+    moments: 12 B a parameter, as Megatron's and DeepSpeed's checkpoints)."""
+    from clustersim import api
+    base = {"cluster.machines": 2, "parallel.replicas": 16, "training.steps": 4, "training.optimizer": optimizer}
+    plain = api.simulate("scenarios/alexnet-fat-tree.toml", base, speedup=False).data
+    out = api.simulate("scenarios/alexnet-fat-tree.toml", {**base, "faults.checkpoint_every": 2},
+                       speedup=False).data
+    assert out["sim_time_s"] == pytest.approx(plain["sim_time_s"] + 2 * 61_100_840 * per_param / 1e9, rel=1e-6)
+    assert checkpoint_bytes(scenario_from_dict({"cluster": {"topology": "dgx-h100"}, "model": {"name": "alexnet"},
+                                                "training": {"optimizer": optimizer}}, "t.toml")) == per_param

@@ -117,6 +117,14 @@ def master_bytes(sc: Scenario) -> int:
     return max(PARAM_BYTES, sc.dtype_bytes)
 
 
+def checkpoint_bytes(sc: Scenario) -> float:
+    """Bytes a checkpoint holds per parameter: the master weight and each optimizer state
+    value (Adam's two moments, Adagrad's sum of squares) -- 12 with Adam, as Megatron's and
+    DeepSpeed's checkpoints keep them; a narrower working copy is made again from the master
+    on load.  A shard's checkpoint keeps its rule's state the same way."""
+    return master_bytes(sc) * (1 + OPTIMIZER_STATES[sc.training.optimizer])
+
+
 def optimizer_bytes(sc: Scenario) -> float:
     """Optimizer state a parameter keeps besides its weight and gradient: a master weight
     where the model's dtype is narrower (mixed precision), and the optimizer's states

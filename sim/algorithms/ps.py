@@ -20,7 +20,7 @@ import simpy
 
 from sim.engine import Engine
 from clustersim.core.plan import PARAM_BYTES
-from clustersim.core.schedule import QUANT_COST, apply_cost, message_bytes
+from clustersim.core.schedule import QUANT_COST, apply_cost, checkpoint_bytes, message_bytes
 
 
 
@@ -65,7 +65,8 @@ class ParameterServer:
             yield eng.lost([shard])
             self.epoch[k] += 1
             eng.lost_samples += (self.version[k] - self.saved[k]) * plan.schedule.push_every * plan.scenario.batch_size
-            seconds = faults.restart_s + self.ps.sizes[k] * PARAM_BYTES / (faults.checkpoint_gbps * 1e9)
+            written = self.ps.sizes[k] * checkpoint_bytes(plan.scenario)
+            seconds = faults.restart_s + written / (faults.checkpoint_gbps * 1e9)
             yield eng.wait(self.env.timeout(seconds), shard, -1, -1, "shard restart")
             self.version[k], self.since[k] = self.saved[k], 0
             for held in self.held:                       # replicas ahead of the restored shard
@@ -159,7 +160,7 @@ class ParameterServer:
         self.since[k] += 1
         if not (self.recovery and faults.shard_checkpoint_every and self.since[k] >= faults.shard_checkpoint_every):
             return
-        seconds = self.ps.sizes[k] * PARAM_BYTES / (faults.checkpoint_gbps * 1e9)
+        seconds = self.ps.sizes[k] * checkpoint_bytes(self.engine.plan.scenario) / (faults.checkpoint_gbps * 1e9)
         yield self.engine.wait(self.env.timeout(seconds), self.ps.devices[k], r, step, "shard checkpoint")
         self.saved[k], self.since[k] = self.version[k], 0
         self.engine.log("checkpoint", -1, k, step)

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from sim.engine import Engine, first_n
 from sim.fluid import supersede
-from clustersim.core.plan import PARAM_BYTES, buckets, param_layout
+from clustersim.core.plan import buckets, param_layout
 from .ps import send_params
-from clustersim.core.schedule import apply_cost, update_cost
+from clustersim.core.schedule import apply_cost, checkpoint_bytes, update_cost
 
 
 RESTARTS_IN_VAIN = 100    # a sync job restarting this often without a new checkpoint is stalled
@@ -89,7 +89,7 @@ def run_sync(engine: Engine, steps: int):
             free = {r: free[r] for r in active}
             engine.sync_phases.append((len(engine.trace.step_ends), len(active)))   # from this step
         if faults.checkpoint_every and step % faults.checkpoint_every == 0:
-            seconds = sum(plan.slot_params) * PARAM_BYTES / (faults.checkpoint_gbps * 1e9)
+            seconds = sum(plan.slot_params) * checkpoint_bytes(plan.scenario) / (faults.checkpoint_gbps * 1e9)
             yield engine.wait(env.timeout(seconds), "checkpoint", -1, step, "checkpoint")
             engine.log("checkpoint", -1, -1, step)
             last_checkpoint, in_vain = step, 0
@@ -262,7 +262,7 @@ def _restart(engine: Engine, step: int, checkpoint: int, dead: list[int], ran: d
     env, plan = engine.env, engine.plan
     sc = plan.scenario
     engine.lost_samples += sc.batch_size * sum(ran.get(k, plan.replicas) for k in range(checkpoint, step))
-    seconds = sc.faults.restart_s + sum(plan.slot_params) * PARAM_BYTES / (sc.faults.checkpoint_gbps * 1e9)
+    seconds = sc.faults.restart_s + sum(plan.slot_params) * checkpoint_bytes(sc) / (sc.faults.checkpoint_gbps * 1e9)
     yield engine.wait(env.timeout(seconds), "restart", -1, step, "restart")
     for r in dead:
         for dev in plan.devices[r]:
