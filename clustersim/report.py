@@ -12,7 +12,7 @@ def si(value: float, unit: str) -> str:
 
 
 def seconds(value: float) -> str:
-    for factor, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
+    for factor, unit in ((86400.0, "days"), (3600.0, "h"), (1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
         if abs(value) >= factor:
             return f"{value / factor:.4g} {unit}"
     return f"{value * 1e9:.4g} ns"
@@ -59,6 +59,14 @@ def summary_text(s: dict) -> str:
         extra += ["meets the target" if s["meets_target"] else "MISSES the target"] if "meets_target" in s else []
         lines.append(f"  to train         {seconds(s['time_to_train_s'])} ({seconds(s['epoch_time_s'])} an epoch)"
                      + (": " + ", ".join(extra) if extra else ""))
+    if "failure_overhead" in s:
+        f = s["failure_overhead"]
+        ahead = ("without checkpoints a job this long never finishes on average" if f is None else
+                 f"expected x{f:.4g} the failure-free time, checkpoints included"
+                 + (" (time to train and cost are so stretched)" if "time_to_train_s" in s else ""))
+        lines.append(f"  failures ahead   job MTBF {seconds(s['job_mtbf_s'])}, recovery {seconds(s['recovery_s'])}: "
+                     f"{ahead}; the best interval, {s['checkpoint_every_best']} step(s): "
+                     f"x{s['failure_overhead_best']:.4g}")
     if "staleness_mean" in s:
         lines.append(f"  staleness        mean {s['staleness_mean']:.3g}, p90 {s['staleness_p90']:.3g}, "
                      f"max {s['staleness_max']} (shard updates missed)")

@@ -5,12 +5,14 @@
 from __future__ import annotations
 
 import bisect
+import math
 import statistics
 from collections import defaultdict
 
 import numpy as np
 
 from clustersim.core.plan import Plan
+from clustersim.core.reliability import failure_costs
 from clustersim.core.scenario import ASYNC
 from clustersim.core.trace import union_length
 
@@ -23,15 +25,16 @@ def machines_used(p: Plan) -> int:
     return len({topo.machine_of(d) for d in used})
 
 
-def training_cost(p: Plan, samples_per_s: float) -> dict:
+def training_cost(p: Plan, samples_per_s: float, stretch: float = 1.0) -> dict:
     """With ``training.dataset_samples``: the time an epoch and the whole training take at
-    this throughput; with the topology's machine price and power, what it costs (list
-    price x machines used x hours) and the energy (machine power x machines x hours);
-    with ``training.target_hours``, whether it meets it."""
+    this throughput, stretched by the expected failures and checkpoints where given
+    (``reliability.failure_costs``' overhead); with the topology's machine price and power,
+    what it costs (list price x machines used x hours) and the energy (machine power x
+    machines x hours); with ``training.target_hours``, whether it meets it."""
     sc, tr = p.scenario, p.scenario.training
     if not tr.dataset_samples or samples_per_s <= 0:
         return {}
-    epoch = tr.dataset_samples / samples_per_s
+    epoch = tr.dataset_samples / samples_per_s * stretch
     hours = epoch * tr.epochs / 3600
     machines = machines_used(p)
     out = {"epoch_time_s": epoch, "time_to_train_s": epoch * tr.epochs, "machines_used": machines}
@@ -95,7 +98,13 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
             out.pop(key, None)
         out.update(stalled_at_s=res.stalled_at_s, stalled_reason=res.stalled_reason)
         return out
-    out.update(training_cost(p, samples_per_s))
+    training_s = sc.training.dataset_samples * sc.training.epochs / samples_per_s if samples_per_s else 0.0
+    failures = failure_costs(p, step_s, training_s or None)
+    if failures and math.isinf(failures["failure_overhead"]):      # never done on average: no time to train
+        out.update(failures, failure_overhead=None)
+    else:
+        out.update(failures)
+        out.update(training_cost(p, samples_per_s, failures.get("failure_overhead", 1.0)))
     if baseline_step_s:
         out["one_device_step_time_s"] = baseline_step_s
         out["speedup"] = out["samples_per_s"] / (sc.batch_size / baseline_step_s)
