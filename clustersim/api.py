@@ -113,7 +113,8 @@ def simulate(source: Source | Scenario, overrides: Overrides = None, *, speedup:
 
 SWEEP_KEYS = ("step_time_s", "samples_per_s", "devices", "sim_time_s", "sim_events", "wall_s", "bytes_per_step",
               "epoch_time_s", "time_to_train_s", "cost_usd", "energy_kwh", "meets_target",
-              "accuracy", "loss", "time_to_accuracy_s", "staleness_mean")    # the last four where co-simulated
+              "accuracy", "loss", "time_to_accuracy_s", "staleness_mean",    # these four where co-simulated
+              "failure_overhead", "checkpoint_every_best")                   # sync restarting under mtbf_s
 STALLED = "stalled: "           # a point's error when its run stalled
 
 

@@ -68,15 +68,20 @@ def test_a_plot_file_matplotlib_cannot_write_is_refused_before_any_work(tmp_path
     (["plan", QUICK, "--save", "{f}/p.json"], "{f}/p.json"),
     (["simulate", QUICK, "--set", "training.steps=1", "--trace", "{d}"], "--trace: {d}"),
     (["simulate", QUICK, "--set", "training.steps=1", "--plot", "{f}/p.png"], "--plot: {f}/p.png"),
-    (["sweep", QUICK, "--vary", "training.steps=1,2", "--out", "{f}/sw"], "{f}/sw.json")])
+    (["sweep", QUICK, "--vary", "training.steps=1,2", "--out", "{f}/sw"], "{f}/sw.json: its folder cannot be made"),
+    (["calibrate", "--out", "{f}/h.toml"], "--out: {f}/h.toml: its folder cannot be made"),
+    (["calibrate", "--out", "{d}"], "--out: {d}: is a folder")])
 def test_an_output_path_that_cannot_be_written_is_one_line_naming_it(tmp_path, capsys, argv, where):
     """A file where a folder should be, or a folder where a file should be: one line naming
-    the path (and the option where one asked for it), exit 2, the file in the way untouched."""
+    the path (and the option where one asked for it), exit 2, the file in the way untouched;
+    before any work (calibrate measured for minutes, then refused)."""
     f = tmp_path / "taken"
     f.write_text("keep")
     code, out, err = run(capsys, *[a.format(f=f, d=tmp_path) for a in argv])
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith(f"clustersim: error: {where.format(f=f, d=tmp_path)}: cannot write there: ")
+    where = where.format(f=f, d=tmp_path)
+    assert err.startswith(f"clustersim: error: {where}" + ("" if where.endswith(("made", "folder")) else
+                                                           ": cannot write there: "))
     assert f.read_text() == "keep" and sorted(q.name for q in tmp_path.iterdir()) == ["taken"]
 
 

@@ -86,3 +86,11 @@ def test_the_simulator_s_failures_cost_what_the_closed_form_expects():
                                                         "faults.checkpoint_every": 5, **FAILING}, speedup=False).data
         ratios.append(d["sim_time_s"] / (2000 * d["step_time_s"]))
     assert sum(ratios) / 2 == pytest.approx(d["failure_overhead"], rel=0.03)
+
+
+def test_a_sweep_over_the_checkpoint_interval_shows_its_overhead_and_the_best():
+    points = api.sweep("scenarios/quickstart.toml", {"faults.checkpoint_every": [1, 50]},
+                       {"training.steps": 2, "faults.mtbf_s": 1.0, **FAILING})
+    assert [p["faults.checkpoint_every"] for p in points] == [1, 50]
+    assert points[0]["checkpoint_every_best"] == points[1]["checkpoint_every_best"]
+    assert all(p["failure_overhead"] > 1 for p in points)

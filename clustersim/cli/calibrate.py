@@ -5,6 +5,7 @@ import json
 
 from clustersim import api
 from clustersim.cli.args import count
+from clustersim.core.trace import check_writable
 
 
 def add(sub) -> None:
@@ -19,6 +20,7 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
+    check_writable(args.out, "--out")     # before minutes of measuring, not after
     res = api.calibrate_gpus(args.out) if args.gpu else api.calibrate(args.ranks, args.out)
     if args.gpu and not res:              # one of several hosts' ranks: rank 0 reports
         return 0

@@ -7,6 +7,7 @@ from pathlib import Path
 from clustersim import api
 from clustersim.cli.args import count, scenario_args, transport_arg
 from clustersim.core.config import ConfigError
+from clustersim.core.trace import check_writable
 
 
 def add(sub) -> None:
@@ -40,8 +41,8 @@ def run(args) -> int:
     parse_fail(args.fail, sc)
     check_checkpoint(args, sc)
     check_data(args.data, sc)
-    if args.trace and Path(args.trace).is_dir():
-        raise ConfigError("--trace", args.trace, "is a folder: give a file name")
+    if args.trace:                         # rank 0 writes it after the run: refused now, not then
+        check_writable(args.trace, "--trace")
     extra = ["--transport", args.transport] if args.transport != "auto" else []
     if args.transport == "nccl":            # here, in one line, rather than on every rank
         from executor.ranks import nccl_of

@@ -3,13 +3,10 @@ with a progress bar, written as it goes (``--out``) and resumable (``--resume``)
 from __future__ import annotations
 
 import csv
-import errno
 import hashlib
 import io
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from clustersim import api, report
@@ -17,11 +14,12 @@ from clustersim.cli.args import count, plot_arg, scenario_args
 from clustersim.cli.simulate import STALL_EXIT
 from clustersim.core.config import ConfigError
 from clustersim.core.scenario import builtin_scenario_folder, parse_set, scenario_file
+from clustersim.core.trace import check_writable as writable
 from clustersim.core.trace import unwritable
 
 METRICS = ("step_time_s", "samples_per_s", "speedup", "devices", "sim_time_s", "sim_events", "wall_s", "bytes_per_step",
            "epoch_time_s", "time_to_train_s", "cost_usd", "energy_kwh", "meets_target", "accuracy", "loss",
-           "time_to_accuracy_s", "staleness_mean")
+           "time_to_accuracy_s", "staleness_mean", "failure_overhead", "checkpoint_every_best")
 RUN = ".run.json"       # beside PREFIX.json: what run its points belong to (``--resume`` checks it)
 
 
@@ -174,18 +172,9 @@ def save(prefix: str, points: list[dict], vary: dict, record: dict) -> None:
 
 def check_writable(prefix: str) -> None:
     """A PREFIX whose files cannot be written is one line before any point runs, and nothing
-    is written yet (an earlier run's files stay until a point replaces them): each file is
-    not a folder, and its folder takes a new file."""
-    for path in (Path(os.path.realpath(prefix + end)) for end in (".json", ".csv", RUN)):   # where they go
-        try:
-            if path.is_dir():
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-            os.close(fd)
-            os.unlink(tmp)
-        except OSError as exc:
-            raise unwritable(path, exc) from None
+    is written yet (an earlier run's files stay until a point replaces them)."""
+    for end in (".json", ".csv", RUN):
+        writable(prefix + end)
 
 
 def run(args) -> int:
@@ -229,7 +218,8 @@ def run(args) -> int:
                                         ("speedup", "speedup"), ("wall_s", "wall (s)")]
     columns += [(k, h) for k, h in (("time_to_train_s", "to train (s)"), ("cost_usd", "cost ($)"),
                                     ("accuracy", "accuracy"), ("time_to_accuracy_s", "to accuracy (s)"),
-                                    ("staleness_mean", "staleness"))
+                                    ("staleness_mean", "staleness"), ("failure_overhead", "failures (x)"),
+                                    ("checkpoint_every_best", "best interval"))
                 if any(k in p for p in points)]
     if any("error" in p for p in points):
         columns.append(("error", "error"))

@@ -145,6 +145,33 @@ def unwritable(path: str | Path, exc: OSError) -> ConfigError:
     return ConfigError(str(path), "", f"cannot write there: {exc.strerror or exc}")
 
 
+def check_writable(path: str | Path, option: str = "") -> None:
+    """Refuses, before any work is done, an output path ``replace_atomic`` could not write:
+    a folder, one under a file, or one whose nearest existing folder takes no new file
+    (probed with a temporary file, removed at once; nothing else is made); the error names
+    ``option`` where one asked for the path.  Paths written in place (/dev, /proc, FIFOs)
+    are left to the write."""
+    shown = Path(path)
+    real = Path(os.path.realpath(shown))
+    if os.path.abspath(shown).startswith(("/dev/", "/proc/")) or (real.exists() and not real.is_dir()
+                                                                  and not real.is_file()):
+        return
+
+    def refused(why: str) -> ConfigError:
+        return ConfigError(option, str(shown), why) if option else ConfigError(str(shown), "", why)
+    if real.is_dir():
+        raise refused("is a folder: give a file name")
+    folder = next(p for p in real.parents if p.exists())
+    if not folder.is_dir():
+        raise refused(f"its folder cannot be made ({folder} is a file)")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{real.name}.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise refused(f"cannot write there: {exc.strerror or exc}") from None
+
+
 def replace_atomic(path: str | Path, write) -> None:
     """Calls ``write(tmp_path)`` on a temporary file beside ``path``, then renames it into
     place with the usual permissions: the file is whole or absent, never half-written.  A
