@@ -482,6 +482,8 @@ def validate(path: str | Path, overrides: Overrides = None, *, topology: str | P
         raise ConfigError("--repeats", str(repeats), "must be >= 1")
     if device not in ("cpu", "gpu"):
         raise ConfigError("--device", device, "must be cpu or gpu")
+    if topology:
+        _calibrated_for(topology, ranks_needed(sc))
     if not topology:
         if device == "gpu":
             raise ConfigError("--topology", "", "a GPU run is compared on a topology from calibrate --gpu")
@@ -512,6 +514,8 @@ def validate_speedup(path: str | Path, overrides: Overrides, against: Overrides,
         check(sc, ranks[side])
     counts = sorted(set(ranks.values()))
     if topology:
+        for side in ("a", "b"):
+            _calibrated_for(topology, ranks[side], f" (side {side.upper()})")
         files = {n: [Path(topology)] for n in counts}
     else:
         files: dict[int, list[Path]] = {n: [] for n in counts}
@@ -537,6 +541,19 @@ def calibrate_for(ranks: int, out: str | Path, models: list[str]) -> dict:
     model calibrate has no probe of): a third of the time for mlp-digits alone."""
     from clustersim.calibration.host import calibrate as measure
     return _write_host(out, ranks, measure(ranks, models=models))
+
+
+def _calibrated_for(topology: str | Path, ranks: int, side: str = "") -> None:
+    """A ConfigError where ``topology`` is a host calibration (``calibrate``: a device per
+    rank with measured op costs) for another number of ranks than the run takes: a rank's
+    cores, BLAS threads and op costs depend on how many share the host, and a rank beyond
+    them would be placed on another's device."""
+    topo = load_topology(str(topology))
+    hosts = [d for d in topo.devices.values() if d.kind == "cpu" and (d.op_costs or d.op_curves)]
+    if hosts and len(hosts) != ranks:
+        raise ConfigError("--topology", str(topology), f"was calibrated for {len(hosts)} ranks; the run{side} takes "
+                                                       f"{ranks}: calibrate --ranks {ranks}, or leave --topology out "
+                                                       "(validate then calibrates for each rank count)")
 
 
 def _on_own_topology(items: list[str]) -> list[str]:

@@ -192,19 +192,47 @@ def test_bad_speedup_input_is_one_line_and_exit_2(tiny, args, field):
     assert len(proc.stderr.strip().splitlines()) == 1 and field in proc.stderr
 
 
-def test_a_one_to_two_replica_speedup_on_real_ranks(tiny):
-    """One round (the order and the median over rounds: the fake runner's test above)."""
+def test_two_replicas_against_two_pipeline_stages_on_real_ranks(tiny):
+    """One round (the order and the median over rounds: the fake runner's test above), both
+    sides on the 2-rank calibration they were measured for."""
     proc = subprocess.run([sys.executable, "-m", "clustersim", "validate", str(tiny), "--topology", str(TOPOLOGY),
-                           "--against", "parallel.replicas=2", "--rounds", "1", "--json"],
-                          capture_output=True, text=True, timeout=300)
+                           "--set", "parallel.replicas=2", "--against", "parallel.replicas=1",
+                           "--against", "parallel.model_parallel=2", "--against", 'parallel.split="layers"',
+                           "--rounds", "1", "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     a, b = out["a"], out["b"]
-    assert (a["ranks"], b["ranks"]) == (1, 2)
+    assert (a["ranks"], b["ranks"]) == (2, 2) and a["unmeasured_ops"] == b["unmeasured_ops"] == []
     assert len(a["measured_runs_samples_per_s"]) == len(b["measured_runs_samples_per_s"]) == 1
     assert out["predicted_speedup"] == pytest.approx(b["predicted_samples_per_s"] / a["predicted_samples_per_s"])
     ratios = [rb / ra for ra, rb in zip(a["measured_runs_samples_per_s"], b["measured_runs_samples_per_s"])]
     assert out["measured_speedups"] == pytest.approx(ratios)
     assert out["speedup_error_pct"] == pytest.approx(cv.error_pct(out["predicted_speedup"], out["measured_speedup"]))
     # sync: samples/s is batch x replicas over the step, in both runners
-    assert b["predicted_samples_per_s"] == pytest.approx(2 * 16 / b["predicted_step_time_s"])
+    assert a["predicted_samples_per_s"] == pytest.approx(2 * 16 / a["predicted_step_time_s"])
+    assert b["predicted_samples_per_s"] == pytest.approx(16 / b["predicted_step_time_s"])
+
+
+@pytest.mark.parametrize("sets, against, words", [
+    ([], ["parallel.replicas=2"], "was calibrated for 2 ranks; the run (side A) takes 1"),
+    (["parallel.replicas=2", "parallel.ps_shards=1"], [], "was calibrated for 2 ranks; the run takes 3")])
+def test_a_topology_calibrated_for_other_ranks_is_refused(tiny, sets, against, words):
+    """U44: a 1-rank side predicted on a 2-rank calibration (+35% speedup error), a shard
+    placed on a worker's calibrated device (-75%), without a word."""
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        clustersim.validate(tiny, sets, topology=TOPOLOGY, against=against, rounds=1)
+
+
+def test_ops_calibrate_never_measured_are_named():
+    """U44: resnet_digits on a dense-only calibration was predicted 7x fast, silently."""
+    from clustersim.core.plan import plan
+    from clustersim.core.scenario import scenario_from_dict
+    p = plan(scenario_from_dict({"cluster": {"topology": str(TOPOLOGY), "machines": 0},
+                                 "model": {"name": "resnet-digits", "batch_size": 16}}, "t.toml"))
+    keys = cv.unmeasured_ops(p)
+    assert "conv2d" in keys and "conv2d.backward" in keys and "dense" not in keys
+    dense = plan(scenario_from_dict({"cluster": {"topology": str(TOPOLOGY), "machines": 0},
+                                     "model": {"name": "mlp-digits", "batch_size": 16}}, "t.toml"))
+    assert cv.unmeasured_ops(dense) == []
+    assert cv.unmeasured_ops(plan(scenario_from_dict({"cluster": {"topology": "dgx-h100"},
+                                                      "model": {"name": "resnet-digits"}}, "t.toml"))) == []

@@ -40,6 +40,7 @@ def run(args) -> int:
         return 0
     print(f"{out['scenario']}: {out['ranks']} ranks, predicted on {Path(out['topology']).name}, "
           f"measured {len(out['measured_runs_s'])} runs (spread {out['spread_pct']:.1f}%)")
+    unmeasured_note(out["unmeasured_ops"])
     rows = [{"what": k, **v} for k, v in out["phases"].items()]
     rows.append({"what": "step", "predicted_s": out["predicted_step_time_s"],
                  "measured_s": out["measured_step_time_s"], "error_pct": out["error_pct"]})
@@ -69,6 +70,7 @@ def run_speedup(args) -> int:
     print(f"{out['scenario']}: B = A with {' '.join(out['against'])}; {out['rounds']} rounds each, interleaved; "
           f"predicted on {out['calibrations']} calibration(s) per side (spread A {out['a']['predicted_spread_pct']:.1f}%, "
           f"B {out['b']['predicted_spread_pct']:.1f}%)")
+    unmeasured_note(sorted(set(out["a"]["unmeasured_ops"]) | set(out["b"]["unmeasured_ops"])))
     rows = [{"what": f"{side.upper()}: {out[side]['ranks']} ranks", "predicted": out[side]["predicted_samples_per_s"],
              "measured": out[side]["measured_samples_per_s"], "spread_pct": out[side]["spread_pct"]}
             for side in ("a", "b")]
@@ -80,3 +82,10 @@ def run_speedup(args) -> int:
     print(report.table(rows, [("what", "samples/s"), ("predicted", "predicted"), ("measured", "measured"),
                               ("error_pct", "error %"), ("spread_pct", "spread %")]))
     return 0
+
+
+def unmeasured_note(keys: list[str]) -> None:
+    """One line where the calibration has no cost for some of the run's ops."""
+    if keys:
+        print(f"note: calibrate measured no cost for {', '.join(keys)}: their times come from the dense kernels' "
+              "efficiency curve and can be several times off (calibrate probes the dense models' ops)")

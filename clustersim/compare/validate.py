@@ -203,6 +203,7 @@ def validate(scenario: str, topology: str, set_items: list[str], repeats: int = 
         pr = predicted_phases.get(group, 0.0)
         table[group] = _row(pr, m)
     return {"scenario": sc.name, "file": scenario, "topology": topology, "ranks": ranks_needed(sc),
+            "unmeasured_ops": unmeasured_ops(p),
             "predicted_step_time_s": summary["step_time_s"], "measured_step_time_s": meas,
             "error_pct": error_pct(summary["step_time_s"], meas), "measured_runs_s": measured,
             "predicted_samples_per_s": summary["samples_per_s"], "measured_runs_samples_per_s": rates,
@@ -252,6 +253,24 @@ def _side_items(set_items: list[str], topology: str) -> list[str]:
     return list(set_items) + [f'cluster.topology="{where}"', "cluster.machines=0", "training.cosim=false"]
 
 
+def unmeasured_ops(p) -> list[str]:
+    """The op cost keys of the plan's compute ops that a calibrated device of it has no
+    measured cost for (``Device.op_time`` None where it holds ``op_costs``): their times come
+    from the dense kernels' efficiency curve, which calibrate fitted on dense layers only --
+    a convolution or attention step can be several times off (U44: resnet_digits predicted
+    at 0.13 of its measured step).  [] on topologies that were not calibrated."""
+    from clustersim.core.plan import cost_key
+    devices = p.scenario.topology.devices
+    missing = set()
+    for op in p.ops:
+        if op.kind in ("fwd", "bwd"):
+            dev = devices[p.devices[0][op.slot]]
+            key = cost_key(p, op)
+            if dev.op_costs and dev.op_time(key, 0.0, 0.0) is None:
+                missing.add(key)
+    return sorted(missing)
+
+
 def predicted_side(scenario: str, items: list[str]) -> dict:
     """The simulator's ``samples_per_s`` and ``step_time_s`` of one side of a speedup check,
     the ranks it runs on, and ``quiet_samples_per_s``: the quiet host's.  With
@@ -269,7 +288,7 @@ def predicted_side(scenario: str, items: list[str]) -> dict:
     p = plan(quiet_sc)
     s = summarize(p, simulate(p))
     out = {"samples_per_s": s["samples_per_s"], "step_time_s": s["step_time_s"], "ranks": ranks_needed(sc),
-           "quiet_samples_per_s": s["samples_per_s"]}
+           "quiet_samples_per_s": s["samples_per_s"], "unmeasured_ops": unmeasured_ops(p)}
     if sc.faults.host_noise and s["step_time_s"] > 0:
         used = {d for row in p.devices for d in row} | set(p.ps.devices if p.ps is not None else ())
         series = [sc.topology.devices[d].noise for d in sorted(used) if sc.topology.devices[d].noise]
@@ -345,7 +364,7 @@ def speedup(scenario: str, set_items: list[str], against_items: list[str], topol
                 "predicted_step_time_s": step_of(predicted[side], rate),
                 "measured_samples_per_s": statistics.median(measured), "measured_runs_samples_per_s": measured,
                 "measured_step_time_s": statistics.median(x["step_time_s"] for x in runs[side]),
-                "spread_pct": spread_pct(measured)}
+                "spread_pct": spread_pct(measured), "unmeasured_ops": predicted[side][0].get("unmeasured_ops", [])}
     return {"scenario": load_scenario(scenario).name, "file": scenario, "against": list(against_items),
             "rounds": rounds, "calibrations": max(len(topologies["a"]), len(topologies["b"])),
             "a": side_row("a"), "b": side_row("b"), **figures,
