@@ -174,7 +174,7 @@ def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, lis
     applied, busy = 0, 0.0
     if resume and checkpoint is not None:
         w, applied = load_checkpoint(checkpoint, opt, len(w))
-    resumed_from = applied
+    resumed_from = saved = applied
     shard = ShardState(worker_runs, sync_replicas, quorum, replica_of, staleness_bound,
                        checkpoint_every if checkpoint is not None else 0, applied, silent)
     status = MPI.Status()
@@ -210,11 +210,14 @@ def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, lis
                     on_apply(-1, act.step, t, end, len(act.replicas))
             elif isinstance(act, Checkpoint):
                 save_checkpoint(checkpoint, w, act.applied, opt)
+                saved = act.applied
             elif isinstance(act, Reply):
                 if isinstance(opt, DCASGD):
                     opt.fetched(act.worker, w)
                 outbox.send(encode(take(w, worker_runs[act.worker], "shard"), bits), act.worker, REPLY)
     outbox.drain()
+    if checkpoint is not None and shard.applied != saved:     # a job that ended keeps its last updates too
+        save_checkpoint(checkpoint, w, shard.applied, opt)
     return {"applied": shard.applied, "busy_s": busy, "params": w, "resumed_from": resumed_from,
             "staleness": shard.staleness}
 

@@ -170,4 +170,7 @@ def _text(s: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:          # Ctrl-C reaches every rank: the launcher says it once, not 2 x 20 lines
+        sys.exit(130)

@@ -185,6 +185,7 @@ def test_sigkill_then_resume_loses_no_update_before_the_checkpoint(tmp_path):
     out = execute(tmp_path, DOWNPOUR.format(mp=1, r=2, steps=1), "--set", "parallel.ps_shards=1",
                   "--set", "training.learning_rate=1e-30", "--checkpoint", str(ck), "--resume")
     assert out["resumed_from_updates"] == [applied] and out["shard_updates"] == [applied + 2]
+    assert int(np.load(ck / "shard0.npz")["applied"]) == applied + 2     # the job's end is checkpointed too
     net, d = Net(zoo_model("mlp-digits")), digits(0)
     acc, _ = net.evaluate(params, d.x_test, d.y_test)
     assert out["accuracy"] == pytest.approx(acc)
