@@ -415,12 +415,19 @@ def _toml_key(key: str) -> str:
     return key if key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key) else json.dumps(key)
 
 
-def calibrate(ranks: int, out: str | Path) -> dict:
-    """Measures this host for a job of ``ranks`` ranks and writes the topology to ``out``."""
+def calibrate(ranks: int, out: str | Path, models: list[str] | None = None) -> dict:
+    """Measures this host for a job of ``ranks`` ranks and writes the topology to ``out``;
+    ``models``: probe the ops of these (``probe.probes_for``: a light zoo model of no probe
+    of its own is probed itself), else every probe's."""
     from clustersim.calibration.host import calibrate as measure
+    from clustersim.core.models import ZOO
     if not 1 <= ranks <= 256:
         raise ConfigError("--ranks", str(ranks), "must be 1..256")
-    return _write_host(out, ranks, measure(ranks))
+    for name in models or ():
+        if name not in ZOO:
+            raise ConfigError("--models", name, "not a built-in model (clustersim model list); a model file's ops "
+                                                "are timed by every probe")
+    return _write_host(out, ranks, measure(ranks, models=models))
 
 
 def calibrate_gpus(out: str | Path) -> dict:
@@ -488,7 +495,7 @@ def validate(path: str | Path, overrides: Overrides = None, *, topology: str | P
         if device == "gpu":
             raise ConfigError("--topology", "", "a GPU run is compared on a topology from calibrate --gpu")
         topology = Path(tempfile.mkdtemp()) / "this-host.toml"
-        calibrate(ranks_needed(sc), topology)
+        calibrate_for(ranks_needed(sc), topology, [sc.model.name])
     return Result(compare(str(path), str(topology), items, repeats, device))
 
 
@@ -537,8 +544,9 @@ def suite_speedup(a_rounds: list[dict], b_rounds: list[dict]) -> dict:
 
 
 def calibrate_for(ranks: int, out: str | Path, models: list[str]) -> dict:
-    """``calibrate`` with the in-context op probes of ``models`` only (all of them for a
-    model calibrate has no probe of): a third of the time for mlp-digits alone."""
+    """``calibrate`` with the in-context op probes of ``models`` only (``probe.probes_for``: a
+    light zoo model of no probe is probed itself; all the probes for a model file): a third
+    of the time for mlp-digits alone."""
     from clustersim.calibration.host import calibrate as measure
     return _write_host(out, ranks, measure(ranks, models=models))
 

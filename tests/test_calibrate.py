@@ -420,3 +420,21 @@ def test_a_calibration_for_some_models_probes_only_theirs():
     assert probes_for(["mlp-digits"]) == tuple(p for p in PROBES if p[0] == "mlp-digits")
     assert probes_for(None) == probes_for([]) == PROBES
     assert probes_for(["mlp-digits", "a-model-of-its-own"]) == PROBES     # its ops may be any probe's
+
+
+def test_a_light_zoo_model_without_a_probe_is_probed_itself_and_its_ops_get_costs():
+    """U44: resnet-digits' convolutions took the dense kernels' curve (predicted at 0.13 of
+    its measured step). Asked for, a light zoo model is probed itself, beside every probe;
+    a heavy one is not (minutes of CPU), and its ops stay with the curve."""
+    from clustersim.calibration.probe import OWN_BATCHES, PROBES, op_times, probes_for
+    assert probes_for(["resnet-digits"]) == PROBES + (("resnet-digits", OWN_BATCHES),)
+    assert probes_for(["gpt-tiny", "mlp-digits"]) == PROBES + (("gpt-tiny", OWN_BATCHES),)
+    assert probes_for(["alexnet"]) == PROBES
+    keys = op_times(repeats=1, passes=1, probes=(("resnet-digits", (8,)),))
+    assert {"conv2d", "conv2d.backward", "conv2d.split", "add"} <= set(keys)
+
+
+def test_calibrate_names_a_model_it_does_not_know_in_one_line(capsys):
+    from clustersim.cli import main
+    assert main(["calibrate", "--ranks", "1", "--models", "resnet-digits,nope", "--out", "/tmp/never.toml"]) == 2
+    assert capsys.readouterr().err.startswith("clustersim: error: --models: nope: not a built-in model")

@@ -37,6 +37,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from clustersim.core.models import ZOO, zoo_model
 from clustersim.core.plan import Plan, cost_key, plan, split_key
 from clustersim.core.scenario import scenario_from_dict
 
@@ -48,6 +49,8 @@ from executor.optim import sgd_in_place
 from executor.partitioned import Mailbox, run_step, slot_params
 
 PROBES = (("mlp-digits", (8, 32, 128)), ("distbelief-speech", (4, 32)))
+OWN_PROBE_FLOPS = 100e6     # forward FLOPs a sample of a zoo model probed itself when asked for (the speech net: 84M)
+OWN_BATCHES = (8, 32)
 SPLITS = ((1, "spatial"), (2, "spatial"), (2, "layers"))   # (slots, split); layers only on two ranks
 REPEATS = 5
 WARM_S = 0.01
@@ -192,12 +195,20 @@ def quiet_probe(run, bracket, quiet: float | None, slowest=lambda t: t, tries: i
 
 
 def probes_for(models: list[str] | None) -> tuple:
-    """The probes of ``models`` (``PROBES`` entries by name), all of them for None or when
-    one of the models has none (a model of its own: every probe's ops may be its ops)."""
+    """The probes of ``models``: their ``PROBES`` entries; a zoo model of none that is light
+    enough to time in a second (forward FLOPs a sample up to ``OWN_PROBE_FLOPS``:
+    resnet-digits, gpt-tiny) is probed itself at ``OWN_BATCHES``, so its convolutions or
+    attention get costs of their own instead of the dense kernels' curve (U44: resnet-digits
+    predicted at 0.13 of its step), beside every ``PROBES`` entry; all of them for None or a
+    model of its own (a file: every probe's ops may be its ops)."""
     known = {name for name, _ in PROBES}
-    if not models or not set(models) <= known:
+    if not models:
         return PROBES
-    return tuple((name, batches) for name, batches in PROBES if name in models)
+    if set(models) <= known:
+        return tuple((name, batches) for name, batches in PROBES if name in models)
+    own = tuple((m, OWN_BATCHES) for m in sorted(set(models) - known)
+                if m in ZOO and zoo_model(m).fwd_flops <= OWN_PROBE_FLOPS)
+    return PROBES + own
 
 
 def op_times(seed: int = 0, repeats: int = REPEATS, passes: int = PASSES,

@@ -15,13 +15,16 @@ def add(sub) -> None:
     c.add_argument("--gpu", action="store_true",
                    help="measure this machine's GPUs (GEMM, pinned copies over PCIe, peer copies, NCCL allreduce) "
                         "with CuPy; under mpiexec -ppn 1 across hosts, also the path between hosts")
+    c.add_argument("--models", metavar="NAME[,NAME]", type=lambda v: [m for m in v.split(",") if m],
+                   help="probe these built-in models' ops (a light one without a probe of its own, such as "
+                        "resnet-digits or gpt-tiny, is probed itself); default: the dense probes")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=run)
 
 
 def run(args) -> int:
     check_writable(args.out, "--out")     # before minutes of measuring, not after
-    res = api.calibrate_gpus(args.out) if args.gpu else api.calibrate(args.ranks, args.out)
+    res = api.calibrate_gpus(args.out) if args.gpu else api.calibrate(args.ranks, args.out, args.models)
     if args.gpu and not res:              # one of several hosts' ranks: rank 0 reports
         return 0
     if args.json:

@@ -88,4 +88,5 @@ def unmeasured_note(keys: list[str]) -> None:
     """One line where the calibration has no cost for some of the run's ops."""
     if keys:
         print(f"note: calibrate measured no cost for {', '.join(keys)}: their times come from the dense kernels' "
-              "efficiency curve and can be several times off (calibrate probes the dense models' ops)")
+              "efficiency curve and can be several times off (calibrate --models NAME times a light built-in "
+              "model's own ops)")
