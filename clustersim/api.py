@@ -553,11 +553,12 @@ def calibrate_for(ranks: int, out: str | Path, models: list[str]) -> dict:
 
 def _calibrated_for(topology: str | Path, ranks: int, side: str = "") -> None:
     """A ConfigError where ``topology`` is a host calibration (``calibrate``: a device per
-    rank with measured op costs) for another number of ranks than the run takes: a rank's
+    rank with the executor's measured step set-up among its op costs; a hand-written
+    topology's send and receive costs do not count) for another number of ranks than the run takes: a rank's
     cores, BLAS threads and op costs depend on how many share the host, and a rank beyond
     them would be placed on another's device."""
     topo = load_topology(str(topology))
-    hosts = [d for d in topo.devices.values() if d.kind == "cpu" and (d.op_costs or d.op_curves)]
+    hosts = [d for d in topo.devices.values() if d.kind == "cpu" and "step" in d.op_costs]    # what calibrate writes
     if hosts and len(hosts) != ranks:
         raise ConfigError("--topology", str(topology), f"was calibrated for {len(hosts)} ranks; the run{side} takes "
                                                        f"{ranks}: calibrate --ranks {ranks}, or leave --topology out "

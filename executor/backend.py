@@ -36,10 +36,14 @@ def to_numpy(x):
     return x.get() if hasattr(x, "get") and not isinstance(x, numpy.ndarray) else numpy.asarray(x)
 
 
-def device_sync(xp):
-    """A call that waits for the work queued on this rank's GPU (CuPy: every stream of the
-    current device), so that a clock read after it times the work, not its queueing; a
-    no-op for NumPy, whose calls return when their work is done."""
+def device_sync(xp, streams: str = "all"):
+    """A call that waits for the work queued on this rank's GPU, so that a clock read after
+    it times the work, not its queueing: every stream of the current device (``"all"``), or
+    the compute stream alone (``"compute"``: NCCL's copy stream goes on beside it, as the
+    simulator's transfers do beside compute); a no-op for NumPy, whose calls return when
+    their work is done."""
     if xp is numpy:
         return lambda: None
+    if streams == "compute":
+        return lambda: xp.cuda.get_current_stream().synchronize()
     return lambda: xp.cuda.Device().synchronize()

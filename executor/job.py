@@ -198,6 +198,7 @@ class RankJob(SandblasterRoles):
                              sched.comm_bits) if self.S else None
         flat = self.flatten(params, j)
         sync = device_sync(xp)                                 # a GPU's spans time its work, not its queueing
+        op_sync = device_sync(xp, "compute")                   # an op's: its transfers overlap on their stream
         acc = np.zeros_like(flat)
         adam: dict = {}                                        # sync's Adam: one per parameter array
         step_times, losses, steps_done = [], [], 0
@@ -217,12 +218,12 @@ class RankJob(SandblasterRoles):
             last = [time.perf_counter()]
 
             def on_op(op, part, step=step):        # cheap: spans are made after the last step
-                sync()
+                op_sync()
                 now = time.perf_counter()
                 op_log.append((op, part, step, last[0], now))
                 last[0] = now
             def on_setup():
-                sync()
+                op_sync()
                 last[0] = time.perf_counter()
             try:
                 res = run_step(p, {j}, params, xp.asarray(x), xp.asarray(y), transport, xp=xp, on_op=on_op,

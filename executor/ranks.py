@@ -101,13 +101,21 @@ def main(argv: list[str] | None = None) -> int:
 def rank_xp(world, sc, device: str):
     """This rank's array module: a worker's on ``device`` (its GPU: its index among the
     workers on its machine), NumPy for a parameter-server shard or Sandblaster's
-    coordinator, which never touch a GPU and take none from the workers.  Collective."""
+    coordinator, which never touch a GPU and take none from the workers.  Collective: where
+    a worker cannot take its GPU, every rank raises."""
+    from mpi4py import MPI
     worker = world.rank < sc.parallel.devices_per_replica * sc.parallel.replicas
     workers = world.Split(color=0 if worker else 1, key=world.rank)
+    xp, err = None, None
     try:
-        return get_xp(device if worker else "cpu", workers)
+        xp = get_xp(device if worker else "cpu", workers)
+    except ValueError as exc:           # every rank learns of it: a shard would wait for its workers for ever
+        err = exc
     finally:
         workers.Free()
+    if world.allreduce(err is not None, op=MPI.LOR):
+        raise err or ValueError("a worker rank could not take its GPU")
+    return xp
 
 
 def nccl_of(args, sc):

@@ -412,3 +412,17 @@ def test_dev_stdout_is_written_through_and_a_dangling_links_folder_is_not_made(t
     with pytest.raises(ConfigError, match="dangling: cannot write there"):
         write_atomic(tmp_path / "dangling", "x")
     assert sorted(q.name for q in tmp_path.iterdir()) == ["dangling"]
+
+
+def test_a_dangling_link_whose_folder_is_missing_is_refused_before_the_work(tmp_path):
+    """Review R42: the check probed the nearest existing folder, the write then failed: a
+    link's target folder is never made."""
+    from clustersim.core.config import ConfigError
+    from clustersim.core.trace import check_writable
+    link = tmp_path / "out.toml"
+    link.symlink_to(tmp_path / "nowhere" / "target.toml")
+    with pytest.raises(ConfigError, match="its link's folder .*nowhere does not exist"):
+        check_writable(link, "--out")
+    (tmp_path / "nowhere").mkdir()
+    check_writable(link, "--out")
+    assert not (tmp_path / "nowhere" / "target.toml").exists()

@@ -236,3 +236,11 @@ def test_ops_calibrate_never_measured_are_named():
     assert cv.unmeasured_ops(dense) == []
     assert cv.unmeasured_ops(plan(scenario_from_dict({"cluster": {"topology": "dgx-h100"},
                                                       "model": {"name": "resnet-digits"}}, "t.toml"))) == []
+
+
+def test_a_hand_written_topology_with_message_costs_is_no_calibration():
+    """Review R42: distbelief-2012's send and receive costs made it a 32-rank
+    calibration, refusing an 8-rank job; only calibrate's step cost marks one."""
+    api._calibrated_for("distbelief-2012", 8)
+    with pytest.raises(ConfigError, match="was calibrated for 2 ranks"):
+        api._calibrated_for(TOPOLOGY, 8)

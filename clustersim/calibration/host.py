@@ -110,7 +110,8 @@ def measure_compute(rng: np.random.Generator, xp=np, sync=lambda: None) -> dict:
 def measure_step_overhead(rng: np.random.Generator, xp=np, sync=lambda: None) -> float:
     """Seconds the executor spends per op beyond its arithmetic: one step of a tiny dense
     net through ``run_step`` (region assembly, the op walk, bookkeeping), per op; on the
-    arrays of ``xp`` (CuPy on a GPU, with its ``sync``: there each op launches several kernels)."""
+    arrays of ``xp`` (CuPy on a GPU, with its ``sync``: there each op launches several kernels,
+    and the executor waits for each op's as it times it)."""
     import dataclasses
 
     from clustersim.core.models import build_model
@@ -127,7 +128,7 @@ def measure_step_overhead(rng: np.random.Generator, xp=np, sync=lambda: None) ->
     full = init_params(model, rng, dtype=np.float32)
     params = {key: [xp.asarray(a) for a in arrs] for key, arrs in slot_params(p, full).items()}
     x, y = xp.ones((1, 4, 1, 1), np.float32), xp.zeros(1, np.int64)
-    t = median_time(lambda: run_step(p, {0}, params, x, y, Mailbox(), xp=xp), 51, sync)
+    t = median_time(lambda: run_step(p, {0}, params, x, y, Mailbox(), xp=xp, on_op=lambda *_: sync()), 51, sync)
     return t / len(p.ops)
 
 

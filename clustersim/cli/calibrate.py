@@ -5,6 +5,7 @@ import json
 
 from clustersim import api
 from clustersim.cli.args import count
+from clustersim.core.config import ConfigError
 from clustersim.core.trace import check_writable
 
 
@@ -24,6 +25,8 @@ def add(sub) -> None:
 
 def run(args) -> int:
     check_writable(args.out, "--out")     # before minutes of measuring, not after
+    if args.gpu and args.models:
+        raise ConfigError("--models", ",".join(args.models), "probes host ranks' ops: not with --gpu")
     res = api.calibrate_gpus(args.out) if args.gpu else api.calibrate(args.ranks, args.out, args.models)
     if args.gpu and not res:              # one of several hosts' ranks: rank 0 reports
         return 0

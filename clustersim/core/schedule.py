@@ -121,8 +121,10 @@ def checkpoint_bytes(sc: Scenario) -> float:
     """Bytes a checkpoint holds per parameter: the master weight and each optimizer state
     value (Adam's two moments, Adagrad's sum of squares) -- 12 with Adam, as Megatron's and
     DeepSpeed's checkpoints keep them; a narrower working copy is made again from the master
-    on load.  A shard's checkpoint keeps its rule's state the same way."""
-    return master_bytes(sc) * (1 + OPTIMIZER_STATES[sc.training.optimizer])
+    on load.  A shard's checkpoint keeps its rule's state the same way (DC-ASGD its mean
+    square, as the executor's shards save it)."""
+    states = OPTIMIZER_STATES[sc.training.optimizer] + (1 if sc.training.algorithm == "dcasgd" else 0)
+    return master_bytes(sc) * (1 + states)
 
 
 def optimizer_bytes(sc: Scenario) -> float:

@@ -161,6 +161,8 @@ def check_writable(path: str | Path, option: str = "") -> None:
         return ConfigError(option, str(shown), why) if option else ConfigError(str(shown), "", why)
     if real.is_dir():
         raise refused("is a folder: give a file name")
+    if shown.is_symlink() and not real.parent.is_dir():      # a link's target folder is never made
+        raise refused(f"its link's folder {real.parent} does not exist")
     folder = next(p for p in real.parents if p.exists())
     if not folder.is_dir():
         raise refused(f"its folder cannot be made ({folder} is a file)")
