@@ -18,6 +18,28 @@ def seconds(value: float) -> str:
     return f"{value * 1e9:.4g} ns"
 
 
+def _failures_ahead(s: dict) -> list[str]:
+    """The expected cost of failures and checkpoints over the training (``reliability``), or
+    that time to train leaves failures out where no closed form holds."""
+    if s.get("failures_in_time_to_train") is False:
+        return ["  failures ahead   not in time to train or cost: the expected overhead is worked out for "
+                "sync jobs that restart from checkpoints"]
+    if "failure_overhead" not in s:
+        return []
+
+    def times(f) -> str:
+        return "never finishes on average" if f is None else f"x{f:.4g} the failure-free time"
+    stretched = " (time to train and cost are so stretched)" if "time_to_train_s" in s else ""
+    if "job_mtbf_s" not in s:                           # checkpoints, no failures
+        return [f"  checkpoints ahead {times(s['failure_overhead'])}, writes of "
+                f"{seconds(s['checkpoint_write_s'])} included{stretched}"]
+    best = s["checkpoint_every_best"]
+    return [f"  failures ahead   job MTBF {seconds(s['job_mtbf_s'])}, recovery {seconds(s['recovery_s'])}: "
+            f"expected {times(s['failure_overhead'])}, checkpoints included{stretched}; "
+            + (f"a checkpoint every {best} step(s): " if best else "no checkpoint at all: ")
+            + times(s["failure_overhead_best"])]
+
+
 def _stages(s: dict) -> str:
     """A pipeline's stages (and their slots, where a stage is a tensor split's), micro-batches
     and schedule, for the summary's split line; without a pipeline, its micro-batches where a
@@ -59,14 +81,7 @@ def summary_text(s: dict) -> str:
         extra += ["meets the target" if s["meets_target"] else "MISSES the target"] if "meets_target" in s else []
         lines.append(f"  to train         {seconds(s['time_to_train_s'])} ({seconds(s['epoch_time_s'])} an epoch)"
                      + (": " + ", ".join(extra) if extra else ""))
-    if "failure_overhead" in s:
-        f = s["failure_overhead"]
-        ahead = ("without checkpoints a job this long never finishes on average" if f is None else
-                 f"expected x{f:.4g} the failure-free time, checkpoints included"
-                 + (" (time to train and cost are so stretched)" if "time_to_train_s" in s else ""))
-        lines.append(f"  failures ahead   job MTBF {seconds(s['job_mtbf_s'])}, recovery {seconds(s['recovery_s'])}: "
-                     f"{ahead}; the best interval, {s['checkpoint_every_best']} step(s): "
-                     f"x{s['failure_overhead_best']:.4g}")
+    lines += _failures_ahead(s)
     if "staleness_mean" in s:
         lines.append(f"  staleness        mean {s['staleness_mean']:.3g}, p90 {s['staleness_p90']:.3g}, "
                      f"max {s['staleness_max']} (shard updates missed)")

@@ -146,11 +146,15 @@ def recompute_tries(sc: Scenario) -> list[str]:
 
 
 def score(point: dict, objective: str) -> float:
-    """Lower is better: seconds per sample, dollars per sample, or seconds to accuracy."""
+    """Lower is better: seconds per sample, dollars per sample (each stretched by the expected
+    failures and checkpoint writes, ``failure_overhead``, where given; never finishing:
+    infinite), or seconds to accuracy."""
+    stretch = point.get("failure_overhead", 1.0)
+    stretch = float("inf") if stretch is None else stretch
     if objective == "time":
-        return 1.0 / point["samples_per_s"]
+        return stretch / point["samples_per_s"]
     if objective == "cost":
-        return point["usd_per_hour"] / 3600 / point["samples_per_s"]
+        return stretch * point["usd_per_hour"] / 3600 / point["samples_per_s"]
     tta = point.get("time_to_accuracy_s")
     return float("inf") if tta is None else tta
 

@@ -573,14 +573,21 @@ def test_mtbf_goes_on_failing_after_every_device_was_replaced(mode, extra):
 def test_a_job_restarting_for_ever_is_a_stall():
     """Review R40: with failures renewed faster than a step, a restarting job without
     checkpoints went back to step 0 for ever (a run that never ended). After 100 restarts
-    in a row to one checkpoint it is a stall, saying why."""
+    in a row to one checkpoint it is a stall, saying why, and which setting to move (U45:
+    a recovery longer than the job's time between failures needs no other checkpoints)."""
     from clustersim import api
     from sim.algorithms.sync import RESTARTS_IN_VAIN
-    res = api.simulate("scenarios/quickstart.toml", {"training.steps": 100, "faults.mtbf_s": 0.001,
-                                                     "faults.on_failure": "restart"}, speedup=False)
+    quick = {"training.steps": 100, "faults.on_failure": "restart", "faults.restart_s": 0.00001,
+             "faults.detect_timeout_s": 0.00001}
+    res = api.simulate("scenarios/quickstart.toml", {**quick, "faults.mtbf_s": 0.001}, speedup=False)
     assert res.data["stalled_reason"] == (f"no progress: {RESTARTS_IN_VAIN} restarts in a row back to step 0's "
                                           "checkpoint (failures come faster than the run completes: no checkpoints)")
     assert sum(1 for s in res.trace.spans if s.where == "restart") == RESTARTS_IN_VAIN
+    slow = api.simulate("scenarios/quickstart.toml", {**quick, "faults.mtbf_s": 0.01, "faults.restart_s": 0.01,
+                                                      "faults.checkpoint_every": 1}, speedup=False)
+    assert slow.data["stalled_reason"].endswith("(the job fails every 0.00125 s on average and a recovery takes "
+                                                "0.01 s (detect_timeout_s + restart_s): lower them, or use "
+                                                "fewer devices)")
 
 
 def test_an_explicit_failure_does_not_add_a_second_mtbf_draw():

@@ -100,11 +100,10 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
         return out
     training_s = sc.training.dataset_samples * sc.training.epochs / samples_per_s if samples_per_s else 0.0
     failures = failure_costs(p, step_s, training_s or None)
-    if failures and math.isinf(failures["failure_overhead"]):      # never done on average: no time to train
-        out.update(failures, failure_overhead=None)
-    else:
-        out.update(failures)
-        out.update(training_cost(p, samples_per_s, failures.get("failure_overhead", 1.0)))
+    out.update(failures)
+    stretch = failures.get("failure_overhead", 1.0)
+    if stretch is not None:                      # None: never done on average, so no time to train
+        out.update(training_cost(p, samples_per_s, stretch))
     if baseline_step_s:
         out["one_device_step_time_s"] = baseline_step_s
         out["speedup"] = out["samples_per_s"] / (sc.batch_size / baseline_step_s)

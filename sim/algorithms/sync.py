@@ -22,6 +22,7 @@ from sim.engine import Engine, first_n
 from sim.fluid import supersede
 from clustersim.core.plan import buckets, param_layout
 from .ps import send_params
+from clustersim.core.reliability import failure_rate
 from clustersim.core.schedule import apply_cost, checkpoint_bytes, update_cost
 
 
@@ -64,9 +65,7 @@ def run_sync(engine: Engine, steps: int):
                 in_vain += 1
                 if in_vain >= RESTARTS_IN_VAIN:   # failures faster than its checkpoints: it would restart for ever
                     engine.stall_note = (f"no progress: {in_vain} restarts in a row back to step {step}'s "
-                                         "checkpoint (failures come faster than " +
-                                         (f"checkpoint_every = {faults.checkpoint_every} steps complete)"
-                                          if faults.checkpoint_every else "the run completes: no checkpoints)"))
+                                         f"checkpoint ({_why_in_vain(engine)})")
                     yield env.event()
             else:
                 active = [r for r in active if r not in dead]
@@ -254,6 +253,21 @@ def _ps_apply_and_fetch(engine: Engine, winners, active, step: int, free: dict, 
         free[r] = fetched if r in winners else env.all_of([fetched, working[r]])
     # a winner that fails before its fetch arrives is not waited for: its gradient is in
     yield env.all_of([env.any_of([free[r], engine.lost(plan.devices[r])]) for r in winners])
+
+
+def _why_in_vain(engine: Engine) -> str:
+    """Why restarts make no progress, and the setting to move: a recovery longer than the
+    job's time between failures (its devices over ``mtbf_s``) needs a faster restart or
+    fewer devices, whatever the checkpoints; else the checkpoints come too seldom."""
+    faults = engine.plan.scenario.faults
+    failures = failure_rate(engine.plan)
+    recovery = faults.detect_timeout_s + faults.restart_s
+    if failures and recovery * failures >= 1:
+        return (f"the job fails every {1 / failures:.3g} s on average and a recovery takes {recovery:.3g} s "
+                "(detect_timeout_s + restart_s): lower them, or use fewer devices")
+    if faults.checkpoint_every:
+        return f"failures come faster than checkpoint_every = {faults.checkpoint_every} steps complete"
+    return "failures come faster than the run completes: no checkpoints"
 
 
 def _restart(engine: Engine, step: int, checkpoint: int, dead: list[int], ran: dict[int, int]):
