@@ -104,13 +104,19 @@ def rank_xp(world, sc, device: str):
     coordinator, which never touch a GPU and take none from the workers.  Collective: where
     a worker cannot take its GPU, every rank raises."""
     from mpi4py import MPI
+    from executor.backend import cupy_or_none
     worker = world.rank < sc.parallel.devices_per_replica * sc.parallel.replicas
+    gpu = device == "gpu" and worker
+    # first whether every worker has CuPy and a GPU: one without would leave the others in
+    # get_xp's split of the machine's ranks, and a shard waiting for its workers, for ever
+    if not world.allreduce(not gpu or cupy_or_none() is not None, op=MPI.LAND):
+        raise ValueError("device gpu needs CuPy and a visible GPU on every worker rank (pip install 'clustersim[gpu]')")
     workers = world.Split(color=0 if worker else 1, key=world.rank)
     xp, err = None, None
     try:
         xp = get_xp(device if worker else "cpu", workers)
-    except ValueError as exc:           # every rank learns of it: a shard would wait for its workers for ever
-        err = exc
+    except Exception as exc:            # a CUDA error too: every rank must learn of it
+        err = exc if isinstance(exc, ValueError) else ValueError(f"{type(exc).__name__}: {exc}")
     finally:
         workers.Free()
     if world.allreduce(err is not None, op=MPI.LOR):

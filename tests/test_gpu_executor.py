@@ -269,24 +269,38 @@ def test_only_worker_ranks_take_a_gpu_and_count_among_the_machine_s_gpu_ranks(mo
             assert key == self.rank
             return SimpleNamespace(color=color, Free=lambda: asked.append(("freed", self.rank)))
 
-        def allreduce(self, failed, op):          # every rank's verdict: here, the ranks' own alone
-            return failed
+        def allreduce(self, verdict, op):         # every rank's verdict: here, the ranks' own alone
+            return verdict
     monkeypatch.setattr(ranks, "get_xp", lambda device, comm: asked.append((device, comm.color)) or device)
+    monkeypatch.setattr("executor.backend.cupy_or_none", lambda: "cupy")
     assert [ranks.rank_xp(World(r), sc, "gpu") for r in range(3)] == ["gpu", "gpu", "cpu"]
     assert asked == [("gpu", 0), ("freed", 0), ("gpu", 0), ("freed", 1), ("cpu", 1), ("freed", 2)]
 
 
-def test_a_worker_that_cannot_take_its_gpu_ends_every_rank():
-    """Review R42: the workers raised, the shard went on and waited for them for ever. Every
-    rank learns of it (an allreduce of the verdicts) and raises."""
+def test_a_worker_that_cannot_take_its_gpu_ends_every_rank(monkeypatch):
+    """Reviews R42, R43: the workers raised, the shard went on and waited for them for ever;
+    a worker without CuPy left the others in the machine's split; a CUDA error was no
+    ValueError. Every rank learns of each (allreduces of the verdicts) and raises."""
     import executor.ranks as ranks
     from mpi4py import MPI
     sc = scenario_from_dict({"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits"},
                              "parallel": {"replicas": 2, "ps_shards": 1}}, "t.toml")
-    shard = SimpleNamespace(rank=2, Split=lambda color, key: SimpleNamespace(Free=lambda: None),
-                            allreduce=lambda failed, op: op is MPI.LOR and True)   # a worker failed
+
+    def rank(r, others_have_cupy=True, others_failed=False):
+        return SimpleNamespace(rank=r, Split=lambda color, key: SimpleNamespace(Free=lambda: None),
+                               allreduce=lambda mine, op: (mine and others_have_cupy) if op is MPI.LAND
+                               else (mine or others_failed))
+    monkeypatch.setattr("executor.backend.cupy_or_none", lambda: "cupy")
     with pytest.raises(ValueError, match="a worker rank could not take its GPU"):
-        ranks.rank_xp(shard, sc, "gpu")
+        ranks.rank_xp(rank(2, others_failed=True), sc, "gpu")           # the shard
+    with pytest.raises(ValueError, match="CuPy and a visible GPU on every worker rank"):
+        ranks.rank_xp(rank(0, others_have_cupy=False), sc, "gpu")      # a worker with CuPy, another without
+
+    def busy(device, comm):
+        raise RuntimeError("cudaErrorDevicesUnavailable: all CUDA-capable devices are busy")
+    monkeypatch.setattr(ranks, "get_xp", busy)
+    with pytest.raises(ValueError, match="RuntimeError: cudaErrorDevicesUnavailable"):
+        ranks.rank_xp(rank(0), sc, "gpu")
 
 
 def test_a_gpu_rank_waits_for_its_device_before_reading_the_clock_and_numpy_does_not():
