@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import json
+import math
 import numbers
 import subprocess
 import sys
@@ -242,7 +243,8 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
         raise ConfigError("--target-hours", str(target_hours), "must be >= 0")
     if target_hours and not sc.training.dataset_samples:
         raise ConfigError(sc.file, "training.dataset_samples", "a target in hours needs the data set's size")
-    alike = sc.training.algorithm == "sync" and objective != "time-to-accuracy" and not sc.training.cosim
+    alike = (sc.training.algorithm == "sync" and objective != "time-to-accuracy" and not sc.training.cosim
+             and not sc.faults.mtbf_s and not sc.faults.checkpoint_every)   # failures and writes are in the run's steps
     steps = [("training.steps", 1)] if alike else []       # sync steps are alike; training to accuracy is not
     if target_hours or sc.training.target_hours:         # 0 turns the scenario's deadline off
         steps.append(("training.target_hours", target_hours))
@@ -280,9 +282,10 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     if target_hours:
         meeting = [p for p in ranked if p.get("meets_target")]
         if not meeting and ranked:
-            fastest = min(ranked, key=lambda p: p["time_to_train_s"])
-            note = (f"no configuration trains in {target_hours:g} h on {devices} devices: the fastest takes "
-                    f"{fastest['time_to_train_s'] / 3600:.3g} h")
+            fastest = min(ranked, key=lambda p: p.get("time_to_train_s", math.inf))   # none: never done
+            note = (f"no configuration trains in {target_hours:g} h on {devices} devices: " +
+                    (f"the fastest takes {fastest['time_to_train_s'] / 3600:.3g} h" if "time_to_train_s" in fastest
+                     else "none finishes on average, its failures coming faster than it recovers"))
         ranked = meeting + [p for p in ranked if not p.get("meets_target")]
     return {"ranked": ranked, **found, "note": note}
 

@@ -28,16 +28,17 @@ def _failures_ahead(s: dict) -> list[str]:
         return []
 
     def times(f) -> str:
-        return "never finishes on average" if f is None else f"x{f:.4g} the failure-free time"
+        return "never finishes on average" if f is None else f"expected x{f:.4g} the failure-free time"
     stretched = " (time to train and cost are so stretched)" if "time_to_train_s" in s else ""
     if "job_mtbf_s" not in s:                           # checkpoints, no failures
         return [f"  checkpoints ahead {times(s['failure_overhead'])}, writes of "
                 f"{seconds(s['checkpoint_write_s'])} included{stretched}"]
     best = s["checkpoint_every_best"]
     return [f"  failures ahead   job MTBF {seconds(s['job_mtbf_s'])}, recovery {seconds(s['recovery_s'])}: "
-            f"expected {times(s['failure_overhead'])}, checkpoints included{stretched}; "
-            + (f"a checkpoint every {best} step(s): " if best else "no checkpoint at all: ")
-            + times(s["failure_overhead_best"])]
+            f"{times(s['failure_overhead'])}, checkpoints included{stretched}; "
+            + ("no checkpoint interval lets it finish (a recovery outlasts the time between failures)"
+               if best is None else (f"a checkpoint every {best} step(s): " if best else "no checkpoint at all: ")
+               + times(s["failure_overhead_best"]))]
 
 
 def _stages(s: dict) -> str:

@@ -156,3 +156,18 @@ def test_search_ranks_by_the_stretched_time_and_cost():
     assert score(slow, "time") < score(fast, "time") and score(slow, "cost") < score(fast, "cost")
     assert score({**fast, "failure_overhead": None}, "time") == math.inf
     assert score({"samples_per_s": 100.0, "usd_per_hour": 36.0}, "cost") == pytest.approx(1e-4)
+
+
+def test_search_sees_the_checkpoints_and_a_job_that_never_finishes_is_no_crash():
+    """Review R43: search simulated one sync step, so every interval was past the job (no
+    writes: x1.0 where simulate said x118); a point never finishing had no time to train
+    and --target-hours crashed on it."""
+    writes = {"faults.checkpoint_every": 5, "faults.checkpoint_gbps": 0.001}
+    found = api.search("scenarios/quickstart.toml", 8, writes)
+    assert found["ranked"] and all(p["failure_overhead"] > 10 for p in found["ranked"])
+    never = api.search("scenarios/quickstart.toml", 2, {"training.dataset_samples": 10**11, "faults.mtbf_s": 0.3,
+                                                        "faults.on_failure": "restart"}, target_hours=1)
+    assert "none finishes on average" in never["note"]
+    out = api.simulate("scenarios/quickstart.toml", {"faults.mtbf_s": 0.3, "faults.on_failure": "restart"},
+                       speedup=False).data
+    assert out["checkpoint_every_best"] is None and out["failure_overhead_best"] is None

@@ -586,8 +586,8 @@ def test_a_job_restarting_for_ever_is_a_stall():
     slow = api.simulate("scenarios/quickstart.toml", {**quick, "faults.mtbf_s": 0.01, "faults.restart_s": 0.01,
                                                       "faults.checkpoint_every": 1}, speedup=False)
     assert slow.data["stalled_reason"].endswith("(the job fails every 0.00125 s on average and a recovery takes "
-                                                "0.01 s (detect_timeout_s + restart_s): lower them, or use "
-                                                "fewer devices)")
+                                                "0.01 s (detect_timeout_s + restart_s + reading the checkpoint at "
+                                                "checkpoint_gbps): lower them, or use fewer devices)")
 
 
 def test_an_explicit_failure_does_not_add_a_second_mtbf_draw():

@@ -87,6 +87,8 @@ def table_columns(ranked: list[dict], objective: str) -> list[tuple[str, str]]:
                                                                    for p in shown) else []
     columns += [("training.recompute", "recompute")] if any("training.recompute" in p for p in shown) else []
     columns.append(("samples_per_s", "samples/s"))
+    if any("failure_overhead" in p for p in ranked):       # the ranking's stretch of samples/s
+        columns.append(("failure_overhead", "failures (x)"))
     if objective == "time-to-accuracy":
         columns += [("time_to_accuracy_s", "to accuracy (s)"), ("accuracy", "accuracy")]
     if any(p.get("usd_per_hour") for p in ranked):

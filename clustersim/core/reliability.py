@@ -62,6 +62,12 @@ def failure_rate(p: Plan) -> float:
     return len(devices) / mtbf if mtbf > 0 else 0.0
 
 
+def checkpoint_seconds(p: Plan) -> float:
+    """Seconds a checkpoint's write (or a restart's read) takes: the parameters of one
+    replica's slots (``checkpoint_bytes`` each) at ``faults.checkpoint_gbps``."""
+    return sum(p.slot_params) * checkpoint_bytes(p.scenario) / (p.scenario.faults.checkpoint_gbps * 1e9)
+
+
 def failure_costs(p: Plan, step_s: float, work_s: float | None = None) -> dict:
     """The expected cost of failures and checkpoint writes over ``work_s`` seconds of
     failure-free work (the whole training; else the run's steps), for a sync job that
@@ -69,8 +75,8 @@ def failure_costs(p: Plan, step_s: float, work_s: float | None = None) -> dict:
     checkpoint: the job's failure rate, write and recovery seconds, the expected wall
     seconds per failure-free second (``failure_overhead``; an interval as long as the job
     writes no checkpoint, as with none) and the interval that costs least
-    (``checkpoint_every_best``, 0 where never checkpointing is cheapest; with its
-    ``failure_overhead_best``).  An overhead past float range (no checkpoint for long
+    (``checkpoint_every_best``, 0 where never checkpointing is cheapest, None where no
+    interval lets the job finish; with its ``failure_overhead_best``).  An overhead past float range (no checkpoint for long
     enough: the job never finishes on average) is None.  With ``mtbf_s`` where no closed
     form holds (``on_failure = "continue"``, asynchronous algorithms): only
     ``failures_in_time_to_train`` = False.  {} where nothing applies."""
@@ -85,7 +91,7 @@ def failure_costs(p: Plan, step_s: float, work_s: float | None = None) -> dict:
         return {}
     work = work_s or sc.training.steps * step_s
     rate = failure_rate(p)
-    write = sum(p.slot_params) * checkpoint_bytes(sc) / (faults.checkpoint_gbps * 1e9)
+    write = checkpoint_seconds(p)
     recover = faults.detect_timeout_s + faults.restart_s + write
 
     def cost(every: int) -> float:
@@ -96,7 +102,8 @@ def failure_costs(p: Plan, step_s: float, work_s: float | None = None) -> dict:
     if rate > 0:
         best = best_interval(rate, step_s, write, recover, max(1, math.ceil(work / step_s) - 1))
         best = 0 if cost(0) <= cost(best) else best
-        out.update(job_mtbf_s=1 / rate, recovery_s=recover, checkpoint_every_best=best,
+        out.update(job_mtbf_s=1 / rate, recovery_s=recover,      # None: no interval lets it finish
+                   checkpoint_every_best=None if math.isinf(cost(best)) else best,
                    failure_overhead_best=_finite(cost(best)))
     return out
 

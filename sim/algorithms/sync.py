@@ -22,8 +22,8 @@ from sim.engine import Engine, first_n
 from sim.fluid import supersede
 from clustersim.core.plan import buckets, param_layout
 from .ps import send_params
-from clustersim.core.reliability import failure_rate
-from clustersim.core.schedule import apply_cost, checkpoint_bytes, update_cost
+from clustersim.core.reliability import checkpoint_seconds, failure_rate
+from clustersim.core.schedule import apply_cost, update_cost
 
 
 RESTARTS_IN_VAIN = 100    # a sync job restarting this often without a new checkpoint is stalled
@@ -88,7 +88,7 @@ def run_sync(engine: Engine, steps: int):
             free = {r: free[r] for r in active}
             engine.sync_phases.append((len(engine.trace.step_ends), len(active)))   # from this step
         if faults.checkpoint_every and step % faults.checkpoint_every == 0:
-            seconds = sum(plan.slot_params) * checkpoint_bytes(plan.scenario) / (faults.checkpoint_gbps * 1e9)
+            seconds = checkpoint_seconds(plan)
             yield engine.wait(env.timeout(seconds), "checkpoint", -1, step, "checkpoint")
             engine.log("checkpoint", -1, -1, step)
             last_checkpoint, in_vain = step, 0
@@ -261,10 +261,11 @@ def _why_in_vain(engine: Engine) -> str:
     fewer devices, whatever the checkpoints; else the checkpoints come too seldom."""
     faults = engine.plan.scenario.faults
     failures = failure_rate(engine.plan)
-    recovery = faults.detect_timeout_s + faults.restart_s
+    recovery = faults.detect_timeout_s + faults.restart_s + checkpoint_seconds(engine.plan)
     if failures and recovery * failures >= 1:
         return (f"the job fails every {1 / failures:.3g} s on average and a recovery takes {recovery:.3g} s "
-                "(detect_timeout_s + restart_s): lower them, or use fewer devices")
+                "(detect_timeout_s + restart_s + reading the checkpoint at checkpoint_gbps): lower them, or use "
+                "fewer devices")
     if faults.checkpoint_every:
         return f"failures come faster than checkpoint_every = {faults.checkpoint_every} steps complete"
     return "failures come faster than the run completes: no checkpoints"
@@ -276,7 +277,7 @@ def _restart(engine: Engine, step: int, checkpoint: int, dead: list[int], ran: d
     env, plan = engine.env, engine.plan
     sc = plan.scenario
     engine.lost_samples += sc.batch_size * sum(ran.get(k, plan.replicas) for k in range(checkpoint, step))
-    seconds = sc.faults.restart_s + sum(plan.slot_params) * checkpoint_bytes(sc) / (sc.faults.checkpoint_gbps * 1e9)
+    seconds = sc.faults.restart_s + checkpoint_seconds(plan)
     yield engine.wait(env.timeout(seconds), "restart", -1, step, "restart")
     for r in dead:
         for dev in plan.devices[r]:
