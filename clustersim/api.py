@@ -115,7 +115,8 @@ def simulate(source: Source | Scenario, overrides: Overrides = None, *, speedup:
 SWEEP_KEYS = ("step_time_s", "samples_per_s", "devices", "sim_time_s", "sim_events", "wall_s", "bytes_per_step",
               "epoch_time_s", "time_to_train_s", "cost_usd", "energy_kwh", "meets_target",
               "accuracy", "loss", "time_to_accuracy_s", "staleness_mean",    # these four where co-simulated
-              "failure_overhead", "checkpoint_every_best")                   # sync restarting under mtbf_s
+              "failure_overhead", "checkpoint_every_best",                  # sync restarting under an MTBF
+              "failures_in_time_to_train")                                  # false: failures not in the time
 STALLED = "stalled: "           # a point's error when its run stalled
 
 
@@ -244,7 +245,7 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     if target_hours and not sc.training.dataset_samples:
         raise ConfigError(sc.file, "training.dataset_samples", "a target in hours needs the data set's size")
     alike = (sc.training.algorithm == "sync" and objective != "time-to-accuracy" and not sc.training.cosim
-             and not sc.faults.mtbf_s and not sc.faults.checkpoint_every)   # failures and writes are in the run's steps
+             and not (sc.faults.mtbf_s or sc.faults.machine_mtbf_s or sc.faults.checkpoint_every))   # in the run's steps
     steps = [("training.steps", 1)] if alike else []       # sync steps are alike; training to accuracy is not
     if target_hours or sc.training.target_hours:         # 0 turns the scenario's deadline off
         steps.append(("training.target_hours", target_hours))
@@ -276,6 +277,13 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     ranked = sorted(points, key=lambda p: (score(p, objective), -(p.get("accuracy") or 0.0) if accurate else 0.0,
                                            p["candidate"]))
     note = ""
+    blind = [p for p in ranked if p.get("failures_in_time_to_train") is False]
+    if len(blind) == len(ranked):                # none is counted: ranked as they are
+        blind = []
+    ranked = [p for p in ranked if p not in blind]     # their failures cost what no closed form says: last
+    if blind:
+        note = (f"{len(blind)} configuration(s) whose failures are not in their time (sync with shards stops at "
+                "a failed one) ranked after the others")
     if accurate and ranked and all(p.get("time_to_accuracy_s") is None for p in ranked):
         note = (f"no configuration reaches {sc.training.target_accuracy:.0%} accuracy in {sc.training.steps} steps: "
                 f"ranked by the accuracy reached (best {ranked[0].get('accuracy', 0.0):.1%})")
@@ -287,7 +295,7 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
                     (f"the fastest takes {fastest['time_to_train_s'] / 3600:.3g} h" if "time_to_train_s" in fastest
                      else "none finishes on average, its failures coming faster than it recovers"))
         ranked = meeting + [p for p in ranked if not p.get("meets_target")]
-    return {"ranked": ranked, **found, "note": note}
+    return {"ranked": ranked + blind, **found, "note": note}
 
 
 def _fitting(source: Source, pairs: list[tuple[str, Any]], cand: dict,

@@ -168,7 +168,8 @@ def simulated_only(sc) -> tuple[str, str] | None:
     tr, f = sc.training, sc.faults
     for key, given, what in (
             ("faults.fail", f.failures, "scheduled failures (--fail crashes a worker)"),
-            ("faults.mtbf_s", f.mtbf_s, "drawn failures"), ("faults.slowdown", f.slowdown, "slowed devices"),
+            ("faults.mtbf_s", f.mtbf_s, "drawn failures"), ("faults.machine_mtbf_s", f.machine_mtbf_s, "drawn failures"),
+            ("faults.slowdown", f.slowdown, "slowed devices"),
             ("faults.slowdown_sigma", f.slowdown_sigma, "drawn stragglers"),
             ("faults.on_failure", f.on_failure != "continue", "restarts from sync checkpoints"),
             ("faults.checkpoint_every", f.checkpoint_every, "sync checkpoints (--checkpoint keeps the shards')"),

@@ -19,7 +19,7 @@ import simpy
 
 from sim import collectives
 from sim.compute import MEASURED_SHARED, Compute, Quiet
-from sim.faults import failure_schedule, slowdowns
+from sim.faults import failure_schedule, job_machines, slowdowns
 from sim.fluid import fire_now, supersede
 from sim.network import BACKENDS
 from clustersim.core.plan import PARAM_BYTES, Plan, cost_key, reruns, split_key
@@ -126,15 +126,16 @@ class Engine:
         self._id_names: list[str | None] = []       # link id -> its name, as spans record it, on that topology
         self._graph_info(plan)
         used = sorted({d for row in plan.devices for d in row} | set(plan.ps.devices if plan.ps else ()))
-        self.failures = failure_schedule(sc, used, self.rng)
+        drawn = failure_schedule(sc, used, self.rng)
+        self.failures = [f for f, _ in drawn]
         self._next_failure: simpy.Event | None = None   # the timer of the next failure to come
-        self._due = [(f.at_s, k, f) for k, f in enumerate(self.failures)]   # a heap: what is yet to fail
+        self._due = [(f.at_s, k, f, key) for k, (f, key) in enumerate(drawn)]   # a heap: what is yet to fail
         heapq.heapify(self._due)
         self._rearm: simpy.Event | None = None          # fires when a failure earlier than the timer's comes
         self._renewed = set(used) if sc.faults.mtbf_s > 0 else set()   # replaced, these fail again (mtbf)
+        self._machines = job_machines(sc, used)                       # machine -> its devices (machine_mtbf_s)
         self._drawn = itertools.count(len(self.failures))           # the heap's tie-break for those
-        self._given = set(sc.faults.failures)                         # the scenario's own (the rest: mtbf draws)
-        self._mtbf_due = {f.devices[0] for f in self.failures if f not in self._given}   # devices with a draw to come
+        self._mtbf_due = {key for _, key in drawn if key is not None}   # devices and machines with a draw to come
         self._stopped = False                                         # the job is over: nothing fails now
         self.stall_note = ""                                          # the algorithm's own word on a stall
         par = sc.parallel                                             # a tensor group's width, 0 without one
@@ -209,9 +210,9 @@ class Engine:
 
     # --- faults ------------------------------------------------------------------------------
     def _inject(self):
-        """Each failure at its time, earliest first: the scenario's and, with ``mtbf_s``, a
-        replaced device's next (``replace``: an MTBF is a rate, so a run of many MTBFs keeps
-        failing)."""
+        """Each failure at its time, earliest first: the scenario's and, with ``mtbf_s`` or
+        ``machine_mtbf_s``, a replaced device's or machine's next (``replace``: an MTBF is a
+        rate, so a run of many MTBFs keeps failing)."""
         due = self._due
         while not self._stopped:
             self._rearm = self.env.event()
@@ -224,9 +225,8 @@ class Engine:
             if self._rearm.triggered or self._stopped:     # an earlier one came: wait for it instead
                 supersede(self._next_failure)
                 continue
-            f = heapq.heappop(due)[2]
-            if f not in self._given:
-                self._mtbf_due.discard(f.devices[0])
+            _, _, f, key = heapq.heappop(due)
+            self._mtbf_due.discard(key)
             for dev in f.devices:
                 self.failed.setdefault(dev, self.env.now)
                 self.failed_ever.setdefault(dev, self.env.now)
@@ -312,16 +312,29 @@ class Engine:
             return ev.succeed()
         return self._back.setdefault(device, self.env.event())
 
+    def _draw(self, key, devices: tuple[str, ...], mtbf: float) -> None:
+        """The next failure of ``devices`` (a device's, or a machine's: ``key``), an
+        exponential time of mean ``mtbf`` from now; the injector is woken where it comes
+        before the failure it waits for."""
+        self._mtbf_due.add(key)
+        at = self.env.now + float(self.rng.exponential(mtbf))
+        earlier = not self._due or at < self._due[0][0]
+        heapq.heappush(self._due, (at, next(self._drawn), Failure(at, devices), key))
+        if earlier and self._rearm is not None and not self._rearm.triggered:
+            self._rearm.succeed()
+
     def replace(self, device: str) -> None:
         """A failed device is up again (a replacement); it can fail again later: with
-        ``mtbf_s``, after a new exponential time from now."""
-        if device in self._renewed and device in self.failed and device not in self._mtbf_due and not self._stopped:
-            self._mtbf_due.add(device)                 # one draw to come a device, however it failed
-            at = self.env.now + float(self.rng.exponential(self.plan.scenario.faults.mtbf_s))
-            earlier = not self._due or at < self._due[0][0]
-            heapq.heappush(self._due, (at, next(self._drawn), Failure(at, (device,))))
-            if earlier and self._rearm is not None and not self._rearm.triggered:
-                self._rearm.succeed()
+        ``mtbf_s``, after a new exponential time from now, and with ``machine_mtbf_s`` its
+        machine, once every failed device of it is replaced."""
+        faults = self.plan.scenario.faults
+        if device in self.failed and not self._stopped:
+            if device in self._renewed and device not in self._mtbf_due:   # one draw to come a device
+                self._draw(device, (device,), faults.mtbf_s)
+            m = self.plan.scenario.topology.machine_of(device) if self._machines else None
+            if (m in self._machines and ("machine", m) not in self._mtbf_due
+                    and all(d == device or d not in self.failed for d in self._machines[m])):
+                self._draw(("machine", m), self._machines[m], faults.machine_mtbf_s)
         self.failed.pop(device, None)
         self._lost.pop(device, None)
         self.blocked.pop(device, None)          # what waited on it is no longer held up there

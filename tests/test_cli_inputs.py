@@ -248,7 +248,8 @@ def test_zero_which_the_executor_does_not_shard_is_refused(capsys, monkeypatch, 
 
 @pytest.mark.parametrize("command", ["execute", "validate"])
 @pytest.mark.parametrize("setting", [
-    "faults.fail=[{at_s = 0.001, device = \"m0.gpu1\"}]", "faults.mtbf_s=10", "faults.slowdown={\"m0.gpu1\" = 2.0}",
+    "faults.fail=[{at_s = 0.001, device = \"m0.gpu1\"}]", "faults.mtbf_s=10", "faults.machine_mtbf_s=10",
+    "faults.slowdown={\"m0.gpu1\" = 2.0}",
     "faults.slowdown_sigma=0.5", "faults.on_failure=\"restart\"", "faults.checkpoint_every=5",
     "training.time_limit_s=0.1"])
 def test_a_setting_the_executor_does_not_act_on_is_refused(capsys, monkeypatch, command, setting):

@@ -587,7 +587,7 @@ def test_a_job_restarting_for_ever_is_a_stall():
                                                       "faults.checkpoint_every": 1}, speedup=False)
     assert slow.data["stalled_reason"].endswith("(the job fails every 0.00125 s on average and a recovery takes "
                                                 "0.01 s (detect_timeout_s + restart_s + reading the checkpoint at "
-                                                "checkpoint_gbps): lower them, or use fewer devices)")
+                                                "checkpoint_gbps): lower them, or use fewer devices or machines)")
 
 
 def test_an_explicit_failure_does_not_add_a_second_mtbf_draw():
@@ -598,7 +598,7 @@ def test_an_explicit_failure_does_not_add_a_second_mtbf_draw():
                                                 "faults.fail": [{"device": "m0.gpu0", "at_s": t} for t in
                                                                 (0.001, 0.003, 0.005)]})
     res = simulate(plan(sc))
-    due = [f.devices[0] for _, _, f in res.engine._due]
+    due = [f.devices[0] for _, _, f, _ in res.engine._due]
     assert due.count("m0.gpu0") == 1 and len(due) == len(set(due)) == 8
 
 

@@ -1,10 +1,11 @@
 """The expected cost of failures and checkpoints to a synchronous job that restarts from its
-last checkpoint (``faults.mtbf_s`` with ``on_failure = "restart"``), in closed form, so a
+last checkpoint (``faults.mtbf_s`` or ``machine_mtbf_s`` with ``on_failure = "restart"``), in closed form, so a
 plan for weeks of training is not read off a simulated minute.
 
 The job's N devices fail independently, each after an exponential time of mean
-``mtbf_s`` (a replaced device draws anew, as the simulator does): the job fails at rate
-lambda = N / mtbf_s.  Between checkpoints it works tau seconds and writes for delta; a
+``mtbf_s``, and its M machines as a whole after one of mean ``machine_mtbf_s`` (a
+replacement draws anew, as the simulator does): the job fails at rate lambda = N / mtbf_s +
+M / machine_mtbf_s.  Between checkpoints it works tau seconds and writes for delta; a
 failure costs R (detection, restart, reading the checkpoint back) and the segment's work
 so far, and a failure during a recovery costs another recovery (the simulator replaces
 only the devices already dead).  Daly's estimate for exponential failures (J. T. Daly, "A
@@ -56,10 +57,13 @@ def best_interval(rate: float, step_s: float, write_s: float, recover_s: float, 
 
 def failure_rate(p: Plan) -> float:
     """Failures a second of the job: each device it uses (replica slots, shards) fails at
-    1 / ``mtbf_s``; 0 without ``mtbf_s``."""
-    mtbf = p.scenario.faults.mtbf_s
+    1 / ``mtbf_s`` and each machine holding them, as a whole, at 1 / ``machine_mtbf_s``; 0
+    without either."""
+    faults, topo = p.scenario.faults, p.scenario.topology
     devices = {d for row in p.devices for d in row} | set(p.ps.devices if p.ps else ())
-    return len(devices) / mtbf if mtbf > 0 else 0.0
+    rate = len(devices) / faults.mtbf_s if faults.mtbf_s > 0 else 0.0
+    machines = {topo.machine_of(d) for d in devices} - {None}
+    return rate + (len(machines) / faults.machine_mtbf_s if faults.machine_mtbf_s > 0 else 0.0)
 
 
 def checkpoint_seconds(p: Plan) -> float:
@@ -77,17 +81,18 @@ def failure_costs(p: Plan, step_s: float, work_s: float | None = None) -> dict:
     writes no checkpoint, as with none) and the interval that costs least
     (``checkpoint_every_best``, 0 where never checkpointing is cheapest, None where no
     interval lets the job finish; with its ``failure_overhead_best``).  An overhead past float range (no checkpoint for long
-    enough: the job never finishes on average) is None.  With ``mtbf_s`` where no closed
-    form holds (``on_failure = "continue"``, asynchronous algorithms): only
-    ``failures_in_time_to_train`` = False.  {} where nothing applies."""
+    enough: the job never finishes on average) is None.  With drawn failures where no closed
+    form holds (``on_failure = "continue"``, asynchronous algorithms, sync with shards, which
+    stops at a failed one): only ``failures_in_time_to_train`` = False.  {} where nothing applies."""
     sc = p.scenario
     faults = sc.faults
     sync = sc.training.algorithm == "sync"
     if step_s <= 0:
         return {}
-    if faults.mtbf_s > 0 and not (sync and faults.on_failure == "restart"):
-        return {"failures_in_time_to_train": False}
-    if not (faults.mtbf_s > 0 or (sync and faults.checkpoint_every)):
+    drawn = faults.mtbf_s > 0 or faults.machine_mtbf_s > 0
+    if drawn and not (sync and faults.on_failure == "restart" and not sc.parallel.ps_shards):
+        return {"failures_in_time_to_train": False}       # a sync job's failed shard is not replaced: it stops
+    if not (drawn or (sync and faults.checkpoint_every)):
         return {}
     work = work_s or sc.training.steps * step_s
     rate = failure_rate(p)

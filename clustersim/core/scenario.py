@@ -122,6 +122,7 @@ class Faults:
     slowdown_sigma: float = 0.0        # > 0: every compute device also slowed by lognormal(0, sigma), >= 1
     failures: tuple[Failure, ...] = ()
     mtbf_s: float = 0.0                # > 0: each device the job uses (replicas, shards) fails after an exponential time
+    machine_mtbf_s: float = 0.0        # > 0: each machine it uses fails as a whole (all its devices) likewise
     detect_timeout_s: float = 1.0      # how long sync waits for a silent replica
     on_failure: str = "continue"       # sync: continue without it | restart from the last checkpoint
     checkpoint_every: int = 0          # sync restart: steps between checkpoints (0: never)
@@ -494,6 +495,7 @@ def _faults(ft: Table, topology: Topology) -> Faults:
     faults = Faults(
         slowdown=slowdown, slowdown_sigma=ft.float("slowdown_sigma", 0.0, lo=0.0, hi=10.0),
         failures=tuple(sorted(failures, key=lambda f: f.at_s)), mtbf_s=ft.float("mtbf_s", 0.0, lo=0.0),
+        machine_mtbf_s=ft.float("machine_mtbf_s", 0.0, lo=0.0),
         detect_timeout_s=ft.float("detect_timeout_s", 1.0, lo=0.0),
         on_failure=ft.str("on_failure", "continue", choices=("continue", "restart")),
         checkpoint_every=ft.int("checkpoint_every", 0, lo=0, hi=10_000_000),

@@ -257,15 +257,16 @@ def _ps_apply_and_fetch(engine: Engine, winners, active, step: int, free: dict, 
 
 def _why_in_vain(engine: Engine) -> str:
     """Why restarts make no progress, and the setting to move: a recovery longer than the
-    job's time between failures (its devices over ``mtbf_s``) needs a faster restart or
-    fewer devices, whatever the checkpoints; else the checkpoints come too seldom."""
+    job's time between failures (``reliability.failure_rate``: its devices and machines over
+    their MTBFs) needs a faster restart or fewer of them, whatever the checkpoints; else
+    the checkpoints come too seldom."""
     faults = engine.plan.scenario.faults
     failures = failure_rate(engine.plan)
     recovery = faults.detect_timeout_s + faults.restart_s + checkpoint_seconds(engine.plan)
     if failures and recovery * failures >= 1:
         return (f"the job fails every {1 / failures:.3g} s on average and a recovery takes {recovery:.3g} s "
                 "(detect_timeout_s + restart_s + reading the checkpoint at checkpoint_gbps): lower them, or use "
-                "fewer devices")
+                "fewer devices or machines")
     if faults.checkpoint_every:
         return f"failures come faster than checkpoint_every = {faults.checkpoint_every} steps complete"
     return "failures come faster than the run completes: no checkpoints"
