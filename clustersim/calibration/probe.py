@@ -198,8 +198,8 @@ def probes_for(models: list[str] | None) -> tuple:
     """The probes of ``models``: their ``PROBES`` entries; a zoo model of none that is light
     enough to time in a second (forward FLOPs a sample up to ``OWN_PROBE_FLOPS``:
     resnet-digits, gpt-tiny) is probed itself at ``OWN_BATCHES``, so its convolutions or
-    attention get costs of their own instead of the dense kernels' curve (U44: resnet-digits
-    predicted at 0.13 of its step), beside every ``PROBES`` entry; all of them for None or a
+    attention get costs of their own instead of the dense kernels' curve (decision 073),
+    beside every ``PROBES`` entry; all of them for None or a
     model of its own (a file: every probe's ops may be its ops)."""
     known = {name for name, _ in PROBES}
     if not models:

@@ -257,8 +257,8 @@ def unmeasured_ops(p) -> list[str]:
     """The op cost keys of the plan's compute ops that a calibrated device of it has no
     measured cost for (``Device.op_time`` None where it holds ``op_costs``): their times come
     from the dense kernels' efficiency curve, which calibrate fitted on dense layers only --
-    a convolution or attention step can be several times off (U44: resnet_digits predicted
-    at 0.13 of its measured step).  [] on topologies that were not calibrated."""
+    a convolution or attention step can be several times off (decision 073).  [] on
+    topologies that were not calibrated."""
     from clustersim.core.plan import cost_key
     devices = p.scenario.topology.devices
     missing = set()
