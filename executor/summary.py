@@ -70,7 +70,8 @@ def summary(p: Plan, trace: Trace, parts: list[dict]) -> dict:
     ``metrics.replica_period`` of the trace's ``replica_steps``, each replica's first start
     to last end over its steps, waits included, median over replicas.  For the lockstep
     jobs (sync, Sandblaster) it is the median over the workers of their median step, and
-    for sync ``samples_per_s`` is batch x the gradients a step applies / step_time_s, as the simulator's sync.
+    ``samples_per_s`` is batch x the gradients a step applies / step_time_s (Sandblaster: the
+    whole batch, whichever replicas ran its units), as the simulator's.
     Then what only a run has: accuracy and loss on held-out data, training loss, quiet
     step, per-worker steps, which transport carried the workers' messages (nccl | mpi), the
     shards' updates and bytes pushed, the coordinator's counts.  The asynchronous shards'
@@ -84,7 +85,7 @@ def summary(p: Plan, trace: Trace, parts: list[dict]) -> dict:
     out = summarize(p, Measured(trace, run_s, len(trace.spans), run_s))
     if p.schedule.algorithm in LOCKSTEP:
         out["step_time_s"] = float(statistics.median(s["step_time_s"] for s in stepped)) if stepped else 0.0
-    if p.schedule.algorithm == "sync":
+    if p.schedule.algorithm in LOCKSTEP:      # a batch a step, whoever ran its units (Sandblaster), as simulated
         out["samples_per_s"] = step_samples(p, p.replicas) / out["step_time_s"] if out["step_time_s"] else 0.0
     ev = next(s for s in workers if s["accuracy"] is not None)
     out.update(ranks=len(parts), workers=len(workers), accuracy=ev["accuracy"], loss=ev["loss"],
