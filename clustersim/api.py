@@ -491,6 +491,8 @@ def validate(path: str | Path, overrides: Overrides = None, *, topology: str | P
     from clustersim.compare.validate import validate as compare
     from executor.checks import check
     if against:
+        if device != "cpu":                    # its runs and calibrations are this host's cores'
+            raise ConfigError("--device", device, "a speedup check runs on this host's cores: not with --against")
         return validate_speedup(path, overrides, against, topology=topology, rounds=rounds,
                                 calibrations=calibrations)
     items = [f"{k}={_toml(v)}" for k, v in _pairs(overrides)]

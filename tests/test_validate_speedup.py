@@ -183,8 +183,10 @@ def test_sides_on_the_same_calibrations_pair_them_and_steps_follow_the_median_ra
 
 @pytest.mark.parametrize("args, field", [(["--rounds", "0"], "--rounds"), (["--calibrations", "0"], "--calibrations"),
                                          (["--against", "parallel.nope=2"], "nope"),
-                                         (["--plot", "x.png"], "--plot"), (["--ops"], "--ops")])
+                                         (["--plot", "x.png"], "--plot"), (["--ops"], "--ops"),
+                                         (["--repeats", "2"], "--repeats"), (["--device", "gpu"], "--device")])
 def test_bad_speedup_input_is_one_line_and_exit_2(tiny, args, field):
+    """U44: --repeats with --against, and --device gpu, were silently ignored."""
     base = ["--against", "parallel.replicas=2"] if "--against" not in args else []
     proc = subprocess.run([sys.executable, "-m", "clustersim", "validate", str(tiny), "--topology", str(TOPOLOGY),
                            *base, *args], capture_output=True, text=True, timeout=60)
@@ -244,3 +246,11 @@ def test_a_hand_written_topology_with_message_costs_is_no_calibration():
     api._calibrated_for("distbelief-2012", 8)
     with pytest.raises(ConfigError, match="was calibrated for 2 ranks"):
         api._calibrated_for(TOPOLOGY, 8)
+
+
+@pytest.mark.parametrize("option", ["--rounds", "--calibrations"])
+def test_a_speedup_option_without_against_is_refused(tiny, option, capsys):
+    """U44: --rounds and --calibrations without --against were silently ignored."""
+    from clustersim.cli import main
+    assert main(["validate", str(tiny), "--topology", str(TOPOLOGY), option, "2"]) == 2
+    assert capsys.readouterr().err.startswith(f"clustersim: error: {option}: 2: counts a speedup check's runs")

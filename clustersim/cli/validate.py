@@ -12,7 +12,7 @@ def add(sub) -> None:
     v = sub.add_parser("validate", help="simulate and execute one scenario and compare step times")
     scenario_args(v)
     v.add_argument("--topology", help="a calibrated topology (default: calibrate this host now)")
-    v.add_argument("--repeats", type=int, default=3)
+    v.add_argument("--repeats", type=int, help="runs of the case (default 3; not with --against: see --rounds)")
     v.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
                    help="where the runs compute (gpu: one GPU per rank; --topology from calibrate --gpu)")
     plot_arg(v, "predicted and measured time per phase")
@@ -20,18 +20,23 @@ def add(sub) -> None:
                    help="also a row per op and message: its predicted and measured median (--json has them always)")
     v.add_argument("--against", action="append", default=[], metavar="KEY=VALUE",
                    help="check a speedup: B is the scenario with these overrides too, A without them")
-    v.add_argument("--rounds", type=int, default=5, help="with --against: runs of A and of B, interleaved")
-    v.add_argument("--calibrations", type=int, default=3,
-                   help="with --against and no --topology: calibrations per rank count, alternating")
+    v.add_argument("--rounds", type=int, help="with --against: runs of A and of B, interleaved (default 5)")
+    v.add_argument("--calibrations", type=int,
+                   help="with --against and no --topology: calibrations per rank count, alternating (default 3)")
     v.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from clustersim.core.config import ConfigError
     if args.against:
         from clustersim.core.scenario import parse_set
         parse_set(args.against, "--against")            # a bad one is named as itself, before any run
         return run_speedup(args)
-    out = api.validate(args.scenario, args.set, topology=args.topology, repeats=args.repeats, device=args.device).data
+    for option, given in (("--rounds", args.rounds), ("--calibrations", args.calibrations)):
+        if given is not None:                           # it would be ignored: say so
+            raise ConfigError(option, str(given), "counts a speedup check's runs: only with --against")
+    repeats = 3 if args.repeats is None else args.repeats
+    out = api.validate(args.scenario, args.set, topology=args.topology, repeats=repeats, device=args.device).data
     if args.plot:
         from clustersim.plots import plot_validation
         plot_validation(out, args.plot)
@@ -62,8 +67,13 @@ def run_speedup(args) -> int:
         raise ConfigError("--plot", args.plot, "plots a single case: not with --against")
     if args.ops:
         raise ConfigError("--ops", "", "compares a single case's ops: not with --against")
-    out = api.validate(args.scenario, args.set, topology=args.topology, against=args.against, rounds=args.rounds,
-                       calibrations=args.calibrations).data
+    if args.repeats is not None:
+        raise ConfigError("--repeats", str(args.repeats), "with --against each side runs --rounds times")
+    if args.device != "cpu":
+        raise ConfigError("--device", args.device, "a speedup check runs on this host's cores: not with --against")
+    out = api.validate(args.scenario, args.set, topology=args.topology, against=args.against,
+                       rounds=5 if args.rounds is None else args.rounds,
+                       calibrations=3 if args.calibrations is None else args.calibrations).data
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
