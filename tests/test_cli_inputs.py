@@ -427,3 +427,24 @@ def test_a_dangling_link_whose_folder_is_missing_is_refused_before_the_work(tmp_
     (tmp_path / "nowhere").mkdir()
     check_writable(link, "--out")
     assert not (tmp_path / "nowhere" / "target.toml").exists()
+
+
+def test_a_terminated_execute_stops_its_ranks_and_leaves_no_temporary_folder(tmp_path):
+    """U44: SIGTERM (timeout, a job scheduler) left /tmp/clustersim-execute-*/plan.json
+    behind. The signal goes on to mpiexec, whose end is waited out; the folder goes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "clustersim", "execute", QUICK, "--set", "training.steps=1000000",
+                             "--set", "parallel.replicas=2"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not any(tmp_path.glob("clustersim-execute-*/plan.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)                                   # the ranks are up and stepping
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert not list(tmp_path.glob("clustersim-execute-*"))

@@ -70,7 +70,20 @@ def run(args) -> int:
             check_folder(option, given, inside)  # all before any is made: a refused run leaves none
         for option, given, inside in folders:
             make_folder(option, given, inside)
-        return subprocess.run(cmd, env=env, preexec_fn=_die_with_parent).returncode
+        return _launch(cmd, env)
+
+
+def _launch(cmd: list[str], env: dict[str, str]) -> int:
+    """Runs ``mpiexec`` and returns its exit code.  A SIGTERM to this process is handed on
+    to it (it stops its ranks) and waited out, so the caller's temporary folder is removed
+    as after any other end."""
+    import signal
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+    old = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _die_with_parent() -> None:
