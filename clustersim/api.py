@@ -481,20 +481,27 @@ def _calibrate_hosts(cp, out: str | Path) -> dict:
 
 
 def validate(path: str | Path, overrides: Overrides = None, *, topology: str | Path | None = None,
-             repeats: int = 3, against: Overrides = None, rounds: int = 5, device: str = "cpu",
-             calibrations: int = 3) -> Result:
+             repeats: int | None = None, against: Overrides = None, rounds: int | None = None, device: str = "cpu",
+             calibrations: int | None = None) -> Result:
     """Simulates and executes the scenario and compares them (``clustersim validate``);
     without ``topology`` this host is calibrated first (``device`` "gpu": the ranks run on
     GPUs, ``topology`` from ``calibrate_gpus`` required).  With ``against`` (overrides on
     top of ``overrides``) it checks a speedup instead: ``validate_speedup``, on
-    ``calibrations`` calibrations per rank count."""
+    ``calibrations`` calibrations per rank count.  Defaults: ``repeats`` 3, ``rounds`` 5,
+    ``calibrations`` 3; one given where its mode would not use it is refused."""
     from clustersim.compare.validate import validate as compare
     from executor.checks import check
     if against:
         if device != "cpu":                    # its runs and calibrations are this host's cores'
             raise ConfigError("--device", device, "a speedup check runs on this host's cores: not with --against")
-        return validate_speedup(path, overrides, against, topology=topology, rounds=rounds,
-                                calibrations=calibrations)
+        if repeats is not None:
+            raise ConfigError("--repeats", str(repeats), "with --against each side runs --rounds times")
+        return validate_speedup(path, overrides, against, topology=topology, rounds=5 if rounds is None else rounds,
+                                calibrations=3 if calibrations is None else calibrations)
+    for option, given in (("--rounds", rounds), ("--calibrations", calibrations)):
+        if given is not None:                  # it would be ignored: say so
+            raise ConfigError(option, str(given), "counts a speedup check's runs: only with --against")
+    repeats = 3 if repeats is None else repeats
     items = [f"{k}={_toml(v)}" for k, v in _pairs(overrides)]
     sc = load(path, _on_own_topology(items))
     check(sc, ranks_needed(sc))

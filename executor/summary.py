@@ -11,7 +11,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
-from clustersim.core.metrics import step_samples, summarize
+from clustersim.core.metrics import run_costs, step_samples, summarize
 from clustersim.core.plan import Plan
 from clustersim.core.trace import Span, Trace
 
@@ -87,6 +87,7 @@ def summary(p: Plan, trace: Trace, parts: list[dict]) -> dict:
         out["step_time_s"] = float(statistics.median(s["step_time_s"] for s in stepped)) if stepped else 0.0
     if p.schedule.algorithm in LOCKSTEP:      # a batch a step, whoever ran its units (Sandblaster), as simulated
         out["samples_per_s"] = step_samples(p, p.replicas) / out["step_time_s"] if out["step_time_s"] else 0.0
+        out.update(run_costs(p, out["step_time_s"], out["samples_per_s"]))    # the training at that rate
     ev = next(s for s in workers if s["accuracy"] is not None)
     out.update(ranks=len(parts), workers=len(workers), accuracy=ev["accuracy"], loss=ev["loss"],
                transport="nccl" if any(s.get("transport") == "nccl" for s in workers) else "mpi",

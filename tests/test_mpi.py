@@ -339,3 +339,10 @@ def test_execute_refuses_data_that_is_missing_or_does_not_fit_the_model_in_one_l
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--data" in proc.stderr \
             and says in proc.stderr, proc.stderr
+
+
+def test_an_executed_lockstep_run_s_time_to_train_is_at_its_reported_rate(tmp_path):
+    """Review R45: the executor set sync's and Sandblaster's rate after summarize had costed
+    the training at the whole run's rate; the time to train is at the rate reported."""
+    out = execute(tmp_path, SYNC.format(mp=1, r=2, steps=30), "--set", "training.dataset_samples=6400")
+    assert out["time_to_train_s"] == pytest.approx(6400 / out["samples_per_s"])

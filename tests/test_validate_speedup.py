@@ -222,7 +222,7 @@ def test_a_topology_calibrated_for_other_ranks_is_refused(tiny, sets, against, w
     """U44: a 1-rank side predicted on a 2-rank calibration (+35% speedup error), a shard
     placed on a worker's calibrated device (-75%), without a word."""
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        clustersim.validate(tiny, sets, topology=TOPOLOGY, against=against, rounds=1)
+        clustersim.validate(tiny, sets, topology=TOPOLOGY, against=against, **({"rounds": 1} if against else {}))
 
 
 def test_ops_calibrate_never_measured_are_named():
@@ -254,3 +254,7 @@ def test_a_speedup_option_without_against_is_refused(tiny, option, capsys):
     from clustersim.cli import main
     assert main(["validate", str(tiny), "--topology", str(TOPOLOGY), option, "2"]) == 2
     assert capsys.readouterr().err.startswith(f"clustersim: error: {option}: 2: counts a speedup check's runs")
+    with pytest.raises(ConfigError, match="only with --against"):        # the API says the same (R45)
+        clustersim.validate(tiny, topology=TOPOLOGY, **{option[2:]: 2})
+    with pytest.raises(ConfigError, match="each side runs --rounds times"):
+        clustersim.validate(tiny, topology=TOPOLOGY, against={"parallel.replicas": 2}, repeats=2)

@@ -1,6 +1,7 @@
 """``clustersim execute``: run the partitioned network for real on MPI ranks."""
 from __future__ import annotations
 
+import signal
 import subprocess
 from pathlib import Path
 
@@ -61,29 +62,32 @@ def run(args) -> int:
         extra.append("--resume")
     if args.data:
         extra += ["--data", str(Path(args.data).resolve())]
-    with tempfile.TemporaryDirectory(prefix="clustersim-execute-") as workdir:
-        cmd, env = api.execute_command(args.scenario, args.set, workdir=workdir, ranks=args.ranks or 0,
-                                       device=args.device, json_out=args.json, trace=args.trace, extra=extra)
-        folders = ([("--checkpoint", args.checkpoint, False)] if args.checkpoint else []) + \
-            ([("--trace", args.trace, True)] if args.trace else [])   # as simulate --trace: its folder
-        for option, given, inside in folders:   # last, once the scenario is checked and planned, and
-            check_folder(option, given, inside)  # all before any is made: a refused run leaves none
-        for option, given, inside in folders:
-            make_folder(option, given, inside)
-        return _launch(cmd, env)
-
-
-def _launch(cmd: list[str], env: dict[str, str]) -> int:
-    """Runs ``mpiexec`` and returns its exit code.  A SIGTERM to this process is handed on
-    to it (it stops its ranks) and waited out, so the caller's temporary folder is removed
-    as after any other end."""
-    import signal
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
-    old = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    launched: list[subprocess.Popen] = []
+    old = signal.signal(signal.SIGTERM, lambda *_: _terminated(launched))
     try:
-        return proc.wait()
+        with tempfile.TemporaryDirectory(prefix="clustersim-execute-") as workdir:
+            cmd, env = api.execute_command(args.scenario, args.set, workdir=workdir, ranks=args.ranks or 0,
+                                           device=args.device, json_out=args.json, trace=args.trace, extra=extra)
+            folders = ([("--checkpoint", args.checkpoint, False)] if args.checkpoint else []) + \
+                ([("--trace", args.trace, True)] if args.trace else [])   # as simulate --trace: its folder
+            for option, given, inside in folders:   # last, once the scenario is checked and planned, and
+                check_folder(option, given, inside)  # all before any is made: a refused run leaves none
+            for option, given, inside in folders:
+                make_folder(option, given, inside)
+            launched.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent))
+            return launched[0].wait()
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _terminated(launched: list) -> None:
+    """A SIGTERM to this process (a timeout, a scheduler): handed on to ``mpiexec`` where it
+    runs (it stops its ranks; its end is waited out), else the run ends here; either way
+    the temporary folder is removed as after any other end."""
+    if launched:
+        launched[0].terminate()
+    else:
+        raise SystemExit(143)
 
 
 def _die_with_parent() -> None:

@@ -47,6 +47,19 @@ def training_cost(p: Plan, samples_per_s: float, stretch: float = 1.0) -> dict:
     return out
 
 
+def run_costs(p: Plan, step_s: float, samples_per_s: float) -> dict:
+    """What a whole training would take at this step and rate: the expected failures' and
+    checkpoints' overhead (``reliability.failure_costs``) and ``training_cost`` stretched by
+    it (none where the job never finishes on average)."""
+    tr = p.scenario.training
+    training_s = tr.dataset_samples * tr.epochs / samples_per_s if samples_per_s else 0.0
+    out = failure_costs(p, step_s, training_s or None)
+    stretch = out.get("failure_overhead", 1.0)
+    if stretch is not None:
+        out.update(training_cost(p, samples_per_s, stretch))
+    return out
+
+
 def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
     """JSON-ready summary: DESIGN.md's keys (step_time_s, samples_per_s, sim_time_s,
     sim_events, wall_s) plus utilisation, time by phase and speedup against one device."""
@@ -98,12 +111,7 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
             out.pop(key, None)
         out.update(stalled_at_s=res.stalled_at_s, stalled_reason=res.stalled_reason)
         return out
-    training_s = sc.training.dataset_samples * sc.training.epochs / samples_per_s if samples_per_s else 0.0
-    failures = failure_costs(p, step_s, training_s or None)
-    out.update(failures)
-    stretch = failures.get("failure_overhead", 1.0)
-    if stretch is not None:                      # None: never done on average, so no time to train
-        out.update(training_cost(p, samples_per_s, stretch))
+    out.update(run_costs(p, step_s, samples_per_s))
     if baseline_step_s:
         out["one_device_step_time_s"] = baseline_step_s
         out["speedup"] = out["samples_per_s"] / (sc.batch_size / baseline_step_s)
