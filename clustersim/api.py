@@ -244,8 +244,9 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
         raise ConfigError("--target-hours", str(target_hours), "must be >= 0")
     if target_hours and not sc.training.dataset_samples:
         raise ConfigError(sc.file, "training.dataset_samples", "a target in hours needs the data set's size")
+    faulted = sc.faults.mtbf_s or sc.faults.machine_mtbf_s or sc.faults.checkpoint_every   # in the run's steps
     alike = (sc.training.algorithm == "sync" and objective != "time-to-accuracy" and not sc.training.cosim
-             and not (sc.faults.mtbf_s or sc.faults.machine_mtbf_s or sc.faults.checkpoint_every))   # in the run's steps
+             and not faulted)
     steps = [("training.steps", 1)] if alike else []       # sync steps are alike; training to accuracy is not
     if target_hours or sc.training.target_hours:         # 0 turns the scenario's deadline off
         steps.append(("training.target_hours", target_hours))
@@ -277,10 +278,9 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     ranked = sorted(points, key=lambda p: (score(p, objective), -(p.get("accuracy") or 0.0) if accurate else 0.0,
                                            p["candidate"]))
     note = ""
-    blind = [p for p in ranked if p.get("failures_in_time_to_train") is False]
-    if len(blind) == len(ranked):                # none is counted: ranked as they are
-        blind = []
-    ranked = [p for p in ranked if p not in blind]     # their failures cost what no closed form says: last
+    counted = [p for p in ranked if p.get("failures_in_time_to_train") is not False]
+    blind = [p for p in ranked if p.get("failures_in_time_to_train") is False] if counted else []
+    ranked = counted or ranked                   # their failures cost what no closed form says: last
     if blind:
         note = (f"{len(blind)} configuration(s) whose failures are not in their time (sync with shards stops at "
                 "a failed one) ranked after the others")

@@ -22,7 +22,7 @@ from sim.compute import MEASURED_SHARED, Compute, Quiet
 from sim.faults import failure_schedule, job_machines, slowdowns
 from sim.fluid import fire_now, supersede
 from sim.network import BACKENDS
-from clustersim.core.plan import PARAM_BYTES, Plan, cost_key, reruns, split_key
+from clustersim.core.plan import PARAM_BYTES, Plan, cost_key, reruns, split_key, used_devices
 from clustersim.core.scenario import Failure
 from sim.kernel_model import op_work
 from clustersim.core.topology import NoRoute, Topology
@@ -125,7 +125,7 @@ class Engine:
         self._names_of = None                       # the topology they were routed on
         self._id_names: list[str | None] = []       # link id -> its name, as spans record it, on that topology
         self._graph_info(plan)
-        used = sorted({d for row in plan.devices for d in row} | set(plan.ps.devices if plan.ps else ()))
+        used = sorted(used_devices(plan))
         drawn = failure_schedule(sc, used, self.rng)
         self.failures = [f for f, _ in drawn]
         self._next_failure: simpy.Event | None = None   # the timer of the next failure to come

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from sim.engine import simulate
 from clustersim.core.metrics import relays, summarize, traffic_per_step
-from clustersim.core.plan import plan
+from clustersim.core.plan import plan, used_devices
 from clustersim.core.scenario import load_scenario
 from clustersim.core.trace import Trace
 
@@ -290,7 +290,7 @@ def predicted_side(scenario: str, items: list[str]) -> dict:
     out = {"samples_per_s": s["samples_per_s"], "step_time_s": s["step_time_s"], "ranks": ranks_needed(sc),
            "quiet_samples_per_s": s["samples_per_s"], "unmeasured_ops": unmeasured_ops(p)}
     if sc.faults.host_noise and s["step_time_s"] > 0:
-        used = {d for row in p.devices for d in row} | set(p.ps.devices if p.ps is not None else ())
+        used = used_devices(p)
         series = [sc.topology.devices[d].noise for d in sorted(used) if sc.topology.devices[d].noise]
         window = sc.faults.host_noise_window_s or min(sc.topology.noise_window_s, NOISE_WINDOW_STEPS * s["step_time_s"])
         one_pass = math.ceil(sum(window / max(w) for w in zip(*series)) / s["step_time_s"]) if series else 1

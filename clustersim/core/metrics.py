@@ -5,13 +5,12 @@
 from __future__ import annotations
 
 import bisect
-import math
 import statistics
 from collections import defaultdict
 
 import numpy as np
 
-from clustersim.core.plan import Plan
+from clustersim.core.plan import Plan, used_devices
 from clustersim.core.reliability import failure_costs
 from clustersim.core.scenario import ASYNC
 from clustersim.core.trace import union_length
@@ -21,7 +20,7 @@ def machines_used(p: Plan) -> int:
     """Machines holding a device of the plan (replica slots or parameter-server shards):
     what a job rents."""
     topo = p.scenario.topology
-    used = {d for row in p.devices for d in row} | set(p.ps.devices if p.ps else ())
+    used = used_devices(p)
     return len({topo.machine_of(d) for d in used})
 
 

@@ -618,6 +618,12 @@ def buckets(p: Plan, slot: int) -> list[tuple[tuple[int, ...], int]]:
     return out
 
 
+def used_devices(p: Plan) -> set[str]:
+    """Every device the plan puts work on: its replicas' slots and its parameter-server
+    shards (what a job rents, and what can fail under it)."""
+    return {d for row in p.devices for d in row} | set(p.ps.devices if p.ps else ())
+
+
 def cost_key(p: Plan, op: Op) -> str:
     """A compute op's key in a device's measured op costs (``Device.op_costs``): its layer
     kind, with ``.backward`` for backward ops (``split_key`` adds the plan's context)."""

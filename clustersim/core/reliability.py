@@ -1,6 +1,6 @@
 """The expected cost of failures and checkpoints to a synchronous job that restarts from its
-last checkpoint (``faults.mtbf_s`` or ``machine_mtbf_s`` with ``on_failure = "restart"``), in closed form, so a
-plan for weeks of training is not read off a simulated minute.
+last checkpoint (``faults.mtbf_s`` or ``machine_mtbf_s`` with ``on_failure = "restart"``),
+in closed form, so a plan for weeks of training is not read off a simulated minute.
 
 The job's N devices fail independently, each after an exponential time of mean
 ``mtbf_s``, and its M machines as a whole after one of mean ``machine_mtbf_s`` (a
@@ -15,16 +15,16 @@ Generation Computer Systems 22(3), 2006) is then the wall time per second of wor
     e^(lambda R) (e^(lambda (tau + delta)) - 1) / (lambda tau)
 
 Against the simulator's failures (decision 072): 3% above them at lambda R = 0.2 (it
-recovers once from failures that come during one detection), 8% below at lambda R = 1.1;
+recovers once from failures that come during one detection), 9% below at lambda R = 1.1;
 the same to first order where lambda R is small, as in practice (a job failing every few
-hours, recovering in minutes).  The least overhead is near Young's interval sqrt(2 delta / lambda) (CACM
-17(9), 1974).
+hours, recovering in minutes).  The least overhead is near Young's interval
+sqrt(2 delta / lambda) (CACM 17(9), 1974).
 """
 from __future__ import annotations
 
 import math
 
-from clustersim.core.plan import Plan
+from clustersim.core.plan import Plan, used_devices
 from clustersim.core.schedule import checkpoint_bytes
 
 
@@ -60,7 +60,7 @@ def failure_rate(p: Plan) -> float:
     1 / ``mtbf_s`` and each machine holding them, as a whole, at 1 / ``machine_mtbf_s``; 0
     without either."""
     faults, topo = p.scenario.faults, p.scenario.topology
-    devices = {d for row in p.devices for d in row} | set(p.ps.devices if p.ps else ())
+    devices = used_devices(p)
     rate = len(devices) / faults.mtbf_s if faults.mtbf_s > 0 else 0.0
     machines = {topo.machine_of(d) for d in devices} - {None}
     return rate + (len(machines) / faults.machine_mtbf_s if faults.machine_mtbf_s > 0 else 0.0)
@@ -80,10 +80,11 @@ def failure_costs(p: Plan, step_s: float, work_s: float | None = None) -> dict:
     seconds per failure-free second (``failure_overhead``; an interval as long as the job
     writes no checkpoint, as with none) and the interval that costs least
     (``checkpoint_every_best``, 0 where never checkpointing is cheapest, None where no
-    interval lets the job finish; with its ``failure_overhead_best``).  An overhead past float range (no checkpoint for long
-    enough: the job never finishes on average) is None.  With drawn failures where no closed
-    form holds (``on_failure = "continue"``, asynchronous algorithms, sync with shards, which
-    stops at a failed one): only ``failures_in_time_to_train`` = False.  {} where nothing applies."""
+    interval lets the job finish; with its ``failure_overhead_best``).  An overhead past
+    float range (no checkpoint for long enough: the job never finishes on average) is None.
+    With drawn failures where no closed form holds (``on_failure = "continue"``,
+    asynchronous algorithms, sync with shards, which stops at a failed one): only
+    ``failures_in_time_to_train`` = False.  {} where nothing applies."""
     sc = p.scenario
     faults = sc.faults
     sync = sc.training.algorithm == "sync"
@@ -106,10 +107,11 @@ def failure_costs(p: Plan, step_s: float, work_s: float | None = None) -> dict:
     out = {"checkpoint_write_s": write, "failure_overhead": _finite(cost(faults.checkpoint_every))}
     if rate > 0:
         best = best_interval(rate, step_s, write, recover, max(1, math.ceil(work / step_s) - 1))
-        best = 0 if cost(0) <= cost(best) else best
+        least = cost(best)
+        if cost(0) <= least:                                     # never checkpointing costs least
+            best, least = 0, cost(0)
         out.update(job_mtbf_s=1 / rate, recovery_s=recover,      # None: no interval lets it finish
-                   checkpoint_every_best=None if math.isinf(cost(best)) else best,
-                   failure_overhead_best=_finite(cost(best)))
+                   checkpoint_every_best=None if math.isinf(least) else best, failure_overhead_best=_finite(least))
     return out
 
 
