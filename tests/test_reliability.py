@@ -82,6 +82,7 @@ def test_without_checkpoints_a_long_training_reports_no_time_to_train():
     assert out["failure_overhead_best"] < 2
 
 
+@pytest.mark.slow    # 5 s: make test keeps the Monte Carlo check of the same form
 def test_the_simulator_s_failures_cost_what_the_closed_form_expects():
     """Sync SGD on 8 GPUs failing every 20 ms a GPU (400 failures a second of the job),
     restarting from a checkpoint every 5 steps (lambda R = 0.2): ~65 failures a run; its wall
@@ -173,6 +174,7 @@ def test_search_sees_the_checkpoints_and_a_job_that_never_finishes_is_no_crash()
     assert out["checkpoint_every_best"] is None and out["failure_overhead_best"] is None
 
 
+@pytest.mark.slow    # 3 s of simulated failures (make test-all)
 def test_a_machine_fails_as_a_whole_again_and_again_and_its_rate_adds_to_the_devices():
     """U45: mtbf_s is a device's, and a machine failing as a whole (a node) could not be
     said. machine_mtbf_s fails every device of the job on a machine at once, draws again once
