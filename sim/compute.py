@@ -13,8 +13,8 @@ A GPU runs one kernel at a time (``runs_in_order``): ops given to it queue and s
 after the other, first come first served; the engine hands it a step's ops in the Plan's
 order (see docs/decisions/010-gpu-runs-its-ops-in-order.md).  Such a device runs its ops
 as a *lane*, without the fluid: the fluid's arithmetic for a job alone on its resource,
-one shared timer, one simpy event per op (decision 032; ``shortcut=False``: fluid jobs).  On a CPU, or a device with
-calibrated costs (host ranks), ops that run at once share it as a processor-sharing queue
+one shared timer, one simpy event per op (decision 032; ``shortcut=False``: fluid jobs).  On a CPU (host ranks
+with calibrated costs too), ops that run at once share it as a processor-sharing queue
 (a fluid job on a unit-capacity device).  Devices in a core pool (ranks bound to the same cores)
 share it busy or polling, since a polling rank keeps its share: each of n members of a
 pool of c cores runs at min(1, c / n) all the time (a wait past the executor's yielding
@@ -73,9 +73,10 @@ def alike_devices(topology: Topology) -> dict[str, int]:
 
 
 def runs_in_order(device: Device) -> bool:
-    """Whether ``device`` runs one op at a time: a GPU (one stream of kernels), unless its
-    costs were calibrated as a host rank's (``op_costs``, ``op_curves``, a core pool)."""
-    return device.kind == "gpu" and not (device.op_costs or device.op_curves or device.core_pool)
+    """Whether ``device`` runs one op at a time: a GPU (one stream of kernels, measured op
+    costs or not: ``calibrate --gpu`` writes them), unless it is one of the ranks sharing a
+    core pool."""
+    return device.kind == "gpu" and not device.core_pool
 
 
 class Compute:

@@ -573,9 +573,10 @@ class Engine:
         slot_left = list(bwd_per_slot)
         layer_left = dict(bwd_per_layer)
         # a slot whose ops form a chain of their own goes to its lane at once (``_chains``);
-        # its layers' events are made when first asked for (``Ready``)
-        chains = [c if c and in_order[j] and shortcut and not self.failures and compute.can_give(devices[j]) else None
-                  for j, c in enumerate(chains)]
+        # its layers' events are made when first asked for (``Ready``); not one whose step
+        # starts after a measured step cost (``_step_starts``): its ops go one by one then
+        chains = [c if c and in_order[j] and shortcut and not self.failures and compute.can_give(devices[j])
+                  and devices[j] not in self.step_costed else None for j, c in enumerate(chains)]
         asked: dict = {}                     # chained slot -> what makes a layer's event
         run = GraphRun(env.event(), [env.event() for _ in range(plan.slots)],
                        Ready({key: env.event() for key in bwd_per_layer if chains[key[0]] is None},

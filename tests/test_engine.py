@@ -117,8 +117,10 @@ def test_model_parallel_traffic_in_trace_equals_the_plan():
 
 
 def costed(name, machine, costs):
-    """A GPU with measured op costs (as calibrate writes them for host ranks)."""
-    return {**gpu(name, 1.0, machine), "op_costs": costs}
+    """A host rank with measured op costs, as calibrate writes it: a CPU of one core,
+    whose ops share it (a GPU runs them in order)."""
+    return {"name": name, "kind": "cpu", "machine": machine, "cores": 1, "core_gflops": 1000.0, "memory_gib": 16,
+            "memory_bandwidth_gbps": 1000, "efficiency": 1.0, "op_overhead_us": 0.0, "op_costs": costs}
 
 
 def _two_costed(pooled: bool = False):
@@ -156,9 +158,13 @@ def test_a_waiting_receiver_that_shares_its_core_still_copies_the_message_out():
     assert eng.env.now == pytest.approx(5e-6 + n / 2e9 + 2e-6 + n / 10e9 + 2 * (3e-6 + n / 4e9), rel=1e-9)
 
 
-def test_a_measured_step_cost_comes_before_the_first_op():
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_a_measured_step_cost_comes_before_the_first_op(kind):
+    """On a host rank, and on a GPU calibrated by ``calibrate --gpu`` (whose ops run in
+    order: a lane, once a chain given at once, which the step's start must hold back)."""
     costs = {"step": [40.0, 0, 0]}
-    topo = build_topology({"name": "one", "device": [costed("g0", 0, costs)]}, "one.toml")
+    dev = costed("g0", 0, costs) if kind == "cpu" else {**gpu("g0", 1.0, 0), "op_costs": costs}
+    topo = build_topology({"name": "one", "device": [dev]}, "one.toml")
     p = plan(dataclasses.replace(scenario(batch=16, training={"steps": 2}), topology=topo), check_memory=False)
     expected = 40e-6 + chain_seconds(p, "g0") + update_seconds(topo, "g0", p.scenario.model.params)
     assert simulate(p).trace.step_times() == pytest.approx([expected] * 2, rel=1e-9)

@@ -62,7 +62,8 @@ def test_a_failing_case_is_named_and_the_others_still_run_and_are_saved(suite, m
     from clustersim.core.config import ConfigError
     monkeypatch.setattr(suite, "OUT", tmp_path / "v.json")
     monkeypatch.setattr(suite, "visible_gpus", lambda: 2)
-    monkeypatch.setattr(suite.clustersim, "calibrate_gpus", lambda out: {"nccl_allreduce": []})
+    costs = {"dense": {"fixed_s": 2e-4, "flops_per_s": 5e13, "bytes_per_s": 0.0}}
+    monkeypatch.setattr(suite.clustersim, "calibrate_gpus", lambda out: {"nccl_allreduce": [], "gpu": {"op_costs": costs}})
     ran = []
 
     def validate(path, sets, **kw):
@@ -71,14 +72,16 @@ def test_a_failing_case_is_named_and_the_others_still_run_and_are_saved(suite, m
             raise RuntimeError("rank 0: Traceback ...\ncupy.cuda.memory.OutOfMemoryError: out of memory")
         step = 0.01 * len(ran)
         return clustersim.Result({"predicted_step_time_s": step, "measured_step_time_s": step * 1.1,
-                                  "error_pct": -100 / 11, "quiet_step_time_s": step, "quiet_error_pct": 0.0})
+                                  "error_pct": -100 / 11, "quiet_step_time_s": step, "quiet_error_pct": 0.0,
+                                  "phases": {"compute": {"predicted_s": step}}, "ops": [{"op": "dense", "predicted_s": step}]})
     monkeypatch.setattr(suite.clustersim, "validate", validate)
     assert suite.main() == 1
     out = capsys.readouterr().out
     fits = [name for name, sets in suite.CASES if suite.gpus_needed(clustersim.load(suite.BASE, sets)) <= 2]
     assert len(ran) == len(fits) > 2
     saved = json.loads((tmp_path / "v.json").read_text())
-    assert [c["case"] for c in saved["cases"]] == fits[:1] + fits[2:]
+    assert [c["case"] for c in saved["cases"]] == fits[:1] + fits[2:] and saved["op_costs"] == costs
+    assert saved["cases"][0]["ops"] == [{"op": "dense", "predicted_s": 0.01}] and "compute" in saved["cases"][0]["phases"]
     assert saved["failed"] == [f"{fits[1]}: RuntimeError: cupy.cuda.memory.OutOfMemoryError: out of memory"]
     assert f"FAILED {saved['failed'][0]}" in out and saved["median_abs_error_pct"] == pytest.approx(100 / 11)
     assert all("needs" in s and "2 visible" in s for s in saved["skipped"])

@@ -67,6 +67,15 @@ def test_the_compute_capability_is_written_where_known_for_nccl_s_tuner(tmp_path
     assert numpy_backend(2).compute_capability() == 0.0
 
 
+def test_an_efficiency_far_below_a_ten_thousandth_is_written_as_measured(tmp_path):
+    """A small backward op on an H200 measured 3e-05 of the peak (its launches dominate)."""
+    res = result(1)
+    res["gpu"]["backward_efficiency_curve"] = [[3e4, 3.1e-5], [5e5, 4e-4], [2e10, 1.0]]
+    path = tmp_path / "gpus.toml"
+    path.write_text(gpu_topology_text("gpus", res))
+    assert load_topology(str(path)).devices["gpu0"].efficiency_at(3e4, backward=True) == pytest.approx(3.1e-5)
+
+
 def test_one_gpu_has_no_peer_link(tmp_path):
     path = tmp_path / "one.toml"
     path.write_text(gpu_topology_text("one", result(1)))
@@ -139,6 +148,7 @@ def test_a_gpu_op_costs_the_executor_s_own_overhead_where_that_exceeds_a_launch(
     for name in ("measure_device_bandwidth", "measure_memory_bandwidth"):
         monkeypatch.setattr(gpu, name, lambda *a: 1e9)
     monkeypatch.setattr(gpu, "measure_copies", lambda be: {})
+    monkeypatch.setattr(gpu, "measure_op_costs", lambda be, seed, probes: {})
     res = gpu.calibrate_gpus(be)
     assert res["gpu"]["op_overhead_s"] == 3e-5 and res["gpu"]["kernel_overhead_s"] == 4e-6
     assert waits == ["current", "current"]
@@ -153,3 +163,37 @@ def test_the_executor_s_step_overhead_is_measured_on_the_array_module_given():
     calls = []
     t = measure_step_overhead(np.random.default_rng(0), np, lambda: calls.append(1))
     assert 0 < t < 0.01 and len(calls) == 52 * (8 + 1)
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_the_executor_s_ops_probed_on_the_gpu_are_its_op_costs_and_are_printed(tmp_path, monkeypatch, capsys, devices):
+    """``calibrate --gpu`` probes the executor's ops in context (here on the NumPy backend,
+    mlp-digits at two batches): every op key of the probe gets a fit, the GPUs of the
+    topology carry them (an op's time is the fit's closed form), still run their ops in
+    order, and the report prints them -- with one GPU too (no peer copies)."""
+    from clustersim.calibration import gpu
+    from clustersim.cli.calibrate import print_gpu
+    from sim.compute import op_seconds, runs_in_order
+    monkeypatch.setattr(gpu, "measure_compute", lambda rng, xp=np, sync=lambda: None: dict(result(1)["gpu"]))
+    monkeypatch.setattr(gpu, "measure_step_overhead", lambda rng, xp=np, sync=lambda: None: 1e-6)
+    for name in ("measure_device_bandwidth", "measure_memory_bandwidth"):
+        monkeypatch.setattr(gpu, name, lambda *a: 1e9)
+    monkeypatch.setattr(gpu, "measure_copies", lambda be: result(devices)["copies"])
+    monkeypatch.setattr(gpu, "GPU_PROBE_REPEATS", 3)            # a test's, not a GPU's, statistics
+    res = gpu.calibrate_gpus(numpy_backend(devices), probes=(("mlp-digits", (8, 32)),))
+    costs = res["gpu"]["op_costs"]
+    assert {"dense", "dense.backward", "relu", "softmax_xent", "step", "update"} <= set(costs)
+    path = tmp_path / "gpus.toml"
+    path.write_text(gpu_topology_text("gpus", res))
+    topo = load_topology(str(path))
+    dense = costs["dense"]
+    flops, nbytes = 3e8, 4e6
+    expect = (dense["fixed_s"] + (flops / dense["flops_per_s"] if dense["flops_per_s"] else 0.0)
+              + (nbytes / dense["bytes_per_s"] if dense["bytes_per_s"] else 0.0))
+    for g in topo.compute_devices():
+        assert set(topo.devices[g].op_costs) == set(costs) and runs_in_order(topo.devices[g])
+        assert op_seconds(topo, g, flops, nbytes, "fp32", key="dense") == pytest.approx(expect, rel=1e-5)
+    print_gpu(res, str(path))
+    out = capsys.readouterr().out
+    assert "pinned host -> GPU 0" in out and ("GPU 0 -> GPU 1" in out) == (devices == 2)
+    assert all(f"    {key} " in out for key in costs)

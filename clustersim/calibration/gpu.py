@@ -4,6 +4,10 @@ Measured on the GPUs CuPy sees (medians, each timing waiting for the device's st
 - compute: the executor's dense kernels forward and backward at the zoo's shapes on GPU 0
   (``calibrate.measure_compute`` on CuPy arrays): peak, efficiency curve, per-op overhead
   (a launch, or the executor's own per op where larger); on-device memory bandwidth (a large copy);
+- the executor's own ops in context on GPU 0 (``probe.op_times`` on CuPy arrays, each op
+  waited for as a GPU rank waits; ``GPU_PROBES``), fitted per op key as on a CPU host
+  (``op_costs``): a GPU rank's op costs its launches and its Python beside the kernels,
+  which the dense-kernel figures above miss (decision 074);
 - host <-> device over PCIe: copies between pinned host memory and GPU 0, each direction,
   by size, fitted to alpha + bytes / beta (``calibrate.fit_alpha_beta``);
 - device <-> device: ``memcpyPeer`` between every pair of GPUs (NVLink or peer PCIe,
@@ -16,7 +20,8 @@ Measured on the GPUs CuPy sees (medians, each timing waiting for the device's st
 The topology: the CPU, one PCIe switch, every GPU on it with the host <-> device fit (the
 slower direction's, as a link has one rate both ways; each of the two hops carries half
 the latency), and a direct link between each pair of GPUs with that pair's device <-> device
-fit (so routing takes it over the switch).  Compute is GPU 0's, taken for every GPU.
+fit (so routing takes it over the switch).  Compute is GPU 0's, taken for every GPU; ops
+of a kind no probe ran fall back to its peak, curve and per-op overhead.
 
 Each piece runs on an array backend (``Backend``): CuPy on a GPU host; NumPy (a
 "device" is host memory, a copy is a memcpy) in the tests, so the sequence, the fits and
@@ -31,13 +36,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from clustersim.calibration.host import (compute_lines, fit_alpha_beta, measure_compute, measure_memory_bandwidth,
-                                         measure_step_overhead, median_time)
+from clustersim.calibration.host import (compute_lines, fit_alpha_beta, fit_op_cost, measure_compute,
+                                         measure_memory_bandwidth, measure_step_overhead, median_time, op_costs_text)
 
 COPY_SIZES = [2**k for k in range(10, 29, 2)]      # 1 KiB .. 256 MiB
 COPY_REPEATS = 9
 ALLREDUCE_SIZES = [2**k for k in range(10, 31, 2)]   # 1 KiB .. 1 GiB, nccl-tests' range
 ALLREDUCE_REPEATS = 5
+# (model, batch sizes) probed on the GPU: batches a GPU is run at, none of the validation
+# suite's (64, 256, 1024: those are predicted between the probed ones, not read back)
+GPU_PROBES = (("mlp-digits", (32, 512, 4096)), ("distbelief-speech", (32, 128, 512, 2048)))
+GPU_PROBE_REPEATS = 30        # timed steps a probe at least: a GPU step is milliseconds, and a GPU
+GPU_PROBE_PASSES = 3          # rank's op is mostly the host's Python, as noisy as the host (decision 074)
 
 
 @dataclass
@@ -161,17 +171,28 @@ def measure_device_bandwidth(be: Backend, n_bytes: int = 256 * 2**20) -> float:
     return 2 * a.nbytes / t
 
 
-def calibrate_gpus(be: Backend, seed: int = 0) -> dict:
+def measure_op_costs(be: Backend, seed: int = 0, probes: tuple = GPU_PROBES) -> dict:
+    """The executor's ops of ``probes`` timed in context on GPU 0, each waited for alone
+    (``sync_current``), fitted per op key (``fit_op_cost``; no cache term)."""
+    from clustersim.calibration.probe import op_times
+    with be.use(0):
+        points = op_times(seed, GPU_PROBE_REPEATS, GPU_PROBE_PASSES, probes=probes, xp=be.xp, sync=be.sync_current)
+    return {key: fit_op_cost(pts) for key, pts in sorted(points.items())}
+
+
+def calibrate_gpus(be: Backend, seed: int = 0, probes: tuple = GPU_PROBES) -> dict:
     """Everything above.  The per-op overhead, as on a CPU host, is the larger of one dense
     forward's and the executor's own per op (``measure_step_overhead``: its region assembly
     and bookkeeping beside a layer's kernels); both wait for GPU 0 alone (``sync_current``),
-    as a waiting rank does, not for every GPU of the host."""
+    as a waiting rank does, not for every GPU of the host.  The probed ops' own costs
+    (``measure_op_costs``) take precedence over both for their keys."""
     with be.use(0):
         gpu = measure_compute(np.random.default_rng(seed), be.xp, be.sync_current)
         kernel = gpu["op_overhead_s"]
         gpu["op_overhead_s"] = max(kernel, measure_step_overhead(np.random.default_rng(seed), be.xp,
                                                                  be.sync_current))
         gpu["kernel_overhead_s"] = kernel
+    gpu["op_costs"] = measure_op_costs(be, seed, probes)
     return {"devices": be.devices, "gpu": gpu, "gpu_memory_bytes": be.memory_bytes(),
             "compute_capability": be.compute_capability(),
             "gpu_memory_bandwidth_bytes_per_s": measure_device_bandwidth(be), "copies": measure_copies(be),
@@ -207,6 +228,8 @@ def gpu_topology_text(name: str, res: dict) -> str:
                   f"memory_bandwidth_gbps = {res['gpu_memory_bandwidth_bytes_per_s'] / 1e9:.6g}", *compute_lines(gpu)]
         if res.get("compute_capability"):
             lines.append(f"compute_capability = {res['compute_capability']:g}")
+        if gpu.get("op_costs"):
+            lines.append(f"op_costs = {{ {op_costs_text(gpu['op_costs'])} }}")
     for a in ["cpu"] + [f"gpu{g}" for g in range(res["devices"])]:
         lines += ["", "[[link]]", f'a = "{a}"', 'b = "pcie"', f"bandwidth_gbps = {bus / 1e9:.6g}",
                   f"latency_us = {alpha * 1e6 / 2:.6g}"]

@@ -247,10 +247,19 @@ def cache_bytes() -> float:
     return 0.0
 
 
+def op_costs_text(op_costs: dict) -> str:
+    """``fit_op_cost`` results by key as the inside of a topology's ``op_costs`` table."""
+    return ", ".join(f'"{key}" = [{c["fixed_s"] * 1e6:.6g}, {c["flops_per_s"] / 1e9:.6g}, {c["bytes_per_s"] / 1e9:.6g}, '
+                     f'{c.get("bytes_beyond_cache_per_s", c["bytes_per_s"]) / 1e9:.6g}]'
+                     for key, c in sorted(op_costs.items()))
+
+
 def compute_lines(comp: dict) -> list[str]:
-    """A device's measured compute (``measure_compute``) as topology lines, after its peak."""
+    """A device's measured compute (``measure_compute``) as topology lines, after its peak;
+    efficiencies to 4 significant digits (a tiny op's on a GPU is 3e-05: 4 decimals were 0,
+    which no topology takes)."""
     def curve(points):
-        return "[" + ", ".join(f"[{f:.6g}, {e:.4f}]" for f, e in points) + "]"
+        return "[" + ", ".join(f"[{f:.6g}, {e:.4g}]" for f, e in points) + "]"
     return ["efficiency = 1.0", f"op_overhead_us = {comp['op_overhead_s'] * 1e6:.4g}",
             f"efficiency_curve = {curve(comp['efficiency_curve'])}",
             f"backward_efficiency_curve = {curve(comp.get('backward_efficiency_curve', []))}"]
@@ -263,9 +272,7 @@ def topology_text(name: str, ranks: int, cores: int, comp: dict, mem_bw: float, 
     round-robin (``executor.launch.cores_of``): each core is a core pool of 1, and the
     ranks bound to it its members.  ``noise``: each rank's slowdown by window
     (``hostspeed.noise_series``)."""
-    costs = ", ".join(f'"{key}" = [{c["fixed_s"] * 1e6:.6g}, {c["flops_per_s"] / 1e9:.6g}, {c["bytes_per_s"] / 1e9:.6g}, '
-                      f'{c.get("bytes_beyond_cache_per_s", c["bytes_per_s"]) / 1e9:.6g}]'
-                      for key, c in sorted((op_costs or {}).items()))
+    costs = op_costs_text(op_costs or {})
     curves = ", ".join(f'"{key}" = [{", ".join(f"[{b:.6g}, {t * 1e6:.6g}]" for b, t in c["curve"])}]'
                        for key, c in sorted((op_costs or {}).items()) if "curve" in c)
     lines = [f'name = "{name}"',

@@ -92,10 +92,13 @@ def step_counts(second_s: float, repeats: int) -> tuple[int, int]:
     return max(2, math.ceil(WARM_S / second_s)), max(repeats, math.ceil(TIMED_S / second_s))
 
 
-def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS, comm=None) -> dict[str, list[tuple]]:
+def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS, comm=None,
+              xp=np, sync=lambda: None) -> dict[str, list[tuple]]:
     """(FLOPs, bytes, [seconds of each repeat]) of every op of one step of ``p`` and of each
     slot's update: all slots here (messages through a mailbox), or with ``comm`` (as many ranks
     as ``p`` has slots) this rank's slot, messages through the executor's MPI transport.
+    On the arrays of ``xp`` (CuPy: a GPU), each op and update waited for with ``sync`` before
+    its clock is read, as a GPU rank times its ops (``executor.job``).
 
     Timed in the steady state a run's median step sees: after untimed steps for ``WARM_S``
     (at least two), ``repeats`` steps or more, for ``TIMED_S`` at least (``step_counts``; by
@@ -103,6 +106,8 @@ def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS, comm=No
     steps run slower than a run's and would make the ops dearer: see
     docs/decisions/005-probes-timed-in-steady-state.md."""
     params, data = probe_inputs(p, rng)
+    if xp is not np:
+        params = {key: [xp.asarray(a) for a in arrs] for key, arrs in params.items()}
     steps: list[float] = []
     per_op: dict[tuple, list[float]] = defaultdict(list)
     updates: dict[int, list[float]] = defaultdict(list)
@@ -117,20 +122,24 @@ def time_plan(p: Plan, rng: np.random.Generator, repeats: int = REPEATS, comm=No
         in_ops = [0.0]
 
         def on_op(op, part, counted=counted):
+            sync()
             now = time.perf_counter()
             if counted:
                 per_op[(op.id, part)].append(now - last[0])
                 in_ops[0] += now - last[0]
             last[0] = now
         def on_setup():                               # the set-up stays out of the first op
+            sync()
             last[0] = time.perf_counter()
-        res = run_step(p, slots, params, x, y, transport, on_op=on_op, on_setup=on_setup)
+        res = run_step(p, slots, params, xp.asarray(x), xp.asarray(y), transport, xp=xp, on_op=on_op,
+                       on_setup=on_setup)
         if counted:                                   # sampling the batch, the step's set-up and flush
             steps.append((time.perf_counter() - start - in_ops[0]) / len(slots))
         for j in slots:
             mine = {key: g for key, g in res.grads.items() if key[1] == j}
             t = time.perf_counter()
             sgd_in_place(params, mine, 1e-6)
+            sync()
             if counted:
                 updates[j].append(time.perf_counter() - t)
         if rep == 1:                                  # the second step sets how many follow
@@ -213,14 +222,14 @@ def probes_for(models: list[str] | None) -> tuple:
 
 def op_times(seed: int = 0, repeats: int = REPEATS, passes: int = PASSES,
              barrier=lambda: None, pair=None, quiet: float | None = None, slowest=lambda t: t,
-             probes: tuple = PROBES) -> dict[str, list[list[float]]]:
+             probes: tuple = PROBES, xp=np, sync=lambda: None) -> dict[str, list[list[float]]]:
     """Every probe, ``passes`` times over (a slow spell of a shared host then spoils one
     pass, not every figure); ``barrier`` is called before each probe, so concurrent ranks
     probe together.  With ``pair`` (a communicator of two ranks) the two-slot probes run
     one slot per rank, so messages cost what MPI makes them cost.  ``quiet`` (the
     reference step on a quiet host, seconds): each probe is retried until the host ran
     quietly around it (``quiet_probe``; ``slowest`` gives every rank's slowest bracket,
-    so the ranks retry together)."""
+    so the ranks retry together).  ``xp`` and ``sync``: as ``time_plan``'s."""
     from clustersim.calibration.hostspeed import Reference
     rng = np.random.default_rng(seed)
     ref = Reference() if quiet is not None else None
@@ -236,7 +245,7 @@ def op_times(seed: int = 0, repeats: int = REPEATS, passes: int = PASSES,
                         quiet_probe(dict, lambda: ref.median(), quiet, slowest)   # bracket with the pair
                         continue                # (the brackets allgather over every rank)
                     p = probe_plan(model, batch, slots, split)
-                    out = quiet_probe(lambda p=p, comm=comm: time_plan(p, rng, repeats, comm),
+                    out = quiet_probe(lambda p=p, comm=comm: time_plan(p, rng, repeats, comm, xp, sync),
                                       lambda: ref.median(), quiet, slowest)
                     for key, pts in out.items():
                         points[key] += pts

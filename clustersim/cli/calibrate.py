@@ -51,10 +51,13 @@ def print_gpu(res: dict, out: str) -> None:
     print(f"  GPU memory   {res['gpu_memory_bandwidth_bytes_per_s'] / 1e9:.4g} GB/s (copy), "
           f"{res['gpu_memory_bytes'] / 2**30:.3g} GiB")
     for key, fit in res["copies"].items():
-        what = {"h2d": "pinned host -> GPU 0", "d2h": "GPU 0 -> pinned host"}.get(
-            key, "GPU {} -> GPU {}".format(*key[3:].split("-")))
+        what = {"h2d": "pinned host -> GPU 0", "d2h": "GPU 0 -> pinned host"}.get(key) or "GPU {} -> GPU {}".format(
+            *key[3:].split("-"))
         print(f"  {what:<22} alpha {fit['alpha_s'] * 1e6:.3g} us, beta {fit['beta_bytes_per_s'] / 1e9:.4g} GB/s; "
               f"fit R^2 {fit['r2']:.4f}, worst relative error {fit['max_rel_error']:.1%} over {len(fit['samples'])} sizes")
+    if gpu.get("op_costs"):
+        print("  op costs     (the executor's ops in context on GPU 0: fixed + FLOPs / rate + bytes / rate)")
+        print_op_costs(gpu["op_costs"])
     if res.get("nccl_allreduce"):
         print(f"  NCCL allreduce over {res['devices']} GPUs, busbw: " + ", ".join(
             f"{r['bytes'] / 2**20:g} MiB {r['busbw_gbps']:.4g} GB/s" for r in res["nccl_allreduce"]))
@@ -74,10 +77,17 @@ def print_host(res: dict, out: str) -> None:
           + " us by rank; windows over 1.3x quiet: " + ", ".join(f"{x:.0%}" for x in slow))
     print(f"  op costs     (the executor's ops in context: fixed + FLOPs / rate + bytes / rate, bytes beyond "
           f"{res['cache_bytes'] / 2**20:.3g} MiB of cache at their own rate)")
-    for key, c in res["op_costs"].items():
+    print_op_costs(res["op_costs"])
+
+
+def print_op_costs(costs: dict) -> None:
+    """One line per op key: the fitted fixed cost and rates, the fit's quality; a byte rate
+    beyond the cache only where it differs from the one within."""
+    for key, c in costs.items():
+        beyond = c["bytes_beyond_cache_per_s"]
         rates = [f"{c['flops_per_s'] / 1e9:.3g} GFLOP/s" if c["flops_per_s"] else "",
                  f"{c['bytes_per_s'] / 1e9:.3g} GB/s" if c["bytes_per_s"] else "",
-                 f"{c['bytes_beyond_cache_per_s'] / 1e9:.3g} GB/s beyond" if c["bytes_beyond_cache_per_s"] else ""]
+                 f"{beyond / 1e9:.3g} GB/s beyond" if beyond and beyond != c["bytes_per_s"] else ""]
         print(f"    {key:<24} {c['fixed_s'] * 1e6:7.1f} us  {', '.join(r for r in rates if r):<44} "
               f"R^2 {c['r2']:.3f}, worst {c['max_rel_error']:.0%} over {c['points']} ops"
               + ("; the simulator interpolates the measured sizes" if "curve" in c else ""))

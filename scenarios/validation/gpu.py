@@ -1,7 +1,8 @@
 """The GPU validation suite: calibrate this machine's GPUs (``clustersim calibrate --gpu``),
 compare the NCCL allreduce busbw it measured with the collective model's on the calibrated
 topology (``clustersim collective``), then validate each case of ``CASES`` (one rank per GPU, ``--device gpu``) on that topology
-and print a table of predicted and measured step times; writes out/validation-gpu.json.
+and print a table of predicted and measured step times; writes out/validation-gpu.json (with
+each case's phases and ops predicted beside measured, and the op costs calibrated).
 Cases needing more GPUs than are visible are skipped with a note (NCCL, and the executor,
 put no two ranks of one job on one GPU).  Made to finish within 5 minutes on a 1- or
 8-GPU host.
@@ -85,6 +86,7 @@ def main() -> int:
         return finish(summary, start)
     print(f"calibrated {gpus} GPUs -> {TOPOLOGY} ({time.perf_counter() - start:.0f} s)", flush=True)
     summary["nccl_allreduce"] = nccl_rows(cal.get("nccl_allreduce", []))
+    summary["op_costs"] = cal["gpu"].get("op_costs", {})      # the fits the predictions use, R^2 and worst error
     save(summary, start)
     for name, sets in CASES:
         need = gpus_needed(clustersim.load(BASE, sets))
@@ -99,7 +101,8 @@ def main() -> int:
             save(summary, start)
             continue
         summary["cases"].append({"case": name, "gpus": need, **{k: r[k] for k in (
-            "predicted_step_time_s", "measured_step_time_s", "error_pct", "quiet_step_time_s", "quiet_error_pct")}})
+            "predicted_step_time_s", "measured_step_time_s", "error_pct", "quiet_step_time_s", "quiet_error_pct",
+            "phases", "ops")}})
         print(f"{name:<30} {need} GPUs  predicted {r['predicted_step_time_s'] * 1e3:8.3f} ms  "
               f"measured {r['measured_step_time_s'] * 1e3:8.3f} ms  error {r['error_pct']:+7.1f}%", flush=True)
         save(summary, start)
