@@ -412,7 +412,9 @@ def run_step(p: Plan, slots: set[int], params: dict[tuple[int, int], list], x, l
 def _softmax_grad(xp, p: Plan, y, box: Box, others: list, labels, batch: int):
     """Gradient of the mean cross-entropy (over samples and positions) for this slice of the
     logits, and its share of the loss; ``labels`` (b,) or (b, T), ``others`` the other
-    slices' (max, sum of exponentials) per sample and position."""
+    slices' (max, sum of exponentials) per sample and position.  No index array is built from
+    the data (``nonzero``, boolean masks) and the share stays an array: on a GPU nothing here
+    waits for the device (the step's loss is read once, at its end)."""
     z = y[:, :, :, 0].transpose(0, 2, 1)                      # (b, t, c) logits of the slice
     labels = labels.reshape(len(z), -1)                      # (b, t)
     mx = z.max(axis=2)
@@ -426,9 +428,9 @@ def _softmax_grad(xp, p: Plan, y, box: Box, others: list, labels, batch: int):
     prob = xp.exp(z - M[:, :, None]) / S[:, :, None]
     c0, c1 = box[0]
     count = batch * z.shape[1]
-    inside = (labels >= c0) & (labels < c1)
-    g = prob.copy()
-    rows, pos = xp.nonzero(inside)
-    g[rows, pos, labels[inside] - c0] -= 1.0
-    part = -xp.log(prob[rows, pos, labels[inside] - c0] + 1e-30).sum() / count
-    return (g / count).transpose(0, 2, 1)[:, :, :, None], float(part)
+    inside = (labels >= c0) & (labels < c1)                   # (b, t): the label's logit is in this slice
+    at = xp.where(inside, labels - c0, 0)[:, :, None]         # its place there (0 where not: masked)
+    hit = (xp.arange(z.shape[2]) == at) & inside[:, :, None]   # (b, t, c) one-hot of the labels here
+    picked = xp.take_along_axis(prob, at, axis=2)[:, :, 0]
+    part = -xp.where(inside, xp.log(picked + 1e-30), 0.0).sum() / count
+    return ((prob - hit) / count).transpose(0, 2, 1)[:, :, :, None], part.astype(xp.float64)

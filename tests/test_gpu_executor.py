@@ -311,3 +311,30 @@ def test_a_gpu_rank_waits_for_its_device_before_reading_the_clock_and_numpy_does
     fake = SimpleNamespace(cuda=SimpleNamespace(Device=lambda: SimpleNamespace(synchronize=lambda: waited.append(1))))
     device_sync(fake)()
     assert waited == [1]
+
+
+@pytest.mark.skipif(cupy_or_none() is None, reason="needs CuPy and a visible GPU")
+@pytest.mark.parametrize("slots", [1, 2])
+def test_a_step_on_the_gpu_equals_the_step_on_numpy(slots):     # pragma: no cover - GPU hosts only
+    """``run_step`` on CuPy arrays: the loss and every gradient as on NumPy (the speech net
+    at batch 16, whole and cut in two by channels; the softmax loss's slices included)."""
+    import numpy as np
+    from executor.backend import to_numpy
+    from executor.kernels import init_params
+    from executor.partitioned import Mailbox, run_step, slot_params
+    cp = cupy_or_none()
+    sc = scenario_from_dict({"cluster": {"topology": "dgx-h100"}, "model": {"name": "distbelief-speech", "batch_size": 16},
+                             "parallel": {"model_parallel": slots}}, "gpu.toml")
+    p = plan(sc, check_memory=False)
+    rng = np.random.default_rng(0)
+    params = slot_params(p, init_params(sc.model, rng, dtype=np.float32), contiguous=True)
+    x = rng.standard_normal((16, *sc.model.input_shape), dtype=np.float32)
+    y = rng.integers(0, sc.model.nodes[-1].out_shape[0], 16)
+    on_cpu = run_step(p, set(range(slots)), params, x, y, Mailbox())
+    gpu_params = {key: [cp.asarray(a) for a in arrs] for key, arrs in params.items()}
+    on_gpu = run_step(p, set(range(slots)), gpu_params, cp.asarray(x), cp.asarray(y), Mailbox(), xp=cp)
+    assert on_gpu.loss == pytest.approx(on_cpu.loss, rel=1e-5)
+    assert on_gpu.grads.keys() == on_cpu.grads.keys()
+    for key, gs in on_cpu.grads.items():
+        for a, b in zip(gs, on_gpu.grads[key]):
+            np.testing.assert_allclose(to_numpy(b), a, rtol=1e-3, atol=1e-6)
