@@ -433,4 +433,6 @@ def _softmax_grad(xp, p: Plan, y, box: Box, others: list, labels, batch: int):
     hit = (xp.arange(z.shape[2]) == at) & inside[:, :, None]   # (b, t, c) one-hot of the labels here
     picked = xp.take_along_axis(prob, at, axis=2)[:, :, 0]
     part = -xp.where(inside, xp.log(picked + 1e-30), 0.0).sum() / count
-    return ((prob - hit) / count).transpose(0, 2, 1)[:, :, :, None], part.astype(xp.float64)
+    prob -= hit                                                # prob is this call's own: the gradient in place
+    prob /= count
+    return prob.transpose(0, 2, 1)[:, :, :, None], part.astype(xp.float64)

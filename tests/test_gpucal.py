@@ -183,6 +183,7 @@ def test_the_executor_s_ops_probed_on_the_gpu_are_its_op_costs_and_are_printed(t
     res = gpu.calibrate_gpus(numpy_backend(devices), probes=(("mlp-digits", (8, 32)),))
     costs = res["gpu"]["op_costs"]
     assert {"dense", "dense.backward", "relu", "softmax_xent", "step", "update"} <= set(costs)
+    assert not any(key.startswith(("send", "recv")) for key in costs)   # a mailbox is no GPU rank's transport
     path = tmp_path / "gpus.toml"
     path.write_text(gpu_topology_text("gpus", res))
     topo = load_topology(str(path))

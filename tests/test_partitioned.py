@@ -219,3 +219,60 @@ def test_partitioned_transformer_step_equals_one_process(m, pipeline, micro):
                 if layer == i:
                     got[TINY_GPT.nodes[i].layer.box_index(dict(p.slices[i])[j])[n]] += gs[n]
             assert np.allclose(got, g0[o:o + a.size].reshape(shape), rtol=1e-9, atol=1e-12), TINY_GPT.nodes[i].name
+
+
+class _DeviceArray(np.ndarray):
+    """An array that, like one on a GPU, must not be read back mid-step: ``float()`` of it
+    or a boolean mask over it (an index array built from the data) fails."""
+
+    def __float__(self):
+        raise AssertionError("float() of an array waits for the device")
+
+    def _check(self, ix):
+        for i in ix if isinstance(ix, tuple) else (ix,):
+            if isinstance(i, np.ndarray) and i.dtype == bool:
+                raise AssertionError("a boolean mask waits for the device")
+
+    def __getitem__(self, ix):
+        self._check(ix)
+        return super().__getitem__(ix)
+
+    def __setitem__(self, ix, value):
+        self._check(ix)
+        super().__setitem__(ix, value)
+
+
+class _DeviceXp:
+    """NumPy as the executor's ``xp``, without the functions whose result's size depends
+    on the data (they wait for the device on a GPU)."""
+
+    def __getattr__(self, name):
+        if name in ("nonzero", "argwhere", "flatnonzero", "extract", "compress", "unique"):
+            raise AssertionError(f"xp.{name} waits for the device")
+        return getattr(np, name)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_the_softmax_loss_s_backward_never_waits_for_the_device(t):
+    """Its slice of classes [3, 7) of 10, the rest another slot's (their max and sum of
+    exponentials): the gradient and loss share of the whole softmax's closed form, with
+    no read-back of the device on the way (the step reads the loss once, at its end)."""
+    from executor.partitioned import _softmax_grad
+    rng = np.random.default_rng(0)
+    b, c, (c0, c1) = 6, 10, (3, 7)
+    z = rng.standard_normal((b, t, c))
+    labels = rng.integers(0, c, (b, t))
+    labels[0, 0], labels[1, 0] = 4, 9                       # one inside the slice, one outside, at least
+    rest = np.concatenate([z[:, :, :c0], z[:, :, c1:]], axis=2)
+    mx = rest.max(axis=2)
+    others = [np.stack([mx, np.exp(rest - mx[:, :, None]).sum(axis=2)], axis=2)]
+    y = z[:, :, c0:c1].transpose(0, 2, 1)[:, :, :, None]   # (b, classes of the slice, t, 1)
+    g, part = _softmax_grad(_DeviceXp(), None, np.ascontiguousarray(y).view(_DeviceArray), ((c0, c1), (0, t), (0, 1)),
+                            others, labels.view(_DeviceArray), b)
+    prob = np.exp(z) / np.exp(z).sum(axis=2, keepdims=True)
+    onehot = np.eye(c)[labels]
+    want = ((prob - onehot) / (b * t))[:, :, c0:c1].transpose(0, 2, 1)[:, :, :, None]
+    np.testing.assert_allclose(np.asarray(g), want, rtol=1e-12, atol=1e-15)
+    inside = (labels >= c0) & (labels < c1)
+    loss = -np.log(np.take_along_axis(prob, labels[:, :, None], axis=2)[:, :, 0])[inside].sum() / (b * t)
+    assert np.asarray(part).item() == pytest.approx(loss, rel=1e-12)

@@ -173,11 +173,14 @@ def measure_device_bandwidth(be: Backend, n_bytes: int = 256 * 2**20) -> float:
 
 def measure_op_costs(be: Backend, seed: int = 0, probes: tuple = GPU_PROBES) -> dict:
     """The executor's ops of ``probes`` timed in context on GPU 0, each waited for alone
-    (``sync_current``), fitted per op key (``fit_op_cost``; no cache term)."""
+    (``sync_current``), fitted per op key (``fit_op_cost``; no cache term).  Not the
+    messages': the probe passes them through an in-process mailbox on one GPU, where GPU
+    ranks use NCCL (or the host and MPI), so a GPU's messages stay network flows."""
     from clustersim.calibration.probe import op_times
     with be.use(0):
         points = op_times(seed, GPU_PROBE_REPEATS, GPU_PROBE_PASSES, probes=probes, xp=be.xp, sync=be.sync_current)
-    return {key: fit_op_cost(pts) for key, pts in sorted(points.items())}
+    return {key: fit_op_cost(pts) for key, pts in sorted(points.items())
+            if key.split(".")[0] not in ("send", "recv")}
 
 
 def calibrate_gpus(be: Backend, seed: int = 0, probes: tuple = GPU_PROBES) -> dict:

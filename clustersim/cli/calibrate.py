@@ -47,7 +47,7 @@ def print_gpu(res: dict, out: str) -> None:
             for i, f in sorted(res["host_pairs"].items())))
     print(f"calibrated {res['devices']} GPUs -> {out}")
     print(f"  GPU compute  peak {gpu['peak_flops'] / 1e12:.4g} TFLOP/s, {gpu['op_overhead_s'] * 1e6:.3g} us per op; "
-          "efficiency " + ", ".join(f"{f:.2g} FLOP: {e:.2f}" for f, e in gpu["efficiency_curve"]))
+          "efficiency " + ", ".join(f"{f:.2g} FLOP: {e:.2g}" for f, e in gpu["efficiency_curve"]))
     print(f"  GPU memory   {res['gpu_memory_bandwidth_bytes_per_s'] / 1e9:.4g} GB/s (copy), "
           f"{res['gpu_memory_bytes'] / 2**30:.3g} GiB")
     for key, fit in res["copies"].items():
