@@ -97,7 +97,7 @@ def simulate(source: Source | Scenario, overrides: Overrides = None, *, speedup:
     ``speedup`` also simulates the one-device baseline (without faults).  A run that cannot
     go on (a failure nothing gets past) has ``stalled_at_s`` and ``stalled_reason`` and no
     ``step_time_s``, ``samples_per_s`` or ``speedup``."""
-    from sim.baseline import one_device_step_time
+    from sim.baseline import one_device_short, one_device_step_time
     from sim.engine import simulate as run
     if isinstance(source, Scenario) and overrides:      # a loaded Scenario has nowhere to take them
         raise ConfigError(source.file, "", "overrides apply to a scenario file or dict; this Scenario is loaded "
@@ -106,6 +106,8 @@ def simulate(source: Source | Scenario, overrides: Overrides = None, *, speedup:
     p = plan(sc)
     res = run(p)
     summary = summarize(p, res, one_device_step_time(p) if speedup and res.stalled_at_s is None else None)
+    if "speedup" in summary and (short := one_device_short(p)):
+        summary["one_device_short"] = short
     if sc.training.cosim and res.stalled_at_s is None:
         from clustersim.compare.cosim import cosimulate
         summary.update(cosimulate(p, res))
@@ -294,6 +296,9 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
             note = (f"no configuration trains in {target_hours:g} h on {devices} devices: " +
                     (f"the fastest takes {fastest['time_to_train_s'] / 3600:.3g} h" if "time_to_train_s" in fastest
                      else "none finishes on average, its failures coming faster than it recovers"))
+        elif len(meeting) < len(ranked):           # the order restarts at the first that misses: say so
+            note = "; ".join(filter(None, [note, f"ranked first: the {len(meeting)} that train in {target_hours:g} h"
+                                                 f" (in time: yes), then the {len(ranked) - len(meeting)} that do not"]))
         ranked = meeting + [p for p in ranked if not p.get("meets_target")]
     return {"ranked": ranked + blind, **found, "note": note}
 

@@ -75,7 +75,8 @@ def summary_text(s: dict) -> str:
                   f"  throughput       {s['samples_per_s']:.4g} samples/s"]
     if "speedup" in s:
         lines.append(f"  speedup          {s['speedup']:.3g}x against one device "
-                     f"({seconds(s['one_device_step_time_s'])} per step)")
+                     f"({seconds(s['one_device_step_time_s'])} per step"
+                     + (f"; hypothetical: {s['one_device_short']}" if "one_device_short" in s else "") + ")")
     if "time_to_train_s" in s:
         extra = [f"${s['cost_usd']:,.2f} on {s['machines_used']} machine(s)"] if "cost_usd" in s else []
         extra += [f"{s['energy_kwh']:,.4g} kWh"] if "energy_kwh" in s else []
@@ -83,6 +84,7 @@ def summary_text(s: dict) -> str:
         lines.append(f"  to train         {seconds(s['time_to_train_s'])} ({seconds(s['epoch_time_s'])} an epoch)"
                      + (": " + ", ".join(extra) if extra else ""))
     lines += _failures_ahead(s)
+    lines += [f"  note             {n}" for n in s.get("notes", ())]
     if "staleness_mean" in s:
         lines.append(f"  staleness        mean {s['staleness_mean']:.3g}, p90 {s['staleness_p90']:.3g}, "
                      f"max {s['staleness_max']} (shard updates missed)")
@@ -127,6 +129,8 @@ def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)

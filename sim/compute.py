@@ -47,18 +47,10 @@ def op_seconds(topology: Topology, device: str, flops: float, nbytes: float, dty
     measured = dev.op_time(key, flops, nbytes) if key else None
     if measured is not None:
         return measured
-    if work is not None and kernels_modelled(dev):
+    if work is not None and dev.kernels_modelled:
         return kernel_model.work_seconds(dev, dtype, DTYPE_BYTES[dtype], work, backward, flops, nbytes)
     eff = dev.efficiency_at(flops, backward)
     return dev.op_overhead + max(flops / (dev.flops_per_s(dtype) * eff), nbytes / dev.achievable_bw)
-
-
-def kernels_modelled(device: Device) -> bool:
-    """Whether ``device`` is a GPU described by public figures (compute capability and SMs),
-    whose ops ``sim.kernel_model`` refines; a test device without them, or one whose
-    efficiency calibration measured, keeps the plain roofline."""
-    return (device.kind == "gpu" and device.compute_capability > 0 and device.sms > 0
-            and not device.efficiency_curve)
 
 
 def alike_devices(topology: Topology) -> dict[str, int]:

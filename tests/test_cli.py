@@ -149,6 +149,7 @@ memory_bandwidth_gbps = 100
 @pytest.mark.parametrize("case, field", [
     ("malformed", "malformed TOML"),
     ("unknown_key", "parallel.replcias: unknown key"),
+    ("misspelt_table", "modle: unknown key"),
     ("zero_bandwidth", "link[0].bandwidth_gbps: must be > 0"),
     ("negative_latency", "link[0].latency_us: must be >= 0"),
     ("ghost_link", "link[0].b: no device named 'g9'"),
@@ -166,9 +167,10 @@ def test_bad_input_is_one_line_naming_file_and_field(tmp_path, capsys, case, fie
     if case == "malformed":
         f = tmp_path / "s.toml"
         f.write_text("name = [unclosed\n")
-    elif case == "unknown_key":
+    elif case in ("unknown_key", "misspelt_table"):
         f = write_scenario(tmp_path).with_name("s.toml")
-        f.write_text(f.read_text().replace("replicas =", "replcias ="))
+        f.write_text(f.read_text().replace("replicas =", "replcias =") if case == "unknown_key"
+                     else f.read_text().replace("[model]", "[modle]"))
     elif case in ("zero_bandwidth", "negative_latency", "ghost_link", "no_route", "zero_flops"):
         bw, lat, b = {"zero_bandwidth": (0, 1, "g1"), "negative_latency": (1, -1, "g1"),
                       "ghost_link": (1, 1, "g9")}.get(case, (1, 1, "g1"))

@@ -14,7 +14,7 @@ from clustersim.core.topogen import build_topology
 from clustersim.core.topology import Device
 from helpers import gpu, scenario
 from sim import kernel_model as km
-from sim.compute import kernels_modelled, op_seconds
+from sim.compute import op_seconds
 
 SMS = 108
 RATE = 200e12                  # FLOP/s of the largest tile over the whole GPU
@@ -199,13 +199,13 @@ def test_test_devices_keep_the_plain_roofline():
     """A device without compute capability and SMs (the closed-form test topologies) and
     one whose efficiency calibration measured are not refined."""
     topo = build_topology({"name": "t", "device": [gpu("g0", 10.0)]}, "t.toml")
-    assert not kernels_modelled(topo.devices["g0"])
+    assert not topo.devices["g0"].kernels_modelled
     conv = make_layer("conv2d", filters=64, kernel=3, padding=1)
     w = km.LayerWork(conv, (64, 56, 56), 32, (64, 56, 56))
     bn = km.LayerWork(make_layer("batchnorm"), (64, 56, 56), 0, (64, 56, 56))
     for key, work in (("batchnorm", bn), ("conv2d", w)):
         assert op_seconds(topo, "g0", 1e9, 1e8, "fp32", False, key, work) == pytest.approx(max(1e9 / 10e12, 1e8 / 1e12))
-    assert not kernels_modelled(a100(efficiency_curve=((1e9, 0.5),)))
+    assert not a100(efficiency_curve=((1e9, 0.5),)).kernels_modelled
 
 
 def test_an_op_with_its_work_is_never_faster_than_its_flops_at_the_tile_rate():

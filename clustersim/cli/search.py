@@ -95,5 +95,6 @@ def table_columns(ranked: list[dict], objective: str) -> list[tuple[str, str]]:
         columns.append(("usd_per_hour", "$/h"))
     columns += [(k, h) for k, h in (("time_to_train_s", "to train (s)"), ("cost_usd", "cost ($)"))
                 if any(k in p for p in ranked)]
+    columns += [("meets_target", "in time")] if any("meets_target" in p for p in ranked) else []
     columns.append(("why", "why"))
     return columns

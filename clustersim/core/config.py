@@ -106,6 +106,14 @@ class Table:
         if unknown:
             raise self.error(unknown[0], "unknown key")
 
+    def only(self, keys: tuple[str, ...]) -> None:
+        """Refuses a key not among ``keys`` before any is read: a misspelt table is named
+        as itself, not as the required one it stands for (``[modle]``: not "model: is
+        required")."""
+        unknown = sorted(k for k in self.data if k not in keys)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
 
 def _check_range(t: Table, key: str, value: float, lo: float | None, hi: float | None) -> None:
     if lo is not None and value < lo:

@@ -234,6 +234,7 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
                           "built-in ones, `--dir FOLDER` a folder of them (its [scenario] or [collective] table "
                           "says what it simulates)")
     top = Table(data, file)
+    top.only(("name", "description", "seed", "cluster", "model", "parallel", "training", "faults"))
     name = top.str("name", Path(file).stem)
     top.str("description", "")
     seed = top.int("seed", 0, lo=0, hi=2**63 - 1)

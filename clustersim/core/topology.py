@@ -121,6 +121,22 @@ class Device:
         return pts[-1][1]
 
     @property
+    def kernels_modelled(self) -> bool:
+        """A GPU described by public figures (compute capability and SMs), whose ops
+        ``sim.kernel_model`` refines; a test device without them, or one whose efficiency
+        calibration measured, keeps the plain roofline."""
+        return self.kind == "gpu" and self.compute_capability > 0 and self.sms > 0 and not self.efficiency_curve
+
+    @property
+    def at_datasheet_peak(self) -> bool:
+        """A GPU whose ops run at 100% of its peak: no efficiency below 1, no measured curve
+        or op costs, no kernel model (``simulate`` says so: a topology written from a
+        datasheet alone predicts ~2-3x the speed of one that gives these)."""
+        return (self.kind == "gpu" and self.efficiency >= 1.0 and not self.efficiency_curve
+                and not self.backward_efficiency_curve and not self.op_costs and not self.op_curves
+                and not self.kernels_modelled)
+
+    @property
     def achievable_bw(self) -> float:
         """Bytes/s a streaming kernel reaches: the datasheet bandwidth x ``memory_efficiency``."""
         return self.memory_bw * self.memory_efficiency

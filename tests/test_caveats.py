@@ -1,0 +1,72 @@
+"""What a summary says its figures leave out (``metrics.caveats``, ``simulate``'s notes):
+each caveat where it applies and nowhere else."""
+import pytest
+
+from clustersim import api
+from clustersim.cli import main
+
+QUICK = "scenarios/quickstart.toml"
+
+DATASHEET_GPU = """
+name = "datasheet"
+[[device]]
+name = "g0"
+kind = "gpu"
+peak_tflops_fp32 = 60
+memory_gib = 80
+memory_bandwidth_gbps = 3000
+[[device]]
+name = "g1"
+kind = "gpu"
+peak_tflops_fp32 = 60
+memory_gib = 80
+memory_bandwidth_gbps = 3000
+[[link]]
+a = "g0"
+b = "g1"
+bandwidth_gbps = 100
+latency_us = 2
+"""
+
+
+def notes(overrides, **kw):
+    return api.simulate(QUICK, overrides, speedup=False, **kw).data.get("notes", [])
+
+
+def test_a_gpu_from_a_datasheet_alone_is_said_to_run_at_its_peak(tmp_path, capsys):
+    """U46: a topology written from the datasheet predicted 2.9x the bundled H100's speed
+    without a word; with an efficiency it is quiet, as on every bundled topology."""
+    topo = tmp_path / "t.toml"
+    topo.write_text(DATASHEET_GPU)
+    got = notes({"cluster.topology": str(topo), "parallel.replicas": 2})
+    assert len(got) == 1 and got[0].startswith("g0 and 1 more: no efficiency") and "100% of peak_tflops" in got[0]
+    topo.write_text(DATASHEET_GPU.replace("memory_gib = 80\n", "memory_gib = 80\nefficiency = 0.7\n"))
+    assert notes({"cluster.topology": str(topo), "parallel.replicas": 2}) == []
+    assert notes({}) == []                                   # dgx-h100: efficiencies and the kernel model
+    assert main(["simulate", QUICK, "--set", f'cluster.topology="{tmp_path / "t.toml"}"', "--set", "parallel.replicas=2",
+                 "--no-speedup"]) == 0
+    assert "  note             " not in capsys.readouterr().out
+
+
+def test_zero_3_and_a_local_window_off_its_period_are_noted():
+    zero3 = notes({"model.name": "gpt2", "model.batch_size": 2, "training.zero": 3, "parallel.replicas": 2})
+    assert any(n.startswith("training.zero = 3: the second weight all-gather") for n in zero3)
+    assert notes({"model.name": "gpt2", "model.batch_size": 2, "training.zero": 2, "parallel.replicas": 2}) == []
+    local = {"training.algorithm": "local", "training.local_steps": 4, "parallel.replicas": 4}
+    assert notes({**local, "training.steps": 10})[0].startswith("training.steps = 10 is not a multiple of "
+                                                                "training.local_steps = 4")
+    assert notes({**local, "training.steps": 12}) == []
+
+
+def test_a_speedup_against_one_device_too_small_for_the_model_says_so(capsys):
+    """U46: Llama-2-7B on 8 tensor slices printed 'speedup 12.5x against one device' that
+    could not hold it."""
+    big = {"model.name": "llama-2-7b", "model.batch_size": 1, "training.optimizer": "adam", "model.dtype": "bf16",
+           "parallel.replicas": 1, "parallel.model_parallel": 8, "parallel.split": "tensor", "training.steps": 1}
+    data = api.simulate(QUICK, big).data
+    assert data["one_device_short"].startswith("one device needs ") and data["speedup"] > 0
+    need, have = (float(x.split()[0]) for x in data["one_device_short"][len("one device needs "):].split(", has "))
+    assert need > have == pytest.approx(80.0)
+    assert "one_device_short" not in api.simulate(QUICK).data           # mlp-digits fits anywhere
+    assert main(["simulate", QUICK] + [a for k, v in big.items() for a in ("--set", f"{k}={v!r}".replace("'", '"'))]) == 0
+    assert "; hypothetical: one device needs " in capsys.readouterr().out
