@@ -252,11 +252,12 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     steps = [("training.steps", 1)] if alike else []       # sync steps are alike; training to accuracy is not
     if target_hours or sc.training.target_hours:         # 0 turns the scenario's deadline off
         steps.append(("training.target_hours", target_hours))
-    trials, dropped = [], []
+    trials, dropped, nearest = [], [], (math.inf, "")    # nearest: the refusal least short of memory
     for cand in candidates(sc, devices, zero):
-        fitted, error = _fitting(source, base + steps, cand, memory_tries(sc, cand))
+        fitted, error, short = _fitting(source, base + steps, cand, memory_tries(sc, cand))
         if error:
             dropped.append({**cand, "error": error})
+            nearest = min(nearest, (short, error))
         trials += [(trial, base + steps + list(trial.items())) for trial in fitted]
     refused = len(dropped)
     points, failed, stalled = [], [], []
@@ -274,8 +275,11 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     if not points and stalled and not failed:              # they ran, and no job could go on
         return {"ranked": [], **found, "note": f"every configuration that ran stalled ({len(stalled)}); the "
                 f"first: {stalled[0]['error'][len(STALLED):]}"}
-    if not points and dropped:                             # bad input every candidate shares
-        raise ConfigError(str(source), "", f"no configuration can run: {(failed or dropped)[0]['error']}")
+    if not points and dropped:                             # bad input every candidate shares, or memory:
+        why = (failed or dropped)[0]["error"] if failed or nearest[0] == math.inf else nearest[1]
+        raise ConfigError(str(source), "", "no configuration can run" + (
+            "" if failed or nearest[0] == math.inf else f" (the nearest to fitting needs {nearest[0]:.3g}x "
+                                                        "its device's memory)") + f": {why.removeprefix(f'{source}: ')}")
     accurate = objective == "time-to-accuracy"             # none reached: the most accurate first
     ranked = sorted(points, key=lambda p: (score(p, objective), -(p.get("accuracy") or 0.0) if accurate else 0.0,
                                            p["candidate"]))
@@ -304,24 +308,28 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
 
 
 def _fitting(source: Source, pairs: list[tuple[str, Any]], cand: dict,
-             tries: list[list[dict]]) -> tuple[list[dict], str]:
+             tries: list[list[dict]]) -> tuple[list[dict], str, float]:
     """The candidate as it places and fits (no step graph yet: simulating builds it): as
     given where it fits; else, where its device would fit but for its activations, from
     each group of ``tries`` (more micro-batches; a recomputation) the first that fits, its
     keys joined to the candidate's -- each simulated, so the faster ranks.  Returns the
-    trials and, where none fits, the last one-line error."""
+    trials and, where none fits, the last one-line error and the least memory short of
+    fitting among the tries (need / have; inf where not refused for memory)."""
+    short = [math.inf]
+
     def refusal(trial: dict) -> tuple[str, bool]:
         """(one-line error or "", whether anything could still help: only activations over)."""
         try:
             plan(load(source, pairs + list(trial.items())), ops=False)
             return "", False
         except DoesNotFit as exc:
+            short[0] = min(short[0], exc.need / exc.have)
             return str(exc), exc.need - exc.activations <= exc.have
         except ConfigError as exc:
             return str(exc), False
     error, helps = refusal(cand)
     if not error or not helps:
-        return ([] if error else [cand]), error
+        return ([] if error else [cand]), error, short[0]
     found = []
     for group in tries:
         for extra in group:
@@ -331,7 +339,7 @@ def _fitting(source: Source, pairs: list[tuple[str, Any]], cand: dict,
                 found.append(trial)
             if not error or not helps:
                 break
-    return found, "" if found else error
+    return found, "" if found else error, short[0]
 
 
 def _loads(source: Source, pairs: list) -> bool:
