@@ -118,7 +118,8 @@ SWEEP_KEYS = ("step_time_s", "samples_per_s", "devices", "sim_time_s", "sim_even
               "epoch_time_s", "time_to_train_s", "cost_usd", "energy_kwh", "meets_target",
               "accuracy", "loss", "time_to_accuracy_s", "staleness_mean",    # these four where co-simulated
               "failure_overhead", "checkpoint_every_best",                  # sync restarting under an MTBF
-              "failures_in_time_to_train")                                  # false: failures not in the time
+              "failures_in_time_to_train",                                  # false: failures not in the time
+              "notes")                                                      # what the figures leave out
 STALLED = "stalled: "           # a point's error when its run stalled
 
 
@@ -252,12 +253,12 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     steps = [("training.steps", 1)] if alike else []       # sync steps are alike; training to accuracy is not
     if target_hours or sc.training.target_hours:         # 0 turns the scenario's deadline off
         steps.append(("training.target_hours", target_hours))
-    trials, dropped, nearest = [], [], (math.inf, "")    # nearest: the refusal least short of memory
+    trials, dropped, nearest = [], [], (math.inf, "")    # nearest: the refusal least short of memory (field: why)
     for cand in candidates(sc, devices, zero):
         fitted, error, short = _fitting(source, base + steps, cand, memory_tries(sc, cand))
         if error:
             dropped.append({**cand, "error": error})
-            nearest = min(nearest, (short, error))
+            nearest = min(nearest, short)
         trials += [(trial, base + steps + list(trial.items())) for trial in fitted]
     refused = len(dropped)
     points, failed, stalled = [], [], []
@@ -276,46 +277,50 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
         return {"ranked": [], **found, "note": f"every configuration that ran stalled ({len(stalled)}); the "
                 f"first: {stalled[0]['error'][len(STALLED):]}"}
     if not points and dropped:                             # bad input every candidate shares, or memory:
-        why = (failed or dropped)[0]["error"] if failed or nearest[0] == math.inf else nearest[1]
-        raise ConfigError(str(source), "", "no configuration can run" + (
-            "" if failed or nearest[0] == math.inf else f" (the nearest to fitting needs {nearest[0]:.3g}x "
-                                                        "its device's memory)") + f": {why.removeprefix(f'{source}: ')}")
+        if failed or nearest[0] == math.inf:               # the split nearest to fitting
+            raise ConfigError(str(source), "", f"no configuration can run: {(failed or dropped)[0]['error']}")
+        raise ConfigError(str(source), "", f"no configuration can run (the nearest to fitting needs {nearest[0]:.3g}x "
+                                           f"its device's memory): {nearest[1]}")
     accurate = objective == "time-to-accuracy"             # none reached: the most accurate first
     ranked = sorted(points, key=lambda p: (score(p, objective), -(p.get("accuracy") or 0.0) if accurate else 0.0,
                                            p["candidate"]))
-    note = ""
+    notes = []
     counted = [p for p in ranked if p.get("failures_in_time_to_train") is not False]
     blind = [p for p in ranked if p.get("failures_in_time_to_train") is False] if counted else []
     ranked = counted or ranked                   # their failures cost what no closed form says: last
     if blind:
-        note = (f"{len(blind)} configuration(s) whose failures are not in their time (sync with shards stops at "
-                "a failed one) ranked after the others")
+        notes.append(f"{len(blind)} configuration(s) whose failures are not in their time (sync with shards stops "
+                     "at a failed one) ranked after the others")
+        for p in blind:                          # nor is whether they meet a deadline known
+            p.pop("meets_target", None)
     if accurate and ranked and all(p.get("time_to_accuracy_s") is None for p in ranked):
-        note = (f"no configuration reaches {sc.training.target_accuracy:.0%} accuracy in {sc.training.steps} steps: "
-                f"ranked by the accuracy reached (best {ranked[0].get('accuracy', 0.0):.1%})")
+        notes.append(f"no configuration reaches {sc.training.target_accuracy:.0%} accuracy in {sc.training.steps} "
+                     f"steps: ranked by the accuracy reached (best {ranked[0].get('accuracy', 0.0):.1%})")
     if target_hours:
         meeting = [p for p in ranked if p.get("meets_target")]
         if not meeting and ranked:
             fastest = min(ranked, key=lambda p: p.get("time_to_train_s", math.inf))   # none: never done
-            note = (f"no configuration trains in {target_hours:g} h on {devices} devices: " +
-                    (f"the fastest takes {fastest['time_to_train_s'] / 3600:.3g} h" if "time_to_train_s" in fastest
-                     else "none finishes on average, its failures coming faster than it recovers"))
+            notes.append(f"no configuration trains in {target_hours:g} h on {devices} devices: " +
+                         (f"the fastest takes {fastest['time_to_train_s'] / 3600:.3g} h" if "time_to_train_s" in fastest
+                          else "none finishes on average, its failures coming faster than it recovers"))
         elif len(meeting) < len(ranked):           # the order restarts at the first that misses: say so
-            note = "; ".join(filter(None, [note, f"ranked first: the {len(meeting)} that train in {target_hours:g} h"
-                                                 f" (in time: yes), then the {len(ranked) - len(meeting)} that do not"]))
+            notes.append(f"ranked first: the {len(meeting)} that train in {target_hours:g} h (in time: yes), then "
+                         f"the {len(ranked) - len(meeting)} that do not")
         ranked = meeting + [p for p in ranked if not p.get("meets_target")]
+    note = "; ".join(notes)
     return {"ranked": ranked + blind, **found, "note": note}
 
 
 def _fitting(source: Source, pairs: list[tuple[str, Any]], cand: dict,
-             tries: list[list[dict]]) -> tuple[list[dict], str, float]:
+             tries: list[list[dict]]) -> tuple[list[dict], str, tuple[float, str]]:
     """The candidate as it places and fits (no step graph yet: simulating builds it): as
     given where it fits; else, where its device would fit but for its activations, from
     each group of ``tries`` (more micro-batches; a recomputation) the first that fits, its
     keys joined to the candidate's -- each simulated, so the faster ranks.  Returns the
-    trials and, where none fits, the last one-line error and the least memory short of
-    fitting among the tries (need / have; inf where not refused for memory)."""
-    short = [math.inf]
+    trials and, where none fits, the last one-line error and, of the tries refused for
+    memory, the least short of fitting: (need / have, its ``field: message``; inf where
+    none was)."""
+    short = [(math.inf, "")]
 
     def refusal(trial: dict) -> tuple[str, bool]:
         """(one-line error or "", whether anything could still help: only activations over)."""
@@ -323,7 +328,7 @@ def _fitting(source: Source, pairs: list[tuple[str, Any]], cand: dict,
             plan(load(source, pairs + list(trial.items())), ops=False)
             return "", False
         except DoesNotFit as exc:
-            short[0] = min(short[0], exc.need / exc.have)
+            short[0] = min(short[0], (exc.need / exc.have, f"{exc.field}: {exc.message}"))
             return str(exc), exc.need - exc.activations <= exc.have
         except ConfigError as exc:
             return str(exc), False

@@ -121,6 +121,16 @@ def summary_text(s: dict) -> str:
     return "\n".join(lines)
 
 
+def point_notes(points: list[dict]) -> list[str]:
+    """The distinct notes of a sweep's or search's points (``metrics.caveats``), each once
+    with the count of points it holds for, as comment lines under their table."""
+    seen: dict[str, int] = {}
+    for p in points:
+        for n in p.get("notes", ()):
+            seen[n] = seen.get(n, 0) + 1
+    return [f"# note ({k} of {len(points)}): {n}" for n, k in seen.items()]
+
+
 def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """Fixed-width table; ``columns`` is [(key, header)]."""
     cells = [[h for _, h in columns]] + [[_fmt(r.get(k)) for k, _ in columns] for r in rows]

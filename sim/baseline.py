@@ -26,9 +26,13 @@ def one_device_step_time(p: Plan) -> float:
 
 
 def one_device_short(p: Plan) -> str:
-    """"" where ``_solo`` fits its device, else what it lacks ("needs 105.3 GiB, has 80.0")."""
+    """"" where the job's model and per-replica batch fit one device, else what it lacks
+    ("needs 105.3 GiB, has 80.0"): ``_solo`` with the job's micro-batches (gradient
+    accumulation is how such a job fits) and no ZeRO (one device shards nothing)."""
+    sc, solo = p.scenario, _solo(p.scenario)
     try:
-        plan(_solo(p.scenario))
+        plan(dataclasses.replace(solo, parallel=dataclasses.replace(solo.parallel, micro_batches=sc.parallel.micro_batches),
+                                 training=dataclasses.replace(solo.training, zero=0)), ops=False)
     except DoesNotFit as exc:
         return f"one device needs {exc.need / GIB:.1f} GiB, has {exc.have / GIB:.1f}"
     return ""

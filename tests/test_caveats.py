@@ -38,14 +38,20 @@ def test_a_gpu_from_a_datasheet_alone_is_said_to_run_at_its_peak(tmp_path, capsy
     without a word; with an efficiency it is quiet, as on every bundled topology."""
     topo = tmp_path / "t.toml"
     topo.write_text(DATASHEET_GPU)
-    got = notes({"cluster.topology": str(topo), "parallel.replicas": 2})
-    assert len(got) == 1 and got[0].startswith("g0 and 1 more: no efficiency") and "100% of peak_tflops" in got[0]
-    topo.write_text(DATASHEET_GPU.replace("memory_gib = 80\n", "memory_gib = 80\nefficiency = 0.7\n"))
-    assert notes({"cluster.topology": str(topo), "parallel.replicas": 2}) == []
-    assert notes({}) == []                                   # dgx-h100: efficiencies and the kernel model
-    assert main(["simulate", QUICK, "--set", f'cluster.topology="{tmp_path / "t.toml"}"', "--set", "parallel.replicas=2",
+    def with_gpu(extra):
+        topo.write_text(DATASHEET_GPU.replace("memory_gib = 80\n", "memory_gib = 80\n" + extra))
+        return notes({"cluster.topology": str(topo), "parallel.replicas": 2})
+    for extra in ("", "efficiency = 1.0\n", 'op_costs = { "send" = [5.0, 0, 10.0] }\n'):   # a message's cost: no compute
+        got = with_gpu(extra)
+        assert len(got) == 1 and got[0].startswith("g0 and 1 more: efficiency 1 (the default)"), extra
+        assert "100% of peak_tflops" in got[0]
+    assert main(["simulate", QUICK, "--set", f'cluster.topology="{topo}"', "--set", "parallel.replicas=2",
                  "--no-speedup"]) == 0
-    assert "  note             " not in capsys.readouterr().out
+    assert f"  note             {got[0]}" in capsys.readouterr().out
+    for extra in ("efficiency = 0.7\n", 'op_costs = { "dense" = [5.0, 1000.0, 0] }\n',
+                  "efficiency_curve = [[1e6, 0.2], [1e9, 0.8]]\n", "sms = 132\ncompute_capability = 9.0\n"):
+        assert with_gpu(extra) == [], extra
+    assert notes({}) == []                                   # dgx-h100: efficiencies and the kernel model
 
 
 def test_zero_3_and_a_local_window_off_its_period_are_noted():
@@ -68,5 +74,18 @@ def test_a_speedup_against_one_device_too_small_for_the_model_says_so(capsys):
     need, have = (float(x.split()[0]) for x in data["one_device_short"][len("one device needs "):].split(", has "))
     assert need > have == pytest.approx(80.0)
     assert "one_device_short" not in api.simulate(QUICK).data           # mlp-digits fits anywhere
+    accumulated = {"model.name": "gpt2-medium", "model.batch_size": 128, "parallel.replicas": 1,
+                   "parallel.micro_batches": 8, "training.steps": 1}       # R47: fits one device by accumulating
+    assert "one_device_short" not in api.simulate(QUICK, accumulated).data
     assert main(["simulate", QUICK] + [a for k, v in big.items() for a in ("--set", f"{k}={v!r}".replace("'", '"'))]) == 0
     assert "; hypothetical: one device needs " in capsys.readouterr().out
+
+
+def test_sweeps_and_searches_print_their_points_notes_once_each(capsys):
+    zero3 = ["--set", 'model.name="gpt2"', "--set", "model.batch_size=2", "--set", "training.zero=3"]
+    assert main(["sweep", QUICK, "--vary", "parallel.replicas=2,4", *zero3]) == 0
+    out = capsys.readouterr().out
+    assert out.count("# note (2 of 2): training.zero = 3: the second weight all-gather") == 1
+    assert main(["search", QUICK, "--devices", "2", *zero3]) == 0
+    out = capsys.readouterr().out
+    assert out.count("# note (") == 1 and "): training.zero = 3: the second weight all-gather" in out

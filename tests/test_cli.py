@@ -150,6 +150,7 @@ memory_bandwidth_gbps = 100
     ("malformed", "malformed TOML"),
     ("unknown_key", "parallel.replcias: unknown key"),
     ("misspelt_table", "modle: unknown key"),
+    ("topology_as_scenario", "a topology file, not a scenario"),
     ("zero_bandwidth", "link[0].bandwidth_gbps: must be > 0"),
     ("negative_latency", "link[0].latency_us: must be >= 0"),
     ("ghost_link", "link[0].b: no device named 'g9'"),
@@ -167,6 +168,9 @@ def test_bad_input_is_one_line_naming_file_and_field(tmp_path, capsys, case, fie
     if case == "malformed":
         f = tmp_path / "s.toml"
         f.write_text("name = [unclosed\n")
+    elif case == "topology_as_scenario":
+        f = tmp_path / "topo.toml"
+        f.write_text(BAD_TOPOLOGY)
     elif case in ("unknown_key", "misspelt_table"):
         f = write_scenario(tmp_path).with_name("s.toml")
         f.write_text(f.read_text().replace("replicas =", "replcias =") if case == "unknown_key"

@@ -215,3 +215,9 @@ def test_search_ranks_configurations_whose_failures_are_not_counted_last():
     flags = [p.get("failures_in_time_to_train") is False for p in found["ranked"]]
     assert any(flags) and not all(flags) and flags == sorted(flags)
     assert "ranked after the others" in found["note"]
+    timed = api.search("scenarios/quickstart.toml", 2, {"faults.machine_mtbf_s": 0.5, "faults.on_failure": "restart",
+                                                        "faults.checkpoint_every": 5, "training.dataset_samples": 10**6},
+                       target_hours=1)                   # R47: a blind row said "in time" beside "none trains"
+    assert timed["note"].startswith("1 configuration(s) whose failures are not in their time")
+    assert "; no configuration trains in 1 h" in timed["note"]
+    assert all("meets_target" not in p for p in timed["ranked"] if p.get("failures_in_time_to_train") is False)

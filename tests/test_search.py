@@ -134,7 +134,7 @@ def test_a_search_whose_every_run_stalls_says_so_and_exits_3(capsys):
     assert res["refused"] == 7 and len(res["stalled"]) == 1 and res["dropped"][-1] is res["stalled"][0]
 
 
-def test_the_scenarios_own_deadline_ranks_as_target_hours_does():
+def test_the_scenarios_own_deadline_ranks_as_target_hours_does(capsys):
     """``training.target_hours`` in the scenario was reported per row but not used: no note
     when nobody meets it, deadline-meeting rows not first."""
     over = {**BASE, "training.dataset_samples": 10**9}
@@ -147,6 +147,11 @@ def test_the_scenarios_own_deadline_ranks_as_target_hours_does():
     assert 0 < meeting < len(flag["ranked"]) and all(p["meets_target"] for p in flag["ranked"][:meeting])
     assert flag["note"] == (f"ranked first: the {meeting} that train in 0.13 h (in time: yes), then the "
                             f"{len(flag['ranked']) - meeting} that do not")
+    assert main(["search", QUICK, "--devices", "4", "--objective", "cost", "--target-hours", "0.13"]
+                + [a for k, v in over.items() for a in ("--set", f"{k}={v}")]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "in time" in line)
+    assert header.split().count("time") == 1 and "  yes  " in out and "True" not in out   # booleans as yes / no
     assert api.search(QUICK, 4, {**over, "training.target_hours": 0.1})["note"].startswith("no configuration trains")
     off = api.search(QUICK, 4, {**over, "training.target_hours": 0.1}, objective="cost", target_hours=0)
     assert off["note"] == "" and not any("meets_target" in p for p in off["ranked"])      # --target-hours 0: none
@@ -201,9 +206,9 @@ def test_a_candidate_whose_activations_do_not_fit_is_tried_with_recomputation():
     assert recompute_tries(api.load(QUICK, pairs + [("training.recompute", False)])) == []    # said: none
     kept, error, short = api._fitting(QUICK, pairs, one, [[{"training.recompute": "selective"},
                                                            {"training.recompute": "full"}]])
-    assert (kept, error) == ([{**one, "training.recompute": "selective"}], "") and short > 1    # the first try's
+    assert (kept, error) == ([{**one, "training.recompute": "selective"}], "") and short[0] > 1   # the candidate's
     kept, error, short = api._fitting(QUICK, pairs, one, [])
-    assert kept == [] and "does not fit" in error and short > 1
+    assert kept == [] and "does not fit" in error and short[0] > 1 and error.endswith(short[1])
     res = api.search(QUICK, 1, dict(pairs))                # and 2 micro-batches (gradient accumulation)
     assert {(p["training.recompute"] if "training.recompute" in p else "", p["parallel.micro_batches"])
             for p in res["ranked"]} == {("selective", 1), ("", 2)}
@@ -422,3 +427,18 @@ def test_when_no_split_fits_the_error_names_the_nearest_to_fitting(capsys):
     ratio = float(err.split("the nearest to fitting needs ")[1].split("x")[0])
     need, have = (float(err.split(" needs ")[2].split(" GiB")[0]), float(err.split(" but has ")[1].split(" GiB")[0]))
     assert ratio == pytest.approx(need / have, rel=1e-2) and 1 < ratio < 3
+
+
+def test_the_nearest_refusal_is_named_with_its_own_shortfall(tmp_path, capsys):
+    """R47: the least need / have among a candidate's tries (256 micro-batches: 1.34x) was
+    printed beside the last try's error (full recomputation: 41x)."""
+    topo = tmp_path / "small.toml"
+    topo.write_text('name = "small"\n[[device]]\nname = "g0"\nkind = "gpu"\npeak_tflops_fp32 = 60\n'
+                    'memory_gib = 0.2\nmemory_bandwidth_gbps = 3000\nefficiency = 0.7\n')
+    args = ["search", QUICK, "--devices", "1", "--set", 'model.name="resnet-50"', "--set", "model.batch_size=256",
+            "--set", "parallel.replicas=1", "--set", f'cluster.topology="{topo}"']
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    ratio = float(err.split("the nearest to fitting needs ")[1].split("x")[0])
+    need, have = (float(err.split(" needs ")[2].split(" GiB")[0]), float(err.split(" but has ")[1].split(" GiB")[0]))
+    assert ratio == pytest.approx(need / have, rel=2e-2) and ratio < 2

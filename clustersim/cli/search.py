@@ -48,6 +48,8 @@ def run(args) -> int:
     columns = table_columns(ranked, args.objective)
     if ranked:
         print(report.table(ranked[:SHOWN], columns))
+        for line in report.point_notes(ranked[:SHOWN]):
+            print(line)
     if res["note"]:
         print(f"# {res['note']}")
     return code

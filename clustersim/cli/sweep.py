@@ -224,6 +224,8 @@ def run(args) -> int:
     if any("error" in p for p in points):
         columns.append(("error", "error"))
     print(report.table(points, columns))
+    for line in report.point_notes(points):
+        print(line)
     return code
 
 

@@ -127,9 +127,9 @@ def caveats(p: Plan) -> list[str]:
     sc, out = p.scenario, []
     bare = sorted(d for d in used_devices(p) if sc.topology.devices[d].at_datasheet_peak)
     if bare:
-        out.append(f"{bare[0]}{f' and {len(bare) - 1} more' if len(bare) > 1 else ''}: no efficiency, efficiency "
-                   "curve, op costs, or sms and compute_capability, so every op runs at 100% of peak_tflops (set "
-                   "efficiency: the bundled GPUs reach 0.5-0.7 of peak; README: topology files)")
+        out.append(f"{bare[0]}{f' and {len(bare) - 1} more' if len(bare) > 1 else ''}: efficiency 1 (the default) "
+                   "and no efficiency curve, measured op costs, or sms and compute_capability, so every op runs at "
+                   "100% of peak_tflops (the bundled GPUs give efficiency = 0.7; README: topology files)")
     if sc.training.zero >= 3 and p.replicas > 1 and p.sync == "allreduce":
         out.append("training.zero = 3: the second weight all-gather (before each layer's backward) is not timed, "
                    "only its bytes are counted (clustersim plan): the step time is a lower bound")

@@ -233,6 +233,8 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
         raise ConfigError(file, "reference", "a published case, not a scenario: `clustersim published` runs the "
                           "built-in ones, `--dir FOLDER` a folder of them (its [scenario] or [collective] table "
                           "says what it simulates)")
+    if "cluster" not in data and any(k in data for k in ("device", "machine", "network", "link")):
+        raise ConfigError(file, "", "a topology file, not a scenario: a scenario names it in cluster.topology")
     top = Table(data, file)
     top.only(("name", "description", "seed", "cluster", "model", "parallel", "training", "faults"))
     name = top.str("name", Path(file).stem)

@@ -34,6 +34,7 @@ DTYPES = ("fp32", "fp16", "bf16", "fp64")
 DirLink = tuple[str, str]
 SPLIT = ".split"         # op cost keys of a model split over slots (``clustersim.core.plan.split_key``)
 STAGE = ".stage"         # op cost keys of a pipeline stage of whole layers (the same)
+NOT_COMPUTE_KEYS = ("send", "recv", "allreduce", "step", "update")   # op cost keys of no layer's compute
 
 
 def curve_time(curve: tuple, nbytes: float) -> float:
@@ -129,12 +130,13 @@ class Device:
 
     @property
     def at_datasheet_peak(self) -> bool:
-        """A GPU whose ops run at 100% of its peak: no efficiency below 1, no measured curve
-        or op costs, no kernel model (``simulate`` says so: a topology written from a
-        datasheet alone predicts ~2-3x the speed of one that gives these)."""
+        """A GPU whose compute ops run at 100% of its peak: efficiency 1 (the default), no
+        measured curve, no measured op costs of compute (a message's or a step's are
+        not), no kernel model (``simulate`` says so: a topology written from a datasheet
+        alone predicts ~2-3x the speed of one that gives these)."""
         return (self.kind == "gpu" and self.efficiency >= 1.0 and not self.efficiency_curve
-                and not self.backward_efficiency_curve and not self.op_costs and not self.op_curves
-                and not self.kernels_modelled)
+                and not self.backward_efficiency_curve and not self.kernels_modelled
+                and not any(key.split(".")[0] not in NOT_COMPUTE_KEYS for key in (*self.op_costs, *self.op_curves)))
 
     @property
     def achievable_bw(self) -> float:
