@@ -42,10 +42,9 @@ def run(args) -> int:
     for use in data_parallel_bytes(p):
         for k, v in use.items():
             across[k] = across.get(k, 0.0) + v
-    if across:                          # ZeRO 3's second all-gather is counted here, not simulated
+    if across:
         print("  data parallel, sent per replica and step: "
-              + ", ".join(f"{k} {report.si(v, 'B')}" for k, v in across.items())
-              + (" (ZeRO 3's second weight all-gather is not simulated)" if sc.training.zero >= 3 else ""))
+              + ", ".join(f"{k} {report.si(v, 'B')}" for k, v in across.items()))
     for r, row in enumerate(p.devices):
         print(f"  replica {r}: " + ", ".join(row))
     if p.ps:

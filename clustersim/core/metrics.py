@@ -122,17 +122,14 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
 
 def caveats(p: Plan) -> list[str]:
     """What the figures leave out that their reader should know, a line each: GPUs at 100%
-    of their datasheet peak (a topology written from a datasheet alone), ZeRO-3's untimed
-    second weight all-gather, local SGD's final average inside a window of part of a period."""
+    of their datasheet peak (a topology written from a datasheet alone), local SGD's final
+    average inside a window of part of a period."""
     sc, out = p.scenario, []
     bare = sorted(d for d in used_devices(p) if sc.topology.devices[d].at_datasheet_peak)
     if bare:
         out.append(f"{bare[0]}{f' and {len(bare) - 1} more' if len(bare) > 1 else ''}: efficiency 1 (the default) "
                    "and no efficiency curve, measured op costs, or sms and compute_capability, so every op runs at "
                    "100% of peak_tflops (the bundled GPUs give efficiency = 0.7; README: topology files)")
-    if sc.training.zero >= 3 and p.replicas > 1 and p.sync == "allreduce":
-        out.append("training.zero = 3: the second weight all-gather (before each layer's backward) is not timed, "
-                   "only its bytes are counted (clustersim plan): the step time is a lower bound")
     tr = sc.training
     if tr.algorithm == "local" and p.replicas > 1 and tr.steps % tr.local_steps:
         out.append(f"training.steps = {tr.steps} is not a multiple of training.local_steps = {tr.local_steps}: the "

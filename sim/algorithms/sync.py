@@ -142,7 +142,10 @@ def _slot_exchange(engine: Engine, runs, active, j: int, step: int):
     """Allreduce of slot j's gradients over the replicas, bucket by bucket (``buckets``):
     each starts once every replica's backward of its layers is done and the bucket before
     it is through (one collective stream), so they overlap the rest of the backward; then
-    every replica updates."""
+    every replica updates.  ZeRO-3 also gathers each bucket's weights a second time, as
+    FSDP does before a layer's backward: here on the same stream after the bucket's
+    reduce, so its time and bytes count, but no backward waits for it (a prefetch that is
+    always early enough)."""
     env, plan = engine.env, engine.plan
     devices = [plan.devices[r][j] for r in active]
     sc = plan.scenario
@@ -155,6 +158,8 @@ def _slot_exchange(engine: Engine, runs, active, j: int, step: int):
                               for ev in g.layer_ready.waited([(j, i) for i in layers if (j, i) in g.layer_ready])])
             yield engine.collective("allreduce", sc.training.allreduce, devices, n * value_bytes, -1, step,
                                     "allreduce")
+            if sc.training.zero >= 3:
+                yield engine.collective("allgather", "auto", devices, n * sc.dtype_bytes, -1, step, "allgather")
     yield env.all_of([g.slot_ready[j] for g in runs])
     if plan.slot_params[j]:
         # ZeRO: each replica steps its 1/R of the weights (and states), then they are gathered
