@@ -179,6 +179,7 @@ def test_the_executor_s_ops_probed_on_the_gpu_are_its_op_costs_and_are_printed(t
     for name in ("measure_device_bandwidth", "measure_memory_bandwidth"):
         monkeypatch.setattr(gpu, name, lambda *a: 1e9)
     monkeypatch.setattr(gpu, "measure_copies", lambda be: result(devices)["copies"])
+    monkeypatch.setattr(gpu, "measure_allreduce", lambda be: [])   # host memory up to 1 GiB a buffer: 20 s
     monkeypatch.setattr(gpu, "GPU_PROBE_REPEATS", 3)            # a test's, not a GPU's, statistics
     res = gpu.calibrate_gpus(numpy_backend(devices), probes=(("mlp-digits", (8, 32)),))
     costs = res["gpu"]["op_costs"]
