@@ -91,3 +91,16 @@ def _rank_main(scenario: str, out: str) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parent))
     _rank_main(sys.argv[1], sys.argv[2])
+
+
+def test_local_sgd_averaging_every_step_is_scored_as_sync_sgd():
+    """U47: the co-simulation scored local SGD on the mean of copies no average had made
+    yet, one allreduce ahead of sync SGD: at k = 1, same step and same final loss, 60.4%
+    against 49.6% at 4.3 ms.  It scores the last average now: the two curves are one."""
+    from clustersim import api
+    run = {"training.time_limit_s": 0, "training.steps": 60, "training.learning_rate": 0.4}
+    local = api.simulate("scenarios/local.toml", {**run, "training.local_steps": 1}, speedup=False).data
+    sync = api.simulate("scenarios/local.toml", {**run, "training.algorithm": "sync"}, speedup=False).data
+    assert len(local["accuracy_curve"]) == len(sync["accuracy_curve"]) > 10
+    for (t, acc, _), (u, want, _) in zip(local["accuracy_curve"], sync["accuracy_curve"]):
+        assert t == pytest.approx(u, rel=1e-9) and acc == pytest.approx(want, abs=1e-9)

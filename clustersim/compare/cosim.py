@@ -209,10 +209,10 @@ class Replay:
         return entry[0], entry[1]
 
     def model(self):
-        """The parameters a user would deploy now: the servers' (local SGD: the replicas'
-        mean; layerwise: each group's own weights, from the worker that trains it)."""
-        if self.tr.algorithm == "local":
-            return sum(self.local) / len(self.local)
+        """The parameters a user would deploy now: the servers' (local SGD: the last
+        average, the only model every replica holds -- the mean of copies no average has
+        made yet ran an allreduce ahead of sync SGD at k = 1; layerwise: each group's own
+        weights, from the worker that trains it)."""
         if self.tr.algorithm == "layerwise":
             w = self.server.copy()
             for g, (lo, hi) in enumerate(self.groups):

@@ -141,7 +141,10 @@ def caveats(p: Plan) -> list[str]:
 
 def step_samples(p: Plan, replicas: int) -> int:
     """Samples a lockstep step of ``replicas`` trains on: sync applies at most its quorum's
-    gradients (a backup worker's late one trains nothing)."""
+    gradients (a backup worker's late one trains nothing); Sandblaster its units of whole
+    samples (200 units of a batch of 256 train 200: units of 256 // 200 = 1)."""
+    if p.scenario.training.algorithm == "sandblaster":
+        return p.schedule.units * p.schedule.unit_size
     used = min(replicas, p.schedule.quorum) if p.scenario.training.algorithm == "sync" else replicas
     return p.scenario.batch_size * used
 

@@ -694,6 +694,9 @@ def _place(sc: Scenario, slices: Slices, slot_params: list[int]) -> tuple[tuple[
     devices = tuple(tuple(compute[r * per + j] for j in range(per)) for r in range(par.replicas))
     if not par.ps_shards:
         return devices, None
+    if par.ps_shards > sum(slot_params):                 # an empty shard holds nothing and serves nobody
+        raise ConfigError(sc.file, "parallel.ps_shards", f"{par.ps_shards} shards for {sum(slot_params):,} "
+                                                         "parameters would leave shards empty: at most one a parameter")
     spare = compute[need:] + [c for c in topo.host_cpus() if c not in compute]
     if par.ps_placement == "local":
         # on the machines the replicas use, one machine after another (shard k on machine k mod

@@ -357,6 +357,11 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
              "averaging every k steps is local SGD's"),
             ("parallel.ps_shards", par.ps_shards and tr.algorithm == "local",
              "local SGD averages its replicas' weights by allreduce, with no parameter server"),
+            ("training.allreduce", tr.allreduce != Training.allreduce
+             and (par.ps_shards or tr.algorithm not in ("sync", "local")),
+             "an allreduce algorithm is for the replicas' allreduce (sync or local SGD, ps_shards = 0)"),
+            ("training.bucket_mb", tr.bucket_mb != Training.bucket_mb and (par.ps_shards or tr.algorithm != "sync"),
+             "gradient buckets are sync SGD's allreduce (ps_shards = 0)"),
             ("training.dcasgd_lambda" if tr.dcasgd_lambda != Training.dcasgd_lambda else "training.dcasgd_adaptive",
              (tr.dcasgd_lambda != Training.dcasgd_lambda or tr.dcasgd_adaptive) and tr.algorithm != "dcasgd",
              "delay compensation is DC-ASGD's"),
@@ -392,9 +397,11 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
                 "local": "its replicas step sgd", "layerwise": "its workers step sgd"}[tr.algorithm]
         raise ConfigError(file, "training.optimizer", f"adam is sync's optimizer; {tr.algorithm} would ignore it "
                                                       f"({rule})")
-    if tr.work_units > batch * par.replicas:
+    total = batch * par.replicas
+    if tr.work_units > total:
         raise ConfigError(file, "training.work_units", f"a unit is at least one sample: at most model.batch_size x "
-                                                       f"parallel.replicas = {batch * par.replicas}")
+                                                       f"parallel.replicas = {total}")
+
     if tr.zero and (tr.algorithm != "sync" or par.ps_shards):
         raise ConfigError(file, "training.zero", "ZeRO shards sync data parallelism's state over the replicas "
                                                  "(algorithm = \"sync\", ps_shards = 0)")
