@@ -194,6 +194,117 @@ def test_more_work_units_than_samples_are_refused():
     assert scenario_from_dict(data, "t.toml").training.work_units == 128
 
 
+@pytest.mark.parametrize("training, parallel, faults", [
+    ({"algorithm": "sandblaster"}, {"ps_shards": 1}, {"detect_timeout_s": 2.0}),
+    ({"algorithm": "downpour"}, {"ps_shards": 1}, {"shard_recovery": "checkpoint", "shard_checkpoint_every": 5,
+                                                   "restart_s": 1.0, "checkpoint_gbps": 5.0}),
+    ({"algorithm": "sync", "eval_points": 5, "target_accuracy": 0.5}, {}, {}),    # a cosim sweep point turned off
+    ({"algorithm": "ssp", "start_spread_s": 0.0}, {"ps_shards": 1}, {}),
+    ({"algorithm": "sync"}, {}, {"restart_s": 1.0, "checkpoint_gbps": 5.0, "detect_timeout_s": 2.0}),
+])
+def test_the_same_settings_load_where_the_algorithm_reads_them(training, parallel, faults):
+    """The other side of the refusals above: where a setting is read it is taken."""
+    data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 32},
+            "parallel": {"replicas": 4, **parallel}, "training": training, "faults": faults}
+    sc = scenario_from_dict(data, "t.toml")
+    for key, value in training.items():
+        assert getattr(sc.training, key) == value
+    for key, value in faults.items():
+        assert getattr(sc.faults, key) == value
+
+
+def test_zero_with_one_replica_and_selective_without_attention_are_refused():
+    """Settings that would do nothing: ZeRO with nothing to shard over, and
+    selective recomputation of a model with no attention scores to rerun."""
+    from clustersim.core.scenario import scenario_from_dict
+    def data(model, **training):
+        return {"cluster": {"topology": "dgx-h100"}, "model": {"name": model}, "parallel": {"replicas": 1},
+                "training": training}
+    with pytest.raises(ConfigError, match="t.toml: training.zero: ZeRO shards state over the replicas; "
+                                          "parallel.replicas = 1 has none to shard over"):
+        scenario_from_dict(data("gpt2", zero=1), "t.toml")
+    with pytest.raises(ConfigError, match="t.toml: training.recompute: selective recomputation reruns attention's "
+                                          "score matrices; resnet-50 has no attention layers"):
+        scenario_from_dict(data("resnet-50", recompute="selective"), "t.toml")
+    assert scenario_from_dict(data("gpt2", recompute="selective"), "t.toml").training.recompute == "selective"
+
+
+@pytest.mark.parametrize("model, parallel, training, field, says", [
+    ({"dtype": "bf16"}, {}, {"epochs": 3}, "training.epochs", "passes over training.dataset_samples, which is not given"),
+    ({"attention": "fused"}, {}, {}, "model.attention", "the fused softmax kernel runs in fp16 or bf16"),
+    ({"dtype": "bf16"}, {"split": "layers", "model_parallel": 2, "pipeline": 2}, {}, "parallel.pipeline",
+     'use split = "tensor"'),
+])
+def test_ignored_or_misnamed_planning_settings_are_one_line_naming_the_field(model, parallel, training, field, says):
+    """A capacity planner's settings that ran as if absent (epochs without a data set,
+    Megatron's fused softmax in fp32, where its kernel needs 16 bits), and a pipeline
+    refusal that sent a tensor user to the spatial split; each loads once the setting is
+    dropped.  Sequence parallelism over one slot and GPipe with one stage stay accepted:
+    a sweep over model_parallel or pipeline shares them with its first point."""
+    data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "gpt2", "batch_size": 8, **model},
+            "parallel": parallel, "training": training}
+    with pytest.raises(ConfigError, match=rf"^t\.toml: {field}: .*{re.escape(says)}"):
+        scenario_from_dict(data, "t.toml")
+    section, key = field.split(".")
+    data[section].pop(key)
+    scenario_from_dict(data, "t.toml")
+
+
+def test_a_published_case_given_as_a_scenario_says_what_it_is():
+    """``clustersim plan scenarios/published/...toml`` said "cluster: is required" (a new-user
+    sweep): a file with a [reference] table and no [cluster] is a published case."""
+    assert main(["plan", "scenarios/published/megatron-7.5b-a100-x128.toml"]) == 2
+    with pytest.raises(ConfigError, match=r"x\.toml: reference: a published case, not a scenario: "
+                                          r"`clustersim published` runs the built-in ones, `--dir FOLDER`"):
+        scenario_from_dict({"name": "n", "reference": {"value": 1}, "scenario": {"file": "q.toml"},
+                            "cluster": {"topology": "dgx-h100"}}, "x.toml")      # a --set cluster too
+    with pytest.raises(ConfigError, match=r"x\.toml: reference: a published case, not a scenario"):
+        scenario_from_dict({"name": "n", "reference": {"value": 1}}, "x.toml")            # nothing else
+
+
+def test_a_noise_window_without_host_noise_is_refused():
+    """The window only shapes the replayed host noise: without it, it would do nothing."""
+    data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 32},
+            "faults": {"host_noise_window_s": 0.1}}
+    with pytest.raises(ConfigError, match=r"^t.toml: faults.host_noise_window_s: .*host_noise is off"):
+        scenario_from_dict(data, "t.toml")
+
+
+def test_fp64_needs_a_gpus_own_figure_and_a_cpu_runs_it_at_half_rate(tmp_path):
+    """A GPU table without peak_tflops_fp64 ran an fp64 model at its fp32 rate (GPUs run
+    fp64 at 1/2 to 1/64 of it), silently; a CPU's fp64 rate is half its fp32 (SIMD lanes)."""
+    from helpers import dump_toml, gpu, link
+    from clustersim.core.topogen import load_topology
+    (tmp_path / "nofp64.toml").write_text(dump_toml({
+        "name": "nofp64", "device": [gpu("g0"), gpu("g1", machine=1), {"name": "sw", "kind": "switch"}],
+        "link": [link("g0", "sw", 10.0, 1.0), link("g1", "sw", 10.0, 1.0)]}))
+    data = {"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits", "batch_size": 8, "dtype": "fp64"}}
+    assert scenario_from_dict(data, str(tmp_path / "t.toml")).dtype == "fp64"     # the H100's table: 34 TFLOP/s
+    data["cluster"]["topology"] = "nofp64.toml"
+    with pytest.raises(ConfigError, match=r"t\.toml: model\.dtype: fp64 on g0 of topology nofp64, whose table gives "
+                                          r"no peak_tflops_fp64"):
+        scenario_from_dict(data, str(tmp_path / "t.toml"))
+    data["model"]["dtype"] = "fp32"
+    assert scenario_from_dict(data, str(tmp_path / "t.toml")).dtype == "fp32"
+    cpu = load_topology("distbelief-2012", Path(".")).devices["m0.cpu"]
+    assert cpu.flops_per_s("fp64") == cpu.flops_per_s("fp32") / 2
+
+
+def test_a_missing_model_file_and_too_few_devices_name_the_scenarios_field():
+    """U37: a missing model file was "missing.toml: cannot read model file", naming neither
+    the scenario nor model.file; U36: too many devices did not say that cluster.machines
+    sets the topology's size."""
+    data = {"cluster": {"topology": "dgx-h100"}, "model": {"file": "missing.toml"}}
+    with pytest.raises(ConfigError, match=r"^s.toml: model.file: .*missing.toml does not exist \(a model file is read "
+                                          r"beside the scenario"):
+        scenario_from_dict(data, "s.toml")
+    from clustersim.core.plan import plan
+    sc = scenario_from_dict({"cluster": {"topology": "dgx-h100"}, "model": {"name": "mlp-digits"},
+                             "parallel": {"replicas": 9}}, "s.toml")
+    with pytest.raises(ConfigError, match=r"has 8 compute devices on 1 machine \(cluster.machines sets how many\)"):
+        plan(sc)
+
+
 def test_work_units_that_do_not_divide_the_batch_count_what_they_train_and_empty_shards_are_refused():
     """U47: 200 units of a batch of 256 trained 200 samples (units of 256 // 200 = 1) and
     reported 256 a step; 20,000 shards of 9,610 parameters planned thousands of empty ones."""
