@@ -23,7 +23,7 @@ from collections import Counter
 from typing import Any
 
 from clustersim.core.partition import tensor_slices
-from clustersim.core.scenario import Scenario
+from clustersim.core.scenario import Scenario, Training
 
 OBJECTIVES = ("time", "cost", "time-to-accuracy")
 MICRO = (1, 4)                 # micro-batches per pipeline of one-device stages, besides p and 4p
@@ -66,7 +66,9 @@ def candidates(sc: Scenario, devices: int, zero: int | None = None) -> list[dict
                         # one shard per machine the replicas use (a tensor split keeps norms on every
                         # slot, and shards apply no Adam: no shards, which the scenario check refuses)
                         used = len({sc.topology.machine_of(d) for d in compute[:r * m]})
+                        # the scenario's allreduce and buckets are no shard's (the check refuses them)
                         out.append({**base, "parallel.ps_shards": used, "parallel.ps_placement": "local",
+                                    "training.allreduce": Training.allreduce, "training.bucket_mb": Training.bucket_mb,
                                     **sharded(zero, r, used)})
     return out + pipelines(sc, devices, zero) if positions else out
 

@@ -70,8 +70,8 @@ def summary(p: Plan, trace: Trace, parts: list[dict]) -> dict:
     ``metrics.replica_period`` of the trace's ``replica_steps``, each replica's first start
     to last end over its steps, waits included, median over replicas.  For the lockstep
     jobs (sync, Sandblaster) it is the median over the workers of their median step, and
-    ``samples_per_s`` is batch x the gradients a step applies / step_time_s (Sandblaster: the
-    whole batch, whichever replicas ran its units), as the simulator's.
+    ``samples_per_s`` is batch x the gradients a step applies / step_time_s (Sandblaster: its
+    units' samples, whichever replicas ran them), as the simulator's (``step_samples``).
     Then what only a run has: accuracy and loss on held-out data, training loss, quiet
     step, per-worker steps, which transport carried the workers' messages (nccl | mpi), the
     shards' updates and bytes pushed, the coordinator's counts.  The asynchronous shards'

@@ -337,7 +337,8 @@ def test_candidates_split_the_batch_evenly_and_keep_the_scenarios_allreduce():
             key = (c["parallel.model_parallel"], c["parallel.pipeline"], c["parallel.replicas"])
             micro.setdefault(key, set()).add(c["parallel.micro_batches"])
     assert micro == {(2, 2, 4): {5}, (4, 2, 2): {2, 10}}      # gpt-tiny's 2 blocks: 2 stages
-    assert {c["training.allreduce"] for c in cands if "training.allreduce" in c} == {"ring"}
+    assert {c["training.allreduce"] for c in cands if not c.get("parallel.ps_shards")} == {"ring"}
+    assert {c["training.allreduce"] for c in cands if c.get("parallel.ps_shards")} == {"auto"}   # R48: no shard's
 
 
 def test_a_tensor_group_never_spans_two_machines_of_six():
@@ -391,6 +392,12 @@ def test_a_parameter_server_row_is_the_same_on_a_larger_cluster():
     res = api.search(QUICK, 2, {"parallel.ps_shards": 1, "parallel.ps_placement": "local", "training.steps": 1,
                                 "parallel.replicas": 2, "model.batch_size": 32})
     assert res["refused"] == 0 and any(not p["parallel.ps_shards"] for p in res["ranked"])
+    # R48: and a scenario's allreduce or buckets are no shard row's (they were refused, every one)
+    for chosen in ({"training.allreduce": "tree"}, {"training.bucket_mb": 10}):
+        default, picked = (api.search(QUICK, 8, {"training.steps": 1, **over}) for over in ({}, chosen))
+        assert picked["refused"] == default["refused"]
+        assert sum(1 for p in picked["ranked"] if p["parallel.ps_shards"]) == \
+            sum(1 for p in default["ranked"] if p["parallel.ps_shards"]) > 0
 
 
 def test_a_candidate_whose_activations_do_not_fit_accumulates_gradients_before_recomputing():
