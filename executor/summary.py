@@ -85,7 +85,7 @@ def summary(p: Plan, trace: Trace, parts: list[dict]) -> dict:
     out = summarize(p, Measured(trace, run_s, len(trace.spans), run_s))
     if p.schedule.algorithm in LOCKSTEP:
         out["step_time_s"] = float(statistics.median(s["step_time_s"] for s in stepped)) if stepped else 0.0
-    if p.schedule.algorithm in LOCKSTEP:      # a batch a step, whoever ran its units (Sandblaster), as simulated
+    if p.schedule.algorithm in LOCKSTEP:      # a step's samples, whoever ran its units (Sandblaster), as simulated
         out["samples_per_s"] = step_samples(p, p.replicas) / out["step_time_s"] if out["step_time_s"] else 0.0
         out.update(run_costs(p, out["step_time_s"], out["samples_per_s"]))    # the training at that rate
     ev = next(s for s in workers if s["accuracy"] is not None)

@@ -38,6 +38,7 @@ import numpy as np
 
 from clustersim.calibration.host import (compute_lines, fit_alpha_beta, fit_op_cost, measure_compute,
                                          measure_memory_bandwidth, measure_step_overhead, median_time, op_costs_text)
+from clustersim.core.topology import MESSAGE_KEYS
 
 COPY_SIZES = [2**k for k in range(10, 29, 2)]      # 1 KiB .. 256 MiB
 COPY_REPEATS = 9
@@ -180,7 +181,7 @@ def measure_op_costs(be: Backend, seed: int = 0, probes: tuple = GPU_PROBES) -> 
     with be.use(0):
         points = op_times(seed, GPU_PROBE_REPEATS, GPU_PROBE_PASSES, probes=probes, xp=be.xp, sync=be.sync_current)
     return {key: fit_op_cost(pts) for key, pts in sorted(points.items())
-            if key.split(".")[0] not in ("send", "recv")}
+            if key.split(".")[0] not in MESSAGE_KEYS}
 
 
 def calibrate_gpus(be: Backend, seed: int = 0, probes: tuple = GPU_PROBES) -> dict:

@@ -256,8 +256,8 @@ def op_costs_text(op_costs: dict) -> str:
 
 def compute_lines(comp: dict) -> list[str]:
     """A device's measured compute (``measure_compute``) as topology lines, after its peak;
-    efficiencies to 4 significant digits (a tiny op's on a GPU is 3e-05: 4 decimals were 0,
-    which no topology takes)."""
+    efficiencies to 4 significant digits (a tiny op's on a GPU is 3e-05, which 4 decimals
+    would write as 0, a value no topology takes)."""
     def curve(points):
         return "[" + ", ".join(f"[{f:.6g}, {e:.4g}]" for f, e in points) + "]"
     return ["efficiency = 1.0", f"op_overhead_us = {comp['op_overhead_s'] * 1e6:.4g}",

@@ -210,9 +210,8 @@ class Replay:
 
     def model(self):
         """The parameters a user would deploy now: the servers' (local SGD: the last
-        average, the only model every replica holds -- the mean of copies no average has
-        made yet ran an allreduce ahead of sync SGD at k = 1; layerwise: each group's own
-        weights, from the worker that trains it)."""
+        average, the only model every replica holds, not a mean of copies no average has
+        made yet; layerwise: each group's own weights, from the worker that trains it)."""
         if self.tr.algorithm == "layerwise":
             w = self.server.copy()
             for g, (lo, hi) in enumerate(self.groups):

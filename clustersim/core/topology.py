@@ -34,7 +34,8 @@ DTYPES = ("fp32", "fp16", "bf16", "fp64")
 DirLink = tuple[str, str]
 SPLIT = ".split"         # op cost keys of a model split over slots (``clustersim.core.plan.split_key``)
 STAGE = ".stage"         # op cost keys of a pipeline stage of whole layers (the same)
-NOT_COMPUTE_KEYS = ("send", "recv", "allreduce", "step", "update")   # op cost keys of no layer's compute
+MESSAGE_KEYS = ("send", "recv")                                       # op cost keys of a message's two ends
+NOT_COMPUTE_KEYS = MESSAGE_KEYS + ("allreduce", "step", "update")       # op cost keys of no layer's compute
 
 
 def curve_time(curve: tuple, nbytes: float) -> float:
