@@ -329,6 +329,32 @@ def test_async_replicas_start_spread_within_a_parameter_round_trip():
     assert start_offsets(Engine(plan(lockstep))) == [0.0] * 6
 
 
+@pytest.mark.parametrize("n_push", [1, 3])
+def test_a_replica_that_fetches_rarely_has_one_push_in_flight(n_push):
+    """Pushes over a slow link take ~20x a step's compute: with fetches only at the start the
+    replica waits for each push's bytes to arrive (as the executor's send does), so its pushes
+    never overlap and each step after a push starts when that push has arrived -- the step
+    period is compute plus the push in closed form.  Without the wait, pushes piled up."""
+    sc = on(fast_star(1, gbps=0.2), parallel={"replicas": 1, "ps_shards": 1},
+            training={"algorithm": "downpour", "steps": 12, "n_fetch": 1000, "n_push": n_push,
+                      "start_spread_s": 0.0})
+    p = plan(sc)
+    res = simulate(p)
+    pushes = sorted((s.start_s, s.end_s) for s in res.trace.spans if s.phase == "push" and s.kind == "transfer")
+    assert len(pushes) == 12 // n_push
+    assert all(b[0] >= a[1] for a, b in zip(pushes, pushes[1:]))
+    steps = sorted(res.trace.replica_steps, key=lambda s: s[1])
+    topo = sc.topology
+    push_s = sc.model.params * PARAM_BYTES / topo.route_bandwidth(topo.route("w0", "ps"))
+    compute = steps[1][3] - steps[1][2]
+    assert push_s > 10 * compute
+    for (_, step, _, end), (_, _, start, _) in zip(steps, steps[1:]):
+        if (step + 1) % n_push == 0:
+            assert start == pytest.approx(end + push_s, rel=1e-6)
+        else:
+            assert start == pytest.approx(end, abs=1e-12)
+
+
 def test_a_negative_start_spread_other_than_auto_is_refused():
     with pytest.raises(ConfigError, match="training.start_spread_s"):
         scenario(parallel={"replicas": 2, "ps_shards": 1}, training={"algorithm": "downpour", "start_spread_s": -0.5})

@@ -9,8 +9,9 @@ only at its fetches).
 
 Each replica, independently: every ``n_fetch`` steps it fetches parameters (waiting for
 them, and first for its last push to be applied, so it reads its own writes); it computes
-a gradient on what it holds; every ``n_push`` steps it pushes what it accumulated without
-waiting.  Replica 0 starts alone when ``warm_start_s`` > 0; the others start at seeded
+a gradient on what it holds; every ``n_push`` steps it pushes what it accumulated, waiting
+until its bytes have arrived (as the executor's send does; a replica pushing faster than its
+links drain would otherwise keep ever more pushes in flight), not for their apply.  Replica 0 starts alone when ``warm_start_s`` > 0; the others start at seeded
 offsets within ``start_spread_s`` (default: a round trip of a replica's parameters on its
 route to shard 0), as launched jobs do: replicas started in the same instant stay in
 lockstep under fair sharing, pushing together and fetching together (docs/decisions/008).
@@ -104,7 +105,7 @@ def run_async(engine: Engine, steps: int):
             pushing = plan.schedule.pushes_after(step)
             if pushing:
                 engine.log("send", r, -1, step, push=pushes)
-                last_push = ps.push(r, step, pushes, captured)
+                delivered, last_push = ps.push(r, step, pushes, captured)
                 sent[r] = [x for x in sent[r] if not x[0].triggered] + [(last_push, tuple(carried))]
                 carried = []
                 pushes += 1
@@ -113,6 +114,8 @@ def run_async(engine: Engine, steps: int):
                 last_push.callbacks.append(lambda _e, r=r, clock=step + 1: advance(r, clock))
             else:
                 advance(r, step + 1)
+            if pushing and step + 1 < steps and not plan.schedule.fetches_before(step + 1):
+                yield engine.wait(delivered, devices[0], r, step, "push sent")   # a fetch would wait longer
         if last_push is not None:
             yield last_push
 

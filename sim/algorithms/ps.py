@@ -128,16 +128,21 @@ class ParameterServer:
         yield self.env.all_of(self._pieces(r, k, False, step, "fetch"))
 
     # --- push --------------------------------------------------------------------------------
-    def push(self, r: int, step: int, push_id: int, versions: list[int]) -> simpy.Event:
-        """Replica r's accumulated gradient to every shard, each applied in its turn."""
-        return self.env.all_of([self.env.process(self._push_shard(r, k, step, push_id, versions[k]))
-                                for k in range(len(self.ps.devices))])
+    def push(self, r: int, step: int, push_id: int, versions: list[int]) -> tuple[simpy.Event, simpy.Event]:
+        """Replica r's accumulated gradient to every shard, each applied in its turn: (sent,
+        applied), the first firing once every shard has received its piece."""
+        arrived = [self.env.event() for _ in self.ps.devices]
+        applied = self.env.all_of([self.env.process(self._push_shard(r, k, step, push_id, versions[k], arrived[k]))
+                                   for k in range(len(self.ps.devices))])
+        return self.env.all_of(arrived), applied
 
-    def _push_shard(self, r: int, k: int, step: int, push_id: int, version: int):
+    def _push_shard(self, r: int, k: int, step: int, push_id: int, version: int, arrived: simpy.Event):
         eng = self.engine
         if not any(self.ps.share[j][k] for j in range(len(self.devices[r]))):
+            arrived.succeed()
             return
         epoch = yield self.env.process(self._survives(k, lambda: self._pieces(r, k, True, step, "push")))
+        arrived.succeed()
         with self.queues[k].request() as turn:
             yield turn
             if self.epoch[k] != epoch:                  # queued when the shard failed: lost with it
