@@ -190,7 +190,10 @@ class Engine:
                     if op.slot in last:
                         following[last[op.slot]] = op.id
                     last[op.slot] = op.id
-            bwd = [sum(1 for op in plan.ops if op.kind == "bwd" and op.slot == j) for j in range(plan.slots)]
+            bwd = [0] * plan.slots
+            for op in plan.ops:
+                if op.kind == "bwd":
+                    bwd[op.slot] += 1
             keys = [cost_key(plan, op) for op in plan.ops]
             again = reruns(plan.scenario.model)
             works = [op_work(plan, op, again) for op in plan.ops]
