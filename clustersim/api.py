@@ -222,7 +222,7 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     _a_file_or_dict(source, "search")
     if isinstance(devices, bool) or not isinstance(devices, numbers.Integral):
         raise ConfigError("devices", "", f"a whole number of devices; got {devices!r}")
-    from clustersim.search_space import OBJECTIVES, candidates, memory_tries, score
+    from clustersim.search_space import OBJECTIVES, candidates, memory_tries, score, shown
     base = _pairs(overrides)
     zero = None                       # ZeRO asked of a one-replica scenario: the rows with replicas shard
     try:
@@ -257,13 +257,13 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     for cand in candidates(sc, devices, zero):
         fitted, error, short = _fitting(source, base + steps, cand, memory_tries(sc, cand))
         if error:
-            dropped.append({**cand, "error": error})
+            dropped.append({**shown(cand), "error": error})
             nearest = min(nearest, short)
         trials += [(trial, base + steps + list(trial.items())) for trial in fitted]
     refused = len(dropped)
     points, failed, stalled = [], [], []
     for n, result in _each(_search_point, [(source, pairs) for _, pairs in trials], jobs, mpi):
-        point = trials[n][0] | result | {"candidate": n}
+        point = shown(trials[n][0]) | result | {"candidate": n}
         if "error" not in point:
             points.append(point)
         else:

@@ -73,6 +73,17 @@ def candidates(sc: Scenario, devices: int, zero: int | None = None) -> list[dict
     return out + pipelines(sc, devices, zero) if positions else out
 
 
+RUN_ONLY = ("training.allreduce", "training.bucket_mb")    # a shard row's defaults: run with, never shown
+
+
+def shown(row: dict[str, Any]) -> dict[str, Any]:
+    """A candidate's row as search reports it: a parameter-server row without the allreduce
+    settings it runs with only so that the scenario check takes it (it has no allreduce)."""
+    if not row.get("parallel.ps_shards"):
+        return row
+    return {k: v for k, v in row.items() if k not in RUN_ONLY}
+
+
 def sharded(zero: int, replicas: int, shards: int) -> dict[str, int]:
     """ZeRO shards sync allreduce's state over the replicas: the stage asked for where a
     candidate has several replicas and no parameter server, else off."""

@@ -398,6 +398,10 @@ def test_a_parameter_server_row_is_the_same_on_a_larger_cluster():
         assert picked["refused"] == default["refused"]
         assert sum(1 for p in picked["ranked"] if p["parallel.ps_shards"]) == \
             sum(1 for p in default["ranked"] if p["parallel.ps_shards"]) > 0
+        # U48: a shard row runs with the defaults but does not show them: it has no allreduce
+        assert not any(k in p for p in picked["ranked"] + picked["dropped"] if p["parallel.ps_shards"]
+                       for k in ("training.allreduce", "training.bucket_mb"))
+        assert all("training.allreduce" in p for p in picked["ranked"] if not p["parallel.ps_shards"])
 
 
 def test_a_candidate_whose_activations_do_not_fit_accumulates_gradients_before_recomputing():
