@@ -19,7 +19,8 @@ s ends when the last worker has finished it (exchange included): ``replica_steps
 from __future__ import annotations
 
 from sim.engine import Engine
-from clustersim.core.plan import PARAM_BYTES, cost_key
+from clustersim.core.plan import PARAM_BYTES, cost_key, reruns
+from sim.kernel_model import op_work
 
 
 def step_ops(plan, group: int) -> list:
@@ -53,11 +54,13 @@ def run_layerwise(engine: Engine, steps: int):
 
     def worker(g: int):
         dev, own = devices[g], plan.slot_params[g]
-        ops = [(op, cost_key(plan, op)) for op in step_ops(plan, g)]
+        again = reruns(plan.scenario.model)
+        ops = [(op, cost_key(plan, op), op_work(plan, op, again)) for op in step_ops(plan, g)]   # as the engine's
         for step in range(steps):
             engine.log("layer_step", 0, -1, step, worker=g)
-            for op, key in ops:
-                yield engine.compute_op(dev, op.flops, op.bytes, 0, step, f"{op.kind} L{op.layer}", op.kind, key=key)
+            for op, key, work in ops:
+                yield engine.compute_op(dev, op.flops, op.bytes, 0, step, f"{op.kind} L{op.layer}", op.kind, key=key,
+                                        work=work)
             if own:
                 yield engine.compute_op(dev, 2 * own, 3 * own * PARAM_BYTES, 0, step, "update", "update", "update",
                                         key="update")
