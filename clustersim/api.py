@@ -111,6 +111,10 @@ def simulate(source: Source | Scenario, overrides: Overrides = None, *, speedup:
     if sc.training.cosim and res.stalled_at_s is None:
         from clustersim.compare.cosim import cosimulate
         summary.update(cosimulate(p, res))
+        if "diverged_at_s" in summary:
+            summary.setdefault("notes", []).append(
+                f"the co-simulated training diverged: no finite loss from {summary['diverged_at_s']:.4g} s of "
+                f"simulated time on (training.learning_rate = {sc.training.learning_rate:g} is too large here)")
     return Result(summary, res.trace, p)
 
 

@@ -100,7 +100,8 @@ def summary_text(s: dict) -> str:
         lines.append(f"  checkpoints      {s['run_samples_per_s']:.4g} samples/s over the whole run, writes included")
     if "accuracy" in s:
         tta = s["time_to_accuracy_s"]
-        lines.append(f"  accuracy         {s['accuracy']:.2%} (loss {s['loss']:.4g}); "
+        loss = "diverged" if s["loss"] is None else f"{s['loss']:.4g}"
+        lines.append(f"  accuracy         {s['accuracy']:.2%} (loss {loss}); "
                      + (f"{s['target_accuracy']:.0%} reached by {seconds(tta)} (evaluated every "
                         f"{seconds(s['time_to_accuracy_resolution_s'])})" if tta is not None
                         else f"{s['target_accuracy']:.0%} not reached"))

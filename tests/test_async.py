@@ -138,6 +138,57 @@ def test_sandblaster_reassigns_the_units_of_a_failed_replica():
     assert requeued >= 1 and summarize(p, res)["lost_work_samples"] == requeued * p.schedule.unit_size
 
 
+def test_sandblaster_whose_every_replica_failed_stalls_at_the_last_detection():
+    """Every replica dead mid-batch: the coordinator re-queues their units once it knows
+    (the last failure + the detection timeout) and then has no one to give them to: a
+    stall there.  Its detection timer was re-armed while any busy replica was dead, so
+    the run went on forever (U49: simulated time past 2e6 s)."""
+    fails = [{"device": f"m0.gpu{i}", "at_s": t} for i, t in ((0, 1e-5), (1, 2e-5), (2, 3e-5), (3, 4e-5))]
+    sc = scenario(batch=256, parallel={"replicas": 4, "ps_shards": 1},
+                  training={"algorithm": "sandblaster", "steps": 3, "work_units": 16, "backup_tasks": False},
+                  faults={"fail": fails, "detect_timeout_s": 1e-4})
+    res = simulate(plan(sc))
+    assert res.stalled_at_s == pytest.approx(4e-5 + 1e-4, rel=1e-12)
+    assert not res.trace.step_ends
+
+
+@pytest.mark.parametrize("algorithm", ["downpour", "dcasgd", "ssp"])
+def test_an_async_job_whose_replicas_all_failed_stalls_while_its_shards_restart(algorithm):
+    """The only replica dead, shards that restart from checkpoints kept failing and
+    restarting (each restart draws its next failure), so the run never ended (U49).  Once
+    every replica has stopped, failures stop: the stall comes when the restarts under way
+    are done, at most one restart after the replica's failure."""
+    import clustersim
+    sc = clustersim.load(Path(__file__).resolve().parents[1] / "scenarios" / "downpour.toml",
+                         {"training.algorithm": algorithm, "parallel.replicas": 1, "parallel.ps_shards": 4,
+                          "faults.mtbf_s": 0.001, "faults.shard_recovery": "checkpoint"})
+    res = simulate(plan(sc))
+    died = res.engine.failed["m0.cpu"]
+    assert res.stalled_at_s is not None and not res.trace.replica_steps
+    assert died < res.stalled_at_s <= died + sc.faults.restart_s + 1.0      # + reading a checkpoint
+
+
+def test_a_diverging_co_simulation_says_so_in_valid_json_without_warnings():
+    """DC-ASGD at learning rate 100 overflows: the summary printed NaN (no JSON parser
+    takes it) and numpy's RuntimeWarnings (U49).  Now: null losses from the first
+    evaluation with none finite, ``diverged_at_s`` there, and a note."""
+    import json
+    import warnings
+    from clustersim import api
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = api.simulate(Path(__file__).resolve().parents[1] / "scenarios" / "dcasgd.toml",
+                           {"training.learning_rate": 100.0}, speedup=False)
+    s = res.data
+    json.dumps(s, allow_nan=False)
+    first = next(t for t, _, loss in s["accuracy_curve"] if loss is None)
+    assert s["diverged_at_s"] == first and s["loss"] is None
+    assert all(loss is None for t, _, loss in s["accuracy_curve"] if t >= first)
+    assert any("diverged" in n for n in s["notes"])
+    calm = api.simulate(Path(__file__).resolve().parents[1] / "scenarios" / "dcasgd.toml", speedup=False).data
+    assert "diverged_at_s" not in calm and math.isfinite(calm["loss"])
+
+
 def reference_sgd(sc, steps, rule=None):
     """Plain SGD (or ``rule``) on one replica's batch stream, outside the simulator."""
     net, d = Net(sc.model), digits(sc.seed)

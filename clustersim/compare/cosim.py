@@ -17,6 +17,8 @@ s (the one replica's stream), each on its own copy of the weights.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from sim.engine import SimResult
@@ -227,19 +229,27 @@ def cosimulate(p: Plan, res: SimResult) -> dict:
     """Replays ``res``'s update log with real math; returns accuracy, loss, the curve over
     simulated time and the time the target accuracy was first reached (None if never): the
     first evaluation at or above it, so up to ``time_to_accuracy_resolution_s`` (the time
-    between evaluations, ``training.eval_points`` over the run) after the crossing."""
+    between evaluations, ``training.eval_points`` over the run) after the crossing.  A run
+    whose weights overflow (too large a learning rate) has ``diverged_at_s``, the first
+    evaluation with no finite loss, and null for each such loss (JSON has no NaN)."""
     replay = Replay(p)
     tr = p.scenario.training
     end = res.sim_time_s
     marks = [end * (i + 1) / tr.eval_points for i in range(tr.eval_points)]
-    curve = [[0.0, *replay.evaluate()]]
-    for u in res.trace.updates:
-        while marks and u.t > marks[0]:
-            curve.append([marks.pop(0), *replay.evaluate()])
-        replay.apply(u)
-    for t in marks:
-        curve.append([t, *replay.evaluate()])
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):     # said below, not warned
+        curve = [[0.0, *replay.evaluate()]]
+        for u in res.trace.updates:
+            while marks and u.t > marks[0]:
+                curve.append([marks.pop(0), *replay.evaluate()])
+            replay.apply(u)
+        for t in marks:
+            curve.append([t, *replay.evaluate()])
+    diverged = next((t for t, _, loss in curve if not math.isfinite(loss)), None)
+    curve = [[t, acc, loss if math.isfinite(loss) else None] for t, acc, loss in curve]
     hit = next((t for t, acc, _ in curve if acc >= tr.target_accuracy), None)
-    return {"accuracy": curve[-1][1], "loss": curve[-1][2], "accuracy_curve": curve,
-            "time_to_accuracy_s": hit, "target_accuracy": tr.target_accuracy,
-            "time_to_accuracy_resolution_s": end / tr.eval_points}
+    out = {"accuracy": curve[-1][1], "loss": curve[-1][2], "accuracy_curve": curve,
+           "time_to_accuracy_s": hit, "target_accuracy": tr.target_accuracy,
+           "time_to_accuracy_resolution_s": end / tr.eval_points}
+    if diverged is not None:
+        out["diverged_at_s"] = diverged
+    return out

@@ -135,5 +135,8 @@ def run_async(engine: Engine, steps: int):
             mine = [s for s in engine.trace.replica_steps if s[0] == r]
             engine.lost_samples += plan.scenario.batch_size * (began[r] - pushed_steps(plan, mine))
     if not any(proc.triggered for proc in procs):
-        yield env.event()           # every replica stopped before its end: nothing trains on, a stall
+        # every replica stopped before its end: nothing trains on, a stall -- once the
+        # shards' restarts under way are done (further failures would restart them forever)
+        engine.stop_failures()
+        yield env.event()
 

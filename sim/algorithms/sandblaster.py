@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from sim.engine import Engine
-from sim.fluid import supersede
+from sim.fluid import supersede, timeout_at
 from clustersim.core.plan import PARAM_BYTES, plan as make_plan
 from .ps import ParameterServer
 
@@ -35,6 +35,8 @@ def run_sandblaster(engine: Engine, steps: int):
     m = tr.lbfgs_history
     busy: set[int] = set()           # replicas computing a unit, kept across batches (a backup
     progress = [env.event()]         # copy may outlive its batch); fires when one finishes
+    for r in range(p.replicas):      # or fails: the coordinator's detection timer starts then
+        engine.lost(p.devices[r]).callbacks.append(lambda _e: _poke(progress))
     for batch in range(steps):
         if tr.time_limit_s and env.now >= tr.time_limit_s:
             break
@@ -104,14 +106,23 @@ def _hand_out(engine: Engine, batch: int, n_units: int, unit_plan, coord: str, b
         busy.discard(r)
         _poke(progress)
 
+    def detected_at(rs: list[int]) -> float:
+        """When the coordinator knows every one of ``rs`` dead (inf: one is alive)."""
+        if any(engine.alive(*p.devices[r]) for r in rs):
+            return float("inf")
+        return max(_failed_at(engine, r) for r in rs) + p.scenario.faults.detect_timeout_s
+
     while len(finished) < n_units:
         now = env.now
+        pending = []                          # detections still to come
         for u, rs in running.items():        # units held only by replicas known to be dead
-            if u not in finished and u not in queue and rs and all(
-                    not engine.alive(*p.devices[r]) and now - _failed_at(engine, r) >= p.scenario.faults.detect_timeout_s
-                    for r in rs):
-                queue.append(u)
-                engine.lost_samples += p.schedule.unit_size       # its work is done again
+            if u not in finished and u not in queue and rs:
+                at = detected_at(rs)
+                if now >= at:
+                    queue.append(u)
+                    engine.lost_samples += p.schedule.unit_size       # its work is done again
+                elif at < float("inf"):
+                    pending.append(at)
         free = [r for r in range(p.replicas) if r in ready and r not in busy and engine.alive(*p.devices[r])]
         for r in free:
             if queue:
@@ -128,9 +139,9 @@ def _hand_out(engine: Engine, batch: int, n_units: int, unit_plan, coord: str, b
             env.process(work(r, u))
         if len(finished) >= n_units:
             break
-        waits = [progress[0]]
-        if any(not engine.alive(*p.devices[r]) for r in busy):
-            waits.append(env.timeout(p.scenario.faults.detect_timeout_s))
+        # a timer only for a detection to come: one armed whenever a busy replica was dead
+        # fired forever once nothing else could happen (U49), where a run must end a stall
+        waits = [progress[0]] + ([timeout_at(env, min(pending))] if pending else [])
         yield env.any_of(waits)
         for timer in waits[1:]:               # progress came first: the detection timer has nothing to do
             supersede(timer)
