@@ -406,6 +406,19 @@ def test_a_replica_that_fetches_rarely_has_one_push_in_flight(n_push):
             assert start == pytest.approx(end, abs=1e-12)
 
 
+@pytest.mark.parametrize("bits", [32, 8])
+def test_a_push_holds_its_replica_until_its_bytes_arrive_not_until_the_shard_decodes(bits):
+    """Eight replicas on one shard, fetching rarely: each "push sent" wait ends when that
+    push's transfer ends -- with 8-bit messages too, whose dequantise runs on the shard
+    behind its queued applies (R49: the replica was held up to ~2.5 applies longer)."""
+    sc = on(fast_star(8), parallel={"replicas": 8, "ps_shards": 1},
+            training={"algorithm": "downpour", "steps": 30, "n_fetch": 1000, "comm_bits": bits})
+    res = simulate(plan(sc))
+    arrived = {(s.replica, s.step): s.end_s for s in res.trace.spans if s.phase == "push" and s.kind == "transfer"}
+    waits = [s for s in res.trace.spans if s.name == "push sent"]
+    assert waits and all(s.end_s == arrived[(s.replica, s.step)] for s in waits)
+
+
 def test_a_negative_start_spread_other_than_auto_is_refused():
     with pytest.raises(ConfigError, match="training.start_spread_s"):
         scenario(parallel={"replicas": 2, "ps_shards": 1}, training={"algorithm": "downpour", "start_spread_s": -0.5})

@@ -10,8 +10,9 @@ only at its fetches).
 Each replica, independently: every ``n_fetch`` steps it fetches parameters (waiting for
 them, and first for its last push to be applied, so it reads its own writes); it computes
 a gradient on what it holds; every ``n_push`` steps it pushes what it accumulated, waiting
-until its bytes have arrived (as the executor's send does; a replica pushing faster than its
-links drain would otherwise keep ever more pushes in flight), not for their apply.  Replica 0 starts alone when ``warm_start_s`` > 0; the others start at seeded
+until its bytes have arrived (as the executor's send does; a replica pushing faster than
+its links drain would otherwise keep ever more pushes in flight), not for their apply.
+Replica 0 starts alone when ``warm_start_s`` > 0; the others start at seeded
 offsets within ``start_spread_s`` (default: a round trip of a replica's parameters on its
 route to shard 0), as launched jobs do: replicas started in the same instant stay in
 lockstep under fair sharing, pushing together and fetching together (docs/decisions/008).

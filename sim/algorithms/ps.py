@@ -24,13 +24,17 @@ from clustersim.core.schedule import QUANT_COST, apply_cost, checkpoint_bytes, m
 
 
 
-def send_params(engine: Engine, src: str, dst: str, params: int, replica: int, step: int, phase: str, bits: int):
+def send_params(engine: Engine, src: str, dst: str, params: int, replica: int, step: int, phase: str, bits: int,
+                wire: simpy.Event | None = None):
     """A simpy process body: one piece of parameters or gradients, quantised on the way when
-    ``bits`` is 8 (a quantise pass at the sender, a byte a value and the header, a dequantise pass)."""
+    ``bits`` is 8 (a quantise pass at the sender, a byte a value and the header, a dequantise pass).
+    ``wire`` fires once its bytes have arrived, before the receiver's dequantise."""
     f, b = QUANT_COST
     if bits == 8:
         yield engine.compute_op(src, f * params, b * params, replica, step, "quantise", "quantise")
     yield engine.transfer(src, dst, message_bytes(params, bits), replica, step, phase, phase)
+    if wire is not None:
+        wire.succeed()
     if bits == 8:
         yield engine.compute_op(dst, f * params, b * params, replica, step, "dequantise", "quantise")
 
@@ -89,16 +93,22 @@ class ParameterServer:
                 return epoch
 
     # --- messages ----------------------------------------------------------------------------
-    def _send(self, src: str, dst: str, params: int, replica: int, step: int, phase: str):
-        return send_params(self.engine, src, dst, params, replica, step, phase, self.bits)
+    def _send(self, src: str, dst: str, params: int, replica: int, step: int, phase: str, wire=None):
+        return send_params(self.engine, src, dst, params, replica, step, phase, self.bits, wire)
 
-    def _pieces(self, r: int, k: int, to_shard: bool, step: int, phase: str) -> list[simpy.Event]:
+    def _pieces(self, r: int, k: int, to_shard: bool, step: int, phase: str,
+                wires: list | None = None) -> list[simpy.Event]:
+        """Replica r's pieces to or from shard k, one per slot that shares it; with ``wires``,
+        an event per piece appended there, fired when its bytes have arrived."""
         out = []
         for j, dev in enumerate(self.devices[r]):
             n = self.ps.share[j][k]
             if n:
                 src, dst = (dev, self.ps.devices[k]) if to_shard else (self.ps.devices[k], dev)
-                out.append(self.env.process(self._send(src, dst, n, r, step, phase)))
+                wire = None if wires is None else self.env.event()
+                if wire is not None:
+                    wires.append(wire)
+                out.append(self.env.process(self._send(src, dst, n, r, step, phase, wire)))
         return out
 
     # --- fetch -------------------------------------------------------------------------------
@@ -141,8 +151,14 @@ class ParameterServer:
         if not any(self.ps.share[j][k] for j in range(len(self.devices[r]))):
             arrived.succeed()
             return
-        epoch = yield self.env.process(self._survives(k, lambda: self._pieces(r, k, True, step, "push")))
-        arrived.succeed()
+        def pieces() -> list[simpy.Event]:          # each try's: sent once one try's bytes all arrived
+            wires: list = []                         # (an 8-bit push's dequantise on the shard is after)
+            out = self._pieces(r, k, True, step, "push", wires)
+            self.env.all_of(wires).callbacks.append(lambda _e: None if arrived.triggered else arrived.succeed())
+            return out
+        epoch = yield self.env.process(self._survives(k, pieces))
+        if not arrived.triggered:
+            arrived.succeed()
         with self.queues[k].request() as turn:
             yield turn
             if self.epoch[k] != epoch:                  # queued when the shard failed: lost with it
