@@ -114,13 +114,16 @@ def simulate(source: Source | Scenario, overrides: Overrides = None, *, speedup:
         if "diverged_at_s" in summary:
             summary.setdefault("notes", []).append(
                 f"the co-simulated training diverged: no finite loss from {summary['diverged_at_s']:.4g} s of "
-                f"simulated time on (training.learning_rate = {sc.training.learning_rate:g} is too large here)")
+                f"simulated time on (its steps overflowed the weights: training.learning_rate = "
+                f"{sc.training.learning_rate:g}" + (f", dcasgd_lambda = {sc.training.dcasgd_lambda:g}"
+                                                    if sc.training.algorithm == "dcasgd" else "") + ")")
     return Result(summary, res.trace, p)
 
 
 SWEEP_KEYS = ("step_time_s", "samples_per_s", "devices", "sim_time_s", "sim_events", "wall_s", "bytes_per_step",
               "epoch_time_s", "time_to_train_s", "cost_usd", "energy_kwh", "meets_target",
               "accuracy", "loss", "time_to_accuracy_s", "staleness_mean",    # these four where co-simulated
+              "diverged_at_s",                                              # and the loss stopped being finite
               "failure_overhead", "checkpoint_every_best",                  # sync restarting under an MTBF
               "failures_in_time_to_train",                                  # false: failures not in the time
               "notes")                                                      # what the figures leave out

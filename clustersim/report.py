@@ -105,9 +105,10 @@ def summary_text(s: dict) -> str:
                      + (f"{s['target_accuracy']:.0%} reached by {seconds(tta)} (evaluated every "
                         f"{seconds(s['time_to_accuracy_resolution_s'])})" if tta is not None
                         else f"{s['target_accuracy']:.0%} not reached"))
-    lines += [f"  traffic          {si(s['bytes_per_step'], 'B')} per step",
+    per = "per step" if s["steps"] else "in all, no step ended"      # a stall before the first: totals
+    lines += [f"  traffic          {si(s['bytes_per_step'], 'B')} {per}",
               f"  simulated        {s['steps']} steps{' per replica' if s['algorithm'] not in ('sync', 'sandblaster') else ''}, {seconds(s['sim_time_s'])} in {s['sim_events']} events, "
-              f"{s['wall_s']:.3g} s wall", "", "  time by phase (device- or transfer-seconds per step):"]
+              f"{s['wall_s']:.3g} s wall", "", f"  time by phase (device- or transfer-seconds {per}):"]
     for phase, t in sorted(s["time_by_phase_s"].items(), key=lambda kv: -kv[1]):
         lines.append(f"    {phase:<12} {seconds(t)}")
     util = s["device_utilisation"]

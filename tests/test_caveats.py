@@ -98,3 +98,11 @@ def test_sweeps_and_searches_print_their_points_notes_once_each(capsys):
     assert main(["search", QUICK, "--devices", "2", *local]) == 0
     out = capsys.readouterr().out
     assert out.count("# note (") == 1 and "): training.steps = 10 is not a multiple" in out
+
+
+def test_the_analytical_network_says_its_links_are_not_shared():
+    """U49: link utilisations up to 3.3 under network = analytical, without a word; the
+    flow model, which shares links, stays quiet."""
+    said = notes({"cluster.network": "analytical", "parallel.replicas": 4})
+    assert any("analytical" in n and "exceed 100%" in n for n in said)
+    assert not any("analytical" in n for n in notes({"parallel.replicas": 4}))

@@ -123,8 +123,13 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
 def caveats(p: Plan) -> list[str]:
     """What the figures leave out that their reader should know, a line each: GPUs at 100%
     of their datasheet peak (a topology written from a datasheet alone), local SGD's final
-    average inside a window of part of a period."""
+    average inside a window of part of a period, the analytical network's messages that
+    share no link."""
     sc, out = p.scenario, []
+    if sc.network == "analytical":
+        out.append("cluster.network = analytical: every message has its route to itself (alpha-beta, no sharing), "
+                   "so a link's utilisation can exceed 100% and contention is not in the step time (\"flow\" "
+                   "shares links max-min)")
     bare = sorted(d for d in used_devices(p) if sc.topology.devices[d].at_datasheet_peak)
     if bare:
         out.append(f"{bare[0]}{f' and {len(bare) - 1} more' if len(bare) > 1 else ''}: efficiency 1 (the default) "
