@@ -419,6 +419,22 @@ def test_a_push_holds_its_replica_until_its_bytes_arrive_not_until_the_shard_dec
     assert waits and all(s.end_s == arrived[(s.replica, s.step)] for s in waits)
 
 
+@pytest.mark.parametrize("bits", [32, 8])
+def test_a_push_whose_shard_failed_in_flight_is_not_sent_until_the_retry_arrives(bits):
+    """A shard fails while pushes to it are on the wire (they still land: a message in
+    flight arrives); it restarts from its checkpoint and the replicas send again.  No push
+    counts as sent while the shard is down (R50: the 8-bit form released seven replicas
+    then, and a replica had two pushes in flight after the retry)."""
+    from clustersim import api
+    o = {"training.n_fetch": 4, "training.cosim": False, "training.time_limit_s": 0.02, "training.comm_bits": bits,
+         "faults.fail": [{"device": "m8.cpu", "at_s": 0.001988}], "faults.shard_recovery": "checkpoint",
+         "faults.restart_s": 0.001}
+    res = api.simulate(Path(__file__).resolve().parents[1] / "scenarios" / "downpour.toml", o, speedup=False)
+    back = min(u.t for u in res.trace.updates if u.kind == "restore")
+    sent = [s for s in res.trace.spans if s.name == "push sent"]
+    assert sent and not [s for s in sent if 0.001988 < s.end_s < back]
+
+
 def test_a_negative_start_spread_other_than_auto_is_refused():
     with pytest.raises(ConfigError, match="training.start_spread_s"):
         scenario(parallel={"replicas": 2, "ps_shards": 1}, training={"algorithm": "downpour", "start_spread_s": -0.5})

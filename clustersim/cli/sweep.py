@@ -19,7 +19,7 @@ from clustersim.core.trace import unwritable
 
 METRICS = ("step_time_s", "samples_per_s", "speedup", "devices", "sim_time_s", "sim_events", "wall_s", "bytes_per_step",
            "epoch_time_s", "time_to_train_s", "cost_usd", "energy_kwh", "meets_target", "accuracy", "loss",
-           "time_to_accuracy_s", "staleness_mean", "failure_overhead", "checkpoint_every_best")
+           "time_to_accuracy_s", "diverged_at_s", "staleness_mean", "failure_overhead", "checkpoint_every_best")
 RUN = ".run.json"       # beside PREFIX.json: what run its points belong to (``--resume`` checks it)
 
 

@@ -151,10 +151,16 @@ class ParameterServer:
         if not any(self.ps.share[j][k] for j in range(len(self.devices[r]))):
             arrived.succeed()
             return
-        def pieces() -> list[simpy.Event]:          # each try's: sent once one try's bytes all arrived
-            wires: list = []                         # (an 8-bit push's dequantise on the shard is after)
-            out = self._pieces(r, k, True, step, "push", wires)
-            self.env.all_of(wires).callbacks.append(lambda _e: None if arrived.triggered else arrived.succeed())
+        def pieces() -> list[simpy.Event]:
+            """A try's pieces; an 8-bit push is sent once a try's bytes have all arrived at a
+            shard still in the life they were sent to (its dequantise on the shard comes after;
+            a 32-bit push is sent when ``_survives`` returns, at its last byte)."""
+            if self.bits != 8:
+                return self._pieces(r, k, True, step, "push")
+            wires: list = []
+            out, life = self._pieces(r, k, True, step, "push", wires), self.epoch[k]
+            self.env.all_of(wires).callbacks.append(
+                lambda _e: None if arrived.triggered or self.epoch[k] != life else arrived.succeed())
             return out
         epoch = yield self.env.process(self._survives(k, pieces))
         if not arrived.triggered:
