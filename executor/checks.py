@@ -73,6 +73,9 @@ def check_checkpoint(args, sc) -> None:
     if (args.checkpoint or args.resume) and not sc.parallel.ps_shards:
         raise ConfigError("--checkpoint", args.checkpoint or "", "checkpoints are kept by parameter-server "
                           "shards: set parallel.ps_shards >= 1")
+    if (args.checkpoint or args.resume) and sc.training.algorithm == "sandblaster":
+        raise ConfigError("--checkpoint", args.checkpoint or "", "Sandblaster's shards keep no checkpoints (its "
+                          "L-BFGS history lives on the shards between batches); the other shard algorithms do")
     if args.resume and not args.checkpoint:
         raise ConfigError("--resume", "", "needs --checkpoint DIR")
     if args.checkpoint_every is not None and not args.checkpoint:

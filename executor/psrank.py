@@ -226,8 +226,9 @@ def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, lis
 class ShardClient:
     """A worker's view of the shards: fetch into and push from its flat parameter vector."""
 
-    def __init__(self, comm, shard_ranks: list[int], runs: list[list[Run]], bits: int) -> None:
+    def __init__(self, comm, shard_ranks: list[int], runs: list[list[Run]], bits: int, done_to_all: bool = False) -> None:
         self.comm, self.ranks, self.runs, self.bits = comm, shard_ranks, runs, bits
+        self.done_to_all = done_to_all          # Sandblaster's shards count every worker's DONE
         self.sent = 0
 
     def push(self, grad: np.ndarray, step: int = 0) -> None:
@@ -251,5 +252,9 @@ class ShardClient:
                 put(params, runs, "local", decode(buf, self.bits))
 
     def done(self) -> None:
-        for rank in self.ranks:
-            self.comm.Send(np.zeros(1, np.int64), dest=rank, tag=DONE)
+        """DONE to each shard this worker pushes to (to every one for Sandblaster's): a DONE
+        no shard counts stayed unreceived at the end, and the job ended killed after its
+        summary (U50: a layers split on two shards, each slot on one)."""
+        for rank, runs in zip(self.ranks, self.runs):
+            if runs or self.done_to_all:
+                self.comm.Send(np.zeros(1, np.int64), dest=rank, tag=DONE)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         parts = world.gather(RankJob(p, world, xp, fail, args, nccl).go(), root=0)
         if world.rank == 0:
             trace = merge_trace(p, [spans for _, spans, _ in parts], [steps for _, _, steps in parts])
-            out = summary(p, trace, [part for part, _, _ in parts])
+            out = finite(summary(p, trace, [part for part, _, _ in parts]))
             out["data"] = data_source(p.scenario, args.loaded)
             if args.trace:
                 trace.save(args.trace)
@@ -172,13 +173,29 @@ def error_line(rank: int, exc: BaseException) -> str:
     return f"clustersim: error: rank {rank}: {type(exc).__name__}{': ' + text if text else ''}{where}"
 
 
+def finite(out: dict) -> dict:
+    """The summary with each non-finite number null (JSON has no NaN) and, where the loss
+    was one, ``diverged`` true: the training overflowed its weights (too large a step)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    diverged = any(isinstance(out.get(k), float) and not math.isfinite(out[k]) for k in ("loss", "train_loss"))
+    return {**clean(out), **({"diverged": True} if diverged else {})}
+
+
 def _text(s: dict) -> str:
     how = "median over workers" if s["algorithm"] in LOCKSTEP else "a replica's period, waits included"
     return (f"{s['name']}: executed {s['algorithm']} training of {s['model']} on {s['ranks']} ranks "
             f"({s['workers']} workers, {s['ps_shards']} shards)\n"
             f"  step time        {s['step_time_s'] * 1e3:.4g} ms ({how})\n"
             f"  throughput       {s['samples_per_s']:.4g} samples/s\n"
-            f"  accuracy         {s['accuracy']:.2%} (test loss {s['loss']:.4g}"
+            f"  accuracy         {s['accuracy']:.2%} (test loss "
+            f"{'diverged' if s['loss'] is None else format(s['loss'], '.4g')}"
             f"{'; synthetic data, random labels: chance' if s.get('data') == 'synthetic' else ''})\n"
             f"  wall             {s['wall_s']:.3g} s")
 

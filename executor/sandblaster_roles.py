@@ -46,7 +46,7 @@ class SandblasterRoles:
         whole = Batches(x_tr, y_tr, sc.batch_size * self.R, np.random.default_rng([sc.seed, self.R]))
         coord, lead = self.world.size - 1, j == 0
         client = ShardClient(self.world, [self.M * self.R + k for k in range(self.S)], self.runs_of(j),
-                             p.schedule.comm_bits)
+                             p.schedule.comm_bits, done_to_all=True)
         flat = self.flatten(params, j)
         from mpi4py import MPI
         status = MPI.Status()

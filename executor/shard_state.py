@@ -153,9 +153,10 @@ class ShardState:
             self.deferred.append((source, payload))
             self.clock[source] = max(self.clock.get(source, -1), payload)
             out = []
-        elif tag == DONE:
-            self.done += 1
-            self.clock[source] = FINISHED
+        elif tag == DONE:            # every worker tells every shard; only this shard's own count
+            if source in self.workers:    # (U50: a layers split's other slot stopped a shard early)
+                self.done += 1
+                self.clock[source] = FINISHED
             out = []
         else:
             raise ValueError(f"tag(={tag}) is neither a push, FETCH({FETCH}) nor DONE({DONE})")

@@ -228,6 +228,18 @@ def test_a_refused_execute_makes_no_checkpoint_folder(tmp_path, capsys, monkeypa
         assert code == 2 and not (tmp_path / "ck").exists() and not (tmp_path / "t").exists()
 
 
+def test_sandblaster_checkpoints_are_refused_before_starting_ranks(tmp_path, capsys, monkeypatch):
+    """U50: Sandblaster's shards wrote no checkpoint and --resume then found none there;
+    refused in one line before any rank starts, no folder made."""
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("started ranks"))
+    sandblaster = str(Path(DOWNPOUR).with_name("sandblaster.toml"))
+    for extra in ([], ["--resume"]):
+        code, _, err = run(capsys, "execute", sandblaster, "--checkpoint", tmp_path / "ck", *extra)
+        assert code == 2 and not (tmp_path / "ck").exists()
+        assert err.startswith("clustersim: error: --checkpoint") and "Sandblaster" in err
+        assert len(err.strip().splitlines()) == 1
+
+
 def test_execute_on_gpus_without_cupy_is_one_line_before_starting_ranks(capsys, monkeypatch):
     from executor.backend import cupy_or_none
     if cupy_or_none() is not None:                     # pragma: no cover - GPU hosts

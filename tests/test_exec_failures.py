@@ -73,3 +73,18 @@ def test_an_exception_on_the_shard_rank_alone_ends_the_job(tmp_path):
     assert re.fullmatch(rf"clustersim: error: rank 1: ValueError: checkpoint {re.escape(str(tmp_path))}/ck/shard0.npz "
                         r"holds 3 parameters; this shard has \d+ \(a checkpoint of another scenario or number of "
                         r"shards\?\) \(at psrank.py:\d+ in load_checkpoint\)", lines[0]), lines[0]
+
+
+def test_an_executed_summary_says_divergence_in_valid_json():
+    """U50: DC-ASGD at learning rate 100 printed "loss": NaN (no strict parser takes it);
+    non-finite numbers are null, ``diverged`` says why, finite summaries are untouched."""
+    import json
+    import math
+    from executor.ranks import finite
+    out = finite({"loss": math.nan, "train_loss": math.inf, "accuracy": 0.078, "curve": [[0.1, math.nan]],
+                  "shards": {"a": -math.inf}})
+    assert json.loads(json.dumps(out, allow_nan=False)) == {
+        "loss": None, "train_loss": None, "accuracy": 0.078, "curve": [[0.1, None]], "shards": {"a": None},
+        "diverged": True}
+    calm = {"loss": 0.25, "accuracy": 0.9, "steps": 3}
+    assert finite(calm) == calm

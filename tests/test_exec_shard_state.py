@@ -32,6 +32,31 @@ def test_an_async_applys_staleness_is_the_updates_since_the_workers_fetch_was_an
     assert s.staleness == [0, 1, 0, 1, 0]
 
 
+def test_a_done_from_a_worker_that_pushes_elsewhere_does_not_stop_the_shard():
+    """U50: with a layers split on two shards each slot pushes to one; the other slot's
+    DONE counted and stopped a shard before its own worker was done."""
+    s = ShardState({1})
+    assert feed(s, (0, DONE, 0)) == [[]] and not s.stopped
+    assert feed(s, (1, DONE, 0)) == [[Stop()]] and s.stopped
+
+
+def test_a_worker_says_done_to_the_shards_it_pushes_to_sandblaster_to_all():
+    """U50: a DONE to a shard that does not count it stayed unreceived at the end and the
+    job ended killed after its summary; Sandblaster's shards count every worker's."""
+    from executor.psrank import ShardClient
+
+    class Comm:
+        def __init__(self):
+            self.sent = []
+
+        def Send(self, buf, dest, tag):
+            self.sent.append((dest, tag))
+    for to_all, want in ((False, [(7, DONE)]), (True, [(7, DONE), (8, DONE)])):
+        comm = Comm()
+        ShardClient(comm, [7, 8], [["a run"], []], 32, done_to_all=to_all).done()
+        assert comm.sent == want
+
+
 def test_done_from_every_live_worker_stops_and_a_crashed_one_is_not_waited_for():
     s = ShardState({0, 1, 2}, silent={2})             # worker 2 crashed
     assert feed(s, push(2, 0, 5.0), (0, DONE, 0), (1, DONE, 0)) == [[Apply(2, 0, 5.0)], [], [Stop()]]
