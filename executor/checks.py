@@ -222,5 +222,6 @@ def dataset(sc, seed: int, data=None):
     if d is None:
         classes = sc.model.classes or sc.model.nodes[-1].out_shape[0]
         d = synthetic(sc.model.input_shape, classes, 4 * sc.batch_size * sc.parallel.replicas,
-                      np.random.default_rng(seed), token_vocab(sc.model), sc.model.nodes[-1].out_shape[1])
+                      np.random.default_rng(seed), token_vocab(sc.model), sc.model.nodes[-1].out_shape[1],
+                      least=sc.parallel.micro_batches)
     return d.x_train, d.y_train, d.x_test, d.y_test

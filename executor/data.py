@@ -83,13 +83,15 @@ def mnist(folder: str | Path) -> Dataset:
 
 
 def synthetic(shape: tuple[int, ...], classes: int, n: int, rng: np.random.Generator, vocab: int = 0,
-              positions: int = 1) -> Dataset:
+              positions: int = 1, least: int = 1) -> Dataset:
     """Seeded random inputs and labels of the right shapes (timing runs of big models), and
     a held-out fifth drawn apart (it was a slice of the training set: 100% "test" accuracy
     on random labels); its accuracy is chance.  ``vocab`` > 0: the inputs are token ids
     below it (as float32, what an embedding reads); ``positions`` > 1: a label at each of
-    that many positions, (N, positions), as a sequence model predicts."""
-    m = max(1, n // 5)
+    that many positions, (N, positions), as a sequence model predicts.  The held-out set has
+    at least ``least`` samples (the micro-batches it is evaluated in: U50, 3 samples in 4
+    micro-batches left one empty and crashed the rank)."""
+    m = max(1, least, n // 5)
     x = (rng.integers(0, vocab, (n + m, *shape)).astype(np.float32) if vocab
          else rng.standard_normal((n + m, *shape), dtype=np.float32))
     y = rng.integers(0, max(classes, 1), (n + m, positions) if positions > 1 else n + m)

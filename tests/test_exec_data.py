@@ -61,6 +61,19 @@ def test_synthetic_held_out_samples_are_not_training_samples():
     assert not any(row.tobytes() in train for row in d.x_test)
 
 
+def test_synthetic_held_out_data_fills_every_micro_batch():
+    """U50: distbelief-speech at batch 4 in 4 micro-batches held out 3 samples, and the
+    evaluation's empty fourth micro-batch crashed the rank; the held-out set has at least
+    one sample a micro-batch."""
+    import clustersim
+    from executor.checks import dataset
+    sc = clustersim.load({"name": "t", "model": {"name": "distbelief-speech", "batch_size": 4},
+                          "cluster": {"topology": "distbelief-2012"}, "parallel": {"micro_batches": 4}})
+    assert len(dataset(sc, 0)[2]) == 4
+    assert len(dataset(clustersim.load({"name": "t", "model": {"name": "distbelief-speech", "batch_size": 50},
+                                        "cluster": {"topology": "distbelief-2012"}}), 0)[2]) == 40
+
+
 TINY_GPT = """name = "my-gpt"
 input = [1, 8, 1]
 classes = 50
