@@ -323,3 +323,17 @@ def test_work_units_that_do_not_divide_the_batch_count_what_they_train_and_empty
     with pytest.raises(ConfigError, match=rf"^t.toml: parallel.ps_shards: {params + 1} shards for {params:,} "
                                           "parameters would leave shards empty"):
         plan(scenario_from_dict(data, "t.toml"))
+
+
+def test_sandblaster_micro_batches_larger_than_a_work_unit_are_refused():
+    """U50: units of one sample in two micro-batches crashed an executed rank (an empty
+    micro-batch) where the simulator ran them; both refuse them now, by name."""
+    import clustersim
+    from clustersim.core.config import ConfigError
+    from clustersim.core.schedule import units_of
+    base = {"name": "t", "model": {"name": "mlp-digits", "batch_size": 8}, "cluster": {"topology": "distbelief-2012"},
+            "parallel": {"replicas": 1, "ps_shards": 1}, "training": {"algorithm": "sandblaster"}}
+    with pytest.raises(ConfigError, match="parallel.micro_batches: must be <= a work unit's 1 samples"):
+        clustersim.load(base, {"parallel.micro_batches": 2})
+    ok = clustersim.load(base, {"parallel.micro_batches": 2, "training.work_units": 4})
+    assert units_of(ok) == (4, 2)

@@ -401,6 +401,11 @@ def scenario_from_dict(data: dict, file: str) -> Scenario:
     if tr.work_units > total:
         raise ConfigError(file, "training.work_units", f"a unit is at least one sample: at most model.batch_size x "
                                                        f"parallel.replicas = {total}")
+    if tr.algorithm == "sandblaster":       # a unit is what a replica computes, in its micro-batches
+        unit = max(1, total // min(tr.work_units or 8 * par.replicas, total))     # as schedule.units_of
+        if par.micro_batches > unit:
+            raise ConfigError(file, "parallel.micro_batches", f"must be <= a work unit's {unit} samples (model."
+                                                              f"batch_size x parallel.replicas / training.work_units)")
 
     if tr.zero and (tr.algorithm != "sync" or par.ps_shards):
         raise ConfigError(file, "training.zero", "ZeRO shards sync data parallelism's state over the replicas "
