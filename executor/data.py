@@ -89,8 +89,7 @@ def synthetic(shape: tuple[int, ...], classes: int, n: int, rng: np.random.Gener
     on random labels); its accuracy is chance.  ``vocab`` > 0: the inputs are token ids
     below it (as float32, what an embedding reads); ``positions`` > 1: a label at each of
     that many positions, (N, positions), as a sequence model predicts.  The held-out set has
-    at least ``least`` samples (the micro-batches it is evaluated in: U50, 3 samples in 4
-    micro-batches left one empty and crashed the rank)."""
+    at least ``least`` samples: the micro-batches it is evaluated in, none of them empty."""
     m = max(1, least, n // 5)
     x = (rng.integers(0, vocab, (n + m, *shape)).astype(np.float32) if vocab
          else rng.standard_normal((n + m, *shape), dtype=np.float32))

@@ -252,9 +252,9 @@ class ShardClient:
                 put(params, runs, "local", decode(buf, self.bits))
 
     def done(self) -> None:
-        """DONE to each shard this worker pushes to (to every one for Sandblaster's): a DONE
-        no shard counts stayed unreceived at the end, and the job ended killed after its
-        summary (U50: a layers split on two shards, each slot on one)."""
+        """DONE to each shard this worker pushes to, which counts it (to every one for
+        Sandblaster's, which count every worker): a DONE no shard takes would be left
+        unreceived at the job's end (docs/decisions/075)."""
         for rank, runs in zip(self.ranks, self.runs):
             if runs or self.done_to_all:
                 self.comm.Send(np.zeros(1, np.int64), dest=rank, tag=DONE)

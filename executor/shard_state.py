@@ -153,8 +153,8 @@ class ShardState:
             self.deferred.append((source, payload))
             self.clock[source] = max(self.clock.get(source, -1), payload)
             out = []
-        elif tag == DONE:            # every worker tells every shard; only this shard's own count
-            if source in self.workers:    # (U50: a layers split's other slot stopped a shard early)
+        elif tag == DONE:
+            if source in self.workers:    # only this shard's own workers' count towards its stop
                 self.done += 1
                 self.clock[source] = FINISHED
             out = []

@@ -38,6 +38,7 @@ def run_layerwise(engine: Engine, steps: int):
         points.append(steps - 1)                          # a shorter run ends exchanged too
     rounds = {s: k for k, s in enumerate(points)}
     inbox: dict[tuple[int, int, int], object] = {}       # (round, receiver, sender) -> arrived
+    again = reruns(plan.scenario.model)                   # what a recomputation reruns, for op_work
 
     def arrived(k: int, h: int, g: int):
         return inbox.setdefault((k, h, g), env.event())
@@ -54,7 +55,6 @@ def run_layerwise(engine: Engine, steps: int):
 
     def worker(g: int):
         dev, own = devices[g], plan.slot_params[g]
-        again = reruns(plan.scenario.model)
         ops = [(op, cost_key(plan, op), op_work(plan, op, again)) for op in step_ops(plan, g)]   # as the engine's
         for step in range(steps):
             engine.log("layer_step", 0, -1, step, worker=g)

@@ -105,9 +105,9 @@ class ParameterServer:
             n = self.ps.share[j][k]
             if n:
                 src, dst = (dev, self.ps.devices[k]) if to_shard else (self.ps.devices[k], dev)
-                wire = None if wires is None else self.env.event()
-                if wire is not None:
-                    wires.append(wire)
+                wire = None
+                if wires is not None:
+                    wires.append(wire := self.env.event())
                 out.append(self.env.process(self._send(src, dst, n, r, step, phase, wire)))
         return out
 

@@ -139,8 +139,8 @@ def _hand_out(engine: Engine, batch: int, n_units: int, unit_plan, coord: str, b
             env.process(work(r, u))
         if len(finished) >= n_units:
             break
-        # a timer only for a detection to come: one armed whenever a busy replica was dead
-        # fired forever once nothing else could happen (U49), where a run must end a stall
+        # a timer only for a detection still to come, so that a job no one can go on with
+        # runs dry and ends as a stall
         waits = [progress[0]] + ([timeout_at(env, min(pending))] if pending else [])
         yield env.any_of(waits)
         for timer in waits[1:]:               # progress came first: the detection timer has nothing to do
