@@ -36,6 +36,8 @@ import math
 import sys
 import time
 
+import numpy as np
+
 from clustersim.core.config import ConfigError
 from clustersim.core.plan import Plan, plan
 from clustersim.core.planio import load_plan
@@ -86,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"clustersim: error: {exc}", file=sys.stderr)
         return 2
     try:
-        parts = world.gather(RankJob(p, world, xp, fail, args, nccl).go(), root=0)
+        # a diverging run overflows: ``finite`` reports it once (``diverged``), not numpy's
+        # warnings from every rank and layer
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            mine = RankJob(p, world, xp, fail, args, nccl).go()
+        parts = world.gather(mine, root=0)
         if world.rank == 0:
             trace = merge_trace(p, [spans for _, spans, _ in parts], [steps for _, _, steps in parts])
             out = finite(summary(p, trace, [part for part, _, _ in parts]))

@@ -88,3 +88,14 @@ def test_an_executed_summary_says_divergence_in_valid_json():
         "diverged": True}
     calm = {"loss": 0.25, "accuracy": 0.9, "steps": 3}
     assert finite(calm) == calm
+
+
+def test_an_executed_divergence_prints_no_numpy_warnings(tmp_path):
+    """U50: a run whose weights overflow printed numpy's RuntimeWarnings from every rank (32
+    lines for the quickstart at learning rate 1e12); the summary says "diverged" instead."""
+    proc = subprocess.run([sys.executable, "-m", "clustersim", "execute", "scenarios/quickstart.toml", "--set",
+                           "training.learning_rate=1e12", "--set", "training.steps=30"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert "test loss diverged" in proc.stdout
+    assert "Warning" not in proc.stderr, proc.stderr

@@ -631,3 +631,14 @@ def test_a_checkpoint_writes_the_optimizer_s_state_beside_the_weights(optimizer,
     assert out["sim_time_s"] == pytest.approx(plain["sim_time_s"] + 2 * 61_100_840 * per_param / 1e9, rel=1e-6)
     assert checkpoint_bytes(scenario_from_dict({"cluster": {"topology": "dgx-h100"}, "model": {"name": "alexnet"},
                                                 "training": {"optimizer": optimizer}}, "t.toml")) == per_param
+
+
+def test_a_stalled_summary_keeps_its_notes():
+    """What the figures leave out holds for a stall's figures too (traffic, phases): the
+    analytical network's note was dropped where the run stalled (decision 075's leftover)."""
+    sc = dataclasses.replace(downpour(), network="analytical")
+    p = plan(sc)
+    res = simulate(plan(with_failure(sc, Failure(simulate(p).sim_time_s / 3, (p.ps.devices[0],)))))
+    summary = summarize(p, res)
+    assert "stalled_at_s" in summary
+    assert any(n.startswith("cluster.network = analytical") for n in summary["notes"])

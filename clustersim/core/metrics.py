@@ -109,11 +109,11 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
         for key in ("step_time_s", "samples_per_s", "run_samples_per_s"):
             out.pop(key, None)
         out.update(stalled_at_s=res.stalled_at_s, stalled_reason=res.stalled_reason)
-        return out
-    out.update(run_costs(p, step_s, samples_per_s))
-    if baseline_step_s:
-        out["one_device_step_time_s"] = baseline_step_s
-        out["speedup"] = out["samples_per_s"] / (sc.batch_size / baseline_step_s)
+    else:
+        out.update(run_costs(p, step_s, samples_per_s))
+        if baseline_step_s:
+            out["one_device_step_time_s"] = baseline_step_s
+            out["speedup"] = out["samples_per_s"] / (sc.batch_size / baseline_step_s)
     notes = caveats(p)
     if notes:
         out["notes"] = notes
