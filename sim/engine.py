@@ -102,6 +102,10 @@ class Engine:
         self.slowdown = slowdowns(sc, self.rng)
         self.compute = Compute(self.env, sc.topology, sc.dtype, self.slowdown, shortcut)
         self.step_costed = {name for name in self.compute.weights if "step" in sc.topology.devices[name].op_costs}
+        # devices with measured message costs (``transfer`` asks no other for them)
+        self._messaging = {name for name in self.compute.weights
+                           if any(key.startswith(("send", "recv")) for d in [sc.topology.devices[name]]
+                                  for key in (*d.op_costs, *d.op_curves))}
         self.network = BACKENDS[sc.network](self.env, sc.topology, shortcut)
         self.trace = Trace()
         self._collectives = collectives.LayoutCache(shortcut)   # tuner's times, ports, link speeds per share
@@ -124,6 +128,8 @@ class Engine:
         self._names: dict[tuple[str, str], tuple[str, ...]] = {}   # (src, dst) -> its route's link names
         self._names_of = None                       # the topology they were routed on
         self._id_names: list[str | None] = []       # link id -> its name, as spans record it, on that topology
+        par = sc.parallel                           # a tensor group's width, 0 without one
+        self._tensor_group = par.tensor if par.split == "tensor" else 0
         self._graph_info(plan)
         used = sorted(used_devices(plan))
         drawn = failure_schedule(sc, used, self.rng)
@@ -138,8 +144,6 @@ class Engine:
         self._mtbf_due = {key for _, key in drawn if key is not None}   # devices and machines with a draw to come
         self._stopped = False                                         # the job is over: nothing fails now
         self.stall_note = ""                                          # the algorithm's own word on a stall
-        par = sc.parallel                                             # a tensor group's width, 0 without one
-        self._tensor_group = par.tensor if par.split == "tensor" else 0
         if self.failures:
             self.env.process(self._inject())
         self._noise_timer: simpy.Event | None = None
@@ -176,8 +180,9 @@ class Engine:
         """Successor lists, each compute op's next on its slot in the Plan's order (-1: the
         last), the successor lists with that next op added, backward-op counts per slot, each
         op's key in measured op costs (its layer kind, ``.backward`` for backward ops) and
-        span name of a plan's step graph, and a table of its ops' seconds alone per alike
-        device, filled as they run (cached: every replica's step repeats them)."""
+        span name of a plan's step graph, a table of its ops' seconds alone per alike device,
+        filled as they run, and whether each is a transfer NCCL runs where both ends are GPUs
+        (``_nccl_piece``) (cached: every replica's step repeats them)."""
         key = id(plan)
         if key not in self._graphs:
             succ: list[list[int]] = [[] for _ in plan.ops]
@@ -206,7 +211,8 @@ class Engine:
             alone: dict = {}        # alike device id -> each op's seconds alone there (None: not yet)
             chains = _chains(plan, self.plan)
             quiet = [Quiet(op.id) for op in plan.ops]
-            self._graphs[key] = (plan, succ, following, bwd, keys, per_layer, works, chained, names, alone,
+            pieces = [self._nccl_piece(op) for op in plan.ops]
+            self._graphs[key] = (plan, succ, following, bwd, keys, per_layer, works, chained, names, alone, pieces,
                                  [c and (c, [quiet[i] for i in c], any(keys[i] in MEASURED_SHARED for i in c),
                                          _heard(plan, c)) for c in chains])
         return self._graphs[key]
@@ -406,14 +412,13 @@ class Engine:
                  nbytes, flops, phase)))
         return ev
 
-    def _nccl_piece(self, op, src: str, dst: str) -> bool:
-        """Whether NCCL runs a Plan transfer between GPUs, at its link speeds: a piece of an
-        allreduce (a reduce-scatter or all-gather send, decision 019), or under the tensor
-        split any transfer inside a stage's tensor group -- sequence parallelism's gathers by
-        positions and reduce-scatters of input gradients, the loss's reductions over the
-        vocabulary -- which Megatron-LM runs as NCCL collectives too."""
-        devices = self.network.topology.devices
-        if not devices[src].kind == devices[dst].kind == "gpu":
+    def _nccl_piece(self, op) -> bool:
+        """Whether NCCL runs a Plan transfer where both ends are GPUs, at its link speeds: a
+        piece of an allreduce (a reduce-scatter or all-gather send, decision 019), or under
+        the tensor split any transfer inside a stage's tensor group -- sequence parallelism's
+        gathers by positions and reduce-scatters of input gradients, the loss's reductions
+        over the vocabulary -- which Megatron-LM runs as NCCL collectives too."""
+        if op.kind != "xfer":
             return False
         if op.why.endswith(("reduce-scatter", "all-gather")):
             return True
@@ -427,16 +432,20 @@ class Engine:
         on it before it leaves, a receiver with costs for ``recv<what>`` after.  ``speed``: the
         share of each link it reaches (``Network.send``; NCCL's, for a collective's piece)."""
         start = self.env.now
-        for end in (src, dst):
-            if not self.alive(end):
-                return self._block(end, f"{name} {src}->{dst}")
+        if self.failed:
+            for end in (src, dst):
+                if end in self.failed:
+                    return self._block(end, f"{name} {src}->{dst}")
         try:
             links = self.link_names(src, dst)
         except LookupError:
             return self._no_route(src, dst, replica, name)
-        devices = self.compute.topology.devices
-        sending = devices[src].op_time("send" + what, 0.0, nbytes) if src in self.compute.weights else None
-        receiving = devices[dst].op_time("recv" + what, 0.0, nbytes) if dst in self.compute.weights else None
+        sending = receiving = None
+        messaging = self._messaging
+        if src in messaging or dst in messaging:
+            devices = self.compute.topology.devices
+            sending = devices[src].op_time("send" + what, 0.0, nbytes) if src in messaging else None
+            receiving = devices[dst].op_time("recv" + what, 0.0, nbytes) if dst in messaging else None
         ev = self._host_message(src, dst, nbytes, sending, receiving, replica, name) if sending or receiving else \
             self.network.send([(src, dst)], nbytes, speed=speed)
         ev.callbacks.append(lambda _e: self.trace.add(
@@ -558,10 +567,11 @@ class Engine:
         finished, as a stream of kernels runs; a shared device gets each as it is ready.  Ops
         on failed devices never start.  A slot that runs on its own goes to its GPU as one
         chain, the engine woken only where it must be (``_chains``, decision 043)."""
-        plan, succ, following, bwd_per_slot, keys, bwd_per_layer, works, chained, names, alone, chains = \
+        plan, succ, following, bwd_per_slot, keys, bwd_per_layer, works, chained, names, alone, pieces, chains = \
             self._graph_info(plan or self.plan)
         env, compute, failed, add, shortcut = self.env, self.compute, self.failed, self.trace.add, self.shortcut
         ops, devices = plan.ops, self.plan.devices[replica]
+        gpus = [self.network.topology.devices[d].kind == "gpu" for d in devices]     # NCCL's pieces run GPU to GPU
         in_order = [compute.in_order(d) for d in devices]
         # shortcut: each op's seconds alone from the plan's table for the slot's alike device,
         # times the slot's straggler factor (what ``Compute.run`` works out per op)
@@ -595,7 +605,7 @@ class Engine:
                 src, dst = devices[op.slot], devices[op.dst]
                 ev = self.transfer(src, dst, op.bytes, replica, step, names[op.id], op.why,
                                    what=".reduction" if op.why == "reduction" else "",
-                                   speed=self._nccl_speed if self._nccl_piece(op, src, dst) else None)
+                                   speed=self._nccl_speed if pieces[op.id] and gpus[op.slot] and gpus[op.dst] else None)
             else:
                 ev = self.compute_op(devices[op.slot], op.flops, op.bytes, replica, step,
                                      names[op.id], op.kind, key=keys[op.id], work=works[op.id])

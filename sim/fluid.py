@@ -157,9 +157,11 @@ class Fluid:
         self._memo_entries = 0
         self.solves = 0
 
-    def start(self, weights: Mapping[Hashable, float], amount: float) -> simpy.Event:
-        """A job of ``amount`` over resources ``weights``; raises KeyError for an unknown resource."""
-        event = self.env.event()
+    def start(self, weights: Mapping[Hashable, float], amount: float, event: simpy.Event | None = None) -> simpy.Event:
+        """A job of ``amount`` over resources ``weights``; raises KeyError for an unknown resource.
+        Returns ``event`` (a new one by default, not yet triggered), which fires when done."""
+        if event is None:
+            event = self.env.event()
         if amount <= 0 or not weights:
             event.succeed()
             return event

@@ -56,20 +56,28 @@ class FlowNetwork(Network):
         self.by_id = shortcut
         self.fluid = Fluid(env, list(topology.capacity.values()) if shortcut else topology.capacity, shortcut)
         # per distinct tuple of pairs: [the links they load, their slowest route's latency or None,
-        # (link ids, counts) as arrays or None]
+        # (link ids, counts) as arrays or None, weights by speed function]
         self._patterns: dict[tuple[Pair, ...], list] = {}
         self._patterns_of: Topology | None = None     # the topology they were routed on
         self._speeds: dict[Callable, np.ndarray] = {}      # a speed function -> its values by link id
+        # shortcut: sends made at one instant with one latency start after one timer, in the
+        # order they were made (a tensor group's 56 pieces): (now, latency) -> the sends due
+        self._due: dict[tuple[float, float], list] = {}
 
     def send(self, pairs, nbytes, messages=1, latency=None, speed=None):
         pattern = self._pattern(pairs)
         weights = pattern[0]
         if speed is not None:                       # n / speed(link), link by link, in C loops
-            if not self.by_id:
+            weighted = pattern[3]
+            if speed in weighted:                   # a tensor group's pieces repeat their pairs
+                weights = weighted[speed]
+            elif not self.by_id:
                 weights = dict(zip(weights, map(truediv, weights.values(), map(speed, weights))))
             elif pattern[2] is None:
+                if len(weighted) >= _SPEED_TABLES:
+                    weighted.clear()                # functions made per send: keep a few
                 links = map(self.topology.links.__getitem__, weights)
-                weights = dict(zip(weights, map(truediv, weights.values(), map(speed, links))))
+                weights = weighted[speed] = dict(zip(weights, map(truediv, weights.values(), map(speed, links))))
             else:
                 ids, counts = pattern[2]
                 weights = dict(zip(weights, (counts / self._speed_at(speed, ids)).tolist()))
@@ -82,16 +90,32 @@ class FlowNetwork(Network):
         # the latency, then the bytes: callbacks, where a process would cost two more events
         # a message (decision 049)
         done, fluid = self.env.event(), self.fluid
+        if self.by_id:
+            key = (self.env.now, latency)
+            due = self._due.get(key)
+            if due is None:
+                due = self._due[key] = []
+                self.env.timeout(latency).callbacks.append(lambda _timer: self._start_due(key))
+            due.append((weights, nbytes, done))
+            return done
 
         def flow(_timer: simpy.Event) -> None:
             fluid.start(weights, nbytes).callbacks.append(lambda _e: fire_now(done, None))
         self.env.timeout(latency).callbacks.append(flow)
         return done
 
+    def _start_due(self, key: tuple[float, float]) -> None:
+        """The bytes of the sends made at one instant with one latency, now that it has
+        passed, each job firing its send's own event (``Fluid.start``'s ``event``)."""
+        start = self.fluid.start
+        for weights, nbytes, done in self._due.pop(key):
+            start(weights, nbytes, done)
+
     def _pattern(self, pairs: Sequence[Pair]) -> list:
         """[the links ``pairs`` load (link -> routes crossing it, in order of first use), their
         slowest route's latency (None until asked), (link ids, counts) as arrays (None: few
-        links)], routed once per distinct set of pairs (a collective's rounds repeat the same
+        links), a speed function -> those links' weights at its speeds (few links by id only:
+        the speed functions a network meets are the engine's, kept for the run)], routed once per distinct set of pairs (a collective's rounds repeat the same
         ones) and topology (a cut link gives the engine a new one)."""
         if self._patterns_of is not self.topology:
             self._patterns, self._patterns_of = {}, self.topology
@@ -99,7 +123,7 @@ class FlowNetwork(Network):
         found = self._patterns.get(key)
         if found is None:
             weights, arrays = link_counts(self.topology, pairs) if self.by_id else (link_weights(self.routes(pairs)), None)
-            found = self._patterns[key] = [weights, None, arrays]
+            found = self._patterns[key] = [weights, None, arrays, {}]
         return found
 
     def _speed_at(self, speed: Callable[[DirLink], float], ids: np.ndarray) -> np.ndarray:

@@ -174,3 +174,33 @@ def test_a_repeated_send_routes_again_after_a_link_is_cut():
     env.process(go())
     env.run()
     assert took == pytest.approx([2 * 2e-6 + 1e6 / 10e9, 3 * 2e-6 + 1e6 / 10e9], rel=1e-12)
+
+
+def test_sends_made_at_one_instant_with_one_latency_share_one_timer():
+    """A tensor group's pieces leave at one instant with one latency: one timer starts all
+    their bytes (in the order they were sent), with every arrival time, float for float,
+    that a timer a send gives (``shortcut=False``), and a later send or another latency its
+    own timer."""
+    from sim.engine import CountingEnvironment
+    topo = star_topology(4, leaf_gbps=100.0, hub_gbps=10.0, lat_us=1.5)
+    sends = [([(f"s{i}", "sink")], 1e6 * (i + 1), 0.0) for i in range(4)] + [([("s0", "s1")], 3e6, 0.0)]
+    runs = {}
+    for shortcut in (True, False):
+        env = CountingEnvironment()
+        net = FlowNetwork(env, topo, shortcut)
+        done = {}
+
+        def go(i, pairs, nbytes, after):
+            if after:
+                yield env.timeout(after)
+            yield net.send(pairs, nbytes)
+            done[i] = env.now
+        for i, (pairs, nbytes, after) in enumerate(sends + [([("s2", "s3")], 1e6, 1e-7)]):
+            env.process(go(i, pairs, nbytes, after))
+        env.run()
+        runs[shortcut] = [done[i] for i in range(len(sends) + 1)], env.events_processed
+    (fast, fast_events), (slow, slow_events) = runs[True], runs[False]
+    assert fast == slow
+    assert fast[0] == pytest.approx(2 * 1.5e-6 + 4 * 1e6 / 10e9, rel=1e-12)    # four share the hub's link
+    # the five sends at time 0 (two hops each: one latency) wait on one timer, not five
+    assert slow_events - fast_events >= 4

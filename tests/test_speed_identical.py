@@ -69,6 +69,9 @@ CASES = {
     # a link cut mid-run: the topology changes under the kept link names and route checks
     "link-cut": _case("dgx-h100-fat-tree", "alexnet", 64, 3, machines=2, replicas=16,
                       faults={"slowdown_sigma": 0.05, "fail": [{"at_s": 0.012, "link": ["m1.nic0", "edge0.0"]}]}),
+    # a tensor group's pieces sent at one instant with one latency wait on one timer
+    "tensor": _case("dgx-h100", "gpt-tiny", 32, 2, model_parallel=4, split="tensor", sequence_parallel=True,
+                    replicas=2, micro_batches=2),
 }
 
 
