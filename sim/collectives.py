@@ -319,10 +319,12 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
         chosen = "ring" if algo == "auto" else algo
         return Collective(op, chosen, "", tuple(phases(op, chosen, devices, nbytes, nodes)))
     intra = _cached(cache, ("intra", *group), lambda: _intra_kind(topology, devices))
-    # NCCL's per-channel caps: the group's lowest compute capability, one search channel a rail
+    # NCCL's per-channel caps: the group's lowest compute capability, one search channel a rail;
+    # its LL cap and network overhead: the hosts' CPU (AMD's rows where every machine's is AMD)
     graph = _cached(cache, ("graph", *group), lambda: {
         "compute_capability": min(topology.devices[d].compute_capability for d in devices),
-        "search_channels": min(len(p) for p in rail_ports) if rail_ports else 0})
+        "search_channels": min(len(p) for p in rail_ports) if rail_ports else 0,
+        "amd_hosts": _amd_hosts(topology, set(nodes))})
     nvls = _cached(cache, ("nvls", op, *group), lambda: nvls_algo(topology, op, devices))
     nvs = _cached(cache, ("switches", *group), lambda: switches(topology, devices)) if nvls else None
     if algo in nccl.NVLS and algo != nvls:
@@ -359,7 +361,7 @@ def layout(topology: Topology, op: str, algo: str, devices: Sequence[str], nbyte
     speed = nccl_link_speed(topology, share, cache) if _shortcut(cache) else None
     floor = _cached(cache, ("net floor", *group), lambda: net_latency_us(topology, devices)) if machines > 1 else 0.0
     return Collective(op, algo, proto, schedule,
-                      _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes, floor),
+                      _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes, floor, graph["amd_hosts"]),
                       share, speed, sm_share(topology, devices, algo, cache))
 
 
@@ -374,10 +376,19 @@ def net_latency_us(topology: Topology, devices: Sequence[str]) -> float:
                 if m != topology.machine_of(src)), default=0.0)
 
 
-def _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes, floor=0.0) -> tuple[float, ...]:
+def _amd_hosts(topology: Topology, machines: set) -> bool:
+    """Whether every one of ``machines`` has an AMD CPU (``Device.vendor``): NCCL's tuner
+    then takes its AMD rows (llMaxBws, getNetOverhead); Intel's figures otherwise."""
+    vendors = {d.machine: d.vendor for d in topology.devices.values() if d.kind == "cpu" and d.machine in machines}
+    return bool(vendors) and set(machines) <= set(vendors) and all(v == "amd" for v in vendors.values())
+
+
+def _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes, floor=0.0,
+                  amd_hosts=False) -> tuple[float, ...]:
     """NCCL's latency per wave: the whole collective's for ring and tree; for hierarchical,
     a ring's inside the machines, across them, and inside again.  ``floor``: the cluster's
-    latency between machines (``net_latency_us``), below which no crossing step goes."""
+    latency between machines (``net_latency_us``), below which no crossing step goes;
+    ``amd_hosts``: ``latency_us``'s."""
     if algo == "hierarchical":
         ppn = n // machines
         parts = []
@@ -385,13 +396,13 @@ def _wave_latency(op, algo, proto, schedule, n, machines, intra, nbytes, floor=0
             parts.append(nccl.latency_us("reducescatter", "ring", proto, ppn, 1, intra))
         if machines > 1:
             parts.append(nccl.latency_us("allreduce", "ring", proto, machines, machines, intra, nbytes / ppn,
-                                         net_floor_us=floor))
+                                         net_floor_us=floor, amd_hosts=amd_hosts))
         if ppn > 1:
             parts.append(nccl.latency_us("allgather", "ring", proto, ppn, 1, intra))
         return tuple(x * 1e-6 for x in parts)
     if algo == "ps":
         return ()
-    lat = nccl.latency_us(op, algo, proto, n, machines, intra, nbytes, max(1, len(schedule)), floor)
+    lat = nccl.latency_us(op, algo, proto, n, machines, intra, nbytes, max(1, len(schedule)), floor, amd_hosts)
     return (lat * 1e-6,)
 
 

@@ -199,3 +199,16 @@ def test_the_executor_s_ops_probed_on_the_gpu_are_its_op_costs_and_are_printed(t
     out = capsys.readouterr().out
     assert "pinned host -> GPU 0" in out and ("GPU 0 -> GPU 1" in out) == (devices == 2)
     assert all(f"    {key} " in out for key in costs)
+
+
+def test_the_hosts_cpu_maker_is_written_as_nccl_tells_them_apart(tmp_path):
+    from clustersim.calibration.gpu import cpu_vendor
+    assert cpu_vendor("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\n") == "amd"
+    assert cpu_vendor("processor\t: 0\nvendor_id\t: GenuineIntel\n") == "intel"
+    assert cpu_vendor("processor\t: 0\nvendor_id\t: HygonGenuine\n") == ""
+    assert cpu_vendor("") == ""                                  # an ARM host's cpuinfo has no vendor_id
+    path = tmp_path / "amd.toml"
+    path.write_text(gpu_topology_text("amd", {**result(2), "cpu_vendor": "amd"}))
+    assert load_topology(str(path)).devices["cpu"].vendor == "amd"
+    path.write_text(gpu_topology_text("none", {**result(2), "cpu_vendor": ""}))
+    assert load_topology(str(path)).devices["cpu"].vendor == ""

@@ -71,3 +71,56 @@ def test_tree_run_on_four_dgx_is_nccls_latency_plus_bytes_at_the_run_share(proto
     if proto == "LL":                                       # the cap binds: S over 10.2 x 0.4 GB/s
         assert expected == pytest.approx(nccl.latency_us("allreduce", "tree", "LL", 32, 4, "nvlink")
                                          + size / (10.2e3 * 0.4))
+
+
+def test_amd_hosts_take_nccls_amd_rows_across_machines():
+    """llMaxBws's AMD row (22.5 GB/s busbw on 2 machines, 19.0 beyond) and getNetOverhead's
+    2 us (x3 for Simple) where a ring step's own latency is below it; one machine is alike."""
+    assert nccl.ll_max_algbw("tree", "allreduce", 16, 2, amd_hosts=True) == pytest.approx(22.5 / 2)
+    assert nccl.ll_max_algbw("ring", "allreduce", 64, 8, amd_hosts=True) == pytest.approx(19.0 * 64 / 126)
+    assert nccl.ll_max_algbw("ring", "allreduce", 8, 1, amd_hosts=True) == math.inf
+    # ring Simple on 2 machines of 8 NVLink GPUs: 2 x 15 steps, 4 of them across (tuning.cc)
+    base, nvl, net = nccl.BASE_LAT["ring"][2], nccl.HW_LAT["nvlink"]["ring"][2], nccl.HW_LAT["net"]["ring"][2]
+    for amd, overhead in ((False, 1.0), (True, 2.0)):
+        assert nccl.latency_us("allreduce", "ring", "Simple", 16, 2, "nvlink", amd_hosts=amd) == pytest.approx(
+            base + (30 - 4) * max(nvl, 3 * overhead) + 4 * net)
+    assert nccl.latency_us("allreduce", "ring", "Simple", 8, 1, "nvlink", amd_hosts=True) == \
+        nccl.latency_us("allreduce", "ring", "Simple", 8, 1, "nvlink")
+
+
+def test_dgx_a100_clusters_run_ll_at_the_amd_cap(tmp_path):
+    """DGX A100's EPYC hosts (``vendor = "amd"``): a forced tree LL across 2 machines runs at
+    NCCL's AMD cap, the flow model's time equal to NCCL's formula with it, and slower than
+    the same cluster whose CPUs name no vendor (Intel's figures, as before)."""
+    topo = load_topology("dgx-a100-fat-tree", machines=2)
+    devices = topo.compute_devices()
+    size = 2**16
+    cache: dict = {}
+    coll = collectives.layout(topo, "allreduce", "tree", devices, size, proto="LL", cache=cache)
+    nodes = [topo.machine_of(d) for d in devices]
+    per_byte = collectives._us_per_byte(topo, "allreduce", "tree", devices, nodes, collectives.ports(topo, devices),
+                                        cache)
+    graph = {"compute_capability": 8.0, "search_channels": 8, "amd_hosts": True}
+    expected = nccl.predicted_us("allreduce", "tree", "LL", size, per_byte, 16, 2, "nvlink", **graph)
+    assert _run(topo, coll) * 1e6 == pytest.approx(expected, rel=1e-9)
+    assert expected == pytest.approx(nccl.latency_us("allreduce", "tree", "LL", 16, 2, "nvlink")
+                                     + size / (22.5 / 2 * 1e3 * nccl.tree_correction("LL", size)))
+    base = tmp_path / "a100-unnamed.toml"
+    base.write_text(load_text("dgx-a100").replace('vendor = "amd"', ""))
+    (tmp_path / "ft.toml").write_text(load_text("dgx-a100-fat-tree").replace('base = "dgx-a100"', f'base = "{base}"'))
+    unnamed = load_topology(str(tmp_path / "ft.toml"), machines=2)
+    intel = collectives.layout(unnamed, "allreduce", "tree", unnamed.compute_devices(), size, proto="LL", cache={})
+    assert _run(unnamed, intel) < _run(topo, coll)
+
+
+def test_a_cpu_vendor_nccl_does_not_tell_apart_is_refused(tmp_path):
+    from clustersim.core.config import ConfigError
+    f = tmp_path / "t.toml"
+    f.write_text(load_text("dgx-a100").replace('vendor = "amd"', 'vendor = "arm"'))
+    with pytest.raises(ConfigError, match=r"machine\.cpu\.vendor: must be \"intel\" or \"amd\" .*, got 'arm'"):
+        load_topology(str(f))
+
+
+def load_text(name: str) -> str:
+    from clustersim.core.config import bundled_folder
+    return (bundled_folder("clustersim.builtin_topologies") / f"{name}.toml").read_text()

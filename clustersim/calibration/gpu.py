@@ -202,7 +202,25 @@ def calibrate_gpus(be: Backend, seed: int = 0, probes: tuple = GPU_PROBES) -> di
             "gpu_memory_bandwidth_bytes_per_s": measure_device_bandwidth(be), "copies": measure_copies(be),
             "nccl_allreduce": measure_allreduce(be),
             "cpu": measure_compute(np.random.default_rng(seed)), "cores": os.cpu_count() or 1,
+            "cpu_vendor": cpu_vendor(_cpuinfo()),
             "cpu_memory_bandwidth_bytes_per_s": measure_memory_bandwidth()}
+
+
+def cpu_vendor(cpuinfo: str) -> str:
+    """"intel" or "amd" from /proc/cpuinfo's ``vendor_id`` ("": another maker, or nothing to
+    read): the hosts' CPU as NCCL's tuner tells them apart (``Device.vendor``)."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("vendor_id"):
+            return {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(line.partition(":")[2].strip(), "")
+    return ""
+
+
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:                 # not Linux
+        return ""
 
 
 def host_bus(res: dict) -> tuple[float, float]:
@@ -222,6 +240,7 @@ def gpu_topology_text(name: str, res: dict) -> str:
              f'{h2d["alpha_s"] * 1e6:.2f} us, beta {h2d["beta_bytes_per_s"] / 1e9:.3g} GB/s, device->host '
              f'{d2h["alpha_s"] * 1e6:.2f} us, {d2h["beta_bytes_per_s"] / 1e9:.3g} GB/s"',
              "", "[[device]]", 'name = "cpu"', 'kind = "cpu"', "machine = 0", f"cores = {res['cores']}",
+             *([f'vendor = "{res["cpu_vendor"]}"'] if res.get("cpu_vendor") else []),
              f"core_gflops = {cp['peak_flops'] / 1e9 / res['cores']:.6g}", "memory_gib = 16",
              f"memory_bandwidth_gbps = {res['cpu_memory_bandwidth_bytes_per_s'] / 1e9:.6g}", *compute_lines(cp),
              "", "[[device]]", 'name = "pcie"', 'kind = "pcie_switch"', "machine = 0"]

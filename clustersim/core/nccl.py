@@ -23,8 +23,9 @@ count NCCL's *search* channels, one per NIC of a machine (half the execution cha
 protocol: 8 x 41.4 GB/s busbw on 2, 8 x 36.0 on 3 or more; tree LL128 on 3 or more at 8 x
 29.0).  LL128 runs by default only as NCCL enables it (``default_protocols``).  Not modelled: CollNet, one machine's per-channel and LL caps
 (its search channels come from NVLink, which we do not search; 2.20.3's Hopper LL row,
-87.7 GB/s busbw, is not applied), and llMaxBws's and the net overhead's AMD rows: every host
-is taken as Intel (decision 030).
+87.7 GB/s busbw, is not applied).  llMaxBws and the net overhead take the hosts' CPU as
+ncclTopoCpuType reports it: AMD's rows where every machine's CPU says ``vendor = "amd"``,
+Intel's otherwise (a CPU that names no vendor included; decision 030, 076).
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ NVLS_RATIO = 5 / 6             # tuning.cc: NVLS and NVLS_TREE bus bandwidth x 5
 NVLS_CHANNELS = 16             # NCCL_NVLS_NCHANNELS default (nvls.cc); enqueue.cc runs NVLS on these
 NVLS_MIN_CC = 9.0              # ncclTopoCompute: no NVLS graph below compute capability 9.0 or without NVSwitch
 NVLS_MIN_GPUS = 3              # ncclNvlsInit: off with 2 GPUs or fewer on the machine
-NET_OVERHEAD_US = 1.0          # getNetOverhead(): x86 Intel hosts
+NET_OVERHEAD_US = 1.0          # getNetOverhead(): x86 Intel hosts (and any but AMD's) ...
+NET_OVERHEAD_US_AMD = 2.0      # ... x86 AMD hosts
 # How one-machine NVLS moves a chunk (decision 028): three warp groups of one channel's block
 # (src/device/all_reduce.h) -- scatter into the heads' buffers, in-switch reduce + multicast,
 # gather -- hand each chunk on through the step FIFO, so the run takes steps + 2 chunk times.
@@ -78,8 +80,11 @@ TREE_CORRECTION = (
     (1.0, 1.0, 1.0, 1.0, 1.0, .9, .8, .8, .8, .7, .6, .6, .6, .6, .6, .6, .8, .9, .9, .9, .9, 1.0, 1.0),
     (.9, .9, .9, .9, .9, .9, .9, .8, .7, .6, .6, .5, .5, .5, .5, .6, .7, .8, .7, .7, .8, .9, .9))
 # llMaxBws (tuning.cc, 2.20.3 and the later source stored alike): LL's bus bandwidth across
-# machines, by the hosts' CPU (Intel row: Xeon hosts, as DGX H100's 8480C), up to 2 machines / more
+# machines, by the hosts' CPU (index1 = cpuVendor == AMD ? 1 : 0 from 2 machines on), up to 2
+# machines / more: Intel's row (Xeon hosts, as DGX H100's 8480C; any CPU but AMD's), AMD's
+# (EPYC hosts, as DGX A100's 7742)
 LL_MAX_BUSBW_NET = (39.0, 20.4)
+LL_MAX_BUSBW_NET_AMD = (22.5, 19.0)
 # Bus bandwidth caps in GB/s per *search* channel (``graphs[a]->nChannels``; "Execution channels
 # are typically 2x the search channels", sjeaugey, NVIDIA/nccl#1041), tuning.cc @ b6475625 lines
 # 92-106: rows Volta / Ampere / Hopper (compCapIndex of the lowest compute capability, line 140),
@@ -200,12 +205,14 @@ def algbw_ratio(algo: str, op: str, ranks: int, nodes: int) -> float:
     return 0.5 if algo == "tree" else ranks / steps(op, ranks, nodes)[0]
 
 
-def ll_max_algbw(algo: str, op: str, ranks: int, nodes: int) -> float:
-    """GB/s: the algorithm bandwidth NCCL's model allows LL across machines (llMaxBws on Intel hosts,
-    turned to algbw as tuning.cc does: x 0.5 for the tree, x ranks / nsteps for the ring); inf on one."""
+def ll_max_algbw(algo: str, op: str, ranks: int, nodes: int, amd_hosts: bool = False) -> float:
+    """GB/s: the algorithm bandwidth NCCL's model allows LL across machines (llMaxBws, the
+    hosts' row, turned to algbw as tuning.cc does: x 0.5 for the tree, x ranks / nsteps for
+    the ring); inf on one."""
     if nodes <= 1:
         return math.inf
-    return LL_MAX_BUSBW_NET[0 if nodes <= 2 else 1] * algbw_ratio(algo, op, ranks, nodes)
+    row = LL_MAX_BUSBW_NET_AMD if amd_hosts else LL_MAX_BUSBW_NET
+    return row[0 if nodes <= 2 else 1] * algbw_ratio(algo, op, ranks, nodes)
 
 
 def channel_max_busbw(table: tuple, compute_capability: float, nodes: int, search_channels: int) -> float:
@@ -241,7 +248,7 @@ def needs_per_byte(algo: str, proto: str, nodes: int, search_channels: int) -> b
 
 
 def run_share(op: str, algo: str, proto: str, nbytes: float, us_per_byte: float, ranks: int, nodes: int, *,
-              compute_capability: float = 0.0, search_channels: int = 0) -> float:
+              compute_capability: float = 0.0, search_channels: int = 0, amd_hosts: bool = False) -> float:
     """The share of the links' NCCL speeds a run of ``algo`` / ``proto`` moves its bytes at, as
     ncclTopoTuneModel caps the bandwidth it stores (tuning.cc @ b6475625 lines 181-185): the tree's
     bus bandwidth min(x .92, search channels x perChMaxTreeBw), then the protocol's factor, for
@@ -249,7 +256,7 @@ def run_share(op: str, algo: str, proto: str, nbytes: float, us_per_byte: float,
     than llMaxBws; then the tree's correction at this size (ncclTopoGetAlgoTime scales the stored
     bandwidth by it).  ``us_per_byte``: the algorithm at full speed (0: no caps);
     ``compute_capability``: the group's lowest; ``search_channels``: NCCL's, one per NIC of a
-    machine (0: not known, no per-channel caps)."""
+    machine (0: not known, no per-channel caps); ``amd_hosts``: llMaxBws's AMD row."""
     share = protocol_factor(algo, proto, op, nodes, ranks / nodes)
     if algo in ("ring", "tree") and us_per_byte > 0:
         per_busbw = algbw_ratio(algo, op, ranks, nodes) * 1e3 * us_per_byte    # the share 1 GB/s busbw is
@@ -260,7 +267,7 @@ def run_share(op: str, algo: str, proto: str, nbytes: float, us_per_byte: float,
         if proto == "LL128":
             share = min(share, caps(PER_CH_MAX_TREE_LL128 if algo == "tree" else PER_CH_MAX_RING_LL128) * per_busbw)
         if proto == "LL":
-            share = min(share, ll_max_algbw(algo, op, ranks, nodes) * 1e3 * us_per_byte)
+            share = min(share, ll_max_algbw(algo, op, ranks, nodes, amd_hosts) * 1e3 * us_per_byte)
     if algo == "tree":
         share *= tree_correction(proto, nbytes)
     return share
@@ -276,11 +283,12 @@ def steps(op: str, ranks: int, nodes: int) -> tuple[int, int]:
 
 
 def latency_us(op: str, algo: str, proto: str, ranks: int, nodes: int, intra: str, nbytes: float = 0.0,
-               channels: int = 1, net_floor_us: float = 0.0) -> float:
+               channels: int = 1, net_floor_us: float = 0.0, amd_hosts: bool = False) -> float:
     """ncclTopoTuneModel's latency of one collective (and the ring plateau of ncclTopoGetAlgoTime).
     ``net_floor_us``: the cluster's one-way latency between machines, where a step that
     crosses them cannot take less than it (a run's time; NCCL's tuner knows only its table):
-    each crossing step's latency raised to it, at most one crossing a step."""
+    each crossing step's latency raised to it, at most one crossing a step.  ``amd_hosts``:
+    getNetOverhead's AMD figure for a ring's steps across machines."""
     p = PROTOCOLS.index(proto)
     lat = BASE_LAT[algo][p]
     intra_lat, inter_lat = HW_LAT[intra][algo][p], HW_LAT["net"][algo][p]
@@ -296,7 +304,8 @@ def latency_us(op: str, algo: str, proto: str, ranks: int, nodes: int, intra: st
         return lat + (inter_lat + over if nodes > 1 else intra_lat)
     nsteps, inter_steps = steps(op, ranks, nodes)
     if nodes > 1:
-        intra_lat = max(intra_lat, NET_OVERHEAD_US * (3 if proto == "Simple" else 1))
+        overhead = NET_OVERHEAD_US_AMD if amd_hosts else NET_OVERHEAD_US
+        intra_lat = max(intra_lat, overhead * (3 if proto == "Simple" else 1))
     lat += (nsteps - inter_steps) * intra_lat + inter_steps * inter_lat
     if proto == "Simple" and nodes > 1 and op == "allreduce" and nbytes / (channels * ranks) >= 64:
         lat *= RING_PLATEAU
@@ -304,25 +313,26 @@ def latency_us(op: str, algo: str, proto: str, ranks: int, nodes: int, intra: st
 
 
 def predicted_us(op: str, algo: str, proto: str, nbytes: float, us_per_byte: float, ranks: int, nodes: int,
-                 intra: str, channels: int = 1, *, compute_capability: float = 0.0, search_channels: int = 0) -> float:
+                 intra: str, channels: int = 1, *, compute_capability: float = 0.0, search_channels: int = 0,
+                 amd_hosts: bool = False) -> float:
     """ncclTopoGetAlgoTime: latency + bytes over the algorithm bandwidth, in microseconds.
     ``us_per_byte``: the algorithm's transfer time per byte at the links' NCCL speeds (what
     NCCL's topology search gives it), slowed to ``run_share`` (the last two arguments: its)."""
     share = run_share(op, algo, proto, nbytes, us_per_byte, ranks, nodes, compute_capability=compute_capability,
-                      search_channels=search_channels)
+                      search_channels=search_channels, amd_hosts=amd_hosts)
     bw_time = nbytes * us_per_byte / share
-    return latency_us(op, algo, proto, ranks, nodes, intra, nbytes, channels) + bw_time
+    return latency_us(op, algo, proto, ranks, nodes, intra, nbytes, channels, amd_hosts=amd_hosts) + bw_time
 
 
 def choose(op: str, nbytes: float, us_per_byte: dict[str, float], ranks: int, nodes: int, intra: str,
            channels: int = 1, allowed: tuple[str, ...] = PROTOCOLS, *, compute_capability: float = 0.0,
-           search_channels: int = 0) -> tuple[str, str]:
+           search_channels: int = 0, amd_hosts: bool = False) -> tuple[str, str]:
     """(algorithm, protocol) with the least predicted time; ``us_per_byte``: every algorithm
     that can run this op, with its transfer time per byte; ``allowed``: the protocols
     allowed (NCCL_PROTO), of which each algorithm takes those it runs with; the last two
     arguments: ``run_share``'s."""
     options = [(predicted_us(op, a, p, nbytes, t, ranks, nodes, intra, channels, compute_capability=compute_capability,
-                             search_channels=search_channels), a, p)
+                             search_channels=search_channels, amd_hosts=amd_hosts), a, p)
                for a, t in us_per_byte.items() for p in allowed if p in protocols(a)]
     if not options:
         raise ValueError(f"{'/'.join(us_per_byte)} does not run with protocol {'/'.join(allowed)}")

@@ -6,7 +6,9 @@ File format (units in the names; ``gbps`` is 10^9 *bytes* per second, like nccl-
     name = "..."
     [machine.cpu]    cores, core_gflops, memory_gib, memory_bandwidth_gbps, efficiency,
                      op_overhead_us, op_costs (as for gpu below; ``send`` and ``recv``: a host
-                     message's software cost on each side, ``Engine._host_message``)
+                     message's software cost on each side, ``Engine._host_message``), vendor
+                     ("intel" or "amd": NCCL's tuner caps LL across machines and counts a
+                     network step's overhead by the hosts' CPU; not given: Intel's figures)
     [machine.gpu]    count, peak_tflops_fp32 (fp16, bf16, fp64 optional), memory_gib,
                      memory_bandwidth_gbps, efficiency, op_overhead_us, efficiency_curve and
                      backward_efficiency_curve ([[flops, efficiency], ...], written by calibrate),
@@ -50,6 +52,7 @@ MIN_GBPS = 1e-9           # 10^9 bytes/s: a byte a second (1e-300 gave a step of
 MAX_GBPS = 1e12           # room for "free" what-ifs (tests use 1e9), not for 1e300's overflows
 MAX_LATENCY_US = 1e7      # ten seconds, past any route
 GIB = 2**30
+CPU_VENDORS = ("", "intel", "amd")     # what NCCL's tuner tells apart (ncclTopoCpuType); "": not given
 
 
 def load_topology(ref: str, base_dir: Path = Path("."), machines: int | None = None,
@@ -214,10 +217,15 @@ def _compute_fields(t: Table, kind: str) -> dict[str, Any]:
         cores = t.int("cores", lo=1, hi=4096)
         fp32 = cores * t.float("core_gflops", positive=True) * 1e9
         peak = {"fp32": fp32, "fp64": fp32 / 2}         # SIMD lanes hold half as many 8-byte values
+        vendor = t.str("vendor", "")
+        if vendor not in CPU_VENDORS:
+            raise t.error("vendor", f"must be \"intel\" or \"amd\" (what NCCL's tuner tells apart; leave it out "
+                                    f"for another), got {vendor!r}")
     curves = {key: _curve(t, key) for key in ("efficiency_curve", "backward_efficiency_curve")}
     extra = {"compute_capability": t.float("compute_capability", 0.0, lo=0.0, hi=20.0),
              "sms": t.int("sms", 0, lo=0, hi=100_000),
-             "memory_efficiency": t.float("memory_efficiency", 1.0, lo=0.05, hi=1.0)} if kind == "gpu" else {}
+             "memory_efficiency": t.float("memory_efficiency", 1.0, lo=0.05, hi=1.0)} if kind == "gpu" else \
+        {"vendor": vendor}
     return dict(peak_flops=peak, **curves, **extra,
                 memory_bytes=t.float("memory_gib", positive=True) * GIB,
                 memory_bw=t.float("memory_bandwidth_gbps", positive=True, lo=MIN_GBPS, hi=MAX_GBPS) * 1e9,

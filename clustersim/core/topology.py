@@ -64,6 +64,7 @@ class Device:
     memory_bw: float = 0.0              # bytes/s
     efficiency: float = 1.0             # achieved / peak FLOP/s on dense work
     cores: int = 0                      # CPU cores (0 for a GPU)
+    vendor: str = ""                    # a CPU's maker, "intel" or "amd" ("": not given): NCCL's tuner reads it
     op_overhead: float = 0.0            # seconds every op costs on top of the roofline (kernel launch)
     efficiency_curve: tuple = ()        # ((flops, efficiency), ...) measured by calibrate; overrides efficiency
     backward_efficiency_curve: tuple = ()   # the same for backward ops (their GEMMs have other shapes)
