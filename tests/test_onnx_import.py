@@ -266,3 +266,42 @@ def test_missing_external_data_and_an_empty_file_say_what_is_wrong(tmp_path):
     (tmp_path / "empty.onnx").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"empty.onnx: graph.node: the graph has no nodes"):
         load_model_file(tmp_path / "empty.onnx")
+
+
+def test_malformed_files_are_one_line_naming_the_tensor_or_node(tmp_path):
+    """U51: weight data too short for its shape, a tensor of no element type and a Reshape to
+    a 0-d target raised numpy's errors (a traceback, exit 1); a Dropout ratio of nan or 1.5
+    imported, then the written model file did not load."""
+    rng = np.random.default_rng(0)
+    net = Net(["N", 4], rng)
+    w = net.init("W", 4, 3)
+    net("Gemm", ["x", w], "y")
+    graph = helper.make_graph(net.nodes, "net", [net.input], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              net.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:-3]     # 45 of 48 bytes
+    onnx.save(model, str(tmp_path / "short.onnx"))
+    with pytest.raises(ConfigError, match=r"short.onnx: initializer 'W': its data cannot be read \(ValueError: "):
+        load_model_file(tmp_path / "short.onnx")
+    model.graph.initializer[0].data_type = TensorProto.UNDEFINED
+    onnx.save(model, str(tmp_path / "untyped.onnx"))
+    with pytest.raises(ConfigError, match=r"untyped.onnx: initializer 'W': its data cannot be read \(TypeError: "):
+        load_model_file(tmp_path / "untyped.onnx")
+    net = Net(["N", 4], rng)
+    net.inits.append(numpy_helper.from_array(np.array(-1, dtype=np.int64), "shape"))
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"], name="flat")], "net", [net.input],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], net.inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "scalar.onnx"))
+    with pytest.raises(ConfigError, match=r"node 'flat': Reshape: its shape input has 0 dimensions"):
+        load_model_file(tmp_path / "scalar.onnx")
+    for ratio in (float("nan"), 1.5, -1.0):
+        net = Net(["N", 4], rng)
+        h = net("Gemm", ["x", net.init("W", 4, 3)], "h")
+        ratio_name = net.init("r", 1)
+        net.inits[-1] = numpy_helper.from_array(np.array(ratio, dtype=np.float32), "r")
+        net("Dropout", [h, ratio_name], "d")
+        graph = helper.make_graph(net.nodes, "net", [net.input],
+                                  [helper.make_tensor_value_info("d", TensorProto.FLOAT, None)], net.inits)
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "drop.onnx"))
+        with pytest.raises(ConfigError, match=r"node 'd': Dropout: ratio .*: must be 0 \.\. 0\.999"):
+            load_model_file(tmp_path / "drop.onnx")

@@ -261,7 +261,10 @@ def test_a_file_named_as_a_built_in_may_base_on_that_built_in(tmp_path, monkeypa
 @pytest.mark.parametrize("table, key, value, says", [
     ("nic", "bandwidth_gbps", 1e300, "must be <= 1e+12"), ("nic", "latency_us", 1e300, "must be <= 1e+07"),
     ("gpu", "memory_bandwidth_gbps", 1e300, "must be <= 1e+12"), ("nic", "bandwidth_gbps", 1e-300, "must be >= 1e-09"),
-    ("nic", "bandwidth_gbps", 0, "must be > 0")])
+    ("nic", "bandwidth_gbps", 0, "must be > 0"),
+    # U51: 1e300 TFLOP/s and GiB overflowed to inf (topology show "inf TFLOP/s", plans simulated)
+    ("gpu", "peak_tflops_fp32", 1e300, "must be <= 1e+09"), ("gpu", "memory_gib", 1e300, "must be <= 1e+12"),
+    ("cpu", "core_gflops", 1e300, "must be <= 1e+12"), ("cpu", "memory_gib", 1e300, "must be <= 1e+12")])
 def test_a_bandwidth_or_latency_past_any_hardware_is_refused(table, key, value, says):
     """U36: a NIC of 1e300 GB/s, a latency of 1e300 us (topology show: "2e+294 s") and a
     bandwidth of 1e-300 (a step of 7.5e+295 s, exit 0) were taken."""

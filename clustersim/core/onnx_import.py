@@ -33,6 +33,7 @@ from clustersim.core.models import INPUT_NAME, GraphError, Model, build_model, m
 BATCH = "batch"                                  # the symbolic first dimension shape inference sees
 SHAPE_OPS = ("Shape", "Size")                    # read an activation, output no activation
 LOSS_OPS = ("SoftmaxCrossEntropyLoss",)          # (scores, labels): labels are no activation
+MAX_DROPOUT = 0.999                              # the largest rate a model file's dropout layer takes
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,11 @@ def load_onnx(path: Path) -> Model:
         raise ConfigError(str(path), "", f"not an ONNX model ({exc.__class__.__name__})") from None
     if not proto.graph.node:
         raise ConfigError(str(path), "graph.node", "the graph has no nodes (an empty or truncated file?)")
-    return _Importer(str(path), proto).run()
+    try:
+        return _Importer(str(path), proto).run()
+    except (ValueError, TypeError, IndexError, KeyError, ArithmeticError) as exc:    # a graph no check foresaw
+        said = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(str(path), "", f"cannot map the graph ({exc.__class__.__name__}: {said})") from None
 
 
 class _Importer:
@@ -76,10 +81,12 @@ class _Importer:
         self.file, self.graph = file, proto.graph
         self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
         # initializers and Constant nodes: a mapped layer's constants are its parameters
-        self.consts: dict[str, Any] = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
+        self.consts: dict[str, Any] = {t.name: self._array(numpy_helper, t, f"initializer {t.name!r}")
+                                       for t in self.graph.initializer}
         for node in self.graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                self.consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+                self.consts[node.output[0]] = self._array(numpy_helper, node.attribute[0].t,
+                                                          f"node {node.name or node.output[0]!r}")
         self.input = self._data_input()
         self.proto = proto
         self.inferred: dict[str, tuple] = {}
@@ -91,6 +98,16 @@ class _Importer:
         self.taken: set[str] = {INPUT_NAME}
         self.skip: set[int] = set()              # nodes folded into an earlier layer (MatMul's Add)
         self.owners: dict[str, str] = {}         # constant -> the node whose parameters it is
+
+    def _array(self, numpy_helper: Any, tensor: Any, where: str) -> Any:
+        """A stored tensor's values; ConfigError naming it where its data does not read (too
+        few bytes for its shape, no element type)."""
+        try:
+            return numpy_helper.to_array(tensor)
+        except (ValueError, TypeError) as exc:
+            said = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ConfigError(self.file, where, f"its data cannot be read ({exc.__class__.__name__}: {said})") \
+                from None
 
     # --- reading the graph --------------------------------------------------------------
     def error(self, node: Any, message: str) -> ConfigError:
@@ -387,6 +404,8 @@ def _elementwise(kind: str) -> Callable[[_Importer, int], None]:
             rate = _attrs(node).get("ratio", 0.5)           # an attribute before opset 12, an input since
             if len(node.input) > 1 and node.input[1]:
                 rate = float(imp.const(node, 1, "the ratio"))
+            if not 0.0 <= float(rate) <= MAX_DROPOUT:       # what a model file's layer takes (and nan)
+                raise imp.error(node, f"ratio {float(rate):g}: must be 0 .. {MAX_DROPOUT} (the share of values dropped)")
             kw["rate"] = round(float(rate), 6)
         imp.add(node, make_layer(kind, **kw), [x], flat=x.flat)
     return elementwise
@@ -421,8 +440,12 @@ def _flatten(imp: _Importer, i: int) -> None:
     dims = imp.inferred.get(node.output[0])
     if node.op_type == "Reshape" and (not dims or None in dims):
         if node.input[1] in imp.consts:
+            target = imp.consts[node.input[1]]
+            if getattr(target, "ndim", 0) != 1:
+                raise imp.error(node, f"its shape input has {getattr(target, 'ndim', 0)} dimensions; Reshape takes a "
+                                      f"1-D list of sizes")
             per = imp.inferred.get(node.input[0]) or x.shape
-            dims = _target(tuple(per), [int(d) for d in imp.consts[node.input[1]]][1:])
+            dims = _target(tuple(per), [int(d) for d in target][1:])
         elif dims is not None and len(dims) == 1 and node.output[0] in imp.batched:
             dims = (prod(x.shape),)             # x.view(x.size(0), -1): a target computed from Shape
     if not dims or None in dims:

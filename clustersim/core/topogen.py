@@ -51,6 +51,8 @@ MAX_DEVICES = 200_000
 MIN_GBPS = 1e-9           # 10^9 bytes/s: a byte a second (1e-300 gave a step of 7.5e+295 s, exit 0)
 MAX_GBPS = 1e12           # room for "free" what-ifs (tests use 1e9), not for 1e300's overflows
 MAX_LATENCY_US = 1e7      # ten seconds, past any route
+MAX_TFLOPS = 1e9          # a zettaFLOP/s device: room for "free compute" what-ifs, not for 1e300's overflow to inf
+MAX_GIB = 1e12            # an exbibyte of memory per device, likewise
 GIB = 2**30
 CPU_VENDORS = ("", "intel", "amd")     # what NCCL's tuner tells apart (ncclTopoCpuType); "": not given
 
@@ -208,14 +210,14 @@ def _check_link_ends(lt: Table, link: Link, devices: list[Device]) -> None:
 def _compute_fields(t: Table, kind: str) -> dict[str, Any]:
     """Compute specs of a cpu or gpu table, in SI units."""
     if kind == "gpu":
-        peak = {"fp32": t.float("peak_tflops_fp32", positive=True) * 1e12}
+        peak = {"fp32": t.float("peak_tflops_fp32", positive=True, hi=MAX_TFLOPS) * 1e12}
         for dt in DTYPES[1:]:
             if t.has(f"peak_tflops_{dt}"):
-                peak[dt] = t.float(f"peak_tflops_{dt}", positive=True) * 1e12
+                peak[dt] = t.float(f"peak_tflops_{dt}", positive=True, hi=MAX_TFLOPS) * 1e12
         cores = 0
     else:
         cores = t.int("cores", lo=1, hi=4096)
-        fp32 = cores * t.float("core_gflops", positive=True) * 1e9
+        fp32 = cores * t.float("core_gflops", positive=True, hi=MAX_TFLOPS * 1e3) * 1e9
         peak = {"fp32": fp32, "fp64": fp32 / 2}         # SIMD lanes hold half as many 8-byte values
         vendor = t.str("vendor", "")
         if vendor not in CPU_VENDORS:
@@ -227,7 +229,7 @@ def _compute_fields(t: Table, kind: str) -> dict[str, Any]:
              "memory_efficiency": t.float("memory_efficiency", 1.0, lo=0.05, hi=1.0)} if kind == "gpu" else \
         {"vendor": vendor}
     return dict(peak_flops=peak, **curves, **extra,
-                memory_bytes=t.float("memory_gib", positive=True) * GIB,
+                memory_bytes=t.float("memory_gib", positive=True, hi=MAX_GIB) * GIB,
                 memory_bw=t.float("memory_bandwidth_gbps", positive=True, lo=MIN_GBPS, hi=MAX_GBPS) * 1e9,
                 efficiency=t.float("efficiency", 1.0, lo=1e-3, hi=1.0),
                 cores=cores,
