@@ -250,8 +250,8 @@ def search(source: Source, devices: int, overrides: Overrides = None, *, objecti
     target_hours = sc.training.target_hours if target_hours is None else target_hours
     if objective == "time-to-accuracy" and not sc.training.cosim:
         raise ConfigError(sc.file, "training.cosim", "time-to-accuracy needs the co-simulated model (cosim = true)")
-    if target_hours < 0:
-        raise ConfigError("--target-hours", str(target_hours), "must be >= 0")
+    if not target_hours >= 0 or math.isinf(target_hours):        # nan fails the first test
+        raise ConfigError("--target-hours", str(target_hours), "must be a finite number >= 0 (0: no deadline)")
     if target_hours and not sc.training.dataset_samples:
         raise ConfigError(sc.file, "training.dataset_samples", "a target in hours needs the data set's size")
     faulted = sc.faults.mtbf_s or sc.faults.machine_mtbf_s or sc.faults.checkpoint_every   # in the run's steps
@@ -382,6 +382,10 @@ def _each(fn, argsets: list[tuple], jobs: int, mpi: bool):
 
 def _pool(jobs: int, mpi: bool):
     if mpi:
+        from mpi4py import MPI
+        if MPI.COMM_WORLD.Get_size() < 2:   # no workers: spawning them fails and the pool waits for ever
+            raise ConfigError("--mpi", "", "no MPI ranks to run points on: start it as mpiexec -n N python -m "
+                                           "mpi4py.futures -m clustersim ... --mpi (N - 1 workers)")
         from mpi4py.futures import MPIPoolExecutor
         return MPIPoolExecutor()
     return ProcessPoolExecutor(max_workers=jobs)

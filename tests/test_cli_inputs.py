@@ -460,3 +460,25 @@ def test_a_terminated_execute_stops_its_ranks_and_leaves_no_temporary_folder(tmp
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) != 0
     assert not list(tmp_path.glob("clustersim-execute-*"))
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["search", "scenarios/quickstart.toml", "--devices", "4", "--target-hours", "abc"],
+     "argument --target-hours: invalid float value: 'abc' (see clustersim search --help)"),
+    (["collective", "--topology", "dgx-h100", "--op", "foo"], "argument --op: invalid choice: 'foo'"),
+    (["model", "import"], "the following arguments are required: "),
+    (["simulate", "scenarios/quickstart.toml", "--no-such-option"], "unrecognized arguments: --no-such-option")])
+def test_argparses_refusals_are_one_line(argv, says, capsys):
+    """U51: an option of the wrong type or a choice not offered printed argparse's usage
+    block above its error (five lines): one line, exit 2, as every other refusal."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("clustersim: error: ") and says in err, err
+
+
+def test_plan_save_of_an_empty_path_is_refused(capsys):
+    """U51: --save '' exited 0 having written nothing and said nothing."""
+    code, out, err = run(capsys, "plan", QUICK, "--save", "")
+    assert code == 2 and out == "" and err == "clustersim: error: --save: '': is empty; give the file to write the Plan to\n"

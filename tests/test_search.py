@@ -453,3 +453,11 @@ def test_the_nearest_refusal_is_named_with_its_own_shortfall(tmp_path, capsys):
     ratio = float(err.split("the nearest to fitting needs ")[1].split("x")[0])
     need, have = (float(err.split(" needs ")[2].split(" GiB")[0]), float(err.split(" but has ")[1].split(" GiB")[0]))
     assert ratio == pytest.approx(need / have, rel=2e-2) and ratio < 2
+
+
+@pytest.mark.parametrize("hours", [float("nan"), float("inf"), -1.0])
+def test_a_deadline_that_is_no_number_is_named_as_the_option(hours):
+    """U51: --target-hours nan was taken, then every candidate refused it as
+    training.target_hours ("no configuration can run")."""
+    with pytest.raises(ConfigError, match=r"--target-hours: .*: must be a finite number >= 0"):
+        api.search(QUICK, 4, {**BASE, "training.dataset_samples": 10**6}, objective="cost", target_hours=hours)

@@ -146,3 +146,54 @@ def test_resume_takes_a_record_written_before_it_held_the_files_hash(tmp_path, c
     Path(prefix + ".run.json").write_text(json.dumps(record))
     assert main(args[:3] + ["parallel.replicas=1,2,4"] + args[4:] + ["--resume"]) == 0
     assert "content" in json.loads(Path(prefix + ".run.json").read_text())
+
+
+def test_mpi_without_ranks_is_one_line_not_a_hang(tmp_path):
+    """U51: --mpi outside mpiexec printed a thread's traceback (MPI_Comm_spawn failed) and
+    then waited for ever for workers."""
+    out = subprocess.run([sys.executable, "-m", "clustersim", *ARGS, "--mpi"], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == ["clustersim: error: --mpi: no MPI ranks to run points on: start it as "
+                                       "mpiexec -n N python -m mpi4py.futures -m clustersim ... --mpi (N - 1 workers)"]
+
+
+def test_nan_and_inf_are_refused_before_any_point(capsys):
+    """U51: TOML reads nan and inf; a sweep over them printed NaN and Infinity in its JSON
+    rows (no strict parser takes them) and exited 0."""
+    assert main(["sweep", QUICK, "--vary", "training.learning_rate=0.1,nan", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == ["clustersim: error: --vary: training.learning_rate=nan: must be a finite number"]
+    assert main(["sweep", QUICK, "--vary", "parallel.replicas=1,2", "--set", "training.time_limit_s=inf"]) == 2
+    assert "--set: training.time_limit_s=inf: must be a finite number" in capsys.readouterr().err
+
+
+def test_a_sweep_of_bad_input_only_leaves_earlier_files_alone(tmp_path, capsys):
+    """U51: every point refused (exit 2), yet PREFIX.json and .csv were replaced by the error
+    rows and a PREFIX.run.json written: bad input writes nothing; a point that ran, or
+    stalled, writes the files as before."""
+    prefix = str(tmp_path / "keep")
+    for end in (".json", ".csv"):
+        Path(prefix + end).write_text("SENTINEL\n")
+    assert main(["sweep", QUICK, "--vary", "parallel.replicas=0,1000", "--out", prefix]) == 2
+    assert "parallel.replicas: must be >= 1, got 0" in capsys.readouterr().err
+    assert [Path(prefix + end).read_text() for end in (".json", ".csv")] == ["SENTINEL\n"] * 2
+    assert not Path(prefix + ".run.json").exists()
+    assert main(["sweep", QUICK, "--vary", "parallel.replicas=0,1", "--set", "training.steps=2", "--out", prefix]) == 0
+    assert ["error" in p for p in json.loads(Path(prefix + ".json").read_text())] == [True, False]
+
+
+def test_an_out_prefix_that_is_a_folder_and_a_points_file_of_no_list_are_refused(tmp_path, capsys):
+    """U51: --out dir/ wrote the hidden files dir/.json, .csv and .run.json; a PREFIX.json
+    holding {} resumed as if it held no points."""
+    for prefix in (str(tmp_path) + "/", str(tmp_path), ""):
+        assert main(["sweep", QUICK, "--vary", "parallel.replicas=1,2", "--out", prefix]) == 2
+        assert "give a file prefix" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    prefix = str(tmp_path / "run")
+    assert main(ARGS + ["--out", prefix]) == 0
+    capsys.readouterr()
+    Path(prefix + ".json").write_text("{}")
+    assert main(ARGS + ["--out", prefix, "--resume"]) == 2
+    assert "cannot resume from it" in capsys.readouterr().err

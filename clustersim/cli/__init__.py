@@ -29,8 +29,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's refusals (an unknown option, a value of the wrong type, a choice not
+    offered) as one line, where argparse prints its usage block first; exit 2 as before."""
+
+    def error(self, message: str):
+        self.exit(2, f"clustersim: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clustersim", description="Predict how fast a partitioned network trains "
+    p = OneLineParser(prog="clustersim", description="Predict how fast a partitioned network trains "
                                                                "on a cluster, and check it against real runs.")
     sub = p.add_subparsers(dest="command", required=True)
     for command in COMMANDS:

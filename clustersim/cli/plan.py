@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from clustersim import api, report
+from clustersim.core.config import ConfigError
 from clustersim.core.plan import GIB, data_parallel_bytes, plan as make_plan
 from clustersim.core.planio import save_plan
 from clustersim.core.schedule import ranks_needed
@@ -17,6 +18,8 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
+    if args.save == "":                         # taken as no --save: nothing written, nothing said
+        raise ConfigError("--save", "''", "is empty; give the file to write the Plan to")
     sc = api.load(args.scenario, args.set)
     p = make_plan(sc)
     print(f"{sc.name}: {sc.model.name}, {p.slots} slot(s) x {p.replicas} replica(s), split {sc.parallel.split}, "

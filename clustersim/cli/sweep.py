@@ -53,7 +53,7 @@ def parse_vary(items: list[str]) -> dict[str, list]:
             raise ConfigError("--vary", item, str(exc)) from None
         if any(not v.strip() for v in pieces):
             raise ConfigError("--vary", item, "has an empty value (a comma too many)")
-        out[key.strip()] = [v for _, v in parse_set([f"{key}={v}" for v in pieces])]
+        out[key.strip()] = [v for _, v in parse_set([f"{key}={v}" for v in pieces], "--vary")]
     return out
 
 
@@ -120,6 +120,8 @@ def previous(prefix: str, record: dict, vary: dict) -> dict[tuple, dict]:
                                          "or give another --out")
     try:
         points = json.loads(path.read_text())
+        if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+            raise ValueError("not a list of points")        # ``{}`` resumed as if it held none
         return {api.point_key(p[k] for k in vary): p for p in points}
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(str(path), "", f"cannot resume from it: {exc!r}") from None
@@ -187,6 +189,9 @@ def run(args) -> int:
     total = 1
     for values in vary.values():
         total *= len(values)
+    if args.out is not None and (not Path(args.out).name or args.out.endswith(("/", "\\")) or Path(args.out).is_dir()):
+        raise ConfigError("--out", repr(args.out), ("is empty" if not args.out else "names a folder") +
+                          "; give a file prefix (out/run writes out/run.json, out/run.csv and out/run.run.json)")
     if args.out:
         check_writable(args.out)
     bar = _progress(total, len(done))
@@ -195,7 +200,9 @@ def run(args) -> int:
         bar.update(1)
         if args.out:
             finished.append(point)
-            save(args.out, finished, vary, record)
+            # bad input everywhere (exit 2) writes nothing: the files wait for a point that ran
+            if any("error" not in p or "stalled_at_s" in p for p in finished):
+                save(args.out, finished, vary, record)
     try:
         points = api.sweep(args.scenario, vary, args.set, jobs=args.jobs, mpi=args.mpi, done=done, on_point=on_point)
     finally:

@@ -6,6 +6,7 @@ naming the scenario file (or the topology/model file it points to) and the dotte
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +190,8 @@ def parse_set(items: list[str], option: str = "--set") -> list[tuple[str, Any]]:
             value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
             value = text
+        if isinstance(value, float) and not math.isfinite(value):    # TOML's nan and inf: no setting takes them,
+            raise ConfigError(option, item, "must be a finite number")  # and JSON rows could not hold them
         out.append((key.strip(), value))
     return out
 
