@@ -383,8 +383,11 @@ def _each(fn, argsets: list[tuple], jobs: int, mpi: bool):
 def _pool(jobs: int, mpi: bool):
     if mpi:
         from mpi4py import MPI
-        if MPI.COMM_WORLD.Get_size() < 2:   # no workers: spawning them fails and the pool waits for ever
-            raise ConfigError("--mpi", "", "no MPI ranks to run points on: start it as mpiexec -n N python -m "
+        # no other rank and no process manager to spawn workers from (MPI's singleton start,
+        # not under mpiexec): the spawn fails in the pool's thread and the pool waits for ever
+        launched = any(v in os.environ for v in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE"))
+        if MPI.COMM_WORLD.Get_size() < 2 and not launched:
+            raise ConfigError("--mpi", "", "no MPI ranks to run points on and no mpiexec to spawn them: start it as mpiexec -n N python -m "
                                            "mpi4py.futures -m clustersim ... --mpi (N - 1 workers)")
         from mpi4py.futures import MPIPoolExecutor
         return MPIPoolExecutor()

@@ -18,7 +18,7 @@ import numpy as np
 import simpy
 
 from sim.flows import link_weights
-from sim.fluid import Fluid, fire_now
+from sim.fluid import Fluid, fire_now, timeout_at
 from clustersim.core.topology import DirLink, Topology
 
 Pair = tuple[str, str]
@@ -60,9 +60,9 @@ class FlowNetwork(Network):
         self._patterns: dict[tuple[Pair, ...], list] = {}
         self._patterns_of: Topology | None = None     # the topology they were routed on
         self._speeds: dict[Callable, np.ndarray] = {}      # a speed function -> its values by link id
-        # shortcut: sends made at one instant with one latency start after one timer, in the
-        # order they were made (a tensor group's 56 pieces): (now, latency) -> the sends due
-        self._due: dict[tuple[float, float], list] = {}
+        # shortcut: sends whose latency timers would sit next to each other in simpy's queue
+        # (a tensor group's pieces) share one: [its time, the last send's event id, the sends]
+        self._last: list | None = None
 
     def send(self, pairs, nbytes, messages=1, latency=None, speed=None):
         pattern = self._pattern(pairs)
@@ -89,14 +89,19 @@ class FlowNetwork(Network):
             return self.fluid.start(weights, nbytes)
         # the latency, then the bytes: callbacks, where a process would cost two more events
         # a message (decision 049)
-        done, fluid = self.env.event(), self.fluid
+        done, fluid, env = self.env.event(), self.fluid, self.env
         if self.by_id:
-            key = (self.env.now, latency)
-            due = self._due.get(key)
-            if due is None:
-                due = self._due[key] = []
-                self.env.timeout(latency).callbacks.append(lambda _timer: self._start_due(key))
-            due.append((weights, nbytes, done))
+            # the timer this send would arm sits next to the last send's in simpy's queue (the
+            # same time, the next event id): ride on that one, in the order the sends were made
+            eid, at = next(env._eid), env.now + latency          # as ``env.timeout(latency)`` schedules it
+            last = self._last
+            if last is not None and last[0] == at and last[1] == eid - 1:
+                last[1] = eid
+                last[2].append((weights, nbytes, done))
+            else:
+                due = [(weights, nbytes, done)]
+                self._last = [at, eid, due]
+                timeout_at(env, at, eid).callbacks.append(lambda _timer: self._start_due(due))
             return done
 
         def flow(_timer: simpy.Event) -> None:
@@ -104,11 +109,13 @@ class FlowNetwork(Network):
         self.env.timeout(latency).callbacks.append(flow)
         return done
 
-    def _start_due(self, key: tuple[float, float]) -> None:
-        """The bytes of the sends made at one instant with one latency, now that it has
-        passed, each job firing its send's own event (``Fluid.start``'s ``event``)."""
+    def _start_due(self, due: list) -> None:
+        """The bytes of sends whose timers would have fired one after another, now, each
+        job firing its send's own event (``Fluid.start``'s ``event``)."""
+        if self._last is not None and self._last[2] is due:
+            self._last = None                       # fired: no later send joins it
         start = self.fluid.start
-        for weights, nbytes, done in self._due.pop(key):
+        for weights, nbytes, done in due:
             start(weights, nbytes, done)
 
     def _pattern(self, pairs: Sequence[Pair]) -> list:

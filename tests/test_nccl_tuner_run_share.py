@@ -124,3 +124,16 @@ def test_a_cpu_vendor_nccl_does_not_tell_apart_is_refused(tmp_path):
 def load_text(name: str) -> str:
     from clustersim.core.config import bundled_folder
     return (bundled_folder("clustersim.builtin_topologies") / f"{name}.toml").read_text()
+
+
+def test_a_group_takes_amds_rows_only_where_every_machine_is_amd():
+    """R51: a group over one AMD and one Intel machine, or a machine with no CPU device named,
+    takes Intel's figures (NCCL's ranks would disagree; the common case is kept)."""
+    import dataclasses
+    topo = load_topology("dgx-a100-fat-tree", machines=2)
+    assert collectives._amd_hosts(topo, {0, 1})
+    cpu = next(d for d in topo.devices.values() if d.kind == "cpu" and d.machine == 1)
+    topo.devices[cpu.name] = dataclasses.replace(cpu, vendor="intel")
+    assert not collectives._amd_hosts(topo, {0, 1}) and collectives._amd_hosts(topo, {0})
+    del topo.devices[cpu.name]
+    assert not collectives._amd_hosts(topo, {0, 1})

@@ -204,3 +204,28 @@ def test_sends_made_at_one_instant_with_one_latency_share_one_timer():
     assert fast[0] == pytest.approx(2 * 1.5e-6 + 4 * 1e6 / 10e9, rel=1e-12)    # four share the hub's link
     # the five sends at time 0 (two hops each: one latency) wait on one timer, not five
     assert slow_events - fast_events >= 4
+
+
+def test_sends_whose_timers_fire_together_start_in_the_order_made():
+    """R51: two latencies an ulp apart fire at one float time; sends grouped by latency
+    started A, B, then C where separate timers start A, C, B, and the max-min solve, summing
+    weights in start order, ended them 5e-16 s apart.  A send rides on the last send's timer
+    only where its own would sit right after it in simpy's queue."""
+    import math
+    late = math.nextafter(3e-6, 1.0)
+    assert 1e-4 + 3e-6 == 1e-4 + late
+    ends = {}
+    for shortcut in (True, False):
+        env = simpy.Environment()
+        net = FlowNetwork(env, star_topology(3, leaf_gbps=100.0, hub_gbps=10.0, lat_us=1.0), shortcut)
+        done = {}
+
+        def go(name, src, latency, share):
+            yield env.timeout(1e-4)
+            yield net.send([(src, "sink")], 3e9, latency=latency, speed=(lambda link: share) if share else None)
+            done[name] = env.now
+        for args in (("A", "s0", 3e-6, None), ("C", "s1", late, 0.3), ("B", "s2", 3e-6, 0.6)):
+            env.process(go(*args))
+        env.run()
+        ends[shortcut] = done
+    assert ends[True] == ends[False]

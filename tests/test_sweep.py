@@ -1,6 +1,7 @@
 """Sweeps users leave running: written point by point, resumable, in parallel on real MPI
 ranks with the same rows as in one process, the progress bar off when stderr is a file."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,12 +151,15 @@ def test_resume_takes_a_record_written_before_it_held_the_files_hash(tmp_path, c
 
 def test_mpi_without_ranks_is_one_line_not_a_hang(tmp_path):
     """U51: --mpi outside mpiexec printed a thread's traceback (MPI_Comm_spawn failed) and
-    then waited for ever for workers."""
+    then waited for ever for workers.  Under mpiexec -n 1 mpi4py spawns them (R51): that
+    still runs (test below)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE")}
     out = subprocess.run([sys.executable, "-m", "clustersim", *ARGS, "--mpi"], capture_output=True, text=True,
-                         timeout=120, cwd=Path(__file__).parent.parent)
+                         timeout=120, cwd=Path(__file__).parent.parent, env=env)
     assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr.splitlines() == ["clustersim: error: --mpi: no MPI ranks to run points on: start it as "
-                                       "mpiexec -n N python -m mpi4py.futures -m clustersim ... --mpi (N - 1 workers)"]
+    assert out.stderr.splitlines() == ["clustersim: error: --mpi: no MPI ranks to run points on and no mpiexec to spawn "
+                                       "them: start it as mpiexec -n N python -m mpi4py.futures -m clustersim ... --mpi "
+                                       "(N - 1 workers)"]
 
 
 def test_nan_and_inf_are_refused_before_any_point(capsys):
@@ -197,3 +201,16 @@ def test_an_out_prefix_that_is_a_folder_and_a_points_file_of_no_list_are_refused
     Path(prefix + ".json").write_text("{}")
     assert main(ARGS + ["--out", prefix, "--resume"]) == 2
     assert "cannot resume from it" in capsys.readouterr().err
+
+
+def test_mpi_under_mpiexec_of_one_rank_spawns_its_workers(tmp_path, capsys):
+    """R51: mpi4py.futures spawns workers where a process manager runs the one rank: the
+    refusal above is only for a start with neither ranks nor mpiexec."""
+    assert main(ARGS + ["--json"]) == 0
+    local = json.loads(capsys.readouterr().out)
+    bindir = Path(sys.executable).parent
+    out = subprocess.run([str(bindir / "mpiexec"), "-n", "1", sys.executable, "-m", "clustersim", *ARGS, "--mpi",
+                          "--json"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "MPI4PY_FUTURES_MAX_WORKERS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert rows(json.loads(out.stdout)) == rows(local)
