@@ -387,8 +387,9 @@ def _pool(jobs: int, mpi: bool):
         # not under mpiexec): the spawn fails in the pool's thread and the pool waits for ever
         launched = any(v in os.environ for v in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE"))
         if MPI.COMM_WORLD.Get_size() < 2 and not launched:
-            raise ConfigError("--mpi", "", "no MPI ranks to run points on and no mpiexec to spawn them: start it as mpiexec -n N python -m "
-                                           "mpi4py.futures -m clustersim ... --mpi (N - 1 workers)")
+            raise ConfigError("--mpi", "", "no MPI ranks to run points on and no mpiexec to spawn them: start it "
+                                           "as mpiexec -n N python -m mpi4py.futures -m clustersim ... --mpi "
+                                           "(N - 1 workers)")
         from mpi4py.futures import MPIPoolExecutor
         return MPIPoolExecutor()
     return ProcessPoolExecutor(max_workers=jobs)

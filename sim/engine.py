@@ -103,9 +103,10 @@ class Engine:
         self.compute = Compute(self.env, sc.topology, sc.dtype, self.slowdown, shortcut)
         self.step_costed = {name for name in self.compute.weights if "step" in sc.topology.devices[name].op_costs}
         # devices with measured message costs (``transfer`` asks no other for them)
+        devices = sc.topology.devices
         self._messaging = {name for name in self.compute.weights
-                           if any(key.startswith(("send", "recv")) for d in [sc.topology.devices[name]]
-                                  for key in (*d.op_costs, *d.op_curves))}
+                           if any(key.startswith(("send", "recv"))
+                                  for key in (*devices[name].op_costs, *devices[name].op_curves))}
         self.network = BACKENDS[sc.network](self.env, sc.topology, shortcut)
         self.trace = Trace()
         self._collectives = collectives.LayoutCache(shortcut)   # tuner's times, ports, link speeds per share

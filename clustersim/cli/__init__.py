@@ -39,7 +39,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="clustersim", description="Predict how fast a partitioned network trains "
-                                                               "on a cluster, and check it against real runs.")
+                                                     "on a cluster, and check it against real runs.")
     sub = p.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add(sub)

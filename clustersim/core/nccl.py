@@ -317,7 +317,7 @@ def predicted_us(op: str, algo: str, proto: str, nbytes: float, us_per_byte: flo
                  amd_hosts: bool = False) -> float:
     """ncclTopoGetAlgoTime: latency + bytes over the algorithm bandwidth, in microseconds.
     ``us_per_byte``: the algorithm's transfer time per byte at the links' NCCL speeds (what
-    NCCL's topology search gives it), slowed to ``run_share`` (the last two arguments: its)."""
+    NCCL's topology search gives it), slowed to ``run_share`` (the last three arguments: its)."""
     share = run_share(op, algo, proto, nbytes, us_per_byte, ranks, nodes, compute_capability=compute_capability,
                       search_channels=search_channels, amd_hosts=amd_hosts)
     bw_time = nbytes * us_per_byte / share
@@ -329,7 +329,7 @@ def choose(op: str, nbytes: float, us_per_byte: dict[str, float], ranks: int, no
            search_channels: int = 0, amd_hosts: bool = False) -> tuple[str, str]:
     """(algorithm, protocol) with the least predicted time; ``us_per_byte``: every algorithm
     that can run this op, with its transfer time per byte; ``allowed``: the protocols
-    allowed (NCCL_PROTO), of which each algorithm takes those it runs with; the last two
+    allowed (NCCL_PROTO), of which each algorithm takes those it runs with; the last three
     arguments: ``run_share``'s."""
     options = [(predicted_us(op, a, p, nbytes, t, ranks, nodes, intra, channels, compute_capability=compute_capability,
                              search_channels=search_channels, amd_hosts=amd_hosts), a, p)

@@ -214,7 +214,9 @@ def _compute_fields(t: Table, kind: str) -> dict[str, Any]:
         for dt in DTYPES[1:]:
             if t.has(f"peak_tflops_{dt}"):
                 peak[dt] = t.float(f"peak_tflops_{dt}", positive=True, hi=MAX_TFLOPS) * 1e12
-        cores = 0
+        cores, extra = 0, {"compute_capability": t.float("compute_capability", 0.0, lo=0.0, hi=20.0),
+                           "sms": t.int("sms", 0, lo=0, hi=100_000),
+                           "memory_efficiency": t.float("memory_efficiency", 1.0, lo=0.05, hi=1.0)}
     else:
         cores = t.int("cores", lo=1, hi=4096)
         fp32 = cores * t.float("core_gflops", positive=True, hi=MAX_TFLOPS * 1e3) * 1e9
@@ -223,11 +225,8 @@ def _compute_fields(t: Table, kind: str) -> dict[str, Any]:
         if vendor not in CPU_VENDORS:
             raise t.error("vendor", f"must be \"intel\" or \"amd\" (what NCCL's tuner tells apart; leave it out "
                                     f"for another), got {vendor!r}")
+        extra = {"vendor": vendor}
     curves = {key: _curve(t, key) for key in ("efficiency_curve", "backward_efficiency_curve")}
-    extra = {"compute_capability": t.float("compute_capability", 0.0, lo=0.0, hi=20.0),
-             "sms": t.int("sms", 0, lo=0, hi=100_000),
-             "memory_efficiency": t.float("memory_efficiency", 1.0, lo=0.05, hi=1.0)} if kind == "gpu" else \
-        {"vendor": vendor}
     return dict(peak_flops=peak, **curves, **extra,
                 memory_bytes=t.float("memory_gib", positive=True, hi=MAX_GIB) * GIB,
                 memory_bw=t.float("memory_bandwidth_gbps", positive=True, lo=MIN_GBPS, hi=MAX_GBPS) * 1e9,
