@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from clustersim.core.collective import bus_factor
 from clustersim.core.partition import even_cuts
 from clustersim.core.plan import Plan
 from clustersim.core.trace import Span
@@ -174,8 +175,12 @@ class RankJob(SandblasterRoles):
             flops, nbytes = apply_cost(sched.rule, size, summed)
             name, phase = ("update", "update") if summed else ("apply", "ps_update")
             self.span(name, "update", where, step, start, end, nbytes, flops, phase, replica=replica)
+        # a crashed rank's replica-mates stop with it (``comm.ReplicaLost``): none of them is
+        # waited for (SSP's bound, the DONE count), as the simulator drops the whole replica
+        crashed = self.failed_rank // self.M if 0 <= self.failed_rank < self.M * self.R else -1
+        silent = set(range(crashed * self.M, (crashed + 1) * self.M)) if crashed >= 0 else set()
         out = serve(self.world, self.p, k, flat[lo:hi].copy(), runs, serve_rule(sched.rule),
-                    sync_replicas=self.R if tr.algorithm == "sync" else 0, silent={self.failed_rank},
+                    sync_replicas=self.R if tr.algorithm == "sync" else 0, silent=silent,
                     staleness_bound=sched.staleness_bound, checkpoint=path,
                     checkpoint_every=(a.checkpoint_every or CHECKPOINT_EVERY) if a is not None else 0,
                     resume=bool(a is not None and a.resume), replica_of=lambda rank: rank // self.M,
@@ -237,7 +242,8 @@ class RankJob(SandblasterRoles):
                     fx = self.flat_xp
                     g = self.flatten(res.grads, j, fx) if res.grads else fx.zeros(flat.size, np.float32)
                     total = self.replica_sum(g)
-                    self.span("allreduce", "transfer", me, step, t1, time.perf_counter(), g.nbytes, 0.0, "allreduce")
+                    self.span("allreduce", "transfer", me, step, t1, time.perf_counter(),
+                              g.nbytes * bus_factor("allreduce", self.R), 0.0, "allreduce")
                     self.unflatten(total, res.grads, j)
                 t2 = time.perf_counter()
                 replica_step(params, res.grads, tr.learning_rate, self.R, adam if tr.optimizer == "adam" else None)
@@ -253,7 +259,8 @@ class RankJob(SandblasterRoles):
                 if sched.averages_after(step) and self.R > 1:
                     t2 = time.perf_counter()
                     flat = to_numpy(self.replica_sum(self.flat_xp.asarray(flat))) / self.R
-                    self.span("average", "transfer", me, step, t2, time.perf_counter(), flat.nbytes, 0.0, "allreduce")
+                    self.span("average", "transfer", me, step, t2, time.perf_counter(),
+                              flat.nbytes * bus_factor("allreduce", self.R), 0.0, "allreduce")
                 self.unflatten(flat, params, j)
             else:
                 g = self.flatten(res.grads, j) if res.grads else np.zeros_like(flat)

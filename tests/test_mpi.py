@@ -271,6 +271,8 @@ def test_sync_with_a_backup_worker_goes_on_without_the_replica_of_a_crashed_slot
     out = execute(tmp_path, SYNC.format(mp=2, r=3, steps=30), "--set", "parallel.ps_shards=1",
                   "--set", "training.backup_workers=1", "--fail", "rank=1@step=10")
     assert out["steps_per_worker"] == [10, 10, 30, 30, 30, 30] and out["shard_updates"] == [30]
+    # U52: the steps the shards applied, as simulate counts them, not the median replica's (10)
+    assert out["steps"] == 30
     assert out["accuracy"] >= 0.85
 
 
@@ -347,3 +349,25 @@ def test_an_executed_lockstep_run_s_time_to_train_is_at_its_reported_rate(tmp_pa
     the training at the whole run's rate; the time to train is at the rate reported."""
     out = execute(tmp_path, SYNC.format(mp=1, r=2, steps=30), "--set", "training.dataset_samples=6400")
     assert out["time_to_train_s"] == pytest.approx(6400 / out["samples_per_s"])
+
+
+def test_ssp_goes_on_without_the_replica_of_a_crashed_slot(tmp_path):
+    """U52: under SSP the shard kept waiting for the crashed slot's replica-mate (its clock
+    frozen at its last fetch), whose DONE in turn waited for the live replica: the job hung.
+    The whole replica is dropped, as the simulator drops it."""
+    out = execute(tmp_path, DOWNPOUR.format(mp=2, r=2, steps=30).replace('algorithm = "downpour"',
+                                                                         'algorithm = "ssp"\nstaleness = 1'),
+                  "--set", "parallel.ps_shards=1", "--fail", "rank=0@step=5", timeout=120)
+    assert out["steps_per_worker"] == [5, 5, 30, 30]
+
+
+def test_an_allreduce_of_three_replicas_counts_the_ring_volume_simulate_counts(tmp_path):
+    """U52: execute recorded an allreduce (and local SGD's average) as its buffer's bytes,
+    the simulator as the ring's 2 (R - 1) / R of them (nccl-tests' bus bytes, the Plan's
+    volume); they agreed at two replicas only."""
+    import clustersim
+    text = SYNC.format(mp=1, r=3, steps=2)
+    out = execute(tmp_path, text)
+    (tmp_path / "same.toml").write_text(text)
+    assert out["bytes_per_step"] == pytest.approx(clustersim.simulate(tmp_path / "same.toml").bytes_per_step,
+                                                  rel=1e-12)
