@@ -178,6 +178,7 @@ def simulated_only(sc) -> tuple[str, str] | None:
             ("faults.checkpoint_every", f.checkpoint_every, "sync checkpoints (--checkpoint keeps the shards')"),
             ("faults.shard_recovery", f.shard_recovery != "none", "shard restarts (--checkpoint and --resume)"),
             ("training.time_limit_s", tr.time_limit_s, "time limit (it runs training.steps)"),
+            ("training.push_early", tr.push_early, "layer-by-layer pushes (a replica pushes once a step)"),
             ("training.warm_start_s", tr.warm_start_s, "warm start"),
             ("training.start_spread_s", tr.start_spread_s != -1.0, "start spread")):
         if given:

@@ -482,3 +482,14 @@ def test_plan_save_of_an_empty_path_is_refused(capsys):
     """U51: --save '' exited 0 having written nothing and said nothing."""
     code, out, err = run(capsys, "plan", QUICK, "--save", "")
     assert code == 2 and out == "" and err == "clustersim: error: --save: '': is empty; give the file to write the Plan to\n"
+
+
+@pytest.mark.parametrize("command", ["execute", "validate"])
+def test_layer_by_layer_pushes_are_refused_by_execute(capsys, monkeypatch, command):
+    """U52: execute pushed once a step under training.push_early (2 pushes a replica-step
+    simulated, 1 executed): a validation would compare two different jobs."""
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("started ranks or a calibration"))
+    code, _, err = run(capsys, command, QUICK, "--set", "parallel.replicas=2", "--set", "parallel.ps_shards=1",
+                       "--set", "training.push_early=true")
+    assert code == 2 and err.startswith(f"clustersim: error: {QUICK}: training.push_early: execute runs no "
+                                        "layer-by-layer pushes"), err
