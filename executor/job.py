@@ -179,12 +179,15 @@ class RankJob(SandblasterRoles):
         # waited for (SSP's bound, the DONE count), as the simulator drops the whole replica
         crashed = self.failed_rank // self.M if 0 <= self.failed_rank < self.M * self.R else -1
         silent = set(range(crashed * self.M, (crashed + 1) * self.M)) if crashed >= 0 else set()
+        # SSP waits for them until their last fetch before the crash (R53: not from step 0)
+        last = max((s for s in range(self.fail_step) if sched.fetches_before(s)), default=-1)
         out = serve(self.world, self.p, k, flat[lo:hi].copy(), runs, serve_rule(sched.rule),
                     sync_replicas=self.R if tr.algorithm == "sync" else 0, silent=silent,
                     staleness_bound=sched.staleness_bound, checkpoint=path,
                     checkpoint_every=(a.checkpoint_every or CHECKPOINT_EVERY) if a is not None else 0,
                     resume=bool(a is not None and a.resume), replica_of=lambda rank: rank // self.M,
-                    quorum=sched.quorum if tr.algorithm == "sync" else 0, on_apply=applied)
+                    quorum=sched.quorum if tr.algorithm == "sync" else 0, on_apply=applied,
+                    silent_until=dict.fromkeys(silent, last))
         return {"role": "shard", "applied": out["applied"], "busy_s": out["busy_s"],
                 "resumed_from": out["resumed_from"], "staleness": out["staleness"]}
 

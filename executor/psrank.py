@@ -156,10 +156,12 @@ def load_checkpoint(path, opt, size: int) -> tuple[np.ndarray, int]:
 def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, list[Run]], rule: str,
           sync_replicas: int = 0, checkpoint=None, silent: set[int] = frozenset(),
           staleness_bound: int | None = None, checkpoint_every: int = 0, resume: bool = False,
-          replica_of=lambda rank: rank, quorum: int = 0, on_apply: OnApply | None = None) -> dict:
+          replica_of=lambda rank: rank, quorum: int = 0, on_apply: OnApply | None = None,
+          silent_until: dict[int, int] | None = None) -> dict:
     """Runs shard k until every worker has said DONE; returns its counters.
     ``worker_runs[rank]``: the runs of that worker on this shard.  ``silent``: workers
-    that stopped (crashed); the shard does not wait for them.  ``checkpoint``: a file
+    that stopped (crashed); the shard does not wait for them (SSP's bound: not past
+    ``silent_until``, the step of each one's last fetch).  ``checkpoint``: a file
     path, saved every ``checkpoint_every`` updates (``resume``: start from it).
     ``sync_replicas``, ``quorum``, ``replica_of``, ``staleness_bound``: see
     ``shard_state.ShardState``.  ``on_apply``: told of each apply (the pushing worker's
@@ -176,7 +178,7 @@ def serve(comm, p: Plan, k: int, initial: np.ndarray, worker_runs: dict[int, lis
         w, applied = load_checkpoint(checkpoint, opt, len(w))
     resumed_from = saved = applied
     shard = ShardState(worker_runs, sync_replicas, quorum, replica_of, staleness_bound,
-                       checkpoint_every if checkpoint is not None else 0, applied, silent)
+                       checkpoint_every if checkpoint is not None else 0, applied, silent, silent_until)
     status = MPI.Status()
     outbox = Outbox(comm)
     while not shard.stopped:

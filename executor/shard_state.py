@@ -104,7 +104,9 @@ class ShardState:
       and later ones for step s are dropped.  A crashed worker's replica counts as long
       as it pushes.  A fetch for step s is answered once step s - 1 is applied.
     - ``staleness_bound`` b (SSP): a fetch for step c waits until every live worker has
-      fetched for step c - b or later (its clock: the step of its latest fetch).
+      fetched for step c - b or later (its clock: the step of its latest fetch); a silent
+      worker with a step in ``silent_until`` is waited for so until its clock reaches that
+      step (its last fetch before it stops), one without from the start.
     - every ``checkpoint_every`` updates (0: never), a checkpoint.  ``applied``: the
       updates before this run (a resumed checkpoint's).
     - ``staleness``: per async apply, the updates applied since the pushing worker's last
@@ -114,7 +116,8 @@ class ShardState:
 
     def __init__(self, workers: Iterable[int], sync_replicas: int = 0, quorum: int = 0,
                  replica_of: Callable[[int], int] = lambda rank: rank, staleness_bound: int | None = None,
-                 checkpoint_every: int = 0, applied: int = 0, silent: Iterable[int] = ()) -> None:
+                 checkpoint_every: int = 0, applied: int = 0, silent: Iterable[int] = (),
+                 silent_until: dict[int, int] | None = None) -> None:
         if sync_replicas < 0:
             raise ValueError(f"sync_replicas(={sync_replicas}) must be >= 0")
         if not 0 <= quorum <= sync_replicas:
@@ -124,6 +127,7 @@ class ShardState:
         if checkpoint_every < 0 or applied < 0:
             raise ValueError(f"checkpoint_every(={checkpoint_every}) and applied(={applied}) must be >= 0")
         self.workers = frozenset(workers) - frozenset(silent)     # the live ones
+        self.silent_until = {wk: s for wk, s in (silent_until or {}).items() if wk in frozenset(silent)}
         self.members: dict[int, set[int]] = {}                   # replica -> its workers, crashed ones too
         for wk in workers:
             self.members.setdefault(replica_of(wk), set()).add(wk)
@@ -199,7 +203,8 @@ class ShardState:
     def _answer(self) -> list[Action]:
         """Replies to the deferred fetches that may be answered now, in the order they came."""
         out, still = [], []
-        slowest = min((self.clock.get(wk, -1) for wk in self.workers), default=FINISHED)
+        going = [wk for wk, last in self.silent_until.items() if self.clock.get(wk, -1) < last]   # not stopped yet
+        slowest = min((self.clock.get(wk, -1) for wk in (*self.workers, *going)), default=FINISHED)
         for wk, step in self.deferred:
             held = (self.sync_replicas and step > self.step_done + 1) or \
                 (self.staleness_bound is not None and step >= 0 and step - slowest > self.staleness_bound)

@@ -192,3 +192,17 @@ def test_lbfgs_shard_stops_after_expect_minus_1_the_last_step_and_every_done():
 def test_lbfgs_shard_refuses_an_unknown_tag():
     with pytest.raises(ValueError, match=r"tag\(=99\) is neither FETCH"):
         LbfgsShardState(workers=1, units=1).on(0, 99, None)
+
+
+def test_ssp_waits_for_a_crashed_worker_until_its_last_fetch_then_not():
+    """R53: a crashed replica's workers are silent (their DONE never comes), but until the
+    step of their last fetch before the crash they run and bound the others as before;
+    after it, nobody waits for them (without a step: from the start, as before)."""
+    s = ShardState({0, 1}, staleness_bound=0, silent={0}, silent_until={0: 1})
+    assert feed(s, (1, FETCH, 0), (0, FETCH, 0), (1, FETCH, 1), (0, FETCH, 1), (1, FETCH, 2), (1, DONE, 0)) == [
+        [],                                            # worker 0 has not fetched step 0 yet: held
+        [Reply(1, 0), Reply(0, 0)], [],                # step 1 held for worker 0 too
+        [Reply(1, 1), Reply(0, 1)],                    # worker 0's last fetch: it bounds nobody now
+        [Reply(1, 2)], [Stop()]]
+    loose = ShardState({0, 1}, staleness_bound=0, silent={0})
+    assert feed(loose, (1, FETCH, 0), (1, FETCH, 1)) == [[Reply(1, 0)], [Reply(1, 1)]]
