@@ -177,9 +177,9 @@ class RankJob(SandblasterRoles):
             self.span(name, "update", where, step, start, end, nbytes, flops, phase, replica=replica)
         # a crashed rank's replica-mates stop with it (``comm.ReplicaLost``): none of them is
         # waited for (SSP's bound, the DONE count), as the simulator drops the whole replica
-        crashed = self.failed_rank // self.M if 0 <= self.failed_rank < self.M * self.R else -1
+        crashed = self.crashed_replica()
         silent = set(range(crashed * self.M, (crashed + 1) * self.M)) if crashed >= 0 else set()
-        # SSP waits for them until their last fetch before the crash (R53: not from step 0)
+        # SSP waits for them until their last fetch before the crash: they run until then
         last = max((s for s in range(self.fail_step) if sched.fetches_before(s)), default=-1)
         out = serve(self.world, self.p, k, flat[lo:hi].copy(), runs, serve_rule(sched.rule),
                     sync_replicas=self.R if tr.algorithm == "sync" else 0, silent=silent,
@@ -288,6 +288,10 @@ class RankJob(SandblasterRoles):
                 self.span(f"{op.kind} L{op.layer}", "compute", me, step, t0, t1, 0.0, op.flops, op.kind)
         return self.finish(params, flat, client, x_te, y_te, step_times, losses, steps_done)
 
+    def crashed_replica(self) -> int:
+        """The replica of the worker ``--fail`` crashes (-1: none)."""
+        return self.failed_rank // self.M if 0 <= self.failed_rank < self.M * self.R else -1
+
     def crash(self, step: int) -> None:
         """This rank stops as a crashed machine would, at ``step``; the other slots of its
         replica are told (``comm.LostWatch``)."""
@@ -302,7 +306,7 @@ class RankJob(SandblasterRoles):
         self.params = params                            # the slot's final parameters, for checks
         barrier(self.workers)
         wall = time.perf_counter() - self.t0
-        alive_rep = next(r for r in range(self.R) if not (r * self.M <= self.failed_rank < (r + 1) * self.M))
+        alive_rep = next(r for r in range(self.R) if r != self.crashed_replica())
         evaluating = self.r == alive_rep
         if client and evaluating:
             client.fetch(flat, final_fetch)

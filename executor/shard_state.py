@@ -126,8 +126,9 @@ class ShardState:
             raise ValueError(f"staleness_bound(={staleness_bound}) must be >= 0")
         if checkpoint_every < 0 or applied < 0:
             raise ValueError(f"checkpoint_every(={checkpoint_every}) and applied(={applied}) must be >= 0")
-        self.workers = frozenset(workers) - frozenset(silent)     # the live ones
-        self.silent_until = {wk: s for wk, s in (silent_until or {}).items() if wk in frozenset(silent)}
+        silent = frozenset(silent)
+        self.workers = frozenset(workers) - silent                # the live ones
+        self.silent_until = {wk: s for wk, s in (silent_until or {}).items() if wk in silent}
         self.members: dict[int, set[int]] = {}                   # replica -> its workers, crashed ones too
         for wk in workers:
             self.members.setdefault(replica_of(wk), set()).add(wk)

@@ -7,17 +7,16 @@ jobs that step in lockstep (sync, Sandblaster's batches), ``step_ends``.  The su
 """
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
 from clustersim.core.metrics import run_costs, step_samples, summarize
 from clustersim.core.plan import Plan
+from clustersim.core.scenario import LOCKSTEP
 from clustersim.core.trace import Span, Trace
 
 Step = tuple[int, int, float, float]          # (replica, step, start_s, end_s) on the job's common clock
-LOCKSTEP = ("sync", "sandblaster")            # the simulator ends their steps together (Trace.step_ends)
 
 
 @dataclass(frozen=True)
@@ -83,10 +82,7 @@ def summary(p: Plan, trace: Trace, parts: list[dict]) -> dict:
     stepped = [s for s in workers if s["steps"]]
     run_s = max(s["wall_s"] for s in workers)
     trace.staleness[:] = [n for s in shards for n in s.get("staleness", [])]    # the async shards' applies
-    # lockstep jobs are read by their step ends, as the simulator's (whose Trace has no replica
-    # steps for them): the steps applied, not the median replica's (a crashed one ran fewer)
-    read = dataclasses.replace(trace, replica_steps=[]) if p.schedule.algorithm in LOCKSTEP else trace
-    out = summarize(p, Measured(read, run_s, len(trace.spans), run_s))
+    out = summarize(p, Measured(trace, run_s, len(trace.spans), run_s))
     if p.schedule.algorithm in LOCKSTEP:
         out["step_time_s"] = float(statistics.median(s["step_time_s"] for s in stepped)) if stepped else 0.0
     if p.schedule.algorithm in LOCKSTEP:      # a step's samples, whoever ran its units (Sandblaster), as simulated

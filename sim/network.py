@@ -122,8 +122,9 @@ class FlowNetwork(Network):
         """[the links ``pairs`` load (link -> routes crossing it, in order of first use), their
         slowest route's latency (None until asked), (link ids, counts) as arrays (None: few
         links), a speed function -> those links' weights at its speeds (few links by id only:
-        the speed functions a network meets are the engine's, kept for the run)], routed once per distinct set of pairs (a collective's rounds repeat the same
-        ones) and topology (a cut link gives the engine a new one)."""
+        the speed functions a network meets are the engine's, kept for the run)], routed once
+        per distinct set of pairs (a collective's rounds repeat the same ones) and topology (a
+        cut link gives the engine a new one)."""
         if self._patterns_of is not self.topology:
             self._patterns, self._patterns_of = {}, self.topology
         key = tuple(pairs)

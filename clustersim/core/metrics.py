@@ -12,7 +12,7 @@ import numpy as np
 
 from clustersim.core.plan import Plan, used_devices
 from clustersim.core.reliability import failure_costs
-from clustersim.core.scenario import ASYNC
+from clustersim.core.scenario import ASYNC, LOCKSTEP
 from clustersim.core.trace import union_length
 
 
@@ -67,9 +67,12 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
     steps, replicas = sync_stretch(p, res)
     step_s = statistics.median(steps) if steps else 0.0
     samples_per_s = step_samples(p, replicas) / step_s if step_s else 0.0
-    if tr.replica_steps:        # replicas step on their own: each one's period, waits included; the samples
-        step_s = replica_period(tr.replica_steps)        # of the gradients that left (an async replica's pushes)
-        samples_per_s = sc.batch_size * pushed_steps(p, tr.replica_steps) / (res.sim_time_s or 1.0)
+    # replicas that step on their own; a lockstep job is read by its step ends (an executed
+    # one's trace has its replicas' steps too, a crashed replica's fewer)
+    alone = tr.replica_steps if sc.training.algorithm not in LOCKSTEP else []
+    if alone:                   # each one's period, waits included; the samples of the
+        step_s = replica_period(alone)                   # gradients that left (an async replica's pushes)
+        samples_per_s = sc.batch_size * pushed_steps(p, alone) / (res.sim_time_s or 1.0)
     makespan = res.sim_time_s or 1.0
     busy = tr.device_busy()
     by_phase: dict[str, float] = defaultdict(float)        # device-seconds: an executed message's send
@@ -78,9 +81,9 @@ def summarize(p: Plan, res, baseline_step_s: float | None = None) -> dict:
     done = len(tr.step_times())              # steps run: every stretch of a run that lost replicas (the rate
                                              # is the last stretch's), steps redone after a restart included;
                                              # per replica when replicas step alone
-    if tr.replica_steps:
+    if alone:
         per = defaultdict(int)
-        for r, *_ in tr.replica_steps:
+        for r, *_ in alone:
             per[r] += 1
         done = int(statistics.median(per.values()))
     link_bytes = tr.link_bytes()

@@ -17,6 +17,7 @@ from clustersim.core.models import BUNDLED_DATA, ZOO, Model, bundled_data, load_
 from clustersim.core.topogen import MAX_MACHINES, load_topology
 from clustersim.core.topology import DTYPES, Topology
 
+LOCKSTEP = ("sync", "sandblaster")      # replicas whose steps end together (Trace.step_ends)
 ASYNC = ("downpour", "dcasgd", "ssp")   # replicas step on their own against a parameter server
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
